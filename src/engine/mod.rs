@@ -1,0 +1,82 @@
+//! The op set of the ResNet-LSTM topology as one trait ([`Backend`]), with a CPU reference
+//! ([`cpu`]: generic over f32/f64, used for gradient checks and as the oracle) and a CUDA
+//! backend ([`cuda`]: NVRTC-compiled kernels driven through cudarc, f32).
+//!
+//! Nothing here knows about CT, files or the model's layer names: only shapes and buffers.
+
+pub mod backend;
+pub mod cpu;
+pub mod cuda;
+pub mod shapes;
+
+pub use backend::Backend;
+pub use shapes::{BatchNorm2d, Conv2d, Lstm, Pool2d};
+
+use std::fmt::{Debug, Display};
+
+/// The element types the CPU reference runs in: f32 for work, f64 for gradient checks.
+pub trait Real:
+    num_traits::Float
+    + num_traits::FromPrimitive
+    + num_traits::ToPrimitive
+    + Default
+    + Debug
+    + Display
+    + Send
+    + Sync
+    + std::iter::Sum
+    + 'static
+{
+    const NAME: &'static str;
+    fn from_f64_lossy(v: f64) -> Self;
+    fn as_f64(self) -> f64;
+}
+
+impl Real for f32 {
+    const NAME: &'static str = "f32";
+    fn from_f64_lossy(v: f64) -> Self {
+        v as f32
+    }
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Real for f64 {
+    const NAME: &'static str = "f64";
+    fn from_f64_lossy(v: f64) -> Self {
+        v
+    }
+    fn as_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Errors of the engine: shapes that do not fit, and everything CUDA can say.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("CUDA is not available: {0}")]
+    NoCuda(String),
+    #[error("out of GPU memory allocating {bytes} bytes: lower the batch size, the number of slices or the image size")]
+    OutOfMemory { bytes: usize },
+    #[error("CUDA error in {op}: {msg}")]
+    Cuda { op: String, msg: String },
+    #[error("kernel compilation failed for {module}:\n{log}")]
+    Compile { module: String, log: String },
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// Checks that a buffer holds exactly `want` elements; the one shape check every op uses.
+pub fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(EngineError::Shape {
+            op,
+            detail: format!("{what} has {got} elements, expected {want}"),
+        })
+    }
+}
