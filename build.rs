@@ -1,3 +1,130 @@
+//! Compiles every `kernels/*.cu` with NVRTC (when libnvrtc loads) to PTX for Hopper
+//! (`compute_90`) and a portable PTX (`compute_75`), and always writes `OUT_DIR/kernels.rs`,
+//! a table of the kernel sources with their PTX (or `None` when the build had no NVRTC, in
+//! which case the runtime compiles the source at first GPU use).
+//!
+//! A kernel that does not compile fails the build with NVRTC's log. `ICHCAM_REQUIRE_NVRTC=1`
+//! turns a missing NVRTC into a build error (CI sets it). NVRTC is found by cudarc's dynamic
+//! loader through the library search path (`libnvrtc.so.13` on `LD_LIBRARY_PATH`).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// (suffix of the PTX file, NVRTC architecture) for each precompiled target.
+const TARGETS: [(&str, &str); 2] = [("sm90", "compute_90"), ("portable", "compute_75")];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-env-changed=ICHCAM_REQUIRE_NVRTC");
+    // A build without NVRTC is redone once the library appears on the search path.
+    println!("cargo:rerun-if-env-changed=LD_LIBRARY_PATH");
+
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let kernel_dir = manifest.join("kernels");
+
+    let mut sources: Vec<PathBuf> = match std::fs::read_dir(&kernel_dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    sources.sort();
+    for s in &sources {
+        println!("cargo:rerun-if-changed={}", s.display());
+    }
+
+    let require = std::env::var("ICHCAM_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    let have_nvrtc = nvrtc_present();
+    if !have_nvrtc {
+        if require {
+            fail("ICHCAM_REQUIRE_NVRTC=1 but libnvrtc could not be loaded: put libnvrtc.so.13 (CUDA 13.0, e.g. pip's nvidia-cuda-nvrtc==13.0.88, lib dir nvidia/cu13/lib) on LD_LIBRARY_PATH");
+        }
+        println!(
+            "cargo:warning=libnvrtc not found: CUDA kernels are embedded as source only and will be compiled at first GPU use (set LD_LIBRARY_PATH to a CUDA 13.0 libnvrtc to precompile)"
+        );
+    }
+
+    let mut table = String::from("pub const KERNELS: &[Kernel] = &[\n");
+    for src_path in &sources {
+        let name = src_path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_else(|| fail(&format!("kernel file name is not UTF-8: {}", src_path.display())))
+            .to_string();
+        let source = std::fs::read_to_string(src_path)
+            .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", src_path.display())));
+        let mut ptx_fields = Vec::new();
+        for (suffix, arch) in TARGETS {
+            if have_nvrtc {
+                let ptx = compile(&name, &source, arch);
+                let ptx_path = out_dir.join(format!("{name}.{suffix}.ptx"));
+                std::fs::write(&ptx_path, ptx)
+                    .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", ptx_path.display())));
+                ptx_fields.push(format!("Some(include_str!({:?}))", path_str(&ptx_path)));
+            } else {
+                ptx_fields.push("None".to_string());
+            }
+        }
+        let _ = writeln!(
+            table,
+            "    Kernel {{ name: {name:?}, source: include_str!({:?}), ptx_sm90: {}, ptx_portable: {} }},",
+            path_str(src_path),
+            ptx_fields[0],
+            ptx_fields[1]
+        );
+    }
+    table.push_str("];\n");
+    let _ = writeln!(
+        table,
+        "/// NVRTC architectures of the precompiled PTX (empty when the build had no NVRTC).\npub const PRECOMPILED_TARGETS: &[&str] = &[{}];",
+        if have_nvrtc {
+            TARGETS.iter().map(|(_, a)| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+        } else {
+            String::new()
+        }
+    );
+    let table_path = out_dir.join("kernels.rs");
+    std::fs::write(&table_path, table).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", table_path.display())));
+    println!("cargo:rustc-env=ICHCAM_KERNELS_PRECOMPILED={}", if have_nvrtc { "yes" } else { "no" });
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_str()
+        .unwrap_or_else(|| fail(&format!("path is not UTF-8: {}", p.display())))
+        .to_string()
+}
+
+/// Whether libnvrtc loads; cudarc panics on first use of a missing library, so ask first,
+/// and treat a panic while asking as "absent".
+fn nvrtc_present() -> bool {
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+fn compile(name: &str, source: &str, arch: &'static str) -> String {
+    use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+    let opts = CompileOptions {
+        arch: Some(arch),
+        name: Some(format!("{name}.cu")),
+        options: vec!["--std=c++17".to_string()],
+        ..Default::default()
+    };
+    let result = std::panic::catch_unwind(|| compile_ptx_with_opts(source, opts));
+    match result {
+        Ok(Ok(ptx)) => ptx.to_src(),
+        Ok(Err(CompileError::CompileError { log, .. })) => fail(&format!(
+            "kernels/{name}.cu failed to compile with NVRTC ({arch}):\n{}",
+            log.to_string_lossy()
+        )),
+        Ok(Err(e)) => fail(&format!("kernels/{name}.cu: NVRTC error ({arch}): {e}")),
+        Err(_) => fail(&format!("kernels/{name}.cu: NVRTC panicked while compiling ({arch})")),
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    println!("cargo:warning={}", msg.lines().next().unwrap_or(msg));
+    std::process::exit(1);
 }

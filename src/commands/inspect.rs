@@ -1,8 +1,44 @@
-//! `ichcam inspect`.
+//! `ichcam inspect PATH`: describes a NIfTI file or a DICOM folder (`io::inspect`), or a
+//! dataset folder (`data::dataset::summary`: volumes, slices and positive slices). A folder
+//! is a dataset when it holds `images/` or `data/`, or `.nii`/`.nii.gz` files directly.
+
+use anyhow::Context;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// A `.nii`/`.nii.gz` file, a folder of DICOM slices, or a dataset folder.
+    pub path: PathBuf,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`ichcam inspect` is not implemented yet")
+fn is_dataset(p: &Path) -> bool {
+    if !p.is_dir() {
+        return false;
+    }
+    if ["images", "data"].iter().any(|d| p.join(d).is_dir()) {
+        return true;
+    }
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().to_ascii_lowercase();
+                n.ends_with(".nii") || n.ends_with(".nii.gz")
+            })
+        })
+        .unwrap_or(false)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let p = &args.path;
+    if !p.exists() {
+        anyhow::bail!("{}: no such file or folder", p.display());
+    }
+    if is_dataset(p) {
+        let s = ichcam::data::dataset::summary(p)
+            .with_context(|| format!("{}: cannot summarise the dataset", p.display()))?;
+        println!("{s}");
+    } else {
+        print!("{}", ichcam::io::inspect::describe(p)?);
+    }
+    Ok(())
 }

@@ -1,8 +1,99 @@
-//! `ichcam parity`.
+//! `ichcam parity`: checks the engine against a PyTorch fixture (forward, loss, every
+//! gradient, BN running stats, features, fc logits, CAM, upsampled and normalised CAM,
+//! Grad-CAM) and prints one line per quantity; exits non-zero unless all are within the
+//! tolerance (f64: 1e-9, f32: 1e-4 unless `--tol` says otherwise).
+
+use anyhow::{bail, Context};
+use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::cuda::CudaBackend;
+use ichcam::engine::Backend;
+use ichcam::model::parity::{self, Fixture, ParityReport};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// A fixture written by tests/fixtures/torch-parity/make_fixtures.py.
+    pub file: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Element type of the engine: f64 or f32 (CUDA: f32 only). Default: f64 on the CPU,
+    /// f32 on CUDA.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Largest accepted ||ours - torch|| / ||torch|| (default 1e-9 in f64, 1e-4 in f32).
+    #[arg(long)]
+    pub tol: Option<f64>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`ichcam parity` is not implemented yet")
+fn run_on<B: Backend>(be: B, fx: &Fixture, tol: Option<f64>) -> anyhow::Result<ParityReport> {
+    let tol = tol.unwrap_or_else(parity::default_tolerance::<B::T>);
+    Ok(parity::run(be, fx, tol)?)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(t) = args.tol {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--tol must be a positive number, got {t}");
+        }
+    }
+    let fx = Fixture::load(&args.file)?;
+    let device = args.device.trim().to_ascii_lowercase();
+    let report = if device == "cpu" {
+        match args.dtype.as_deref().unwrap_or("f64") {
+            "f64" => run_on(CpuBackend::<f64>::new(), &fx, args.tol)?,
+            "f32" => run_on(CpuBackend::<f32>::new(), &fx, args.tol)?,
+            d => bail!("unknown --dtype `{d}`: use f64 or f32"),
+        }
+    } else if device == "cuda" || device.starts_with("cuda:") {
+        let ordinal = match device.strip_prefix("cuda:") {
+            None => 0,
+            Some(n) => n
+                .parse::<usize>()
+                .with_context(|| format!("bad device `{device}`: use cuda or cuda:N"))?,
+        };
+        match args.dtype.as_deref().unwrap_or("f32") {
+            "f32" => {}
+            d => bail!("the CUDA backend runs in f32 only (got --dtype {d})"),
+        }
+        let be = CudaBackend::new(ordinal).context("opening the CUDA device")?;
+        run_on(be, &fx, args.tol)?
+    } else {
+        bail!(
+            "unknown --device `{}`: use cpu, cuda or cuda:N",
+            args.device
+        );
+    };
+    let c = &fx.config;
+    println!(
+        "fixture {} ({:?} {:?}, base {}, LSTM {}x{}) on {}, tolerance {:.0e}",
+        fx.path.display(),
+        c.block,
+        c.layers,
+        c.base_width,
+        c.lstm_layers,
+        c.lstm_hidden,
+        report.backend,
+        report.tolerance
+    );
+    print!("{}", report.table());
+    let worst = report
+        .worst()
+        .map(|r| format!("{} ({:.3e})", r.quantity, r.rel_err))
+        .unwrap_or_default();
+    if report.passed() {
+        println!(
+            "PASS: all {} quantities within {:.0e}; worst {worst}",
+            report.rows.len(),
+            report.tolerance
+        );
+        Ok(())
+    } else {
+        bail!(
+            "parity FAILED: {} of {} quantities over {:.0e}; worst {worst}",
+            report.failures(),
+            report.rows.len(),
+            report.tolerance
+        )
+    }
 }

@@ -1,8 +1,115 @@
-//! `ichcam train`.
+//! `ichcam train`: stage 1 (ResNet-LSTM) and stage 2 (fc head) from slice labels only.
+//! Picks a preset, applies the overrides, and hands over to [`ichcam::train::train`].
+
+use anyhow::Context;
+use ichcam::data::Dataset;
+use ichcam::train::{config, train, TrainConfig, TrainInput, TrainOptions};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Dataset folder (INSTANCE `data/`, ct-ich `images/` + `slice_labels.csv`, or a folder
+    /// of volumes with a label CSV); only slice labels are used.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output model file (`.safetensors`); `X.last.safetensors`, `X.log.json` and
+    /// `X.plot.png` are written beside it.
+    #[arg(long)]
+    model: PathBuf,
+    /// Slice-label CSV overriding the one the dataset layout provides.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Preset: tiny (CPU, minutes), small (GPU ResNet-18, 256 px), paper (ResNet-101, 512 px).
+    #[arg(long, default_value = "tiny")]
+    config: String,
+    /// Stage-1 epochs (default: the preset's).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Stage-2 (fc head) epochs (default: the preset's).
+    #[arg(long)]
+    stage2_epochs: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// auto (a GPU when there is one), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Fraction of the patients held out for validation.
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Stage-1 learning rate (default: the preset's).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Stage-1 optimizer: sgd (momentum 0.9) or adam.
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// Sequences per stage-1 batch (default: the preset's).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Ignore an existing `X.last.safetensors` and start over.
+    #[arg(long, conflicts_with = "resume")]
+    fresh: bool,
+    /// Resume from `X.last.safetensors` (the default when it exists and matches).
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many epochs, as if interrupted (resume later).
+    #[arg(long, hide = true)]
+    stop_after_epochs: Option<usize>,
+    /// No progress bars or per-epoch lines.
+    #[arg(long, short)]
+    quiet: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`ichcam train` is not implemented yet")
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let mut cfg = TrainConfig::preset(&a.config)?;
+    if let Some(e) = a.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(e) = a.stage2_epochs {
+        cfg.stage2_epochs = e;
+    }
+    if let Some(v) = a.val_fraction {
+        cfg.val_fraction = v;
+    }
+    if let Some(b) = a.batch {
+        cfg.batch = b;
+    }
+    if let Some(o) = &a.optimizer {
+        cfg.optimizer = config::switch_optimizer(&cfg.optimizer, &o.to_ascii_lowercase())
+            .with_context(|| format!("unknown optimizer `{o}` (expected sgd or adam)"))?;
+    }
+    if let Some(lr) = a.lr {
+        cfg.optimizer = cfg.optimizer.with_lr(lr);
+    }
+    let last = ichcam::train::RunPaths::new(&a.model).last;
+    if a.resume && !last.is_file() {
+        anyhow::bail!("--resume: no checkpoint {} to resume from", last.display());
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("invalid training config: {e}"))?;
+    let opts = TrainOptions {
+        seed: a.seed,
+        resume: !a.fresh,
+        stop_after_epochs: a.stop_after_epochs,
+        progress: !a.quiet,
+        device: a.device.clone(),
+    };
+    let ds = Dataset::open_with_csv(&a.data, a.labels.as_deref()).with_context(|| format!("opening the dataset {}", a.data.display()))?;
+    ds.require_labels().context("training needs slice labels for every volume")?;
+    let report = train(TrainInput::Dataset { dataset: &ds, indices: None }, &a.model, &cfg, &opts)
+        .with_context(|| format!("training {}", a.model.display()))?;
+    let f = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    println!(
+        "{} {} on {} ({} train / {} validation volumes) in {:.1}s: best validation AUC stage 1 {}, stage 2 {}",
+        if report.finished { "trained" } else { "stopped early:" },
+        cfg.name,
+        report.device,
+        report.train_cases,
+        report.val_cases,
+        report.seconds,
+        f(report.best_auc_stage1),
+        f(report.best_auc_stage2),
+    );
+    println!("model: {}", report.model.display());
+    println!("resume checkpoint: {}", report.last_checkpoint.display());
+    println!("log: {}  plot: {}", report.log_json.display(), report.plot_png.display());
+    Ok(())
 }

@@ -1,3 +1,80 @@
 //! The two training stages of the method: stage 1 (ResNet-LSTM on slice sequences, slice
 //! labels only) and stage 2 (frozen backbone, single-slice fc head); optimizers' schedules,
 //! augmentation, validation, checkpoints and resume, logs.
+//!
+//! The entry point is [`train`] (or [`train_with`] on a given backend): cases in (a dataset
+//! folder, an opened dataset, or volumes in memory), a model file out, with its resume
+//! checkpoint, JSON log and PNG plot beside it. Knows nothing about the CLI.
+
+pub mod augment;
+pub mod auc;
+pub mod checkpoint;
+pub mod config;
+pub mod log;
+pub mod prep;
+pub mod stage1;
+pub mod stage2;
+pub mod trainer;
+
+pub use augment::{AugmentConfig, Transform};
+pub use config::TrainConfig;
+pub use log::{EpochRecord, TrainLog};
+pub use prep::{TrainCase, TrainInput};
+pub use trainer::{train_with, RunPaths, TrainOptions, TrainReport};
+
+use crate::model::ModelError;
+use std::path::{Path, PathBuf};
+
+/// Errors of a training run; each message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("invalid training config: {0}")]
+    Config(String),
+    /// Reading or preparing the cases failed.
+    #[error("{0}")]
+    Data(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Io(#[from] crate::io::IoError),
+    #[error("{}: {detail}", path.display())]
+    Checkpoint { path: PathBuf, detail: String },
+    #[error("{}: cannot resume: {detail}; pass --fresh to start over (or use another model path)", path.display())]
+    ResumeMismatch { path: PathBuf, detail: String },
+    #[error("training diverged: {0}")]
+    Diverged(String),
+}
+
+/// Validation metrics of one epoch (None: no validation set, or one class only for the AUC).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EpochStats {
+    pub loss: Option<f64>,
+    pub auc: Option<f64>,
+    pub accuracy: Option<f64>,
+}
+
+/// Trains `cfg` on the backend `opts.device` names (`auto`: the first GPU when there is
+/// one, else the CPU, saying why on stderr when `opts.progress`). See [`train_with`].
+pub fn train(input: TrainInput<'_>, out_model: &Path, cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport, TrainError> {
+    use crate::engine::cpu::CpuBackend;
+    use crate::engine::cuda::{pick_device, CudaBackend, DeviceChoice};
+    let choice = pick_device(&opts.device).map_err(|e| TrainError::Config(e.to_string()))?;
+    match choice {
+        DeviceChoice::Cpu { reason } => {
+            if let (Some(r), true) = (reason, opts.progress) {
+                eprintln!("device auto: using the CPU ({r})");
+            }
+            train_with(CpuBackend::<f32>::new(), input, out_model, cfg, opts)
+        }
+        DeviceChoice::Cuda(info) => match CudaBackend::new(info.ordinal) {
+            Ok(be) => train_with(be, input, out_model, cfg, opts),
+            Err(e) if opts.device.trim().eq_ignore_ascii_case("auto") => {
+                if opts.progress {
+                    eprintln!("device auto: using the CPU ({e})");
+                }
+                train_with(CpuBackend::<f32>::new(), input, out_model, cfg, opts)
+            }
+            Err(e) => Err(TrainError::Model(e.into())),
+        },
+    }
+}

@@ -1,3 +1,306 @@
 //! The CPU reference backend: plain, readable implementations of every op, generic over
 //! f32/f64 (f64 for finite-difference gradient checks), parallel with rayon, convolutions
 //! and dense products through the `gemm` crate.
+//!
+//! [`CpuBackend`] only checks and forwards: each op family lives in its own file over plain
+//! slices, so other code (tests, the model's host-side helpers) can call the functions
+//! directly. [`gemm::matmul`] is the shared bounds-checked matrix product.
+
+pub mod cam;
+pub mod conv;
+pub mod dense;
+pub mod elementwise;
+pub mod gemm;
+pub mod loss;
+pub mod lstm;
+pub mod norm;
+pub mod optim;
+pub mod pool;
+
+use std::marker::PhantomData;
+
+use super::backend::Backend;
+use super::shapes::{BatchNorm2d, Conv2d, Lstm, Pool2d};
+use super::{Real, Result};
+
+/// The CPU backend over host vectors of `T` (f32 for work, f64 for gradient checks).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuBackend<T: Real> {
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Real> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend { _t: PhantomData }
+    }
+}
+
+impl<T: Real> Default for CpuBackend<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Real> Backend for CpuBackend<T> {
+    type T = T;
+    type Buf = Vec<T>;
+
+    fn name(&self) -> String {
+        format!("cpu-{}", T::NAME)
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::zero(); len])
+    }
+    fn upload(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+    fn download(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        Ok(buf.clone())
+    }
+    fn len(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn fill(&self, buf: &mut Vec<T>, value: f64) -> Result<()> {
+        elementwise::fill(buf, value)
+    }
+    fn copy(&self, src: &Vec<T>, dst: &mut Vec<T>) -> Result<()> {
+        elementwise::copy(src, dst)
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn conv2d_fwd(&self, s: &Conv2d, x: &Vec<T>, w: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        conv::conv2d_fwd(s, x, w, y)
+    }
+    fn conv2d_bwd_data(&self, s: &Conv2d, dy: &Vec<T>, w: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
+        conv::conv2d_bwd_data(s, dy, w, dx)
+    }
+    fn conv2d_bwd_weight(&self, s: &Conv2d, x: &Vec<T>, dy: &Vec<T>, dw: &mut Vec<T>) -> Result<()> {
+        conv::conv2d_bwd_weight(s, x, dy, dw)
+    }
+
+    fn batchnorm_train_fwd(
+        &self,
+        s: &BatchNorm2d,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        running_mean: &mut Vec<T>,
+        running_var: &mut Vec<T>,
+        save_mean: &mut Vec<T>,
+        save_invstd: &mut Vec<T>,
+        y: &mut Vec<T>,
+        relu: bool,
+    ) -> Result<()> {
+        norm::batchnorm_train_fwd(
+            s,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            y,
+            relu,
+        )
+    }
+    fn batchnorm_eval_fwd(
+        &self,
+        s: &BatchNorm2d,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        running_mean: &Vec<T>,
+        running_var: &Vec<T>,
+        y: &mut Vec<T>,
+        relu: bool,
+    ) -> Result<()> {
+        norm::batchnorm_eval_fwd(s, x, gamma, beta, running_mean, running_var, y, relu)
+    }
+    fn batchnorm_bwd(
+        &self,
+        s: &BatchNorm2d,
+        x: &Vec<T>,
+        y: &Vec<T>,
+        dy: &Vec<T>,
+        gamma: &Vec<T>,
+        save_mean: &Vec<T>,
+        save_invstd: &Vec<T>,
+        dx: &mut Vec<T>,
+        dgamma: &mut Vec<T>,
+        dbeta: &mut Vec<T>,
+        relu: bool,
+    ) -> Result<()> {
+        norm::batchnorm_bwd(s, x, y, dy, gamma, save_mean, save_invstd, dx, dgamma, dbeta, relu)
+    }
+
+    fn relu_fwd(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        elementwise::relu_fwd(x, y)
+    }
+    fn relu_bwd(&self, y: &Vec<T>, dy: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
+        elementwise::relu_bwd(y, dy, dx)
+    }
+    fn add_relu_fwd(&self, a: &Vec<T>, b: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        elementwise::add_relu_fwd(a, b, y)
+    }
+    fn add_assign(&self, y: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
+        elementwise::add_assign(y, x)
+    }
+    fn scale_assign(&self, y: &mut Vec<T>, alpha: f64) -> Result<()> {
+        elementwise::scale_assign(y, alpha)
+    }
+
+    fn maxpool2d_fwd(&self, s: &Pool2d, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        pool::maxpool2d_fwd(s, x, y)
+    }
+    fn maxpool2d_bwd(&self, s: &Pool2d, x: &Vec<T>, y: &Vec<T>, dy: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
+        pool::maxpool2d_bwd(s, x, y, dy, dx)
+    }
+    fn global_avg_pool_fwd(&self, rows: usize, hw: usize, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        pool::global_avg_pool_fwd(rows, hw, x, y)
+    }
+    fn global_avg_pool_bwd(&self, rows: usize, hw: usize, dy: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
+        pool::global_avg_pool_bwd(rows, hw, dy, dx)
+    }
+
+    fn linear_fwd(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: Option<&Vec<T>>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        dense::linear_fwd(m, k, n, x, w, b.map(|v| v.as_slice()), y)
+    }
+    fn linear_bwd(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        dy: &Vec<T>,
+        dx: Option<&mut Vec<T>>,
+        dw: &mut Vec<T>,
+        db: Option<&mut Vec<T>>,
+    ) -> Result<()> {
+        dense::linear_bwd(
+            m,
+            k,
+            n,
+            x,
+            w,
+            dy,
+            dx.map(|v| v.as_mut_slice()),
+            dw,
+            db.map(|v| v.as_mut_slice()),
+        )
+    }
+
+    fn lstm_fwd(
+        &self,
+        s: &Lstm,
+        x: &Vec<T>,
+        w_ih: &Vec<T>,
+        w_hh: &Vec<T>,
+        b_ih: &Vec<T>,
+        b_hh: &Vec<T>,
+        h_seq: &mut Vec<T>,
+        c_seq: &mut Vec<T>,
+        gates: &mut Vec<T>,
+    ) -> Result<()> {
+        lstm::lstm_fwd(s, x, w_ih, w_hh, b_ih, b_hh, h_seq, c_seq, gates)
+    }
+    fn lstm_bwd(
+        &self,
+        s: &Lstm,
+        x: &Vec<T>,
+        w_ih: &Vec<T>,
+        w_hh: &Vec<T>,
+        h_seq: &Vec<T>,
+        c_seq: &Vec<T>,
+        gates: &Vec<T>,
+        dh_seq: &Vec<T>,
+        dx: &mut Vec<T>,
+        dw_ih: &mut Vec<T>,
+        dw_hh: &mut Vec<T>,
+        db: &mut Vec<T>,
+    ) -> Result<()> {
+        lstm::lstm_bwd(s, x, w_ih, w_hh, h_seq, c_seq, gates, dh_seq, dx, dw_ih, dw_hh, db)
+    }
+
+    fn bce_with_logits(&self, logits: &Vec<T>, targets: &Vec<T>, pos_weight: f64, dlogits: &mut Vec<T>) -> Result<f64> {
+        loss::bce_with_logits(logits, targets, pos_weight, dlogits)
+    }
+    fn sgd_step(
+        &self,
+        p: &mut Vec<T>,
+        g: &Vec<T>,
+        m: &mut Vec<T>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        first_step: bool,
+    ) -> Result<()> {
+        optim::sgd_step(p, g, m, lr, momentum, weight_decay, first_step)
+    }
+    fn adam_step(
+        &self,
+        p: &mut Vec<T>,
+        g: &Vec<T>,
+        m: &mut Vec<T>,
+        v: &mut Vec<T>,
+        step: u64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    ) -> Result<()> {
+        optim::adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+    }
+
+    fn cam_weight(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        features: &Vec<T>,
+        weights: &Vec<T>,
+        cam: &mut Vec<T>,
+    ) -> Result<()> {
+        cam::cam_weight(n, c, hw, features, weights, cam)
+    }
+    fn gradcam(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        features: &Vec<T>,
+        grads: &Vec<T>,
+        out: &mut Vec<T>,
+    ) -> Result<()> {
+        cam::gradcam(n, c, hw, features, grads, out)
+    }
+    fn upsample_bilinear(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        oh: usize,
+        ow: usize,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        cam::upsample_bilinear(n, h, w, oh, ow, x, y)
+    }
+    fn minmax_normalize(&self, n: usize, len: usize, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        cam::minmax_normalize(n, len, x, y)
+    }
+}

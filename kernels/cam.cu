@@ -1,0 +1,106 @@
+// Class activation maps: weighting of the last block's features, Grad-CAM, bilinear
+// resize (PyTorch's align_corners=False) and per-row min-max normalisation.
+
+// cam[i, p] = sum_c weights[c] * features[i, c, p], c ascending.
+extern "C" __global__ void cam_weight(const float* __restrict__ features, const float* __restrict__ weights,
+                                      float* __restrict__ cam, int n, int c, int hw) {
+    int total = n * hw;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+        int i = idx / hw, p = idx - i * hw;
+        const float* f = features + (size_t)i * c * hw + p;
+        float s = 0.0f;
+        for (int k = 0; k < c; ++k) s = fmaf(weights[k], f[(size_t)k * hw], s);
+        cam[idx] = s;
+    }
+}
+
+// One warp per row of [rows, hw]: out[r] = mean(x[r, :]).
+extern "C" __global__ void row_mean(const float* __restrict__ x, float* __restrict__ out, int rows, int hw) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    const float* xr = x + (size_t)warp * hw;
+    float s = 0.0f;
+    for (int i = lane; i < hw; i += 32) s += xr[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+    if (lane == 0) out[warp] = s / (float)hw;
+}
+
+// out[i, p] = relu(sum_c alpha[i, c] * features[i, c, p]).
+extern "C" __global__ void gradcam_combine(const float* __restrict__ features, const float* __restrict__ alpha,
+                                           float* __restrict__ out, int n, int c, int hw) {
+    int total = n * hw;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+        int i = idx / hw, p = idx - i * hw;
+        const float* f = features + (size_t)i * c * hw + p;
+        const float* a = alpha + (size_t)i * c;
+        float s = 0.0f;
+        for (int k = 0; k < c; ++k) s = fmaf(a[k], f[(size_t)k * hw], s);
+        out[idx] = s > 0.0f ? s : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void source_index(int dst, float scale, int in, int& i0, int& i1, float& l1) {
+    float src = ((float)dst + 0.5f) * scale - 0.5f;
+    if (src < 0.0f) src = 0.0f;
+    i0 = (int)src;
+    if (i0 > in - 1) i0 = in - 1;
+    i1 = i0 < in - 1 ? i0 + 1 : i0;
+    l1 = src - (float)i0;
+}
+
+// [n, h, w] -> [n, oh, ow], align_corners=False, scale = in / out.
+extern "C" __global__ void upsample_bilinear(const float* __restrict__ x, float* __restrict__ y, int n,
+                                             int h, int w, int oh, int ow) {
+    int total = n * oh * ow;
+    float sh = (float)h / (float)oh, sw = (float)w / (float)ow;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+        int ox = idx % ow, t = idx / ow, oy = t % oh, i = t / oh;
+        int y0, y1, x0, x1;
+        float ly, lx;
+        source_index(oy, sh, h, y0, y1, ly);
+        source_index(ox, sw, w, x0, x1, lx);
+        const float* xi = x + (size_t)i * h * w;
+        float v00 = xi[y0 * w + x0], v01 = xi[y0 * w + x1], v10 = xi[y1 * w + x0], v11 = xi[y1 * w + x1];
+        y[idx] = (1.0f - ly) * ((1.0f - lx) * v00 + lx * v01) + ly * ((1.0f - lx) * v10 + lx * v11);
+    }
+}
+
+// One block (256 threads) per row: (x - min) / (max - min); a constant row becomes zeros.
+extern "C" __global__ void minmax_normalize(const float* __restrict__ x, float* __restrict__ y, int n, int len) {
+    __shared__ float smin[32], smax[32];
+    const float* xr = x + (size_t)blockIdx.x * len;
+    float* yr = y + (size_t)blockIdx.x * len;
+    float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
+    for (int i = threadIdx.x; i < len; i += blockDim.x) {
+        float v = xr[i];
+        lo = fminf(lo, v);
+        hi = fmaxf(hi, v);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = fminf(lo, __shfl_down_sync(0xffffffffu, lo, o));
+        hi = fmaxf(hi, __shfl_down_sync(0xffffffffu, hi, o));
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        smin[warp] = lo;
+        smax[warp] = hi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        lo = lane < nw ? smin[lane] : __int_as_float(0x7f800000);
+        hi = lane < nw ? smax[lane] : __int_as_float(0xff800000);
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = fminf(lo, __shfl_down_sync(0xffffffffu, lo, o));
+            hi = fmaxf(hi, __shfl_down_sync(0xffffffffu, hi, o));
+        }
+        if (lane == 0) {
+            smin[0] = lo;
+            smax[0] = hi;
+        }
+    }
+    __syncthreads();
+    lo = smin[0];
+    hi = smax[0];
+    float range = hi - lo;
+    for (int i = threadIdx.x; i < len; i += blockDim.x) yr[i] = range > 0.0f ? (xr[i] - lo) / range : 0.0f;
+}

@@ -1,0 +1,244 @@
+// 2-D convolution (no bias), NCHW, as implicit GEMMs: no im2col buffer; the gathered
+// operand is read straight from the tensor into shared-memory tiles.
+//
+//   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x)
+//   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy)
+//               (col'(dy) holds dy[n, co, oh, ow] where oh*stride = ih + pad - kh, else 0)
+//   bwd-weight  M = C_out, N = C_in*KH*KW,  K = batch*OH*OW: dW = dy . col(x)^T, split
+//               over K by blockIdx.z into a workspace that conv_splitk_reduce sums in a
+//               fixed order (deterministic, no atomics).
+//
+// Block tile 64x64, K tile 16, 256 threads, each thread 4x4 outputs at a stride of 16 so
+// that the 16 threads of a row write 16 consecutive pixels. Index arithmetic on tensor
+// offsets is done in 64 bits; element counts fit in an int (checked on the host).
+
+#define BM 64
+#define BN 64
+#define BK 16
+#define PAD 4
+
+__device__ __forceinline__ void tile_mma(const float (*As)[BM + PAD], const float (*Bs)[BN + PAD],
+                                         float acc[4][4], int tx, int ty) {
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+           int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW) {
+    __shared__ float As[BK][BM + PAD];
+    __shared__ float Bs[BK][BN + PAD];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int M = CO, KHW = KH * KW, K = C * KHW, OHW = OH * OW, P = N * OHW;
+    const int m0 = blockIdx.y * BM, p0 = blockIdx.x * BN;
+
+    // This thread's fixed pixel column of the B tile.
+    const int bcol = tid & 63, brow = tid >> 6;
+    const int p = p0 + bcol;
+    const bool p_ok = p < P;
+    int ih0 = 0, iw0 = 0;
+    const float* xb = x;
+    if (p_ok) {
+        int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
+        ih0 = oh * stride - pad;
+        iw0 = ow * stride - pad;
+        xb = x + (size_t)n * C * H * W;
+    }
+    // A tile (weights, contiguous along k): k = tid & 15, rows tid>>4 + 16q.
+    const int ak = tid & 15, am = tid >> 4;
+
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            int m = m0 + am + 16 * q, k = k0 + ak;
+            As[ak][am + 16 * q] = (m < M && k < K) ? w[(size_t)m * K + k] : 0.0f;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            int r = brow + 4 * q, k = k0 + r;
+            float v = 0.0f;
+            if (p_ok && k < K) {
+                int ci = k / KHW, rr = k - ci * KHW, kh = rr / KW, kw = rr - kh * KW;
+                int ih = ih0 + kh, iw = iw0 + kw;
+                if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = xb[((size_t)ci * H + ih) * W + iw];
+            }
+            Bs[r][bcol] = v;
+        }
+        __syncthreads();
+        tile_mma(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        int pp = p0 + tx + 16 * j;
+        if (pp >= P) continue;
+        int n = pp / OHW, r = pp - n * OHW;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int m = m0 + ty + 16 * i;
+            if (m < M) y[((size_t)n * CO + m) * OHW + r] = acc[i][j];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
+                int OW) {
+    __shared__ float As[BK][BM + PAD];
+    __shared__ float Bs[BK][BN + PAD];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int M = C, KHW = KH * KW, K = CO * KHW, HW = H * W, OHW = OH * OW, P = N * HW;
+    const int m0 = blockIdx.y * BM, p0 = blockIdx.x * BN;
+
+    // This thread's fixed input-pixel column of the B tile.
+    const int bcol = tid & 63, brow = tid >> 6;
+    const int p = p0 + bcol;
+    const bool p_ok = p < P;
+    int ihp = 0, iwp = 0;
+    const float* dyb = dy;
+    if (p_ok) {
+        int n = p / HW, r = p - n * HW, ih = r / W, iw = r - ih * W;
+        ihp = ih + pad;
+        iwp = iw + pad;
+        dyb = dy + (size_t)n * CO * OHW;
+    }
+    // A[ci][(co,kh,kw)] = w[co][ci][kh][kw]: contiguous along (kh,kw) for fixed co.
+    const int ak = tid & 15, am = tid >> 4;
+
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            int m = m0 + am + 16 * q, k = k0 + ak;
+            float v = 0.0f;
+            if (m < M && k < K) {
+                int co = k / KHW, rr = k - co * KHW;
+                v = w[((size_t)co * C + m) * KHW + rr];
+            }
+            As[ak][am + 16 * q] = v;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            int r = brow + 4 * q, k = k0 + r;
+            float v = 0.0f;
+            if (p_ok && k < K) {
+                int co = k / KHW, rr = k - co * KHW, kh = rr / KW, kw = rr - kh * KW;
+                int th = ihp - kh, tw = iwp - kw;
+                if (th >= 0 && tw >= 0) {
+                    int oh = th / stride, ow = tw / stride;
+                    if (oh * stride == th && ow * stride == tw && oh < OH && ow < OW)
+                        v = dyb[((size_t)co * OH + oh) * OW + ow];
+                }
+            }
+            Bs[r][bcol] = v;
+        }
+        __syncthreads();
+        tile_mma(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        int pp = p0 + tx + 16 * j;
+        if (pp >= P) continue;
+        int n = pp / HW, r = pp - n * HW;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int m = m0 + ty + 16 * i;
+            if (m < M) dx[((size_t)n * C + m) * HW + r] = acc[i][j];
+        }
+    }
+}
+
+// dW[co][(ci,kh,kw)] over the K range [z*chunk, min((z+1)*chunk, K)) of batch*OH*OW.
+// out = dw when gridDim.z == 1, else the workspace [splits][CO][C*KH*KW].
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
+                  int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
+                  int OW, int chunk) {
+    __shared__ float As[BK][BM + PAD];
+    __shared__ float Bs[BK][BN + PAD];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int M = CO, KHW = KH * KW, NC = C * KHW, OHW = OH * OW, K = N * OHW;
+    const int m0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
+    const int kbeg = blockIdx.z * chunk;
+    const int kend = min(K, kbeg + chunk);
+
+    // Both tiles are loaded with the reduction index (pixel) fastest: k = tid & 15.
+    const int lk = tid & 15, lr = tid >> 4;
+    // This thread's four fixed (ci, kh, kw) columns of the B tile.
+    int bci[4], bkh[4], bkw[4];
+    bool bok[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        int c = c0 + lr + 16 * q;
+        bok[q] = c < NC;
+        int ci = c / KHW, rr = c - ci * KHW, kh = rr / KW;
+        bci[q] = ci;
+        bkh[q] = kh;
+        bkw[q] = rr - kh * KW;
+    }
+
+    float acc[4][4] = {};
+    for (int k0 = kbeg; k0 < kend; k0 += BK) {
+        int k = k0 + lk;
+        bool k_ok = k < kend;
+        int n = 0, oh = 0, ow = 0, r = 0;
+        if (k_ok) {
+            n = k / OHW;
+            r = k - n * OHW;
+            oh = r / OW;
+            ow = r - oh * OW;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            int m = m0 + lr + 16 * q;
+            As[lk][lr + 16 * q] = (k_ok && m < M) ? dy[((size_t)n * CO + m) * OHW + r] : 0.0f;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float v = 0.0f;
+            if (k_ok && bok[q]) {
+                int ih = oh * stride - pad + bkh[q], iw = ow * stride - pad + bkw[q];
+                if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+                    v = x[(((size_t)n * C + bci[q]) * H + ih) * W + iw];
+            }
+            Bs[lk][lr + 16 * q] = v;
+        }
+        __syncthreads();
+        tile_mma(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+    float* o = out + (size_t)blockIdx.z * M * NC;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int m = m0 + ty + 16 * i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int c = c0 + tx + 16 * j;
+            if (c < NC) o[(size_t)m * NC + c] = acc[i][j];
+        }
+    }
+}
+
+// dw[i] = sum over s of ws[s][i], s ascending.
+extern "C" __global__ void conv_splitk_reduce(const float* __restrict__ ws, float* __restrict__ dw,
+                                              int splits, int len) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int z = 0; z < splits; ++z) s += ws[(size_t)z * len + i];
+        dw[i] = s;
+    }
+}

@@ -1,0 +1,151 @@
+//! GPU discovery that never panics: whether the CUDA driver and NVRTC libraries load, the
+//! devices with their compute capability and memory, and the choice behind `--device`
+//! (auto falls back to the CPU with one clear reason). cudarc (dynamic loading) panics on
+//! first use of a missing library, so every probe checks `is_culib_present` first and runs
+//! inside `catch_unwind` as a second guard.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use cudarc::driver::{result, sys};
+
+use crate::engine::{EngineError, Result};
+
+/// One CUDA device as the driver reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// (major, minor), e.g. (9, 0) for Hopper.
+    pub compute_capability: (i32, i32),
+    pub total_mem: usize,
+    pub multiprocessors: i32,
+}
+
+/// What `--device` resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The CPU backend; `reason` says why auto did not pick a GPU (None when asked for).
+    Cpu { reason: Option<String> },
+    Cuda(DeviceInfo),
+}
+
+/// Whether libcuda (the driver) loads.
+pub fn driver_present() -> bool {
+    catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Whether libnvrtc loads.
+pub fn nvrtc_present() -> bool {
+    catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// The driver's CUDA version as (major, minor), e.g. (13, 0).
+pub fn driver_version() -> Result<(i32, i32)> {
+    guard("driver version", || {
+        let mut v = 0i32;
+        unsafe { sys::cuDriverGetVersion(&mut v) }.result().map_err(|e| cuda("cuDriverGetVersion", e))?;
+        Ok((v / 1000, (v % 1000) / 10))
+    })
+}
+
+/// The run-time NVRTC's version as (major, minor).
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_present() {
+        return Err(EngineError::NoCuda("libnvrtc not found".into()));
+    }
+    let r = catch_unwind(|| {
+        let (mut a, mut b) = (0i32, 0i32);
+        let ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut a, &mut b) };
+        (ok, a, b)
+    });
+    match r {
+        Ok((cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS, a, b)) => Ok((a, b)),
+        Ok((e, _, _)) => Err(EngineError::Cuda { op: "nvrtcVersion".into(), msg: format!("{e:?}") }),
+        Err(_) => Err(EngineError::NoCuda("libnvrtc failed to load".into())),
+    }
+}
+
+/// The CUDA devices, or `NoCuda` with one line saying what is missing.
+pub fn cuda_available() -> Result<Vec<DeviceInfo>> {
+    if !driver_present() {
+        return Err(EngineError::NoCuda("no CUDA driver found (libcuda.so did not load)".into()));
+    }
+    guard("device discovery", || {
+        result::init().map_err(|e| EngineError::NoCuda(format!("the CUDA driver did not initialise: {e}")))?;
+        let count = result::device::get_count().map_err(|e| cuda("cuDeviceGetCount", e))?;
+        if count <= 0 {
+            return Err(EngineError::NoCuda("the CUDA driver found no GPU".into()));
+        }
+        (0..count).map(|i| device_info(i as usize)).collect()
+    })
+}
+
+/// The properties of device `ordinal` (the driver must be initialised).
+fn device_info(ordinal: usize) -> Result<DeviceInfo> {
+    let dev = result::device::get(ordinal as i32).map_err(|e| cuda("cuDeviceGet", e))?;
+    let name = result::device::get_name(dev).map_err(|e| cuda("cuDeviceGetName", e))?;
+    let attr = |a| unsafe { result::device::get_attribute(dev, a) }.map_err(|e| cuda("cuDeviceGetAttribute", e));
+    use sys::CUdevice_attribute::*;
+    let major = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let total_mem = unsafe { result::device::total_mem(dev) }.map_err(|e| cuda("cuDeviceTotalMem", e))?;
+    Ok(DeviceInfo { ordinal, name, compute_capability: (major, minor), total_mem, multiprocessors })
+}
+
+/// Resolves `--device`: `auto` (the first GPU, else the CPU with a reason), `cpu`, `cuda`
+/// or `cuda:N` (an error when that GPU is not there).
+pub fn pick_device(choice: &str) -> Result<DeviceChoice> {
+    let choice = choice.trim().to_ascii_lowercase();
+    match choice.as_str() {
+        "cpu" => Ok(DeviceChoice::Cpu { reason: None }),
+        "auto" => match cuda_available() {
+            Ok(devs) => match devs.into_iter().next() {
+                Some(d) => Ok(DeviceChoice::Cuda(d)),
+                None => Ok(DeviceChoice::Cpu { reason: Some("no GPU found".into()) }),
+            },
+            Err(e) => Ok(DeviceChoice::Cpu { reason: Some(reason_line(&e)) }),
+        },
+        _ => {
+            let ordinal = match choice.as_str() {
+                "cuda" | "gpu" => 0,
+                s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+                    Some(n) => n,
+                    None => {
+                        return Err(EngineError::NoCuda(format!(
+                            "unknown device `{choice}`: use auto, cpu, cuda or cuda:N"
+                        )))
+                    }
+                },
+            };
+            let devs = cuda_available()?;
+            let n = devs.len();
+            devs.into_iter().nth(ordinal).map(DeviceChoice::Cuda).ok_or_else(|| {
+                EngineError::NoCuda(format!("asked for cuda:{ordinal} but the driver reports {n} GPU(s)"))
+            })
+        }
+    }
+}
+
+/// The one line `auto` prints when it falls back to the CPU.
+pub fn reason_line(e: &EngineError) -> String {
+    match e {
+        EngineError::NoCuda(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Runs a driver probe, turning a panic of the dynamic loader into `NoCuda`.
+pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => Err(EngineError::NoCuda(format!("the CUDA driver library failed during {what}"))),
+    }
+}
+
+pub(crate) fn cuda(op: &str, e: result::DriverError) -> EngineError {
+    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return EngineError::OutOfMemory { bytes: 0 };
+    }
+    EngineError::Cuda { op: op.to_string(), msg: e.to_string() }
+}

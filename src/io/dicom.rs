@@ -1,0 +1,601 @@
+//! DICOM CT series in and out.
+//!
+//! Reading: every file in the folder (not its subfolders) is tried as DICOM; files that
+//! are not DICOM, or DICOM without an image (a DICOMDIR, a report), are skipped with a
+//! warning in the [`ReadReport`]. All headers are read and checked before any pixel is
+//! decoded: one SeriesInstanceUID, one Rows x Columns, one ImageOrientationPatient,
+//! single-frame grayscale slices, no two slices at the same position, and no gap (a step
+//! between neighbouring slices more than 10 % off the median step). Slices are sorted by
+//! ImagePositionPatient projected on the slice normal (row cosine x column cosine), and
+//! RescaleSlope/RescaleIntercept turn stored values into HU.
+//! The volume gets a NIfTI header whose sform and qform (code 1, scanner) map voxels to
+//! RAS+ world coordinates: DICOM's LPS with x and y negated.
+//!
+//! Writing ([`write_series`], used by tests and converters): one CT Image Storage file per
+//! `z` slice, int16 pixels with a rescale intercept of -1024, and the positions,
+//! orientation, pixel spacing and series UID of the volume's geometry.
+//! Knows nothing about the network.
+
+use super::atomic::write_atomic;
+use super::geometry::{self, Affine};
+use super::nii::{replace_nonfinite, ReadOptions, ReadReport};
+use super::volume::Volume;
+use super::IoError;
+use dicom_core::value::PrimitiveValue;
+use dicom_core::{DataElement, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::{FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
+use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
+use ndarray::Array3;
+use std::path::{Path, PathBuf};
+
+/// CT Image Storage SOP class.
+const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+/// Largest relative deviation of one slice step from the median step.
+const MAX_STEP_DEVIATION: f64 = 0.10;
+/// Stored value = HU - WRITE_INTERCEPT.
+const WRITE_INTERCEPT: f64 = -1024.0;
+
+/// What one slice's header says.
+struct SliceInfo {
+    path: PathBuf,
+    series: Option<String>,
+    rows: usize,
+    cols: usize,
+    position: [f64; 3],
+    orientation: [f64; 6],
+    spacing: [f64; 2],
+    slope: f64,
+    intercept: f64,
+    thickness: Option<f64>,
+    frames: u32,
+    samples: u16,
+    bits: u16,
+    signed: bool,
+}
+
+/// Reads a folder of CT slices as one volume with the default limits.
+pub fn read_series(dir: &Path) -> Result<(Volume, ReadReport), IoError> {
+    read_series_with(dir, &ReadOptions::default())
+}
+
+/// Reads a folder of CT slices as one volume; see the module doc for what is checked.
+pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| IoError::read(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(IoError::invalid(
+            dir,
+            "empty folder: no files to read as a DICOM series",
+        ));
+    }
+    let mut report = ReadReport::default();
+    let mut slices = Vec::new();
+    for p in &files {
+        let obj = match OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(p)
+        {
+            Ok(o) => o,
+            Err(e) => {
+                if has_dicm_magic(p) {
+                    return Err(IoError::invalid(p, format!("corrupt DICOM file: {e}")));
+                }
+                report
+                    .warnings
+                    .push(format!("{}: skipped, not a DICOM file", p.display()));
+                continue;
+            }
+        };
+        match slice_info(p, &obj)? {
+            Some(s) => slices.push(s),
+            None => report.warnings.push(format!(
+                "{}: skipped, DICOM without an image (no Rows/Columns)",
+                p.display()
+            )),
+        }
+    }
+    if slices.is_empty() {
+        return Err(IoError::invalid(
+            dir,
+            format!(
+                "no DICOM images among the {} files in the folder",
+                files.len()
+            ),
+        ));
+    }
+    let (slices, dz) = check_and_sort(dir, slices)?;
+
+    let first = &slices[0];
+    let (rows, cols, n) = (first.rows, first.cols, slices.len());
+    let nvox = rows as u128 * cols as u128 * n as u128;
+    if nvox * 4 > opts.max_bytes as u128 {
+        return Err(IoError::TooLarge {
+            path: dir.to_path_buf(),
+            claim: format!("{n} slices of {cols}x{rows}"),
+            bytes: nvox * 4,
+            cap: opts.max_bytes as u128,
+        });
+    }
+    let mut data = Array3::<f32>::zeros((n, rows, cols));
+    let no_lut = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+    for (k, s) in slices.iter().enumerate() {
+        let obj = dicom_object::open_file(&s.path)
+            .map_err(|e| IoError::invalid(&s.path, format!("cannot read DICOM file: {e}")))?;
+        let decoded = obj
+            .decode_pixel_data()
+            .map_err(|e| IoError::invalid(&s.path, format!("cannot decode pixel data: {e}")))?;
+        let px: Vec<f32> = decoded
+            .to_vec_frame_with_options(0, &no_lut)
+            .map_err(|e| IoError::invalid(&s.path, format!("cannot convert pixel data: {e}")))?;
+        if px.len() != rows * cols {
+            return Err(IoError::invalid(
+                &s.path,
+                format!(
+                    "pixel data holds {} values, expected {rows}x{cols}",
+                    px.len()
+                ),
+            ));
+        }
+        let mut plane = data.index_axis_mut(ndarray::Axis(0), k);
+        for (dst, &v) in plane.iter_mut().zip(px.iter()) {
+            *dst = (v as f64 * s.slope + s.intercept) as f32;
+        }
+    }
+    let (nonfinite, fill) = match data.as_slice_mut() {
+        Some(vals) => replace_nonfinite(vals),
+        None => (0, 0.0),
+    };
+    report.nonfinite = nonfinite;
+    report.fill = fill;
+    report.datatype = format!(
+        "{}{} (DICOM, {} slices)",
+        if first.signed { "int" } else { "uint" },
+        first.bits,
+        n
+    );
+
+    let aff = series_affine(first, dz);
+    let spacing = [dz, first.spacing[0], first.spacing[1]];
+    let mut header = geometry::synthetic_header((n, rows, cols), spacing);
+    geometry::set_sform(&mut header, &aff, geometry::XFORM_SCANNER);
+    geometry::set_qform(&mut header, &aff, geometry::XFORM_SCANNER);
+    header.datatype = 4;
+    header.bitpix = 16;
+    Ok((
+        Volume {
+            data,
+            spacing,
+            header,
+            source: dir.to_path_buf(),
+        },
+        report,
+    ))
+}
+
+fn has_dicm_magic(p: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut b = [0u8; 4];
+    std::fs::File::open(p)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(128))?;
+            f.read_exact(&mut b)
+        })
+        .is_ok()
+        && &b == b"DICM"
+}
+
+type Obj = dicom_object::FileDicomObject<InMemDicomObject>;
+
+fn slice_info(p: &Path, obj: &Obj) -> Result<Option<SliceInfo>, IoError> {
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| IoError::invalid(p, format!("bad {what}: {e}"));
+    let get = |tag| obj.element_opt(tag).ok().flatten();
+    let (Some(r), Some(c)) = (get(tags::ROWS), get(tags::COLUMNS)) else {
+        return Ok(None);
+    };
+    let rows: u16 = r.to_int().map_err(|e| bad("Rows", &e))?;
+    let cols: u16 = c.to_int().map_err(|e| bad("Columns", &e))?;
+    if rows == 0 || cols == 0 {
+        return Err(IoError::invalid(
+            p,
+            format!("empty image ({rows} rows, {cols} columns)"),
+        ));
+    }
+    let floats = |tag, name: &str, n: usize| -> Result<Vec<f64>, IoError> {
+        let e = get(tag).ok_or_else(|| IoError::invalid(p, format!("missing {name}")))?;
+        let v = e.to_multi_float64().map_err(|e| bad(name, &e))?;
+        if v.len() != n || v.iter().any(|x| !x.is_finite()) {
+            return Err(IoError::invalid(
+                p,
+                format!("bad {name}: {v:?} (expected {n} numbers)"),
+            ));
+        }
+        Ok(v)
+    };
+    let pos = floats(tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient", 3)?;
+    let ori = floats(
+        tags::IMAGE_ORIENTATION_PATIENT,
+        "ImageOrientationPatient",
+        6,
+    )?;
+    let sp = floats(tags::PIXEL_SPACING, "PixelSpacing", 2)?;
+    if sp.iter().any(|&s| s <= 0.0) {
+        return Err(IoError::invalid(p, format!("bad PixelSpacing {sp:?}")));
+    }
+    let opt_f = |tag, name: &str| -> Result<Option<f64>, IoError> {
+        match get(tag) {
+            None => Ok(None),
+            Some(e) => e.to_float64().map(Some).map_err(|e| bad(name, &e)),
+        }
+    };
+    let slope = opt_f(tags::RESCALE_SLOPE, "RescaleSlope")?.unwrap_or(1.0);
+    let intercept = opt_f(tags::RESCALE_INTERCEPT, "RescaleIntercept")?.unwrap_or(0.0);
+    let thickness = opt_f(tags::SLICE_THICKNESS, "SliceThickness")?.filter(|t| *t > 0.0);
+    let int = |tag, default: u32| -> u32 {
+        get(tag)
+            .and_then(|e| e.to_int::<u32>().ok())
+            .unwrap_or(default)
+    };
+    let series = get(tags::SERIES_INSTANCE_UID)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
+    Ok(Some(SliceInfo {
+        path: p.to_path_buf(),
+        series,
+        rows: rows as usize,
+        cols: cols as usize,
+        position: [pos[0], pos[1], pos[2]],
+        orientation: [ori[0], ori[1], ori[2], ori[3], ori[4], ori[5]],
+        spacing: [sp[0], sp[1]],
+        slope: if slope.is_finite() && slope != 0.0 {
+            slope
+        } else {
+            1.0
+        },
+        intercept: if intercept.is_finite() {
+            intercept
+        } else {
+            0.0
+        },
+        thickness,
+        frames: int(tags::NUMBER_OF_FRAMES, 1),
+        samples: int(tags::SAMPLES_PER_PIXEL, 1) as u16,
+        bits: int(tags::BITS_ALLOCATED, 16) as u16,
+        signed: int(tags::PIXEL_REPRESENTATION, 0) == 1,
+    }))
+}
+
+fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
+}
+
+fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+fn normal(o: &[f64; 6]) -> [f64; 3] {
+    cross([o[0], o[1], o[2]], [o[3], o[4], o[5]])
+}
+
+/// Checks the slices form one regular series and sorts them along the normal; returns
+/// them with the slice step (mm).
+fn check_and_sort(dir: &Path, mut s: Vec<SliceInfo>) -> Result<(Vec<SliceInfo>, f64), IoError> {
+    let first = &s[0];
+    let mut uids: Vec<&str> = s.iter().filter_map(|x| x.series.as_deref()).collect();
+    uids.sort_unstable();
+    uids.dedup();
+    if uids.len() > 1 {
+        return Err(IoError::invalid(
+            dir,
+            format!(
+                "mixed series: {} different SeriesInstanceUIDs ({}); put one series per folder",
+                uids.len(),
+                uids.iter().take(3).copied().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    for x in &s[1..] {
+        if (x.rows, x.cols) != (first.rows, first.cols) {
+            return Err(IoError::invalid(
+                dir,
+                format!(
+                    "inconsistent slice size: {} is {}x{} (rows x columns) but {} is {}x{}",
+                    first.path.display(),
+                    first.rows,
+                    first.cols,
+                    x.path.display(),
+                    x.rows,
+                    x.cols
+                ),
+            ));
+        }
+        if x.orientation
+            .iter()
+            .zip(first.orientation.iter())
+            .any(|(a, b)| (a - b).abs() > 1e-3)
+        {
+            return Err(IoError::invalid(
+                dir,
+                format!(
+                    "inconsistent ImageOrientationPatient between {} and {}",
+                    first.path.display(),
+                    x.path.display()
+                ),
+            ));
+        }
+        if x.spacing
+            .iter()
+            .zip(first.spacing.iter())
+            .any(|(a, b)| (a - b).abs() > 1e-3 * b)
+        {
+            return Err(IoError::invalid(
+                dir,
+                format!(
+                    "inconsistent PixelSpacing between {} ({:?}) and {} ({:?})",
+                    first.path.display(),
+                    first.spacing,
+                    x.path.display(),
+                    x.spacing
+                ),
+            ));
+        }
+        if x.frames != 1 {
+            return Err(IoError::invalid(
+                &x.path,
+                format!(
+                    "multi-frame image ({} frames) in a slice series is not supported",
+                    x.frames
+                ),
+            ));
+        }
+    }
+    if first.frames != 1 {
+        return Err(IoError::invalid(
+            &first.path,
+            format!(
+                "multi-frame image ({} frames) is not supported",
+                first.frames
+            ),
+        ));
+    }
+    if let Some(x) = s.iter().find(|x| x.samples != 1) {
+        return Err(IoError::invalid(
+            &x.path,
+            format!(
+                "{} samples per pixel: only grayscale CT is supported",
+                x.samples
+            ),
+        ));
+    }
+    let nrm = normal(&first.orientation);
+    let len = dot(nrm, nrm).sqrt();
+    if !(len > 0.5) {
+        return Err(IoError::invalid(
+            &first.path,
+            format!(
+                "ImageOrientationPatient {:?} has parallel or zero rows/columns",
+                first.orientation
+            ),
+        ));
+    }
+    let nrm = nrm.map(|v| v / len);
+    let key = |x: &SliceInfo| dot(x.position, nrm);
+    s.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    if s.len() == 1 {
+        let dz = s[0].thickness.unwrap_or(1.0);
+        return Ok((s, dz));
+    }
+    let steps: Vec<f64> = s.windows(2).map(|w| key(&w[1]) - key(&w[0])).collect();
+    if let Some(k) = steps.iter().position(|&d| d.abs() < 1e-4) {
+        return Err(IoError::invalid(
+            dir,
+            format!(
+                "two slices at the same position ({:.3} mm along the normal): {} and {}",
+                key(&s[k]),
+                s[k].path.display(),
+                s[k + 1].path.display()
+            ),
+        ));
+    }
+    let mut sorted = steps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    if let Some(k) = steps
+        .iter()
+        .position(|&d| (d - median).abs() > MAX_STEP_DEVIATION * median)
+    {
+        return Err(IoError::invalid(
+            dir,
+            format!(
+                "gap in slice positions: {:.3} mm between {} and {} where the median step is {:.3} mm (missing slices?)",
+                steps[k],
+                s[k].path.display(),
+                s[k + 1].path.display(),
+                median
+            ),
+        ));
+    }
+    let dz = (key(&s[s.len() - 1]) - key(&s[0])) / (s.len() - 1) as f64;
+    Ok((s, dz))
+}
+
+/// Voxel `(column, row, slice)` -> RAS+ world (mm).
+fn series_affine(first: &SliceInfo, dz: f64) -> Affine {
+    let o = &first.orientation;
+    let rowcos = [o[0], o[1], o[2]];
+    let colcos = [o[3], o[4], o[5]];
+    let n = normal(o);
+    let nl = dot(n, n).sqrt();
+    let n = n.map(|v| v / nl);
+    // PixelSpacing is (between rows, between columns).
+    let (dr, dc) = (first.spacing[0], first.spacing[1]);
+    let mut lps = [[0.0; 4]; 3];
+    for a in 0..3 {
+        lps[a] = [rowcos[a] * dc, colcos[a] * dr, n[a] * dz, first.position[a]];
+    }
+    // LPS -> RAS: negate x and y.
+    for row in lps.iter_mut().take(2) {
+        for v in row.iter_mut() {
+            *v = -*v;
+        }
+    }
+    lps
+}
+
+/// A fresh `2.25.<decimal>` UID.
+fn new_uid() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let c = COUNTER.fetch_add(1, Ordering::Relaxed) as u128;
+    let v =
+        (t << 24) ^ ((std::process::id() as u128) << 100) ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("2.25.{}", v & ((1u128 << 127) - 1))
+}
+
+fn ds(v: f64) -> String {
+    // DS values are at most 16 characters.
+    let s = format!("{v:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+    if s.len() <= 16 {
+        s
+    } else {
+        format!("{v:.6e}").chars().take(16).collect()
+    }
+}
+
+fn strs(v: &[f64]) -> PrimitiveValue {
+    PrimitiveValue::Strs(v.iter().map(|&x| ds(x)).collect())
+}
+
+/// Options of [`write_series_with`].
+#[derive(Clone, Debug)]
+pub struct SeriesOptions {
+    /// SeriesInstanceUID to use; a fresh one when `None`.
+    pub series_uid: Option<String>,
+    /// File names are `<prefix>NNNN.dcm`.
+    pub prefix: String,
+}
+
+impl Default for SeriesOptions {
+    fn default() -> Self {
+        SeriesOptions {
+            series_uid: None,
+            prefix: "slice_".into(),
+        }
+    }
+}
+
+/// Writes `vol` as a DICOM CT series in `dir` (created if needed): one file
+/// `slice_NNNN.dcm` per `z`, int16 pixels (HU + 1024, rounded and clamped) with
+/// RescaleIntercept -1024, and positions, orientation and spacing from the volume's
+/// affine (RAS+ converted to DICOM's LPS).
+pub fn write_series(dir: &Path, vol: &Volume) -> Result<(), IoError> {
+    write_series_with(dir, vol, &SeriesOptions::default())
+}
+
+/// As [`write_series`], with a chosen series UID and file prefix.
+pub fn write_series_with(dir: &Path, vol: &Volume, opts: &SeriesOptions) -> Result<(), IoError> {
+    let (nz, ny, nx) = vol.dims();
+    if nx > u16::MAX as usize || ny > u16::MAX as usize {
+        return Err(IoError::invalid(
+            dir,
+            format!("slices of {nx}x{ny} are too large for DICOM"),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| IoError::write(dir, e))?;
+    let mut a = vol.affine();
+    for row in a.iter_mut().take(2) {
+        for v in row.iter_mut() {
+            *v = -*v;
+        }
+    }
+    let col = |k: usize| [a[0][k], a[1][k], a[2][k]];
+    let norm = |v: [f64; 3]| dot(v, v).sqrt();
+    let (cx, cy, cz) = (col(0), col(1), col(2));
+    let (sx, sy, sz) = (norm(cx), norm(cy), norm(cz));
+    if !(sx > 0.0 && sy > 0.0 && sz > 0.0) {
+        return Err(IoError::invalid(
+            &vol.source,
+            "degenerate affine: cannot write DICOM",
+        ));
+    }
+    let rowcos = cx.map(|v| v / sx);
+    let colcos = cy.map(|v| v / sy);
+    let study = new_uid();
+    let series = opts.series_uid.clone().unwrap_or_else(new_uid);
+    let frame_of_ref = new_uid();
+    for z in 0..nz {
+        let pos = [0, 1, 2].map(|r| a[r][3] + cz[r] * z as f64);
+        let px: Vec<u16> = vol
+            .data
+            .index_axis(ndarray::Axis(0), z)
+            .iter()
+            .map(|&v| {
+                ((v as f64 - WRITE_INTERCEPT)
+                    .round()
+                    .clamp(-32768.0, 32767.0) as i16) as u16
+            })
+            .collect();
+        let sop = new_uid();
+        let el = |tag, vr, v: PrimitiveValue| DataElement::new(tag, vr, v);
+        let s = |v: &str| PrimitiveValue::from(v);
+        let obj = InMemDicomObject::from_element_iter([
+            el(tags::SOP_CLASS_UID, VR::UI, s(CT_IMAGE_STORAGE)),
+            el(tags::SOP_INSTANCE_UID, VR::UI, s(&sop)),
+            el(tags::MODALITY, VR::CS, s("CT")),
+            el(tags::PATIENT_NAME, VR::PN, s("ichcam^export")),
+            el(tags::PATIENT_ID, VR::LO, s("ichcam")),
+            el(tags::STUDY_INSTANCE_UID, VR::UI, s(&study)),
+            el(tags::SERIES_INSTANCE_UID, VR::UI, s(&series)),
+            el(tags::FRAME_OF_REFERENCE_UID, VR::UI, s(&frame_of_ref)),
+            el(tags::SERIES_NUMBER, VR::IS, s("1")),
+            el(tags::INSTANCE_NUMBER, VR::IS, s(&(z + 1).to_string())),
+            el(tags::IMAGE_POSITION_PATIENT, VR::DS, strs(&pos)),
+            el(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                strs(&[
+                    rowcos[0], rowcos[1], rowcos[2], colcos[0], colcos[1], colcos[2],
+                ]),
+            ),
+            el(tags::SLICE_THICKNESS, VR::DS, strs(&[sz])),
+            el(tags::PIXEL_SPACING, VR::DS, strs(&[sy, sx])),
+            el(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)),
+            el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, s("MONOCHROME2")),
+            el(tags::ROWS, VR::US, PrimitiveValue::from(ny as u16)),
+            el(tags::COLUMNS, VR::US, PrimitiveValue::from(nx as u16)),
+            el(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16)),
+            el(tags::BITS_STORED, VR::US, PrimitiveValue::from(16u16)),
+            el(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15u16)),
+            el(
+                tags::PIXEL_REPRESENTATION,
+                VR::US,
+                PrimitiveValue::from(1u16),
+            ),
+            el(tags::RESCALE_INTERCEPT, VR::DS, strs(&[WRITE_INTERCEPT])),
+            el(tags::RESCALE_SLOPE, VR::DS, strs(&[1.0])),
+            el(tags::RESCALE_TYPE, VR::LO, s("HU")),
+            el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(px.into())),
+        ]);
+        let path = dir.join(format!("{}{:04}.dcm", opts.prefix, z + 1));
+        let file = obj
+            .with_meta(FileMetaTableBuilder::new().transfer_syntax(EXPLICIT_VR_LE))
+            .map_err(|e| IoError::invalid(&path, format!("cannot build DICOM meta: {e}")))?;
+        write_atomic(&path, |w| file.write_all(w).map_err(std::io::Error::other))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,920 @@
+//! NIfTI-1 single-file volumes (`.nii`, `.nii.gz`) in and out.
+//!
+//! The 348-byte header is parsed and validated here, byte by byte and in either byte
+//! order, *before* anything is allocated: size field, magic, dims (signed, so negative
+//! dims are caught), datatype, vox_offset, and the voxel count times the bytes per voxel
+//! against both the data the file holds and a memory cap ([`DEFAULT_MAX_BYTES`], or
+//! `ICHCAM_MAX_VOLUME_BYTES`). A truncated or non-gzip `.gz` is an error, never a panic.
+//! The parsed fields are kept in a [`nifti::NiftiHeader`] so that outputs are written back
+//! with exactly the input's geometry.
+//!
+//! Voxels: every integer and float datatype (u8, i8, i16, u16, i32, u32, i64, u64, f32,
+//! f64) is read as `f32` after `scl_slope`/`scl_inter` (a slope of 0 or a non-finite slope
+//! means no scaling). NIfTI stores x fastest, then y, then z, so the file's byte order is
+//! already row-major `[z, y, x]`: no transpose is needed in either direction.
+//! 3-D, 4-D with one volume, 5-D to 7-D whose extra dims are all 1, and 2-D (one slice) or
+//! 1-D (one row) images are accepted.
+//!
+//! **NaN/Inf voxels** are counted and replaced with the volume's minimum finite value (0 if
+//! none is finite); [`ReadReport::nonfinite`] carries the count so the caller can say so.
+//! [`crate::io::read_volume`] prints one `warning:` line when the count is not zero.
+//!
+//! Writers always produce little-endian NIfTI-1 with a 352-byte offset, gzip-compressed
+//! when the path ends in `.gz`, through [`crate::io::atomic::write_atomic`].
+//! Knows nothing about the network.
+
+use super::atomic::write_atomic;
+use super::error::human_bytes;
+use super::volume::{Mask, Volume};
+use super::IoError;
+use ndarray::Array3;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, Write};
+use std::path::Path;
+
+/// Size of a NIfTI-1 header.
+pub const HEADER_SIZE: usize = 348;
+/// Bytes a reader may allocate for one volume (raw data plus the `f32` copy): 4 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 4 << 30;
+/// Deflate cannot expand data by more than about 1032:1, so a gzip file of `n` bytes
+/// cannot hold more than this many times `n` bytes of voxels.
+const MAX_GZIP_RATIO: u64 = 1100;
+
+/// The voxel types a CT volume comes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataType {
+    U8,
+    I8,
+    I16,
+    U16,
+    I32,
+    U32,
+    I64,
+    U64,
+    F32,
+    F64,
+}
+
+impl DataType {
+    /// From a NIfTI `datatype` code; the error says what the code is when it is not a
+    /// supported scalar type.
+    pub fn from_code(code: i16) -> Result<DataType, String> {
+        Ok(match code {
+            2 => DataType::U8,
+            4 => DataType::I16,
+            8 => DataType::I32,
+            16 => DataType::F32,
+            64 => DataType::F64,
+            256 => DataType::I8,
+            512 => DataType::U16,
+            768 => DataType::U32,
+            1024 => DataType::I64,
+            1280 => DataType::U64,
+            32 | 1792 | 2048 => {
+                return Err(format!(
+                    "complex datatype (code {code}) is not supported: CT volumes are real scalars"
+                ))
+            }
+            128 | 2304 => {
+                return Err(format!(
+                    "RGB datatype (code {code}) is not supported: CT volumes are scalar"
+                ))
+            }
+            1 => return Err("binary (1-bit) datatype is not supported".into()),
+            1536 => return Err("float128 datatype is not supported".into()),
+            0 => return Err("datatype is 0 (unknown)".into()),
+            c => return Err(format!("unknown datatype code {c}")),
+        })
+    }
+
+    /// The NIfTI `datatype` code.
+    pub fn code(self) -> i16 {
+        match self {
+            DataType::U8 => 2,
+            DataType::I16 => 4,
+            DataType::I32 => 8,
+            DataType::F32 => 16,
+            DataType::F64 => 64,
+            DataType::I8 => 256,
+            DataType::U16 => 512,
+            DataType::U32 => 768,
+            DataType::I64 => 1024,
+            DataType::U64 => 1280,
+        }
+    }
+
+    /// Bytes per voxel.
+    pub fn size(self) -> usize {
+        match self {
+            DataType::U8 | DataType::I8 => 1,
+            DataType::I16 | DataType::U16 => 2,
+            DataType::I32 | DataType::U32 | DataType::F32 => 4,
+            DataType::I64 | DataType::U64 | DataType::F64 => 8,
+        }
+    }
+
+    /// `"uint8"`, `"int16"`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            DataType::U8 => "uint8",
+            DataType::I8 => "int8",
+            DataType::I16 => "int16",
+            DataType::U16 => "uint16",
+            DataType::I32 => "int32",
+            DataType::U32 => "uint32",
+            DataType::I64 => "int64",
+            DataType::U64 => "uint64",
+            DataType::F32 => "float32",
+            DataType::F64 => "float64",
+        }
+    }
+}
+
+/// Limits for a read.
+#[derive(Clone, Debug)]
+pub struct ReadOptions {
+    /// Most bytes one volume may need (raw voxels plus the `f32` array).
+    pub max_bytes: u64,
+}
+
+impl Default for ReadOptions {
+    /// The cap from `ICHCAM_MAX_VOLUME_BYTES` if set to a number, else 4 GiB.
+    fn default() -> Self {
+        let max_bytes = std::env::var("ICHCAM_MAX_VOLUME_BYTES")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(DEFAULT_MAX_BYTES);
+        ReadOptions { max_bytes }
+    }
+}
+
+/// What a read found besides the voxels.
+#[derive(Clone, Debug, Default)]
+pub struct ReadReport {
+    /// Stored voxel type, e.g. `"uint8"` or `"int16 (DICOM)"`.
+    pub datatype: String,
+    /// Count of NaN/Inf voxels, each replaced with [`ReadReport::fill`].
+    pub nonfinite: usize,
+    /// The value NaN/Inf voxels were replaced with (the minimum finite value).
+    pub fill: f32,
+    /// Non-fatal problems, one line each (e.g. skipped non-DICOM files).
+    pub warnings: Vec<String>,
+}
+
+/// The validated layout a header describes.
+#[derive(Clone, Debug)]
+struct Layout {
+    /// `(z, y, x)`.
+    shape: (usize, usize, usize),
+    dtype: DataType,
+    /// Byte offset of the voxels.
+    offset: u64,
+    /// Bytes of voxel data.
+    nbytes: u64,
+    big_endian: bool,
+}
+
+/// Reads a `.nii`/`.nii.gz` file with the default limits.
+pub fn read_nifti(path: &Path) -> Result<(Volume, ReadReport), IoError> {
+    read_nifti_with(path, &ReadOptions::default())
+}
+
+/// Reads a `.nii`/`.nii.gz` file; see the module doc for what is checked.
+pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+    let meta = std::fs::metadata(path).map_err(|e| IoError::read(path, e))?;
+    if meta.is_dir() {
+        return Err(IoError::invalid(
+            path,
+            "is a folder, expected a .nii or .nii.gz file",
+        ));
+    }
+    let file_len = meta.len();
+    if file_len == 0 {
+        return Err(IoError::invalid(
+            path,
+            "empty file (0 bytes), expected a NIfTI-1 volume",
+        ));
+    }
+    let mut file = File::open(path).map_err(|e| IoError::read(path, e))?;
+    let mut magic = [0u8; 2];
+    let got = read_full(&mut file, &mut magic).map_err(|e| IoError::read(path, e))?;
+    let gz = got == 2 && magic == [0x1f, 0x8b];
+    let named_gz = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    if named_gz && !gz {
+        return Err(IoError::invalid(
+            path,
+            format!(
+                "named .gz but is not a gzip stream (starts with {:02x?})",
+                &magic[..got]
+            ),
+        ));
+    }
+    file.rewind().map_err(|e| IoError::read(path, e))?;
+    let mut reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    let stream_err = |e: std::io::Error| {
+        if gz {
+            IoError::invalid(path, format!("corrupt or truncated gzip stream: {e}"))
+        } else {
+            IoError::read(path, e)
+        }
+    };
+
+    let mut hbytes = [0u8; HEADER_SIZE];
+    let got = read_full(&mut reader, &mut hbytes).map_err(stream_err)?;
+    if got < HEADER_SIZE {
+        let what = if gz { "decompresses to" } else { "is" };
+        return Err(IoError::invalid(
+            path,
+            format!("{what} only {got} bytes, shorter than the {HEADER_SIZE}-byte NIfTI-1 header"),
+        ));
+    }
+    let (header, layout) = parse_header(&hbytes).map_err(|r| IoError::invalid(path, r))?;
+    check_memory(path, &layout, opts)?;
+
+    let end = layout.offset.saturating_add(layout.nbytes);
+    let claim = || {
+        let (nz, ny, nx) = layout.shape;
+        format!(
+            "header claims {nx}x{ny}x{nz} voxels of {} = {} bytes at offset {}",
+            layout.dtype.name(),
+            layout.nbytes,
+            layout.offset
+        )
+    };
+    if !gz {
+        if layout.offset > file_len {
+            return Err(IoError::invalid(
+                path,
+                format!(
+                    "vox_offset {} is past the end of the file ({file_len} bytes)",
+                    layout.offset
+                ),
+            ));
+        }
+        if end > file_len {
+            return Err(IoError::invalid(
+                path,
+                format!(
+                    "{} but the file holds only {} bytes of voxel data",
+                    claim(),
+                    file_len - layout.offset
+                ),
+            ));
+        }
+    } else if layout.offset > file_len.saturating_mul(MAX_GZIP_RATIO) {
+        return Err(IoError::invalid(
+            path,
+            format!(
+                "vox_offset {} is past the end of the data: a {file_len}-byte gzip file cannot hold that much",
+                layout.offset
+            ),
+        ));
+    } else if end > file_len.saturating_mul(MAX_GZIP_RATIO) {
+        return Err(IoError::invalid(
+            path,
+            format!(
+                "{} but a {file_len}-byte gzip file cannot hold that much",
+                claim()
+            ),
+        ));
+    }
+
+    let skip = layout.offset - HEADER_SIZE as u64;
+    let skipped =
+        std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink()).map_err(stream_err)?;
+    if skipped < skip {
+        return Err(IoError::invalid(
+            path,
+            format!(
+                "vox_offset {} is past the end of the data ({} bytes)",
+                layout.offset,
+                HEADER_SIZE as u64 + skipped
+            ),
+        ));
+    }
+    let mut raw = Vec::new();
+    raw.try_reserve_exact(layout.nbytes as usize).map_err(|_| {
+        IoError::invalid(
+            path,
+            format!(
+                "cannot allocate {} for the voxels",
+                human_bytes(layout.nbytes as u128)
+            ),
+        )
+    })?;
+    (&mut reader)
+        .take(layout.nbytes)
+        .read_to_end(&mut raw)
+        .map_err(stream_err)?;
+    if (raw.len() as u64) < layout.nbytes {
+        return Err(IoError::invalid(
+            path,
+            format!(
+                "{} but the file holds only {} bytes of voxel data",
+                claim(),
+                raw.len()
+            ),
+        ));
+    }
+
+    let (slope, inter) = scaling(&header);
+    let mut vals = Vec::new();
+    let (nz, ny, nx) = layout.shape;
+    vals.try_reserve_exact(nx * ny * nz)
+        .map_err(|_| IoError::invalid(path, format!("cannot allocate {} voxels", nx * ny * nz)))?;
+    decode(
+        &raw,
+        layout.dtype,
+        layout.big_endian,
+        slope,
+        inter,
+        &mut vals,
+    );
+    drop(raw);
+    let (nonfinite, fill) = replace_nonfinite(&mut vals);
+    let data = Array3::from_shape_vec((nz, ny, nx), vals)
+        .map_err(|e| IoError::invalid(path, format!("internal shape error: {e}")))?;
+    let spacing = spacing_zyx(&header);
+    let report = ReadReport {
+        datatype: layout.dtype.name().to_string(),
+        nonfinite,
+        fill,
+        warnings: Vec::new(),
+    };
+    Ok((
+        Volume {
+            data,
+            spacing,
+            header,
+            source: path.to_path_buf(),
+        },
+        report,
+    ))
+}
+
+/// Reads as many bytes as the stream has, up to `buf.len()`.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn check_memory(path: &Path, l: &Layout, opts: &ReadOptions) -> Result<(), IoError> {
+    let (nz, ny, nx) = l.shape;
+    let nvox = nx as u128 * ny as u128 * nz as u128;
+    let need = l.nbytes as u128 + nvox * 4;
+    if need > opts.max_bytes as u128 || nvox > usize::MAX as u128 / 8 {
+        return Err(IoError::TooLarge {
+            path: path.to_path_buf(),
+            claim: format!("{nx}x{ny}x{nz} voxels of {}", l.dtype.name()),
+            bytes: need,
+            cap: opts.max_bytes as u128,
+        });
+    }
+    Ok(())
+}
+
+/// Slope and intercept to apply: NIfTI says a slope of 0 means "no scaling".
+fn scaling(h: &nifti::NiftiHeader) -> (f64, f64) {
+    let s = h.scl_slope as f64;
+    if s == 0.0 || !s.is_finite() {
+        (1.0, 0.0)
+    } else {
+        let i = h.scl_inter as f64;
+        (s, if i.is_finite() { i } else { 0.0 })
+    }
+}
+
+/// `[z, y, x]` spacing in mm from pixdim; missing, zero or non-finite entries become 1.
+pub fn spacing_zyx(h: &nifti::NiftiHeader) -> [f64; 3] {
+    let p = |i: usize| {
+        let v = (h.pixdim[i] as f64).abs();
+        if v.is_finite() && v > 0.0 {
+            v
+        } else {
+            1.0
+        }
+    };
+    [p(3), p(2), p(1)]
+}
+
+fn decode(raw: &[u8], dt: DataType, big: bool, slope: f64, inter: f64, out: &mut Vec<f32>) {
+    macro_rules! conv {
+        ($t:ty) => {{
+            const N: usize = std::mem::size_of::<$t>();
+            out.extend(raw.chunks_exact(N).map(|c| {
+                let mut a = [0u8; N];
+                a.copy_from_slice(c);
+                let v = if big {
+                    <$t>::from_be_bytes(a)
+                } else {
+                    <$t>::from_le_bytes(a)
+                };
+                (v as f64 * slope + inter) as f32
+            }))
+        }};
+    }
+    match dt {
+        DataType::U8 => conv!(u8),
+        DataType::I8 => conv!(i8),
+        DataType::I16 => conv!(i16),
+        DataType::U16 => conv!(u16),
+        DataType::I32 => conv!(i32),
+        DataType::U32 => conv!(u32),
+        DataType::I64 => conv!(i64),
+        DataType::U64 => conv!(u64),
+        DataType::F32 => conv!(f32),
+        DataType::F64 => conv!(f64),
+    }
+}
+
+/// Replaces NaN/Inf with the minimum finite value (0 if there is none); returns the count
+/// and the fill value.
+pub fn replace_nonfinite(vals: &mut [f32]) -> (usize, f32) {
+    let mut count = 0usize;
+    let mut min = f32::INFINITY;
+    for &v in vals.iter() {
+        if v.is_finite() {
+            min = min.min(v);
+        } else {
+            count += 1;
+        }
+    }
+    let fill = if min.is_finite() { min } else { 0.0 };
+    if count > 0 {
+        for v in vals.iter_mut() {
+            if !v.is_finite() {
+                *v = fill;
+            }
+        }
+    }
+    (count, fill)
+}
+
+/// Parses and validates a NIfTI-1 header; the error is the reason, without the path.
+fn parse_header(b: &[u8; HEADER_SIZE]) -> Result<(nifti::NiftiHeader, Layout), String> {
+    let le = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let be = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let big = if le == 348 {
+        false
+    } else if be == 348 {
+        true
+    } else if le == 540 || be == 540 {
+        return Err("NIfTI-2 files are not supported (header size 540): convert to NIfTI-1".into());
+    } else {
+        return Err(format!(
+            "not a NIfTI-1 file: header size field is {le}, expected 348 (first bytes {:02x?})",
+            &b[..8]
+        ));
+    };
+    let magic = [b[344], b[345], b[346], b[347]];
+    if &magic == b"ni1\0" {
+        return Err(
+            "is the header of a .hdr/.img pair: only single-file .nii/.nii.gz is supported".into(),
+        );
+    }
+    if &magic != b"n+1\0" {
+        return Err(format!(
+            "wrong magic {:?}, expected \"n+1\" (not a NIfTI-1 file)",
+            String::from_utf8_lossy(&magic).trim_end_matches('\0')
+        ));
+    }
+
+    let i16_at = |o: usize| {
+        let a = [b[o], b[o + 1]];
+        if big {
+            i16::from_be_bytes(a)
+        } else {
+            i16::from_le_bytes(a)
+        }
+    };
+    let i32_at = |o: usize| {
+        let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
+        if big {
+            i32::from_be_bytes(a)
+        } else {
+            i32::from_le_bytes(a)
+        }
+    };
+    let f32_at = |o: usize| f32::from_bits(i32_at(o) as u32);
+    let f32s = |o: usize, out: &mut [f32]| {
+        for (k, v) in out.iter_mut().enumerate() {
+            *v = f32_at(o + 4 * k);
+        }
+    };
+
+    let dims: [i16; 8] = std::array::from_fn(|k| i16_at(40 + 2 * k));
+    let ndim = dims[0];
+    if !(1..=7).contains(&ndim) {
+        return Err(format!(
+            "invalid number of dimensions dim[0] = {ndim} (must be 1 to 7)"
+        ));
+    }
+    let ndim = ndim as usize;
+    let used = &dims[1..=ndim];
+    if let Some(k) = used.iter().position(|&d| d <= 0) {
+        return Err(format!(
+            "invalid dims {:?}: dim[{}] = {} (must be positive)",
+            used,
+            k + 1,
+            used[k]
+        ));
+    }
+    if ndim >= 4 && used[3..].iter().any(|&d| d != 1) {
+        return Err(if ndim == 4 {
+            format!(
+                "4-D image with {} volumes (dims {used:?}): only 3-D volumes (or 4-D with one volume) are supported",
+                used[3]
+            )
+        } else {
+            format!("{ndim}-D data (dims {used:?}): only 3-D volumes are supported")
+        });
+    }
+    let d = |k: usize| if k <= ndim { dims[k] as usize } else { 1 };
+    let shape = (d(3), d(2), d(1));
+
+    let datatype = i16_at(70);
+    let dtype = DataType::from_code(datatype)?;
+
+    let vox_offset = f32_at(108);
+    if !vox_offset.is_finite() || vox_offset < 0.0 || vox_offset.fract() != 0.0 {
+        return Err(format!("invalid vox_offset {vox_offset}"));
+    }
+    // Old writers leave vox_offset 0 in single files; the data then starts after the
+    // header and its 4 extension bytes.
+    let offset = if vox_offset < HEADER_SIZE as f32 {
+        352
+    } else {
+        vox_offset as u64
+    };
+    let nvox = shape.0 as u64 * shape.1 as u64 * shape.2 as u64;
+    let nbytes = nvox * dtype.size() as u64;
+
+    let mut h = nifti::NiftiHeader {
+        sizeof_hdr: 348,
+        extents: i32_at(32),
+        session_error: i16_at(36),
+        regular: b[38],
+        dim_info: b[39],
+        dim: dims.map(|v| v.max(0) as u16),
+        intent_p1: f32_at(56),
+        intent_p2: f32_at(60),
+        intent_p3: f32_at(64),
+        intent_code: i16_at(68),
+        datatype,
+        bitpix: i16_at(72),
+        slice_start: i16_at(74),
+        vox_offset,
+        scl_slope: f32_at(112),
+        scl_inter: f32_at(116),
+        slice_end: i16_at(120),
+        slice_code: b[122],
+        xyzt_units: b[123],
+        cal_max: f32_at(124),
+        cal_min: f32_at(128),
+        slice_duration: f32_at(132),
+        toffset: f32_at(136),
+        glmax: i32_at(140),
+        glmin: i32_at(144),
+        descrip: b[148..228].to_vec(),
+        qform_code: i16_at(252),
+        sform_code: i16_at(254),
+        quatern_b: f32_at(256),
+        quatern_c: f32_at(260),
+        quatern_d: f32_at(264),
+        quatern_x: f32_at(268),
+        quatern_y: f32_at(272),
+        quatern_z: f32_at(276),
+        magic,
+        endianness: if big {
+            nifti::Endianness::Big
+        } else {
+            nifti::Endianness::Little
+        },
+        ..Default::default()
+    };
+    h.data_type.copy_from_slice(&b[4..14]);
+    h.db_name.copy_from_slice(&b[14..32]);
+    h.aux_file.copy_from_slice(&b[228..252]);
+    h.intent_name.copy_from_slice(&b[328..344]);
+    f32s(76, &mut h.pixdim);
+    f32s(280, &mut h.srow_x);
+    f32s(296, &mut h.srow_y);
+    f32s(312, &mut h.srow_z);
+    Ok((
+        h,
+        Layout {
+            shape,
+            dtype,
+            offset,
+            nbytes,
+            big_endian: big,
+        },
+    ))
+}
+
+/// Reads only the header of a `.nii`/`.nii.gz` file, validated as for a full read.
+pub fn read_header(path: &Path) -> Result<nifti::NiftiHeader, IoError> {
+    let mut file = File::open(path).map_err(|e| IoError::read(path, e))?;
+    let mut magic = [0u8; 2];
+    let got = read_full(&mut file, &mut magic).map_err(|e| IoError::read(path, e))?;
+    file.rewind().map_err(|e| IoError::read(path, e))?;
+    let gz = got == 2 && magic == [0x1f, 0x8b];
+    let mut reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    let mut hbytes = [0u8; HEADER_SIZE];
+    let got = read_full(&mut reader, &mut hbytes)
+        .map_err(|e| IoError::invalid(path, format!("cannot read the header: {e}")))?;
+    if got < HEADER_SIZE {
+        return Err(IoError::invalid(
+            path,
+            format!("only {got} bytes, shorter than the {HEADER_SIZE}-byte NIfTI-1 header"),
+        ));
+    }
+    parse_header(&hbytes)
+        .map(|(h, _)| h)
+        .map_err(|r| IoError::invalid(path, r))
+}
+
+/// The `[z, y, x]` shape a header's dims describe (missing dims count as 1).
+fn header_shape(h: &nifti::NiftiHeader) -> Option<(usize, usize, usize)> {
+    let n = h.dim[0] as usize;
+    if !(1..=7).contains(&n) {
+        return None;
+    }
+    let d = |k: usize| if k <= n { h.dim[k] as usize } else { 1 };
+    if (4..=n).any(|k| h.dim[k] != 1) {
+        return None;
+    }
+    Some((d(3), d(2), d(1)))
+}
+
+/// The header of an output of `shape` written like `like`: its geometry (pixdim,
+/// qform/sform codes and parameters, units, dims when they agree with `shape`), with the
+/// datatype and scaling of the output.
+fn output_header(
+    path: &Path,
+    like: &nifti::NiftiHeader,
+    shape: (usize, usize, usize),
+    dt: DataType,
+    slope: f32,
+    inter: f32,
+) -> Result<nifti::NiftiHeader, IoError> {
+    let (nz, ny, nx) = shape;
+    let max = i16::MAX as usize;
+    if nx > max || ny > max || nz > max {
+        return Err(IoError::invalid(
+            path,
+            format!("shape {nx}x{ny}x{nz} is too large for NIfTI-1 (max {max} per axis)"),
+        ));
+    }
+    let mut h = like.clone();
+    if header_shape(like) == Some(shape) {
+        let n = like.dim[0] as usize;
+        for k in n + 1..8 {
+            h.dim[k] = 1;
+        }
+    } else {
+        h.dim = [3, nx as u16, ny as u16, nz as u16, 1, 1, 1, 1];
+    }
+    h.sizeof_hdr = 348;
+    h.datatype = dt.code();
+    h.bitpix = (dt.size() * 8) as i16;
+    h.vox_offset = 352.0;
+    h.scl_slope = slope;
+    h.scl_inter = inter;
+    h.cal_min = 0.0;
+    h.cal_max = 0.0;
+    h.glmin = 0;
+    h.glmax = 0;
+    h.magic = *b"n+1\0";
+    h.endianness = nifti::Endianness::Little;
+    if h.descrip.len() != 80 {
+        h.descrip.resize(80, 0);
+    }
+    Ok(h)
+}
+
+/// The 348 header bytes (little-endian) plus 4 zero extension bytes.
+pub fn header_bytes(h: &nifti::NiftiHeader) -> Vec<u8> {
+    let mut b = Vec::with_capacity(352);
+    b.extend_from_slice(&348i32.to_le_bytes());
+    b.extend_from_slice(&h.data_type);
+    b.extend_from_slice(&h.db_name);
+    b.extend_from_slice(&h.extents.to_le_bytes());
+    b.extend_from_slice(&h.session_error.to_le_bytes());
+    b.push(h.regular);
+    b.push(h.dim_info);
+    for d in h.dim {
+        b.extend_from_slice(&(d as i16).to_le_bytes());
+    }
+    for v in [h.intent_p1, h.intent_p2, h.intent_p3] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [h.intent_code, h.datatype, h.bitpix, h.slice_start] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in h.pixdim {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [h.vox_offset, h.scl_slope, h.scl_inter] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.extend_from_slice(&h.slice_end.to_le_bytes());
+    b.push(h.slice_code);
+    b.push(h.xyzt_units);
+    for v in [h.cal_max, h.cal_min, h.slice_duration, h.toffset] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.extend_from_slice(&h.glmax.to_le_bytes());
+    b.extend_from_slice(&h.glmin.to_le_bytes());
+    let mut descrip = [0u8; 80];
+    let n = h.descrip.len().min(80);
+    descrip[..n].copy_from_slice(&h.descrip[..n]);
+    b.extend_from_slice(&descrip);
+    b.extend_from_slice(&h.aux_file);
+    b.extend_from_slice(&h.qform_code.to_le_bytes());
+    b.extend_from_slice(&h.sform_code.to_le_bytes());
+    for v in [
+        h.quatern_b,
+        h.quatern_c,
+        h.quatern_d,
+        h.quatern_x,
+        h.quatern_y,
+        h.quatern_z,
+    ] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for row in [h.srow_x, h.srow_y, h.srow_z] {
+        for v in row {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    b.extend_from_slice(&h.intent_name);
+    b.extend_from_slice(&h.magic);
+    debug_assert_eq!(b.len(), HEADER_SIZE);
+    b.extend_from_slice(&[0u8; 4]);
+    b
+}
+
+/// Writes a header and voxel bytes (already little-endian, in `[z, y, x]` order), gzipped
+/// when the path ends in `.gz`.
+fn write_nifti_file(
+    path: &Path,
+    h: &nifti::NiftiHeader,
+    body: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), IoError> {
+    let gz = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    let head = header_bytes(h);
+    write_atomic(path, |w| {
+        if gz {
+            let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::new(6));
+            enc.write_all(&head)?;
+            body(&mut enc)?;
+            enc.finish()?;
+        } else {
+            w.write_all(&head)?;
+            body(w)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes the values of `it` (in `[z, y, x]` order) through `enc`, in blocks.
+fn write_values<T, const N: usize>(
+    w: &mut dyn Write,
+    it: impl Iterator<Item = T>,
+    enc: impl Fn(T) -> [u8; N],
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1 << 16);
+    for v in it {
+        buf.extend_from_slice(&enc(v));
+        if buf.len() >= (1 << 16) {
+            w.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    w.write_all(&buf)
+}
+
+fn check_like(path: &Path, got: (usize, usize, usize), like: &Volume) -> Result<(), IoError> {
+    let want = like.data.dim();
+    if got != want {
+        return Err(IoError::ShapeMismatch {
+            path: path.to_path_buf(),
+            image: like.source.clone(),
+            got: [got.0, got.1, got.2],
+            want: [want.0, want.1, want.2],
+        });
+    }
+    Ok(())
+}
+
+/// Writes a `u8` mask with exactly `like`'s geometry; errors if the shapes differ.
+pub fn write_mask(path: &Path, mask: &Mask, like: &Volume) -> Result<(), IoError> {
+    check_like(path, mask.dim(), like)?;
+    let h = output_header(path, &like.header, mask.dim(), DataType::U8, 1.0, 0.0)?;
+    write_nifti_file(path, &h, |w| match mask.as_slice() {
+        Some(s) => w.write_all(s),
+        None => write_values(w, mask.iter().copied(), |v: u8| [v]),
+    })
+}
+
+/// Writes an `f32` map (e.g. a CAM) with exactly `like`'s geometry; errors if the shapes
+/// differ.
+pub fn write_map(path: &Path, map: &Array3<f32>, like: &Volume) -> Result<(), IoError> {
+    check_like(path, map.dim(), like)?;
+    let h = output_header(path, &like.header, map.dim(), DataType::F32, 1.0, 0.0)?;
+    write_nifti_file(path, &h, |w| {
+        write_values(w, map.iter().copied(), f32::to_le_bytes)
+    })
+}
+
+/// Writes a volume as `int16` HU (rounded, clamped to the int16 range) with `scl_slope` 1
+/// and `scl_inter` 0, keeping its geometry.
+pub fn write_volume(path: &Path, vol: &Volume) -> Result<(), IoError> {
+    let h = output_header(path, &vol.header, vol.data.dim(), DataType::I16, 1.0, 0.0)?;
+    write_nifti_file(path, &h, |w| {
+        write_values(w, vol.data.iter().copied(), |v: f32| {
+            // `as` saturates and maps NaN to 0.
+            (v.round() as i16).to_le_bytes()
+        })
+    })
+}
+
+/// Writes `[z, y, x]` voxels of any supported type with `like`'s geometry and the given
+/// scaling; the stored values are `v` converted with `as` (callers pick a type that holds
+/// them). Used by tests and converters.
+pub fn write_typed(
+    path: &Path,
+    data: &Array3<f64>,
+    dt: DataType,
+    slope: f32,
+    inter: f32,
+    like: &nifti::NiftiHeader,
+) -> Result<(), IoError> {
+    let h = output_header(path, like, data.dim(), dt, slope, inter)?;
+    let it = data.iter().copied();
+    write_nifti_file(path, &h, |w| match dt {
+        DataType::U8 => write_values(w, it, |v| (v as u8).to_le_bytes()),
+        DataType::I8 => write_values(w, it, |v| (v as i8).to_le_bytes()),
+        DataType::I16 => write_values(w, it, |v| (v as i16).to_le_bytes()),
+        DataType::U16 => write_values(w, it, |v| (v as u16).to_le_bytes()),
+        DataType::I32 => write_values(w, it, |v| (v as i32).to_le_bytes()),
+        DataType::U32 => write_values(w, it, |v| (v as u32).to_le_bytes()),
+        DataType::I64 => write_values(w, it, |v| (v as i64).to_le_bytes()),
+        DataType::U64 => write_values(w, it, |v| (v as u64).to_le_bytes()),
+        DataType::F32 => write_values(w, it, |v| (v as f32).to_le_bytes()),
+        DataType::F64 => write_values(w, it, |v| v.to_le_bytes()),
+    })
+}
+
+/// Binarises a mask volume: value > 0.5 -> 1.
+pub fn to_mask(v: &Volume) -> Mask {
+    v.data.mapv(|x| u8::from(x > 0.5))
+}
+
+/// An error unless `mask` (read from `mask_path`) has `image`'s shape.
+pub fn check_same_shape(image: &Volume, mask_path: &Path, mask: &Volume) -> Result<(), IoError> {
+    check_like(mask_path, mask.data.dim(), image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_bytes_parse_back() {
+        let v = Volume::from_array(Array3::zeros((3, 4, 5)), [5.0, 0.5, 0.6], "x".into());
+        let b = header_bytes(&v.header);
+        let arr: [u8; HEADER_SIZE] = b[..HEADER_SIZE].try_into().unwrap();
+        let (h, l) = parse_header(&arr).unwrap();
+        assert_eq!(l.shape, (3, 4, 5));
+        assert_eq!(h, v.header);
+    }
+
+    #[test]
+    fn nonfinite_replaced_with_min() {
+        let mut v = vec![3.0, f32::NAN, -2.0, f32::INFINITY, 7.0];
+        assert_eq!(replace_nonfinite(&mut v), (2, -2.0));
+        assert_eq!(v, vec![3.0, -2.0, -2.0, -2.0, 7.0]);
+    }
+}

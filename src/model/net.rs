@@ -1,0 +1,996 @@
+//! [`IchNet`]: the stage-1 network (ResNet per slice, all `batch*seq` slices as one batch ->
+//! GAP -> LSTM (batch_first) -> Linear-ReLU-...-Linear(.., 1) per slice) and the stage-2
+//! network (the same ResNet -> GAP -> fc Linear(features, 1)) over one parameter store,
+//! with their forward and backward passes, the optimizer step, and the CAM / Grad-CAM path.
+//! Buffers of a given input shape are allocated once and reused while the shape stays.
+//! Knows nothing about CT, datasets or files.
+
+use super::config::ModelConfig;
+use super::optim::{self, OptimizerConfig};
+use super::params::{Group, Init, ParamGroup, ParamKind, ParamStore};
+use super::resnet::{self, ensure, BackboneActs, BackboneSpec, BnMode};
+use super::ModelError;
+use crate::engine::{Backend, Lstm, Real};
+
+/// Which class activation map [`IchNet::stage2_infer`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CamKind {
+    /// Last block's feature maps weighted by the fc weights (no ReLU).
+    Vanilla,
+    /// Feature maps weighted by the spatial mean of d(fc logit)/d(features), then ReLU.
+    GradCam,
+}
+
+/// The result of one stage-1 training step.
+#[derive(Clone, Debug)]
+pub struct Stage1Step {
+    /// Mean BCE-with-logits over all `batch*seq` slices.
+    pub loss: f64,
+    /// `[batch*seq]`, slice-major within each sequence.
+    pub logits: Vec<f64>,
+}
+
+/// Stage-2 inference on single slices, on the host.
+#[derive(Clone, Debug)]
+pub struct Stage2Out {
+    /// `[n]` fc logits.
+    pub logits: Vec<f64>,
+    /// Size (fh, fw) of the last block's feature maps.
+    pub features_hw: (usize, usize),
+    /// `[n, fh, fw]` at feature resolution.
+    pub cam: Vec<f64>,
+    /// `[n, h, w]`, bilinear (align_corners=False).
+    pub cam_up: Vec<f64>,
+    /// `cam_up` min-max normalised per slice (a constant slice becomes 0).
+    pub cam_norm: Vec<f64>,
+}
+
+/// Stage-2 inference with the results left on the backend (for the GPU segmentation path).
+pub struct Stage2DeviceOut<B: Backend> {
+    pub logits: B::Buf,
+    pub features_hw: (usize, usize),
+    pub cam: B::Buf,
+    pub cam_up: B::Buf,
+    pub cam_norm: B::Buf,
+}
+
+/// The last block's feature maps `[n, c, h, w]`.
+#[derive(Clone, Debug)]
+pub struct FeatureMaps {
+    pub data: Vec<f64>,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LinearSpec {
+    w: usize,
+    b: usize,
+    k: usize,
+    n: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LstmSpec {
+    w_ih: usize,
+    w_hh: usize,
+    b_ih: usize,
+    b_hh: usize,
+    input: usize,
+}
+
+struct LstmActs<B: Backend> {
+    s: Lstm,
+    h: B::Buf,
+    c: B::Buf,
+    gates: B::Buf,
+    dh: Option<B::Buf>,
+    db: Option<B::Buf>,
+}
+
+struct LinActs<B: Backend> {
+    spec: LinearSpec,
+    /// Linear output.
+    a: B::Buf,
+    /// ReLU output (hidden layers only).
+    r: Option<B::Buf>,
+    da: Option<B::Buf>,
+    dr: Option<B::Buf>,
+}
+
+/// Stage-1 activations above the backbone for one (batch, seq).
+struct SeqActs<B: Backend> {
+    batch: usize,
+    seq: usize,
+    lstm: Vec<LstmActs<B>>,
+    head: Vec<LinActs<B>>,
+}
+
+fn internal(what: &str) -> ModelError {
+    ModelError::Internal(format!("{what} not allocated"))
+}
+
+fn get<'a, T>(o: &'a Option<T>, what: &str) -> Result<&'a T, ModelError> {
+    o.as_ref().ok_or_else(|| internal(what))
+}
+
+fn get_mut<'a, T>(o: &'a mut Option<T>, what: &str) -> Result<&'a mut T, ModelError> {
+    o.as_mut().ok_or_else(|| internal(what))
+}
+
+fn to_f64<T: Real>(v: Vec<T>) -> Vec<f64> {
+    v.into_iter().map(|x| x.as_f64()).collect()
+}
+
+/// The ResNet-LSTM (stage 1) and ResNet-fc (stage 2) networks over one parameter store.
+pub struct IchNet<B: Backend> {
+    be: B,
+    cfg: ModelConfig,
+    store: ParamStore<B>,
+    backbone: BackboneSpec,
+    lstm: Vec<LstmSpec>,
+    head: Vec<LinearSpec>,
+    fc: LinearSpec,
+    train: bool,
+    bb: Option<BackboneActs<B>>,
+    seq: Option<SeqActs<B>>,
+}
+
+impl<B: Backend> IchNet<B> {
+    /// Builds the network with torchvision's / PyTorch's default initialisation from `seed`.
+    pub fn new(backend: B, cfg: ModelConfig, seed: u64) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let be = backend;
+        let mut store = ParamStore::default();
+        let backbone = resnet::declare(&mut store, &be, &cfg, seed)?;
+        let feat = backbone.out_c;
+        let hid = cfg.lstm_hidden;
+        let seqg = Group::Sequence;
+        let tr = ParamKind::Trainable;
+        let mut lstm = Vec::with_capacity(cfg.lstm_layers);
+        // nn.LSTM: every tensor uniform(-1/sqrt(hidden), 1/sqrt(hidden)).
+        let k = Init::Uniform(1.0 / (hid as f64).sqrt());
+        for l in 0..cfg.lstm_layers {
+            let input = if l == 0 { feat } else { hid };
+            let w_ih = store.add(
+                &be,
+                format!("lstm.weight_ih_l{l}"),
+                vec![4 * hid, input],
+                tr,
+                seqg,
+                k,
+                seed,
+            )?;
+            let w_hh = store.add(
+                &be,
+                format!("lstm.weight_hh_l{l}"),
+                vec![4 * hid, hid],
+                tr,
+                seqg,
+                k,
+                seed,
+            )?;
+            let b_ih = store.add(
+                &be,
+                format!("lstm.bias_ih_l{l}"),
+                vec![4 * hid],
+                tr,
+                seqg,
+                k,
+                seed,
+            )?;
+            let b_hh = store.add(
+                &be,
+                format!("lstm.bias_hh_l{l}"),
+                vec![4 * hid],
+                tr,
+                seqg,
+                k,
+                seed,
+            )?;
+            lstm.push(LstmSpec {
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+                input,
+            });
+        }
+        let add_linear =
+            |store: &mut ParamStore<B>, prefix: String, k: usize, n: usize, group: Group| {
+                // nn.Linear: kaiming_uniform(a=sqrt(5)) = uniform(+-1/sqrt(fan_in)), bias the same.
+                let init = Init::Uniform(1.0 / (k as f64).sqrt());
+                let w = store.add(
+                    &be,
+                    format!("{prefix}.weight"),
+                    vec![n, k],
+                    tr,
+                    group,
+                    init,
+                    seed,
+                )?;
+                let b = store.add(
+                    &be,
+                    format!("{prefix}.bias"),
+                    vec![n],
+                    tr,
+                    group,
+                    init,
+                    seed,
+                )?;
+                Ok::<_, ModelError>(LinearSpec { w, b, k, n })
+            };
+        let mut head = Vec::new();
+        let mut kin = hid;
+        let widths: Vec<usize> = cfg.head.iter().copied().chain(std::iter::once(1)).collect();
+        for (i, &n) in widths.iter().enumerate() {
+            // nn.Sequential numbering: Linear, ReLU, Linear, ... -> indices 0, 2, 4.
+            head.push(add_linear(
+                &mut store,
+                format!("head.{}", 2 * i),
+                kin,
+                n,
+                seqg,
+            )?);
+            kin = n;
+        }
+        let fc = add_linear(&mut store, "fc".into(), feat, 1, Group::Fc)?;
+        Ok(IchNet {
+            be,
+            cfg,
+            store,
+            backbone,
+            lstm,
+            head,
+            fc,
+            train: false,
+            bb: None,
+            seq: None,
+        })
+    }
+
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+    pub fn params(&self) -> &ParamStore<B> {
+        &self.store
+    }
+    /// Length of the pooled feature vector (the fc's input).
+    pub fn feature_channels(&self) -> usize {
+        self.backbone.out_c
+    }
+
+    /// Selects the batch norm of the forward-only stage-1 pass ([`IchNet::stage1_logits`]):
+    /// `true` normalises with the batch's statistics (without touching the running stats),
+    /// `false` (the default) with the running stats, as PyTorch's eval(). Training steps
+    /// always use batch statistics and update the running stats.
+    pub fn set_train(&mut self, train: bool) {
+        self.train = train;
+    }
+    pub fn is_train(&self) -> bool {
+        self.train
+    }
+
+    /// Every tensor's name, in `state_dict` order.
+    pub fn names(&self) -> Vec<String> {
+        self.store.names()
+    }
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, ModelError> {
+        Ok(self.store.get(name)?.shape.clone())
+    }
+    pub fn param(&self, name: &str) -> Result<Vec<B::T>, ModelError> {
+        Ok(self.be.download(&self.store.get(name)?.data)?)
+    }
+    pub fn set_param(&mut self, name: &str, values: &[B::T]) -> Result<(), ModelError> {
+        self.store.set(&self.be, name, values)
+    }
+    /// The gradient left by the last backward pass.
+    pub fn grad(&self, name: &str) -> Result<Vec<B::T>, ModelError> {
+        let p = self.store.get(name)?;
+        let g = p.grad.as_ref().ok_or_else(|| ModelError::NoGradient {
+            name: name.to_string(),
+        })?;
+        Ok(self.be.download(g)?)
+    }
+    /// Zeroes every gradient. (The backward passes overwrite the gradients they compute, so
+    /// this is needed only to clear gradients a pass does not touch.)
+    pub fn zero_grads(&mut self) -> Result<(), ModelError> {
+        for p in self.store.params.iter_mut() {
+            if let Some(g) = p.grad.as_mut() {
+                self.be.fill(g, 0.0)?;
+            }
+        }
+        Ok(())
+    }
+    /// One optimizer step on the tensors of `group` from the current gradients.
+    pub fn step(&mut self, opt: &OptimizerConfig, group: ParamGroup) -> Result<(), ModelError> {
+        optim::step(&self.be, &mut self.store, opt, group)
+    }
+    /// Optimizer state of a tensor: (first buffer, second buffer, steps), for checkpoints.
+    pub fn opt_state(
+        &self,
+        name: &str,
+    ) -> Result<(Option<Vec<B::T>>, Option<Vec<B::T>>, u64), ModelError> {
+        let p = self.store.get(name)?;
+        let m = p.m.as_ref().map(|b| self.be.download(b)).transpose()?;
+        let v = p.v.as_ref().map(|b| self.be.download(b)).transpose()?;
+        Ok((m, v, p.step))
+    }
+    /// Restores the optimizer state saved by [`IchNet::opt_state`].
+    pub fn set_opt_state(
+        &mut self,
+        name: &str,
+        m: Option<&[B::T]>,
+        v: Option<&[B::T]>,
+        steps: u64,
+    ) -> Result<(), ModelError> {
+        let be = &self.be;
+        let p = self.store.get_mut(name)?;
+        let n = p.numel();
+        for x in [m, v].into_iter().flatten() {
+            if x.len() != n {
+                return Err(ModelError::ParamLen {
+                    name: format!("optimizer state of {name}"),
+                    shape: p.shape.clone(),
+                    found: x.len(),
+                });
+            }
+        }
+        p.m = m.map(|x| be.upload(x)).transpose()?;
+        p.v = v.map(|x| be.upload(x)).transpose()?;
+        p.step = steps;
+        Ok(())
+    }
+
+    fn check_images(
+        &self,
+        x_len: usize,
+        n: usize,
+        h: usize,
+        w: usize,
+        what: &str,
+    ) -> Result<(), ModelError> {
+        if n == 0 || h == 0 || w == 0 {
+            return Err(ModelError::Input(format!(
+                "{what}: empty input ({n} slices of {h}x{w})"
+            )));
+        }
+        let want = n * self.cfg.in_channels * h * w;
+        if x_len != want {
+            return Err(ModelError::Input(format!(
+                "{what}: {x_len} values, expected {n} slices x {} channels x {h} x {w} = {want}",
+                self.cfg.in_channels
+            )));
+        }
+        Ok(())
+    }
+
+    /// Uploads `x`, (re)allocates the backbone's buffers for `[n, h, w]` and runs it.
+    fn backbone_forward_buf(
+        &mut self,
+        x: &B::Buf,
+        n: usize,
+        h: usize,
+        w: usize,
+        mode: BnMode,
+    ) -> Result<(), ModelError> {
+        let fits = matches!(&self.bb, Some(a) if a.n == n && a.h == h && a.w == w);
+        if !fits {
+            self.bb = None; // free the old shape's buffers first
+            self.bb = Some(BackboneActs::new(&self.be, &self.backbone, n, h, w)?);
+        }
+        let bb = get_mut(&mut self.bb, "backbone activations")?;
+        bb.forward(&self.be, &mut self.store.params, x, mode)
+    }
+
+    fn seq_forward(&mut self, batch: usize, seq: usize) -> Result<(), ModelError> {
+        let n = batch * seq;
+        let fits = matches!(&self.seq, Some(s) if s.batch == batch && s.seq == seq);
+        if !fits {
+            self.seq = None;
+            let mut lstm = Vec::new();
+            for l in &self.lstm {
+                let s = Lstm {
+                    batch,
+                    seq,
+                    input: l.input,
+                    hidden: self.cfg.lstm_hidden,
+                };
+                lstm.push(LstmActs {
+                    s,
+                    h: self.be.zeros(s.h_len())?,
+                    c: self.be.zeros(s.h_len())?,
+                    gates: self.be.zeros(s.gates_len())?,
+                    dh: None,
+                    db: None,
+                });
+            }
+            let mut head = Vec::new();
+            let last = self.head.len() - 1;
+            for (i, &spec) in self.head.iter().enumerate() {
+                let r = if i < last {
+                    Some(self.be.zeros(n * spec.n)?)
+                } else {
+                    None
+                };
+                head.push(LinActs {
+                    spec,
+                    a: self.be.zeros(n * spec.n)?,
+                    r,
+                    da: None,
+                    dr: None,
+                });
+            }
+            self.seq = Some(SeqActs {
+                batch,
+                seq,
+                lstm,
+                head,
+            });
+        }
+        let be = &self.be;
+        let params = &self.store.params;
+        let sa = get_mut(&mut self.seq, "sequence activations")?;
+        let bb = get(&self.bb, "backbone activations")?;
+        for (l, spec) in self.lstm.iter().enumerate() {
+            let (prev, cur) = sa.lstm.split_at_mut(l);
+            let x = if l == 0 { &bb.gap } else { &prev[l - 1].h };
+            let a = &mut cur[0];
+            let p = |i: usize| &params[i].data;
+            be.lstm_fwd(
+                &a.s,
+                x,
+                p(spec.w_ih),
+                p(spec.w_hh),
+                p(spec.b_ih),
+                p(spec.b_hh),
+                &mut a.h,
+                &mut a.c,
+                &mut a.gates,
+            )?;
+        }
+        let top = &sa.lstm.last().ok_or_else(|| internal("lstm"))?.h;
+        for i in 0..sa.head.len() {
+            let (prev, cur) = sa.head.split_at_mut(i);
+            let x = if i == 0 {
+                top
+            } else {
+                get(&prev[i - 1].r, "head relu")?
+            };
+            let a = &mut cur[0];
+            let s = a.spec;
+            be.linear_fwd(
+                n,
+                s.k,
+                s.n,
+                x,
+                &params[s.w].data,
+                Some(&params[s.b].data),
+                &mut a.a,
+            )?;
+            if let Some(r) = a.r.as_mut() {
+                be.relu_fwd(&a.a, r)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn logits_buf(&self) -> Result<&B::Buf, ModelError> {
+        let sa = get(&self.seq, "sequence activations")?;
+        Ok(&sa.head.last().ok_or_else(|| internal("head"))?.a)
+    }
+
+    /// Stage-1 training forward + loss + backward: batch norm with batch statistics over all
+    /// `batch*seq` slices (running stats updated), every gradient of the backbone, LSTM and
+    /// head overwritten. `x` is `[batch, seq, c, h, w]`, `labels` `[batch*seq]` in {0, 1}.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage1_forward_backward(
+        &mut self,
+        x: &[B::T],
+        labels: &[B::T],
+        batch: usize,
+        seq: usize,
+        h: usize,
+        w: usize,
+        pos_weight: f64,
+    ) -> Result<Stage1Step, ModelError> {
+        let n = batch * seq;
+        self.check_images(x.len(), n, h, w, "stage-1 input")?;
+        if labels.len() != n {
+            return Err(ModelError::Input(format!(
+                "{} labels for {batch} x {seq} slices",
+                labels.len()
+            )));
+        }
+        if !(pos_weight.is_finite() && pos_weight > 0.0) {
+            return Err(ModelError::Input(format!(
+                "pos_weight must be positive, got {pos_weight}"
+            )));
+        }
+        let xb = self.be.upload(x)?;
+        let yb = self.be.upload(labels)?;
+        self.backbone_forward_buf(&xb, n, h, w, BnMode::Train)?;
+        self.seq_forward(batch, seq)?;
+
+        let be = &self.be;
+        let params = &mut self.store.params;
+        let sa = get_mut(&mut self.seq, "sequence activations")?;
+        let bb = get_mut(&mut self.bb, "backbone activations")?;
+        let nh = sa.head.len();
+        for a in sa.head.iter_mut() {
+            ensure(be, &mut a.da, n * a.spec.n)?;
+            if a.r.is_some() {
+                ensure(be, &mut a.dr, n * a.spec.n)?;
+            }
+        }
+        let loss = {
+            let last = &mut sa.head[nh - 1];
+            be.bce_with_logits(&last.a, &yb, pos_weight, get_mut(&mut last.da, "dlogits")?)?
+        };
+        let logits = to_f64(be.download(&sa.head[nh - 1].a)?);
+        // Head, top to bottom.
+        for a in sa.lstm.iter_mut() {
+            ensure(be, &mut a.dh, a.s.h_len())?;
+            ensure(be, &mut a.db, 4 * a.s.hidden)?;
+        }
+        for i in (0..nh).rev() {
+            let (prev, cur) = sa.head.split_at_mut(i);
+            let a = &mut cur[0];
+            let s = a.spec;
+            let [pw, pb] = params
+                .get_disjoint_mut([s.w, s.b])
+                .map_err(|e| ModelError::Internal(e.to_string()))?;
+            let dw = get_mut(&mut pw.grad, "head weight gradient")?;
+            let db = get_mut(&mut pb.grad, "head bias gradient")?;
+            let dy = get(&a.da, "head output gradient")?;
+            if i == 0 {
+                let top = sa.lstm.last_mut().ok_or_else(|| internal("lstm"))?;
+                be.linear_bwd(
+                    n,
+                    s.k,
+                    s.n,
+                    &top.h,
+                    &pw.data,
+                    dy,
+                    Some(get_mut(&mut top.dh, "dh")?),
+                    dw,
+                    Some(db),
+                )?;
+            } else {
+                let p = &mut prev[i - 1];
+                let r = get(&p.r, "head relu")?;
+                let dr = get_mut(&mut p.dr, "head relu gradient")?;
+                be.linear_bwd(n, s.k, s.n, r, &pw.data, dy, Some(&mut *dr), dw, Some(db))?;
+                be.relu_bwd(r, dr, get_mut(&mut p.da, "head gradient")?)?;
+            }
+        }
+        // LSTM layers, top to bottom; layer 0 writes dL/d(pooled features).
+        ensure(be, &mut bb.dgap, n * bb.out_c)?;
+        for l in (0..sa.lstm.len()).rev() {
+            let spec = self.lstm[l];
+            let (prev, cur) = sa.lstm.split_at_mut(l);
+            let a = &mut cur[0];
+            let [wi, wh, bi, bh] = params
+                .get_disjoint_mut([spec.w_ih, spec.w_hh, spec.b_ih, spec.b_hh])
+                .map_err(|e| ModelError::Internal(e.to_string()))?;
+            let db = get_mut(&mut a.db, "lstm bias gradient")?;
+            let dh = get(&a.dh, "dh")?;
+            let dwi = get_mut(&mut wi.grad, "w_ih gradient")?;
+            let dwh = get_mut(&mut wh.grad, "w_hh gradient")?;
+            if l == 0 {
+                let dx = get_mut(&mut bb.dgap, "dgap")?;
+                be.lstm_bwd(
+                    &a.s, &bb.gap, &wi.data, &wh.data, &a.h, &a.c, &a.gates, dh, dx, dwi, dwh, db,
+                )?;
+            } else {
+                let p = &mut prev[l - 1];
+                let dx = get_mut(&mut p.dh, "dh")?;
+                be.lstm_bwd(
+                    &a.s, &p.h, &wi.data, &wh.data, &a.h, &a.c, &a.gates, dh, dx, dwi, dwh, db,
+                )?;
+            }
+            be.copy(db, get_mut(&mut bi.grad, "b_ih gradient")?)?;
+            be.copy(db, get_mut(&mut bh.grad, "b_hh gradient")?)?;
+        }
+        bb.backward(be, params, &xb)?;
+        Ok(Stage1Step { loss, logits })
+    }
+
+    /// Stage-1 logits without gradients (validation): eval-mode batch norm, or batch
+    /// statistics after `set_train(true)`.
+    pub fn stage1_logits(
+        &mut self,
+        x: &[B::T],
+        batch: usize,
+        seq: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<f64>, ModelError> {
+        let n = batch * seq;
+        self.check_images(x.len(), n, h, w, "stage-1 input")?;
+        let xb = self.be.upload(x)?;
+        let mode = if self.train {
+            BnMode::Batch
+        } else {
+            BnMode::Eval
+        };
+        self.backbone_forward_buf(&xb, n, h, w, mode)?;
+        self.seq_forward(batch, seq)?;
+        Ok(to_f64(self.be.download(self.logits_buf()?)?))
+    }
+
+    /// Eval-mode backbone + fc on a device buffer; returns the fc logits `[n]`.
+    fn stage2_logits_buf(
+        &mut self,
+        x: &B::Buf,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<B::Buf, ModelError> {
+        self.backbone_forward_buf(x, n, h, w, BnMode::Eval)?;
+        let bb = get(&self.bb, "backbone activations")?;
+        let mut logits = self.be.zeros(n)?;
+        let p = &self.store.params;
+        self.be.linear_fwd(
+            n,
+            self.fc.k,
+            1,
+            &bb.gap,
+            &p[self.fc.w].data,
+            Some(&p[self.fc.b].data),
+            &mut logits,
+        )?;
+        Ok(logits)
+    }
+
+    /// Stage-2 training step: the backbone frozen (eval-mode batch norm, no backbone
+    /// gradients); overwrites only the gradients of `fc.weight` and `fc.bias`. `x` is
+    /// `[n, c, h, w]`. Returns the mean BCE-with-logits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage2_forward_backward(
+        &mut self,
+        x: &[B::T],
+        labels: &[B::T],
+        n: usize,
+        h: usize,
+        w: usize,
+        pos_weight: f64,
+    ) -> Result<f64, ModelError> {
+        self.check_images(x.len(), n, h, w, "stage-2 input")?;
+        if labels.len() != n {
+            return Err(ModelError::Input(format!(
+                "{} labels for {n} slices",
+                labels.len()
+            )));
+        }
+        if !(pos_weight.is_finite() && pos_weight > 0.0) {
+            return Err(ModelError::Input(format!(
+                "pos_weight must be positive, got {pos_weight}"
+            )));
+        }
+        let xb = self.be.upload(x)?;
+        let yb = self.be.upload(labels)?;
+        let logits = self.stage2_logits_buf(&xb, n, h, w)?;
+        let mut dlogits = self.be.zeros(n)?;
+        let loss = self
+            .be
+            .bce_with_logits(&logits, &yb, pos_weight, &mut dlogits)?;
+        let bb = get(&self.bb, "backbone activations")?;
+        let fc = self.fc;
+        let [pw, pb] = self
+            .store
+            .params
+            .get_disjoint_mut([fc.w, fc.b])
+            .map_err(|e| ModelError::Internal(e.to_string()))?;
+        let dw = get_mut(&mut pw.grad, "fc weight gradient")?;
+        let db = get_mut(&mut pb.grad, "fc bias gradient")?;
+        self.be
+            .linear_bwd(n, fc.k, 1, &bb.gap, &pw.data, &dlogits, None, dw, Some(db))?;
+        Ok(loss)
+    }
+
+    /// Eval-mode last-block feature maps of `x` `[n, c, h, w]`.
+    pub fn stage2_features(
+        &mut self,
+        x: &[B::T],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<FeatureMaps, ModelError> {
+        self.check_images(x.len(), n, h, w, "stage-2 input")?;
+        let xb = self.be.upload(x)?;
+        self.backbone_forward_buf(&xb, n, h, w, BnMode::Eval)?;
+        let bb = get(&self.bb, "backbone activations")?;
+        Ok(FeatureMaps {
+            data: to_f64(self.be.download(bb.features())?),
+            c: bb.out_c,
+            h: bb.out_h,
+            w: bb.out_w,
+        })
+    }
+
+    /// Stage-2 inference (eval mode) on a device buffer `[n, c, h, w]`: fc logits and the
+    /// chosen CAM at feature resolution, upsampled to `h x w`, and min-max normalised.
+    pub fn stage2_infer_device(
+        &mut self,
+        x: &B::Buf,
+        n: usize,
+        h: usize,
+        w: usize,
+        cam: CamKind,
+    ) -> Result<Stage2DeviceOut<B>, ModelError> {
+        self.check_images(self.be.len(x), n, h, w, "stage-2 input")?;
+        let logits = self.stage2_logits_buf(x, n, h, w)?;
+        let be = &self.be;
+        let bb = get(&self.bb, "backbone activations")?;
+        let (c, fh, fw) = (bb.out_c, bb.out_h, bb.out_w);
+        let hw = fh * fw;
+        let fc_w = &self.store.params[self.fc.w].data;
+        let mut map = be.zeros(n * hw)?;
+        match cam {
+            CamKind::Vanilla => be.cam_weight(n, c, hw, bb.features(), fc_w, &mut map)?,
+            CamKind::GradCam => {
+                // d(logit_i)/d(gap_i) = fc weight, routed through the pooling's backward.
+                let ones = be.upload(&vec![B::T::from_f64_lossy(1.0); n])?;
+                let mut dgap = be.zeros(n * c)?;
+                let mut dw = be.zeros(c)?;
+                be.linear_bwd(
+                    n,
+                    c,
+                    1,
+                    &bb.gap,
+                    fc_w,
+                    &ones,
+                    Some(&mut dgap),
+                    &mut dw,
+                    None,
+                )?;
+                let mut dfeat = be.zeros(n * c * hw)?;
+                be.global_avg_pool_bwd(n * c, hw, &dgap, &mut dfeat)?;
+                be.gradcam(n, c, hw, bb.features(), &dfeat, &mut map)?;
+            }
+        }
+        let mut up = be.zeros(n * h * w)?;
+        be.upsample_bilinear(n, fh, fw, h, w, &map, &mut up)?;
+        let mut norm = be.zeros(n * h * w)?;
+        be.minmax_normalize(n, h * w, &up, &mut norm)?;
+        Ok(Stage2DeviceOut {
+            logits,
+            features_hw: (fh, fw),
+            cam: map,
+            cam_up: up,
+            cam_norm: norm,
+        })
+    }
+
+    /// [`IchNet::stage2_infer_device`] from and to host memory.
+    pub fn stage2_infer(
+        &mut self,
+        x: &[B::T],
+        n: usize,
+        h: usize,
+        w: usize,
+        cam: CamKind,
+    ) -> Result<Stage2Out, ModelError> {
+        self.check_images(x.len(), n, h, w, "stage-2 input")?;
+        let xb = self.be.upload(x)?;
+        let o = self.stage2_infer_device(&xb, n, h, w, cam)?;
+        let d = |b: &B::Buf| self.be.download(b).map(to_f64);
+        Ok(Stage2Out {
+            logits: d(&o.logits)?,
+            features_hw: o.features_hw,
+            cam: d(&o.cam)?,
+            cam_up: d(&o.cam_up)?,
+            cam_norm: d(&o.cam_norm)?,
+        })
+    }
+
+    /// Frees the cached activation buffers (they are reallocated on the next pass).
+    pub fn release_buffers(&mut self) {
+        self.bb = None;
+        self.seq = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::CpuBackend;
+    use crate::model::prng::Rng;
+
+    fn net(seed: u64) -> IchNet<CpuBackend<f64>> {
+        let cfg = ModelConfig {
+            layers: vec![1, 1],
+            base_width: 4,
+            lstm_hidden: 5,
+            ..ModelConfig::tiny()
+        };
+        IchNet::new(CpuBackend::new(), cfg, seed).unwrap()
+    }
+
+    fn randn(seed: u64, n: usize) -> Vec<f64> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.normal()).collect()
+    }
+
+    #[test]
+    fn names_follow_pytorch_order_and_init_is_torchvision_like() {
+        let n = net(1);
+        let names = n.names();
+        assert_eq!(
+            &names[..5],
+            [
+                "conv1.weight",
+                "bn1.weight",
+                "bn1.bias",
+                "bn1.running_mean",
+                "bn1.running_var"
+            ]
+        );
+        let tail: Vec<&str> = names[names.len() - 12..]
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                "lstm.weight_ih_l0",
+                "lstm.weight_hh_l0",
+                "lstm.bias_ih_l0",
+                "lstm.bias_hh_l0",
+                "head.0.weight",
+                "head.0.bias",
+                "head.2.weight",
+                "head.2.bias",
+                "head.4.weight",
+                "head.4.bias",
+                "fc.weight",
+                "fc.bias"
+            ]
+        );
+        assert!(names.contains(&"layer2.0.downsample.1.running_var".to_string()));
+        assert!(!names.iter().any(|x| x.starts_with("layer1.0.downsample")));
+        // Kaiming fan_out: std = sqrt(2 / (c_out * 7 * 7)).
+        let w = n.param("conv1.weight").unwrap();
+        let std = (w.iter().map(|x| x * x).sum::<f64>() / w.len() as f64).sqrt();
+        let want = (2.0f64 / (4.0 * 49.0)).sqrt();
+        assert!((std / want - 1.0).abs() < 0.15, "{std} vs {want}");
+        assert!(n.param("bn1.weight").unwrap().iter().all(|&x| x == 1.0));
+        assert!(n
+            .param("layer1.0.bn2.running_var")
+            .unwrap()
+            .iter()
+            .all(|&x| x == 1.0));
+        let bound = 1.0 / 5f64.sqrt();
+        assert!(n
+            .param("lstm.weight_hh_l0")
+            .unwrap()
+            .iter()
+            .all(|x| x.abs() <= bound));
+        // Same seed, same weights; another seed, others.
+        assert_eq!(
+            n.param("head.2.weight").unwrap(),
+            net(1).param("head.2.weight").unwrap()
+        );
+        assert_ne!(
+            n.param("head.2.weight").unwrap(),
+            net(2).param("head.2.weight").unwrap()
+        );
+    }
+
+    #[test]
+    fn train_flag_selects_batch_stats_without_touching_running_stats() {
+        let mut n = net(3);
+        let x = randn(4, 2 * 3 * 20 * 20);
+        let eval = n.stage1_logits(&x, 1, 2, 20, 20).unwrap();
+        n.set_train(true);
+        let batch = n.stage1_logits(&x, 1, 2, 20, 20).unwrap();
+        assert_ne!(eval, batch);
+        assert_eq!(
+            n.param("bn1.running_mean").unwrap(),
+            vec![0.0; 4],
+            "a forward-only pass updated the running stats"
+        );
+        // The training step normalises the same way, so its logits equal the batch-stat ones.
+        let step = n
+            .stage1_forward_backward(&x, &[0.0, 1.0], 1, 2, 20, 20, 1.0)
+            .unwrap();
+        assert_eq!(step.logits, batch);
+        assert_ne!(n.param("bn1.running_mean").unwrap(), vec![0.0; 4]);
+    }
+
+    #[test]
+    fn shape_changes_reallocate_and_give_the_same_answers() {
+        let mut a = net(5);
+        let mut b = net(5);
+        let x1 = randn(6, 3 * 3 * 17 * 21);
+        let x2 = randn(7, 2 * 3 * 32 * 32);
+        let first = a.stage2_infer(&x1, 3, 17, 21, CamKind::Vanilla).unwrap();
+        a.stage2_infer(&x2, 2, 32, 32, CamKind::GradCam).unwrap();
+        let again = a.stage2_infer(&x1, 3, 17, 21, CamKind::Vanilla).unwrap();
+        assert_eq!(first.logits, again.logits);
+        assert_eq!(first.cam_up, again.cam_up);
+        assert_eq!(first.cam_up.len(), 3 * 17 * 21);
+        let fresh = b.stage2_infer(&x1, 3, 17, 21, CamKind::Vanilla).unwrap();
+        assert_eq!(first.cam_norm, fresh.cam_norm);
+        let g = b.stage2_infer(&x2, 2, 32, 32, CamKind::GradCam).unwrap();
+        assert!(g.cam.iter().all(|&v| v >= 0.0));
+        assert!(g.cam_norm.iter().all(|&v| (0.0..=1.0).contains(&v)));
+        assert_eq!(g.features_hw, (2, 2));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let mut n = net(8);
+        let x = randn(9, 2 * 3 * 16 * 16);
+        let e = n
+            .stage1_forward_backward(&x, &[1.0, 0.0], 1, 2, 16, 15, 1.0)
+            .unwrap_err();
+        assert!(matches!(e, ModelError::Input(_)), "{e}");
+        assert!(n
+            .stage1_forward_backward(&x, &[1.0], 1, 2, 16, 16, 1.0)
+            .is_err());
+        assert!(n
+            .stage1_forward_backward(&x, &[1.0, 0.0], 1, 2, 16, 16, -1.0)
+            .is_err());
+        assert!(n.stage1_logits(&x, 0, 2, 16, 16).is_err());
+        assert!(n
+            .stage2_forward_backward(&x, &[1.0], 2, 16, 16, 1.0)
+            .is_err());
+        assert!(n.stage2_infer(&x, 3, 16, 16, CamKind::Vanilla).is_err());
+        assert!(matches!(
+            n.set_param("conv1.weight", &[1.0]),
+            Err(ModelError::ParamLen { .. })
+        ));
+        assert!(matches!(
+            n.param("conv9.weight"),
+            Err(ModelError::UnknownParam(_))
+        ));
+        assert!(matches!(
+            n.grad("bn1.running_var"),
+            Err(ModelError::NoGradient { .. })
+        ));
+        let bad = ModelConfig {
+            layers: vec![],
+            ..ModelConfig::tiny()
+        };
+        assert!(IchNet::new(CpuBackend::<f64>::new(), bad, 0).is_err());
+    }
+
+    #[test]
+    fn sgd_step_moves_only_its_group() {
+        let mut n = net(10);
+        let x = randn(11, 2 * 3 * 16 * 16);
+        n.stage1_forward_backward(&x, &[1.0, 0.0], 1, 2, 16, 16, 1.0)
+            .unwrap();
+        n.stage2_forward_backward(&x, &[1.0, 0.0], 2, 16, 16, 1.0)
+            .unwrap();
+        let (c0, f0) = (
+            n.param("conv1.weight").unwrap(),
+            n.param("fc.weight").unwrap(),
+        );
+        n.step(
+            &OptimizerConfig::Sgd {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 0.0,
+            },
+            ParamGroup::Fc,
+        )
+        .unwrap();
+        assert_eq!(n.param("conv1.weight").unwrap(), c0);
+        let f1 = n.param("fc.weight").unwrap();
+        let g = n.grad("fc.weight").unwrap();
+        for i in 0..f0.len() {
+            assert!((f1[i] - (f0[i] - 0.1 * g[i])).abs() < 1e-15);
+        }
+        n.step(&OptimizerConfig::paper_sgd(), ParamGroup::Stage1)
+            .unwrap();
+        assert_ne!(n.param("conv1.weight").unwrap(), c0);
+        assert_eq!(n.param("fc.weight").unwrap(), f1);
+    }
+}

@@ -1,0 +1,514 @@
+//! 3-D connected-component labelling (6-, 18- or 26-connectivity) and the component filter
+//! of the refinement. Knows only 0/1 volumes `[z, y, x]` (and, for the filter, a CAM map).
+//!
+//! Algorithm: the volume is cut into slabs of whole z-slices, labelled in parallel by a
+//! two-pass union-find over a raster scan (path halving, the larger root always linked
+//! under the smaller one, so a parent index is never above its child). Each slab's
+//! provisional labels are compacted; the slabs are then joined by a union-find over the
+//! compact ids, looking only across the slab boundaries, and a parallel final pass writes
+//! consecutive labels. Because every root is the smallest id of its set, final labels are
+//! numbered in raster order of each component's first voxel: the output does not depend on
+//! the number of slabs or threads.
+//!
+//! For 26-connectivity a voxel whose left neighbour is foreground only has to look at the
+//! four neighbours in column `x + 1`: the others are neighbours of the left voxel too and
+//! already share its set (the same holds for four of the nine 18-neighbours).
+
+use super::{Result, SegError};
+use crate::io::Mask;
+use ndarray::{Array3, ArrayView3};
+use rayon::prelude::*;
+
+/// Which neighbours touch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Connectivity {
+    /// Faces.
+    Six,
+    /// Faces and edges.
+    Eighteen,
+    /// Faces, edges and corners.
+    TwentySix,
+}
+
+impl Connectivity {
+    /// 6, 18 or 26.
+    pub fn neighbours(self) -> u32 {
+        match self {
+            Connectivity::Six => 6,
+            Connectivity::Eighteen => 18,
+            Connectivity::TwentySix => 26,
+        }
+    }
+    /// From 6, 18 or 26.
+    pub fn from_neighbours(n: u32) -> Result<Self> {
+        match n {
+            6 => Ok(Connectivity::Six),
+            18 => Ok(Connectivity::Eighteen),
+            26 => Ok(Connectivity::TwentySix),
+            _ => Err(SegError::Param(format!(
+                "connectivity must be 6, 18 or 26, got {n}"
+            ))),
+        }
+    }
+    /// Whether the offset `(dz, dy, dx)` (each in -1..=1, not all zero) is a neighbour.
+    pub fn touches(self, dz: i32, dy: i32, dx: i32) -> bool {
+        let m = dz.abs() + dy.abs() + dx.abs();
+        m >= 1
+            && match self {
+                Connectivity::Six => m == 1,
+                Connectivity::Eighteen => m <= 2,
+                Connectivity::TwentySix => m <= 3,
+            }
+    }
+}
+
+/// Labels and sizes of the components.
+#[derive(Clone, Debug)]
+pub struct CclOutput {
+    /// 0 = background, components numbered `1..=n` in raster order of their first voxel.
+    pub labels: Array3<u32>,
+    /// `sizes[l]` = voxels with label `l`; `sizes[0]` counts the background. `len = n + 1`.
+    pub sizes: Vec<usize>,
+}
+
+impl CclOutput {
+    /// The number of components.
+    pub fn n_components(&self) -> usize {
+        self.sizes.len().saturating_sub(1)
+    }
+}
+
+/// Labels the foreground (non-zero voxels) of `mask`, slabs chosen from rayon's thread count.
+pub fn connected_components(mask: &Mask, conn: Connectivity) -> Result<CclOutput> {
+    let slabs = (rayon::current_num_threads() * 2).max(1);
+    connected_components_slabs(mask.view(), conn, slabs)
+}
+
+/// As [`connected_components`] with an explicit number of slabs (clamped to `1..=nz`);
+/// the result is the same for any number.
+pub fn connected_components_slabs(
+    mask: ArrayView3<u8>,
+    conn: Connectivity,
+    slabs: usize,
+) -> Result<CclOutput> {
+    let (nz, ny, nx) = mask.dim();
+    let total = nz * ny * nx;
+    if total >= u32::MAX as usize {
+        return Err(SegError::TooLarge(total));
+    }
+    let mut labels = Array3::<u32>::zeros((nz, ny, nx));
+    if total == 0 {
+        return Ok(CclOutput {
+            labels,
+            sizes: vec![0],
+        });
+    }
+    let mask = mask.as_standard_layout();
+    let m = mask
+        .as_slice()
+        .ok_or_else(|| SegError::Param("mask not contiguous".into()))?;
+    let sz = ny * nx;
+    let slabs = slabs.clamp(1, nz);
+    let thick = nz.div_ceil(slabs);
+    let lab = labels
+        .as_slice_mut()
+        .ok_or_else(|| SegError::Param("labels not contiguous".into()))?;
+
+    // Pass 1: each slab on its own; returns the compact id of every provisional label.
+    let compact: Vec<(Vec<u32>, u32)> = lab
+        .par_chunks_mut(thick * sz)
+        .enumerate()
+        .map(|(s, chunk)| {
+            let z0 = s * thick;
+            let parent = match conn {
+                Connectivity::Six => scan_slab::<6>(m, chunk, z0, ny, nx),
+                Connectivity::Eighteen => scan_slab::<18>(m, chunk, z0, ny, nx),
+                Connectivity::TwentySix => scan_slab::<26>(m, chunk, z0, ny, nx),
+            };
+            compact_roots(&parent)
+        })
+        .collect();
+
+    // Pass 2: join the slabs across their boundaries.
+    let mut offsets = Vec::with_capacity(compact.len());
+    let mut acc = 0u32;
+    for (_, n) in &compact {
+        offsets.push(acc);
+        acc += n;
+    }
+    let mut gp: Vec<u32> = (0..=acc).collect();
+    let below: Vec<(i32, i32)> = (-1..=1)
+        .flat_map(|dy| (-1..=1).map(move |dx| (dy, dx)))
+        .filter(|&(dy, dx)| conn.touches(-1, dy, dx))
+        .collect();
+    for s in 1..compact.len() {
+        let z0 = s * thick;
+        let cur = z0 * sz;
+        let prev = cur - sz;
+        let (cs, os) = (&compact[s].0, offsets[s]);
+        let (cp, op) = (&compact[s - 1].0, offsets[s - 1]);
+        for y in 0..ny {
+            for x in 0..nx {
+                let a = lab[cur + y * nx + x];
+                if a == 0 {
+                    continue;
+                }
+                let ga = os + cs[a as usize];
+                for &(dy, dx) in &below {
+                    let (yy, xx) = (y as i64 + dy as i64, x as i64 + dx as i64);
+                    if yy < 0 || xx < 0 || yy >= ny as i64 || xx >= nx as i64 {
+                        continue;
+                    }
+                    let b = lab[prev + yy as usize * nx + xx as usize];
+                    if b != 0 {
+                        union(&mut gp, ga, op + cp[b as usize]);
+                    }
+                }
+            }
+        }
+    }
+    // Consecutive final ids in increasing root order (= raster order of first voxels).
+    let mut fin = vec![0u32; gp.len()];
+    let mut n = 0u32;
+    for g in 1..gp.len() {
+        let p = gp[g] as usize;
+        if p == g {
+            n += 1;
+            fin[g] = n;
+        } else {
+            fin[g] = fin[p];
+        }
+    }
+
+    // Pass 3: final labels and sizes.
+    let counts: Vec<Vec<usize>> = lab
+        .par_chunks_mut(thick * sz)
+        .enumerate()
+        .map(|(s, chunk)| {
+            let (cs, os) = (&compact[s].0, offsets[s]);
+            let lut: Vec<u32> = cs
+                .iter()
+                .enumerate()
+                .map(|(p, &c)| if p == 0 { 0 } else { fin[(os + c) as usize] })
+                .collect();
+            let mut cnt = vec![0usize; n as usize + 1];
+            // Background stays 0: skip it eight voxels at a time by the mask bytes.
+            let ms = &m[s * thick * sz..s * thick * sz + chunk.len()];
+            for (lg, mg) in chunk.chunks_mut(8).zip(ms.chunks(8)) {
+                if mg.len() == 8
+                    && u64::from_ne_bytes([mg[0], mg[1], mg[2], mg[3], mg[4], mg[5], mg[6], mg[7]])
+                        == 0
+                {
+                    continue;
+                }
+                for v in lg.iter_mut() {
+                    if *v != 0 {
+                        let l = lut[*v as usize];
+                        *v = l;
+                        cnt[l as usize] += 1;
+                    }
+                }
+            }
+            cnt
+        })
+        .collect();
+    let mut sizes = vec![0usize; n as usize + 1];
+    for c in counts {
+        for (a, b) in sizes.iter_mut().zip(c) {
+            *a += b;
+        }
+    }
+    sizes[0] = total - sizes[1..].iter().sum::<usize>();
+    Ok(CclOutput { labels, sizes })
+}
+
+#[inline]
+fn find(p: &mut [u32], mut x: u32) -> u32 {
+    while p[x as usize] != x {
+        let g = p[p[x as usize] as usize];
+        p[x as usize] = g;
+        x = g;
+    }
+    x
+}
+
+/// Links the larger root under the smaller one; returns the root.
+#[inline]
+fn union(p: &mut [u32], a: u32, b: u32) -> u32 {
+    let ra = find(p, a);
+    let rb = find(p, b);
+    if ra < rb {
+        p[rb as usize] = ra;
+        ra
+    } else {
+        p[ra as usize] = rb;
+        rb
+    }
+}
+
+/// Compact ids `1..=m` for the sets of a union-find whose parents are never above their
+/// children; returns the table (index 0 -> 0) and `m`.
+fn compact_roots(parent: &[u32]) -> (Vec<u32>, u32) {
+    let mut c = vec![0u32; parent.len()];
+    let mut m = 0u32;
+    for i in 1..parent.len() {
+        let p = parent[i] as usize;
+        if p == i {
+            m += 1;
+            c[i] = m;
+        } else {
+            c[i] = c[p];
+        }
+    }
+    (c, m)
+}
+
+/// Labels one slab (`lab` holds slices `z0..z0 + lab.len() / (ny*nx)`) with provisional
+/// labels; returns the union-find parent table (index 0 unused).
+///
+/// The prior rows of voxel `(z, y, x)`: 0 = `(z, y-1)`, 1 = `(z-1, y-1)`, 2 = `(z-1, y)`,
+/// 3 = `(z-1, y+1)`; plus the left voxel `(z, y, x-1)`.
+fn scan_slab<const C: u32>(m: &[u8], lab: &mut [u32], z0: usize, ny: usize, nx: usize) -> Vec<u32> {
+    // (row, dx) of the prior neighbours, all of them / when the left voxel is foreground.
+    const ALL6: &[(usize, i8)] = &[(0, 0), (2, 0)];
+    const ALL18: &[(usize, i8)] = &[
+        (0, -1),
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (2, -1),
+        (2, 0),
+        (2, 1),
+        (3, 0),
+    ];
+    const ALL26: &[(usize, i8)] = &[
+        (0, -1),
+        (0, 0),
+        (0, 1),
+        (1, -1),
+        (1, 0),
+        (1, 1),
+        (2, -1),
+        (2, 0),
+        (2, 1),
+        (3, -1),
+        (3, 0),
+        (3, 1),
+    ];
+    const LEFT6: &[(usize, i8)] = &[(0, 0), (2, 0)];
+    const LEFT18: &[(usize, i8)] = &[(0, 1), (1, 0), (2, 1), (3, 0)];
+    const LEFT26: &[(usize, i8)] = &[(0, 1), (1, 1), (2, 1), (3, 1)];
+    let (all, left) = match C {
+        6 => (ALL6, LEFT6),
+        18 => (ALL18, LEFT18),
+        _ => (ALL26, LEFT26),
+    };
+    let sz = ny * nx;
+    let nzs = lab.len() / sz;
+    let zero_row = vec![0u32; nx];
+    let mut parent: Vec<u32> = vec![0];
+    for zl in 0..nzs {
+        let gz = (z0 + zl) * sz;
+        for y in 0..ny {
+            let cur = zl * sz + y * nx;
+            let mrow = &m[gz + y * nx..gz + y * nx + nx];
+            let (before, rest) = lab.split_at_mut(cur);
+            let row = &mut rest[..nx];
+            // The prior rows, or a row of zeros where they fall outside the slab.
+            let rows: [&[u32]; 4] = [
+                if y > 0 {
+                    &before[cur - nx..cur]
+                } else {
+                    &zero_row
+                },
+                if zl > 0 && y > 0 {
+                    &before[cur - sz - nx..cur - sz]
+                } else {
+                    &zero_row
+                },
+                if zl > 0 {
+                    &before[cur - sz..cur - sz + nx]
+                } else {
+                    &zero_row
+                },
+                if zl > 0 && y + 1 < ny {
+                    &before[cur - sz + nx..cur - sz + 2 * nx]
+                } else {
+                    &zero_row
+                },
+            ];
+            let mut x = 0;
+            while x < nx {
+                // Skip background eight voxels at a time.
+                if x + 8 <= nx {
+                    let g = &mrow[x..x + 8];
+                    if u64::from_ne_bytes([g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]]) == 0 {
+                        x += 8;
+                        continue;
+                    }
+                }
+                if mrow[x] == 0 {
+                    x += 1;
+                    continue;
+                }
+                let lf = if x > 0 { row[x - 1] } else { 0 };
+                let mut l = lf;
+                if lf != 0 {
+                    // Every (row, xx - 1) of the short list is a neighbour of the left voxel:
+                    // a label equal to it is already in our set.
+                    for &(r, dx) in left {
+                        let xx = x + dx as usize;
+                        if xx >= nx {
+                            continue;
+                        }
+                        let b = rows[r][xx];
+                        if b == 0 || b == l || rows[r][xx - 1] == b {
+                            continue;
+                        }
+                        l = union(&mut parent, l, b);
+                    }
+                } else {
+                    for &(r, dx) in all {
+                        let xx = x as isize + dx as isize;
+                        if xx < 0 || xx >= nx as isize {
+                            continue;
+                        }
+                        let b = rows[r][xx as usize];
+                        if b == 0 || b == l {
+                            continue;
+                        }
+                        l = if l == 0 { b } else { union(&mut parent, l, b) };
+                    }
+                    if l == 0 {
+                        l = parent.len() as u32;
+                        parent.push(l);
+                    }
+                }
+                row[x] = l;
+                x += 1;
+            }
+        }
+    }
+    parent
+}
+
+/// What a component needs to be kept.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ComponentFilter {
+    /// Components with fewer voxels are dropped.
+    pub min_voxels: usize,
+    /// A voxel is "inside the CAM" when its normalised CAM is at least this.
+    pub cam_threshold: f32,
+    /// Fraction of the component's voxels that must be inside the CAM (0 = no requirement).
+    pub min_cam_fraction: f32,
+    /// The component's largest CAM value must reach this (0 = no requirement).
+    pub min_peak_cam: f32,
+}
+
+/// The kept components.
+#[derive(Clone, Debug)]
+pub struct FilterOutput {
+    /// 0/1 mask of the kept components.
+    pub mask: Mask,
+    /// Kept components relabelled `1..=kept` in their original order (0 elsewhere).
+    pub labels: Array3<u32>,
+    /// `sizes[l]` of the relabelled components (`sizes[0]` = background).
+    pub sizes: Vec<usize>,
+    /// Components dropped for their size.
+    pub dropped_small: usize,
+    /// Components (of sufficient size) dropped for lack of CAM support.
+    pub dropped_cam: usize,
+}
+
+impl FilterOutput {
+    pub fn n_components(&self) -> usize {
+        self.sizes.len().saturating_sub(1)
+    }
+}
+
+/// Drops the components smaller than `filter.min_voxels` and, when a CAM is given, those
+/// with too few voxels inside the CAM or too low a CAM peak.
+pub fn filter_components(
+    labels: &Array3<u32>,
+    sizes: &[usize],
+    cam: Option<&Array3<f32>>,
+    filter: &ComponentFilter,
+) -> Result<FilterOutput> {
+    if let Some(c) = cam {
+        if c.dim() != labels.dim() {
+            let (a, b) = (c.dim(), labels.dim());
+            return Err(SegError::Shape {
+                what: "CAM",
+                got: vec![a.0, a.1, a.2],
+                expected: vec![b.0, b.1, b.2],
+            });
+        }
+    }
+    let n = sizes.len().saturating_sub(1);
+    let mut inside = vec![0usize; n + 1];
+    let mut peak = vec![f32::NEG_INFINITY; n + 1];
+    if let Some(c) = cam {
+        for (&l, &v) in labels.iter().zip(c.iter()) {
+            let l = l as usize;
+            if l == 0 {
+                continue;
+            }
+            if l > n {
+                return Err(SegError::Param(format!(
+                    "label {l} above the {n} components of `sizes`"
+                )));
+            }
+            if v >= filter.cam_threshold {
+                inside[l] += 1;
+            }
+            if v > peak[l] {
+                peak[l] = v;
+            }
+        }
+    }
+    let mut lut = vec![0u32; n + 1];
+    let mut new_sizes = vec![0usize];
+    let (mut dropped_small, mut dropped_cam) = (0, 0);
+    for l in 1..=n {
+        let size = sizes[l];
+        if size == 0 || size < filter.min_voxels {
+            dropped_small += 1;
+            continue;
+        }
+        if cam.is_some() {
+            let frac = inside[l] as f64 / size as f64;
+            if frac < filter.min_cam_fraction as f64 || !(peak[l] >= filter.min_peak_cam) {
+                dropped_cam += 1;
+                continue;
+            }
+        }
+        new_sizes.push(size);
+        lut[l] = (new_sizes.len() - 1) as u32;
+    }
+    let mut out_labels = Array3::<u32>::zeros(labels.raw_dim());
+    let mut mask = Mask::zeros(labels.raw_dim());
+    let mut bad = false;
+    ndarray::Zip::from(&mut out_labels)
+        .and(&mut mask)
+        .and(labels)
+        .for_each(|o, mk, &l| match lut.get(l as usize) {
+            Some(&k) => {
+                *o = k;
+                *mk = u8::from(k != 0);
+            }
+            None => bad = true,
+        });
+    if bad {
+        return Err(SegError::Param(format!(
+            "a label is above the {n} components of `sizes`"
+        )));
+    }
+    new_sizes[0] = out_labels.len() - new_sizes[1..].iter().sum::<usize>();
+    Ok(FilterOutput {
+        mask,
+        labels: out_labels,
+        sizes: new_sizes,
+        dropped_small,
+        dropped_cam,
+    })
+}

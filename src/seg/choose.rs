@@ -1,0 +1,31 @@
+//! Which k-means cluster is the hemorrhage: the brightest one that is not saturated and not
+//! tiny. Knows only centroids (subdural-window units, [0, 1]) and counts.
+//!
+//! Calcifications and bone saturate the 80/200 window (>= 180 HU maps to 1), so the
+//! brightest cluster inside a CAM often is not blood; blood (50-90 HU) sits near 0.35-0.55.
+
+/// Centroids at or above this (window units) count as saturated.
+pub const DEFAULT_SATURATION: f32 = 0.95;
+/// Clusters with fewer voxels than this are ignored.
+pub const DEFAULT_MIN_CLUSTER_VOXELS: usize = 10;
+
+/// The index of the brightest cluster with `centroid < saturation` and
+/// `count >= max(min_voxels, 1)`; `None` if there is none. Ties go to the lower index.
+pub fn choose_cluster(
+    centroids: &[f32],
+    counts: &[usize],
+    saturation: f32,
+    min_voxels: usize,
+) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, (&c, &n)) in centroids.iter().zip(counts).enumerate() {
+        if n < min_voxels.max(1) || !(c < saturation) {
+            continue;
+        }
+        match best {
+            Some(b) if centroids[b] >= c => {}
+            _ => best = Some(i),
+        }
+    }
+    best
+}

@@ -1,0 +1,225 @@
+//! Training presets ([`TrainConfig`]): the network ([`ModelConfig`]), the input size, the
+//! sequence length, batch sizes, epochs, optimizer, augmentation and validation split.
+//! `paper` is the authors' setup, `small` a GPU-sized default, `tiny` the CPU default
+//! that trains in a couple of minutes on two cores. A config's [`TrainConfig::fingerprint`]
+//! is stored in the resume checkpoint: a run only resumes under the same fingerprint.
+//! Knows nothing about files or backends.
+
+use super::augment::AugmentConfig;
+use crate::model::{ModelConfig, OptimizerConfig};
+use serde::{Deserialize, Serialize};
+
+/// `--optimizer sgd|adam`: the same learning rate and weight decay under another optimizer
+/// (SGD gets the authors' momentum 0.9, Adam PyTorch's defaults). `None` for another name.
+pub fn switch_optimizer(o: &OptimizerConfig, kind: &str) -> Option<OptimizerConfig> {
+    let (lr, weight_decay) = match *o {
+        OptimizerConfig::Sgd { lr, weight_decay, .. } | OptimizerConfig::Adam { lr, weight_decay, .. } => (lr, weight_decay),
+    };
+    match (kind, o) {
+        ("sgd", OptimizerConfig::Sgd { .. }) | ("adam", OptimizerConfig::Adam { .. }) => Some(o.clone()),
+        ("sgd", _) => Some(OptimizerConfig::Sgd { lr, momentum: 0.9, weight_decay }),
+        ("adam", _) => {
+            let mut a = OptimizerConfig::adam(lr);
+            if let OptimizerConfig::Adam { weight_decay: wd, .. } = &mut a {
+                *wd = weight_decay;
+            }
+            Some(a)
+        }
+        _ => None,
+    }
+}
+
+/// The optimizer's name as `--optimizer` spells it.
+pub fn optimizer_name(o: &OptimizerConfig) -> &'static str {
+    match o {
+        OptimizerConfig::Sgd { .. } => "sgd",
+        OptimizerConfig::Adam { .. } => "adam",
+    }
+}
+
+/// Everything that defines a training run except the data, the seed and the device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The preset's name ("tiny", "small", "paper") or "custom".
+    pub name: String,
+    pub model: ModelConfig,
+    /// In-plane input size (square): slices are resized to `size x size`.
+    pub size: usize,
+    /// Slices per stage-1 sequence (the authors: 32).
+    pub slices: usize,
+    /// Stride of the sliding windows over a volume (`slices` = no overlap); every slice is
+    /// covered whatever the volume's length.
+    pub seq_stride: usize,
+    /// Sequences per stage-1 batch.
+    pub batch: usize,
+    pub epochs: usize,
+    pub optimizer: OptimizerConfig,
+    /// Single slices per stage-2 batch.
+    pub stage2_batch: usize,
+    pub stage2_epochs: usize,
+    pub stage2_optimizer: OptimizerConfig,
+    /// Fraction of the patients held out for validation.
+    pub val_fraction: f64,
+    /// `pos_weight` = negatives / positives of the training slices, clamped to this range.
+    pub pos_weight_min: f64,
+    pub pos_weight_max: f64,
+    pub augment: AugmentConfig,
+}
+
+/// A preset name that does not exist.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown training config `{0}` (expected tiny, small or paper)")]
+pub struct UnknownPreset(pub String);
+
+impl TrainConfig {
+    /// `tiny`, `small` or `paper`.
+    pub fn preset(name: &str) -> Result<Self, UnknownPreset> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "small" => Ok(Self::small()),
+            "paper" => Ok(Self::paper()),
+            other => Err(UnknownPreset(other.to_string())),
+        }
+    }
+
+    /// The CPU default: three basic stages of one block (stride 16), width 8, LSTM 1x32,
+    /// 96x96 input (6x6 CAM), 16-slice sequences; Adam.
+    pub fn tiny() -> Self {
+        let mut model = ModelConfig::tiny();
+        model.base_width = 8;
+        model.lstm_hidden = 32;
+        TrainConfig {
+            name: "tiny".into(),
+            model,
+            size: 96,
+            slices: 16,
+            seq_stride: 8,
+            batch: 2,
+            epochs: 8,
+            optimizer: OptimizerConfig::adam(2e-3),
+            stage2_batch: 32,
+            stage2_epochs: 3,
+            stage2_optimizer: OptimizerConfig::adam(1e-2),
+            val_fraction: 0.2,
+            pos_weight_min: 1.0,
+            pos_weight_max: 10.0,
+            augment: AugmentConfig::paper(),
+        }
+    }
+
+    /// A GPU-sized default: ResNet-18, LSTM 2x256, 32 slices at 256x256.
+    pub fn small() -> Self {
+        let mut model = ModelConfig::resnet101_lstm();
+        model.block = crate::model::BlockKind::Basic;
+        model.layers = vec![2, 2, 2, 2];
+        model.base_width = 64;
+        model.lstm_hidden = 256;
+        model.lstm_layers = 2;
+        TrainConfig {
+            name: "small".into(),
+            model,
+            size: 256,
+            slices: 32,
+            seq_stride: 16,
+            batch: 4,
+            epochs: 30,
+            optimizer: OptimizerConfig::adam(1e-3),
+            stage2_batch: 128,
+            stage2_epochs: 5,
+            stage2_optimizer: OptimizerConfig::adam(1e-3),
+            val_fraction: 0.2,
+            pos_weight_min: 1.0,
+            pos_weight_max: 10.0,
+            augment: AugmentConfig::paper(),
+        }
+    }
+
+    /// The authors' setup: ResNet-101, LSTM 3x256, 32 slices at 512x512, SGD lr 1e-3
+    /// momentum 0.9.
+    pub fn paper() -> Self {
+        TrainConfig {
+            name: "paper".into(),
+            model: ModelConfig::resnet101_lstm(),
+            size: 512,
+            slices: 32,
+            seq_stride: 32,
+            batch: 1,
+            epochs: 30,
+            optimizer: OptimizerConfig::paper_sgd(),
+            stage2_batch: 32,
+            stage2_epochs: 5,
+            stage2_optimizer: OptimizerConfig::paper_sgd(),
+            val_fraction: 0.2,
+            pos_weight_min: 1.0,
+            pos_weight_max: 10.0,
+            augment: AugmentConfig::paper(),
+        }
+    }
+
+    /// Checks the numbers a user can set; a message names the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        self.model.validate().map_err(|e| e.to_string())?;
+        if self.size < 16 {
+            return Err(format!("input size {} is below 16 pixels", self.size));
+        }
+        if self.slices == 0 || self.batch == 0 || self.stage2_batch == 0 {
+            return Err("slices, batch and stage-2 batch must be at least 1".into());
+        }
+        if self.seq_stride == 0 || self.seq_stride > self.slices {
+            return Err(format!("sequence stride {} must be in 1..={}", self.seq_stride, self.slices));
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return Err(format!("validation fraction {} must be in [0, 1)", self.val_fraction));
+        }
+        for o in [&self.optimizer, &self.stage2_optimizer] {
+            if !(o.lr() > 0.0 && o.lr().is_finite()) {
+                return Err(format!("learning rate {} must be positive", o.lr()));
+            }
+        }
+        if !(self.pos_weight_min > 0.0 && self.pos_weight_min <= self.pos_weight_max) {
+            return Err("pos_weight range must be positive and ordered".into());
+        }
+        Ok(())
+    }
+
+    /// What must match for a checkpoint to be resumed: everything but the epoch counts
+    /// (which may be raised to train longer). Includes the run's seed.
+    pub fn fingerprint(&self, seed: u64) -> String {
+        let mut c = self.clone();
+        c.epochs = 0;
+        c.stage2_epochs = 0;
+        let body = serde_json::to_string(&c).unwrap_or_default();
+        format!("seed={seed};{body}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_fingerprint_ignores_epochs() {
+        for n in ["tiny", "small", "paper"] {
+            let c = TrainConfig::preset(n).unwrap();
+            c.validate().unwrap();
+            let mut d = c.clone();
+            d.epochs += 5;
+            assert_eq!(c.fingerprint(1), d.fingerprint(1));
+            assert_ne!(c.fingerprint(1), c.fingerprint(2));
+            d.size += 16;
+            assert_ne!(c.fingerprint(1), d.fingerprint(1));
+        }
+        assert!(TrainConfig::preset("huge").is_err());
+        assert_eq!(TrainConfig::paper().model.layers, vec![3, 4, 23, 3]);
+    }
+
+    #[test]
+    fn optimizer_switch() {
+        let o = OptimizerConfig::adam(0.01);
+        let s = switch_optimizer(&o, "sgd").unwrap();
+        assert_eq!(optimizer_name(&s), "sgd");
+        assert_eq!(s.lr(), 0.01);
+        assert_eq!(switch_optimizer(&s, "adam").unwrap(), o);
+        assert!(switch_optimizer(&o, "rmsprop").is_none());
+    }
+}

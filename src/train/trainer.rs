@@ -1,0 +1,354 @@
+//! The training run: loads and caches the cases, splits them by patient, then runs stage 1
+//! (ResNet-LSTM) and stage 2 (fc head on the frozen best stage-1 backbone) epoch by epoch,
+//! validating each epoch, keeping the best checkpoint (`MODEL`, by validation AUC) and the
+//! last one (`MODEL.last.safetensors`, with the optimizer state) so a killed run resumes
+//! where it stopped, and writing the log (`MODEL.log.json`) and plot (`MODEL.plot.png`).
+//! Generic over the backend: CPU and CUDA share this code path.
+//! Knows nothing about the CLI.
+
+use super::checkpoint::{self, TrainState};
+use super::config::TrainConfig;
+use super::log::{EpochRecord, TrainLog};
+use super::prep::{self, AugmentCtx, TrainInput};
+use super::{stage1, stage2, EpochStats, TrainError};
+use crate::data::split::split_patients;
+use crate::engine::Backend;
+use crate::model::IchNet;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How a run behaves (not what it trains: that is [`TrainConfig`]).
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Seeds the weights, the split, the shuffles and the augmentation.
+    pub seed: u64,
+    /// Resume from `MODEL.last.safetensors` when it exists (and matches); `false` = fresh.
+    pub resume: bool,
+    /// Stop after this many epochs in this call (both stages counted), as if killed: the
+    /// run resumes from there next time. `None` = run to the end.
+    pub stop_after_epochs: Option<usize>,
+    /// Progress bars and one line per epoch on stderr.
+    pub progress: bool,
+    /// `auto`, `cpu`, `cuda` or `cuda:N` (used by [`super::train`]; [`train_with`] takes a
+    /// backend instead).
+    pub device: String,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            seed: 0,
+            resume: true,
+            stop_after_epochs: None,
+            progress: false,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    pub model: PathBuf,
+    pub last_checkpoint: PathBuf,
+    pub log_json: PathBuf,
+    pub plot_png: PathBuf,
+    pub log: TrainLog,
+    /// Best validation AUC of stage 1 and stage 2 (None: no validation set or one class).
+    pub best_auc_stage1: Option<f64>,
+    pub best_auc_stage2: Option<f64>,
+    /// Whether both stages ran to their last epoch (false after `stop_after_epochs`).
+    pub finished: bool,
+    /// The epoch the run resumed after, `(stage, epoch)`, if it resumed.
+    pub resumed_from: Option<(u8, usize)>,
+    pub train_cases: usize,
+    pub val_cases: usize,
+    pub pos_weight: f64,
+    pub seconds: f64,
+    pub device: String,
+}
+
+/// The files of a run, derived from the model path: `X.safetensors` gives `X.last.safetensors`,
+/// `X.log.json`, `X.plot.png`.
+#[derive(Clone, Debug)]
+pub struct RunPaths {
+    pub model: PathBuf,
+    pub last: PathBuf,
+    pub log: PathBuf,
+    pub plot: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(model: &Path) -> Self {
+        let name = model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let stem = name.strip_suffix(".safetensors").unwrap_or(&name).to_string();
+        let sib = |suffix: &str| model.with_file_name(format!("{stem}{suffix}"));
+        RunPaths {
+            model: model.to_path_buf(),
+            last: sib(".last.safetensors"),
+            log: sib(".log.json"),
+            plot: sib(".plot.png"),
+        }
+    }
+}
+
+/// Trains on `backend`. See the module doc for the files written.
+pub fn train_with<B: Backend>(
+    backend: B,
+    input: TrainInput<'_>,
+    out_model: &Path,
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+) -> Result<TrainReport, TrainError> {
+    let t0 = Instant::now();
+    cfg.validate().map_err(TrainError::Config)?;
+    let paths = RunPaths::new(out_model);
+    if out_model.is_dir() {
+        return Err(TrainError::Config(format!("{} is a folder, expected a model file path", out_model.display())));
+    }
+    let fingerprint = cfg.fingerprint(opts.seed);
+
+    // A mismatched checkpoint is refused before any data is read: a fast, clear failure.
+    let resume_state = if opts.resume && paths.last.is_file() {
+        let st = checkpoint::read_state(&paths.last)?;
+        if st.fingerprint != fingerprint {
+            return Err(TrainError::ResumeMismatch {
+                path: paths.last.clone(),
+                detail: checkpoint::describe_mismatch(&st.fingerprint, &fingerprint),
+            });
+        }
+        Some(st)
+    } else {
+        None
+    };
+
+    let cases = prep::load_input(input, cfg.size)?;
+    if cases.is_empty() {
+        return Err(TrainError::Data("no training cases".into()));
+    }
+    let patients: Vec<&str> = cases.iter().map(|c| c.patient.as_str()).collect();
+    let split = split_patients(&patients, cfg.val_fraction, opts.seed).map_err(|e| TrainError::Data(e.to_string()))?;
+    let (train_idx, val_idx) = (split.train, split.val);
+    let pos_weight = prep::pos_weight(&cases, &train_idx, cfg.pos_weight_min, cfg.pos_weight_max);
+    let ids = |ix: &[usize]| ix.iter().map(|&i| cases[i].id.clone()).collect::<Vec<_>>();
+
+    let device = backend.name();
+    let mut net = IchNet::new(backend, cfg.model.clone(), opts.seed)?;
+    let mut state = match resume_state {
+        Some(st) => {
+            if st.train_ids != ids(&train_idx) || st.val_ids != ids(&val_idx) {
+                return Err(TrainError::ResumeMismatch {
+                    path: paths.last.clone(),
+                    detail: "the training cases differ from those of the interrupted run".into(),
+                });
+            }
+            checkpoint::load_resume(&mut net, &paths.last)?;
+            st
+        }
+        None => TrainState {
+            version: checkpoint::STATE_VERSION,
+            fingerprint: fingerprint.clone(),
+            seed: opts.seed,
+            epochs_done: [0, 0],
+            best_auc: [None, None],
+            best_epoch: [0, 0],
+            backbone_reloaded: false,
+            pos_weight,
+            train_ids: ids(&train_idx),
+            val_ids: ids(&val_idx),
+            log: TrainLog {
+                config: cfg.name.clone(),
+                device: device.clone(),
+                epochs: Vec::new(),
+            },
+        },
+    };
+    let resumed_from = (state.epochs_done != [0, 0]).then(|| {
+        if state.epochs_done[1] > 0 {
+            (2, state.epochs_done[1])
+        } else {
+            (1, state.epochs_done[0])
+        }
+    });
+    state.log.device = device.clone();
+    if let (true, Some((s, e))) = (opts.progress, resumed_from) {
+        eprintln!("resuming from {} (stage {s}, epoch {e} done)", paths.last.display());
+    }
+    if opts.progress {
+        eprintln!(
+            "training `{}` on {device}: {} train / {} validation volumes, {}x{} px, {} slices per sequence, pos_weight {:.2}",
+            cfg.name,
+            train_idx.len(),
+            val_idx.len(),
+            cfg.size,
+            cfg.size,
+            cfg.slices,
+            pos_weight
+        );
+    }
+
+    let mut budget = opts.stop_after_epochs.unwrap_or(usize::MAX);
+    let seq_items = prep::sequences(&cases, &train_idx, cfg.slices, cfg.seq_stride)?;
+    let slice_items = prep::slices(&cases, &train_idx);
+    let ctx = RunCtx {
+        cfg,
+        val: &val_idx,
+        paths: &paths,
+        opts,
+        pos_weight: state.pos_weight,
+    };
+
+    // ---- stage 1 ---------------------------------------------------------------------
+    while state.epochs_done[0] < cfg.epochs && budget > 0 {
+        let epoch = state.epochs_done[0] + 1;
+        let t = Instant::now();
+        let pb = ctx.bar(1, epoch, cfg.epochs);
+        let aug = AugmentCtx {
+            cfg: &cfg.augment,
+            seed: opts.seed,
+            epoch: epoch as u64,
+        };
+        let loss = stage1::train_epoch(&mut net, &cases, &seq_items, cfg.batch, cfg.size, &cfg.optimizer, ctx.pos_weight, aug, &pb)?;
+        pb.finish_and_clear();
+        let stats = if val_idx.is_empty() {
+            EpochStats::default()
+        } else {
+            stage1::validate(&mut net, &cases, &val_idx, cfg.slices, cfg.seq_stride, cfg.batch, cfg.size, ctx.pos_weight)?
+        };
+        ctx.finish_epoch(&mut net, &mut state, 1, epoch, loss, stats, t)?;
+        budget -= 1;
+    }
+
+    // ---- stage 2 ---------------------------------------------------------------------
+    if state.epochs_done[0] >= cfg.epochs && cfg.stage2_epochs > 0 && budget > 0 && !state.backbone_reloaded {
+        // The fc head learns on the best stage-1 backbone, not the last one.
+        if state.best_epoch[0] > 0 && state.best_epoch[0] != state.epochs_done[0] && paths.model.is_file() {
+            checkpoint::load_params(&mut net, &paths.model)?;
+        }
+        state.backbone_reloaded = true;
+    }
+    while state.epochs_done[0] >= cfg.epochs && state.epochs_done[1] < cfg.stage2_epochs && budget > 0 {
+        let epoch = state.epochs_done[1] + 1;
+        let t = Instant::now();
+        let pb = ctx.bar(2, epoch, cfg.stage2_epochs);
+        let aug = AugmentCtx {
+            cfg: &cfg.augment,
+            seed: opts.seed,
+            // Stage 2's epochs draw other transforms than stage 1's.
+            epoch: (1u64 << 32) + epoch as u64,
+        };
+        let loss = stage2::train_epoch(&mut net, &cases, &slice_items, cfg.stage2_batch, cfg.size, &cfg.stage2_optimizer, ctx.pos_weight, aug, &pb)?;
+        pb.finish_and_clear();
+        let stats = if val_idx.is_empty() {
+            EpochStats::default()
+        } else {
+            stage2::validate(&mut net, &cases, &val_idx, cfg.stage2_batch, cfg.size, ctx.pos_weight)?
+        };
+        ctx.finish_epoch(&mut net, &mut state, 2, epoch, loss, stats, t)?;
+        budget -= 1;
+    }
+
+    let finished = state.epochs_done[0] >= cfg.epochs && state.epochs_done[1] >= cfg.stage2_epochs;
+    // A run with zero epochs left still leaves a model behind (e.g. epochs raised to 0).
+    if !paths.model.is_file() {
+        checkpoint::save_model(&net, &paths.model, cfg, &state)?;
+    }
+    Ok(TrainReport {
+        model: paths.model.clone(),
+        last_checkpoint: paths.last.clone(),
+        log_json: paths.log.clone(),
+        plot_png: paths.plot.clone(),
+        best_auc_stage1: state.best_auc[0],
+        best_auc_stage2: state.best_auc[1],
+        log: state.log,
+        finished,
+        resumed_from,
+        train_cases: train_idx.len(),
+        val_cases: val_idx.len(),
+        pos_weight: ctx.pos_weight,
+        seconds: t0.elapsed().as_secs_f64(),
+        device,
+    })
+}
+
+struct RunCtx<'a> {
+    cfg: &'a TrainConfig,
+    val: &'a [usize],
+    paths: &'a RunPaths,
+    opts: &'a TrainOptions,
+    pos_weight: f64,
+}
+
+impl RunCtx<'_> {
+    fn bar(&self, stage: u8, epoch: usize, of: usize) -> ProgressBar {
+        let pb = ProgressBar::with_draw_target(
+            Some(0),
+            if self.opts.progress {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        if let Ok(style) = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})") {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_prefix(format!("stage {stage} epoch {epoch}/{of}"));
+        pb
+    }
+
+    /// Logs the epoch, keeps the best model, writes the last checkpoint, the log and the plot.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_epoch<B: Backend>(
+        &self,
+        net: &mut IchNet<B>,
+        state: &mut TrainState,
+        stage: u8,
+        epoch: usize,
+        loss: f64,
+        stats: EpochStats,
+        t: Instant,
+    ) -> Result<(), TrainError> {
+        let s = (stage - 1) as usize;
+        // Without a validation set (or with one class only) every epoch replaces the best.
+        let better = self.val.is_empty()
+            || match (stats.auc, state.best_auc[s]) {
+                (Some(a), Some(b)) => a > b,
+                (Some(_), None) => true,
+                (None, _) => state.best_epoch[s] == 0,
+            };
+        if better {
+            state.best_auc[s] = stats.auc;
+            state.best_epoch[s] = epoch;
+        }
+        state.epochs_done[s] = epoch;
+        state.log.epochs.push(EpochRecord {
+            stage,
+            epoch,
+            train_loss: loss,
+            val_loss: stats.loss,
+            val_auc: stats.auc,
+            val_accuracy: stats.accuracy,
+            seconds: t.elapsed().as_secs_f64(),
+            best: better,
+        });
+        if better {
+            checkpoint::save_model(net, &self.paths.model, self.cfg, state)?;
+        }
+        checkpoint::save_resume(net, &self.paths.last, self.cfg, state)?;
+        state.log.write_json(&self.paths.log)?;
+        state.log.write_plot(&self.paths.plot)?;
+        if self.opts.progress {
+            let f = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            eprintln!(
+                "stage {stage} epoch {epoch}: train loss {loss:.4}, val loss {}, val AUC {}, accuracy {}, {:.1}s{}",
+                f(stats.loss),
+                f(stats.auc),
+                f(stats.accuracy),
+                t.elapsed().as_secs_f64(),
+                if better { " (best)" } else { "" }
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! DICOM series: write -> read round trips (axis-aligned, LPS and oblique geometry), the
+//! NIfTI written from a series keeps its geometry, non-DICOM files are skipped, and mixed
+//! series, inconsistent slice sizes, gaps and empty folders are clear errors.
+
+use ichcam::io::dicom::{self, SeriesOptions};
+use ichcam::io::geometry::{self, Affine};
+use ichcam::io::{self, Volume};
+use ndarray::Array3;
+use std::path::Path;
+
+/// A volume of integer HU in [-1000, 2000] with the given voxel-to-RAS affine.
+fn volume(dim: (usize, usize, usize), aff: Option<Affine>) -> Volume {
+    let data = Array3::from_shape_fn(dim, |(z, y, x)| {
+        ((z * 131 + y * 17 + x * 7) % 3001) as f32 - 1000.0
+    });
+    let mut v = Volume::from_array(data, [3.0, 0.7, 0.6], "test-volume".into());
+    if let Some(a) = aff {
+        geometry::set_sform(&mut v.header, &a, 1);
+        geometry::set_qform(&mut v.header, &a, 1);
+        v.spacing = [
+            v.header.pixdim[3] as f64,
+            v.header.pixdim[2] as f64,
+            v.header.pixdim[1] as f64,
+        ];
+    }
+    v
+}
+
+fn assert_affine_close(a: &Affine, b: &Affine, tol: f64) {
+    for r in 0..3 {
+        for c in 0..4 {
+            assert!(
+                (a[r][c] - b[r][c]).abs() < tol,
+                "affines differ at [{r}][{c}]:\n{a:?}\n{b:?}"
+            );
+        }
+    }
+}
+
+fn round_trip(v: &Volume) {
+    let dir = tempfile::tempdir().unwrap();
+    let series = dir.path().join("series");
+    dicom::write_series(&series, v).unwrap();
+    assert_eq!(std::fs::read_dir(&series).unwrap().count(), v.dims().0);
+    let (back, report) = io::read_volume_report(&series).unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(
+        report.datatype,
+        format!("int16 (DICOM, {} slices)", v.dims().0)
+    );
+    assert_eq!(back.dims(), v.dims());
+    assert_eq!(back.data, v.data, "voxels");
+    for k in 0..3 {
+        assert!(
+            (back.spacing[k] - v.spacing[k]).abs() < 1e-4,
+            "spacing {:?} vs {:?}",
+            back.spacing,
+            v.spacing
+        );
+    }
+    assert_affine_close(&back.affine(), &v.affine(), 1e-3);
+    assert_eq!(back.orientation(), v.orientation());
+    // The series written as NIfTI keeps voxels and geometry.
+    let nii = dir.path().join("from_dicom.nii.gz");
+    io::write_volume(&nii, &back).unwrap();
+    let again = io::read_volume(&nii).unwrap();
+    assert_eq!(again.data, back.data);
+    for k in 0..3 {
+        assert!(
+            (again.spacing[k] - back.spacing[k]).abs() < 1e-5,
+            "{:?} vs {:?}",
+            again.spacing,
+            back.spacing
+        );
+    }
+    assert_affine_close(&again.affine(), &back.affine(), 1e-5);
+    assert_affine_close(&geometry::qform_affine(&again.header), &back.affine(), 1e-3);
+}
+
+#[test]
+fn axis_aligned_series_round_trips() {
+    round_trip(&volume((5, 6, 7), None));
+}
+
+#[test]
+fn lps_series_round_trips_and_writes_dicom_orientation() {
+    // DICOM's usual axial order: x to the patient's left, y to the back.
+    let aff: Affine = [
+        [-0.6, 0.0, 0.0, 90.0],
+        [0.0, -0.7, 0.0, 120.0],
+        [0.0, 0.0, 3.0, -40.0],
+    ];
+    let v = volume((4, 6, 5), Some(aff));
+    assert_eq!(v.orientation(), "LPS");
+    round_trip(&v);
+    let dir = tempfile::tempdir().unwrap();
+    dicom::write_series(dir.path(), &v).unwrap();
+    let obj = dicom_object::open_file(dir.path().join("slice_0002.dcm")).unwrap();
+    let f = |t| obj.element(t).unwrap().to_multi_float64().unwrap();
+    use dicom_dictionary_std::tags;
+    assert_eq!(
+        f(tags::IMAGE_ORIENTATION_PATIENT),
+        vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    );
+    // RAS (90, 120, -40 + 3) is LPS (-90, -120, -37).
+    assert_eq!(f(tags::IMAGE_POSITION_PATIENT), vec![-90.0, -120.0, -37.0]);
+    assert_eq!(f(tags::PIXEL_SPACING), vec![0.7, 0.6]);
+    assert_eq!(f(tags::RESCALE_INTERCEPT), vec![-1024.0]);
+}
+
+#[test]
+fn oblique_series_round_trips() {
+    let (c, s) = (20f64.to_radians().cos(), 20f64.to_radians().sin());
+    let aff: Affine = [
+        [0.5 * c, 0.0, -2.5 * s, 10.0],
+        [0.0, 0.5, 0.0, -30.0],
+        [0.5 * s, 0.0, 2.5 * c, 55.5],
+    ];
+    round_trip(&volume((6, 5, 4), Some(aff)));
+}
+
+#[test]
+fn slices_are_sorted_by_position_not_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = volume((5, 4, 3), None);
+    dicom::write_series(dir.path(), &v).unwrap();
+    // Shuffle the names: the reader must use ImagePositionPatient.
+    for (from, to) in [(1, "zz"), (5, "aa"), (3, "mm")] {
+        std::fs::rename(
+            dir.path().join(format!("slice_{from:04}.dcm")),
+            dir.path().join(format!("{to}.dcm")),
+        )
+        .unwrap();
+    }
+    let back = io::read_volume(dir.path()).unwrap();
+    assert_eq!(back.data, v.data);
+}
+
+#[test]
+fn non_dicom_files_are_skipped_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = volume((3, 4, 5), None);
+    dicom::write_series(dir.path(), &v).unwrap();
+    std::fs::write(dir.path().join("README.txt"), "not an image").unwrap();
+    std::fs::write(dir.path().join("Thumbs.db"), [0u8; 300]).unwrap();
+    let (back, report) = io::read_volume_report(dir.path()).unwrap();
+    assert_eq!(back.data, v.data);
+    assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
+    assert!(report
+        .warnings
+        .iter()
+        .any(|w| w.contains("README.txt") && w.contains("not a DICOM")));
+}
+
+fn err_of(dir: &Path) -> String {
+    io::read_volume(dir).map(|_| ()).unwrap_err().to_string()
+}
+
+#[test]
+fn mixed_series_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    dicom::write_series_with(
+        dir.path(),
+        &volume((3, 4, 5), None),
+        &SeriesOptions {
+            prefix: "a_".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    dicom::write_series_with(
+        dir.path(),
+        &volume((3, 4, 5), None),
+        &SeriesOptions {
+            prefix: "b_".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = err_of(dir.path());
+    assert!(
+        e.contains("mixed series") && e.contains(&dir.path().display().to_string()),
+        "{e}"
+    );
+}
+
+#[test]
+fn mismatched_rows_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let uid = Some("2.25.12345".to_string());
+    dicom::write_series_with(
+        dir.path(),
+        &volume((3, 4, 5), None),
+        &SeriesOptions {
+            series_uid: uid.clone(),
+            prefix: "a_".into(),
+        },
+    )
+    .unwrap();
+    // Same series, one more row, placed after the first block.
+    let mut other = volume((2, 5, 5), None);
+    other.header.srow_z[3] += 30.0;
+    dicom::write_series_with(
+        dir.path(),
+        &other,
+        &SeriesOptions {
+            series_uid: uid,
+            prefix: "b_".into(),
+        },
+    )
+    .unwrap();
+    let e = err_of(dir.path());
+    assert!(
+        e.contains("inconsistent slice size") && e.contains("4x5") && e.contains("5x5"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_gap_in_slice_positions_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    dicom::write_series(dir.path(), &volume((6, 4, 5), None)).unwrap();
+    std::fs::remove_file(dir.path().join("slice_0004.dcm")).unwrap();
+    let e = err_of(dir.path());
+    assert!(
+        e.contains("gap in slice positions")
+            && e.contains("slice_0003.dcm")
+            && e.contains("slice_0005.dcm"),
+        "{e}"
+    );
+    // Removing an end slice leaves a regular series.
+    let dir = tempfile::tempdir().unwrap();
+    dicom::write_series(dir.path(), &volume((6, 4, 5), None)).unwrap();
+    std::fs::remove_file(dir.path().join("slice_0006.dcm")).unwrap();
+    assert_eq!(io::read_volume(dir.path()).unwrap().dims(), (5, 4, 5));
+}
+
+#[test]
+fn duplicate_positions_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    dicom::write_series(dir.path(), &volume((3, 4, 5), None)).unwrap();
+    std::fs::copy(
+        dir.path().join("slice_0002.dcm"),
+        dir.path().join("copy.dcm"),
+    )
+    .unwrap();
+    let e = err_of(dir.path());
+    assert!(e.contains("same position"), "{e}");
+}
+
+#[test]
+fn empty_and_non_dicom_folders_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = err_of(dir.path());
+    assert!(
+        e.contains("empty folder") && e.contains(&dir.path().display().to_string()),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+    let e = err_of(dir.path());
+    assert!(e.contains("no DICOM images"), "{e}");
+}
+
+#[test]
+fn truncated_dicom_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    dicom::write_series(dir.path(), &volume((3, 8, 8), None)).unwrap();
+    let p = dir.path().join("slice_0002.dcm");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+    let e = err_of(dir.path());
+    assert!(e.contains("slice_0002.dcm"), "{e}");
+}
