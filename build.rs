@@ -20,7 +20,8 @@ fn main() {
     // A build without NVRTC is redone once the library appears on the search path.
     println!("cargo:rerun-if-env-changed=LD_LIBRARY_PATH");
 
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernel_dir = manifest.join("kernels");
 
@@ -52,7 +53,12 @@ fn main() {
         let name = src_path
             .file_stem()
             .and_then(|s| s.to_str())
-            .unwrap_or_else(|| fail(&format!("kernel file name is not UTF-8: {}", src_path.display())))
+            .unwrap_or_else(|| {
+                fail(&format!(
+                    "kernel file name is not UTF-8: {}",
+                    src_path.display()
+                ))
+            })
             .to_string();
         let source = std::fs::read_to_string(src_path)
             .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", src_path.display())));
@@ -87,8 +93,12 @@ fn main() {
         }
     );
     let table_path = out_dir.join("kernels.rs");
-    std::fs::write(&table_path, table).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", table_path.display())));
-    println!("cargo:rustc-env=ICHCAM_KERNELS_PRECOMPILED={}", if have_nvrtc { "yes" } else { "no" });
+    std::fs::write(&table_path, table)
+        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", table_path.display())));
+    println!(
+        "cargo:rustc-env=ICHCAM_KERNELS_PRECOMPILED={}",
+        if have_nvrtc { "yes" } else { "no" }
+    );
 }
 
 fn path_str(p: &Path) -> String {
@@ -119,7 +129,9 @@ fn compile(name: &str, source: &str, arch: &'static str) -> String {
             log.to_string_lossy()
         )),
         Ok(Err(e)) => fail(&format!("kernels/{name}.cu: NVRTC error ({arch}): {e}")),
-        Err(_) => fail(&format!("kernels/{name}.cu: NVRTC panicked while compiling ({arch})")),
+        Err(_) => fail(&format!(
+            "kernels/{name}.cu: NVRTC panicked while compiling ({arch})"
+        )),
     }
 }
 

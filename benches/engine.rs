@@ -15,7 +15,10 @@ use ichcam::engine::{Backend, Conv2d, Lstm};
 fn data(n: usize, seed: u32) -> Vec<f32> {
     // A cheap deterministic fill; the values only need to be ordinary floats.
     (0..n)
-        .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0)
+                - 0.5
+        })
         .collect()
 }
 
@@ -72,7 +75,9 @@ fn bench_conv(cr: &mut Criterion) {
                 .unwrap()
             })
         });
-        g.bench_function("fwd", |bch| bch.iter(|| be.conv2d_fwd(&s, &x, &w, &mut y).unwrap()));
+        g.bench_function("fwd", |bch| {
+            bch.iter(|| be.conv2d_fwd(&s, &x, &w, &mut y).unwrap())
+        });
         g.bench_function("bwd_data", |bch| {
             bch.iter(|| be.conv2d_bwd_data(&s, &dy, &w, &mut dx).unwrap())
         });
@@ -95,11 +100,21 @@ fn bench_lstm(cr: &mut Criterion) {
         };
         let h4 = 4 * s.hidden;
         let x = data(s.x_len(), 1);
-        let w_ih = data(h4 * s.input, 2).iter().map(|v| v * 0.1).collect::<Vec<_>>();
-        let w_hh = data(h4 * s.hidden, 3).iter().map(|v| v * 0.1).collect::<Vec<_>>();
+        let w_ih = data(h4 * s.input, 2)
+            .iter()
+            .map(|v| v * 0.1)
+            .collect::<Vec<_>>();
+        let w_hh = data(h4 * s.hidden, 3)
+            .iter()
+            .map(|v| v * 0.1)
+            .collect::<Vec<_>>();
         let b = data(h4, 4);
         let dh = data(s.h_len(), 5);
-        let (mut h, mut c, mut gates) = (vec![0f32; s.h_len()], vec![0f32; s.h_len()], vec![0f32; s.gates_len()]);
+        let (mut h, mut c, mut gates) = (
+            vec![0f32; s.h_len()],
+            vec![0f32; s.h_len()],
+            vec![0f32; s.gates_len()],
+        );
         let (mut dx, mut dw_ih, mut dw_hh, mut db) = (
             vec![0f32; s.x_len()],
             vec![0f32; w_ih.len()],
@@ -121,7 +136,8 @@ fn bench_lstm(cr: &mut Criterion) {
                 be.lstm_fwd(&s, &x, &w_ih, &w_hh, &b, &b, &mut h, &mut c, &mut gates)
                     .unwrap();
                 be.lstm_bwd(
-                    &s, &x, &w_ih, &w_hh, &h, &c, &gates, &dh, &mut dx, &mut dw_ih, &mut dw_hh, &mut db,
+                    &s, &x, &w_ih, &w_hh, &h, &c, &gates, &dh, &mut dx, &mut dw_ih, &mut dw_hh,
+                    &mut db,
                 )
                 .unwrap()
             })

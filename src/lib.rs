@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod engine;
+pub mod infer;
 pub mod eval;
 pub mod io;
 pub mod model;

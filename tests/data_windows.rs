@@ -1,8 +1,12 @@
 //! Model-input transforms: HU windows, in-plane resizing, slice sequences.
 
-use ichcam::data::resample::{resize_map_bilinear, resize_mask_nearest, resize_slice, resize_stack, resize_volume, ResizeMode};
+use ichcam::data::resample::{
+    resize_map_bilinear, resize_mask_nearest, resize_slice, resize_stack, resize_volume, ResizeMode,
+};
 use ichcam::data::rng::Rng;
-use ichcam::data::sequence::{crop_pad, gather, gather_slices, merge_maps, merge_scores, plan, sliding, SeqMode};
+use ichcam::data::sequence::{
+    crop_pad, gather, gather_slices, merge_maps, merge_scores, plan, sliding, SeqMode,
+};
 use ichcam::data::window::{windows3, windows3_slice, windows_n, Window};
 use ndarray::{s, Array2, Array3, Axis};
 
@@ -16,9 +20,15 @@ fn random_volume(d: usize, h: usize, w: usize, seed: u64, lo: f64, hi: f64) -> A
 #[test]
 fn window_bounds_are_the_methods() {
     assert_eq!((Window::BRAIN.lo(), Window::BRAIN.hi()), (0.0, 80.0));
-    assert_eq!((Window::SUBDURAL.lo(), Window::SUBDURAL.hi()), (-20.0, 180.0));
+    assert_eq!(
+        (Window::SUBDURAL.lo(), Window::SUBDURAL.hi()),
+        (-20.0, 180.0)
+    );
     assert_eq!((Window::BONE.lo(), Window::BONE.hi()), (-800.0, 2000.0));
-    assert_eq!(Window::METHOD, [Window::BRAIN, Window::SUBDURAL, Window::BONE]);
+    assert_eq!(
+        Window::METHOD,
+        [Window::BRAIN, Window::SUBDURAL, Window::BONE]
+    );
 }
 
 #[test]
@@ -38,7 +48,10 @@ fn window_values_at_and_beyond_the_boundaries() {
     }
     assert_eq!(Window::BRAIN.apply(60.0), 0.75);
     assert_eq!(Window::SUBDURAL.apply(30.0), 0.25);
-    assert!(Window::BRAIN.apply(f32::NAN).is_nan(), "NaN must stay visible");
+    assert!(
+        Window::BRAIN.apply(f32::NAN).is_nan(),
+        "NaN must stay visible"
+    );
 }
 
 #[test]
@@ -58,14 +71,24 @@ fn windows3_stacks_channels_in_method_order() {
     let t = hu.clone().reversed_axes();
     let tt = t.view().reversed_axes();
     assert_eq!(windows3(tt), x);
-    assert_eq!(windows_n(&[Window::BONE], hu.view()).index_axis(Axis(1), 0), x.index_axis(Axis(1), 2));
+    assert_eq!(
+        windows_n(&[Window::BONE], hu.view()).index_axis(Axis(1), 0),
+        x.index_axis(Axis(1), 2)
+    );
 }
 
 // ---- resampling ---------------------------------------------------------------------------
 
 #[test]
 fn constant_image_stays_constant() {
-    let sizes = [(512, 512, 64, 64), (100, 37, 96, 96), (37, 100, 100, 37), (8, 8, 8, 8), (10, 10, 3, 7), (5, 5, 17, 23)];
+    let sizes = [
+        (512, 512, 64, 64),
+        (100, 37, 96, 96),
+        (37, 100, 100, 37),
+        (8, 8, 8, 8),
+        (10, 10, 3, 7),
+        (5, 5, 17, 23),
+    ];
     for (h, w, oh, ow) in sizes {
         let img = Array3::from_elem((2, h, w), 42.5f32);
         for mode in [ResizeMode::Bilinear, ResizeMode::Area] {
@@ -80,7 +103,12 @@ fn constant_image_stays_constant() {
 
 #[test]
 fn area_mode_preserves_the_mean() {
-    for (h, w, oh, ow) in [(512, 512, 64, 64), (100, 90, 37, 41), (64, 64, 96, 80), (33, 47, 33, 12)] {
+    for (h, w, oh, ow) in [
+        (512, 512, 64, 64),
+        (100, 90, 37, 41),
+        (64, 64, 96, 80),
+        (33, 47, 33, 12),
+    ] {
         let img = random_volume(2, h, w, 7, -100.0, 300.0);
         let out = resize_volume(img.view(), oh, ow, ResizeMode::Area);
         for z in 0..2 {
@@ -119,12 +147,19 @@ fn bilinear_reproduces_a_linear_ramp_inside() {
                 continue;
             }
             let want = 2.0 * fx + 3.0 * fy;
-            assert!((out[[oy, ox]] as f64 - want).abs() < 1e-3, "at {oy},{ox}: {} vs {want}", out[[oy, ox]]);
+            assert!(
+                (out[[oy, ox]] as f64 - want).abs() < 1e-3,
+                "at {oy},{ox}: {} vs {want}",
+                out[[oy, ox]]
+            );
         }
     }
     // resize_map_bilinear is the same operation on maps.
     let vol = img.clone().insert_axis(Axis(0));
-    assert_eq!(resize_map_bilinear(vol.view(), oh, ow).index_axis(Axis(0), 0), out);
+    assert_eq!(
+        resize_map_bilinear(vol.view(), oh, ow).index_axis(Axis(0), 0),
+        out
+    );
 }
 
 #[test]
@@ -132,7 +167,9 @@ fn stack_resize_equals_per_plane_resize() {
     let vol = random_volume(6, 30, 20, 5, -50.0, 50.0);
     let stack = vol.clone().into_shape_with_order((3, 2, 30, 20)).unwrap();
     let a = resize_stack(stack.view(), 11, 13, ResizeMode::Area);
-    let b = resize_volume(vol.view(), 11, 13, ResizeMode::Area).into_shape_with_order((3, 2, 11, 13)).unwrap();
+    let b = resize_volume(vol.view(), 11, 13, ResizeMode::Area)
+        .into_shape_with_order((3, 2, 11, 13))
+        .unwrap();
     assert_eq!(a, b);
 }
 
@@ -160,10 +197,19 @@ fn mask_nearest_round_trip_and_values() {
 #[test]
 fn degenerate_sizes_do_not_panic() {
     let img = Array3::<f32>::zeros((2, 0, 5));
-    assert_eq!(resize_volume(img.view(), 4, 4, ResizeMode::Area).dim(), (2, 4, 4));
+    assert_eq!(
+        resize_volume(img.view(), 4, 4, ResizeMode::Area).dim(),
+        (2, 4, 4)
+    );
     let img = Array3::<f32>::ones((2, 5, 5));
-    assert_eq!(resize_volume(img.view(), 0, 4, ResizeMode::Bilinear).dim(), (2, 0, 4));
-    assert_eq!(resize_mask_nearest(Array3::<u8>::zeros((1, 0, 0)).view(), 3, 3).dim(), (1, 3, 3));
+    assert_eq!(
+        resize_volume(img.view(), 0, 4, ResizeMode::Bilinear).dim(),
+        (2, 0, 4)
+    );
+    assert_eq!(
+        resize_mask_nearest(Array3::<u8>::zeros((1, 0, 0)).view(), 3, 3).dim(),
+        (1, 3, 3)
+    );
 }
 
 // ---- sequences ----------------------------------------------------------------------------
@@ -176,7 +222,10 @@ fn crop_and_pad_indices() {
     let short = crop_pad(20, 32).unwrap();
     assert_eq!(short.len(), 32);
     assert_eq!(&short.z[..20], &(0..20).collect::<Vec<_>>()[..]);
-    assert!(short.z[20..].iter().all(|&z| z == 19), "padding repeats the last slice");
+    assert!(
+        short.z[20..].iter().all(|&z| z == 19),
+        "padding repeats the last slice"
+    );
     assert_eq!(short.n_real, 20);
     assert!(short.is_real(19) && !short.is_real(20));
     assert_eq!(short.real_weights().iter().sum::<f32>(), 20.0);
@@ -205,14 +254,30 @@ fn sliding_windows_cover_every_slice() {
                     }
                 }
             }
-            assert!(seen.iter().all(|&c| c > 0), "n={n} s={s} stride={stride}: uncovered slice");
-            assert_eq!(ws.last().unwrap().z[ws.last().unwrap().n_real - 1], n - 1, "last window reaches the top");
+            assert!(
+                seen.iter().all(|&c| c > 0),
+                "n={n} s={s} stride={stride}: uncovered slice"
+            );
+            assert_eq!(
+                ws.last().unwrap().z[ws.last().unwrap().n_real - 1],
+                n - 1,
+                "last window reaches the top"
+            );
         }
     }
     assert!(sliding(10, 4, 0).is_err());
-    assert!(sliding(10, 4, 5).is_err(), "a stride longer than the window skips slices");
-    assert_eq!(plan(40, 32, SeqMode::CropPad).unwrap(), vec![crop_pad(40, 32).unwrap()]);
-    assert_eq!(plan(40, 32, SeqMode::Sliding { stride: 8 }).unwrap(), sliding(40, 32, 8).unwrap());
+    assert!(
+        sliding(10, 4, 5).is_err(),
+        "a stride longer than the window skips slices"
+    );
+    assert_eq!(
+        plan(40, 32, SeqMode::CropPad).unwrap(),
+        vec![crop_pad(40, 32).unwrap()]
+    );
+    assert_eq!(
+        plan(40, 32, SeqMode::Sliding { stride: 8 }).unwrap(),
+        sliding(40, 32, 8).unwrap()
+    );
 }
 
 #[test]
@@ -221,17 +286,32 @@ fn merge_averages_overlapping_windows_and_drops_padding() {
     let ws = sliding(n, 32, 16).unwrap();
     // Window k predicts z + 100 k at each position: the merge must give z + 100 * (mean k
     // over the windows that hold z).
-    let preds: Vec<Vec<f32>> = ws.iter().enumerate().map(|(k, w)| w.z.iter().map(|&z| z as f32 + 100.0 * k as f32).collect()).collect();
+    let preds: Vec<Vec<f32>> = ws
+        .iter()
+        .enumerate()
+        .map(|(k, w)| w.z.iter().map(|&z| z as f32 + 100.0 * k as f32).collect())
+        .collect();
     let (m, covered) = merge_scores(n, &ws, &preds).unwrap();
     assert!(covered.iter().all(|&c| c));
     for z in 0..n {
-        let ks: Vec<usize> = ws.iter().enumerate().filter(|(_, w)| w.z.contains(&z)).map(|(k, _)| k).collect();
+        let ks: Vec<usize> = ws
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.z.contains(&z))
+            .map(|(k, _)| k)
+            .collect();
         let mean_k = ks.iter().sum::<usize>() as f32 / ks.len() as f32;
-        assert!((m[z] - (z as f32 + 100.0 * mean_k)).abs() < 1e-3, "z={z}: {} from windows {ks:?}", m[z]);
+        assert!(
+            (m[z] - (z as f32 + 100.0 * mean_k)).abs() < 1e-3,
+            "z={z}: {} from windows {ks:?}",
+            m[z]
+        );
     }
     // Padding positions never leak into the merge; slices past a crop are reported uncovered.
     let w = crop_pad(20, 32).unwrap();
-    let p: Vec<f32> = (0..32).map(|pos| if w.is_real(pos) { 1.0 } else { 999.0 }).collect();
+    let p: Vec<f32> = (0..32)
+        .map(|pos| if w.is_real(pos) { 1.0 } else { 999.0 })
+        .collect();
     let (m, cov) = merge_scores(20, &[w.clone()], &[p]).unwrap();
     assert!(m.iter().all(|&v| v == 1.0) && cov.iter().all(|&c| c));
     let crop = crop_pad(40, 32).unwrap();
@@ -241,7 +321,10 @@ fn merge_averages_overlapping_windows_and_drops_padding() {
     // Wrong lengths are errors, not panics.
     assert!(merge_scores(20, &[w.clone()], &[vec![0.0; 31]]).is_err());
     assert!(merge_scores(20, &[w.clone()], &[]).is_err());
-    assert!(merge_scores(10, &[w], &[vec![0.0; 32]]).is_err(), "window refers past the volume");
+    assert!(
+        merge_scores(10, &[w], &[vec![0.0; 32]]).is_err(),
+        "window refers past the volume"
+    );
 }
 
 #[test]
@@ -249,13 +332,19 @@ fn merge_maps_matches_merge_scores() {
     let n = 45;
     let ws = sliding(n, 16, 5).unwrap();
     let mut r = Rng::new(4);
-    let maps: Vec<Array3<f32>> = ws.iter().map(|w| Array3::from_shape_fn((w.len(), 3, 2), |_| r.f64() as f32)).collect();
+    let maps: Vec<Array3<f32>> = ws
+        .iter()
+        .map(|w| Array3::from_shape_fn((w.len(), 3, 2), |_| r.f64() as f32))
+        .collect();
     let views: Vec<_> = maps.iter().map(|m| m.view()).collect();
     let (merged, cov) = merge_maps(n, &ws, &views).unwrap();
     assert_eq!(merged.dim(), (n, 3, 2));
     assert!(cov.iter().all(|&c| c));
     for (y, x) in [(0, 0), (2, 1), (1, 0)] {
-        let preds: Vec<Vec<f32>> = maps.iter().map(|m| m.slice(s![.., y, x]).to_vec()).collect();
+        let preds: Vec<Vec<f32>> = maps
+            .iter()
+            .map(|m| m.slice(s![.., y, x]).to_vec())
+            .collect();
         let (sc, _) = merge_scores(n, &ws, &preds).unwrap();
         for z in 0..n {
             assert!((merged[[z, y, x]] - sc[z]).abs() < 1e-5);

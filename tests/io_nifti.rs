@@ -224,6 +224,14 @@ macro_rules! nifti_crate_writes {
                     .reference_header(&hdr)
                     .write_nifti(&arr)
                     .unwrap();
+                if big {
+                    let b = std::fs::read(&p).unwrap();
+                    assert_eq!(
+                        i32::from_be_bytes(b[..4].try_into().unwrap()),
+                        348,
+                        "big-endian file"
+                    );
+                }
                 let (v, r) = io::read_volume_report(&p).unwrap();
                 assert_eq!(v.header.datatype, $code);
                 assert_eq!(r.datatype, DataType::from_code($code).unwrap().name());

@@ -61,15 +61,31 @@ struct Preset {
 
 fn preset(name: &str) -> anyhow::Result<Preset> {
     Ok(match name {
-        "tiny" => Preset { name: "tiny", model: ModelConfig::tiny(), train: (1, 8), cam_slices: 8, size: 64 },
+        "tiny" => Preset {
+            name: "tiny",
+            model: ModelConfig::tiny(),
+            train: (1, 8),
+            cam_slices: 8,
+            size: 64,
+        },
         "small" => Preset {
             name: "small",
-            model: ModelConfig { block: BlockKind::Basic, layers: vec![2, 2, 2, 2], ..ModelConfig::resnet101_lstm() },
+            model: ModelConfig {
+                block: BlockKind::Basic,
+                layers: vec![2, 2, 2, 2],
+                ..ModelConfig::resnet101_lstm()
+            },
             train: (4, 32),
             cam_slices: 128,
             size: 256,
         },
-        "paper" => Preset { name: "paper", model: ModelConfig::resnet101_lstm(), train: (1, 32), cam_slices: 32, size: 512 },
+        "paper" => Preset {
+            name: "paper",
+            model: ModelConfig::resnet101_lstm(),
+            train: (1, 32),
+            cam_slices: 32,
+            size: 512,
+        },
         other => bail!("unknown --config `{other}`: use tiny, small or paper"),
     })
 }
@@ -80,7 +96,12 @@ struct Timing {
     min_ms: f64,
 }
 
-fn time<F: FnMut() -> anyhow::Result<()>>(sync: &dyn Fn() -> anyhow::Result<()>, warmup: usize, iters: usize, mut f: F) -> anyhow::Result<Timing> {
+fn time<F: FnMut() -> anyhow::Result<()>>(
+    sync: &dyn Fn() -> anyhow::Result<()>,
+    warmup: usize,
+    iters: usize,
+    mut f: F,
+) -> anyhow::Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }
@@ -93,7 +114,10 @@ fn time<F: FnMut() -> anyhow::Result<()>>(sync: &dyn Fn() -> anyhow::Result<()>,
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(|a, b| a.total_cmp(b));
-    Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0] })
+    Ok(Timing {
+        median_ms: ms[ms.len() / 2],
+        min_ms: ms[0],
+    })
 }
 
 /// Deterministic inputs in [0, 1) (never zeros: zeros can run faster than real data).
@@ -101,7 +125,9 @@ fn inputs(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..len)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32) / (1u64 << 24) as f32
         })
         .collect()
@@ -116,7 +142,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             bench(CpuBackend::<f32>::new(), &p, &args)
         }
-        DeviceChoice::Cuda(d) => bench(CudaBackend::new(d.ordinal).context("opening the GPU")?, &p, &args),
+        DeviceChoice::Cuda(d) => bench(
+            CudaBackend::new(d.ordinal).context("opening the GPU")?,
+            &p,
+            &args,
+        ),
     }
 }
 
@@ -126,7 +156,10 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
     match args.what.as_str() {
         "conv" => bench_conv(&be, p, size, args, &device),
         "train-step" => {
-            let (batch, seq) = (args.batch.unwrap_or(p.train.0), args.slices.unwrap_or(p.train.1));
+            let (batch, seq) = (
+                args.batch.unwrap_or(p.train.0),
+                args.slices.unwrap_or(p.train.1),
+            );
             let c = p.model.in_channels;
             let x = inputs(batch * seq * c * size * size, 1);
             let labels: Vec<f32> = (0..batch * seq).map(|i| ((i / 3) % 2) as f32).collect();
@@ -136,16 +169,26 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
             let mut last_loss = f64::NAN;
             let t = {
                 let sync_net = std::cell::RefCell::new(&mut net);
-                let sync = || -> anyhow::Result<()> { Ok(sync_net.borrow().backend().synchronize()?) };
+                let sync =
+                    || -> anyhow::Result<()> { Ok(sync_net.borrow().backend().synchronize()?) };
                 time(&sync, args.warmup, args.iters, || {
                     let mut n = sync_net.borrow_mut();
-                    let step = n.stage1_forward_backward(&x, &labels, batch, seq, size, size, 1.0)?;
+                    let step =
+                        n.stage1_forward_backward(&x, &labels, batch, seq, size, size, 1.0)?;
                     n.step(&opt, ParamGroup::Stage1)?;
                     last_loss = step.loss;
                     Ok(())
                 })?
             };
-            report(args, p.name, "train-step", &device, &t, batch * seq, &format!("{batch}x{seq} slices {size}^2, loss {last_loss:.4}"));
+            report(
+                args,
+                p.name,
+                "train-step",
+                &device,
+                &t,
+                batch * seq,
+                &format!("{batch}x{seq} slices {size}^2, loss {last_loss:.4}"),
+            );
             Ok(())
         }
         "cam" => {
@@ -164,19 +207,47 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     Ok(())
                 })?
             };
-            report(args, p.name, "cam", &device, &t, n, &format!("{n} slices {size}^2"));
+            report(
+                args,
+                p.name,
+                "cam",
+                &device,
+                &t,
+                n,
+                &format!("{n} slices {size}^2"),
+            );
             Ok(())
         }
         other => bail!("unknown --what `{other}`: use conv, train-step or cam"),
     }
 }
 
-fn bench_conv<B: Backend<T = f32>>(be: &B, p: &Preset, size: usize, args: &Args, device: &str) -> anyhow::Result<()> {
+fn bench_conv<B: Backend<T = f32>>(
+    be: &B,
+    p: &Preset,
+    size: usize,
+    args: &Args,
+    device: &str,
+) -> anyhow::Result<()> {
     // The first stage's 3x3 convolution: after the stem and the max-pool, at size/4.
     let slices = args.slices.unwrap_or(p.train.0 * p.train.1);
-    let ch = if p.name == "tiny" { p.model.base_width } else { 64 };
+    let ch = if p.name == "tiny" {
+        p.model.base_width
+    } else {
+        64
+    };
     let hw = (size / 4).max(1);
-    let s = Conv2d { n: slices, c_in: ch, h: hw, w: hw, c_out: ch, kh: 3, kw: 3, stride: 1, pad: 1 };
+    let s = Conv2d {
+        n: slices,
+        c_in: ch,
+        h: hw,
+        w: hw,
+        c_out: ch,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 1,
+    };
     let x = be.upload(&inputs(s.x_len(), 3))?;
     let w = be.upload(&inputs(s.w_len(), 4))?;
     let dy = be.upload(&inputs(s.y_len(), 5))?;
@@ -186,16 +257,54 @@ fn bench_conv<B: Backend<T = f32>>(be: &B, p: &Preset, size: usize, args: &Args,
     let sync = || -> anyhow::Result<()> { Ok(be.synchronize()?) };
     let flops = 2.0 * s.macs() as f64;
     let desc = format!("{slices}x{ch}x{hw}x{hw} 3x3 -> {ch}");
-    let tf = time(&sync, args.warmup, args.iters, || Ok(be.conv2d_fwd(&s, &x, &w, &mut y)?))?;
-    report(args, p.name, "conv-fwd", device, &tf, slices, &format!("{desc}, {:.2} TFLOP/s", flops / tf.median_ms / 1e9));
-    let td = time(&sync, args.warmup, args.iters, || Ok(be.conv2d_bwd_data(&s, &dy, &w, &mut dx)?))?;
-    report(args, p.name, "conv-bwd-data", device, &td, slices, &format!("{desc}, {:.2} TFLOP/s", flops / td.median_ms / 1e9));
-    let tw = time(&sync, args.warmup, args.iters, || Ok(be.conv2d_bwd_weight(&s, &x, &dy, &mut dw)?))?;
-    report(args, p.name, "conv-bwd-weight", device, &tw, slices, &format!("{desc}, {:.2} TFLOP/s", flops / tw.median_ms / 1e9));
+    let tf = time(&sync, args.warmup, args.iters, || {
+        Ok(be.conv2d_fwd(&s, &x, &w, &mut y)?)
+    })?;
+    report(
+        args,
+        p.name,
+        "conv-fwd",
+        device,
+        &tf,
+        slices,
+        &format!("{desc}, {:.2} TFLOP/s", flops / tf.median_ms / 1e9),
+    );
+    let td = time(&sync, args.warmup, args.iters, || {
+        Ok(be.conv2d_bwd_data(&s, &dy, &w, &mut dx)?)
+    })?;
+    report(
+        args,
+        p.name,
+        "conv-bwd-data",
+        device,
+        &td,
+        slices,
+        &format!("{desc}, {:.2} TFLOP/s", flops / td.median_ms / 1e9),
+    );
+    let tw = time(&sync, args.warmup, args.iters, || {
+        Ok(be.conv2d_bwd_weight(&s, &x, &dy, &mut dw)?)
+    })?;
+    report(
+        args,
+        p.name,
+        "conv-bwd-weight",
+        device,
+        &tw,
+        slices,
+        &format!("{desc}, {:.2} TFLOP/s", flops / tw.median_ms / 1e9),
+    );
     Ok(())
 }
 
-fn report(args: &Args, config: &str, what: &str, device: &str, t: &Timing, slices: usize, detail: &str) {
+fn report(
+    args: &Args,
+    config: &str,
+    what: &str,
+    device: &str,
+    t: &Timing,
+    slices: usize,
+    detail: &str,
+) {
     let per_s = slices as f64 / (t.median_ms / 1e3);
     println!(
         "bench {what} config={config} device=\"{device}\": median {:.3} ms (min {:.3} ms), {:.1} slices/s; {detail}",

@@ -26,12 +26,18 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
     }
     match device::nvrtc_version() {
         Ok((a, b)) => println!("nvrtc: present at run time, version {a}.{b}"),
-        Err(e) => println!("nvrtc: not available at run time ({})", device::reason_line(&e)),
+        Err(e) => println!(
+            "nvrtc: not available at run time ({})",
+            device::reason_line(&e)
+        ),
     }
     if device::driver_present() {
         match device::driver_version() {
             Ok((a, b)) => println!("cuda driver: present, CUDA {a}.{b}"),
-            Err(e) => println!("cuda driver: present, version unknown ({})", device::reason_line(&e)),
+            Err(e) => println!(
+                "cuda driver: present, version unknown ({})",
+                device::reason_line(&e)
+            ),
         }
     } else {
         println!("cuda driver: not found (libcuda.so did not load)");
@@ -55,7 +61,10 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
     match device::pick_device("auto") {
         Ok(DeviceChoice::Cuda(d)) => println!("--device auto: cuda:{} ({})", d.ordinal, d.name),
         Ok(DeviceChoice::Cpu { reason }) => {
-            println!("--device auto: cpu: {}", reason.unwrap_or_else(|| "asked for".into()))
+            println!(
+                "--device auto: cpu: {}",
+                reason.unwrap_or_else(|| "asked for".into())
+            )
         }
         Err(e) => println!("--device auto: cpu: {}", device::reason_line(&e)),
     }

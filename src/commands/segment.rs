@@ -1,8 +1,181 @@
-//! `ichcam segment`.
+//! `ichcam segment`: masks, CAMs, slice probabilities and overlays for volumes, with a
+//! trained model. Keeps going past a bad volume and exits non-zero at the end if any failed.
+
+use anyhow::Context;
+use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::cuda::{pick_device, CudaBackend, DeviceChoice};
+use ichcam::infer::{expand_inputs, segment_all, BatchReport, RefineOnBackend, SegmentOptions, Segmenter, SliceClassifier};
+use ichcam::model::CamKind;
+use ichcam::seg::ccl::Connectivity;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Model file written by `ichcam train`.
+    #[arg(long)]
+    model: PathBuf,
+    /// NIfTI files, DICOM series folders, folders of volumes or dataset folders.
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    /// Output folder: one `<id>/` per volume (mask.nii.gz, cam.nii.gz, slices.csv,
+    /// overlay.png, summary.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// auto (a GPU when there is one), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CAM: vanilla (the authors') or gradcam.
+    #[arg(long, default_value = "vanilla")]
+    cam: String,
+    /// Slice classifier: stage2 (single-slice fc head, the authors' test-time net) or
+    /// stage1 (the ResNet-LSTM over sliding windows of slices).
+    #[arg(long, default_value = "stage2")]
+    classifier: String,
+    /// A slice is positive when its probability reaches this.
+    #[arg(long, default_value_t = 0.5)]
+    slice_threshold: f64,
+    /// Binary CAM = normalised CAM >= this (the authors: 0.7).
+    #[arg(long, default_value_t = 0.7)]
+    cam_threshold: f32,
+    /// k-means clusters inside the CAM (the authors: 4).
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Clusters whose centroid reaches this (80/200 window, 0..1) are not blood.
+    #[arg(long)]
+    saturation: Option<f32>,
+    /// Keep the saturation level fixed even when the data is clipped below 180 HU.
+    #[arg(long)]
+    no_adapt_saturation: bool,
+    /// Dilation radius (pixels) of the chosen cluster.
+    #[arg(long, default_value_t = 1)]
+    dilate: usize,
+    /// Components smaller than this (mL) are dropped.
+    #[arg(long, default_value_t = 0.05)]
+    min_component_ml: f64,
+    /// Fraction of a component that must lie inside the binary CAM.
+    #[arg(long, default_value_t = 0.5)]
+    min_cam_support: f32,
+    /// 3-D connectivity: 6, 18 or 26.
+    #[arg(long, default_value_t = 26)]
+    connectivity: u32,
+    /// Slices per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_slices: usize,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`ichcam segment` is not implemented yet")
+fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
+    let mut o = SegmentOptions::default();
+    o.cam = match a.cam.to_ascii_lowercase().as_str() {
+        "vanilla" | "cam" => CamKind::Vanilla,
+        "gradcam" | "grad-cam" => CamKind::GradCam,
+        other => anyhow::bail!("unknown --cam `{other}` (expected vanilla or gradcam)"),
+    };
+    o.classifier = match a.classifier.to_ascii_lowercase().as_str() {
+        "stage2" => SliceClassifier::Stage2,
+        "stage1" => SliceClassifier::Stage1,
+        other => anyhow::bail!("unknown --classifier `{other}` (expected stage2 or stage1)"),
+    };
+    anyhow::ensure!((0.0..=1.0).contains(&a.slice_threshold), "--slice-threshold must be in [0, 1]");
+    anyhow::ensure!((0.0..=1.0).contains(&a.cam_threshold), "--cam-threshold must be in [0, 1]");
+    anyhow::ensure!(a.min_component_ml >= 0.0, "--min-component-ml must be >= 0");
+    o.slice_threshold = a.slice_threshold;
+    o.min_component_ml = Some(a.min_component_ml);
+    o.adapt_saturation = !a.no_adapt_saturation;
+    o.batch_slices = a.batch_slices.max(1);
+    o.refine.cam_threshold = a.cam_threshold;
+    o.refine.k = a.k;
+    if let Some(s) = a.saturation {
+        o.refine.saturation = s;
+    }
+    o.refine.dilate_radius = a.dilate;
+    o.refine.min_cam_support = a.min_cam_support;
+    o.refine.connectivity = Connectivity::from_neighbours(a.connectivity)?;
+    Ok(o)
+}
+
+/// Segments with an already chosen backend and prints the report.
+pub fn run_with<B: RefineOnBackend>(
+    backend: B,
+    model: &Path,
+    inputs: &[PathBuf],
+    out: &Path,
+    opts: SegmentOptions,
+    progress: bool,
+) -> anyhow::Result<BatchReport> {
+    let mut seg = Segmenter::load(backend, model, opts).with_context(|| format!("loading the model {}", model.display()))?;
+    let items = expand_inputs(inputs)?;
+    if progress {
+        eprintln!(
+            "segmenting {} volume(s) on {} at {}x{} model input",
+            items.len(),
+            seg.backend().name(),
+            seg.input_size(),
+            seg.input_size()
+        );
+    }
+    let report = segment_all(&mut seg, &items, out, progress);
+    Ok(report)
+}
+
+/// Picks the backend from `--device` and segments.
+pub fn segment_on_device(
+    device: &str,
+    model: &Path,
+    inputs: &[PathBuf],
+    out: &Path,
+    opts: SegmentOptions,
+    progress: bool,
+) -> anyhow::Result<BatchReport> {
+    match pick_device(device)? {
+        DeviceChoice::Cpu { reason } => {
+            if let (Some(r), true) = (reason, progress) {
+                eprintln!("device auto: using the CPU ({r})");
+            }
+            run_with(CpuBackend::<f32>::new(), model, inputs, out, opts, progress)
+        }
+        DeviceChoice::Cuda(info) => match CudaBackend::new(info.ordinal) {
+            Ok(be) => run_with(be, model, inputs, out, opts, progress),
+            Err(e) if device.trim().eq_ignore_ascii_case("auto") => {
+                eprintln!("device auto: using the CPU ({e})");
+                run_with(CpuBackend::<f32>::new(), model, inputs, out, opts, progress)
+            }
+            Err(e) => Err(e).context("starting the CUDA backend"),
+        },
+    }
+}
+
+pub fn print_report(report: &BatchReport) {
+    println!("{:<24} {:>10} {:>6} {:>9}", "volume", "blood mL", "comps", "pos.sl.");
+    for s in &report.done {
+        println!(
+            "{:<24} {:>10.2} {:>6} {:>9}",
+            s.id,
+            s.hemorrhage_ml,
+            s.components,
+            s.positive_slices.len()
+        );
+    }
+    println!(
+        "{} segmented, {} failed, {:.1} s ({:.2} volumes/s)",
+        report.done.len(),
+        report.failed.len(),
+        report.seconds,
+        report.volumes_per_second()
+    );
+    for (id, e) in &report.failed {
+        eprintln!("failed: {id}: {e}");
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let opts = options(&a)?;
+    let report = segment_on_device(&a.device, &a.model, &a.input, &a.out, opts, !a.quiet)?;
+    print_report(&report);
+    if !report.failed.is_empty() {
+        anyhow::bail!("{} of {} volume(s) failed", report.failed.len(), report.failed.len() + report.done.len());
+    }
+    Ok(())
 }

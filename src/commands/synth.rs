@@ -26,7 +26,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = SynthConfig { size: a.size, slices: a.slices, clean: false };
+    let cfg = SynthConfig {
+        size: a.size,
+        slices: a.slices,
+        clean: false,
+    };
     let t = Instant::now();
     let recs = synth::write_dataset(&a.out, a.volumes, a.seed, &cfg)
         .with_context(|| format!("writing {} phantoms to {}", a.volumes, a.out.display()))?;

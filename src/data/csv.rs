@@ -16,15 +16,27 @@ impl Table {
     /// The index of the first column whose name matches one of `names` (case-insensitive,
     /// surrounding spaces ignored).
     pub fn column(&self, names: &[&str]) -> Option<usize> {
-        names.iter().find_map(|n| self.header.iter().position(|h| h.trim().eq_ignore_ascii_case(n)))
+        names.iter().find_map(|n| {
+            self.header
+                .iter()
+                .position(|h| h.trim().eq_ignore_ascii_case(n))
+        })
     }
 
     /// Like [`Table::column`], but a missing column is a [`DataError::CsvColumns`].
     pub fn require(&self, path: &Path, names: &[&str]) -> Result<usize> {
         self.column(names).ok_or_else(|| DataError::CsvColumns {
             path: path.to_path_buf(),
-            wanted: names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(" or "),
-            found: if self.header.is_empty() { "nothing".into() } else { self.header.join(",") },
+            wanted: names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            found: if self.header.is_empty() {
+                "nothing".into()
+            } else {
+                self.header.join(",")
+            },
         })
     }
 }
@@ -56,16 +68,25 @@ pub fn split_line(line: &str) -> Vec<String> {
 
 /// Reads a table; blank lines are skipped.
 pub fn read_table(path: &Path) -> Result<Table> {
-    let bytes = std::fs::read(path).map_err(|err| crate::io::IoError::Read { path: path.to_path_buf(), err })?;
+    let bytes = std::fs::read(path).map_err(|err| crate::io::IoError::Read {
+        path: path.to_path_buf(),
+        err,
+    })?;
     let text = String::from_utf8(bytes).map_err(|_| DataError::CsvRow {
         path: path.to_path_buf(),
         line: 0,
         reason: "not UTF-8 text".into(),
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let header = match lines.next() {
-        Some((_, l)) => split_line(l).into_iter().map(|h| h.trim().to_string()).collect(),
+        Some((_, l)) => split_line(l)
+            .into_iter()
+            .map(|h| h.trim().to_string())
+            .collect(),
         None => Vec::new(),
     };
     let rows = lines.map(|(i, l)| (i + 1, split_line(l))).collect();
@@ -85,9 +106,21 @@ pub fn field(s: &str) -> String {
 pub fn write_table(path: &Path, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     use std::io::Write;
     crate::io::atomic::write_atomic(path, |w| {
-        writeln!(w, "{}", header.iter().map(|h| field(h)).collect::<Vec<_>>().join(","))?;
+        writeln!(
+            w,
+            "{}",
+            header
+                .iter()
+                .map(|h| field(h))
+                .collect::<Vec<_>>()
+                .join(",")
+        )?;
         for r in rows {
-            writeln!(w, "{}", r.iter().map(|f| field(f)).collect::<Vec<_>>().join(","))?;
+            writeln!(
+                w,
+                "{}",
+                r.iter().map(|f| field(f)).collect::<Vec<_>>().join(",")
+            )?;
         }
         Ok(())
     })?;
@@ -101,7 +134,10 @@ mod tests {
     #[test]
     fn splits_quotes_and_empty_fields() {
         assert_eq!(split_line("a,b,,c"), vec!["a", "b", "", "c"]);
-        assert_eq!(split_line("\"x,y\",\"he said \"\"hi\"\"\",3"), vec!["x,y", "he said \"hi\"", "3"]);
+        assert_eq!(
+            split_line("\"x,y\",\"he said \"\"hi\"\"\",3"),
+            vec!["x,y", "he said \"hi\"", "3"]
+        );
         assert_eq!(split_line(""), vec![""]);
     }
 }

@@ -81,7 +81,9 @@ pub struct LoadedCase {
 
 /// File names recognised as volumes: `.nii.gz`, `.nii`.
 fn volume_stem(name: &str) -> Option<&str> {
-    name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).filter(|s| !s.is_empty() && !s.starts_with('.'))
+    name.strip_suffix(".nii.gz")
+        .or_else(|| name.strip_suffix(".nii"))
+        .filter(|s| !s.is_empty() && !s.starts_with('.'))
 }
 
 fn is_dicom_dir(p: &Path) -> bool {
@@ -98,10 +100,16 @@ fn is_dicom_dir(p: &Path) -> bool {
 /// `(stem, path)` of the volumes in `dir`, sorted by stem. With `dicom_dirs`, subfolders
 /// holding `.dcm` files count as volumes (DICOM series).
 pub fn list_volumes(dir: &Path, dicom_dirs: bool) -> Result<Vec<(String, PathBuf)>> {
-    let rd = std::fs::read_dir(dir).map_err(|err| DataError::Folder { path: dir.to_path_buf(), err })?;
+    let rd = std::fs::read_dir(dir).map_err(|err| DataError::Folder {
+        path: dir.to_path_buf(),
+        err,
+    })?;
     let mut out = Vec::new();
     for e in rd {
-        let e = e.map_err(|err| DataError::Folder { path: dir.to_path_buf(), err })?;
+        let e = e.map_err(|err| DataError::Folder {
+            path: dir.to_path_buf(),
+            err,
+        })?;
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
         if path.is_file() {
@@ -118,8 +126,18 @@ pub fn list_volumes(dir: &Path, dicom_dirs: bool) -> Result<Vec<(String, PathBuf
 
 /// Finds the entry for `id` in a map keyed by ids, leniently: exact match first, then (when
 /// `id` is a number) any key with the same integer value, so `49` matches `049`.
-fn lenient_get<'a, V>(map: &'a HashMap<String, V>, by_int: &HashMap<u64, String>, id: &str) -> Option<&'a V> {
-    map.get(id).or_else(|| id.trim().parse::<u64>().ok().and_then(|n| by_int.get(&n)).and_then(|k| map.get(k)))
+fn lenient_get<'a, V>(
+    map: &'a HashMap<String, V>,
+    by_int: &HashMap<u64, String>,
+    id: &str,
+) -> Option<&'a V> {
+    map.get(id).or_else(|| {
+        id.trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| by_int.get(&n))
+            .and_then(|k| map.get(k))
+    })
 }
 
 fn int_index<V>(map: &HashMap<String, V>) -> HashMap<u64, String> {
@@ -147,19 +165,32 @@ pub fn read_label_csv(path: &Path) -> Result<HashMap<String, Vec<u8>>> {
     };
     let (lc, inverted) = match t.column(&["any_hemorrhage", "label"]) {
         Some(c) => (c, false),
-        None => (t.require(path, &["any_hemorrhage", "label", "No_Hemorrhage"])?, true),
+        None => (
+            t.require(path, &["any_hemorrhage", "label", "No_Hemorrhage"])?,
+            true,
+        ),
     };
     let mut rows: HashMap<String, BTreeMap<usize, u8>> = HashMap::new();
     for (line, r) in &t.rows {
-        let bad = |reason: String| DataError::CsvRow { path: path.to_path_buf(), line: *line, reason };
+        let bad = |reason: String| DataError::CsvRow {
+            path: path.to_path_buf(),
+            line: *line,
+            reason,
+        };
         let get = |c: usize, what: &str| {
-            r.get(c).map(|s| s.trim()).filter(|s| !s.is_empty()).ok_or_else(|| bad(format!("no {what} value")))
+            r.get(c)
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| bad(format!("no {what} value")))
         };
         let patient = get(pc, "patient")?.to_string();
         let s_txt = get(sc, "slice")?;
-        let s: usize = s_txt.parse().map_err(|_| bad(format!("slice `{s_txt}` is not a non-negative integer")))?;
+        let s: usize = s_txt
+            .parse()
+            .map_err(|_| bad(format!("slice `{s_txt}` is not a non-negative integer")))?;
         let z = if one_based {
-            s.checked_sub(1).ok_or_else(|| bad("slice numbers are 1-based; got 0".into()))?
+            s.checked_sub(1)
+                .ok_or_else(|| bad("slice numbers are 1-based; got 0".into()))?
         } else {
             s
         };
@@ -167,7 +198,9 @@ pub fn read_label_csv(path: &Path) -> Result<HashMap<String, Vec<u8>>> {
         let v: f64 = match l_txt.to_ascii_lowercase().as_str() {
             "true" | "yes" => 1.0,
             "false" | "no" => 0.0,
-            t => t.parse().map_err(|_| bad(format!("label `{l_txt}` is not 0 or 1")))?,
+            t => t
+                .parse()
+                .map_err(|_| bad(format!("label `{l_txt}` is not 0 or 1")))?,
         };
         if !(v == 0.0 || v == 1.0) {
             return Err(bad(format!("label `{l_txt}` is not 0 or 1")));
@@ -227,21 +260,41 @@ impl Dataset {
             });
         }
         let (layout, img_dir, mask_dir, default_csv) = if dir.join("data").is_dir() {
-            (Layout::Instance, dir.join("data"), Some(dir.join("label")), None)
+            (
+                Layout::Instance,
+                dir.join("data"),
+                Some(dir.join("label")),
+                None,
+            )
         } else if dir.join("images").is_dir() {
             let c = dir.join("slice_labels.csv");
-            (Layout::CtIch, dir.join("images"), Some(dir.join("labels")), c.is_file().then_some(c))
+            (
+                Layout::CtIch,
+                dir.join("images"),
+                Some(dir.join("labels")),
+                c.is_file().then_some(c),
+            )
         } else {
-            (Layout::Folder, dir.to_path_buf(), None, find_folder_csv(dir))
+            (
+                Layout::Folder,
+                dir.to_path_buf(),
+                None,
+                find_folder_csv(dir),
+            )
         };
         let images = list_volumes(&img_dir, true)?;
         if images.is_empty() {
             let expected = match layout {
                 Layout::Instance => "expected data/NNN.nii.gz",
                 Layout::CtIch => "expected images/NNN.nii.gz",
-                Layout::Folder => "expected .nii/.nii.gz files, DICOM series folders, or data/ or images/",
+                Layout::Folder => {
+                    "expected .nii/.nii.gz files, DICOM series folders, or data/ or images/"
+                }
             };
-            return Err(DataError::Empty { path: img_dir, expected: expected.into() });
+            return Err(DataError::Empty {
+                path: img_dir,
+                expected: expected.into(),
+            });
         }
         let masks: HashMap<String, PathBuf> = match &mask_dir {
             Some(m) if m.is_dir() => list_volumes(m, false)?.into_iter().collect(),
@@ -264,7 +317,12 @@ impl Dataset {
                 image,
             })
             .collect();
-        Ok(Dataset { root: dir.to_path_buf(), layout, label_csv, cases })
+        Ok(Dataset {
+            root: dir.to_path_buf(),
+            layout,
+            label_csv,
+            cases,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -278,17 +336,22 @@ impl Dataset {
     /// mask: training checks this before reading any volume.
     pub fn require_labels(&self) -> Result<()> {
         match self.cases.iter().find(|c| !c.has_labels()) {
-            Some(c) => Err(DataError::NoLabels { id: c.id.clone(), image: c.image.clone() }),
+            Some(c) => Err(DataError::NoLabels {
+                id: c.id.clone(),
+                image: c.image.clone(),
+            }),
             None => Ok(()),
         }
     }
 
     /// Reads case `i` (see [`load_case`]).
     pub fn load(&self, i: usize, require_labels: bool) -> Result<LoadedCase> {
-        let c = self
-            .cases
-            .get(i)
-            .ok_or_else(|| DataError::Invalid(format!("case index {i} out of range (dataset has {})", self.len())))?;
+        let c = self.cases.get(i).ok_or_else(|| {
+            DataError::Invalid(format!(
+                "case index {i} out of range (dataset has {})",
+                self.len()
+            ))
+        })?;
         load_case(c, require_labels)
     }
 
@@ -296,14 +359,18 @@ impl Dataset {
     pub fn find(&self, id: &str) -> Option<&Case> {
         self.cases.iter().find(|c| c.id == id).or_else(|| {
             let n: u64 = id.trim().parse().ok()?;
-            self.cases.iter().find(|c| c.id.trim().parse::<u64>().ok() == Some(n))
+            self.cases
+                .iter()
+                .find(|c| c.id.trim().parse::<u64>().ok() == Some(n))
         })
     }
 }
 
 /// 0/1 per slice: whether the mask has any voxel > 0 on it.
 pub fn slice_labels_from_mask(mask: &Mask) -> Vec<u8> {
-    mask.outer_iter().map(|s| s.iter().any(|&v| v > 0) as u8).collect()
+    mask.outer_iter()
+        .map(|s| s.iter().any(|&v| v > 0) as u8)
+        .collect()
 }
 
 /// Reads a case: its volume, its mask (checked to have the image's shape), and one label per
@@ -311,7 +378,10 @@ pub fn slice_labels_from_mask(mask: &Mask) -> Vec<u8> {
 /// [`DataError::NoLabels`]; CSV rows past the last slice are [`DataError::LabelBeyondVolume`].
 pub fn load_case(case: &Case, require_labels: bool) -> Result<LoadedCase> {
     if require_labels && !case.has_labels() {
-        return Err(DataError::NoLabels { id: case.id.clone(), image: case.image.clone() });
+        return Err(DataError::NoLabels {
+            id: case.id.clone(),
+            image: case.image.clone(),
+        });
     }
     let volume = io::read_volume(&case.image)?;
     let d = volume.dims().0;
@@ -327,7 +397,12 @@ pub fn load_case(case: &Case, require_labels: bool) -> Result<LoadedCase> {
         (Some(l), _) => {
             if l.len() > d {
                 let z = l.len() - 1;
-                return Err(DataError::LabelBeyondVolume { id: case.id.clone(), image: case.image.clone(), z, depth: d });
+                return Err(DataError::LabelBeyondVolume {
+                    id: case.id.clone(),
+                    image: case.image.clone(),
+                    z,
+                    depth: d,
+                });
             }
             let mut v = l.clone();
             v.resize(d, 0);
@@ -336,7 +411,12 @@ pub fn load_case(case: &Case, require_labels: bool) -> Result<LoadedCase> {
         (None, Some(m)) => slice_labels_from_mask(m),
         (None, None) => Vec::new(),
     };
-    Ok(LoadedCase { id: case.id.clone(), volume, mask, slice_labels })
+    Ok(LoadedCase {
+        id: case.id.clone(),
+        volume,
+        mask,
+        slice_labels,
+    })
 }
 
 /// What `inspect` prints for a dataset folder.
@@ -367,13 +447,21 @@ impl fmt::Display for DatasetSummary {
         if let Some(c) = &self.label_csv {
             writeln!(f, "labels    {}", c.display())?;
         }
-        writeln!(f, "volumes   {} ({} with masks, {} unlabelled)", self.volumes, self.with_masks, self.unlabelled)?;
+        writeln!(
+            f,
+            "volumes   {} ({} with masks, {} unlabelled)",
+            self.volumes, self.with_masks, self.unlabelled
+        )?;
         writeln!(
             f,
             "slices    {} ({} positive, in {} positive volumes)",
             self.slices, self.positive_slices, self.positive_volumes
         )?;
-        write!(f, "dims z,y,x from {:?} to {:?}", self.min_dims, self.max_dims)
+        write!(
+            f,
+            "dims z,y,x from {:?} to {:?}",
+            self.min_dims, self.max_dims
+        )
     }
 }
 
@@ -398,8 +486,16 @@ pub fn summary(dir: &Path) -> Result<DatasetSummary> {
         let lc = load_case(c, false)?;
         let (d, h, w) = lc.volume.dims();
         s.slices += d;
-        s.min_dims = (s.min_dims.0.min(d), s.min_dims.1.min(h), s.min_dims.2.min(w));
-        s.max_dims = (s.max_dims.0.max(d), s.max_dims.1.max(h), s.max_dims.2.max(w));
+        s.min_dims = (
+            s.min_dims.0.min(d),
+            s.min_dims.1.min(h),
+            s.min_dims.2.min(w),
+        );
+        s.max_dims = (
+            s.max_dims.0.max(d),
+            s.max_dims.1.max(h),
+            s.max_dims.2.max(w),
+        );
         let pos = lc.slice_labels.iter().filter(|&&l| l > 0).count();
         s.positive_slices += pos;
         s.positive_volumes += (pos > 0) as usize;

@@ -17,16 +17,29 @@ pub enum DataError {
     Empty { path: PathBuf, expected: String },
     /// A label CSV lacks a column it needs.
     #[error("{}: missing column {wanted} (header has: {found})", path.display())]
-    CsvColumns { path: PathBuf, wanted: String, found: String },
+    CsvColumns {
+        path: PathBuf,
+        wanted: String,
+        found: String,
+    },
     /// A label CSV row cannot be understood.
     #[error("{}:{line}: {reason}", path.display())]
-    CsvRow { path: PathBuf, line: usize, reason: String },
+    CsvRow {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     /// Label rows name slices that the volume does not have.
     #[error(
         "case {id}: label rows for z = {z} but the volume {} has {depth} slices",
         image.display()
     )]
-    LabelBeyondVolume { id: String, image: PathBuf, z: usize, depth: usize },
+    LabelBeyondVolume {
+        id: String,
+        image: PathBuf,
+        z: usize,
+        depth: usize,
+    },
     /// Neither a label CSV row nor a mask exists for a volume, and training needs labels.
     #[error(
         "case {id}: no slice labels ({}): no mask file and no rows in a label CSV",

@@ -12,9 +12,15 @@ pub mod split;
 pub mod synth;
 pub mod window;
 
-pub use dataset::{load_case, slice_labels_from_mask, summary, Case, Dataset, DatasetSummary, Layout, LoadedCase};
+pub use dataset::{
+    load_case, slice_labels_from_mask, summary, Case, Dataset, DatasetSummary, Layout, LoadedCase,
+};
 pub use error::DataError;
-pub use resample::{resize_map_bilinear, resize_mask_nearest, resize_slice, resize_stack, resize_volume, ResizeMode};
-pub use sequence::{crop_pad, merge_maps, merge_scores, plan as plan_sequences, sliding, SeqMode, SeqWindow};
+pub use resample::{
+    resize_map_bilinear, resize_mask_nearest, resize_slice, resize_stack, resize_volume, ResizeMode,
+};
+pub use sequence::{
+    crop_pad, merge_maps, merge_scores, plan as plan_sequences, sliding, SeqMode, SeqWindow,
+};
 pub use split::{split_patients, Split};
 pub use window::{windows3, windows3_slice, Window};

@@ -35,9 +35,15 @@ fn bilinear_taps(n_in: usize, n_out: usize) -> Vec<Tap> {
             let i1 = (i0 + 1).min(n_in - 1);
             let l = (src - i0 as f64).clamp(0.0, 1.0) as f32;
             if i1 == i0 || l == 0.0 {
-                Tap { start: i0, w: vec![1.0] }
+                Tap {
+                    start: i0,
+                    w: vec![1.0],
+                }
             } else {
-                Tap { start: i0, w: vec![1.0 - l, l] }
+                Tap {
+                    start: i0,
+                    w: vec![1.0 - l, l],
+                }
             }
         })
         .collect()
@@ -149,7 +155,9 @@ pub fn resize_map_bilinear(map: ArrayView3<f32>, h: usize, w: usize) -> Array3<f
 /// `nearest-exact`: integer up- then down-scaling returns the original.
 fn nearest_index(n_in: usize, n_out: usize) -> Vec<usize> {
     let scale = n_in as f64 / n_out as f64;
-    (0..n_out).map(|o| (((o as f64 + 0.5) * scale).floor() as usize).min(n_in - 1)).collect()
+    (0..n_out)
+        .map(|o| (((o as f64 + 0.5) * scale).floor() as usize).min(n_in - 1))
+        .collect()
 }
 
 /// A mask (or any label map) `[z, y, x]` -> `[z, h, w]` by nearest neighbour: values are
@@ -163,17 +171,21 @@ pub fn resize_mask_nearest(mask: ArrayView3<u8>, h: usize, w: usize) -> Array3<u
     let iy = nearest_index(h_in, h);
     let ix = nearest_index(w_in, w);
     let src = mask.as_standard_layout();
-    let Some(data) = src.as_slice() else { return out };
+    let Some(data) = src.as_slice() else {
+        return out;
+    };
     if let Some(dst) = out.as_slice_mut() {
-        dst.par_chunks_mut(h * w).enumerate().for_each(|(z, plane)| {
-            let s = &data[z * h_in * w_in..(z + 1) * h_in * w_in];
-            for (row, &y) in plane.chunks_exact_mut(w).zip(&iy) {
-                let r = &s[y * w_in..(y + 1) * w_in];
-                for (o, &x) in row.iter_mut().zip(&ix) {
-                    *o = r[x];
+        dst.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(z, plane)| {
+                let s = &data[z * h_in * w_in..(z + 1) * h_in * w_in];
+                for (row, &y) in plane.chunks_exact_mut(w).zip(&iy) {
+                    let r = &s[y * w_in..(y + 1) * w_in];
+                    for (o, &x) in row.iter_mut().zip(&ix) {
+                        *o = r[x];
+                    }
                 }
-            }
-        });
+            });
     }
     out
 }

@@ -35,7 +35,9 @@ impl SeqWindow {
     }
     /// 1 for real positions, 0 for padding (a loss weight).
     pub fn real_weights(&self) -> Vec<f32> {
-        (0..self.len()).map(|p| if self.is_real(p) { 1.0 } else { 0.0 }).collect()
+        (0..self.len())
+            .map(|p| if self.is_real(p) { 1.0 } else { 0.0 })
+            .collect()
     }
 }
 
@@ -52,10 +54,14 @@ pub enum SeqMode {
 
 fn check(n_slices: usize, s: usize) -> Result<()> {
     if s == 0 {
-        return Err(DataError::Invalid("sequence length must be at least 1".into()));
+        return Err(DataError::Invalid(
+            "sequence length must be at least 1".into(),
+        ));
     }
     if n_slices == 0 {
-        return Err(DataError::Invalid("a volume with no slices has no sequence".into()));
+        return Err(DataError::Invalid(
+            "a volume with no slices has no sequence".into(),
+        ));
     }
     Ok(())
 }
@@ -63,7 +69,10 @@ fn check(n_slices: usize, s: usize) -> Result<()> {
 /// The authors' sequence: positions `0..S` map to `min(p, n_slices - 1)`.
 pub fn crop_pad(n_slices: usize, s: usize) -> Result<SeqWindow> {
     check(n_slices, s)?;
-    Ok(SeqWindow { z: (0..s).map(|p| p.min(n_slices - 1)).collect(), n_real: n_slices.min(s) })
+    Ok(SeqWindow {
+        z: (0..s).map(|p| p.min(n_slices - 1)).collect(),
+        n_real: n_slices.min(s),
+    })
 }
 
 /// Sliding windows of `s` slices every `stride` (1..=s) slices; together they cover every
@@ -81,7 +90,13 @@ pub fn sliding(n_slices: usize, s: usize, stride: usize) -> Result<Vec<SeqWindow
     }
     let mut starts: Vec<usize> = (0..n_slices - s).step_by(stride).collect();
     starts.push(n_slices - s);
-    Ok(starts.into_iter().map(|a| SeqWindow { z: (a..a + s).collect(), n_real: s }).collect())
+    Ok(starts
+        .into_iter()
+        .map(|a| SeqWindow {
+            z: (a..a + s).collect(),
+            n_real: s,
+        })
+        .collect())
 }
 
 /// The sequences of a volume of `n_slices` slices in `mode`.
@@ -94,7 +109,9 @@ pub fn plan(n_slices: usize, s: usize, mode: SeqMode) -> Result<Vec<SeqWindow>> 
 
 fn check_z(win: &SeqWindow, n: usize) -> Result<()> {
     match win.z.iter().find(|&&z| z >= n) {
-        Some(z) => Err(DataError::Invalid(format!("sequence refers to slice {z} of {n}"))),
+        Some(z) => Err(DataError::Invalid(format!(
+            "sequence refers to slice {z} of {n}"
+        ))),
         None => Ok(()),
     }
 }
@@ -128,7 +145,10 @@ fn check_preds(windows: &[SeqWindow], lens: impl Iterator<Item = usize>, n: usiz
     }
     for (w, l) in windows.iter().zip(lens) {
         if l != w.len() {
-            return Err(DataError::Invalid(format!("a prediction of length {l} for a sequence of {}", w.len())));
+            return Err(DataError::Invalid(format!(
+                "a prediction of length {l} for a sequence of {}",
+                w.len()
+            )));
         }
         check_z(w, n)?;
     }
@@ -139,7 +159,11 @@ fn check_preds(windows: &[SeqWindow], lens: impl Iterator<Item = usize>, n: usiz
 /// slice gets the mean over the real positions that hold it. Returns the merged scores and
 /// whether each slice was covered at all (an uncovered slice, as past S in [`SeqMode::CropPad`],
 /// scores 0 and `false`).
-pub fn merge_scores(n_slices: usize, windows: &[SeqWindow], preds: &[Vec<f32>]) -> Result<(Vec<f32>, Vec<bool>)> {
+pub fn merge_scores(
+    n_slices: usize,
+    windows: &[SeqWindow],
+    preds: &[Vec<f32>],
+) -> Result<(Vec<f32>, Vec<bool>)> {
     check_preds(windows, preds.iter().map(Vec::len), n_slices)?;
     let mut sum = vec![0.0f64; n_slices];
     let mut count = vec![0u32; n_slices];
@@ -149,20 +173,35 @@ pub fn merge_scores(n_slices: usize, windows: &[SeqWindow], preds: &[Vec<f32>]) 
             count[z] += 1;
         }
     }
-    let values = sum.iter().zip(&count).map(|(&s, &c)| if c > 0 { (s / c as f64) as f32 } else { 0.0 }).collect();
+    let values = sum
+        .iter()
+        .zip(&count)
+        .map(|(&s, &c)| if c > 0 { (s / c as f64) as f32 } else { 0.0 })
+        .collect();
     Ok((values, count.iter().map(|&c| c > 0).collect()))
 }
 
 /// Per-slice maps (CAMs, `[S, h, w]` per sequence) merged onto `[n_slices, h, w]` by the same
 /// averaging as [`merge_scores`]; uncovered slices are zero and `false`.
-pub fn merge_maps(n_slices: usize, windows: &[SeqWindow], maps: &[ArrayView3<f32>]) -> Result<(Array3<f32>, Vec<bool>)> {
+pub fn merge_maps(
+    n_slices: usize,
+    windows: &[SeqWindow],
+    maps: &[ArrayView3<f32>],
+) -> Result<(Array3<f32>, Vec<bool>)> {
     check_preds(windows, maps.iter().map(|m| m.len_of(Axis(0))), n_slices)?;
     let (h, w) = match maps.first() {
         Some(m) => (m.len_of(Axis(1)), m.len_of(Axis(2))),
         None => (0, 0),
     };
-    if let Some(m) = maps.iter().find(|m| (m.len_of(Axis(1)), m.len_of(Axis(2))) != (h, w)) {
-        return Err(DataError::Invalid(format!("maps of different sizes: {:?} and {:?}", (h, w), m.dim())));
+    if let Some(m) = maps
+        .iter()
+        .find(|m| (m.len_of(Axis(1)), m.len_of(Axis(2))) != (h, w))
+    {
+        return Err(DataError::Invalid(format!(
+            "maps of different sizes: {:?} and {:?}",
+            (h, w),
+            m.dim()
+        )));
     }
     let mut sum = Array3::<f32>::zeros((n_slices, h, w));
     let mut count = vec![0u32; n_slices];
@@ -175,7 +214,8 @@ pub fn merge_maps(n_slices: usize, windows: &[SeqWindow], maps: &[ArrayView3<f32
     }
     for (z, &c) in count.iter().enumerate() {
         if c > 1 {
-            sum.index_axis_mut(Axis(0), z).mapv_inplace(|v| v / c as f32);
+            sum.index_axis_mut(Axis(0), z)
+                .mapv_inplace(|v| v / c as f32);
         }
     }
     Ok((sum, count.iter().map(|&c| c > 0).collect()))

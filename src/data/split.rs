@@ -18,9 +18,15 @@ pub struct Split {
 /// Splits cases by patient: `patients[i]` is the patient of case `i`. About `val_fraction`
 /// of the patients (rounded, at least 1 and at most all but 1 when there are two or more)
 /// go to validation. A single patient goes to training.
-pub fn split_patients<S: AsRef<str>>(patients: &[S], val_fraction: f64, seed: u64) -> Result<Split> {
+pub fn split_patients<S: AsRef<str>>(
+    patients: &[S],
+    val_fraction: f64,
+    seed: u64,
+) -> Result<Split> {
     if !(0.0..=1.0).contains(&val_fraction) {
-        return Err(DataError::Invalid(format!("validation fraction {val_fraction} is not in [0, 1]")));
+        return Err(DataError::Invalid(format!(
+            "validation fraction {val_fraction} is not in [0, 1]"
+        )));
     }
     let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, p) in patients.iter().enumerate() {
@@ -29,7 +35,11 @@ pub fn split_patients<S: AsRef<str>>(patients: &[S], val_fraction: f64, seed: u6
     // BTreeMap order is sorted by patient: the shuffle does not depend on listing order.
     let mut keys: Vec<&str> = groups.keys().copied().collect();
     let n = keys.len();
-    let n_val = if n >= 2 { ((val_fraction * n as f64).round() as usize).clamp(1, n - 1) } else { 0 };
+    let n_val = if n >= 2 {
+        ((val_fraction * n as f64).round() as usize).clamp(1, n - 1)
+    } else {
+        0
+    };
     Rng::stream(seed, SPLIT_STREAM).shuffle(&mut keys);
     let mut train = Vec::new();
     let mut val = Vec::new();

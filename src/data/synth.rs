@@ -43,7 +43,11 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        SynthConfig { size: 256, slices: 24, clean: false }
+        SynthConfig {
+            size: 256,
+            slices: 24,
+            clean: false,
+        }
     }
 }
 
@@ -59,10 +63,16 @@ impl SynthConfig {
     }
     fn check(&self) -> Result<()> {
         if !(16..=2048).contains(&self.size) {
-            return Err(DataError::Invalid(format!("phantom size {} is not in 16..=2048", self.size)));
+            return Err(DataError::Invalid(format!(
+                "phantom size {} is not in 16..=2048",
+                self.size
+            )));
         }
         if !(1..=1024).contains(&self.slices) {
-            return Err(DataError::Invalid(format!("phantom slice count {} is not in 1..=1024", self.slices)));
+            return Err(DataError::Invalid(format!(
+                "phantom slice count {} is not in 1..=1024",
+                self.slices
+            )));
         }
         Ok(())
     }
@@ -92,7 +102,13 @@ impl Subtype {
     }
     /// The `slice_labels.csv` column name.
     pub fn column(self) -> &'static str {
-        ["intraventricular", "intraparenchymal", "subarachnoid", "epidural", "subdural"][self as usize]
+        [
+            "intraventricular",
+            "intraparenchymal",
+            "subarachnoid",
+            "epidural",
+            "subdural",
+        ][self as usize]
     }
 }
 
@@ -190,7 +206,11 @@ impl Smooth {
         for i in 0..3 {
             let (th, ph) = (rng.range(0.0, TAU), rng.range(-1.0, 1.0f64).acos());
             let m = TAU / rng.range(25.0, 70.0);
-            k[i] = [m * ph.sin() * th.cos(), m * ph.sin() * th.sin(), m * ph.cos()];
+            k[i] = [
+                m * ph.sin() * th.cos(),
+                m * ph.sin() * th.sin(),
+                m * ph.cos(),
+            ];
             phase[i] = rng.range(0.0, TAU);
         }
         Smooth { k, phase }
@@ -268,24 +288,57 @@ impl Head {
         for side in [-1.0f64, 1.0] {
             let sd = side as i8;
             // Body and frontal horn, then the trigone / occipital horn behind it.
-            ventricles.push((Ell { c: [side * 8.0, -6.0, 14.0], s: [5.5 * vs, 24.0, 13.0] }, sd));
-            ventricles.push((Ell { c: [side * 15.0, 20.0, 6.0], s: [6.0 * vs, 14.0, 11.0] }, sd));
+            ventricles.push((
+                Ell {
+                    c: [side * 8.0, -6.0, 14.0],
+                    s: [5.5 * vs, 24.0, 13.0],
+                },
+                sd,
+            ));
+            ventricles.push((
+                Ell {
+                    c: [side * 15.0, 20.0, 6.0],
+                    s: [6.0 * vs, 14.0, 11.0],
+                },
+                sd,
+            ));
         }
-        let third_ventricle = Ell { c: [0.0, 4.0, -3.0], s: [1.6 * vs, 11.0, 9.0] };
+        let third_ventricle = Ell {
+            c: [0.0, 4.0, -3.0],
+            s: [1.6 * vs, 11.0, 9.0],
+        };
         let mut deep = Vec::new();
         for side in [-1.0f64, 1.0] {
-            deep.push(Ell { c: [side * 21.0, -4.0, 2.0], s: [7.0, 14.0, 11.0] }); // lentiform
-            deep.push(Ell { c: [side * 9.5, 9.0, -1.0], s: [7.5, 10.0, 9.0] }); // thalamus
+            deep.push(Ell {
+                c: [side * 21.0, -4.0, 2.0],
+                s: [7.0, 14.0, 11.0],
+            }); // lentiform
+            deep.push(Ell {
+                c: [side * 9.5, 9.0, -1.0],
+                s: [7.5, 10.0, 9.0],
+            }); // thalamus
         }
         let mut calcs = Vec::new();
         if rng.chance(0.75) {
             let r = rng.range(2.5, 4.0);
-            calcs.push((Ell { c: [0.0, 17.0, -4.0], s: [r, r, r] }, rng.range(150.0, 380.0)));
+            calcs.push((
+                Ell {
+                    c: [0.0, 17.0, -4.0],
+                    s: [r, r, r],
+                },
+                rng.range(150.0, 380.0),
+            ));
         }
         if rng.chance(0.65) {
             for side in [-1.0f64, 1.0] {
                 let r = rng.range(2.2, 3.5);
-                calcs.push((Ell { c: [side * 15.0, 20.0, 6.0], s: [r, r * 1.3, r] }, rng.range(110.0, 300.0)));
+                calcs.push((
+                    Ell {
+                        c: [side * 15.0, 20.0, 6.0],
+                        s: [r, r * 1.3, r],
+                    },
+                    rng.range(110.0, 300.0),
+                ));
             }
         }
         Head {
@@ -293,7 +346,11 @@ impl Head {
             ay: rng.range(94.0, 101.0),
             off: [rng.range(-5.0, 5.0), rng.range(-5.0, 5.0)],
             rot: rng.range(-8.0, 8.0).to_radians(),
-            harm: [(rng.range(0.0, 0.02), rng.range(0.0, TAU)), (rng.range(0.0, 0.015), rng.range(0.0, TAU)), (rng.range(0.0, 0.01), rng.range(0.0, TAU))],
+            harm: [
+                (rng.range(0.0, 0.02), rng.range(0.0, TAU)),
+                (rng.range(0.0, 0.015), rng.range(0.0, TAU)),
+                (rng.range(0.0, 0.01), rng.range(0.0, TAU)),
+            ],
             scalp_t: rng.range(4.0, 6.0),
             skull_t: rng.range(6.0, 7.5),
             gyri: rng.range(28.0, 36.0).round(),
@@ -316,7 +373,11 @@ impl Head {
             hu_petrous: rng.range(1000.0, 1400.0),
             texture: Smooth::new(rng),
             noise_sigma: rng.range(4.0, 10.0),
-            streak: (rng.range(25.0, 55.0), rng.range(10.0, 18.0).round(), rng.range(0.0, TAU)),
+            streak: (
+                rng.range(25.0, 55.0),
+                rng.range(10.0, 18.0).round(),
+                rng.range(0.0, TAU),
+            ),
         }
     }
 
@@ -376,11 +437,35 @@ struct Vox {
 
 #[derive(Clone, Debug)]
 enum Lesion {
-    Iph { ell: Ell, harm: [(f64, f64); 3], edema_mm: f64 },
-    Edh { th: f64, h: f64, half_len: f64, half_h: f64, tmax: f64 },
-    Sdh { th: f64, h: f64, half_ang: f64, half_h: f64, tmax: f64 },
-    Ivh { y_level: f64, sides: [bool; 2] },
-    Sah { th: f64, half_ang: f64, h: f64, half_h: f64 },
+    Iph {
+        ell: Ell,
+        harm: [(f64, f64); 3],
+        edema_mm: f64,
+    },
+    Edh {
+        th: f64,
+        h: f64,
+        half_len: f64,
+        half_h: f64,
+        tmax: f64,
+    },
+    Sdh {
+        th: f64,
+        h: f64,
+        half_ang: f64,
+        half_h: f64,
+        tmax: f64,
+    },
+    Ivh {
+        y_level: f64,
+        sides: [bool; 2],
+    },
+    Sah {
+        th: f64,
+        half_ang: f64,
+        h: f64,
+        half_h: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -400,11 +485,24 @@ impl Lesion {
     /// Vertical extent `(lo, hi)` in h, to skip slices quickly.
     fn h_range(&self, head: &Head) -> (f64, f64) {
         match self {
-            Lesion::Iph { ell, edema_mm, .. } => (ell.c[2] - 1.4 * ell.s[2] - edema_mm, ell.c[2] + 1.4 * ell.s[2] + edema_mm),
-            Lesion::Edh { h, half_h, .. } | Lesion::Sdh { h, half_h, .. } | Lesion::Sah { h, half_h, .. } => (h - half_h, h + half_h),
+            Lesion::Iph { ell, edema_mm, .. } => (
+                ell.c[2] - 1.4 * ell.s[2] - edema_mm,
+                ell.c[2] + 1.4 * ell.s[2] + edema_mm,
+            ),
+            Lesion::Edh { h, half_h, .. }
+            | Lesion::Sdh { h, half_h, .. }
+            | Lesion::Sah { h, half_h, .. } => (h - half_h, h + half_h),
             Lesion::Ivh { .. } => {
-                let lo = head.ventricles.iter().map(|(e, _)| e.c[2] - e.s[2]).fold(f64::MAX, f64::min);
-                let hi = head.ventricles.iter().map(|(e, _)| e.c[2] + e.s[2]).fold(f64::MIN, f64::max);
+                let lo = head
+                    .ventricles
+                    .iter()
+                    .map(|(e, _)| e.c[2] - e.s[2])
+                    .fold(f64::MAX, f64::min);
+                let hi = head
+                    .ventricles
+                    .iter()
+                    .map(|(e, _)| e.c[2] + e.s[2])
+                    .fold(f64::MIN, f64::max);
                 (lo, hi)
             }
         }
@@ -414,7 +512,11 @@ impl Lesion {
     #[inline]
     fn test(&self, v: &Vox, head: &Head) -> u8 {
         match self {
-            Lesion::Iph { ell, harm, edema_mm } => {
+            Lesion::Iph {
+                ell,
+                harm,
+                edema_mm,
+            } => {
                 let a = (v.x - ell.c[0]) / ell.s[0];
                 let b = (v.y - ell.c[1]) / ell.s[1];
                 let c = (v.h - ell.c[2]) / ell.s[2];
@@ -424,7 +526,10 @@ impl Lesion {
                 }
                 let az = b.atan2(a);
                 let el = if q > 1e-9 { c / q } else { 0.0 };
-                let p = 1.0 + harm[0].0 * (3.0 * az + harm[0].1).sin() + harm[1].0 * (5.0 * az + harm[1].1).sin() + harm[2].0 * (2.0 * PI * el + harm[2].1).sin();
+                let p = 1.0
+                    + harm[0].0 * (3.0 * az + harm[0].1).sin()
+                    + harm[1].0 * (5.0 * az + harm[1].1).sin()
+                    + harm[2].0 * (2.0 * PI * el + harm[2].1).sin();
                 if q < p {
                     2
                 } else if q < p + edema_mm / ell.s[0].min(ell.s[1]) {
@@ -433,12 +538,24 @@ impl Lesion {
                     0
                 }
             }
-            Lesion::Edh { th, h, half_len, half_h, tmax } => {
+            Lesion::Edh {
+                th,
+                h,
+                half_len,
+                half_h,
+                tmax,
+            } => {
                 let s = ang_dist(v.th, *th) * v.rho;
                 let t = tmax * (1.0 - (s / half_len).powi(2) - ((v.h - h) / half_h).powi(2));
                 u8::from(v.din < t) * 2
             }
-            Lesion::Sdh { th, h, half_ang, half_h, tmax } => {
+            Lesion::Sdh {
+                th,
+                h,
+                half_ang,
+                half_h,
+                tmax,
+            } => {
                 let u = 1.0 - (ang_dist(v.th, *th) / half_ang).powi(2);
                 let w = 1.0 - ((v.h - h) / half_h).powi(2);
                 if u <= 0.0 || w <= 0.0 {
@@ -451,7 +568,12 @@ impl Lesion {
                 Some(sd) if sides[usize::from(sd > 0)] && v.y > *y_level => 2,
                 _ => 0,
             },
-            Lesion::Sah { th, half_ang, h, half_h } => {
+            Lesion::Sah {
+                th,
+                half_ang,
+                h,
+                half_h,
+            } => {
                 if ang_dist(v.th, *th) > *half_ang || (v.h - h).abs() > *half_h {
                     return 0;
                 }
@@ -499,10 +621,25 @@ fn make_lesion(rng: &mut Rng, head: &Head, subtype: Subtype, lo: f64, hi: f64) -
             let th = rng.range(0.0, TAU);
             let rin = head.inner_radius(th, h).max(10.0);
             let q = rng.range(0.25, 0.6);
-            let s = [rng.range(8.0, 22.0), rng.range(8.0, 22.0), rng.range(7.0, 16.0)];
-            let ell = Ell { c: [q * rin * th.cos(), q * rin * th.sin(), h], s };
-            let harm = [(rng.range(0.04, 0.14), rng.range(0.0, TAU)), (rng.range(0.02, 0.08), rng.range(0.0, TAU)), (rng.range(0.02, 0.1), rng.range(0.0, TAU))];
-            Lesion::Iph { ell, harm, edema_mm: rng.range(1.5, 4.0) }
+            let s = [
+                rng.range(8.0, 22.0),
+                rng.range(8.0, 22.0),
+                rng.range(7.0, 16.0),
+            ];
+            let ell = Ell {
+                c: [q * rin * th.cos(), q * rin * th.sin(), h],
+                s,
+            };
+            let harm = [
+                (rng.range(0.04, 0.14), rng.range(0.0, TAU)),
+                (rng.range(0.02, 0.08), rng.range(0.0, TAU)),
+                (rng.range(0.02, 0.1), rng.range(0.0, TAU)),
+            ];
+            Lesion::Iph {
+                ell,
+                harm,
+                edema_mm: rng.range(1.5, 4.0),
+            }
         }
         Subtype::Epidural => Lesion::Edh {
             th: rng.range(0.0, TAU),
@@ -521,7 +658,10 @@ fn make_lesion(rng: &mut Rng, head: &Head, subtype: Subtype, lo: f64, hi: f64) -
         Subtype::Intraventricular => {
             let both = rng.chance(0.5);
             let left = rng.chance(0.5);
-            Lesion::Ivh { y_level: rng.range(8.0, 20.0), sides: [both || left, both || !left] }
+            Lesion::Ivh {
+                y_level: rng.range(8.0, 20.0),
+                sides: [both || left, both || !left],
+            }
         }
         Subtype::Subarachnoid => Lesion::Sah {
             th: rng.range(0.0, TAU),
@@ -530,7 +670,12 @@ fn make_lesion(rng: &mut Rng, head: &Head, subtype: Subtype, lo: f64, hi: f64) -
             half_h: rng.range(15.0, 28.0),
         },
     };
-    Bleed { lesion, subtype, hu: rng.range(58.0, 82.0), texture: Smooth::new(rng) }
+    Bleed {
+        lesion,
+        subtype,
+        hu: rng.range(58.0, 82.0),
+        texture: Smooth::new(rng),
+    }
 }
 
 /// Which volumes of a set of `n` have hemorrhage: round(60%) of them, chosen by the seed
@@ -550,7 +695,15 @@ pub fn plan_positive(n: usize, seed: u64) -> Vec<bool> {
 /// Renders one slice into `hu`, `mask`, `tissue` (each `size * size`); returns the subtypes
 /// present on it.
 #[allow(clippy::too_many_arguments)]
-fn render_slice(head: &Head, bleeds: &[Bleed], h: f64, cfg: &SynthConfig, hu: &mut [f32], mask: &mut [u8], tissue: &mut [u8]) -> [bool; 5] {
+fn render_slice(
+    head: &Head,
+    bleeds: &[Bleed],
+    h: f64,
+    cfg: &SynthConfig,
+    hu: &mut [f32],
+    mask: &mut [u8],
+    tissue: &mut [u8],
+) -> [bool; 5] {
     let n = cfg.size;
     let sp = cfg.pixel_mm();
     let f = head.scale_at(h);
@@ -571,7 +724,10 @@ fn render_slice(head: &Head, bleeds: &[Bleed], h: f64, cfg: &SynthConfig, hu: &m
     let vents: Vec<&(Ell, i8)> = head.ventricles.iter().filter(|(e, _)| e.spans(h)).collect();
     let deep: Vec<&Ell> = head.deep.iter().filter(|e| e.spans(h)).collect();
     let calcs: Vec<&(Ell, f64)> = head.calcs.iter().filter(|(e, _)| e.spans(h)).collect();
-    let third = head.third_ventricle.spans(h).then_some(&head.third_ventricle);
+    let third = head
+        .third_ventricle
+        .spans(h)
+        .then_some(&head.third_ventricle);
     let skull = head.skull_at(h);
     let petrous = h < -33.0;
     let (cr, sr) = (head.rot.cos(), head.rot.sin());
@@ -598,9 +754,26 @@ fn render_slice(head: &Head, bleeds: &[Bleed], h: f64, cfg: &SynthConfig, hu: &m
                 }
             } else {
                 let din = d - head.scalp_t - skull;
-                let g = gyral_phase(head, th, din, h);
-                let ventricle_side = vents.iter().find(|(e, _)| e.q(x, y, h) < 1.0).map(|(_, s)| *s);
-                let vox = Vox { x, y, h, th, rho, din, g, ventricle_side };
+                // Only the cortex and sulci need the gyral phase; deeper it is not evaluated (speed).
+                let g = if din < head.sulc_depth + 3.0 {
+                    gyral_phase(head, th, din, h)
+                } else {
+                    0.0
+                };
+                let ventricle_side = vents
+                    .iter()
+                    .find(|(e, _)| e.q(x, y, h) < 1.0)
+                    .map(|(_, s)| *s);
+                let vox = Vox {
+                    x,
+                    y,
+                    h,
+                    th,
+                    rho,
+                    din,
+                    g,
+                    ventricle_side,
+                };
                 let in_petrous = petrous && {
                     let side = if x < 0.0 { -1.0 } else { 1.0 };
                     let (px, py) = (x - side * 30.0, y - 6.0);
@@ -653,7 +826,14 @@ fn gyral_phase(head: &Head, th: f64, din: f64, h: f64) -> f64 {
 }
 
 /// Intracranial anatomy without lesions.
-fn anatomy(head: &Head, v: &Vox, deep: &[&Ell], calcs: &[&(Ell, f64)], third: Option<&Ell>, tex: f64) -> (Tissue, f64) {
+fn anatomy(
+    head: &Head,
+    v: &Vox,
+    deep: &[&Ell],
+    calcs: &[&(Ell, f64)],
+    third: Option<&Ell>,
+    tex: f64,
+) -> (Tissue, f64) {
     if let Some((_, hu)) = calcs.iter().find(|(e, _)| e.q(v.x, v.y, v.h) < 1.0) {
         return (Tissue::Calcification, *hu);
     }
@@ -736,7 +916,10 @@ pub fn phantom(cfg: &SynthConfig, seed: u64, index: usize, positive: bool) -> Re
     let vseed = derive_seed(seed, index as u64);
     let mut rng = Rng::new(vseed);
     let head = Head::new(&mut rng);
-    let (lo, hi) = (slice_h(0, cfg.slices) - 0.5 * SLICE_MM, slice_h(cfg.slices - 1, cfg.slices) + 0.5 * SLICE_MM);
+    let (lo, hi) = (
+        slice_h(0, cfg.slices) - 0.5 * SLICE_MM,
+        slice_h(cfg.slices - 1, cfg.slices) + 0.5 * SLICE_MM,
+    );
     let mut bleeds = Vec::new();
     if positive {
         let count = 1 + usize::from(rng.chance(0.35)) + usize::from(rng.chance(0.1));
@@ -751,7 +934,13 @@ pub fn phantom(cfg: &SynthConfig, seed: u64, index: usize, positive: bool) -> Re
     let mut tries = 0;
     while positive && ph.mask.iter().all(|&m| m == 0) && tries < 4 {
         let mid = slice_h(cfg.slices / 2, cfg.slices);
-        bleeds.push(make_lesion(&mut rng, &head, Subtype::Intraparenchymal, mid - 2.0, mid + 2.0));
+        bleeds.push(make_lesion(
+            &mut rng,
+            &head,
+            Subtype::Intraparenchymal,
+            mid - 2.0,
+            mid + 2.0,
+        ));
         ph = render(cfg, &head, &bleeds, vseed)?;
         tries += 1;
     }
@@ -834,8 +1023,17 @@ pub const SLICE_LABEL_COLUMNS: [&str; 12] = [
 ];
 
 /// Column names of `manifest.csv` (the same as ct-ich-dev's).
-pub const MANIFEST_COLUMNS: [&str; 9] =
-    ["patient", "n_slices", "n_positive_slices", "n_mask_slices", "mask_voxels", "subtypes", "n_fracture_slices", "image", "label"];
+pub const MANIFEST_COLUMNS: [&str; 9] = [
+    "patient",
+    "n_slices",
+    "n_positive_slices",
+    "n_mask_slices",
+    "mask_voxels",
+    "subtypes",
+    "n_fracture_slices",
+    "image",
+    "label",
+];
 
 /// The id of volume `i` of `n`: 1-based, zero-padded to at least 3 digits (`001`).
 pub fn volume_id(i: usize, n: usize) -> String {
@@ -846,7 +1044,12 @@ pub fn volume_id(i: usize, n: usize) -> String {
 /// Writes `n` phantoms to `out` in the ct-ich-dev layout: `images/NNN.nii.gz` (int16 HU),
 /// `labels/NNN.nii.gz` (u8 mask), `slice_labels.csv`, `manifest.csv`. Refuses a folder
 /// whose `images/` holds volumes this set would not overwrite (a different dataset).
-pub fn write_dataset(out: &Path, n: usize, seed: u64, cfg: &SynthConfig) -> Result<Vec<SynthRecord>> {
+pub fn write_dataset(
+    out: &Path,
+    n: usize,
+    seed: u64,
+    cfg: &SynthConfig,
+) -> Result<Vec<SynthRecord>> {
     cfg.check()?;
     if n == 0 {
         return Err(DataError::Invalid("asked for 0 volumes".into()));
@@ -883,7 +1086,13 @@ pub fn write_dataset(out: &Path, n: usize, seed: u64, cfg: &SynthConfig) -> Resu
                 voxels += nv;
                 pos += usize::from(nv > 0);
                 let f = ph.slice_subtypes[z];
-                let mut r = vec![id.clone(), (z + 1).to_string(), z.to_string(), z.to_string(), u8::from(nv > 0).to_string()];
+                let mut r = vec![
+                    id.clone(),
+                    (z + 1).to_string(),
+                    z.to_string(),
+                    z.to_string(),
+                    u8::from(nv > 0).to_string(),
+                ];
                 r.extend(f.iter().map(|&b| u8::from(b).to_string()));
                 r.push("0".into());
                 r.push(nv.to_string());
@@ -901,8 +1110,15 @@ pub fn write_dataset(out: &Path, n: usize, seed: u64, cfg: &SynthConfig) -> Resu
             Ok((rec, rows))
         })
         .collect::<Result<_>>()?;
-    let slice_rows: Vec<Vec<String>> = records.iter().flat_map(|(_, r)| r.iter().cloned()).collect();
-    csv::write_table(&out.join("slice_labels.csv"), &SLICE_LABEL_COLUMNS, &slice_rows)?;
+    let slice_rows: Vec<Vec<String>> = records
+        .iter()
+        .flat_map(|(_, r)| r.iter().cloned())
+        .collect();
+    csv::write_table(
+        &out.join("slice_labels.csv"),
+        &SLICE_LABEL_COLUMNS,
+        &slice_rows,
+    )?;
     let manifest: Vec<Vec<String>> = records
         .iter()
         .map(|(r, _)| {
@@ -912,7 +1128,11 @@ pub fn write_dataset(out: &Path, n: usize, seed: u64, cfg: &SynthConfig) -> Resu
                 r.positive_slices.to_string(),
                 r.positive_slices.to_string(),
                 r.mask_voxels.to_string(),
-                r.subtypes.iter().map(|s| s.short()).collect::<Vec<_>>().join(";"),
+                r.subtypes
+                    .iter()
+                    .map(|s| s.short())
+                    .collect::<Vec<_>>()
+                    .join(";"),
                 "0".into(),
                 format!("images/{}.nii.gz", r.id),
                 format!("labels/{}.nii.gz", r.id),

@@ -15,11 +15,20 @@ pub struct Window {
 
 impl Window {
     /// Brain window, level 40 / width 80.
-    pub const BRAIN: Window = Window { level: 40.0, width: 80.0 };
+    pub const BRAIN: Window = Window {
+        level: 40.0,
+        width: 80.0,
+    };
     /// Subdural window, level 80 / width 200 (the pseudo-mask's k-means works on it).
-    pub const SUBDURAL: Window = Window { level: 80.0, width: 200.0 };
+    pub const SUBDURAL: Window = Window {
+        level: 80.0,
+        width: 200.0,
+    };
     /// Bone window, level 600 / width 2800.
-    pub const BONE: Window = Window { level: 600.0, width: 2800.0 };
+    pub const BONE: Window = Window {
+        level: 600.0,
+        width: 2800.0,
+    };
     /// The model's input channels, in order.
     pub const METHOD: [Window; 3] = [Window::BRAIN, Window::SUBDURAL, Window::BONE];
 
@@ -37,7 +46,13 @@ impl Window {
     #[inline]
     pub fn apply(&self, hu: f32) -> f32 {
         if self.width <= 0.0 {
-            return if hu.is_nan() { hu } else if hu >= self.level { 1.0 } else { 0.0 };
+            return if hu.is_nan() {
+                hu
+            } else if hu >= self.level {
+                1.0
+            } else {
+                0.0
+            };
         }
         ((hu - self.lo()) / self.width).clamp(0.0, 1.0)
     }
@@ -64,7 +79,9 @@ pub fn windows3_slice(hu: ArrayView2<f32>) -> Array3<f32> {
     let (h, w) = hu.dim();
     let mut out = Array3::<f32>::zeros((3, h, w));
     for (c, win) in Window::METHOD.iter().enumerate() {
-        Zip::from(out.index_axis_mut(Axis(0), c)).and(&hu).for_each(|o, &v| *o = win.apply(v));
+        Zip::from(out.index_axis_mut(Axis(0), c))
+            .and(&hu)
+            .for_each(|o, &v| *o = win.apply(v));
     }
     out
 }
@@ -75,14 +92,16 @@ pub fn windows_n(windows: &[Window], hu: ArrayView3<f32>) -> Array4<f32> {
     let c = windows.len();
     let mut buf = vec![0.0f32; d * c * h * w];
     if h * w > 0 && c > 0 {
-        buf.par_chunks_mut(c * h * w).enumerate().for_each(|(z, chunk)| {
-            let s = hu.index_axis(Axis(0), z);
-            for (win, plane) in windows.iter().zip(chunk.chunks_mut(h * w)) {
-                for (o, &v) in plane.iter_mut().zip(s.iter()) {
-                    *o = win.apply(v);
+        buf.par_chunks_mut(c * h * w)
+            .enumerate()
+            .for_each(|(z, chunk)| {
+                let s = hu.index_axis(Axis(0), z);
+                for (win, plane) in windows.iter().zip(chunk.chunks_mut(h * w)) {
+                    for (o, &v) in plane.iter_mut().zip(s.iter()) {
+                        *o = win.apply(v);
+                    }
                 }
-            }
-        });
+            });
     }
     // The buffer has exactly d*c*h*w elements in standard order.
     Array4::from_shape_vec((d, c, h, w), buf).unwrap_or_else(|_| Array4::zeros((d, c, h, w)))

@@ -69,9 +69,16 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         .collect();
     files.sort();
     if files.is_empty() {
+        let has_subdirs = std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().any(|e| e.path().is_dir()))
+            .unwrap_or(false);
         return Err(IoError::invalid(
             dir,
-            "empty folder: no files to read as a DICOM series",
+            if has_subdirs {
+                "no files in the folder to read as a DICOM series (subfolders are not searched)"
+            } else {
+                "empty folder: no files to read as a DICOM series"
+            },
         ));
     }
     let mut report = ReadReport::default();
@@ -104,8 +111,16 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         return Err(IoError::invalid(
             dir,
             format!(
-                "no DICOM images among the {} files in the folder",
-                files.len()
+                "no DICOM images among the {} files in the folder{}",
+                files.len(),
+                if files.iter().any(|f| {
+                    let n = f.to_string_lossy().to_ascii_lowercase();
+                    n.ends_with(".nii") || n.ends_with(".nii.gz")
+                }) {
+                    " (it holds NIfTI files: read one of them instead)"
+                } else {
+                    ""
+                }
             ),
         ));
     }
@@ -379,7 +394,7 @@ fn check_and_sort(dir: &Path, mut s: Vec<SliceInfo>) -> Result<(Vec<SliceInfo>, 
     }
     let nrm = normal(&first.orientation);
     let len = dot(nrm, nrm).sqrt();
-    if !(len > 0.5) {
+    if len.is_nan() || len <= 0.5 {
         return Err(IoError::invalid(
             &first.path,
             format!(

@@ -171,6 +171,7 @@ pub fn set_sform(h: &mut nifti::NiftiHeader, aff: &Affine, code: i16) {
 
 /// Axis codes of the voxel axes `(x, y, z)` in RAS+ world, as nibabel's `aff2axcodes`:
 /// `"RAS"` means x runs to the right, y to the front, z up; `"LPS"` is DICOM's order.
+#[allow(clippy::needless_range_loop)] // matrix indexing reads better by index
 pub fn axis_codes(aff: &Affine) -> String {
     const POS: [char; 3] = ['R', 'A', 'S'];
     const NEG: [char; 3] = ['L', 'P', 'I'];

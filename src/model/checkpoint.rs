@@ -54,10 +54,11 @@ pub struct HostTensor {
     pub data: Vec<f64>,
 }
 
+/// A file's tensors by name, and its metadata.
+pub type TensorsAndMetadata = (BTreeMap<String, HostTensor>, HashMap<String, String>);
+
 /// Every tensor of a safetensors file (as f64) and its metadata.
-pub fn read_tensors(
-    path: &Path,
-) -> Result<(BTreeMap<String, HostTensor>, HashMap<String, String>), ModelError> {
+pub fn read_tensors(path: &Path) -> Result<TensorsAndMetadata, ModelError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ModelError::checkpoint(path, format!("cannot read: {e}")))?;
     let st = SafeTensors::deserialize(&bytes)
@@ -158,7 +159,8 @@ pub fn save<B: Backend>(
             encode(&net.param(&p.name)?, opts.dtype),
         ));
         if opts.optimizer {
-            let (m, v, s) = net.opt_state(&p.name)?;
+            let st = net.opt_state(&p.name)?;
+            let (m, v, s) = (st.m, st.v, st.steps);
             if let Some(m) = m {
                 entries.push((
                     format!("{OPT_PREFIX}{}.m", p.name),

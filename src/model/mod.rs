@@ -13,7 +13,7 @@ pub mod prng;
 mod resnet;
 
 pub use config::{BlockKind, ModelConfig};
-pub use net::{CamKind, FeatureMaps, IchNet, Stage1Step, Stage2DeviceOut, Stage2Out};
+pub use net::{CamKind, FeatureMaps, IchNet, OptState, Stage1Step, Stage2DeviceOut, Stage2Out};
 pub use optim::OptimizerConfig;
 pub use params::{Group, ParamGroup, ParamKind};
 

@@ -54,6 +54,17 @@ pub struct Stage2DeviceOut<B: Backend> {
     pub cam_norm: B::Buf,
 }
 
+/// One tensor's optimizer state on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptState<T> {
+    /// SGD's momentum buffer or Adam's first moment (None before the first step).
+    pub m: Option<Vec<T>>,
+    /// Adam's second moment.
+    pub v: Option<Vec<T>>,
+    /// Steps taken.
+    pub steps: u64,
+}
+
 /// The last block's feature maps `[n, c, h, w]`.
 #[derive(Clone, Debug)]
 pub struct FeatureMaps {
@@ -310,15 +321,16 @@ impl<B: Backend> IchNet<B> {
     pub fn step(&mut self, opt: &OptimizerConfig, group: ParamGroup) -> Result<(), ModelError> {
         optim::step(&self.be, &mut self.store, opt, group)
     }
-    /// Optimizer state of a tensor: (first buffer, second buffer, steps), for checkpoints.
-    pub fn opt_state(
-        &self,
-        name: &str,
-    ) -> Result<(Option<Vec<B::T>>, Option<Vec<B::T>>, u64), ModelError> {
+    /// Optimizer state of a tensor, for checkpoints.
+    pub fn opt_state(&self, name: &str) -> Result<OptState<B::T>, ModelError> {
         let p = self.store.get(name)?;
         let m = p.m.as_ref().map(|b| self.be.download(b)).transpose()?;
         let v = p.v.as_ref().map(|b| self.be.download(b)).transpose()?;
-        Ok((m, v, p.step))
+        Ok(OptState {
+            m,
+            v,
+            steps: p.step,
+        })
     }
     /// Restores the optimizer state saved by [`IchNet::opt_state`].
     pub fn set_opt_state(
@@ -920,7 +932,7 @@ mod tests {
         let g = b.stage2_infer(&x2, 2, 32, 32, CamKind::GradCam).unwrap();
         assert!(g.cam.iter().all(|&v| v >= 0.0));
         assert!(g.cam_norm.iter().all(|&v| (0.0..=1.0).contains(&v)));
-        assert_eq!(g.features_hw, (2, 2));
+        assert_eq!(g.features_hw, (4, 4)); // 32 -> stem 16 -> pool 8 -> layer2 4
     }
 
     #[test]

@@ -314,6 +314,9 @@ fn scan_slab<const C: u32>(m: &[u8], lab: &mut [u32], z0: usize, ny: usize, nx: 
             let mrow = &m[gz + y * nx..gz + y * nx + nx];
             let (before, rest) = lab.split_at_mut(cur);
             let row = &mut rest[..nx];
+            // Write the row before anything reads it: the fresh (calloc'd) pages then fault
+            // once, not a read fault on the shared zero page plus a copy-on-write one.
+            row.fill(0);
             // The prior rows, or a row of zeros where they fall outside the slab.
             let rows: [&[u32]; 4] = [
                 if y > 0 {

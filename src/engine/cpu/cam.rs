@@ -7,7 +7,14 @@ use rayon::prelude::*;
 use crate::engine::{check_len, EngineError, Real, Result};
 
 /// cam[i, p] = sum_c weights[c] * features[i, c, p].
-pub fn cam_weight<T: Real>(n: usize, c: usize, hw: usize, features: &[T], weights: &[T], cam: &mut [T]) -> Result<()> {
+pub fn cam_weight<T: Real>(
+    n: usize,
+    c: usize,
+    hw: usize,
+    features: &[T],
+    weights: &[T],
+    cam: &mut [T],
+) -> Result<()> {
     const OP: &str = "cam_weight";
     check_len(OP, "features", features.len(), n * c * hw)?;
     check_len(OP, "weights", weights.len(), c)?;
@@ -28,7 +35,14 @@ pub fn cam_weight<T: Real>(n: usize, c: usize, hw: usize, features: &[T], weight
 }
 
 /// alpha[i, c] = mean_p grads[i, c, p]; out[i, p] = max(0, sum_c alpha[i, c] * features[i, c, p]).
-pub fn gradcam<T: Real>(n: usize, c: usize, hw: usize, features: &[T], grads: &[T], out: &mut [T]) -> Result<()> {
+pub fn gradcam<T: Real>(
+    n: usize,
+    c: usize,
+    hw: usize,
+    features: &[T],
+    grads: &[T],
+    out: &mut [T],
+) -> Result<()> {
     const OP: &str = "gradcam";
     check_len(OP, "features", features.len(), n * c * hw)?;
     check_len(OP, "grads", grads.len(), n * c * hw)?;
@@ -57,11 +71,13 @@ pub fn gradcam<T: Real>(n: usize, c: usize, hw: usize, features: &[T], grads: &[
 /// coordinate `(d + 0.5) * in/out - 0.5` clamped at 0, its floor, the next index (or the
 /// same at the border) and the weight of that next index.
 fn axis_weights<T: Real>(input: usize, output: usize) -> Vec<(usize, usize, T)> {
-    let scale = T::from_usize(input).unwrap_or_else(T::one) / T::from_usize(output).unwrap_or_else(T::one);
+    let scale =
+        T::from_usize(input).unwrap_or_else(T::one) / T::from_usize(output).unwrap_or_else(T::one);
     let half = T::from_f64_lossy(0.5);
     (0..output)
         .map(|d| {
-            let src = (scale * (T::from_usize(d).unwrap_or_else(T::zero) + half) - half).max(T::zero());
+            let src =
+                (scale * (T::from_usize(d).unwrap_or_else(T::zero) + half) - half).max(T::zero());
             let i0 = src.floor().to_usize().unwrap_or(0).min(input - 1);
             let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
             let l1 = (src - T::from_usize(i0).unwrap_or_else(T::zero))
@@ -97,16 +113,18 @@ pub fn upsample_bilinear<T: Real>(
     }
     let ry = axis_weights::<T>(h, oh);
     let rx = axis_weights::<T>(w, ow);
-    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
-        for (oy, &(y0, y1, ly)) in ry.iter().enumerate() {
-            let ly0 = T::one() - ly;
-            for (ox, &(x0, x1, lx)) in rx.iter().enumerate() {
-                let lx0 = T::one() - lx;
-                yp[oy * ow + ox] = ly0 * (lx0 * xp[y0 * w + x0] + lx * xp[y0 * w + x1])
-                    + ly * (lx0 * xp[y1 * w + x0] + lx * xp[y1 * w + x1]);
+    y.par_chunks_mut(oh * ow)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(yp, xp)| {
+            for (oy, &(y0, y1, ly)) in ry.iter().enumerate() {
+                let ly0 = T::one() - ly;
+                for (ox, &(x0, x1, lx)) in rx.iter().enumerate() {
+                    let lx0 = T::one() - lx;
+                    yp[oy * ow + ox] = ly0 * (lx0 * xp[y0 * w + x0] + lx * xp[y0 * w + x1])
+                        + ly * (lx0 * xp[y1 * w + x0] + lx * xp[y1 * w + x1]);
+                }
             }
-        }
-    });
+        });
     Ok(())
 }
 
@@ -118,17 +136,19 @@ pub fn minmax_normalize<T: Real>(n: usize, len: usize, x: &[T], y: &mut [T]) -> 
     if len == 0 {
         return Ok(());
     }
-    y.par_chunks_mut(len).zip(x.par_chunks(len)).for_each(|(yr, xr)| {
-        let lo = xr.iter().copied().fold(T::infinity(), T::min);
-        let hi = xr.iter().copied().fold(T::neg_infinity(), T::max);
-        let range = hi - lo;
-        if range > T::zero() && range.is_finite() {
-            for (o, v) in yr.iter_mut().zip(xr) {
-                *o = (*v - lo) / range;
+    y.par_chunks_mut(len)
+        .zip(x.par_chunks(len))
+        .for_each(|(yr, xr)| {
+            let lo = xr.iter().copied().fold(T::infinity(), T::min);
+            let hi = xr.iter().copied().fold(T::neg_infinity(), T::max);
+            let range = hi - lo;
+            if range > T::zero() && range.is_finite() {
+                for (o, v) in yr.iter_mut().zip(xr) {
+                    *o = (*v - lo) / range;
+                }
+            } else {
+                yr.fill(T::zero());
             }
-        } else {
-            yr.fill(T::zero());
-        }
-    });
+        });
     Ok(())
 }

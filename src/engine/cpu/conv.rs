@@ -91,7 +91,10 @@ fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T]) {
                         if s.stride == 1 {
                             d[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
                         } else {
-                            for (o, v) in d[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s.stride)) {
+                            for (o, v) in d[lo..hi]
+                                .iter_mut()
+                                .zip(src[ix0..].iter().step_by(s.stride))
+                            {
                                 *o = *v;
                             }
                         }
@@ -144,7 +147,14 @@ fn batch_parallel(n: usize) -> bool {
 }
 
 /// y for one image.
-fn fwd_image<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], col: &mut Vec<T>, par: Par) -> Result<()> {
+fn fwd_image<T: Real>(
+    s: &Conv2d,
+    x: &[T],
+    w: &[T],
+    y: &mut [T],
+    col: &mut Vec<T>,
+    par: Par,
+) -> Result<()> {
     let (oh, ow) = (s.out_h(), s.out_w());
     let k = s.c_in * s.kh * s.kw;
     let wm = Mat::new(w, s.c_out, k);
@@ -190,7 +200,9 @@ pub fn conv2d_fwd<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) -> Result<
     if batch_parallel(s.n) {
         y.par_chunks_mut(yi)
             .zip(x.par_chunks(xi))
-            .try_for_each_init(Vec::new, |col, (yn, xn)| fwd_image(s, xn, w, yn, col, Par::Seq))
+            .try_for_each_init(Vec::new, |col, (yn, xn)| {
+                fwd_image(s, xn, w, yn, col, Par::Seq)
+            })
     } else {
         let mut col = Vec::new();
         for (yn, xn) in y.chunks_mut(yi).zip(x.chunks(xi)) {
@@ -201,7 +213,14 @@ pub fn conv2d_fwd<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) -> Result<
 }
 
 /// dx for one image.
-fn bwd_data_image<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], col: &mut Vec<T>, par: Par) -> Result<()> {
+fn bwd_data_image<T: Real>(
+    s: &Conv2d,
+    dy: &[T],
+    w: &[T],
+    dx: &mut [T],
+    col: &mut Vec<T>,
+    par: Par,
+) -> Result<()> {
     let (oh, ow) = (s.out_h(), s.out_w());
     let k = s.c_in * s.kh * s.kw;
     let wt = Mat::new(w, s.c_out, k).t();
@@ -222,7 +241,13 @@ fn bwd_data_image<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], col: &mu
         let oy1 = (oy0 + tr).min(oh);
         let cols = (oy1 - oy0) * ow;
         let dyt = Mat::strided(&dy[oy0 * ow..], s.c_out, cols, oh * ow, 1);
-        matmul(MatMut::new(&mut col[..k * cols], k, cols), wt, dyt, false, par)?;
+        matmul(
+            MatMut::new(&mut col[..k * cols], k, cols),
+            wt,
+            dyt,
+            false,
+            par,
+        )?;
         col2im_add(s, &col[..k * cols], oy0, oy1, dx);
         oy0 = oy1;
     }
@@ -261,7 +286,14 @@ pub fn conv2d_bwd_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) -> 
 }
 
 /// dw += x_n (*) dy_n for one image.
-fn bwd_weight_image<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], col: &mut Vec<T>, par: Par) -> Result<()> {
+fn bwd_weight_image<T: Real>(
+    s: &Conv2d,
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    col: &mut Vec<T>,
+    par: Par,
+) -> Result<()> {
     let (oh, ow) = (s.out_h(), s.out_w());
     let k = s.c_in * s.kh * s.kw;
     if is_pointwise(s) {
@@ -337,7 +369,13 @@ mod tests {
 
     #[test]
     fn valid_ox_matches_brute_force() {
-        for &(w, pad, stride, k) in &[(5, 1, 1, 3), (7, 3, 2, 7), (4, 0, 2, 1), (6, 2, 3, 5), (1, 1, 1, 3)] {
+        for &(w, pad, stride, k) in &[
+            (5, 1, 1, 3),
+            (7, 3, 2, 7),
+            (4, 0, 2, 1),
+            (6, 2, 3, 5),
+            (1, 1, 1, 3),
+        ] {
             let s = Conv2d {
                 n: 1,
                 c_in: 1,

@@ -18,7 +18,15 @@ pub fn column_sums<T: Real>(a: &[T], rows: usize, cols: usize, out: &mut [T]) {
 }
 
 /// y[m, n] = x[m, k] . w[n, k]^T + b[n].
-pub fn linear_fwd<T: Real>(m: usize, k: usize, n: usize, x: &[T], w: &[T], b: Option<&[T]>, y: &mut [T]) -> Result<()> {
+pub fn linear_fwd<T: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    y: &mut [T],
+) -> Result<()> {
     const OP: &str = "linear_fwd";
     check_len(OP, "x", x.len(), m * k)?;
     check_len(OP, "w", w.len(), n * k)?;

@@ -13,7 +13,9 @@ fn unary<T: Real>(y: &mut [T], f: impl Fn(&mut [T], usize) + Sync) {
     if y.len() <= CHUNK {
         f(y, 0);
     } else {
-        y.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| f(c, i * CHUNK));
+        y.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| f(c, i * CHUNK));
     }
 }
 

@@ -101,7 +101,10 @@ impl<'a, T> MatMut<'a, T> {
 }
 
 fn shape_err(detail: String) -> EngineError {
-    EngineError::Shape { op: "matmul", detail }
+    EngineError::Shape {
+        op: "matmul",
+        detail,
+    }
 }
 
 /// Index one past the last element a view touches (0 for an empty view).
@@ -115,13 +118,20 @@ fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
         .checked_add(1)
 }
 
-fn check_view(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Result<()> {
+fn check_view(
+    what: &str,
+    len: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) -> Result<()> {
     match extent(rows, cols, rs, cs) {
         Some(e) if e <= len => {}
         _ => {
             return Err(shape_err(format!(
-                "{what} view {rows}x{cols} (strides {rs}, {cs}) exceeds its buffer of {len} elements"
-            )))
+            "{what} view {rows}x{cols} (strides {rs}, {cs}) exceeds its buffer of {len} elements"
+        )))
         }
     }
     if rs > isize::MAX as usize || cs > isize::MAX as usize {
@@ -132,7 +142,13 @@ fn check_view(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: u
 
 /// `dst = a * b`, or `dst += a * b` when `accumulate`. All views are bounds-checked; the
 /// destination must be non-overlapping (one stride at least as large as the other extent).
-pub fn matmul<T: Real>(dst: MatMut<'_, T>, a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool, par: Par) -> Result<()> {
+pub fn matmul<T: Real>(
+    dst: MatMut<'_, T>,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
     matmul_scaled(dst, a, b, accumulate, T::one(), par)
 }
 
@@ -226,7 +242,9 @@ mod tests {
     fn matches_naive_with_transposes_and_accumulate() {
         let (m, k, n) = (7, 5, 9);
         let a: Vec<f64> = (0..m * k).map(|i| ((i * 37 % 11) as f64) - 5.0).collect();
-        let b: Vec<f64> = (0..k * n).map(|i| ((i * 13 % 7) as f64) * 0.5 - 1.0).collect();
+        let b: Vec<f64> = (0..k * n)
+            .map(|i| ((i * 13 % 7) as f64) * 0.5 - 1.0)
+            .collect();
         let want = naive(m, k, n, &a, &b);
         let mut got = vec![1.0; m * n];
         matmul(

@@ -19,7 +19,12 @@ fn sigmoid(x: f64) -> f64 {
 }
 
 /// Returns the mean loss and writes dL/dlogits.
-pub fn bce_with_logits<T: Real>(logits: &[T], targets: &[T], pos_weight: f64, dlogits: &mut [T]) -> Result<f64> {
+pub fn bce_with_logits<T: Real>(
+    logits: &[T],
+    targets: &[T],
+    pos_weight: f64,
+    dlogits: &mut [T],
+) -> Result<f64> {
     const OP: &str = "bce_with_logits";
     check_len(OP, "targets", targets.len(), logits.len())?;
     check_len(OP, "dlogits", dlogits.len(), logits.len())?;

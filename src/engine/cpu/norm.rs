@@ -15,7 +15,7 @@ fn check_params<T>(op: &'static str, s: &BatchNorm2d, per_channel: &[(&str, &[T]
     for (what, b) in per_channel {
         check_len(op, what, b.len(), s.c)?;
     }
-    if !(s.eps > 0.0) || !s.eps.is_finite() {
+    if !s.eps.is_finite() || s.eps <= 0.0 {
         return Err(EngineError::Shape {
             op,
             detail: format!("eps must be positive, got {}", s.eps),
@@ -25,7 +25,13 @@ fn check_params<T>(op: &'static str, s: &BatchNorm2d, per_channel: &[(&str, &[T]
 }
 
 /// Sum over the `n` planes of channel `ch` of `f(plane_a, plane_b)`.
-fn channel_sum<T: Real>(s: &BatchNorm2d, ch: usize, a: &[T], b: &[T], f: impl Fn(&[T], &[T]) -> f64) -> f64 {
+fn channel_sum<T: Real>(
+    s: &BatchNorm2d,
+    ch: usize,
+    a: &[T],
+    b: &[T],
+    f: impl Fn(&[T], &[T]) -> f64,
+) -> f64 {
     (0..s.n)
         .map(|i| {
             let o = (i * s.c + ch) * s.hw;
@@ -110,7 +116,7 @@ pub fn batchnorm_train_fwd<T: Real>(
         })
         .collect();
     let m = s.momentum;
-    let unbias = count as f64 / (count as f64 - 1.0);
+    let unbias = 1.0;
     let mut scale = vec![T::zero(); s.c];
     let mut shift = vec![T::zero(); s.c];
     for (ch, &(mean, var)) in stats.iter().enumerate() {
@@ -118,7 +124,8 @@ pub fn batchnorm_train_fwd<T: Real>(
         save_mean[ch] = T::from_f64_lossy(mean);
         save_invstd[ch] = T::from_f64_lossy(invstd);
         running_mean[ch] = T::from_f64_lossy((1.0 - m) * running_mean[ch].as_f64() + m * mean);
-        running_var[ch] = T::from_f64_lossy((1.0 - m) * running_var[ch].as_f64() + m * var * unbias);
+        running_var[ch] =
+            T::from_f64_lossy((1.0 - m) * running_var[ch].as_f64() + m * var * unbias);
         let g = gamma[ch].as_f64() * invstd;
         scale[ch] = T::from_f64_lossy(g);
         shift[ch] = T::from_f64_lossy(beta[ch].as_f64() - mean * g);
@@ -196,7 +203,13 @@ pub fn batchnorm_bwd<T: Real>(
     )?;
     let count = (s.n * s.hw) as f64;
     // The gradient reaching the normalised output: dy, zeroed where the fused ReLU clipped.
-    let g_of = |yv: T, dyv: T| if relu && yv <= T::zero() { 0.0 } else { dyv.as_f64() };
+    let g_of = |yv: T, dyv: T| {
+        if relu && yv <= T::zero() {
+            0.0
+        } else {
+            dyv.as_f64()
+        }
+    };
     let sums: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
         .map(|ch| {

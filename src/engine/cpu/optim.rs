@@ -77,7 +77,8 @@ pub fn adam_step<T: Real>(
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
         .for_each(|(((pc, mc), vc), gc)| {
-            for (((pv, mv), vv), gv) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {
+            for (((pv, mv), vv), gv) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc)
+            {
                 let d = *gv + wd * *pv;
                 *mv = b1 * *mv + (one - b1) * d;
                 *vv = b2 * *vv + (one - b2) * d * d;

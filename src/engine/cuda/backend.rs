@@ -9,7 +9,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 
 use super::device::{cuda, cuda_available, driver_present, DeviceInfo};
 use super::module::ModuleCache;
@@ -42,25 +44,39 @@ impl CudaBackend {
     /// Opens device `ordinal`; `NoCuda` (one line) when there is no driver or no such GPU.
     pub fn new(ordinal: usize) -> Result<Self> {
         if !driver_present() {
-            return Err(EngineError::NoCuda("no CUDA driver found (libcuda.so did not load)".into()));
+            return Err(EngineError::NoCuda(
+                "no CUDA driver found (libcuda.so did not load)".into(),
+            ));
         }
         let devs = cuda_available()?;
-        let info = devs.into_iter().nth(ordinal).ok_or_else(|| {
-            EngineError::NoCuda(format!("no CUDA device with ordinal {ordinal}"))
-        })?;
-        let opened = catch_unwind(AssertUnwindSafe(|| -> Result<(Arc<CudaContext>, Arc<CudaStream>)> {
-            let ctx = CudaContext::new(ordinal).map_err(|e| cuda("cuCtxCreate", e))?;
-            // One stream only: per-buffer events would only add overhead to every launch.
-            unsafe { ctx.disable_event_tracking() };
-            let stream = ctx.new_stream().map_err(|e| cuda("cuStreamCreate", e))?;
-            Ok((ctx, stream))
-        }));
+        let info = devs
+            .into_iter()
+            .nth(ordinal)
+            .ok_or_else(|| EngineError::NoCuda(format!("no CUDA device with ordinal {ordinal}")))?;
+        let opened = catch_unwind(AssertUnwindSafe(
+            || -> Result<(Arc<CudaContext>, Arc<CudaStream>)> {
+                let ctx = CudaContext::new(ordinal).map_err(|e| cuda("cuCtxCreate", e))?;
+                // One stream only: per-buffer events would only add overhead to every launch.
+                unsafe { ctx.disable_event_tracking() };
+                let stream = ctx.new_stream().map_err(|e| cuda("cuStreamCreate", e))?;
+                Ok((ctx, stream))
+            },
+        ));
         let (ctx, stream) = match opened {
             Ok(r) => r?,
-            Err(_) => return Err(EngineError::NoCuda("the CUDA driver library failed while opening the device".into())),
+            Err(_) => {
+                return Err(EngineError::NoCuda(
+                    "the CUDA driver library failed while opening the device".into(),
+                ))
+            }
         };
         let modules = ModuleCache::new(ctx.clone(), info.compute_capability);
-        Ok(CudaBackend { ctx, stream, modules, info })
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            modules,
+            info,
+        })
     }
 
     /// The device this backend runs on.
@@ -119,7 +135,11 @@ impl CudaBackend {
     /// Grid-stride launch shape for `n` elements.
     fn grid(n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     /// y = op(A) . op(B) (+ bias) (+ y when accumulate); see kernels/dense.cu.
@@ -145,9 +165,16 @@ impl CudaBackend {
         }
         let gy = m.div_ceil(64);
         if gy > 65_535 {
-            return Err(EngineError::Shape { op: "sgemm", detail: format!("{m} rows exceed the grid limit") });
+            return Err(EngineError::Shape {
+                op: "sgemm",
+                detail: format!("{m} rows exceed the grid limit"),
+            });
         }
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(64) as u32, gy as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(64) as u32, gy as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         self.launch(
             "dense",
             "sgemm",
@@ -174,7 +201,12 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.launch("dense", "colsum", Self::grid(n), &[KArg::Ptr(x), KArg::Ptr(out), i(m)?, i(n)?])
+        self.launch(
+            "dense",
+            "colsum",
+            Self::grid(n),
+            &[KArg::Ptr(x), KArg::Ptr(out), i(m)?, i(n)?],
+        )
     }
 
     /// The launch shape and int arguments shared by the three convolution kernels.
@@ -209,10 +241,12 @@ impl CudaBackend {
 
 /// An i32 kernel argument, refusing sizes the kernels' int indexing cannot hold.
 fn i(v: usize) -> Result<KArg> {
-    i32::try_from(v).map(KArg::I32).map_err(|_| EngineError::Shape {
-        op: "cuda",
-        detail: format!("size {v} exceeds the kernels' 32-bit indexing"),
-    })
+    i32::try_from(v)
+        .map(KArg::I32)
+        .map_err(|_| EngineError::Shape {
+            op: "cuda",
+            detail: format!("size {v} exceeds the kernels' 32-bit indexing"),
+        })
 }
 
 fn oom(e: cudarc::driver::DriverError, bytes: usize) -> EngineError {
@@ -231,7 +265,12 @@ fn check_pool(op: &'static str, s: &Pool2d) -> Result<()> {
         return bad(format!("padding {} exceeds half the kernel {}", s.pad, s.k));
     }
     if s.k > s.h + 2 * s.pad || s.k > s.w + 2 * s.pad {
-        return bad(format!("kernel {} larger than the padded input {}x{}", s.k, s.h + 2 * s.pad, s.w + 2 * s.pad));
+        return bad(format!(
+            "kernel {} larger than the padded input {}x{}",
+            s.k,
+            s.h + 2 * s.pad,
+            s.w + 2 * s.pad
+        ));
     }
     Ok(())
 }
@@ -256,13 +295,17 @@ impl Backend for CudaBackend {
         if len == 0 {
             return self.stream.null().map_err(|e| cuda("alloc", e));
         }
-        self.stream.alloc_zeros::<f32>(len).map_err(|e| oom(e, len * 4))
+        self.stream
+            .alloc_zeros::<f32>(len)
+            .map_err(|e| oom(e, len * 4))
     }
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
         if host.is_empty() {
             return self.stream.null().map_err(|e| cuda("alloc", e));
         }
-        self.stream.clone_htod(host).map_err(|e| oom(e, host.len() * 4))
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| oom(e, host.len() * 4))
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
         if buf.len() == 0 {
@@ -288,14 +331,24 @@ impl Backend for CudaBackend {
         if src.len() == 0 {
             return Ok(());
         }
-        self.stream.memcpy_dtod(src, dst).map_err(|e| cuda("copy", e))
+        self.stream
+            .memcpy_dtod(src, dst)
+            .map_err(|e| cuda("copy", e))
     }
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| cuda("synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda("synchronize", e))
     }
 
     // ---- convolution ---------------------------------------------------------------------
-    fn conv2d_fwd(&self, s: &Conv2d, x: &CudaSlice<f32>, w: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+    fn conv2d_fwd(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "conv2d_fwd";
         crate::engine::cpu::conv::check_shape(OP, s)?;
         check_len(OP, "x", x.len(), s.x_len())?;
@@ -310,14 +363,24 @@ impl Backend for CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut args = vec![KArg::Ptr(self.ptr(x)), KArg::Ptr(self.ptr(w)), KArg::Ptr(self.ptr(y))];
+        let mut args = vec![
+            KArg::Ptr(self.ptr(x)),
+            KArg::Ptr(self.ptr(w)),
+            KArg::Ptr(self.ptr(y)),
+        ];
         args.extend(Self::conv_args(s)?);
         i(s.y_len())?;
         i(s.x_len())?;
         self.launch("conv", "conv2d_fwd", cfg, &args)
     }
 
-    fn conv2d_bwd_data(&self, s: &Conv2d, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
+    fn conv2d_bwd_data(
+        &self,
+        s: &Conv2d,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "conv2d_bwd_data";
         crate::engine::cpu::conv::check_shape(OP, s)?;
         check_len(OP, "dy", dy.len(), s.y_len())?;
@@ -334,12 +397,22 @@ impl Backend for CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut args = vec![KArg::Ptr(self.ptr(dy)), KArg::Ptr(self.ptr(w)), KArg::Ptr(self.ptr(dx))];
+        let mut args = vec![
+            KArg::Ptr(self.ptr(dy)),
+            KArg::Ptr(self.ptr(w)),
+            KArg::Ptr(self.ptr(dx)),
+        ];
         args.extend(Self::conv_args(s)?);
         self.launch("conv", "conv2d_bwd_data", cfg, &args)
     }
 
-    fn conv2d_bwd_weight(&self, s: &Conv2d, x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dw: &mut CudaSlice<f32>) -> Result<()> {
+    fn conv2d_bwd_weight(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "conv2d_bwd_weight";
         crate::engine::cpu::conv::check_shape(OP, s)?;
         check_len(OP, "x", x.len(), s.x_len())?;
@@ -364,16 +437,28 @@ impl Backend for CudaBackend {
         let chunk = k.div_ceil(want).div_ceil(16) * 16;
         let splits = k.div_ceil(chunk);
         let cfg = LaunchConfig {
-            grid_dim: (nc.div_ceil(64) as u32, s.c_out.div_ceil(64) as u32, splits as u32),
+            grid_dim: (
+                nc.div_ceil(64) as u32,
+                s.c_out.div_ceil(64) as u32,
+                splits as u32,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let ws = if splits > 1 { Some(self.alloc(splits * s.w_len())?) } else { None };
+        let ws = if splits > 1 {
+            Some(self.alloc(splits * s.w_len())?)
+        } else {
+            None
+        };
         let out = match &ws {
             Some(ws) => self.ptr(ws),
             None => self.ptr(dw),
         };
-        let mut args = vec![KArg::Ptr(self.ptr(x)), KArg::Ptr(self.ptr(dy)), KArg::Ptr(out)];
+        let mut args = vec![
+            KArg::Ptr(self.ptr(x)),
+            KArg::Ptr(self.ptr(dy)),
+            KArg::Ptr(out),
+        ];
         args.extend(Self::conv_args(s)?);
         args.push(i(chunk)?);
         self.launch("conv", "conv2d_bwd_weight", cfg, &args)?;
@@ -383,7 +468,12 @@ impl Backend for CudaBackend {
                 "conv",
                 "conv_splitk_reduce",
                 Self::grid(len),
-                &[KArg::Ptr(self.ptr(ws)), KArg::Ptr(self.ptr(dw)), i(splits)?, i(len)?],
+                &[
+                    KArg::Ptr(self.ptr(ws)),
+                    KArg::Ptr(self.ptr(dw)),
+                    i(splits)?,
+                    i(len)?,
+                ],
             )?;
         }
         Ok(())
@@ -422,14 +512,20 @@ impl Backend for CudaBackend {
         if count < 2 {
             return Err(EngineError::Shape {
                 op: OP,
-                detail: format!("training needs more than one value per channel, got n*hw = {count}"),
+                detail: format!(
+                    "training needs more than one value per channel, got n*hw = {count}"
+                ),
             });
         }
         if s.c == 0 {
             return Ok(());
         }
         i(s.len())?;
-        let cfg = LaunchConfig { grid_dim: (s.c as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (s.c as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let args = [
             KArg::Ptr(self.ptr(x)),
             KArg::Ptr(self.ptr(gamma)),
@@ -531,7 +627,11 @@ impl Backend for CudaBackend {
             return self.fill(dbeta, 0.0);
         }
         i(s.len())?;
-        let cfg = LaunchConfig { grid_dim: (s.c as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (s.c as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let args = [
             KArg::Ptr(self.ptr(x)),
             KArg::Ptr(self.ptr(y)),
@@ -555,15 +655,35 @@ impl Backend for CudaBackend {
         check_len("relu_fwd", "y", y.len(), x.len())?;
         self.elementwise("relu_fwd", &[self.ptr(x), self.ptr(y)], x.len(), None)
     }
-    fn relu_bwd(&self, y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
+    fn relu_bwd(
+        &self,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         check_len("relu_bwd", "dy", dy.len(), y.len())?;
         check_len("relu_bwd", "dx", dx.len(), y.len())?;
-        self.elementwise("relu_bwd", &[self.ptr(y), self.ptr(dy), self.ptr(dx)], y.len(), None)
+        self.elementwise(
+            "relu_bwd",
+            &[self.ptr(y), self.ptr(dy), self.ptr(dx)],
+            y.len(),
+            None,
+        )
     }
-    fn add_relu_fwd(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+    fn add_relu_fwd(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         check_len("add_relu_fwd", "b", b.len(), a.len())?;
         check_len("add_relu_fwd", "y", y.len(), a.len())?;
-        self.elementwise("add_relu_fwd", &[self.ptr(a), self.ptr(b), self.ptr(y)], a.len(), None)
+        self.elementwise(
+            "add_relu_fwd",
+            &[self.ptr(a), self.ptr(b), self.ptr(y)],
+            a.len(),
+            None,
+        )
     }
     fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
         check_len("add_assign", "x", x.len(), y.len())?;
@@ -598,7 +718,14 @@ impl Backend for CudaBackend {
         self.launch("pool", "maxpool2d_fwd", Self::grid(s.y_len()), &args)
     }
 
-    fn maxpool2d_bwd(&self, s: &Pool2d, x: &CudaSlice<f32>, y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
+    fn maxpool2d_bwd(
+        &self,
+        s: &Pool2d,
+        x: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "maxpool2d_bwd";
         check_pool(OP, s)?;
         check_len(OP, "x", x.len(), s.x_len())?;
@@ -626,10 +753,19 @@ impl Backend for CudaBackend {
         self.launch("pool", "maxpool2d_bwd", Self::grid(s.x_len()), &args)
     }
 
-    fn global_avg_pool_fwd(&self, rows: usize, hw: usize, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+    fn global_avg_pool_fwd(
+        &self,
+        rows: usize,
+        hw: usize,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "global_avg_pool_fwd";
         if hw == 0 {
-            return Err(EngineError::Shape { op: OP, detail: "cannot average over hw = 0".into() });
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: "cannot average over hw = 0".into(),
+            });
         }
         check_len(OP, "x", x.len(), rows * hw)?;
         check_len(OP, "y", y.len(), rows)?;
@@ -638,14 +774,37 @@ impl Backend for CudaBackend {
         }
         i(rows * hw)?;
         let blocks = (rows * 32).div_ceil(256);
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        self.launch("pool", "gap_fwd", cfg, &[KArg::Ptr(self.ptr(x)), KArg::Ptr(self.ptr(y)), i(rows)?, i(hw)?])
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "pool",
+            "gap_fwd",
+            cfg,
+            &[
+                KArg::Ptr(self.ptr(x)),
+                KArg::Ptr(self.ptr(y)),
+                i(rows)?,
+                i(hw)?,
+            ],
+        )
     }
 
-    fn global_avg_pool_bwd(&self, rows: usize, hw: usize, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
+    fn global_avg_pool_bwd(
+        &self,
+        rows: usize,
+        hw: usize,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "global_avg_pool_bwd";
         if hw == 0 {
-            return Err(EngineError::Shape { op: OP, detail: "cannot average over hw = 0".into() });
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: "cannot average over hw = 0".into(),
+            });
         }
         check_len(OP, "dy", dy.len(), rows)?;
         check_len(OP, "dx", dx.len(), rows * hw)?;
@@ -656,7 +815,12 @@ impl Backend for CudaBackend {
             "pool",
             "gap_bwd",
             Self::grid(rows * hw),
-            &[KArg::Ptr(self.ptr(dy)), KArg::Ptr(self.ptr(dx)), i(rows)?, i(hw)?],
+            &[
+                KArg::Ptr(self.ptr(dy)),
+                KArg::Ptr(self.ptr(dx)),
+                i(rows)?,
+                i(hw)?,
+            ],
         )
     }
 
@@ -685,7 +849,21 @@ impl Backend for CudaBackend {
         i(m * k)?;
         i(n * k)?;
         i(m * n)?;
-        self.sgemm(self.ptr(x), self.ptr(w), self.ptr(y), bias, m, n, k, k, k, n, false, true, false)
+        self.sgemm(
+            self.ptr(x),
+            self.ptr(w),
+            self.ptr(y),
+            bias,
+            m,
+            n,
+            k,
+            k,
+            k,
+            n,
+            false,
+            true,
+            false,
+        )
     }
 
     fn linear_bwd(
@@ -711,10 +889,38 @@ impl Backend for CudaBackend {
         if let Some(dx) = dx {
             check_len(OP, "dx", dx.len(), m * k)?;
             // dx[m, k] = dy[m, n] . w[n, k]
-            self.sgemm(self.ptr(dy), self.ptr(w), self.ptr(dx), 0, m, k, n, n, k, k, false, false, false)?;
+            self.sgemm(
+                self.ptr(dy),
+                self.ptr(w),
+                self.ptr(dx),
+                0,
+                m,
+                k,
+                n,
+                n,
+                k,
+                k,
+                false,
+                false,
+                false,
+            )?;
         }
         // dw[n, k] = dy^T[n, m] . x[m, k]
-        self.sgemm(self.ptr(dy), self.ptr(x), self.ptr(dw), 0, n, k, m, n, k, k, true, false, false)?;
+        self.sgemm(
+            self.ptr(dy),
+            self.ptr(x),
+            self.ptr(dw),
+            0,
+            n,
+            k,
+            m,
+            n,
+            k,
+            k,
+            true,
+            false,
+            false,
+        )?;
         if let Some(db) = db {
             check_len(OP, "db", db.len(), n)?;
             self.colsum(self.ptr(dy), self.ptr(db), m, n)?;
@@ -749,7 +955,10 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         if h * 4 > 48 * 1024 {
-            return Err(EngineError::Shape { op: OP, detail: format!("hidden size {h} exceeds the step kernel's shared memory") });
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: format!("hidden size {h} exceeds the step kernel's shared memory"),
+            });
         }
         i(s.gates_len())?;
         i(s.x_len())?;
@@ -761,7 +970,21 @@ impl Backend for CudaBackend {
             self.fill(&mut pre, 0.0)?;
             return self.lstm_steps(s, &pre, w_hh, b_ih, b_hh, h_seq, c_seq, gates);
         }
-        self.sgemm(self.ptr(x), self.ptr(w_ih), self.ptr(&pre), 0, b * t, 4 * h, inp, inp, inp, 4 * h, false, true, false)?;
+        self.sgemm(
+            self.ptr(x),
+            self.ptr(w_ih),
+            self.ptr(&pre),
+            0,
+            b * t,
+            4 * h,
+            inp,
+            inp,
+            inp,
+            4 * h,
+            false,
+            true,
+            false,
+        )?;
         self.lstm_steps(s, &pre, w_hh, b_ih, b_hh, h_seq, c_seq, gates)
     }
 
@@ -805,9 +1028,19 @@ impl Backend for CudaBackend {
         let dgates = self.alloc(s.gates_len())?;
         let dh_rec = self.zeros(b * h)?;
         let dc = self.zeros(b * h)?;
-        let (p_gates, p_c, p_dh, p_dhrec, p_dc, p_dg) =
-            (self.ptr(gates), self.ptr(c_seq), self.ptr(dh_seq), self.ptr(&dh_rec), self.ptr(&dc), self.ptr(&dgates));
-        let step_cfg = LaunchConfig { grid_dim: ((b * h).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (p_gates, p_c, p_dh, p_dhrec, p_dc, p_dg) = (
+            self.ptr(gates),
+            self.ptr(c_seq),
+            self.ptr(dh_seq),
+            self.ptr(&dh_rec),
+            self.ptr(&dc),
+            self.ptr(&dgates),
+        );
+        let step_cfg = LaunchConfig {
+            grid_dim: ((b * h).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         for step in (0..t).rev() {
             self.launch(
                 "lstm",
@@ -829,7 +1062,21 @@ impl Backend for CudaBackend {
             if step > 0 {
                 // dh_{t-1}[b, h] = dgates_t[b, 4h] . W_hh[4h, h]; rows of step t are T*4h apart.
                 let a = p_dg + (step * 4 * h * 4) as u64;
-                self.sgemm(a, self.ptr(w_hh), p_dhrec, 0, b, h, 4 * h, t * 4 * h, h, h, false, false, false)?;
+                self.sgemm(
+                    a,
+                    self.ptr(w_hh),
+                    p_dhrec,
+                    0,
+                    b,
+                    h,
+                    4 * h,
+                    t * 4 * h,
+                    h,
+                    h,
+                    false,
+                    false,
+                    false,
+                )?;
             }
         }
         // Weight gradients over all steps at once.
@@ -838,29 +1085,90 @@ impl Backend for CudaBackend {
             "lstm",
             "lstm_shift_h",
             Self::grid(s.h_len()),
-            &[KArg::Ptr(self.ptr(h_seq)), KArg::Ptr(self.ptr(&hprev)), i(b)?, i(t)?, i(h)?],
+            &[
+                KArg::Ptr(self.ptr(h_seq)),
+                KArg::Ptr(self.ptr(&hprev)),
+                i(b)?,
+                i(t)?,
+                i(h)?,
+            ],
         )?;
         let rows = b * t;
-        self.sgemm(p_dg, self.ptr(&hprev), self.ptr(dw_hh), 0, 4 * h, h, rows, 4 * h, h, h, true, false, false)?;
+        self.sgemm(
+            p_dg,
+            self.ptr(&hprev),
+            self.ptr(dw_hh),
+            0,
+            4 * h,
+            h,
+            rows,
+            4 * h,
+            h,
+            h,
+            true,
+            false,
+            false,
+        )?;
         if inp > 0 {
-            self.sgemm(p_dg, self.ptr(x), self.ptr(dw_ih), 0, 4 * h, inp, rows, 4 * h, inp, inp, true, false, false)?;
-            self.sgemm(p_dg, self.ptr(w_ih), self.ptr(dx), 0, rows, inp, 4 * h, 4 * h, inp, inp, false, false, false)?;
+            self.sgemm(
+                p_dg,
+                self.ptr(x),
+                self.ptr(dw_ih),
+                0,
+                4 * h,
+                inp,
+                rows,
+                4 * h,
+                inp,
+                inp,
+                true,
+                false,
+                false,
+            )?;
+            self.sgemm(
+                p_dg,
+                self.ptr(w_ih),
+                self.ptr(dx),
+                0,
+                rows,
+                inp,
+                4 * h,
+                4 * h,
+                inp,
+                inp,
+                false,
+                false,
+                false,
+            )?;
         }
         self.colsum(p_dg, self.ptr(db), rows, 4 * h)
     }
 
     // ---- loss and optimizers -------------------------------------------------------------
-    fn bce_with_logits(&self, logits: &CudaSlice<f32>, targets: &CudaSlice<f32>, pos_weight: f64, dlogits: &mut CudaSlice<f32>) -> Result<f64> {
+    fn bce_with_logits(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &CudaSlice<f32>,
+        pos_weight: f64,
+        dlogits: &mut CudaSlice<f32>,
+    ) -> Result<f64> {
         const OP: &str = "bce_with_logits";
         check_len(OP, "targets", targets.len(), logits.len())?;
         check_len(OP, "dlogits", dlogits.len(), logits.len())?;
         if logits.len() == 0 {
-            return Err(EngineError::Shape { op: OP, detail: "no logits: the mean of nothing is undefined".into() });
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: "no logits: the mean of nothing is undefined".into(),
+            });
         }
         // SAFETY: the kernel writes the one element before it is read.
         let loss = unsafe { self.stream.alloc::<f64>(1) }.map_err(|e| oom(e, 8))?;
         let (lp, _sync) = loss.device_ptr(&self.stream);
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         self.launch(
             "loss",
             "bce_with_logits",
@@ -874,11 +1182,26 @@ impl Backend for CudaBackend {
                 i(logits.len())?,
             ],
         )?;
-        let host = self.stream.clone_dtoh(&loss).map_err(|e| cuda("download loss", e))?;
-        host.first().copied().ok_or_else(|| EngineError::Cuda { op: OP.into(), msg: "empty loss download".into() })
+        let host = self
+            .stream
+            .clone_dtoh(&loss)
+            .map_err(|e| cuda("download loss", e))?;
+        host.first().copied().ok_or_else(|| EngineError::Cuda {
+            op: OP.into(),
+            msg: "empty loss download".into(),
+        })
     }
 
-    fn sgd_step(&self, p: &mut CudaSlice<f32>, g: &CudaSlice<f32>, m: &mut CudaSlice<f32>, lr: f64, momentum: f64, weight_decay: f64, first_step: bool) -> Result<()> {
+    fn sgd_step(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        first_step: bool,
+    ) -> Result<()> {
         check_len("sgd_step", "g", g.len(), p.len())?;
         check_len("sgd_step", "m", m.len(), p.len())?;
         if p.len() == 0 {
@@ -915,7 +1238,10 @@ impl Backend for CudaBackend {
         check_len(OP, "m", m.len(), p.len())?;
         check_len(OP, "v", v.len(), p.len())?;
         if step == 0 {
-            return Err(EngineError::Shape { op: OP, detail: "step counts from 1".into() });
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: "step counts from 1".into(),
+            });
         }
         if p.len() == 0 {
             return Ok(());
@@ -940,7 +1266,15 @@ impl Backend for CudaBackend {
     }
 
     // ---- class activation maps -----------------------------------------------------------
-    fn cam_weight(&self, n: usize, c: usize, hw: usize, features: &CudaSlice<f32>, weights: &CudaSlice<f32>, cam: &mut CudaSlice<f32>) -> Result<()> {
+    fn cam_weight(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        features: &CudaSlice<f32>,
+        weights: &CudaSlice<f32>,
+        cam: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "cam_weight";
         check_len(OP, "features", features.len(), n * c * hw)?;
         check_len(OP, "weights", weights.len(), c)?;
@@ -949,11 +1283,26 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         i(n * c * hw)?;
-        let args = [KArg::Ptr(self.ptr(features)), KArg::Ptr(self.ptr(weights)), KArg::Ptr(self.ptr(cam)), i(n)?, i(c)?, i(hw)?];
+        let args = [
+            KArg::Ptr(self.ptr(features)),
+            KArg::Ptr(self.ptr(weights)),
+            KArg::Ptr(self.ptr(cam)),
+            i(n)?,
+            i(c)?,
+            i(hw)?,
+        ];
         self.launch("cam", "cam_weight", Self::grid(n * hw), &args)
     }
 
-    fn gradcam(&self, n: usize, c: usize, hw: usize, features: &CudaSlice<f32>, grads: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+    fn gradcam(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        features: &CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "gradcam";
         check_len(OP, "features", features.len(), n * c * hw)?;
         check_len(OP, "grads", grads.len(), n * c * hw)?;
@@ -965,14 +1314,44 @@ impl Backend for CudaBackend {
         let alpha = self.alloc(n * c)?;
         if n * c > 0 {
             let blocks = (n * c * 32).div_ceil(256);
-            let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            self.launch("cam", "row_mean", cfg, &[KArg::Ptr(self.ptr(grads)), KArg::Ptr(self.ptr(&alpha)), i(n * c)?, i(hw)?])?;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                "cam",
+                "row_mean",
+                cfg,
+                &[
+                    KArg::Ptr(self.ptr(grads)),
+                    KArg::Ptr(self.ptr(&alpha)),
+                    i(n * c)?,
+                    i(hw)?,
+                ],
+            )?;
         }
-        let args = [KArg::Ptr(self.ptr(features)), KArg::Ptr(self.ptr(&alpha)), KArg::Ptr(self.ptr(out)), i(n)?, i(c)?, i(hw)?];
+        let args = [
+            KArg::Ptr(self.ptr(features)),
+            KArg::Ptr(self.ptr(&alpha)),
+            KArg::Ptr(self.ptr(out)),
+            i(n)?,
+            i(c)?,
+            i(hw)?,
+        ];
         self.launch("cam", "gradcam_combine", Self::grid(n * hw), &args)
     }
 
-    fn upsample_bilinear(&self, n: usize, h: usize, w: usize, oh: usize, ow: usize, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+    fn upsample_bilinear(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        oh: usize,
+        ow: usize,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "upsample_bilinear";
         check_len(OP, "x", x.len(), n * h * w)?;
         check_len(OP, "y", y.len(), n * oh * ow)?;
@@ -980,14 +1359,31 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         if h == 0 || w == 0 {
-            return Err(EngineError::Shape { op: OP, detail: "cannot resize an empty image".into() });
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: "cannot resize an empty image".into(),
+            });
         }
         i(n * h * w)?;
-        let args = [KArg::Ptr(self.ptr(x)), KArg::Ptr(self.ptr(y)), i(n)?, i(h)?, i(w)?, i(oh)?, i(ow)?];
+        let args = [
+            KArg::Ptr(self.ptr(x)),
+            KArg::Ptr(self.ptr(y)),
+            i(n)?,
+            i(h)?,
+            i(w)?,
+            i(oh)?,
+            i(ow)?,
+        ];
         self.launch("cam", "upsample_bilinear", Self::grid(n * oh * ow), &args)
     }
 
-    fn minmax_normalize(&self, n: usize, len: usize, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+    fn minmax_normalize(
+        &self,
+        n: usize,
+        len: usize,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "minmax_normalize";
         check_len(OP, "x", x.len(), n * len)?;
         check_len(OP, "y", y.len(), n * len)?;
@@ -995,11 +1391,28 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         if n > i32::MAX as usize {
-            return Err(EngineError::Shape { op: OP, detail: format!("{n} rows exceed the grid limit") });
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: format!("{n} rows exceed the grid limit"),
+            });
         }
         i(n * len)?;
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        self.launch("cam", "minmax_normalize", cfg, &[KArg::Ptr(self.ptr(x)), KArg::Ptr(self.ptr(y)), i(n)?, i(len)?])
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "cam",
+            "minmax_normalize",
+            cfg,
+            &[
+                KArg::Ptr(self.ptr(x)),
+                KArg::Ptr(self.ptr(y)),
+                i(n)?,
+                i(len)?,
+            ],
+        )
     }
 }
 
@@ -1024,9 +1437,20 @@ impl CudaBackend {
             shared_mem_bytes: (h * 4) as u32,
         };
         if b > 65_535 {
-            return Err(EngineError::Shape { op: "lstm_fwd", detail: format!("batch {b} exceeds the grid limit") });
+            return Err(EngineError::Shape {
+                op: "lstm_fwd",
+                detail: format!("batch {b} exceeds the grid limit"),
+            });
         }
-        let ptrs = [self.ptr(pre), self.ptr(w_hh), self.ptr(b_ih), self.ptr(b_hh), self.ptr(h_seq), self.ptr(c_seq), self.ptr(gates)];
+        let ptrs = [
+            self.ptr(pre),
+            self.ptr(w_hh),
+            self.ptr(b_ih),
+            self.ptr(b_hh),
+            self.ptr(h_seq),
+            self.ptr(c_seq),
+            self.ptr(gates),
+        ];
         for step in 0..t {
             let mut args: Vec<KArg> = ptrs.iter().map(|&p| KArg::Ptr(p)).collect();
             args.extend([i(b)?, i(t)?, i(h)?, i(step)?]);

@@ -25,7 +25,9 @@ pub struct DeviceInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
     /// The CPU backend; `reason` says why auto did not pick a GPU (None when asked for).
-    Cpu { reason: Option<String> },
+    Cpu {
+        reason: Option<String>,
+    },
     Cuda(DeviceInfo),
 }
 
@@ -43,7 +45,9 @@ pub fn nvrtc_present() -> bool {
 pub fn driver_version() -> Result<(i32, i32)> {
     guard("driver version", || {
         let mut v = 0i32;
-        unsafe { sys::cuDriverGetVersion(&mut v) }.result().map_err(|e| cuda("cuDriverGetVersion", e))?;
+        unsafe { sys::cuDriverGetVersion(&mut v) }
+            .result()
+            .map_err(|e| cuda("cuDriverGetVersion", e))?;
         Ok((v / 1000, (v % 1000) / 10))
     })
 }
@@ -60,7 +64,10 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     });
     match r {
         Ok((cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS, a, b)) => Ok((a, b)),
-        Ok((e, _, _)) => Err(EngineError::Cuda { op: "nvrtcVersion".into(), msg: format!("{e:?}") }),
+        Ok((e, _, _)) => Err(EngineError::Cuda {
+            op: "nvrtcVersion".into(),
+            msg: format!("{e:?}"),
+        }),
         Err(_) => Err(EngineError::NoCuda("libnvrtc failed to load".into())),
     }
 }
@@ -68,10 +75,13 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 /// The CUDA devices, or `NoCuda` with one line saying what is missing.
 pub fn cuda_available() -> Result<Vec<DeviceInfo>> {
     if !driver_present() {
-        return Err(EngineError::NoCuda("no CUDA driver found (libcuda.so did not load)".into()));
+        return Err(EngineError::NoCuda(
+            "no CUDA driver found (libcuda.so did not load)".into(),
+        ));
     }
     guard("device discovery", || {
-        result::init().map_err(|e| EngineError::NoCuda(format!("the CUDA driver did not initialise: {e}")))?;
+        result::init()
+            .map_err(|e| EngineError::NoCuda(format!("the CUDA driver did not initialise: {e}")))?;
         let count = result::device::get_count().map_err(|e| cuda("cuDeviceGetCount", e))?;
         if count <= 0 {
             return Err(EngineError::NoCuda("the CUDA driver found no GPU".into()));
@@ -84,13 +94,23 @@ pub fn cuda_available() -> Result<Vec<DeviceInfo>> {
 fn device_info(ordinal: usize) -> Result<DeviceInfo> {
     let dev = result::device::get(ordinal as i32).map_err(|e| cuda("cuDeviceGet", e))?;
     let name = result::device::get_name(dev).map_err(|e| cuda("cuDeviceGetName", e))?;
-    let attr = |a| unsafe { result::device::get_attribute(dev, a) }.map_err(|e| cuda("cuDeviceGetAttribute", e));
+    let attr = |a| {
+        unsafe { result::device::get_attribute(dev, a) }
+            .map_err(|e| cuda("cuDeviceGetAttribute", e))
+    };
     use sys::CUdevice_attribute::*;
     let major = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    let total_mem = unsafe { result::device::total_mem(dev) }.map_err(|e| cuda("cuDeviceTotalMem", e))?;
-    Ok(DeviceInfo { ordinal, name, compute_capability: (major, minor), total_mem, multiprocessors })
+    let total_mem =
+        unsafe { result::device::total_mem(dev) }.map_err(|e| cuda("cuDeviceTotalMem", e))?;
+    Ok(DeviceInfo {
+        ordinal,
+        name,
+        compute_capability: (major, minor),
+        total_mem,
+        multiprocessors,
+    })
 }
 
 /// Resolves `--device`: `auto` (the first GPU, else the CPU with a reason), `cpu`, `cuda`
@@ -102,14 +122,21 @@ pub fn pick_device(choice: &str) -> Result<DeviceChoice> {
         "auto" => match cuda_available() {
             Ok(devs) => match devs.into_iter().next() {
                 Some(d) => Ok(DeviceChoice::Cuda(d)),
-                None => Ok(DeviceChoice::Cpu { reason: Some("no GPU found".into()) }),
+                None => Ok(DeviceChoice::Cpu {
+                    reason: Some("no GPU found".into()),
+                }),
             },
-            Err(e) => Ok(DeviceChoice::Cpu { reason: Some(reason_line(&e)) }),
+            Err(e) => Ok(DeviceChoice::Cpu {
+                reason: Some(reason_line(&e)),
+            }),
         },
         _ => {
             let ordinal = match choice.as_str() {
                 "cuda" | "gpu" => 0,
-                s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+                s => match s
+                    .strip_prefix("cuda:")
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
                     Some(n) => n,
                     None => {
                         return Err(EngineError::NoCuda(format!(
@@ -120,9 +147,14 @@ pub fn pick_device(choice: &str) -> Result<DeviceChoice> {
             };
             let devs = cuda_available()?;
             let n = devs.len();
-            devs.into_iter().nth(ordinal).map(DeviceChoice::Cuda).ok_or_else(|| {
-                EngineError::NoCuda(format!("asked for cuda:{ordinal} but the driver reports {n} GPU(s)"))
-            })
+            devs.into_iter()
+                .nth(ordinal)
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| {
+                    EngineError::NoCuda(format!(
+                        "asked for cuda:{ordinal} but the driver reports {n} GPU(s)"
+                    ))
+                })
         }
     }
 }
@@ -139,7 +171,9 @@ pub fn reason_line(e: &EngineError) -> String {
 pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(_) => Err(EngineError::NoCuda(format!("the CUDA driver library failed during {what}"))),
+        Err(_) => Err(EngineError::NoCuda(format!(
+            "the CUDA driver library failed during {what}"
+        ))),
     }
 }
 
@@ -147,5 +181,8 @@ pub(crate) fn cuda(op: &str, e: result::DriverError) -> EngineError {
     if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         return EngineError::OutOfMemory { bytes: 0 };
     }
-    EngineError::Cuda { op: op.to_string(), msg: e.to_string() }
+    EngineError::Cuda {
+        op: op.to_string(),
+        msg: e.to_string(),
+    }
 }

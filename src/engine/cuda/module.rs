@@ -45,7 +45,10 @@ pub fn compile_at_runtime(k: &Kernel, cc: (i32, i32)) -> Result<Ptx> {
     }
     let opts = CompileOptions {
         name: Some(format!("{}.cu", k.name)),
-        options: vec![format!("--gpu-architecture=compute_{}{}", cc.0, cc.1), "--std=c++17".to_string()],
+        options: vec![
+            format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
+            "--std=c++17".to_string(),
+        ],
         ..Default::default()
     };
     let src = k.source;
@@ -55,8 +58,14 @@ pub fn compile_at_runtime(k: &Kernel, cc: (i32, i32)) -> Result<Ptx> {
             module: k.name.to_string(),
             log: log.to_string_lossy().into_owned(),
         }),
-        Ok(Err(e)) => Err(EngineError::Compile { module: k.name.to_string(), log: e.to_string() }),
-        Err(_) => Err(EngineError::Compile { module: k.name.to_string(), log: "NVRTC panicked".into() }),
+        Ok(Err(e)) => Err(EngineError::Compile {
+            module: k.name.to_string(),
+            log: e.to_string(),
+        }),
+        Err(_) => Err(EngineError::Compile {
+            module: k.name.to_string(),
+            log: "NVRTC panicked".into(),
+        }),
     }
 }
 
@@ -70,7 +79,12 @@ pub struct ModuleCache {
 
 impl ModuleCache {
     pub fn new(ctx: Arc<CudaContext>, cc: (i32, i32)) -> Self {
-        ModuleCache { ctx, cc, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }
+        ModuleCache {
+            ctx,
+            cc,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The function `name` of the kernel file `module` (`kernels/<module>.cu`).
@@ -84,7 +98,10 @@ impl ModuleCache {
             op: format!("load function {module}::{name}"),
             msg: e.to_string(),
         })?;
-        self.functions.lock().map_err(poisoned)?.insert(key, f.clone());
+        self.functions
+            .lock()
+            .map_err(poisoned)?
+            .insert(key, f.clone());
         Ok(f)
     }
 
@@ -97,7 +114,11 @@ impl ModuleCache {
             op: "load module".into(),
             msg: format!("no kernel file kernels/{name}.cu was built into this binary"),
         })?;
-        let pre = if self.cc.0 >= 9 { k.ptx_sm90 } else { k.ptx_portable };
+        let pre = if self.cc.0 >= 9 {
+            k.ptx_sm90
+        } else {
+            k.ptx_portable
+        };
         let mut first_err = None;
         if let Some(ptx) = pre {
             match self.ctx.load_module(Ptx::from_src(ptx)) {
@@ -134,5 +155,8 @@ impl ModuleCache {
 }
 
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> EngineError {
-    EngineError::Cuda { op: "module cache".into(), msg: "a thread panicked while loading a kernel".into() }
+    EngineError::Cuda {
+        op: "module cache".into(),
+        msg: "a thread panicked while loading a kernel".into(),
+    }
 }

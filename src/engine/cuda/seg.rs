@@ -235,8 +235,8 @@ pub fn morph2d(
     if n == 0 {
         return Ok(());
     }
-    // A radius beyond the slice acts like the slice's own extent.
-    let radius = radius.min(dims.1.max(dims.2));
+    // Beyond ny + nx every window (even the diamond) covers the whole slice: same result.
+    let radius = radius.min(dims.1 + dims.2);
     let shape = match shape {
         Structuring::Cross => 0,
         Structuring::Square => 1,
@@ -1054,4 +1054,43 @@ pub fn refine_arrays(
     let hu_d = upload(be, h)?;
     let cam_d = upload(be, c)?;
     refine_on_device(be, &hu_d, &cam_d, hu.dim(), slice_positive, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peak_value;
+
+    /// `float_key` of kernels/ccl.cu.
+    fn key(v: f32) -> u32 {
+        let b = v.to_bits();
+        if b & 0x8000_0000 != 0 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    }
+
+    #[test]
+    fn peak_keys_round_trip_and_keep_order() {
+        let vals = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            0.25,
+            0.7,
+            1.0,
+            f32::INFINITY,
+        ];
+        for w in vals.windows(2) {
+            assert!(key(w[0]) < key(w[1]), "{} vs {}", w[0], w[1]);
+        }
+        for &v in &vals {
+            assert_eq!(peak_value(key(v)).to_bits(), v.to_bits());
+            assert!(key(v) > 0, "key 0 is reserved for 'no voxel'");
+        }
+        assert_eq!(peak_value(0), f32::NEG_INFINITY);
+    }
 }

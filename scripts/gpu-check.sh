@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command: CUDA parity tests, `ichcam info`, the PyTorch parity
+# fixtures on the GPU, a short synthetic training run, ichcam's benchmarks and the PyTorch
+# baseline, each under a timeout (about 8 minutes in all), then a short table LAST.
+#
+# The GPU machine has no Rust toolchain: build here, carry `gpu-bin/` (ignored by git).
+#
+#   1. Here (needs a CUDA 13.0 libnvrtc so that the kernels are precompiled to PTX):
+#        python3 -m venv .venv && .venv/bin/pip install nvidia-cuda-nvrtc==13.0.88
+#        export LD_LIBRARY_PATH=$PWD/.venv/lib/python3.11/site-packages/nvidia/cu13/lib
+#        ICHCAM_REQUIRE_NVRTC=1 scripts/gpu-check.sh --build
+#      which runs `cargo build --release --tests --benches` and copies target/release/ichcam
+#      and every test executable (found with `cargo test --release --no-run
+#      --message-format=json`) to gpu-bin/ichcam and gpu-bin/tests/<test name>.
+#   2. On the GPU machine, from the repository root (device tool: carry ["gpu-bin"]):
+#        bash scripts/gpu-check.sh            # ICHCAM_GPU_CHECK_QUICK=1 for fewer iterations
+#      Full logs go to $OUT (when set) or gpu-check-logs/.
+set -u
+
+if [ "${1:-}" = "--build" ]; then
+    set -e
+    cargo build --release --tests --benches
+    rm -rf gpu-bin
+    mkdir -p gpu-bin/tests
+    cp target/release/ichcam gpu-bin/ichcam
+    cargo test --release --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    if "test" not in t["kind"] and not m["profile"].get("test"):
+        continue
+    name = t["name"] if "test" in t["kind"] else "lib-" + t["name"]
+    if "bin" in t["kind"]:
+        name = "bin-" + t["name"]
+    shutil.copy2(m["executable"], "gpu-bin/tests/" + name)
+    print("gpu-bin/tests/" + name)
+'
+    du -sh gpu-bin
+    exit 0
+fi
+
+LOG="${OUT:-gpu-check-logs}"
+mkdir -p "$LOG"
+QUICK="${ICHCAM_GPU_CHECK_QUICK:-0}"
+ITERS=10
+[ "$QUICK" = "1" ] && ITERS=3
+BIN=gpu-bin/ichcam
+declare -a ROWS=()
+
+# run NAME TIMEOUT_S COMMAND...: runs with a timeout, logs to $LOG/NAME.log, records pass/fail.
+run() {
+    local name="$1" limit="$2"
+    shift 2
+    local t0 rc secs
+    t0=$(date +%s.%N)
+    echo "=== $name: $*"
+    timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1
+    rc=$?
+    secs=$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")
+    tail -n 25 "$LOG/$name.log"
+    local status=pass
+    [ $rc -ne 0 ] && status="FAIL(rc=$rc)"
+    [ $rc -eq 124 ] && status="TIMEOUT(${limit}s)"
+    ROWS+=("$(printf '%-34s %-16s %7ss' "$name" "$status" "$secs")")
+    return $rc
+}
+
+# figure NAME TEXT: a result line for the table.
+figure() {
+    ROWS+=("$(printf '  %-32s %s' "$1" "$2")")
+}
+
+echo "=== nvidia-smi"
+timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,temperature.gpu --format=csv,noheader || echo "nvidia-smi failed"
+
+if [ ! -x "$BIN" ]; then
+    echo "gpu-bin/ichcam is missing: build it here with scripts/gpu-check.sh --build and carry gpu-bin"
+    exit 2
+fi
+
+run info 60 "$BIN" info
+
+# Every test binary that knows about GPUs (it mentions ICHCAM_REQUIRE_GPU), with a GPU required.
+for t in gpu-bin/tests/*; do
+    [ -x "$t" ] || continue
+    grep -q ICHCAM_REQUIRE_GPU "$t" || continue
+    name="test-$(basename "$t")"
+    ICHCAM_REQUIRE_GPU=1 run "$name" 180 "$t" --test-threads=4
+    res=$(grep -E '^test result:' "$LOG/$name.log" | tail -1)
+    [ -n "$res" ] && figure "$name" "${res#test result: }"
+done
+
+# PyTorch parity fixtures on the GPU.
+if "$BIN" help parity >/dev/null 2>&1; then
+    for f in tests/fixtures/torch-parity/*.safetensors; do
+        [ -e "$f" ] || continue
+        run "parity-$(basename "$f" .safetensors)" 120 "$BIN" parity "$f" --device cuda --dtype f32
+    done
+fi
+
+# A short end-to-end training run on synthetic phantoms.
+if "$BIN" help synth >/dev/null 2>&1 && "$BIN" help train >/dev/null 2>&1; then
+    SYN=$(mktemp -d)
+    if run synth 60 "$BIN" synth --out "$SYN/data" --volumes 8 --size 128 --slices 16 --seed 1; then
+        run train-tiny-cuda 150 "$BIN" train --data "$SYN/data" --model "$SYN/model.safetensors" \
+            --config tiny --device cuda --epochs 1 --stage2-epochs 1 --quiet
+    fi
+fi
+
+# ichcam's benchmarks: op level, then a train step and a CAM pass at the small and paper configs.
+if "$BIN" help bench >/dev/null 2>&1; then
+    run bench-conv-small 60 "$BIN" bench --device cuda --config small --what conv --iters "$ITERS" --json
+    grep -E '^bench ' "$LOG/bench-conv-small.log" | while read -r l; do echo "$l"; done
+    for cfg in small paper; do
+        for what in train-step cam; do
+            n="bench-$what-$cfg"
+            it=$ITERS
+            [ "$cfg" = paper ] && [ "$what" = train-step ] && it=$(( ITERS < 5 ? ITERS : 5 ))
+            run "$n" 150 "$BIN" bench --device cuda --config "$cfg" --what "$what" --iters "$it" --warmup 1 --json
+            ms=$(grep -E '^bench ' "$LOG/$n.log" | sed -E 's/.*median ([0-9.]+) ms.*, ([0-9.]+) slices\/s.*/\1 ms, \2 slices\/s/' | tail -1)
+            [ -n "$ms" ] && figure "$n" "$ms"
+        done
+    done
+    for k in fwd bwd-data bwd-weight; do
+        l=$(grep -E "^bench conv-$k " "$LOG/bench-conv-small.log" | sed -E 's/.*median ([0-9.]+) ms.*; (.*)$/\1 ms; \2/')
+        [ -n "$l" ] && figure "conv-$k small" "$l"
+    done
+fi
+
+# The PyTorch baseline on the same machine.
+if [ -f benches/baselines/torch_baseline.py ] && python3 -c "import torch, torchvision" >/dev/null 2>&1; then
+    run torch-baseline 240 env PYTHONUNBUFFERED=1 python3 benches/baselines/torch_baseline.py --iters "$ITERS"
+    grep -E '^\{' "$LOG/torch-baseline.log" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    v = r.get("error") or f"{r[\"median_ms\"]} ms, {r[\"slices_per_s\"]} slices/s"
+    print(f"  torch {r[\"what\"]}-{r[\"config\"]} {r[\"mode\"]:<5}        {v}")
+' >"$LOG/torch-table.txt" 2>/dev/null
+fi
+
+echo
+echo "=== gpu-check summary ($(date -u +%H:%M:%SZ), logs in $LOG)"
+for r in "${ROWS[@]}"; do echo "$r"; done
+[ -s "$LOG/torch-table.txt" ] && cat "$LOG/torch-table.txt"
+fails=$(printf '%s\n' "${ROWS[@]}" | grep -cE ' (FAIL|TIMEOUT)' || true)
+echo "failed steps: $fails"
+[ "$fails" -eq 0 ]

@@ -1,0 +1,36 @@
+//! Test-time segmentation of whole volumes with a trained model: the stage-2 net's CAM on
+//! every slice, brought to the native grid and refined into a mask ([`crate::seg`]); the
+//! outputs written with the input's geometry; and a pipelined batch over archives (decode and
+//! write on CPU threads while the backend computes, bounded queues so memory stays flat).
+//!
+//! This is the one place that joins the model, the refinement and the files; it knows no
+//! op and no kernel (the backend does that) and no training.
+
+pub mod batch;
+pub mod inputs;
+pub mod outputs;
+pub mod segmenter;
+
+pub use batch::{segment_all, BatchReport};
+pub use inputs::{expand_inputs, InputItem};
+pub use outputs::{write_outputs, VolumeSummary};
+pub use segmenter::{RefineOnBackend, SegmentOptions, Segmentation, Segmenter, SliceClassifier};
+
+/// Everything that can go wrong segmenting a volume.
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error(transparent)]
+    Io(#[from] crate::io::IoError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Seg(#[from] crate::seg::SegError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error("{}: {detail}", path.display())]
+    Model2 { path: std::path::PathBuf, detail: String },
+    #[error("{0}")]
+    Input(String),
+}

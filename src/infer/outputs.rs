@@ -1,0 +1,87 @@
+//! The files of one segmented volume, in `OUT/<id>/`: `mask.nii.gz` (u8, the input's exact
+//! geometry), `cam.nii.gz` (f32 normalised CAM), `slices.csv` (z, probability, positive,
+//! mask voxels), `overlay.png` (a montage of the positive slices: CT, CAM heat map, mask
+//! outline) and `summary.json` (hemorrhage volume in mL and the rest). Every file is
+//! written to a temp file and renamed, so an interrupted run leaves no half-written output.
+
+use super::segmenter::Segmentation;
+use super::InferError;
+use crate::io::{self, atomic::write_atomic, Volume};
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+
+/// What `summary.json` holds, and what the batch report lists.
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeSummary {
+    pub id: String,
+    pub source: String,
+    pub dims_zyx: [usize; 3],
+    pub spacing_zyx_mm: [f64; 3],
+    pub hemorrhage_ml: f64,
+    pub mask_voxels: usize,
+    pub components: usize,
+    pub positive_slices: Vec<usize>,
+    pub max_probability: f64,
+    pub kmeans_saturation: f32,
+}
+
+/// At most this many panels in the overlay montage: the slices with the most mask first.
+const MAX_PANELS: usize = 24;
+
+fn overlay_slices(seg: &Segmentation) -> Vec<usize> {
+    let d = seg.mask.dim().0;
+    let per_slice: Vec<usize> = (0..d)
+        .map(|z| seg.mask.index_axis(ndarray::Axis(0), z).iter().filter(|&&v| v != 0).count())
+        .collect();
+    let mut zs: Vec<usize> = (0..d).filter(|&z| seg.positive[z] || per_slice[z] > 0).collect();
+    if zs.is_empty() {
+        // Nothing found: show the most probable slice so the reader sees what was looked at.
+        let best = (0..d)
+            .max_by(|&a, &b| seg.probabilities[a].total_cmp(&seg.probabilities[b]))
+            .unwrap_or(0);
+        zs.push(best);
+    }
+    if zs.len() > MAX_PANELS {
+        zs.sort_by_key(|&z| std::cmp::Reverse(per_slice[z]));
+        zs.truncate(MAX_PANELS);
+        zs.sort_unstable();
+    }
+    zs
+}
+
+/// Writes every output of one volume into `dir` (created if needed).
+pub fn write_outputs(dir: &Path, id: &str, vol: &Volume, seg: &Segmentation) -> Result<VolumeSummary, InferError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| InferError::Input(format!("{}: cannot create the output folder: {e}", dir.display())))?;
+    io::write_mask(&dir.join("mask.nii.gz"), &seg.mask, vol)?;
+    io::write_map(&dir.join("cam.nii.gz"), &seg.cam, vol)?;
+    let d = seg.mask.dim().0;
+    let per_slice: Vec<usize> = (0..d)
+        .map(|z| seg.mask.index_axis(ndarray::Axis(0), z).iter().filter(|&&v| v != 0).count())
+        .collect();
+    write_atomic(&dir.join("slices.csv"), |w| {
+        writeln!(w, "z,probability,positive,mask_voxels")?;
+        for z in 0..d {
+            writeln!(w, "{z},{:.6},{},{}", seg.probabilities[z], u8::from(seg.positive[z]), per_slice[z])?;
+        }
+        Ok(())
+    })?;
+    io::overlay::montage(vol, Some(&seg.cam), &seg.mask, &overlay_slices(seg), &dir.join("overlay.png"))?;
+    let (dz, dy, dx) = vol.dims();
+    let summary = VolumeSummary {
+        id: id.to_string(),
+        source: vol.source.display().to_string(),
+        dims_zyx: [dz, dy, dx],
+        spacing_zyx_mm: vol.spacing,
+        hemorrhage_ml: seg.volume_ml,
+        mask_voxels: per_slice.iter().sum(),
+        components: seg.n_components,
+        positive_slices: (0..d).filter(|&z| seg.positive[z]).collect(),
+        max_probability: seg.probabilities.iter().copied().fold(0.0, f64::max),
+        kmeans_saturation: seg.saturation,
+    };
+    let json = serde_json::to_string_pretty(&summary).map_err(|e| InferError::Input(e.to_string()))?;
+    write_atomic(&dir.join("summary.json"), |w| w.write_all(json.as_bytes()))?;
+    Ok(summary)
+}
