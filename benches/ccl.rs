@@ -75,8 +75,8 @@ fn blobs(dims: (usize, usize, usize), fraction: f64, radius: [usize; 3], seed: u
         .map(|i| (splitmix(i as u64 ^ (seed << 40)) >> 40) as f32 / (1u64 << 24) as f32)
         .collect();
     for _ in 0..3 {
-        for axis in 0..3 {
-            box_blur(&mut v, dims, axis, radius[axis]);
+        for (axis, &r) in radius.iter().enumerate() {
+            box_blur(&mut v, dims, axis, r);
         }
     }
     let mut sorted = v.clone();

@@ -1,7 +1,8 @@
 //! One stage-1 training step (forward, BCE, backward through head, LSTM and ResNet, SGD
 //! momentum update) of a small config on the CPU backend in f32: basic [1,1,1,1] base 16,
 //! LSTM 1x64, one sequence of 16 slices at 64x64 and 128x128. Throughput is slices/s
-//! (criterion's "elem/s"). Short runs (10 samples) so the file takes about a minute.
+//! (criterion's "elem/s"); the forward pass alone is timed too. Short runs (10 samples) so
+//! the file takes about two minutes.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -49,6 +50,15 @@ fn bench_train_step(cr: &mut Criterion) {
                     .expect("step");
                 net.step(&opt, ParamGroup::Stage1).expect("sgd");
                 black_box(s.loss)
+            })
+        });
+        // The forward pass alone (eval-mode batch norm), to split the step's time.
+        g.bench_function(format!("forward_only_1x16_{size}px"), |b| {
+            b.iter(|| {
+                black_box(
+                    net.stage1_logits(black_box(&x), batch, seq, size, size)
+                        .expect("forward"),
+                )
             })
         });
         g.finish();

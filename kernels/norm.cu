@@ -1,16 +1,20 @@
-// Batch norm over x [n, c, hw], statistics per channel. Training forward and backward use
-// one block per channel with f64 partial sums (two passes for the variance: mean first,
-// then squared deviations), so the result does not depend on the launch shape beyond
-// rounding of the final f32 values. Eval forward is elementwise.
-
-#define BN_THREADS 512
+// Batch norm over x [n, c, hw], statistics per channel.
+//
+// Training forward and backward reduce each channel over grid (S, C): block (s, c) sums a
+// fixed chunk of the channel's n*hw values in f64 into a workspace, and one thread per
+// channel then adds the S partial sums in order. The split S depends only on the shape,
+// so results are deterministic. The variance takes two passes (mean first, then squared
+// deviations), never E[x^2] - E[x]^2. Normalisation and dx are elementwise launches.
+//
+// Workspace layout (f64): part[c * S + s] (and a second array for the backward's second sum),
+// stats[2 * c] = {mean, invstd} (forward) or {sum dy, sum dy*xhat} (backward).
 
 __device__ __forceinline__ double warp_sum_d(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
     return v;
 }
 
-// Block-wide sum; every thread gets the result. `sh` holds >= 32 doubles.
+// Block-wide sum; every thread gets the result. `sh` holds >= 33 doubles.
 __device__ double block_sum_d(double v, double* sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     v = warp_sum_d(v);
@@ -26,48 +30,74 @@ __device__ double block_sum_d(double v, double* sh) {
     return sh[32];
 }
 
-// grid = C blocks of BN_THREADS.
-extern "C" __global__ void __launch_bounds__(BN_THREADS)
-bn_train_fwd(const float* __restrict__ x, const float* __restrict__ gamma,
-             const float* __restrict__ beta, float* __restrict__ running_mean,
-             float* __restrict__ running_var, float* __restrict__ save_mean,
-             float* __restrict__ save_invstd, float* __restrict__ y, int N, int C, int HW,
-             double eps, double momentum, int relu) {
+// Element j of channel c (j in [0, N*HW)).
+__device__ __forceinline__ size_t bn_index(int j, int c, int C, int HW) {
+    int n = j / HW;
+    return ((size_t)n * C + c) * HW + (j - n * HW);
+}
+
+// grid (S, C). stats == nullptr: part = sum x; else part = sum (x - stats[2c])^2.
+extern "C" __global__ void bn_partial(const float* __restrict__ x, const double* __restrict__ stats,
+                                      double* __restrict__ part, int N, int C, int HW, int chunk) {
     __shared__ double sh[33];
-    const int c = blockIdx.x;
-    const double cnt = (double)N * (double)HW;
-    double s = 0.0;
-    for (int n = 0; n < N; ++n) {
-        const float* xc = x + ((size_t)n * C + c) * HW;
-        for (int i = threadIdx.x; i < HW; i += blockDim.x) s += (double)xc[i];
-    }
-    const double mean = block_sum_d(s, sh) / cnt;
-    double ss = 0.0;
-    for (int n = 0; n < N; ++n) {
-        const float* xc = x + ((size_t)n * C + c) * HW;
-        for (int i = threadIdx.x; i < HW; i += blockDim.x) {
-            double d = (double)xc[i] - mean;
-            ss += d * d;
+    const int s = blockIdx.x, c = blockIdx.y, S = gridDim.x;
+    const int cnt = N * HW;
+    const int beg = s * chunk, end = min(cnt, beg + chunk);
+    const double mean = stats ? stats[2 * c] : 0.0;
+    double acc = 0.0;
+    for (int j = beg + threadIdx.x; j < end; j += blockDim.x) {
+        double v = (double)x[bn_index(j, c, C, HW)];
+        if (stats) {
+            v -= mean;
+            v *= v;
         }
+        acc += v;
     }
-    ss = block_sum_d(ss, sh);
+    acc = block_sum_d(acc, sh);
+    if (threadIdx.x == 0) part[(size_t)c * S + s] = acc;
+}
+
+// One thread per channel: stats[2c] = mean.
+extern "C" __global__ void bn_finalize_mean(const double* __restrict__ part, double* __restrict__ stats,
+                                            int C, int S, int N, int HW) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double s = 0.0;
+    for (int k = 0; k < S; ++k) s += part[(size_t)c * S + k];
+    stats[2 * c] = s / ((double)N * (double)HW);
+}
+
+// One thread per channel, after the squared-deviation pass: invstd, running stats (PyTorch's
+// momentum, unbiased variance), saved mean/invstd.
+extern "C" __global__ void bn_finalize_var(const double* __restrict__ part, double* __restrict__ stats,
+                                           float* __restrict__ running_mean, float* __restrict__ running_var,
+                                           float* __restrict__ save_mean, float* __restrict__ save_invstd,
+                                           int C, int S, int N, int HW, double eps, double momentum) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double ss = 0.0;
+    for (int k = 0; k < S; ++k) ss += part[(size_t)c * S + k];
+    const double cnt = (double)N * (double)HW;
+    const double mean = stats[2 * c];
     const double var = ss / cnt;
     const double invstd = 1.0 / sqrt(var + eps);
-    if (threadIdx.x == 0) {
-        double unbiased = cnt > 1.0 ? ss / (cnt - 1.0) : var;
-        running_mean[c] = (float)((1.0 - momentum) * (double)running_mean[c] + momentum * mean);
-        running_var[c] = (float)((1.0 - momentum) * (double)running_var[c] + momentum * unbiased);
-        save_mean[c] = (float)mean;
-        save_invstd[c] = (float)invstd;
-    }
-    const float fm = (float)mean, fi = (float)invstd, g = gamma[c], b = beta[c];
-    for (int n = 0; n < N; ++n) {
-        const float* xc = x + ((size_t)n * C + c) * HW;
-        float* yc = y + ((size_t)n * C + c) * HW;
-        for (int i = threadIdx.x; i < HW; i += blockDim.x) {
-            float v = (xc[i] - fm) * fi * g + b;
-            yc[i] = (relu && v < 0.0f) ? 0.0f : v;
-        }
+    stats[2 * c + 1] = invstd;
+    double unbiased = cnt > 1.0 ? ss / (cnt - 1.0) : var;
+    running_mean[c] = (float)((1.0 - momentum) * (double)running_mean[c] + momentum * mean);
+    running_var[c] = (float)((1.0 - momentum) * (double)running_var[c] + momentum * unbiased);
+    save_mean[c] = (float)mean;
+    save_invstd[c] = (float)invstd;
+}
+
+// y = (x - mean) * invstd * gamma + beta (+ ReLU) with mean/invstd as saved (f32).
+extern "C" __global__ void bn_apply(const float* __restrict__ x, const float* __restrict__ gamma,
+                                    const float* __restrict__ beta, const float* __restrict__ mean,
+                                    const float* __restrict__ invstd, float* __restrict__ y, int total,
+                                    int C, int HW, int relu) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        int c = (i / HW) % C;
+        float v = (x[i] - mean[c]) * invstd[c] * gamma[c] + beta[c];
+        y[i] = (relu && v < 0.0f) ? 0.0f : v;
     }
 }
 
@@ -84,42 +114,63 @@ extern "C" __global__ void bn_eval_fwd(const float* __restrict__ x, const float*
     }
 }
 
-// grid = C blocks of BN_THREADS. dy is masked by (y > 0) when relu.
-extern "C" __global__ void __launch_bounds__(BN_THREADS)
-bn_bwd(const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ dy,
-       const float* __restrict__ gamma, const float* __restrict__ save_mean,
-       const float* __restrict__ save_invstd, float* __restrict__ dx, float* __restrict__ dgamma,
-       float* __restrict__ dbeta, int N, int C, int HW, int relu) {
+// Backward, grid (S, C): part1 = sum g, part2 = sum g * xhat, g = dy masked by (y > 0) when relu.
+extern "C" __global__ void bn_bwd_partial(const float* __restrict__ x, const float* __restrict__ y,
+                                          const float* __restrict__ dy, const float* __restrict__ save_mean,
+                                          const float* __restrict__ save_invstd, double* __restrict__ part1,
+                                          double* __restrict__ part2, int N, int C, int HW, int chunk, int relu) {
     __shared__ double sh[33];
-    const int c = blockIdx.x;
-    const double cnt = (double)N * (double)HW;
+    const int s = blockIdx.x, c = blockIdx.y, S = gridDim.x;
+    const int cnt = N * HW;
+    const int beg = s * chunk, end = min(cnt, beg + chunk);
     const double mean = (double)save_mean[c], invstd = (double)save_invstd[c];
-    double sdy = 0.0, sdyx = 0.0;
-    for (int n = 0; n < N; ++n) {
-        size_t base = ((size_t)n * C + c) * HW;
-        for (int i = threadIdx.x; i < HW; i += blockDim.x) {
-            float g = dy[base + i];
-            if (relu && !(y[base + i] > 0.0f)) g = 0.0f;
-            sdy += (double)g;
-            sdyx += (double)g * (((double)x[base + i] - mean) * invstd);
-        }
+    double a = 0.0, b = 0.0;
+    for (int j = beg + threadIdx.x; j < end; j += blockDim.x) {
+        size_t k = bn_index(j, c, C, HW);
+        float g = dy[k];
+        if (relu && !(y[k] > 0.0f)) g = 0.0f;
+        a += (double)g;
+        b += (double)g * (((double)x[k] - mean) * invstd);
     }
-    sdy = block_sum_d(sdy, sh);
-    sdyx = block_sum_d(sdyx, sh);
+    a = block_sum_d(a, sh);
+    b = block_sum_d(b, sh);
     if (threadIdx.x == 0) {
-        dbeta[c] = (float)sdy;
-        dgamma[c] = (float)sdyx;
+        part1[(size_t)c * S + s] = a;
+        part2[(size_t)c * S + s] = b;
     }
-    // dx = gamma*invstd/cnt * (cnt*dy - sum(dy) - xhat*sum(dy*xhat))
-    const double k = (double)gamma[c] * invstd / cnt;
-    const double mdy = sdy, mdyx = sdyx;
-    for (int n = 0; n < N; ++n) {
-        size_t base = ((size_t)n * C + c) * HW;
-        for (int i = threadIdx.x; i < HW; i += blockDim.x) {
-            float g = dy[base + i];
-            if (relu && !(y[base + i] > 0.0f)) g = 0.0f;
-            double xhat = ((double)x[base + i] - mean) * invstd;
-            dx[base + i] = (float)(k * (cnt * (double)g - mdy - xhat * mdyx));
-        }
+}
+
+// One thread per channel: stats[2c] = sum g, stats[2c+1] = sum g*xhat; dbeta, dgamma.
+extern "C" __global__ void bn_bwd_finalize(const double* __restrict__ part1, const double* __restrict__ part2,
+                                           double* __restrict__ stats, float* __restrict__ dgamma,
+                                           float* __restrict__ dbeta, int C, int S) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double a = 0.0, b = 0.0;
+    for (int k = 0; k < S; ++k) {
+        a += part1[(size_t)c * S + k];
+        b += part2[(size_t)c * S + k];
+    }
+    stats[2 * c] = a;
+    stats[2 * c + 1] = b;
+    dbeta[c] = (float)a;
+    dgamma[c] = (float)b;
+}
+
+// dx = gamma*invstd/cnt * (cnt*g - sum g - xhat * sum(g*xhat)).
+extern "C" __global__ void bn_bwd_apply(const float* __restrict__ x, const float* __restrict__ y,
+                                        const float* __restrict__ dy, const float* __restrict__ gamma,
+                                        const float* __restrict__ save_mean,
+                                        const float* __restrict__ save_invstd,
+                                        const double* __restrict__ stats, float* __restrict__ dx, int total,
+                                        int C, int HW, double cnt, int relu) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        int c = (i / HW) % C;
+        float g = dy[i];
+        if (relu && !(y[i] > 0.0f)) g = 0.0f;
+        double invstd = (double)save_invstd[c];
+        double xhat = ((double)x[i] - (double)save_mean[c]) * invstd;
+        double k = (double)gamma[c] * invstd / cnt;
+        dx[i] = (float)(k * (cnt * (double)g - stats[2 * c] - xhat * stats[2 * c + 1]));
     }
 }

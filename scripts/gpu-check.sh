@@ -10,8 +10,9 @@
 #        export LD_LIBRARY_PATH=$PWD/.venv/lib/python3.11/site-packages/nvidia/cu13/lib
 #        ICHCAM_REQUIRE_NVRTC=1 scripts/gpu-check.sh --build
 #      which runs `cargo build --release --tests --benches` and copies target/release/ichcam
-#      and every test executable (found with `cargo test --release --no-run
-#      --message-format=json`) to gpu-bin/ichcam and gpu-bin/tests/<test name>.
+#      and the test executables that use a GPU (found with `cargo test --release --no-run
+#      --message-format=json`; those mentioning ICHCAM_REQUIRE_GPU) to gpu-bin/ichcam and
+#      gpu-bin/tests/<test name>, stripped (the device tool carries at most 64 MiB).
 #   2. On the GPU machine, from the repository root (device tool: carry ["gpu-bin"]):
 #        bash scripts/gpu-check.sh            # ICHCAM_GPU_CHECK_QUICK=1 for fewer iterations
 #      Full logs go to $OUT (when set) or gpu-check-logs/.
@@ -38,9 +39,12 @@ for line in sys.stdin:
     name = t["name"] if "test" in t["kind"] else "lib-" + t["name"]
     if "bin" in t["kind"]:
         name = "bin-" + t["name"]
+    if b"ICHCAM_REQUIRE_GPU" not in open(m["executable"], "rb").read():
+        continue
     shutil.copy2(m["executable"], "gpu-bin/tests/" + name)
     print("gpu-bin/tests/" + name)
 '
+    strip gpu-bin/ichcam gpu-bin/tests/* 2>/dev/null || true
     du -sh gpu-bin
     exit 0
 fi
@@ -98,7 +102,7 @@ done
 
 # PyTorch parity fixtures on the GPU.
 if "$BIN" help parity >/dev/null 2>&1; then
-    for f in tests/fixtures/torch-parity/*.safetensors; do
+    for f in tests/fixtures/torch-parity/parity_*.safetensors; do
         [ -e "$f" ] || continue
         run "parity-$(basename "$f" .safetensors)" 120 "$BIN" parity "$f" --device cuda --dtype f32
     done

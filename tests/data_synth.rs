@@ -168,13 +168,13 @@ fn blood_distance_to_bone(ph: &Phantom) -> (f64, f64) {
         }
     }
     let (mut lo, mut hi) = (f64::MAX, 0.0f64);
-    for z in 0..d {
+    for (z, bz) in bones.iter().enumerate() {
         for y in 0..h {
             for x in 0..w {
                 if ph.mask[[z, y, x]] == 0 {
                     continue;
                 }
-                let dist = bones[z]
+                let dist = bz
                     .iter()
                     .map(|&(by, bx)| {
                         ((by as f64 - y as f64).powi(2) + (bx as f64 - x as f64).powi(2)).sqrt()

@@ -194,32 +194,80 @@ fn conv_forward_matches_naive_loops() {
     }
 }
 
+/// The two backward passes by the same seven loops as [`naive_conv`], scattering instead
+/// of gathering.
+fn naive_conv_bwd(s: &Conv2d, x: &[f64], w: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let (oh, ow) = (s.out_h(), s.out_w());
+    let mut dx = vec![0.0; s.x_len()];
+    let mut dw = vec![0.0; s.w_len()];
+    for n in 0..s.n {
+        for co in 0..s.c_out {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let g = dy[((n * s.c_out + co) * oh + oy) * ow + ox];
+                    for ci in 0..s.c_in {
+                        for ky in 0..s.kh {
+                            for kx in 0..s.kw {
+                                let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                                let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                    continue;
+                                }
+                                let xi =
+                                    ((n * s.c_in + ci) * s.h + iy as usize) * s.w + ix as usize;
+                                let wi = ((co * s.c_in + ci) * s.kh + ky) * s.kw + kx;
+                                dx[xi] += g * w[wi];
+                                dw[wi] += g * x[xi];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (dx, dw)
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
+}
+
 #[test]
-fn conv_large_tiled_forward_matches_naive_loops() {
-    // Large enough that im2col runs in several row tiles.
+fn conv_every_work_split_matches_naive_loops() {
+    // Shapes that take each path of the implementation on a 2-thread pool: one image in
+    // several row tiles (alone, or several images in parallel), 1x1 on one image, and small
+    // images grouped into one product (in parallel, unevenly, or in turn).
     let be = B::new();
     let mut rng = Rng::new(12);
-    let s = conv(2, 16, 40, 36, 8, 3, 3, 1, 1);
-    let x = rng.vec(s.x_len(), -1.0, 1.0);
-    let w = rng.vec(s.w_len(), -1.0, 1.0);
-    let mut y = vec![f64::NAN; s.y_len()];
-    be.conv2d_fwd(&s, &x, &w, &mut y).unwrap();
-    let want = naive_conv(&s, &x, &w);
-    let err = y
-        .iter()
-        .zip(&want)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-    assert!(err < 1e-11, "max error {err}");
-    // The backward passes over several tiles too: check them against the adjoint identity
-    // <conv(x, w), r> = <x, bwd_data(r, w)> = <w, bwd_weight(x, r)>.
-    let r = rng.vec(s.y_len(), -1.0, 1.0);
-    let mut dx = vec![f64::NAN; s.x_len()];
-    let mut dw = vec![f64::NAN; s.w_len()];
-    be.conv2d_bwd_data(&s, &r, &w, &mut dx).unwrap();
-    be.conv2d_bwd_weight(&s, &x, &r, &mut dw).unwrap();
-    let l = dot(&want, &r);
-    assert!((dot(&x, &dx) - l).abs() < 1e-9 * l.abs().max(1.0));
-    assert!((dot(&w, &dw) - l).abs() < 1e-9 * l.abs().max(1.0));
+    for s in [
+        conv(2, 32, 64, 64, 4, 3, 3, 1, 1),
+        conv(1, 32, 64, 60, 4, 3, 3, 2, 1),
+        conv(1, 8, 30, 30, 4, 1, 1, 1, 0),
+        conv(8, 4, 16, 16, 4, 3, 3, 1, 1),
+        conv(5, 4, 16, 16, 4, 1, 1, 1, 0),
+        conv(3, 6, 7, 7, 5, 3, 3, 1, 1),
+        conv(4, 3, 40, 38, 8, 7, 7, 2, 3),
+    ] {
+        let x = rng.vec(s.x_len(), -1.0, 1.0);
+        let w = rng.vec(s.w_len(), -1.0, 1.0);
+        let r = rng.vec(s.y_len(), -1.0, 1.0);
+        let mut y = vec![f64::NAN; s.y_len()];
+        let mut dx = vec![f64::NAN; s.x_len()];
+        let mut dw = vec![f64::NAN; s.w_len()];
+        be.conv2d_fwd(&s, &x, &w, &mut y).unwrap();
+        be.conv2d_bwd_data(&s, &r, &w, &mut dx).unwrap();
+        be.conv2d_bwd_weight(&s, &x, &r, &mut dw).unwrap();
+        let (want_dx, want_dw) = naive_conv_bwd(&s, &x, &w, &r);
+        let e = max_abs_diff(&y, &naive_conv(&s, &x, &w));
+        assert!(e < 1e-11, "fwd {s:?}: max error {e}");
+        let e = max_abs_diff(&dx, &want_dx);
+        assert!(e < 1e-11, "bwd data {s:?}: max error {e}");
+        let e = max_abs_diff(&dw, &want_dw);
+        assert!(e < 1e-9, "bwd weight {s:?}: max error {e}");
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Volumes in and out: NIfTI (`.nii`, `.nii.gz`), DICOM series, PNG overlays.
-//! Converts the nifti crate's column-major `(x, y, z)` to `[z, y, x]` here and nowhere else.
-//! Nothing here knows about the network.
+//! NIfTI's column-major `(x, y, z)` voxel order (x fastest) becomes `[z, y, x]` here and
+//! nowhere else: the bytes are read straight into a row-major `[z, y, x]` array and
+//! written back the same way. Nothing here knows about the network.
 //!
 //! Bad input never panics: every problem is an [`IoError`] whose one-line message names
 //! the file and the problem. NaN/Inf voxels are replaced with the minimum finite value of

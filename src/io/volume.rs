@@ -1,5 +1,6 @@
 //! The in-memory volume: HU voxels indexed `[z, y, x]` plus the geometry every output is
-//! written back with.
+//! written back with. `Volume::from_array`, `affine` and `orientation` live in
+//! `geometry.rs`, next to the header arithmetic they use.
 
 use ndarray::Array3;
 use std::path::PathBuf;

@@ -258,7 +258,10 @@ pub fn assign<B: Backend>(
         });
     }
     for name in net.names() {
-        let t = &tensors[&format!("{prefix}{name}")];
+        let key = format!("{prefix}{name}");
+        let t = tensors
+            .get(&key)
+            .ok_or_else(|| ModelError::Internal(format!("{key} vanished")))?;
         let v: Vec<B::T> = t.data.iter().map(|&x| B::T::from_f64_lossy(x)).collect();
         net.set_param(&name, &v)?;
     }

@@ -2,17 +2,16 @@
 //! of the refinement. Knows only 0/1 volumes `[z, y, x]` (and, for the filter, a CAM map).
 //!
 //! Algorithm: the volume is cut into slabs of whole z-slices, labelled in parallel by a
-//! two-pass union-find over a raster scan (path halving, the larger root always linked
-//! under the smaller one, so a parent index is never above its child). Each slab's
-//! provisional labels are compacted; the slabs are then joined by a union-find over the
-//! compact ids, looking only across the slab boundaries, and a parallel final pass writes
-//! consecutive labels. Because every root is the smallest id of its set, final labels are
-//! numbered in raster order of each component's first voxel: the output does not depend on
-//! the number of slabs or threads.
-//!
-//! For 26-connectivity a voxel whose left neighbour is foreground only has to look at the
-//! four neighbours in column `x + 1`: the others are neighbours of the left voxel too and
-//! already share its set (the same holds for four of the nine 18-neighbours).
+//! run-based two-pass union-find: each row's foreground is cut into runs, each run is
+//! united with the touching runs of its (up to four) prior rows and labelled as a whole
+//! (path halving; the larger root always goes under the smaller one, so a parent index is
+//! never above its child). Each slab's provisional labels are compacted; the slabs are then
+//! joined by a union-find over the compact ids, looking only across the slab boundaries,
+//! and a parallel final pass writes consecutive labels (sizes come from the provisional
+//! labels' run lengths, not from a per-voxel count). Because every root is the smallest id
+//! of its set, final labels are numbered in raster order of each component's first voxel:
+//! the output does not depend on the number of slabs or threads, and equals a flood fill's
+//! numbering.
 
 use super::{Result, SegError};
 use crate::io::Mask;
@@ -115,24 +114,23 @@ pub fn connected_components_slabs(
         .ok_or_else(|| SegError::Param("labels not contiguous".into()))?;
 
     // Pass 1: each slab on its own; returns the compact id of every provisional label.
-    let compact: Vec<(Vec<u32>, u32)> = lab
+    // Per slab: (compact id of each provisional label, number of sets, voxels of each
+    // provisional label).
+    let compact: Vec<(Vec<u32>, u32, Vec<usize>)> = lab
         .par_chunks_mut(thick * sz)
         .enumerate()
         .map(|(s, chunk)| {
             let z0 = s * thick;
-            let parent = match conn {
-                Connectivity::Six => scan_slab::<6>(m, chunk, z0, ny, nx),
-                Connectivity::Eighteen => scan_slab::<18>(m, chunk, z0, ny, nx),
-                Connectivity::TwentySix => scan_slab::<26>(m, chunk, z0, ny, nx),
-            };
-            compact_roots(&parent)
+            let (parent, counts) = scan_slab(conn, m, chunk, z0, ny, nx);
+            let (c, n) = compact_roots(&parent);
+            (c, n, counts)
         })
         .collect();
 
     // Pass 2: join the slabs across their boundaries.
     let mut offsets = Vec::with_capacity(compact.len());
     let mut acc = 0u32;
-    for (_, n) in &compact {
+    for (_, n, _) in &compact {
         offsets.push(acc);
         acc += n;
     }
@@ -180,45 +178,36 @@ pub fn connected_components_slabs(
         }
     }
 
-    // Pass 3: final labels and sizes.
-    let counts: Vec<Vec<usize>> = lab
-        .par_chunks_mut(thick * sz)
+    // Sizes from the provisional labels' voxel counts: no per-voxel counting.
+    let mut sizes = vec![0usize; n as usize + 1];
+    for (s, (cs, _, counts)) in compact.iter().enumerate() {
+        for (p, &c) in cs.iter().enumerate().skip(1) {
+            sizes[fin[(offsets[s] + c) as usize] as usize] += counts[p];
+        }
+    }
+    sizes[0] = total - sizes[1..].iter().sum::<usize>();
+
+    // Pass 3: final labels.
+    lab.par_chunks_mut(thick * sz)
         .enumerate()
-        .map(|(s, chunk)| {
+        .for_each(|(s, chunk)| {
             let (cs, os) = (&compact[s].0, offsets[s]);
             let lut: Vec<u32> = cs
                 .iter()
                 .enumerate()
                 .map(|(p, &c)| if p == 0 { 0 } else { fin[(os + c) as usize] })
                 .collect();
-            let mut cnt = vec![0usize; n as usize + 1];
             // Background stays 0: skip it eight voxels at a time by the mask bytes.
             let ms = &m[s * thick * sz..s * thick * sz + chunk.len()];
             for (lg, mg) in chunk.chunks_mut(8).zip(ms.chunks(8)) {
-                if mg.len() == 8
-                    && u64::from_ne_bytes([mg[0], mg[1], mg[2], mg[3], mg[4], mg[5], mg[6], mg[7]])
-                        == 0
-                {
+                if mg.len() == 8 && zero8(mg, 0) {
                     continue;
                 }
                 for v in lg.iter_mut() {
-                    if *v != 0 {
-                        let l = lut[*v as usize];
-                        *v = l;
-                        cnt[l as usize] += 1;
-                    }
+                    *v = lut[*v as usize];
                 }
             }
-            cnt
-        })
-        .collect();
-    let mut sizes = vec![0usize; n as usize + 1];
-    for c in counts {
-        for (a, b) in sizes.iter_mut().zip(c) {
-            *a += b;
-        }
-    }
-    sizes[0] = total - sizes[1..].iter().sum::<usize>();
+        });
     Ok(CclOutput { labels, sizes })
 }
 
@@ -263,136 +252,136 @@ fn compact_roots(parent: &[u32]) -> (Vec<u32>, u32) {
     (c, m)
 }
 
+/// A run of foreground voxels `[x0, x1)` in one row, with its provisional label.
+#[derive(Clone, Copy)]
+struct Run {
+    x0: u32,
+    x1: u32,
+    label: u32,
+}
+
+/// `true` when all eight bytes at `x` are zero.
+#[inline]
+fn zero8(row: &[u8], x: usize) -> bool {
+    let g = &row[x..x + 8];
+    u64::from_ne_bytes([g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]]) == 0
+}
+
 /// Labels one slab (`lab` holds slices `z0..z0 + lab.len() / (ny*nx)`) with provisional
-/// labels; returns the union-find parent table (index 0 unused).
+/// labels; returns the union-find parent table (index 0 unused) and the voxels of each
+/// provisional label.
 ///
-/// The prior rows of voxel `(z, y, x)`: 0 = `(z, y-1)`, 1 = `(z-1, y-1)`, 2 = `(z-1, y)`,
-/// 3 = `(z-1, y+1)`; plus the left voxel `(z, y, x-1)`.
-fn scan_slab<const C: u32>(m: &[u8], lab: &mut [u32], z0: usize, ny: usize, nx: usize) -> Vec<u32> {
-    // (row, dx) of the prior neighbours, all of them / when the left voxel is foreground.
-    const ALL6: &[(usize, i8)] = &[(0, 0), (2, 0)];
-    const ALL18: &[(usize, i8)] = &[
-        (0, -1),
-        (0, 0),
-        (0, 1),
-        (1, 0),
-        (2, -1),
-        (2, 0),
-        (2, 1),
-        (3, 0),
-    ];
-    const ALL26: &[(usize, i8)] = &[
-        (0, -1),
-        (0, 0),
-        (0, 1),
-        (1, -1),
-        (1, 0),
-        (1, 1),
-        (2, -1),
-        (2, 0),
-        (2, 1),
-        (3, -1),
-        (3, 0),
-        (3, 1),
-    ];
-    const LEFT6: &[(usize, i8)] = &[(0, 0), (2, 0)];
-    const LEFT18: &[(usize, i8)] = &[(0, 1), (1, 0), (2, 1), (3, 0)];
-    const LEFT26: &[(usize, i8)] = &[(0, 1), (1, 1), (2, 1), (3, 1)];
-    let (all, left) = match C {
-        6 => (ALL6, LEFT6),
-        18 => (ALL18, LEFT18),
-        _ => (ALL26, LEFT26),
+/// Works on runs: each row's foreground is cut into runs of consecutive voxels, and each
+/// run is united with the runs it touches in its prior rows 0 = `(z, y-1)`,
+/// 1 = `(z-1, y-1)`, 2 = `(z-1, y)`, 3 = `(z-1, y+1)` (a sweep over both sorted run
+/// lists), then its voxels get one label. A run touches a prior run when their x ranges
+/// overlap, or, where the connectivity allows an x-diagonal step from that row, are
+/// adjacent.
+fn scan_slab(
+    conn: Connectivity,
+    m: &[u8],
+    lab: &mut [u32],
+    z0: usize,
+    ny: usize,
+    nx: usize,
+) -> (Vec<u32>, Vec<usize>) {
+    // Per prior row: not a neighbour (None) or a neighbour with (true) or without
+    // (false) the x-diagonal.
+    let rule: [Option<bool>; 4] = match conn {
+        Connectivity::Six => [Some(false), None, Some(false), None],
+        Connectivity::Eighteen => [Some(true), Some(false), Some(true), Some(false)],
+        Connectivity::TwentySix => [Some(true); 4],
     };
     let sz = ny * nx;
     let nzs = lab.len() / sz;
-    let zero_row = vec![0u32; nx];
     let mut parent: Vec<u32> = vec![0];
+    let mut counts: Vec<usize> = vec![0];
+    let mut prev: Vec<Vec<Run>> = vec![Vec::new(); ny];
+    let mut curr: Vec<Vec<Run>> = vec![Vec::new(); ny];
     for zl in 0..nzs {
         let gz = (z0 + zl) * sz;
         for y in 0..ny {
             let cur = zl * sz + y * nx;
             let mrow = &m[gz + y * nx..gz + y * nx + nx];
-            let (before, rest) = lab.split_at_mut(cur);
-            let row = &mut rest[..nx];
-            // Write the row before anything reads it: the fresh (calloc'd) pages then fault
-            // once, not a read fault on the shared zero page plus a copy-on-write one.
+            let row = &mut lab[cur..cur + nx];
+            // Write the row before anything reads it: fresh (calloc'd) pages then fault
+            // once, not on a read of the shared zero page and again on the write.
             row.fill(0);
-            // The prior rows, or a row of zeros where they fall outside the slab.
-            let rows: [&[u32]; 4] = [
-                if y > 0 {
-                    &before[cur - nx..cur]
-                } else {
-                    &zero_row
-                },
-                if zl > 0 && y > 0 {
-                    &before[cur - sz - nx..cur - sz]
-                } else {
-                    &zero_row
-                },
-                if zl > 0 {
-                    &before[cur - sz..cur - sz + nx]
-                } else {
-                    &zero_row
-                },
-                if zl > 0 && y + 1 < ny {
-                    &before[cur - sz + nx..cur - sz + 2 * nx]
-                } else {
-                    &zero_row
-                },
-            ];
+            let mut runs = std::mem::take(&mut curr[y]);
+            runs.clear();
             let mut x = 0;
             while x < nx {
-                // Skip background eight voxels at a time.
-                if x + 8 <= nx {
-                    let g = &mrow[x..x + 8];
-                    if u64::from_ne_bytes([g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]]) == 0 {
-                        x += 8;
-                        continue;
-                    }
+                if x + 8 <= nx && zero8(mrow, x) {
+                    x += 8;
+                    continue;
                 }
                 if mrow[x] == 0 {
                     x += 1;
                     continue;
                 }
-                let lf = if x > 0 { row[x - 1] } else { 0 };
-                let mut l = lf;
-                if lf != 0 {
-                    // Every (row, xx - 1) of the short list is a neighbour of the left voxel:
-                    // a label equal to it is already in our set.
-                    for &(r, dx) in left {
-                        let xx = x + dx as usize;
-                        if xx >= nx {
-                            continue;
-                        }
-                        let b = rows[r][xx];
-                        if b == 0 || b == l || rows[r][xx - 1] == b {
-                            continue;
-                        }
-                        l = union(&mut parent, l, b);
-                    }
+                let x0 = x;
+                while x < nx && mrow[x] != 0 {
+                    x += 1;
+                }
+                runs.push(Run {
+                    x0: x0 as u32,
+                    x1: x as u32,
+                    label: 0,
+                });
+            }
+            if runs.is_empty() {
+                curr[y] = runs;
+                continue;
+            }
+            let empty: &[Run] = &[];
+            let priors: [&[Run]; 4] = [
+                if y > 0 { &curr[y - 1] } else { empty },
+                if zl > 0 && y > 0 { &prev[y - 1] } else { empty },
+                if zl > 0 { &prev[y] } else { empty },
+                if zl > 0 && y + 1 < ny {
+                    &prev[y + 1]
                 } else {
-                    for &(r, dx) in all {
-                        let xx = x as isize + dx as isize;
-                        if xx < 0 || xx >= nx as isize {
-                            continue;
-                        }
-                        let b = rows[r][xx as usize];
-                        if b == 0 || b == l {
-                            continue;
-                        }
-                        l = if l == 0 { b } else { union(&mut parent, l, b) };
+                    empty
+                },
+            ];
+            let mut cursor = [0usize; 4];
+            for run in runs.iter_mut() {
+                let mut l = 0u32;
+                for r in 0..4 {
+                    let Some(diag) = rule[r] else { continue };
+                    let pr = priors[r];
+                    let d = diag as u32;
+                    // Prior runs ending before this one can touch it cannot touch the later
+                    // runs either.
+                    let mut j = cursor[r];
+                    while j < pr.len() && pr[j].x1 + d <= run.x0 {
+                        j += 1;
                     }
-                    if l == 0 {
-                        l = parent.len() as u32;
-                        parent.push(l);
+                    cursor[r] = j;
+                    while j < pr.len() && pr[j].x0 < run.x1 + d {
+                        let b = pr[j].label;
+                        if l == 0 {
+                            l = b;
+                        } else if b != l {
+                            l = union(&mut parent, l, b);
+                        }
+                        j += 1;
                     }
                 }
-                row[x] = l;
-                x += 1;
+                if l == 0 {
+                    l = parent.len() as u32;
+                    parent.push(l);
+                    counts.push(0);
+                }
+                run.label = l;
+                counts[l as usize] += (run.x1 - run.x0) as usize;
+                row[run.x0 as usize..run.x1 as usize].fill(l);
             }
+            curr[y] = runs;
         }
+        std::mem::swap(&mut prev, &mut curr);
     }
-    parent
+    (parent, counts)
 }
 
 /// What a component needs to be kept.
@@ -480,7 +469,11 @@ pub fn filter_components(
         }
         if cam.is_some() {
             let frac = inside[l] as f64 / size as f64;
-            if frac < filter.min_cam_fraction as f64 || !(peak[l] >= filter.min_peak_cam) {
+            // A peak of -inf (no CAM value, or only NaN) never passes.
+            if frac < filter.min_cam_fraction as f64
+                || peak[l] < filter.min_peak_cam
+                || peak[l] == f32::NEG_INFINITY
+            {
                 dropped_cam += 1;
                 continue;
             }

@@ -19,7 +19,8 @@ pub fn choose_cluster(
 ) -> Option<usize> {
     let mut best: Option<usize> = None;
     for (i, (&c, &n)) in centroids.iter().zip(counts).enumerate() {
-        if n < min_voxels.max(1) || !(c < saturation) {
+        // NaN centroids are never chosen.
+        if n < min_voxels.max(1) || c.is_nan() || c >= saturation {
             continue;
         }
         match best {

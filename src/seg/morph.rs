@@ -105,7 +105,7 @@ fn cross_pass(src: ArrayView2<u8>, mut dst: ArrayViewMut2<u8>, dilate: bool) {
                 },
             ];
             dst[[y, x]] = if dilate {
-                u8::from(c == 1 || n.iter().any(|v| *v == Some(1)))
+                u8::from(c == 1 || n.contains(&Some(1)))
             } else {
                 u8::from(c == 1 && n.iter().all(|v| *v == Some(1)))
             };

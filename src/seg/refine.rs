@@ -8,6 +8,7 @@ use super::kmeans::{kmeans_1d, DEFAULT_K, DEFAULT_MAX_ITER};
 use super::morph::{dilate, Structuring};
 use super::threshold::{cam_region, DEFAULT_CAM_THRESHOLD};
 use super::{Result, SegError};
+use crate::data::window::Window;
 use crate::io::Mask;
 use ndarray::{Array3, Axis, Zip};
 use rayon::prelude::*;
@@ -117,11 +118,10 @@ pub struct RefineOutput {
     pub dropped_cam: usize,
 }
 
-/// The subdural window (level 80, width 200) to [0, 1]; kept private and tiny on purpose
-/// (the method's windows live in `data::window`).
+/// The subdural window (level 80, width 200) to [0, 1], as the model's input channel.
 #[inline]
 fn subdural(hu: f32) -> f32 {
-    ((hu + 20.0) / 200.0).clamp(0.0, 1.0)
+    Window::SUBDURAL.apply(hu)
 }
 
 /// CAM region on the positive slices only.

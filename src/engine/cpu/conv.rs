@@ -1,10 +1,15 @@
-//! 2-D convolution without bias (forward, backward-data, backward-weight) as GEMMs:
-//! im2col over tiles of output rows (so the column buffer stays in cache), one product per
-//! tile, col2im for the data gradient. A 1x1 stride-1 unpadded convolution is a plain GEMM
+//! 2-D convolution without bias (forward, backward-data, backward-weight) as GEMMs.
+//!
+//! Forward: im2col, then `y = W . col` (M = c_out, N = output pixels, K = c_in*kh*kw).
+//! Data gradient: `dcol = W^T . dy`, then col2im. Weight gradient: `dW += dy . col^T`.
+//! A large image is cut into tiles of output rows (the column buffer stays near the cache);
+//! small images (deep layers) are grouped so that each product still has at least
+//! [`MIN_COLS`] columns, because every product repacks the weights and a thin one would
+//! spend its time packing. A 1x1 stride-1 unpadded convolution of one image is a plain GEMM
 //! on the image itself.
 //!
-//! Parallel over images with single-threaded products when the batch can keep every core
-//! busy, otherwise images in turn with the product itself split over the cores.
+//! Parallel over chunks of images with single-threaded products when there are enough
+//! chunks for every core, otherwise chunk by chunk with the product split over the cores.
 //! Knows only NCHW shapes.
 
 use rayon::prelude::*;
@@ -13,8 +18,10 @@ use super::gemm::{matmul, Mat, MatMut, Par};
 use crate::engine::shapes::Conv2d;
 use crate::engine::{check_len, EngineError, Real, Result};
 
-/// Elements of one im2col tile to aim for (about 256 KiB in f32: an L2-sized working set).
-const TILE_ELEMS: usize = 64 * 1024;
+/// Elements of one im2col tile to aim for (1 MiB in f32, about an L2 cache).
+const TILE_ELEMS: usize = 256 * 1024;
+/// Fewest columns (output pixels) per product worth the repacking of the weights.
+const MIN_COLS: usize = 512;
 
 /// Rejects shapes for which the output size is undefined (the formulas would underflow).
 pub fn check_shape(op: &'static str, s: &Conv2d) -> Result<()> {
@@ -41,11 +48,50 @@ fn is_pointwise(s: &Conv2d) -> bool {
     s.kh == 1 && s.kw == 1 && s.stride == 1 && s.pad == 0
 }
 
-/// Output rows per im2col tile.
-fn tile_rows(s: &Conv2d) -> usize {
+/// How a pass splits its work.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Images per chunk (the last chunk may have fewer).
+    group: usize,
+    /// Output rows per tile when a chunk holds one image.
+    tile_rows: usize,
+    /// Chunks in parallel with single-threaded products (else products split over cores).
+    parallel: bool,
+}
+
+fn plan(s: &Conv2d) -> Plan {
     let k = s.c_in * s.kh * s.kw;
-    let ow = s.out_w().max(1);
-    (TILE_ELEMS / (k * ow).max(1)).clamp(1, s.out_h().max(1))
+    let (oh, ow) = (s.out_h().max(1), s.out_w().max(1));
+    let ohw = oh * ow;
+    let threads = rayon::current_num_threads();
+    let tile_rows = (TILE_ELEMS / (k * ow).max(1))
+        .max(MIN_COLS.div_ceil(ow))
+        .clamp(1, oh);
+    // Images a product needs to reach MIN_COLS columns.
+    let want = MIN_COLS.div_ceil(ohw).max(1);
+    if want == 1 {
+        return Plan {
+            group: 1,
+            tile_rows,
+            parallel: threads > 1 && s.n >= threads,
+        };
+    }
+    if threads > 1 && s.n >= threads * want {
+        // Equal chunks, a whole number of them per thread.
+        let per_thread = s.n / (threads * want);
+        let group = s.n.div_ceil(threads * per_thread);
+        Plan {
+            group,
+            tile_rows,
+            parallel: true,
+        }
+    } else {
+        Plan {
+            group: want.min(s.n).max(1),
+            tile_rows,
+            parallel: false,
+        }
+    }
 }
 
 /// The range of output columns `ox` whose input column `ox*stride + kx - pad` is inside [0, w).
@@ -65,8 +111,9 @@ fn valid_ox(s: &Conv2d, kx: usize, ow: usize) -> (usize, usize) {
     (lo.min(ow), hi.max(lo.min(ow)))
 }
 
-/// col[(ci*kh + ky)*kw + kx, (oy - oy0)*ow + ox] = x[ci, oy*stride + ky - pad, ox*stride + kx - pad] (0 outside).
-fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T]) {
+/// col[(ci*kh + ky)*kw + kx, (oy - oy0)*ow + ox] = x[ci, oy*stride + ky - pad, ox*stride + kx - pad]
+/// (0 outside the image), rows of `col` `ld` elements apart.
+fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], ld: usize) {
     let ow = s.out_w();
     let cols = (oy1 - oy0) * ow;
     let mut row = 0;
@@ -74,7 +121,7 @@ fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T]) {
         let plane = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for ky in 0..s.kh {
             for kx in 0..s.kw {
-                let dst = &mut col[row * cols..(row + 1) * cols];
+                let dst = &mut col[row * ld..row * ld + cols];
                 let (lo, hi) = valid_ox(s, kx, ow);
                 for oy in oy0..oy1 {
                     let d = &mut dst[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
@@ -91,10 +138,8 @@ fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T]) {
                         if s.stride == 1 {
                             d[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
                         } else {
-                            for (o, v) in d[lo..hi]
-                                .iter_mut()
-                                .zip(src[ix0..].iter().step_by(s.stride))
-                            {
+                            let taps = src[ix0..].iter().step_by(s.stride);
+                            for (o, v) in d[lo..hi].iter_mut().zip(taps) {
                                 *o = *v;
                             }
                         }
@@ -106,16 +151,15 @@ fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T]) {
     }
 }
 
-/// dx[ci, iy, ix] += col[...]: the adjoint of [`im2col`].
-fn col2im_add<T: Real>(s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [T]) {
+/// dx[ci, iy, ix] += col[...]: the adjoint of [`im2col`] (same layout, same `ld`).
+fn col2im_add<T: Real>(s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [T], ld: usize) {
     let ow = s.out_w();
-    let cols = (oy1 - oy0) * ow;
     let mut row = 0;
     for ci in 0..s.c_in {
         let plane = &mut dx[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for ky in 0..s.kh {
             for kx in 0..s.kw {
-                let src_row = &col[row * cols..(row + 1) * cols];
+                let src_row = &col[row * ld..];
                 let (lo, hi) = valid_ox(s, kx, ow);
                 for oy in oy0..oy1 {
                     let iy = (oy * s.stride + ky) as isize - s.pad as isize;
@@ -141,41 +185,114 @@ fn col2im_add<T: Real>(s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [
     }
 }
 
-/// True when the batch alone can keep every rayon thread busy.
-fn batch_parallel(n: usize) -> bool {
-    n >= rayon::current_num_threads() && rayon::current_num_threads() > 1
+/// Per-thread buffers: the column matrix and a `[c_out, cols]` staging matrix.
+#[derive(Default)]
+struct Scratch<T> {
+    col: Vec<T>,
+    stage: Vec<T>,
 }
 
-/// y for one image.
-fn fwd_image<T: Real>(
+fn sized<T: Real>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::zero());
+    }
+    &mut v[..len]
+}
+
+/// `stage[co, j*ohw + p] = per_image[j][co, p]`: several images side by side as one matrix.
+fn gather<T: Real>(per_image: &[T], c: usize, ohw: usize, stage: &mut [T]) {
+    let g = per_image.len() / (c * ohw);
+    let ld = g * ohw;
+    for (j, img) in per_image.chunks(c * ohw).enumerate() {
+        for (ch, src) in img.chunks(ohw).enumerate() {
+            stage[ch * ld + j * ohw..ch * ld + (j + 1) * ohw].copy_from_slice(src);
+        }
+    }
+}
+
+/// The inverse of [`gather`].
+fn scatter<T: Real>(stage: &[T], c: usize, ohw: usize, per_image: &mut [T]) {
+    let g = per_image.len() / (c * ohw);
+    let ld = g * ohw;
+    for (j, img) in per_image.chunks_mut(c * ohw).enumerate() {
+        for (ch, dst) in img.chunks_mut(ohw).enumerate() {
+            dst.copy_from_slice(&stage[ch * ld + j * ohw..ch * ld + (j + 1) * ohw]);
+        }
+    }
+}
+
+/// Runs `f(chunk of x-side images, chunk of y-side images, scratch, par)` over the plan's
+/// chunks, in parallel or in turn; `a` is split mutably (the pass's output).
+fn for_chunks<T: Real>(
+    p: Plan,
+    a: &mut [T],
+    a_img: usize,
+    b: &[T],
+    b_img: usize,
+    f: impl Fn(&mut [T], &[T], &mut Scratch<T>, Par) -> Result<()> + Sync,
+) -> Result<()> {
+    if p.parallel {
+        a.par_chunks_mut(p.group * a_img)
+            .zip(b.par_chunks(p.group * b_img))
+            .try_for_each_init(Scratch::default, |sc, (ac, bc)| f(ac, bc, sc, Par::Seq))
+    } else {
+        let mut sc = Scratch::default();
+        for (ac, bc) in a.chunks_mut(p.group * a_img).zip(b.chunks(p.group * b_img)) {
+            f(ac, bc, &mut sc, Par::Rayon)?;
+        }
+        Ok(())
+    }
+}
+
+/// y for a chunk of images.
+fn fwd_chunk<T: Real>(
     s: &Conv2d,
+    p: Plan,
     x: &[T],
     w: &[T],
     y: &mut [T],
-    col: &mut Vec<T>,
+    sc: &mut Scratch<T>,
     par: Par,
 ) -> Result<()> {
     let (oh, ow) = (s.out_h(), s.out_w());
+    let ohw = oh * ow;
     let k = s.c_in * s.kh * s.kw;
     let wm = Mat::new(w, s.c_out, k);
+    let g = x.len() / (s.c_in * s.h * s.w);
+    if g > 1 {
+        let ld = g * ohw;
+        let col = sized(&mut sc.col, k * ld);
+        for (j, xj) in x.chunks(s.c_in * s.h * s.w).enumerate() {
+            im2col(s, xj, 0, oh, &mut col[j * ohw..], ld);
+        }
+        let stage = sized(&mut sc.stage, s.c_out * ld);
+        matmul(
+            MatMut::new(stage, s.c_out, ld),
+            wm,
+            Mat::new(col, k, ld),
+            false,
+            par,
+        )?;
+        scatter(stage, s.c_out, ohw, y);
+        return Ok(());
+    }
     if is_pointwise(s) {
         return matmul(
-            MatMut::new(y, s.c_out, oh * ow),
+            MatMut::new(y, s.c_out, ohw),
             wm,
-            Mat::new(x, k, oh * ow),
+            Mat::new(x, k, ohw),
             false,
             par,
         );
     }
-    let tr = tile_rows(s);
-    col.resize(k * tr * ow, T::zero());
     let mut oy0 = 0;
     while oy0 < oh {
-        let oy1 = (oy0 + tr).min(oh);
+        let oy1 = (oy0 + p.tile_rows).min(oh);
         let cols = (oy1 - oy0) * ow;
-        im2col(s, x, oy0, oy1, &mut col[..k * cols]);
-        let dst = MatMut::strided(&mut y[oy0 * ow..], s.c_out, cols, oh * ow, 1);
-        matmul(dst, wm, Mat::new(&col[..k * cols], k, cols), false, par)?;
+        let col = sized(&mut sc.col, k * cols);
+        im2col(s, x, oy0, oy1, col, cols);
+        let dst = MatMut::strided(&mut y[oy0 * ow..], s.c_out, cols, ohw, 1);
+        matmul(dst, wm, Mat::new(col, k, cols), false, par)?;
         oy0 = oy1;
     }
     Ok(())
@@ -197,58 +314,63 @@ pub fn conv2d_fwd<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) -> Result<
         y.fill(T::zero());
         return Ok(());
     }
-    if batch_parallel(s.n) {
-        y.par_chunks_mut(yi)
-            .zip(x.par_chunks(xi))
-            .try_for_each_init(Vec::new, |col, (yn, xn)| {
-                fwd_image(s, xn, w, yn, col, Par::Seq)
-            })
-    } else {
-        let mut col = Vec::new();
-        for (yn, xn) in y.chunks_mut(yi).zip(x.chunks(xi)) {
-            fwd_image(s, xn, w, yn, &mut col, Par::Rayon)?;
-        }
-        Ok(())
-    }
+    let p = plan(s);
+    for_chunks(p, y, yi, x, xi, |yc, xc, sc, par| {
+        fwd_chunk(s, p, xc, w, yc, sc, par)
+    })
 }
 
-/// dx for one image.
-fn bwd_data_image<T: Real>(
+/// dx for a chunk of images.
+fn bwd_data_chunk<T: Real>(
     s: &Conv2d,
+    p: Plan,
     dy: &[T],
     w: &[T],
     dx: &mut [T],
-    col: &mut Vec<T>,
+    sc: &mut Scratch<T>,
     par: Par,
 ) -> Result<()> {
     let (oh, ow) = (s.out_h(), s.out_w());
+    let ohw = oh * ow;
     let k = s.c_in * s.kh * s.kw;
     let wt = Mat::new(w, s.c_out, k).t();
+    let g = dy.len() / (s.c_out * ohw);
+    if g > 1 {
+        let ld = g * ohw;
+        let stage = sized(&mut sc.stage, s.c_out * ld);
+        gather(dy, s.c_out, ohw, stage);
+        let col = sized(&mut sc.col, k * ld);
+        matmul(
+            MatMut::new(col, k, ld),
+            wt,
+            Mat::new(stage, s.c_out, ld),
+            false,
+            par,
+        )?;
+        dx.fill(T::zero());
+        for (j, dxj) in dx.chunks_mut(s.c_in * s.h * s.w).enumerate() {
+            col2im_add(s, &col[j * ohw..], 0, oh, dxj, ld);
+        }
+        return Ok(());
+    }
     if is_pointwise(s) {
         return matmul(
-            MatMut::new(dx, k, oh * ow),
+            MatMut::new(dx, k, ohw),
             wt,
-            Mat::new(dy, s.c_out, oh * ow),
+            Mat::new(dy, s.c_out, ohw),
             false,
             par,
         );
     }
     dx.fill(T::zero());
-    let tr = tile_rows(s);
-    col.resize(k * tr * ow, T::zero());
     let mut oy0 = 0;
     while oy0 < oh {
-        let oy1 = (oy0 + tr).min(oh);
+        let oy1 = (oy0 + p.tile_rows).min(oh);
         let cols = (oy1 - oy0) * ow;
-        let dyt = Mat::strided(&dy[oy0 * ow..], s.c_out, cols, oh * ow, 1);
-        matmul(
-            MatMut::new(&mut col[..k * cols], k, cols),
-            wt,
-            dyt,
-            false,
-            par,
-        )?;
-        col2im_add(s, &col[..k * cols], oy0, oy1, dx);
+        let dyt = Mat::strided(&dy[oy0 * ow..], s.c_out, cols, ohw, 1);
+        let col = sized(&mut sc.col, k * cols);
+        matmul(MatMut::new(col, k, cols), wt, dyt, false, par)?;
+        col2im_add(s, col, oy0, oy1, dx, cols);
         oy0 = oy1;
     }
     Ok(())
@@ -270,51 +392,61 @@ pub fn conv2d_bwd_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) -> 
         dx.fill(T::zero());
         return Ok(());
     }
-    if batch_parallel(s.n) {
-        dx.par_chunks_mut(xi)
-            .zip(dy.par_chunks(yi))
-            .try_for_each_init(Vec::new, |col, (dxn, dyn_)| {
-                bwd_data_image(s, dyn_, w, dxn, col, Par::Seq)
-            })
-    } else {
-        let mut col = Vec::new();
-        for (dxn, dyn_) in dx.chunks_mut(xi).zip(dy.chunks(yi)) {
-            bwd_data_image(s, dyn_, w, dxn, &mut col, Par::Rayon)?;
-        }
-        Ok(())
-    }
+    let p = plan(s);
+    for_chunks(p, dx, xi, dy, yi, |dxc, dyc, sc, par| {
+        bwd_data_chunk(s, p, dyc, w, dxc, sc, par)
+    })
 }
 
-/// dw += x_n (*) dy_n for one image.
-fn bwd_weight_image<T: Real>(
+/// dw += sum over a chunk of images of x (*) dy.
+fn bwd_weight_chunk<T: Real>(
     s: &Conv2d,
+    p: Plan,
     x: &[T],
     dy: &[T],
     dw: &mut [T],
-    col: &mut Vec<T>,
+    sc: &mut Scratch<T>,
     par: Par,
 ) -> Result<()> {
     let (oh, ow) = (s.out_h(), s.out_w());
+    let ohw = oh * ow;
     let k = s.c_in * s.kh * s.kw;
-    if is_pointwise(s) {
-        let xt = Mat::new(x, k, oh * ow).t();
+    let g = x.len() / (s.c_in * s.h * s.w);
+    if g > 1 {
+        let ld = g * ohw;
+        let col = sized(&mut sc.col, k * ld);
+        for (j, xj) in x.chunks(s.c_in * s.h * s.w).enumerate() {
+            im2col(s, xj, 0, oh, &mut col[j * ohw..], ld);
+        }
+        let stage = sized(&mut sc.stage, s.c_out * ld);
+        gather(dy, s.c_out, ohw, stage);
+        let colt = Mat::new(&*col, k, ld).t();
         return matmul(
             MatMut::new(dw, s.c_out, k),
-            Mat::new(dy, s.c_out, oh * ow),
+            Mat::new(stage, s.c_out, ld),
+            colt,
+            true,
+            par,
+        );
+    }
+    if is_pointwise(s) {
+        let xt = Mat::new(x, k, ohw).t();
+        return matmul(
+            MatMut::new(dw, s.c_out, k),
+            Mat::new(dy, s.c_out, ohw),
             xt,
             true,
             par,
         );
     }
-    let tr = tile_rows(s);
-    col.resize(k * tr * ow, T::zero());
     let mut oy0 = 0;
     while oy0 < oh {
-        let oy1 = (oy0 + tr).min(oh);
+        let oy1 = (oy0 + p.tile_rows).min(oh);
         let cols = (oy1 - oy0) * ow;
-        im2col(s, x, oy0, oy1, &mut col[..k * cols]);
-        let dyt = Mat::strided(&dy[oy0 * ow..], s.c_out, cols, oh * ow, 1);
-        let colt = Mat::new(&col[..k * cols], k, cols).t();
+        let col = sized(&mut sc.col, k * cols);
+        im2col(s, x, oy0, oy1, col, cols);
+        let dyt = Mat::strided(&dy[oy0 * ow..], s.c_out, cols, ohw, 1);
+        let colt = Mat::new(&*col, k, cols).t();
         matmul(MatMut::new(dw, s.c_out, k), dyt, colt, true, par)?;
         oy0 = oy1;
     }
@@ -334,33 +466,35 @@ pub fn conv2d_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) -
     if s.n == 0 || xi == 0 || yi == 0 {
         return Ok(());
     }
-    if batch_parallel(s.n) {
+    let p = plan(s);
+    let chunks = x.chunks(p.group * xi).zip(dy.chunks(p.group * yi));
+    if p.parallel {
+        // One partial dW per rayon task, summed at the end.
         let wl = dw.len();
-        let partials: Vec<Vec<T>> = x
-            .par_chunks(xi)
-            .zip(dy.par_chunks(yi))
+        let partials: Vec<Vec<T>> = chunks
+            .collect::<Vec<_>>()
+            .into_par_iter()
             .try_fold(
-                || (vec![T::zero(); wl], Vec::new()),
-                |(mut acc, mut col), (xn, dyn_)| {
-                    bwd_weight_image(s, xn, dyn_, &mut acc, &mut col, Par::Seq)?;
-                    Ok::<_, EngineError>((acc, col))
+                || (vec![T::zero(); wl], Scratch::default()),
+                |(mut acc, mut sc), (xc, dyc)| {
+                    bwd_weight_chunk(s, p, xc, dyc, &mut acc, &mut sc, Par::Seq)?;
+                    Ok::<_, EngineError>((acc, sc))
                 },
             )
             .map(|r| r.map(|(acc, _)| acc))
             .collect::<Result<_>>()?;
-        for p in partials {
-            for (d, v) in dw.iter_mut().zip(&p) {
+        for part in partials {
+            for (d, v) in dw.iter_mut().zip(&part) {
                 *d = *d + *v;
             }
         }
-        Ok(())
     } else {
-        let mut col = Vec::new();
-        for (xn, dyn_) in x.chunks(xi).zip(dy.chunks(yi)) {
-            bwd_weight_image(s, xn, dyn_, dw, &mut col, Par::Rayon)?;
+        let mut sc = Scratch::default();
+        for (xc, dyc) in chunks {
+            bwd_weight_chunk(s, p, xc, dyc, dw, &mut sc, Par::Rayon)?;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 #[cfg(test)]

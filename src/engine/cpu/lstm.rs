@@ -46,7 +46,7 @@ pub fn lstm_fwd<T: Real>(
     // Pre-activations of all steps: bias + x W_ih^T.
     for row in gates.chunks_mut(g4) {
         for ((o, bi), bh) in row.iter_mut().zip(b_ih).zip(b_hh) {
-            *o = *bi;
+            *o = *bi + *bh;
         }
     }
     matmul(

@@ -132,6 +132,29 @@ impl CudaBackend {
         unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| oom(e, len * 4))
     }
 
+    fn alloc_f64(&self, len: usize) -> Result<CudaSlice<f64>> {
+        // SAFETY: the kernels write every element before any is read.
+        unsafe { self.stream.alloc::<f64>(len.max(1)) }.map_err(|e| oom(e, len * 8))
+    }
+
+    fn ptr_f64(&self, buf: &CudaSlice<f64>) -> u64 {
+        let (p, _sync) = buf.device_ptr(&self.stream);
+        p
+    }
+
+    /// (splits, chunk) of a batch-norm channel reduction: enough blocks to fill the GPU, at
+    /// least 4096 values per block; a function of the shape and the GPU only, so the order of
+    /// the f64 sums does not change from call to call.
+    fn bn_split(&self, s: &BatchNorm2d) -> (usize, usize) {
+        let count = s.n * s.hw;
+        let target = 4 * self.info.multiprocessors.max(1) as usize;
+        let want = target
+            .div_ceil(s.c.max(1))
+            .clamp(1, count.div_ceil(4096).clamp(1, 65_535));
+        let chunk = count.div_ceil(want);
+        (count.div_ceil(chunk), chunk)
+    }
+
     /// Grid-stride launch shape for `n` elements.
     fn grid(n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
@@ -521,28 +544,73 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         i(s.len())?;
-        let cfg = LaunchConfig {
-            grid_dim: (s.c as u32, 1, 1),
+        let (split, chunk) = self.bn_split(s);
+        let part = self.alloc_f64(s.c * split)?;
+        let stats = self.alloc_f64(2 * s.c)?;
+        let (pp, ps) = (self.ptr_f64(&part), self.ptr_f64(&stats));
+        let red = LaunchConfig {
+            grid_dim: (split as u32, s.c as u32, 1),
             block_dim: (512, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [
-            KArg::Ptr(self.ptr(x)),
-            KArg::Ptr(self.ptr(gamma)),
-            KArg::Ptr(self.ptr(beta)),
-            KArg::Ptr(self.ptr(running_mean)),
-            KArg::Ptr(self.ptr(running_var)),
+        let per_c = LaunchConfig {
+            grid_dim: (s.c.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, c, hw, ch, sp) = (i(s.n)?, i(s.c)?, i(s.hw)?, i(chunk)?, i(split)?);
+        let xp = KArg::Ptr(self.ptr(x));
+        // mean, then squared deviations from it (two passes), then normalise.
+        self.launch(
+            "norm",
+            "bn_partial",
+            red,
+            &[xp, KArg::Ptr(0), KArg::Ptr(pp), n, c, hw, ch],
+        )?;
+        self.launch(
+            "norm",
+            "bn_finalize_mean",
+            per_c,
+            &[KArg::Ptr(pp), KArg::Ptr(ps), c, sp, n, hw],
+        )?;
+        self.launch(
+            "norm",
+            "bn_partial",
+            red,
+            &[xp, KArg::Ptr(ps), KArg::Ptr(pp), n, c, hw, ch],
+        )?;
+        let (sm, si) = (
             KArg::Ptr(self.ptr(save_mean)),
             KArg::Ptr(self.ptr(save_invstd)),
-            KArg::Ptr(self.ptr(y)),
-            i(s.n)?,
-            i(s.c)?,
-            i(s.hw)?,
+        );
+        let fin = [
+            KArg::Ptr(pp),
+            KArg::Ptr(ps),
+            KArg::Ptr(self.ptr(running_mean)),
+            KArg::Ptr(self.ptr(running_var)),
+            sm,
+            si,
+            c,
+            sp,
+            n,
+            hw,
             KArg::F64(s.eps),
             KArg::F64(s.momentum),
+        ];
+        self.launch("norm", "bn_finalize_var", per_c, &fin)?;
+        let args = [
+            xp,
+            KArg::Ptr(self.ptr(gamma)),
+            KArg::Ptr(self.ptr(beta)),
+            sm,
+            si,
+            KArg::Ptr(self.ptr(y)),
+            i(s.len())?,
+            c,
+            hw,
             KArg::I32(relu as i32),
         ];
-        self.launch("norm", "bn_train_fwd", cfg, &args)
+        self.launch("norm", "bn_apply", Self::grid(s.len()), &args)
     }
 
     fn batchnorm_eval_fwd(
@@ -627,27 +695,77 @@ impl Backend for CudaBackend {
             return self.fill(dbeta, 0.0);
         }
         i(s.len())?;
-        let cfg = LaunchConfig {
-            grid_dim: (s.c as u32, 1, 1),
+        let (split, chunk) = self.bn_split(s);
+        let part1 = self.alloc_f64(s.c * split)?;
+        let part2 = self.alloc_f64(s.c * split)?;
+        let stats = self.alloc_f64(2 * s.c)?;
+        let (p1, p2, ps) = (
+            self.ptr_f64(&part1),
+            self.ptr_f64(&part2),
+            self.ptr_f64(&stats),
+        );
+        let red = LaunchConfig {
+            grid_dim: (split as u32, s.c as u32, 1),
             block_dim: (512, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [
+        let per_c = LaunchConfig {
+            grid_dim: (s.c.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, c, hw) = (i(s.n)?, i(s.c)?, i(s.hw)?);
+        let (xp, yp, dyp) = (
             KArg::Ptr(self.ptr(x)),
             KArg::Ptr(self.ptr(y)),
             KArg::Ptr(self.ptr(dy)),
-            KArg::Ptr(self.ptr(gamma)),
+        );
+        let (sm, si) = (
             KArg::Ptr(self.ptr(save_mean)),
             KArg::Ptr(self.ptr(save_invstd)),
-            KArg::Ptr(self.ptr(dx)),
+        );
+        let relu = KArg::I32(relu as i32);
+        let part = [
+            xp,
+            yp,
+            dyp,
+            sm,
+            si,
+            KArg::Ptr(p1),
+            KArg::Ptr(p2),
+            n,
+            c,
+            hw,
+            i(chunk)?,
+            relu,
+        ];
+        self.launch("norm", "bn_bwd_partial", red, &part)?;
+        let fin = [
+            KArg::Ptr(p1),
+            KArg::Ptr(p2),
+            KArg::Ptr(ps),
             KArg::Ptr(self.ptr(dgamma)),
             KArg::Ptr(self.ptr(dbeta)),
-            i(s.n)?,
-            i(s.c)?,
-            i(s.hw)?,
-            KArg::I32(relu as i32),
+            c,
+            i(split)?,
         ];
-        self.launch("norm", "bn_bwd", cfg, &args)
+        self.launch("norm", "bn_bwd_finalize", per_c, &fin)?;
+        let args = [
+            xp,
+            yp,
+            dyp,
+            KArg::Ptr(self.ptr(gamma)),
+            sm,
+            si,
+            KArg::Ptr(ps),
+            KArg::Ptr(self.ptr(dx)),
+            i(s.len())?,
+            c,
+            hw,
+            KArg::F64((s.n * s.hw) as f64),
+            relu,
+        ];
+        self.launch("norm", "bn_bwd_apply", Self::grid(s.len()), &args)
     }
 
     // ---- elementwise ---------------------------------------------------------------------

@@ -7,7 +7,10 @@
 //! Every step mirrors its CPU twin in `crate::seg` exactly: same window arithmetic, same
 //! k-means start (nearest-rank quantiles), tie rules and stopping rule, component ids in
 //! raster order of each component's first voxel, the same filter. Only the k-means sums are
-//! added in another (fixed) order; they are exact in f64 for HU data, so the centroids agree.
+//! added in another (fixed, deterministic) order. They are exact in f64, so the centroids
+//! agree bit for bit, whenever every value is 0 or >= 2^-8 (window values are: HU outside
+//! (-20, -19.2)) and a segment holds fewer than 2^22 of them (always true per slice);
+//! otherwise a centroid can differ in its last bit, which moves an assignment only on a tie.
 //! The small per-slice decisions (which cluster, which components to keep) run on the host
 //! with the CPU's own functions, over a few numbers read back from the device.
 //!
