@@ -13,7 +13,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ichcam::seg::ccl::{connected_components, connected_components_slabs, Connectivity};
+use ichcam::seg::ccl::{
+    connected_components, connected_components_reusing, connected_components_slabs, Connectivity,
+};
 use ndarray::Array3;
 use rayon::prelude::*;
 
@@ -135,6 +137,15 @@ fn bench_ccl(cr: &mut Criterion) {
             b.iter(|| {
                 connected_components_slabs(black_box(m.view()), Connectivity::TwentySix, 1)
                     .expect("ccl")
+            })
+        });
+        let mut buf = Some(Array3::<u32>::zeros(m.raw_dim()));
+        g.bench_function("rayon-reused-buffer", |b| {
+            b.iter(|| {
+                let old = buf.take().unwrap_or_else(|| Array3::zeros(m.raw_dim()));
+                let out = connected_components_reusing(black_box(&m), Connectivity::TwentySix, old)
+                    .expect("ccl");
+                buf = Some(out.labels);
             })
         });
         g.finish();

@@ -57,12 +57,13 @@ conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, float* __re
     // A tile (weights, contiguous along k): k = tid & 15, rows tid>>4 + 16q.
     const int ak = tid & 15, am = tid >> 4;
 
-    float acc[4][4] = {};
-    for (int k0 = 0; k0 < K; k0 += BK) {
+    // The next K tile is loaded into registers while the current one is multiplied.
+    float ra[4], rb[4];
+    auto load = [&](int k0) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             int m = m0 + am + 16 * q, k = k0 + ak;
-            As[ak][am + 16 * q] = (m < M && k < K) ? w[(size_t)m * K + k] : 0.0f;
+            ra[q] = (m < M && k < K) ? w[(size_t)m * K + k] : 0.0f;
         }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -73,9 +74,20 @@ conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, float* __re
                 int ih = ih0 + kh, iw = iw0 + kw;
                 if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = xb[((size_t)ci * H + ih) * W + iw];
             }
-            Bs[r][bcol] = v;
+            rb[q] = v;
+        }
+    };
+
+    float acc[4][4] = {};
+    load(0);
+    for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            As[ak][am + 16 * q] = ra[q];
+            Bs[brow + 4 * q][bcol] = rb[q];
         }
         __syncthreads();
+        if (k0 + BK < K) load(k0 + BK);
         tile_mma(As, Bs, acc, tx, ty);
         __syncthreads();
     }
@@ -117,8 +129,8 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
     // A[ci][(co,kh,kw)] = w[co][ci][kh][kw]: contiguous along (kh,kw) for fixed co.
     const int ak = tid & 15, am = tid >> 4;
 
-    float acc[4][4] = {};
-    for (int k0 = 0; k0 < K; k0 += BK) {
+    float ra[4], rb[4];
+    auto load = [&](int k0) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             int m = m0 + am + 16 * q, k = k0 + ak;
@@ -127,7 +139,7 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
                 int co = k / KHW, rr = k - co * KHW;
                 v = w[((size_t)co * C + m) * KHW + rr];
             }
-            As[ak][am + 16 * q] = v;
+            ra[q] = v;
         }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -142,9 +154,20 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
                         v = dyb[((size_t)co * OH + oh) * OW + ow];
                 }
             }
-            Bs[r][bcol] = v;
+            rb[q] = v;
+        }
+    };
+
+    float acc[4][4] = {};
+    load(0);
+    for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            As[ak][am + 16 * q] = ra[q];
+            Bs[brow + 4 * q][bcol] = rb[q];
         }
         __syncthreads();
+        if (k0 + BK < K) load(k0 + BK);
         tile_mma(As, Bs, acc, tx, ty);
         __syncthreads();
     }
@@ -190,8 +213,8 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, flo
         bkw[q] = rr - kh * KW;
     }
 
-    float acc[4][4] = {};
-    for (int k0 = kbeg; k0 < kend; k0 += BK) {
+    float ra[4], rb[4];
+    auto load = [&](int k0) {
         int k = k0 + lk;
         bool k_ok = k < kend;
         int n = 0, oh = 0, ow = 0, r = 0;
@@ -204,7 +227,7 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, flo
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             int m = m0 + lr + 16 * q;
-            As[lk][lr + 16 * q] = (k_ok && m < M) ? dy[((size_t)n * CO + m) * OHW + r] : 0.0f;
+            ra[q] = (k_ok && m < M) ? dy[((size_t)n * CO + m) * OHW + r] : 0.0f;
         }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -214,9 +237,20 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, flo
                 if (ih >= 0 && ih < H && iw >= 0 && iw < W)
                     v = x[(((size_t)n * C + bci[q]) * H + ih) * W + iw];
             }
-            Bs[lk][lr + 16 * q] = v;
+            rb[q] = v;
+        }
+    };
+
+    float acc[4][4] = {};
+    if (kbeg < kend) load(kbeg);
+    for (int k0 = kbeg; k0 < kend; k0 += BK) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            As[lk][lr + 16 * q] = ra[q];
+            Bs[lk][lr + 16 * q] = rb[q];
         }
         __syncthreads();
+        if (k0 + BK < kend) load(k0 + BK);
         tile_mma(As, Bs, acc, tx, ty);
         __syncthreads();
     }

@@ -17,21 +17,23 @@ sgemm(const float* __restrict__ A, const float* __restrict__ B, float* __restric
     __shared__ float Bs[BK][BN + PAD];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float acc[4][4] = {};
-    for (int k0 = 0; k0 < K; k0 += BK) {
+    // Each thread's four A and four B elements of a K tile, loaded along the operand's
+    // contiguous dimension; the next tile is loaded while the current one is multiplied.
+    float ra[4], rb[4];
+    auto load = [&](int k0) {
         if (!transA) {  // contiguous along k
             int kk = tid & 15, mm = tid >> 4;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 int m = m0 + mm + 16 * q, k = k0 + kk;
-                As[kk][mm + 16 * q] = (m < M && k < K) ? A[(size_t)m * lda + k] : 0.0f;
+                ra[q] = (m < M && k < K) ? A[(size_t)m * lda + k] : 0.0f;
             }
         } else {  // contiguous along m
             int mm = tid & 63, kk = tid >> 6;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 int m = m0 + mm, k = k0 + kk + 4 * q;
-                As[kk + 4 * q][mm] = (m < M && k < K) ? A[(size_t)k * lda + m] : 0.0f;
+                ra[q] = (m < M && k < K) ? A[(size_t)k * lda + m] : 0.0f;
             }
         }
         if (!transB) {  // contiguous along n
@@ -39,17 +41,29 @@ sgemm(const float* __restrict__ A, const float* __restrict__ B, float* __restric
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 int n = n0 + nn, k = k0 + kk + 4 * q;
-                Bs[kk + 4 * q][nn] = (n < N && k < K) ? B[(size_t)k * ldb + n] : 0.0f;
+                rb[q] = (n < N && k < K) ? B[(size_t)k * ldb + n] : 0.0f;
             }
         } else {  // contiguous along k
             int kk = tid & 15, nn = tid >> 4;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 int n = n0 + nn + 16 * q, k = k0 + kk;
-                Bs[kk][nn + 16 * q] = (n < N && k < K) ? B[(size_t)n * ldb + k] : 0.0f;
+                rb[q] = (n < N && k < K) ? B[(size_t)n * ldb + k] : 0.0f;
             }
         }
+    };
+    float acc[4][4] = {};
+    if (K > 0) load(0);
+    for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if (!transA) As[tid & 15][(tid >> 4) + 16 * q] = ra[q];
+            else As[(tid >> 6) + 4 * q][tid & 63] = ra[q];
+            if (!transB) Bs[(tid >> 6) + 4 * q][tid & 63] = rb[q];
+            else Bs[tid & 15][(tid >> 4) + 16 * q] = rb[q];
+        }
         __syncthreads();
+        if (k0 + BK < K) load(k0 + BK);
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
             float a[4], b[4];

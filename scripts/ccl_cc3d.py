@@ -7,6 +7,7 @@
 Each DIR/<name>.u8 is raw uint8, C order [z, y, x]; DIR/<name>.txt holds "nz ny nx N" with
 N the component count ichcam found. The script checks cc3d finds the same N, then prints the
 median and best time of `--repeat` runs (after one warm-up) with a uint32 output, as ichcam's.
+`--no-hugepage` turns off numpy's huge-page advice for the output array (see docs/perf.md).
 """
 import argparse
 import pathlib
@@ -22,13 +23,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", type=pathlib.Path)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument(
+        "--no-hugepage",
+        action="store_true",
+        help="turn off numpy's madvise(MADV_HUGEPAGE) on large arrays (cc3d's output is one): "
+        "the output volume then faults in 4 KiB pages, as ichcam's does",
+    )
     args = ap.parse_args()
+    if args.no_hugepage:
+        core = getattr(np, "_core", None) or np.core
+        core.multiarray._set_madvise_hugepage(False)
     txts = sorted(args.dir.glob("*.txt"))
     if not txts:
         print(f"no volumes in {args.dir}", file=sys.stderr)
         return 1
     ok = True
-    print(f"cc3d {getattr(cc3d, '__version__', '?')}, numpy {np.__version__}")
+    try:
+        from importlib.metadata import version
+
+        cc3d_version = version("connected-components-3d")
+    except Exception:  # the version is only for the printout
+        cc3d_version = "?"
+    print(f"cc3d {cc3d_version}, numpy {np.__version__}, hugepage madvise {'off' if args.no_hugepage else 'on'}")
     print(f"{'volume':<22} {'fg %':>6} {'N cc3d':>8} {'N ichcam':>9} {'median ms':>10} {'best ms':>9}")
     for txt in txts:
         nz, ny, nx, n_ref = (int(v) for v in txt.read_text().split())

@@ -5,21 +5,26 @@
 #
 # The GPU machine has no Rust toolchain: build here, carry `gpu-bin/` (ignored by git).
 #
-#   1. Here (needs a CUDA 13.0 libnvrtc so that the kernels are precompiled to PTX):
+#   1. Here (needs a CUDA 13.0 libnvrtc so that the kernels are precompiled to PTX; --build
+#      finds it in .venv and sets ICHCAM_REQUIRE_NVRTC=1):
 #        python3 -m venv .venv && .venv/bin/pip install nvidia-cuda-nvrtc==13.0.88
-#        export LD_LIBRARY_PATH=$PWD/.venv/lib/python3.11/site-packages/nvidia/cu13/lib
-#        ICHCAM_REQUIRE_NVRTC=1 scripts/gpu-check.sh --build
+#        scripts/gpu-check.sh --build
 #      which runs `cargo build --release --tests --benches` and copies target/release/ichcam
 #      and the test executables that use a GPU (found with `cargo test --release --no-run
 #      --message-format=json`; those mentioning ICHCAM_REQUIRE_GPU) to gpu-bin/ichcam and
 #      gpu-bin/tests/<test name>, stripped (the device tool carries at most 64 MiB).
 #   2. On the GPU machine, from the repository root (device tool: carry ["gpu-bin"]):
 #        bash scripts/gpu-check.sh            # ICHCAM_GPU_CHECK_QUICK=1 for fewer iterations
-#      Full logs go to $OUT (when set) or gpu-check-logs/.
+#      Full logs go to $OUT (when set) or /tmp/ichcam-gpu-check/.
 set -u
 
 if [ "${1:-}" = "--build" ]; then
     set -e
+    # Precompiled PTX or nothing: a source-only build would compile on the GPU at first use.
+    for d in .venv/lib/python3*/site-packages/nvidia/cu13/lib; do
+        if [ -d "$d" ]; then export LD_LIBRARY_PATH="$PWD/$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+    done
+    export ICHCAM_REQUIRE_NVRTC="${ICHCAM_REQUIRE_NVRTC:-1}"
     cargo build --release --tests --benches
     rm -rf gpu-bin
     mkdir -p gpu-bin/tests
@@ -49,7 +54,7 @@ for line in sys.stdin:
     exit 0
 fi
 
-LOG="${OUT:-gpu-check-logs}"
+LOG="${OUT:-/tmp/ichcam-gpu-check}"
 mkdir -p "$LOG"
 QUICK="${ICHCAM_GPU_CHECK_QUICK:-0}"
 ITERS=10
@@ -143,9 +148,13 @@ if [ -f benches/baselines/torch_baseline.py ] && python3 -c "import torch, torch
     grep -E '^\{' "$LOG/torch-baseline.log" | python3 -c '
 import json, sys
 for line in sys.stdin:
-    r = json.loads(line)
-    v = r.get("error") or f"{r[\"median_ms\"]} ms, {r[\"slices_per_s\"]} slices/s"
-    print(f"  torch {r[\"what\"]}-{r[\"config\"]} {r[\"mode\"]:<5}        {v}")
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    name = "torch %s-%s %s" % (r.get("what"), r.get("config"), r.get("mode"))
+    v = r.get("error") or "%s ms, %s slices/s" % (r.get("median_ms"), r.get("slices_per_s"))
+    print("  %-32s %s" % (name, v))
 ' >"$LOG/torch-table.txt" 2>/dev/null
 fi
 

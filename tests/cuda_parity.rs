@@ -136,6 +136,7 @@ fn conv_all<B: Backend<T = f32>>(
     [down(be, &y), down(be, &dx), down(be, &dw)]
 }
 
+#[allow(clippy::too_many_arguments)]
 fn conv(
     n: usize,
     c_in: usize,
@@ -922,5 +923,84 @@ fn ichnet_tiny_step_matches_cpu() {
     ] {
         let e = rel_err(&f(a), &f(b));
         assert!(e < tol, "stage 2 {what}: rel err {e:e}");
+    }
+}
+
+// ---- discovery and the kernel table (these run without a GPU) ------------------------------
+
+#[test]
+fn device_choice_never_panics() {
+    use ichcam::engine::cuda::device::{pick_device, DeviceChoice};
+    assert_eq!(
+        pick_device("cpu").expect("cpu"),
+        DeviceChoice::Cpu { reason: None }
+    );
+    assert!(
+        pick_device("tpu").is_err(),
+        "an unknown device name must be an error"
+    );
+    assert!(
+        pick_device("cuda:abc").is_err(),
+        "a bad ordinal must be an error"
+    );
+    match pick_device("auto").expect("auto always resolves") {
+        DeviceChoice::Cpu { reason } => {
+            let r = reason.expect("auto falling back to the CPU says why");
+            assert!(!r.is_empty() && !r.contains('\n'), "one clear line: {r:?}");
+        }
+        DeviceChoice::Cuda(d) => assert!(d.compute_capability.0 >= 3, "{d:?}"),
+    }
+    if gpu().is_none() {
+        assert!(
+            pick_device("cuda").is_err(),
+            "asking for a GPU without one must be an error"
+        );
+        assert!(CudaBackend::new(0).is_err());
+    }
+}
+
+#[test]
+fn every_kernel_is_embedded_and_compiles_at_run_time() {
+    use ichcam::engine::cuda::device::nvrtc_present;
+    use ichcam::engine::cuda::module::{compile_at_runtime, precompiled, KERNELS};
+    for name in [
+        "conv",
+        "norm",
+        "pool",
+        "elementwise",
+        "dense",
+        "lstm",
+        "loss",
+        "optim",
+        "cam",
+    ] {
+        let k = KERNELS
+            .iter()
+            .find(|k| k.name == name)
+            .unwrap_or_else(|| panic!("kernels/{name}.cu not embedded"));
+        assert!(
+            k.source.contains("extern \"C\" __global__"),
+            "{name}: no kernel in the embedded source"
+        );
+        assert_eq!(
+            k.ptx_sm90.is_some(),
+            precompiled(),
+            "{name}: sm90 PTX presence"
+        );
+        assert_eq!(
+            k.ptx_portable.is_some(),
+            precompiled(),
+            "{name}: portable PTX presence"
+        );
+    }
+    if !nvrtc_present() {
+        println!("skipped run-time compilation: libnvrtc not found");
+        return;
+    }
+    // The path a build without NVRTC takes at first GPU use.
+    for k in KERNELS {
+        if let Err(e) = compile_at_runtime(k, (9, 0)) {
+            panic!("kernels/{}.cu does not compile at run time: {e}", k.name);
+        }
     }
 }

@@ -611,6 +611,74 @@ fn maxpool_routes_ties_to_the_first_maximum() {
     let mut dx = vec![f64::NAN; 4];
     be.maxpool2d_bwd(&s, &x, &y, &vec![2.0], &mut dx).unwrap();
     assert_eq!(dx, vec![0.0, 2.0, 0.0, 0.0]);
+    // A `y` that matches nothing in its window still routes to the first maximum.
+    let mut dx2 = vec![f64::NAN; 4];
+    be.maxpool2d_bwd(&s, &x, &vec![-7.0], &vec![2.0], &mut dx2)
+        .unwrap();
+    assert_eq!(dx2, dx);
+    // A NaN in the window propagates, and takes the gradient, as in PyTorch.
+    let xn = vec![1.0, 5.0, f64::NAN, 3.0];
+    be.maxpool2d_fwd(&s, &xn, &mut y).unwrap();
+    assert!(y[0].is_nan());
+    be.maxpool2d_bwd(&s, &xn, &y, &vec![2.0], &mut dx).unwrap();
+    assert_eq!(dx, vec![0.0, 0.0, 2.0, 0.0]);
+}
+
+#[test]
+fn maxpool_forward_matches_naive_window_max() {
+    let be = B::new();
+    let mut rng = Rng::new(43);
+    for s in [
+        Pool2d {
+            n: 2,
+            c: 3,
+            h: 11,
+            w: 9,
+            k: 3,
+            stride: 2,
+            pad: 1,
+        },
+        Pool2d {
+            n: 1,
+            c: 2,
+            h: 8,
+            w: 10,
+            k: 4,
+            stride: 3,
+            pad: 2,
+        },
+        Pool2d {
+            n: 1,
+            c: 1,
+            h: 5,
+            w: 5,
+            k: 5,
+            stride: 1,
+            pad: 0,
+        },
+    ] {
+        let x = rng.vec(s.x_len(), -1.0, 1.0);
+        let mut y = vec![f64::NAN; s.y_len()];
+        be.maxpool2d_fwd(&s, &x, &mut y).unwrap();
+        let (oh, ow) = (s.out_h(), s.out_w());
+        for p in 0..s.n * s.c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut m = f64::NEG_INFINITY;
+                    for ky in 0..s.k {
+                        for kx in 0..s.k {
+                            let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                            let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                            if iy >= 0 && ix >= 0 && iy < s.h as isize && ix < s.w as isize {
+                                m = m.max(x[p * s.h * s.w + iy as usize * s.w + ix as usize]);
+                            }
+                        }
+                    }
+                    assert_eq!(y[(p * oh + oy) * ow + ox], m, "{s:?}");
+                }
+            }
+        }
+    }
 }
 
 #[test]

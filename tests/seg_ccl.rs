@@ -3,8 +3,8 @@
 //! component filter.
 
 use ichcam::seg::ccl::{
-    connected_components, connected_components_slabs, filter_components, ComponentFilter,
-    Connectivity,
+    connected_components, connected_components_reusing, connected_components_slabs,
+    filter_components, ComponentFilter, Connectivity,
 };
 use ndarray::Array3;
 use std::collections::{HashMap, VecDeque};
@@ -296,4 +296,23 @@ fn filter_by_size_and_cam_support() {
     assert!(filter_components(&o.labels, &o.sizes, Some(&bad), &f).is_err());
     // Labels beyond `sizes` are an error too.
     assert!(filter_components(&o.labels, &o.sizes[..2], None, &f).is_err());
+}
+
+#[test]
+fn reused_buffer_gives_the_same_labels() {
+    let a = random_mask((9, 20, 21), 0.3, 5);
+    let b = random_mask((9, 20, 21), 0.1, 6);
+    let first = connected_components(&a, Connectivity::TwentySix).unwrap();
+    // The old labels are garbage for `b`: they must be cleared, not merged.
+    let again = connected_components_reusing(&b, Connectivity::TwentySix, first.labels).unwrap();
+    let fresh = connected_components(&b, Connectivity::TwentySix).unwrap();
+    assert_eq!(again.labels, fresh.labels);
+    assert_eq!(again.sizes, fresh.sizes);
+    // A buffer of another shape is replaced.
+    let other =
+        connected_components_reusing(&b, Connectivity::Six, Array3::zeros((2, 2, 2))).unwrap();
+    assert_eq!(
+        other.labels,
+        connected_components(&b, Connectivity::Six).unwrap().labels
+    );
 }

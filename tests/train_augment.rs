@@ -27,8 +27,14 @@ fn same_seed_same_transform_and_output() {
     }
     // Different sequences, epochs and seeds draw different transforms.
     assert!(seen.len() > 35, "only {} distinct transforms", seen.len());
-    assert_ne!(Transform::for_sequence(&cfg, 7, 3, 0, h, w), Transform::for_sequence(&cfg, 7, 4, 0, h, w));
-    assert_ne!(Transform::for_sequence(&cfg, 7, 3, 0, h, w), Transform::for_sequence(&cfg, 8, 3, 0, h, w));
+    assert_ne!(
+        Transform::for_sequence(&cfg, 7, 3, 0, h, w),
+        Transform::for_sequence(&cfg, 7, 4, 0, h, w)
+    );
+    assert_ne!(
+        Transform::for_sequence(&cfg, 7, 3, 0, h, w),
+        Transform::for_sequence(&cfg, 8, 3, 0, h, w)
+    );
 }
 
 #[test]
@@ -47,10 +53,16 @@ fn sampled_ranges_match_the_authors() {
         lo = lo.min(t.intensity);
         hi = hi.max(t.intensity);
     }
-    assert!((800..1200).contains(&fh) && (800..1200).contains(&fv), "flips {fh} {fv}");
-    assert!(max_shift <= 15 && max_shift >= 13, "shift {max_shift}");
+    assert!(
+        (800..1200).contains(&fh) && (800..1200).contains(&fv),
+        "flips {fh} {fv}"
+    );
+    assert!((13..=15).contains(&max_shift), "shift {max_shift}");
     assert!(max_angle <= 15.0 && max_angle > 14.0, "angle {max_angle}");
-    assert!(lo >= 0.9 && hi <= 1.1 && lo < 0.92 && hi > 1.08, "intensity {lo}..{hi}");
+    assert!(
+        lo >= 0.9 && hi <= 1.1 && lo < 0.92 && hi > 1.08,
+        "intensity {lo}..{hi}"
+    );
     // 15 px of 512 scales to the training size: at most 2 px at 64.
     for i in 0..500 {
         let t = Transform::for_sequence(&cfg, 1, 1, i, 64, 64);
@@ -70,18 +82,36 @@ fn identities_and_flip_inverse() {
     Transform::identity().apply(&mut x, 3, h, w).unwrap();
     assert_eq!(x, img);
     let mut x = img.clone();
-    let t = Transform { angle_deg: 0.0, shift_x: 0, shift_y: 0, ..Transform::identity() };
+    let t = Transform {
+        angle_deg: 0.0,
+        shift_x: 0,
+        shift_y: 0,
+        ..Transform::identity()
+    };
     t.apply(&mut x, 3, h, w).unwrap();
     assert_eq!(x, img);
     // A rotation by 360 degrees is the identity up to rounding.
     let mut x = img.clone();
-    Transform { angle_deg: 360.0, ..Transform::identity() }.apply(&mut x, 3, h, w).unwrap();
-    let err = x.iter().zip(&img).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    Transform {
+        angle_deg: 360.0,
+        ..Transform::identity()
+    }
+    .apply(&mut x, 3, h, w)
+    .unwrap();
+    let err = x
+        .iter()
+        .zip(&img)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(err < 1e-4, "360-degree rotation off by {err}");
 
     // Flipped twice is the original, exactly; a flip is not the identity.
     for (fh, fv) in [(true, false), (false, true), (true, true)] {
-        let t = Transform { flip_h: fh, flip_v: fv, ..Transform::identity() };
+        let t = Transform {
+            flip_h: fh,
+            flip_v: fv,
+            ..Transform::identity()
+        };
         let mut x = img.clone();
         t.apply(&mut x, 3, h, w).unwrap();
         assert_ne!(x, img);
@@ -100,7 +130,11 @@ fn identities_and_flip_inverse() {
 fn shifts_are_exact_translations() {
     let (h, w) = (9, 11);
     let img = random_image(2, h, w, 3);
-    let t = Transform { shift_x: 3, shift_y: -2, ..Transform::identity() };
+    let t = Transform {
+        shift_x: 3,
+        shift_y: -2,
+        ..Transform::identity()
+    };
     let mut x = img.clone();
     t.apply(&mut x, 2, h, w).unwrap();
     for p in 0..2 {
@@ -117,7 +151,11 @@ fn shifts_are_exact_translations() {
         }
     }
     // Shifting back restores the part that stayed inside.
-    let back = Transform { shift_x: -3, shift_y: 2, ..Transform::identity() };
+    let back = Transform {
+        shift_x: -3,
+        shift_y: 2,
+        ..Transform::identity()
+    };
     back.apply(&mut x, 2, h, w).unwrap();
     for y in 2..h {
         for xx in 0..w - 3 {
@@ -136,17 +174,37 @@ fn rotation_turns_about_the_centre() {
     img[c * n + c + 6] = 1.0;
     img[c * n + c] = 0.5;
     let mut x = img.clone();
-    Transform { angle_deg: 90.0, ..Transform::identity() }.apply(&mut x, 1, n, n).unwrap();
+    Transform {
+        angle_deg: 90.0,
+        ..Transform::identity()
+    }
+    .apply(&mut x, 1, n, n)
+    .unwrap();
     assert!((x[c * n + c] - 0.5).abs() < 1e-5);
     let up = x[(c - 6) * n + c];
     let down = x[(c + 6) * n + c];
-    assert!((up.max(down) - 1.0).abs() < 1e-5 && up.min(down).abs() < 1e-5, "up {up} down {down}");
+    assert!(
+        (up.max(down) - 1.0).abs() < 1e-5 && up.min(down).abs() < 1e-5,
+        "up {up} down {down}"
+    );
     assert!(x[c * n + c + 6].abs() < 1e-5);
     // A smooth image rotated by 15 degrees keeps its mean roughly (only the corners leave).
-    let smooth: Vec<f32> = (0..n * n).map(|i| 0.5 + 0.1 * ((i % n) as f32 / n as f32)).collect();
+    let smooth: Vec<f32> = (0..n * n)
+        .map(|i| 0.5 + 0.1 * ((i % n) as f32 / n as f32))
+        .collect();
     let mut r = smooth.clone();
-    Transform { angle_deg: 15.0, ..Transform::identity() }.apply(&mut r, 1, n, n).unwrap();
-    let inner = |v: &[f32]| (5..16).flat_map(|y| (5..16).map(move |x| (y, x))).map(|(y, x)| v[y * n + x]).sum::<f32>();
+    Transform {
+        angle_deg: 15.0,
+        ..Transform::identity()
+    }
+    .apply(&mut r, 1, n, n)
+    .unwrap();
+    let inner = |v: &[f32]| {
+        (5..16)
+            .flat_map(|y| (5..16).map(move |x| (y, x)))
+            .map(|(y, x)| v[y * n + x])
+            .sum::<f32>()
+    };
     assert!((inner(&r) - inner(&smooth)).abs() / inner(&smooth) < 0.01);
 }
 
@@ -178,7 +236,13 @@ fn one_transform_for_every_slice_of_a_sequence() {
     let (h, w, planes) = (16, 16, 8 * 3);
     let plane = random_image(1, h, w, 5);
     let mut seq: Vec<f32> = plane.iter().cycle().take(planes * h * w).copied().collect();
-    let t = Transform { flip_h: true, shift_x: 2, angle_deg: 10.0, intensity: 1.05, ..Transform::identity() };
+    let t = Transform {
+        flip_h: true,
+        shift_x: 2,
+        angle_deg: 10.0,
+        intensity: 1.05,
+        ..Transform::identity()
+    };
     t.apply(&mut seq, planes, h, w).unwrap();
     let first = &seq[..h * w];
     assert!(seq.chunks_exact(h * w).all(|p| p == first));

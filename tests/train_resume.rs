@@ -5,12 +5,18 @@
 
 use ichcam::data::synth::{phantom, plan_positive, SynthConfig};
 use ichcam::model::{BlockKind, ModelConfig, OptimizerConfig};
-use ichcam::train::{train, AugmentConfig, TrainCase, TrainConfig, TrainError, TrainInput, TrainOptions};
+use ichcam::train::{
+    train, AugmentConfig, TrainCase, TrainConfig, TrainError, TrainInput, TrainOptions,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 fn phantoms(n: usize, size: usize, slices: usize, seed: u64) -> Vec<TrainCase> {
-    let cfg = SynthConfig { size, slices, clean: false };
+    let cfg = SynthConfig {
+        size,
+        slices,
+        clean: false,
+    };
     let pos = plan_positive(n, seed);
     (0..n)
         .map(|i| {
@@ -45,7 +51,11 @@ fn micro_config() -> TrainConfig {
         optimizer: OptimizerConfig::adam(1e-3),
         stage2_batch: 16,
         stage2_epochs: 1,
-        stage2_optimizer: OptimizerConfig::Sgd { lr: 1e-2, momentum: 0.9, weight_decay: 0.0 },
+        stage2_optimizer: OptimizerConfig::Sgd {
+            lr: 1e-2,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        },
         val_fraction: 0.34,
         pos_weight_min: 1.0,
         pos_weight_max: 10.0,
@@ -56,17 +66,27 @@ fn micro_config() -> TrainConfig {
 fn tensors(path: &Path) -> BTreeMap<String, Vec<u8>> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect()
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect()
 }
 
 fn max_abs_diff(a: &[u8], b: &[u8]) -> f32 {
     assert_eq!(a.len(), b.len());
     let f = |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-    a.chunks_exact(4).zip(b.chunks_exact(4)).map(|(x, y)| (f(x) - f(y)).abs()).fold(0.0, f32::max)
+    a.chunks_exact(4)
+        .zip(b.chunks_exact(4))
+        .map(|(x, y)| (f(x) - f(y)).abs())
+        .fold(0.0, f32::max)
 }
 
 fn opts(seed: u64) -> TrainOptions {
-    TrainOptions { seed, device: "cpu".into(), ..TrainOptions::default() }
+    TrainOptions {
+        seed,
+        device: "cpu".into(),
+        ..TrainOptions::default()
+    }
 }
 
 #[test]
@@ -80,7 +100,11 @@ fn resumed_run_matches_uninterrupted_run() {
     assert!(r.finished && r.resumed_from.is_none());
     assert_eq!(r.log.epochs.len(), 3);
     assert_eq!((r.train_cases, r.val_cases), (4, 2));
-    assert!(r.log.epochs.iter().all(|e| e.train_loss.is_finite() && e.val_auc.is_some()));
+    assert!(r
+        .log
+        .epochs
+        .iter()
+        .all(|e| e.train_loss.is_finite() && e.val_auc.is_some()));
     assert!(r.log_json.is_file() && r.plot_png.is_file() && r.last_checkpoint.is_file());
     let want = tensors(&full);
     assert!(want.contains_key("fc.weight") && want.contains_key("lstm.weight_ih_l0"));
@@ -88,7 +112,10 @@ fn resumed_run_matches_uninterrupted_run() {
     // Killed after epoch 1 of stage 1, and after the last stage-1 epoch (before stage 2).
     for stop in [1usize, 2] {
         let part = dir.path().join(format!("part{stop}.safetensors"));
-        let o = TrainOptions { stop_after_epochs: Some(stop), ..opts(3) };
+        let o = TrainOptions {
+            stop_after_epochs: Some(stop),
+            ..opts(3)
+        };
         let r1 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &o).unwrap();
         assert!(!r1.finished);
         assert_eq!(r1.log.epochs.len(), stop);
@@ -100,15 +127,27 @@ fn resumed_run_matches_uninterrupted_run() {
         assert_eq!(ep, vec![(1, 1), (1, 2), (2, 1)]);
         for (a, b) in r.log.epochs.iter().zip(&r2.log.epochs) {
             let d = (a.train_loss - b.train_loss).abs();
-            assert!(d <= 1e-6 * (1.0 + a.train_loss.abs()), "epoch {:?}: loss {} vs {}", (b.stage, b.epoch), a.train_loss, b.train_loss);
+            assert!(
+                d <= 1e-6 * (1.0 + a.train_loss.abs()),
+                "epoch {:?}: loss {} vs {}",
+                (b.stage, b.epoch),
+                a.train_loss,
+                b.train_loss
+            );
         }
         let got = tensors(&part);
-        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
         for (name, w) in &want {
             // Bitwise in practice; the tolerance covers a CPU reduction whose order depends
             // on thread scheduling.
             let d = max_abs_diff(&got[name], w);
-            assert!(d <= 1e-6, "tensor {name} differs by {d} after resuming at epoch {stop}");
+            assert!(
+                d <= 1e-6,
+                "tensor {name} differs by {d} after resuming at epoch {stop}"
+            );
         }
         // A finished run called again does nothing more.
         let r3 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &opts(3)).unwrap();
@@ -121,6 +160,10 @@ fn resumed_run_matches_uninterrupted_run() {
     let r4 = train(TrainInput::Cases(cases.clone()), &full, &longer, &opts(3)).unwrap();
     assert_eq!(r4.resumed_from, Some((2, 1)));
     assert_eq!(r4.log.epochs.len(), 4);
+    // ...but stage 1 cannot be extended once stage 2 has fitted the fc to its backbone.
+    longer.epochs = 3;
+    let e = train(TrainInput::Cases(cases.clone()), &full, &longer, &opts(3)).unwrap_err();
+    assert!(e.to_string().contains("stage 1 cannot be extended"), "{e}");
 }
 
 #[test]
@@ -140,7 +183,10 @@ fn mismatched_config_or_seed_refuses_to_resume() {
     let e = train(TrainInput::Cases(cases.clone()), &m, &other, &opts(1)).unwrap_err();
     assert!(matches!(e, TrainError::ResumeMismatch { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("size") && msg.contains("--fresh") && msg.contains("m.last.safetensors"), "{msg}");
+    assert!(
+        msg.contains("size") && msg.contains("--fresh") && msg.contains("m.last.safetensors"),
+        "{msg}"
+    );
 
     let mut more = cfg.clone();
     more.epochs = 2;
@@ -148,11 +194,20 @@ fn mismatched_config_or_seed_refuses_to_resume() {
     assert!(e.to_string().contains("seed"), "{e}");
 
     // Other cases than the interrupted run's.
-    let e = train(TrainInput::Cases(phantoms(4, 32, 8, 6)[..3].to_vec()), &m, &more, &opts(1)).unwrap_err();
+    let e = train(
+        TrainInput::Cases(phantoms(4, 32, 8, 6)[..3].to_vec()),
+        &m,
+        &more,
+        &opts(1),
+    )
+    .unwrap_err();
     assert!(matches!(e, TrainError::ResumeMismatch { .. }), "{e}");
 
     // --fresh ignores the checkpoint.
-    let fresh = TrainOptions { resume: false, ..opts(1) };
+    let fresh = TrainOptions {
+        resume: false,
+        ..opts(1)
+    };
     let r = train(TrainInput::Cases(cases), &m, &other, &fresh).unwrap();
     assert!(r.resumed_from.is_none() && r.finished && r.log.epochs.len() == 2);
 }
@@ -168,7 +223,13 @@ fn bad_inputs_are_errors() {
     c[0].labels.pop();
     let e = train(TrainInput::Cases(c), &m, &cfg, &opts(0)).unwrap_err();
     assert!(e.to_string().contains("slice labels"), "{e}");
-    let e = train(TrainInput::Dir(&dir.path().join("nope")), &m, &cfg, &opts(0)).unwrap_err();
+    let e = train(
+        TrainInput::Dir(&dir.path().join("nope")),
+        &m,
+        &cfg,
+        &opts(0),
+    )
+    .unwrap_err();
     assert!(matches!(e, TrainError::Data(_)), "{e}");
     let mut bad = cfg.clone();
     bad.seq_stride = 0;
@@ -199,7 +260,10 @@ fn tiny_preset_on_phantoms() {
     let size: usize = env("ICHCAM_SIZE").unwrap_or(128);
     let t = std::time::Instant::now();
     let cases = phantoms(n, size, 24, 42);
-    eprintln!("{n} phantoms {size}px x 24 in {:.1}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "{n} phantoms {size}px x 24 in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
     let mut cfg = TrainConfig::tiny();
     if let Some(e) = env("ICHCAM_EPOCHS") {
         cfg.epochs = e;
@@ -233,7 +297,10 @@ fn tiny_preset_on_phantoms() {
     if let Some(s) = env("ICHCAM_STRIDE") {
         cfg.seq_stride = s;
     }
-    let o = TrainOptions { progress: true, ..opts(env("ICHCAM_SEED").unwrap_or(0)) };
+    let o = TrainOptions {
+        progress: true,
+        ..opts(env("ICHCAM_SEED").unwrap_or(0))
+    };
     let r = train(TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
     eprintln!(
         "tiny: {:.1}s, best AUC stage 1 {:?}, stage 2 {:?}",
@@ -241,7 +308,11 @@ fn tiny_preset_on_phantoms() {
     );
 
     // Held-out phantoms (another seed).
-    let sc = SynthConfig { size, slices: 24, clean: false };
+    let sc = SynthConfig {
+        size,
+        slices: 24,
+        clean: false,
+    };
     let pos = plan_positive(8, 777);
     let mut net = IchNet::new(CpuBackend::<f32>::new(), cfg.model.clone(), 0).unwrap();
     ichcam::train::checkpoint::load_params(&mut net, &m).unwrap();
@@ -249,11 +320,13 @@ fn tiny_preset_on_phantoms() {
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
     let (mut hits, mut pos_slices, mut inside, mut outside) = (0usize, 0usize, 0f64, 0f64);
     let (mut cover, mut mask_area, mut cam_area, mut cam_hit) = (0f64, 0f64, 0f64, 0f64);
-    for i in 0..8 {
-        let p = phantom(&sc, 777, i, pos[i]).unwrap();
+    for (i, &positive) in pos.iter().enumerate() {
+        let p = phantom(&sc, 777, i, positive).unwrap();
         let lab: Vec<bool> = p.slice_labels().iter().map(|&l| l > 0).collect();
         let prep = Prepared::from_hu("t", "t", &p.hu, &lab, s).unwrap();
-        let out = net.stage2_infer(&prep.x, p.hu.dim().0, s, s, CamKind::Vanilla).unwrap();
+        let out = net
+            .stage2_infer(&prep.x, p.hu.dim().0, s, s, CamKind::Vanilla)
+            .unwrap();
         scores.extend_from_slice(&out.logits);
         labels.extend_from_slice(&lab);
         let mask = ichcam::data::resize_mask_nearest(p.mask.view(), s, s);
@@ -263,12 +336,21 @@ fn tiny_preset_on_phantoms() {
             }
             let cam = &out.cam_norm[z * s * s..(z + 1) * s * s];
             let mz = mask.index_axis(ndarray::Axis(0), z);
-            let k = cam.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(k, _)| k).unwrap();
+            let k = cam
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(k, _)| k)
+                .unwrap();
             let (ky, kx) = ((k / s) as i64, (k % s) as i64);
             let near = (-4..=4i64).any(|dy| {
                 (-4..=4i64).any(|dx| {
                     let (y, x) = (ky + dy, kx + dx);
-                    y >= 0 && x >= 0 && (y as usize) < s && (x as usize) < s && mz[[y as usize, x as usize]] > 0
+                    y >= 0
+                        && x >= 0
+                        && (y as usize) < s
+                        && (x as usize) < s
+                        && mz[[y as usize, x as usize]] > 0
                 })
             });
             hits += near as usize;

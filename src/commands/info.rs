@@ -3,49 +3,63 @@
 
 use ichcam::engine::cuda::device::{self, DeviceChoice};
 use ichcam::engine::cuda::module;
+use std::io::Write;
+
+/// Appends a formatted line to a String (the report is printed in one write).
+macro_rules! outln {
+    ($s:expr, $($arg:tt)*) => {{
+        $s.push_str(&format!($($arg)*));
+        $s.push('\n');
+    }};
+}
 
 #[derive(clap::Args)]
 pub struct Args {}
 
 pub fn run(_args: Args) -> anyhow::Result<()> {
-    println!("ichcam {}", env!("CARGO_PKG_VERSION"));
+    let mut out = String::new();
+    outln!(out, "ichcam {}", env!("CARGO_PKG_VERSION"));
     let kernels: Vec<&str> = module::KERNELS.iter().map(|k| k.name).collect();
     if module::precompiled() {
-        println!(
+        outln!(
+            out,
             "kernels: {} modules precompiled to PTX for {} ({})",
             kernels.len(),
             module::PRECOMPILED_TARGETS.join(", "),
             kernels.join(", ")
         );
     } else {
-        println!(
+        outln!(out,
             "kernels: {} modules embedded as source only (the build had no NVRTC; compiled at first GPU use) ({})",
             kernels.len(),
             kernels.join(", ")
         );
     }
     match device::nvrtc_version() {
-        Ok((a, b)) => println!("nvrtc: present at run time, version {a}.{b}"),
-        Err(e) => println!(
+        Ok((a, b)) => outln!(out, "nvrtc: present at run time, version {a}.{b}"),
+        Err(e) => outln!(
+            out,
             "nvrtc: not available at run time ({})",
             device::reason_line(&e)
         ),
     }
     if device::driver_present() {
         match device::driver_version() {
-            Ok((a, b)) => println!("cuda driver: present, CUDA {a}.{b}"),
-            Err(e) => println!(
+            Ok((a, b)) => outln!(out, "cuda driver: present, CUDA {a}.{b}"),
+            Err(e) => outln!(
+                out,
                 "cuda driver: present, version unknown ({})",
                 device::reason_line(&e)
             ),
         }
     } else {
-        println!("cuda driver: not found (libcuda.so did not load)");
+        outln!(out, "cuda driver: not found (libcuda.so did not load)");
     }
     match device::cuda_available() {
         Ok(devs) => {
             for d in &devs {
-                println!(
+                outln!(
+                    out,
                     "gpu {}: {}, compute capability {}.{}, {} multiprocessors, {:.1} GiB",
                     d.ordinal,
                     d.name,
@@ -56,17 +70,22 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                 );
             }
         }
-        Err(e) => println!("gpus: none ({})", device::reason_line(&e)),
+        Err(e) => outln!(out, "gpus: none ({})", device::reason_line(&e)),
     }
     match device::pick_device("auto") {
-        Ok(DeviceChoice::Cuda(d)) => println!("--device auto: cuda:{} ({})", d.ordinal, d.name),
+        Ok(DeviceChoice::Cuda(d)) => outln!(out, "--device auto: cuda:{} ({})", d.ordinal, d.name),
         Ok(DeviceChoice::Cpu { reason }) => {
-            println!(
+            outln!(
+                out,
                 "--device auto: cpu: {}",
                 reason.unwrap_or_else(|| "asked for".into())
             )
         }
-        Err(e) => println!("--device auto: cpu: {}", device::reason_line(&e)),
+        Err(e) => outln!(out, "--device auto: cpu: {}", device::reason_line(&e)),
     }
-    Ok(())
+    // A closed pipe (`ichcam info | head -1`) is not an error worth a panic.
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

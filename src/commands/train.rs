@@ -84,7 +84,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.resume && !last.is_file() {
         anyhow::bail!("--resume: no checkpoint {} to resume from", last.display());
     }
-    cfg.validate().map_err(|e| anyhow::anyhow!("invalid training config: {e}"))?;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid training config: {e}"))?;
     let opts = TrainOptions {
         seed: a.seed,
         resume: !a.fresh,
@@ -92,10 +93,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         progress: !a.quiet,
         device: a.device.clone(),
     };
-    let ds = Dataset::open_with_csv(&a.data, a.labels.as_deref()).with_context(|| format!("opening the dataset {}", a.data.display()))?;
-    ds.require_labels().context("training needs slice labels for every volume")?;
-    let report = train(TrainInput::Dataset { dataset: &ds, indices: None }, &a.model, &cfg, &opts)
-        .with_context(|| format!("training {}", a.model.display()))?;
+    let ds = Dataset::open_with_csv(&a.data, a.labels.as_deref())
+        .with_context(|| format!("opening the dataset {}", a.data.display()))?;
+    ds.require_labels()
+        .context("training needs slice labels for every volume")?;
+    let report = train(
+        TrainInput::Dataset {
+            dataset: &ds,
+            indices: None,
+        },
+        &a.model,
+        &cfg,
+        &opts,
+    )
+    .with_context(|| format!("training {}", a.model.display()))?;
     let f = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     println!(
         "{} {} on {} ({} train / {} validation volumes) in {:.1}s: best validation AUC stage 1 {}, stage 2 {}",
@@ -110,6 +121,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     println!("model: {}", report.model.display());
     println!("resume checkpoint: {}", report.last_checkpoint.display());
-    println!("log: {}  plot: {}", report.log_json.display(), report.plot_png.display());
+    println!(
+        "log: {}  plot: {}",
+        report.log_json.display(),
+        report.plot_png.display()
+    );
     Ok(())
 }

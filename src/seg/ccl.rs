@@ -90,12 +90,38 @@ pub fn connected_components_slabs(
     conn: Connectivity,
     slabs: usize,
 ) -> Result<CclOutput> {
+    label(mask, conn, slabs, None)
+}
+
+/// As [`connected_components`], writing into `old` (e.g. the `labels` of a previous call)
+/// when it has the mask's shape and standard layout: a fresh label volume costs a page
+/// fault and a kernel page clear per 4 KiB on first touch, a reused one only a memset.
+pub fn connected_components_reusing(
+    mask: &Mask,
+    conn: Connectivity,
+    old: Array3<u32>,
+) -> Result<CclOutput> {
+    let slabs = (rayon::current_num_threads() * 2).max(1);
+    label(mask.view(), conn, slabs, Some(old))
+}
+
+fn label(
+    mask: ArrayView3<u8>,
+    conn: Connectivity,
+    slabs: usize,
+    reuse: Option<Array3<u32>>,
+) -> Result<CclOutput> {
     let (nz, ny, nx) = mask.dim();
     let total = nz * ny * nx;
     if total >= u32::MAX as usize {
         return Err(SegError::TooLarge(total));
     }
-    let mut labels = Array3::<u32>::zeros((nz, ny, nx));
+    // A fresh volume comes zeroed from the allocator; a reused one is cleared slab by
+    // slab below, in parallel.
+    let (mut labels, dirty) = match reuse {
+        Some(a) if a.dim() == (nz, ny, nx) && a.is_standard_layout() => (a, true),
+        _ => (Array3::<u32>::zeros((nz, ny, nx)), false),
+    };
     if total == 0 {
         return Ok(CclOutput {
             labels,
@@ -121,6 +147,9 @@ pub fn connected_components_slabs(
         .enumerate()
         .map(|(s, chunk)| {
             let z0 = s * thick;
+            if dirty {
+                chunk.fill(0);
+            }
             let (parent, counts) = scan_slab(conn, m, chunk, z0, ny, nx);
             let (c, n) = compact_roots(&parent);
             (c, n, counts)
@@ -147,19 +176,20 @@ pub fn connected_components_slabs(
         let (cp, op) = (&compact[s - 1].0, offsets[s - 1]);
         for y in 0..ny {
             for x in 0..nx {
-                let a = lab[cur + y * nx + x];
-                if a == 0 {
+                // Test the mask, not the labels: see the note on untouched pages in `scan_slab`.
+                if m[cur + y * nx + x] == 0 {
                     continue;
                 }
+                let a = lab[cur + y * nx + x];
                 let ga = os + cs[a as usize];
                 for &(dy, dx) in &below {
                     let (yy, xx) = (y as i64 + dy as i64, x as i64 + dx as i64);
                     if yy < 0 || xx < 0 || yy >= ny as i64 || xx >= nx as i64 {
                         continue;
                     }
-                    let b = lab[prev + yy as usize * nx + xx as usize];
-                    if b != 0 {
-                        union(&mut gp, ga, op + cp[b as usize]);
+                    let j = prev + yy as usize * nx + xx as usize;
+                    if m[j] != 0 {
+                        union(&mut gp, ga, op + cp[lab[j] as usize]);
                     }
                 }
             }
@@ -304,9 +334,9 @@ fn scan_slab(
             let cur = zl * sz + y * nx;
             let mrow = &m[gz + y * nx..gz + y * nx + nx];
             let row = &mut lab[cur..cur + nx];
-            // Write the row before anything reads it: fresh (calloc'd) pages then fault
-            // once, not on a read of the shared zero page and again on the write.
-            row.fill(0);
+            // The labels start zeroed (calloc'd) and only foreground is ever written or
+            // read (the passes skip background by the mask), so the pages of empty rows
+            // are never touched: no page fault, no zeroing.
             let mut runs = std::mem::take(&mut curr[y]);
             runs.clear();
             let mut x = 0;

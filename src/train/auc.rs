@@ -37,7 +37,11 @@ pub fn accuracy_from_logits(logits: &[f64], labels: &[bool]) -> Option<f64> {
     if logits.is_empty() || logits.len() != labels.len() {
         return None;
     }
-    let ok = logits.iter().zip(labels).filter(|(&z, &l)| (z >= 0.0) == l).count();
+    let ok = logits
+        .iter()
+        .zip(labels)
+        .filter(|(&z, &l)| (z >= 0.0) == l)
+        .count();
     Some(ok as f64 / logits.len() as f64)
 }
 

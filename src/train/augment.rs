@@ -8,13 +8,14 @@
 //! thread count, which is what makes a resumed run replay an uninterrupted one.
 //! Knows nothing about the network, files or CT: only `[planes, h, w]` f32 images.
 
-pub use crate::data::rng::Rng;
 use crate::data::rng::derive_seed;
+pub use crate::data::rng::Rng;
 use thiserror::Error;
 
 /// Combines a seed with a path of indices (epoch, sequence, ...) into an independent seed.
 pub fn mix_seed(seed: u64, path: &[u64]) -> u64 {
-    path.iter().fold(derive_seed(seed, 0xA06_5EED), |s, &p| derive_seed(s, p))
+    path.iter()
+        .fold(derive_seed(seed, 0xA06_5EED), |s, &p| derive_seed(s, p))
 }
 
 /// The augmentation's ranges. Shifts are a fraction of the slice size so that the authors'
@@ -124,7 +125,14 @@ impl Transform {
     }
 
     /// The transform for sequence `index` of `epoch` in a run seeded with `seed`.
-    pub fn for_sequence(cfg: &AugmentConfig, seed: u64, epoch: u64, index: u64, h: usize, w: usize) -> Self {
+    pub fn for_sequence(
+        cfg: &AugmentConfig,
+        seed: u64,
+        epoch: u64,
+        index: u64,
+        h: usize,
+        w: usize,
+    ) -> Self {
         let mut rng = Rng::new(mix_seed(seed, &[0xA06, epoch, index]));
         Self::sample(cfg, &mut rng, h, w)
     }
@@ -135,7 +143,13 @@ impl Transform {
 
     /// Applies the transform in place to `data` = `[planes, h, w]` (planes = slices x
     /// channels): every plane gets the same geometry and intensity.
-    pub fn apply(&self, data: &mut [f32], planes: usize, h: usize, w: usize) -> Result<(), AugmentError> {
+    pub fn apply(
+        &self,
+        data: &mut [f32],
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(), AugmentError> {
         let want = planes * h * w;
         if data.len() != want {
             return Err(AugmentError::Shape {
@@ -158,7 +172,15 @@ impl Transform {
                 flip_v(plane, h, w);
             }
             if self.angle_deg != 0.0 {
-                rotate_shift(plane, &mut tmp, h, w, self.angle_deg, self.shift_x as f64, self.shift_y as f64);
+                rotate_shift(
+                    plane,
+                    &mut tmp,
+                    h,
+                    w,
+                    self.angle_deg,
+                    self.shift_x as f64,
+                    self.shift_y as f64,
+                );
                 plane.copy_from_slice(&tmp);
             } else if self.shift_x != 0 || self.shift_y != 0 {
                 shift_int(plane, &mut tmp, h, w, self.shift_x, self.shift_y);
@@ -207,7 +229,15 @@ fn shift_int(src: &[f32], out: &mut [f32], h: usize, w: usize, dx: i64, dy: i64)
 
 /// Rotation by `angle_deg` about the centre followed by a shift, by inverse mapping with
 /// bilinear interpolation; samples outside the image read as zero (air in every window).
-fn rotate_shift(src: &[f32], out: &mut [f32], h: usize, w: usize, angle_deg: f64, dx: f64, dy: f64) {
+fn rotate_shift(
+    src: &[f32],
+    out: &mut [f32],
+    h: usize,
+    w: usize,
+    angle_deg: f64,
+    dx: f64,
+    dy: f64,
+) {
     let (s, c) = angle_deg.to_radians().sin_cos();
     let cx = (w as f64 - 1.0) / 2.0;
     let cy = (h as f64 - 1.0) / 2.0;

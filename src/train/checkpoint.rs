@@ -62,7 +62,8 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
 pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, TrainError> {
     let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
     let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|e| io_err(path, format!("not a safetensors file: {e}")))?;
+    f.read_exact(&mut n)
+        .map_err(|e| io_err(path, format!("not a safetensors file: {e}")))?;
     let n = u64::from_le_bytes(n);
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if n == 0 || n > 100_000_000 || n + 8 > len {
@@ -70,7 +71,8 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, TrainError>
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| io_err(path, e))?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| io_err(path, format!("bad safetensors header: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| io_err(path, format!("bad safetensors header: {e}")))?;
     let mut out = HashMap::new();
     if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
         for (k, v) in m {
@@ -85,14 +87,25 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, TrainError>
 /// The [`TrainState`] of a resume checkpoint.
 pub fn read_state(path: &Path) -> Result<TrainState, TrainError> {
     let meta = read_metadata(path)?;
-    let json = meta
-        .get(META_STATE)
-        .ok_or_else(|| io_err(path, "not a resume checkpoint (no training state); pass --fresh to start over"))?;
-    let st: TrainState = serde_json::from_str(json).map_err(|e| io_err(path, format!("unreadable training state ({e}); pass --fresh to start over")))?;
+    let json = meta.get(META_STATE).ok_or_else(|| {
+        io_err(
+            path,
+            "not a resume checkpoint (no training state); pass --fresh to start over",
+        )
+    })?;
+    let st: TrainState = serde_json::from_str(json).map_err(|e| {
+        io_err(
+            path,
+            format!("unreadable training state ({e}); pass --fresh to start over"),
+        )
+    })?;
     if st.version != STATE_VERSION {
         return Err(TrainError::ResumeMismatch {
             path: path.to_path_buf(),
-            detail: format!("written by checkpoint format {}, this build uses {STATE_VERSION}", st.version),
+            detail: format!(
+                "written by checkpoint format {}, this build uses {STATE_VERSION}",
+                st.version
+            ),
         });
     }
     Ok(st)
@@ -102,13 +115,20 @@ pub fn read_state(path: &Path) -> Result<TrainState, TrainError> {
 pub fn describe_mismatch(saved: &str, now: &str) -> String {
     let split = |s: &str| -> (String, serde_json::Value) {
         let (seed, body) = s.split_once(';').unwrap_or(("", s));
-        (seed.to_string(), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+        (
+            seed.to_string(),
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
     };
     let (s_seed, s_cfg) = split(saved);
     let (n_seed, n_cfg) = split(now);
     let mut diffs = Vec::new();
     if s_seed != n_seed {
-        diffs.push(format!("seed ({} vs {})", s_seed.trim_start_matches("seed="), n_seed.trim_start_matches("seed=")));
+        diffs.push(format!(
+            "seed ({} vs {})",
+            s_seed.trim_start_matches("seed="),
+            n_seed.trim_start_matches("seed=")
+        ));
     }
     if let (Some(a), Some(b)) = (s_cfg.as_object(), n_cfg.as_object()) {
         for (k, va) in a {
@@ -122,7 +142,10 @@ pub fn describe_mismatch(saved: &str, now: &str) -> String {
     if diffs.is_empty() {
         diffs.push("the training config".into());
     }
-    format!("the interrupted run used a different {} than this one", diffs.join(", "))
+    format!(
+        "the interrupted run used a different {} than this one",
+        diffs.join(", ")
+    )
 }
 
 fn disk_dtype<T: Real>() -> DiskDtype {
@@ -138,7 +161,10 @@ fn disk_dtype<T: Real>() -> DiskDtype {
 fn common_meta(cfg: &TrainConfig, state: &TrainState) -> HashMap<String, String> {
     let stage = if state.epochs_done[1] > 0 { 2 } else { 1 };
     let mut m = HashMap::new();
-    m.insert(META_TRAIN_CONFIG.to_string(), serde_json::to_string(cfg).unwrap_or_default());
+    m.insert(
+        META_TRAIN_CONFIG.to_string(),
+        serde_json::to_string(cfg).unwrap_or_default(),
+    );
     m.insert(META_INPUT_SIZE.to_string(), cfg.size.to_string());
     m.insert(META_SLICES.to_string(), cfg.slices.to_string());
     m.insert(META_STAGE.to_string(), stage.to_string());
@@ -147,7 +173,12 @@ fn common_meta(cfg: &TrainConfig, state: &TrainState) -> HashMap<String, String>
 }
 
 /// Writes the best model: every tensor under its PyTorch name, plus the metadata.
-pub fn save_model<B: Backend>(net: &IchNet<B>, path: &Path, cfg: &TrainConfig, state: &TrainState) -> Result<(), TrainError> {
+pub fn save_model<B: Backend>(
+    net: &IchNet<B>,
+    path: &Path,
+    cfg: &TrainConfig,
+    state: &TrainState,
+) -> Result<(), TrainError> {
     let opts = SaveOptions {
         dtype: disk_dtype::<B::T>(),
         optimizer: false,
@@ -157,9 +188,17 @@ pub fn save_model<B: Backend>(net: &IchNet<B>, path: &Path, cfg: &TrainConfig, s
 }
 
 /// Writes the resume checkpoint: the tensors, the optimizer state and the [`TrainState`].
-pub fn save_resume<B: Backend>(net: &IchNet<B>, path: &Path, cfg: &TrainConfig, state: &TrainState) -> Result<(), TrainError> {
+pub fn save_resume<B: Backend>(
+    net: &IchNet<B>,
+    path: &Path,
+    cfg: &TrainConfig,
+    state: &TrainState,
+) -> Result<(), TrainError> {
     let mut extra = common_meta(cfg, state);
-    extra.insert(META_STATE.into(), serde_json::to_string(state).map_err(|e| io_err(path, e))?);
+    extra.insert(
+        META_STATE.into(),
+        serde_json::to_string(state).map_err(|e| io_err(path, e))?,
+    );
     let opts = SaveOptions {
         dtype: disk_dtype::<B::T>(),
         optimizer: true,

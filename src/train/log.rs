@@ -4,8 +4,8 @@
 //! stage 2 starts). The plot is rasterised by hand into an RGB buffer: no plotting crate.
 //! Knows nothing about the network.
 
-use serde::{Deserialize, Serialize};
 use crate::io::IoError;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 
@@ -64,8 +64,18 @@ impl TrainLog {
             .filter(|v| v.is_finite())
             .collect();
         let ymax = losses.iter().cloned().fold(0.0f64, f64::max).max(1e-6);
-        let left = Panel { x0: 40, y0: 20, x1: 390, y1: 290 };
-        let right = Panel { x0: 440, y0: 20, x1: 790, y1: 290 };
+        let left = Panel {
+            x0: 40,
+            y0: 20,
+            x1: 390,
+            y1: 290,
+        };
+        let right = Panel {
+            x0: 440,
+            y0: 20,
+            x1: 790,
+            y1: 290,
+        };
         for (p, top) in [(left, ymax), (right, 1.0)] {
             c.axes(&p);
             c.number(p.x0 as i64 - 36, p.y0 as i64 - 3, top);
@@ -77,8 +87,16 @@ impl TrainLog {
         }
         // Chance level on the AUC panel.
         c.hline(right.x0, right.x1, right.y_of(0.5, 1.0), [220, 220, 220]);
-        let series = |f: &dyn Fn(&EpochRecord) -> Option<f64>| -> Vec<Option<f64>> { self.epochs.iter().map(f).collect() };
-        c.series(&left, &series(&|r| Some(r.train_loss)), ymax, n, [200, 40, 40]);
+        let series = |f: &dyn Fn(&EpochRecord) -> Option<f64>| -> Vec<Option<f64>> {
+            self.epochs.iter().map(f).collect()
+        };
+        c.series(
+            &left,
+            &series(&|r| Some(r.train_loss)),
+            ymax,
+            n,
+            [200, 40, 40],
+        );
         c.series(&left, &series(&|r| r.val_loss), ymax, n, [40, 80, 200]);
         c.series(&right, &series(&|r| r.val_auc), 1.0, n, [30, 150, 60]);
         c.series(&right, &series(&|r| r.val_accuracy), 1.0, n, [230, 140, 20]);
@@ -98,7 +116,11 @@ impl Panel {
     /// Epoch index (0-based, may be fractional) to pixel column.
     fn x_of(&self, i: f64, n: usize) -> usize {
         let span = (self.x1 - self.x0) as f64;
-        let t = if n <= 1 { 0.5 } else { (i / (n - 1) as f64).clamp(0.0, 1.0) };
+        let t = if n <= 1 {
+            0.5
+        } else {
+            (i / (n - 1) as f64).clamp(0.0, 1.0)
+        };
         self.x0 + (t * span).round() as usize
     }
     fn y_of(&self, v: f64, ymax: f64) -> usize {
@@ -115,7 +137,11 @@ struct Canvas {
 
 impl Canvas {
     fn new(w: usize, h: usize) -> Self {
-        Canvas { w, h, rgb: vec![255; w * h * 3] }
+        Canvas {
+            w,
+            h,
+            rgb: vec![255; w * h * 3],
+        }
     }
     fn put(&mut self, x: i64, y: i64, col: [u8; 3]) {
         if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
@@ -146,7 +172,10 @@ impl Canvas {
         let pts: Vec<Option<(i64, i64)>> = vals
             .iter()
             .enumerate()
-            .map(|(i, v)| v.filter(|v| v.is_finite()).map(|v| (p.x_of(i as f64, n) as i64, p.y_of(v, ymax) as i64)))
+            .map(|(i, v)| {
+                v.filter(|v| v.is_finite())
+                    .map(|v| (p.x_of(i as f64, n) as i64, p.y_of(v, ymax) as i64))
+            })
             .collect();
         for w in pts.windows(2) {
             if let (Some(a), Some(b)) = (w[0], w[1]) {
@@ -246,7 +275,11 @@ mod tests {
         let log = TrainLog {
             config: "tiny".into(),
             device: "cpu".into(),
-            epochs: vec![rec(1, 1, 0.7, Some(0.6)), rec(1, 2, 0.5, None), rec(2, 1, 0.4, Some(0.9))],
+            epochs: vec![
+                rec(1, 1, 0.7, Some(0.6)),
+                rec(1, 2, 0.5, None),
+                rec(2, 1, 0.4, Some(0.9)),
+            ],
         };
         let back: TrainLog = serde_json::from_str(&log.to_json()).unwrap();
         assert_eq!(back, log);

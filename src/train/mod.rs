@@ -6,8 +6,8 @@
 //! folder, an opened dataset, or volumes in memory), a model file out, with its resume
 //! checkpoint, JSON log and PNG plot beside it. Knows nothing about the CLI.
 
-pub mod augment;
 pub mod auc;
+pub mod augment;
 pub mod checkpoint;
 pub mod config;
 pub mod log;
@@ -55,7 +55,12 @@ pub struct EpochStats {
 
 /// Trains `cfg` on the backend `opts.device` names (`auto`: the first GPU when there is
 /// one, else the CPU, saying why on stderr when `opts.progress`). See [`train_with`].
-pub fn train(input: TrainInput<'_>, out_model: &Path, cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport, TrainError> {
+pub fn train(
+    input: TrainInput<'_>,
+    out_model: &Path,
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+) -> Result<TrainReport, TrainError> {
     use crate::engine::cpu::CpuBackend;
     use crate::engine::cuda::{pick_device, CudaBackend, DeviceChoice};
     let choice = pick_device(&opts.device).map_err(|e| TrainError::Config(e.to_string()))?;

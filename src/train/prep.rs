@@ -32,7 +32,10 @@ pub enum TrainInput<'a> {
     /// from its masks.
     Dir(&'a std::path::Path),
     /// An opened dataset, optionally restricted to some of its cases (by index).
-    Dataset { dataset: &'a Dataset, indices: Option<&'a [usize]> },
+    Dataset {
+        dataset: &'a Dataset,
+        indices: Option<&'a [usize]>,
+    },
     /// Volumes already in memory.
     Cases(Vec<TrainCase>),
 }
@@ -50,15 +53,31 @@ pub struct Prepared {
 impl Prepared {
     /// Windows and resizes one volume. Area averaging when shrinking (no aliasing of the
     /// thin bright rims a hemorrhage can be), bilinear when enlarging.
-    pub fn from_hu(id: &str, patient: &str, hu: &Array3<f32>, labels: &[bool], size: usize) -> Result<Self, TrainError> {
+    pub fn from_hu(
+        id: &str,
+        patient: &str,
+        hu: &Array3<f32>,
+        labels: &[bool],
+        size: usize,
+    ) -> Result<Self, TrainError> {
         let (d, h, w) = hu.dim();
         if d == 0 || h == 0 || w == 0 {
-            return Err(TrainError::Data(format!("case {id}: empty volume {:?}", hu.dim())));
+            return Err(TrainError::Data(format!(
+                "case {id}: empty volume {:?}",
+                hu.dim()
+            )));
         }
         if labels.len() != d {
-            return Err(TrainError::Data(format!("case {id}: {} slice labels for {d} slices", labels.len())));
+            return Err(TrainError::Data(format!(
+                "case {id}: {} slice labels for {d} slices",
+                labels.len()
+            )));
         }
-        let mode = if h >= size && w >= size { ResizeMode::Area } else { ResizeMode::Bilinear };
+        let mode = if h >= size && w >= size {
+            ResizeMode::Area
+        } else {
+            ResizeMode::Bilinear
+        };
         // Slice by slice chunks keep the full-resolution windowed copy small.
         let mut x = Vec::with_capacity(d * 3 * size * size);
         for chunk in hu.axis_chunks_iter(Axis(0), 8) {
@@ -103,26 +122,35 @@ pub fn load_input(input: TrainInput<'_>, size: usize) -> Result<Vec<Prepared>, T
     }
 }
 
-fn load_dataset(ds: &Dataset, indices: Option<&[usize]>, size: usize) -> Result<Vec<Prepared>, TrainError> {
+fn load_dataset(
+    ds: &Dataset,
+    indices: Option<&[usize]>,
+    size: usize,
+) -> Result<Vec<Prepared>, TrainError> {
     let idx: Vec<usize> = match indices {
         Some(i) => i.to_vec(),
         None => (0..ds.len()).collect(),
     };
     // Labels are checked before any volume is read, so a missing CSV fails fast.
     for &i in &idx {
-        let c = ds
-            .cases
-            .get(i)
-            .ok_or_else(|| TrainError::Data(format!("case index {i} out of range ({} cases)", ds.len())))?;
+        let c = ds.cases.get(i).ok_or_else(|| {
+            TrainError::Data(format!("case index {i} out of range ({} cases)", ds.len()))
+        })?;
         if !c.has_labels() {
             return Err(TrainError::Data(
-                crate::data::error::DataError::NoLabels { id: c.id.clone(), image: c.image.clone() }.to_string(),
+                crate::data::error::DataError::NoLabels {
+                    id: c.id.clone(),
+                    image: c.image.clone(),
+                }
+                .to_string(),
             ));
         }
     }
     idx.par_iter()
         .map(|&i| {
-            let c = ds.load(i, true).map_err(|e| TrainError::Data(e.to_string()))?;
+            let c = ds
+                .load(i, true)
+                .map_err(|e| TrainError::Data(e.to_string()))?;
             let patient = ds.cases[i].patient.clone();
             let labels: Vec<bool> = c.slice_labels.iter().map(|&l| l > 0).collect();
             Prepared::from_hu(&c.id, &patient, &c.volume.data, &labels, size)
@@ -138,7 +166,12 @@ pub struct SeqItem {
 }
 
 /// The sliding-window sequences of the given cases.
-pub fn sequences(cases: &[Prepared], which: &[usize], slices: usize, stride: usize) -> Result<Vec<SeqItem>, TrainError> {
+pub fn sequences(
+    cases: &[Prepared],
+    which: &[usize],
+    slices: usize,
+    stride: usize,
+) -> Result<Vec<SeqItem>, TrainError> {
     let mut out = Vec::new();
     for &c in which {
         let wins = sequence::plan(cases[c].depth, slices, SeqMode::Sliding { stride })
@@ -150,7 +183,10 @@ pub fn sequences(cases: &[Prepared], which: &[usize], slices: usize, stride: usi
 
 /// `(case, z)` of every slice of the given cases.
 pub fn slices(cases: &[Prepared], which: &[usize]) -> Vec<(usize, usize)> {
-    which.iter().flat_map(|&c| (0..cases[c].depth).map(move |z| (c, z))).collect()
+    which
+        .iter()
+        .flat_map(|&c| (0..cases[c].depth).map(move |z| (c, z)))
+        .collect()
 }
 
 /// Augmentation of one batch: the run's seed, the epoch, and the config (disabled for
@@ -204,7 +240,10 @@ pub fn gather_slices(
 ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     let plane = 3 * size * size;
     let mut x = vec![0f32; items.len() * plane];
-    let labels = items.iter().map(|&(c, z)| if cases[c].labels[z] { 1.0 } else { 0.0 }).collect();
+    let labels = items
+        .iter()
+        .map(|&(c, z)| if cases[c].labels[z] { 1.0 } else { 0.0 })
+        .collect();
     x.par_chunks_mut(plane)
         .zip(items.par_iter().zip(ids.par_iter()))
         .try_for_each(|(xb, (&(c, z), &id))| -> Result<(), TrainError> {
@@ -228,7 +267,8 @@ pub fn epoch_batches(n: usize, batch: usize, shuffle: Option<(u64, u64)>) -> Vec
     }
     let mut order: Vec<usize> = (0..n).collect();
     if let Some((seed, epoch)) = shuffle {
-        super::augment::Rng::new(super::augment::mix_seed(seed, &[0x5_4FF1E, epoch])).shuffle(&mut order);
+        super::augment::Rng::new(super::augment::mix_seed(seed, &[0x5_4FF1E, epoch]))
+            .shuffle(&mut order);
     }
     let mut out: Vec<Vec<usize>> = order.chunks(batch).map(|c| c.to_vec()).collect();
     if let Some(last) = out.last_mut() {
@@ -273,13 +313,19 @@ mod tests {
         seen.dedup();
         assert_eq!(seen, (0..7).collect::<Vec<_>>());
         assert_eq!(epoch_batches(7, 3, Some((1, 2))), b);
-        assert_ne!(epoch_batches(70, 3, Some((1, 3))), epoch_batches(70, 3, Some((1, 2))));
+        assert_ne!(
+            epoch_batches(70, 3, Some((1, 3))),
+            epoch_batches(70, 3, Some((1, 2)))
+        );
         assert_eq!(epoch_batches(2, 4, None), vec![vec![0, 1, 0, 1]]);
     }
 
     #[test]
     fn prepare_windows_and_resizes() {
-        let hu = Array3::from_shape_fn((3, 32, 32), |(z, y, _)| if y < 16 { 40.0 } else { z as f32 * 1000.0 });
+        let hu = Array3::from_shape_fn(
+            (3, 32, 32),
+            |(z, y, _)| if y < 16 { 40.0 } else { z as f32 * 1000.0 },
+        );
         let p = Prepared::from_hu("a", "a", &hu, &[false, true, false], 16).unwrap();
         assert_eq!(p.x.len(), 3 * 3 * 16 * 16);
         // Brain window of 40 HU is 0.5.

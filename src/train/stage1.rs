@@ -48,7 +48,11 @@ pub fn train_epoch<B: Backend>(
         progress.inc(1);
         progress.set_message(format!("loss {:.4}", sum / (k + 1) as f64));
     }
-    Ok(if batches.is_empty() { f64::NAN } else { sum / batches.len() as f64 })
+    Ok(if batches.is_empty() {
+        f64::NAN
+    } else {
+        sum / batches.len() as f64
+    })
 }
 
 /// Per-slice logits of the validation cases (eval mode, no augmentation), merged from the
@@ -74,7 +78,10 @@ pub fn validate<B: Backend>(
         let logits = net.stage1_logits(&to_t::<B::T>(&x), b.len(), slices, size, size)?;
         for (j, &i) in b.iter().enumerate() {
             if preds[i].is_empty() {
-                preds[i] = logits[j * slices..(j + 1) * slices].iter().map(|v| v.as_f64() as f32).collect();
+                preds[i] = logits[j * slices..(j + 1) * slices]
+                    .iter()
+                    .map(|v| v.as_f64() as f32)
+                    .collect();
             }
         }
     }
@@ -87,7 +94,8 @@ pub fn validate<B: Backend>(
             .filter(|(it, _)| it.case == c)
             .map(|(it, p)| (it.win.clone(), p.clone()))
             .unzip();
-        let (merged, _) = merge_scores(cases[c].depth, &wins, &p).map_err(|e| TrainError::Data(e.to_string()))?;
+        let (merged, _) =
+            merge_scores(cases[c].depth, &wins, &p).map_err(|e| TrainError::Data(e.to_string()))?;
         scores.extend(merged.iter().map(|&v| v as f64));
         labels.extend_from_slice(&cases[c].labels);
     }

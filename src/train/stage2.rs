@@ -30,7 +30,14 @@ pub fn train_epoch<B: Backend>(
         let ids: Vec<u64> = b.iter().map(|&i| i as u64).collect();
         let (x, y) = prep::gather_slices(cases, &its, &ids, size, Some(aug))?;
         net.zero_grads()?;
-        let loss = net.stage2_forward_backward(&to_t::<B::T>(&x), &to_t::<B::T>(&y), b.len(), size, size, pos_weight)?;
+        let loss = net.stage2_forward_backward(
+            &to_t::<B::T>(&x),
+            &to_t::<B::T>(&y),
+            b.len(),
+            size,
+            size,
+            pos_weight,
+        )?;
         if !loss.is_finite() {
             return Err(TrainError::Diverged(format!(
                 "stage-2 loss became {loss} at batch {} (lower the learning rate)",
@@ -42,7 +49,11 @@ pub fn train_epoch<B: Backend>(
         progress.inc(1);
         progress.set_message(format!("loss {:.4}", sum / (k + 1) as f64));
     }
-    Ok(if batches.is_empty() { f64::NAN } else { sum / batches.len() as f64 })
+    Ok(if batches.is_empty() {
+        f64::NAN
+    } else {
+        sum / batches.len() as f64
+    })
 }
 
 /// The fc head's logits on every validation slice, and the metrics.

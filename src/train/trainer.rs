@@ -81,8 +81,14 @@ pub struct RunPaths {
 
 impl RunPaths {
     pub fn new(model: &Path) -> Self {
-        let name = model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let stem = name.strip_suffix(".safetensors").unwrap_or(&name).to_string();
+        let name = model
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let stem = name
+            .strip_suffix(".safetensors")
+            .unwrap_or(&name)
+            .to_string();
         let sib = |suffix: &str| model.with_file_name(format!("{stem}{suffix}"));
         RunPaths {
             model: model.to_path_buf(),
@@ -105,7 +111,10 @@ pub fn train_with<B: Backend>(
     cfg.validate().map_err(TrainError::Config)?;
     let paths = RunPaths::new(out_model);
     if out_model.is_dir() {
-        return Err(TrainError::Config(format!("{} is a folder, expected a model file path", out_model.display())));
+        return Err(TrainError::Config(format!(
+            "{} is a folder, expected a model file path",
+            out_model.display()
+        )));
     }
     let fingerprint = cfg.fingerprint(opts.seed);
 
@@ -118,6 +127,17 @@ pub fn train_with<B: Backend>(
                 detail: checkpoint::describe_mismatch(&st.fingerprint, &fingerprint),
             });
         }
+        if st.epochs_done[1] > 0 && cfg.epochs > st.epochs_done[0] {
+            // The fc head was fitted to the old backbone: more stage-1 epochs would leave
+            // a model whose two heads disagree.
+            return Err(TrainError::ResumeMismatch {
+                path: paths.last.clone(),
+                detail: format!(
+                    "stage 2 has started, so stage 1 cannot be extended from {} to {} epochs",
+                    st.epochs_done[0], cfg.epochs
+                ),
+            });
+        }
         Some(st)
     } else {
         None
@@ -128,7 +148,8 @@ pub fn train_with<B: Backend>(
         return Err(TrainError::Data("no training cases".into()));
     }
     let patients: Vec<&str> = cases.iter().map(|c| c.patient.as_str()).collect();
-    let split = split_patients(&patients, cfg.val_fraction, opts.seed).map_err(|e| TrainError::Data(e.to_string()))?;
+    let split = split_patients(&patients, cfg.val_fraction, opts.seed)
+        .map_err(|e| TrainError::Data(e.to_string()))?;
     let (train_idx, val_idx) = (split.train, split.val);
     let pos_weight = prep::pos_weight(&cases, &train_idx, cfg.pos_weight_min, cfg.pos_weight_max);
     let ids = |ix: &[usize]| ix.iter().map(|&i| cases[i].id.clone()).collect::<Vec<_>>();
@@ -173,7 +194,10 @@ pub fn train_with<B: Backend>(
     });
     state.log.device = device.clone();
     if let (true, Some((s, e))) = (opts.progress, resumed_from) {
-        eprintln!("resuming from {} (stage {s}, epoch {e} done)", paths.last.display());
+        eprintln!(
+            "resuming from {} (stage {s}, epoch {e} done)",
+            paths.last.display()
+        );
     }
     if opts.progress {
         eprintln!(
@@ -209,26 +233,55 @@ pub fn train_with<B: Backend>(
             seed: opts.seed,
             epoch: epoch as u64,
         };
-        let loss = stage1::train_epoch(&mut net, &cases, &seq_items, cfg.batch, cfg.size, &cfg.optimizer, ctx.pos_weight, aug, &pb)?;
+        let loss = stage1::train_epoch(
+            &mut net,
+            &cases,
+            &seq_items,
+            cfg.batch,
+            cfg.size,
+            &cfg.optimizer,
+            ctx.pos_weight,
+            aug,
+            &pb,
+        )?;
         pb.finish_and_clear();
         let stats = if val_idx.is_empty() {
             EpochStats::default()
         } else {
-            stage1::validate(&mut net, &cases, &val_idx, cfg.slices, cfg.seq_stride, cfg.batch, cfg.size, ctx.pos_weight)?
+            stage1::validate(
+                &mut net,
+                &cases,
+                &val_idx,
+                cfg.slices,
+                cfg.seq_stride,
+                cfg.batch,
+                cfg.size,
+                ctx.pos_weight,
+            )?
         };
         ctx.finish_epoch(&mut net, &mut state, 1, epoch, loss, stats, t)?;
         budget -= 1;
     }
 
     // ---- stage 2 ---------------------------------------------------------------------
-    if state.epochs_done[0] >= cfg.epochs && cfg.stage2_epochs > 0 && budget > 0 && !state.backbone_reloaded {
+    if state.epochs_done[0] >= cfg.epochs
+        && cfg.stage2_epochs > 0
+        && budget > 0
+        && !state.backbone_reloaded
+    {
         // The fc head learns on the best stage-1 backbone, not the last one.
-        if state.best_epoch[0] > 0 && state.best_epoch[0] != state.epochs_done[0] && paths.model.is_file() {
+        if state.best_epoch[0] > 0
+            && state.best_epoch[0] != state.epochs_done[0]
+            && paths.model.is_file()
+        {
             checkpoint::load_params(&mut net, &paths.model)?;
         }
         state.backbone_reloaded = true;
     }
-    while state.epochs_done[0] >= cfg.epochs && state.epochs_done[1] < cfg.stage2_epochs && budget > 0 {
+    while state.epochs_done[0] >= cfg.epochs
+        && state.epochs_done[1] < cfg.stage2_epochs
+        && budget > 0
+    {
         let epoch = state.epochs_done[1] + 1;
         let t = Instant::now();
         let pb = ctx.bar(2, epoch, cfg.stage2_epochs);
@@ -238,12 +291,29 @@ pub fn train_with<B: Backend>(
             // Stage 2's epochs draw other transforms than stage 1's.
             epoch: (1u64 << 32) + epoch as u64,
         };
-        let loss = stage2::train_epoch(&mut net, &cases, &slice_items, cfg.stage2_batch, cfg.size, &cfg.stage2_optimizer, ctx.pos_weight, aug, &pb)?;
+        let loss = stage2::train_epoch(
+            &mut net,
+            &cases,
+            &slice_items,
+            cfg.stage2_batch,
+            cfg.size,
+            &cfg.stage2_optimizer,
+            ctx.pos_weight,
+            aug,
+            &pb,
+        )?;
         pb.finish_and_clear();
         let stats = if val_idx.is_empty() {
             EpochStats::default()
         } else {
-            stage2::validate(&mut net, &cases, &val_idx, cfg.stage2_batch, cfg.size, ctx.pos_weight)?
+            stage2::validate(
+                &mut net,
+                &cases,
+                &val_idx,
+                cfg.stage2_batch,
+                cfg.size,
+                ctx.pos_weight,
+            )?
         };
         ctx.finish_epoch(&mut net, &mut state, 2, epoch, loss, stats, t)?;
         budget -= 1;
@@ -290,7 +360,9 @@ impl RunCtx<'_> {
                 ProgressDrawTarget::hidden()
             },
         );
-        if let Ok(style) = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})") {
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})",
+        ) {
             pb.set_style(style.progress_chars("=> "));
         }
         pb.set_prefix(format!("stage {stage} epoch {epoch}/{of}"));

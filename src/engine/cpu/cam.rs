@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::engine::{check_len, EngineError, Real, Result};
 
-/// cam[i, p] = sum_c weights[c] * features[i, c, p].
+/// `cam[i, p] = sum_c weights[c] * features[i, c, p]`.
 pub fn cam_weight<T: Real>(
     n: usize,
     c: usize,

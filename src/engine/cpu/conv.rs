@@ -4,7 +4,7 @@
 //! Data gradient: `dcol = W^T . dy`, then col2im. Weight gradient: `dW += dy . col^T`.
 //! A large image is cut into tiles of output rows (the column buffer stays near the cache);
 //! small images (deep layers) are grouped so that each product still has at least
-//! [`MIN_COLS`] columns, because every product repacks the weights and a thin one would
+//! `MIN_COLS` columns, because every product repacks the weights and a thin one would
 //! spend its time packing. A 1x1 stride-1 unpadded convolution of one image is a plain GEMM
 //! on the image itself.
 //!

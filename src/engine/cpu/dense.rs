@@ -4,7 +4,7 @@
 use super::gemm::{matmul, Mat, MatMut, Par};
 use crate::engine::{check_len, Real, Result};
 
-/// out[j] = sum_i a[i, j] for a row-major `[rows, cols]` matrix (summed in f64).
+/// `out[j] = sum_i a[i, j]` for a row-major `[rows, cols]` matrix (summed in f64).
 pub fn column_sums<T: Real>(a: &[T], rows: usize, cols: usize, out: &mut [T]) {
     let mut acc = vec![0.0f64; cols];
     for r in 0..rows {
@@ -17,7 +17,7 @@ pub fn column_sums<T: Real>(a: &[T], rows: usize, cols: usize, out: &mut [T]) {
     }
 }
 
-/// y[m, n] = x[m, k] . w[n, k]^T + b[n].
+/// `y[m, n] = x[m, k] . w[n, k]^T + b[n]`.
 pub fn linear_fwd<T: Real>(
     m: usize,
     k: usize,

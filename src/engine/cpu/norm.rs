@@ -29,21 +29,24 @@ fn check_params<T>(op: &'static str, s: &BatchNorm2d, per_channel: &[(&str, &[T]
 const BLOCK: usize = 1024;
 const LANES: usize = 8;
 
-/// Sum of `f(a[i], b[i])` over two equal-length slices: eight independent accumulators in
-/// `T` (the compiler vectorises them), folded into f64 every [`BLOCK`] elements.
-fn lane_sum<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
+/// Sum of `f(a[i], b[i], c[i])` over equal-length slices: eight independent accumulators
+/// in `T` (the compiler vectorises them), folded into f64 every [`BLOCK`] elements.
+fn lane_sum<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> f64 {
     let mut total = 0.0;
-    for (ab, bb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+    for ((ab, bb), cb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).zip(c.chunks(BLOCK)) {
         let mut acc = [T::zero(); LANES];
-        let (ac, bc) = (ab.chunks_exact(LANES), bb.chunks_exact(LANES));
-        let (ar, br) = (ac.remainder(), bc.remainder());
-        for (ca, cb) in ac.zip(bc) {
+        let n = ab.len() / LANES * LANES;
+        for ((ca, cb), cc) in ab[..n]
+            .chunks_exact(LANES)
+            .zip(bb[..n].chunks_exact(LANES))
+            .zip(cb[..n].chunks_exact(LANES))
+        {
             for i in 0..LANES {
-                acc[i] = acc[i] + f(ca[i], cb[i]);
+                acc[i] = acc[i] + f(ca[i], cb[i], cc[i]);
             }
         }
-        for (va, vb) in ar.iter().zip(br) {
-            acc[0] = acc[0] + f(*va, *vb);
+        for ((va, vb), vc) in ab[n..].iter().zip(&bb[n..]).zip(&cb[n..]) {
+            acc[0] = acc[0] + f(*va, *vb, *vc);
         }
         total += acc.iter().map(|v| v.as_f64()).sum::<f64>();
     }
@@ -118,12 +121,14 @@ pub fn batchnorm_train_fwd<T: Real>(
     let stats: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
         .map(|ch| {
-            let sum: f64 = planes(s, ch, x).map(|p| lane_sum(p, p, |v, _| v)).sum();
+            let sum: f64 = planes(s, ch, x)
+                .map(|p| lane_sum(p, p, p, |v, _, _| v))
+                .sum();
             let mean = sum / count as f64;
             // Two passes: the sum of squared deviations does not cancel like E[x^2] - mean^2.
             let mt = T::from_f64_lossy(mean);
             let ss: f64 = planes(s, ch, x)
-                .map(|p| lane_sum(p, p, |v, _| (v - mt) * (v - mt)))
+                .map(|p| lane_sum(p, p, p, |v, _, _| (v - mt) * (v - mt)))
                 .sum();
             (mean, ss / count as f64)
         })
@@ -215,14 +220,6 @@ pub fn batchnorm_bwd<T: Real>(
         ],
     )?;
     let count = (s.n * s.hw) as f64;
-    // The gradient reaching the normalised output: dy, zeroed where the fused ReLU clipped.
-    let g_of = |yv: T, dyv: T| {
-        if relu && yv <= T::zero() {
-            0.0
-        } else {
-            dyv.as_f64()
-        }
-    };
     let sums: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
         .map(|ch| {
@@ -234,16 +231,11 @@ pub fn batchnorm_bwd<T: Real>(
                 .zip(planes(s, ch, y))
                 .zip(planes(s, ch, dy))
             {
-                if relu {
-                    // The gradient through the fused ReLU: dy where the output is positive.
-                    let gate = |yv: T, d: T| if yv > zero { d } else { zero };
-                    sg += lane_sum(yp, dyp, gate);
-                    let masked: Vec<T> = yp.iter().zip(dyp).map(|(a, b)| gate(*a, *b)).collect();
-                    sgx += lane_sum(&masked, xp, |g, xv| g * (xv - mean));
-                } else {
-                    sg += lane_sum(dyp, dyp, |d, _| d);
-                    sgx += lane_sum(dyp, xp, |g, xv| g * (xv - mean));
-                }
+                // The gradient reaching the normalised output: dy, zeroed where the fused
+                // ReLU clipped (selects, not branches, so the loop still vectorises).
+                let g = |yv: T, d: T| if relu && yv <= zero { zero } else { d };
+                sg += lane_sum(yp, dyp, dyp, |yv, d, _| g(yv, d));
+                sgx += lane_sum(yp, dyp, xp, |yv, d, xv| g(yv, d) * (xv - mean));
             }
             (sg, sgx * invstd)
         })

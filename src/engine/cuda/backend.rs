@@ -59,6 +59,7 @@ impl CudaBackend {
                 // One stream only: per-buffer events would only add overhead to every launch.
                 unsafe { ctx.disable_event_tracking() };
                 let stream = ctx.new_stream().map_err(|e| cuda("cuStreamCreate", e))?;
+                keep_pool_memory(ordinal);
                 Ok((ctx, stream))
             },
         ));
@@ -262,6 +263,28 @@ impl CudaBackend {
     }
 }
 
+/// Stream-ordered allocations come from the device's default memory pool, which by default
+/// returns freed memory to the OS at every synchronisation; a training step allocates the
+/// same buffers again right after, so keep it (as PyTorch's caching allocator does). Best
+/// effort: a driver without memory pools just allocates normally.
+fn keep_pool_memory(ordinal: usize) {
+    use cudarc::driver::{result, sys};
+    let Ok(dev) = result::device::get(ordinal as i32) else {
+        return;
+    };
+    // SAFETY: `dev` comes from cuDeviceGet; the attribute takes a pointer to a u64.
+    unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(dev) {
+            let mut threshold = u64::MAX;
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            );
+        }
+    }
+}
+
 /// An i32 kernel argument, refusing sizes the kernels' int indexing cannot hold.
 fn i(v: usize) -> Result<KArg> {
     i32::try_from(v)
@@ -331,7 +354,7 @@ impl Backend for CudaBackend {
             .map_err(|e| oom(e, host.len() * 4))
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        if buf.len() == 0 {
+        if buf.is_empty() {
             return Ok(Vec::new());
         }
         self.stream.clone_dtoh(buf).map_err(|e| cuda("download", e))
@@ -340,7 +363,7 @@ impl Backend for CudaBackend {
         buf.len()
     }
     fn fill(&self, buf: &mut CudaSlice<f32>, value: f64) -> Result<()> {
-        if buf.len() == 0 {
+        if buf.is_empty() {
             return Ok(());
         }
         if value == 0.0 {
@@ -351,7 +374,7 @@ impl Backend for CudaBackend {
     }
     fn copy(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
         check_len("copy", "dst", dst.len(), src.len())?;
-        if src.len() == 0 {
+        if src.is_empty() {
             return Ok(());
         }
         self.stream
@@ -1273,7 +1296,7 @@ impl Backend for CudaBackend {
         const OP: &str = "bce_with_logits";
         check_len(OP, "targets", targets.len(), logits.len())?;
         check_len(OP, "dlogits", dlogits.len(), logits.len())?;
-        if logits.len() == 0 {
+        if logits.is_empty() {
             return Err(EngineError::Shape {
                 op: OP,
                 detail: "no logits: the mean of nothing is undefined".into(),
@@ -1322,7 +1345,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check_len("sgd_step", "g", g.len(), p.len())?;
         check_len("sgd_step", "m", m.len(), p.len())?;
-        if p.len() == 0 {
+        if p.is_empty() {
             return Ok(());
         }
         let args = [
@@ -1361,7 +1384,7 @@ impl Backend for CudaBackend {
                 detail: "step counts from 1".into(),
             });
         }
-        if p.len() == 0 {
+        if p.is_empty() {
             return Ok(());
         }
         let t = step.min(i32::MAX as u64) as i32;
