@@ -6,7 +6,8 @@
 //! `ICHCAM_CCL_DUMP=DIR cargo bench --bench ccl` also writes each volume as raw u8
 //! (`DIR/<name>.u8`, C order [z, y, x]) with `DIR/<name>.txt` = "nz ny nx components", for
 //! `scripts/ccl_cc3d.py`, which times cc3d on the same bytes and checks the count.
-//! `ICHCAM_CCL_SMALL=1` skips the 512^3 volume.
+//! `ICHCAM_CCL_SMALL=1` skips the 512^3 volume. The last group times the whole CPU
+//! refinement (`seg::refine`) on the 40x512x512 volume.
 
 use std::hint::black_box;
 use std::io::Write;
@@ -152,5 +153,46 @@ fn bench_ccl(cr: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_ccl);
+/// The whole CPU refinement (CAM threshold, per-slice k-means, dilation, CCL, filter) on a
+/// CT-sized volume: 35 HU brain with +-5 HU noise, 60 HU wherever the 2 % blob mask is, a
+/// CAM that is the blurred mask (min-max normalised per slice), every slice positive.
+fn bench_refine(cr: &mut Criterion) {
+    use ichcam::seg::{refine, RefineConfig};
+    let dims = (40, 512, 512);
+    let m = blobs(dims, 0.02, [1, 4, 4], 7);
+    let mut cam: Vec<f32> = m.iter().map(|&v| v as f32).collect();
+    for (axis, r) in [(1, 3), (2, 3)] {
+        box_blur(&mut cam, dims, axis, r);
+    }
+    // Min-max normalised per slice, as the method's CAM.
+    for slice in cam.chunks_mut(512 * 512) {
+        let lo = slice.iter().cloned().fold(f32::INFINITY, f32::min);
+        let hi = slice.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        slice.iter_mut().for_each(|v| *v = (*v - lo) / span);
+    }
+    let cam = Array3::from_shape_vec(dims, cam).expect("dims");
+    let hu = Array3::from_shape_fn(dims, |(z, y, x)| {
+        let i = ((z * 512 + y) * 512 + x) as u64;
+        let noise = (splitmix(i) >> 40) as f32 / (1u64 << 24) as f32 * 10.0 - 5.0;
+        (if m[[z, y, x]] != 0 { 60.0 } else { 35.0 }) + noise
+    });
+    let positive = vec![true; dims.0];
+    let cfg = RefineConfig::default();
+    let out = refine(&hu, &cam, &positive, &cfg).expect("refine");
+    eprintln!(
+        "refine 40x512x512: CAM {} voxels, clusters {}, {} components kept",
+        out.cam_voxels, out.cluster_voxels, out.n_components
+    );
+    let mut g = cr.benchmark_group("refine/40x512x512");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5));
+    g.bench_function("cpu", |b| {
+        b.iter(|| refine(black_box(&hu), &cam, &positive, &cfg).expect("refine"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_ccl, bench_refine);
 criterion_main!(benches);

@@ -55,3 +55,57 @@ extern "C" __global__ void seg_count_nonzero(const u8* __restrict__ mask, u64 n,
         if (s != 0) atomicAdd(count, s);
     }
 }
+
+// In-plane box mean of radius r over the in-bounds neighbours of each voxel of [z, y, x]:
+// the same f32 sum order as crate::seg::refine::box_smooth (rows, then columns), so the
+// smoothed HU agree bit for bit; +inf where the window holds a voxel whose subdural window
+// value reaches `saturation` (its mean would be a partial-volume halo of bone).
+extern "C" __global__ void seg_box_smooth(const float* __restrict__ hu, u64 nz, u64 ny, u64 nx, int r,
+                                          float saturation, float* __restrict__ out) {
+    u64 n = nz * ny * nx;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        long long x = (long long)(i % nx);
+        long long y = (long long)((i / nx) % ny);
+        u64 base = (i / (nx * ny)) * nx * ny;
+        long long y0 = y - r < 0 ? 0 : y - r, y1 = y + r > (long long)ny - 1 ? (long long)ny - 1 : y + r;
+        long long x0 = x - r < 0 ? 0 : x - r, x1 = x + r > (long long)nx - 1 ? (long long)nx - 1 : x + r;
+        float sum = 0.0f;
+        unsigned int cnt = 0;
+        bool hot = false;
+        for (long long yy = y0; yy <= y1; ++yy) {
+            for (long long xx = x0; xx <= x1; ++xx) {
+                float v = hu[base + (u64)yy * nx + (u64)xx];
+                float w = __fdiv_rn(__fadd_rn(v, 20.0f), 200.0f);
+                if (w < 0.0f) w = 0.0f;
+                if (w > 1.0f) w = 1.0f;
+                hot = hot || (w >= saturation);
+                sum = __fadd_rn(sum, v);
+                ++cnt;
+            }
+        }
+        out[i] = hot ? __int_as_float(0x7f800000) : __fdiv_rn(sum, (float)cnt);
+    }
+}
+
+// region[i] = 0 where the window value reaches the saturation level (bone, calcification):
+// those voxels never enter the k-means (RefineConfig::exclude_saturated). NaN values are
+// kept out too, as `v < saturation` is false for them.
+extern "C" __global__ void seg_exclude_saturated(const float* __restrict__ values, float saturation, u64 n,
+                                                 u8* __restrict__ region) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        if (!(values[i] < saturation)) region[i] = 0;
+    }
+}
+
+// The grown pseudo-mask (crate::seg::refine::pseudo_mask_grown): out = 1 where the voxel lies
+// in the grow region, is not saturated (when exclude != 0) and its window value reaches its
+// segment's band floor lo[seg] (+inf where no cluster was chosen: nothing passes).
+extern "C" __global__ void seg_band(const float* __restrict__ values, const u8* __restrict__ grow,
+                                    const float* __restrict__ lo, u64 seg_len, u64 n, float saturation,
+                                    int exclude, u8* __restrict__ out) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = values[i];
+        bool take = grow[i] != 0 && (exclude == 0 || v < saturation);
+        out[i] = (take && v >= lo[i / seg_len]) ? 1 : 0;
+    }
+}

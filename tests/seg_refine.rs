@@ -107,12 +107,12 @@ fn kmeans_edge_cases() {
 #[test]
 fn choose_skips_saturated_and_small_clusters() {
     let c = [0.2, 0.45, 0.98, 0.7];
-    assert_eq!(choose_cluster(&c, &[100, 100, 100, 100], 0.95, 10), Some(3));
-    assert_eq!(choose_cluster(&c, &[100, 100, 100, 3], 0.95, 10), Some(1));
-    assert_eq!(choose_cluster(&c, &[100, 100, 100, 100], 2.0, 10), Some(2));
-    assert_eq!(choose_cluster(&c, &[100, 0, 100, 0], 0.95, 0), Some(0));
-    assert_eq!(choose_cluster(&[1.0, 0.99], &[5, 5], 0.95, 1), None);
-    assert_eq!(choose_cluster(&[], &[], 0.95, 1), None);
+    assert_eq!(choose_cluster(&c, &[100, 100, 100, 100], 0.0, 0.95, 10), Some(3));
+    assert_eq!(choose_cluster(&c, &[100, 100, 100, 3], 0.0, 0.95, 10), Some(1));
+    assert_eq!(choose_cluster(&c, &[100, 100, 100, 100], 0.0, 2.0, 10), Some(2));
+    assert_eq!(choose_cluster(&c, &[100, 0, 100, 0], 0.0, 0.95, 0), Some(0));
+    assert_eq!(choose_cluster(&[1.0, 0.99], &[5, 5], 0.0, 0.95, 1), None);
+    assert_eq!(choose_cluster(&[], &[], 0.0, 0.95, 1), None);
 }
 
 #[test]
@@ -284,4 +284,53 @@ fn refine_rejects_bad_shapes_and_parameters() {
     .is_err());
     let c = RefineConfig::default().with_min_component_ml(0.1, [5.0, 0.5, 0.5]);
     assert_eq!(c.min_component_voxels, 80);
+}
+
+#[test]
+fn morphology_matches_brute_force() {
+    let (nz, h, w) = (3, 17, 23);
+    for (seed, density) in [(1u64, 0.05f32), (2, 0.3), (3, 0.7), (4, 0.95)] {
+        let m = Array3::from_shape_fn((nz, h, w), |(z, y, x)| {
+            u8::from((noise(seed * 100_000 + (z * h * w + y * w + x) as u64) + 1.0) / 2.0 < density)
+        });
+        for r in 1..=3usize {
+            for shape in [Structuring::Square, Structuring::Cross] {
+                let inside = |dy: i64, dx: i64| match shape {
+                    Structuring::Square => dy.abs() <= r as i64 && dx.abs() <= r as i64,
+                    Structuring::Cross => dy.abs() + dx.abs() <= r as i64,
+                };
+                let (d, e) = (dilate(&m, r, shape), erode(&m, r, shape));
+                for (((z, y, x), &dv), &ev) in d.indexed_iter().zip(e.iter()) {
+                    let (mut any, mut all) = (false, true);
+                    for dy in -(r as i64)..=r as i64 {
+                        for dx in -(r as i64)..=r as i64 {
+                            if !inside(dy, dx) {
+                                continue;
+                            }
+                            let (yy, xx) = (y as i64 + dy, x as i64 + dx);
+                            let on = yy >= 0
+                                && xx >= 0
+                                && yy < h as i64
+                                && xx < w as i64
+                                && m[[z, yy as usize, xx as usize]] != 0;
+                            any |= on;
+                            all &= on;
+                        }
+                    }
+                    assert_eq!(
+                        dv,
+                        u8::from(any),
+                        "dilate {shape:?} r={r} at {:?}",
+                        (z, y, x)
+                    );
+                    assert_eq!(
+                        ev,
+                        u8::from(all),
+                        "erode {shape:?} r={r} at {:?}",
+                        (z, y, x)
+                    );
+                }
+            }
+        }
+    }
 }

@@ -46,6 +46,16 @@ pub struct Args {
     /// Keep the saturation level fixed even when the data is clipped below 180 HU.
     #[arg(long)]
     no_adapt_saturation: bool,
+    /// The lesion may grow from the binary CAM into the CAM's region down to this level, in
+    /// the intensity band k-means found (ours; set it to --cam-threshold for the authors').
+    #[arg(long, default_value_t = 0.4)]
+    grow_cam_threshold: f32,
+    /// Darkest cluster centroid (HU) taken for acute blood (ours).
+    #[arg(long, default_value_t = 45.0)]
+    min_blood_hu: f32,
+    /// In-plane box-filter radius before k-means (ours; 0 = the raw intensities).
+    #[arg(long, default_value_t = 1)]
+    smooth: usize,
     /// Dilation radius (pixels) of the chosen cluster.
     #[arg(long, default_value_t = 1)]
     dilate: usize,
@@ -91,6 +101,10 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
         o.refine.saturation = s;
     }
     o.refine.dilate_radius = a.dilate;
+    anyhow::ensure!((0.0..=1.0).contains(&a.grow_cam_threshold), "--grow-cam-threshold must be in [0, 1]");
+    o.refine.grow_cam_threshold = a.grow_cam_threshold;
+    o.refine.min_blood_hu = a.min_blood_hu;
+    o.refine.smooth_radius = a.smooth;
     o.refine.min_cam_support = a.min_cam_support;
     o.refine.connectivity = Connectivity::from_neighbours(a.connectivity)?;
     Ok(o)

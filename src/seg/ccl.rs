@@ -467,27 +467,55 @@ pub fn filter_components(
         }
     }
     let n = sizes.len().saturating_sub(1);
-    let mut inside = vec![0usize; n + 1];
-    let mut peak = vec![f32::NEG_INFINITY; n + 1];
-    if let Some(c) = cam {
-        for (&l, &v) in labels.iter().zip(c.iter()) {
-            let l = l as usize;
-            if l == 0 {
-                continue;
-            }
-            if l > n {
-                return Err(SegError::Param(format!(
-                    "label {l} above the {n} components of `sizes`"
-                )));
-            }
-            if v >= filter.cam_threshold {
-                inside[l] += 1;
-            }
-            if v > peak[l] {
-                peak[l] = v;
-            }
-        }
+    let lab_std = labels.as_standard_layout();
+    let lab = lab_std
+        .as_slice()
+        .ok_or_else(|| SegError::Param("labels not contiguous".into()))?;
+    // Large chunks in parallel; each worker keeps its own per-component counts and peaks.
+    const CHUNK: usize = 1 << 16;
+    if lab.par_iter().any(|&l| l as usize > n) {
+        return Err(SegError::Param(format!(
+            "a label is above the {n} components of `sizes`"
+        )));
     }
+    let (inside, peak) = match cam {
+        None => (vec![0usize; n + 1], vec![f32::NEG_INFINITY; n + 1]),
+        Some(c) => {
+            let cam_std = c.as_standard_layout();
+            let cv = cam_std
+                .as_slice()
+                .ok_or_else(|| SegError::Param("CAM not contiguous".into()))?;
+            let t = filter.cam_threshold;
+            lab.par_chunks(CHUNK)
+                .zip(cv.par_chunks(CHUNK))
+                .fold(
+                    || (vec![0usize; n + 1], vec![f32::NEG_INFINITY; n + 1]),
+                    |(mut inside, mut peak), (ls, vs)| {
+                        for (&l, &v) in ls.iter().zip(vs) {
+                            if l == 0 {
+                                continue;
+                            }
+                            let l = l as usize;
+                            inside[l] += usize::from(v >= t);
+                            if v > peak[l] {
+                                peak[l] = v;
+                            }
+                        }
+                        (inside, peak)
+                    },
+                )
+                .reduce(
+                    || (vec![0usize; n + 1], vec![f32::NEG_INFINITY; n + 1]),
+                    |(mut ia, mut pa), (ib, pb)| {
+                        for l in 0..=n {
+                            ia[l] += ib[l];
+                            pa[l] = pa[l].max(pb[l]);
+                        }
+                        (ia, pa)
+                    },
+                )
+        }
+    };
     let mut lut = vec![0u32; n + 1];
     let mut new_sizes = vec![0usize];
     let (mut dropped_small, mut dropped_cam) = (0, 0);
@@ -513,22 +541,21 @@ pub fn filter_components(
     }
     let mut out_labels = Array3::<u32>::zeros(labels.raw_dim());
     let mut mask = Mask::zeros(labels.raw_dim());
-    let mut bad = false;
-    ndarray::Zip::from(&mut out_labels)
-        .and(&mut mask)
-        .and(labels)
-        .for_each(|o, mk, &l| match lut.get(l as usize) {
-            Some(&k) => {
-                *o = k;
-                *mk = u8::from(k != 0);
+    let (Some(ol), Some(om)) = (out_labels.as_slice_mut(), mask.as_slice_mut()) else {
+        return Err(SegError::Param("output not contiguous".into()));
+    };
+    ol.par_chunks_mut(CHUNK)
+        .zip(om.par_chunks_mut(CHUNK))
+        .zip(lab.par_chunks(CHUNK))
+        .for_each(|((o, mk), ls)| {
+            for ((o, mk), &l) in o.iter_mut().zip(mk.iter_mut()).zip(ls) {
+                if l != 0 {
+                    let k = lut[l as usize];
+                    *o = k;
+                    *mk = u8::from(k != 0);
+                }
             }
-            None => bad = true,
         });
-    if bad {
-        return Err(SegError::Param(format!(
-            "a label is above the {n} components of `sizes`"
-        )));
-    }
     new_sizes[0] = out_labels.len() - new_sizes[1..].iter().sum::<usize>();
     Ok(FilterOutput {
         mask,

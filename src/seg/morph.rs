@@ -3,7 +3,6 @@
 //! stays empty. Knows nothing of CT.
 
 use crate::io::Mask;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 /// In-plane structuring element of radius `r`.
@@ -27,25 +26,32 @@ pub fn erode(mask: &Mask, radius: usize, shape: Structuring) -> Mask {
 }
 
 fn morph(mask: &Mask, radius: usize, shape: Structuring, dilate: bool) -> Mask {
+    // `mapv` gives a standard-layout array: each slice is one contiguous row-major chunk.
     let mut out = mask.mapv(|v| u8::from(v != 0));
-    if radius == 0 {
+    let (_, h, w) = out.dim();
+    if radius == 0 || h * w == 0 {
         return out;
     }
-    // ndarray's rayon feature is off: collect the slice views and hand those to rayon.
-    let slices: Vec<_> = out.axis_iter_mut(Axis(0)).collect();
-    slices.into_par_iter().for_each(|mut s| {
-        let mut tmp = s.to_owned();
+    let Some(data) = out.as_slice_mut() else {
+        return out;
+    };
+    data.par_chunks_mut(h * w).for_each(|s| {
+        // An empty slice stays empty under both operations (most slices of a volume).
+        if s.iter().all(|&v| v == 0) {
+            return;
+        }
+        let mut tmp = s.to_vec();
         match shape {
             Structuring::Square => {
                 // A square is separable: a 1-D pass along x, then along y.
-                line_pass(tmp.view(), s.view_mut(), radius, dilate, true);
-                tmp.assign(&s);
-                line_pass(tmp.view(), s.view_mut(), radius, dilate, false);
+                pass_x(&tmp, s, h, w, radius, dilate);
+                tmp.copy_from_slice(s);
+                pass_y(&tmp, s, h, w, radius, dilate);
             }
             Structuring::Cross => {
                 for _ in 0..radius {
-                    tmp.assign(&s);
-                    cross_pass(tmp.view(), s.view_mut(), dilate);
+                    tmp.copy_from_slice(s);
+                    cross_pass(&tmp, s, h, w, dilate);
                 }
             }
         }
@@ -53,58 +59,58 @@ fn morph(mask: &Mask, radius: usize, shape: Structuring, dilate: bool) -> Mask {
     out
 }
 
-/// One 1-D max (dilate) or min (erode) filter of half-width `r` along x (`along_x`) or y.
-/// Outside the slice is background.
-fn line_pass(
-    src: ArrayView2<u8>,
-    mut dst: ArrayViewMut2<u8>,
-    r: usize,
-    dilate: bool,
-    along_x: bool,
-) {
-    let (h, w) = src.dim();
-    let target = u8::from(dilate);
+/// 1-D max (dilate) or min (erode) filter of half-width `r` along x, by a running count of
+/// the ones in the window. Outside the slice is background, so an erosion window that
+/// reaches past the border (fewer than `2r + 1` ones) gives 0.
+fn pass_x(src: &[u8], dst: &mut [u8], h: usize, w: usize, r: usize, dilate: bool) {
+    let full = 2 * r + 1;
     for y in 0..h {
+        let row = &src[y * w..(y + 1) * w];
+        let out = &mut dst[y * w..(y + 1) * w];
+        // Ones in [x - r, x + r] clipped to the row, kept as the window slides.
+        let mut count: usize = row[..r.min(w)].iter().map(|&v| v as usize).sum();
         for x in 0..w {
-            let (pos, len) = if along_x { (x, w) } else { (y, h) };
-            let lo = pos.saturating_sub(r);
-            let hi = (pos + r).min(len - 1);
-            // Erosion: a window that reaches past the border sees background.
-            let clipped = pos < r || pos + r > len - 1;
-            let hit = (lo..=hi).any(|p| {
-                let v = if along_x { src[[y, p]] } else { src[[p, x]] };
-                v == target
-            });
-            dst[[y, x]] = if dilate {
-                u8::from(hit)
-            } else {
-                u8::from(!hit && !clipped)
-            };
+            if x + r < w {
+                count += row[x + r] as usize;
+            }
+            if x > r {
+                count -= row[x - r - 1] as usize;
+            }
+            out[x] = u8::from(if dilate { count > 0 } else { count == full });
+        }
+    }
+}
+
+/// The same along y: each output row is the count over the `2r + 1` rows around it.
+fn pass_y(src: &[u8], dst: &mut [u8], h: usize, w: usize, r: usize, dilate: bool) {
+    let full = (2 * r + 1) as u32;
+    let mut count = vec![0u32; w];
+    for y in 0..h {
+        count.iter_mut().for_each(|c| *c = 0);
+        for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
+            for (c, &v) in count.iter_mut().zip(&src[yy * w..(yy + 1) * w]) {
+                *c += v as u32;
+            }
+        }
+        for (o, &c) in dst[y * w..(y + 1) * w].iter_mut().zip(&count) {
+            *o = u8::from(if dilate { c > 0 } else { c == full });
         }
     }
 }
 
 /// One step with the 4-neighbour cross.
-fn cross_pass(src: ArrayView2<u8>, mut dst: ArrayViewMut2<u8>, dilate: bool) {
-    let (h, w) = src.dim();
+fn cross_pass(src: &[u8], dst: &mut [u8], h: usize, w: usize, dilate: bool) {
     for y in 0..h {
         for x in 0..w {
-            let c = src[[y, x]];
+            let i = y * w + x;
+            let c = src[i];
             let n = [
-                if y > 0 { Some(src[[y - 1, x]]) } else { None },
-                if y + 1 < h {
-                    Some(src[[y + 1, x]])
-                } else {
-                    None
-                },
-                if x > 0 { Some(src[[y, x - 1]]) } else { None },
-                if x + 1 < w {
-                    Some(src[[y, x + 1]])
-                } else {
-                    None
-                },
+                if y > 0 { Some(src[i - w]) } else { None },
+                if y + 1 < h { Some(src[i + w]) } else { None },
+                if x > 0 { Some(src[i - 1]) } else { None },
+                if x + 1 < w { Some(src[i + 1]) } else { None },
             ];
-            dst[[y, x]] = if dilate {
+            dst[i] = if dilate {
                 u8::from(c == 1 || n.contains(&Some(1)))
             } else {
                 u8::from(c == 1 && n.iter().all(|v| *v == Some(1)))

@@ -96,7 +96,7 @@ impl TrainConfig {
         }
     }
 
-    /// The CPU default: two basic stages of one block, width 8 (stride 8: a 12x12 CAM at
+    /// The CPU default: two basic stages of one block, width 16 (stride 8: a 12x12 CAM at
     /// 96x96 input, which localises far better on phantoms than stride 16's 6x6), LSTM
     /// 1x32, 16-slice sequences every 4 slices (more, overlapping sequences per epoch: on
     /// phantoms stage 1 starts to separate by epoch 3-7 instead of 8-20); Adam 2e-3, 20 + 4
@@ -104,7 +104,7 @@ impl TrainConfig {
     pub fn tiny() -> Self {
         let mut model = ModelConfig::tiny();
         model.layers = vec![1, 1];
-        model.base_width = 8;
+        model.base_width = 16;
         model.lstm_hidden = 32;
         TrainConfig {
             name: "tiny".into(),
@@ -113,7 +113,7 @@ impl TrainConfig {
             slices: 16,
             seq_stride: 4,
             batch: 2,
-            epochs: 20,
+            epochs: 30,
             optimizer: OptimizerConfig::adam(2e-3),
             stage2_batch: 32,
             stage2_epochs: 4,

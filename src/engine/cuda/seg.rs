@@ -26,6 +26,7 @@ use crate::engine::{check_len, EngineError, Result};
 use crate::io::Mask;
 use crate::seg::choose::choose_cluster;
 use crate::seg::morph::Structuring;
+use crate::seg::refine::band_low;
 use crate::seg::{Connectivity, RefineConfig, RefineOutput, SegError};
 
 /// The largest k the device k-means takes (its per-thread sums live in registers).
@@ -204,6 +205,42 @@ pub fn subdural(be: &CudaBackend, hu: &CudaSlice<f32>, out: &mut CudaSlice<f32>)
         "seg_subdural",
         grid(hu.len()),
         &[ptr(be, hu), u64a(hu.len()), ptr(be, out)],
+    )
+}
+
+/// In-plane box mean of radius `r` of a `[z, y, x]` volume (+inf next to saturated voxels), as
+/// `crate::seg::refine::box_smooth`.
+pub fn box_smooth(
+    be: &CudaBackend,
+    hu: &CudaSlice<f32>,
+    dims: (usize, usize, usize),
+    r: usize,
+    saturation: f32,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let n = dims.0 * dims.1 * dims.2;
+    check_len("box_smooth", "hu", hu.len(), n)?;
+    check_len("box_smooth", "out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let r = i32::try_from(r).map_err(|_| EngineError::Shape {
+        op: "box_smooth",
+        detail: format!("radius {r}"),
+    })?;
+    be.launch(
+        "seg",
+        "seg_box_smooth",
+        grid(n),
+        &[
+            ptr(be, hu),
+            u64a(dims.0),
+            u64a(dims.1),
+            u64a(dims.2),
+            KArg::I32(r),
+            KArg::F32(saturation),
+            ptr(be, out),
+        ],
     )
 }
 
@@ -943,7 +980,35 @@ pub fn refine_on_device(
     let cam_voxels = count_nonzero(be, &region)?;
 
     let mut values = alloc::<f32>(be, n)?;
-    subdural(be, hu, &mut values)?;
+    if cfg.smooth_radius > 0 {
+        let mut smoothed = alloc::<f32>(be, n)?;
+        box_smooth(
+            be,
+            hu,
+            dims,
+            cfg.smooth_radius,
+            cfg.saturation,
+            &mut smoothed,
+        )?;
+        subdural(be, &smoothed, &mut values)?;
+    } else {
+        subdural(be, hu, &mut values)?;
+    }
+    if cfg.exclude_saturated {
+        be.launch(
+            "seg",
+            "seg_exclude_saturated",
+            grid(n),
+            &[
+                ptr(be, &values),
+                KArg::F32(cfg.saturation),
+                u64a(n),
+                ptr(be, &region),
+            ],
+        )
+        .map_err(DeviceSegError::from)?;
+    }
+    let floor = crate::data::window::Window::SUBDURAL.apply(cfg.min_blood_hu);
     let (nseg, seg_len) = if cfg.per_slice_kmeans {
         (nz, ny * nx)
     } else {
@@ -960,34 +1025,44 @@ pub fn refine_on_device(
         cfg.max_kmeans_iter,
         &mut km_labels,
     )?;
-    drop(values);
-    let chosen: Vec<i32> = (0..nseg)
+    drop(km_labels);
+    // The band of each segment's chosen cluster, then every voxel of the grow region in it.
+    let lo: Vec<f32> = (0..nseg)
         .map(|s| {
-            choose_cluster(
-                km.centroids_of(s),
-                km.counts_of(s),
-                cfg.saturation,
-                cfg.min_cluster_voxels,
-            )
-            .map_or(-1, |c| c as i32)
+            let (c, n) = (km.centroids_of(s), km.counts_of(s));
+            choose_cluster(c, n, floor, cfg.saturation, cfg.min_cluster_voxels)
+                .map_or(f32::INFINITY, |k| band_low(c, n, k, floor))
         })
         .collect();
-    let chosen = upload(be, &chosen)?;
+    let lo = upload(be, &lo)?;
+    let mut grow = alloc::<u8>(be, n)?;
+    cam_region(
+        be,
+        cam_norm,
+        dims,
+        slice_positive,
+        cfg.grow_cam_threshold.min(cfg.cam_threshold),
+        &mut grow,
+    )?;
     let clusters = alloc::<u8>(be, n)?;
     be.launch(
         "seg",
-        "seg_select_cluster",
+        "seg_band",
         grid(n),
         &[
-            ptr(be, &km_labels),
-            ptr(be, &chosen),
+            ptr(be, &values),
+            ptr(be, &grow),
+            ptr(be, &lo),
             u64a(seg_len),
             u64a(n),
+            KArg::F32(cfg.saturation),
+            KArg::I32(i32::from(cfg.exclude_saturated)),
             ptr(be, &clusters),
         ],
     )
     .map_err(DeviceSegError::from)?;
-    drop(km_labels);
+    drop(values);
+    drop(grow);
     let cluster_voxels = count_nonzero(be, &clusters)?;
 
     let mut grown = alloc::<u8>(be, n)?;
@@ -1013,7 +1088,7 @@ pub fn refine_on_device(
         cfg.cam_threshold,
         cfg.min_component_voxels,
         cfg.min_cam_support,
-        0.0,
+        cfg.cam_threshold,
         &mut out,
     )?;
     let host = download(be, &out, n)?;
