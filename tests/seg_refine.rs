@@ -107,9 +107,18 @@ fn kmeans_edge_cases() {
 #[test]
 fn choose_skips_saturated_and_small_clusters() {
     let c = [0.2, 0.45, 0.98, 0.7];
-    assert_eq!(choose_cluster(&c, &[100, 100, 100, 100], 0.0, 0.95, 10), Some(3));
-    assert_eq!(choose_cluster(&c, &[100, 100, 100, 3], 0.0, 0.95, 10), Some(1));
-    assert_eq!(choose_cluster(&c, &[100, 100, 100, 100], 0.0, 2.0, 10), Some(2));
+    assert_eq!(
+        choose_cluster(&c, &[100, 100, 100, 100], 0.0, 0.95, 10),
+        Some(3)
+    );
+    assert_eq!(
+        choose_cluster(&c, &[100, 100, 100, 3], 0.0, 0.95, 10),
+        Some(1)
+    );
+    assert_eq!(
+        choose_cluster(&c, &[100, 100, 100, 100], 0.0, 2.0, 10),
+        Some(2)
+    );
     assert_eq!(choose_cluster(&c, &[100, 0, 100, 0], 0.0, 0.95, 0), Some(0));
     assert_eq!(choose_cluster(&[1.0, 0.99], &[5, 5], 0.0, 0.95, 1), None);
     assert_eq!(choose_cluster(&[], &[], 0.0, 0.95, 1), None);
@@ -331,6 +340,89 @@ fn morphology_matches_brute_force() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Noisy brain (35 HU, +-12 HU) with an optional 65 HU disc of radius `r` at the centre of
+/// every slice, and a CAM that peaks `cam_dx` pixels right of it and falls off linearly.
+fn noisy_slice_case(blob_r: Option<f32>, cam_dx: f32) -> (Array3<f32>, Array3<f32>) {
+    let (d, n) = (3usize, 48usize);
+    let mut hu = Array3::<f32>::zeros((d, n, n));
+    let mut cam = Array3::<f32>::zeros((d, n, n));
+    let c = n as f32 / 2.0;
+    for ((z, y, x), v) in hu.indexed_iter_mut() {
+        let r = ((y as f32 - c).powi(2) + (x as f32 - c).powi(2)).sqrt();
+        let base = if blob_r.is_some_and(|br| r <= br) {
+            65.0
+        } else {
+            35.0
+        };
+        *v = base + 12.0 * noise((z * 10_000 + y * 100 + x) as u64);
+        let rc = ((y as f32 - c).powi(2) + (x as f32 - c - cam_dx).powi(2)).sqrt();
+        cam[[z, y, x]] = (1.0 - rc / 24.0).max(0.0);
+    }
+    (hu, cam)
+}
+
+#[test]
+fn brain_alone_under_a_cam_gives_no_lesion() {
+    // The CAM fires on a slice that holds only noisy brain: the brightest k-means cluster
+    // is the upper tail of the noise, below the blood floor once smoothed.
+    let (hu, cam) = noisy_slice_case(None, 0.0);
+    let pos = vec![true; 3];
+    let out = refine(&hu, &cam, &pos, &RefineConfig::default()).unwrap();
+    assert_eq!(out.mask.sum(), 0, "brain noise taken for blood: {out:?}");
+    // Without the floor and the smoothing (the authors' literal rule) it is a lesion.
+    let literal = RefineConfig {
+        min_blood_hu: -1000.0,
+        smooth_radius: 0,
+        grow_cam_threshold: 0.7,
+        min_component_voxels: 1,
+        ..RefineConfig::default()
+    };
+    assert!(refine(&hu, &cam, &pos, &literal).unwrap().mask.sum() > 0);
+}
+
+#[test]
+fn lesion_grows_beyond_the_binary_cam() {
+    // A disc of radius 12 under a CAM centred on its edge, whose 0.7 level (radius 7.2)
+    // holds both blood and brain: growing into the 0.4 level (radius 14.4) recovers much of
+    // what the binary CAM cuts off.
+    let (hu, cam) = noisy_slice_case(Some(12.0), 9.0);
+    let pos = vec![true; 3];
+    let mut truth = Array3::<u8>::zeros(hu.dim());
+    let c = 24.0f32;
+    for ((_, y, x), v) in truth.indexed_iter_mut() {
+        *v = u8::from(((y as f32 - c).powi(2) + (x as f32 - c).powi(2)).sqrt() <= 12.0);
+    }
+    let dice = |cfg: &RefineConfig| {
+        let m = refine(&hu, &cam, &pos, cfg).unwrap().mask;
+        volume_metrics(&m, &truth, [5.0, 1.0, 1.0]).unwrap().dice
+    };
+    let grown = dice(&RefineConfig::default());
+    let core = dice(&RefineConfig {
+        grow_cam_threshold: 0.7,
+        ..RefineConfig::default()
+    });
+    assert!(grown > 0.75, "grown Dice {grown}");
+    assert!(grown > core + 0.1, "grown {grown} vs core only {core}");
+}
+
+#[test]
+fn smoothing_marks_halos_of_saturated_voxels() {
+    use ichcam::seg::refine::box_smooth;
+    let mut hu = Array3::<f32>::from_elem((1, 7, 7), 40.0);
+    // Constant stays constant (in-bounds mean at the borders too).
+    assert!(box_smooth(&hu, 1, 0.6)
+        .iter()
+        .all(|&v| (v - 40.0).abs() < 1e-5));
+    hu[[0, 3, 3]] = 300.0;
+    let s = box_smooth(&hu, 1, 0.6);
+    for y in 0..7 {
+        for x in 0..7 {
+            let near = (y as i32 - 3).abs() <= 1 && (x as i32 - 3).abs() <= 1;
+            assert_eq!(s[[0, y, x]].is_infinite(), near, "({y}, {x})");
         }
     }
 }

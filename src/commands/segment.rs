@@ -4,7 +4,10 @@
 use anyhow::Context;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::{pick_device, CudaBackend, DeviceChoice};
-use ichcam::infer::{expand_inputs, segment_all, BatchReport, RefineOnBackend, SegmentOptions, Segmenter, SliceClassifier};
+use ichcam::infer::{
+    expand_inputs, segment_all, BatchReport, RefineOnBackend, SegmentOptions, Segmenter,
+    SliceClassifier,
+};
 use ichcam::model::CamKind;
 use ichcam::seg::ccl::Connectivity;
 use std::path::{Path, PathBuf};
@@ -62,7 +65,7 @@ pub struct Args {
     /// Components smaller than this (mL) are dropped.
     #[arg(long, default_value_t = 0.05)]
     min_component_ml: f64,
-    /// Fraction of a component that must lie inside the binary CAM.
+    /// Fraction of a component that must lie where the CAM reaches --grow-cam-threshold.
     #[arg(long, default_value_t = 0.5)]
     min_cam_support: f32,
     /// 3-D connectivity: 6, 18 or 26.
@@ -88,8 +91,14 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
         "stage1" => SliceClassifier::Stage1,
         other => anyhow::bail!("unknown --classifier `{other}` (expected stage2 or stage1)"),
     };
-    anyhow::ensure!((0.0..=1.0).contains(&a.slice_threshold), "--slice-threshold must be in [0, 1]");
-    anyhow::ensure!((0.0..=1.0).contains(&a.cam_threshold), "--cam-threshold must be in [0, 1]");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.slice_threshold),
+        "--slice-threshold must be in [0, 1]"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.cam_threshold),
+        "--cam-threshold must be in [0, 1]"
+    );
     anyhow::ensure!(a.min_component_ml >= 0.0, "--min-component-ml must be >= 0");
     o.slice_threshold = a.slice_threshold;
     o.min_component_ml = Some(a.min_component_ml);
@@ -101,7 +110,10 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
         o.refine.saturation = s;
     }
     o.refine.dilate_radius = a.dilate;
-    anyhow::ensure!((0.0..=1.0).contains(&a.grow_cam_threshold), "--grow-cam-threshold must be in [0, 1]");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.grow_cam_threshold),
+        "--grow-cam-threshold must be in [0, 1]"
+    );
     o.refine.grow_cam_threshold = a.grow_cam_threshold;
     o.refine.min_blood_hu = a.min_blood_hu;
     o.refine.smooth_radius = a.smooth;
@@ -119,7 +131,8 @@ pub fn run_with<B: RefineOnBackend>(
     opts: SegmentOptions,
     progress: bool,
 ) -> anyhow::Result<BatchReport> {
-    let mut seg = Segmenter::load(backend, model, opts).with_context(|| format!("loading the model {}", model.display()))?;
+    let mut seg = Segmenter::load(backend, model, opts)
+        .with_context(|| format!("loading the model {}", model.display()))?;
     let items = expand_inputs(inputs)?;
     if progress {
         eprintln!(
@@ -162,7 +175,10 @@ pub fn segment_on_device(
 }
 
 pub fn print_report(report: &BatchReport) {
-    println!("{:<24} {:>10} {:>6} {:>9}", "volume", "blood mL", "comps", "pos.sl.");
+    println!(
+        "{:<24} {:>10} {:>6} {:>9}",
+        "volume", "blood mL", "comps", "pos.sl."
+    );
     for s in &report.done {
         println!(
             "{:<24} {:>10.2} {:>6} {:>9}",
@@ -189,7 +205,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let report = segment_on_device(&a.device, &a.model, &a.input, &a.out, opts, !a.quiet)?;
     print_report(&report);
     if !report.failed.is_empty() {
-        anyhow::bail!("{} of {} volume(s) failed", report.failed.len(), report.failed.len() + report.done.len());
+        anyhow::bail!(
+            "{} of {} volume(s) failed",
+            report.failed.len(),
+            report.failed.len() + report.done.len()
+        );
     }
     Ok(())
 }

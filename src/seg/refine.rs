@@ -63,7 +63,9 @@ pub struct RefineConfig {
     pub connectivity: Connectivity,
     /// Components with fewer voxels are dropped (see [`RefineConfig::with_min_component_ml`]).
     pub min_component_voxels: usize,
-    /// Fraction of a component's voxels that must lie inside the binary CAM.
+    /// Fraction of a component's voxels that must lie where the CAM reaches
+    /// `grow_cam_threshold` (the binary CAM itself when growth is off); the component must
+    /// also reach `cam_threshold` somewhere.
     pub min_cam_support: f32,
     /// k-means per slice (the authors) or once over the whole volume.
     pub per_slice_kmeans: bool,
@@ -205,19 +207,21 @@ pub fn pseudo_mask(hu: &Array3<f32>, region: &Mask, cfg: &RefineConfig) -> Resul
 }
 
 /// The lower edge of the chosen cluster `c`: halfway to the brightest populated cluster
-/// below it, or `floor` when there is none. Voxels from there up to the saturation level are
-/// what k-means would call this cluster (1-D clusters are intervals).
+/// below it, or `floor` when nothing lies below (1-D clusters are intervals). Voxels from
+/// there up to the saturation level are what k-means calls this cluster, wherever the CAM
+/// reaches the grow level.
 pub fn band_low(centroids: &[f32], counts: &[usize], c: usize, floor: f32) -> f32 {
+    let top = centroids[c];
     let below = centroids
         .iter()
         .zip(counts)
-        .filter(|(&v, &n)| n > 0 && v < centroids[c])
+        .filter(|(&v, &n)| n > 0 && v < top)
         .map(|(&v, _)| v)
         .fold(f32::NEG_INFINITY, f32::max);
     if below.is_finite() {
-        0.5 * (below + centroids[c])
+        0.5 * (below + top)
     } else {
-        floor
+        floor.min(top)
     }
 }
 
@@ -320,11 +324,11 @@ pub fn refine(
     let cluster_voxels = clusters.iter().filter(|&&v| v != 0).count();
     let grown = dilate(&clusters, cfg.dilate_radius, cfg.dilate_shape);
     let ccl = connected_components(&grown, cfg.connectivity)?;
+    // A component must lie mostly inside the CAM's grow level and reach into its core.
     let filter = ComponentFilter {
         min_voxels: cfg.min_component_voxels,
-        cam_threshold: cfg.cam_threshold,
+        cam_threshold: grow_threshold,
         min_cam_fraction: cfg.min_cam_support,
-        // A grown lesion must still reach into the CAM proper.
         min_peak_cam: cfg.cam_threshold,
     };
     let f = filter_components(&ccl.labels, &ccl.sizes, Some(cam_norm), &filter)?;

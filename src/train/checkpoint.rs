@@ -42,6 +42,9 @@ pub struct TrainState {
     pub epochs_done: [usize; 2],
     /// Best validation AUC per stage, and the epoch that reached it (0 = none yet).
     pub best_auc: [Option<f64>; 2],
+    /// Validation loss of the best epoch (decides when the AUC is undefined).
+    #[serde(default)]
+    pub best_val_loss: [Option<f64>; 2],
     pub best_epoch: [usize; 2],
     /// Whether stage 2 has started from the best stage-1 weights.
     pub backbone_reloaded: bool,

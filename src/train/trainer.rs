@@ -9,7 +9,7 @@
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::log::{EpochRecord, TrainLog};
-use super::prep::{self, AugmentCtx, TrainInput};
+use super::prep::{self, AugmentCtx, Prepared, TrainInput};
 use super::{stage1, stage2, EpochStats, TrainError};
 use crate::data::split::split_patients;
 use crate::engine::Backend;
@@ -147,10 +147,7 @@ pub fn train_with<B: Backend>(
     if cases.is_empty() {
         return Err(TrainError::Data("no training cases".into()));
     }
-    let patients: Vec<&str> = cases.iter().map(|c| c.patient.as_str()).collect();
-    let split = split_patients(&patients, cfg.val_fraction, opts.seed)
-        .map_err(|e| TrainError::Data(e.to_string()))?;
-    let (train_idx, val_idx) = (split.train, split.val);
+    let (train_idx, val_idx) = stratified_split(&cases, cfg.val_fraction, opts.seed)?;
     let pos_weight = prep::pos_weight(&cases, &train_idx, cfg.pos_weight_min, cfg.pos_weight_max);
     let ids = |ix: &[usize]| ix.iter().map(|&i| cases[i].id.clone()).collect::<Vec<_>>();
 
@@ -173,6 +170,7 @@ pub fn train_with<B: Backend>(
             seed: opts.seed,
             epochs_done: [0, 0],
             best_auc: [None, None],
+            best_val_loss: [None, None],
             best_epoch: [0, 0],
             backbone_reloaded: false,
             pos_weight,
@@ -342,6 +340,38 @@ pub fn train_with<B: Backend>(
     })
 }
 
+/// Patient-wise split, stratified: patients with and without a positive slice are split
+/// separately, so that (given two of each) the validation set holds both classes and its
+/// AUC is defined.
+fn stratified_split(
+    cases: &[Prepared],
+    val_fraction: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>), TrainError> {
+    let positive_patient = |p: &str| {
+        cases
+            .iter()
+            .any(|c| c.patient == p && c.labels.iter().any(|&l| l))
+    };
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for class in [true, false] {
+        let members: Vec<usize> = (0..cases.len())
+            .filter(|&i| positive_patient(&cases[i].patient) == class)
+            .collect();
+        let patients: Vec<&str> = members.iter().map(|&i| cases[i].patient.as_str()).collect();
+        let split = split_patients(&patients, val_fraction, seed)
+            .map_err(|e| TrainError::Data(e.to_string()))?;
+        train.extend(split.train.iter().map(|&k| members[k]));
+        val.extend(split.val.iter().map(|&k| members[k]));
+    }
+    if val_fraction == 0.0 {
+        train.append(&mut val);
+    }
+    train.sort_unstable();
+    val.sort_unstable();
+    Ok((train, val))
+}
+
 struct RunCtx<'a> {
     cfg: &'a TrainConfig,
     val: &'a [usize],
@@ -383,14 +413,20 @@ impl RunCtx<'_> {
     ) -> Result<(), TrainError> {
         let s = (stage - 1) as usize;
         // Without a validation set (or with one class only) every epoch replaces the best.
+        // With one class only in validation the AUC is undefined: the lowest loss decides.
         let better = self.val.is_empty()
             || match (stats.auc, state.best_auc[s]) {
                 (Some(a), Some(b)) => a > b,
                 (Some(_), None) => true,
-                (None, _) => state.best_epoch[s] == 0,
+                (None, _) => match (stats.loss, state.best_val_loss[s]) {
+                    (Some(l), Some(b)) => l < b,
+                    (Some(_), None) => true,
+                    (None, _) => state.best_epoch[s] == 0,
+                },
             };
         if better {
             state.best_auc[s] = stats.auc;
+            state.best_val_loss[s] = stats.loss;
             state.best_epoch[s] = epoch;
         }
         state.epochs_done[s] = epoch;

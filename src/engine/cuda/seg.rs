@@ -1085,7 +1085,7 @@ pub fn refine_on_device(
         &labels,
         &sizes,
         cam_norm,
-        cfg.cam_threshold,
+        cfg.grow_cam_threshold.min(cfg.cam_threshold),
         cfg.min_component_voxels,
         cfg.min_cam_support,
         cfg.cam_threshold,
