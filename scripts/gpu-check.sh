@@ -122,6 +122,39 @@ if "$BIN" help synth >/dev/null 2>&1 && "$BIN" help train >/dev/null 2>&1; then
     fi
 fi
 
+# Segmentation of an archive on the GPU and on the CPU with the model just trained: volumes/s
+# and how many mask voxels differ between the two paths (the real ct-ich fixture included).
+if [ -n "${SYN:-}" ] && [ -f "$SYN/model.safetensors" ]; then
+    if run synth-archive 90 "$BIN" synth --out "$SYN/archive" --volumes 24 --size 256 --slices 24 --seed 2; then
+        for dev in cuda cpu; do
+            run "segment-$dev" 300 "$BIN" segment --model "$SYN/model.safetensors" --device "$dev" --quiet \
+                --input "$SYN/archive" tests/fixtures/ct-ich/images --out "$SYN/pred-$dev"
+            vps=$(grep -oE '[0-9.]+ volumes/s' "$LOG/segment-$dev.log" | tail -1)
+            [ -n "$vps" ] && figure "segment-$dev (25 volumes)" "$vps"
+        done
+        mkdir -p "$SYN/cpu-masks"
+        for d in "$SYN"/pred-cpu/*/; do
+            id=$(basename "$d"); [ -f "$d/mask.nii.gz" ] && cp "$d/mask.nii.gz" "$SYN/cpu-masks/$id.nii.gz"
+        done
+        run mask-agreement 120 "$BIN" eval --pred "$SYN/pred-cuda" --truth "$SYN/cpu-masks" --json "$LOG/cuda-vs-cpu.json"
+        diff=$(python3 -c '
+import json, sys
+v = json.load(open(sys.argv[1]))["volumes"]
+d = [x["pred_voxels"] + x["truth_voxels"] - 2 * x["true_positives"] for x in v if not x.get("error")]
+t = sum(x["truth_voxels"] for x in v)
+print("%d differing mask voxels over %d volumes (CPU mask voxels %d), worst volume %d" % (sum(d), len(d), t, max(d or [0])))
+' "$LOG/cuda-vs-cpu.json" 2>/dev/null)
+        [ -n "$diff" ] && figure "mask cuda vs cpu" "$diff"
+    fi
+fi
+
+# GPU connected components: 40x512x512 at 2 % and 512^3 at 30 % (scripts/gpu-check-seg.sh).
+if [ -x scripts/gpu-check-seg.sh ] || [ -f scripts/gpu-check-seg.sh ]; then
+    run ccl-timings 240 bash scripts/gpu-check-seg.sh --timings-only gpu-bin
+    grep -E '^ccl ' "$LOG/ccl-timings.log" | while read -r l; do echo "$l"; done
+    while read -r l; do figure "${l%%:*}" "${l#*: }"; done < <(grep -E '^ccl ' "$LOG/ccl-timings.log")
+fi
+
 # ichcam's benchmarks: op level, then a train step and a CAM pass at the small and paper configs.
 if "$BIN" help bench >/dev/null 2>&1; then
     run bench-conv-small 60 "$BIN" bench --device cuda --config small --what conv --iters "$ITERS" --json

@@ -469,19 +469,24 @@ pub fn conv2d_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) -
     let p = plan(s);
     let chunks = x.chunks(p.group * xi).zip(dy.chunks(p.group * yi));
     if p.parallel {
-        // One partial dW per rayon task, summed at the end.
+        // A fixed number of contiguous blocks of chunks, each folded in order into its own
+        // partial dW, the partials then summed in block order: the result does not depend
+        // on rayon's scheduling (a try_fold would group by work stealing, and training runs
+        // would differ in the last bits from run to run).
+        const BLOCKS: usize = 8;
+        let chunks: Vec<_> = chunks.collect();
+        let per = chunks.len().div_ceil(BLOCKS).max(1);
         let wl = dw.len();
         let partials: Vec<Vec<T>> = chunks
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .try_fold(
-                || (vec![T::zero(); wl], Scratch::default()),
-                |(mut acc, mut sc), (xc, dyc)| {
+            .par_chunks(per)
+            .map(|block| {
+                let mut acc = vec![T::zero(); wl];
+                let mut sc = Scratch::default();
+                for &(xc, dyc) in block {
                     bwd_weight_chunk(s, p, xc, dyc, &mut acc, &mut sc, Par::Seq)?;
-                    Ok::<_, EngineError>((acc, sc))
-                },
-            )
-            .map(|r| r.map(|(acc, _)| acc))
+                }
+                Ok(acc)
+            })
             .collect::<Result<_>>()?;
         for part in partials {
             for (d, v) in dw.iter_mut().zip(&part) {
