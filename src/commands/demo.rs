@@ -4,8 +4,8 @@
 //! masks against the truth, writes `OUT/eval.json` and the overlays, and prints the table.
 
 use anyhow::Context;
-use ichcam::data::synth::{self, SynthConfig};
 use ichcam::data::split_patients;
+use ichcam::data::synth::{self, SynthConfig};
 use ichcam::infer::SegmentOptions;
 use ichcam::train::{train, TrainConfig, TrainInput, TrainOptions};
 use std::io::Write;
@@ -38,7 +38,8 @@ pub struct Args {
 /// when `with_masks`.
 fn subset(data: &Path, dst: &Path, ids: &[String], with_masks: bool) -> anyhow::Result<()> {
     let copy_dir = |sub: &str| -> anyhow::Result<()> {
-        std::fs::create_dir_all(dst.join(sub)).with_context(|| format!("creating {}", dst.join(sub).display()))?;
+        std::fs::create_dir_all(dst.join(sub))
+            .with_context(|| format!("creating {}", dst.join(sub).display()))?;
         for id in ids {
             let name = format!("{id}.nii.gz");
             std::fs::copy(data.join(sub).join(&name), dst.join(sub).join(&name))
@@ -50,11 +51,15 @@ fn subset(data: &Path, dst: &Path, ids: &[String], with_masks: bool) -> anyhow::
     if with_masks {
         copy_dir("labels")?;
     }
-    let csv = std::fs::read_to_string(data.join("slice_labels.csv")).context("reading slice_labels.csv")?;
+    let csv = std::fs::read_to_string(data.join("slice_labels.csv"))
+        .context("reading slice_labels.csv")?;
     let mut lines = csv.lines();
     let header = lines.next().unwrap_or_default().to_string();
     let rows: Vec<&str> = lines
-        .filter(|l| ids.iter().any(|id| l.split(',').next() == Some(id.as_str())))
+        .filter(|l| {
+            ids.iter()
+                .any(|id| l.split(',').next() == Some(id.as_str()))
+        })
         .collect();
     ichcam::io::atomic::write_atomic(&dst.join("slice_labels.csv"), |w| {
         writeln!(w, "{header}")?;
@@ -69,11 +74,23 @@ fn subset(data: &Path, dst: &Path, ids: &[String], with_masks: bool) -> anyhow::
 pub fn run(a: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let progress = !a.quiet;
-    anyhow::ensure!(a.volumes >= 4, "--volumes must be at least 4 (train, validation and test need cases)");
+    anyhow::ensure!(
+        a.volumes >= 4,
+        "--volumes must be at least 4 (train, validation and test need cases)"
+    );
     let data = a.out.join("data");
-    let cfg = SynthConfig { size: 256, slices: 24, clean: false };
-    eprintln!("[1/4] synthesising {} phantoms in {}", a.volumes, data.display());
-    let recs = synth::write_dataset(&data, a.volumes, a.seed, &cfg).context("writing the phantoms")?;
+    let cfg = SynthConfig {
+        size: 256,
+        slices: 24,
+        clean: false,
+    };
+    eprintln!(
+        "[1/4] synthesising {} phantoms in {}",
+        a.volumes,
+        data.display()
+    );
+    let recs =
+        synth::write_dataset(&data, a.volumes, a.seed, &cfg).context("writing the phantoms")?;
 
     let ids: Vec<String> = recs.iter().map(|r| r.id.clone()).collect();
     let split = split_patients(&ids, 0.3, a.seed)?;
@@ -99,7 +116,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         train_ids.len(),
         train_dir.display()
     );
-    let topts = TrainOptions { seed: a.seed, resume: false, stop_after_epochs: None, progress, device: a.device.clone() };
+    let topts = TrainOptions {
+        seed: a.seed,
+        resume: false,
+        stop_after_epochs: None,
+        progress,
+        device: a.device.clone(),
+    };
     let t_train = Instant::now();
     let rep = train(TrainInput::Dir(&train_dir), &model, &tcfg, &topts).context("training")?;
     let train_s = t_train.elapsed().as_secs_f64();
@@ -122,7 +145,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
 
     eprintln!("[4/4] evaluating against the true masks");
-    let (report, _) = ichcam::eval::dirs::evaluate_dirs(&pred, &test_dir.join("labels")).context("evaluating")?;
+    let (report, _) =
+        ichcam::eval::dirs::evaluate_dirs(&pred, &test_dir.join("labels")).context("evaluating")?;
     let json = report.to_json().context("serialising the report")?;
     let eval_json = a.out.join("eval.json");
     ichcam::io::atomic::write_atomic(&eval_json, |w| {
@@ -141,12 +165,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     println!(
         "stage-1 val AUC {}, stage-2 val AUC {}; train {:.0} s, segment {:.1} s, total {:.0} s",
-        rep.best_auc_stage1.map_or("n/a".into(), |v| format!("{v:.3}")),
-        rep.best_auc_stage2.map_or("n/a".into(), |v| format!("{v:.3}")),
+        rep.best_auc_stage1
+            .map_or("n/a".into(), |v| format!("{v:.3}")),
+        rep.best_auc_stage2
+            .map_or("n/a".into(), |v| format!("{v:.3}")),
         train_s,
         seg_s,
         t0.elapsed().as_secs_f64()
     );
-    println!("outputs: {} (eval.json, pred/<id>/overlay.png)", a.out.display());
+    println!(
+        "outputs: {} (eval.json, pred/<id>/overlay.png)",
+        a.out.display()
+    );
     Ok(())
 }

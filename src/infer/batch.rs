@@ -42,8 +42,10 @@ pub fn segment_all<B: RefineOnBackend>(
     let bar = if progress {
         let b = ProgressBar::new(items.len() as u64);
         b.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} volumes  {per_sec}  eta {eta}  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} volumes  {per_sec}  eta {eta}  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b
     } else {
@@ -75,7 +77,8 @@ pub fn segment_all<B: RefineOnBackend>(
         let mut compute_failed = Vec::new();
         for (it, vol) in read_rx {
             bar.set_message(it.id.clone());
-            let result = vol.and_then(|v| seg.segment(&v).map(|s| (v, s)).map_err(|e| e.to_string()));
+            let result =
+                vol.and_then(|v| seg.segment(&v).map(|s| (v, s)).map_err(|e| e.to_string()));
             match result {
                 Ok((v, s)) => {
                     if write_tx.send((it, v, s)).is_err() {
@@ -98,7 +101,10 @@ pub fn segment_all<B: RefineOnBackend>(
             }
             Err(_) => {
                 report.failed = compute_failed;
-                report.failed.push(("(writer)".into(), "the output writer thread panicked".into()));
+                report.failed.push((
+                    "(writer)".into(),
+                    "the output writer thread panicked".into(),
+                ));
             }
         }
     });

@@ -32,10 +32,13 @@ fn stem_of(path: &Path) -> String {
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<InputItem>, InferError> {
     let mut items = Vec::new();
     for p in inputs {
-        let meta = std::fs::metadata(p)
-            .map_err(|e| InferError::Input(format!("{}: {e}", p.display())))?;
+        let meta =
+            std::fs::metadata(p).map_err(|e| InferError::Input(format!("{}: {e}", p.display())))?;
         if meta.is_file() {
-            items.push(InputItem { id: stem_of(p), path: p.clone() });
+            items.push(InputItem {
+                id: stem_of(p),
+                path: p.clone(),
+            });
             continue;
         }
         // A dataset folder segments its images.
@@ -47,7 +50,10 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<InputItem>, InferError> {
         let vols = list_volumes(&dir, true)?;
         if vols.is_empty() {
             // Not a folder of volumes: a DICOM series itself (the reader says if it is not).
-            items.push(InputItem { id: stem_of(p), path: p.clone() });
+            items.push(InputItem {
+                id: stem_of(p),
+                path: p.clone(),
+            });
         } else {
             items.extend(vols.into_iter().map(|(id, path)| InputItem { id, path }));
         }

@@ -30,7 +30,10 @@ pub enum InferError {
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error("{}: {detail}", path.display())]
-    Model2 { path: std::path::PathBuf, detail: String },
+    Model2 {
+        path: std::path::PathBuf,
+        detail: String,
+    },
     #[error("{0}")]
     Input(String),
 }

@@ -32,9 +32,17 @@ const MAX_PANELS: usize = 24;
 fn overlay_slices(seg: &Segmentation) -> Vec<usize> {
     let d = seg.mask.dim().0;
     let per_slice: Vec<usize> = (0..d)
-        .map(|z| seg.mask.index_axis(ndarray::Axis(0), z).iter().filter(|&&v| v != 0).count())
+        .map(|z| {
+            seg.mask
+                .index_axis(ndarray::Axis(0), z)
+                .iter()
+                .filter(|&&v| v != 0)
+                .count()
+        })
         .collect();
-    let mut zs: Vec<usize> = (0..d).filter(|&z| seg.positive[z] || per_slice[z] > 0).collect();
+    let mut zs: Vec<usize> = (0..d)
+        .filter(|&z| seg.positive[z] || per_slice[z] > 0)
+        .collect();
     if zs.is_empty() {
         // Nothing found: show the most probable slice so the reader sees what was looked at.
         let best = (0..d)
@@ -51,23 +59,50 @@ fn overlay_slices(seg: &Segmentation) -> Vec<usize> {
 }
 
 /// Writes every output of one volume into `dir` (created if needed).
-pub fn write_outputs(dir: &Path, id: &str, vol: &Volume, seg: &Segmentation) -> Result<VolumeSummary, InferError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| InferError::Input(format!("{}: cannot create the output folder: {e}", dir.display())))?;
+pub fn write_outputs(
+    dir: &Path,
+    id: &str,
+    vol: &Volume,
+    seg: &Segmentation,
+) -> Result<VolumeSummary, InferError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        InferError::Input(format!(
+            "{}: cannot create the output folder: {e}",
+            dir.display()
+        ))
+    })?;
     io::write_mask(&dir.join("mask.nii.gz"), &seg.mask, vol)?;
     io::write_map(&dir.join("cam.nii.gz"), &seg.cam, vol)?;
     let d = seg.mask.dim().0;
     let per_slice: Vec<usize> = (0..d)
-        .map(|z| seg.mask.index_axis(ndarray::Axis(0), z).iter().filter(|&&v| v != 0).count())
+        .map(|z| {
+            seg.mask
+                .index_axis(ndarray::Axis(0), z)
+                .iter()
+                .filter(|&&v| v != 0)
+                .count()
+        })
         .collect();
     write_atomic(&dir.join("slices.csv"), |w| {
         writeln!(w, "z,probability,positive,mask_voxels")?;
         for z in 0..d {
-            writeln!(w, "{z},{:.6},{},{}", seg.probabilities[z], u8::from(seg.positive[z]), per_slice[z])?;
+            writeln!(
+                w,
+                "{z},{:.6},{},{}",
+                seg.probabilities[z],
+                u8::from(seg.positive[z]),
+                per_slice[z]
+            )?;
         }
         Ok(())
     })?;
-    io::overlay::montage(vol, Some(&seg.cam), &seg.mask, &overlay_slices(seg), &dir.join("overlay.png"))?;
+    io::overlay::montage(
+        vol,
+        Some(&seg.cam),
+        &seg.mask,
+        &overlay_slices(seg),
+        &dir.join("overlay.png"),
+    )?;
     let (dz, dy, dx) = vol.dims();
     let summary = VolumeSummary {
         id: id.to_string(),
@@ -81,7 +116,8 @@ pub fn write_outputs(dir: &Path, id: &str, vol: &Volume, seg: &Segmentation) -> 
         max_probability: seg.probabilities.iter().copied().fold(0.0, f64::max),
         kmeans_saturation: seg.saturation,
     };
-    let json = serde_json::to_string_pretty(&summary).map_err(|e| InferError::Input(e.to_string()))?;
+    let json =
+        serde_json::to_string_pretty(&summary).map_err(|e| InferError::Input(e.to_string()))?;
     write_atomic(&dir.join("summary.json"), |w| w.write_all(json.as_bytes()))?;
     Ok(summary)
 }

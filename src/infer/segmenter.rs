@@ -141,7 +141,11 @@ fn subdural(hu: f32) -> f32 {
 /// The saturation level for this volume: the configured one, or just under the clip value
 /// of data clipped below 180 HU (the top of the 80/200 window).
 pub fn effective_saturation(hu: &Array3<f32>, configured: f32) -> f32 {
-    let max = hu.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let max = hu
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() || max >= 180.0 {
         return configured;
     }
@@ -165,12 +169,19 @@ impl<B: RefineOnBackend> Segmenter<B> {
                 .filter(|&v| v > 0)
                 .ok_or_else(|| InferError::Model2 {
                     path: model.to_path_buf(),
-                    detail: format!("no `{k}` in the metadata: is this a model written by `ichcam train`?"),
+                    detail: format!(
+                        "no `{k}` in the metadata: is this a model written by `ichcam train`?"
+                    ),
                 })
         };
         let size = get(META_INPUT_SIZE)?;
         let slices = get(META_SLICES)?;
-        Ok(Segmenter { net, size, slices, opts })
+        Ok(Segmenter {
+            net,
+            size,
+            slices,
+            opts,
+        })
     }
 
     /// The model's square input size.
@@ -186,7 +197,10 @@ impl<B: RefineOnBackend> Segmenter<B> {
     pub fn segment(&mut self, vol: &Volume) -> Result<Segmentation, InferError> {
         let (d, h, w) = vol.dims();
         if d == 0 || h == 0 || w == 0 {
-            return Err(InferError::Input(format!("{}: empty volume", vol.source.display())));
+            return Err(InferError::Input(format!(
+                "{}: empty volume",
+                vol.source.display()
+            )));
         }
         let s = self.size;
         let labels = vec![false; d];
@@ -212,7 +226,10 @@ impl<B: RefineOnBackend> Segmenter<B> {
             logits = self.stage1_logits(&prep.x, d)?;
         }
         let probabilities: Vec<f64> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
-        let positive: Vec<bool> = probabilities.iter().map(|&p| p >= self.opts.slice_threshold).collect();
+        let positive: Vec<bool> = probabilities
+            .iter()
+            .map(|&p| p >= self.opts.slice_threshold)
+            .collect();
 
         // Feature-resolution CAM -> native grid -> [0, 1] per slice, on the backend.
         let be = self.net.backend();
@@ -251,7 +268,13 @@ impl<B: RefineOnBackend> Segmenter<B> {
     fn stage1_logits(&mut self, x: &[f32], d: usize) -> Result<Vec<f64>, InferError> {
         let s = self.size;
         let plane = 3 * s * s;
-        let windows = plan(d, self.slices, SeqMode::Sliding { stride: (self.slices / 2).max(1) })?;
+        let windows = plan(
+            d,
+            self.slices,
+            SeqMode::Sliding {
+                stride: (self.slices / 2).max(1),
+            },
+        )?;
         let mut preds = Vec::with_capacity(windows.len());
         for win in &windows {
             let mut seq = Vec::with_capacity(win.len() * plane);
@@ -263,5 +286,28 @@ impl<B: RefineOnBackend> Segmenter<B> {
         }
         let (merged, _) = merge_scores(d, &windows, &preds)?;
         Ok(merged.into_iter().map(f64::from).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::effective_saturation;
+    use ndarray::Array3;
+
+    #[test]
+    fn saturation_drops_below_the_clip_of_clipped_data_only() {
+        // Brain-windowed data clipped at 100 HU, bone piled up at the clip value.
+        let mut clipped = Array3::<f32>::from_elem((2, 20, 20), 35.0);
+        clipped.slice_mut(ndarray::s![.., 0..4, ..]).fill(100.0);
+        let s = effective_saturation(&clipped, 0.6);
+        assert!((s - 0.575).abs() < 1e-6, "{s}");
+        // Natural CT reaches far past the window's top: unchanged.
+        let mut natural = clipped.clone();
+        natural[[0, 0, 0]] = 1200.0;
+        assert_eq!(effective_saturation(&natural, 0.6), 0.6);
+        // A maximum below 180 HU that is not piled up (no clipping): unchanged.
+        let mut soft = Array3::<f32>::from_elem((2, 20, 20), 35.0);
+        soft[[1, 5, 5]] = 90.0;
+        assert_eq!(effective_saturation(&soft, 0.6), 0.6);
     }
 }
