@@ -306,7 +306,7 @@ mod tests {
         natural[[0, 0, 0]] = 1200.0;
         assert_eq!(effective_saturation(&natural, 0.6), 0.6);
         // A maximum below 180 HU that is not piled up (no clipping): unchanged.
-        let mut soft = Array3::<f32>::from_elem((2, 20, 20), 35.0);
+        let mut soft = Array3::<f32>::from_elem((2, 40, 40), 35.0);
         soft[[1, 5, 5]] = 90.0;
         assert_eq!(effective_saturation(&soft, 0.6), 0.6);
     }
