@@ -7,8 +7,8 @@
 
 pub mod data;
 pub mod engine;
-pub mod infer;
 pub mod eval;
+pub mod infer;
 pub mod io;
 pub mod model;
 pub mod seg;

@@ -6,7 +6,11 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ichcam", version, about = "Weakly supervised intracranial hemorrhage segmentation in head CT (ResNet-LSTM + CAM + pseudo-masks + 3-D connected components)")]
+#[command(
+    name = "ichcam",
+    version,
+    about = "Weakly supervised intracranial hemorrhage segmentation in head CT (ResNet-LSTM + CAM + pseudo-masks + 3-D connected components)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

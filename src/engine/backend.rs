@@ -32,11 +32,24 @@ pub trait Backend: Send + Sync {
 
     // ---- convolution (no bias) -----------------------------------------------------------
     /// y = conv(x, w).
-    fn conv2d_fwd(&self, s: &Conv2d, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
+    fn conv2d_fwd(&self, s: &Conv2d, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf)
+        -> Result<()>;
     /// dx = conv_transpose(dy, w).
-    fn conv2d_bwd_data(&self, s: &Conv2d, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
+    fn conv2d_bwd_data(
+        &self,
+        s: &Conv2d,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
     /// dw = sum over the batch of x (*) dy.
-    fn conv2d_bwd_weight(&self, s: &Conv2d, x: &Self::Buf, dy: &Self::Buf, dw: &mut Self::Buf) -> Result<()>;
+    fn conv2d_bwd_weight(
+        &self,
+        s: &Conv2d,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        dw: &mut Self::Buf,
+    ) -> Result<()>;
 
     // ---- batch norm ----------------------------------------------------------------------
     /// Training mode: normalises with the batch statistics (biased variance), updates the
@@ -102,15 +115,43 @@ pub trait Backend: Send + Sync {
     // ---- pooling -------------------------------------------------------------------------
     fn maxpool2d_fwd(&self, s: &Pool2d, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
     /// Routes each dy to the first maximum (row-major scan of the window) of its window in x.
-    fn maxpool2d_bwd(&self, s: &Pool2d, x: &Self::Buf, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
+    fn maxpool2d_bwd(
+        &self,
+        s: &Pool2d,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
     /// y[i] = mean of x[i, 0..hw] for i in 0..rows (rows = n*c).
-    fn global_avg_pool_fwd(&self, rows: usize, hw: usize, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
-    fn global_avg_pool_bwd(&self, rows: usize, hw: usize, dy: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
+    fn global_avg_pool_fwd(
+        &self,
+        rows: usize,
+        hw: usize,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    fn global_avg_pool_bwd(
+        &self,
+        rows: usize,
+        hw: usize,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
 
     // ---- dense ---------------------------------------------------------------------------
     /// y[m, n] = x[m, k] . w[n, k]^T + b[n].
     #[allow(clippy::too_many_arguments)]
-    fn linear_fwd(&self, m: usize, k: usize, n: usize, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, y: &mut Self::Buf) -> Result<()>;
+    fn linear_fwd(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
     /// dx = dy . w (if wanted), dw = dy^T . x, db = column sums of dy (if wanted).
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
@@ -165,11 +206,26 @@ pub trait Backend: Send + Sync {
     // ---- loss and optimizers -------------------------------------------------------------
     /// Mean binary cross-entropy with logits (numerically stable), with PyTorch's
     /// `pos_weight` (1.0 = none). Returns the loss and writes dL/dlogits.
-    fn bce_with_logits(&self, logits: &Self::Buf, targets: &Self::Buf, pos_weight: f64, dlogits: &mut Self::Buf) -> Result<f64>;
+    fn bce_with_logits(
+        &self,
+        logits: &Self::Buf,
+        targets: &Self::Buf,
+        pos_weight: f64,
+        dlogits: &mut Self::Buf,
+    ) -> Result<f64>;
     /// PyTorch's SGD: g' = g + wd*p; m = momentum*m + g' (m = g' on the first step, pass
     /// `first_step`); p -= lr*m.
     #[allow(clippy::too_many_arguments)]
-    fn sgd_step(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, lr: f64, momentum: f64, weight_decay: f64, first_step: bool) -> Result<()>;
+    fn sgd_step(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        first_step: bool,
+    ) -> Result<()>;
     /// PyTorch's Adam (L2 weight decay added to the gradient, bias-corrected moments);
     /// `step` counts from 1.
     #[allow(clippy::too_many_arguments)]
@@ -189,13 +245,44 @@ pub trait Backend: Send + Sync {
 
     // ---- class activation maps -----------------------------------------------------------
     /// cam[i, p] = sum_c weights[c] * features[i, c, p] for features `[n, c, hw]`.
-    fn cam_weight(&self, n: usize, c: usize, hw: usize, features: &Self::Buf, weights: &Self::Buf, cam: &mut Self::Buf) -> Result<()>;
+    fn cam_weight(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        features: &Self::Buf,
+        weights: &Self::Buf,
+        cam: &mut Self::Buf,
+    ) -> Result<()>;
     /// Grad-CAM: alpha[i, c] = mean over p of grads[i, c, p]; out[i, p] = relu(sum_c alpha * features).
     #[allow(clippy::too_many_arguments)]
-    fn gradcam(&self, n: usize, c: usize, hw: usize, features: &Self::Buf, grads: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    fn gradcam(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        features: &Self::Buf,
+        grads: &Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// Bilinear resize of `[n, h, w]` to `[n, oh, ow]`, PyTorch's align_corners=False.
     #[allow(clippy::too_many_arguments)]
-    fn upsample_bilinear(&self, n: usize, h: usize, w: usize, oh: usize, ow: usize, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
+    fn upsample_bilinear(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        oh: usize,
+        ow: usize,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
     /// Per row of `[n, len]`: (x - min) / (max - min); a constant row becomes all zeros.
-    fn minmax_normalize(&self, n: usize, len: usize, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
+    fn minmax_normalize(
+        &self,
+        n: usize,
+        len: usize,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
 }

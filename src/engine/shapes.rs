@@ -79,6 +79,9 @@ impl BatchNorm2d {
     pub fn len(&self) -> usize {
         self.n * self.c * self.hw
     }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One unidirectional LSTM layer, batch_first: x `[batch, seq, input]` -> h `[batch, seq, hidden]`.

@@ -85,14 +85,9 @@ pub fn write_outputs(
         .collect();
     write_atomic(&dir.join("slices.csv"), |w| {
         writeln!(w, "z,probability,positive,mask_voxels")?;
-        for z in 0..d {
-            writeln!(
-                w,
-                "{z},{:.6},{},{}",
-                seg.probabilities[z],
-                u8::from(seg.positive[z]),
-                per_slice[z]
-            )?;
+        for (z, n) in per_slice.iter().enumerate() {
+            let p = seg.probabilities[z];
+            writeln!(w, "{z},{p:.6},{},{n}", u8::from(seg.positive[z]))?;
         }
         Ok(())
     })?;
