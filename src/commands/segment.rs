@@ -34,9 +34,10 @@ pub struct Args {
     /// stage1 (the ResNet-LSTM over sliding windows of slices).
     #[arg(long, default_value = "stage2")]
     classifier: String,
-    /// A slice is positive when its probability reaches this.
-    #[arg(long, default_value_t = 0.5)]
-    slice_threshold: f64,
+    /// A slice is positive when its probability reaches this (default: the threshold the
+    /// training calibrated on its validation slices, stored in the model; else 0.5).
+    #[arg(long)]
+    slice_threshold: Option<f64>,
     /// Binary CAM = normalised CAM >= this (the authors: 0.7).
     #[arg(long, default_value_t = 0.7)]
     cam_threshold: f32,
@@ -91,10 +92,12 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
         "stage1" => SliceClassifier::Stage1,
         other => anyhow::bail!("unknown --classifier `{other}` (expected stage2 or stage1)"),
     };
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&a.slice_threshold),
-        "--slice-threshold must be in [0, 1]"
-    );
+    if let Some(t) = a.slice_threshold {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&t),
+            "--slice-threshold must be in [0, 1]"
+        );
+    }
     anyhow::ensure!(
         (0.0..=1.0).contains(&a.cam_threshold),
         "--cam-threshold must be in [0, 1]"
@@ -136,11 +139,12 @@ pub fn run_with<B: RefineOnBackend>(
     let items = expand_inputs(inputs)?;
     if progress {
         eprintln!(
-            "segmenting {} volume(s) on {} at {}x{} model input",
+            "segmenting {} volume(s) on {} at {}x{} model input, slice threshold {:.3}",
             items.len(),
             seg.backend().name(),
             seg.input_size(),
-            seg.input_size()
+            seg.input_size(),
+            seg.slice_threshold()
         );
     }
     let report = segment_all(&mut seg, &items, out, progress);

@@ -12,7 +12,7 @@ use crate::engine::{Backend, Real};
 use crate::io::{Mask, Volume};
 use crate::model::{checkpoint, CamKind, IchNet};
 use crate::seg::{RefineConfig, RefineOutput};
-use crate::train::checkpoint::{META_INPUT_SIZE, META_SLICES};
+use crate::train::checkpoint::{META_INPUT_SIZE, META_SLICES, META_SLICE_THRESHOLD};
 use crate::train::prep::Prepared;
 use ndarray::Array3;
 use std::path::Path;
@@ -82,8 +82,10 @@ pub enum SliceClassifier {
 pub struct SegmentOptions {
     pub cam: CamKind,
     pub classifier: SliceClassifier,
-    /// A slice is positive when its probability reaches this.
-    pub slice_threshold: f64,
+    /// A slice is positive when its probability reaches this; `None` = the threshold the
+    /// training calibrated on its validation slices (stored in the model, used when above
+    /// 0.5), else 0.5.
+    pub slice_threshold: Option<f64>,
     /// Components smaller than this many mL are dropped (overrides the voxel count of
     /// `refine` when set).
     pub min_component_ml: Option<f64>,
@@ -101,7 +103,7 @@ impl Default for SegmentOptions {
         SegmentOptions {
             cam: CamKind::Vanilla,
             classifier: SliceClassifier::Stage2,
-            slice_threshold: 0.5,
+            slice_threshold: None,
             min_component_ml: Some(0.05),
             adapt_saturation: true,
             refine: RefineConfig::default(),
@@ -131,6 +133,8 @@ pub struct Segmenter<B: RefineOnBackend> {
     net: IchNet<B>,
     size: usize,
     slices: usize,
+    /// The slice threshold in use (the option, else the model's calibrated one, else 0.5).
+    slice_threshold: f64,
     pub opts: SegmentOptions,
 }
 
@@ -176,12 +180,30 @@ impl<B: RefineOnBackend> Segmenter<B> {
         };
         let size = get(META_INPUT_SIZE)?;
         let slices = get(META_SLICES)?;
+        let calibrated = loaded
+            .metadata
+            .get(META_SLICE_THRESHOLD)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|t| (0.0..=1.0).contains(t));
+        // pos_weight > 1 only pushes the head's probabilities up, so the calibration may raise
+        // the cut above 0.5 but never lowers it: a lower Youden cut comes from a small
+        // validation set's gap and calls more slices positive on new volumes.
+        let slice_threshold = opts
+            .slice_threshold
+            .or(calibrated.map(|t| t.max(0.5)))
+            .unwrap_or(0.5);
         Ok(Segmenter {
             net,
             size,
             slices,
+            slice_threshold,
             opts,
         })
+    }
+
+    /// The slice probability threshold in use.
+    pub fn slice_threshold(&self) -> f64 {
+        self.slice_threshold
     }
 
     /// The model's square input size.
@@ -228,7 +250,7 @@ impl<B: RefineOnBackend> Segmenter<B> {
         let probabilities: Vec<f64> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
         let positive: Vec<bool> = probabilities
             .iter()
-            .map(|&p| p >= self.opts.slice_threshold)
+            .map(|&p| p >= self.slice_threshold)
             .collect();
 
         // Feature-resolution CAM -> native grid -> [0, 1] per slice, on the backend.

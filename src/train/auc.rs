@@ -119,3 +119,78 @@ mod tests {
         assert!((bce_with_logits(&z, &l, 2.0).unwrap() - naive).abs() < 1e-12);
     }
 }
+
+/// The slice probability threshold that maximises Youden's J (sensitivity + specificity - 1)
+/// on `logits` vs `labels`. Every cut between two distinct scores that reaches the maximum
+/// is taken, and the threshold is the middle (in probability) of the range they span: a
+/// small validation set leaves a wide plateau, and its edge overfits. `None` without both
+/// classes. The fc head trained with `pos_weight` is biased upwards, so 0.5 calls too many
+/// slices positive; this is the calibrated default that `ichcam segment` reads from the
+/// model.
+pub fn youden_threshold(logits: &[f64], labels: &[bool]) -> Option<f64> {
+    let pos = labels.iter().filter(|&&l| l).count();
+    let neg = labels.len() - pos;
+    if pos == 0 || neg == 0 || logits.len() != labels.len() {
+        return None;
+    }
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let mut order: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i].is_finite())
+        .collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    // Walk the cut down from above the highest score: everything above the cut is positive.
+    let (mut tp, mut fp) = (0usize, 0usize);
+    let mut best_j = f64::NEG_INFINITY;
+    let (mut hi, mut lo) = (1.0f64, 0.0f64);
+    for (k, &i) in order.iter().enumerate() {
+        if labels[i] {
+            tp += 1;
+        } else {
+            fp += 1;
+        }
+        // Only cut between distinct scores.
+        let next = order.get(k + 1).map(|&j| logits[j]);
+        if next == Some(logits[i]) {
+            continue;
+        }
+        let j = tp as f64 / pos as f64 - fp as f64 / neg as f64;
+        // The cut lies anywhere between this score and the next one down.
+        let (top, bottom) = (sig(logits[i]), next.map_or(0.0, sig));
+        if j > best_j + 1e-12 {
+            best_j = j;
+            (hi, lo) = (top, bottom);
+        } else if (j - best_j).abs() <= 1e-12 {
+            lo = bottom;
+        }
+    }
+    if best_j == f64::NEG_INFINITY {
+        return None;
+    }
+    Some((0.5 * (hi + lo)).clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod youden_tests {
+    use super::youden_threshold;
+
+    fn logit(p: f64) -> f64 {
+        (p / (1.0 - p)).ln()
+    }
+
+    #[test]
+    fn threshold_sits_in_the_middle_of_the_separating_gap() {
+        // Negatives up to 0.3, positives from 0.7: every cut in (0.3, 0.7) is perfect.
+        let probs = [0.05, 0.2, 0.3, 0.7, 0.8, 0.95];
+        let labels = [false, false, false, true, true, true];
+        let l: Vec<f64> = probs.iter().map(|&p| logit(p)).collect();
+        let t = youden_threshold(&l, &labels).unwrap();
+        assert!((t - 0.5).abs() < 1e-9, "{t}");
+        // Shift the classes up: the threshold follows.
+        let probs = [0.5, 0.6, 0.7, 0.9, 0.95, 0.99];
+        let l: Vec<f64> = probs.iter().map(|&p| logit(p)).collect();
+        let t = youden_threshold(&l, &labels).unwrap();
+        assert!((t - 0.8).abs() < 1e-9, "{t}");
+        // One class only: undefined.
+        assert_eq!(youden_threshold(&l, &[true; 6]), None);
+    }
+}

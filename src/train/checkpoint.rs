@@ -30,6 +30,8 @@ pub const META_INPUT_SIZE: &str = "ichcam.input_size";
 pub const META_SLICES: &str = "ichcam.slices";
 pub const META_STAGE: &str = "ichcam.stage";
 pub const META_SEED: &str = "ichcam.seed";
+/// The calibrated slice probability threshold (absent: 0.5).
+pub const META_SLICE_THRESHOLD: &str = "ichcam.slice_threshold";
 
 /// Everything besides tensors that a resumed run needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,6 +48,10 @@ pub struct TrainState {
     #[serde(default)]
     pub best_val_loss: [Option<f64>; 2],
     pub best_epoch: [usize; 2],
+    /// Slice probability threshold calibrated on the validation slices by the best stage-2
+    /// epoch (written into the model for `ichcam segment`).
+    #[serde(default)]
+    pub slice_threshold: Option<f64>,
     /// Whether stage 2 has started from the best stage-1 weights.
     pub backbone_reloaded: bool,
     pub pos_weight: f64,
@@ -172,6 +178,9 @@ fn common_meta(cfg: &TrainConfig, state: &TrainState) -> HashMap<String, String>
     m.insert(META_SLICES.to_string(), cfg.slices.to_string());
     m.insert(META_STAGE.to_string(), stage.to_string());
     m.insert(META_SEED.to_string(), state.seed.to_string());
+    if let Some(t) = state.slice_threshold {
+        m.insert(META_SLICE_THRESHOLD.to_string(), format!("{t}"));
+    }
     m
 }
 

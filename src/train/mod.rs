@@ -51,6 +51,8 @@ pub struct EpochStats {
     pub loss: Option<f64>,
     pub auc: Option<f64>,
     pub accuracy: Option<f64>,
+    /// The probability threshold that best separates the validation slices (Youden's J).
+    pub threshold: Option<f64>,
 }
 
 /// Trains `cfg` on the backend `opts.device` names (`auto`: the first GPU when there is

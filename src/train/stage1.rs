@@ -108,6 +108,7 @@ impl EpochStats {
             loss: auc::bce_with_logits(logits, labels, pos_weight),
             auc: auc::roc_auc(logits, labels),
             accuracy: auc::accuracy_from_logits(logits, labels),
+            threshold: auc::youden_threshold(logits, labels),
         }
     }
 }

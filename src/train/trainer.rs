@@ -172,6 +172,7 @@ pub fn train_with<B: Backend>(
             best_auc: [None, None],
             best_val_loss: [None, None],
             best_epoch: [0, 0],
+            slice_threshold: None,
             backbone_reloaded: false,
             pos_weight,
             train_ids: ids(&train_idx),
@@ -425,6 +426,9 @@ impl RunCtx<'_> {
                 },
             };
         if better {
+            if stage == 2 {
+                state.slice_threshold = stats.threshold;
+            }
             state.best_auc[s] = stats.auc;
             state.best_val_loss[s] = stats.loss;
             state.best_epoch[s] = epoch;
