@@ -30,7 +30,7 @@ pub enum InferError {
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error("{}: {detail}", path.display())]
-    Model2 {
+    ModelMetadata {
         path: std::path::PathBuf,
         detail: String,
     },

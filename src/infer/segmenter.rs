@@ -171,7 +171,7 @@ impl<B: RefineOnBackend> Segmenter<B> {
                 .get(k)
                 .and_then(|v| v.parse::<usize>().ok())
                 .filter(|&v| v > 0)
-                .ok_or_else(|| InferError::Model2 {
+                .ok_or_else(|| InferError::ModelMetadata {
                     path: model.to_path_buf(),
                     detail: format!(
                         "no `{k}` in the metadata: is this a model written by `ichcam train`?"
