@@ -29,17 +29,16 @@ pub struct VolumeSummary {
 /// At most this many panels in the overlay montage: the slices with the most mask first.
 const MAX_PANELS: usize = 24;
 
-fn overlay_slices(seg: &Segmentation) -> Vec<usize> {
-    let d = seg.mask.dim().0;
-    let per_slice: Vec<usize> = (0..d)
-        .map(|z| {
-            seg.mask
-                .index_axis(ndarray::Axis(0), z)
-                .iter()
-                .filter(|&&v| v != 0)
-                .count()
-        })
-        .collect();
+/// Mask voxels of each slice.
+fn mask_per_slice(seg: &Segmentation) -> Vec<usize> {
+    seg.mask
+        .axis_iter(ndarray::Axis(0))
+        .map(|s| s.iter().filter(|&&v| v != 0).count())
+        .collect()
+}
+
+fn overlay_slices(seg: &Segmentation, per_slice: &[usize]) -> Vec<usize> {
+    let d = per_slice.len();
     let mut zs: Vec<usize> = (0..d)
         .filter(|&z| seg.positive[z] || per_slice[z] > 0)
         .collect();
@@ -73,16 +72,8 @@ pub fn write_outputs(
     })?;
     io::write_mask(&dir.join("mask.nii.gz"), &seg.mask, vol)?;
     io::write_map(&dir.join("cam.nii.gz"), &seg.cam, vol)?;
-    let d = seg.mask.dim().0;
-    let per_slice: Vec<usize> = (0..d)
-        .map(|z| {
-            seg.mask
-                .index_axis(ndarray::Axis(0), z)
-                .iter()
-                .filter(|&&v| v != 0)
-                .count()
-        })
-        .collect();
+    let per_slice = mask_per_slice(seg);
+    let d = per_slice.len();
     write_atomic(&dir.join("slices.csv"), |w| {
         writeln!(w, "z,probability,positive,mask_voxels")?;
         for (z, n) in per_slice.iter().enumerate() {
@@ -95,7 +86,7 @@ pub fn write_outputs(
         vol,
         Some(&seg.cam),
         &seg.mask,
-        &overlay_slices(seg),
+        &overlay_slices(seg, &per_slice),
         &dir.join("overlay.png"),
     )?;
     let (dz, dy, dx) = vol.dims();

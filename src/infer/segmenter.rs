@@ -138,10 +138,6 @@ pub struct Segmenter<B: RefineOnBackend> {
     pub opts: SegmentOptions,
 }
 
-fn subdural(hu: f32) -> f32 {
-    crate::data::window::Window::SUBDURAL.apply(hu)
-}
-
 /// The saturation level for this volume: the configured one, or just under the clip value
 /// of data clipped below 180 HU (the top of the 80/200 window).
 pub fn effective_saturation(hu: &Array3<f32>, configured: f32) -> f32 {
@@ -158,7 +154,7 @@ pub fn effective_saturation(hu: &Array3<f32>, configured: f32) -> f32 {
     if (at_max as f64) < 1e-3 * hu.len() as f64 {
         return configured;
     }
-    configured.min(subdural(max) - 0.025)
+    configured.min(crate::data::window::Window::SUBDURAL.apply(max) - 0.025)
 }
 
 impl<B: RefineOnBackend> Segmenter<B> {

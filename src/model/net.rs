@@ -518,11 +518,7 @@ impl<B: Backend> IchNet<B> {
                 labels.len()
             )));
         }
-        if !(pos_weight.is_finite() && pos_weight > 0.0) {
-            return Err(ModelError::Input(format!(
-                "pos_weight must be positive, got {pos_weight}"
-            )));
-        }
+        check_pos_weight(pos_weight)?;
         let xb = self.be.upload(x)?;
         let yb = self.be.upload(labels)?;
         self.backbone_forward_buf(&xb, n, h, w, BnMode::Train)?;
@@ -679,11 +675,7 @@ impl<B: Backend> IchNet<B> {
                 labels.len()
             )));
         }
-        if !(pos_weight.is_finite() && pos_weight > 0.0) {
-            return Err(ModelError::Input(format!(
-                "pos_weight must be positive, got {pos_weight}"
-            )));
-        }
+        check_pos_weight(pos_weight)?;
         let xb = self.be.upload(x)?;
         let yb = self.be.upload(labels)?;
         let logits = self.stage2_logits_buf(&xb, n, h, w)?;
@@ -805,6 +797,17 @@ impl<B: Backend> IchNet<B> {
     pub fn release_buffers(&mut self) {
         self.bb = None;
         self.seq = None;
+    }
+}
+
+/// BCE's `pos_weight` must be a positive number.
+fn check_pos_weight(pos_weight: f64) -> Result<(), ModelError> {
+    if pos_weight.is_finite() && pos_weight > 0.0 {
+        Ok(())
+    } else {
+        Err(ModelError::Input(format!(
+            "pos_weight must be positive, got {pos_weight}"
+        )))
     }
 }
 
