@@ -28,6 +28,19 @@ pub enum IoError {
         bytes: u128,
         cap: u128,
     },
+    /// The work would need more memory than the budget ([`crate::io::budget`]) allows.
+    #[error(
+        "{}: {what} needs about {}, over the memory budget of {budget}",
+        path.display(), human_bytes(*need)
+    )]
+    OverBudget {
+        path: PathBuf,
+        /// The work, e.g. `segmenting 4096x4096x24 voxels`.
+        what: String,
+        need: u128,
+        /// The budget and where it comes from ([`crate::io::budget::Budget::describe`]).
+        budget: String,
+    },
     /// A mask or map does not have its image's shape.
     #[error(
         "{}: shape (z, y, x) = {got:?} differs from the image {} shape {want:?}",
@@ -67,7 +80,8 @@ impl IoError {
             | IoError::Write { path, .. }
             | IoError::Invalid { path, .. }
             | IoError::TooLarge { path, .. }
-            | IoError::ShapeMismatch { path, .. } => path,
+            | IoError::ShapeMismatch { path, .. }
+            | IoError::OverBudget { path, .. } => path,
         }
     }
 }
