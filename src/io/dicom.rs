@@ -62,14 +62,41 @@ pub fn read_series(dir: &Path) -> Result<(Volume, ReadReport), IoError> {
     read_series_with(dir, &ReadOptions::default())
 }
 
-/// Reads a folder of CT slices as one volume; see the module doc for what is checked.
-pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+/// The files of a series folder, sorted (not its subfolders).
+fn series_files(dir: &Path) -> Result<Vec<PathBuf>, IoError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| IoError::read(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .collect();
     files.sort();
+    Ok(files)
+}
+
+/// `(files, rows, columns)` of a series folder from the first DICOM image's header: an
+/// upper bound of the volume's `(z, y, x)` for planning memory.
+pub fn probe_series(dir: &Path) -> Result<(usize, usize, usize), IoError> {
+    let files = series_files(dir)?;
+    for p in &files {
+        if let Err(reason) = scan_lengths(p) {
+            return Err(IoError::invalid(p, reason));
+        }
+        let Ok(obj) = OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(p)
+        else {
+            continue;
+        };
+        if let Some(s) = slice_info(p, &obj)? {
+            return Ok((files.len(), s.rows, s.cols));
+        }
+    }
+    Err(IoError::invalid(dir, "no DICOM images in the folder"))
+}
+
+/// Reads a folder of CT slices as one volume; see the module doc for what is checked.
+pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+    let files = series_files(dir)?;
     if files.is_empty() {
         let has_subdirs = std::fs::read_dir(dir)
             .map(|rd| rd.flatten().any(|e| e.path().is_dir()))

@@ -73,6 +73,22 @@ impl IoError {
             err,
         }
     }
+    /// The same error about the same file under `to` instead of `from` (a file written in a
+    /// temporary folder is named by its final place).
+    pub fn rebase(mut self, from: &std::path::Path, to: &std::path::Path) -> Self {
+        let p = match &mut self {
+            IoError::Read { path, .. }
+            | IoError::Write { path, .. }
+            | IoError::Invalid { path, .. }
+            | IoError::TooLarge { path, .. }
+            | IoError::ShapeMismatch { path, .. }
+            | IoError::OverBudget { path, .. } => path,
+        };
+        if let Ok(rest) = p.strip_prefix(from) {
+            *p = to.join(rest);
+        }
+        self
+    }
     /// The file or folder the error is about.
     pub fn path(&self) -> &std::path::Path {
         match self {

@@ -89,6 +89,19 @@ pub fn read_volume_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, Read
     }
 }
 
+/// The `(z, y, x)` dimensions of the volume at `path`, from its header alone (a DICOM
+/// folder: its number of files, an upper bound of its slices, and the first image's size),
+/// so that memory can be planned before the voxels are read.
+pub fn probe_dims(path: &Path) -> Result<(usize, usize, usize), IoError> {
+    if metadata(path)?.is_dir() {
+        dicom::probe_series(path)
+    } else {
+        let h = nii::read_header(path)?;
+        nii::header_shape(&h)
+            .ok_or_else(|| IoError::invalid(path, "dims are not those of a 3-D volume"))
+    }
+}
+
 /// Reads a mask file (or DICOM folder) as a volume whose voxels are the stored values
 /// (after any scaling); [`to_mask`] binarises it.
 pub fn read_mask(path: &Path) -> Result<Volume, IoError> {

@@ -765,7 +765,7 @@ pub fn read_header(path: &Path) -> Result<nifti::NiftiHeader, IoError> {
 }
 
 /// The `[z, y, x]` shape a header's dims describe (missing dims count as 1).
-fn header_shape(h: &nifti::NiftiHeader) -> Option<(usize, usize, usize)> {
+pub(crate) fn header_shape(h: &nifti::NiftiHeader) -> Option<(usize, usize, usize)> {
     let n = h.dim[0] as usize;
     if !(1..=7).contains(&n) {
         return None;
