@@ -6,7 +6,8 @@
 //!
 //! The budget is `--max-memory` when given (or `ICHCAM_MAX_MEMORY`), else half the
 //! machine's RAM; never more than the address-space limit (`RLIMIT_AS`, as set by
-//! `ulimit -v` or `prlimit --as`) less [`ADDRESS_SPACE_RESERVE`] for what no estimate counts
+//! `ulimit -v` or `prlimit --as`) less [`ADDRESS_SPACE_RESERVE`] (or a quarter of a smaller
+//! limit) for what no estimate counts
 //! (the binary and its libraries, thread stacks, allocator arenas). A [`Pool`] shares the
 //! budget between the stages of a pipeline that hold several items at once.
 //!
@@ -19,8 +20,14 @@ use std::sync::{Condvar, Mutex, OnceLock};
 
 /// Default budget: this fraction of the machine's RAM.
 pub const DEFAULT_RAM_FRACTION: f64 = 0.5;
-/// Address space kept back from an `RLIMIT_AS` for what estimates do not count.
+/// Address space kept back from an `RLIMIT_AS` for what estimates do not count (a
+/// quarter of a smaller limit).
 pub const ADDRESS_SPACE_RESERVE: u64 = 1 << 30;
+
+/// The budget an address-space limit of `limit` bytes leaves.
+pub fn under_address_space(limit: u64) -> u64 {
+    limit.saturating_sub(ADDRESS_SPACE_RESERVE.min(limit / 4))
+}
 /// The budget when neither the RAM nor an address-space limit can be read.
 pub const FALLBACK_BUDGET: u64 = 4 << 30;
 /// Environment variable read when `--max-memory` is not given.
@@ -60,7 +67,7 @@ impl Budget {
             Source::AddressSpace(l) => format!(
                 "{b} (the address-space limit of {} less {} reserved)",
                 human_bytes(l as u128),
-                human_bytes(ADDRESS_SPACE_RESERVE as u128)
+                human_bytes((l - under_address_space(l)) as u128)
             ),
             Source::Fallback => format!("{b} (default; set --max-memory)"),
         }
@@ -130,8 +137,8 @@ pub fn compute(requested: Option<u64>) -> Budget {
         },
     };
     match address_space_limit() {
-        Some(l) if l.saturating_sub(ADDRESS_SPACE_RESERVE) < wanted.bytes => Budget {
-            bytes: l.saturating_sub(ADDRESS_SPACE_RESERVE),
+        Some(l) if under_address_space(l) < wanted.bytes => Budget {
+            bytes: under_address_space(l),
             source: Source::AddressSpace(l),
         },
         _ => wanted,
