@@ -619,3 +619,25 @@ fn segmenting_by_slabs_gives_the_whole_pass_result() {
         assert_eq!(by.n_components, whole.n_components);
     }
 }
+
+#[test]
+fn a_label_csv_naming_a_slice_beyond_any_volume_is_an_error() {
+    // Found by the fuzz harness: the labels became one byte per slice up to the largest
+    // named, so `a01,999999999999,1` asked for a terabyte and aborted.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir_all(ds.join("images")).unwrap();
+    io::write_volume(&ds.join("images/a01.nii.gz"), &support::phantom(4)).unwrap();
+    let csv = ds.join("slice_labels.csv");
+    std::fs::write(
+        &csv,
+        "patient,z,any_hemorrhage\na01,0,1\na01,999999999999,1\n",
+    )
+    .unwrap();
+    let e = ichcam::data::dataset::read_label_csv(&csv)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("999999999999") && e.contains(":3:"), "{e}");
+    let r = run(&[os("inspect"), ds.as_os_str()]);
+    assert!(error_of(&r).contains("999999999999"), "{}", r.stderr);
+}
