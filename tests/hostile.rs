@@ -70,7 +70,12 @@ fn model_fields_are_bounded_before_anything_is_allocated() {
     let vol = dir.path().join("v.nii.gz");
     io::write_volume(&vol, &support::phantom(4)).unwrap();
     let big = u64::MAX;
-    let cases: Vec<(Vec<(&str, serde_json::Value)>, Vec<(&str, &str)>, &str)> = vec![
+    type Edit<'a> = (
+        Vec<(&'a str, serde_json::Value)>,
+        Vec<(&'a str, &'a str)>,
+        &'a str,
+    );
+    let cases: Vec<Edit> = vec![
         (vec![("base_width", 1_000_000.into())], vec![], "base_width"),
         (vec![("base_width", big.into())], vec![], "base_width"),
         (
@@ -238,7 +243,7 @@ fn a_512x512x1000_scan_still_segments_under_8_gb() {
         let mut head = vec![0u8; n * n];
         for y in 0..n {
             for x in 0..n {
-                let r = (((y as f64 - 256.0).powi(2) + (x as f64 - 256.0).powi(2)) as f64).sqrt();
+                let r = ((y as f64 - 256.0).powi(2) + (x as f64 - 256.0).powi(2)).sqrt();
                 head[y * n + x] = if r < 180.0 {
                     104
                 } else if r < 200.0 {
@@ -600,13 +605,15 @@ fn segmenting_by_slabs_gives_the_whole_pass_result() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.safetensors");
     support::write_model(&model, 32);
-    let mut opts = SegmentOptions::default();
     // Every slice positive and the whole slice in the CAM region, so that the refinement
     // has work everywhere (the random model's CAM says little).
-    opts.slice_threshold = Some(0.0);
+    let mut opts = SegmentOptions {
+        slice_threshold: Some(0.0),
+        min_component_ml: Some(0.0),
+        ..Default::default()
+    };
     opts.refine.cam_threshold = 0.0;
     opts.refine.grow_cam_threshold = 0.0;
-    opts.min_component_ml = Some(0.0);
     let mut seg = Segmenter::load(CpuBackend::<f32>::new(), &model, opts).unwrap();
     let v = support::phantom(13);
     let whole = seg.segment(&v).unwrap();

@@ -191,7 +191,7 @@ pub fn address_space_limit() -> Option<u64> {
     if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY {
         None
     } else {
-        Some(r.rlim_cur as u64)
+        Some(r.rlim_cur)
     }
 }
 

@@ -7,7 +7,10 @@
 //! single-frame grayscale slices, no two slices at the same position, and no gap (a step
 //! between neighbouring slices more than 10 % off the median step). Slices are sorted by
 //! ImagePositionPatient projected on the slice normal (row cosine x column cosine), and
-//! RescaleSlope/RescaleIntercept turn stored values into HU.
+//! RescaleSlope/RescaleIntercept turn stored values into HU. Before the DICOM library sees
+//! a file, its element lengths are walked and checked against the file (`scan_lengths`):
+//! the library allocates a claimed length before reading it. The series' memory is checked
+//! against the budget, and an implausible pixel spacing or slice step is an error.
 //! The volume gets a NIfTI header whose sform and qform (code 1, scanner) map voxels to
 //! RAS+ world coordinates: DICOM's LPS with x and y negated.
 //!
@@ -415,10 +418,8 @@ fn scan_lengths(p: &Path) -> Result<(), String> {
                 }
                 // Item and sequence delimiters close the innermost undefined-length
                 // container (a stray one is the library's to judge).
-                0xE00D | 0xE0DD => {
-                    if stack.last().is_some_and(|o| o.end.is_none()) {
-                        stack.pop();
-                    }
+                0xE00D | 0xE0DD if stack.last().is_some_and(|o| o.end.is_none()) => {
+                    stack.pop();
                 }
                 _ => {}
             }

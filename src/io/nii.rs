@@ -3,8 +3,14 @@
 //! The 348-byte header is parsed and validated here, byte by byte and in either byte
 //! order, *before* anything is allocated: size field, magic, dims (signed, so negative
 //! dims are caught), datatype, vox_offset, and the voxel count times the bytes per voxel
-//! against both the data the file holds and a memory cap ([`DEFAULT_MAX_BYTES`], or
-//! `ICHCAM_MAX_VOLUME_BYTES`). A truncated or non-gzip `.gz` is an error, never a panic.
+//! against both the data the file holds, a per-volume cap ([`DEFAULT_MAX_BYTES`], or
+//! `ICHCAM_MAX_VOLUME_BYTES`) and the memory budget ([`crate::io::budget`]). A truncated or
+//! non-gzip `.gz` is an error, never a panic; a `.gz` is read to the end of its stream so
+//! that the decoder checks the CRC-32 and length of every member (damage is an error, not
+//! changed voxels). The voxels are decoded block by block (no second whole-volume buffer).
+//! A voxel size outside [`SPACING_MM_LIMITS`] (after `xyzt_units`' metres or microns) is an
+//! error; outside [`SPACING_MM_USUAL`], zero, or a `bitpix` that contradicts the datatype is
+//! a warning in the [`ReadReport`].
 //! The parsed fields are kept in a [`nifti::NiftiHeader`] so that outputs are written back
 //! with exactly the input's geometry.
 //!
