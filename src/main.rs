@@ -14,6 +14,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Most memory a command plans to use, e.g. 8G or 512M (default: half the RAM, and
+    /// never more than the address-space limit allows); larger work is done in pieces or
+    /// refused. Also read from ICHCAM_MAX_MEMORY.
+    #[arg(long, global = true, value_parser = ichcam::io::budget::parse_size)]
+    max_memory: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -40,6 +45,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    ichcam::io::budget::set_max_memory(cli.max_memory);
     let result = match cli.command {
         Command::Demo(a) => commands::demo::run(a),
         Command::Synth(a) => commands::synth::run(a),

@@ -152,6 +152,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyhow::Result<()> {
     let size = args.size.unwrap_or(p.size);
+    // Host memory, before anything is allocated (sizes come from the command line): the
+    // workload's inputs, and on the CPU its activations (on a GPU they are device memory).
+    {
+        use ichcam::model::memory::{param_bytes, stage2_infer_bytes, training_bytes};
+        let on_host = be.name().starts_with("cpu");
+        let plane = (size as u128).pow(2);
+        let input = |k: usize| k as u128 * p.model.in_channels as u128 * plane * 4;
+        let need = match args.what.as_str() {
+            "train-step" => {
+                let (b, q) = (
+                    args.batch.unwrap_or(p.train.0),
+                    args.slices.unwrap_or(p.train.1),
+                );
+                let model = if on_host {
+                    training_bytes(&p.model, b, q, size, 4)
+                } else {
+                    param_bytes(&p.model, 4, true)
+                };
+                model.map(|t| t + input(b * q))
+            }
+            "cam" => {
+                let n = args.slices.unwrap_or(p.cam_slices);
+                let model = if on_host {
+                    stage2_infer_bytes(&p.model, n, size, 4)
+                } else {
+                    param_bytes(&p.model, 4, false)
+                };
+                model.map(|t| t + input(n))
+            }
+            // x, w, y, dx, dy of one 64-channel convolution at size/4.
+            _ => Some(args.slices.unwrap_or(p.train.0 * p.train.1) as u128 * 64 * plane / 16 * 20),
+        };
+        ichcam::io::budget::budget().check(
+            std::path::Path::new(&args.what),
+            need.unwrap_or(u128::MAX),
+            || format!("benchmarking `{}` at {size}^2", p.name),
+        )?;
+    }
     let device = be.name();
     match args.what.as_str() {
         "conv" => bench_conv(&be, p, size, args, &device),

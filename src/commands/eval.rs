@@ -31,7 +31,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for id in &orphans {
         eprintln!("warning: prediction {id} has no truth mask; ignored");
     }
-    print!("{}", report.table());
+    // With `--json -` the JSON alone goes to stdout.
+    if args.json.as_deref() == Some(std::path::Path::new("-")) {
+        eprint!("{}", report.table());
+    } else {
+        print!("{}", report.table());
+    }
     if let Some(path) = &args.json {
         let json = report.to_json().context("serialising the report")?;
         ichcam::io::atomic::write_atomic(path, |w| {
@@ -39,7 +44,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             w.write_all(b"\n")
         })
         .context("writing the JSON report")?;
-        eprintln!("wrote {}", path.display());
+        if path.as_os_str() != "-" {
+            eprintln!("wrote {}", path.display());
+        }
     }
     let s = &report.summary;
     if !report.missing.is_empty() {

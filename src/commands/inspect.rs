@@ -30,9 +30,7 @@ fn is_dataset(p: &Path) -> bool {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let p = &args.path;
-    if !p.exists() {
-        anyhow::bail!("{}: no such file or folder", p.display());
-    }
+    ichcam::io::metadata(p)?;
     if is_dataset(p) {
         let s = ichcam::data::dataset::summary(p)
             .with_context(|| format!("{}: cannot summarise the dataset", p.display()))?;

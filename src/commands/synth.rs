@@ -31,6 +31,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         slices: a.slices,
         clean: false,
     };
+    // Memory, before anything is made: the phantoms in the making (one per thread, their HU,
+    // its copy and the mask: about 12 bytes a voxel) and the slice rows kept for the CSVs.
+    let voxels = a.slices as u128 * a.size as u128 * a.size as u128;
+    let need = voxels * 12 * rayon::current_num_threads() as u128
+        + a.volumes as u128 * (a.slices as u128 * 512 + 256);
+    ichcam::io::budget::budget().check(&a.out, need, || {
+        format!(
+            "synthesising {} volumes of {}x{}x{}",
+            a.volumes, a.size, a.size, a.slices
+        )
+    })?;
     let t = Instant::now();
     let recs = synth::write_dataset(&a.out, a.volumes, a.seed, &cfg)
         .with_context(|| format!("writing {} phantoms to {}", a.volumes, a.out.display()))?;

@@ -97,6 +97,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("opening the dataset {}", a.data.display()))?;
     ds.require_labels()
         .context("training needs slice labels for every volume")?;
+    // Memory, before loading anything: the model's training state (parameters, gradients,
+    // optimizer moments, a batch's activations) and every volume's prepared input planes
+    // must fit the budget.
+    let prepared: u128 = ds
+        .cases
+        .iter()
+        .filter_map(|c| ichcam::io::probe_dims(&c.image).ok())
+        .map(|(d, _, _)| d as u128 * 12 * (cfg.size as u128).pow(2))
+        .sum();
+    let model =
+        ichcam::model::memory::training_bytes(&cfg.model, cfg.batch, cfg.slices, cfg.size, 4);
+    ichcam::io::budget::budget().check(
+        &a.data,
+        model.unwrap_or(u128::MAX).saturating_add(prepared),
+        || format!("training `{}` on {} volumes", cfg.name, ds.cases.len()),
+    )?;
     let report = train(
         TrainInput::Dataset {
             dataset: &ds,

@@ -152,6 +152,9 @@ fn int_index<V>(map: &HashMap<String, V>) -> HashMap<u64, String> {
     out
 }
 
+/// Most slices a label CSV may name per volume (NIfTI-1 holds at most 32767).
+pub const MAX_SLICES: usize = 1 << 16;
+
 /// Slice labels per patient from an image-level CSV. The header needs a patient column
 /// (`patient`, or `PatientNumber`), a slice column (`z`, 0-based, or `slice`/`SliceNumber`,
 /// 1-based) and a label column (`any_hemorrhage` or `label`, 0/1; or `No_Hemorrhage`,
@@ -194,6 +197,12 @@ pub fn read_label_csv(path: &Path) -> Result<HashMap<String, Vec<u8>>> {
         } else {
             s
         };
+        // The labels become one byte per slice up to the largest: bound it before that.
+        if z >= MAX_SLICES {
+            return Err(bad(format!(
+                "slice `{s_txt}` is beyond the {MAX_SLICES} slices a volume can have"
+            )));
+        }
         let l_txt = get(lc, "label")?;
         let v: f64 = match l_txt.to_ascii_lowercase().as_str() {
             "true" | "yes" => 1.0,

@@ -3,11 +3,17 @@
 //!
 //! Layouts: truth is `TRUTH/<id>.nii[.gz]`, or a dataset folder whose `labels/` (or
 //! `label/`) subfolder holds those files; a prediction is `PRED/<id>/mask.nii[.gz]` or
-//! `PRED/<id>.nii[.gz]`.
+//! `PRED/<id>.nii[.gz]`. Hidden entries (a `segment` run's temporary folders) are ignored;
+//! a symbolic-link loop or a dangling link among the masks is an error naming it.
+//!
+//! Memory: each mask is kept as 0/1 bytes once read, and the metrics' peak (the two masks,
+//! HD95's surfaces and exact distance transforms on the masks' bounding box, the surface
+//! distances) is estimated before they run; a pair beyond the budget
+//! ([`crate::io::budget`]) gets an error row naming the size and the budget.
 
-use super::metrics::volume_metrics;
+use super::metrics::{bbox, volume_metrics};
 use super::report::{build_report, Report, VolumeReport};
-use crate::io;
+use crate::io::{self, IoError, Mask};
 use std::path::{Path, PathBuf};
 
 /// Errors that stop the whole evaluation (per-volume problems go into the report).
@@ -17,6 +23,8 @@ pub enum DirError {
     List { path: PathBuf, err: std::io::Error },
     #[error("{}: no truth masks (*.nii or *.nii.gz) found", .0.display())]
     NoTruth(PathBuf),
+    #[error(transparent)]
+    Entry(#[from] IoError),
 }
 
 /// The id of a NIfTI file name (`049.nii.gz` -> `049`), or `None` for other files.
@@ -51,12 +59,14 @@ pub fn list_truth(truth: &Path) -> Result<Vec<(String, PathBuf)>, DirError> {
             err,
         })?;
         let p = e.path();
-        if !p.is_file() {
+        let Some(id) = p.file_name().and_then(|n| n.to_str()).and_then(nifti_id) else {
+            continue;
+        };
+        // A mask name behind a link loop or a dangling link is an error, not a skip.
+        if !io::metadata(&p)?.is_file() {
             continue;
         }
-        if let Some(id) = p.file_name().and_then(|n| n.to_str()).and_then(nifti_id) {
-            out.push((id.to_string(), p.clone()));
-        }
+        out.push((id.to_string(), p.clone()));
     }
     out.sort();
     // `x.nii` and `x.nii.gz` side by side: keep the first (sorted) and say nothing more.
@@ -67,7 +77,8 @@ pub fn list_truth(truth: &Path) -> Result<Vec<(String, PathBuf)>, DirError> {
     Ok(out)
 }
 
-/// The prediction file for `id`, if any.
+/// The prediction file for `id`, if any (a link that leads nowhere counts, so that its
+/// read names the problem).
 pub fn find_prediction(pred: &Path, id: &str) -> Option<PathBuf> {
     let dir = pred.join(id);
     [
@@ -77,7 +88,9 @@ pub fn find_prediction(pred: &Path, id: &str) -> Option<PathBuf> {
         pred.join(format!("{id}.nii")),
     ]
     .into_iter()
-    .find(|p| p.is_file())
+    .find(|p| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() || (m.is_symlink() && !p.is_dir()))
+    })
 }
 
 /// Ids that have a prediction under `pred` (either layout).
@@ -92,6 +105,9 @@ pub fn list_predictions(pred: &Path) -> Result<Vec<String>, DirError> {
         let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
+        if name.starts_with('.') {
+            continue;
+        }
         if p.is_dir() {
             if p.join("mask.nii.gz").is_file() || p.join("mask.nii").is_file() {
                 out.push(name.to_string());
@@ -105,6 +121,20 @@ pub fn list_predictions(pred: &Path) -> Result<Vec<String>, DirError> {
     Ok(out)
 }
 
+/// Reads a mask file as 0/1 bytes (the voxels read as `f32` are dropped at once).
+fn read_mask_bytes(path: &Path) -> Result<(Mask, [f64; 3]), IoError> {
+    let v = io::read_mask(path)?;
+    Ok((io::to_mask(&v), v.spacing))
+}
+
+/// Peak bytes of the metrics of two `n`-voxel masks whose foregrounds span a bounding box
+/// of `boxed` voxels and hold `fg` voxels together: the masks (2 per voxel); in the box,
+/// each mask's crop and surface (4) and two f64 distance transforms (16); the surface
+/// distances (8 per surface voxel, at most one per foreground voxel).
+pub fn metrics_bytes(n: u128, boxed: u128, fg: u128) -> u128 {
+    2 * n + 20 * boxed + 8 * fg
+}
+
 /// One volume: reads both masks and computes the metrics; a problem becomes the row's error.
 pub fn evaluate_pair(id: &str, pred_path: &Path, truth_path: &Path) -> VolumeReport {
     let mut row = VolumeReport {
@@ -114,25 +144,25 @@ pub fn evaluate_pair(id: &str, pred_path: &Path, truth_path: &Path) -> VolumeRep
         metrics: None,
         error: None,
     };
-    let truth = match io::read_mask(truth_path) {
+    let (truth, spacing) = match read_mask_bytes(truth_path) {
         Ok(v) => v,
         Err(e) => {
             row.error = Some(e.to_string());
             return row;
         }
     };
-    let (z, y, x) = truth.dims();
+    let (z, y, x) = truth.dim();
     row.shape = Some([z, y, x]);
-    row.spacing = Some(truth.spacing);
-    let pred = match io::read_mask(pred_path) {
+    row.spacing = Some(spacing);
+    let (pred, _) = match read_mask_bytes(pred_path) {
         Ok(v) => v,
         Err(e) => {
             row.error = Some(e.to_string());
             return row;
         }
     };
-    if pred.dims() != truth.dims() {
-        let (a, b, c) = pred.dims();
+    if pred.dim() != truth.dim() {
+        let (a, b, c) = pred.dim();
         row.error = Some(format!(
             "{}: shape (z, y, x) = {:?} differs from the truth {} shape {:?}",
             pred_path.display(),
@@ -142,7 +172,25 @@ pub fn evaluate_pair(id: &str, pred_path: &Path, truth_path: &Path) -> VolumeRep
         ));
         return row;
     }
-    match volume_metrics(&io::to_mask(&pred), &io::to_mask(&truth), truth.spacing) {
+    let n = truth.len() as u128;
+    let boxed = match (bbox(&pred), bbox(&truth)) {
+        (Some(a), Some(b)) => (0..3)
+            .map(|i| (a.1[i].max(b.1[i]) - a.0[i].min(b.0[i]) + 1) as u128)
+            .product(),
+        _ => 0,
+    };
+    let fg = (pred.iter().filter(|&&v| v != 0).count() + truth.iter().filter(|&&v| v != 0).count())
+        as u128;
+    let need = metrics_bytes(n, boxed, fg);
+    if let Err(e) = io::budget::budget().check(truth_path, need, || {
+        format!(
+            "evaluating {x}x{y}x{z} voxels (HD95's distance transforms on a box of {boxed} voxels)"
+        )
+    }) {
+        row.error = Some(e.to_string());
+        return row;
+    }
+    match volume_metrics(&pred, &truth, spacing) {
         Ok(m) => row.metrics = Some(m),
         Err(e) => row.error = Some(format!("{}: {e}", truth_path.display())),
     }

@@ -300,7 +300,7 @@ pub fn percentile(mut x: Vec<f64>, q: f64) -> f64 {
 }
 
 /// Inclusive bounding box `([z0, y0, x0], [z1, y1, x1])` of the non-zero voxels.
-fn bbox(m: &Mask) -> Option<([usize; 3], [usize; 3])> {
+pub fn bbox(m: &Mask) -> Option<([usize; 3], [usize; 3])> {
     let mut lo = [usize::MAX; 3];
     let mut hi = [0usize; 3];
     let mut any = false;

@@ -1,11 +1,19 @@
 //! Segmenting many volumes: a reader thread decodes the next volumes while the backend
 //! computes the current one and a writer thread compresses and writes the previous one's
-//! outputs. The queues between them hold at most two volumes each, so memory stays flat
-//! over an archive of any size. A bad volume is reported and skipped; the batch goes on.
+//! outputs. The queues between them hold at most two volumes each, and every volume holds
+//! a reservation of its estimated peak from the memory budget ([`crate::io::budget::Pool`]):
+//! taken before it is read (from its header), lowered to what writing needs once it is
+//! segmented, given back once it is written. So the volumes in flight together stay within
+//! the budget; a volume too large for it whole is segmented by slabs, or refused with its
+//! size and the budget ([`super::memory`]). A bad volume is reported and skipped; the batch
+//! goes on.
 
 use super::inputs::InputItem;
+use super::memory::{Costs, Estimate};
 use super::outputs::{write_outputs, VolumeSummary};
 use super::segmenter::{RefineOnBackend, Segmentation, Segmenter};
+use super::slabs::segment_planned;
+use crate::io::budget::{Pool, Reservation};
 use crate::io::{self, Volume};
 use crossbeam_channel::bounded;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -51,13 +59,18 @@ pub fn segment_all<B: RefineOnBackend>(
     } else {
         ProgressBar::hidden()
     };
-    let (read_tx, read_rx) = bounded::<(InputItem, Result<Volume, String>)>(2);
-    let (write_tx, write_rx) = bounded::<(InputItem, Volume, Segmentation)>(2);
+    let budget = io::budget::budget();
+    let costs = Costs::of(seg, &budget);
+    let pool = Pool::new((budget.bytes as u128).saturating_sub(costs.fixed) as u64);
+    type Read<'p> = Result<(Volume, Estimate, Reservation<'p>), String>;
+    let (read_tx, read_rx) = bounded::<(InputItem, Read<'_>)>(2);
+    let (write_tx, write_rx) = bounded::<(InputItem, Volume, Segmentation, Reservation<'_>)>(2);
     let mut report = BatchReport::default();
+    let (pool, costs) = (&pool, &costs);
     std::thread::scope(|scope| {
         scope.spawn(move || {
             for it in items {
-                let v = io::read_volume(&it.path).map_err(|e| e.to_string());
+                let v = read_planned(&it.path, costs, pool, &budget);
                 if read_tx.send((it.clone(), v)).is_err() {
                     break;
                 }
@@ -66,22 +79,35 @@ pub fn segment_all<B: RefineOnBackend>(
         let writer = scope.spawn(move || {
             let mut done = Vec::new();
             let mut failed = Vec::new();
-            for (it, vol, s) in write_rx {
+            for (it, vol, s, held) in write_rx {
                 match write_outputs(&out.join(&it.id), &it.id, &vol, &s) {
                     Ok(summary) => done.push(summary),
                     Err(e) => failed.push((it.id.clone(), e.to_string())),
                 }
+                drop(held);
             }
             (done, failed)
         });
         let mut compute_failed = Vec::new();
         for (it, vol) in read_rx {
             bar.set_message(it.id.clone());
-            let result =
-                vol.and_then(|v| seg.segment(&v).map(|s| (v, s)).map_err(|e| e.to_string()));
+            let result = vol.and_then(|(v, est, mut held)| {
+                if let super::memory::Mode::Slabs(n) = est.mode {
+                    let (d, h, w) = v.dims();
+                    bar.suspend(|| {
+                        eprintln!(
+                            "note: {}: {w}x{h}x{d} voxels segmented by slabs of {n} slices to stay within the memory budget",
+                            it.id
+                        )
+                    });
+                }
+                let s = segment_planned(seg, &v, &est).map_err(|e| e.to_string())?;
+                held.shrink_to(est.write_bytes as u64);
+                Ok((v, s, held))
+            });
             match result {
-                Ok((v, s)) => {
-                    if write_tx.send((it, v, s)).is_err() {
+                Ok((v, s, held)) => {
+                    if write_tx.send((it, v, s, held)).is_err() {
                         break;
                     }
                 }
@@ -111,4 +137,27 @@ pub fn segment_all<B: RefineOnBackend>(
     bar.finish_and_clear();
     report.seconds = start.elapsed().as_secs_f64();
     report
+}
+
+/// Plans a volume from its header, waits for its bytes in the pool, and reads it.
+fn read_planned<'p>(
+    path: &Path,
+    costs: &Costs,
+    pool: &'p Pool,
+    budget: &io::budget::Budget,
+) -> Result<(Volume, Estimate, Reservation<'p>), String> {
+    let dims = io::probe_dims(path).map_err(|e| e.to_string())?;
+    let est = costs.plan(dims, pool.total() as u128).map_err(|reason| {
+        format!(
+            "{}: {reason} (memory budget {}, of which the model holds {})",
+            path.display(),
+            budget.describe(),
+            io::error::human_bytes(costs.fixed)
+        )
+    })?;
+    let held = pool
+        .reserve(est.bytes as u64)
+        .ok_or_else(|| format!("{}: internal: plan over the pool", path.display()))?;
+    let v = io::read_volume(path).map_err(|e| e.to_string())?;
+    Ok((v, est, held))
 }

@@ -8,13 +8,16 @@
 
 pub mod batch;
 pub mod inputs;
+pub mod memory;
 pub mod outputs;
 pub mod segmenter;
+pub mod slabs;
 
 pub use batch::{segment_all, BatchReport};
 pub use inputs::{expand_inputs, InputItem};
 pub use outputs::{write_outputs, VolumeSummary};
 pub use segmenter::{RefineOnBackend, SegmentOptions, Segmentation, Segmenter, SliceClassifier};
+pub use slabs::segment_volume;
 
 /// Everything that can go wrong segmenting a volume.
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,15 @@
 //! The files of one segmented volume, in `OUT/<id>/`: `mask.nii.gz` (u8, the input's exact
 //! geometry), `cam.nii.gz` (f32 normalised CAM), `slices.csv` (z, probability, positive,
 //! mask voxels), `overlay.png` (a montage of the positive slices: CT, CAM heat map, mask
-//! outline) and `summary.json` (hemorrhage volume in mL and the rest). Every file is
-//! written to a temp file and renamed, so an interrupted run leaves no half-written output.
+//! outline) and `summary.json` (hemorrhage volume in mL and the rest). The set is written
+//! into a hidden temporary folder and renamed into place as one ([`AtomicDir`]): a volume
+//! that fails half-way leaves nothing, a previous good output for the same id stays whole
+//! until the new one replaces it, and a folder holding other files is not replaced.
 
 use super::segmenter::Segmentation;
 use super::InferError;
-use crate::io::{self, atomic::write_atomic, Volume};
+use crate::io::atomic::{write_atomic, AtomicDir};
+use crate::io::{self, IoError, Volume};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
@@ -57,19 +60,48 @@ fn overlay_slices(seg: &Segmentation, per_slice: &[usize]) -> Vec<usize> {
     zs
 }
 
-/// Writes every output of one volume into `dir` (created if needed).
+/// The files of one volume's output folder.
+pub const OUTPUT_FILES: [&str; 5] = [
+    "mask.nii.gz",
+    "cam.nii.gz",
+    "slices.csv",
+    "overlay.png",
+    "summary.json",
+];
+
+/// Writes every output of one volume as the folder `dest` (see the module doc).
 pub fn write_outputs(
+    dest: &Path,
+    id: &str,
+    vol: &Volume,
+    seg: &Segmentation,
+) -> Result<VolumeSummary, InferError> {
+    let out = AtomicDir::create(dest, &OUTPUT_FILES)?;
+    let tmp = out.path().to_path_buf();
+    let summary = write_files(out.path(), id, vol, seg).map_err(|e| match e {
+        InferError::Io(e) => InferError::Io(e.rebase(&tmp, dest)),
+        other => other,
+    })?;
+    out.commit()?;
+    Ok(summary)
+}
+
+fn write_files(
     dir: &Path,
     id: &str,
     vol: &Volume,
     seg: &Segmentation,
 ) -> Result<VolumeSummary, InferError> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        InferError::Input(format!(
-            "{}: cannot create the output folder: {e}",
-            dir.display()
-        ))
-    })?;
+    let d = vol.dims().0;
+    if seg.probabilities.len() != d || seg.positive.len() != d {
+        return Err(InferError::Io(IoError::invalid(
+            dir.join("slices.csv"),
+            format!(
+                "{} probabilities for {d} slices",
+                seg.probabilities.len().min(seg.positive.len())
+            ),
+        )));
+    }
     io::write_mask(&dir.join("mask.nii.gz"), &seg.mask, vol)?;
     io::write_map(&dir.join("cam.nii.gz"), &seg.cam, vol)?;
     let per_slice = mask_per_slice(seg);

@@ -176,6 +176,7 @@ impl<B: RefineOnBackend> Segmenter<B> {
         };
         let size = get(META_INPUT_SIZE)?;
         let slices = get(META_SLICES)?;
+        super::memory::check_model_metadata(model, net.cfg(), size, slices)?;
         let calibrated = loaded
             .metadata
             .get(META_SLICE_THRESHOLD)
@@ -205,6 +206,27 @@ impl<B: RefineOnBackend> Segmenter<B> {
     /// The model's square input size.
     pub fn input_size(&self) -> usize {
         self.size
+    }
+
+    /// The slices per sequence of the stage-1 classifier.
+    pub fn sequence_slices(&self) -> usize {
+        self.slices
+    }
+
+    pub fn model_config(&self) -> &crate::model::ModelConfig {
+        self.net.cfg()
+    }
+
+    /// The refinement's settings for `vol` (its spacing and, when adapted, its saturation).
+    pub fn refine_config(&self, vol: &Volume) -> RefineConfig {
+        let mut cfg = self.opts.refine.clone();
+        if let Some(ml) = self.opts.min_component_ml {
+            cfg = cfg.with_min_component_ml(ml, vol.spacing);
+        }
+        if self.opts.adapt_saturation {
+            cfg.saturation = effective_saturation(&vol.data, cfg.saturation);
+        }
+        cfg
     }
 
     pub fn backend(&self) -> &B {
@@ -259,13 +281,7 @@ impl<B: RefineOnBackend> Segmenter<B> {
         be.minmax_normalize(d, h * w, &up, &mut norm)?;
         drop(up);
 
-        let mut cfg = self.opts.refine.clone();
-        if let Some(ml) = self.opts.min_component_ml {
-            cfg = cfg.with_min_component_ml(ml, vol.spacing);
-        }
-        if self.opts.adapt_saturation {
-            cfg.saturation = effective_saturation(&vol.data, cfg.saturation);
-        }
+        let cfg = self.refine_config(vol);
         let refined = be.refine_buf(&vol.data, &norm, &positive, &cfg)?;
         let cam = Array3::from_shape_vec((d, h, w), be.download(&norm)?)
             .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;

@@ -7,7 +7,10 @@
 //! single-frame grayscale slices, no two slices at the same position, and no gap (a step
 //! between neighbouring slices more than 10 % off the median step). Slices are sorted by
 //! ImagePositionPatient projected on the slice normal (row cosine x column cosine), and
-//! RescaleSlope/RescaleIntercept turn stored values into HU.
+//! RescaleSlope/RescaleIntercept turn stored values into HU. Before the DICOM library sees
+//! a file, its element lengths are walked and checked against the file (`scan_lengths`):
+//! the library allocates a claimed length before reading it. The series' memory is checked
+//! against the budget, and an implausible pixel spacing or slice step is an error.
 //! The volume gets a NIfTI header whose sform and qform (code 1, scanner) map voxels to
 //! RAS+ world coordinates: DICOM's LPS with x and y negated.
 //!
@@ -18,9 +21,11 @@
 
 use super::atomic::write_atomic;
 use super::geometry::{self, Affine};
+use super::nii::{check_spacing, read_full};
 use super::nii::{replace_nonfinite, ReadOptions, ReadReport};
 use super::volume::Volume;
 use super::IoError;
+use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
@@ -60,14 +65,41 @@ pub fn read_series(dir: &Path) -> Result<(Volume, ReadReport), IoError> {
     read_series_with(dir, &ReadOptions::default())
 }
 
-/// Reads a folder of CT slices as one volume; see the module doc for what is checked.
-pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+/// The files of a series folder, sorted (not its subfolders).
+fn series_files(dir: &Path) -> Result<Vec<PathBuf>, IoError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| IoError::read(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .collect();
     files.sort();
+    Ok(files)
+}
+
+/// `(files, rows, columns)` of a series folder from the first DICOM image's header: an
+/// upper bound of the volume's `(z, y, x)` for planning memory.
+pub fn probe_series(dir: &Path) -> Result<(usize, usize, usize), IoError> {
+    let files = series_files(dir)?;
+    for p in &files {
+        if let Err(reason) = scan_lengths(p) {
+            return Err(IoError::invalid(p, reason));
+        }
+        let Ok(obj) = OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(p)
+        else {
+            continue;
+        };
+        if let Some(s) = slice_info(p, &obj)? {
+            return Ok((files.len(), s.rows, s.cols));
+        }
+    }
+    Err(IoError::invalid(dir, "no DICOM images in the folder"))
+}
+
+/// Reads a folder of CT slices as one volume; see the module doc for what is checked.
+pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+    let files = series_files(dir)?;
     if files.is_empty() {
         let has_subdirs = std::fs::read_dir(dir)
             .map(|rd| rd.flatten().any(|e| e.path().is_dir()))
@@ -83,7 +115,15 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     }
     let mut report = ReadReport::default();
     let mut slices = Vec::new();
+    let budget = super::budget::budget();
     for p in &files {
+        // The library holds a whole file in memory, and allocates each element's claimed
+        // length before reading it: both are bounded before it sees the file.
+        let flen = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        budget.check(p, flen as u128 * 2, || "reading a DICOM file".into())?;
+        if let Err(reason) = scan_lengths(p) {
+            return Err(IoError::invalid(p, reason));
+        }
         let obj = match OpenFileOptions::new()
             .read_until(tags::PIXEL_DATA)
             .open_file(p)
@@ -129,14 +169,42 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     let first = &slices[0];
     let (rows, cols, n) = (first.rows, first.cols, slices.len());
     let nvox = rows as u128 * cols as u128 * n as u128;
-    if nvox * 4 > opts.max_bytes as u128 {
+    // The volume, plus one slice decoded (stored values and their f32 copy).
+    let need = nvox * 4 + rows as u128 * cols as u128 * 12;
+    if need > opts.max_bytes as u128 {
         return Err(IoError::TooLarge {
             path: dir.to_path_buf(),
             claim: format!("{n} slices of {cols}x{rows}"),
-            bytes: nvox * 4,
+            bytes: need,
             cap: opts.max_bytes as u128,
         });
     }
+    budget.check(dir, need, || {
+        format!("reading {n} DICOM slices of {cols}x{rows}")
+    })?;
+    check_spacing(
+        dir,
+        &format!("PixelSpacing {}", first.spacing[0]),
+        first.spacing[0],
+        &mut report.warnings,
+    )
+    .and_then(|_| {
+        check_spacing(
+            dir,
+            &format!("PixelSpacing {}", first.spacing[1]),
+            first.spacing[1],
+            &mut report.warnings,
+        )
+    })
+    .and_then(|_| {
+        check_spacing(
+            dir,
+            &format!("the slice step {dz}"),
+            dz.abs(),
+            &mut report.warnings,
+        )
+    })
+    .map_err(|r| IoError::invalid(dir, r))?;
     let mut data = Array3::<f32>::zeros((n, rows, cols));
     let no_lut = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
     for (k, s) in slices.iter().enumerate() {
@@ -191,6 +259,271 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         },
         report,
     ))
+}
+
+/// Most nested sequences and items the length scan follows (deeper is refused: real CT
+/// headers nest a few levels; a parser would recurse once per level).
+const MAX_NESTING: usize = 64;
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+/// How the elements of a container are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Syntax {
+    ExplicitLe,
+    ExplicitBe,
+    ImplicitLe,
+}
+
+/// One open sequence or item during [`scan_lengths`].
+struct Open {
+    /// End offset of a defined-length container, `None` for one closed by a delimiter.
+    end: Option<u64>,
+    syntax: Syntax,
+    /// An encapsulated pixel data sequence: its items are opaque fragments.
+    fragments: bool,
+}
+
+/// Walks every data element of the DICOM file at `p` (file meta group, data set, nested
+/// sequences and items) without reading any value, and fails when an element claims more
+/// bytes than are left in the file or its enclosing item: the DICOM library allocates an
+/// element's claimed length before reading it, so a 9 KB file claiming a 4 GB element would
+/// cost 4 GB. Files without the `DICM` code, deflated data sets and structures the walk does
+/// not follow are left to the library (which refuses them or reads them within the file).
+fn scan_lengths(p: &Path) -> Result<(), String> {
+    use std::io::{BufReader, Seek, SeekFrom};
+    let mut f = BufReader::new(std::fs::File::open(p).map_err(|e| format!("cannot read: {e}"))?);
+    let len = f
+        .get_ref()
+        .metadata()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .len();
+    let mut head = [0u8; 132];
+    let got = read_full(&mut f, &mut head).map_err(|e| format!("cannot read: {e}"))?;
+    let mut pos: u64 = if got >= 132 && &head[128..132] == b"DICM" {
+        132
+    } else if got >= 4 && &head[0..4] == b"DICM" {
+        4
+    } else {
+        return Ok(());
+    };
+    f.seek(SeekFrom::Start(pos))
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut buf = [0u8; 12];
+    let mut read =
+        |f: &mut BufReader<std::fs::File>, n: usize, pos: &mut u64| -> Option<[u8; 12]> {
+            if read_full(f, &mut buf[..n]).ok()? < n {
+                return None;
+            }
+            *pos += n as u64;
+            Some(buf)
+        };
+    let u16_of = |b: &[u8], big: bool| {
+        if big {
+            u16::from_be_bytes([b[0], b[1]])
+        } else {
+            u16::from_le_bytes([b[0], b[1]])
+        }
+    };
+    let u32_of = |b: &[u8], big: bool| {
+        if big {
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+        } else {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+    };
+    let too_long = |tag: (u16, u16), claim: u64, left: u64, within: &str| {
+        format!(
+            "element ({:04X},{:04X}) claims {claim} bytes but only {left} are left in the {within} (corrupt or hostile DICOM)",
+            tag.0, tag.1
+        )
+    };
+    let dict = dicom_dictionary_std::StandardDataDictionary;
+    let mut stack: Vec<Open> = Vec::new();
+    let mut syntax = Syntax::ExplicitLe;
+    let mut in_meta = true;
+    let mut ts = String::new();
+    loop {
+        // Close the defined-length containers that end here.
+        while let Some(o) = stack.last() {
+            match o.end {
+                Some(e) if pos >= e => {
+                    stack.pop();
+                }
+                _ => break,
+            }
+        }
+        let cur = stack.last().map(|o| o.syntax).unwrap_or(syntax);
+        let big = cur == Syntax::ExplicitBe;
+        // The tag is peeked first: the meta group ends at the first non-0002 tag.
+        let Some(b) = read(&mut f, 4, &mut pos) else {
+            return Ok(());
+        };
+        let mut tag = (u16_of(&b[0..2], big), u16_of(&b[2..4], big));
+        if in_meta && stack.is_empty() && tag.0 != 0x0002 {
+            in_meta = false;
+            let t = ts.trim_end_matches(['\0', ' ']);
+            syntax = match t {
+                "1.2.840.10008.1.2" => Syntax::ImplicitLe,
+                "1.2.840.10008.1.2.2" => Syntax::ExplicitBe,
+                // Deflated: the data set is compressed, its lengths cannot be walked.
+                "1.2.840.10008.1.2.1.99" => return Ok(()),
+                _ => Syntax::ExplicitLe,
+            };
+            if syntax == Syntax::ExplicitBe {
+                tag = (u16_of(&b[0..2], true), u16_of(&b[2..4], true));
+            }
+        }
+        let cur = stack.last().map(|o| o.syntax).unwrap_or(syntax);
+        let big = cur == Syntax::ExplicitBe;
+        let left_in = |pos: u64, stack: &Vec<Open>| -> (u64, &'static str) {
+            match stack.iter().rev().find_map(|o| o.end) {
+                Some(e) => (e.saturating_sub(pos), "enclosing item"),
+                None => (len.saturating_sub(pos), "file"),
+            }
+        };
+        if tag.0 == 0xFFFE {
+            let Some(b) = read(&mut f, 4, &mut pos) else {
+                return Ok(());
+            };
+            let l = u32_of(&b[0..4], big);
+            match tag.1 {
+                0xE000 => {
+                    let fragments = stack.last().is_some_and(|o| o.fragments);
+                    if l == UNDEFINED {
+                        if fragments {
+                            return Err("a pixel data fragment of undefined length".into());
+                        }
+                        stack.push(Open {
+                            end: None,
+                            syntax: cur,
+                            fragments: false,
+                        });
+                    } else {
+                        let (left, within) = left_in(pos, &stack);
+                        if l as u64 > left {
+                            return Err(too_long(tag, l as u64, left, within));
+                        }
+                        if fragments {
+                            f.seek_relative(l as i64)
+                                .map_err(|e| format!("cannot read: {e}"))?;
+                            pos += l as u64;
+                        } else {
+                            stack.push(Open {
+                                end: Some(pos + l as u64),
+                                syntax: cur,
+                                fragments: false,
+                            });
+                        }
+                    }
+                }
+                // Item and sequence delimiters close the innermost undefined-length
+                // container (a stray one is the library's to judge).
+                0xE00D | 0xE0DD if stack.last().is_some_and(|o| o.end.is_none()) => {
+                    stack.pop();
+                }
+                _ => {}
+            }
+            if stack.len() > MAX_NESTING {
+                return Err(format!("sequences nested more than {MAX_NESTING} deep"));
+            }
+            continue;
+        }
+        let (vr, l) = if cur == Syntax::ImplicitLe {
+            let Some(b) = read(&mut f, 4, &mut pos) else {
+                return Ok(());
+            };
+            let vr = match dict.by_tag(dicom_core::Tag(tag.0, tag.1)).map(|e| e.vr()) {
+                Some(VirtualVr::Exact(v)) => Some(v),
+                _ => None,
+            };
+            (vr, u32_of(&b[0..4], false))
+        } else {
+            let Some(b) = read(&mut f, 2, &mut pos) else {
+                return Ok(());
+            };
+            let vr = VR::from_binary([b[0], b[1]]).unwrap_or(VR::UN);
+            let short = matches!(
+                vr,
+                VR::AE
+                    | VR::AS
+                    | VR::AT
+                    | VR::CS
+                    | VR::DA
+                    | VR::DS
+                    | VR::DT
+                    | VR::FL
+                    | VR::FD
+                    | VR::IS
+                    | VR::LO
+                    | VR::LT
+                    | VR::PN
+                    | VR::SH
+                    | VR::SL
+                    | VR::SS
+                    | VR::ST
+                    | VR::TM
+                    | VR::UI
+                    | VR::UL
+                    | VR::US
+            );
+            let l = if short {
+                let Some(b) = read(&mut f, 2, &mut pos) else {
+                    return Ok(());
+                };
+                u16_of(&b[0..2], big) as u32
+            } else {
+                let Some(b) = read(&mut f, 6, &mut pos) else {
+                    return Ok(());
+                };
+                u32_of(&b[2..6], big)
+            };
+            (Some(vr), l)
+        };
+        if l == UNDEFINED {
+            // A sequence, encapsulated pixel data, or UN holding an implicit-VR sequence.
+            let pixel = tag == (0x7FE0, 0x0010);
+            stack.push(Open {
+                end: None,
+                syntax: if vr == Some(VR::UN) {
+                    Syntax::ImplicitLe
+                } else {
+                    cur
+                },
+                fragments: pixel,
+            });
+            if stack.len() > MAX_NESTING {
+                return Err(format!("sequences nested more than {MAX_NESTING} deep"));
+            }
+            continue;
+        }
+        let (left, within) = left_in(pos, &stack);
+        if l as u64 > left {
+            return Err(too_long(tag, l as u64, left, within));
+        }
+        if vr == Some(VR::SQ) {
+            stack.push(Open {
+                end: Some(pos + l as u64),
+                syntax: cur,
+                fragments: false,
+            });
+            if stack.len() > MAX_NESTING {
+                return Err(format!("sequences nested more than {MAX_NESTING} deep"));
+            }
+            continue;
+        }
+        if in_meta && tag == (0x0002, 0x0010) && l <= 256 {
+            let mut v = vec![0u8; l as usize];
+            if read_full(&mut f, &mut v).map_err(|e| format!("cannot read: {e}"))? < v.len() {
+                return Ok(());
+            }
+            pos += l as u64;
+            ts = String::from_utf8_lossy(&v).into_owned();
+            continue;
+        }
+        f.seek_relative(l as i64)
+            .map_err(|e| format!("cannot read: {e}"))?;
+        pos += l as u64;
+    }
 }
 
 fn has_dicm_magic(p: &Path) -> bool {

@@ -28,6 +28,19 @@ pub enum IoError {
         bytes: u128,
         cap: u128,
     },
+    /// The work would need more memory than the budget ([`crate::io::budget`]) allows.
+    #[error(
+        "{}: {what} needs about {}, over the memory budget of {budget}",
+        path.display(), human_bytes(*need)
+    )]
+    OverBudget {
+        path: PathBuf,
+        /// The work, e.g. `segmenting 4096x4096x24 voxels`.
+        what: String,
+        need: u128,
+        /// The budget and where it comes from ([`crate::io::budget::Budget::describe`]).
+        budget: String,
+    },
     /// A mask or map does not have its image's shape.
     #[error(
         "{}: shape (z, y, x) = {got:?} differs from the image {} shape {want:?}",
@@ -60,6 +73,22 @@ impl IoError {
             err,
         }
     }
+    /// The same error about the same file under `to` instead of `from` (a file written in a
+    /// temporary folder is named by its final place).
+    pub fn rebase(mut self, from: &std::path::Path, to: &std::path::Path) -> Self {
+        let p = match &mut self {
+            IoError::Read { path, .. }
+            | IoError::Write { path, .. }
+            | IoError::Invalid { path, .. }
+            | IoError::TooLarge { path, .. }
+            | IoError::ShapeMismatch { path, .. }
+            | IoError::OverBudget { path, .. } => path,
+        };
+        if let Ok(rest) = p.strip_prefix(from) {
+            *p = to.join(rest);
+        }
+        self
+    }
     /// The file or folder the error is about.
     pub fn path(&self) -> &std::path::Path {
         match self {
@@ -67,7 +96,8 @@ impl IoError {
             | IoError::Write { path, .. }
             | IoError::Invalid { path, .. }
             | IoError::TooLarge { path, .. }
-            | IoError::ShapeMismatch { path, .. } => path,
+            | IoError::ShapeMismatch { path, .. }
+            | IoError::OverBudget { path, .. } => path,
         }
     }
 }

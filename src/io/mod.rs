@@ -7,9 +7,12 @@
 //! the file and the problem. NaN/Inf voxels are replaced with the minimum finite value of
 //! the volume and counted ([`ReadReport::nonfinite`]); [`read_volume`] prints one
 //! `warning:` line on stderr when there were any, [`read_volume_report`] leaves that to the
-//! caller. Every file written goes through [`atomic::write_atomic`].
+//! caller. Every file written goes through [`atomic::write_atomic`] (a volume's set of outputs
+//! through [`atomic::AtomicDir`]); every read checks its peak memory against the process's
+//! [`budget`] before allocating.
 
 pub mod atomic;
+pub mod budget;
 pub mod dicom;
 pub mod error;
 pub mod geometry;
@@ -44,13 +47,58 @@ pub fn read_volume_report(path: &Path) -> Result<(Volume, ReadReport), IoError> 
     read_volume_with(path, &ReadOptions::default())
 }
 
+/// `std::fs::metadata` (following links) whose error names a symbolic-link loop or a
+/// dangling link as such, rather than "no such file".
+pub fn metadata(path: &Path) -> Result<std::fs::Metadata, IoError> {
+    std::fs::metadata(path).map_err(|e| path_error(path, e, false))
+}
+
+/// The error for a failed look-up of `path`: a link loop and a dangling link are named.
+pub(crate) fn path_error(path: &Path, e: std::io::Error, write: bool) -> IoError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return IoError::invalid(
+            path,
+            "symbolic link loop (too many levels of symbolic links)",
+        );
+    }
+    if e.kind() == std::io::ErrorKind::NotFound {
+        if let Ok(to) = std::fs::read_link(path) {
+            return IoError::invalid(
+                path,
+                format!(
+                    "dangling symbolic link to {} (no such file or folder)",
+                    to.display()
+                ),
+            );
+        }
+    }
+    if write {
+        IoError::write(path, e)
+    } else {
+        IoError::read(path, e)
+    }
+}
+
 /// As [`read_volume_report`] with explicit limits.
 pub fn read_volume_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
-    let meta = std::fs::metadata(path).map_err(|e| IoError::read(path, e))?;
+    let meta = metadata(path)?;
     if meta.is_dir() {
         dicom::read_series_with(path, opts)
     } else {
         nii::read_nifti_with(path, opts)
+    }
+}
+
+/// The `(z, y, x)` dimensions of the volume at `path`, from its header alone (a DICOM
+/// folder: its number of files, an upper bound of its slices, and the first image's size),
+/// so that memory can be planned before the voxels are read.
+pub fn probe_dims(path: &Path) -> Result<(usize, usize, usize), IoError> {
+    if metadata(path)?.is_dir() {
+        dicom::probe_series(path)
+    } else {
+        let h = nii::read_header(path)?;
+        nii::header_shape(&h)
+            .ok_or_else(|| IoError::invalid(path, "dims are not those of a 3-D volume"))
     }
 }
 

@@ -3,8 +3,14 @@
 //! The 348-byte header is parsed and validated here, byte by byte and in either byte
 //! order, *before* anything is allocated: size field, magic, dims (signed, so negative
 //! dims are caught), datatype, vox_offset, and the voxel count times the bytes per voxel
-//! against both the data the file holds and a memory cap ([`DEFAULT_MAX_BYTES`], or
-//! `ICHCAM_MAX_VOLUME_BYTES`). A truncated or non-gzip `.gz` is an error, never a panic.
+//! against both the data the file holds, a per-volume cap ([`DEFAULT_MAX_BYTES`], or
+//! `ICHCAM_MAX_VOLUME_BYTES`) and the memory budget ([`crate::io::budget`]). A truncated or
+//! non-gzip `.gz` is an error, never a panic; a `.gz` is read to the end of its stream so
+//! that the decoder checks the CRC-32 and length of every member (damage is an error, not
+//! changed voxels). The voxels are decoded block by block (no second whole-volume buffer).
+//! A voxel size outside [`SPACING_MM_LIMITS`] (after `xyzt_units`' metres or microns) is an
+//! error; outside [`SPACING_MM_USUAL`], zero, or a `bitpix` that contradicts the datatype is
+//! a warning in the [`ReadReport`].
 //! The parsed fields are kept in a [`nifti::NiftiHeader`] so that outputs are written back
 //! with exactly the input's geometry.
 //!
@@ -39,6 +45,10 @@ pub const DEFAULT_MAX_BYTES: u64 = 4 << 30;
 /// Deflate cannot expand data by more than about 1032:1, so a gzip file of `n` bytes
 /// cannot hold more than this many times `n` bytes of voxels.
 const MAX_GZIP_RATIO: u64 = 1100;
+/// Raw bytes decoded at a time.
+const DECODE_BLOCK: usize = 1 << 20;
+/// Most decompressed bytes allowed after the voxels (read only to reach the gzip trailer).
+const MAX_GZIP_TRAILING: u64 = 16 << 20;
 
 /// The voxel types a CT volume comes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,11 +191,20 @@ pub fn read_nifti(path: &Path) -> Result<(Volume, ReadReport), IoError> {
 
 /// Reads a `.nii`/`.nii.gz` file; see the module doc for what is checked.
 pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
-    let meta = std::fs::metadata(path).map_err(|e| IoError::read(path, e))?;
+    let meta = super::metadata(path)?;
     if meta.is_dir() {
         return Err(IoError::invalid(
             path,
             "is a folder, expected a .nii or .nii.gz file",
+        ));
+    }
+    if !meta.is_file() {
+        return Err(IoError::invalid(
+            path,
+            format!(
+                "is {}, expected a .nii or .nii.gz file",
+                super::atomic::kind_name(&meta.file_type())
+            ),
         ));
     }
     let file_len = meta.len();
@@ -235,6 +254,18 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         ));
     }
     let (header, layout) = parse_header(&hbytes).map_err(|r| IoError::invalid(path, r))?;
+    let mut warnings = Vec::new();
+    let spacing =
+        checked_spacing(path, &header, &mut warnings).map_err(|r| IoError::invalid(path, r))?;
+    let bits = layout.dtype.size() as i16 * 8;
+    if header.bitpix != bits {
+        warnings.push(format!(
+            "{}: bitpix {} disagrees with datatype {} ({bits} bits): the datatype is used",
+            path.display(),
+            header.bitpix,
+            layout.dtype.name()
+        ));
+    }
     check_memory(path, &layout, opts)?;
 
     let end = layout.offset.saturating_add(layout.nbytes);
@@ -298,54 +329,66 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
             ),
         ));
     }
-    let mut raw = Vec::new();
-    raw.try_reserve_exact(layout.nbytes as usize).map_err(|_| {
-        IoError::invalid(
-            path,
-            format!(
-                "cannot allocate {} for the voxels",
-                human_bytes(layout.nbytes as u128)
-            ),
-        )
-    })?;
-    (&mut reader)
-        .take(layout.nbytes)
-        .read_to_end(&mut raw)
-        .map_err(stream_err)?;
-    if (raw.len() as u64) < layout.nbytes {
-        return Err(IoError::invalid(
-            path,
-            format!(
-                "{} but the file holds only {} bytes of voxel data",
-                claim(),
-                raw.len()
-            ),
-        ));
-    }
-
     let (slope, inter) = scaling(&header);
-    let mut vals = Vec::new();
     let (nz, ny, nx) = layout.shape;
-    vals.try_reserve_exact(nx * ny * nz)
-        .map_err(|_| IoError::invalid(path, format!("cannot allocate {} voxels", nx * ny * nz)))?;
-    decode(
-        &raw,
-        layout.dtype,
-        layout.big_endian,
-        slope,
-        inter,
-        &mut vals,
-    );
-    drop(raw);
+    let nvox = nx * ny * nz;
+    let mut vals = Vec::new();
+    vals.try_reserve_exact(nvox)
+        .map_err(|_| IoError::invalid(path, format!("cannot allocate {nvox} voxels")))?;
+    // Decoded block by block: only one block of raw bytes is held beside the voxels.
+    let size = layout.dtype.size();
+    let mut block = vec![0u8; (DECODE_BLOCK / size) * size];
+    let mut left = layout.nbytes as usize;
+    while left > 0 {
+        let want = left.min(block.len());
+        let got = read_full(&mut reader, &mut block[..want]).map_err(stream_err)?;
+        if got < want {
+            return Err(IoError::invalid(
+                path,
+                format!(
+                    "{} but the file holds only {} bytes of voxel data",
+                    claim(),
+                    layout.nbytes as usize - left + got
+                ),
+            ));
+        }
+        decode(
+            &block[..got],
+            layout.dtype,
+            layout.big_endian,
+            slope,
+            inter,
+            &mut vals,
+        );
+        left -= got;
+    }
+    drop(block);
+    if gz {
+        // Read the stream to its end: the decoder checks the CRC-32 and the length (ISIZE)
+        // of every gzip member there, so a damaged stream is an error, not changed voxels.
+        let extra = std::io::copy(
+            &mut (&mut reader).take(MAX_GZIP_TRAILING + 1),
+            &mut std::io::sink(),
+        )
+        .map_err(stream_err)?;
+        if extra > MAX_GZIP_TRAILING {
+            return Err(IoError::invalid(
+                path,
+                format!(
+                    "more than {} of data after the voxels in the gzip stream",
+                    human_bytes(MAX_GZIP_TRAILING as u128)
+                ),
+            ));
+        }
+    }
     let (nonfinite, fill) = replace_nonfinite(&mut vals);
     let data = Array3::from_shape_vec((nz, ny, nx), vals)
         .map_err(|e| IoError::invalid(path, format!("internal shape error: {e}")))?;
-    let spacing = spacing_zyx(&header);
     let report = ReadReport {
         datatype: layout.dtype.name().to_string(),
         nonfinite,
         fill,
-        warnings: Vec::new(),
+        warnings,
     };
     Ok((
         Volume {
@@ -359,7 +402,7 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
 }
 
 /// Reads as many bytes as the stream has, up to `buf.len()`.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
@@ -374,17 +417,24 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 fn check_memory(path: &Path, l: &Layout, opts: &ReadOptions) -> Result<(), IoError> {
     let (nz, ny, nx) = l.shape;
-    let nvox = nx as u128 * ny as u128 * nz as u128;
-    let need = l.nbytes as u128 + nvox * 4;
-    if need > opts.max_bytes as u128 || nvox > usize::MAX as u128 / 8 {
+    let need = read_bytes(l.shape, l.dtype);
+    let claim = || format!("{nx}x{ny}x{nz} voxels of {}", l.dtype.name());
+    if need > opts.max_bytes as u128 || need > usize::MAX as u128 / 2 {
         return Err(IoError::TooLarge {
             path: path.to_path_buf(),
-            claim: format!("{nx}x{ny}x{nz} voxels of {}", l.dtype.name()),
+            claim: claim(),
             bytes: need,
             cap: opts.max_bytes as u128,
         });
     }
-    Ok(())
+    super::budget::budget().check(path, need, || format!("reading {}", claim()))
+}
+
+/// Peak bytes of reading a volume of `shape` (z, y, x) stored as `dt`: the `f32` voxels
+/// plus one block of raw bytes.
+pub fn read_bytes(shape: (usize, usize, usize), dt: DataType) -> u128 {
+    let nvox = shape.0 as u128 * shape.1 as u128 * shape.2 as u128;
+    nvox * 4 + (DECODE_BLOCK as u128).min(nvox * dt.size() as u128)
 }
 
 /// Slope and intercept to apply: NIfTI says a slope of 0 means "no scaling".
@@ -398,10 +448,12 @@ fn scaling(h: &nifti::NiftiHeader) -> (f64, f64) {
     }
 }
 
-/// `[z, y, x]` spacing in mm from pixdim; missing, zero or non-finite entries become 1.
+/// `[z, y, x]` spacing in mm from pixdim (the xyzt_units' metres or microns converted);
+/// missing, zero or non-finite entries become 1.
 pub fn spacing_zyx(h: &nifti::NiftiHeader) -> [f64; 3] {
+    let unit = unit_to_mm(h.xyzt_units);
     let p = |i: usize| {
-        let v = (h.pixdim[i] as f64).abs();
+        let v = (h.pixdim[i] as f64).abs() * unit;
         if v.is_finite() && v > 0.0 {
             v
         } else {
@@ -409,6 +461,72 @@ pub fn spacing_zyx(h: &nifti::NiftiHeader) -> [f64; 3] {
         }
     };
     [p(3), p(2), p(1)]
+}
+
+/// Millimetres per unit of the header's spatial unit (NIfTI: 1 metre, 2 mm, 3 micron;
+/// 0, "unknown", is taken as mm).
+fn unit_to_mm(xyzt_units: u8) -> f64 {
+    match xyzt_units & 7 {
+        1 => 1000.0,
+        3 => 0.001,
+        _ => 1.0,
+    }
+}
+
+/// Spacing outside this range (mm) is an error: no CT has such voxels.
+pub const SPACING_MM_LIMITS: (f64, f64) = (1e-3, 1e3);
+/// Spacing outside this range (mm) gets a warning: possible, but not a head CT.
+pub const SPACING_MM_USUAL: (f64, f64) = (0.05, 30.0);
+
+/// [`spacing_zyx`], after checking the pixdim of every used axis with [`check_spacing`];
+/// a zero or non-finite one gets a warning (1 mm is used).
+fn checked_spacing(
+    path: &Path,
+    h: &nifti::NiftiHeader,
+    warnings: &mut Vec<String>,
+) -> Result<[f64; 3], String> {
+    let ndim = (h.dim[0] as usize).clamp(1, 7);
+    let unit = unit_to_mm(h.xyzt_units);
+    for k in 1..=ndim.min(3) {
+        let raw = h.pixdim[k];
+        if raw == 0.0 || !raw.is_finite() {
+            warnings.push(format!(
+                "{}: pixdim[{k}] is {raw}: using 1 mm",
+                path.display()
+            ));
+        } else {
+            check_spacing(
+                path,
+                &format!("pixdim[{k}] = {raw}"),
+                (raw as f64).abs() * unit,
+                warnings,
+            )?;
+        }
+    }
+    Ok(spacing_zyx(h))
+}
+
+/// A voxel size `mm` (named `what` in messages): an error outside [`SPACING_MM_LIMITS`],
+/// a warning outside [`SPACING_MM_USUAL`].
+pub(crate) fn check_spacing(
+    path: &Path,
+    what: &str,
+    mm: f64,
+    warnings: &mut Vec<String>,
+) -> Result<(), String> {
+    if !(SPACING_MM_LIMITS.0..=SPACING_MM_LIMITS.1).contains(&mm) {
+        return Err(format!(
+            "{what} ({mm:e} mm) is not a plausible voxel size (must be {} to {} mm)",
+            SPACING_MM_LIMITS.0, SPACING_MM_LIMITS.1
+        ));
+    }
+    if !(SPACING_MM_USUAL.0..=SPACING_MM_USUAL.1).contains(&mm) {
+        warnings.push(format!(
+            "{}: {what} ({mm} mm) is an unusual voxel size for a head CT",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 fn decode(raw: &[u8], dt: DataType, big: bool, slope: f64, inter: f64, out: &mut Vec<f32>) {
@@ -653,7 +771,7 @@ pub fn read_header(path: &Path) -> Result<nifti::NiftiHeader, IoError> {
 }
 
 /// The `[z, y, x]` shape a header's dims describe (missing dims count as 1).
-fn header_shape(h: &nifti::NiftiHeader) -> Option<(usize, usize, usize)> {
+pub(crate) fn header_shape(h: &nifti::NiftiHeader) -> Option<(usize, usize, usize)> {
     let n = h.dim[0] as usize;
     if !(1..=7).contains(&n) {
         return None;

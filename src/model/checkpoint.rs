@@ -4,8 +4,11 @@
 //! optionally the optimizer state (`opt.<name>.m`, `opt.<name>.v`, steps under `opt_steps`).
 //! Loading accepts f32, f64, f16 and bf16 and checks every name and shape, reporting all
 //! missing, unexpected and mismatched tensors at once; `*.num_batches_tracked` is ignored,
-//! so a PyTorch `state_dict` saved with these names loads. Writes are atomic (temporary
-//! file in the same folder, then rename). Knows nothing about training or CT.
+//! so a PyTorch `state_dict` saved with these names loads. A model file is input: its
+//! config is validated against bounds ([`ModelConfig::validate`]), the file and the
+//! network's parameters are checked against the memory budget before they are allocated,
+//! and a tensor holding NaN/Inf is refused by name. Writes are atomic (temporary file in
+//! the same folder, then rename). Knows nothing about training or CT.
 
 use super::config::ModelConfig;
 use super::net::IchNet;
@@ -57,10 +60,19 @@ pub struct HostTensor {
 /// A file's tensors by name, and its metadata.
 pub type TensorsAndMetadata = (BTreeMap<String, HostTensor>, HashMap<String, String>);
 
+/// Reads a model file whole, after checking that it and its tensors decoded to f64 (at
+/// most four times the file: f16 -> f64) fit the memory budget.
+fn read_file(path: &Path) -> Result<Vec<u8>, ModelError> {
+    let len = crate::io::metadata(path)?.len();
+    crate::io::budget::budget().check(path, len as u128 * 5, || {
+        format!("loading a {len}-byte model file")
+    })?;
+    std::fs::read(path).map_err(|e| ModelError::checkpoint(path, format!("cannot read: {e}")))
+}
+
 /// Every tensor of a safetensors file (as f64) and its metadata.
 pub fn read_tensors(path: &Path) -> Result<TensorsAndMetadata, ModelError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| ModelError::checkpoint(path, format!("cannot read: {e}")))?;
+    let bytes = read_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| ModelError::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
@@ -119,8 +131,7 @@ fn decode(v: &TensorView<'_>) -> Result<Vec<f64>, String> {
 
 /// The model config stored in a file's metadata, if any.
 pub fn read_config(path: &Path) -> Result<Option<ModelConfig>, ModelError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| ModelError::checkpoint(path, format!("cannot read: {e}")))?;
+    let bytes = read_file(path)?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| ModelError::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
     match meta.metadata().as_ref().and_then(|m| m.get(CONFIG_KEY)) {
@@ -262,8 +273,25 @@ pub fn assign<B: Backend>(
         let t = tensors
             .get(&key)
             .ok_or_else(|| ModelError::Internal(format!("{key} vanished")))?;
+        check_finite(path, &key, &t.data)?;
         let v: Vec<B::T> = t.data.iter().map(|&x| B::T::from_f64_lossy(x)).collect();
         net.set_param(&name, &v)?;
+    }
+    Ok(())
+}
+
+/// An error naming the tensor when any of its values is NaN or infinite (a damaged or
+/// diverged model: its probabilities would all be NaN).
+pub fn check_finite(path: &Path, name: &str, data: &[f64]) -> Result<(), ModelError> {
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(ModelError::checkpoint(
+            path,
+            format!(
+                "tensor `{name}` holds {bad} non-finite value(s) (NaN/Inf) of {}: the model is damaged or diverged",
+                data.len()
+            ),
+        ));
     }
     Ok(())
 }
@@ -301,12 +329,19 @@ pub fn load_into<B: Backend>(net: &mut IchNet<B>, path: &Path) -> Result<Loaded,
             ModelError::checkpoint(path, format!("metadata `{OPT_STEPS_KEY}`: {e}"))
         })?;
         for name in net.names() {
-            let conv = |suffix: &str| -> Option<Vec<B::T>> {
-                tensors
-                    .get(&format!("{OPT_PREFIX}{name}.{suffix}"))
-                    .map(|t| t.data.iter().map(|&x| B::T::from_f64_lossy(x)).collect())
+            let conv = |suffix: &str| -> Result<Option<Vec<B::T>>, ModelError> {
+                let key = format!("{OPT_PREFIX}{name}.{suffix}");
+                match tensors.get(&key) {
+                    None => Ok(None),
+                    Some(t) => {
+                        check_finite(path, &key, &t.data)?;
+                        Ok(Some(
+                            t.data.iter().map(|&x| B::T::from_f64_lossy(x)).collect(),
+                        ))
+                    }
+                }
             };
-            let (m, v) = (conv("m"), conv("v"));
+            let (m, v) = (conv("m")?, conv("v")?);
             let s = steps.get(&name).copied().unwrap_or(0);
             if m.is_some() || s > 0 {
                 net.set_opt_state(&name, m.as_deref(), v.as_deref(), s)
@@ -328,6 +363,11 @@ pub fn load<B: Backend>(backend: B, path: &Path) -> Result<(IchNet<B>, Loaded), 
             path,
             "no `config` in the metadata: build the network with its config and use `load_into`",
         )
+    })?;
+    let need =
+        super::memory::param_bytes(&cfg, std::mem::size_of::<B::T>(), false).unwrap_or(u128::MAX);
+    crate::io::budget::budget().check(path, need, || {
+        format!("the model's parameters ({})", cfg.to_fixture_json())
     })?;
     let mut net = IchNet::new(backend, cfg, 0)?;
     let loaded = load_into(&mut net, path)?;

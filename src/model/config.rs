@@ -5,6 +5,21 @@
 use super::ModelError;
 use serde::{Deserialize, Serialize};
 
+/// Upper bounds of the config's sizes. A model file is input, and every size is allocated:
+/// a `base_width` of 10^6 asks for 36 TB. The bounds leave room far beyond ResNet-152
+/// (`[3, 8, 36, 3]`, width 64) and the paper's LSTM (3 x 256); [`MAX_PARAMETERS`] bounds
+/// the total.
+pub const MAX_BASE_WIDTH: usize = 1024;
+pub const MAX_BLOCKS_PER_STAGE: usize = 256;
+pub const MAX_STAGES: usize = 8;
+pub const MAX_LSTM_HIDDEN: usize = 16384;
+pub const MAX_LSTM_LAYERS: usize = 64;
+pub const MAX_HEAD_LAYERS: usize = 16;
+pub const MAX_HEAD_WIDTH: usize = 1 << 16;
+pub const MAX_IN_CHANNELS: usize = 64;
+/// Most parameters (trainables and running statistics) of a network: 2^30, 4 GiB in f32.
+pub const MAX_PARAMETERS: u128 = 1 << 30;
+
 /// torchvision's two residual block types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -168,12 +183,14 @@ impl ModelConfig {
         .to_string()
     }
 
-    /// Checks that every size is positive and the constants are usable.
+    /// Checks that every size is positive and within its bound (`MAX_*`), that the total
+    /// parameter count is at most [`MAX_PARAMETERS`] (checked arithmetic, before anything is
+    /// allocated), and that the constants are usable.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
-        if self.layers.is_empty() || self.layers.len() > 8 {
+        if self.layers.is_empty() || self.layers.len() > MAX_STAGES {
             return bad(format!(
-                "`layers` must list 1 to 8 stages, got {:?}",
+                "`layers` must list 1 to {MAX_STAGES} stages, got {:?}",
                 self.layers
             ));
         }
@@ -197,6 +214,35 @@ impl ModelConfig {
                 "head widths must be at least 1, got {:?}",
                 self.head
             ));
+        }
+        let over = |name: &str, v: usize, max: usize| {
+            (v > max).then(|| format!("`{name}` is {v}, more than the most allowed, {max}"))
+        };
+        let too_big = over("base_width", self.base_width, MAX_BASE_WIDTH)
+            .or_else(|| {
+                let m = self.layers.iter().copied().max().unwrap_or(0);
+                over("layers", m, MAX_BLOCKS_PER_STAGE)
+            })
+            .or_else(|| over("lstm_hidden", self.lstm_hidden, MAX_LSTM_HIDDEN))
+            .or_else(|| over("lstm_layers", self.lstm_layers, MAX_LSTM_LAYERS))
+            .or_else(|| over("in_channels", self.in_channels, MAX_IN_CHANNELS))
+            .or_else(|| over("head` length (`head", self.head.len(), MAX_HEAD_LAYERS))
+            .or_else(|| {
+                let m = self.head.iter().copied().max().unwrap_or(0);
+                over("head", m, MAX_HEAD_WIDTH)
+            });
+        if let Some(m) = too_big {
+            return bad(m);
+        }
+        match super::memory::param_counts(self) {
+            Some(c) if c.total <= MAX_PARAMETERS => {}
+            Some(c) => {
+                return bad(format!(
+                    "{} parameters, more than the most allowed, {MAX_PARAMETERS}",
+                    c.total
+                ))
+            }
+            None => return bad("the parameter count overflows".into()),
         }
         if !(self.bn_eps > 0.0 && self.bn_eps.is_finite()) {
             return bad(format!("bn_eps must be positive, got {}", self.bn_eps));
@@ -243,5 +289,35 @@ mod tests {
         let j =
             r#"{"block": "basic", "layers": [1], "base_width": 4, "lstm_hidden": 8, "head": [3]}"#;
         assert!(ModelConfig::from_fixture_json(j).is_err());
+    }
+
+    #[test]
+    fn rejects_sizes_past_their_bounds_before_allocating() {
+        let with = |k: &str, v: serde_json::Value| {
+            let mut j = serde_json::json!({"block": "basic", "layers": [1, 1], "base_width": 4,
+                "lstm_hidden": 8});
+            j[k] = v;
+            j
+        };
+        let mut whole = with("base_width", 1024.into());
+        whole["lstm_hidden"] = 16384.into();
+        whole["lstm_layers"] = 64.into();
+        for (j, what) in [
+            (with("base_width", 1_000_000.into()), "base_width"),
+            (with("base_width", u64::MAX.into()), "base_width"),
+            (with("in_channels", 10_000_000.into()), "in_channels"),
+            (with("lstm_layers", 1_000_000.into()), "lstm_layers"),
+            (with("lstm_hidden", u64::MAX.into()), "lstm_hidden"),
+            (with("layers", serde_json::json!([1_000_000, 1])), "layers"),
+            (with("head", serde_json::json!([1_000_000_000, 1])), "head"),
+            // Each size within its bound, the whole too large.
+            (whole, "parameters"),
+        ] {
+            let e = ModelConfig::from_fixture_json(&j.to_string())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(what), "{j}: {e}");
+        }
+        assert!(ModelConfig::resnet101_lstm().validate().is_ok());
     }
 }

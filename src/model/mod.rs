@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod memory;
 pub mod net;
 pub mod optim;
 pub mod params;

@@ -1,0 +1,280 @@
+//! Memory a network needs, computed from its [`ModelConfig`] alone, before anything is
+//! allocated: parameter counts, the bytes an [`super::IchNet`] holds for them, and the
+//! activations of a forward pass at a given batch and input size. The arithmetic is checked
+//! (`u128`, `None` on overflow), so an absurd config from a model file is refused instead of
+//! overflowing or aborting in the allocator. The shapes mirror `resnet.rs` and `net.rs`
+//! (tests compare the counts with a built network). Knows nothing about CT or files.
+
+use super::config::{BlockKind, ModelConfig};
+
+/// Parameter counts of a config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    /// Every tensor (trainables and batch-norm running statistics).
+    pub total: u128,
+    /// Trainable scalars (each also has a gradient buffer).
+    pub trainable: u128,
+}
+
+fn mul(a: u128, b: u128) -> Option<u128> {
+    a.checked_mul(b)
+}
+
+fn add(a: u128, b: u128) -> Option<u128> {
+    a.checked_add(b)
+}
+
+/// A conv + batch norm's parameters: weight `[cout, cin, k, k]`, BN weight and bias
+/// (trainable), running mean and variance.
+fn conv_bn(c: &mut Counts, cin: u128, cout: u128, k: u128) -> Option<()> {
+    let w = mul(mul(cout, cin)?, mul(k, k)?)?;
+    c.trainable = add(c.trainable, add(w, mul(2, cout)?)?)?;
+    c.total = add(c.total, add(w, mul(4, cout)?)?)?;
+    Some(())
+}
+
+fn linear(c: &mut Counts, k: u128, n: u128) -> Option<()> {
+    let p = add(mul(n, k)?, n)?;
+    c.trainable = add(c.trainable, p)?;
+    c.total = add(c.total, p)?;
+    Some(())
+}
+
+/// Parameters of the whole network (backbone, LSTM, head, fc); `None` on overflow.
+pub fn param_counts(cfg: &ModelConfig) -> Option<Counts> {
+    let mut c = Counts {
+        total: 0,
+        trainable: 0,
+    };
+    let base = cfg.base_width as u128;
+    conv_bn(&mut c, cfg.in_channels as u128, base, 7)?;
+    let mut cin = base;
+    for (i, &n) in cfg.layers.iter().enumerate() {
+        let w = mul(base, 1u128.checked_shl(i as u32)?)?;
+        // The first block of a stage may stride and change the width; the others are all
+        // alike (counted once, times their number: no loop over a hostile count).
+        let block = |c: &mut Counts, cin: u128, stride2: bool| -> Option<u128> {
+            let cout = match cfg.block {
+                BlockKind::Basic => {
+                    conv_bn(c, cin, w, 3)?;
+                    conv_bn(c, w, w, 3)?;
+                    w
+                }
+                BlockKind::Bottleneck => {
+                    let out = mul(w, 4)?;
+                    conv_bn(c, cin, w, 1)?;
+                    conv_bn(c, w, w, 3)?;
+                    conv_bn(c, w, out, 1)?;
+                    out
+                }
+            };
+            if stride2 || cin != cout {
+                conv_bn(c, cin, cout, 1)?;
+            }
+            Some(cout)
+        };
+        if n == 0 {
+            continue;
+        }
+        let cout = block(&mut c, cin, i > 0)?;
+        let mut rest = Counts {
+            total: 0,
+            trainable: 0,
+        };
+        block(&mut rest, cout, false)?;
+        let k = (n - 1) as u128;
+        c.total = add(c.total, mul(rest.total, k)?)?;
+        c.trainable = add(c.trainable, mul(rest.trainable, k)?)?;
+        cin = cout;
+    }
+    let feat = cin;
+    let hid = cfg.lstm_hidden as u128;
+    for l in 0..cfg.lstm_layers {
+        let input = if l == 0 { feat } else { hid };
+        let p = add(mul(mul(4, hid)?, add(input, hid)?)?, mul(8, hid)?)?;
+        c.trainable = add(c.trainable, p)?;
+        c.total = add(c.total, p)?;
+    }
+    let mut kin = hid;
+    for &n in cfg.head.iter().chain(std::iter::once(&1)) {
+        linear(&mut c, kin, n as u128)?;
+        kin = n as u128;
+    }
+    linear(&mut c, feat, 1)?;
+    Some(c)
+}
+
+/// Bytes an `IchNet` holds for its parameters with `elem`-byte scalars: every tensor plus a
+/// gradient buffer per trainable; with `optimizer`, Adam's two moments per trainable too.
+pub fn param_bytes(cfg: &ModelConfig, elem: usize, optimizer: bool) -> Option<u128> {
+    let c = param_counts(cfg)?;
+    let per_trainable = if optimizer { 3 } else { 1 };
+    mul(
+        add(c.total, mul(c.trainable, per_trainable)?)?,
+        elem as u128,
+    )
+}
+
+/// `(h + 2 pad - k) / stride + 1`, as the engine's shapes compute it.
+fn out_len(h: u128, k: u128, stride: u128, pad: u128) -> u128 {
+    (h + 2 * pad).saturating_sub(k) / stride + 1
+}
+
+/// Scalars of the backbone activations an `IchNet` keeps for a batch of `n` images of
+/// `h x w` (every conv's output and its batch-norm output, the max-pool, each block's
+/// output, the pooled features), as `BackboneActs` allocates them. Returns the count and the
+/// last feature map's `(channels, height, width)`.
+pub fn backbone_activations(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Option<(u128, (u128, u128, u128))> {
+    let n = n as u128;
+    let base = cfg.base_width as u128;
+    let mut total: u128 = 0;
+    // Each conv + BN keeps its conv output and its BN output.
+    let unit = |total: &mut u128, c: u128, oh: u128, ow: u128| -> Option<()> {
+        *total = add(*total, mul(2, mul(mul(n, c)?, mul(oh, ow)?)?)?)?;
+        Some(())
+    };
+    let (sh, sw) = (out_len(h as u128, 7, 2, 3), out_len(w as u128, 7, 2, 3));
+    unit(&mut total, base, sh, sw)?;
+    let (mut ch, mut cw) = (out_len(sh, 3, 2, 1), out_len(sw, 3, 2, 1));
+    total = add(total, mul(mul(n, base)?, mul(ch, cw)?)?)?;
+    let mut cin = base;
+    for (i, &nb) in cfg.layers.iter().enumerate() {
+        let wd = mul(base, 1u128.checked_shl(i as u32)?)?;
+        // One block's activations; the blocks after a stage's first are all alike.
+        let block =
+            |cin: u128, ch: u128, cw: u128, stride: u128| -> Option<(u128, u128, u128, u128)> {
+                let mut t: u128 = 0;
+                let (oh, ow) = (out_len(ch, 3, stride, 1), out_len(cw, 3, stride, 1));
+                let cout = match cfg.block {
+                    BlockKind::Basic => {
+                        unit(&mut t, wd, oh, ow)?;
+                        unit(&mut t, wd, oh, ow)?;
+                        wd
+                    }
+                    BlockKind::Bottleneck => {
+                        unit(&mut t, wd, ch, cw)?;
+                        unit(&mut t, wd, oh, ow)?;
+                        unit(&mut t, mul(wd, 4)?, oh, ow)?;
+                        mul(wd, 4)?
+                    }
+                };
+                if stride != 1 || cin != cout {
+                    unit(&mut t, cout, oh, ow)?;
+                }
+                t = add(t, mul(mul(n, cout)?, mul(oh, ow)?)?)?;
+                Some((t, cout, oh, ow))
+            };
+        if nb == 0 {
+            continue;
+        }
+        let (t, cout, oh, ow) = block(cin, ch, cw, if i > 0 { 2 } else { 1 })?;
+        let (rest, _, _, _) = block(cout, oh, ow, 1)?;
+        total = add(add(total, t)?, mul(rest, (nb - 1) as u128)?)?;
+        (ch, cw, cin) = (oh, ow, cout);
+    }
+    total = add(total, mul(n, cin)?)?;
+    Some((total, (cin, ch, cw)))
+}
+
+/// Bytes of one stage-2 inference pass (`IchNet::stage2_infer_device`) on `n` slices of
+/// `size x size` with `elem`-byte scalars: the input, the backbone activations, the CAM
+/// (Grad-CAM's gradient maps included) and its upsampled and normalised copies.
+pub fn stage2_infer_bytes(cfg: &ModelConfig, n: usize, size: usize, elem: usize) -> Option<u128> {
+    let (acts, (c, fh, fw)) = backbone_activations(cfg, n, size, size)?;
+    let n = n as u128;
+    let plane = mul(size as u128, size as u128)?;
+    let input = mul(mul(n, cfg.in_channels as u128)?, plane)?;
+    let cam = add(mul(n, mul(fh, fw)?)?, mul(mul(n, c)?, mul(fh, fw)?)?)?;
+    let up = mul(mul(2, n)?, plane)?;
+    let scalars = add(add(add(input, acts)?, cam)?, up)?;
+    mul(scalars, elem as u128)
+}
+
+/// Bytes of one stage-1 forward pass (`IchNet::stage1_logits`) on `batch` sequences of
+/// `seq` slices of `size x size`: the input, the backbone activations of every slice, and
+/// the LSTM and head states.
+pub fn stage1_infer_bytes(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    size: usize,
+    elem: usize,
+) -> Option<u128> {
+    let n = (batch as u128).checked_mul(seq as u128)?;
+    let nn = usize::try_from(n).ok()?;
+    let (acts, _) = backbone_activations(cfg, nn, size, size)?;
+    let plane = mul(size as u128, size as u128)?;
+    let input = mul(mul(n, cfg.in_channels as u128)?, plane)?;
+    let hid = cfg.lstm_hidden as u128;
+    // Gates (4h), cell and hidden states per step and layer, kept for BPTT.
+    let lstm = mul(mul(n, mul(6, hid)?)?, cfg.lstm_layers as u128)?;
+    let head: u128 = cfg
+        .head
+        .iter()
+        .try_fold(0u128, |a, &w| add(a, mul(mul(2, n)?, w as u128)?))?;
+    mul(add(add(add(input, acts)?, lstm)?, head)?, elem as u128)
+}
+
+/// Bytes of training (stage 1, the larger stage): parameters with their gradients and
+/// optimizer moments, and a forward pass's activations twice over (their gradients).
+pub fn training_bytes(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    size: usize,
+    elem: usize,
+) -> Option<u128> {
+    let params = param_bytes(cfg, elem, true)?;
+    let fwd = stage1_infer_bytes(cfg, batch, seq, size, elem)?;
+    add(params, mul(fwd, 2)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::CpuBackend;
+    use crate::model::IchNet;
+
+    #[test]
+    fn counts_match_a_built_network() {
+        let mut bottle = ModelConfig::tiny();
+        bottle.block = BlockKind::Bottleneck;
+        bottle.layers = vec![1, 2];
+        bottle.lstm_layers = 2;
+        bottle.head = vec![16];
+        for cfg in [ModelConfig::tiny(), bottle] {
+            let net = IchNet::new(CpuBackend::<f32>::new(), cfg.clone(), 0).unwrap();
+            let c = param_counts(&cfg).unwrap();
+            let total: usize = net.params().iter().map(|p| p.numel()).sum();
+            assert_eq!(c.total, total as u128);
+            assert_eq!(c.trainable, net.params().trainable_count() as u128);
+        }
+    }
+
+    #[test]
+    fn activations_match_the_feature_map() {
+        let cfg = ModelConfig::tiny();
+        let (_, (c, fh, fw)) = backbone_activations(&cfg, 2, 64, 64).unwrap();
+        assert_eq!(c as usize, cfg.feature_channels());
+        // Stem /2, pool /2, two more stages /2 each.
+        assert_eq!((fh, fw), (4, 4));
+    }
+
+    #[test]
+    fn absurd_configs_do_not_overflow() {
+        let mut cfg = ModelConfig::tiny();
+        cfg.base_width = usize::MAX;
+        cfg.layers = vec![usize::MAX; 8];
+        // Answered at once (no loop over the block count) and without overflowing.
+        assert_eq!(param_counts(&cfg), None);
+        assert_eq!(stage2_infer_bytes(&cfg, usize::MAX, usize::MAX, 8), None);
+        let mut deep = ModelConfig::tiny();
+        deep.layers = vec![usize::MAX];
+        assert!(param_counts(&deep).unwrap().total > u64::MAX as u128);
+    }
+}

@@ -1,0 +1,650 @@
+//! Issue 15's hostile files, kept as regression cases: each ran into an abort, a panic, a
+//! silent wrong answer, a clobbered file or a half-written output before the fix. Every
+//! binary run here is under an 8 GB address-space limit (`setrlimit(RLIMIT_AS)` in the
+//! child) and must exit 0 or 1 with a clear message, leaving no partial output.
+
+mod support;
+
+use ichcam::engine::cpu::CpuBackend;
+use ichcam::infer::{SegmentOptions, Segmenter};
+use ichcam::io::{self, IoError};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::Duration;
+use support::{run_limited, Outcome, AS_LIMIT};
+
+const LONG: Duration = Duration::from_secs(600);
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+/// Runs `ichcam args...` under the 8 GB limit and returns the run, asserting exit 0 or 1.
+fn run(args: &[&OsStr]) -> support::Run {
+    let r = run_limited(args, AS_LIMIT, LONG);
+    assert!(
+        r.outcome.is_clean(),
+        "{args:?}: {:?}\nstderr: {}",
+        r.outcome,
+        r.stderr
+    );
+    r
+}
+
+fn error_of(r: &support::Run) -> String {
+    match &r.outcome {
+        Outcome::CleanError(l) => l.clone(),
+        o => panic!("expected a clean error, got {o:?}\nstderr: {}", r.stderr),
+    }
+}
+
+/// The seed model with its `config` (fixture format) and metadata edited.
+fn edited_model(
+    dir: &Path,
+    name: &str,
+    config: &[(&str, serde_json::Value)],
+    meta: &[(&str, &str)],
+) -> std::path::PathBuf {
+    let seed = dir.join("seed.safetensors");
+    if !seed.exists() {
+        support::write_model(&seed, 32);
+    }
+    let (mut h, data) = support::split_safetensors(&std::fs::read(&seed).unwrap());
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(h["__metadata__"]["config"].as_str().unwrap()).unwrap();
+    for (k, v) in config {
+        cfg[*k] = v.clone();
+    }
+    h["__metadata__"]["config"] = cfg.to_string().into();
+    for (k, v) in meta {
+        h["__metadata__"][*k] = (*v).into();
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, support::join_safetensors(&h, &data)).unwrap();
+    p
+}
+
+#[test]
+fn model_fields_are_bounded_before_anything_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("v.nii.gz");
+    io::write_volume(&vol, &support::phantom(4)).unwrap();
+    let big = u64::MAX;
+    type Edit<'a> = (
+        Vec<(&'a str, serde_json::Value)>,
+        Vec<(&'a str, &'a str)>,
+        &'a str,
+    );
+    let cases: Vec<Edit> = vec![
+        (vec![("base_width", 1_000_000.into())], vec![], "base_width"),
+        (vec![("base_width", big.into())], vec![], "base_width"),
+        (
+            vec![("lstm_hidden", 10_000_000.into())],
+            vec![],
+            "lstm_hidden",
+        ),
+        (
+            vec![("lstm_layers", 1_000_000.into())],
+            vec![],
+            "lstm_layers",
+        ),
+        (
+            vec![("layers", serde_json::json!([1_000_000, 1]))],
+            vec![],
+            "layers",
+        ),
+        (
+            vec![("head", serde_json::json!([1_000_000_000, 1]))],
+            vec![],
+            "head",
+        ),
+        (
+            vec![("in_channels", 10_000_000.into())],
+            vec![],
+            "in_channels",
+        ),
+        (
+            vec![],
+            vec![("ichcam.input_size", "100000")],
+            "ichcam.input_size",
+        ),
+        (
+            vec![],
+            vec![("ichcam.input_size", "4000")],
+            "ichcam.input_size",
+        ),
+        (
+            vec![],
+            vec![("ichcam.input_size", "18446744073709551615")],
+            "ichcam.input_size",
+        ),
+        (
+            vec![],
+            vec![("ichcam.slices", "1000000000")],
+            "ichcam.slices",
+        ),
+    ];
+    for (k, (config, meta, what)) in cases.into_iter().enumerate() {
+        let m = edited_model(dir.path(), &format!("m{k}.safetensors"), &config, &meta);
+        // Library: a typed error, no allocation of the claimed size.
+        let e = match Segmenter::load(CpuBackend::<f32>::new(), &m, SegmentOptions::default()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{what}: loaded"),
+        };
+        assert!(e.contains(what), "{what}: {e}");
+        // Binary: exit 1 with the reason, for both classifiers.
+        for cls in ["stage2", "stage1"] {
+            let out = dir.path().join(format!("out{k}{cls}"));
+            let r = run(&[
+                os("segment"),
+                os("--model"),
+                m.as_os_str(),
+                os("--input"),
+                vol.as_os_str(),
+                os("--out"),
+                out.as_os_str(),
+                os("--device"),
+                os("cpu"),
+                os("-q"),
+                os("--classifier"),
+                os(cls),
+            ]);
+            assert!(error_of(&r).contains(what), "{what}: {}", r.stderr);
+            assert!(!out.exists(), "{what}: outputs written");
+        }
+    }
+}
+
+#[test]
+fn nan_weights_are_refused_by_tensor_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed.safetensors");
+    support::write_model(&seed, 32);
+    let (h, mut data) = support::split_safetensors(&std::fs::read(&seed).unwrap());
+    let [s, e] = [0, 1].map(|i| h["fc.weight"]["data_offsets"][i].as_u64().unwrap() as usize);
+    for c in data[s..e].chunks_exact_mut(4) {
+        c.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    let m = dir.path().join("nan.safetensors");
+    std::fs::write(&m, support::join_safetensors(&h, &data)).unwrap();
+    let e = match Segmenter::load(CpuBackend::<f32>::new(), &m, SegmentOptions::default()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("NaN weights loaded"),
+    };
+    assert!(e.contains("`fc.weight`") && e.contains("non-finite"), "{e}");
+}
+
+#[test]
+fn huge_but_valid_volumes_are_planned_from_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    support::write_model(&model, 32);
+    for (name, dims) in [
+        ("w4096.nii.gz", (4096, 4096, 24)),
+        ("z2048.nii.gz", (512, 512, 2048)),
+        ("flat.nii.gz", (32767, 26000, 1)),
+    ] {
+        let p = dir.path().join(name);
+        support::write_big_u8_gz(&p, dims, 0);
+        let out = dir.path().join(format!("out-{name}"));
+        let r = run(&[
+            os("segment"),
+            os("--model"),
+            model.as_os_str(),
+            os("--input"),
+            p.as_os_str(),
+            os("--out"),
+            out.as_os_str(),
+            os("--device"),
+            os("cpu"),
+            os("-q"),
+        ]);
+        error_of(&r);
+        assert!(
+            r.stderr.contains("1 of 1 volume(s) failed"),
+            "{name}: {}",
+            r.stderr
+        );
+        let (nx, ny, nz) = dims;
+        assert!(
+            r.stderr
+                .contains(&format!("segmenting {nx}x{ny}x{nz} voxels needs about"))
+                && r.stderr.contains("memory budget"),
+            "{name}: {}",
+            r.stderr
+        );
+        assert_eq!(support::check_outputs(&out), Ok(0), "{name}");
+        std::fs::remove_file(&p).unwrap();
+    }
+}
+
+#[test]
+fn a_512x512x1000_scan_still_segments_under_8_gb() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    support::write_model(&model, 32);
+    // A real scan's size: air everywhere but a head in the middle slices.
+    let p = dir.path().join("long.nii.gz");
+    {
+        use std::io::Write;
+        let (n, d) = (512usize, 1000usize);
+        let mut v = support::phantom(1);
+        v.header.dim = [3, n as u16, n as u16, d as u16, 1, 1, 1, 1];
+        v.header.datatype = 2;
+        v.header.bitpix = 8;
+        v.header.pixdim = [1.0, 0.45, 0.45, 0.625, 1.0, 1.0, 1.0, 1.0];
+        // HU = 10 * stored - 1000: 0 is air, 104 brain, 107 blood, 220 bone.
+        v.header.scl_slope = 10.0;
+        v.header.scl_inter = -1000.0;
+        let f = std::fs::File::create(&p).unwrap();
+        let mut e =
+            flate2::write::GzEncoder::new(std::io::BufWriter::new(f), flate2::Compression::fast());
+        e.write_all(&io::nii::header_bytes(&v.header)).unwrap();
+        let mut head = vec![0u8; n * n];
+        for y in 0..n {
+            for x in 0..n {
+                let r = ((y as f64 - 256.0).powi(2) + (x as f64 - 256.0).powi(2)).sqrt();
+                head[y * n + x] = if r < 180.0 {
+                    104
+                } else if r < 200.0 {
+                    220
+                } else {
+                    0
+                };
+            }
+        }
+        for y in 200..240 {
+            for x in 150..200 {
+                head[y * n + x] = 107;
+            }
+        }
+        let air = vec![0u8; n * n];
+        for z in 0..d {
+            e.write_all(if (400..600).contains(&z) { &head } else { &air })
+                .unwrap();
+        }
+        e.finish().unwrap().flush().unwrap();
+    }
+    let out = dir.path().join("out");
+    let r = run(&[
+        os("segment"),
+        os("--model"),
+        model.as_os_str(),
+        os("--input"),
+        p.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+        os("--device"),
+        os("cpu"),
+        os("-q"),
+    ]);
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
+    assert_eq!(support::check_outputs(&out), Ok(1));
+    assert_eq!(
+        io::probe_dims(&out.join("long/mask.nii.gz")).unwrap(),
+        (1000, 512, 512)
+    );
+}
+
+#[test]
+fn eval_of_two_huge_all_ones_masks_does_not_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pred, truth) = (dir.path().join("pred"), dir.path().join("truth"));
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&truth).unwrap();
+    support::write_big_u8_gz(&truth.join("a.nii.gz"), (4096, 4096, 16), 1);
+    std::fs::copy(truth.join("a.nii.gz"), pred.join("a.nii.gz")).unwrap();
+    let json = dir.path().join("e.json");
+    let r = run(&[
+        os("eval"),
+        os("--pred"),
+        pred.as_os_str(),
+        os("--truth"),
+        truth.as_os_str(),
+        os("--json"),
+        json.as_os_str(),
+    ]);
+    // Refused under 8 GB (the distance transforms need about 9.5 GiB), by name and size.
+    if let Outcome::CleanError(_) = r.outcome {
+        assert!(
+            r.stdout.contains("evaluating 4096x4096x16 voxels")
+                && r.stdout.contains("memory budget"),
+            "{}",
+            r.stdout
+        );
+    }
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(j["volumes"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn gzip_damage_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = support::phantom(8);
+    let good = dir.path().join("good.nii.gz");
+    io::write_volume(&good, &v).unwrap();
+    let b = std::fs::read(&good).unwrap();
+    let n = b.len();
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("cut trailer".into(), b[..n - 8].to_vec()),
+        ("cut ISIZE".into(), b[..n - 4].to_vec()),
+        ("trailing garbage".into(), [&b[..], b"garbage!"].concat()),
+    ];
+    for (what, at) in [("CRC", n - 6), ("ISIZE", n - 2)] {
+        let mut c = b.clone();
+        c[at] ^= 0x10;
+        cases.push((what.into(), c));
+    }
+    // Bit flips inside the deflate stream, past the header's block.
+    let mut rng = support::Rng(15);
+    for k in 0..24 {
+        let mut c = b.clone();
+        let at = 200 + rng.below(n - 220);
+        c[at] ^= 1 << rng.below(8);
+        cases.push((format!("flip {k} at {at}"), c));
+    }
+    for (what, bytes) in cases {
+        let p = dir.path().join("bad.nii.gz");
+        std::fs::write(&p, &bytes).unwrap();
+        match io::read_volume_report(&p) {
+            Err(e) => assert!(
+                e.to_string().contains("gzip") || e.to_string().contains("header"),
+                "{what}: {e}"
+            ),
+            Ok((got, _)) => panic!(
+                "{what}: damaged stream read without error (voxels equal: {})",
+                got.data == v.data
+            ),
+        }
+    }
+}
+
+#[test]
+fn a_dicom_element_claiming_4_gb_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("series");
+    io::dicom::write_series(&s, &support::phantom(3)).unwrap();
+    // A 9 KB file: the file meta group, then a private OB element claiming 0xF0000000 bytes.
+    let mut f = Vec::new();
+    f.extend([0u8; 128]);
+    f.extend(b"DICM");
+    let el = |g: u16, e: u16, vr: &[u8; 2], v: &[u8]| {
+        let mut o = Vec::new();
+        o.extend(g.to_le_bytes());
+        o.extend(e.to_le_bytes());
+        o.extend(vr);
+        if matches!(vr, b"OB" | b"OW" | b"SQ" | b"UN" | b"UT") {
+            o.extend([0, 0]);
+            o.extend((v.len() as u32).to_le_bytes());
+        } else {
+            o.extend((v.len() as u16).to_le_bytes());
+        }
+        o.extend(v);
+        o
+    };
+    let mut meta = Vec::new();
+    meta.extend(el(2, 1, b"OB", &[0, 1]));
+    meta.extend(el(2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0"));
+    meta.extend(el(2, 3, b"UI", b"1.2.3.4\0"));
+    meta.extend(el(2, 0x10, b"UI", b"1.2.840.10008.1.2.1\0"));
+    f.extend(el(2, 0, b"UL", &(meta.len() as u32).to_le_bytes()));
+    f.extend(meta);
+    f.extend(el(8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0"));
+    f.extend(0x0011u16.to_le_bytes());
+    f.extend(0x1010u16.to_le_bytes());
+    f.extend(b"OB\0\0");
+    f.extend(0xF000_0000u32.to_le_bytes());
+    f.extend(vec![0u8; 9000]);
+    std::fs::write(s.join("zz_hostile.dcm"), &f).unwrap();
+    let e = io::read_volume(&s).unwrap_err().to_string();
+    assert!(
+        e.contains("zz_hostile.dcm") && e.contains("claims 4026531840 bytes"),
+        "{e}"
+    );
+    // The binary under a 1 GB address space: before the fix the library's 4.2 GB
+    // allocation aborted it.
+    let r = run_limited(&[os("inspect"), s.as_os_str()], 1 << 30, LONG);
+    assert!(
+        matches!(&r.outcome, Outcome::CleanError(l) if l.contains("claims 4026531840 bytes")),
+        "{:?} {}",
+        r.outcome,
+        r.stderr
+    );
+}
+
+#[test]
+fn special_targets_are_written_into_or_refused_never_replaced() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (pred, truth) = (dir.path().join("pred"), dir.path().join("truth"));
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&truth).unwrap();
+    let v = support::phantom(6);
+    let m = io::to_mask(&support::phantom_mask(&v));
+    io::write_mask(&truth.join("a.nii.gz"), &m, &v).unwrap();
+    io::write_mask(&pred.join("a.nii.gz"), &m, &v).unwrap();
+    let eval_to = |target: &Path| {
+        run_limited(
+            &[
+                os("eval"),
+                os("--pred"),
+                pred.as_os_str(),
+                os("--truth"),
+                truth.as_os_str(),
+                os("--json"),
+                target.as_os_str(),
+            ],
+            AS_LIMIT,
+            LONG,
+        )
+    };
+    // A FIFO: written into, still a FIFO.
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(&fifo).unwrap())
+    };
+    let r = eval_to(&fifo);
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
+    let got = reader.join().unwrap();
+    assert!(serde_json::from_slice::<serde_json::Value>(&got).is_ok());
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    // A symbolic link: its target is replaced, the link kept.
+    let target = dir.path().join("target.json");
+    std::fs::write(&target, b"{}").unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert_eq!(eval_to(&link).outcome, Outcome::Ok);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read(&target).unwrap().len() > 100);
+    // A device: refused, left alone (as root this replaced /dev/full before the fix).
+    let full = Path::new("/dev/full");
+    if full.exists() {
+        let r = eval_to(full);
+        assert!(error_of(&r).contains("character device"), "{}", r.stderr);
+        assert!(std::fs::symlink_metadata(full)
+            .unwrap()
+            .file_type()
+            .is_char_device());
+    }
+    // A folder and a link loop: refused by name.
+    let r = eval_to(dir.path());
+    assert!(error_of(&r).contains("is a folder"), "{}", r.stderr);
+    let (a, b) = (dir.path().join("loop_a"), dir.path().join("loop_b"));
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    let r = eval_to(&a);
+    assert!(error_of(&r).contains("symbolic link loop"), "{}", r.stderr);
+    // `-` is standard output: the JSON alone.
+    let r = eval_to(Path::new("-"));
+    assert!(serde_json::from_str::<serde_json::Value>(&r.stdout).is_ok());
+}
+
+#[test]
+fn a_volume_failing_half_way_leaves_nothing_and_keeps_the_previous_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = support::phantom(6);
+    let mut s = ichcam::infer::Segmentation {
+        probabilities: vec![0.9; 6],
+        positive: vec![true; 6],
+        cam: v.data.mapv(|_| 0.5),
+        mask: io::to_mask(&support::phantom_mask(&v)),
+        n_components: 1,
+        volume_ml: 1.0,
+        saturation: 0.6,
+    };
+    let dest = dir.path().join("out/v");
+    ichcam::infer::write_outputs(&dest, "v", &v, &s).unwrap();
+    let before: Vec<Vec<u8>> = support::OUTPUT_FILES
+        .iter()
+        .map(|f| std::fs::read(dest.join(f)).unwrap())
+        .collect();
+    // The CAM of the wrong shape: the mask is written, the CAM fails.
+    s.cam = ndarray::Array3::zeros((5, 48, 48));
+    s.volume_ml = 2.0;
+    let e = ichcam::infer::write_outputs(&dest, "v", &v, &s).unwrap_err();
+    assert!(e.to_string().contains("out/v/cam.nii.gz"), "{e}");
+    for (f, b) in support::OUTPUT_FILES.iter().zip(&before) {
+        assert_eq!(&std::fs::read(dest.join(f)).unwrap(), b, "{f} changed");
+    }
+    assert_eq!(support::check_outputs(&dir.path().join("out")), Ok(1));
+    // A new id that fails leaves nothing at all.
+    let e = ichcam::infer::write_outputs(&dir.path().join("out/w"), "w", &v, &s);
+    assert!(e.is_err());
+    assert!(!dir.path().join("out/w").exists());
+    assert_eq!(support::check_outputs(&dir.path().join("out")), Ok(1));
+    // An output folder holding someone else's file is not replaced.
+    std::fs::write(dest.join("notes.txt"), b"mine").unwrap();
+    s.cam = v.data.mapv(|_| 0.5);
+    let e = ichcam::infer::write_outputs(&dest, "v", &v, &s).unwrap_err();
+    assert!(e.to_string().contains("notes.txt"), "{e}");
+    assert_eq!(std::fs::read(dest.join("notes.txt")).unwrap(), b"mine");
+}
+
+#[test]
+fn absurd_pixdim_and_bitpix_mismatch_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = support::phantom(4);
+    let p = dir.path().join("p.nii");
+    v.header.pixdim[1] = 1e30;
+    io::write_volume(&p, &v).unwrap();
+    let e = io::read_volume(&p).unwrap_err();
+    assert!(
+        matches!(&e, IoError::Invalid { reason, .. } if reason.contains("pixdim[1]") && reason.contains("plausible")),
+        "{e}"
+    );
+    // Unusual but possible: a warning.
+    v.header.pixdim[1] = 40.0;
+    io::write_volume(&p, &v).unwrap();
+    let (_, r) = io::read_volume_report(&p).unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("unusual")),
+        "{:?}",
+        r.warnings
+    );
+    // Metres in xyzt_units: 0.00045 m is 0.45 mm.
+    v.header.pixdim[1] = 0.00045;
+    v.header.pixdim[2] = 0.00045;
+    v.header.pixdim[3] = 0.005;
+    v.header.xyzt_units = 1;
+    io::write_volume(&p, &v).unwrap();
+    let (got, r) = io::read_volume_report(&p).unwrap();
+    assert!((got.spacing[2] - 0.45).abs() < 1e-6, "{:?}", got.spacing);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // bitpix contradicting the datatype: the datatype wins, with a warning.
+    let mut b = std::fs::read(&p).unwrap();
+    b[72..74].copy_from_slice(&8i16.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let (_, r) = io::read_volume_report(&p).unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("bitpix 8 disagrees")),
+        "{:?}",
+        r.warnings
+    );
+    let r = run(&[os("inspect"), p.as_os_str()]);
+    assert!(r.stdout.contains("bitpix 8 disagrees"), "{}", r.stdout);
+}
+
+#[test]
+fn symlink_loops_are_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.nii.gz"), dir.path().join("b.nii.gz"));
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    let e = io::read_volume(&a).unwrap_err().to_string();
+    assert!(e.contains("symbolic link loop"), "{e}");
+    let r = run(&[os("inspect"), a.as_os_str()]);
+    assert!(error_of(&r).contains("symbolic link loop"), "{}", r.stderr);
+    // As a truth mask of eval.
+    let (pred, truth) = (dir.path().join("pred"), dir.path().join("truth"));
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&truth).unwrap();
+    std::os::unix::fs::symlink(truth.join("y.nii.gz"), truth.join("x.nii.gz")).unwrap();
+    std::os::unix::fs::symlink(truth.join("x.nii.gz"), truth.join("y.nii.gz")).unwrap();
+    let r = run(&[
+        os("eval"),
+        os("--pred"),
+        pred.as_os_str(),
+        os("--truth"),
+        truth.as_os_str(),
+    ]);
+    assert!(error_of(&r).contains("symbolic link loop"), "{}", r.stderr);
+}
+
+#[test]
+fn segmenting_by_slabs_gives_the_whole_pass_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    support::write_model(&model, 32);
+    // Every slice positive and the whole slice in the CAM region, so that the refinement
+    // has work everywhere (the random model's CAM says little).
+    let mut opts = SegmentOptions {
+        slice_threshold: Some(0.0),
+        min_component_ml: Some(0.0),
+        ..Default::default()
+    };
+    opts.refine.cam_threshold = 0.0;
+    opts.refine.grow_cam_threshold = 0.0;
+    let mut seg = Segmenter::load(CpuBackend::<f32>::new(), &model, opts).unwrap();
+    let v = support::phantom(13);
+    let whole = seg.segment(&v).unwrap();
+    assert!(whole.mask.iter().any(|&m| m != 0), "nothing to compare");
+    for slab in [1, 4, 5, 13] {
+        let by = ichcam::infer::slabs::segment_by_slabs(&mut seg, &v, slab).unwrap();
+        assert_eq!(by.probabilities, whole.probabilities, "slab {slab}");
+        assert_eq!(by.cam, whole.cam, "slab {slab}");
+        assert_eq!(by.mask, whole.mask, "slab {slab}");
+        assert_eq!(by.n_components, whole.n_components);
+    }
+}
+
+#[test]
+fn a_label_csv_naming_a_slice_beyond_any_volume_is_an_error() {
+    // Found by the fuzz harness: the labels became one byte per slice up to the largest
+    // named, so `a01,999999999999,1` asked for a terabyte and aborted.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir_all(ds.join("images")).unwrap();
+    io::write_volume(&ds.join("images/a01.nii.gz"), &support::phantom(4)).unwrap();
+    let csv = ds.join("slice_labels.csv");
+    std::fs::write(
+        &csv,
+        "patient,z,any_hemorrhage\na01,0,1\na01,999999999999,1\n",
+    )
+    .unwrap();
+    let e = ichcam::data::dataset::read_label_csv(&csv)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("999999999999") && e.contains(":3:"), "{e}");
+    let r = run(&[os("inspect"), ds.as_os_str()]);
+    assert!(error_of(&r).contains("999999999999"), "{}", r.stderr);
+}
