@@ -10,7 +10,7 @@ pub mod cuda;
 pub mod shapes;
 
 pub use backend::Backend;
-pub use shapes::{BatchNorm2d, Conv2d, Lstm, Pool2d};
+pub use shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 
 use std::fmt::{Debug, Display};
 
