@@ -231,7 +231,7 @@ fn sizes_and_bad_input_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("divisible by 16") && e.contains("40x16"), "{e}");
-    assert!(net.predict(&vec![0.0; 10], 1, 16, 16).is_err());
+    assert!(net.predict(&[0.0; 10], 1, 16, 16).is_err());
     assert!(net.predict(&[], 0, 16, 16).is_err());
     // Training on one 16x16 image leaves one value per channel at the bottleneck.
     let e = net

@@ -1824,7 +1824,7 @@ impl Backend for CudaBackend {
                 KArg::F64(s.eps),
             ],
         )?;
-        if s.len() > 0 {
+        if !s.is_empty() {
             self.launch(
                 "dice",
                 "dice_grad",

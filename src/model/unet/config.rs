@@ -106,7 +106,7 @@ impl UNetConfig {
         }
         let bce_weight = match (j.loss.as_str(), j.bce_weight) {
             (LOSS_DICE, None) => 0.0,
-            (LOSS_DICE, Some(w)) if w == 0.0 => 0.0,
+            (LOSS_DICE, Some(0.0)) => 0.0,
             (LOSS_DICE, Some(w)) => {
                 return Err(ModelError::Config(format!(
                     "loss {LOSS_DICE:?} with bce_weight {w}: use {LOSS_DICE_BCE:?}"
@@ -211,7 +211,7 @@ impl UNetConfig {
     /// Checks an input size: H and W positive multiples of 2^depth.
     pub fn check_size(&self, h: usize, w: usize) -> Result<(), ModelError> {
         let m = self.size_multiple();
-        if h == 0 || w == 0 || h % m != 0 || w % m != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(m) || !w.is_multiple_of(m) {
             return Err(ModelError::Input(format!(
                 "the U-Net of depth {} needs H and W divisible by {m} (one 2x2 pooling per level), got {h}x{w}",
                 self.depth
