@@ -124,7 +124,11 @@ fn bias_add_relu_and_its_gradient() {
     let be = B::new();
     let mut rng = Rng::fresh("bias");
     for (n, c, hw) in [(2usize, 3usize, 7usize), (1, 5, 40_000), (3, 1, 1)] {
-        let z = rng.vec_off_zero(n * c * hw, 0.05);
+        let mut z = rng.vec_off_zero(n * c * hw, 0.05);
+        // Some value of every channel passes the ReLU (else the gradient is identically 0).
+        for v in z.iter_mut().step_by(hw) {
+            *v = v.abs();
+        }
         let b = rng
             .vec_off_zero(c, 0.0)
             .iter()
@@ -218,6 +222,7 @@ fn upconv_cases() -> Vec<UpConv2d> {
         up(3, 4, 2, 3, 3, 2, 7, 4), // last channels, batch 3 (parallel over images)
         up(1, 2, 3, 2, 2, 3, 4, 1), // kernel = stride = 3, a middle slice
         up(1, 5, 1, 1, 4, 2, 8, 4), // a 1x1 input (the bottleneck of a small image)
+        up(9, 2, 2, 2, 2, 2, 3, 1), // 9 images: uneven blocks of the parallel weight gradient
     ]
 }
 

@@ -4,9 +4,10 @@
 //! Windows do not overlap, so per image the op is one GEMM and a scatter:
 //! `Z[(co, a, b), p] = sum_ci W[ci, (co, a, b)] * x[ci, p]`, then
 //! `y[y_offset + co, k*i + a, k*j + b] = Z[(co, a, b), (i, j)] + bias[co]`. The backward
-//! gathers the slice of dy into the same layout G, then `dx = W . G`, `dW += x . G^T`
-//! (images in order: deterministic) and `db[co]` = the sum of G's rows of `co`.
-//! Parallel over images when there are enough of them, otherwise inside the products.
+//! gathers one image's slice of dy into the same layout G, then `dx = W . G`,
+//! `dW += x . G^T` and `db[co]` += the sum of G's rows of `co`. Parallel over fixed blocks of
+//! images (partials summed in block order: deterministic) when there are enough images,
+//! otherwise inside the products.
 //! Knows only shapes.
 
 use rayon::prelude::*;
@@ -160,53 +161,71 @@ pub fn upconv2d_bwd<T: Real>(
         dx.fill(T::zero());
         return Ok(());
     }
-    // G of every image, then dx per image.
-    let mut g = vec![T::zero(); s.n * g_img];
-    g.par_chunks_mut(g_img)
-        .zip(dy.par_chunks(y_img))
-        .for_each(|(gi, dyi)| gather(s, dyi, gi));
     let wm = Mat::new(w, s.c_in, ckk);
-    if x_img > 0 {
-        let dx_one = |gi: &[T], dxi: &mut [T], par: Par| {
-            matmul(
-                MatMut::new(dxi, s.c_in, hw),
-                wm,
-                Mat::new(gi, ckk, hw),
-                false,
-                par,
-            )
-        };
-        if parallel_images(s.n) {
-            dx.par_chunks_mut(x_img)
-                .zip(g.par_chunks(g_img))
-                .try_for_each(|(dxi, gi)| dx_one(gi, dxi, Par::Seq))?;
-        } else {
-            for (dxi, gi) in dx.chunks_mut(x_img).zip(g.chunks(g_img)) {
-                dx_one(gi, dxi, Par::Rayon)?;
+    let rows = s.k * s.k * hw;
+    // One image: G, dx = W . G, dW_acc += x . G^T, db_acc[co] += the sum of G's rows of co.
+    let one = |i: usize,
+               dxi: &mut [T],
+               g: &mut Vec<T>,
+               dw_acc: &mut [T],
+               db_acc: &mut [f64],
+               par: Par|
+     -> Result<()> {
+        g.resize(g_img, T::zero());
+        gather(s, &dy[i * y_img..(i + 1) * y_img], g);
+        if x_img > 0 {
+            let gm = Mat::new(g.as_slice(), ckk, hw);
+            matmul(MatMut::new(dxi, s.c_in, hw), wm, gm, false, par)?;
+            let xi = Mat::new(&x[i * x_img..(i + 1) * x_img], s.c_in, hw);
+            matmul(MatMut::new(dw_acc, s.c_in, ckk), xi, gm.t(), true, par)?;
+        }
+        for (co, d) in db_acc.iter_mut().enumerate() {
+            *d += sum_f64(&g[co * rows..(co + 1) * rows]);
+        }
+        Ok(())
+    };
+    let mut db64 = vec![0.0f64; s.c_out];
+    if parallel_images(s.n) && x_img > 0 {
+        // A fixed number of blocks of images, each folded in order into its own partial dW
+        // and db, the partials then summed in block order: the result does not depend on
+        // rayon's scheduling.
+        const BLOCKS: usize = 8;
+        let per = s.n.div_ceil(BLOCKS);
+        let wl = dw.len();
+        let partials: Vec<(Vec<T>, Vec<f64>)> = dx
+            .par_chunks_mut(per * x_img)
+            .enumerate()
+            .map(|(bi, dxb)| {
+                let (mut pw, mut pb, mut g) = (vec![T::zero(); wl], vec![0.0; s.c_out], Vec::new());
+                let first = bi * per;
+                for i in first..(first + per).min(s.n) {
+                    let dxi = &mut dxb[(i - first) * x_img..(i - first + 1) * x_img];
+                    one(i, dxi, &mut g, &mut pw, &mut pb, Par::Seq)?;
+                }
+                Ok((pw, pb))
+            })
+            .collect::<Result<_>>()?;
+        for (pw, pb) in partials {
+            for (d, v) in dw.iter_mut().zip(&pw) {
+                *d = *d + *v;
+            }
+            for (d, v) in db64.iter_mut().zip(&pb) {
+                *d += v;
             }
         }
-    }
-    // dW in image order.
-    if x_img > 0 {
-        for (gi, xi) in g.chunks(g_img).zip(x.chunks(x_img)) {
-            let gt = Mat::new(gi, ckk, hw).t();
-            matmul(
-                MatMut::new(dw, s.c_in, ckk),
-                Mat::new(xi, s.c_in, hw),
-                gt,
-                true,
-                Par::Rayon,
-            )?;
+    } else {
+        let mut g = Vec::new();
+        for i in 0..s.n {
+            let dxi = if x_img > 0 {
+                &mut dx[i * x_img..(i + 1) * x_img]
+            } else {
+                &mut []
+            };
+            one(i, dxi, &mut g, dw, &mut db64, Par::Rayon)?;
         }
     }
-    // db: the rows (co, a, b) of every image.
-    let rows = s.k * s.k * hw;
-    db.par_iter_mut().enumerate().for_each(|(co, d)| {
-        let t: f64 = g
-            .chunks(g_img)
-            .map(|gi| sum_f64(&gi[co * rows..(co + 1) * rows]))
-            .sum();
-        *d = T::from_f64_lossy(t);
-    });
+    for (d, v) in db.iter_mut().zip(&db64) {
+        *d = T::from_f64_lossy(*v);
+    }
     Ok(())
 }
