@@ -4,8 +4,10 @@
 //! optionally the optimizer state (`opt.<name>.m`, `opt.<name>.v`, steps under `opt_steps`).
 //! Loading accepts f32, f64, f16 and bf16 and checks every name and shape, reporting all
 //! missing, unexpected and mismatched tensors at once; `*.num_batches_tracked` is ignored,
-//! so a PyTorch `state_dict` saved with these names loads. Writes are atomic (temporary
-//! file in the same folder, then rename). Knows nothing about training or CT.
+//! so a PyTorch `state_dict` saved with these names loads. Other model parts (the stage-3
+//! U-Net, under `unet.`) are written into the same file by [`save_with`] and left alone by
+//! this loader. Writes are atomic (temporary file in the same folder, then rename). Knows
+//! nothing about training or CT.
 
 use super::config::ModelConfig;
 use super::net::IchNet;
