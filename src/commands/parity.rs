@@ -1,18 +1,21 @@
-//! `ichcam parity`: checks the engine against a PyTorch fixture (forward, loss, every
-//! gradient, BN running stats, features, fc logits, CAM, upsampled and normalised CAM,
-//! Grad-CAM) and prints one line per quantity; exits non-zero unless all are within the
-//! tolerance (f64: 1e-9, f32: 1e-4 unless `--tol` says otherwise).
+//! `ichcam parity`: checks the engine against a PyTorch fixture, a ResNet-LSTM one (forward,
+//! loss, every gradient, BN running stats, features, fc logits, CAM, upsampled and
+//! normalised CAM, Grad-CAM) or a U-Net one (`kind = "unet2d"`: output, Dice loss, every
+//! gradient, BN running stats, eval output), and prints one line per quantity; exits
+//! non-zero unless all are within the tolerance (f64: 1e-9, f32: 1e-4 unless `--tol` says
+//! otherwise).
 
 use anyhow::{bail, Context};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::Backend;
-use ichcam::model::parity::{self, Fixture, ParityReport};
+use ichcam::model::parity::{self, AnyFixture, ParityReport};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A fixture written by tests/fixtures/torch-parity/make_fixtures.py.
+    /// A fixture written by tests/fixtures/torch-parity/make_fixtures.py or
+    /// tests/fixtures/unet-parity/make_unet_fixtures.py.
     pub file: PathBuf,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -26,9 +29,12 @@ pub struct Args {
     pub tol: Option<f64>,
 }
 
-fn run_on<B: Backend>(be: B, fx: &Fixture, tol: Option<f64>) -> anyhow::Result<ParityReport> {
+fn run_on<B: Backend>(be: B, fx: &AnyFixture, tol: Option<f64>) -> anyhow::Result<ParityReport> {
     let tol = tol.unwrap_or_else(parity::default_tolerance::<B::T>);
-    Ok(parity::run(be, fx, tol)?)
+    Ok(match fx {
+        AnyFixture::ResNetLstm(f) => parity::run(be, f, tol)?,
+        AnyFixture::UNet(f) => parity::run_unet(be, f, tol)?,
+    })
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -37,7 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("--tol must be a positive number, got {t}");
         }
     }
-    let fx = Fixture::load(&args.file)?;
+    let fx = AnyFixture::load(&args.file)?;
     let device = args.device.trim().to_ascii_lowercase();
     let report = if device == "cpu" {
         match args.dtype.as_deref().unwrap_or("f64") {
@@ -64,18 +70,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.device
         );
     };
-    let c = &fx.config;
-    println!(
-        "fixture {} ({:?} {:?}, base {}, LSTM {}x{}) on {}, tolerance {:.0e}",
-        fx.path.display(),
-        c.block,
-        c.layers,
-        c.base_width,
-        c.lstm_layers,
-        c.lstm_hidden,
-        report.backend,
-        report.tolerance
-    );
+    match &fx {
+        AnyFixture::ResNetLstm(f) => {
+            let c = &f.config;
+            println!(
+                "fixture {} ({:?} {:?}, base {}, LSTM {}x{}) on {}, tolerance {:.0e}",
+                f.path.display(),
+                c.block,
+                c.layers,
+                c.base_width,
+                c.lstm_layers,
+                c.lstm_hidden,
+                report.backend,
+                report.tolerance
+            );
+        }
+        AnyFixture::UNet(f) => {
+            let c = &f.config;
+            println!(
+                "fixture {} (U-Net, {} in-channels, features {}, depth {}, BCE weight {}) on {}, tolerance {:.0e}",
+                f.path.display(),
+                c.in_channels,
+                c.features,
+                c.depth,
+                c.bce_weight,
+                report.backend,
+                report.tolerance
+            );
+        }
+    }
     print!("{}", report.table());
     let worst = report
         .worst()

@@ -8,7 +8,7 @@
 //!   or `assign`;
 //! - scalars (learning rates, eps, momentum) are passed as f64 and cast to `T` inside.
 
-use super::shapes::{BatchNorm2d, Conv2d, Lstm, Pool2d};
+use super::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 use super::{Real, Result};
 
 pub trait Backend: Send + Sync {
@@ -285,4 +285,73 @@ pub trait Backend: Send + Sync {
         x: &Self::Buf,
         y: &mut Self::Buf,
     ) -> Result<()>;
+
+    // ---- U-Net (stage 3) -----------------------------------------------------------------
+    /// y[i, ch, p] = y[i, ch, p] + b[ch] over y `[n, c, hw]`, then max(., 0) when `relu`:
+    /// a convolution's bias (and the ReLU after it), in place.
+    #[allow(clippy::too_many_arguments)]
+    fn bias_relu_assign(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        relu: bool,
+    ) -> Result<()>;
+    /// db[ch] = sum over i and p of dy[i, ch, p] for dy `[n, c, hw]`: a bias's gradient.
+    fn bias_bwd(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dy: &Self::Buf,
+        db: &mut Self::Buf,
+    ) -> Result<()>;
+    /// y[:, y_offset + co] = conv_transpose(x, w)[:, co] + b[co] (kernel = stride = k); the
+    /// other channels of y are left as they are.
+    fn upconv2d_fwd(
+        &self,
+        s: &UpConv2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of [`Backend::upconv2d_fwd`] from the gradient of the whole wider output
+    /// (only the op's channel slice of `dy` is read): overwrites dx, dw and db.
+    #[allow(clippy::too_many_arguments)]
+    fn upconv2d_bwd(
+        &self,
+        s: &UpConv2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dst[i, dst_offset + k, p] = src[i, src_offset + k, p] for k < s.c (`+=` when
+    /// `accumulate`); dst's other channels are left as they are. The concatenation and, with
+    /// `accumulate`, its backward.
+    fn copy_channels(
+        &self,
+        s: &ChannelCopy,
+        src: &Self::Buf,
+        dst: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// y = 1 / (1 + exp(-x)).
+    fn sigmoid_fwd(&self, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
+    /// dx = dy * y * (1 - y), y being the sigmoid's output.
+    fn sigmoid_bwd(&self, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
+    /// The soft Dice loss of probabilities against 0/1 targets (see [`SoftDice`]), summed in
+    /// f64; returns the loss and writes dL/dprobs.
+    fn soft_dice_loss(
+        &self,
+        s: &SoftDice,
+        probs: &Self::Buf,
+        targets: &Self::Buf,
+        dprobs: &mut Self::Buf,
+    ) -> Result<f64>;
 }

@@ -1,4 +1,4 @@
-//! The op set of the ResNet-LSTM topology as one trait ([`Backend`]), with a CPU reference
+//! The op set of the ResNet-LSTM and U-Net topologies as one trait ([`Backend`]), with a CPU reference
 //! ([`cpu`]: generic over f32/f64, used for gradient checks and as the oracle) and a CUDA
 //! backend ([`cuda`]: NVRTC-compiled kernels driven through cudarc, f32).
 //!
@@ -10,7 +10,7 @@ pub mod cuda;
 pub mod shapes;
 
 pub use backend::Backend;
-pub use shapes::{BatchNorm2d, Conv2d, Lstm, Pool2d};
+pub use shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 
 use std::fmt::{Debug, Display};
 

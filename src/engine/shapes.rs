@@ -106,3 +106,81 @@ impl Lstm {
         self.batch * self.seq * 4 * self.hidden
     }
 }
+
+/// Transposed convolution whose kernel equals its stride (PyTorch's
+/// `ConvTranspose2d(c_in, c_out, k, stride=k)`, the U-Net's 2x2/2 up-convolution), with bias.
+/// x `[n, c_in, h, w]`, weight `[c_in, c_out, k, k]` (PyTorch's layout), bias `[c_out]`; the
+/// output `[n, c_out, k*h, k*w]` is channels `y_offset..y_offset + c_out` of a wider buffer
+/// y `[n, y_channels, k*h, k*w]` (the U-Net writes it straight into its concatenation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UpConv2d {
+    pub n: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub k: usize,
+    pub y_channels: usize,
+    pub y_offset: usize,
+}
+
+impl UpConv2d {
+    pub fn out_h(&self) -> usize {
+        self.k * self.h
+    }
+    pub fn out_w(&self) -> usize {
+        self.k * self.w
+    }
+    pub fn x_len(&self) -> usize {
+        self.n * self.c_in * self.h * self.w
+    }
+    pub fn w_len(&self) -> usize {
+        self.c_in * self.c_out * self.k * self.k
+    }
+    /// Length of the whole (wider) output buffer.
+    pub fn y_len(&self) -> usize {
+        self.n * self.y_channels * self.out_h() * self.out_w()
+    }
+}
+
+/// `c` channels copied between two `[n, *, hw]` buffers: channels `src_offset..` of a
+/// `src_channels`-channel source into channels `dst_offset..` of a `dst_channels`-channel
+/// destination (the U-Net's skip concatenation, and its split in the backward pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelCopy {
+    pub n: usize,
+    pub hw: usize,
+    pub c: usize,
+    pub src_channels: usize,
+    pub src_offset: usize,
+    pub dst_channels: usize,
+    pub dst_offset: usize,
+}
+
+impl ChannelCopy {
+    pub fn src_len(&self) -> usize {
+        self.n * self.src_channels * self.hw
+    }
+    pub fn dst_len(&self) -> usize {
+        self.n * self.dst_channels * self.hw
+    }
+}
+
+/// The soft Dice loss over probabilities `[n, c, hw]`:
+/// `1 - mean_c(2 * sum(p * t) / (sum(p + t) + eps))`, sums over the batch and the pixels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SoftDice {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+    pub eps: f64,
+}
+
+impl SoftDice {
+    pub fn len(&self) -> usize {
+        self.n * self.c * self.hw
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -4,11 +4,13 @@
 //! optionally the optimizer state (`opt.<name>.m`, `opt.<name>.v`, steps under `opt_steps`).
 //! Loading accepts f32, f64, f16 and bf16 and checks every name and shape, reporting all
 //! missing, unexpected and mismatched tensors at once; `*.num_batches_tracked` is ignored,
-//! so a PyTorch `state_dict` saved with these names loads. A model file is input: its
-//! config is validated against bounds ([`ModelConfig::validate`]), the file and the
-//! network's parameters are checked against the memory budget before they are allocated,
-//! and a tensor holding NaN/Inf is refused by name. Writes are atomic (temporary file in
-//! the same folder, then rename). Knows nothing about training or CT.
+//! so a PyTorch `state_dict` saved with these names loads. Other model parts (the stage-3
+//! U-Net, under `unet.`) are written into the same file by [`save_with`] and left alone by
+//! this loader. A model file is input: its config is validated against bounds
+//! ([`ModelConfig::validate`]), the file and the network's parameters are checked against
+//! the memory budget before they are allocated, and a tensor holding NaN/Inf is refused by
+//! name. Writes are atomic (temporary file in the same folder, then rename). Knows nothing
+//! about training or CT.
 
 use super::config::ModelConfig;
 use super::net::IchNet;
@@ -155,9 +157,32 @@ fn encode<T: Real>(values: &[T], dtype: DiskDtype) -> Vec<u8> {
     }
 }
 
+/// Name prefixes of the other model parts a model file may hold beside the ResNet-LSTM
+/// (the stage-3 U-Net, see [`crate::model::unet::checkpoint`]): the ResNet-LSTM's loader
+/// leaves them alone.
+pub const PART_PREFIXES: &[&str] = &["unet."];
+
+/// Another model part's tensors (full names, shapes, values) and metadata entries, written
+/// into the same file by [`save_with`].
+#[derive(Clone, Debug, Default)]
+pub struct Section {
+    pub tensors: Vec<(String, Vec<usize>, Vec<f64>)>,
+    pub metadata: Vec<(String, String)>,
+}
+
 /// Saves every parameter and running statistic under its PyTorch name.
 pub fn save<B: Backend>(
     net: &IchNet<B>,
+    path: &Path,
+    opts: &SaveOptions,
+) -> Result<(), ModelError> {
+    save_with(net, &[], path, opts)
+}
+
+/// [`save`], plus the tensors and metadata of other model parts (the stage-3 U-Net).
+pub fn save_with<B: Backend>(
+    net: &IchNet<B>,
+    sections: &[Section],
     path: &Path,
     opts: &SaveOptions,
 ) -> Result<(), ModelError> {
@@ -191,6 +216,11 @@ pub fn save<B: Backend>(
             }
         }
     }
+    for sec in sections {
+        for (name, shape, values) in &sec.tensors {
+            entries.push((name.clone(), shape.clone(), encode(values, opts.dtype)));
+        }
+    }
     let dtype = match opts.dtype {
         DiskDtype::F32 => Dtype::F32,
         DiskDtype::F64 => Dtype::F64,
@@ -202,6 +232,9 @@ pub fn save<B: Backend>(
         views.push((name.clone(), v));
     }
     let mut meta = opts.extra.clone();
+    for sec in sections {
+        meta.extend(sec.metadata.iter().cloned());
+    }
     meta.insert(CONFIG_KEY.into(), net.cfg().to_fixture_json());
     if opts.optimizer {
         meta.insert(
@@ -256,6 +289,10 @@ pub fn assign<B: Backend>(
             let s = n.strip_prefix(prefix)?;
             // Optimizer state is not a parameter (it is restored separately).
             if prefix.is_empty() && s.starts_with(OPT_PREFIX) {
+                return None;
+            }
+            // Other model parts' tensors (the U-Net's) are theirs to load.
+            if prefix.is_empty() && PART_PREFIXES.iter().any(|p| s.starts_with(p)) {
                 return None;
             }
             Some((s.to_string(), t.shape.clone()))

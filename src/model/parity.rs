@@ -1,13 +1,17 @@
-//! Checks the engine against a PyTorch fixture (see tests/fixtures/torch-parity/README.md):
-//! loads `param.*`, runs the training-mode stage-1 forward, loss and backward and the
-//! eval-mode stage-2 / CAM path, and compares every quantity with PyTorch's by
-//! `||ours - torch|| / ||torch||`. Works for any config in the fixture format. Knows
-//! nothing about the command line.
+//! Checks the engine against a PyTorch fixture: a ResNet-LSTM fixture
+//! (tests/fixtures/torch-parity/README.md: loads `param.*`, runs the training-mode stage-1
+//! forward, loss and backward and the eval-mode stage-2 / CAM path) or a U-Net fixture
+//! (`kind = "unet2d"`, tests/fixtures/unet-parity/README.md: the training-mode forward, Dice
+//! loss and backward, the updated running statistics and the eval-mode output), and compares
+//! every quantity with PyTorch's by `||ours - torch|| / ||torch||`. Works for any config in
+//! the fixture formats. Knows nothing about the command line.
 
 use super::checkpoint::{self, HostTensor};
 use super::config::ModelConfig;
 use super::net::{CamKind, IchNet};
 use super::params::{Group, ParamKind};
+use super::unet::config::{config_kind, UNET_KIND};
+use super::unet::{self, UNet, UNetConfig};
 use super::ModelError;
 use crate::engine::{Backend, Real};
 use std::collections::BTreeMap;
@@ -26,6 +30,12 @@ impl Fixture {
         let json = meta.get(checkpoint::CONFIG_KEY).ok_or_else(|| {
             ModelError::checkpoint(path, "no `config` in the metadata: not a parity fixture")
         })?;
+        if config_kind(json).as_deref() == Some(UNET_KIND) {
+            return Err(ModelError::checkpoint(
+                path,
+                "a U-Net fixture (`kind = \"unet2d\"`): load it with `AnyFixture::load`",
+            ));
+        }
         let config = ModelConfig::from_fixture_json(json)
             .map_err(|e| ModelError::checkpoint(path, format!("metadata `config`: {e}")))?;
         Ok(Fixture {
@@ -127,6 +137,57 @@ pub fn rel_err(ours: &[f64], torch: &[f64]) -> f64 {
     }
 }
 
+/// The compared rows of one run.
+struct Rows {
+    rows: Vec<ParityRow>,
+    /// The norm of all of torch's gradients.
+    all_grads: f64,
+    tolerance: f64,
+}
+
+impl Rows {
+    fn new(tensors: &BTreeMap<String, HostTensor>, tolerance: f64) -> Self {
+        let all_grads = tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with("grad."))
+            .flat_map(|(_, t)| t.data.iter())
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt();
+        Rows {
+            rows: Vec::new(),
+            all_grads,
+            tolerance,
+        }
+    }
+
+    /// Compares one quantity. A gradient that is zero analytically (e.g. a BN bias whose
+    /// every path ends in another training-mode BN while the ReLU between is inactive)
+    /// holds only rounding noise in both engines; its error is measured against the norm of
+    /// all gradients instead.
+    fn push(&mut self, q: String, ours: &[f64], torch: &HostTensor, is_grad: bool) {
+        let all = self.all_grads;
+        let norm = torch.data.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let (q, e) = if is_grad && norm < 1e-9 * all && ours.len() == torch.data.len() {
+            let d = ours
+                .iter()
+                .zip(&torch.data)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>()
+                .sqrt();
+            (format!("{q} (0 in torch: vs all grads)"), d / all)
+        } else {
+            (q, rel_err(ours, &torch.data))
+        };
+        self.rows.push(ParityRow {
+            quantity: q,
+            elements: torch.data.len(),
+            rel_err: e,
+            pass: e <= self.tolerance,
+        });
+    }
+}
+
 fn f64s<T: Real>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| x.as_f64()).collect()
 }
@@ -163,37 +224,9 @@ pub fn run<B: Backend>(
         ));
     }
     let labels = fx.tensor("labels")?;
-    // A gradient that is zero analytically (e.g. a BN bias whose every path ends in another
-    // training-mode BN while the ReLU between is inactive) holds only rounding noise in
-    // both engines; its error is measured against the norm of all gradients instead.
-    let all_grads = fx
-        .tensors
-        .iter()
-        .filter(|(k, _)| k.starts_with("grad."))
-        .flat_map(|(_, t)| t.data.iter())
-        .map(|x| x * x)
-        .sum::<f64>()
-        .sqrt();
-    let mut rows = Vec::new();
+    let mut sink = Rows::new(&fx.tensors, tolerance);
     let mut push = |q: String, ours: &[f64], torch: &HostTensor, is_grad: bool| {
-        let norm = torch.data.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let (q, e) = if is_grad && norm < 1e-9 * all_grads && ours.len() == torch.data.len() {
-            let d = ours
-                .iter()
-                .zip(&torch.data)
-                .map(|(a, b)| (a - b) * (a - b))
-                .sum::<f64>()
-                .sqrt();
-            (format!("{q} (0 in torch: vs all grads)"), d / all_grads)
-        } else {
-            (q, rel_err(ours, &torch.data))
-        };
-        rows.push(ParityRow {
-            quantity: q,
-            elements: torch.data.len(),
-            rel_err: e,
-            pass: e <= tolerance,
-        });
+        sink.push(q, ours, torch, is_grad)
     };
 
     // Stage 1, training mode.
@@ -266,6 +299,129 @@ pub fn run<B: Backend>(
     Ok(ParityReport {
         backend: name,
         tolerance,
-        rows,
+        rows: sink.rows,
+    })
+}
+
+/// A U-Net fixture (`kind = "unet2d"`): its config and every tensor as f64.
+pub struct UNetFixture {
+    pub path: PathBuf,
+    pub config: UNetConfig,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+impl UNetFixture {
+    pub fn tensor(&self, name: &str) -> Result<&HostTensor, ModelError> {
+        self.tensors.get(name).ok_or_else(|| {
+            ModelError::checkpoint(&self.path, format!("no tensor `{name}` in the fixture"))
+        })
+    }
+}
+
+/// Either kind of fixture, told apart by its config's `kind`.
+pub enum AnyFixture {
+    ResNetLstm(Fixture),
+    UNet(UNetFixture),
+}
+
+impl AnyFixture {
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let (tensors, meta) = checkpoint::read_tensors(path)?;
+        let json = meta.get(checkpoint::CONFIG_KEY).ok_or_else(|| {
+            ModelError::checkpoint(path, "no `config` in the metadata: not a parity fixture")
+        })?;
+        if config_kind(json).as_deref() == Some(UNET_KIND) {
+            let config = UNetConfig::from_json(json)
+                .map_err(|e| ModelError::checkpoint(path, format!("metadata `config`: {e}")))?;
+            return Ok(AnyFixture::UNet(UNetFixture {
+                path: path.to_path_buf(),
+                config,
+                tensors,
+            }));
+        }
+        let config = ModelConfig::from_fixture_json(json)
+            .map_err(|e| ModelError::checkpoint(path, format!("metadata `config`: {e}")))?;
+        Ok(AnyFixture::ResNetLstm(Fixture {
+            path: path.to_path_buf(),
+            config,
+            tensors,
+        }))
+    }
+}
+
+/// Runs the U-Net comparison on `backend`: the training-mode output and loss, every
+/// gradient, the running statistics after that forward, and the eval-mode output.
+pub fn run_unet<B: Backend>(
+    backend: B,
+    fx: &UNetFixture,
+    tolerance: f64,
+) -> Result<ParityReport, ModelError> {
+    let name = backend.name();
+    let c = &fx.config;
+    let mut net = UNet::new(backend, c.clone(), 0)?;
+    unet::checkpoint::assign(&mut net, &fx.tensors, "param.", &fx.path)?;
+    let conv =
+        |t: &HostTensor| -> Vec<B::T> { t.data.iter().map(|&x| B::T::from_f64_lossy(x)).collect() };
+    let input = fx.tensor("input")?;
+    let [n, ch, h, w] = input.shape[..] else {
+        return Err(ModelError::checkpoint(
+            &fx.path,
+            format!("`input` has shape {:?}, expected [N, C, H, W]", input.shape),
+        ));
+    };
+    if ch != c.in_channels {
+        return Err(ModelError::checkpoint(
+            &fx.path,
+            format!("`input` has {ch} channels, the config {}", c.in_channels),
+        ));
+    }
+    let target = fx.tensor("target")?;
+    if target.shape != [n, c.out_channels, h, w] {
+        return Err(ModelError::checkpoint(
+            &fx.path,
+            format!(
+                "`target` has shape {:?}, expected {:?}",
+                target.shape,
+                [n, c.out_channels, h, w]
+            ),
+        ));
+    }
+    let x = conv(input);
+    let mut sink = Rows::new(&fx.tensors, tolerance);
+    let loss = net.forward_backward(&x, &conv(target), n, h, w)?;
+    sink.push(
+        "output".into(),
+        &f64s(&net.output()?),
+        fx.tensor("output")?,
+        false,
+    );
+    sink.push("loss".into(), &[loss.loss], fx.tensor("loss")?, false);
+    for s in net.weight_specs() {
+        sink.push(
+            format!("grad {}", s.name),
+            &f64s(&net.grad(&s.name)?),
+            fx.tensor(&format!("grad.{}", s.name))?,
+            true,
+        );
+    }
+    for s in net.stat_specs() {
+        sink.push(
+            format!("after_train {}", s.name),
+            &f64s(&net.param(&s.name)?),
+            fx.tensor(&format!("after_train.{}", s.name))?,
+            false,
+        );
+    }
+    let eval = net.predict(&x, n, h, w)?;
+    sink.push(
+        "eval.output".into(),
+        &f64s(&eval),
+        fx.tensor("eval.output")?,
+        false,
+    );
+    Ok(ParityReport {
+        backend: name,
+        tolerance,
+        rows: sink.rows,
     })
 }

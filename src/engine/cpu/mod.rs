@@ -6,9 +6,12 @@
 //! slices, so other code (tests, the model's host-side helpers) can call the functions
 //! directly. [`gemm::matmul`] is the shared bounds-checked matrix product.
 
+pub mod bias;
 pub mod cam;
+pub mod channels;
 pub mod conv;
 pub mod dense;
+pub mod dice;
 pub mod elementwise;
 pub mod gemm;
 pub mod loss;
@@ -16,11 +19,12 @@ pub mod lstm;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod upconv;
 
 use std::marker::PhantomData;
 
 use super::backend::Backend;
-use super::shapes::{BatchNorm2d, Conv2d, Lstm, Pool2d};
+use super::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 use super::{Real, Result};
 
 /// The CPU backend over host vectors of `T` (f32 for work, f64 for gradient checks).
@@ -347,5 +351,66 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn minmax_normalize(&self, n: usize, len: usize, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
         cam::minmax_normalize(n, len, x, y)
+    }
+
+    fn bias_relu_assign(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        b: &Vec<T>,
+        y: &mut Vec<T>,
+        relu: bool,
+    ) -> Result<()> {
+        bias::bias_relu_assign(n, c, hw, b, y, relu)
+    }
+    fn bias_bwd(&self, n: usize, c: usize, hw: usize, dy: &Vec<T>, db: &mut Vec<T>) -> Result<()> {
+        bias::bias_bwd(n, c, hw, dy, db)
+    }
+    fn upconv2d_fwd(
+        &self,
+        s: &UpConv2d,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        upconv::upconv2d_fwd(s, x, w, b, y)
+    }
+    fn upconv2d_bwd(
+        &self,
+        s: &UpConv2d,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        dy: &Vec<T>,
+        dx: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        db: &mut Vec<T>,
+    ) -> Result<()> {
+        upconv::upconv2d_bwd(s, x, w, dy, dx, dw, db)
+    }
+    fn copy_channels(
+        &self,
+        s: &ChannelCopy,
+        src: &Vec<T>,
+        dst: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
+        channels::copy_channels(s, src, dst, accumulate)
+    }
+    fn sigmoid_fwd(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        dice::sigmoid_fwd(x, y)
+    }
+    fn sigmoid_bwd(&self, y: &Vec<T>, dy: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
+        dice::sigmoid_bwd(y, dy, dx)
+    }
+    fn soft_dice_loss(
+        &self,
+        s: &SoftDice,
+        probs: &Vec<T>,
+        targets: &Vec<T>,
+        dprobs: &mut Vec<T>,
+    ) -> Result<f64> {
+        dice::soft_dice_loss(s, probs, targets, dprobs)
     }
 }

@@ -16,7 +16,7 @@ use cudarc::driver::{
 use super::device::{cuda, cuda_available, driver_present, DeviceInfo};
 use super::module::ModuleCache;
 use crate::engine::backend::Backend;
-use crate::engine::shapes::{BatchNorm2d, Conv2d, Lstm, Pool2d};
+use crate::engine::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 use crate::engine::{check_len, EngineError, Result};
 
 /// A kernel argument: a device pointer or a scalar.
@@ -1555,6 +1555,306 @@ impl Backend for CudaBackend {
             ],
         )
     }
+    // ---- U-Net (stage 3) -----------------------------------------------------------------
+    fn bias_relu_assign(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        relu: bool,
+    ) -> Result<()> {
+        const OP: &str = "bias_relu_assign";
+        check_len(OP, "b", b.len(), c)?;
+        check_len(OP, "y", y.len(), n * c * hw)?;
+        let total = n * c * hw;
+        if total == 0 {
+            return Ok(());
+        }
+        let args = [
+            KArg::Ptr(self.ptr(y)),
+            KArg::Ptr(self.ptr(b)),
+            i(total)?,
+            i(c)?,
+            i(hw)?,
+            KArg::I32(relu as i32),
+        ];
+        self.launch("bias", "bias_relu_assign", Self::grid(total), &args)
+    }
+
+    fn bias_bwd(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dy: &CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "bias_bwd";
+        check_len(OP, "dy", dy.len(), n * c * hw)?;
+        check_len(OP, "db", db.len(), c)?;
+        i(n * c * hw)?;
+        self.channel_sum(self.ptr(dy), n, c, 0, c, hw, self.ptr(db))
+    }
+
+    fn upconv2d_fwd(
+        &self,
+        s: &UpConv2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "upconv2d_fwd";
+        crate::engine::cpu::upconv::check_shape(OP, s)?;
+        check_len(OP, "x", x.len(), s.x_len())?;
+        check_len(OP, "w", w.len(), s.w_len())?;
+        check_len(OP, "b", b.len(), s.c_out)?;
+        check_len(OP, "y", y.len(), s.y_len())?;
+        let total = s.n * s.c_out * s.out_h() * s.out_w();
+        if total == 0 {
+            return Ok(());
+        }
+        let mut args = vec![
+            KArg::Ptr(self.ptr(x)),
+            KArg::Ptr(self.ptr(w)),
+            KArg::Ptr(self.ptr(b)),
+            KArg::Ptr(self.ptr(y)),
+        ];
+        args.extend(Self::upconv_args(s)?);
+        self.launch("upconv", "upconv_fwd", Self::grid(total), &args)
+    }
+
+    fn upconv2d_bwd(
+        &self,
+        s: &UpConv2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "upconv2d_bwd";
+        crate::engine::cpu::upconv::check_shape(OP, s)?;
+        check_len(OP, "x", x.len(), s.x_len())?;
+        check_len(OP, "w", w.len(), s.w_len())?;
+        check_len(OP, "dy", dy.len(), s.y_len())?;
+        check_len(OP, "dx", dx.len(), s.x_len())?;
+        check_len(OP, "dw", dw.len(), s.w_len())?;
+        check_len(OP, "db", db.len(), s.c_out)?;
+        let args = Self::upconv_args(s)?;
+        if s.x_len() > 0 {
+            let mut a = vec![
+                KArg::Ptr(self.ptr(dy)),
+                KArg::Ptr(self.ptr(w)),
+                KArg::Ptr(self.ptr(dx)),
+            ];
+            a.extend(args.iter().copied());
+            self.launch("upconv", "upconv_bwd_data", Self::grid(s.x_len()), &a)?;
+        }
+        if s.w_len() > 0 {
+            let blocks = u32::try_from(s.w_len()).map_err(|_| EngineError::Shape {
+                op: OP,
+                detail: format!("{} weights exceed the grid limit", s.w_len()),
+            })?;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut a = vec![
+                KArg::Ptr(self.ptr(x)),
+                KArg::Ptr(self.ptr(dy)),
+                KArg::Ptr(self.ptr(dw)),
+            ];
+            a.extend(args.iter().copied());
+            self.launch("upconv", "upconv_bwd_weight", cfg, &a)?;
+        }
+        self.channel_sum(
+            self.ptr(dy),
+            s.n,
+            s.y_channels,
+            s.y_offset,
+            s.c_out,
+            s.out_h() * s.out_w(),
+            self.ptr(db),
+        )
+    }
+
+    fn copy_channels(
+        &self,
+        s: &ChannelCopy,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        const OP: &str = "copy_channels";
+        crate::engine::cpu::channels::check_shape(OP, s)?;
+        check_len(OP, "src", src.len(), s.src_len())?;
+        check_len(OP, "dst", dst.len(), s.dst_len())?;
+        i(s.src_len())?;
+        i(s.dst_len())?;
+        let total = s.n * s.c * s.hw;
+        if total == 0 {
+            return Ok(());
+        }
+        let args = [
+            KArg::Ptr(self.ptr(src)),
+            KArg::Ptr(self.ptr(dst)),
+            i(s.n)?,
+            i(s.c)?,
+            i(s.hw)?,
+            i(s.src_channels)?,
+            i(s.src_offset)?,
+            i(s.dst_channels)?,
+            i(s.dst_offset)?,
+            KArg::I32(accumulate as i32),
+        ];
+        self.launch("channels", "copy_channels", Self::grid(total), &args)
+    }
+
+    fn sigmoid_fwd(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        check_len("sigmoid_fwd", "y", y.len(), x.len())?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        let args = [KArg::Ptr(self.ptr(x)), KArg::Ptr(self.ptr(y)), i(x.len())?];
+        self.launch("dice", "sigmoid_fwd", Self::grid(x.len()), &args)
+    }
+
+    fn sigmoid_bwd(
+        &self,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len("sigmoid_bwd", "dy", dy.len(), y.len())?;
+        check_len("sigmoid_bwd", "dx", dx.len(), y.len())?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        let args = [
+            KArg::Ptr(self.ptr(y)),
+            KArg::Ptr(self.ptr(dy)),
+            KArg::Ptr(self.ptr(dx)),
+            i(y.len())?,
+        ];
+        self.launch("dice", "sigmoid_bwd", Self::grid(y.len()), &args)
+    }
+
+    fn soft_dice_loss(
+        &self,
+        s: &SoftDice,
+        probs: &CudaSlice<f32>,
+        targets: &CudaSlice<f32>,
+        dprobs: &mut CudaSlice<f32>,
+    ) -> Result<f64> {
+        const OP: &str = "soft_dice_loss";
+        check_len(OP, "probs", probs.len(), s.len())?;
+        check_len(OP, "targets", targets.len(), s.len())?;
+        check_len(OP, "dprobs", dprobs.len(), s.len())?;
+        if s.c == 0 {
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: "no channels: the mean over channels is undefined".into(),
+            });
+        }
+        if !(s.eps.is_finite() && s.eps >= 0.0) {
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: format!("eps must be finite and not negative, got {}", s.eps),
+            });
+        }
+        i(s.len())?;
+        if s.c > 65_535 {
+            return Err(EngineError::Shape {
+                op: OP,
+                detail: format!("{} channels exceed the grid limit", s.c),
+            });
+        }
+        let (split, chunk) = self.reduce_split(s.n * s.hw, s.c);
+        let part_i = self.alloc_f64(s.c * split)?;
+        let part_t = self.alloc_f64(s.c * split)?;
+        let coef = self.alloc_f64(2 * s.c)?;
+        let out = self.alloc_f64(2)?;
+        let (pi, pt, pc, po) = (
+            self.ptr_f64(&part_i),
+            self.ptr_f64(&part_t),
+            self.ptr_f64(&coef),
+            self.ptr_f64(&out),
+        );
+        let red = LaunchConfig {
+            grid_dim: (split as u32, s.c as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "dice",
+            "dice_partial",
+            red,
+            &[
+                KArg::Ptr(self.ptr(probs)),
+                KArg::Ptr(self.ptr(targets)),
+                KArg::Ptr(pi),
+                KArg::Ptr(pt),
+                i(s.n)?,
+                i(s.c)?,
+                i(s.hw)?,
+                i(chunk)?,
+            ],
+        )?;
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "dice",
+            "dice_finalize",
+            one,
+            &[
+                KArg::Ptr(pi),
+                KArg::Ptr(pt),
+                KArg::Ptr(pc),
+                KArg::Ptr(po),
+                i(s.c)?,
+                i(split)?,
+                KArg::F64(s.eps),
+            ],
+        )?;
+        if !s.is_empty() {
+            self.launch(
+                "dice",
+                "dice_grad",
+                Self::grid(s.len()),
+                &[
+                    KArg::Ptr(self.ptr(targets)),
+                    KArg::Ptr(pc),
+                    KArg::Ptr(self.ptr(dprobs)),
+                    i(s.len())?,
+                    i(s.c)?,
+                    i(s.hw)?,
+                ],
+            )?;
+        }
+        let host = self
+            .stream
+            .clone_dtoh(&out)
+            .map_err(|e| cuda("download loss", e))?;
+        match host[..] {
+            [_, z, ..] if z != 0.0 => Err(EngineError::Shape {
+                op: OP,
+                detail: "empty prediction and target with eps = 0: the Dice is 0/0".into(),
+            }),
+            [loss, ..] => Ok(loss),
+            _ => Err(EngineError::Cuda {
+                op: OP.into(),
+                msg: "empty loss download".into(),
+            }),
+        }
+    }
 }
 
 impl CudaBackend {
@@ -1598,5 +1898,93 @@ impl CudaBackend {
             self.launch("lstm", "lstm_step_fwd", cfg, &args)?;
         }
         Ok(())
+    }
+}
+
+/// Host-side helpers of the U-Net ops.
+impl CudaBackend {
+    /// (splits, chunk) of a per-channel reduction over `count` values per channel: enough
+    /// blocks to fill the GPU, at least 4096 values per block; a function of the shape and
+    /// the GPU only, so the order of the f64 sums does not change from call to call.
+    fn reduce_split(&self, count: usize, channels: usize) -> (usize, usize) {
+        let target = 4 * self.info.multiprocessors.max(1) as usize;
+        let want = target
+            .div_ceil(channels.max(1))
+            .clamp(1, count.div_ceil(4096).clamp(1, 65_535));
+        let chunk = count.div_ceil(want).max(1);
+        (count.div_ceil(chunk).max(1), chunk)
+    }
+
+    /// out[ch] = sum over the batch and the pixels of x[:, c_off + ch, :] for ch < c, x being
+    /// `[n, c_total, hw]` (deterministic f64 sums; kernels/bias.cu).
+    #[allow(clippy::too_many_arguments)]
+    fn channel_sum(
+        &self,
+        x: u64,
+        n: usize,
+        c_total: usize,
+        c_off: usize,
+        c: usize,
+        hw: usize,
+        out: u64,
+    ) -> Result<()> {
+        if c == 0 {
+            return Ok(());
+        }
+        if c > 65_535 {
+            return Err(EngineError::Shape {
+                op: "channel_sum",
+                detail: format!("{c} channels exceed the grid limit"),
+            });
+        }
+        let (split, chunk) = self.reduce_split(n * hw, c);
+        let part = self.alloc_f64(c * split)?;
+        let pp = self.ptr_f64(&part);
+        let red = LaunchConfig {
+            grid_dim: (split as u32, c as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "bias",
+            "channel_sum_partial",
+            red,
+            &[
+                KArg::Ptr(x),
+                KArg::Ptr(pp),
+                i(n)?,
+                i(c_total)?,
+                i(c_off)?,
+                i(hw)?,
+                i(chunk)?,
+            ],
+        )?;
+        let per_c = LaunchConfig {
+            grid_dim: (c.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "bias",
+            "channel_sum_finalize",
+            per_c,
+            &[KArg::Ptr(pp), KArg::Ptr(out), i(c)?, i(split)?],
+        )
+    }
+
+    /// The int arguments shared by the up-convolution kernels (their order in kernels/upconv.cu).
+    fn upconv_args(s: &UpConv2d) -> Result<Vec<KArg>> {
+        i(s.y_len())?;
+        i(s.x_len())?;
+        Ok(vec![
+            i(s.n)?,
+            i(s.c_in)?,
+            i(s.h)?,
+            i(s.w)?,
+            i(s.c_out)?,
+            i(s.k)?,
+            i(s.y_channels)?,
+            i(s.y_offset)?,
+        ])
     }
 }
