@@ -122,7 +122,7 @@ emu_env() {
   OUT="$(out_dir)"
   [ -e "$OUT/lib/libcuda.so.1" ] || { echo "cuda-emu: not built; run scripts/cuda-emu.sh build${EMU_SANITIZE:+ --sanitize}" >&2; exit 1; }
   export LD_LIBRARY_PATH="$OUT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export EMU_KERNEL_DIR="$OUT/kernels"
+  export EMU_KERNEL_DIR="$OUT/kernels:$OUT/test-kernels"
   if [ "${EMU_SANITIZE:-0}" = "1" ]; then
     local asan
     asan="$($CXX -print-file-name=libasan.so)"

@@ -53,6 +53,8 @@ const Config& config() {
                 c->seed = strtoull(s, nullptr, 0);
             }
         }
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        c->threads = cpus < 1 ? 1 : cpus > 8 ? 8 : (int)cpus;
         if (const char* s = getenv("EMU_THREADS")) c->threads = atoi(s) > 0 ? atoi(s) : 1;
         if (const char* s = getenv("EMU_STACK_KB")) c->stack_kb = (size_t)(atoi(s) >= 16 ? atoi(s) : 16);
         if (const char* s = getenv("CUDA_LAUNCH_BLOCKING")) c->launch_blocking = strcmp(s, "1") == 0;
@@ -62,7 +64,7 @@ const Config& config() {
         if (const char* s = getenv("EMU_KERNEL_DIR"))
             c->kernel_dir = s;
         else
-            c->kernel_dir = self_dir() + "/../kernels";
+            c->kernel_dir = self_dir() + "/../kernels:" + self_dir() + "/../test-kernels";
 #if defined(__SANITIZE_ADDRESS__)
         if (c->stack_kb < 256) c->stack_kb = 256;  // instrumented frames are larger
 #endif
@@ -1191,3 +1193,12 @@ CUDAAPI CUresult emuModuleLoadHost(CUmodule* out, const char* path) {
 
 // Whether this libcuda is the emulator (for tools that want to say so).
 CUDAAPI int emuIsEmulator() { return 1; }
+
+// Whether it is the AddressSanitizer build (faults are then ASan's to report).
+CUDAAPI int emuSanitized() {
+#if defined(__SANITIZE_ADDRESS__)
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -20,7 +20,7 @@ namespace emu {
 
 struct Config {
     uint64_t seed = 0x1c4ca3ull;  // EMU_SEED
-    int threads = 1;              // EMU_THREADS: OS threads that run blocks of one launch
+    int threads = 1;              // EMU_THREADS: OS threads that run the blocks of one launch (default: the CPUs, at most 8)
     size_t stack_kb = 64;         // EMU_STACK_KB: stack of one CUDA thread (fiber)
     bool launch_blocking = false; // CUDA_LAUNCH_BLOCKING=1: launch errors returned by the launch
     bool verbose = false;         // EMU_VERBOSE=1: log module loads and failures to stderr

@@ -635,11 +635,12 @@ void poison_shared(Worker* W, const Launch& L) {
     for (int i = 0; i < m->ndyn_shared; ++i) {
         char* a = static_cast<char*>(m->dyn_shared[i].addr());
         size_t n = L.dyn_shared < m->dyn_shared[i].capacity ? L.dyn_shared : m->dyn_shared[i].capacity;
-        memset(a, 0xff, n);
 #if defined(EMU_ASAN)
-        ASAN_UNPOISON_MEMORY_REGION(a, n);
+        // Beyond the bytes the launch asked for, the dynamic shared array is out of bounds.
+        ASAN_UNPOISON_MEMORY_REGION(a, m->dyn_shared[i].capacity);
         ASAN_POISON_MEMORY_REGION(a + n, m->dyn_shared[i].capacity - n);
 #endif
+        memset(a, 0xff, n);
     }
 }
 
@@ -704,6 +705,11 @@ void direct_main(void* arg) {
 
 bool ensure_stack(Worker* W, unsigned i) {
     if (!W->stacks[i]) W->stacks[i] = map_stack(W->stack_size);
+#if defined(EMU_ASAN)
+    // A fiber of an earlier block never returned from its frames (it exited by switching
+    // away, or was abandoned after a failure): their redzones are still poisoned.
+    if (W->stacks[i]) ASAN_UNPOISON_MEMORY_REGION(W->stacks[i], W->stack_size);
+#endif
     return W->stacks[i] != nullptr;
 }
 
@@ -858,6 +864,7 @@ void watchdog_start() {
 
 // ---- faults inside kernels -----------------------------------------------------------------
 
+#if !defined(EMU_ASAN)
 struct sigaction g_old_segv, g_old_bus;
 
 void fault_handler(int sig, siginfo_t* si, void* uc) {
@@ -889,6 +896,7 @@ void fault_handler(int sig, siginfo_t* si, void* uc) {
     signal(sig, SIG_DFL);
     raise(sig);
 }
+#endif
 
 }  // namespace
 

@@ -63,22 +63,32 @@ Status open_module(const std::string& path, HostModule** out) {
     return Status{};
 }
 
+// Loads every *.so of the kernel folders (EMU_KERNEL_DIR, folders separated by ':').
 void scan_locked() {
     if (g_scanned) return;
     g_scanned = true;
-    const std::string& dir = config().kernel_dir;
-    DIR* d = opendir(dir.c_str());
-    if (!d) {
-        g_scan_error = "the emulated kernels folder " + dir + " cannot be read (build it: scripts/cuda-emu.sh build)";
-        return;
-    }
     std::vector<std::string> files;
-    while (struct dirent* e = readdir(d)) {
-        std::string n = e->d_name;
-        if (n.size() > 3 && n.compare(n.size() - 3, 3, ".so") == 0) files.push_back(dir + "/" + n);
+    const std::string& dirs = config().kernel_dir;
+    for (size_t b = 0; b <= dirs.size();) {
+        size_t e = dirs.find(':', b);
+        if (e == std::string::npos) e = dirs.size();
+        std::string dir = dirs.substr(b, e - b);
+        b = e + 1;
+        if (dir.empty()) continue;
+        DIR* d = opendir(dir.c_str());
+        if (!d) {
+            g_scan_error = "the emulated kernels folder " + dir + " cannot be read (build it: scripts/cuda-emu.sh build)";
+            continue;
+        }
+        std::vector<std::string> here;
+        while (struct dirent* ent = readdir(d)) {
+            std::string n = ent->d_name;
+            if (n.size() > 3 && n.compare(n.size() - 3, 3, ".so") == 0) here.push_back(dir + "/" + n);
+        }
+        closedir(d);
+        std::sort(here.begin(), here.end());
+        files.insert(files.end(), here.begin(), here.end());
     }
-    closedir(d);
-    std::sort(files.begin(), files.end());
     for (const std::string& f : files) {
         HostModule* hm = nullptr;
         Status s = open_module(f, &hm);
@@ -89,7 +99,7 @@ void scan_locked() {
         g_modules.push_back(hm);
     }
     if (g_modules.empty() && g_scan_error.empty())
-        g_scan_error = "no emulated kernel modules in " + dir + " (build them: scripts/cuda-emu.sh build)";
+        g_scan_error = "no emulated kernel modules in " + dirs + " (build them: scripts/cuda-emu.sh build)";
 }
 
 }  // namespace
