@@ -27,8 +27,34 @@ fn main() {
     ])
 }
 
+/// The ichcam binary: `ICHCAM_BIN`, else cargo's, else `gpu-bin/ichcam` or
+/// `target/release/ichcam` under the working directory (a test binary carried to a GPU
+/// machine, as scripts/gpu-check.sh does, runs from a copy of the repository).
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ichcam"))
+    let candidates = [
+        std::env::var_os("ICHCAM_BIN").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_BIN_EXE_ichcam"))),
+        Some(PathBuf::from("gpu-bin/ichcam")),
+        Some(PathBuf::from("target/release/ichcam")),
+    ];
+    let exe = candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .expect("the ichcam binary (set ICHCAM_BIN)");
+    Command::new(exe)
+}
+
+/// A file of tests/fixtures, from the source tree or the working directory.
+fn fixture(rel: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel);
+    if p.exists() {
+        p
+    } else {
+        Path::new("tests/fixtures").join(rel)
+    }
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -187,8 +213,7 @@ fn train_on_the_device_matches_the_cpu() {
 }
 
 fn segment(model: &Path, out: &Path, device: &str) {
-    let image =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ct-ich/images/054.nii.gz");
+    let image = fixture("ct-ich/images/054.nii.gz");
     // Every slice positive and the filters open: a large mask, so that agreement means
     // something (patient 054 has no hemorrhage; the defaults would give an empty mask).
     run_ok(

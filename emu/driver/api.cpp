@@ -456,9 +456,10 @@ CUresult launch(CUfunction func, unsigned gx, unsigned gy, unsigned gz, unsigned
         memcpy(&v, params[i], 8);
         if (v != 0 && !allocations().contains((uintptr_t)v, 0)) {
             snprintf(b, sizeof b,
-                     "kernel `%s`: pointer argument %d (%s) is 0x%llx, not inside a live device allocation (freed, a host "
+                     "kernel `%s`: pointer argument %d%s%s%s is 0x%llx, not inside a live device allocation (freed, a host "
                      "address, or an argument of the wrong kind or position)",
-                     name.c_str(), i, f->has_ptx ? f->ptx.params[i].name.c_str() : "?", (unsigned long long)v);
+                     name.c_str(), i, f->has_ptx ? " (" : "", f->has_ptx ? f->ptx.params[i].name.c_str() : "", f->has_ptx ? ")" : "",
+                     (unsigned long long)v);
             failure = Status::fail(CUDA_ERROR_ILLEGAL_ADDRESS, b);
         }
     }

@@ -132,13 +132,17 @@ fn param_kind(decl: &str) -> Option<ParamKind> {
     })
 }
 
+/// A loaded module and the PTX it was loaded from.
+type LoadedModule = (Arc<CudaModule>, Arc<str>);
+/// A function and its parameters as its PTX declares them.
+type LoadedFunction = (CudaFunction, Arc<[ParamKind]>);
+
 /// Modules and functions loaded into one context, loaded on first use and kept.
 pub struct ModuleCache {
     ctx: Arc<CudaContext>,
     cc: (i32, i32),
-    /// Each module with the PTX it was loaded from.
-    modules: Mutex<HashMap<String, (Arc<CudaModule>, Arc<str>)>>,
-    functions: Mutex<HashMap<(String, String), (CudaFunction, Arc<[ParamKind]>)>>,
+    modules: Mutex<HashMap<String, LoadedModule>>,
+    functions: Mutex<HashMap<(String, String), LoadedFunction>>,
 }
 
 impl ModuleCache {
@@ -157,11 +161,7 @@ impl ModuleCache {
     }
 
     /// The function `name` of `kernels/<module>.cu` and its parameters as its PTX declares them.
-    pub fn function_with_params(
-        &self,
-        module: &str,
-        name: &str,
-    ) -> Result<(CudaFunction, Arc<[ParamKind]>)> {
+    pub fn function_with_params(&self, module: &str, name: &str) -> Result<LoadedFunction> {
         let key = (module.to_string(), name.to_string());
         if let Some(f) = self.functions.lock().map_err(poisoned)?.get(&key) {
             return Ok(f.clone());
@@ -189,7 +189,7 @@ impl ModuleCache {
         Ok(self.module_with_ptx(name)?.0)
     }
 
-    fn module_with_ptx(&self, name: &str) -> Result<(Arc<CudaModule>, Arc<str>)> {
+    fn module_with_ptx(&self, name: &str) -> Result<LoadedModule> {
         if let Some(m) = self.modules.lock().map_err(poisoned)?.get(name) {
             return Ok(m.clone());
         }
