@@ -85,7 +85,7 @@ build() {
       kernels/*) dest="$OUT/kernels/$(basename "$src" .cu).so" ;;
       *) dest="$OUT/test-kernels/$(basename "$src" .cu).so" ;;
     esac
-    if stale "$dest" "$src" "${SHIM[@]}" "$OUT/lib/libcuda.so.1"; then
+    if stale "$dest" "$src" "${SHIM[@]}"; then
       echo "cuda-emu: compiling $src"
       build_kernel "$src" "$dest" &
       pids+=($!)
