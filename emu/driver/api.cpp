@@ -213,6 +213,13 @@ Stream* stream_of(CUstream s) {
     return st->magic == 0x73746d31 ? st : nullptr;
 }
 
+// Stream-ordered operations run under their stream's lock: in order with a launch that
+// another host thread runs on the same stream.
+#define EMU_ON_STREAM(s)                                                      \
+    Stream* st_ = stream_of(s);                                               \
+    if (!st_) return report(CUDA_ERROR_INVALID_HANDLE, "not a stream handle"); \
+    std::lock_guard<std::mutex> stream_guard_(st_->mu)
+
 void set_sticky(Context* c, const Status& s) {
     std::lock_guard<std::mutex> g(c->mu);
     if (c->sticky.load() == 0) {
@@ -854,7 +861,9 @@ CUDAAPI CUresult cuStreamDestroy_v2(CUstream s) {
     return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuStreamSynchronize(CUstream s) {
-    if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamSynchronize: not a stream");
+    Stream* st = stream_of(s);
+    if (!st) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamSynchronize: not a stream");
+    { std::lock_guard<std::mutex> g(st->mu); }  // an operation another thread runs on it ends
     return check_ready();
 }
 CUDAAPI CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
@@ -942,7 +951,7 @@ CUDAAPI CUresult cuMemFree_v2(CUdeviceptr p) {
 CUDAAPI CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     CUresult r = check_ready();
     if (r) return r;
-    if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "cuMemFreeAsync: not a stream");
+    EMU_ON_STREAM(s);
     return release(p, "cuMemFreeAsync");
 }
 CUDAAPI CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
@@ -981,7 +990,7 @@ CUDAAPI CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     return copy(reinterpret_cast<void*>(dst), src, n);
 }
 CUDAAPI CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
-    if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "not a stream");
+    EMU_ON_STREAM(s);
     return cuMemcpyHtoD_v2(dst, src, n);
 }
 CUDAAPI CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
@@ -991,7 +1000,7 @@ CUDAAPI CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     return copy(dst, reinterpret_cast<const void*>(src), n);
 }
 CUDAAPI CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
-    if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "not a stream");
+    EMU_ON_STREAM(s);
     return cuMemcpyDtoH_v2(dst, src, n);
 }
 CUDAAPI CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
@@ -1002,7 +1011,7 @@ CUDAAPI CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     return copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
 }
 CUDAAPI CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
-    if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "not a stream");
+    EMU_ON_STREAM(s);
     return cuMemcpyDtoD_v2(dst, src, n);
 }
 CUDAAPI CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
@@ -1034,7 +1043,7 @@ CUDAAPI CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) {
-    if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "not a stream");
+    EMU_ON_STREAM(s);
     return cuMemsetD8_v2(d, v, n);
 }
 CUDAAPI CUresult cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n) { return memset_n<unsigned short>(d, v, n, "cuMemsetD16"); }

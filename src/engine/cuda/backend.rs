@@ -332,7 +332,7 @@ fn check_args(module: &str, name: &str, params: &[ParamKind], args: &[KArg]) -> 
 }
 
 /// A grid's x dimension (at most 2^31 - 1 blocks).
-pub(crate) fn grid_x(op: &'static str, blocks: usize) -> Result<u32> {
+fn grid_x(op: &'static str, blocks: usize) -> Result<u32> {
     u32::try_from(blocks)
         .ok()
         .filter(|&b| b <= i32::MAX as u32)
@@ -343,7 +343,7 @@ pub(crate) fn grid_x(op: &'static str, blocks: usize) -> Result<u32> {
 }
 
 /// A grid's y or z dimension (at most 65535 blocks).
-pub(crate) fn grid_yz(op: &'static str, blocks: usize) -> Result<u32> {
+fn grid_yz(op: &'static str, blocks: usize) -> Result<u32> {
     if blocks > 65_535 {
         return Err(EngineError::Shape {
             op,
