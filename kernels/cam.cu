@@ -4,8 +4,9 @@
 // cam[i, p] = sum_c weights[c] * features[i, c, p], c ascending.
 extern "C" __global__ void cam_weight(const float* __restrict__ features, const float* __restrict__ weights,
                                       float* __restrict__ cam, int n, int c, int hw) {
-    int total = n * hw;
-    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+    const size_t total = (size_t)n * hw;  // < 2^31 (checked on the host)
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int idx = (int)i0;
         int i = idx / hw, p = idx - i * hw;
         const float* f = features + (size_t)i * c * hw + p;
         float s = 0.0f;
@@ -16,11 +17,12 @@ extern "C" __global__ void cam_weight(const float* __restrict__ features, const 
 
 // One warp per row of [rows, hw]: out[r] = mean(x[r, :]).
 extern "C" __global__ void row_mean(const float* __restrict__ x, float* __restrict__ out, int rows, int hw) {
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (warp >= rows) return;
-    const float* xr = x + (size_t)warp * hw;
+    const size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (warp >= (size_t)rows) return;
+    const float* xr = x + warp * hw;
     float s = 0.0f;
-    for (int i = lane; i < hw; i += 32) s += xr[i];
+    for (size_t i = lane; i < (size_t)hw; i += 32) s += xr[i];
     for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
     if (lane == 0) out[warp] = s / (float)hw;
 }
@@ -28,8 +30,9 @@ extern "C" __global__ void row_mean(const float* __restrict__ x, float* __restri
 // out[i, p] = relu(sum_c alpha[i, c] * features[i, c, p]).
 extern "C" __global__ void gradcam_combine(const float* __restrict__ features, const float* __restrict__ alpha,
                                            float* __restrict__ out, int n, int c, int hw) {
-    int total = n * hw;
-    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+    const size_t total = (size_t)n * hw;  // < 2^31 (checked on the host)
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int idx = (int)i0;
         int i = idx / hw, p = idx - i * hw;
         const float* f = features + (size_t)i * c * hw + p;
         const float* a = alpha + (size_t)i * c;
@@ -51,9 +54,10 @@ __device__ __forceinline__ void source_index(int dst, float scale, int in, int& 
 // [n, h, w] -> [n, oh, ow], align_corners=False, scale = in / out.
 extern "C" __global__ void upsample_bilinear(const float* __restrict__ x, float* __restrict__ y, int n,
                                              int h, int w, int oh, int ow) {
-    int total = n * oh * ow;
+    const size_t total = (size_t)n * oh * ow;  // < 2^31 (checked on the host)
     float sh = (float)h / (float)oh, sw = (float)w / (float)ow;
-    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int idx = (int)i0;
         int ox = idx % ow, t = idx / ow, oy = t % oh, i = t / oh;
         int y0, y1, x0, x1;
         float ly, lx;
@@ -71,7 +75,7 @@ extern "C" __global__ void minmax_normalize(const float* __restrict__ x, float* 
     const float* xr = x + (size_t)blockIdx.x * len;
     float* yr = y + (size_t)blockIdx.x * len;
     float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
-    for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    for (size_t i = threadIdx.x; i < (size_t)len; i += blockDim.x) {
         float v = xr[i];
         lo = fminf(lo, v);
         hi = fmaxf(hi, v);
@@ -102,5 +106,5 @@ extern "C" __global__ void minmax_normalize(const float* __restrict__ x, float* 
     lo = smin[0];
     hi = smax[0];
     float range = hi - lo;
-    for (int i = threadIdx.x; i < len; i += blockDim.x) yr[i] = range > 0.0f ? (xr[i] - lo) / range : 0.0f;
+    for (size_t i = threadIdx.x; i < (size_t)len; i += blockDim.x) yr[i] = range > 0.0f ? (xr[i] - lo) / range : 0.0f;
 }

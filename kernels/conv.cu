@@ -195,8 +195,9 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, flo
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int M = CO, KHW = KH * KW, NC = C * KHW, OHW = OH * OW, K = N * OHW;
     const int m0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
-    const int kbeg = blockIdx.z * chunk;
-    const int kend = min(K, kbeg + chunk);
+    // 64-bit bounds: kbeg + chunk can pass INT_MAX on the last split.
+    const long long kbeg = (long long)blockIdx.z * chunk;
+    const long long kend = min((long long)K, kbeg + chunk);
 
     // Both tiles are loaded with the reduction index (pixel) fastest: k = tid & 15.
     const int lk = tid & 15, lr = tid >> 4;
@@ -214,9 +215,9 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, flo
     }
 
     float ra[4], rb[4];
-    auto load = [&](int k0) {
-        int k = k0 + lk;
-        bool k_ok = k < kend;
+    auto load = [&](long long k0) {
+        bool k_ok = k0 + lk < kend;
+        int k = k_ok ? (int)(k0 + lk) : 0;
         int n = 0, oh = 0, ow = 0, r = 0;
         if (k_ok) {
             n = k / OHW;
@@ -243,7 +244,7 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, flo
 
     float acc[4][4] = {};
     if (kbeg < kend) load(kbeg);
-    for (int k0 = kbeg; k0 < kend; k0 += BK) {
+    for (long long k0 = kbeg; k0 < kend; k0 += BK) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             As[lk][lr + 16 * q] = ra[q];
@@ -270,7 +271,7 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, flo
 // dw[i] = sum over s of ws[s][i], s ascending.
 extern "C" __global__ void conv_splitk_reduce(const float* __restrict__ ws, float* __restrict__ dw,
                                               int splits, int len) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)len; i += (size_t)gridDim.x * blockDim.x) {
         float s = 0.0f;
         for (int z = 0; z < splits; ++z) s += ws[(size_t)z * len + i];
         dw[i] = s;

@@ -96,7 +96,7 @@ sgemm(const float* __restrict__ A, const float* __restrict__ B, float* __restric
 
 // out[n] = sum over m of X[m, n] for X [M, N], m ascending (deterministic).
 extern "C" __global__ void colsum(const float* __restrict__ X, float* __restrict__ out, int M, int N) {
-    for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x) {
+    for (size_t n = (size_t)blockIdx.x * blockDim.x + threadIdx.x; n < (size_t)N; n += (size_t)gridDim.x * blockDim.x) {
         float s = 0.0f;
         for (int m = 0; m < M; ++m) s += X[(size_t)m * N + n];
         out[n] = s;

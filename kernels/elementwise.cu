@@ -1,14 +1,15 @@
 // Elementwise ops over flat f32 buffers: fill, ReLU fwd/bwd, the residual join
-// (add + ReLU), y += x, y *= alpha. Grid-stride loops; n fits in an int (checked on the host).
+// (add + ReLU), y += x, y *= alpha. Grid-stride loops with a 64-bit index (an int index would
+// overflow on its last step when n is near INT_MAX); n fits in an int (checked on the host).
 
 extern "C" __global__ void fill_f32(float* __restrict__ y, float value, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         y[i] = value;
     }
 }
 
 extern "C" __global__ void relu_fwd(const float* __restrict__ x, float* __restrict__ y, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         float v = x[i];
         y[i] = v > 0.0f ? v : 0.0f;
     }
@@ -16,27 +17,27 @@ extern "C" __global__ void relu_fwd(const float* __restrict__ x, float* __restri
 
 extern "C" __global__ void relu_bwd(const float* __restrict__ y, const float* __restrict__ dy,
                                     float* __restrict__ dx, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
     }
 }
 
 extern "C" __global__ void add_relu_fwd(const float* __restrict__ a, const float* __restrict__ b,
                                         float* __restrict__ y, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         float v = a[i] + b[i];
         y[i] = v > 0.0f ? v : 0.0f;
     }
 }
 
 extern "C" __global__ void add_assign(float* __restrict__ y, const float* __restrict__ x, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         y[i] += x[i];
     }
 }
 
 extern "C" __global__ void scale_assign(float* __restrict__ y, float alpha, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         y[i] *= alpha;
     }
 }

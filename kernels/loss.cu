@@ -17,7 +17,7 @@ extern "C" __global__ void bce_with_logits(const float* __restrict__ logits,
     // f64 per element: there are few logits (one per slice), and f32 loses the gradient
     // of a confidently right logit to cancellation in sigma(x) - 1.
     const double inv_n = 1.0 / (double)n, pw = (double)pos_weight;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (size_t i = threadIdx.x; i < (size_t)n; i += blockDim.x) {
         double x = (double)logits[i];
         double y = (double)targets[i];
         // -log sigma(x) = softplus(-x); -log(1 - sigma(x)) = softplus(x)

@@ -65,8 +65,9 @@ extern "C" __global__ void lstm_step_bwd(const float* __restrict__ gates, const 
                                          const float* __restrict__ dh_seq,
                                          const float* __restrict__ dh_rec, float* __restrict__ dc,
                                          float* __restrict__ dgates, int B, int T, int H, int t) {
-    int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= B * H) return;
+    long long idx0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx0 >= (long long)B * H) return;
+    const int idx = (int)idx0;
     int b = idx / H, u = idx - b * H;
     const size_t row = (size_t)b * T + t;
     const float* gr = gates + row * 4 * H;
@@ -91,8 +92,9 @@ extern "C" __global__ void lstm_step_bwd(const float* __restrict__ gates, const 
 // hprev[b, t, :] = h[b, t-1, :] (zeros at t = 0): the left operand of dW_hh as one GEMM.
 extern "C" __global__ void lstm_shift_h(const float* __restrict__ h_seq, float* __restrict__ hprev,
                                         int B, int T, int H) {
-    int total = B * T * H;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const size_t total = (size_t)B * T * H;  // < 2^31 (checked on the host)
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)i0;
         int t = (i / H) % T;
         hprev[i] = t > 0 ? h_seq[i - H] : 0.0f;
     }

@@ -41,12 +41,12 @@ extern "C" __global__ void bn_partial(const float* __restrict__ x, const double*
                                       double* __restrict__ part, int N, int C, int HW, int chunk) {
     __shared__ double sh[33];
     const int s = blockIdx.x, c = blockIdx.y, S = gridDim.x;
-    const int cnt = N * HW;
-    const int beg = s * chunk, end = min(cnt, beg + chunk);
+    const long long cnt = (long long)N * HW;
+    const long long beg = (long long)s * chunk, end = min(cnt, beg + chunk);
     const double mean = stats ? stats[2 * c] : 0.0;
     double acc = 0.0;
-    for (int j = beg + threadIdx.x; j < end; j += blockDim.x) {
-        double v = (double)x[bn_index(j, c, C, HW)];
+    for (long long j = beg + threadIdx.x; j < end; j += blockDim.x) {
+        double v = (double)x[bn_index((int)j, c, C, HW)];
         if (stats) {
             v -= mean;
             v *= v;
@@ -94,7 +94,8 @@ extern "C" __global__ void bn_apply(const float* __restrict__ x, const float* __
                                     const float* __restrict__ beta, const float* __restrict__ mean,
                                     const float* __restrict__ invstd, float* __restrict__ y, int total,
                                     int C, int HW, int relu) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < (size_t)total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)i0;
         int c = (i / HW) % C;
         float v = (x[i] - mean[c]) * invstd[c] * gamma[c] + beta[c];
         y[i] = (relu && v < 0.0f) ? 0.0f : v;
@@ -106,7 +107,8 @@ extern "C" __global__ void bn_eval_fwd(const float* __restrict__ x, const float*
                                        const float* __restrict__ running_mean,
                                        const float* __restrict__ running_var, float* __restrict__ y,
                                        int total, int C, int HW, float eps, int relu) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < (size_t)total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)i0;
         int c = (i / HW) % C;
         float inv = 1.0f / sqrtf(running_var[c] + eps);
         float v = (x[i] - running_mean[c]) * inv * gamma[c] + beta[c];
@@ -121,12 +123,12 @@ extern "C" __global__ void bn_bwd_partial(const float* __restrict__ x, const flo
                                           double* __restrict__ part2, int N, int C, int HW, int chunk, int relu) {
     __shared__ double sh[33];
     const int s = blockIdx.x, c = blockIdx.y, S = gridDim.x;
-    const int cnt = N * HW;
-    const int beg = s * chunk, end = min(cnt, beg + chunk);
+    const long long cnt = (long long)N * HW;
+    const long long beg = (long long)s * chunk, end = min(cnt, beg + chunk);
     const double mean = (double)save_mean[c], invstd = (double)save_invstd[c];
     double a = 0.0, b = 0.0;
-    for (int j = beg + threadIdx.x; j < end; j += blockDim.x) {
-        size_t k = bn_index(j, c, C, HW);
+    for (long long j = beg + threadIdx.x; j < end; j += blockDim.x) {
+        size_t k = bn_index((int)j, c, C, HW);
         float g = dy[k];
         if (relu && !(y[k] > 0.0f)) g = 0.0f;
         a += (double)g;
@@ -164,7 +166,8 @@ extern "C" __global__ void bn_bwd_apply(const float* __restrict__ x, const float
                                         const float* __restrict__ save_invstd,
                                         const double* __restrict__ stats, float* __restrict__ dx, int total,
                                         int C, int HW, double cnt, int relu) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < (size_t)total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)i0;
         int c = (i / HW) % C;
         float g = dy[i];
         if (relu && !(y[i] > 0.0f)) g = 0.0f;

@@ -5,7 +5,7 @@
 extern "C" __global__ void sgd_step(float* __restrict__ p, const float* __restrict__ g,
                                     float* __restrict__ m, float lr, float momentum,
                                     float weight_decay, int first_step, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         float pi = p[i];
         float gi = g[i] + weight_decay * pi;
         float mi = first_step ? gi : momentum * m[i] + gi;
@@ -20,7 +20,7 @@ extern "C" __global__ void adam_step(float* __restrict__ p, const float* __restr
                                      float* __restrict__ m, float* __restrict__ v, float beta1,
                                      float beta2, float eps, float weight_decay, float step_size,
                                      float bc2_sqrt, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         float pi = p[i];
         float gi = g[i] + weight_decay * pi;
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;

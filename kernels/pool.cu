@@ -6,8 +6,9 @@
 extern "C" __global__ void maxpool2d_fwd(const float* __restrict__ x, float* __restrict__ y,
                                          int NC, int H, int W, int K, int stride, int pad, int OH,
                                          int OW) {
-    int total = NC * OH * OW;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const size_t total = (size_t)NC * OH * OW;  // < 2^31 (checked on the host)
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)i0;
         int ow = i % OW, t = i / OW, oh = t % OH, nc = t / OH;
         const float* xp = x + (size_t)nc * H * W;
         int h0 = oh * stride - pad, w0 = ow * stride - pad;
@@ -31,8 +32,9 @@ extern "C" __global__ void maxpool2d_bwd(const float* __restrict__ x, const floa
                                          const float* __restrict__ dy, float* __restrict__ dx,
                                          int NC, int H, int W, int K, int stride, int pad, int OH,
                                          int OW) {
-    int total = NC * H * W;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const size_t total = (size_t)NC * H * W;  // < 2^31 (checked on the host)
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)i0;
         int iw = i % W, t = i / W, ih = t % H, nc = t / H;
         const float* xp = x + (size_t)nc * H * W;
         const float* yp = y + (size_t)nc * OH * OW;
@@ -75,20 +77,21 @@ extern "C" __global__ void maxpool2d_bwd(const float* __restrict__ x, const floa
 // One warp per row of [rows, hw]: y[r] = mean(x[r, :]).
 extern "C" __global__ void gap_fwd(const float* __restrict__ x, float* __restrict__ y, int rows,
                                    int hw) {
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (warp >= rows) return;
-    const float* xr = x + (size_t)warp * hw;
+    const size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (warp >= (size_t)rows) return;
+    const float* xr = x + warp * hw;
     float s = 0.0f;
-    for (int i = lane; i < hw; i += 32) s += xr[i];
+    for (size_t i = lane; i < (size_t)hw; i += 32) s += xr[i];
     for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
     if (lane == 0) y[warp] = s / (float)hw;
 }
 
 extern "C" __global__ void gap_bwd(const float* __restrict__ dy, float* __restrict__ dx, int rows,
                                    int hw) {
-    int total = rows * hw;
+    const size_t total = (size_t)rows * hw;
     float inv = 1.0f / (float)hw;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         dx[i] = dy[i / hw] * inv;
     }
 }

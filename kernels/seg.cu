@@ -1,6 +1,7 @@
 // Elementwise steps of the CAM refinement on [z, y, x] volumes: the binary CAM region on
-// the positive slices, the subdural window (level 80 / width 200), the chosen k-means
-// cluster as a mask, and a count of non-zero voxels. Each mirrors src/seg bit for bit:
+// the positive slices, the subdural window (level 80 / width 200), the in-plane box mean,
+// the saturated voxels out of the region, the band of the chosen cluster as a mask, and a
+// count of non-zero voxels. Each mirrors src/seg bit for bit:
 // plain IEEE f32 arithmetic (no fast math), comparisons that NaN never passes.
 
 typedef unsigned char u8;
@@ -24,16 +25,6 @@ extern "C" __global__ void seg_subdural(const float* __restrict__ hu, u64 n, flo
         if (v < 0.0f) v = 0.0f;
         if (v > 1.0f) v = 1.0f;
         out[i] = v;
-    }
-}
-
-// out = 1 where the voxel's k-means label is its segment's chosen cluster (chosen < 0: none).
-// Voxels outside the region carry label 255 and never match.
-extern "C" __global__ void seg_select_cluster(const u8* __restrict__ labels, const int* __restrict__ chosen,
-                                              u64 seg_len, u64 n, u8* __restrict__ out) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        int c = chosen[i / seg_len];
-        out[i] = (c >= 0 && (int)labels[i] == c) ? 1 : 0;
     }
 }
 

@@ -3,31 +3,64 @@
 //! element fails: `||gpu - cpu|| / ||cpu|| < 1e-5`. Shapes cover odd sizes, stride 2, 7x7,
 //! 1x1, batch > 1 and the split-K path of the weight gradient.
 //!
-//! Without a GPU every test prints `skipped: no CUDA device` and passes; with
-//! `ICHCAM_REQUIRE_GPU=1` a missing GPU fails (that is how scripts/gpu-check.sh runs them).
+//! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
+//! device tests are reported as ignored (tests/cuda_common), and with `ICHCAM_REQUIRE_GPU=1`
+//! a missing device fails them (scripts/gpu-check.sh and the emulator run them so).
+
+mod cuda_common;
 
 use std::sync::OnceLock;
 
+use cuda_common::{device, host, Test};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Lstm, Pool2d};
 
 const TOL: f64 = 1e-5;
 
-/// The shared GPU backend, or None (after printing why) when there is none.
-fn gpu() -> Option<&'static CudaBackend> {
-    static GPU: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
-    let g = GPU.get_or_init(|| CudaBackend::new(0).map_err(|e| e.to_string()));
-    match g {
-        Ok(b) => Some(b),
-        Err(e) => {
-            if std::env::var("ICHCAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("ICHCAM_REQUIRE_GPU=1 but no usable CUDA device: {e}");
-            }
-            println!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
+fn main() {
+    cuda_common::main(vec![
+        device("conv2d_matches_cpu", conv2d_matches_cpu),
+        device("batchnorm_matches_cpu", batchnorm_matches_cpu),
+        device("elementwise_matches_cpu", elementwise_matches_cpu),
+        device("maxpool_matches_cpu", maxpool_matches_cpu),
+        device("global_avg_pool_matches_cpu", global_avg_pool_matches_cpu),
+        device("linear_matches_cpu", linear_matches_cpu),
+        device("lstm_matches_cpu", lstm_matches_cpu),
+        device("bce_matches_cpu", bce_matches_cpu),
+        device("optimizers_match_cpu", optimizers_match_cpu),
+        device("cam_matches_cpu", cam_matches_cpu),
+        device(
+            "cuda_rejects_bad_shapes_without_launching",
+            cuda_rejects_bad_shapes_without_launching,
+        ),
+        device(
+            "launch_arguments_are_checked_against_the_ptx",
+            launch_arguments_are_checked_against_the_ptx,
+        ),
+        device(
+            "empty_buffers_make_no_zero_length_allocation",
+            empty_buffers_make_no_zero_length_allocation,
+        ),
+        device(
+            "grid_limits_are_checked_before_launching",
+            grid_limits_are_checked_before_launching,
+        ),
+        device("ichnet_tiny_step_matches_cpu", ichnet_tiny_step_matches_cpu),
+        host("device_choice_never_panics", device_choice_never_panics),
+        host("every_kernel_is_embedded", every_kernel_is_embedded),
+        Test {
+            name: "every_kernel_compiles_at_run_time",
+            run: every_kernel_compiles_at_run_time,
+            needs: cuda_common::Needs::Nvrtc,
+        },
+    ])
+}
+
+/// The shared device backend (the harness runs device tests only when one opens).
+fn gpu() -> &'static CudaBackend {
+    static GPU: OnceLock<CudaBackend> = OnceLock::new();
+    GPU.get_or_init(|| CudaBackend::new(0).expect("the harness found a CUDA device"))
 }
 
 /// SplitMix64: a small seeded generator, so failures reproduce from the printed seed.
@@ -160,9 +193,8 @@ fn conv(
     }
 }
 
-#[test]
 fn conv2d_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("conv2d"));
     let shapes = [
@@ -225,9 +257,8 @@ fn bn_all<B: Backend<T = f32>>(be: &B, s: &BatchNorm2d, i: &BnIn, relu: bool) ->
         .collect()
 }
 
-#[test]
 fn batchnorm_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("batchnorm"));
     let names = [
@@ -302,9 +333,8 @@ fn elementwise_all<B: Backend<T = f32>>(be: &B, a: &[f32], b: &[f32]) -> Vec<Vec
         .collect()
 }
 
-#[test]
 fn elementwise_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("elementwise"));
     let names = [
@@ -339,9 +369,8 @@ fn pool_all<B: Backend<T = f32>>(be: &B, s: &Pool2d, x: &[f32], dy: &[f32]) -> [
     [down(be, &y), down(be, &dx)]
 }
 
-#[test]
 fn maxpool_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("maxpool"));
     let shapes = [
@@ -391,9 +420,8 @@ fn maxpool_matches_cpu() {
     }
 }
 
-#[test]
 fn global_avg_pool_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("gap"));
     for (rows, hw) in [(1usize, 1usize), (6, 49), (70, 64), (3, 1000)] {
@@ -481,9 +509,8 @@ fn linear_all<B: Backend<T = f32>>(
     out
 }
 
-#[test]
 fn linear_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("linear"));
     let names = ["y", "dx", "dw", "dw (dw only)", "db"];
@@ -557,9 +584,8 @@ fn lstm_all<B: Backend<T = f32>>(be: &B, s: &Lstm, i: &LstmIn) -> Vec<Vec<f32>> 
         .collect()
 }
 
-#[test]
 fn lstm_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("lstm"));
     let names = ["h_seq", "c_seq", "gates", "dx", "dw_ih", "dw_hh", "db"];
@@ -604,9 +630,8 @@ fn lstm_matches_cpu() {
 
 // ---- loss and optimizers -------------------------------------------------------------------
 
-#[test]
 fn bce_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("bce"));
     for n in [1usize, 32, 128, 1000] {
@@ -677,9 +702,8 @@ fn optim_all<B: Backend<T = f32>>(
     out
 }
 
-#[test]
 fn optimizers_match_cpu() {
-    let Some(gpu_be) = gpu() else { return };
+    let gpu_be = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("optim"));
     for n in [1usize, 1000, 70_001] {
@@ -741,9 +765,8 @@ fn cam_all<B: Backend<T = f32>>(
         .collect()
 }
 
-#[test]
 fn cam_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let cpu = CpuBackend::<f32>::new();
     let mut rng = Rng::new(seed("cam"));
     let names = [
@@ -798,9 +821,8 @@ fn cam_matches_cpu() {
 
 // ---- shape errors --------------------------------------------------------------------------
 
-#[test]
 fn cuda_rejects_bad_shapes_without_launching() {
-    let Some(g) = gpu() else { return };
+    let g = gpu();
     let s = conv(1, 2, 5, 5, 3, 3, 1, 1);
     let x = g.zeros(s.x_len()).expect("zeros");
     let w = g.zeros(s.w_len() + 1).expect("zeros");
@@ -840,18 +862,119 @@ fn cuda_rejects_bad_shapes_without_launching() {
     );
 }
 
+/// The arguments of a launch are checked against the kernel's PTX parameter list: a
+/// missing argument, an i32 for a pointer or an f64 for an f32 is an error naming the kernel,
+/// and nothing is launched.
+fn launch_arguments_are_checked_against_the_ptx() {
+    use cudarc::driver::LaunchConfig;
+    use ichcam::engine::cuda::KArg;
+    let g = gpu();
+    let mut y = g.zeros(16).expect("zeros");
+    let p = g.ptr(&y);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // fill_f32(float* y, float value, int n)
+    let good = [KArg::Ptr(p), KArg::F32(2.5), KArg::I32(16)];
+    g.launch("elementwise", "fill_f32", cfg, &good)
+        .expect("the right arguments launch");
+    assert_eq!(g.download(&y).expect("download"), vec![2.5; 16]);
+    for (what, args) in [
+        ("one argument too few", vec![KArg::Ptr(p), KArg::F32(1.0)]),
+        (
+            "one argument too many",
+            vec![KArg::Ptr(p), KArg::F32(1.0), KArg::I32(16), KArg::I32(0)],
+        ),
+        (
+            "an i32 for the pointer",
+            vec![KArg::I32(0), KArg::F32(1.0), KArg::I32(16)],
+        ),
+        (
+            "an f64 for the f32",
+            vec![KArg::Ptr(p), KArg::F64(1.0), KArg::I32(16)],
+        ),
+        (
+            "a 64-bit length for the int",
+            vec![KArg::Ptr(p), KArg::F32(1.0), KArg::Ptr(16)],
+        ),
+    ] {
+        let e = g
+            .launch("elementwise", "fill_f32", cfg, &args)
+            .expect_err(what)
+            .to_string();
+        assert!(
+            e.contains("elementwise::fill_f32") && e.contains("PTX"),
+            "{what}: {e}"
+        );
+    }
+    g.fill(&mut y, 0.0).expect("fill");
+    assert_eq!(
+        g.download(&y).expect("download"),
+        vec![0.0; 16],
+        "a refused launch must not have run"
+    );
+}
+
+/// Empty buffers are length-0 slices without a zero-byte allocation (which a GPU refuses).
+fn empty_buffers_make_no_zero_length_allocation() {
+    let g = gpu();
+    let a = g.zeros(0).expect("zeros(0)");
+    let b = g.upload(&[]).expect("upload of nothing");
+    assert_eq!((g.len(&a), g.len(&b)), (0, 0));
+    assert!(g.download(&a).expect("download").is_empty());
+    let mut c = g.zeros(0).expect("zeros(0)");
+    g.copy(&b, &mut c).expect("copy of nothing");
+    g.relu_fwd(&a, &mut c).expect("relu of nothing");
+    drop((a, b, c));
+    g.synchronize().expect("the device is fine afterwards");
+}
+
+/// Grid dimensions beyond the device's limits are shape errors before any launch: the
+/// batch-norm reduction puts the channels on grid.y (at most 65535).
+fn grid_limits_are_checked_before_launching() {
+    let g = gpu();
+    let s = BatchNorm2d {
+        n: 2,
+        c: 70_000,
+        hw: 1,
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    let z = |n: usize| g.zeros(n).expect("zeros");
+    let (x, gamma, beta) = (z(s.len()), z(s.c), z(s.c));
+    let (mut rm, mut rv, mut sm, mut si, mut y) = (z(s.c), z(s.c), z(s.c), z(s.c), z(s.len()));
+    let e = g
+        .batchnorm_train_fwd(
+            &s, &x, &gamma, &beta, &mut rm, &mut rv, &mut sm, &mut si, &mut y, false,
+        )
+        .expect_err("70000 channels exceed grid.y");
+    assert!(
+        matches!(e, ichcam::engine::EngineError::Shape { .. }) && e.to_string().contains("65535"),
+        "{e}"
+    );
+    let (dy, mut dx, mut dg, mut db) = (z(s.len()), z(s.len()), z(s.c), z(s.c));
+    let e = g
+        .batchnorm_bwd(
+            &s, &x, &y, &dy, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false,
+        )
+        .expect_err("70000 channels exceed grid.y");
+    assert!(
+        matches!(e, ichcam::engine::EngineError::Shape { .. }),
+        "{e}"
+    );
+    g.synchronize().expect("nothing was launched");
+}
+
 // ---- the whole model -----------------------------------------------------------------------
 
 /// A stage-1 train step and a stage-2 CAM pass of the tiny model on the GPU against the CPU,
 /// from the same seed: loss, logits, every stage-1 gradient, the updated weights and the CAM
 /// within 1e-3 (many ops in sequence, and batch-norm statistics over few values, amplify f32
 /// rounding beyond the per-op 1e-5).
-#[test]
 fn ichnet_tiny_step_matches_cpu() {
     use ichcam::model::{CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
-    if gpu().is_none() {
-        return;
-    }
     let gpu_be = CudaBackend::new(0).expect("second CUDA backend");
     let cfg = ModelConfig::tiny();
     let s = seed("ichnet");
@@ -928,7 +1051,6 @@ fn ichnet_tiny_step_matches_cpu() {
 
 // ---- discovery and the kernel table (these run without a GPU) ------------------------------
 
-#[test]
 fn device_choice_never_panics() {
     use ichcam::engine::cuda::device::{pick_device, DeviceChoice};
     assert_eq!(
@@ -950,7 +1072,7 @@ fn device_choice_never_panics() {
         }
         DeviceChoice::Cuda(d) => assert!(d.compute_capability.0 >= 3, "{d:?}"),
     }
-    if gpu().is_none() {
+    if cuda_common::device_absent().is_some() {
         assert!(
             pick_device("cuda").is_err(),
             "asking for a GPU without one must be an error"
@@ -959,10 +1081,8 @@ fn device_choice_never_panics() {
     }
 }
 
-#[test]
-fn every_kernel_is_embedded_and_compiles_at_run_time() {
-    use ichcam::engine::cuda::device::nvrtc_present;
-    use ichcam::engine::cuda::module::{compile_at_runtime, precompiled, KERNELS};
+fn every_kernel_is_embedded() {
+    use ichcam::engine::cuda::module::{precompiled, KERNELS};
     for name in [
         "conv",
         "norm",
@@ -973,6 +1093,10 @@ fn every_kernel_is_embedded_and_compiles_at_run_time() {
         "loss",
         "optim",
         "cam",
+        "seg",
+        "kmeans",
+        "morph",
+        "ccl",
     ] {
         let k = KERNELS
             .iter()
@@ -993,11 +1117,11 @@ fn every_kernel_is_embedded_and_compiles_at_run_time() {
             "{name}: portable PTX presence"
         );
     }
-    if !nvrtc_present() {
-        println!("skipped run-time compilation: libnvrtc not found");
-        return;
-    }
-    // The path a build without NVRTC takes at first GPU use.
+}
+
+/// The path a build without NVRTC takes at first GPU use (needs libnvrtc at run time).
+fn every_kernel_compiles_at_run_time() {
+    use ichcam::engine::cuda::module::{compile_at_runtime, KERNELS};
     for k in KERNELS {
         if let Err(e) = compile_at_runtime(k, (9, 0)) {
             panic!("kernels/{}.cu does not compile at run time: {e}", k.name);

@@ -5,10 +5,12 @@
 //! eval pass on the GPU against the CPU, and `ichcam parity --device cuda` on every U-Net
 //! fixture.
 //!
-//! The tests that need a device are `#[ignore]`d, so that without one cargo counts them as
-//! ignored, never as passed: run them on a GPU, or on the emulated driver
-//! (scripts/cuda-emu.sh), with `-- --include-ignored`, and with `ICHCAM_REQUIRE_GPU=1` a
-//! missing device fails them. The kernel-table test needs no device and always runs.
+//! Runs on a GPU or on the emulated driver (scripts/cuda-emu.sh); without either the tests
+//! that need a device are reported as ignored (tests/cuda_common), with
+//! `ICHCAM_REQUIRE_GPU=1` a missing device fails them. The kernel-table test needs no device
+//! and always runs.
+
+mod cuda_common;
 
 use std::path::Path;
 use std::process::Command;
@@ -18,9 +20,23 @@ use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::{Backend, ChannelCopy, SoftDice, UpConv2d};
 
+fn main() {
+    use cuda_common::{device, host};
+    cuda_common::main(vec![
+        device("bias_matches_cpu", bias_matches_cpu),
+        device("upconv_matches_cpu_and_writes_only_its_slice", upconv_matches_cpu_and_writes_only_its_slice),
+        device("copy_channels_matches_cpu", copy_channels_matches_cpu),
+        device("sigmoid_and_dice_match_cpu", sigmoid_and_dice_match_cpu),
+        device("unet_ops_reject_bad_shapes_without_launching", unet_ops_reject_bad_shapes_without_launching),
+        device("unet_step_matches_cpu", unet_step_matches_cpu),
+        device("parity_binary_passes_every_unet_fixture_on_cuda", parity_binary_passes_every_unet_fixture_on_cuda),
+        host("unet_kernels_are_embedded_and_compile_at_run_time", unet_kernels_are_embedded_and_compile_at_run_time),
+    ])
+}
+
 const TOL: f64 = 1e-5;
 
-/// The shared GPU backend; a test that needs one fails (it only runs when asked to).
+/// The shared GPU backend (the harness runs these tests only when one opens).
 fn gpu() -> &'static CudaBackend {
     static GPU: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
     match GPU.get_or_init(|| CudaBackend::new(0).map_err(|e| e.to_string())) {
@@ -131,8 +147,6 @@ fn bias_all<B: Backend<T = f32>>(
     out
 }
 
-#[test]
-#[ignore = "needs a CUDA device (a GPU or scripts/cuda-emu.sh): run with -- --include-ignored"]
 fn bias_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
@@ -200,8 +214,6 @@ fn upc(
     }
 }
 
-#[test]
-#[ignore = "needs a CUDA device (a GPU or scripts/cuda-emu.sh): run with -- --include-ignored"]
 fn upconv_matches_cpu_and_writes_only_its_slice() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
@@ -240,8 +252,6 @@ fn upconv_matches_cpu_and_writes_only_its_slice() {
 
 // ---- channel slices ------------------------------------------------------------------------
 
-#[test]
-#[ignore = "needs a CUDA device (a GPU or scripts/cuda-emu.sh): run with -- --include-ignored"]
 fn copy_channels_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
@@ -293,8 +303,6 @@ fn copy_channels_matches_cpu() {
 
 // ---- sigmoid and the soft Dice loss --------------------------------------------------------
 
-#[test]
-#[ignore = "needs a CUDA device (a GPU or scripts/cuda-emu.sh): run with -- --include-ignored"]
 fn sigmoid_and_dice_match_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
@@ -357,8 +365,6 @@ fn sigmoid_and_dice_match_cpu() {
     }
 }
 
-#[test]
-#[ignore = "needs a CUDA device (a GPU or scripts/cuda-emu.sh): run with -- --include-ignored"]
 fn unet_ops_reject_bad_shapes_without_launching() {
     let g = gpu();
     let z = |n: usize| g.zeros(n).expect("zeros");
@@ -395,8 +401,6 @@ fn unet_ops_reject_bad_shapes_without_launching() {
 /// CPU from the same weights: loss, output, every gradient, the updated weights and running
 /// statistics, and the eval output within 1e-3 (many ops in a row, and batch norms over few
 /// values, amplify f32 rounding beyond the per-op 1e-5).
-#[test]
-#[ignore = "needs a CUDA device (a GPU or scripts/cuda-emu.sh): run with -- --include-ignored"]
 fn unet_step_matches_cpu() {
     use ichcam::model::unet::{UNet, UNetConfig};
     use ichcam::model::OptimizerConfig;
@@ -442,8 +446,6 @@ fn unet_step_matches_cpu() {
     assert!(e < tol, "eval output: rel err {e:e}");
 }
 
-#[test]
-#[ignore = "needs a CUDA device (a GPU or scripts/cuda-emu.sh): run with -- --include-ignored"]
 fn parity_binary_passes_every_unet_fixture_on_cuda() {
     let _ = gpu();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet-parity");
@@ -472,7 +474,6 @@ fn parity_binary_passes_every_unet_fixture_on_cuda() {
 
 // ---- the kernel table (no device needed) ---------------------------------------------------
 
-#[test]
 fn unet_kernels_are_embedded_and_compile_at_run_time() {
     use ichcam::engine::cuda::device::nvrtc_present;
     use ichcam::engine::cuda::module::{compile_at_runtime, precompiled, KERNELS};

@@ -1,5 +1,6 @@
 //! `ichcam info`: the build (version, whether the kernels were precompiled and for which
-//! targets), whether the CUDA driver and NVRTC load, the GPUs, and what `--device auto` picks.
+//! targets), whether the CUDA driver and NVRTC load, the GPUs (saying so when the driver is
+//! the project's CPU emulator, emu/), and what `--device auto` picks.
 
 use ichcam::engine::cuda::device::{self, DeviceChoice};
 use ichcam::engine::cuda::module;
@@ -68,6 +69,13 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                     d.multiprocessors,
                     d.total_mem as f64 / (1u64 << 30) as f64
                 );
+                if d.name.contains("emulated") {
+                    outln!(
+                        out,
+                        "gpu {}: this is ichcam's CPU emulator of the CUDA driver (emu/README.md): the CUDA path runs on the CPU, for correctness checks; its timings mean nothing",
+                        d.ordinal
+                    );
+                }
             }
         }
         Err(e) => outln!(out, "gpus: none ({})", device::reason_line(&e)),

@@ -2,6 +2,8 @@
 //! launches of the kernels in `kernels/*.cu` on one stream. Shapes are checked on the host
 //! exactly as the CPU reference checks them; dimensions are passed to the kernels as i32
 //! (a buffer longer than i32::MAX elements is refused), tensor offsets are 64-bit in-kernel.
+//! Every launch's arguments are checked against the kernel's PTX parameter list, and a grid
+//! dimension over the device's limit is a shape error before any launch.
 //!
 //! One stream and no cross-stream event tracking: every launch and copy is ordered on that
 //! stream, and a buffer freed on the host is freed stream-ordered after the work queued on it.
@@ -13,8 +15,8 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::device::{cuda, cuda_available, driver_present, DeviceInfo};
-use super::module::ModuleCache;
+use super::device::{cuda, cuda_available, driver_present, launched, synced, DeviceInfo};
+use super::module::{ModuleCache, ParamKind};
 use crate::engine::backend::Backend;
 use crate::engine::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 use crate::engine::{check_len, EngineError, Result};
@@ -105,11 +107,13 @@ impl CudaBackend {
         p
     }
 
-    /// Launches `module::name` on this backend's stream with `args` (their kinds and order
-    /// must match the kernel's signature: that is what makes this unsafe-free wrapper sound
-    /// only for the kernels of this crate).
+    /// Launches `module::name` on this backend's stream with `args`. Their number and kinds
+    /// are checked against the kernel's PTX parameters (an error naming the kernel, not a
+    /// launch); what the pointers point to is the caller's to get right, which is what makes
+    /// this wrapper sound only for the kernels of this crate.
     pub fn launch(&self, module: &str, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
-        let f = self.function(module, name)?;
+        let (f, params) = self.modules.function_with_params(module, name)?;
+        check_args(module, name, &params, args)?;
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {
@@ -122,12 +126,13 @@ impl CudaBackend {
         // SAFETY: the argument list mirrors the kernel's parameters (see each call site), and
         // every buffer's length was checked against the shape the kernel indexes.
         unsafe { b.launch(cfg) }.map_err(|e| cuda(&format!("launch {module}::{name}"), e))?;
+        launched(module, name);
         Ok(())
     }
 
     fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
         if len == 0 {
-            return self.stream.null().map_err(|e| cuda("alloc", e));
+            return empty_slice(&self.stream);
         }
         // SAFETY: every caller overwrites the whole buffer before reading it.
         unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| oom(e, len * 4))
@@ -187,15 +192,12 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let gy = m.div_ceil(64);
-        if gy > 65_535 {
-            return Err(EngineError::Shape {
-                op: "sgemm",
-                detail: format!("{m} rows exceed the grid limit"),
-            });
-        }
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(64) as u32, gy as u32, 1),
+            grid_dim: (
+                grid_x("sgemm", n.div_ceil(64))?,
+                grid_yz("sgemm", m.div_ceil(64))?,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -285,6 +287,72 @@ fn keep_pool_memory(ordinal: usize) {
     }
 }
 
+/// An empty buffer without a zero-byte allocation, which a GPU refuses (cudarc's
+/// `CudaStream::null` makes one): one byte is allocated and the slice has length 0.
+pub(crate) fn empty_slice<T>(stream: &Arc<CudaStream>) -> Result<CudaSlice<T>> {
+    // SAFETY: the byte is never read or written.
+    let one = unsafe { stream.alloc::<u8>(1) }.map_err(|e| cuda("alloc", e))?;
+    let ptr = one.leak();
+    // SAFETY: `ptr` is a live allocation large enough for 0 elements of T; the returned
+    // slice owns it and frees it when dropped.
+    Ok(unsafe { stream.upgrade_device_ptr::<T>(ptr, 0) })
+}
+
+/// Checks a launch's arguments against the kernel's PTX parameters: a device pointer or a
+/// 64-bit length for a 64-bit integer, an i32 for a 32-bit one, f32/f64 for floats.
+fn check_args(module: &str, name: &str, params: &[ParamKind], args: &[KArg]) -> Result<()> {
+    let bad = |msg: String| {
+        Err(EngineError::Cuda {
+            op: format!("launch {module}::{name}"),
+            msg,
+        })
+    };
+    if params.len() != args.len() {
+        return bad(format!(
+            "{} arguments for the {} parameters of the kernel's PTX",
+            args.len(),
+            params.len()
+        ));
+    }
+    for (i, (a, p)) in args.iter().zip(params).enumerate() {
+        let ok = matches!(
+            (a, p),
+            (KArg::Ptr(_), ParamKind::Int(8))
+                | (KArg::I32(_), ParamKind::Int(4))
+                | (KArg::F32(_), ParamKind::Float(4))
+                | (KArg::F64(_), ParamKind::Float(8))
+        );
+        if !ok {
+            return bad(format!(
+                "argument {i} is {a:?} but the kernel's PTX parameter {i} is {p}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A grid's x dimension (at most 2^31 - 1 blocks).
+fn grid_x(op: &'static str, blocks: usize) -> Result<u32> {
+    u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| EngineError::Shape {
+            op,
+            detail: format!("{blocks} blocks exceed the grid's x limit (2^31 - 1)"),
+        })
+}
+
+/// A grid's y or z dimension (at most 65535 blocks).
+fn grid_yz(op: &'static str, blocks: usize) -> Result<u32> {
+    if blocks > 65_535 {
+        return Err(EngineError::Shape {
+            op,
+            detail: format!("{blocks} blocks exceed the grid's y/z limit of 65535"),
+        });
+    }
+    Ok(blocks as u32)
+}
+
 /// An i32 kernel argument, refusing sizes the kernels' int indexing cannot hold.
 fn i(v: usize) -> Result<KArg> {
     i32::try_from(v)
@@ -339,7 +407,7 @@ impl Backend for CudaBackend {
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
         if len == 0 {
-            return self.stream.null().map_err(|e| cuda("alloc", e));
+            return empty_slice(&self.stream);
         }
         self.stream
             .alloc_zeros::<f32>(len)
@@ -347,7 +415,7 @@ impl Backend for CudaBackend {
     }
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
         if host.is_empty() {
-            return self.stream.null().map_err(|e| cuda("alloc", e));
+            return empty_slice(&self.stream);
         }
         self.stream
             .clone_htod(host)
@@ -357,7 +425,12 @@ impl Backend for CudaBackend {
         if buf.is_empty() {
             return Ok(Vec::new());
         }
-        self.stream.clone_dtoh(buf).map_err(|e| cuda("download", e))
+        let host = self
+            .stream
+            .clone_dtoh(buf)
+            .map_err(|e| cuda("download", e))?;
+        synced();
+        Ok(host)
     }
     fn len(&self, buf: &CudaSlice<f32>) -> usize {
         buf.len()
@@ -384,7 +457,9 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
-            .map_err(|e| cuda("synchronize", e))
+            .map_err(|e| cuda("synchronize", e))?;
+        synced();
+        Ok(())
     }
 
     // ---- convolution ---------------------------------------------------------------------
@@ -405,7 +480,11 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let cfg = LaunchConfig {
-            grid_dim: (p.div_ceil(64) as u32, s.c_out.div_ceil(64) as u32, 1),
+            grid_dim: (
+                grid_x(OP, p.div_ceil(64))?,
+                grid_yz(OP, s.c_out.div_ceil(64))?,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -439,7 +518,11 @@ impl Backend for CudaBackend {
         i(s.y_len())?;
         i(s.x_len())?;
         let cfg = LaunchConfig {
-            grid_dim: (p.div_ceil(64) as u32, s.c_in.div_ceil(64) as u32, 1),
+            grid_dim: (
+                grid_x(OP, p.div_ceil(64))?,
+                grid_yz(OP, s.c_in.div_ceil(64))?,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -484,9 +567,9 @@ impl Backend for CudaBackend {
         let splits = k.div_ceil(chunk);
         let cfg = LaunchConfig {
             grid_dim: (
-                nc.div_ceil(64) as u32,
-                s.c_out.div_ceil(64) as u32,
-                splits as u32,
+                grid_x(OP, nc.div_ceil(64))?,
+                grid_yz(OP, s.c_out.div_ceil(64))?,
+                grid_yz(OP, splits)?,
             ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
@@ -571,8 +654,9 @@ impl Backend for CudaBackend {
         let part = self.alloc_f64(s.c * split)?;
         let stats = self.alloc_f64(2 * s.c)?;
         let (pp, ps) = (self.ptr_f64(&part), self.ptr_f64(&stats));
+        // One block row per channel: C is the grid's y dimension.
         let red = LaunchConfig {
-            grid_dim: (split as u32, s.c as u32, 1),
+            grid_dim: (grid_x(OP, split)?, grid_yz(OP, s.c)?, 1),
             block_dim: (512, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -727,8 +811,9 @@ impl Backend for CudaBackend {
             self.ptr_f64(&part2),
             self.ptr_f64(&stats),
         );
+        // One block row per channel: C is the grid's y dimension.
         let red = LaunchConfig {
-            grid_dim: (split as u32, s.c as u32, 1),
+            grid_dim: (grid_x(OP, split)?, grid_yz(OP, s.c)?, 1),
             block_dim: (512, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -844,6 +929,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         i(s.x_len())?;
+        i(s.y_len())?;
         let args = [
             KArg::Ptr(self.ptr(x)),
             KArg::Ptr(self.ptr(y)),
@@ -952,6 +1038,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        i(rows * hw)?;
         self.launch(
             "pool",
             "gap_bwd",
@@ -1506,6 +1593,7 @@ impl Backend for CudaBackend {
             });
         }
         i(n * h * w)?;
+        i(n * oh * ow)?;
         let args = [
             KArg::Ptr(self.ptr(x)),
             KArg::Ptr(self.ptr(y)),
@@ -1873,16 +1961,14 @@ impl CudaBackend {
     ) -> Result<()> {
         let (b, t, h) = (s.batch, s.seq, s.hidden);
         let cfg = LaunchConfig {
-            grid_dim: (h.div_ceil(8) as u32, b as u32, 1),
+            grid_dim: (
+                grid_x("lstm_fwd", h.div_ceil(8))?,
+                grid_yz("lstm_fwd", b)?,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: (h * 4) as u32,
         };
-        if b > 65_535 {
-            return Err(EngineError::Shape {
-                op: "lstm_fwd",
-                detail: format!("batch {b} exceeds the grid limit"),
-            });
-        }
         let ptrs = [
             self.ptr(pre),
             self.ptr(w_hh),

@@ -2,8 +2,12 @@
 //! devices with their compute capability and memory, and the choice behind `--device`
 //! (auto falls back to the CPU with one clear reason). cudarc (dynamic loading) panics on
 //! first use of a missing library, so every probe checks `is_culib_present` first and runs
-//! inside `catch_unwind` as a second guard.
+//! inside `catch_unwind` as a second guard. Also the driver errors as `EngineError`s: a
+//! failure that a kernel raised asynchronously (reported by a later call) names the
+//! launches queued since the last synchronisation, so that the error says which op launched.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use cudarc::driver::{result, sys};
@@ -181,8 +185,135 @@ pub(crate) fn cuda(op: &str, e: result::DriverError) -> EngineError {
     if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         return EngineError::OutOfMemory { bytes: 0 };
     }
+    // The message comes from the driver (cuGetErrorString): guard against a missing library.
+    let mut msg = catch_unwind(|| e.to_string()).unwrap_or_else(|_| format!("{:?}", e.0));
+    if is_async_failure(e.0) {
+        msg.push_str(&LAUNCHES.with(|l| l.borrow().note()));
+    }
     EngineError::Cuda {
         op: op.to_string(),
-        msg: e.to_string(),
+        msg,
+    }
+}
+
+/// The errors a kernel raises while it runs: the launch itself returned success, and a
+/// later call on the context (a copy, a synchronisation, the next launch) reports them.
+fn is_async_failure(code: sys::CUresult) -> bool {
+    use sys::CUresult::*;
+    matches!(
+        code,
+        CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ASSERT
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+    )
+}
+
+/// The kernels this thread launched since its last completed synchronisation.
+struct LaunchLog {
+    recent: VecDeque<String>,
+    count: u64,
+}
+
+/// Launches remembered by name; the count goes on beyond them.
+const LOG_LEN: usize = 8;
+
+thread_local! {
+    static LAUNCHES: RefCell<LaunchLog> = const {
+        RefCell::new(LaunchLog {
+            recent: VecDeque::new(),
+            count: 0,
+        })
+    };
+}
+
+impl LaunchLog {
+    fn note(&self) -> String {
+        if self.count == 0 {
+            return String::new();
+        }
+        let names: Vec<&str> = self.recent.iter().map(String::as_str).collect();
+        if self.count == 1 {
+            return format!(
+                "; raised asynchronously by the launch of {} (the only launch since the last synchronisation)",
+                names.join("")
+            );
+        }
+        format!(
+            "; raised asynchronously by one of the {} launches since the last synchronisation, the last {}: {} \
+             (CUDA_LAUNCH_BLOCKING=1 makes the failing launch report it)",
+            self.count,
+            names.len(),
+            names.join(", ")
+        )
+    }
+}
+
+/// Records a launch of `module::name` on this thread (for [`cuda`]'s error messages).
+pub(crate) fn launched(module: &str, name: &str) {
+    LAUNCHES.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.recent.len() == LOG_LEN {
+            l.recent.pop_front();
+        }
+        l.recent.push_back(format!("{module}::{name}"));
+        l.count += 1;
+    });
+}
+
+/// Forgets the launches: a synchronising call succeeded, so they all completed.
+pub(crate) fn synced() {
+    LAUNCHES.with(|l| {
+        let mut l = l.borrow_mut();
+        l.recent.clear();
+        l.count = 0;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_asynchronous_failure_names_the_launches_since_the_last_sync() {
+        synced();
+        let e = result::DriverError(sys::CUresult::CUDA_ERROR_LAUNCH_FAILED);
+        let EngineError::Cuda { msg, .. } = cuda("download", e) else {
+            panic!("not a Cuda error")
+        };
+        assert!(!msg.contains("raised asynchronously"), "{msg}");
+        launched("ccl", "ccl_merge_vox");
+        let EngineError::Cuda { op, msg } = cuda("download", e) else {
+            panic!("not a Cuda error")
+        };
+        assert_eq!(op, "download");
+        assert!(msg.contains("by the launch of ccl::ccl_merge_vox"), "{msg}");
+        for i in 0..10 {
+            launched("norm", &format!("k{i}"));
+        }
+        let EngineError::Cuda { msg, .. } = cuda("synchronize", e) else {
+            panic!("not a Cuda error")
+        };
+        assert!(msg.contains("one of the 11 launches"), "{msg}");
+        assert!(
+            msg.contains("norm::k9") && !msg.contains("ccl_merge_vox"),
+            "{msg}"
+        );
+        // A synchronous error (a bad launch configuration) names no earlier launch.
+        let inval = result::DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE);
+        let EngineError::Cuda { msg, .. } = cuda("launch x::y", inval) else {
+            panic!("not a Cuda error")
+        };
+        assert!(!msg.contains("asynchronously"), "{msg}");
+        synced();
+        let EngineError::Cuda { msg, .. } = cuda("download", e) else {
+            panic!("not a Cuda error")
+        };
+        assert!(!msg.contains("asynchronously"), "{msg}");
     }
 }

@@ -3,9 +3,12 @@
 //! functions. PTX is picked by the device's compute capability (>= 9.0: the `compute_90`
 //! PTX, else the portable `compute_75` one); without PTX, or when the driver refuses it
 //! (an NVRTC newer than the driver), the source is compiled with the runtime's NVRTC for
-//! the device's own architecture. Knows nothing about what the kernels compute.
+//! the device's own architecture. Each function comes with its parameter list as the PTX
+//! declares it ([`ParamKind`]), against which every launch's arguments are checked. Knows
+//! nothing about what the kernels compute.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
@@ -69,12 +72,77 @@ pub fn compile_at_runtime(k: &Kernel, cc: (i32, i32)) -> Result<Ptx> {
     }
 }
 
+/// The class and width in bytes of one kernel parameter, as its PTX `.param` declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// `.u32`, `.s64`, `.b64`... (pointers are 64-bit integers).
+    Int(u32),
+    /// `.f32`, `.f64`.
+    Float(u32),
+    /// `.b8 name[N]` and other aggregates.
+    Bytes(u32),
+}
+
+impl fmt::Display for ParamKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamKind::Int(8) => write!(f, "a 64-bit integer or pointer"),
+            ParamKind::Int(n) => write!(f, "a {}-bit integer", n * 8),
+            ParamKind::Float(n) => write!(f, "a {}-bit float", n * 8),
+            ParamKind::Bytes(n) => write!(f, "{n} bytes"),
+        }
+    }
+}
+
+/// The parameters of `.entry name` in PTX text, or None when the PTX has no such entry (or
+/// an unreadable parameter list).
+pub fn ptx_params(ptx: &str, name: &str) -> Option<Vec<ParamKind>> {
+    let needle = format!(".entry {name}(");
+    let start = ptx.find(&needle)? + needle.len();
+    let end = start + ptx[start..].find(')')?;
+    ptx[start..end]
+        .split(',')
+        .filter(|d| d.contains(".param"))
+        .map(param_kind)
+        .collect()
+}
+
+fn param_kind(decl: &str) -> Option<ParamKind> {
+    let mut width = None;
+    let mut float = false;
+    let mut count = 1u32;
+    for tok in decl.split_whitespace() {
+        if let Some(t) = tok.strip_prefix('.') {
+            let (class, bits) = t.split_at(1.min(t.len()));
+            if matches!(class, "u" | "s" | "b" | "f") {
+                if let Ok(b @ (8 | 16 | 32 | 64)) = bits.parse::<u32>() {
+                    width = Some(b / 8);
+                    float = class == "f";
+                }
+            }
+        } else if let Some(i) = tok.find('[') {
+            count = tok[i + 1..].trim_end_matches(']').parse().ok()?;
+        }
+    }
+    let w = width?;
+    Some(match (float, count) {
+        (true, 1) => ParamKind::Float(w),
+        (false, 1) => ParamKind::Int(w),
+        _ => ParamKind::Bytes(w * count),
+    })
+}
+
+/// A loaded module and the PTX it was loaded from.
+type LoadedModule = (Arc<CudaModule>, Arc<str>);
+/// A function and its parameters as its PTX declares them.
+type LoadedFunction = (CudaFunction, Arc<[ParamKind]>);
+
 /// Modules and functions loaded into one context, loaded on first use and kept.
 pub struct ModuleCache {
     ctx: Arc<CudaContext>,
     cc: (i32, i32),
-    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(String, String), CudaFunction>>,
+    modules: Mutex<HashMap<String, LoadedModule>>,
+    functions: Mutex<HashMap<(String, String), LoadedFunction>>,
 }
 
 impl ModuleCache {
@@ -89,11 +157,22 @@ impl ModuleCache {
 
     /// The function `name` of the kernel file `module` (`kernels/<module>.cu`).
     pub fn function(&self, module: &str, name: &str) -> Result<CudaFunction> {
+        Ok(self.function_with_params(module, name)?.0)
+    }
+
+    /// The function `name` of `kernels/<module>.cu` and its parameters as its PTX declares them.
+    pub fn function_with_params(&self, module: &str, name: &str) -> Result<LoadedFunction> {
         let key = (module.to_string(), name.to_string());
         if let Some(f) = self.functions.lock().map_err(poisoned)?.get(&key) {
             return Ok(f.clone());
         }
-        let m = self.module(module)?;
+        let (m, ptx) = self.module_with_ptx(module)?;
+        let params: Arc<[ParamKind]> = ptx_params(&ptx, name)
+            .ok_or_else(|| EngineError::Cuda {
+                op: format!("load function {module}::{name}"),
+                msg: format!("the PTX of kernels/{module}.cu has no readable `.entry {name}`"),
+            })?
+            .into();
         let f = m.load_function(name).map_err(|e| EngineError::Cuda {
             op: format!("load function {module}::{name}"),
             msg: e.to_string(),
@@ -101,12 +180,16 @@ impl ModuleCache {
         self.functions
             .lock()
             .map_err(poisoned)?
-            .insert(key, f.clone());
-        Ok(f)
+            .insert(key, (f.clone(), params.clone()));
+        Ok((f, params))
     }
 
     /// Loads (once) the module of `kernels/<name>.cu`.
     pub fn module(&self, name: &str) -> Result<Arc<CudaModule>> {
+        Ok(self.module_with_ptx(name)?.0)
+    }
+
+    fn module_with_ptx(&self, name: &str) -> Result<LoadedModule> {
         if let Some(m) = self.modules.lock().map_err(poisoned)?.get(name) {
             return Ok(m.clone());
         }
@@ -122,7 +205,7 @@ impl ModuleCache {
         let mut first_err = None;
         if let Some(ptx) = pre {
             match self.ctx.load_module(Ptx::from_src(ptx)) {
-                Ok(m) => return Ok(self.keep(name, m)),
+                Ok(m) => return Ok(self.keep(name, m, Arc::from(ptx))),
                 // e.g. CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the build's NVRTC is newer than the driver.
                 Err(e) => first_err = Some(e.to_string()),
             }
@@ -139,18 +222,19 @@ impl ModuleCache {
                 })
             }
         };
+        let text: Arc<str> = Arc::from(ptx.to_src());
         let m = self.ctx.load_module(ptx).map_err(|e| EngineError::Cuda {
             op: format!("load module {name}"),
             msg: e.to_string(),
         })?;
-        Ok(self.keep(name, m))
+        Ok(self.keep(name, m, text))
     }
 
-    fn keep(&self, name: &str, m: Arc<CudaModule>) -> Arc<CudaModule> {
+    fn keep(&self, name: &str, m: Arc<CudaModule>, ptx: Arc<str>) -> (Arc<CudaModule>, Arc<str>) {
         if let Ok(mut map) = self.modules.lock() {
-            map.insert(name.to_string(), m.clone());
+            map.insert(name.to_string(), (m.clone(), ptx.clone()));
         }
-        m
+        (m, ptx)
     }
 }
 
@@ -158,5 +242,43 @@ fn poisoned<T>(_: std::sync::PoisonError<T>) -> EngineError {
     EngineError::Cuda {
         op: "module cache".into(),
         msg: "a thread panicked while loading a kernel".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ptx_params, ParamKind};
+
+    #[test]
+    fn reads_the_parameter_lists_nvrtc_writes() {
+        let ptx = "
+.visible .entry fill_f32(
+	.param .u64 .ptr .align 1 fill_f32_param_0,
+	.param .f32 fill_f32_param_1,
+	.param .u32 fill_f32_param_2
+)
+{
+	ret;
+}
+.visible .entry fill(
+	.param .align 8 .b8 fill_param_0[16],
+	.param .f64 fill_param_1,
+	.param .s64 fill_param_2
+)
+{ ret; }
+.visible .entry none()
+{ ret; }
+";
+        use ParamKind::*;
+        assert_eq!(
+            ptx_params(ptx, "fill_f32"),
+            Some(vec![Int(8), Float(4), Int(4)])
+        );
+        assert_eq!(
+            ptx_params(ptx, "fill"),
+            Some(vec![Bytes(16), Float(8), Int(8)])
+        );
+        assert_eq!(ptx_params(ptx, "none"), Some(vec![]));
+        assert_eq!(ptx_params(ptx, "fil"), None);
     }
 }

@@ -20,7 +20,8 @@
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use ndarray::Array3;
 
-use super::device::cuda;
+use super::backend::empty_slice;
+use super::device::{cuda, synced};
 use super::{CudaBackend, KArg};
 use crate::engine::{check_len, EngineError, Result};
 use crate::io::Mask;
@@ -76,7 +77,7 @@ fn i32a(what: &'static str, v: usize) -> Result<KArg> {
 
 fn alloc<T: DeviceRepr>(be: &CudaBackend, len: usize) -> Result<CudaSlice<T>> {
     if len == 0 {
-        return be.stream().null().map_err(|e| cuda("alloc", e));
+        return empty_slice(be.stream());
     }
     // SAFETY: every caller has a kernel write each element before any is read.
     unsafe { be.stream().alloc::<T>(len) }.map_err(|e| match cuda("alloc", e) {
@@ -99,7 +100,7 @@ fn zeros<T: DeviceRepr + ValidAsZeroBits>(be: &CudaBackend, len: usize) -> Resul
 
 fn upload<T: DeviceRepr>(be: &CudaBackend, host: &[T]) -> Result<CudaSlice<T>> {
     if host.is_empty() {
-        return be.stream().null().map_err(|e| cuda("upload", e));
+        return empty_slice(be.stream());
     }
     be.stream().clone_htod(host).map_err(|e| cuda("upload", e))
 }
@@ -116,9 +117,12 @@ fn download<T: DeviceRepr + Default + Clone>(
         op: "download",
         detail: format!("asked for {len} elements of a buffer of {}", s.len()),
     })?;
-    be.stream()
+    let host = be
+        .stream()
         .clone_dtoh(&view)
-        .map_err(|e| cuda("download", e))
+        .map_err(|e| cuda("download", e))?;
+    synced();
+    Ok(host)
 }
 
 /// Grid-stride launch shape for `n` elements.

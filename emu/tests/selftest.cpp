@@ -1,0 +1,472 @@
+// The emulated driver's self-test, on the driver API (no cargo, no NVRTC): what it must do
+// (device queries, copies, warp collectives, atomics, dynamic shared memory, WMMA numerics
+// for f16/bf16/tf32 against a double-precision reference) and what it must catch like a GPU
+// or better (zero-length allocations, block/grid/shared-memory limits, PTX older/newer than
+// the driver and parameter lists that differ from the host build, deadlocks of barriers and
+// shuffles, a missing barrier, uninitialised memory, pointer arguments that are not device
+// addresses, asserts and faults, sticky errors that name the kernel).
+// Run by `scripts/cuda-emu.sh test`; prints one line per check and "N passed, M failed".
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <string>
+#include <vector>
+
+#include "cuda_api.h"
+
+extern "C" {
+CUresult cuInit(unsigned);
+CUresult cuDeviceGet(CUdevice*, int);
+CUresult cuDeviceGetName(char*, int, CUdevice);
+CUresult cuDeviceGetAttribute(int*, CUdevice_attribute, CUdevice);
+CUresult cuDevicePrimaryCtxRetain(CUcontext*, CUdevice);
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice);
+CUresult cuCtxSetCurrent(CUcontext);
+CUresult cuCtxSynchronize();
+CUresult cuMemAlloc_v2(CUdeviceptr*, size_t);
+CUresult cuMemFree_v2(CUdeviceptr);
+CUresult cuMemcpyHtoD_v2(CUdeviceptr, const void*, size_t);
+CUresult cuMemcpyDtoH_v2(void*, CUdeviceptr, size_t);
+CUresult cuMemsetD8_v2(CUdeviceptr, unsigned char, size_t);
+CUresult cuModuleLoadData(CUmodule*, const void*);
+CUresult cuModuleGetFunction(CUfunction*, CUmodule, const char*);
+CUresult cuFuncSetAttribute(CUfunction, CUfunction_attribute, int);
+CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void**, void**);
+CUresult cuGetErrorString(CUresult, const char**);
+CUresult emuModuleLoadHost(CUmodule*, const char*);
+int emuSanitized();
+}
+
+static int g_pass = 0, g_fail = 0;
+
+static void check(bool ok, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s ", ok ? "ok  " : "FAIL");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    (ok ? g_pass : g_fail)++;
+}
+
+static std::string err(CUresult r) {
+    const char* s = nullptr;
+    cuGetErrorString(r, &s);
+    return s ? s : "?";
+}
+
+static CUcontext g_ctx;
+static CUmodule g_mod, g_wmma;
+
+// A fresh primary context: the previous one (and any sticky error in it) is released.
+static void fresh_context() {
+    cuDevicePrimaryCtxRelease_v2(0);
+    cuDevicePrimaryCtxRetain(&g_ctx, 0);
+    cuCtxSetCurrent(g_ctx);
+}
+
+static CUfunction fn(const char* name) {
+    CUfunction f = nullptr;
+    CUresult r = cuModuleGetFunction(&f, strncmp(name, "st_wmma", 7) == 0 ? g_wmma : g_mod, name);
+    if (r) {
+        printf("FAIL no kernel %s: %s\n", name, err(r).c_str());
+        exit(1);
+    }
+    return f;
+}
+
+template <class T>
+static CUdeviceptr up(const std::vector<T>& v) {
+    CUdeviceptr p = 0;
+    cuMemAlloc_v2(&p, v.size() * sizeof(T));
+    cuMemcpyHtoD_v2(p, v.data(), v.size() * sizeof(T));
+    return p;
+}
+template <class T>
+static std::vector<T> down(CUdeviceptr p, size_t n) {
+    std::vector<T> v(n);
+    cuMemcpyDtoH_v2(v.data(), p, n * sizeof(T));
+    return v;
+}
+
+static CUresult launch(const char* name, unsigned grid, unsigned block, unsigned shmem, std::vector<void*> args) {
+    return cuLaunchKernel(fn(name), grid, 1, 1, block, 1, 1, shmem, nullptr, args.data(), nullptr);
+}
+
+// After a failing launch: the next synchronising call returns the sticky error.
+static std::string sticky_error(CUresult* code) {
+    *code = cuCtxSynchronize();
+    return err(*code);
+}
+
+static unsigned short f2h(float f);
+static float h2f(unsigned short h);
+static unsigned short f2bf(float f);
+
+static uint64_t g_rng = 12345;
+static float frand() {
+    g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((g_rng >> 40) & 0xffffff) / (float)(1 << 24) * 2.0f - 1.0f;
+}
+
+static void device_queries() {
+    char name[256];
+    cuDeviceGetName(name, sizeof name, 0);
+    int sms = 0, major = 0, minor = 0, optin = 0;
+    cuDeviceGetAttribute(&sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0);
+    cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, 0);
+    cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, 0);
+    cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, 0);
+    check(strstr(name, "emulated") != nullptr, "the device name says it is emulated: \"%s\"", name);
+    check(sms == 132 && major == 9 && minor == 0, "sm_90 with 132 SMs (got sm_%d%d, %d SMs)", major, minor, sms);
+    check(optin == 232448, "227 KiB opt-in shared memory per block");
+}
+
+static void memory() {
+    CUdeviceptr p = 0;
+    CUresult r = cuMemAlloc_v2(&p, 0);
+    check(r == CUDA_ERROR_INVALID_VALUE, "a zero-length allocation is refused like on a GPU (%s)", err(r).c_str());
+    r = cuMemAlloc_v2(&p, 1000);
+    std::vector<float> f = down<float>(p, 250);
+    bool all_nan = true;
+    for (float v : f) all_nan = all_nan && isnan(v);
+    check(r == 0 && all_nan, "a fresh allocation reads as NaN");
+    std::vector<float> big(300, 1.0f);
+    r = cuMemcpyHtoD_v2(p, big.data(), big.size() * 4);
+    check(r == CUDA_ERROR_INVALID_VALUE, "a copy past the end of an allocation is an error (%s)", err(r).c_str());
+    r = cuMemsetD8_v2(p + 8, 0, 100);
+    std::vector<unsigned char> b = down<unsigned char>(p, 120);
+    check(r == 0 && b[7] == 0xff && b[8] == 0 && b[107] == 0 && b[108] == 0xff, "cuMemsetD8 writes exactly its range");
+    cuMemFree_v2(p);
+    r = cuMemFree_v2(p);
+    check(r == CUDA_ERROR_INVALID_VALUE, "a double free is an error (%s)", err(r).c_str());
+}
+
+static void limits() {
+    CUdeviceptr in = up(std::vector<float>(256, 0.0f)), out = up(std::vector<float>(256, 0.0f));
+    int n = 256;
+    CUresult r = launch("st_reverse", 1, 1025, 0, {&in, &out, &n});
+    check(r == CUDA_ERROR_INVALID_VALUE, "a block of 1025 threads is refused (%s)", err(r).c_str());
+    r = cuLaunchKernel(fn("st_reverse"), 1, 65536, 1, 32, 1, 1, 0, nullptr, std::vector<void*>{&in, &out, &n}.data(), nullptr);
+    check(r == CUDA_ERROR_INVALID_VALUE, "grid.y = 65536 is refused (%s)", err(r).c_str());
+    r = cuLaunchKernel(fn("st_reverse"), 1, 1, 1, 32, 32, 2, 0, nullptr, std::vector<void*>{&in, &out, &n}.data(), nullptr);
+    check(r == CUDA_ERROR_INVALID_VALUE, "a block of 32x32x2 is refused (%s)", err(r).c_str());
+    // Dynamic shared memory: 48 KiB by default, up to 227 KiB after cuFuncSetAttribute.
+    int m = 16384;  // floats: 64 KiB
+    CUfunction f = fn("st_dyn_shared");
+    std::vector<void*> args{&out, &m};
+    r = cuLaunchKernel(f, 1, 1, 1, 256, 1, 1, 65536, nullptr, args.data(), nullptr);
+    check(r == CUDA_ERROR_INVALID_VALUE, "64 KiB of dynamic shared memory without the opt-in is refused (%s)", err(r).c_str());
+    r = cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 232448 + 4);
+    check(r == CUDA_ERROR_INVALID_VALUE, "an opt-in beyond 227 KiB is refused (%s)", err(r).c_str());
+    r = cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 65536);
+    CUresult r2 = cuLaunchKernel(f, 1, 1, 1, 256, 1, 1, 65536, nullptr, args.data(), nullptr);
+    std::vector<float> o = down<float>(out, 256);
+    // thread t sums buf[n-1-i] for i = t, t+256, ...: values n-1-i.
+    double want0 = 0;
+    for (int i = 0; i < m; i += 256) want0 += (double)(m - 1 - i);
+    check(r == 0 && r2 == 0 && fabs(o[0] - want0) < 1e-3 * want0, "64 KiB of dynamic shared memory after the opt-in works");
+    cuMemFree_v2(in);
+    cuMemFree_v2(out);
+}
+
+static void barriers() {
+    std::vector<float> h(256);
+    for (int i = 0; i < 256; ++i) h[i] = (float)i;
+    CUdeviceptr in = up(h), out = up(std::vector<float>(256, -1.0f));
+    int n = 256;
+    CUresult r = launch("st_reverse", 1, 256, 0, {&in, &out, &n});
+    std::vector<float> o = down<float>(out, 256);
+    bool ok = r == 0;
+    for (int i = 0; i < 256; ++i) ok = ok && o[i] == (float)(255 - i);
+    check(ok, "a block reversal through shared memory with __syncthreads is right");
+    int wrong = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+        launch("st_reverse_racy", 1, 256, 0, {&in, &out, &n});
+        o = down<float>(out, 256);
+        for (int i = 0; i < 256; ++i) wrong += o[i] != (float)(255 - i);
+    }
+    check(wrong > 0, "without the barrier the seeded thread order gives a wrong result (%d wrong of 768)", wrong);
+
+    fresh_context();
+    in = up(h);
+    out = up(std::vector<float>(256, -1.0f));
+    r = launch("st_partial_barrier", 2, 64, 0, {&out});
+    CUresult code;
+    std::string e = sticky_error(&code);
+    check(r == 0 && code == CUDA_ERROR_LAUNCH_FAILED && e.find("st_partial_barrier") != std::string::npos &&
+              e.find("deadlock") != std::string::npos,
+          "__syncthreads reached by half a block: a launch failure naming the kernel (%s)", e.c_str());
+    CUdeviceptr p = 0;
+    r = cuMemAlloc_v2(&p, 16);
+    check(r == CUDA_ERROR_LAUNCH_FAILED, "the failure is sticky: the next allocation fails too");
+
+    fresh_context();
+    out = up(std::vector<float>(64, -1.0f));
+    launch("st_partial_shuffle", 1, 64, 0, {&out});
+    e = sticky_error(&code);
+    check(code == CUDA_ERROR_LAUNCH_FAILED && e.find("__shfl_down_sync") != std::string::npos &&
+              e.find("st_partial_shuffle") != std::string::npos,
+          "a shuffle reached by half a warp: a launch failure naming the kernel (%s)", e.c_str());
+    fresh_context();
+}
+
+static void warp_ops() {
+    std::vector<int> v(64);
+    for (int i = 0; i < 64; ++i) v[i] = (i * 7 + 3) % 23;
+    CUdeviceptr in = up(v), out = up(std::vector<int>(64 * 12, 0));
+    CUresult r = launch("st_warp_ops", 1, 64, 0, {&in, &out});
+    std::vector<int> o = down<int>(out, 64 * 12);
+    int bad = r != 0;
+    int count_odd = 0;
+    for (int i = 0; i < 64; ++i) count_odd += v[i] & 1;
+    for (int t = 0; t < 64; ++t) {
+        int w = t / 32 * 32, lane = t % 32;
+        const int* q = &o[t * 12];
+        int up = lane >= 2 ? v[t - 2] : v[t];
+        int dn = lane + 5 <= 31 ? v[t + 5] : v[t];
+        int seg = lane & ~7, dn8 = (lane & 7) + 1 <= 7 ? v[w + seg + (lane & 7) + 1] : v[t];
+        unsigned ballot = 0, match = 0;
+        int sum = 0, any7 = 0, allpos = 1;
+        for (int l = 0; l < 32; ++l) {
+            ballot |= (unsigned)(v[w + l] & 1) << l;
+            if (v[w + l] % 3 == v[t] % 3) match |= 1u << l;
+            sum += v[w + l];
+            any7 |= v[w + l] == 7;
+            allpos &= v[w + l] >= 0;
+        }
+        int want[12] = {v[w + 3], up, dn, v[w + (lane ^ 9)], dn8, (int)ballot, (int)match, sum, count_odd, any7 + 2 * allpos,
+                        lane < 16 ? 0x0000ffff : 0, lane < 16};
+        for (int k = 0; k < 12; ++k)
+            if (q[k] != want[k]) {
+                if (bad < 5) printf("     thread %d op %d: got %d want %d\n", t, k, q[k], want[k]);
+                ++bad;
+            }
+    }
+    check(bad == 0, "shuffles (idx/up/down/xor/width 8), ballot, match_any/all, reduce, any/all, __syncthreads_count");
+    cuMemFree_v2(in);
+    cuMemFree_v2(out);
+}
+
+static void atomics() {
+    int n = 5000;
+    std::vector<float> x(n);
+    double sum = 0;
+    for (int i = 0; i < n; ++i) {
+        x[i] = frand();
+        sum += x[i];
+    }
+    CUdeviceptr dx = up(x), cnt = up(std::vector<unsigned>{0}), s = up(std::vector<float>{0.0f}),
+                lo = up(std::vector<int>{1 << 30}), hi = up(std::vector<int>{-(1 << 30)}), cas = up(std::vector<unsigned>{0});
+    CUresult r = launch("st_atomics", (n + 127) / 128, 128, 0, {&dx, &n, &cnt, &s, &lo, &hi, &cas});
+    unsigned c = down<unsigned>(cnt, 1)[0], k = down<unsigned>(cas, 1)[0];
+    float fs = down<float>(s, 1)[0];
+    int l = down<int>(lo, 1)[0], h = down<int>(hi, 1)[0];
+    int wl = 1 << 30, wh = -(1 << 30);
+    for (float v : x) {
+        wl = std::min(wl, (int)(v * 1000.0f));
+        wh = std::max(wh, (int)(v * 1000.0f));
+    }
+    check(r == 0 && c == (unsigned)n && k == 2u * n && l == wl && h == wh && fabs(fs - sum) < 1e-3,
+          "atomicAdd (u32, f32), atomicMin/Max, atomicCAS loops over %d threads", n);
+}
+
+static void poison_and_faults() {
+    CUdeviceptr out = up(std::vector<float>(32, 0.0f));
+    launch("st_uninit_shared", 1, 32, 0, {&out});
+    std::vector<float> o = down<float>(out, 32);
+    bool nan = true;
+    for (float v : o) nan = nan && isnan(v);
+    check(nan, "shared memory nobody wrote reads as NaN");
+
+    std::vector<int> ones(32, 0);
+    ones[5] = 1;
+    CUdeviceptr x = up(ones);
+    launch("st_assert", 1, 32, 0, {&x});
+    CUresult code;
+    std::string e = sticky_error(&code);
+    check(code == CUDA_ERROR_ASSERT && e.find("st_assert") != std::string::npos && e.find("thread (5,0,0)") != std::string::npos,
+          "a failed device assert names the kernel and the thread (%s)", e.c_str());
+    fresh_context();
+
+    if (emuSanitized()) {
+        printf("skip a read of an illegal address (under AddressSanitizer, ASan reports it and stops)\n");
+    } else {
+        out = up(std::vector<float>(32, 0.0f));
+        launch("st_fault", 1, 32, 0, {&out});
+        e = sticky_error(&code);
+        check(code == CUDA_ERROR_ILLEGAL_ADDRESS && e.find("st_fault") != std::string::npos,
+              "a read of an illegal address is CUDA_ERROR_ILLEGAL_ADDRESS naming the kernel (%s)", e.c_str());
+        fresh_context();
+    }
+
+    CUdeviceptr in = up(std::vector<float>(256, 0.0f));
+    out = up(std::vector<float>(256, 0.0f));
+    CUdeviceptr freed = up(std::vector<float>(256, 0.0f));
+    cuMemFree_v2(freed);
+    int n = 256;
+    launch("st_reverse", 1, 256, 0, {&in, &freed, &n});
+    e = sticky_error(&code);
+    check(code == CUDA_ERROR_ILLEGAL_ADDRESS && e.find("pointer argument 1") != std::string::npos,
+          "a freed buffer as a kernel argument is caught (%s)", e.c_str());
+    fresh_context();
+}
+
+static void ptx_checks() {
+    // PTX written for these checks: the driver reads .version, .target and .param lists.
+    const char* newer = ".version 9.9\n.target sm_90\n.address_size 64\n.visible .entry st_reverse(.param .u64 a, .param .u64 b, .param .u32 c)\n{\nret;\n}\n";
+    CUmodule m;
+    CUresult r = cuModuleLoadData(&m, newer);
+    check(r == CUDA_ERROR_UNSUPPORTED_PTX_VERSION, "PTX newer than the driver's 9.0 is refused (%s)", err(r).c_str());
+    const char* sm100 = ".version 9.0\n.target sm_100\n.address_size 64\n.visible .entry st_reverse(.param .u64 a, .param .u64 b, .param .u32 c)\n{\nret;\n}\n";
+    r = cuModuleLoadData(&m, sm100);
+    check(r == CUDA_ERROR_NO_BINARY_FOR_GPU, "PTX for sm_100 is refused on sm_90 (%s)", err(r).c_str());
+    const char* unknown = ".version 9.0\n.target sm_90\n.address_size 64\n.visible .entry no_such_kernel(.param .u64 a)\n{\nret;\n}\n";
+    r = cuModuleLoadData(&m, unknown);
+    check(r == CUDA_ERROR_NOT_FOUND, "a PTX entry without a host build is a load error (%s)", err(r).c_str());
+}
+
+// ---- WMMA ----------------------------------------------------------------------------------
+
+static unsigned short f2h(float f) {
+    unsigned x;
+    memcpy(&x, &f, 4);
+    unsigned sign = (x >> 16) & 0x8000u, e = (x >> 23) & 0xff, m = x & 0x7fffff;
+    int exp = (int)e - 127 + 15;
+    if (exp <= 0) return (unsigned short)sign;  // the test values are normal halves
+    unsigned h = ((unsigned)exp << 10) | (m >> 13), rem = m & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) ++h;
+    return (unsigned short)(sign | h);
+}
+static float h2f(unsigned short h) {
+    unsigned sign = (unsigned)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    unsigned x = e == 0 ? sign : sign | ((e - 15 + 127) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+static unsigned short f2bf(float f) {
+    unsigned x;
+    memcpy(&x, &f, 4);
+    x += 0x7fff + ((x >> 16) & 1);
+    return (unsigned short)(x >> 16);
+}
+static float bf2f(unsigned short b) {
+    unsigned x = (unsigned)b << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+static float tf32(float f) {
+    unsigned x;
+    memcpy(&x, &f, 4);
+    x = (x + 0x1000) & 0xffffe000u;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+// D = A (16 x K, row-major) . B (K x 16, col-major) + C, in f16 or bf16, f32 accumulate.
+static void wmma_16bit(bool bf) {
+    const int kt = 3, K = 16 * kt;
+    std::vector<unsigned short> a(16 * K), b(16 * K);
+    std::vector<float> af(16 * K), bf_(16 * K), c(256);
+    for (int i = 0; i < 16 * K; ++i) {
+        float x = frand(), y = frand();
+        a[i] = bf ? f2bf(x) : f2h(x);
+        b[i] = bf ? f2bf(y) : f2h(y);
+        af[i] = bf ? bf2f(a[i]) : h2f(a[i]);
+        bf_[i] = bf ? bf2f(b[i]) : h2f(b[i]);
+    }
+    for (float& v : c) v = frand();
+    CUdeviceptr da = up(a), db = up(b), dc = up(c), dd = up(std::vector<float>(256, 0.0f));
+    int k_tiles = kt;
+    CUresult r = launch(bf ? "st_wmma_bf16" : "st_wmma_f16", 1, 64, 0, {&da, &db, &dc, &dd, &k_tiles});
+    std::vector<float> d = down<float>(dd, 256);
+    double worst = 0;
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) {
+            double want = c[i * 16 + j], mag = fabs(want);
+            for (int k = 0; k < K; ++k) {
+                double p = (double)af[i * K + k] * (double)bf_[j * K + k];  // B col-major: B[k][j] at j*K + k
+                want += p;
+                mag += fabs(p);
+            }
+            worst = std::max(worst, fabs(d[i * 16 + j] - want) / (mag * 1e-6 * K));
+        }
+    check(r == 0 && worst < 1.0, "wmma %s 16x16x16 (K = %d, two warps): D = A.B + C within f32 accumulation error (worst %.2g of the bound)",
+          bf ? "bf16" : "f16", K, worst);
+}
+
+static void wmma_tf32() {
+    const int kt = 4, K = 8 * kt;
+    std::vector<float> a(16 * K), b(K * 16);
+    for (float& v : a) v = frand();
+    for (float& v : b) v = frand();
+    CUdeviceptr da = up(a), db = up(b), dd = up(std::vector<float>(256, 0.0f));
+    int k_tiles = kt;
+    CUresult r = launch("st_wmma_tf32", 1, 32, 0, {&da, &db, &dd, &k_tiles});
+    std::vector<float> d = down<float>(dd, 256);
+    double worst = 0, worst_unrounded = 0;
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) {
+            double want = 0, raw = 0, mag = 0;
+            for (int k = 0; k < K; ++k) {
+                want += (double)tf32(a[i * K + k]) * (double)tf32(b[k * 16 + j]);
+                raw += (double)a[i * K + k] * (double)b[k * 16 + j];
+                mag += fabs((double)a[i * K + k] * b[k * 16 + j]);
+            }
+            double got = d[j * 16 + i] / 2.0;  // stored col-major, scaled by 2 in the kernel
+            worst = std::max(worst, fabs(got - want) / (mag * 1e-6 * K));
+            worst_unrounded = std::max(worst_unrounded, fabs(got - raw) / mag);
+        }
+    check(r == 0 && worst < 1.0 && worst_unrounded > 1e-6,
+          "wmma tf32 16x16x8 (K = %d): inputs rounded to tf32, f32 accumulate, col-major store (worst %.2g of the bound; "
+          "%.1e from the unrounded product, as on a tensor core)",
+          K, worst, worst_unrounded);
+
+    fresh_context();
+    CUdeviceptr x = up(std::vector<unsigned short>(256, 0));
+    launch("st_wmma_partial", 1, 32, 0, {&x});
+    CUresult code;
+    std::string e = sticky_error(&code);
+    check(code == CUDA_ERROR_LAUNCH_FAILED && e.find("st_wmma_partial") != std::string::npos,
+          "a wmma load reached by half a warp is a launch failure (%s)", e.c_str());
+    fresh_context();
+}
+
+int main(int, char** argv) {
+    // target/cuda-emu/bin/selftest -> target/cuda-emu/test-kernels/{selftest,wmma}.so
+    std::string self = argv[0];
+    size_t s = self.rfind('/');
+    std::string dir = (s == std::string::npos ? std::string(".") : self.substr(0, s)) + "/../test-kernels/";
+    if (cuInit(0) != 0) {
+        printf("FAIL cuInit\n");
+        return 1;
+    }
+    cuDevicePrimaryCtxRetain(&g_ctx, 0);
+    cuCtxSetCurrent(g_ctx);
+    for (auto [mod, name] : {std::make_pair(&g_mod, "selftest.so"), std::make_pair(&g_wmma, "wmma.so")}) {
+        std::string so = dir + name;
+        CUresult r = emuModuleLoadHost(mod, so.c_str());
+        if (r) {
+            printf("FAIL cannot load %s: %s\n", so.c_str(), err(r).c_str());
+            return 1;
+        }
+    }
+    device_queries();
+    memory();
+    limits();
+    barriers();
+    warp_ops();
+    atomics();
+    poison_and_faults();
+    ptx_checks();
+    wmma_16bit(false);
+    wmma_16bit(true);
+    wmma_tf32();
+    printf("%d passed, %d failed\n", g_pass, g_fail);
+    return g_fail == 0 ? 0 : 1;
+}

@@ -1,0 +1,145 @@
+//! The test harness of the CUDA test binaries (`harness = false`, libtest-mimic): a test
+//! that needs a device is a trial that is *ignored at run time*, with the reason, when no
+//! CUDA device opens (no driver, no GPU and no emulator), so cargo's own count shows it as
+//! ignored, never as passed. With `ICHCAM_REQUIRE_GPU=1` a missing device fails every such
+//! trial instead. With a device, real or emulated (`scripts/cuda-emu.sh`), they run.
+//! Tests that need no device (discovery, the kernel table) always run.
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use ichcam::engine::cuda::CudaBackend;
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+
+/// Whether a missing device must be a failure.
+pub fn require_gpu() -> bool {
+    std::env::var("ICHCAM_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Why no CUDA device opens here, or None when one does (probed once).
+pub fn device_absent() -> Option<&'static str> {
+    static PROBE: OnceLock<Option<String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| CudaBackend::new(0).err().map(|e| e.to_string()))
+        .as_deref()
+}
+
+/// Whether the device is the project's CPU emulator of the driver (emu/).
+pub fn emulated() -> bool {
+    static EMU: OnceLock<bool> = OnceLock::new();
+    *EMU.get_or_init(|| {
+        device_absent().is_none()
+            && CudaBackend::new(0).is_ok_and(|b| b.info().name.contains("emulated"))
+    })
+}
+
+/// One test of a CUDA test binary.
+pub struct Test {
+    pub name: &'static str,
+    pub run: fn(),
+    pub needs: Needs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Runs everywhere.
+    Nothing,
+    /// Needs a CUDA device (a GPU or the emulator).
+    Device,
+    /// Needs the emulator (it checks what only the emulator catches, e.g. a deadlock that
+    /// would hang a real GPU).
+    Emulator,
+    /// Needs a real GPU (timings; meaningless on the emulator).
+    Gpu,
+    /// Needs libnvrtc at run time (a failure without it under `ICHCAM_REQUIRE_NVRTC=1`).
+    Nvrtc,
+}
+
+pub const fn host(name: &'static str, run: fn()) -> Test {
+    Test {
+        name,
+        run,
+        needs: Needs::Nothing,
+    }
+}
+
+pub const fn device(name: &'static str, run: fn()) -> Test {
+    Test {
+        name,
+        run,
+        needs: Needs::Device,
+    }
+}
+
+pub const fn real_gpu(name: &'static str, run: fn()) -> Test {
+    Test {
+        name,
+        run,
+        needs: Needs::Gpu,
+    }
+}
+
+pub const fn emulator(name: &'static str, run: fn()) -> Test {
+    Test {
+        name,
+        run,
+        needs: Needs::Emulator,
+    }
+}
+
+/// Runs the binary's tests with cargo's usual arguments and exits with their status.
+pub fn main(tests: Vec<Test>) -> ! {
+    let args = Arguments::from_args();
+    run_with(&args, tests)
+}
+
+/// As [`main`], with `threads` test threads at most (tests that share one device context
+/// and poison it on purpose run one at a time).
+pub fn main_with_threads(tests: Vec<Test>, threads: usize) -> ! {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(args.test_threads.unwrap_or(threads).min(threads));
+    run_with(&args, tests)
+}
+
+fn run_with(args: &Arguments, tests: Vec<Test>) -> ! {
+    let trials = tests
+        .into_iter()
+        .map(|t| {
+            let (run, needs) = (t.run, t.needs);
+            Trial::ignorable_test(t.name, move || {
+                if needs == Needs::Nvrtc && !ichcam::engine::cuda::device::nvrtc_present() {
+                    if std::env::var("ICHCAM_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
+                        return Err(Failed::from(
+                            "ICHCAM_REQUIRE_NVRTC=1 but libnvrtc does not load",
+                        ));
+                    }
+                    return Ok(Completion::ignored_with("libnvrtc not found at run time"));
+                }
+                if matches!(needs, Needs::Device | Needs::Emulator | Needs::Gpu) {
+                    if let Some(why) = device_absent() {
+                        if require_gpu() {
+                            return Err(Failed::from(format!(
+                                "ICHCAM_REQUIRE_GPU=1 but no usable CUDA device: {why}"
+                            )));
+                        }
+                        return Ok(Completion::ignored_with(format!("no CUDA device: {why}")));
+                    }
+                    if needs == Needs::Emulator && !emulated() {
+                        return Ok(Completion::ignored_with(
+                            "checks what only the CUDA emulator catches; this device is a real GPU",
+                        ));
+                    }
+                    if needs == Needs::Gpu && emulated() {
+                        return Ok(Completion::ignored_with(
+                            "times the GPU: meaningless on the CUDA emulator",
+                        ));
+                    }
+                }
+                run();
+                Ok(Completion::Completed)
+            })
+        })
+        .collect();
+    libtest_mimic::run(args, trials).exit()
+}
