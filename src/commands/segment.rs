@@ -75,6 +75,19 @@ pub struct Args {
     /// Slices per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_slices: usize,
+    /// Average each slice's CAM and logit with those of its left-right mirror.
+    #[arg(long)]
+    flip_tta: bool,
+    /// No positive slice in a volume whose most probable slice stays below this.
+    #[arg(long)]
+    volume_threshold: Option<f64>,
+    /// Development: a folder of truth masks for --oracle.
+    #[arg(long, hide = true)]
+    oracle_truth: Option<PathBuf>,
+    /// Development: cam, flags or both: replace the CAM and/or the slice flags with ones made
+    /// from the truth masks of --oracle-truth (the refinement's ceiling).
+    #[arg(long, hide = true, requires = "oracle_truth")]
+    oracle: Option<String>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -104,6 +117,27 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     );
     anyhow::ensure!(a.min_component_ml >= 0.0, "--min-component-ml must be >= 0");
     o.slice_threshold = a.slice_threshold;
+    o.flip_tta = a.flip_tta;
+    if let Some(t) = a.volume_threshold {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&t),
+            "--volume-threshold must be in [0, 1]"
+        );
+    }
+    o.volume_threshold = a.volume_threshold;
+    if let (Some(dir), Some(what)) = (&a.oracle_truth, &a.oracle) {
+        let (cam, flags) = match what.as_str() {
+            "cam" => (true, false),
+            "flags" => (false, true),
+            "both" => (true, true),
+            other => anyhow::bail!("unknown --oracle `{other}` (expected cam, flags or both)"),
+        };
+        o.oracle = Some(ichcam::infer::Oracle {
+            truth_dir: dir.clone(),
+            cam,
+            flags,
+        });
+    }
     o.min_component_ml = Some(a.min_component_ml);
     o.adapt_saturation = !a.no_adapt_saturation;
     o.batch_slices = a.batch_slices.max(1);

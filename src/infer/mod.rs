@@ -14,7 +14,9 @@ pub mod segmenter;
 pub use batch::{segment_all, BatchReport};
 pub use inputs::{expand_inputs, InputItem};
 pub use outputs::{write_outputs, VolumeSummary};
-pub use segmenter::{RefineOnBackend, SegmentOptions, Segmentation, Segmenter, SliceClassifier};
+pub use segmenter::{
+    Oracle, RefineOnBackend, SegmentOptions, Segmentation, Segmenter, SliceClassifier,
+};
 
 /// Everything that can go wrong segmenting a volume.
 #[derive(Debug, thiserror::Error)]

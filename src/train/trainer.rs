@@ -6,7 +6,7 @@
 //! Generic over the backend: CPU and CUDA share this code path.
 //! Knows nothing about the CLI.
 
-use super::checkpoint::{self, TrainState};
+use super::checkpoint::{self, Provenance, TrainState};
 use super::config::TrainConfig;
 use super::log::{EpochRecord, TrainLog};
 use super::prep::{self, AugmentCtx, Prepared, TrainInput};
@@ -33,6 +33,8 @@ pub struct TrainOptions {
     /// `auto`, `cpu`, `cuda` or `cuda:N` (used by [`super::train`]; [`train_with`] takes a
     /// backend instead).
     pub device: String,
+    /// The name of the data (e.g. the dataset folder's), recorded in the model file.
+    pub data_name: Option<String>,
 }
 
 impl Default for TrainOptions {
@@ -43,6 +45,7 @@ impl Default for TrainOptions {
             stop_after_epochs: None,
             progress: false,
             device: "auto".into(),
+            data_name: None,
         }
     }
 }
@@ -143,7 +146,7 @@ pub fn train_with<B: Backend>(
         None
     };
 
-    let cases = prep::load_input(input, cfg.size)?;
+    let cases = prep::load_input(input, cfg.size, &cfg.input)?;
     if cases.is_empty() {
         return Err(TrainError::Data("no training cases".into()));
     }
@@ -177,6 +180,7 @@ pub fn train_with<B: Backend>(
             pos_weight,
             train_ids: ids(&train_idx),
             val_ids: ids(&val_idx),
+            provenance: Provenance::new(cfg, opts, &cases, &train_idx, &val_idx),
             log: TrainLog {
                 config: cfg.name.clone(),
                 device: device.clone(),
