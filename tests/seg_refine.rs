@@ -426,3 +426,40 @@ fn smoothing_marks_halos_of_saturated_voxels() {
         }
     }
 }
+
+#[test]
+fn authors_refinement_is_the_literal_pseudo_mask() {
+    use ichcam::seg::{refine, RefineMode};
+    // Brain 35 HU, a 6x6 blob of blood at 70 HU, a bone rim at 1000 HU on the left; the CAM
+    // is 1 over the blob and 0.2 elsewhere (bone x 0.2 = 0.2 * 255 * 1.0 = 51: dark).
+    let (d, h, w) = (2, 32, 32);
+    let mut hu = Array3::<f32>::from_elem((d, h, w), 35.0);
+    let mut cam = Array3::<f32>::from_elem((d, h, w), 0.2);
+    for z in 0..d {
+        for y in 0..h {
+            hu[[z, y, 0]] = 1000.0;
+        }
+        for y in 12..18 {
+            for x in 12..18 {
+                hu[[z, y, x]] = 70.0;
+                cam[[z, y, x]] = 1.0;
+            }
+        }
+    }
+    let cfg = RefineConfig {
+        mode: RefineMode::Authors,
+        ..RefineConfig::default()
+    };
+    let out = refine(&hu, &cam, &[true, false], &cfg).unwrap();
+    // Blob 12..18 grown by two 4x4 dilations with OpenCV's anchor (dst(x) = max src(x-2..=x+1)):
+    // 2 px up/left, 4 px down/right.
+    for y in 0..h {
+        for x in 0..w {
+            let inside = (10..22).contains(&y) && (10..22).contains(&x);
+            assert_eq!(out.mask[[0, y, x]] != 0, inside, "({y}, {x})");
+            assert_eq!(out.mask[[1, y, x]], 0, "negative slice");
+        }
+    }
+    assert_eq!(out.cluster_voxels, 36);
+    assert_eq!(out.n_components, 1);
+}

@@ -10,6 +10,7 @@ use ichcam::infer::{
 };
 use ichcam::model::CamKind;
 use ichcam::seg::ccl::Connectivity;
+use ichcam::seg::RefineMode;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -75,6 +76,12 @@ pub struct Args {
     /// Slices per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_slices: usize,
+    /// Refinement: ours (the default) or authors (SWICH-Seg's code literally: Grad-CAM with
+    /// ReLU, k-means on the whole slice of CAM x subdural window, the brightest cluster with
+    /// mean < 140/255, two 4x4 dilations, no connected components; the threshold, growth,
+    /// floor, smoothing and component options are then unused).
+    #[arg(long, default_value = "ours")]
+    refine: String,
     /// Average each slice's CAM and logit with those of its left-right mirror.
     #[arg(long)]
     flip_tta: bool,
@@ -156,6 +163,16 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     o.refine.smooth_radius = a.smooth;
     o.refine.min_cam_support = a.min_cam_support;
     o.refine.connectivity = Connectivity::from_neighbours(a.connectivity)?;
+    match a.refine.to_ascii_lowercase().as_str() {
+        "ours" => {}
+        "authors" => {
+            o.refine.mode = RefineMode::Authors;
+            o.cam = CamKind::GradCam;
+            o.adapt_saturation = false;
+            o.min_component_ml = None;
+        }
+        other => anyhow::bail!("unknown --refine `{other}` (expected ours or authors)"),
+    }
     Ok(o)
 }
 

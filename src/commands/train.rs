@@ -47,6 +47,14 @@ pub struct Args {
     /// Sequences per stage-1 batch (default: the preset's).
     #[arg(long)]
     batch: Option<usize>,
+    /// The model's input: head-ct (brain, blood and wide windows of the head's box) or
+    /// authors (brain, subdural and bone windows of the whole field, as SWICH-Seg's code).
+    /// Default: the preset's (cpu and small: head-ct; paper and tiny: authors).
+    #[arg(long)]
+    input: Option<String>,
+    /// In-plane input size in pixels (default: the preset's).
+    #[arg(long)]
+    size: Option<usize>,
     /// Ignore an existing `X.last.safetensors` and start over.
     #[arg(long, conflicts_with = "resume")]
     fresh: bool,
@@ -93,6 +101,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if let Some(b) = a.batch {
         cfg.batch = b;
+    }
+    if let Some(i) = &a.input {
+        cfg.input = match i.to_ascii_lowercase().as_str() {
+            "head-ct" => ichcam::data::InputSpec::head_ct(),
+            "authors" => ichcam::data::InputSpec::default(),
+            other => anyhow::bail!("unknown --input `{other}` (expected head-ct or authors)"),
+        };
+        cfg.model.in_channels = cfg.input.channels();
+    }
+    if let Some(s) = a.size {
+        cfg.size = s;
     }
     if let Some(o) = &a.optimizer {
         cfg.optimizer = config::switch_optimizer(&cfg.optimizer, &o.to_ascii_lowercase())

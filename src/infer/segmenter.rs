@@ -57,6 +57,13 @@ impl RefineOnBackend for CudaBackend {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
+        if cfg.mode == crate::seg::RefineMode::Authors {
+            // The authors' literal pseudo-mask has no device version: the CPU reference on
+            // the downloaded CAM.
+            let cam = Array3::from_shape_vec(hu.dim(), self.download(cam_norm)?)
+                .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
+            return Ok(crate::seg::refine(hu, &cam, slice_positive, cfg)?);
+        }
         let host: Vec<f32> = hu.iter().copied().collect();
         let hu_dev = self.upload(&host)?;
         crate::engine::cuda::seg::refine_on_device(
