@@ -55,6 +55,13 @@ pub struct Args {
     /// In-plane input size in pixels (default: the preset's).
     #[arg(long)]
     size: Option<usize>,
+    /// Stage-2 head pooling of its class map: mean (the authors') or topk:F (the mean of
+    /// the highest fraction F of locations). Default: the preset's.
+    #[arg(long)]
+    head_pooling: Option<String>,
+    /// Development: train only the stage-2 head on the backbone of this model file.
+    #[arg(long, hide = true)]
+    stage2_from: Option<PathBuf>,
     /// Ignore an existing `X.last.safetensors` and start over.
     #[arg(long, conflicts_with = "resume")]
     fresh: bool,
@@ -113,6 +120,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(s) = a.size {
         cfg.size = s;
     }
+    if let Some(p) = &a.head_pooling {
+        cfg.stage2_pooling = match p.split_once(':') {
+            None if p == "mean" => config::HeadPooling::Mean,
+            Some(("topk", f)) => config::HeadPooling::TopK {
+                frac: f
+                    .parse()
+                    .with_context(|| format!("--head-pooling {p}: bad fraction"))?,
+            },
+            _ => anyhow::bail!("unknown --head-pooling `{p}` (expected mean or topk:F)"),
+        };
+    }
     if let Some(o) = &a.optimizer {
         cfg.optimizer = config::switch_optimizer(&cfg.optimizer, &o.to_ascii_lowercase())
             .with_context(|| format!("unknown optimizer `{o}` (expected sgd or adam)"))?;
@@ -138,6 +156,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|_| a.data.clone())
             .file_name()
             .map(|n| n.to_string_lossy().into_owned()),
+        stage2_from: a.stage2_from.clone(),
     };
     eprintln!(
         "preset `{}` ({why}): {}x{} px{}, {} windows, ResNet {:?} width {}, {} + {} epochs",

@@ -18,7 +18,10 @@ use crate::engine::{Backend, Real};
 use crate::io::{Mask, Volume};
 use crate::model::{checkpoint, CamKind, IchNet};
 use crate::seg::{RefineConfig, RefineOutput};
-use crate::train::checkpoint::{META_INPUT, META_INPUT_SIZE, META_SLICES, META_SLICE_THRESHOLD};
+use crate::train::checkpoint::{
+    META_HEAD_POOLING, META_INPUT, META_INPUT_SIZE, META_SLICES, META_SLICE_THRESHOLD,
+};
+use crate::train::config::HeadPooling;
 use crate::train::prep::Prepared;
 use ndarray::Array3;
 use std::path::Path;
@@ -168,6 +171,10 @@ pub struct Segmenter<B: RefineOnBackend> {
     size: usize,
     slices: usize,
     input: InputSpec,
+    /// How the stage-2 head pools its class map, and its bias (the logit of a pooled head
+    /// is computed from the CAM at feature resolution).
+    pooling: HeadPooling,
+    fc_bias: f64,
     /// The slice threshold in use (the option, else the model's calibrated one, else 0.5).
     slice_threshold: f64,
     pub opts: SegmentOptions,
@@ -242,11 +249,27 @@ impl<B: RefineOnBackend> Segmenter<B> {
                 ),
             });
         }
+        let pooling = match loaded.metadata.get(META_HEAD_POOLING) {
+            None => HeadPooling::Mean,
+            Some(j) => serde_json::from_str::<HeadPooling>(j).map_err(|e| {
+                InferError::ModelMetadata {
+                    path: model.to_path_buf(),
+                    detail: format!("unreadable `{META_HEAD_POOLING}`: {e}"),
+                }
+            })?,
+        };
+        let fc_bias = net
+            .param("fc.bias")?
+            .first()
+            .map(|v| v.as_f64())
+            .unwrap_or(0.0);
         Ok(Segmenter {
             net,
             size,
             slices,
             input,
+            pooling,
+            fc_bias,
             slice_threshold,
             opts,
         })
@@ -394,12 +417,19 @@ impl<B: RefineOnBackend> Segmenter<B> {
         let xb = self.net.backend().upload(x)?;
         let out = self.net.stage2_infer_device(&xb, n, s, s, self.opts.cam)?;
         let be = self.net.backend();
-        let l = be
-            .download(&out.logits)?
-            .into_iter()
-            .map(|v| v.as_f64())
-            .collect();
-        Ok((l, be.download(&out.cam)?, out.features_hw))
+        let cam = be.download(&out.cam)?;
+        let l = if self.pooling == HeadPooling::Mean {
+            be.download(&out.logits)?
+                .into_iter()
+                .map(|v| v.as_f64())
+                .collect()
+        } else {
+            let hw = out.features_hw.0 * out.features_hw.1;
+            cam.chunks_exact(hw.max(1))
+                .map(|m| self.pooling.pool(m).0 + self.fc_bias)
+                .collect()
+        };
+        Ok((l, cam, out.features_hw))
     }
 
     /// Stage-1 logits per slice: sliding windows of the trained sequence length, the

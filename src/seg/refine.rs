@@ -72,6 +72,13 @@ pub struct RefineConfig {
     /// Ours, or the authors' literal pseudo-mask ([`refine_authors`]).
     #[serde(default)]
     pub mode: RefineMode,
+    /// The lowest HU of the kept band (ours): `Some` = this fixed value (the k-means still
+    /// decides whether a slice's CAM region holds a blood cluster at all), `None` = halfway
+    /// between the chosen cluster and the one below it. Inside a CAM region that is mostly
+    /// blood, k-means splits the blood itself and the halfway edge keeps only its brighter
+    /// part.
+    #[serde(default)]
+    pub band_floor_hu: Option<f32>,
 }
 
 /// Which refinement runs.
@@ -104,6 +111,7 @@ impl Default for RefineConfig {
             min_cam_support: 0.5,
             per_slice_kmeans: true,
             mode: RefineMode::Ours,
+            band_floor_hu: None,
         }
     }
 }
@@ -240,6 +248,16 @@ pub fn band_low(centroids: &[f32], counts: &[usize], c: usize, floor: f32) -> f3
     }
 }
 
+/// The lower edge of the kept band for chosen cluster `c`, in subdural-window units:
+/// `cfg.band_floor_hu` when set, else [`band_low`] with the blood floor. (The device
+/// refinement calls this too.)
+pub fn band_edge(cfg: &RefineConfig, centroids: &[f32], counts: &[usize], c: usize) -> f32 {
+    match cfg.band_floor_hu {
+        Some(hu) => subdural(hu),
+        None => band_low(centroids, counts, c, subdural(cfg.min_blood_hu)),
+    }
+}
+
 /// [`pseudo_mask`] that clusters inside `region` and keeps the chosen band inside `grow`
 /// (a superset of `region`; pass `region` itself for the authors' version).
 pub fn pseudo_mask_grown(
@@ -285,7 +303,7 @@ pub fn pseudo_mask_grown(
         ) else {
             return;
         };
-        let lo = band_low(&km.centroids, &km.counts, c, floor);
+        let lo = band_edge(cfg, &km.centroids, &km.counts, c);
         Zip::from(&mut out)
             .and(&hu)
             .and(&grow)

@@ -34,6 +34,9 @@ pub const META_SEED: &str = "ichcam.seed";
 pub const META_SLICE_THRESHOLD: &str = "ichcam.slice_threshold";
 /// The [`crate::data::InputSpec`] JSON (windows, head crop; absent: the authors' input).
 pub const META_INPUT: &str = "ichcam.input";
+/// How the stage-2 head pools its class map ([`super::config::HeadPooling`] JSON; absent:
+/// the mean, fc on the averaged features).
+pub const META_HEAD_POOLING: &str = "ichcam.head_pooling";
 /// How the model was trained: the [`Provenance`] JSON (preset, data, slice counts, date).
 pub const META_PROVENANCE: &str = "ichcam.provenance";
 
@@ -264,6 +267,10 @@ fn common_meta(cfg: &TrainConfig, state: &TrainState) -> HashMap<String, String>
     m.insert(
         META_INPUT.to_string(),
         serde_json::to_string(&cfg.input).unwrap_or_default(),
+    );
+    m.insert(
+        META_HEAD_POOLING.to_string(),
+        serde_json::to_string(&cfg.stage2_pooling).unwrap_or_default(),
     );
     m.insert(
         META_PROVENANCE.to_string(),

@@ -84,6 +84,44 @@ pub struct TrainConfig {
     /// windows of the whole field for configs written before it existed.
     #[serde(default)]
     pub input: InputSpec,
+    /// How the stage-2 head pools its class map (the authors': the mean).
+    #[serde(default)]
+    pub stage2_pooling: HeadPooling,
+}
+
+/// How the stage-2 head turns its class map (the fc weights applied at every location of the
+/// last block's features: the CAM before normalisation) into the slice's logit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadPooling {
+    /// The authors': fc on the globally averaged features (= the class map's mean).
+    #[default]
+    Mean,
+    /// The mean of the class map's highest `frac` of locations (at least one): the logit
+    /// cannot grow with the area of brain in the slice, only with local evidence, so the
+    /// class map has to peak where the evidence is.
+    TopK { frac: f64 },
+}
+
+impl HeadPooling {
+    /// The pooled value of one class map and the locations it took (for the gradient).
+    pub fn pool(&self, map: &[f32]) -> (f64, Vec<usize>) {
+        let n = map.len();
+        if n == 0 {
+            return (0.0, Vec::new());
+        }
+        let k = match *self {
+            HeadPooling::Mean => n,
+            HeadPooling::TopK { frac } => ((frac * n as f64).round() as usize).clamp(1, n),
+        };
+        let mut idx: Vec<usize> = (0..n).collect();
+        if k < n {
+            idx.select_nth_unstable_by(k - 1, |&a, &b| map[b].total_cmp(&map[a]));
+            idx.truncate(k);
+        }
+        let s: f64 = idx.iter().map(|&i| map[i] as f64).sum();
+        (s / k as f64, idx)
+    }
 }
 
 /// A preset name that does not exist.
@@ -139,6 +177,7 @@ impl TrainConfig {
             pos_weight_max: 10.0,
             augment: AugmentConfig::paper(),
             input: InputSpec::default(),
+            stage2_pooling: HeadPooling::Mean,
         }
     }
 
@@ -171,6 +210,7 @@ impl TrainConfig {
             pos_weight_max: 10.0,
             augment: AugmentConfig::paper(),
             input,
+            stage2_pooling: HeadPooling::Mean,
         }
     }
 
@@ -202,6 +242,7 @@ impl TrainConfig {
             pos_weight_max: 10.0,
             augment: AugmentConfig::paper(),
             input,
+            stage2_pooling: HeadPooling::Mean,
         }
     }
 
@@ -225,6 +266,7 @@ impl TrainConfig {
             pos_weight_max: 10.0,
             augment: AugmentConfig::paper(),
             input: InputSpec::default(),
+            stage2_pooling: HeadPooling::Mean,
         }
     }
 
@@ -243,6 +285,11 @@ impl TrainConfig {
                 "crop margin {} must be in [0, 0.5]",
                 self.input.crop_margin
             ));
+        }
+        if let HeadPooling::TopK { frac } = self.stage2_pooling {
+            if !(frac > 0.0 && frac <= 1.0) {
+                return Err(format!("top-k pooling fraction {frac} must be in (0, 1]"));
+            }
         }
         if self.size < 16 {
             return Err(format!("input size {} is below 16 pixels", self.size));
