@@ -10,7 +10,7 @@
 //! `thr=P` (re-threshold the model's slice probabilities), `vol=P` (volume gate),
 //! `cam=T` (CAM threshold), `grow=T`, `band=HU` (fixed band floor), `floor=HU` (blood floor),
 //! `smooth=R`, `dilate=R`, `minml=ML`, `support=F`, `sat=S`, `k=K`, `authors=1`,
-//! `camall=1` (a CAM of 1 everywhere: intensity alone).
+//! `open=R` (opening radius), `camall=1` (a CAM of 1 everywhere: intensity alone).
 //! It reads the truth masks: it is an evaluation tool, never part of training.
 
 use ichcam::infer::segmenter::effective_saturation;
@@ -58,6 +58,7 @@ fn parse(s: &str) -> Setting {
             "k" => st.cfg.k = f() as usize,
             "authors" => st.cfg.mode = RefineMode::Authors,
             "camall" => st.camall = true,
+            "open" => st.cfg.open_radius = f() as usize,
             "base" => {}
             _ => panic!("unknown key {k}"),
         }

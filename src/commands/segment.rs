@@ -61,6 +61,14 @@ pub struct Args {
     /// In-plane box-filter radius before k-means (ours; 0 = the raw intensities).
     #[arg(long, default_value_t = 1)]
     smooth: usize,
+    /// Keep every voxel from this HU up to the saturation level in the chosen slices'
+    /// regions (ours) instead of the k-means band's own lower edge.
+    #[arg(long)]
+    band_floor_hu: Option<f32>,
+    /// In-plane opening radius of the band mask (ours; 0 = off): drops what is thinner than
+    /// 2r+1 pixels (cortical ribbon, partial volume along the skull).
+    #[arg(long, default_value_t = 0)]
+    open: usize,
     /// Dilation radius (pixels) of the chosen cluster.
     #[arg(long, default_value_t = 1)]
     dilate: usize,
@@ -161,6 +169,8 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     o.refine.grow_cam_threshold = a.grow_cam_threshold;
     o.refine.min_blood_hu = a.min_blood_hu;
     o.refine.smooth_radius = a.smooth;
+    o.refine.band_floor_hu = a.band_floor_hu;
+    o.refine.open_radius = a.open;
     o.refine.min_cam_support = a.min_cam_support;
     o.refine.connectivity = Connectivity::from_neighbours(a.connectivity)?;
     match a.refine.to_ascii_lowercase().as_str() {

@@ -60,9 +60,9 @@ impl RefineOnBackend for CudaBackend {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
-        if cfg.mode == crate::seg::RefineMode::Authors {
-            // The authors' literal pseudo-mask has no device version: the CPU reference on
-            // the downloaded CAM.
+        if cfg.mode == crate::seg::RefineMode::Authors || cfg.open_radius > 0 {
+            // The authors' literal pseudo-mask and the opening have no device version yet:
+            // the CPU reference on the downloaded CAM.
             let cam = Array3::from_shape_vec(hu.dim(), self.download(cam_norm)?)
                 .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
             return Ok(crate::seg::refine(hu, &cam, slice_positive, cfg)?);

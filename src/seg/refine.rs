@@ -79,6 +79,12 @@ pub struct RefineConfig {
     /// part.
     #[serde(default)]
     pub band_floor_hu: Option<f32>,
+    /// In-plane opening radius (erosion then dilation with a square) of the band mask
+    /// before the dilation (ours; 0 = off): removes what is thinner than `2r + 1` pixels,
+    /// the cortical ribbon and the partial-volume rim along the inner table that share the
+    /// blood's HU, and keeps blobs and hematomas thicker than that.
+    #[serde(default)]
+    pub open_radius: usize,
 }
 
 /// Which refinement runs.
@@ -112,6 +118,7 @@ impl Default for RefineConfig {
             per_slice_kmeans: true,
             mode: RefineMode::Ours,
             band_floor_hu: None,
+            open_radius: 0,
         }
     }
 }
@@ -449,7 +456,11 @@ pub fn refine(
     let cam_voxels = region.iter().filter(|&&v| v != 0).count();
     let grow_threshold = cfg.grow_cam_threshold.min(cfg.cam_threshold);
     let grow = positive_cam_region(cam_norm, slice_positive, grow_threshold);
-    let clusters = pseudo_mask_grown(hu, &region, &grow, cfg)?;
+    let mut clusters = pseudo_mask_grown(hu, &region, &grow, cfg)?;
+    if cfg.open_radius > 0 {
+        let eroded = super::morph::erode(&clusters, cfg.open_radius, Structuring::Square);
+        clusters = dilate(&eroded, cfg.open_radius, Structuring::Square);
+    }
     let cluster_voxels = clusters.iter().filter(|&&v| v != 0).count();
     let grown = dilate(&clusters, cfg.dilate_radius, cfg.dilate_shape);
     let ccl = connected_components(&grown, cfg.connectivity)?;
