@@ -39,8 +39,10 @@ pub struct Args {
     /// training calibrated on its validation slices, stored in the model; else 0.5).
     #[arg(long)]
     slice_threshold: Option<f64>,
-    /// Binary CAM = normalised CAM >= this (the authors: 0.7).
-    #[arg(long, default_value_t = 0.7)]
+    /// Binary CAM = normalised CAM >= this: where k-means looks for the blood cluster (the
+    /// authors: 0.7; our default for real CT: 0.4, chosen by cross-validation, see
+    /// docs/accuracy.md).
+    #[arg(long, default_value_t = 0.4)]
     cam_threshold: f32,
     /// k-means clusters inside the CAM (the authors: 4).
     #[arg(long, default_value_t = 4)]
@@ -52,8 +54,8 @@ pub struct Args {
     #[arg(long)]
     no_adapt_saturation: bool,
     /// The lesion may grow from the binary CAM into the CAM's region down to this level, in
-    /// the intensity band k-means found (ours; set it to --cam-threshold for the authors').
-    #[arg(long, default_value_t = 0.4)]
+    /// the intensity band (ours; set it to --cam-threshold for no growth).
+    #[arg(long, default_value_t = 0.1)]
     grow_cam_threshold: f32,
     /// Darkest cluster centroid (HU) taken for acute blood (ours).
     #[arg(long, default_value_t = 45.0)]
@@ -61,19 +63,23 @@ pub struct Args {
     /// In-plane box-filter radius before k-means (ours; 0 = the raw intensities).
     #[arg(long, default_value_t = 1)]
     smooth: usize,
-    /// Keep every voxel from this HU up to the saturation level in the chosen slices'
-    /// regions (ours) instead of the k-means band's own lower edge.
+    /// Keep every voxel from this HU up to the saturation level in the grow region of the
+    /// slices where k-means found a blood cluster (ours).
+    #[arg(long, default_value_t = 55.0)]
+    band_floor_hu: f32,
+    /// Use the k-means band's own lower edge (halfway to the next darker cluster) instead of
+    /// --band-floor-hu.
     #[arg(long)]
-    band_floor_hu: Option<f32>,
+    kmeans_band: bool,
     /// In-plane opening radius of the band mask (ours; 0 = off): drops what is thinner than
     /// 2r+1 pixels (cortical ribbon, partial volume along the skull).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 2)]
     open: usize,
     /// Dilation radius (pixels) of the chosen cluster.
     #[arg(long, default_value_t = 1)]
     dilate: usize,
     /// Components smaller than this (mL) are dropped.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.3)]
     min_component_ml: f64,
     /// Fraction of a component that must lie where the CAM reaches --grow-cam-threshold.
     #[arg(long, default_value_t = 0.5)]
@@ -169,7 +175,7 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     o.refine.grow_cam_threshold = a.grow_cam_threshold;
     o.refine.min_blood_hu = a.min_blood_hu;
     o.refine.smooth_radius = a.smooth;
-    o.refine.band_floor_hu = a.band_floor_hu;
+    o.refine.band_floor_hu = (!a.kmeans_band).then_some(a.band_floor_hu);
     o.refine.open_radius = a.open;
     o.refine.min_cam_support = a.min_cam_support;
     o.refine.connectivity = Connectivity::from_neighbours(a.connectivity)?;

@@ -352,6 +352,23 @@ mod tests {
     }
 
     #[test]
+    fn head_pooling_takes_the_top_fraction() {
+        let m = [0.0f32, 5.0, 1.0, 4.0, 2.0, 3.0, -1.0, 0.5, 0.0, 0.0];
+        let (v, idx) = HeadPooling::Mean.pool(&m);
+        assert!((v - 1.45).abs() < 1e-9 && idx.len() == 10);
+        let (v, mut idx) = HeadPooling::TopK { frac: 0.2 }.pool(&m);
+        idx.sort();
+        assert_eq!(idx, vec![1, 3]);
+        assert!((v - 4.5).abs() < 1e-9);
+        // At least one location.
+        assert_eq!(HeadPooling::TopK { frac: 0.01 }.pool(&m).0, 5.0);
+        assert_eq!(
+            TrainConfig::preset("cpu").unwrap().model.in_channels,
+            TrainConfig::cpu().input.channels()
+        );
+    }
+
+    #[test]
     fn optimizer_switch() {
         let o = OptimizerConfig::adam(0.01);
         let s = switch_optimizer(&o, "sgd").unwrap();
