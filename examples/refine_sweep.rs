@@ -41,7 +41,10 @@ fn parse(s: &str) -> Setting {
     };
     for kv in s.split(',').filter(|x| !x.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, "1"));
-        let f = || v.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {kv}"));
+        let f = || {
+            v.parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad value in {kv}"))
+        };
         match k {
             "flags" => st.flags = v.to_string(),
             "thr" => st.thr = Some(f()),
@@ -108,11 +111,14 @@ fn main() {
             .collect();
         ids.sort();
         for id in ids {
-            let vol = ichcam::io::read_volume(&fold.join(format!("test/images/{id}.nii.gz"))).unwrap();
+            let vol =
+                ichcam::io::read_volume(&fold.join(format!("test/images/{id}.nii.gz"))).unwrap();
             let truth = ichcam::io::to_mask(
                 &ichcam::io::read_mask(&fold.join(format!("test/labels/{id}.nii.gz"))).unwrap(),
             );
-            let cam = ichcam::io::read_volume(&fold.join(format!("pred/{id}/cam.nii.gz"))).unwrap().data;
+            let cam = ichcam::io::read_volume(&fold.join(format!("pred/{id}/cam.nii.gz")))
+                .unwrap()
+                .data;
             let d = vol.dims().0;
             let (probs, flags) = read_probs(&fold.join(format!("pred/{id}/slices.csv")), d);
             let tflags: Vec<bool> = truth

@@ -488,27 +488,40 @@ fn band_floor_and_opening_keep_the_hematoma_and_drop_the_ribbon() {
         min_component_voxels: 1,
         ..RefineConfig::default()
     };
-    let count = |m: &ndarray::Array3<u8>, ys: std::ops::Range<usize>, xs: std::ops::Range<usize>| {
-        let mut n = 0;
-        for y in ys {
-            for x in xs.clone() {
-                n += (m[[0, y, x]] != 0) as usize;
+    let count =
+        |m: &ndarray::Array3<u8>, ys: std::ops::Range<usize>, xs: std::ops::Range<usize>| {
+            let mut n = 0;
+            for y in ys {
+                for x in xs.clone() {
+                    n += (m[[0, y, x]] != 0) as usize;
+                }
             }
-        }
-        n
-    };
+            n
+        };
     let floor = RefineConfig {
         band_floor_hu: Some(55.0),
         ..base.clone()
     };
     let out = refine(&hu, &cam, &[true], &floor).unwrap();
-    assert_eq!(count(&out.mask, 10..22, 10..22), 144, "the whole hematoma, rim included");
-    assert_eq!(count(&out.mask, 30..32, 5..35), 60, "the ribbon is in the band too");
+    assert_eq!(
+        count(&out.mask, 10..22, 10..22),
+        144,
+        "the whole hematoma, rim included"
+    );
+    assert_eq!(
+        count(&out.mask, 30..32, 5..35),
+        60,
+        "the ribbon is in the band too"
+    );
     let opened = RefineConfig {
         open_radius: 2,
         ..floor
     };
     let out = refine(&hu, &cam, &[true], &opened).unwrap();
-    assert_eq!(count(&out.mask, 10..22, 10..22), 144, "a 12-px blob survives the opening");
+    assert_eq!(
+        count(&out.mask, 10..22, 10..22),
+        144,
+        "a 12-px blob survives the opening"
+    );
     assert_eq!(count(&out.mask, 30..32, 5..35), 0, "a 2-px ribbon does not");
 }

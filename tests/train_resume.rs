@@ -325,7 +325,7 @@ fn tiny_preset_on_phantoms() {
     for (i, &positive) in pos.iter().enumerate() {
         let p = phantom(&sc, 777, i, positive).unwrap();
         let lab: Vec<bool> = p.slice_labels().iter().map(|&l| l > 0).collect();
-        let prep = Prepared::from_hu("t", "t", &p.hu, &lab, s).unwrap();
+        let prep = Prepared::from_hu("t", "t", &p.hu, &lab, s, &cfg.input).unwrap();
         let out = net
             .stage2_infer(&prep.x, p.hu.dim().0, s, s, CamKind::Vanilla)
             .unwrap();

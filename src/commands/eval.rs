@@ -24,14 +24,16 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (report, orphans) = ichcam::eval::dirs::evaluate_dirs_with(&args.pred, &args.truth, args.cam)
-        .with_context(|| {
-            format!(
-                "evaluating {} against {}",
-                args.pred.display(),
-                args.truth.display()
-            )
-        })?;
+    let (report, orphans) =
+        ichcam::eval::dirs::evaluate_dirs_with(&args.pred, &args.truth, args.cam).with_context(
+            || {
+                format!(
+                    "evaluating {} against {}",
+                    args.pred.display(),
+                    args.truth.display()
+                )
+            },
+        )?;
     for id in &orphans {
         eprintln!("warning: prediction {id} has no truth mask; ignored");
     }

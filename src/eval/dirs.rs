@@ -8,9 +8,9 @@
 
 use super::metrics::volume_metrics;
 use super::report::{build_report, CamPointing, Report, SliceScores, VolumeReport};
+use crate::io;
 use crate::io::Mask;
 use ndarray::{Array3, Axis};
-use crate::io;
 use std::path::{Path, PathBuf};
 
 /// Errors that stop the whole evaluation (per-volume problems go into the report).
@@ -110,14 +110,22 @@ pub fn list_predictions(pred: &Path) -> Result<Vec<String>, DirError> {
 
 /// `slices.csv` beside a prediction (header `z,probability,positive,...`): probabilities
 /// and flags per slice, for `depth` slices. A missing file is `Ok(None)`.
-pub fn read_slice_scores(path: &Path, depth: usize) -> Result<Option<(Vec<f64>, Vec<bool>)>, String> {
+pub fn read_slice_scores(
+    path: &Path,
+    depth: usize,
+) -> Result<Option<(Vec<f64>, Vec<bool>)>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or("").split(',').map(str::trim).collect();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .collect();
     let col = |name: &str| {
         header
             .iter()
@@ -154,7 +162,11 @@ pub fn read_slice_scores(path: &Path, depth: usize) -> Result<Option<(Vec<f64>, 
 /// CAM diagnostics (see [`CamPointing`]) of a normalised CAM against the truth.
 pub fn cam_pointing(cam: &Array3<f32>, truth: &Mask, flagged: &[bool]) -> CamPointing {
     let mut c = CamPointing::default();
-    for (z, (cs, ts)) in cam.axis_iter(Axis(0)).zip(truth.axis_iter(Axis(0))).enumerate() {
+    for (z, (cs, ts)) in cam
+        .axis_iter(Axis(0))
+        .zip(truth.axis_iter(Axis(0)))
+        .enumerate()
+    {
         let n: usize = ts.iter().filter(|&&v| v != 0).count();
         if n == 0 || !flagged.get(z).copied().unwrap_or(false) {
             continue;

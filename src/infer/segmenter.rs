@@ -232,12 +232,12 @@ impl<B: RefineOnBackend> Segmenter<B> {
             .unwrap_or(0.5);
         let input = match loaded.metadata.get(META_INPUT) {
             None => InputSpec::default(),
-            Some(j) => serde_json::from_str::<InputSpec>(j).map_err(|e| {
-                InferError::ModelMetadata {
+            Some(j) => {
+                serde_json::from_str::<InputSpec>(j).map_err(|e| InferError::ModelMetadata {
                     path: model.to_path_buf(),
                     detail: format!("unreadable `{META_INPUT}`: {e}"),
-                }
-            })?,
+                })?
+            }
         };
         if input.channels() != net.cfg().in_channels {
             return Err(InferError::ModelMetadata {
@@ -251,12 +251,12 @@ impl<B: RefineOnBackend> Segmenter<B> {
         }
         let pooling = match loaded.metadata.get(META_HEAD_POOLING) {
             None => HeadPooling::Mean,
-            Some(j) => serde_json::from_str::<HeadPooling>(j).map_err(|e| {
-                InferError::ModelMetadata {
+            Some(j) => {
+                serde_json::from_str::<HeadPooling>(j).map_err(|e| InferError::ModelMetadata {
                     path: model.to_path_buf(),
                     detail: format!("unreadable `{META_HEAD_POOLING}`: {e}"),
-                }
-            })?,
+                })?
+            }
         };
         let fc_bias = net
             .param("fc.bias")?
@@ -352,7 +352,10 @@ impl<B: RefineOnBackend> Segmenter<B> {
             let truth = read_oracle(&o, vol)?;
             if o.flags {
                 for (z, p) in positive.iter_mut().enumerate() {
-                    *p = truth.index_axis(ndarray::Axis(0), z).iter().any(|&v| v != 0);
+                    *p = truth
+                        .index_axis(ndarray::Axis(0), z)
+                        .iter()
+                        .any(|&v| v != 0);
                 }
             }
             if o.cam {
@@ -363,7 +366,11 @@ impl<B: RefineOnBackend> Segmenter<B> {
         // Feature-resolution CAM -> model's box -> [0, 1] per slice, on the backend.
         let be = self.net.backend();
         let b = prep.crop;
-        let (uh, uw) = if b.side == 0 { (h, w) } else { (b.side, b.side) };
+        let (uh, uw) = if b.side == 0 {
+            (h, w)
+        } else {
+            (b.side, b.side)
+        };
         let cam_b = be.upload(&cam_small)?;
         let mut up = be.zeros(d * uh * uw)?;
         be.upsample_bilinear(d, fhw.0, fhw.1, uh, uw, &cam_b, &mut up)?;

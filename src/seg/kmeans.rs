@@ -108,7 +108,9 @@ pub fn kmeans_1d(values: &[f32], k: usize, max_iter: usize) -> KMeans {
 pub fn init_even(values: &[f32], k: usize) -> Vec<f32> {
     let (lo, hi) = values
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
     if !lo.is_finite() || !hi.is_finite() {
         return vec![0.0; k];
     }

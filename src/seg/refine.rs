@@ -381,7 +381,11 @@ pub fn refine_authors(
         else {
             continue;
         };
-        let mut m: Vec<u8> = km.labels.iter().map(|&l| u8::from(l as usize == c)).collect();
+        let mut m: Vec<u8> = km
+            .labels
+            .iter()
+            .map(|&l| u8::from(l as usize == c))
+            .collect();
         cluster_voxels += m.iter().filter(|&&v| v != 0).count();
         for _ in 0..2 {
             m = dilate_anchor(&m, h, w, 2, 1);

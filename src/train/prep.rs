@@ -7,8 +7,8 @@
 
 use super::augment::{AugmentConfig, Transform};
 use super::TrainError;
-use crate::data::dataset::Dataset;
 use crate::data::crop::CropBox;
+use crate::data::dataset::Dataset;
 use crate::data::sequence::{self, SeqMode, SeqWindow};
 use crate::data::InputSpec;
 use ndarray::Array3;

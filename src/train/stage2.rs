@@ -104,7 +104,11 @@ impl HostHead {
             .into_iter()
             .map(|v| v.as_f64())
             .collect();
-        let b = net.param("fc.bias")?.first().map(|v| v.as_f64()).unwrap_or(0.0);
+        let b = net
+            .param("fc.bias")?
+            .first()
+            .map(|v| v.as_f64())
+            .unwrap_or(0.0);
         let c = w.len();
         Ok(HostHead {
             w,
@@ -234,7 +238,11 @@ pub fn validate_pooled<B: Backend>(
     pos_weight: f64,
 ) -> Result<EpochStats, TrainError> {
     let items = prep::slices(cases, val);
-    let bias = net.param("fc.bias")?.first().map(|v| v.as_f64()).unwrap_or(0.0);
+    let bias = net
+        .param("fc.bias")?
+        .first()
+        .map(|v| v.as_f64())
+        .unwrap_or(0.0);
     let mut scores = vec![0f64; items.len()];
     for b in prep::epoch_batches(items.len(), batch, None) {
         let its: Vec<(usize, usize)> = b.iter().map(|&i| items[i]).collect();
@@ -243,7 +251,10 @@ pub fn validate_pooled<B: Backend>(
         let out = net.stage2_infer(&to_t::<B::T>(&x), b.len(), size, size, CamKind::Vanilla)?;
         let hw = out.features_hw.0 * out.features_hw.1;
         for (j, &i) in b.iter().enumerate() {
-            let m: Vec<f32> = out.cam[j * hw..(j + 1) * hw].iter().map(|&v| v as f32).collect();
+            let m: Vec<f32> = out.cam[j * hw..(j + 1) * hw]
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
             scores[i] = pooling.pool(&m).0 + bias;
         }
     }
