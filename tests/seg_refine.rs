@@ -472,7 +472,7 @@ fn band_floor_and_opening_keep_the_hematoma_and_drop_the_ribbon() {
     let mut hu = Array3::<f32>::from_elem((d, h, w), 35.0);
     for y in 10..22 {
         for x in 10..22 {
-            let rim = y < 13 || y >= 19 || x < 13 || x >= 19;
+            let rim = !(13..19).contains(&y) || !(13..19).contains(&x);
             hu[[0, y, x]] = if rim { 58.0 } else { 75.0 };
         }
     }

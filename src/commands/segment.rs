@@ -115,11 +115,14 @@ pub struct Args {
 }
 
 fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
-    let mut o = SegmentOptions::default();
-    o.cam = match a.cam.to_ascii_lowercase().as_str() {
+    let cam = match a.cam.to_ascii_lowercase().as_str() {
         "vanilla" | "cam" => CamKind::Vanilla,
         "gradcam" | "grad-cam" => CamKind::GradCam,
         other => anyhow::bail!("unknown --cam `{other}` (expected vanilla or gradcam)"),
+    };
+    let mut o = SegmentOptions {
+        cam,
+        ..SegmentOptions::default()
     };
     o.classifier = match a.classifier.to_ascii_lowercase().as_str() {
         "stage2" => SliceClassifier::Stage2,

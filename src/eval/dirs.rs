@@ -108,12 +108,12 @@ pub fn list_predictions(pred: &Path) -> Result<Vec<String>, DirError> {
     Ok(out)
 }
 
+/// Probabilities and flags per slice.
+pub type SliceColumns = (Vec<f64>, Vec<bool>);
+
 /// `slices.csv` beside a prediction (header `z,probability,positive,...`): probabilities
 /// and flags per slice, for `depth` slices. A missing file is `Ok(None)`.
-pub fn read_slice_scores(
-    path: &Path,
-    depth: usize,
-) -> Result<Option<(Vec<f64>, Vec<bool>)>, String> {
+pub fn read_slice_scores(path: &Path, depth: usize) -> Result<Option<SliceColumns>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

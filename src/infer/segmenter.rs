@@ -415,11 +415,7 @@ impl<B: RefineOnBackend> Segmenter<B> {
     }
 
     /// Stage-2 logits and feature-resolution CAM of `n` prepared slices.
-    fn stage2_pass(
-        &mut self,
-        x: &[f32],
-        n: usize,
-    ) -> Result<(Vec<f64>, Vec<f32>, (usize, usize)), InferError> {
+    fn stage2_pass(&mut self, x: &[f32], n: usize) -> Result<Stage2Pass, InferError> {
         let s = self.size;
         let xb = self.net.backend().upload(x)?;
         let out = self.net.stage2_infer_device(&xb, n, s, s, self.opts.cam)?;
@@ -464,6 +460,9 @@ impl<B: RefineOnBackend> Segmenter<B> {
         Ok(merged.into_iter().map(f64::from).collect())
     }
 }
+
+/// Stage-2 logits, the feature-resolution CAM and its `(fh, fw)`.
+type Stage2Pass = (Vec<f64>, Vec<f32>, (usize, usize));
 
 /// Mirrors the rows of a row-major plane of width `w` left-right.
 fn flip_h(plane: &mut [f32], w: usize) {

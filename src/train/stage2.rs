@@ -134,10 +134,10 @@ impl HostHead {
         self.t += 1;
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
-        for i in 0..self.w.len() {
-            self.m[i] = b1 * self.m[i] + (1.0 - b1) * gw[i];
-            self.v[i] = b2 * self.v[i] + (1.0 - b2) * gw[i] * gw[i];
-            self.w[i] -= lr * (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + eps);
+        for (((w, m), v), &g) in self.w.iter_mut().zip(&mut self.m).zip(&mut self.v).zip(gw) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
         }
         self.mb = b1 * self.mb + (1.0 - b1) * gb;
         self.vb = b2 * self.vb + (1.0 - b2) * gb * gb;
