@@ -1,48 +1,128 @@
 #!/usr/bin/env bash
-# Patient-wise cross-validation on a ct-ich-layout folder (default: ../shared/data/ct-ich-dev):
-# each fold trains `ichcam train` on the other patients' images and slice labels only (no
-# masks), segments the held-out patients, and evaluates against their masks. Prints each
-# fold's summary and the pooled per-volume Dice.
-#   scripts/ctich_cv.sh [DATA] [OUT] [extra train args...]
+# Patient-wise k-fold cross-validation on a ct-ich-layout folder (images/, labels/,
+# slice_labels.csv): folds stratified by hemorrhage (patients with and without a positive
+# slice dealt separately, shuffled with a fixed seed); each fold trains `ichcam train` with
+# its defaults on the other folds' images and slice labels only (no mask is in its training
+# folder), segments the held-out patients, evaluates them against their masks, and the
+# script prints one row per fold and the mean +- standard deviation over the folds.
+#
+#   scripts/ctich_cv.sh DATA OUT [--folds 5] [--seed 0] [--reuse] [--cam]
+#                       [--train "ARGS"] [--segment "ARGS"]
+#
+#   --reuse       keep each fold's trained model when it exists (re-segment and re-evaluate
+#                 only: for refinement options)
+#   --cam         also report the CAM diagnostics (eval --cam)
+#   --train/--segment  extra arguments for `ichcam train` / `ichcam segment`
+#   ICHCAM_BIN    the binary (default target/release/ichcam, built if missing)
+# Writes OUT/folds.txt, OUT/foldK/{train,test,model.safetensors,pred,eval.json},
+# OUT/cv.json and OUT/table.md (the printed table).
 set -euo pipefail
-DATA="${1:-../shared/data/ct-ich-dev}"
-OUT="${2:-out/ctich-cv}"
-shift $(( $# > 2 ? 2 : $# )) || true
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 2 ] || usage
+DATA="$(cd "$1" && pwd)"; OUT="$2"; shift 2
+FOLDS=5; SEED=0; REUSE=0; CAM=""; TRAIN_ARGS=""; SEG_ARGS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --folds) FOLDS="$2"; shift 2;;
+    --seed) SEED="$2"; shift 2;;
+    --reuse) REUSE=1; shift;;
+    --cam) CAM="--cam"; shift;;
+    --train) TRAIN_ARGS="$2"; shift 2;;
+    --segment) SEG_ARGS="$2"; shift 2;;
+    *) echo "unknown option $1" >&2; usage;;
+  esac
+done
 BIN="${ICHCAM_BIN:-target/release/ichcam}"
 [ -x "$BIN" ] || cargo build --release
-mkdir -p "$OUT"
-ids=$(ls "$DATA/images" | sed 's/\.nii\.gz$//' | sort)
-n=$(echo "$ids" | wc -l)
-folds="${ICHCAM_CV_FOLDS:-3}"
-i=0
-for id in $ids; do echo "$id $((i % folds))"; i=$((i+1)); done > "$OUT/folds.txt"
-for f in $(seq 0 $((folds-1))); do
-  fd="$OUT/fold$f"; rm -rf "$fd"; mkdir -p "$fd/train/images" "$fd/test/images" "$fd/test/labels"
+BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
+mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
+
+# Stratified folds: each class shuffled with the seed and dealt round robin.
+python3 - "$DATA" "$FOLDS" "$SEED" > "$OUT/folds.txt" <<'PY'
+import csv, os, random, sys
+data, k, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ids = sorted(f[:-7] for f in os.listdir(os.path.join(data, "images")) if f.endswith(".nii.gz"))
+pos = set()
+with open(os.path.join(data, "slice_labels.csv")) as f:
+    for r in csv.DictReader(f):
+        if r.get("any_hemorrhage", "0") not in ("0", ""):
+            pos.add(r["patient"])
+rng = random.Random(seed)
+for cls in (sorted(i for i in ids if i in pos), sorted(i for i in ids if i not in pos)):
+    rng.shuffle(cls)
+    for j, i in enumerate(cls):
+        print(i, j % k)
+PY
+
+for f in $(seq 0 $((FOLDS-1))); do
+  fd="$OUT/fold$f"
+  mkdir -p "$fd"
+  rm -rf "$fd/train" "$fd/test" "$fd/pred"
+  mkdir -p "$fd/train/images" "$fd/test/images" "$fd/test/labels"
   head -1 "$DATA/slice_labels.csv" > "$fd/train/slice_labels.csv"
   while read -r id k; do
     if [ "$k" = "$f" ]; then
-      cp "$DATA/images/$id.nii.gz" "$fd/test/images/"; cp "$DATA/labels/$id.nii.gz" "$fd/test/labels/"
+      ln -s "$DATA/images/$id.nii.gz" "$fd/test/images/"
+      ln -s "$DATA/labels/$id.nii.gz" "$fd/test/labels/"
     else
-      cp "$DATA/images/$id.nii.gz" "$fd/train/images/"
+      ln -s "$DATA/images/$id.nii.gz" "$fd/train/images/"
       grep "^$id," "$DATA/slice_labels.csv" >> "$fd/train/slice_labels.csv" || true
     fi
   done < "$OUT/folds.txt"
-  "$BIN" train --data "$fd/train" --model "$fd/model.safetensors" --device cpu --quiet --fresh "$@"
-  "$BIN" segment --model "$fd/model.safetensors" --input "$fd/test/images" --out "$fd/pred" --device cpu --quiet > /dev/null
-  "$BIN" eval --pred "$fd/pred" --truth "$fd/test/labels" --json "$fd/eval.json" | tail -n +1
+  if [ "$REUSE" = 0 ] || [ ! -f "$fd/model.safetensors" ]; then
+    rm -f "$fd"/model.*
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    /usr/bin/time -f "%e s wall, %U s user, %S s sys" -o "$fd/train.time" \
+      "$BIN" train --data "$fd/train" --model "$fd/model.safetensors" --quiet --fresh $TRAIN_ARGS \
+      > "$fd/train.log" 2>&1
+    echo "fold $f trained in $(( $(date +%s) - start )) s ($(cat "$fd/train.time"))" >&2
+  fi
+  # shellcheck disable=SC2086
+  "$BIN" segment --model "$fd/model.safetensors" --input "$fd/test/images" --out "$fd/pred" \
+    --quiet $SEG_ARGS > "$fd/segment.log" 2>&1
+  "$BIN" eval --pred "$fd/pred" --truth "$fd/test/labels" --json "$fd/eval.json" $CAM \
+    > "$fd/eval.txt" 2>&1
 done
-python3 - "$OUT" "$folds" <<'PY'
-import json, sys
-out, folds = sys.argv[1], int(sys.argv[2])
-vols = []
-for f in range(folds):
-    vols += json.load(open(f"{out}/fold{f}/eval.json"))["volumes"]
-pos = [v for v in vols if v["truth_voxels"] > 0]
-neg = [v for v in vols if v["truth_voxels"] == 0]
-mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-print(f"pooled over {len(vols)} held-out volumes ({len(pos)} with hemorrhage):")
-for v in vols:
-    print(f"  {v['id']}: truth {v['truth_ml']:.2f} mL, pred {v['pred_ml']:.2f} mL, dice {v['dice']:.3f}")
-print(f"mean Dice (volumes with hemorrhage) {mean([v['dice'] for v in pos]):.3f}; "
-      f"false-positive volumes {sum(v['pred_voxels'] > 0 for v in neg)} of {len(neg)}")
+
+python3 - "$OUT" "$FOLDS" "$SEED" "$TRAIN_ARGS" "$SEG_ARGS" <<'PY' | tee "$OUT/table.md"
+import json, statistics, sys, os
+out, k, seed, targs, sargs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+cols = [("dice_slice_pooled", "pooled slice Dice"), ("dice", "volume Dice"),
+        ("slice_auc", "slice AUC"), ("slice_sensitivity", "slice sens."),
+        ("slice_specificity", "slice spec."), ("cam_pointing", "CAM pointing"),
+        ("cam_peak_hit", "CAM peak hit")]
+rows, allv = [], []
+for f in range(k):
+    r = json.load(open(f"{out}/fold{f}/eval.json"))
+    s = r["summary"]; allv += r["volumes"]
+    t = open(f"{out}/fold{f}/train.time").read().strip() if os.path.exists(f"{out}/fold{f}/train.time") else "-"
+    rows.append((f, s, t))
+have = [c for c in cols if any(s.get(c[0]) is not None for _, s, _ in rows)]
+fmt = lambda v: "-" if v is None else f"{v:.3f}"
+print(f"train: `ichcam train {targs}`".rstrip() + f"; segment: `ichcam segment {sargs}`".rstrip() + f"; {k} folds, seed {seed}")
+print()
+print("| fold | volumes (+/-) | truth slices | " + " | ".join(c[1] for c in have) + " | FP volumes | training |")
+print("|" + " --- |" * (len(have) + 5))
+for f, s, t in rows:
+    print(f"| {f} | {s['n_positive']}/{s['n_negative']} | {s['n_truth_slices']} | "
+          + " | ".join(fmt(s.get(c[0])) for c in have)
+          + f" | {s['false_positive_volumes']} of {s['n_negative']} | {t} |")
+def ms(key):
+    v = [s.get(key) for _, s, _ in rows if s.get(key) is not None]
+    if not v: return "-"
+    return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
+fp = sum(s["false_positive_volumes"] for _, s, _ in rows); neg = sum(s["n_negative"] for _, s, _ in rows)
+print(f"| mean ± sd | | | " + " | ".join(ms(c[0]) for c in have) + f" | {fp} of {neg} | |")
+# Pooled over all held-out volumes (every truth slice once).
+pos = [v for v in allv if v.get("truth_voxels", 0) > 0]
+n = sum(v["truth_slices"] for v in pos)
+pooled = sum((v["dice_slice"] or 0) * v["truth_slices"] for v in pos) / n if n else float("nan")
+print()
+print(f"all {len(allv)} held-out volumes pooled: slice Dice {pooled:.3f} over {n} truth slices, "
+      f"volume Dice {statistics.mean(v['dice'] for v in pos):.3f} over {len(pos)} volumes, "
+      f"{fp} of {neg} hemorrhage-free volumes false positive")
+json.dump({"folds": [s for _, s, _ in rows], "pooled_slice_dice": pooled,
+           "false_positive_volumes": fp, "negative_volumes": neg},
+          open(f"{out}/cv.json", "w"), indent=1)
 PY

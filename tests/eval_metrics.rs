@@ -248,6 +248,8 @@ fn row(id: &str, pred: &Array3<u8>, truth: &Array3<u8>) -> VolumeReport {
         shape: None,
         spacing: Some([1.0; 3]),
         metrics: Some(volume_metrics(pred, truth, [1.0; 3]).unwrap()),
+        slices: None,
+        cam: None,
         error: None,
     }
 }
@@ -267,6 +269,8 @@ fn report_summary_conventions() {
             shape: None,
             spacing: None,
             metrics: None,
+            slices: None,
+            cam: None,
             error: Some("shape mismatch".into()),
         },
     ];
@@ -364,4 +368,44 @@ fn folder_evaluation() {
     ));
     // A folder without any truth mask is an error.
     assert!(ichcam::eval::dirs::evaluate_dirs(&pred, &dir.path().join("nothing")).is_err());
+}
+
+#[test]
+fn pooled_slice_dice_weights_every_truth_slice_and_counts_misses() {
+    // Volume A: 2 truth slices, predicted exactly (2 x Dice 1). Volume B: 1 truth slice on
+    // z = 0 (predicted: Dice 2/3) and one on z = 1 (nothing predicted: Dice 0).
+    let a = mask((2, 4, 4), &[(0, 0, 0), (1, 1, 1)]);
+    let bt = mask((2, 4, 4), &[(0, 0, 0), (0, 0, 1), (1, 2, 2)]);
+    let bp = mask((2, 4, 4), &[(0, 0, 0)]);
+    let mut ra = row("a", &a, &a);
+    ra.slices = Some(ichcam::eval::SliceScores {
+        probability: vec![0.9, 0.8],
+        flagged: vec![true, true],
+        truth: vec![true, true],
+    });
+    let mut rb = row("b", &bp, &bt);
+    rb.slices = Some(ichcam::eval::SliceScores {
+        probability: vec![0.7, 0.2],
+        flagged: vec![true, false],
+        truth: vec![true, true],
+    });
+    let e = Array3::<u8>::zeros((2, 4, 4));
+    let mut rn = row("n", &e, &e);
+    rn.slices = Some(ichcam::eval::SliceScores {
+        probability: vec![0.75, 0.1],
+        flagged: vec![true, false],
+        truth: vec![false, false],
+    });
+    let rep = build_report(vec![ra, rb, rn], vec![]);
+    let s = &rep.summary;
+    assert_eq!(s.n_truth_slices, 4);
+    // (1 + 1 + 2/3 + 0) / 4, not the mean of the per-volume means (1 + 1/3) / 2.
+    assert!(close(s.dice_slice_pooled.unwrap(), (2.0 + 2.0 / 3.0) / 4.0));
+    assert_eq!(s.n_scored_slices, 6);
+    assert!(close(s.slice_sensitivity.unwrap(), 3.0 / 4.0));
+    assert!(close(s.slice_specificity.unwrap(), 1.0 / 2.0));
+    // Positives 0.9, 0.8, 0.7, 0.2 against negatives 0.75, 0.1: 6 of 8 pairs ranked right.
+    assert!(close(s.slice_auc.unwrap(), 6.0 / 8.0));
+    let json: serde_json::Value = serde_json::from_str(&rep.to_json().unwrap()).unwrap();
+    assert!(json["summary"]["dice_slice_pooled"].as_f64().is_some());
 }

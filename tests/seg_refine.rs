@@ -426,3 +426,102 @@ fn smoothing_marks_halos_of_saturated_voxels() {
         }
     }
 }
+
+#[test]
+fn authors_refinement_is_the_literal_pseudo_mask() {
+    use ichcam::seg::{refine, RefineMode};
+    // Brain 35 HU, a 6x6 blob of blood at 70 HU, a bone rim at 1000 HU on the left; the CAM
+    // is 1 over the blob and 0.2 elsewhere (bone x 0.2 = 0.2 * 255 * 1.0 = 51: dark).
+    let (d, h, w) = (2, 32, 32);
+    let mut hu = Array3::<f32>::from_elem((d, h, w), 35.0);
+    let mut cam = Array3::<f32>::from_elem((d, h, w), 0.2);
+    for z in 0..d {
+        for y in 0..h {
+            hu[[z, y, 0]] = 1000.0;
+        }
+        for y in 12..18 {
+            for x in 12..18 {
+                hu[[z, y, x]] = 70.0;
+                cam[[z, y, x]] = 1.0;
+            }
+        }
+    }
+    let cfg = RefineConfig {
+        mode: RefineMode::Authors,
+        ..RefineConfig::default()
+    };
+    let out = refine(&hu, &cam, &[true, false], &cfg).unwrap();
+    // Blob 12..18 grown by two 4x4 dilations with OpenCV's anchor (dst(x) = max src(x-2..=x+1)):
+    // 2 px up/left, 4 px down/right.
+    for y in 0..h {
+        for x in 0..w {
+            let inside = (10..22).contains(&y) && (10..22).contains(&x);
+            assert_eq!(out.mask[[0, y, x]] != 0, inside, "({y}, {x})");
+            assert_eq!(out.mask[[1, y, x]], 0, "negative slice");
+        }
+    }
+    assert_eq!(out.cluster_voxels, 36);
+    assert_eq!(out.n_components, 1);
+}
+
+#[test]
+fn band_floor_and_opening_keep_the_hematoma_and_drop_the_ribbon() {
+    // Brain 35 HU; a 12x12 hematoma whose core is 75 HU and rim 58 HU; a 2-px ribbon of
+    // 62 HU (cortex / partial volume in the blood's range). CAM 1 everywhere.
+    let (d, h, w) = (1, 40, 40);
+    let mut hu = Array3::<f32>::from_elem((d, h, w), 35.0);
+    for y in 10..22 {
+        for x in 10..22 {
+            let rim = !(13..19).contains(&y) || !(13..19).contains(&x);
+            hu[[0, y, x]] = if rim { 58.0 } else { 75.0 };
+        }
+    }
+    for y in 30..32 {
+        for x in 5..35 {
+            hu[[0, y, x]] = 62.0;
+        }
+    }
+    let cam = Array3::<f32>::ones((d, h, w));
+    let base = RefineConfig {
+        smooth_radius: 0,
+        dilate_radius: 0,
+        min_component_voxels: 1,
+        ..RefineConfig::default()
+    };
+    let count =
+        |m: &ndarray::Array3<u8>, ys: std::ops::Range<usize>, xs: std::ops::Range<usize>| {
+            let mut n = 0;
+            for y in ys {
+                for x in xs.clone() {
+                    n += (m[[0, y, x]] != 0) as usize;
+                }
+            }
+            n
+        };
+    let floor = RefineConfig {
+        band_floor_hu: Some(55.0),
+        ..base.clone()
+    };
+    let out = refine(&hu, &cam, &[true], &floor).unwrap();
+    assert_eq!(
+        count(&out.mask, 10..22, 10..22),
+        144,
+        "the whole hematoma, rim included"
+    );
+    assert_eq!(
+        count(&out.mask, 30..32, 5..35),
+        60,
+        "the ribbon is in the band too"
+    );
+    let opened = RefineConfig {
+        open_radius: 2,
+        ..floor
+    };
+    let out = refine(&hu, &cam, &[true], &opened).unwrap();
+    assert_eq!(
+        count(&out.mask, 10..22, 10..22),
+        144,
+        "a 12-px blob survives the opening"
+    );
+    assert_eq!(count(&out.mask, 30..32, 5..35), 0, "a 2-px ribbon does not");
+}

@@ -60,6 +60,8 @@ fn micro_config() -> TrainConfig {
         pos_weight_min: 1.0,
         pos_weight_max: 10.0,
         augment: AugmentConfig::paper(),
+        input: ichcam::data::InputSpec::default(),
+        stage2_pooling: ichcam::train::config::HeadPooling::Mean,
     }
 }
 
@@ -323,7 +325,7 @@ fn tiny_preset_on_phantoms() {
     for (i, &positive) in pos.iter().enumerate() {
         let p = phantom(&sc, 777, i, positive).unwrap();
         let lab: Vec<bool> = p.slice_labels().iter().map(|&l| l > 0).collect();
-        let prep = Prepared::from_hu("t", "t", &p.hu, &lab, s).unwrap();
+        let prep = Prepared::from_hu("t", "t", &p.hu, &lab, s, &cfg.input).unwrap();
         let out = net
             .stage2_infer(&prep.x, p.hu.dim().0, s, s, CamKind::Vanilla)
             .unwrap();
@@ -388,4 +390,35 @@ fn tiny_preset_on_phantoms() {
         cam_hit / cam_area.max(1.0)
     );
     assert!(r.best_auc_stage2.unwrap_or(0.0) > 0.8);
+}
+
+#[test]
+fn model_records_how_it_was_trained() {
+    let cases = phantoms(6, 40, 10, 21);
+    let n_pos: usize = cases
+        .iter()
+        .map(|c| c.labels.iter().filter(|&&l| l).count())
+        .sum();
+    let mut cfg = micro_config();
+    cfg.epochs = 1;
+    cfg.stage2_epochs = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.safetensors");
+    let o = TrainOptions {
+        data_name: Some("phantoms-x".into()),
+        ..opts(5)
+    };
+    train(TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
+    let meta = ichcam::train::checkpoint::read_metadata(&m).unwrap();
+    let p: ichcam::train::checkpoint::Provenance =
+        serde_json::from_str(&meta[ichcam::train::checkpoint::META_PROVENANCE]).unwrap();
+    assert_eq!(p.preset, cfg.name);
+    assert_eq!(p.data.as_deref(), Some("phantoms-x"));
+    assert_eq!(p.train_volumes + p.val_volumes, 6);
+    assert_eq!(p.train_slices + p.val_slices, 60);
+    assert_eq!(p.train_positive_slices + p.val_positive_slices, n_pos);
+    // YYYY-MM-DDTHH:MM:SSZ
+    assert_eq!(p.started.len(), 20);
+    assert!(p.started.starts_with("20") && p.started.ends_with('Z'));
+    assert!(meta.contains_key(ichcam::train::checkpoint::META_INPUT));
 }

@@ -122,6 +122,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         stop_after_epochs: None,
         progress,
         device: a.device.clone(),
+        data_name: Some("phantoms".into()),
+        stage2_from: None,
     };
     let t_train = Instant::now();
     let rep = train(TrainInput::Dir(&train_dir), &model, &tcfg, &topts).context("training")?;

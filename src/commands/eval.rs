@@ -17,17 +17,23 @@ pub struct Args {
     /// Write the report (summary + per-volume metrics) as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also read each prediction's `cam.nii.gz` and report how well the CAM points at the
+    /// truth (truth voxels inside CAM >= 0.7, CAM peaks on the truth) on flagged slices.
+    #[arg(long)]
+    pub cam: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (report, orphans) = ichcam::eval::dirs::evaluate_dirs(&args.pred, &args.truth)
-        .with_context(|| {
-            format!(
-                "evaluating {} against {}",
-                args.pred.display(),
-                args.truth.display()
-            )
-        })?;
+    let (report, orphans) =
+        ichcam::eval::dirs::evaluate_dirs_with(&args.pred, &args.truth, args.cam).with_context(
+            || {
+                format!(
+                    "evaluating {} against {}",
+                    args.pred.display(),
+                    args.truth.display()
+                )
+            },
+        )?;
     for id in &orphans {
         eprintln!("warning: prediction {id} has no truth mask; ignored");
     }

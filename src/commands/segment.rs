@@ -10,6 +10,7 @@ use ichcam::infer::{
 };
 use ichcam::model::CamKind;
 use ichcam::seg::ccl::Connectivity;
+use ichcam::seg::RefineMode;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -30,16 +31,20 @@ pub struct Args {
     /// CAM: vanilla (the authors') or gradcam.
     #[arg(long, default_value = "vanilla")]
     cam: String,
-    /// Slice classifier: stage2 (single-slice fc head, the authors' test-time net) or
-    /// stage1 (the ResNet-LSTM over sliding windows of slices).
-    #[arg(long, default_value = "stage2")]
+    /// Slice classifier: stage1 (the ResNet-LSTM over sliding windows of slices: the
+    /// default, slice AUC 0.84 vs 0.83 and pooled slice Dice 0.175 vs 0.154 in 5-fold CV on
+    /// ct-ich, docs/accuracy.md) or stage2 (the single-slice fc head, the authors' test-time
+    /// net). The CAM always comes from the stage-2 head.
+    #[arg(long, default_value = "stage1")]
     classifier: String,
     /// A slice is positive when its probability reaches this (default: the threshold the
     /// training calibrated on its validation slices, stored in the model; else 0.5).
     #[arg(long)]
     slice_threshold: Option<f64>,
-    /// Binary CAM = normalised CAM >= this (the authors: 0.7).
-    #[arg(long, default_value_t = 0.7)]
+    /// Binary CAM = normalised CAM >= this: where k-means looks for the blood cluster (the
+    /// authors: 0.7; our default for real CT: 0.4, chosen by cross-validation, see
+    /// docs/accuracy.md).
+    #[arg(long, default_value_t = 0.4)]
     cam_threshold: f32,
     /// k-means clusters inside the CAM (the authors: 4).
     #[arg(long, default_value_t = 4)]
@@ -51,8 +56,8 @@ pub struct Args {
     #[arg(long)]
     no_adapt_saturation: bool,
     /// The lesion may grow from the binary CAM into the CAM's region down to this level, in
-    /// the intensity band k-means found (ours; set it to --cam-threshold for the authors').
-    #[arg(long, default_value_t = 0.4)]
+    /// the intensity band (ours; set it to --cam-threshold for no growth).
+    #[arg(long, default_value_t = 0.1)]
     grow_cam_threshold: f32,
     /// Darkest cluster centroid (HU) taken for acute blood (ours).
     #[arg(long, default_value_t = 45.0)]
@@ -60,11 +65,23 @@ pub struct Args {
     /// In-plane box-filter radius before k-means (ours; 0 = the raw intensities).
     #[arg(long, default_value_t = 1)]
     smooth: usize,
+    /// Keep every voxel from this HU up to the saturation level in the grow region of the
+    /// slices where k-means found a blood cluster (ours).
+    #[arg(long, default_value_t = 55.0)]
+    band_floor_hu: f32,
+    /// Use the k-means band's own lower edge (halfway to the next darker cluster) instead of
+    /// --band-floor-hu.
+    #[arg(long)]
+    kmeans_band: bool,
+    /// In-plane opening radius of the band mask (ours; 0 = off): drops what is thinner than
+    /// 2r+1 pixels (cortical ribbon, partial volume along the skull).
+    #[arg(long, default_value_t = 2)]
+    open: usize,
     /// Dilation radius (pixels) of the chosen cluster.
     #[arg(long, default_value_t = 1)]
     dilate: usize,
     /// Components smaller than this (mL) are dropped.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.3)]
     min_component_ml: f64,
     /// Fraction of a component that must lie where the CAM reaches --grow-cam-threshold.
     #[arg(long, default_value_t = 0.5)]
@@ -75,17 +92,39 @@ pub struct Args {
     /// Slices per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_slices: usize,
+    /// Refinement: ours (the default) or authors (SWICH-Seg's code literally: Grad-CAM with
+    /// ReLU, k-means on the whole slice of CAM x subdural window, the brightest cluster with
+    /// mean < 140/255, two 4x4 dilations, no connected components; the threshold, growth,
+    /// floor, smoothing and component options are then unused).
+    #[arg(long, default_value = "ours")]
+    refine: String,
+    /// Average each slice's CAM and logit with those of its left-right mirror.
+    #[arg(long)]
+    flip_tta: bool,
+    /// No positive slice in a volume whose most probable slice stays below this.
+    #[arg(long)]
+    volume_threshold: Option<f64>,
+    /// Development: a folder of truth masks for --oracle.
+    #[arg(long, hide = true)]
+    oracle_truth: Option<PathBuf>,
+    /// Development: cam, flags or both: replace the CAM and/or the slice flags with ones made
+    /// from the truth masks of --oracle-truth (the refinement's ceiling).
+    #[arg(long, hide = true, requires = "oracle_truth")]
+    oracle: Option<String>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
 }
 
 fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
-    let mut o = SegmentOptions::default();
-    o.cam = match a.cam.to_ascii_lowercase().as_str() {
+    let cam = match a.cam.to_ascii_lowercase().as_str() {
         "vanilla" | "cam" => CamKind::Vanilla,
         "gradcam" | "grad-cam" => CamKind::GradCam,
         other => anyhow::bail!("unknown --cam `{other}` (expected vanilla or gradcam)"),
+    };
+    let mut o = SegmentOptions {
+        cam,
+        ..SegmentOptions::default()
     };
     o.classifier = match a.classifier.to_ascii_lowercase().as_str() {
         "stage2" => SliceClassifier::Stage2,
@@ -104,6 +143,27 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     );
     anyhow::ensure!(a.min_component_ml >= 0.0, "--min-component-ml must be >= 0");
     o.slice_threshold = a.slice_threshold;
+    o.flip_tta = a.flip_tta;
+    if let Some(t) = a.volume_threshold {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&t),
+            "--volume-threshold must be in [0, 1]"
+        );
+    }
+    o.volume_threshold = a.volume_threshold;
+    if let (Some(dir), Some(what)) = (&a.oracle_truth, &a.oracle) {
+        let (cam, flags) = match what.as_str() {
+            "cam" => (true, false),
+            "flags" => (false, true),
+            "both" => (true, true),
+            other => anyhow::bail!("unknown --oracle `{other}` (expected cam, flags or both)"),
+        };
+        o.oracle = Some(ichcam::infer::Oracle {
+            truth_dir: dir.clone(),
+            cam,
+            flags,
+        });
+    }
     o.min_component_ml = Some(a.min_component_ml);
     o.adapt_saturation = !a.no_adapt_saturation;
     o.batch_slices = a.batch_slices.max(1);
@@ -120,8 +180,20 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     o.refine.grow_cam_threshold = a.grow_cam_threshold;
     o.refine.min_blood_hu = a.min_blood_hu;
     o.refine.smooth_radius = a.smooth;
+    o.refine.band_floor_hu = (!a.kmeans_band).then_some(a.band_floor_hu);
+    o.refine.open_radius = a.open;
     o.refine.min_cam_support = a.min_cam_support;
     o.refine.connectivity = Connectivity::from_neighbours(a.connectivity)?;
+    match a.refine.to_ascii_lowercase().as_str() {
+        "ours" => {}
+        "authors" => {
+            o.refine.mode = RefineMode::Authors;
+            o.cam = CamKind::GradCam;
+            o.adapt_saturation = false;
+            o.min_component_ml = None;
+        }
+        other => anyhow::bail!("unknown --refine `{other}` (expected ours or authors)"),
+    }
     Ok(o)
 }
 

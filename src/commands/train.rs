@@ -19,8 +19,10 @@ pub struct Args {
     /// Slice-label CSV overriding the one the dataset layout provides.
     #[arg(long)]
     labels: Option<PathBuf>,
-    /// Preset: tiny (CPU, minutes), small (GPU ResNet-18, 256 px), paper (ResNet-101, 512 px).
-    #[arg(long, default_value = "tiny")]
+    /// Preset: auto (cpu on a CPU, small on a GPU), cpu (real head CT on a CPU, under 45
+    /// minutes for 51 patients on two cores), small (GPU ResNet-18, 256 px), paper (the
+    /// authors' ResNet-101 at 512 px, GPU), tiny (the demo's phantoms, a minute).
+    #[arg(long, default_value = "auto")]
     config: String,
     /// Stage-1 epochs (default: the preset's).
     #[arg(long)]
@@ -45,6 +47,21 @@ pub struct Args {
     /// Sequences per stage-1 batch (default: the preset's).
     #[arg(long)]
     batch: Option<usize>,
+    /// The model's input: head-ct (brain, blood and wide windows of the head's box) or
+    /// authors (brain, subdural and bone windows of the whole field, as SWICH-Seg's code).
+    /// Default: the preset's (cpu and small: head-ct; paper and tiny: authors).
+    #[arg(long)]
+    input: Option<String>,
+    /// In-plane input size in pixels (default: the preset's).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Stage-2 head pooling of its class map: mean (the authors') or topk:F (the mean of
+    /// the highest fraction F of locations). Default: the preset's.
+    #[arg(long)]
+    head_pooling: Option<String>,
+    /// Development: train only the stage-2 head on the backbone of this model file.
+    #[arg(long, hide = true)]
+    stage2_from: Option<PathBuf>,
     /// Ignore an existing `X.last.safetensors` and start over.
     #[arg(long, conflicts_with = "resume")]
     fresh: bool,
@@ -59,8 +76,27 @@ pub struct Args {
     quiet: bool,
 }
 
+/// The preset to run and why (`--config auto` follows the device).
+fn choose_preset(config: &str, device: &str) -> anyhow::Result<(String, String)> {
+    if !config.eq_ignore_ascii_case("auto") {
+        return Ok((config.to_string(), "chosen with --config".into()));
+    }
+    let gpu = matches!(
+        ichcam::engine::cuda::pick_device(device)?,
+        ichcam::engine::cuda::DeviceChoice::Cuda(_)
+    );
+    let name = config::default_preset_for(gpu);
+    let why = if gpu {
+        "the default on a GPU".to_string()
+    } else {
+        "the default on a CPU; `small` and `paper` are for a GPU".to_string()
+    };
+    Ok((name.to_string(), why))
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut cfg = TrainConfig::preset(&a.config)?;
+    let (preset, why) = choose_preset(&a.config, &a.device)?;
+    let mut cfg = TrainConfig::preset(&preset)?;
     if let Some(e) = a.epochs {
         cfg.epochs = e;
     }
@@ -72,6 +108,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if let Some(b) = a.batch {
         cfg.batch = b;
+    }
+    if let Some(i) = &a.input {
+        cfg.input = match i.to_ascii_lowercase().as_str() {
+            "head-ct" => ichcam::data::InputSpec::head_ct(),
+            "authors" => ichcam::data::InputSpec::default(),
+            other => anyhow::bail!("unknown --input `{other}` (expected head-ct or authors)"),
+        };
+        cfg.model.in_channels = cfg.input.channels();
+    }
+    if let Some(s) = a.size {
+        cfg.size = s;
+    }
+    if let Some(p) = &a.head_pooling {
+        cfg.stage2_pooling = match p.split_once(':') {
+            None if p == "mean" => config::HeadPooling::Mean,
+            Some(("topk", f)) => config::HeadPooling::TopK {
+                frac: f
+                    .parse()
+                    .with_context(|| format!("--head-pooling {p}: bad fraction"))?,
+            },
+            _ => anyhow::bail!("unknown --head-pooling `{p}` (expected mean or topk:F)"),
+        };
     }
     if let Some(o) = &a.optimizer {
         cfg.optimizer = config::switch_optimizer(&cfg.optimizer, &o.to_ascii_lowercase())
@@ -92,7 +150,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         stop_after_epochs: a.stop_after_epochs,
         progress: !a.quiet,
         device: a.device.clone(),
+        data_name: a
+            .data
+            .canonicalize()
+            .unwrap_or_else(|_| a.data.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned()),
+        stage2_from: a.stage2_from.clone(),
     };
+    eprintln!(
+        "preset `{}` ({why}): {}x{} px{}, {} windows, ResNet {:?} width {}, {} + {} epochs",
+        cfg.name,
+        cfg.size,
+        cfg.size,
+        if cfg.input.crop_head {
+            " of the head's box"
+        } else {
+            " of the whole field"
+        },
+        cfg.input.channels(),
+        cfg.model.layers,
+        cfg.model.base_width,
+        cfg.epochs,
+        cfg.stage2_epochs
+    );
     let ds = Dataset::open_with_csv(&a.data, a.labels.as_deref())
         .with_context(|| format!("opening the dataset {}", a.data.display()))?;
     ds.require_labels()

@@ -2,9 +2,11 @@
 //! slice sequences, datasets (INSTANCE, ct-ich layouts, slice-label CSV), patient-wise
 //! splits, and synthetic head-CT phantoms with exact masks. Nothing here runs the network.
 
+pub mod crop;
 pub mod csv;
 pub mod dataset;
 pub mod error;
+pub mod input;
 pub mod resample;
 pub mod rng;
 pub mod sequence;
@@ -16,6 +18,7 @@ pub use dataset::{
     load_case, slice_labels_from_mask, summary, Case, Dataset, DatasetSummary, Layout, LoadedCase,
 };
 pub use error::DataError;
+pub use input::InputSpec;
 pub use resample::{
     resize_map_bilinear, resize_mask_nearest, resize_slice, resize_stack, resize_volume, ResizeMode,
 };

@@ -1,13 +1,14 @@
-//! The method's three HU windows (brain 40/80, subdural 80/200, bone 600/2800), each mapped
-//! linearly to [0, 1] and clamped, stacked into the model's 3-channel input `[z, 3, y, x]`.
-//! Knows nothing about the network beyond that channel order.
+//! HU windows, each mapped linearly to [0, 1] and clamped: the method's three (brain 40/80,
+//! subdural 80/200, bone 600/2800) stacked into the authors' 3-channel input `[z, 3, y, x]`,
+//! and the windows that suit brain-windowed data (blood 70/40, wide 40/120) for any list of
+//! channels. Knows nothing about the network beyond the channel order.
 
 use ndarray::{Array3, Array4, ArrayView2, ArrayView3, Axis, Zip};
 use rayon::prelude::*;
 
 /// A display window: HU in `[level - width/2, level + width/2]` maps linearly to `[0, 1]`;
 /// values outside are clamped.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Window {
     pub level: f32,
     pub width: f32,
@@ -29,7 +30,19 @@ impl Window {
         level: 600.0,
         width: 2800.0,
     };
-    /// The model's input channels, in order.
+    /// Acute blood, level 70 / width 40 (50-90 HU): brain and CSF go to 0, bone and
+    /// calcification to 1, blood spreads over the range.
+    pub const BLOOD: Window = Window {
+        level: 70.0,
+        width: 40.0,
+    };
+    /// The whole range of brain-windowed data, level 40 / width 120 (-20 to 100 HU: what
+    /// the ct-ich release keeps; bone and air saturate at its ends).
+    pub const WIDE: Window = Window {
+        level: 40.0,
+        width: 120.0,
+    };
+    /// The authors' input channels, in order.
     pub const METHOD: [Window; 3] = [Window::BRAIN, Window::SUBDURAL, Window::BONE];
 
     /// Lowest HU of the window (maps to 0).

@@ -7,7 +7,9 @@ pub mod metrics;
 pub mod report;
 
 pub use metrics::{hd95, volume_metrics, VolumeMetrics};
-pub use report::{build_report, summarize, Report, Summary, VolumeReport};
+pub use report::{
+    build_report, summarize, CamPointing, Report, SliceScores, Summary, VolumeReport,
+};
 
 /// Errors of the metrics: masks that cannot be compared.
 #[derive(Debug, thiserror::Error)]

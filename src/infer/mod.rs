@@ -16,7 +16,9 @@ pub mod slabs;
 pub use batch::{segment_all, BatchReport};
 pub use inputs::{expand_inputs, InputItem};
 pub use outputs::{write_outputs, VolumeSummary};
-pub use segmenter::{RefineOnBackend, SegmentOptions, Segmentation, Segmenter, SliceClassifier};
+pub use segmenter::{
+    Oracle, RefineOnBackend, SegmentOptions, Segmentation, Segmenter, SliceClassifier,
+};
 pub use slabs::segment_volume;
 
 /// Everything that can go wrong segmenting a volume.

@@ -1,18 +1,27 @@
-//! One volume through a trained model: windows and resize to the model's input, stage-2
-//! logits and CAM per slice (or the stage-1 ResNet-LSTM's slice probabilities), the CAM
-//! upsampled to the native grid and min-max normalised on the backend, then the refinement
-//! into a mask on the same backend ([`RefineOnBackend`]): only the slice probabilities, the
-//! normalised CAM and the mask come back from a GPU.
+//! One volume through a trained model: the model's input as it was trained (windows, head
+//! crop, resize: the model file's [`InputSpec`]), stage-2 logits and CAM per slice (or the
+//! stage-1 ResNet-LSTM's slice probabilities), the CAM upsampled to the crop box (or the
+//! native grid) and min-max normalised on the backend, placed back into the native field,
+//! then the refinement into a mask on the same backend ([`RefineOnBackend`]).
+//! Development oracles (`SegmentOptions::oracle`) replace the CAM or the slice flags with
+//! ones made from the truth masks, to measure the refinement's ceiling; they read masks
+//! only when asked to.
 
 use super::InferError;
+use crate::data::crop::{self, CropBox};
+use crate::data::resample::{resize_volume, ResizeMode};
 use crate::data::sequence::{merge_scores, plan, SeqMode};
+use crate::data::InputSpec;
 use crate::engine::cpu::CpuBackend;
 use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
 use crate::io::{Mask, Volume};
 use crate::model::{checkpoint, CamKind, IchNet};
 use crate::seg::{RefineConfig, RefineOutput};
-use crate::train::checkpoint::{META_INPUT_SIZE, META_SLICES, META_SLICE_THRESHOLD};
+use crate::train::checkpoint::{
+    META_HEAD_POOLING, META_INPUT, META_INPUT_SIZE, META_SLICES, META_SLICE_THRESHOLD,
+};
+use crate::train::config::HeadPooling;
 use crate::train::prep::Prepared;
 use ndarray::Array3;
 use std::path::Path;
@@ -51,6 +60,13 @@ impl RefineOnBackend for CudaBackend {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
+        if cfg.mode == crate::seg::RefineMode::Authors || cfg.open_radius > 0 {
+            // The authors' literal pseudo-mask and the opening have no device version yet:
+            // the CPU reference on the downloaded CAM.
+            let cam = Array3::from_shape_vec(hu.dim(), self.download(cam_norm)?)
+                .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
+            return Ok(crate::seg::refine(hu, &cam, slice_positive, cfg)?);
+        }
         let host: Vec<f32> = hu.iter().copied().collect();
         let hu_dev = self.upload(&host)?;
         crate::engine::cuda::seg::refine_on_device(
@@ -77,10 +93,28 @@ pub enum SliceClassifier {
     Stage1,
 }
 
+/// Development oracles: a folder of truth masks (`<id>.nii[.gz]`, the id being the input
+/// file's name) from which the CAM and/or the slice flags are made instead of the model's.
+#[derive(Clone, Debug, Default)]
+pub struct Oracle {
+    pub truth_dir: std::path::PathBuf,
+    /// The CAM is the truth mask averaged down to the CAM's grid (over the model's input
+    /// box) and brought back up like a real CAM: the best a CAM of that resolution can do.
+    pub cam: bool,
+    /// A slice is positive when its truth mask holds a voxel.
+    pub flags: bool,
+}
+
 /// The knobs of test-time segmentation; `Default` is the authors' method.
 #[derive(Clone, Debug)]
 pub struct SegmentOptions {
     pub cam: CamKind,
+    /// Average the CAM (and the slice logits) of each slice and of its left-right mirror.
+    pub flip_tta: bool,
+    /// A volume whose most probable slice stays below this has no positive slice (volume
+    /// gating against false-positive volumes); `None` = off.
+    pub volume_threshold: Option<f64>,
+    pub oracle: Option<Oracle>,
     pub classifier: SliceClassifier,
     /// A slice is positive when its probability reaches this; `None` = the threshold the
     /// training calibrated on its validation slices (stored in the model, used when above
@@ -102,6 +136,9 @@ impl Default for SegmentOptions {
     fn default() -> Self {
         SegmentOptions {
             cam: CamKind::Vanilla,
+            flip_tta: false,
+            volume_threshold: None,
+            oracle: None,
             classifier: SliceClassifier::Stage2,
             slice_threshold: None,
             min_component_ml: Some(0.05),
@@ -133,6 +170,11 @@ pub struct Segmenter<B: RefineOnBackend> {
     net: IchNet<B>,
     size: usize,
     slices: usize,
+    input: InputSpec,
+    /// How the stage-2 head pools its class map, and its bias (the logit of a pooled head
+    /// is computed from the CAM at feature resolution).
+    pooling: HeadPooling,
+    fc_bias: f64,
     /// The slice threshold in use (the option, else the model's calibrated one, else 0.5).
     slice_threshold: f64,
     pub opts: SegmentOptions,
@@ -189,10 +231,46 @@ impl<B: RefineOnBackend> Segmenter<B> {
             .slice_threshold
             .or(calibrated.map(|t| t.max(0.5)))
             .unwrap_or(0.5);
+        let input = match loaded.metadata.get(META_INPUT) {
+            None => InputSpec::default(),
+            Some(j) => {
+                serde_json::from_str::<InputSpec>(j).map_err(|e| InferError::ModelMetadata {
+                    path: model.to_path_buf(),
+                    detail: format!("unreadable `{META_INPUT}`: {e}"),
+                })?
+            }
+        };
+        if input.channels() != net.cfg().in_channels {
+            return Err(InferError::ModelMetadata {
+                path: model.to_path_buf(),
+                detail: format!(
+                    "`{META_INPUT}` lists {} windows but the network takes {} channels",
+                    input.channels(),
+                    net.cfg().in_channels
+                ),
+            });
+        }
+        let pooling = match loaded.metadata.get(META_HEAD_POOLING) {
+            None => HeadPooling::Mean,
+            Some(j) => {
+                serde_json::from_str::<HeadPooling>(j).map_err(|e| InferError::ModelMetadata {
+                    path: model.to_path_buf(),
+                    detail: format!("unreadable `{META_HEAD_POOLING}`: {e}"),
+                })?
+            }
+        };
+        let fc_bias = net
+            .param("fc.bias")?
+            .first()
+            .map(|v| v.as_f64())
+            .unwrap_or(0.0);
         Ok(Segmenter {
             net,
             size,
             slices,
+            input,
+            pooling,
+            fc_bias,
             slice_threshold,
             opts,
         })
@@ -233,6 +311,11 @@ impl<B: RefineOnBackend> Segmenter<B> {
         self.net.backend()
     }
 
+    /// The input recipe the model was trained with.
+    pub fn input_spec(&self) -> &InputSpec {
+        &self.input
+    }
+
     /// Segments one volume.
     pub fn segment(&mut self, vol: &Volume) -> Result<Segmentation, InferError> {
         let (d, h, w) = vol.dims();
@@ -244,9 +327,10 @@ impl<B: RefineOnBackend> Segmenter<B> {
         }
         let s = self.size;
         let labels = vec![false; d];
-        let prep = Prepared::from_hu("volume", "volume", &vol.data, &labels, s)
+        let prep = Prepared::from_hu("volume", "volume", &vol.data, &labels, s, &self.input)
             .map_err(|e| InferError::Input(format!("{}: {e}", vol.source.display())))?;
-        let plane = 3 * s * s;
+        let ch = prep.channels;
+        let plane = ch * s * s;
         let batch = self.opts.batch_slices.max(1);
         let mut logits = Vec::with_capacity(d);
         let mut cam_small: Vec<f32> = Vec::new();
@@ -255,31 +339,80 @@ impl<B: RefineOnBackend> Segmenter<B> {
         for z0 in (0..d).step_by(batch) {
             let n = batch.min(d - z0);
             let x = &prep.x[z0 * plane..(z0 + n) * plane];
-            let xb = self.net.backend().upload(x)?;
-            let out = self.net.stage2_infer_device(&xb, n, s, s, self.opts.cam)?;
-            let be = self.net.backend();
-            logits.extend(be.download(&out.logits)?.into_iter().map(|v| v.as_f64()));
-            cam_small.extend(be.download(&out.cam)?);
-            fhw = out.features_hw;
+            let (l, c, hw) = self.stage2_pass(x, n)?;
+            if self.opts.flip_tta {
+                let mut xf = x.to_vec();
+                for p in xf.chunks_exact_mut(s * s) {
+                    flip_h(p, s);
+                }
+                let (lf, mut cf, _) = self.stage2_pass(&xf, n)?;
+                for m in cf.chunks_exact_mut(hw.0 * hw.1) {
+                    flip_h(m, hw.1);
+                }
+                logits.extend(l.iter().zip(&lf).map(|(a, b)| 0.5 * (a + b)));
+                cam_small.extend(c.iter().zip(&cf).map(|(a, b)| 0.5 * (a + b)));
+            } else {
+                logits.extend(l);
+                cam_small.extend(c);
+            }
+            fhw = hw;
         }
         if self.opts.classifier == SliceClassifier::Stage1 {
-            logits = self.stage1_logits(&prep.x, d)?;
+            logits = self.stage1_logits(&prep.x, d, ch)?;
         }
         let probabilities: Vec<f64> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
-        let positive: Vec<bool> = probabilities
+        let mut positive: Vec<bool> = probabilities
             .iter()
             .map(|&p| p >= self.slice_threshold)
             .collect();
+        if let Some(t) = self.opts.volume_threshold {
+            if probabilities.iter().copied().fold(0.0, f64::max) < t {
+                positive.iter_mut().for_each(|p| *p = false);
+            }
+        }
+        if let Some(o) = self.opts.oracle.clone() {
+            let truth = read_oracle(&o, vol)?;
+            if o.flags {
+                for (z, p) in positive.iter_mut().enumerate() {
+                    *p = truth
+                        .index_axis(ndarray::Axis(0), z)
+                        .iter()
+                        .any(|&v| v != 0);
+                }
+            }
+            if o.cam {
+                cam_small = oracle_cam(&truth, prep.crop, fhw);
+            }
+        }
 
-        // Feature-resolution CAM -> native grid -> [0, 1] per slice, on the backend.
+        // Feature-resolution CAM -> model's box -> [0, 1] per slice, on the backend.
         let be = self.net.backend();
+        let b = prep.crop;
+        let (uh, uw) = if b.side == 0 {
+            (h, w)
+        } else {
+            (b.side, b.side)
+        };
         let cam_b = be.upload(&cam_small)?;
-        let mut up = be.zeros(d * h * w)?;
-        be.upsample_bilinear(d, fhw.0, fhw.1, h, w, &cam_b, &mut up)?;
+        let mut up = be.zeros(d * uh * uw)?;
+        be.upsample_bilinear(d, fhw.0, fhw.1, uh, uw, &cam_b, &mut up)?;
         drop(cam_b);
-        let mut norm = be.zeros(d * h * w)?;
-        be.minmax_normalize(d, h * w, &up, &mut norm)?;
+        let mut norm = be.zeros(d * uh * uw)?;
+        be.minmax_normalize(d, uh * uw, &up, &mut norm)?;
         drop(up);
+        // The box back into the native field (outside the box: 0).
+        let norm = if b.side == 0 {
+            norm
+        } else {
+            let boxed = Array3::from_shape_vec((d, uh, uw), be.download(&norm)?)
+                .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
+            let mut full = Vec::with_capacity(d * h * w);
+            for z in 0..d {
+                let p = crop::place(boxed.index_axis(ndarray::Axis(0), z), b, h, w, 0.0);
+                full.extend(p.iter().copied());
+            }
+            be.upload(&full)?
+        };
 
         let cfg = self.refine_config(vol);
         let refined = be.refine_buf(&vol.data, &norm, &positive, &cfg)?;
@@ -297,11 +430,32 @@ impl<B: RefineOnBackend> Segmenter<B> {
         })
     }
 
+    /// Stage-2 logits and feature-resolution CAM of `n` prepared slices.
+    fn stage2_pass(&mut self, x: &[f32], n: usize) -> Result<Stage2Pass, InferError> {
+        let s = self.size;
+        let xb = self.net.backend().upload(x)?;
+        let out = self.net.stage2_infer_device(&xb, n, s, s, self.opts.cam)?;
+        let be = self.net.backend();
+        let cam = be.download(&out.cam)?;
+        let l = if self.pooling == HeadPooling::Mean {
+            be.download(&out.logits)?
+                .into_iter()
+                .map(|v| v.as_f64())
+                .collect()
+        } else {
+            let hw = out.features_hw.0 * out.features_hw.1;
+            cam.chunks_exact(hw.max(1))
+                .map(|m| self.pooling.pool(m).0 + self.fc_bias)
+                .collect()
+        };
+        Ok((l, cam, out.features_hw))
+    }
+
     /// Stage-1 logits per slice: sliding windows of the trained sequence length, the
     /// overlapping predictions averaged.
-    fn stage1_logits(&mut self, x: &[f32], d: usize) -> Result<Vec<f64>, InferError> {
+    fn stage1_logits(&mut self, x: &[f32], d: usize, ch: usize) -> Result<Vec<f64>, InferError> {
         let s = self.size;
-        let plane = 3 * s * s;
+        let plane = ch * s * s;
         let windows = plan(
             d,
             self.slices,
@@ -321,6 +475,64 @@ impl<B: RefineOnBackend> Segmenter<B> {
         let (merged, _) = merge_scores(d, &windows, &preds)?;
         Ok(merged.into_iter().map(f64::from).collect())
     }
+}
+
+/// Stage-2 logits, the feature-resolution CAM and its `(fh, fw)`.
+type Stage2Pass = (Vec<f64>, Vec<f32>, (usize, usize));
+
+/// Mirrors the rows of a row-major plane of width `w` left-right.
+fn flip_h(plane: &mut [f32], w: usize) {
+    for row in plane.chunks_exact_mut(w.max(1)) {
+        row.reverse();
+    }
+}
+
+/// The truth mask of `vol` from the oracle's folder (`<id>.nii[.gz]`), same shape.
+fn read_oracle(o: &Oracle, vol: &Volume) -> Result<Mask, InferError> {
+    let name = vol
+        .source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let id = name
+        .strip_suffix(".nii.gz")
+        .or_else(|| name.strip_suffix(".nii"))
+        .unwrap_or(&name);
+    let path = [".nii.gz", ".nii"]
+        .iter()
+        .map(|e| o.truth_dir.join(format!("{id}{e}")))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            InferError::Input(format!(
+                "oracle: no truth mask for `{id}` in {}",
+                o.truth_dir.display()
+            ))
+        })?;
+    let m = crate::io::to_mask(&crate::io::read_mask(&path)?);
+    if m.dim() != vol.data.dim() {
+        return Err(InferError::Input(format!(
+            "oracle: {} has shape {:?}, the volume {:?}",
+            path.display(),
+            m.dim(),
+            vol.data.dim()
+        )));
+    }
+    Ok(m)
+}
+
+/// The oracle CAM at feature resolution: the truth mask over the model's input box,
+/// averaged down to the CAM's `fh x fw` grid (a real CAM's best case).
+fn oracle_cam(truth: &Mask, b: CropBox, (fh, fw): (usize, usize)) -> Vec<f32> {
+    let t = truth.mapv(|v| f32::from(u8::from(v != 0)));
+    let boxed = if b.side == 0 {
+        t
+    } else {
+        crop::extract(t.view(), b, 0.0)
+    };
+    resize_volume(boxed.view(), fh, fw, ResizeMode::Area)
+        .iter()
+        .copied()
+        .collect()
 }
 
 #[cfg(test)]

@@ -100,7 +100,30 @@ pub fn update(values: &[f32], labels: &[u8], centroids: &mut [f32]) -> Vec<usize
 /// change; the loop stops when an assignment changes nothing.
 pub fn kmeans_1d(values: &[f32], k: usize, max_iter: usize) -> KMeans {
     let k = k.clamp(1, 255);
-    let mut centroids = init_centroids(values, k);
+    kmeans_1d_from(values, init_centroids(values, k), max_iter)
+}
+
+/// Evenly spaced start: `min + (i + 0.5) / k * (max - min)` (distinct centroids even when
+/// most values are equal, as on a slice that is mostly zero).
+pub fn init_even(values: &[f32], k: usize) -> Vec<f32> {
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() || !hi.is_finite() {
+        return vec![0.0; k];
+    }
+    (0..k)
+        .map(|i| lo + (i as f32 + 0.5) / k as f32 * (hi - lo))
+        .collect()
+}
+
+/// Lloyd's k-means from the given centroids (at most 255 of them).
+pub fn kmeans_1d_from(values: &[f32], init: Vec<f32>, max_iter: usize) -> KMeans {
+    let mut centroids = init;
+    centroids.truncate(255);
+    let k = centroids.len();
     let mut labels = vec![u8::MAX; values.len()];
     let mut counts = vec![0usize; k];
     let mut iterations = 0;

@@ -15,7 +15,7 @@ pub mod threshold;
 pub use ccl::{
     connected_components, filter_components, CclOutput, ComponentFilter, Connectivity, FilterOutput,
 };
-pub use refine::{refine, RefineConfig, RefineOutput};
+pub use refine::{refine, refine_authors, RefineConfig, RefineMode, RefineOutput};
 
 /// Errors of the segmentation steps: inputs whose shapes do not fit together.
 #[derive(Debug, thiserror::Error)]

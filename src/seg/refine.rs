@@ -6,7 +6,7 @@ use super::ccl::{connected_components, filter_components, ComponentFilter, Conne
 use super::choose::{
     choose_cluster, DEFAULT_MIN_BLOOD_HU, DEFAULT_MIN_CLUSTER_VOXELS, DEFAULT_SATURATION,
 };
-use super::kmeans::{kmeans_1d, DEFAULT_K, DEFAULT_MAX_ITER};
+use super::kmeans::{init_even, kmeans_1d, kmeans_1d_from, DEFAULT_K, DEFAULT_MAX_ITER};
 use super::morph::{dilate, Structuring};
 use super::threshold::{cam_region, DEFAULT_CAM_THRESHOLD};
 use super::{Result, SegError};
@@ -69,6 +69,33 @@ pub struct RefineConfig {
     pub min_cam_support: f32,
     /// k-means per slice (the authors) or once over the whole volume.
     pub per_slice_kmeans: bool,
+    /// Ours, or the authors' literal pseudo-mask ([`refine_authors`]).
+    #[serde(default)]
+    pub mode: RefineMode,
+    /// The lowest HU of the kept band (ours): `Some` = this fixed value (the k-means still
+    /// decides whether a slice's CAM region holds a blood cluster at all), `None` = halfway
+    /// between the chosen cluster and the one below it. Inside a CAM region that is mostly
+    /// blood, k-means splits the blood itself and the halfway edge keeps only its brighter
+    /// part.
+    #[serde(default)]
+    pub band_floor_hu: Option<f32>,
+    /// In-plane opening radius (erosion then dilation with a square) of the band mask
+    /// before the dilation (ours; 0 = off): removes what is thinner than `2r + 1` pixels,
+    /// the cortical ribbon and the partial-volume rim along the inner table that share the
+    /// blood's HU, and keeps blobs and hematomas thicker than that.
+    #[serde(default)]
+    pub open_radius: usize,
+}
+
+/// Which refinement runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefineMode {
+    /// The rules of [`refine`] (CAM region, blood band, growth, components).
+    #[default]
+    Ours,
+    /// SWICH-Seg's code, literally: [`refine_authors`].
+    Authors,
 }
 
 impl Default for RefineConfig {
@@ -89,6 +116,9 @@ impl Default for RefineConfig {
             min_component_voxels: 50,
             min_cam_support: 0.5,
             per_slice_kmeans: true,
+            mode: RefineMode::Ours,
+            band_floor_hu: None,
+            open_radius: 0,
         }
     }
 }
@@ -225,6 +255,16 @@ pub fn band_low(centroids: &[f32], counts: &[usize], c: usize, floor: f32) -> f3
     }
 }
 
+/// The lower edge of the kept band for chosen cluster `c`, in subdural-window units:
+/// `cfg.band_floor_hu` when set, else [`band_low`] with the blood floor. (The device
+/// refinement calls this too.)
+pub fn band_edge(cfg: &RefineConfig, centroids: &[f32], counts: &[usize], c: usize) -> f32 {
+    match cfg.band_floor_hu {
+        Some(hu) => subdural(hu),
+        None => band_low(centroids, counts, c, subdural(cfg.min_blood_hu)),
+    }
+}
+
 /// [`pseudo_mask`] that clusters inside `region` and keeps the chosen band inside `grow`
 /// (a superset of `region`; pass `region` itself for the authors' version).
 pub fn pseudo_mask_grown(
@@ -270,7 +310,7 @@ pub fn pseudo_mask_grown(
         ) else {
             return;
         };
-        let lo = band_low(&km.centroids, &km.counts, c, floor);
+        let lo = band_edge(cfg, &km.centroids, &km.counts, c);
         Zip::from(&mut out)
             .and(&hu)
             .and(&grow)
@@ -298,9 +338,98 @@ pub fn pseudo_mask_grown(
     Ok(out)
 }
 
+/// The authors' brightest-cluster ceiling: 140 of 255 (subdural-window units x 255).
+pub const AUTHORS_MAX_CLUSTER: f32 = 140.0;
+
+/// SWICH-Seg's pseudo-mask, literally, on every positive slice: the product of the
+/// normalised CAM and the subdural window (scaled to 0-255) over the whole slice, k-means
+/// (`cfg.k`, the authors' 4) on all its pixels (started from evenly spaced centroids: a
+/// quantile start collapses on a slice that is mostly dark, where the authors' k-means++
+/// does not), the brightest cluster whose mean is below
+/// 140, then two dilations with a 4x4 square (OpenCV's default anchor: an object grows 1
+/// pixel up/left and 2 down/right per pass); no smoothing, no blood floor, no connected components.
+/// `cfg.cam_threshold` and the component rules are not used.
+pub fn refine_authors(
+    hu: &Array3<f32>,
+    cam_norm: &Array3<f32>,
+    slice_positive: &[bool],
+    cfg: &RefineConfig,
+) -> Result<RefineOutput> {
+    let (_, h, w) = hu.dim();
+    let mut mask = Mask::zeros(hu.raw_dim());
+    let mut cluster_voxels = 0usize;
+    for (z, mut out) in mask.axis_iter_mut(Axis(0)).enumerate() {
+        if !slice_positive[z] {
+            continue;
+        }
+        let img: Vec<f32> = hu
+            .index_axis(Axis(0), z)
+            .iter()
+            .zip(cam_norm.index_axis(Axis(0), z).iter())
+            .map(|(&v, &c)| subdural(v) * 255.0 * c.clamp(0.0, 1.0))
+            .collect();
+        let k = cfg.k.clamp(1, 255);
+        let km = kmeans_1d_from(&img, init_even(&img, k), cfg.max_kmeans_iter);
+        let Some(c) = km
+            .centroids
+            .iter()
+            .zip(&km.counts)
+            .enumerate()
+            .filter(|(_, (&m, &n))| n > 0 && m < AUTHORS_MAX_CLUSTER)
+            .max_by(|a, b| a.1 .0.total_cmp(b.1 .0))
+            .map(|(i, _)| i)
+        else {
+            continue;
+        };
+        let mut m: Vec<u8> = km
+            .labels
+            .iter()
+            .map(|&l| u8::from(l as usize == c))
+            .collect();
+        cluster_voxels += m.iter().filter(|&&v| v != 0).count();
+        for _ in 0..2 {
+            m = dilate_anchor(&m, h, w, 2, 1);
+        }
+        for (o, &v) in out.iter_mut().zip(&m) {
+            *o = v;
+        }
+    }
+    let n = mask.iter().filter(|&&v| v != 0).count();
+    Ok(RefineOutput {
+        n_components: usize::from(n > 0),
+        component_sizes: if n > 0 { vec![n] } else { Vec::new() },
+        mask,
+        cam_voxels: 0,
+        cluster_voxels,
+        dropped_small: 0,
+        dropped_cam: 0,
+    })
+}
+
+/// Binary dilation of an `h x w` slice: `dst(y, x) = max src(y - before ..= y + after,
+/// x - before ..= x + after)` (OpenCV's 4x4 kernel with its default anchor: before 2,
+/// after 1).
+pub fn dilate_anchor(m: &[u8], h: usize, w: usize, before: usize, after: usize) -> Vec<u8> {
+    let mut rows = vec![0u8; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            let r = x.saturating_sub(before)..=(x + after).min(w - 1);
+            rows[y * w + x] = u8::from(r.into_iter().any(|xx| m[y * w + xx] != 0));
+        }
+    }
+    let mut out = vec![0u8; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            let r = y.saturating_sub(before)..=(y + after).min(h - 1);
+            out[y * w + x] = u8::from(r.into_iter().any(|yy| rows[yy * w + x] != 0));
+        }
+    }
+    out
+}
+
 /// The whole refinement. `cam_norm` is the min-max normalised CAM upsampled to the slices,
 /// `slice_positive[z]` the classifier's decision for slice `z` (negative slices get an empty
-/// mask).
+/// mask). `cfg.mode` picks ours or [`refine_authors`].
 pub fn refine(
     hu: &Array3<f32>,
     cam_norm: &Array3<f32>,
@@ -308,6 +437,17 @@ pub fn refine(
     cfg: &RefineConfig,
 ) -> Result<RefineOutput> {
     cfg.check()?;
+    if cfg.mode == RefineMode::Authors {
+        same_shape("CAM", cam_norm.dim(), hu.dim())?;
+        if slice_positive.len() != hu.dim().0 {
+            return Err(SegError::Shape {
+                what: "slice decisions",
+                got: vec![slice_positive.len()],
+                expected: vec![hu.dim().0],
+            });
+        }
+        return refine_authors(hu, cam_norm, slice_positive, cfg);
+    }
     same_shape("CAM", cam_norm.dim(), hu.dim())?;
     if slice_positive.len() != hu.dim().0 {
         return Err(SegError::Shape {
@@ -320,7 +460,11 @@ pub fn refine(
     let cam_voxels = region.iter().filter(|&&v| v != 0).count();
     let grow_threshold = cfg.grow_cam_threshold.min(cfg.cam_threshold);
     let grow = positive_cam_region(cam_norm, slice_positive, grow_threshold);
-    let clusters = pseudo_mask_grown(hu, &region, &grow, cfg)?;
+    let mut clusters = pseudo_mask_grown(hu, &region, &grow, cfg)?;
+    if cfg.open_radius > 0 {
+        let eroded = super::morph::erode(&clusters, cfg.open_radius, Structuring::Square);
+        clusters = dilate(&eroded, cfg.open_radius, Structuring::Square);
+    }
     let cluster_voxels = clusters.iter().filter(|&&v| v != 0).count();
     let grown = dilate(&clusters, cfg.dilate_radius, cfg.dilate_shape);
     let ccl = connected_components(&grown, cfg.connectivity)?;

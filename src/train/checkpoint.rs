@@ -32,6 +32,86 @@ pub const META_STAGE: &str = "ichcam.stage";
 pub const META_SEED: &str = "ichcam.seed";
 /// The calibrated slice probability threshold (absent: 0.5).
 pub const META_SLICE_THRESHOLD: &str = "ichcam.slice_threshold";
+/// The [`crate::data::InputSpec`] JSON (windows, head crop; absent: the authors' input).
+pub const META_INPUT: &str = "ichcam.input";
+/// How the stage-2 head pools its class map ([`super::config::HeadPooling`] JSON; absent:
+/// the mean, fc on the averaged features).
+pub const META_HEAD_POOLING: &str = "ichcam.head_pooling";
+/// How the model was trained: the [`Provenance`] JSON (preset, data, slice counts, date).
+pub const META_PROVENANCE: &str = "ichcam.provenance";
+
+/// How a model was trained, recorded in its metadata.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The training preset's name (`cpu`, `tiny`, `small`, `paper`, `custom`).
+    pub preset: String,
+    /// The data's name (the dataset folder's name), when known.
+    pub data: Option<String>,
+    pub train_volumes: usize,
+    pub train_slices: usize,
+    pub train_positive_slices: usize,
+    pub val_volumes: usize,
+    pub val_slices: usize,
+    pub val_positive_slices: usize,
+    /// UTC start of the run, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub started: String,
+}
+
+impl Provenance {
+    pub(crate) fn new(
+        cfg: &TrainConfig,
+        opts: &super::TrainOptions,
+        cases: &[super::prep::Prepared],
+        train: &[usize],
+        val: &[usize],
+    ) -> Self {
+        let count = |ix: &[usize]| {
+            let slices: usize = ix.iter().map(|&i| cases[i].depth).sum();
+            let pos: usize = ix
+                .iter()
+                .map(|&i| cases[i].labels.iter().filter(|&&l| l).count())
+                .sum();
+            (ix.len(), slices, pos)
+        };
+        let (tv, ts, tp) = count(train);
+        let (vv, vs, vp) = count(val);
+        Provenance {
+            preset: cfg.name.clone(),
+            data: opts.data_name.clone(),
+            train_volumes: tv,
+            train_slices: ts,
+            train_positive_slices: tp,
+            val_volumes: vv,
+            val_slices: vs,
+            val_positive_slices: vp,
+            started: utc_now(),
+        }
+    }
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
 
 /// Everything besides tensors that a resumed run needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,6 +137,9 @@ pub struct TrainState {
     pub pos_weight: f64,
     pub train_ids: Vec<String>,
     pub val_ids: Vec<String>,
+    /// How the model was trained (recorded in its metadata).
+    #[serde(default)]
+    pub provenance: Provenance,
     pub log: TrainLog,
 }
 
@@ -181,6 +264,18 @@ fn common_meta(cfg: &TrainConfig, state: &TrainState) -> HashMap<String, String>
     if let Some(t) = state.slice_threshold {
         m.insert(META_SLICE_THRESHOLD.to_string(), format!("{t}"));
     }
+    m.insert(
+        META_INPUT.to_string(),
+        serde_json::to_string(&cfg.input).unwrap_or_default(),
+    );
+    m.insert(
+        META_HEAD_POOLING.to_string(),
+        serde_json::to_string(&cfg.stage2_pooling).unwrap_or_default(),
+    );
+    m.insert(
+        META_PROVENANCE.to_string(),
+        serde_json::to_string(&state.provenance).unwrap_or_default(),
+    );
     m
 }
 

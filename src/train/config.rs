@@ -1,11 +1,13 @@
-//! Training presets ([`TrainConfig`]): the network ([`ModelConfig`]), the input size, the
-//! sequence length, batch sizes, epochs, optimizer, augmentation and validation split.
-//! `paper` is the authors' setup, `small` a GPU-sized default, `tiny` the CPU default
-//! that trains in a couple of minutes on two cores. A config's [`TrainConfig::fingerprint`]
+//! Training presets ([`TrainConfig`]): the network ([`ModelConfig`]), the input (windows,
+//! head crop, size), the sequence length, batch sizes, epochs, optimizer, augmentation and
+//! validation split. `paper` is the authors' setup and `small` a GPU-sized one (both for a
+//! GPU); `cpu` is the default on a CPU (real head CT, well under 45 minutes for 51 patients
+//! on two cores); `tiny` is the demo's (phantoms, about a minute). A config's [`TrainConfig::fingerprint`]
 //! is stored in the resume checkpoint: a run only resumes under the same fingerprint.
 //! Knows nothing about files or backends.
 
 use super::augment::AugmentConfig;
+use crate::data::InputSpec;
 use crate::model::{ModelConfig, OptimizerConfig};
 use serde::{Deserialize, Serialize};
 
@@ -78,17 +80,69 @@ pub struct TrainConfig {
     pub pos_weight_min: f64,
     pub pos_weight_max: f64,
     pub augment: AugmentConfig,
+    /// How a volume becomes the model's input (windows, head crop); the authors' three
+    /// windows of the whole field for configs written before it existed.
+    #[serde(default)]
+    pub input: InputSpec,
+    /// How the stage-2 head pools its class map (the authors': the mean).
+    #[serde(default)]
+    pub stage2_pooling: HeadPooling,
+}
+
+/// How the stage-2 head turns its class map (the fc weights applied at every location of the
+/// last block's features: the CAM before normalisation) into the slice's logit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadPooling {
+    /// The authors': fc on the globally averaged features (= the class map's mean).
+    #[default]
+    Mean,
+    /// The mean of the class map's highest `frac` of locations (at least one): the logit
+    /// cannot grow with the area of brain in the slice, only with local evidence, so the
+    /// class map has to peak where the evidence is.
+    TopK { frac: f64 },
+}
+
+impl HeadPooling {
+    /// The pooled value of one class map and the locations it took (for the gradient).
+    pub fn pool(&self, map: &[f32]) -> (f64, Vec<usize>) {
+        let n = map.len();
+        if n == 0 {
+            return (0.0, Vec::new());
+        }
+        let k = match *self {
+            HeadPooling::Mean => n,
+            HeadPooling::TopK { frac } => ((frac * n as f64).round() as usize).clamp(1, n),
+        };
+        let mut idx: Vec<usize> = (0..n).collect();
+        if k < n {
+            idx.select_nth_unstable_by(k - 1, |&a, &b| map[b].total_cmp(&map[a]));
+            idx.truncate(k);
+        }
+        let s: f64 = idx.iter().map(|&i| map[i] as f64).sum();
+        (s / k as f64, idx)
+    }
 }
 
 /// A preset name that does not exist.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown training config `{0}` (expected tiny, small or paper)")]
+#[error("unknown training config `{0}` (expected cpu, tiny, small or paper)")]
 pub struct UnknownPreset(pub String);
 
+/// The preset `--config auto` picks for a device: `small` on a GPU, `cpu` on a CPU.
+pub fn default_preset_for(gpu: bool) -> &'static str {
+    if gpu {
+        "small"
+    } else {
+        "cpu"
+    }
+}
+
 impl TrainConfig {
-    /// `tiny`, `small` or `paper`.
+    /// `cpu`, `tiny`, `small` or `paper`.
     pub fn preset(name: &str) -> Result<Self, UnknownPreset> {
         match name {
+            "cpu" => Ok(Self::cpu()),
             "tiny" => Ok(Self::tiny()),
             "small" => Ok(Self::small()),
             "paper" => Ok(Self::paper()),
@@ -122,10 +176,46 @@ impl TrainConfig {
             pos_weight_min: 1.0,
             pos_weight_max: 10.0,
             augment: AugmentConfig::paper(),
+            input: InputSpec::default(),
+            stage2_pooling: HeadPooling::Mean,
         }
     }
 
-    /// A GPU-sized default: ResNet-18, LSTM 2x256, 32 slices at 256x256.
+    /// The CPU default for real head CT: the slices cropped to the head and seen at
+    /// 160x160 in three windows that suit brain-windowed data (brain, blood 50-90 HU,
+    /// wide; [`InputSpec::head_ct`]); two basic stages of one block, width 16 (stride 8: a
+    /// 20x20 CAM over the head), LSTM 1x32, 16-slice sequences every 8 slices; Adam 2e-3,
+    /// 16 + 4 epochs.
+    pub fn cpu() -> Self {
+        let mut model = ModelConfig::tiny();
+        model.layers = vec![1, 1];
+        model.base_width = 16;
+        model.lstm_hidden = 32;
+        let input = InputSpec::head_ct();
+        model.in_channels = input.channels();
+        TrainConfig {
+            name: "cpu".into(),
+            model,
+            size: 160,
+            slices: 16,
+            seq_stride: 8,
+            batch: 2,
+            epochs: 16,
+            optimizer: OptimizerConfig::adam(2e-3),
+            stage2_batch: 32,
+            stage2_epochs: 4,
+            stage2_optimizer: OptimizerConfig::adam(1e-2),
+            val_fraction: 0.2,
+            pos_weight_min: 1.0,
+            pos_weight_max: 10.0,
+            augment: AugmentConfig::paper(),
+            input,
+            stage2_pooling: HeadPooling::Mean,
+        }
+    }
+
+    /// A GPU-sized default: ResNet-18, LSTM 2x256, 32 slices at 256x256 of the head
+    /// ([`InputSpec::head_ct`]).
     pub fn small() -> Self {
         let mut model = ModelConfig::resnet101_lstm();
         model.block = crate::model::BlockKind::Basic;
@@ -133,6 +223,8 @@ impl TrainConfig {
         model.base_width = 64;
         model.lstm_hidden = 256;
         model.lstm_layers = 2;
+        let input = InputSpec::head_ct();
+        model.in_channels = input.channels();
         TrainConfig {
             name: "small".into(),
             model,
@@ -149,6 +241,8 @@ impl TrainConfig {
             pos_weight_min: 1.0,
             pos_weight_max: 10.0,
             augment: AugmentConfig::paper(),
+            input,
+            stage2_pooling: HeadPooling::Mean,
         }
     }
 
@@ -171,12 +265,32 @@ impl TrainConfig {
             pos_weight_min: 1.0,
             pos_weight_max: 10.0,
             augment: AugmentConfig::paper(),
+            input: InputSpec::default(),
+            stage2_pooling: HeadPooling::Mean,
         }
     }
 
     /// Checks the numbers a user can set; a message names the bad field.
     pub fn validate(&self) -> Result<(), String> {
         self.model.validate().map_err(|e| e.to_string())?;
+        if self.input.channels() != self.model.in_channels {
+            return Err(format!(
+                "the input has {} channel windows but the model takes {} channels",
+                self.input.channels(),
+                self.model.in_channels
+            ));
+        }
+        if !(0.0..=0.5).contains(&self.input.crop_margin) {
+            return Err(format!(
+                "crop margin {} must be in [0, 0.5]",
+                self.input.crop_margin
+            ));
+        }
+        if let HeadPooling::TopK { frac } = self.stage2_pooling {
+            if !(frac > 0.0 && frac <= 1.0) {
+                return Err(format!("top-k pooling fraction {frac} must be in (0, 1]"));
+            }
+        }
         if self.size < 16 {
             return Err(format!("input size {} is below 16 pixels", self.size));
         }
@@ -223,7 +337,7 @@ mod tests {
 
     #[test]
     fn presets_validate_and_fingerprint_ignores_epochs() {
-        for n in ["tiny", "small", "paper"] {
+        for n in ["cpu", "tiny", "small", "paper"] {
             let c = TrainConfig::preset(n).unwrap();
             c.validate().unwrap();
             let mut d = c.clone();
@@ -235,6 +349,23 @@ mod tests {
         }
         assert!(TrainConfig::preset("huge").is_err());
         assert_eq!(TrainConfig::paper().model.layers, vec![3, 4, 23, 3]);
+    }
+
+    #[test]
+    fn head_pooling_takes_the_top_fraction() {
+        let m = [0.0f32, 5.0, 1.0, 4.0, 2.0, 3.0, -1.0, 0.5, 0.0, 0.0];
+        let (v, idx) = HeadPooling::Mean.pool(&m);
+        assert!((v - 1.45).abs() < 1e-9 && idx.len() == 10);
+        let (v, mut idx) = HeadPooling::TopK { frac: 0.2 }.pool(&m);
+        idx.sort();
+        assert_eq!(idx, vec![1, 3]);
+        assert!((v - 4.5).abs() < 1e-9);
+        // At least one location.
+        assert_eq!(HeadPooling::TopK { frac: 0.01 }.pool(&m).0, 5.0);
+        assert_eq!(
+            TrainConfig::preset("cpu").unwrap().model.in_channels,
+            TrainConfig::cpu().input.channels()
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The training input pipeline, up to batches: every volume is windowed (3 HU windows) and
-//! resized in-plane to the config's size once per run and cached in memory; stage 1 reads
+//! The training input pipeline, up to batches: every volume is windowed, cropped and
+//! resized in-plane as the config's [`InputSpec`] says, once per run, and cached in memory; stage 1 reads
 //! it as sliding-window sequences of S slices (every slice seen), stage 2 as single slices;
 //! a batch is gathered from the cache and augmented on the fly (one transform per
 //! sequence, deterministic from the seed, the epoch and the item's index).
@@ -7,11 +7,11 @@
 
 use super::augment::{AugmentConfig, Transform};
 use super::TrainError;
+use crate::data::crop::CropBox;
 use crate::data::dataset::Dataset;
-use crate::data::resample::{resize_stack, ResizeMode};
 use crate::data::sequence::{self, SeqMode, SeqWindow};
-use crate::data::window::windows3;
-use ndarray::{Array3, Axis};
+use crate::data::InputSpec;
+use ndarray::Array3;
 use rayon::prelude::*;
 
 /// A labelled volume in memory (what the demo hands over when it already holds its cases).
@@ -40,25 +40,29 @@ pub enum TrainInput<'a> {
     Cases(Vec<TrainCase>),
 }
 
-/// A case windowed and resized: `x` is `[z, 3, size, size]`, row-major.
+/// A case windowed and resized: `x` is `[z, channels, size, size]`, row-major.
 #[derive(Clone, Debug)]
 pub struct Prepared {
     pub id: String,
     pub patient: String,
     pub depth: usize,
+    pub channels: usize,
     pub x: Vec<f32>,
     pub labels: Vec<bool>,
+    /// The box of the native slice the input was cut from (see [`InputSpec::prepare`]).
+    pub crop: CropBox,
 }
 
 impl Prepared {
-    /// Windows and resizes one volume. Area averaging when shrinking (no aliasing of the
-    /// thin bright rims a hemorrhage can be), bilinear when enlarging.
+    /// Windows, crops and resizes one volume ([`InputSpec::prepare`]: area averaging when
+    /// shrinking, so the thin bright rims a hemorrhage can be do not alias).
     pub fn from_hu(
         id: &str,
         patient: &str,
         hu: &Array3<f32>,
         labels: &[bool],
         size: usize,
+        spec: &InputSpec,
     ) -> Result<Self, TrainError> {
         let (d, h, w) = hu.dim();
         if d == 0 || h == 0 || w == 0 {
@@ -73,52 +77,51 @@ impl Prepared {
                 labels.len()
             )));
         }
-        let mode = if h >= size && w >= size {
-            ResizeMode::Area
-        } else {
-            ResizeMode::Bilinear
-        };
-        // Slice by slice chunks keep the full-resolution windowed copy small.
-        let mut x = Vec::with_capacity(d * 3 * size * size);
-        for chunk in hu.axis_chunks_iter(Axis(0), 8) {
-            let win = windows3(chunk);
-            let r = resize_stack(win.view(), size, size, mode);
-            x.extend(r.iter().copied());
+        let channels = spec.channels();
+        if channels == 0 {
+            return Err(TrainError::Data("the input has no channel windows".into()));
         }
+        let (x, crop) = spec.prepare(hu.view(), size);
         if let Some(bad) = x.iter().position(|v| !v.is_finite()) {
             return Err(TrainError::Data(format!(
                 "case {id}: non-finite voxel after windowing (slice {})",
-                bad / (3 * size * size)
+                bad / (channels * size * size)
             )));
         }
         Ok(Prepared {
             id: id.to_string(),
             patient: patient.to_string(),
             depth: d,
+            channels,
             x,
             labels: labels.to_vec(),
+            crop,
         })
     }
 
-    /// The 3 planes of slice z.
+    /// The planes (channels) of slice z.
     pub fn slice(&self, z: usize, size: usize) -> &[f32] {
-        let n = 3 * size * size;
+        let n = self.channels * size * size;
         &self.x[z * n..(z + 1) * n]
     }
 }
 
 /// Loads and prepares every case of `input` (in parallel); the order is the input's.
-pub fn load_input(input: TrainInput<'_>, size: usize) -> Result<Vec<Prepared>, TrainError> {
+pub fn load_input(
+    input: TrainInput<'_>,
+    size: usize,
+    spec: &InputSpec,
+) -> Result<Vec<Prepared>, TrainError> {
     match input {
         TrainInput::Cases(cases) => cases
             .par_iter()
-            .map(|c| Prepared::from_hu(&c.id, &c.patient, &c.hu, &c.labels, size))
+            .map(|c| Prepared::from_hu(&c.id, &c.patient, &c.hu, &c.labels, size, spec))
             .collect(),
         TrainInput::Dir(dir) => {
             let ds = Dataset::open(dir).map_err(|e| TrainError::Data(e.to_string()))?;
-            load_dataset(&ds, None, size)
+            load_dataset(&ds, None, size, spec)
         }
-        TrainInput::Dataset { dataset, indices } => load_dataset(dataset, indices, size),
+        TrainInput::Dataset { dataset, indices } => load_dataset(dataset, indices, size, spec),
     }
 }
 
@@ -126,6 +129,7 @@ fn load_dataset(
     ds: &Dataset,
     indices: Option<&[usize]>,
     size: usize,
+    spec: &InputSpec,
 ) -> Result<Vec<Prepared>, TrainError> {
     let idx: Vec<usize> = match indices {
         Some(i) => i.to_vec(),
@@ -153,7 +157,7 @@ fn load_dataset(
                 .map_err(|e| TrainError::Data(e.to_string()))?;
             let patient = ds.cases[i].patient.clone();
             let labels: Vec<bool> = c.slice_labels.iter().map(|&l| l > 0).collect();
-            Prepared::from_hu(&c.id, &patient, &c.volume.data, &labels, size)
+            Prepared::from_hu(&c.id, &patient, &c.volume.data, &labels, size, spec)
         })
         .collect()
 }
@@ -208,7 +212,8 @@ pub fn gather_sequences(
     aug: Option<AugmentCtx<'_>>,
 ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     let s = items.first().map(|i| i.win.len()).unwrap_or(0);
-    let plane = 3 * size * size;
+    let ch = cases.first().map(|c| c.channels).unwrap_or(3);
+    let plane = ch * size * size;
     let mut x = vec![0f32; items.len() * s * plane];
     let mut labels = vec![0f32; items.len() * s];
     x.par_chunks_mut(s * plane.max(1))
@@ -222,7 +227,7 @@ pub fn gather_sequences(
             }
             if let Some(a) = aug {
                 Transform::for_sequence(a.cfg, a.seed, a.epoch, id, size, size)
-                    .apply(xb, s * 3, size, size)
+                    .apply(xb, s * ch, size, size)
                     .map_err(|e| TrainError::Data(e.to_string()))?;
             }
             Ok(())
@@ -238,7 +243,8 @@ pub fn gather_slices(
     size: usize,
     aug: Option<AugmentCtx<'_>>,
 ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
-    let plane = 3 * size * size;
+    let ch = cases.first().map(|c| c.channels).unwrap_or(3);
+    let plane = ch * size * size;
     let mut x = vec![0f32; items.len() * plane];
     let labels = items
         .iter()
@@ -250,7 +256,7 @@ pub fn gather_slices(
             xb.copy_from_slice(cases[c].slice(z, size));
             if let Some(a) = aug {
                 Transform::for_sequence(a.cfg, a.seed, a.epoch, id, size, size)
-                    .apply(xb, 3, size, size)
+                    .apply(xb, ch, size, size)
                     .map_err(|e| TrainError::Data(e.to_string()))?;
             }
             Ok(())
@@ -326,10 +332,11 @@ mod tests {
             (3, 32, 32),
             |(z, y, _)| if y < 16 { 40.0 } else { z as f32 * 1000.0 },
         );
-        let p = Prepared::from_hu("a", "a", &hu, &[false, true, false], 16).unwrap();
+        let spec = InputSpec::default();
+        let p = Prepared::from_hu("a", "a", &hu, &[false, true, false], 16, &spec).unwrap();
         assert_eq!(p.x.len(), 3 * 3 * 16 * 16);
         // Brain window of 40 HU is 0.5.
         assert!((p.slice(0, 16)[0] - 0.5).abs() < 1e-6);
-        assert!(Prepared::from_hu("a", "a", &hu, &[true], 16).is_err());
+        assert!(Prepared::from_hu("a", "a", &hu, &[true], 16, &spec).is_err());
     }
 }

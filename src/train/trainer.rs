@@ -6,8 +6,8 @@
 //! Generic over the backend: CPU and CUDA share this code path.
 //! Knows nothing about the CLI.
 
-use super::checkpoint::{self, TrainState};
-use super::config::TrainConfig;
+use super::checkpoint::{self, Provenance, TrainState};
+use super::config::{HeadPooling, TrainConfig};
 use super::log::{EpochRecord, TrainLog};
 use super::prep::{self, AugmentCtx, Prepared, TrainInput};
 use super::{stage1, stage2, EpochStats, TrainError};
@@ -33,6 +33,11 @@ pub struct TrainOptions {
     /// `auto`, `cpu`, `cuda` or `cuda:N` (used by [`super::train`]; [`train_with`] takes a
     /// backend instead).
     pub device: String,
+    /// The name of the data (e.g. the dataset folder's), recorded in the model file.
+    pub data_name: Option<String>,
+    /// Development: skip stage 1 and train only the stage-2 head on the backbone of this
+    /// model file (same network config), e.g. to compare head poolings on one backbone.
+    pub stage2_from: Option<PathBuf>,
 }
 
 impl Default for TrainOptions {
@@ -43,6 +48,8 @@ impl Default for TrainOptions {
             stop_after_epochs: None,
             progress: false,
             device: "auto".into(),
+            data_name: None,
+            stage2_from: None,
         }
     }
 }
@@ -143,7 +150,7 @@ pub fn train_with<B: Backend>(
         None
     };
 
-    let cases = prep::load_input(input, cfg.size)?;
+    let cases = prep::load_input(input, cfg.size, &cfg.input)?;
     if cases.is_empty() {
         return Err(TrainError::Data("no training cases".into()));
     }
@@ -177,6 +184,7 @@ pub fn train_with<B: Backend>(
             pos_weight,
             train_ids: ids(&train_idx),
             val_ids: ids(&val_idx),
+            provenance: Provenance::new(cfg, opts, &cases, &train_idx, &val_idx),
             log: TrainLog {
                 config: cfg.name.clone(),
                 device: device.clone(),
@@ -211,6 +219,13 @@ pub fn train_with<B: Backend>(
         );
     }
 
+    if let (Some(from), None) = (&opts.stage2_from, resumed_from) {
+        checkpoint::load_params(&mut net, from)?;
+        state.epochs_done[0] = cfg.epochs;
+        state.best_epoch[0] = cfg.epochs;
+        state.backbone_reloaded = true;
+        checkpoint::save_model(&net, &paths.model, cfg, &state)?;
+    }
     let mut budget = opts.stop_after_epochs.unwrap_or(usize::MAX);
     let seq_items = prep::sequences(&cases, &train_idx, cfg.slices, cfg.seq_stride)?;
     let slice_items = prep::slices(&cases, &train_idx);
@@ -277,6 +292,7 @@ pub fn train_with<B: Backend>(
         }
         state.backbone_reloaded = true;
     }
+    let mut host_head = None;
     while state.epochs_done[0] >= cfg.epochs
         && state.epochs_done[1] < cfg.stage2_epochs
         && budget > 0
@@ -290,20 +306,53 @@ pub fn train_with<B: Backend>(
             // Stage 2's epochs draw other transforms than stage 1's.
             epoch: (1u64 << 32) + epoch as u64,
         };
-        let loss = stage2::train_epoch(
-            &mut net,
-            &cases,
-            &slice_items,
-            cfg.stage2_batch,
-            cfg.size,
-            &cfg.stage2_optimizer,
-            ctx.pos_weight,
-            aug,
-            &pb,
-        )?;
+        let pooled = cfg.stage2_pooling != HeadPooling::Mean;
+        let loss = if pooled {
+            if host_head.is_none() {
+                host_head = Some(stage2::HostHead::from_net(&net)?);
+            }
+            let head = host_head
+                .as_mut()
+                .ok_or_else(|| TrainError::Config("stage-2 head".into()))?;
+            stage2::train_epoch_pooled(
+                &mut net,
+                head,
+                cfg.stage2_pooling,
+                &cases,
+                &slice_items,
+                cfg.stage2_batch,
+                cfg.size,
+                &cfg.stage2_optimizer,
+                ctx.pos_weight,
+                aug,
+                &pb,
+            )?
+        } else {
+            stage2::train_epoch(
+                &mut net,
+                &cases,
+                &slice_items,
+                cfg.stage2_batch,
+                cfg.size,
+                &cfg.stage2_optimizer,
+                ctx.pos_weight,
+                aug,
+                &pb,
+            )?
+        };
         pb.finish_and_clear();
         let stats = if val_idx.is_empty() {
             EpochStats::default()
+        } else if pooled {
+            stage2::validate_pooled(
+                &mut net,
+                cfg.stage2_pooling,
+                &cases,
+                &val_idx,
+                cfg.stage2_batch,
+                cfg.size,
+                ctx.pos_weight,
+            )?
         } else {
             stage2::validate(
                 &mut net,

@@ -27,7 +27,7 @@ use crate::engine::{check_len, EngineError, Result};
 use crate::io::Mask;
 use crate::seg::choose::choose_cluster;
 use crate::seg::morph::Structuring;
-use crate::seg::refine::band_low;
+use crate::seg::refine::band_edge;
 use crate::seg::{Connectivity, RefineConfig, RefineOutput, SegError};
 
 /// The largest k the device k-means takes (its per-thread sums live in registers).
@@ -1035,7 +1035,7 @@ pub fn refine_on_device(
         .map(|s| {
             let (c, n) = (km.centroids_of(s), km.counts_of(s));
             choose_cluster(c, n, floor, cfg.saturation, cfg.min_cluster_voxels)
-                .map_or(f32::INFINITY, |k| band_low(c, n, k, floor))
+                .map_or(f32::INFINITY, |k| band_edge(cfg, c, n, k))
         })
         .collect();
     let lo = upload(be, &lo)?;
