@@ -15,6 +15,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Par};
+use super::winograd;
 use crate::engine::shapes::Conv2d;
 use crate::engine::{check_len, EngineError, Real, Result};
 
@@ -42,6 +43,33 @@ pub fn check_shape(op: &'static str, s: &Conv2d) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// 0: not decided yet (read `ICHCAM_CONV`), 1: Winograd where it pays, 2: direct only.
+static WINOGRAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Turns the Winograd path on or off for the whole process (benchmarks compare the two).
+pub fn set_winograd(enabled: bool) {
+    WINOGRAD.store(
+        if enabled { 1 } else { 2 },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Whether this pass runs by Winograd ([`winograd`]): f32 only (the f64 reference stays on
+/// the direct product), 3x3 stride 1 pad 1, enough tiles to pay for the weight transform.
+/// `ICHCAM_CONV=direct` in the environment (or [`set_winograd`]) turns it off.
+pub fn use_winograd<T: Real>(s: &Conv2d) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut mode = WINOGRAD.load(Relaxed);
+    if mode == 0 {
+        let off = std::env::var("ICHCAM_CONV").is_ok_and(|v| v == "direct");
+        mode = if off { 2 } else { 1 };
+        WINOGRAD.store(mode, Relaxed);
+    }
+    mode == 1
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && winograd::worth_it(s)
 }
 
 fn is_pointwise(s: &Conv2d) -> bool {
@@ -314,6 +342,10 @@ pub fn conv2d_fwd<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) -> Result<
         y.fill(T::zero());
         return Ok(());
     }
+    if use_winograd::<T>(s) {
+        winograd::conv3x3_fwd(s, x, w, y, winograd::Epilogue::none());
+        return Ok(());
+    }
     let p = plan(s);
     for_chunks(p, y, yi, x, xi, |yc, xc, sc, par| {
         fwd_chunk(s, p, xc, w, yc, sc, par)
@@ -392,6 +424,10 @@ pub fn conv2d_bwd_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) -> 
         dx.fill(T::zero());
         return Ok(());
     }
+    if use_winograd::<T>(s) {
+        winograd::conv3x3_bwd_data(s, dy, w, dx);
+        return Ok(());
+    }
     let p = plan(s);
     for_chunks(p, dx, xi, dy, yi, |dxc, dyc, sc, par| {
         bwd_data_chunk(s, p, dyc, w, dxc, sc, par)
@@ -464,6 +500,10 @@ pub fn conv2d_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) -
     let xi = s.c_in * s.h * s.w;
     let yi = s.c_out * s.out_h() * s.out_w();
     if s.n == 0 || xi == 0 || yi == 0 {
+        return Ok(());
+    }
+    if use_winograd::<T>(s) {
+        winograd::conv3x3_bwd_weight(s, x, dy, dw);
         return Ok(());
     }
     let p = plan(s);
