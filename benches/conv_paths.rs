@@ -43,16 +43,24 @@ fn cpu_ns() -> u64 {
 /// (run with RAYON_NUM_THREADS=1 then: a loaded machine changes wall time, not CPU time).
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
     let cpu = std::env::var("ICHCAM_BENCH_CPU").is_ok_and(|v| v == "1");
+    // Calls per sample: at least 50 ms of work, so that CPU-time accounting (updated at
+    // scheduler ticks) is precise.
+    let t = Instant::now();
+    f();
+    let one = t.elapsed().as_secs_f64() * 1e3;
+    let inner = ((50.0 / one.max(1e-3)).ceil() as usize).clamp(1, 1000);
     let mut b = f64::INFINITY;
     for _ in 0..reps {
         let (t, c) = (Instant::now(), cpu_ns());
-        f();
+        for _ in 0..inner {
+            f();
+        }
         let ms = if cpu {
             (cpu_ns() - c) as f64 / 1e6
         } else {
             t.elapsed().as_secs_f64() * 1e3
         };
-        b = b.min(ms);
+        b = b.min(ms / inner as f64);
     }
     b
 }
@@ -91,7 +99,11 @@ fn main() {
                 "direct"
             };
             let name = format!("{n}x{c}x{hw}x{hw}");
+            let only = std::env::var("ICHCAM_BENCH_ONLY").unwrap_or_default();
             let mut row = |pass: &str, f: &mut dyn FnMut()| {
+                if !format!("{name} {pass}").contains(&only) {
+                    return;
+                }
                 let (mut d, mut wg) = (f64::INFINITY, f64::INFINITY);
                 for _ in 0..3 {
                     conv::set_winograd(false);

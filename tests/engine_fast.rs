@@ -200,3 +200,148 @@ fn winograd_f32_is_close_to_f64_at_resnet_scale() {
         }
     }
 }
+
+/// The fused inference unit against the ops it replaces (what the trait's default runs):
+/// conv, eval-mode batch norm, then add + ReLU or ReLU, for Winograd and direct shapes,
+/// with and without residual and ReLU, in f64 and f32.
+fn fused_eval_case<T: ichcam::engine::Real>(be: &CpuBackend<T>, s: Conv2d, seed: u64, tol: f64) {
+    use ichcam::engine::BatchNorm2d;
+    let mut rng = Rng(seed);
+    let c = |v: Vec<f64>| v.into_iter().map(T::from_f64_lossy).collect::<Vec<T>>();
+    let x = c(rng.vec(s.x_len(), -1.0, 1.0));
+    let w = c(rng.vec(s.w_len(), -0.3, 0.3));
+    let gamma = c(rng.vec(s.c_out, 0.5, 1.5));
+    let beta = c(rng.vec(s.c_out, -0.5, 0.5));
+    let rm = c(rng.vec(s.c_out, -0.2, 0.2));
+    let rv = c(rng.vec(s.c_out, 0.5, 2.0));
+    let res = c(rng.vec(s.y_len(), -1.0, 1.0));
+    let bn = BatchNorm2d {
+        n: s.n,
+        c: s.c_out,
+        hw: s.out_h() * s.out_w(),
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    for (residual, relu) in [(false, false), (false, true), (true, false), (true, true)] {
+        let mut z = vec![T::zero(); s.y_len()];
+        be.conv2d_fwd(&s, &x, &w, &mut z).unwrap();
+        let mut want = vec![T::zero(); s.y_len()];
+        if residual {
+            let mut t = vec![T::zero(); s.y_len()];
+            be.batchnorm_eval_fwd(&bn, &z, &gamma, &beta, &rm, &rv, &mut t, false)
+                .unwrap();
+            if relu {
+                be.add_relu_fwd(&t, &res, &mut want).unwrap();
+            } else {
+                for i in 0..t.len() {
+                    want[i] = t[i] + res[i];
+                }
+            }
+        } else {
+            be.batchnorm_eval_fwd(&bn, &z, &gamma, &beta, &rm, &rv, &mut want, relu)
+                .unwrap();
+        }
+        let mut got = vec![T::nan(); s.y_len()];
+        be.conv2d_bn_eval_fwd(
+            &s,
+            &bn,
+            &x,
+            &w,
+            &gamma,
+            &beta,
+            &rm,
+            &rv,
+            residual.then_some(&res),
+            relu,
+            &mut got,
+        )
+        .unwrap();
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.as_f64().abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f64, |m, (a, b)| m.max((a.as_f64() - b.as_f64()).abs()));
+        assert!(
+            err <= tol * scale,
+            "{s:?} residual {residual} relu {relu} in {}: {err}",
+            T::NAME
+        );
+        if relu {
+            assert!(got.iter().all(|v| v.as_f64() >= 0.0));
+        }
+    }
+}
+
+#[test]
+fn fused_conv_bn_eval_equals_the_separate_ops() {
+    let shapes = [
+        conv3(8, 16, 16, 16, 16), // Winograd in f32
+        conv3(2, 3, 7, 9, 5),     // direct
+        Conv2d {
+            kh: 1,
+            kw: 1,
+            pad: 0,
+            stride: 2,
+            ..conv3(3, 6, 9, 9, 8)
+        }, // 1x1 stride 2 (downsample)
+        Conv2d {
+            kh: 7,
+            kw: 7,
+            pad: 3,
+            stride: 2,
+            ..conv3(2, 3, 20, 18, 4)
+        }, // the stem
+    ];
+    for (i, s) in shapes.into_iter().enumerate() {
+        // The fused op computes exactly the same expressions: equal up to the last bit in
+        // f64, and in f32 too.
+        fused_eval_case(&CpuBackend::<f64>::new(), s, 40 + i as u64, 0.0);
+        fused_eval_case(&CpuBackend::<f32>::new(), s, 50 + i as u64, 0.0);
+    }
+}
+
+#[test]
+fn fused_conv_bn_eval_rejects_mismatched_shapes() {
+    use ichcam::engine::BatchNorm2d;
+    let be = CpuBackend::<f64>::new();
+    let s = conv3(1, 2, 4, 4, 3);
+    let bn = BatchNorm2d {
+        n: 1,
+        c: 4,
+        hw: 16,
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    let v = |n: usize| vec![1.0; n];
+    let mut y = v(s.y_len());
+    let r = be.conv2d_bn_eval_fwd(
+        &s,
+        &bn,
+        &v(s.x_len()),
+        &v(s.w_len()),
+        &v(4),
+        &v(4),
+        &v(4),
+        &v(4),
+        None,
+        true,
+        &mut y,
+    );
+    assert!(r.is_err());
+    let bn = BatchNorm2d { c: 3, ..bn };
+    let short = v(5);
+    let r = be.conv2d_bn_eval_fwd(
+        &s,
+        &bn,
+        &v(s.x_len()),
+        &v(s.w_len()),
+        &v(3),
+        &v(3),
+        &v(3),
+        &v(3),
+        Some(&short),
+        true,
+        &mut y,
+    );
+    assert!(r.is_err());
+}

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Par};
-use super::winograd;
+use super::winograd::{self, Epilogue};
 use crate::engine::shapes::Conv2d;
 use crate::engine::{check_len, EngineError, Real, Result};
 
@@ -70,6 +70,11 @@ pub fn use_winograd<T: Real>(s: &Conv2d) -> bool {
     mode == 1
         && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && winograd::worth_it(s)
+}
+
+/// [`use_winograd`] for the weight gradient (a narrower range of shapes pays).
+pub fn use_winograd_wgrad<T: Real>(s: &Conv2d) -> bool {
+    use_winograd::<T>(s) && winograd::worth_it_wgrad(s)
 }
 
 fn is_pointwise(s: &Conv2d) -> bool {
@@ -328,27 +333,83 @@ fn fwd_chunk<T: Real>(
 
 /// y = conv(x, w).
 pub fn conv2d_fwd<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) -> Result<()> {
+    conv2d_fwd_fused(s, x, w, y, Epilogue::none())
+}
+
+/// Applies `ep` to `y`, a run of whole images of the output starting at element `at` of
+/// it (`plane` = out_h*out_w, `c` output channels).
+fn apply_epilogue<T: Real>(ep: &Epilogue<'_, T>, c: usize, plane: usize, at: usize, y: &mut [T]) {
+    if ep.affine.is_none() && ep.residual.is_none() && !ep.relu {
+        return;
+    }
+    for (pi, yp) in y.chunks_mut(plane).enumerate() {
+        let ch = (at / plane + pi) % c;
+        let (a, b) = match ep.affine {
+            Some((a, b)) => (a[ch], b[ch]),
+            None => (T::one(), T::zero()),
+        };
+        let off = at + pi * plane;
+        match ep.residual {
+            Some(r) => {
+                let r = &r[off..off + yp.len()];
+                for (v, rv) in yp.iter_mut().zip(r) {
+                    let z = *v * a + b + *rv;
+                    *v = if ep.relu { z.max(T::zero()) } else { z };
+                }
+            }
+            None => {
+                for v in yp.iter_mut() {
+                    let z = *v * a + b;
+                    *v = if ep.relu { z.max(T::zero()) } else { z };
+                }
+            }
+        }
+    }
+}
+
+/// y = act(conv(x, w) * scale[c] + shift[c] + residual) (each part optional, see
+/// [`Epilogue`]), the epilogue applied to each chunk of images while it is in the cache.
+pub fn conv2d_fwd_fused<T: Real>(
+    s: &Conv2d,
+    x: &[T],
+    w: &[T],
+    y: &mut [T],
+    ep: Epilogue<'_, T>,
+) -> Result<()> {
     const OP: &str = "conv2d_fwd";
     check_shape(OP, s)?;
     check_len(OP, "x", x.len(), s.x_len())?;
     check_len(OP, "w", w.len(), s.w_len())?;
     check_len(OP, "y", y.len(), s.y_len())?;
+    if let Some((a, b)) = ep.affine {
+        check_len(OP, "scale", a.len(), s.c_out)?;
+        check_len(OP, "shift", b.len(), s.c_out)?;
+    }
+    if let Some(r) = ep.residual {
+        check_len(OP, "residual", r.len(), s.y_len())?;
+    }
     let xi = s.c_in * s.h * s.w;
-    let yi = s.c_out * s.out_h() * s.out_w();
+    let plane = s.out_h() * s.out_w();
+    let yi = s.c_out * plane;
     if s.n == 0 || yi == 0 {
         return Ok(());
     }
     if xi == 0 {
         y.fill(T::zero());
+        apply_epilogue(&ep, s.c_out, plane, 0, y);
         return Ok(());
     }
     if use_winograd::<T>(s) {
-        winograd::conv3x3_fwd(s, x, w, y, winograd::Epilogue::none());
+        winograd::conv3x3_fwd(s, x, w, y, ep);
         return Ok(());
     }
     let p = plan(s);
+    let base = y.as_ptr() as usize;
     for_chunks(p, y, yi, x, xi, |yc, xc, sc, par| {
-        fwd_chunk(s, p, xc, w, yc, sc, par)
+        fwd_chunk(s, p, xc, w, yc, sc, par)?;
+        let at = (yc.as_ptr() as usize - base) / std::mem::size_of::<T>();
+        apply_epilogue(&ep, s.c_out, plane, at, yc);
+        Ok(())
     })
 }
 
@@ -502,7 +563,7 @@ pub fn conv2d_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) -
     if s.n == 0 || xi == 0 || yi == 0 {
         return Ok(());
     }
-    if use_winograd::<T>(s) {
+    if use_winograd_wgrad::<T>(s) {
         winograd::conv3x3_bwd_weight(s, x, dy, dw);
         return Ok(());
     }

@@ -164,6 +164,38 @@ impl<T: Real> Backend for CpuBackend<T> {
         timed(2, || conv::conv2d_bwd_weight(s, x, dy, dw))
     }
 
+    fn conv2d_bn_eval_fwd(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        running_mean: &Vec<T>,
+        running_var: &Vec<T>,
+        residual: Option<&Vec<T>>,
+        relu: bool,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(17, || {
+            let (scale, shift) =
+                norm::eval_scale_shift(bn, gamma, beta, running_mean, running_var)?;
+            if bn.n != s.n || bn.c != s.c_out || bn.hw != s.out_h() * s.out_w() {
+                return Err(super::EngineError::Shape {
+                    op: "conv2d_bn_eval_fwd",
+                    detail: format!("batch norm {bn:?} does not fit the convolution {s:?}"),
+                });
+            }
+            let ep = winograd::Epilogue {
+                affine: Some((&scale, &shift)),
+                residual: residual.map(|r| r.as_slice()),
+                relu,
+            };
+            conv::conv2d_fwd_fused(s, x, w, y, ep)
+        })
+    }
+
     fn batchnorm_train_fwd(
         &self,
         s: &BatchNorm2d,

@@ -177,6 +177,30 @@ pub fn batchnorm_eval_fwd<T: Real>(
             ("running_var", running_var),
         ],
     )?;
+    let (scale, shift) = eval_scale_shift(s, gamma, beta, running_mean, running_var)?;
+    affine(s, x, &scale, &shift, y, relu);
+    Ok(())
+}
+
+/// The eval-mode normalisation as a per-channel affine map `x * scale + shift` (what
+/// [`batchnorm_eval_fwd`] applies, and what a fused convolution folds into its output).
+pub fn eval_scale_shift<T: Real>(
+    s: &BatchNorm2d,
+    gamma: &[T],
+    beta: &[T],
+    running_mean: &[T],
+    running_var: &[T],
+) -> Result<(Vec<T>, Vec<T>)> {
+    check_params(
+        "batchnorm_eval_fwd",
+        s,
+        &[
+            ("gamma", gamma),
+            ("beta", beta),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ],
+    )?;
     let mut scale = vec![T::zero(); s.c];
     let mut shift = vec![T::zero(); s.c];
     for ch in 0..s.c {
@@ -184,8 +208,7 @@ pub fn batchnorm_eval_fwd<T: Real>(
         scale[ch] = T::from_f64_lossy(g);
         shift[ch] = T::from_f64_lossy(beta[ch].as_f64() - running_mean[ch].as_f64() * g);
     }
-    affine(s, x, &scale, &shift, y, relu);
-    Ok(())
+    Ok((scale, shift))
 }
 
 /// Backward of the training-mode forward (y is used only to mask dy when `relu`).

@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Mat, MatMut, Par};
+use super::gemm::{matmul, matmul_f32_rowmajor_small, Mat, MatMut, Par};
 use crate::engine::shapes::Conv2d;
 use crate::engine::Real;
 
@@ -33,16 +33,29 @@ pub fn applies(s: &Conv2d) -> bool {
     s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1 && s.h > 0 && s.w > 0
 }
 
-/// Whether Winograd beats the direct product for this shape: the per-call weight transform
-/// (36 / 9 = 4x the weights) must be paid back by enough tiles.
+/// Tiles of the whole batch.
+fn tiles_of(s: &Conv2d) -> usize {
+    s.n * s.h.div_ceil(M4) * s.w.div_ceil(M4)
+}
+
+/// Whether Winograd beats the direct product for the forward and data-gradient passes of
+/// this shape: the per-call weight transform (36 / 9 = 4x the weights) and the GEMMs of
+/// width `tiles` must be paid back by enough tiles. Measured with `cargo bench --bench
+/// conv_paths` (docs/perf.md): 0.6-0.8x the direct time from 128 tiles at 64-256
+/// channels, even at 32 tiles of 256 channels, 2x slower at 32 tiles of 512.
 pub fn worth_it(s: &Conv2d) -> bool {
-    if !applies(s) || s.n == 0 || s.c_in < 4 || s.c_out < 4 {
-        return false;
-    }
-    let tiles = s.n * s.h.div_ceil(M4) * s.w.div_ceil(M4);
-    // Measured on the ResNet stages (docs/perf.md): a win from about 64 tiles at 64
-    // channels; the weight transform grows with c_in*c_out, the savings with tiles.
-    tiles >= 64 && tiles * 8 >= s.c_in.max(s.c_out)
+    applies(s)
+        && s.c_in >= 4
+        && s.c_out >= 4
+        && tiles_of(s) >= 64
+        && 2 * tiles_of(s) >= s.c_in.max(s.c_out)
+}
+
+/// The same for the weight gradient, whose per-position products accumulate
+/// `c_out x c_in` matrices over the tiles: a win up to 128 channels with at least as many
+/// tiles, a loss at 256.
+pub fn worth_it_wgrad(s: &Conv2d) -> bool {
+    worth_it(s) && s.c_in.max(s.c_out) <= 128 && tiles_of(s) >= s.c_in.max(s.c_out)
 }
 
 fn t<T: Real>(v: f64) -> T {
@@ -55,6 +68,26 @@ struct SyncPtr<T>(*mut T);
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 
+/// `N` rows of `len` elements, `ss` apart, of `src` (checked once, so the loops over them
+/// run without bounds checks and vectorise).
+#[inline(always)]
+fn rows<T, const N: usize>(src: &[T], ss: usize, len: usize) -> [&[T]; N] {
+    std::array::from_fn(|i| &src[i * ss..i * ss + len])
+}
+
+/// `N` disjoint mutable rows of `len` elements, `ds` apart (`ds >= len`), of `dst`.
+#[inline(always)]
+fn rows_mut<T, const N: usize>(dst: &mut [T], ds: usize, len: usize) -> [&mut [T]; N] {
+    assert!(
+        N == 0 || (ds >= len && (N - 1) * ds + len <= dst.len()),
+        "row views"
+    );
+    let p = dst.as_mut_ptr();
+    // SAFETY: the rows [i*ds, i*ds+len) are inside dst (asserted) and pairwise disjoint
+    // (ds >= len); they borrow dst mutably for the returned lifetime.
+    std::array::from_fn(|i| unsafe { std::slice::from_raw_parts_mut(p.add(i * ds), len) })
+}
+
 /// `out_i = sum_y G[i][y] in_y` over vectors: the 1-D kernel transform, 3 -> 6.
 #[inline(always)]
 fn g_vec<T: Real>(src: &[T], ss: usize, dst: &mut [T], ds: usize, len: usize) {
@@ -64,17 +97,20 @@ fn g_vec<T: Real>(src: &[T], ss: usize, dst: &mut [T], ds: usize, len: usize) {
         t::<T>(1.0 / 12.0),
         t::<T>(1.0 / 24.0),
     );
+    let i_: [&[T]; 3] = rows(src, ss, len);
+    let o_: [&mut [T]; 6] = rows_mut(dst, ds, len);
+    let [o0, o1, o2, o3, o4, o5] = o_;
     for l in 0..len {
-        let k0 = src[l];
-        let k1 = src[ss + l];
-        let k2 = src[2 * ss + l];
+        let k0 = i_[0][l];
+        let k1 = i_[1][l];
+        let k2 = i_[2][l];
         let (e, o) = (k0 + k2, k1);
-        dst[l] = q * k0;
-        dst[ds + l] = -s6 * (e + o);
-        dst[2 * ds + l] = s6 * (o - e);
-        dst[3 * ds + l] = s24 * k0 + s12 * k1 + s6 * k2;
-        dst[4 * ds + l] = s24 * k0 - s12 * k1 + s6 * k2;
-        dst[5 * ds + l] = k2;
+        o0[l] = q * k0;
+        o1[l] = -s6 * (e + o);
+        o2[l] = s6 * (o - e);
+        o3[l] = s24 * k0 + s12 * k1 + s6 * k2;
+        o4[l] = s24 * k0 - s12 * k1 + s6 * k2;
+        o5[l] = k2;
     }
 }
 
@@ -87,16 +123,19 @@ fn gt_vec<T: Real>(src: &[T], ss: usize, dst: &mut [T], ds: usize, len: usize) {
         t::<T>(1.0 / 12.0),
         t::<T>(1.0 / 24.0),
     );
+    let i_: [&[T]; 6] = rows(src, ss, len);
+    let o_: [&mut [T]; 3] = rows_mut(dst, ds, len);
+    let [o0, o1, o2] = o_;
     for l in 0..len {
-        let u0 = src[l];
-        let u1 = src[ss + l];
-        let u2 = src[2 * ss + l];
-        let u3 = src[3 * ss + l];
-        let u4 = src[4 * ss + l];
-        let u5 = src[5 * ss + l];
-        dst[l] = q * u0 - s6 * (u1 + u2) + s24 * (u3 + u4);
-        dst[ds + l] = s6 * (u2 - u1) + s12 * (u3 - u4);
-        dst[2 * ds + l] = s6 * (u3 + u4 - u1 - u2) + u5;
+        let u0 = i_[0][l];
+        let u1 = i_[1][l];
+        let u2 = i_[2][l];
+        let u3 = i_[3][l];
+        let u4 = i_[4][l];
+        let u5 = i_[5][l];
+        o0[l] = q * u0 - s6 * (u1 + u2) + s24 * (u3 + u4);
+        o1[l] = s6 * (u2 - u1) + s12 * (u3 - u4);
+        o2[l] = s6 * (u3 + u4 - u1 - u2) + u5;
     }
 }
 
@@ -218,19 +257,22 @@ pub fn transform_weights<T: Real>(w: &[T], c_out: usize, c_in: usize, flip: bool
 #[inline(always)]
 fn bt_vec<T: Real>(src: &[T], ss: usize, dst: &mut [T], ds: usize, len: usize) {
     let (c4, c5, c2) = (t::<T>(4.0), t::<T>(5.0), t::<T>(2.0));
+    let i_: [&[T]; 6] = rows(src, ss, len);
+    let o_: [&mut [T]; 6] = rows_mut(dst, ds, len);
+    let [o0, o1, o2, o3, o4, o5] = o_;
     for l in 0..len {
-        let d0 = src[l];
-        let d1 = src[ss + l];
-        let d2 = src[2 * ss + l];
-        let d3 = src[3 * ss + l];
-        let d4 = src[4 * ss + l];
-        let d5 = src[5 * ss + l];
-        dst[l] = c4 * d0 - c5 * d2 + d4;
-        dst[ds + l] = d3 + d4 - c4 * (d1 + d2);
-        dst[2 * ds + l] = c4 * (d1 - d2) + d4 - d3;
-        dst[3 * ds + l] = c2 * (d3 - d1) + d4 - d2;
-        dst[4 * ds + l] = c2 * (d1 - d3) + d4 - d2;
-        dst[5 * ds + l] = c4 * d1 - c5 * d3 + d5;
+        let d0 = i_[0][l];
+        let d1 = i_[1][l];
+        let d2 = i_[2][l];
+        let d3 = i_[3][l];
+        let d4 = i_[4][l];
+        let d5 = i_[5][l];
+        o0[l] = c4 * d0 - c5 * d2 + d4;
+        o1[l] = d3 + d4 - c4 * (d1 + d2);
+        o2[l] = c4 * (d1 - d2) + d4 - d3;
+        o3[l] = c2 * (d3 - d1) + d4 - d2;
+        o4[l] = c2 * (d1 - d3) + d4 - d2;
+        o5[l] = c4 * d1 - c5 * d3 + d5;
     }
 }
 
@@ -238,18 +280,21 @@ fn bt_vec<T: Real>(src: &[T], ss: usize, dst: &mut [T], ds: usize, len: usize) {
 #[inline(always)]
 fn at_vec<T: Real>(src: &[T], ss: usize, dst: &mut [T], ds: usize, len: usize) {
     let (c2, c4, c8) = (t::<T>(2.0), t::<T>(4.0), t::<T>(8.0));
+    let i_: [&[T]; 6] = rows(src, ss, len);
+    let o_: [&mut [T]; 4] = rows_mut(dst, ds, len);
+    let [o0, o1, o2, o3] = o_;
     for l in 0..len {
-        let m0 = src[l];
-        let m1 = src[ss + l];
-        let m2 = src[2 * ss + l];
-        let m3 = src[3 * ss + l];
-        let m4 = src[4 * ss + l];
-        let m5 = src[5 * ss + l];
+        let m0 = i_[0][l];
+        let m1 = i_[1][l];
+        let m2 = i_[2][l];
+        let m3 = i_[3][l];
+        let m4 = i_[4][l];
+        let m5 = i_[5][l];
         let (p12, n12, p34, n34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
-        dst[l] = m0 + p12 + p34;
-        dst[ds + l] = n12 + c2 * n34;
-        dst[2 * ds + l] = p12 + c4 * p34;
-        dst[3 * ds + l] = n12 + c8 * n34 + m5;
+        o0[l] = m0 + p12 + p34;
+        o1[l] = n12 + c2 * n34;
+        o2[l] = p12 + c4 * p34;
+        o3[l] = n12 + c8 * n34 + m5;
     }
 }
 
@@ -258,19 +303,22 @@ fn at_vec<T: Real>(src: &[T], ss: usize, dst: &mut [T], ds: usize, len: usize) {
 #[inline(always)]
 fn a_vec<T: Real>(src: &[T], ss: usize, dst: &mut [T], ds: usize, len: usize) {
     let (c2, c4, c8) = (t::<T>(2.0), t::<T>(4.0), t::<T>(8.0));
+    let i_: [&[T]; 4] = rows(src, ss, len);
+    let o_: [&mut [T]; 6] = rows_mut(dst, ds, len);
+    let [o0, o1, o2, o3, o4, o5] = o_;
     for l in 0..len {
-        let y0 = src[l];
-        let y1 = src[ss + l];
-        let y2 = src[2 * ss + l];
-        let y3 = src[3 * ss + l];
+        let y0 = i_[0][l];
+        let y1 = i_[1][l];
+        let y2 = i_[2][l];
+        let y3 = i_[3][l];
         let (a, b) = (y1 + y3, y2);
         let (p, q) = (c2 * y1 + c8 * y3, c4 * y2);
-        dst[l] = y0;
-        dst[ds + l] = y0 + a + b;
-        dst[2 * ds + l] = y0 - a + b;
-        dst[3 * ds + l] = y0 + p + q;
-        dst[4 * ds + l] = y0 - p + q;
-        dst[5 * ds + l] = y3;
+        o0[l] = y0;
+        o1[l] = y0 + a + b;
+        o2[l] = y0 - a + b;
+        o3[l] = y0 + p + q;
+        o4[l] = y0 - p + q;
+        o5[l] = y3;
     }
 }
 
@@ -310,48 +358,72 @@ impl Geometry {
             ox: (r % self.tw) * M4,
         }
     }
-    /// The tile's 6x6 input window lies inside the image (no padding needed).
-    fn interior(&self, t: Tile) -> bool {
-        t.oy >= 1 && t.ox >= 1 && t.oy + 5 <= self.h && t.ox + 5 <= self.w
+}
+
+/// The runs of a block: maximal ranges `[l0, l1)` of tiles in one tile row of one image.
+#[inline(always)]
+fn runs(tiles: &[Tile], mut f: impl FnMut(usize, usize)) {
+    let mut l0 = 0;
+    while l0 < tiles.len() {
+        let (img, oy) = (tiles[l0].img, tiles[l0].oy);
+        let mut l1 = l0 + 1;
+        while l1 < tiles.len() && tiles[l1].img == img && tiles[l1].oy == oy {
+            l1 += 1;
+        }
+        f(l0, l1);
+        l0 = l1;
     }
 }
 
+/// Width of a zero-padded row: input columns -1 .. 4*tw+4, plus slack for the strided reads.
+fn pad_width(g: &Geometry) -> usize {
+    M4 * g.tw + 8
+}
+
 /// Gathers the 6x6 windows (top-left at (oy-1, ox-1), zero outside) of the tiles of one
-/// channel plane into `d[36][len]`.
+/// channel plane into `d[36][len]`: per run of tiles, the six input rows are copied into
+/// zero-padded rows `pad` (`[6][pad_width]`), from which each of the 36 window positions is
+/// a stride-4 read.
 #[inline(always)]
 fn gather<T: Real>(
     g: &Geometry,
-    plane_of: impl Fn(usize) -> usize,
+    plane: usize,
+    img_stride: usize,
     x: &[T],
     tiles: &[Tile],
+    pad: &mut [T],
     d: &mut [T],
 ) {
     let len = tiles.len();
-    let (h, w) = (g.h as isize, g.w as isize);
-    for (l, &tl) in tiles.iter().enumerate() {
-        let base = plane_of(tl.img);
-        if g.interior(tl) {
-            let o = base + (tl.oy - 1) * g.w + tl.ox - 1;
-            for r in 0..A6 {
-                let row = &x[o + r * g.w..o + r * g.w + A6];
-                for c in 0..A6 {
-                    d[(r * A6 + c) * len + l] = row[c];
-                }
+    let pw = pad_width(g);
+    runs(tiles, |l0, l1| {
+        let t0 = tiles[l0];
+        let base = plane + t0.img * img_stride;
+        let n = l1 - l0;
+        for r in 0..A6 {
+            let prow = &mut pad[r * pw..(r + 1) * pw];
+            let iy = t0.oy as isize - 1 + r as isize;
+            if iy < 0 || iy >= g.h as isize {
+                prow.fill(T::zero());
+            } else {
+                prow[0] = T::zero();
+                let src = &x[base + iy as usize * g.w..base + (iy as usize + 1) * g.w];
+                prow[1..=g.w].copy_from_slice(src);
+                prow[g.w + 1..].fill(T::zero());
             }
-        } else {
-            for r in 0..A6 {
-                let iy = tl.oy as isize - 1 + r as isize;
-                for c in 0..A6 {
-                    let ix = tl.ox as isize - 1 + c as isize;
-                    d[(r * A6 + c) * len + l] = if iy >= 0 && iy < h && ix >= 0 && ix < w {
-                        x[base + iy as usize * g.w + ix as usize]
-                    } else {
-                        T::zero()
-                    };
+        }
+        for r in 0..A6 {
+            for c in 0..A6 {
+                // Window column c of tile l sits at padded column ox_l + c = 4*(tx0+l) + c.
+                let start = r * pw + t0.ox + c;
+                let src = &pad[start..start + M4 * n];
+                let dst = &mut d[(r * A6 + c) * len + l0..(r * A6 + c) * len + l1];
+                for (o, q) in dst.iter_mut().zip(src.chunks_exact(M4)) {
+                    *o = q[0];
                 }
             }
         }
-    }
+    });
 }
 
 /// `B^T d B` of every tile: `d[36][len]` (row-major 6x6 per tile) -> `v` at
@@ -404,6 +476,7 @@ impl<T> Epilogue<'_, T> {
 /// Scratch of one worker.
 #[derive(Default)]
 struct Scratch<T> {
+    pad: Vec<T>,
     d: Vec<T>,
     tmp: Vec<T>,
     v: Vec<T>,
@@ -444,33 +517,39 @@ fn forward_with<T: Real>(s: &Conv2d, x: &[T], u: &[T], y: &mut [T], ep: Epilogue
             let len = bt.min(total - t0);
             tiles.clear();
             tiles.extend((t0..t0 + len).map(|i| g.tile(i)));
+            // Rows of V and M padded to a multiple of 16 (the small-product kernel's width).
+            let ld = len.div_ceil(16) * 16;
             let d = sized(&mut sc.d, XI * len);
             let tmp = sized(&mut sc.tmp, XI * len);
-            let v = sized(&mut sc.v, XI * c_in * len);
-            in_stage(&g, x, tiles, c_in, d, tmp, v);
-            let m = sized(&mut sc.m, XI * c_out * len);
+            let v = sized(&mut sc.v, XI * c_in * ld);
+            let pad = sized(&mut sc.pad, A6 * pad_width(&g));
+            in_stage(&g, x, tiles, c_in, ld, pad, d, tmp, v);
+            let m = sized(&mut sc.m, XI * c_out * ld);
             for xi in 0..XI {
-                let a = Mat::new(&u[xi * c_out * c_in..(xi + 1) * c_out * c_in], c_out, c_in);
-                let bm = Mat::new(&v[xi * c_in * len..(xi + 1) * c_in * len], c_in, len);
-                let dst = MatMut::new(&mut m[xi * c_out * len..(xi + 1) * c_out * len], c_out, len);
-                // Shapes are consistent by construction.
-                let _ = matmul(dst, a, bm, false, Par::Seq);
+                let a = &u[xi * c_out * c_in..(xi + 1) * c_out * c_in];
+                let bm = &v[xi * c_in * ld..(xi + 1) * c_in * ld];
+                let dst = &mut m[xi * c_out * ld..(xi + 1) * c_out * ld];
+                small_product(c_out, ld, c_in, a, bm, dst);
             }
             let o = sized(&mut sc.o, M4 * M4 * len);
             // SAFETY: yp points at y (n*c_out*h*w elements, the output of this shape); the
             // tiles of different blocks cover disjoint output pixels.
-            unsafe { out_stage(&g, m, c_out, tiles, tmp, o, &ep, yp) };
+            let pad = sized(&mut sc.pad, A6 * pad_width(&g));
+            unsafe { out_stage(&g, m, c_out, ld, tiles, pad, tmp, o, &ep, yp) };
         },
     );
 }
 
 /// Gathers and transforms the input tiles of every channel into `v` `[36][c_in][len]`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn in_stage_body<T: Real>(
     g: &Geometry,
     x: &[T],
     tiles: &[Tile],
     c_in: usize,
+    ld: usize,
+    pad: &mut [T],
     d: &mut [T],
     tmp: &mut [T],
     v: &mut [T],
@@ -478,13 +557,39 @@ fn in_stage_body<T: Real>(
     let len = tiles.len();
     let hw = g.h * g.w;
     for ci in 0..c_in {
-        gather(g, |img| (img * c_in + ci) * hw, x, tiles, d);
-        input_transform(d, tmp, &mut v[ci * len..], c_in * len, len);
+        gather(g, ci * hw, c_in * hw, x, tiles, pad, d);
+        input_transform(d, tmp, &mut v[ci * ld..], c_in * ld, len);
     }
 }
 crate::multiversion!(in_stage, in_stage_body, <T: Real>, (
-    g: &Geometry, x: &[T], tiles: &[Tile], c_in: usize, d: &mut [T], tmp: &mut [T], v: &mut [T]
+    g: &Geometry, x: &[T], tiles: &[Tile], c_in: usize, ld: usize, pad: &mut [T], d: &mut [T],
+    tmp: &mut [T], v: &mut [T]
 ));
+
+/// `c = a . b` for one transform position: row-major `a` (m x k), `b` (k x n), `c` (m x n).
+fn small_product<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (checked just above), so the slices are f32 slices.
+        let (a32, b32, c32) = unsafe {
+            (
+                std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()),
+                std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()),
+                std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()),
+            )
+        };
+        if matmul_f32_rowmajor_small(m, n, k, a32, b32, c32) {
+            return;
+        }
+    }
+    // Shapes are consistent by construction.
+    let _ = matmul(
+        MatMut::new(c, m, n),
+        Mat::new(a, m, k),
+        Mat::new(b, k, n),
+        false,
+        Par::Seq,
+    );
+}
 
 /// Output transform of every channel of `m` `[36][c_out][len]`, epilogue, and the write
 /// into the output tiles (clipped at the border).
@@ -498,7 +603,9 @@ unsafe fn out_stage_body<T: Real>(
     g: &Geometry,
     m: &[T],
     c_out: usize,
+    ld: usize,
     tiles: &[Tile],
+    pad: &mut [T],
     tmp: &mut [T],
     o: &mut [T],
     ep: &Epilogue<'_, T>,
@@ -506,32 +613,52 @@ unsafe fn out_stage_body<T: Real>(
 ) {
     let len = tiles.len();
     let hw = g.h * g.w;
+    let rb = &mut pad[..M4 * g.tw + 8];
     for co in 0..c_out {
-        output_transform(&m[co * len..], c_out * len, tmp, o, len);
-        let (sc_, sh) = match ep.affine {
+        output_transform(&m[co * ld..], c_out * ld, tmp, o, len);
+        let (a, b) = match ep.affine {
             Some((a, b)) => (a[co], b[co]),
             None => (T::one(), T::zero()),
         };
-        for (l, &tl) in tiles.iter().enumerate() {
-            let plane = (tl.img * c_out + co) * hw;
-            for p in 0..M4.min(g.h - tl.oy) {
-                let row = plane + (tl.oy + p) * g.w + tl.ox;
-                for q in 0..M4.min(g.w - tl.ox) {
-                    let mut val = o[(p * M4 + q) * len + l];
-                    if ep.affine.is_some() {
-                        val = val * sc_ + sh;
+        runs(tiles, |l0, l1| {
+            let t0 = tiles[l0];
+            let n = l1 - l0;
+            let plane = (t0.img * c_out + co) * hw;
+            let cnt = (M4 * n).min(g.w - t0.ox);
+            for p in 0..M4.min(g.h - t0.oy) {
+                // Interleave the run's four columns of output row p into one image row.
+                let src: [&[T]; 4] = rows(&o[p * M4 * len + l0..], len, n);
+                for (l, q) in rb[..M4 * n].chunks_exact_mut(M4).enumerate() {
+                    q[0] = src[0][l];
+                    q[1] = src[1][l];
+                    q[2] = src[2][l];
+                    q[3] = src[3][l];
+                }
+                let row = plane + (t0.oy + p) * g.w + t0.ox;
+                // SAFETY: see the function's contract; [row, row + cnt) is inside the plane.
+                let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(row), cnt) };
+                let vals = &rb[..cnt];
+                match (ep.residual, ep.relu) {
+                    (None, false) => {
+                        for (y, v) in out.iter_mut().zip(vals) {
+                            *y = *v * a + b;
+                        }
                     }
-                    if let Some(r) = ep.residual {
-                        val = val + r[row + q];
+                    (None, true) => {
+                        for (y, v) in out.iter_mut().zip(vals) {
+                            *y = (*v * a + b).max(T::zero());
+                        }
                     }
-                    if ep.relu {
-                        val = val.max(T::zero());
+                    (Some(r), relu) => {
+                        let r = &r[row..row + cnt];
+                        for ((y, v), rv) in out.iter_mut().zip(vals).zip(r) {
+                            let z = *v * a + b + *rv;
+                            *y = if relu { z.max(T::zero()) } else { z };
+                        }
                     }
-                    // SAFETY: see the function's contract; `row + q` is inside the plane.
-                    unsafe { *yp.0.add(row + q) = val };
                 }
             }
-        }
+        });
     }
 }
 
@@ -544,7 +671,9 @@ unsafe fn out_stage<T: Real>(
     g: &Geometry,
     m: &[T],
     c_out: usize,
+    ld: usize,
     tiles: &[Tile],
+    pad: &mut [T],
     tmp: &mut [T],
     o: &mut [T],
     ep: &Epilogue<'_, T>,
@@ -556,50 +685,66 @@ unsafe fn out_stage<T: Real>(
         g: &Geometry,
         m: &[T],
         c_out: usize,
+        ld: usize,
         tiles: &[Tile],
+        pad: &mut [T],
         tmp: &mut [T],
         o: &mut [T],
         ep: &Epilogue<'_, T>,
         yp: SyncPtr<T>,
     ) {
         // SAFETY: forwarded from out_stage's contract.
-        unsafe { out_stage_body(g, m, c_out, tiles, tmp, o, ep, yp) }
+        unsafe { out_stage_body(g, m, c_out, ld, tiles, pad, tmp, o, ep, yp) }
     }
     crate::multiversion!(run, inl, <T: Real>, (
-        g: &Geometry, m: &[T], c_out: usize, tiles: &[Tile], tmp: &mut [T], o: &mut [T],
-        ep: &Epilogue<'_, T>, yp: SyncPtr<T>
+        g: &Geometry, m: &[T], c_out: usize, ld: usize, tiles: &[Tile], pad: &mut [T],
+        tmp: &mut [T], o: &mut [T], ep: &Epilogue<'_, T>, yp: SyncPtr<T>
     ));
-    run(g, m, c_out, tiles, tmp, o, ep, yp)
+    run(g, m, c_out, ld, tiles, pad, tmp, o, ep, yp)
 }
 
 /// `dM = A dy A^T` of every output channel's tiles into `m` `[36][c_out][len]` (dy zero
 /// outside the image).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn dy_stage_body<T: Real>(
     g: &Geometry,
     dy: &[T],
     c_out: usize,
     tiles: &[Tile],
+    pad: &mut [T],
     tmp: &mut [T],
     o: &mut [T],
     m: &mut [T],
 ) {
     let len = tiles.len();
     let hw = g.h * g.w;
+    let rb = &mut pad[..M4 * g.tw + 8];
     for co in 0..c_out {
-        for (l, &tl) in tiles.iter().enumerate() {
-            let plane = (tl.img * c_out + co) * hw;
+        runs(tiles, |l0, l1| {
+            let t0 = tiles[l0];
+            let n = l1 - l0;
+            let plane = (t0.img * c_out + co) * hw;
+            let cnt = (M4 * n).min(g.w - t0.ox);
             for p_ in 0..M4 {
-                for q in 0..M4 {
-                    let (yy, xx) = (tl.oy + p_, tl.ox + q);
-                    o[(p_ * M4 + q) * len + l] = if yy < g.h && xx < g.w {
-                        dy[plane + yy * g.w + xx]
-                    } else {
-                        T::zero()
-                    };
+                let yy = t0.oy + p_;
+                if yy < g.h {
+                    let row = plane + yy * g.w + t0.ox;
+                    rb[..cnt].copy_from_slice(&dy[row..row + cnt]);
+                    rb[cnt..M4 * n].fill(T::zero());
+                } else {
+                    rb[..M4 * n].fill(T::zero());
+                }
+                let dst: [&mut [T]; 4] = rows_mut(&mut o[p_ * M4 * len + l0..], len, n);
+                let [d0, d1, d2, d3] = dst;
+                for (l, q) in rb[..M4 * n].chunks_exact(M4).enumerate() {
+                    d0[l] = q[0];
+                    d1[l] = q[1];
+                    d2[l] = q[2];
+                    d3[l] = q[3];
                 }
             }
-        }
+        });
         // Along rows: tmp[p][j] = sum_q A[j][q] o[p][q]  (4 rows -> 6 columns).
         for p_ in 0..M4 {
             a_vec(
@@ -623,7 +768,8 @@ fn dy_stage_body<T: Real>(
     }
 }
 crate::multiversion!(dy_stage, dy_stage_body, <T: Real>, (
-    g: &Geometry, dy: &[T], c_out: usize, tiles: &[Tile], tmp: &mut [T], o: &mut [T], m: &mut [T]
+    g: &Geometry, dy: &[T], c_out: usize, tiles: &[Tile], pad: &mut [T], tmp: &mut [T],
+    o: &mut [T], m: &mut [T]
 ));
 
 /// y = conv3x3(x, w) (stride 1, pad 1), with an optional fused epilogue. Lengths must have
@@ -677,10 +823,12 @@ pub fn conv3x3_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) 
                 let d = sized(&mut sc.d, XI * len);
                 let tmp = sized(&mut sc.tmp, XI * len);
                 let v = sized(&mut sc.v, XI * c_in * len);
-                in_stage(&g, x, &tiles, c_in, d, tmp, v);
+                let pad = sized(&mut sc.pad, A6 * pad_width(&g));
+                in_stage(&g, x, &tiles, c_in, len, pad, d, tmp, v);
                 let m = sized(&mut sc.m, XI * c_out * len);
                 let o = sized(&mut sc.o, M4 * M4 * len);
-                dy_stage(&g, dy, c_out, &tiles, tmp, o, m);
+                let pad = sized(&mut sc.pad, A6 * pad_width(&g));
+                dy_stage(&g, dy, c_out, &tiles, pad, tmp, o, m);
                 for xi in 0..XI {
                     let dm = Mat::new(&m[xi * c_out * len..(xi + 1) * c_out * len], c_out, len);
                     let vt = Mat::new(&v[xi * c_in * len..(xi + 1) * c_in * len], c_in, len).t();
