@@ -14,7 +14,10 @@ moves the baseline with it.
 - cam: eval-mode ResNet -> GAP -> fc logits, vanilla CAM (fc-weighted channel sum), bilinear
   upsample to the input (align_corners=False), per-slice min-max, under no_grad.
 
-Threads: 2 everywhere (torch.set_num_threads, ORT intra_op_num_threads, RAYON_NUM_THREADS).
+Threads: 2 everywhere (torch.set_num_threads, ORT intra_op_num_threads, RAYON_NUM_THREADS;
+ICHCAM_BASELINE_THREADS=N changes it). A second table gives each tool's CPU time per
+iteration (all its threads), which other processes on a shared machine inflate far less
+than wall time.
 Peak memory: ru_maxrss of each worker process (os.wait4); for Python workers also the peak
 above the RSS right after the imports (the libraries' own footprint taken out).
 
@@ -28,7 +31,7 @@ import subprocess
 import sys
 import time
 
-THREADS = 2
+THREADS = int(os.environ.get("ICHCAM_BASELINE_THREADS", "2"))
 
 
 # ---------------------------------------------------------------------------- workers
@@ -219,12 +222,14 @@ def worker(args):
         raise SystemExit(f"unknown workload {args.what}")
     for _ in range(args.warmup):
         step()
+    cpu0 = time.process_time()
     for _ in range(args.iters):
         t = time.perf_counter()
         step()
         times.append((time.perf_counter() - t) * 1e3)
+    cpu_ms = (time.process_time() - cpu0) * 1e3 / max(args.iters, 1)
     times.sort()
-    print(json.dumps({"min_ms": times[0], "median_ms": times[len(times) // 2],
+    print(json.dumps({"min_ms": times[0], "median_ms": times[len(times) // 2], "cpu_ms": cpu_ms,
                       "rss_after_import_kib": rss_after_import,
                       "torch": torch.__version__}), flush=True)
 
@@ -300,7 +305,7 @@ def main():
                 rc, out, err, rss = measure(cmd, env)
                 key = (config, what, tool)
                 rec = results.setdefault(key, {"min_ms": [], "median_ms": [], "rss_kib": [],
-                                               "rss_work_kib": []})
+                                               "rss_work_kib": [], "cpu_ms": []})
                 if rc != 0:
                     rec["error"] = (err or out).strip().splitlines()[-1:] or ["failed"]
                     print(f"# {config} {what} {tool}: FAILED {rec['error']}", file=sys.stderr)
@@ -308,6 +313,8 @@ def main():
                 j = json.loads(out.strip().splitlines()[-1])
                 rec["min_ms"].append(j["min_ms"])
                 rec["median_ms"].append(j["median_ms"])
+                if j.get("cpu_ms") is not None:
+                    rec["cpu_ms"].append(j["cpu_ms"])
                 rec["rss_kib"].append(rss)
                 rec["rss_work_kib"].append(rss - j.get("rss_after_import_kib", 0))
                 if "torch" in j:
@@ -367,6 +374,27 @@ def main():
                       "rss_torch_above_imports_kib": rt and max(rt["rss_work_kib"])})
     print("\n(ratios: ichcam's best time over the best PyTorch mode's best time, and over ORT's;"
           " goals: train-step <= 0.67, cam <= 1.0)")
+    # CPU time per iteration (all threads of the process): robust to other processes on
+    # the machine, which stretch wall time (and stall OpenMP's barriers) far more.
+    print("\nCPU time per iteration (all threads, mean of the best round):\n")
+    print("| workload | PyTorch eager | PyTorch channels_last | ONNX Runtime | ichcam "
+          "| ichcam / PyTorch | ichcam / ORT |")
+    print("|" + " --- |" * 7)
+    for config, what, ov, d in work:
+        c = {}
+        for tool in tools:
+            rec = best(config, what, tool)
+            c[tool] = min(rec["cpu_ms"]) if rec and rec["cpu_ms"] else None
+        fmt = lambda v: "-" if v is None else f"{v:.1f} ms"
+        tb = min([v for v in (c.get("torch"), c.get("torch-cl")) if v] or [0]) or None
+        ich, ort = c.get("ichcam"), c.get("ort")
+        r_t = f"{ich / tb:.2f}" if ich and tb else "-"
+        r_o = f"{ich / ort:.2f}" if ich and ort else "-"
+        print(f"| {config} {what} | {fmt(c.get('torch'))} | {fmt(c.get('torch-cl'))} | "
+              f"{fmt(ort)} | {fmt(ich)} | {r_t} | {r_o} |")
+        for row in table:
+            if row["config"] == config and row["what"] == what:
+                row["cpu_ms"] = c
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load": load,

@@ -102,10 +102,23 @@ fn preset(name: &str) -> anyhow::Result<Preset> {
     })
 }
 
-/// Median and minimum of per-iteration times in ms.
+/// Median and minimum of per-iteration times in ms, and the process's CPU time (all
+/// threads) per iteration, which a loaded machine inflates much less than wall time.
 struct Timing {
     median_ms: f64,
     min_ms: f64,
+    cpu_ms: Option<f64>,
+}
+
+/// User + system CPU time of this process so far in ms (Linux `/proc/self/stat`), if known.
+fn process_cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+    // USER_HZ is 100 on every Linux ABI Rust targets.
+    Some((utime + stime) * 10.0)
 }
 
 fn time<F: FnMut() -> anyhow::Result<()>>(
@@ -120,16 +133,22 @@ fn time<F: FnMut() -> anyhow::Result<()>>(
     sync()?;
     let _ = ichcam::engine::cpu::profile_report(); // drop the warm-up's counts
     let mut ms = Vec::with_capacity(iters.max(1));
+    let cpu0 = process_cpu_ms();
     for _ in 0..iters.max(1) {
         let t = Instant::now();
         f()?;
         sync()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let cpu_ms = match (cpu0, process_cpu_ms()) {
+        (Some(a), Some(b)) => Some((b - a) / iters.max(1) as f64),
+        _ => None,
+    };
     ms.sort_by(|a, b| a.total_cmp(b));
     Ok(Timing {
         median_ms: ms[ms.len() / 2],
         min_ms: ms[0],
+        cpu_ms,
     })
 }
 
@@ -361,7 +380,7 @@ fn report(
     if args.json {
         let j = serde_json::json!({
             "what": what, "config": config, "device": device, "median_ms": t.median_ms,
-            "min_ms": t.min_ms, "slices_per_s": per_s, "iters": args.iters, "detail": detail,
+            "min_ms": t.min_ms, "cpu_ms": t.cpu_ms, "slices_per_s": per_s, "iters": args.iters, "detail": detail,
         });
         println!("{j}");
     }

@@ -15,6 +15,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Par};
+use super::scratch::PoolVec;
 use super::winograd::{self, Epilogue};
 use crate::engine::shapes::Conv2d;
 use crate::engine::{check_len, EngineError, Real, Result};
@@ -146,7 +147,8 @@ fn valid_ox(s: &Conv2d, kx: usize, ow: usize) -> (usize, usize) {
 
 /// col[(ci*kh + ky)*kw + kx, (oy - oy0)*ow + ox] = x[ci, oy*stride + ky - pad, ox*stride + kx - pad]
 /// (0 outside the image), rows of `col` `ld` elements apart.
-fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], ld: usize) {
+#[inline(always)]
+fn im2col_body<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], ld: usize) {
     let ow = s.out_w();
     let cols = (oy1 - oy0) * ow;
     let mut row = 0;
@@ -184,8 +186,20 @@ fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], l
     }
 }
 
+crate::multiversion!(im2col, im2col_body, <T: Real>, (
+    s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], ld: usize
+));
+
 /// dx[ci, iy, ix] += col[...]: the adjoint of [`im2col`] (same layout, same `ld`).
-fn col2im_add<T: Real>(s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [T], ld: usize) {
+#[inline(always)]
+fn col2im_add_body<T: Real>(
+    s: &Conv2d,
+    col: &[T],
+    oy0: usize,
+    oy1: usize,
+    dx: &mut [T],
+    ld: usize,
+) {
     let ow = s.out_w();
     let mut row = 0;
     for ci in 0..s.c_in {
@@ -218,18 +232,28 @@ fn col2im_add<T: Real>(s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [
     }
 }
 
+crate::multiversion!(col2im_add, col2im_add_body, <T: Real>, (
+    s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [T], ld: usize
+));
+
 /// Per-thread buffers: the column matrix and a `[c_out, cols]` staging matrix.
-#[derive(Default)]
-struct Scratch<T> {
-    col: Vec<T>,
-    stage: Vec<T>,
+struct Scratch<T: Real> {
+    col: PoolVec<T>,
+    stage: PoolVec<T>,
 }
 
-fn sized<T: Real>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-    if v.len() < len {
-        v.resize(len, T::zero());
+impl<T: Real> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            col: PoolVec::default(),
+            stage: PoolVec::default(),
+        }
     }
-    &mut v[..len]
+}
+
+/// The first `len` elements of a scratch buffer (contents unspecified: callers overwrite).
+fn sized<T: Real>(v: &mut PoolVec<T>, len: usize) -> &mut [T] {
+    v.sized(len)
 }
 
 /// `stage[co, j*ohw + p] = per_image[j][co, p]`: several images side by side as one matrix.

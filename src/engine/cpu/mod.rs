@@ -16,6 +16,7 @@ pub mod lstm;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod scratch;
 pub mod simd;
 pub mod winograd;
 

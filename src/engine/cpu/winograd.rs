@@ -18,6 +18,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_f32_rowmajor_small, Mat, MatMut, Par};
+use super::scratch::PoolVec;
 use crate::engine::shapes::Conv2d;
 use crate::engine::Real;
 
@@ -360,19 +361,24 @@ impl Geometry {
     }
 }
 
-/// The runs of a block: maximal ranges `[l0, l1)` of tiles in one tile row of one image.
+/// The runs of a block: maximal ranges `[l0, l1)` of tiles in one tile row of one image
+/// (an iterator, so the loop bodies stay in their caller's instruction-set version).
 #[inline(always)]
-fn runs(tiles: &[Tile], mut f: impl FnMut(usize, usize)) {
+fn runs(tiles: &[Tile]) -> impl Iterator<Item = (usize, usize)> + '_ {
     let mut l0 = 0;
-    while l0 < tiles.len() {
+    std::iter::from_fn(move || {
+        if l0 >= tiles.len() {
+            return None;
+        }
         let (img, oy) = (tiles[l0].img, tiles[l0].oy);
         let mut l1 = l0 + 1;
         while l1 < tiles.len() && tiles[l1].img == img && tiles[l1].oy == oy {
             l1 += 1;
         }
-        f(l0, l1);
+        let r = (l0, l1);
         l0 = l1;
-    }
+        Some(r)
+    })
 }
 
 /// Width of a zero-padded row: input columns -1 .. 4*tw+4, plus slack for the strided reads.
@@ -396,7 +402,7 @@ fn gather<T: Real>(
 ) {
     let len = tiles.len();
     let pw = pad_width(g);
-    runs(tiles, |l0, l1| {
+    for (l0, l1) in runs(tiles) {
         let t0 = tiles[l0];
         let base = plane + t0.img * img_stride;
         let n = l1 - l0;
@@ -423,7 +429,7 @@ fn gather<T: Real>(
                 }
             }
         }
-    });
+    }
 }
 
 /// `B^T d B` of every tile: `d[36][len]` (row-major 6x6 per tile) -> `v` at
@@ -473,22 +479,32 @@ impl<T> Epilogue<'_, T> {
     }
 }
 
-/// Scratch of one worker.
-#[derive(Default)]
-struct Scratch<T> {
-    pad: Vec<T>,
-    d: Vec<T>,
-    tmp: Vec<T>,
-    v: Vec<T>,
-    m: Vec<T>,
-    o: Vec<T>,
+/// Scratch of one worker (pooled: reused across calls).
+struct Scratch<T: Real> {
+    pad: PoolVec<T>,
+    d: PoolVec<T>,
+    tmp: PoolVec<T>,
+    v: PoolVec<T>,
+    m: PoolVec<T>,
+    o: PoolVec<T>,
 }
 
-fn sized<T: Real>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-    if v.len() < len {
-        v.resize(len, T::zero());
+impl<T: Real> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            pad: PoolVec::default(),
+            d: PoolVec::default(),
+            tmp: PoolVec::default(),
+            v: PoolVec::default(),
+            m: PoolVec::default(),
+            o: PoolVec::default(),
+        }
     }
-    &mut v[..len]
+}
+
+/// The first `len` elements of a scratch buffer (contents unspecified: callers overwrite).
+fn sized<T: Real>(v: &mut PoolVec<T>, len: usize) -> &mut [T] {
+    v.sized(len)
 }
 
 /// Tiles per block: V and M of one block near the L2 cache.
@@ -620,7 +636,7 @@ unsafe fn out_stage_body<T: Real>(
             Some((a, b)) => (a[co], b[co]),
             None => (T::one(), T::zero()),
         };
-        runs(tiles, |l0, l1| {
+        for (l0, l1) in runs(tiles) {
             let t0 = tiles[l0];
             let n = l1 - l0;
             let plane = (t0.img * c_out + co) * hw;
@@ -658,7 +674,7 @@ unsafe fn out_stage_body<T: Real>(
                     }
                 }
             }
-        });
+        }
     }
 }
 
@@ -721,7 +737,7 @@ fn dy_stage_body<T: Real>(
     let hw = g.h * g.w;
     let rb = &mut pad[..M4 * g.tw + 8];
     for co in 0..c_out {
-        runs(tiles, |l0, l1| {
+        for (l0, l1) in runs(tiles) {
             let t0 = tiles[l0];
             let n = l1 - l0;
             let plane = (t0.img * c_out + co) * hw;
@@ -744,7 +760,7 @@ fn dy_stage_body<T: Real>(
                     d3[l] = q[3];
                 }
             }
-        });
+        }
         // Along rows: tmp[p][j] = sum_q A[j][q] o[p][q]  (4 rows -> 6 columns).
         for p_ in 0..M4 {
             a_vec(
@@ -776,22 +792,24 @@ crate::multiversion!(dy_stage, dy_stage_body, <T: Real>, (
 /// been checked by the caller.
 pub fn conv3x3_fwd<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], ep: Epilogue<'_, T>) {
     debug_assert!(applies(s));
-    let mut u = vec![T::zero(); XI * s.c_out * s.c_in];
-    transform_weights(w, s.c_out, s.c_in, false, &mut u);
-    forward_with(s, x, &u, y, ep);
+    let mut ub = PoolVec::<T>::default();
+    let u = ub.sized(XI * s.c_out * s.c_in);
+    transform_weights(w, s.c_out, s.c_in, false, u);
+    forward_with(s, x, u, y, ep);
 }
 
 /// dx = conv_transpose(dy, w): the same convolution of dy with flipped, transposed kernels.
 pub fn conv3x3_bwd_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
     debug_assert!(applies(s));
-    let mut u = vec![T::zero(); XI * s.c_in * s.c_out];
-    transform_weights(w, s.c_out, s.c_in, true, &mut u);
+    let mut ub = PoolVec::<T>::default();
+    let u = ub.sized(XI * s.c_in * s.c_out);
+    transform_weights(w, s.c_out, s.c_in, true, u);
     let st = Conv2d {
         c_in: s.c_out,
         c_out: s.c_in,
         ..*s
     };
-    forward_with(&st, dy, &u, dx, Epilogue::none());
+    forward_with(&st, dy, u, dx, Epilogue::none());
 }
 
 /// Fixed number of partial sums of the weight gradient (independent of the thread count,
@@ -809,10 +827,11 @@ pub fn conv3x3_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) 
     let blocks = total.div_ceil(bt);
     let per_part = blocks.div_ceil(WGRAD_PARTS).max(1);
     let du_len = XI * c_out * c_in;
-    let parts: Vec<Vec<T>> = (0..blocks.div_ceil(per_part))
+    let parts: Vec<PoolVec<T>> = (0..blocks.div_ceil(per_part))
         .into_par_iter()
         .map(|p| {
-            let mut du = vec![T::zero(); du_len];
+            let mut dub = PoolVec::<T>::default();
+            let du = dub.zeroed(du_len);
             let mut sc = Scratch::<T>::default();
             let mut tiles = Vec::new();
             for b in p * per_part..((p + 1) * per_part).min(blocks) {
@@ -840,16 +859,23 @@ pub fn conv3x3_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) 
                     let _ = matmul(dst, dm, vt, true, Par::Seq);
                 }
             }
-            du
+            dub
         })
         .collect();
     // Sum the partials in order, then dw = G^T dU G per kernel.
-    let mut du = vec![T::zero(); du_len];
-    for part in &parts {
-        for (a, b) in du.iter_mut().zip(part) {
+    let mut parts = parts.into_iter();
+    let mut dub = parts.next().unwrap_or_else(|| {
+        let mut z = PoolVec::<T>::default();
+        z.zeroed(du_len);
+        z
+    });
+    let du = dub.sized(du_len);
+    for mut part in parts {
+        for (a, b) in du.iter_mut().zip(part.sized(du_len).iter()) {
             *a = *a + *b;
         }
     }
+    let du = &*du;
     let plane = c_out * c_in;
     dw.par_chunks_mut(c_in * 9).enumerate().for_each_init(
         || (vec![T::zero(); 18 * c_in], vec![T::zero(); 9 * c_in]),
