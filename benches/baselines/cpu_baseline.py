@@ -259,6 +259,8 @@ def main():
     ap.add_argument("--what")
     ap.add_argument("--describe")
     ap.add_argument("--ichcam", default="target/release/ichcam")
+    ap.add_argument("--ichcam-before", default=None,
+                    help="an older ichcam binary, timed beside the others as `ichcam-before`")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
@@ -281,6 +283,8 @@ def main():
         ("small", "cam"): ["--slices", "8"],
     }
     tools = a.tools.split(",")
+    if a.ichcam_before:
+        tools.append("ichcam-before")
     work = []
     for wl in a.workloads.split(","):
         config, what = wl.split(":")
@@ -294,8 +298,12 @@ def main():
             for tool in order:
                 if tool == "ort" and what != "cam":
                     continue
-                if tool == "ichcam":
-                    cmd = [a.ichcam, "bench", "--device", "cpu", "--config", config, "--what",
+                # An older binary's presets other than `small` may have other shapes.
+                if tool == "ichcam-before" and config != "small":
+                    continue
+                if tool in ("ichcam", "ichcam-before"):
+                    exe = a.ichcam if tool == "ichcam" else a.ichcam_before
+                    cmd = [exe, "bench", "--device", "cpu", "--config", config, "--what",
                            what, "--iters", str(a.iters), "--warmup", str(a.warmup),
                            "--json"] + ov
                 else:
@@ -340,10 +348,13 @@ def main():
           f"{versions}, best of {a.rounds} rounds x {a.iters} iterations, "
           f"load average now {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print()
+    before = "ichcam-before" in tools
     hdr = ("| workload | shapes | PyTorch eager | PyTorch channels_last | ONNX Runtime | ichcam "
            "| ichcam / PyTorch | ichcam / ORT | peak RSS ichcam | peak RSS PyTorch (above imports) |")
+    if before:
+        hdr += " ichcam before | before / PyTorch | before / ORT |"
     print(hdr)
-    print("|" + " --- |" * 10)
+    print("|" + " --- |" * (13 if before else 10))
     table = []
     for config, what, ov, d in work:
         cells = {}
@@ -366,7 +377,13 @@ def main():
             shapes = f"{d['cam_slices']} slices {d['size']}^2"
         print(f"| {config} {what} | {shapes} | {fmt(cells.get('torch'))} | "
               f"{fmt(cells.get('torch-cl'))} | {fmt(cells.get('ort'))} | {fmt(ich)} | {r_t} | "
-              f"{r_o} | {rss_i} | {rss_t} |")
+              f"{r_o} | {rss_i} | {rss_t} |" + (
+                  (f" {fmt(cells.get('ichcam-before'))} | "
+                   + (f"{cells['ichcam-before'] / torch_best:.2f}"
+                      if cells.get("ichcam-before") and torch_best else "-") + " | "
+                   + (f"{cells['ichcam-before'] / cells['ort']:.2f}"
+                      if cells.get("ichcam-before") and cells.get("ort") else "-") + " |")
+                  if before else ""))
         table.append({"config": config, "what": what, "shapes": shapes, "ms": cells,
                       "ichcam_over_best_torch": r_t, "ichcam_over_ort": r_o,
                       "rss_ichcam_kib": ri and max(ri["rss_kib"]),
