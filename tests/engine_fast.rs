@@ -275,7 +275,7 @@ fn fused_eval_case<T: ichcam::engine::Real>(be: &CpuBackend<T>, s: Conv2d, seed:
 #[test]
 fn fused_conv_bn_eval_equals_the_separate_ops() {
     let shapes = [
-        conv3(8, 16, 16, 16, 16), // Winograd in f32
+        conv3(8, 32, 16, 16, 32), // Winograd in f32
         conv3(2, 3, 7, 9, 5),     // direct
         Conv2d {
             kh: 1,

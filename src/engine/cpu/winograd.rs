@@ -43,11 +43,11 @@ fn tiles_of(s: &Conv2d) -> usize {
 /// this shape: the per-call weight transform (36 / 9 = 4x the weights) and the GEMMs of
 /// width `tiles` must be paid back by enough tiles. Measured with `cargo bench --bench
 /// conv_paths` (docs/perf.md): 0.6-0.8x the direct time from 128 tiles at 64-256
-/// channels, even at 32 tiles of 256 channels, 2x slower at 32 tiles of 512.
+/// channels, even at 32 tiles of 256 channels, 2x slower at 32 tiles of 512; at 16
+/// channels (the CPU default's first stage) the transforms cost more than they save.
 pub fn worth_it(s: &Conv2d) -> bool {
     applies(s)
-        && s.c_in >= 4
-        && s.c_out >= 4
+        && s.c_in.min(s.c_out) >= 32
         && tiles_of(s) >= 64
         && 2 * tiles_of(s) >= s.c_in.max(s.c_out)
 }
