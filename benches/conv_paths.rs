@@ -75,7 +75,7 @@ fn main() {
     println!("| --- | --- | --- | --- | --- | --- |");
     for (size, n) in [(256usize, 8usize), (128, 8)] {
         for (i, c) in [64usize, 128, 256, 512].into_iter().enumerate() {
-            let hw = size / 4 >> i;
+            let hw = (size / 4) >> i;
             let s = Conv2d {
                 n,
                 c_in: c,
@@ -100,7 +100,7 @@ fn main() {
             };
             let name = format!("{n}x{c}x{hw}x{hw}");
             let only = std::env::var("ICHCAM_BENCH_ONLY").unwrap_or_default();
-            let mut row = |pass: &str, f: &mut dyn FnMut()| {
+            let row = |pass: &str, f: &mut dyn FnMut()| {
                 if !format!("{name} {pass}").contains(&only) {
                     return;
                 }

@@ -328,7 +328,7 @@ pub fn matmul_f32_rowmajor_small(
     #[cfg(target_arch = "x86_64")]
     {
         if super::simd::isa() != super::simd::Isa::Avx512
-            || n % 16 != 0
+            || !n.is_multiple_of(16)
             || a.len() < m * k
             || b.len() < k * n
             || c.len() < m * n

@@ -69,6 +69,13 @@ struct SyncPtr<T>(*mut T);
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 
+impl<T> SyncPtr<T> {
+    /// The pointer (a method, so closures capture the whole Send + Sync wrapper).
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// `N` rows of `len` elements, `ss` apart, of `src` (checked once, so the loops over them
 /// run without bounds checks and vectorise).
 #[inline(always)]
@@ -228,7 +235,6 @@ pub fn transform_weights<T: Real>(w: &[T], c_out: usize, c_in: usize, flip: bool
             )
         },
         |(k, tmp, out), r| {
-            let up = up;
             for c in 0..cols {
                 let (co, ci) = if flip { (c, r) } else { (r, c) };
                 let src = &w[(co * c_in + ci) * 9..(co * c_in + ci + 1) * 9];
@@ -245,7 +251,7 @@ pub fn transform_weights<T: Real>(w: &[T], c_out: usize, c_in: usize, flip: bool
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         row.as_ptr(),
-                        up.0.add(xi * plane + r * cols),
+                        up.get().add(xi * plane + r * cols),
                         cols,
                     )
                 };
@@ -652,7 +658,7 @@ unsafe fn out_stage_body<T: Real>(
                 }
                 let row = plane + (t0.oy + p) * g.w + t0.ox;
                 // SAFETY: see the function's contract; [row, row + cnt) is inside the plane.
-                let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(row), cnt) };
+                let out = unsafe { std::slice::from_raw_parts_mut(yp.get().add(row), cnt) };
                 let vals = &rb[..cnt];
                 match (ep.residual, ep.relu) {
                     (None, false) => {
