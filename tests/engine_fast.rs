@@ -173,7 +173,7 @@ fn winograd_f32_is_close_to_f64_at_resnet_scale() {
     let mut rng = Rng(23);
     let b32 = CpuBackend::<f32>::new();
     let b64 = CpuBackend::<f64>::new();
-    for s in [conv3(4, 64, 16, 16, 64), conv3(3, 32, 23, 19, 48)] {
+    for s in [conv3(4, 64, 16, 16, 64), conv3(3, 64, 23, 19, 96)] {
         assert!(ichcam::engine::cpu::conv::use_winograd::<f32>(&s));
         assert!(!ichcam::engine::cpu::conv::use_winograd::<f64>(&s));
         let std = (2.0 / (9.0 * s.c_out as f64)).sqrt() * 3f64.sqrt();
@@ -275,7 +275,7 @@ fn fused_eval_case<T: ichcam::engine::Real>(be: &CpuBackend<T>, s: Conv2d, seed:
 #[test]
 fn fused_conv_bn_eval_equals_the_separate_ops() {
     let shapes = [
-        conv3(8, 32, 16, 16, 32), // Winograd in f32
+        conv3(8, 64, 16, 16, 64), // Winograd in f32
         conv3(2, 3, 7, 9, 5),     // direct
         Conv2d {
             kh: 1,

@@ -44,10 +44,13 @@ fn tiles_of(s: &Conv2d) -> usize {
 /// width `tiles` must be paid back by enough tiles. Measured with `cargo bench --bench
 /// conv_paths` (docs/perf.md): 0.6-0.8x the direct time from 128 tiles at 64-256
 /// channels, even at 32 tiles of 256 channels, 2x slower at 32 tiles of 512; at 16
-/// channels (the CPU default's first stage) the transforms cost more than they save.
+/// channels (the CPU default's first stage) the transforms cost more than they save. Not
+/// below 64 channels: the CPU default (16 and 32) stays on the direct product (its demo's
+/// Dice bar proved sensitive to Winograd's f32 rounding, about 1e-6 relative, through 30
+/// epochs of training).
 pub fn worth_it(s: &Conv2d) -> bool {
     applies(s)
-        && s.c_in.min(s.c_out) >= 32
+        && s.c_in.min(s.c_out) >= 64
         && tiles_of(s) >= 64
         && 2 * tiles_of(s) >= s.c_in.max(s.c_out)
 }
