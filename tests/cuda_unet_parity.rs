@@ -24,13 +24,25 @@ fn main() {
     use cuda_common::{device, host};
     cuda_common::main(vec![
         device("bias_matches_cpu", bias_matches_cpu),
-        device("upconv_matches_cpu_and_writes_only_its_slice", upconv_matches_cpu_and_writes_only_its_slice),
+        device(
+            "upconv_matches_cpu_and_writes_only_its_slice",
+            upconv_matches_cpu_and_writes_only_its_slice,
+        ),
         device("copy_channels_matches_cpu", copy_channels_matches_cpu),
         device("sigmoid_and_dice_match_cpu", sigmoid_and_dice_match_cpu),
-        device("unet_ops_reject_bad_shapes_without_launching", unet_ops_reject_bad_shapes_without_launching),
+        device(
+            "unet_ops_reject_bad_shapes_without_launching",
+            unet_ops_reject_bad_shapes_without_launching,
+        ),
         device("unet_step_matches_cpu", unet_step_matches_cpu),
-        device("parity_binary_passes_every_unet_fixture_on_cuda", parity_binary_passes_every_unet_fixture_on_cuda),
-        host("unet_kernels_are_embedded_and_compile_at_run_time", unet_kernels_are_embedded_and_compile_at_run_time),
+        device(
+            "parity_binary_passes_every_unet_fixture_on_cuda",
+            parity_binary_passes_every_unet_fixture_on_cuda,
+        ),
+        host(
+            "unet_kernels_are_embedded_and_compile_at_run_time",
+            unet_kernels_are_embedded_and_compile_at_run_time,
+        ),
     ])
 }
 

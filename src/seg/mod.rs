@@ -2,11 +2,13 @@
 //! on the subdural window, dilation, 3-D connected components and their filter.
 //!
 //! Everything here works on `[z, y, x]` arrays (HU, normalised CAM, 0/1 masks) and knows
-//! nothing of the network or of files: the CAM comes in already min-max normalised and
-//! upsampled to the slice, the slice decisions come in as booleans.
+//! nothing of the network or of files: the maps come in as arrays (the CAM min-max
+//! normalised; [`field`] brings a model-resolution map to the native grid on a backend),
+//! the slice decisions come in as booleans.
 
 pub mod ccl;
 pub mod choose;
+pub mod field;
 pub mod kmeans;
 pub mod morph;
 pub mod refine;
@@ -15,7 +17,10 @@ pub mod threshold;
 pub use ccl::{
     connected_components, filter_components, CclOutput, ComponentFilter, Connectivity, FilterOutput,
 };
-pub use refine::{refine, refine_authors, RefineConfig, RefineMode, RefineOutput};
+pub use refine::{
+    effective_saturation, refine, refine_authors, volume_config, RefineConfig, RefineMode,
+    RefineOutput,
+};
 
 /// Errors of the segmentation steps: inputs whose shapes do not fit together.
 #[derive(Debug, thiserror::Error)]
