@@ -316,15 +316,22 @@ fn conv_f32_agrees_with_f64() {
             let n: f64 = b.iter().map(|q| q * q).sum::<f64>().sqrt();
             d / n
         };
+        // f32 3x3 stride-1 passes run by Winograd F(4x4, 3x3) where it pays; its transforms
+        // (coefficients up to 8) roughly double the rounding error of the direct product.
+        let tol = if ichcam::engine::cpu::conv::use_winograd::<f32>(&s) {
+            2e-6
+        } else {
+            1e-6
+        };
         let (mut y32, mut y64) = (vec![0f32; s.y_len()], vec![0f64; s.y_len()]);
         b32.conv2d_fwd(&s, &f(&x), &f(&w), &mut y32).unwrap();
         b64.conv2d_fwd(&s, &x, &w, &mut y64).unwrap();
-        assert!(rel(&y32, &y64) < 1e-6, "fwd {s:?}: {}", rel(&y32, &y64));
+        assert!(rel(&y32, &y64) < tol, "fwd {s:?}: {}", rel(&y32, &y64));
         let (mut dx32, mut dx64) = (vec![0f32; s.x_len()], vec![0f64; s.x_len()]);
         b32.conv2d_bwd_data(&s, &f(&dy), &f(&w), &mut dx32).unwrap();
         b64.conv2d_bwd_data(&s, &dy, &w, &mut dx64).unwrap();
         assert!(
-            rel(&dx32, &dx64) < 1e-6,
+            rel(&dx32, &dx64) < tol,
             "bwd data {s:?}: {}",
             rel(&dx32, &dx64)
         );
@@ -333,7 +340,7 @@ fn conv_f32_agrees_with_f64() {
             .unwrap();
         b64.conv2d_bwd_weight(&s, &x, &dy, &mut dw64).unwrap();
         assert!(
-            rel(&dw32, &dw64) < 1e-6,
+            rel(&dw32, &dw64) < tol,
             "bwd weight {s:?}: {}",
             rel(&dw32, &dw64)
         );

@@ -6,6 +6,9 @@
 //! Workloads: `conv` (a 3x3 64->64 convolution's forward and both backward passes, at the
 //! config's stage-1 resolution), `train-step` (stage-1 forward + backward + SGD step) and
 //! `cam` (stage-2 inference with the vanilla CAM, upsampled and normalised, left on the device).
+//! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
+//! bench follows that preset when it changes. `--describe` prints the model config and
+//! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch).
 
 use std::time::Instant;
 
@@ -14,14 +17,17 @@ use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::device::{pick_device, DeviceChoice};
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::{Backend, Conv2d};
+use ichcam::infer::SegmentOptions;
 use ichcam::model::{BlockKind, CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
+use ichcam::train::TrainConfig;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// tiny (CPU-sized), small (ResNet-18 + LSTM 3x256, 4x32 slices / 128 slices at 256^2)
+    /// tiny (the training CPU default: its model, batch x slices and image size; CAM passes
+    /// of the segmenter's slices per pass), small (ResNet-18 + LSTM 3x256, 4x32 slices / 128 slices at 256^2)
     /// or paper (ResNet-101 + LSTM 3x256, 1x32 slices / 32 slices at 512^2).
     #[arg(long, default_value = "tiny")]
     config: String,
@@ -46,6 +52,9 @@ pub struct Args {
     /// Also print one JSON line with the figures.
     #[arg(long)]
     json: bool,
+    /// Print the model config and the workload's shapes as one JSON line, run nothing.
+    #[arg(long)]
+    describe: bool,
 }
 
 /// The sizes of one benchmark configuration.
@@ -61,13 +70,16 @@ struct Preset {
 
 fn preset(name: &str) -> anyhow::Result<Preset> {
     Ok(match name {
-        "tiny" => Preset {
-            name: "tiny",
-            model: ModelConfig::tiny(),
-            train: (1, 8),
-            cam_slices: 8,
-            size: 64,
-        },
+        "tiny" => {
+            let t = TrainConfig::tiny();
+            Preset {
+                name: "tiny",
+                model: t.model,
+                train: (t.batch, t.slices),
+                cam_slices: SegmentOptions::default().batch_slices,
+                size: t.size,
+            }
+        }
         "small" => Preset {
             name: "small",
             model: ModelConfig {
@@ -90,10 +102,23 @@ fn preset(name: &str) -> anyhow::Result<Preset> {
     })
 }
 
-/// Median and minimum of per-iteration times in ms.
+/// Median and minimum of per-iteration times in ms, and the process's CPU time (all
+/// threads) per iteration, which a loaded machine inflates much less than wall time.
 struct Timing {
     median_ms: f64,
     min_ms: f64,
+    cpu_ms: Option<f64>,
+}
+
+/// User + system CPU time of this process so far in ms (Linux `/proc/self/stat`), if known.
+fn process_cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+    // USER_HZ is 100 on every Linux ABI Rust targets.
+    Some((utime + stime) * 10.0)
 }
 
 fn time<F: FnMut() -> anyhow::Result<()>>(
@@ -106,17 +131,24 @@ fn time<F: FnMut() -> anyhow::Result<()>>(
         f()?;
     }
     sync()?;
+    let _ = ichcam::engine::cpu::profile_report(); // drop the warm-up's counts
     let mut ms = Vec::with_capacity(iters.max(1));
+    let cpu0 = process_cpu_ms();
     for _ in 0..iters.max(1) {
         let t = Instant::now();
         f()?;
         sync()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let cpu_ms = match (cpu0, process_cpu_ms()) {
+        (Some(a), Some(b)) => Some((b - a) / iters.max(1) as f64),
+        _ => None,
+    };
     ms.sort_by(|a, b| a.total_cmp(b));
     Ok(Timing {
         median_ms: ms[ms.len() / 2],
         min_ms: ms[0],
+        cpu_ms,
     })
 }
 
@@ -135,6 +167,19 @@ fn inputs(len: usize, seed: u64) -> Vec<f32> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let p = preset(&args.config)?;
+    if args.describe {
+        let j = serde_json::json!({
+            "config": p.name,
+            "what": args.what,
+            "model": serde_json::from_str::<serde_json::Value>(&p.model.to_fixture_json())?,
+            "batch": args.batch.unwrap_or(p.train.0),
+            "slices": args.slices.unwrap_or(p.train.1),
+            "cam_slices": args.slices.unwrap_or(p.cam_slices),
+            "size": args.size.unwrap_or(p.size),
+        });
+        println!("{j}");
+        return Ok(());
+    }
     match pick_device(&args.device).context("choosing the device")? {
         DeviceChoice::Cpu { reason } => {
             if let Some(r) = reason {
@@ -334,6 +379,27 @@ fn bench_conv<B: Backend<T = f32>>(
     Ok(())
 }
 
+/// With `ICHCAM_PROFILE=1` on the CPU: where the timed iterations spent their time, per op
+/// family (warm-up excluded), per iteration.
+fn print_profile(iters: usize) {
+    if let Some(rows) = ichcam::engine::cpu::profile_report() {
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        let it = iters.max(1) as f64;
+        println!(
+            "profile (per iteration, ms): total in ops {:.2}",
+            total / it
+        );
+        for (name, ms, calls) in rows {
+            println!(
+                "  {name:<22} {:>8.2} ms {:>5.1} %  {:>5} calls",
+                ms / it,
+                100.0 * ms / total.max(1e-12),
+                calls / iters.max(1) as u64
+            );
+        }
+    }
+}
+
 fn report(
     args: &Args,
     config: &str,
@@ -343,6 +409,7 @@ fn report(
     slices: usize,
     detail: &str,
 ) {
+    print_profile(args.iters);
     let per_s = slices as f64 / (t.median_ms / 1e3);
     println!(
         "bench {what} config={config} device=\"{device}\": median {:.3} ms (min {:.3} ms), {:.1} slices/s; {detail}",
@@ -351,7 +418,7 @@ fn report(
     if args.json {
         let j = serde_json::json!({
             "what": what, "config": config, "device": device, "median_ms": t.median_ms,
-            "min_ms": t.min_ms, "slices_per_s": per_s, "iters": args.iters, "detail": detail,
+            "min_ms": t.min_ms, "cpu_ms": t.cpu_ms, "slices_per_s": per_s, "iters": args.iters, "detail": detail,
         });
         println!("{j}");
     }

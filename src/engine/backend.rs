@@ -51,6 +51,53 @@ pub trait Backend: Send + Sync {
         dw: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// Inference convolution + batch norm with the running statistics (+ residual)
+    /// (+ ReLU): `y = act(bn_eval(conv(x, w)) + residual)`, the whole eval-mode unit of a
+    /// residual block in one op. The default runs the separate ops (allocating the
+    /// intermediates); a backend may fold the normalisation into the convolution's output.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bn_eval_fwd(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        let mut z = self.zeros(s.y_len())?;
+        self.conv2d_fwd(s, x, w, &mut z)?;
+        match residual {
+            None => {
+                self.batchnorm_eval_fwd(bn, &z, gamma, beta, running_mean, running_var, y, relu)
+            }
+            Some(r) => {
+                let mut t = self.zeros(s.y_len())?;
+                self.batchnorm_eval_fwd(
+                    bn,
+                    &z,
+                    gamma,
+                    beta,
+                    running_mean,
+                    running_var,
+                    &mut t,
+                    false,
+                )?;
+                if relu {
+                    self.add_relu_fwd(&t, r, y)
+                } else {
+                    self.copy(&t, y)?;
+                    self.add_assign(y, r)
+                }
+            }
+        }
+    }
+
     // ---- batch norm ----------------------------------------------------------------------
     /// Training mode: normalises with the batch statistics (biased variance), updates the
     /// running stats with PyTorch's momentum and the *unbiased* variance, saves the batch

@@ -298,21 +298,12 @@ impl<B: Backend> UnitActs<B> {
         mode: BnMode,
     ) -> Result<(), ModelError> {
         let s = self.spec;
+        if mode == BnMode::Eval {
+            return self.forward_eval(be, params, x, None, self.relu, None);
+        }
         be.conv2d_fwd(&self.conv, x, &params[s.w].data, &mut self.z)?;
         match mode {
-            BnMode::Eval => {
-                let (g, b) = (&params[s.g].data, &params[s.b].data);
-                be.batchnorm_eval_fwd(
-                    &self.bn,
-                    &self.z,
-                    g,
-                    b,
-                    &params[s.rm].data,
-                    &params[s.rv].data,
-                    &mut self.y,
-                    self.relu,
-                )?;
-            }
+            BnMode::Eval => {} // handled above
             BnMode::Train => {
                 let [g, b, rm, rv] =
                     params
@@ -358,6 +349,39 @@ impl<B: Backend> UnitActs<B> {
                 )?;
             }
         }
+        Ok(())
+    }
+
+    /// Eval-mode forward as one fused op (conv, BN with the running stats, optional
+    /// residual, optional ReLU) into `out`, or into this unit's `y` when `out` is None.
+    fn forward_eval(
+        &mut self,
+        be: &B,
+        params: &[Param<B>],
+        x: &B::Buf,
+        residual: Option<&B::Buf>,
+        relu: bool,
+        out: Option<&mut B::Buf>,
+    ) -> Result<(), ModelError> {
+        let s = self.spec;
+        let p = |i: usize| &params[i].data;
+        let y = match out {
+            Some(o) => o,
+            None => &mut self.y,
+        };
+        be.conv2d_bn_eval_fwd(
+            &self.conv,
+            &self.bn,
+            x,
+            p(s.w),
+            p(s.g),
+            p(s.b),
+            p(s.rm),
+            p(s.rv),
+            residual,
+            relu,
+            y,
+        )?;
         Ok(())
     }
 
@@ -471,6 +495,34 @@ impl<B: Backend> BlockActs<B> {
         x: &B::Buf,
         mode: BnMode,
     ) -> Result<(), ModelError> {
+        if mode == BnMode::Eval {
+            // The shortcut first, then the main branch, its last unit fused with the join.
+            if let Some(d) = self.down.as_mut() {
+                d.forward(be, params, x, mode)?;
+            }
+            let last = self.units.len() - 1;
+            for j in 0..=last {
+                let (prev, cur) = self.units.split_at_mut(j);
+                let input = if j == 0 { x } else { &prev[j - 1].y };
+                if j < last {
+                    cur[0].forward(be, params, input, mode)?;
+                } else {
+                    let shortcut = match &self.down {
+                        Some(d) => &d.y,
+                        None => x,
+                    };
+                    cur[0].forward_eval(
+                        be,
+                        params,
+                        input,
+                        Some(shortcut),
+                        true,
+                        Some(&mut self.out),
+                    )?;
+                }
+            }
+            return Ok(());
+        }
         for j in 0..self.units.len() {
             let (prev, cur) = self.units.split_at_mut(j);
             let input = if j == 0 { x } else { &prev[j - 1].y };

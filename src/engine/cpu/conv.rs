@@ -15,6 +15,8 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Par};
+use super::scratch::PoolVec;
+use super::winograd::{self, Epilogue};
 use crate::engine::shapes::Conv2d;
 use crate::engine::{check_len, EngineError, Real, Result};
 
@@ -42,6 +44,38 @@ pub fn check_shape(op: &'static str, s: &Conv2d) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// 0: not decided yet (read `ICHCAM_CONV`), 1: Winograd where it pays, 2: direct only.
+static WINOGRAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Turns the Winograd path on or off for the whole process (benchmarks compare the two).
+pub fn set_winograd(enabled: bool) {
+    WINOGRAD.store(
+        if enabled { 1 } else { 2 },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Whether this pass runs by Winograd ([`winograd`]): f32 only (the f64 reference stays on
+/// the direct product), 3x3 stride 1 pad 1, enough tiles to pay for the weight transform.
+/// `ICHCAM_CONV=direct` in the environment (or [`set_winograd`]) turns it off.
+pub fn use_winograd<T: Real>(s: &Conv2d) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut mode = WINOGRAD.load(Relaxed);
+    if mode == 0 {
+        let off = std::env::var("ICHCAM_CONV").is_ok_and(|v| v == "direct");
+        mode = if off { 2 } else { 1 };
+        WINOGRAD.store(mode, Relaxed);
+    }
+    mode == 1
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && winograd::worth_it(s)
+}
+
+/// [`use_winograd`] for the weight gradient (a narrower range of shapes pays).
+pub fn use_winograd_wgrad<T: Real>(s: &Conv2d) -> bool {
+    use_winograd::<T>(s) && winograd::worth_it_wgrad(s)
 }
 
 fn is_pointwise(s: &Conv2d) -> bool {
@@ -111,9 +145,49 @@ fn valid_ox(s: &Conv2d, kx: usize, ow: usize) -> (usize, usize) {
     (lo.min(ow), hi.max(lo.min(ow)))
 }
 
+/// `dst[i] = src[i * stride]`; the common stride 2 through fixed-size chunks (so it
+/// vectorises, unlike a `step_by` iterator).
+#[inline(always)]
+fn strided_copy<T: Real>(src: &[T], stride: usize, dst: &mut [T]) {
+    let n = dst.len();
+    if stride == 2 {
+        let full = n.min(src.len() / 2);
+        for (o, p) in dst[..full].iter_mut().zip(src[..2 * full].chunks_exact(2)) {
+            *o = p[0];
+        }
+        for (i, o) in dst.iter_mut().enumerate().skip(full) {
+            *o = src[2 * i];
+        }
+    } else {
+        for (i, o) in dst.iter_mut().enumerate() {
+            *o = src[i * stride];
+        }
+    }
+}
+
+/// `dst[i * stride] += src[i]` for i < n (the adjoint of [`strided_copy`]).
+#[inline(always)]
+fn strided_add<T: Real>(src: &[T], dst: &mut [T], stride: usize, n: usize) {
+    let n = n.min(src.len());
+    if stride == 2 {
+        let full = n.min(dst.len() / 2);
+        for (p, v) in dst[..2 * full].chunks_exact_mut(2).zip(&src[..full]) {
+            p[0] = p[0] + *v;
+        }
+        for i in full..n {
+            dst[2 * i] = dst[2 * i] + src[i];
+        }
+    } else {
+        for (i, v) in src[..n].iter().enumerate() {
+            dst[i * stride] = dst[i * stride] + *v;
+        }
+    }
+}
+
 /// col[(ci*kh + ky)*kw + kx, (oy - oy0)*ow + ox] = x[ci, oy*stride + ky - pad, ox*stride + kx - pad]
 /// (0 outside the image), rows of `col` `ld` elements apart.
-fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], ld: usize) {
+#[inline(always)]
+fn im2col_body<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], ld: usize) {
     let ow = s.out_w();
     let cols = (oy1 - oy0) * ow;
     let mut row = 0;
@@ -138,10 +212,7 @@ fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], l
                         if s.stride == 1 {
                             d[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
                         } else {
-                            let taps = src[ix0..].iter().step_by(s.stride);
-                            for (o, v) in d[lo..hi].iter_mut().zip(taps) {
-                                *o = *v;
-                            }
+                            strided_copy(&src[ix0..], s.stride, &mut d[lo..hi]);
                         }
                     }
                 }
@@ -151,8 +222,20 @@ fn im2col<T: Real>(s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], l
     }
 }
 
+crate::multiversion!(im2col, im2col_body, <T: Real>, (
+    s: &Conv2d, x: &[T], oy0: usize, oy1: usize, col: &mut [T], ld: usize
+));
+
 /// dx[ci, iy, ix] += col[...]: the adjoint of [`im2col`] (same layout, same `ld`).
-fn col2im_add<T: Real>(s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [T], ld: usize) {
+#[inline(always)]
+fn col2im_add_body<T: Real>(
+    s: &Conv2d,
+    col: &[T],
+    oy0: usize,
+    oy1: usize,
+    dx: &mut [T],
+    ld: usize,
+) {
     let ow = s.out_w();
     let mut row = 0;
     for ci in 0..s.c_in {
@@ -174,9 +257,7 @@ fn col2im_add<T: Real>(s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [
                             *o = *o + *v;
                         }
                     } else {
-                        for (o, v) in d[ix0..].iter_mut().step_by(s.stride).zip(c) {
-                            *o = *o + *v;
-                        }
+                        strided_add(c, &mut d[ix0..], s.stride, hi - lo);
                     }
                 }
                 row += 1;
@@ -185,18 +266,28 @@ fn col2im_add<T: Real>(s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [
     }
 }
 
+crate::multiversion!(col2im_add, col2im_add_body, <T: Real>, (
+    s: &Conv2d, col: &[T], oy0: usize, oy1: usize, dx: &mut [T], ld: usize
+));
+
 /// Per-thread buffers: the column matrix and a `[c_out, cols]` staging matrix.
-#[derive(Default)]
-struct Scratch<T> {
-    col: Vec<T>,
-    stage: Vec<T>,
+struct Scratch<T: Real> {
+    col: PoolVec<T>,
+    stage: PoolVec<T>,
 }
 
-fn sized<T: Real>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-    if v.len() < len {
-        v.resize(len, T::zero());
+impl<T: Real> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            col: PoolVec::default(),
+            stage: PoolVec::default(),
+        }
     }
-    &mut v[..len]
+}
+
+/// The first `len` elements of a scratch buffer (contents unspecified: callers overwrite).
+fn sized<T: Real>(v: &mut PoolVec<T>, len: usize) -> &mut [T] {
+    v.sized(len)
 }
 
 /// `stage[co, j*ohw + p] = per_image[j][co, p]`: several images side by side as one matrix.
@@ -300,23 +391,83 @@ fn fwd_chunk<T: Real>(
 
 /// y = conv(x, w).
 pub fn conv2d_fwd<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) -> Result<()> {
+    conv2d_fwd_fused(s, x, w, y, Epilogue::none())
+}
+
+/// Applies `ep` to `y`, a run of whole images of the output starting at element `at` of
+/// it (`plane` = out_h*out_w, `c` output channels).
+fn apply_epilogue<T: Real>(ep: &Epilogue<'_, T>, c: usize, plane: usize, at: usize, y: &mut [T]) {
+    if ep.affine.is_none() && ep.residual.is_none() && !ep.relu {
+        return;
+    }
+    for (pi, yp) in y.chunks_mut(plane).enumerate() {
+        let ch = (at / plane + pi) % c;
+        let (a, b) = match ep.affine {
+            Some((a, b)) => (a[ch], b[ch]),
+            None => (T::one(), T::zero()),
+        };
+        let off = at + pi * plane;
+        match ep.residual {
+            Some(r) => {
+                let r = &r[off..off + yp.len()];
+                for (v, rv) in yp.iter_mut().zip(r) {
+                    let z = *v * a + b + *rv;
+                    *v = if ep.relu { z.max(T::zero()) } else { z };
+                }
+            }
+            None => {
+                for v in yp.iter_mut() {
+                    let z = *v * a + b;
+                    *v = if ep.relu { z.max(T::zero()) } else { z };
+                }
+            }
+        }
+    }
+}
+
+/// y = act(conv(x, w) * scale[c] + shift[c] + residual) (each part optional, see
+/// [`Epilogue`]), the epilogue applied to each chunk of images while it is in the cache.
+pub fn conv2d_fwd_fused<T: Real>(
+    s: &Conv2d,
+    x: &[T],
+    w: &[T],
+    y: &mut [T],
+    ep: Epilogue<'_, T>,
+) -> Result<()> {
     const OP: &str = "conv2d_fwd";
     check_shape(OP, s)?;
     check_len(OP, "x", x.len(), s.x_len())?;
     check_len(OP, "w", w.len(), s.w_len())?;
     check_len(OP, "y", y.len(), s.y_len())?;
+    if let Some((a, b)) = ep.affine {
+        check_len(OP, "scale", a.len(), s.c_out)?;
+        check_len(OP, "shift", b.len(), s.c_out)?;
+    }
+    if let Some(r) = ep.residual {
+        check_len(OP, "residual", r.len(), s.y_len())?;
+    }
     let xi = s.c_in * s.h * s.w;
-    let yi = s.c_out * s.out_h() * s.out_w();
+    let plane = s.out_h() * s.out_w();
+    let yi = s.c_out * plane;
     if s.n == 0 || yi == 0 {
         return Ok(());
     }
     if xi == 0 {
         y.fill(T::zero());
+        apply_epilogue(&ep, s.c_out, plane, 0, y);
+        return Ok(());
+    }
+    if use_winograd::<T>(s) {
+        winograd::conv3x3_fwd(s, x, w, y, ep);
         return Ok(());
     }
     let p = plan(s);
+    let base = y.as_ptr() as usize;
     for_chunks(p, y, yi, x, xi, |yc, xc, sc, par| {
-        fwd_chunk(s, p, xc, w, yc, sc, par)
+        fwd_chunk(s, p, xc, w, yc, sc, par)?;
+        let at = (yc.as_ptr() as usize - base) / std::mem::size_of::<T>();
+        apply_epilogue(&ep, s.c_out, plane, at, yc);
+        Ok(())
     })
 }
 
@@ -392,6 +543,10 @@ pub fn conv2d_bwd_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) -> 
         dx.fill(T::zero());
         return Ok(());
     }
+    if use_winograd::<T>(s) {
+        winograd::conv3x3_bwd_data(s, dy, w, dx);
+        return Ok(());
+    }
     let p = plan(s);
     for_chunks(p, dx, xi, dy, yi, |dxc, dyc, sc, par| {
         bwd_data_chunk(s, p, dyc, w, dxc, sc, par)
@@ -464,6 +619,10 @@ pub fn conv2d_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) -
     let xi = s.c_in * s.h * s.w;
     let yi = s.c_out * s.out_h() * s.out_w();
     if s.n == 0 || xi == 0 || yi == 0 {
+        return Ok(());
+    }
+    if use_winograd_wgrad::<T>(s) {
+        winograd::conv3x3_bwd_weight(s, x, dy, dw);
         return Ok(());
     }
     let p = plan(s);

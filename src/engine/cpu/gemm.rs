@@ -310,3 +310,120 @@ mod tests {
         .is_err());
     }
 }
+
+/// `c = a * b` for contiguous row-major f32 matrices (`a` m x k, `b` k x n, `c` m x n) with
+/// `n` a multiple of 16, by an AVX-512 register-blocked kernel (8 rows x 32 columns of `c`
+/// in 16 registers, `b` read in place: no packing). For the many small products of one
+/// Winograd block, whose right-hand side was just written and sits in the cache, where the
+/// general product's packing and dispatch cost as much as the arithmetic. Returns false
+/// (and does nothing) when the processor lacks AVX-512 or the shapes do not fit.
+pub fn matmul_f32_rowmajor_small(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::simd::isa() != super::simd::Isa::Avx512
+            || !n.is_multiple_of(16)
+            || a.len() < m * k
+            || b.len() < k * n
+            || c.len() < m * n
+        {
+            return false;
+        }
+        if m == 0 || n == 0 {
+            return true;
+        }
+        // SAFETY: AVX-512F is present (isa), and the three slices hold the matrices
+        // (lengths checked above).
+        unsafe { avx512::matmul(m, n, k, a.as_ptr(), b.as_ptr(), c.as_mut_ptr()) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, n, k, a, b, c);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// One `MR x (16*NV)` tile of `c` over the whole depth `k`.
+    #[inline(always)]
+    unsafe fn tile<const MR: usize, const NV: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for kk in 0..k {
+            let bp = b.add(kk * ldb);
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, bvv) in bv.iter_mut().enumerate() {
+                *bvv = _mm512_loadu_ps(bp.add(16 * v));
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                for v in 0..NV {
+                    accr[v] = _mm512_fmadd_ps(av, bv[v], accr[v]);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            for (v, accv) in accr.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc + 16 * v), *accv);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows<const NV: usize>(
+        m: usize,
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+    ) {
+        let mut r = 0;
+        while r + 8 <= m {
+            tile::<8, NV>(k, a.add(r * k), k, b, ldb, c.add(r * ldb), ldb);
+            r += 8;
+        }
+        let (a, c) = (a.add(r * k), c.add(r * ldb));
+        match m - r {
+            0 => {}
+            1 => tile::<1, NV>(k, a, k, b, ldb, c, ldb),
+            2 => tile::<2, NV>(k, a, k, b, ldb, c, ldb),
+            3 => tile::<3, NV>(k, a, k, b, ldb, c, ldb),
+            4 => tile::<4, NV>(k, a, k, b, ldb, c, ldb),
+            5 => tile::<5, NV>(k, a, k, b, ldb, c, ldb),
+            6 => tile::<6, NV>(k, a, k, b, ldb, c, ldb),
+            _ => tile::<7, NV>(k, a, k, b, ldb, c, ldb),
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F must be available; `a` holds m*k, `b` k*n, `c` m*n floats; n % 16 == 0.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn matmul(m: usize, n: usize, k: usize, a: *const f32, b: *const f32, c: *mut f32) {
+        let mut j = 0;
+        while j + 32 <= n {
+            rows::<2>(m, k, a, b.add(j), n, c.add(j));
+            j += 32;
+        }
+        if j < n {
+            rows::<1>(m, k, a, b.add(j), n, c.add(j));
+        }
+    }
+}

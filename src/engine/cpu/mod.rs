@@ -19,13 +19,91 @@ pub mod lstm;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod scratch;
+pub mod simd;
 pub mod upconv;
+pub mod winograd;
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
 
 use super::backend::Backend;
 use super::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 use super::{Real, Result};
+
+/// Per-op wall time, collected when `ICHCAM_PROFILE=1` (see [`profile_report`]).
+struct Prof {
+    on: bool,
+    ns: [AtomicU64; OPS.len()],
+    calls: [AtomicU64; OPS.len()],
+}
+
+const OPS: [&str; 18] = [
+    "conv2d_fwd",
+    "conv2d_bwd_data",
+    "conv2d_bwd_weight",
+    "batchnorm_train_fwd",
+    "batchnorm_eval_fwd",
+    "batchnorm_bwd",
+    "elementwise",
+    "maxpool2d_fwd",
+    "maxpool2d_bwd",
+    "global_avg_pool",
+    "linear",
+    "lstm_fwd",
+    "lstm_bwd",
+    "loss",
+    "optimizer",
+    "cam",
+    "memory",
+    "conv2d_bn_eval_fwd",
+];
+
+fn prof() -> &'static Prof {
+    static P: OnceLock<Prof> = OnceLock::new();
+    P.get_or_init(|| Prof {
+        on: std::env::var("ICHCAM_PROFILE").is_ok_and(|v| v == "1"),
+        ns: std::array::from_fn(|_| AtomicU64::new(0)),
+        calls: std::array::from_fn(|_| AtomicU64::new(0)),
+    })
+}
+
+/// Runs `f`, adding its wall time to op `op` when profiling is on.
+fn timed<R>(op: usize, f: impl FnOnce() -> R) -> R {
+    let p = prof();
+    if !p.on {
+        return f();
+    }
+    let t = std::time::Instant::now();
+    let r = f();
+    p.ns[op].fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+    p.calls[op].fetch_add(1, Relaxed);
+    r
+}
+
+/// With `ICHCAM_PROFILE=1`: the wall time spent in each op family since the last report
+/// (ms, calls), largest first, and resets the counters; None when profiling is off.
+pub fn profile_report() -> Option<Vec<(&'static str, f64, u64)>> {
+    let p = prof();
+    if !p.on {
+        return None;
+    }
+    let mut v: Vec<_> = OPS
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                *n,
+                p.ns[i].swap(0, Relaxed) as f64 / 1e6,
+                p.calls[i].swap(0, Relaxed),
+            )
+        })
+        .filter(|r| r.2 > 0)
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Some(v)
+}
 
 /// The CPU backend over host vectors of `T` (f32 for work, f64 for gradient checks).
 #[derive(Clone, Copy, Debug)]
@@ -54,32 +132,32 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<T>> {
-        Ok(vec![T::zero(); len])
+        timed(16, || Ok(vec![T::zero(); len]))
     }
     fn upload(&self, host: &[T]) -> Result<Vec<T>> {
-        Ok(host.to_vec())
+        timed(16, || Ok(host.to_vec()))
     }
     fn download(&self, buf: &Vec<T>) -> Result<Vec<T>> {
-        Ok(buf.clone())
+        timed(16, || Ok(buf.clone()))
     }
     fn len(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }
     fn fill(&self, buf: &mut Vec<T>, value: f64) -> Result<()> {
-        elementwise::fill(buf, value)
+        timed(16, || elementwise::fill(buf, value))
     }
     fn copy(&self, src: &Vec<T>, dst: &mut Vec<T>) -> Result<()> {
-        elementwise::copy(src, dst)
+        timed(16, || elementwise::copy(src, dst))
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
 
     fn conv2d_fwd(&self, s: &Conv2d, x: &Vec<T>, w: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
-        conv::conv2d_fwd(s, x, w, y)
+        timed(0, || conv::conv2d_fwd(s, x, w, y))
     }
     fn conv2d_bwd_data(&self, s: &Conv2d, dy: &Vec<T>, w: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
-        conv::conv2d_bwd_data(s, dy, w, dx)
+        timed(1, || conv::conv2d_bwd_data(s, dy, w, dx))
     }
     fn conv2d_bwd_weight(
         &self,
@@ -88,7 +166,39 @@ impl<T: Real> Backend for CpuBackend<T> {
         dy: &Vec<T>,
         dw: &mut Vec<T>,
     ) -> Result<()> {
-        conv::conv2d_bwd_weight(s, x, dy, dw)
+        timed(2, || conv::conv2d_bwd_weight(s, x, dy, dw))
+    }
+
+    fn conv2d_bn_eval_fwd(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        running_mean: &Vec<T>,
+        running_var: &Vec<T>,
+        residual: Option<&Vec<T>>,
+        relu: bool,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(17, || {
+            let (scale, shift) =
+                norm::eval_scale_shift(bn, gamma, beta, running_mean, running_var)?;
+            if bn.n != s.n || bn.c != s.c_out || bn.hw != s.out_h() * s.out_w() {
+                return Err(super::EngineError::Shape {
+                    op: "conv2d_bn_eval_fwd",
+                    detail: format!("batch norm {bn:?} does not fit the convolution {s:?}"),
+                });
+            }
+            let ep = winograd::Epilogue {
+                affine: Some((&scale, &shift)),
+                residual: residual.map(|r| r.as_slice()),
+                relu,
+            };
+            conv::conv2d_fwd_fused(s, x, w, y, ep)
+        })
     }
 
     fn batchnorm_train_fwd(
@@ -104,18 +214,20 @@ impl<T: Real> Backend for CpuBackend<T> {
         y: &mut Vec<T>,
         relu: bool,
     ) -> Result<()> {
-        norm::batchnorm_train_fwd(
-            s,
-            x,
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-            save_mean,
-            save_invstd,
-            y,
-            relu,
-        )
+        timed(3, || {
+            norm::batchnorm_train_fwd(
+                s,
+                x,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                y,
+                relu,
+            )
+        })
     }
     fn batchnorm_eval_fwd(
         &self,
@@ -128,7 +240,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         y: &mut Vec<T>,
         relu: bool,
     ) -> Result<()> {
-        norm::batchnorm_eval_fwd(s, x, gamma, beta, running_mean, running_var, y, relu)
+        timed(4, || {
+            norm::batchnorm_eval_fwd(s, x, gamma, beta, running_mean, running_var, y, relu)
+        })
     }
     fn batchnorm_bwd(
         &self,
@@ -144,39 +258,41 @@ impl<T: Real> Backend for CpuBackend<T> {
         dbeta: &mut Vec<T>,
         relu: bool,
     ) -> Result<()> {
-        norm::batchnorm_bwd(
-            s,
-            x,
-            y,
-            dy,
-            gamma,
-            save_mean,
-            save_invstd,
-            dx,
-            dgamma,
-            dbeta,
-            relu,
-        )
+        timed(5, || {
+            norm::batchnorm_bwd(
+                s,
+                x,
+                y,
+                dy,
+                gamma,
+                save_mean,
+                save_invstd,
+                dx,
+                dgamma,
+                dbeta,
+                relu,
+            )
+        })
     }
 
     fn relu_fwd(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
-        elementwise::relu_fwd(x, y)
+        timed(6, || elementwise::relu_fwd(x, y))
     }
     fn relu_bwd(&self, y: &Vec<T>, dy: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
-        elementwise::relu_bwd(y, dy, dx)
+        timed(6, || elementwise::relu_bwd(y, dy, dx))
     }
     fn add_relu_fwd(&self, a: &Vec<T>, b: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
-        elementwise::add_relu_fwd(a, b, y)
+        timed(6, || elementwise::add_relu_fwd(a, b, y))
     }
     fn add_assign(&self, y: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
-        elementwise::add_assign(y, x)
+        timed(6, || elementwise::add_assign(y, x))
     }
     fn scale_assign(&self, y: &mut Vec<T>, alpha: f64) -> Result<()> {
-        elementwise::scale_assign(y, alpha)
+        timed(6, || elementwise::scale_assign(y, alpha))
     }
 
     fn maxpool2d_fwd(&self, s: &Pool2d, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
-        pool::maxpool2d_fwd(s, x, y)
+        timed(7, || pool::maxpool2d_fwd(s, x, y))
     }
     fn maxpool2d_bwd(
         &self,
@@ -186,7 +302,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         dy: &Vec<T>,
         dx: &mut Vec<T>,
     ) -> Result<()> {
-        pool::maxpool2d_bwd(s, x, y, dy, dx)
+        timed(8, || pool::maxpool2d_bwd(s, x, y, dy, dx))
     }
     fn global_avg_pool_fwd(
         &self,
@@ -195,7 +311,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         x: &Vec<T>,
         y: &mut Vec<T>,
     ) -> Result<()> {
-        pool::global_avg_pool_fwd(rows, hw, x, y)
+        timed(9, || pool::global_avg_pool_fwd(rows, hw, x, y))
     }
     fn global_avg_pool_bwd(
         &self,
@@ -204,7 +320,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         dy: &Vec<T>,
         dx: &mut Vec<T>,
     ) -> Result<()> {
-        pool::global_avg_pool_bwd(rows, hw, dy, dx)
+        timed(9, || pool::global_avg_pool_bwd(rows, hw, dy, dx))
     }
 
     fn linear_fwd(
@@ -217,7 +333,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         b: Option<&Vec<T>>,
         y: &mut Vec<T>,
     ) -> Result<()> {
-        dense::linear_fwd(m, k, n, x, w, b.map(|v| v.as_slice()), y)
+        timed(10, || {
+            dense::linear_fwd(m, k, n, x, w, b.map(|v| v.as_slice()), y)
+        })
     }
     fn linear_bwd(
         &self,
@@ -231,17 +349,19 @@ impl<T: Real> Backend for CpuBackend<T> {
         dw: &mut Vec<T>,
         db: Option<&mut Vec<T>>,
     ) -> Result<()> {
-        dense::linear_bwd(
-            m,
-            k,
-            n,
-            x,
-            w,
-            dy,
-            dx.map(|v| v.as_mut_slice()),
-            dw,
-            db.map(|v| v.as_mut_slice()),
-        )
+        timed(10, || {
+            dense::linear_bwd(
+                m,
+                k,
+                n,
+                x,
+                w,
+                dy,
+                dx.map(|v| v.as_mut_slice()),
+                dw,
+                db.map(|v| v.as_mut_slice()),
+            )
+        })
     }
 
     fn lstm_fwd(
@@ -256,7 +376,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         c_seq: &mut Vec<T>,
         gates: &mut Vec<T>,
     ) -> Result<()> {
-        lstm::lstm_fwd(s, x, w_ih, w_hh, b_ih, b_hh, h_seq, c_seq, gates)
+        timed(11, || {
+            lstm::lstm_fwd(s, x, w_ih, w_hh, b_ih, b_hh, h_seq, c_seq, gates)
+        })
     }
     fn lstm_bwd(
         &self,
@@ -273,9 +395,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         dw_hh: &mut Vec<T>,
         db: &mut Vec<T>,
     ) -> Result<()> {
-        lstm::lstm_bwd(
-            s, x, w_ih, w_hh, h_seq, c_seq, gates, dh_seq, dx, dw_ih, dw_hh, db,
-        )
+        timed(12, || {
+            lstm::lstm_bwd(
+                s, x, w_ih, w_hh, h_seq, c_seq, gates, dh_seq, dx, dw_ih, dw_hh, db,
+            )
+        })
     }
 
     fn bce_with_logits(
@@ -285,7 +409,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         pos_weight: f64,
         dlogits: &mut Vec<T>,
     ) -> Result<f64> {
-        loss::bce_with_logits(logits, targets, pos_weight, dlogits)
+        timed(13, || {
+            loss::bce_with_logits(logits, targets, pos_weight, dlogits)
+        })
     }
     fn sgd_step(
         &self,
@@ -297,7 +423,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         weight_decay: f64,
         first_step: bool,
     ) -> Result<()> {
-        optim::sgd_step(p, g, m, lr, momentum, weight_decay, first_step)
+        timed(14, || {
+            optim::sgd_step(p, g, m, lr, momentum, weight_decay, first_step)
+        })
     }
     fn adam_step(
         &self,
@@ -312,7 +440,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         eps: f64,
         weight_decay: f64,
     ) -> Result<()> {
-        optim::adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+        timed(14, || {
+            optim::adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+        })
     }
 
     fn cam_weight(
@@ -324,7 +454,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         weights: &Vec<T>,
         cam: &mut Vec<T>,
     ) -> Result<()> {
-        cam::cam_weight(n, c, hw, features, weights, cam)
+        timed(15, || cam::cam_weight(n, c, hw, features, weights, cam))
     }
     fn gradcam(
         &self,
@@ -335,7 +465,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         grads: &Vec<T>,
         out: &mut Vec<T>,
     ) -> Result<()> {
-        cam::gradcam(n, c, hw, features, grads, out)
+        timed(15, || cam::gradcam(n, c, hw, features, grads, out))
     }
     fn upsample_bilinear(
         &self,
@@ -347,10 +477,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         x: &Vec<T>,
         y: &mut Vec<T>,
     ) -> Result<()> {
-        cam::upsample_bilinear(n, h, w, oh, ow, x, y)
+        timed(15, || cam::upsample_bilinear(n, h, w, oh, ow, x, y))
     }
     fn minmax_normalize(&self, n: usize, len: usize, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
-        cam::minmax_normalize(n, len, x, y)
+        timed(15, || cam::minmax_normalize(n, len, x, y))
     }
 
     fn bias_relu_assign(

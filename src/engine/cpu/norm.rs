@@ -31,6 +31,7 @@ const LANES: usize = 8;
 
 /// Sum of `f(a[i], b[i], c[i])` over equal-length slices: eight independent accumulators
 /// in `T` (the compiler vectorises them), folded into f64 every [`BLOCK`] elements.
+#[inline(always)]
 fn lane_sum<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> f64 {
     let mut total = 0.0;
     for ((ab, bb), cb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).zip(c.chunks(BLOCK)) {
@@ -69,17 +70,52 @@ fn affine<T: Real>(s: &BatchNorm2d, x: &[T], scale: &[T], shift: &[T], y: &mut [
         .enumerate()
         .for_each(|(p, (yp, xp))| {
             let ch = p % s.c;
-            let (a, b) = (scale[ch], shift[ch]);
-            if relu {
-                for (o, v) in yp.iter_mut().zip(xp) {
-                    *o = (*v * a + b).max(T::zero());
-                }
-            } else {
-                for (o, v) in yp.iter_mut().zip(xp) {
-                    *o = *v * a + b;
-                }
-            }
+            affine_plane(yp, xp, scale[ch], shift[ch], relu);
         });
+}
+
+#[inline(always)]
+fn affine_plane_body<T: Real>(yp: &mut [T], xp: &[T], a: T, b: T, relu: bool) {
+    if relu {
+        for (o, v) in yp.iter_mut().zip(xp) {
+            *o = (*v * a + b).max(T::zero());
+        }
+    } else {
+        for (o, v) in yp.iter_mut().zip(xp) {
+            *o = *v * a + b;
+        }
+    }
+}
+crate::multiversion!(affine_plane, affine_plane_body, <T: Real>, (
+    yp: &mut [T], xp: &[T], a: T, b: T, relu: bool
+));
+
+/// (mean, biased variance) of channel `ch`.
+#[inline(always)]
+fn channel_stats_body<T: Real>(s: &BatchNorm2d, ch: usize, x: &[T], count: usize) -> (f64, f64) {
+    let sum: f64 = planes(s, ch, x)
+        .map(|p| lane_sum(p, p, p, |v, _, _| v))
+        .sum();
+    let mean = sum / count as f64;
+    // Two passes: the sum of squared deviations does not cancel like E[x^2] - mean^2.
+    let mt = T::from_f64_lossy(mean);
+    let ss: f64 = planes(s, ch, x)
+        .map(|p| lane_sum(p, p, p, |v, _, _| (v - mt) * (v - mt)))
+        .sum();
+    (mean, ss / count as f64)
+}
+
+fn channel_stats<T: Real>(s: &BatchNorm2d, ch: usize, x: &[T], count: usize) -> (f64, f64) {
+    #[inline(always)]
+    fn inner<T: Real>(s: &BatchNorm2d, ch: usize, x: &[T], count: usize, out: &mut (f64, f64)) {
+        *out = channel_stats_body(s, ch, x, count);
+    }
+    crate::multiversion!(run, inner, <T: Real>, (
+        s: &BatchNorm2d, ch: usize, x: &[T], count: usize, out: &mut (f64, f64)
+    ));
+    let mut out = (0.0, 0.0);
+    run(s, ch, x, count, &mut out);
+    out
 }
 
 /// Training-mode forward; see [`crate::engine::Backend::batchnorm_train_fwd`].
@@ -120,18 +156,7 @@ pub fn batchnorm_train_fwd<T: Real>(
     }
     let stats: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
-        .map(|ch| {
-            let sum: f64 = planes(s, ch, x)
-                .map(|p| lane_sum(p, p, p, |v, _, _| v))
-                .sum();
-            let mean = sum / count as f64;
-            // Two passes: the sum of squared deviations does not cancel like E[x^2] - mean^2.
-            let mt = T::from_f64_lossy(mean);
-            let ss: f64 = planes(s, ch, x)
-                .map(|p| lane_sum(p, p, p, |v, _, _| (v - mt) * (v - mt)))
-                .sum();
-            (mean, ss / count as f64)
-        })
+        .map(|ch| channel_stats(s, ch, x, count))
         .collect();
     let m = s.momentum;
     let unbias = count as f64 / (count as f64 - 1.0);
@@ -177,6 +202,30 @@ pub fn batchnorm_eval_fwd<T: Real>(
             ("running_var", running_var),
         ],
     )?;
+    let (scale, shift) = eval_scale_shift(s, gamma, beta, running_mean, running_var)?;
+    affine(s, x, &scale, &shift, y, relu);
+    Ok(())
+}
+
+/// The eval-mode normalisation as a per-channel affine map `x * scale + shift` (what
+/// [`batchnorm_eval_fwd`] applies, and what a fused convolution folds into its output).
+pub fn eval_scale_shift<T: Real>(
+    s: &BatchNorm2d,
+    gamma: &[T],
+    beta: &[T],
+    running_mean: &[T],
+    running_var: &[T],
+) -> Result<(Vec<T>, Vec<T>)> {
+    check_params(
+        "batchnorm_eval_fwd",
+        s,
+        &[
+            ("gamma", gamma),
+            ("beta", beta),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ],
+    )?;
     let mut scale = vec![T::zero(); s.c];
     let mut shift = vec![T::zero(); s.c];
     for ch in 0..s.c {
@@ -184,9 +233,40 @@ pub fn batchnorm_eval_fwd<T: Real>(
         scale[ch] = T::from_f64_lossy(g);
         shift[ch] = T::from_f64_lossy(beta[ch].as_f64() - running_mean[ch].as_f64() * g);
     }
-    affine(s, x, &scale, &shift, y, relu);
-    Ok(())
+    Ok((scale, shift))
 }
+
+/// Per channel: (sum of g, sum of g * (x - mean)), g being dy masked by the fused ReLU.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn bwd_sums_body<T: Real>(
+    s: &BatchNorm2d,
+    ch: usize,
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    mean: T,
+    relu: bool,
+    out: &mut (f64, f64),
+) {
+    let zero = T::zero();
+    let (mut sg, mut sgx) = (0.0, 0.0);
+    for ((xp, yp), dyp) in planes(s, ch, x)
+        .zip(planes(s, ch, y))
+        .zip(planes(s, ch, dy))
+    {
+        // The gradient reaching the normalised output: dy, zeroed where the fused
+        // ReLU clipped (selects, not branches, so the loop still vectorises).
+        let g = |yv: T, d: T| if relu && yv <= zero { zero } else { d };
+        sg += lane_sum(yp, dyp, dyp, |yv, d, _| g(yv, d));
+        sgx += lane_sum(yp, dyp, xp, |yv, d, xv| g(yv, d) * (xv - mean));
+    }
+    *out = (sg, sgx);
+}
+crate::multiversion!(bwd_sums, bwd_sums_body, <T: Real>, (
+    s: &BatchNorm2d, ch: usize, x: &[T], y: &[T], dy: &[T], mean: T, relu: bool,
+    out: &mut (f64, f64)
+));
 
 /// Backward of the training-mode forward (y is used only to mask dy when `relu`).
 #[allow(clippy::too_many_arguments)]
@@ -223,21 +303,9 @@ pub fn batchnorm_bwd<T: Real>(
     let sums: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
         .map(|ch| {
-            let mean = save_mean[ch];
-            let invstd = save_invstd[ch].as_f64();
-            let zero = T::zero();
-            let (mut sg, mut sgx) = (0.0, 0.0);
-            for ((xp, yp), dyp) in planes(s, ch, x)
-                .zip(planes(s, ch, y))
-                .zip(planes(s, ch, dy))
-            {
-                // The gradient reaching the normalised output: dy, zeroed where the fused
-                // ReLU clipped (selects, not branches, so the loop still vectorises).
-                let g = |yv: T, d: T| if relu && yv <= zero { zero } else { d };
-                sg += lane_sum(yp, dyp, dyp, |yv, d, _| g(yv, d));
-                sgx += lane_sum(yp, dyp, xp, |yv, d, xv| g(yv, d) * (xv - mean));
-            }
-            (sg, sgx * invstd)
+            let mut out = (0.0, 0.0);
+            bwd_sums(s, ch, x, y, dy, save_mean[ch], relu, &mut out);
+            (out.0, out.1 * save_invstd[ch].as_f64())
         })
         .collect();
     // dx = gamma*invstd * (g - mean(g) - xhat * mean(g*xhat)), rewritten per channel as
@@ -264,16 +332,25 @@ pub fn batchnorm_bwd<T: Real>(
         let (a, b, c, mean) = coef[pl % s.c];
         let r = pl * s.hw..(pl + 1) * s.hw;
         let (xp, yp, dyp) = (&x[r.clone()], &y[r.clone()], &dy[r]);
-        if relu {
-            for (((d, xv), yv), g) in dxp.iter_mut().zip(xp).zip(yp).zip(dyp) {
-                let g = if *yv > T::zero() { *g } else { T::zero() };
-                *d = a * g + b * (*xv - mean) + c;
-            }
-        } else {
-            for ((d, xv), g) in dxp.iter_mut().zip(xp).zip(dyp) {
-                *d = a * *g + b * (*xv - mean) + c;
-            }
-        }
+        bwd_plane(dxp, xp, yp, dyp, [a, b, c, mean], relu);
     });
     Ok(())
 }
+
+#[inline(always)]
+fn bwd_plane_body<T: Real>(dxp: &mut [T], xp: &[T], yp: &[T], dyp: &[T], k: [T; 4], relu: bool) {
+    let [a, b, c, mean] = k;
+    if relu {
+        for (((d, xv), yv), g) in dxp.iter_mut().zip(xp).zip(yp).zip(dyp) {
+            let g = if *yv > T::zero() { *g } else { T::zero() };
+            *d = a * g + b * (*xv - mean) + c;
+        }
+    } else {
+        for ((d, xv), g) in dxp.iter_mut().zip(xp).zip(dyp) {
+            *d = a * *g + b * (*xv - mean) + c;
+        }
+    }
+}
+crate::multiversion!(bwd_plane, bwd_plane_body, <T: Real>, (
+    dxp: &mut [T], xp: &[T], yp: &[T], dyp: &[T], k: [T; 4], relu: bool
+));

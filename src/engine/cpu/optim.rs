@@ -30,15 +30,22 @@ pub fn sgd_step<T: Real>(
     p.par_chunks_mut(CHUNK)
         .zip(m.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
-        .for_each(|((pc, mc), gc)| {
-            for ((pv, mv), gv) in pc.iter_mut().zip(mc.iter_mut()).zip(gc) {
-                let d = *gv + wd * *pv;
-                *mv = if first_step { d } else { mom * *mv + d };
-                *pv = *pv - lr * *mv;
-            }
-        });
+        .for_each(|((pc, mc), gc)| sgd_chunk(pc, mc, gc, [lr, mom, wd], first_step));
     Ok(())
 }
+
+#[inline(always)]
+fn sgd_chunk_body<T: Real>(pc: &mut [T], mc: &mut [T], gc: &[T], k: [T; 3], first_step: bool) {
+    let [lr, mom, wd] = k;
+    for ((pv, mv), gv) in pc.iter_mut().zip(mc.iter_mut()).zip(gc) {
+        let d = *gv + wd * *pv;
+        *mv = if first_step { d } else { mom * *mv + d };
+        *pv = *pv - lr * *mv;
+    }
+}
+crate::multiversion!(sgd_chunk, sgd_chunk_body, <T: Real>, (
+    pc: &mut [T], mc: &mut [T], gc: &[T], k: [T; 3], first_step: bool
+));
 
 /// One Adam step; `step` counts from 1.
 #[allow(clippy::too_many_arguments)]

@@ -90,22 +90,40 @@ pub fn maxpool2d_fwd<T: Real>(s: &Pool2d, x: &[T], y: &mut [T]) -> Result<()> {
         .zip(x.par_chunks(s.h * s.w))
         .for_each_init(Vec::new, |hmax, (yp, xp)| {
             hmax.resize(s.h * ow, T::zero());
-            for (row, hrow) in xp.chunks(s.w).zip(hmax.chunks_mut(ow)) {
-                for (o, &(x0, x1)) in hrow.iter_mut().zip(&rx) {
-                    *o = row[x0 + 1..x1].iter().fold(row[x0], |m, v| nan_max(m, *v));
-                }
-            }
-            for (out, &(y0, y1)) in yp.chunks_mut(ow).zip(&ry) {
-                out.copy_from_slice(&hmax[y0 * ow..(y0 + 1) * ow]);
-                for hrow in hmax[(y0 + 1) * ow..y1 * ow].chunks(ow) {
-                    for (o, v) in out.iter_mut().zip(hrow) {
-                        *o = nan_max(*o, *v);
-                    }
-                }
-            }
+            pool_plane(s.w, ow, &rx, &ry, xp, hmax, yp);
         });
     Ok(())
 }
+
+/// One plane of the forward: row maxima into `hmax` `[h][ow]`, then vertical maxima.
+#[inline(always)]
+fn pool_plane_body<T: Real>(
+    w: usize,
+    ow: usize,
+    rx: &[(usize, usize)],
+    ry: &[(usize, usize)],
+    xp: &[T],
+    hmax: &mut [T],
+    yp: &mut [T],
+) {
+    for (row, hrow) in xp.chunks(w).zip(hmax.chunks_mut(ow)) {
+        for (o, &(x0, x1)) in hrow.iter_mut().zip(rx) {
+            *o = row[x0 + 1..x1].iter().fold(row[x0], |m, v| nan_max(m, *v));
+        }
+    }
+    for (out, &(y0, y1)) in yp.chunks_mut(ow).zip(ry) {
+        out.copy_from_slice(&hmax[y0 * ow..(y0 + 1) * ow]);
+        for hrow in hmax[(y0 + 1) * ow..y1 * ow].chunks(ow) {
+            for (o, v) in out.iter_mut().zip(hrow) {
+                *o = nan_max(*o, *v);
+            }
+        }
+    }
+}
+crate::multiversion!(pool_plane, pool_plane_body, <T: Real>, (
+    w: usize, ow: usize, rx: &[(usize, usize)], ry: &[(usize, usize)], xp: &[T],
+    hmax: &mut [T], yp: &mut [T]
+));
 
 /// Backward: each dy goes to the first element of its window (row-major) that equals the
 /// forward's output there, which is the first maximum; if `y` does not match `x` (not the
