@@ -11,9 +11,9 @@
 #
 #   --reuse       keep each fold's trained model when it exists (re-segment and re-evaluate
 #                 only: for refinement options)
-#   --init DIR    start each fold from DIR/foldK's model and resume checkpoint (copied) and
-#                 resume training there (e.g. stage 3 on the two-stage models of another
-#                 run: its train.time is then the added stage's time alone)
+#   --init DIR    train stage 3 alone on DIR/foldK/model.safetensors, the finished two-stage
+#                 model of another run of the same folds, config and seed (`ichcam train
+#                 --stage3-from`): its train.time is then the added stage's time alone
 #   --cam         also report the CAM diagnostics (eval --cam)
 #   --train/--segment  extra arguments for `ichcam train` / `ichcam segment`
 #   ICHCAM_BIN    the binary (default target/release/ichcam, built if missing)
@@ -57,6 +57,10 @@ for cls in (sorted(i for i in ids if i in pos), sorted(i for i in ids if i not i
     for j, i in enumerate(cls):
         print(i, j % k)
 PY
+if [ -n "$INIT" ] && [ -f "$INIT/folds.txt" ] && ! cmp -s "$INIT/folds.txt" "$OUT/folds.txt"; then
+  echo "--init $INIT: its folds.txt differs from these folds (same --folds and --seed?)" >&2
+  exit 1
+fi
 
 for f in $(seq 0 $((FOLDS-1))); do
   fd="$OUT/fold$f"
@@ -77,10 +81,7 @@ for f in $(seq 0 $((FOLDS-1))); do
     rm -f "$fd"/model.*
     FRESH=--fresh
     if [ -n "$INIT" ]; then
-      for x in model.safetensors model.last.safetensors model.log.json; do
-        cp "$INIT/fold$f/$x" "$fd/$x"
-      done
-      FRESH=""
+      FRESH="--fresh --stage3-from $INIT/fold$f/model.safetensors"
     fi
     start=$(date +%s)
     # shellcheck disable=SC2086

@@ -534,6 +534,33 @@ fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
     let r = train(TrainInput::Cases(cases.clone()), &two, &c2, &opts(4)).unwrap();
     assert!(r.finished && r.unet_epochs == 0);
     assert!(!tensors(&two).keys().any(|k| k.starts_with("unet.")));
+    // Stage 3 alone on that finished two-stage model file (no resume checkpoint): the
+    // stages 1-2 tensors are the file's, bit for bit, and the U-Net is added.
+    let three = dir.path().join("three.safetensors");
+    let from = |seed: u64| TrainOptions {
+        stage3_from: Some(two.clone()),
+        ..opts(seed)
+    };
+    let r = train(TrainInput::Cases(cases.clone()), &three, &cfg, &from(4)).unwrap();
+    assert!(r.finished && r.unet_epochs == 2, "{r:?}");
+    let stages: Vec<u8> = r.log.epochs.iter().map(|e| e.stage).collect();
+    assert_eq!(stages, [3, 3]);
+    let (a, b) = (tensors(&two), tensors(&three));
+    for (name, w) in &a {
+        assert_eq!(&b[name], w, "{name} changed by --stage3-from");
+    }
+    assert!(b.keys().any(|k| k.starts_with("unet.")));
+    // ... but not from a model of another config or seed, nor without stage 3.
+    let other = dir.path().join("other.safetensors");
+    let mut c3 = cfg.clone();
+    c3.model.base_width = 6;
+    let e = train(TrainInput::Cases(cases.clone()), &other, &c3, &from(4)).unwrap_err();
+    assert!(e.to_string().contains("another config"), "{e}");
+    let e = train(TrainInput::Cases(cases.clone()), &other, &cfg, &from(5)).unwrap_err();
+    assert!(e.to_string().contains("seed"), "{e}");
+    let e = train(TrainInput::Cases(cases.clone()), &other, &c2, &from(4)).unwrap_err();
+    assert!(e.to_string().contains("no stage 3"), "{e}");
+
     let r = train(TrainInput::Cases(cases), &two, &cfg, &opts(4)).unwrap();
     assert!(r.finished && r.unet_epochs == 2);
     assert!(tensors(&two).keys().any(|k| k.starts_with("unet.")));
