@@ -78,6 +78,8 @@ fn micro_unet_config() -> TrainConfig {
     u.depth = 2;
     u.epochs = 2;
     u.batch = 4;
+    // More slices than the phantoms' positives and negatives: positives drawn again.
+    u.slices_per_epoch = 24;
     u.refine = ichcam::seg::RefineConfig {
         cam_threshold: 0.0,
         grow_cam_threshold: 0.0,

@@ -79,6 +79,10 @@ pub struct Args {
     /// Stage-3 learning rate (Adam).
     #[arg(long)]
     unet_lr: Option<f64>,
+    /// Stage-3 slices per epoch at least (positives drawn again when they and their
+    /// negatives are fewer; 0: every positive once).
+    #[arg(long)]
+    unet_slices_per_epoch: Option<usize>,
     /// Development: train only the stage-2 head on the backbone of this model file.
     #[arg(long, hide = true)]
     stage2_from: Option<PathBuf>,
@@ -187,11 +191,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if let Some(lr) = a.unet_lr {
             u.optimizer = u.optimizer.with_lr(lr);
         }
+        if let Some(n) = a.unet_slices_per_epoch {
+            u.slices_per_epoch = n;
+        }
     } else if a.unet_epochs.is_some()
         || a.unet_features.is_some()
         || a.unet_flags.is_some()
         || a.unet_negatives.is_some()
         || a.unet_lr.is_some()
+        || a.unet_slices_per_epoch.is_some()
     {
         anyhow::bail!("--unet-* options given without stage 3 (--no-unet, or a preset without it)");
     }

@@ -125,6 +125,11 @@ pub struct UNetTrainConfig {
     pub bce_weight: f64,
     /// Negative slices (empty masks) drawn per positive slice in each epoch.
     pub negatives_per_positive: f64,
+    /// Slices per epoch at least: when the positives and their share of negatives are
+    /// fewer, the positives are drawn again (each draw augmented anew), so that a fold
+    /// with few pseudo-masks still gets its optimizer steps (0: every positive once).
+    #[serde(default)]
+    pub slices_per_epoch: usize,
     pub flags: PseudoFlags,
     /// The pseudo-masks' refinement, and its per-volume adjustments (component size in mL,
     /// saturation under the clip of clipped data).
@@ -148,6 +153,7 @@ impl UNetTrainConfig {
             optimizer: OptimizerConfig::adam(1e-3),
             bce_weight: 1.0,
             negatives_per_positive: 1.0,
+            slices_per_epoch: 512,
             flags: PseudoFlags::Labels,
             refine: RefineConfig::real_ct(),
             min_component_ml: Some(crate::seg::refine::REAL_CT_MIN_COMPONENT_ML),

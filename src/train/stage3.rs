@@ -180,8 +180,10 @@ pub fn pseudo_masks<B: Backend>(
     Ok((p, stats))
 }
 
-/// The slices of one epoch: every positive of `which`, and `negatives_per_positive` times as
-/// many negatives drawn (without replacement) from (seed, epoch).
+/// The slices of one epoch: every positive of `which` (drawn again, in shuffled rounds,
+/// until the positives and their negatives reach `slices_per_epoch`), and
+/// `negatives_per_positive` times as many negatives drawn (without replacement), all from
+/// (seed, epoch).
 pub fn epoch_items(
     pseudo: &Pseudo,
     which: &[usize],
@@ -189,10 +191,22 @@ pub fn epoch_items(
     seed: u64,
     epoch: u64,
 ) -> Vec<(usize, usize)> {
-    let mut items = pseudo.items(which, Role::Positive);
+    let pos = pseudo.items(which, Role::Positive);
     let mut neg = pseudo.items(which, Role::Negative);
-    let k = ((ucfg.negatives_per_positive * items.len() as f64).round() as usize).min(neg.len());
-    Rng::new(mix_seed(seed, &[0x57A6_E3, epoch])).shuffle(&mut neg);
+    let mut rng = Rng::new(mix_seed(seed, &[0x57A6_E3, epoch]));
+    let ratio = ucfg.negatives_per_positive;
+    let want = (ucfg.slices_per_epoch as f64 / (1.0 + ratio)).ceil() as usize;
+    let mut items = pos.clone();
+    if !pos.is_empty() {
+        while items.len() < want {
+            let mut round = pos.clone();
+            rng.shuffle(&mut round);
+            let n = (want - items.len()).min(round.len());
+            items.extend(round.into_iter().take(n));
+        }
+    }
+    let k = ((ratio * items.len() as f64).round() as usize).min(neg.len());
+    rng.shuffle(&mut neg);
     items.extend(neg.into_iter().take(k));
     items
 }
