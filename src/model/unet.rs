@@ -20,6 +20,11 @@ pub mod tensors;
 
 pub use config::UNetConfig;
 pub use handle::SecondHandle;
+
+/// One trainable tensor's optimizer moments (`m`, `v`), on the host.
+pub type MomentPair<T> = (Vec<T>, Vec<T>);
+/// Every trainable tensor's moments and the steps taken.
+pub type OptSnapshot<T> = (Vec<MomentPair<T>>, u64);
 pub use tensors::{Block, BlockStats, RunningStats, Spec, Stats, Unit, Up, Weights};
 
 use super::optim::OptimizerConfig;
@@ -971,8 +976,7 @@ impl<B: Backend> UNet<B> {
 
     /// The optimizer's moments of every trainable tensor, in [`UNet::weight_specs`] order
     /// (`m`, `v`; SGD leaves `v` at zero), and the steps taken; `None` before the first step.
-    #[allow(clippy::type_complexity)]
-    pub fn opt_state(&self) -> Result<Option<(Vec<(Vec<B::T>, Vec<B::T>)>, u64)>, ModelError> {
+    pub fn opt_state(&self) -> Result<Option<OptSnapshot<B::T>>, ModelError> {
         let Some(st) = &self.opt else {
             return Ok(None);
         };
@@ -987,7 +991,7 @@ impl<B: Backend> UNet<B> {
     /// order, each of the tensor's size).
     pub fn set_opt_state(
         &mut self,
-        moments: &[(Vec<B::T>, Vec<B::T>)],
+        moments: &[MomentPair<B::T>],
         steps: u64,
     ) -> Result<(), ModelError> {
         let specs = self.weight_specs();

@@ -193,7 +193,7 @@ pub fn epoch_items(
 ) -> Vec<(usize, usize)> {
     let pos = pseudo.items(which, Role::Positive);
     let mut neg = pseudo.items(which, Role::Negative);
-    let mut rng = Rng::new(mix_seed(seed, &[0x57A6_E3, epoch]));
+    let mut rng = Rng::new(mix_seed(seed, &[0x0057_A6E3, epoch]));
     let ratio = ucfg.negatives_per_positive;
     let want = (ucfg.slices_per_epoch as f64 / (1.0 + ratio)).ceil() as usize;
     let mut items = pos.clone();
