@@ -502,7 +502,6 @@ fn a_volume_failing_half_way_leaves_nothing_and_keeps_the_previous_output() {
         n_components: 1,
         volume_ml: 1.0,
         saturation: 0.6,
-        unet: None,
     };
     let dest = dir.path().join("out/v");
     ichcam::infer::write_outputs(&dest, "v", &v, &s).unwrap();
