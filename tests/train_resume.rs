@@ -569,6 +569,23 @@ fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
 }
 
 #[test]
+fn stage3_without_any_pseudo_mask_is_skipped_and_the_run_finishes() {
+    let cases = phantoms(4, 40, 8, 41);
+    let mut cfg = micro_unet_config();
+    // No cluster can be blood: no slice gets a pseudo-mask.
+    cfg.unet.as_mut().unwrap().refine.min_blood_hu = 5000.0;
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.safetensors");
+    let r = train(TrainInput::Cases(cases.clone()), &m, &cfg, &opts(4)).unwrap();
+    assert!(r.finished && r.unet_skipped && r.unet_epochs == 0, "{r:?}");
+    assert_eq!(r.pseudo.unwrap().positive, 0);
+    assert!(!tensors(&m).keys().any(|k| k.starts_with("unet.")));
+    // Run again: nothing left to do, no error.
+    let r = train(TrainInput::Cases(cases), &m, &cfg, &opts(4)).unwrap();
+    assert!(r.finished && r.unet_skipped);
+}
+
+#[test]
 fn stage3_pseudo_masks_read_images_only() {
     // A dataset case whose mask file is gone: re-reading its native volume for the
     // pseudo-masks must not touch the mask.

@@ -320,7 +320,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     if let Some(u) = &cfg.unet {
         println!(
-            "stage 3: {} of {} U-Net epochs, best validation loss {}{}",
+            "stage 3: {}{} of {} U-Net epochs, best validation loss {}{}",
+            if report.unet_skipped {
+                "skipped (no training slice got a pseudo-mask): "
+            } else {
+                ""
+            },
             report.unet_epochs,
             u.epochs,
             f(report.best_val_loss_stage3),

@@ -55,6 +55,9 @@ pub struct UNetState {
     /// The best epoch by validation loss (0 = none yet) and its loss.
     pub best_epoch: usize,
     pub best_val_loss: Option<f64>,
+    /// Stage 3 found no pseudo-mask to learn from and was skipped (the model has no U-Net).
+    #[serde(default)]
+    pub skipped: bool,
 }
 
 /// How a model was trained, recorded in its metadata.

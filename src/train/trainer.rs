@@ -80,6 +80,8 @@ pub struct TrainReport {
     /// skipped) when it ran in this call.
     pub unet_epochs: usize,
     pub pseudo: Option<stage3::PseudoStats>,
+    /// Stage 3 was skipped: no training slice got a pseudo-mask.
+    pub unet_skipped: bool,
     /// Whether every stage ran to its last epoch (false after `stop_after_epochs`).
     pub finished: bool,
     /// The epoch the run resumed after, `(stage, epoch)`, if it resumed.
@@ -464,7 +466,8 @@ pub fn train_with<B: Backend + SecondHandle>(
         state.epochs_done[0] >= cfg.epochs && state.epochs_done[1] >= cfg.stage2_epochs;
     let mut pseudo_stats = None;
     if let Some(ucfg) = &cfg.unet {
-        if stage12_done && state.unet.epochs_done < ucfg.epochs && budget > 0 {
+        if stage12_done && !state.unet.skipped && state.unet.epochs_done < ucfg.epochs && budget > 0
+        {
             if state.unet.epochs_done == 0 {
                 state.unet.fingerprint = ucfg.fingerprint(opts.seed);
             }
@@ -503,68 +506,78 @@ pub fn train_with<B: Backend + SecondHandle>(
                     ucfg.depth
                 );
             }
-            let handle = net
-                .backend()
-                .second_handle()
-                .map_err(|e| TrainError::Model(e.into()))?;
-            let mut unet = UNet::new(handle, ucfg.net(cfg.input.channels()), opts.seed)?;
-            if state.unet.epochs_done > 0 {
-                checkpoint::load_unet_resume(&mut unet, &paths.last)?;
-            }
-            while state.unet.epochs_done < ucfg.epochs && budget > 0 {
-                let epoch = state.unet.epochs_done + 1;
-                let t = Instant::now();
-                let pb = ctx.bar(3, epoch, ucfg.epochs);
-                let loss = stage3::train_epoch(
-                    &mut unet,
-                    &cases,
-                    &pseudo,
-                    &train_idx,
-                    ucfg,
-                    &cfg.augment,
-                    cfg.size,
-                    opts.seed,
-                    epoch,
-                    &pb,
-                )?;
-                pb.finish_and_clear();
-                let val = stage3::validate(&mut unet, &cases, &pseudo, &val_idx, ucfg, cfg.size)?;
-                let better = match (val, state.unet.best_val_loss) {
-                    (Some(v), Some(b)) => v < b,
-                    (Some(_), None) => true,
-                    // No usable validation slice: every epoch replaces the best.
-                    (None, _) => true,
-                };
-                if better {
-                    state.unet.best_epoch = epoch;
-                    state.unet.best_val_loss = val;
-                }
-                state.unet.epochs_done = epoch;
-                state.log.epochs.push(EpochRecord {
-                    stage: 3,
-                    epoch,
-                    train_loss: loss,
-                    val_loss: val,
-                    val_auc: None,
-                    val_accuracy: None,
-                    seconds: t.elapsed().as_secs_f64(),
-                    best: better,
-                });
-                if better {
-                    checkpoint::save_model(&net, Some(&unet), &paths.model, cfg, &state)?;
-                }
-                checkpoint::save_resume(&net, Some(&unet), &paths.last, cfg, &state)?;
-                state.log.write_json(&paths.log)?;
-                state.log.write_plot(&paths.plot)?;
+            if pst.positive == 0 {
+                // Nothing to learn the blood from: the model stays the two-stage one.
+                state.unet.skipped = true;
+                checkpoint::save_resume(&net, None, &paths.last, cfg, &state)?;
                 if opts.progress {
-                    eprintln!(
-                        "stage 3 epoch {epoch}: train loss {loss:.4}, val loss {}, {:.1}s{}",
-                        val.map_or("-".into(), |v| format!("{v:.4}")),
-                        t.elapsed().as_secs_f64(),
-                        if better { " (best)" } else { "" }
-                    );
+                    eprintln!("stage 3 skipped: no training slice got a pseudo-mask");
                 }
-                budget -= 1;
+            } else {
+                let handle = net
+                    .backend()
+                    .second_handle()
+                    .map_err(|e| TrainError::Model(e.into()))?;
+                let mut unet = UNet::new(handle, ucfg.net(cfg.input.channels()), opts.seed)?;
+                if state.unet.epochs_done > 0 {
+                    checkpoint::load_unet_resume(&mut unet, &paths.last)?;
+                }
+                while state.unet.epochs_done < ucfg.epochs && budget > 0 {
+                    let epoch = state.unet.epochs_done + 1;
+                    let t = Instant::now();
+                    let pb = ctx.bar(3, epoch, ucfg.epochs);
+                    let loss = stage3::train_epoch(
+                        &mut unet,
+                        &cases,
+                        &pseudo,
+                        &train_idx,
+                        ucfg,
+                        &cfg.augment,
+                        cfg.size,
+                        opts.seed,
+                        epoch,
+                        &pb,
+                    )?;
+                    pb.finish_and_clear();
+                    let val =
+                        stage3::validate(&mut unet, &cases, &pseudo, &val_idx, ucfg, cfg.size)?;
+                    let better = match (val, state.unet.best_val_loss) {
+                        (Some(v), Some(b)) => v < b,
+                        (Some(_), None) => true,
+                        // No usable validation slice: every epoch replaces the best.
+                        (None, _) => true,
+                    };
+                    if better {
+                        state.unet.best_epoch = epoch;
+                        state.unet.best_val_loss = val;
+                    }
+                    state.unet.epochs_done = epoch;
+                    state.log.epochs.push(EpochRecord {
+                        stage: 3,
+                        epoch,
+                        train_loss: loss,
+                        val_loss: val,
+                        val_auc: None,
+                        val_accuracy: None,
+                        seconds: t.elapsed().as_secs_f64(),
+                        best: better,
+                    });
+                    if better {
+                        checkpoint::save_model(&net, Some(&unet), &paths.model, cfg, &state)?;
+                    }
+                    checkpoint::save_resume(&net, Some(&unet), &paths.last, cfg, &state)?;
+                    state.log.write_json(&paths.log)?;
+                    state.log.write_plot(&paths.plot)?;
+                    if opts.progress {
+                        eprintln!(
+                            "stage 3 epoch {epoch}: train loss {loss:.4}, val loss {}, {:.1}s{}",
+                            val.map_or("-".into(), |v| format!("{v:.4}")),
+                            t.elapsed().as_secs_f64(),
+                            if better { " (best)" } else { "" }
+                        );
+                    }
+                    budget -= 1;
+                }
             }
         }
     }
@@ -573,7 +586,7 @@ pub fn train_with<B: Backend + SecondHandle>(
         && cfg
             .unet
             .as_ref()
-            .is_none_or(|u| state.unet.epochs_done >= u.epochs);
+            .is_none_or(|u| state.unet.skipped || state.unet.epochs_done >= u.epochs);
     // A run with zero epochs left still leaves a model behind (e.g. epochs raised to 0).
     if !paths.model.is_file() {
         checkpoint::save_model(&net, None, &paths.model, cfg, &state)?;
@@ -587,6 +600,7 @@ pub fn train_with<B: Backend + SecondHandle>(
         best_auc_stage2: state.best_auc[1],
         best_val_loss_stage3: state.unet.best_val_loss,
         unet_epochs: state.unet.epochs_done,
+        unet_skipped: state.unet.skipped,
         pseudo: pseudo_stats,
         log: state.log,
         finished,
