@@ -6,11 +6,14 @@
 # folder), segments the held-out patients, evaluates them against their masks, and the
 # script prints one row per fold and the mean +- standard deviation over the folds.
 #
-#   scripts/ctich_cv.sh DATA OUT [--folds 5] [--seed 0] [--reuse] [--cam]
+#   scripts/ctich_cv.sh DATA OUT [--folds 5] [--seed 0] [--reuse] [--init DIR] [--cam]
 #                       [--train "ARGS"] [--segment "ARGS"]
 #
 #   --reuse       keep each fold's trained model when it exists (re-segment and re-evaluate
 #                 only: for refinement options)
+#   --init DIR    train stage 3 alone on DIR/foldK/model.safetensors, the finished two-stage
+#                 model of another run of the same folds, config and seed (`ichcam train
+#                 --stage3-from`): its train.time is then the added stage's time alone
 #   --cam         also report the CAM diagnostics (eval --cam)
 #   --train/--segment  extra arguments for `ichcam train` / `ichcam segment`
 #   ICHCAM_BIN    the binary (default target/release/ichcam, built if missing)
@@ -20,12 +23,13 @@ set -euo pipefail
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 2 ] || usage
 DATA="$(cd "$1" && pwd)"; OUT="$2"; shift 2
-FOLDS=5; SEED=0; REUSE=0; CAM=""; TRAIN_ARGS=""; SEG_ARGS=""
+FOLDS=5; SEED=0; REUSE=0; INIT=""; CAM=""; TRAIN_ARGS=""; SEG_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --folds) FOLDS="$2"; shift 2;;
     --seed) SEED="$2"; shift 2;;
     --reuse) REUSE=1; shift;;
+    --init) INIT="$(cd "$2" && pwd)"; shift 2;;
     --cam) CAM="--cam"; shift;;
     --train) TRAIN_ARGS="$2"; shift 2;;
     --segment) SEG_ARGS="$2"; shift 2;;
@@ -53,6 +57,10 @@ for cls in (sorted(i for i in ids if i in pos), sorted(i for i in ids if i not i
     for j, i in enumerate(cls):
         print(i, j % k)
 PY
+if [ -n "$INIT" ] && [ -f "$INIT/folds.txt" ] && ! cmp -s "$INIT/folds.txt" "$OUT/folds.txt"; then
+  echo "--init $INIT: its folds.txt differs from these folds (same --folds and --seed?)" >&2
+  exit 1
+fi
 
 for f in $(seq 0 $((FOLDS-1))); do
   fd="$OUT/fold$f"
@@ -71,10 +79,14 @@ for f in $(seq 0 $((FOLDS-1))); do
   done < "$OUT/folds.txt"
   if [ "$REUSE" = 0 ] || [ ! -f "$fd/model.safetensors" ]; then
     rm -f "$fd"/model.*
+    FRESH=--fresh
+    if [ -n "$INIT" ]; then
+      FRESH="--fresh --stage3-from $INIT/fold$f/model.safetensors"
+    fi
     start=$(date +%s)
     # shellcheck disable=SC2086
     /usr/bin/time -f "%e s wall, %U s user, %S s sys" -o "$fd/train.time" \
-      "$BIN" train --data "$fd/train" --model "$fd/model.safetensors" --quiet --fresh $TRAIN_ARGS \
+      "$BIN" train --data "$fd/train" --model "$fd/model.safetensors" --quiet $FRESH $TRAIN_ARGS \
       > "$fd/train.log" 2>&1
     echo "fold $f trained in $(( $(date +%s) - start )) s ($(cat "$fd/train.time"))" >&2
   fi

@@ -118,6 +118,8 @@ fn train(data: &Path, model: &Path, device: &str) -> String {
         bin()
             .args([
                 "train",
+                "--config",
+                "tiny",
                 "--epochs",
                 "2",
                 "--stage2-epochs",

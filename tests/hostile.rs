@@ -6,7 +6,7 @@
 mod support;
 
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::infer::{SegmentOptions, Segmenter};
+use ichcam::infer::{Fuse, SegmentOptions, Segmenter, SliceClassifier};
 use ichcam::io::{self, IoError};
 use std::ffi::OsStr;
 use std::path::Path;
@@ -497,11 +497,11 @@ fn a_volume_failing_half_way_leaves_nothing_and_keeps_the_previous_output() {
         probabilities: vec![0.9; 6],
         positive: vec![true; 6],
         cam: v.data.mapv(|_| 0.5),
+        unet: None,
         mask: io::to_mask(&support::phantom_mask(&v)),
         n_components: 1,
         volume_ml: 1.0,
         saturation: 0.6,
-        unet: None,
     };
     let dest = dir.path().join("out/v");
     ichcam::infer::write_outputs(&dest, "v", &v, &s).unwrap();
@@ -606,26 +606,143 @@ fn segmenting_by_slabs_gives_the_whole_pass_result() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.safetensors");
     support::write_model(&model, 32);
-    // Every slice positive and the whole slice in the CAM region, so that the refinement
-    // has work everywhere (the random model's CAM says little).
-    let mut opts = SegmentOptions {
-        slice_threshold: Some(0.0),
-        min_component_ml: Some(0.0),
-        ..Default::default()
-    };
-    opts.refine.cam_threshold = 0.0;
-    opts.refine.grow_cam_threshold = 0.0;
-    let mut seg = Segmenter::load(CpuBackend::<f32>::new(), &model, opts).unwrap();
+    let with_unet = dir.path().join("u.safetensors");
+    support::write_model_with_unet(&with_unet, 32, 2);
     let v = support::phantom(13);
-    let whole = seg.segment(&v).unwrap();
-    assert!(whole.mask.iter().any(|&m| m != 0), "nothing to compare");
-    for slab in [1, 4, 5, 13] {
-        let by = ichcam::infer::slabs::segment_by_slabs(&mut seg, &v, slab).unwrap();
-        assert_eq!(by.probabilities, whole.probabilities, "slab {slab}");
-        assert_eq!(by.cam, whole.cam, "slab {slab}");
-        assert_eq!(by.mask, whole.mask, "slab {slab}");
-        assert_eq!(by.n_components, whole.n_components);
+    // Both classifiers (the stage-1 one reads sequences across slabs), with and without a
+    // U-Net, every fuse.
+    let runs = [
+        (&model, SliceClassifier::Stage2, None),
+        (&model, SliceClassifier::Stage1, None),
+        (&with_unet, SliceClassifier::Stage1, Some(Fuse::Unet)),
+        (&with_unet, SliceClassifier::Stage2, Some(Fuse::Or)),
+        (&with_unet, SliceClassifier::Stage1, Some(Fuse::Cam)),
+    ];
+    for (m, classifier, fuse) in runs {
+        // Every slice positive and the whole slice in the CAM region, so that the
+        // refinement has work everywhere (the random model's CAM says little).
+        let mut opts = SegmentOptions {
+            slice_threshold: Some(0.0),
+            min_component_ml: Some(0.0),
+            classifier,
+            fuse,
+            unet_threshold: 0.0,
+            unet_grow: 0.0,
+            ..Default::default()
+        };
+        opts.refine.cam_threshold = 0.0;
+        opts.refine.grow_cam_threshold = 0.0;
+        let mut seg = Segmenter::load(CpuBackend::<f32>::new(), m, opts).unwrap();
+        let whole = seg.segment(&v).unwrap();
+        assert!(whole.mask.iter().any(|&m| m != 0), "nothing to compare");
+        assert_eq!(whole.unet.is_some(), fuse.is_some());
+        for slab in [1, 4, 5, 13] {
+            let by = ichcam::infer::slabs::segment_by_slabs(&mut seg, &v, slab).unwrap();
+            let what = format!("slab {slab}, {classifier:?}, {fuse:?}");
+            assert_eq!(by.probabilities, whole.probabilities, "{what}");
+            assert_eq!(by.cam, whole.cam, "{what}");
+            assert_eq!(by.unet, whole.unet, "{what}");
+            assert_eq!(by.mask, whole.mask, "{what}");
+            assert_eq!(by.n_components, whole.n_components, "{what}");
+        }
     }
+}
+
+#[test]
+fn unet_sections_are_checked_like_the_rest_of_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed.safetensors");
+    support::write_model_with_unet(&seed, 32, 2);
+    let load =
+        |m: &Path| match Segmenter::load(CpuBackend::<f32>::new(), m, SegmentOptions::default()) {
+            Err(e) => e.to_string(),
+            Ok(_) => "loaded".into(),
+        };
+    assert_eq!(load(&seed), "loaded");
+    // An infinity in one U-Net tensor: refused by name.
+    let (h, mut data) = support::split_safetensors(&std::fs::read(&seed).unwrap());
+    let name = "unet.decoder1.dec1conv2.weight";
+    let [s, _] = [0, 1].map(|i| h[name]["data_offsets"][i].as_u64().unwrap() as usize);
+    data[s..s + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let m = dir.path().join("nan.safetensors");
+    std::fs::write(&m, support::join_safetensors(&h, &data)).unwrap();
+    let e = load(&m);
+    assert!(e.contains(name) && e.contains("non-finite"), "{e}");
+    // A config claiming a huge network: refused before anything is allocated.
+    for (key, value, what) in [
+        ("features", serde_json::json!(1_000_000), "features"),
+        ("in_channels", serde_json::json!(100_000), "channels"),
+        ("depth", serde_json::json!(40), "depth"),
+    ] {
+        let (mut h, data) = support::split_safetensors(&std::fs::read(&seed).unwrap());
+        let cfg = h["__metadata__"]["unet_config"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut c: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        c[key] = value;
+        h["__metadata__"]["unet_config"] = serde_json::Value::String(c.to_string());
+        let m = dir.path().join(format!("{key}.safetensors"));
+        std::fs::write(&m, support::join_safetensors(&h, &data)).unwrap();
+        let e = load(&m);
+        assert!(e.contains(what) && e.contains("unet_config"), "{key}: {e}");
+    }
+    // A U-Net asked for from a model without one: a clear error.
+    let plain = dir.path().join("plain.safetensors");
+    support::write_model(&plain, 32);
+    let e = match Segmenter::load(
+        CpuBackend::<f32>::new(),
+        &plain,
+        SegmentOptions {
+            fuse: Some(Fuse::Or),
+            ..Default::default()
+        },
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => "loaded".into(),
+    };
+    assert!(
+        e.contains("no stage-3 U-Net") && e.contains("--fuse cam"),
+        "{e}"
+    );
+    // The binary writes the U-Net's map beside the rest, for every fuse.
+    let vol = dir.path().join("v.nii.gz");
+    io::write_volume(&vol, &support::phantom(6)).unwrap();
+    for fuse in ["unet", "or", "cam"] {
+        let out = dir.path().join(format!("out-{fuse}"));
+        let r = run(&[
+            os("segment"),
+            os("--model"),
+            seed.as_os_str(),
+            os("--input"),
+            vol.as_os_str(),
+            os("--out"),
+            out.as_os_str(),
+            os("--device"),
+            os("cpu"),
+            os("-q"),
+            os("--fuse"),
+            os(fuse),
+        ]);
+        assert_eq!(r.outcome, Outcome::Ok, "{fuse}: {}", r.stderr);
+        assert_eq!(support::check_outputs(&out), Ok(1));
+        assert!(out.join("v/unet.nii.gz").is_file());
+    }
+    let r = run(&[
+        os("segment"),
+        os("--model"),
+        plain.as_os_str(),
+        os("--input"),
+        vol.as_os_str(),
+        os("--out"),
+        dir.path().join("o").as_os_str(),
+        os("--device"),
+        os("cpu"),
+        os("-q"),
+        os("--fuse"),
+        os("unet"),
+    ]);
+    assert!(error_of(&r).contains("no stage-3 U-Net"), "{}", r.stderr);
 }
 
 #[test]

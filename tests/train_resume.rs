@@ -26,6 +26,7 @@ fn phantoms(n: usize, size: usize, slices: usize, seed: u64) -> Vec<TrainCase> {
                 patient: format!("p{i:03}"),
                 labels: p.slice_labels().iter().map(|&l| l > 0).collect(),
                 hu: p.hu,
+                spacing: p.spacing,
             }
         })
         .collect()
@@ -62,7 +63,32 @@ fn micro_config() -> TrainConfig {
         augment: AugmentConfig::paper(),
         input: ichcam::data::InputSpec::default(),
         stage2_pooling: ichcam::train::config::HeadPooling::Mean,
+        unet: None,
     }
+}
+
+/// [`micro_config`] with a small stage 3: a U-Net of features 2, depth 2, on pseudo-masks
+/// of the phantom-tuned refinement (every labelled slice of a phantom holds blood).
+fn micro_unet_config() -> TrainConfig {
+    let mut cfg = micro_config();
+    cfg.epochs = 1;
+    cfg.stage2_epochs = 1;
+    let mut u = ichcam::train::config::UNetTrainConfig::cpu();
+    u.features = 2;
+    u.depth = 2;
+    u.epochs = 2;
+    u.batch = 4;
+    // More slices than the phantoms' positives and negatives: positives drawn again.
+    u.slices_per_epoch = 24;
+    u.refine = ichcam::seg::RefineConfig {
+        cam_threshold: 0.0,
+        grow_cam_threshold: 0.0,
+        k: 8,
+        ..ichcam::seg::RefineConfig::default()
+    };
+    u.min_component_ml = Some(0.0);
+    cfg.unet = Some(u);
+    cfg
 }
 
 fn tensors(path: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -421,4 +447,167 @@ fn model_records_how_it_was_trained() {
     assert_eq!(p.started.len(), 20);
     assert!(p.started.starts_with("20") && p.started.ends_with('Z'));
     assert!(meta.contains_key(ichcam::train::checkpoint::META_INPUT));
+}
+
+#[test]
+fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
+    let cases = phantoms(6, 40, 10, 31);
+    let cfg = micro_unet_config();
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.safetensors");
+    let r = train(TrainInput::Cases(cases.clone()), &full, &cfg, &opts(4)).unwrap();
+    assert!(r.finished && r.unet_epochs == 2, "{r:?}");
+    let ps = r.pseudo.unwrap();
+    assert!(ps.positive > 0 && ps.negative > ps.positive, "{ps:?}");
+    let ep: Vec<(u8, usize)> = r.log.epochs.iter().map(|e| (e.stage, e.epoch)).collect();
+    assert_eq!(ep, vec![(1, 1), (2, 1), (3, 1), (3, 2)]);
+    assert!(r.log.epochs[2..]
+        .iter()
+        .all(|e| e.train_loss.is_finite() && e.val_loss.is_some_and(|v| v.is_finite())));
+    let want = tensors(&full);
+    assert!(
+        want.contains_key("unet.encoder1.enc1conv1.weight"),
+        "{:?}",
+        want.keys()
+    );
+    assert!(want.contains_key("fc.weight"));
+    assert!(!want.keys().any(|k| k.starts_with("unet.opt.")));
+    let meta = ichcam::train::checkpoint::read_metadata(&full).unwrap();
+    assert!(meta.contains_key(ichcam::model::unet::checkpoint::CONFIG_KEY));
+    assert!(meta.contains_key(ichcam::train::checkpoint::META_UNET_TRAIN));
+    // The model file's U-Net loads (through the hostile-file checks) and segments.
+    let u =
+        ichcam::model::unet::checkpoint::load(ichcam::engine::cpu::CpuBackend::<f32>::new(), &full)
+            .unwrap()
+            .unwrap();
+    assert_eq!(u.cfg().features, 2);
+
+    // Killed after stage 3's first epoch (stop after 3 epochs: 1 + 1 + 1), then resumed.
+    let part = dir.path().join("part.safetensors");
+    let o = TrainOptions {
+        stop_after_epochs: Some(3),
+        ..opts(4)
+    };
+    let r1 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &o).unwrap();
+    assert!(!r1.finished && r1.unet_epochs == 1);
+    let resume = tensors(&dir.path().join("part.last.safetensors"));
+    assert!(resume.keys().any(|k| k.starts_with("unet.opt.")));
+    let r2 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &opts(4)).unwrap();
+    assert!(r2.finished && r2.unet_epochs == 2);
+    for (a, b) in r.log.epochs.iter().zip(&r2.log.epochs) {
+        let d = (a.train_loss - b.train_loss).abs();
+        assert!(d <= 1e-5 * (1.0 + a.train_loss.abs()), "{a:?} vs {b:?}");
+    }
+    let got = tensors(&part);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, w) in &want {
+        let d = max_abs_diff(&got[name], w);
+        assert!(
+            d <= 1e-5,
+            "tensor {name} differs by {d} after resuming in stage 3"
+        );
+    }
+
+    // Once stage 3 has started, its config and stage 2 are fixed; more stage-3 epochs go on.
+    let mut other = cfg.clone();
+    other.unet.as_mut().unwrap().features = 4;
+    let e = train(TrainInput::Cases(cases.clone()), &part, &other, &opts(4)).unwrap_err();
+    assert!(
+        e.to_string().contains("U-Net config") && e.to_string().contains("features"),
+        "{e}"
+    );
+    let mut none = cfg.clone();
+    none.unet = None;
+    let e = train(TrainInput::Cases(cases.clone()), &part, &none, &opts(4)).unwrap_err();
+    assert!(e.to_string().contains("stage 3"), "{e}");
+    let mut longer = cfg.clone();
+    longer.unet.as_mut().unwrap().epochs = 3;
+    let r3 = train(TrainInput::Cases(cases.clone()), &part, &longer, &opts(4)).unwrap();
+    assert_eq!(r3.unet_epochs, 3);
+    assert_eq!(r3.log.epochs.len(), 5);
+
+    // A two-stage run goes on to stage 3 when the config gains one.
+    let two = dir.path().join("two.safetensors");
+    let mut c2 = cfg.clone();
+    c2.unet = None;
+    let r = train(TrainInput::Cases(cases.clone()), &two, &c2, &opts(4)).unwrap();
+    assert!(r.finished && r.unet_epochs == 0);
+    assert!(!tensors(&two).keys().any(|k| k.starts_with("unet.")));
+    // Stage 3 alone on that finished two-stage model file (no resume checkpoint): the
+    // stages 1-2 tensors are the file's, bit for bit, and the U-Net is added.
+    let three = dir.path().join("three.safetensors");
+    let from = |seed: u64| TrainOptions {
+        stage3_from: Some(two.clone()),
+        ..opts(seed)
+    };
+    let r = train(TrainInput::Cases(cases.clone()), &three, &cfg, &from(4)).unwrap();
+    assert!(r.finished && r.unet_epochs == 2, "{r:?}");
+    let stages: Vec<u8> = r.log.epochs.iter().map(|e| e.stage).collect();
+    assert_eq!(stages, [3, 3]);
+    let (a, b) = (tensors(&two), tensors(&three));
+    for (name, w) in &a {
+        assert_eq!(&b[name], w, "{name} changed by --stage3-from");
+    }
+    assert!(b.keys().any(|k| k.starts_with("unet.")));
+    // ... but not from a model of another config or seed, nor without stage 3.
+    let other = dir.path().join("other.safetensors");
+    let mut c3 = cfg.clone();
+    c3.model.base_width = 6;
+    let e = train(TrainInput::Cases(cases.clone()), &other, &c3, &from(4)).unwrap_err();
+    assert!(e.to_string().contains("another config"), "{e}");
+    let e = train(TrainInput::Cases(cases.clone()), &other, &cfg, &from(5)).unwrap_err();
+    assert!(e.to_string().contains("seed"), "{e}");
+    let e = train(TrainInput::Cases(cases.clone()), &other, &c2, &from(4)).unwrap_err();
+    assert!(e.to_string().contains("no stage 3"), "{e}");
+
+    let r = train(TrainInput::Cases(cases), &two, &cfg, &opts(4)).unwrap();
+    assert!(r.finished && r.unet_epochs == 2);
+    assert!(tensors(&two).keys().any(|k| k.starts_with("unet.")));
+}
+
+#[test]
+fn stage3_without_any_pseudo_mask_is_skipped_and_the_run_finishes() {
+    let cases = phantoms(4, 40, 8, 41);
+    let mut cfg = micro_unet_config();
+    // No cluster can be blood: no slice gets a pseudo-mask.
+    cfg.unet.as_mut().unwrap().refine.min_blood_hu = 5000.0;
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.safetensors");
+    let r = train(TrainInput::Cases(cases.clone()), &m, &cfg, &opts(4)).unwrap();
+    assert!(r.finished && r.unet_skipped && r.unet_epochs == 0, "{r:?}");
+    assert_eq!(r.pseudo.unwrap().positive, 0);
+    assert!(!tensors(&m).keys().any(|k| k.starts_with("unet.")));
+    // Run again: nothing left to do, no error.
+    let r = train(TrainInput::Cases(cases), &m, &cfg, &opts(4)).unwrap();
+    assert!(r.finished && r.unet_skipped);
+}
+
+#[test]
+fn stage3_pseudo_masks_read_images_only() {
+    // A dataset case whose mask file is gone: re-reading its native volume for the
+    // pseudo-masks must not touch the mask.
+    let dir = tempfile::tempdir().unwrap();
+    let sc = SynthConfig {
+        size: 32,
+        slices: 4,
+        clean: false,
+    };
+    ichcam::data::synth::write_dataset(dir.path(), 2, 1, &sc).unwrap();
+    let mut ds = ichcam::data::Dataset::open(dir.path()).unwrap();
+    let want = ichcam::io::read_volume(&ds.cases[1].image).unwrap();
+    for c in &mut ds.cases {
+        let m = c.mask.clone().unwrap();
+        std::fs::remove_file(&m).unwrap();
+    }
+    let native = ichcam::train::prep::Native::Dataset {
+        dataset: ichcam::train::prep::DatasetRef::Borrowed(&ds),
+        indices: vec![1, 0],
+    };
+    let (hu, spacing) = native.volume(0).unwrap();
+    assert_eq!(hu, want.data);
+    assert_eq!(spacing, want.spacing);
+    assert!(native.volume(2).is_err());
 }

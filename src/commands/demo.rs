@@ -124,6 +124,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         device: a.device.clone(),
         data_name: Some("phantoms".into()),
         stage2_from: None,
+        stage3_from: None,
     };
     let t_train = Instant::now();
     let rep = train(TrainInput::Dir(&train_dir), &model, &tcfg, &topts).context("training")?;

@@ -1,4 +1,5 @@
-//! `ichcam train`: stage 1 (ResNet-LSTM) and stage 2 (fc head) from slice labels only.
+//! `ichcam train`: stage 1 (ResNet-LSTM), stage 2 (fc head) and stage 3 (the U-Net on
+//! pseudo-masks) from slice labels only.
 //! Picks a preset, applies the overrides, and hands over to [`ichcam::train::train`].
 
 use anyhow::Context;
@@ -59,9 +60,36 @@ pub struct Args {
     /// the highest fraction F of locations). Default: the preset's.
     #[arg(long)]
     head_pooling: Option<String>,
+    /// Skip stage 3 (the U-Net on the pseudo-masks): the model segments with the CAM alone.
+    #[arg(long)]
+    no_unet: bool,
+    /// Stage-3 epochs (default: the preset's).
+    #[arg(long)]
+    unet_epochs: Option<usize>,
+    /// Stage-3 U-Net features (channels of the first level; the authors: 16).
+    #[arg(long)]
+    unet_features: Option<usize>,
+    /// Which slices get a pseudo-mask: labels (the volume's own slice labels: the default)
+    /// or stage2 (the stage-2 head's flags, as the authors' test-time net gives them).
+    #[arg(long)]
+    unet_flags: Option<String>,
+    /// Negative slices (empty masks) per positive slice in each stage-3 epoch.
+    #[arg(long)]
+    unet_negatives: Option<f64>,
+    /// Stage-3 learning rate (Adam).
+    #[arg(long)]
+    unet_lr: Option<f64>,
+    /// Stage-3 slices per epoch at least (positives drawn again when they and their
+    /// negatives are fewer; 0: every positive once).
+    #[arg(long)]
+    unet_slices_per_epoch: Option<usize>,
     /// Development: train only the stage-2 head on the backbone of this model file.
     #[arg(long, hide = true)]
     stage2_from: Option<PathBuf>,
+    /// Train stage 3 alone on this finished two-stage model file (trained with the same
+    /// config and seed): the output model is that model plus the U-Net.
+    #[arg(long, conflicts_with_all = ["stage2_from", "no_unet"])]
+    stage3_from: Option<PathBuf>,
     /// Ignore an existing `X.last.safetensors` and start over.
     #[arg(long, conflicts_with = "resume")]
     fresh: bool,
@@ -138,6 +166,43 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(lr) = a.lr {
         cfg.optimizer = cfg.optimizer.with_lr(lr);
     }
+    if a.no_unet {
+        cfg.unet = None;
+    }
+    if let Some(u) = cfg.unet.as_mut() {
+        if let Some(e) = a.unet_epochs {
+            u.epochs = e;
+        }
+        if let Some(f) = a.unet_features {
+            u.features = f;
+        }
+        if let Some(f) = &a.unet_flags {
+            u.flags = match f.to_ascii_lowercase().as_str() {
+                "labels" => config::PseudoFlags::Labels,
+                "stage2" => config::PseudoFlags::Stage2,
+                other => {
+                    anyhow::bail!("unknown --unet-flags `{other}` (expected labels or stage2)")
+                }
+            };
+        }
+        if let Some(n) = a.unet_negatives {
+            u.negatives_per_positive = n;
+        }
+        if let Some(lr) = a.unet_lr {
+            u.optimizer = u.optimizer.with_lr(lr);
+        }
+        if let Some(n) = a.unet_slices_per_epoch {
+            u.slices_per_epoch = n;
+        }
+    } else if a.unet_epochs.is_some()
+        || a.unet_features.is_some()
+        || a.unet_flags.is_some()
+        || a.unet_negatives.is_some()
+        || a.unet_lr.is_some()
+        || a.unet_slices_per_epoch.is_some()
+    {
+        anyhow::bail!("--unet-* options given without stage 3 (--no-unet, or a preset without it)");
+    }
     let last = ichcam::train::RunPaths::new(&a.model).last;
     if a.resume && !last.is_file() {
         anyhow::bail!("--resume: no checkpoint {} to resume from", last.display());
@@ -157,9 +222,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned()),
         stage2_from: a.stage2_from.clone(),
+        stage3_from: a.stage3_from.clone(),
     };
     eprintln!(
-        "preset `{}` ({why}): {}x{} px{}, {} windows, ResNet {:?} width {}, {} + {} epochs",
+        "preset `{}` ({why}): {}x{} px{}, {} windows, ResNet {:?} width {}, {} + {} epochs, {}",
         cfg.name,
         cfg.size,
         cfg.size,
@@ -172,7 +238,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cfg.model.layers,
         cfg.model.base_width,
         cfg.epochs,
-        cfg.stage2_epochs
+        cfg.stage2_epochs,
+        match &cfg.unet {
+            Some(u) => format!(
+                "stage 3: U-Net features {}, {} epochs on {} pseudo-masks",
+                u.features,
+                u.epochs,
+                match u.flags {
+                    config::PseudoFlags::Labels => "labelled slices'",
+                    config::PseudoFlags::Stage2 => "stage-2 flagged slices'",
+                }
+            ),
+            None => "no stage 3".into(),
+        }
     );
     let ds = Dataset::open_with_csv(&a.data, a.labels.as_deref())
         .with_context(|| format!("opening the dataset {}", a.data.display()))?;
@@ -187,8 +265,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .filter_map(|c| ichcam::io::probe_dims(&c.image).ok())
         .map(|(d, _, _)| d as u128 * 12 * (cfg.size as u128).pow(2))
         .sum();
-    let model =
+    let mut model =
         ichcam::model::memory::training_bytes(&cfg.model, cfg.batch, cfg.slices, cfg.size, 4);
+    if let Some(u) = &cfg.unet {
+        // Stage 3 adds the U-Net's training state (parameters and two moments, a batch's
+        // activations and gradients), a pseudo-mask per slice at the input size and one
+        // native volume being refined at a time (about 40 bytes per voxel).
+        let net = u.net(cfg.input.channels());
+        let largest = ds
+            .cases
+            .iter()
+            .filter_map(|c| ichcam::io::probe_dims(&c.image).ok())
+            .map(|(d, h, w)| d as u128 * h as u128 * w as u128)
+            .max()
+            .unwrap_or(0);
+        let slices: u128 = prepared / (12 * (cfg.size as u128).pow(2)).max(1);
+        let extra = net
+            .tensor_count()
+            .and_then(|n| n.checked_mul(4 * 4))
+            .zip(net.activation_bytes(u.batch, cfg.size, cfg.size, 4))
+            .map(|(p, a)| {
+                p.saturating_add(2 * a)
+                    .saturating_add(slices * 4 * (cfg.size as u128).pow(2))
+                    .saturating_add(40 * largest)
+            });
+        model = model.zip(extra).map(|(m, e)| m.saturating_add(e));
+    }
     ichcam::io::budget::budget().check(
         &a.data,
         model.unwrap_or(u128::MAX).saturating_add(prepared),
@@ -216,6 +318,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         f(report.best_auc_stage1),
         f(report.best_auc_stage2),
     );
+    if let Some(u) = &cfg.unet {
+        println!(
+            "stage 3: {}{} of {} U-Net epochs, best validation loss {}{}",
+            if report.unet_skipped {
+                "skipped (no training slice got a pseudo-mask): "
+            } else {
+                ""
+            },
+            report.unet_epochs,
+            u.epochs,
+            f(report.best_val_loss_stage3),
+            report.pseudo.map_or(String::new(), |p| format!(
+                " ({} positive / {} negative pseudo-mask slices)",
+                p.positive, p.negative
+            ))
+        );
+    }
     println!("model: {}", report.model.display());
     println!("resume checkpoint: {}", report.last_checkpoint.display());
     println!(

@@ -21,7 +21,7 @@ use crate::engine::cpu::CpuBackend;
 use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
 use crate::io::{Mask, Volume};
-use crate::model::unet::UNet;
+use crate::model::unet::{SecondHandle, UNet};
 use crate::model::{checkpoint, CamKind, IchNet};
 use crate::seg::{RefineConfig, RefineOutput};
 use crate::train::checkpoint::{
@@ -33,7 +33,7 @@ use std::path::Path;
 
 /// The refinement on the backend that holds the CAM: the CPU reference on the host, the
 /// device kernels on a GPU. Both take the HU volume and the normalised CAM `[z, y, x]`.
-pub trait RefineOnBackend: Backend<T = f32> {
+pub trait RefineOnBackend: Backend<T = f32> + SecondHandle {
     fn refine_buf(
         &self,
         hu: &Array3<f32>,
@@ -54,12 +54,6 @@ pub trait RefineOnBackend: Backend<T = f32> {
         let buf = self.upload(host.as_slice().unwrap_or(&[]))?;
         self.refine_buf(hu, &buf, slice_positive, cfg)
     }
-
-    /// Another handle on the same device, for a second network (the stage-3 U-Net owns its
-    /// backend); buffers pass between the two through the host.
-    fn sibling(&self) -> Result<Self, InferError>
-    where
-        Self: Sized;
 }
 
 impl RefineOnBackend for CpuBackend<f32> {
@@ -83,10 +77,6 @@ impl RefineOnBackend for CpuBackend<f32> {
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
         Ok(crate::seg::refine(hu, map, slice_positive, cfg)?)
-    }
-
-    fn sibling(&self) -> Result<Self, InferError> {
-        Ok(*self)
     }
 }
 
@@ -119,10 +109,6 @@ impl RefineOnBackend for CudaBackend {
             crate::engine::cuda::seg::DeviceSegError::Engine(e) => InferError::Engine(e),
             crate::engine::cuda::seg::DeviceSegError::Seg(e) => InferError::Seg(e),
         })
-    }
-
-    fn sibling(&self) -> Result<Self, InferError> {
-        Ok(CudaBackend::new(self.info().ordinal)?)
     }
 }
 
@@ -316,7 +302,6 @@ pub use crate::seg::effective_saturation;
 impl<B: RefineOnBackend> Segmenter<B> {
     /// Loads a model written by `ichcam train` (it records the input size it was trained at).
     pub fn load(backend: B, model: &Path, opts: SegmentOptions) -> Result<Self, InferError> {
-        let unet_backend = backend.sibling();
         let (net, loaded) = checkpoint::load(backend, model)?;
         let get = |k: &str| -> Result<usize, InferError> {
             loaded
@@ -383,7 +368,8 @@ impl<B: RefineOnBackend> Segmenter<B> {
             .metadata
             .contains_key(crate::model::unet::checkpoint::CONFIG_KEY);
         let unet = if has_unet {
-            let u = crate::model::unet::checkpoint::load(unet_backend?, model)?;
+            let handle = net.backend().second_handle()?;
+            let u = crate::model::unet::checkpoint::load(handle, model)?;
             if let Some(u) = &u {
                 let bad = |detail: String| InferError::ModelMetadata {
                     path: model.to_path_buf(),

@@ -15,9 +15,16 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod handle;
 pub mod tensors;
 
 pub use config::UNetConfig;
+pub use handle::SecondHandle;
+
+/// One trainable tensor's optimizer moments (`m`, `v`), on the host.
+pub type MomentPair<T> = (Vec<T>, Vec<T>);
+/// Every trainable tensor's moments and the steps taken.
+pub type OptSnapshot<T> = (Vec<MomentPair<T>>, u64);
 pub use tensors::{Block, BlockStats, RunningStats, Spec, Stats, Unit, Up, Weights};
 
 use super::optim::OptimizerConfig;
@@ -965,6 +972,65 @@ impl<B: Backend> UNet<B> {
     /// Optimizer steps taken.
     pub fn steps(&self) -> u64 {
         self.opt.as_ref().map_or(0, |o| o.steps)
+    }
+
+    /// The optimizer's moments of every trainable tensor, in [`UNet::weight_specs`] order
+    /// (`m`, `v`; SGD leaves `v` at zero), and the steps taken; `None` before the first step.
+    pub fn opt_state(&self) -> Result<Option<OptSnapshot<B::T>>, ModelError> {
+        let Some(st) = &self.opt else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for (m, v) in st.m.refs().into_iter().zip(st.v.refs()) {
+            out.push((self.be.download(m)?, self.be.download(v)?));
+        }
+        Ok(Some((out, st.steps)))
+    }
+
+    /// Restores what [`UNet::opt_state`] returned (one `(m, v)` per trainable tensor, in
+    /// order, each of the tensor's size).
+    pub fn set_opt_state(
+        &mut self,
+        moments: &[MomentPair<B::T>],
+        steps: u64,
+    ) -> Result<(), ModelError> {
+        let specs = self.weight_specs();
+        if moments.len() != specs.len() {
+            return Err(ModelError::Input(format!(
+                "U-Net optimizer state: {} tensors, expected {}",
+                moments.len(),
+                specs.len()
+            )));
+        }
+        for (s, (m, v)) in specs.iter().zip(moments) {
+            let n = numel(&s.shape);
+            if m.len() != n || v.len() != n {
+                return Err(ModelError::ParamLen {
+                    name: s.name.clone(),
+                    shape: s.shape.clone(),
+                    found: m.len().min(v.len()),
+                });
+            }
+        }
+        let be = &self.be;
+        let mut ms = Vec::with_capacity(moments.len());
+        let mut vs = Vec::with_capacity(moments.len());
+        for (m, v) in moments {
+            ms.push(be.upload(m)?);
+            vs.push(be.upload(v)?);
+        }
+        let mut mi = ms.into_iter();
+        let mut vi = vs.into_iter();
+        let m = Weights::try_build(&self.cfg, |_, _| {
+            mi.next()
+                .ok_or_else(|| ModelError::Internal("optimizer state ran short".into()))
+        })?;
+        let v = Weights::try_build(&self.cfg, |_, _| {
+            vi.next()
+                .ok_or_else(|| ModelError::Internal("optimizer state ran short".into()))
+        })?;
+        self.opt = Some(OptState { m, v, steps });
+        Ok(())
     }
 
     /// Frees the activation and gradient buffers (they are rebuilt on the next pass).

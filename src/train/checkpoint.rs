@@ -3,7 +3,8 @@
 //! length, the training config; the model config is under `config`). The resume checkpoint
 //! (`MODEL.last.safetensors`) adds the optimizer state and the [`TrainState`]
 //! (epochs done per stage, best AUCs, seed, config fingerprint, the log so far) as JSON
-//! metadata, so a killed run resumes bit for bit after its last finished epoch.
+//! metadata, so a killed run resumes bit for bit after its last finished epoch. In stage 3
+//! both files also hold the U-Net (`unet.*`; the resume file its optimizer state too).
 //! Knows nothing about the CLI or the data beyond case ids.
 
 use super::config::TrainConfig;
@@ -11,6 +12,7 @@ use super::log::TrainLog;
 use super::TrainError;
 use crate::engine::{Backend, Real};
 use crate::model::checkpoint::{self as mcheck, DiskDtype, SaveOptions};
+use crate::model::unet::{checkpoint as unet_ckpt, UNet};
 use crate::model::IchNet;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -39,6 +41,24 @@ pub const META_INPUT: &str = "ichcam.input";
 pub const META_HEAD_POOLING: &str = "ichcam.head_pooling";
 /// How the model was trained: the [`Provenance`] JSON (preset, data, slice counts, date).
 pub const META_PROVENANCE: &str = "ichcam.provenance";
+
+/// How stage 3 was trained (the [`super::config::UNetTrainConfig`] JSON), in a model file
+/// with a U-Net.
+pub const META_UNET_TRAIN: &str = "ichcam.unet_train";
+
+/// Stage 3's progress in a resume checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UNetState {
+    /// [`super::config::UNetTrainConfig::fingerprint`] of the run that started stage 3.
+    pub fingerprint: String,
+    pub epochs_done: usize,
+    /// The best epoch by validation loss (0 = none yet) and its loss.
+    pub best_epoch: usize,
+    pub best_val_loss: Option<f64>,
+    /// Stage 3 found no pseudo-mask to learn from and was skipped (the model has no U-Net).
+    #[serde(default)]
+    pub skipped: bool,
+}
 
 /// How a model was trained, recorded in its metadata.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -141,6 +161,9 @@ pub struct TrainState {
     #[serde(default)]
     pub provenance: Provenance,
     pub log: TrainLog,
+    /// Stage 3 (the U-Net), when the config has one.
+    #[serde(default)]
+    pub unet: UNetState,
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
@@ -201,6 +224,25 @@ pub fn read_state(path: &Path) -> Result<TrainState, TrainError> {
         });
     }
     Ok(st)
+}
+
+/// Whether a saved fingerprint and the current one describe the same run: equal strings,
+/// or the same seed and configs that read back equal (a checkpoint written before a field
+/// with a default existed matches a config holding that default).
+pub fn fingerprints_match(saved: &str, now: &str) -> bool {
+    if saved == now {
+        return true;
+    }
+    let parse = |s: &str| -> Option<(String, TrainConfig)> {
+        let (seed, body) = s.split_once(';')?;
+        let mut c: TrainConfig = serde_json::from_str(body).ok()?;
+        c.unet = None;
+        Some((seed.to_string(), c))
+    };
+    match (parse(saved), parse(now)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// A one-line account of how two fingerprints differ (seed, or which config fields).
@@ -276,12 +318,20 @@ fn common_meta(cfg: &TrainConfig, state: &TrainState) -> HashMap<String, String>
         META_PROVENANCE.to_string(),
         serde_json::to_string(&state.provenance).unwrap_or_default(),
     );
+    if let (Some(u), true) = (&cfg.unet, state.unet.epochs_done > 0) {
+        m.insert(
+            META_UNET_TRAIN.to_string(),
+            serde_json::to_string(u).unwrap_or_default(),
+        );
+    }
     m
 }
 
-/// Writes the best model: every tensor under its PyTorch name, plus the metadata.
+/// Writes the best model: every tensor under its PyTorch name (the U-Net's under `unet.`
+/// when there is one), plus the metadata.
 pub fn save_model<B: Backend>(
     net: &IchNet<B>,
+    unet: Option<&UNet<B>>,
     path: &Path,
     cfg: &TrainConfig,
     state: &TrainState,
@@ -291,12 +341,18 @@ pub fn save_model<B: Backend>(
         optimizer: false,
         extra: common_meta(cfg, state),
     };
-    Ok(mcheck::save(net, path, &opts)?)
+    let sections = match unet {
+        Some(u) => vec![unet_ckpt::section(u)?],
+        None => Vec::new(),
+    };
+    Ok(mcheck::save_with(net, &sections, path, &opts)?)
 }
 
-/// Writes the resume checkpoint: the tensors, the optimizer state and the [`TrainState`].
+/// Writes the resume checkpoint: the tensors, the optimizer states (the U-Net's too) and
+/// the [`TrainState`].
 pub fn save_resume<B: Backend>(
     net: &IchNet<B>,
+    unet: Option<&UNet<B>>,
     path: &Path,
     cfg: &TrainConfig,
     state: &TrainState,
@@ -311,7 +367,21 @@ pub fn save_resume<B: Backend>(
         optimizer: true,
         extra,
     };
-    Ok(mcheck::save(net, path, &opts)?)
+    let sections = match unet {
+        Some(u) => vec![unet_ckpt::section_with_opt(u)?],
+        None => Vec::new(),
+    };
+    Ok(mcheck::save_with(net, &sections, path, &opts)?)
+}
+
+/// Loads the U-Net's tensors and optimizer state from a resume checkpoint into `unet`.
+pub fn load_unet_resume<B: Backend>(unet: &mut UNet<B>, path: &Path) -> Result<(), TrainError> {
+    let (tensors, metadata) = mcheck::read_tensors(path)?;
+    unet_ckpt::assign(unet, &tensors, unet_ckpt::PREFIX, path)?;
+    if !unet_ckpt::load_opt(unet, &tensors, &metadata, path)? {
+        return Err(io_err(path, "the U-Net's optimizer state is missing"));
+    }
+    Ok(())
 }
 
 /// Loads the model tensors of `path` into `net` (names and shapes must match exactly).

@@ -9,6 +9,7 @@
 use super::augment::AugmentConfig;
 use crate::data::InputSpec;
 use crate::model::{ModelConfig, OptimizerConfig};
+use crate::seg::RefineConfig;
 use serde::{Deserialize, Serialize};
 
 /// `--optimizer sgd|adam`: the same learning rate and weight decay under another optimizer
@@ -87,6 +88,110 @@ pub struct TrainConfig {
     /// How the stage-2 head pools its class map (the authors': the mean).
     #[serde(default)]
     pub stage2_pooling: HeadPooling,
+    /// Stage 3: the U-Net on pseudo-masks (`None`: no stage 3, `--no-unet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unet: Option<UNetTrainConfig>,
+}
+
+/// Which slices of a training volume get a pseudo-mask (and which are the U-Net's
+/// negatives, with empty masks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PseudoFlags {
+    /// The training set's own slice labels (the weak labels themselves): positive slices
+    /// get the refinement of the stage-2 CAM, negative slices empty masks.
+    #[default]
+    Labels,
+    /// The stage-2 head's flags (at its calibrated threshold), as the authors' test-time net
+    /// would give them; negatives are slices neither labelled nor flagged.
+    Stage2,
+}
+
+/// Stage 3: the authors' U-Net (conv-ReLU-BN blocks, transposed-conv up, skip concat,
+/// sigmoid) trained on pseudo-masks: for every training volume, the stage-2 CAM refined
+/// into a mask ([`RefineConfig`], as `ichcam segment` does) on the slices [`PseudoFlags`]
+/// picks, empty masks on negative slices; the model's own input (windows, head box, size);
+/// soft Dice (+ BCE); Adam; the validation patients' pseudo-masks decide the best epoch.
+/// No ground-truth mask is ever read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UNetTrainConfig {
+    pub features: usize,
+    pub depth: usize,
+    pub epochs: usize,
+    /// Slices per batch.
+    pub batch: usize,
+    pub optimizer: OptimizerConfig,
+    /// Weight of the mean BCE beside the soft Dice (0: Dice alone, the authors').
+    pub bce_weight: f64,
+    /// Negative slices (empty masks) drawn per positive slice in each epoch.
+    pub negatives_per_positive: f64,
+    /// Slices per epoch at least: when the positives and their share of negatives are
+    /// fewer, the positives are drawn again (each draw augmented anew), so that a fold
+    /// with few pseudo-masks still gets more optimizer steps (0: every positive once, the
+    /// default: 512 measured worse by cross-validation, docs/accuracy.md).
+    #[serde(default)]
+    pub slices_per_epoch: usize,
+    pub flags: PseudoFlags,
+    /// The pseudo-masks' refinement, and its per-volume adjustments (component size in mL,
+    /// saturation under the clip of clipped data).
+    pub refine: RefineConfig,
+    pub min_component_ml: Option<f64>,
+    pub adapt_saturation: bool,
+    /// Flips, shifts, rotations and intensity (the stage-1 ranges), the same geometry on
+    /// the pseudo-mask.
+    pub augment: bool,
+}
+
+impl UNetTrainConfig {
+    /// For real head CT on a CPU (the `cpu` preset): features 8, depth 4, on the model's
+    /// input; pseudo-masks of the real-CT refinement on the labelled positive slices.
+    pub fn cpu() -> Self {
+        UNetTrainConfig {
+            features: 8,
+            depth: 4,
+            epochs: 20,
+            batch: 8,
+            optimizer: OptimizerConfig::adam(1e-3),
+            bce_weight: 1.0,
+            negatives_per_positive: 1.0,
+            slices_per_epoch: 0,
+            flags: PseudoFlags::Labels,
+            refine: RefineConfig::real_ct(),
+            min_component_ml: Some(crate::seg::refine::REAL_CT_MIN_COMPONENT_ML),
+            adapt_saturation: true,
+            augment: true,
+        }
+    }
+
+    /// The authors' network (features 16) for a GPU preset.
+    pub fn gpu() -> Self {
+        UNetTrainConfig {
+            features: 16,
+            epochs: 30,
+            batch: 16,
+            ..Self::cpu()
+        }
+    }
+
+    /// The U-Net for `in_channels` input windows.
+    pub fn net(&self, in_channels: usize) -> crate::model::unet::UNetConfig {
+        crate::model::unet::UNetConfig {
+            features: self.features,
+            depth: self.depth,
+            bce_weight: self.bce_weight,
+            ..crate::model::unet::UNetConfig::authors(in_channels)
+        }
+    }
+
+    /// What must match for stage 3 to resume (everything but the epochs) with the run's seed.
+    pub fn fingerprint(&self, seed: u64) -> String {
+        let mut c = self.clone();
+        c.epochs = 0;
+        format!(
+            "seed={seed};{}",
+            serde_json::to_string(&c).unwrap_or_default()
+        )
+    }
 }
 
 /// How the stage-2 head turns its class map (the fc weights applied at every location of the
@@ -178,6 +283,7 @@ impl TrainConfig {
             augment: AugmentConfig::paper(),
             input: InputSpec::default(),
             stage2_pooling: HeadPooling::Mean,
+            unet: None,
         }
     }
 
@@ -211,6 +317,7 @@ impl TrainConfig {
             augment: AugmentConfig::paper(),
             input,
             stage2_pooling: HeadPooling::Mean,
+            unet: Some(UNetTrainConfig::cpu()),
         }
     }
 
@@ -243,6 +350,7 @@ impl TrainConfig {
             augment: AugmentConfig::paper(),
             input,
             stage2_pooling: HeadPooling::Mean,
+            unet: Some(UNetTrainConfig::gpu()),
         }
     }
 
@@ -267,6 +375,7 @@ impl TrainConfig {
             augment: AugmentConfig::paper(),
             input: InputSpec::default(),
             stage2_pooling: HeadPooling::Mean,
+            unet: Some(UNetTrainConfig::gpu()),
         }
     }
 
@@ -317,15 +426,40 @@ impl TrainConfig {
         if !(self.pos_weight_min > 0.0 && self.pos_weight_min <= self.pos_weight_max) {
             return Err("pos_weight range must be positive and ordered".into());
         }
+        if let Some(u) = &self.unet {
+            u.net(self.input.channels())
+                .check_bounds()
+                .map_err(|e| format!("stage-3 U-Net: {e}"))?;
+            u.net(self.input.channels())
+                .check_size(self.size, self.size)
+                .map_err(|e| format!("stage-3 U-Net at the input size: {e}"))?;
+            if u.batch < 2 {
+                return Err("stage-3 batch must be at least 2 (batch norm)".into());
+            }
+            if !(u.negatives_per_positive >= 0.0 && u.negatives_per_positive.is_finite()) {
+                return Err(
+                    "stage-3 negatives per positive must be finite and not negative".into(),
+                );
+            }
+            if !(u.optimizer.lr() > 0.0 && u.optimizer.lr().is_finite()) {
+                return Err(format!(
+                    "stage-3 learning rate {} must be positive",
+                    u.optimizer.lr()
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// What must match for a checkpoint to be resumed: everything but the epoch counts
-    /// (which may be raised to train longer). Includes the run's seed.
+    /// What must match for a checkpoint of stages 1 and 2 to be resumed: everything but the
+    /// epoch counts (which may be raised to train longer) and stage 3. Includes the run's seed.
     pub fn fingerprint(&self, seed: u64) -> String {
         let mut c = self.clone();
         c.epochs = 0;
         c.stage2_epochs = 0;
+        // Stage 3 has its own fingerprint (`UNetTrainConfig::fingerprint`): a finished
+        // two-stage run can go on to stage 3.
+        c.unet = None;
         let body = serde_json::to_string(&c).unwrap_or_default();
         format!("seed={seed};{body}")
     }

@@ -1,7 +1,7 @@
 //! The training log: one record per epoch (stage, train loss, validation loss, AUC,
 //! accuracy, seconds), written as JSON (`MODEL.log.json`) and drawn as a PNG plot
-//! (`MODEL.plot.png`: loss on the left, AUC and accuracy on the right, a grey line where
-//! stage 2 starts). The plot is rasterised by hand into an RGB buffer: no plotting crate.
+//! (`MODEL.plot.png`: loss on the left, AUC and accuracy on the right, grey lines where
+//! stages 2 and 3 start). The plot is rasterised by hand into an RGB buffer: no plotting crate.
 //! Knows nothing about the network.
 
 use crate::io::IoError;
@@ -12,7 +12,8 @@ use std::path::Path;
 /// One finished epoch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
-    /// 1 (ResNet-LSTM on sequences) or 2 (fc head on single slices).
+    /// 1 (ResNet-LSTM on sequences), 2 (fc head on single slices) or 3 (the U-Net; its
+    /// losses are soft Dice + BCE against the pseudo-masks, no AUC).
     pub stage: u8,
     /// 1-based epoch within its stage.
     pub epoch: usize,
@@ -54,7 +55,10 @@ impl TrainLog {
         let (w, h) = (800usize, 320usize);
         let mut c = Canvas::new(w, h);
         let n = self.epochs.len();
-        let stage2_at = self.epochs.iter().position(|r| r.stage == 2);
+        let stage_starts: Vec<usize> = [2u8, 3]
+            .iter()
+            .filter_map(|&st| self.epochs.iter().position(|r| r.stage == st))
+            .collect();
         // Left panel: losses, from 0 to the largest finite loss.
         let losses: Vec<f64> = self
             .epochs
@@ -80,7 +84,7 @@ impl TrainLog {
             c.axes(&p);
             c.number(p.x0 as i64 - 36, p.y0 as i64 - 3, top);
             c.number(p.x0 as i64 - 36, p.y1 as i64 - 3, 0.0);
-            if let Some(s) = stage2_at {
+            for &s in &stage_starts {
                 let x = p.x_of(s as f64 - 0.5, n);
                 c.vline(x, p.y0, p.y1, [190, 190, 190]);
             }

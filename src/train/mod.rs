@@ -1,6 +1,7 @@
-//! The two training stages of the method: stage 1 (ResNet-LSTM on slice sequences, slice
-//! labels only) and stage 2 (frozen backbone, single-slice fc head); optimizers' schedules,
-//! augmentation, validation, checkpoints and resume, logs.
+//! The training stages of the method: stage 1 (ResNet-LSTM on slice sequences, slice
+//! labels only), stage 2 (frozen backbone, single-slice fc head) and stage 3 (the U-Net on
+//! the refinement's pseudo-masks); optimizers' schedules, augmentation, validation,
+//! checkpoints and resume, logs.
 //!
 //! The entry point is [`train`] (or [`train_with`] on a given backend): cases in (a dataset
 //! folder, an opened dataset, or volumes in memory), a model file out, with its resume
@@ -14,6 +15,7 @@ pub mod log;
 pub mod prep;
 pub mod stage1;
 pub mod stage2;
+pub mod stage3;
 pub mod trainer;
 
 pub use augment::{AugmentConfig, Transform};

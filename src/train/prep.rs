@@ -3,6 +3,7 @@
 //! it as sliding-window sequences of S slices (every slice seen), stage 2 as single slices;
 //! a batch is gathered from the cache and augmented on the fly (one transform per
 //! sequence, deterministic from the seed, the epoch and the item's index).
+//! Stage 3 reads the native volumes again ([`Native`]: images only, never masks).
 //! Knows nothing about the network: it produces host buffers and labels.
 
 use super::augment::{AugmentConfig, Transform};
@@ -24,6 +25,8 @@ pub struct TrainCase {
     pub hu: Array3<f32>,
     /// One label per slice (length = depth).
     pub labels: Vec<bool>,
+    /// Voxel spacing `[z, y, x]` in mm (stage 3's pseudo-masks size components in mL).
+    pub spacing: [f64; 3],
 }
 
 /// Where the training cases come from.
@@ -106,22 +109,89 @@ impl Prepared {
     }
 }
 
-/// Loads and prepares every case of `input` (in parallel); the order is the input's.
-pub fn load_input(
-    input: TrainInput<'_>,
+/// Where the native volumes of the prepared cases are read again (stage 3 refines
+/// pseudo-masks at the native resolution): the dataset (only the images are read), or the
+/// volumes handed over in memory.
+pub enum Native<'a> {
+    /// Case `k` is the dataset's case `indices[k]`.
+    Dataset {
+        dataset: DatasetRef<'a>,
+        indices: Vec<usize>,
+    },
+    Cases(Vec<TrainCase>),
+}
+
+/// An opened dataset, owned or borrowed.
+pub enum DatasetRef<'a> {
+    Owned(Dataset),
+    Borrowed(&'a Dataset),
+}
+
+impl Native<'_> {
+    /// The HU volume `[z, y, x]` and spacing of prepared case `k` (never its mask).
+    pub fn volume(&self, k: usize) -> Result<(Array3<f32>, [f64; 3]), TrainError> {
+        match self {
+            Native::Cases(c) => {
+                let c = c
+                    .get(k)
+                    .ok_or_else(|| TrainError::Data(format!("case index {k} out of range")))?;
+                Ok((c.hu.clone(), c.spacing))
+            }
+            Native::Dataset { dataset, indices } => {
+                let ds = match dataset {
+                    DatasetRef::Owned(d) => d,
+                    DatasetRef::Borrowed(d) => *d,
+                };
+                let case = indices
+                    .get(k)
+                    .and_then(|&i| ds.cases.get(i))
+                    .ok_or_else(|| TrainError::Data(format!("case index {k} out of range")))?;
+                let v = crate::io::read_volume(&case.image)
+                    .map_err(|e| TrainError::Data(e.to_string()))?;
+                Ok((v.data, v.spacing))
+            }
+        }
+    }
+}
+
+/// Loads and prepares every case of `input` (in parallel); the order is the input's. Also
+/// returns where the native volumes can be read again.
+pub fn load_input<'a>(
+    input: TrainInput<'a>,
     size: usize,
     spec: &InputSpec,
-) -> Result<Vec<Prepared>, TrainError> {
+) -> Result<(Vec<Prepared>, Native<'a>), TrainError> {
     match input {
-        TrainInput::Cases(cases) => cases
-            .par_iter()
-            .map(|c| Prepared::from_hu(&c.id, &c.patient, &c.hu, &c.labels, size, spec))
-            .collect(),
+        TrainInput::Cases(cases) => {
+            let p = cases
+                .par_iter()
+                .map(|c| Prepared::from_hu(&c.id, &c.patient, &c.hu, &c.labels, size, spec))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((p, Native::Cases(cases)))
+        }
         TrainInput::Dir(dir) => {
             let ds = Dataset::open(dir).map_err(|e| TrainError::Data(e.to_string()))?;
-            load_dataset(&ds, None, size, spec)
+            let p = load_dataset(&ds, None, size, spec)?;
+            let indices = (0..ds.len()).collect();
+            Ok((
+                p,
+                Native::Dataset {
+                    dataset: DatasetRef::Owned(ds),
+                    indices,
+                },
+            ))
         }
-        TrainInput::Dataset { dataset, indices } => load_dataset(dataset, indices, size, spec),
+        TrainInput::Dataset { dataset, indices } => {
+            let p = load_dataset(dataset, indices, size, spec)?;
+            let indices = indices.map_or_else(|| (0..dataset.len()).collect(), |i| i.to_vec());
+            Ok((
+                p,
+                Native::Dataset {
+                    dataset: DatasetRef::Borrowed(dataset),
+                    indices,
+                },
+            ))
+        }
     }
 }
 

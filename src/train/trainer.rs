@@ -3,6 +3,9 @@
 //! validating each epoch, keeping the best checkpoint (`MODEL`, by validation AUC) and the
 //! last one (`MODEL.last.safetensors`, with the optimizer state) so a killed run resumes
 //! where it stopped, and writing the log (`MODEL.log.json`) and plot (`MODEL.plot.png`).
+//! When the config has one, stage 3 follows ([`super::stage3`]): pseudo-masks from the best
+//! stage-2 model, then the U-Net epoch by epoch (best by validation loss on the validation
+//! patients' pseudo-masks), saved into the same files under `unet.*`.
 //! Generic over the backend: CPU and CUDA share this code path.
 //! Knows nothing about the CLI.
 
@@ -10,9 +13,10 @@ use super::checkpoint::{self, Provenance, TrainState};
 use super::config::{HeadPooling, TrainConfig};
 use super::log::{EpochRecord, TrainLog};
 use super::prep::{self, AugmentCtx, Prepared, TrainInput};
-use super::{stage1, stage2, EpochStats, TrainError};
+use super::{stage1, stage2, stage3, EpochStats, TrainError};
 use crate::data::split::split_patients;
 use crate::engine::Backend;
+use crate::model::unet::{SecondHandle, UNet};
 use crate::model::IchNet;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -38,6 +42,9 @@ pub struct TrainOptions {
     /// Development: skip stage 1 and train only the stage-2 head on the backbone of this
     /// model file (same network config), e.g. to compare head poolings on one backbone.
     pub stage2_from: Option<PathBuf>,
+    /// Start from this finished two-stage model file (written by a run of the same training
+    /// config and seed, stage 3 aside) and train stage 3 alone on it.
+    pub stage3_from: Option<PathBuf>,
 }
 
 impl Default for TrainOptions {
@@ -50,6 +57,7 @@ impl Default for TrainOptions {
             device: "auto".into(),
             data_name: None,
             stage2_from: None,
+            stage3_from: None,
         }
     }
 }
@@ -65,7 +73,16 @@ pub struct TrainReport {
     /// Best validation AUC of stage 1 and stage 2 (None: no validation set or one class).
     pub best_auc_stage1: Option<f64>,
     pub best_auc_stage2: Option<f64>,
-    /// Whether both stages ran to their last epoch (false after `stop_after_epochs`).
+    /// Best validation loss of stage 3 (None: no stage 3, no validation set, or no usable
+    /// validation slice).
+    pub best_val_loss_stage3: Option<f64>,
+    /// Stage-3 epochs done, and the slices of its pseudo-masks (positive, negative,
+    /// skipped) when it ran in this call.
+    pub unet_epochs: usize,
+    pub pseudo: Option<stage3::PseudoStats>,
+    /// Stage 3 was skipped: no training slice got a pseudo-mask.
+    pub unet_skipped: bool,
+    /// Whether every stage ran to its last epoch (false after `stop_after_epochs`).
     pub finished: bool,
     /// The epoch the run resumed after, `(stage, epoch)`, if it resumed.
     pub resumed_from: Option<(u8, usize)>,
@@ -106,8 +123,58 @@ impl RunPaths {
     }
 }
 
+/// Loads a finished two-stage model file into `net` and marks stages 1 and 2 done in
+/// `state` (with the file's calibrated slice threshold), after checking that the file was
+/// trained with this config (epochs included, stage 3 aside) and seed.
+fn adopt_two_stage_model<B: Backend>(
+    net: &mut IchNet<B>,
+    from: &Path,
+    cfg: &TrainConfig,
+    fingerprint: &str,
+    state: &mut TrainState,
+) -> Result<(), TrainError> {
+    let bad =
+        |detail: String| TrainError::Config(format!("--stage3-from {}: {detail}", from.display()));
+    if cfg.unet.is_none() {
+        return Err(bad("the config has no stage 3 (--no-unet)".into()));
+    }
+    let meta = checkpoint::read_metadata(from)?;
+    let saved: TrainConfig = meta
+        .get(checkpoint::META_TRAIN_CONFIG)
+        .and_then(|j| serde_json::from_str(j).ok())
+        .ok_or_else(|| bad("no readable training config in its metadata".into()))?;
+    let saved_seed: u64 = meta
+        .get(checkpoint::META_SEED)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| bad("no seed in its metadata".into()))?;
+    if meta.get(checkpoint::META_STAGE).map(String::as_str) != Some("2") {
+        return Err(bad("it is not a finished two-stage model".into()));
+    }
+    let saved_fp = saved.fingerprint(saved_seed);
+    if !checkpoint::fingerprints_match(&saved_fp, fingerprint) {
+        return Err(bad(format!(
+            "trained with another config ({})",
+            checkpoint::describe_mismatch(&saved_fp, fingerprint)
+        )));
+    }
+    if (saved.epochs, saved.stage2_epochs) != (cfg.epochs, cfg.stage2_epochs) {
+        return Err(bad(format!(
+            "trained for {} + {} epochs, this run asks for {} + {}",
+            saved.epochs, saved.stage2_epochs, cfg.epochs, cfg.stage2_epochs
+        )));
+    }
+    checkpoint::load_params(net, from)?;
+    state.epochs_done = [cfg.epochs, cfg.stage2_epochs];
+    state.best_epoch = [cfg.epochs, cfg.stage2_epochs];
+    state.backbone_reloaded = true;
+    state.slice_threshold = meta
+        .get(checkpoint::META_SLICE_THRESHOLD)
+        .and_then(|v| v.parse().ok());
+    Ok(())
+}
+
 /// Trains on `backend`. See the module doc for the files written.
-pub fn train_with<B: Backend>(
+pub fn train_with<B: Backend + SecondHandle>(
     backend: B,
     input: TrainInput<'_>,
     out_model: &Path,
@@ -128,11 +195,33 @@ pub fn train_with<B: Backend>(
     // A mismatched checkpoint is refused before any data is read: a fast, clear failure.
     let resume_state = if opts.resume && paths.last.is_file() {
         let st = checkpoint::read_state(&paths.last)?;
-        if st.fingerprint != fingerprint {
+        if !checkpoint::fingerprints_match(&st.fingerprint, &fingerprint) {
             return Err(TrainError::ResumeMismatch {
                 path: paths.last.clone(),
                 detail: checkpoint::describe_mismatch(&st.fingerprint, &fingerprint),
             });
+        }
+        if st.unet.epochs_done > 0 {
+            let detail = match &cfg.unet {
+                None => {
+                    Some("stage 3 (the U-Net) has started: resume it, or pass --fresh".to_string())
+                }
+                Some(u) if u.fingerprint(opts.seed) != st.unet.fingerprint => Some(format!(
+                    "the interrupted run's stage 3 used another U-Net config ({})",
+                    checkpoint::describe_mismatch(&st.unet.fingerprint, &u.fingerprint(opts.seed))
+                )),
+                Some(_) if cfg.stage2_epochs > st.epochs_done[1] => Some(format!(
+                    "stage 3 has started, so stage 2 cannot be extended from {} to {} epochs",
+                    st.epochs_done[1], cfg.stage2_epochs
+                )),
+                Some(_) => None,
+            };
+            if let Some(detail) = detail {
+                return Err(TrainError::ResumeMismatch {
+                    path: paths.last.clone(),
+                    detail,
+                });
+            }
         }
         if st.epochs_done[1] > 0 && cfg.epochs > st.epochs_done[0] {
             // The fc head was fitted to the old backbone: more stage-1 epochs would leave
@@ -150,7 +239,7 @@ pub fn train_with<B: Backend>(
         None
     };
 
-    let cases = prep::load_input(input, cfg.size, &cfg.input)?;
+    let (cases, native) = prep::load_input(input, cfg.size, &cfg.input)?;
     if cases.is_empty() {
         return Err(TrainError::Data("no training cases".into()));
     }
@@ -190,6 +279,7 @@ pub fn train_with<B: Backend>(
                 device: device.clone(),
                 epochs: Vec::new(),
             },
+            unet: Default::default(),
         },
     };
     let resumed_from = (state.epochs_done != [0, 0]).then(|| {
@@ -224,7 +314,11 @@ pub fn train_with<B: Backend>(
         state.epochs_done[0] = cfg.epochs;
         state.best_epoch[0] = cfg.epochs;
         state.backbone_reloaded = true;
-        checkpoint::save_model(&net, &paths.model, cfg, &state)?;
+        checkpoint::save_model(&net, None, &paths.model, cfg, &state)?;
+    }
+    if let (Some(from), None) = (&opts.stage3_from, resumed_from) {
+        adopt_two_stage_model(&mut net, from, cfg, &fingerprint, &mut state)?;
+        checkpoint::save_model(&net, None, &paths.model, cfg, &state)?;
     }
     let mut budget = opts.stop_after_epochs.unwrap_or(usize::MAX);
     let seq_items = prep::sequences(&cases, &train_idx, cfg.slices, cfg.seq_stride)?;
@@ -367,10 +461,135 @@ pub fn train_with<B: Backend>(
         budget -= 1;
     }
 
-    let finished = state.epochs_done[0] >= cfg.epochs && state.epochs_done[1] >= cfg.stage2_epochs;
+    // ---- stage 3 ---------------------------------------------------------------------
+    let stage12_done =
+        state.epochs_done[0] >= cfg.epochs && state.epochs_done[1] >= cfg.stage2_epochs;
+    let mut pseudo_stats = None;
+    if let Some(ucfg) = &cfg.unet {
+        if stage12_done && !state.unet.skipped && state.unet.epochs_done < ucfg.epochs && budget > 0
+        {
+            if state.unet.epochs_done == 0 {
+                state.unet.fingerprint = ucfg.fingerprint(opts.seed);
+            }
+            // The pseudo-masks come from the best model (stage 2's best epoch).
+            if paths.model.is_file() {
+                checkpoint::load_params(&mut net, &paths.model)?;
+            }
+            let t = Instant::now();
+            let pb = ctx.bar(3, 0, ucfg.epochs);
+            pb.set_prefix("stage 3 pseudo-masks");
+            let mut all: Vec<usize> = train_idx.iter().chain(&val_idx).copied().collect();
+            all.sort_unstable();
+            let threshold = state.slice_threshold.map_or(0.5, |t| t.max(0.5));
+            let (pseudo, pst) = stage3::pseudo_masks(
+                &mut net,
+                &cases,
+                &all,
+                &native,
+                ucfg,
+                cfg.size,
+                cfg.stage2_batch,
+                threshold,
+                &pb,
+            )?;
+            pb.finish_and_clear();
+            pseudo_stats = Some(pst);
+            if opts.progress {
+                eprintln!(
+                    "stage 3: pseudo-masks of {} volumes in {:.1}s: {} positive slices, {} negative, {} labelled positive without one (unused); U-Net features {}, depth {}",
+                    all.len(),
+                    t.elapsed().as_secs_f64(),
+                    pst.positive,
+                    pst.negative,
+                    pst.skipped,
+                    ucfg.features,
+                    ucfg.depth
+                );
+            }
+            if pst.positive == 0 {
+                // Nothing to learn the blood from: the model stays the two-stage one.
+                state.unet.skipped = true;
+                checkpoint::save_resume(&net, None, &paths.last, cfg, &state)?;
+                if opts.progress {
+                    eprintln!("stage 3 skipped: no training slice got a pseudo-mask");
+                }
+            } else {
+                let handle = net
+                    .backend()
+                    .second_handle()
+                    .map_err(|e| TrainError::Model(e.into()))?;
+                let mut unet = UNet::new(handle, ucfg.net(cfg.input.channels()), opts.seed)?;
+                if state.unet.epochs_done > 0 {
+                    checkpoint::load_unet_resume(&mut unet, &paths.last)?;
+                }
+                while state.unet.epochs_done < ucfg.epochs && budget > 0 {
+                    let epoch = state.unet.epochs_done + 1;
+                    let t = Instant::now();
+                    let pb = ctx.bar(3, epoch, ucfg.epochs);
+                    let loss = stage3::train_epoch(
+                        &mut unet,
+                        &cases,
+                        &pseudo,
+                        &train_idx,
+                        ucfg,
+                        &cfg.augment,
+                        cfg.size,
+                        opts.seed,
+                        epoch,
+                        &pb,
+                    )?;
+                    pb.finish_and_clear();
+                    let val =
+                        stage3::validate(&mut unet, &cases, &pseudo, &val_idx, ucfg, cfg.size)?;
+                    let better = match (val, state.unet.best_val_loss) {
+                        (Some(v), Some(b)) => v < b,
+                        (Some(_), None) => true,
+                        // No usable validation slice: every epoch replaces the best.
+                        (None, _) => true,
+                    };
+                    if better {
+                        state.unet.best_epoch = epoch;
+                        state.unet.best_val_loss = val;
+                    }
+                    state.unet.epochs_done = epoch;
+                    state.log.epochs.push(EpochRecord {
+                        stage: 3,
+                        epoch,
+                        train_loss: loss,
+                        val_loss: val,
+                        val_auc: None,
+                        val_accuracy: None,
+                        seconds: t.elapsed().as_secs_f64(),
+                        best: better,
+                    });
+                    if better {
+                        checkpoint::save_model(&net, Some(&unet), &paths.model, cfg, &state)?;
+                    }
+                    checkpoint::save_resume(&net, Some(&unet), &paths.last, cfg, &state)?;
+                    state.log.write_json(&paths.log)?;
+                    state.log.write_plot(&paths.plot)?;
+                    if opts.progress {
+                        eprintln!(
+                            "stage 3 epoch {epoch}: train loss {loss:.4}, val loss {}, {:.1}s{}",
+                            val.map_or("-".into(), |v| format!("{v:.4}")),
+                            t.elapsed().as_secs_f64(),
+                            if better { " (best)" } else { "" }
+                        );
+                    }
+                    budget -= 1;
+                }
+            }
+        }
+    }
+
+    let finished = stage12_done
+        && cfg
+            .unet
+            .as_ref()
+            .is_none_or(|u| state.unet.skipped || state.unet.epochs_done >= u.epochs);
     // A run with zero epochs left still leaves a model behind (e.g. epochs raised to 0).
     if !paths.model.is_file() {
-        checkpoint::save_model(&net, &paths.model, cfg, &state)?;
+        checkpoint::save_model(&net, None, &paths.model, cfg, &state)?;
     }
     Ok(TrainReport {
         model: paths.model.clone(),
@@ -379,6 +598,10 @@ pub fn train_with<B: Backend>(
         plot_png: paths.plot.clone(),
         best_auc_stage1: state.best_auc[0],
         best_auc_stage2: state.best_auc[1],
+        best_val_loss_stage3: state.unet.best_val_loss,
+        unet_epochs: state.unet.epochs_done,
+        unet_skipped: state.unet.skipped,
+        pseudo: pseudo_stats,
         log: state.log,
         finished,
         resumed_from,
@@ -494,9 +717,9 @@ impl RunCtx<'_> {
             best: better,
         });
         if better {
-            checkpoint::save_model(net, &self.paths.model, self.cfg, state)?;
+            checkpoint::save_model(net, None, &self.paths.model, self.cfg, state)?;
         }
-        checkpoint::save_resume(net, &self.paths.last, self.cfg, state)?;
+        checkpoint::save_resume(net, None, &self.paths.last, self.cfg, state)?;
         state.log.write_json(&self.paths.log)?;
         state.log.write_plot(&self.paths.plot)?;
         if self.opts.progress {

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 /// The address-space limit of the issue: 8 GB.
 pub const AS_LIMIT: u64 = 8_000_000_000;
 
-/// The files of one segmented volume's folder.
+/// The files of one segmented volume's folder (with a stage-3 U-Net also
+/// [`UNET_OUTPUT`]).
 pub const OUTPUT_FILES: [&str; 5] = [
     "mask.nii.gz",
     "cam.nii.gz",
@@ -28,6 +29,9 @@ pub const OUTPUT_FILES: [&str; 5] = [
     "overlay.png",
     "summary.json",
 ];
+
+/// The U-Net's map, written only by models with a stage-3 U-Net.
+pub const UNET_OUTPUT: &str = "unet.nii.gz";
 
 /// SplitMix64: a small seeded generator (no dependency).
 pub struct Rng(pub u64);
@@ -108,6 +112,36 @@ pub fn write_model(path: &Path, input_size: usize) {
     extra.insert("ichcam.slice_threshold".to_string(), "0.5".to_string());
     checkpoint::save(
         &net,
+        path,
+        &SaveOptions {
+            extra,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+/// [`write_model`] with a stage-3 U-Net (features `features`, depth 2, the three windows)
+/// under `unet.*`.
+pub fn write_model_with_unet(path: &Path, input_size: usize, features: usize) {
+    use ichcam::model::unet::{checkpoint as unet_ckpt, UNet, UNetConfig};
+    write_model(path, input_size);
+    let (net, loaded) = checkpoint::load(CpuBackend::<f32>::new(), path).unwrap();
+    let unet = UNet::new(
+        CpuBackend::<f32>::new(),
+        UNetConfig {
+            features,
+            depth: 2,
+            ..UNetConfig::authors(3)
+        },
+        9,
+    )
+    .unwrap();
+    let mut extra = loaded.metadata.clone();
+    extra.remove("config");
+    checkpoint::save_with(
+        &net,
+        &[unet_ckpt::section(&unet).unwrap()],
         path,
         &SaveOptions {
             extra,
@@ -332,6 +366,9 @@ pub fn check_outputs(out: &Path) -> Result<usize, String> {
             .collect();
         files.sort();
         let mut want: Vec<String> = OUTPUT_FILES.iter().map(|s| s.to_string()).collect();
+        if files.iter().any(|f| f == UNET_OUTPUT) {
+            want.push(UNET_OUTPUT.to_string());
+        }
         want.sort();
         if name.starts_with('.') || files != want {
             return Err(format!(

@@ -18,6 +18,10 @@ use std::path::Path;
 pub const PREFIX: &str = "unet.";
 /// Metadata key of the U-Net's config.
 pub const CONFIG_KEY: &str = "unet_config";
+/// Name prefix (after [`PREFIX`]) of the optimizer's moments in a resume checkpoint
+/// (`unet.opt.<name>.m`, `unet.opt.<name>.v`), and the metadata key of its step count.
+pub const OPT_PREFIX: &str = "opt.";
+pub const OPT_STEPS_KEY: &str = "unet_opt_steps";
 
 /// The U-Net's tensors (trainables and running statistics, `unet.`-prefixed) and config, as
 /// a section of a model file.
@@ -31,6 +35,58 @@ pub fn section<B: Backend>(net: &UNet<B>) -> Result<Section, ModelError> {
         tensors,
         metadata: vec![(CONFIG_KEY.to_string(), net.cfg().to_json())],
     })
+}
+
+/// [`section`] plus the optimizer's moments and step count (for resuming training), when
+/// the optimizer has stepped.
+pub fn section_with_opt<B: Backend>(net: &UNet<B>) -> Result<Section, ModelError> {
+    let mut sec = section(net)?;
+    if let Some((moments, steps)) = net.opt_state()? {
+        for (s, (m, v)) in net.weight_specs().into_iter().zip(moments) {
+            let f = |x: Vec<B::T>| x.iter().map(|v| v.as_f64()).collect::<Vec<f64>>();
+            sec.tensors.push((
+                format!("{PREFIX}{OPT_PREFIX}{}.m", s.name),
+                s.shape.clone(),
+                f(m),
+            ));
+            sec.tensors
+                .push((format!("{PREFIX}{OPT_PREFIX}{}.v", s.name), s.shape, f(v)));
+        }
+        sec.metadata
+            .push((OPT_STEPS_KEY.to_string(), steps.to_string()));
+    }
+    Ok(sec)
+}
+
+/// Restores the optimizer state [`section_with_opt`] wrote; `false` when the file holds
+/// none.
+pub fn load_opt<B: Backend>(
+    net: &mut UNet<B>,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: &std::collections::HashMap<String, String>,
+    path: &Path,
+) -> Result<bool, ModelError> {
+    let Some(steps) = metadata.get(OPT_STEPS_KEY) else {
+        return Ok(false);
+    };
+    let steps: u64 = steps.parse().map_err(|_| {
+        ModelError::checkpoint(path, format!("metadata `{OPT_STEPS_KEY}` is not a count"))
+    })?;
+    let mut moments = Vec::new();
+    for s in net.weight_specs() {
+        let get = |suffix: &str| -> Result<Vec<B::T>, ModelError> {
+            let key = format!("{PREFIX}{OPT_PREFIX}{}.{suffix}", s.name);
+            let t = tensors.get(&key).ok_or_else(|| {
+                ModelError::checkpoint(path, format!("optimizer state `{key}` is missing"))
+            })?;
+            checkpoint::check_finite(path, &key, &t.data)?;
+            Ok(t.data.iter().map(|&x| B::T::from_f64_lossy(x)).collect())
+        };
+        moments.push((get("m")?, get("v")?));
+    }
+    net.set_opt_state(&moments, steps)
+        .map_err(|e| ModelError::checkpoint(path, format!("U-Net optimizer state: {e}")))?;
+    Ok(true)
 }
 
 /// Sets every tensor of `net` from `tensors` (names `prefix + name`; other names are
@@ -65,7 +121,10 @@ pub fn assign<B: Backend>(
         let Some(rest) = n.strip_prefix(prefix) else {
             continue;
         };
-        if !specs.iter().any(|s| s.name == rest) && !rest.ends_with(".num_batches_tracked") {
+        if !specs.iter().any(|s| s.name == rest)
+            && !rest.ends_with(".num_batches_tracked")
+            && !rest.starts_with(OPT_PREFIX)
+        {
             report.unexpected.push((rest.to_string(), t.shape.clone()));
         }
     }
