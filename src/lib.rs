@@ -11,5 +11,6 @@ pub mod eval;
 pub mod infer;
 pub mod io;
 pub mod model;
+pub mod rng;
 pub mod seg;
 pub mod train;

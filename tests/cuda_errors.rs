@@ -8,15 +8,15 @@
 //! A fault poisons the device context until everything that holds it is gone, so each test
 //! opens its own backend and drops it, and the tests run one at a time.
 
-mod cuda_common;
+mod common;
 
-use cuda_common::{device, emulator};
+use common::cuda::{device, emulator};
 use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
 use ichcam::engine::cuda::{CudaBackend, KArg};
 use ichcam::engine::Backend;
 
 fn main() {
-    cuda_common::main_with_threads(
+    common::cuda::main_with_threads(
         vec![
             device(
                 "a_fault_during_a_kernel_names_the_launch",

@@ -3,6 +3,8 @@
 //! 35 HU brain under a CAM is recovered, a negative slice stays empty, a 300 HU
 //! calcification is not chosen.
 
+mod common;
+
 use ichcam::eval::volume_metrics;
 use ichcam::seg::choose::choose_cluster;
 use ichcam::seg::kmeans::{assign, init_centroids, kmeans_1d, update};
@@ -14,12 +16,7 @@ use ndarray::{s, Array3};
 
 /// Deterministic noise in [-1, 1] from an index (a hash, no state).
 fn noise(i: u64) -> f32 {
-    let mut z = i
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(0x632B_E59B_D9B4_E019);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
+    let z = common::rng::counter(i, 0x632B_E59B_D9B4_E019);
     ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 

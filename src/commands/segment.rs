@@ -35,8 +35,8 @@ pub struct Args {
     /// default, slice AUC 0.84 vs 0.83 and pooled slice Dice 0.175 vs 0.154 in 5-fold CV on
     /// ct-ich, docs/accuracy.md) or stage2 (the single-slice fc head, the authors' test-time
     /// net). The CAM always comes from the stage-2 head.
-    #[arg(long, default_value = "stage1")]
-    classifier: String,
+    #[arg(long)]
+    classifier: Option<String>,
     /// A slice is positive when its probability reaches this (default: the threshold the
     /// training calibrated on its validation slices, stored in the model; else 0.5).
     #[arg(long)]
@@ -44,10 +44,10 @@ pub struct Args {
     /// Binary CAM = normalised CAM >= this: where k-means looks for the blood cluster (the
     /// authors: 0.7; our default for real CT: 0.4, chosen by cross-validation, see
     /// docs/accuracy.md).
-    #[arg(long, default_value_t = 0.4)]
+    #[arg(long, default_value_t = ct().refine.cam_threshold)]
     cam_threshold: f32,
     /// k-means clusters inside the CAM (the authors: 4).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = ct().refine.k)]
     k: usize,
     /// Clusters whose centroid reaches this (80/200 window, 0..1) are not blood.
     #[arg(long)]
@@ -57,17 +57,17 @@ pub struct Args {
     no_adapt_saturation: bool,
     /// The lesion may grow from the binary CAM into the CAM's region down to this level, in
     /// the intensity band (ours; set it to --cam-threshold for no growth).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = ct().refine.grow_cam_threshold)]
     grow_cam_threshold: f32,
     /// Darkest cluster centroid (HU) taken for acute blood (ours).
-    #[arg(long, default_value_t = 45.0)]
+    #[arg(long, default_value_t = ct().refine.min_blood_hu)]
     min_blood_hu: f32,
     /// In-plane box-filter radius before k-means (ours; 0 = the raw intensities).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = ct().refine.smooth_radius)]
     smooth: usize,
     /// Keep every voxel from this HU up to the saturation level in the grow region of the
     /// slices where k-means found a blood cluster (ours).
-    #[arg(long, default_value_t = 55.0)]
+    #[arg(long, default_value_t = ct().refine.band_floor_hu.unwrap_or(ct().refine.min_blood_hu))]
     band_floor_hu: f32,
     /// Use the k-means band's own lower edge (halfway to the next darker cluster) instead of
     /// --band-floor-hu.
@@ -75,22 +75,22 @@ pub struct Args {
     kmeans_band: bool,
     /// In-plane opening radius of the band mask (ours; 0 = off): drops what is thinner than
     /// 2r+1 pixels (cortical ribbon, partial volume along the skull).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = ct().refine.open_radius)]
     open: usize,
     /// Dilation radius (pixels) of the chosen cluster.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = ct().refine.dilate_radius)]
     dilate: usize,
     /// Components smaller than this (mL) are dropped.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = ct().min_component_ml.unwrap_or(0.0))]
     min_component_ml: f64,
     /// Fraction of a component that must lie where the CAM reaches --grow-cam-threshold.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = ct().refine.min_cam_support)]
     min_cam_support: f32,
     /// 3-D connectivity: 6, 18 or 26.
-    #[arg(long, default_value_t = 26)]
+    #[arg(long, default_value_t = ct().refine.connectivity.neighbours())]
     connectivity: u32,
     /// Slices per forward pass.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = ct().batch_slices)]
     batch_slices: usize,
     /// Refinement: ours (the default) or authors (SWICH-Seg's code literally: Grad-CAM with
     /// ReLU, k-means on the whole slice of CAM x subdural window, the brightest cluster with
@@ -122,15 +122,14 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
         "gradcam" | "grad-cam" => CamKind::GradCam,
         other => anyhow::bail!("unknown --cam `{other}` (expected vanilla or gradcam)"),
     };
-    let mut o = SegmentOptions {
-        cam,
-        ..SegmentOptions::default()
-    };
-    o.classifier = match a.classifier.to_ascii_lowercase().as_str() {
-        "stage2" => SliceClassifier::Stage2,
-        "stage1" => SliceClassifier::Stage1,
-        other => anyhow::bail!("unknown --classifier `{other}` (expected stage2 or stage1)"),
-    };
+    let mut o = SegmentOptions { cam, ..ct() };
+    if let Some(c) = &a.classifier {
+        o.classifier = match c.to_ascii_lowercase().as_str() {
+            "stage2" => SliceClassifier::Stage2,
+            "stage1" => SliceClassifier::Stage1,
+            other => anyhow::bail!("unknown --classifier `{other}` (expected stage2 or stage1)"),
+        };
+    }
     if let Some(t) = a.slice_threshold {
         anyhow::ensure!(
             (0.0..=1.0).contains(&t),
@@ -195,6 +194,12 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
         other => anyhow::bail!("unknown --refine `{other}` (expected ours or authors)"),
     }
     Ok(o)
+}
+
+/// The defaults of `ichcam segment` (its options start from them; see
+/// [`SegmentOptions::real_ct`]).
+fn ct() -> SegmentOptions {
+    SegmentOptions::real_ct()
 }
 
 /// Segments with an already chosen backend and prints the report.

@@ -8,7 +8,6 @@ pub mod dataset;
 pub mod error;
 pub mod input;
 pub mod resample;
-pub mod rng;
 pub mod sequence;
 pub mod split;
 pub mod synth;

@@ -149,6 +149,29 @@ impl Default for SegmentOptions {
     }
 }
 
+impl SegmentOptions {
+    /// `ichcam segment`'s defaults: the refinement chosen for real CT by 5-fold patient
+    /// cross-validation on ct-ich (docs/accuracy.md: binary CAM at 0.4, growth to 0.1, a
+    /// band floor of 55 HU, an opening of radius 2, components of at least 0.3 mL) and the
+    /// stage-1 slice classifier; the rest as [`SegmentOptions::default`] (the demo's
+    /// phantom-tuned settings).
+    pub fn real_ct() -> Self {
+        let d = SegmentOptions::default();
+        SegmentOptions {
+            classifier: SliceClassifier::Stage1,
+            min_component_ml: Some(0.3),
+            refine: RefineConfig {
+                cam_threshold: 0.4,
+                grow_cam_threshold: 0.1,
+                band_floor_hu: Some(55.0),
+                open_radius: 2,
+                ..d.refine.clone()
+            },
+            ..d
+        }
+    }
+}
+
 /// The result for one volume, on the native grid.
 #[derive(Clone, Debug)]
 pub struct Segmentation {

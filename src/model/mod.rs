@@ -10,7 +10,6 @@ pub mod net;
 pub mod optim;
 pub mod params;
 pub mod parity;
-pub mod prng;
 mod resnet;
 pub mod unet;
 

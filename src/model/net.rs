@@ -815,7 +815,7 @@ fn check_pos_weight(pos_weight: f64) -> Result<(), ModelError> {
 mod tests {
     use super::*;
     use crate::engine::cpu::CpuBackend;
-    use crate::model::prng::Rng;
+    use crate::rng::Rng;
 
     fn net(seed: u64) -> IchNet<CpuBackend<f64>> {
         let cfg = ModelConfig {
