@@ -1018,29 +1018,32 @@ fn ichnet_tiny_step_matches_cpu() {
 // ---- discovery and the kernel table (these run without a GPU) ------------------------------
 
 fn device_choice_never_panics() {
-    use ichcam::engine::cuda::device::{pick_device, DeviceChoice};
-    assert_eq!(
-        pick_device("cpu").expect("cpu"),
-        DeviceChoice::Cpu { reason: None }
+    use ichcam::engine::Device;
+    assert!(
+        matches!(
+            Device::open("cpu").expect("cpu"),
+            Device::Cpu { fallback: None, .. }
+        ),
+        "cpu is the CPU, with no fallback note"
     );
     assert!(
-        pick_device("tpu").is_err(),
+        Device::open("tpu").is_err(),
         "an unknown device name must be an error"
     );
     assert!(
-        pick_device("cuda:abc").is_err(),
+        Device::open("cuda:abc").is_err(),
         "a bad ordinal must be an error"
     );
-    match pick_device("auto").expect("auto always resolves") {
-        DeviceChoice::Cpu { reason } => {
-            let r = reason.expect("auto falling back to the CPU says why");
+    match Device::open("auto").expect("auto always resolves") {
+        Device::Cpu { fallback, .. } => {
+            let r = fallback.expect("auto falling back to the CPU says why");
             assert!(!r.is_empty() && !r.contains('\n'), "one clear line: {r:?}");
         }
-        DeviceChoice::Cuda(d) => assert!(d.compute_capability.0 >= 3, "{d:?}"),
+        Device::Cuda(be) => assert!(be.info().compute_capability.0 >= 3, "{:?}", be.info()),
     }
     if common::cuda::device_absent().is_some() {
         assert!(
-            pick_device("cuda").is_err(),
+            Device::open("cuda").is_err(),
             "asking for a GPU without one must be an error"
         );
         assert!(CudaBackend::new(0).is_err());

@@ -4,6 +4,7 @@
 //! of the `tiny` preset on synthetic phantoms.
 
 use ichcam::data::synth::{phantom, plan_positive, SynthConfig};
+use ichcam::engine::Device;
 use ichcam::model::{BlockKind, ModelConfig, OptimizerConfig};
 use ichcam::train::{
     train, AugmentConfig, TrainCase, TrainConfig, TrainError, TrainInput, TrainOptions,
@@ -86,7 +87,6 @@ fn max_abs_diff(a: &[u8], b: &[u8]) -> f32 {
 fn opts(seed: u64) -> TrainOptions {
     TrainOptions {
         seed,
-        device: "cpu".into(),
         ..TrainOptions::default()
     }
 }
@@ -98,7 +98,14 @@ fn resumed_run_matches_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
 
     let full = dir.path().join("full.safetensors");
-    let r = train(TrainInput::Cases(cases.clone()), &full, &cfg, &opts(3)).unwrap();
+    let r = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &full,
+        &cfg,
+        &opts(3),
+    )
+    .unwrap();
     assert!(r.finished && r.resumed_from.is_none());
     assert_eq!(r.log.epochs.len(), 3);
     assert_eq!((r.train_cases, r.val_cases), (4, 2));
@@ -118,10 +125,24 @@ fn resumed_run_matches_uninterrupted_run() {
             stop_after_epochs: Some(stop),
             ..opts(3)
         };
-        let r1 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &o).unwrap();
+        let r1 = train(
+            &Device::cpu(),
+            TrainInput::Cases(cases.clone()),
+            &part,
+            &cfg,
+            &o,
+        )
+        .unwrap();
         assert!(!r1.finished);
         assert_eq!(r1.log.epochs.len(), stop);
-        let r2 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &opts(3)).unwrap();
+        let r2 = train(
+            &Device::cpu(),
+            TrainInput::Cases(cases.clone()),
+            &part,
+            &cfg,
+            &opts(3),
+        )
+        .unwrap();
         assert_eq!(r2.resumed_from, Some((1, stop)));
         assert!(r2.finished);
         // The log continues where it stopped: epochs 1, 2 of stage 1 then 1 of stage 2.
@@ -152,19 +173,40 @@ fn resumed_run_matches_uninterrupted_run() {
             );
         }
         // A finished run called again does nothing more.
-        let r3 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &opts(3)).unwrap();
+        let r3 = train(
+            &Device::cpu(),
+            TrainInput::Cases(cases.clone()),
+            &part,
+            &cfg,
+            &opts(3),
+        )
+        .unwrap();
         assert!(r3.finished && r3.log.epochs.len() == 3);
     }
 
     // Raising the epoch count continues a finished run rather than refusing it.
     let mut longer = cfg.clone();
     longer.stage2_epochs = 2;
-    let r4 = train(TrainInput::Cases(cases.clone()), &full, &longer, &opts(3)).unwrap();
+    let r4 = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &full,
+        &longer,
+        &opts(3),
+    )
+    .unwrap();
     assert_eq!(r4.resumed_from, Some((2, 1)));
     assert_eq!(r4.log.epochs.len(), 4);
     // ...but stage 1 cannot be extended once stage 2 has fitted the fc to its backbone.
     longer.epochs = 3;
-    let e = train(TrainInput::Cases(cases.clone()), &full, &longer, &opts(3)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &full,
+        &longer,
+        &opts(3),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("stage 1 cannot be extended"), "{e}");
 }
 
@@ -177,12 +219,26 @@ fn mismatched_config_or_seed_refuses_to_resume() {
     cfg.val_fraction = 0.25;
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.safetensors");
-    train(TrainInput::Cases(cases.clone()), &m, &cfg, &opts(1)).unwrap();
+    train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &m,
+        &cfg,
+        &opts(1),
+    )
+    .unwrap();
 
     let mut other = cfg.clone();
     other.size = 48;
     other.epochs = 2;
-    let e = train(TrainInput::Cases(cases.clone()), &m, &other, &opts(1)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &m,
+        &other,
+        &opts(1),
+    )
+    .unwrap_err();
     assert!(matches!(e, TrainError::ResumeMismatch { .. }), "{e}");
     let msg = e.to_string();
     assert!(
@@ -192,11 +248,19 @@ fn mismatched_config_or_seed_refuses_to_resume() {
 
     let mut more = cfg.clone();
     more.epochs = 2;
-    let e = train(TrainInput::Cases(cases.clone()), &m, &more, &opts(2)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &m,
+        &more,
+        &opts(2),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("seed"), "{e}");
 
     // Other cases than the interrupted run's.
     let e = train(
+        &Device::cpu(),
         TrainInput::Cases(phantoms(4, 32, 8, 6)[..3].to_vec()),
         &m,
         &more,
@@ -210,7 +274,7 @@ fn mismatched_config_or_seed_refuses_to_resume() {
         resume: false,
         ..opts(1)
     };
-    let r = train(TrainInput::Cases(cases), &m, &other, &fresh).unwrap();
+    let r = train(&Device::cpu(), TrainInput::Cases(cases), &m, &other, &fresh).unwrap();
     assert!(r.resumed_from.is_none() && r.finished && r.log.epochs.len() == 2);
 }
 
@@ -219,13 +283,21 @@ fn bad_inputs_are_errors() {
     let cfg = micro_config();
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.safetensors");
-    let e = train(TrainInput::Cases(Vec::new()), &m, &cfg, &opts(0)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(Vec::new()),
+        &m,
+        &cfg,
+        &opts(0),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("no training cases"), "{e}");
     let mut c = phantoms(2, 32, 6, 1);
     c[0].labels.pop();
-    let e = train(TrainInput::Cases(c), &m, &cfg, &opts(0)).unwrap_err();
+    let e = train(&Device::cpu(), TrainInput::Cases(c), &m, &cfg, &opts(0)).unwrap_err();
     assert!(e.to_string().contains("slice labels"), "{e}");
     let e = train(
+        &Device::cpu(),
         TrainInput::Dir(&dir.path().join("nope")),
         &m,
         &cfg,
@@ -235,11 +307,25 @@ fn bad_inputs_are_errors() {
     assert!(matches!(e, TrainError::Data(_)), "{e}");
     let mut bad = cfg.clone();
     bad.seq_stride = 0;
-    let e = train(TrainInput::Cases(phantoms(2, 32, 6, 1)), &m, &bad, &opts(0)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(phantoms(2, 32, 6, 1)),
+        &m,
+        &bad,
+        &opts(0),
+    )
+    .unwrap_err();
     assert!(matches!(e, TrainError::Config(_)), "{e}");
     // A garbage "checkpoint" beside the model is reported, not a panic.
     std::fs::write(dir.path().join("m.last.safetensors"), b"not a checkpoint").unwrap();
-    let e = train(TrainInput::Cases(phantoms(2, 32, 6, 1)), &m, &cfg, &opts(0)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(phantoms(2, 32, 6, 1)),
+        &m,
+        &cfg,
+        &opts(0),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("m.last.safetensors"), "{e}");
     assert!(!m.exists());
 }
@@ -303,7 +389,7 @@ fn tiny_preset_on_phantoms() {
         progress: true,
         ..opts(env("ICHCAM_SEED").unwrap_or(0))
     };
-    let r = train(TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
+    let r = train(&Device::cpu(), TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
     eprintln!(
         "tiny: {:.1}s, best AUC stage 1 {:?}, stage 2 {:?}",
         r.seconds, r.best_auc_stage1, r.best_auc_stage2
@@ -408,7 +494,7 @@ fn model_records_how_it_was_trained() {
         data_name: Some("phantoms-x".into()),
         ..opts(5)
     };
-    train(TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
+    train(&Device::cpu(), TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
     let meta = ichcam::train::checkpoint::read_metadata(&m).unwrap();
     let p: ichcam::train::checkpoint::Provenance =
         serde_json::from_str(&meta[ichcam::train::checkpoint::META_PROVENANCE]).unwrap();

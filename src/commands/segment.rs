@@ -2,8 +2,6 @@
 //! trained model. Keeps going past a bad volume and exits non-zero at the end if any failed.
 
 use anyhow::Context;
-use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::{pick_device, CudaBackend, DeviceChoice};
 use ichcam::infer::{
     expand_inputs, segment_all, BatchReport, RefineOnBackend, SegmentOptions, Segmenter,
     SliceClassifier,
@@ -228,33 +226,6 @@ pub fn run_with<B: RefineOnBackend>(
     Ok(report)
 }
 
-/// Picks the backend from `--device` and segments.
-pub fn segment_on_device(
-    device: &str,
-    model: &Path,
-    inputs: &[PathBuf],
-    out: &Path,
-    opts: SegmentOptions,
-    progress: bool,
-) -> anyhow::Result<BatchReport> {
-    match pick_device(device)? {
-        DeviceChoice::Cpu { reason } => {
-            if let (Some(r), true) = (reason, progress) {
-                eprintln!("device auto: using the CPU ({r})");
-            }
-            run_with(CpuBackend::<f32>::new(), model, inputs, out, opts, progress)
-        }
-        DeviceChoice::Cuda(info) => match CudaBackend::new(info.ordinal) {
-            Ok(be) => run_with(be, model, inputs, out, opts, progress),
-            Err(e) if device.trim().eq_ignore_ascii_case("auto") => {
-                eprintln!("device auto: using the CPU ({e})");
-                run_with(CpuBackend::<f32>::new(), model, inputs, out, opts, progress)
-            }
-            Err(e) => Err(e).context("starting the CUDA backend"),
-        },
-    }
-}
-
 pub fn print_report(report: &BatchReport) {
     println!(
         "{:<24} {:>10} {:>6} {:>9}",
@@ -283,7 +254,9 @@ pub fn print_report(report: &BatchReport) {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = options(&a)?;
-    let report = segment_on_device(&a.device, &a.model, &a.input, &a.out, opts, !a.quiet)?;
+    let device = super::open_device(&a.device, a.quiet)?;
+    let report =
+        ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &a.out, opts, !a.quiet))?;
     print_report(&report);
     if !report.failed.is_empty() {
         anyhow::bail!(

@@ -7,9 +7,11 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod shapes;
 
 pub use backend::Backend;
+pub use device::Device;
 pub use shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 
 use std::fmt::{Debug, Display};

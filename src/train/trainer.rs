@@ -30,9 +30,6 @@ pub struct TrainOptions {
     pub stop_after_epochs: Option<usize>,
     /// Progress bars and one line per epoch on stderr.
     pub progress: bool,
-    /// `auto`, `cpu`, `cuda` or `cuda:N` (used by [`super::train`]; [`train_with`] takes a
-    /// backend instead).
-    pub device: String,
     /// The name of the data (e.g. the dataset folder's), recorded in the model file.
     pub data_name: Option<String>,
     /// Development: skip stage 1 and train only the stage-2 head on the backbone of this
@@ -47,7 +44,6 @@ impl Default for TrainOptions {
             resume: true,
             stop_after_epochs: None,
             progress: false,
-            device: "auto".into(),
             data_name: None,
             stage2_from: None,
         }

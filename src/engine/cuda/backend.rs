@@ -34,11 +34,13 @@ const THREADS: u32 = 256;
 /// Blocks of the grid-stride elementwise kernels: enough to fill any current GPU.
 const MAX_BLOCKS: usize = 65_536;
 
-/// The CUDA backend (f32) on one device.
+/// The CUDA backend (f32) on one device. A clone shares the context, the stream and the
+/// loaded kernels.
+#[derive(Clone)]
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    modules: ModuleCache,
+    modules: Arc<ModuleCache>,
     info: DeviceInfo,
 }
 
@@ -73,7 +75,7 @@ impl CudaBackend {
                 ))
             }
         };
-        let modules = ModuleCache::new(ctx.clone(), info.compute_capability);
+        let modules = Arc::new(ModuleCache::new(ctx.clone(), info.compute_capability));
         Ok(CudaBackend {
             ctx,
             stream,
