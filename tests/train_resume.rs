@@ -496,8 +496,8 @@ fn model_records_how_it_was_trained() {
     };
     train(&Device::cpu(), TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
     let meta = ichcam::train::checkpoint::read_metadata(&m).unwrap();
-    let p: ichcam::train::checkpoint::Provenance =
-        serde_json::from_str(&meta[ichcam::train::checkpoint::META_PROVENANCE]).unwrap();
+    let p: ichcam::model::Provenance =
+        serde_json::from_str(&meta[ichcam::model::meta::META_PROVENANCE]).unwrap();
     assert_eq!(p.preset, cfg.name);
     assert_eq!(p.data.as_deref(), Some("phantoms-x"));
     assert_eq!(p.train_volumes + p.val_volumes, 6);
@@ -506,5 +506,5 @@ fn model_records_how_it_was_trained() {
     // YYYY-MM-DDTHH:MM:SSZ
     assert_eq!(p.started.len(), 20);
     assert!(p.started.starts_with("20") && p.started.ends_with('Z'));
-    assert!(meta.contains_key(ichcam::train::checkpoint::META_INPUT));
+    assert!(meta.contains_key(ichcam::model::meta::META_INPUT));
 }

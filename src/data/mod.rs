@@ -17,7 +17,7 @@ pub use dataset::{
     load_case, slice_labels_from_mask, summary, Case, Dataset, DatasetSummary, Layout, LoadedCase,
 };
 pub use error::DataError;
-pub use input::InputSpec;
+pub use input::{InputSpec, ModelInput};
 pub use resample::{
     resize_map_bilinear, resize_mask_nearest, resize_slice, resize_stack, resize_volume, ResizeMode,
 };

@@ -16,13 +16,9 @@ use crate::engine::cpu::CpuBackend;
 use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
 use crate::io::{Mask, Volume};
-use crate::model::{checkpoint, CamKind, IchNet};
+use crate::model::meta::{MetaError, META_INPUT};
+use crate::model::{checkpoint, CamKind, HeadPooling, IchNet, ModelMeta};
 use crate::seg::{RefineConfig, RefineOutput};
-use crate::train::checkpoint::{
-    META_HEAD_POOLING, META_INPUT, META_INPUT_SIZE, META_SLICES, META_SLICE_THRESHOLD,
-};
-use crate::train::config::HeadPooling;
-use crate::train::prep::Prepared;
 use ndarray::Array3;
 use std::path::Path;
 
@@ -226,43 +222,21 @@ impl<B: RefineOnBackend> Segmenter<B> {
     /// Loads a model written by `ichcam train` (it records the input size it was trained at).
     pub fn load(backend: B, model: &Path, opts: SegmentOptions) -> Result<Self, InferError> {
         let (net, loaded) = checkpoint::load(backend, model)?;
-        let get = |k: &str| -> Result<usize, InferError> {
-            loaded
-                .metadata
-                .get(k)
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|&v| v > 0)
-                .ok_or_else(|| InferError::ModelMetadata {
-                    path: model.to_path_buf(),
-                    detail: format!(
-                        "no `{k}` in the metadata: is this a model written by `ichcam train`?"
-                    ),
-                })
+        let bad = |e: MetaError| InferError::ModelMetadata {
+            path: model.to_path_buf(),
+            detail: e.to_string(),
         };
-        let size = get(META_INPUT_SIZE)?;
-        let slices = get(META_SLICES)?;
+        let meta = ModelMeta::read(&loaded.metadata).map_err(bad)?;
+        let (size, slices) = (meta.input_size, meta.slices);
         super::memory::check_model_metadata(model, net.cfg(), size, slices)?;
-        let calibrated = loaded
-            .metadata
-            .get(META_SLICE_THRESHOLD)
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|t| (0.0..=1.0).contains(t));
         // pos_weight > 1 only pushes the head's probabilities up, so the calibration may raise
         // the cut above 0.5 but never lowers it: a lower Youden cut comes from a small
         // validation set's gap and calls more slices positive on new volumes.
         let slice_threshold = opts
             .slice_threshold
-            .or(calibrated.map(|t| t.max(0.5)))
+            .or(meta.slice_threshold.map(|t| t.max(0.5)))
             .unwrap_or(0.5);
-        let input = match loaded.metadata.get(META_INPUT) {
-            None => InputSpec::default(),
-            Some(j) => {
-                serde_json::from_str::<InputSpec>(j).map_err(|e| InferError::ModelMetadata {
-                    path: model.to_path_buf(),
-                    detail: format!("unreadable `{META_INPUT}`: {e}"),
-                })?
-            }
-        };
+        let input: InputSpec = meta.input().map_err(bad)?.unwrap_or_default();
         if input.channels() != net.cfg().in_channels {
             return Err(InferError::ModelMetadata {
                 path: model.to_path_buf(),
@@ -273,15 +247,7 @@ impl<B: RefineOnBackend> Segmenter<B> {
                 ),
             });
         }
-        let pooling = match loaded.metadata.get(META_HEAD_POOLING) {
-            None => HeadPooling::Mean,
-            Some(j) => {
-                serde_json::from_str::<HeadPooling>(j).map_err(|e| InferError::ModelMetadata {
-                    path: model.to_path_buf(),
-                    detail: format!("unreadable `{META_HEAD_POOLING}`: {e}"),
-                })?
-            }
-        };
+        let pooling = meta.head_pooling;
         let fc_bias = net
             .param("fc.bias")?
             .first()
@@ -349,8 +315,9 @@ impl<B: RefineOnBackend> Segmenter<B> {
             )));
         }
         let s = self.size;
-        let labels = vec![false; d];
-        let prep = Prepared::from_hu("volume", "volume", &vol.data, &labels, s, &self.input)
+        let prep = self
+            .input
+            .model_input(vol.data.view(), s)
             .map_err(|e| InferError::Input(format!("{}: {e}", vol.source.display())))?;
         let ch = prep.channels;
         let plane = ch * s * s;

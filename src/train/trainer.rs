@@ -6,7 +6,7 @@
 //! Generic over the backend: CPU and CUDA share this code path.
 //! Knows nothing about the CLI.
 
-use super::checkpoint::{self, Provenance, TrainState};
+use super::checkpoint::{self, TrainState};
 use super::config::{HeadPooling, TrainConfig};
 use super::log::{EpochRecord, TrainLog};
 use super::prep::{self, AugmentCtx, Prepared, TrainInput};
@@ -14,6 +14,7 @@ use super::{stage1, stage2, EpochStats, TrainError};
 use crate::data::split::split_patients;
 use crate::engine::Backend;
 use crate::model::IchNet;
+use crate::model::Provenance;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
