@@ -21,9 +21,11 @@ use std::io::Write;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ichcam::seg::ccl::{
-    connected_components, connected_components_reusing, connected_components_slabs, Connectivity,
+use ichcam::engine::cpu::ccl::{
+    connected_components, connected_components_reusing, connected_components_slabs,
 };
+use ichcam::engine::Connectivity;
+
 use ndarray::Array3;
 use rayon::prelude::*;
 

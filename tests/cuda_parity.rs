@@ -844,7 +844,8 @@ fn launch_arguments_are_checked_against_the_ptx() {
     };
     // fill_f32(float* y, float value, int n)
     let good = [KArg::Ptr(p), KArg::F32(2.5), KArg::I32(16)];
-    g.launch("elementwise", "fill_f32", cfg, &good)
+    // SAFETY: y holds the 16 floats the launch writes.
+    unsafe { g.launch_raw("elementwise", "fill_f32", cfg, &good) }
         .expect("the right arguments launch");
     assert_eq!(g.download(&y).expect("download"), vec![2.5; 16]);
     for (what, args) in [
@@ -866,8 +867,8 @@ fn launch_arguments_are_checked_against_the_ptx() {
             vec![KArg::Ptr(p), KArg::F32(1.0), KArg::Ptr(16)],
         ),
     ] {
-        let e = g
-            .launch("elementwise", "fill_f32", cfg, &args)
+        // SAFETY: refused before it runs (the test).
+        let e = unsafe { g.launch_raw("elementwise", "fill_f32", cfg, &args) }
             .expect_err(what)
             .to_string();
         assert!(
@@ -1062,10 +1063,14 @@ fn every_kernel_is_embedded() {
         "loss",
         "optim",
         "cam",
-        "seg",
+        "volume",
         "kmeans",
         "morph",
         "ccl",
+        "bias",
+        "channels",
+        "dice",
+        "upconv",
     ] {
         let k = KERNELS
             .iter()

@@ -1,4 +1,5 @@
-//! The refinement's CUDA kernels against their CPU twins in `ichcam::seg`, on fresh random
+//! The volume ops' CUDA kernels (`engine::cuda::{ccl,kmeans,morph,volume}`) against their CPU
+//! twins (`engine::cpu::...`), and the refinement (`seg::refine::refine_on`) on both, on fresh random
 //! inputs: connected components (labels, count and sizes; every 26-neighbour offset across
 //! 2x2x2 block faces, edges and corners), k-means (centroids, counts, assignments), the
 //! in-plane morphology, the CAM region and the subdural window, and the whole refinement on
@@ -15,16 +16,17 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use ichcam::data::Window;
-use ichcam::engine::cuda::seg::{
-    cam_region, ccl3d, ccl3d_into, count_nonzero, kmeans_segments, morph2d, refine_arrays,
-    subdural, CclRun,
-};
+use ichcam::engine::cpu::kmeans::kmeans_1d;
+use ichcam::engine::cpu::morph::{dilate, erode};
+use ichcam::engine::cuda::ccl::{ccl3d, ccl3d_into, CclRun};
+use ichcam::engine::cuda::kmeans::kmeans_segments;
+use ichcam::engine::cuda::morph::morph2d;
+use ichcam::engine::cuda::volume::{count_nonzero, threshold_slices, window};
 use ichcam::engine::cuda::CudaBackend;
+use ichcam::engine::{Connectivity, Structuring};
 use ichcam::io::Mask;
-use ichcam::seg::kmeans::kmeans_1d;
-use ichcam::seg::morph::{dilate, erode, Structuring};
-use ichcam::seg::refine::positive_cam_region;
-use ichcam::seg::{connected_components, refine, Connectivity, RefineConfig};
+use ichcam::seg::refine::{positive_cam_region, refine_on};
+use ichcam::seg::{connected_components, refine, RefineConfig, RefineOutput, SegError};
 use ndarray::Array3;
 
 fn main() {
@@ -327,7 +329,7 @@ fn region_window_and_count_match_cpu() {
     cam[[2, 0, 0]] = 0.7;
     let positive: Vec<bool> = (0..dims.0).map(|z| z % 3 != 1).collect();
     let mut region = up(&be, &vec![POISON_U8; n]);
-    cam_region(
+    threshold_slices(
         &be,
         &up(&be, &flat(&cam)),
         dims,
@@ -335,8 +337,8 @@ fn region_window_and_count_match_cpu() {
         0.7,
         &mut region,
     )
-    .expect("cam_region");
-    let cpu = positive_cam_region(&cam, &positive, 0.7);
+    .expect("threshold_slices");
+    let cpu = positive_cam_region(&cam, &positive, 0.7).expect("cpu region");
     assert_eq!(down(&be, &region), flat(&cpu));
     assert_eq!(
         count_nonzero(&be, &region).expect("count"),
@@ -349,7 +351,8 @@ fn region_window_and_count_match_cpu() {
     hu[2] = 180.0;
     hu[3] = f32::INFINITY;
     let mut w = up(&be, &vec![f32::NAN; n]);
-    subdural(&be, &up(&be, &hu), &mut w).expect("subdural");
+    let sub = Window::SUBDURAL;
+    window(&be, &up(&be, &hu), sub.lo(), sub.width, &mut w).expect("window");
     let gpu_w = down(&be, &w);
     for (i, (&h, &g)) in hu.iter().zip(&gpu_w).enumerate() {
         let c = Window::SUBDURAL.apply(h);
@@ -410,6 +413,17 @@ fn head(
     (hu, cam, positive)
 }
 
+/// The refinement on the device: the HU on the host, the CAM uploaded.
+fn refine_arrays(
+    be: &CudaBackend,
+    hu: &Array3<f32>,
+    cam: &Array3<f32>,
+    positive: &[bool],
+    cfg: &RefineConfig,
+) -> Result<RefineOutput, SegError> {
+    refine_on(be, hu, &up(be, &flat(cam)), positive, cfg)
+}
+
 fn refine_matches_cpu() {
     let be = gpu();
     let mut rng = SplitMix64(common::rng::fresh_seed("refine_matches_cpu"));
@@ -436,6 +450,25 @@ fn refine_matches_cpu() {
             dilate_radius: 0,
             max_kmeans_iter: 2,
             min_cluster_voxels: 1,
+            ..RefineConfig::default()
+        },
+        // The real-CT rules: a fixed band floor, growth to CAM 0.1, an opening.
+        RefineConfig {
+            cam_threshold: 0.4,
+            grow_cam_threshold: 0.1,
+            band_floor_hu: Some(55.0),
+            open_radius: 2,
+            min_component_voxels: 5,
+            ..RefineConfig::default()
+        },
+        RefineConfig {
+            open_radius: 1,
+            exclude_saturated: false,
+            smooth_radius: 0,
+            ..RefineConfig::default()
+        },
+        RefineConfig {
+            mode: ichcam::seg::RefineMode::Authors,
             ..RefineConfig::default()
         },
     ];

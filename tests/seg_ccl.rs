@@ -5,10 +5,11 @@
 mod common;
 use common::rng::SplitMix64;
 
-use ichcam::seg::ccl::{
+use ichcam::engine::cpu::ccl::{
     connected_components, connected_components_reusing, connected_components_slabs,
-    filter_components, ComponentFilter, Connectivity,
 };
+use ichcam::engine::Connectivity;
+use ichcam::seg::ccl::{filter_components, ComponentFilter};
 use ndarray::Array3;
 use std::collections::{HashMap, VecDeque};
 

@@ -9,10 +9,12 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod shapes;
+pub mod volume;
 
 pub use backend::Backend;
 pub use device::Device;
 pub use shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
+pub use volume::{Connectivity, Structuring, VolumeOps};
 
 use std::fmt::{Debug, Display};
 
@@ -59,6 +61,10 @@ impl Real for f64 {
 pub enum EngineError {
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
+    #[error("invalid parameter: {0}")]
+    Param(String),
+    #[error("volume too large for 32-bit labels: {0} voxels")]
+    TooLarge(usize),
     #[error("CUDA is not available: {0}")]
     NoCuda(String),
     #[error("out of GPU memory allocating {bytes} bytes: lower the batch size, the number of slices or the image size")]

@@ -34,7 +34,7 @@ pub const SLABS_BYTES_PER_VOXEL: u128 = 24;
 /// Bytes per voxel while a volume's outputs are written: the HU volume, the CAM, the mask
 /// and a margin.
 pub const WRITE_BYTES_PER_VOXEL: u128 = 10;
-/// Slices windowed at a time while preparing the model's input (`train::prep`).
+/// Slices windowed at a time while preparing the model's input (`data::InputSpec::prepare`).
 const PREP_CHUNK: u128 = 8;
 
 /// A model file's metadata within bounds, and one slice of its network within the budget.

@@ -56,27 +56,13 @@ impl RefineOnBackend for CudaBackend {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
-        if cfg.mode == crate::seg::RefineMode::Authors || cfg.open_radius > 0 {
-            // The authors' literal pseudo-mask and the opening have no device version yet:
-            // the CPU reference on the downloaded CAM.
-            let cam = Array3::from_shape_vec(hu.dim(), self.download(cam_norm)?)
-                .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
-            return Ok(crate::seg::refine(hu, &cam, slice_positive, cfg)?);
-        }
-        let host: Vec<f32> = hu.iter().copied().collect();
-        let hu_dev = self.upload(&host)?;
-        crate::engine::cuda::seg::refine_on_device(
+        Ok(crate::seg::refine::refine_on(
             self,
-            &hu_dev,
+            hu,
             cam_norm,
-            hu.dim(),
             slice_positive,
             cfg,
-        )
-        .map_err(|e| match e {
-            crate::engine::cuda::seg::DeviceSegError::Engine(e) => InferError::Engine(e),
-            crate::engine::cuda::seg::DeviceSegError::Seg(e) => InferError::Seg(e),
-        })
+        )?)
     }
 }
 

@@ -1,20 +1,21 @@
 //! From a trained stage-2 net's CAM to a hemorrhage mask: thresholding, k-means pseudo-masks
 //! on the subdural window, dilation, 3-D connected components and their filter.
 //!
-//! Everything here works on `[z, y, x]` arrays (HU, normalised CAM, 0/1 masks) and knows
-//! nothing of the network or of files: the CAM comes in already min-max normalised and
-//! upsampled to the slice, the slice decisions come in as booleans.
+//! The rules are written once ([`refine::refine_on`]) over the engine's volume ops
+//! ([`crate::engine::VolumeOps`]), so they run unchanged on the CPU reference and on the
+//! GPU's kernels; the engine knows nothing of these rules. Everything here works on
+//! `[z, y, x]` volumes (HU, normalised CAM, 0/1 masks) and knows nothing of the network or of
+//! files: the CAM comes in already min-max normalised and upsampled to the slice, the slice
+//! decisions come in as booleans.
 
 pub mod ccl;
 pub mod choose;
-pub mod kmeans;
-pub mod morph;
 pub mod refine;
 pub mod threshold;
 
-pub use ccl::{
-    connected_components, filter_components, CclOutput, ComponentFilter, Connectivity, FilterOutput,
-};
+pub use crate::engine::cpu::ccl::{connected_components, CclOutput};
+pub use crate::engine::{Connectivity, Structuring};
+pub use ccl::{filter_components, ComponentFilter, FilterOutput};
 pub use refine::{refine, refine_authors, RefineConfig, RefineMode, RefineOutput};
 
 /// Errors of the segmentation steps: inputs whose shapes do not fit together.
@@ -30,6 +31,8 @@ pub enum SegError {
     TooLarge(usize),
     #[error("invalid parameter: {0}")]
     Param(String),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
 }
 
 pub type Result<T> = std::result::Result<T, SegError>;

@@ -160,7 +160,8 @@ fn is_async_failure(code: sys::CUresult) -> bool {
 
 /// The kernels this thread launched since its last completed synchronisation.
 struct LaunchLog {
-    recent: VecDeque<String>,
+    /// (module, kernel) of the most recent launches.
+    recent: VecDeque<(&'static str, &'static str)>,
     count: u64,
 }
 
@@ -181,7 +182,11 @@ impl LaunchLog {
         if self.count == 0 {
             return String::new();
         }
-        let names: Vec<&str> = self.recent.iter().map(String::as_str).collect();
+        let names: Vec<String> = self
+            .recent
+            .iter()
+            .map(|(m, k)| format!("{m}::{k}"))
+            .collect();
         if self.count == 1 {
             return format!(
                 "; raised asynchronously by the launch of {} (the only launch since the last synchronisation)",
@@ -199,13 +204,13 @@ impl LaunchLog {
 }
 
 /// Records a launch of `module::name` on this thread (for [`cuda`]'s error messages).
-pub(crate) fn launched(module: &str, name: &str) {
+pub(crate) fn launched(module: &'static str, name: &'static str) {
     LAUNCHES.with(|l| {
         let mut l = l.borrow_mut();
         if l.recent.len() == LOG_LEN {
             l.recent.pop_front();
         }
-        l.recent.push_back(format!("{module}::{name}"));
+        l.recent.push_back((module, name));
         l.count += 1;
     });
 }
@@ -237,8 +242,9 @@ mod tests {
         };
         assert_eq!(op, "download");
         assert!(msg.contains("by the launch of ccl::ccl_merge_vox"), "{msg}");
-        for i in 0..10 {
-            launched("norm", &format!("k{i}"));
+        const K: [&str; 10] = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"];
+        for k in K {
+            launched("norm", k);
         }
         let EngineError::Cuda { msg, .. } = cuda("synchronize", e) else {
             panic!("not a Cuda error")
