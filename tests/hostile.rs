@@ -497,6 +497,7 @@ fn a_volume_failing_half_way_leaves_nothing_and_keeps_the_previous_output() {
         probabilities: vec![0.9; 6],
         positive: vec![true; 6],
         cam: v.data.mapv(|_| 0.5),
+        unet: None,
         mask: io::to_mask(&common::files::phantom_mask(&v)),
         n_components: 1,
         volume_ml: 1.0,

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use ichcam::infer::{
-    expand_inputs, segment_all, BatchReport, RefineOnBackend, SegmentOptions, Segmenter,
+    expand_inputs, segment_all, BatchReport, Fuse, RefineOnBackend, SegmentOptions, Segmenter,
     SliceClassifier,
 };
 use ichcam::model::CamKind;
@@ -42,11 +42,11 @@ pub struct Args {
     /// Binary CAM = normalised CAM >= this: where k-means looks for the blood cluster (the
     /// authors: 0.7; our default for real CT: 0.4, chosen by cross-validation, see
     /// docs/accuracy.md).
-    #[arg(long, default_value_t = ct().refine.cam_threshold)]
-    cam_threshold: f32,
+    #[arg(long)]
+    cam_threshold: Option<f32>,
     /// k-means clusters inside the CAM (the authors: 4).
-    #[arg(long, default_value_t = ct().refine.k)]
-    k: usize,
+    #[arg(long)]
+    k: Option<usize>,
     /// Clusters whose centroid reaches this (80/200 window, 0..1) are not blood.
     #[arg(long)]
     saturation: Option<f32>,
@@ -54,39 +54,40 @@ pub struct Args {
     #[arg(long)]
     no_adapt_saturation: bool,
     /// The lesion may grow from the binary CAM into the CAM's region down to this level, in
-    /// the intensity band (ours; set it to --cam-threshold for no growth).
-    #[arg(long, default_value_t = ct().refine.grow_cam_threshold)]
-    grow_cam_threshold: f32,
-    /// Darkest cluster centroid (HU) taken for acute blood (ours).
-    #[arg(long, default_value_t = ct().refine.min_blood_hu)]
-    min_blood_hu: f32,
-    /// In-plane box-filter radius before k-means (ours; 0 = the raw intensities).
-    #[arg(long, default_value_t = ct().refine.smooth_radius)]
-    smooth: usize,
+    /// the intensity band (ours, default 0.1; set it to --cam-threshold for no growth).
+    #[arg(long)]
+    grow_cam_threshold: Option<f32>,
+    /// Darkest cluster centroid (HU) taken for acute blood (ours, default 45).
+    #[arg(long)]
+    min_blood_hu: Option<f32>,
+    /// In-plane box-filter radius before k-means (ours, default 1; 0 = the raw intensities).
+    #[arg(long)]
+    smooth: Option<usize>,
     /// Keep every voxel from this HU up to the saturation level in the grow region of the
-    /// slices where k-means found a blood cluster (ours).
-    #[arg(long, default_value_t = ct().refine.band_floor_hu.unwrap_or(ct().refine.min_blood_hu))]
-    band_floor_hu: f32,
+    /// slices where k-means found a blood cluster (ours, default 55).
+    #[arg(long)]
+    band_floor_hu: Option<f32>,
     /// Use the k-means band's own lower edge (halfway to the next darker cluster) instead of
     /// --band-floor-hu.
     #[arg(long)]
     kmeans_band: bool,
-    /// In-plane opening radius of the band mask (ours; 0 = off): drops what is thinner than
+    /// In-plane opening radius of the band mask (ours, default 2; 0 = off): drops what is thinner than
     /// 2r+1 pixels (cortical ribbon, partial volume along the skull).
-    #[arg(long, default_value_t = ct().refine.open_radius)]
-    open: usize,
-    /// Dilation radius (pixels) of the chosen cluster.
-    #[arg(long, default_value_t = ct().refine.dilate_radius)]
-    dilate: usize,
-    /// Components smaller than this (mL) are dropped.
-    #[arg(long, default_value_t = ct().min_component_ml.unwrap_or(0.0))]
-    min_component_ml: f64,
-    /// Fraction of a component that must lie where the CAM reaches --grow-cam-threshold.
-    #[arg(long, default_value_t = ct().refine.min_cam_support)]
-    min_cam_support: f32,
-    /// 3-D connectivity: 6, 18 or 26.
-    #[arg(long, default_value_t = ct().refine.connectivity.neighbours())]
-    connectivity: u32,
+    #[arg(long)]
+    open: Option<usize>,
+    /// Dilation radius (pixels) of the chosen cluster (default 1).
+    #[arg(long)]
+    dilate: Option<usize>,
+    /// Components smaller than this (mL) are dropped (default 0.3).
+    #[arg(long)]
+    min_component_ml: Option<f64>,
+    /// Fraction of a component that must lie where the CAM reaches --grow-cam-threshold
+    /// (default 0.5).
+    #[arg(long)]
+    min_cam_support: Option<f32>,
+    /// 3-D connectivity: 6, 18 or 26 (default 26).
+    #[arg(long)]
+    connectivity: Option<u32>,
     /// Slices per forward pass.
     #[arg(long, default_value_t = ct().batch_slices)]
     batch_slices: usize,
@@ -96,6 +97,17 @@ pub struct Args {
     /// floor, smoothing and component options are then unused).
     #[arg(long, default_value = "ours")]
     refine: String,
+    /// With a stage-3 U-Net in the model: unet (the refinement inside the U-Net's map: the
+    /// default, see docs/accuracy.md), or (the U-Net's mask ORed with the CAM's, the
+    /// authors' test time) or cam (the CAM's alone). Without a U-Net: cam.
+    #[arg(long)]
+    fuse: Option<String>,
+    /// The U-Net's probability where its refinement looks for the blood cluster.
+    #[arg(long, default_value_t = ichcam::infer::segmenter::DEFAULT_UNET_THRESHOLD)]
+    unet_threshold: f32,
+    /// The U-Net's probability the lesion may grow to, in the intensity band.
+    #[arg(long, default_value_t = ichcam::infer::segmenter::DEFAULT_UNET_GROW)]
+    unet_grow: f32,
     /// Average each slice's CAM and logit with those of its left-right mirror.
     #[arg(long)]
     flip_tta: bool,
@@ -120,6 +132,7 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
         "gradcam" | "grad-cam" => CamKind::GradCam,
         other => anyhow::bail!("unknown --cam `{other}` (expected vanilla or gradcam)"),
     };
+    // The defaults are the library's real-CT ones; every flag overrides one of them.
     let mut o = SegmentOptions { cam, ..ct() };
     if let Some(c) = &a.classifier {
         o.classifier = match c.to_ascii_lowercase().as_str() {
@@ -128,17 +141,26 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
             other => anyhow::bail!("unknown --classifier `{other}` (expected stage2 or stage1)"),
         };
     }
+    let unit = |v: Option<f32>, name: &str| -> anyhow::Result<()> {
+        if let Some(v) = v {
+            anyhow::ensure!((0.0..=1.0).contains(&v), "--{name} must be in [0, 1]");
+        }
+        Ok(())
+    };
     if let Some(t) = a.slice_threshold {
         anyhow::ensure!(
             (0.0..=1.0).contains(&t),
             "--slice-threshold must be in [0, 1]"
         );
     }
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&a.cam_threshold),
-        "--cam-threshold must be in [0, 1]"
-    );
-    anyhow::ensure!(a.min_component_ml >= 0.0, "--min-component-ml must be >= 0");
+    unit(a.cam_threshold, "cam-threshold")?;
+    unit(a.grow_cam_threshold, "grow-cam-threshold")?;
+    unit(Some(a.unet_threshold), "unet-threshold")?;
+    unit(Some(a.unet_grow), "unet-grow")?;
+    if let Some(ml) = a.min_component_ml {
+        anyhow::ensure!(ml >= 0.0, "--min-component-ml must be >= 0");
+        o.min_component_ml = Some(ml);
+    }
     o.slice_threshold = a.slice_threshold;
     o.flip_tta = a.flip_tta;
     if let Some(t) = a.volume_threshold {
@@ -161,26 +183,54 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
             flags,
         });
     }
-    o.min_component_ml = Some(a.min_component_ml);
     o.adapt_saturation = !a.no_adapt_saturation;
     o.batch_slices = a.batch_slices.max(1);
-    o.refine.cam_threshold = a.cam_threshold;
-    o.refine.k = a.k;
-    if let Some(s) = a.saturation {
-        o.refine.saturation = s;
+    let r = &mut o.refine;
+    if let Some(v) = a.cam_threshold {
+        r.cam_threshold = v;
     }
-    o.refine.dilate_radius = a.dilate;
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&a.grow_cam_threshold),
-        "--grow-cam-threshold must be in [0, 1]"
-    );
-    o.refine.grow_cam_threshold = a.grow_cam_threshold;
-    o.refine.min_blood_hu = a.min_blood_hu;
-    o.refine.smooth_radius = a.smooth;
-    o.refine.band_floor_hu = (!a.kmeans_band).then_some(a.band_floor_hu);
-    o.refine.open_radius = a.open;
-    o.refine.min_cam_support = a.min_cam_support;
-    o.refine.connectivity = Connectivity::from_neighbours(a.connectivity)?;
+    if let Some(v) = a.k {
+        r.k = v;
+    }
+    if let Some(v) = a.saturation {
+        r.saturation = v;
+    }
+    if let Some(v) = a.dilate {
+        r.dilate_radius = v;
+    }
+    if let Some(v) = a.grow_cam_threshold {
+        r.grow_cam_threshold = v;
+    }
+    if let Some(v) = a.min_blood_hu {
+        r.min_blood_hu = v;
+    }
+    if let Some(v) = a.smooth {
+        r.smooth_radius = v;
+    }
+    if let Some(v) = a.band_floor_hu {
+        r.band_floor_hu = Some(v);
+    }
+    if a.kmeans_band {
+        r.band_floor_hu = None;
+    }
+    if let Some(v) = a.open {
+        r.open_radius = v;
+    }
+    if let Some(v) = a.min_cam_support {
+        r.min_cam_support = v;
+    }
+    if let Some(v) = a.connectivity {
+        r.connectivity = Connectivity::from_neighbours(v)?;
+    }
+    o.fuse =
+        match &a.fuse {
+            None => None,
+            Some(f) => Some(Fuse::parse(f).ok_or_else(|| {
+                anyhow::anyhow!("unknown --fuse `{f}` (expected unet, or or cam)")
+            })?),
+        };
+    o.unet_threshold = a.unet_threshold;
+    o.unet_grow = a.unet_grow;
     match a.refine.to_ascii_lowercase().as_str() {
         "ours" => {}
         "authors" => {
@@ -214,12 +264,16 @@ pub fn run_with<B: RefineOnBackend>(
     let items = expand_inputs(inputs)?;
     if progress {
         eprintln!(
-            "segmenting {} volume(s) on {} at {}x{} model input, slice threshold {:.3}",
+            "segmenting {} volume(s) on {} at {}x{} model input, slice threshold {:.3}, {}",
             items.len(),
             seg.backend().name(),
             seg.input_size(),
             seg.input_size(),
-            seg.slice_threshold()
+            seg.slice_threshold(),
+            match seg.unet_config() {
+                Some(_) => format!("stage-3 U-Net, --fuse {}", seg.fuse().name()),
+                None => "no stage-3 U-Net".into(),
+            }
         );
     }
     let report = segment_all(&mut seg, &items, out, progress);

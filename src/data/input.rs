@@ -98,13 +98,17 @@ impl InputSpec {
     /// whole, possibly non-square, field resized). Area averaging when shrinking,
     /// bilinear when enlarging.
     pub fn prepare(&self, hu: ArrayView3<f32>, size: usize) -> (Vec<f32>, CropBox) {
-        let d = hu.dim().0;
         let b = self.crop_box(hu);
+        (self.prepare_in(hu, b, air_value(hu), size), b)
+    }
+
+    /// [`InputSpec::prepare`] in a given box, `fill` outside the field: slice by slice, so
+    /// any range of slices gets the values the whole volume would (with the whole volume's
+    /// box and [`air_value`]).
+    pub fn prepare_in(&self, hu: ArrayView3<f32>, b: CropBox, fill: f32, size: usize) -> Vec<f32> {
+        let d = hu.dim().0;
         let c = self.channels();
         let mut x = Vec::with_capacity(d * c * size * size);
-        // Air outside the field: the volume's lowest value.
-        let fill = hu.iter().copied().fold(f32::INFINITY, f32::min);
-        let fill = if fill.is_finite() { fill } else { -1000.0 };
         // Slice chunks keep the full-resolution windowed copy small.
         for chunk in hu.axis_chunks_iter(Axis(0), 8) {
             let cropped: Array3<f32>;
@@ -124,7 +128,17 @@ impl InputSpec {
             let r = resize_stack(win.view(), size, size, mode);
             x.extend(r.iter().copied());
         }
-        (x, b)
+        x
+    }
+}
+
+/// Air outside the field: the volume's lowest finite value (-1000 when it has none).
+pub fn air_value(hu: ArrayView3<f32>) -> f32 {
+    let fill = hu.iter().copied().fold(f32::INFINITY, f32::min);
+    if fill.is_finite() {
+        fill
+    } else {
+        -1000.0
     }
 }
 

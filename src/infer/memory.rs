@@ -1,15 +1,16 @@
 //! Test-time memory: the bounds of a model file's metadata, and the peak bytes of segmenting
 //! one volume, estimated from its dimensions before it is read ([`Costs::plan`]). A volume
 //! whose whole-volume pass does not fit the budget is segmented by slabs of slices (the
-//! network, the CAM and its normalisation per slab; the refinement, whose 3-D components
-//! need the whole volume, once: [`super::slabs`]), or refused with its size and the budget
-//! when even that does not fit.
+//! model's input planes prepared per slab, the maps brought to the native grid per slab;
+//! the small model-resolution maps and the refinement, whose 3-D components need the whole
+//! volume, whole: [`super::slabs`]), or refused with its size and the budget when even that
+//! does not fit.
 //!
 //! The bytes per voxel are counted from the code (which arrays live at the peak) and
 //! checked by measuring the process's peak address space (README, "Robustness").
 //! Knows no op and no kernel: the network's share comes from `model::memory`.
 
-use super::segmenter::{RefineOnBackend, Segmenter, SliceClassifier};
+use super::segmenter::{RefineOnBackend, Segmenter, SliceClassifier, UNET_BATCH};
 use super::InferError;
 use crate::io::budget::Budget;
 use crate::io::error::human_bytes;
@@ -22,19 +23,21 @@ pub const MAX_INPUT_SIZE: usize = 2048;
 /// Most slices per stage-1 sequence (`ichcam.slices`): the paper's is 32.
 pub const MAX_SEQUENCE_SLICES: usize = 1024;
 
-/// Bytes per native voxel of the whole-volume pass (`Segmenter::segment`), besides the
-/// model's input planes: the HU volume (4), the normalised CAM on the backend and the copy
-/// the refinement reads (8), the refinement's own arrays at its peak (the CAM region and
-/// its grown level, the chosen clusters and their dilation, 1 each; the component labels
-/// and the filtered labels, 4 each; the final mask, 1: 13) and a margin.
+/// Bytes per native voxel of a volume's segmentation, whole or by slabs (the native arrays
+/// are whole-volume either way): the HU volume (4), the normalised CAM (4), the
+/// refinement's arrays at its peak (the smoothed HU, 4; the CAM region and its grown level,
+/// the chosen clusters and their dilation, 1 each; the component labels and the filtered
+/// labels, 4 each; the final mask, 1: 17) and a margin.
 pub const WHOLE_BYTES_PER_VOXEL: u128 = 30;
-/// Bytes per native voxel when segmenting by slabs: the HU volume (4), the whole CAM (4),
-/// the refinement's arrays (13) and a margin; the slab's own pass comes on top.
-pub const SLABS_BYTES_PER_VOXEL: u128 = 24;
+/// More bytes per native voxel with a stage-3 U-Net: its map on the native grid (4) and,
+/// with `--fuse or`, the first mask while the second refinement runs (1).
+pub const UNET_BYTES_PER_VOXEL: u128 = 5;
 /// Bytes per voxel while a volume's outputs are written: the HU volume, the CAM, the mask
-/// and a margin.
+/// and a margin (plus 4 for the U-Net's map when there is one).
 pub const WRITE_BYTES_PER_VOXEL: u128 = 10;
-/// Slices windowed at a time while preparing the model's input (`data::InputSpec::prepare`).
+/// Slices windowed at a time while preparing the model's input
+/// (`data::InputSpec::prepare_in`), and slices upsampled at a time into the field
+/// (`seg::field::to_field`).
 const PREP_CHUNK: u128 = 8;
 
 /// A model file's metadata within bounds, and one slice of its network within the budget.
@@ -88,13 +91,12 @@ pub struct Estimate {
 pub struct Costs {
     pub input_size: usize,
     /// Host bytes the model holds whatever the volume: parameters and (on the CPU) cached
-    /// activations.
+    /// activations, the U-Net's included.
     pub fixed: u128,
-    /// Whether the work can be split into slabs of slices with the same result (the stage-2
-    /// classifier and per-slice k-means work slice by slice).
-    pub slab_capable: bool,
-    /// Why not, when not.
-    pub slab_blocker: &'static str,
+    /// The model's input channels (windows).
+    pub channels: usize,
+    /// Whether the model has a stage-3 U-Net (its maps cost memory per slice and per voxel).
+    pub unet: bool,
     feature_hw: u128,
 }
 
@@ -119,6 +121,16 @@ impl Costs {
                 .unwrap_or(u128::MAX);
             acts = acts.max(st1);
         }
+        let mut unet_params = 0u128;
+        if let Some(u) = seg.unet_config() {
+            unet_params = u
+                .tensor_count()
+                .map_or(u128::MAX, |n| n.saturating_mul(elem as u128));
+            let a = u
+                .activation_bytes(UNET_BATCH, s, s, elem)
+                .unwrap_or(u128::MAX);
+            acts = acts.max(a);
+        }
         // A GPU backend keeps the activations in device memory.
         if !seg.backend().name().starts_with("cpu") {
             acts = 0;
@@ -126,51 +138,46 @@ impl Costs {
         let feature_hw = model_memory::backbone_activations(&cfg, 1, s, s)
             .map(|(_, (_, h, w))| h * w)
             .unwrap_or(u128::MAX);
-        let (slab_capable, slab_blocker) = if seg.opts.classifier == SliceClassifier::Stage1 {
-            (
-                false,
-                "the stage-1 classifier reads sequences across slabs (use --classifier stage2)",
-            )
-        } else if !seg.opts.refine.per_slice_kmeans {
-            (false, "k-means over the whole volume cannot be split")
-        } else {
-            (true, "")
-        };
         Costs {
             input_size: s,
-            fixed: params.saturating_add(acts),
-            slab_capable,
-            slab_blocker,
+            fixed: params.saturating_add(unet_params).saturating_add(acts),
+            channels: cfg.in_channels,
+            unet: seg.unet_config().is_some(),
             feature_hw,
         }
     }
 
-    /// Bytes per slice of `h x w` of the whole-volume pass.
-    fn per_slice(&self, h: usize, w: usize) -> u128 {
+    /// Peak bytes of segmenting a `(d, h, w)` volume with the model's input prepared `slab`
+    /// slices at a time (`d`: the whole pass), the volume included.
+    pub fn bytes(&self, dims: (usize, usize, usize), slab: usize) -> u128 {
+        let (d, h, w) = dims;
+        let (d, slab) = (d as u128, slab.clamp(1, d.max(1)) as u128);
         let hw = h as u128 * w as u128;
         let s2 = (self.input_size as u128).pow(2);
-        // Native voxels; the model's three input planes; the small CAM (host and backend).
-        WHOLE_BYTES_PER_VOXEL * hw + 12 * s2 + 8 * self.feature_hw.min(hw)
+        let mut native = WHOLE_BYTES_PER_VOXEL * hw;
+        // The CAM at the features' resolution, on the host and the backend.
+        let mut small = 8 * self.feature_hw.min(hw);
+        if self.unet {
+            native += UNET_BYTES_PER_VOXEL * hw;
+            small += 4 * s2;
+        }
+        // The model's input planes of a slab.
+        let input = 4 * self.channels as u128 * s2;
+        // The windowed chunk being resized, and a chunk's box-sized upsampling buffers.
+        let chunk = PREP_CHUNK * (12 * (hw + s2) + 16 * hw);
+        d.saturating_mul(native + small)
+            .saturating_add(slab.saturating_mul(input))
+            .saturating_add(chunk)
     }
 
     /// Peak bytes of `Segmenter::segment` on a `(d, h, w)` volume, the volume included.
     pub fn whole_bytes(&self, dims: (usize, usize, usize)) -> u128 {
-        let (d, h, w) = dims;
-        let hw = h as u128 * w as u128;
-        let s2 = (self.input_size as u128).pow(2);
-        // The windowed chunk being resized while the input is prepared.
-        let chunk = PREP_CHUNK * 12 * (hw + s2);
-        (d as u128).saturating_mul(self.per_slice(h, w)) + chunk
+        self.bytes(dims, dims.0)
     }
 
     /// Peak bytes of segmenting by slabs of `slab` slices, the volume included.
     pub fn slab_bytes(&self, dims: (usize, usize, usize), slab: usize) -> u128 {
-        let (d, h, w) = dims;
-        let n = d as u128 * h as u128 * w as u128;
-        let slab = slab.min(d);
-        // The slab's copy of the HU, and its own whole-volume pass.
-        let part = 4 * slab as u128 * h as u128 * w as u128 + self.whole_bytes((slab, h, w));
-        SLABS_BYTES_PER_VOXEL.saturating_mul(n) + part
+        self.bytes(dims, slab)
     }
 
     /// How to segment a `(d, h, w)` volume with `available` bytes: whole when it fits, else
@@ -178,7 +185,8 @@ impl Costs {
     pub fn plan(&self, dims: (usize, usize, usize), available: u128) -> Result<Estimate, String> {
         let (d, h, w) = dims;
         let n = d as u128 * h as u128 * w as u128;
-        let write_bytes = WRITE_BYTES_PER_VOXEL.saturating_mul(n);
+        let per_write = WRITE_BYTES_PER_VOXEL + if self.unet { 4 } else { 0 };
+        let write_bytes = per_write.saturating_mul(n);
         let whole = self.whole_bytes(dims);
         if whole <= available {
             return Ok(Estimate {
@@ -194,13 +202,6 @@ impl Costs {
                 human_bytes(available)
             )
         };
-        if !self.slab_capable {
-            return Err(format!(
-                "{}; it cannot be split into slabs: {}",
-                refuse(whole, "in one pass"),
-                self.slab_blocker
-            ));
-        }
         let one = self.slab_bytes(dims, 1);
         if one > available {
             return Err(refuse(one, "even by slabs of one slice"));
@@ -220,19 +221,19 @@ impl Costs {
 mod tests {
     use super::*;
 
-    fn costs(slab_capable: bool) -> Costs {
+    fn costs(unet: bool) -> Costs {
         Costs {
             input_size: 256,
             fixed: 0,
-            slab_capable,
-            slab_blocker: "stage 1",
+            channels: 3,
+            unet,
             feature_hw: 64,
         }
     }
 
     #[test]
     fn plans_whole_then_slabs_then_refuses() {
-        let c = costs(true);
+        let c = costs(false);
         let dims = (1000, 512, 512);
         let n = 1000u128 * 512 * 512;
         let whole = c.whole_bytes(dims);
@@ -250,7 +251,7 @@ mod tests {
             e.contains("512x512x1000") && e.contains("by slabs of one slice"),
             "{e}"
         );
-        let e = costs(false).plan(dims, whole - 1).unwrap_err();
-        assert!(e.contains("stage 1"), "{e}");
+        // A U-Net's maps cost more per voxel and per slice.
+        assert!(costs(true).whole_bytes(dims) > whole + 5 * n);
     }
 }

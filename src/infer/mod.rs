@@ -1,6 +1,7 @@
 //! Test-time segmentation of whole volumes with a trained model: the stage-2 net's CAM on
-//! every slice, brought to the native grid and refined into a mask ([`crate::seg`]); the
-//! outputs written with the input's geometry; and a pipelined batch over archives (decode and
+//! every slice (and the stage-3 U-Net's map when the model has one), brought to the native
+//! grid and refined into a mask ([`crate::seg`]); the outputs written with the input's
+//! geometry; and a pipelined batch over archives (decode and
 //! write on CPU threads while the backend computes, bounded queues so memory stays flat).
 //!
 //! This is the one place that joins the model, the refinement and the files; it knows no
@@ -17,7 +18,8 @@ pub use batch::{segment_all, BatchReport};
 pub use inputs::{expand_inputs, InputItem};
 pub use outputs::{write_outputs, VolumeSummary};
 pub use segmenter::{
-    Oracle, RefineOnBackend, SegmentOptions, Segmentation, Segmenter, SliceClassifier,
+    Fuse, ModelPass, Oracle, RefineOnBackend, SegmentOptions, Segmentation, Segmenter,
+    SliceClassifier,
 };
 pub use slabs::segment_volume;
 

@@ -1,5 +1,6 @@
 //! The files of one segmented volume, in `OUT/<id>/`: `mask.nii.gz` (u8, the input's exact
-//! geometry), `cam.nii.gz` (f32 normalised CAM), `slices.csv` (z, probability, positive,
+//! geometry), `cam.nii.gz` (f32 normalised CAM), `unet.nii.gz` (f32, the stage-3 U-Net's
+//! probability on every slice, when the model has one), `slices.csv` (z, probability, positive,
 //! mask voxels), `overlay.png` (a montage of the positive slices: CT, CAM heat map, mask
 //! outline) and `summary.json` (hemorrhage volume in mL and the rest). The set is written
 //! into a hidden temporary folder and renamed into place as one ([`AtomicDir`]): a volume
@@ -60,10 +61,11 @@ fn overlay_slices(seg: &Segmentation, per_slice: &[usize]) -> Vec<usize> {
     zs
 }
 
-/// The files of one volume's output folder.
-pub const OUTPUT_FILES: [&str; 5] = [
+/// The files of one volume's output folder (`unet.nii.gz` only with a stage-3 U-Net).
+pub const OUTPUT_FILES: [&str; 6] = [
     "mask.nii.gz",
     "cam.nii.gz",
+    "unet.nii.gz",
     "slices.csv",
     "overlay.png",
     "summary.json",
@@ -104,6 +106,9 @@ fn write_files(
     }
     io::write_mask(&dir.join("mask.nii.gz"), &seg.mask, vol)?;
     io::write_map(&dir.join("cam.nii.gz"), &seg.cam, vol)?;
+    if let Some(u) = &seg.unet {
+        io::write_map(&dir.join("unet.nii.gz"), u, vol)?;
+    }
     let per_slice = mask_per_slice(seg);
     let d = per_slice.len();
     write_atomic(&dir.join("slices.csv"), |w| {

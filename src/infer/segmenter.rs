@@ -1,8 +1,13 @@
-//! One volume through a trained model: the model's input as it was trained (windows, head
-//! crop, resize: the model file's [`InputSpec`]), stage-2 logits and CAM per slice (or the
-//! stage-1 ResNet-LSTM's slice probabilities), the CAM upsampled to the crop box (or the
-//! native grid) and min-max normalised on the backend, placed back into the native field,
-//! then the refinement into a mask on the same backend ([`RefineOnBackend`]).
+//! One volume through a trained model, in two parts. At the model's resolution, on the
+//! whole volume ([`Segmenter::model_pass`]): the model's input as it was trained (windows,
+//! one head crop box per volume, resize: the model file's [`InputSpec`]), stage-2 logits and
+//! the CAM at the features' resolution per slice (or the stage-1 ResNet-LSTM's slice
+//! probabilities), the slice flags, and the stage-3 U-Net's probabilities when the model
+//! has one. At the native resolution, for any range of slices ([`Segmenter::native_maps`]):
+//! the CAM upsampled to the crop box, min-max normalised and placed into the field, the
+//! U-Net's map the same way without normalising ([`crate::seg::field`]). Then the
+//! refinement into a mask on the backend ([`RefineOnBackend`]), of the CAM, of the U-Net's
+//! map, or of both ORed (`--fuse`), and the connected-component filter.
 //! Development oracles (`SegmentOptions::oracle`) replace the CAM or the slice flags with
 //! ones made from the truth masks, to measure the refinement's ceiling; they read masks
 //! only when asked to.
@@ -16,7 +21,8 @@ use crate::engine::cpu::CpuBackend;
 use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
 use crate::io::{Mask, Volume};
-use crate::model::meta::{MetaError, META_INPUT};
+use crate::model::meta::{MetaError, META_INPUT, META_INPUT_SIZE};
+use crate::model::unet::UNet;
 use crate::model::{checkpoint, CamKind, HeadPooling, IchNet, ModelMeta};
 use crate::seg::{RefineConfig, RefineOutput};
 use ndarray::Array3;
@@ -32,6 +38,25 @@ pub trait RefineOnBackend: Backend<T = f32> {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError>;
+
+    /// [`RefineOnBackend::refine_buf`] of a map on the host (uploaded first on a device).
+    fn refine_host(
+        &self,
+        hu: &Array3<f32>,
+        map: &Array3<f32>,
+        slice_positive: &[bool],
+        cfg: &RefineConfig,
+    ) -> Result<RefineOutput, InferError> {
+        let host = map.as_standard_layout();
+        let buf = self.upload(host.as_slice().unwrap_or(&[]))?;
+        self.refine_buf(hu, &buf, slice_positive, cfg)
+    }
+
+    /// Another handle on the same device, for a second network (the stage-3 U-Net owns its
+    /// backend); buffers pass between the two through the host.
+    fn sibling(&self) -> Result<Self, InferError>
+    where
+        Self: Sized;
 }
 
 impl RefineOnBackend for CpuBackend<f32> {
@@ -42,9 +67,27 @@ impl RefineOnBackend for CpuBackend<f32> {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
-        let cam = Array3::from_shape_vec(hu.dim(), cam_norm.clone())
-            .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
-        Ok(crate::seg::refine(hu, &cam, slice_positive, cfg)?)
+        Ok(crate::seg::refine_on(
+            self,
+            hu,
+            cam_norm.as_slice(),
+            slice_positive,
+            cfg,
+        )?)
+    }
+
+    fn refine_host(
+        &self,
+        hu: &Array3<f32>,
+        map: &Array3<f32>,
+        slice_positive: &[bool],
+        cfg: &RefineConfig,
+    ) -> Result<RefineOutput, InferError> {
+        Ok(crate::seg::refine(hu, map, slice_positive, cfg)?)
+    }
+
+    fn sibling(&self) -> Result<Self, InferError> {
+        Ok(*self)
     }
 }
 
@@ -56,13 +99,17 @@ impl RefineOnBackend for CudaBackend {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
-        Ok(crate::seg::refine::refine_on(
+        Ok(crate::seg::refine_on(
             self,
             hu,
             cam_norm,
             slice_positive,
             cfg,
         )?)
+    }
+
+    fn sibling(&self) -> Result<Self, InferError> {
+        Ok(CudaBackend::new(self.info().ordinal)?)
     }
 }
 
@@ -74,6 +121,45 @@ pub enum SliceClassifier {
     /// The stage-1 ResNet-LSTM over sliding windows of slices (context from the neighbours).
     Stage1,
 }
+
+/// How the stage-3 U-Net's mask and the CAM's combine (`--fuse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fuse {
+    /// The CAM's refinement alone (the U-Net's map is still computed and written).
+    Cam,
+    /// The refinement with the U-Net's probability in the CAM's place (thresholds
+    /// `unet_threshold` and `unet_grow`): the U-Net says where, the intensity band and the
+    /// components' rules cut the native-resolution mask.
+    Unet,
+    /// The union of the two masks (the authors' test time: U-Net OR CAM pseudo-mask).
+    Or,
+}
+
+impl Fuse {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "cam" => Some(Fuse::Cam),
+            "unet" => Some(Fuse::Unet),
+            "or" => Some(Fuse::Or),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fuse::Cam => "cam",
+            Fuse::Unet => "unet",
+            Fuse::Or => "or",
+        }
+    }
+}
+
+/// The fuse of a model with a U-Net when none is asked for (docs/accuracy.md).
+pub const DEFAULT_FUSE: Fuse = Fuse::Unet;
+/// The U-Net's probability where its refinement looks for the blood cluster (the CAM's
+/// `cam_threshold`), and the level the lesion may grow to (the CAM's `grow_cam_threshold`).
+pub const DEFAULT_UNET_THRESHOLD: f32 = 0.5;
+pub const DEFAULT_UNET_GROW: f32 = 0.3;
 
 /// Development oracles: a folder of truth masks (`<id>.nii[.gz]`, the id being the input
 /// file's name) from which the CAM and/or the slice flags are made instead of the model's.
@@ -87,7 +173,8 @@ pub struct Oracle {
     pub flags: bool,
 }
 
-/// The knobs of test-time segmentation; `Default` is the authors' method.
+/// The knobs of test-time segmentation; `Default` is the authors' method (with the
+/// phantom-tuned refinement), [`SegmentOptions::real_ct`] `ichcam segment`'s defaults.
 #[derive(Clone, Debug)]
 pub struct SegmentOptions {
     pub cam: CamKind,
@@ -112,6 +199,12 @@ pub struct SegmentOptions {
     pub refine: RefineConfig,
     /// Slices per forward pass (memory).
     pub batch_slices: usize,
+    /// With a stage-3 U-Net in the model: how its mask and the CAM's combine (`None`:
+    /// [`DEFAULT_FUSE`]); without one only `Cam` is possible.
+    pub fuse: Option<Fuse>,
+    /// The U-Net map's levels in its refinement (see [`DEFAULT_UNET_THRESHOLD`]).
+    pub unet_threshold: f32,
+    pub unet_grow: f32,
 }
 
 impl Default for SegmentOptions {
@@ -127,29 +220,23 @@ impl Default for SegmentOptions {
             adapt_saturation: true,
             refine: RefineConfig::default(),
             batch_slices: 32,
+            fuse: None,
+            unet_threshold: DEFAULT_UNET_THRESHOLD,
+            unet_grow: DEFAULT_UNET_GROW,
         }
     }
 }
 
 impl SegmentOptions {
-    /// `ichcam segment`'s defaults: the refinement chosen for real CT by 5-fold patient
-    /// cross-validation on ct-ich (docs/accuracy.md: binary CAM at 0.4, growth to 0.1, a
-    /// band floor of 55 HU, an opening of radius 2, components of at least 0.3 mL) and the
-    /// stage-1 slice classifier; the rest as [`SegmentOptions::default`] (the demo's
-    /// phantom-tuned settings).
+    /// `ichcam segment`'s defaults, chosen on real head CT by cross-validation
+    /// (docs/accuracy.md): the stage-1 slice flags and the real-CT refinement
+    /// ([`RefineConfig::real_ct`], components of at least 0.3 mL).
     pub fn real_ct() -> Self {
-        let d = SegmentOptions::default();
         SegmentOptions {
             classifier: SliceClassifier::Stage1,
-            min_component_ml: Some(0.3),
-            refine: RefineConfig {
-                cam_threshold: 0.4,
-                grow_cam_threshold: 0.1,
-                band_floor_hu: Some(55.0),
-                open_radius: 2,
-                ..d.refine.clone()
-            },
-            ..d
+            min_component_ml: Some(crate::seg::refine::REAL_CT_MIN_COMPONENT_ML),
+            refine: RefineConfig::real_ct(),
+            ..SegmentOptions::default()
         }
     }
 }
@@ -162,6 +249,9 @@ pub struct Segmentation {
     pub positive: Vec<bool>,
     /// Normalised CAM `[z, y, x]` in [0, 1].
     pub cam: Array3<f32>,
+    /// The stage-3 U-Net's probability `[z, y, x]` on every slice (flagged or not), when the
+    /// model has a U-Net.
+    pub unet: Option<Array3<f32>>,
     pub mask: Mask,
     pub n_components: usize,
     /// Hemorrhage volume in mL.
@@ -170,9 +260,28 @@ pub struct Segmentation {
     pub saturation: f32,
 }
 
+/// The model-resolution part of one volume's segmentation (the whole volume): what the
+/// native-resolution part needs, and nothing at the native resolution.
+#[derive(Clone, Debug)]
+pub struct ModelPass {
+    pub probabilities: Vec<f64>,
+    pub positive: Vec<bool>,
+    /// The CAM at the features' resolution `[d, fh, fw]` (not normalised).
+    pub cam_small: Vec<f32>,
+    pub features_hw: (usize, usize),
+    /// The U-Net's probabilities `[d, size, size]` over the box, when there is a U-Net.
+    pub unet_small: Option<Vec<f32>>,
+    /// The box of the native slice the model saw (one per volume).
+    pub crop: CropBox,
+    /// The model's input size.
+    pub size: usize,
+}
+
 /// A trained model ready to segment volumes on backend `B`.
 pub struct Segmenter<B: RefineOnBackend> {
     net: IchNet<B>,
+    /// The stage-3 U-Net, on its own handle of the same device.
+    unet: Option<UNet<B>>,
     size: usize,
     slices: usize,
     input: InputSpec,
@@ -185,28 +294,16 @@ pub struct Segmenter<B: RefineOnBackend> {
     pub opts: SegmentOptions,
 }
 
-/// The saturation level for this volume: the configured one, or just under the clip value
-/// of data clipped below 180 HU (the top of the 80/200 window).
-pub fn effective_saturation(hu: &Array3<f32>, configured: f32) -> f32 {
-    let max = hu
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() || max >= 180.0 {
-        return configured;
-    }
-    let at_max = hu.iter().filter(|&&v| v >= max - 0.5).count();
-    // Clipped data piles up at its maximum; natural data does not (0.1 % of the voxels).
-    if (at_max as f64) < 1e-3 * hu.len() as f64 {
-        return configured;
-    }
-    configured.min(crate::data::window::Window::SUBDURAL.apply(max) - 0.025)
-}
+/// Slices per U-Net forward pass at test time.
+pub const UNET_BATCH: usize = 8;
+
+/// The saturation level for this volume (see [`crate::seg::effective_saturation`]).
+pub use crate::seg::effective_saturation;
 
 impl<B: RefineOnBackend> Segmenter<B> {
     /// Loads a model written by `ichcam train` (it records the input size it was trained at).
     pub fn load(backend: B, model: &Path, opts: SegmentOptions) -> Result<Self, InferError> {
+        let unet_backend = backend.sibling();
         let (net, loaded) = checkpoint::load(backend, model)?;
         let bad = |e: MetaError| InferError::ModelMetadata {
             path: model.to_path_buf(),
@@ -239,8 +336,42 @@ impl<B: RefineOnBackend> Segmenter<B> {
             .first()
             .map(|v| v.as_f64())
             .unwrap_or(0.0);
+        let has_unet = loaded
+            .metadata
+            .contains_key(crate::model::unet::checkpoint::CONFIG_KEY);
+        let unet = if has_unet {
+            let u = crate::model::unet::checkpoint::load(unet_backend?, model)?;
+            if let Some(u) = &u {
+                let bad = |detail: String| InferError::ModelMetadata {
+                    path: model.to_path_buf(),
+                    detail,
+                };
+                if u.cfg().in_channels != input.channels() || u.cfg().out_channels != 1 {
+                    return Err(bad(format!(
+                        "the U-Net takes {} channel(s) and gives {}, the model's input has {} windows and one map is expected",
+                        u.cfg().in_channels,
+                        u.cfg().out_channels,
+                        input.channels()
+                    )));
+                }
+                u.cfg()
+                    .check_size(size, size)
+                    .map_err(|e| bad(format!("the U-Net and `{META_INPUT_SIZE}`: {e}")))?;
+            }
+            u
+        } else {
+            None
+        };
+        if unet.is_none() && matches!(opts.fuse, Some(Fuse::Unet | Fuse::Or)) {
+            return Err(InferError::ModelMetadata {
+                path: model.to_path_buf(),
+                detail: "the model has no stage-3 U-Net (trained with --no-unet?): use --fuse cam"
+                    .into(),
+            });
+        }
         Ok(Segmenter {
             net,
+            unet,
             size,
             slices,
             input,
@@ -270,16 +401,29 @@ impl<B: RefineOnBackend> Segmenter<B> {
         self.net.cfg()
     }
 
+    /// The stage-3 U-Net's config, when the model has one.
+    pub fn unet_config(&self) -> Option<&crate::model::unet::UNetConfig> {
+        self.unet.as_ref().map(|u| u.cfg())
+    }
+
+    /// The fuse in use: the option, else [`DEFAULT_FUSE`] with a U-Net, else `Cam`.
+    pub fn fuse(&self) -> Fuse {
+        match (self.opts.fuse, &self.unet) {
+            (Some(f), _) => f,
+            (None, Some(_)) => DEFAULT_FUSE,
+            (None, None) => Fuse::Cam,
+        }
+    }
+
     /// The refinement's settings for `vol` (its spacing and, when adapted, its saturation).
     pub fn refine_config(&self, vol: &Volume) -> RefineConfig {
-        let mut cfg = self.opts.refine.clone();
-        if let Some(ml) = self.opts.min_component_ml {
-            cfg = cfg.with_min_component_ml(ml, vol.spacing);
-        }
-        if self.opts.adapt_saturation {
-            cfg.saturation = effective_saturation(&vol.data, cfg.saturation);
-        }
-        cfg
+        crate::seg::volume_config(
+            &self.opts.refine,
+            self.opts.min_component_ml,
+            self.opts.adapt_saturation,
+            &vol.data,
+            vol.spacing,
+        )
     }
 
     pub fn backend(&self) -> &B {
@@ -291,8 +435,24 @@ impl<B: RefineOnBackend> Segmenter<B> {
         &self.input
     }
 
-    /// Segments one volume.
+    /// Segments one volume: [`Self::model_pass`] on the whole volume, [`Self::native_maps`]
+    /// of every slice and [`Self::finish`].
     pub fn segment(&mut self, vol: &Volume) -> Result<Segmentation, InferError> {
+        let pass = self.model_pass(vol, None)?;
+        let (_, h, w) = vol.dims();
+        let (cam, unet) = self.native_maps(&pass, 0, pass.positive.len(), (h, w))?;
+        self.finish(vol, pass, cam, unet)
+    }
+
+    /// The model-resolution work on the whole volume (see the module doc). The model's
+    /// input is prepared `slab` slices at a time (`None`: all at once): the same values
+    /// either way (one crop box per volume; every step works slice by slice or, for the
+    /// stage-1 classifier, window by window).
+    pub fn model_pass(
+        &mut self,
+        vol: &Volume,
+        slab: Option<usize>,
+    ) -> Result<ModelPass, InferError> {
         let (d, h, w) = vol.dims();
         if d == 0 || h == 0 || w == 0 {
             return Err(InferError::Input(format!(
@@ -301,41 +461,53 @@ impl<B: RefineOnBackend> Segmenter<B> {
             )));
         }
         let s = self.size;
-        let prep = self
-            .input
-            .model_input(vol.data.view(), s)
-            .map_err(|e| InferError::Input(format!("{}: {e}", vol.source.display())))?;
-        let ch = prep.channels;
+        let ch = self.input.channels();
         let plane = ch * s * s;
+        let crop = self.input.crop_box(vol.data.view());
+        let fill = crate::data::input::air_value(vol.data.view());
+        let chunk = slab.unwrap_or(d).clamp(1, d);
         let batch = self.opts.batch_slices.max(1);
         let mut logits = Vec::with_capacity(d);
         let mut cam_small: Vec<f32> = Vec::new();
+        let mut unet_small: Option<Vec<f32>> = self.unet.as_ref().map(|_| Vec::new());
         let mut fhw = (0, 0);
+        let mut whole_x = None;
         self.net.set_train(false);
-        for z0 in (0..d).step_by(batch) {
-            let n = batch.min(d - z0);
-            let x = &prep.x[z0 * plane..(z0 + n) * plane];
-            let (l, c, hw) = self.stage2_pass(x, n)?;
-            if self.opts.flip_tta {
-                let mut xf = x.to_vec();
-                for p in xf.chunks_exact_mut(s * s) {
-                    flip_h(p, s);
+        for c0 in (0..d).step_by(chunk) {
+            let c1 = (c0 + chunk).min(d);
+            let x = self.prepare(vol, crop, fill, c0, c1)?;
+            for z0 in (0..c1 - c0).step_by(batch) {
+                let n = batch.min(c1 - c0 - z0);
+                let xb = &x[z0 * plane..(z0 + n) * plane];
+                let (l, c, hw) = self.stage2_pass(xb, n)?;
+                if self.opts.flip_tta {
+                    let mut xf = xb.to_vec();
+                    for p in xf.chunks_exact_mut(s * s) {
+                        flip_h(p, s);
+                    }
+                    let (lf, mut cf, _) = self.stage2_pass(&xf, n)?;
+                    for m in cf.chunks_exact_mut(hw.0 * hw.1) {
+                        flip_h(m, hw.1);
+                    }
+                    logits.extend(l.iter().zip(&lf).map(|(a, b)| 0.5 * (a + b)));
+                    cam_small.extend(c.iter().zip(&cf).map(|(a, b)| 0.5 * (a + b)));
+                } else {
+                    logits.extend(l);
+                    cam_small.extend(c);
                 }
-                let (lf, mut cf, _) = self.stage2_pass(&xf, n)?;
-                for m in cf.chunks_exact_mut(hw.0 * hw.1) {
-                    flip_h(m, hw.1);
-                }
-                logits.extend(l.iter().zip(&lf).map(|(a, b)| 0.5 * (a + b)));
-                cam_small.extend(c.iter().zip(&cf).map(|(a, b)| 0.5 * (a + b)));
-            } else {
-                logits.extend(l);
-                cam_small.extend(c);
+                fhw = hw;
             }
-            fhw = hw;
+            if let (Some(u), Some(out)) = (self.unet.as_mut(), unet_small.as_mut()) {
+                out.extend(unet_probabilities(u, &x, c1 - c0, ch, s)?);
+            }
+            if chunk == d {
+                whole_x = Some(x);
+            }
         }
         if self.opts.classifier == SliceClassifier::Stage1 {
-            logits = self.stage1_logits(&prep.x, d, ch)?;
+            logits = self.stage1_logits(vol, crop, fill, whole_x.as_deref())?;
         }
+        drop(whole_x);
         let probabilities: Vec<f64> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
         let mut positive: Vec<bool> = probabilities
             .iter()
@@ -357,51 +529,128 @@ impl<B: RefineOnBackend> Segmenter<B> {
                 }
             }
             if o.cam {
-                cam_small = oracle_cam(&truth, prep.crop, fhw);
+                cam_small = oracle_cam(&truth, crop, fhw);
             }
         }
-
-        // Feature-resolution CAM -> model's box -> [0, 1] per slice, on the backend.
-        let be = self.net.backend();
-        let b = prep.crop;
-        let (uh, uw) = if b.side == 0 {
-            (h, w)
-        } else {
-            (b.side, b.side)
-        };
-        let cam_b = be.upload(&cam_small)?;
-        let mut up = be.zeros(d * uh * uw)?;
-        be.upsample_bilinear(d, fhw.0, fhw.1, uh, uw, &cam_b, &mut up)?;
-        drop(cam_b);
-        let mut norm = be.zeros(d * uh * uw)?;
-        be.minmax_normalize(d, uh * uw, &up, &mut norm)?;
-        drop(up);
-        // The box back into the native field (outside the box: 0).
-        let norm = if b.side == 0 {
-            norm
-        } else {
-            let boxed = Array3::from_shape_vec((d, uh, uw), be.download(&norm)?)
-                .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
-            let mut full = Vec::with_capacity(d * h * w);
-            for z in 0..d {
-                let p = crop::place(boxed.index_axis(ndarray::Axis(0), z), b, h, w, 0.0);
-                full.extend(p.iter().copied());
-            }
-            be.upload(&full)?
-        };
-
-        let cfg = self.refine_config(vol);
-        let refined = be.refine_buf(&vol.data, &norm, &positive, &cfg)?;
-        let cam = Array3::from_shape_vec((d, h, w), be.download(&norm)?)
-            .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
-        let voxels = refined.mask.iter().filter(|&&v| v != 0).count();
-        Ok(Segmentation {
+        Ok(ModelPass {
             probabilities,
             positive,
+            cam_small,
+            features_hw: fhw,
+            unet_small,
+            crop,
+            size: s,
+        })
+    }
+
+    /// The model's input `[z1 - z0, channels, size, size]` of slices `z0..z1` in the
+    /// volume's box.
+    fn prepare(
+        &self,
+        vol: &Volume,
+        crop: CropBox,
+        fill: f32,
+        z0: usize,
+        z1: usize,
+    ) -> Result<Vec<f32>, InferError> {
+        let part = vol.data.slice(ndarray::s![z0..z1, .., ..]);
+        let x = self.input.prepare_in(part, crop, fill, self.size);
+        if let Some(bad) = x.iter().position(|v| !v.is_finite()) {
+            return Err(InferError::Input(format!(
+                "{}: non-finite voxel after windowing (slice {})",
+                vol.source.display(),
+                z0 + bad / (self.input.channels() * self.size * self.size).max(1)
+            )));
+        }
+        Ok(x)
+    }
+
+    /// The normalised CAM and the U-Net's map of slices `z0..z1` on the native `h x w` grid
+    /// (see the module doc): the same values for a range as for the whole volume.
+    pub fn native_maps(
+        &self,
+        pass: &ModelPass,
+        z0: usize,
+        z1: usize,
+        (h, w): (usize, usize),
+    ) -> Result<(Array3<f32>, Option<Array3<f32>>), InferError> {
+        let be = self.net.backend();
+        let (fh, fw) = pass.features_hw;
+        let n = z1.saturating_sub(z0);
+        let cam = crate::seg::field::to_field(
+            be,
+            &pass.cam_small[z0 * fh * fw..z1 * fh * fw],
+            n,
+            (fh, fw),
+            pass.crop,
+            (h, w),
+            true,
+        )?;
+        let s = pass.size;
+        let unet = match &pass.unet_small {
+            None => None,
+            Some(u) => Some(crate::seg::field::to_field(
+                be,
+                &u[z0 * s * s..z1 * s * s],
+                n,
+                (s, s),
+                pass.crop,
+                (h, w),
+                false,
+            )?),
+        };
+        Ok((cam, unet))
+    }
+
+    /// The refinement of the whole volume from its native maps, and the fuse.
+    pub fn finish(
+        &self,
+        vol: &Volume,
+        pass: ModelPass,
+        cam: Array3<f32>,
+        unet: Option<Array3<f32>>,
+    ) -> Result<Segmentation, InferError> {
+        let be = self.net.backend();
+        let cfg = self.refine_config(vol);
+        let refine_map = |map: &Array3<f32>, cfg: &RefineConfig| {
+            be.refine_host(&vol.data, map, &pass.positive, cfg)
+        };
+        let fuse = self.fuse();
+        let unet_cfg = || {
+            let mut c = cfg.clone();
+            c.cam_threshold = self.opts.unet_threshold;
+            c.grow_cam_threshold = self.opts.unet_grow.min(self.opts.unet_threshold);
+            c
+        };
+        let (mask, n_components) = match (fuse, &unet) {
+            (Fuse::Cam, _) | (_, None) => {
+                let r = refine_map(&cam, &cfg)?;
+                (r.mask, r.n_components)
+            }
+            (Fuse::Unet, Some(u)) => {
+                let r = refine_map(u, &unet_cfg())?;
+                (r.mask, r.n_components)
+            }
+            (Fuse::Or, Some(u)) => {
+                let a = refine_map(&cam, &cfg)?.mask;
+                let mut b = refine_map(u, &unet_cfg())?.mask;
+                b.zip_mut_with(&a, |x, &y| *x |= y);
+                let n = crate::seg::connected_components(&b, cfg.connectivity)?
+                    .sizes
+                    .len()
+                    .saturating_sub(1);
+                (b, n)
+            }
+        };
+        let voxels = mask.iter().filter(|&&v| v != 0).count();
+        Ok(Segmentation {
+            probabilities: pass.probabilities,
+            positive: pass.positive,
             cam,
-            n_components: refined.n_components,
+            unet,
+            n_components,
             volume_ml: voxels as f64 * vol.voxel_ml(),
-            mask: refined.mask,
+            mask,
             saturation: cfg.saturation,
         })
     }
@@ -428,10 +677,18 @@ impl<B: RefineOnBackend> Segmenter<B> {
     }
 
     /// Stage-1 logits per slice: sliding windows of the trained sequence length, the
-    /// overlapping predictions averaged.
-    fn stage1_logits(&mut self, x: &[f32], d: usize, ch: usize) -> Result<Vec<f64>, InferError> {
+    /// overlapping predictions averaged. The windows' input comes from `whole` (the whole
+    /// volume's) or is prepared window by window.
+    fn stage1_logits(
+        &mut self,
+        vol: &Volume,
+        crop: CropBox,
+        fill: f32,
+        whole: Option<&[f32]>,
+    ) -> Result<Vec<f64>, InferError> {
+        let d = vol.dims().0;
         let s = self.size;
-        let plane = ch * s * s;
+        let plane = self.input.channels() * s * s;
         let windows = plan(
             d,
             self.slices,
@@ -441,9 +698,19 @@ impl<B: RefineOnBackend> Segmenter<B> {
         )?;
         let mut preds = Vec::with_capacity(windows.len());
         for win in &windows {
+            let lo = win.z.iter().copied().min().unwrap_or(0);
+            let hi = win.z.iter().copied().max().map_or(0, |z| z + 1);
+            let local;
+            let (x, base) = match whole {
+                Some(x) => (x, 0),
+                None => {
+                    local = self.prepare(vol, crop, fill, lo, hi)?;
+                    (&local[..], lo)
+                }
+            };
             let mut seq = Vec::with_capacity(win.len() * plane);
             for &z in &win.z {
-                seq.extend_from_slice(&x[z * plane..(z + 1) * plane]);
+                seq.extend_from_slice(&x[(z - base) * plane..(z - base + 1) * plane]);
             }
             let l = self.net.stage1_logits(&seq, 1, win.len(), s, s)?;
             preds.push(l.into_iter().map(|v| v as f32).collect::<Vec<f32>>());
@@ -451,6 +718,24 @@ impl<B: RefineOnBackend> Segmenter<B> {
         let (merged, _) = merge_scores(d, &windows, &preds)?;
         Ok(merged.into_iter().map(f64::from).collect())
     }
+}
+
+/// The U-Net's probabilities `[d, s, s]` of every prepared slice `x` `[d, ch, s, s]`, in
+/// batches of [`UNET_BATCH`] (the last one shorter).
+pub fn unet_probabilities<B: Backend<T = f32>>(
+    unet: &mut UNet<B>,
+    x: &[f32],
+    d: usize,
+    ch: usize,
+    s: usize,
+) -> Result<Vec<f32>, InferError> {
+    let plane = ch * s * s;
+    let mut out = Vec::with_capacity(d * s * s);
+    for z0 in (0..d).step_by(UNET_BATCH) {
+        let n = UNET_BATCH.min(d - z0);
+        out.extend(unet.predict(&x[z0 * plane..(z0 + n) * plane], n, s, s)?);
+    }
+    Ok(out)
 }
 
 /// Stage-2 logits, the feature-resolution CAM and its `(fh, fw)`.
@@ -509,27 +794,4 @@ fn oracle_cam(truth: &Mask, b: CropBox, (fh, fw): (usize, usize)) -> Vec<f32> {
         .iter()
         .copied()
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::effective_saturation;
-    use ndarray::Array3;
-
-    #[test]
-    fn saturation_drops_below_the_clip_of_clipped_data_only() {
-        // Brain-windowed data clipped at 100 HU, bone piled up at the clip value.
-        let mut clipped = Array3::<f32>::from_elem((2, 20, 20), 35.0);
-        clipped.slice_mut(ndarray::s![.., 0..4, ..]).fill(100.0);
-        let s = effective_saturation(&clipped, 0.6);
-        assert!((s - 0.575).abs() < 1e-6, "{s}");
-        // Natural CT reaches far past the window's top: unchanged.
-        let mut natural = clipped.clone();
-        natural[[0, 0, 0]] = 1200.0;
-        assert_eq!(effective_saturation(&natural, 0.6), 0.6);
-        // A maximum below 180 HU that is not piled up (no clipping): unchanged.
-        let mut soft = Array3::<f32>::from_elem((2, 40, 40), 35.0);
-        soft[[1, 5, 5]] = 90.0;
-        assert_eq!(effective_saturation(&soft, 0.6), 0.6);
-    }
 }

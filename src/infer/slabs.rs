@@ -1,12 +1,13 @@
 //! One volume within the memory budget: [`segment_volume`] plans it ([`super::memory`]) and
 //! segments it whole, or by slabs of slices when the whole pass does not fit, or refuses it
-//! with its size and the budget. By slabs, each slab goes through the network and the CAM
-//! on its own (`Segmenter::segment` on the slab: the stage-2 net, the CAM's upsampling and
-//! its per-slice normalisation work slice by slice, so the CAM and the slice probabilities
-//! are those of the whole pass), and the refinement then runs once on the whole volume with
-//! the settings the whole pass would use: the mask is the same. Only the refinement's
-//! memory and the volume's own arrays are whole-volume; the network's input planes and
-//! activations are a slab's.
+//! with its size and the budget. By slabs, the model-resolution work (the head's crop box,
+//! the windowed and resized input, the slice probabilities of either classifier, the CAM at
+//! the features' resolution, the U-Net's map: small) still runs on the whole volume
+//! (`Segmenter::model_pass`); only the native-resolution upsampling and placement of the
+//! maps goes slab by slab (`Segmenter::native_maps`: slice by slice, so the same values),
+//! and the refinement then runs once on the whole volume (`Segmenter::finish`): the mask,
+//! the CAM and the probabilities are those of the whole pass. What the slabs save is the
+//! upsampling's box-sized buffers of the whole volume.
 
 use super::memory::{Costs, Estimate, Mode};
 use super::segmenter::{RefineOnBackend, Segmentation, Segmenter};
@@ -45,49 +46,27 @@ pub fn segment_planned<B: RefineOnBackend>(
     }
 }
 
-/// Segments `vol` by slabs of `slab` slices (see the module doc). Refused for settings
-/// whose result would depend on the slabs (the stage-1 classifier, volume-wide k-means).
+/// Segments `vol` by slabs of `slab` slices (see the module doc).
 pub fn segment_by_slabs<B: RefineOnBackend>(
     seg: &mut Segmenter<B>,
     vol: &Volume,
     slab: usize,
 ) -> Result<Segmentation, InferError> {
     let (d, h, w) = vol.dims();
-    let costs = Costs::of(seg, &crate::io::budget::budget());
-    if !costs.slab_capable {
-        return Err(InferError::Input(format!(
-            "{}: cannot segment by slabs: {}",
-            vol.source.display(),
-            costs.slab_blocker
-        )));
-    }
+    let pass = seg.model_pass(vol, Some(slab.max(1)))?;
     let slab = slab.clamp(1, d.max(1));
     let mut cam = Array3::<f32>::zeros((d, h, w));
-    let mut probabilities = Vec::with_capacity(d);
-    let mut positive = Vec::with_capacity(d);
+    let mut unet = pass
+        .unet_small
+        .as_ref()
+        .map(|_| Array3::<f32>::zeros((d, h, w)));
     for z0 in (0..d).step_by(slab) {
         let z1 = (z0 + slab).min(d);
-        let part = Volume {
-            data: vol.data.slice(s![z0..z1, .., ..]).to_owned(),
-            spacing: vol.spacing,
-            header: vol.header.clone(),
-            source: vol.source.clone(),
-        };
-        let out = seg.segment(&part)?;
-        cam.slice_mut(s![z0..z1, .., ..]).assign(&out.cam);
-        probabilities.extend(out.probabilities);
-        positive.extend(out.positive);
+        let (c, u) = seg.native_maps(&pass, z0, z1, (h, w))?;
+        cam.slice_mut(s![z0..z1, .., ..]).assign(&c);
+        if let (Some(all), Some(u)) = (unet.as_mut(), u) {
+            all.slice_mut(s![z0..z1, .., ..]).assign(&u);
+        }
     }
-    let cfg = seg.refine_config(vol);
-    let refined = crate::seg::refine(&vol.data, &cam, &positive, &cfg)?;
-    let voxels = refined.mask.iter().filter(|&&v| v != 0).count();
-    Ok(Segmentation {
-        probabilities,
-        positive,
-        cam,
-        n_components: refined.n_components,
-        volume_ml: voxels as f64 * vol.voxel_ml(),
-        mask: refined.mask,
-        saturation: cfg.saturation,
-    })
+    seg.finish(vol, pass, cam, unet)
 }

@@ -5,18 +5,23 @@
 //! ([`crate::engine::VolumeOps`]), so they run unchanged on the CPU reference and on the
 //! GPU's kernels; the engine knows nothing of these rules. Everything here works on
 //! `[z, y, x]` volumes (HU, normalised CAM, 0/1 masks) and knows nothing of the network or of
-//! files: the CAM comes in already min-max normalised and upsampled to the slice, the slice
+//! files: the maps come in as arrays or backend volumes (the CAM min-max normalised;
+//! [`field`] brings a model-resolution map to the native grid on a backend), the slice
 //! decisions come in as booleans.
 
 pub mod ccl;
 pub mod choose;
+pub mod field;
 pub mod refine;
 pub mod threshold;
 
 pub use crate::engine::cpu::ccl::{connected_components, CclOutput};
 pub use crate::engine::{Connectivity, Structuring};
 pub use ccl::{filter_components, ComponentFilter, FilterOutput};
-pub use refine::{refine, refine_authors, RefineConfig, RefineMode, RefineOutput};
+pub use refine::{
+    effective_saturation, refine, refine_authors, refine_on, volume_config, RefineConfig,
+    RefineMode, RefineOutput,
+};
 
 /// Errors of the segmentation steps: inputs whose shapes do not fit together.
 #[derive(Debug, thiserror::Error)]

@@ -2,8 +2,10 @@
 //! `unet.decoder1.dec1norm2.running_var`, ...) and its config as JSON under the metadata key
 //! `unet_config`, beside the ResNet-LSTM's tensors, through the model checkpoint machinery
 //! ([`crate::model::checkpoint::save_with`] writes the file, whose ResNet-LSTM loader skips
-//! the `unet.` names). Names and shapes are checked on loading, every mismatch reported at
-//! once. Knows nothing about training.
+//! the `unet.` names). A model file is input: on loading, the config is checked against
+//! bounds ([`UNetConfig::check_bounds`]) and its parameters against the memory budget before
+//! anything is allocated, names and shapes are checked (every mismatch reported at once),
+//! and a tensor holding NaN/Inf is refused by name. Knows nothing about training.
 
 use super::{UNet, UNetConfig};
 use crate::engine::{Backend, Real};
@@ -74,9 +76,11 @@ pub fn assign<B: Backend>(
         });
     }
     for s in &specs {
+        let key = format!("{prefix}{}", s.name);
         let t = tensors
-            .get(&format!("{prefix}{}", s.name))
+            .get(&key)
             .ok_or_else(|| ModelError::Internal(format!("{} vanished", s.name)))?;
+        checkpoint::check_finite(path, &key, &t.data)?;
         let v: Vec<B::T> = t.data.iter().map(|&x| B::T::from_f64_lossy(x)).collect();
         net.set_param(&s.name, &v)?;
     }
@@ -97,7 +101,15 @@ pub fn load<B: Backend>(backend: B, path: &Path) -> Result<Option<UNet<B>>, Mode
         return Ok(None);
     };
     let cfg = UNetConfig::from_json(json)
+        .and_then(|c| c.check_bounds().map(|_| c))
         .map_err(|e| ModelError::checkpoint(path, format!("metadata `{CONFIG_KEY}`: {e}")))?;
+    let need = cfg
+        .tensor_count()
+        .and_then(|n| n.checked_mul(std::mem::size_of::<B::T>() as u128))
+        .unwrap_or(u128::MAX);
+    crate::io::budget::budget().check(path, need, || {
+        format!("the U-Net's parameters ({})", cfg.to_json())
+    })?;
     let mut net = UNet::new(backend, cfg, 0)?;
     assign(&mut net, &tensors, PREFIX, path)?;
     Ok(Some(net))

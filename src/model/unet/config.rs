@@ -221,6 +221,66 @@ impl UNetConfig {
     }
 }
 
+/// Bounds of a U-Net read from a model file (hostile input): the features and channels
+/// must stay small enough that its parameters are allocated only after the budget check.
+pub const MAX_FEATURES: usize = 1024;
+pub const MAX_CHANNELS: usize = 64;
+
+impl UNetConfig {
+    /// Trainable scalars plus running statistics (checked arithmetic; `None` on overflow).
+    pub fn tensor_count(&self) -> Option<u128> {
+        let mut n: u128 = 0;
+        let specs = super::tensors::Weights::<()>::specs(self)
+            .into_iter()
+            .chain(super::tensors::Stats::<()>::specs(self));
+        for s in specs {
+            let k = s
+                .shape
+                .iter()
+                .try_fold(1u128, |a, &d| a.checked_mul(d as u128))?;
+            n = n.checked_add(k)?;
+        }
+        Some(n)
+    }
+
+    /// Bytes of an eval-mode forward's activations for `n` images of `h x w` (elements of
+    /// `elem` bytes): per level, the encoder's and decoder's two units (ReLU output and batch
+    /// norm output each), the pooled map and the concatenation, about `21 * features` planes
+    /// of the image's size in all, plus the input and the output. Training keeps about as
+    /// much again for the gradients.
+    pub fn activation_bytes(&self, n: usize, h: usize, w: usize, elem: usize) -> Option<u128> {
+        let planes = 22u128
+            .checked_mul(self.features as u128)?
+            .checked_add(self.in_channels as u128 + 2 * self.out_channels as u128)?;
+        planes
+            .checked_mul(n as u128)?
+            .checked_mul(h as u128)?
+            .checked_mul(w as u128)?
+            .checked_mul(elem as u128)
+    }
+
+    /// Checks the bounds of a config read from a file (before anything is allocated).
+    pub fn check_bounds(&self) -> Result<(), ModelError> {
+        self.validate()?;
+        if self.features > MAX_FEATURES {
+            return Err(ModelError::Config(format!(
+                "features {} is over {MAX_FEATURES}",
+                self.features
+            )));
+        }
+        if self.in_channels > MAX_CHANNELS || self.out_channels > MAX_CHANNELS {
+            return Err(ModelError::Config(format!(
+                "{} input / {} output channels: at most {MAX_CHANNELS}",
+                self.in_channels, self.out_channels
+            )));
+        }
+        match self.tensor_count() {
+            Some(n) if n <= 1 << 30 => Ok(()),
+            _ => Err(ModelError::Config("more than 2^30 parameters".to_string())),
+        }
+    }
+}
+
 /// The deepest U-Net accepted (2^6 = 64: H and W multiples of 64).
 pub const MAX_DEPTH: usize = 6;
 
