@@ -272,7 +272,9 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 let sync = || -> anyhow::Result<()> { Ok(cell.borrow().backend().synchronize()?) };
                 time(&sync, args.warmup, args.iters, || {
                     let mut n_ = cell.borrow_mut();
-                    let _out = n_.stage2_infer_device(&xb, n, size, size, CamKind::Vanilla)?;
+                    // The CAM upsampled and normalised at the input size, as the baselines.
+                    let out = n_.stage2_infer_device(&xb, n, size, size, CamKind::Vanilla)?;
+                    let _maps = n_.cam_to_input(&out, n, size, size)?;
                     Ok(())
                 })?
             };

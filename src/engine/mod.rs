@@ -1,8 +1,13 @@
-//! The op set of the ResNet-LSTM and U-Net topologies as one trait ([`Backend`]), with a CPU reference
-//! ([`cpu`]: generic over f32/f64, used for gradient checks and as the oracle) and a CUDA
-//! backend ([`cuda`]: NVRTC-compiled kernels driven through cudarc, f32).
+//! The op set of the ResNet-LSTM and U-Net topologies as one trait ([`Backend`]), and the
+//! volume ops a mask refinement is built from as another ([`VolumeOps`]: thresholds, window,
+//! box mean, k-means per segment, band, morphology, connected components), each with a CPU
+//! reference ([`cpu`]: generic over f32/f64, used for gradient checks and as the oracle) and
+//! a CUDA backend ([`cuda`]: NVRTC-compiled kernels driven through cudarc, f32); the shape
+//! descriptors and their checks ([`shapes`]); and where code runs ([`Device`]: `auto`,
+//! `cpu` or `cuda[:N]` resolved once).
 //!
-//! Nothing here knows about CT, files or the model's layer names: only shapes and buffers.
+//! Nothing here knows about CT, refinement rules, files or the model's layer names: only
+//! shapes, values, masks and buffers. It imports no other layer of the crate.
 
 pub mod backend;
 pub mod cpu;

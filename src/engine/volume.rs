@@ -213,6 +213,59 @@ pub trait VolumeOps: Backend<T = f32> {
     ) -> Result<()>;
 }
 
+/// The length checks of the volume ops, written once: both backends run them before any
+/// work (each returns the voxel count where the op has dimensions).
+pub mod check {
+    use super::{voxels, Dims};
+    use crate::engine::{check_len, EngineError, Result};
+
+    /// [`super::VolumeOps::threshold_slices`]: `x` and `out` hold `dims`, one flag a slice.
+    pub fn threshold_slices(dims: Dims, x: usize, flags: usize, out: usize) -> Result<usize> {
+        const OP: &str = "threshold_slices";
+        let n = voxels(OP, dims)?;
+        check_len(OP, "x", x, n)?;
+        check_len(OP, "out", out, n)?;
+        check_len(OP, "slice flags", flags, dims.0)?;
+        Ok(n)
+    }
+
+    /// [`super::VolumeOps::window`]: `out` as long as `x`, a positive width.
+    pub fn window(x: usize, width: f32, out: usize) -> Result<()> {
+        check_len("window", "out", out, x)?;
+        // NaN is not positive either.
+        let positive = width > 0.0;
+        if !positive {
+            return Err(EngineError::Param(format!(
+                "a window needs a positive width, got {width}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`super::VolumeOps::box_mean`] and [`super::VolumeOps::morph2d`]: `x` and `out`
+    /// hold `dims`.
+    pub fn same_volume(op: &'static str, dims: Dims, x: usize, out: usize) -> Result<usize> {
+        let n = voxels(op, dims)?;
+        check_len(op, "input", x, n)?;
+        check_len(op, "out", out, n)?;
+        Ok(n)
+    }
+
+    /// [`super::VolumeOps::keep_below`]: a region byte per value.
+    pub fn keep_below(values: usize, region: usize) -> Result<()> {
+        check_len("keep_below", "region", region, values)
+    }
+
+    /// [`super::VolumeOps::band`]: `grow` and `out` as long as `values`, a floor per
+    /// segment of `seg_len` (at least 1).
+    pub fn band(values: usize, grow: usize, seg_len: usize, lo: usize, out: usize) -> Result<()> {
+        const OP: &str = "band";
+        check_len(OP, "grow", grow, values)?;
+        check_len(OP, "out", out, values)?;
+        check_len(OP, "band floors", lo, values.div_ceil(seg_len.max(1)))
+    }
+}
+
 /// The voxels of `dims`, refused when they overflow or do not fit 32-bit labels (the
 /// labellings' limit, on both backends).
 pub fn voxels(op: &'static str, dims: Dims) -> Result<usize> {

@@ -25,10 +25,11 @@ pub const MAX_SEQUENCE_SLICES: usize = 1024;
 
 /// Bytes per native voxel of a volume's segmentation, whole or by slabs (the native arrays
 /// are whole-volume either way): the HU volume (4), the normalised CAM (4), the
-/// refinement's arrays at its peak (the smoothed HU, 4; the CAM region and its grown level,
-/// the chosen clusters and their dilation, 1 each; the component labels and the filtered
-/// labels, 4 each; the final mask, 1: 17) and a margin.
-pub const WHOLE_BYTES_PER_VOXEL: u128 = 30;
+/// refinement's buffers at their peak (`seg::refine_on`: the CAM region and its grown level,
+/// 1 each, with the subdural values and their box mean, 4 each, while the band is found;
+/// later the band, its dilation and the component labels, 1 + 1 + 4, and the labelling's
+/// run tables: 10) and a margin.
+pub const WHOLE_BYTES_PER_VOXEL: u128 = 24;
 /// More bytes per native voxel with a stage-3 U-Net: its map on the native grid (4) and,
 /// with `--fuse or`, the first mask while the second refinement runs (1).
 pub const UNET_BYTES_PER_VOXEL: u128 = 5;

@@ -28,8 +28,9 @@ use crate::seg::{RefineConfig, RefineOutput};
 use ndarray::Array3;
 use std::path::Path;
 
-/// The refinement on the backend that holds the CAM: the CPU reference on the host, the
-/// device kernels on a GPU. Both take the HU volume and the normalised CAM `[z, y, x]`.
+/// The refinement ([`crate::seg::refine_on`], written once over the engine's volume ops) on
+/// the backend that holds the CAM: the CPU reference on the host, the device kernels on a
+/// GPU. Both take the HU volume (on the host) and the normalised CAM `[z, y, x]`.
 pub trait RefineOnBackend: Backend<T = f32> {
     fn refine_buf(
         &self,

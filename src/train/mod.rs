@@ -64,5 +64,8 @@ pub fn train(
     cfg: &TrainConfig,
     opts: &TrainOptions,
 ) -> Result<TrainReport, TrainError> {
-    crate::on_device!(device, be => train_with(be.clone(), input, out_model, cfg, opts))
+    // The CPU arm's backend is Copy, the CUDA arm's a shared handle: one clone for both.
+    #[allow(clippy::clone_on_copy)]
+    let r = crate::on_device!(device, be => train_with(be.clone(), input, out_model, cfg, opts));
+    r
 }

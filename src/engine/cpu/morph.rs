@@ -5,8 +5,8 @@
 use ndarray::Array3;
 use rayon::prelude::*;
 
-use crate::engine::volume::{voxels, Dims, Structuring};
-use crate::engine::{check_len, Result};
+use crate::engine::volume::{check, Dims, Structuring};
+use crate::engine::Result;
 
 /// Binary dilation of every slice (non-zero = foreground; output is 0/1).
 pub fn dilate(mask: &Array3<u8>, radius: usize, shape: Structuring) -> Array3<u8> {
@@ -38,9 +38,7 @@ pub fn morph2d(
     dilate: bool,
     out: &mut [u8],
 ) -> Result<()> {
-    let n = voxels("morph2d", dims)?;
-    check_len("morph2d", "input", src.len(), n)?;
-    check_len("morph2d", "out", out.len(), n)?;
+    check::same_volume("morph2d", dims, src.len(), out.len())?;
     out.par_iter_mut()
         .zip(src.par_iter())
         .for_each(|(o, &v)| *o = u8::from(v != 0));

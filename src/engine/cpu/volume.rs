@@ -10,9 +10,9 @@ use rayon::prelude::*;
 
 use super::{ccl, kmeans, morph, CpuBackend};
 use crate::engine::volume::{
-    voxels, Clusters, ComponentStats, Connectivity, Dims, Structuring, VolumeOps,
+    check, Clusters, ComponentStats, Connectivity, Dims, Structuring, VolumeOps,
 };
-use crate::engine::{check_len, EngineError, Result};
+use crate::engine::{EngineError, Result};
 
 /// `clamp((v - lo) / width, 0, 1)`; NaN stays NaN.
 #[inline]
@@ -28,11 +28,7 @@ pub fn threshold_slices(
     threshold: f32,
     out: &mut [u8],
 ) -> Result<()> {
-    const OP: &str = "threshold_slices";
-    let n = voxels(OP, dims)?;
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "out", out.len(), n)?;
-    check_len(OP, "slice flags", slice_on.len(), dims.0)?;
+    check::threshold_slices(dims, x.len(), slice_on.len(), out.len())?;
     let plane = (dims.1 * dims.2).max(1);
     out.par_chunks_mut(plane)
         .zip(x.par_chunks(plane))
@@ -47,12 +43,7 @@ pub fn threshold_slices(
 
 /// `out = window_value(x, lo, width)` elementwise.
 pub fn window(x: &[f32], lo: f32, width: f32, out: &mut [f32]) -> Result<()> {
-    check_len("window", "out", out.len(), x.len())?;
-    if !(width > 0.0) {
-        return Err(EngineError::Param(format!(
-            "a window needs a positive width, got {width}"
-        )));
-    }
+    check::window(x.len(), width, out.len())?;
     out.par_iter_mut()
         .zip(x.par_iter())
         .for_each(|(o, &v)| *o = window_value(v, lo, width));
@@ -70,10 +61,7 @@ pub fn box_mean(
     saturation: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    const OP: &str = "box_mean";
-    let n = voxels(OP, dims)?;
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "out", out.len(), n)?;
+    check::same_volume("box_mean", dims, x.len(), out.len())?;
     let (h, w) = (dims.1, dims.2);
     if h * w == 0 {
         return Ok(());
@@ -103,12 +91,14 @@ pub fn box_mean(
 
 /// `region[i] = 0` unless `values[i] < level`.
 pub fn keep_below(values: &[f32], level: f32, region: &mut [u8]) -> Result<()> {
-    check_len("keep_below", "region", region.len(), values.len())?;
+    check::keep_below(values.len(), region.len())?;
     region
         .par_iter_mut()
         .zip(values.par_iter())
         .for_each(|(r, &v)| {
-            if !(v < level) {
+            // NaN is never below the level.
+            let below = v < level;
+            if !below {
                 *r = 0;
             }
         });
@@ -125,15 +115,7 @@ pub fn band(
     below: Option<f32>,
     out: &mut [u8],
 ) -> Result<()> {
-    const OP: &str = "band";
-    check_len(OP, "grow", grow.len(), values.len())?;
-    check_len(OP, "out", out.len(), values.len())?;
-    check_len(
-        OP,
-        "band floors",
-        lo.len(),
-        values.len().div_ceil(seg_len.max(1)),
-    )?;
+    check::band(values.len(), grow.len(), seg_len, lo.len(), out.len())?;
     let seg_len = seg_len.max(1);
     out.par_chunks_mut(seg_len)
         .zip(values.par_chunks(seg_len).zip(grow.par_chunks(seg_len)))

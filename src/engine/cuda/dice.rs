@@ -5,10 +5,10 @@
 use cudarc::driver::CudaSlice;
 
 use super::device::cuda;
-use super::launch::{blocks, dim, grid, int_args, kernels};
+use super::launch::{blocks, dim, grid, int_args, kernels, map1, map2};
 use super::CudaBackend;
 use crate::engine::shapes::SoftDice;
-use crate::engine::{check_len, EngineError, Result};
+use crate::engine::{EngineError, Result};
 
 kernels!("dice" {
     sigmoid_fwd: "sigmoid_fwd",
@@ -27,21 +27,7 @@ pub(crate) fn sigmoid_fwd(
     x: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    check_len("sigmoid_fwd", "y", y.len(), x.len())?;
-    if x.is_empty() {
-        return Ok(());
-    }
-    let n = dim(x.len())?;
-    // SAFETY: x and y hold n values.
-    unsafe {
-        kernels(be)?
-            .sigmoid_fwd
-            .on(be.stream())
-            .arg(x)
-            .arg(y)
-            .arg(&n)
-            .launch(grid(x.len()))
-    }
+    map1(be.stream(), "sigmoid_fwd", &kernels(be)?.sigmoid_fwd, x, y)
 }
 
 pub(crate) fn sigmoid_bwd(
@@ -50,23 +36,14 @@ pub(crate) fn sigmoid_bwd(
     dy: &CudaSlice<f32>,
     dx: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    check_len("sigmoid_bwd", "dy", dy.len(), y.len())?;
-    check_len("sigmoid_bwd", "dx", dx.len(), y.len())?;
-    if y.is_empty() {
-        return Ok(());
-    }
-    let n = dim(y.len())?;
-    // SAFETY: y, dy and dx hold n values.
-    unsafe {
-        kernels(be)?
-            .sigmoid_bwd
-            .on(be.stream())
-            .arg(y)
-            .arg(dy)
-            .arg(dx)
-            .arg(&n)
-            .launch(grid(y.len()))
-    }
+    map2(
+        be.stream(),
+        "sigmoid_bwd",
+        &kernels(be)?.sigmoid_bwd,
+        y,
+        dy,
+        dx,
+    )
 }
 
 pub(crate) fn soft_dice_loss(

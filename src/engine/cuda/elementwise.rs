@@ -4,7 +4,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::launch::{dim, grid, kernels};
+use super::launch::{dim, grid, kernels, map1, map2};
 use super::CudaBackend;
 use crate::engine::{check_len, Result};
 
@@ -41,21 +41,7 @@ pub(crate) fn fill(be: &CudaBackend, y: &mut CudaSlice<f32>, value: f32) -> Resu
 }
 
 pub(crate) fn relu_fwd(be: &CudaBackend, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
-    check_len("relu_fwd", "y", y.len(), x.len())?;
-    if x.is_empty() {
-        return Ok(());
-    }
-    let n = dim(x.len())?;
-    // SAFETY: x and y hold n elements.
-    unsafe {
-        kernels(be)?
-            .relu_fwd
-            .on(be.stream())
-            .arg(x)
-            .arg(y)
-            .arg(&n)
-            .launch(grid(x.len()))
-    }
+    map1(be.stream(), "relu_fwd", &kernels(be)?.relu_fwd, x, y)
 }
 
 pub(crate) fn relu_bwd(
@@ -64,23 +50,7 @@ pub(crate) fn relu_bwd(
     dy: &CudaSlice<f32>,
     dx: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    check_len("relu_bwd", "dy", dy.len(), y.len())?;
-    check_len("relu_bwd", "dx", dx.len(), y.len())?;
-    if y.is_empty() {
-        return Ok(());
-    }
-    let n = dim(y.len())?;
-    // SAFETY: y, dy and dx hold n elements.
-    unsafe {
-        kernels(be)?
-            .relu_bwd
-            .on(be.stream())
-            .arg(y)
-            .arg(dy)
-            .arg(dx)
-            .arg(&n)
-            .launch(grid(y.len()))
-    }
+    map2(be.stream(), "relu_bwd", &kernels(be)?.relu_bwd, y, dy, dx)
 }
 
 pub(crate) fn add_relu_fwd(
@@ -89,23 +59,14 @@ pub(crate) fn add_relu_fwd(
     b: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    check_len("add_relu_fwd", "b", b.len(), a.len())?;
-    check_len("add_relu_fwd", "y", y.len(), a.len())?;
-    if a.is_empty() {
-        return Ok(());
-    }
-    let n = dim(a.len())?;
-    // SAFETY: a, b and y hold n elements.
-    unsafe {
-        kernels(be)?
-            .add_relu_fwd
-            .on(be.stream())
-            .arg(a)
-            .arg(b)
-            .arg(y)
-            .arg(&n)
-            .launch(grid(a.len()))
-    }
+    map2(
+        be.stream(),
+        "add_relu_fwd",
+        &kernels(be)?.add_relu_fwd,
+        a,
+        b,
+        y,
+    )
 }
 
 pub(crate) fn add_assign(

@@ -197,7 +197,6 @@ pub fn kmeans_segments(
     }
     // Segments that ran out of iterations: labels to match the last centroids.
     step(labels, &mut changed, 0, true)?;
-    drop(step);
     let centroids = be.download_prefix(&centroids, nk)?;
     let counts = be
         .download_prefix(&counts, nk)?

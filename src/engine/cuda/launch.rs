@@ -309,6 +309,61 @@ pub(crate) unsafe fn launch_raw(
     Ok(())
 }
 
+// ---- elementwise launches ----------------------------------------------------------------
+
+/// `kernel(x, out, n)`: an elementwise map over `n = x.len()` values into `out` (as long);
+/// nothing launched when empty.
+pub(crate) fn map1(
+    stream: &CudaStream,
+    op: &'static str,
+    kernel: &Kernel,
+    x: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    crate::engine::check_len(op, "output", out.len(), x.len())?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let n = dim(x.len())?;
+    // SAFETY: x and out hold n values (checked).
+    unsafe {
+        kernel
+            .on(stream)
+            .arg(x)
+            .arg(out)
+            .arg(&n)
+            .launch(grid(x.len()))
+    }
+}
+
+/// `kernel(a, b, out, n)`: an elementwise map of two inputs over `n = a.len()` values, every
+/// buffer as long; nothing launched when empty.
+pub(crate) fn map2(
+    stream: &CudaStream,
+    op: &'static str,
+    kernel: &Kernel,
+    a: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    crate::engine::check_len(op, "second input", b.len(), a.len())?;
+    crate::engine::check_len(op, "output", out.len(), a.len())?;
+    if a.is_empty() {
+        return Ok(());
+    }
+    let n = dim(a.len())?;
+    // SAFETY: a, b and out hold n values (checked).
+    unsafe {
+        kernel
+            .on(stream)
+            .arg(a)
+            .arg(b)
+            .arg(out)
+            .arg(&n)
+            .launch(grid(a.len()))
+    }
+}
+
 // ---- launch shapes and sizes ----------------------------------------------------------------
 
 /// Grid-stride launch shape for `n` elements.

@@ -5,8 +5,8 @@ use cudarc::driver::CudaSlice;
 
 use super::launch::{grid, int_args, kernels};
 use super::CudaBackend;
-use crate::engine::volume::{voxels, Dims, Structuring};
-use crate::engine::{check_len, Result};
+use crate::engine::volume::{check, Dims, Structuring};
+use crate::engine::Result;
 
 kernels!("morph" {
     morph2d: "morph2d",
@@ -26,9 +26,7 @@ pub fn morph2d(
     dilate: bool,
     out: &mut CudaSlice<u8>,
 ) -> Result<()> {
-    let n = voxels("morph2d", dims)?;
-    check_len("morph2d", "input", input.len(), n)?;
-    check_len("morph2d", "out", out.len(), n)?;
+    let n = check::same_volume("morph2d", dims, input.len(), out.len())?;
     if n == 0 {
         return Ok(());
     }

@@ -10,9 +10,9 @@ use cudarc::driver::CudaSlice;
 use super::launch::{grid, kernels};
 use super::{ccl, kmeans, morph, CudaBackend};
 use crate::engine::volume::{
-    voxels, Clusters, ComponentStats, Connectivity, Dims, Structuring, VolumeOps,
+    check, Clusters, ComponentStats, Connectivity, Dims, Structuring, VolumeOps,
 };
-use crate::engine::{check_len, Backend, EngineError, Result};
+use crate::engine::{Backend, EngineError, Result};
 
 kernels!("volume" {
     threshold_slices: "vol_threshold_slices",
@@ -36,11 +36,7 @@ pub fn threshold_slices(
     threshold: f32,
     out: &mut CudaSlice<u8>,
 ) -> Result<()> {
-    const OP: &str = "threshold_slices";
-    let n = voxels(OP, dims)?;
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "out", out.len(), n)?;
-    check_len(OP, "slice flags", slice_on.len(), dims.0)?;
+    let n = check::threshold_slices(dims, x.len(), slice_on.len(), out.len())?;
     if n == 0 {
         return Ok(());
     }
@@ -70,12 +66,7 @@ pub fn window(
     width: f32,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    check_len("window", "out", out.len(), x.len())?;
-    if !(width > 0.0) {
-        return Err(EngineError::Param(format!(
-            "a window needs a positive width, got {width}"
-        )));
-    }
+    check::window(x.len(), width, out.len())?;
     if x.is_empty() {
         return Ok(());
     }
@@ -106,15 +97,12 @@ pub fn box_mean(
     saturation: f32,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    const OP: &str = "box_mean";
-    let n = voxels(OP, dims)?;
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "out", out.len(), n)?;
+    let n = check::same_volume("box_mean", dims, x.len(), out.len())?;
     if n == 0 {
         return Ok(());
     }
     let r = i32::try_from(r).map_err(|_| EngineError::Shape {
-        op: OP,
+        op: "box_mean",
         detail: format!("radius {r}"),
     })?;
     let (nz, ny, nx) = (dims.0 as u64, dims.1 as u64, dims.2 as u64);
@@ -143,7 +131,7 @@ pub fn keep_below(
     level: f32,
     region: &mut CudaSlice<u8>,
 ) -> Result<()> {
-    check_len("keep_below", "region", region.len(), values.len())?;
+    check::keep_below(values.len(), region.len())?;
     if values.is_empty() {
         return Ok(());
     }
@@ -172,11 +160,8 @@ pub fn band(
     below: Option<f32>,
     out: &mut CudaSlice<u8>,
 ) -> Result<()> {
-    const OP: &str = "band";
     let n = values.len();
-    check_len(OP, "grow", grow.len(), n)?;
-    check_len(OP, "out", out.len(), n)?;
-    check_len(OP, "band floors", lo.len(), n.div_ceil(seg_len.max(1)))?;
+    check::band(n, grow.len(), seg_len, lo.len(), out.len())?;
     if n == 0 {
         return Ok(());
     }
