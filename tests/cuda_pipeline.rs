@@ -118,6 +118,9 @@ fn train(data: &Path, model: &Path, device: &str) -> String {
         bin()
             .args([
                 "train",
+                // The same preset on both devices (`auto` picks `small` on a GPU).
+                "--config",
+                "tiny",
                 "--epochs",
                 "2",
                 "--stage2-epochs",
