@@ -238,7 +238,7 @@ mod tests {
         let dims = (1000, 512, 512);
         let n = 1000u128 * 512 * 512;
         let whole = c.whole_bytes(dims);
-        assert!(whole >= 30 * n);
+        assert!(whole >= WHOLE_BYTES_PER_VOXEL * n);
         assert_eq!(c.plan(dims, whole).unwrap().mode, Mode::Whole);
         let e = c.plan(dims, whole - 1).unwrap();
         let Mode::Slabs(s) = e.mode else {
