@@ -9,25 +9,25 @@
 //! `ICHCAM_CCL_SMALL=1` skips the 512^3 volume. The last group times the whole CPU
 //! refinement (`seg::refine`) on the 40x512x512 volume.
 
+#[path = "../tests/common/rng.rs"]
+#[allow(dead_code)]
+mod rng;
+
+/// The offset of the benches' noise streams (fixes their volumes).
+const SEED_OFFSET: u64 = 0xD1B5_4A32_D192_ED03;
+
 use std::hint::black_box;
 use std::io::Write;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ichcam::seg::ccl::{
-    connected_components, connected_components_reusing, connected_components_slabs, Connectivity,
+use ichcam::engine::cpu::ccl::{
+    connected_components, connected_components_reusing, connected_components_slabs,
 };
+use ichcam::engine::Connectivity;
+
 use ndarray::Array3;
 use rayon::prelude::*;
-
-fn splitmix(i: u64) -> u64 {
-    let mut z = i
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Box blur of half-width `r` along one axis of a C-order `[nz, ny, nx]` buffer (edges
 /// clamp to the nearest in-range sample): a running sum along x and y inside each slice,
@@ -75,7 +75,9 @@ fn blobs(dims: (usize, usize, usize), fraction: f64, radius: [usize; 3], seed: u
     let n = dims.0 * dims.1 * dims.2;
     let mut v: Vec<f32> = (0..n)
         .into_par_iter()
-        .map(|i| (splitmix(i as u64 ^ (seed << 40)) >> 40) as f32 / (1u64 << 24) as f32)
+        .map(|i| {
+            (rng::counter(i as u64 ^ (seed << 40), SEED_OFFSET) >> 40) as f32 / (1u64 << 24) as f32
+        })
         .collect();
     for _ in 0..3 {
         for (axis, &r) in radius.iter().enumerate() {
@@ -174,7 +176,7 @@ fn bench_refine(cr: &mut Criterion) {
     let cam = Array3::from_shape_vec(dims, cam).expect("dims");
     let hu = Array3::from_shape_fn(dims, |(z, y, x)| {
         let i = ((z * 512 + y) * 512 + x) as u64;
-        let noise = (splitmix(i) >> 40) as f32 / (1u64 << 24) as f32 * 10.0 - 5.0;
+        let noise = (rng::counter(i, SEED_OFFSET) >> 40) as f32 / (1u64 << 24) as f32 * 10.0 - 5.0;
         (if m[[z, y, x]] != 0 { 60.0 } else { 35.0 }) + noise
     });
     let positive = vec![true; dims.0];

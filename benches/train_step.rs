@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::model::prng::Rng;
 use ichcam::model::{BlockKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
+use ichcam::rng::Rng;
 
 fn cfg() -> ModelConfig {
     ModelConfig {

@@ -12,9 +12,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::{Backend, ChannelCopy, Conv2d, UpConv2d};
-use ichcam::model::prng::Rng;
 use ichcam::model::unet::{UNet, UNetConfig};
 use ichcam::model::OptimizerConfig;
+use ichcam::rng::Rng;
 
 fn bench_unet_step(cr: &mut Criterion) {
     let size = 256usize;
@@ -25,7 +25,7 @@ fn bench_unet_step(cr: &mut Criterion) {
         let mut rng = Rng::new(n as u64);
         let x: Vec<f32> = (0..n * size * size).map(|_| rng.normal() as f32).collect();
         let t: Vec<f32> = (0..n * size * size)
-            .map(|_| (rng.uniform() < 0.1) as u8 as f32)
+            .map(|_| (rng.f64() < 0.1) as u8 as f32)
             .collect();
         let mut g = cr.benchmark_group("unet_step_cpu_f32");
         g.sample_size(10)

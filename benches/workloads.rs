@@ -11,6 +11,10 @@
 //!
 //! Throughput is slices/s (criterion's "elem/s"). 10 samples each, a few minutes in all.
 
+#[path = "../tests/common/rng.rs"]
+#[allow(dead_code)]
+mod rng;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -21,15 +25,7 @@ use ichcam::model::{BlockKind, CamKind, IchNet, ModelConfig, OptimizerConfig, Pa
 use ichcam::train::TrainConfig;
 
 fn inputs(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32) / (1u64 << 24) as f32
-        })
-        .collect()
+    rng::SplitMix64::new(seed).vec_f32(len, 0.0, 1.0)
 }
 
 fn small() -> ModelConfig {
@@ -84,7 +80,9 @@ fn cam(cr: &mut Criterion, name: &str, cfg: ModelConfig, n: usize, size: usize) 
             let o = net
                 .stage2_infer_device(black_box(&xb), n, size, size, CamKind::Vanilla)
                 .expect("cam");
-            black_box(o.cam_norm.len())
+            // Upsampled and normalised at the input size, as the baselines.
+            let (_up, norm) = net.cam_to_input(&o, n, size, size).expect("cam maps");
+            black_box(norm.len())
         })
     });
     g.finish();

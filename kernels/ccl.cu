@@ -11,7 +11,7 @@
 //   ccl_block_stats    per root: its component's first voxel (raster order) and voxel count
 //   ccl_first_count / ccl_scan_chunks / ccl_first_ids
 //                      consecutive ids 1..n in raster order of each component's first voxel,
-//                      the same numbering as the CPU (src/seg/ccl.rs), and the sizes by id
+//                      the same numbering as the CPU (src/engine/cpu/ccl.rs), and the sizes by id
 //   ccl_finalize_blocks every voxel gets its block's id (0 for background)
 // 6- and 18-connectivity do not hold inside a 2x2x2 block, so they run the same union-find
 // on single voxels (ccl_init_vox, ccl_merge_vox, ccl_vox_stats, ccl_root_count, ccl_root_ids,
@@ -27,9 +27,9 @@
 // first (atomicMin did not see a root) the loop retries from what it found. Parents only ever
 // decrease and parent[i] <= i, so every find terminates and the root of a set is its minimum.
 //
-// Then the component filter of the refinement: ccl_cam_stats counts each component's voxels
-// inside the binary CAM and its CAM peak; the host decides, ccl_apply_lut writes the kept
-// components' voxels as a 0/1 mask.
+// Then per-component statistics of a value volume: ccl_component_stats counts each
+// component's voxels at or above a threshold and finds its largest value; given the host's
+// lookup table, ccl_select writes the selected components' voxels as a 0/1 mask.
 
 typedef unsigned char u8;
 typedef unsigned int u32;
@@ -418,16 +418,16 @@ __device__ __forceinline__ u32 float_key(float v) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// The filter's statistics, as src/seg/ccl.rs filter_components: for each component,
-// inside[id - 1] = its voxels with cam >= threshold, peak[id - 1] = the largest CAM value as a
+// The statistics of src/engine/cpu/ccl.rs component_stats: for each component,
+// inside[id - 1] = its voxels with x >= threshold, peak[id - 1] = its largest value as a
 // float_key (NaN never counts; zero the arrays first: key 0 is below every float).
-extern "C" __global__ void ccl_cam_stats(const u32* __restrict__ labels, const float* __restrict__ cam,
-                                         float threshold, u64 n, u32* __restrict__ inside, u32* __restrict__ peak) {
+extern "C" __global__ void ccl_component_stats(const u32* __restrict__ labels, const float* __restrict__ x,
+                                               float threshold, u64 n, u32* __restrict__ inside, u32* __restrict__ peak) {
     u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i0 = (u64)blockIdx.x * blockDim.x; i0 < n; i0 += stride) {
         u64 i = i0 + threadIdx.x;
         u32 l = i < n ? labels[i] : 0u;
-        float v = l != 0 ? cam[i] : 0.0f;
+        float v = l != 0 ? x[i] : 0.0f;
         bool in = l != 0 && v >= threshold;
         warp_atomic<0>(inside, in, in ? l - 1 : 0u, 1u);
         bool pk = l != 0 && !isnan(v);
@@ -436,7 +436,7 @@ extern "C" __global__ void ccl_cam_stats(const u32* __restrict__ labels, const f
 }
 
 // out = 1 where lut[label] != 0 (lut[0] = 0 for the background), else 0.
-extern "C" __global__ void ccl_apply_lut(const u32* __restrict__ labels, const u32* __restrict__ lut, u64 n,
+extern "C" __global__ void ccl_select(const u32* __restrict__ labels, const u32* __restrict__ lut, u64 n,
                                          u8* __restrict__ out) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         out[i] = lut[labels[i]] != 0 ? 1 : 0;

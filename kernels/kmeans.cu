@@ -1,5 +1,5 @@
 // 1-D k-means (Lloyd) over many independent segments at once (one segment per slice, or one
-// for the whole volume), the device twin of src/seg/kmeans.rs. A segment is `seg_len`
+// for the whole volume), the device twin of src/engine/cpu/kmeans.rs. A segment is `seg_len`
 // consecutive voxels; only voxels with region != 0 take part, in raster order.
 //
 // Same start, same steps, same result as the CPU:

@@ -1,4 +1,4 @@
-// Binary morphology in the slice plane (per z), as src/seg/morph.rs: dilation or erosion with
+// Binary morphology in the slice plane (per z), as src/engine/cpu/morph.rs: dilation or erosion with
 // the diamond |dy| + |dx| <= r (the 4-neighbour cross applied r times) or the (2r+1)^2
 // square. Input non-zero = foreground, output 0/1. Outside the slice is background: a
 // dilation window is clipped, an erosion window that leaves the slice erodes the voxel.

@@ -1,9 +1,12 @@
 //! ichcam: weakly supervised intracranial hemorrhage segmentation in non-contrast head CT.
 //!
-//! Data flows one way: [`io`] -> [`data`] -> ([`train`] | [`seg`]) -> [`eval`], with
-//! [`engine`] (the op set, CPU reference and CUDA backends) and [`model`] (the ResNet-LSTM
-//! topology over any backend) underneath. Nothing in `engine` knows about CT; nothing in
-//! `io` knows about the network.
+//! Data flows one way: [`io`] -> [`data`] -> ([`train`] | [`infer`] -> [`seg`]) -> [`eval`],
+//! with [`engine`] (the op set, CPU reference and CUDA backends, and where code runs:
+//! [`engine::Device`]) and [`model`] (the ResNet-LSTM and U-Net topologies over any backend,
+//! the model file's metadata) underneath; [`rng`] is the one seeded generator. Each layer
+//! imports only the layers below it: nothing in `engine` knows about CT, the refinement rules
+//! or files (the refinement in `seg` drives the engine's volume ops through a trait);
+//! `infer` needs nothing from `train`; nothing in `io` knows about the network.
 
 pub mod data;
 pub mod engine;
@@ -11,5 +14,6 @@ pub mod eval;
 pub mod infer;
 pub mod io;
 pub mod model;
+pub mod rng;
 pub mod seg;
 pub mod train;

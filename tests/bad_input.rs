@@ -2,6 +2,9 @@
 //! names the file and the problem, never a panic; the CLI exits with 1 (not 101) and says
 //! the same on stderr; a failed write leaves no file behind.
 
+mod common;
+use common::rng::SplitMix64;
+
 use ichcam::io::{self, nii, IoError, ReadOptions, Volume};
 use ndarray::Array3;
 use std::path::{Path, PathBuf};
@@ -47,15 +50,7 @@ fn with_data(mut h: Vec<u8>, n: usize) -> Vec<u8> {
 
 /// Pseudo-random bytes (fixed seed).
 fn random_bytes(n: usize) -> Vec<u8> {
-    let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
+    SplitMix64::new(0x9E37_79B9_7F4A_7C15).bytes(n)
 }
 
 /// Each bad file: name, bytes, a phrase the message must contain.

@@ -5,8 +5,8 @@
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::model::checkpoint::{self, DiskDtype, SaveOptions};
-use ichcam::model::prng::Rng;
 use ichcam::model::{CamKind, IchNet, ModelConfig, ModelError, OptimizerConfig, ParamGroup};
+use ichcam::rng::Rng;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::Path;

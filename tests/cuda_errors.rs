@@ -8,15 +8,15 @@
 //! A fault poisons the device context until everything that holds it is gone, so each test
 //! opens its own backend and drops it, and the tests run one at a time.
 
-mod cuda_common;
+mod common;
 
-use cuda_common::{device, emulator};
+use common::cuda::{device, emulator};
 use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
 use ichcam::engine::cuda::{CudaBackend, KArg};
 use ichcam::engine::Backend;
 
 fn main() {
-    cuda_common::main_with_threads(
+    common::cuda::main_with_threads(
         vec![
             device(
                 "a_fault_during_a_kernel_names_the_launch",
@@ -54,7 +54,8 @@ fn a_fault_during_a_kernel_names_the_launch() {
     assert_eq!(be.download(&y).expect("download"), vec![1.0, 0.0, 3.0]);
     be.relu_fwd(&x, &mut y).expect("another good launch");
     let bad = [KArg::Ptr(0xdead_0000), KArg::F32(1.0), KArg::I32(32)];
-    let err = match be.launch("elementwise", "fill_f32", one_warp(), &bad) {
+    // SAFETY: deliberately not: the address is no device memory; the fault is the test.
+    let err = match unsafe { be.launch_raw("elementwise", "fill_f32", one_warp(), &bad) } {
         Err(e) => e, // CUDA_LAUNCH_BLOCKING=1: the launch itself waits and reports
         Ok(()) => be
             .download(&y)
@@ -75,14 +76,14 @@ fn launches_beyond_the_limits_are_refused() {
     let args = [KArg::Ptr(be.ptr(&y)), KArg::F32(1.0), KArg::I32(64)];
     let mut cfg = one_warp();
     cfg.block_dim = (1025, 1, 1);
-    let e = be
-        .launch("elementwise", "fill_f32", cfg, &args)
+    // SAFETY: refused before it runs (the test).
+    let e = unsafe { be.launch_raw("elementwise", "fill_f32", cfg, &args) }
         .expect_err("a block of 1025 threads");
     assert!(e.to_string().contains("INVALID_VALUE"), "{e}");
     cfg.block_dim = (32, 1, 1);
     cfg.grid_dim = (1, 65_536, 1);
-    let e = be
-        .launch("elementwise", "fill_f32", cfg, &args)
+    // SAFETY: refused before it runs (the test).
+    let e = unsafe { be.launch_raw("elementwise", "fill_f32", cfg, &args) }
         .expect_err("grid.y = 65536");
     assert!(e.to_string().contains("INVALID_VALUE"), "{e}");
     // conv2d_fwd is __launch_bounds__(256): 512 threads are too many resources.
@@ -96,8 +97,8 @@ fn launches_beyond_the_limits_are_refused() {
         block_dim: (512, 1, 1),
         shared_mem_bytes: 0,
     };
-    let e = be
-        .launch("conv", "conv2d_fwd", cfg, &conv_args)
+    // SAFETY: refused before it runs (the test).
+    let e = unsafe { be.launch_raw("conv", "conv2d_fwd", cfg, &conv_args) }
         .expect_err("512 threads for a kernel bounded to 256");
     assert!(e.to_string().contains("OUT_OF_RESOURCES"), "{e}");
     // None of that poisoned the context.

@@ -4,14 +4,15 @@
 //! 1x1, batch > 1 and the split-K path of the weight gradient.
 //!
 //! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
-//! device tests are reported as ignored (tests/cuda_common), and with `ICHCAM_REQUIRE_GPU=1`
+//! device tests are reported as ignored (tests/common/cuda.rs), and with `ICHCAM_REQUIRE_GPU=1`
 //! a missing device fails them (scripts/gpu-check.sh and the emulator run them so).
 
-mod cuda_common;
+mod common;
+use common::rng::SplitMix64;
 
 use std::sync::OnceLock;
 
-use cuda_common::{device, host, Test};
+use common::cuda::{device, host, Test};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Lstm, Pool2d};
@@ -19,7 +20,7 @@ use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Lstm, Pool2d};
 const TOL: f64 = 1e-5;
 
 fn main() {
-    cuda_common::main(vec![
+    common::cuda::main(vec![
         device("conv2d_matches_cpu", conv2d_matches_cpu),
         device("batchnorm_matches_cpu", batchnorm_matches_cpu),
         device("elementwise_matches_cpu", elementwise_matches_cpu),
@@ -52,7 +53,7 @@ fn main() {
         Test {
             name: "every_kernel_compiles_at_run_time",
             run: every_kernel_compiles_at_run_time,
-            needs: cuda_common::Needs::Nvrtc,
+            needs: common::cuda::Needs::Nvrtc,
         },
     ])
 }
@@ -61,41 +62,6 @@ fn main() {
 fn gpu() -> &'static CudaBackend {
     static GPU: OnceLock<CudaBackend> = OnceLock::new();
     GPU.get_or_init(|| CudaBackend::new(0).expect("the harness found a CUDA device"))
-}
-
-/// SplitMix64: a small seeded generator, so failures reproduce from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-    fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..len).map(|_| self.uniform(lo, hi)).collect()
-    }
-}
-
-/// A fresh seed per call (time-based), printed so that a failure can be replayed.
-fn seed(name: &str) -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0x1234_5678)
-        ^ (name.len() as u64).wrapping_mul(0x9E37_79B9);
-    println!("{name}: seed {s:#x}");
-    s
 }
 
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
@@ -196,7 +162,7 @@ fn conv(
 fn conv2d_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("conv2d"));
+    let mut rng = SplitMix64::fresh("conv2d");
     let shapes = [
         conv(2, 3, 17, 13, 5, 3, 1, 1),   // odd sizes, few channels
         conv(2, 3, 37, 29, 70, 7, 2, 3),  // the stem: 7x7 stride 2, > 64 output channels
@@ -207,9 +173,9 @@ fn conv2d_matches_cpu() {
         conv(1, 5, 6, 7, 3, 3, 1, 0),     // no padding, tiny
     ];
     for s in shapes {
-        let x = rng.vec(s.x_len(), -1.0, 1.0);
-        let w = rng.vec(s.w_len(), -1.0, 1.0);
-        let dy = rng.vec(s.y_len(), -1.0, 1.0);
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
         let want = conv_all(&cpu, &s, &x, &w, &dy);
         let got = conv_all(g, &s, &x, &w, &dy);
         check(&format!("conv2d_fwd {s:?}"), &got[0], &want[0]);
@@ -260,7 +226,7 @@ fn bn_all<B: Backend<T = f32>>(be: &B, s: &BatchNorm2d, i: &BnIn, relu: bool) ->
 fn batchnorm_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("batchnorm"));
+    let mut rng = SplitMix64::fresh("batchnorm");
     let names = [
         "y",
         "running_mean",
@@ -282,18 +248,18 @@ fn batchnorm_matches_cpu() {
                 momentum: 0.1,
             };
             // An offset mean and a spread scale: the variance must not be taken as E[x^2]-E[x]^2.
-            let mut x = rng.vec(s.len(), -1.0, 1.0);
+            let mut x = rng.vec_f32(s.len(), -1.0, 1.0);
             for (j, v) in x.iter_mut().enumerate() {
                 let ch = (j / hw) % c;
                 *v = *v * (0.5 + ch as f32 * 0.1) + 3.0 + ch as f32;
             }
             let i = BnIn {
                 x,
-                gamma: rng.vec(c, 0.5, 1.5),
-                beta: rng.vec(c, -0.5, 0.5),
-                rm: rng.vec(c, -0.2, 0.2),
-                rv: rng.vec(c, 0.5, 1.5),
-                dy: rng.vec(s.len(), -1.0, 1.0),
+                gamma: rng.vec_f32(c, 0.5, 1.5),
+                beta: rng.vec_f32(c, -0.5, 0.5),
+                rm: rng.vec_f32(c, -0.2, 0.2),
+                rv: rng.vec_f32(c, 0.5, 1.5),
+                dy: rng.vec_f32(s.len(), -1.0, 1.0),
             };
             let want = bn_all(&cpu, &s, &i, relu);
             let got = bn_all(g, &s, &i, relu);
@@ -336,7 +302,7 @@ fn elementwise_all<B: Backend<T = f32>>(be: &B, a: &[f32], b: &[f32]) -> Vec<Vec
 fn elementwise_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("elementwise"));
+    let mut rng = SplitMix64::fresh("elementwise");
     let names = [
         "relu_fwd",
         "relu_bwd",
@@ -347,8 +313,8 @@ fn elementwise_matches_cpu() {
         "copy",
     ];
     for n in [1usize, 255, 1000, 70_001] {
-        let a = rng.vec(n, -1.0, 1.0);
-        let b = rng.vec(n, -1.0, 1.0);
+        let a = rng.vec_f32(n, -1.0, 1.0);
+        let b = rng.vec_f32(n, -1.0, 1.0);
         let want = elementwise_all(&cpu, &a, &b);
         let got = elementwise_all(g, &a, &b);
         for (k, name) in names.iter().enumerate() {
@@ -372,7 +338,7 @@ fn pool_all<B: Backend<T = f32>>(be: &B, s: &Pool2d, x: &[f32], dy: &[f32]) -> [
 fn maxpool_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("maxpool"));
+    let mut rng = SplitMix64::fresh("maxpool");
     let shapes = [
         Pool2d {
             n: 2,
@@ -404,14 +370,14 @@ fn maxpool_matches_cpu() {
     ];
     for s in shapes {
         for ties in [false, true] {
-            let mut x = rng.vec(s.x_len(), -1.0, 1.0);
+            let mut x = rng.vec_f32(s.x_len(), -1.0, 1.0);
             if ties {
                 // Coarse values make ties in most windows: the first maximum must win.
                 for v in &mut x {
                     *v = (*v * 2.0).round() / 2.0;
                 }
             }
-            let dy = rng.vec(s.y_len(), -1.0, 1.0);
+            let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
             let want = pool_all(&cpu, &s, &x, &dy);
             let got = pool_all(g, &s, &x, &dy);
             check(&format!("maxpool fwd {s:?} ties={ties}"), &got[0], &want[0]);
@@ -423,10 +389,10 @@ fn maxpool_matches_cpu() {
 fn global_avg_pool_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("gap"));
+    let mut rng = SplitMix64::fresh("gap");
     for (rows, hw) in [(1usize, 1usize), (6, 49), (70, 64), (3, 1000)] {
-        let x = rng.vec(rows * hw, -1.0, 1.0);
-        let dy = rng.vec(rows, -1.0, 1.0);
+        let x = rng.vec_f32(rows * hw, -1.0, 1.0);
+        let dy = rng.vec_f32(rows, -1.0, 1.0);
         let want = gap_all(&cpu, rows, hw, &x, &dy);
         let got = gap_all(g, rows, hw, &x, &dy);
         let out = [want, got];
@@ -512,7 +478,7 @@ fn linear_all<B: Backend<T = f32>>(
 fn linear_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("linear"));
+    let mut rng = SplitMix64::fresh("linear");
     let names = ["y", "dx", "dw", "dw (dw only)", "db"];
     for (m, k, n) in [
         (7usize, 70usize, 65usize),
@@ -522,10 +488,10 @@ fn linear_matches_cpu() {
         (33, 129, 67),
     ] {
         for with_bias in [true, false] {
-            let x = rng.vec(m * k, -1.0, 1.0);
-            let w = rng.vec(n * k, -1.0, 1.0);
-            let b = rng.vec(n, -1.0, 1.0);
-            let dy = rng.vec(m * n, -1.0, 1.0);
+            let x = rng.vec_f32(m * k, -1.0, 1.0);
+            let w = rng.vec_f32(n * k, -1.0, 1.0);
+            let b = rng.vec_f32(n, -1.0, 1.0);
+            let dy = rng.vec_f32(m * n, -1.0, 1.0);
             let want = linear_all(&cpu, m, k, n, &x, &w, &b, &dy, with_bias);
             let got = linear_all(g, m, k, n, &x, &w, &b, &dy, with_bias);
             for (j, name) in names.iter().enumerate().take(want.len()) {
@@ -587,7 +553,7 @@ fn lstm_all<B: Backend<T = f32>>(be: &B, s: &Lstm, i: &LstmIn) -> Vec<Vec<f32>> 
 fn lstm_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("lstm"));
+    let mut rng = SplitMix64::fresh("lstm");
     let names = ["h_seq", "c_seq", "gates", "dx", "dw_ih", "dw_hh", "db"];
     let shapes = [
         Lstm {
@@ -613,12 +579,12 @@ fn lstm_matches_cpu() {
         let scale_ih = 1.0 / (s.input as f32).sqrt();
         let scale_hh = 1.0 / (s.hidden as f32).sqrt();
         let i = LstmIn {
-            x: rng.vec(s.x_len(), -1.0, 1.0),
-            w_ih: rng.vec(4 * s.hidden * s.input, -scale_ih, scale_ih),
-            w_hh: rng.vec(4 * s.hidden * s.hidden, -scale_hh, scale_hh),
-            b_ih: rng.vec(4 * s.hidden, -0.3, 0.3),
-            b_hh: rng.vec(4 * s.hidden, -0.3, 0.3),
-            dh: rng.vec(s.h_len(), -1.0, 1.0),
+            x: rng.vec_f32(s.x_len(), -1.0, 1.0),
+            w_ih: rng.vec_f32(4 * s.hidden * s.input, -scale_ih, scale_ih),
+            w_hh: rng.vec_f32(4 * s.hidden * s.hidden, -scale_hh, scale_hh),
+            b_ih: rng.vec_f32(4 * s.hidden, -0.3, 0.3),
+            b_hh: rng.vec_f32(4 * s.hidden, -0.3, 0.3),
+            dh: rng.vec_f32(s.h_len(), -1.0, 1.0),
         };
         let want = lstm_all(&cpu, &s, &i);
         let got = lstm_all(g, &s, &i);
@@ -633,13 +599,13 @@ fn lstm_matches_cpu() {
 fn bce_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("bce"));
+    let mut rng = SplitMix64::fresh("bce");
     for n in [1usize, 32, 128, 1000] {
         for pos_weight in [1.0, 2.5] {
-            let logits = rng.vec(n, -12.0, 12.0);
+            let logits = rng.vec_f32(n, -12.0, 12.0);
             let targets: Vec<f32> = (0..n)
                 .map(|_| {
-                    if rng.uniform(0.0, 1.0) < 0.4 {
+                    if rng.uniform_f32(0.0, 1.0) < 0.4 {
                         1.0
                     } else {
                         0.0
@@ -705,12 +671,12 @@ fn optim_all<B: Backend<T = f32>>(
 fn optimizers_match_cpu() {
     let gpu_be = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("optim"));
+    let mut rng = SplitMix64::fresh("optim");
     for n in [1usize, 1000, 70_001] {
-        let p = rng.vec(n, -1.0, 1.0);
-        let g = rng.vec(n, -1.0, 1.0);
-        let m = rng.vec(n, -0.1, 0.1);
-        let v = rng.vec(n, 0.0, 0.01);
+        let p = rng.vec_f32(n, -1.0, 1.0);
+        let g = rng.vec_f32(n, -1.0, 1.0);
+        let m = rng.vec_f32(n, -0.1, 0.1);
+        let v = rng.vec_f32(n, 0.0, 0.01);
         let want = optim_all(&cpu, &p, &g, &m, &v);
         let got = optim_all(gpu_be, &p, &g, &m, &v);
         let names = [
@@ -768,7 +734,7 @@ fn cam_all<B: Backend<T = f32>>(
 fn cam_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::new(seed("cam"));
+    let mut rng = SplitMix64::fresh("cam");
     let names = [
         "cam_weight",
         "gradcam",
@@ -781,9 +747,9 @@ fn cam_matches_cpu() {
         (3, 5, 7, 5, 33, 21),
         (1, 16, 16, 16, 9, 12),
     ] {
-        let f = rng.vec(n * c * h * w, 0.0, 2.0);
-        let wt = rng.vec(c, -1.0, 1.0);
-        let gr = rng.vec(n * c * h * w, -1.0, 1.0);
+        let f = rng.vec_f32(n * c * h * w, 0.0, 2.0);
+        let wt = rng.vec_f32(c, -1.0, 1.0);
+        let gr = rng.vec_f32(n * c * h * w, -1.0, 1.0);
         let want = cam_all(&cpu, n, c, h, w, oh, ow, &f, &wt, &gr);
         let got = cam_all(g, n, c, h, w, oh, ow, &f, &wt, &gr);
         for (k, name) in names.iter().enumerate() {
@@ -796,7 +762,7 @@ fn cam_matches_cpu() {
     }
     // A constant row normalises to zeros, and the other rows are untouched by it.
     let (n, len) = (3usize, 50usize);
-    let mut x = rng.vec(n * len, -1.0, 1.0);
+    let mut x = rng.vec_f32(n * len, -1.0, 1.0);
     for v in &mut x[len..2 * len] {
         *v = 0.75;
     }
@@ -878,7 +844,8 @@ fn launch_arguments_are_checked_against_the_ptx() {
     };
     // fill_f32(float* y, float value, int n)
     let good = [KArg::Ptr(p), KArg::F32(2.5), KArg::I32(16)];
-    g.launch("elementwise", "fill_f32", cfg, &good)
+    // SAFETY: y holds the 16 floats the launch writes.
+    unsafe { g.launch_raw("elementwise", "fill_f32", cfg, &good) }
         .expect("the right arguments launch");
     assert_eq!(g.download(&y).expect("download"), vec![2.5; 16]);
     for (what, args) in [
@@ -900,8 +867,8 @@ fn launch_arguments_are_checked_against_the_ptx() {
             vec![KArg::Ptr(p), KArg::F32(1.0), KArg::Ptr(16)],
         ),
     ] {
-        let e = g
-            .launch("elementwise", "fill_f32", cfg, &args)
+        // SAFETY: refused before it runs (the test).
+        let e = unsafe { g.launch_raw("elementwise", "fill_f32", cfg, &args) }
             .expect_err(what)
             .to_string();
         assert!(
@@ -977,12 +944,12 @@ fn ichnet_tiny_step_matches_cpu() {
     use ichcam::model::{CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
     let gpu_be = CudaBackend::new(0).expect("second CUDA backend");
     let cfg = ModelConfig::tiny();
-    let s = seed("ichnet");
+    let s = common::rng::fresh_seed("ichnet");
     let mut net_c = IchNet::new(CpuBackend::<f32>::new(), cfg.clone(), s).expect("cpu model");
     let mut net_g = IchNet::new(gpu_be, cfg, s).expect("gpu model");
     let (batch, seq, h, w) = (2usize, 4usize, 48usize, 40usize);
-    let mut rng = Rng::new(s ^ 0xABCD);
-    let x = rng.vec(batch * seq * 3 * h * w, 0.0, 1.0);
+    let mut rng = SplitMix64::new(s ^ 0xABCD);
+    let x = rng.vec_f32(batch * seq * 3 * h * w, 0.0, 1.0);
     let labels: Vec<f32> = (0..batch * seq)
         .map(|i| (i % 3 == 0) as u8 as f32)
         .collect();
@@ -1052,29 +1019,32 @@ fn ichnet_tiny_step_matches_cpu() {
 // ---- discovery and the kernel table (these run without a GPU) ------------------------------
 
 fn device_choice_never_panics() {
-    use ichcam::engine::cuda::device::{pick_device, DeviceChoice};
-    assert_eq!(
-        pick_device("cpu").expect("cpu"),
-        DeviceChoice::Cpu { reason: None }
+    use ichcam::engine::Device;
+    assert!(
+        matches!(
+            Device::open("cpu").expect("cpu"),
+            Device::Cpu { fallback: None, .. }
+        ),
+        "cpu is the CPU, with no fallback note"
     );
     assert!(
-        pick_device("tpu").is_err(),
+        Device::open("tpu").is_err(),
         "an unknown device name must be an error"
     );
     assert!(
-        pick_device("cuda:abc").is_err(),
+        Device::open("cuda:abc").is_err(),
         "a bad ordinal must be an error"
     );
-    match pick_device("auto").expect("auto always resolves") {
-        DeviceChoice::Cpu { reason } => {
-            let r = reason.expect("auto falling back to the CPU says why");
+    match Device::open("auto").expect("auto always resolves") {
+        Device::Cpu { fallback, .. } => {
+            let r = fallback.expect("auto falling back to the CPU says why");
             assert!(!r.is_empty() && !r.contains('\n'), "one clear line: {r:?}");
         }
-        DeviceChoice::Cuda(d) => assert!(d.compute_capability.0 >= 3, "{d:?}"),
+        Device::Cuda(be) => assert!(be.info().compute_capability.0 >= 3, "{:?}", be.info()),
     }
-    if cuda_common::device_absent().is_some() {
+    if common::cuda::device_absent().is_some() {
         assert!(
-            pick_device("cuda").is_err(),
+            Device::open("cuda").is_err(),
             "asking for a GPU without one must be an error"
         );
         assert!(CudaBackend::new(0).is_err());
@@ -1093,10 +1063,14 @@ fn every_kernel_is_embedded() {
         "loss",
         "optim",
         "cam",
-        "seg",
+        "volume",
         "kmeans",
         "morph",
         "ccl",
+        "bias",
+        "channels",
+        "dice",
+        "upconv",
     ] {
         let k = KERNELS
             .iter()

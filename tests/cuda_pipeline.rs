@@ -3,19 +3,19 @@
 //! within rounding), and `segment --device cuda` of the real ct-ich volume (054, 512x512x33)
 //! must give the CPU's mask (Dice >= 0.99), CAM and slice probabilities. Runs on a GPU or on
 //! the emulated driver (`scripts/cuda-emu.sh test`); without either the tests are reported
-//! as ignored (tests/cuda_common). Sizes are small: the emulator is slow.
+//! as ignored (tests/common/cuda.rs). Sizes are small: the emulator is slow.
 
-mod cuda_common;
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use cuda_common::device;
+use common::cuda::device;
 
 fn main() {
-    cuda_common::main(vec![
+    common::cuda::main(vec![
         device(
             "train_on_the_device_matches_the_cpu",
             train_on_the_device_matches_the_cpu,
@@ -118,6 +118,7 @@ fn train(data: &Path, model: &Path, device: &str) -> String {
         bin()
             .args([
                 "train",
+                // The same preset on both devices (`auto` picks `small` on a GPU).
                 "--config",
                 "tiny",
                 "--epochs",

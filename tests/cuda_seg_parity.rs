@@ -1,34 +1,37 @@
-//! The refinement's CUDA kernels against their CPU twins in `ichcam::seg`, on fresh random
+//! The volume ops' CUDA kernels (`engine::cuda::{ccl,kmeans,morph,volume}`) against their CPU
+//! twins (`engine::cpu::...`), and the refinement (`seg::refine::refine_on`) on both, on fresh random
 //! inputs: connected components (labels, count and sizes; every 26-neighbour offset across
 //! 2x2x2 block faces, edges and corners), k-means (centroids, counts, assignments), the
 //! in-plane morphology, the CAM region and the subdural window, and the whole refinement on
 //! synthetic heads. Outputs are poisoned before each launch so that an unwritten element
 //! fails. Runs on a GPU or on the emulated driver; without either the tests are reported as
-//! ignored (tests/cuda_common), with `ICHCAM_REQUIRE_GPU=1` a missing device fails them.
+//! ignored (tests/common/cuda.rs), with `ICHCAM_REQUIRE_GPU=1` a missing device fails them.
 //! `ccl_gpu_timings` prints the CCL timings on a real GPU only.
 
-mod cuda_common;
+mod common;
+use common::rng::SplitMix64;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use ichcam::data::Window;
-use ichcam::engine::cuda::seg::{
-    cam_region, ccl3d, ccl3d_into, count_nonzero, kmeans_segments, morph2d, refine_arrays,
-    subdural, CclRun,
-};
+use ichcam::engine::cpu::kmeans::kmeans_1d;
+use ichcam::engine::cpu::morph::{dilate, erode};
+use ichcam::engine::cuda::ccl::{ccl3d, ccl3d_into, CclRun};
+use ichcam::engine::cuda::kmeans::kmeans_segments;
+use ichcam::engine::cuda::morph::morph2d;
+use ichcam::engine::cuda::volume::{count_nonzero, threshold_slices, window};
 use ichcam::engine::cuda::CudaBackend;
+use ichcam::engine::{Connectivity, Structuring};
 use ichcam::io::Mask;
-use ichcam::seg::kmeans::kmeans_1d;
-use ichcam::seg::morph::{dilate, erode, Structuring};
-use ichcam::seg::refine::positive_cam_region;
-use ichcam::seg::{connected_components, refine, Connectivity, RefineConfig};
+use ichcam::seg::refine::{positive_cam_region, refine_on};
+use ichcam::seg::{connected_components, refine, RefineConfig, RefineOutput, SegError};
 use ndarray::Array3;
 
 fn main() {
-    use cuda_common::{device, real_gpu};
-    cuda_common::main(vec![
+    use common::cuda::{device, real_gpu};
+    common::cuda::main(vec![
         device("ccl_random_volumes_match_cpu", ccl_random_volumes_match_cpu),
         device(
             "ccl_every_neighbour_offset_across_blocks",
@@ -56,39 +59,6 @@ fn gpu() -> CudaBackend {
     CudaBackend::new(0).expect("the harness found a CUDA device")
 }
 
-/// splitmix64: deterministic, seedable, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// A seed that changes from run to run (fresh inputs every time), printed for replay.
-fn fresh_seed(test: &str) -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let seed = std::env::var("ICHCAM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(t);
-    println!("{test}: seed {seed} (ICHCAM_SEED={seed} replays it)");
-    seed
-}
-
 fn up<T: DeviceRepr>(be: &CudaBackend, host: &[T]) -> CudaSlice<T> {
     be.stream().clone_htod(host).expect("upload")
 }
@@ -97,8 +67,8 @@ fn down<T: DeviceRepr + Default + Clone>(be: &CudaBackend, d: &CudaSlice<T>) -> 
     be.stream().clone_dtoh(d).expect("download")
 }
 
-fn random_mask(rng: &mut Rng, dims: (usize, usize, usize), p: f32) -> Mask {
-    Array3::from_shape_fn(dims, |_| u8::from(rng.unit() < p))
+fn random_mask(rng: &mut SplitMix64, dims: (usize, usize, usize), p: f32) -> Mask {
+    Array3::from_shape_fn(dims, |_| u8::from(rng.unit_f32() < p))
 }
 
 fn flat<T: Clone>(a: &Array3<T>) -> Vec<T> {
@@ -142,7 +112,7 @@ fn check_ccl(be: &CudaBackend, mask: &Mask, conn: Connectivity, voxel_path: bool
 
 fn ccl_random_volumes_match_cpu() {
     let be = gpu();
-    let mut rng = Rng(fresh_seed("ccl_random_volumes_match_cpu"));
+    let mut rng = SplitMix64(common::rng::fresh_seed("ccl_random_volumes_match_cpu"));
     let mut shapes = vec![
         (1, 1, 1),
         (1, 1, 7),
@@ -245,7 +215,7 @@ fn ccl_structured_volumes_match_cpu() {
 /// centroids must equal the CPU's bit for bit even with ties and duplicates.
 fn kmeans_matches_cpu() {
     let be = gpu();
-    let mut rng = Rng(fresh_seed("kmeans_matches_cpu"));
+    let mut rng = SplitMix64(common::rng::fresh_seed("kmeans_matches_cpu"));
     let (nseg, seg_len) = (7, 4099);
     for &(k, max_iter, clustered) in &[
         (4, 50, true),
@@ -259,9 +229,9 @@ fn kmeans_matches_cpu() {
         let values: Vec<f32> = (0..nseg * seg_len)
             .map(|_| {
                 let v = if clustered {
-                    centres[rng.below(4)] + 0.04 * (rng.unit() - 0.5)
+                    centres[rng.below(4)] + 0.04 * (rng.unit_f32() - 0.5)
                 } else {
-                    rng.unit()
+                    rng.unit_f32()
                 };
                 (v * 1024.0).round() / 1024.0
             })
@@ -271,7 +241,7 @@ fn kmeans_matches_cpu() {
             .map(|i| match i / seg_len {
                 2 => 0,
                 5 => u8::from(i % seg_len == 17),
-                _ => u8::from(rng.unit() < 0.6),
+                _ => u8::from(rng.unit_f32() < 0.6),
             })
             .collect();
         let d_values = up(&be, &values);
@@ -317,7 +287,7 @@ fn kmeans_matches_cpu() {
 
 fn morphology_matches_cpu() {
     let be = gpu();
-    let mut rng = Rng(fresh_seed("morphology_matches_cpu"));
+    let mut rng = SplitMix64(common::rng::fresh_seed("morphology_matches_cpu"));
     for &dims in &[(3, 17, 23), (1, 1, 1), (2, 5, 1), (4, 64, 48)] {
         for p in [0.02, 0.2, 0.7] {
             let mut mask = random_mask(&mut rng, dims, p);
@@ -351,15 +321,15 @@ fn morphology_matches_cpu() {
 
 fn region_window_and_count_match_cpu() {
     let be = gpu();
-    let mut rng = Rng(fresh_seed("region_window_and_count_match_cpu"));
+    let mut rng = SplitMix64(common::rng::fresh_seed("region_window_and_count_match_cpu"));
     let dims = (6, 31, 29);
     let n = dims.0 * dims.1 * dims.2;
-    let mut cam = Array3::from_shape_fn(dims, |_| rng.unit());
+    let mut cam = Array3::from_shape_fn(dims, |_| rng.unit_f32());
     cam[[1, 2, 3]] = f32::NAN;
     cam[[2, 0, 0]] = 0.7;
     let positive: Vec<bool> = (0..dims.0).map(|z| z % 3 != 1).collect();
     let mut region = up(&be, &vec![POISON_U8; n]);
-    cam_region(
+    threshold_slices(
         &be,
         &up(&be, &flat(&cam)),
         dims,
@@ -367,21 +337,22 @@ fn region_window_and_count_match_cpu() {
         0.7,
         &mut region,
     )
-    .expect("cam_region");
-    let cpu = positive_cam_region(&cam, &positive, 0.7);
+    .expect("threshold_slices");
+    let cpu = positive_cam_region(&cam, &positive, 0.7).expect("cpu region");
     assert_eq!(down(&be, &region), flat(&cpu));
     assert_eq!(
         count_nonzero(&be, &region).expect("count"),
         cpu.iter().filter(|&&v| v != 0).count()
     );
 
-    let mut hu: Vec<f32> = (0..n).map(|_| rng.unit() * 3000.0 - 1500.0).collect();
+    let mut hu: Vec<f32> = (0..n).map(|_| rng.unit_f32() * 3000.0 - 1500.0).collect();
     hu[0] = f32::NAN;
     hu[1] = -20.0;
     hu[2] = 180.0;
     hu[3] = f32::INFINITY;
     let mut w = up(&be, &vec![f32::NAN; n]);
-    subdural(&be, &up(&be, &hu), &mut w).expect("subdural");
+    let sub = Window::SUBDURAL;
+    window(&be, &up(&be, &hu), sub.lo(), sub.width, &mut w).expect("window");
     let gpu_w = down(&be, &w);
     for (i, (&h, &g)) in hu.iter().zip(&gpu_w).enumerate() {
         let c = Window::SUBDURAL.apply(h);
@@ -394,13 +365,16 @@ fn region_window_and_count_match_cpu() {
 
 /// A synthetic head: brain at 35 HU with noise, a few blood blobs (65 HU) under CAM peaks, a
 /// calcification and a bone rim, integer HU (exact k-means sums).
-fn head(rng: &mut Rng, dims: (usize, usize, usize)) -> (Array3<f32>, Array3<f32>, Vec<bool>) {
+fn head(
+    rng: &mut SplitMix64,
+    dims: (usize, usize, usize),
+) -> (Array3<f32>, Array3<f32>, Vec<bool>) {
     let (nz, ny, nx) = dims;
     let blobs: Vec<(f64, f64, f64, f64)> = (0..3)
         .map(|_| {
-            let r = 3.0 + rng.unit() as f64 * 6.0;
-            let cy = 12.0 + rng.unit() as f64 * (ny as f64 - 24.0);
-            let cx = 12.0 + rng.unit() as f64 * (nx as f64 - 24.0);
+            let r = 3.0 + rng.unit_f32() as f64 * 6.0;
+            let cy = 12.0 + rng.unit_f32() as f64 * (ny as f64 - 24.0);
+            let cx = 12.0 + rng.unit_f32() as f64 * (nx as f64 - 24.0);
             let cz = rng.below(nz) as f64;
             (cz, cy, cx, r)
         })
@@ -416,13 +390,13 @@ fn head(rng: &mut Rng, dims: (usize, usize, usize)) -> (Array3<f32>, Array3<f32>
         } else if head_r > 0.9 {
             1200.0
         } else {
-            35.0 + (rng.unit() * 10.0 - 5.0) as f64
+            35.0 + (rng.unit_f32() * 10.0 - 5.0) as f64
         };
         let mut c = 0.0f64;
         for &(cz, cy, cx, r) in &blobs {
             let d2 = (fy - cy).powi(2) + (fx - cx).powi(2) + (2.0 * (fz - cz)).powi(2);
             if d2 <= r * r && head_r <= 0.9 {
-                h = 65.0 + (rng.unit() * 6.0 - 3.0) as f64;
+                h = 65.0 + (rng.unit_f32() * 6.0 - 3.0) as f64;
             }
             c = c.max((-d2 / (2.0 * (1.6 * r).powi(2))).exp());
         }
@@ -431,7 +405,7 @@ fn head(rng: &mut Rng, dims: (usize, usize, usize)) -> (Array3<f32>, Array3<f32>
             c = c.max(0.8);
         }
         *v = h.round() as f32;
-        cam[[z, y, x]] = (c + 0.05 * rng.unit() as f64).min(1.0) as f32;
+        cam[[z, y, x]] = (c + 0.05 * rng.unit_f32() as f64).min(1.0) as f32;
     }
     let positive: Vec<bool> = (0..nz)
         .map(|z| blobs.iter().any(|b| (b.0 - z as f64).abs() <= 3.0) || z % 4 == 0)
@@ -439,9 +413,20 @@ fn head(rng: &mut Rng, dims: (usize, usize, usize)) -> (Array3<f32>, Array3<f32>
     (hu, cam, positive)
 }
 
+/// The refinement on the device: the HU on the host, the CAM uploaded.
+fn refine_arrays(
+    be: &CudaBackend,
+    hu: &Array3<f32>,
+    cam: &Array3<f32>,
+    positive: &[bool],
+    cfg: &RefineConfig,
+) -> Result<RefineOutput, SegError> {
+    refine_on(be, hu, &up(be, &flat(cam)), positive, cfg)
+}
+
 fn refine_matches_cpu() {
     let be = gpu();
-    let mut rng = Rng(fresh_seed("refine_matches_cpu"));
+    let mut rng = SplitMix64(common::rng::fresh_seed("refine_matches_cpu"));
     let configs = [
         RefineConfig::default(),
         RefineConfig {
@@ -465,6 +450,25 @@ fn refine_matches_cpu() {
             dilate_radius: 0,
             max_kmeans_iter: 2,
             min_cluster_voxels: 1,
+            ..RefineConfig::default()
+        },
+        // The real-CT rules: a fixed band floor, growth to CAM 0.1, an opening.
+        RefineConfig {
+            cam_threshold: 0.4,
+            grow_cam_threshold: 0.1,
+            band_floor_hu: Some(55.0),
+            open_radius: 2,
+            min_component_voxels: 5,
+            ..RefineConfig::default()
+        },
+        RefineConfig {
+            open_radius: 1,
+            exclude_saturated: false,
+            smooth_radius: 0,
+            ..RefineConfig::default()
+        },
+        RefineConfig {
+            mode: ichcam::seg::RefineMode::Authors,
             ..RefineConfig::default()
         },
     ];
@@ -522,7 +526,7 @@ fn hashed_mask(dims: (usize, usize, usize), p: f32) -> Vec<u8> {
     let n = dims.0 * dims.1 * dims.2;
     let thr = (p as f64 * (1u64 << 32) as f64) as u64;
     (0..n as u64)
-        .map(|i| u8::from((Rng(i ^ 0x5EED).next() & 0xFFFF_FFFF) < thr))
+        .map(|i| u8::from((SplitMix64(i ^ 0x5EED).next_u64() & 0xFFFF_FFFF) < thr))
         .collect()
 }
 
@@ -563,7 +567,7 @@ fn ccl_gpu_timings() {
 
 fn ccl3d_convenience_allocates() {
     let be = gpu();
-    let mut rng = Rng(fresh_seed("ccl3d_convenience_allocates"));
+    let mut rng = SplitMix64(common::rng::fresh_seed("ccl3d_convenience_allocates"));
     let dims = (7, 19, 21);
     let mask = random_mask(&mut rng, dims, 0.3);
     let d_mask = up(&be, &flat(&mask));

@@ -6,11 +6,12 @@
 //! fixture.
 //!
 //! Runs on a GPU or on the emulated driver (scripts/cuda-emu.sh); without either the tests
-//! that need a device are reported as ignored (tests/cuda_common), with
+//! that need a device are reported as ignored (tests/common/cuda.rs), with
 //! `ICHCAM_REQUIRE_GPU=1` a missing device fails them. The kernel-table test needs no device
 //! and always runs.
 
-mod cuda_common;
+mod common;
+use common::rng::SplitMix64;
 
 use std::path::Path;
 use std::process::Command;
@@ -21,8 +22,8 @@ use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::{Backend, ChannelCopy, SoftDice, UpConv2d};
 
 fn main() {
-    use cuda_common::{device, host};
-    cuda_common::main(vec![
+    use common::cuda::{device, host};
+    common::cuda::main(vec![
         device("bias_matches_cpu", bias_matches_cpu),
         device(
             "upconv_matches_cpu_and_writes_only_its_slice",
@@ -54,40 +55,6 @@ fn gpu() -> &'static CudaBackend {
     match GPU.get_or_init(|| CudaBackend::new(0).map_err(|e| e.to_string())) {
         Ok(b) => b,
         Err(e) => panic!("no usable CUDA device: {e}"),
-    }
-}
-
-/// SplitMix64 seeded per run (printed, so that a failure can be replayed).
-struct Rng(u64);
-
-impl Rng {
-    fn fresh(name: &str) -> Self {
-        let s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x1234_5678)
-            ^ (name.len() as u64).wrapping_mul(0x9E37_79B9);
-        println!("{name}: seed {s:#x}");
-        Rng(s)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-    fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..len).map(|_| self.uniform(lo, hi)).collect()
-    }
-    fn mask(&mut self, len: usize, p: f32) -> Vec<f32> {
-        (0..len)
-            .map(|_| (self.uniform(0.0, 1.0) < p) as u8 as f32)
-            .collect()
     }
 }
 
@@ -162,15 +129,15 @@ fn bias_all<B: Backend<T = f32>>(
 fn bias_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::fresh("bias");
+    let mut rng = SplitMix64::fresh("bias");
     for (n, c, hw) in [
         (2usize, 3usize, 17usize),
         (1, 16, 256 * 256),
         (8, 64, 33),
         (3, 1, 1),
     ] {
-        let y = rng.vec(n * c * hw, -1.0, 1.0);
-        let b = rng.vec(c, -0.5, 0.5);
+        let y = rng.vec_f32(n * c * hw, -1.0, 1.0);
+        let b = rng.vec_f32(c, -0.5, 0.5);
         let want = bias_all(&cpu, n, c, hw, &y, &b);
         let got = bias_all(g, n, c, hw, &y, &b);
         for (k, what) in ["bias add", "bias add + relu", "bias_bwd"]
@@ -229,7 +196,7 @@ fn upc(
 fn upconv_matches_cpu_and_writes_only_its_slice() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::fresh("upconv");
+    let mut rng = SplitMix64::fresh("upconv");
     for s in [
         upc(2, 3, 5, 7, 2, 2, 2, 0),       // the plain op, odd sizes
         upc(2, 32, 16, 16, 16, 2, 32, 0),  // the U-Net's: first half of the concatenation
@@ -237,10 +204,10 @@ fn upconv_matches_cpu_and_writes_only_its_slice() {
         upc(1, 4, 4, 3, 3, 3, 6, 1),       // kernel = stride = 3
         upc(1, 256, 8, 8, 128, 2, 256, 0), // the authors' deepest up-convolution
     ] {
-        let x = rng.vec(s.x_len(), -1.0, 1.0);
-        let w = rng.vec(s.w_len(), -1.0, 1.0);
-        let b = rng.vec(s.c_out, -1.0, 1.0);
-        let dy = rng.vec(s.y_len(), -1.0, 1.0);
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let b = rng.vec_f32(s.c_out, -1.0, 1.0);
+        let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
         let want = upconv_all(&cpu, &s, &x, &w, &b, &dy);
         let got = upconv_all(g, &s, &x, &w, &b, &dy);
         // Outside the slice both stay NaN (untouched); inside, no NaN.
@@ -267,7 +234,7 @@ fn upconv_matches_cpu_and_writes_only_its_slice() {
 fn copy_channels_matches_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::fresh("channels");
+    let mut rng = SplitMix64::fresh("channels");
     for s in [
         ChannelCopy {
             n: 2,
@@ -288,8 +255,8 @@ fn copy_channels_matches_cpu() {
             dst_offset: 0,
         },
     ] {
-        let src = rng.vec(s.src_len(), -1.0, 1.0);
-        let dst = rng.vec(s.dst_len(), -1.0, 1.0);
+        let src = rng.vec_f32(s.src_len(), -1.0, 1.0);
+        let dst = rng.vec_f32(s.dst_len(), -1.0, 1.0);
         for accumulate in [false, true] {
             let run = |be_gpu: bool| -> Vec<f32> {
                 if be_gpu {
@@ -318,7 +285,7 @@ fn copy_channels_matches_cpu() {
 fn sigmoid_and_dice_match_cpu() {
     let g = gpu();
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = Rng::fresh("dice");
+    let mut rng = SplitMix64::fresh("dice");
     for s in [
         SoftDice {
             n: 1,
@@ -339,9 +306,9 @@ fn sigmoid_and_dice_match_cpu() {
             eps: 0.5,
         },
     ] {
-        let z = rng.vec(s.len(), -30.0, 30.0);
-        let t = rng.mask(s.len(), 0.3);
-        let r = rng.vec(s.len(), -1.0, 1.0);
+        let z = rng.vec_f32(s.len(), -30.0, 30.0);
+        let t = rng.mask_f32(s.len(), 0.3);
+        let r = rng.vec_f32(s.len(), -1.0, 1.0);
         let run = |be_gpu: bool| -> (f64, Vec<Vec<f32>>) {
             fn all<B: Backend<T = f32>>(
                 be: &B,
@@ -424,13 +391,13 @@ fn unet_step_matches_cpu() {
         bce_weight: 0.5,
         ..UNetConfig::authors(3)
     };
-    let mut rng = Rng::fresh("unet");
+    let mut rng = SplitMix64::fresh("unet");
     let seed = rng.next_u64();
     let mut nc = UNet::new(CpuBackend::<f32>::new(), cfg.clone(), seed).expect("cpu net");
     let mut ng = UNet::new(g, cfg, seed).expect("gpu net");
     let (n, h, w) = (2usize, 48usize, 64usize);
-    let x = rng.vec(n * 3 * h * w, -1.0, 1.0);
-    let t = rng.mask(n * h * w, 0.3);
+    let x = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let t = rng.mask_f32(n * h * w, 0.3);
     let tol = 1e-3;
     let lc = nc.forward_backward(&x, &t, n, h, w).expect("cpu pass");
     let lg = ng.forward_backward(&x, &t, n, h, w).expect("gpu pass");

@@ -3,11 +3,11 @@
 use ichcam::data::resample::{
     resize_map_bilinear, resize_mask_nearest, resize_slice, resize_stack, resize_volume, ResizeMode,
 };
-use ichcam::data::rng::Rng;
 use ichcam::data::sequence::{
     crop_pad, gather, gather_slices, merge_maps, merge_scores, plan, sliding, SeqMode,
 };
 use ichcam::data::window::{windows3, windows3_slice, windows_n, Window};
+use ichcam::rng::Rng;
 use ndarray::{s, Array2, Array3, Axis};
 
 fn random_volume(d: usize, h: usize, w: usize, seed: u64, lo: f64, hi: f64) -> Array3<f32> {

@@ -3,27 +3,12 @@
 //! in f32 against f64; the fused ops of the `Backend` trait (CPU overrides) against their
 //! default compositions, with f64 finite differences for the ones with a backward.
 
+mod common;
+use common::rng::SplitMix64;
+
 use ichcam::engine::cpu::winograd::{self, Epilogue};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::{Backend, Conv2d};
-
-/// splitmix64, uniform in [lo, hi).
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n)
-            .map(|_| lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64))
-            .collect()
-    }
-}
 
 fn conv3(n: usize, c_in: usize, h: usize, w: usize, c_out: usize) -> Conv2d {
     Conv2d {
@@ -112,7 +97,7 @@ fn shapes() -> Vec<Conv2d> {
 
 #[test]
 fn winograd_matches_naive_loops_in_f64() {
-    let mut rng = Rng(21);
+    let mut rng = SplitMix64(21);
     for s in shapes() {
         assert!(winograd::applies(&s));
         let x = rng.vec(s.x_len(), -1.0, 1.0);
@@ -138,7 +123,7 @@ fn winograd_matches_naive_loops_in_f64() {
 
 #[test]
 fn winograd_epilogue_is_affine_residual_relu() {
-    let mut rng = Rng(22);
+    let mut rng = SplitMix64(22);
     let s = conv3(3, 4, 11, 9, 5);
     let x = rng.vec(s.x_len(), -1.0, 1.0);
     let w = rng.vec(s.w_len(), -1.0, 1.0);
@@ -170,7 +155,7 @@ fn winograd_epilogue_is_affine_residual_relu() {
 fn winograd_f32_is_close_to_f64_at_resnet_scale() {
     // ResNet-like magnitudes (Kaiming-scaled weights, post-ReLU inputs), channels as in
     // the first stage: the f32 error of the transforms stays at the 1e-6 level.
-    let mut rng = Rng(23);
+    let mut rng = SplitMix64(23);
     let b32 = CpuBackend::<f32>::new();
     let b64 = CpuBackend::<f64>::new();
     for s in [conv3(4, 64, 16, 16, 64), conv3(3, 64, 23, 19, 96)] {
@@ -206,7 +191,7 @@ fn winograd_f32_is_close_to_f64_at_resnet_scale() {
 /// with and without residual and ReLU, in f64 and f32.
 fn fused_eval_case<T: ichcam::engine::Real>(be: &CpuBackend<T>, s: Conv2d, seed: u64, tol: f64) {
     use ichcam::engine::BatchNorm2d;
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let c = |v: Vec<f64>| v.into_iter().map(T::from_f64_lossy).collect::<Vec<T>>();
     let x = c(rng.vec(s.x_len(), -1.0, 1.0));
     let w = c(rng.vec(s.w_len(), -0.3, 0.3));

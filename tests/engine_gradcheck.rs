@@ -3,48 +3,14 @@
 //! or hand-computed values, the optimizers against their formulas, and bad buffer lengths
 //! against `Err` (never a panic).
 
+mod common;
+use common::rng::SplitMix64;
+
 use ichcam::engine::cpu::gemm::{matmul, Mat, MatMut, Par};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Lstm, Pool2d};
 
 type B = CpuBackend<f64>;
-
-/// splitmix64: a tiny seeded generator, enough for test inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
-    }
-    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-    /// Uniform in [-1, 1) but at least `gap` away from 0 (keeps ReLU kinks out of reach of
-    /// the finite-difference step).
-    fn vec_off_zero(&mut self, n: usize, gap: f64) -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let v = self.uniform(gap, 1.0);
-                if self.next_u64() & 1 == 0 {
-                    v
-                } else {
-                    -v
-                }
-            })
-            .collect()
-    }
-}
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -181,7 +147,7 @@ fn conv_cases() -> Vec<Conv2d> {
 #[test]
 fn conv_forward_matches_naive_loops() {
     let be = B::new();
-    let mut rng = Rng::new(11);
+    let mut rng = SplitMix64::new(11);
     for s in conv_cases() {
         let x = rng.vec(s.x_len(), -1.0, 1.0);
         let w = rng.vec(s.w_len(), -1.0, 1.0);
@@ -241,7 +207,7 @@ fn conv_every_work_split_matches_naive_loops() {
     // several row tiles (alone, or several images in parallel), 1x1 on one image, and small
     // images grouped into one product (in parallel, unevenly, or in turn).
     let be = B::new();
-    let mut rng = Rng::new(12);
+    let mut rng = SplitMix64::new(12);
     for s in [
         conv(2, 32, 64, 64, 4, 3, 3, 1, 1),
         conv(1, 32, 64, 60, 4, 3, 3, 2, 1),
@@ -273,7 +239,7 @@ fn conv_every_work_split_matches_naive_loops() {
 #[test]
 fn conv_gradients_match_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::new(13);
+    let mut rng = SplitMix64::new(13);
     for s in conv_cases() {
         let x = rng.vec(s.x_len(), -1.0, 1.0);
         let w = rng.vec(s.w_len(), -1.0, 1.0);
@@ -294,7 +260,7 @@ fn conv_gradients_match_finite_differences() {
 
 #[test]
 fn conv_f32_agrees_with_f64() {
-    let mut rng = Rng::new(14);
+    let mut rng = SplitMix64::new(14);
     let b32 = CpuBackend::<f32>::new();
     let b64 = B::new();
     for s in [
@@ -393,7 +359,7 @@ fn bn_train(
 #[test]
 fn batchnorm_train_gradients_match_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::new(21);
+    let mut rng = SplitMix64::new(21);
     let s = BatchNorm2d {
         n: 3,
         c: 4,
@@ -441,7 +407,7 @@ fn batchnorm_train_gradients_match_finite_differences() {
 #[test]
 fn batchnorm_running_stats_and_eval_follow_pytorch() {
     let be = B::new();
-    let mut rng = Rng::new(22);
+    let mut rng = SplitMix64::new(22);
     let s = BatchNorm2d {
         n: 2,
         c: 3,
@@ -494,7 +460,7 @@ fn batchnorm_running_stats_and_eval_follow_pytorch() {
 #[test]
 fn relu_and_add_relu_gradients_match_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::new(31);
+    let mut rng = SplitMix64::new(31);
     let n = 50;
     let x = rng.vec_off_zero(n, 1e-3);
     let r = rng.vec(n, -1.0, 1.0);
@@ -524,7 +490,7 @@ fn relu_and_add_relu_gradients_match_finite_differences() {
 #[test]
 fn elementwise_helpers_do_what_they_say() {
     let be = B::new();
-    let mut rng = Rng::new(32);
+    let mut rng = SplitMix64::new(32);
     // Larger than one parallel chunk, so the chunked path is exercised.
     let n = 100_003;
     let x = rng.vec(n, -1.0, 1.0);
@@ -554,7 +520,7 @@ fn elementwise_helpers_do_what_they_say() {
 #[test]
 fn maxpool_gradients_match_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::new(41);
+    let mut rng = SplitMix64::new(41);
     for s in [
         Pool2d {
             n: 2,
@@ -634,7 +600,7 @@ fn maxpool_routes_ties_to_the_first_maximum() {
 #[test]
 fn maxpool_forward_matches_naive_window_max() {
     let be = B::new();
-    let mut rng = Rng::new(43);
+    let mut rng = SplitMix64::new(43);
     for s in [
         Pool2d {
             n: 2,
@@ -691,7 +657,7 @@ fn maxpool_forward_matches_naive_window_max() {
 #[test]
 fn global_avg_pool_gradient_matches_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::new(42);
+    let mut rng = SplitMix64::new(42);
     let (rows, hw) = (6, 7);
     let x = rng.vec(rows * hw, -1.0, 1.0);
     let r = rng.vec(rows, -1.0, 1.0);
@@ -715,7 +681,7 @@ fn global_avg_pool_gradient_matches_finite_differences() {
 #[test]
 fn linear_gradients_match_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::new(51);
+    let mut rng = SplitMix64::new(51);
     let (m, k, n) = (3, 5, 4);
     let x = rng.vec(m * k, -1.0, 1.0);
     let w = rng.vec(n * k, -1.0, 1.0);
@@ -783,7 +749,7 @@ fn lstm_h(s: &Lstm, x: &[f64], p: &LstmParams) -> (Vec<f64>, Vec<f64>, Vec<f64>)
 
 #[test]
 fn lstm_forward_matches_the_cell_equations() {
-    let mut rng = Rng::new(60);
+    let mut rng = SplitMix64::new(60);
     let s = Lstm {
         batch: 2,
         seq: 3,
@@ -835,7 +801,7 @@ fn lstm_forward_matches_the_cell_equations() {
 #[test]
 fn lstm_gradients_match_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::new(61);
+    let mut rng = SplitMix64::new(61);
     let s = Lstm {
         batch: 2,
         seq: 4,
@@ -889,7 +855,7 @@ fn lstm_gradients_match_finite_differences() {
 #[test]
 fn bce_with_logits_matches_pytorch_formula_and_gradient() {
     let be = B::new();
-    let mut rng = Rng::new(71);
+    let mut rng = SplitMix64::new(71);
     let n = 17;
     let x = rng.vec(n, -4.0, 4.0);
     let y: Vec<f64> = (0..n).map(|i| if i % 3 == 0 { 1.0 } else { 0.0 }).collect();
@@ -932,7 +898,7 @@ fn bce_with_logits_matches_pytorch_formula_and_gradient() {
 #[test]
 fn sgd_matches_pytorch_formula_over_two_steps() {
     let be = B::new();
-    let mut rng = Rng::new(81);
+    let mut rng = SplitMix64::new(81);
     let n = 9;
     let p0 = rng.vec(n, -1.0, 1.0);
     let (g1, g2) = (rng.vec(n, -1.0, 1.0), rng.vec(n, -1.0, 1.0));
@@ -954,7 +920,7 @@ fn sgd_matches_pytorch_formula_over_two_steps() {
 #[test]
 fn adam_matches_pytorch_formula_over_two_steps() {
     let be = B::new();
-    let mut rng = Rng::new(82);
+    let mut rng = SplitMix64::new(82);
     let n = 9;
     let p0 = rng.vec(n, -1.0, 1.0);
     let (g1, g2) = (rng.vec(n, -1.0, 1.0), rng.vec(n, -1.0, 1.0));
@@ -1018,7 +984,7 @@ fn upsample_matches_pytorch_values() {
 #[test]
 fn cam_ops_match_naive_loops() {
     let be = B::new();
-    let mut rng = Rng::new(91);
+    let mut rng = SplitMix64::new(91);
     let (n, c, hw) = (2, 5, 6);
     let f = rng.vec(n * c * hw, -1.0, 1.0);
     let w = rng.vec(c, -1.0, 1.0);
@@ -1050,7 +1016,7 @@ fn cam_ops_match_naive_loops() {
 #[test]
 fn minmax_normalize_maps_rows_to_unit_range() {
     let be = B::new();
-    let mut rng = Rng::new(92);
+    let mut rng = SplitMix64::new(92);
     let len = 11;
     let mut x = rng.vec(3 * len, -5.0, 5.0);
     x[2 * len..].fill(1.5); // a constant row

@@ -2,6 +2,9 @@
 //! conventions, HD95 with anisotropic spacing), the EDT-based HD95 against a brute-force
 //! reference, the report's summary conventions, and the folder evaluation.
 
+mod common;
+use common::rng::SplitMix64;
+
 use ichcam::eval::metrics::{
     edt_squared, hausdorff_percentile, percentile, surface, surface_distances,
 };
@@ -145,27 +148,15 @@ fn percentile_matches_numpy_linear() {
     assert!(close(percentile(v, 100.0), 4.0));
 }
 
-/// SplitMix64 for random test masks.
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[test]
 fn edt_matches_brute_force() {
-    let mut r = Rng(7);
+    let mut r = SplitMix64(7);
     for (shape, density, sp) in [
         ((5, 9, 11), 0.02, [3.0, 0.7, 0.9]),
         ((1, 17, 13), 0.05, [1.0, 1.0, 1.0]),
         ((8, 6, 1), 0.1, [0.5, 2.0, 1.0]),
     ] {
-        let f = Array3::from_shape_fn(shape, |_| u8::from(r.unit() < density));
+        let f = Array3::from_shape_fn(shape, |_| u8::from(r.unit_f64() < density));
         let feats: Vec<(usize, usize, usize)> = f
             .indexed_iter()
             .filter(|(_, &v)| v != 0)
@@ -197,11 +188,11 @@ fn edt_matches_brute_force() {
 
 #[test]
 fn hd95_matches_brute_force_on_random_blobs() {
-    let mut r = Rng(11);
+    let mut r = SplitMix64(11);
     for trial in 0..6 {
         let shape = (6, 14, 15);
-        let a = Array3::from_shape_fn(shape, |_| u8::from(r.unit() < 0.3));
-        let b = Array3::from_shape_fn(shape, |_| u8::from(r.unit() < 0.2));
+        let a = Array3::from_shape_fn(shape, |_| u8::from(r.unit_f64() < 0.3));
+        let b = Array3::from_shape_fn(shape, |_| u8::from(r.unit_f64() < 0.2));
         let sp = [2.5, 0.6, 0.8];
         let (sa, sb) = (surface(&a), surface(&b));
         let pts = |m: &Array3<u8>| -> Vec<[f64; 3]> {

@@ -15,8 +15,10 @@
 //! the case being run (an abort of this process itself leaves it behind);
 //! `ICHCAM_FUZZ_VERBOSE=1` prints every case and its outcome.
 
-mod support;
+mod common;
 
+use common::files::{run_limited, Outcome, Seeds, AS_LIMIT};
+use common::rng::SplitMix64;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::infer::{segment_volume, SegmentOptions, Segmenter};
 use ichcam::io;
@@ -24,7 +26,6 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use support::{run_limited, Outcome, Rng, Seeds, AS_LIMIT};
 
 /// Deadline of one binary run (a hang is a failure).
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,13 +64,13 @@ impl Tally {
     }
 }
 
-fn interesting_i16(rng: &mut Rng) -> i16 {
+fn interesting_i16(rng: &mut SplitMix64) -> i16 {
     *rng.pick(&[0, 1, -1, 2, 255, 256, 4096, i16::MAX, i16::MIN, 348, 352])
 }
-fn interesting_i32(rng: &mut Rng) -> i32 {
+fn interesting_i32(rng: &mut SplitMix64) -> i32 {
     *rng.pick(&[0, 1, -1, 348, 352, 540, 65536, i32::MAX, i32::MIN, 1 << 30])
 }
-fn interesting_f32(rng: &mut Rng) -> f32 {
+fn interesting_f32(rng: &mut SplitMix64) -> f32 {
     *rng.pick(&[
         0.0,
         -0.0,
@@ -89,7 +90,7 @@ fn interesting_f32(rng: &mut Rng) -> f32 {
 }
 
 /// One to four random edits of `b`; `hot` bytes at the start (a header) get most of them.
-fn mutate_bytes(b: &mut Vec<u8>, rng: &mut Rng, hot: usize) -> String {
+fn mutate_bytes(b: &mut Vec<u8>, rng: &mut SplitMix64, hot: usize) -> String {
     let mut did = Vec::new();
     for _ in 0..1 + rng.below(4) {
         if b.is_empty() {
@@ -160,7 +161,7 @@ fn mutate_bytes(b: &mut Vec<u8>, rng: &mut Rng, hot: usize) -> String {
 }
 
 /// A 4-byte length field set to something a file cannot hold.
-fn huge_length(b: &mut [u8], rng: &mut Rng) -> String {
+fn huge_length(b: &mut [u8], rng: &mut SplitMix64) -> String {
     if b.len() < 4 {
         return String::new();
     }
@@ -176,7 +177,7 @@ fn huge_length(b: &mut [u8], rng: &mut Rng) -> String {
     format!("u32 {at}={v:#x}")
 }
 
-fn interesting_json(rng: &mut Rng) -> serde_json::Value {
+fn interesting_json(rng: &mut SplitMix64) -> serde_json::Value {
     use serde_json::json;
     rng.pick(&[
         json!(0),
@@ -217,8 +218,8 @@ const META_STRINGS: [&str; 14] = [
 ];
 
 /// A model file edit: its config, metadata, tensor table or bytes.
-fn mutate_model(seed: &[u8], rng: &mut Rng) -> (Vec<u8>, String) {
-    let (mut h, mut data) = support::split_safetensors(seed);
+fn mutate_model(seed: &[u8], rng: &mut SplitMix64) -> (Vec<u8>, String) {
+    let (mut h, mut data) = common::files::split_safetensors(seed);
     let names: Vec<String> = h
         .as_object()
         .unwrap()
@@ -296,16 +297,16 @@ fn mutate_model(seed: &[u8], rng: &mut Rng) -> (Vec<u8>, String) {
             format!("{k} non-finite weights")
         }
         _ => {
-            let mut b = support::join_safetensors(&h, &data);
+            let mut b = common::files::join_safetensors(&h, &data);
             let d = mutate_bytes(&mut b, rng, 64);
             return (b, format!("bytes: {d}"));
         }
     };
-    (support::join_safetensors(&h, &data), what)
+    (common::files::join_safetensors(&h, &data), what)
 }
 
 /// A slice-label CSV edit.
-fn mutate_csv(seed: &str, rng: &mut Rng) -> (Vec<u8>, String) {
+fn mutate_csv(seed: &str, rng: &mut SplitMix64) -> (Vec<u8>, String) {
     let mut lines: Vec<String> = seed.lines().map(String::from).collect();
     let mut did = Vec::new();
     for _ in 0..1 + rng.below(3) {
@@ -397,7 +398,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Writes one mutant of `kind` under `dir`; returns the input path and the edit.
-fn make_mutant(kind: Kind, seeds: &Seeds, rng: &mut Rng, dir: &Path) -> (PathBuf, String) {
+fn make_mutant(kind: Kind, seeds: &Seeds, rng: &mut SplitMix64, dir: &Path) -> (PathBuf, String) {
     match kind {
         Kind::Nifti => {
             let mut b = std::fs::read(&seeds.nii).unwrap();
@@ -411,7 +412,7 @@ fn make_mutant(kind: Kind, seeds: &Seeds, rng: &mut Rng, dir: &Path) -> (PathBuf
             let d = if rng.chance(0.5) {
                 let mut b = std::fs::read(&seeds.nii).unwrap();
                 let d = mutate_bytes(&mut b, rng, 352);
-                std::fs::write(&p, support::gz(&b)).unwrap();
+                std::fs::write(&p, common::files::gz(&b)).unwrap();
                 format!("inner: {d}")
             } else {
                 let mut b = std::fs::read(&seeds.nii_gz).unwrap();
@@ -513,7 +514,7 @@ fn binary(
     input: &Path,
     seeds: &Seeds,
     dir: &Path,
-    rng: &mut Rng,
+    rng: &mut SplitMix64,
 ) -> (&'static str, Outcome, Option<String>) {
     let os = OsStr::new;
     let out = dir.join("out");
@@ -578,7 +579,7 @@ fn binary(
             ),
         },
     };
-    let mut files = support::check_outputs(&out).err();
+    let mut files = common::files::check_outputs(&out).err();
     if json.exists() {
         let whole = std::fs::read(&json)
             .ok()
@@ -622,7 +623,7 @@ fn fuzz_hostile_inputs() {
     let breadcrumb = target.join("fuzz-last-case.txt");
     let tmp = tempfile::tempdir().unwrap();
     let seeds = Seeds::new(&tmp.path().join("seeds"));
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut tally = Tally::default();
     let start = Instant::now();
     let mut i = 0usize;

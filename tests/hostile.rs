@@ -3,15 +3,15 @@
 //! binary run here is under an 8 GB address-space limit (`setrlimit(RLIMIT_AS)` in the
 //! child) and must exit 0 or 1 with a clear message, leaving no partial output.
 
-mod support;
+mod common;
 
+use common::files::{run_limited, Outcome, AS_LIMIT};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::infer::{Fuse, SegmentOptions, Segmenter, SliceClassifier};
 use ichcam::io::{self, IoError};
 use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
-use support::{run_limited, Outcome, AS_LIMIT};
 
 const LONG: Duration = Duration::from_secs(600);
 
@@ -20,7 +20,7 @@ fn os(s: &str) -> &OsStr {
 }
 
 /// Runs `ichcam args...` under the 8 GB limit and returns the run, asserting exit 0 or 1.
-fn run(args: &[&OsStr]) -> support::Run {
+fn run(args: &[&OsStr]) -> common::files::Run {
     let r = run_limited(args, AS_LIMIT, LONG);
     assert!(
         r.outcome.is_clean(),
@@ -31,7 +31,7 @@ fn run(args: &[&OsStr]) -> support::Run {
     r
 }
 
-fn error_of(r: &support::Run) -> String {
+fn error_of(r: &common::files::Run) -> String {
     match &r.outcome {
         Outcome::CleanError(l) => l.clone(),
         o => panic!("expected a clean error, got {o:?}\nstderr: {}", r.stderr),
@@ -47,9 +47,9 @@ fn edited_model(
 ) -> std::path::PathBuf {
     let seed = dir.join("seed.safetensors");
     if !seed.exists() {
-        support::write_model(&seed, 32);
+        common::files::write_model(&seed, 32);
     }
-    let (mut h, data) = support::split_safetensors(&std::fs::read(&seed).unwrap());
+    let (mut h, data) = common::files::split_safetensors(&std::fs::read(&seed).unwrap());
     let mut cfg: serde_json::Value =
         serde_json::from_str(h["__metadata__"]["config"].as_str().unwrap()).unwrap();
     for (k, v) in config {
@@ -60,7 +60,7 @@ fn edited_model(
         h["__metadata__"][*k] = (*v).into();
     }
     let p = dir.join(name);
-    std::fs::write(&p, support::join_safetensors(&h, &data)).unwrap();
+    std::fs::write(&p, common::files::join_safetensors(&h, &data)).unwrap();
     p
 }
 
@@ -68,7 +68,7 @@ fn edited_model(
 fn model_fields_are_bounded_before_anything_is_allocated() {
     let dir = tempfile::tempdir().unwrap();
     let vol = dir.path().join("v.nii.gz");
-    io::write_volume(&vol, &support::phantom(4)).unwrap();
+    io::write_volume(&vol, &common::files::phantom(4)).unwrap();
     let big = u64::MAX;
     type Edit<'a> = (
         Vec<(&'a str, serde_json::Value)>,
@@ -159,14 +159,14 @@ fn model_fields_are_bounded_before_anything_is_allocated() {
 fn nan_weights_are_refused_by_tensor_name() {
     let dir = tempfile::tempdir().unwrap();
     let seed = dir.path().join("seed.safetensors");
-    support::write_model(&seed, 32);
-    let (h, mut data) = support::split_safetensors(&std::fs::read(&seed).unwrap());
+    common::files::write_model(&seed, 32);
+    let (h, mut data) = common::files::split_safetensors(&std::fs::read(&seed).unwrap());
     let [s, e] = [0, 1].map(|i| h["fc.weight"]["data_offsets"][i].as_u64().unwrap() as usize);
     for c in data[s..e].chunks_exact_mut(4) {
         c.copy_from_slice(&f32::NAN.to_le_bytes());
     }
     let m = dir.path().join("nan.safetensors");
-    std::fs::write(&m, support::join_safetensors(&h, &data)).unwrap();
+    std::fs::write(&m, common::files::join_safetensors(&h, &data)).unwrap();
     let e = match Segmenter::load(CpuBackend::<f32>::new(), &m, SegmentOptions::default()) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("NaN weights loaded"),
@@ -178,14 +178,14 @@ fn nan_weights_are_refused_by_tensor_name() {
 fn huge_but_valid_volumes_are_planned_from_the_header() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.safetensors");
-    support::write_model(&model, 32);
+    common::files::write_model(&model, 32);
     for (name, dims) in [
         ("w4096.nii.gz", (4096, 4096, 24)),
         ("z2048.nii.gz", (512, 512, 2048)),
         ("flat.nii.gz", (32767, 26000, 1)),
     ] {
         let p = dir.path().join(name);
-        support::write_big_u8_gz(&p, dims, 0);
+        common::files::write_big_u8_gz(&p, dims, 0);
         let out = dir.path().join(format!("out-{name}"));
         let r = run(&[
             os("segment"),
@@ -213,7 +213,7 @@ fn huge_but_valid_volumes_are_planned_from_the_header() {
             "{name}: {}",
             r.stderr
         );
-        assert_eq!(support::check_outputs(&out), Ok(0), "{name}");
+        assert_eq!(common::files::check_outputs(&out), Ok(0), "{name}");
         std::fs::remove_file(&p).unwrap();
     }
 }
@@ -222,13 +222,13 @@ fn huge_but_valid_volumes_are_planned_from_the_header() {
 fn a_512x512x1000_scan_still_segments_under_8_gb() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.safetensors");
-    support::write_model(&model, 32);
+    common::files::write_model(&model, 32);
     // A real scan's size: air everywhere but a head in the middle slices.
     let p = dir.path().join("long.nii.gz");
     {
         use std::io::Write;
         let (n, d) = (512usize, 1000usize);
-        let mut v = support::phantom(1);
+        let mut v = common::files::phantom(1);
         v.header.dim = [3, n as u16, n as u16, d as u16, 1, 1, 1, 1];
         v.header.datatype = 2;
         v.header.bitpix = 8;
@@ -279,7 +279,7 @@ fn a_512x512x1000_scan_still_segments_under_8_gb() {
         os("-q"),
     ]);
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
-    assert_eq!(support::check_outputs(&out), Ok(1));
+    assert_eq!(common::files::check_outputs(&out), Ok(1));
     assert_eq!(
         io::probe_dims(&out.join("long/mask.nii.gz")).unwrap(),
         (1000, 512, 512)
@@ -292,7 +292,7 @@ fn eval_of_two_huge_all_ones_masks_does_not_abort() {
     let (pred, truth) = (dir.path().join("pred"), dir.path().join("truth"));
     std::fs::create_dir_all(&pred).unwrap();
     std::fs::create_dir_all(&truth).unwrap();
-    support::write_big_u8_gz(&truth.join("a.nii.gz"), (4096, 4096, 16), 1);
+    common::files::write_big_u8_gz(&truth.join("a.nii.gz"), (4096, 4096, 16), 1);
     std::fs::copy(truth.join("a.nii.gz"), pred.join("a.nii.gz")).unwrap();
     let json = dir.path().join("e.json");
     let r = run(&[
@@ -320,7 +320,7 @@ fn eval_of_two_huge_all_ones_masks_does_not_abort() {
 #[test]
 fn gzip_damage_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let v = support::phantom(8);
+    let v = common::files::phantom(8);
     let good = dir.path().join("good.nii.gz");
     io::write_volume(&good, &v).unwrap();
     let b = std::fs::read(&good).unwrap();
@@ -336,7 +336,7 @@ fn gzip_damage_is_an_error() {
         cases.push((what.into(), c));
     }
     // Bit flips inside the deflate stream, past the header's block.
-    let mut rng = support::Rng(15);
+    let mut rng = common::rng::SplitMix64(15);
     for k in 0..24 {
         let mut c = b.clone();
         let at = 200 + rng.below(n - 220);
@@ -363,7 +363,7 @@ fn gzip_damage_is_an_error() {
 fn a_dicom_element_claiming_4_gb_is_refused_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
     let s = dir.path().join("series");
-    io::dicom::write_series(&s, &support::phantom(3)).unwrap();
+    io::dicom::write_series(&s, &common::files::phantom(3)).unwrap();
     // A 9 KB file: the file meta group, then a private OB element claiming 0xF0000000 bytes.
     let mut f = Vec::new();
     f.extend([0u8; 128]);
@@ -419,8 +419,8 @@ fn special_targets_are_written_into_or_refused_never_replaced() {
     let (pred, truth) = (dir.path().join("pred"), dir.path().join("truth"));
     std::fs::create_dir_all(&pred).unwrap();
     std::fs::create_dir_all(&truth).unwrap();
-    let v = support::phantom(6);
-    let m = io::to_mask(&support::phantom_mask(&v));
+    let v = common::files::phantom(6);
+    let m = io::to_mask(&common::files::phantom_mask(&v));
     io::write_mask(&truth.join("a.nii.gz"), &m, &v).unwrap();
     io::write_mask(&pred.join("a.nii.gz"), &m, &v).unwrap();
     let eval_to = |target: &Path| {
@@ -492,20 +492,20 @@ fn special_targets_are_written_into_or_refused_never_replaced() {
 #[test]
 fn a_volume_failing_half_way_leaves_nothing_and_keeps_the_previous_output() {
     let dir = tempfile::tempdir().unwrap();
-    let v = support::phantom(6);
+    let v = common::files::phantom(6);
     let mut s = ichcam::infer::Segmentation {
         probabilities: vec![0.9; 6],
         positive: vec![true; 6],
         cam: v.data.mapv(|_| 0.5),
         unet: None,
-        mask: io::to_mask(&support::phantom_mask(&v)),
+        mask: io::to_mask(&common::files::phantom_mask(&v)),
         n_components: 1,
         volume_ml: 1.0,
         saturation: 0.6,
     };
     let dest = dir.path().join("out/v");
     ichcam::infer::write_outputs(&dest, "v", &v, &s).unwrap();
-    let before: Vec<Vec<u8>> = support::OUTPUT_FILES
+    let before: Vec<Vec<u8>> = common::files::OUTPUT_FILES
         .iter()
         .map(|f| std::fs::read(dest.join(f)).unwrap())
         .collect();
@@ -514,15 +514,15 @@ fn a_volume_failing_half_way_leaves_nothing_and_keeps_the_previous_output() {
     s.volume_ml = 2.0;
     let e = ichcam::infer::write_outputs(&dest, "v", &v, &s).unwrap_err();
     assert!(e.to_string().contains("out/v/cam.nii.gz"), "{e}");
-    for (f, b) in support::OUTPUT_FILES.iter().zip(&before) {
+    for (f, b) in common::files::OUTPUT_FILES.iter().zip(&before) {
         assert_eq!(&std::fs::read(dest.join(f)).unwrap(), b, "{f} changed");
     }
-    assert_eq!(support::check_outputs(&dir.path().join("out")), Ok(1));
+    assert_eq!(common::files::check_outputs(&dir.path().join("out")), Ok(1));
     // A new id that fails leaves nothing at all.
     let e = ichcam::infer::write_outputs(&dir.path().join("out/w"), "w", &v, &s);
     assert!(e.is_err());
     assert!(!dir.path().join("out/w").exists());
-    assert_eq!(support::check_outputs(&dir.path().join("out")), Ok(1));
+    assert_eq!(common::files::check_outputs(&dir.path().join("out")), Ok(1));
     // An output folder holding someone else's file is not replaced.
     std::fs::write(dest.join("notes.txt"), b"mine").unwrap();
     s.cam = v.data.mapv(|_| 0.5);
@@ -534,7 +534,7 @@ fn a_volume_failing_half_way_leaves_nothing_and_keeps_the_previous_output() {
 #[test]
 fn absurd_pixdim_and_bitpix_mismatch_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let mut v = support::phantom(4);
+    let mut v = common::files::phantom(4);
     let p = dir.path().join("p.nii");
     v.header.pixdim[1] = 1e30;
     io::write_volume(&p, &v).unwrap();
@@ -605,10 +605,10 @@ fn symlink_loops_are_named_as_such() {
 fn segmenting_by_slabs_gives_the_whole_pass_result() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.safetensors");
-    support::write_model(&model, 32);
+    common::files::write_model(&model, 32);
     let with_unet = dir.path().join("u.safetensors");
-    support::write_model_with_unet(&with_unet, 32, 2);
-    let v = support::phantom(13);
+    common::files::write_model_with_unet(&with_unet, 32, 2);
+    let v = common::files::phantom(13);
     // Both classifiers (the stage-1 one reads sequences across slabs), with and without a
     // U-Net, every fuse.
     let runs = [
@@ -652,7 +652,7 @@ fn segmenting_by_slabs_gives_the_whole_pass_result() {
 fn unet_sections_are_checked_like_the_rest_of_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let seed = dir.path().join("seed.safetensors");
-    support::write_model_with_unet(&seed, 32, 2);
+    common::files::write_model_with_unet(&seed, 32, 2);
     let load =
         |m: &Path| match Segmenter::load(CpuBackend::<f32>::new(), m, SegmentOptions::default()) {
             Err(e) => e.to_string(),
@@ -660,12 +660,12 @@ fn unet_sections_are_checked_like_the_rest_of_the_model() {
         };
     assert_eq!(load(&seed), "loaded");
     // An infinity in one U-Net tensor: refused by name.
-    let (h, mut data) = support::split_safetensors(&std::fs::read(&seed).unwrap());
+    let (h, mut data) = common::files::split_safetensors(&std::fs::read(&seed).unwrap());
     let name = "unet.decoder1.dec1conv2.weight";
     let [s, _] = [0, 1].map(|i| h[name]["data_offsets"][i].as_u64().unwrap() as usize);
     data[s..s + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
     let m = dir.path().join("nan.safetensors");
-    std::fs::write(&m, support::join_safetensors(&h, &data)).unwrap();
+    std::fs::write(&m, common::files::join_safetensors(&h, &data)).unwrap();
     let e = load(&m);
     assert!(e.contains(name) && e.contains("non-finite"), "{e}");
     // A config claiming a huge network: refused before anything is allocated.
@@ -674,7 +674,7 @@ fn unet_sections_are_checked_like_the_rest_of_the_model() {
         ("in_channels", serde_json::json!(100_000), "channels"),
         ("depth", serde_json::json!(40), "depth"),
     ] {
-        let (mut h, data) = support::split_safetensors(&std::fs::read(&seed).unwrap());
+        let (mut h, data) = common::files::split_safetensors(&std::fs::read(&seed).unwrap());
         let cfg = h["__metadata__"]["unet_config"]
             .as_str()
             .unwrap()
@@ -683,13 +683,13 @@ fn unet_sections_are_checked_like_the_rest_of_the_model() {
         c[key] = value;
         h["__metadata__"]["unet_config"] = serde_json::Value::String(c.to_string());
         let m = dir.path().join(format!("{key}.safetensors"));
-        std::fs::write(&m, support::join_safetensors(&h, &data)).unwrap();
+        std::fs::write(&m, common::files::join_safetensors(&h, &data)).unwrap();
         let e = load(&m);
         assert!(e.contains(what) && e.contains("unet_config"), "{key}: {e}");
     }
     // A U-Net asked for from a model without one: a clear error.
     let plain = dir.path().join("plain.safetensors");
-    support::write_model(&plain, 32);
+    common::files::write_model(&plain, 32);
     let e = match Segmenter::load(
         CpuBackend::<f32>::new(),
         &plain,
@@ -707,7 +707,7 @@ fn unet_sections_are_checked_like_the_rest_of_the_model() {
     );
     // The binary writes the U-Net's map beside the rest, for every fuse.
     let vol = dir.path().join("v.nii.gz");
-    io::write_volume(&vol, &support::phantom(6)).unwrap();
+    io::write_volume(&vol, &common::files::phantom(6)).unwrap();
     for fuse in ["unet", "or", "cam"] {
         let out = dir.path().join(format!("out-{fuse}"));
         let r = run(&[
@@ -725,7 +725,7 @@ fn unet_sections_are_checked_like_the_rest_of_the_model() {
             os(fuse),
         ]);
         assert_eq!(r.outcome, Outcome::Ok, "{fuse}: {}", r.stderr);
-        assert_eq!(support::check_outputs(&out), Ok(1));
+        assert_eq!(common::files::check_outputs(&out), Ok(1));
         assert!(out.join("v/unet.nii.gz").is_file());
     }
     let r = run(&[
@@ -752,7 +752,7 @@ fn a_label_csv_naming_a_slice_beyond_any_volume_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let ds = dir.path().join("ds");
     std::fs::create_dir_all(ds.join("images")).unwrap();
-    io::write_volume(&ds.join("images/a01.nii.gz"), &support::phantom(4)).unwrap();
+    io::write_volume(&ds.join("images/a01.nii.gz"), &common::files::phantom(4)).unwrap();
     let csv = ds.join("slice_labels.csv");
     std::fs::write(
         &csv,

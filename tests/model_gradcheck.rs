@@ -3,8 +3,8 @@
 //! every trainable tensor, and stage 2's fc gradients with the backbone frozen.
 
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::model::prng::Rng;
 use ichcam::model::{BlockKind, Group, IchNet, ModelConfig, ParamKind};
+use ichcam::rng::Rng;
 
 fn cfg(block: BlockKind, layers: Vec<usize>, base: usize, lstm_layers: usize) -> ModelConfig {
     ModelConfig {
@@ -31,7 +31,7 @@ fn perturb_params(net: &mut IchNet<CpuBackend<f64>>, rng: &mut Rng) {
         let p = net.params().get(&name).unwrap();
         if p.kind == ParamKind::Trainable && p.shape.len() == 1 {
             let n = p.numel();
-            let v: Vec<f64> = (0..n).map(|_| rng.uniform_in(-0.5, 1.5)).collect();
+            let v: Vec<f64> = (0..n).map(|_| rng.range(-0.5, 1.5)).collect();
             net.set_param(&name, &v).unwrap();
         }
     }

@@ -2,31 +2,20 @@
 //! densities and shapes, for 6/18/26-connectivity and several slab counts; plus the
 //! component filter.
 
-use ichcam::seg::ccl::{
+mod common;
+use common::rng::SplitMix64;
+
+use ichcam::engine::cpu::ccl::{
     connected_components, connected_components_reusing, connected_components_slabs,
-    filter_components, ComponentFilter, Connectivity,
 };
+use ichcam::engine::Connectivity;
+use ichcam::seg::ccl::{filter_components, ComponentFilter};
 use ndarray::Array3;
 use std::collections::{HashMap, VecDeque};
 
-/// SplitMix64: a small deterministic generator for the test volumes.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 fn random_mask(shape: (usize, usize, usize), density: f64, seed: u64) -> Array3<u8> {
-    let mut r = Rng(seed);
-    Array3::from_shape_fn(shape, |_| u8::from(r.unit() < density))
+    let mut r = SplitMix64(seed);
+    Array3::from_shape_fn(shape, |_| u8::from(r.unit_f64() < density))
 }
 
 /// Flood fill with a queue; labels in raster order of the first voxel.

@@ -1,7 +1,7 @@
 //! The on-the-fly augmentation: deterministic for a seed, identities where they should be,
 //! flips invertible, shifts exact, rotations bilinear about the centre, intensity in range.
 
-use ichcam::data::rng::Rng;
+use ichcam::rng::Rng;
 use ichcam::train::augment::{flip_h, flip_v, AugmentConfig, Transform};
 
 fn random_image(planes: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {

@@ -4,6 +4,7 @@
 //! of the `tiny` preset on synthetic phantoms.
 
 use ichcam::data::synth::{phantom, plan_positive, SynthConfig};
+use ichcam::engine::Device;
 use ichcam::model::{BlockKind, ModelConfig, OptimizerConfig};
 use ichcam::train::{
     train, AugmentConfig, TrainCase, TrainConfig, TrainError, TrainInput, TrainOptions,
@@ -112,7 +113,6 @@ fn max_abs_diff(a: &[u8], b: &[u8]) -> f32 {
 fn opts(seed: u64) -> TrainOptions {
     TrainOptions {
         seed,
-        device: "cpu".into(),
         ..TrainOptions::default()
     }
 }
@@ -124,7 +124,14 @@ fn resumed_run_matches_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
 
     let full = dir.path().join("full.safetensors");
-    let r = train(TrainInput::Cases(cases.clone()), &full, &cfg, &opts(3)).unwrap();
+    let r = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &full,
+        &cfg,
+        &opts(3),
+    )
+    .unwrap();
     assert!(r.finished && r.resumed_from.is_none());
     assert_eq!(r.log.epochs.len(), 3);
     assert_eq!((r.train_cases, r.val_cases), (4, 2));
@@ -144,10 +151,24 @@ fn resumed_run_matches_uninterrupted_run() {
             stop_after_epochs: Some(stop),
             ..opts(3)
         };
-        let r1 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &o).unwrap();
+        let r1 = train(
+            &Device::cpu(),
+            TrainInput::Cases(cases.clone()),
+            &part,
+            &cfg,
+            &o,
+        )
+        .unwrap();
         assert!(!r1.finished);
         assert_eq!(r1.log.epochs.len(), stop);
-        let r2 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &opts(3)).unwrap();
+        let r2 = train(
+            &Device::cpu(),
+            TrainInput::Cases(cases.clone()),
+            &part,
+            &cfg,
+            &opts(3),
+        )
+        .unwrap();
         assert_eq!(r2.resumed_from, Some((1, stop)));
         assert!(r2.finished);
         // The log continues where it stopped: epochs 1, 2 of stage 1 then 1 of stage 2.
@@ -178,19 +199,40 @@ fn resumed_run_matches_uninterrupted_run() {
             );
         }
         // A finished run called again does nothing more.
-        let r3 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &opts(3)).unwrap();
+        let r3 = train(
+            &Device::cpu(),
+            TrainInput::Cases(cases.clone()),
+            &part,
+            &cfg,
+            &opts(3),
+        )
+        .unwrap();
         assert!(r3.finished && r3.log.epochs.len() == 3);
     }
 
     // Raising the epoch count continues a finished run rather than refusing it.
     let mut longer = cfg.clone();
     longer.stage2_epochs = 2;
-    let r4 = train(TrainInput::Cases(cases.clone()), &full, &longer, &opts(3)).unwrap();
+    let r4 = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &full,
+        &longer,
+        &opts(3),
+    )
+    .unwrap();
     assert_eq!(r4.resumed_from, Some((2, 1)));
     assert_eq!(r4.log.epochs.len(), 4);
     // ...but stage 1 cannot be extended once stage 2 has fitted the fc to its backbone.
     longer.epochs = 3;
-    let e = train(TrainInput::Cases(cases.clone()), &full, &longer, &opts(3)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &full,
+        &longer,
+        &opts(3),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("stage 1 cannot be extended"), "{e}");
 }
 
@@ -203,12 +245,26 @@ fn mismatched_config_or_seed_refuses_to_resume() {
     cfg.val_fraction = 0.25;
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.safetensors");
-    train(TrainInput::Cases(cases.clone()), &m, &cfg, &opts(1)).unwrap();
+    train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &m,
+        &cfg,
+        &opts(1),
+    )
+    .unwrap();
 
     let mut other = cfg.clone();
     other.size = 48;
     other.epochs = 2;
-    let e = train(TrainInput::Cases(cases.clone()), &m, &other, &opts(1)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &m,
+        &other,
+        &opts(1),
+    )
+    .unwrap_err();
     assert!(matches!(e, TrainError::ResumeMismatch { .. }), "{e}");
     let msg = e.to_string();
     assert!(
@@ -218,11 +274,19 @@ fn mismatched_config_or_seed_refuses_to_resume() {
 
     let mut more = cfg.clone();
     more.epochs = 2;
-    let e = train(TrainInput::Cases(cases.clone()), &m, &more, &opts(2)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &m,
+        &more,
+        &opts(2),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("seed"), "{e}");
 
     // Other cases than the interrupted run's.
     let e = train(
+        &Device::cpu(),
         TrainInput::Cases(phantoms(4, 32, 8, 6)[..3].to_vec()),
         &m,
         &more,
@@ -236,7 +300,7 @@ fn mismatched_config_or_seed_refuses_to_resume() {
         resume: false,
         ..opts(1)
     };
-    let r = train(TrainInput::Cases(cases), &m, &other, &fresh).unwrap();
+    let r = train(&Device::cpu(), TrainInput::Cases(cases), &m, &other, &fresh).unwrap();
     assert!(r.resumed_from.is_none() && r.finished && r.log.epochs.len() == 2);
 }
 
@@ -245,13 +309,21 @@ fn bad_inputs_are_errors() {
     let cfg = micro_config();
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.safetensors");
-    let e = train(TrainInput::Cases(Vec::new()), &m, &cfg, &opts(0)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(Vec::new()),
+        &m,
+        &cfg,
+        &opts(0),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("no training cases"), "{e}");
     let mut c = phantoms(2, 32, 6, 1);
     c[0].labels.pop();
-    let e = train(TrainInput::Cases(c), &m, &cfg, &opts(0)).unwrap_err();
+    let e = train(&Device::cpu(), TrainInput::Cases(c), &m, &cfg, &opts(0)).unwrap_err();
     assert!(e.to_string().contains("slice labels"), "{e}");
     let e = train(
+        &Device::cpu(),
         TrainInput::Dir(&dir.path().join("nope")),
         &m,
         &cfg,
@@ -261,11 +333,25 @@ fn bad_inputs_are_errors() {
     assert!(matches!(e, TrainError::Data(_)), "{e}");
     let mut bad = cfg.clone();
     bad.seq_stride = 0;
-    let e = train(TrainInput::Cases(phantoms(2, 32, 6, 1)), &m, &bad, &opts(0)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(phantoms(2, 32, 6, 1)),
+        &m,
+        &bad,
+        &opts(0),
+    )
+    .unwrap_err();
     assert!(matches!(e, TrainError::Config(_)), "{e}");
     // A garbage "checkpoint" beside the model is reported, not a panic.
     std::fs::write(dir.path().join("m.last.safetensors"), b"not a checkpoint").unwrap();
-    let e = train(TrainInput::Cases(phantoms(2, 32, 6, 1)), &m, &cfg, &opts(0)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(phantoms(2, 32, 6, 1)),
+        &m,
+        &cfg,
+        &opts(0),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("m.last.safetensors"), "{e}");
     assert!(!m.exists());
 }
@@ -329,7 +415,7 @@ fn tiny_preset_on_phantoms() {
         progress: true,
         ..opts(env("ICHCAM_SEED").unwrap_or(0))
     };
-    let r = train(TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
+    let r = train(&Device::cpu(), TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
     eprintln!(
         "tiny: {:.1}s, best AUC stage 1 {:?}, stage 2 {:?}",
         r.seconds, r.best_auc_stage1, r.best_auc_stage2
@@ -434,10 +520,10 @@ fn model_records_how_it_was_trained() {
         data_name: Some("phantoms-x".into()),
         ..opts(5)
     };
-    train(TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
+    train(&Device::cpu(), TrainInput::Cases(cases), &m, &cfg, &o).unwrap();
     let meta = ichcam::train::checkpoint::read_metadata(&m).unwrap();
-    let p: ichcam::train::checkpoint::Provenance =
-        serde_json::from_str(&meta[ichcam::train::checkpoint::META_PROVENANCE]).unwrap();
+    let p: ichcam::model::Provenance =
+        serde_json::from_str(&meta[ichcam::model::meta::META_PROVENANCE]).unwrap();
     assert_eq!(p.preset, cfg.name);
     assert_eq!(p.data.as_deref(), Some("phantoms-x"));
     assert_eq!(p.train_volumes + p.val_volumes, 6);
@@ -446,7 +532,7 @@ fn model_records_how_it_was_trained() {
     // YYYY-MM-DDTHH:MM:SSZ
     assert_eq!(p.started.len(), 20);
     assert!(p.started.starts_with("20") && p.started.ends_with('Z'));
-    assert!(meta.contains_key(ichcam::train::checkpoint::META_INPUT));
+    assert!(meta.contains_key(ichcam::model::meta::META_INPUT));
 }
 
 #[test]
@@ -455,7 +541,14 @@ fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
     let cfg = micro_unet_config();
     let dir = tempfile::tempdir().unwrap();
     let full = dir.path().join("full.safetensors");
-    let r = train(TrainInput::Cases(cases.clone()), &full, &cfg, &opts(4)).unwrap();
+    let r = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &full,
+        &cfg,
+        &opts(4),
+    )
+    .unwrap();
     assert!(r.finished && r.unet_epochs == 2, "{r:?}");
     let ps = r.pseudo.unwrap();
     assert!(ps.positive > 0 && ps.negative > ps.positive, "{ps:?}");
@@ -488,11 +581,25 @@ fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
         stop_after_epochs: Some(3),
         ..opts(4)
     };
-    let r1 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &o).unwrap();
+    let r1 = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &part,
+        &cfg,
+        &o,
+    )
+    .unwrap();
     assert!(!r1.finished && r1.unet_epochs == 1);
     let resume = tensors(&dir.path().join("part.last.safetensors"));
     assert!(resume.keys().any(|k| k.starts_with("unet.opt.")));
-    let r2 = train(TrainInput::Cases(cases.clone()), &part, &cfg, &opts(4)).unwrap();
+    let r2 = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &part,
+        &cfg,
+        &opts(4),
+    )
+    .unwrap();
     assert!(r2.finished && r2.unet_epochs == 2);
     for (a, b) in r.log.epochs.iter().zip(&r2.log.epochs) {
         let d = (a.train_loss - b.train_loss).abs();
@@ -514,18 +621,39 @@ fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
     // Once stage 3 has started, its config and stage 2 are fixed; more stage-3 epochs go on.
     let mut other = cfg.clone();
     other.unet.as_mut().unwrap().features = 4;
-    let e = train(TrainInput::Cases(cases.clone()), &part, &other, &opts(4)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &part,
+        &other,
+        &opts(4),
+    )
+    .unwrap_err();
     assert!(
         e.to_string().contains("U-Net config") && e.to_string().contains("features"),
         "{e}"
     );
     let mut none = cfg.clone();
     none.unet = None;
-    let e = train(TrainInput::Cases(cases.clone()), &part, &none, &opts(4)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &part,
+        &none,
+        &opts(4),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("stage 3"), "{e}");
     let mut longer = cfg.clone();
     longer.unet.as_mut().unwrap().epochs = 3;
-    let r3 = train(TrainInput::Cases(cases.clone()), &part, &longer, &opts(4)).unwrap();
+    let r3 = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &part,
+        &longer,
+        &opts(4),
+    )
+    .unwrap();
     assert_eq!(r3.unet_epochs, 3);
     assert_eq!(r3.log.epochs.len(), 5);
 
@@ -533,7 +661,14 @@ fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
     let two = dir.path().join("two.safetensors");
     let mut c2 = cfg.clone();
     c2.unet = None;
-    let r = train(TrainInput::Cases(cases.clone()), &two, &c2, &opts(4)).unwrap();
+    let r = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &two,
+        &c2,
+        &opts(4),
+    )
+    .unwrap();
     assert!(r.finished && r.unet_epochs == 0);
     assert!(!tensors(&two).keys().any(|k| k.starts_with("unet.")));
     // Stage 3 alone on that finished two-stage model file (no resume checkpoint): the
@@ -543,7 +678,14 @@ fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
         stage3_from: Some(two.clone()),
         ..opts(seed)
     };
-    let r = train(TrainInput::Cases(cases.clone()), &three, &cfg, &from(4)).unwrap();
+    let r = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &three,
+        &cfg,
+        &from(4),
+    )
+    .unwrap();
     assert!(r.finished && r.unet_epochs == 2, "{r:?}");
     let stages: Vec<u8> = r.log.epochs.iter().map(|e| e.stage).collect();
     assert_eq!(stages, [3, 3]);
@@ -556,14 +698,42 @@ fn stage3_trains_saves_and_resumes_like_an_uninterrupted_run() {
     let other = dir.path().join("other.safetensors");
     let mut c3 = cfg.clone();
     c3.model.base_width = 6;
-    let e = train(TrainInput::Cases(cases.clone()), &other, &c3, &from(4)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &other,
+        &c3,
+        &from(4),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("another config"), "{e}");
-    let e = train(TrainInput::Cases(cases.clone()), &other, &cfg, &from(5)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &other,
+        &cfg,
+        &from(5),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("seed"), "{e}");
-    let e = train(TrainInput::Cases(cases.clone()), &other, &c2, &from(4)).unwrap_err();
+    let e = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &other,
+        &c2,
+        &from(4),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("no stage 3"), "{e}");
 
-    let r = train(TrainInput::Cases(cases), &two, &cfg, &opts(4)).unwrap();
+    let r = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases),
+        &two,
+        &cfg,
+        &opts(4),
+    )
+    .unwrap();
     assert!(r.finished && r.unet_epochs == 2);
     assert!(tensors(&two).keys().any(|k| k.starts_with("unet.")));
 }
@@ -576,12 +746,19 @@ fn stage3_without_any_pseudo_mask_is_skipped_and_the_run_finishes() {
     cfg.unet.as_mut().unwrap().refine.min_blood_hu = 5000.0;
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.safetensors");
-    let r = train(TrainInput::Cases(cases.clone()), &m, &cfg, &opts(4)).unwrap();
+    let r = train(
+        &Device::cpu(),
+        TrainInput::Cases(cases.clone()),
+        &m,
+        &cfg,
+        &opts(4),
+    )
+    .unwrap();
     assert!(r.finished && r.unet_skipped && r.unet_epochs == 0, "{r:?}");
     assert_eq!(r.pseudo.unwrap().positive, 0);
     assert!(!tensors(&m).keys().any(|k| k.starts_with("unet.")));
     // Run again: nothing left to do, no error.
-    let r = train(TrainInput::Cases(cases), &m, &cfg, &opts(4)).unwrap();
+    let r = train(&Device::cpu(), TrainInput::Cases(cases), &m, &cfg, &opts(4)).unwrap();
     assert!(r.finished && r.unet_skipped);
 }
 

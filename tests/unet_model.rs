@@ -6,9 +6,9 @@
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::model::checkpoint::{self, SaveOptions};
-use ichcam::model::prng::Rng;
 use ichcam::model::unet::{self, UNet, UNetConfig};
 use ichcam::model::{IchNet, ModelConfig, ModelError, OptimizerConfig};
+use ichcam::rng::Rng;
 
 type B64 = CpuBackend<f64>;
 
@@ -30,7 +30,7 @@ fn randn(rng: &mut Rng, n: usize) -> Vec<f64> {
 }
 
 fn mask(rng: &mut Rng, n: usize, p: f64) -> Vec<f64> {
-    (0..n).map(|_| (rng.uniform() < p) as u8 as f64).collect()
+    (0..n).map(|_| (rng.f64() < p) as u8 as f64).collect()
 }
 
 /// Non-trivial batch-norm affine parameters (as the PyTorch fixtures use).
@@ -43,7 +43,7 @@ fn perturb(net: &mut UNet<B64>, rng: &mut Rng) {
             } else {
                 (-0.5, 0.5)
             };
-            let v: Vec<f64> = (0..n).map(|_| rng.uniform_in(lo, hi)).collect();
+            let v: Vec<f64> = (0..n).map(|_| rng.range(lo, hi)).collect();
             net.set_param(&s.name, &v).unwrap();
         }
     }

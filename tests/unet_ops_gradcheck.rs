@@ -5,57 +5,13 @@
 //! by finite differences (and the Dice against its formula); f32 against f64; bad lengths
 //! and slices as `Err`, never a panic.
 
+mod common;
+use common::rng::SplitMix64;
+
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::{Backend, ChannelCopy, SoftDice, UpConv2d};
 
 type B = CpuBackend<f64>;
-
-/// splitmix64 with a per-run seed (printed), so every run checks fresh inputs and a failure
-/// can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn fresh(name: &str) -> Self {
-        let s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(7)
-            ^ (name.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        println!("{name}: seed {s:#x}");
-        Rng(s)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
-    }
-    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-    /// In [-1, 1) but at least `gap` away from 0 (ReLU kinks out of the step's reach).
-    fn vec_off_zero(&mut self, n: usize, gap: f64) -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let v = self.uniform(gap, 1.0);
-                if self.next_u64() & 1 == 0 {
-                    v
-                } else {
-                    -v
-                }
-            })
-            .collect()
-    }
-    fn mask(&mut self, n: usize, p: f64) -> Vec<f64> {
-        (0..n)
-            .map(|_| (self.uniform(0.0, 1.0) < p) as u8 as f64)
-            .collect()
-    }
-}
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -122,7 +78,7 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn bias_add_relu_and_its_gradient() {
     let be = B::new();
-    let mut rng = Rng::fresh("bias");
+    let mut rng = SplitMix64::fresh("bias");
     for (n, c, hw) in [(2usize, 3usize, 7usize), (1, 5, 40_000), (3, 1, 1)] {
         let mut z = rng.vec_off_zero(n * c * hw, 0.05);
         // Some value of every channel passes the ReLU (else the gradient is identically 0).
@@ -229,7 +185,7 @@ fn upconv_cases() -> Vec<UpConv2d> {
 #[test]
 fn upconv_forward_matches_naive_loops_and_leaves_other_channels() {
     let be = B::new();
-    let mut rng = Rng::fresh("upconv fwd");
+    let mut rng = SplitMix64::fresh("upconv fwd");
     for s in upconv_cases().into_iter().chain([
         up(4, 32, 16, 16, 16, 2, 32, 0),
         up(1, 64, 16, 20, 32, 2, 64, 32),
@@ -250,7 +206,7 @@ fn upconv_forward_matches_naive_loops_and_leaves_other_channels() {
 #[test]
 fn upconv_gradients_match_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::fresh("upconv bwd");
+    let mut rng = SplitMix64::fresh("upconv bwd");
     for s in upconv_cases() {
         let x = rng.vec(s.x_len(), -1.0, 1.0);
         let w = rng.vec(s.w_len(), -1.0, 1.0);
@@ -287,7 +243,7 @@ fn upconv_equals_the_data_gradient_of_a_strided_conv() {
     // the existing conv2d_bwd_data (plus the bias), a cross-check of both ops.
     use ichcam::engine::Conv2d;
     let be = B::new();
-    let mut rng = Rng::fresh("upconv vs conv");
+    let mut rng = SplitMix64::fresh("upconv vs conv");
     for (n, ci, h, w, co, k) in [
         (2usize, 6usize, 5usize, 3usize, 4usize, 2usize),
         (1, 3, 4, 4, 2, 3),
@@ -321,7 +277,7 @@ fn upconv_equals_the_data_gradient_of_a_strided_conv() {
 #[test]
 fn copy_channels_writes_only_its_slice_and_its_accumulate_is_the_adjoint() {
     let be = B::new();
-    let mut rng = Rng::fresh("channels");
+    let mut rng = SplitMix64::fresh("channels");
     for s in [
         ChannelCopy {
             n: 2,
@@ -404,7 +360,7 @@ fn copy_channels_writes_only_its_slice_and_its_accumulate_is_the_adjoint() {
 #[test]
 fn sigmoid_values_and_gradient() {
     let be = B::new();
-    let mut rng = Rng::fresh("sigmoid");
+    let mut rng = SplitMix64::fresh("sigmoid");
     let x: Vec<f64> = rng
         .vec(200, -8.0, 8.0)
         .into_iter()
@@ -453,7 +409,7 @@ fn dice_formula(s: &SoftDice, p: &[f64], t: &[f64]) -> f64 {
 #[test]
 fn soft_dice_value_and_gradient() {
     let be = B::new();
-    let mut rng = Rng::fresh("dice");
+    let mut rng = SplitMix64::fresh("dice");
     for s in [
         SoftDice {
             n: 2,
@@ -509,7 +465,7 @@ fn soft_dice_value_and_gradient() {
 fn dice_after_sigmoid_chains_to_the_logits() {
     // The U-Net's output layer: loss(sigmoid(z)); dz = sigmoid_bwd(y, dice's dp).
     let be = B::new();
-    let mut rng = Rng::fresh("dice o sigmoid");
+    let mut rng = SplitMix64::fresh("dice o sigmoid");
     let s = SoftDice {
         n: 2,
         c: 2,
@@ -536,7 +492,7 @@ fn dice_after_sigmoid_chains_to_the_logits() {
 
 #[test]
 fn f32_agrees_with_f64() {
-    let mut rng = Rng::fresh("f32");
+    let mut rng = SplitMix64::fresh("f32");
     let (b32, b64) = (CpuBackend::<f32>::new(), B::new());
     let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
     let rel = |a: &[f32], b: &[f64]| {

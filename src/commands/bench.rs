@@ -13,9 +13,6 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::device::{pick_device, DeviceChoice};
-use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
 use ichcam::model::{BlockKind, CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
@@ -180,19 +177,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{j}");
         return Ok(());
     }
-    match pick_device(&args.device).context("choosing the device")? {
-        DeviceChoice::Cpu { reason } => {
-            if let Some(r) = reason {
-                eprintln!("bench: running on the CPU: {r}");
-            }
-            bench(CpuBackend::<f32>::new(), &p, &args)
-        }
-        DeviceChoice::Cuda(d) => bench(
-            CudaBackend::new(d.ordinal).context("opening the GPU")?,
-            &p,
-            &args,
-        ),
-    }
+    let device = super::open_device(&args.device, false)?;
+    ichcam::on_device!(device, be => bench(be, &p, &args))
 }
 
 fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyhow::Result<()> {
@@ -286,7 +272,9 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 let sync = || -> anyhow::Result<()> { Ok(cell.borrow().backend().synchronize()?) };
                 time(&sync, args.warmup, args.iters, || {
                     let mut n_ = cell.borrow_mut();
-                    let _out = n_.stage2_infer_device(&xb, n, size, size, CamKind::Vanilla)?;
+                    // The CAM upsampled and normalised at the input size, as the baselines.
+                    let out = n_.stage2_infer_device(&xb, n, size, size, CamKind::Vanilla)?;
+                    let _maps = n_.cam_to_input(&out, n, size, size)?;
                     Ok(())
                 })?
             };

@@ -6,7 +6,7 @@
 use anyhow::Context;
 use ichcam::data::split_patients;
 use ichcam::data::synth::{self, SynthConfig};
-use ichcam::infer::SegmentOptions;
+use ichcam::infer::{expand_inputs, segment_all, SegmentOptions, Segmenter};
 use ichcam::train::{train, TrainConfig, TrainInput, TrainOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ pub struct Args {
     /// Stage-1 epochs (default: the tiny preset's).
     #[arg(long)]
     epochs: Option<usize>,
-    /// auto, cpu or cuda.
+    /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
     /// Fewer messages.
@@ -78,6 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.volumes >= 4,
         "--volumes must be at least 4 (train, validation and test need cases)"
     );
+    let device = super::open_device(&a.device, a.quiet)?;
     let data = a.out.join("data");
     let cfg = SynthConfig {
         size: 256,
@@ -121,29 +122,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         resume: false,
         stop_after_epochs: None,
         progress,
-        device: a.device.clone(),
         data_name: Some("phantoms".into()),
         stage2_from: None,
         stage3_from: None,
     };
     let t_train = Instant::now();
-    let rep = train(TrainInput::Dir(&train_dir), &model, &tcfg, &topts).context("training")?;
+    let rep =
+        train(&device, TrainInput::Dir(&train_dir), &model, &tcfg, &topts).context("training")?;
     let train_s = t_train.elapsed().as_secs_f64();
 
     eprintln!("[3/4] segmenting {} held-out volumes", test_ids.len());
     let pred = a.out.join("pred");
     let t_seg = Instant::now();
-    let seg = super::segment::segment_on_device(
-        &a.device,
-        &model,
-        &[test_dir.join("images")],
-        &pred,
-        SegmentOptions::default(),
-        progress,
-    )?;
+    let items = expand_inputs(&[test_dir.join("images")])?;
+    let seg = ichcam::on_device!(device, be => {
+        let mut s = Segmenter::load(be, &model, SegmentOptions::default())
+            .with_context(|| format!("loading the model {}", model.display()))?;
+        segment_all(&mut s, &items, &pred, progress)
+    });
     let seg_s = t_seg.elapsed().as_secs_f64();
     if !seg.failed.is_empty() {
-        super::segment::print_report(&seg);
+        for (id, e) in &seg.failed {
+            eprintln!("failed: {id}: {e}");
+        }
         anyhow::bail!("{} volume(s) failed to segment", seg.failed.len());
     }
 

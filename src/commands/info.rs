@@ -2,8 +2,9 @@
 //! targets), whether the CUDA driver and NVRTC load, the GPUs (saying so when the driver is
 //! the project's CPU emulator, emu/), and what `--device auto` picks.
 
-use ichcam::engine::cuda::device::{self, DeviceChoice};
+use ichcam::engine::cuda::device;
 use ichcam::engine::cuda::module;
+use ichcam::engine::Device;
 use std::io::Write;
 
 /// Appends a formatted line to a String (the report is printed in one write).
@@ -80,15 +81,16 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         }
         Err(e) => outln!(out, "gpus: none ({})", device::reason_line(&e)),
     }
-    match device::pick_device("auto") {
-        Ok(DeviceChoice::Cuda(d)) => outln!(out, "--device auto: cuda:{} ({})", d.ordinal, d.name),
-        Ok(DeviceChoice::Cpu { reason }) => {
-            outln!(
-                out,
-                "--device auto: cpu: {}",
-                reason.unwrap_or_else(|| "asked for".into())
-            )
+    match Device::open("auto") {
+        Ok(Device::Cuda(be)) => {
+            let d = be.info();
+            outln!(out, "--device auto: cuda:{} ({})", d.ordinal, d.name)
         }
+        Ok(Device::Cpu { fallback, .. }) => outln!(
+            out,
+            "--device auto: cpu: {}",
+            fallback.unwrap_or_else(|| "asked for".into())
+        ),
         Err(e) => outln!(out, "--device auto: cpu: {}", device::reason_line(&e)),
     }
     // A closed pipe (`ichcam info | head -1`) is not an error worth a panic.

@@ -9,3 +9,13 @@ pub mod parity;
 pub mod segment;
 pub mod synth;
 pub mod train;
+
+/// Resolves `--device` once ([`ichcam::engine::Device::open`]) and prints its fallback line
+/// (`device auto: using the CPU (...)`) unless `quiet`.
+pub fn open_device(spec: &str, quiet: bool) -> anyhow::Result<ichcam::engine::Device> {
+    let device = ichcam::engine::Device::open(spec)?;
+    if let (Some(note), false) = (device.fallback_note(), quiet) {
+        eprintln!("{note}");
+    }
+    Ok(device)
+}

@@ -5,10 +5,9 @@
 //! non-zero unless all are within the tolerance (f64: 1e-9, f32: 1e-4 unless `--tol` says
 //! otherwise).
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::CudaBackend;
-use ichcam::engine::Backend;
+use ichcam::engine::{Backend, Device};
 use ichcam::model::parity::{self, AnyFixture, ParityReport};
 use std::path::PathBuf;
 
@@ -17,7 +16,7 @@ pub struct Args {
     /// A fixture written by tests/fixtures/torch-parity/make_fixtures.py or
     /// tests/fixtures/unet-parity/make_unet_fixtures.py.
     pub file: PathBuf,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Element type of the engine: f64 or f32 (CUDA: f32 only). Default: f64 on the CPU,
@@ -44,31 +43,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let fx = AnyFixture::load(&args.file)?;
-    let device = args.device.trim().to_ascii_lowercase();
-    let report = if device == "cpu" {
-        match args.dtype.as_deref().unwrap_or("f64") {
+    let report = match super::open_device(&args.device, false)? {
+        Device::Cpu { .. } => match args.dtype.as_deref().unwrap_or("f64") {
             "f64" => run_on(CpuBackend::<f64>::new(), &fx, args.tol)?,
             "f32" => run_on(CpuBackend::<f32>::new(), &fx, args.tol)?,
             d => bail!("unknown --dtype `{d}`: use f64 or f32"),
-        }
-    } else if device == "cuda" || device.starts_with("cuda:") {
-        let ordinal = match device.strip_prefix("cuda:") {
-            None => 0,
-            Some(n) => n
-                .parse::<usize>()
-                .with_context(|| format!("bad device `{device}`: use cuda or cuda:N"))?,
-        };
-        match args.dtype.as_deref().unwrap_or("f32") {
-            "f32" => {}
+        },
+        Device::Cuda(be) => match args.dtype.as_deref().unwrap_or("f32") {
+            "f32" => run_on(be, &fx, args.tol)?,
             d => bail!("the CUDA backend runs in f32 only (got --dtype {d})"),
-        }
-        let be = CudaBackend::new(ordinal).context("opening the CUDA device")?;
-        run_on(be, &fx, args.tol)?
-    } else {
-        bail!(
-            "unknown --device `{}`: use cpu, cuda or cuda:N",
-            args.device
-        );
+        },
     };
     match &fx {
         AnyFixture::ResNetLstm(f) => {

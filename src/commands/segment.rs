@@ -2,8 +2,6 @@
 //! trained model. Keeps going past a bad volume and exits non-zero at the end if any failed.
 
 use anyhow::Context;
-use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::{pick_device, CudaBackend, DeviceChoice};
 use ichcam::infer::{
     expand_inputs, segment_all, BatchReport, Fuse, RefineOnBackend, SegmentOptions, Segmenter,
     SliceClassifier,
@@ -35,8 +33,8 @@ pub struct Args {
     /// default, slice AUC 0.84 vs 0.83 and pooled slice Dice 0.175 vs 0.154 in 5-fold CV on
     /// ct-ich, docs/accuracy.md) or stage2 (the single-slice fc head, the authors' test-time
     /// net). The CAM always comes from the stage-2 head.
-    #[arg(long, default_value = "stage1")]
-    classifier: String,
+    #[arg(long)]
+    classifier: Option<String>,
     /// A slice is positive when its probability reaches this (default: the threshold the
     /// training calibrated on its validation slices, stored in the model; else 0.5).
     #[arg(long)]
@@ -91,7 +89,7 @@ pub struct Args {
     #[arg(long)]
     connectivity: Option<u32>,
     /// Slices per forward pass.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = ct().batch_slices)]
     batch_slices: usize,
     /// Refinement: ours (the default) or authors (SWICH-Seg's code literally: Grad-CAM with
     /// ReLU, k-means on the whole slice of CAM x subdural window, the brightest cluster with
@@ -135,15 +133,14 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
         other => anyhow::bail!("unknown --cam `{other}` (expected vanilla or gradcam)"),
     };
     // The defaults are the library's real-CT ones; every flag overrides one of them.
-    let mut o = SegmentOptions {
-        cam,
-        ..SegmentOptions::real_ct()
-    };
-    o.classifier = match a.classifier.to_ascii_lowercase().as_str() {
-        "stage2" => SliceClassifier::Stage2,
-        "stage1" => SliceClassifier::Stage1,
-        other => anyhow::bail!("unknown --classifier `{other}` (expected stage2 or stage1)"),
-    };
+    let mut o = SegmentOptions { cam, ..ct() };
+    if let Some(c) = &a.classifier {
+        o.classifier = match c.to_ascii_lowercase().as_str() {
+            "stage2" => SliceClassifier::Stage2,
+            "stage1" => SliceClassifier::Stage1,
+            other => anyhow::bail!("unknown --classifier `{other}` (expected stage2 or stage1)"),
+        };
+    }
     let unit = |v: Option<f32>, name: &str| -> anyhow::Result<()> {
         if let Some(v) = v {
             anyhow::ensure!((0.0..=1.0).contains(&v), "--{name} must be in [0, 1]");
@@ -247,6 +244,12 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     Ok(o)
 }
 
+/// The defaults of `ichcam segment` (its options start from them; see
+/// [`SegmentOptions::real_ct`]).
+fn ct() -> SegmentOptions {
+    SegmentOptions::real_ct()
+}
+
 /// Segments with an already chosen backend and prints the report.
 pub fn run_with<B: RefineOnBackend>(
     backend: B,
@@ -277,33 +280,6 @@ pub fn run_with<B: RefineOnBackend>(
     Ok(report)
 }
 
-/// Picks the backend from `--device` and segments.
-pub fn segment_on_device(
-    device: &str,
-    model: &Path,
-    inputs: &[PathBuf],
-    out: &Path,
-    opts: SegmentOptions,
-    progress: bool,
-) -> anyhow::Result<BatchReport> {
-    match pick_device(device)? {
-        DeviceChoice::Cpu { reason } => {
-            if let (Some(r), true) = (reason, progress) {
-                eprintln!("device auto: using the CPU ({r})");
-            }
-            run_with(CpuBackend::<f32>::new(), model, inputs, out, opts, progress)
-        }
-        DeviceChoice::Cuda(info) => match CudaBackend::new(info.ordinal) {
-            Ok(be) => run_with(be, model, inputs, out, opts, progress),
-            Err(e) if device.trim().eq_ignore_ascii_case("auto") => {
-                eprintln!("device auto: using the CPU ({e})");
-                run_with(CpuBackend::<f32>::new(), model, inputs, out, opts, progress)
-            }
-            Err(e) => Err(e).context("starting the CUDA backend"),
-        },
-    }
-}
-
 pub fn print_report(report: &BatchReport) {
     println!(
         "{:<24} {:>10} {:>6} {:>9}",
@@ -332,7 +308,9 @@ pub fn print_report(report: &BatchReport) {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = options(&a)?;
-    let report = segment_on_device(&a.device, &a.model, &a.input, &a.out, opts, !a.quiet)?;
+    let device = super::open_device(&a.device, a.quiet)?;
+    let report =
+        ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &a.out, opts, !a.quiet))?;
     print_report(&report);
     if !report.failed.is_empty() {
         anyhow::bail!(

@@ -105,14 +105,10 @@ pub struct Args {
 }
 
 /// The preset to run and why (`--config auto` follows the device).
-fn choose_preset(config: &str, device: &str) -> anyhow::Result<(String, String)> {
+fn choose_preset(config: &str, gpu: bool) -> anyhow::Result<(String, String)> {
     if !config.eq_ignore_ascii_case("auto") {
         return Ok((config.to_string(), "chosen with --config".into()));
     }
-    let gpu = matches!(
-        ichcam::engine::cuda::pick_device(device)?,
-        ichcam::engine::cuda::DeviceChoice::Cuda(_)
-    );
     let name = config::default_preset_for(gpu);
     let why = if gpu {
         "the default on a GPU".to_string()
@@ -123,7 +119,8 @@ fn choose_preset(config: &str, device: &str) -> anyhow::Result<(String, String)>
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (preset, why) = choose_preset(&a.config, &a.device)?;
+    let device = super::open_device(&a.device, a.quiet)?;
+    let (preset, why) = choose_preset(&a.config, device.is_gpu())?;
     let mut cfg = TrainConfig::preset(&preset)?;
     if let Some(e) = a.epochs {
         cfg.epochs = e;
@@ -214,7 +211,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         resume: !a.fresh,
         stop_after_epochs: a.stop_after_epochs,
         progress: !a.quiet,
-        device: a.device.clone(),
         data_name: a
             .data
             .canonicalize()
@@ -297,6 +293,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         || format!("training `{}` on {} volumes", cfg.name, ds.cases.len()),
     )?;
     let report = train(
+        &device,
         TrainInput::Dataset {
             dataset: &ds,
             indices: None,

@@ -6,6 +6,7 @@
 use super::crop::{extract, head_box, CropBox};
 use super::resample::{resize_stack, ResizeMode};
 use super::window::{windows_n, Window};
+use super::DataError;
 use ndarray::{Array3, ArrayView3, Axis};
 
 /// The input's recipe.
@@ -64,6 +65,35 @@ impl InputSpec {
         }
     }
 
+    /// The model's input of a `[z, y, x]` HU volume ([`InputSpec::prepare`]), checked: an
+    /// empty volume, a recipe without windows and a non-finite value after windowing are
+    /// errors.
+    pub fn model_input(&self, hu: ArrayView3<f32>, size: usize) -> Result<ModelInput, DataError> {
+        let (d, h, w) = hu.dim();
+        if d == 0 || h == 0 || w == 0 {
+            return Err(DataError::Invalid(format!("empty volume {:?}", hu.dim())));
+        }
+        let channels = self.channels();
+        if channels == 0 {
+            return Err(DataError::Invalid(
+                "the input has no channel windows".into(),
+            ));
+        }
+        let (x, crop) = self.prepare(hu, size);
+        if let Some(bad) = x.iter().position(|v| !v.is_finite()) {
+            return Err(DataError::Invalid(format!(
+                "non-finite voxel after windowing (slice {})",
+                bad / (channels * size * size)
+            )));
+        }
+        Ok(ModelInput {
+            x,
+            depth: d,
+            channels,
+            crop,
+        })
+    }
+
     /// `[z, channels, size, size]` row-major, and the box it was cut from (`side` 0: the
     /// whole, possibly non-square, field resized). Area averaging when shrinking,
     /// bilinear when enlarging.
@@ -110,6 +140,16 @@ pub fn air_value(hu: ArrayView3<f32>) -> f32 {
     } else {
         -1000.0
     }
+}
+
+/// A volume as the model sees it: `x` is `[depth, channels, size, size]`, row-major.
+#[derive(Clone, Debug)]
+pub struct ModelInput {
+    pub x: Vec<f32>,
+    pub depth: usize,
+    pub channels: usize,
+    /// The box of the native slice the input was cut from (see [`InputSpec::prepare`]).
+    pub crop: CropBox,
 }
 
 #[cfg(test)]

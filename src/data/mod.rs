@@ -8,7 +8,6 @@ pub mod dataset;
 pub mod error;
 pub mod input;
 pub mod resample;
-pub mod rng;
 pub mod sequence;
 pub mod split;
 pub mod synth;
@@ -18,7 +17,7 @@ pub use dataset::{
     load_case, slice_labels_from_mask, summary, Case, Dataset, DatasetSummary, Layout, LoadedCase,
 };
 pub use error::DataError;
-pub use input::InputSpec;
+pub use input::{InputSpec, ModelInput};
 pub use resample::{
     resize_map_bilinear, resize_mask_nearest, resize_slice, resize_stack, resize_volume, ResizeMode,
 };

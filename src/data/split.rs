@@ -5,7 +5,7 @@
 
 use super::dataset::Dataset;
 use super::error::{DataError, Result};
-use super::rng::Rng;
+use crate::rng::Rng;
 use std::collections::BTreeMap;
 
 /// Indices of cases, ascending, on each side.
@@ -40,7 +40,7 @@ pub fn split_patients<S: AsRef<str>>(
     } else {
         0
     };
-    Rng::stream(seed, SPLIT_STREAM).shuffle(&mut keys);
+    Rng::derived(seed, SPLIT_STREAM).shuffle(&mut keys);
     let mut train = Vec::new();
     let mut val = Vec::new();
     for (k, key) in keys.iter().enumerate() {

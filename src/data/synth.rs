@@ -15,8 +15,8 @@
 
 use super::csv;
 use super::error::{DataError, Result};
-use super::rng::{derive_seed, Rng};
 use crate::io::{self, Mask, Volume};
+use crate::rng::{derive_seed, Rng};
 use ndarray::{Array3, Axis};
 use rayon::prelude::*;
 use std::f64::consts::{PI, TAU};
@@ -686,7 +686,7 @@ pub fn plan_positive(n: usize, seed: u64) -> Vec<bool> {
         n_neg = n_neg.clamp(1, n - 1);
     }
     let mut v: Vec<bool> = (0..n).map(|i| i >= n_neg).collect();
-    Rng::stream(seed, 0xB1EED).shuffle(&mut v);
+    Rng::derived(seed, 0xB1EED).shuffle(&mut v);
     v
 }
 
@@ -971,9 +971,9 @@ fn render(cfg: &SynthConfig, head: &Head, bleeds: &[Bleed], vseed: u64) -> Resul
             if !cfg.clean {
                 add_streaks(head, h, cfg, hu, tissue);
                 blur_slice(hu, n);
-                let mut rng = Rng::stream(vseed, 1 + z as u64);
+                let mut rng = Rng::derived(vseed, 1 + z as u64);
                 for v in hu.iter_mut() {
-                    let noisy = *v as f64 + head.noise_sigma * rng.normal();
+                    let noisy = *v as f64 + head.noise_sigma * rng.normal_fresh();
                     *v = noisy.round().clamp(-1024.0, 3071.0) as f32;
                 }
             }

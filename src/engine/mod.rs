@@ -1,16 +1,25 @@
-//! The op set of the ResNet-LSTM and U-Net topologies as one trait ([`Backend`]), with a CPU reference
-//! ([`cpu`]: generic over f32/f64, used for gradient checks and as the oracle) and a CUDA
-//! backend ([`cuda`]: NVRTC-compiled kernels driven through cudarc, f32).
+//! The op set of the ResNet-LSTM and U-Net topologies as one trait ([`Backend`]), and the
+//! volume ops a mask refinement is built from as another ([`VolumeOps`]: thresholds, window,
+//! box mean, k-means per segment, band, morphology, connected components), each with a CPU
+//! reference ([`cpu`]: generic over f32/f64, used for gradient checks and as the oracle) and
+//! a CUDA backend ([`cuda`]: NVRTC-compiled kernels driven through cudarc, f32); the shape
+//! descriptors and their checks ([`shapes`]); and where code runs ([`Device`]: `auto`,
+//! `cpu` or `cuda[:N]` resolved once).
 //!
-//! Nothing here knows about CT, files or the model's layer names: only shapes and buffers.
+//! Nothing here knows about CT, refinement rules, files or the model's layer names: only
+//! shapes, values, masks and buffers. It imports no other layer of the crate.
 
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod shapes;
+pub mod volume;
 
 pub use backend::Backend;
+pub use device::Device;
 pub use shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
+pub use volume::{Connectivity, Structuring, VolumeOps};
 
 use std::fmt::{Debug, Display};
 
@@ -57,6 +66,10 @@ impl Real for f64 {
 pub enum EngineError {
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
+    #[error("invalid parameter: {0}")]
+    Param(String),
+    #[error("volume too large for 32-bit labels: {0} voxels")]
+    TooLarge(usize),
     #[error("CUDA is not available: {0}")]
     NoCuda(String),
     #[error("out of GPU memory allocating {bytes} bytes: lower the batch size, the number of slices or the image size")]

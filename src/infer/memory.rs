@@ -25,11 +25,12 @@ pub const MAX_SEQUENCE_SLICES: usize = 1024;
 
 /// Bytes per native voxel of a volume's segmentation, whole or by slabs (the native arrays
 /// are whole-volume either way): the HU volume (4) and the normalised CAM (4) throughout;
-/// at the refinement's peak (the components) the CAM region and its grown level, the chosen
-/// clusters and their dilation (1 each) and the component labels (4): 16 with the final
-/// mask; the smoothed HU (4) lives only while the clusters are chosen. 24 leaves a margin
-/// for the union-find and the filter's tables: a 512x512x1000 volume peaked at 14 B/voxel
-/// resident (cpu preset, 2026-12-02), and segments under an 8 GB address-space limit.
+/// the refinement's buffers (`seg::refine_on`) at their peak: while the band is found the
+/// CAM region and its grown level (1 each) with the subdural values and their box mean
+/// (4 each), 10; at the components the band, its dilation (1 each) and the labels (4), 6,
+/// plus the labelling's run tables. 24 leaves a margin: a 512x512x1000 volume peaked at
+/// 14 B/voxel resident (cpu preset, 2026-12-02), and segments under an 8 GB address-space
+/// limit.
 pub const WHOLE_BYTES_PER_VOXEL: u128 = 24;
 /// More bytes per native voxel with a stage-3 U-Net: its map on the native grid (4) and,
 /// with `--fuse or`, the first mask while the second refinement runs (1).
@@ -37,8 +38,9 @@ pub const UNET_BYTES_PER_VOXEL: u128 = 5;
 /// Bytes per voxel while a volume's outputs are written: the HU volume, the CAM, the mask
 /// and a margin (plus 4 for the U-Net's map when there is one).
 pub const WRITE_BYTES_PER_VOXEL: u128 = 10;
-/// Slices windowed at a time while preparing the model's input (`InputSpec::prepare_in`),
-/// and slices upsampled at a time into the field (`seg::field::to_field`).
+/// Slices windowed at a time while preparing the model's input
+/// (`data::InputSpec::prepare_in`), and slices upsampled at a time into the field
+/// (`seg::field::to_field`).
 const PREP_CHUNK: u128 = 8;
 
 /// A model file's metadata within bounds, and one slice of its network within the budget.

@@ -21,18 +21,16 @@ use crate::engine::cpu::CpuBackend;
 use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
 use crate::io::{Mask, Volume};
+use crate::model::meta::{MetaError, META_INPUT, META_INPUT_SIZE};
 use crate::model::unet::{SecondHandle, UNet};
-use crate::model::{checkpoint, CamKind, IchNet};
+use crate::model::{checkpoint, CamKind, HeadPooling, IchNet, ModelMeta};
 use crate::seg::{RefineConfig, RefineOutput};
-use crate::train::checkpoint::{
-    META_HEAD_POOLING, META_INPUT, META_INPUT_SIZE, META_SLICES, META_SLICE_THRESHOLD,
-};
-use crate::train::config::HeadPooling;
 use ndarray::Array3;
 use std::path::Path;
 
-/// The refinement on the backend that holds the CAM: the CPU reference on the host, the
-/// device kernels on a GPU. Both take the HU volume and the normalised CAM `[z, y, x]`.
+/// The refinement ([`crate::seg::refine_on`], written once over the engine's volume ops) on
+/// the backend that holds the CAM: the CPU reference on the host, the device kernels on a
+/// GPU. Both take the HU volume (on the host) and the normalised CAM `[z, y, x]`.
 pub trait RefineOnBackend: Backend<T = f32> + SecondHandle {
     fn refine_buf(
         &self,
@@ -64,9 +62,13 @@ impl RefineOnBackend for CpuBackend<f32> {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
-        let cam = Array3::from_shape_vec(hu.dim(), cam_norm.clone())
-            .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
-        Ok(crate::seg::refine(hu, &cam, slice_positive, cfg)?)
+        Ok(crate::seg::refine_on(
+            self,
+            hu,
+            cam_norm.as_slice(),
+            slice_positive,
+            cfg,
+        )?)
     }
 
     fn refine_host(
@@ -88,27 +90,13 @@ impl RefineOnBackend for CudaBackend {
         slice_positive: &[bool],
         cfg: &RefineConfig,
     ) -> Result<RefineOutput, InferError> {
-        if cfg.mode == crate::seg::RefineMode::Authors || cfg.open_radius > 0 {
-            // The authors' literal pseudo-mask and the opening have no device version yet:
-            // the CPU reference on the downloaded CAM.
-            let cam = Array3::from_shape_vec(hu.dim(), self.download(cam_norm)?)
-                .map_err(|e| InferError::Input(format!("CAM shape: {e}")))?;
-            return Ok(crate::seg::refine(hu, &cam, slice_positive, cfg)?);
-        }
-        let host: Vec<f32> = hu.iter().copied().collect();
-        let hu_dev = self.upload(&host)?;
-        crate::engine::cuda::seg::refine_on_device(
+        Ok(crate::seg::refine_on(
             self,
-            &hu_dev,
+            hu,
             cam_norm,
-            hu.dim(),
             slice_positive,
             cfg,
-        )
-        .map_err(|e| match e {
-            crate::engine::cuda::seg::DeviceSegError::Engine(e) => InferError::Engine(e),
-            crate::engine::cuda::seg::DeviceSegError::Seg(e) => InferError::Seg(e),
-        })
+        )?)
     }
 }
 
@@ -303,43 +291,21 @@ impl<B: RefineOnBackend> Segmenter<B> {
     /// Loads a model written by `ichcam train` (it records the input size it was trained at).
     pub fn load(backend: B, model: &Path, opts: SegmentOptions) -> Result<Self, InferError> {
         let (net, loaded) = checkpoint::load(backend, model)?;
-        let get = |k: &str| -> Result<usize, InferError> {
-            loaded
-                .metadata
-                .get(k)
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|&v| v > 0)
-                .ok_or_else(|| InferError::ModelMetadata {
-                    path: model.to_path_buf(),
-                    detail: format!(
-                        "no `{k}` in the metadata: is this a model written by `ichcam train`?"
-                    ),
-                })
+        let bad = |e: MetaError| InferError::ModelMetadata {
+            path: model.to_path_buf(),
+            detail: e.to_string(),
         };
-        let size = get(META_INPUT_SIZE)?;
-        let slices = get(META_SLICES)?;
+        let meta = ModelMeta::read(&loaded.metadata).map_err(bad)?;
+        let (size, slices) = (meta.input_size, meta.slices);
         super::memory::check_model_metadata(model, net.cfg(), size, slices)?;
-        let calibrated = loaded
-            .metadata
-            .get(META_SLICE_THRESHOLD)
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|t| (0.0..=1.0).contains(t));
         // pos_weight > 1 only pushes the head's probabilities up, so the calibration may raise
         // the cut above 0.5 but never lowers it: a lower Youden cut comes from a small
         // validation set's gap and calls more slices positive on new volumes.
         let slice_threshold = opts
             .slice_threshold
-            .or(calibrated.map(|t| t.max(0.5)))
+            .or(meta.slice_threshold.map(|t| t.max(0.5)))
             .unwrap_or(0.5);
-        let input = match loaded.metadata.get(META_INPUT) {
-            None => InputSpec::default(),
-            Some(j) => {
-                serde_json::from_str::<InputSpec>(j).map_err(|e| InferError::ModelMetadata {
-                    path: model.to_path_buf(),
-                    detail: format!("unreadable `{META_INPUT}`: {e}"),
-                })?
-            }
-        };
+        let input: InputSpec = meta.input().map_err(bad)?.unwrap_or_default();
         if input.channels() != net.cfg().in_channels {
             return Err(InferError::ModelMetadata {
                 path: model.to_path_buf(),
@@ -350,15 +316,7 @@ impl<B: RefineOnBackend> Segmenter<B> {
                 ),
             });
         }
-        let pooling = match loaded.metadata.get(META_HEAD_POOLING) {
-            None => HeadPooling::Mean,
-            Some(j) => {
-                serde_json::from_str::<HeadPooling>(j).map_err(|e| InferError::ModelMetadata {
-                    path: model.to_path_buf(),
-                    detail: format!("unreadable `{META_HEAD_POOLING}`: {e}"),
-                })?
-            }
-        };
+        let pooling = meta.head_pooling;
         let fc_bias = net
             .param("fc.bias")?
             .first()

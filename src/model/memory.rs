@@ -182,16 +182,15 @@ pub fn backbone_activations(
 }
 
 /// Bytes of one stage-2 inference pass (`IchNet::stage2_infer_device`) on `n` slices of
-/// `size x size` with `elem`-byte scalars: the input, the backbone activations, the CAM
-/// (Grad-CAM's gradient maps included) and its upsampled and normalised copies.
+/// `size x size` with `elem`-byte scalars: the input, the backbone activations and the CAM
+/// at the features' resolution (Grad-CAM's gradient maps included).
 pub fn stage2_infer_bytes(cfg: &ModelConfig, n: usize, size: usize, elem: usize) -> Option<u128> {
     let (acts, (c, fh, fw)) = backbone_activations(cfg, n, size, size)?;
     let n = n as u128;
     let plane = mul(size as u128, size as u128)?;
     let input = mul(mul(n, cfg.in_channels as u128)?, plane)?;
     let cam = add(mul(n, mul(fh, fw)?)?, mul(mul(n, c)?, mul(fh, fw)?)?)?;
-    let up = mul(mul(2, n)?, plane)?;
-    let scalars = add(add(add(input, acts)?, cam)?, up)?;
+    let scalars = add(add(input, acts)?, cam)?;
     mul(scalars, elem as u128)
 }
 

@@ -1,20 +1,22 @@
 //! The ResNet-LSTM topology over any [`crate::engine::Backend`]: torchvision's ResNet
 //! (basic and bottleneck blocks), the stage-1 net (ResNet -> GAP -> LSTM -> 128-64-1 head per
 //! slice), the stage-2 net (ResNet -> GAP -> fc), the stage-3 U-Net ([`unet`]), parameters
-//! with PyTorch's names, and safetensors checkpoints. Nothing here knows about CT or files other than checkpoints.
+//! with PyTorch's names, safetensors checkpoints and the model file's own metadata
+//! ([`meta`]). Nothing here knows about CT or files other than checkpoints.
 
 pub mod checkpoint;
 pub mod config;
 pub mod memory;
+pub mod meta;
 pub mod net;
 pub mod optim;
 pub mod params;
 pub mod parity;
-pub mod prng;
 mod resnet;
 pub mod unet;
 
 pub use config::{BlockKind, ModelConfig};
+pub use meta::{HeadPooling, ModelMeta, Provenance};
 pub use net::{CamKind, FeatureMaps, IchNet, OptState, Stage1Step, Stage2DeviceOut, Stage2Out};
 pub use optim::OptimizerConfig;
 pub use params::{Group, ParamGroup, ParamKind};

@@ -2,7 +2,9 @@
 //! GAP -> LSTM (batch_first) -> Linear-ReLU-...-Linear(.., 1) per slice) and the stage-2
 //! network (the same ResNet -> GAP -> fc Linear(features, 1)) over one parameter store,
 //! with their forward and backward passes, the optimizer step, and the CAM / Grad-CAM path.
-//! Buffers of a given input shape are allocated once and reused while the shape stays.
+//! The backbone's and the sequence's activations (and their gradients when training) of a
+//! given input shape are allocated once and reused while the shape stays; the stage-2
+//! head's and the CAM's few small buffers are allocated per call.
 //! Knows nothing about CT, datasets or files.
 
 use super::config::ModelConfig;
@@ -45,13 +47,15 @@ pub struct Stage2Out {
     pub cam_norm: Vec<f64>,
 }
 
-/// Stage-2 inference with the results left on the backend (for the GPU segmentation path).
+/// Stage-2 inference with the results left on the backend: the logits and the CAM at the
+/// features' resolution (the segmentation brings it to the native grid itself).
 pub struct Stage2DeviceOut<B: Backend> {
+    /// `[n]` fc logits.
     pub logits: B::Buf,
+    /// Size (fh, fw) of the last block's feature maps.
     pub features_hw: (usize, usize),
+    /// `[n, fh, fw]`.
     pub cam: B::Buf,
-    pub cam_up: B::Buf,
-    pub cam_norm: B::Buf,
 }
 
 /// One tensor's optimizer state on the host.
@@ -718,7 +722,7 @@ impl<B: Backend> IchNet<B> {
     }
 
     /// Stage-2 inference (eval mode) on a device buffer `[n, c, h, w]`: fc logits and the
-    /// chosen CAM at feature resolution, upsampled to `h x w`, and min-max normalised.
+    /// chosen CAM at feature resolution.
     pub fn stage2_infer_device(
         &mut self,
         x: &B::Buf,
@@ -758,20 +762,34 @@ impl<B: Backend> IchNet<B> {
                 be.gradcam(n, c, hw, bb.features(), &dfeat, &mut map)?;
             }
         }
-        let mut up = be.zeros(n * h * w)?;
-        be.upsample_bilinear(n, fh, fw, h, w, &map, &mut up)?;
-        let mut norm = be.zeros(n * h * w)?;
-        be.minmax_normalize(n, h * w, &up, &mut norm)?;
         Ok(Stage2DeviceOut {
             logits,
             features_hw: (fh, fw),
             cam: map,
-            cam_up: up,
-            cam_norm: norm,
         })
     }
 
-    /// [`IchNet::stage2_infer_device`] from and to host memory.
+    /// The CAM of a stage-2 pass on `n` slices upsampled to the input's `h x w` (bilinear,
+    /// align_corners=False), and that min-max normalised per slice (a constant slice
+    /// becomes 0).
+    pub fn cam_to_input(
+        &self,
+        o: &Stage2DeviceOut<B>,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(B::Buf, B::Buf), ModelError> {
+        let (fh, fw) = o.features_hw;
+        let be = &self.be;
+        let mut up = be.zeros(n * h * w)?;
+        be.upsample_bilinear(n, fh, fw, h, w, &o.cam, &mut up)?;
+        let mut norm = be.zeros(n * h * w)?;
+        be.minmax_normalize(n, h * w, &up, &mut norm)?;
+        Ok((up, norm))
+    }
+
+    /// [`IchNet::stage2_infer_device`] from and to host memory, with the CAM also upsampled
+    /// to `h x w` and min-max normalised per slice (the parity fixtures' outputs).
     pub fn stage2_infer(
         &mut self,
         x: &[B::T],
@@ -783,13 +801,14 @@ impl<B: Backend> IchNet<B> {
         self.check_images(x.len(), n, h, w, "stage-2 input")?;
         let xb = self.be.upload(x)?;
         let o = self.stage2_infer_device(&xb, n, h, w, cam)?;
+        let (up, norm) = self.cam_to_input(&o, n, h, w)?;
         let d = |b: &B::Buf| self.be.download(b).map(to_f64);
         Ok(Stage2Out {
             logits: d(&o.logits)?,
             features_hw: o.features_hw,
             cam: d(&o.cam)?,
-            cam_up: d(&o.cam_up)?,
-            cam_norm: d(&o.cam_norm)?,
+            cam_up: d(&up)?,
+            cam_norm: d(&norm)?,
         })
     }
 
@@ -815,7 +834,7 @@ fn check_pos_weight(pos_weight: f64) -> Result<(), ModelError> {
 mod tests {
     use super::*;
     use crate::engine::cpu::CpuBackend;
-    use crate::model::prng::Rng;
+    use crate::rng::Rng;
 
     fn net(seed: u64) -> IchNet<CpuBackend<f64>> {
         let cfg = ModelConfig {

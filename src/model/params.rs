@@ -6,9 +6,9 @@
 //! Also the torchvision / PyTorch default initialisation from a seed.
 //! Knows nothing about the topology beyond names and shapes.
 
-use super::prng::Rng;
 use super::ModelError;
 use crate::engine::{Backend, Real};
+use crate::rng::Rng;
 use std::collections::HashMap;
 
 /// A learnable tensor or a running statistic (saved, never trained).
@@ -132,7 +132,7 @@ impl<B: Backend> ParamStore<B> {
                     .collect()
             }
             Init::Uniform(b) => (0..numel)
-                .map(|_| B::T::from_f64_lossy(rng.uniform_in(-b, b)))
+                .map(|_| B::T::from_f64_lossy(rng.range(-b, b)))
                 .collect(),
             Init::Constant(c) => vec![B::T::from_f64_lossy(c); numel],
         };

@@ -28,9 +28,9 @@ pub type OptSnapshot<T> = (Vec<MomentPair<T>>, u64);
 pub use tensors::{Block, BlockStats, RunningStats, Spec, Stats, Unit, Up, Weights};
 
 use super::optim::OptimizerConfig;
-use super::prng::Rng;
 use super::ModelError;
 use crate::engine::{Backend, BatchNorm2d, ChannelCopy, Conv2d, Pool2d, Real, SoftDice, UpConv2d};
+use crate::rng::Rng;
 use tensors::Init;
 
 /// The losses of one training pass.
@@ -607,7 +607,7 @@ impl<B: Backend> UNet<B> {
                 Init::Uniform(b) => {
                     let mut rng = Rng::stream(seed, index);
                     (0..n)
-                        .map(|_| B::T::from_f64_lossy(rng.uniform_in(-b, b)))
+                        .map(|_| B::T::from_f64_lossy(rng.range(-b, b)))
                         .collect()
                 }
                 Init::Constant(c) => vec![B::T::from_f64_lossy(c); n],

@@ -1,25 +1,26 @@
 //! From a trained stage-2 net's CAM to a hemorrhage mask: thresholding, k-means pseudo-masks
 //! on the subdural window, dilation, 3-D connected components and their filter.
 //!
-//! Everything here works on `[z, y, x]` arrays (HU, normalised CAM, 0/1 masks) and knows
-//! nothing of the network or of files: the maps come in as arrays (the CAM min-max
-//! normalised; [`field`] brings a model-resolution map to the native grid on a backend),
-//! the slice decisions come in as booleans.
+//! The rules are written once ([`refine::refine_on`]) over the engine's volume ops
+//! ([`crate::engine::VolumeOps`]), so they run unchanged on the CPU reference and on the
+//! GPU's kernels; the engine knows nothing of these rules. Everything here works on
+//! `[z, y, x]` volumes (HU, normalised CAM, 0/1 masks) and knows nothing of the network or of
+//! files: the maps come in as arrays or backend volumes (the CAM min-max normalised;
+//! [`field`] brings a model-resolution map to the native grid on a backend), the slice
+//! decisions come in as booleans.
 
 pub mod ccl;
 pub mod choose;
 pub mod field;
-pub mod kmeans;
-pub mod morph;
 pub mod refine;
 pub mod threshold;
 
-pub use ccl::{
-    connected_components, filter_components, CclOutput, ComponentFilter, Connectivity, FilterOutput,
-};
+pub use crate::engine::cpu::ccl::{connected_components, CclOutput};
+pub use crate::engine::{Connectivity, Structuring};
+pub use ccl::{filter_components, ComponentFilter, FilterOutput};
 pub use refine::{
-    effective_saturation, refine, refine_authors, volume_config, RefineConfig, RefineMode,
-    RefineOutput,
+    effective_saturation, refine, refine_authors, refine_on, volume_config, RefineConfig,
+    RefineMode, RefineOutput,
 };
 
 /// Errors of the segmentation steps: inputs whose shapes do not fit together.
@@ -35,6 +36,8 @@ pub enum SegError {
     TooLarge(usize),
     #[error("invalid parameter: {0}")]
     Param(String),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
 }
 
 pub type Result<T> = std::result::Result<T, SegError>;

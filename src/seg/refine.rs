@@ -1,19 +1,29 @@
-//! The whole refinement from a normalised CAM to the final mask: CAM region, k-means on the
-//! subdural window inside it, the chosen cluster, dilation, 3-D connected components and
-//! their filter. Knows nothing of the network or of files.
+//! The whole refinement from a normalised CAM to the final mask, written once over the
+//! engine's volume ops ([`VolumeOps`]: the CPU reference or the GPU's kernels): CAM region
+//! on the positive slices, k-means on the subdural window inside it, the chosen cluster's
+//! band, opening and dilation, 3-D connected components and their filter. The decisions
+//! between the ops (which cluster, which band, which components) run on the host over the
+//! few numbers the ops return. Knows nothing of the network or of files.
 
-use super::ccl::{connected_components, filter_components, ComponentFilter, Connectivity};
+use super::ccl::ComponentFilter;
 use super::choose::{
     choose_cluster, DEFAULT_MIN_BLOOD_HU, DEFAULT_MIN_CLUSTER_VOXELS, DEFAULT_SATURATION,
 };
-use super::kmeans::{init_even, kmeans_1d, kmeans_1d_from, DEFAULT_K, DEFAULT_MAX_ITER};
-use super::morph::{dilate, Structuring};
-use super::threshold::{cam_region, DEFAULT_CAM_THRESHOLD};
+use super::threshold::DEFAULT_CAM_THRESHOLD;
 use super::{Result, SegError};
 use crate::data::window::Window;
+use crate::engine::cpu::kmeans::{init_even, kmeans_1d_from};
+use crate::engine::cpu::{volume as cpu_volume, CpuBackend};
+use crate::engine::volume::{Dims, VolumeOps};
+use crate::engine::{Connectivity, Structuring};
 use crate::io::Mask;
-use ndarray::{Array3, Axis, Zip};
-use rayon::prelude::*;
+use ndarray::{Array3, Axis};
+use std::borrow::{Borrow, BorrowMut};
+
+/// The authors' number of k-means clusters.
+pub const DEFAULT_K: usize = 4;
+/// Lloyd iterations at most (k-means stops earlier once no assignment changes).
+pub const DEFAULT_MAX_ITER: usize = 50;
 
 /// The refinement's knobs. `Default` holds the authors' values where their code fixes one
 /// (CAM threshold 0.7, k = 4, per-slice k-means, a 3x3 dilation, 26-connectivity) and
@@ -241,58 +251,56 @@ fn subdural(hu: f32) -> f32 {
 /// The CAM level the lesion may grow to (see [`RefineConfig::grow_cam_threshold`]).
 pub const DEFAULT_GROW_CAM_THRESHOLD: f32 = 0.4;
 
-/// In-plane box mean of radius `r` over the in-bounds neighbours, per slice. A voxel whose
-/// window holds a saturated voxel (subdural window >= `saturation`: bone, calcification)
-/// becomes +inf, i.e. saturated itself: its mean is a partial-volume halo that would land in
-/// the blood band around every calcification and along the inner skull. The sum runs in a
-/// fixed order (rows, then columns, in f32) so that the device kernel gives the same bits.
-pub fn box_smooth(hu: &Array3<f32>, r: usize, saturation: f32) -> Array3<f32> {
-    let (d, h, w) = hu.dim();
-    let mut out = Array3::<f32>::zeros((d, h, w));
-    let r = r as isize;
-    let jobs: Vec<_> = out
-        .axis_iter_mut(Axis(0))
-        .zip(hu.axis_iter(Axis(0)))
-        .collect();
-    jobs.into_par_iter().for_each(|(mut o, src)| {
-        for y in 0..h as isize {
-            for x in 0..w as isize {
-                let (mut sum, mut n, mut hot) = (0.0f32, 0u32, false);
-                for yy in (y - r).max(0)..=(y + r).min(h as isize - 1) {
-                    for xx in (x - r).max(0)..=(x + r).min(w as isize - 1) {
-                        let v = src[[yy as usize, xx as usize]];
-                        hot |= subdural(v) >= saturation;
-                        sum += v;
-                        n += 1;
-                    }
-                }
-                o[[y as usize, x as usize]] = if hot { f32::INFINITY } else { sum / n as f32 };
-            }
-        }
-    });
-    out
+/// In-plane box mean of radius `r` over the in-bounds neighbours, per slice, on the CPU. A
+/// voxel whose window holds a saturated voxel (subdural window >= `saturation`: bone,
+/// calcification) becomes +inf, i.e. saturated itself: its mean is a partial-volume halo
+/// that would land in the blood band around every calcification and along the inner skull.
+/// The refinement runs the same op ([`VolumeOps::box_mean`]) on its backend.
+pub fn box_smooth(hu: &Array3<f32>, r: usize, saturation: f32) -> Result<Array3<f32>> {
+    let w = Window::SUBDURAL;
+    let x = hu.as_standard_layout();
+    let mut out = Array3::<f32>::zeros(hu.raw_dim());
+    let (Some(xs), Some(os)) = (x.as_slice(), out.as_slice_mut()) else {
+        return Err(SegError::Param("array not contiguous".into()));
+    };
+    cpu_volume::box_mean(xs, hu.dim(), r, w.lo(), w.width, saturation, os)?;
+    Ok(out)
 }
 
-/// CAM region on the positive slices only.
+/// CAM region on the positive slices only (CPU).
 pub fn positive_cam_region(
     cam_norm: &Array3<f32>,
     slice_positive: &[bool],
     threshold: f32,
-) -> Mask {
-    let mut region = cam_region(cam_norm, threshold);
-    for (mut s, &pos) in region.axis_iter_mut(Axis(0)).zip(slice_positive) {
-        if !pos {
-            s.fill(0);
-        }
-    }
-    region
+) -> Result<Mask> {
+    let c = cam_norm.as_standard_layout();
+    let mut out = Mask::zeros(cam_norm.raw_dim());
+    let (Some(cs), Some(os)) = (c.as_slice(), out.as_slice_mut()) else {
+        return Err(SegError::Param("array not contiguous".into()));
+    };
+    cpu_volume::threshold_slices(cs, cam_norm.dim(), slice_positive, threshold, os)?;
+    Ok(out)
 }
 
-/// The pseudo-mask: inside `region` (less the saturated voxels when
-/// `cfg.exclude_saturated`), k-means on the subdural window (per slice or over the volume),
-/// keeping the chosen cluster's voxels. Returns the mask (not dilated).
+/// The pseudo-mask on the CPU: inside `region` (less the saturated voxels when
+/// `cfg.exclude_saturated`), k-means on the (smoothed) subdural window, per slice or over
+/// the volume, keeping the chosen cluster's band inside `region`. Not dilated.
 pub fn pseudo_mask(hu: &Array3<f32>, region: &Mask, cfg: &RefineConfig) -> Result<Mask> {
-    pseudo_mask_grown(hu, region, region, cfg)
+    cfg.check()?;
+    same_shape("region", region.dim(), hu.dim())?;
+    let be = CpuBackend::<f32>::new();
+    let dims = hu.dim();
+    let hu_std = hu.as_standard_layout();
+    let Some(h) = hu_std.as_slice() else {
+        return Err(SegError::Param("array not contiguous".into()));
+    };
+    let mut values = vec![0f32; h.len()];
+    subdural_values(&be, h, dims, cfg, &mut values)?;
+    let mut clustered = region.iter().copied().collect::<Vec<u8>>();
+    let mut out = vec![0u8; h.len()];
+    let grow = clustered.clone();
+    blood_band(&be, &values, dims, &mut clustered, &grow, cfg, &mut out)?;
+    Array3::from_shape_vec(dims, out).map_err(|e| SegError::Param(e.to_string()))
 }
 
 /// The lower edge of the chosen cluster `c`: halfway to the brightest populated cluster
@@ -315,8 +323,7 @@ pub fn band_low(centroids: &[f32], counts: &[usize], c: usize, floor: f32) -> f3
 }
 
 /// The lower edge of the kept band for chosen cluster `c`, in subdural-window units:
-/// `cfg.band_floor_hu` when set, else [`band_low`] with the blood floor. (The device
-/// refinement calls this too.)
+/// `cfg.band_floor_hu` when set, else [`band_low`] with the blood floor.
 pub fn band_edge(cfg: &RefineConfig, centroids: &[f32], counts: &[usize], c: usize) -> f32 {
     match cfg.band_floor_hu {
         Some(hu) => subdural(hu),
@@ -324,77 +331,84 @@ pub fn band_edge(cfg: &RefineConfig, centroids: &[f32], counts: &[usize], c: usi
     }
 }
 
-/// [`pseudo_mask`] that clusters inside `region` and keeps the chosen band inside `grow`
-/// (a superset of `region`; pass `region` itself for the authors' version).
-pub fn pseudo_mask_grown(
-    hu: &Array3<f32>,
-    region: &Mask,
-    grow: &Mask,
+/// `values` = the subdural window of `hu`, box-smoothed first when `cfg.smooth_radius > 0`.
+fn subdural_values<B: VolumeOps>(
+    be: &B,
+    hu: &B::Vol,
+    dims: Dims,
     cfg: &RefineConfig,
-) -> Result<Mask> {
-    cfg.check()?;
-    same_shape("region", region.dim(), hu.dim())?;
-    same_shape("grow region", grow.dim(), hu.dim())?;
-    let smoothed;
-    let hu = if cfg.smooth_radius > 0 {
-        smoothed = box_smooth(hu, cfg.smooth_radius, cfg.saturation);
-        &smoothed
-    } else {
-        hu
-    };
-    let floor = subdural(cfg.min_blood_hu);
-    let mut out = Mask::zeros(hu.raw_dim());
-    // The voxels k-means sees: the region, less the saturated ones if so configured.
-    let takes = |h: f32, r: u8| r != 0 && (!cfg.exclude_saturated || subdural(h) < cfg.saturation);
-    let cluster = |hu: ndarray::ArrayView3<f32>,
-                   region: ndarray::ArrayView3<u8>,
-                   grow: ndarray::ArrayView3<u8>,
-                   mut out: ndarray::ArrayViewMut3<u8>| {
-        let values: Vec<f32> = hu
-            .iter()
-            .zip(region.iter())
-            .filter(|(&h, &r)| takes(h, r))
-            .map(|(&h, _)| subdural(h))
-            .collect();
-        if values.is_empty() {
-            return;
-        }
-        let km = kmeans_1d(&values, cfg.k, cfg.max_kmeans_iter);
-        let Some(c) = choose_cluster(
-            &km.centroids,
-            &km.counts,
-            floor,
+    values: &mut B::Vol,
+) -> crate::engine::Result<()> {
+    let w = Window::SUBDURAL;
+    if cfg.smooth_radius > 0 {
+        let n = dims.0 * dims.1 * dims.2;
+        let mut smoothed = be.zeros(n)?;
+        let sm = be.vol_mut(&mut smoothed);
+        be.box_mean(
+            hu,
+            dims,
+            cfg.smooth_radius,
+            w.lo(),
+            w.width,
             cfg.saturation,
-            cfg.min_cluster_voxels,
-        ) else {
-            return;
-        };
-        let lo = band_edge(cfg, &km.centroids, &km.counts, c);
-        Zip::from(&mut out)
-            .and(&hu)
-            .and(&grow)
-            .for_each(|o, &h, &g| {
-                *o = u8::from(takes(h, g) && subdural(h) >= lo);
-            });
-    };
-    if cfg.per_slice_kmeans {
-        let jobs: Vec<_> = out
-            .axis_iter_mut(Axis(0))
-            .zip(hu.axis_iter(Axis(0)).zip(region.axis_iter(Axis(0))))
-            .zip(grow.axis_iter(Axis(0)))
-            .collect();
-        jobs.into_par_iter().for_each(|((o, (h, r)), g)| {
-            cluster(
-                h.insert_axis(Axis(0)),
-                r.insert_axis(Axis(0)),
-                g.insert_axis(Axis(0)),
-                o.insert_axis(Axis(0)),
-            );
-        });
+            sm,
+        )?;
+        be.window(be.vol(&smoothed), w.lo(), w.width, values)?;
     } else {
-        cluster(hu.view(), region.view(), grow.view(), out.view_mut());
+        be.window(hu, w.lo(), w.width, values)?;
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The blood band: k-means on `values` inside `region` (the saturated voxels taken out of
+/// `region` first when `cfg.exclude_saturated`), per slice or over the volume; in each
+/// segment where [`choose_cluster`] finds a blood cluster, `out` = the voxels of `grow` from
+/// the band's edge ([`band_edge`]) up (to the saturation when it is excluded).
+fn blood_band<B: VolumeOps>(
+    be: &B,
+    values: &B::Vol,
+    dims: Dims,
+    region: &mut B::Mask,
+    grow: &B::Mask,
+    cfg: &RefineConfig,
+    out: &mut B::Mask,
+) -> Result<()> {
+    if cfg.k > be.max_clusters() {
+        return Err(SegError::Param(format!(
+            "k = {} exceeds this backend's k-means limit of {}",
+            cfg.k,
+            be.max_clusters()
+        )));
+    }
+    if cfg.exclude_saturated {
+        be.keep_below(values, cfg.saturation, region)?;
+    }
+    let n = dims.0 * dims.1 * dims.2;
+    let (segments, seg_len) = if cfg.per_slice_kmeans {
+        (dims.0, dims.1 * dims.2)
+    } else {
+        (1, n)
+    };
+    let km = be.kmeans_segments(
+        values,
+        region,
+        segments,
+        seg_len,
+        cfg.k,
+        cfg.max_kmeans_iter,
+    )?;
+    let floor = subdural(cfg.min_blood_hu);
+    // No blood cluster: an edge nothing reaches (the values are in [0, 1] or NaN).
+    let lo: Vec<f32> = (0..segments)
+        .map(|s| {
+            let (c, k) = (km.centroids_of(s), km.counts_of(s));
+            choose_cluster(c, k, floor, cfg.saturation, cfg.min_cluster_voxels)
+                .map_or(f32::INFINITY, |i| band_edge(cfg, c, k, i))
+        })
+        .collect();
+    let below = cfg.exclude_saturated.then_some(cfg.saturation);
+    be.band(values, grow, seg_len, &lo, below, out)?;
+    Ok(())
 }
 
 /// The authors' brightest-cluster ceiling: 140 of 255 (subdural-window units x 255).
@@ -486,63 +500,160 @@ pub fn dilate_anchor(m: &[u8], h: usize, w: usize, before: usize, after: usize) 
     out
 }
 
-/// The whole refinement. `cam_norm` is the min-max normalised CAM upsampled to the slices,
-/// `slice_positive[z]` the classifier's decision for slice `z` (negative slices get an empty
-/// mask). `cfg.mode` picks ours or [`refine_authors`].
+/// The whole refinement on the CPU. `cam_norm` is the min-max normalised CAM upsampled to
+/// the slices, `slice_positive[z]` the classifier's decision for slice `z` (negative slices
+/// get an empty mask). `cfg.mode` picks ours or [`refine_authors`].
 pub fn refine(
     hu: &Array3<f32>,
     cam_norm: &Array3<f32>,
     slice_positive: &[bool],
     cfg: &RefineConfig,
 ) -> Result<RefineOutput> {
-    cfg.check()?;
-    if cfg.mode == RefineMode::Authors {
-        same_shape("CAM", cam_norm.dim(), hu.dim())?;
-        if slice_positive.len() != hu.dim().0 {
-            return Err(SegError::Shape {
-                what: "slice decisions",
-                got: vec![slice_positive.len()],
-                expected: vec![hu.dim().0],
-            });
-        }
-        return refine_authors(hu, cam_norm, slice_positive, cfg);
-    }
     same_shape("CAM", cam_norm.dim(), hu.dim())?;
-    if slice_positive.len() != hu.dim().0 {
+    let cam = cam_norm.as_standard_layout();
+    let Some(c) = cam.as_slice() else {
+        return Err(SegError::Param("CAM not contiguous".into()));
+    };
+    refine_on(&CpuBackend::<f32>::new(), hu, c, slice_positive, cfg)
+}
+
+/// The whole refinement on `be`: `hu` the HU volume `[z, y, x]` on the host (the backend
+/// reads it as a volume of its own), `cam_norm` the normalised CAM of the same shape on the
+/// backend, `slice_positive[z]` the classifier's decision for slice `z`. Ours runs every
+/// step on the backend; [`RefineMode::Authors`] runs on the host (the CAM read back).
+pub fn refine_on<B: VolumeOps>(
+    be: &B,
+    hu: &Array3<f32>,
+    cam_norm: &B::Vol,
+    slice_positive: &[bool],
+    cfg: &RefineConfig,
+) -> Result<RefineOutput> {
+    cfg.check()?;
+    let dims = hu.dim();
+    if slice_positive.len() != dims.0 {
         return Err(SegError::Shape {
             what: "slice decisions",
             got: vec![slice_positive.len()],
-            expected: vec![hu.dim().0],
+            expected: vec![dims.0],
         });
     }
-    let region = positive_cam_region(cam_norm, slice_positive, cfg.cam_threshold);
-    let cam_voxels = region.iter().filter(|&&v| v != 0).count();
-    let grow_threshold = cfg.grow_cam_threshold.min(cfg.cam_threshold);
-    let grow = positive_cam_region(cam_norm, slice_positive, grow_threshold);
-    let mut clusters = pseudo_mask_grown(hu, &region, &grow, cfg)?;
-    if cfg.open_radius > 0 {
-        let eroded = super::morph::erode(&clusters, cfg.open_radius, Structuring::Square);
-        clusters = dilate(&eroded, cfg.open_radius, Structuring::Square);
+    if cfg.mode == RefineMode::Authors {
+        let cam = Array3::from_shape_vec(dims, be.vol_to_host(cam_norm)?).map_err(|_| {
+            SegError::Shape {
+                what: "CAM",
+                got: vec![dims.0 * dims.1 * dims.2],
+                expected: vec![dims.0, dims.1, dims.2],
+            }
+        })?;
+        return refine_authors(hu, &cam, slice_positive, cfg);
     }
-    let cluster_voxels = clusters.iter().filter(|&&v| v != 0).count();
-    let grown = dilate(&clusters, cfg.dilate_radius, cfg.dilate_shape);
-    let ccl = connected_components(&grown, cfg.connectivity)?;
-    // A component must lie mostly inside the CAM's grow level and reach into its core.
+    let n = crate::engine::volume::voxels("refine", dims)?;
+    if n == 0 {
+        return Ok(RefineOutput {
+            mask: Mask::zeros(dims),
+            n_components: 0,
+            component_sizes: Vec::new(),
+            cam_voxels: 0,
+            cluster_voxels: 0,
+            dropped_small: 0,
+            dropped_cam: 0,
+        });
+    }
+    let hu_std = hu.as_standard_layout();
+    let Some(h) = hu_std.as_slice() else {
+        return Err(SegError::Param("HU volume not contiguous".into()));
+    };
+    let grow_threshold = cfg.grow_cam_threshold.min(cfg.cam_threshold);
+    // The CAM region on the positive slices, and the wider one the lesion may grow into.
+    let mut region = be.mask(n)?;
+    be.threshold_slices(
+        cam_norm,
+        dims,
+        slice_positive,
+        cfg.cam_threshold,
+        region.borrow_mut(),
+    )?;
+    let cam_voxels = be.count_nonzero(region.borrow())?;
+    let mut grow = be.mask(n)?;
+    be.threshold_slices(
+        cam_norm,
+        dims,
+        slice_positive,
+        grow_threshold,
+        grow.borrow_mut(),
+    )?;
+    // The blood band of the (smoothed) subdural window.
+    let mut values = be.zeros(n)?;
+    be.with_host_vol(h, |hu| {
+        subdural_values(be, hu, dims, cfg, be.vol_mut(&mut values))
+    })?;
+    let mut clusters = be.mask(n)?;
+    blood_band(
+        be,
+        be.vol(&values),
+        dims,
+        region.borrow_mut(),
+        grow.borrow(),
+        cfg,
+        clusters.borrow_mut(),
+    )?;
+    drop((values, region, grow));
+    // Opening (erosion, then dilation with a square), then the dilation.
+    let mut tmp = be.mask(n)?;
+    if cfg.open_radius > 0 {
+        let r = cfg.open_radius;
+        be.morph2d(
+            clusters.borrow(),
+            dims,
+            r,
+            Structuring::Square,
+            false,
+            tmp.borrow_mut(),
+        )?;
+        be.morph2d(
+            tmp.borrow(),
+            dims,
+            r,
+            Structuring::Square,
+            true,
+            clusters.borrow_mut(),
+        )?;
+    }
+    let cluster_voxels = be.count_nonzero(clusters.borrow())?;
+    be.morph2d(
+        clusters.borrow(),
+        dims,
+        cfg.dilate_radius,
+        cfg.dilate_shape,
+        true,
+        tmp.borrow_mut(),
+    )?;
+    let grown = tmp;
+    // The components, kept when big enough, mostly inside the CAM's grow level and
+    // reaching into its core.
+    let (labels, sizes) = be.components(grown.borrow(), dims, cfg.connectivity)?;
+    drop(grown);
     let filter = ComponentFilter {
         min_voxels: cfg.min_component_voxels,
         cam_threshold: grow_threshold,
         min_cam_fraction: cfg.min_cam_support,
         min_peak_cam: cfg.cam_threshold,
     };
-    let f = filter_components(&ccl.labels, &ccl.sizes, Some(cam_norm), &filter)?;
+    let n_comp = sizes.len().saturating_sub(1);
+    let stats = be.component_stats(&labels, n_comp, cam_norm, grow_threshold)?;
+    let sel = filter.select(&sizes, Some(&stats));
+    let mut out = clusters;
+    be.select_components(&labels, &sel.keep, out.borrow_mut())?;
+    let mask = Array3::from_shape_vec(dims, be.mask_to_host(out)?)
+        .map_err(|e| SegError::Param(e.to_string()))?;
     Ok(RefineOutput {
-        n_components: f.n_components(),
-        component_sizes: f.sizes[1..].to_vec(),
-        mask: f.mask,
+        mask,
+        n_components: sel.sizes.len(),
+        component_sizes: sel.sizes,
         cam_voxels,
         cluster_voxels,
-        dropped_small: f.dropped_small,
-        dropped_cam: f.dropped_cam,
+        dropped_small: sel.dropped_small,
+        dropped_cam: sel.dropped_cam,
     })
 }
 

@@ -3,13 +3,13 @@
 //! (bilinear, zero fill) and an intensity factor in [0.9, 1.1]; one transform for all the
 //! slices (and channels) of a sequence, so the LSTM sees a consistent volume.
 //!
-//! Every random draw comes from the data layer's [`Rng`] seeded by [`mix_seed`] over (run seed, epoch,
+//! Every random draw comes from the crate's [`Rng`] seeded by [`mix_seed`] over (run seed, epoch,
 //! sequence index): the same seed gives the same augmentation whatever the batch order or
 //! thread count, which is what makes a resumed run replay an uninterrupted one.
 //! Knows nothing about the network, files or CT: only `[planes, h, w]` f32 images.
 
-use crate::data::rng::derive_seed;
-pub use crate::data::rng::Rng;
+use crate::rng::derive_seed;
+pub use crate::rng::Rng;
 use thiserror::Error;
 
 /// Combines a seed with a path of indices (epoch, sequence, ...) into an independent seed.

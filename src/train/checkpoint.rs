@@ -1,6 +1,7 @@
 //! The training run's checkpoints, written by the model layer's safetensors code. The best
-//! model (`MODEL`) carries the training metadata segmentation needs (input size, sequence
-//! length, the training config; the model config is under `config`). The resume checkpoint
+//! model (`MODEL`) carries the metadata segmentation needs ([`ModelMeta`]: input size,
+//! sequence length, input recipe, head pooling, provenance) and the training config; the
+//! model config is under `config`. The resume checkpoint
 //! (`MODEL.last.safetensors`) adds the optimizer state and the [`TrainState`]
 //! (epochs done per stage, best AUCs, seed, config fingerprint, the log so far) as JSON
 //! metadata, so a killed run resumes bit for bit after its last finished epoch. In stage 3
@@ -12,6 +13,7 @@ use super::log::TrainLog;
 use super::TrainError;
 use crate::engine::{Backend, Real};
 use crate::model::checkpoint::{self as mcheck, DiskDtype, SaveOptions};
+use crate::model::meta::{ModelMeta, Provenance};
 use crate::model::unet::{checkpoint as unet_ckpt, UNet};
 use crate::model::IchNet;
 use serde::{Deserialize, Serialize};
@@ -26,22 +28,10 @@ pub const STATE_VERSION: u32 = 1;
 pub const META_STATE: &str = "ichcam.train_state";
 /// Metadata key of the [`TrainConfig`] JSON (in both files).
 pub const META_TRAIN_CONFIG: &str = "ichcam.train_config";
-/// Metadata keys for segmentation: the square input size the model was trained at and the
-/// sequence length; the windows are the method's fixed three.
-pub const META_INPUT_SIZE: &str = "ichcam.input_size";
-pub const META_SLICES: &str = "ichcam.slices";
+/// Training records beside the model's own metadata ([`crate::model::meta`]): the stage the
+/// file was written in and the run's seed.
 pub const META_STAGE: &str = "ichcam.stage";
 pub const META_SEED: &str = "ichcam.seed";
-/// The calibrated slice probability threshold (absent: 0.5).
-pub const META_SLICE_THRESHOLD: &str = "ichcam.slice_threshold";
-/// The [`crate::data::InputSpec`] JSON (windows, head crop; absent: the authors' input).
-pub const META_INPUT: &str = "ichcam.input";
-/// How the stage-2 head pools its class map ([`super::config::HeadPooling`] JSON; absent:
-/// the mean, fc on the averaged features).
-pub const META_HEAD_POOLING: &str = "ichcam.head_pooling";
-/// How the model was trained: the [`Provenance`] JSON (preset, data, slice counts, date).
-pub const META_PROVENANCE: &str = "ichcam.provenance";
-
 /// How stage 3 was trained (the [`super::config::UNetTrainConfig`] JSON), in a model file
 /// with a U-Net.
 pub const META_UNET_TRAIN: &str = "ichcam.unet_train";
@@ -58,23 +48,6 @@ pub struct UNetState {
     /// Stage 3 found no pseudo-mask to learn from and was skipped (the model has no U-Net).
     #[serde(default)]
     pub skipped: bool,
-}
-
-/// How a model was trained, recorded in its metadata.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Provenance {
-    /// The training preset's name (`cpu`, `tiny`, `small`, `paper`, `custom`).
-    pub preset: String,
-    /// The data's name (the dataset folder's name), when known.
-    pub data: Option<String>,
-    pub train_volumes: usize,
-    pub train_slices: usize,
-    pub train_positive_slices: usize,
-    pub val_volumes: usize,
-    pub val_slices: usize,
-    pub val_positive_slices: usize,
-    /// UTC start of the run, `YYYY-MM-DDTHH:MM:SSZ`.
-    pub started: String,
 }
 
 impl Provenance {
@@ -299,25 +272,17 @@ fn common_meta(cfg: &TrainConfig, state: &TrainState) -> HashMap<String, String>
         META_TRAIN_CONFIG.to_string(),
         serde_json::to_string(cfg).unwrap_or_default(),
     );
-    m.insert(META_INPUT_SIZE.to_string(), cfg.size.to_string());
-    m.insert(META_SLICES.to_string(), cfg.slices.to_string());
     m.insert(META_STAGE.to_string(), stage.to_string());
     m.insert(META_SEED.to_string(), state.seed.to_string());
-    if let Some(t) = state.slice_threshold {
-        m.insert(META_SLICE_THRESHOLD.to_string(), format!("{t}"));
+    ModelMeta {
+        input_size: cfg.size,
+        slices: cfg.slices,
+        slice_threshold: state.slice_threshold,
+        input_json: Some(serde_json::to_string(&cfg.input).unwrap_or_default()),
+        head_pooling: cfg.stage2_pooling,
+        provenance: Some(state.provenance.clone()),
     }
-    m.insert(
-        META_INPUT.to_string(),
-        serde_json::to_string(&cfg.input).unwrap_or_default(),
-    );
-    m.insert(
-        META_HEAD_POOLING.to_string(),
-        serde_json::to_string(&cfg.stage2_pooling).unwrap_or_default(),
-    );
-    m.insert(
-        META_PROVENANCE.to_string(),
-        serde_json::to_string(&state.provenance).unwrap_or_default(),
-    );
+    .write(&mut m);
     if let (Some(u), true) = (&cfg.unet, state.unet.epochs_done > 0) {
         m.insert(
             META_UNET_TRAIN.to_string(),

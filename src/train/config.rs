@@ -8,6 +8,7 @@
 
 use super::augment::AugmentConfig;
 use crate::data::InputSpec;
+pub use crate::model::HeadPooling;
 use crate::model::{ModelConfig, OptimizerConfig};
 use crate::seg::RefineConfig;
 use serde::{Deserialize, Serialize};
@@ -191,41 +192,6 @@ impl UNetTrainConfig {
             "seed={seed};{}",
             serde_json::to_string(&c).unwrap_or_default()
         )
-    }
-}
-
-/// How the stage-2 head turns its class map (the fc weights applied at every location of the
-/// last block's features: the CAM before normalisation) into the slice's logit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HeadPooling {
-    /// The authors': fc on the globally averaged features (= the class map's mean).
-    #[default]
-    Mean,
-    /// The mean of the class map's highest `frac` of locations (at least one): the logit
-    /// cannot grow with the area of brain in the slice, only with local evidence, so the
-    /// class map has to peak where the evidence is.
-    TopK { frac: f64 },
-}
-
-impl HeadPooling {
-    /// The pooled value of one class map and the locations it took (for the gradient).
-    pub fn pool(&self, map: &[f32]) -> (f64, Vec<usize>) {
-        let n = map.len();
-        if n == 0 {
-            return (0.0, Vec::new());
-        }
-        let k = match *self {
-            HeadPooling::Mean => n,
-            HeadPooling::TopK { frac } => ((frac * n as f64).round() as usize).clamp(1, n),
-        };
-        let mut idx: Vec<usize> = (0..n).collect();
-        if k < n {
-            idx.select_nth_unstable_by(k - 1, |&a, &b| map[b].total_cmp(&map[a]));
-            idx.truncate(k);
-        }
-        let s: f64 = idx.iter().map(|&i| map[i] as f64).sum();
-        (s / k as f64, idx)
     }
 }
 
@@ -486,16 +452,7 @@ mod tests {
     }
 
     #[test]
-    fn head_pooling_takes_the_top_fraction() {
-        let m = [0.0f32, 5.0, 1.0, 4.0, 2.0, 3.0, -1.0, 0.5, 0.0, 0.0];
-        let (v, idx) = HeadPooling::Mean.pool(&m);
-        assert!((v - 1.45).abs() < 1e-9 && idx.len() == 10);
-        let (v, mut idx) = HeadPooling::TopK { frac: 0.2 }.pool(&m);
-        idx.sort();
-        assert_eq!(idx, vec![1, 3]);
-        assert!((v - 4.5).abs() < 1e-9);
-        // At least one location.
-        assert_eq!(HeadPooling::TopK { frac: 0.01 }.pool(&m).0, 5.0);
+    fn cpu_preset_channels_follow_its_input() {
         assert_eq!(
             TrainConfig::preset("cpu").unwrap().model.in_channels,
             TrainConfig::cpu().input.channels()

@@ -57,33 +57,17 @@ pub struct EpochStats {
     pub threshold: Option<f64>,
 }
 
-/// Trains `cfg` on the backend `opts.device` names (`auto`: the first GPU when there is
-/// one, else the CPU, saying why on stderr when `opts.progress`). See [`train_with`].
+/// Trains `cfg` on `device` (resolved once by the caller, [`crate::engine::Device::open`]).
+/// See [`train_with`].
 pub fn train(
+    device: &crate::engine::Device,
     input: TrainInput<'_>,
     out_model: &Path,
     cfg: &TrainConfig,
     opts: &TrainOptions,
 ) -> Result<TrainReport, TrainError> {
-    use crate::engine::cpu::CpuBackend;
-    use crate::engine::cuda::{pick_device, CudaBackend, DeviceChoice};
-    let choice = pick_device(&opts.device).map_err(|e| TrainError::Config(e.to_string()))?;
-    match choice {
-        DeviceChoice::Cpu { reason } => {
-            if let (Some(r), true) = (reason, opts.progress) {
-                eprintln!("device auto: using the CPU ({r})");
-            }
-            train_with(CpuBackend::<f32>::new(), input, out_model, cfg, opts)
-        }
-        DeviceChoice::Cuda(info) => match CudaBackend::new(info.ordinal) {
-            Ok(be) => train_with(be, input, out_model, cfg, opts),
-            Err(e) if opts.device.trim().eq_ignore_ascii_case("auto") => {
-                if opts.progress {
-                    eprintln!("device auto: using the CPU ({e})");
-                }
-                train_with(CpuBackend::<f32>::new(), input, out_model, cfg, opts)
-            }
-            Err(e) => Err(TrainError::Model(e.into())),
-        },
-    }
+    // The CPU arm's backend is Copy, the CUDA arm's a shared handle: one clone for both.
+    #[allow(clippy::clone_on_copy)]
+    let r = crate::on_device!(device, be => train_with(be.clone(), input, out_model, cfg, opts));
+    r
 }

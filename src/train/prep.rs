@@ -57,8 +57,8 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Windows, crops and resizes one volume ([`InputSpec::prepare`]: area averaging when
-    /// shrinking, so the thin bright rims a hemorrhage can be do not alias).
+    /// Windows, crops and resizes one volume ([`InputSpec::model_input`]: area averaging
+    /// when shrinking, so the thin bright rims a hemorrhage can be do not alias).
     pub fn from_hu(
         id: &str,
         patient: &str,
@@ -67,38 +67,24 @@ impl Prepared {
         size: usize,
         spec: &InputSpec,
     ) -> Result<Self, TrainError> {
-        let (d, h, w) = hu.dim();
-        if d == 0 || h == 0 || w == 0 {
+        let m = spec
+            .model_input(hu.view(), size)
+            .map_err(|e| TrainError::Data(format!("case {id}: {e}")))?;
+        if labels.len() != m.depth {
             return Err(TrainError::Data(format!(
-                "case {id}: empty volume {:?}",
-                hu.dim()
-            )));
-        }
-        if labels.len() != d {
-            return Err(TrainError::Data(format!(
-                "case {id}: {} slice labels for {d} slices",
-                labels.len()
-            )));
-        }
-        let channels = spec.channels();
-        if channels == 0 {
-            return Err(TrainError::Data("the input has no channel windows".into()));
-        }
-        let (x, crop) = spec.prepare(hu.view(), size);
-        if let Some(bad) = x.iter().position(|v| !v.is_finite()) {
-            return Err(TrainError::Data(format!(
-                "case {id}: non-finite voxel after windowing (slice {})",
-                bad / (channels * size * size)
+                "case {id}: {} slice labels for {} slices",
+                labels.len(),
+                m.depth
             )));
         }
         Ok(Prepared {
             id: id.to_string(),
             patient: patient.to_string(),
-            depth: d,
-            channels,
-            x,
+            depth: m.depth,
+            channels: m.channels,
+            x: m.x,
             labels: labels.to_vec(),
-            crop,
+            crop: m.crop,
         })
     }
 

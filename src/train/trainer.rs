@@ -9,7 +9,7 @@
 //! Generic over the backend: CPU and CUDA share this code path.
 //! Knows nothing about the CLI.
 
-use super::checkpoint::{self, Provenance, TrainState};
+use super::checkpoint::{self, TrainState};
 use super::config::{HeadPooling, TrainConfig};
 use super::log::{EpochRecord, TrainLog};
 use super::prep::{self, AugmentCtx, Prepared, TrainInput};
@@ -18,6 +18,7 @@ use crate::data::split::split_patients;
 use crate::engine::Backend;
 use crate::model::unet::{SecondHandle, UNet};
 use crate::model::IchNet;
+use crate::model::Provenance;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,9 +35,6 @@ pub struct TrainOptions {
     pub stop_after_epochs: Option<usize>,
     /// Progress bars and one line per epoch on stderr.
     pub progress: bool,
-    /// `auto`, `cpu`, `cuda` or `cuda:N` (used by [`super::train`]; [`train_with`] takes a
-    /// backend instead).
-    pub device: String,
     /// The name of the data (e.g. the dataset folder's), recorded in the model file.
     pub data_name: Option<String>,
     /// Development: skip stage 1 and train only the stage-2 head on the backbone of this
@@ -54,7 +52,6 @@ impl Default for TrainOptions {
             resume: true,
             stop_after_epochs: None,
             progress: false,
-            device: "auto".into(),
             data_name: None,
             stage2_from: None,
             stage3_from: None,
@@ -168,7 +165,7 @@ fn adopt_two_stage_model<B: Backend>(
     state.best_epoch = [cfg.epochs, cfg.stage2_epochs];
     state.backbone_reloaded = true;
     state.slice_threshold = meta
-        .get(checkpoint::META_SLICE_THRESHOLD)
+        .get(crate::model::meta::META_SLICE_THRESHOLD)
         .and_then(|v| v.parse().ok());
     Ok(())
 }

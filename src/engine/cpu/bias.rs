@@ -5,7 +5,8 @@
 
 use rayon::prelude::*;
 
-use crate::engine::{check_len, Real, Result};
+use crate::engine::shapes::Maps;
+use crate::engine::{Real, Result};
 
 /// Elements summed in `T` before the partial moves to f64 (as the batch norm's sums do).
 const BLOCK: usize = 1024;
@@ -38,9 +39,7 @@ pub fn bias_relu_assign<T: Real>(
     y: &mut [T],
     relu: bool,
 ) -> Result<()> {
-    const OP: &str = "bias_relu_assign";
-    check_len(OP, "b", b.len(), c)?;
-    check_len(OP, "y", y.len(), n * c * hw)?;
+    Maps { n, c, hw }.check_bias(b.len(), y.len())?;
     if hw == 0 || c == 0 {
         return Ok(());
     }
@@ -61,9 +60,7 @@ pub fn bias_relu_assign<T: Real>(
 
 /// db[ch] = sum over the batch and the pixels of dy[:, ch, :].
 pub fn bias_bwd<T: Real>(n: usize, c: usize, hw: usize, dy: &[T], db: &mut [T]) -> Result<()> {
-    const OP: &str = "bias_bwd";
-    check_len(OP, "dy", dy.len(), n * c * hw)?;
-    check_len(OP, "db", db.len(), c)?;
+    Maps { n, c, hw }.check_bias_bwd(dy.len(), db.len())?;
     db.par_iter_mut().enumerate().for_each(|(ch, d)| {
         let s: f64 = (0..n)
             .map(|i| sum_f64(&dy[(i * c + ch) * hw..(i * c + ch + 1) * hw]))

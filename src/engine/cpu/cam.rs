@@ -4,7 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::engine::{check_len, EngineError, Real, Result};
+use crate::engine::shapes::{check_minmax, Maps, Resize};
+use crate::engine::{Real, Result};
 
 /// `cam[i, p] = sum_c weights[c] * features[i, c, p]`.
 pub fn cam_weight<T: Real>(
@@ -15,10 +16,7 @@ pub fn cam_weight<T: Real>(
     weights: &[T],
     cam: &mut [T],
 ) -> Result<()> {
-    const OP: &str = "cam_weight";
-    check_len(OP, "features", features.len(), n * c * hw)?;
-    check_len(OP, "weights", weights.len(), c)?;
-    check_len(OP, "cam", cam.len(), n * hw)?;
+    Maps { n, c, hw }.check_cam_weight(features.len(), weights.len(), cam.len())?;
     if hw == 0 {
         return Ok(());
     }
@@ -43,10 +41,7 @@ pub fn gradcam<T: Real>(
     grads: &[T],
     out: &mut [T],
 ) -> Result<()> {
-    const OP: &str = "gradcam";
-    check_len(OP, "features", features.len(), n * c * hw)?;
-    check_len(OP, "grads", grads.len(), n * c * hw)?;
-    check_len(OP, "out", out.len(), n * hw)?;
+    Maps { n, c, hw }.check_gradcam(features.len(), grads.len(), out.len())?;
     if hw == 0 {
         return Ok(());
     }
@@ -99,17 +94,10 @@ pub fn upsample_bilinear<T: Real>(
     x: &[T],
     y: &mut [T],
 ) -> Result<()> {
-    const OP: &str = "upsample_bilinear";
-    check_len(OP, "x", x.len(), n * h * w)?;
-    check_len(OP, "y", y.len(), n * oh * ow)?;
-    if oh * ow == 0 || n == 0 {
+    let r = Resize { n, h, w, oh, ow };
+    r.check(x.len(), y.len())?;
+    if !r.has_output() {
         return Ok(());
-    }
-    if h == 0 || w == 0 {
-        return Err(EngineError::Shape {
-            op: OP,
-            detail: format!("cannot resize an empty {h}x{w} map to {oh}x{ow}"),
-        });
     }
     let ry = axis_weights::<T>(h, oh);
     let rx = axis_weights::<T>(w, ow);
@@ -130,9 +118,7 @@ pub fn upsample_bilinear<T: Real>(
 
 /// Per row of `[n, len]`: (x - min) / (max - min); a constant row becomes all zeros.
 pub fn minmax_normalize<T: Real>(n: usize, len: usize, x: &[T], y: &mut [T]) -> Result<()> {
-    const OP: &str = "minmax_normalize";
-    check_len(OP, "x", x.len(), n * len)?;
-    check_len(OP, "y", y.len(), n * len)?;
+    check_minmax(n, len, x.len(), y.len())?;
     if len == 0 {
         return Ok(());
     }

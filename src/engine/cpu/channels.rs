@@ -5,22 +5,7 @@
 use rayon::prelude::*;
 
 use crate::engine::shapes::ChannelCopy;
-use crate::engine::{check_len, EngineError, Real, Result};
-
-/// Rejects slices that do not fit their buffers.
-pub fn check_shape(op: &'static str, s: &ChannelCopy) -> Result<()> {
-    let fits = |off: usize, total: usize| off.checked_add(s.c).is_some_and(|e| e <= total);
-    if !fits(s.src_offset, s.src_channels) || !fits(s.dst_offset, s.dst_channels) {
-        return Err(EngineError::Shape {
-            op,
-            detail: format!(
-                "{} channels from {} of {} into {} of {}: a slice past the end",
-                s.c, s.src_offset, s.src_channels, s.dst_offset, s.dst_channels
-            ),
-        });
-    }
-    Ok(())
-}
+use crate::engine::{Real, Result};
 
 /// dst[i, dst_offset + k, :] = (or +=) src[i, src_offset + k, :] for k < c.
 pub fn copy_channels<T: Real>(
@@ -29,10 +14,7 @@ pub fn copy_channels<T: Real>(
     dst: &mut [T],
     accumulate: bool,
 ) -> Result<()> {
-    const OP: &str = "copy_channels";
-    check_shape(OP, s)?;
-    check_len(OP, "src", src.len(), s.src_len())?;
-    check_len(OP, "dst", dst.len(), s.dst_len())?;
+    s.check(src.len(), dst.len())?;
     let block = s.c * s.hw;
     if block == 0 || s.n == 0 {
         return Ok(());

@@ -18,33 +18,12 @@ use super::gemm::{matmul, Mat, MatMut, Par};
 use super::scratch::PoolVec;
 use super::winograd::{self, Epilogue};
 use crate::engine::shapes::Conv2d;
-use crate::engine::{check_len, EngineError, Real, Result};
+use crate::engine::{check_len, Real, Result};
 
 /// Elements of one im2col tile to aim for (1 MiB in f32, about an L2 cache).
 const TILE_ELEMS: usize = 256 * 1024;
 /// Fewest columns (output pixels) per product worth the repacking of the weights.
 const MIN_COLS: usize = 512;
-
-/// Rejects shapes for which the output size is undefined (the formulas would underflow).
-pub fn check_shape(op: &'static str, s: &Conv2d) -> Result<()> {
-    let bad = |detail: String| Err(EngineError::Shape { op, detail });
-    if s.stride == 0 {
-        return bad("stride must be at least 1".into());
-    }
-    if s.kh == 0 || s.kw == 0 {
-        return bad("kernel size must be at least 1".into());
-    }
-    if s.kh > s.h + 2 * s.pad || s.kw > s.w + 2 * s.pad {
-        return bad(format!(
-            "kernel {}x{} larger than the padded input {}x{}",
-            s.kh,
-            s.kw,
-            s.h + 2 * s.pad,
-            s.w + 2 * s.pad
-        ));
-    }
-    Ok(())
-}
 
 /// 0: not decided yet (read `ICHCAM_CONV`), 1: Winograd where it pays, 2: direct only.
 static WINOGRAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -435,10 +414,7 @@ pub fn conv2d_fwd_fused<T: Real>(
     ep: Epilogue<'_, T>,
 ) -> Result<()> {
     const OP: &str = "conv2d_fwd";
-    check_shape(OP, s)?;
-    check_len(OP, "x", x.len(), s.x_len())?;
-    check_len(OP, "w", w.len(), s.w_len())?;
-    check_len(OP, "y", y.len(), s.y_len())?;
+    s.check_fwd(x.len(), w.len(), y.len())?;
     if let Some((a, b)) = ep.affine {
         check_len(OP, "scale", a.len(), s.c_out)?;
         check_len(OP, "shift", b.len(), s.c_out)?;
@@ -529,11 +505,7 @@ fn bwd_data_chunk<T: Real>(
 
 /// dx = conv_transpose(dy, w).
 pub fn conv2d_bwd_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) -> Result<()> {
-    const OP: &str = "conv2d_bwd_data";
-    check_shape(OP, s)?;
-    check_len(OP, "dy", dy.len(), s.y_len())?;
-    check_len(OP, "w", w.len(), s.w_len())?;
-    check_len(OP, "dx", dx.len(), s.x_len())?;
+    s.check_bwd_data(dy.len(), w.len(), dx.len())?;
     let xi = s.c_in * s.h * s.w;
     let yi = s.c_out * s.out_h() * s.out_w();
     if s.n == 0 || xi == 0 {
@@ -610,11 +582,7 @@ fn bwd_weight_chunk<T: Real>(
 
 /// dw = sum over the batch of x (*) dy.
 pub fn conv2d_bwd_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) -> Result<()> {
-    const OP: &str = "conv2d_bwd_weight";
-    check_shape(OP, s)?;
-    check_len(OP, "x", x.len(), s.x_len())?;
-    check_len(OP, "dy", dy.len(), s.y_len())?;
-    check_len(OP, "dw", dw.len(), s.w_len())?;
+    s.check_bwd_weight(x.len(), dy.len(), dw.len())?;
     dw.fill(T::zero());
     let xi = s.c_in * s.h * s.w;
     let yi = s.c_out * s.out_h() * s.out_w();

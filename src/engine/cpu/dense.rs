@@ -2,7 +2,8 @@
 //! [`super::gemm::matmul`]. Also the column sum used for bias gradients.
 
 use super::gemm::{matmul, Mat, MatMut, Par};
-use crate::engine::{check_len, Real, Result};
+use crate::engine::shapes::Linear;
+use crate::engine::{Real, Result};
 
 /// `out[j] = sum_i a[i, j]` for a row-major `[rows, cols]` matrix (summed in f64).
 pub fn column_sums<T: Real>(a: &[T], rows: usize, cols: usize, out: &mut [T]) {
@@ -27,12 +28,8 @@ pub fn linear_fwd<T: Real>(
     b: Option<&[T]>,
     y: &mut [T],
 ) -> Result<()> {
-    const OP: &str = "linear_fwd";
-    check_len(OP, "x", x.len(), m * k)?;
-    check_len(OP, "w", w.len(), n * k)?;
-    check_len(OP, "y", y.len(), m * n)?;
+    Linear { m, k, n }.check_fwd(x.len(), w.len(), b.map(|b| b.len()), y.len())?;
     if let Some(b) = b {
-        check_len(OP, "b", b.len(), n)?;
         for row in y.chunks_mut(n.max(1)) {
             row.copy_from_slice(b);
         }
@@ -59,17 +56,14 @@ pub fn linear_bwd<T: Real>(
     dw: &mut [T],
     db: Option<&mut [T]>,
 ) -> Result<()> {
-    const OP: &str = "linear_bwd";
-    check_len(OP, "x", x.len(), m * k)?;
-    check_len(OP, "w", w.len(), n * k)?;
-    check_len(OP, "dy", dy.len(), m * n)?;
-    check_len(OP, "dw", dw.len(), n * k)?;
-    if let Some(dx) = &dx {
-        check_len(OP, "dx", dx.len(), m * k)?;
-    }
-    if let Some(db) = &db {
-        check_len(OP, "db", db.len(), n)?;
-    }
+    Linear { m, k, n }.check_bwd(
+        x.len(),
+        w.len(),
+        dy.len(),
+        dx.as_ref().map(|d| d.len()),
+        dw.len(),
+        db.as_ref().map(|d| d.len()),
+    )?;
     if let Some(dx) = dx {
         matmul(
             MatMut::new(dx, m, k),

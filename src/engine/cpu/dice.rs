@@ -71,21 +71,7 @@ pub fn soft_dice_loss<T: Real>(
     dprobs: &mut [T],
 ) -> Result<f64> {
     const OP: &str = "soft_dice_loss";
-    check_len(OP, "probs", probs.len(), s.len())?;
-    check_len(OP, "targets", targets.len(), s.len())?;
-    check_len(OP, "dprobs", dprobs.len(), s.len())?;
-    if s.c == 0 {
-        return Err(EngineError::Shape {
-            op: OP,
-            detail: "no channels: the mean over channels is undefined".into(),
-        });
-    }
-    if !(s.eps.is_finite() && s.eps >= 0.0) {
-        return Err(EngineError::Shape {
-            op: OP,
-            detail: format!("eps must be finite and not negative, got {}", s.eps),
-        });
-    }
+    s.check(probs.len(), targets.len(), dprobs.len())?;
     let sums = channel_sums(s, probs, targets);
     let inv_c = 1.0 / s.c as f64;
     let mut loss = 1.0;

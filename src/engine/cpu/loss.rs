@@ -2,7 +2,8 @@
 //! `loss_i = -(pw * y * log σ(x) + (1 - y) * log(1 - σ(x)))`, averaged over all elements,
 //! computed through a stable softplus (never `log(σ)` directly) and accumulated in f64.
 
-use crate::engine::{check_len, EngineError, Real, Result};
+use crate::engine::shapes::check_bce;
+use crate::engine::{Real, Result};
 
 /// log(1 + e^x) without overflow.
 fn softplus(x: f64) -> f64 {
@@ -25,15 +26,7 @@ pub fn bce_with_logits<T: Real>(
     pos_weight: f64,
     dlogits: &mut [T],
 ) -> Result<f64> {
-    const OP: &str = "bce_with_logits";
-    check_len(OP, "targets", targets.len(), logits.len())?;
-    check_len(OP, "dlogits", dlogits.len(), logits.len())?;
-    if logits.is_empty() {
-        return Err(EngineError::Shape {
-            op: OP,
-            detail: "no logits: the mean of nothing is undefined".into(),
-        });
-    }
+    check_bce(logits.len(), targets.len(), dlogits.len())?;
     let inv_n = 1.0 / logits.len() as f64;
     let pw = pos_weight;
     let mut total = 0.0;

@@ -6,15 +6,10 @@
 use super::dense::column_sums;
 use super::gemm::{matmul, Mat, MatMut, Par};
 use crate::engine::shapes::Lstm;
-use crate::engine::{check_len, Real, Result};
+use crate::engine::{Real, Result};
 
 fn sigmoid<T: Real>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())
-}
-
-fn check_weights<T>(op: &'static str, s: &Lstm, w_ih: &[T], w_hh: &[T]) -> Result<()> {
-    check_len(op, "w_ih", w_ih.len(), 4 * s.hidden * s.input)?;
-    check_len(op, "w_hh", w_hh.len(), 4 * s.hidden * s.hidden)
 }
 
 /// Forward; see [`crate::engine::Backend::lstm_fwd`].
@@ -30,16 +25,18 @@ pub fn lstm_fwd<T: Real>(
     c_seq: &mut [T],
     gates: &mut [T],
 ) -> Result<()> {
-    const OP: &str = "lstm_fwd";
     let (b, t_len, h) = (s.batch, s.seq, s.hidden);
     let g4 = 4 * h;
-    check_len(OP, "x", x.len(), s.x_len())?;
-    check_weights(OP, s, w_ih, w_hh)?;
-    check_len(OP, "b_ih", b_ih.len(), g4)?;
-    check_len(OP, "b_hh", b_hh.len(), g4)?;
-    check_len(OP, "h_seq", h_seq.len(), s.h_len())?;
-    check_len(OP, "c_seq", c_seq.len(), s.h_len())?;
-    check_len(OP, "gates", gates.len(), s.gates_len())?;
+    s.check_fwd(
+        x.len(),
+        w_ih.len(),
+        w_hh.len(),
+        b_ih.len(),
+        b_hh.len(),
+        h_seq.len(),
+        c_seq.len(),
+        gates.len(),
+    )?;
     if b * t_len * h == 0 {
         return Ok(());
     }
@@ -106,19 +103,21 @@ pub fn lstm_bwd<T: Real>(
     dw_hh: &mut [T],
     db: &mut [T],
 ) -> Result<()> {
-    const OP: &str = "lstm_bwd";
     let (b, t_len, h) = (s.batch, s.seq, s.hidden);
     let g4 = 4 * h;
-    check_len(OP, "x", x.len(), s.x_len())?;
-    check_weights(OP, s, w_ih, w_hh)?;
-    check_len(OP, "h_seq", h_seq.len(), s.h_len())?;
-    check_len(OP, "c_seq", c_seq.len(), s.h_len())?;
-    check_len(OP, "gates", gates.len(), s.gates_len())?;
-    check_len(OP, "dh_seq", dh_seq.len(), s.h_len())?;
-    check_len(OP, "dx", dx.len(), s.x_len())?;
-    check_len(OP, "dw_ih", dw_ih.len(), g4 * s.input)?;
-    check_len(OP, "dw_hh", dw_hh.len(), g4 * h)?;
-    check_len(OP, "db", db.len(), g4)?;
+    s.check_bwd(
+        x.len(),
+        w_ih.len(),
+        w_hh.len(),
+        h_seq.len(),
+        c_seq.len(),
+        gates.len(),
+        dh_seq.len(),
+        dx.len(),
+        dw_ih.len(),
+        dw_hh.len(),
+        db.len(),
+    )?;
     dx.fill(T::zero());
     dw_ih.fill(T::zero());
     dw_hh.fill(T::zero());

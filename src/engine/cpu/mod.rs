@@ -8,20 +8,24 @@
 
 pub mod bias;
 pub mod cam;
+pub mod ccl;
 pub mod channels;
 pub mod conv;
 pub mod dense;
 pub mod dice;
 pub mod elementwise;
 pub mod gemm;
+pub mod kmeans;
 pub mod loss;
 pub mod lstm;
+pub mod morph;
 pub mod norm;
 pub mod optim;
 pub mod pool;
 pub mod scratch;
 pub mod simd;
 pub mod upconv;
+pub mod volume;
 pub mod winograd;
 
 use std::marker::PhantomData;

@@ -9,20 +9,7 @@
 use rayon::prelude::*;
 
 use crate::engine::shapes::BatchNorm2d;
-use crate::engine::{check_len, EngineError, Real, Result};
-
-fn check_params<T>(op: &'static str, s: &BatchNorm2d, per_channel: &[(&str, &[T])]) -> Result<()> {
-    for (what, b) in per_channel {
-        check_len(op, what, b.len(), s.c)?;
-    }
-    if !s.eps.is_finite() || s.eps <= 0.0 {
-        return Err(EngineError::Shape {
-            op,
-            detail: format!("eps must be positive, got {}", s.eps),
-        });
-    }
-    Ok(())
-}
+use crate::engine::{Real, Result};
 
 /// Elements summed in `T` before the partial sum moves to f64: long enough for SIMD, short
 /// enough that f32 rounding stays at the 1e-7 level.
@@ -132,28 +119,17 @@ pub fn batchnorm_train_fwd<T: Real>(
     y: &mut [T],
     relu: bool,
 ) -> Result<()> {
-    const OP: &str = "batchnorm_train_fwd";
-    check_len(OP, "x", x.len(), s.len())?;
-    check_len(OP, "y", y.len(), s.len())?;
-    check_params(
-        OP,
-        s,
-        &[
-            ("gamma", gamma),
-            ("beta", beta),
-            ("running_mean", running_mean),
-            ("running_var", running_var),
-            ("save_mean", save_mean),
-            ("save_invstd", save_invstd),
-        ],
+    s.check_train_fwd(
+        x.len(),
+        y.len(),
+        gamma.len(),
+        beta.len(),
+        running_mean.len(),
+        running_var.len(),
+        save_mean.len(),
+        save_invstd.len(),
     )?;
     let count = s.n * s.hw;
-    if count < 2 {
-        return Err(EngineError::Shape {
-            op: OP,
-            detail: format!("training needs more than one value per channel, got n*hw = {count}"),
-        });
-    }
     let stats: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
         .map(|ch| channel_stats(s, ch, x, count))
@@ -189,18 +165,13 @@ pub fn batchnorm_eval_fwd<T: Real>(
     y: &mut [T],
     relu: bool,
 ) -> Result<()> {
-    const OP: &str = "batchnorm_eval_fwd";
-    check_len(OP, "x", x.len(), s.len())?;
-    check_len(OP, "y", y.len(), s.len())?;
-    check_params(
-        OP,
-        s,
-        &[
-            ("gamma", gamma),
-            ("beta", beta),
-            ("running_mean", running_mean),
-            ("running_var", running_var),
-        ],
+    s.check_eval_fwd(
+        x.len(),
+        y.len(),
+        gamma.len(),
+        beta.len(),
+        running_mean.len(),
+        running_var.len(),
     )?;
     let (scale, shift) = eval_scale_shift(s, gamma, beta, running_mean, running_var)?;
     affine(s, x, &scale, &shift, y, relu);
@@ -216,14 +187,13 @@ pub fn eval_scale_shift<T: Real>(
     running_mean: &[T],
     running_var: &[T],
 ) -> Result<(Vec<T>, Vec<T>)> {
-    check_params(
+    s.check_params(
         "batchnorm_eval_fwd",
-        s,
         &[
-            ("gamma", gamma),
-            ("beta", beta),
-            ("running_mean", running_mean),
-            ("running_var", running_var),
+            ("gamma", gamma.len()),
+            ("beta", beta.len()),
+            ("running_mean", running_mean.len()),
+            ("running_var", running_var.len()),
         ],
     )?;
     let mut scale = vec![T::zero(); s.c];
@@ -283,21 +253,16 @@ pub fn batchnorm_bwd<T: Real>(
     dbeta: &mut [T],
     relu: bool,
 ) -> Result<()> {
-    const OP: &str = "batchnorm_bwd";
-    for (what, b) in [("x", x), ("y", y), ("dy", dy)] {
-        check_len(OP, what, b.len(), s.len())?;
-    }
-    check_len(OP, "dx", dx.len(), s.len())?;
-    check_params(
-        OP,
-        s,
-        &[
-            ("gamma", gamma),
-            ("save_mean", save_mean),
-            ("save_invstd", save_invstd),
-            ("dgamma", dgamma),
-            ("dbeta", dbeta),
-        ],
+    s.check_bwd(
+        x.len(),
+        y.len(),
+        dy.len(),
+        dx.len(),
+        gamma.len(),
+        save_mean.len(),
+        save_invstd.len(),
+        dgamma.len(),
+        dbeta.len(),
     )?;
     let count = (s.n * s.hw) as f64;
     let sums: Vec<(f64, f64)> = (0..s.c)

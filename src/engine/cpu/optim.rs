@@ -5,7 +5,8 @@
 
 use rayon::prelude::*;
 
-use crate::engine::{check_len, EngineError, Real, Result};
+use crate::engine::shapes::{check_adam, check_sgd};
+use crate::engine::{Real, Result};
 
 const CHUNK: usize = 1 << 14;
 
@@ -20,8 +21,7 @@ pub fn sgd_step<T: Real>(
     weight_decay: f64,
     first_step: bool,
 ) -> Result<()> {
-    check_len("sgd_step", "g", g.len(), p.len())?;
-    check_len("sgd_step", "m", m.len(), p.len())?;
+    check_sgd(p.len(), g.len(), m.len())?;
     let (lr, mom, wd) = (
         T::from_f64_lossy(lr),
         T::from_f64_lossy(momentum),
@@ -61,16 +61,7 @@ pub fn adam_step<T: Real>(
     eps: f64,
     weight_decay: f64,
 ) -> Result<()> {
-    const OP: &str = "adam_step";
-    check_len(OP, "g", g.len(), p.len())?;
-    check_len(OP, "m", m.len(), p.len())?;
-    check_len(OP, "v", v.len(), p.len())?;
-    if step == 0 {
-        return Err(EngineError::Shape {
-            op: OP,
-            detail: "step counts from 1".into(),
-        });
-    }
+    check_adam(p.len(), g.len(), m.len(), v.len(), step)?;
     let t = step.min(i32::MAX as u64) as i32;
     let bc1 = 1.0 - beta1.powi(t);
     let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();

@@ -4,31 +4,11 @@
 
 use rayon::prelude::*;
 
-use crate::engine::shapes::Pool2d;
-use crate::engine::{check_len, EngineError, Real, Result};
-
-fn check_shape(op: &'static str, s: &Pool2d) -> Result<()> {
-    let bad = |detail: String| Err(EngineError::Shape { op, detail });
-    if s.k == 0 || s.stride == 0 {
-        return bad("kernel and stride must be at least 1".into());
-    }
-    // PyTorch's rule: a window must never lie entirely in the padding.
-    if 2 * s.pad > s.k {
-        return bad(format!("padding {} exceeds half the kernel {}", s.pad, s.k));
-    }
-    if s.k > s.h + 2 * s.pad || s.k > s.w + 2 * s.pad {
-        return bad(format!(
-            "kernel {} larger than the padded input {}x{}",
-            s.k,
-            s.h + 2 * s.pad,
-            s.w + 2 * s.pad
-        ));
-    }
-    Ok(())
-}
+use crate::engine::shapes::{Pool2d, RowMean};
+use crate::engine::{Real, Result};
 
 /// The clipped input range `[lo, hi)` of each output position along one axis.
-/// `check_shape` guarantees every range is non-empty.
+/// [`Pool2d::check`] guarantees every range is non-empty.
 fn windows(s: &Pool2d, input: usize, output: usize) -> Vec<(usize, usize)> {
     (0..output)
         .map(|o| {
@@ -77,10 +57,7 @@ fn argmax<T: Real>(
 /// Forward, separably: the max over each row's horizontal windows, then over the vertical
 /// windows of those (contiguous, so it vectorises).
 pub fn maxpool2d_fwd<T: Real>(s: &Pool2d, x: &[T], y: &mut [T]) -> Result<()> {
-    const OP: &str = "maxpool2d_fwd";
-    check_shape(OP, s)?;
-    check_len(OP, "x", x.len(), s.x_len())?;
-    check_len(OP, "y", y.len(), s.y_len())?;
+    s.check_fwd(x.len(), y.len())?;
     let (oh, ow) = (s.out_h(), s.out_w());
     if oh * ow == 0 || s.h * s.w == 0 {
         return Ok(());
@@ -129,12 +106,7 @@ crate::multiversion!(pool_plane, pool_plane_body, <T: Real>, (
 /// forward's output there, which is the first maximum; if `y` does not match `x` (not the
 /// forward's output), the maximum is searched for directly.
 pub fn maxpool2d_bwd<T: Real>(s: &Pool2d, x: &[T], y: &[T], dy: &[T], dx: &mut [T]) -> Result<()> {
-    const OP: &str = "maxpool2d_bwd";
-    check_shape(OP, s)?;
-    check_len(OP, "x", x.len(), s.x_len())?;
-    check_len(OP, "y", y.len(), s.y_len())?;
-    check_len(OP, "dy", dy.len(), s.y_len())?;
-    check_len(OP, "dx", dx.len(), s.x_len())?;
+    s.check_bwd(x.len(), y.len(), dy.len(), dx.len())?;
     let (oh, ow) = (s.out_h(), s.out_w());
     if s.h * s.w == 0 {
         return Ok(());
@@ -170,15 +142,7 @@ pub fn maxpool2d_bwd<T: Real>(s: &Pool2d, x: &[T], y: &[T], dy: &[T], dx: &mut [
 
 /// `y[i] = mean of x[i, 0..hw]`.
 pub fn global_avg_pool_fwd<T: Real>(rows: usize, hw: usize, x: &[T], y: &mut [T]) -> Result<()> {
-    const OP: &str = "global_avg_pool_fwd";
-    check_len(OP, "x", x.len(), rows * hw)?;
-    check_len(OP, "y", y.len(), rows)?;
-    if hw == 0 {
-        return Err(EngineError::Shape {
-            op: OP,
-            detail: "cannot average over hw = 0".into(),
-        });
-    }
+    RowMean { rows, hw }.check_fwd(x.len(), y.len())?;
     let inv = T::one() / T::from_usize(hw).unwrap_or_else(T::one);
     y.par_iter_mut().zip(x.par_chunks(hw)).for_each(|(o, xr)| {
         *o = xr.iter().copied().sum::<T>() * inv;
@@ -188,15 +152,7 @@ pub fn global_avg_pool_fwd<T: Real>(rows: usize, hw: usize, x: &[T], y: &mut [T]
 
 /// `dx[i, p] = dy[i] / hw`.
 pub fn global_avg_pool_bwd<T: Real>(rows: usize, hw: usize, dy: &[T], dx: &mut [T]) -> Result<()> {
-    const OP: &str = "global_avg_pool_bwd";
-    check_len(OP, "dy", dy.len(), rows)?;
-    check_len(OP, "dx", dx.len(), rows * hw)?;
-    if hw == 0 {
-        return Err(EngineError::Shape {
-            op: OP,
-            detail: "cannot average over hw = 0".into(),
-        });
-    }
+    RowMean { rows, hw }.check_bwd(dy.len(), dx.len())?;
     let inv = T::one() / T::from_usize(hw).unwrap_or_else(T::one);
     dx.par_chunks_mut(hw)
         .zip(dy.par_iter())

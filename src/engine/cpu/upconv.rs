@@ -15,25 +15,7 @@ use rayon::prelude::*;
 use super::bias::sum_f64;
 use super::gemm::{matmul, Mat, MatMut, Par};
 use crate::engine::shapes::UpConv2d;
-use crate::engine::{check_len, EngineError, Real, Result};
-
-/// Rejects shapes the op cannot hold.
-pub fn check_shape(op: &'static str, s: &UpConv2d) -> Result<()> {
-    let bad = |detail: String| Err(EngineError::Shape { op, detail });
-    if s.k == 0 {
-        return bad("kernel size must be at least 1".into());
-    }
-    if s.y_offset
-        .checked_add(s.c_out)
-        .is_none_or(|e| e > s.y_channels)
-    {
-        return bad(format!(
-            "{} output channels at offset {} do not fit {} channels",
-            s.c_out, s.y_offset, s.y_channels
-        ));
-    }
-    Ok(())
-}
+use crate::engine::{Real, Result};
 
 /// The plane of output rows `(co, a, b)` of image `img` of y, scattered from/to `z`.
 fn scatter_add_bias<T: Real>(s: &UpConv2d, z: &[T], bias: &[T], y_img: &mut [T]) {
@@ -88,12 +70,7 @@ fn parallel_images(n: usize) -> bool {
 
 /// Forward; see [`crate::engine::Backend::upconv2d_fwd`].
 pub fn upconv2d_fwd<T: Real>(s: &UpConv2d, x: &[T], w: &[T], b: &[T], y: &mut [T]) -> Result<()> {
-    const OP: &str = "upconv2d_fwd";
-    check_shape(OP, s)?;
-    check_len(OP, "x", x.len(), s.x_len())?;
-    check_len(OP, "w", w.len(), s.w_len())?;
-    check_len(OP, "b", b.len(), s.c_out)?;
-    check_len(OP, "y", y.len(), s.y_len())?;
+    s.check_fwd(x.len(), w.len(), b.len(), y.len())?;
     let hw = s.h * s.w;
     let ckk = s.c_out * s.k * s.k;
     let (x_img, y_img) = (s.c_in * hw, s.y_channels * s.out_h() * s.out_w());
@@ -143,14 +120,7 @@ pub fn upconv2d_bwd<T: Real>(
     dw: &mut [T],
     db: &mut [T],
 ) -> Result<()> {
-    const OP: &str = "upconv2d_bwd";
-    check_shape(OP, s)?;
-    check_len(OP, "x", x.len(), s.x_len())?;
-    check_len(OP, "w", w.len(), s.w_len())?;
-    check_len(OP, "dy", dy.len(), s.y_len())?;
-    check_len(OP, "dx", dx.len(), s.x_len())?;
-    check_len(OP, "dw", dw.len(), s.w_len())?;
-    check_len(OP, "db", db.len(), s.c_out)?;
+    s.check_bwd(x.len(), w.len(), dy.len(), dx.len(), dw.len(), db.len())?;
     let hw = s.h * s.w;
     let ckk = s.c_out * s.k * s.k;
     let (x_img, y_img) = (s.c_in * hw, s.y_channels * s.out_h() * s.out_w());

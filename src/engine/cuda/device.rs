@@ -1,6 +1,6 @@
-//! GPU discovery that never panics: whether the CUDA driver and NVRTC libraries load, the
-//! devices with their compute capability and memory, and the choice behind `--device`
-//! (auto falls back to the CPU with one clear reason). cudarc (dynamic loading) panics on
+//! GPU discovery that never panics: whether the CUDA driver and NVRTC libraries load, and
+//! the devices with their compute capability and memory (`--device` itself is resolved in
+//! [`crate::engine::device`]). cudarc (dynamic loading) panics on
 //! first use of a missing library, so every probe checks `is_culib_present` first and runs
 //! inside `catch_unwind` as a second guard. Also the driver errors as `EngineError`s: a
 //! failure that a kernel raised asynchronously (reported by a later call) names the
@@ -23,16 +23,6 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
     pub total_mem: usize,
     pub multiprocessors: i32,
-}
-
-/// What `--device` resolves to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DeviceChoice {
-    /// The CPU backend; `reason` says why auto did not pick a GPU (None when asked for).
-    Cpu {
-        reason: Option<String>,
-    },
-    Cuda(DeviceInfo),
 }
 
 /// Whether libcuda (the driver) loads.
@@ -117,53 +107,7 @@ fn device_info(ordinal: usize) -> Result<DeviceInfo> {
     })
 }
 
-/// Resolves `--device`: `auto` (the first GPU, else the CPU with a reason), `cpu`, `cuda`
-/// or `cuda:N` (an error when that GPU is not there).
-pub fn pick_device(choice: &str) -> Result<DeviceChoice> {
-    let choice = choice.trim().to_ascii_lowercase();
-    match choice.as_str() {
-        "cpu" => Ok(DeviceChoice::Cpu { reason: None }),
-        "auto" => match cuda_available() {
-            Ok(devs) => match devs.into_iter().next() {
-                Some(d) => Ok(DeviceChoice::Cuda(d)),
-                None => Ok(DeviceChoice::Cpu {
-                    reason: Some("no GPU found".into()),
-                }),
-            },
-            Err(e) => Ok(DeviceChoice::Cpu {
-                reason: Some(reason_line(&e)),
-            }),
-        },
-        _ => {
-            let ordinal = match choice.as_str() {
-                "cuda" | "gpu" => 0,
-                s => match s
-                    .strip_prefix("cuda:")
-                    .and_then(|n| n.parse::<usize>().ok())
-                {
-                    Some(n) => n,
-                    None => {
-                        return Err(EngineError::NoCuda(format!(
-                            "unknown device `{choice}`: use auto, cpu, cuda or cuda:N"
-                        )))
-                    }
-                },
-            };
-            let devs = cuda_available()?;
-            let n = devs.len();
-            devs.into_iter()
-                .nth(ordinal)
-                .map(DeviceChoice::Cuda)
-                .ok_or_else(|| {
-                    EngineError::NoCuda(format!(
-                        "asked for cuda:{ordinal} but the driver reports {n} GPU(s)"
-                    ))
-                })
-        }
-    }
-}
-
-/// The one line `auto` prints when it falls back to the CPU.
+/// A CUDA error as one line (the reason `--device auto` gives for falling back to the CPU).
 pub fn reason_line(e: &EngineError) -> String {
     match e {
         EngineError::NoCuda(m) => m.clone(),
@@ -216,7 +160,8 @@ fn is_async_failure(code: sys::CUresult) -> bool {
 
 /// The kernels this thread launched since its last completed synchronisation.
 struct LaunchLog {
-    recent: VecDeque<String>,
+    /// (module, kernel) of the most recent launches.
+    recent: VecDeque<(&'static str, &'static str)>,
     count: u64,
 }
 
@@ -237,7 +182,11 @@ impl LaunchLog {
         if self.count == 0 {
             return String::new();
         }
-        let names: Vec<&str> = self.recent.iter().map(String::as_str).collect();
+        let names: Vec<String> = self
+            .recent
+            .iter()
+            .map(|(m, k)| format!("{m}::{k}"))
+            .collect();
         if self.count == 1 {
             return format!(
                 "; raised asynchronously by the launch of {} (the only launch since the last synchronisation)",
@@ -255,13 +204,13 @@ impl LaunchLog {
 }
 
 /// Records a launch of `module::name` on this thread (for [`cuda`]'s error messages).
-pub(crate) fn launched(module: &str, name: &str) {
+pub(crate) fn launched(module: &'static str, name: &'static str) {
     LAUNCHES.with(|l| {
         let mut l = l.borrow_mut();
         if l.recent.len() == LOG_LEN {
             l.recent.pop_front();
         }
-        l.recent.push_back(format!("{module}::{name}"));
+        l.recent.push_back((module, name));
         l.count += 1;
     });
 }
@@ -293,8 +242,9 @@ mod tests {
         };
         assert_eq!(op, "download");
         assert!(msg.contains("by the launch of ccl::ccl_merge_vox"), "{msg}");
-        for i in 0..10 {
-            launched("norm", &format!("k{i}"));
+        const K: [&str; 10] = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"];
+        for k in K {
+            launched("norm", k);
         }
         let EngineError::Cuda { msg, .. } = cuda("synchronize", e) else {
             panic!("not a Cuda error")

@@ -2,14 +2,37 @@
 //! Never panics on a machine without a driver or GPU: discovery ([`device`]) checks that
 //! the libraries load before touching them, and every failure is an `EngineError`.
 //!
-//! - [`device`]: driver/NVRTC presence, devices, `--device` resolution;
-//! - [`module`]: the embedded kernel table and the per-context module/function cache;
-//! - [`backend`]: [`CudaBackend`], the op trait over `CudaSlice<f32>`.
+//! - [`device`]: driver/NVRTC presence, the devices;
+//! - [`module`]: the embedded kernel table and the per-context module cache;
+//! - `launch`: typed kernel launches, each kernel's handle and PTX parameter list loaded once;
+//! - [`backend`]: [`CudaBackend`], the op trait over `CudaSlice<f32>`;
+//! - one module per op family, each the twin of `cpu/<family>.rs` and `kernels/<family>.cu`
+//!   (`bias`, `cam`, `channels`, `conv`, `dense`, `dice`, `elementwise`, `loss`, `lstm`,
+//!   `norm`, `optim`, `pool`, `upconv`), and the volume ops of
+//!   [`crate::engine::VolumeOps`]: [`ccl`], [`kmeans`], [`morph`], [`volume`].
 
 pub mod backend;
+mod bias;
+mod cam;
+pub mod ccl;
+mod channels;
+mod conv;
+mod dense;
 pub mod device;
+mod dice;
+mod elementwise;
+pub mod kmeans;
+mod launch;
+mod loss;
+mod lstm;
 pub mod module;
-pub mod seg;
+pub mod morph;
+mod norm;
+mod optim;
+mod pool;
+mod upconv;
+pub mod volume;
 
-pub use backend::{CudaBackend, KArg};
-pub use device::{cuda_available, pick_device, DeviceChoice, DeviceInfo};
+pub use backend::CudaBackend;
+pub use device::{cuda_available, DeviceInfo};
+pub use launch::KArg;

@@ -1,40 +1,63 @@
-//! Binary morphology in the slice plane (per `z`): dilation and erosion with a cross or a
-//! square. Slices never bleed into each other, so a slice the classifier called negative
-//! stays empty. Knows nothing of CT.
+//! Binary morphology in the slice plane (per `z`) on the CPU, mirroring `cuda/morph.rs` and
+//! `kernels/morph.cu`: dilation and erosion with a cross or a square. Slices never bleed
+//! into each other, so an empty slice stays empty. Knows nothing beyond 0/1 volumes.
 
-use crate::io::Mask;
+use ndarray::Array3;
 use rayon::prelude::*;
 
-/// In-plane structuring element of radius `r`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Structuring {
-    /// The 4-neighbour cross applied `r` times (a diamond, `|dy| + |dx| <= r`).
-    Cross,
-    /// The `(2r+1) x (2r+1)` square (8-neighbour for `r = 1`).
-    Square,
-}
+use crate::engine::volume::{check, Dims, Structuring};
+use crate::engine::Result;
 
 /// Binary dilation of every slice (non-zero = foreground; output is 0/1).
-pub fn dilate(mask: &Mask, radius: usize, shape: Structuring) -> Mask {
+pub fn dilate(mask: &Array3<u8>, radius: usize, shape: Structuring) -> Array3<u8> {
     morph(mask, radius, shape, true)
 }
 
 /// Binary erosion of every slice; outside the slice counts as background, so objects
 /// touching the border shrink from it too.
-pub fn erode(mask: &Mask, radius: usize, shape: Structuring) -> Mask {
+pub fn erode(mask: &Array3<u8>, radius: usize, shape: Structuring) -> Array3<u8> {
     morph(mask, radius, shape, false)
 }
 
-fn morph(mask: &Mask, radius: usize, shape: Structuring, dilate: bool) -> Mask {
+fn morph(mask: &Array3<u8>, radius: usize, shape: Structuring, dilate: bool) -> Array3<u8> {
     // `mapv` gives a standard-layout array: each slice is one contiguous row-major chunk.
     let mut out = mask.mapv(|v| u8::from(v != 0));
     let (_, h, w) = out.dim();
-    if radius == 0 || h * w == 0 {
-        return out;
+    if let Some(data) = out.as_slice_mut() {
+        morph_planes(data, h, w, radius, shape, dilate);
     }
-    let Some(data) = out.as_slice_mut() else {
-        return out;
-    };
+    out
+}
+
+/// `out` = the dilation (`dilate`) or erosion of every slice of `src` `[z, y, x]`.
+pub fn morph2d(
+    src: &[u8],
+    dims: Dims,
+    radius: usize,
+    shape: Structuring,
+    dilate: bool,
+    out: &mut [u8],
+) -> Result<()> {
+    check::same_volume("morph2d", dims, src.len(), out.len())?;
+    out.par_iter_mut()
+        .zip(src.par_iter())
+        .for_each(|(o, &v)| *o = u8::from(v != 0));
+    morph_planes(out, dims.1, dims.2, radius, shape, dilate);
+    Ok(())
+}
+
+/// The operation in place on every `h x w` plane of the 0/1 bytes `data`.
+fn morph_planes(
+    data: &mut [u8],
+    h: usize,
+    w: usize,
+    radius: usize,
+    shape: Structuring,
+    dilate: bool,
+) {
+    if radius == 0 || h * w == 0 {
+        return;
+    }
     data.par_chunks_mut(h * w).for_each(|s| {
         // An empty slice stays empty under both operations (most slices of a volume).
         if s.iter().all(|&v| v == 0) {
@@ -56,7 +79,6 @@ fn morph(mask: &Mask, radius: usize, shape: Structuring, dilate: bool) -> Mask {
             }
         }
     });
-    out
 }
 
 /// 1-D max (dilate) or min (erode) filter of half-width `r` along x, by a running count of

@@ -1,6 +1,6 @@
 //! Shared by the hostile-input regression tests (`tests/hostile.rs`) and the fuzz harness
 //! (`tests/fuzz.rs`): seed files (a small head-CT-like volume as `.nii` and `.nii.gz`, a
-//! DICOM series, a model file, a slice-label dataset), a seeded RNG, running the binary
+//! DICOM series, a model file, a slice-label dataset), running the binary
 //! under an address-space limit with its outcome classified, and the check that an output
 //! folder holds only complete sets of outputs.
 #![allow(dead_code)]
@@ -32,29 +32,6 @@ pub const OUTPUT_FILES: [&str; 5] = [
 
 /// The U-Net's map, written only by models with a stage-3 U-Net.
 pub const UNET_OUTPUT: &str = "unet.nii.gz";
-
-/// SplitMix64: a small seeded generator (no dependency).
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-    pub fn chance(&mut self, p: f64) -> bool {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len())]
-    }
-}
 
 /// A 16 x 48 x 48 head-CT-like volume: air, a skull ring, brain, and a bright lesion.
 pub fn phantom(slices: usize) -> Volume {

@@ -1,15 +1,16 @@
-//! 1-D k-means (Lloyd) for the pseudo-masks: intensities in, cluster centroids and
-//! assignments out. Knows nothing of CT beyond "a list of f32 values".
+//! 1-D k-means (Lloyd) on the CPU, mirroring `cuda/kmeans.rs` and `kernels/kmeans.cu`:
+//! values in, cluster centroids and assignments out, also per segment of a volume over the
+//! voxels of a region. Knows nothing beyond "a list of f32 values".
 //!
-//! The steps are split into [`init_centroids`], [`assign`] and [`update`] so that a GPU
-//! version can mirror them and reach the same result: `assign` picks the nearest centroid by
+//! The steps are split into [`init_centroids`], [`assign`] and [`update`] so that the GPU
+//! version mirrors them and reaches the same result: `assign` picks the nearest centroid by
 //! `|v - c|` in f32 with ties going to the lowest index, `update` sums in f64 and stores the
 //! mean as f32, and an empty cluster keeps its centroid.
 
-/// The authors' number of clusters.
-pub const DEFAULT_K: usize = 4;
-/// Lloyd iterations at most (it stops earlier once no assignment changes).
-pub const DEFAULT_MAX_ITER: usize = 50;
+use rayon::prelude::*;
+
+use crate::engine::volume::Clusters;
+use crate::engine::{check_len, Result};
 
 /// The outcome of one k-means run.
 #[derive(Clone, Debug, PartialEq)]
@@ -149,4 +150,42 @@ pub fn kmeans_1d_from(values: &[f32], init: Vec<f32>, max_iter: usize) -> KMeans
         iterations,
         converged,
     }
+}
+
+/// [`kmeans_1d`] on each of `segments` runs of `seg_len` consecutive values (in parallel),
+/// over the values whose `region` byte is non-zero, in order.
+pub fn kmeans_segments(
+    values: &[f32],
+    region: &[u8],
+    segments: usize,
+    seg_len: usize,
+    k: usize,
+    max_iter: usize,
+) -> Result<Clusters> {
+    const OP: &str = "kmeans";
+    let n = segments.saturating_mul(seg_len);
+    check_len(OP, "values", values.len(), n)?;
+    check_len(OP, "region", region.len(), n)?;
+    let k = k.clamp(1, 255);
+    let per: Vec<KMeans> = (0..segments)
+        .into_par_iter()
+        .map(|s| {
+            let r = s * seg_len..(s + 1) * seg_len;
+            let v: Vec<f32> = values[r.clone()]
+                .iter()
+                .zip(&region[r])
+                .filter(|(_, &m)| m != 0)
+                .map(|(&v, _)| v)
+                .collect();
+            kmeans_1d(&v, k, max_iter)
+        })
+        .collect();
+    Ok(Clusters {
+        k,
+        centroids: per
+            .iter()
+            .flat_map(|m| m.centroids.iter().copied())
+            .collect(),
+        counts: per.iter().flat_map(|m| m.counts.iter().copied()).collect(),
+    })
 }

@@ -1,0 +1,162 @@
+//! Class activation maps on the device (`kernels/cam.cu`, mirroring `cpu/cam.rs`): the
+//! channel-weighted sum of feature maps, Grad-CAM (per-channel gradient means, then the
+//! weighted sum and a ReLU), the bilinear resize and the per-row min-max normalisation.
+
+use cudarc::driver::CudaSlice;
+
+use super::launch::{blocks, dim, grid, int_args, kernels};
+use super::CudaBackend;
+use crate::engine::shapes::{check_minmax, Maps, Resize};
+use crate::engine::{EngineError, Result};
+
+kernels!("cam" {
+    weight: "cam_weight",
+    row_mean: "row_mean",
+    gradcam_combine: "gradcam_combine",
+    upsample: "upsample_bilinear",
+    minmax: "minmax_normalize",
+});
+
+fn kernels(be: &CudaBackend) -> Result<&Kernels> {
+    be.families.cam.get(|| Kernels::load(be.modules()))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cam_weight(
+    be: &CudaBackend,
+    n: usize,
+    c: usize,
+    hw: usize,
+    features: &CudaSlice<f32>,
+    weights: &CudaSlice<f32>,
+    cam: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let maps = Maps { n, c, hw };
+    maps.check_cam_weight(features.len(), weights.len(), cam.len())?;
+    if n * hw == 0 {
+        return Ok(());
+    }
+    dim(maps.len())?;
+    let a = int_args([n, c, hw])?;
+    // SAFETY: features hold n*c*hw values, weights c and cam n*hw (checked).
+    unsafe {
+        kernels(be)?
+            .weight
+            .on(be.stream())
+            .arg(features)
+            .arg(weights)
+            .arg(cam)
+            .ints(&a)
+            .launch(grid(n * hw))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gradcam(
+    be: &CudaBackend,
+    n: usize,
+    c: usize,
+    hw: usize,
+    features: &CudaSlice<f32>,
+    grads: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "gradcam";
+    let maps = Maps { n, c, hw };
+    maps.check_gradcam(features.len(), grads.len(), out.len())?;
+    if n * hw == 0 {
+        return Ok(());
+    }
+    dim(maps.len())?;
+    let k = kernels(be)?;
+    let mut alpha = be.alloc::<f32>(n * c)?;
+    if n * c > 0 {
+        // One warp per (image, channel) row.
+        let cfg = blocks(OP, ((n * c * 32).div_ceil(256), 1, 1), 256)?;
+        let a = int_args([n * c, hw])?;
+        // SAFETY: grads hold n*c rows of hw values, alpha n*c.
+        unsafe {
+            k.row_mean
+                .on(be.stream())
+                .arg(grads)
+                .arg(&mut alpha)
+                .ints(&a)
+                .launch(cfg)?;
+        }
+    }
+    let a = int_args([n, c, hw])?;
+    // SAFETY: features hold n*c*hw values, alpha n*c and out n*hw (checked).
+    unsafe {
+        k.gradcam_combine
+            .on(be.stream())
+            .arg(features)
+            .arg(&alpha)
+            .arg(out)
+            .ints(&a)
+            .launch(grid(n * hw))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn upsample_bilinear(
+    be: &CudaBackend,
+    n: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let r = Resize { n, h, w, oh, ow };
+    r.check(x.len(), y.len())?;
+    if !r.has_output() {
+        return Ok(());
+    }
+    int_args([n * h * w, n * oh * ow])?;
+    let a = int_args([n, h, w, oh, ow])?;
+    // SAFETY: x holds n*h*w values and y n*oh*ow (checked).
+    unsafe {
+        kernels(be)?
+            .upsample
+            .on(be.stream())
+            .arg(x)
+            .arg(y)
+            .ints(&a)
+            .launch(grid(n * oh * ow))
+    }
+}
+
+pub(crate) fn minmax_normalize(
+    be: &CudaBackend,
+    n: usize,
+    len: usize,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "minmax_normalize";
+    check_minmax(n, len, x.len(), y.len())?;
+    if n * len == 0 {
+        return Ok(());
+    }
+    if n > i32::MAX as usize {
+        return Err(EngineError::Shape {
+            op: OP,
+            detail: format!("{n} rows exceed the grid limit"),
+        });
+    }
+    dim(n * len)?;
+    // One block per row.
+    let cfg = blocks(OP, (n, 1, 1), 256)?;
+    let a = int_args([n, len])?;
+    // SAFETY: x and y hold n*len values (checked).
+    unsafe {
+        kernels(be)?
+            .minmax
+            .on(be.stream())
+            .arg(x)
+            .arg(y)
+            .ints(&a)
+            .launch(cfg)
+    }
+}

@@ -1,0 +1,249 @@
+//! Batch norm on the device (`kernels/norm.cu`, mirroring `cpu/norm.rs`): training mode
+//! (per-channel mean, then squared deviations from it, as f64 partial sums per block and a
+//! per-channel finish; running stats updated), eval mode, and the backward pass.
+
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::launch::{blocks, grid, int_args, kernels, NULL};
+use super::CudaBackend;
+use crate::engine::shapes::BatchNorm2d;
+use crate::engine::Result;
+
+kernels!("norm" {
+    partial: "bn_partial",
+    finalize_mean: "bn_finalize_mean",
+    finalize_var: "bn_finalize_var",
+    apply: "bn_apply",
+    eval_fwd: "bn_eval_fwd",
+    bwd_partial: "bn_bwd_partial",
+    bwd_finalize: "bn_bwd_finalize",
+    bwd_apply: "bn_bwd_apply",
+});
+
+fn kernels(be: &CudaBackend) -> Result<&Kernels> {
+    be.families.norm.get(|| Kernels::load(be.modules()))
+}
+
+/// The reduction's launch shapes: (split blocks x channels of 512 threads, one thread per
+/// channel) and the split and chunk sizes.
+fn reduction(
+    be: &CudaBackend,
+    op: &'static str,
+    s: &BatchNorm2d,
+) -> Result<(LaunchConfig, LaunchConfig, usize, usize)> {
+    let (split, chunk) = be.reduce_split(s.n * s.hw, s.c);
+    // One block row per channel: C is the grid's y dimension.
+    let red = blocks(op, (split, s.c, 1), 512)?;
+    let per_c = blocks(op, (s.c.div_ceil(256), 1, 1), 256)?;
+    Ok((red, per_c, split, chunk))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batchnorm_train_fwd(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    x: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &mut CudaSlice<f32>,
+    running_var: &mut CudaSlice<f32>,
+    save_mean: &mut CudaSlice<f32>,
+    save_invstd: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    relu: bool,
+) -> Result<()> {
+    s.check_train_fwd(
+        x.len(),
+        y.len(),
+        gamma.len(),
+        beta.len(),
+        running_mean.len(),
+        running_var.len(),
+        save_mean.len(),
+        save_invstd.len(),
+    )?;
+    if s.c == 0 {
+        return Ok(());
+    }
+    let (red, per_c, split, chunk) = reduction(be, "batchnorm_train_fwd", s)?;
+    let mut part = be.alloc::<f64>(s.c * split)?;
+    let mut stats = be.alloc::<f64>(2 * s.c)?;
+    let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
+    let relu = relu as i32;
+    let (eps, momentum) = (s.eps, s.momentum);
+    let k = kernels(be)?;
+    let st = be.stream();
+    // SAFETY: x holds n*c*hw values (checked), the per-channel buffers c each, `part` one
+    // partial sum per (channel, split) and `stats` two per channel.
+    unsafe {
+        // The mean, then the squared deviations from it (two passes), then normalise.
+        k.partial
+            .on(st)
+            .arg(x)
+            .arg(&NULL)
+            .arg(&mut part)
+            .ints(&[n, c, hw, chunk])
+            .launch(red)?;
+        k.finalize_mean
+            .on(st)
+            .arg(&part)
+            .arg(&mut stats)
+            .ints(&[c, split, n, hw])
+            .launch(per_c)?;
+        k.partial
+            .on(st)
+            .arg(x)
+            .arg(&stats)
+            .arg(&mut part)
+            .ints(&[n, c, hw, chunk])
+            .launch(red)?;
+        k.finalize_var
+            .on(st)
+            .arg(&part)
+            .arg(&mut stats)
+            .arg(running_mean)
+            .arg(running_var)
+            .arg(&mut *save_mean)
+            .arg(&mut *save_invstd)
+            .ints(&[c, split, n, hw])
+            .arg(&eps)
+            .arg(&momentum)
+            .launch(per_c)?;
+        k.apply
+            .on(st)
+            .arg(x)
+            .arg(gamma)
+            .arg(beta)
+            .arg(&*save_mean)
+            .arg(&*save_invstd)
+            .arg(y)
+            .ints(&[total, c, hw, relu])
+            .launch(grid(s.len()))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batchnorm_eval_fwd(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    x: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &CudaSlice<f32>,
+    running_var: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    relu: bool,
+) -> Result<()> {
+    s.check_eval_fwd(
+        x.len(),
+        y.len(),
+        gamma.len(),
+        beta.len(),
+        running_mean.len(),
+        running_var.len(),
+    )?;
+    if s.is_empty() {
+        return Ok(());
+    }
+    let [total, c, hw] = int_args([s.len(), s.c, s.hw])?;
+    let (eps, relu) = (s.eps as f32, relu as i32);
+    // SAFETY: x and y hold n*c*hw values, the per-channel buffers c each (checked).
+    unsafe {
+        kernels(be)?
+            .eval_fwd
+            .on(be.stream())
+            .arg(x)
+            .arg(gamma)
+            .arg(beta)
+            .arg(running_mean)
+            .arg(running_var)
+            .arg(y)
+            .ints(&[total, c, hw])
+            .arg(&eps)
+            .arg(&relu)
+            .launch(grid(s.len()))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batchnorm_bwd(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    x: &CudaSlice<f32>,
+    y: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    save_mean: &CudaSlice<f32>,
+    save_invstd: &CudaSlice<f32>,
+    dx: &mut CudaSlice<f32>,
+    dgamma: &mut CudaSlice<f32>,
+    dbeta: &mut CudaSlice<f32>,
+    relu: bool,
+) -> Result<()> {
+    use crate::engine::Backend;
+    s.check_bwd(
+        x.len(),
+        y.len(),
+        dy.len(),
+        dx.len(),
+        gamma.len(),
+        save_mean.len(),
+        save_invstd.len(),
+        dgamma.len(),
+        dbeta.len(),
+    )?;
+    if s.c == 0 {
+        return Ok(());
+    }
+    if s.n * s.hw == 0 {
+        be.fill(dgamma, 0.0)?;
+        return be.fill(dbeta, 0.0);
+    }
+    let (red, per_c, split, chunk) = reduction(be, "batchnorm_bwd", s)?;
+    let mut part1 = be.alloc::<f64>(s.c * split)?;
+    let mut part2 = be.alloc::<f64>(s.c * split)?;
+    let mut stats = be.alloc::<f64>(2 * s.c)?;
+    let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
+    let relu = relu as i32;
+    let count = (s.n * s.hw) as f64;
+    let k = kernels(be)?;
+    let st = be.stream();
+    // SAFETY: x, y, dy and dx hold n*c*hw values, the per-channel buffers c each (checked),
+    // the partial sums one per (channel, split), `stats` two per channel.
+    unsafe {
+        k.bwd_partial
+            .on(st)
+            .arg(x)
+            .arg(y)
+            .arg(dy)
+            .arg(save_mean)
+            .arg(save_invstd)
+            .arg(&mut part1)
+            .arg(&mut part2)
+            .ints(&[n, c, hw, chunk, relu])
+            .launch(red)?;
+        k.bwd_finalize
+            .on(st)
+            .arg(&part1)
+            .arg(&part2)
+            .arg(&mut stats)
+            .arg(dgamma)
+            .arg(dbeta)
+            .ints(&[c, split])
+            .launch(per_c)?;
+        k.bwd_apply
+            .on(st)
+            .arg(x)
+            .arg(y)
+            .arg(dy)
+            .arg(gamma)
+            .arg(save_mean)
+            .arg(save_invstd)
+            .arg(&stats)
+            .arg(dx)
+            .ints(&[total, c, hw])
+            .arg(&count)
+            .arg(&relu)
+            .launch(grid(s.len()))
+    }
+}
