@@ -190,8 +190,8 @@ pub fn save_with<B: Backend>(
     let mut steps = BTreeMap::new();
     for p in net.params().iter() {
         entries.push((
-            p.name.clone(),
-            p.shape.clone(),
+            p.name.to_string(),
+            p.shape.to_vec(),
             encode(&net.param(&p.name)?, opts.dtype),
         ));
         if opts.optimizer {
@@ -200,19 +200,19 @@ pub fn save_with<B: Backend>(
             if let Some(m) = m {
                 entries.push((
                     format!("{OPT_PREFIX}{}.m", p.name),
-                    p.shape.clone(),
+                    p.shape.to_vec(),
                     encode(&m, opts.dtype),
                 ));
             }
             if let Some(v) = v {
                 entries.push((
                     format!("{OPT_PREFIX}{}.v", p.name),
-                    p.shape.clone(),
+                    p.shape.to_vec(),
                     encode(&v, opts.dtype),
                 ));
             }
             if s > 0 {
-                steps.insert(p.name.clone(), s);
+                steps.insert(p.name.to_string(), s);
             }
         }
     }
@@ -256,12 +256,12 @@ pub fn check_names<B: Backend>(
     let mut r = MismatchReport::default();
     let mut expected = HashMap::new();
     for p in net.params().iter() {
-        expected.insert(p.name.clone(), ());
-        match found.get(&p.name) {
-            None => r.missing.push((p.name.clone(), p.shape.clone())),
-            Some(s) if *s != p.shape => r.mismatched.push(ShapeMismatch {
-                name: p.name.clone(),
-                expected: p.shape.clone(),
+        expected.insert(p.name.to_string(), ());
+        match found.get(p.name) {
+            None => r.missing.push((p.name.to_string(), p.shape.to_vec())),
+            Some(s) if s.as_slice() != p.shape => r.mismatched.push(ShapeMismatch {
+                name: p.name.to_string(),
+                expected: p.shape.to_vec(),
                 found: s.clone(),
             }),
             Some(_) => {}

@@ -9,8 +9,8 @@
 
 use super::config::ModelConfig;
 use super::optim::{self, OptimizerConfig};
-use super::params::{Group, Init, ParamGroup, ParamKind, ParamStore};
-use super::resnet::{self, ensure, BackboneActs, BackboneSpec, BnMode};
+use super::params::{Group, Init, ParamGroup, ParamStore, W};
+use super::resnet::{self, BackboneActs, BackboneGrads, BackboneSpec, BnMode};
 use super::ModelError;
 use crate::engine::{Backend, Lstm, Real};
 
@@ -80,18 +80,18 @@ pub struct FeatureMaps {
 
 #[derive(Clone, Copy, Debug)]
 struct LinearSpec {
-    w: usize,
-    b: usize,
+    w: W,
+    b: W,
     k: usize,
     n: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct LstmSpec {
-    w_ih: usize,
-    w_hh: usize,
-    b_ih: usize,
-    b_hh: usize,
+    w_ih: W,
+    w_hh: W,
+    b_ih: W,
+    b_hh: W,
     input: usize,
 }
 
@@ -100,18 +100,12 @@ struct LstmActs<B: Backend> {
     h: B::Buf,
     c: B::Buf,
     gates: B::Buf,
-    dh: Option<B::Buf>,
-    db: Option<B::Buf>,
 }
 
+/// A linear layer's output.
 struct LinActs<B: Backend> {
     spec: LinearSpec,
-    /// Linear output.
     a: B::Buf,
-    /// ReLU output (hidden layers only).
-    r: Option<B::Buf>,
-    da: Option<B::Buf>,
-    dr: Option<B::Buf>,
 }
 
 /// Stage-1 activations above the backbone for one (batch, seq).
@@ -120,18 +114,121 @@ struct SeqActs<B: Backend> {
     seq: usize,
     lstm: Vec<LstmActs<B>>,
     head: Vec<LinActs<B>>,
+    /// ReLU of every head layer's output but the last's.
+    relu: Vec<B::Buf>,
 }
 
-fn internal(what: &str) -> ModelError {
-    ModelError::Internal(format!("{what} not allocated"))
+/// An LSTM layer's training buffers: dL/d(its output), dL/d(its bias).
+struct LstmGrads<B: Backend> {
+    dh: B::Buf,
+    db: B::Buf,
 }
 
-fn get<'a, T>(o: &'a Option<T>, what: &str) -> Result<&'a T, ModelError> {
-    o.as_ref().ok_or_else(|| internal(what))
+/// The training buffers of a [`SeqActs`], made for it (allocated with it when training).
+struct SeqGrads<B: Backend> {
+    batch: usize,
+    seq: usize,
+    lstm: Vec<LstmGrads<B>>,
+    /// dL/d(output) of every head layer.
+    head: Vec<B::Buf>,
+    /// dL/d(ReLU output) of every head layer but the last.
+    relu: Vec<B::Buf>,
 }
 
-fn get_mut<'a, T>(o: &'a mut Option<T>, what: &str) -> Result<&'a mut T, ModelError> {
-    o.as_mut().ok_or_else(|| internal(what))
+impl<B: Backend> SeqActs<B> {
+    fn new(
+        be: &B,
+        lstm: &[LstmSpec],
+        head: &[LinearSpec],
+        hidden: usize,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self, ModelError> {
+        let n = batch * seq;
+        let mut la = Vec::with_capacity(lstm.len());
+        for l in lstm {
+            let s = Lstm {
+                batch,
+                seq,
+                input: l.input,
+                hidden,
+            };
+            la.push(LstmActs {
+                s,
+                h: be.zeros(s.h_len())?,
+                c: be.zeros(s.h_len())?,
+                gates: be.zeros(s.gates_len())?,
+            });
+        }
+        let mut ha = Vec::with_capacity(head.len());
+        for &spec in head {
+            ha.push(LinActs {
+                spec,
+                a: be.zeros(n * spec.n)?,
+            });
+        }
+        let relu = head[..head.len().saturating_sub(1)]
+            .iter()
+            .map(|spec| be.zeros(n * spec.n))
+            .collect::<Result<_, _>>()?;
+        Ok(SeqActs {
+            batch,
+            seq,
+            lstm: la,
+            head: ha,
+            relu,
+        })
+    }
+
+    fn fits(&self, batch: usize, seq: usize) -> bool {
+        (self.batch, self.seq) == (batch, seq)
+    }
+}
+
+impl<B: Backend> SeqGrads<B> {
+    fn new(be: &B, a: &SeqActs<B>) -> Result<Self, ModelError> {
+        let n = a.batch * a.seq;
+        Ok(SeqGrads {
+            batch: a.batch,
+            seq: a.seq,
+            lstm: a
+                .lstm
+                .iter()
+                .map(|l| {
+                    Ok::<_, ModelError>(LstmGrads {
+                        dh: be.zeros(l.s.h_len())?,
+                        db: be.zeros(4 * l.s.hidden)?,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            head: a
+                .head
+                .iter()
+                .map(|h| be.zeros(n * h.spec.n))
+                .collect::<Result<_, _>>()?,
+            relu: a
+                .relu
+                .iter()
+                .map(|r| be.zeros(be.len(r)))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// The buffer in `slot` when `fits` says it is for the current shape, else a new one from
+/// `make` (the old one freed first).
+fn reuse<'a, T, E>(
+    slot: &'a mut Option<T>,
+    fits: impl FnOnce(&T) -> bool,
+    make: impl FnOnce() -> Result<T, E>,
+) -> Result<&'a mut T, E> {
+    match slot.take() {
+        Some(t) if fits(&t) => Ok(slot.insert(t)),
+        old => {
+            drop(old);
+            Ok(slot.insert(make()?))
+        }
+    }
 }
 
 fn to_f64<T: Real>(v: Vec<T>) -> Vec<f64> {
@@ -148,8 +245,12 @@ pub struct IchNet<B: Backend> {
     head: Vec<LinearSpec>,
     fc: LinearSpec,
     train: bool,
+    /// The buffers of the current input shape: the backbone's and the sequence's
+    /// activations and, once a training step ran on that shape, their gradients.
     bb: Option<BackboneActs<B>>,
+    bb_grads: Option<BackboneGrads<B>>,
     seq: Option<SeqActs<B>>,
+    seq_grads: Option<SeqGrads<B>>,
 }
 
 impl<B: Backend> IchNet<B> {
@@ -162,44 +263,39 @@ impl<B: Backend> IchNet<B> {
         let feat = backbone.out_c;
         let hid = cfg.lstm_hidden;
         let seqg = Group::Sequence;
-        let tr = ParamKind::Trainable;
         let mut lstm = Vec::with_capacity(cfg.lstm_layers);
         // nn.LSTM: every tensor uniform(-1/sqrt(hidden), 1/sqrt(hidden)).
         let k = Init::Uniform(1.0 / (hid as f64).sqrt());
         for l in 0..cfg.lstm_layers {
             let input = if l == 0 { feat } else { hid };
-            let w_ih = store.add(
+            let w_ih = store.add_trainable(
                 &be,
                 format!("lstm.weight_ih_l{l}"),
                 vec![4 * hid, input],
-                tr,
                 seqg,
                 k,
                 seed,
             )?;
-            let w_hh = store.add(
+            let w_hh = store.add_trainable(
                 &be,
                 format!("lstm.weight_hh_l{l}"),
                 vec![4 * hid, hid],
-                tr,
                 seqg,
                 k,
                 seed,
             )?;
-            let b_ih = store.add(
+            let b_ih = store.add_trainable(
                 &be,
                 format!("lstm.bias_ih_l{l}"),
                 vec![4 * hid],
-                tr,
                 seqg,
                 k,
                 seed,
             )?;
-            let b_hh = store.add(
+            let b_hh = store.add_trainable(
                 &be,
                 format!("lstm.bias_hh_l{l}"),
                 vec![4 * hid],
-                tr,
                 seqg,
                 k,
                 seed,
@@ -212,30 +308,25 @@ impl<B: Backend> IchNet<B> {
                 input,
             });
         }
-        let add_linear =
-            |store: &mut ParamStore<B>, prefix: String, k: usize, n: usize, group: Group| {
-                // nn.Linear: kaiming_uniform(a=sqrt(5)) = uniform(+-1/sqrt(fan_in)), bias the same.
-                let init = Init::Uniform(1.0 / (k as f64).sqrt());
-                let w = store.add(
-                    &be,
-                    format!("{prefix}.weight"),
-                    vec![n, k],
-                    tr,
-                    group,
-                    init,
-                    seed,
-                )?;
-                let b = store.add(
-                    &be,
-                    format!("{prefix}.bias"),
-                    vec![n],
-                    tr,
-                    group,
-                    init,
-                    seed,
-                )?;
-                Ok::<_, ModelError>(LinearSpec { w, b, k, n })
-            };
+        let add_linear = |store: &mut ParamStore<B>,
+                          prefix: String,
+                          k: usize,
+                          n: usize,
+                          group: Group| {
+            // nn.Linear: kaiming_uniform(a=sqrt(5)) = uniform(+-1/sqrt(fan_in)), bias the same.
+            let init = Init::Uniform(1.0 / (k as f64).sqrt());
+            let w = store.add_trainable(
+                &be,
+                format!("{prefix}.weight"),
+                vec![n, k],
+                group,
+                init,
+                seed,
+            )?;
+            let b =
+                store.add_trainable(&be, format!("{prefix}.bias"), vec![n], group, init, seed)?;
+            Ok::<_, ModelError>(LinearSpec { w, b, k, n })
+        };
         let mut head = Vec::new();
         let mut kin = hid;
         let widths: Vec<usize> = cfg.head.iter().copied().chain(std::iter::once(1)).collect();
@@ -261,7 +352,9 @@ impl<B: Backend> IchNet<B> {
             fc,
             train: false,
             bb: None,
+            bb_grads: None,
             seq: None,
+            seq_grads: None,
         })
     }
 
@@ -295,7 +388,7 @@ impl<B: Backend> IchNet<B> {
         self.store.names()
     }
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, ModelError> {
-        Ok(self.store.get(name)?.shape.clone())
+        Ok(self.store.get(name)?.shape.to_vec())
     }
     pub fn param(&self, name: &str) -> Result<Vec<B::T>, ModelError> {
         Ok(self.be.download(&self.store.get(name)?.data)?)
@@ -305,19 +398,13 @@ impl<B: Backend> IchNet<B> {
     }
     /// The gradient left by the last backward pass.
     pub fn grad(&self, name: &str) -> Result<Vec<B::T>, ModelError> {
-        let p = self.store.get(name)?;
-        let g = p.grad.as_ref().ok_or_else(|| ModelError::NoGradient {
-            name: name.to_string(),
-        })?;
-        Ok(self.be.download(g)?)
+        Ok(self.be.download(&self.store.trainable(name)?.grad)?)
     }
     /// Zeroes every gradient. (The backward passes overwrite the gradients they compute, so
     /// this is needed only to clear gradients a pass does not touch.)
     pub fn zero_grads(&mut self) -> Result<(), ModelError> {
-        for p in self.store.params.iter_mut() {
-            if let Some(g) = p.grad.as_mut() {
-                self.be.fill(g, 0.0)?;
-            }
+        for p in self.store.w.iter_mut() {
+            self.be.fill(&mut p.grad, 0.0)?;
         }
         Ok(())
     }
@@ -327,7 +414,15 @@ impl<B: Backend> IchNet<B> {
     }
     /// Optimizer state of a tensor, for checkpoints.
     pub fn opt_state(&self, name: &str) -> Result<OptState<B::T>, ModelError> {
-        let p = self.store.get(name)?;
+        if self.store.get(name)?.kind == super::ParamKind::Buffer {
+            // A running statistic: never stepped.
+            return Ok(OptState {
+                m: None,
+                v: None,
+                steps: 0,
+            });
+        }
+        let p = self.store.trainable(name)?;
         let m = p.m.as_ref().map(|b| self.be.download(b)).transpose()?;
         let v = p.v.as_ref().map(|b| self.be.download(b)).transpose()?;
         Ok(OptState {
@@ -345,7 +440,7 @@ impl<B: Backend> IchNet<B> {
         steps: u64,
     ) -> Result<(), ModelError> {
         let be = &self.be;
-        let p = self.store.get_mut(name)?;
+        let p = self.store.trainable_mut(name)?;
         let n = p.numel();
         for x in [m, v].into_iter().flatten() {
             if x.len() != n {
@@ -385,78 +480,54 @@ impl<B: Backend> IchNet<B> {
         Ok(())
     }
 
-    /// Uploads `x`, (re)allocates the backbone's buffers for `[n, h, w]` and runs it.
-    fn backbone_forward_buf(
-        &mut self,
+    /// Runs the backbone on `x` `[n, c, h, w]` in the activations of that shape (reallocated,
+    /// the old ones freed first, when the shape changed) and returns them.
+    #[allow(clippy::too_many_arguments)]
+    fn backbone_pass<'a>(
+        be: &B,
+        spec: &BackboneSpec,
+        store: &mut ParamStore<B>,
+        slot: &'a mut Option<BackboneActs<B>>,
         x: &B::Buf,
         n: usize,
         h: usize,
         w: usize,
         mode: BnMode,
-    ) -> Result<(), ModelError> {
-        let fits = matches!(&self.bb, Some(a) if a.n == n && a.h == h && a.w == w);
-        if !fits {
-            self.bb = None; // free the old shape's buffers first
-            self.bb = Some(BackboneActs::new(&self.be, &self.backbone, n, h, w)?);
-        }
-        let bb = get_mut(&mut self.bb, "backbone activations")?;
-        bb.forward(&self.be, &mut self.store.params, x, mode)
+    ) -> Result<&'a mut BackboneActs<B>, ModelError> {
+        let bb = reuse(
+            slot,
+            |a| a.fits(n, h, w),
+            || BackboneActs::new(be, spec, n, h, w),
+        )?;
+        bb.forward(be, store, x, mode)?;
+        Ok(bb)
     }
 
-    fn seq_forward(&mut self, batch: usize, seq: usize) -> Result<(), ModelError> {
+    /// Runs the LSTM and the head on the pooled features `gap` `[batch * seq, features]` in
+    /// the activations of that shape and returns them.
+    #[allow(clippy::too_many_arguments)]
+    fn seq_pass<'a>(
+        be: &B,
+        lstm: &[LstmSpec],
+        head: &[LinearSpec],
+        hidden: usize,
+        store: &ParamStore<B>,
+        slot: &'a mut Option<SeqActs<B>>,
+        gap: &B::Buf,
+        batch: usize,
+        seq: usize,
+    ) -> Result<&'a mut SeqActs<B>, ModelError> {
         let n = batch * seq;
-        let fits = matches!(&self.seq, Some(s) if s.batch == batch && s.seq == seq);
-        if !fits {
-            self.seq = None;
-            let mut lstm = Vec::new();
-            for l in &self.lstm {
-                let s = Lstm {
-                    batch,
-                    seq,
-                    input: l.input,
-                    hidden: self.cfg.lstm_hidden,
-                };
-                lstm.push(LstmActs {
-                    s,
-                    h: self.be.zeros(s.h_len())?,
-                    c: self.be.zeros(s.h_len())?,
-                    gates: self.be.zeros(s.gates_len())?,
-                    dh: None,
-                    db: None,
-                });
-            }
-            let mut head = Vec::new();
-            let last = self.head.len() - 1;
-            for (i, &spec) in self.head.iter().enumerate() {
-                let r = if i < last {
-                    Some(self.be.zeros(n * spec.n)?)
-                } else {
-                    None
-                };
-                head.push(LinActs {
-                    spec,
-                    a: self.be.zeros(n * spec.n)?,
-                    r,
-                    da: None,
-                    dr: None,
-                });
-            }
-            self.seq = Some(SeqActs {
-                batch,
-                seq,
-                lstm,
-                head,
-            });
-        }
-        let be = &self.be;
-        let params = &self.store.params;
-        let sa = get_mut(&mut self.seq, "sequence activations")?;
-        let bb = get(&self.bb, "backbone activations")?;
-        for (l, spec) in self.lstm.iter().enumerate() {
+        let sa = reuse(
+            slot,
+            |a| a.fits(batch, seq),
+            || SeqActs::new(be, lstm, head, hidden, batch, seq),
+        )?;
+        let p = |i: W| &store.w[i.0].data;
+        for (l, spec) in lstm.iter().enumerate() {
             let (prev, cur) = sa.lstm.split_at_mut(l);
-            let x = if l == 0 { &bb.gap } else { &prev[l - 1].h };
+            let x = if l == 0 { gap } else { &prev[l - 1].h };
             let a = &mut cur[0];
-            let p = |i: usize| &params[i].data;
             be.lstm_fwd(
                 &a.s,
                 x,
@@ -469,35 +540,22 @@ impl<B: Backend> IchNet<B> {
                 &mut a.gates,
             )?;
         }
-        let top = &sa.lstm.last().ok_or_else(|| internal("lstm"))?.h;
-        for i in 0..sa.head.len() {
-            let (prev, cur) = sa.head.split_at_mut(i);
+        let top = sa.lstm.len() - 1;
+        let last = sa.head.len() - 1;
+        for i in 0..=last {
             let x = if i == 0 {
-                top
+                &sa.lstm[top].h
             } else {
-                get(&prev[i - 1].r, "head relu")?
+                &sa.relu[i - 1]
             };
-            let a = &mut cur[0];
+            let a = &mut sa.head[i];
             let s = a.spec;
-            be.linear_fwd(
-                n,
-                s.k,
-                s.n,
-                x,
-                &params[s.w].data,
-                Some(&params[s.b].data),
-                &mut a.a,
-            )?;
-            if let Some(r) = a.r.as_mut() {
-                be.relu_fwd(&a.a, r)?;
+            be.linear_fwd(n, s.k, s.n, x, p(s.w), Some(p(s.b)), &mut a.a)?;
+            if i < last {
+                be.relu_fwd(&a.a, &mut sa.relu[i])?;
             }
         }
-        Ok(())
-    }
-
-    fn logits_buf(&self) -> Result<&B::Buf, ModelError> {
-        let sa = get(&self.seq, "sequence activations")?;
-        Ok(&sa.head.last().ok_or_else(|| internal("head"))?.a)
+        Ok(sa)
     }
 
     /// Stage-1 training forward + loss + backward: batch norm with batch statistics over all
@@ -523,92 +581,118 @@ impl<B: Backend> IchNet<B> {
             )));
         }
         check_pos_weight(pos_weight)?;
-        let xb = self.be.upload(x)?;
-        let yb = self.be.upload(labels)?;
-        self.backbone_forward_buf(&xb, n, h, w, BnMode::Train)?;
-        self.seq_forward(batch, seq)?;
-
         let be = &self.be;
-        let params = &mut self.store.params;
-        let sa = get_mut(&mut self.seq, "sequence activations")?;
-        let bb = get_mut(&mut self.bb, "backbone activations")?;
-        let nh = sa.head.len();
-        for a in sa.head.iter_mut() {
-            ensure(be, &mut a.da, n * a.spec.n)?;
-            if a.r.is_some() {
-                ensure(be, &mut a.dr, n * a.spec.n)?;
-            }
-        }
-        let loss = {
-            let last = &mut sa.head[nh - 1];
-            be.bce_with_logits(&last.a, &yb, pos_weight, get_mut(&mut last.da, "dlogits")?)?
-        };
-        let logits = to_f64(be.download(&sa.head[nh - 1].a)?);
+        let xb = be.upload(x)?;
+        let yb = be.upload(labels)?;
+        let bb = Self::backbone_pass(
+            be,
+            &self.backbone,
+            &mut self.store,
+            &mut self.bb,
+            &xb,
+            n,
+            h,
+            w,
+            BnMode::Train,
+        )?;
+        let sa = Self::seq_pass(
+            be,
+            &self.lstm,
+            &self.head,
+            self.cfg.lstm_hidden,
+            &self.store,
+            &mut self.seq,
+            &bb.gap,
+            batch,
+            seq,
+        )?;
+        // The gradients, allocated with the activations of this shape.
+        let bg = reuse(
+            &mut self.bb_grads,
+            |g| g.fits(bb),
+            || BackboneGrads::new(be, bb),
+        )?;
+        let sg = reuse(
+            &mut self.seq_grads,
+            |g| (g.batch, g.seq) == (batch, seq),
+            || SeqGrads::new(be, sa),
+        )?;
+        let params = &mut self.store;
+        let last = sa.head.len() - 1;
+        let top = sa.lstm.len() - 1;
+        let loss = be.bce_with_logits(&sa.head[last].a, &yb, pos_weight, &mut sg.head[last])?;
+        let logits = to_f64(be.download(&sa.head[last].a)?);
         // Head, top to bottom.
-        for a in sa.lstm.iter_mut() {
-            ensure(be, &mut a.dh, a.s.h_len())?;
-            ensure(be, &mut a.db, 4 * a.s.hidden)?;
-        }
-        for i in (0..nh).rev() {
-            let (prev, cur) = sa.head.split_at_mut(i);
-            let a = &mut cur[0];
-            let s = a.spec;
+        for i in (0..=last).rev() {
+            let s = sa.head[i].spec;
             let [pw, pb] = params
-                .get_disjoint_mut([s.w, s.b])
+                .w
+                .get_disjoint_mut([s.w.0, s.b.0])
                 .map_err(|e| ModelError::Internal(e.to_string()))?;
-            let dw = get_mut(&mut pw.grad, "head weight gradient")?;
-            let db = get_mut(&mut pb.grad, "head bias gradient")?;
-            let dy = get(&a.da, "head output gradient")?;
+            let (lo, hi) = sg.head.split_at_mut(i);
+            let dy = &hi[0];
             if i == 0 {
-                let top = sa.lstm.last_mut().ok_or_else(|| internal("lstm"))?;
                 be.linear_bwd(
                     n,
                     s.k,
                     s.n,
-                    &top.h,
+                    &sa.lstm[top].h,
                     &pw.data,
                     dy,
-                    Some(get_mut(&mut top.dh, "dh")?),
-                    dw,
-                    Some(db),
+                    Some(&mut sg.lstm[top].dh),
+                    &mut pw.grad,
+                    Some(&mut pb.grad),
                 )?;
             } else {
-                let p = &mut prev[i - 1];
-                let r = get(&p.r, "head relu")?;
-                let dr = get_mut(&mut p.dr, "head relu gradient")?;
-                be.linear_bwd(n, s.k, s.n, r, &pw.data, dy, Some(&mut *dr), dw, Some(db))?;
-                be.relu_bwd(r, dr, get_mut(&mut p.da, "head gradient")?)?;
+                let r = &sa.relu[i - 1];
+                let dr = &mut sg.relu[i - 1];
+                be.linear_bwd(
+                    n,
+                    s.k,
+                    s.n,
+                    r,
+                    &pw.data,
+                    dy,
+                    Some(&mut *dr),
+                    &mut pw.grad,
+                    Some(&mut pb.grad),
+                )?;
+                be.relu_bwd(r, dr, &mut lo[i - 1])?;
             }
         }
         // LSTM layers, top to bottom; layer 0 writes dL/d(pooled features).
-        ensure(be, &mut bb.dgap, n * bb.out_c)?;
-        for l in (0..sa.lstm.len()).rev() {
+        for l in (0..=top).rev() {
             let spec = self.lstm[l];
-            let (prev, cur) = sa.lstm.split_at_mut(l);
-            let a = &mut cur[0];
             let [wi, wh, bi, bh] = params
-                .get_disjoint_mut([spec.w_ih, spec.w_hh, spec.b_ih, spec.b_hh])
+                .w
+                .get_disjoint_mut([spec.w_ih.0, spec.w_hh.0, spec.b_ih.0, spec.b_hh.0])
                 .map_err(|e| ModelError::Internal(e.to_string()))?;
-            let db = get_mut(&mut a.db, "lstm bias gradient")?;
-            let dh = get(&a.dh, "dh")?;
-            let dwi = get_mut(&mut wi.grad, "w_ih gradient")?;
-            let dwh = get_mut(&mut wh.grad, "w_hh gradient")?;
-            if l == 0 {
-                let dx = get_mut(&mut bb.dgap, "dgap")?;
-                be.lstm_bwd(
-                    &a.s, &bb.gap, &wi.data, &wh.data, &a.h, &a.c, &a.gates, dh, dx, dwi, dwh, db,
-                )?;
+            let (lo, hi) = sg.lstm.split_at_mut(l);
+            let g = &mut hi[0];
+            let a = &sa.lstm[l];
+            let (x, dx) = if l == 0 {
+                (&bb.gap, &mut bg.dgap)
             } else {
-                let p = &mut prev[l - 1];
-                let dx = get_mut(&mut p.dh, "dh")?;
-                be.lstm_bwd(
-                    &a.s, &p.h, &wi.data, &wh.data, &a.h, &a.c, &a.gates, dh, dx, dwi, dwh, db,
-                )?;
-            }
-            be.copy(db, get_mut(&mut bi.grad, "b_ih gradient")?)?;
-            be.copy(db, get_mut(&mut bh.grad, "b_hh gradient")?)?;
+                (&sa.lstm[l - 1].h, &mut lo[l - 1].dh)
+            };
+            be.lstm_bwd(
+                &a.s,
+                x,
+                &wi.data,
+                &wh.data,
+                &a.h,
+                &a.c,
+                &a.gates,
+                &g.dh,
+                dx,
+                &mut wi.grad,
+                &mut wh.grad,
+                &mut g.db,
+            )?;
+            be.copy(&g.db, &mut bi.grad)?;
+            be.copy(&g.db, &mut bh.grad)?;
         }
-        bb.backward(be, params, &xb)?;
+        bb.backward(be, params, bg, &xb)?;
         Ok(Stage1Step { loss, logits })
     }
 
@@ -624,39 +708,65 @@ impl<B: Backend> IchNet<B> {
     ) -> Result<Vec<f64>, ModelError> {
         let n = batch * seq;
         self.check_images(x.len(), n, h, w, "stage-1 input")?;
-        let xb = self.be.upload(x)?;
+        let be = &self.be;
+        let xb = be.upload(x)?;
         let mode = if self.train {
             BnMode::Batch
         } else {
             BnMode::Eval
         };
-        self.backbone_forward_buf(&xb, n, h, w, mode)?;
-        self.seq_forward(batch, seq)?;
-        Ok(to_f64(self.be.download(self.logits_buf()?)?))
+        let bb = Self::backbone_pass(
+            be,
+            &self.backbone,
+            &mut self.store,
+            &mut self.bb,
+            &xb,
+            n,
+            h,
+            w,
+            mode,
+        )?;
+        let sa = Self::seq_pass(
+            be,
+            &self.lstm,
+            &self.head,
+            self.cfg.lstm_hidden,
+            &self.store,
+            &mut self.seq,
+            &bb.gap,
+            batch,
+            seq,
+        )?;
+        let last = sa.head.len() - 1;
+        Ok(to_f64(be.download(&sa.head[last].a)?))
     }
 
-    /// Eval-mode backbone + fc on a device buffer; returns the fc logits `[n]`.
-    fn stage2_logits_buf(
-        &mut self,
+    /// Eval-mode backbone + fc on a device buffer: the backbone's activations and the fc
+    /// logits `[n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn stage2_logits<'a>(
+        be: &B,
+        spec: &BackboneSpec,
+        store: &mut ParamStore<B>,
+        fc: LinearSpec,
+        slot: &'a mut Option<BackboneActs<B>>,
         x: &B::Buf,
         n: usize,
         h: usize,
         w: usize,
-    ) -> Result<B::Buf, ModelError> {
-        self.backbone_forward_buf(x, n, h, w, BnMode::Eval)?;
-        let bb = get(&self.bb, "backbone activations")?;
-        let mut logits = self.be.zeros(n)?;
-        let p = &self.store.params;
-        self.be.linear_fwd(
+    ) -> Result<(&'a BackboneActs<B>, B::Buf), ModelError> {
+        let bb = Self::backbone_pass(be, spec, store, slot, x, n, h, w, BnMode::Eval)?;
+        let mut logits = be.zeros(n)?;
+        be.linear_fwd(
             n,
-            self.fc.k,
+            fc.k,
             1,
             &bb.gap,
-            &p[self.fc.w].data,
-            Some(&p[self.fc.b].data),
+            &store.w[fc.w.0].data,
+            Some(&store.w[fc.b.0].data),
             &mut logits,
         )?;
-        Ok(logits)
+        Ok((bb, logits))
     }
 
     /// Stage-2 training step: the backbone frozen (eval-mode batch norm, no backbone
@@ -680,24 +790,39 @@ impl<B: Backend> IchNet<B> {
             )));
         }
         check_pos_weight(pos_weight)?;
-        let xb = self.be.upload(x)?;
-        let yb = self.be.upload(labels)?;
-        let logits = self.stage2_logits_buf(&xb, n, h, w)?;
-        let mut dlogits = self.be.zeros(n)?;
-        let loss = self
-            .be
-            .bce_with_logits(&logits, &yb, pos_weight, &mut dlogits)?;
-        let bb = get(&self.bb, "backbone activations")?;
+        let be = &self.be;
+        let xb = be.upload(x)?;
+        let yb = be.upload(labels)?;
         let fc = self.fc;
+        let (bb, logits) = Self::stage2_logits(
+            be,
+            &self.backbone,
+            &mut self.store,
+            fc,
+            &mut self.bb,
+            &xb,
+            n,
+            h,
+            w,
+        )?;
+        let mut dlogits = be.zeros(n)?;
+        let loss = be.bce_with_logits(&logits, &yb, pos_weight, &mut dlogits)?;
         let [pw, pb] = self
             .store
-            .params
-            .get_disjoint_mut([fc.w, fc.b])
+            .w
+            .get_disjoint_mut([fc.w.0, fc.b.0])
             .map_err(|e| ModelError::Internal(e.to_string()))?;
-        let dw = get_mut(&mut pw.grad, "fc weight gradient")?;
-        let db = get_mut(&mut pb.grad, "fc bias gradient")?;
-        self.be
-            .linear_bwd(n, fc.k, 1, &bb.gap, &pw.data, &dlogits, None, dw, Some(db))?;
+        be.linear_bwd(
+            n,
+            fc.k,
+            1,
+            &bb.gap,
+            &pw.data,
+            &dlogits,
+            None,
+            &mut pw.grad,
+            Some(&mut pb.grad),
+        )?;
         Ok(loss)
     }
 
@@ -710,11 +835,21 @@ impl<B: Backend> IchNet<B> {
         w: usize,
     ) -> Result<FeatureMaps, ModelError> {
         self.check_images(x.len(), n, h, w, "stage-2 input")?;
-        let xb = self.be.upload(x)?;
-        self.backbone_forward_buf(&xb, n, h, w, BnMode::Eval)?;
-        let bb = get(&self.bb, "backbone activations")?;
+        let be = &self.be;
+        let xb = be.upload(x)?;
+        let bb = Self::backbone_pass(
+            be,
+            &self.backbone,
+            &mut self.store,
+            &mut self.bb,
+            &xb,
+            n,
+            h,
+            w,
+            BnMode::Eval,
+        )?;
         Ok(FeatureMaps {
-            data: to_f64(self.be.download(bb.features())?),
+            data: to_f64(be.download(bb.features())?),
             c: bb.out_c,
             h: bb.out_h,
             w: bb.out_w,
@@ -732,12 +867,21 @@ impl<B: Backend> IchNet<B> {
         cam: CamKind,
     ) -> Result<Stage2DeviceOut<B>, ModelError> {
         self.check_images(self.be.len(x), n, h, w, "stage-2 input")?;
-        let logits = self.stage2_logits_buf(x, n, h, w)?;
         let be = &self.be;
-        let bb = get(&self.bb, "backbone activations")?;
+        let (bb, logits) = Self::stage2_logits(
+            be,
+            &self.backbone,
+            &mut self.store,
+            self.fc,
+            &mut self.bb,
+            x,
+            n,
+            h,
+            w,
+        )?;
         let (c, fh, fw) = (bb.out_c, bb.out_h, bb.out_w);
         let hw = fh * fw;
-        let fc_w = &self.store.params[self.fc.w].data;
+        let fc_w = &self.store.w[self.fc.w.0].data;
         let mut map = be.zeros(n * hw)?;
         match cam {
             CamKind::Vanilla => be.cam_weight(n, c, hw, bb.features(), fc_w, &mut map)?,
@@ -815,7 +959,9 @@ impl<B: Backend> IchNet<B> {
     /// Frees the cached activation buffers (they are reallocated on the next pass).
     pub fn release_buffers(&mut self) {
         self.bb = None;
+        self.bb_grads = None;
         self.seq = None;
+        self.seq_grads = None;
     }
 }
 

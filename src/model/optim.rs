@@ -3,7 +3,7 @@
 //! the gradient, SGD momentum buffer seeded with the first gradient, bias-corrected Adam).
 //! Knows nothing about the topology.
 
-use super::params::{ParamGroup, ParamKind, ParamStore};
+use super::params::{ParamGroup, ParamStore};
 use super::ModelError;
 use crate::engine::Backend;
 use serde::{Deserialize, Serialize};
@@ -67,21 +67,16 @@ pub(crate) fn step<B: Backend>(
     opt: &OptimizerConfig,
     group: ParamGroup,
 ) -> Result<(), ModelError> {
-    for p in store.params.iter_mut() {
-        if p.kind != ParamKind::Trainable || !group.contains(p.group) {
+    for p in store.w.iter_mut() {
+        if !group.contains(p.group) {
             continue;
         }
         let n = p.numel();
-        let grad = p
-            .grad
-            .as_ref()
-            .ok_or_else(|| ModelError::Internal(format!("{} has no gradient buffer", p.name)))?;
-        if p.m.is_none() {
-            p.m = Some(be.zeros(n)?);
-        }
-        let m =
-            p.m.as_mut()
-                .ok_or_else(|| ModelError::Internal("momentum buffer".into()))?;
+        let grad = &p.grad;
+        let m = match p.m.take() {
+            Some(m) => p.m.insert(m),
+            None => p.m.insert(be.zeros(n)?),
+        };
         match *opt {
             OptimizerConfig::Sgd {
                 lr,
@@ -105,12 +100,10 @@ pub(crate) fn step<B: Backend>(
                 eps,
                 weight_decay,
             } => {
-                if p.v.is_none() {
-                    p.v = Some(be.zeros(n)?);
-                }
-                let v =
-                    p.v.as_mut()
-                        .ok_or_else(|| ModelError::Internal("second moment buffer".into()))?;
+                let v = match p.v.take() {
+                    Some(v) => p.v.insert(v),
+                    None => p.v.insert(be.zeros(n)?),
+                };
                 be.adam_step(
                     &mut p.data,
                     grad,

@@ -1,8 +1,10 @@
 //! The named parameter store: every tensor of the network in PyTorch's `state_dict` order
 //! and names (`conv1.weight`, `layer2.0.downsample.1.running_var`, `lstm.weight_ih_l0`,
-//! `head.2.bias`, `fc.weight`), with its shape, its buffer on the backend, a gradient buffer
-//! for trainables and the optimizer state; trainables vs running-stat buffers, and the
-//! group each belongs to (backbone, LSTM + head, fc) so stage 2 can train only the fc.
+//! `head.2.bias`, `fc.weight`), with its shape, its buffer on the backend and the group it
+//! belongs to (backbone, LSTM + head, fc: stage 2 trains only the fc). Trainables (each
+//! with its gradient, allocated with it, and its optimizer state) and running statistics
+//! (no gradient) are two lists addressed by typed indices ([`W`], [`S`]), so a network
+//! never looks for a gradient that is not there.
 //! Also the torchvision / PyTorch default initialisation from a seed.
 //! Knows nothing about the topology beyond names and shapes.
 
@@ -58,71 +60,98 @@ pub enum Init {
     Constant(f64),
 }
 
-/// One tensor and its training state.
-pub struct Param<B: Backend> {
+/// A trainable tensor's place in the store (its index among the trainables).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct W(pub usize);
+
+/// A running statistic's place in the store (its index among the statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct S(pub usize);
+
+/// A trainable tensor, its gradient (overwritten by every backward pass) and its optimizer
+/// state.
+pub(crate) struct Trainable<B: Backend> {
     pub name: String,
     pub shape: Vec<usize>,
-    pub kind: ParamKind,
     pub group: Group,
-    pub(crate) data: B::Buf,
-    /// Allocated for trainables; overwritten by every backward pass.
-    pub(crate) grad: Option<B::Buf>,
+    pub data: B::Buf,
+    pub grad: B::Buf,
     /// SGD momentum buffer or Adam's first moment; allocated on the first step.
-    pub(crate) m: Option<B::Buf>,
+    pub m: Option<B::Buf>,
     /// Adam's second moment.
-    pub(crate) v: Option<B::Buf>,
+    pub v: Option<B::Buf>,
     /// Optimizer steps taken (Adam's bias correction; 0 = SGD's first step).
-    pub(crate) step: u64,
+    pub step: u64,
 }
 
-impl<B: Backend> Param<B> {
+impl<B: Backend> Trainable<B> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    pub fn data(&self) -> &B::Buf {
-        &self.data
-    }
-    pub fn grad(&self) -> Option<&B::Buf> {
-        self.grad.as_ref()
-    }
-    pub fn steps(&self) -> u64 {
-        self.step
+}
+
+/// A batch-norm running statistic: saved, updated by training-mode forwards, never trained.
+pub(crate) struct Stat<B: Backend> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub group: Group,
+    pub data: B::Buf,
+}
+
+/// Where a named tensor lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    W(usize),
+    S(usize),
+}
+
+/// A view of one tensor of the store.
+pub struct Param<'a, B: Backend> {
+    pub name: &'a str,
+    pub shape: &'a [usize],
+    pub kind: ParamKind,
+    pub group: Group,
+    pub data: &'a B::Buf,
+    /// The gradient (trainables only).
+    pub grad: Option<&'a B::Buf>,
+    /// Optimizer steps taken (0 for statistics).
+    pub steps: u64,
+}
+
+impl<B: Backend> Param<'_, B> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
     }
 }
 
-/// All tensors in `state_dict` order, looked up by name.
+/// All tensors: the trainables and the running statistics, each in its own list (the
+/// networks address them by [`W`] and [`S`]), walked in `state_dict` order and looked up by
+/// name.
 pub struct ParamStore<B: Backend> {
-    pub(crate) params: Vec<Param<B>>,
-    index: HashMap<String, usize>,
+    pub(crate) w: Vec<Trainable<B>>,
+    pub(crate) s: Vec<Stat<B>>,
+    order: Vec<Slot>,
+    index: HashMap<String, Slot>,
 }
 
 impl<B: Backend> Default for ParamStore<B> {
     fn default() -> Self {
         ParamStore {
-            params: Vec::new(),
+            w: Vec::new(),
+            s: Vec::new(),
+            order: Vec::new(),
             index: HashMap::new(),
         }
     }
 }
 
 impl<B: Backend> ParamStore<B> {
-    /// Appends a tensor initialised from `seed` (one independent stream per tensor) and
-    /// returns its index.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add(
-        &mut self,
-        be: &B,
-        name: String,
-        shape: Vec<usize>,
-        kind: ParamKind,
-        group: Group,
-        init: Init,
-        seed: u64,
-    ) -> Result<usize, ModelError> {
-        let idx = self.params.len();
+    /// The initial values of the next tensor (one independent stream of `seed` per tensor,
+    /// numbered in `state_dict` order).
+    fn init(&self, shape: &[usize], init: Init, seed: u64) -> Vec<B::T> {
         let numel: usize = shape.iter().product();
-        let mut rng = Rng::stream(seed, idx as u64);
-        let host: Vec<B::T> = match init {
+        let mut rng = Rng::stream(seed, self.order.len() as u64);
+        match init {
             Init::KaimingConvFanOut => {
                 // fan_out = c_out * kh * kw (dims 0, 2, 3 of [c_out, c_in, kh, kw]).
                 let fan_out: usize = shape[0] * shape[2..].iter().product::<usize>();
@@ -135,21 +164,36 @@ impl<B: Backend> ParamStore<B> {
                 .map(|_| B::T::from_f64_lossy(rng.range(-b, b)))
                 .collect(),
             Init::Constant(c) => vec![B::T::from_f64_lossy(c); numel],
-        };
-        let data = be.upload(&host)?;
-        let grad = match kind {
-            ParamKind::Trainable => Some(be.zeros(numel)?),
-            ParamKind::Buffer => None,
-        };
-        if self.index.insert(name.clone(), idx).is_some() {
+        }
+    }
+
+    fn name(&mut self, name: &str, slot: Slot) -> Result<(), ModelError> {
+        if self.index.insert(name.to_string(), slot).is_some() {
             return Err(ModelError::Internal(format!(
                 "parameter {name} declared twice"
             )));
         }
-        self.params.push(Param {
+        self.order.push(slot);
+        Ok(())
+    }
+
+    /// Appends a trainable tensor initialised from `seed`, with its gradient.
+    pub(crate) fn add_trainable(
+        &mut self,
+        be: &B,
+        name: String,
+        shape: Vec<usize>,
+        group: Group,
+        init: Init,
+        seed: u64,
+    ) -> Result<W, ModelError> {
+        let data = be.upload(&self.init(&shape, init, seed))?;
+        let grad = be.zeros(data_len(&shape))?;
+        let i = self.w.len();
+        self.name(&name, Slot::W(i))?;
+        self.w.push(Trainable {
             name,
             shape,
-            kind,
             group,
             data,
             grad,
@@ -157,54 +201,128 @@ impl<B: Backend> ParamStore<B> {
             v: None,
             step: 0,
         });
-        Ok(idx)
+        Ok(W(i))
+    }
+
+    /// Appends a running statistic initialised to `value`.
+    pub(crate) fn add_stat(
+        &mut self,
+        be: &B,
+        name: String,
+        shape: Vec<usize>,
+        group: Group,
+        value: f64,
+    ) -> Result<S, ModelError> {
+        let data = be.upload(&self.init(&shape, Init::Constant(value), 0))?;
+        let i = self.s.len();
+        self.name(&name, Slot::S(i))?;
+        self.s.push(Stat {
+            name,
+            shape,
+            group,
+            data,
+        });
+        Ok(S(i))
+    }
+
+    fn view(&self, slot: Slot) -> Param<'_, B> {
+        match slot {
+            Slot::W(i) => {
+                let t = &self.w[i];
+                Param {
+                    name: &t.name,
+                    shape: &t.shape,
+                    kind: ParamKind::Trainable,
+                    group: t.group,
+                    data: &t.data,
+                    grad: Some(&t.grad),
+                    steps: t.step,
+                }
+            }
+            Slot::S(i) => {
+                let s = &self.s[i];
+                Param {
+                    name: &s.name,
+                    shape: &s.shape,
+                    kind: ParamKind::Buffer,
+                    group: s.group,
+                    data: &s.data,
+                    grad: None,
+                    steps: 0,
+                }
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.params.len()
+        self.order.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.params.is_empty()
+        self.order.is_empty()
     }
-    pub fn iter(&self) -> impl Iterator<Item = &Param<B>> {
-        self.params.iter()
+    /// Every tensor in `state_dict` order.
+    pub fn iter(&self) -> impl Iterator<Item = Param<'_, B>> {
+        self.order.iter().map(|&slot| self.view(slot))
     }
-    pub fn index_of(&self, name: &str) -> Result<usize, ModelError> {
+    fn slot(&self, name: &str) -> Result<Slot, ModelError> {
         self.index
             .get(name)
             .copied()
             .ok_or_else(|| ModelError::UnknownParam(name.to_string()))
     }
-    pub fn get(&self, name: &str) -> Result<&Param<B>, ModelError> {
-        Ok(&self.params[self.index_of(name)?])
+    pub fn get(&self, name: &str) -> Result<Param<'_, B>, ModelError> {
+        Ok(self.view(self.slot(name)?))
     }
-    pub fn get_mut(&mut self, name: &str) -> Result<&mut Param<B>, ModelError> {
-        let i = self.index_of(name)?;
-        Ok(&mut self.params[i])
+    /// A trainable tensor by name (a running statistic has no gradient).
+    pub(crate) fn trainable(&self, name: &str) -> Result<&Trainable<B>, ModelError> {
+        match self.slot(name)? {
+            Slot::W(i) => Ok(&self.w[i]),
+            Slot::S(_) => Err(ModelError::NoGradient {
+                name: name.to_string(),
+            }),
+        }
+    }
+    pub(crate) fn trainable_mut(&mut self, name: &str) -> Result<&mut Trainable<B>, ModelError> {
+        match self.slot(name)? {
+            Slot::W(i) => Ok(&mut self.w[i]),
+            Slot::S(_) => Err(ModelError::NoGradient {
+                name: name.to_string(),
+            }),
+        }
     }
     pub fn names(&self) -> Vec<String> {
-        self.params.iter().map(|p| p.name.clone()).collect()
+        self.iter().map(|p| p.name.to_string()).collect()
     }
     /// Number of trainable scalars.
     pub fn trainable_count(&self) -> usize {
-        self.params
-            .iter()
-            .filter(|p| p.kind == ParamKind::Trainable)
-            .map(|p| p.numel())
-            .sum()
+        self.w.iter().map(|p| p.numel()).sum()
     }
 
     /// Overwrites a tensor's values (host data of exactly its element count).
     pub fn set(&mut self, be: &B, name: &str, values: &[B::T]) -> Result<(), ModelError> {
-        let p = self.get_mut(name)?;
-        if values.len() != p.numel() {
+        let slot = self.slot(name)?;
+        let (shape, data) = match slot {
+            Slot::W(i) => {
+                let t = &mut self.w[i];
+                (&t.shape, &mut t.data)
+            }
+            Slot::S(i) => {
+                let t = &mut self.s[i];
+                (&t.shape, &mut t.data)
+            }
+        };
+        if values.len() != data_len(shape) {
             return Err(ModelError::ParamLen {
                 name: name.to_string(),
-                shape: p.shape.clone(),
+                shape: shape.clone(),
                 found: values.len(),
             });
         }
-        p.data = be.upload(values)?;
+        *data = be.upload(values)?;
         Ok(())
     }
+}
+
+fn data_len(shape: &[usize]) -> usize {
+    shape.iter().product()
 }

@@ -7,7 +7,7 @@
 //! average pooling. Knows nothing about the LSTM, the heads or files.
 
 use super::config::{BlockKind, ModelConfig};
-use super::params::{Group, Init, Param, ParamKind, ParamStore};
+use super::params::{Group, Init, ParamStore, Trainable, S, W};
 use super::ModelError;
 use crate::engine::{Backend, BatchNorm2d, Conv2d, Pool2d};
 
@@ -25,11 +25,11 @@ pub(crate) enum BnMode {
 /// Indices into the parameter store of one conv + BN pair, and the conv's geometry.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConvBnSpec {
-    w: usize,
-    g: usize,
-    b: usize,
-    rm: usize,
-    rv: usize,
+    w: W,
+    g: W,
+    b: W,
+    rm: S,
+    rv: S,
     c_in: usize,
     c_out: usize,
     k: usize,
@@ -66,53 +66,33 @@ fn declare_conv_bn<B: Backend>(
     pad: usize,
     seed: u64,
 ) -> Result<ConvBnSpec, ModelError> {
-    use ParamKind::{Buffer, Trainable};
     let bb = Group::Backbone;
-    let w = store.add(
+    let w = store.add_trainable(
         be,
         format!("{conv}.weight"),
         vec![c_out, c_in, k, k],
-        Trainable,
         bb,
         Init::KaimingConvFanOut,
         seed,
     )?;
-    let g = store.add(
+    let g = store.add_trainable(
         be,
         format!("{bn}.weight"),
         vec![c_out],
-        Trainable,
         bb,
         Init::Constant(1.0),
         seed,
     )?;
-    let b = store.add(
+    let b = store.add_trainable(
         be,
         format!("{bn}.bias"),
         vec![c_out],
-        Trainable,
         bb,
         Init::Constant(0.0),
         seed,
     )?;
-    let rm = store.add(
-        be,
-        format!("{bn}.running_mean"),
-        vec![c_out],
-        Buffer,
-        bb,
-        Init::Constant(0.0),
-        seed,
-    )?;
-    let rv = store.add(
-        be,
-        format!("{bn}.running_var"),
-        vec![c_out],
-        Buffer,
-        bb,
-        Init::Constant(1.0),
-        seed,
-    )?;
+    let rm = store.add_stat(be, format!("{bn}.running_mean"), vec![c_out], bb, 0.0)?;
+    let rv = store.add_stat(be, format!("{bn}.running_var"), vec![c_out], bb, 1.0)?;
     Ok(ConvBnSpec {
         w,
         g,
@@ -194,32 +174,13 @@ pub(crate) fn declare<B: Backend>(
     })
 }
 
-fn internal(what: &str) -> ModelError {
-    ModelError::Internal(format!("{what} not allocated"))
-}
-
-/// Allocates `slot` unless it already holds a buffer.
-pub(crate) fn ensure<B: Backend>(
-    be: &B,
-    slot: &mut Option<B::Buf>,
-    len: usize,
-) -> Result<(), ModelError> {
-    if slot.is_none() {
-        *slot = Some(be.zeros(len)?);
-    }
-    Ok(())
-}
-
-fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> Result<[&mut T; 2], ModelError> {
-    v.get_disjoint_mut([a, b])
-        .map_err(|e| ModelError::Internal(format!("parameter indices {a}, {b}: {e}")))
-}
-
-fn grad_of<B: Backend>(p: &mut Param<B>) -> Result<&mut B::Buf, ModelError> {
-    let name = &p.name;
-    p.grad
-        .as_mut()
-        .ok_or_else(|| ModelError::Internal(format!("{name} has no gradient buffer")))
+fn two_mut<B: Backend>(
+    w: &mut [Trainable<B>],
+    a: W,
+    b: W,
+) -> Result<[&mut Trainable<B>; 2], ModelError> {
+    w.get_disjoint_mut([a.0, b.0])
+        .map_err(|e| ModelError::Internal(format!("parameter indices {a:?}, {b:?}: {e}")))
 }
 
 /// The activations of one conv + BN (+ ReLU) for one input shape.
@@ -235,10 +196,21 @@ struct UnitActs<B: Backend> {
     mean: B::Buf,
     invstd: B::Buf,
     /// Copies of the running stats for [`BnMode::Batch`], which must not touch the real ones.
-    scratch: Option<(B::Buf, B::Buf)>,
-    dz: Option<B::Buf>,
-    /// Gradient w.r.t. `y`, when a later unit of the same block writes it.
-    dy: Option<B::Buf>,
+    scratch_mean: B::Buf,
+    scratch_var: B::Buf,
+}
+
+/// A unit's training buffer: dL/d(conv output).
+struct UnitGrads<B: Backend> {
+    dz: B::Buf,
+}
+
+impl<B: Backend> UnitGrads<B> {
+    fn new(be: &B, a: &UnitActs<B>) -> Result<Self, ModelError> {
+        Ok(UnitGrads {
+            dz: be.zeros(a.conv.y_len())?,
+        })
+    }
 }
 
 impl<B: Backend> UnitActs<B> {
@@ -280,9 +252,8 @@ impl<B: Backend> UnitActs<B> {
             y: be.zeros(conv.y_len())?,
             mean: be.zeros(spec.c_out)?,
             invstd: be.zeros(spec.c_out)?,
-            scratch: None,
-            dz: None,
-            dy: None,
+            scratch_mean: be.zeros(spec.c_out)?,
+            scratch_var: be.zeros(spec.c_out)?,
         })
     }
 
@@ -293,7 +264,7 @@ impl<B: Backend> UnitActs<B> {
     fn forward(
         &mut self,
         be: &B,
-        params: &mut [Param<B>],
+        params: &mut ParamStore<B>,
         x: &B::Buf,
         mode: BnMode,
     ) -> Result<(), ModelError> {
@@ -301,54 +272,34 @@ impl<B: Backend> UnitActs<B> {
         if mode == BnMode::Eval {
             return self.forward_eval(be, params, x, None, self.relu, None);
         }
-        be.conv2d_fwd(&self.conv, x, &params[s.w].data, &mut self.z)?;
-        match mode {
-            BnMode::Eval => {} // handled above
+        be.conv2d_fwd(&self.conv, x, &params.w[s.w.0].data, &mut self.z)?;
+        let (g, b) = (&params.w[s.g.0].data, &params.w[s.b.0].data);
+        let (rm, rv) = match mode {
+            BnMode::Eval => return Ok(()), // handled above
             BnMode::Train => {
-                let [g, b, rm, rv] =
-                    params
-                        .get_disjoint_mut([s.g, s.b, s.rm, s.rv])
-                        .map_err(|e| {
-                            ModelError::Internal(format!("batch-norm parameter indices: {e}"))
-                        })?;
-                be.batchnorm_train_fwd(
-                    &self.bn,
-                    &self.z,
-                    &g.data,
-                    &b.data,
-                    &mut rm.data,
-                    &mut rv.data,
-                    &mut self.mean,
-                    &mut self.invstd,
-                    &mut self.y,
-                    self.relu,
-                )?;
+                let [rm, rv] = params.s.get_disjoint_mut([s.rm.0, s.rv.0]).map_err(|e| {
+                    ModelError::Internal(format!("batch-norm statistic indices: {e}"))
+                })?;
+                (&mut rm.data, &mut rv.data)
             }
             BnMode::Batch => {
-                if self.scratch.is_none() {
-                    self.scratch = Some((be.zeros(s.c_out)?, be.zeros(s.c_out)?));
-                }
-                let (srm, srv) = self
-                    .scratch
-                    .as_mut()
-                    .ok_or_else(|| internal("running-stat scratch"))?;
-                be.copy(&params[s.rm].data, srm)?;
-                be.copy(&params[s.rv].data, srv)?;
-                let (g, b) = (&params[s.g].data, &params[s.b].data);
-                be.batchnorm_train_fwd(
-                    &self.bn,
-                    &self.z,
-                    g,
-                    b,
-                    srm,
-                    srv,
-                    &mut self.mean,
-                    &mut self.invstd,
-                    &mut self.y,
-                    self.relu,
-                )?;
+                be.copy(&params.s[s.rm.0].data, &mut self.scratch_mean)?;
+                be.copy(&params.s[s.rv.0].data, &mut self.scratch_var)?;
+                (&mut self.scratch_mean, &mut self.scratch_var)
             }
-        }
+        };
+        be.batchnorm_train_fwd(
+            &self.bn,
+            &self.z,
+            g,
+            b,
+            rm,
+            rv,
+            &mut self.mean,
+            &mut self.invstd,
+            &mut self.y,
+            self.relu,
+        )?;
         Ok(())
     }
 
@@ -357,14 +308,15 @@ impl<B: Backend> UnitActs<B> {
     fn forward_eval(
         &mut self,
         be: &B,
-        params: &[Param<B>],
+        params: &ParamStore<B>,
         x: &B::Buf,
         residual: Option<&B::Buf>,
         relu: bool,
         out: Option<&mut B::Buf>,
     ) -> Result<(), ModelError> {
         let s = self.spec;
-        let p = |i: usize| &params[i].data;
+        let w = |i: W| &params.w[i.0].data;
+        let st = |i: S| &params.s[i.0].data;
         let y = match out {
             Some(o) => o,
             None => &mut self.y,
@@ -373,11 +325,11 @@ impl<B: Backend> UnitActs<B> {
             &self.conv,
             &self.bn,
             x,
-            p(s.w),
-            p(s.g),
-            p(s.b),
-            p(s.rm),
-            p(s.rv),
+            w(s.w),
+            w(s.g),
+            w(s.b),
+            st(s.rm),
+            st(s.rv),
             residual,
             relu,
             y,
@@ -388,23 +340,18 @@ impl<B: Backend> UnitActs<B> {
     /// Backward of a training-mode forward: `dy` is dL/d(this unit's output); writes the
     /// conv and BN gradients into the store and, when asked, dL/d(input) into `dx`.
     fn backward(
-        &mut self,
+        &self,
         be: &B,
-        params: &mut [Param<B>],
+        params: &mut ParamStore<B>,
+        grads: &mut UnitGrads<B>,
         x: &B::Buf,
         dy: &B::Buf,
         dx: Option<&mut B::Buf>,
     ) -> Result<(), ModelError> {
         let s = self.spec;
-        ensure(be, &mut self.dz, self.conv.y_len())?;
-        let dz = self.dz.as_mut().ok_or_else(|| internal("dz"))?;
+        let dz = &mut grads.dz;
         {
-            let [g, b] = two_mut(params, s.g, s.b)?;
-            let dbeta = grad_of(b)?;
-            let dgamma = g
-                .grad
-                .as_mut()
-                .ok_or_else(|| internal("bn weight gradient"))?;
+            let [g, b] = two_mut(&mut params.w, s.g, s.b)?;
             be.batchnorm_bwd(
                 &self.bn,
                 &self.z,
@@ -414,17 +361,13 @@ impl<B: Backend> UnitActs<B> {
                 &self.mean,
                 &self.invstd,
                 dz,
-                dgamma,
-                dbeta,
+                &mut g.grad,
+                &mut b.grad,
                 self.relu,
             )?;
         }
-        let pw = &mut params[s.w];
-        let dw = pw
-            .grad
-            .as_mut()
-            .ok_or_else(|| internal("conv weight gradient"))?;
-        be.conv2d_bwd_weight(&self.conv, x, dz, dw)?;
+        let pw = &mut params.w[s.w.0];
+        be.conv2d_bwd_weight(&self.conv, x, dz, &mut pw.grad)?;
         if let Some(dx) = dx {
             be.conv2d_bwd_data(&self.conv, dz, &pw.data, dx)?;
         }
@@ -439,12 +382,52 @@ struct BlockActs<B: Backend> {
     out: B::Buf,
     out_len: usize,
     in_len: usize,
+}
+
+/// The downsample branch's training buffers.
+struct DownGrads<B: Backend> {
+    unit: UnitGrads<B>,
+    /// The branch's input gradient, added to the main branch's.
+    dx: B::Buf,
+}
+
+/// One residual block's training buffers, made for its [`BlockActs`] (the same units, a
+/// downsample branch exactly when the block has one).
+struct BlockGrads<B: Backend> {
+    units: Vec<UnitGrads<B>>,
+    /// dL/d(output of unit `j`) for every unit but the last, written by unit `j + 1`.
+    dys: Vec<B::Buf>,
+    down: Option<DownGrads<B>>,
     /// dL/d(pre-ReLU sum): the gradient of both branches' outputs.
-    g: Option<B::Buf>,
+    g: B::Buf,
     /// dL/d(out), written by the next block or the pooling.
-    dout: Option<B::Buf>,
-    /// The downsample branch's input gradient, added to the main branch's.
-    dtmp: Option<B::Buf>,
+    dout: B::Buf,
+}
+
+impl<B: Backend> BlockGrads<B> {
+    fn new(be: &B, a: &BlockActs<B>) -> Result<Self, ModelError> {
+        let last = a.units.len().saturating_sub(1);
+        Ok(BlockGrads {
+            units: a
+                .units
+                .iter()
+                .map(|u| UnitGrads::new(be, u))
+                .collect::<Result<_, _>>()?,
+            dys: a.units[..last]
+                .iter()
+                .map(|u| be.zeros(u.conv.y_len()))
+                .collect::<Result<_, _>>()?,
+            down: match &a.down {
+                Some(d) => Some(DownGrads {
+                    unit: UnitGrads::new(be, d)?,
+                    dx: be.zeros(a.in_len)?,
+                }),
+                None => None,
+            },
+            g: be.zeros(a.out_len)?,
+            dout: be.zeros(a.out_len)?,
+        })
+    }
 }
 
 impl<B: Backend> BlockActs<B> {
@@ -479,9 +462,6 @@ impl<B: Backend> BlockActs<B> {
                 out,
                 out_len,
                 in_len,
-                g: None,
-                dout: None,
-                dtmp: None,
             },
             ch,
             cw,
@@ -491,16 +471,16 @@ impl<B: Backend> BlockActs<B> {
     fn forward(
         &mut self,
         be: &B,
-        params: &mut [Param<B>],
+        params: &mut ParamStore<B>,
         x: &B::Buf,
         mode: BnMode,
     ) -> Result<(), ModelError> {
+        let last = self.units.len() - 1;
         if mode == BnMode::Eval {
             // The shortcut first, then the main branch, its last unit fused with the join.
             if let Some(d) = self.down.as_mut() {
                 d.forward(be, params, x, mode)?;
             }
-            let last = self.units.len() - 1;
             for j in 0..=last {
                 let (prev, cur) = self.units.split_at_mut(j);
                 let input = if j == 0 { x } else { &prev[j - 1].y };
@@ -523,7 +503,7 @@ impl<B: Backend> BlockActs<B> {
             }
             return Ok(());
         }
-        for j in 0..self.units.len() {
+        for j in 0..=last {
             let (prev, cur) = self.units.split_at_mut(j);
             let input = if j == 0 { x } else { &prev[j - 1].y };
             cur[0].forward(be, params, input, mode)?;
@@ -531,63 +511,50 @@ impl<B: Backend> BlockActs<B> {
         if let Some(d) = self.down.as_mut() {
             d.forward(be, params, x, mode)?;
         }
-        let last = self.units.last().ok_or_else(|| internal("block units"))?;
         let shortcut = match &self.down {
             Some(d) => &d.y,
             None => x,
         };
-        be.add_relu_fwd(&last.y, shortcut, &mut self.out)?;
+        be.add_relu_fwd(&self.units[last].y, shortcut, &mut self.out)?;
         Ok(())
     }
 
-    /// Needs `dout`; writes dL/d(block input) into `dx`.
+    /// Needs `grads.dout`; writes dL/d(block input) into `dx`.
     fn backward(
-        &mut self,
+        &self,
         be: &B,
-        params: &mut [Param<B>],
+        params: &mut ParamStore<B>,
+        grads: &mut BlockGrads<B>,
         x: &B::Buf,
         dx: &mut B::Buf,
     ) -> Result<(), ModelError> {
-        ensure(be, &mut self.g, self.out_len)?;
-        let g = self.g.as_mut().ok_or_else(|| internal("g"))?;
-        let dout = self
-            .dout
-            .as_ref()
-            .ok_or_else(|| internal("block output gradient"))?;
+        let BlockGrads {
+            units,
+            dys,
+            down,
+            g,
+            dout,
+        } = grads;
         be.relu_bwd(&self.out, dout, g)?;
         let g = &*g;
         let last = self.units.len() - 1;
-        for j in 0..last {
-            let len = self.units[j].conv.y_len();
-            ensure(be, &mut self.units[j].dy, len)?;
-        }
         for j in (0..=last).rev() {
-            let (prev, cur) = self.units.split_at_mut(j);
-            let unit = &mut cur[0];
-            let own = unit.dy.take();
-            let dy = if j == last {
-                g
+            let (lo, hi) = dys.split_at_mut(j);
+            let dy = if j == last { g } else { &hi[0] };
+            let (input, dx_j) = if j == 0 {
+                (x, &mut *dx)
             } else {
-                own.as_ref()
-                    .ok_or_else(|| internal("unit output gradient"))?
+                (&self.units[j - 1].y, &mut lo[j - 1])
             };
-            let r = if j == 0 {
-                unit.backward(be, params, x, dy, Some(&mut *dx))
-            } else {
-                let p = &mut prev[j - 1];
-                unit.backward(be, params, &p.y, dy, p.dy.as_mut())
-            };
-            unit.dy = own;
-            r?;
+            self.units[j].backward(be, params, &mut units[j], input, dy, Some(dx_j))?;
         }
-        match self.down.as_mut() {
-            Some(d) => {
-                ensure(be, &mut self.dtmp, self.in_len)?;
-                let dtmp = self.dtmp.as_mut().ok_or_else(|| internal("dtmp"))?;
-                d.backward(be, params, x, g, Some(&mut *dtmp))?;
-                be.add_assign(dx, dtmp)?;
+        // `down` is made for this block: a downsample branch's buffers exactly when it has one.
+        match (&self.down, down.as_mut()) {
+            (Some(d), Some(dg)) => {
+                d.backward(be, params, &mut dg.unit, x, g, Some(&mut dg.dx))?;
+                be.add_assign(dx, &dg.dx)?;
             }
-            None => be.add_assign(dx, g)?,
+            _ => be.add_assign(dx, g)?,
         }
         Ok(())
     }
@@ -602,16 +569,50 @@ pub(crate) struct BackboneActs<B: Backend> {
     stem: UnitActs<B>,
     pool: Pool2d,
     pooled: B::Buf,
-    dpooled: Option<B::Buf>,
-    dstem: Option<B::Buf>,
     blocks: Vec<BlockActs<B>>,
     pub out_c: usize,
     pub out_h: usize,
     pub out_w: usize,
     /// Global average pool of the last block: `[n, out_c]`.
     pub gap: B::Buf,
+}
+
+/// The backbone's training buffers, made for one [`BackboneActs`] (allocated with it when
+/// training, reused while the shape stays).
+pub(crate) struct BackboneGrads<B: Backend> {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    stem: UnitGrads<B>,
+    dstem: B::Buf,
+    dpooled: B::Buf,
+    blocks: Vec<BlockGrads<B>>,
     /// dL/d(gap), written by the layer above before [`BackboneActs::backward`].
-    pub dgap: Option<B::Buf>,
+    pub dgap: B::Buf,
+}
+
+impl<B: Backend> BackboneGrads<B> {
+    pub fn new(be: &B, a: &BackboneActs<B>) -> Result<Self, ModelError> {
+        Ok(BackboneGrads {
+            n: a.n,
+            h: a.h,
+            w: a.w,
+            stem: UnitGrads::new(be, &a.stem)?,
+            dstem: be.zeros(a.stem.conv.y_len())?,
+            dpooled: be.zeros(a.pool.y_len())?,
+            blocks: a
+                .blocks
+                .iter()
+                .map(|b| BlockGrads::new(be, b))
+                .collect::<Result<_, _>>()?,
+            dgap: be.zeros(a.n * a.out_c)?,
+        })
+    }
+
+    /// Whether these buffers were made for `a`'s shape.
+    pub fn fits(&self, a: &BackboneActs<B>) -> bool {
+        (self.n, self.h, self.w) == (a.n, a.h, a.w)
+    }
 }
 
 impl<B: Backend> BackboneActs<B> {
@@ -642,6 +643,9 @@ impl<B: Backend> BackboneActs<B> {
             (ch, cw) = (oh, ow);
             blocks.push(a);
         }
+        if blocks.is_empty() {
+            return Err(ModelError::Internal("a backbone without blocks".into()));
+        }
         let gap = be.zeros(n * spec.out_c)?;
         Ok(BackboneActs {
             n,
@@ -650,15 +654,17 @@ impl<B: Backend> BackboneActs<B> {
             stem,
             pool,
             pooled,
-            dpooled: None,
-            dstem: None,
             blocks,
             out_c: spec.out_c,
             out_h: ch,
             out_w: cw,
             gap,
-            dgap: None,
         })
+    }
+
+    /// Whether these buffers are for input `[n, _, h, w]`.
+    pub fn fits(&self, n: usize, h: usize, w: usize) -> bool {
+        (self.n, self.h, self.w) == (n, h, w)
     }
 
     /// The last block's feature maps `[n, out_c, out_h, out_w]`.
@@ -673,7 +679,7 @@ impl<B: Backend> BackboneActs<B> {
     pub fn forward(
         &mut self,
         be: &B,
-        params: &mut [Param<B>],
+        params: &mut ParamStore<B>,
         x: &B::Buf,
         mode: BnMode,
     ) -> Result<(), ModelError> {
@@ -697,45 +703,46 @@ impl<B: Backend> BackboneActs<B> {
         Ok(())
     }
 
-    /// Backward of a [`BnMode::Train`] forward from `dgap`; writes every backbone gradient.
-    /// `x` is the input of that forward.
+    /// Backward of a [`BnMode::Train`] forward from `grads.dgap`; writes every backbone
+    /// gradient. `x` is the input of that forward; `grads` were made for these activations.
     pub fn backward(
-        &mut self,
+        &self,
         be: &B,
-        params: &mut [Param<B>],
+        params: &mut ParamStore<B>,
+        grads: &mut BackboneGrads<B>,
         x: &B::Buf,
     ) -> Result<(), ModelError> {
         let hw = self.out_h * self.out_w;
         let rows = self.n * self.out_c;
-        let dgap = self.dgap.as_ref().ok_or_else(|| internal("dgap"))?;
         let nb = self.blocks.len();
-        ensure(be, &mut self.dpooled, self.pool.y_len())?;
-        if nb == 0 {
-            return Err(ModelError::Internal("a backbone without blocks".into()));
-        }
-        {
-            let last = &mut self.blocks[nb - 1];
-            ensure(be, &mut last.dout, last.out_len)?;
-            let dout = last.dout.as_mut().ok_or_else(|| internal("dout"))?;
-            be.global_avg_pool_bwd(rows, hw, dgap, dout)?;
+        let gb = &mut grads.blocks;
+        if let Some(last) = gb.last_mut() {
+            be.global_avg_pool_bwd(rows, hw, &grads.dgap, &mut last.dout)?;
         }
         for i in (0..nb).rev() {
-            let (prev, cur) = self.blocks.split_at_mut(i);
+            let (prev, cur) = gb.split_at_mut(i);
             if i == 0 {
-                let dx = self.dpooled.as_mut().ok_or_else(|| internal("dpooled"))?;
-                cur[0].backward(be, params, &self.pooled, dx)?;
+                self.blocks[0].backward(
+                    be,
+                    params,
+                    &mut cur[0],
+                    &self.pooled,
+                    &mut grads.dpooled,
+                )?;
             } else {
-                let p = &mut prev[i - 1];
-                ensure(be, &mut p.dout, p.out_len)?;
-                let dx = p.dout.as_mut().ok_or_else(|| internal("dout"))?;
-                cur[0].backward(be, params, &p.out, dx)?;
+                let dx = &mut prev[i - 1].dout;
+                self.blocks[i].backward(be, params, &mut cur[0], &self.blocks[i - 1].out, dx)?;
             }
         }
-        ensure(be, &mut self.dstem, self.stem.conv.y_len())?;
-        let dstem = self.dstem.as_mut().ok_or_else(|| internal("dstem"))?;
-        let dpooled = self.dpooled.as_ref().ok_or_else(|| internal("dpooled"))?;
-        be.maxpool2d_bwd(&self.pool, &self.stem.y, &self.pooled, dpooled, dstem)?;
-        self.stem.backward(be, params, x, dstem, None)?;
+        be.maxpool2d_bwd(
+            &self.pool,
+            &self.stem.y,
+            &self.pooled,
+            &grads.dpooled,
+            &mut grads.dstem,
+        )?;
+        self.stem
+            .backward(be, params, &mut grads.stem, x, &grads.dstem, None)?;
         Ok(())
     }
 }
