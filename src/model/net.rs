@@ -744,7 +744,7 @@ impl<B: Backend> IchNet<B> {
     /// Eval-mode backbone + fc on a device buffer: the backbone's activations and the fc
     /// logits `[n]`.
     #[allow(clippy::too_many_arguments)]
-    fn stage2_logits<'a>(
+    fn stage2_eval<'a>(
         be: &B,
         spec: &BackboneSpec,
         store: &mut ParamStore<B>,
@@ -794,7 +794,7 @@ impl<B: Backend> IchNet<B> {
         let xb = be.upload(x)?;
         let yb = be.upload(labels)?;
         let fc = self.fc;
-        let (bb, logits) = Self::stage2_logits(
+        let (bb, logits) = Self::stage2_eval(
             be,
             &self.backbone,
             &mut self.store,
@@ -868,7 +868,7 @@ impl<B: Backend> IchNet<B> {
     ) -> Result<Stage2DeviceOut<B>, ModelError> {
         self.check_images(self.be.len(x), n, h, w, "stage-2 input")?;
         let be = &self.be;
-        let (bb, logits) = Self::stage2_logits(
+        let (bb, logits) = Self::stage2_eval(
             be,
             &self.backbone,
             &mut self.store,
@@ -911,6 +911,48 @@ impl<B: Backend> IchNet<B> {
             features_hw: (fh, fw),
             cam: map,
         })
+    }
+
+    /// Stage-2 (eval mode) fc logits of `x` `[n, c, h, w]` on the host: no CAM.
+    pub fn stage2_logits(
+        &mut self,
+        x: &[B::T],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<f64>, ModelError> {
+        self.check_images(x.len(), n, h, w, "stage-2 input")?;
+        let be = &self.be;
+        let xb = be.upload(x)?;
+        let (_, logits) = Self::stage2_eval(
+            be,
+            &self.backbone,
+            &mut self.store,
+            self.fc,
+            &mut self.bb,
+            &xb,
+            n,
+            h,
+            w,
+        )?;
+        Ok(to_f64(be.download(&logits)?))
+    }
+
+    /// [`IchNet::stage2_infer_device`] from and to host memory: the fc logits `[n]`, the CAM
+    /// at the features' resolution `[n, fh, fw]` and `(fh, fw)`; nothing upsampled.
+    pub fn stage2_cam(
+        &mut self,
+        x: &[B::T],
+        n: usize,
+        h: usize,
+        w: usize,
+        cam: CamKind,
+    ) -> Result<(Vec<f64>, Vec<f64>, (usize, usize)), ModelError> {
+        self.check_images(x.len(), n, h, w, "stage-2 input")?;
+        let xb = self.be.upload(x)?;
+        let o = self.stage2_infer_device(&xb, n, h, w, cam)?;
+        let d = |b: &B::Buf| self.be.download(b).map(to_f64);
+        Ok((d(&o.logits)?, d(&o.cam)?, o.features_hw))
     }
 
     /// The CAM of a stage-2 pass on `n` slices upsampled to the input's `h x w` (bilinear,
@@ -1101,6 +1143,17 @@ mod tests {
         assert!(g.cam.iter().all(|&v| v >= 0.0));
         assert!(g.cam_norm.iter().all(|&v| (0.0..=1.0).contains(&v)));
         assert_eq!(g.features_hw, (4, 4)); // 32 -> stem 16 -> pool 8 -> layer2 4
+    }
+
+    #[test]
+    fn host_logits_and_cam_are_those_of_the_full_inference() {
+        let mut a = net(12);
+        let x = randn(13, 3 * 3 * 32 * 32);
+        let full = a.stage2_infer(&x, 3, 32, 32, CamKind::GradCam).unwrap();
+        assert_eq!(a.stage2_logits(&x, 3, 32, 32).unwrap(), full.logits);
+        let (l, cam, hw) = a.stage2_cam(&x, 3, 32, 32, CamKind::GradCam).unwrap();
+        assert_eq!((l, cam, hw), (full.logits, full.cam, full.features_hw));
+        assert!(a.stage2_logits(&x, 2, 32, 32).is_err());
     }
 
     #[test]

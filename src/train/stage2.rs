@@ -72,9 +72,9 @@ pub fn validate<B: Backend>(
         let its: Vec<(usize, usize)> = b.iter().map(|&i| items[i]).collect();
         let ids: Vec<u64> = b.iter().map(|&i| i as u64).collect();
         let (x, _) = prep::gather_slices(cases, &its, &ids, size, None)?;
-        let out = net.stage2_infer(&to_t::<B::T>(&x), b.len(), size, size, CamKind::Vanilla)?;
+        let logits = net.stage2_logits(&to_t::<B::T>(&x), b.len(), size, size)?;
         for (j, &i) in b.iter().enumerate() {
-            scores[i] = out.logits[j].as_f64();
+            scores[i] = logits[j];
         }
     }
     let labels: Vec<bool> = items.iter().map(|&(c, z)| cases[c].labels[z]).collect();
@@ -248,10 +248,11 @@ pub fn validate_pooled<B: Backend>(
         let its: Vec<(usize, usize)> = b.iter().map(|&i| items[i]).collect();
         let ids: Vec<u64> = b.iter().map(|&i| i as u64).collect();
         let (x, _) = prep::gather_slices(cases, &its, &ids, size, None)?;
-        let out = net.stage2_infer(&to_t::<B::T>(&x), b.len(), size, size, CamKind::Vanilla)?;
-        let hw = out.features_hw.0 * out.features_hw.1;
+        let (_, cam, (fh, fw)) =
+            net.stage2_cam(&to_t::<B::T>(&x), b.len(), size, size, CamKind::Vanilla)?;
+        let hw = fh * fw;
         for (j, &i) in b.iter().enumerate() {
-            let m: Vec<f32> = out.cam[j * hw..(j + 1) * hw]
+            let m: Vec<f32> = cam[j * hw..(j + 1) * hw]
                 .iter()
                 .map(|&v| v as f32)
                 .collect();

@@ -119,10 +119,10 @@ pub fn pseudo_masks<B: Backend>(
         for z0 in (0..d).step_by(batch.max(1)) {
             let n = batch.max(1).min(d - z0);
             let x = to_t::<B::T>(&case.x[z0 * plane..(z0 + n) * plane]);
-            let out = net.stage2_infer(&x, n, size, size, CamKind::Vanilla)?;
-            logits.extend(out.logits);
-            cam_small.extend(out.cam.iter().map(|&v| v as f32));
-            fhw = out.features_hw;
+            let (l, cam, hw) = net.stage2_cam(&x, n, size, size, CamKind::Vanilla)?;
+            logits.extend(l);
+            cam_small.extend(cam.iter().map(|&v| v as f32));
+            fhw = hw;
         }
         let flags: Vec<bool> = match ucfg.flags {
             PseudoFlags::Labels => case.labels.clone(),
