@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::cuda::device;
+use common::cuda::{bin, device};
 
 fn main() {
     common::cuda::main(vec![
@@ -25,24 +25,6 @@ fn main() {
             segment_on_the_device_gives_the_cpus_mask,
         ),
     ])
-}
-
-/// The ichcam binary: `ICHCAM_BIN`, else cargo's, else `gpu-bin/ichcam` or
-/// `target/release/ichcam` under the working directory (a test binary carried to a GPU
-/// machine, as scripts/gpu-check.sh does, runs from a copy of the repository).
-fn bin() -> Command {
-    let candidates = [
-        std::env::var_os("ICHCAM_BIN").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_BIN_EXE_ichcam"))),
-        Some(PathBuf::from("gpu-bin/ichcam")),
-        Some(PathBuf::from("target/release/ichcam")),
-    ];
-    let exe = candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.exists())
-        .expect("the ichcam binary (set ICHCAM_BIN)");
-    Command::new(exe)
 }
 
 /// A file of tests/fixtures, from the source tree or the working directory.

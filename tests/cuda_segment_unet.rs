@@ -11,10 +11,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
-use common::cuda::device;
+use common::cuda::{bin, device};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::infer::{Fuse, RefineOnBackend, SegmentOptions, Segmentation, Segmenter};
@@ -218,23 +217,6 @@ fn segment_runs_the_unet_on_the_device_as_on_the_cpu() {
     assert_eq!(by.unet, whole.unet);
     assert_eq!(by.cam, whole.cam);
     assert_eq!(by.mask, whole.mask);
-}
-
-/// The ichcam binary: `ICHCAM_BIN`, else cargo's, else `gpu-bin/ichcam` or
-/// `target/release/ichcam` under the working directory.
-fn bin() -> Command {
-    let candidates = [
-        std::env::var_os("ICHCAM_BIN").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_BIN_EXE_ichcam"))),
-        Some(PathBuf::from("gpu-bin/ichcam")),
-        Some(PathBuf::from("target/release/ichcam")),
-    ];
-    let exe = candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.exists())
-        .expect("the ichcam binary (set ICHCAM_BIN)");
-    Command::new(exe)
 }
 
 fn segment_with_the_binary(device: &str, out: &Path) {

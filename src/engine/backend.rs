@@ -3,13 +3,45 @@
 //!
 //! Conventions, the same for every op:
 //! - buffers are contiguous, row-major (NCHW for images); lengths are checked, a mismatch is
-//!   `EngineError::Shape`, never a panic;
+//!   `EngineError::Shape`, never a panic. The checks of the ops with a shape type
+//!   ([`Conv2d`], [`BatchNorm2d`], [`Lstm`], ...) are written once, here: the trait's
+//!   method validates the lengths on the shape and calls the backend's `*_unchecked`
+//!   implementation (an `unsafe fn`: a device kernel trusts them);
 //! - outputs are **overwritten** (never accumulated) unless the op's name says `accumulate`
 //!   or `assign`;
 //! - scalars (learning rates, eps, momentum) are passed as f64 and cast to `T` inside.
 
-use super::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
+use super::shapes::{
+    check_minmax, BatchNorm2d, ChannelCopy, Conv2d, Linear, Lstm, Maps, Pool2d, Resize, RowMean,
+    SoftDice, UpConv2d,
+};
 use super::{Real, Result};
+
+/// Declares an op whose lengths a shape type validates: the trait method `$name` checks
+/// them with `$check` (once, for every backend) and calls `$unchecked`, which each backend
+/// implements (an `unsafe fn`: a device kernel trusts the lengths).
+macro_rules! checked_op {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident / $unchecked:ident(&$self:ident, $($arg:ident: $ty:ty),* $(,)?) -> $ret:ty
+        $check:block
+    ) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name(&$self, $($arg: $ty),*) -> $ret {
+            $check
+            // SAFETY: the buffers hold the lengths the shape gives (checked above).
+            unsafe { $self.$unchecked($($arg),*) }
+        }
+        #[doc = concat!("[`Backend::", stringify!($name), "`] once its lengths are checked: what a backend implements.")]
+        ///
+        /// # Safety
+        /// Every buffer holds the length the shape argument gives (what the checked method
+        /// validates); a device kernel reads and writes that many values.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $unchecked(&$self, $($arg: $ty),*) -> $ret;
+    };
+}
 
 pub trait Backend: Send + Sync {
     /// Element type of the buffers.
@@ -31,25 +63,42 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) -> Result<()>;
 
     // ---- convolution (no bias) -----------------------------------------------------------
-    /// y = conv(x, w).
-    fn conv2d_fwd(&self, s: &Conv2d, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf)
-        -> Result<()>;
-    /// dx = conv_transpose(dy, w).
-    fn conv2d_bwd_data(
-        &self,
-        s: &Conv2d,
-        dy: &Self::Buf,
-        w: &Self::Buf,
-        dx: &mut Self::Buf,
-    ) -> Result<()>;
-    /// dw = sum over the batch of x (*) dy.
-    fn conv2d_bwd_weight(
-        &self,
-        s: &Conv2d,
-        x: &Self::Buf,
-        dy: &Self::Buf,
-        dw: &mut Self::Buf,
-    ) -> Result<()>;
+    checked_op! {
+        /// y = conv(x, w).
+        fn conv2d_fwd / conv2d_fwd_unchecked(
+            &self,
+            s: &Conv2d,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_fwd(self.len(x), self.len(w), self.len(y))?;
+        }
+    }
+    checked_op! {
+        /// dx = conv_transpose(dy, w).
+        fn conv2d_bwd_data / conv2d_bwd_data_unchecked(
+            &self,
+            s: &Conv2d,
+            dy: &Self::Buf,
+            w: &Self::Buf,
+            dx: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_bwd_data(self.len(dy), self.len(w), self.len(dx))?;
+        }
+    }
+    checked_op! {
+        /// dw = sum over the batch of x (*) dy.
+        fn conv2d_bwd_weight / conv2d_bwd_weight_unchecked(
+            &self,
+            s: &Conv2d,
+            x: &Self::Buf,
+            dy: &Self::Buf,
+            dw: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_bwd_weight(self.len(x), self.len(dy), self.len(dw))?;
+        }
+    }
 
     /// Inference convolution + batch norm with the running statistics (+ residual)
     /// (+ ReLU): `y = act(bn_eval(conv(x, w)) + residual)`, the whole eval-mode unit of a
@@ -57,6 +106,49 @@ pub trait Backend: Send + Sync {
     /// intermediates); a backend may fold the normalisation into the convolution's output.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_bn_eval_fwd(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        s.check_fwd(self.len(x), self.len(w), self.len(y))?;
+        bn.check_after_conv(
+            s,
+            [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
+            residual.map(|r| self.len(r)),
+        )?;
+        // SAFETY: the buffers hold the lengths the shape gives (checked above).
+        unsafe {
+            self.conv2d_bn_eval_fwd_unchecked(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        }
+    }
+    /// [`Backend::conv2d_bn_eval_fwd`] once its lengths are checked: what a backend implements.
+    ///
+    /// # Safety
+    /// Every buffer holds the length the shape argument gives (what [`Backend::conv2d_bn_eval_fwd`]
+    /// checks); a device kernel reads and writes that many values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv2d_bn_eval_fwd_unchecked(
         &self,
         s: &Conv2d,
         bn: &BatchNorm2d,
@@ -99,53 +191,88 @@ pub trait Backend: Send + Sync {
     }
 
     // ---- batch norm ----------------------------------------------------------------------
-    /// Training mode: normalises with the batch statistics (biased variance), updates the
-    /// running stats with PyTorch's momentum and the *unbiased* variance, saves the batch
-    /// mean and 1/sqrt(var+eps) for the backward pass; `relu` fuses a ReLU on the output.
-    #[allow(clippy::too_many_arguments)]
-    fn batchnorm_train_fwd(
-        &self,
-        s: &BatchNorm2d,
-        x: &Self::Buf,
-        gamma: &Self::Buf,
-        beta: &Self::Buf,
-        running_mean: &mut Self::Buf,
-        running_var: &mut Self::Buf,
-        save_mean: &mut Self::Buf,
-        save_invstd: &mut Self::Buf,
-        y: &mut Self::Buf,
-        relu: bool,
-    ) -> Result<()>;
-    /// Eval mode: normalises with the running stats; `relu` fuses a ReLU.
-    #[allow(clippy::too_many_arguments)]
-    fn batchnorm_eval_fwd(
-        &self,
-        s: &BatchNorm2d,
-        x: &Self::Buf,
-        gamma: &Self::Buf,
-        beta: &Self::Buf,
-        running_mean: &Self::Buf,
-        running_var: &Self::Buf,
-        y: &mut Self::Buf,
-        relu: bool,
-    ) -> Result<()>;
-    /// Backward of the training-mode forward. `y` is that forward's output, used only when
-    /// `relu` (to mask dy). dx, dgamma, dbeta are overwritten.
-    #[allow(clippy::too_many_arguments)]
-    fn batchnorm_bwd(
-        &self,
-        s: &BatchNorm2d,
-        x: &Self::Buf,
-        y: &Self::Buf,
-        dy: &Self::Buf,
-        gamma: &Self::Buf,
-        save_mean: &Self::Buf,
-        save_invstd: &Self::Buf,
-        dx: &mut Self::Buf,
-        dgamma: &mut Self::Buf,
-        dbeta: &mut Self::Buf,
-        relu: bool,
-    ) -> Result<()>;
+    checked_op! {
+        /// Training mode: normalises with the batch statistics (biased variance), updates the
+        /// running stats with PyTorch's momentum and the *unbiased* variance, saves the batch
+        /// mean and 1/sqrt(var+eps) for the backward pass; `relu` fuses a ReLU on the output.
+        fn batchnorm_train_fwd / batchnorm_train_fwd_unchecked(
+            &self,
+            s: &BatchNorm2d,
+            x: &Self::Buf,
+            gamma: &Self::Buf,
+            beta: &Self::Buf,
+            running_mean: &mut Self::Buf,
+            running_var: &mut Self::Buf,
+            save_mean: &mut Self::Buf,
+            save_invstd: &mut Self::Buf,
+            y: &mut Self::Buf,
+            relu: bool,
+        ) -> Result<()> {
+            s.check_train_fwd(
+                self.len(x),
+                self.len(y),
+                self.len(gamma),
+                self.len(beta),
+                self.len(running_mean),
+                self.len(running_var),
+                self.len(save_mean),
+                self.len(save_invstd),
+            )?;
+        }
+    }
+    checked_op! {
+        /// Eval mode: normalises with the running stats; `relu` fuses a ReLU.
+        fn batchnorm_eval_fwd / batchnorm_eval_fwd_unchecked(
+            &self,
+            s: &BatchNorm2d,
+            x: &Self::Buf,
+            gamma: &Self::Buf,
+            beta: &Self::Buf,
+            running_mean: &Self::Buf,
+            running_var: &Self::Buf,
+            y: &mut Self::Buf,
+            relu: bool,
+        ) -> Result<()> {
+            s.check_eval_fwd(
+                self.len(x),
+                self.len(y),
+                self.len(gamma),
+                self.len(beta),
+                self.len(running_mean),
+                self.len(running_var),
+            )?;
+        }
+    }
+    checked_op! {
+        /// Backward of the training-mode forward. `y` is that forward's output, used only when
+        /// `relu` (to mask dy). dx, dgamma, dbeta are overwritten.
+        fn batchnorm_bwd / batchnorm_bwd_unchecked(
+            &self,
+            s: &BatchNorm2d,
+            x: &Self::Buf,
+            y: &Self::Buf,
+            dy: &Self::Buf,
+            gamma: &Self::Buf,
+            save_mean: &Self::Buf,
+            save_invstd: &Self::Buf,
+            dx: &mut Self::Buf,
+            dgamma: &mut Self::Buf,
+            dbeta: &mut Self::Buf,
+            relu: bool,
+        ) -> Result<()> {
+            s.check_bwd(
+                self.len(x),
+                self.len(y),
+                self.len(dy),
+                self.len(dx),
+                self.len(gamma),
+                self.len(save_mean),
+                self.len(save_invstd),
+                self.len(dgamma),
+                self.len(dbeta),
+            )?;
+        }
+    }
 
     // ---- elementwise ---------------------------------------------------------------------
     /// y = max(x, 0).
@@ -160,95 +287,156 @@ pub trait Backend: Send + Sync {
     fn scale_assign(&self, y: &mut Self::Buf, alpha: f64) -> Result<()>;
 
     // ---- pooling -------------------------------------------------------------------------
-    fn maxpool2d_fwd(&self, s: &Pool2d, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
-    /// Routes each dy to the first maximum (row-major scan of the window) of its window in x.
-    fn maxpool2d_bwd(
-        &self,
-        s: &Pool2d,
-        x: &Self::Buf,
-        y: &Self::Buf,
-        dy: &Self::Buf,
-        dx: &mut Self::Buf,
-    ) -> Result<()>;
-    /// y[i] = mean of x[i, 0..hw] for i in 0..rows (rows = n*c).
-    fn global_avg_pool_fwd(
-        &self,
-        rows: usize,
-        hw: usize,
-        x: &Self::Buf,
-        y: &mut Self::Buf,
-    ) -> Result<()>;
-    fn global_avg_pool_bwd(
-        &self,
-        rows: usize,
-        hw: usize,
-        dy: &Self::Buf,
-        dx: &mut Self::Buf,
-    ) -> Result<()>;
+    checked_op! {
+        fn maxpool2d_fwd / maxpool2d_fwd_unchecked(
+            &self,
+            s: &Pool2d,
+            x: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_fwd(self.len(x), self.len(y))?;
+        }
+    }
+    checked_op! {
+        /// Routes each dy to the first maximum (row-major scan of the window) of its window in x.
+        fn maxpool2d_bwd / maxpool2d_bwd_unchecked(
+            &self,
+            s: &Pool2d,
+            x: &Self::Buf,
+            y: &Self::Buf,
+            dy: &Self::Buf,
+            dx: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_bwd(self.len(x), self.len(y), self.len(dy), self.len(dx))?;
+        }
+    }
+    checked_op! {
+        /// y[i] = mean of x[i, 0..hw] for i in 0..rows (rows = n*c).
+        fn global_avg_pool_fwd / global_avg_pool_fwd_unchecked(
+            &self,
+            rows: usize,
+            hw: usize,
+            x: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            RowMean { rows, hw }.check_fwd(self.len(x), self.len(y))?;
+        }
+    }
+    checked_op! {
+        fn global_avg_pool_bwd / global_avg_pool_bwd_unchecked(
+            &self,
+            rows: usize,
+            hw: usize,
+            dy: &Self::Buf,
+            dx: &mut Self::Buf,
+        ) -> Result<()> {
+            RowMean { rows, hw }.check_bwd(self.len(dy), self.len(dx))?;
+        }
+    }
 
     // ---- dense ---------------------------------------------------------------------------
-    /// y[m, n] = x[m, k] . w[n, k]^T + b[n].
-    #[allow(clippy::too_many_arguments)]
-    fn linear_fwd(
-        &self,
-        m: usize,
-        k: usize,
-        n: usize,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        b: Option<&Self::Buf>,
-        y: &mut Self::Buf,
-    ) -> Result<()>;
-    /// dx = dy . w (if wanted), dw = dy^T . x, db = column sums of dy (if wanted).
-    #[allow(clippy::too_many_arguments)]
-    fn linear_bwd(
-        &self,
-        m: usize,
-        k: usize,
-        n: usize,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        dy: &Self::Buf,
-        dx: Option<&mut Self::Buf>,
-        dw: &mut Self::Buf,
-        db: Option<&mut Self::Buf>,
-    ) -> Result<()>;
+    checked_op! {
+        /// y[m, n] = x[m, k] . w[n, k]^T + b[n].
+        fn linear_fwd / linear_fwd_unchecked(
+            &self,
+            m: usize,
+            k: usize,
+            n: usize,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            b: Option<&Self::Buf>,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            Linear { m, k, n }.check_fwd(self.len(x), self.len(w), b.map(|b| self.len(b)), self.len(y))?;
+        }
+    }
+    checked_op! {
+        /// dx = dy . w (if wanted), dw = dy^T . x, db = column sums of dy (if wanted).
+        fn linear_bwd / linear_bwd_unchecked(
+            &self,
+            m: usize,
+            k: usize,
+            n: usize,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            dy: &Self::Buf,
+            dx: Option<&mut Self::Buf>,
+            dw: &mut Self::Buf,
+            db: Option<&mut Self::Buf>,
+        ) -> Result<()> {
+            Linear { m, k, n }.check_bwd(
+                self.len(x),
+                self.len(w),
+                self.len(dy),
+                dx.as_deref().map(|d| self.len(d)),
+                self.len(dw),
+                db.as_deref().map(|d| self.len(d)),
+            )?;
+        }
+    }
 
     // ---- LSTM (one layer, full sequence) -------------------------------------------------
-    /// Forward over the whole sequence from a zero state. Writes h_seq and c_seq
-    /// `[batch, seq, hidden]` and the activated gates `[batch, seq, 4*hidden]` (i, f, g, o
-    /// after sigmoid/tanh) that BPTT needs.
-    #[allow(clippy::too_many_arguments)]
-    fn lstm_fwd(
-        &self,
-        s: &Lstm,
-        x: &Self::Buf,
-        w_ih: &Self::Buf,
-        w_hh: &Self::Buf,
-        b_ih: &Self::Buf,
-        b_hh: &Self::Buf,
-        h_seq: &mut Self::Buf,
-        c_seq: &mut Self::Buf,
-        gates: &mut Self::Buf,
-    ) -> Result<()>;
-    /// Backpropagation through time given dL/dh for every step. Overwrites dx and the weight
-    /// gradients; `db` is the gradient of both b_ih and b_hh (they are equal).
-    #[allow(clippy::too_many_arguments)]
-    fn lstm_bwd(
-        &self,
-        s: &Lstm,
-        x: &Self::Buf,
-        w_ih: &Self::Buf,
-        w_hh: &Self::Buf,
-        h_seq: &Self::Buf,
-        c_seq: &Self::Buf,
-        gates: &Self::Buf,
-        dh_seq: &Self::Buf,
-        dx: &mut Self::Buf,
-        dw_ih: &mut Self::Buf,
-        dw_hh: &mut Self::Buf,
-        db: &mut Self::Buf,
-    ) -> Result<()>;
+    checked_op! {
+        /// Forward over the whole sequence from a zero state. Writes h_seq and c_seq
+        /// `[batch, seq, hidden]` and the activated gates `[batch, seq, 4*hidden]` (i, f, g, o
+        /// after sigmoid/tanh) that BPTT needs.
+        fn lstm_fwd / lstm_fwd_unchecked(
+            &self,
+            s: &Lstm,
+            x: &Self::Buf,
+            w_ih: &Self::Buf,
+            w_hh: &Self::Buf,
+            b_ih: &Self::Buf,
+            b_hh: &Self::Buf,
+            h_seq: &mut Self::Buf,
+            c_seq: &mut Self::Buf,
+            gates: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_fwd(
+                self.len(x),
+                self.len(w_ih),
+                self.len(w_hh),
+                self.len(b_ih),
+                self.len(b_hh),
+                self.len(h_seq),
+                self.len(c_seq),
+                self.len(gates),
+            )?;
+        }
+    }
+    checked_op! {
+        /// Backpropagation through time given dL/dh for every step. Overwrites dx and the weight
+        /// gradients; `db` is the gradient of both b_ih and b_hh (they are equal).
+        fn lstm_bwd / lstm_bwd_unchecked(
+            &self,
+            s: &Lstm,
+            x: &Self::Buf,
+            w_ih: &Self::Buf,
+            w_hh: &Self::Buf,
+            h_seq: &Self::Buf,
+            c_seq: &Self::Buf,
+            gates: &Self::Buf,
+            dh_seq: &Self::Buf,
+            dx: &mut Self::Buf,
+            dw_ih: &mut Self::Buf,
+            dw_hh: &mut Self::Buf,
+            db: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_bwd(
+                self.len(x),
+                self.len(w_ih),
+                self.len(w_hh),
+                self.len(h_seq),
+                self.len(c_seq),
+                self.len(gates),
+                self.len(dh_seq),
+                self.len(dx),
+                self.len(dw_ih),
+                self.len(dw_hh),
+                self.len(db),
+            )?;
+        }
+    }
 
     // ---- loss and optimizers -------------------------------------------------------------
     /// Mean binary cross-entropy with logits (numerically stable), with PyTorch's
@@ -291,114 +479,157 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     // ---- class activation maps -----------------------------------------------------------
-    /// cam[i, p] = sum_c weights[c] * features[i, c, p] for features `[n, c, hw]`.
-    fn cam_weight(
-        &self,
-        n: usize,
-        c: usize,
-        hw: usize,
-        features: &Self::Buf,
-        weights: &Self::Buf,
-        cam: &mut Self::Buf,
-    ) -> Result<()>;
-    /// Grad-CAM: alpha[i, c] = mean over p of grads[i, c, p]; out[i, p] = relu(sum_c alpha * features).
-    #[allow(clippy::too_many_arguments)]
-    fn gradcam(
-        &self,
-        n: usize,
-        c: usize,
-        hw: usize,
-        features: &Self::Buf,
-        grads: &Self::Buf,
-        out: &mut Self::Buf,
-    ) -> Result<()>;
-    /// Bilinear resize of `[n, h, w]` to `[n, oh, ow]`, PyTorch's align_corners=False.
-    #[allow(clippy::too_many_arguments)]
-    fn upsample_bilinear(
-        &self,
-        n: usize,
-        h: usize,
-        w: usize,
-        oh: usize,
-        ow: usize,
-        x: &Self::Buf,
-        y: &mut Self::Buf,
-    ) -> Result<()>;
-    /// Per row of `[n, len]`: (x - min) / (max - min); a constant row becomes all zeros.
-    fn minmax_normalize(
-        &self,
-        n: usize,
-        len: usize,
-        x: &Self::Buf,
-        y: &mut Self::Buf,
-    ) -> Result<()>;
+    checked_op! {
+        /// cam[i, p] = sum_c weights[c] * features[i, c, p] for features `[n, c, hw]`.
+        fn cam_weight / cam_weight_unchecked(
+            &self,
+            n: usize,
+            c: usize,
+            hw: usize,
+            features: &Self::Buf,
+            weights: &Self::Buf,
+            cam: &mut Self::Buf,
+        ) -> Result<()> {
+            Maps { n, c, hw }.check_cam_weight(self.len(features), self.len(weights), self.len(cam))?;
+        }
+    }
+    checked_op! {
+        /// Grad-CAM: alpha[i, c] = mean over p of grads[i, c, p]; out[i, p] = relu(sum_c alpha * features).
+        fn gradcam / gradcam_unchecked(
+            &self,
+            n: usize,
+            c: usize,
+            hw: usize,
+            features: &Self::Buf,
+            grads: &Self::Buf,
+            out: &mut Self::Buf,
+        ) -> Result<()> {
+            Maps { n, c, hw }.check_gradcam(self.len(features), self.len(grads), self.len(out))?;
+        }
+    }
+    checked_op! {
+        /// Bilinear resize of `[n, h, w]` to `[n, oh, ow]`, PyTorch's align_corners=False.
+        fn upsample_bilinear / upsample_bilinear_unchecked(
+            &self,
+            n: usize,
+            h: usize,
+            w: usize,
+            oh: usize,
+            ow: usize,
+            x: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            Resize { n, h, w, oh, ow }.check(self.len(x), self.len(y))?;
+        }
+    }
+    checked_op! {
+        /// Per row of `[n, len]`: (x - min) / (max - min); a constant row becomes all zeros.
+        fn minmax_normalize / minmax_normalize_unchecked(
+            &self,
+            n: usize,
+            len: usize,
+            x: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            check_minmax(n, len, self.len(x), self.len(y))?;
+        }
+    }
 
     // ---- U-Net (stage 3) -----------------------------------------------------------------
-    /// y[i, ch, p] = y[i, ch, p] + b[ch] over y `[n, c, hw]`, then max(., 0) when `relu`:
-    /// a convolution's bias (and the ReLU after it), in place.
-    #[allow(clippy::too_many_arguments)]
-    fn bias_relu_assign(
-        &self,
-        n: usize,
-        c: usize,
-        hw: usize,
-        b: &Self::Buf,
-        y: &mut Self::Buf,
-        relu: bool,
-    ) -> Result<()>;
-    /// db[ch] = sum over i and p of dy[i, ch, p] for dy `[n, c, hw]`: a bias's gradient.
-    fn bias_bwd(
-        &self,
-        n: usize,
-        c: usize,
-        hw: usize,
-        dy: &Self::Buf,
-        db: &mut Self::Buf,
-    ) -> Result<()>;
-    /// y[:, y_offset + co] = conv_transpose(x, w)[:, co] + b[co] (kernel = stride = k); the
-    /// other channels of y are left as they are.
-    fn upconv2d_fwd(
-        &self,
-        s: &UpConv2d,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        b: &Self::Buf,
-        y: &mut Self::Buf,
-    ) -> Result<()>;
-    /// Backward of [`Backend::upconv2d_fwd`] from the gradient of the whole wider output
-    /// (only the op's channel slice of `dy` is read): overwrites dx, dw and db.
-    #[allow(clippy::too_many_arguments)]
-    fn upconv2d_bwd(
-        &self,
-        s: &UpConv2d,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        dy: &Self::Buf,
-        dx: &mut Self::Buf,
-        dw: &mut Self::Buf,
-        db: &mut Self::Buf,
-    ) -> Result<()>;
-    /// dst[i, dst_offset + k, p] = src[i, src_offset + k, p] for k < s.c (`+=` when
-    /// `accumulate`); dst's other channels are left as they are. The concatenation and, with
-    /// `accumulate`, its backward.
-    fn copy_channels(
-        &self,
-        s: &ChannelCopy,
-        src: &Self::Buf,
-        dst: &mut Self::Buf,
-        accumulate: bool,
-    ) -> Result<()>;
+    checked_op! {
+        /// y[i, ch, p] = y[i, ch, p] + b[ch] over y `[n, c, hw]`, then max(., 0) when `relu`:
+        /// a convolution's bias (and the ReLU after it), in place.
+        fn bias_relu_assign / bias_relu_assign_unchecked(
+            &self,
+            n: usize,
+            c: usize,
+            hw: usize,
+            b: &Self::Buf,
+            y: &mut Self::Buf,
+            relu: bool,
+        ) -> Result<()> {
+            Maps { n, c, hw }.check_bias(self.len(b), self.len(y))?;
+        }
+    }
+    checked_op! {
+        /// db[ch] = sum over i and p of dy[i, ch, p] for dy `[n, c, hw]`: a bias's gradient.
+        fn bias_bwd / bias_bwd_unchecked(
+            &self,
+            n: usize,
+            c: usize,
+            hw: usize,
+            dy: &Self::Buf,
+            db: &mut Self::Buf,
+        ) -> Result<()> {
+            Maps { n, c, hw }.check_bias_bwd(self.len(dy), self.len(db))?;
+        }
+    }
+    checked_op! {
+        /// y[:, y_offset + co] = conv_transpose(x, w)[:, co] + b[co] (kernel = stride = k); the
+        /// other channels of y are left as they are.
+        fn upconv2d_fwd / upconv2d_fwd_unchecked(
+            &self,
+            s: &UpConv2d,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            b: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_fwd(self.len(x), self.len(w), self.len(b), self.len(y))?;
+        }
+    }
+    checked_op! {
+        /// Backward of [`Backend::upconv2d_fwd`] from the gradient of the whole wider output
+        /// (only the op's channel slice of `dy` is read): overwrites dx, dw and db.
+        fn upconv2d_bwd / upconv2d_bwd_unchecked(
+            &self,
+            s: &UpConv2d,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            dy: &Self::Buf,
+            dx: &mut Self::Buf,
+            dw: &mut Self::Buf,
+            db: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_bwd(
+                self.len(x),
+                self.len(w),
+                self.len(dy),
+                self.len(dx),
+                self.len(dw),
+                self.len(db),
+            )?;
+        }
+    }
+    checked_op! {
+        /// dst[i, dst_offset + k, p] = src[i, src_offset + k, p] for k < s.c (`+=` when
+        /// `accumulate`); dst's other channels are left as they are. The concatenation and, with
+        /// `accumulate`, its backward.
+        fn copy_channels / copy_channels_unchecked(
+            &self,
+            s: &ChannelCopy,
+            src: &Self::Buf,
+            dst: &mut Self::Buf,
+            accumulate: bool,
+        ) -> Result<()> {
+            s.check(self.len(src), self.len(dst))?;
+        }
+    }
     /// y = 1 / (1 + exp(-x)).
     fn sigmoid_fwd(&self, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
     /// dx = dy * y * (1 - y), y being the sigmoid's output.
     fn sigmoid_bwd(&self, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
-    /// The soft Dice loss of probabilities against 0/1 targets (see [`SoftDice`]), summed in
-    /// f64; returns the loss and writes dL/dprobs.
-    fn soft_dice_loss(
-        &self,
-        s: &SoftDice,
-        probs: &Self::Buf,
-        targets: &Self::Buf,
-        dprobs: &mut Self::Buf,
-    ) -> Result<f64>;
+    checked_op! {
+        /// The soft Dice loss of probabilities against 0/1 targets (see [`SoftDice`]), summed in
+        /// f64; returns the loss and writes dL/dprobs.
+        fn soft_dice_loss / soft_dice_loss_unchecked(
+            &self,
+            s: &SoftDice,
+            probs: &Self::Buf,
+            targets: &Self::Buf,
+            dprobs: &mut Self::Buf,
+        ) -> Result<f64> {
+            s.check(self.len(probs), self.len(targets), self.len(dprobs))?;
+        }
+    }
 }

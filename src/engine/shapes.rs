@@ -348,6 +348,37 @@ impl RowMean {
 }
 
 impl BatchNorm2d {
+    /// `conv2d_bn_eval_fwd`: this batch norm on the output of `conv` (the same images,
+    /// channels and pixels), its four per-channel buffers (gamma, beta, running mean and
+    /// variance) and the residual, when there is one, of the convolution's output length.
+    pub fn check_after_conv(
+        &self,
+        conv: &Conv2d,
+        per_channel: [usize; 4],
+        residual: Option<usize>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bn_eval_fwd";
+        if self.n != conv.n || self.c != conv.c_out || self.hw != conv.out_h() * conv.out_w() {
+            return bad(
+                OP,
+                format!("batch norm {self:?} does not fit the convolution {conv:?}"),
+            );
+        }
+        let [gamma, beta, mean, var] = per_channel;
+        self.check_params(
+            OP,
+            &[
+                ("gamma", gamma),
+                ("beta", beta),
+                ("running_mean", mean),
+                ("running_var", var),
+            ],
+        )?;
+        if let Some(r) = residual {
+            check_lens(OP, &[("residual", r, conv.y_len())])?;
+        }
+        Ok(())
+    }
     pub fn check_params(&self, op: &'static str, per_channel: &[(&str, usize)]) -> Result<()> {
         for &(what, got) in per_channel {
             check_len(op, what, got, self.c)?;

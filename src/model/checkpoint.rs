@@ -192,10 +192,10 @@ pub fn save_with<B: Backend>(
         entries.push((
             p.name.to_string(),
             p.shape.to_vec(),
-            encode(&net.param(&p.name)?, opts.dtype),
+            encode(&net.param(p.name)?, opts.dtype),
         ));
         if opts.optimizer {
-            let st = net.opt_state(&p.name)?;
+            let st = net.opt_state(p.name)?;
             let (m, v, s) = (st.m, st.v, st.steps);
             if let Some(m) = m {
                 entries.push((

@@ -58,6 +58,10 @@ pub struct Stage2DeviceOut<B: Backend> {
     pub cam: B::Buf,
 }
 
+/// Stage-2 inference on the host without upsampling: the fc logits `[n]`, the CAM at the
+/// features' resolution `[n, fh, fw]` and `(fh, fw)`.
+pub type Stage2Cam = (Vec<f64>, Vec<f64>, (usize, usize));
+
 /// One tensor's optimizer state on the host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OptState<T> {
@@ -217,11 +221,11 @@ impl<B: Backend> SeqGrads<B> {
 
 /// The buffer in `slot` when `fits` says it is for the current shape, else a new one from
 /// `make` (the old one freed first).
-fn reuse<'a, T, E>(
-    slot: &'a mut Option<T>,
+fn reuse<T, E>(
+    slot: &mut Option<T>,
     fits: impl FnOnce(&T) -> bool,
     make: impl FnOnce() -> Result<T, E>,
-) -> Result<&'a mut T, E> {
+) -> Result<&mut T, E> {
     match slot.take() {
         Some(t) if fits(&t) => Ok(slot.insert(t)),
         old => {
@@ -391,7 +395,7 @@ impl<B: Backend> IchNet<B> {
         Ok(self.store.get(name)?.shape.to_vec())
     }
     pub fn param(&self, name: &str) -> Result<Vec<B::T>, ModelError> {
-        Ok(self.be.download(&self.store.get(name)?.data)?)
+        Ok(self.be.download(self.store.get(name)?.data)?)
     }
     pub fn set_param(&mut self, name: &str, values: &[B::T]) -> Result<(), ModelError> {
         self.store.set(&self.be, name, values)
@@ -947,7 +951,7 @@ impl<B: Backend> IchNet<B> {
         h: usize,
         w: usize,
         cam: CamKind,
-    ) -> Result<(Vec<f64>, Vec<f64>, (usize, usize)), ModelError> {
+    ) -> Result<Stage2Cam, ModelError> {
         self.check_images(x.len(), n, h, w, "stage-2 input")?;
         let xb = self.be.upload(x)?;
         let o = self.stage2_infer_device(&xb, n, h, w, cam)?;

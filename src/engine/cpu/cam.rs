@@ -4,19 +4,17 @@
 
 use rayon::prelude::*;
 
-use crate::engine::shapes::{check_minmax, Maps, Resize};
+use crate::engine::shapes::Resize;
 use crate::engine::{Real, Result};
 
 /// `cam[i, p] = sum_c weights[c] * features[i, c, p]`.
 pub fn cam_weight<T: Real>(
-    n: usize,
     c: usize,
     hw: usize,
     features: &[T],
     weights: &[T],
     cam: &mut [T],
 ) -> Result<()> {
-    Maps { n, c, hw }.check_cam_weight(features.len(), weights.len(), cam.len())?;
     if hw == 0 {
         return Ok(());
     }
@@ -34,14 +32,12 @@ pub fn cam_weight<T: Real>(
 
 /// alpha[i, c] = mean_p grads[i, c, p]; out[i, p] = max(0, sum_c alpha[i, c] * features[i, c, p]).
 pub fn gradcam<T: Real>(
-    n: usize,
     c: usize,
     hw: usize,
     features: &[T],
     grads: &[T],
     out: &mut [T],
 ) -> Result<()> {
-    Maps { n, c, hw }.check_gradcam(features.len(), grads.len(), out.len())?;
     if hw == 0 {
         return Ok(());
     }
@@ -95,7 +91,6 @@ pub fn upsample_bilinear<T: Real>(
     y: &mut [T],
 ) -> Result<()> {
     let r = Resize { n, h, w, oh, ow };
-    r.check(x.len(), y.len())?;
     if !r.has_output() {
         return Ok(());
     }
@@ -116,9 +111,9 @@ pub fn upsample_bilinear<T: Real>(
     Ok(())
 }
 
-/// Per row of `[n, len]`: (x - min) / (max - min); a constant row becomes all zeros.
-pub fn minmax_normalize<T: Real>(n: usize, len: usize, x: &[T], y: &mut [T]) -> Result<()> {
-    check_minmax(n, len, x.len(), y.len())?;
+/// Per row of `[n, len]` (the rows are the slices' `len`-chunks): (x - min) / (max - min); a
+/// constant row becomes all zeros.
+pub fn minmax_normalize<T: Real>(len: usize, x: &[T], y: &mut [T]) -> Result<()> {
     if len == 0 {
         return Ok(());
     }

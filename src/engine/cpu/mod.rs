@@ -157,13 +157,25 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn conv2d_fwd(&self, s: &Conv2d, x: &Vec<T>, w: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+    unsafe fn conv2d_fwd_unchecked(
+        &self,
+        s: &Conv2d,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
         timed(0, || conv::conv2d_fwd(s, x, w, y))
     }
-    fn conv2d_bwd_data(&self, s: &Conv2d, dy: &Vec<T>, w: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
+    unsafe fn conv2d_bwd_data_unchecked(
+        &self,
+        s: &Conv2d,
+        dy: &Vec<T>,
+        w: &Vec<T>,
+        dx: &mut Vec<T>,
+    ) -> Result<()> {
         timed(1, || conv::conv2d_bwd_data(s, dy, w, dx))
     }
-    fn conv2d_bwd_weight(
+    unsafe fn conv2d_bwd_weight_unchecked(
         &self,
         s: &Conv2d,
         x: &Vec<T>,
@@ -173,7 +185,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         timed(2, || conv::conv2d_bwd_weight(s, x, dy, dw))
     }
 
-    fn conv2d_bn_eval_fwd(
+    unsafe fn conv2d_bn_eval_fwd_unchecked(
         &self,
         s: &Conv2d,
         bn: &BatchNorm2d,
@@ -190,12 +202,6 @@ impl<T: Real> Backend for CpuBackend<T> {
         timed(17, || {
             let (scale, shift) =
                 norm::eval_scale_shift(bn, gamma, beta, running_mean, running_var)?;
-            if bn.n != s.n || bn.c != s.c_out || bn.hw != s.out_h() * s.out_w() {
-                return Err(super::EngineError::Shape {
-                    op: "conv2d_bn_eval_fwd",
-                    detail: format!("batch norm {bn:?} does not fit the convolution {s:?}"),
-                });
-            }
             let ep = winograd::Epilogue {
                 affine: Some((&scale, &shift)),
                 residual: residual.map(|r| r.as_slice()),
@@ -205,7 +211,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         })
     }
 
-    fn batchnorm_train_fwd(
+    unsafe fn batchnorm_train_fwd_unchecked(
         &self,
         s: &BatchNorm2d,
         x: &Vec<T>,
@@ -233,7 +239,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             )
         })
     }
-    fn batchnorm_eval_fwd(
+    unsafe fn batchnorm_eval_fwd_unchecked(
         &self,
         s: &BatchNorm2d,
         x: &Vec<T>,
@@ -248,7 +254,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             norm::batchnorm_eval_fwd(s, x, gamma, beta, running_mean, running_var, y, relu)
         })
     }
-    fn batchnorm_bwd(
+    unsafe fn batchnorm_bwd_unchecked(
         &self,
         s: &BatchNorm2d,
         x: &Vec<T>,
@@ -295,10 +301,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         timed(6, || elementwise::scale_assign(y, alpha))
     }
 
-    fn maxpool2d_fwd(&self, s: &Pool2d, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+    unsafe fn maxpool2d_fwd_unchecked(&self, s: &Pool2d, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
         timed(7, || pool::maxpool2d_fwd(s, x, y))
     }
-    fn maxpool2d_bwd(
+    unsafe fn maxpool2d_bwd_unchecked(
         &self,
         s: &Pool2d,
         x: &Vec<T>,
@@ -308,26 +314,26 @@ impl<T: Real> Backend for CpuBackend<T> {
     ) -> Result<()> {
         timed(8, || pool::maxpool2d_bwd(s, x, y, dy, dx))
     }
-    fn global_avg_pool_fwd(
+    unsafe fn global_avg_pool_fwd_unchecked(
         &self,
-        rows: usize,
+        _rows: usize,
         hw: usize,
         x: &Vec<T>,
         y: &mut Vec<T>,
     ) -> Result<()> {
-        timed(9, || pool::global_avg_pool_fwd(rows, hw, x, y))
+        timed(9, || pool::global_avg_pool_fwd(hw, x, y))
     }
-    fn global_avg_pool_bwd(
+    unsafe fn global_avg_pool_bwd_unchecked(
         &self,
-        rows: usize,
+        _rows: usize,
         hw: usize,
         dy: &Vec<T>,
         dx: &mut Vec<T>,
     ) -> Result<()> {
-        timed(9, || pool::global_avg_pool_bwd(rows, hw, dy, dx))
+        timed(9, || pool::global_avg_pool_bwd(hw, dy, dx))
     }
 
-    fn linear_fwd(
+    unsafe fn linear_fwd_unchecked(
         &self,
         m: usize,
         k: usize,
@@ -341,7 +347,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             dense::linear_fwd(m, k, n, x, w, b.map(|v| v.as_slice()), y)
         })
     }
-    fn linear_bwd(
+    unsafe fn linear_bwd_unchecked(
         &self,
         m: usize,
         k: usize,
@@ -368,7 +374,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         })
     }
 
-    fn lstm_fwd(
+    unsafe fn lstm_fwd_unchecked(
         &self,
         s: &Lstm,
         x: &Vec<T>,
@@ -384,7 +390,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             lstm::lstm_fwd(s, x, w_ih, w_hh, b_ih, b_hh, h_seq, c_seq, gates)
         })
     }
-    fn lstm_bwd(
+    unsafe fn lstm_bwd_unchecked(
         &self,
         s: &Lstm,
         x: &Vec<T>,
@@ -449,29 +455,29 @@ impl<T: Real> Backend for CpuBackend<T> {
         })
     }
 
-    fn cam_weight(
+    unsafe fn cam_weight_unchecked(
         &self,
-        n: usize,
+        _n: usize,
         c: usize,
         hw: usize,
         features: &Vec<T>,
         weights: &Vec<T>,
         cam: &mut Vec<T>,
     ) -> Result<()> {
-        timed(15, || cam::cam_weight(n, c, hw, features, weights, cam))
+        timed(15, || cam::cam_weight(c, hw, features, weights, cam))
     }
-    fn gradcam(
+    unsafe fn gradcam_unchecked(
         &self,
-        n: usize,
+        _n: usize,
         c: usize,
         hw: usize,
         features: &Vec<T>,
         grads: &Vec<T>,
         out: &mut Vec<T>,
     ) -> Result<()> {
-        timed(15, || cam::gradcam(n, c, hw, features, grads, out))
+        timed(15, || cam::gradcam(c, hw, features, grads, out))
     }
-    fn upsample_bilinear(
+    unsafe fn upsample_bilinear_unchecked(
         &self,
         n: usize,
         h: usize,
@@ -483,25 +489,38 @@ impl<T: Real> Backend for CpuBackend<T> {
     ) -> Result<()> {
         timed(15, || cam::upsample_bilinear(n, h, w, oh, ow, x, y))
     }
-    fn minmax_normalize(&self, n: usize, len: usize, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
-        timed(15, || cam::minmax_normalize(n, len, x, y))
+    unsafe fn minmax_normalize_unchecked(
+        &self,
+        _n: usize,
+        len: usize,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(15, || cam::minmax_normalize(len, x, y))
     }
 
-    fn bias_relu_assign(
+    unsafe fn bias_relu_assign_unchecked(
         &self,
-        n: usize,
+        _n: usize,
         c: usize,
         hw: usize,
         b: &Vec<T>,
         y: &mut Vec<T>,
         relu: bool,
     ) -> Result<()> {
-        bias::bias_relu_assign(n, c, hw, b, y, relu)
+        bias::bias_relu_assign(c, hw, b, y, relu)
     }
-    fn bias_bwd(&self, n: usize, c: usize, hw: usize, dy: &Vec<T>, db: &mut Vec<T>) -> Result<()> {
+    unsafe fn bias_bwd_unchecked(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dy: &Vec<T>,
+        db: &mut Vec<T>,
+    ) -> Result<()> {
         bias::bias_bwd(n, c, hw, dy, db)
     }
-    fn upconv2d_fwd(
+    unsafe fn upconv2d_fwd_unchecked(
         &self,
         s: &UpConv2d,
         x: &Vec<T>,
@@ -511,7 +530,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     ) -> Result<()> {
         upconv::upconv2d_fwd(s, x, w, b, y)
     }
-    fn upconv2d_bwd(
+    unsafe fn upconv2d_bwd_unchecked(
         &self,
         s: &UpConv2d,
         x: &Vec<T>,
@@ -523,7 +542,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     ) -> Result<()> {
         upconv::upconv2d_bwd(s, x, w, dy, dx, dw, db)
     }
-    fn copy_channels(
+    unsafe fn copy_channels_unchecked(
         &self,
         s: &ChannelCopy,
         src: &Vec<T>,
@@ -538,7 +557,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn sigmoid_bwd(&self, y: &Vec<T>, dy: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
         dice::sigmoid_bwd(y, dy, dx)
     }
-    fn soft_dice_loss(
+    unsafe fn soft_dice_loss_unchecked(
         &self,
         s: &SoftDice,
         probs: &Vec<T>,

@@ -119,16 +119,6 @@ pub fn batchnorm_train_fwd<T: Real>(
     y: &mut [T],
     relu: bool,
 ) -> Result<()> {
-    s.check_train_fwd(
-        x.len(),
-        y.len(),
-        gamma.len(),
-        beta.len(),
-        running_mean.len(),
-        running_var.len(),
-        save_mean.len(),
-        save_invstd.len(),
-    )?;
     let count = s.n * s.hw;
     let stats: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()
@@ -165,14 +155,6 @@ pub fn batchnorm_eval_fwd<T: Real>(
     y: &mut [T],
     relu: bool,
 ) -> Result<()> {
-    s.check_eval_fwd(
-        x.len(),
-        y.len(),
-        gamma.len(),
-        beta.len(),
-        running_mean.len(),
-        running_var.len(),
-    )?;
     let (scale, shift) = eval_scale_shift(s, gamma, beta, running_mean, running_var)?;
     affine(s, x, &scale, &shift, y, relu);
     Ok(())
@@ -187,15 +169,6 @@ pub fn eval_scale_shift<T: Real>(
     running_mean: &[T],
     running_var: &[T],
 ) -> Result<(Vec<T>, Vec<T>)> {
-    s.check_params(
-        "batchnorm_eval_fwd",
-        &[
-            ("gamma", gamma.len()),
-            ("beta", beta.len()),
-            ("running_mean", running_mean.len()),
-            ("running_var", running_var.len()),
-        ],
-    )?;
     let mut scale = vec![T::zero(); s.c];
     let mut shift = vec![T::zero(); s.c];
     for ch in 0..s.c {
@@ -253,17 +226,6 @@ pub fn batchnorm_bwd<T: Real>(
     dbeta: &mut [T],
     relu: bool,
 ) -> Result<()> {
-    s.check_bwd(
-        x.len(),
-        y.len(),
-        dy.len(),
-        dx.len(),
-        gamma.len(),
-        save_mean.len(),
-        save_invstd.len(),
-        dgamma.len(),
-        dbeta.len(),
-    )?;
     let count = (s.n * s.hw) as f64;
     let sums: Vec<(f64, f64)> = (0..s.c)
         .into_par_iter()

@@ -332,7 +332,7 @@ impl Backend for CudaBackend {
     }
 
     // ---- convolution ---------------------------------------------------------------------
-    fn conv2d_fwd(
+    unsafe fn conv2d_fwd_unchecked(
         &self,
         s: &Conv2d,
         x: &CudaSlice<f32>,
@@ -341,7 +341,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         conv::conv2d_fwd(self, s, x, w, y)
     }
-    fn conv2d_bwd_data(
+    unsafe fn conv2d_bwd_data_unchecked(
         &self,
         s: &Conv2d,
         dy: &CudaSlice<f32>,
@@ -350,7 +350,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         conv::conv2d_bwd_data(self, s, dy, w, dx)
     }
-    fn conv2d_bwd_weight(
+    unsafe fn conv2d_bwd_weight_unchecked(
         &self,
         s: &Conv2d,
         x: &CudaSlice<f32>,
@@ -359,7 +359,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         conv::conv2d_bwd_weight(self, s, x, dy, dw)
     }
-    fn batchnorm_train_fwd(
+    unsafe fn batchnorm_train_fwd_unchecked(
         &self,
         s: &BatchNorm2d,
         x: &CudaSlice<f32>,
@@ -386,7 +386,7 @@ impl Backend for CudaBackend {
             relu,
         )
     }
-    fn batchnorm_eval_fwd(
+    unsafe fn batchnorm_eval_fwd_unchecked(
         &self,
         s: &BatchNorm2d,
         x: &CudaSlice<f32>,
@@ -399,7 +399,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         norm::batchnorm_eval_fwd(self, s, x, gamma, beta, running_mean, running_var, y, relu)
     }
-    fn batchnorm_bwd(
+    unsafe fn batchnorm_bwd_unchecked(
         &self,
         s: &BatchNorm2d,
         x: &CudaSlice<f32>,
@@ -453,10 +453,15 @@ impl Backend for CudaBackend {
     fn scale_assign(&self, y: &mut CudaSlice<f32>, alpha: f64) -> Result<()> {
         elementwise::scale_assign(self, y, alpha)
     }
-    fn maxpool2d_fwd(&self, s: &Pool2d, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+    unsafe fn maxpool2d_fwd_unchecked(
+        &self,
+        s: &Pool2d,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         pool::maxpool2d_fwd(self, s, x, y)
     }
-    fn maxpool2d_bwd(
+    unsafe fn maxpool2d_bwd_unchecked(
         &self,
         s: &Pool2d,
         x: &CudaSlice<f32>,
@@ -466,7 +471,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         pool::maxpool2d_bwd(self, s, x, y, dy, dx)
     }
-    fn global_avg_pool_fwd(
+    unsafe fn global_avg_pool_fwd_unchecked(
         &self,
         rows: usize,
         hw: usize,
@@ -475,7 +480,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         pool::global_avg_pool_fwd(self, rows, hw, x, y)
     }
-    fn global_avg_pool_bwd(
+    unsafe fn global_avg_pool_bwd_unchecked(
         &self,
         rows: usize,
         hw: usize,
@@ -484,7 +489,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         pool::global_avg_pool_bwd(self, rows, hw, dy, dx)
     }
-    fn linear_fwd(
+    unsafe fn linear_fwd_unchecked(
         &self,
         m: usize,
         k: usize,
@@ -496,7 +501,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         dense::linear_fwd(self, m, k, n, x, w, b, y)
     }
-    fn linear_bwd(
+    unsafe fn linear_bwd_unchecked(
         &self,
         m: usize,
         k: usize,
@@ -510,7 +515,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         dense::linear_bwd(self, m, k, n, x, w, dy, dx, dw, db)
     }
-    fn lstm_fwd(
+    unsafe fn lstm_fwd_unchecked(
         &self,
         s: &Lstm,
         x: &CudaSlice<f32>,
@@ -524,7 +529,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         lstm::lstm_fwd(self, s, x, w_ih, w_hh, b_ih, b_hh, h_seq, c_seq, gates)
     }
-    fn lstm_bwd(
+    unsafe fn lstm_bwd_unchecked(
         &self,
         s: &Lstm,
         x: &CudaSlice<f32>,
@@ -579,7 +584,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         optim::adam_step(self, p, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
     }
-    fn cam_weight(
+    unsafe fn cam_weight_unchecked(
         &self,
         n: usize,
         c: usize,
@@ -590,7 +595,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         cam::cam_weight(self, n, c, hw, features, weights, cam)
     }
-    fn gradcam(
+    unsafe fn gradcam_unchecked(
         &self,
         n: usize,
         c: usize,
@@ -601,7 +606,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         cam::gradcam(self, n, c, hw, features, grads, out)
     }
-    fn upsample_bilinear(
+    unsafe fn upsample_bilinear_unchecked(
         &self,
         n: usize,
         h: usize,
@@ -613,7 +618,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         cam::upsample_bilinear(self, n, h, w, oh, ow, x, y)
     }
-    fn minmax_normalize(
+    unsafe fn minmax_normalize_unchecked(
         &self,
         n: usize,
         len: usize,
@@ -622,7 +627,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         cam::minmax_normalize(self, n, len, x, y)
     }
-    fn bias_relu_assign(
+    unsafe fn bias_relu_assign_unchecked(
         &self,
         n: usize,
         c: usize,
@@ -633,7 +638,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         bias::bias_relu_assign(self, n, c, hw, b, y, relu)
     }
-    fn bias_bwd(
+    unsafe fn bias_bwd_unchecked(
         &self,
         n: usize,
         c: usize,
@@ -643,7 +648,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         bias::bias_bwd(self, n, c, hw, dy, db)
     }
-    fn upconv2d_fwd(
+    unsafe fn upconv2d_fwd_unchecked(
         &self,
         s: &UpConv2d,
         x: &CudaSlice<f32>,
@@ -653,7 +658,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         upconv::upconv2d_fwd(self, s, x, w, b, y)
     }
-    fn upconv2d_bwd(
+    unsafe fn upconv2d_bwd_unchecked(
         &self,
         s: &UpConv2d,
         x: &CudaSlice<f32>,
@@ -665,7 +670,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         upconv::upconv2d_bwd(self, s, x, w, dy, dx, dw, db)
     }
-    fn copy_channels(
+    unsafe fn copy_channels_unchecked(
         &self,
         s: &ChannelCopy,
         src: &CudaSlice<f32>,
@@ -685,7 +690,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         dice::sigmoid_bwd(self, y, dy, dx)
     }
-    fn soft_dice_loss(
+    unsafe fn soft_dice_loss_unchecked(
         &self,
         s: &SoftDice,
         probs: &CudaSlice<f32>,

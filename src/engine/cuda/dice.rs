@@ -54,7 +54,6 @@ pub(crate) fn soft_dice_loss(
     dprobs: &mut CudaSlice<f32>,
 ) -> Result<f64> {
     const OP: &str = "soft_dice_loss";
-    s.check(probs.len(), targets.len(), dprobs.len())?;
     dim(s.len())?;
     let (split, chunk) = be.reduce_split(s.n * s.hw, s.c);
     let red = blocks(OP, (split, s.c, 1), 256)?;

@@ -35,16 +35,6 @@ pub(crate) fn lstm_fwd(
     gates: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const OP: &str = "lstm_fwd";
-    s.check_fwd(
-        x.len(),
-        w_ih.len(),
-        w_hh.len(),
-        b_ih.len(),
-        b_hh.len(),
-        h_seq.len(),
-        c_seq.len(),
-        gates.len(),
-    )?;
     let (b, t, inp, h) = (s.batch, s.seq, s.input, s.hidden);
     if b == 0 || t == 0 || h == 0 {
         return Ok(());
@@ -103,19 +93,6 @@ pub(crate) fn lstm_bwd(
     dw_hh: &mut CudaSlice<f32>,
     db: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    s.check_bwd(
-        x.len(),
-        w_ih.len(),
-        w_hh.len(),
-        h_seq.len(),
-        c_seq.len(),
-        gates.len(),
-        dh_seq.len(),
-        dx.len(),
-        dw_ih.len(),
-        dw_hh.len(),
-        db.len(),
-    )?;
     let (b, t, inp, h) = (s.batch, s.seq, s.input, s.hidden);
     int_args([s.gates_len(), s.x_len(), 4 * h * inp])?;
     if b == 0 || t == 0 || h == 0 {

@@ -43,7 +43,6 @@ pub(crate) fn upconv2d_fwd(
     b: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    s.check_fwd(x.len(), w.len(), b.len(), y.len())?;
     let total = s.n * s.c_out * s.out_h() * s.out_w();
     if total == 0 {
         return Ok(());
@@ -74,7 +73,6 @@ pub(crate) fn upconv2d_bwd(
     dw: &mut CudaSlice<f32>,
     db: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    s.check_bwd(x.len(), w.len(), dy.len(), dx.len(), dw.len(), db.len())?;
     let g = geometry(s)?;
     let k = kernels(be)?;
     if s.x_len() > 0 {
