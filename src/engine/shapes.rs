@@ -1,5 +1,6 @@
 //! Shape descriptors of the ops: plain numbers, shared by every backend, with the checks
-//! that every backend runs before an op touches a buffer (written once, here).
+//! of the buffers' lengths (written once, here; called once, by the [`super::Backend`]
+//! trait's methods, before a backend's implementation touches a buffer).
 
 use super::{check_len, EngineError, Result};
 

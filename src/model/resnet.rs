@@ -1,7 +1,8 @@
 //! torchvision's ResNet backbone over a [`Backend`]: the parameter declarations (names and
 //! order of torchvision's `state_dict`) and the activations of one input shape, with the
 //! forward pass (training-mode, batch-statistics or eval-mode batch norm) and the backward
-//! pass that writes every backbone gradient. The stem is 7x7/2 conv, BN, ReLU, 3x3/2
+//! pass that writes every backbone gradient through the training buffers made for those
+//! activations ([`BackboneGrads`]). The stem is 7x7/2 conv, BN, ReLU, 3x3/2
 //! max-pool; stages of basic or bottleneck blocks (stride on the 3x3, as torchvision v1.5);
 //! a 1x1 conv + BN downsample when the stride or the channel count changes; then global
 //! average pooling. Knows nothing about the LSTM, the heads or files.

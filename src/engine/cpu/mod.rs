@@ -2,9 +2,11 @@
 //! f32/f64 (f64 for finite-difference gradient checks), parallel with rayon, convolutions
 //! and dense products through the `gemm` crate.
 //!
-//! [`CpuBackend`] only checks and forwards: each op family lives in its own file over plain
-//! slices, so other code (tests, the model's host-side helpers) can call the functions
-//! directly. [`gemm::matmul`] is the shared bounds-checked matrix product.
+//! [`CpuBackend`] only forwards: the [`Backend`] trait checks the lengths of the ops with a
+//! shape type before its `*_unchecked` method runs here; each op family lives in its own
+//! file over plain slices (a direct call with wrong lengths panics on a slice bound, where the
+//! trait's method returns the error). [`gemm::matmul`] is the shared bounds-checked matrix
+//! product.
 
 pub mod bias;
 pub mod cam;

@@ -1,8 +1,9 @@
 //! [`CudaBackend`]: the op trait over device buffers (`CudaSlice<f32>`) on one stream, each op
 //! a few typed launches of the kernels in `kernels/*.cu` by its family's module (`conv.rs`
-//! launches `kernels/conv.cu` and mirrors `cpu/conv.rs`, and so on). Every op checks its
-//! shapes with the shape types' checks first (the CPU reference runs the same), then the
-//! sizes against the kernels' 32-bit indexing and the grid limits, before any launch.
+//! launches `kernels/conv.cu` and mirrors `cpu/conv.rs`, and so on). The [`Backend`] trait
+//! checks the shapes of an op with a shape type once, for both backends, before its
+//! `*_unchecked` method runs here; the op then checks the sizes against the kernels' 32-bit
+//! indexing and the grid limits, before any launch.
 //!
 //! One stream and no cross-stream event tracking: every launch and copy is ordered on that
 //! stream, and a buffer freed on the host is freed stream-ordered after the work queued on it.
