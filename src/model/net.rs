@@ -235,6 +235,212 @@ fn reuse<T, E>(
     }
 }
 
+/// An input shape: `batch` sequences of `seq` slices of `h x w` (the backbone sees
+/// `batch * seq` images; single slices are `seq` 1).
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    seq: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Dims {
+    /// `n` single images.
+    fn images(n: usize, h: usize, w: usize) -> Self {
+        Dims {
+            batch: n,
+            seq: 1,
+            h,
+            w,
+        }
+    }
+    fn n(self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// What the network is made of beyond its tensors: the layers' places in the store and
+/// their sizes.
+struct Topology {
+    backbone: BackboneSpec,
+    lstm: Vec<LstmSpec>,
+    head: Vec<LinearSpec>,
+    fc: LinearSpec,
+    hidden: usize,
+}
+
+/// The stage-1 activations of a training step and their gradients.
+type TrainBufs<'a, B> = (
+    &'a mut BackboneActs<B>,
+    &'a mut SeqActs<B>,
+    &'a mut BackboneGrads<B>,
+    &'a mut SeqGrads<B>,
+);
+
+/// The buffers of the current input shape: the backbone's and the sequence's activations
+/// and, once a training step ran on that shape, their gradients (each reallocated, the old
+/// ones freed first, when the shape changes).
+struct Slots<B: Backend> {
+    bb: Option<BackboneActs<B>>,
+    bb_grads: Option<BackboneGrads<B>>,
+    seq: Option<SeqActs<B>>,
+    seq_grads: Option<SeqGrads<B>>,
+}
+
+impl<B: Backend> Slots<B> {
+    fn empty() -> Self {
+        Slots {
+            bb: None,
+            bb_grads: None,
+            seq: None,
+            seq_grads: None,
+        }
+    }
+
+    /// The backbone run on `x` `[n, c, h, w]`.
+    fn backbone(
+        &mut self,
+        be: &B,
+        t: &Topology,
+        store: &mut ParamStore<B>,
+        x: &B::Buf,
+        d: Dims,
+        mode: BnMode,
+    ) -> Result<&mut BackboneActs<B>, ModelError> {
+        backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, mode)
+    }
+
+    /// The stage-1 net (backbone, LSTM, head) run on `x` `[batch, seq, c, h, w]`.
+    fn stage1(
+        &mut self,
+        be: &B,
+        t: &Topology,
+        store: &mut ParamStore<B>,
+        x: &B::Buf,
+        d: Dims,
+        mode: BnMode,
+    ) -> Result<(&mut BackboneActs<B>, &mut SeqActs<B>), ModelError> {
+        let bb = backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, mode)?;
+        let sa = seq_pass(be, t, store, &mut self.seq, &bb.gap, d)?;
+        Ok((bb, sa))
+    }
+
+    /// [`Slots::stage1`] in training mode, with the gradients of those activations.
+    fn stage1_train(
+        &mut self,
+        be: &B,
+        t: &Topology,
+        store: &mut ParamStore<B>,
+        x: &B::Buf,
+        d: Dims,
+    ) -> Result<TrainBufs<'_, B>, ModelError> {
+        let bb = backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, BnMode::Train)?;
+        let sa = seq_pass(be, t, store, &mut self.seq, &bb.gap, d)?;
+        let bg = reuse(
+            &mut self.bb_grads,
+            |g| g.fits(bb),
+            || BackboneGrads::new(be, bb),
+        )?;
+        let sg = reuse(
+            &mut self.seq_grads,
+            |g| (g.batch, g.seq) == (d.batch, d.seq),
+            || SeqGrads::new(be, sa),
+        )?;
+        Ok((bb, sa, bg, sg))
+    }
+
+    /// The eval-mode backbone and fc on `x` `[n, c, h, w]`: the backbone's activations and
+    /// the fc logits `[n]`.
+    fn stage2(
+        &mut self,
+        be: &B,
+        t: &Topology,
+        store: &mut ParamStore<B>,
+        x: &B::Buf,
+        d: Dims,
+    ) -> Result<(&BackboneActs<B>, B::Buf), ModelError> {
+        let bb = backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, BnMode::Eval)?;
+        let (n, fc) = (d.n(), t.fc);
+        let mut logits = be.zeros(n)?;
+        let p = |i: W| &store.w[i.0].data;
+        be.linear_fwd(n, fc.k, 1, &bb.gap, p(fc.w), Some(p(fc.b)), &mut logits)?;
+        Ok((bb, logits))
+    }
+}
+
+/// Runs the backbone on `x` `[n, c, h, w]` in the activations of that shape in `slot` and
+/// returns them.
+fn backbone_pass<'a, B: Backend>(
+    be: &B,
+    spec: &BackboneSpec,
+    store: &mut ParamStore<B>,
+    slot: &'a mut Option<BackboneActs<B>>,
+    x: &B::Buf,
+    d: Dims,
+    mode: BnMode,
+) -> Result<&'a mut BackboneActs<B>, ModelError> {
+    let (n, h, w) = (d.n(), d.h, d.w);
+    let bb = reuse(
+        slot,
+        |a| a.fits(n, h, w),
+        || BackboneActs::new(be, spec, n, h, w),
+    )?;
+    bb.forward(be, store, x, mode)?;
+    Ok(bb)
+}
+
+/// Runs the LSTM and the head on the pooled features `gap` `[batch * seq, features]` in
+/// the activations of that shape in `slot` and returns them.
+fn seq_pass<'a, B: Backend>(
+    be: &B,
+    t: &Topology,
+    store: &ParamStore<B>,
+    slot: &'a mut Option<SeqActs<B>>,
+    gap: &B::Buf,
+    d: Dims,
+) -> Result<&'a mut SeqActs<B>, ModelError> {
+    let (batch, seq, n) = (d.batch, d.seq, d.n());
+    let sa = reuse(
+        slot,
+        |a| a.fits(batch, seq),
+        || SeqActs::new(be, &t.lstm, &t.head, t.hidden, batch, seq),
+    )?;
+    let p = |i: W| &store.w[i.0].data;
+    for (l, spec) in t.lstm.iter().enumerate() {
+        let (prev, cur) = sa.lstm.split_at_mut(l);
+        let x = if l == 0 { gap } else { &prev[l - 1].h };
+        let a = &mut cur[0];
+        be.lstm_fwd(
+            &a.s,
+            x,
+            p(spec.w_ih),
+            p(spec.w_hh),
+            p(spec.b_ih),
+            p(spec.b_hh),
+            &mut a.h,
+            &mut a.c,
+            &mut a.gates,
+        )?;
+    }
+    let top = sa.lstm.len() - 1;
+    let last = sa.head.len() - 1;
+    for i in 0..=last {
+        let x = if i == 0 {
+            &sa.lstm[top].h
+        } else {
+            &sa.relu[i - 1]
+        };
+        let a = &mut sa.head[i];
+        let s = a.spec;
+        be.linear_fwd(n, s.k, s.n, x, p(s.w), Some(p(s.b)), &mut a.a)?;
+        if i < last {
+            be.relu_fwd(&a.a, &mut sa.relu[i])?;
+        }
+    }
+    Ok(sa)
+}
+
 fn to_f64<T: Real>(v: Vec<T>) -> Vec<f64> {
     v.into_iter().map(|x| x.as_f64()).collect()
 }
@@ -244,17 +450,9 @@ pub struct IchNet<B: Backend> {
     be: B,
     cfg: ModelConfig,
     store: ParamStore<B>,
-    backbone: BackboneSpec,
-    lstm: Vec<LstmSpec>,
-    head: Vec<LinearSpec>,
-    fc: LinearSpec,
+    topo: Topology,
     train: bool,
-    /// The buffers of the current input shape: the backbone's and the sequence's
-    /// activations and, once a training step ran on that shape, their gradients.
-    bb: Option<BackboneActs<B>>,
-    bb_grads: Option<BackboneGrads<B>>,
-    seq: Option<SeqActs<B>>,
-    seq_grads: Option<SeqGrads<B>>,
+    slots: Slots<B>,
 }
 
 impl<B: Backend> IchNet<B> {
@@ -350,15 +548,15 @@ impl<B: Backend> IchNet<B> {
             be,
             cfg,
             store,
-            backbone,
-            lstm,
-            head,
-            fc,
+            topo: Topology {
+                backbone,
+                lstm,
+                head,
+                fc,
+                hidden: hid,
+            },
             train: false,
-            bb: None,
-            bb_grads: None,
-            seq: None,
-            seq_grads: None,
+            slots: Slots::empty(),
         })
     }
 
@@ -373,7 +571,7 @@ impl<B: Backend> IchNet<B> {
     }
     /// Length of the pooled feature vector (the fc's input).
     pub fn feature_channels(&self) -> usize {
-        self.backbone.out_c
+        self.topo.backbone.out_c
     }
 
     /// Selects the batch norm of the forward-only stage-1 pass ([`IchNet::stage1_logits`]):
@@ -484,84 +682,6 @@ impl<B: Backend> IchNet<B> {
         Ok(())
     }
 
-    /// Runs the backbone on `x` `[n, c, h, w]` in the activations of that shape (reallocated,
-    /// the old ones freed first, when the shape changed) and returns them.
-    #[allow(clippy::too_many_arguments)]
-    fn backbone_pass<'a>(
-        be: &B,
-        spec: &BackboneSpec,
-        store: &mut ParamStore<B>,
-        slot: &'a mut Option<BackboneActs<B>>,
-        x: &B::Buf,
-        n: usize,
-        h: usize,
-        w: usize,
-        mode: BnMode,
-    ) -> Result<&'a mut BackboneActs<B>, ModelError> {
-        let bb = reuse(
-            slot,
-            |a| a.fits(n, h, w),
-            || BackboneActs::new(be, spec, n, h, w),
-        )?;
-        bb.forward(be, store, x, mode)?;
-        Ok(bb)
-    }
-
-    /// Runs the LSTM and the head on the pooled features `gap` `[batch * seq, features]` in
-    /// the activations of that shape and returns them.
-    #[allow(clippy::too_many_arguments)]
-    fn seq_pass<'a>(
-        be: &B,
-        lstm: &[LstmSpec],
-        head: &[LinearSpec],
-        hidden: usize,
-        store: &ParamStore<B>,
-        slot: &'a mut Option<SeqActs<B>>,
-        gap: &B::Buf,
-        batch: usize,
-        seq: usize,
-    ) -> Result<&'a mut SeqActs<B>, ModelError> {
-        let n = batch * seq;
-        let sa = reuse(
-            slot,
-            |a| a.fits(batch, seq),
-            || SeqActs::new(be, lstm, head, hidden, batch, seq),
-        )?;
-        let p = |i: W| &store.w[i.0].data;
-        for (l, spec) in lstm.iter().enumerate() {
-            let (prev, cur) = sa.lstm.split_at_mut(l);
-            let x = if l == 0 { gap } else { &prev[l - 1].h };
-            let a = &mut cur[0];
-            be.lstm_fwd(
-                &a.s,
-                x,
-                p(spec.w_ih),
-                p(spec.w_hh),
-                p(spec.b_ih),
-                p(spec.b_hh),
-                &mut a.h,
-                &mut a.c,
-                &mut a.gates,
-            )?;
-        }
-        let top = sa.lstm.len() - 1;
-        let last = sa.head.len() - 1;
-        for i in 0..=last {
-            let x = if i == 0 {
-                &sa.lstm[top].h
-            } else {
-                &sa.relu[i - 1]
-            };
-            let a = &mut sa.head[i];
-            let s = a.spec;
-            be.linear_fwd(n, s.k, s.n, x, p(s.w), Some(p(s.b)), &mut a.a)?;
-            if i < last {
-                be.relu_fwd(&a.a, &mut sa.relu[i])?;
-            }
-        }
-        Ok(sa)
-    }
-
     /// Stage-1 training forward + loss + backward: batch norm with batch statistics over all
     /// `batch*seq` slices (running stats updated), every gradient of the backbone, LSTM and
     /// head overwritten. `x` is `[batch, seq, c, h, w]`, `labels` `[batch*seq]` in {0, 1}.
@@ -588,39 +708,11 @@ impl<B: Backend> IchNet<B> {
         let be = &self.be;
         let xb = be.upload(x)?;
         let yb = be.upload(labels)?;
-        let bb = Self::backbone_pass(
-            be,
-            &self.backbone,
-            &mut self.store,
-            &mut self.bb,
-            &xb,
-            n,
-            h,
-            w,
-            BnMode::Train,
-        )?;
-        let sa = Self::seq_pass(
-            be,
-            &self.lstm,
-            &self.head,
-            self.cfg.lstm_hidden,
-            &self.store,
-            &mut self.seq,
-            &bb.gap,
-            batch,
-            seq,
-        )?;
-        // The gradients, allocated with the activations of this shape.
-        let bg = reuse(
-            &mut self.bb_grads,
-            |g| g.fits(bb),
-            || BackboneGrads::new(be, bb),
-        )?;
-        let sg = reuse(
-            &mut self.seq_grads,
-            |g| (g.batch, g.seq) == (batch, seq),
-            || SeqGrads::new(be, sa),
-        )?;
+        // The activations and, allocated with them, their gradients.
+        let d = Dims { batch, seq, h, w };
+        let (bb, sa, bg, sg) = self
+            .slots
+            .stage1_train(be, &self.topo, &mut self.store, &xb, d)?;
         let params = &mut self.store;
         let last = sa.head.len() - 1;
         let top = sa.lstm.len() - 1;
@@ -666,7 +758,7 @@ impl<B: Backend> IchNet<B> {
         }
         // LSTM layers, top to bottom; layer 0 writes dL/d(pooled features).
         for l in (0..=top).rev() {
-            let spec = self.lstm[l];
+            let spec = self.topo.lstm[l];
             let [wi, wh, bi, bh] = params
                 .w
                 .get_disjoint_mut([spec.w_ih.0, spec.w_hh.0, spec.b_ih.0, spec.b_hh.0])
@@ -719,58 +811,12 @@ impl<B: Backend> IchNet<B> {
         } else {
             BnMode::Eval
         };
-        let bb = Self::backbone_pass(
-            be,
-            &self.backbone,
-            &mut self.store,
-            &mut self.bb,
-            &xb,
-            n,
-            h,
-            w,
-            mode,
-        )?;
-        let sa = Self::seq_pass(
-            be,
-            &self.lstm,
-            &self.head,
-            self.cfg.lstm_hidden,
-            &self.store,
-            &mut self.seq,
-            &bb.gap,
-            batch,
-            seq,
-        )?;
+        let d = Dims { batch, seq, h, w };
+        let (_, sa) = self
+            .slots
+            .stage1(be, &self.topo, &mut self.store, &xb, d, mode)?;
         let last = sa.head.len() - 1;
         Ok(to_f64(be.download(&sa.head[last].a)?))
-    }
-
-    /// Eval-mode backbone + fc on a device buffer: the backbone's activations and the fc
-    /// logits `[n]`.
-    #[allow(clippy::too_many_arguments)]
-    fn stage2_eval<'a>(
-        be: &B,
-        spec: &BackboneSpec,
-        store: &mut ParamStore<B>,
-        fc: LinearSpec,
-        slot: &'a mut Option<BackboneActs<B>>,
-        x: &B::Buf,
-        n: usize,
-        h: usize,
-        w: usize,
-    ) -> Result<(&'a BackboneActs<B>, B::Buf), ModelError> {
-        let bb = Self::backbone_pass(be, spec, store, slot, x, n, h, w, BnMode::Eval)?;
-        let mut logits = be.zeros(n)?;
-        be.linear_fwd(
-            n,
-            fc.k,
-            1,
-            &bb.gap,
-            &store.w[fc.w.0].data,
-            Some(&store.w[fc.b.0].data),
-            &mut logits,
-        )?;
-        Ok((bb, logits))
     }
 
     /// Stage-2 training step: the backbone frozen (eval-mode batch norm, no backbone
@@ -797,18 +843,9 @@ impl<B: Backend> IchNet<B> {
         let be = &self.be;
         let xb = be.upload(x)?;
         let yb = be.upload(labels)?;
-        let fc = self.fc;
-        let (bb, logits) = Self::stage2_eval(
-            be,
-            &self.backbone,
-            &mut self.store,
-            fc,
-            &mut self.bb,
-            &xb,
-            n,
-            h,
-            w,
-        )?;
+        let fc = self.topo.fc;
+        let d = Dims::images(n, h, w);
+        let (bb, logits) = self.slots.stage2(be, &self.topo, &mut self.store, &xb, d)?;
         let mut dlogits = be.zeros(n)?;
         let loss = be.bce_with_logits(&logits, &yb, pos_weight, &mut dlogits)?;
         let [pw, pb] = self
@@ -841,17 +878,10 @@ impl<B: Backend> IchNet<B> {
         self.check_images(x.len(), n, h, w, "stage-2 input")?;
         let be = &self.be;
         let xb = be.upload(x)?;
-        let bb = Self::backbone_pass(
-            be,
-            &self.backbone,
-            &mut self.store,
-            &mut self.bb,
-            &xb,
-            n,
-            h,
-            w,
-            BnMode::Eval,
-        )?;
+        let (d, mode) = (Dims::images(n, h, w), BnMode::Eval);
+        let bb = self
+            .slots
+            .backbone(be, &self.topo, &mut self.store, &xb, d, mode)?;
         Ok(FeatureMaps {
             data: to_f64(be.download(bb.features())?),
             c: bb.out_c,
@@ -872,20 +902,11 @@ impl<B: Backend> IchNet<B> {
     ) -> Result<Stage2DeviceOut<B>, ModelError> {
         self.check_images(self.be.len(x), n, h, w, "stage-2 input")?;
         let be = &self.be;
-        let (bb, logits) = Self::stage2_eval(
-            be,
-            &self.backbone,
-            &mut self.store,
-            self.fc,
-            &mut self.bb,
-            x,
-            n,
-            h,
-            w,
-        )?;
+        let d = Dims::images(n, h, w);
+        let (bb, logits) = self.slots.stage2(be, &self.topo, &mut self.store, x, d)?;
         let (c, fh, fw) = (bb.out_c, bb.out_h, bb.out_w);
         let hw = fh * fw;
-        let fc_w = &self.store.w[self.fc.w.0].data;
+        let fc_w = &self.store.w[self.topo.fc.w.0].data;
         let mut map = be.zeros(n * hw)?;
         match cam {
             CamKind::Vanilla => be.cam_weight(n, c, hw, bb.features(), fc_w, &mut map)?,
@@ -928,18 +949,23 @@ impl<B: Backend> IchNet<B> {
         self.check_images(x.len(), n, h, w, "stage-2 input")?;
         let be = &self.be;
         let xb = be.upload(x)?;
-        let (_, logits) = Self::stage2_eval(
-            be,
-            &self.backbone,
-            &mut self.store,
-            self.fc,
-            &mut self.bb,
-            &xb,
-            n,
-            h,
-            w,
-        )?;
+        let d = Dims::images(n, h, w);
+        let (_, logits) = self.slots.stage2(be, &self.topo, &mut self.store, &xb, d)?;
         Ok(to_f64(be.download(&logits)?))
+    }
+
+    /// [`IchNet::stage2_infer_device`] of host input `x` `[n, c, h, w]`.
+    fn stage2_from_host(
+        &mut self,
+        x: &[B::T],
+        n: usize,
+        h: usize,
+        w: usize,
+        cam: CamKind,
+    ) -> Result<Stage2DeviceOut<B>, ModelError> {
+        self.check_images(x.len(), n, h, w, "stage-2 input")?;
+        let xb = self.be.upload(x)?;
+        self.stage2_infer_device(&xb, n, h, w, cam)
     }
 
     /// [`IchNet::stage2_infer_device`] from and to host memory: the fc logits `[n]`, the CAM
@@ -952,9 +978,7 @@ impl<B: Backend> IchNet<B> {
         w: usize,
         cam: CamKind,
     ) -> Result<Stage2Cam, ModelError> {
-        self.check_images(x.len(), n, h, w, "stage-2 input")?;
-        let xb = self.be.upload(x)?;
-        let o = self.stage2_infer_device(&xb, n, h, w, cam)?;
+        let o = self.stage2_from_host(x, n, h, w, cam)?;
         let d = |b: &B::Buf| self.be.download(b).map(to_f64);
         Ok((d(&o.logits)?, d(&o.cam)?, o.features_hw))
     }
@@ -988,9 +1012,7 @@ impl<B: Backend> IchNet<B> {
         w: usize,
         cam: CamKind,
     ) -> Result<Stage2Out, ModelError> {
-        self.check_images(x.len(), n, h, w, "stage-2 input")?;
-        let xb = self.be.upload(x)?;
-        let o = self.stage2_infer_device(&xb, n, h, w, cam)?;
+        let o = self.stage2_from_host(x, n, h, w, cam)?;
         let (up, norm) = self.cam_to_input(&o, n, h, w)?;
         let d = |b: &B::Buf| self.be.download(b).map(to_f64);
         Ok(Stage2Out {
@@ -1004,10 +1026,7 @@ impl<B: Backend> IchNet<B> {
 
     /// Frees the cached activation buffers (they are reallocated on the next pass).
     pub fn release_buffers(&mut self) {
-        self.bb = None;
-        self.bb_grads = None;
-        self.seq = None;
-        self.seq_grads = None;
+        self.slots = Slots::empty();
     }
 }
 
