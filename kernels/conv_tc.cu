@@ -5,9 +5,13 @@
 //
 //   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x)
 //   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy)
-//   bwd-weight  M = C_out, N = C_in*KH*KW,  K = batch*OH*OW: dW = dy . col(x)^T, split
-//               over K by blockIdx.z into a workspace that conv.cu's conv_splitk_reduce
-//               sums in a fixed order.
+//   bwd-weight  M = C_out, N = C_in*KH*KW,  K = batch*OH*OW: dW = dy . col(x)^T
+//
+// Each is split over K by blockIdx.z when the output tiles alone would not fill the GPU
+// (the small late layers): split z covers [z*chunk, min((z+1)*chunk, K)) (chunk a multiple
+// of TBK) and writes its partial result to the workspace [splits][output] that conv.cu's
+// conv_splitk_reduce sums in a fixed order (deterministic, no atomics); with one split the
+// output is written directly.
 //
 // Block tile 64x64, K tile 32, 128 threads = 4 warps in 2x2, each warp 32x32 (2x2 WMMA
 // accumulators). The next K tile is gathered into registers (f32) while the current one is
@@ -119,13 +123,15 @@ template <class P>
 __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __restrict__ x,
                                             const float* __restrict__ w, float* __restrict__ y, int N, int C,
                                             int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
-                                            int OW) {
+                                            int OW, int chunk) {
     typedef Tiles<P, false> T;
     typename P::S* As = (typename P::S*)smem;
     typename P::S* Bs = As + T::A_ELEMS;
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
     const int M = CO, KHW = KH * KW, K = C * KHW, OHW = OH * OW, Pn = N * OHW;
     const int m0 = blockIdx.y * TBM, p0 = blockIdx.x * TBN;
+    const int kbeg = blockIdx.z * chunk, kend = min(K, kbeg + chunk);
+    y += (size_t)blockIdx.z * N * CO * OHW;
 
     // B tile: this thread's fixed pixel column, rows bk + 2q.
     const int bn = tid & 63, bk = tid >> 6;
@@ -147,13 +153,13 @@ __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
             int m = m0 + am + 4 * q, k = k0 + ak;
-            ra[q] = (m < M && k < K) ? w[(size_t)m * K + k] : 0.0f;
+            ra[q] = (m < M && k < kend) ? w[(size_t)m * K + k] : 0.0f;
         }
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
             int k = k0 + bk + 2 * q;
             float v = 0.0f;
-            if (p_ok && k < K) {
+            if (p_ok && k < kend) {
                 int ci = k / KHW, rr = k - ci * KHW, kh = rr / KW, kw = rr - kh * KW;
                 int ih = ih0 + kh, iw = iw0 + kw;
                 if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = xb[((size_t)ci * H + ih) * W + iw];
@@ -164,15 +170,15 @@ __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __
 
     Acc<P> acc;
     tc_zero(acc);
-    load(0);
-    for (int k0 = 0; k0 < K; k0 += TBK) {
+    load(kbeg);
+    for (int k0 = kbeg; k0 < kend; k0 += TBK) {
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
             As[(am + 4 * q) * T::LDA + ak] = P::cvt(ra[q]);
             Bs[(bk + 2 * q) * T::LDB + bn] = P::cvt(rb[q]);
         }
         __syncthreads();
-        if (k0 + TBK < K) load(k0 + TBK);
+        if (k0 + TBK < kend) load(k0 + TBK);
         tc_tile<P, false>(As, Bs, acc, wm, wn);
         __syncthreads();
     }
@@ -191,13 +197,15 @@ template <class P>
 __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const float* __restrict__ dy,
                                                  const float* __restrict__ w, float* __restrict__ dx, int N,
                                                  int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
-                                                 int OH, int OW) {
+                                                 int OH, int OW, int chunk) {
     typedef Tiles<P, false> T;
     typename P::S* As = (typename P::S*)smem;
     typename P::S* Bs = As + T::A_ELEMS;
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
     const int M = C, KHW = KH * KW, K = CO * KHW, HW = H * W, OHW = OH * OW, Pn = N * HW;
     const int m0 = blockIdx.y * TBM, p0 = blockIdx.x * TBN;
+    const int kbeg = blockIdx.z * chunk, kend = min(K, kbeg + chunk);
+    dx += (size_t)blockIdx.z * N * C * HW;
 
     // B tile: this thread's fixed input-pixel column, rows bk + 2q.
     const int bn = tid & 63, bk = tid >> 6;
@@ -217,7 +225,7 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
     float ra[16], rb[16];
     auto load = [&](int k0) {
         const int ka = k0 + ak;
-        const bool ka_ok = ka < K;
+        const bool ka_ok = ka < kend;
         int co = 0, rr = 0;
         if (ka_ok) {
             co = ka / KHW;
@@ -232,7 +240,7 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
         for (int q = 0; q < 16; ++q) {
             int k = k0 + bk + 2 * q;
             float v = 0.0f;
-            if (p_ok && k < K) {
+            if (p_ok && k < kend) {
                 int co2 = k / KHW, r2 = k - co2 * KHW, kh = r2 / KW, kw = r2 - kh * KW;
                 int th = ihp - kh, tw = iwp - kw;
                 if (th >= 0 && tw >= 0) {
@@ -247,15 +255,15 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
 
     Acc<P> acc;
     tc_zero(acc);
-    load(0);
-    for (int k0 = 0; k0 < K; k0 += TBK) {
+    load(kbeg);
+    for (int k0 = kbeg; k0 < kend; k0 += TBK) {
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
             As[(am + 4 * q) * T::LDA + ak] = P::cvt(ra[q]);
             Bs[(bk + 2 * q) * T::LDB + bn] = P::cvt(rb[q]);
         }
         __syncthreads();
-        if (k0 + TBK < K) load(k0 + TBK);
+        if (k0 + TBK < kend) load(k0 + TBK);
         tc_tile<P, false>(As, Bs, acc, wm, wn);
         __syncthreads();
     }
@@ -270,8 +278,7 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
     }
 }
 
-// dW[co][(ci,kh,kw)] over the K range [z*chunk, min((z+1)*chunk, K)) of batch*OH*OW (chunk
-// a multiple of TBK). out = dw when gridDim.z == 1, else the workspace [splits][CO][C*KH*KW].
+// dW[co][(ci,kh,kw)]; out = dw when gridDim.z == 1, else the workspace [splits][CO][C*KH*KW].
 template <class P>
 __device__ __forceinline__ void conv_bwd_weight_tc(unsigned char* smem, int* colinfo,
                                                    const float* __restrict__ x, const float* __restrict__ dy,
@@ -362,30 +369,34 @@ __device__ __forceinline__ void conv_bwd_weight_tc(unsigned char* smem, int* col
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv2d_fwd_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
-                int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW) {
+                int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                int chunk) {
     __shared__ __align__(128) unsigned char smem[TC_SMEM];
-    conv_fwd_tc<PrecBf16>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW);
+    conv_fwd_tc<PrecBf16>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv2d_fwd_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
-                int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW) {
+                int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                int chunk) {
     __shared__ __align__(128) unsigned char smem[TC_SMEM];
-    conv_fwd_tc<PrecTf32>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW);
+    conv_fwd_tc<PrecTf32>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv2d_bwd_data_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
-                     int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW) {
+                     int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                int chunk) {
     __shared__ __align__(128) unsigned char smem[TC_SMEM];
-    conv_bwd_data_tc<PrecBf16>(smem, dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, OH, OW);
+    conv_bwd_data_tc<PrecBf16>(smem, dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv2d_bwd_data_tf32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
-                     int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW) {
+                     int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                int chunk) {
     __shared__ __align__(128) unsigned char smem[TC_SMEM];
-    conv_bwd_data_tc<PrecTf32>(smem, dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, OH, OW);
+    conv_bwd_data_tc<PrecTf32>(smem, dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS)

@@ -10,7 +10,7 @@
 //!   tf32 1e-3) and above 1e-5 (an f32 kernel would be ~1e-7: proof the reduced path ran).
 //!
 //! Shapes: odd sizes, stride 2, 1x1, 7x7, channel counts not multiples of 16, batch > 1 and
-//! the split-K path of the weight gradient. Runs on a GPU or on the emulated driver
+//! the split-K paths (a small output and a long reduction: the late layers) of all three. Runs on a GPU or on the emulated driver
 //! (`scripts/cuda-emu.sh test`); without either the device tests are reported as ignored
 //! (tests/common/cuda.rs), and with `ICHCAM_REQUIRE_GPU=1` a missing device fails them.
 
@@ -138,6 +138,8 @@ fn matches_cpu(p: Precision) {
         conv(2, 16, 8, 8, 72, 1, 2, 0),   // 1x1 stride 2 (downsample), > 64 outputs
         conv(2, 20, 12, 10, 24, 3, 2, 1), // 3x3 stride 2
         conv(2, 32, 16, 16, 40, 3, 1, 1), // the split-K path of bwd-weight
+        conv(1, 200, 4, 4, 20, 3, 1, 1),  // a late layer: split-K forward
+        conv(1, 20, 4, 4, 200, 3, 1, 1),  // split-K data gradient
         conv(1, 5, 6, 7, 3, 3, 1, 0),     // no padding, tiny
     ];
     let names = ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"];

@@ -111,13 +111,24 @@ pub(crate) fn conv2d_fwd(
         return Ok(());
     }
     let g = geometry(s)?;
-    let tiles = (p.div_ceil(64), s.c_out.div_ceil(64), 1);
-    let (k, cfg) = match tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
-        Some(k) => (k, blocks("conv2d_fwd", tiles, TC_THREADS)?),
-        None => (&kernels(be)?.fwd, blocks("conv2d_fwd", tiles, 256)?),
-    };
+    let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
+    if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
+        let kk = s.c_in * s.kh * s.kw;
+        // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
+        return unsafe { launch_split(be, "conv2d_fwd", k, true, (gx, gy), kk, x, w, y, &g) };
+    }
+    let cfg = blocks("conv2d_fwd", (gx, gy, 1), 256)?;
     // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
-    unsafe { k.on(be.stream()).arg(x).arg(w).arg(y).ints(&g).launch(cfg) }
+    unsafe {
+        kernels(be)?
+            .fwd
+            .on(be.stream())
+            .arg(x)
+            .arg(w)
+            .arg(y)
+            .ints(&g)
+            .launch(cfg)
+    }
 }
 
 pub(crate) fn conv2d_bwd_data(
@@ -133,17 +144,20 @@ pub(crate) fn conv2d_bwd_data(
         return Ok(());
     }
     let g = geometry(s)?;
-    let tiles = (p.div_ceil(64), s.c_in.div_ceil(64), 1);
-    let (k, cfg) = match tc_pick(be, |t| (&t.bwd_data_bf16, &t.bwd_data_tf32))? {
-        Some(k) => (k, blocks("conv2d_bwd_data", tiles, TC_THREADS)?),
-        None => (
-            &kernels(be)?.bwd_data,
-            blocks("conv2d_bwd_data", tiles, 256)?,
-        ),
-    };
+    let (gx, gy) = (p.div_ceil(64), s.c_in.div_ceil(64));
+    if let Some(k) = tc_pick(be, |t| (&t.bwd_data_bf16, &t.bwd_data_tf32))? {
+        let kk = s.c_out * s.kh * s.kw;
+        // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
+        return unsafe {
+            launch_split(be, "conv2d_bwd_data", k, true, (gx, gy), kk, dy, w, dx, &g)
+        };
+    }
+    let cfg = blocks("conv2d_bwd_data", (gx, gy, 1), 256)?;
     // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
     unsafe {
-        k.on(be.stream())
+        kernels(be)?
+            .bwd_data
+            .on(be.stream())
             .arg(dy)
             .arg(w)
             .arg(dx)
@@ -170,12 +184,6 @@ pub(crate) fn conv2d_bwd_weight(
     if k == 0 {
         return be.fill(dw, 0.0);
     }
-    // Split the reduction over batch*OH*OW so that the grid fills the GPU; each split
-    // covers at least 256 pixels.
-    let tiles = s.c_out.div_ceil(64) * nc.div_ceil(64);
-    let target = 4 * be.info().multiprocessors.max(1) as usize;
-    let max_splits = (k / 256).clamp(1, 65_535);
-    let want = target.div_ceil(tiles).clamp(1, max_splits);
     let tc = tc_pick(be, |t| (&t.bwd_weight_bf16, &t.bwd_weight_tf32))?;
     if tc.is_some() && (s.kh > 255 || s.kw > 255) {
         return Err(EngineError::Param(format!(
@@ -183,49 +191,89 @@ pub(crate) fn conv2d_bwd_weight(
             s.kh, s.kw
         )));
     }
-    // A split covers whole K tiles of the kernel that runs.
-    let bk = if tc.is_some() { TC_BK } else { 16 };
-    let chunk = k.div_ceil(want).div_ceil(bk) * bk;
-    let splits = k.div_ceil(chunk);
-    let tiles = (nc.div_ceil(64), s.c_out.div_ceil(64), splits);
-    let ks = kernels(be)?;
-    let (kern, cfg) = match tc {
-        Some(t) => (t, blocks(OP, tiles, TC_THREADS)?),
-        None => (&ks.bwd_weight, blocks(OP, tiles, 256)?),
+    let kern = match tc {
+        Some(t) => t,
+        None => &kernels(be)?.bwd_weight,
     };
+    let grid_xy = (nc.div_ceil(64), s.c_out.div_ceil(64));
+    // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
+    unsafe { launch_split(be, OP, kern, tc.is_some(), grid_xy, k, x, dy, dw, &g) }
+}
+
+/// How to split a reduction of length `k` over `blockIdx.z` when `tiles` output tiles alone
+/// would not fill the GPU: (chunk, splits), each split at least 256 long and a whole number
+/// of the kernel's K tiles (`bk`).
+fn split_plan(be: &CudaBackend, tiles: usize, k: usize, bk: usize) -> (usize, usize) {
+    let target = 4 * be.info().multiprocessors.max(1) as usize;
+    let max_splits = (k / 256).clamp(1, 65_535);
+    let want = target.div_ceil(tiles.max(1)).clamp(1, max_splits);
+    let chunk = k.div_ceil(want).div_ceil(bk) * bk;
+    (chunk, k.div_ceil(chunk))
+}
+
+/// Launches a split-K kernel `kern(a, b, out, geometry.., chunk)` (the weight gradients and
+/// the tensor-core kernels, `tc`: 128 threads and K tiles of 32, else 256 and 16) on a
+/// `(gx, gy, splits)` grid: with one split it writes `out`;
+/// otherwise each split writes its partial result into a workspace of `splits` outputs,
+/// which `conv_splitk_reduce` sums into `out` in split order (deterministic).
+///
+/// # Safety
+/// `a`, `b` and `out` must hold the lengths the kernel indexes with `g` (the op checked them
+/// against its shape), and `k` must be the kernel's reduction length.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_split(
+    be: &CudaBackend,
+    op: &'static str,
+    kern: &Kernel,
+    tc: bool,
+    (gx, gy): (usize, usize),
+    k: usize,
+    a: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    g: &[i32; 11],
+) -> Result<()> {
+    if k == 0 {
+        return be.fill(out, 0.0);
+    }
+    let (bk, threads) = if tc { (TC_BK, TC_THREADS) } else { (16, 256) };
+    let (chunk, splits) = split_plan(be, gx * gy, k, bk);
+    let cfg = blocks(op, (gx, gy, splits), threads)?;
     let chunk = dim(chunk)?;
     if splits == 1 {
-        // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
+        // SAFETY: the caller's contract.
         return unsafe {
             kern.on(be.stream())
-                .arg(x)
-                .arg(dy)
-                .arg(dw)
-                .ints(&g)
+                .arg(a)
+                .arg(b)
+                .arg(out)
+                .ints(g)
                 .arg(&chunk)
                 .launch(cfg)
         };
     }
-    let mut ws = be.alloc::<f32>(splits * s.w_len())?;
-    // SAFETY: as above, ws holding one weight tensor per split.
+    let len = out.len();
+    let mut ws = be.alloc::<f32>(splits * len)?;
+    // SAFETY: the caller's contract, ws holding one output per split.
     unsafe {
         kern.on(be.stream())
-            .arg(x)
-            .arg(dy)
+            .arg(a)
+            .arg(b)
             .arg(&mut ws)
-            .ints(&g)
+            .ints(g)
             .arg(&chunk)
             .launch(cfg)?;
     }
-    let (splits, len) = (dim(splits)?, dim(s.w_len())?);
-    // SAFETY: ws holds `splits` tensors of `len` weights, dw one.
+    let (splits, n) = (dim(splits)?, dim(len)?);
+    // SAFETY: ws holds `splits` outputs of `len` elements, out one.
     unsafe {
-        ks.splitk_reduce
+        kernels(be)?
+            .splitk_reduce
             .on(be.stream())
             .arg(&ws)
-            .arg(dw)
+            .arg(out)
             .arg(&splits)
-            .arg(&len)
-            .launch(grid(s.w_len()))
+            .arg(&n)
+            .launch(grid(len))
     }
 }
