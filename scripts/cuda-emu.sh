@@ -255,9 +255,15 @@ test_all() {
   # 3. Every kernel's PTX through ptxas, which the emulator cannot stand in for (it runs the
   # C++ source, not the PTX): register and shared-memory limits, and what NVRTC leaves to the
   # assembler. The PTX of the build that was just made: the newest kernels.rs's folder.
-  local px ptx_dir
-  px="$(find_ptxas)"
-  ptx_dir="$(ls -td target/release/build/ichcam-*/out 2>/dev/null | while read -r d; do [ -e "$d/kernels.rs" ] && echo "$d"; done | head -1)"
+  local px ptx_dir d
+  px="$(find_ptxas || true)"
+  ptx_dir=""
+  for d in $(ls -td target/release/build/ichcam-*/out 2>/dev/null || true); do
+    if [ -e "$d/kernels.rs" ]; then
+      ptx_dir="$d"
+      break
+    fi
+  done
   if [ -z "$px" ]; then
     if [ "${ICHCAM_REQUIRE_PTXAS:-0}" = 1 ]; then
       record "ptxas (ICHCAM_REQUIRE_PTXAS=1 but no ptxas found)" 1
