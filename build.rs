@@ -6,6 +6,15 @@
 //! A kernel that does not compile fails the build with NVRTC's log. `ICHCAM_REQUIRE_NVRTC=1`
 //! turns a missing NVRTC into a build error (CI sets it). NVRTC is found by cudarc's dynamic
 //! loader through the library search path (`libnvrtc.so.13` on `LD_LIBRARY_PATH`).
+//!
+//! Tensor-core kernels (a file that includes `<mma.h>`, e.g. `kernels/conv_tc.cu`) need the
+//! CUDA headers (`mma.h`, `crt/mma.h`, `cuda_bf16.h`: pip's nvidia-cuda-runtime and
+//! nvidia-cuda-crt, or a CUDA toolkit), found in `ICHCAM_CUDA_INCLUDE`, `CUDA_HOME/include`,
+//! `CUDA_PATH/include`, or `include/` beside a `libnvrtc.so.13` on `LD_LIBRARY_PATH`; they
+//! are compiled for `compute_90` only (bf16/tf32 WMMA needs sm_80). Without the headers
+//! such a file gets no PTX (a warning; an error under `ICHCAM_REQUIRE_NVRTC=1`) and the
+//! precisions that use it report so at run time. The folder found is passed on to the
+//! runtime's NVRTC as `ICHCAM_CUDA_INCLUDE`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,6 +28,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=ICHCAM_REQUIRE_NVRTC");
     // A build without NVRTC is redone once the library appears on the search path.
     println!("cargo:rerun-if-env-changed=LD_LIBRARY_PATH");
+    for v in ["ICHCAM_CUDA_INCLUDE", "CUDA_HOME", "CUDA_PATH"] {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
 
     let manifest =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -48,6 +60,15 @@ fn main() {
         );
     }
 
+    let include = cuda_include_dir();
+    if let Some(dir) = &include {
+        println!("cargo:rerun-if-changed={}", dir.join("mma.h").display());
+    }
+    println!(
+        "cargo:rustc-env=ICHCAM_CUDA_INCLUDE={}",
+        include.as_deref().map(path_str).unwrap_or_default()
+    );
+
     let mut table = String::from("pub const KERNELS: &[Kernel] = &[\n");
     for src_path in &sources {
         let name = src_path
@@ -62,10 +83,23 @@ fn main() {
             .to_string();
         let source = std::fs::read_to_string(src_path)
             .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", src_path.display())));
+        let tensor_cores = source.contains("#include <mma.h>");
+        if tensor_cores && have_nvrtc && include.is_none() {
+            if require {
+                fail(&format!("kernels/{name}.cu needs the CUDA headers (mma.h) and none were found: install pip's nvidia-cuda-runtime==13.0.96 and nvidia-cuda-crt==13.0.88 beside NVRTC (as .ci/run does), or set ICHCAM_CUDA_INCLUDE or CUDA_HOME"));
+            }
+            println!("cargo:warning=kernels/{name}.cu not precompiled: no CUDA headers (mma.h) found; set ICHCAM_CUDA_INCLUDE or CUDA_HOME, or install pip's nvidia-cuda-runtime and nvidia-cuda-crt beside NVRTC");
+        }
         let mut ptx_fields = Vec::new();
         for (suffix, arch) in TARGETS {
-            if have_nvrtc {
-                let ptx = compile(&name, &source, arch);
+            // Tensor-core files: Hopper PTX only, and only with the headers.
+            let build_it = if tensor_cores {
+                include.is_some() && arch == "compute_90"
+            } else {
+                true
+            };
+            if have_nvrtc && build_it {
+                let ptx = compile(&name, &source, arch, include.as_deref());
                 let ptx_path = out_dir.join(format!("{name}.{suffix}.ptx"));
                 std::fs::write(&ptx_path, ptx)
                     .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", ptx_path.display())));
@@ -113,12 +147,44 @@ fn nvrtc_present() -> bool {
     std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
 
-fn compile(name: &str, source: &str, arch: &'static str) -> String {
+/// The folder of the CUDA headers that holds `mma.h` (see the module comment), if any.
+fn cuda_include_dir() -> Option<PathBuf> {
+    let has_mma = |d: &Path| d.join("mma.h").is_file() && d.join("crt").join("mma.h").is_file();
+    if let Some(d) = std::env::var_os("ICHCAM_CUDA_INCLUDE").filter(|d| !d.is_empty()) {
+        let d = PathBuf::from(d);
+        if !has_mma(&d) {
+            fail(&format!(
+                "ICHCAM_CUDA_INCLUDE={} has no mma.h and crt/mma.h",
+                d.display()
+            ));
+        }
+        return Some(d);
+    }
+    let mut candidates = Vec::new();
+    for v in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(d) = std::env::var_os(v).filter(|d| !d.is_empty()) {
+            candidates.push(PathBuf::from(d).join("include"));
+        }
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        for d in std::env::split_paths(&paths) {
+            if d.join("libnvrtc.so.13").exists() {
+                if let Some(parent) = d.parent() {
+                    candidates.push(parent.join("include"));
+                }
+            }
+        }
+    }
+    candidates.into_iter().find(|d| has_mma(d))
+}
+
+fn compile(name: &str, source: &str, arch: &'static str, include: Option<&Path>) -> String {
     use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
     let opts = CompileOptions {
         arch: Some(arch),
         name: Some(format!("{name}.cu")),
         options: vec!["--std=c++17".to_string()],
+        include_paths: include.map(|d| vec![path_str(d)]).unwrap_or_default(),
         ..Default::default()
     };
     let result = std::panic::catch_unwind(|| compile_ptx_with_opts(source, opts));

@@ -8,12 +8,16 @@
 #                                            scripts/cuda-emu.sh run target/release/ichcam info
 #   scripts/cuda-emu.sh test                 every CUDA test with ICHCAM_REQUIRE_GPU=1, the WMMA
 #                                            self-test, `ichcam parity --device cuda` on every
-#                                            fixture; ends with "N passed, M failed"
+#                                            fixture, and every kernel's PTX assembled by ptxas
+#                                            for its GPU; ends with "N passed, M failed"
 #
 # Environment: EMU_SANITIZE=1 (run/test on the sanitizer build), EMU_SEED=N|random (order of
 # blocks and fibers), EMU_THREADS=N (OS threads per launch), CUDA_LAUNCH_BLOCKING=1, and the
 # others listed in emu/README.md. NVRTC (libnvrtc.so.13) must be on LD_LIBRARY_PATH for the
-# cargo builds that `test` does, or in ./.venv (as .ci/run installs it).
+# cargo builds that `test` does, or in ./.venv (as .ci/run installs it), with the CUDA headers
+# (mma.h) beside it for kernels/conv_tc.cu. ptxas: $PTXAS, on PATH, or beside NVRTC (pip's
+# nvidia-cuda-nvcc); without it the PTX step is skipped (not counted), unless
+# ICHCAM_REQUIRE_PTXAS=1 (.ci/run) makes that a failure.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -153,6 +157,21 @@ nvrtc_env() {
   exit 1
 }
 
+# The ptxas to check the PTX with: $PTXAS, on PATH, or in the bin/ beside an NVRTC lib folder
+# on LD_LIBRARY_PATH (pip's nvidia-cuda-nvcc installs it there); empty when none.
+find_ptxas() {
+  if [ -n "${PTXAS:-}" ] && [ -x "$PTXAS" ]; then echo "$PTXAS"; return; fi
+  if command -v ptxas >/dev/null 2>&1; then command -v ptxas; return; fi
+  local d
+  local IFS=:
+  for d in ${LD_LIBRARY_PATH:-}; do
+    if [ -n "$d" ] && [ -e "$d/libnvrtc.so.13" ] && [ -x "$d/../bin/ptxas" ]; then
+      echo "$d/../bin/ptxas"
+      return
+    fi
+  done
+}
+
 run_cmd() {
   [ $# -ge 1 ] || { echo "usage: scripts/cuda-emu.sh run CMD [ARGS...]" >&2; exit 2; }
   emu_env
@@ -233,7 +252,42 @@ test_all() {
     if [ "$rc" != 0 ] && [ "$fl" = 0 ]; then failed=$((failed + 1)); failures+=("$(basename "$exe") (exit $rc)"); fi
   done
 
-  # 3. ichcam parity --device cuda on every PyTorch fixture.
+  # 3. Every kernel's PTX through ptxas, which the emulator cannot stand in for (it runs the
+  # C++ source, not the PTX): register and shared-memory limits, and what NVRTC leaves to the
+  # assembler. The PTX of the build that was just made: the newest kernels.rs's folder.
+  local px ptx_dir d
+  px="$(find_ptxas || true)"
+  ptx_dir=""
+  for d in $(ls -td target/release/build/ichcam-*/out 2>/dev/null || true); do
+    if [ -e "$d/kernels.rs" ]; then
+      ptx_dir="$d"
+      break
+    fi
+  done
+  if [ -z "$px" ]; then
+    if [ "${ICHCAM_REQUIRE_PTXAS:-0}" = 1 ]; then
+      record "ptxas (ICHCAM_REQUIRE_PTXAS=1 but no ptxas found)" 1
+    else
+      echo "cuda-emu: skip: no ptxas (set PTXAS, or pip install nvidia-cuda-nvcc==13.0.88 beside NVRTC); PTX not assembled"
+    fi
+  elif [ -z "$ptx_dir" ] || ! ls "$ptx_dir"/*.ptx >/dev/null 2>&1; then
+    record "ptxas (no PTX in the build)" 1
+  else
+    local arch name
+    for f in "$ptx_dir"/*.ptx; do
+      case "$f" in *.sm90.ptx) arch=sm_90 ;; *.portable.ptx) arch=sm_75 ;; *) continue ;; esac
+      name="ptxas -arch=$arch $(basename "$f")"
+      if "$px" -arch="$arch" "$f" -o /dev/null >> "$log" 2>&1; then
+        record "$name" 0
+      else
+        echo "cuda-emu: FAIL: $name"
+        record "$name" 1
+      fi
+    done
+    echo "cuda-emu: ptxas ($px) assembled the PTX of $ptx_dir"
+  fi
+
+  # 4. ichcam parity --device cuda on every PyTorch fixture.
   for f in tests/fixtures/torch-parity/parity_*.safetensors; do
     echo "cuda-emu: ichcam parity --device cuda $f"
     if (emu_env; target/release/ichcam parity --device cuda "$f") >> "$log" 2>&1; then
@@ -245,7 +299,7 @@ test_all() {
     fi
   done
 
-  # 4. ichcam info names the emulated device.
+  # 5. ichcam info names the emulated device.
   if (emu_env; target/release/ichcam info) 2>&1 | tee -a "$log" | grep -q "gpu 0: ichcam emulated CUDA device"; then
     record "ichcam info" 0
   else

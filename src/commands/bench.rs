@@ -23,6 +23,10 @@ pub struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Convolution arithmetic on CUDA: f32 (the reference), tf32 or bf16 (tensor cores,
+    /// f32 accumulation; compute capability 8.0+). The CPU takes f32 only.
+    #[arg(long, default_value = "f32")]
+    precision: ichcam::engine::Precision,
     /// tiny (the training CPU default: its model, batch x slices and image size; CAM passes
     /// of the segmenter's slices per pass), small (ResNet-18 + LSTM 3x256, 4x32 slices / 128 slices at 256^2)
     /// or paper (ResNet-101 + LSTM 3x256, 1x32 slices / 32 slices at 512^2).
@@ -173,11 +177,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "slices": args.slices.unwrap_or(p.train.1),
             "cam_slices": args.slices.unwrap_or(p.cam_slices),
             "size": args.size.unwrap_or(p.size),
+            "precision": args.precision.name(),
         });
         println!("{j}");
         return Ok(());
     }
-    let device = super::open_device(&args.device, false)?;
+    let mut device = super::open_device(&args.device, false)?;
+    device.set_precision(args.precision)?;
     ichcam::on_device!(device, be => bench(be, &p, &args))
 }
 

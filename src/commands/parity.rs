@@ -2,12 +2,12 @@
 //! loss, every gradient, BN running stats, features, fc logits, CAM, upsampled and
 //! normalised CAM, Grad-CAM) or a U-Net one (`kind = "unet2d"`: output, Dice loss, every
 //! gradient, BN running stats, eval output), and prints one line per quantity; exits
-//! non-zero unless all are within the tolerance (f64: 1e-9, f32: 1e-4 unless `--tol` says
-//! otherwise).
+//! non-zero unless all are within the tolerance (f64: 1e-9, f32: 1e-4, and on CUDA with
+//! `--precision tf32` 1e-3, `bf16` 1e-2, unless `--tol` says otherwise).
 
 use anyhow::bail;
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::{Backend, Device};
+use ichcam::engine::{Backend, Device, Precision};
 use ichcam::model::parity::{self, AnyFixture, ParityReport};
 use std::path::PathBuf;
 
@@ -23,7 +23,12 @@ pub struct Args {
     /// f32 on CUDA.
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Largest accepted ||ours - torch|| / ||torch|| (default 1e-9 in f64, 1e-4 in f32).
+    /// Convolution arithmetic on CUDA: f32, tf32 or bf16 (tensor cores, f32 accumulation).
+    /// The CPU takes f32 only.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Largest accepted ||ours - torch|| / ||torch|| (default 1e-9 in f64, 1e-4 in f32;
+    /// with --precision tf32 1e-3, bf16 1e-2).
     #[arg(long)]
     pub tol: Option<f64>,
 }
@@ -43,14 +48,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let fx = AnyFixture::load(&args.file)?;
-    let report = match super::open_device(&args.device, false)? {
+    let mut device = super::open_device(&args.device, false)?;
+    device.set_precision(args.precision)?;
+    let tol = args.tol.or(args.precision.tolerance());
+    let report = match device {
         Device::Cpu { .. } => match args.dtype.as_deref().unwrap_or("f64") {
-            "f64" => run_on(CpuBackend::<f64>::new(), &fx, args.tol)?,
-            "f32" => run_on(CpuBackend::<f32>::new(), &fx, args.tol)?,
+            "f64" => run_on(CpuBackend::<f64>::new(), &fx, tol)?,
+            "f32" => run_on(CpuBackend::<f32>::new(), &fx, tol)?,
             d => bail!("unknown --dtype `{d}`: use f64 or f32"),
         },
         Device::Cuda(be) => match args.dtype.as_deref().unwrap_or("f32") {
-            "f32" => run_on(be, &fx, args.tol)?,
+            "f32" => run_on(be, &fx, tol)?,
             d => bail!("the CUDA backend runs in f32 only (got --dtype {d})"),
         },
     };

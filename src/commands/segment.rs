@@ -26,6 +26,10 @@ pub struct Args {
     /// auto (a GPU when there is one), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Convolution arithmetic on CUDA: f32 (the reference), tf32 or bf16 (tensor cores,
+    /// f32 accumulation; compute capability 8.0+). The CPU takes f32 only.
+    #[arg(long, default_value = "f32")]
+    precision: ichcam::engine::Precision,
     /// CAM: vanilla (the authors') or gradcam.
     #[arg(long, default_value = "vanilla")]
     cam: String,
@@ -308,7 +312,8 @@ pub fn print_report(report: &BatchReport) {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = options(&a)?;
-    let device = super::open_device(&a.device, a.quiet)?;
+    let mut device = super::open_device(&a.device, a.quiet)?;
+    device.set_precision(a.precision)?;
     let report =
         ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &a.out, opts, !a.quiet))?;
     print_report(&report);

@@ -36,6 +36,10 @@ pub struct Args {
     /// auto (a GPU when there is one), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Convolution arithmetic on CUDA: f32 (the reference), tf32 or bf16 (tensor cores,
+    /// f32 accumulation; compute capability 8.0+). The CPU takes f32 only.
+    #[arg(long, default_value = "f32")]
+    precision: ichcam::engine::Precision,
     /// Fraction of the patients held out for validation.
     #[arg(long)]
     val_fraction: Option<f64>,
@@ -119,7 +123,8 @@ fn choose_preset(config: &str, gpu: bool) -> anyhow::Result<(String, String)> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let device = super::open_device(&a.device, a.quiet)?;
+    let mut device = super::open_device(&a.device, a.quiet)?;
+    device.set_precision(a.precision)?;
     let (preset, why) = choose_preset(&a.config, device.is_gpu())?;
     let mut cfg = TrainConfig::preset(&preset)?;
     if let Some(e) = a.epochs {

@@ -13,11 +13,13 @@ pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod precision;
 pub mod shapes;
 pub mod volume;
 
 pub use backend::Backend;
 pub use device::Device;
+pub use precision::Precision;
 pub use shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 pub use volume::{Connectivity, Structuring, VolumeOps};
 

@@ -24,10 +24,10 @@ use super::{
 };
 use crate::engine::backend::Backend;
 use crate::engine::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
-use crate::engine::{check_len, EngineError, Result};
+use crate::engine::{check_len, EngineError, Precision, Result};
 
-/// The CUDA backend (f32) on one device. A clone shares the context, the stream and the
-/// loaded kernels.
+/// The CUDA backend (f32 buffers) on one device. A clone shares the context, the stream and
+/// the loaded kernels, and starts with the same convolution precision.
 #[derive(Clone)]
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -35,6 +35,7 @@ pub struct CudaBackend {
     modules: Arc<ModuleCache>,
     pub(super) families: Arc<Families>,
     info: DeviceInfo,
+    precision: Precision,
 }
 
 /// A value loaded on first use and kept.
@@ -64,6 +65,7 @@ pub(crate) struct Families {
     pub(super) ccl: Loaded<ccl::Kernels>,
     pub(super) channels: Loaded<channels::Kernels>,
     pub(super) conv: Loaded<conv::Kernels>,
+    pub(super) conv_tc: Loaded<conv::TcKernels>,
     pub(super) dense: Loaded<dense::Kernels>,
     pub(super) dice: Loaded<dice::Kernels>,
     pub(super) elementwise: Loaded<elementwise::Kernels>,
@@ -116,7 +118,21 @@ impl CudaBackend {
             modules,
             families: Arc::default(),
             info,
+            precision: Precision::F32,
         })
+    }
+
+    /// The precision of the convolutions (f32 unless [`CudaBackend::set_precision`] said).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the precision of the convolutions (see `conv.rs`); tf32 and bf16 need compute
+    /// capability 8.0 or newer.
+    pub fn set_precision(&mut self, p: Precision) -> Result<()> {
+        conv::check_precision(self, p)?;
+        self.precision = p;
+        Ok(())
     }
 
     /// The device this backend runs on.
@@ -274,7 +290,13 @@ impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
 
     fn name(&self) -> String {
-        format!("cuda:{} {}", self.info.ordinal, self.info.name)
+        match self.precision {
+            Precision::F32 => format!("cuda:{} {}", self.info.ordinal, self.info.name),
+            p => format!(
+                "cuda:{} {} ({p} convolutions)",
+                self.info.ordinal, self.info.name
+            ),
+        }
     }
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
         if len == 0 {

@@ -1,13 +1,16 @@
 //! Convolutions on the device (`kernels/conv.cu`, mirroring `cpu/conv.rs`): implicit-GEMM
 //! forward, data gradient and weight gradient (split over the reduction when the output
-//! tiles alone would not fill the GPU, the splits summed by a second kernel).
+//! tiles alone would not fill the GPU, the splits summed by a second kernel). At the
+//! backend's precision: f32 runs the SIMT kernels of `conv.cu` (the reference), tf32 and
+//! bf16 the tensor-core kernels of `kernels/conv_tc.cu` (the same GEMMs and tiling of the
+//! grid, operands rounded as they are staged, f32 accumulation).
 
 use cudarc::driver::CudaSlice;
 
-use super::launch::{blocks, dim, grid, int_args, kernels};
+use super::launch::{blocks, dim, grid, int_args, kernels, Kernel};
 use super::CudaBackend;
 use crate::engine::shapes::Conv2d;
-use crate::engine::{Backend, Result};
+use crate::engine::{Backend, EngineError, Precision, Result};
 
 kernels!("conv" {
     fwd: "conv2d_fwd",
@@ -18,6 +21,62 @@ kernels!("conv" {
 
 fn kernels(be: &CudaBackend) -> Result<&Kernels> {
     be.families.conv.get(|| Kernels::load(be.modules()))
+}
+
+/// The tensor-core kernels of `kernels/conv_tc.cu`.
+mod tc {
+    use super::kernels;
+    kernels!("conv_tc" {
+        fwd_bf16: "conv2d_fwd_bf16",
+        fwd_tf32: "conv2d_fwd_tf32",
+        bwd_data_bf16: "conv2d_bwd_data_bf16",
+        bwd_data_tf32: "conv2d_bwd_data_tf32",
+        bwd_weight_bf16: "conv2d_bwd_weight_bf16",
+        bwd_weight_tf32: "conv2d_bwd_weight_tf32",
+    });
+}
+pub(crate) use tc::Kernels as TcKernels;
+
+fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
+    be.families.conv_tc.get(|| TcKernels::load(be.modules()))
+}
+
+/// Threads of a tensor-core block (4 warps); the tiles are 64x64 like the SIMT kernels'.
+const TC_THREADS: u32 = 128;
+/// K tile of the tensor-core kernels: a split of the weight gradient covers a multiple.
+const TC_BK: usize = 32;
+
+/// Whether `be`'s device can run its convolutions at `p` (tf32 and bf16: compute capability
+/// 8.0 or newer, and the tensor-core module loads), checked when the precision is set.
+pub(crate) fn check_precision(be: &CudaBackend, p: Precision) -> Result<()> {
+    if !p.tensor_cores() {
+        return Ok(());
+    }
+    let (major, minor) = be.info().compute_capability;
+    if major < 8 {
+        return Err(EngineError::Param(format!(
+            "--precision {p} needs tensor cores with {p} (compute capability 8.0 or newer); {} is {major}.{minor}",
+            be.info().name
+        )));
+    }
+    tc_kernels(be).map(|_| ()).map_err(|e| match e {
+        EngineError::Compile { log, .. } if log.contains("mma.h") => EngineError::Param(format!(
+            "--precision {p}: the tensor-core kernels (kernels/conv_tc.cu) were not precompiled and need the CUDA headers (mma.h) to compile: rebuild with them (ICHCAM_CUDA_INCLUDE, CUDA_HOME, or pip's nvidia-cuda-runtime and nvidia-cuda-crt beside NVRTC)"
+        )),
+        e => e,
+    })
+}
+
+/// The tensor-core kernel of `be`'s precision among (bf16, tf32), or None for f32.
+fn tc_pick<'a>(
+    be: &'a CudaBackend,
+    pick: impl Fn(&'a TcKernels) -> (&'a Kernel, &'a Kernel),
+) -> Result<Option<&'a Kernel>> {
+    Ok(match be.precision() {
+        Precision::F32 => None,
+        Precision::Bf16 => Some(pick(tc_kernels(be)?).0),
+        Precision::Tf32 => Some(pick(tc_kernels(be)?).1),
+    })
 }
 
 /// The `int` arguments the three convolution kernels share, in their order (and the
@@ -51,7 +110,13 @@ pub(crate) fn conv2d_fwd(
         return Ok(());
     }
     let g = geometry(s)?;
-    let cfg = blocks("conv2d_fwd", (p.div_ceil(64), s.c_out.div_ceil(64), 1), 256)?;
+    let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
+    if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
+        let kk = s.c_in * s.kh * s.kw;
+        // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
+        return unsafe { launch_split(be, "conv2d_fwd", k, true, (gx, gy), kk, x, w, y, &g) };
+    }
+    let cfg = blocks("conv2d_fwd", (gx, gy, 1), 256)?;
     // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
     unsafe {
         kernels(be)?
@@ -77,11 +142,15 @@ pub(crate) fn conv2d_bwd_data(
         return Ok(());
     }
     let g = geometry(s)?;
-    let cfg = blocks(
-        "conv2d_bwd_data",
-        (p.div_ceil(64), s.c_in.div_ceil(64), 1),
-        256,
-    )?;
+    let (gx, gy) = (p.div_ceil(64), s.c_in.div_ceil(64));
+    if let Some(k) = tc_pick(be, |t| (&t.bwd_data_bf16, &t.bwd_data_tf32))? {
+        let kk = s.c_out * s.kh * s.kw;
+        // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
+        return unsafe {
+            launch_split(be, "conv2d_bwd_data", k, true, (gx, gy), kk, dy, w, dx, &g)
+        };
+    }
+    let cfg = blocks("conv2d_bwd_data", (gx, gy, 1), 256)?;
     // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
     unsafe {
         kernels(be)?
@@ -112,51 +181,96 @@ pub(crate) fn conv2d_bwd_weight(
     if k == 0 {
         return be.fill(dw, 0.0);
     }
-    // Split the reduction over batch*OH*OW so that the grid fills the GPU; each split
-    // covers at least 256 pixels.
-    let tiles = s.c_out.div_ceil(64) * nc.div_ceil(64);
+    let tc = tc_pick(be, |t| (&t.bwd_weight_bf16, &t.bwd_weight_tf32))?;
+    if tc.is_some() && (s.kh > 255 || s.kw > 255) {
+        return Err(EngineError::Param(format!(
+            "{OP}: a {}x{} kernel is over the tensor-core path's 255x255",
+            s.kh, s.kw
+        )));
+    }
+    let kern = match tc {
+        Some(t) => t,
+        None => &kernels(be)?.bwd_weight,
+    };
+    let grid_xy = (nc.div_ceil(64), s.c_out.div_ceil(64));
+    // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
+    unsafe { launch_split(be, OP, kern, tc.is_some(), grid_xy, k, x, dy, dw, &g) }
+}
+
+/// How to split a reduction of length `k` over `blockIdx.z` when `tiles` output tiles alone
+/// would not fill the GPU: (chunk, splits), each split at least 256 long and a whole number
+/// of the kernel's K tiles (`bk`).
+fn split_plan(be: &CudaBackend, tiles: usize, k: usize, bk: usize) -> (usize, usize) {
     let target = 4 * be.info().multiprocessors.max(1) as usize;
     let max_splits = (k / 256).clamp(1, 65_535);
-    let want = target.div_ceil(tiles).clamp(1, max_splits);
-    let chunk = k.div_ceil(want).div_ceil(16) * 16;
-    let splits = k.div_ceil(chunk);
-    let cfg = blocks(OP, (nc.div_ceil(64), s.c_out.div_ceil(64), splits), 256)?;
+    let want = target.div_ceil(tiles.max(1)).clamp(1, max_splits);
+    let chunk = k.div_ceil(want).div_ceil(bk) * bk;
+    (chunk, k.div_ceil(chunk))
+}
+
+/// Launches a split-K kernel `kern(a, b, out, geometry.., chunk)` (the weight gradients and
+/// the tensor-core kernels, `tc`: 128 threads and K tiles of 32, else 256 and 16) on a
+/// `(gx, gy, splits)` grid: with one split it writes `out`;
+/// otherwise each split writes its partial result into a workspace of `splits` outputs,
+/// which `conv_splitk_reduce` sums into `out` in split order (deterministic).
+///
+/// # Safety
+/// `a`, `b` and `out` must hold the lengths the kernel indexes with `g` (the op checked them
+/// against its shape), and `k` must be the kernel's reduction length.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_split(
+    be: &CudaBackend,
+    op: &'static str,
+    kern: &Kernel,
+    tc: bool,
+    (gx, gy): (usize, usize),
+    k: usize,
+    a: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    g: &[i32; 11],
+) -> Result<()> {
+    if k == 0 {
+        return be.fill(out, 0.0);
+    }
+    let (bk, threads) = if tc { (TC_BK, TC_THREADS) } else { (16, 256) };
+    let (chunk, splits) = split_plan(be, gx * gy, k, bk);
+    let cfg = blocks(op, (gx, gy, splits), threads)?;
     let chunk = dim(chunk)?;
-    let ks = kernels(be)?;
     if splits == 1 {
-        // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
+        // SAFETY: the caller's contract.
         return unsafe {
-            ks.bwd_weight
-                .on(be.stream())
-                .arg(x)
-                .arg(dy)
-                .arg(dw)
-                .ints(&g)
+            kern.on(be.stream())
+                .arg(a)
+                .arg(b)
+                .arg(out)
+                .ints(g)
                 .arg(&chunk)
                 .launch(cfg)
         };
     }
-    let mut ws = be.alloc::<f32>(splits * s.w_len())?;
-    // SAFETY: as above, ws holding one weight tensor per split.
+    let len = out.len();
+    let mut ws = be.alloc::<f32>(splits * len)?;
+    // SAFETY: the caller's contract, ws holding one output per split.
     unsafe {
-        ks.bwd_weight
-            .on(be.stream())
-            .arg(x)
-            .arg(dy)
+        kern.on(be.stream())
+            .arg(a)
+            .arg(b)
             .arg(&mut ws)
-            .ints(&g)
+            .ints(g)
             .arg(&chunk)
             .launch(cfg)?;
     }
-    let (splits, len) = (dim(splits)?, dim(s.w_len())?);
-    // SAFETY: ws holds `splits` tensors of `len` weights, dw one.
+    let (splits, n) = (dim(splits)?, dim(len)?);
+    // SAFETY: ws holds `splits` outputs of `len` elements, out one.
     unsafe {
-        ks.splitk_reduce
+        kernels(be)?
+            .splitk_reduce
             .on(be.stream())
             .arg(&ws)
-            .arg(dw)
+            .arg(out)
             .arg(&splits)
-            .arg(&len)
-            .launch(grid(s.w_len()))
+            .arg(&n)
+            .launch(grid(len))
     }
 }

@@ -52,6 +52,11 @@ pub fn compile_at_runtime(k: &Kernel, cc: (i32, i32)) -> Result<Ptx> {
             format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
             "--std=c++17".to_string(),
         ],
+        // The CUDA headers build.rs found (mma.h, for the tensor-core kernels), if still there.
+        include_paths: Some(env!("ICHCAM_CUDA_INCLUDE"))
+            .filter(|d| !d.is_empty() && std::path::Path::new(d).join("mma.h").is_file())
+            .map(|d| vec![d.to_string()])
+            .unwrap_or_default(),
         ..Default::default()
     };
     let src = k.source;
