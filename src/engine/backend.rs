@@ -301,6 +301,30 @@ pub trait Backend: Send + Sync {
         weights: &Self::Buf,
         cam: &mut Self::Buf,
     ) -> Result<()>;
+    /// The vanilla CAM of features `[n, c, fh*fw]` at feature resolution into `cam`
+    /// `[n, fh*fw]`, and upsampled to `oh x ow` (bilinear, align_corners=False) and min-max
+    /// normalised per slice into `norm` `[n, oh*ow]`: [`Backend::cam_weight`],
+    /// [`Backend::upsample_bilinear`] and [`Backend::minmax_normalize`] as one op. The
+    /// default runs the three (allocating the upsampled map); a backend may fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn cam_normalized(
+        &self,
+        n: usize,
+        c: usize,
+        fh: usize,
+        fw: usize,
+        oh: usize,
+        ow: usize,
+        features: &Self::Buf,
+        weights: &Self::Buf,
+        cam: &mut Self::Buf,
+        norm: &mut Self::Buf,
+    ) -> Result<()> {
+        self.cam_weight(n, c, fh * fw, features, weights, cam)?;
+        let mut up = self.zeros(n * oh * ow)?;
+        self.upsample_bilinear(n, fh, fw, oh, ow, cam, &mut up)?;
+        self.minmax_normalize(n, oh * ow, &up, norm)
+    }
     /// Grad-CAM: alpha[i, c] = mean over p of grads[i, c, p]; out[i, p] = relu(sum_c alpha * features).
     #[allow(clippy::too_many_arguments)]
     fn gradcam(
