@@ -8,7 +8,10 @@
 //! - the fused CAM kernel against the CPU reference (`cam_weight`, `upsample_bilinear`,
 //!   `minmax_normalize`), outputs poisoned first, `||gpu - cpu|| / ||cpu|| < 1e-5`;
 //! - uploads through the double-buffered pinned staging arrive intact even when the host
-//!   buffer is overwritten right after the call.
+//!   buffer is overwritten right after the call;
+//! - on the emulator, at the driver itself: the capture status, a stream-ordered allocation
+//!   refused and the capture invalidated, a copy from page-locked memory recorded and
+//!   replayed from that memory's contents at replay time.
 //!
 //! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
 //! tests are reported as ignored (tests/common/cuda.rs).
@@ -18,7 +21,7 @@ use common::rng::SplitMix64;
 
 use std::sync::OnceLock;
 
-use common::cuda::{device, Test};
+use common::cuda::{device, emulator, Test};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::Backend;
@@ -40,6 +43,10 @@ fn main() {
         ),
         device("cam_fused_matches_cpu", cam_fused_matches_cpu),
         device("pinned_uploads_arrive_intact", pinned_uploads_arrive_intact),
+        emulator(
+            "emulator_capture_at_the_driver",
+            emulator_capture_at_the_driver,
+        ),
     ];
     // One device context shared by all; captures must not interleave.
     common::cuda::main_with_threads(tests, 1)
@@ -287,4 +294,66 @@ fn pinned_uploads_arrive_intact() {
         let got = g.download(&b).expect("download");
         assert_eq!(bits(&got), bits(&want), "upload of {len} values");
     }
+}
+
+fn emulator_capture_at_the_driver() {
+    use cudarc::driver::sys::{
+        CUgraphInstantiate_flags as Flags, CUresult, CUstreamCaptureMode as Mode,
+        CUstreamCaptureStatus as Status,
+    };
+    let g = gpu();
+    let st = g.stream();
+    st.synchronize().expect("sync");
+    // A stream-ordered allocation inside a capture: refused, the capture invalidated
+    // (graph memory nodes are not emulated), and ending it says so.
+    st.begin_capture(Mode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .expect("begin");
+    assert_eq!(
+        st.capture_status().expect("status"),
+        Status::CU_STREAM_CAPTURE_STATUS_ACTIVE
+    );
+    // SAFETY: a plain allocation request on a live stream.
+    let r = unsafe { cudarc::driver::result::malloc_async(st.cu_stream(), 64) };
+    assert_eq!(
+        r.err().map(|e| e.0),
+        Some(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
+    );
+    assert_eq!(
+        st.capture_status().expect("status"),
+        Status::CU_STREAM_CAPTURE_STATUS_INVALIDATED
+    );
+    let e = st
+        .end_capture(Flags(0))
+        .err()
+        .expect("an invalidated capture");
+    assert_eq!(e.0, CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    assert_eq!(
+        st.capture_status().expect("status"),
+        Status::CU_STREAM_CAPTURE_STATUS_NONE
+    );
+    // A copy from page-locked memory is recorded; the replay reads what it holds then.
+    let ctx = g.context();
+    // SAFETY: written below before any copy reads it.
+    let mut pinned = unsafe { ctx.alloc_pinned::<f32>(4) }.expect("pinned");
+    pinned
+        .as_mut_slice()
+        .expect("pinned")
+        .copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
+    let mut dev = g.upload(&[0.0f32; 4]).expect("upload");
+    st.synchronize().expect("sync");
+    st.begin_capture(Mode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .expect("begin");
+    st.memcpy_htod(&pinned, &mut dev).expect("captured copy");
+    let graph = st.end_capture(Flags(0)).expect("end").expect("a graph");
+    assert_eq!(
+        g.download(&dev).expect("download"),
+        [0.0f32; 4],
+        "not run yet"
+    );
+    pinned
+        .as_mut_slice()
+        .expect("pinned")
+        .copy_from_slice(&[5.0, 6.0, 7.0, 8.0]);
+    graph.launch().expect("replay");
+    assert_eq!(g.download(&dev).expect("download"), [5.0f32, 6.0, 7.0, 8.0]);
 }
