@@ -1,7 +1,9 @@
 // The CUDA driver API of the emulated device (libcuda.so): one sm_90 device with 132 SMs
 // whose memory is host memory. Every call cudarc's safe and result layers make is
 // implemented here (the others answer CUDA_ERROR_NOT_SUPPORTED from stubs.cpp). Work is
-// executed when it is enqueued, in stream order; a kernel's failure is reported the way a
+// executed when it is enqueued, in stream order, except on a capturing stream, where it is
+// recorded for a graph and run by cuGraphLaunch (operations a capture cannot hold are refused
+// and invalidate it, as on a GPU); a kernel's failure is reported the way a
 // GPU reports it: the launch succeeds and the error is sticky, returned by the next call
 // on the context (CUDA_LAUNCH_BLOCKING=1 returns it from the launch itself), and
 // cuGetErrorString explains it, naming the kernel, block and thread.
@@ -1304,6 +1306,7 @@ static CUresult memset_n(CUdeviceptr dst, T v, size_t n, const char* what) {
 CUDAAPI CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
+    if ((r = refuse_if_capturing("cuMemsetD8 (synchronous)"))) return r;
     if ((r = check_range(d, n, "cuMemsetD8"))) return r;
     memset(reinterpret_cast<void*>(d), v, n);
     return CUDA_SUCCESS;
@@ -1328,13 +1331,19 @@ CUDAAPI CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstr
     if (st_->capture) return capture_memset(st_, d, v, 1, n, "cuMemsetD8Async");
     return g_strict_captures.load() ? memset_n<unsigned char>(d, v, n, "cuMemsetD8") : cuMemsetD8_v2(d, v, n);
 }
-CUDAAPI CUresult cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n) { return memset_n<unsigned short>(d, v, n, "cuMemsetD16"); }
+CUDAAPI CUresult cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n) {
+    CUresult r = refuse_if_capturing("cuMemsetD16 (synchronous)");
+    return r ? r : memset_n<unsigned short>(d, v, n, "cuMemsetD16");
+}
 CUDAAPI CUresult cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUstream s) {
     EMU_ON_STREAM(s);
     if (st_->capture) return capture_memset(st_, d, v, 2, n, "cuMemsetD16Async");
     return memset_n<unsigned short>(d, v, n, "cuMemsetD16");
 }
-CUDAAPI CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) { return memset_n<unsigned int>(d, v, n, "cuMemsetD32"); }
+CUDAAPI CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) {
+    CUresult r = refuse_if_capturing("cuMemsetD32 (synchronous)");
+    return r ? r : memset_n<unsigned int>(d, v, n, "cuMemsetD32");
+}
 CUDAAPI CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUstream s) {
     EMU_ON_STREAM(s);
     if (st_->capture) return capture_memset(st_, d, v, 4, n, "cuMemsetD32Async");
