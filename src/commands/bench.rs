@@ -218,9 +218,13 @@ fn cam_slices(p: &Preset, args: &Args) -> usize {
     }
 }
 
-/// Free device memory now (CUDA), in bytes.
+/// Free device memory now (CUDA), in bytes; None without a driver (never a panic).
 fn device_free() -> Option<usize> {
-    cudarc::driver::result::mem_get_info()
+    if !ichcam::engine::cuda::device::driver_present() {
+        return None;
+    }
+    std::panic::catch_unwind(cudarc::driver::result::mem_get_info)
+        .ok()?
         .ok()
         .map(|(free, _)| free)
 }
@@ -243,7 +247,7 @@ fn bench_cam_graph(
     let mut bufs = None;
     net.stage2_cam_pass(&xb, n, size, size, &mut bufs)?;
     be.synchronize()?;
-    let used = free0.zip(device_free()).map(|(a, b)| a.saturating_sub(b));
+    let used = free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
     let (graph, ()) = be
         .capture(|| {
             net.stage2_cam_pass(&xb, n, size, size, &mut bufs)
@@ -310,7 +314,7 @@ fn bench_ccl(device: ichcam::engine::Device, args: &Args) -> anyhow::Result<()> 
             let mut run = CclRun::new(&be, (nz, ny, nx), Connectivity::TwentySix, false)?;
             run.launch(&be, &mask, &mut labels)?;
             be.synchronize()?;
-            let used = free0.zip(device_free()).map(|(a, b)| a.saturating_sub(b));
+            let used = free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
             let sync = || -> anyhow::Result<()> { Ok(be.synchronize()?) };
             let t = time(&sync, args.warmup, args.iters, || {
                 Ok(run.launch(&be, &mask, &mut labels)?)
@@ -393,6 +397,11 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
         )?;
     }
     let device = be.name();
+    // On CUDA: free device memory before the workload is built; the stream-ordered pool
+    // keeps what it freed, so free memory after the timed runs measures the workload's peak.
+    let on_cuda = device.starts_with("cuda");
+    let free0 = if on_cuda { device_free() } else { None };
+    let used = || free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
     match args.what.as_str() {
         "conv" => bench_conv(&be, p, size, args, &device),
         "train-step" => {
@@ -420,7 +429,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     Ok(())
                 })?
             };
-            report(
+            report_mem(
                 args,
                 p.name,
                 "train-step",
@@ -428,6 +437,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 &t,
                 batch * seq,
                 &format!("{batch}x{seq} slices {size}^2, loss {last_loss:.4}"),
+                used(),
             );
             Ok(())
         }
@@ -449,14 +459,18 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     Ok(())
                 })?
             };
-            report(
+            report_mem(
                 args,
                 p.name,
                 &args.what,
                 &device,
                 &t,
                 n,
-                &format!("{n} slices {size}^2"),
+                &format!(
+                    "{n} slices {size}^2{}",
+                    if on_cuda { ", eager launches" } else { "" }
+                ),
+                used(),
             );
             Ok(())
         }
