@@ -13,7 +13,9 @@
 //! The six workloads of issue 14 are `--config paper|small --what train-step|cam`,
 //! `--config small --what cam-latency` and `--what ccl` at 40x512x512 2 % and 512^3 30 %.
 //! On CUDA the JSON line also has the device memory the workload holds (`device_mb`: free
-//! memory before building it less free memory after its first pass).
+//! memory before building it less free memory after its first pass (CUDA graph, ccl) or after
+//! the timed runs (train-step, eager cam), the stream-ordered pool keeping what it freed).
+//! `conv` reports none.
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch).
