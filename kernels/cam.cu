@@ -108,3 +108,76 @@ extern "C" __global__ void minmax_normalize(const float* __restrict__ x, float* 
     float range = hi - lo;
     for (size_t i = threadIdx.x; i < (size_t)len; i += blockDim.x) yr[i] = range > 0.0f ? (xr[i] - lo) / range : 0.0f;
 }
+
+// The whole vanilla-CAM tail in one kernel, one block per slice i: the weighted sum of the
+// features (as cam_weight) into cam[i] and into shared memory, then the bilinear resize to
+// oh x ow (as upsample_bilinear) read twice from shared memory: once for the slice's min
+// and max, once to write (v - min) / (max - min) (as minmax_normalize; a constant slice
+// becomes zeros). Nothing at the input resolution is written but the normalised map.
+// Dynamic shared memory: fh * fw floats (the host checks the size).
+extern "C" __global__ void cam_fused(const float* __restrict__ features, const float* __restrict__ weights,
+                                     float* __restrict__ cam, float* __restrict__ norm, int n, int c, int fh, int fw,
+                                     int oh, int ow) {
+    extern __shared__ float smap[];
+    __shared__ float smin[32], smax[32];
+    const int i = blockIdx.x;
+    const int hw = fh * fw, len = oh * ow;
+    const float* f = features + (size_t)i * c * hw;
+    for (int p = threadIdx.x; p < hw; p += blockDim.x) {
+        float s = 0.0f;
+        for (int k = 0; k < c; ++k) s = fmaf(weights[k], f[(size_t)k * hw + p], s);
+        smap[p] = s;
+        cam[(size_t)i * hw + p] = s;
+    }
+    __syncthreads();
+    const float sh = (float)fh / (float)oh, sw = (float)fw / (float)ow;
+    float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
+    for (int q = threadIdx.x; q < len; q += blockDim.x) {
+        int ox = q % ow, oy = q / ow;
+        int y0, y1, x0, x1;
+        float ly, lx;
+        source_index(oy, sh, fh, y0, y1, ly);
+        source_index(ox, sw, fw, x0, x1, lx);
+        float v00 = smap[y0 * fw + x0], v01 = smap[y0 * fw + x1], v10 = smap[y1 * fw + x0], v11 = smap[y1 * fw + x1];
+        float v = (1.0f - ly) * ((1.0f - lx) * v00 + lx * v01) + ly * ((1.0f - lx) * v10 + lx * v11);
+        lo = fminf(lo, v);
+        hi = fmaxf(hi, v);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = fminf(lo, __shfl_down_sync(0xffffffffu, lo, o));
+        hi = fmaxf(hi, __shfl_down_sync(0xffffffffu, hi, o));
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        smin[warp] = lo;
+        smax[warp] = hi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        lo = lane < nw ? smin[lane] : __int_as_float(0x7f800000);
+        hi = lane < nw ? smax[lane] : __int_as_float(0xff800000);
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = fminf(lo, __shfl_down_sync(0xffffffffu, lo, o));
+            hi = fmaxf(hi, __shfl_down_sync(0xffffffffu, hi, o));
+        }
+        if (lane == 0) {
+            smin[0] = lo;
+            smax[0] = hi;
+        }
+    }
+    __syncthreads();
+    lo = smin[0];
+    hi = smax[0];
+    const float range = hi - lo;
+    float* out = norm + (size_t)i * len;
+    for (int q = threadIdx.x; q < len; q += blockDim.x) {
+        int ox = q % ow, oy = q / ow;
+        int y0, y1, x0, x1;
+        float ly, lx;
+        source_index(oy, sh, fh, y0, y1, ly);
+        source_index(ox, sw, fw, x0, x1, lx);
+        float v00 = smap[y0 * fw + x0], v01 = smap[y0 * fw + x1], v10 = smap[y1 * fw + x0], v11 = smap[y1 * fw + x1];
+        float v = (1.0f - ly) * ((1.0f - lx) * v00 + lx * v01) + ly * ((1.0f - lx) * v10 + lx * v11);
+        out[q] = range > 0.0f ? (v - lo) / range : 0.0f;
+    }
+}

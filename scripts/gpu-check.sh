@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command: CUDA parity tests, `ichcam info`, the PyTorch parity
-# fixtures on the GPU, a short synthetic training run, ichcam's benchmarks and the PyTorch
-# baseline, each under a timeout (about 8 minutes in all), then a short table LAST.
+# The whole GPU check in one command (one 10-minute device call): ichcam's six benchmark
+# workloads of issue 14 and PyTorch's figures for the same workloads (eager fp32, eager bf16
+# channels_last, CUDA graph, torch.compile) with peak memory, then the CUDA test binaries,
+# the PyTorch parity fixtures and a short synthetic train + segment run while time remains,
+# and LAST a table: workload | ichcam ms | PyTorch best ms | ratio | goal.
+#
+# Every step has its own timeout, and no step starts past the budget
+# (ICHCAM_GPU_CHECK_BUDGET_S, default 540 s; the table needs a few seconds more).
 #
 # The GPU machine has no Rust toolchain: build here, carry `gpu-bin/` (ignored by git).
 #
@@ -13,10 +18,17 @@
 #      and the test executables that use a GPU (found with `cargo test --release --no-run
 #      --message-format=json`; those mentioning ICHCAM_REQUIRE_GPU) to gpu-bin/ichcam and
 #      gpu-bin/tests/<test name>, stripped (the device tool carries at most 64 MiB).
-#   2. On the GPU machine, from the repository root (device tool: carry ["gpu-bin"]):
+#   2. Still here: scripts/gpu-check.sh --dry-run
+#      runs nothing heavy: every `ichcam bench` command line is parsed for real (`--describe`),
+#      every other ichcam command's flags are checked against its `--help`, the PyTorch
+#      script runs with `--dry-run`, test binaries with `--list`; any mismatch fails.
+#   3. On the GPU machine, from the repository root (device tool: carry ["gpu-bin"]):
 #        bash scripts/gpu-check.sh            # ICHCAM_GPU_CHECK_QUICK=1 for fewer iterations
 #      Full logs go to $OUT (when set) or /tmp/ichcam-gpu-check/.
 set -u
+
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
 
 if [ "${1:-}" = "--build" ]; then
     set -e
@@ -55,24 +67,74 @@ for line in sys.stdin:
 fi
 
 LOG="${OUT:-/tmp/ichcam-gpu-check}"
+[ "$DRY" = 1 ] && LOG="${OUT:-/tmp/ichcam-gpu-check-dry}"
 mkdir -p "$LOG"
 QUICK="${ICHCAM_GPU_CHECK_QUICK:-0}"
 ITERS=10
 [ "$QUICK" = "1" ] && ITERS=3
-BIN=gpu-bin/ichcam
+BUDGET="${ICHCAM_GPU_CHECK_BUDGET_S:-540}"
+START=$(date +%s)
+BIN="${ICHCAM_BIN:-gpu-bin/ichcam}"
+if [ "$DRY" = 1 ] && [ ! -x "$BIN" ] && [ -x target/release/ichcam ]; then BIN=target/release/ichcam; fi
 declare -a ROWS=()
+DRY_FAILS=0
 
-# run NAME TIMEOUT_S COMMAND...: runs with a timeout, logs to $LOG/NAME.log, records pass/fail.
+# check_cmd COMMAND...: (dry run) whether the command line parses, without running it.
+check_cmd() {
+    local args=("$@")
+    while [ "${args[0]}" = env ] || [[ "${args[0]}" == *=* ]]; do args=("${args[@]:1}"); done
+    local exe="${args[0]}"
+    if [ "$exe" = "$BIN" ]; then
+        local sub="${args[1]}"
+        if [ "$sub" = bench ]; then
+            "${args[@]}" --describe >/dev/null 2>"$LOG/dry.err" || { echo "  does not parse: $(head -c 400 "$LOG/dry.err")"; return 1; }
+            return 0
+        fi
+        local help
+        help=$("$BIN" "$sub" --help 2>&1) || { echo "  no subcommand $sub"; return 1; }
+        local a bad=0
+        for a in "${args[@]:2}"; do
+            [[ "$a" == --* ]] || continue
+            a="${a%%=*}"
+            grep -qE -- "(^|[ ,])$a([ =,]|$)" <<<"$help" || { echo "  $sub has no flag $a"; bad=1; }
+        done
+        return $bad
+    fi
+    if [[ "${args[*]}" == *torch_baseline.py* ]]; then
+        "${args[@]}" --dry-run >/dev/null 2>"$LOG/dry.err" || { echo "  does not parse: $(head -c 400 "$LOG/dry.err")"; return 1; }
+        return 0
+    fi
+    if [ -x "$exe" ]; then
+        "$exe" --list >/dev/null 2>&1 || { echo "  $exe --list failed"; return 1; }
+        return 0
+    fi
+    echo "  not checked: $exe"
+    return 0
+}
+
+# run NAME TIMEOUT_S COMMAND...: runs with a timeout (cut to the budget left), logs to
+# $LOG/NAME.log, records pass/fail; skipped when the budget is spent. --dry-run: checks it.
 run() {
     local name="$1" limit="$2"
     shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    if [ "$DRY" = 1 ]; then
+        echo "=== $name (${limit}s): $*"
+        if check_cmd "$@"; then ROWS+=("$(printf '%-34s %-16s' "$name" "parses")"); else ROWS+=("$(printf '%-34s %-16s' "$name" "BAD-ARGS")"); DRY_FAILS=$((DRY_FAILS + 1)); fi
+        return 0
+    fi
+    if [ "$left" -lt 10 ]; then
+        ROWS+=("$(printf '%-34s %-16s' "$name" "skipped(budget)")")
+        return 125
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local t0 rc secs
     t0=$(date +%s.%N)
-    echo "=== $name: $*"
+    echo "=== $name (${limit}s): $*"
     timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1
     rc=$?
     secs=$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")
-    tail -n 25 "$LOG/$name.log"
+    tail -n 8 "$LOG/$name.log"
     local status=pass
     [ $rc -ne 0 ] && status="FAIL(rc=$rc)"
     [ $rc -eq 124 ] && status="TIMEOUT(${limit}s)"
@@ -80,121 +142,156 @@ run() {
     return $rc
 }
 
-# figure NAME TEXT: a result line for the table.
+# figure NAME TEXT: a result line for the summary.
 figure() {
     ROWS+=("$(printf '  %-32s %s' "$1" "$2")")
 }
 
-echo "=== nvidia-smi"
-timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,temperature.gpu --format=csv,noheader || echo "nvidia-smi failed"
+if [ "$DRY" = 0 ]; then
+    echo "=== nvidia-smi"
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,temperature.gpu --format=csv,noheader || echo "nvidia-smi failed"
+fi
 
 if [ ! -x "$BIN" ]; then
-    echo "gpu-bin/ichcam is missing: build it here with scripts/gpu-check.sh --build and carry gpu-bin"
+    echo "$BIN is missing: build it here with scripts/gpu-check.sh --build and carry gpu-bin"
     exit 2
 fi
 
 run info 60 "$BIN" info
 
-# Every test binary that knows about GPUs (it mentions ICHCAM_REQUIRE_GPU), with a GPU required.
+# ---- 1. ichcam's six workloads (f32; bf16 too where `bench --precision` exists) -------------
+PREC=(f32)
+if "$BIN" bench --help 2>/dev/null | grep -q -- '--precision'; then PREC=(f32 bf16); fi
+SLOW=$(( ITERS < 5 ? ITERS : 5 ))
+# name | limit | bench arguments
+WL=(
+    "train-r101|150|--config paper --what train-step --iters $SLOW --warmup 1"
+    "cam-r101|60|--config paper --what cam --iters $ITERS --warmup 2"
+    "train-r18|90|--config small --what train-step --iters $ITERS --warmup 2"
+    "cam-r18|60|--config small --what cam --iters $ITERS --warmup 2"
+    "latency-r18|40|--config small --what cam-latency --iters $(( ITERS * 5 )) --warmup 5"
+    "ccl-2pct|40|--what ccl --dims 40x512x512 --fill 0.02 --iters $(( ITERS * 2 )) --warmup 3"
+    "ccl-30pct|60|--what ccl --dims 512x512x512 --fill 0.30 --iters $ITERS --warmup 2"
+)
+for p in "${PREC[@]}"; do
+    for w in "${WL[@]}"; do
+        IFS='|' read -r name limit wargs <<<"$w"
+        extra=()
+        if [ "$p" != f32 ]; then
+            [[ "$name" == ccl-* ]] && continue
+            extra=(--precision "$p")
+        fi
+        # shellcheck disable=SC2086
+        run "bench-$name-$p" "$limit" "$BIN" bench --device cuda $wargs "${extra[@]}" --json
+    done
+done
+# The CAM pass launched op by op (the CUDA graph's gain).
+run "bench-cam-r18-f32-eager" 60 "$BIN" bench --device cuda --config small --what cam --no-graph --iters "$ITERS" --warmup 2 --json
+run "bench-latency-r18-f32-eager" 40 "$BIN" bench --device cuda --config small --what cam-latency --no-graph --iters $(( ITERS * 5 )) --warmup 5 --json
+
+# ---- 2. PyTorch on the same workloads ------------------------------------------------------
+if [ "$DRY" = 1 ] || { [ -f benches/baselines/torch_baseline.py ] && python3 -c "import torch, torchvision" >/dev/null 2>&1; }; then
+    run torch-eager-graph 200 env PYTHONUNBUFFERED=1 python3 benches/baselines/torch_baseline.py \
+        --iters "$ITERS" --modes bf16,graph,fp32 --budget-s 170
+    # torch.compile is slow to compile: the CAM passes and the small train step only (the
+    # issue's best PyTorch figure for the ResNet-101 train step is eager bf16).
+    run torch-compile 180 env PYTHONUNBUFFERED=1 python3 benches/baselines/torch_baseline.py \
+        --iters "$ITERS" --modes compile --workloads latency-r18,cam-r18,cam-r101,train-r18 --budget-s 150
+fi
+
+# ---- 3. correctness on the GPU while time remains ------------------------------------------
 for t in gpu-bin/tests/*; do
     [ -x "$t" ] || continue
     grep -q ICHCAM_REQUIRE_GPU "$t" || continue
     name="test-$(basename "$t")"
-    ICHCAM_REQUIRE_GPU=1 run "$name" 180 "$t" --test-threads=4
-    res=$(grep -E '^test result:' "$LOG/$name.log" | tail -1)
+    ICHCAM_REQUIRE_GPU=1 run "$name" 120 "$t" --test-threads=4
+    [ "$DRY" = 1 ] && continue
+    res=$(grep -E '^test result:' "$LOG/$name.log" 2>/dev/null | tail -1)
     [ -n "$res" ] && figure "$name" "${res#test result: }"
 done
 
-# PyTorch parity fixtures on the GPU.
-if "$BIN" help parity >/dev/null 2>&1; then
-    for f in tests/fixtures/torch-parity/parity_*.safetensors; do
-        [ -e "$f" ] || continue
-        run "parity-$(basename "$f" .safetensors)" 120 "$BIN" parity "$f" --device cuda --dtype f32
-    done
-fi
+for f in tests/fixtures/torch-parity/parity_*.safetensors; do
+    [ -e "$f" ] || continue
+    run "parity-$(basename "$f" .safetensors)" 60 "$BIN" parity "$f" --device cuda --dtype f32
+done
 
-# A short end-to-end training run on synthetic phantoms.
-if "$BIN" help synth >/dev/null 2>&1 && "$BIN" help train >/dev/null 2>&1; then
-    SYN=$(mktemp -d)
-    if run synth 60 "$BIN" synth --out "$SYN/data" --volumes 8 --size 128 --slices 16 --seed 1; then
-        run train-tiny-cuda 150 "$BIN" train --data "$SYN/data" --model "$SYN/model.safetensors" \
-            --config tiny --device cuda --epochs 1 --stage2-epochs 1 --quiet
+# A short end-to-end training run on synthetic phantoms and a segmentation with it.
+SYN=$(mktemp -d)
+if run synth 60 "$BIN" synth --out "$SYN/data" --volumes 8 --size 128 --slices 16 --seed 1; then
+    run train-tiny-cuda 120 "$BIN" train --data "$SYN/data" --model "$SYN/model.safetensors" \
+        --config tiny --device cuda --epochs 1 --stage2-epochs 1 --quiet
+    if [ "$DRY" = 1 ] || [ -f "$SYN/model.safetensors" ]; then
+        run segment-cuda 120 "$BIN" segment --model "$SYN/model.safetensors" --device cuda --quiet \
+            --input "$SYN/data" --out "$SYN/pred-cuda"
+        [ "$DRY" = 0 ] && vps=$(grep -oE '[0-9.]+ volumes/s' "$LOG/segment-cuda.log" 2>/dev/null | tail -1) && [ -n "$vps" ] && figure "segment-cuda" "$vps"
     fi
 fi
 
-# Segmentation of an archive on the GPU and on the CPU with the model just trained: volumes/s
-# and how many mask voxels differ between the two paths (the real ct-ich fixture included).
-if [ -n "${SYN:-}" ] && [ -f "$SYN/model.safetensors" ]; then
-    if run synth-archive 90 "$BIN" synth --out "$SYN/archive" --volumes 24 --size 256 --slices 24 --seed 2; then
-        for dev in cuda cpu; do
-            run "segment-$dev" 300 "$BIN" segment --model "$SYN/model.safetensors" --device "$dev" --quiet \
-                --input "$SYN/archive" tests/fixtures/ct-ich/images --out "$SYN/pred-$dev"
-            vps=$(grep -oE '[0-9.]+ volumes/s' "$LOG/segment-$dev.log" | tail -1)
-            [ -n "$vps" ] && figure "segment-$dev (25 volumes)" "$vps"
-        done
-        mkdir -p "$SYN/cpu-masks"
-        for d in "$SYN"/pred-cpu/*/; do
-            id=$(basename "$d"); [ -f "$d/mask.nii.gz" ] && cp "$d/mask.nii.gz" "$SYN/cpu-masks/$id.nii.gz"
-        done
-        run mask-agreement 120 "$BIN" eval --pred "$SYN/pred-cuda" --truth "$SYN/cpu-masks" --json "$LOG/cuda-vs-cpu.json"
-        diff=$(python3 -c '
-import json, sys
-v = json.load(open(sys.argv[1]))["volumes"]
-d = [x["pred_voxels"] + x["truth_voxels"] - 2 * x["true_positives"] for x in v if not x.get("error")]
-t = sum(x["truth_voxels"] for x in v)
-print("%d differing mask voxels over %d volumes (CPU mask voxels %d), worst volume %d" % (sum(d), len(d), t, max(d or [0])))
-' "$LOG/cuda-vs-cpu.json" 2>/dev/null)
-        [ -n "$diff" ] && figure "mask cuda vs cpu" "$diff"
-    fi
-fi
-
-# GPU connected components: 40x512x512 at 2 % and 512^3 at 30 % (scripts/gpu-check-seg.sh).
-if [ -x scripts/gpu-check-seg.sh ] || [ -f scripts/gpu-check-seg.sh ]; then
-    run ccl-timings 240 bash scripts/gpu-check-seg.sh --timings-only gpu-bin
-    grep -E '^ccl ' "$LOG/ccl-timings.log" | while read -r l; do echo "$l"; done
-    while read -r l; do figure "${l%%:*}" "${l#*: }"; done < <(grep -E '^ccl ' "$LOG/ccl-timings.log")
-fi
-
-# ichcam's benchmarks: op level, then a train step and a CAM pass at the small and paper configs.
-if "$BIN" help bench >/dev/null 2>&1; then
-    run bench-conv-small 60 "$BIN" bench --device cuda --config small --what conv --iters "$ITERS" --json
-    grep -E '^bench ' "$LOG/bench-conv-small.log" | while read -r l; do echo "$l"; done
-    for cfg in small paper; do
-        for what in train-step cam; do
-            n="bench-$what-$cfg"
-            it=$ITERS
-            [ "$cfg" = paper ] && [ "$what" = train-step ] && it=$(( ITERS < 5 ? ITERS : 5 ))
-            run "$n" 150 "$BIN" bench --device cuda --config "$cfg" --what "$what" --iters "$it" --warmup 1 --json
-            ms=$(grep -E '^bench ' "$LOG/$n.log" | sed -E 's/.*median ([0-9.]+) ms.*, ([0-9.]+) slices\/s.*/\1 ms, \2 slices\/s/' | tail -1)
-            [ -n "$ms" ] && figure "$n" "$ms"
-        done
-    done
-    for k in fwd bwd-data bwd-weight; do
-        l=$(grep -E "^bench conv-$k " "$LOG/bench-conv-small.log" | sed -E 's/.*median ([0-9.]+) ms.*; (.*)$/\1 ms; \2/')
-        [ -n "$l" ] && figure "conv-$k small" "$l"
-    done
-fi
-
-# The PyTorch baseline on the same machine.
-if [ -f benches/baselines/torch_baseline.py ] && python3 -c "import torch, torchvision" >/dev/null 2>&1; then
-    run torch-baseline 240 env PYTHONUNBUFFERED=1 python3 benches/baselines/torch_baseline.py --iters "$ITERS"
-    grep -E '^\{' "$LOG/torch-baseline.log" | python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        r = json.loads(line)
-    except ValueError:
-        continue
-    name = "torch %s-%s %s" % (r.get("what"), r.get("config"), r.get("mode"))
-    v = r.get("error") or "%s ms, %s slices/s" % (r.get("median_ms"), r.get("slices_per_s"))
-    print("  %-32s %s" % (name, v))
-' >"$LOG/torch-table.txt" 2>/dev/null
-fi
-
+# ---- the summary, then the table LAST ------------------------------------------------------
 echo
-echo "=== gpu-check summary ($(date -u +%H:%M:%SZ), logs in $LOG)"
+echo "=== gpu-check summary ($(date -u +%H:%M:%SZ), $(( $(date +%s) - START )) s, logs in $LOG)"
 for r in "${ROWS[@]}"; do echo "$r"; done
-[ -s "$LOG/torch-table.txt" ] && cat "$LOG/torch-table.txt"
+if [ "$DRY" = 1 ]; then
+    echo "dry run: $DRY_FAILS command line(s) do not parse"
+    [ "$DRY_FAILS" -eq 0 ]
+    exit
+fi
 fails=$(printf '%s\n' "${ROWS[@]}" | grep -cE ' (FAIL|TIMEOUT)' || true)
 echo "failed steps: $fails"
+echo
+python3 - "$LOG" <<'PY'
+import glob, json, os, sys
+log = sys.argv[1]
+# The issue's goals (ms) and PyTorch's figures there (for when PyTorch did not run here).
+ROWS = [
+    ("train-r101", "train step R101+LSTM 1x32 512^2", 34.0, 68.4),
+    ("cam-r101", "CAM pass R101 32x512^2", 6.4, 12.9),  # and <= 0.8 GB
+    ("train-r18", "train step R18+LSTM 4x32 256^2", 9.4, 18.8),
+    ("cam-r18", "CAM pass R18 128x256^2", 1.7, 3.37),
+    ("latency-r18", "one-slice CAM R18 256^2", 0.2, 0.47),
+    ("ccl-2pct", "CCL 40x512^2 2%", 0.5, 1.14),
+    ("ccl-30pct", "CCL 512^3 30%", 10.0, 23.8),
+]
+def lines(path):
+    try:
+        for l in open(path):
+            l = l.strip()
+            if l.startswith("{"):
+                try:
+                    yield json.loads(l)
+                except ValueError:
+                    pass
+    except OSError:
+        return
+ich = {}
+for f in glob.glob(os.path.join(log, "bench-*.log")):
+    tag = os.path.basename(f)[len("bench-"):-len(".log")]
+    for r in lines(f):
+        if "median_ms" in r:
+            ich[tag] = r
+torch = {}
+for f in glob.glob(os.path.join(log, "torch-*.log")):
+    for r in lines(f):
+        if "median_ms" in r and r.get("workload"):
+            torch.setdefault(r["workload"], []).append(r)
+print("workload | ichcam ms | PyTorch best ms | ratio | goal")
+print("--- | --- | --- | --- | ---")
+for key, label, goal, issue_torch in ROWS:
+    mine = [(v["median_ms"], tag.split("-")[-1] if not tag.endswith("eager") else "eager", v) for tag, v in ich.items()
+            if tag.startswith(key + "-")]
+    best = min(mine, key=lambda m: m[0]) if mine else None
+    ts = torch.get(key, [])
+    tb = min(ts, key=lambda r: r["median_ms"]) if ts else None
+    i_ms = "%.3f (%s%s)" % (best[0], best[1], ", %.0f MB" % best[2]["device_mb"] if best and best[2].get("device_mb") else "") if best else "n/a"
+    t_ms = "%.3f (%s%s)" % (tb["median_ms"], tb["mode"], ", %.0f MB" % tb["peak_mb"] if tb.get("peak_mb") else "") if tb else "n/a (issue: %.2f)" % issue_torch
+    ref = tb["median_ms"] if tb else None
+    ratio = "%.2fx" % (best[0] / ref) if best and ref else ("%.2fx (vs issue)" % (best[0] / issue_torch) if best else "n/a")
+    met = ("met" if best[0] <= goal else "not met") if best else "n/a"
+    g = "<= %g ms" % goal
+    if key == "cam-r101":
+        g += ", <= 0.8 GB"
+        if best and best[2].get("device_mb") and best[2]["device_mb"] > 0.8 * 1024:
+            met = "not met"
+    print("%s | %s | %s | %s | %s (%s)" % (label, i_ms, t_ms, ratio, g, met))
+PY
 [ "$fails" -eq 0 ]

@@ -1,7 +1,9 @@
 // The CUDA driver API of the emulated device (libcuda.so): one sm_90 device with 132 SMs
 // whose memory is host memory. Every call cudarc's safe and result layers make is
 // implemented here (the others answer CUDA_ERROR_NOT_SUPPORTED from stubs.cpp). Work is
-// executed when it is enqueued, in stream order; a kernel's failure is reported the way a
+// executed when it is enqueued, in stream order, except on a capturing stream, where it is
+// recorded for a graph and run by cuGraphLaunch (operations a capture cannot hold are refused
+// and invalidate it, as on a GPU); a kernel's failure is reported the way a
 // GPU reports it: the launch succeeds and the error is sticky, returned by the next call
 // on the context (CUDA_LAUNCH_BLOCKING=1 returns it from the launch itself), and
 // cuGetErrorString explains it, naming the kernel, block and thread.
@@ -158,11 +160,67 @@ struct Context {
     size_t limits[16] = {1024, 1 << 20, 8 << 20, 2, 2048, 64, 0, 48 * 1024, 0, 0, 0, 0, 0, 0, 0, 0};
 };
 
+struct Graph;
+
 struct Stream {
     uint32_t magic = 0x73746d31;  // "stm1"
     Context* ctx = nullptr;
     std::mutex mu;
+    // Stream capture: while `capture` is set, the work enqueued on the stream is recorded
+    // into it instead of running; `invalidated` once a forbidden operation broke it.
+    Graph* capture = nullptr;
+    bool invalidated = false;
+    int capture_mode = 0;  // CUstreamCaptureMode: 0 global, 1 thread-local, 2 relaxed
+    uint64_t capture_id = 0;
 };
+
+// One recorded operation of a graph, replayed in capture order.
+struct Node {
+    enum Kind { KERNEL, COPY, MEMSET, HOST } kind = KERNEL;
+    // KERNEL: the function, its shape and a copy of each argument's bytes.
+    Function* f = nullptr;
+    unsigned grid[3] = {1, 1, 1}, block[3] = {1, 1, 1};
+    unsigned shmem = 0;
+    std::vector<std::vector<unsigned char>> args;
+    // COPY: n bytes from src to dst (device or pinned host addresses).
+    void* dst = nullptr;
+    const void* src = nullptr;
+    size_t n = 0;
+    // MEMSET: count elements of `elem` bytes set to `value` at dst.
+    uint32_t value = 0;
+    unsigned elem = 1;
+    // HOST: fn(data).
+    CUhostFn fn = nullptr;
+    void* data = nullptr;
+};
+
+struct Graph {
+    uint32_t magic = 0x67726131;  // "gra1"
+    std::vector<Node> nodes;
+};
+
+struct GraphExec {
+    uint32_t magic = 0x67657831;  // "gex1"
+    std::vector<Node> nodes;
+};
+
+// Streams capturing in global or thread-local mode: "unsafe" calls (synchronous
+// allocation, context synchronisation, synchronous copies) are refused while any is.
+std::atomic<int> g_strict_captures{0};
+std::atomic<uint64_t> g_capture_ids{0};
+
+// Page-locked host memory (cuMemHostAlloc): base -> bytes.
+std::mutex g_pinned_mu;
+std::map<uintptr_t, size_t> g_pinned;
+
+bool is_pinned(const void* p, size_t n) {
+    std::lock_guard<std::mutex> g(g_pinned_mu);
+    uintptr_t a = (uintptr_t)p;
+    auto it = g_pinned.upper_bound(a);
+    if (it == g_pinned.begin()) return false;
+    --it;
+    return a >= it->first && a + n <= it->first + it->second;
+}
 
 struct Event {
     uint32_t magic = 0x65766e31;  // "evn1"
@@ -398,6 +456,50 @@ void profile(const Function* f, const Launch& L, double seconds) {
     p.fibers = f->ptx.collective;
 }
 
+// The error of an operation on a stream whose capture a forbidden operation invalidated.
+CUresult capture_invalidated(const char* what) {
+    return report(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+                  std::string(what) + ": the stream's capture was invalidated by an operation not permitted during capture; "
+                                      "end it (cuStreamEndCapture) and capture again");
+}
+
+// An operation a capturing stream cannot record: it invalidates the capture (as on a GPU).
+CUresult capture_forbid(Stream* st, const std::string& what) {
+    st->invalidated = true;
+    return report(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                  what + " is not permitted while the stream is capturing a graph (the capture is now invalidated)");
+}
+
+// An "unsafe" call (synchronous allocation or copy, a synchronisation) while a stream
+// captures in global or thread-local mode: refused, and every such capture invalidated.
+std::vector<Stream*> g_capturing;  // guarded by g_pinned_mu (a small global lock)
+CUresult refuse_if_capturing(const char* what) {
+    if (g_strict_captures.load() == 0) return CUDA_SUCCESS;
+    {
+        std::lock_guard<std::mutex> g(g_pinned_mu);
+        for (Stream* s : g_capturing)
+            if (s->capture_mode != 2) s->invalidated = true;
+    }
+    return report(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                  std::string(what) + " is not permitted while a stream is capturing a graph (global or thread-local "
+                                      "capture mode); the capture is now invalidated");
+}
+
+// Runs one kernel launch now on `c`'s behalf; a failure becomes the context's sticky error.
+CUresult run_launch(Context* c, Launch& L) {
+    static const bool prof = getenv("EMU_PROFILE") && strcmp(getenv("EMU_PROFILE"), "1") == 0;
+    double t0 = prof ? now_s() : 0;
+    Status failure = execute(L);
+    if (prof) profile(L.f, L, now_s() - t0);
+    if (!failure.ok()) {
+        set_sticky(c, failure);
+        if (config().verbose || getenv("EMU_QUIET") == nullptr)
+            fprintf(stderr, "emu: launch failed: %s\n", failure.detail.c_str());
+        if (config().launch_blocking) return report(failure);
+    }
+    return CUDA_SUCCESS;
+}
+
 CUresult launch(CUfunction func, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shmem,
                 CUstream hs, void** params, void** extra, bool cooperative) {
     CUresult r = check_ready();
@@ -472,6 +574,21 @@ CUresult launch(CUfunction func, unsigned gx, unsigned gy, unsigned gz, unsigned
     }
     if (failure.ok()) {
         std::lock_guard<std::mutex> g(st->mu);
+        if (st->capture) {
+            if (st->invalidated) return capture_invalidated("cuLaunchKernel");
+            Node nd;
+            nd.kind = Node::KERNEL;
+            nd.f = f;
+            nd.grid[0] = gx, nd.grid[1] = gy, nd.grid[2] = gz;
+            nd.block[0] = bx, nd.block[1] = by, nd.block[2] = bz;
+            nd.shmem = shmem;
+            for (int i = 0; i < k->nparams; ++i) {
+                const unsigned char* a = static_cast<const unsigned char*>(params[i]);
+                nd.args.emplace_back(a, a + k->params[i].size);
+            }
+            st->capture->nodes.push_back(std::move(nd));
+            return CUDA_SUCCESS;
+        }
         Launch L;
         L.f = f;
         L.grid[0] = gx;
@@ -483,10 +600,7 @@ CUresult launch(CUfunction func, unsigned gx, unsigned gy, unsigned gz, unsigned
         L.dyn_shared = shmem;
         L.args = params;
         L.ordinal = __atomic_fetch_add(&f->launches, 1, __ATOMIC_RELAXED);
-        static const bool prof = getenv("EMU_PROFILE") && strcmp(getenv("EMU_PROFILE"), "1") == 0;
-        double t0 = prof ? now_s() : 0;
-        failure = execute(L);
-        if (prof) profile(f, L, now_s() - t0);
+        return run_launch(c, L);
     }
     if (!failure.ok()) {
         set_sticky(c, failure);
@@ -802,7 +916,10 @@ CUDAAPI CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-CUDAAPI CUresult cuCtxSynchronize() { return check_ready(); }
+CUDAAPI CUresult cuCtxSynchronize() {
+    CUresult r = refuse_if_capturing("cuCtxSynchronize");
+    return r ? r : check_ready();
+}
 CUDAAPI CUresult cuCtxGetLimit(size_t* v, CUlimit l) {
     if (!v || (int)l < 0 || (int)l >= 16) return report(CUDA_ERROR_INVALID_VALUE, "cuCtxGetLimit");
     *v = ctx_now()->limits[l];
@@ -863,17 +980,88 @@ CUDAAPI CUresult cuStreamDestroy_v2(CUstream s) {
 CUDAAPI CUresult cuStreamSynchronize(CUstream s) {
     Stream* st = stream_of(s);
     if (!st) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamSynchronize: not a stream");
-    { std::lock_guard<std::mutex> g(st->mu); }  // an operation another thread runs on it ends
-    return check_ready();
+    {
+        std::lock_guard<std::mutex> g(st->mu);  // an operation another thread runs on it ends
+        if (st->capture) return st->invalidated ? capture_invalidated("cuStreamSynchronize") : capture_forbid(st, "cuStreamSynchronize");
+    }
+    CUresult r = refuse_if_capturing("cuStreamSynchronize");
+    return r ? r : check_ready();
 }
 CUDAAPI CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
 CUDAAPI CUresult cuStreamWaitEvent(CUstream s, CUevent, unsigned) {
     if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamWaitEvent: not a stream");
     return check_ready();
 }
-CUDAAPI CUresult cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus* st) {
-    if (!stream_of(s) || !st) return report(CUDA_ERROR_INVALID_VALUE, "cuStreamIsCapturing");
-    *st = (CUstreamCaptureStatus)0;
+static CUstreamCaptureStatus capture_status(Stream* st) {
+    if (!st->capture) return CU_STREAM_CAPTURE_STATUS_NONE;
+    return st->invalidated ? CU_STREAM_CAPTURE_STATUS_INVALIDATED : CU_STREAM_CAPTURE_STATUS_ACTIVE;
+}
+CUDAAPI CUresult cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus* out) {
+    Stream* st = stream_of(s);
+    if (!st || !out) return report(CUDA_ERROR_INVALID_VALUE, "cuStreamIsCapturing");
+    std::lock_guard<std::mutex> g(st->mu);
+    *out = capture_status(st);
+    return CUDA_SUCCESS;
+}
+CUDAAPI CUresult cuStreamGetCaptureInfo_v2(CUstream s, CUstreamCaptureStatus* out, unsigned long long* id, CUgraph* graph,
+                                           const CUgraphNode** deps, size_t* ndeps) {
+    Stream* st = stream_of(s);
+    if (!st || !out) return report(CUDA_ERROR_INVALID_VALUE, "cuStreamGetCaptureInfo");
+    std::lock_guard<std::mutex> g(st->mu);
+    *out = capture_status(st);
+    if (id) *id = st->capture ? st->capture_id : 0;
+    if (graph) *graph = reinterpret_cast<CUgraph>(st->capture);
+    if (deps) *deps = nullptr;  // the emulated graph is a sequence: no node handles
+    if (ndeps) *ndeps = 0;
+    return CUDA_SUCCESS;
+}
+CUDAAPI CUresult cuStreamGetCaptureInfo_v3(CUstream s, CUstreamCaptureStatus* out, unsigned long long* id, CUgraph* graph,
+                                           const CUgraphNode** deps, const CUgraphEdgeData** edges, size_t* ndeps) {
+    if (edges) *edges = nullptr;
+    return cuStreamGetCaptureInfo_v2(s, out, id, graph, deps, ndeps);
+}
+
+// Stream capture: every launch, memset and copy (device, or pinned host memory) enqueued
+// on the stream is recorded in order instead of running; cuGraphLaunch replays them.
+CUDAAPI CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
+    CUresult r = check_ready();
+    if (r) return r;
+    Stream* st = stream_of(s);
+    if (!st) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamBeginCapture: not a stream");
+    if (st == &g_null_stream) return report(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture: the legacy default stream cannot be captured");
+    if (mode < 0 || mode > 2) return report(CUDA_ERROR_INVALID_VALUE, "cuStreamBeginCapture: not a capture mode");
+    std::lock_guard<std::mutex> g(st->mu);
+    if (st->capture) return report(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: the stream is already capturing");
+    st->capture = new Graph;
+    st->invalidated = false;
+    st->capture_mode = mode;
+    st->capture_id = ++g_capture_ids;
+    {
+        std::lock_guard<std::mutex> gp(g_pinned_mu);
+        g_capturing.push_back(st);
+    }
+    if (mode != 2) ++g_strict_captures;
+    return CUDA_SUCCESS;
+}
+CUDAAPI CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
+    Stream* st = stream_of(s);
+    if (!st || !out) return report(CUDA_ERROR_INVALID_VALUE, "cuStreamEndCapture");
+    std::lock_guard<std::mutex> g(st->mu);
+    if (!st->capture) return report(CUDA_ERROR_ILLEGAL_STATE, "cuStreamEndCapture: the stream is not capturing");
+    Graph* graph = st->capture;
+    st->capture = nullptr;
+    {
+        std::lock_guard<std::mutex> gp(g_pinned_mu);
+        g_capturing.erase(std::remove(g_capturing.begin(), g_capturing.end(), st), g_capturing.end());
+    }
+    if (st->capture_mode != 2) --g_strict_captures;
+    if (st->invalidated) {
+        st->invalidated = false;
+        delete graph;
+        *out = nullptr;
+        return capture_invalidated("cuStreamEndCapture");
+    }
+    *out = reinterpret_cast<CUgraph>(graph);
     return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuStreamAttachMemAsync(CUstream, CUdeviceptr, size_t, unsigned) { return check_ready(); }
@@ -882,6 +1070,16 @@ CUDAAPI CUresult cuLaunchHostFunc(CUstream s, CUhostFn fn, void* data) {
     if (r) return r;
     Stream* st = stream_of(s);
     if (!st || !fn) return report(CUDA_ERROR_INVALID_VALUE, "cuLaunchHostFunc");
+    std::lock_guard<std::mutex> g(st->mu);
+    if (st->capture) {
+        if (st->invalidated) return capture_invalidated("cuLaunchHostFunc");
+        Node nd;
+        nd.kind = Node::HOST;
+        nd.fn = fn;
+        nd.data = data;
+        st->capture->nodes.push_back(nd);
+        return CUDA_SUCCESS;
+    }
     fn(data);
     return CUDA_SUCCESS;
 }
@@ -931,12 +1129,18 @@ CUDAAPI CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return
 
 CUDAAPI CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     CUresult r = check_ready();
+    if (!r) r = refuse_if_capturing("cuMemAlloc");
     return r ? r : alloc(p, n, "cuMemAlloc");
 }
+// Stream-ordered allocation and free on a capturing stream: a GPU records them as graph
+// memory nodes; the emulator does not emulate those and refuses them (stricter than a GPU).
 CUDAAPI CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream s) {
     CUresult r = check_ready();
     if (r) return r;
-    if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "cuMemAllocAsync: not a stream");
+    EMU_ON_STREAM(s);
+    if (st_->capture)
+        return st_->invalidated ? capture_invalidated("cuMemAllocAsync")
+                                : capture_forbid(st_, "cuMemAllocAsync (graph memory nodes are not emulated)");
     return alloc(p, n, "cuMemAllocAsync");
 }
 CUDAAPI CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t n, CUmemoryPool, CUstream s) { return cuMemAllocAsync(p, n, s); }
@@ -946,22 +1150,50 @@ CUDAAPI CUresult cuMemAllocManaged(CUdeviceptr* p, size_t n, unsigned) {
 }
 CUDAAPI CUresult cuMemFree_v2(CUdeviceptr p) {
     CUresult r = check_ready();
+    if (!r) r = refuse_if_capturing("cuMemFree");
     return r ? r : release(p, "cuMemFree");
 }
 CUDAAPI CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     CUresult r = check_ready();
     if (r) return r;
     EMU_ON_STREAM(s);
+    if (st_->capture)
+        return st_->invalidated ? capture_invalidated("cuMemFreeAsync")
+                                : capture_forbid(st_, "cuMemFreeAsync (graph memory nodes are not emulated)");
     return release(p, "cuMemFreeAsync");
 }
+// Page-locked host memory: plain host memory, registered so that copies from and to it
+// may be captured (a copy involving pageable memory may not).
 CUDAAPI CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     if (!p) return report(CUDA_ERROR_INVALID_VALUE, "null pointer");
-    *p = malloc(n ? n : 1);
-    return *p ? CUDA_SUCCESS : report(CUDA_ERROR_OUT_OF_MEMORY, "cuMemHostAlloc");
+    CUresult r = refuse_if_capturing("cuMemHostAlloc");
+    if (r) return r;
+    size_t bytes = n ? n : 1;
+    void* q = nullptr;
+    if (posix_memalign(&q, 4096, (bytes + 4095) & ~(size_t)4095) != 0 || !q) return report(CUDA_ERROR_OUT_OF_MEMORY, "cuMemHostAlloc");
+    {
+        std::lock_guard<std::mutex> g(g_pinned_mu);
+        g_pinned[(uintptr_t)q] = bytes;
+    }
+    *p = q;
+    return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuMemAllocHost_v2(void** p, size_t n) { return cuMemHostAlloc(p, n, 0); }
 CUDAAPI CUresult cuMemFreeHost(void* p) {
+    CUresult r = refuse_if_capturing("cuMemFreeHost");
+    if (r) return r;
+    {
+        std::lock_guard<std::mutex> g(g_pinned_mu);
+        auto it = g_pinned.find((uintptr_t)p);
+        if (it == g_pinned.end()) return report(CUDA_ERROR_INVALID_VALUE, "cuMemFreeHost: not a pointer from cuMemHostAlloc");
+        g_pinned.erase(it);
+    }
     free(p);
+    return CUDA_SUCCESS;
+}
+CUDAAPI CUresult cuMemHostGetFlags(unsigned* flags, void* p) {
+    if (!flags || !is_pinned(p, 0)) return report(CUDA_ERROR_INVALID_VALUE, "cuMemHostGetFlags: not page-locked host memory");
+    *flags = 0;
     return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
@@ -983,36 +1215,72 @@ CUDAAPI CUresult cuMemGetAddressRange_v2(CUdeviceptr* base, size_t* size, CUdevi
     return CUDA_SUCCESS;
 }
 
+// A copy enqueued on a capturing stream: recorded when its host side (if any) is pinned.
+static CUresult capture_copy(Stream* st, void* dst, const void* src, size_t n, const void* host, const char* what) {
+    if (st->invalidated) return capture_invalidated(what);
+    if (host && !is_pinned(host, n))
+        return capture_forbid(st, std::string(what) + " from or to pageable host memory (only page-locked memory, cuMemHostAlloc, can be captured)");
+    Node nd;
+    nd.kind = Node::COPY;
+    nd.dst = dst;
+    nd.src = src;
+    nd.n = n;
+    st->capture->nodes.push_back(nd);
+    return CUDA_SUCCESS;
+}
+
 CUDAAPI CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
+    if ((r = refuse_if_capturing("cuMemcpyHtoD (synchronous)"))) return r;
     if ((r = check_range(dst, n, "cuMemcpyHtoD destination"))) return r;
     return copy(reinterpret_cast<void*>(dst), src, n);
 }
 CUDAAPI CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
     EMU_ON_STREAM(s);
-    return cuMemcpyHtoD_v2(dst, src, n);
+    if (st_->capture) {
+        CUresult r = check_range(dst, n, "cuMemcpyHtoDAsync destination");
+        return r ? r : capture_copy(st_, reinterpret_cast<void*>(dst), src, n, src, "cuMemcpyHtoDAsync");
+    }
+    if (g_strict_captures.load() == 0) return cuMemcpyHtoD_v2(dst, src, n);
+    CUresult r = check_ready();
+    if (!r) r = check_range(dst, n, "cuMemcpyHtoD destination");
+    return r ? r : copy(reinterpret_cast<void*>(dst), src, n);
 }
 CUDAAPI CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
+    if ((r = refuse_if_capturing("cuMemcpyDtoH (synchronous)"))) return r;
     if ((r = check_range(src, n, "cuMemcpyDtoH source"))) return r;
     return copy(dst, reinterpret_cast<const void*>(src), n);
 }
 CUDAAPI CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
     EMU_ON_STREAM(s);
-    return cuMemcpyDtoH_v2(dst, src, n);
+    if (st_->capture) {
+        CUresult r = check_range(src, n, "cuMemcpyDtoHAsync source");
+        return r ? r : capture_copy(st_, dst, reinterpret_cast<const void*>(src), n, dst, "cuMemcpyDtoHAsync");
+    }
+    if (g_strict_captures.load() == 0) return cuMemcpyDtoH_v2(dst, src, n);
+    CUresult r = check_ready();
+    if (!r) r = check_range(src, n, "cuMemcpyDtoH source");
+    return r ? r : copy(dst, reinterpret_cast<const void*>(src), n);
 }
 CUDAAPI CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
+    if ((r = refuse_if_capturing("cuMemcpyDtoD (synchronous)"))) return r;
     if ((r = check_range(src, n, "cuMemcpyDtoD source"))) return r;
     if ((r = check_range(dst, n, "cuMemcpyDtoD destination"))) return r;
     return copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
 }
 CUDAAPI CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
     EMU_ON_STREAM(s);
-    return cuMemcpyDtoD_v2(dst, src, n);
+    CUresult r = check_ready();
+    if (r) return r;
+    if ((r = check_range(src, n, "cuMemcpyDtoDAsync source"))) return r;
+    if ((r = check_range(dst, n, "cuMemcpyDtoDAsync destination"))) return r;
+    if (st_->capture) return capture_copy(st_, reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n, nullptr, "cuMemcpyDtoDAsync");
+    return copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
 }
 CUDAAPI CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     CUresult r = check_ready();
@@ -1038,18 +1306,49 @@ static CUresult memset_n(CUdeviceptr dst, T v, size_t n, const char* what) {
 CUDAAPI CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
+    if ((r = refuse_if_capturing("cuMemsetD8 (synchronous)"))) return r;
     if ((r = check_range(d, n, "cuMemsetD8"))) return r;
     memset(reinterpret_cast<void*>(d), v, n);
     return CUDA_SUCCESS;
 }
+// A memset enqueued on a capturing stream: checked now, recorded for the replay.
+static CUresult capture_memset(Stream* st, CUdeviceptr d, uint32_t v, unsigned elem, size_t n, const char* what) {
+    if (st->invalidated) return capture_invalidated(what);
+    CUresult r = check_range(d, n * elem, what);
+    if (r) return r;
+    if (d % elem != 0) return report(CUDA_ERROR_INVALID_VALUE, std::string(what) + ": misaligned address");
+    Node nd;
+    nd.kind = Node::MEMSET;
+    nd.dst = reinterpret_cast<void*>(d);
+    nd.value = v;
+    nd.elem = elem;
+    nd.n = n;
+    st->capture->nodes.push_back(nd);
+    return CUDA_SUCCESS;
+}
 CUDAAPI CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) {
     EMU_ON_STREAM(s);
-    return cuMemsetD8_v2(d, v, n);
+    if (st_->capture) return capture_memset(st_, d, v, 1, n, "cuMemsetD8Async");
+    return g_strict_captures.load() ? memset_n<unsigned char>(d, v, n, "cuMemsetD8") : cuMemsetD8_v2(d, v, n);
 }
-CUDAAPI CUresult cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n) { return memset_n<unsigned short>(d, v, n, "cuMemsetD16"); }
-CUDAAPI CUresult cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUstream) { return cuMemsetD16_v2(d, v, n); }
-CUDAAPI CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) { return memset_n<unsigned int>(d, v, n, "cuMemsetD32"); }
-CUDAAPI CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUstream) { return cuMemsetD32_v2(d, v, n); }
+CUDAAPI CUresult cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n) {
+    CUresult r = refuse_if_capturing("cuMemsetD16 (synchronous)");
+    return r ? r : memset_n<unsigned short>(d, v, n, "cuMemsetD16");
+}
+CUDAAPI CUresult cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUstream s) {
+    EMU_ON_STREAM(s);
+    if (st_->capture) return capture_memset(st_, d, v, 2, n, "cuMemsetD16Async");
+    return memset_n<unsigned short>(d, v, n, "cuMemsetD16");
+}
+CUDAAPI CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) {
+    CUresult r = refuse_if_capturing("cuMemsetD32 (synchronous)");
+    return r ? r : memset_n<unsigned int>(d, v, n, "cuMemsetD32");
+}
+CUDAAPI CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUstream s) {
+    EMU_ON_STREAM(s);
+    if (st_->capture) return capture_memset(st_, d, v, 4, n, "cuMemsetD32Async");
+    return memset_n<unsigned int>(d, v, n, "cuMemsetD32");
+}
 
 // ---- modules and functions -----------------------------------------------------------------
 
@@ -1164,6 +1463,122 @@ CUDAAPI CUresult cuOccupancyAvailableDynamicSMemPerBlock(size_t* out, CUfunction
     Function* f = function_of(func);
     if (!out || !f) return report(CUDA_ERROR_INVALID_VALUE, "cuOccupancyAvailableDynamicSMemPerBlock");
     *out = kMaxSharedOptin - f->ptx.static_shared;
+    return CUDA_SUCCESS;
+}
+
+// ---- graphs (from stream capture) ----------------------------------------------------------
+
+static Graph* graph_of(CUgraph g) {
+    Graph* p = reinterpret_cast<Graph*>(g);
+    return p && p->magic == 0x67726131 ? p : nullptr;
+}
+static GraphExec* exec_of(CUgraphExec g) {
+    GraphExec* p = reinterpret_cast<GraphExec*>(g);
+    return p && p->magic == 0x67657831 ? p : nullptr;
+}
+CUDAAPI CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph g, unsigned long long flags) {
+    CUresult r = check_ready();
+    if (r) return r;
+    Graph* graph = graph_of(g);
+    if (!out || !graph) return report(CUDA_ERROR_INVALID_VALUE, "cuGraphInstantiateWithFlags: not a graph");
+    // AUTO_FREE_ON_LAUNCH 1, UPLOAD 2, DEVICE_LAUNCH 4, USE_NODE_PRIORITY 8.
+    if (flags & ~0xfull) return report(CUDA_ERROR_INVALID_VALUE, "cuGraphInstantiateWithFlags: unknown flags");
+    if (flags & 4) return report(CUDA_ERROR_INVALID_VALUE, "cuGraphInstantiateWithFlags: device launch is not emulated");
+    GraphExec* e = new GraphExec;
+    e->nodes = graph->nodes;
+    *out = reinterpret_cast<CUgraphExec>(e);
+    return CUDA_SUCCESS;
+}
+CUDAAPI CUresult cuGraphUpload(CUgraphExec g, CUstream s) {
+    if (!exec_of(g) || !stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "cuGraphUpload");
+    return check_ready();
+}
+// Replays the recorded operations in capture order on `s`, each checked again (a buffer
+// freed since the capture is an illegal address, as it faults on a GPU).
+CUDAAPI CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
+    CUresult r = check_ready();
+    if (r) return r;
+    GraphExec* e = exec_of(g);
+    if (!e) return report(CUDA_ERROR_INVALID_HANDLE, "cuGraphLaunch: not an instantiated graph");
+    EMU_ON_STREAM(s);
+    if (st_->capture) return st_->invalidated ? capture_invalidated("cuGraphLaunch") : capture_forbid(st_, "cuGraphLaunch (child graphs are not emulated)");
+    Context* c = st_->ctx ? st_->ctx : ctx_now();
+    for (Node& nd : e->nodes) {
+        if (c->sticky.load()) break;  // a failed kernel: the rest does not run
+        switch (nd.kind) {
+            case Node::KERNEL: {
+                const emu_kernel_t* k = nd.f->kernel;
+                std::vector<void*> args(nd.args.size());
+                Status bad;
+                for (size_t i = 0; i < nd.args.size(); ++i) {
+                    args[i] = nd.args[i].data();
+                    if (k->params[i].kind != EMU_PARAM_POINTER || !bad.ok()) continue;
+                    uint64_t v;
+                    memcpy(&v, args[i], 8);
+                    if (v != 0 && !allocations().contains((uintptr_t)v, 0))
+                        bad = Status::fail(CUDA_ERROR_ILLEGAL_ADDRESS, "graph replay: kernel `" + nd.f->name + "`: pointer argument " +
+                                                                           std::to_string(i) + " is no longer inside a live device allocation (freed since the capture?)");
+                }
+                if (!bad.ok()) {
+                    set_sticky(c, bad);
+                    if (config().launch_blocking) return report(bad);
+                    break;
+                }
+                Launch L;
+                L.f = nd.f;
+                for (int d = 0; d < 3; ++d) L.grid[d] = nd.grid[d], L.block[d] = nd.block[d];
+                L.dyn_shared = nd.shmem;
+                L.args = args.data();
+                L.ordinal = __atomic_fetch_add(&nd.f->launches, 1, __ATOMIC_RELAXED);
+                if ((r = run_launch(c, L))) return r;
+                break;
+            }
+            case Node::COPY: {
+                bool ok = (allocations().contains((uintptr_t)nd.dst, nd.n) || is_pinned(nd.dst, nd.n)) &&
+                          (allocations().contains((uintptr_t)nd.src, nd.n) || is_pinned(nd.src, nd.n));
+                if (!ok) {
+                    set_sticky(c, Status::fail(CUDA_ERROR_ILLEGAL_ADDRESS, "graph replay: a copy's memory was freed since the capture"));
+                    break;
+                }
+                copy(nd.dst, nd.src, nd.n);
+                break;
+            }
+            case Node::MEMSET: {
+                if (!allocations().contains((uintptr_t)nd.dst, nd.n * nd.elem)) {
+                    set_sticky(c, Status::fail(CUDA_ERROR_ILLEGAL_ADDRESS, "graph replay: a memset's memory was freed since the capture"));
+                    break;
+                }
+                unsigned char* p = static_cast<unsigned char*>(nd.dst);
+                for (size_t i = 0; i < nd.n; ++i) memcpy(p + i * nd.elem, &nd.value, nd.elem);
+                break;
+            }
+            case Node::HOST:
+                nd.fn(nd.data);
+                break;
+        }
+    }
+    return CUDA_SUCCESS;
+}
+CUDAAPI CUresult cuGraphExecDestroy(CUgraphExec g) {
+    GraphExec* e = exec_of(g);
+    if (!e) return report(CUDA_ERROR_INVALID_HANDLE, "cuGraphExecDestroy: not an instantiated graph");
+    e->magic = 0;
+    delete e;
+    return CUDA_SUCCESS;
+}
+CUDAAPI CUresult cuGraphDestroy(CUgraph g) {
+    Graph* graph = graph_of(g);
+    if (!graph) return report(CUDA_ERROR_INVALID_HANDLE, "cuGraphDestroy: not a graph");
+    graph->magic = 0;
+    delete graph;
+    return CUDA_SUCCESS;
+}
+CUDAAPI CUresult cuGraphGetNodes(CUgraph g, CUgraphNode* nodes, size_t* n) {
+    Graph* graph = graph_of(g);
+    if (!graph || !n) return report(CUDA_ERROR_INVALID_VALUE, "cuGraphGetNodes");
+    if (nodes)
+        for (size_t i = 0; i < *n && i < graph->nodes.size(); ++i) nodes[i] = reinterpret_cast<CUgraphNode>(&graph->nodes[i]);
+    *n = graph->nodes.size();
     return CUDA_SUCCESS;
 }
 

@@ -4,8 +4,18 @@
 //! minimum in ms, slices/s, and with `--json` one JSON line for scripts.
 //!
 //! Workloads: `conv` (a 3x3 64->64 convolution's forward and both backward passes, at the
-//! config's stage-1 resolution), `train-step` (stage-1 forward + backward + SGD step) and
-//! `cam` (stage-2 inference with the vanilla CAM, upsampled and normalised, left on the device).
+//! config's stage-1 resolution), `train-step` (stage-1 forward + backward + SGD step),
+//! `cam` (the stage-2 vanilla-CAM pass, [`IchNet::stage2_cam_pass`]: backbone, fc, CAM
+//! upsampled and normalised, left on the device; on CUDA captured once as a CUDA graph and
+//! replayed, `--no-graph` for eager launches), `cam-latency` (the same pass on one slice) and
+//! `ccl` (3-D connected components, 26-connectivity, of a `--dims` mask with `--fill`
+//! foreground: the labelling with its buffers allocated and the mask uploaded once).
+//! The six workloads of issue 14 are `--config paper|small --what train-step|cam`,
+//! `--config small --what cam-latency` and `--what ccl` at 40x512x512 2 % and 512^3 30 %.
+//! On CUDA the JSON line also has the device memory the workload holds (`device_mb`: free
+//! memory before building it less free memory after its first pass (CUDA graph, ccl) or after
+//! the timed runs (train-step, eager cam), the stream-ordered pool keeping what it freed).
+//! `conv` reports none.
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch).
@@ -15,7 +25,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
-use ichcam::model::{BlockKind, CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
+use ichcam::model::{BlockKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
 use ichcam::train::TrainConfig;
 
 #[derive(clap::Args)]
@@ -32,9 +42,19 @@ pub struct Args {
     /// or paper (ResNet-101 + LSTM 3x256, 1x32 slices / 32 slices at 512^2).
     #[arg(long, default_value = "tiny")]
     config: String,
-    /// conv, train-step or cam.
+    /// conv, train-step, cam, cam-latency or ccl.
     #[arg(long, default_value = "conv")]
     what: String,
+    /// cam / cam-latency on CUDA: launch the pass op by op instead of replaying it as a
+    /// CUDA graph.
+    #[arg(long)]
+    no_graph: bool,
+    /// ccl: the mask's size, ZxYxX.
+    #[arg(long, default_value = "40x512x512")]
+    dims: String,
+    /// ccl: the foreground fraction of the mask (hashed white noise).
+    #[arg(long, default_value_t = 0.02)]
+    fill: f64,
     /// Timed iterations.
     #[arg(long, default_value_t = 10)]
     iters: usize,
@@ -175,7 +195,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "model": serde_json::from_str::<serde_json::Value>(&p.model.to_fixture_json())?,
             "batch": args.batch.unwrap_or(p.train.0),
             "slices": args.slices.unwrap_or(p.train.1),
-            "cam_slices": args.slices.unwrap_or(p.cam_slices),
+            "cam_slices": cam_slices(&p, &args),
+            "graph": !args.no_graph,
+            "dims": args.dims,
+            "fill": args.fill,
             "size": args.size.unwrap_or(p.size),
             "precision": args.precision.name(),
         });
@@ -184,7 +207,161 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut device = super::open_device(&args.device, false)?;
     device.set_precision(args.precision)?;
+    if args.what == "ccl" {
+        return bench_ccl(device, &args);
+    }
+    if let ichcam::engine::Device::Cuda(be) = &device {
+        if !args.no_graph && matches!(args.what.as_str(), "cam" | "cam-latency") {
+            return bench_cam_graph(be.clone(), &p, &args);
+        }
+    }
     ichcam::on_device!(device, be => bench(be, &p, &args))
+}
+
+/// Slices of one pass of the `cam` / `cam-latency` workloads.
+fn cam_slices(p: &Preset, args: &Args) -> usize {
+    match args.what.as_str() {
+        "cam-latency" => args.slices.unwrap_or(1),
+        _ => args.slices.unwrap_or(p.cam_slices),
+    }
+}
+
+/// Free device memory now (CUDA), in bytes; None without a driver (never a panic).
+fn device_free() -> Option<usize> {
+    if !ichcam::engine::cuda::device::driver_present() {
+        return None;
+    }
+    std::panic::catch_unwind(cudarc::driver::result::mem_get_info)
+        .ok()?
+        .ok()
+        .map(|(free, _)| free)
+}
+
+/// The CAM pass on CUDA as a graph: one eager pass (allocates its buffers, loads the
+/// kernels), the capture, then replays timed.
+fn bench_cam_graph(
+    be: ichcam::engine::cuda::CudaBackend,
+    p: &Preset,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let size = args.size.unwrap_or(p.size);
+    let n = cam_slices(p, args);
+    let c = p.model.in_channels;
+    let x = inputs(n * c * size * size, 2);
+    let free0 = device_free();
+    let mut net = IchNet::new(be.clone(), p.model.clone(), 7).context("building the model")?;
+    net.set_train(false);
+    let xb = net.backend().upload(&x)?;
+    let mut bufs = None;
+    net.stage2_cam_pass(&xb, n, size, size, &mut bufs)?;
+    be.synchronize()?;
+    let used = free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
+    let (graph, ()) = be
+        .capture(|| {
+            net.stage2_cam_pass(&xb, n, size, size, &mut bufs)
+                .map_err(|e| ichcam::engine::EngineError::Param(e.to_string()))
+        })
+        .context("capturing the CAM pass as a CUDA graph")?;
+    let sync = || -> anyhow::Result<()> { Ok(be.synchronize()?) };
+    let t = time(&sync, args.warmup, args.iters, || Ok(graph.replay()?))?;
+    let device = be.name();
+    report_mem(
+        args,
+        p.name,
+        &args.what,
+        &device,
+        &t,
+        n,
+        &format!("{n} slices {size}^2, CUDA graph of {} ops", graph.nodes()),
+        used,
+    );
+    Ok(())
+}
+
+/// 3-D connected components of a hashed white-noise mask (as tests/cuda_seg_parity.rs's
+/// timings), 26-connectivity.
+fn bench_ccl(device: ichcam::engine::Device, args: &Args) -> anyhow::Result<()> {
+    use ichcam::engine::Connectivity;
+    let d: Vec<usize> = args
+        .dims
+        .split('x')
+        .map(|v| v.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--dims `{}`: expected ZxYxX", args.dims))?;
+    let [nz, ny, nx] = d[..] else {
+        bail!("--dims `{}`: expected three sizes ZxYxX", args.dims);
+    };
+    if !(0.0..=1.0).contains(&args.fill) {
+        bail!("--fill {} must be a fraction in [0, 1]", args.fill);
+    }
+    let n = nz
+        .checked_mul(ny)
+        .and_then(|v| v.checked_mul(nx))
+        .filter(|&v| v > 0)
+        .with_context(|| format!("--dims `{}`: empty or too large", args.dims))?;
+    ichcam::io::budget::budget().check(std::path::Path::new("ccl"), n as u128 * 16, || {
+        format!("benchmarking ccl at {}", args.dims)
+    })?;
+    let thr = (args.fill * (1u64 << 32) as f64) as u64;
+    let host: Vec<u8> = (0..n as u64)
+        .map(|i| {
+            let mut z = (i ^ 0x5EED).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            u8::from(((z ^ (z >> 31)) & 0xFFFF_FFFF) < thr)
+        })
+        .collect();
+    let detail = format!("{nz}x{ny}x{nx} {:.0}%", args.fill * 100.0);
+    let name = device.name();
+    match device {
+        ichcam::engine::Device::Cuda(be) => {
+            use ichcam::engine::cuda::ccl::CclRun;
+            let free0 = device_free();
+            let mask = be.stream().clone_htod(&host)?;
+            let mut labels = be.stream().alloc_zeros::<u32>(n)?;
+            let mut run = CclRun::new(&be, (nz, ny, nx), Connectivity::TwentySix, false)?;
+            run.launch(&be, &mask, &mut labels)?;
+            be.synchronize()?;
+            let used = free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
+            let sync = || -> anyhow::Result<()> { Ok(be.synchronize()?) };
+            let t = time(&sync, args.warmup, args.iters, || {
+                Ok(run.launch(&be, &mask, &mut labels)?)
+            })?;
+            let (count, _) = run.collect(&be)?;
+            report_mem(
+                args,
+                "-",
+                "ccl",
+                &name,
+                &t,
+                nz,
+                &format!("{detail}, {count} components"),
+                used,
+            );
+        }
+        ichcam::engine::Device::Cpu { .. } => {
+            let mask =
+                ndarray::Array3::from_shape_vec((nz, ny, nx), host).context("building the mask")?;
+            let sync = || -> anyhow::Result<()> { Ok(()) };
+            let mut count = 0;
+            let t = time(&sync, args.warmup, args.iters, || {
+                let out =
+                    ichcam::engine::cpu::ccl::connected_components(&mask, Connectivity::TwentySix)?;
+                count = out.n_components();
+                Ok(())
+            })?;
+            report(
+                args,
+                "-",
+                "ccl",
+                &name,
+                &t,
+                nz,
+                &format!("{detail}, {count} components"),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyhow::Result<()> {
@@ -209,8 +386,8 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 };
                 model.map(|t| t + input(b * q))
             }
-            "cam" => {
-                let n = args.slices.unwrap_or(p.cam_slices);
+            "cam" | "cam-latency" => {
+                let n = cam_slices(p, args);
                 let model = if on_host {
                     stage2_infer_bytes(&p.model, n, size, 4)
                 } else {
@@ -228,6 +405,11 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
         )?;
     }
     let device = be.name();
+    // On CUDA: free device memory before the workload is built; the stream-ordered pool
+    // keeps what it freed, so free memory after the timed runs measures the workload's peak.
+    let on_cuda = device.starts_with("cuda");
+    let free0 = if on_cuda { device_free() } else { None };
+    let used = || free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
     match args.what.as_str() {
         "conv" => bench_conv(&be, p, size, args, &device),
         "train-step" => {
@@ -255,7 +437,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     Ok(())
                 })?
             };
-            report(
+            report_mem(
                 args,
                 p.name,
                 "train-step",
@@ -263,39 +445,44 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 &t,
                 batch * seq,
                 &format!("{batch}x{seq} slices {size}^2, loss {last_loss:.4}"),
+                used(),
             );
             Ok(())
         }
-        "cam" => {
-            let n = args.slices.unwrap_or(p.cam_slices);
+        "cam" | "cam-latency" => {
+            let n = cam_slices(p, args);
             let c = p.model.in_channels;
             let x = inputs(n * c * size * size, 2);
             let mut net = IchNet::new(be, p.model.clone(), 7).context("building the model")?;
             net.set_train(false);
             let xb = net.backend().upload(&x)?;
+            let mut bufs = None;
             let t = {
                 let cell = std::cell::RefCell::new(&mut net);
                 let sync = || -> anyhow::Result<()> { Ok(cell.borrow().backend().synchronize()?) };
                 time(&sync, args.warmup, args.iters, || {
-                    let mut n_ = cell.borrow_mut();
                     // The CAM upsampled and normalised at the input size, as the baselines.
-                    let out = n_.stage2_infer_device(&xb, n, size, size, CamKind::Vanilla)?;
-                    let _maps = n_.cam_to_input(&out, n, size, size)?;
+                    cell.borrow_mut()
+                        .stage2_cam_pass(&xb, n, size, size, &mut bufs)?;
                     Ok(())
                 })?
             };
-            report(
+            report_mem(
                 args,
                 p.name,
-                "cam",
+                &args.what,
                 &device,
                 &t,
                 n,
-                &format!("{n} slices {size}^2"),
+                &format!(
+                    "{n} slices {size}^2{}",
+                    if on_cuda { ", eager launches" } else { "" }
+                ),
+                used(),
             );
             Ok(())
         }
-        other => bail!("unknown --what `{other}`: use conv, train-step or cam"),
+        other => bail!("unknown --what `{other}`: use conv, train-step, cam, cam-latency or ccl"),
     }
 }
 
@@ -403,6 +590,21 @@ fn report(
     slices: usize,
     detail: &str,
 ) {
+    report_mem(args, config, what, device, t, slices, detail, None)
+}
+
+/// [`report`] with the device memory the workload holds, when known.
+#[allow(clippy::too_many_arguments)]
+fn report_mem(
+    args: &Args,
+    config: &str,
+    what: &str,
+    device: &str,
+    t: &Timing,
+    slices: usize,
+    detail: &str,
+    device_bytes: Option<usize>,
+) {
     print_profile(args.iters);
     let per_s = slices as f64 / (t.median_ms / 1e3);
     println!(
@@ -413,6 +615,7 @@ fn report(
         let j = serde_json::json!({
             "what": what, "config": config, "device": device, "median_ms": t.median_ms,
             "min_ms": t.min_ms, "cpu_ms": t.cpu_ms, "slices_per_s": per_s, "iters": args.iters, "detail": detail,
+            "device_mb": device_bytes.map(|b| b as f64 / (1u64 << 20) as f64),
         });
         println!("{j}");
     }

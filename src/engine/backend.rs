@@ -493,6 +493,53 @@ pub trait Backend: Send + Sync {
             Maps { n, c, hw }.check_cam_weight(self.len(features), self.len(weights), self.len(cam))?;
         }
     }
+    /// The vanilla CAM of features `[n, c, fh*fw]` at feature resolution into `cam`
+    /// `[n, fh*fw]`, and upsampled to `oh x ow` (bilinear, align_corners=False) and min-max
+    /// normalised per slice into `norm` `[n, oh*ow]`: [`Backend::cam_weight`],
+    /// [`Backend::upsample_bilinear`] and [`Backend::minmax_normalize`] as one op. The
+    /// default runs the three (allocating the upsampled map); a backend may fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn cam_normalized(
+        &self,
+        n: usize,
+        c: usize,
+        fh: usize,
+        fw: usize,
+        oh: usize,
+        ow: usize,
+        features: &Self::Buf,
+        weights: &Self::Buf,
+        cam: &mut Self::Buf,
+        norm: &mut Self::Buf,
+    ) -> Result<()> {
+        Maps { n, c, hw: fh * fw }.check_cam_weight(self.len(features), self.len(weights), self.len(cam))?;
+        Resize { n, h: fh, w: fw, oh, ow }.check(self.len(cam), self.len(norm))?;
+        // SAFETY: the buffers hold the lengths the shapes give (checked above).
+        unsafe { self.cam_normalized_unchecked(n, c, fh, fw, oh, ow, features, weights, cam, norm) }
+    }
+    /// [`Backend::cam_normalized`] once its lengths are checked; the default runs the three ops.
+    ///
+    /// # Safety
+    /// Every buffer holds the length the shapes give (what [`Backend::cam_normalized`] checks).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn cam_normalized_unchecked(
+        &self,
+        n: usize,
+        c: usize,
+        fh: usize,
+        fw: usize,
+        oh: usize,
+        ow: usize,
+        features: &Self::Buf,
+        weights: &Self::Buf,
+        cam: &mut Self::Buf,
+        norm: &mut Self::Buf,
+    ) -> Result<()> {
+        self.cam_weight(n, c, fh * fw, features, weights, cam)?;
+        let mut up = self.zeros(n * oh * ow)?;
+        self.upsample_bilinear(n, fh, fw, oh, ow, cam, &mut up)?;
+        self.minmax_normalize(n, oh * ow, &up, norm)
+    }
     checked_op! {
         /// Grad-CAM: alpha[i, c] = mean over p of grads[i, c, p]; out[i, p] = relu(sum_c alpha * features).
         fn gradcam / gradcam_unchecked(

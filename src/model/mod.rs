@@ -17,7 +17,9 @@ pub mod unet;
 
 pub use config::{BlockKind, ModelConfig};
 pub use meta::{HeadPooling, ModelMeta, Provenance};
-pub use net::{CamKind, FeatureMaps, IchNet, OptState, Stage1Step, Stage2DeviceOut, Stage2Out};
+pub use net::{
+    CamKind, CamPassBufs, FeatureMaps, IchNet, OptState, Stage1Step, Stage2DeviceOut, Stage2Out,
+};
 pub use optim::OptimizerConfig;
 pub use params::{Group, ParamGroup, ParamKind};
 

@@ -62,6 +62,23 @@ pub struct Stage2DeviceOut<B: Backend> {
 /// features' resolution `[n, fh, fw]` and `(fh, fw)`.
 pub type Stage2Cam = (Vec<f64>, Vec<f64>, (usize, usize));
 
+/// The outputs of a vanilla-CAM pass ([`IchNet::stage2_cam_pass`]) over `n` slices of
+/// `h x w`, allocated once for that shape and written again by every pass: a warm pass
+/// allocates nothing (so that it can be captured as a CUDA graph and replayed).
+pub struct CamPassBufs<B: Backend> {
+    /// `[n]` fc logits.
+    pub logits: B::Buf,
+    /// `[n, fh, fw]` CAM at the features' resolution.
+    pub cam: B::Buf,
+    /// `[n, h, w]` CAM upsampled to the input (bilinear, align_corners=False) and min-max
+    /// normalised per slice.
+    pub norm: B::Buf,
+    /// Size (fh, fw) of the last block's feature maps.
+    pub features_hw: (usize, usize),
+    /// (n, h, w) of the pass.
+    pub shape: (usize, usize, usize),
+}
+
 /// One tensor's optimizer state on the host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OptState<T> {
@@ -981,6 +998,58 @@ impl<B: Backend> IchNet<B> {
         let o = self.stage2_from_host(x, n, h, w, cam)?;
         let d = |b: &B::Buf| self.be.download(b).map(to_f64);
         Ok((d(&o.logits)?, d(&o.cam)?, o.features_hw))
+    }
+
+    /// The whole vanilla-CAM pass (eval mode) on a device buffer `[n, c, h, w]` into
+    /// `bufs`: the backbone, the fc logits, and the CAM at feature resolution and upsampled
+    /// and normalised at the input's ([`Backend::cam_normalized`]). `bufs` is (re)allocated
+    /// when it does not hold this shape; with it and the backbone's activations in place,
+    /// the pass allocates nothing and never waits for the device.
+    pub fn stage2_cam_pass(
+        &mut self,
+        x: &B::Buf,
+        n: usize,
+        h: usize,
+        w: usize,
+        bufs: &mut Option<CamPassBufs<B>>,
+    ) -> Result<(), ModelError> {
+        self.check_images(self.be.len(x), n, h, w, "stage-2 input")?;
+        let be = &self.be;
+        let d = Dims::images(n, h, w);
+        let bb = self
+            .slots
+            .backbone(be, &self.topo, &mut self.store, x, d, BnMode::Eval)?;
+        let (c, fh, fw) = (bb.out_c, bb.out_h, bb.out_w);
+        let fits = matches!(bufs, Some(b) if b.shape == (n, h, w) && b.features_hw == (fh, fw));
+        if !fits {
+            *bufs = None;
+            *bufs = Some(CamPassBufs {
+                logits: be.zeros(n)?,
+                cam: be.zeros(n * fh * fw)?,
+                norm: be.zeros(n * h * w)?,
+                features_hw: (fh, fw),
+                shape: (n, h, w),
+            });
+        }
+        let b = bufs
+            .as_mut()
+            .ok_or_else(|| ModelError::Internal("CAM pass buffers missing".into()))?;
+        let fc = self.topo.fc;
+        let (fc_w, fc_b) = (&self.store.w[fc.w.0].data, &self.store.w[fc.b.0].data);
+        be.linear_fwd(n, fc.k, 1, &bb.gap, fc_w, Some(fc_b), &mut b.logits)?;
+        be.cam_normalized(
+            n,
+            c,
+            fh,
+            fw,
+            h,
+            w,
+            bb.features(),
+            fc_w,
+            &mut b.cam,
+            &mut b.norm,
+        )?;
+        Ok(())
     }
 
     /// The CAM of a stage-2 pass on `n` slices upsampled to the input's `h x w` (bilinear,

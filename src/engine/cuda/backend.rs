@@ -15,6 +15,7 @@ use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 
+use super::arena::Arena;
 use super::device::{cuda, cuda_available, driver_present, synced, DeviceInfo};
 use super::launch::KArg;
 use super::module::ModuleCache;
@@ -34,6 +35,7 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     modules: Arc<ModuleCache>,
     pub(super) families: Arc<Families>,
+    arena: Arc<Arena>,
     info: DeviceInfo,
     precision: Precision,
 }
@@ -117,6 +119,7 @@ impl CudaBackend {
             stream,
             modules,
             families: Arc::default(),
+            arena: Arc::default(),
             info,
             precision: Precision::F32,
         })
@@ -153,6 +156,31 @@ impl CudaBackend {
         &self.modules
     }
 
+    /// The reusable memory of this backend: scratch buffers, upload staging, capture state.
+    pub(crate) fn arena(&self) -> &Arena {
+        &self.arena
+    }
+
+    /// Frees the scratch buffers the composite ops keep for reuse.
+    pub fn release_scratch(&self) {
+        self.arena.release();
+    }
+
+    /// Bytes of device memory held by free scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        self.arena.scratch_bytes()
+    }
+
+    /// A scratch buffer of `len` values from the arena (contents undefined; give it back
+    /// with [`CudaBackend::give_scratch`]).
+    pub(crate) fn take_scratch(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.arena.take(len, |l| self.alloc::<f32>(l))
+    }
+
+    pub(crate) fn give_scratch(&self, buf: CudaSlice<f32>) {
+        self.arena.give(buf)
+    }
+
     /// The raw device address of a buffer (for [`CudaBackend::launch_raw`] only).
     pub fn ptr<T>(&self, buf: &CudaSlice<T>) -> u64 {
         let (p, _sync) = buf.device_ptr(&self.stream);
@@ -181,6 +209,7 @@ impl CudaBackend {
     /// A buffer of `len` elements whose contents are undefined until written; only for the
     /// ops' own buffers, which a kernel fills before anything reads them.
     pub(crate) fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.arena.check_not_capturing("alloc")?;
         if len == 0 {
             return empty_slice(&self.stream);
         }
@@ -193,6 +222,7 @@ impl CudaBackend {
         &self,
         len: usize,
     ) -> Result<CudaSlice<T>> {
+        self.arena.check_not_capturing("alloc")?;
         if len == 0 {
             return empty_slice(&self.stream);
         }
@@ -203,12 +233,15 @@ impl CudaBackend {
 
     /// `host` in a new device buffer.
     pub(crate) fn upload_any<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.arena.check_not_capturing("upload")?;
         if host.is_empty() {
             return empty_slice(&self.stream);
         }
-        self.stream
-            .clone_htod(host)
-            .map_err(|e| oom(e, std::mem::size_of_val(host)))
+        // SAFETY: the upload below writes every element.
+        let mut dst = unsafe { self.stream.alloc::<T>(host.len()) }
+            .map_err(|e| oom(e, std::mem::size_of_val(host)))?;
+        self.arena.upload_staged(&self.stream, host, &mut dst)?;
+        Ok(dst)
     }
 
     /// The first `len` elements of a device buffer (waits for the device).
@@ -299,6 +332,7 @@ impl Backend for CudaBackend {
         }
     }
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.arena.check_not_capturing("zeros")?;
         if len == 0 {
             return empty_slice(&self.stream);
         }
@@ -307,12 +341,7 @@ impl Backend for CudaBackend {
             .map_err(|e| oom(e, len * 4))
     }
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
-        if host.is_empty() {
-            return empty_slice(&self.stream);
-        }
-        self.stream
-            .clone_htod(host)
-            .map_err(|e| oom(e, host.len() * 4))
+        self.upload_any(host)
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
         if buf.is_empty() {
@@ -363,6 +392,63 @@ impl Backend for CudaBackend {
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
         conv::conv2d_fwd(self, s, x, w, y)
+    }
+    unsafe fn conv2d_bn_eval_fwd_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // The trait's sequence, its intermediates taken from the arena and given back
+        // (reused layer after layer; nothing allocated once warm, so it can be captured).
+        let mut z = self.take_scratch(s.y_len())?;
+        let r = conv::conv2d_fwd(self, s, x, w, &mut z).and_then(|()| match residual {
+            None => norm::batchnorm_eval_fwd(
+                self,
+                bn,
+                &z,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                y,
+                relu,
+            ),
+            Some(res) => {
+                let mut t = self.take_scratch(s.y_len())?;
+                let r = norm::batchnorm_eval_fwd(
+                    self,
+                    bn,
+                    &z,
+                    gamma,
+                    beta,
+                    running_mean,
+                    running_var,
+                    &mut t,
+                    false,
+                )
+                .and_then(|()| {
+                    if relu {
+                        elementwise::add_relu_fwd(self, &t, res, y)
+                    } else {
+                        self.copy(&t, y)?;
+                        elementwise::add_assign(self, y, res)
+                    }
+                });
+                self.give_scratch(t);
+                r
+            }
+        });
+        self.give_scratch(z);
+        r
     }
     unsafe fn conv2d_bwd_data_unchecked(
         &self,
@@ -617,6 +703,21 @@ impl Backend for CudaBackend {
         cam: &mut CudaSlice<f32>,
     ) -> Result<()> {
         cam::cam_weight(self, n, c, hw, features, weights, cam)
+    }
+    unsafe fn cam_normalized_unchecked(
+        &self,
+        n: usize,
+        c: usize,
+        fh: usize,
+        fw: usize,
+        oh: usize,
+        ow: usize,
+        features: &CudaSlice<f32>,
+        weights: &CudaSlice<f32>,
+        cam: &mut CudaSlice<f32>,
+        norm: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        cam::cam_normalized(self, n, c, fh, fw, oh, ow, features, weights, cam, norm)
     }
     unsafe fn gradcam_unchecked(
         &self,

@@ -6,11 +6,14 @@
 //! - [`module`]: the embedded kernel table and the per-context module cache;
 //! - `launch`: typed kernel launches, each kernel's handle and PTX parameter list loaded once;
 //! - [`backend`]: [`CudaBackend`], the op trait over `CudaSlice<f32>`;
+//! - `arena`: scratch buffers reused across ops, pinned upload staging, the capture state;
+//! - [`graph`]: capture of a stream's work as a CUDA graph and its replay;
 //! - one module per op family, each the twin of `cpu/<family>.rs` and `kernels/<family>.cu`
 //!   (`bias`, `cam`, `channels`, `conv`, `dense`, `dice`, `elementwise`, `loss`, `lstm`,
 //!   `norm`, `optim`, `pool`, `upconv`), and the volume ops of
 //!   [`crate::engine::VolumeOps`]: [`ccl`], [`kmeans`], [`morph`], [`volume`].
 
+mod arena;
 pub mod backend;
 mod bias;
 mod cam;
@@ -21,6 +24,7 @@ mod dense;
 pub mod device;
 mod dice;
 mod elementwise;
+pub mod graph;
 pub mod kmeans;
 mod launch;
 mod loss;
@@ -35,4 +39,5 @@ pub mod volume;
 
 pub use backend::CudaBackend;
 pub use device::{cuda_available, DeviceInfo};
+pub use graph::Graph;
 pub use launch::KArg;

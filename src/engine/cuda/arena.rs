@@ -1,0 +1,187 @@
+//! Device and pinned host memory reused instead of reallocated, per backend: the scratch
+//! buffers of composite ops (taken by size and given back, so a buffer serves one layer
+//! after another and an eval pass allocates nothing once warm), whether the stream is
+//! capturing a CUDA graph (an allocation then is an error, before the driver sees it), and
+//! the two page-locked staging buffers of host-to-device uploads (double-buffered: the
+//! host fills one while the device may still be copying from the other). Knows nothing
+//! about what the buffers hold.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
+
+use super::device::cuda;
+use crate::engine::{EngineError, Result};
+
+/// The reusable memory of one backend (shared by its clones).
+#[derive(Default)]
+pub(crate) struct Arena {
+    /// Free scratch buffers by length (f32 elements).
+    scratch: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
+    /// Set while the backend's stream captures a graph.
+    capturing: AtomicBool,
+    /// The upload staging buffers and which one is next.
+    staging: Mutex<Staging>,
+}
+
+#[derive(Default)]
+struct Staging {
+    bufs: [Option<Pinned>; 2],
+    next: usize,
+}
+
+/// One page-locked host buffer (cuMemHostAlloc) and the event recorded after the last
+/// copy out of it.
+struct Pinned {
+    ptr: *mut u8,
+    cap: usize,
+    done: Option<CudaEvent>,
+}
+
+// SAFETY: the buffer is only touched under the staging lock.
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn new(cap: usize) -> Result<Self> {
+        // SAFETY: a plain page-locked allocation of `cap` bytes.
+        let ptr = unsafe { result::malloc_host(cap, 0) }.map_err(|e| cuda("cuMemHostAlloc", e))?;
+        Ok(Pinned {
+            ptr: ptr.cast(),
+            cap,
+            done: None,
+        })
+    }
+
+    /// Waits until the device has finished copying out of this buffer.
+    fn wait(&mut self) -> Result<()> {
+        if let Some(ev) = self.done.take() {
+            ev.synchronize().map_err(|e| cuda("upload", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = self.wait();
+        // SAFETY: `ptr` came from cuMemHostAlloc and no copy reads it any more.
+        let _ = unsafe { result::free_host(self.ptr.cast()) };
+    }
+}
+
+/// Uploads below this size go straight from pageable memory (staging costs a host copy).
+const STAGE_MIN_BYTES: usize = 64 << 10;
+
+impl Arena {
+    /// An error when the stream is capturing: `op` would allocate (or synchronise), which
+    /// a graph cannot record.
+    pub(crate) fn check_not_capturing(&self, op: &str) -> Result<()> {
+        if self.capturing.load(Ordering::Acquire) {
+            return Err(EngineError::Cuda {
+                op: op.to_string(),
+                msg: "not permitted while the stream captures a CUDA graph: the captured region \
+                      must allocate nothing (run it once before capturing, so that its buffers exist)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_capturing(&self, on: bool) {
+        self.capturing.store(on, Ordering::Release);
+    }
+
+    pub(crate) fn is_capturing(&self) -> bool {
+        self.capturing.load(Ordering::Acquire)
+    }
+
+    /// A scratch buffer of `len` values (contents undefined): a free one of that length,
+    /// else `alloc(len)`; give it back with [`Arena::give`].
+    pub(crate) fn take(
+        &self,
+        len: usize,
+        alloc: impl FnOnce(usize) -> Result<CudaSlice<f32>>,
+    ) -> Result<CudaSlice<f32>> {
+        let found = self
+            .scratch
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(&len).and_then(Vec::pop));
+        match found {
+            Some(b) => Ok(b),
+            None => alloc(len),
+        }
+    }
+
+    /// Returns a scratch buffer for reuse (stream order keeps the next user after this one).
+    pub(crate) fn give(&self, buf: CudaSlice<f32>) {
+        if let Ok(mut m) = self.scratch.lock() {
+            m.entry(buf.len()).or_default().push(buf);
+        }
+    }
+
+    /// Frees every scratch buffer (not while capturing).
+    pub(crate) fn release(&self) {
+        if self.is_capturing() {
+            return;
+        }
+        if let Ok(mut m) = self.scratch.lock() {
+            m.clear();
+        }
+    }
+
+    /// Bytes held by free scratch buffers.
+    pub(crate) fn scratch_bytes(&self) -> usize {
+        self.scratch.lock().map_or(0, |m| {
+            m.iter().map(|(len, v)| len * 4 * v.len()).sum::<usize>()
+        })
+    }
+
+    /// Copies `host` into `dst` (as long) through the next page-locked staging buffer and
+    /// an asynchronous copy on `stream`: the call returns before the device has the data,
+    /// and the host may reuse `host` at once. Waits only for the copy that last used the
+    /// same staging buffer (two uploads ago). Small uploads go directly.
+    pub(crate) fn upload_staged<T: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        host: &[T],
+        dst: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        crate::engine::check_len("upload", "device buffer", dst.len(), host.len())?;
+        let bytes = std::mem::size_of_val(host);
+        if bytes < STAGE_MIN_BYTES {
+            return stream.memcpy_htod(host, dst).map_err(|e| cuda("upload", e));
+        }
+        let mut st = self.staging.lock().map_err(|_| EngineError::Cuda {
+            op: "upload".into(),
+            msg: "the staging buffers' lock is poisoned".into(),
+        })?;
+        let i = st.next;
+        st.next ^= 1;
+        let slot = &mut st.bufs[i];
+        if slot.as_ref().is_none_or(|b| b.cap < bytes) {
+            *slot = None; // waits for the copy out of the old one, then frees it
+            *slot = Some(Pinned::new(bytes.next_power_of_two())?);
+        }
+        let Some(pinned) = slot.as_mut() else {
+            return Err(EngineError::Cuda {
+                op: "upload".into(),
+                msg: "no staging buffer".into(),
+            });
+        };
+        pinned.wait()?;
+        // SAFETY: the buffer holds `cap >= bytes` bytes, no copy reads it (waited above),
+        // and `T: DeviceRepr` is plain old data.
+        unsafe { std::ptr::copy_nonoverlapping(host.as_ptr().cast::<u8>(), pinned.ptr, bytes) };
+        let staged = unsafe { std::slice::from_raw_parts(pinned.ptr, bytes) };
+        let (dptr, _guard) = dst.device_ptr_mut(stream);
+        // SAFETY: dst holds host.len() values (checked by the caller); the staged bytes stay
+        // untouched until the event recorded next has completed.
+        unsafe { result::memcpy_htod_async(dptr, staged, stream.cu_stream()) }
+            .map_err(|e| cuda("upload", e))?;
+        pinned.done = Some(stream.record_event(None).map_err(|e| cuda("upload", e))?);
+        Ok(())
+    }
+}
