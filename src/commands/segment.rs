@@ -114,6 +114,11 @@ pub struct Args {
     /// No positive slice in a volume whose most probable slice stays below this.
     #[arg(long)]
     volume_threshold: Option<f64>,
+    /// Drop the components of which more than this fraction of voxels mirror, across the
+    /// head's midline, onto another component (bilateral anatomy, not blood; see
+    /// docs/accuracy.md); 1 = off.
+    #[arg(long, default_value_t = ichcam::seg::mirror::DEFAULT_MAX_PAIR_FRACTION)]
+    mirror_pairs: f32,
     /// Development: a folder of truth masks for --oracle.
     #[arg(long, hide = true)]
     oracle_truth: Option<PathBuf>,
@@ -157,6 +162,11 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     unit(a.grow_cam_threshold, "grow-cam-threshold")?;
     unit(Some(a.unet_threshold), "unet-threshold")?;
     unit(Some(a.unet_grow), "unet-grow")?;
+    unit(Some(a.mirror_pairs), "mirror-pairs")?;
+    o.mirror = (a.mirror_pairs < 1.0).then(|| ichcam::seg::MirrorFilter {
+        max_pair_fraction: a.mirror_pairs,
+        ..ichcam::seg::MirrorFilter::default()
+    });
     if let Some(ml) = a.min_component_ml {
         anyhow::ensure!(ml >= 0.0, "--min-component-ml must be >= 0");
         o.min_component_ml = Some(ml);

@@ -192,6 +192,9 @@ pub struct SegmentOptions {
     /// The U-Net map's levels in its refinement (see [`DEFAULT_UNET_THRESHOLD`]).
     pub unet_threshold: f32,
     pub unet_grow: f32,
+    /// After our refinement: drop the components that pair with another across the head's
+    /// midline ([`crate::seg::mirror`]); `None` = off (the authors' mode never filters).
+    pub mirror: Option<crate::seg::MirrorFilter>,
 }
 
 impl Default for SegmentOptions {
@@ -210,6 +213,7 @@ impl Default for SegmentOptions {
             fuse: None,
             unet_threshold: DEFAULT_UNET_THRESHOLD,
             unet_grow: DEFAULT_UNET_GROW,
+            mirror: None,
         }
     }
 }
@@ -217,10 +221,12 @@ impl Default for SegmentOptions {
 impl SegmentOptions {
     /// `ichcam segment`'s defaults, chosen on real head CT by cross-validation
     /// (docs/accuracy.md): the stage-1 slice flags and the real-CT refinement
-    /// ([`RefineConfig::real_ct`], components of at least 0.3 mL).
+    /// ([`RefineConfig::real_ct`], components of at least 0.3 mL) and the mirror-pair
+    /// filter.
     pub fn real_ct() -> Self {
         SegmentOptions {
             classifier: SliceClassifier::Stage1,
+            mirror: Some(crate::seg::MirrorFilter::default()),
             min_component_ml: Some(crate::seg::refine::REAL_CT_MIN_COMPONENT_ML),
             refine: RefineConfig::real_ct(),
             ..SegmentOptions::default()
@@ -628,6 +634,19 @@ impl<B: RefineOnBackend> Segmenter<B> {
                     .saturating_sub(1);
                 (b, n)
             }
+        };
+        let (mask, n_components) = match self.opts.mirror {
+            Some(f) if cfg.mode == crate::seg::RefineMode::Ours => {
+                let r = crate::seg::drop_mirror_pairs(
+                    &vol.data,
+                    vol.spacing,
+                    mask,
+                    cfg.connectivity,
+                    &f,
+                )?;
+                (r.mask, r.n_components)
+            }
+            _ => (mask, n_components),
         };
         let voxels = mask.iter().filter(|&&v| v != 0).count();
         Ok(Segmentation {

@@ -1,5 +1,6 @@
 //! From a trained stage-2 net's CAM to a hemorrhage mask: thresholding, k-means pseudo-masks
-//! on the subdural window, dilation, 3-D connected components and their filter.
+//! on the subdural window, dilation, 3-D connected components and their filter, and the
+//! mirror-pair filter against bilateral false positives ([`mirror`]).
 //!
 //! The rules are written once ([`refine::refine_on`]) over the engine's volume ops
 //! ([`crate::engine::VolumeOps`]), so they run unchanged on the CPU reference and on the
@@ -12,12 +13,14 @@
 pub mod ccl;
 pub mod choose;
 pub mod field;
+pub mod mirror;
 pub mod refine;
 pub mod threshold;
 
 pub use crate::engine::cpu::ccl::{connected_components, CclOutput};
 pub use crate::engine::{Connectivity, Structuring};
 pub use ccl::{filter_components, ComponentFilter, FilterOutput};
+pub use mirror::{drop_mirror_pairs, MirrorFilter};
 pub use refine::{
     effective_saturation, refine, refine_authors, refine_on, volume_config, RefineConfig,
     RefineMode, RefineOutput,
