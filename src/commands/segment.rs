@@ -114,9 +114,9 @@ pub struct Args {
     /// No positive slice in a volume whose most probable slice stays below this.
     #[arg(long)]
     volume_threshold: Option<f64>,
-    /// Drop the components of which more than this fraction of voxels mirror, across the
-    /// head's midline, onto another component (bilateral anatomy, not blood; see
-    /// docs/accuracy.md); 1 = off.
+    /// With a stage-3 U-Net (--fuse unet or or): drop the components of which more than
+    /// this fraction of voxels mirror, across the head's midline, onto another component
+    /// (bilateral anatomy, not blood; see docs/accuracy.md); 1 = off.
     #[arg(long, default_value_t = ichcam::seg::mirror::DEFAULT_MAX_PAIR_FRACTION)]
     mirror_pairs: f32,
     /// Development: a folder of truth masks for --oracle.

@@ -192,8 +192,9 @@ pub struct SegmentOptions {
     /// The U-Net map's levels in its refinement (see [`DEFAULT_UNET_THRESHOLD`]).
     pub unet_threshold: f32,
     pub unet_grow: f32,
-    /// After our refinement: drop the components that pair with another across the head's
-    /// midline ([`crate::seg::mirror`]); `None` = off (the authors' mode never filters).
+    /// After our refinement with a stage-3 U-Net (`--fuse unet` or `or`): drop the
+    /// components that pair with another across the head's midline
+    /// ([`crate::seg::mirror`]); `None` = off (never with `Fuse::Cam` or the authors' mode).
     pub mirror: Option<crate::seg::MirrorFilter>,
 }
 
@@ -635,8 +636,11 @@ impl<B: RefineOnBackend> Segmenter<B> {
                 (b, n)
             }
         };
+        // The mirror-pair filter on the U-Net fuses only: on the CAM's masks it was
+        // measured not to help (docs/accuracy.md).
+        let with_unet = unet.is_some() && fuse != Fuse::Cam;
         let (mask, n_components) = match self.opts.mirror {
-            Some(f) if cfg.mode == crate::seg::RefineMode::Ours => {
+            Some(f) if with_unet && cfg.mode == crate::seg::RefineMode::Ours => {
                 let r = crate::seg::drop_mirror_pairs(
                     &vol.data,
                     vol.spacing,

@@ -121,12 +121,13 @@ pub fn pair_fractions(
         }
         sizes[l as usize] += 1;
         let (my, mx) = mid.mirror(y, x, spacing_yx);
-        let found = ((my - r).max(0)..=(my + r).min(h as i64 - 1)).any(|yy| {
-            ((mx - r).max(0)..=(mx + r).min(w as i64 - 1)).any(|xx| {
-                let m = labels[[z, yy as usize, xx as usize]];
-                m != 0 && m != l
-            })
-        });
+        let found =
+            (my.saturating_sub(r).max(0)..=my.saturating_add(r).min(h as i64 - 1)).any(|yy| {
+                (mx.saturating_sub(r).max(0)..=mx.saturating_add(r).min(w as i64 - 1)).any(|xx| {
+                    let m = labels[[z, yy as usize, xx as usize]];
+                    m != 0 && m != l
+                })
+            });
         hits[l as usize] += found as usize;
     }
     (0..=n)
