@@ -118,6 +118,13 @@ fn main() {
                 false
             };
             let bone = vol.data.mapv(|v| (v >= 99.0) as u8);
+            // The library's outside-the-skull mask (what `ichcam segment` filters on).
+            let outside = ichcam::seg::skull::outside_skull(
+                &vol.data,
+                ichcam::seg::skull::bone_level(&vol.data),
+                (ichcam::seg::skull::DEFAULT_CLOSE_MM / vol.spacing[1].min(vol.spacing[2])).round()
+                    as usize,
+            );
             let _ = dd;
             let n = cc.sizes.len().saturating_sub(1);
             // Per component: voxels, U-Net sum / max / voxels >= 0.5, CAM max, HU sum,
@@ -144,6 +151,7 @@ fn main() {
                 })
                 .unwrap_or_else(|| vec![0.0; n + 1]);
             let mut rim = vec![0usize; n + 1];
+            let mut outs = vec![0usize; n + 1];
             let mut middist = vec![0f64; n + 1];
             for ((z, y, x), &l) in cc.labels.indexed_iter() {
                 if l == 0 {
@@ -160,6 +168,7 @@ fn main() {
                 let (my, mx) = mirror(y, x);
                 mir[l] += near(&pred, z, my, mx, 4) as usize;
                 rim[l] += near(&bone, z, y as i64, x as i64, 3) as usize;
+                outs[l] += outside[[z, y, x]] as usize;
                 middist[l] += ((x as f64 - cx) * uy - (y as f64 - cy) * ux).abs();
                 per[l][z].1 += (truth[[z, y, x]] != 0) as usize;
             }
@@ -182,6 +191,7 @@ fn main() {
                         "mirror": mir[l] as f64 / sz,
                         "mirror_other": pairs[l],
                         "rim": rim[l] as f64 / sz,
+                        "outside": outs[l] as f64 / sz,
                         "middist_px": middist[l] / sz,
                         "slices": sl,
                     })

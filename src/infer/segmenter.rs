@@ -196,6 +196,9 @@ pub struct SegmentOptions {
     /// components that pair with another across the head's midline
     /// ([`crate::seg::mirror`]); `None` = off (never with `Fuse::Cam` or the authors' mode).
     pub mirror: Option<crate::seg::MirrorFilter>,
+    /// After our refinement: drop the components that reach outside the skull
+    /// ([`crate::seg::skull`]); `None` = off (the authors' mode never filters).
+    pub skull: Option<crate::seg::SkullFilter>,
 }
 
 impl Default for SegmentOptions {
@@ -215,6 +218,7 @@ impl Default for SegmentOptions {
             unet_threshold: DEFAULT_UNET_THRESHOLD,
             unet_grow: DEFAULT_UNET_GROW,
             mirror: None,
+            skull: None,
         }
     }
 }
@@ -222,12 +226,12 @@ impl Default for SegmentOptions {
 impl SegmentOptions {
     /// `ichcam segment`'s defaults, chosen on real head CT by cross-validation
     /// (docs/accuracy.md): the stage-1 slice flags and the real-CT refinement
-    /// ([`RefineConfig::real_ct`], components of at least 0.3 mL) and the mirror-pair
-    /// filter.
+    /// ([`RefineConfig::real_ct`], components of at least 0.3 mL) and the filter of the
+    /// components outside the skull (the mirror-pair filter is off: it added nothing to it).
     pub fn real_ct() -> Self {
         SegmentOptions {
             classifier: SliceClassifier::Stage1,
-            mirror: Some(crate::seg::MirrorFilter::default()),
+            skull: Some(crate::seg::SkullFilter::default()),
             min_component_ml: Some(crate::seg::refine::REAL_CT_MIN_COMPONENT_ML),
             refine: RefineConfig::real_ct(),
             ..SegmentOptions::default()
@@ -642,6 +646,19 @@ impl<B: RefineOnBackend> Segmenter<B> {
         let (mask, n_components) = match self.opts.mirror {
             Some(f) if with_unet && cfg.mode == crate::seg::RefineMode::Ours => {
                 let r = crate::seg::drop_mirror_pairs(
+                    &vol.data,
+                    vol.spacing,
+                    mask,
+                    cfg.connectivity,
+                    &f,
+                )?;
+                (r.mask, r.n_components)
+            }
+            _ => (mask, n_components),
+        };
+        let (mask, n_components) = match self.opts.skull {
+            Some(f) if cfg.mode == crate::seg::RefineMode::Ours => {
+                let r = crate::seg::drop_outside_skull(
                     &vol.data,
                     vol.spacing,
                     mask,

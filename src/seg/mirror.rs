@@ -23,7 +23,8 @@ pub struct MirrorFilter {
     pub tolerance_mm: f64,
 }
 
-/// `ichcam segment`'s default fraction, chosen by nested cross-validation (docs/accuracy.md).
+/// The fraction chosen by nested cross-validation when the filter was measured alone
+/// (docs/accuracy.md; `ichcam segment` now leaves it off: `--mirror-pairs 0.16`).
 pub const DEFAULT_MAX_PAIR_FRACTION: f32 = 0.16;
 /// The default search radius (4 px at ct-ich's 0.5 mm).
 pub const DEFAULT_TOLERANCE_MM: f64 = 2.0;

@@ -1,6 +1,7 @@
 //! From a trained stage-2 net's CAM to a hemorrhage mask: thresholding, k-means pseudo-masks
 //! on the subdural window, dilation, 3-D connected components and their filter, and the
-//! mirror-pair filter against bilateral false positives ([`mirror`]).
+//! filters against false positives outside the skull ([`skull`]) and bilateral ones
+//! ([`mirror`]).
 //!
 //! The rules are written once ([`refine::refine_on`]) over the engine's volume ops
 //! ([`crate::engine::VolumeOps`]), so they run unchanged on the CPU reference and on the
@@ -15,6 +16,7 @@ pub mod choose;
 pub mod field;
 pub mod mirror;
 pub mod refine;
+pub mod skull;
 pub mod threshold;
 
 pub use crate::engine::cpu::ccl::{connected_components, CclOutput};
@@ -25,6 +27,7 @@ pub use refine::{
     effective_saturation, refine, refine_authors, refine_on, volume_config, RefineConfig,
     RefineMode, RefineOutput,
 };
+pub use skull::{drop_outside_skull, SkullFilter};
 
 /// Errors of the segmentation steps: inputs whose shapes do not fit together.
 #[derive(Debug, thiserror::Error)]
