@@ -72,6 +72,7 @@ def comp_feature(name):
         if name == "mirror_neg": return -c["mirror"]
         if name == "rim_neg": return -c["rim"]
         if name == "mo_neg": return -c["mirror_other"]
+        if name == "outside_neg": return -c["outside"]
         return c[name]
     return f
 
@@ -88,7 +89,8 @@ for name, g in [("unet_max", grid(0.5, 1.0, 51)), ("unet_mean", grid(0, 1, 51)),
                 ("unet_hi", grid(0, 1, 51)), ("cam_max", grid(0, 1, 51)),
                 ("ml", grid(0.3, 5, 48)), ("nsl", list(range(1, 8))),
                 ("hu_neg", grid(-100, -55, 46)), ("mirror_neg", grid(-1, 0, 51)),
-                ("rim_neg", grid(-1, 0, 51)), ("middist_px", grid(0, 60, 31)), ("mo_neg", grid(-1, 0, 51))]:
+                ("rim_neg", grid(-1, 0, 51)), ("middist_px", grid(0, 60, 31)), ("mo_neg", grid(-1, 0, 51)),
+                ("outside_neg", grid(-1, 0, 51))]:
     ff = comp_feature(name)
     FAMILIES["component filter " + name] = [(t, (lambda ff, t: (lambda v, c: ff(v, c) >= t))(ff, t), ALL) for t in g]
 def mirror_and(tm, name, t2):
@@ -98,6 +100,8 @@ def mirror_and(tm, name, t2):
         return vol_feature("umax_flag")(v) >= t2
     return kc
 FAMILIES["component filter mirror_other <= -t"] = FAMILIES.pop("component filter mo_neg")
+FAMILIES["component filter outside <= -t"] = FAMILIES.pop("component filter outside_neg")
+FAMILIES["outside and mirror_other (two thresholds)"] = [((t, tm), (lambda t, tm: (lambda v, c: c["outside"] <= t + 1e-9 and c["mirror_other"] <= tm + 1e-9))(t, tm), ALL) for t in grid(0, 1, 51) for tm in (0.16, 0.3, 0.44, 1.0)]
 FAMILIES["mirror_other and nsl (two thresholds)"] = [((tm, t2), mirror_and(tm, "nsl", t2), ALL) for tm in (0.16, 0.3, 0.44, 1.0) for t2 in (1, 2, 3, 4)]
 FAMILIES["mirror_other and volume gate umax_flag (two thresholds)"] = [((tm, t2), mirror_and(tm, "umax", t2), ALL) for tm in (0.16, 0.3, 0.44, 1.0) for t2 in grid(0.5, 1, 26)]
 FAMILIES["slice gate unet_max"] = [(t, ALL, (lambda t: (lambda v, z: v["unet_max"][z] >= t))(t)) for t in grid(0.5, 1.0, 51)]

@@ -1,9 +1,9 @@
-//! The mirror-pair filter: drops the 3-D components of a mask that lie opposite another
-//! component across the head's mid-sagittal line. On real head CT the refinement's false
-//! positives are mostly bilateral anatomy (the partial-volume rim along both inner tables,
-//! symmetric bright cortex) found as a left and a right component; a hemorrhage is a
-//! lesion of one side, or one component across the midline (which mirrors onto itself, not
-//! onto another component, and is kept). The midline is the major axis of the head's
+//! The mirror-pair filter (off by default): drops the 3-D components of a mask that lie
+//! opposite another component across the head's mid-sagittal line. On real head CT many of
+//! the refinement's large false positives are bilateral anatomy (the scalp and temporal
+//! muscles of both sides, which [`super::skull`] removes as well) found as a left and a
+//! right component; a hemorrhage is a lesion of one side, or one component across the
+//! midline (which mirrors onto itself, not onto another component, and is kept). The midline is the major axis of the head's
 //! tissue over the whole volume. Works on `[z, y, x]` HU volumes and 0/1 masks on the host;
 //! knows nothing of the network or of files.
 
