@@ -10,7 +10,7 @@
 
 use super::{Connectivity, Result, SegError};
 use crate::io::Mask;
-use ndarray::{Array3, Axis};
+use ndarray::{Array3, ArrayView2, Axis};
 
 /// What the filter drops (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -56,73 +56,77 @@ pub fn bone_level(hu: &Array3<f32>) -> f32 {
 /// 1 where a voxel lies outside the skull (see the module doc), 0 elsewhere and on the
 /// slices that are not judged.
 pub fn outside_skull(hu: &Array3<f32>, bone_hu: f32, close_px: usize) -> Mask {
-    let (d, h, w) = hu.dim();
-    let mut outside = Mask::zeros((d, h, w));
-    if h == 0 || w == 0 {
-        return outside;
-    }
-    let r = close_px;
-    for z in 0..d {
-        let sl = hu.index_axis(Axis(0), z);
-        // Bone dilated by a (2r+1)^2 square, by rows then by columns.
-        let mut rows = vec![0u8; h * w];
-        for y in 0..h {
-            for x in 0..w {
-                if sl[[y, x]] >= bone_hu {
-                    for xx in x.saturating_sub(r)..(x + r + 1).min(w) {
-                        rows[y * w + xx] = 1;
-                    }
-                }
-            }
-        }
-        let mut bone = vec![0u8; h * w];
-        for y in 0..h {
-            for x in 0..w {
-                if rows[y * w + x] != 0 {
-                    for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
-                        bone[yy * w + x] = 1;
-                    }
-                }
-            }
-        }
-        // Flood from the border through what is not bone.
-        let mut out = vec![0u8; h * w];
-        let mut stack = Vec::new();
-        for y in 0..h {
-            for x in 0..w {
-                let border = y == 0 || x == 0 || y == h - 1 || x == w - 1;
-                if border && bone[y * w + x] == 0 {
-                    out[y * w + x] = 1;
-                    stack.push((y, x));
-                }
-            }
-        }
-        while let Some((y, x)) = stack.pop() {
-            let next = [
-                (y.wrapping_sub(1), x),
-                (y + 1, x),
-                (y, x.wrapping_sub(1)),
-                (y, x + 1),
-            ];
-            for (ny, nx) in next {
-                if ny < h && nx < w && bone[ny * w + nx] == 0 && out[ny * w + nx] == 0 {
-                    out[ny * w + nx] = 1;
-                    stack.push((ny, nx));
-                }
-            }
-        }
-        let inside = out
-            .iter()
-            .zip(&bone)
-            .filter(|(&o, &b)| o == 0 && b == 0)
-            .count();
-        if (inside as f64) >= MIN_INSIDE_FRACTION * (h * w) as f64 {
-            for (o, &v) in outside.index_axis_mut(Axis(0), z).iter_mut().zip(&out) {
-                *o = v;
+    let mut outside = Mask::zeros(hu.dim());
+    for (z, mut o) in outside.axis_iter_mut(Axis(0)).enumerate() {
+        if let Some(out) = outside_slice(hu.index_axis(Axis(0), z), bone_hu, close_px) {
+            for (a, &b) in o.iter_mut().zip(&out) {
+                *a = b;
             }
         }
     }
     outside
+}
+
+/// One slice's outside (row-major, 1 = outside), or `None` when the slice is not judged.
+pub fn outside_slice(sl: ArrayView2<f32>, bone_hu: f32, close_px: usize) -> Option<Vec<u8>> {
+    let (h, w) = sl.dim();
+    if h == 0 || w == 0 {
+        return None;
+    }
+    let r = close_px;
+    // Bone dilated by a (2r+1)^2 square, by rows then by columns.
+    let mut rows = vec![0u8; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            if sl[[y, x]] >= bone_hu {
+                for xx in x.saturating_sub(r)..(x + r + 1).min(w) {
+                    rows[y * w + xx] = 1;
+                }
+            }
+        }
+    }
+    let mut bone = vec![0u8; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            if rows[y * w + x] != 0 {
+                for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
+                    bone[yy * w + x] = 1;
+                }
+            }
+        }
+    }
+    // Flood from the border through what is not bone.
+    let mut out = vec![0u8; h * w];
+    let mut stack = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            let border = y == 0 || x == 0 || y == h - 1 || x == w - 1;
+            if border && bone[y * w + x] == 0 {
+                out[y * w + x] = 1;
+                stack.push((y, x));
+            }
+        }
+    }
+    while let Some((y, x)) = stack.pop() {
+        let next = [
+            (y.wrapping_sub(1), x),
+            (y + 1, x),
+            (y, x.wrapping_sub(1)),
+            (y, x + 1),
+        ];
+        for (ny, nx) in next {
+            if ny < h && nx < w && bone[ny * w + nx] == 0 && out[ny * w + nx] == 0 {
+                out[ny * w + nx] = 1;
+                stack.push((ny, nx));
+            }
+        }
+    }
+    let inside = out
+        .iter()
+        .zip(&bone)
+        .filter(|(&o, &b)| o == 0 && b == 0)
+        .count();
+    ((inside as f64) >= MIN_INSIDE_FRACTION * (h * w) as f64).then_some(out)
 }
 
 /// The mask without the components outside the skull, and the counts.
@@ -172,12 +176,18 @@ pub fn drop_outside_skull(
     } else {
         0
     };
-    let outside = outside_skull(hu, bone_level(hu), close);
+    // Slice by slice: the outside of one slice at a time (no volume-sized mask).
+    let bone_hu = bone_level(hu);
     let mut sizes = vec![0usize; n + 1];
     let mut out = vec![0usize; n + 1];
-    for (&l, &o) in cc.labels.iter().zip(outside.iter()) {
-        sizes[l as usize] += 1;
-        out[l as usize] += o as usize;
+    for (z, labels) in cc.labels.axis_iter(Axis(0)).enumerate() {
+        let outside = outside_slice(hu.index_axis(Axis(0), z), bone_hu, close);
+        for (i, &l) in labels.iter().enumerate() {
+            sizes[l as usize] += 1;
+            if let Some(o) = &outside {
+                out[l as usize] += o[i] as usize;
+            }
+        }
     }
     let drop: Vec<bool> = (0..=n)
         .map(|l| {
