@@ -124,6 +124,10 @@ pub struct Args {
     /// skull (scalp, temporal muscles; see docs/accuracy.md); 1 = off.
     #[arg(long, default_value_t = ichcam::seg::skull::DEFAULT_MAX_OUTSIDE_FRACTION)]
     outside_skull: f32,
+    /// With a stage-3 U-Net (--fuse unet or or): drop the components on fewer slices than
+    /// this (see docs/accuracy.md); 1 = off.
+    #[arg(long, default_value_t = ichcam::infer::segmenter::DEFAULT_MIN_COMPONENT_SLICES)]
+    min_component_slices: usize,
     /// Development: a folder of truth masks for --oracle.
     #[arg(long, hide = true)]
     oracle_truth: Option<PathBuf>,
@@ -169,6 +173,7 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     unit(Some(a.unet_grow), "unet-grow")?;
     unit(Some(a.mirror_pairs), "mirror-pairs")?;
     unit(Some(a.outside_skull), "outside-skull")?;
+    o.min_component_slices = a.min_component_slices.max(1);
     o.skull = (a.outside_skull < 1.0).then(|| ichcam::seg::SkullFilter {
         max_outside_fraction: a.outside_skull,
         ..ichcam::seg::SkullFilter::default()
