@@ -102,6 +102,7 @@ def mirror_and(tm, name, t2):
 FAMILIES["component filter mirror_other <= -t"] = FAMILIES.pop("component filter mo_neg")
 FAMILIES["component filter outside <= -t"] = FAMILIES.pop("component filter outside_neg")
 FAMILIES["outside and mirror_other (two thresholds)"] = [((t, tm), (lambda t, tm: (lambda v, c: c["outside"] <= t + 1e-9 and c["mirror_other"] <= tm + 1e-9))(t, tm), ALL) for t in grid(0, 1, 51) for tm in (0.16, 0.3, 0.44, 1.0)]
+FAMILIES["outside <= 0 and nsl >= t"] = [(t2, (lambda t2: (lambda v, c: c["outside"] <= 0 and len(c["slices"]) >= t2))(t2), ALL) for t2 in (1, 2, 3, 4)]
 FAMILIES["mirror_other and nsl (two thresholds)"] = [((tm, t2), mirror_and(tm, "nsl", t2), ALL) for tm in (0.16, 0.3, 0.44, 1.0) for t2 in (1, 2, 3, 4)]
 FAMILIES["mirror_other and volume gate umax_flag (two thresholds)"] = [((tm, t2), mirror_and(tm, "umax", t2), ALL) for tm in (0.16, 0.3, 0.44, 1.0) for t2 in grid(0.5, 1, 26)]
 FAMILIES["slice gate unet_max"] = [(t, ALL, (lambda t: (lambda v, z: v["unet_max"][z] >= t))(t)) for t in grid(0.5, 1.0, 51)]
