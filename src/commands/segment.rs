@@ -118,6 +118,20 @@ pub struct Args {
     /// No positive slice in a volume whose most probable slice stays below this.
     #[arg(long)]
     volume_threshold: Option<f64>,
+    /// With a stage-3 U-Net (--fuse unet or or): drop the components of which more than
+    /// this fraction of voxels mirror, across the head's midline, onto another component
+    /// (bilateral anatomy, not blood; see docs/accuracy.md); 1 = off (the default:
+    /// after --outside-skull it removed nothing more).
+    #[arg(long, default_value_t = 1.0)]
+    mirror_pairs: f32,
+    /// Drop the components of which more than this fraction of voxels lies outside the
+    /// skull (scalp, temporal muscles; see docs/accuracy.md); 1 = off.
+    #[arg(long, default_value_t = ichcam::seg::skull::DEFAULT_MAX_OUTSIDE_FRACTION)]
+    outside_skull: f32,
+    /// With a stage-3 U-Net (--fuse unet or or): drop the components on fewer slices than
+    /// this (see docs/accuracy.md); 1 = off.
+    #[arg(long, default_value_t = ichcam::infer::segmenter::DEFAULT_MIN_COMPONENT_SLICES)]
+    min_component_slices: usize,
     /// Development: a folder of truth masks for --oracle.
     #[arg(long, hide = true)]
     oracle_truth: Option<PathBuf>,
@@ -161,6 +175,17 @@ fn options(a: &Args) -> anyhow::Result<SegmentOptions> {
     unit(a.grow_cam_threshold, "grow-cam-threshold")?;
     unit(Some(a.unet_threshold), "unet-threshold")?;
     unit(Some(a.unet_grow), "unet-grow")?;
+    unit(Some(a.mirror_pairs), "mirror-pairs")?;
+    unit(Some(a.outside_skull), "outside-skull")?;
+    o.min_component_slices = a.min_component_slices.max(1);
+    o.skull = (a.outside_skull < 1.0).then(|| ichcam::seg::SkullFilter {
+        max_outside_fraction: a.outside_skull,
+        ..ichcam::seg::SkullFilter::default()
+    });
+    o.mirror = (a.mirror_pairs < 1.0).then(|| ichcam::seg::MirrorFilter {
+        max_pair_fraction: a.mirror_pairs,
+        ..ichcam::seg::MirrorFilter::default()
+    });
     if let Some(ml) = a.min_component_ml {
         anyhow::ensure!(ml >= 0.0, "--min-component-ml must be >= 0");
         o.min_component_ml = Some(ml);

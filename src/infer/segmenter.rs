@@ -143,6 +143,8 @@ impl Fuse {
 
 /// The fuse of a model with a U-Net when none is asked for (docs/accuracy.md).
 pub const DEFAULT_FUSE: Fuse = Fuse::Unet;
+/// With a U-Net, components on fewer slices are dropped (docs/accuracy.md).
+pub const DEFAULT_MIN_COMPONENT_SLICES: usize = 2;
 /// The U-Net's probability where its refinement looks for the blood cluster (the CAM's
 /// `cam_threshold`), and the level the lesion may grow to (the CAM's `grow_cam_threshold`).
 pub const DEFAULT_UNET_THRESHOLD: f32 = 0.5;
@@ -192,6 +194,17 @@ pub struct SegmentOptions {
     /// The U-Net map's levels in its refinement (see [`DEFAULT_UNET_THRESHOLD`]).
     pub unet_threshold: f32,
     pub unet_grow: f32,
+    /// After our refinement with a stage-3 U-Net (`--fuse unet` or `or`): drop the
+    /// components that pair with another across the head's midline
+    /// ([`crate::seg::mirror`]); `None` = off (never with `Fuse::Cam` or the authors' mode).
+    pub mirror: Option<crate::seg::MirrorFilter>,
+    /// After our refinement: drop the components that reach outside the skull
+    /// ([`crate::seg::skull`]); `None` = off (the authors' mode never filters).
+    pub skull: Option<crate::seg::SkullFilter>,
+    /// After our refinement with a stage-3 U-Net (`--fuse unet` or `or`): drop the
+    /// components on fewer slices than this (1 = off; never with `Fuse::Cam`, where it was
+    /// measured to cost Dice).
+    pub min_component_slices: usize,
 }
 
 impl Default for SegmentOptions {
@@ -210,6 +223,9 @@ impl Default for SegmentOptions {
             fuse: None,
             unet_threshold: DEFAULT_UNET_THRESHOLD,
             unet_grow: DEFAULT_UNET_GROW,
+            mirror: None,
+            skull: None,
+            min_component_slices: 1,
         }
     }
 }
@@ -217,10 +233,14 @@ impl Default for SegmentOptions {
 impl SegmentOptions {
     /// `ichcam segment`'s defaults, chosen on real head CT by cross-validation
     /// (docs/accuracy.md): the stage-1 slice flags and the real-CT refinement
-    /// ([`RefineConfig::real_ct`], components of at least 0.3 mL).
+    /// ([`RefineConfig::real_ct`], components of at least 0.3 mL), the filter of the
+    /// components outside the skull (the mirror-pair filter is off: it added nothing to it)
+    /// and, with a U-Net, of the components on a single slice.
     pub fn real_ct() -> Self {
         SegmentOptions {
             classifier: SliceClassifier::Stage1,
+            skull: Some(crate::seg::SkullFilter::default()),
+            min_component_slices: DEFAULT_MIN_COMPONENT_SLICES,
             min_component_ml: Some(crate::seg::refine::REAL_CT_MIN_COMPONENT_ML),
             refine: RefineConfig::real_ct(),
             ..SegmentOptions::default()
@@ -628,6 +648,48 @@ impl<B: RefineOnBackend> Segmenter<B> {
                     .saturating_sub(1);
                 (b, n)
             }
+        };
+        // The mirror-pair filter on the U-Net fuses only: on the CAM's masks it was
+        // measured not to help (docs/accuracy.md).
+        let with_unet = unet.is_some() && fuse != Fuse::Cam;
+        let (mask, n_components) = match self.opts.mirror {
+            Some(f) if with_unet && cfg.mode == crate::seg::RefineMode::Ours => {
+                let r = crate::seg::drop_mirror_pairs(
+                    &vol.data,
+                    vol.spacing,
+                    mask,
+                    cfg.connectivity,
+                    &f,
+                )?;
+                (r.mask, r.n_components)
+            }
+            _ => (mask, n_components),
+        };
+        let (mask, n_components) = match self.opts.skull {
+            Some(f) if cfg.mode == crate::seg::RefineMode::Ours => {
+                let r = crate::seg::drop_outside_skull(
+                    &vol.data,
+                    vol.spacing,
+                    mask,
+                    cfg.connectivity,
+                    &f,
+                )?;
+                (r.mask, r.n_components)
+            }
+            _ => (mask, n_components),
+        };
+        let (mask, n_components) = if with_unet
+            && cfg.mode == crate::seg::RefineMode::Ours
+            && self.opts.min_component_slices > 1
+        {
+            let (m, n, _) = crate::seg::drop_thin_components(
+                mask,
+                cfg.connectivity,
+                self.opts.min_component_slices,
+            )?;
+            (m, n)
+        } else {
+            (mask, n_components)
         };
         let voxels = mask.iter().filter(|&&v| v != 0).count();
         Ok(Segmentation {

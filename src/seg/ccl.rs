@@ -1,5 +1,6 @@
 //! Which 3-D components the refinement keeps ([`ComponentFilter`]: big enough, mostly inside
-//! the CAM and reaching into its core), and the filter applied to a labelling on the host.
+//! the CAM and reaching into its core), the filter applied to a labelling on the host, and
+//! the post-filter of components on too few slices ([`drop_thin_components`]).
 //! The labelling and the per-component statistics are the engine's volume ops.
 
 pub use crate::engine::Connectivity;
@@ -146,4 +147,62 @@ pub fn filter_components(
         dropped_small: sel.dropped_small,
         dropped_cam: sel.dropped_cam,
     })
+}
+
+/// Drops the components of `mask` (`connectivity`) that lie on fewer than `min_slices`
+/// slices; returns the mask, the components kept and the components dropped.
+pub fn drop_thin_components(
+    mask: Mask,
+    connectivity: Connectivity,
+    min_slices: usize,
+) -> Result<(Mask, usize, usize)> {
+    let cc = crate::engine::cpu::ccl::connected_components(&mask, connectivity)?;
+    let n = cc.n_components();
+    if n == 0 || min_slices <= 1 {
+        return Ok((mask, n, 0));
+    }
+    let mut slices = vec![0usize; n + 1];
+    for lab in cc.labels.axis_iter(ndarray::Axis(0)) {
+        let mut seen = vec![false; n + 1];
+        for &l in lab.iter() {
+            seen[l as usize] = true;
+        }
+        for (c, s) in slices.iter_mut().zip(&seen) {
+            *c += *s as usize;
+        }
+    }
+    let drop: Vec<bool> = (0..=n).map(|l| l > 0 && slices[l] < min_slices).collect();
+    let dropped = drop.iter().filter(|&&d| d).count();
+    let mut mask = mask;
+    if dropped > 0 {
+        mask.zip_mut_with(&cc.labels, |m, &l| {
+            if drop[l as usize] {
+                *m = 0;
+            }
+        });
+    }
+    Ok((mask, n - dropped, dropped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_the_components_on_too_few_slices() {
+        let mut m = Mask::zeros((4, 8, 8));
+        // Two slices thick, and one slice alone (far from it).
+        m[[0, 1, 1]] = 1;
+        m[[1, 1, 1]] = 1;
+        m[[3, 6, 6]] = 1;
+        m[[3, 6, 7]] = 1;
+        let (out, kept, dropped) =
+            drop_thin_components(m.clone(), Connectivity::TwentySix, 2).expect("filter");
+        assert_eq!((kept, dropped), (1, 1));
+        assert_eq!(out[[1, 1, 1]], 1);
+        assert_eq!(out[[3, 6, 6]], 0);
+        let (same, kept, dropped) =
+            drop_thin_components(m.clone(), Connectivity::TwentySix, 1).expect("filter");
+        assert_eq!((same, kept, dropped), (m, 2, 0));
+    }
 }

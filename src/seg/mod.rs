@@ -1,5 +1,7 @@
 //! From a trained stage-2 net's CAM to a hemorrhage mask: thresholding, k-means pseudo-masks
-//! on the subdural window, dilation, 3-D connected components and their filter.
+//! on the subdural window, dilation, 3-D connected components and their filter, and the
+//! filters against false positives outside the skull ([`skull`]) and bilateral ones
+//! ([`mirror`]).
 //!
 //! The rules are written once ([`refine::refine_on`]) over the engine's volume ops
 //! ([`crate::engine::VolumeOps`]), so they run unchanged on the CPU reference and on the
@@ -12,16 +14,20 @@
 pub mod ccl;
 pub mod choose;
 pub mod field;
+pub mod mirror;
 pub mod refine;
+pub mod skull;
 pub mod threshold;
 
 pub use crate::engine::cpu::ccl::{connected_components, CclOutput};
 pub use crate::engine::{Connectivity, Structuring};
-pub use ccl::{filter_components, ComponentFilter, FilterOutput};
+pub use ccl::{drop_thin_components, filter_components, ComponentFilter, FilterOutput};
+pub use mirror::{drop_mirror_pairs, MirrorFilter};
 pub use refine::{
     effective_saturation, refine, refine_authors, refine_on, volume_config, RefineConfig,
     RefineMode, RefineOutput,
 };
+pub use skull::{drop_outside_skull, SkullFilter};
 
 /// Errors of the segmentation steps: inputs whose shapes do not fit together.
 #[derive(Debug, thiserror::Error)]
