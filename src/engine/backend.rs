@@ -512,8 +512,19 @@ pub trait Backend: Send + Sync {
         cam: &mut Self::Buf,
         norm: &mut Self::Buf,
     ) -> Result<()> {
-        Maps { n, c, hw: fh * fw }.check_cam_weight(self.len(features), self.len(weights), self.len(cam))?;
-        Resize { n, h: fh, w: fw, oh, ow }.check(self.len(cam), self.len(norm))?;
+        Maps { n, c, hw: fh * fw }.check_cam_weight(
+            self.len(features),
+            self.len(weights),
+            self.len(cam),
+        )?;
+        Resize {
+            n,
+            h: fh,
+            w: fw,
+            oh,
+            ow,
+        }
+        .check(self.len(cam), self.len(norm))?;
         // SAFETY: the buffers hold the lengths the shapes give (checked above).
         unsafe { self.cam_normalized_unchecked(n, c, fh, fw, oh, ow, features, weights, cam, norm) }
     }
