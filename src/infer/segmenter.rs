@@ -682,12 +682,12 @@ impl<B: RefineOnBackend> Segmenter<B> {
             && cfg.mode == crate::seg::RefineMode::Ours
             && self.opts.min_component_slices > 1
         {
-            let (m, n, _) = crate::seg::drop_thin_components(
+            let r = crate::seg::drop_thin_components(
                 mask,
                 cfg.connectivity,
                 self.opts.min_component_slices,
             )?;
-            (m, n)
+            (r.mask, r.n_components)
         } else {
             (mask, n_components)
         };

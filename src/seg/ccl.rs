@@ -149,17 +149,63 @@ pub fn filter_components(
     })
 }
 
+/// A mask after a component filter ([`drop_thin_components`], [`super::drop_outside_skull`],
+/// [`super::drop_mirror_pairs`]): the mask, the components kept and those dropped.
+#[derive(Clone, Debug)]
+pub struct Pruned {
+    pub mask: Mask,
+    pub n_components: usize,
+    pub dropped: usize,
+}
+
+/// Zeroes in `mask` the components `labels` of which `drop[label]` is set (label 0, the
+/// background, is never dropped): the one way the component filters remove components.
+pub(crate) fn prune(mask: Mask, labels: &Array3<u32>, drop: &[bool]) -> Pruned {
+    let n = drop.len().saturating_sub(1);
+    let dropped = drop.iter().skip(1).filter(|&&d| d).count();
+    let mut mask = mask;
+    if dropped > 0 {
+        mask.zip_mut_with(labels, |m, &l| {
+            if l > 0 && drop[l as usize] {
+                *m = 0;
+            }
+        });
+    }
+    Pruned {
+        mask,
+        n_components: n - dropped,
+        dropped,
+    }
+}
+
+/// The error when a mask is not on the grid of the volume `hu` it filters.
+pub(crate) fn check_same_grid(hu: &Array3<f32>, mask: &Mask) -> Result<()> {
+    if hu.dim() == mask.dim() {
+        return Ok(());
+    }
+    let (a, b) = (mask.dim(), hu.dim());
+    Err(SegError::Shape {
+        what: "mask",
+        got: vec![a.0, a.1, a.2],
+        expected: vec![b.0, b.1, b.2],
+    })
+}
+
 /// Drops the components of `mask` (`connectivity`) that lie on fewer than `min_slices`
-/// slices; returns the mask, the components kept and the components dropped.
+/// slices.
 pub fn drop_thin_components(
     mask: Mask,
     connectivity: Connectivity,
     min_slices: usize,
-) -> Result<(Mask, usize, usize)> {
+) -> Result<Pruned> {
     let cc = crate::engine::cpu::ccl::connected_components(&mask, connectivity)?;
     let n = cc.n_components();
     if n == 0 || min_slices <= 1 {
-        return Ok((mask, n, 0));
+        return Ok(Pruned {
+            mask,
+            n_components: n,
+            dropped: 0,
+        });
     }
     let mut slices = vec![0usize; n + 1];
     for lab in cc.labels.axis_iter(ndarray::Axis(0)) {
@@ -172,16 +218,7 @@ pub fn drop_thin_components(
         }
     }
     let drop: Vec<bool> = (0..=n).map(|l| l > 0 && slices[l] < min_slices).collect();
-    let dropped = drop.iter().filter(|&&d| d).count();
-    let mut mask = mask;
-    if dropped > 0 {
-        mask.zip_mut_with(&cc.labels, |m, &l| {
-            if drop[l as usize] {
-                *m = 0;
-            }
-        });
-    }
-    Ok((mask, n - dropped, dropped))
+    Ok(prune(mask, &cc.labels, &drop))
 }
 
 #[cfg(test)]
@@ -196,13 +233,11 @@ mod tests {
         m[[1, 1, 1]] = 1;
         m[[3, 6, 6]] = 1;
         m[[3, 6, 7]] = 1;
-        let (out, kept, dropped) =
-            drop_thin_components(m.clone(), Connectivity::TwentySix, 2).expect("filter");
-        assert_eq!((kept, dropped), (1, 1));
-        assert_eq!(out[[1, 1, 1]], 1);
-        assert_eq!(out[[3, 6, 6]], 0);
-        let (same, kept, dropped) =
-            drop_thin_components(m.clone(), Connectivity::TwentySix, 1).expect("filter");
-        assert_eq!((same, kept, dropped), (m, 2, 0));
+        let r = drop_thin_components(m.clone(), Connectivity::TwentySix, 2).expect("filter");
+        assert_eq!((r.n_components, r.dropped), (1, 1));
+        assert_eq!(r.mask[[1, 1, 1]], 1);
+        assert_eq!(r.mask[[3, 6, 6]], 0);
+        let r = drop_thin_components(m.clone(), Connectivity::TwentySix, 1).expect("filter");
+        assert_eq!((r.mask, r.n_components, r.dropped), (m, 2, 0));
     }
 }

@@ -7,6 +7,7 @@
 //! tissue over the whole volume. Works on `[z, y, x]` HU volumes and 0/1 masks on the host;
 //! knows nothing of the network or of files.
 
+use super::ccl::Pruned;
 use super::{Connectivity, Result, SegError};
 use crate::data::crop::TISSUE_HU;
 use crate::io::Mask;
@@ -142,14 +143,6 @@ pub fn pair_fractions(
         .collect()
 }
 
-/// The mask without its mirror pairs, and the number of components kept.
-#[derive(Clone, Debug)]
-pub struct MirrorOutput {
-    pub mask: Mask,
-    pub n_components: usize,
-    pub dropped: usize,
-}
-
 /// Drops the components of `mask` (`connectivity`) that pair with another across the
 /// head's midline (see [`MirrorFilter`]); the mask unchanged when no midline is found.
 pub fn drop_mirror_pairs(
@@ -158,15 +151,8 @@ pub fn drop_mirror_pairs(
     mask: Mask,
     connectivity: Connectivity,
     filter: &MirrorFilter,
-) -> Result<MirrorOutput> {
-    if hu.dim() != mask.dim() {
-        let (a, b) = (mask.dim(), hu.dim());
-        return Err(SegError::Shape {
-            what: "mask",
-            got: vec![a.0, a.1, a.2],
-            expected: vec![b.0, b.1, b.2],
-        });
-    }
+) -> Result<Pruned> {
+    super::ccl::check_same_grid(hu, &mask)?;
     if !(filter.max_pair_fraction.is_finite() && filter.tolerance_mm.is_finite())
         || filter.tolerance_mm < 0.0
     {
@@ -180,7 +166,7 @@ pub fn drop_mirror_pairs(
     let mid = match head_midline(hu, spacing_zyx) {
         Some(m) if n >= 2 && filter.max_pair_fraction < 1.0 => m,
         _ => {
-            return Ok(MirrorOutput {
+            return Ok(Pruned {
                 mask,
                 n_components: n,
                 dropped: 0,
@@ -199,20 +185,7 @@ pub fn drop_mirror_pairs(
         .enumerate()
         .map(|(l, &f)| l > 0 && f > filter.max_pair_fraction)
         .collect();
-    let dropped = drop.iter().filter(|&&d| d).count();
-    let mut mask = mask;
-    if dropped > 0 {
-        mask.zip_mut_with(&cc.labels, |m, &l| {
-            if drop[l as usize] {
-                *m = 0;
-            }
-        });
-    }
-    Ok(MirrorOutput {
-        mask,
-        n_components: n - dropped,
-        dropped,
-    })
+    Ok(super::ccl::prune(mask, &cc.labels, &drop))
 }
 
 #[cfg(test)]

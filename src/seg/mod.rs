@@ -21,7 +21,7 @@ pub mod threshold;
 
 pub use crate::engine::cpu::ccl::{connected_components, CclOutput};
 pub use crate::engine::{Connectivity, Structuring};
-pub use ccl::{drop_thin_components, filter_components, ComponentFilter, FilterOutput};
+pub use ccl::{drop_thin_components, filter_components, ComponentFilter, FilterOutput, Pruned};
 pub use mirror::{drop_mirror_pairs, MirrorFilter};
 pub use refine::{
     effective_saturation, refine, refine_authors, refine_on, volume_config, RefineConfig,

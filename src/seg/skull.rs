@@ -8,6 +8,7 @@
 //! Works on `[z, y, x]` HU volumes and 0/1 masks on the host; knows nothing of the network
 //! or of files.
 
+use super::ccl::Pruned;
 use super::{Connectivity, Result, SegError};
 use crate::io::Mask;
 use ndarray::{Array3, ArrayView2, Axis};
@@ -129,14 +130,6 @@ pub fn outside_slice(sl: ArrayView2<f32>, bone_hu: f32, close_px: usize) -> Opti
     ((inside as f64) >= MIN_INSIDE_FRACTION * (h * w) as f64).then_some(out)
 }
 
-/// The mask without the components outside the skull, and the counts.
-#[derive(Clone, Debug)]
-pub struct SkullOutput {
-    pub mask: Mask,
-    pub n_components: usize,
-    pub dropped: usize,
-}
-
 /// Drops the components of `mask` (`connectivity`) of which more than
 /// `filter.max_outside_fraction` lies outside the skull (see the module doc).
 pub fn drop_outside_skull(
@@ -145,15 +138,8 @@ pub fn drop_outside_skull(
     mask: Mask,
     connectivity: Connectivity,
     filter: &SkullFilter,
-) -> Result<SkullOutput> {
-    if hu.dim() != mask.dim() {
-        let (a, b) = (mask.dim(), hu.dim());
-        return Err(SegError::Shape {
-            what: "mask",
-            got: vec![a.0, a.1, a.2],
-            expected: vec![b.0, b.1, b.2],
-        });
-    }
+) -> Result<Pruned> {
+    super::ccl::check_same_grid(hu, &mask)?;
     if !(filter.max_outside_fraction.is_finite() && filter.close_mm.is_finite())
         || filter.close_mm < 0.0
     {
@@ -164,7 +150,7 @@ pub fn drop_outside_skull(
     let cc = super::connected_components(&mask, connectivity)?;
     let n = cc.n_components();
     if n == 0 || filter.max_outside_fraction >= 1.0 {
-        return Ok(SkullOutput {
+        return Ok(Pruned {
             mask,
             n_components: n,
             dropped: 0,
@@ -196,20 +182,7 @@ pub fn drop_outside_skull(
                 && out[l] as f64 / sizes[l] as f64 > filter.max_outside_fraction as f64
         })
         .collect();
-    let dropped = drop.iter().filter(|&&d| d).count();
-    let mut mask = mask;
-    if dropped > 0 {
-        mask.zip_mut_with(&cc.labels, |m, &l| {
-            if drop[l as usize] {
-                *m = 0;
-            }
-        });
-    }
-    Ok(SkullOutput {
-        mask,
-        n_components: n - dropped,
-        dropped,
-    })
+    Ok(super::ccl::prune(mask, &cc.labels, &drop))
 }
 
 #[cfg(test)]
