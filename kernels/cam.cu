@@ -69,17 +69,10 @@ extern "C" __global__ void upsample_bilinear(const float* __restrict__ x, float*
     }
 }
 
-// One block (256 threads) per row: (x - min) / (max - min); a constant row becomes zeros.
-extern "C" __global__ void minmax_normalize(const float* __restrict__ x, float* __restrict__ y, int n, int len) {
+// The block's minimum and maximum of every thread's (lo, hi), returned to every thread
+// (blockDim.x a multiple of 32, at most 1024; every thread of the block calls it).
+__device__ void block_min_max(float& lo, float& hi) {
     __shared__ float smin[32], smax[32];
-    const float* xr = x + (size_t)blockIdx.x * len;
-    float* yr = y + (size_t)blockIdx.x * len;
-    float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
-    for (size_t i = threadIdx.x; i < (size_t)len; i += blockDim.x) {
-        float v = xr[i];
-        lo = fminf(lo, v);
-        hi = fmaxf(hi, v);
-    }
     for (int o = 16; o > 0; o >>= 1) {
         lo = fminf(lo, __shfl_down_sync(0xffffffffu, lo, o));
         hi = fmaxf(hi, __shfl_down_sync(0xffffffffu, hi, o));
@@ -105,6 +98,19 @@ extern "C" __global__ void minmax_normalize(const float* __restrict__ x, float* 
     __syncthreads();
     lo = smin[0];
     hi = smax[0];
+}
+
+// One block (256 threads) per row: (x - min) / (max - min); a constant row becomes zeros.
+extern "C" __global__ void minmax_normalize(const float* __restrict__ x, float* __restrict__ y, int n, int len) {
+    const float* xr = x + (size_t)blockIdx.x * len;
+    float* yr = y + (size_t)blockIdx.x * len;
+    float lo = __int_as_float(0x7f800000), hi = __int_as_float(0xff800000);
+    for (size_t i = threadIdx.x; i < (size_t)len; i += blockDim.x) {
+        float v = xr[i];
+        lo = fminf(lo, v);
+        hi = fmaxf(hi, v);
+    }
+    block_min_max(lo, hi);
     float range = hi - lo;
     for (size_t i = threadIdx.x; i < (size_t)len; i += blockDim.x) yr[i] = range > 0.0f ? (xr[i] - lo) / range : 0.0f;
 }
@@ -119,7 +125,6 @@ extern "C" __global__ void cam_fused(const float* __restrict__ features, const f
                                      float* __restrict__ cam, float* __restrict__ norm, int n, int c, int fh, int fw,
                                      int oh, int ow) {
     extern __shared__ float smap[];
-    __shared__ float smin[32], smax[32];
     const int i = blockIdx.x;
     const int hw = fh * fw, len = oh * ow;
     const float* f = features + (size_t)i * c * hw;
@@ -143,31 +148,7 @@ extern "C" __global__ void cam_fused(const float* __restrict__ features, const f
         lo = fminf(lo, v);
         hi = fmaxf(hi, v);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        lo = fminf(lo, __shfl_down_sync(0xffffffffu, lo, o));
-        hi = fmaxf(hi, __shfl_down_sync(0xffffffffu, hi, o));
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    if (lane == 0) {
-        smin[warp] = lo;
-        smax[warp] = hi;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        lo = lane < nw ? smin[lane] : __int_as_float(0x7f800000);
-        hi = lane < nw ? smax[lane] : __int_as_float(0xff800000);
-        for (int o = 16; o > 0; o >>= 1) {
-            lo = fminf(lo, __shfl_down_sync(0xffffffffu, lo, o));
-            hi = fmaxf(hi, __shfl_down_sync(0xffffffffu, hi, o));
-        }
-        if (lane == 0) {
-            smin[0] = lo;
-            smax[0] = hi;
-        }
-    }
-    __syncthreads();
-    lo = smin[0];
-    hi = smax[0];
+    block_min_max(lo, hi);
     const float range = hi - lo;
     float* out = norm + (size_t)i * len;
     for (int q = threadIdx.x; q < len; q += blockDim.x) {
