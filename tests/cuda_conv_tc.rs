@@ -16,6 +16,7 @@
 
 mod common;
 use common::rng::SplitMix64;
+use common::shapes::conv;
 
 use std::sync::OnceLock;
 
@@ -104,30 +105,6 @@ fn conv_all<B: Backend<T = f32>>(
         .expect("conv2d_bwd_weight");
     let down = |b: &B::Buf| be.download(b).expect("download");
     [down(&y), down(&dx), down(&dw)]
-}
-
-#[allow(clippy::too_many_arguments)]
-fn conv(
-    n: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> Conv2d {
-    Conv2d {
-        n,
-        c_in,
-        h,
-        w,
-        c_out,
-        kh: k,
-        kw: k,
-        stride,
-        pad,
-    }
 }
 
 fn matches_cpu(p: Precision) {

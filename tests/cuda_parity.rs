@@ -9,6 +9,7 @@
 
 mod common;
 use common::rng::SplitMix64;
+use common::shapes::conv;
 
 use std::sync::OnceLock;
 
@@ -133,30 +134,6 @@ fn conv_all<B: Backend<T = f32>>(
     be.conv2d_bwd_weight(s, &xb, &dyb, &mut dw)
         .expect("conv2d_bwd_weight");
     [down(be, &y), down(be, &dx), down(be, &dw)]
-}
-
-#[allow(clippy::too_many_arguments)]
-fn conv(
-    n: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> Conv2d {
-    Conv2d {
-        n,
-        c_in,
-        h,
-        w,
-        c_out,
-        kh: k,
-        kw: k,
-        stride,
-        pad,
-    }
 }
 
 fn conv2d_matches_cpu() {

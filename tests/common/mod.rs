@@ -1,9 +1,11 @@
 //! What the integration tests (and, by path, the benches) share: [`rng`] (the one seeded
 //! generator of tests and benches), [`files`] (seed files, the binary under an address-space
-//! limit, output checks: the hostile-input tests and the fuzz harness) and [`cuda`] (the
-//! harness of the CUDA test binaries: device tests ignored at run time without a device).
+//! limit, output checks: the hostile-input tests and the fuzz harness), [`shapes`] (op shapes)
+//! and [`cuda`] (the harness of the CUDA test binaries: device tests ignored at run time
+//! without a device).
 #![allow(dead_code)]
 
 pub mod cuda;
 pub mod files;
 pub mod rng;
+pub mod shapes;
