@@ -3,7 +3,9 @@
 //
 //   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x)
 //   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy)
-//               (col'(dy) holds dy[n, co, oh, ow] where oh*stride = ih + pad - kh, else 0)
+//               (col'(dy) holds dy[n, co, oh, ow] where oh*stride = ih + pad - kh, else 0),
+//               computed per output phase without the structurally zero taps of a stride
+//               > 1 (PhaseGemm): s*s GEMMs of K = C_out*ceil(KH/s)*ceil(KW/s) at most
 //   bwd-weight  M = C_out, N = C_in*KH*KW,  K = batch*OH*OW: dW = dy . col(x)^T, split
 //               over K by blockIdx.z into a workspace that conv_splitk_reduce sums in a
 //               fixed order (deterministic, no atomics).
@@ -31,6 +33,43 @@ __device__ __forceinline__ void tile_mma(const float (*As)[BM + PAD], const floa
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
     }
+}
+
+// The data gradient by output phase (sub-pixel decomposition): dx[ci, ih, iw] receives
+// tap (kh, kw) only where (ih + pad - kh) and (iw + pad - kw) are multiples of the stride,
+// so for stride s the input pixels split into s*s phases (py, px) = ((ih + pad) % s,
+// (iw + pad) % s), each a dense GEMM over its own taps kh = py + a*s, kw = px + b*s only:
+// dx[ci, ihs + i*s, iws + j*s] = sum over co, a, b of w[co, ci, kh, kw] * dy[co, oh0 + i - a,
+// ow0 + j - b] (out-of-range dy rows/columns read as 0). No structurally zero product is
+// computed; stride 1 is the one phase with every tap. The grid's x holds s*s runs of
+// `tiles` blocks, one run per phase, each as long as the largest phase needs (the host
+// sizes it the same way, conv.rs); a block past its phase's pixels returns at once.
+struct PhaseGemm {
+    int tile;        // this block's tile of the phase's pixels
+    int py, px;      // the phase: (ih + pad) % stride, (iw + pad) % stride
+    int ihs, iws;    // its first input row / column
+    int Hp, Wp;      // its rows / columns of input pixels
+    int KWp, KP;     // its taps along kw, and in all (KHp * KWp)
+    int oh0, ow0;    // dy row / column of pixel (ihs, iws) and tap (py, px)
+};
+
+__device__ __forceinline__ PhaseGemm phase_gemm(int N, int H, int W, int KH, int KW, int s, int pad, int bn) {
+    PhaseGemm g;
+    const int tiles = (N * ((H + s - 1) / s) * ((W + s - 1) / s) + bn - 1) / bn;
+    const int phase = blockIdx.x / tiles;
+    g.tile = blockIdx.x - phase * tiles;
+    g.py = phase / s;
+    g.px = phase - g.py * s;
+    g.ihs = ((g.py - pad) % s + s) % s;
+    g.iws = ((g.px - pad) % s + s) % s;
+    g.Hp = g.ihs < H ? (H - g.ihs + s - 1) / s : 0;
+    g.Wp = g.iws < W ? (W - g.iws + s - 1) / s : 0;
+    const int KHp = g.py < KH ? (KH - g.py + s - 1) / s : 0;
+    g.KWp = g.px < KW ? (KW - g.px + s - 1) / s : 0;
+    g.KP = KHp * g.KWp;
+    g.oh0 = (g.ihs + pad - g.py) / s;
+    g.ow0 = (g.iws + pad - g.px) / s;
+    return g;
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -111,22 +150,26 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
     __shared__ float As[BK][BM + PAD];
     __shared__ float Bs[BK][BN + PAD];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int M = C, KHW = KH * KW, K = CO * KHW, HW = H * W, OHW = OH * OW, P = N * HW;
-    const int m0 = blockIdx.y * BM, p0 = blockIdx.x * BN;
+    // This block's phase (blockIdx.x / blocks per phase) and its dense GEMM (see above).
+    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, BN);
+    const int M = C, K = CO * ph.KP, OHW = OH * OW, P = N * ph.Hp * ph.Wp;
+    const int m0 = blockIdx.y * BM, p0 = ph.tile * BN;
+    if (p0 >= P) return;  // the whole block: this phase has fewer pixels than the largest
 
-    // This thread's fixed input-pixel column of the B tile.
+    // This thread's fixed input-pixel column of the B tile: dy rows oh = ohb - a, columns
+    // ow = owb - b for tap (py + a*stride, px + b*stride).
     const int bcol = tid & 63, brow = tid >> 6;
     const int p = p0 + bcol;
     const bool p_ok = p < P;
-    int ihp = 0, iwp = 0;
+    int ohb = 0, owb = 0;
     const float* dyb = dy;
     if (p_ok) {
-        int n = p / HW, r = p - n * HW, ih = r / W, iw = r - ih * W;
-        ihp = ih + pad;
-        iwp = iw + pad;
+        int n = p / (ph.Hp * ph.Wp), r = p - n * ph.Hp * ph.Wp, i = r / ph.Wp, j = r - i * ph.Wp;
+        ohb = ph.oh0 + i;
+        owb = ph.ow0 + j;
         dyb = dy + (size_t)n * CO * OHW;
     }
-    // A[ci][(co,kh,kw)] = w[co][ci][kh][kw]: contiguous along (kh,kw) for fixed co.
+    // A[ci][(co,a,b)] = w[co][ci][py + a*stride][px + b*stride].
     const int ak = tid & 15, am = tid >> 4;
 
     float ra[4], rb[4];
@@ -136,8 +179,8 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
             int m = m0 + am + 16 * q, k = k0 + ak;
             float v = 0.0f;
             if (m < M && k < K) {
-                int co = k / KHW, rr = k - co * KHW;
-                v = w[((size_t)co * C + m) * KHW + rr];
+                int co = k / ph.KP, rr = k - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
+                v = w[(((size_t)co * C + m) * KH + ph.py + a * stride) * KW + ph.px + b * stride];
             }
             ra[q] = v;
         }
@@ -146,13 +189,9 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
             int r = brow + 4 * q, k = k0 + r;
             float v = 0.0f;
             if (p_ok && k < K) {
-                int co = k / KHW, rr = k - co * KHW, kh = rr / KW, kw = rr - kh * KW;
-                int th = ihp - kh, tw = iwp - kw;
-                if (th >= 0 && tw >= 0) {
-                    int oh = th / stride, ow = tw / stride;
-                    if (oh * stride == th && ow * stride == tw && oh < OH && ow < OW)
-                        v = dyb[((size_t)co * OH + oh) * OW + ow];
-                }
+                int co = k / ph.KP, rr = k - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
+                int oh = ohb - a, ow = owb - b;
+                if (oh >= 0 && oh < OH && ow >= 0 && ow < OW) v = dyb[((size_t)co * OH + oh) * OW + ow];
             }
             rb[q] = v;
         }
@@ -175,11 +214,12 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
     for (int j = 0; j < 4; ++j) {
         int pp = p0 + tx + 16 * j;
         if (pp >= P) continue;
-        int n = pp / HW, r = pp - n * HW;
+        int n = pp / (ph.Hp * ph.Wp), r = pp - n * ph.Hp * ph.Wp, pi = r / ph.Wp;
+        size_t pix = (size_t)(ph.ihs + pi * stride) * W + ph.iws + (r - pi * ph.Wp) * stride;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             int m = m0 + ty + 16 * i;
-            if (m < M) dx[((size_t)n * C + m) * HW + r] = acc[i][j];
+            if (m < M) dx[((size_t)n * C + m) * H * W + pix] = acc[i][j];
         }
     }
 }

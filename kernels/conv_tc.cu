@@ -4,7 +4,8 @@
 // memory, and f32 accumulation.
 //
 //   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x)
-//   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy)
+//   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy), per
+//               output phase without the structurally zero taps of a stride > 1 (PhaseGemm)
 //   bwd-weight  M = C_out, N = C_in*KH*KW,  K = batch*OH*OW: dW = dy . col(x)^T
 //
 // Each is split over K by blockIdx.z when the output tiles alone would not fill the GPU
@@ -119,6 +120,40 @@ __device__ __forceinline__ void tc_store(float* Cs, const Acc<P>& acc, int wm, i
     __syncthreads();
 }
 
+// The data gradient by output phase, as in kernels/conv.cu (the same struct and function:
+// the kernel files are compiled separately). For stride s the input pixels split into s*s
+// phases (py, px) = ((ih + pad) % s, (iw + pad) % s); a phase receives only the taps
+// kh = py + a*s, kw = px + b*s, and dx[ci, ihs + i*s, iws + j*s] = sum over co, a, b of
+// w[co, ci, kh, kw] * dy[co, oh0 + i - a, ow0 + j - b]: a dense GEMM without the
+// structurally zero products. The grid's x holds s*s runs of `tiles` blocks, one per phase.
+struct PhaseGemm {
+    int tile;        // this block's tile of the phase's pixels
+    int py, px;      // the phase: (ih + pad) % stride, (iw + pad) % stride
+    int ihs, iws;    // its first input row / column
+    int Hp, Wp;      // its rows / columns of input pixels
+    int KWp, KP;     // its taps along kw, and in all (KHp * KWp)
+    int oh0, ow0;    // dy row / column of pixel (ihs, iws) and tap (py, px)
+};
+
+__device__ __forceinline__ PhaseGemm phase_gemm(int N, int H, int W, int KH, int KW, int s, int pad, int bn) {
+    PhaseGemm g;
+    const int tiles = (N * ((H + s - 1) / s) * ((W + s - 1) / s) + bn - 1) / bn;
+    const int phase = blockIdx.x / tiles;
+    g.tile = blockIdx.x - phase * tiles;
+    g.py = phase / s;
+    g.px = phase - g.py * s;
+    g.ihs = ((g.py - pad) % s + s) % s;
+    g.iws = ((g.px - pad) % s + s) % s;
+    g.Hp = g.ihs < H ? (H - g.ihs + s - 1) / s : 0;
+    g.Wp = g.iws < W ? (W - g.iws + s - 1) / s : 0;
+    const int KHp = g.py < KH ? (KH - g.py + s - 1) / s : 0;
+    g.KWp = g.px < KW ? (KW - g.px + s - 1) / s : 0;
+    g.KP = KHp * g.KWp;
+    g.oh0 = (g.ihs + pad - g.py) / s;
+    g.ow0 = (g.iws + pad - g.px) / s;
+    return g;
+}
+
 template <class P>
 __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __restrict__ x,
                                             const float* __restrict__ w, float* __restrict__ y, int N, int C,
@@ -193,6 +228,8 @@ __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __
     }
 }
 
+// The data gradient of one output phase (PhaseGemm): the structurally zero taps of a
+// stride > 1 are not in its K = C_out * KP.
 template <class P>
 __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const float* __restrict__ dy,
                                                  const float* __restrict__ w, float* __restrict__ dx, int N,
@@ -202,52 +239,51 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
     typename P::S* As = (typename P::S*)smem;
     typename P::S* Bs = As + T::A_ELEMS;
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
-    const int M = C, KHW = KH * KW, K = CO * KHW, HW = H * W, OHW = OH * OW, Pn = N * HW;
-    const int m0 = blockIdx.y * TBM, p0 = blockIdx.x * TBN;
+    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, TBN);
+    const int M = C, K = CO * ph.KP, HWp = ph.Hp * ph.Wp, OHW = OH * OW, Pn = N * HWp;
+    const int m0 = blockIdx.y * TBM, p0 = ph.tile * TBN;
+    if (p0 >= Pn) return;  // the whole block: this phase has fewer pixels than the largest
     const int kbeg = blockIdx.z * chunk, kend = min(K, kbeg + chunk);
-    dx += (size_t)blockIdx.z * N * C * HW;
+    dx += (size_t)blockIdx.z * N * C * H * W;
 
-    // B tile: this thread's fixed input-pixel column, rows bk + 2q.
+    // B tile: this thread's fixed input-pixel column, rows bk + 2q; dy row oh = ohb - a,
+    // column ow = owb - b for tap (py + a*stride, px + b*stride).
     const int bn = tid & 63, bk = tid >> 6;
     const int p = p0 + bn;
     const bool p_ok = p < Pn;
-    int ihp = 0, iwp = 0;
+    int ohb = 0, owb = 0;
     const float* dyb = dy;
     if (p_ok) {
-        int n = p / HW, r = p - n * HW, ih = r / W, iw = r - ih * W;
-        ihp = ih + pad;
-        iwp = iw + pad;
+        int n = p / HWp, r = p - n * HWp, i = r / ph.Wp;
+        ohb = ph.oh0 + i;
+        owb = ph.ow0 + r - i * ph.Wp;
         dyb = dy + (size_t)n * CO * OHW;
     }
-    // A[ci][(co,kh,kw)] = w[co][ci][kh][kw]: column ak, rows am + 4q.
+    // A[ci][(co,a,b)] = w[co][ci][py + a*stride][px + b*stride]: column ak, rows am + 4q.
     const int ak = tid & 31, am = tid >> 5;
 
     float ra[16], rb[16];
     auto load = [&](int k0) {
         const int ka = k0 + ak;
         const bool ka_ok = ka < kend;
-        int co = 0, rr = 0;
+        const float* wk = w;
         if (ka_ok) {
-            co = ka / KHW;
-            rr = ka - co * KHW;
+            int co = ka / ph.KP, rr = ka - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
+            wk = w + (size_t)co * C * KH * KW + (ph.py + a * stride) * KW + ph.px + b * stride;
         }
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
             int m = m0 + am + 4 * q;
-            ra[q] = (m < M && ka_ok) ? w[((size_t)co * C + m) * KHW + rr] : 0.0f;
+            ra[q] = (m < M && ka_ok) ? wk[(size_t)m * KH * KW] : 0.0f;
         }
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
             int k = k0 + bk + 2 * q;
             float v = 0.0f;
             if (p_ok && k < kend) {
-                int co2 = k / KHW, r2 = k - co2 * KHW, kh = r2 / KW, kw = r2 - kh * KW;
-                int th = ihp - kh, tw = iwp - kw;
-                if (th >= 0 && tw >= 0) {
-                    int oh = th / stride, ow = tw / stride;
-                    if (oh * stride == th && ow * stride == tw && oh < OH && ow < OW)
-                        v = dyb[((size_t)co2 * OH + oh) * OW + ow];
-                }
+                int co = k / ph.KP, rr = k - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
+                int oh = ohb - a, ow = owb - b;
+                if (oh >= 0 && oh < OH && ow >= 0 && ow < OW) v = dyb[((size_t)co * OH + oh) * OW + ow];
             }
             rb[q] = v;
         }
@@ -270,11 +306,12 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
     float* Cs = (float*)smem;
     tc_store(Cs, acc, wm, wn);
     if (!p_ok) return;
-    const int n = p / HW, r = p - n * HW;
+    const int n = p / HWp, r = p - n * HWp, i = r / ph.Wp;
+    const size_t pix = (size_t)(ph.ihs + i * stride) * W + ph.iws + (r - i * ph.Wp) * stride;
 #pragma unroll 4
-    for (int i = 0; i < TBM / 2; ++i) {
-        int ml = bk + 2 * i, m = m0 + ml;
-        if (m < M) dx[((size_t)n * C + m) * HW + r] = Cs[ml * TC_LDC + bn];
+    for (int q = 0; q < TBM / 2; ++q) {
+        int ml = bk + 2 * q, m = m0 + ml;
+        if (m < M) dx[((size_t)n * C + m) * H * W + pix] = Cs[ml * TC_LDC + bn];
     }
 }
 

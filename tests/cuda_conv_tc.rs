@@ -29,6 +29,11 @@ fn main() {
     common::cuda::main(vec![
         device("conv_bf16_matches_cpu", || matches_cpu(Precision::Bf16)),
         device("conv_tf32_matches_cpu", || matches_cpu(Precision::Tf32)),
+        device("conv_f32_strided_matches_cpu", conv_f32_strided_matches_cpu),
+        device(
+            "strided_data_gradient_skips_the_zero_taps",
+            strided_data_gradient_skips_the_zero_taps,
+        ),
         device(
             "precision_is_a_setting_of_the_backend",
             precision_is_a_setting_of_the_backend,
@@ -124,6 +129,7 @@ fn matches_cpu(p: Precision) {
         conv(1, 20, 4, 4, 200, 3, 1, 1),  // split-K data gradient
         conv(1, 5, 6, 7, 3, 3, 1, 0),     // no padding, tiny
     ];
+    let shapes = shapes.into_iter().chain(strided_shapes());
     let names = ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"];
     for s in shapes {
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
@@ -153,6 +159,95 @@ fn matches_cpu(p: Precision) {
             );
         }
     }
+}
+
+/// Strided shapes for the data gradient's output phases (`PhaseGemm` in the kernels): every
+/// phase of 3x3, 7x7 and 5x5 kernels at stride 2 and 3, 1x1 stride 2 (phases without any
+/// tap, all zero), even kernels, odd and tiny images (a phase without pixels), and the
+/// split-K path with phases of different reduction lengths.
+fn strided_shapes() -> [Conv2d; 8] {
+    [
+        conv(2, 7, 11, 9, 6, 3, 2, 1),    // 3x3 stride 2, odd sizes
+        conv(1, 3, 17, 14, 8, 7, 2, 3),   // the stem's 7x7 stride 2 pad 3
+        conv(2, 5, 9, 7, 70, 1, 2, 0),    // 1x1 stride 2, odd sizes, > 64 outputs
+        conv(1, 3, 5, 5, 4, 1, 2, 1),     // 1x1 stride 2 pad 1
+        conv(2, 4, 10, 11, 5, 5, 3, 2),   // stride 3: nine phases
+        conv(1, 6, 8, 9, 7, 4, 2, 1),     // an even kernel
+        conv(1, 4, 1, 3, 5, 3, 2, 1),     // one row: a phase without pixels
+        conv(1, 20, 7, 9, 200, 3, 2, 1),  // split-K data gradient, phases of K 800/400/200
+    ]
+}
+
+/// The f32 SIMT kernels (kernels/conv.cu) on the strided shapes, against the CPU.
+fn conv_f32_strided_matches_cpu() {
+    let g = gpu(Precision::F32);
+    let cpu = CpuBackend::<f32>::new();
+    let mut rng = SplitMix64::fresh("conv_f32_strided");
+    let names = ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"];
+    for s in strided_shapes() {
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
+        let want = conv_all(&cpu, &s, &x, &w, &dy);
+        let got = conv_all(&g, &s, &x, &w, &dy);
+        for i in 0..3 {
+            let e = rel_err(&got[i], &want[i]);
+            assert!(e < 1e-5, "f32 {} {s:?}: relative error {e:e}", names[i]);
+        }
+    }
+}
+
+/// The stride-2 data gradient multiplies no structurally zero tap: with one weight of tap
+/// (0, 0) infinite, the input pixels that tap never reaches (ih or iw even for 3x3, stride
+/// 2, pad 1) stay finite and equal to the CPU's, while the pixels it reaches do not (a
+/// kernel that multiplied the zero taps would make every pixel of that channel 0 * inf = NaN).
+fn strided_data_gradient_skips_the_zero_taps() {
+    let s = conv(2, 5, 9, 10, 6, 3, 2, 1);
+    let mut rng = SplitMix64::fresh("conv_zero_taps");
+    let mut w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+    let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
+    let ci = 3;
+    w[(2 * s.c_in + ci) * 9] = f32::INFINITY; // w[co 2][ci 3][0][0]
+    let cpu = CpuBackend::<f32>::new();
+    for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+        let g = gpu(p);
+        // Operands exact at p: the finite pixels then match the CPU within 1e-5.
+        let (w, dy) = (round(p, &w), round(p, &dy));
+        let want = bwd_data(&cpu, &s, &w, &dy);
+        let got = bwd_data(&g, &s, &w, &dy);
+        let (mut reached, mut checked) = (0, 0);
+        for n in 0..s.n {
+            for c in 0..s.c_in {
+                for ih in 0..s.h {
+                    for iw in 0..s.w {
+                        let i = ((n * s.c_in + c) * s.h + ih) * s.w + iw;
+                        if c == ci && ih % 2 == 1 && iw % 2 == 1 {
+                            reached += usize::from(!got[i].is_finite());
+                            continue;
+                        }
+                        assert!(
+                            (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                            "{p}: dx[{n}][{c}][{ih}][{iw}] = {} (cpu {}): a zero tap was multiplied",
+                            got[i],
+                            want[i]
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 800, "{p}: {checked} pixels checked");
+        assert!(reached > 0, "{p}: the infinite weight reached no pixel");
+    }
+}
+
+fn bwd_data<B: Backend<T = f32>>(be: &B, s: &Conv2d, w: &[f32], dy: &[f32]) -> Vec<f32> {
+    let wb = be.upload(w).expect("upload");
+    let dyb = be.upload(dy).expect("upload");
+    let mut dx = be.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
+    be.conv2d_bwd_data(s, &dyb, &wb, &mut dx)
+        .expect("conv2d_bwd_data");
+    be.download(&dx).expect("download")
 }
 
 fn precision_is_a_setting_of_the_backend() {

@@ -1,5 +1,6 @@
 //! Convolutions on the device (`kernels/conv.cu`, mirroring `cpu/conv.rs`): implicit-GEMM
-//! forward, data gradient and weight gradient (split over the reduction when the output
+//! forward, data gradient (per output phase: a stride > 1 skips the structurally zero
+//! taps) and weight gradient (split over the reduction when the output
 //! tiles alone would not fill the GPU, the splits summed by a second kernel). At the
 //! backend's precision: f32 runs the SIMT kernels of `conv.cu` (the reference), tf32 and
 //! bf16 the tensor-core kernels of `kernels/conv_tc.cu` (the same GEMMs and tiling of the
@@ -142,9 +143,9 @@ pub(crate) fn conv2d_bwd_data(
         return Ok(());
     }
     let g = geometry(s)?;
-    let (gx, gy) = (p.div_ceil(64), s.c_in.div_ceil(64));
+    let (gx, kk) = phase_grid(s);
+    let gy = s.c_in.div_ceil(64);
     if let Some(k) = tc_pick(be, |t| (&t.bwd_data_bf16, &t.bwd_data_tf32))? {
-        let kk = s.c_out * s.kh * s.kw;
         // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
         return unsafe {
             launch_split(be, "conv2d_bwd_data", k, true, (gx, gy), kk, dy, w, dx, &g)
@@ -195,6 +196,17 @@ pub(crate) fn conv2d_bwd_weight(
     let grid_xy = (nc.div_ceil(64), s.c_out.div_ceil(64));
     // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
     unsafe { launch_split(be, OP, kern, tc.is_some(), grid_xy, k, x, dy, dw, &g) }
+}
+
+/// The data gradient's grid along x and its longest reduction: per output phase (stride
+/// `st`: `st * st` phases, `PhaseGemm` in the kernels) a run of 64-pixel tiles as long as the
+/// largest phase (`ceil(h/st) * ceil(w/st)` pixels per image) needs, and the largest phase's
+/// `c_out * ceil(kh/st) * ceil(kw/st)` taps (the kernels skip the structurally zero ones).
+/// Stride 1: one phase, every pixel and tap.
+fn phase_grid(s: &Conv2d) -> (usize, usize) {
+    let st = s.stride.max(1);
+    let tiles = (s.n * s.h.div_ceil(st) * s.w.div_ceil(st)).div_ceil(64);
+    (st * st * tiles, s.c_out * s.kh.div_ceil(st) * s.kw.div_ceil(st))
 }
 
 /// How to split a reduction of length `k` over `blockIdx.z` when `tiles` output tiles alone
