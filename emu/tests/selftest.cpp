@@ -12,6 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cmath>
+#include <limits>
+
 #include <string>
 #include <vector>
 
@@ -59,7 +62,7 @@ static std::string err(CUresult r) {
 }
 
 static CUcontext g_ctx;
-static CUmodule g_mod, g_wmma;
+static CUmodule g_mod, g_wmma, g_pipe;
 
 // A fresh primary context: the previous one (and any sticky error in it) is released.
 static void fresh_context() {
@@ -70,7 +73,8 @@ static void fresh_context() {
 
 static CUfunction fn(const char* name) {
     CUfunction f = nullptr;
-    CUresult r = cuModuleGetFunction(&f, strncmp(name, "st_wmma", 7) == 0 ? g_wmma : g_mod, name);
+    CUmodule m = strncmp(name, "st_wmma", 7) == 0 ? g_wmma : strncmp(name, "st_pipe", 7) == 0 ? g_pipe : g_mod;
+    CUresult r = cuModuleGetFunction(&f, m, name);
     if (r) {
         printf("FAIL no kernel %s: %s\n", name, err(r).c_str());
         exit(1);
@@ -437,8 +441,46 @@ static void wmma_tf32() {
     fresh_context();
 }
 
+// cp.async (emu/tests/pipeline.cu): 4/8/16-byte copies with zero fill land when their
+// group is waited for, not before (not at a barrier either), and a misaligned copy fails.
+static void pipeline() {
+    std::vector<float> src(256);
+    for (int i = 0; i < 256; ++i) src[i] = (float)(i + 1);
+    CUdeviceptr ds = up(src), dout = up(std::vector<float>(768, 0.0f));
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    // mode 0: what every slot must hold after waiting for all groups (NaN: never written).
+    std::vector<float> want(768, nan);
+    for (int j = 0; j < 64; ++j) want[j] = (j & 1) ? 0.0f : src[j];
+    for (int j = 0; j < 128; ++j) want[256 + j] = ((j & 1) && (j / 2) % 3 == 0) ? 0.0f : src[j];
+    for (int j = 0; j < 256; ++j) want[512 + j] = ((j % 4) != 0 && (j / 4) % 4 == 0) ? 0.0f : src[j];
+    const char* what[3] = {"after waiting for every group all copies landed, zero fill included",
+                           "waiting for all but the newest group leaves the newest unlanded",
+                           "without a wait nothing landed, the barrier notwithstanding"};
+    for (int mode = 0; mode < 3; ++mode) {
+        int m = mode;
+        CUresult r = launch("st_pipe_stages", 1, 64, 0, {&ds, &dout, &m});
+        cuCtxSynchronize();
+        std::vector<float> got = down<float>(dout, 768);
+        int bad = 0;
+        for (int i = 0; i < 768; ++i) {
+            bool landed = i < 256 * (mode == 0 ? 3 : mode == 1 ? 2 : 0);
+            float w = landed ? want[i] : nan;
+            bool same = std::isnan(w) ? std::isnan(got[i]) : got[i] == w;
+            bad += !same;
+        }
+        check(r == 0 && bad == 0, "cp.async: %s (%d wrong of 768)", what[mode], bad);
+    }
+    fresh_context();
+    launch("st_pipe_misaligned", 1, 1, 0, {&ds});
+    CUresult code;
+    std::string e = sticky_error(&code);
+    check(code == CUDA_ERROR_LAUNCH_FAILED && e.find("not aligned") != std::string::npos,
+          "a cp.async of 8 bytes to a 4-byte-aligned address is a launch failure (%s)", e.c_str());
+    fresh_context();
+}
+
 int main(int, char** argv) {
-    // target/cuda-emu/bin/selftest -> target/cuda-emu/test-kernels/{selftest,wmma}.so
+    // target/cuda-emu/bin/selftest -> target/cuda-emu/test-kernels/{selftest,wmma,pipeline}.so
     std::string self = argv[0];
     size_t s = self.rfind('/');
     std::string dir = (s == std::string::npos ? std::string(".") : self.substr(0, s)) + "/../test-kernels/";
@@ -448,7 +490,8 @@ int main(int, char** argv) {
     }
     cuDevicePrimaryCtxRetain(&g_ctx, 0);
     cuCtxSetCurrent(g_ctx);
-    for (auto [mod, name] : {std::make_pair(&g_mod, "selftest.so"), std::make_pair(&g_wmma, "wmma.so")}) {
+    for (auto [mod, name] : {std::make_pair(&g_mod, "selftest.so"), std::make_pair(&g_wmma, "wmma.so"),
+                             std::make_pair(&g_pipe, "pipeline.so")}) {
         std::string so = dir + name;
         CUresult r = emuModuleLoadHost(mod, so.c_str());
         if (r) {
@@ -467,6 +510,7 @@ int main(int, char** argv) {
     wmma_16bit(false);
     wmma_16bit(true);
     wmma_tf32();
+    pipeline();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail == 0 ? 0 : 1;
 }
