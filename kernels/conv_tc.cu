@@ -14,43 +14,71 @@
 // conv_splitk_reduce sums in a fixed order (deterministic, no atomics); with one split the
 // output is written directly.
 //
-// Block tile 64x64, K tile 32, 128 threads = 4 warps in 2x2, each warp 32x32 (2x2 WMMA
-// accumulators). The next K tile is gathered into registers (f32) while the current one is
-// multiplied; the epilogue stores the accumulators through shared memory so that the
-// global writes are coalesced. Needs sm_80 or newer (bf16/tf32 WMMA): build.rs compiles this
-// file for compute_90 only, with the CUDA headers' include folder (mma.h).
+// Block tile 64x64, K tile 16, 128 threads = 4 warps in 2x2, each warp 32x32 (2x2 WMMA
+// accumulators). The operands go from global to shared memory by cp.async
+// (__pipeline_memcpy_async, 4 bytes per element: the im2col gather has no contiguity to
+// vectorise in NCHW, and an element outside the image or past K is the src-size-0 zero fill)
+// into a ring of TC_STAGES f32 stages: while tile t is multiplied, tiles t+1..t+STAGES-1
+// are in flight, and one __syncthreads per tile frees the stage that tile t-1 used. The
+// operands are rounded after the copy, since cp.async cannot convert: tf32 on the fragments
+// as they are loaded (wmma::__float_to_tf32 on every element, the stage stays f32), bf16 by
+// one pass of the block over the f32 stage into a bf16 tile (and a second barrier) that the
+// fragments load from. The epilogue stores the accumulators through shared memory so that
+// the global writes are coalesced. Needs sm_80 or newer (bf16/tf32 WMMA, cp.async):
+// build.rs compiles this file for compute_90 only, with the CUDA headers' include folder
+// (mma.h, cuda_pipeline_primitives.h).
 
 #include <cuda_bf16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
 using namespace nvcuda;
 
 #define TBM 64
 #define TBN 64
-#define TBK 32
+#define TBK 16
+#define TC_STAGES 4
 #define TC_THREADS 128
+// Blocks per SM the register allocation must allow (__launch_bounds__' second argument):
+// 4 x 128 threads x 128 registers fill the 64K registers of an SM, and 4 blocks of the
+// largest shared-memory footprint (bf16: 46-47 KB) fit its 228 KB; the tf32 weight
+// gradient (41 KB) fits 5, so 96 registers.
+#define TC_MIN_BLOCKS 4
+#define TC_MIN_BLOCKS_WEIGHT_TF32 5
 #define TC_LDC (TBN + 4)
-// Shared bytes: the largest of the operand tiles (tf32: 64x36 + 64x36 floats) and the
-// f32 output tile (64x68 floats).
-#define TC_SMEM 18432
+// f32 stage: A [TBM][LDF] (row m, column k), then B, row-major [TBK][LDFB] or, for the
+// weight gradient, column-major [TBN][LDF]; rows padded by 16 bytes.
+#define LDF (TBK + 4)
+#define LDFB (TBN + 4)
+#define STAGE_FLOATS (TBM * LDF + TBN * LDF)
+#define TC_SMEM_F32 (TC_STAGES * STAGE_FLOATS * 4)
+// bf16 tile (after the stages): A [TBM][LDH], B [TBK][LDHB] or [TBN][LDH].
+#define LDH (TBK + 8)
+#define LDHB (TBN + 8)
+#define TILE_H (TBM * LDH + TBN * LDH)
 
-// Operands rounded to bf16, 16x16x16 fragments.
+static_assert(TBK * LDFB <= TBN * LDF && TBK * LDHB <= TBN * LDH, "B's row-major layout fits its slot");
+static_assert(TBM * TC_LDC * 4 <= TC_SMEM_F32, "the epilogue's f32 tile fits in the stages");
+static_assert(TBM * TBK == 8 * TC_THREADS && TBN * TBK == 8 * TC_THREADS, "8 elements of A and of B per thread");
+static_assert(TC_STAGES >= 2 && TC_STAGES <= 8, "cp.async pipeline depth");
+
+// Operands rounded to bf16, 16x16x16 fragments loaded from the bf16 tile.
 struct PrecBf16 {
-    typedef __nv_bfloat16 S;  // shared-memory element
     typedef __nv_bfloat16 F;  // fragment element type
     static constexpr int KS = 16;
-    static constexpr int PADE = 8;  // row padding: 16 bytes
-    static __device__ __forceinline__ S cvt(float v) { return __float2bfloat16_rn(v); }
+    static constexpr bool TILE = true;  // a bf16 tile made from each stage
+    static constexpr int SMEM = TC_SMEM_F32 + TILE_H * 2;
 };
 
-// Operands rounded to tf32, 16x16x8 fragments.
+// Operands rounded to tf32, 16x16x8 fragments loaded from the f32 stage and rounded there.
 struct PrecTf32 {
-    typedef float S;
     typedef wmma::precision::tf32 F;
     static constexpr int KS = 8;
-    static constexpr int PADE = 4;
-    static __device__ __forceinline__ S cvt(float v) { return wmma::__float_to_tf32(v); }
+    static constexpr bool TILE = false;
+    static constexpr int SMEM = TC_SMEM_F32;
 };
+
+static_assert(PrecBf16::SMEM + 4 * TBN <= 48 * 1024, "static shared memory: at most 48 KiB per block");
 
 template <bool COL>
 struct BLayout {
@@ -61,42 +89,107 @@ struct BLayout<true> {
     typedef wmma::col_major T;
 };
 
-// Leading dimensions of the tiles in shared memory: A is [TBM][TBK] row-major; B is
-// [TBK][TBN] row-major, or [TBN][TBK] (column-major B) when BCOL.
-template <class P, bool BCOL>
-struct Tiles {
-    static constexpr int LDA = TBK + P::PADE;
-    static constexpr int LDB = BCOL ? TBK + P::PADE : TBN + P::PADE;
-    static constexpr int A_ELEMS = TBM * LDA;
-};
-
 template <class P>
 struct Acc {
     wmma::fragment<wmma::accumulator, 16, 16, P::KS, float> f[2][2];
 };
 
-// This warp's 32x32 of the block tile times one K tile in shared memory.
-template <class P, bool BCOL>
-__device__ __forceinline__ void tc_tile(const typename P::S* As, const typename P::S* Bs, Acc<P>& acc,
-                                        int wm, int wn) {
-    typedef Tiles<P, BCOL> T;
+// This warp's 32x32 of the block tile times one K tile: A [TBM][lda] and B ([TBK][ldb], or
+// [TBN][ldb] when BCOL) of element type E (float: tf32, rounded here; bf16).
+template <class P, bool BCOL, class E>
+__device__ __forceinline__ void tc_tile(const E* As, int lda, const E* Bs, int ldb, Acc<P>& acc, int wm, int wn) {
 #pragma unroll
     for (int kk = 0; kk < TBK; kk += P::KS) {
         wmma::fragment<wmma::matrix_a, 16, 16, P::KS, typename P::F, wmma::row_major> fa[2];
         wmma::fragment<wmma::matrix_b, 16, 16, P::KS, typename P::F, typename BLayout<BCOL>::T> fb[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 32 + 16 * i) * T::LDA + kk, T::LDA);
+        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 32 + 16 * i) * lda + kk, lda);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const typename P::S* b =
-                BCOL ? Bs + (wn * 32 + 16 * j) * T::LDB + kk : Bs + kk * T::LDB + wn * 32 + 16 * j;
-            wmma::load_matrix_sync(fb[j], b, T::LDB);
+            const E* b = BCOL ? Bs + (wn * 32 + 16 * j) * ldb + kk : Bs + kk * ldb + wn * 32 + 16 * j;
+            wmma::load_matrix_sync(fb[j], b, ldb);
+        }
+        if constexpr (!P::TILE) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int t = 0; t < fa[i].num_elements; ++t) fa[i].x[t] = wmma::__float_to_tf32(fa[i].x[t]);
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int t = 0; t < fb[j].num_elements; ++t) fb[j].x[t] = wmma::__float_to_tf32(fb[j].x[t]);
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.f[i][j], fa[i], fb[j], acc.f[i][j]);
     }
+}
+
+// 8 consecutive f32 of shared memory rounded to bf16 (16-byte-aligned source).
+__device__ __forceinline__ void bf16x8(const float* s, __nv_bfloat16* d) {
+    const float4 a = *(const float4*)s, b = *(const float4*)(s + 4);
+    __nv_bfloat162* o = (__nv_bfloat162*)d;
+    o[0] = __floats2bfloat162_rn(a.x, a.y);
+    o[1] = __floats2bfloat162_rn(a.z, a.w);
+    o[2] = __floats2bfloat162_rn(b.x, b.y);
+    o[3] = __floats2bfloat162_rn(b.z, b.w);
+}
+
+// One f32 stage into the bf16 tile, 8 elements of A and 8 of B per thread.
+template <bool BCOL>
+__device__ __forceinline__ void stage_to_bf16(const float* st, __nv_bfloat16* h, int tid) {
+    constexpr int CH = TBK / 8;  // 8-element chunks per row of A
+    bf16x8(st + (tid / CH) * LDF + (tid % CH) * 8, h + (tid / CH) * LDH + (tid % CH) * 8);
+    const float* sb = st + TBM * LDF;
+    __nv_bfloat16* hb = h + TBM * LDH;
+    if (BCOL)
+        bf16x8(sb + (tid / CH) * LDF + (tid % CH) * 8, hb + (tid / CH) * LDH + (tid % CH) * 8);
+    else
+        bf16x8(sb + (tid / 8) * LDFB + (tid % 8) * 8, hb + (tid / 8) * LDHB + (tid % 8) * 8);
+}
+
+// One 4-byte cp.async: *src, or 0 without reading when !ok (src must still be a valid
+// address: callers pass the tensor's base then).
+__device__ __forceinline__ void cp4(float* dst, const float* src, bool ok) {
+    __pipeline_memcpy_async(dst, src, 4, ok ? 0 : 4);
+}
+
+// The K loop of every kernel: `ntiles` K tiles, tile t gathered by issue(A stage, B stage,
+// t) as cp.async copies (8 per thread into each), multiplied into acc. Ends with the
+// stages free for the epilogue.
+template <class P, bool BCOL, class Issue>
+__device__ __forceinline__ void tc_mainloop(unsigned char* smem, int ntiles, Issue issue, Acc<P>& acc, int wm,
+                                            int wn) {
+    float* st = (float*)smem;
+#pragma unroll
+    for (int s = 0; s < TC_STAGES - 1; ++s) {
+        if (s < ntiles) issue(st + s * STAGE_FLOATS, st + s * STAGE_FLOATS + TBM * LDF, s);
+        __pipeline_commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+        // Tile t's group is complete (the newest STAGES-2 may not be) and, after the
+        // barrier, everyone's; everyone is done with tile t-1's stage, which is refilled.
+        __pipeline_wait_prior(TC_STAGES - 2);
+        __syncthreads();
+        const int nt = t + TC_STAGES - 1;
+        if (nt < ntiles) {
+            float* s = st + (nt % TC_STAGES) * STAGE_FLOATS;
+            issue(s, s + TBM * LDF, nt);
+        }
+        __pipeline_commit();
+        const float* cur = st + (t % TC_STAGES) * STAGE_FLOATS;
+        if constexpr (P::TILE) {
+            __nv_bfloat16* h = (__nv_bfloat16*)(smem + TC_SMEM_F32);
+            stage_to_bf16<BCOL>(cur, h, threadIdx.x);
+            __syncthreads();
+            tc_tile<P, BCOL>(h, LDH, h + TBM * LDH, BCOL ? LDH : LDHB, acc, wm, wn);
+        } else {
+            tc_tile<P, BCOL>(cur, LDF, cur + TBM * LDF, BCOL ? LDF : LDFB, acc, wm, wn);
+        }
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();
 }
 
 template <class P>
@@ -159,9 +252,6 @@ __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __
                                             const float* __restrict__ w, float* __restrict__ y, int N, int C,
                                             int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
                                             int OW, int chunk) {
-    typedef Tiles<P, false> T;
-    typename P::S* As = (typename P::S*)smem;
-    typename P::S* Bs = As + T::A_ELEMS;
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
     const int M = CO, KHW = KH * KW, K = C * KHW, OHW = OH * OW, Pn = N * OHW;
     const int m0 = blockIdx.y * TBM, p0 = blockIdx.x * TBN;
@@ -180,43 +270,36 @@ __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __
         iw0 = ow * stride - pad;
         xb = x + (size_t)n * C * H * W;
     }
-    // A tile (weights, contiguous along k): column ak, rows am + 4q.
-    const int ak = tid & 31, am = tid >> 5;
+    // A tile (weights, contiguous along k): column ak, rows am + 8q.
+    const int ak = tid % TBK, am = tid / TBK;
 
-    float ra[16], rb[16];
-    auto load = [&](int k0) {
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = kbeg + t * TBK;
+        const int ka = k0 + ak;
 #pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            int m = m0 + am + 4 * q, k = k0 + ak;
-            ra[q] = (m < M && k < kend) ? w[(size_t)m * K + k] : 0.0f;
+        for (int q = 0; q < 8; ++q) {
+            const int m = m0 + am + 8 * q;
+            const bool ok = m < M && ka < kend;
+            cp4(As + (am + 8 * q) * LDF + ak, ok ? w + (size_t)m * K + ka : w, ok);
         }
 #pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            int k = k0 + bk + 2 * q;
-            float v = 0.0f;
-            if (p_ok && k < kend) {
+        for (int q = 0; q < 8; ++q) {
+            const int k = k0 + bk + 2 * q;
+            const float* src = x;
+            bool ok = p_ok && k < kend;
+            if (ok) {
                 int ci = k / KHW, rr = k - ci * KHW, kh = rr / KW, kw = rr - kh * KW;
                 int ih = ih0 + kh, iw = iw0 + kw;
-                if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = xb[((size_t)ci * H + ih) * W + iw];
+                ok = ih >= 0 && ih < H && iw >= 0 && iw < W;
+                if (ok) src = xb + ((size_t)ci * H + ih) * W + iw;
             }
-            rb[q] = v;
+            cp4(Bs + (bk + 2 * q) * LDFB + bn, src, ok);
         }
     };
 
     Acc<P> acc;
     tc_zero(acc);
-    load(kbeg);
-    for (int k0 = kbeg; k0 < kend; k0 += TBK) {
-#pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            As[(am + 4 * q) * T::LDA + ak] = P::cvt(ra[q]);
-            Bs[(bk + 2 * q) * T::LDB + bn] = P::cvt(rb[q]);
-        }
-        __syncthreads();
-        if (k0 + TBK < kend) load(k0 + TBK);
-        tc_tile<P, false>(As, Bs, acc, wm, wn);
-        __syncthreads();
-    }
+    tc_mainloop<P, false>(smem, kend > kbeg ? (kend - kbeg + TBK - 1) / TBK : 0, issue, acc, wm, wn);
     float* Cs = (float*)smem;
     tc_store(Cs, acc, wm, wn);
     if (!p_ok) return;
@@ -235,9 +318,6 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
                                                  const float* __restrict__ w, float* __restrict__ dx, int N,
                                                  int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
                                                  int OH, int OW, int chunk) {
-    typedef Tiles<P, false> T;
-    typename P::S* As = (typename P::S*)smem;
-    typename P::S* Bs = As + T::A_ELEMS;
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
     const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, TBN);
     const int M = C, K = CO * ph.KP, HWp = ph.Hp * ph.Wp, OHW = OH * OW, Pn = N * HWp;
@@ -259,11 +339,11 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
         owb = ph.ow0 + r - i * ph.Wp;
         dyb = dy + (size_t)n * CO * OHW;
     }
-    // A[ci][(co,a,b)] = w[co][ci][py + a*stride][px + b*stride]: column ak, rows am + 4q.
-    const int ak = tid & 31, am = tid >> 5;
+    // A[ci][(co,a,b)] = w[co][ci][py + a*stride][px + b*stride]: column ak, rows am + 8q.
+    const int ak = tid % TBK, am = tid / TBK;
 
-    float ra[16], rb[16];
-    auto load = [&](int k0) {
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = kbeg + t * TBK;
         const int ka = k0 + ak;
         const bool ka_ok = ka < kend;
         const float* wk = w;
@@ -272,37 +352,29 @@ __device__ __forceinline__ void conv_bwd_data_tc(unsigned char* smem, const floa
             wk = w + (size_t)co * C * KH * KW + (ph.py + a * stride) * KW + ph.px + b * stride;
         }
 #pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            int m = m0 + am + 4 * q;
-            ra[q] = (m < M && ka_ok) ? wk[(size_t)m * KH * KW] : 0.0f;
+        for (int q = 0; q < 8; ++q) {
+            const int m = m0 + am + 8 * q;
+            const bool ok = m < M && ka_ok;
+            cp4(As + (am + 8 * q) * LDF + ak, ok ? wk + (size_t)m * KH * KW : w, ok);
         }
 #pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            int k = k0 + bk + 2 * q;
-            float v = 0.0f;
-            if (p_ok && k < kend) {
+        for (int q = 0; q < 8; ++q) {
+            const int k = k0 + bk + 2 * q;
+            const float* src = dy;
+            bool ok = p_ok && k < kend;
+            if (ok) {
                 int co = k / ph.KP, rr = k - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
                 int oh = ohb - a, ow = owb - b;
-                if (oh >= 0 && oh < OH && ow >= 0 && ow < OW) v = dyb[((size_t)co * OH + oh) * OW + ow];
+                ok = oh >= 0 && oh < OH && ow >= 0 && ow < OW;
+                if (ok) src = dyb + ((size_t)co * OH + oh) * OW + ow;
             }
-            rb[q] = v;
+            cp4(Bs + (bk + 2 * q) * LDFB + bn, src, ok);
         }
     };
 
     Acc<P> acc;
     tc_zero(acc);
-    load(kbeg);
-    for (int k0 = kbeg; k0 < kend; k0 += TBK) {
-#pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            As[(am + 4 * q) * T::LDA + ak] = P::cvt(ra[q]);
-            Bs[(bk + 2 * q) * T::LDB + bn] = P::cvt(rb[q]);
-        }
-        __syncthreads();
-        if (k0 + TBK < kend) load(k0 + TBK);
-        tc_tile<P, false>(As, Bs, acc, wm, wn);
-        __syncthreads();
-    }
+    tc_mainloop<P, false>(smem, kend > kbeg ? (kend - kbeg + TBK - 1) / TBK : 0, issue, acc, wm, wn);
     float* Cs = (float*)smem;
     tc_store(Cs, acc, wm, wn);
     if (!p_ok) return;
@@ -322,9 +394,6 @@ __device__ __forceinline__ void conv_bwd_weight_tc(unsigned char* smem, int* col
                                                    float* __restrict__ out, int N, int C, int H, int W, int CO,
                                                    int KH, int KW, int stride, int pad, int OH, int OW,
                                                    int chunk) {
-    typedef Tiles<P, true> T;
-    typename P::S* As = (typename P::S*)smem;
-    typename P::S* Bs = As + T::A_ELEMS;
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
     const int M = CO, KHW = KH * KW, NC = C * KHW, OHW = OH * OW, K = N * OHW;
     const int m0 = blockIdx.y * TBM, c0 = blockIdx.x * TBN;
@@ -345,53 +414,45 @@ __device__ __forceinline__ void conv_bwd_weight_tc(unsigned char* smem, int* col
     }
     __syncthreads();
 
-    // Both tiles are gathered with the reduction index (pixel) fastest: k = tid & 31;
-    // A rows (co) and B columns (ci,kh,kw) lr + 4q.
-    const int lk = tid & 31, lr = tid >> 5;
+    // Both tiles are gathered with the reduction index (pixel) fastest: k = tid % TBK;
+    // A rows (co) and B columns (ci,kh,kw) lr + 8q.
+    const int lk = tid % TBK, lr = tid / TBK;
 
-    float ra[16], rb[16];
-    auto load = [&](long long k0) {
-        const bool k_ok = k0 + lk < kend;
+    auto issue = [&](float* As, float* Bs, int t) {
+        const long long kk = kbeg + (long long)t * TBK + lk;
+        const bool k_ok = kk < kend;
         int n = 0, oh = 0, ow = 0, r = 0;
         if (k_ok) {
-            int k = (int)(k0 + lk);
+            int k = (int)kk;
             n = k / OHW;
             r = k - n * OHW;
             oh = r / OW;
             ow = r - oh * OW;
         }
 #pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            int m = m0 + lr + 4 * q;
-            ra[q] = (k_ok && m < M) ? dy[((size_t)n * CO + m) * OHW + r] : 0.0f;
+        for (int q = 0; q < 8; ++q) {
+            const int m = m0 + lr + 8 * q;
+            const bool ok = k_ok && m < M;
+            cp4(As + (lr + 8 * q) * LDF + lk, ok ? dy + ((size_t)n * CO + m) * OHW + r : dy, ok);
         }
 #pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            int info = colinfo[lr + 4 * q];
-            float v = 0.0f;
-            if (k_ok && info >= 0) {
+        for (int q = 0; q < 8; ++q) {
+            const int info = colinfo[lr + 8 * q];
+            const float* src = x;
+            bool ok = k_ok && info >= 0;
+            if (ok) {
                 int ci = info >> 16, kh = (info >> 8) & 255, kw = info & 255;
                 int ih = oh * stride - pad + kh, iw = ow * stride - pad + kw;
-                if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = x[(((size_t)n * C + ci) * H + ih) * W + iw];
+                ok = ih >= 0 && ih < H && iw >= 0 && iw < W;
+                if (ok) src = x + (((size_t)n * C + ci) * H + ih) * W + iw;
             }
-            rb[q] = v;
+            cp4(Bs + (lr + 8 * q) * LDF + lk, src, ok);
         }
     };
 
     Acc<P> acc;
     tc_zero(acc);
-    if (kbeg < kend) load(kbeg);
-    for (long long k0 = kbeg; k0 < kend; k0 += TBK) {
-#pragma unroll
-        for (int q = 0; q < 16; ++q) {
-            As[(lr + 4 * q) * T::LDA + lk] = P::cvt(ra[q]);
-            Bs[(lr + 4 * q) * T::LDB + lk] = P::cvt(rb[q]);
-        }
-        __syncthreads();
-        if (k0 + TBK < kend) load(k0 + TBK);
-        tc_tile<P, true>(As, Bs, acc, wm, wn);
-        __syncthreads();
-    }
+    tc_mainloop<P, true>(smem, kend > kbeg ? (int)((kend - kbeg + TBK - 1) / TBK) : 0, issue, acc, wm, wn);
     float* Cs = (float*)smem;
     tc_store(Cs, acc, wm, wn);
     float* o = out + (size_t)blockIdx.z * M * NC;
@@ -404,52 +465,52 @@ __device__ __forceinline__ void conv_bwd_weight_tc(unsigned char* smem, int* col
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_fwd_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
                 int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                 int chunk) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM];
+    __shared__ __align__(128) unsigned char smem[PrecBf16::SMEM];
     conv_fwd_tc<PrecBf16>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_fwd_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
                 int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                 int chunk) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM];
+    __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
     conv_fwd_tc<PrecTf32>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_data_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
                      int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                 int chunk) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM];
+    __shared__ __align__(128) unsigned char smem[PrecBf16::SMEM];
     conv_bwd_data_tc<PrecBf16>(smem, dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_data_tf32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
                      int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                 int chunk) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM];
+    __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
     conv_bwd_data_tc<PrecTf32>(smem, dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_weight_bf16(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out, int N,
                        int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                        int chunk) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM];
+    __shared__ __align__(128) unsigned char smem[PrecBf16::SMEM];
     __shared__ int colinfo[TBN];
     conv_bwd_weight_tc<PrecBf16>(smem, colinfo, x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS_WEIGHT_TF32)
 conv2d_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out, int N,
                        int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                        int chunk) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM];
+    __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
     __shared__ int colinfo[TBN];
     conv_bwd_weight_tc<PrecTf32>(smem, colinfo, x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }

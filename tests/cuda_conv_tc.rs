@@ -167,14 +167,14 @@ fn matches_cpu(p: Precision) {
 /// split-K path with phases of different reduction lengths.
 fn strided_shapes() -> [Conv2d; 8] {
     [
-        conv(2, 7, 11, 9, 6, 3, 2, 1),    // 3x3 stride 2, odd sizes
-        conv(1, 3, 17, 14, 8, 7, 2, 3),   // the stem's 7x7 stride 2 pad 3
-        conv(2, 5, 9, 7, 70, 1, 2, 0),    // 1x1 stride 2, odd sizes, > 64 outputs
-        conv(1, 3, 5, 5, 4, 1, 2, 1),     // 1x1 stride 2 pad 1
-        conv(2, 4, 10, 11, 5, 5, 3, 2),   // stride 3: nine phases
-        conv(1, 6, 8, 9, 7, 4, 2, 1),     // an even kernel
-        conv(1, 4, 1, 3, 5, 3, 2, 1),     // one row: a phase without pixels
-        conv(1, 20, 7, 9, 200, 3, 2, 1),  // split-K data gradient, phases of K 800/400/200
+        conv(2, 7, 11, 9, 6, 3, 2, 1),   // 3x3 stride 2, odd sizes
+        conv(1, 3, 17, 14, 8, 7, 2, 3),  // the stem's 7x7 stride 2 pad 3
+        conv(2, 5, 9, 7, 70, 1, 2, 0),   // 1x1 stride 2, odd sizes, > 64 outputs
+        conv(1, 3, 5, 5, 4, 1, 2, 1),    // 1x1 stride 2 pad 1
+        conv(2, 4, 10, 11, 5, 5, 3, 2),  // stride 3: nine phases
+        conv(1, 6, 8, 9, 7, 4, 2, 1),    // an even kernel
+        conv(1, 4, 1, 3, 5, 3, 2, 1),    // one row: a phase without pixels
+        conv(1, 20, 7, 9, 200, 3, 2, 1), // split-K data gradient, phases of K 800/400/200
     ]
 }
 

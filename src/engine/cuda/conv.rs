@@ -1,7 +1,7 @@
 //! Convolutions on the device (`kernels/conv.cu`, mirroring `cpu/conv.rs`): implicit-GEMM
 //! forward, data gradient (per output phase: a stride > 1 skips the structurally zero
-//! taps) and weight gradient (split over the reduction when the output
-//! tiles alone would not fill the GPU, the splits summed by a second kernel). At the
+//! taps) and weight gradient (split over the reduction when the output tiles alone would
+//! not fill the GPU, the splits summed by a second kernel). At the
 //! backend's precision: f32 runs the SIMT kernels of `conv.cu` (the reference), tf32 and
 //! bf16 the tensor-core kernels of `kernels/conv_tc.cu` (the same GEMMs and tiling of the
 //! grid, operands rounded as they are staged, f32 accumulation).
@@ -44,8 +44,8 @@ fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
 
 /// Threads of a tensor-core block (4 warps); the tiles are 64x64 like the SIMT kernels'.
 const TC_THREADS: u32 = 128;
-/// K tile of the tensor-core kernels: a split of the weight gradient covers a multiple.
-const TC_BK: usize = 32;
+/// K tile of the tensor-core kernels (`TBK` in conv_tc.cu): a split covers a multiple.
+const TC_BK: usize = 16;
 
 /// Whether `be`'s device can run its convolutions at `p` (tf32 and bf16: compute capability
 /// 8.0 or newer, and the tensor-core module loads), checked when the precision is set.
@@ -206,7 +206,10 @@ pub(crate) fn conv2d_bwd_weight(
 fn phase_grid(s: &Conv2d) -> (usize, usize) {
     let st = s.stride.max(1);
     let tiles = (s.n * s.h.div_ceil(st) * s.w.div_ceil(st)).div_ceil(64);
-    (st * st * tiles, s.c_out * s.kh.div_ceil(st) * s.kw.div_ceil(st))
+    (
+        st * st * tiles,
+        s.c_out * s.kh.div_ceil(st) * s.kw.div_ceil(st),
+    )
 }
 
 /// How to split a reduction of length `k` over `blockIdx.z` when `tiles` output tiles alone
@@ -221,7 +224,7 @@ fn split_plan(be: &CudaBackend, tiles: usize, k: usize, bk: usize) -> (usize, us
 }
 
 /// Launches a split-K kernel `kern(a, b, out, geometry.., chunk)` (the weight gradients and
-/// the tensor-core kernels, `tc`: 128 threads and K tiles of 32, else 256 and 16) on a
+/// the tensor-core kernels, `tc`: 128 threads, else 256; K tiles of 16 both) on a
 /// `(gx, gy, splits)` grid: with one split it writes `out`;
 /// otherwise each split writes its partial result into a workspace of `splits` outputs,
 /// which `conv_splitk_reduce` sums into `out` in split order (deterministic).
