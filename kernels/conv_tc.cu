@@ -1,7 +1,7 @@
 // 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma):
 // the same three GEMMs as kernels/conv.cu (the f32 SIMT reference), with the operands
-// rounded to bf16 (16x16x16 fragments) or tf32 (16x16x8) as they are stored into shared
-// memory, and f32 accumulation.
+// rounded to bf16 (16x16x16 fragments) or tf32 (16x16x8) once they are in shared memory,
+// and f32 accumulation.
 //
 //   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x)
 //   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy), per
