@@ -11,7 +11,18 @@
 //!   buffer is overwritten right after the call;
 //! - on the emulator, at the driver itself: the capture status, a stream-ordered allocation
 //!   refused and the capture invalidated, a copy from page-locked memory recorded and
-//!   replayed from that memory's contents at replay time.
+//!   replayed from that memory's contents at replay time;
+//! - whole training steps (stage 1 with Adam and a learning rate that changes every step,
+//!   stage 2 with SGD, whose first step differs) replayed from captured graphs give
+//!   bit-identical losses, logits, parameters, batch-norm running stats and optimizer state
+//!   to the same steps run eagerly from the same initial state; a step with another batch
+//!   shape runs eagerly and re-captures; capturing the eager step (which allocates and
+//!   synchronises) is an error saying so;
+//! - the copy stream: on the emulator, whose copies from page-locked memory on a created
+//!   stream are deferred until something orders work after them, a consumer that does not
+//!   wait for the copy's event reads the old contents and a page-locked source overwritten
+//!   before the copy's event completed changes what arrives (so a wrong order fails), while
+//!   the engine's uploads (which wait) arrive intact and make the compute stream wait.
 //!
 //! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
 //! tests are reported as ignored (tests/common/cuda.rs).
@@ -46,6 +57,18 @@ fn main() {
         emulator(
             "emulator_capture_at_the_driver",
             emulator_capture_at_the_driver,
+        ),
+        device(
+            "train_steps_graph_replay_is_bit_identical_to_eager",
+            train_steps_graph_replay_is_bit_identical_to_eager,
+        ),
+        device(
+            "capturing_an_allocating_or_syncing_step_is_an_error",
+            capturing_an_allocating_or_syncing_step_is_an_error,
+        ),
+        emulator(
+            "emulator_copy_stream_order_is_enforced",
+            emulator_copy_stream_order_is_enforced,
         ),
     ];
     // One device context shared by all; captures must not interleave.
@@ -356,4 +379,252 @@ fn emulator_capture_at_the_driver() {
         .copy_from_slice(&[5.0, 6.0, 7.0, 8.0]);
     graph.launch().expect("replay");
     assert_eq!(g.download(&dev).expect("download"), [5.0f32, 6.0, 7.0, 8.0]);
+}
+
+fn small_cfg() -> ModelConfig {
+    ModelConfig {
+        layers: vec![1, 1],
+        base_width: 4,
+        lstm_hidden: 5,
+        ..ModelConfig::tiny()
+    }
+}
+
+fn randn(seed: u64, n: usize) -> Vec<f32> {
+    let mut r = SplitMix64::new(seed);
+    r.vec_f32(n, -1.0, 1.0)
+}
+
+/// Every tensor (parameters and running stats) and every optimizer state of two nets, bit
+/// for bit.
+fn assert_same_state(a: &IchNet<CudaBackend>, b: &IchNet<CudaBackend>, what: &str) {
+    for name in a.names() {
+        let (pa, pb) = (
+            a.param(&name).expect("param"),
+            b.param(&name).expect("param"),
+        );
+        assert_eq!(bits(&pa), bits(&pb), "{what}: {name} differs");
+        let (sa, sb) = (
+            a.opt_state(&name).expect("state"),
+            b.opt_state(&name).expect("state"),
+        );
+        assert_eq!(sa.steps, sb.steps, "{what}: step count of {name}");
+        let b2 = |v: &Option<Vec<f32>>| v.as_ref().map(|v| bits(v));
+        assert_eq!(b2(&sa.m), b2(&sb.m), "{what}: first moment of {name}");
+        assert_eq!(b2(&sa.v), b2(&sb.v), "{what}: second moment of {name}");
+    }
+}
+
+fn train_steps_graph_replay_is_bit_identical_to_eager() {
+    use ichcam::model::net_graph::GraphSteps;
+    use ichcam::model::{OptimizerConfig, ParamGroup};
+    let g = gpu();
+    let mut eager = IchNet::new(g.clone(), small_cfg(), 21).expect("net");
+    let mut graphed = IchNet::new(g.clone(), small_cfg(), 21).expect("net");
+    let c = small_cfg().in_channels;
+    // Stage 1, Adam, a learning rate that changes every step (a schedule): a step count or
+    // a learning rate baked into the graph at capture time would differ from step 3 on.
+    let mut steps = GraphSteps::default();
+    let shapes = [
+        (2, 3, 32),
+        (2, 3, 32),
+        (2, 3, 32),
+        (2, 3, 32),
+        (1, 3, 32),
+        (2, 3, 32),
+        (2, 3, 32),
+    ];
+    for (k, &(batch, seq, size)) in shapes.iter().enumerate() {
+        let n = batch * seq;
+        let x = randn(100 + k as u64, n * c * size * size);
+        let y: Vec<f32> = (0..n).map(|i| ((i + k) % 2) as f32).collect();
+        let opt = OptimizerConfig::adam(1e-2 / (1.0 + k as f64));
+        eager.zero_grads().expect("zero");
+        let want = eager
+            .stage1_forward_backward(&x, &y, batch, seq, size, size, 1.5)
+            .expect("eager step");
+        eager.step(&opt, ParamGroup::Stage1).expect("eager step");
+        let got = graphed
+            .stage1_step_graphed(&mut steps, &x, &y, batch, seq, size, size, 1.5, &opt)
+            .expect("graphed step");
+        assert_eq!(
+            got.loss.to_bits(),
+            want.loss.to_bits(),
+            "stage-1 step {k}: loss {} vs {}",
+            got.loss,
+            want.loss
+        );
+        assert_eq!(got.logits, want.logits, "stage-1 step {k}: logits");
+        if let Some(why) = steps.graph.as_ref().and_then(|t| t.failure()) {
+            panic!("stage-1 step {k}: the step was not captured: {why}");
+        }
+        assert_same_state(&eager, &graphed, &format!("after stage-1 step {k}"));
+    }
+    // First step eager, second captured and replayed, then replays; the batch of 1 ran
+    // eagerly (and prepared a graph for its shape), so did the next 2-batch step (a new
+    // shape again), and the one after re-captured.
+    let (captures, replays, eagers) = steps.counts();
+    assert_eq!(
+        (captures, replays, eagers),
+        (2, 4, 3),
+        "captures, replays, eager steps"
+    );
+    let nodes = steps.graph.as_ref().map_or(0, |t| t.nodes());
+    eprintln!("stage-1 training step graph: {nodes} operations");
+
+    // Stage 2, SGD with momentum (the first step seeds the momentum), the lr changing.
+    let mut steps2 = GraphSteps::default();
+    for k in 0..4 {
+        let (n, size) = (4, 32);
+        let x = randn(200 + k as u64, n * c * size * size);
+        let y: Vec<f32> = (0..n).map(|i| ((i / 2 + k) % 2) as f32).collect();
+        let opt = OptimizerConfig::Sgd {
+            lr: 0.05 * (k + 1) as f64,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+        };
+        eager.zero_grads().expect("zero");
+        let want = eager
+            .stage2_forward_backward(&x, &y, n, size, size, 1.0)
+            .expect("eager step");
+        eager.step(&opt, ParamGroup::Fc).expect("eager step");
+        let got = graphed
+            .stage2_step_graphed(&mut steps2, &x, &y, n, size, size, 1.0, &opt)
+            .expect("graphed step");
+        assert_eq!(got.to_bits(), want.to_bits(), "stage-2 step {k}: loss");
+        assert_same_state(&eager, &graphed, &format!("after stage-2 step {k}"));
+    }
+    assert_eq!(steps2.counts(), (1, 3, 1), "captures, replays, eager steps");
+}
+
+fn capturing_an_allocating_or_syncing_step_is_an_error() {
+    let g = gpu();
+    let mut net = IchNet::new(g.clone(), small_cfg(), 5).expect("net");
+    let c = small_cfg().in_channels;
+    let x = randn(7, 2 * c * 32 * 32);
+    let y = [1.0f32, 0.0];
+    net.stage2_forward_backward(&x, &y, 2, 32, 32, 1.0)
+        .expect("warm");
+    // The eager step uploads its inputs into new buffers: an allocation.
+    let e = g
+        .capture(|| {
+            net.stage2_forward_backward(&x, &y, 2, 32, 32, 1.0)
+                .map(|_| ())
+                .map_err(|e| ichcam::engine::EngineError::Param(e.to_string()))
+        })
+        .err()
+        .expect("capturing an allocation must fail");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("not permitted while the stream captures a CUDA graph"),
+        "{msg}"
+    );
+    assert!(!g.is_capturing());
+    // The eager loss downloads (a synchronisation): the driver refuses it and the capture
+    // is invalidated; the error names it.
+    let (l, t) = (
+        g.upload(&[0.5f32, -1.0]).expect("upload"),
+        g.upload(&[1.0f32, 0.0]).expect("upload"),
+    );
+    let mut dl = g.upload(&[0.0f32, 0.0]).expect("upload");
+    let e = g
+        .capture(|| g.bce_with_logits(&l, &t, 1.0, &mut dl).map(|_| ()))
+        .err()
+        .expect("capturing a synchronisation must fail");
+    let msg = e.to_string();
+    assert!(msg.to_lowercase().contains("capture"), "{msg}");
+    // The stream is usable afterwards, and the capturable form works in a graph.
+    let mut loss = g.zeros_f64(1).expect("loss");
+    let (graph, ()) = g
+        .capture(|| g.bce_with_logits_into(&l, &t, 1.0, &mut dl, &mut loss))
+        .expect("capturable loss");
+    graph.replay().expect("replay");
+    let want = g.bce_with_logits(&l, &t, 1.0, &mut dl).expect("eager loss");
+    let got = g.stream().clone_dtoh(&loss).expect("download")[0];
+    assert_eq!(got.to_bits(), want.to_bits());
+}
+
+/// An exported emulator function (emu/driver/api.cpp) on a stream.
+fn emu_query(name: &std::ffi::CStr, s: cudarc::driver::sys::CUstream) -> i64 {
+    // SAFETY: the emulator's libcuda is loaded (the harness checked); the symbol has this
+    // signature there.
+    unsafe {
+        let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        assert!(!lib.is_null(), "libcuda.so.1 is not loaded");
+        let f = libc::dlsym(lib, name.as_ptr());
+        assert!(!f.is_null(), "the emulator has no {name:?}");
+        let f: extern "C" fn(cudarc::driver::sys::CUstream) -> i64 = std::mem::transmute(f);
+        f(s)
+    }
+}
+
+fn emulator_copy_stream_order_is_enforced() {
+    let g = gpu();
+    let ctx = g.context();
+    let compute = g.stream();
+    let side = ctx.new_stream().expect("stream");
+    // SAFETY: written below before any copy reads it.
+    let mut pinned = unsafe { ctx.alloc_pinned::<f32>(4) }.expect("pinned");
+    pinned
+        .as_mut_slice()
+        .expect("pinned")
+        .copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
+    let mut dev = g.upload(&[0.0f32; 4]).expect("upload");
+    g.synchronize().expect("sync");
+    // A copy on another stream that nobody waits for: the compute stream reads the old data.
+    side.memcpy_htod(&pinned, &mut dev).expect("copy");
+    assert_eq!(emu_query(c"emuStreamPending", side.cu_stream()), 1);
+    assert_eq!(
+        g.download(&dev).expect("download"),
+        [0.0f32; 4],
+        "a consumer that does not wait for the copy's event must not see the data"
+    );
+    // Overwriting the page-locked source before the copy's event completed changes what
+    // arrives: a staging buffer reused too early shows.
+    pinned
+        .as_mut_slice()
+        .expect("pinned")
+        .copy_from_slice(&[5.0, 6.0, 7.0, 8.0]);
+    let ev = side.record_event(None).expect("event");
+    let waits = emu_query(c"emuStreamWaits", compute.cu_stream());
+    compute.wait(&ev).expect("wait");
+    assert_eq!(emu_query(c"emuStreamWaits", compute.cu_stream()), waits + 1);
+    assert_eq!(emu_query(c"emuStreamPending", side.cu_stream()), 0);
+    assert_eq!(g.download(&dev).expect("download"), [5.0f32, 6.0, 7.0, 8.0]);
+
+    // The engine's staged uploads (above the staging threshold) run on its copy stream and
+    // make the compute stream wait for them; the data arrives intact even though the host
+    // buffer and the staging buffers are reused at once.
+    assert!(!std::sync::Arc::ptr_eq(g.copy_stream(), compute));
+    let len = 40_000;
+    let mut dst = g.upload(&vec![0.0f32; len]).expect("upload");
+    for round in 0..4u32 {
+        let waits = emu_query(c"emuStreamWaits", compute.cu_stream());
+        let host: Vec<f32> = (0..len).map(|i| (i as f32 + round as f32).cos()).collect();
+        g.upload_into(&host, &mut dst).expect("upload_into");
+        assert!(
+            emu_query(c"emuStreamWaits", compute.cu_stream()) > waits,
+            "the compute stream did not wait for the upload"
+        );
+        let mut copy = g.upload(&host).expect("upload");
+        g.add_assign(&mut copy, &dst).expect("add");
+        let got = g.download(&copy).expect("download");
+        let want: Vec<f32> = host.iter().map(|v| v + v).collect();
+        assert_eq!(bits(&got), bits(&want), "round {round}");
+    }
+    // The ring: uploads alternate between two buffers; each consumed copy is the right one.
+    let mut ring = g.input_ring(len).expect("ring");
+    let mut x = g.upload(&vec![0.0f32; len]).expect("upload");
+    for round in 0..5u32 {
+        let host: Vec<f32> = (0..len)
+            .map(|i| (i as f32 * 0.5 + round as f32).sin())
+            .collect();
+        g.ring_upload(&mut ring, &host).expect("ring upload");
+        g.ring_consume(&mut ring, &mut x).expect("ring consume");
+        assert_eq!(
+            bits(&g.download(&x).expect("download")),
+            bits(&host),
+            "ring round {round}"
+        );
+    }
 }

@@ -172,6 +172,15 @@ struct Stream {
     bool invalidated = false;
     int capture_mode = 0;  // CUstreamCaptureMode: 0 global, 1 thread-local, 2 relaxed
     uint64_t capture_id = 0;
+    // Copies from page-locked memory enqueued on this stream and not run yet (deferred
+    // copies, see flush_locked): {dst, src, bytes}.
+    struct Pending {
+        void* dst;
+        const void* src;
+        size_t n;
+    };
+    std::vector<Pending> pending;
+    uint64_t waits = 0;  // cuStreamWaitEvent calls on this stream
 };
 
 // One recorded operation of a graph, replayed in capture order.
@@ -226,6 +235,7 @@ struct Event {
     uint32_t magic = 0x65766e31;  // "evn1"
     double t = 0;
     bool recorded = false;
+    Stream* stream = nullptr;  // where it was last recorded
 };
 
 struct MemPool {
@@ -273,10 +283,52 @@ Stream* stream_of(CUstream s) {
 
 // Stream-ordered operations run under their stream's lock: in order with a launch that
 // another host thread runs on the same stream.
+// Deferred copies: an asynchronous copy from page-locked host memory on a created stream
+// does not run when it is enqueued (everything else does) but when something orders work
+// after it: the next operation on its stream, a synchronisation of its stream, of an event
+// recorded after it or of the context, another stream waiting for such an event
+// (cuStreamWaitEvent), a synchronous copy, or a free. So a consumer on another stream that
+// does not wait for the copy's event reads the old contents, and a host that overwrites the
+// page-locked source before the copy's event completed changes what the copy delivers, as
+// on a GPU where the copy engine runs concurrently. EMU_DEFER_COPIES=0 runs them at once.
+bool defer_copies() {
+    static const bool on = [] {
+        const char* e = getenv("EMU_DEFER_COPIES");
+        return !(e && e[0] == '0');
+    }();
+    return on;
+}
+std::mutex g_streams_mu;
+std::set<Stream*> g_streams;  // created streams (deferred copies live only on these)
+
+void flush_locked(Stream* st) {
+    for (const Stream::Pending& p : st->pending) memcpy(p.dst, p.src, p.n);
+    st->pending.clear();
+}
+void flush_stream(Stream* st) {
+    if (!st) return;
+    std::lock_guard<std::mutex> g(st->mu);
+    flush_locked(st);
+}
+// Runs every deferred copy (but those of `held`, whose lock the caller holds and which it
+// flushed itself).
+void flush_all(Stream* held = nullptr) {
+    std::vector<Stream*> all;
+    {
+        std::lock_guard<std::mutex> g(g_streams_mu);
+        all.assign(g_streams.begin(), g_streams.end());
+    }
+    for (Stream* st : all)
+        if (st != held) flush_stream(st);
+}
+
+// Stream-ordered operations run under their stream's lock, after the stream's deferred
+// copies: in order with a launch that another host thread runs on the same stream.
 #define EMU_ON_STREAM(s)                                                      \
     Stream* st_ = stream_of(s);                                               \
     if (!st_) return report(CUDA_ERROR_INVALID_HANDLE, "not a stream handle"); \
-    std::lock_guard<std::mutex> stream_guard_(st_->mu)
+    std::lock_guard<std::mutex> stream_guard_(st_->mu);                       \
+    flush_locked(st_)
 
 void set_sticky(Context* c, const Status& s) {
     std::lock_guard<std::mutex> g(c->mu);
@@ -918,6 +970,7 @@ CUDAAPI CUresult cuCtxGetDevice(CUdevice* d) {
 }
 CUDAAPI CUresult cuCtxSynchronize() {
     CUresult r = refuse_if_capturing("cuCtxSynchronize");
+    if (!r) flush_all();
     return r ? r : check_ready();
 }
 CUDAAPI CUresult cuCtxGetLimit(size_t* v, CUlimit l) {
@@ -964,6 +1017,10 @@ CUDAAPI CUresult cuStreamCreate(CUstream* s, unsigned) {
     if (!s) return report(CUDA_ERROR_INVALID_VALUE, "null pointer");
     Stream* st = new Stream;
     st->ctx = ctx_now();
+    {
+        std::lock_guard<std::mutex> g(g_streams_mu);
+        g_streams.insert(st);
+    }
     *s = reinterpret_cast<CUstream>(st);
     return CUDA_SUCCESS;
 }
@@ -972,8 +1029,13 @@ CUDAAPI CUresult cuStreamDestroy_v2(CUstream s) {
     Stream* st = stream_of(s);
     if (!st) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamDestroy: not a stream");
     if (st != &g_null_stream) {
+        {
+            std::lock_guard<std::mutex> g(g_streams_mu);
+            g_streams.erase(st);
+        }
         std::lock_guard<std::mutex> g(st->mu);
-        st->magic = 0;  // leaked: an in-flight user may still hold it
+        flush_locked(st);  // the work queued on a destroyed stream still completes
+        st->magic = 0;     // leaked: an in-flight user may still hold it
     }
     return CUDA_SUCCESS;
 }
@@ -983,13 +1045,26 @@ CUDAAPI CUresult cuStreamSynchronize(CUstream s) {
     {
         std::lock_guard<std::mutex> g(st->mu);  // an operation another thread runs on it ends
         if (st->capture) return st->invalidated ? capture_invalidated("cuStreamSynchronize") : capture_forbid(st, "cuStreamSynchronize");
+        flush_locked(st);
     }
     CUresult r = refuse_if_capturing("cuStreamSynchronize");
     return r ? r : check_ready();
 }
 CUDAAPI CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
-CUDAAPI CUresult cuStreamWaitEvent(CUstream s, CUevent, unsigned) {
-    if (!stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamWaitEvent: not a stream");
+static Event* event_of(CUevent e);
+// The waiting stream's later work is ordered after the event's stream's work up to the
+// event: the deferred copies there run now (a wait captured into a graph records nothing,
+// the emulated graph being one sequence on one stream).
+CUDAAPI CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    Stream* st = stream_of(s);
+    if (!st) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamWaitEvent: not a stream");
+    Event* ev = event_of(e);
+    if (!ev) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamWaitEvent: not an event");
+    if (ev->stream && ev->stream != st) flush_stream(ev->stream);
+    {
+        std::lock_guard<std::mutex> g(st->mu);
+        ++st->waits;
+    }
     return check_ready();
 }
 static CUstreamCaptureStatus capture_status(Stream* st) {
@@ -1105,15 +1180,21 @@ CUDAAPI CUresult cuEventRecord(CUevent e, CUstream s) {
     if (!ev || !stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "cuEventRecord");
     ev->t = now_s();
     ev->recorded = true;
+    Stream* st = stream_of(s);
+    ev->stream = st == &g_null_stream ? nullptr : st;
     return check_ready();
 }
 CUDAAPI CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
 CUDAAPI CUresult cuEventSynchronize(CUevent e) {
-    if (!event_of(e)) return report(CUDA_ERROR_INVALID_HANDLE, "cuEventSynchronize: not an event");
+    Event* ev = event_of(e);
+    if (!ev) return report(CUDA_ERROR_INVALID_HANDLE, "cuEventSynchronize: not an event");
+    flush_stream(ev->stream);
     return check_ready();
 }
 CUDAAPI CUresult cuEventQuery(CUevent e) {
-    if (!event_of(e)) return report(CUDA_ERROR_INVALID_HANDLE, "cuEventQuery: not an event");
+    Event* ev = event_of(e);
+    if (!ev) return report(CUDA_ERROR_INVALID_HANDLE, "cuEventQuery: not an event");
+    flush_stream(ev->stream);
     return check_ready();
 }
 CUDAAPI CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
@@ -1151,6 +1232,7 @@ CUDAAPI CUresult cuMemAllocManaged(CUdeviceptr* p, size_t n, unsigned) {
 CUDAAPI CUresult cuMemFree_v2(CUdeviceptr p) {
     CUresult r = check_ready();
     if (!r) r = refuse_if_capturing("cuMemFree");
+    if (!r) flush_all();
     return r ? r : release(p, "cuMemFree");
 }
 CUDAAPI CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
@@ -1160,6 +1242,7 @@ CUDAAPI CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     if (st_->capture)
         return st_->invalidated ? capture_invalidated("cuMemFreeAsync")
                                 : capture_forbid(st_, "cuMemFreeAsync (graph memory nodes are not emulated)");
+    flush_all(st_);
     return release(p, "cuMemFreeAsync");
 }
 // Page-locked host memory: plain host memory, registered so that copies from and to it
@@ -1182,6 +1265,7 @@ CUDAAPI CUresult cuMemAllocHost_v2(void** p, size_t n) { return cuMemHostAlloc(p
 CUDAAPI CUresult cuMemFreeHost(void* p) {
     CUresult r = refuse_if_capturing("cuMemFreeHost");
     if (r) return r;
+    flush_all();
     {
         std::lock_guard<std::mutex> g(g_pinned_mu);
         auto it = g_pinned.find((uintptr_t)p);
@@ -1233,6 +1317,7 @@ CUDAAPI CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
     if ((r = refuse_if_capturing("cuMemcpyHtoD (synchronous)"))) return r;
+    flush_all();
     if ((r = check_range(dst, n, "cuMemcpyHtoD destination"))) return r;
     return copy(reinterpret_cast<void*>(dst), src, n);
 }
@@ -1242,15 +1327,20 @@ CUDAAPI CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n
         CUresult r = check_range(dst, n, "cuMemcpyHtoDAsync destination");
         return r ? r : capture_copy(st_, reinterpret_cast<void*>(dst), src, n, src, "cuMemcpyHtoDAsync");
     }
-    if (g_strict_captures.load() == 0) return cuMemcpyHtoD_v2(dst, src, n);
     CUresult r = check_ready();
     if (!r) r = check_range(dst, n, "cuMemcpyHtoD destination");
-    return r ? r : copy(reinterpret_cast<void*>(dst), src, n);
+    if (r) return r;
+    if (st_ != &g_null_stream && defer_copies() && is_pinned(src, n)) {
+        st_->pending.push_back({reinterpret_cast<void*>(dst), src, n});
+        return CUDA_SUCCESS;
+    }
+    return copy(reinterpret_cast<void*>(dst), src, n);
 }
 CUDAAPI CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
     if ((r = refuse_if_capturing("cuMemcpyDtoH (synchronous)"))) return r;
+    flush_all();
     if ((r = check_range(src, n, "cuMemcpyDtoH source"))) return r;
     return copy(dst, reinterpret_cast<const void*>(src), n);
 }
@@ -1260,7 +1350,6 @@ CUDAAPI CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUst
         CUresult r = check_range(src, n, "cuMemcpyDtoHAsync source");
         return r ? r : capture_copy(st_, dst, reinterpret_cast<const void*>(src), n, dst, "cuMemcpyDtoHAsync");
     }
-    if (g_strict_captures.load() == 0) return cuMemcpyDtoH_v2(dst, src, n);
     CUresult r = check_ready();
     if (!r) r = check_range(src, n, "cuMemcpyDtoH source");
     return r ? r : copy(dst, reinterpret_cast<const void*>(src), n);
@@ -1269,6 +1358,7 @@ CUDAAPI CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
     if ((r = refuse_if_capturing("cuMemcpyDtoD (synchronous)"))) return r;
+    flush_all();
     if ((r = check_range(src, n, "cuMemcpyDtoD source"))) return r;
     if ((r = check_range(dst, n, "cuMemcpyDtoD destination"))) return r;
     return copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
@@ -1618,6 +1708,20 @@ CUDAAPI CUresult emuModuleLoadHost(CUmodule* out, const char* path) {
 
 // Whether this libcuda is the emulator (for tools that want to say so).
 CUDAAPI int emuIsEmulator() { return 1; }
+// How many times a stream waited for an event (cuStreamWaitEvent), and how many deferred
+// copies it holds now (-1: not a stream): for tests of cross-stream ordering.
+CUDAAPI long long emuStreamWaits(CUstream s) {
+    Stream* st = stream_of(s);
+    if (!st) return -1;
+    std::lock_guard<std::mutex> g(st->mu);
+    return (long long)st->waits;
+}
+CUDAAPI long long emuStreamPending(CUstream s) {
+    Stream* st = stream_of(s);
+    if (!st) return -1;
+    std::lock_guard<std::mutex> g(st->mu);
+    return (long long)st->pending.size();
+}
 
 // Whether it is the AddressSanitizer build (faults are then ASan's to report).
 CUDAAPI int emuSanitized() {

@@ -4,7 +4,11 @@
 //! minimum in ms, slices/s, and with `--json` one JSON line for scripts.
 //!
 //! Workloads: `conv` (a 3x3 64->64 convolution's forward and both backward passes, at the
-//! config's stage-1 resolution), `train-step` (stage-1 forward + backward + SGD step),
+//! config's stage-1 resolution), `train-step` (stage-1 forward + backward + SGD step; on
+//! CUDA the whole step, gradients zeroed to optimizer step, captured once as a CUDA graph and
+//! replayed, [`IchNet::stage1_step_graphed`]: the batch uploaded on the copy stream into the
+//! graph's fixed inputs, the learning rate a device scalar, the loss and logits read back
+//! after each replay; `--no-graph` for eager launches),
 //! `cam` (the stage-2 vanilla-CAM pass, [`IchNet::stage2_cam_pass`]: backbone, fc, CAM
 //! upsampled and normalised, left on the device; on CUDA captured once as a CUDA graph and
 //! replayed, `--no-graph` for eager launches), `cam-latency` (the same pass on one slice) and
@@ -45,8 +49,8 @@ pub struct Args {
     /// conv, train-step, cam, cam-latency or ccl.
     #[arg(long, default_value = "conv")]
     what: String,
-    /// cam / cam-latency on CUDA: launch the pass op by op instead of replaying it as a
-    /// CUDA graph.
+    /// train-step, cam and cam-latency on CUDA: launch the step or pass op by op instead of
+    /// replaying it as a CUDA graph.
     #[arg(long)]
     no_graph: bool,
     /// ccl: the mask's size, ZxYxX.
@@ -214,6 +218,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if !args.no_graph && matches!(args.what.as_str(), "cam" | "cam-latency") {
             return bench_cam_graph(be.clone(), &p, &args);
         }
+        if !args.no_graph && args.what == "train-step" {
+            return bench_train_graph(be.clone(), &p, &args);
+        }
     }
     ichcam::on_device!(device, be => bench(be, &p, &args))
 }
@@ -273,6 +280,61 @@ fn bench_cam_graph(
         &t,
         n,
         &format!("{n} slices {size}^2, CUDA graph of {} ops", graph.nodes()),
+        used,
+    );
+    Ok(())
+}
+
+/// The stage-1 training step on CUDA as a graph: the first step eager (allocates, loads the
+/// kernels), the second captures and replays, the rest replay; every step uploads its batch
+/// and reads its loss and logits back, as training does.
+fn bench_train_graph(
+    be: ichcam::engine::cuda::CudaBackend,
+    p: &Preset,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let size = args.size.unwrap_or(p.size);
+    let (batch, seq) = (
+        args.batch.unwrap_or(p.train.0),
+        args.slices.unwrap_or(p.train.1),
+    );
+    let c = p.model.in_channels;
+    let x = inputs(batch * seq * c * size * size, 1);
+    let labels: Vec<f32> = (0..batch * seq).map(|i| ((i / 3) % 2) as f32).collect();
+    let free0 = device_free();
+    let mut net = IchNet::new(be.clone(), p.model.clone(), 7).context("building the model")?;
+    net.set_train(true);
+    let opt = OptimizerConfig::paper_sgd();
+    let mut steps = ichcam::model::net_graph::GraphSteps::default();
+    let mut last_loss = f64::NAN;
+    let mut step = |net: &mut IchNet<_>| -> anyhow::Result<()> {
+        let s = net
+            .stage1_step_graphed(&mut steps, &x, &labels, batch, seq, size, size, 1.0, &opt)
+            .context("the graphed training step")?;
+        last_loss = s.loss;
+        Ok(())
+    };
+    // The eager first step and the capture, untimed.
+    step(&mut net)?;
+    step(&mut net)?;
+    be.synchronize()?;
+    let used = free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
+    let sync = || -> anyhow::Result<()> { Ok(be.synchronize()?) };
+    let t = time(&sync, args.warmup, args.iters, || step(&mut net))?;
+    let nodes = steps.graph.as_ref().map_or(0, |g| g.nodes());
+    let (captures, replays, eager) = steps.counts();
+    let device = be.name();
+    report_mem(
+        args,
+        p.name,
+        "train-step",
+        &device,
+        &t,
+        batch * seq,
+        &format!(
+            "{batch}x{seq} slices {size}^2, loss {last_loss:.4}, CUDA graph of {nodes} ops \
+             ({captures} capture, {replays} replays, {eager} eager steps)"
+        ),
         used,
     );
     Ok(())
@@ -444,7 +506,10 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 &device,
                 &t,
                 batch * seq,
-                &format!("{batch}x{seq} slices {size}^2, loss {last_loss:.4}"),
+                &format!(
+                    "{batch}x{seq} slices {size}^2, loss {last_loss:.4}{}",
+                    if on_cuda { ", eager launches" } else { "" }
+                ),
                 used(),
             );
             Ok(())

@@ -9,6 +9,7 @@ pub mod config;
 pub mod memory;
 pub mod meta;
 pub mod net;
+pub mod net_graph;
 pub mod optim;
 pub mod params;
 pub mod parity;

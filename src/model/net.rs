@@ -3,8 +3,12 @@
 //! network (the same ResNet -> GAP -> fc Linear(features, 1)) over one parameter store,
 //! with their forward and backward passes, the optimizer step, and the CAM / Grad-CAM path.
 //! The backbone's and the sequence's activations (and their gradients when training) of a
-//! given input shape are allocated once and reused while the shape stays; the stage-2
-//! head's and the CAM's few small buffers are allocated per call.
+//! given input shape are allocated once and reused while the shape stays, and so are the
+//! stage-2 training head's logits and their gradient; the stage-2 inference head's and the
+//! CAM's few small buffers are allocated per call. A warm training step of either stage thus
+//! allocates nothing besides its input uploads and never waits for the device besides its
+//! loss (and logits) readback, which the steps' cores leave to their callers: on CUDA the
+//! whole step is captured as a graph and replayed (`net_graph.rs`).
 //! Knows nothing about CT, datasets or files.
 
 use super::config::ModelConfig;
@@ -303,6 +307,8 @@ struct Slots<B: Backend> {
     bb_grads: Option<BackboneGrads<B>>,
     seq: Option<SeqActs<B>>,
     seq_grads: Option<SeqGrads<B>>,
+    /// The stage-2 training step's fc logits `[n]` and their gradient, for `n`.
+    fc_train: Option<(usize, B::Buf, B::Buf)>,
 }
 
 impl<B: Backend> Slots<B> {
@@ -312,6 +318,7 @@ impl<B: Backend> Slots<B> {
             bb_grads: None,
             seq: None,
             seq_grads: None,
+            fc_train: None,
         }
     }
 
@@ -713,6 +720,29 @@ impl<B: Backend> IchNet<B> {
         w: usize,
         pos_weight: f64,
     ) -> Result<Stage1Step, ModelError> {
+        self.check_stage1_input(x, labels, batch, seq, h, w, pos_weight)?;
+        let xb = self.be.upload(x)?;
+        let yb = self.be.upload(labels)?;
+        let d = Dims { batch, seq, h, w };
+        let loss = self.stage1_core(&xb, &yb, d, |be, l, y, dl| {
+            Ok(be.bce_with_logits(l, y, pos_weight, dl)?)
+        })?;
+        let logits = self.stage1_train_logits()?;
+        Ok(Stage1Step { loss, logits })
+    }
+
+    /// The checks of a stage-1 training step's inputs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check_stage1_input<T>(
+        &self,
+        x: &[T],
+        labels: &[T],
+        batch: usize,
+        seq: usize,
+        h: usize,
+        w: usize,
+        pos_weight: f64,
+    ) -> Result<(), ModelError> {
         let n = batch * seq;
         self.check_images(x.len(), n, h, w, "stage-1 input")?;
         if labels.len() != n {
@@ -721,20 +751,93 @@ impl<B: Backend> IchNet<B> {
                 labels.len()
             )));
         }
-        check_pos_weight(pos_weight)?;
+        check_pos_weight(pos_weight)
+    }
+
+    /// The checks of a stage-2 training step's inputs.
+    pub(crate) fn check_stage2_input<T>(
+        &self,
+        x: &[T],
+        labels: &[T],
+        n: usize,
+        h: usize,
+        w: usize,
+        pos_weight: f64,
+    ) -> Result<(), ModelError> {
+        self.check_images(x.len(), n, h, w, "stage-2 input")?;
+        if labels.len() != n {
+            return Err(ModelError::Input(format!(
+                "{} labels for {n} slices",
+                labels.len()
+            )));
+        }
+        check_pos_weight(pos_weight)
+    }
+
+    /// [`IchNet::stage1_core`] for the graphed step (`net_graph.rs`): dims (batch, seq, h, w).
+    pub(crate) fn stage1_core_dev(
+        &mut self,
+        xb: &B::Buf,
+        yb: &B::Buf,
+        (batch, seq, h, w): (usize, usize, usize, usize),
+        bce: impl FnOnce(&B, &B::Buf, &B::Buf, &mut B::Buf) -> Result<f64, ModelError>,
+    ) -> Result<f64, ModelError> {
+        self.stage1_core(xb, yb, Dims { batch, seq, h, w }, bce)
+    }
+
+    /// [`IchNet::stage2_core`] for the graphed step: dims (n, h, w).
+    pub(crate) fn stage2_core_dev(
+        &mut self,
+        xb: &B::Buf,
+        yb: &B::Buf,
+        (n, h, w): (usize, usize, usize),
+        bce: impl FnOnce(&B, &B::Buf, &B::Buf, &mut B::Buf) -> Result<f64, ModelError>,
+    ) -> Result<f64, ModelError> {
+        self.stage2_core(xb, yb, Dims::images(n, h, w), bce)
+    }
+
+    /// Counts one optimizer step on the tensors of `group` (after a graph's step ran).
+    pub(crate) fn advance_steps(&mut self, group: ParamGroup) {
+        optim::advance_steps(&mut self.store, group)
+    }
+
+    /// The logits `[batch*seq]` of the last stage-1 pass, on the host.
+    pub(crate) fn stage1_last_logits(&self) -> Result<Vec<f64>, ModelError> {
+        self.stage1_train_logits()
+    }
+
+    /// The logits `[batch*seq]` of the last stage-1 pass, on the host.
+    fn stage1_train_logits(&self) -> Result<Vec<f64>, ModelError> {
+        let sa = self
+            .slots
+            .seq
+            .as_ref()
+            .ok_or_else(|| ModelError::Internal("no stage-1 pass ran".into()))?;
+        let last = sa.head.len() - 1;
+        Ok(to_f64(self.be.download(&sa.head[last].a)?))
+    }
+
+    /// The stage-1 training forward and backward on device inputs `xb` `[batch, seq, c, h,
+    /// w]` and `yb` `[batch*seq]` (checked by the caller): `bce(be, logits, targets,
+    /// dlogits)` computes the loss's gradient (and returns the loss, or NaN when it leaves
+    /// it on the device); nothing waits for the device otherwise.
+    fn stage1_core(
+        &mut self,
+        xb: &B::Buf,
+        yb: &B::Buf,
+        d: Dims,
+        bce: impl FnOnce(&B, &B::Buf, &B::Buf, &mut B::Buf) -> Result<f64, ModelError>,
+    ) -> Result<f64, ModelError> {
         let be = &self.be;
-        let xb = be.upload(x)?;
-        let yb = be.upload(labels)?;
+        let n = d.n();
         // The activations and, allocated with them, their gradients.
-        let d = Dims { batch, seq, h, w };
         let (bb, sa, bg, sg) = self
             .slots
-            .stage1_train(be, &self.topo, &mut self.store, &xb, d)?;
+            .stage1_train(be, &self.topo, &mut self.store, xb, d)?;
         let params = &mut self.store;
         let last = sa.head.len() - 1;
         let top = sa.lstm.len() - 1;
-        let loss = be.bce_with_logits(&sa.head[last].a, &yb, pos_weight, &mut sg.head[last])?;
-        let logits = to_f64(be.download(&sa.head[last].a)?);
+        let loss = bce(be, &sa.head[last].a, yb, &mut sg.head[last])?;
         // Head, top to bottom.
         for i in (0..=last).rev() {
             let s = sa.head[i].spec;
@@ -805,8 +908,8 @@ impl<B: Backend> IchNet<B> {
             be.copy(&g.db, &mut bi.grad)?;
             be.copy(&g.db, &mut bh.grad)?;
         }
-        bb.backward(be, params, bg, &xb)?;
-        Ok(Stage1Step { loss, logits })
+        bb.backward(be, params, bg, xb)?;
+        Ok(loss)
     }
 
     /// Stage-1 logits without gradients (validation): eval-mode batch norm, or batch
@@ -849,22 +952,45 @@ impl<B: Backend> IchNet<B> {
         w: usize,
         pos_weight: f64,
     ) -> Result<f64, ModelError> {
-        self.check_images(x.len(), n, h, w, "stage-2 input")?;
-        if labels.len() != n {
-            return Err(ModelError::Input(format!(
-                "{} labels for {n} slices",
-                labels.len()
-            )));
-        }
-        check_pos_weight(pos_weight)?;
-        let be = &self.be;
-        let xb = be.upload(x)?;
-        let yb = be.upload(labels)?;
-        let fc = self.topo.fc;
+        self.check_stage2_input(x, labels, n, h, w, pos_weight)?;
+        let xb = self.be.upload(x)?;
+        let yb = self.be.upload(labels)?;
         let d = Dims::images(n, h, w);
-        let (bb, logits) = self.slots.stage2(be, &self.topo, &mut self.store, &xb, d)?;
-        let mut dlogits = be.zeros(n)?;
-        let loss = be.bce_with_logits(&logits, &yb, pos_weight, &mut dlogits)?;
+        self.stage2_core(&xb, &yb, d, |be, l, y, dl| {
+            Ok(be.bce_with_logits(l, y, pos_weight, dl)?)
+        })
+    }
+
+    /// The stage-2 training forward and backward on device inputs `xb` `[n, c, h, w]` and
+    /// `yb` `[n]` (checked by the caller), the loss as in [`IchNet::stage1_core`].
+    fn stage2_core(
+        &mut self,
+        xb: &B::Buf,
+        yb: &B::Buf,
+        d: Dims,
+        bce: impl FnOnce(&B, &B::Buf, &B::Buf, &mut B::Buf) -> Result<f64, ModelError>,
+    ) -> Result<f64, ModelError> {
+        let be = &self.be;
+        let (n, fc) = (d.n(), self.topo.fc);
+        let bb = backbone_pass(
+            be,
+            &self.topo.backbone,
+            &mut self.store,
+            &mut self.slots.bb,
+            xb,
+            d,
+            BnMode::Eval,
+        )?;
+        let (_, logits, dlogits) = reuse(
+            &mut self.slots.fc_train,
+            |t| t.0 == n,
+            || Ok::<_, ModelError>((n, be.zeros(n)?, be.zeros(n)?)),
+        )?;
+        {
+            let p = |i: W| &self.store.w[i.0].data;
+            be.linear_fwd(n, fc.k, 1, &bb.gap, p(fc.w), Some(p(fc.b)), logits)?;
+        }
+        let loss = bce(be, logits, yb, dlogits)?;
         let [pw, pb] = self
             .store
             .w
@@ -876,7 +1002,7 @@ impl<B: Backend> IchNet<B> {
             1,
             &bb.gap,
             &pw.data,
-            &dlogits,
+            dlogits,
             None,
             &mut pw.grad,
             Some(&mut pb.grad),
@@ -1107,6 +1233,18 @@ fn check_pos_weight(pos_weight: f64) -> Result<(), ModelError> {
         Err(ModelError::Input(format!(
             "pos_weight must be positive, got {pos_weight}"
         )))
+    }
+}
+
+impl IchNet<crate::engine::cuda::CudaBackend> {
+    /// The optimizer step of a captured graph ([`optim::step_device`]).
+    pub(crate) fn step_dev(
+        &mut self,
+        opt: &OptimizerConfig,
+        group: ParamGroup,
+        hyper: &cudarc::driver::CudaSlice<f32>,
+    ) -> Result<(), ModelError> {
+        optim::step_device(&self.be, &mut self.store, opt, group, hyper)
     }
 }
 

@@ -1,11 +1,15 @@
 //! Optimizer settings ([`OptimizerConfig`]) and the step over a [`ParamStore`] group with
 //! the backend's fused `sgd_step` / `adam_step` (PyTorch semantics: L2 weight decay added to
-//! the gradient, SGD momentum buffer seeded with the first gradient, bias-corrected Adam).
-//! Knows nothing about the topology.
+//! the gradient, SGD momentum buffer seeded with the first gradient, bias-corrected Adam),
+//! and on CUDA the same step as a captured graph holds it ([`step_device`]: the
+//! step-dependent scalars read from device memory). Knows nothing about the topology.
 
 use super::params::{ParamGroup, ParamStore};
 use super::ModelError;
+use crate::engine::cuda::graph::{adam_hyper, sgd_hyper, HYPER_LEN};
+use crate::engine::cuda::CudaBackend;
 use crate::engine::Backend;
+use cudarc::driver::CudaSlice;
 use serde::{Deserialize, Serialize};
 
 /// PyTorch's SGD (with momentum) or Adam.
@@ -121,4 +125,95 @@ pub(crate) fn step<B: Backend>(
         p.step += 1;
     }
     Ok(())
+}
+
+/// The optimizer step of a captured CUDA graph: [`step`]'s updates with the step-dependent
+/// scalars (learning rate, SGD's first step, Adam's bias corrections) read from `hyper`,
+/// which holds [`HYPER_LEN`] values per tensor of the store, in store order, written by the
+/// host before each replay ([`step_hyper`]); the step counts are advanced on the host after
+/// each replay ([`advance_steps`]). The moment buffers must exist (an eager step made them:
+/// a capture allocates nothing).
+pub(crate) fn step_device(
+    be: &CudaBackend,
+    store: &mut ParamStore<CudaBackend>,
+    opt: &OptimizerConfig,
+    group: ParamGroup,
+    hyper: &CudaSlice<f32>,
+) -> Result<(), ModelError> {
+    for (i, p) in store.w.iter_mut().enumerate() {
+        if !group.contains(p.group) {
+            continue;
+        }
+        let missing = || {
+            ModelError::Internal(format!(
+                "the optimizer state of {} does not exist yet (run one eager step before capturing)",
+                p.name
+            ))
+        };
+        let at = i * HYPER_LEN;
+        match *opt {
+            OptimizerConfig::Sgd {
+                momentum,
+                weight_decay,
+                ..
+            } => {
+                let m = p.m.as_mut().ok_or_else(missing)?;
+                be.sgd_step_dev(&mut p.data, &p.grad, m, hyper, at, momentum, weight_decay)?;
+            }
+            OptimizerConfig::Adam {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                ..
+            } => {
+                let (Some(m), Some(v)) = (p.m.as_mut(), p.v.as_mut()) else {
+                    return Err(missing());
+                };
+                be.adam_step_dev(
+                    &mut p.data,
+                    &p.grad,
+                    m,
+                    v,
+                    hyper,
+                    at,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The device scalars of the next [`step_device`] for `opt` (its learning rate) and every
+/// tensor's step count, [`HYPER_LEN`] per tensor of the store (zeros outside `group`).
+pub(crate) fn step_hyper<B: Backend>(
+    store: &ParamStore<B>,
+    opt: &OptimizerConfig,
+    group: ParamGroup,
+) -> Vec<f32> {
+    let mut h = vec![0f32; store.w.len() * HYPER_LEN];
+    for (i, p) in store.w.iter().enumerate() {
+        if !group.contains(p.group) {
+            continue;
+        }
+        let v = match *opt {
+            OptimizerConfig::Sgd { lr, .. } => sgd_hyper(lr, p.step == 0),
+            OptimizerConfig::Adam {
+                lr, beta1, beta2, ..
+            } => adam_hyper(p.step + 1, lr, beta1, beta2),
+        };
+        h[i * HYPER_LEN..(i + 1) * HYPER_LEN].copy_from_slice(&v);
+    }
+    h
+}
+
+/// Counts one step on every trainable tensor of `group` (what [`step`] does after its update).
+pub(crate) fn advance_steps<B: Backend>(store: &mut ParamStore<B>, group: ParamGroup) {
+    for p in store.w.iter_mut().filter(|p| group.contains(p.group)) {
+        p.step += 1;
+    }
 }

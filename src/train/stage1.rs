@@ -1,19 +1,24 @@
 //! Stage 1: the ResNet-LSTM on slice sequences. One training epoch (shuffled sliding-window
 //! sequences, augmented, BCE with the training slices' pos_weight, an optimizer step per
 //! batch over the backbone + LSTM + head) and the validation pass (eval mode, the sliding
-//! windows' per-slice logits averaged back onto each volume's slices).
-//! Knows nothing about files or checkpoints.
+//! windows' per-slice logits averaged back onto each volume's slices). On CUDA every step
+//! of a repeating batch shape is replayed from a captured graph
+//! ([`IchNet::stage1_step_graphed`]); the first step of a shape and a partial last batch run
+//! eagerly. Knows nothing about files or checkpoints.
 
 use super::auc;
 use super::prep::{self, AugmentCtx, Prepared, SeqItem};
 use super::{EpochStats, TrainError};
 use crate::data::sequence::merge_scores;
+use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
+use crate::model::net_graph::GraphSteps;
 use crate::model::{IchNet, OptimizerConfig, ParamGroup};
+use std::any::Any;
 
 /// One pass over the training sequences; returns the mean batch loss.
 #[allow(clippy::too_many_arguments)]
-pub fn train_epoch<B: Backend>(
+pub fn train_epoch<B: Backend + 'static>(
     net: &mut IchNet<B>,
     cases: &[Prepared],
     items: &[SeqItem],
@@ -28,14 +33,34 @@ pub fn train_epoch<B: Backend>(
     let seq = items.first().map(|i| i.win.len()).unwrap_or(0);
     progress.set_length(batches.len() as u64);
     let mut sum = 0.0;
+    let mut graphs = GraphSteps::default();
     for (k, b) in batches.iter().enumerate() {
         let refs: Vec<&SeqItem> = b.iter().map(|&i| &items[i]).collect();
         let ids: Vec<u64> = b.iter().map(|&i| i as u64).collect();
         let (x, y) = prep::gather_sequences(cases, &refs, &ids, size, Some(aug))?;
-        let x = to_t::<B::T>(&x);
-        let y = to_t::<B::T>(&y);
-        net.zero_grads()?;
-        let step = net.stage1_forward_backward(&x, &y, b.len(), seq, size, size, pos_weight)?;
+        let step = if let Some(cuda) = (net as &mut dyn Any).downcast_mut::<IchNet<CudaBackend>>() {
+            // Gradients zeroed, forward, backward and the optimizer step, as below.
+            cuda.stage1_step_graphed(
+                &mut graphs,
+                &x,
+                &y,
+                b.len(),
+                seq,
+                size,
+                size,
+                pos_weight,
+                opt,
+            )?
+        } else {
+            let x = to_t::<B::T>(&x);
+            let y = to_t::<B::T>(&y);
+            net.zero_grads()?;
+            let s = net.stage1_forward_backward(&x, &y, b.len(), seq, size, size, pos_weight)?;
+            if s.loss.is_finite() {
+                net.step(opt, ParamGroup::Stage1)?;
+            }
+            s
+        };
         if !step.loss.is_finite() {
             return Err(TrainError::Diverged(format!(
                 "stage-1 loss became {} at batch {} (lower the learning rate)",
@@ -43,7 +68,6 @@ pub fn train_epoch<B: Backend>(
                 k + 1
             )));
         }
-        net.step(opt, ParamGroup::Stage1)?;
         sum += step.loss;
         progress.inc(1);
         progress.set_message(format!("loss {:.4}", sum / (k + 1) as f64));

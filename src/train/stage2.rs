@@ -7,12 +7,15 @@ use super::config::HeadPooling;
 use super::prep::{self, AugmentCtx, Prepared};
 use super::stage1::to_t;
 use super::{EpochStats, TrainError};
+use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
+use crate::model::net_graph::GraphSteps;
 use crate::model::{CamKind, IchNet, OptimizerConfig, ParamGroup};
+use std::any::Any;
 
 /// One pass over the training slices; returns the mean batch loss.
 #[allow(clippy::too_many_arguments)]
-pub fn train_epoch<B: Backend>(
+pub fn train_epoch<B: Backend + 'static>(
     net: &mut IchNet<B>,
     cases: &[Prepared],
     items: &[(usize, usize)],
@@ -26,26 +29,36 @@ pub fn train_epoch<B: Backend>(
     let batches = prep::epoch_batches(items.len(), batch, Some((aug.seed, aug.epoch)));
     progress.set_length(batches.len() as u64);
     let mut sum = 0.0;
+    let mut graphs = GraphSteps::default();
     for (k, b) in batches.iter().enumerate() {
         let its: Vec<(usize, usize)> = b.iter().map(|&i| items[i]).collect();
         let ids: Vec<u64> = b.iter().map(|&i| i as u64).collect();
         let (x, y) = prep::gather_slices(cases, &its, &ids, size, Some(aug))?;
-        net.zero_grads()?;
-        let loss = net.stage2_forward_backward(
-            &to_t::<B::T>(&x),
-            &to_t::<B::T>(&y),
-            b.len(),
-            size,
-            size,
-            pos_weight,
-        )?;
+        let loss = if let Some(cuda) = (net as &mut dyn Any).downcast_mut::<IchNet<CudaBackend>>() {
+            // On CUDA the whole step, optimizer included, replayed from a captured graph
+            // when the batch shape repeats ([`IchNet::stage2_step_graphed`]).
+            cuda.stage2_step_graphed(&mut graphs, &x, &y, b.len(), size, size, pos_weight, opt)?
+        } else {
+            net.zero_grads()?;
+            let loss = net.stage2_forward_backward(
+                &to_t::<B::T>(&x),
+                &to_t::<B::T>(&y),
+                b.len(),
+                size,
+                size,
+                pos_weight,
+            )?;
+            if loss.is_finite() {
+                net.step(opt, ParamGroup::Fc)?;
+            }
+            loss
+        };
         if !loss.is_finite() {
             return Err(TrainError::Diverged(format!(
                 "stage-2 loss became {loss} at batch {} (lower the learning rate)",
                 k + 1
             )));
         }
-        net.step(opt, ParamGroup::Fc)?;
         sum += loss;
         progress.inc(1);
         progress.set_message(format!("loss {:.4}", sum / (k + 1) as f64));

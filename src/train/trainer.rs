@@ -171,7 +171,7 @@ fn adopt_two_stage_model<B: Backend>(
 }
 
 /// Trains on `backend`. See the module doc for the files written.
-pub fn train_with<B: Backend + SecondHandle>(
+pub fn train_with<B: Backend + SecondHandle + 'static>(
     backend: B,
     input: TrainInput<'_>,
     out_model: &Path,

@@ -3,12 +3,22 @@
 //! after another and an eval pass allocates nothing once warm), whether the stream is
 //! capturing a CUDA graph (an allocation then is an error, before the driver sees it), and
 //! the two page-locked staging buffers of host-to-device uploads (double-buffered: the
-//! host fills one while the device may still be copying from the other). Knows nothing
-//! about what the buffers hold.
+//! host fills one while the device may still be copying from the other).
+//!
+//! Uploads run on a second stream, the copy stream: the copy first waits for an event that
+//! says its destination is free (by default an event recorded on the compute stream at the
+//! call, which orders it after the destination's allocation and earlier readers), the
+//! compute stream then waits for the event recorded after the copy, and a staging buffer is
+//! refilled only once the event of the copy out of it has completed. With an [`InputRing`]
+//! (two device buffers that uploads alternate between, each with the event after its last
+//! reader) the copy waits only for the reader of its own buffer, so the next batch's
+//! upload overlaps the current step's compute. Knows nothing about what the buffers hold.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use std::sync::OnceLock;
 
 use cudarc::driver::{result, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 
@@ -20,10 +30,35 @@ use crate::engine::{EngineError, Result};
 pub(crate) struct Arena {
     /// Free scratch buffers by length (f32 elements).
     scratch: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
+    /// Free f64 scratch buffers by length (the reductions' partial sums).
+    scratch64: Mutex<HashMap<usize, Vec<CudaSlice<f64>>>>,
     /// Set while the backend's stream captures a graph.
     capturing: AtomicBool,
     /// The upload staging buffers and which one is next.
     staging: Mutex<Staging>,
+    /// The stream uploads are copied on (the compute stream when unset).
+    copy: OnceLock<Arc<CudaStream>>,
+}
+
+/// Two device buffers of `len` values that uploads alternate between
+/// ([`super::CudaBackend::ring_upload`]), each with the event recorded after the last read of
+/// it on the compute stream ([`super::CudaBackend::ring_consume`]): the upload into one waits
+/// only for that event, not for the compute queued since.
+pub struct InputRing {
+    pub(crate) bufs: [CudaSlice<f32>; 2],
+    pub(crate) read: [Option<CudaEvent>; 2],
+    /// The buffer the last upload went to.
+    pub(crate) last: usize,
+}
+
+impl InputRing {
+    /// Values per buffer.
+    pub fn len(&self) -> usize {
+        self.bufs[0].len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Default)]
@@ -89,6 +124,16 @@ impl Arena {
         Ok(())
     }
 
+    /// Sets the stream uploads are copied on (once; later calls change nothing).
+    pub(crate) fn set_copy_stream(&self, s: Arc<CudaStream>) {
+        let _ = self.copy.set(s);
+    }
+
+    /// The stream uploads are copied on, if it is not the compute stream.
+    pub(crate) fn copy_stream(&self) -> Option<&Arc<CudaStream>> {
+        self.copy.get()
+    }
+
     pub(crate) fn set_capturing(&self, on: bool) {
         self.capturing.store(on, Ordering::Release);
     }
@@ -122,6 +167,30 @@ impl Arena {
         }
     }
 
+    /// An f64 scratch buffer of `len` values, as [`Arena::take`].
+    pub(crate) fn take64(
+        &self,
+        len: usize,
+        alloc: impl FnOnce(usize) -> Result<CudaSlice<f64>>,
+    ) -> Result<CudaSlice<f64>> {
+        let found = self
+            .scratch64
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(&len).and_then(Vec::pop));
+        match found {
+            Some(b) => Ok(b),
+            None => alloc(len),
+        }
+    }
+
+    /// Returns an f64 scratch buffer for reuse.
+    pub(crate) fn give64(&self, buf: CudaSlice<f64>) {
+        if let Ok(mut m) = self.scratch64.lock() {
+            m.entry(buf.len()).or_default().push(buf);
+        }
+    }
+
     /// Frees every scratch buffer (not while capturing).
     pub(crate) fn release(&self) {
         if self.is_capturing() {
@@ -130,30 +199,46 @@ impl Arena {
         if let Ok(mut m) = self.scratch.lock() {
             m.clear();
         }
+        if let Ok(mut m) = self.scratch64.lock() {
+            m.clear();
+        }
     }
 
     /// Bytes held by free scratch buffers.
     pub(crate) fn scratch_bytes(&self) -> usize {
-        self.scratch.lock().map_or(0, |m| {
+        let f32s = self.scratch.lock().map_or(0, |m| {
             m.iter().map(|(len, v)| len * 4 * v.len()).sum::<usize>()
-        })
+        });
+        let f64s = self.scratch64.lock().map_or(0, |m| {
+            m.iter().map(|(len, v)| len * 8 * v.len()).sum::<usize>()
+        });
+        f32s + f64s
     }
 
     /// Copies `host` into `dst` (as long) through the next page-locked staging buffer and
-    /// an asynchronous copy on `stream`: the call returns before the device has the data,
+    /// an asynchronous copy on the copy stream, ordered before the work queued on `stream`
+    /// (the compute stream) from now on: the call returns before the device has the data,
     /// and the host may reuse `host` at once. Waits only for the copy that last used the
-    /// same staging buffer (two uploads ago). Small uploads go directly.
+    /// same staging buffer (two uploads ago). The copy starts once `dst_free` has completed
+    /// (None: once the work queued on `stream` so far has). Small uploads go directly, on
+    /// `stream`. Not while capturing (the copy stream is not captured).
     pub(crate) fn upload_staged<T: DeviceRepr>(
         &self,
         stream: &Arc<CudaStream>,
         host: &[T],
         dst: &mut CudaSlice<T>,
+        dst_free: Option<&CudaEvent>,
     ) -> Result<()> {
         crate::engine::check_len("upload", "device buffer", dst.len(), host.len())?;
+        self.check_not_capturing("upload")?;
         let bytes = std::mem::size_of_val(host);
         if bytes < STAGE_MIN_BYTES {
+            if let Some(ev) = dst_free {
+                stream.wait(ev).map_err(|e| cuda("upload", e))?;
+            }
             return stream.memcpy_htod(host, dst).map_err(|e| cuda("upload", e));
         }
+        let copy = self.copy.get().unwrap_or(stream);
         let mut st = self.staging.lock().map_err(|_| EngineError::Cuda {
             op: "upload".into(),
             msg: "the staging buffers' lock is poisoned".into(),
@@ -176,12 +261,28 @@ impl Arena {
         // and `T: DeviceRepr` is plain old data.
         unsafe { std::ptr::copy_nonoverlapping(host.as_ptr().cast::<u8>(), pinned.ptr, bytes) };
         let staged = unsafe { std::slice::from_raw_parts(pinned.ptr, bytes) };
-        let (dptr, _guard) = dst.device_ptr_mut(stream);
-        // SAFETY: dst holds host.len() values (checked by the caller); the staged bytes stay
+        let err = |e| cuda("upload", e);
+        if !Arc::ptr_eq(copy, stream) {
+            // The destination is free once its allocation and earlier readers are done.
+            match dst_free {
+                Some(ev) => copy.wait(ev).map_err(err)?,
+                None => copy
+                    .wait(&stream.record_event(None).map_err(err)?)
+                    .map_err(err)?,
+            }
+        } else if let Some(ev) = dst_free {
+            stream.wait(ev).map_err(err)?;
+        }
+        let (dptr, _guard) = dst.device_ptr_mut(copy);
+        // SAFETY: dst holds host.len() values (checked above); the staged bytes stay
         // untouched until the event recorded next has completed.
-        unsafe { result::memcpy_htod_async(dptr, staged, stream.cu_stream()) }
-            .map_err(|e| cuda("upload", e))?;
-        pinned.done = Some(stream.record_event(None).map_err(|e| cuda("upload", e))?);
+        unsafe { result::memcpy_htod_async(dptr, staged, copy.cu_stream()) }.map_err(err)?;
+        let done = copy.record_event(None).map_err(err)?;
+        if !Arc::ptr_eq(copy, stream) {
+            // What the compute stream queues from now on sees the data.
+            stream.wait(&done).map_err(err)?;
+        }
+        pinned.done = Some(done);
         Ok(())
     }
 }

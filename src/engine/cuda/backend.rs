@@ -5,8 +5,10 @@
 //! `*_unchecked` method runs here; the op then checks the sizes against the kernels' 32-bit
 //! indexing and the grid limits, before any launch.
 //!
-//! One stream and no cross-stream event tracking: every launch and copy is ordered on that
-//! stream, and a buffer freed on the host is freed stream-ordered after the work queued on it.
+//! One compute stream and no cross-stream event tracking by cudarc: every launch and copy is
+//! ordered on that stream, and a buffer freed on the host is freed stream-ordered after the
+//! work queued on it. Uploads through the page-locked staging run on a second, copy stream,
+//! ordered with the compute stream by explicit events (`arena.rs`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
@@ -15,7 +17,7 @@ use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 
-use super::arena::Arena;
+use super::arena::{Arena, InputRing};
 use super::device::{cuda, cuda_available, driver_present, synced, DeviceInfo};
 use super::launch::KArg;
 use super::module::ModuleCache;
@@ -114,12 +116,15 @@ impl CudaBackend {
             }
         };
         let modules = Arc::new(ModuleCache::new(ctx.clone(), info.compute_capability));
+        // The copy stream of the staged uploads.
+        let arena = Arc::new(Arena::default());
+        arena.set_copy_stream(ctx.new_stream().map_err(|e| cuda("cuStreamCreate", e))?);
         Ok(CudaBackend {
             ctx,
             stream,
             modules,
             families: Arc::default(),
-            arena: Arc::default(),
+            arena,
             info,
             precision: Precision::F32,
         })
@@ -181,6 +186,16 @@ impl CudaBackend {
         self.arena.give(buf)
     }
 
+    /// An f64 scratch buffer of `len` values (contents undefined), as
+    /// [`CudaBackend::take_scratch`].
+    pub(crate) fn take_scratch_f64(&self, len: usize) -> Result<CudaSlice<f64>> {
+        self.arena.take64(len, |l| self.alloc::<f64>(l))
+    }
+
+    pub(crate) fn give_scratch_f64(&self, buf: CudaSlice<f64>) {
+        self.arena.give64(buf)
+    }
+
     /// The raw device address of a buffer (for [`CudaBackend::launch_raw`] only).
     pub fn ptr<T>(&self, buf: &CudaSlice<T>) -> u64 {
         let (p, _sync) = buf.device_ptr(&self.stream);
@@ -240,8 +255,55 @@ impl CudaBackend {
         // SAFETY: the upload below writes every element.
         let mut dst = unsafe { self.stream.alloc::<T>(host.len()) }
             .map_err(|e| oom(e, std::mem::size_of_val(host)))?;
-        self.arena.upload_staged(&self.stream, host, &mut dst)?;
+        self.arena
+            .upload_staged(&self.stream, host, &mut dst, None)?;
         Ok(dst)
+    }
+
+    /// Copies `host` into the existing buffer `dst` (as long): through the page-locked
+    /// staging and the copy stream, ordered after the work queued on the compute stream so
+    /// far and before what is queued after (no allocation; not while capturing).
+    pub fn upload_into(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
+        self.arena.upload_staged(&self.stream, host, dst, None)
+    }
+
+    /// The stream staged uploads are copied on (the compute stream if there is none).
+    pub fn copy_stream(&self) -> &Arc<CudaStream> {
+        self.arena.copy_stream().unwrap_or(&self.stream)
+    }
+
+    /// Two device buffers of `len` values for [`CudaBackend::ring_upload`].
+    pub fn input_ring(&self, len: usize) -> Result<InputRing> {
+        Ok(InputRing {
+            bufs: [self.alloc_zeros(len)?, self.alloc_zeros(len)?],
+            read: [None, None],
+            last: 1,
+        })
+    }
+
+    /// Uploads `host` into the ring's other buffer on the copy stream: the copy waits only
+    /// for the last read of that buffer ([`CudaBackend::ring_consume`] two uploads ago), so
+    /// it overlaps the compute queued since; the compute stream's later work sees the data.
+    pub fn ring_upload(&self, ring: &mut InputRing, host: &[f32]) -> Result<()> {
+        let k = ring.last ^ 1;
+        let free = ring.read[k].take();
+        self.arena
+            .upload_staged(&self.stream, host, &mut ring.bufs[k], free.as_ref())?;
+        ring.last = k;
+        Ok(())
+    }
+
+    /// Copies the ring's last upload into `dst` on the compute stream and records the event
+    /// after that read, which the next upload into the same buffer waits for.
+    pub fn ring_consume(&self, ring: &mut InputRing, dst: &mut CudaSlice<f32>) -> Result<()> {
+        let k = ring.last;
+        self.copy(&ring.bufs[k], dst)?;
+        ring.read[k] = Some(
+            self.stream
+                .record_event(None)
+                .map_err(|e| cuda("ring_consume", e))?,
+        );
+        Ok(())
     }
 
     /// The first `len` elements of a device buffer (waits for the device).

@@ -4,14 +4,22 @@
 //! on the same buffers. The captured region must allocate nothing and wait for nothing: an
 //! allocation through the backend is refused while capturing (with an error saying so),
 //! and the driver refuses synchronisations and copies to pageable host memory (the
-//! capture is then invalidated). Knows nothing about what the captured ops compute.
+//! capture is then invalidated). Also the capturable forms of the ops whose eager form
+//! synchronises or takes a step-dependent scalar by value: the BCE loss left in a device
+//! buffer ([`CudaBackend::bce_with_logits_into`]) and the optimizer steps reading their
+//! learning rate / bias corrections from device scalars the host writes before each replay
+//! ([`CudaBackend::sgd_step_dev`], [`CudaBackend::adam_step_dev`], [`sgd_hyper`],
+//! [`adam_hyper`]). Knows nothing about what the captured ops compute.
 
 use cudarc::driver::sys;
-use cudarc::driver::CudaGraph;
+use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::device::{cuda, launched, synced};
 use super::CudaBackend;
 use crate::engine::{EngineError, Result};
+
+pub use super::arena::InputRing;
+pub use super::optim::{adam_hyper, sgd_hyper, HYPER_LEN};
 
 /// An instantiated graph on one backend's stream; replays on the buffers it was captured
 /// with, which must outlive it.
@@ -73,5 +81,64 @@ impl CudaBackend {
     /// Whether this backend's stream is capturing a graph now.
     pub fn is_capturing(&self) -> bool {
         self.arena().is_capturing()
+    }
+}
+
+impl CudaBackend {
+    /// A device buffer of `len` f64 zeros (a loss a graph writes).
+    pub fn zeros_f64(&self, len: usize) -> Result<CudaSlice<f64>> {
+        self.alloc_zeros::<f64>(len)
+    }
+
+    /// A device buffer of `len` f32 zeros (device scalars).
+    pub fn zeros_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.alloc_zeros::<f32>(len)
+    }
+
+    /// The mean BCE with logits into `loss[0]` on the device and its gradient into
+    /// `dlogits`: `bce_with_logits` without the download (capturable).
+    pub fn bce_with_logits_into(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &CudaSlice<f32>,
+        pos_weight: f64,
+        dlogits: &mut CudaSlice<f32>,
+        loss: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        super::loss::bce_with_logits_into(self, logits, targets, pos_weight, dlogits, loss)
+    }
+
+    /// `sgd_step` with {lr, first step} read from `hyper[at..at + 2]` ([`sgd_hyper`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgd_step_dev(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        hyper: &CudaSlice<f32>,
+        at: usize,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> Result<()> {
+        super::optim::sgd_step_dev(self, p, g, m, hyper, at, momentum, weight_decay)
+    }
+
+    /// `adam_step` with {step size, sqrt(1 - beta2^t)} read from `hyper[at..at + 2]`
+    /// ([`adam_hyper`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adam_step_dev(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        hyper: &CudaSlice<f32>,
+        at: usize,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    ) -> Result<()> {
+        super::optim::adam_step_dev(self, p, g, m, v, hyper, at, beta1, beta2, eps, weight_decay)
     }
 }

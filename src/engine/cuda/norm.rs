@@ -56,60 +56,67 @@ pub(crate) fn batchnorm_train_fwd(
         return Ok(());
     }
     let (red, per_c, split, chunk) = reduction(be, "batchnorm_train_fwd", s)?;
-    let mut part = be.alloc::<f64>(s.c * split)?;
-    let mut stats = be.alloc::<f64>(2 * s.c)?;
-    let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
-    let relu = relu as i32;
-    let (eps, momentum) = (s.eps, s.momentum);
-    let k = kernels(be)?;
-    let st = be.stream();
-    // SAFETY: x holds n*c*hw values (checked), the per-channel buffers c each, `part` one
-    // partial sum per (channel, split) and `stats` two per channel.
-    unsafe {
-        // The mean, then the squared deviations from it (two passes), then normalise.
-        k.partial
-            .on(st)
-            .arg(x)
-            .arg(&NULL)
-            .arg(&mut part)
-            .ints(&[n, c, hw, chunk])
-            .launch(red)?;
-        k.finalize_mean
-            .on(st)
-            .arg(&part)
-            .arg(&mut stats)
-            .ints(&[c, split, n, hw])
-            .launch(per_c)?;
-        k.partial
-            .on(st)
-            .arg(x)
-            .arg(&stats)
-            .arg(&mut part)
-            .ints(&[n, c, hw, chunk])
-            .launch(red)?;
-        k.finalize_var
-            .on(st)
-            .arg(&part)
-            .arg(&mut stats)
-            .arg(running_mean)
-            .arg(running_var)
-            .arg(&mut *save_mean)
-            .arg(&mut *save_invstd)
-            .ints(&[c, split, n, hw])
-            .arg(&eps)
-            .arg(&momentum)
-            .launch(per_c)?;
-        k.apply
-            .on(st)
-            .arg(x)
-            .arg(gamma)
-            .arg(beta)
-            .arg(&*save_mean)
-            .arg(&*save_invstd)
-            .arg(y)
-            .ints(&[total, c, hw, relu])
-            .launch(grid(s.len()))
-    }
+    // Scratch from the arena (reused call after call: nothing allocated once warm, so a
+    // training step can be captured as a CUDA graph).
+    let mut part = be.take_scratch_f64(s.c * split)?;
+    let mut stats = be.take_scratch_f64(2 * s.c)?;
+    let r = (|| -> Result<()> {
+        let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
+        let relu = relu as i32;
+        let (eps, momentum) = (s.eps, s.momentum);
+        let k = kernels(be)?;
+        let st = be.stream();
+        // SAFETY: x holds n*c*hw values (checked), the per-channel buffers c each, `part` one
+        // partial sum per (channel, split) and `stats` two per channel.
+        unsafe {
+            // The mean, then the squared deviations from it (two passes), then normalise.
+            k.partial
+                .on(st)
+                .arg(x)
+                .arg(&NULL)
+                .arg(&mut part)
+                .ints(&[n, c, hw, chunk])
+                .launch(red)?;
+            k.finalize_mean
+                .on(st)
+                .arg(&part)
+                .arg(&mut stats)
+                .ints(&[c, split, n, hw])
+                .launch(per_c)?;
+            k.partial
+                .on(st)
+                .arg(x)
+                .arg(&stats)
+                .arg(&mut part)
+                .ints(&[n, c, hw, chunk])
+                .launch(red)?;
+            k.finalize_var
+                .on(st)
+                .arg(&part)
+                .arg(&mut stats)
+                .arg(running_mean)
+                .arg(running_var)
+                .arg(&mut *save_mean)
+                .arg(&mut *save_invstd)
+                .ints(&[c, split, n, hw])
+                .arg(&eps)
+                .arg(&momentum)
+                .launch(per_c)?;
+            k.apply
+                .on(st)
+                .arg(x)
+                .arg(gamma)
+                .arg(beta)
+                .arg(&*save_mean)
+                .arg(&*save_invstd)
+                .arg(y)
+                .ints(&[total, c, hw, relu])
+                .launch(grid(s.len()))
+        }
+    })();
+    be.give_scratch_f64(part);
+    be.give_scratch_f64(stats);
+    r
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -171,50 +178,56 @@ pub(crate) fn batchnorm_bwd(
         return be.fill(dbeta, 0.0);
     }
     let (red, per_c, split, chunk) = reduction(be, "batchnorm_bwd", s)?;
-    let mut part1 = be.alloc::<f64>(s.c * split)?;
-    let mut part2 = be.alloc::<f64>(s.c * split)?;
-    let mut stats = be.alloc::<f64>(2 * s.c)?;
-    let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
-    let relu = relu as i32;
-    let count = (s.n * s.hw) as f64;
-    let k = kernels(be)?;
-    let st = be.stream();
-    // SAFETY: x, y, dy and dx hold n*c*hw values, the per-channel buffers c each (checked),
-    // the partial sums one per (channel, split), `stats` two per channel.
-    unsafe {
-        k.bwd_partial
-            .on(st)
-            .arg(x)
-            .arg(y)
-            .arg(dy)
-            .arg(save_mean)
-            .arg(save_invstd)
-            .arg(&mut part1)
-            .arg(&mut part2)
-            .ints(&[n, c, hw, chunk, relu])
-            .launch(red)?;
-        k.bwd_finalize
-            .on(st)
-            .arg(&part1)
-            .arg(&part2)
-            .arg(&mut stats)
-            .arg(dgamma)
-            .arg(dbeta)
-            .ints(&[c, split])
-            .launch(per_c)?;
-        k.bwd_apply
-            .on(st)
-            .arg(x)
-            .arg(y)
-            .arg(dy)
-            .arg(gamma)
-            .arg(save_mean)
-            .arg(save_invstd)
-            .arg(&stats)
-            .arg(dx)
-            .ints(&[total, c, hw])
-            .arg(&count)
-            .arg(&relu)
-            .launch(grid(s.len()))
-    }
+    let mut part1 = be.take_scratch_f64(s.c * split)?;
+    let mut part2 = be.take_scratch_f64(s.c * split)?;
+    let mut stats = be.take_scratch_f64(2 * s.c)?;
+    let r = (|| -> Result<()> {
+        let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
+        let relu = relu as i32;
+        let count = (s.n * s.hw) as f64;
+        let k = kernels(be)?;
+        let st = be.stream();
+        // SAFETY: x, y, dy and dx hold n*c*hw values, the per-channel buffers c each (checked),
+        // the partial sums one per (channel, split), `stats` two per channel.
+        unsafe {
+            k.bwd_partial
+                .on(st)
+                .arg(x)
+                .arg(y)
+                .arg(dy)
+                .arg(save_mean)
+                .arg(save_invstd)
+                .arg(&mut part1)
+                .arg(&mut part2)
+                .ints(&[n, c, hw, chunk, relu])
+                .launch(red)?;
+            k.bwd_finalize
+                .on(st)
+                .arg(&part1)
+                .arg(&part2)
+                .arg(&mut stats)
+                .arg(dgamma)
+                .arg(dbeta)
+                .ints(&[c, split])
+                .launch(per_c)?;
+            k.bwd_apply
+                .on(st)
+                .arg(x)
+                .arg(y)
+                .arg(dy)
+                .arg(gamma)
+                .arg(save_mean)
+                .arg(save_invstd)
+                .arg(&stats)
+                .arg(dx)
+                .ints(&[total, c, hw])
+                .arg(&count)
+                .arg(&relu)
+                .launch(grid(s.len()))
+        }
+    })();
+    be.give_scratch_f64(part1);
+    be.give_scratch_f64(part2);
+    be.give_scratch_f64(stats);
+    r
 }
