@@ -57,9 +57,10 @@ pub struct RoundedReference {
     pub precision: Precision,
     /// The fixture's exact f64 quantities it replaced, by name.
     pub exact: BTreeMap<String, HostTensor>,
-    /// Per quantity (the file's metadata `f32_same_rounding`): how far PyTorch's float32 run
-    /// of the same rounded computation is from this reference, i.e. how close an f32
-    /// implementation of exactly these semantics can be expected to land.
+    /// Per quantity (the file's metadata `f32_same_rounding`), the "f32 floor": the largest
+    /// distance from this reference of PyTorch's float32 run of the same rounded computation
+    /// and of 8 f64 runs with f32-sized noise on every rounded convolution's outputs, i.e.
+    /// how far f32 implementations of exactly these semantics land from it.
     pub f32_floor: BTreeMap<String, f64>,
 }
 
@@ -86,7 +87,9 @@ fn swap_in_rounded(
         .ok_or_else(|| bad("no `source` in the metadata: not a rounded reference".into()))?;
     let source: serde_json::Value =
         serde_json::from_str(source).map_err(|e| bad(format!("metadata `source`: {e}")))?;
-    let name = fixture.file_name().map(|n| n.to_string_lossy().into_owned());
+    let name = fixture
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
     if source.get("file").and_then(|f| f.as_str()) != name.as_deref() {
         return Err(bad(format!(
             "made for {}, not for {}",
@@ -189,8 +192,8 @@ pub struct ParityRow {
     /// With a rounded reference: the same measure of that reference against the exact f64
     /// one (how much the precision itself moves the quantity).
     pub ref_gap: Option<f64>,
-    /// With a rounded reference: how far PyTorch's own f32 run with the same rounding is
-    /// from it ([`RoundedReference::f32_floor`]).
+    /// With a rounded reference: its f32 floor for this quantity
+    /// ([`RoundedReference::f32_floor`]).
     pub f32_floor: Option<f64>,
 }
 
@@ -227,29 +230,34 @@ impl ParityReport {
             .max()
             .unwrap_or(8)
             .max(8);
+        // The reference's own columns come before the error and the verdict, which stay
+        // the last two of every line.
         let gaps = self.rows.iter().any(|r| r.ref_gap.is_some());
         let floors = self.rows.iter().any(|r| r.f32_floor.is_some());
         let mut s = format!(
-            "{:<w$}  {:>9}  {:>12}  result{}{}\n",
+            "{:<w$}  {:>9}{}{}  {:>12}  result\n",
             "quantity",
             "elements",
-            "rel. error",
             if gaps { "  ref. vs exact f64" } else { "" },
-            if floors { "  torch f32 same rounding" } else { "" }
+            if floors { "  f32 floor" } else { "" },
+            "rel. error",
         );
         for r in &self.rows {
-            let mut gap = r
-                .ref_gap
-                .map(|g| format!("  {g:>18.3e}"))
-                .unwrap_or_default();
+            let mut extra = String::new();
+            if gaps {
+                extra.push_str(&match r.ref_gap {
+                    Some(g) => format!("  {g:>18.3e}"),
+                    None => format!("  {:>18}", "-"),
+                });
+            }
             if floors {
-                gap.push_str(&match r.f32_floor {
-                    Some(f) => format!("  {f:>24.3e}"),
-                    None => format!("  {:>24}", "-"),
+                extra.push_str(&match r.f32_floor {
+                    Some(f) => format!("  {f:>10.3e}"),
+                    None => format!("  {:>10}", "-"),
                 });
             }
             s.push_str(&format!(
-                "{:<w$}  {:>9}  {:>12.3e}  {}{gap}\n",
+                "{:<w$}  {:>9}{extra}  {:>12.3e}  {}\n",
                 r.quantity,
                 r.elements,
                 r.rel_err,
@@ -259,8 +267,9 @@ impl ParityReport {
         s
     }
 
-    /// The failing rows whose PyTorch f32 run with the same rounding misses the tolerance
-    /// too (the quantity is that sensitive to f32-level differences at this precision).
+    /// The failing rows whose f32 floor ([`RoundedReference::f32_floor`]) is over the
+    /// tolerance too: quantities that f32 implementations of exactly the reference's
+    /// semantics (PyTorch's own) miss by that much (that sensitive to f32-level differences).
     pub fn failures_over_f32_floor(&self) -> usize {
         self.rows
             .iter()
@@ -368,7 +377,13 @@ impl<'a> Rows<'a> {
     }
 
     /// Compares quantity `q` (the fixture's tensor `key`) with `ours`.
-    fn push(&mut self, q: String, ours: &[f64], key: &str, is_grad: bool) -> Result<(), ModelError> {
+    fn push(
+        &mut self,
+        q: String,
+        ours: &[f64],
+        key: &str,
+        is_grad: bool,
+    ) -> Result<(), ModelError> {
         let torch = self.tensors.get(key).ok_or_else(|| {
             ModelError::checkpoint(self.path, format!("no tensor `{key}` in the fixture"))
         })?;
