@@ -265,7 +265,9 @@ unsafe fn launch_split(
         };
     }
     let len = out.len();
-    let mut ws = be.alloc::<f32>(splits * len)?;
+    // From the scratch pool, not allocated: a captured train step (CUDA graph) may not
+    // allocate; stream order keeps the reuse safe.
+    let mut ws = be.take_scratch(splits * len)?;
     // SAFETY: the caller's contract, ws holding one output per split.
     unsafe {
         kern.on(be.stream())
@@ -278,7 +280,7 @@ unsafe fn launch_split(
     }
     let (splits, n) = (dim(splits)?, dim(len)?);
     // SAFETY: ws holds `splits` outputs of `len` elements, out one.
-    unsafe {
+    let r = unsafe {
         kernels(be)?
             .splitk_reduce
             .on(be.stream())
@@ -287,5 +289,7 @@ unsafe fn launch_split(
             .arg(&splits)
             .arg(&n)
             .launch(grid(len))
-    }
+    };
+    be.give_scratch(ws);
+    r
 }
