@@ -310,16 +310,15 @@ void flush_stream(Stream* st) {
     std::lock_guard<std::mutex> g(st->mu);
     flush_locked(st);
 }
-// Runs every deferred copy (but those of `held`, whose lock the caller holds and which it
-// flushed itself).
-void flush_all(Stream* held = nullptr) {
+// Runs every deferred copy. The caller must hold no stream's lock: this takes each
+// stream's in turn.
+void flush_all() {
     std::vector<Stream*> all;
     {
         std::lock_guard<std::mutex> g(g_streams_mu);
         all.assign(g_streams.begin(), g_streams.end());
     }
-    for (Stream* st : all)
-        if (st != held) flush_stream(st);
+    for (Stream* st : all) flush_stream(st);
 }
 
 // Stream-ordered operations run under their stream's lock, after the stream's deferred
@@ -1238,11 +1237,17 @@ CUDAAPI CUresult cuMemFree_v2(CUdeviceptr p) {
 CUDAAPI CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     CUresult r = check_ready();
     if (r) return r;
-    EMU_ON_STREAM(s);
-    if (st_->capture)
-        return st_->invalidated ? capture_invalidated("cuMemFreeAsync")
-                                : capture_forbid(st_, "cuMemFreeAsync (graph memory nodes are not emulated)");
-    flush_all(st_);
+    Stream* st = stream_of(s);
+    if (!st) return report(CUDA_ERROR_INVALID_HANDLE, "not a stream handle");
+    // Every stream's deferred copies first, each under its own lock alone: flushing the
+    // others while holding this stream's lock deadlocked two host threads freeing on two
+    // streams (each holding its own lock and waiting for the other's).
+    flush_all();
+    std::lock_guard<std::mutex> g(st->mu);
+    flush_locked(st);
+    if (st->capture)
+        return st->invalidated ? capture_invalidated("cuMemFreeAsync")
+                               : capture_forbid(st, "cuMemFreeAsync (graph memory nodes are not emulated)");
     return release(p, "cuMemFreeAsync");
 }
 // Page-locked host memory: plain host memory, registered so that copies from and to it
