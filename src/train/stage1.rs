@@ -3,8 +3,10 @@
 //! batch over the backbone + LSTM + head) and the validation pass (eval mode, the sliding
 //! windows' per-slice logits averaged back onto each volume's slices). On CUDA every step
 //! of a repeating batch shape is replayed from a captured graph
-//! ([`IchNet::stage1_step_graphed`]); the first step of a shape and a partial last batch run
-//! eagerly. Knows nothing about files or checkpoints.
+//! ([`IchNet::stage1_step_queued`]); the first step of a shape and a partial last batch run
+//! eagerly. A replayed step's loss is read after the next step is enqueued
+//! ([`super::LossReadback`]; the same losses in the same order as an immediate read).
+//! Knows nothing about files or checkpoints.
 
 use super::auc;
 use super::prep::{self, AugmentCtx, Prepared, SeqItem};

@@ -1,6 +1,7 @@
 //! Stage 2: the backbone frozen, the single-slice `fc` head trained on batches of single
 //! slices (augmented like stage 1), and its validation pass over every validation slice.
-//! This head is what segmentation uses at test time (its weights make the CAM).
+//! This head is what segmentation uses at test time (its weights make the CAM). On CUDA the
+//! steps replay a captured graph and their losses are read a step late, as in stage 1.
 //! Knows nothing about files or checkpoints.
 
 use super::config::HeadPooling;
