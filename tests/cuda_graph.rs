@@ -18,6 +18,11 @@
 //!   to the same steps run eagerly from the same initial state; a step with another batch
 //!   shape runs eagerly and re-captures; capturing the eager step (which allocates and
 //!   synchronises) is an error saying so;
+//! - the loss read a step late: steps queued two at a time (step k+1 replayed, overwriting
+//!   the graph's loss buffer, before step k's loss is read) give bit-identical losses to the
+//!   steps read at once, and a third unread loss is refused; a short `train` (stages 1 and
+//!   2) logs bit-identical losses and writes bit-identical parameters with the late
+//!   readback as with the immediate one;
 //! - the copy stream: on the emulator, whose copies from page-locked memory on a created
 //!   stream are deferred until something orders work after them, a consumer that does not
 //!   wait for the copy's event reads the old contents and a page-locked source overwritten
@@ -61,6 +66,14 @@ fn main() {
         device(
             "train_steps_graph_replay_is_bit_identical_to_eager",
             train_steps_graph_replay_is_bit_identical_to_eager,
+        ),
+        device(
+            "queued_losses_read_a_step_late_are_the_same",
+            queued_losses_read_a_step_late_are_the_same,
+        ),
+        device(
+            "train_with_late_loss_readback_is_bit_identical",
+            train_with_late_loss_readback_is_bit_identical,
         ),
         device(
             "capturing_an_allocating_or_syncing_step_is_an_error",
@@ -495,6 +508,182 @@ fn train_steps_graph_replay_is_bit_identical_to_eager() {
         assert_same_state(&eager, &graphed, &format!("after stage-2 step {k}"));
     }
     assert_eq!(steps2.counts(), (1, 3, 1), "captures, replays, eager steps");
+}
+
+fn queued_losses_read_a_step_late_are_the_same() {
+    use ichcam::model::net_graph::{GraphSteps, StepLoss};
+    use ichcam::model::OptimizerConfig;
+    let g = gpu();
+    let mut now = IchNet::new(g.clone(), small_cfg(), 23).expect("net");
+    let mut late = IchNet::new(g.clone(), small_cfg(), 23).expect("net");
+    let c = small_cfg().in_channels;
+    let (batch, seq, size) = (2, 3, 32);
+    let n = batch * seq;
+    let data = |k: usize| {
+        let x = randn(300 + k as u64, n * c * size * size);
+        let y: Vec<f32> = (0..n).map(|i| ((i + k) % 2) as f32).collect();
+        (x, y, OptimizerConfig::adam(1e-2 / (1.0 + k as f64)))
+    };
+    let (mut s_now, mut s_late) = (GraphSteps::default(), GraphSteps::default());
+    let mut want = Vec::new();
+    let mut got = Vec::new();
+    let mut queued: Option<StepLoss> = None;
+    let mut kinds = Vec::new();
+    for k in 0..6 {
+        let (x, y, opt) = data(k);
+        want.push(
+            now.stage1_step_graphed(&mut s_now, &x, &y, batch, seq, size, size, 1.5, &opt)
+                .expect("step")
+                .loss,
+        );
+        let l = late
+            .stage1_step_queued(&mut s_late, &x, &y, batch, seq, size, size, 1.5, &opt)
+            .expect("queued step");
+        kinds.push(matches!(l, StepLoss::Queued(_)));
+        // Step k is enqueued (its replay rewrote the graph's loss buffer) before step
+        // k-1's loss is read.
+        if let Some(p) = queued.replace(l) {
+            got.push(s_late.read(p).expect("read"));
+        }
+    }
+    got.push(s_late.read(queued.take().expect("last")).expect("read"));
+    // The first step runs eagerly (its loss known at once), the others replay and queue.
+    assert_eq!(kinds, [false, true, true, true, true, true], "queued steps");
+    let b = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(b(&got), b(&want), "late {got:?} vs immediate {want:?}");
+    assert_same_state(&now, &late, "after the queued steps");
+    // A slot is not refilled before it is read: a third unread loss is an error.
+    let (x, y, opt) = data(7);
+    let a = late
+        .stage1_step_queued(&mut s_late, &x, &y, batch, seq, size, size, 1.5, &opt)
+        .expect("queued");
+    let b2 = late
+        .stage1_step_queued(&mut s_late, &x, &y, batch, seq, size, size, 1.5, &opt)
+        .expect("queued");
+    let third = late.stage1_step_queued(&mut s_late, &x, &y, batch, seq, size, size, 1.5, &opt);
+    assert!(third.is_err(), "a third unread loss was accepted");
+    assert!(s_late.read(a).is_ok() && s_late.read(b2).is_ok());
+    assert!(s_late.read(a).is_err(), "a loss read twice");
+}
+
+fn train_with_late_loss_readback_is_bit_identical() {
+    use ichcam::data::synth::{phantom, plan_positive, SynthConfig};
+    use ichcam::model::{BlockKind, OptimizerConfig};
+    use ichcam::train::{
+        train_with, AugmentConfig, LossReadback, TrainCase, TrainConfig, TrainInput, TrainOptions,
+    };
+    let (size, slices, n) = (16, 8, 4);
+    let synth = SynthConfig {
+        size,
+        slices,
+        clean: false,
+    };
+    let pos = plan_positive(n, 5);
+    let cases: Vec<TrainCase> = (0..n)
+        .map(|i| {
+            let p = phantom(&synth, 5, i, pos[i]).expect("phantom");
+            TrainCase {
+                id: format!("{i:03}"),
+                patient: format!("p{i:03}"),
+                labels: p.slice_labels().iter().map(|&l| l > 0).collect(),
+                hu: p.hu,
+                spacing: p.spacing,
+            }
+        })
+        .collect();
+    let cfg = TrainConfig {
+        name: "micro".into(),
+        model: ModelConfig {
+            block: BlockKind::Basic,
+            layers: vec![1, 1],
+            base_width: 4,
+            lstm_hidden: 5,
+            lstm_layers: 1,
+            head: vec![4],
+            ..ModelConfig::tiny()
+        },
+        size,
+        slices: 4,
+        seq_stride: 2,
+        batch: 2,
+        epochs: 2,
+        optimizer: OptimizerConfig::adam(1e-3),
+        stage2_batch: 4,
+        stage2_epochs: 1,
+        stage2_optimizer: OptimizerConfig::Sgd {
+            lr: 1e-2,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        },
+        val_fraction: 0.25,
+        pos_weight_min: 1.0,
+        pos_weight_max: 10.0,
+        augment: AugmentConfig::paper(),
+        input: ichcam::data::InputSpec::default(),
+        stage2_pooling: ichcam::train::config::HeadPooling::Mean,
+        unet: None,
+    };
+    let dir = std::env::temp_dir().join(format!("ichcam-late-loss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let run = |mode: LossReadback| {
+        let model = dir.join(format!("{mode:?}.safetensors"));
+        let opts = TrainOptions {
+            seed: 3,
+            resume: false,
+            loss_readback: mode,
+            ..TrainOptions::default()
+        };
+        let r = train_with(
+            gpu().clone(),
+            TrainInput::Cases(cases.clone()),
+            &model,
+            &cfg,
+            &opts,
+        )
+        .expect("train");
+        let bytes = std::fs::read(&model).expect("model file");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let mut t: Vec<(String, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.data().to_vec()))
+            .collect();
+        t.sort();
+        let losses: Vec<(u8, usize, u64, Option<u64>)> = r
+            .log
+            .epochs
+            .iter()
+            .map(|e| {
+                (
+                    e.stage,
+                    e.epoch,
+                    e.train_loss.to_bits(),
+                    e.val_loss.map(f64::to_bits),
+                )
+            })
+            .collect();
+        (losses, t)
+    };
+    let (late_losses, late_params) = run(LossReadback::Late);
+    let (now_losses, now_params) = run(LossReadback::Immediate);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        late_losses.len(),
+        3,
+        "two stage-1 epochs and one stage-2 epoch logged"
+    );
+    assert!(late_losses.iter().all(|l| f64::from_bits(l.2).is_finite()));
+    assert_eq!(
+        late_losses, now_losses,
+        "logged losses (stage, epoch, train, val bits)"
+    );
+    assert_eq!(late_params.len(), now_params.len());
+    for ((na, a), (nb, b)) in late_params.iter().zip(&now_params) {
+        assert_eq!(na, nb);
+        assert!(a == b, "{na}: the late readback's parameters differ");
+    }
+    let show: Vec<f64> = late_losses.iter().map(|l| f64::from_bits(l.2)).collect();
+    eprintln!("train losses (late = immediate readback): {show:?}");
 }
 
 fn capturing_an_allocating_or_syncing_step_is_an_error() {

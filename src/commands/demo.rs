@@ -125,6 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         data_name: Some("phantoms".into()),
         stage2_from: None,
         stage3_from: None,
+        loss_readback: Default::default(),
     };
     let t_train = Instant::now();
     let rep =

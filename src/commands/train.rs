@@ -224,6 +224,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .map(|n| n.to_string_lossy().into_owned()),
         stage2_from: a.stage2_from.clone(),
         stage3_from: a.stage3_from.clone(),
+        loss_readback: Default::default(),
     };
     eprintln!(
         "preset `{}` ({why}): {}x{} px{}, {} windows, ResNet {:?} width {}, {} + {} epochs, {}",

@@ -6,15 +6,20 @@
 //! replays. Before each replay the host uploads the batch into the graph's fixed input
 //! buffers (through [`InputRing`]s on the copy stream, so the copy overlaps queued compute)
 //! and writes the optimizer's step-dependent scalars (learning rate, first step, Adam's
-//! bias corrections) into a device buffer the graph's optimizer kernels read; after it, the
-//! loss (and the logits) are read back from the device buffers the graph wrote, and the
-//! step counts advance on the host. A shape change (the last partial batch) runs eagerly
+//! bias corrections) into a device buffer the graph's optimizer kernels read; after it the
+//! step counts advance on the host, and the loss (and the logits) are read back from the
+//! device buffers the graph wrote: at once ([`IchNet::stage1_step_graphed`]), or queued
+//! ([`IchNet::stage1_step_queued`], [`IchNet::stage2_step_queued`]): an asynchronous copy
+//! of the loss into one of two page-locked host slots ([`GraphSteps`] alternates them), read
+//! by [`GraphSteps::read`] after the next step has been enqueued, so the host prepares and
+//! uploads batch k+1 while the device runs step k. A slot is refilled only after it was
+//! read (queuing a third unread loss is an error). A shape change (the last partial batch) runs eagerly
 //! and re-captures when the shape returns. A capture that fails (an op of the step
 //! allocates or synchronises) is reported once on stderr with its error, and the steps of
 //! that shape run eagerly ([`TrainGraph::failure`] says why). Knows nothing about datasets
 //! or files.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, PinnedHostSlice};
 
 use super::net::{IchNet, Stage1Step};
 use super::optim::{self, OptimizerConfig};
@@ -75,6 +80,20 @@ impl TrainGraph {
 pub struct GraphSteps {
     pub graph: Option<TrainGraph>,
     pub eager_steps: usize,
+    /// The two page-locked slots queued losses are copied into (allocated at the first).
+    loss_host: Vec<PinnedHostSlice<f64>>,
+    /// Which slots hold a loss not yet read.
+    unread: [bool; 2],
+    /// The slot the next queued loss goes to.
+    next_slot: usize,
+}
+
+/// A step's loss: known (an eager step), or on its way from the device into a host slot
+/// of the [`GraphSteps`] that ran it ([`GraphSteps::read`] waits for it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepLoss {
+    Ready(f64),
+    Queued(usize),
 }
 
 impl GraphSteps {
@@ -82,6 +101,57 @@ impl GraphSteps {
     pub fn counts(&self) -> (usize, usize, usize) {
         let (c, r) = self.graph.as_ref().map_or((0, 0), TrainGraph::counts);
         (c, r, self.eager_steps)
+    }
+
+    /// The loss of a step: waits for its copy to the host when it is queued.
+    pub fn read(&mut self, loss: StepLoss) -> Result<f64, ModelError> {
+        match loss {
+            StepLoss::Ready(v) => Ok(v),
+            StepLoss::Queued(slot) => {
+                let host = self
+                    .loss_host
+                    .get(slot)
+                    .filter(|_| self.unread[slot])
+                    .ok_or_else(|| {
+                        ModelError::Internal(format!("no queued loss in slot {slot}"))
+                    })?;
+                let v = host
+                    .as_slice()
+                    .map_err(|e| ModelError::Internal(format!("loss readback: {e}")))?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| ModelError::Internal("empty loss readback".into()))?;
+                self.unread[slot] = false;
+                Ok(v)
+            }
+        }
+    }
+
+    /// Queues the copy of the loss the graph just wrote into the next host slot (on the
+    /// compute stream, after the replay; the host does not wait).
+    fn queue_loss(&mut self, be: &CudaBackend) -> Result<StepLoss, ModelError> {
+        let err =
+            |e: cudarc::driver::DriverError| ModelError::Internal(format!("loss readback: {e}"));
+        while self.loss_host.len() < 2 {
+            // SAFETY: a page-locked buffer of one f64, written by the copy below before
+            // any read (reads wait for the event recorded after that copy).
+            let slot = unsafe { be.stream().context().alloc_pinned_with_flags::<f64>(1, 0) }
+                .map_err(err)?;
+            self.loss_host.push(slot);
+        }
+        let slot = self.next_slot;
+        if self.unread[slot] {
+            return Err(ModelError::Internal(
+                "a third training loss was queued before the first was read".into(),
+            ));
+        }
+        let g = self.graph.as_ref().ok_or_else(missing)?;
+        be.stream()
+            .memcpy_dtoh(&g.loss, &mut self.loss_host[slot])
+            .map_err(err)?;
+        self.unread[slot] = true;
+        self.next_slot ^= 1;
+        Ok(StepLoss::Queued(slot))
     }
 }
 
@@ -120,16 +190,64 @@ impl IchNet<CudaBackend> {
         pos_weight: f64,
         opt: &OptimizerConfig,
     ) -> Result<Stage1Step, ModelError> {
+        match self.stage1_run(steps, x, labels, batch, seq, h, w, pos_weight, opt)? {
+            Some(s) => Ok(s),
+            None => {
+                let g = steps.graph.as_ref().ok_or_else(missing)?;
+                let loss = self.download_loss(&g.loss)?;
+                let logits = self.stage1_last_logits()?;
+                Ok(Stage1Step { loss, logits })
+            }
+        }
+    }
+
+    /// [`IchNet::stage1_step_graphed`] without waiting for the device: a replayed step's
+    /// loss is queued into a host slot of `steps` ([`GraphSteps::read`] it after enqueuing
+    /// the next step, at most two unread); its logits are not read back.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage1_step_queued(
+        &mut self,
+        steps: &mut GraphSteps,
+        x: &[f32],
+        labels: &[f32],
+        batch: usize,
+        seq: usize,
+        h: usize,
+        w: usize,
+        pos_weight: f64,
+        opt: &OptimizerConfig,
+    ) -> Result<StepLoss, ModelError> {
+        match self.stage1_run(steps, x, labels, batch, seq, h, w, pos_weight, opt)? {
+            Some(s) => Ok(StepLoss::Ready(s.loss)),
+            None => steps.queue_loss(self.backend()),
+        }
+    }
+
+    /// The stage-1 step, eager (`Some`, its result) or replayed (`None`: the loss is in
+    /// the graph's loss buffer, the logits in the net's last activations).
+    #[allow(clippy::too_many_arguments)]
+    fn stage1_run(
+        &mut self,
+        steps: &mut GraphSteps,
+        x: &[f32],
+        labels: &[f32],
+        batch: usize,
+        seq: usize,
+        h: usize,
+        w: usize,
+        pos_weight: f64,
+        opt: &OptimizerConfig,
+    ) -> Result<Option<Stage1Step>, ModelError> {
         let k = key(1, (batch, seq, h, w), pos_weight, opt);
         if !matches!(&steps.graph, Some(g) if g.key == k) {
-            return self.eager1(steps, k, x, labels, pos_weight, opt);
+            return self.eager1(steps, k, x, labels, pos_weight, opt).map(Some);
         }
         if steps.graph.as_ref().is_some_and(|g| g.failed.is_some()) {
             steps.eager_steps += 1;
             self.zero_grads()?;
             let s = self.stage1_forward_backward(x, labels, batch, seq, h, w, pos_weight)?;
             self.step(opt, ParamGroup::Stage1)?;
-            return Ok(s);
+            return Ok(Some(s));
         }
         let g = steps.graph.as_mut().ok_or_else(missing)?;
         self.check_stage1_input(x, labels, batch, seq, h, w, pos_weight)?;
@@ -156,15 +274,12 @@ impl IchNet<CudaBackend> {
                 }
                 Err(e) => {
                     capture_failed(g, &e);
-                    return self
-                        .stage1_step_graphed(steps, x, labels, batch, seq, h, w, pos_weight, opt);
+                    return self.stage1_run(steps, x, labels, batch, seq, h, w, pos_weight, opt);
                 }
             }
         }
         self.replay(g, ParamGroup::Stage1)?;
-        let loss = self.download_loss(&g.loss)?;
-        let logits = self.stage1_last_logits()?;
-        Ok(Stage1Step { loss, logits })
+        Ok(None)
     }
 
     /// One stage-2 training step (gradients zeroed, the frozen backbone, fc forward and
@@ -183,18 +298,59 @@ impl IchNet<CudaBackend> {
         pos_weight: f64,
         opt: &OptimizerConfig,
     ) -> Result<f64, ModelError> {
+        match self.stage2_run(steps, x, labels, n, h, w, pos_weight, opt)? {
+            Some(loss) => Ok(loss),
+            None => self.download_loss(&steps.graph.as_ref().ok_or_else(missing)?.loss),
+        }
+    }
+
+    /// [`IchNet::stage2_step_graphed`] without waiting for the device: a replayed step's
+    /// loss is queued into a host slot of `steps` ([`GraphSteps::read`] it after enqueuing
+    /// the next step, at most two unread).
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage2_step_queued(
+        &mut self,
+        steps: &mut GraphSteps,
+        x: &[f32],
+        labels: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        pos_weight: f64,
+        opt: &OptimizerConfig,
+    ) -> Result<StepLoss, ModelError> {
+        match self.stage2_run(steps, x, labels, n, h, w, pos_weight, opt)? {
+            Some(loss) => Ok(StepLoss::Ready(loss)),
+            None => steps.queue_loss(self.backend()),
+        }
+    }
+
+    /// The stage-2 step, eager (`Some`, its loss) or replayed (`None`: the loss is in the
+    /// graph's loss buffer).
+    #[allow(clippy::too_many_arguments)]
+    fn stage2_run(
+        &mut self,
+        steps: &mut GraphSteps,
+        x: &[f32],
+        labels: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        pos_weight: f64,
+        opt: &OptimizerConfig,
+    ) -> Result<Option<f64>, ModelError> {
         let k = key(2, (n, 1, h, w), pos_weight, opt);
         if !matches!(&steps.graph, Some(g) if g.key == k) {
             return self
                 .eager2(steps, k, x, labels, pos_weight, opt)
-                .map(|s| s.loss);
+                .map(|s| Some(s.loss));
         }
         if steps.graph.as_ref().is_some_and(|g| g.failed.is_some()) {
             steps.eager_steps += 1;
             self.zero_grads()?;
             let loss = self.stage2_forward_backward(x, labels, n, h, w, pos_weight)?;
             self.step(opt, ParamGroup::Fc)?;
-            return Ok(loss);
+            return Ok(Some(loss));
         }
         let g = steps.graph.as_mut().ok_or_else(missing)?;
         self.check_stage2_input(x, labels, n, h, w, pos_weight)?;
@@ -220,12 +376,12 @@ impl IchNet<CudaBackend> {
                 }
                 Err(e) => {
                     capture_failed(g, &e);
-                    return self.stage2_step_graphed(steps, x, labels, n, h, w, pos_weight, opt);
+                    return self.stage2_run(steps, x, labels, n, h, w, pos_weight, opt);
                 }
             }
         }
         self.replay(g, ParamGroup::Fc)?;
-        self.download_loss(&g.loss)
+        Ok(None)
     }
 
     /// The eager stage-1 step; then the buffers of a graph for its shape (captured at the

@@ -57,6 +57,55 @@ pub struct EpochStats {
     pub threshold: Option<f64>,
 }
 
+/// When a CUDA training loop reads a replayed step's loss back
+/// ([`crate::model::net_graph::StepLoss`]): after the next step has been enqueued (`Late`,
+/// the default: the next batch is prepared and uploaded while the device runs this step),
+/// or right after the step (`Immediate`). The losses, their order in the log and the
+/// parameters are the same either way; a loss already known (the CPU, an eager step) is
+/// counted at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LossReadback {
+    #[default]
+    Late,
+    Immediate,
+}
+
+impl LossReadback {
+    /// Counts step `k`'s `loss` with `f` (after the queued step before it, if any), or
+    /// queues it in `queued` (late readback of a queued loss).
+    pub(crate) fn account(
+        self,
+        graphs: &mut crate::model::net_graph::GraphSteps,
+        queued: &mut Option<(usize, crate::model::net_graph::StepLoss)>,
+        k: usize,
+        loss: crate::model::net_graph::StepLoss,
+        f: &mut impl FnMut(usize, f64) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        use crate::model::net_graph::StepLoss;
+        if let Some((j, p)) = queued.take() {
+            f(j, graphs.read(p)?)?;
+        }
+        match (self, loss) {
+            (LossReadback::Late, StepLoss::Queued(_)) => *queued = Some((k, loss)),
+            _ => f(k, graphs.read(loss)?)?,
+        }
+        Ok(())
+    }
+
+    /// Counts the step still queued at the end of an epoch.
+    pub(crate) fn finish(
+        self,
+        graphs: &mut crate::model::net_graph::GraphSteps,
+        queued: &mut Option<(usize, crate::model::net_graph::StepLoss)>,
+        f: &mut impl FnMut(usize, f64) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        match queued.take() {
+            Some((j, p)) => f(j, graphs.read(p)?),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Trains `cfg` on `device` (resolved once by the caller, [`crate::engine::Device::open`]).
 /// See [`train_with`].
 pub fn train(

@@ -3,16 +3,18 @@
 //! batch over the backbone + LSTM + head) and the validation pass (eval mode, the sliding
 //! windows' per-slice logits averaged back onto each volume's slices). On CUDA every step
 //! of a repeating batch shape is replayed from a captured graph
-//! ([`IchNet::stage1_step_graphed`]); the first step of a shape and a partial last batch run
-//! eagerly. Knows nothing about files or checkpoints.
+//! ([`IchNet::stage1_step_queued`]); the first step of a shape and a partial last batch run
+//! eagerly. A replayed step's loss is read after the next step is enqueued
+//! ([`super::LossReadback`]; the same losses in the same order as an immediate read).
+//! Knows nothing about files or checkpoints.
 
 use super::auc;
 use super::prep::{self, AugmentCtx, Prepared, SeqItem};
-use super::{EpochStats, TrainError};
+use super::{EpochStats, LossReadback, TrainError};
 use crate::data::sequence::merge_scores;
 use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
-use crate::model::net_graph::GraphSteps;
+use crate::model::net_graph::{GraphSteps, StepLoss};
 use crate::model::{IchNet, OptimizerConfig, ParamGroup};
 use std::any::Any;
 
@@ -27,6 +29,7 @@ pub fn train_epoch<B: Backend + 'static>(
     opt: &OptimizerConfig,
     pos_weight: f64,
     aug: AugmentCtx<'_>,
+    readback: LossReadback,
     progress: &indicatif::ProgressBar,
 ) -> Result<f64, TrainError> {
     let batches = prep::epoch_batches(items.len(), batch, Some((aug.seed, aug.epoch)));
@@ -34,13 +37,27 @@ pub fn train_epoch<B: Backend + 'static>(
     progress.set_length(batches.len() as u64);
     let mut sum = 0.0;
     let mut graphs = GraphSteps::default();
+    let mut account = |j: usize, loss: f64| -> Result<(), TrainError> {
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged(format!(
+                "stage-1 loss became {loss} at batch {} (lower the learning rate)",
+                j + 1
+            )));
+        }
+        sum += loss;
+        progress.inc(1);
+        progress.set_message(format!("loss {:.4}", sum / (j + 1) as f64));
+        Ok(())
+    };
+    // On CUDA (late readback) step k's loss is read after step k+1 is enqueued.
+    let mut queued: Option<(usize, StepLoss)> = None;
     for (k, b) in batches.iter().enumerate() {
         let refs: Vec<&SeqItem> = b.iter().map(|&i| &items[i]).collect();
         let ids: Vec<u64> = b.iter().map(|&i| i as u64).collect();
         let (x, y) = prep::gather_sequences(cases, &refs, &ids, size, Some(aug))?;
-        let step = if let Some(cuda) = (net as &mut dyn Any).downcast_mut::<IchNet<CudaBackend>>() {
+        let loss = if let Some(cuda) = (net as &mut dyn Any).downcast_mut::<IchNet<CudaBackend>>() {
             // Gradients zeroed, forward, backward and the optimizer step, as below.
-            cuda.stage1_step_graphed(
+            cuda.stage1_step_queued(
                 &mut graphs,
                 &x,
                 &y,
@@ -59,19 +76,11 @@ pub fn train_epoch<B: Backend + 'static>(
             if s.loss.is_finite() {
                 net.step(opt, ParamGroup::Stage1)?;
             }
-            s
+            StepLoss::Ready(s.loss)
         };
-        if !step.loss.is_finite() {
-            return Err(TrainError::Diverged(format!(
-                "stage-1 loss became {} at batch {} (lower the learning rate)",
-                step.loss,
-                k + 1
-            )));
-        }
-        sum += step.loss;
-        progress.inc(1);
-        progress.set_message(format!("loss {:.4}", sum / (k + 1) as f64));
+        readback.account(&mut graphs, &mut queued, k, loss, &mut account)?;
     }
+    readback.finish(&mut graphs, &mut queued, &mut account)?;
     Ok(if batches.is_empty() {
         f64::NAN
     } else {

@@ -1,15 +1,16 @@
 //! Stage 2: the backbone frozen, the single-slice `fc` head trained on batches of single
 //! slices (augmented like stage 1), and its validation pass over every validation slice.
-//! This head is what segmentation uses at test time (its weights make the CAM).
+//! This head is what segmentation uses at test time (its weights make the CAM). On CUDA the
+//! steps replay a captured graph and their losses are read a step late, as in stage 1.
 //! Knows nothing about files or checkpoints.
 
 use super::config::HeadPooling;
 use super::prep::{self, AugmentCtx, Prepared};
 use super::stage1::to_t;
-use super::{EpochStats, TrainError};
+use super::{EpochStats, LossReadback, TrainError};
 use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
-use crate::model::net_graph::GraphSteps;
+use crate::model::net_graph::{GraphSteps, StepLoss};
 use crate::model::{CamKind, IchNet, OptimizerConfig, ParamGroup};
 use std::any::Any;
 
@@ -24,20 +25,35 @@ pub fn train_epoch<B: Backend + 'static>(
     opt: &OptimizerConfig,
     pos_weight: f64,
     aug: AugmentCtx<'_>,
+    readback: LossReadback,
     progress: &indicatif::ProgressBar,
 ) -> Result<f64, TrainError> {
     let batches = prep::epoch_batches(items.len(), batch, Some((aug.seed, aug.epoch)));
     progress.set_length(batches.len() as u64);
     let mut sum = 0.0;
     let mut graphs = GraphSteps::default();
+    let mut account = |j: usize, loss: f64| -> Result<(), TrainError> {
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged(format!(
+                "stage-2 loss became {loss} at batch {} (lower the learning rate)",
+                j + 1
+            )));
+        }
+        sum += loss;
+        progress.inc(1);
+        progress.set_message(format!("loss {:.4}", sum / (j + 1) as f64));
+        Ok(())
+    };
+    // On CUDA (late readback) step k's loss is read after step k+1 is enqueued.
+    let mut queued: Option<(usize, StepLoss)> = None;
     for (k, b) in batches.iter().enumerate() {
         let its: Vec<(usize, usize)> = b.iter().map(|&i| items[i]).collect();
         let ids: Vec<u64> = b.iter().map(|&i| i as u64).collect();
         let (x, y) = prep::gather_slices(cases, &its, &ids, size, Some(aug))?;
         let loss = if let Some(cuda) = (net as &mut dyn Any).downcast_mut::<IchNet<CudaBackend>>() {
             // On CUDA the whole step, optimizer included, replayed from a captured graph
-            // when the batch shape repeats ([`IchNet::stage2_step_graphed`]).
-            cuda.stage2_step_graphed(&mut graphs, &x, &y, b.len(), size, size, pos_weight, opt)?
+            // when the batch shape repeats ([`IchNet::stage2_step_queued`]).
+            cuda.stage2_step_queued(&mut graphs, &x, &y, b.len(), size, size, pos_weight, opt)?
         } else {
             net.zero_grads()?;
             let loss = net.stage2_forward_backward(
@@ -51,18 +67,11 @@ pub fn train_epoch<B: Backend + 'static>(
             if loss.is_finite() {
                 net.step(opt, ParamGroup::Fc)?;
             }
-            loss
+            StepLoss::Ready(loss)
         };
-        if !loss.is_finite() {
-            return Err(TrainError::Diverged(format!(
-                "stage-2 loss became {loss} at batch {} (lower the learning rate)",
-                k + 1
-            )));
-        }
-        sum += loss;
-        progress.inc(1);
-        progress.set_message(format!("loss {:.4}", sum / (k + 1) as f64));
+        readback.account(&mut graphs, &mut queued, k, loss, &mut account)?;
     }
+    readback.finish(&mut graphs, &mut queued, &mut account)?;
     Ok(if batches.is_empty() {
         f64::NAN
     } else {

@@ -13,7 +13,7 @@ use super::checkpoint::{self, TrainState};
 use super::config::{HeadPooling, TrainConfig};
 use super::log::{EpochRecord, TrainLog};
 use super::prep::{self, AugmentCtx, Prepared, TrainInput};
-use super::{stage1, stage2, stage3, EpochStats, TrainError};
+use super::{stage1, stage2, stage3, EpochStats, LossReadback, TrainError};
 use crate::data::split::split_patients;
 use crate::engine::Backend;
 use crate::model::unet::{SecondHandle, UNet};
@@ -43,6 +43,8 @@ pub struct TrainOptions {
     /// Start from this finished two-stage model file (written by a run of the same training
     /// config and seed, stage 3 aside) and train stage 3 alone on it.
     pub stage3_from: Option<PathBuf>,
+    /// When the CUDA stage-1/2 loops read a step's loss back (same results either way).
+    pub loss_readback: LossReadback,
 }
 
 impl Default for TrainOptions {
@@ -55,6 +57,7 @@ impl Default for TrainOptions {
             data_name: None,
             stage2_from: None,
             stage3_from: None,
+            loss_readback: LossReadback::Late,
         }
     }
 }
@@ -347,6 +350,7 @@ pub fn train_with<B: Backend + SecondHandle + 'static>(
             &cfg.optimizer,
             ctx.pos_weight,
             aug,
+            opts.loss_readback,
             &pb,
         )?;
         pb.finish_and_clear();
@@ -428,6 +432,7 @@ pub fn train_with<B: Backend + SecondHandle + 'static>(
                 &cfg.stage2_optimizer,
                 ctx.pos_weight,
                 aug,
+                opts.loss_readback,
                 &pb,
             )?
         };
