@@ -25,13 +25,63 @@ use cudarc::driver::{result, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, Dev
 use super::device::cuda;
 use crate::engine::{EngineError, Result};
 
+/// Free device buffers of one element type, by length: a scratch buffer is taken by its
+/// length and given back for the next user (stream order keeps it after this one).
+struct Pool<T>(Mutex<HashMap<usize, Vec<CudaSlice<T>>>>);
+
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Pool(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T> Pool<T> {
+    /// A free buffer of `len` values, else `alloc(len)`.
+    fn take(
+        &self,
+        len: usize,
+        alloc: impl FnOnce(usize) -> Result<CudaSlice<T>>,
+    ) -> Result<CudaSlice<T>> {
+        let found = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(&len).and_then(Vec::pop));
+        match found {
+            Some(b) => Ok(b),
+            None => alloc(len),
+        }
+    }
+
+    fn give(&self, buf: CudaSlice<T>) {
+        if let Ok(mut m) = self.0.lock() {
+            m.entry(buf.len()).or_default().push(buf);
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut m) = self.0.lock() {
+            m.clear();
+        }
+    }
+
+    /// Bytes held by the free buffers.
+    fn bytes(&self) -> usize {
+        self.0.lock().map_or(0, |m| {
+            m.iter()
+                .map(|(len, v)| len * std::mem::size_of::<T>() * v.len())
+                .sum::<usize>()
+        })
+    }
+}
+
 /// The reusable memory of one backend (shared by its clones).
 #[derive(Default)]
 pub(crate) struct Arena {
     /// Free scratch buffers by length (f32 elements).
-    scratch: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
+    scratch: Pool<f32>,
     /// Free f64 scratch buffers by length (the reductions' partial sums).
-    scratch64: Mutex<HashMap<usize, Vec<CudaSlice<f64>>>>,
+    scratch64: Pool<f64>,
     /// Set while the backend's stream captures a graph.
     capturing: AtomicBool,
     /// The upload staging buffers and which one is next.
@@ -149,22 +199,12 @@ impl Arena {
         len: usize,
         alloc: impl FnOnce(usize) -> Result<CudaSlice<f32>>,
     ) -> Result<CudaSlice<f32>> {
-        let found = self
-            .scratch
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get_mut(&len).and_then(Vec::pop));
-        match found {
-            Some(b) => Ok(b),
-            None => alloc(len),
-        }
+        self.scratch.take(len, alloc)
     }
 
     /// Returns a scratch buffer for reuse (stream order keeps the next user after this one).
     pub(crate) fn give(&self, buf: CudaSlice<f32>) {
-        if let Ok(mut m) = self.scratch.lock() {
-            m.entry(buf.len()).or_default().push(buf);
-        }
+        self.scratch.give(buf)
     }
 
     /// An f64 scratch buffer of `len` values, as [`Arena::take`].
@@ -173,22 +213,12 @@ impl Arena {
         len: usize,
         alloc: impl FnOnce(usize) -> Result<CudaSlice<f64>>,
     ) -> Result<CudaSlice<f64>> {
-        let found = self
-            .scratch64
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get_mut(&len).and_then(Vec::pop));
-        match found {
-            Some(b) => Ok(b),
-            None => alloc(len),
-        }
+        self.scratch64.take(len, alloc)
     }
 
     /// Returns an f64 scratch buffer for reuse.
     pub(crate) fn give64(&self, buf: CudaSlice<f64>) {
-        if let Ok(mut m) = self.scratch64.lock() {
-            m.entry(buf.len()).or_default().push(buf);
-        }
+        self.scratch64.give(buf)
     }
 
     /// Frees every scratch buffer (not while capturing).
@@ -196,23 +226,13 @@ impl Arena {
         if self.is_capturing() {
             return;
         }
-        if let Ok(mut m) = self.scratch.lock() {
-            m.clear();
-        }
-        if let Ok(mut m) = self.scratch64.lock() {
-            m.clear();
-        }
+        self.scratch.clear();
+        self.scratch64.clear();
     }
 
     /// Bytes held by free scratch buffers.
     pub(crate) fn scratch_bytes(&self) -> usize {
-        let f32s = self.scratch.lock().map_or(0, |m| {
-            m.iter().map(|(len, v)| len * 4 * v.len()).sum::<usize>()
-        });
-        let f64s = self.scratch64.lock().map_or(0, |m| {
-            m.iter().map(|(len, v)| len * 8 * v.len()).sum::<usize>()
-        });
-        f32s + f64s
+        self.scratch.bytes() + self.scratch64.bytes()
     }
 
     /// Copies `host` into `dst` (as long) through the next page-locked staging buffer and
