@@ -7,7 +7,7 @@
 //! the inner skull, intraventricular blood in the dependent (posterior) horns, subarachnoid
 //! blood in the sulci of a sector. Acute blood is 50-90 HU before blur and noise.
 //!
-//! Every number comes from a seeded PRNG ([`super::rng`]): the volume's parameters from the
+//! Every number comes from a seeded PRNG ([`crate::rng`]): the volume's parameters from the
 //! stream (seed, index), each slice's noise from its own stream, so the output is the same
 //! bytes whatever the thread count. Slices are 5 mm; in-plane spacing is 230 mm / size so the
 //! ~180 mm head fills the field of view at any size. z = 0 is the most inferior slice.

@@ -83,7 +83,7 @@ pub fn qform_affine(h: &nifti::NiftiHeader) -> Affine {
     out
 }
 
-/// Sets the qform (quaternion, offsets, qfac in pixdim[0], spacings in pixdim[1..4]) from an
+/// Sets the qform (quaternion, offsets, qfac in `pixdim[0]`, spacings in `pixdim[1..4]`) from an
 /// affine whose 3x3 part is a rotation (or reflection) times a diagonal scaling.
 pub fn set_qform(h: &mut nifti::NiftiHeader, aff: &Affine, code: i16) {
     let mut r = [[0.0f64; 3]; 3];

@@ -1,7 +1,7 @@
 //! Optimizer settings ([`OptimizerConfig`]) and the step over a [`ParamStore`] group with
 //! the backend's fused `sgd_step` / `adam_step` (PyTorch semantics: L2 weight decay added to
 //! the gradient, SGD momentum buffer seeded with the first gradient, bias-corrected Adam),
-//! and on CUDA the same step as a captured graph holds it ([`step_device`]: the
+//! and on CUDA the same step as a captured graph holds it (`step_device`: the
 //! step-dependent scalars read from device memory). Knows nothing about the topology.
 
 use super::params::{ParamGroup, ParamStore};

@@ -3,7 +3,7 @@
 //! `head.2.bias`, `fc.weight`), with its shape, its buffer on the backend and the group it
 //! belongs to (backbone, LSTM + head, fc: stage 2 trains only the fc). Trainables (each
 //! with its gradient, allocated with it, and its optimizer state) and running statistics
-//! (no gradient) are two lists addressed by typed indices ([`W`], [`S`]), so a network
+//! (no gradient) are two lists addressed by typed indices (`W`, `S`), so a network
 //! never looks for a gradient that is not there.
 //! Also the torchvision / PyTorch default initialisation from a seed.
 //! Knows nothing about the topology beyond names and shapes.
@@ -125,7 +125,7 @@ impl<B: Backend> Param<'_, B> {
 }
 
 /// All tensors: the trainables and the running statistics, each in its own list (the
-/// networks address them by [`W`] and [`S`]), walked in `state_dict` order and looked up by
+/// networks address them by `W` and `S`), walked in `state_dict` order and looked up by
 /// name.
 pub struct ParamStore<B: Backend> {
     pub(crate) w: Vec<Trainable<B>>,

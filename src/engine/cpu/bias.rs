@@ -29,7 +29,7 @@ pub(crate) fn sum_f64<T: Real>(x: &[T]) -> f64 {
     total
 }
 
-/// y = y + b[ch] (then max(., 0) when `relu`) over y `[n, c, hw]`.
+/// `y = y + b[ch]` (then `max(., 0)` when `relu`) over y `[n, c, hw]`.
 pub fn bias_relu_assign<T: Real>(
     c: usize,
     hw: usize,
@@ -55,7 +55,7 @@ pub fn bias_relu_assign<T: Real>(
     Ok(())
 }
 
-/// db[ch] = sum over the batch and the pixels of dy[:, ch, :].
+/// `db[ch]` = sum over the batch and the pixels of `dy[:, ch, :]`.
 pub fn bias_bwd<T: Real>(n: usize, c: usize, hw: usize, dy: &[T], db: &mut [T]) -> Result<()> {
     db.par_iter_mut().enumerate().for_each(|(ch, d)| {
         let s: f64 = (0..n)

@@ -404,7 +404,7 @@ fn apply_epilogue<T: Real>(ep: &Epilogue<'_, T>, c: usize, plane: usize, at: usi
     }
 }
 
-/// y = act(conv(x, w) * scale[c] + shift[c] + residual) (each part optional, see
+/// `y = act(conv(x, w) * scale[c] + shift[c] + residual)` (each part optional, see
 /// [`Epilogue`]), the epilogue applied to each chunk of images while it is in the cache.
 pub fn conv2d_fwd_fused<T: Real>(
     s: &Conv2d,

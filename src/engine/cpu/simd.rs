@@ -1,5 +1,5 @@
 //! Runtime choice of the vector instruction set for the CPU backend's hot loops: the crate
-//! is built for baseline x86-64, and [`multiversion!`] compiles a loop nest a second and
+//! is built for baseline x86-64, and `multiversion!` compiles a loop nest a second and
 //! third time with AVX2+FMA and AVX-512 enabled, picking one at run time from what the
 //! processor reports (the portable build runs everywhere, the wide one where it can).
 //! Knows nothing about the ops.
