@@ -909,7 +909,9 @@ fn unet_steps_graph_replay_is_bit_identical_to_eager() {
     for (k, &n) in ns.iter().enumerate() {
         let (x, t) = unet_batch(k as u64, n, size);
         let opt = OptimizerConfig::adam(1e-2 / (1.0 + k as f64));
-        let want = eager.forward_backward(&x, &t, n, size, size).expect("eager");
+        let want = eager
+            .forward_backward(&x, &t, n, size, size)
+            .expect("eager");
         eager.step(&opt).expect("eager step");
         let replays = steps.counts().1;
         let got = graphed
@@ -941,7 +943,12 @@ fn unet_steps_graph_replay_is_bit_identical_to_eager() {
         if k == 6 {
             // A parameter replaced (as a checkpoint load does): the same.
             let name = graphed.weight_specs()[0].name.clone();
-            let v: Vec<f32> = eager.param(&name).expect("p").iter().map(|v| v * 0.5).collect();
+            let v: Vec<f32> = eager
+                .param(&name)
+                .expect("p")
+                .iter()
+                .map(|v| v * 0.5)
+                .collect();
             eager.set_param(&name, &v).expect("set");
             graphed.set_param(&name, &v).expect("set");
         }
@@ -970,7 +977,9 @@ fn unet_steps_graph_replay_is_bit_identical_to_eager() {
             momentum: 0.9,
             weight_decay: 1e-4,
         };
-        let want = eager.forward_backward(&x, &t, 2, size, size).expect("eager");
+        let want = eager
+            .forward_backward(&x, &t, 2, size, size)
+            .expect("eager");
         eager.step(&opt).expect("eager step");
         let got = graphed
             .train_step_graphed(&mut steps, &x, &t, 2, size, size, &opt)
@@ -1078,7 +1087,11 @@ fn unet_capture_refuses_allocations_and_dice_stays_on_device() {
     );
     graph.replay().expect("replay");
     let v = g.stream().clone_dtoh(&out).expect("down");
-    assert_eq!(v[2].to_bits(), want.to_bits(), "replayed Dice {v:?} vs {want}");
+    assert_eq!(
+        v[2].to_bits(),
+        want.to_bits(),
+        "replayed Dice {v:?} vs {want}"
+    );
     assert_eq!(v[3], 0.0, "no zero denominator");
     assert_eq!((v[0], v[1]), (0.0, 0.0), "only out[at..at + 2] is written");
     assert_eq!(bits(&g.download(&dp).expect("down")), bits(&want_dp));
@@ -1119,7 +1132,9 @@ fn unet_failed_capture_runs_that_shape_eagerly() {
             own.release_scratch();
             assert_eq!(own.scratch_bytes(), 0);
         }
-        let want = eager.forward_backward(&x, &t, 2, size, size).expect("eager");
+        let want = eager
+            .forward_backward(&x, &t, 2, size, size)
+            .expect("eager");
         eager.step(&opt).expect("eager step");
         let got = graphed
             .train_step_graphed(&mut steps, &x, &t, 2, size, size, &opt)

@@ -105,7 +105,14 @@ struct Preset {
 }
 
 /// The workloads `--what` names.
-const WORKLOADS: [&str; 6] = ["conv", "train-step", "cam", "cam-latency", "unet-step", "ccl"];
+const WORKLOADS: [&str; 6] = [
+    "conv",
+    "train-step",
+    "cam",
+    "cam-latency",
+    "unet-step",
+    "ccl",
+];
 
 fn preset(name: &str) -> anyhow::Result<Preset> {
     Ok(match name {
@@ -700,10 +707,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
             );
             Ok(())
         }
-        other => bail!(
-            "unknown --what `{other}`: use {}",
-            WORKLOADS.join(", ")
-        ),
+        other => bail!("unknown --what `{other}`: use {}", WORKLOADS.join(", ")),
     }
 }
 

@@ -135,7 +135,6 @@ impl<K> TrainGraph<K> {
         Ok(())
     }
 
-
     /// Why capturing this step failed, if it did (its steps then ran eagerly).
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_deref()

@@ -107,10 +107,7 @@ pub fn soft_dice_loss_into(
         .try_slice_mut(at..at + 2)
         .ok_or_else(|| EngineError::Shape {
             op: OP,
-            detail: format!(
-                "the loss goes to {at}..{} of a buffer of {out_len}",
-                at + 2
-            ),
+            detail: format!("the loss goes to {at}..{} of a buffer of {out_len}", at + 2),
         })?;
     let (split, chunk) = be.reduce_split(s.n * s.hw, s.c);
     let red = blocks(OP, (split, s.c, 1), 256)?;

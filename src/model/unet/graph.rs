@@ -209,9 +209,7 @@ impl UNet<CudaBackend> {
             return Ok(Some(l));
         }
         if steps.graph.as_ref().is_some_and(|g| g.failed.is_some()) {
-            return self
-                .eager_step(steps, x, targets, n, h, w, opt)
-                .map(Some);
+            return self.eager_step(steps, x, targets, n, h, w, opt).map(Some);
         }
         self.check_train_input(x, targets, n, h, w)?;
         let g = steps.graph.as_mut().ok_or_else(missing)?;
@@ -264,7 +262,12 @@ impl UNet<CudaBackend> {
         let be = &self.be;
         let params = self.w.muts();
         let grads = tr.grads.refs();
-        for (((p, g), m), v) in params.into_iter().zip(grads).zip(st.m.muts()).zip(st.v.muts()) {
+        for (((p, g), m), v) in params
+            .into_iter()
+            .zip(grads)
+            .zip(st.m.muts())
+            .zip(st.v.muts())
+        {
             match *opt {
                 OptimizerConfig::Sgd {
                     momentum,
