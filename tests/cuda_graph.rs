@@ -1186,7 +1186,7 @@ fn unet_train_with_late_loss_readback_is_bit_identical() {
     u.depth = 2;
     u.epochs = 2;
     u.batch = 4;
-    // 11 positives and 11 negatives an epoch: five batches of 4 and a partial one of 2.
+    // At least 11 positives (drawn again when fewer) and as many negatives an epoch.
     u.slices_per_epoch = 22;
     u.refine = ichcam::seg::RefineConfig {
         cam_threshold: 0.0,
@@ -1248,6 +1248,7 @@ fn unet_train_with_late_loss_readback_is_bit_identical() {
         assert!(r.finished && r.unet_epochs == 2, "{r:?}");
         let ps = r.pseudo.expect("pseudo-masks");
         assert!(ps.positive > 0, "{ps:?}");
+        eprintln!("{mode:?}: stage-3 pseudo-masks {ps:?}");
         let bytes = std::fs::read(&model).expect("model file");
         let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
         let mut t: Vec<(String, Vec<u8>)> = st
