@@ -27,7 +27,18 @@
 //!   stream are deferred until something orders work after them, a consumer that does not
 //!   wait for the copy's event reads the old contents and a page-locked source overwritten
 //!   before the copy's event completed changes what arrives (so a wrong order fails), while
-//!   the engine's uploads (which wait) arrive intact and make the compute stream wait.
+//!   the engine's uploads (which wait) arrive intact and make the compute stream wait;
+//! - the stage-3 U-Net's training step as a graph (`src/model/unet/graph.rs`): steps with
+//!   Adam and a learning rate that changes every step, a batch-shape change, an eval pass of
+//!   another shape and a parameter set between steps (both make the next step eager and
+//!   re-capture), then SGD steps without the BCE: losses, outputs, every parameter, batch-norm
+//!   running stat and optimizer moment bit-identical to the eager steps from the same state;
+//!   the U-Net step's losses read a step late equal the immediate ones; capturing the eager
+//!   pass (it uploads into new buffers) or the eager Dice (it downloads) is an error while the
+//!   capturable Dice replays bit-identically, its 0/0 flag giving the eager error; a capture
+//!   that fails (here: the scratch arena emptied, so the step would allocate) is recorded and
+//!   that shape's steps run eagerly with the same results; a `train` with stage 3, late vs
+//!   immediate readback: logged losses and the model file bit-identical.
 //!
 //! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
 //! tests are reported as ignored (tests/common/cuda.rs).
@@ -41,6 +52,7 @@ use common::cuda::{device, emulator, Test};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::Backend;
+use ichcam::model::unet::{UNet, UNetConfig, UNetLoss};
 use ichcam::model::{CamKind, CamPassBufs, IchNet, ModelConfig};
 
 fn main() {
@@ -82,6 +94,26 @@ fn main() {
         emulator(
             "emulator_copy_stream_order_is_enforced",
             emulator_copy_stream_order_is_enforced,
+        ),
+        device(
+            "unet_steps_graph_replay_is_bit_identical_to_eager",
+            unet_steps_graph_replay_is_bit_identical_to_eager,
+        ),
+        device(
+            "unet_queued_losses_read_a_step_late_are_the_same",
+            unet_queued_losses_read_a_step_late_are_the_same,
+        ),
+        device(
+            "unet_capture_refuses_allocations_and_dice_stays_on_device",
+            unet_capture_refuses_allocations_and_dice_stays_on_device,
+        ),
+        device(
+            "unet_failed_capture_runs_that_shape_eagerly",
+            unet_failed_capture_runs_that_shape_eagerly,
+        ),
+        device(
+            "unet_train_with_late_loss_readback_is_bit_identical",
+            unet_train_with_late_loss_readback_is_bit_identical,
         ),
     ];
     // One device context shared by all; captures must not interleave.
@@ -816,4 +848,446 @@ fn emulator_copy_stream_order_is_enforced() {
             "ring round {round}"
         );
     }
+}
+
+// ---- the stage-3 U-Net step as a graph ---------------------------------------------------
+
+fn unet_cfg(bce_weight: f64) -> UNetConfig {
+    UNetConfig {
+        in_channels: 2,
+        features: 4,
+        depth: 2,
+        bce_weight,
+        ..UNetConfig::authors(2)
+    }
+}
+
+/// Images `[n, 2, size, size]` and 0/1 targets `[n, 1, size, size]` of batch `k`.
+fn unet_batch(k: u64, n: usize, size: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut r = SplitMix64::new(500 + k);
+    let x = r.vec_f32(n * 2 * size * size, -1.0, 1.0);
+    let t = r.mask_f32(n * size * size, 0.3);
+    (x, t)
+}
+
+fn loss_bits(l: &UNetLoss) -> [u64; 3] {
+    [l.loss.to_bits(), l.dice.to_bits(), l.bce.to_bits()]
+}
+
+/// Every parameter and running statistic, the optimizer moments and the step count of two
+/// U-Nets, bit for bit.
+fn assert_same_unet(a: &UNet<CudaBackend>, b: &UNet<CudaBackend>, what: &str) {
+    for name in a.names() {
+        let (pa, pb) = (a.param(&name).expect("p"), b.param(&name).expect("p"));
+        assert_eq!(bits(&pa), bits(&pb), "{what}: {name} differs");
+    }
+    assert_eq!(a.steps(), b.steps(), "{what}: step counts");
+    match (a.opt_state().expect("state"), b.opt_state().expect("state")) {
+        (None, None) => {}
+        (Some((ma, ka)), Some((mb, kb))) => {
+            assert_eq!(ka, kb, "{what}: optimizer steps");
+            for (i, ((m1, v1), (m2, v2))) in ma.iter().zip(&mb).enumerate() {
+                assert_eq!(bits(m1), bits(m2), "{what}: first moment of tensor {i}");
+                assert_eq!(bits(v1), bits(v2), "{what}: second moment of tensor {i}");
+            }
+        }
+        _ => panic!("{what}: one U-Net has optimizer state, the other not"),
+    }
+}
+
+fn unet_steps_graph_replay_is_bit_identical_to_eager() {
+    use ichcam::model::unet::graph::UNetSteps;
+    use ichcam::model::OptimizerConfig;
+    let g = gpu();
+    let size = 32;
+    // Adam with a learning rate that changes every step, the Dice + BCE loss.
+    let mut eager = UNet::new(g.clone(), unet_cfg(0.5), 31).expect("unet");
+    let mut graphed = UNet::new(g.clone(), unet_cfg(0.5), 31).expect("unet");
+    let mut steps = UNetSteps::default();
+    let ns = [2usize, 2, 2, 2, 1, 2, 2, 2, 2];
+    let mut replayed = Vec::new();
+    for (k, &n) in ns.iter().enumerate() {
+        let (x, t) = unet_batch(k as u64, n, size);
+        let opt = OptimizerConfig::adam(1e-2 / (1.0 + k as f64));
+        let want = eager
+            .forward_backward(&x, &t, n, size, size)
+            .expect("eager");
+        eager.step(&opt).expect("eager step");
+        let replays = steps.counts().1;
+        let got = graphed
+            .train_step_graphed(&mut steps, &x, &t, n, size, size, &opt)
+            .expect("graphed step");
+        replayed.push(steps.counts().1 > replays);
+        assert_eq!(
+            loss_bits(&got),
+            loss_bits(&want),
+            "step {k}: losses {got:?} vs {want:?}"
+        );
+        if let Some(why) = steps.graph.as_ref().and_then(|t| t.failure()) {
+            panic!("step {k}: the U-Net step was not captured: {why}");
+        }
+        assert_eq!(
+            bits(&graphed.output().expect("out")),
+            bits(&eager.output().expect("out")),
+            "step {k}: probabilities"
+        );
+        assert_same_unet(&eager, &graphed, &format!("after step {k}"));
+        if k == 2 {
+            // An eval pass of another shape rebuilds the workspace: the graph's buffers are
+            // gone, the next step must not replay it.
+            let (xv, _) = unet_batch(99, 3, size);
+            let pe = eager.predict(&xv, 3, size, size).expect("eval");
+            let pg = graphed.predict(&xv, 3, size, size).expect("eval");
+            assert_eq!(bits(&pe), bits(&pg), "eval pass between steps");
+        }
+        if k == 6 {
+            // A parameter replaced (as a checkpoint load does): the same.
+            let name = graphed.weight_specs()[0].name.clone();
+            let v: Vec<f32> = eager
+                .param(&name)
+                .expect("p")
+                .iter()
+                .map(|v| v * 0.5)
+                .collect();
+            eager.set_param(&name, &v).expect("set");
+            graphed.set_param(&name, &v).expect("set");
+        }
+    }
+    // Step 0 eager, 1 captured and replayed, 2 replayed; the eval pass made 3 eager, the
+    // batch of 1 (4) and the return to 2 (5) ran eagerly, 6 re-captured; the parameter set
+    // made 7 eager and 8 captured again.
+    assert_eq!(
+        replayed,
+        [false, true, true, false, false, false, true, false, true],
+        "which steps replayed"
+    );
+    assert_eq!(steps.counts(), (3, 4, 5), "captures, replays, eager steps");
+    let nodes = steps.graph.as_ref().map_or(0, |t| t.nodes());
+    eprintln!("U-Net training step graph (features 4, depth 2, 2x32^2, Dice + BCE, Adam): {nodes} operations");
+
+    // SGD with momentum and weight decay (its first step seeds the momentum), the learning
+    // rate changing, the Dice alone (no BCE in the graph).
+    let mut eager = UNet::new(g.clone(), unet_cfg(0.0), 32).expect("unet");
+    let mut graphed = UNet::new(g.clone(), unet_cfg(0.0), 32).expect("unet");
+    let mut steps = UNetSteps::default();
+    for k in 0..4 {
+        let (x, t) = unet_batch(20 + k as u64, 2, size);
+        let opt = OptimizerConfig::Sgd {
+            lr: 0.05 * (k + 1) as f64,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+        };
+        let want = eager
+            .forward_backward(&x, &t, 2, size, size)
+            .expect("eager");
+        eager.step(&opt).expect("eager step");
+        let got = graphed
+            .train_step_graphed(&mut steps, &x, &t, 2, size, size, &opt)
+            .expect("graphed step");
+        assert_eq!(loss_bits(&got), loss_bits(&want), "SGD step {k}");
+        assert_eq!(got.bce, 0.0);
+        assert_same_unet(&eager, &graphed, &format!("after SGD step {k}"));
+    }
+    assert_eq!(steps.counts(), (1, 3, 1), "captures, replays, eager steps");
+    let nodes2 = steps.graph.as_ref().map_or(0, |t| t.nodes());
+    eprintln!("U-Net training step graph (Dice alone, SGD): {nodes2} operations");
+    if nodes > 0 {
+        assert!(nodes > nodes2, "the BCE's ops are in the first graph only");
+    }
+}
+
+fn unet_queued_losses_read_a_step_late_are_the_same() {
+    use ichcam::model::net_graph::StepLoss;
+    use ichcam::model::unet::graph::UNetSteps;
+    use ichcam::model::OptimizerConfig;
+    let g = gpu();
+    let size = 32;
+    let mut now = UNet::new(g.clone(), unet_cfg(1.0), 33).expect("unet");
+    let mut late = UNet::new(g.clone(), unet_cfg(1.0), 33).expect("unet");
+    let (mut s_now, mut s_late) = (UNetSteps::default(), UNetSteps::default());
+    let (mut want, mut got, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+    let mut queued: Option<StepLoss> = None;
+    // The last batch is partial (an eager step whose loss is known at once).
+    let ns = [2usize, 2, 2, 2, 1];
+    for (k, &n) in ns.iter().enumerate() {
+        let (x, t) = unet_batch(40 + k as u64, n, size);
+        let opt = OptimizerConfig::adam(2e-3 * (k + 1) as f64);
+        want.push(
+            now.train_step_graphed(&mut s_now, &x, &t, n, size, size, &opt)
+                .expect("step")
+                .loss,
+        );
+        let l = late
+            .train_step_queued(&mut s_late, &x, &t, n, size, size, &opt)
+            .expect("queued step");
+        kinds.push(matches!(l, StepLoss::Queued(_)));
+        // Step k is enqueued (its replay rewrote the graph's loss buffer) before step k-1's
+        // loss is read.
+        if let Some(p) = queued.replace(l) {
+            got.push(s_late.read(p).expect("read"));
+        }
+    }
+    got.push(s_late.read(queued.take().expect("last")).expect("read"));
+    assert_eq!(kinds, [false, true, true, true, false], "queued steps");
+    let b = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(b(&got), b(&want), "late {got:?} vs immediate {want:?}");
+    assert_same_unet(&now, &late, "after the queued steps");
+}
+
+fn unet_capture_refuses_allocations_and_dice_stays_on_device() {
+    use ichcam::engine::SoftDice;
+    let g = gpu();
+    let size = 32;
+    let mut net = UNet::new(g.clone(), unet_cfg(0.5), 34).expect("unet");
+    let (x, t) = unet_batch(60, 2, size);
+    net.forward_backward(&x, &t, 2, size, size).expect("warm");
+    // The eager pass uploads its inputs into new buffers: an allocation, refused.
+    let e = g
+        .capture(|| {
+            net.forward_backward(&x, &t, 2, size, size)
+                .map(|_| ())
+                .map_err(|e| ichcam::engine::EngineError::Param(e.to_string()))
+        })
+        .err()
+        .expect("capturing the eager U-Net pass must fail");
+    assert!(
+        e.to_string()
+            .contains("not permitted while the stream captures a CUDA graph"),
+        "{e}"
+    );
+    assert!(!g.is_capturing());
+
+    // The eager soft Dice downloads its loss (a synchronisation): refused; the capturable
+    // form leaves it on the device, and its replay gives the eager loss and gradient.
+    let s = SoftDice {
+        n: 3,
+        c: 2,
+        hw: 50,
+        eps: 1e-7,
+    };
+    let mut rng = SplitMix64::fresh("unet-graph-dice");
+    let p = g.upload(&rng.vec_f32(s.len(), 0.0, 1.0)).expect("up");
+    let tt = g.upload(&rng.mask_f32(s.len(), 0.4)).expect("up");
+    let mut dp = g.zeros(s.len()).expect("zeros");
+    let want = g.soft_dice_loss(&s, &p, &tt, &mut dp).expect("eager dice");
+    let want_dp = g.download(&dp).expect("down");
+    let e = g
+        .capture(|| g.soft_dice_loss(&s, &p, &tt, &mut dp).map(|_| ()))
+        .err()
+        .expect("capturing the eager Dice must fail");
+    assert!(e.to_string().to_lowercase().contains("capture"), "{e}");
+    let mut out = g.zeros_f64(4).expect("out");
+    g.fill(&mut dp, f64::NAN).expect("poison");
+    let (graph, ()) = g
+        .capture(|| g.soft_dice_loss_into(&s, &p, &tt, &mut dp, &mut out, 2))
+        .expect("the capturable Dice");
+    assert!(
+        g.download(&dp).expect("down").iter().all(|v| v.is_nan()),
+        "capturing must not run the Dice"
+    );
+    graph.replay().expect("replay");
+    let v = g.stream().clone_dtoh(&out).expect("down");
+    assert_eq!(
+        v[2].to_bits(),
+        want.to_bits(),
+        "replayed Dice {v:?} vs {want}"
+    );
+    assert_eq!(v[3], 0.0, "no zero denominator");
+    assert_eq!((v[0], v[1]), (0.0, 0.0), "only out[at..at + 2] is written");
+    assert_eq!(bits(&g.download(&dp).expect("down")), bits(&want_dp));
+    // Out of range: an error, nothing launched.
+    assert!(g
+        .soft_dice_loss_into(&s, &p, &tt, &mut dp, &mut out, 3)
+        .is_err());
+    // eps = 0 on empty prediction and target: the eager error, and the flag that gives it.
+    let z = SoftDice { eps: 0.0, ..s };
+    let zeros = g.zeros(z.len()).expect("zeros");
+    let eager_err = g
+        .soft_dice_loss(&z, &zeros, &zeros, &mut dp)
+        .expect_err("0/0 must be an error");
+    g.soft_dice_loss_into(&z, &zeros, &zeros, &mut dp, &mut out, 0)
+        .expect("into");
+    let v = g.stream().clone_dtoh(&out).expect("down");
+    assert_eq!(v[1], 1.0, "the 0/0 flag");
+    let flagged = ichcam::engine::cuda::graph::dice_value(v[0], v[1]).expect_err("flag");
+    assert_eq!(flagged.to_string(), eager_err.to_string());
+}
+
+fn unet_failed_capture_runs_that_shape_eagerly() {
+    use ichcam::model::unet::graph::UNetSteps;
+    use ichcam::model::OptimizerConfig;
+    let g = gpu();
+    // Its own backend: emptying its scratch arena touches no other test's buffers.
+    let own = CudaBackend::new(0).expect("a second backend");
+    let size = 32;
+    let mut eager = UNet::new(g.clone(), unet_cfg(0.5), 35).expect("unet");
+    let mut graphed = UNet::new(own.clone(), unet_cfg(0.5), 35).expect("unet");
+    let mut steps = UNetSteps::default();
+    for k in 0..4 {
+        let (x, t) = unet_batch(70 + k as u64, 2, size);
+        let opt = OptimizerConfig::adam(1e-3 * (k + 1) as f64);
+        if k == 1 {
+            // The scratch the eager step left is freed: capturing the step would allocate
+            // it again, which a capture refuses.
+            own.release_scratch();
+            assert_eq!(own.scratch_bytes(), 0);
+        }
+        let want = eager
+            .forward_backward(&x, &t, 2, size, size)
+            .expect("eager");
+        eager.step(&opt).expect("eager step");
+        let got = graphed
+            .train_step_graphed(&mut steps, &x, &t, 2, size, size, &opt)
+            .expect("the step runs eagerly after the failed capture");
+        assert_eq!(loss_bits(&got), loss_bits(&want), "step {k}");
+        assert_same_unet(&eager, &graphed, &format!("after step {k}"));
+    }
+    let why = steps
+        .graph
+        .as_ref()
+        .and_then(|t| t.failure())
+        .expect("the capture must have failed");
+    assert!(
+        why.contains("not permitted while the stream captures a CUDA graph"),
+        "{why}"
+    );
+    // One attempt only: every step ran eagerly, nothing was captured or replayed.
+    assert_eq!(steps.counts(), (0, 0, 4), "captures, replays, eager steps");
+}
+
+fn unet_train_with_late_loss_readback_is_bit_identical() {
+    use ichcam::data::synth::{phantom, plan_positive, SynthConfig};
+    use ichcam::model::{BlockKind, OptimizerConfig};
+    use ichcam::train::config::UNetTrainConfig;
+    use ichcam::train::{
+        train_with, AugmentConfig, LossReadback, TrainCase, TrainConfig, TrainInput, TrainOptions,
+    };
+    let (size, slices, n) = (40, 10, 6);
+    let synth = SynthConfig {
+        size,
+        slices,
+        clean: false,
+    };
+    let pos = plan_positive(n, 31);
+    let cases: Vec<TrainCase> = (0..n)
+        .map(|i| {
+            let p = phantom(&synth, 31, i, pos[i]).expect("phantom");
+            TrainCase {
+                id: format!("{i:03}"),
+                patient: format!("p{i:03}"),
+                labels: p.slice_labels().iter().map(|&l| l > 0).collect(),
+                hu: p.hu,
+                spacing: p.spacing,
+            }
+        })
+        .collect();
+    let mut u = UNetTrainConfig::cpu();
+    u.features = 2;
+    u.depth = 2;
+    u.epochs = 2;
+    u.batch = 4;
+    // At least 11 positives (drawn again when fewer) and as many negatives an epoch.
+    u.slices_per_epoch = 22;
+    u.refine = ichcam::seg::RefineConfig {
+        cam_threshold: 0.0,
+        grow_cam_threshold: 0.0,
+        k: 8,
+        ..ichcam::seg::RefineConfig::default()
+    };
+    u.min_component_ml = Some(0.0);
+    let cfg = TrainConfig {
+        name: "micro".into(),
+        model: ModelConfig {
+            block: BlockKind::Basic,
+            layers: vec![1, 1],
+            base_width: 4,
+            lstm_hidden: 5,
+            lstm_layers: 1,
+            head: vec![4],
+            ..ModelConfig::tiny()
+        },
+        size: 32,
+        slices: 6,
+        seq_stride: 3,
+        batch: 2,
+        epochs: 1,
+        optimizer: OptimizerConfig::adam(1e-3),
+        stage2_batch: 16,
+        stage2_epochs: 1,
+        stage2_optimizer: OptimizerConfig::Sgd {
+            lr: 1e-2,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        },
+        val_fraction: 0.34,
+        pos_weight_min: 1.0,
+        pos_weight_max: 10.0,
+        augment: AugmentConfig::paper(),
+        input: ichcam::data::InputSpec::default(),
+        stage2_pooling: ichcam::train::config::HeadPooling::Mean,
+        unet: Some(u),
+    };
+    let dir = std::env::temp_dir().join(format!("ichcam-unet-late-loss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let run = |mode: LossReadback| {
+        let model = dir.join(format!("{mode:?}.safetensors"));
+        let opts = TrainOptions {
+            seed: 4,
+            resume: false,
+            loss_readback: mode,
+            ..TrainOptions::default()
+        };
+        let r = train_with(
+            gpu().clone(),
+            TrainInput::Cases(cases.clone()),
+            &model,
+            &cfg,
+            &opts,
+        )
+        .expect("train");
+        assert!(r.finished && r.unet_epochs == 2, "{r:?}");
+        let ps = r.pseudo.expect("pseudo-masks");
+        assert!(ps.positive > 0, "{ps:?}");
+        eprintln!("{mode:?}: stage-3 pseudo-masks {ps:?}");
+        let bytes = std::fs::read(&model).expect("model file");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let mut t: Vec<(String, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.data().to_vec()))
+            .collect();
+        t.sort();
+        let losses: Vec<(u8, usize, u64, Option<u64>)> = r
+            .log
+            .epochs
+            .iter()
+            .map(|e| {
+                (
+                    e.stage,
+                    e.epoch,
+                    e.train_loss.to_bits(),
+                    e.val_loss.map(f64::to_bits),
+                )
+            })
+            .collect();
+        (losses, t)
+    };
+    let (late_losses, late_params) = run(LossReadback::Late);
+    let (now_losses, now_params) = run(LossReadback::Immediate);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stages: Vec<(u8, usize)> = late_losses.iter().map(|l| (l.0, l.1)).collect();
+    assert_eq!(stages, [(1, 1), (2, 1), (3, 1), (3, 2)], "logged epochs");
+    assert!(late_losses.iter().all(|l| f64::from_bits(l.2).is_finite()));
+    assert_eq!(
+        late_losses, now_losses,
+        "logged losses (stage, epoch, train, val bits)"
+    );
+    assert!(late_params.iter().any(|(n, _)| n.starts_with("unet.")));
+    assert_eq!(late_params.len(), now_params.len());
+    for ((na, a), (nb, b)) in late_params.iter().zip(&now_params) {
+        assert_eq!(na, nb);
+        assert!(a == b, "{na}: the late readback's parameters differ");
+    }
+    let show: Vec<f64> = late_losses.iter().map(|l| f64::from_bits(l.2)).collect();
+    eprintln!("train losses with stage 3 (late = immediate readback): {show:?}");
 }

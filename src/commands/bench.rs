@@ -11,7 +11,12 @@
 //! after each replay; `--no-graph` for eager launches),
 //! `cam` (the stage-2 vanilla-CAM pass, [`IchNet::stage2_cam_pass`]: backbone, fc, CAM
 //! upsampled and normalised, left on the device; on CUDA captured once as a CUDA graph and
-//! replayed, `--no-graph` for eager launches), `cam-latency` (the same pass on one slice) and
+//! replayed, `--no-graph` for eager launches), `cam-latency` (the same pass on one slice),
+//! `unet-step` (the stage-3 U-Net's training step: forward, soft Dice + BCE, backward, Adam
+//! step, on the preset's stage-3 network, batch and image size; on CUDA captured once as a
+//! CUDA graph and replayed, [`UNet::train_step_graphed`], with the batch uploaded into the
+//! graph's fixed inputs and the losses read back after each replay; `--no-graph` for eager
+//! launches) and
 //! `ccl` (3-D connected components, 26-connectivity, of a `--dims` mask with `--fill`
 //! foreground: the labelling with its buffers allocated and the mask uploaded once).
 //! The six workloads of issue 14 are `--config paper|small --what train-step|cam`,
@@ -22,14 +27,17 @@
 //! `conv` reports none.
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
-//! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch).
+//! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
+//! U-Net's config, batch and size for `unet-step`), after checking `--what`.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
+use ichcam::model::unet::{UNet, UNetConfig};
 use ichcam::model::{BlockKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
+use ichcam::train::config::UNetTrainConfig;
 use ichcam::train::TrainConfig;
 
 #[derive(clap::Args)]
@@ -46,11 +54,11 @@ pub struct Args {
     /// or paper (ResNet-101 + LSTM 3x256, 1x32 slices / 32 slices at 512^2).
     #[arg(long, default_value = "tiny")]
     config: String,
-    /// conv, train-step, cam, cam-latency or ccl.
+    /// conv, train-step, cam, cam-latency, unet-step or ccl.
     #[arg(long, default_value = "conv")]
     what: String,
-    /// train-step, cam and cam-latency on CUDA: launch the step or pass op by op instead of
-    /// replaying it as a CUDA graph.
+    /// train-step, unet-step, cam and cam-latency on CUDA: launch the step or pass op by op
+    /// instead of replaying it as a CUDA graph.
     #[arg(long)]
     no_graph: bool,
     /// ccl: the mask's size, ZxYxX.
@@ -65,7 +73,7 @@ pub struct Args {
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Override the number of sequences (train-step) of the config.
+    /// Override the number of sequences (train-step) or of slices (unet-step) of the config.
     #[arg(long)]
     batch: Option<usize>,
     /// Override the slices per sequence (train-step) or per CAM pass (cam).
@@ -91,38 +99,67 @@ struct Preset {
     /// Slices of one CAM pass.
     cam_slices: usize,
     size: usize,
+    /// The stage-3 U-Net (of the training preset's stage 3) and its batch of slices.
+    unet: UNetConfig,
+    unet_batch: usize,
 }
+
+/// The workloads `--what` names.
+const WORKLOADS: [&str; 6] = [
+    "conv",
+    "train-step",
+    "cam",
+    "cam-latency",
+    "unet-step",
+    "ccl",
+];
 
 fn preset(name: &str) -> anyhow::Result<Preset> {
     Ok(match name {
         "tiny" => {
+            // The training CPU default has no stage 3: the U-Net of the `cpu` preset.
             let t = TrainConfig::tiny();
+            let u = UNetTrainConfig::cpu();
             Preset {
                 name: "tiny",
+                unet: u.net(t.model.in_channels),
+                unet_batch: u.batch,
                 model: t.model,
                 train: (t.batch, t.slices),
                 cam_slices: SegmentOptions::default().batch_slices,
                 size: t.size,
             }
         }
-        "small" => Preset {
-            name: "small",
-            model: ModelConfig {
+        "small" => {
+            let u = UNetTrainConfig::gpu();
+            let model = ModelConfig {
                 block: BlockKind::Basic,
                 layers: vec![2, 2, 2, 2],
                 ..ModelConfig::resnet101_lstm()
-            },
-            train: (4, 32),
-            cam_slices: 128,
-            size: 256,
-        },
-        "paper" => Preset {
-            name: "paper",
-            model: ModelConfig::resnet101_lstm(),
-            train: (1, 32),
-            cam_slices: 32,
-            size: 512,
-        },
+            };
+            Preset {
+                name: "small",
+                unet: u.net(model.in_channels),
+                unet_batch: u.batch,
+                model,
+                train: (4, 32),
+                cam_slices: 128,
+                size: 256,
+            }
+        }
+        "paper" => {
+            let u = UNetTrainConfig::gpu();
+            let model = ModelConfig::resnet101_lstm();
+            Preset {
+                name: "paper",
+                unet: u.net(model.in_channels),
+                unet_batch: u.batch,
+                model,
+                train: (1, 32),
+                cam_slices: 32,
+                size: 512,
+            }
+        }
         other => bail!("unknown --config `{other}`: use tiny, small or paper"),
     })
 }
@@ -192,6 +229,13 @@ fn inputs(len: usize, seed: u64) -> Vec<f32> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let p = preset(&args.config)?;
+    if !WORKLOADS.contains(&args.what.as_str()) {
+        bail!(
+            "unknown --what `{}`: use {}",
+            args.what,
+            WORKLOADS.join(", ")
+        );
+    }
     if args.describe {
         let j = serde_json::json!({
             "config": p.name,
@@ -205,6 +249,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "fill": args.fill,
             "size": args.size.unwrap_or(p.size),
             "precision": args.precision.name(),
+            "unet": serde_json::from_str::<serde_json::Value>(&p.unet.to_json())?,
+            "unet_batch": args.batch.unwrap_or(p.unet_batch),
         });
         println!("{j}");
         return Ok(());
@@ -220,6 +266,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if !args.no_graph && args.what == "train-step" {
             return bench_train_graph(be.clone(), &p, &args);
+        }
+        if !args.no_graph && args.what == "unet-step" {
+            return bench_unet_graph(be.clone(), &p, &args);
         }
     }
     ichcam::on_device!(device, be => bench(be, &p, &args))
@@ -334,6 +383,77 @@ fn bench_train_graph(
         &format!(
             "{batch}x{seq} slices {size}^2, loss {last_loss:.4}, CUDA graph of {nodes} ops \
              ({captures} capture, {replays} replays, {eager} eager steps)"
+        ),
+        used,
+    );
+    Ok(())
+}
+
+/// The U-Net step's inputs: `[n, in_channels, size, size]` images and soft targets in
+/// [0, 1] (a disc per slice, so the Dice is not degenerate).
+fn unet_inputs(p: &Preset, n: usize, size: usize) -> (Vec<f32>, Vec<f32>) {
+    let x = inputs(n * p.unet.in_channels * size * size, 6);
+    let r2 = (size as f64 / 4.0).powi(2);
+    let c = size as f64 / 2.0;
+    let plane: Vec<f32> = (0..size * size)
+        .map(|i| {
+            let (y, x) = ((i / size) as f64 - c, (i % size) as f64 - c);
+            f32::from(u8::from(y * y + x * x < r2))
+        })
+        .collect();
+    let t = (0..n * p.unet.out_channels)
+        .flat_map(|_| plane.iter().copied())
+        .collect();
+    (x, t)
+}
+
+/// The stage-3 U-Net's training step on CUDA as a graph: the first step eager (allocates,
+/// loads the kernels), the second captures and replays, the rest replay; every step uploads
+/// its batch and reads its losses back, as [`UNet::train_step_graphed`] does.
+fn bench_unet_graph(
+    be: ichcam::engine::cuda::CudaBackend,
+    p: &Preset,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let size = args.size.unwrap_or(p.size);
+    let n = args.batch.unwrap_or(p.unet_batch);
+    let (x, t) = unet_inputs(p, n, size);
+    let free0 = device_free();
+    let mut unet = UNet::new(be.clone(), p.unet.clone(), 7).context("building the U-Net")?;
+    let opt = OptimizerConfig::adam(1e-3);
+    let mut steps = ichcam::model::unet::graph::UNetSteps::default();
+    let mut last_loss = f64::NAN;
+    let mut step = |unet: &mut UNet<_>| -> anyhow::Result<()> {
+        let l = unet
+            .train_step_graphed(&mut steps, &x, &t, n, size, size, &opt)
+            .context("the graphed U-Net step")?;
+        last_loss = l.loss;
+        Ok(())
+    };
+    // The eager first step and the capture, untimed.
+    step(&mut unet)?;
+    step(&mut unet)?;
+    be.synchronize()?;
+    let used = free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
+    let sync = || -> anyhow::Result<()> { Ok(be.synchronize()?) };
+    let timing = time(&sync, args.warmup, args.iters, || step(&mut unet))?;
+    let nodes = steps.graph.as_ref().map_or(0, |g| g.nodes());
+    let (captures, replays, eager) = steps.counts();
+    if let Some(why) = steps.graph.as_ref().and_then(|g| g.failure()) {
+        eprintln!("the U-Net step ran eagerly: {why}");
+    }
+    let device = be.name();
+    report_mem(
+        args,
+        p.name,
+        "unet-step",
+        &device,
+        &timing,
+        n,
+        &format!(
+            "{n} slices {size}^2, features {} depth {}, loss {last_loss:.4}, CUDA graph of \
+             {nodes} ops ({captures} capture, {replays} replays, {eager} eager steps)",
+            p.unet.features, p.unet.depth
         ),
         used,
     );
@@ -457,6 +577,13 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 };
                 model.map(|t| t + input(n))
             }
+            // Activations with their gradients (about twice), inputs and targets.
+            "unet-step" => {
+                let n = args.batch.unwrap_or(p.unet_batch);
+                p.unet
+                    .activation_bytes(n, size, size, 4)
+                    .map(|a| (if on_host { 3 * a } else { 0 }) + input(n) * 2)
+            }
             // x, w, y, dx, dy of one 64-channel convolution at size/4.
             _ => Some(args.slices.unwrap_or(p.train.0 * p.train.1) as u128 * 64 * plane / 16 * 20),
         };
@@ -547,7 +674,40 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
             );
             Ok(())
         }
-        other => bail!("unknown --what `{other}`: use conv, train-step, cam, cam-latency or ccl"),
+        "unet-step" => {
+            let n = args.batch.unwrap_or(p.unet_batch);
+            let (x, targets) = unet_inputs(p, n, size);
+            let mut unet = UNet::new(be, p.unet.clone(), 7).context("building the U-Net")?;
+            let opt = OptimizerConfig::adam(1e-3);
+            let mut last_loss = f64::NAN;
+            let t = {
+                let cell = std::cell::RefCell::new(&mut unet);
+                let sync = || -> anyhow::Result<()> { Ok(cell.borrow().backend().synchronize()?) };
+                time(&sync, args.warmup, args.iters, || {
+                    let mut u = cell.borrow_mut();
+                    last_loss = u.forward_backward(&x, &targets, n, size, size)?.loss;
+                    u.step(&opt)?;
+                    Ok(())
+                })?
+            };
+            report_mem(
+                args,
+                p.name,
+                "unet-step",
+                &device,
+                &t,
+                n,
+                &format!(
+                    "{n} slices {size}^2, features {} depth {}, loss {last_loss:.4}{}",
+                    p.unet.features,
+                    p.unet.depth,
+                    if on_cuda { ", eager launches" } else { "" }
+                ),
+                used(),
+            );
+            Ok(())
+        }
+        other => bail!("unknown --what `{other}`: use {}", WORKLOADS.join(", ")),
     }
 }
 

@@ -16,8 +16,9 @@
 //! read (queuing a third unread loss is an error). A shape change (the last partial batch) runs eagerly
 //! and re-captures when the shape returns. A capture that fails (an op of the step
 //! allocates or synchronises) is reported once on stderr with its error, and the steps of
-//! that shape run eagerly ([`TrainGraph::failure`] says why). Knows nothing about datasets
-//! or files.
+//! that shape run eagerly ([`TrainGraph::failure`] says why). The machinery ([`TrainGraph`],
+//! [`GraphSteps`], keyed by a [`StepKey`]) serves the stage-3 U-Net's graphed step too
+//! ([`crate::model::unet::graph`]). Knows nothing about datasets or files.
 
 use cudarc::driver::{CudaSlice, PinnedHostSlice};
 
@@ -29,10 +30,18 @@ use crate::engine::cuda::graph::{Graph, InputRing};
 use crate::engine::cuda::CudaBackend;
 use crate::engine::Backend;
 
-/// What a captured step depends on besides its buffers: a step with another key runs
-/// eagerly or re-captures.
+/// What a captured step depends on besides its buffers (a step with another key runs
+/// eagerly or re-captures), and how the values its graph leaves in the loss buffer make
+/// the step's loss. The stage-1/2 steps' [`Key`] here, the U-Net's in
+/// [`crate::model::unet::graph`].
+pub trait StepKey: Clone + PartialEq {
+    /// The step's loss from the values of its loss buffer, read back from the device.
+    fn loss(&self, values: &[f64]) -> Result<f64, ModelError>;
+}
+
+/// The key of a stage-1 or stage-2 step.
 #[derive(Clone, Debug, PartialEq)]
-struct Key {
+pub struct Key {
     stage: u8,
     batch: usize,
     seq: usize,
@@ -43,23 +52,89 @@ struct Key {
     opt: OptimizerConfig,
 }
 
-/// A captured training step and its fixed device buffers.
-pub struct TrainGraph {
-    key: Key,
-    graph: Option<Graph>,
-    x: CudaSlice<f32>,
-    y: CudaSlice<f32>,
+impl StepKey for Key {
+    /// The BCE, the buffer's one value.
+    fn loss(&self, values: &[f64]) -> Result<f64, ModelError> {
+        values
+            .first()
+            .copied()
+            .ok_or_else(|| ModelError::Internal("empty loss readback".into()))
+    }
+}
+
+/// A captured training step and its fixed device buffers: the inputs (`x`, `y`: the
+/// graph reads them; [`TrainGraph::feed`] fills them through the rings), the loss the graph
+/// writes, and the optimizer's device scalars (`hyper`, written before each replay).
+pub struct TrainGraph<K = Key> {
+    pub(crate) key: K,
+    pub(crate) graph: Option<Graph>,
+    pub(crate) x: CudaSlice<f32>,
+    pub(crate) y: CudaSlice<f32>,
     x_ring: InputRing,
     y_ring: InputRing,
-    loss: CudaSlice<f64>,
-    hyper: CudaSlice<f32>,
+    pub(crate) loss: CudaSlice<f64>,
+    pub(crate) hyper: CudaSlice<f32>,
     captures: usize,
     replays: usize,
     /// Why the capture failed (the steps of this shape then run eagerly).
-    failed: Option<String>,
+    pub(crate) failed: Option<String>,
 }
 
-impl TrainGraph {
+impl<K> TrainGraph<K> {
+    /// The buffers of a step keyed `key` (nothing captured yet): inputs of `x_len` and
+    /// `y_len` values with their rings, a loss of `loss_len` values, `hyper_len` device
+    /// scalars; `counts` (captures, replays) carried over from the graph it replaces.
+    pub(crate) fn new(
+        be: &CudaBackend,
+        key: K,
+        (x_len, y_len, loss_len, hyper_len): (usize, usize, usize, usize),
+        (captures, replays): (usize, usize),
+    ) -> Result<Self, ModelError> {
+        Ok(TrainGraph {
+            key,
+            graph: None,
+            x: be.zeros(x_len)?,
+            y: be.zeros(y_len)?,
+            x_ring: be.input_ring(x_len)?,
+            y_ring: be.input_ring(y_len)?,
+            loss: be.zeros_f64(loss_len.max(1))?,
+            hyper: be.zeros_f32(hyper_len.max(1))?,
+            captures,
+            replays,
+            failed: None,
+        })
+    }
+
+    /// Uploads a batch into the graph's inputs (through the rings on the copy stream) and
+    /// the device scalars of this step into `hyper`.
+    pub(crate) fn feed(
+        &mut self,
+        be: &CudaBackend,
+        x: &[f32],
+        y: &[f32],
+        hyper: &[f32],
+    ) -> Result<(), ModelError> {
+        be.ring_upload(&mut self.x_ring, x)?;
+        be.ring_upload(&mut self.y_ring, y)?;
+        be.ring_consume(&mut self.x_ring, &mut self.x)?;
+        be.ring_consume(&mut self.y_ring, &mut self.y)?;
+        be.upload_into(hyper, &mut self.hyper)?;
+        Ok(())
+    }
+
+    /// Records a successful capture.
+    pub(crate) fn captured(&mut self, graph: Graph) {
+        self.graph = Some(graph);
+        self.captures += 1;
+    }
+
+    /// Launches the captured graph (the caller then advances the step counts).
+    pub(crate) fn replay(&mut self) -> Result<(), ModelError> {
+        self.graph.as_ref().ok_or_else(missing)?.replay()?;
+        self.replays += 1;
+        Ok(())
+    }
+
     /// Why capturing this step failed, if it did (its steps then ran eagerly).
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_deref()
@@ -76,16 +151,28 @@ impl TrainGraph {
 
 /// Where the graphed steps of a training run stand: the graph of the current shape, and
 /// how many steps ran eagerly (first steps and shape changes).
-#[derive(Default)]
-pub struct GraphSteps {
-    pub graph: Option<TrainGraph>,
+pub struct GraphSteps<K = Key> {
+    pub graph: Option<TrainGraph<K>>,
     pub eager_steps: usize,
     /// The two page-locked slots queued losses are copied into (allocated at the first).
     loss_host: Vec<PinnedHostSlice<f64>>,
-    /// Which slots hold a loss not yet read.
-    unread: [bool; 2],
+    /// Which slots hold a loss not yet read, and the key of the graph that wrote it (which
+    /// says how its values make the loss).
+    unread: [Option<K>; 2],
     /// The slot the next queued loss goes to.
     next_slot: usize,
+}
+
+impl<K> Default for GraphSteps<K> {
+    fn default() -> Self {
+        GraphSteps {
+            graph: None,
+            eager_steps: 0,
+            loss_host: Vec::new(),
+            unread: [None, None],
+            next_slot: 0,
+        }
+    }
 }
 
 /// A step's loss: known (an eager step), or on its way from the device into a host slot
@@ -96,7 +183,7 @@ pub enum StepLoss {
     Queued(usize),
 }
 
-impl GraphSteps {
+impl<K: StepKey> GraphSteps<K> {
     /// (captures, replays, eager steps) so far.
     pub fn counts(&self) -> (usize, usize, usize) {
         let (c, r) = self.graph.as_ref().map_or((0, 0), TrainGraph::counts);
@@ -108,48 +195,49 @@ impl GraphSteps {
         match loss {
             StepLoss::Ready(v) => Ok(v),
             StepLoss::Queued(slot) => {
-                let host = self
-                    .loss_host
-                    .get(slot)
-                    .filter(|_| self.unread[slot])
-                    .ok_or_else(|| {
-                        ModelError::Internal(format!("no queued loss in slot {slot}"))
-                    })?;
-                let v = host
+                let none = || ModelError::Internal(format!("no queued loss in slot {slot}"));
+                let key = self
+                    .unread
+                    .get_mut(slot)
+                    .and_then(Option::take)
+                    .ok_or_else(none)?;
+                let host = self.loss_host.get(slot).ok_or_else(none)?;
+                let values = host
                     .as_slice()
-                    .map_err(|e| ModelError::Internal(format!("loss readback: {e}")))?
-                    .first()
-                    .copied()
-                    .ok_or_else(|| ModelError::Internal("empty loss readback".into()))?;
-                self.unread[slot] = false;
-                Ok(v)
+                    .map_err(|e| ModelError::Internal(format!("loss readback: {e}")))?;
+                key.loss(values)
             }
         }
     }
 
     /// Queues the copy of the loss the graph just wrote into the next host slot (on the
     /// compute stream, after the replay; the host does not wait).
-    fn queue_loss(&mut self, be: &CudaBackend) -> Result<StepLoss, ModelError> {
+    pub(crate) fn queue_loss(&mut self, be: &CudaBackend) -> Result<StepLoss, ModelError> {
         let err =
             |e: cudarc::driver::DriverError| ModelError::Internal(format!("loss readback: {e}"));
-        while self.loss_host.len() < 2 {
-            // SAFETY: a page-locked buffer of one f64, written by the copy below before
-            // any read (reads wait for the event recorded after that copy).
-            let slot = unsafe { be.stream().context().alloc_pinned_with_flags::<f64>(1, 0) }
-                .map_err(err)?;
-            self.loss_host.push(slot);
-        }
         let slot = self.next_slot;
-        if self.unread[slot] {
+        if self.unread[slot].is_some() {
             return Err(ModelError::Internal(
                 "a third training loss was queued before the first was read".into(),
             ));
         }
         let g = self.graph.as_ref().ok_or_else(missing)?;
-        be.stream()
-            .memcpy_dtoh(&g.loss, &mut self.loss_host[slot])
-            .map_err(err)?;
-        self.unread[slot] = true;
+        let len = g.loss.len();
+        while self.loss_host.len() < 2 {
+            // SAFETY: a page-locked buffer of `len` f64, written by the copy below before
+            // any read (reads wait for the event recorded after that copy).
+            let host = unsafe { be.stream().context().alloc_pinned_with_flags::<f64>(len, 0) }
+                .map_err(err)?;
+            self.loss_host.push(host);
+        }
+        let host = &mut self.loss_host[slot];
+        if host.len() != len {
+            // SAFETY: as above (this slot holds no unread loss).
+            *host = unsafe { be.stream().context().alloc_pinned_with_flags::<f64>(len, 0) }
+                .map_err(err)?;
+        }
+        be.stream().memcpy_dtoh(&g.loss, host).map_err(err)?;
+        self.unread[slot] = Some(g.key.clone());
         self.next_slot ^= 1;
         Ok(StepLoss::Queued(slot))
     }
@@ -268,10 +356,7 @@ impl IchNet<CudaBackend> {
                 r.map_err(|e| crate::engine::EngineError::Param(e.to_string()))
             });
             match captured {
-                Ok((graph, ())) => {
-                    g.graph = Some(graph);
-                    g.captures += 1;
-                }
+                Ok((graph, ())) => g.captured(graph),
                 Err(e) => {
                     capture_failed(g, &e);
                     return self.stage1_run(steps, x, labels, batch, seq, h, w, pos_weight, opt);
@@ -370,10 +455,7 @@ impl IchNet<CudaBackend> {
                 r.map_err(|e| crate::engine::EngineError::Param(e.to_string()))
             });
             match captured {
-                Ok((graph, ())) => {
-                    g.graph = Some(graph);
-                    g.captures += 1;
-                }
+                Ok((graph, ())) => g.captured(graph),
                 Err(e) => {
                     capture_failed(g, &e);
                     return self.stage2_run(steps, x, labels, n, h, w, pos_weight, opt);
@@ -431,23 +513,11 @@ impl IchNet<CudaBackend> {
         x_len: usize,
         y_len: usize,
     ) -> Result<(), ModelError> {
-        let (captures, replays) = steps.graph.as_ref().map_or((0, 0), TrainGraph::counts);
+        let counts = steps.graph.as_ref().map_or((0, 0), TrainGraph::counts);
         steps.graph = None;
-        let be = self.backend();
         let hyper_len = optim::step_hyper(self.params(), &k.opt, ParamGroup::Stage1).len();
-        steps.graph = Some(TrainGraph {
-            key: k,
-            graph: None,
-            x: be.zeros(x_len)?,
-            y: be.zeros(y_len)?,
-            x_ring: be.input_ring(x_len)?,
-            y_ring: be.input_ring(y_len)?,
-            loss: be.zeros_f64(1)?,
-            hyper: be.zeros_f32(hyper_len.max(1))?,
-            captures,
-            replays,
-            failed: None,
-        });
+        let lens = (x_len, y_len, 1, hyper_len);
+        steps.graph = Some(TrainGraph::new(self.backend(), k, lens, counts)?);
         Ok(())
     }
 
@@ -460,42 +530,41 @@ impl IchNet<CudaBackend> {
         opt: &OptimizerConfig,
         group: ParamGroup,
     ) -> Result<(), ModelError> {
-        let be = self.backend();
-        be.ring_upload(&mut g.x_ring, x)?;
-        be.ring_upload(&mut g.y_ring, labels)?;
-        be.ring_consume(&mut g.x_ring, &mut g.x)?;
-        be.ring_consume(&mut g.y_ring, &mut g.y)?;
         let hyper = optim::step_hyper(self.params(), opt, group);
-        be.upload_into(&hyper, &mut g.hyper)?;
-        Ok(())
+        g.feed(self.backend(), x, labels, &hyper)
     }
 
     fn replay(&mut self, g: &mut TrainGraph, group: ParamGroup) -> Result<(), ModelError> {
-        g.graph.as_ref().ok_or_else(missing)?.replay()?;
-        g.replays += 1;
+        g.replay()?;
         self.advance_steps(group);
         Ok(())
     }
 
     fn download_loss(&self, loss: &CudaSlice<f64>) -> Result<f64, ModelError> {
-        let v = self
-            .backend()
-            .stream()
-            .clone_dtoh(loss)
-            .map_err(|e| ModelError::Internal(format!("loss readback: {e}")))?;
+        let v = download_values(self.backend(), loss)?;
         v.first()
             .copied()
             .ok_or_else(|| ModelError::Internal("empty loss readback".into()))
     }
 }
 
-fn missing() -> ModelError {
+/// The values of a graph's loss buffer on the host (waits for the device).
+pub(crate) fn download_values(
+    be: &CudaBackend,
+    loss: &CudaSlice<f64>,
+) -> Result<Vec<f64>, ModelError> {
+    be.stream()
+        .clone_dtoh(loss)
+        .map_err(|e| ModelError::Internal(format!("loss readback: {e}")))
+}
+
+pub(crate) fn missing() -> ModelError {
     ModelError::Internal("the training graph is missing".into())
 }
 
 /// Records why a capture failed and says so once on stderr: the steps of that shape run
 /// eagerly from now on.
-fn capture_failed(g: &mut TrainGraph, e: &crate::engine::EngineError) {
+pub(crate) fn capture_failed<K>(g: &mut TrainGraph<K>, e: &crate::engine::EngineError) {
     let msg = e.to_string();
     eprintln!("warning: the training step could not be captured as a CUDA graph; its steps run eagerly: {msg}");
     g.failed = Some(msg);

@@ -200,15 +200,20 @@ pub(crate) fn step_hyper<B: Backend>(
         if !group.contains(p.group) {
             continue;
         }
-        let v = match *opt {
-            OptimizerConfig::Sgd { lr, .. } => sgd_hyper(lr, p.step == 0),
-            OptimizerConfig::Adam {
-                lr, beta1, beta2, ..
-            } => adam_hyper(p.step + 1, lr, beta1, beta2),
-        };
+        let v = tensor_hyper(opt, p.step);
         h[i * HYPER_LEN..(i + 1) * HYPER_LEN].copy_from_slice(&v);
     }
     h
+}
+
+/// The device scalars of the next step of one tensor that has taken `steps` steps.
+pub(crate) fn tensor_hyper(opt: &OptimizerConfig, steps: u64) -> [f32; HYPER_LEN] {
+    match *opt {
+        OptimizerConfig::Sgd { lr, .. } => sgd_hyper(lr, steps == 0),
+        OptimizerConfig::Adam {
+            lr, beta1, beta2, ..
+        } => adam_hyper(steps + 1, lr, beta1, beta2),
+    }
 }
 
 /// Counts one step on every trainable tensor of `group` (what [`step`] does after its update).

@@ -10,11 +10,13 @@
 //! second one allocated with them on the first training pass. The forward runs batch norm in
 //! training mode (batch statistics, running statistics updated) or eval mode; the backward
 //! is that of the soft Dice loss (plus, when configured, a weighted mean BCE of the logits);
-//! the optimizer step is the backend's Adam (or SGD). Knows nothing about CT, datasets or
-//! files other than the tensors' names.
+//! the optimizer step is the backend's Adam (or SGD). On CUDA the whole training step
+//! (forward, losses, backward, optimizer step) is also available as a captured CUDA graph
+//! ([`graph`]). Knows nothing about CT, datasets or files other than the tensors' names.
 
 pub mod checkpoint;
 pub mod config;
+pub mod graph;
 pub mod handle;
 pub mod tensors;
 
@@ -42,6 +44,55 @@ pub struct UNetLoss {
     pub dice: f64,
     /// The mean BCE of the logits (computed only when `bce_weight > 0`, else 0).
     pub bce: f64,
+}
+
+/// Where a training pass's losses go: computed and returned by the backend's ops
+/// ([`HostLosses`], the eager pass), or left in a device buffer that a captured CUDA graph
+/// writes (`graph.rs`; the returned values are then meaningless). Each writes its loss's
+/// gradient.
+trait LossSink<B: Backend> {
+    /// The soft Dice of `probs` against `targets`; dL/dprobs into `dprobs`.
+    fn dice(
+        &mut self,
+        be: &B,
+        s: &SoftDice,
+        probs: &B::Buf,
+        targets: &B::Buf,
+        dprobs: &mut B::Buf,
+    ) -> Result<f64, ModelError>;
+    /// The mean BCE of `logits` (pos_weight 1); its gradient into `dlogits`.
+    fn bce(
+        &mut self,
+        be: &B,
+        logits: &B::Buf,
+        targets: &B::Buf,
+        dlogits: &mut B::Buf,
+    ) -> Result<f64, ModelError>;
+}
+
+/// The losses computed and read back at once.
+struct HostLosses;
+
+impl<B: Backend> LossSink<B> for HostLosses {
+    fn dice(
+        &mut self,
+        be: &B,
+        s: &SoftDice,
+        probs: &B::Buf,
+        targets: &B::Buf,
+        dprobs: &mut B::Buf,
+    ) -> Result<f64, ModelError> {
+        Ok(be.soft_dice_loss(s, probs, targets, dprobs)?)
+    }
+    fn bce(
+        &mut self,
+        be: &B,
+        logits: &B::Buf,
+        targets: &B::Buf,
+        dlogits: &mut B::Buf,
+    ) -> Result<f64, ModelError> {
+        Ok(be.bce_with_logits(logits, targets, 1.0, dlogits)?)
+    }
 }
 
 /// One conv(bias) -> ReLU -> BatchNorm unit for one input shape.
@@ -585,6 +636,9 @@ pub struct UNet<B: Backend> {
     stats: Stats<B::Buf>,
     opt: Option<OptState<B>>,
     ws: Option<Workspace<B>>,
+    /// Counts the times a buffer a training step reads or writes was replaced (parameters,
+    /// optimizer state, workspace): a CUDA graph captured before holds stale addresses.
+    generation: u64,
 }
 
 /// Where a named tensor lives.
@@ -623,6 +677,7 @@ impl<B: Backend> UNet<B> {
             stats,
             opt: None,
             ws: None,
+            generation: 0,
         })
     }
 
@@ -708,6 +763,7 @@ impl<B: Backend> UNet<B> {
         match target {
             Some(t) => {
                 *t = buf;
+                self.generation += 1;
                 Ok(())
             }
             None => Err(ModelError::Internal(format!(
@@ -772,12 +828,13 @@ impl<B: Backend> UNet<B> {
         Ok(())
     }
 
-    /// The workspace of shape `[n, h, w]`, reallocated (old buffers freed first) when the
-    /// shape changed.
+    /// The workspace of shape `[n, h, w]`, reallocated (old buffers freed first, the
+    /// generation counted) when the shape changed.
     fn workspace(
         be: &B,
         cfg: &UNetConfig,
         slot: &mut Option<Workspace<B>>,
+        generation: &mut u64,
         n: usize,
         h: usize,
         w: usize,
@@ -786,6 +843,7 @@ impl<B: Backend> UNet<B> {
             Some(ws) if ws.acts.n == n && ws.acts.h == h && ws.acts.w == w => Ok(ws),
             old => {
                 drop(old);
+                *generation += 1;
                 Ok(Workspace {
                     acts: Acts::new(be, cfg, n, h, w)?,
                     train: None,
@@ -805,6 +863,21 @@ impl<B: Backend> UNet<B> {
         h: usize,
         w: usize,
     ) -> Result<UNetLoss, ModelError> {
+        self.check_train_input(x, targets, n, h, w)?;
+        let xb = self.be.upload(x)?;
+        let tb = self.be.upload(targets)?;
+        self.train_pass(&xb, &tb, n, h, w, &mut HostLosses)
+    }
+
+    /// The checks of a training pass's input and targets.
+    fn check_train_input(
+        &self,
+        x: &[B::T],
+        targets: &[B::T],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(), ModelError> {
         self.check_input(x.len(), n, h, w, true)?;
         let want = n * self.cfg.out_channels * h * w;
         if targets.len() != want {
@@ -822,26 +895,50 @@ impl<B: Backend> UNet<B> {
                 "U-Net targets must lie in [0, 1], found {v}"
             )));
         }
-        let xb = self.be.upload(x)?;
-        let tb = self.be.upload(targets)?;
-        let mut ws = Self::workspace(&self.be, &self.cfg, &mut self.ws, n, h, w)?;
-        let r = self.train_pass(&mut ws, &xb, &tb);
+        Ok(())
+    }
+
+    /// The training pass on checked inputs already on the backend, in the workspace of
+    /// their shape; the losses go to `sink`.
+    fn train_pass(
+        &mut self,
+        x: &B::Buf,
+        targets: &B::Buf,
+        n: usize,
+        h: usize,
+        w: usize,
+        sink: &mut impl LossSink<B>,
+    ) -> Result<UNetLoss, ModelError> {
+        let mut ws = Self::workspace(
+            &self.be,
+            &self.cfg,
+            &mut self.ws,
+            &mut self.generation,
+            n,
+            h,
+            w,
+        )?;
+        let r = self.train_core(&mut ws, x, targets, sink);
         self.ws = Some(ws);
         r
     }
 
-    fn train_pass(
+    fn train_core(
         &mut self,
         ws: &mut Workspace<B>,
         x: &B::Buf,
         targets: &B::Buf,
+        sink: &mut impl LossSink<B>,
     ) -> Result<UNetLoss, ModelError> {
         let be = &self.be;
         let cfg = &self.cfg;
         let acts = &mut ws.acts;
         let train = match ws.train.take() {
             Some(t) => t,
-            None => TrainBufs::new(be, cfg, acts)?,
+            None => {
+                self.generation += 1;
+                TrainBufs::new(be, cfg, acts)?
+            }
         };
         let tr = ws.train.insert(train);
         acts.forward(be, &self.w, &mut self.stats, x, true)?;
@@ -852,11 +949,11 @@ impl<B: Backend> UNet<B> {
             hw: s.h * s.w,
             eps: cfg.dice_eps,
         };
-        let dice_loss = be.soft_dice_loss(&dice, &acts.probs, targets, &mut tr.dprobs)?;
+        let dice_loss = sink.dice(be, &dice, &acts.probs, targets, &mut tr.dprobs)?;
         be.sigmoid_bwd(&acts.probs, &tr.dprobs, &mut tr.dlogits)?;
         let mut bce = 0.0;
         if cfg.bce_weight > 0.0 {
-            bce = be.bce_with_logits(&acts.logits, targets, 1.0, &mut tr.dbce)?;
+            bce = sink.bce(be, &acts.logits, targets, &mut tr.dbce)?;
             be.scale_assign(&mut tr.dbce, cfg.bce_weight)?;
             be.add_assign(&mut tr.dlogits, &tr.dbce)?;
         }
@@ -887,7 +984,15 @@ impl<B: Backend> UNet<B> {
         w: usize,
     ) -> Result<&B::Buf, ModelError> {
         self.check_input(self.be.len(x), n, h, w, false)?;
-        let mut ws = Self::workspace(&self.be, &self.cfg, &mut self.ws, n, h, w)?;
+        let mut ws = Self::workspace(
+            &self.be,
+            &self.cfg,
+            &mut self.ws,
+            &mut self.generation,
+            n,
+            h,
+            w,
+        )?;
         let r = ws
             .acts
             .forward(&self.be, &self.w, &mut self.stats, x, false);
@@ -922,11 +1027,14 @@ impl<B: Backend> UNet<B> {
         let be = &self.be;
         let mut st = match self.opt.take() {
             Some(s) => s,
-            None => OptState {
-                m: Weights::try_build(&self.cfg, |_, s| Ok(be.zeros(numel(&s.shape))?))?,
-                v: Weights::try_build(&self.cfg, |_, s| Ok(be.zeros(numel(&s.shape))?))?,
-                steps: 0,
-            },
+            None => {
+                self.generation += 1;
+                OptState {
+                    m: Weights::try_build(&self.cfg, |_, s| Ok(be.zeros(numel(&s.shape))?))?,
+                    v: Weights::try_build(&self.cfg, |_, s| Ok(be.zeros(numel(&s.shape))?))?,
+                    steps: 0,
+                }
+            }
         };
         let r = (|| -> Result<(), ModelError> {
             let params = self.w.muts();
@@ -1030,11 +1138,13 @@ impl<B: Backend> UNet<B> {
                 .ok_or_else(|| ModelError::Internal("optimizer state ran short".into()))
         })?;
         self.opt = Some(OptState { m, v, steps });
+        self.generation += 1;
         Ok(())
     }
 
     /// Frees the activation and gradient buffers (they are rebuilt on the next pass).
     pub fn release_buffers(&mut self) {
         self.ws = None;
+        self.generation += 1;
     }
 }

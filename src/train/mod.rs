@@ -73,9 +73,9 @@ pub enum LossReadback {
 impl LossReadback {
     /// Counts step `k`'s `loss` with `f` (after the queued step before it, if any), or
     /// queues it in `queued` (late readback of a queued loss).
-    pub(crate) fn account(
+    pub(crate) fn account<K: crate::model::net_graph::StepKey>(
         self,
-        graphs: &mut crate::model::net_graph::GraphSteps,
+        graphs: &mut crate::model::net_graph::GraphSteps<K>,
         queued: &mut Option<(usize, crate::model::net_graph::StepLoss)>,
         k: usize,
         loss: crate::model::net_graph::StepLoss,
@@ -93,9 +93,9 @@ impl LossReadback {
     }
 
     /// Counts the step still queued at the end of an epoch.
-    pub(crate) fn finish(
+    pub(crate) fn finish<K: crate::model::net_graph::StepKey>(
         self,
-        graphs: &mut crate::model::net_graph::GraphSteps,
+        graphs: &mut crate::model::net_graph::GraphSteps<K>,
         queued: &mut Option<(usize, crate::model::net_graph::StepLoss)>,
         f: &mut impl FnMut(usize, f64) -> Result<(), TrainError>,
     ) -> Result<(), TrainError> {

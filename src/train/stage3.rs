@@ -7,20 +7,28 @@
 //! with empty masks (drawn anew each epoch), on the model's own input planes, augmented
 //! (the same geometry on the input and the target); its loss on the validation patients'
 //! pseudo-masks picks the best epoch. Only slice labels and images are read: never a mask.
+//! On CUDA every training step of a repeating batch shape is replayed from a captured graph
+//! ([`UNet::train_step_queued`]); the first step of a shape and a partial last batch run
+//! eagerly, and a replayed step's loss is read after the next step is enqueued
+//! ([`super::LossReadback`]; the same losses in the same order as an immediate read).
 //! Knows nothing about files beyond reading the training volumes again, or the CLI.
 
 use super::augment::{mix_seed, AugmentConfig, Rng, Transform};
 use super::config::{PseudoFlags, UNetTrainConfig};
 use super::prep::{self, Native, Prepared};
 use super::stage1::to_t;
-use super::TrainError;
+use super::{LossReadback, TrainError};
 use crate::data::crop;
 use crate::data::resample::{resize_volume, ResizeMode};
 use crate::engine::cpu::CpuBackend;
+use crate::engine::cuda::CudaBackend;
 use crate::engine::{Backend, Real};
+use crate::model::net_graph::StepLoss;
+use crate::model::unet::graph::UNetSteps;
 use crate::model::unet::UNet;
 use crate::model::{CamKind, IchNet};
 use ndarray::{Array3, Axis};
+use std::any::Any;
 
 /// What a slice is to stage 3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,9 +269,10 @@ pub fn epoch_stream(epoch: usize) -> u64 {
     (3u64 << 32) + epoch as u64
 }
 
-/// One training epoch; returns the mean batch loss.
+/// One training epoch; returns the mean batch loss. On CUDA the steps run as a captured
+/// graph and `readback` says when their losses are read (see the module doc).
 #[allow(clippy::too_many_arguments)]
-pub fn train_epoch<B: Backend>(
+pub fn train_epoch<B: Backend + 'static>(
     unet: &mut UNet<B>,
     cases: &[Prepared],
     pseudo: &Pseudo,
@@ -273,6 +282,7 @@ pub fn train_epoch<B: Backend>(
     size: usize,
     seed: u64,
     epoch: usize,
+    readback: LossReadback,
     progress: &indicatif::ProgressBar,
 ) -> Result<f64, TrainError> {
     let stream = epoch_stream(epoch);
@@ -285,23 +295,39 @@ pub fn train_epoch<B: Backend>(
         None
     };
     let mut sum = 0.0;
+    let mut graphs = UNetSteps::default();
+    let mut account = |j: usize, loss: f64| -> Result<(), TrainError> {
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged(format!(
+                "stage-3 loss became {loss} at batch {} (lower the learning rate)",
+                j + 1
+            )));
+        }
+        sum += loss;
+        progress.inc(1);
+        progress.set_message(format!("loss {:.4}", sum / (j + 1) as f64));
+        Ok(())
+    };
+    // On CUDA (late readback) step k's loss is read after step k+1 is enqueued.
+    let mut queued: Option<(usize, StepLoss)> = None;
     for (k, b) in batches.iter().enumerate() {
         let its: Vec<(usize, usize)> = b.iter().map(|&i| items[i]).collect();
         let ids: Vec<u64> = b.iter().map(|&i| i as u64).collect();
         let (x, t) = gather(cases, pseudo, &its, &ids, size, aug)?;
-        let l = unet.forward_backward(&to_t::<B::T>(&x), &to_t::<B::T>(&t), b.len(), size, size)?;
-        if !l.loss.is_finite() {
-            return Err(TrainError::Diverged(format!(
-                "stage-3 loss became {} at batch {} (lower the learning rate)",
-                l.loss,
-                k + 1
-            )));
-        }
-        unet.step(&ucfg.optimizer)?;
-        sum += l.loss;
-        progress.inc(1);
-        progress.set_message(format!("loss {:.4}", sum / (k + 1) as f64));
+        let loss = if let Some(cuda) = (unet as &mut dyn Any).downcast_mut::<UNet<CudaBackend>>() {
+            // The training pass and the optimizer step, as below.
+            cuda.train_step_queued(&mut graphs, &x, &t, b.len(), size, size, &ucfg.optimizer)?
+        } else {
+            let l =
+                unet.forward_backward(&to_t::<B::T>(&x), &to_t::<B::T>(&t), b.len(), size, size)?;
+            if l.loss.is_finite() {
+                unet.step(&ucfg.optimizer)?;
+            }
+            StepLoss::Ready(l.loss)
+        };
+        readback.account(&mut graphs, &mut queued, k, loss, &mut account)?;
     }
+    readback.finish(&mut graphs, &mut queued, &mut account)?;
     Ok(if batches.is_empty() {
         f64::NAN
     } else {

@@ -43,7 +43,7 @@ pub struct TrainOptions {
     /// Start from this finished two-stage model file (written by a run of the same training
     /// config and seed, stage 3 aside) and train stage 3 alone on it.
     pub stage3_from: Option<PathBuf>,
-    /// When the CUDA stage-1/2 loops read a step's loss back (same results either way).
+    /// When the CUDA stage-1/2/3 loops read a step's loss back (same results either way).
     pub loss_readback: LossReadback,
 }
 
@@ -538,6 +538,7 @@ pub fn train_with<B: Backend + SecondHandle + 'static>(
                         cfg.size,
                         opts.seed,
                         epoch,
+                        opts.loss_readback,
                         &pb,
                     )?;
                     pb.finish_and_clear();

@@ -78,24 +78,30 @@ pub(crate) fn channel_sum(
     let (split, chunk) = be.reduce_split(shape.n * shape.hw, c);
     let red = blocks(OP, (split, c, 1), 256)?;
     let per_c = blocks(OP, (c.div_ceil(256), 1, 1), 256)?;
-    let mut part = be.alloc::<f64>(c * split)?;
     let a = int_args([shape.n, shape.c, c_off, shape.hw, chunk])?;
     let f = int_args([c, split])?;
     let k = kernels(be)?;
-    // SAFETY: x holds n*x.c*hw values (checked by the callers), channels c_off..c_off + c
-    // among them; `part` one partial sum per (channel, split), out c values.
-    unsafe {
-        k.sum_partial
-            .on(be.stream())
-            .arg(x)
-            .arg(&mut part)
-            .ints(&a)
-            .launch(red)?;
-        k.sum_finalize
-            .on(be.stream())
-            .arg(&part)
-            .arg(out)
-            .ints(&f)
-            .launch(per_c)
-    }
+    // The partial sums from the f64 scratch arena: nothing allocated once warm (a captured
+    // CUDA graph allocates nothing).
+    let mut part = be.take_scratch_f64(c * split)?;
+    let r = (|| -> Result<()> {
+        // SAFETY: x holds n*x.c*hw values (checked by the callers), channels c_off..c_off + c
+        // among them; `part` one partial sum per (channel, split), out c values.
+        unsafe {
+            k.sum_partial
+                .on(be.stream())
+                .arg(x)
+                .arg(&mut part)
+                .ints(&a)
+                .launch(red)?;
+            k.sum_finalize
+                .on(be.stream())
+                .arg(&part)
+                .arg(out)
+                .ints(&f)
+                .launch(per_c)
+        }
+    })();
+    be.give_scratch_f64(part);
+    r
 }

@@ -5,8 +5,9 @@
 //! allocation through the backend is refused while capturing (with an error saying so),
 //! and the driver refuses synchronisations and copies to pageable host memory (the
 //! capture is then invalidated). Also the capturable forms of the ops whose eager form
-//! synchronises or takes a step-dependent scalar by value: the BCE loss left in a device
-//! buffer ([`CudaBackend::bce_with_logits_into`]) and the optimizer steps reading their
+//! synchronises or takes a step-dependent scalar by value: the BCE and soft Dice losses left
+//! in a device buffer ([`CudaBackend::bce_with_logits_into`],
+//! [`CudaBackend::soft_dice_loss_into`]) and the optimizer steps reading their
 //! learning rate / bias corrections from device scalars the host writes before each replay
 //! ([`CudaBackend::sgd_step_dev`], [`CudaBackend::adam_step_dev`], [`sgd_hyper`],
 //! [`adam_hyper`]). Knows nothing about what the captured ops compute.
@@ -16,9 +17,11 @@ use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::device::{cuda, launched, synced};
 use super::CudaBackend;
+use crate::engine::shapes::SoftDice;
 use crate::engine::{EngineError, Result};
 
 pub use super::arena::InputRing;
+pub use super::dice::dice_value;
 pub use super::optim::{adam_hyper, sgd_hyper, HYPER_LEN};
 
 /// An instantiated graph on one backend's stream; replays on the buffers it was captured
@@ -106,6 +109,22 @@ impl CudaBackend {
         loss: &mut CudaSlice<f64>,
     ) -> Result<()> {
         super::loss::bce_with_logits_into(self, logits, targets, pos_weight, dlogits, loss)
+    }
+
+    /// The soft Dice loss into `out[at]` on the device (and 1 into `out[at + 1]` when a
+    /// denominator is 0, the eager form's error: [`dice_value`]), its gradient into
+    /// `dprobs`: `soft_dice_loss` without the allocations and the download (capturable).
+    #[allow(clippy::too_many_arguments)]
+    pub fn soft_dice_loss_into(
+        &self,
+        s: &SoftDice,
+        probs: &CudaSlice<f32>,
+        targets: &CudaSlice<f32>,
+        dprobs: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f64>,
+        at: usize,
+    ) -> Result<()> {
+        super::dice::soft_dice_loss_into(self, s, probs, targets, dprobs, out, at)
     }
 
     /// `sgd_step` with {lr, first step} read from `hyper[at..at + 2]` ([`sgd_hyper`]).
