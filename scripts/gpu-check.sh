@@ -188,6 +188,9 @@ done
 # The CAM pass launched op by op (the CUDA graph's gain).
 run "bench-cam-r18-f32-eager" 60 "$BIN" bench --device cuda --config small --what cam --no-graph --iters "$ITERS" --warmup 2 --json
 run "bench-latency-r18-f32-eager" 40 "$BIN" bench --device cuda --config small --what cam-latency --no-graph --iters $(( ITERS * 5 )) --warmup 5 --json
+# The stage-3 U-Net train step (not one of the six workloads): its CUDA graph, then eager.
+run "bench-unet-step-small-f32" 40 "$BIN" bench --device cuda --config small --what unet-step --iters "$ITERS" --warmup 2 --json
+run "bench-unet-step-small-f32-eager" 40 "$BIN" bench --device cuda --config small --what unet-step --no-graph --iters "$ITERS" --warmup 2 --json
 
 # ---- 2. PyTorch on the same workloads ------------------------------------------------------
 if [ "$DRY" = 1 ] || { [ -f benches/baselines/torch_baseline.py ] && python3 -c "import torch, torchvision" >/dev/null 2>&1; }; then
