@@ -3,7 +3,8 @@
 // rounded to bf16 (16x16x16 fragments) or tf32 (16x16x8) once they are in shared memory,
 // and f32 accumulation.
 //
-//   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x)
+//   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x); conv2d_fwd_bn_*
+//               with the eval-mode batch norm (+ residual) (+ ReLU) in the epilogue
 //   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy), per
 //               output phase without the structurally zero taps of a stride > 1 (PhaseGemm)
 //   bwd-weight  M = C_out, N = C_in*KH*KW,  K = batch*OH*OW: dW = dy . col(x)^T
@@ -247,11 +248,24 @@ __device__ __forceinline__ PhaseGemm phase_gemm(int N, int H, int W, int KH, int
     return g;
 }
 
-template <class P>
+// The fused eval-mode epilogue of the forward, as in kernels/conv.cu: y = act(acc * scale[c]
+// + shift[c] (+ residual[i])), ss = {scale[0..C), shift[0..C)} (bn_eval_fold in norm.cu),
+// each step rounded on its own (no FMA contraction) as the CPU reference rounds it.
+__device__ __forceinline__ float bn_epilogue(float acc, const float* __restrict__ ss, int C, int c,
+                                             const float* __restrict__ res, size_t i, int relu) {
+    float v = __fadd_rn(__fmul_rn(acc, ss[c]), ss[C + c]);
+    if (res) v = __fadd_rn(v, res[i]);
+    return relu ? fmaxf(v, 0.0f) : v;
+}
+
+// The forward GEMM; EP: with the epilogue above (one split only: the host runs a split-K
+// forward unfused and applies the epilogue in conv_splitk_reduce_bn), else the plain conv.
+template <class P, bool EP = false>
 __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __restrict__ x,
                                             const float* __restrict__ w, float* __restrict__ y, int N, int C,
                                             int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
-                                            int OW, int chunk) {
+                                            int OW, int chunk, const float* __restrict__ ss = nullptr,
+                                            const float* __restrict__ res = nullptr, int relu = 0) {
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
     const int M = CO, KHW = KH * KW, K = C * KHW, OHW = OH * OW, Pn = N * OHW;
     const int m0 = blockIdx.y * TBM, p0 = blockIdx.x * TBN;
@@ -307,7 +321,12 @@ __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __
 #pragma unroll 4
     for (int i = 0; i < TBM / 2; ++i) {
         int ml = bk + 2 * i, m = m0 + ml;
-        if (m < M) y[((size_t)n * CO + m) * OHW + r] = Cs[ml * TC_LDC + bn];
+        if (m >= M) continue;
+        const size_t o = ((size_t)n * CO + m) * OHW + r;
+        if constexpr (EP)
+            y[o] = bn_epilogue(Cs[ml * TC_LDC + bn], ss, CO, m, res, o, relu);
+        else
+            y[o] = Cs[ml * TC_LDC + bn];
     }
 }
 
@@ -479,6 +498,32 @@ conv2d_fwd_tf32(const float* __restrict__ x, const float* __restrict__ w, float*
                 int chunk) {
     __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
     conv_fwd_tc<PrecTf32>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
+}
+
+// The output size of a convolution (the fused kernels take no OH, OW: 16 parameters at most).
+__device__ __forceinline__ int conv_out(int H, int K, int stride, int pad) {
+    return (H + 2 * pad - K) / stride + 1;
+}
+
+// The forward with the eval-mode batch-norm epilogue (bn_epilogue), one split (a grid of
+// (pixel tiles, channel tiles, 1)): ss = {scale, shift} per output channel, res the
+// residual (same shape as y) or null, relu 0/1.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_fwd_bn_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                   int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                   const float* __restrict__ ss, const float* __restrict__ res, int relu) {
+    __shared__ __align__(128) unsigned char smem[PrecBf16::SMEM];
+    conv_fwd_tc<PrecBf16, true>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
+                                conv_out(W, KW, stride, pad), C * KH * KW, ss, res, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_fwd_bn_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                   int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                   const float* __restrict__ ss, const float* __restrict__ res, int relu) {
+    __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
+    conv_fwd_tc<PrecTf32, true>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
+                                conv_out(W, KW, stride, pad), C * KH * KW, ss, res, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)

@@ -116,6 +116,22 @@ extern "C" __global__ void bn_eval_fwd(const float* __restrict__ x, const float*
     }
 }
 
+// The eval-mode normalisation as a per-channel affine map for a fused convolution
+// (conv2d_fwd_bn*, conv.cu / conv_tc.cu): ss[c] = scale = gamma / sqrt(var + eps),
+// ss[C + c] = shift = beta - mean * scale, computed in f64 and rounded to f32 (as the CPU's
+// eval_scale_shift). One thread per channel.
+extern "C" __global__ void bn_eval_fold(const float* __restrict__ gamma, const float* __restrict__ beta,
+                                        const float* __restrict__ running_mean,
+                                        const float* __restrict__ running_var, float* __restrict__ ss, int C,
+                                        double eps) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const double g = (double)gamma[c] / sqrt((double)running_var[c] + eps);
+    ss[c] = (float)g;
+    // No FMA contraction: the product rounded on its own, as on the CPU.
+    ss[C + c] = (float)__dsub_rn((double)beta[c], __dmul_rn((double)running_mean[c], g));
+}
+
 // Backward, grid (S, C): part1 = sum g, part2 = sum g * xhat, g = dy masked by (y > 0) when relu.
 extern "C" __global__ void bn_bwd_partial(const float* __restrict__ x, const float* __restrict__ y,
                                           const float* __restrict__ dy, const float* __restrict__ save_mean,

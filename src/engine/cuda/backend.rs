@@ -469,47 +469,23 @@ impl Backend for CudaBackend {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // The trait's sequence, its intermediates taken from the arena and given back
-        // (reused layer after layer; nothing allocated once warm, so it can be captured).
-        let mut z = self.take_scratch(s.y_len())?;
-        let r = conv::conv2d_fwd(self, s, x, w, &mut z).and_then(|()| match residual {
-            None => norm::batchnorm_eval_fwd(
-                self,
-                bn,
-                &z,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                y,
-                relu,
-            ),
-            Some(res) => {
-                let mut t = self.take_scratch(s.y_len())?;
-                let r = norm::batchnorm_eval_fwd(
-                    self,
-                    bn,
-                    &z,
-                    gamma,
-                    beta,
-                    running_mean,
-                    running_var,
-                    &mut t,
-                    false,
-                )
-                .and_then(|()| {
-                    if relu {
-                        elementwise::add_relu_fwd(self, &t, res, y)
-                    } else {
-                        self.copy(&t, y)?;
-                        elementwise::add_assign(self, y, res)
-                    }
-                });
-                self.give_scratch(t);
-                r
-            }
-        });
-        self.give_scratch(z);
+        // One fused launch (conv with the normalisation, residual and ReLU in its epilogue)
+        // after a per-channel fold of the running statistics into scale and shift, whose
+        // 2 * c_out values come from the arena (nothing allocated once warm: capturable).
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        let mut ss = self.take_scratch(2 * bn.c)?;
+        let r = norm::bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, &mut ss)
+            .and_then(|()| {
+                let ep = conv::BnEpilogue {
+                    ss: &ss,
+                    residual,
+                    relu,
+                };
+                conv::conv2d_bn_eval_fwd(self, s, x, w, &ep, y)
+            });
+        self.give_scratch(ss);
         r
     }
     unsafe fn conv2d_bwd_data_unchecked(

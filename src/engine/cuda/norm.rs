@@ -1,6 +1,8 @@
 //! Batch norm on the device (`kernels/norm.cu`, mirroring `cpu/norm.rs`): training mode
 //! (per-channel mean, then squared deviations from it, as f64 partial sums per block and a
-//! per-channel finish; running stats updated), eval mode, and the backward pass.
+//! per-channel finish; running stats updated), eval mode, the eval-mode normalisation folded
+//! into a per-channel scale and shift for a fused convolution ([`bn_eval_fold`]), and the
+//! backward pass.
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
@@ -15,6 +17,7 @@ kernels!("norm" {
     finalize_var: "bn_finalize_var",
     apply: "bn_apply",
     eval_fwd: "bn_eval_fwd",
+    eval_fold: "bn_eval_fold",
     bwd_partial: "bn_bwd_partial",
     bwd_finalize: "bn_bwd_finalize",
     bwd_apply: "bn_bwd_apply",
@@ -151,6 +154,40 @@ pub(crate) fn batchnorm_eval_fwd(
             .arg(&eps)
             .arg(&relu)
             .launch(grid(s.len()))
+    }
+}
+
+/// `ss = [scale; c]` then `[shift; c]`, `scale = gamma / sqrt(var + eps)`,
+/// `shift = beta - mean * scale`, in f64 rounded to f32 as the CPU's `eval_scale_shift`:
+/// what a convolution's fused epilogue applies (`conv::conv2d_bn_eval_fwd`). The per-channel
+/// buffers hold `s.c` values, `ss` `2 * s.c` (checked by the caller).
+pub(crate) fn bn_eval_fold(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &CudaSlice<f32>,
+    running_var: &CudaSlice<f32>,
+    ss: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if s.c == 0 {
+        return Ok(());
+    }
+    let [c] = int_args([s.c])?;
+    let cfg = blocks("bn_eval_fold", (s.c.div_ceil(256), 1, 1), 256)?;
+    // SAFETY: the per-channel buffers hold c values, ss 2c (the caller's contract).
+    unsafe {
+        kernels(be)?
+            .eval_fold
+            .on(be.stream())
+            .arg(gamma)
+            .arg(beta)
+            .arg(running_mean)
+            .arg(running_var)
+            .arg(ss)
+            .arg(&c)
+            .arg(&s.eps)
+            .launch(cfg)
     }
 }
 
