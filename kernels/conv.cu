@@ -86,14 +86,32 @@ __device__ __forceinline__ float bn_epilogue(float acc, const float* __restrict_
     return relu ? fmaxf(v, 0.0f) : v;
 }
 
-// The forward GEMM; EP: with the epilogue above (ss, res, relu), else the plain conv
-// (ss, res and relu unused: conv2d_fwd, unchanged).
-template <bool EP>
+// The epilogues of the forward GEMM.
+#define EPI_NONE 0   // y = acc (conv2d_fwd)
+#define EPI_BN 1     // y = bn_epilogue(acc) (conv2d_fwd_bn: eval mode)
+#define EPI_STATS 2  // y = acc, and the batch-norm partial statistics (conv2d_fwd_stats)
+
+// Sum over the 16 lanes of a half warp (xor butterfly: every lane ends with the same value,
+// IEEE addition being commutative; the order is fixed, so the result is reproducible).
+__device__ __forceinline__ double half_warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The forward GEMM; EPI selects the epilogue: EPI_BN uses ss, res, relu; EPI_STATS writes,
+// for every output channel m of the block and its tile of pixels t = blockIdx.x (the nv <=
+// 64 valid ones), part_s[m * T + t] = sum of y and part_q[m * T + t] = sum of (y - mean_t)^2
+// with mean_t = part_s / nv (f64, centred on the tile's own mean: no cancellation), T =
+// gridDim.x; bn_stats_finalize (norm.cu) combines the tiles. EPI_NONE: the plain conv
+// (conv2d_fwd, unchanged).
+template <int EPI>
 __device__ __forceinline__ void conv_fwd_f32(const float* __restrict__ x, const float* __restrict__ w,
                                              float* __restrict__ y, int N, int C, int H, int W, int CO,
                                              int KH, int KW, int stride, int pad, int OH, int OW,
                                              const float* __restrict__ ss, const float* __restrict__ res,
-                                             int relu) {
+                                             int relu, double* __restrict__ part_s = nullptr,
+                                             double* __restrict__ part_q = nullptr) {
     __shared__ float As[BK][BM + PAD];
     __shared__ float Bs[BK][BN + PAD];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
@@ -159,10 +177,39 @@ __device__ __forceinline__ void conv_fwd_f32(const float* __restrict__ x, const 
             int m = m0 + ty + 16 * i;
             if (m >= M) continue;
             const size_t o = ((size_t)n * CO + m) * OHW + r;
-            if constexpr (EP)
+            if constexpr (EPI == EPI_BN)
                 y[o] = bn_epilogue(acc[i][j], ss, CO, m, res, o, relu);
             else
                 y[o] = acc[i][j];
+        }
+    }
+    if constexpr (EPI == EPI_STATS) {
+        // Row m = m0 + ty + 16i of the tile is held by the 16 lanes tx = 0..15 of a half
+        // warp (pixels tx + 16j): a sum over j in each lane, then over the half warp; the
+        // centred second pass reuses the accumulators.
+        const int nv = min(BN, P - p0);
+        const double inv = 1.0 / (double)nv;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            double sum = 0.0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (tx + 16 * j < nv) sum += (double)acc[i][j];
+            sum = half_warp_sum_d(sum);
+            const double mean = sum * inv;
+            double q = 0.0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (tx + 16 * j < nv) {
+                    const double d = (double)acc[i][j] - mean;
+                    q += d * d;
+                }
+            q = half_warp_sum_d(q);
+            const int m = m0 + ty + 16 * i;
+            if (tx == 0 && m < M) {
+                part_s[(size_t)m * gridDim.x + blockIdx.x] = sum;
+                part_q[(size_t)m * gridDim.x + blockIdx.x] = q;
+            }
         }
     }
 }
@@ -170,7 +217,7 @@ __device__ __forceinline__ void conv_fwd_f32(const float* __restrict__ x, const 
 extern "C" __global__ void __launch_bounds__(256)
 conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
            int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW) {
-    conv_fwd_f32<false>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, nullptr, nullptr, 0);
+    conv_fwd_f32<EPI_NONE>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, nullptr, nullptr, 0);
 }
 
 // The output size of a convolution (the fused kernels take no OH, OW: 16 parameters at most).
@@ -184,8 +231,18 @@ extern "C" __global__ void __launch_bounds__(256)
 conv2d_fwd_bn(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
               int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
               const float* __restrict__ ss, const float* __restrict__ res, int relu) {
-    conv_fwd_f32<true>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
-                       conv_out(W, KW, stride, pad), ss, res, relu);
+    conv_fwd_f32<EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
+                         conv_out(W, KW, stride, pad), ss, res, relu);
+}
+
+// conv2d_fwd that also writes the batch-norm partial statistics of y per (channel, pixel
+// tile) (EPI_STATS): part_s, part_q hold C_out * gridDim.x values each.
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_fwd_stats(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                 int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                 double* __restrict__ part_s, double* __restrict__ part_q) {
+    conv_fwd_f32<EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
+                            conv_out(W, KW, stride, pad), nullptr, nullptr, 0, part_s, part_q);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -15,6 +15,21 @@
 //!   `((z * scale) + shift) + residual`, then `max(., 0)`): the fused kernel computes the same
 //!   accumulators and the epilogue the CPU's, at every precision and on the split-K path.
 //!
+//! Training mode (`Backend::conv2d_bn_train_fwd` on CUDA: the forward's epilogue writes, with
+//! z, per channel and 64-pixel tile the sum of z and the sum of squared deviations from the
+//! tile's mean in f64, combined per channel by `bn_stats_finalize`; a split-K tensor-core
+//! forward takes them in separate passes), at f32, tf32 and bf16, with and without ReLU, on
+//! shapes with a partial last tile, several tiles and channel tiles, and channel means far from
+//! zero (inputs offset by 5 and by 100):
+//!
+//! - z bit-identical to the device's plain forward;
+//! - the saved mean and 1/sqrt(var + eps) within 1 ulp (f32) of the exact statistics of that z
+//!   (two passes in f64 on the host), and equal to the running stats' update from them;
+//! - z, y, the running stats and the saved statistics within the CPU's tolerance of the CPU
+//!   composite (conv, then batch norm: f32 1e-5; at tf32 / bf16 on operands already at the
+//!   precision 1e-5, on unrounded ones the precision's tolerance);
+//! - two runs bit-identical (no atomics).
+//!
 //! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
 //! device tests are reported as ignored (tests/common/cuda.rs), and with
 //! `ICHCAM_REQUIRE_GPU=1` a missing device fails them.
@@ -40,6 +55,15 @@ fn main() {
         }),
         device("eval_fusion_bf16_matches_cpu", || {
             eval_fusion_matches_cpu(Precision::Bf16)
+        }),
+        device("train_stats_fusion_f32_matches_cpu", || {
+            train_stats_fusion_matches_cpu(Precision::F32)
+        }),
+        device("train_stats_fusion_tf32_matches_cpu", || {
+            train_stats_fusion_matches_cpu(Precision::Tf32)
+        }),
+        device("train_stats_fusion_bf16_matches_cpu", || {
+            train_stats_fusion_matches_cpu(Precision::Bf16)
         }),
     ])
 }
@@ -289,5 +313,239 @@ fn eval_fusion_matches_cpu(p: Precision) {
     }
     eprintln!(
         "{p}: {cases} cases, worst relative error {worst:.3e} (tolerance {tol:.0e}); rounded operands {worst_exact:.3e}"
+    );
+}
+
+/// One training-mode case: shape, inputs, and the state of the running statistics.
+struct TrainCase {
+    s: Conv2d,
+    bn: BatchNorm2d,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    /// gamma, beta, running mean, running var (before the step).
+    stats: [Vec<f32>; 4],
+    relu: bool,
+}
+
+/// The outputs of a training conv + BN: z, y, running mean, running var, save mean, save
+/// invstd.
+type TrainOut = [Vec<f32>; 6];
+const TRAIN_NAMES: [&str; 6] = [
+    "z",
+    "y",
+    "running_mean",
+    "running_var",
+    "save_mean",
+    "save_invstd",
+];
+
+impl TrainCase {
+    fn new(rng: &mut SplitMix64, s: Conv2d, offset: f32, relu: bool) -> Self {
+        let c = s.c_out;
+        let bn = BatchNorm2d {
+            n: s.n,
+            c,
+            hw: s.out_h() * s.out_w(),
+            eps: 1e-5,
+            momentum: 0.1,
+        };
+        let mut x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        for v in &mut x {
+            *v += offset;
+        }
+        TrainCase {
+            s,
+            bn,
+            x,
+            w: rng.vec_f32(s.w_len(), -1.0, 1.0),
+            stats: [
+                rng.vec_f32(c, 0.5, 1.5),
+                rng.vec_f32(c, -0.5, 0.5),
+                rng.vec_f32(c, -0.2, 0.2),
+                rng.vec_f32(c, 0.5, 1.5),
+            ],
+            relu,
+        }
+    }
+
+    fn rounded(&self, p: Precision) -> Self {
+        TrainCase {
+            s: self.s,
+            bn: self.bn,
+            x: round(p, &self.x),
+            w: round(p, &self.w),
+            stats: self.stats.clone(),
+            relu: self.relu,
+        }
+    }
+}
+
+/// `be.conv2d_bn_train_fwd` (fused: true) or `conv2d_fwd` then `batchnorm_train_fwd`, every
+/// output poisoned with NaN first.
+fn train<B: Backend<T = f32>>(be: &B, c: &TrainCase, fused: bool) -> TrainOut {
+    let up = |v: &[f32]| be.upload(v).expect("upload");
+    let nan = |n: usize| up(&vec![f32::NAN; n]);
+    let (x, w) = (up(&c.x), up(&c.w));
+    let [g, b, mut rm, mut rv] = [0, 1, 2, 3].map(|i| up(&c.stats[i]));
+    let (mut sm, mut si) = (nan(c.s.c_out), nan(c.s.c_out));
+    let (mut z, mut y) = (nan(c.s.y_len()), nan(c.s.y_len()));
+    if fused {
+        be.conv2d_bn_train_fwd(
+            &c.s, &c.bn, &x, &w, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut z, &mut y, c.relu,
+        )
+        .expect("conv2d_bn_train_fwd");
+    } else {
+        be.conv2d_fwd(&c.s, &x, &w, &mut z).expect("conv2d_fwd");
+        be.batchnorm_train_fwd(
+            &c.bn, &z, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut y, c.relu,
+        )
+        .expect("batchnorm_train_fwd");
+    }
+    [&z, &y, &rm, &rv, &sm, &si].map(|b| be.download(b).expect("download"))
+}
+
+/// Distance in units in the last place between two finite f32 of the same sign.
+fn ulps(a: f32, b: f32) -> u32 {
+    if a.is_nan() || b.is_nan() || (a < 0.0) != (b < 0.0) {
+        return if a == b { 0 } else { u32::MAX };
+    }
+    a.to_bits().abs_diff(b.to_bits())
+}
+
+/// The shapes of the training tests: a partial last tile, many tiles, two channel tiles,
+/// strides, 1x1 and 7x7, batch > 1, and (at tf32 / bf16) the split-K shape that takes the
+/// statistics in separate passes.
+fn train_shapes() -> [Conv2d; 7] {
+    [
+        conv(2, 3, 17, 13, 5, 3, 1, 1),  // 442 pixels: 7 tiles, the last of 58
+        conv(2, 3, 15, 13, 20, 7, 2, 3), // the stem's 7x7 stride 2: 112 pixels
+        conv(3, 66, 9, 11, 17, 1, 1, 0), // 1x1, 297 pixels
+        conv(2, 16, 8, 8, 72, 1, 2, 0),  // 1x1 stride 2, two channel tiles, 32 pixels
+        conv(2, 20, 12, 10, 24, 3, 2, 1), // 3x3 stride 2, 60 pixels: one partial tile
+        conv(4, 8, 24, 24, 9, 3, 1, 1),  // 2304 pixels: 36 full tiles
+        conv(1, 200, 4, 4, 20, 3, 1, 1), // split-K on the tensor cores
+    ]
+}
+
+fn train_stats_fusion_matches_cpu(p: Precision) {
+    let g = gpu(p);
+    let cpu = CpuBackend::<f32>::new();
+    let tol = p.tolerance().unwrap_or(1e-5);
+    let mut rng = SplitMix64::fresh(&format!("fusion_train_{p}"));
+    let mut worst = [0.0f64; 6];
+    let mut worst_exact = [0.0f64; 6];
+    let (mut worst_ulp, mut cases) = (0u32, 0);
+    let (mut worst_unfused, mut worst_unfused_ulp) = (0.0f64, 0u32);
+    for s in train_shapes() {
+        for (offset, relu) in [(0.0, false), (5.0, true), (100.0, false), (1e5, true)] {
+            let c = TrainCase::new(&mut rng, s, offset, relu);
+            let name = format!("{p} {s:?} offset {offset} relu {relu}");
+            let got = train(&g, &c, true);
+            assert_eq!(
+                got,
+                train(&g, &c, true),
+                "{name}: two runs differ (must be bit-reproducible)"
+            );
+            // z is the plain forward's, bit for bit.
+            let plain = train(&g, &c, false);
+            let zdiff = got[0]
+                .iter()
+                .zip(&plain[0])
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(zdiff, 0, "{name}: z differs from the plain forward");
+            // The rest within a rounding of the unfused path's (its statistics: two f64
+            // passes over z).
+            let e = rel_err(&got[1], &plain[1]);
+            assert!(e < 1e-6, "{name}: y {e:.3e} from the unfused path's");
+            worst_unfused = worst_unfused.max(e);
+            for k in 2..6 {
+                let u = got[k]
+                    .iter()
+                    .zip(&plain[k])
+                    .map(|(&a, &b)| ulps(a, b))
+                    .max()
+                    .unwrap_or(0);
+                assert!(
+                    u <= 1,
+                    "{name}: {} {u} ulp from the unfused path's",
+                    TRAIN_NAMES[k]
+                );
+                worst_unfused_ulp = worst_unfused_ulp.max(u);
+            }
+            // The saved statistics against the exact (f64, two-pass) statistics of this z.
+            let (n, hw) = (s.n, c.bn.hw);
+            let cnt = (n * hw) as f64;
+            for ch in 0..s.c_out {
+                let vals = (0..n).flat_map(|i| {
+                    let base = (i * s.c_out + ch) * hw;
+                    got[0][base..base + hw].iter().map(|&v| v as f64)
+                });
+                let mean = vals.clone().sum::<f64>() / cnt;
+                let var = vals.map(|v| (v - mean) * (v - mean)).sum::<f64>() / cnt;
+                let invstd = 1.0 / (var + c.bn.eps).sqrt();
+                let (um, ui) = (
+                    ulps(got[4][ch], mean as f32),
+                    ulps(got[5][ch], invstd as f32),
+                );
+                assert!(
+                    um <= 1 && ui <= 1,
+                    "{name}: channel {ch}: mean {} vs exact {mean} ({um} ulp), invstd {} vs exact {invstd} ({ui} ulp)",
+                    got[4][ch],
+                    got[5][ch]
+                );
+                worst_ulp = worst_ulp.max(um).max(ui);
+            }
+            // Against the CPU composite. Not with the inputs offset by 100 (the CPU's own
+            // statistics are f32-accurate only: those are checked against the exact ones
+            // above), and at tf32 / bf16 on unrounded operands only without offset: a
+            // channel mean far from zero makes the normalised y amplify the operands'
+            // rounding (z - mean is small next to z) past the precision's tolerance, with
+            // or without fusion (y equals the unfused path's, checked above).
+            if offset < 50.0 {
+                let want = train(&cpu, &c, true);
+                let ks = if p == Precision::F32 || offset == 0.0 {
+                    0..6
+                } else {
+                    0..0
+                };
+                for k in ks {
+                    let e = rel_err(&got[k], &want[k]);
+                    assert!(
+                        e < tol,
+                        "{name}: {} relative error {e:.3e} >= {tol:.0e}",
+                        TRAIN_NAMES[k]
+                    );
+                    worst[k] = worst[k].max(e);
+                }
+                if p != Precision::F32 {
+                    let r = c.rounded(p);
+                    let (gr, wr) = (train(&g, &r, true), train(&cpu, &r, true));
+                    for k in 0..6 {
+                        let e = rel_err(&gr[k], &wr[k]);
+                        assert!(
+                            e < 1e-5,
+                            "{name}, rounded operands: {} relative error {e:.3e} >= 1e-5",
+                            TRAIN_NAMES[k]
+                        );
+                        worst_exact[k] = worst_exact[k].max(e);
+                    }
+                }
+            }
+            cases += 1;
+        }
+    }
+    let fmt = |w: &[f64; 6]| {
+        TRAIN_NAMES
+            .iter()
+            .zip(w)
+            .map(|(n, e)| format!("{n} {e:.2e}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    eprintln!(
+        "{p}: {cases} cases; saved statistics vs exact f64: worst {worst_ulp} ulp; vs the unfused device path: y {worst_unfused:.2e}, statistics {worst_unfused_ulp} ulp; vs CPU (tolerance {tol:.0e}): {}; rounded operands: {}",
+        fmt(&worst),
+        fmt(&worst_exact)
     );
 }

@@ -488,6 +488,66 @@ impl Backend for CudaBackend {
         self.give_scratch(ss);
         r
     }
+    unsafe fn conv2d_bn_train_fwd_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &mut CudaSlice<f32>,
+        running_var: &mut CudaSlice<f32>,
+        save_mean: &mut CudaSlice<f32>,
+        save_invstd: &mut CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        relu: bool,
+    ) -> Result<()> {
+        // The statistics in the convolution's epilogue (partial sums per channel and pixel
+        // tile, from the f64 arena), combined per channel, then one pass over z; a
+        // tensor-core forward split over K (the late layers) takes them in separate passes.
+        let Some(tiles) = conv::stats_tiles(self, s) else {
+            conv::conv2d_fwd(self, s, x, w, z)?;
+            return norm::batchnorm_train_fwd(
+                self,
+                bn,
+                z,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                y,
+                relu,
+            );
+        };
+        let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
+        let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
+        let r = conv::conv2d_fwd_stats(self, s, x, w, z, &mut part_s, &mut part_q).and_then(|()| {
+            norm::batchnorm_train_from_partials(
+                self,
+                bn,
+                &part_s,
+                &part_q,
+                tiles,
+                conv::STATS_TILE,
+                z,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                y,
+                relu,
+            )
+        });
+        self.give_scratch_f64(part_s);
+        self.give_scratch_f64(part_q);
+        r
+    }
     unsafe fn conv2d_bwd_data_unchecked(
         &self,
         s: &Conv2d,

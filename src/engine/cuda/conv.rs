@@ -7,7 +7,8 @@
 //! grid, operands rounded as they are staged, f32 accumulation). The eval-mode conv + batch
 //! norm (+ residual) (+ ReLU) is one forward launch with the normalisation in its epilogue
 //! ([`conv2d_bn_eval_fwd`]; the per-channel scale and shift come from `norm.rs`), and on the
-//! split-K path in the kernel that sums the splits.
+//! split-K path in the kernel that sums the splits. The training forward can write, with z,
+//! the batch-norm partial statistics of z per (channel, 64-pixel tile) ([`conv2d_fwd_stats`]).
 
 use cudarc::driver::CudaSlice;
 
@@ -19,6 +20,7 @@ use crate::engine::{Backend, EngineError, Precision, Result};
 kernels!("conv" {
     fwd: "conv2d_fwd",
     fwd_bn: "conv2d_fwd_bn",
+    fwd_stats: "conv2d_fwd_stats",
     bwd_data: "conv2d_bwd_data",
     bwd_weight: "conv2d_bwd_weight",
     splitk_reduce: "conv_splitk_reduce",
@@ -37,6 +39,8 @@ mod tc {
         fwd_tf32: "conv2d_fwd_tf32",
         fwd_bn_bf16: "conv2d_fwd_bn_bf16",
         fwd_bn_tf32: "conv2d_fwd_bn_tf32",
+        fwd_stats_bf16: "conv2d_fwd_stats_bf16",
+        fwd_stats_tf32: "conv2d_fwd_stats_tf32",
         bwd_data_bf16: "conv2d_bwd_data_bf16",
         bwd_data_tf32: "conv2d_bwd_data_tf32",
         bwd_weight_bf16: "conv2d_bwd_weight_bf16",
@@ -207,6 +211,71 @@ pub(crate) fn conv2d_bn_eval_fwd(
     ep.push(&mut l, &relu);
     // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
     unsafe { l.launch(cfg) }
+}
+
+/// Pixels per tile of the forward kernels' statistics epilogue (`BN`, `TBN`).
+pub(crate) const STATS_TILE: usize = 64;
+
+/// The number of pixel tiles of `s`'s forward whose batch-norm statistics
+/// [`conv2d_fwd_stats`] writes in its epilogue, or None where it does not: an empty output,
+/// or a tensor-core forward split over K (the late layers; the caller then takes the
+/// statistics in separate passes over z).
+pub(crate) fn stats_tiles(be: &CudaBackend, s: &Conv2d) -> Option<usize> {
+    let p = s.n * s.out_h() * s.out_w();
+    let kk = s.c_in * s.kh * s.kw;
+    if p == 0 || s.c_out == 0 || kk == 0 {
+        return None;
+    }
+    let tiles = p.div_ceil(STATS_TILE);
+    if be.precision().tensor_cores() {
+        let (_, splits) = split_plan(be, tiles * s.c_out.div_ceil(64), kk, TC_BK);
+        if splits > 1 {
+            return None;
+        }
+    }
+    Some(tiles)
+}
+
+/// `z = conv(x, w)` in one launch that also writes, per output channel c and tile t of 64
+/// pixels (of the n*out_h*out_w, in order), `part_s[c * tiles + t]` = the sum of z over the
+/// tile and `part_q[c * tiles + t]` = the sum of its squared deviations from the tile's mean
+/// (f64; `norm::batchnorm_train_from_partials` combines them). Only where
+/// [`stats_tiles`] gives `Some(tiles)`; the caller checked the lengths (`part_s`, `part_q`:
+/// `c_out * tiles` each).
+pub(crate) fn conv2d_fwd_stats(
+    be: &CudaBackend,
+    s: &Conv2d,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    z: &mut CudaSlice<f32>,
+    part_s: &mut CudaSlice<f64>,
+    part_q: &mut CudaSlice<f64>,
+) -> Result<()> {
+    let Some(tiles) = stats_tiles(be, s) else {
+        return Err(EngineError::Param(format!(
+            "conv2d_fwd_stats: {s:?} has no statistics epilogue at {}",
+            be.precision()
+        )));
+    };
+    let g = geometry(s)?;
+    let gy = s.c_out.div_ceil(64);
+    let (kern, threads) = match tc_pick(be, |t| (&t.fwd_stats_bf16, &t.fwd_stats_tf32))? {
+        Some(k) => (k, TC_THREADS),
+        None => (&kernels(be)?.fwd_stats, 256),
+    };
+    let cfg = blocks("conv2d_fwd_stats", (tiles, gy, 1), threads)?;
+    // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles values
+    // (the caller's contract); the grid's x is `tiles`.
+    unsafe {
+        kern.on(be.stream())
+            .arg(x)
+            .arg(w)
+            .arg(z)
+            .ints(&g[..9])
+            .arg(part_s)
+            .arg(part_q)
+            .launch(cfg)
+    }
 }
 
 pub(crate) fn conv2d_bwd_data(
