@@ -40,7 +40,7 @@ use common::shapes::conv;
 
 use std::sync::OnceLock;
 
-use common::cuda::device;
+use common::cuda::{device, host};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Precision};
@@ -64,6 +64,12 @@ fn main() {
         }),
         device("train_stats_fusion_bf16_matches_cpu", || {
             train_stats_fusion_matches_cpu(Precision::Bf16)
+        }),
+        host("train_op_checks_its_shapes_on_the_cpu", || {
+            train_op_checks_its_shapes(&CpuBackend::<f32>::new())
+        }),
+        device("train_op_checks_its_shapes_on_the_device", || {
+            train_op_checks_its_shapes(&gpu(Precision::F32))
         }),
     ])
 }
@@ -548,4 +554,49 @@ fn train_stats_fusion_matches_cpu(p: Precision) {
         fmt(&worst),
         fmt(&worst_exact)
     );
+}
+
+/// `conv2d_bn_train_fwd` refuses a batch norm that does not fit the convolution and buffers
+/// of the wrong length, naming the op, before anything runs.
+fn train_op_checks_its_shapes<B: Backend<T = f32>>(be: &B) {
+    let s = conv(2, 3, 9, 7, 5, 3, 1, 1);
+    let bn = BatchNorm2d {
+        n: s.n,
+        c: s.c_out,
+        hw: s.out_h() * s.out_w(),
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    let z = |n: usize| be.zeros(n).expect("zeros");
+    let run = |bn: &BatchNorm2d, y_len: usize, pc: usize| {
+        let (x, w) = (z(s.x_len()), z(s.w_len()));
+        let (g, b) = (z(pc), z(pc));
+        let (mut rm, mut rv, mut sm, mut si) = (z(pc), z(pc), z(pc), z(pc));
+        let (mut zz, mut y) = (z(s.y_len()), z(y_len));
+        be.conv2d_bn_train_fwd(
+            &s, bn, &x, &w, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut zz, &mut y, true,
+        )
+    };
+    run(&bn, s.y_len(), s.c_out).expect("the fitting shapes run");
+    let wrong_c = BatchNorm2d {
+        c: s.c_out + 1,
+        ..bn
+    };
+    for (what, r) in [
+        (
+            "a batch norm of another channel count",
+            run(&wrong_c, s.y_len(), s.c_out + 1),
+        ),
+        ("a short y", run(&bn, s.y_len() - 1, s.c_out)),
+        (
+            "short per-channel buffers",
+            run(&bn, s.y_len(), s.c_out - 1),
+        ),
+    ] {
+        let e = r.expect_err(what).to_string();
+        assert!(
+            e.contains("conv2d_bn_train_fwd") || e.contains("batchnorm"),
+            "{what}: the error names the op: {e}"
+        );
+    }
 }

@@ -121,6 +121,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         s.check_fwd(self.len(x), self.len(w), self.len(y))?;
         bn.check_after_conv(
+            "conv2d_bn_eval_fwd",
             s,
             [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
             residual.map(|r| self.len(r)),
@@ -213,6 +214,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         s.check_fwd(self.len(x), self.len(w), self.len(z))?;
         bn.check_after_conv(
+            "conv2d_bn_train_fwd",
             s,
             [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
             None,
