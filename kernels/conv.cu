@@ -1,7 +1,10 @@
 // 2-D convolution (no bias), NCHW, as implicit GEMMs: no im2col buffer; the gathered
 // operand is read straight from the tensor into shared-memory tiles.
 //
-//   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x)
+//   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x); conv2d_fwd_bn
+//               is the same GEMM with the eval-mode batch norm (+ residual) (+ ReLU) in its
+//               epilogue (bn_epilogue), conv_splitk_reduce_bn the same for the tensor-core
+//               forward's split-K path
 //   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy)
 //               (col'(dy) holds dy[n, co, oh, ow] where oh*stride = ih + pad - kh, else 0),
 //               computed per output phase without the structurally zero taps of a stride
@@ -72,9 +75,43 @@ __device__ __forceinline__ PhaseGemm phase_gemm(int N, int H, int W, int KH, int
     return g;
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
-           int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW) {
+// The fused eval-mode epilogue of the forward: y = act(acc * scale[c] + shift[c]
+// (+ residual[i])), ss = {scale[0..C), shift[0..C)} (bn_eval_fold in norm.cu), each step
+// rounded on its own (no FMA contraction) as the CPU reference's epilogue rounds it
+// (cpu/conv.rs, apply_epilogue); act = ReLU (fmaxf: a NaN becomes 0, as the CPU's max) or none.
+__device__ __forceinline__ float bn_epilogue(float acc, const float* __restrict__ ss, int C, int c,
+                                             const float* __restrict__ res, size_t i, int relu) {
+    float v = __fadd_rn(__fmul_rn(acc, ss[c]), ss[C + c]);
+    if (res) v = __fadd_rn(v, res[i]);
+    return relu ? fmaxf(v, 0.0f) : v;
+}
+
+// The epilogues of the forward GEMM.
+#define EPI_NONE 0   // y = acc (conv2d_fwd)
+#define EPI_BN 1     // y = bn_epilogue(acc) (conv2d_fwd_bn: eval mode)
+#define EPI_STATS 2  // y = acc, and the batch-norm partial statistics (conv2d_fwd_stats)
+
+// Sum over the 16 lanes of a half warp (xor butterfly: every lane ends with the same value,
+// IEEE addition being commutative; the order is fixed, so the result is reproducible).
+__device__ __forceinline__ double half_warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The forward GEMM; EPI selects the epilogue: EPI_BN uses ss, res, relu; EPI_STATS writes,
+// for every output channel m of the block and its tile of pixels t = blockIdx.x (the nv <=
+// 64 valid ones), part_s[m * T + t] = sum of y and part_q[m * T + t] = sum of (y - mean_t)^2
+// with mean_t = part_s / nv (f64, centred on the tile's own mean: no cancellation), T =
+// gridDim.x; bn_stats_finalize (norm.cu) combines the tiles. EPI_NONE: the plain conv
+// (conv2d_fwd, unchanged).
+template <int EPI>
+__device__ __forceinline__ void conv_fwd_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                             float* __restrict__ y, int N, int C, int H, int W, int CO,
+                                             int KH, int KW, int stride, int pad, int OH, int OW,
+                                             const float* __restrict__ ss, const float* __restrict__ res,
+                                             int relu, double* __restrict__ part_s = nullptr,
+                                             double* __restrict__ part_q = nullptr) {
     __shared__ float As[BK][BM + PAD];
     __shared__ float Bs[BK][BN + PAD];
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
@@ -138,9 +175,74 @@ conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, float* __re
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             int m = m0 + ty + 16 * i;
-            if (m < M) y[((size_t)n * CO + m) * OHW + r] = acc[i][j];
+            if (m >= M) continue;
+            const size_t o = ((size_t)n * CO + m) * OHW + r;
+            if constexpr (EPI == EPI_BN)
+                y[o] = bn_epilogue(acc[i][j], ss, CO, m, res, o, relu);
+            else
+                y[o] = acc[i][j];
         }
     }
+    if constexpr (EPI == EPI_STATS) {
+        // Row m = m0 + ty + 16i of the tile is held by the 16 lanes tx = 0..15 of a half
+        // warp (pixels tx + 16j): a sum over j in each lane, then over the half warp; the
+        // centred second pass reuses the accumulators.
+        const int nv = min(BN, P - p0);
+        const double inv = 1.0 / (double)nv;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            double sum = 0.0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (tx + 16 * j < nv) sum += (double)acc[i][j];
+            sum = half_warp_sum_d(sum);
+            const double mean = sum * inv;
+            double q = 0.0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (tx + 16 * j < nv) {
+                    const double d = (double)acc[i][j] - mean;
+                    q += d * d;
+                }
+            q = half_warp_sum_d(q);
+            const int m = m0 + ty + 16 * i;
+            if (tx == 0 && m < M) {
+                part_s[(size_t)m * gridDim.x + blockIdx.x] = sum;
+                part_q[(size_t)m * gridDim.x + blockIdx.x] = q;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+           int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW) {
+    conv_fwd_f32<EPI_NONE>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, nullptr, nullptr, 0);
+}
+
+// The output size of a convolution (the fused kernels take no OH, OW: 16 parameters at most).
+__device__ __forceinline__ int conv_out(int H, int K, int stride, int pad) {
+    return (H + 2 * pad - K) / stride + 1;
+}
+
+// conv2d_fwd with the eval-mode batch-norm epilogue (bn_epilogue): ss = {scale, shift} per
+// output channel, res the residual (same shape as y) or null, relu 0/1.
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_fwd_bn(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+              int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+              const float* __restrict__ ss, const float* __restrict__ res, int relu) {
+    conv_fwd_f32<EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
+                         conv_out(W, KW, stride, pad), ss, res, relu);
+}
+
+// conv2d_fwd that also writes the batch-norm partial statistics of y per (channel, pixel
+// tile) (EPI_STATS): part_s, part_q hold C_out * gridDim.x values each.
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_fwd_stats(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                 int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                 double* __restrict__ part_s, double* __restrict__ part_q) {
+    conv_fwd_f32<EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
+                            conv_out(W, KW, stride, pad), nullptr, nullptr, 0, part_s, part_q);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -315,5 +417,18 @@ extern "C" __global__ void conv_splitk_reduce(const float* __restrict__ ws, floa
         float s = 0.0f;
         for (int z = 0; z < splits; ++z) s += ws[(size_t)z * len + i];
         dw[i] = s;
+    }
+}
+
+// conv_splitk_reduce with the eval-mode batch-norm epilogue (the tensor-core forward's
+// split-K path): y[i] = bn_epilogue(sum over s of ws[s][i], s ascending), channel
+// c = (i / HW) % C.
+extern "C" __global__ void conv_splitk_reduce_bn(const float* __restrict__ ws, float* __restrict__ y, int splits,
+                                                 int len, int C, int HW, const float* __restrict__ ss,
+                                                 const float* __restrict__ res, int relu) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)len; i += (size_t)gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int z = 0; z < splits; ++z) s += ws[(size_t)z * len + i];
+        y[i] = bn_epilogue(s, ss, C, (int)((i / HW) % C), res, i, relu);
     }
 }

@@ -3,7 +3,8 @@
 // rounded to bf16 (16x16x16 fragments) or tf32 (16x16x8) once they are in shared memory,
 // and f32 accumulation.
 //
-//   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x)
+//   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x); conv2d_fwd_bn_*
+//               with the eval-mode batch norm (+ residual) (+ ReLU) in the epilogue
 //   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy), per
 //               output phase without the structurally zero taps of a stride > 1 (PhaseGemm)
 //   bwd-weight  M = C_out, N = C_in*KH*KW,  K = batch*OH*OW: dW = dy . col(x)^T
@@ -247,11 +248,37 @@ __device__ __forceinline__ PhaseGemm phase_gemm(int N, int H, int W, int KH, int
     return g;
 }
 
-template <class P>
+// The fused eval-mode epilogue of the forward, as in kernels/conv.cu: y = act(acc * scale[c]
+// + shift[c] (+ residual[i])), ss = {scale[0..C), shift[0..C)} (bn_eval_fold in norm.cu),
+// each step rounded on its own (no FMA contraction) as the CPU reference rounds it.
+__device__ __forceinline__ float bn_epilogue(float acc, const float* __restrict__ ss, int C, int c,
+                                             const float* __restrict__ res, size_t i, int relu) {
+    float v = __fadd_rn(__fmul_rn(acc, ss[c]), ss[C + c]);
+    if (res) v = __fadd_rn(v, res[i]);
+    return relu ? fmaxf(v, 0.0f) : v;
+}
+
+// The epilogues of the forward GEMM, as in kernels/conv.cu.
+#define EPI_NONE 0   // y = acc (conv2d_fwd_*)
+#define EPI_BN 1     // y = bn_epilogue(acc) (conv2d_fwd_bn_*: eval mode)
+#define EPI_STATS 2  // y = acc, and the batch-norm partial statistics (conv2d_fwd_stats_*)
+
+// The forward GEMM; EPI selects the epilogue (EPI_BN and EPI_STATS with one split only: the
+// host runs a split-K forward unfused, applying the eval epilogue in conv_splitk_reduce_bn
+// and taking the statistics in separate passes). EPI_STATS writes, for every output channel
+// m of the block and its tile of pixels t = blockIdx.x (the nv <= 64 valid ones),
+// part_s[m * T + t] = sum of y and part_q[m * T + t] = sum of (y - mean_t)^2, mean_t =
+// part_s / nv (f64, centred on the tile's mean), T = gridDim.x, from the f32 tile in shared
+// memory: thread t sums half a row (32 pixels) in order, the two halves are added by one
+// shuffle; bn_stats_finalize (norm.cu) combines the tiles.
+template <class P, int EPI = EPI_NONE>
 __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __restrict__ x,
                                             const float* __restrict__ w, float* __restrict__ y, int N, int C,
                                             int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
-                                            int OW, int chunk) {
+                                            int OW, int chunk, const float* __restrict__ ss = nullptr,
+                                            const float* __restrict__ res = nullptr, int relu = 0,
+                                            double* __restrict__ part_s = nullptr,
+                                            double* __restrict__ part_q = nullptr) {
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
     const int M = CO, KHW = KH * KW, K = C * KHW, OHW = OH * OW, Pn = N * OHW;
     const int m0 = blockIdx.y * TBM, p0 = blockIdx.x * TBN;
@@ -302,12 +329,37 @@ __device__ __forceinline__ void conv_fwd_tc(unsigned char* smem, const float* __
     tc_mainloop<P, false>(smem, kend > kbeg ? (kend - kbeg + TBK - 1) / TBK : 0, issue, acc, wm, wn);
     float* Cs = (float*)smem;
     tc_store(Cs, acc, wm, wn);
+    if constexpr (EPI == EPI_STATS) {
+        const int row = tid >> 1, half = tid & 1, m = m0 + row;
+        const int nv = min(TBN, Pn - p0);
+        const int lo = half * (TBN / 2), hi = min(nv, lo + TBN / 2);
+        const float* cr = Cs + row * TC_LDC;
+        double sum = 0.0;
+        for (int k = lo; k < hi; ++k) sum += (double)cr[k];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        const double mean = sum / (double)nv;
+        double q = 0.0;
+        for (int k = lo; k < hi; ++k) {
+            const double d = (double)cr[k] - mean;
+            q += d * d;
+        }
+        q += __shfl_xor_sync(0xffffffffu, q, 1);
+        if (half == 0 && m < M) {
+            part_s[(size_t)m * gridDim.x + blockIdx.x] = sum;
+            part_q[(size_t)m * gridDim.x + blockIdx.x] = q;
+        }
+    }
     if (!p_ok) return;
     const int n = p / OHW, r = p - n * OHW;
 #pragma unroll 4
     for (int i = 0; i < TBM / 2; ++i) {
         int ml = bk + 2 * i, m = m0 + ml;
-        if (m < M) y[((size_t)n * CO + m) * OHW + r] = Cs[ml * TC_LDC + bn];
+        if (m >= M) continue;
+        const size_t o = ((size_t)n * CO + m) * OHW + r;
+        if constexpr (EPI == EPI_BN)
+            y[o] = bn_epilogue(Cs[ml * TC_LDC + bn], ss, CO, m, res, o, relu);
+        else
+            y[o] = Cs[ml * TC_LDC + bn];
     }
 }
 
@@ -479,6 +531,54 @@ conv2d_fwd_tf32(const float* __restrict__ x, const float* __restrict__ w, float*
                 int chunk) {
     __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
     conv_fwd_tc<PrecTf32>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
+}
+
+// The output size of a convolution (the fused kernels take no OH, OW: 16 parameters at most).
+__device__ __forceinline__ int conv_out(int H, int K, int stride, int pad) {
+    return (H + 2 * pad - K) / stride + 1;
+}
+
+// The forward with the eval-mode batch-norm epilogue (bn_epilogue), one split (a grid of
+// (pixel tiles, channel tiles, 1)): ss = {scale, shift} per output channel, res the
+// residual (same shape as y) or null, relu 0/1.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_fwd_bn_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                   int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                   const float* __restrict__ ss, const float* __restrict__ res, int relu) {
+    __shared__ __align__(128) unsigned char smem[PrecBf16::SMEM];
+    conv_fwd_tc<PrecBf16, EPI_BN>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
+                                  conv_out(W, KW, stride, pad), C * KH * KW, ss, res, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_fwd_bn_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                   int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                   const float* __restrict__ ss, const float* __restrict__ res, int relu) {
+    __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
+    conv_fwd_tc<PrecTf32, EPI_BN>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, conv_out(H, KH, stride, pad),
+                                  conv_out(W, KW, stride, pad), C * KH * KW, ss, res, relu);
+}
+
+// The forward that also writes the batch-norm partial statistics of y per (channel, pixel
+// tile) (EPI_STATS), one split: part_s, part_q hold C_out * gridDim.x values each.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_fwd_stats_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                      int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                      double* __restrict__ part_s, double* __restrict__ part_q) {
+    __shared__ __align__(128) unsigned char smem[PrecBf16::SMEM];
+    conv_fwd_tc<PrecBf16, EPI_STATS>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad,
+                                     conv_out(H, KH, stride, pad), conv_out(W, KW, stride, pad), C * KH * KW,
+                                     nullptr, nullptr, 0, part_s, part_q);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_fwd_stats_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                      int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                      double* __restrict__ part_s, double* __restrict__ part_q) {
+    __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
+    conv_fwd_tc<PrecTf32, EPI_STATS>(smem, x, w, y, N, C, H, W, CO, KH, KW, stride, pad,
+                                     conv_out(H, KH, stride, pad), conv_out(W, KW, stride, pad), C * KH * KW,
+                                     nullptr, nullptr, 0, part_s, part_q);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)

@@ -5,6 +5,10 @@
 // channel then adds the S partial sums in order. The split S depends only on the shape,
 // so results are deterministic. The variance takes two passes (mean first, then squared
 // deviations), never E[x^2] - E[x]^2. Normalisation and dx are elementwise launches.
+// After a convolution that took the statistics in its epilogue (per pixel tile: sum and
+// centred sum of squares), bn_stats_finalize combines the tiles instead of the two passes
+// over x. bn_eval_fold folds the running statistics into a scale and shift for a
+// convolution's eval-mode epilogue.
 //
 // Workspace layout (f64): part[c * S + s] (and a second array for the backward's second sum),
 // stats[2 * c] = {mean, invstd} (forward) or {sum dy, sum dy*xhat} (backward).
@@ -67,6 +71,22 @@ extern "C" __global__ void bn_finalize_mean(const double* __restrict__ part, dou
     stats[2 * c] = s / ((double)N * (double)HW);
 }
 
+// Channel c's batch statistics from its mean and sum of squared deviations ss over cnt
+// values: invstd (returned), running stats (PyTorch's momentum, unbiased variance), saved
+// mean/invstd.
+__device__ __forceinline__ double bn_finish(int c, double mean, double ss, double cnt, double eps, double momentum,
+                                            float* __restrict__ running_mean, float* __restrict__ running_var,
+                                            float* __restrict__ save_mean, float* __restrict__ save_invstd) {
+    const double var = ss / cnt;
+    const double invstd = 1.0 / sqrt(var + eps);
+    double unbiased = cnt > 1.0 ? ss / (cnt - 1.0) : var;
+    running_mean[c] = (float)((1.0 - momentum) * (double)running_mean[c] + momentum * mean);
+    running_var[c] = (float)((1.0 - momentum) * (double)running_var[c] + momentum * unbiased);
+    save_mean[c] = (float)mean;
+    save_invstd[c] = (float)invstd;
+    return invstd;
+}
+
 // One thread per channel, after the squared-deviation pass: invstd, running stats (PyTorch's
 // momentum, unbiased variance), saved mean/invstd.
 extern "C" __global__ void bn_finalize_var(const double* __restrict__ part, double* __restrict__ stats,
@@ -78,15 +98,39 @@ extern "C" __global__ void bn_finalize_var(const double* __restrict__ part, doub
     double ss = 0.0;
     for (int k = 0; k < S; ++k) ss += part[(size_t)c * S + k];
     const double cnt = (double)N * (double)HW;
-    const double mean = stats[2 * c];
-    const double var = ss / cnt;
-    const double invstd = 1.0 / sqrt(var + eps);
-    stats[2 * c + 1] = invstd;
-    double unbiased = cnt > 1.0 ? ss / (cnt - 1.0) : var;
-    running_mean[c] = (float)((1.0 - momentum) * (double)running_mean[c] + momentum * mean);
-    running_var[c] = (float)((1.0 - momentum) * (double)running_var[c] + momentum * unbiased);
-    save_mean[c] = (float)mean;
-    save_invstd[c] = (float)invstd;
+    stats[2 * c + 1] =
+        bn_finish(c, stats[2 * c], ss, cnt, eps, momentum, running_mean, running_var, save_mean, save_invstd);
+}
+
+// The batch statistics from a convolution's epilogue (conv2d_fwd_stats*, conv.cu /
+// conv_tc.cu), grid (C), one block per channel: T tiles of `tile` consecutive pixels of the
+// cnt = N*HW (the last one shorter), tile t with part_s[c * T + t] = its sum and
+// part_q[c * T + t] = its sum of squared deviations from its own mean. Combined exactly
+// (the parallel-axis form of Chan et al.'s formula): mean = sum of part_s / cnt, then
+// ss = sum over t of part_q[t] + n_t * (part_s[t] / n_t - mean)^2, every term >= 0, so
+// nothing cancels. Then bn_finish, as bn_finalize_var. Fixed per-thread strides and a fixed
+// tree (block_sum_d): deterministic.
+extern "C" __global__ void bn_stats_finalize(const double* __restrict__ part_s, const double* __restrict__ part_q,
+                                             float* __restrict__ running_mean, float* __restrict__ running_var,
+                                             float* __restrict__ save_mean, float* __restrict__ save_invstd,
+                                             int T, int cnt, int tile, double eps, double momentum) {
+    __shared__ double sh[33];
+    const int c = blockIdx.x;
+    const double* ps = part_s + (size_t)c * T;
+    const double* pq = part_q + (size_t)c * T;
+    double s = 0.0;
+    for (int t = threadIdx.x; t < T; t += blockDim.x) s += ps[t];
+    const double n = (double)cnt;
+    const double mean = block_sum_d(s, sh) / n;
+    double q = 0.0;
+    for (int t = threadIdx.x; t < T; t += blockDim.x) {
+        const double nt = (double)min(tile, cnt - t * tile);
+        const double d = ps[t] / nt - mean;
+        q += pq[t] + nt * d * d;
+    }
+    q = block_sum_d(q, sh);
+    if (threadIdx.x == 0)
+        bn_finish(c, mean, q, n, eps, momentum, running_mean, running_var, save_mean, save_invstd);
 }
 
 // y = (x - mean) * invstd * gamma + beta (+ ReLU) with mean/invstd as saved (f32).
@@ -114,6 +158,22 @@ extern "C" __global__ void bn_eval_fwd(const float* __restrict__ x, const float*
         float v = (x[i] - running_mean[c]) * inv * gamma[c] + beta[c];
         y[i] = (relu && v < 0.0f) ? 0.0f : v;
     }
+}
+
+// The eval-mode normalisation as a per-channel affine map for a fused convolution
+// (conv2d_fwd_bn*, conv.cu / conv_tc.cu): ss[c] = scale = gamma / sqrt(var + eps),
+// ss[C + c] = shift = beta - mean * scale, computed in f64 and rounded to f32 (as the CPU's
+// eval_scale_shift). One thread per channel.
+extern "C" __global__ void bn_eval_fold(const float* __restrict__ gamma, const float* __restrict__ beta,
+                                        const float* __restrict__ running_mean,
+                                        const float* __restrict__ running_var, float* __restrict__ ss, int C,
+                                        double eps) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const double g = (double)gamma[c] / sqrt((double)running_var[c] + eps);
+    ss[c] = (float)g;
+    // No FMA contraction: the product rounded on its own, as on the CPU.
+    ss[C + c] = (float)__dsub_rn((double)beta[c], __dmul_rn((double)running_mean[c], g));
 }
 
 // Backward, grid (S, C): part1 = sum g, part2 = sum g * xhat, g = dy masked by (y > 0) when relu.

@@ -121,6 +121,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         s.check_fwd(self.len(x), self.len(w), self.len(y))?;
         bn.check_after_conv(
+            "conv2d_bn_eval_fwd",
             s,
             [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
             residual.map(|r| self.len(r)),
@@ -188,6 +189,100 @@ pub trait Backend: Send + Sync {
                 }
             }
         }
+    }
+
+    /// Training convolution + batch norm: `z = conv(x, w)` (kept: the backward needs it),
+    /// then [`Backend::batchnorm_train_fwd`] of z into `y` (batch statistics, running stats
+    /// updated, mean and 1/sqrt(var+eps) saved; `relu` fuses a ReLU). The default runs the
+    /// two ops; a backend may take the statistics in the convolution's epilogue.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bn_train_fwd(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        save_mean: &mut Self::Buf,
+        save_invstd: &mut Self::Buf,
+        z: &mut Self::Buf,
+        y: &mut Self::Buf,
+        relu: bool,
+    ) -> Result<()> {
+        s.check_fwd(self.len(x), self.len(w), self.len(z))?;
+        bn.check_after_conv(
+            "conv2d_bn_train_fwd",
+            s,
+            [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
+            None,
+        )?;
+        bn.check_train_fwd(
+            self.len(z),
+            self.len(y),
+            self.len(gamma),
+            self.len(beta),
+            self.len(running_mean),
+            self.len(running_var),
+            self.len(save_mean),
+            self.len(save_invstd),
+        )?;
+        // SAFETY: the buffers hold the lengths the shapes give (checked above).
+        unsafe {
+            self.conv2d_bn_train_fwd_unchecked(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                z,
+                y,
+                relu,
+            )
+        }
+    }
+    /// [`Backend::conv2d_bn_train_fwd`] once its lengths are checked: what a backend implements.
+    ///
+    /// # Safety
+    /// Every buffer holds the length the shape arguments give (what
+    /// [`Backend::conv2d_bn_train_fwd`] checks); a device kernel reads and writes that many values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv2d_bn_train_fwd_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        save_mean: &mut Self::Buf,
+        save_invstd: &mut Self::Buf,
+        z: &mut Self::Buf,
+        y: &mut Self::Buf,
+        relu: bool,
+    ) -> Result<()> {
+        self.conv2d_fwd(s, x, w, z)?;
+        self.batchnorm_train_fwd(
+            bn,
+            z,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            y,
+            relu,
+        )
     }
 
     // ---- batch norm ----------------------------------------------------------------------

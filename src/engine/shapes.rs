@@ -349,25 +349,26 @@ impl RowMean {
 }
 
 impl BatchNorm2d {
-    /// `conv2d_bn_eval_fwd`: this batch norm on the output of `conv` (the same images,
-    /// channels and pixels), its four per-channel buffers (gamma, beta, running mean and
-    /// variance) and the residual, when there is one, of the convolution's output length.
+    /// `conv2d_bn_eval_fwd` / `conv2d_bn_train_fwd` (`op`, for the message): this batch norm
+    /// on the output of `conv` (the same images, channels and pixels), its four per-channel
+    /// buffers (gamma, beta, running mean and variance) and the residual, when there is one,
+    /// of the convolution's output length.
     pub fn check_after_conv(
         &self,
+        op: &'static str,
         conv: &Conv2d,
         per_channel: [usize; 4],
         residual: Option<usize>,
     ) -> Result<()> {
-        const OP: &str = "conv2d_bn_eval_fwd";
         if self.n != conv.n || self.c != conv.c_out || self.hw != conv.out_h() * conv.out_w() {
             return bad(
-                OP,
+                op,
                 format!("batch norm {self:?} does not fit the convolution {conv:?}"),
             );
         }
         let [gamma, beta, mean, var] = per_channel;
         self.check_params(
-            OP,
+            op,
             &[
                 ("gamma", gamma),
                 ("beta", beta),
@@ -376,7 +377,7 @@ impl BatchNorm2d {
             ],
         )?;
         if let Some(r) = residual {
-            check_lens(OP, &[("residual", r, conv.y_len())])?;
+            check_lens(op, &[("residual", r, conv.y_len())])?;
         }
         Ok(())
     }

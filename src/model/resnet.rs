@@ -273,8 +273,11 @@ impl<B: Backend> UnitActs<B> {
         if mode == BnMode::Eval {
             return self.forward_eval(be, params, x, None, self.relu, None);
         }
-        be.conv2d_fwd(&self.conv, x, &params.w[s.w.0].data, &mut self.z)?;
-        let (g, b) = (&params.w[s.g.0].data, &params.w[s.b.0].data);
+        let (w, g, b) = (
+            &params.w[s.w.0].data,
+            &params.w[s.g.0].data,
+            &params.w[s.b.0].data,
+        );
         let (rm, rv) = match mode {
             BnMode::Eval => return Ok(()), // handled above
             BnMode::Train => {
@@ -289,15 +292,20 @@ impl<B: Backend> UnitActs<B> {
                 (&mut self.scratch_mean, &mut self.scratch_var)
             }
         };
-        be.batchnorm_train_fwd(
+        // Conv and batch norm as one op: a backend may take the batch statistics in the
+        // convolution's epilogue (CUDA does).
+        be.conv2d_bn_train_fwd(
+            &self.conv,
             &self.bn,
-            &self.z,
+            x,
+            w,
             g,
             b,
             rm,
             rv,
             &mut self.mean,
             &mut self.invstd,
+            &mut self.z,
             &mut self.y,
             self.relu,
         )?;

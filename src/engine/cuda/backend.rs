@@ -469,47 +469,83 @@ impl Backend for CudaBackend {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // The trait's sequence, its intermediates taken from the arena and given back
-        // (reused layer after layer; nothing allocated once warm, so it can be captured).
-        let mut z = self.take_scratch(s.y_len())?;
-        let r = conv::conv2d_fwd(self, s, x, w, &mut z).and_then(|()| match residual {
-            None => norm::batchnorm_eval_fwd(
+        // One fused launch (conv with the normalisation, residual and ReLU in its epilogue)
+        // after a per-channel fold of the running statistics into scale and shift, whose
+        // 2 * c_out values come from the arena (nothing allocated once warm: capturable).
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        let mut ss = self.take_scratch(2 * bn.c)?;
+        let r = norm::bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, &mut ss)
+            .and_then(|()| {
+                let ep = conv::BnEpilogue {
+                    ss: &ss,
+                    residual,
+                    relu,
+                };
+                conv::conv2d_bn_eval_fwd(self, s, x, w, &ep, y)
+            });
+        self.give_scratch(ss);
+        r
+    }
+    unsafe fn conv2d_bn_train_fwd_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &mut CudaSlice<f32>,
+        running_var: &mut CudaSlice<f32>,
+        save_mean: &mut CudaSlice<f32>,
+        save_invstd: &mut CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        relu: bool,
+    ) -> Result<()> {
+        // The statistics in the convolution's epilogue (partial sums per channel and pixel
+        // tile, from the f64 arena), combined per channel, then one pass over z; a
+        // tensor-core forward split over K (the late layers) takes them in separate passes.
+        let Some(tiles) = conv::stats_tiles(self, s) else {
+            conv::conv2d_fwd(self, s, x, w, z)?;
+            return norm::batchnorm_train_fwd(
                 self,
                 bn,
-                &z,
+                z,
                 gamma,
                 beta,
                 running_mean,
                 running_var,
+                save_mean,
+                save_invstd,
                 y,
                 relu,
-            ),
-            Some(res) => {
-                let mut t = self.take_scratch(s.y_len())?;
-                let r = norm::batchnorm_eval_fwd(
-                    self,
-                    bn,
-                    &z,
-                    gamma,
-                    beta,
-                    running_mean,
-                    running_var,
-                    &mut t,
-                    false,
-                )
-                .and_then(|()| {
-                    if relu {
-                        elementwise::add_relu_fwd(self, &t, res, y)
-                    } else {
-                        self.copy(&t, y)?;
-                        elementwise::add_assign(self, y, res)
-                    }
-                });
-                self.give_scratch(t);
-                r
-            }
+            );
+        };
+        let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
+        let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
+        let r = conv::conv2d_fwd_stats(self, s, x, w, z, &mut part_s, &mut part_q).and_then(|()| {
+            norm::batchnorm_train_from_partials(
+                self,
+                bn,
+                &part_s,
+                &part_q,
+                tiles,
+                conv::STATS_TILE,
+                z,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                y,
+                relu,
+            )
         });
-        self.give_scratch(z);
+        self.give_scratch_f64(part_s);
+        self.give_scratch_f64(part_q);
         r
     }
     unsafe fn conv2d_bwd_data_unchecked(

@@ -4,20 +4,27 @@
 //! not fill the GPU, the splits summed by a second kernel). At the
 //! backend's precision: f32 runs the SIMT kernels of `conv.cu` (the reference), tf32 and
 //! bf16 the tensor-core kernels of `kernels/conv_tc.cu` (the same GEMMs and tiling of the
-//! grid, operands rounded as they are staged, f32 accumulation).
+//! grid, operands rounded as they are staged, f32 accumulation). The eval-mode conv + batch
+//! norm (+ residual) (+ ReLU) is one forward launch with the normalisation in its epilogue
+//! ([`conv2d_bn_eval_fwd`]; the per-channel scale and shift come from `norm.rs`), and on the
+//! split-K path in the kernel that sums the splits. The training forward can write, with z,
+//! the batch-norm partial statistics of z per (channel, 64-pixel tile) ([`conv2d_fwd_stats`]).
 
 use cudarc::driver::CudaSlice;
 
-use super::launch::{blocks, dim, grid, int_args, kernels, Kernel};
+use super::launch::{blocks, dim, grid, int_args, kernels, Kernel, Launch, NULL};
 use super::CudaBackend;
 use crate::engine::shapes::Conv2d;
 use crate::engine::{Backend, EngineError, Precision, Result};
 
 kernels!("conv" {
     fwd: "conv2d_fwd",
+    fwd_bn: "conv2d_fwd_bn",
+    fwd_stats: "conv2d_fwd_stats",
     bwd_data: "conv2d_bwd_data",
     bwd_weight: "conv2d_bwd_weight",
     splitk_reduce: "conv_splitk_reduce",
+    splitk_reduce_bn: "conv_splitk_reduce_bn",
 });
 
 fn kernels(be: &CudaBackend) -> Result<&Kernels> {
@@ -30,6 +37,10 @@ mod tc {
     kernels!("conv_tc" {
         fwd_bf16: "conv2d_fwd_bf16",
         fwd_tf32: "conv2d_fwd_tf32",
+        fwd_bn_bf16: "conv2d_fwd_bn_bf16",
+        fwd_bn_tf32: "conv2d_fwd_bn_tf32",
+        fwd_stats_bf16: "conv2d_fwd_stats_bf16",
+        fwd_stats_tf32: "conv2d_fwd_stats_tf32",
         bwd_data_bf16: "conv2d_bwd_data_bf16",
         bwd_data_tf32: "conv2d_bwd_data_tf32",
         bwd_weight_bf16: "conv2d_bwd_weight_bf16",
@@ -115,7 +126,7 @@ pub(crate) fn conv2d_fwd(
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let kk = s.c_in * s.kh * s.kw;
         // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
-        return unsafe { launch_split(be, "conv2d_fwd", k, true, (gx, gy), kk, x, w, y, &g) };
+        return unsafe { launch_split(be, "conv2d_fwd", k, true, (gx, gy), kk, x, w, y, &g, None) };
     }
     let cfg = blocks("conv2d_fwd", (gx, gy, 1), 256)?;
     // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
@@ -127,6 +138,142 @@ pub(crate) fn conv2d_fwd(
             .arg(w)
             .arg(y)
             .ints(&g)
+            .launch(cfg)
+    }
+}
+
+/// The eval-mode batch-norm epilogue of a fused forward (`bn_epilogue` in the kernels):
+/// `y = act(conv * scale[c] + shift[c] (+ residual))`.
+pub(crate) struct BnEpilogue<'a> {
+    /// `[scale; c_out]` then `[shift; c_out]` (`norm::bn_eval_fold`).
+    pub ss: &'a CudaSlice<f32>,
+    /// Added after the affine map; the output's shape.
+    pub residual: Option<&'a CudaSlice<f32>>,
+    pub relu: bool,
+}
+
+impl BnEpilogue<'_> {
+    /// Pushes the epilogue's kernel arguments: `ss`, the residual or null, `relu`.
+    fn push<'a>(&'a self, l: &mut Launch<'a>, relu: &'a i32) {
+        l.arg(self.ss);
+        match self.residual {
+            Some(r) => l.arg(r),
+            None => l.arg(&NULL),
+        };
+        l.arg(relu);
+    }
+}
+
+/// `y = act(conv(x, w) * scale[c] + shift[c] (+ residual))` in one forward launch (f32:
+/// `conv2d_fwd_bn`; tf32 / bf16: `conv2d_fwd_bn_*` with one split, or the unfused
+/// tensor-core forward into the split-K workspace and `conv_splitk_reduce_bn`). The caller
+/// checked every length (`ep.ss` holds `2 * c_out` values, the residual `y`'s).
+pub(crate) fn conv2d_bn_eval_fwd(
+    be: &CudaBackend,
+    s: &Conv2d,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    ep: &BnEpilogue<'_>,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let p = s.n * s.out_h() * s.out_w();
+    if p == 0 || s.c_out == 0 {
+        return Ok(());
+    }
+    let g = geometry(s)?;
+    let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
+    if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
+        let fused = tc_pick(be, |t| (&t.fwd_bn_bf16, &t.fwd_bn_tf32))?;
+        let kk = s.c_in * s.kh * s.kw;
+        let fused = fused.map(|f| (f, ep));
+        // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
+        return unsafe {
+            launch_split(
+                be,
+                "conv2d_bn_eval_fwd",
+                k,
+                true,
+                (gx, gy),
+                kk,
+                x,
+                w,
+                y,
+                &g,
+                fused,
+            )
+        };
+    }
+    let cfg = blocks("conv2d_bn_eval_fwd", (gx, gy, 1), 256)?;
+    let relu = ep.relu as i32;
+    let kern = &kernels(be)?.fwd_bn;
+    let mut l = kern.on(be.stream());
+    l.arg(x).arg(w).arg(y).ints(&g[..9]);
+    ep.push(&mut l, &relu);
+    // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
+    unsafe { l.launch(cfg) }
+}
+
+/// Pixels per tile of the forward kernels' statistics epilogue (`BN`, `TBN`).
+pub(crate) const STATS_TILE: usize = 64;
+
+/// The number of pixel tiles of `s`'s forward whose batch-norm statistics
+/// [`conv2d_fwd_stats`] writes in its epilogue, or None where it does not: an empty output,
+/// or a tensor-core forward split over K (the late layers; the caller then takes the
+/// statistics in separate passes over z).
+pub(crate) fn stats_tiles(be: &CudaBackend, s: &Conv2d) -> Option<usize> {
+    let p = s.n * s.out_h() * s.out_w();
+    let kk = s.c_in * s.kh * s.kw;
+    if p == 0 || s.c_out == 0 || kk == 0 {
+        return None;
+    }
+    let tiles = p.div_ceil(STATS_TILE);
+    if be.precision().tensor_cores() {
+        let (_, splits) = split_plan(be, tiles * s.c_out.div_ceil(64), kk, TC_BK);
+        if splits > 1 {
+            return None;
+        }
+    }
+    Some(tiles)
+}
+
+/// `z = conv(x, w)` in one launch that also writes, per output channel c and tile t of 64
+/// pixels (of the n*out_h*out_w, in order), `part_s[c * tiles + t]` = the sum of z over the
+/// tile and `part_q[c * tiles + t]` = the sum of its squared deviations from the tile's mean
+/// (f64; `norm::batchnorm_train_from_partials` combines them). Only where
+/// [`stats_tiles`] gives `Some(tiles)`; the caller checked the lengths (`part_s`, `part_q`:
+/// `c_out * tiles` each).
+pub(crate) fn conv2d_fwd_stats(
+    be: &CudaBackend,
+    s: &Conv2d,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    z: &mut CudaSlice<f32>,
+    part_s: &mut CudaSlice<f64>,
+    part_q: &mut CudaSlice<f64>,
+) -> Result<()> {
+    let Some(tiles) = stats_tiles(be, s) else {
+        return Err(EngineError::Param(format!(
+            "conv2d_fwd_stats: {s:?} has no statistics epilogue at {}",
+            be.precision()
+        )));
+    };
+    let g = geometry(s)?;
+    let gy = s.c_out.div_ceil(64);
+    let (kern, threads) = match tc_pick(be, |t| (&t.fwd_stats_bf16, &t.fwd_stats_tf32))? {
+        Some(k) => (k, TC_THREADS),
+        None => (&kernels(be)?.fwd_stats, 256),
+    };
+    let cfg = blocks("conv2d_fwd_stats", (tiles, gy, 1), threads)?;
+    // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles values
+    // (the caller's contract); the grid's x is `tiles`.
+    unsafe {
+        kern.on(be.stream())
+            .arg(x)
+            .arg(w)
+            .arg(z)
+            .ints(&g[..9])
+            .arg(part_s)
+            .arg(part_q)
             .launch(cfg)
     }
 }
@@ -148,7 +295,19 @@ pub(crate) fn conv2d_bwd_data(
     if let Some(k) = tc_pick(be, |t| (&t.bwd_data_bf16, &t.bwd_data_tf32))? {
         // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
         return unsafe {
-            launch_split(be, "conv2d_bwd_data", k, true, (gx, gy), kk, dy, w, dx, &g)
+            launch_split(
+                be,
+                "conv2d_bwd_data",
+                k,
+                true,
+                (gx, gy),
+                kk,
+                dy,
+                w,
+                dx,
+                &g,
+                None,
+            )
         };
     }
     let cfg = blocks("conv2d_bwd_data", (gx, gy, 1), 256)?;
@@ -195,7 +354,7 @@ pub(crate) fn conv2d_bwd_weight(
     };
     let grid_xy = (nc.div_ceil(64), s.c_out.div_ceil(64));
     // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
-    unsafe { launch_split(be, OP, kern, tc.is_some(), grid_xy, k, x, dy, dw, &g) }
+    unsafe { launch_split(be, OP, kern, tc.is_some(), grid_xy, k, x, dy, dw, &g, None) }
 }
 
 /// The data gradient's grid along x and its longest reduction: per output phase (stride
@@ -229,9 +388,15 @@ fn split_plan(be: &CudaBackend, tiles: usize, k: usize, bk: usize) -> (usize, us
 /// otherwise each split writes its partial result into a workspace of `splits` outputs,
 /// which `conv_splitk_reduce` sums into `out` in split order (deterministic).
 ///
+/// `fused`: a forward with the eval-mode batch-norm epilogue (the tensor-core forwards):
+/// with one split its fused kernel (`kern`'s signature but for `chunk`, `OH` and `OW`, then
+/// the epilogue's arguments) writes `out`; with more, `kern` fills the workspace and
+/// `conv_splitk_reduce_bn` sums it and applies the epilogue.
+///
 /// # Safety
 /// `a`, `b` and `out` must hold the lengths the kernel indexes with `g` (the op checked them
-/// against its shape), and `k` must be the kernel's reduction length.
+/// against its shape), and `k` must be the kernel's reduction length; `fused`'s buffers
+/// those of [`BnEpilogue`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn launch_split(
     be: &CudaBackend,
@@ -244,12 +409,29 @@ unsafe fn launch_split(
     b: &CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
     g: &[i32; 11],
+    fused: Option<(&Kernel, &BnEpilogue<'_>)>,
 ) -> Result<()> {
+    let (bk, threads) = if tc { (TC_BK, TC_THREADS) } else { (16, 256) };
+    let (chunk, splits) = if k == 0 {
+        (0, 1)
+    } else {
+        split_plan(be, gx * gy, k, bk)
+    };
+    if splits == 1 {
+        if let Some((fk, ep)) = fused {
+            // One split (an empty reduction included): the fused kernel.
+            let cfg = blocks(op, (gx, gy, 1), threads)?;
+            let relu = ep.relu as i32;
+            let mut l = fk.on(be.stream());
+            l.arg(a).arg(b).arg(out).ints(&g[..9]);
+            ep.push(&mut l, &relu);
+            // SAFETY: the caller's contract.
+            return unsafe { l.launch(cfg) };
+        }
+    }
     if k == 0 {
         return be.fill(out, 0.0);
     }
-    let (bk, threads) = if tc { (TC_BK, TC_THREADS) } else { (16, 256) };
-    let (chunk, splits) = split_plan(be, gx * gy, k, bk);
     let cfg = blocks(op, (gx, gy, splits), threads)?;
     let chunk = dim(chunk)?;
     if splits == 1 {
@@ -279,16 +461,31 @@ unsafe fn launch_split(
             .launch(cfg)?;
     }
     let (splits, n) = (dim(splits)?, dim(len)?);
-    // SAFETY: ws holds `splits` outputs of `len` elements, out one.
-    let r = unsafe {
-        kernels(be)?
-            .splitk_reduce
-            .on(be.stream())
-            .arg(&ws)
-            .arg(out)
-            .arg(&splits)
-            .arg(&n)
-            .launch(grid(len))
+    let ks = kernels(be)?;
+    let r = match fused {
+        None => {
+            // SAFETY: ws holds `splits` outputs of `len` elements, out one.
+            unsafe {
+                ks.splitk_reduce
+                    .on(be.stream())
+                    .arg(&ws)
+                    .arg(out)
+                    .arg(&splits)
+                    .arg(&n)
+                    .launch(grid(len))
+            }
+        }
+        Some((_, ep)) => {
+            // The forward's output: channel c = (i / (OH*OW)) % C_out, g[4] and g[9]*g[10].
+            let (c, hw) = (g[4], g[9] * g[10]);
+            let relu = ep.relu as i32;
+            let mut l = ks.splitk_reduce_bn.on(be.stream());
+            l.arg(&ws).arg(out).arg(&splits).arg(&n).arg(&c).arg(&hw);
+            ep.push(&mut l, &relu);
+            // SAFETY: ws holds `splits` outputs of `len` elements, out one, ep's buffers
+            // their lengths (the caller's contract).
+            unsafe { l.launch(grid(len)) }
+        }
     };
     be.give_scratch(ws);
     r

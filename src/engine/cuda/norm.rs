@@ -1,6 +1,9 @@
 //! Batch norm on the device (`kernels/norm.cu`, mirroring `cpu/norm.rs`): training mode
 //! (per-channel mean, then squared deviations from it, as f64 partial sums per block and a
-//! per-channel finish; running stats updated), eval mode, and the backward pass.
+//! per-channel finish; running stats updated), eval mode, the eval-mode normalisation folded
+//! into a per-channel scale and shift for a fused convolution ([`bn_eval_fold`]), the
+//! training forward from the partial statistics a convolution's epilogue wrote
+//! ([`batchnorm_train_from_partials`]), and the backward pass.
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
@@ -15,6 +18,8 @@ kernels!("norm" {
     finalize_var: "bn_finalize_var",
     apply: "bn_apply",
     eval_fwd: "bn_eval_fwd",
+    eval_fold: "bn_eval_fold",
+    stats_finalize: "bn_stats_finalize",
     bwd_partial: "bn_bwd_partial",
     bwd_finalize: "bn_bwd_finalize",
     bwd_apply: "bn_bwd_apply",
@@ -119,6 +124,68 @@ pub(crate) fn batchnorm_train_fwd(
     r
 }
 
+/// [`batchnorm_train_fwd`] of `z` when its statistics come from the convolution that wrote it
+/// (`conv::conv2d_fwd_stats`): per channel c and pixel tile t (`tile` consecutive values of
+/// the channel's n*hw, the last one shorter), `part_s[c * tiles + t]` the tile's sum and
+/// `part_q[c * tiles + t]` its sum of squared deviations from its own mean. One block per
+/// channel combines them exactly (`bn_stats_finalize`: mean, then the squared deviations as
+/// the tiles' own plus `n_t * (mean_t - mean)^2`, no cancellation), updates the running
+/// stats and saves mean and invstd as [`batchnorm_train_fwd`] does; then `bn_apply` reads z
+/// once. The caller checked the lengths (`part_s`, `part_q`: `c * tiles`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batchnorm_train_from_partials(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    part_s: &CudaSlice<f64>,
+    part_q: &CudaSlice<f64>,
+    tiles: usize,
+    tile: usize,
+    z: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &mut CudaSlice<f32>,
+    running_var: &mut CudaSlice<f32>,
+    save_mean: &mut CudaSlice<f32>,
+    save_invstd: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    relu: bool,
+) -> Result<()> {
+    if s.c == 0 {
+        return Ok(());
+    }
+    let [total, c, hw, cnt, tiles, tile] = int_args([s.len(), s.c, s.hw, s.n * s.hw, tiles, tile])?;
+    let per_c = blocks("batchnorm_train_fwd", (s.c, 1, 1), 256)?;
+    let (eps, momentum, relu) = (s.eps, s.momentum, relu as i32);
+    let k = kernels(be)?;
+    let st = be.stream();
+    // SAFETY: the partial sums hold c * tiles values, z and y n*c*hw, the per-channel
+    // buffers c each (the caller's contract).
+    unsafe {
+        k.stats_finalize
+            .on(st)
+            .arg(part_s)
+            .arg(part_q)
+            .arg(running_mean)
+            .arg(running_var)
+            .arg(&mut *save_mean)
+            .arg(&mut *save_invstd)
+            .ints(&[tiles, cnt, tile])
+            .arg(&eps)
+            .arg(&momentum)
+            .launch(per_c)?;
+        k.apply
+            .on(st)
+            .arg(z)
+            .arg(gamma)
+            .arg(beta)
+            .arg(&*save_mean)
+            .arg(&*save_invstd)
+            .arg(y)
+            .ints(&[total, c, hw, relu])
+            .launch(grid(s.len()))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batchnorm_eval_fwd(
     be: &CudaBackend,
@@ -151,6 +218,40 @@ pub(crate) fn batchnorm_eval_fwd(
             .arg(&eps)
             .arg(&relu)
             .launch(grid(s.len()))
+    }
+}
+
+/// `ss = [scale; c]` then `[shift; c]`, `scale = gamma / sqrt(var + eps)`,
+/// `shift = beta - mean * scale`, in f64 rounded to f32 as the CPU's `eval_scale_shift`:
+/// what a convolution's fused epilogue applies (`conv::conv2d_bn_eval_fwd`). The per-channel
+/// buffers hold `s.c` values, `ss` `2 * s.c` (checked by the caller).
+pub(crate) fn bn_eval_fold(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &CudaSlice<f32>,
+    running_var: &CudaSlice<f32>,
+    ss: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if s.c == 0 {
+        return Ok(());
+    }
+    let [c] = int_args([s.c])?;
+    let cfg = blocks("bn_eval_fold", (s.c.div_ceil(256), 1, 1), 256)?;
+    // SAFETY: the per-channel buffers hold c values, ss 2c (the caller's contract).
+    unsafe {
+        kernels(be)?
+            .eval_fold
+            .on(be.stream())
+            .arg(gamma)
+            .arg(beta)
+            .arg(running_mean)
+            .arg(running_var)
+            .arg(ss)
+            .arg(&c)
+            .arg(&s.eps)
+            .launch(cfg)
     }
 }
 
