@@ -254,16 +254,14 @@ test_all() {
 
   # 3. Every kernel's PTX through ptxas, which the emulator cannot stand in for (it runs the
   # C++ source, not the PTX): register and shared-memory limits, and what NVRTC leaves to the
-  # assembler. The PTX of the build that was just made: the newest kernels.rs's folder.
-  local px ptx_dir d
+  # assembler. The PTX of the build that was just made: the folder of the newest kernels.rs
+  # (build.rs rewrites that file on every run; a folder's own time does not change when
+  # files in it are overwritten, so it cannot tell an old build from the new one).
+  local px ptx_dir f
   px="$(find_ptxas || true)"
   ptx_dir=""
-  for d in $(ls -td target/release/build/ichcam-*/out 2>/dev/null || true); do
-    if [ -e "$d/kernels.rs" ]; then
-      ptx_dir="$d"
-      break
-    fi
-  done
+  f="$(ls -t target/release/build/ichcam-*/out/kernels.rs 2>/dev/null | head -n 1 || true)"
+  if [ -n "$f" ]; then ptx_dir="$(dirname "$f")"; fi
   if [ -z "$px" ]; then
     if [ "${ICHCAM_REQUIRE_PTXAS:-0}" = 1 ]; then
       record "ptxas (ICHCAM_REQUIRE_PTXAS=1 but no ptxas found)" 1
