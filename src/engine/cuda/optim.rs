@@ -18,7 +18,7 @@ kernels!("optim" {
     adam_dev: "adam_step_dev",
 });
 
-/// Values per tensor in the device scalars of [`sgd_step_dev`] / [`adam_step_dev`].
+/// Values per tensor in the device scalars of `sgd_step_dev` / `adam_step_dev`.
 pub const HYPER_LEN: usize = 2;
 
 /// SGD's step-dependent scalars as `sgd_step_dev` reads them: {lr, first step}.
