@@ -11,7 +11,10 @@
 // What it catches like a GPU: zero-byte allocations, copies outside an allocation, block
 // and grid limits, __launch_bounds__, shared memory over 48 KiB without the opt-in (227 KiB
 // with it), PTX newer than the driver, kernel pointer arguments that are not device
-// addresses. Fresh allocations are filled with 0xFF bytes (NaN in f32/f64).
+// addresses; and beyond a GPU, a graph replayed through a pointer whose allocation was freed,
+// or freed and allocated again, since the capture (allocation ids, check_refs). Fresh
+// allocations are filled with 0xFF bytes (NaN in f32/f64); a freed block is handed out
+// again to the next allocation of its size, as a GPU's caching allocator does.
 #include <dlfcn.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -160,7 +163,7 @@ using namespace emu;
 
 namespace {
 
-constexpr size_t kReuseBlockMax = (size_t)64 << 20, kReuseMax = (size_t)1 << 30;  // freed blocks kept for reuse
+constexpr size_t kReuseBlockMax = (size_t)64 << 20, kReuseMax = (size_t)256 << 20;  // freed blocks kept for reuse
 constexpr size_t kMaxSharedDefault = 48 * 1024;
 constexpr size_t kMaxSharedOptin = 232448;  // 227 KiB, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN on H100
 constexpr int kSMs = 132;
@@ -423,7 +426,7 @@ CUresult release(CUdeviceptr p, const char* what) {
     if (config().poison) memset(reinterpret_cast<void*>(p), 0xff, bytes);
 #if !defined(__SANITIZE_ADDRESS__)
     // Kept for the next allocation of its size (see Allocations::reuse), up to 64 MiB a
-    // block and 1 GiB in all.
+    // block and 256 MiB in all.
     size_t rounded = (bytes + 255) & ~(size_t)255;
     if (rounded <= kReuseBlockMax) {
         Allocations& a = allocations();
