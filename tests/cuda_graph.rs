@@ -1303,7 +1303,8 @@ fn unet_train_with_late_loss_readback_is_bit_identical() {
 // ---- a graph replayed after a buffer it holds was freed ----------------------------------
 
 const STALE_REPLAY_TEST: &str = "emulator_replay_through_a_stale_pointer_fails";
-/// Set in the child process that runs one case of [`emulator_replay_through_a_stale_pointer_fails`].
+/// Set in the child process that runs one case of
+/// [`emulator_replay_through_a_stale_pointer_fails`].
 const STALE_REPLAY_CASE: &str = "ICHCAM_TEST_STALE_REPLAY_CASE";
 
 /// A graph replayed after a buffer it holds was dropped: with nothing allocated since
@@ -1336,8 +1337,15 @@ fn emulator_replay_through_a_stale_pointer_fails() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
         );
+        // Indented: the child's own "test result" lines must not read as this binary's
+        // (scripts/cuda-emu.sh counts those).
+        let shown: String = stdout
+            .lines()
+            .chain(stderr.lines())
+            .map(|l| format!("    | {l}\n"))
+            .collect();
         eprintln!(
-            "case {case}: child exited with {}:\n{stdout}{stderr}",
+            "case {case}: the child exited with {}:\n{shown}",
             out.status
         );
         assert!(
