@@ -38,7 +38,11 @@
 //!   capturable Dice replays bit-identically, its 0/0 flag giving the eager error; a capture
 //!   that fails (here: the scratch arena emptied, so the step would allocate) is recorded and
 //!   that shape's steps run eagerly with the same results; a `train` with stage 3, late vs
-//!   immediate readback: logged losses and the model file bit-identical.
+//!   immediate readback: logged losses and the model file bit-identical;
+//! - on the emulator, a graph replayed after a buffer it holds was freed, and after that
+//!   memory was allocated again for a new buffer at the same address (a stale pointer, which
+//!   a GPU's replay would silently write through): CUDA_ERROR_ILLEGAL_ADDRESS naming the node,
+//!   the kernel and the argument, not a crash (each case in a child process).
 //!
 //! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
 //! tests are reported as ignored (tests/common/cuda.rs).
@@ -114,6 +118,10 @@ fn main() {
         device(
             "unet_train_with_late_loss_readback_is_bit_identical",
             unet_train_with_late_loss_readback_is_bit_identical,
+        ),
+        emulator(
+            STALE_REPLAY_TEST,
+            emulator_replay_through_a_stale_pointer_fails,
         ),
     ];
     // One device context shared by all; captures must not interleave.
@@ -1290,4 +1298,118 @@ fn unet_train_with_late_loss_readback_is_bit_identical() {
     }
     let show: Vec<f64> = late_losses.iter().map(|l| f64::from_bits(l.2)).collect();
     eprintln!("train losses with stage 3 (late = immediate readback): {show:?}");
+}
+
+// ---- a graph replayed after a buffer it holds was freed ----------------------------------
+
+const STALE_REPLAY_TEST: &str = "emulator_replay_through_a_stale_pointer_fails";
+/// Set in the child process that runs one case of
+/// [`emulator_replay_through_a_stale_pointer_fails`].
+const STALE_REPLAY_CASE: &str = "ICHCAM_TEST_STALE_REPLAY_CASE";
+
+/// A graph replayed after a buffer it holds was dropped: with nothing allocated since
+/// (`freed`), and with a new buffer of the same size allocated in between (`reallocated`),
+/// which the emulator's allocator places at the freed buffer's address, so the graph's
+/// stale pointer points into someone else's live buffer (on a GPU the replay silently
+/// writes there). Both must be CUDA_ERROR_ILLEGAL_ADDRESS reported by the next
+/// synchronising call, the stale one naming the node, the kernel and the argument, never a
+/// crash. The error poisons the device context and this binary's other tests share one, so
+/// each case runs in a child process of this binary; the parent asserts that the child
+/// exited normally (a segfault is a failure here, not the end of the test binary).
+fn emulator_replay_through_a_stale_pointer_fails() {
+    if let Ok(case) = std::env::var(STALE_REPLAY_CASE) {
+        return stale_replay_case(&case);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    for case in ["freed", "reallocated"] {
+        let out = std::process::Command::new(&exe)
+            .args([
+                STALE_REPLAY_TEST,
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(STALE_REPLAY_CASE, case)
+            .env_remove("EMU_QUIET")
+            .output()
+            .expect("run the child test process");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        // Indented: the child's own "test result" lines must not read as this binary's
+        // (scripts/cuda-emu.sh counts those).
+        let shown: String = stdout
+            .lines()
+            .chain(stderr.lines())
+            .map(|l| format!("    | {l}\n"))
+            .collect();
+        eprintln!(
+            "case {case}: the child exited with {}:\n{shown}",
+            out.status
+        );
+        assert!(
+            out.status.success(),
+            "case {case}: the child process failed or crashed ({})",
+            out.status
+        );
+        assert!(
+            stdout.contains("1 passed"),
+            "case {case}: the child did not run the case"
+        );
+        // The emulator says so on stderr too (EMU_QUIET is unset in the child).
+        let want = match case {
+            "freed" => "freed since the capture",
+            _ => "allocated again",
+        };
+        assert!(
+            stderr.contains(want) && stderr.contains("add_assign"),
+            "case {case}: stderr does not explain the failure"
+        );
+    }
+}
+
+/// One case, in the child process: capture `y += x`, replay it once, drop `y`, (allocate a
+/// new buffer of `y`'s size,) replay again.
+fn stale_replay_case(case: &str) {
+    let be = CudaBackend::new(0).expect("device");
+    let x = be.upload(&[1.0, 2.0, 3.0, 4.0]).expect("upload");
+    let mut y = be.upload(&[10.0, 20.0, 30.0, 40.0]).expect("upload");
+    let (graph, ()) = be.capture(|| be.add_assign(&mut y, &x)).expect("capture");
+    graph.replay().expect("replay");
+    assert_eq!(be.download(&y).expect("download"), [11.0, 22.0, 33.0, 44.0]);
+    let stale = be.ptr(&y);
+    drop(y);
+    // Kept alive until the replay, so that its memory stays allocated.
+    let mut fresh = None;
+    if case == "reallocated" {
+        let z = be.upload(&[-1.0f32; 4]).expect("upload");
+        let at = be.ptr(&z);
+        println!("the new buffer is at {at:#x}, the freed one was at {stale:#x}");
+        assert_eq!(
+            at, stale,
+            "the emulator's allocator did not reuse the freed address: this case would not \
+             test a stale pointer into a live buffer"
+        );
+        fresh = Some(z);
+    }
+    let err = match graph.replay() {
+        Err(e) => e, // CUDA_LAUNCH_BLOCKING=1
+        Ok(()) => be
+            .synchronize()
+            .expect_err("a replay through a stale pointer must fail"),
+    };
+    let msg = err.to_string();
+    println!("case {case}: {msg}");
+    assert!(msg.contains("ILLEGAL_ADDRESS"), "{msg}");
+    assert!(msg.contains("add_assign"), "{msg}");
+    match case {
+        "freed" => assert!(msg.contains("freed since the capture"), "{msg}"),
+        _ => {
+            assert!(msg.contains("allocated again"), "{msg}");
+            assert!(msg.contains("node 0"), "{msg}");
+            assert!(msg.contains("pointer argument 0"), "{msg}");
+        }
+    }
+    drop(fresh);
 }

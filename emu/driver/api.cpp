@@ -11,7 +11,10 @@
 // What it catches like a GPU: zero-byte allocations, copies outside an allocation, block
 // and grid limits, __launch_bounds__, shared memory over 48 KiB without the opt-in (227 KiB
 // with it), PTX newer than the driver, kernel pointer arguments that are not device
-// addresses. Fresh allocations are filled with 0xFF bytes (NaN in f32/f64).
+// addresses; and beyond a GPU, a graph replayed through a pointer whose allocation was freed,
+// or freed and allocated again, since the capture (allocation ids, check_refs). Fresh
+// allocations are filled with 0xFF bytes (NaN in f32/f64); a freed block is handed out
+// again to the next allocation of its size, as a GPU's caching allocator does.
 #include <dlfcn.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -119,12 +122,26 @@ Allocations& allocations() {
     return *a;
 }
 
-bool Allocations::contains(uintptr_t p, size_t n) {
-    std::lock_guard<std::mutex> g(mu);
-    auto it = live.upper_bound(p);
-    if (it == live.begin()) return false;
+uint64_t next_allocation_id() {
+    static std::atomic<uint64_t> ids{0};
+    return ++ids;
+}
+
+// The block of `m` holding [p, p + n) (n = 0: p inside it or at its end), or id 0.
+static Owner owner_in(const std::map<uintptr_t, Block>& m, uintptr_t p, size_t n) {
+    auto it = m.upper_bound(p);
+    if (it == m.begin()) return Owner{};
     --it;
-    return p >= it->first && p - it->first <= it->second && n <= it->second - (p - it->first);
+    size_t off = p - it->first;
+    if (off > it->second.size || n > it->second.size - off) return Owner{};
+    return Owner{it->first, it->second.size, it->second.id};
+}
+
+bool Allocations::contains(uintptr_t p, size_t n) { return owner(p, n).id != 0; }
+
+Owner Allocations::owner(uintptr_t p, size_t n) {
+    std::lock_guard<std::mutex> g(mu);
+    return owner_in(live, p, n);
 }
 
 bool Allocations::find(uintptr_t p, uintptr_t* base, size_t* size) {
@@ -132,9 +149,9 @@ bool Allocations::find(uintptr_t p, uintptr_t* base, size_t* size) {
     auto it = live.upper_bound(p);
     if (it == live.begin()) return false;
     --it;
-    if (p - it->first >= it->second) return false;
+    if (p - it->first >= it->second.size) return false;
     *base = it->first;
-    *size = it->second;
+    *size = it->second.size;
     return true;
 }
 
@@ -146,6 +163,7 @@ using namespace emu;
 
 namespace {
 
+constexpr size_t kReuseBlockMax = (size_t)64 << 20, kReuseMax = (size_t)256 << 20;  // freed blocks kept for reuse
 constexpr size_t kMaxSharedDefault = 48 * 1024;
 constexpr size_t kMaxSharedOptin = 232448;  // 227 KiB, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN on H100
 constexpr int kSMs = 132;
@@ -201,6 +219,18 @@ struct Node {
     // HOST: fn(data).
     CUhostFn fn = nullptr;
     void* data = nullptr;
+    // Every pointer the node holds (a kernel's non-null pointer arguments, a copy's
+    // destination and source, a memset's destination) with the allocation it fell in at
+    // the capture: the replay runs the node only if that same allocation (by id, so not
+    // merely some live allocation at that address) still holds it.
+    struct Ref {
+        int arg = 0;          // kernel parameter index; for a copy or memset kDst or kSrc
+        uintptr_t addr = 0;   // the pointer
+        bool pinned = false;  // page-locked host memory (a copy's host side), not device memory
+        Owner at_capture;     // the allocation that held it at the capture
+    };
+    static constexpr int kDst = -1, kSrc = -2;
+    std::vector<Ref> refs;
 };
 
 struct Graph {
@@ -218,18 +248,16 @@ struct GraphExec {
 std::atomic<int> g_strict_captures{0};
 std::atomic<uint64_t> g_capture_ids{0};
 
-// Page-locked host memory (cuMemHostAlloc): base -> bytes.
+// Page-locked host memory (cuMemHostAlloc): base -> bytes and allocation id.
 std::mutex g_pinned_mu;
-std::map<uintptr_t, size_t> g_pinned;
+std::map<uintptr_t, Block> g_pinned;
 
-bool is_pinned(const void* p, size_t n) {
+// The page-locked allocation holding [p, p + n) (n = 0: p inside it or at its end), or id 0.
+Owner pinned_owner(const void* p, size_t n) {
     std::lock_guard<std::mutex> g(g_pinned_mu);
-    uintptr_t a = (uintptr_t)p;
-    auto it = g_pinned.upper_bound(a);
-    if (it == g_pinned.begin()) return false;
-    --it;
-    return a >= it->first && a + n <= it->first + it->second;
+    return owner_in(g_pinned, (uintptr_t)p, n);
 }
+bool is_pinned(const void* p, size_t n) { return pinned_owner(p, n).id != 0; }
 
 struct Event {
     uint32_t magic = 0x65766e31;  // "evn1"
@@ -352,7 +380,17 @@ CUresult alloc(CUdeviceptr* out, size_t bytes, const char* what) {
     if (bytes == 0) return report(CUDA_ERROR_INVALID_VALUE, std::string(what) + " of 0 bytes (a GPU refuses zero-length allocations)");
     void* p = nullptr;
     size_t rounded = (bytes + 255) & ~(size_t)255;
-    if (posix_memalign(&p, 256, rounded) != 0 || !p) {
+    {
+        Allocations& a = allocations();
+        std::lock_guard<std::mutex> g(a.mu);
+        auto it = a.reuse.find(rounded);
+        if (it != a.reuse.end() && !it->second.empty()) {
+            p = it->second.back();
+            it->second.pop_back();
+            a.reuse_bytes -= rounded;
+        }
+    }
+    if (!p && (posix_memalign(&p, 256, rounded) != 0 || !p)) {
         char b[120];
         snprintf(b, sizeof b, "%s of %zu bytes: host memory exhausted", what, bytes);
         return report(CUDA_ERROR_OUT_OF_MEMORY, b);
@@ -362,7 +400,7 @@ CUresult alloc(CUdeviceptr* out, size_t bytes, const char* what) {
     {
         Allocations& a = allocations();
         std::lock_guard<std::mutex> g(a.mu);
-        a.live[(uintptr_t)p] = bytes;
+        a.live[(uintptr_t)p] = Block{bytes, next_allocation_id()};
         a.bytes_in_use += bytes;
     }
     *out = (CUdeviceptr)(uintptr_t)p;
@@ -381,11 +419,25 @@ CUresult release(CUdeviceptr p, const char* what) {
                      (unsigned long long)p);
             return report(CUDA_ERROR_INVALID_VALUE, b);
         }
-        bytes = it->second;
+        bytes = it->second.size;
         a.bytes_in_use -= bytes;
         a.live.erase(it);
     }
     if (config().poison) memset(reinterpret_cast<void*>(p), 0xff, bytes);
+#if !defined(__SANITIZE_ADDRESS__)
+    // Kept for the next allocation of its size (see Allocations::reuse), up to 64 MiB a
+    // block and 256 MiB in all.
+    size_t rounded = (bytes + 255) & ~(size_t)255;
+    if (rounded <= kReuseBlockMax) {
+        Allocations& a = allocations();
+        std::lock_guard<std::mutex> g(a.mu);
+        if (a.reuse_bytes + rounded <= kReuseMax) {
+            a.reuse[rounded].push_back(reinterpret_cast<void*>(p));
+            a.reuse_bytes += rounded;
+            return CUDA_SUCCESS;
+        }
+    }
+#endif
     free(reinterpret_cast<void*>(p));
     return CUDA_SUCCESS;
 }
@@ -537,6 +589,60 @@ CUresult refuse_if_capturing(const char* what) {
 }
 
 // Runs one kernel launch now on `c`'s behalf; a failure becomes the context's sticky error.
+// A pointer a captured node holds, with the allocation holding [p, p + n) now (device
+// memory, else page-locked host memory; n = 0: p inside it or at its end).
+Node::Ref capture_ref(int arg, const void* p, size_t n) {
+    Node::Ref r;
+    r.arg = arg;
+    r.addr = (uintptr_t)p;
+    r.at_capture = allocations().owner(r.addr, n);
+    if (r.at_capture.id == 0) {
+        r.pinned = true;
+        r.at_capture = pinned_owner(p, n);
+    }
+    return r;
+}
+
+// Node i of a graph at replay: CUDA_SUCCESS when every pointer it holds still lies in the
+// allocation it fell in at the capture (one lookup per pointer; ids are never reused, so the
+// same id is the same base and size, and the capture checked the range against it), else
+// CUDA_ERROR_ILLEGAL_ADDRESS naming the node, its operation and the pointer: freed since the
+// capture, or freed and its memory allocated again (a stale pointer into someone else's
+// buffer, which a GPU's replay would silently read or write).
+Status check_refs(const Node& nd, size_t i) {
+    for (const Node::Ref& r : nd.refs) {
+        Owner now = r.pinned ? pinned_owner(reinterpret_cast<const void*>(r.addr), 0) : allocations().owner(r.addr, 0);
+        if (now.id != 0 && now.id == r.at_capture.id) continue;
+        char what[400], b[1000];
+        const char* mem = r.pinned ? "page-locked host" : "device";
+        if (nd.kind == Node::KERNEL) {
+            bool named = nd.f->has_ptx && r.arg < (int)nd.f->ptx.params.size();
+            snprintf(what, sizeof what, "node %zu (kernel `%s`): pointer argument %d%s%s%s 0x%llx", i, nd.f->name.c_str(), r.arg,
+                     named ? " (" : "", named ? nd.f->ptx.params[r.arg].name.c_str() : "", named ? ")" : "",
+                     (unsigned long long)r.addr);
+        } else {
+            snprintf(what, sizeof what, "node %zu (a %s of %zu bytes): its %s 0x%llx", i, nd.kind == Node::COPY ? "copy" : "memset",
+                     nd.n * (nd.kind == Node::MEMSET ? nd.elem : 1), r.arg == Node::kDst ? "destination" : "source",
+                     (unsigned long long)r.addr);
+        }
+        const Owner& was = r.at_capture;
+        if (now.id == 0)
+            snprintf(b, sizeof b,
+                     "graph replay: %s is no longer inside a live %s allocation: allocation #%llu [0x%llx, +%zu bytes) that held "
+                     "it at the capture was freed since the capture",
+                     what, mem, (unsigned long long)was.id, (unsigned long long)was.base, was.size);
+        else
+            snprintf(b, sizeof b,
+                     "graph replay: %s lies in %s allocation #%llu [0x%llx, +%zu bytes), not in allocation #%llu [0x%llx, +%zu "
+                     "bytes) that held it at the capture: that one was freed and its memory allocated again (the graph holds a "
+                     "stale pointer; on a GPU the replay would read or write the new buffer)",
+                     what, mem, (unsigned long long)now.id, (unsigned long long)now.base, now.size, (unsigned long long)was.id,
+                     (unsigned long long)was.base, was.size);
+        return Status::fail(CUDA_ERROR_ILLEGAL_ADDRESS, b);
+    }
+    return Status{};
+}
+
 CUresult run_launch(Context* c, Launch& L) {
     static const bool prof = getenv("EMU_PROFILE") && strcmp(getenv("EMU_PROFILE"), "1") == 0;
     double t0 = prof ? now_s() : 0;
@@ -636,6 +742,10 @@ CUresult launch(CUfunction func, unsigned gx, unsigned gy, unsigned gz, unsigned
             for (int i = 0; i < k->nparams; ++i) {
                 const unsigned char* a = static_cast<const unsigned char*>(params[i]);
                 nd.args.emplace_back(a, a + k->params[i].size);
+                if (k->params[i].kind != EMU_PARAM_POINTER) continue;
+                uint64_t v;
+                memcpy(&v, params[i], 8);
+                if (v != 0) nd.refs.push_back(capture_ref(i, reinterpret_cast<const void*>(v), 0));
             }
             st->capture->nodes.push_back(std::move(nd));
             return CUDA_SUCCESS;
@@ -1261,7 +1371,7 @@ CUDAAPI CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     if (posix_memalign(&q, 4096, (bytes + 4095) & ~(size_t)4095) != 0 || !q) return report(CUDA_ERROR_OUT_OF_MEMORY, "cuMemHostAlloc");
     {
         std::lock_guard<std::mutex> g(g_pinned_mu);
-        g_pinned[(uintptr_t)q] = bytes;
+        g_pinned[(uintptr_t)q] = Block{bytes, next_allocation_id()};
     }
     *p = q;
     return CUDA_SUCCESS;
@@ -1314,6 +1424,7 @@ static CUresult capture_copy(Stream* st, void* dst, const void* src, size_t n, c
     nd.dst = dst;
     nd.src = src;
     nd.n = n;
+    if (n) nd.refs = {capture_ref(Node::kDst, dst, n), capture_ref(Node::kSrc, src, n)};
     st->capture->nodes.push_back(nd);
     return CUDA_SUCCESS;
 }
@@ -1418,6 +1529,7 @@ static CUresult capture_memset(Stream* st, CUdeviceptr d, uint32_t v, unsigned e
     nd.value = v;
     nd.elem = elem;
     nd.n = n;
+    if (n) nd.refs = {capture_ref(Node::kDst, nd.dst, n * elem)};
     st->capture->nodes.push_back(nd);
     return CUDA_SUCCESS;
 }
@@ -1588,8 +1700,10 @@ CUDAAPI CUresult cuGraphUpload(CUgraphExec g, CUstream s) {
     if (!exec_of(g) || !stream_of(s)) return report(CUDA_ERROR_INVALID_HANDLE, "cuGraphUpload");
     return check_ready();
 }
-// Replays the recorded operations in capture order on `s`, each checked again (a buffer
-// freed since the capture is an illegal address, as it faults on a GPU).
+// Replays the recorded operations in capture order on `s`, each checked again first
+// (check_refs): a pointer into a buffer freed since the capture, or into memory freed and
+// allocated again for another buffer, is an illegal address, a launch failure naming the
+// node; that node and the rest do not run.
 CUDAAPI CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
     CUresult r = check_ready();
     if (r) return r;
@@ -1598,27 +1712,20 @@ CUDAAPI CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
     EMU_ON_STREAM(s);
     if (st_->capture) return st_->invalidated ? capture_invalidated("cuGraphLaunch") : capture_forbid(st_, "cuGraphLaunch (child graphs are not emulated)");
     Context* c = st_->ctx ? st_->ctx : ctx_now();
-    for (Node& nd : e->nodes) {
+    for (size_t i = 0; i < e->nodes.size(); ++i) {
+        Node& nd = e->nodes[i];
         if (c->sticky.load()) break;  // a failed kernel: the rest does not run
+        Status bad = check_refs(nd, i);
+        if (!bad.ok()) {  // a launch failure, as the access faults on a GPU (or worse)
+            set_sticky(c, bad);
+            if (config().verbose || getenv("EMU_QUIET") == nullptr) fprintf(stderr, "emu: launch failed: %s\n", bad.detail.c_str());
+            if (config().launch_blocking) return report(bad);
+            break;
+        }
         switch (nd.kind) {
             case Node::KERNEL: {
-                const emu_kernel_t* k = nd.f->kernel;
                 std::vector<void*> args(nd.args.size());
-                Status bad;
-                for (size_t i = 0; i < nd.args.size(); ++i) {
-                    args[i] = nd.args[i].data();
-                    if (k->params[i].kind != EMU_PARAM_POINTER || !bad.ok()) continue;
-                    uint64_t v;
-                    memcpy(&v, args[i], 8);
-                    if (v != 0 && !allocations().contains((uintptr_t)v, 0))
-                        bad = Status::fail(CUDA_ERROR_ILLEGAL_ADDRESS, "graph replay: kernel `" + nd.f->name + "`: pointer argument " +
-                                                                           std::to_string(i) + " is no longer inside a live device allocation (freed since the capture?)");
-                }
-                if (!bad.ok()) {
-                    set_sticky(c, bad);
-                    if (config().launch_blocking) return report(bad);
-                    break;
-                }
+                for (size_t a = 0; a < nd.args.size(); ++a) args[a] = nd.args[a].data();
                 Launch L;
                 L.f = nd.f;
                 for (int d = 0; d < 3; ++d) L.grid[d] = nd.grid[d], L.block[d] = nd.block[d];
@@ -1628,23 +1735,12 @@ CUDAAPI CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
                 if ((r = run_launch(c, L))) return r;
                 break;
             }
-            case Node::COPY: {
-                bool ok = (allocations().contains((uintptr_t)nd.dst, nd.n) || is_pinned(nd.dst, nd.n)) &&
-                          (allocations().contains((uintptr_t)nd.src, nd.n) || is_pinned(nd.src, nd.n));
-                if (!ok) {
-                    set_sticky(c, Status::fail(CUDA_ERROR_ILLEGAL_ADDRESS, "graph replay: a copy's memory was freed since the capture"));
-                    break;
-                }
+            case Node::COPY:
                 copy(nd.dst, nd.src, nd.n);
                 break;
-            }
             case Node::MEMSET: {
-                if (!allocations().contains((uintptr_t)nd.dst, nd.n * nd.elem)) {
-                    set_sticky(c, Status::fail(CUDA_ERROR_ILLEGAL_ADDRESS, "graph replay: a memset's memory was freed since the capture"));
-                    break;
-                }
                 unsigned char* p = static_cast<unsigned char*>(nd.dst);
-                for (size_t i = 0; i < nd.n; ++i) memcpy(p + i * nd.elem, &nd.value, nd.elem);
+                for (size_t k = 0; k < nd.n; ++k) memcpy(p + k * nd.elem, &nd.value, nd.elem);
                 break;
             }
             case Node::HOST:

@@ -44,14 +44,37 @@ CUresult report(const Status& s);
 
 // ---- device memory (host memory, registered) -----------------------------------------------
 
+// One allocation: its bytes and its id. Ids are never reused (one counter for device and
+// page-locked host memory), so an address range that was freed and allocated again belongs
+// to a new id: a graph replay tells a stale pointer from a live one by it.
+struct Block {
+    size_t size = 0;
+    uint64_t id = 0;
+};
+// The allocation holding an address: id 0 when none does.
+struct Owner {
+    uintptr_t base = 0;
+    size_t size = 0;
+    uint64_t id = 0;
+};
+uint64_t next_allocation_id();
+
 struct Allocations {
     std::mutex mu;
-    std::map<uintptr_t, size_t> live;  // base -> bytes
+    std::map<uintptr_t, Block> live;  // base -> bytes and id
     size_t bytes_in_use = 0;
+    // Freed blocks kept for reuse, per rounded size, the newest last: the next allocation
+    // of that size gets the block freed last, at the same address, as a GPU's caching
+    // allocator does (so a stale pointer aliases a live buffer there too). Not under
+    // AddressSanitizer, which must see a freed block as freed.
+    std::map<size_t, std::vector<void*>> reuse;
+    size_t reuse_bytes = 0;
     // Whether [p, p + n) lies inside one live allocation (n = 0: p inside or at its end).
     bool contains(uintptr_t p, size_t n);
     // Base and size of the allocation holding p, if any.
     bool find(uintptr_t p, uintptr_t* base, size_t* size);
+    // The live allocation holding [p, p + n) (n = 0: p inside or at its end), or id 0.
+    Owner owner(uintptr_t p, size_t n);
 };
 Allocations& allocations();
 

@@ -4,7 +4,8 @@
 // or better (zero-length allocations, block/grid/shared-memory limits, PTX older/newer than
 // the driver and parameter lists that differ from the host build, deadlocks of barriers and
 // shuffles, a missing barrier, uninitialised memory, pointer arguments that are not device
-// addresses, asserts and faults, sticky errors that name the kernel).
+// addresses, asserts and faults, sticky errors that name the kernel, graph replays through
+// pointers whose buffers were freed, or freed and allocated again, since the capture).
 // Run by `scripts/cuda-emu.sh test`; prints one line per check and "N passed, M failed".
 #include <math.h>
 #include <stdarg.h>
@@ -39,6 +40,19 @@ CUresult cuModuleGetFunction(CUfunction*, CUmodule, const char*);
 CUresult cuFuncSetAttribute(CUfunction, CUfunction_attribute, int);
 CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void**, void**);
 CUresult cuGetErrorString(CUresult, const char**);
+CUresult cuStreamCreate(CUstream*, unsigned);
+CUresult cuStreamDestroy_v2(CUstream);
+CUresult cuStreamBeginCapture_v2(CUstream, int);
+CUresult cuStreamEndCapture(CUstream, CUgraph*);
+CUresult cuGraphInstantiateWithFlags(CUgraphExec*, CUgraph, unsigned long long);
+CUresult cuGraphLaunch(CUgraphExec, CUstream);
+CUresult cuGraphExecDestroy(CUgraphExec);
+CUresult cuGraphDestroy(CUgraph);
+CUresult cuMemsetD32Async(CUdeviceptr, unsigned int, size_t, CUstream);
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr, CUdeviceptr, size_t, CUstream);
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr, const void*, size_t, CUstream);
+CUresult cuMemHostAlloc(void**, size_t, unsigned);
+CUresult cuMemFreeHost(void*);
 CUresult emuModuleLoadHost(CUmodule*, const char*);
 int emuSanitized();
 }
@@ -319,6 +333,195 @@ static void poison_and_faults() {
     fresh_context();
 }
 
+// ---- graph replays through stale pointers ----------------------------------------------------
+
+// A graph captured on `st` from `record` (which enqueues on the stream), instantiated.
+template <class F>
+static CUgraphExec capture(CUstream st, F record) {
+    CUgraph g = nullptr;
+    CUgraphExec e = nullptr;
+    CUresult r = cuStreamBeginCapture_v2(st, 2);
+    if (!r) r = record();
+    CUresult r2 = cuStreamEndCapture(st, &g);
+    if (!r) r = r2;
+    if (!r) r = cuGraphInstantiateWithFlags(&e, g, 0);
+    if (g) cuGraphDestroy(g);
+    if (r) {
+        printf("FAIL capture: %s\n", err(r).c_str());
+        exit(1);
+    }
+    return e;
+}
+
+// A new device buffer of `bytes` that the allocator placed inside the freed [stale, stale +
+// range), within 64 allocations (the misses are freed again), or 0. The emulator hands a
+// freed block out again for the next request of its size.
+static CUdeviceptr alloc_again(CUdeviceptr stale, size_t range, size_t bytes) {
+    std::vector<CUdeviceptr> misses;
+    CUdeviceptr p = 0;
+    for (int k = 0; k < 64 && !p; ++k) {
+        cuMemAlloc_v2(&p, bytes);
+        if (p < stale || p >= stale + range) misses.push_back(p), p = 0;
+    }
+    for (CUdeviceptr q : misses) cuMemFree_v2(q);
+    return p;
+}
+
+// Whether the device buffer holds `n` floats equal to v.
+static bool holds(CUdeviceptr p, size_t n, float v) {
+    bool all = true;
+    for (float x : down<float>(p, n)) all = all && x == v;
+    return all;
+}
+
+// A replay after a buffer a node holds was freed: with nothing allocated since, and with the
+// memory allocated again for a new buffer (the same size, at the same address; a smaller one,
+// wherever it lands), in a kernel's, a copy's and a memset's arguments. Every case is
+// CUDA_ERROR_ILLEGAL_ADDRESS before the node runs, naming the node, the operation and the
+// argument, and the new buffer keeps its contents.
+static void graph_stale_pointers() {
+    const size_t kBytes = 4096;  // each captured buffer: 1024 floats
+    CUstream st = nullptr;
+    cuStreamCreate(&st, 0);
+    std::vector<float> ramp(1024);
+    for (int i = 0; i < 1024; ++i) ramp[i] = (float)i;
+    CUdeviceptr in = up(ramp), out = 0;
+    int n = 256;
+    CUresult code;
+    std::string e;
+
+    // Nothing freed: the replay runs (it reverses in[0..256) into out).
+    CUfunction rev = fn("st_reverse");
+    auto record_rev = [&] {
+        void* args[] = {&in, &out, &n};
+        return cuLaunchKernel(rev, 1, 1, 1, 256, 1, 1, 0, st, args, nullptr);
+    };
+    out = up(std::vector<float>(1024, 0.0f));
+    CUgraphExec g = capture(st, record_rev);
+    CUresult r = cuGraphLaunch(g, st);
+    std::vector<float> o = down<float>(out, 256);
+    check(r == CUDA_SUCCESS && cuCtxSynchronize() == CUDA_SUCCESS && o[0] == 255.0f && o[255] == 0.0f,
+          "a graph whose buffers are all live replays (%s)", err(r).c_str());
+
+    // Freed, nothing allocated since: the message of before.
+    cuMemFree_v2(out);
+    cuGraphLaunch(g, st);
+    e = sticky_error(&code);
+    check(code == CUDA_ERROR_ILLEGAL_ADDRESS && e.find("freed since the capture") != std::string::npos &&
+              e.find("st_reverse") != std::string::npos && e.find("pointer argument 1") != std::string::npos,
+          "a replay through a freed buffer is CUDA_ERROR_ILLEGAL_ADDRESS naming the kernel and the argument (%s)", e.c_str());
+    fresh_context();
+    cuGraphExecDestroy(g);
+    if (emuSanitized()) {
+        printf("skip graph replays into memory allocated again (the sanitizer build does not reuse freed blocks)\n");
+        cuMemFree_v2(in);
+        cuStreamDestroy_v2(st);
+        return;
+    }
+
+    // Freed and allocated again for a new buffer of the same size, at the same address.
+    out = up(std::vector<float>(1024, 0.0f));
+    g = capture(st, record_rev);
+    CUdeviceptr stale = out;
+    cuMemFree_v2(out);
+    CUdeviceptr fresh = alloc_again(stale, kBytes, kBytes);
+    check(fresh == stale, "the freed buffer's address is handed out again for a new buffer of its size (%#llx)",
+          (unsigned long long)fresh);
+    if (fresh) {
+        cuMemsetD8_v2(fresh, 0, kBytes);
+        cuGraphLaunch(g, st);
+        e = sticky_error(&code);
+        check(code == CUDA_ERROR_ILLEGAL_ADDRESS && e.find("allocated again") != std::string::npos &&
+                  e.find("node 0 (kernel `st_reverse`): pointer argument 1") != std::string::npos,
+              "a replay through a pointer into memory freed and allocated again is CUDA_ERROR_ILLEGAL_ADDRESS naming the "
+              "node, the kernel and the argument (%s)",
+              e.c_str());
+        fresh_context();
+        check(holds(fresh, 1024, 0.0f), "the new buffer at the stale address was not written by the replay");
+        cuMemFree_v2(fresh);
+    }
+    cuGraphExecDestroy(g);
+
+    // Freed and a smaller buffer allocated: were it placed inside the freed one, the kernel
+    // would write past its end (into the allocator's own data: a crash later) if it ran.
+    // The emulator keeps a freed block for the next request of its own size, so whether a
+    // smaller one lands inside is glibc's choice: either way the replay fails first.
+    out = up(std::vector<float>(1024, 0.0f));
+    g = capture(st, record_rev);
+    stale = out;
+    cuMemFree_v2(out);
+    fresh = alloc_again(stale, kBytes, 256);
+    bool inside = fresh != 0;
+    if (!inside) cuMemAlloc_v2(&fresh, 256);
+    cuMemsetD8_v2(fresh, 0, 256);
+    cuGraphLaunch(g, st);
+    e = sticky_error(&code);
+    check(code == CUDA_ERROR_ILLEGAL_ADDRESS && e.find(inside ? "allocated again" : "freed since the capture") != std::string::npos,
+          "a replay after a smaller buffer was allocated (%s the freed one) fails before the kernel runs (%s)",
+          inside ? "inside" : "not inside", e.c_str());
+    fresh_context();
+    check(holds(fresh, 64, 0.0f), "the smaller buffer was not written by the replay");
+    cuMemFree_v2(fresh);
+    cuGraphExecDestroy(g);
+
+    // A copy's source and a memset's destination, freed and allocated again.
+    CUdeviceptr dst = up(std::vector<float>(1024, 0.0f)), src = up(ramp);
+    g = capture(st, [&] {
+        CUresult r = cuMemsetD32Async(dst, 0, 1024, st);
+        return r ? r : cuMemcpyDtoDAsync_v2(dst, src, kBytes, st);
+    });
+    cuMemFree_v2(src);
+    fresh = alloc_again(src, kBytes, kBytes);
+    cuGraphLaunch(g, st);
+    e = sticky_error(&code);
+    check(fresh && code == CUDA_ERROR_ILLEGAL_ADDRESS && e.find("node 1 (a copy of 4096 bytes): its source") != std::string::npos &&
+              e.find("allocated again") != std::string::npos,
+          "a replayed copy whose source was freed and allocated again is caught (%s)", e.c_str());
+    fresh_context();
+    if (fresh) cuMemFree_v2(fresh);
+    cuGraphExecDestroy(g);
+    g = capture(st, [&] { return cuMemsetD32Async(dst, 0, 1024, st); });
+    cuMemFree_v2(dst);
+    fresh = alloc_again(dst, kBytes, kBytes);
+    if (fresh) cuMemsetD8_v2(fresh, 0xab, kBytes);
+    cuGraphLaunch(g, st);
+    e = sticky_error(&code);
+    check(fresh && code == CUDA_ERROR_ILLEGAL_ADDRESS &&
+              e.find("node 0 (a memset of 4096 bytes): its destination") != std::string::npos &&
+              e.find("allocated again") != std::string::npos,
+          "a replayed memset whose destination was freed and allocated again is caught (%s)", e.c_str());
+    fresh_context();
+    if (fresh) {
+        std::vector<unsigned char> b(kBytes);
+        cuMemcpyDtoH_v2(b.data(), fresh, kBytes);
+        bool kept = true;
+        for (unsigned char x : b) kept = kept && x == 0xab;
+        check(kept, "the new buffer at the memset's stale address was not written by the replay");
+        cuMemFree_v2(fresh);
+    }
+    cuGraphExecDestroy(g);
+
+    // A copy from page-locked host memory freed and allocated again.
+    void *host = nullptr, *host2 = nullptr;
+    cuMemHostAlloc(&host, kBytes, 0);
+    dst = up(std::vector<float>(1024, 0.0f));
+    g = capture(st, [&] { return cuMemcpyHtoDAsync_v2(dst, host, kBytes, st); });
+    cuMemFreeHost(host);
+    cuMemHostAlloc(&host2, kBytes, 0);
+    cuGraphLaunch(g, st);
+    e = sticky_error(&code);
+    check(code == CUDA_ERROR_ILLEGAL_ADDRESS && e.find("page-locked host") != std::string::npos &&
+              e.find(host2 == host ? "allocated again" : "freed since the capture") != std::string::npos,
+          "a replayed copy whose page-locked source was freed%s is caught (%s)", host2 == host ? " and allocated again" : "",
+          e.c_str());
+    fresh_context();
+    cuMemFreeHost(host2);
+    cuMemFree_v2(dst);
+    cuGraphExecDestroy(g);
+    cuMemFree_v2(in);
+    cuStreamDestroy_v2(st);
+}
+
 static void ptx_checks() {
     // PTX written for these checks: the driver reads .version, .target and .param lists.
     const char* newer = ".version 9.9\n.target sm_90\n.address_size 64\n.visible .entry st_reverse(.param .u64 a, .param .u64 b, .param .u32 c)\n{\nret;\n}\n";
@@ -506,6 +709,7 @@ int main(int, char** argv) {
     warp_ops();
     atomics();
     poison_and_faults();
+    graph_stale_pointers();
     ptx_checks();
     wmma_16bit(false);
     wmma_16bit(true);
