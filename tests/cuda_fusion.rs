@@ -18,10 +18,11 @@
 //! Training mode (`Backend::conv2d_bn_train_fwd` on CUDA: the forward's epilogue writes, with
 //! z, per channel and 64-pixel tile the sum of z and the sum of squared deviations from the
 //! tile's mean in f64, combined per channel by `bn_stats_finalize`; a split-K tensor-core
-//! forward takes them in separate passes; then one pass over z writes `y = act(bn(z) (+
-//! residual))`, a residual block's join included), at f32, tf32 and bf16, with and without
-//! ReLU and residual, on shapes with a partial last tile, several tiles and channel tiles, and
-//! channel means far from zero (inputs offset by 5, 100 and 1e5):
+//! forward takes them in the kernel that sums the splits; then one pass over z writes `y =
+//! act(bn(z) (+ residual))`, a residual block's join included), at f32, tf32 and bf16, with
+//! and without ReLU and residual, on shapes with a partial last tile, several tiles and
+//! channel tiles, split-K shapes, and channel means far from zero (inputs offset by 5, 100 and
+//! 1e5):
 //!
 //! - with a residual, every output bit-identical to the same op without it followed by the
 //!   separate join (`add_relu_fwd`, or copy and `add_assign`), on the device and on the CPU;
@@ -475,9 +476,11 @@ fn ulps(a: f32, b: f32) -> u32 {
 }
 
 /// The shapes of the training tests: a partial last tile, many tiles, two channel tiles,
-/// strides, 1x1 and 7x7, batch > 1, and (at tf32 / bf16) the split-K shape that takes the
-/// statistics in separate passes.
-fn train_shapes() -> [Conv2d; 7] {
+/// strides, 1x1 and 7x7, batch > 1, and (at tf32 / bf16) three whose forward is split over K,
+/// the statistics then taken by the kernel that sums the splits (one tile of 16 pixels; four
+/// tiles, the last of 8; batch 2 with 70 channels: two channel tiles of the forward, nine
+/// blocks of 8 channels of the reduce, the last of 6).
+fn train_shapes() -> [Conv2d; 9] {
     [
         conv(2, 3, 17, 13, 5, 3, 1, 1),  // 442 pixels: 7 tiles, the last of 58
         conv(2, 3, 15, 13, 20, 7, 2, 3), // the stem's 7x7 stride 2: 112 pixels
@@ -486,6 +489,8 @@ fn train_shapes() -> [Conv2d; 7] {
         conv(2, 20, 12, 10, 24, 3, 2, 1), // 3x3 stride 2, 60 pixels: one partial tile
         conv(4, 8, 24, 24, 9, 3, 1, 1),  // 2304 pixels: 36 full tiles
         conv(1, 200, 4, 4, 20, 3, 1, 1), // split-K on the tensor cores
+        conv(2, 64, 10, 10, 16, 3, 1, 1), // split-K, 200 pixels: 4 tiles
+        conv(2, 130, 3, 3, 70, 3, 1, 1), // split-K, 70 channels
     ]
 }
 

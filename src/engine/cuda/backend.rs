@@ -506,10 +506,10 @@ impl Backend for CudaBackend {
         relu: bool,
     ) -> Result<()> {
         // The statistics in the convolution's epilogue (partial sums per channel and pixel
-        // tile, from the f64 arena), combined per channel, then one pass over z that also
-        // adds the residual and applies the ReLU (a block's join); a tensor-core forward
-        // split over K (the late layers) takes the statistics in separate passes.
-        let Some(tiles) = conv::stats_tiles(self, s) else {
+        // tile, from the f64 arena; on the split-K path in the kernel that sums the splits),
+        // combined per channel, then one pass over z that also adds the residual and applies
+        // the ReLU (a block's join). An empty output or reduction takes the separate passes.
+        let Some(tiles) = conv::stats_tiles(s) else {
             conv::conv2d_fwd(self, s, x, w, z)?;
             return norm::batchnorm_train_fwd(
                 self,
