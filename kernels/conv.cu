@@ -4,7 +4,9 @@
 //   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x); conv2d_fwd_bn
 //               is the same GEMM with the eval-mode batch norm (+ residual) (+ ReLU) in its
 //               epilogue (bn_epilogue), conv_splitk_reduce_bn the same for the tensor-core
-//               forward's split-K path
+//               forward's split-K path; conv2d_fwd_stats writes with y the batch-norm
+//               partial statistics per (channel, 64-pixel tile), conv_splitk_reduce_stats
+//               the same on the split-K path
 //   bwd-data    M = C_in,  N = batch*H*W,   K = C_out*KH*KW: dx = W^T . col'(dy)
 //               (col'(dy) holds dy[n, co, oh, ow] where oh*stride = ih + pad - kh, else 0),
 //               computed per output phase without the structurally zero taps of a stride
@@ -430,5 +432,61 @@ extern "C" __global__ void conv_splitk_reduce_bn(const float* __restrict__ ws, f
         float s = 0.0f;
         for (int z = 0; z < splits; ++z) s += ws[(size_t)z * len + i];
         y[i] = bn_epilogue(s, ss, C, (int)((i / HW) % C), res, i, relu);
+    }
+}
+
+// Sum over the 32 lanes of a warp (xor butterfly, fixed order: reproducible; every lane ends
+// with the same value).
+__device__ __forceinline__ double warp_sum_xor_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// conv_splitk_reduce with the batch-norm statistics epilogue (the tensor-core forward's
+// split-K path in training): y[i] = sum over s of ws[s][i], s ascending (conv_splitk_reduce's
+// order: y is bit for bit the unfused path's), and per output channel m and tile t of 64
+// consecutive pixels of the N*HW (the nv <= 64 valid ones, fewer in the last tile)
+// part_s[m * T + t] = sum of y over the tile, part_q[m * T + t] = sum of (y - mean_t)^2,
+// mean_t = part_s / nv (f64), T = gridDim.x: the partials conv2d_fwd_stats* write, which
+// bn_stats_finalize (norm.cu) combines. Grid (T, ceil(C / 8)), 256 threads: warp w takes
+// channel blockIdx.y * 8 + w, lane l the tile's pixels l and l + 32 (consecutive lanes,
+// consecutive pixels of an image: coalesced); the sums over the warp by a fixed butterfly.
+extern "C" __global__ void __launch_bounds__(256)
+conv_splitk_reduce_stats(const float* __restrict__ ws, float* __restrict__ y, int splits, int len, int C, int HW,
+                         double* __restrict__ part_s, double* __restrict__ part_q) {
+    const int lane = threadIdx.x & 31, m = blockIdx.y * 8 + (threadIdx.x >> 5);
+    if (m >= C) return;  // the whole warp (m is the warp's): its shuffles stay full
+    const int P = len / C, p0 = blockIdx.x * 64, nv = min(64, P - p0);
+    float v[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = lane + 32 * h;
+        float s = 0.0f;
+        if (j < nv) {
+            const int p = p0 + j, n = p / HW, r = p - n * HW;
+            const size_t o = ((size_t)n * C + m) * HW + r;
+            for (int z = 0; z < splits; ++z) s += ws[(size_t)z * len + o];
+            y[o] = s;
+        }
+        v[h] = s;
+    }
+    double sum = 0.0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+        if (lane + 32 * h < nv) sum += (double)v[h];
+    sum = warp_sum_xor_d(sum);
+    const double mean = sum / (double)nv;
+    double q = 0.0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+        if (lane + 32 * h < nv) {
+            const double d = (double)v[h] - mean;
+            q += d * d;
+        }
+    q = warp_sum_xor_d(q);
+    if (lane == 0) {
+        part_s[(size_t)m * gridDim.x + blockIdx.x] = sum;
+        part_q[(size_t)m * gridDim.x + blockIdx.x] = q;
     }
 }

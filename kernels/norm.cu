@@ -4,7 +4,8 @@
 // fixed chunk of the channel's n*hw values in f64 into a workspace, and one thread per
 // channel then adds the S partial sums in order. The split S depends only on the shape,
 // so results are deterministic. The variance takes two passes (mean first, then squared
-// deviations), never E[x^2] - E[x]^2. Normalisation and dx are elementwise launches.
+// deviations), never E[x^2] - E[x]^2. Normalisation and dx are elementwise launches; the
+// normalisation (bn_apply) can also add a residual block's shortcut and apply its ReLU.
 // After a convolution that took the statistics in its epilogue (per pixel tile: sum and
 // centred sum of squares), bn_stats_finalize combines the tiles instead of the two passes
 // over x. bn_eval_fold folds the running statistics into a scale and shift for a
@@ -133,16 +134,25 @@ extern "C" __global__ void bn_stats_finalize(const double* __restrict__ part_s, 
         bn_finish(c, mean, q, n, eps, momentum, running_mean, running_var, save_mean, save_invstd);
 }
 
-// y = (x - mean) * invstd * gamma + beta (+ ReLU) with mean/invstd as saved (f32).
+// y = (x - mean) * invstd * gamma + beta (+ ReLU) with mean/invstd as saved (f32). With a
+// residual res (x's shape; null: none) y = act(v + res[i]), the residual block's join fused
+// into this pass: the add rounded on its own and the ReLU as add_relu_fwd's (elementwise.cu:
+// v > 0 ? v : 0), so y is bit for bit bn_apply then add_relu_fwd (or add_assign), the block
+// output written once instead of bn(z) written, read and the sum written again.
 extern "C" __global__ void bn_apply(const float* __restrict__ x, const float* __restrict__ gamma,
                                     const float* __restrict__ beta, const float* __restrict__ mean,
-                                    const float* __restrict__ invstd, float* __restrict__ y, int total,
-                                    int C, int HW, int relu) {
+                                    const float* __restrict__ invstd, const float* __restrict__ res,
+                                    float* __restrict__ y, int total, int C, int HW, int relu) {
     for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < (size_t)total; i0 += (size_t)gridDim.x * blockDim.x) {
         const int i = (int)i0;
         int c = (i / HW) % C;
         float v = (x[i] - mean[c]) * invstd[c] * gamma[c] + beta[c];
-        y[i] = (relu && v < 0.0f) ? 0.0f : v;
+        if (res) {
+            v = __fadd_rn(v, res[i]);
+            y[i] = (relu && !(v > 0.0f)) ? 0.0f : v;
+        } else {
+            y[i] = (relu && v < 0.0f) ? 0.0f : v;
+        }
     }
 }
 

@@ -18,10 +18,14 @@
 //! Training mode (`Backend::conv2d_bn_train_fwd` on CUDA: the forward's epilogue writes, with
 //! z, per channel and 64-pixel tile the sum of z and the sum of squared deviations from the
 //! tile's mean in f64, combined per channel by `bn_stats_finalize`; a split-K tensor-core
-//! forward takes them in separate passes), at f32, tf32 and bf16, with and without ReLU, on
-//! shapes with a partial last tile, several tiles and channel tiles, and channel means far from
-//! zero (inputs offset by 5 and by 100):
+//! forward takes them in the kernel that sums the splits; then one pass over z writes `y =
+//! act(bn(z) (+ residual))`, a residual block's join included), at f32, tf32 and bf16, with
+//! and without ReLU and residual, on shapes with a partial last tile, several tiles and
+//! channel tiles, split-K shapes, and channel means far from zero (inputs offset by 5, 100 and
+//! 1e5):
 //!
+//! - with a residual, every output bit-identical to the same op without it followed by the
+//!   separate join (`add_relu_fwd`, or copy and `add_assign`), on the device and on the CPU;
 //! - z bit-identical to the device's plain forward;
 //! - the saved mean and 1/sqrt(var + eps) within 1 ulp (f32) of the exact statistics of that z
 //!   (two passes in f64 on the host), and equal to the running stats' update from them;
@@ -65,6 +69,10 @@ fn main() {
         device("train_stats_fusion_bf16_matches_cpu", || {
             train_stats_fusion_matches_cpu(Precision::Bf16)
         }),
+        host(
+            "train_join_on_the_cpu_is_the_composite",
+            train_join_on_the_cpu_is_the_composite,
+        ),
         host("train_op_checks_its_shapes_on_the_cpu", || {
             train_op_checks_its_shapes(&CpuBackend::<f32>::new())
         }),
@@ -330,6 +338,8 @@ struct TrainCase {
     w: Vec<f32>,
     /// gamma, beta, running mean, running var (before the step).
     stats: [Vec<f32>; 4],
+    /// A residual block's shortcut, added after the normalisation (before the ReLU).
+    residual: Option<Vec<f32>>,
     relu: bool,
 }
 
@@ -346,7 +356,7 @@ const TRAIN_NAMES: [&str; 6] = [
 ];
 
 impl TrainCase {
-    fn new(rng: &mut SplitMix64, s: Conv2d, offset: f32, relu: bool) -> Self {
+    fn new(rng: &mut SplitMix64, s: Conv2d, offset: f32, residual: bool, relu: bool) -> Self {
         let c = s.c_out;
         let bn = BatchNorm2d {
             n: s.n,
@@ -370,6 +380,9 @@ impl TrainCase {
                 rng.vec_f32(c, -0.2, 0.2),
                 rng.vec_f32(c, 0.5, 1.5),
             ],
+            // Of the normalised output's order (gamma ~ 1), so that about half the sums are
+            // clipped by the ReLU and a lost or misplaced term shows.
+            residual: residual.then(|| rng.vec_f32(s.y_len(), -1.5, 1.5)),
             relu,
         }
     }
@@ -381,33 +394,77 @@ impl TrainCase {
             x: round(p, &self.x),
             w: round(p, &self.w),
             stats: self.stats.clone(),
+            residual: self.residual.clone(),
             relu: self.relu,
         }
     }
 }
 
-/// `be.conv2d_bn_train_fwd` (fused: true) or `conv2d_fwd` then `batchnorm_train_fwd`, every
-/// output poisoned with NaN first.
-fn train<B: Backend<T = f32>>(be: &B, c: &TrainCase, fused: bool) -> TrainOut {
+/// How [`train`] computes a case.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    /// `conv2d_bn_train_fwd` with the residual and the ReLU: the fused op.
+    Fused,
+    /// `conv2d_bn_train_fwd` without them, then the separate join (`add_relu_fwd`, or copy
+    /// and `add_assign`): the same statistics, the join unfused.
+    JoinApart,
+    /// `conv2d_fwd`, `batchnorm_train_fwd`, then the separate join: nothing fused.
+    Plain,
+}
+
+/// One case along `path`, every output poisoned with NaN first.
+fn train<B: Backend<T = f32>>(be: &B, c: &TrainCase, path: Path) -> TrainOut {
     let up = |v: &[f32]| be.upload(v).expect("upload");
     let nan = |n: usize| up(&vec![f32::NAN; n]);
     let (x, w) = (up(&c.x), up(&c.w));
     let [g, b, mut rm, mut rv] = [0, 1, 2, 3].map(|i| up(&c.stats[i]));
     let (mut sm, mut si) = (nan(c.s.c_out), nan(c.s.c_out));
     let (mut z, mut y) = (nan(c.s.y_len()), nan(c.s.y_len()));
-    if fused {
-        be.conv2d_bn_train_fwd(
-            &c.s, &c.bn, &x, &w, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut z, &mut y, c.relu,
-        )
-        .expect("conv2d_bn_train_fwd");
-    } else {
+    let r = c.residual.as_deref().map(up);
+    // The normalised output before the join, where the join is separate.
+    let mut t = nan(c.s.y_len());
+    let (bn_out, bn_relu) = match (&r, path) {
+        (None, _) => (&mut y, c.relu),
+        (Some(_), Path::Fused) => (&mut y, c.relu),
+        (Some(_), _) => (&mut t, false),
+    };
+    if path == Path::Plain {
         be.conv2d_fwd(&c.s, &x, &w, &mut z).expect("conv2d_fwd");
         be.batchnorm_train_fwd(
-            &c.bn, &z, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut y, c.relu,
+            &c.bn, &z, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, bn_out, bn_relu,
         )
         .expect("batchnorm_train_fwd");
+    } else {
+        let fused_r = if path == Path::Fused {
+            r.as_ref()
+        } else {
+            None
+        };
+        be.conv2d_bn_train_fwd(
+            &c.s, &c.bn, &x, &w, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut z, bn_out,
+            fused_r, bn_relu,
+        )
+        .expect("conv2d_bn_train_fwd");
+    }
+    if let (Some(r), false) = (&r, path == Path::Fused) {
+        if c.relu {
+            be.add_relu_fwd(&t, r, &mut y).expect("add_relu_fwd");
+        } else {
+            be.copy(&t, &mut y).expect("copy");
+            be.add_assign(&mut y, r).expect("add_assign");
+        }
     }
     [&z, &y, &rm, &rv, &sm, &si].map(|b| be.download(b).expect("download"))
+}
+
+/// The number of values of `a` and `b` whose bits differ, per output.
+fn bit_diffs(a: &TrainOut, b: &TrainOut) -> [usize; 6] {
+    std::array::from_fn(|k| {
+        a[k].iter()
+            .zip(&b[k])
+            .filter(|(u, v)| u.to_bits() != v.to_bits())
+            .count()
+    })
 }
 
 /// Distance in units in the last place between two finite f32 of the same sign.
@@ -419,9 +476,11 @@ fn ulps(a: f32, b: f32) -> u32 {
 }
 
 /// The shapes of the training tests: a partial last tile, many tiles, two channel tiles,
-/// strides, 1x1 and 7x7, batch > 1, and (at tf32 / bf16) the split-K shape that takes the
-/// statistics in separate passes.
-fn train_shapes() -> [Conv2d; 7] {
+/// strides, 1x1 and 7x7, batch > 1, and (at tf32 / bf16) three whose forward is split over K,
+/// the statistics then taken by the kernel that sums the splits (one tile of 16 pixels; four
+/// tiles, the last of 8; batch 2 with 70 channels: two channel tiles of the forward, nine
+/// blocks of 8 channels of the reduce, the last of 6).
+fn train_shapes() -> [Conv2d; 9] {
     [
         conv(2, 3, 17, 13, 5, 3, 1, 1),  // 442 pixels: 7 tiles, the last of 58
         conv(2, 3, 15, 13, 20, 7, 2, 3), // the stem's 7x7 stride 2: 112 pixels
@@ -430,6 +489,8 @@ fn train_shapes() -> [Conv2d; 7] {
         conv(2, 20, 12, 10, 24, 3, 2, 1), // 3x3 stride 2, 60 pixels: one partial tile
         conv(4, 8, 24, 24, 9, 3, 1, 1),  // 2304 pixels: 36 full tiles
         conv(1, 200, 4, 4, 20, 3, 1, 1), // split-K on the tensor cores
+        conv(2, 64, 10, 10, 16, 3, 1, 1), // split-K, 200 pixels: 4 tiles
+        conv(2, 130, 3, 3, 70, 3, 1, 1), // split-K, 70 channels
     ]
 }
 
@@ -442,18 +503,38 @@ fn train_stats_fusion_matches_cpu(p: Precision) {
     let mut worst_exact = [0.0f64; 6];
     let (mut worst_ulp, mut cases) = (0u32, 0);
     let (mut worst_unfused, mut worst_unfused_ulp) = (0.0f64, 0u32);
+    let mut joins = 0;
     for s in train_shapes() {
-        for (offset, relu) in [(0.0, false), (5.0, true), (100.0, false), (1e5, true)] {
-            let c = TrainCase::new(&mut rng, s, offset, relu);
-            let name = format!("{p} {s:?} offset {offset} relu {relu}");
-            let got = train(&g, &c, true);
+        for (offset, residual, relu) in [
+            (0.0, false, false),
+            (5.0, false, true),
+            (100.0, false, false),
+            (1e5, false, true),
+            (0.0, true, true),
+            (5.0, true, false),
+        ] {
+            let c = TrainCase::new(&mut rng, s, offset, residual, relu);
+            let name = format!("{p} {s:?} offset {offset} residual {residual} relu {relu}");
+            let got = train(&g, &c, Path::Fused);
+            let again = train(&g, &c, Path::Fused);
             assert_eq!(
-                got,
-                train(&g, &c, true),
+                bit_diffs(&got, &again),
+                [0; 6],
                 "{name}: two runs differ (must be bit-reproducible)"
             );
+            if residual {
+                // The join fused into the normalisation is the separate join, bit for bit
+                // (the same statistics: the same op without the residual).
+                let apart = train(&g, &c, Path::JoinApart);
+                let d = bit_diffs(&got, &apart);
+                assert_eq!(
+                    d, [0; 6],
+                    "{name}: values differing from the separate join ({TRAIN_NAMES:?})"
+                );
+                joins += 1;
+            }
             // z is the plain forward's, bit for bit.
-            let plain = train(&g, &c, false);
+            let plain = train(&g, &c, Path::Plain);
             let zdiff = got[0]
                 .iter()
                 .zip(&plain[0])
@@ -509,7 +590,7 @@ fn train_stats_fusion_matches_cpu(p: Precision) {
             // rounding (z - mean is small next to z) past the precision's tolerance, with
             // or without fusion (y equals the unfused path's, checked above).
             if offset < 50.0 {
-                let want = train(&cpu, &c, true);
+                let want = train(&cpu, &c, Path::Plain);
                 let ks = if p == Precision::F32 || offset == 0.0 {
                     0..6
                 } else {
@@ -526,7 +607,7 @@ fn train_stats_fusion_matches_cpu(p: Precision) {
                 }
                 if p != Precision::F32 {
                     let r = c.rounded(p);
-                    let (gr, wr) = (train(&g, &r, true), train(&cpu, &r, true));
+                    let (gr, wr) = (train(&g, &r, Path::Fused), train(&cpu, &r, Path::Plain));
                     for k in 0..6 {
                         let e = rel_err(&gr[k], &wr[k]);
                         assert!(
@@ -550,7 +631,7 @@ fn train_stats_fusion_matches_cpu(p: Precision) {
             .join(", ")
     };
     eprintln!(
-        "{p}: {cases} cases; saved statistics vs exact f64: worst {worst_ulp} ulp; vs the unfused device path: y {worst_unfused:.2e}, statistics {worst_unfused_ulp} ulp; vs CPU (tolerance {tol:.0e}): {}; rounded operands: {}",
+        "{p}: {cases} cases ({joins} with the residual join, bit-identical to the separate join); saved statistics vs exact f64: worst {worst_ulp} ulp; vs the unfused device path: y {worst_unfused:.2e}, statistics {worst_unfused_ulp} ulp; vs CPU (tolerance {tol:.0e}): {}; rounded operands: {}",
         fmt(&worst),
         fmt(&worst_exact)
     );
@@ -574,10 +655,33 @@ fn train_op_checks_its_shapes<B: Backend<T = f32>>(be: &B) {
         let (mut rm, mut rv, mut sm, mut si) = (z(pc), z(pc), z(pc), z(pc));
         let (mut zz, mut y) = (z(s.y_len()), z(y_len));
         be.conv2d_bn_train_fwd(
-            &s, bn, &x, &w, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut zz, &mut y, true,
+            &s, bn, &x, &w, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut zz, &mut y, None, true,
+        )
+    };
+    let run_res = |r_len: usize| {
+        let (x, w) = (z(s.x_len()), z(s.w_len()));
+        let (g, b) = (z(s.c_out), z(s.c_out));
+        let (mut rm, mut rv, mut sm, mut si) = (z(s.c_out), z(s.c_out), z(s.c_out), z(s.c_out));
+        let (mut zz, mut y, r) = (z(s.y_len()), z(s.y_len()), z(r_len));
+        be.conv2d_bn_train_fwd(
+            &s,
+            &bn,
+            &x,
+            &w,
+            &g,
+            &b,
+            &mut rm,
+            &mut rv,
+            &mut sm,
+            &mut si,
+            &mut zz,
+            &mut y,
+            Some(&r),
+            true,
         )
     };
     run(&bn, s.y_len(), s.c_out).expect("the fitting shapes run");
+    run_res(s.y_len()).expect("the fitting shapes run with a residual");
     let wrong_c = BatchNorm2d {
         c: s.c_out + 1,
         ..bn
@@ -592,6 +696,7 @@ fn train_op_checks_its_shapes<B: Backend<T = f32>>(be: &B) {
             "short per-channel buffers",
             run(&bn, s.y_len(), s.c_out - 1),
         ),
+        ("a short residual", run_res(s.y_len() - 1)),
     ] {
         let e = r.expect_err(what).to_string();
         assert!(
@@ -599,4 +704,32 @@ fn train_op_checks_its_shapes<B: Backend<T = f32>>(be: &B) {
             "{what}: the error names the op: {e}"
         );
     }
+}
+
+/// The CPU's `conv2d_bn_train_fwd` with a residual (the join in the normalisation's pass) is
+/// the composite of separate ops bit for bit: conv, batch norm, then `add_relu_fwd` (or copy
+/// and `add_assign`), every output.
+fn train_join_on_the_cpu_is_the_composite() {
+    let cpu = CpuBackend::<f32>::new();
+    let mut rng = SplitMix64::fresh("fusion_train_join_cpu");
+    let mut cases = 0;
+    for s in train_shapes() {
+        for relu in [false, true] {
+            let c = TrainCase::new(&mut rng, s, 0.0, true, relu);
+            let got = train(&cpu, &c, Path::Fused);
+            for path in [Path::JoinApart, Path::Plain] {
+                assert_eq!(
+                    bit_diffs(&got, &train(&cpu, &c, path)),
+                    [0; 6],
+                    "{s:?} relu {relu}: values differing ({TRAIN_NAMES:?})"
+                );
+            }
+            // The join did something: some sums clipped to 0, others kept.
+            if relu {
+                assert!(got[1].contains(&0.0) && got[1].iter().any(|&v| v > 0.0));
+            }
+            cases += 1;
+        }
+    }
+    eprintln!("cpu: {cases} cases, the fused join bit-identical to the separate ops");
 }

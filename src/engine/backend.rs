@@ -191,10 +191,14 @@ pub trait Backend: Send + Sync {
         }
     }
 
-    /// Training convolution + batch norm: `z = conv(x, w)` (kept: the backward needs it),
-    /// then [`Backend::batchnorm_train_fwd`] of z into `y` (batch statistics, running stats
-    /// updated, mean and 1/sqrt(var+eps) saved; `relu` fuses a ReLU). The default runs the
-    /// two ops; a backend may take the statistics in the convolution's epilogue.
+    /// Training convolution + batch norm (+ residual) (+ ReLU): `z = conv(x, w)` (kept: the
+    /// backward needs it), then [`Backend::batchnorm_train_fwd`] of z (batch statistics,
+    /// running stats updated, mean and 1/sqrt(var+eps) saved) and `y = act(bn(z) + residual)`
+    /// (`act`: a ReLU when `relu`; with a residual, the join of a residual block as
+    /// [`Backend::add_relu_fwd`] computes it, so the block's output is written once). The
+    /// default runs the separate ops (allocating the normalised intermediate when there is a
+    /// residual); a backend may take the statistics in the convolution's epilogue and the
+    /// join in the normalisation's pass.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_bn_train_fwd(
         &self,
@@ -210,6 +214,7 @@ pub trait Backend: Send + Sync {
         save_invstd: &mut Self::Buf,
         z: &mut Self::Buf,
         y: &mut Self::Buf,
+        residual: Option<&Self::Buf>,
         relu: bool,
     ) -> Result<()> {
         s.check_fwd(self.len(x), self.len(w), self.len(z))?;
@@ -217,7 +222,7 @@ pub trait Backend: Send + Sync {
             "conv2d_bn_train_fwd",
             s,
             [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
-            None,
+            residual.map(|r| self.len(r)),
         )?;
         bn.check_train_fwd(
             self.len(z),
@@ -244,6 +249,7 @@ pub trait Backend: Send + Sync {
                 save_invstd,
                 z,
                 y,
+                residual,
                 relu,
             )
         }
@@ -268,9 +274,25 @@ pub trait Backend: Send + Sync {
         save_invstd: &mut Self::Buf,
         z: &mut Self::Buf,
         y: &mut Self::Buf,
+        residual: Option<&Self::Buf>,
         relu: bool,
     ) -> Result<()> {
         self.conv2d_fwd(s, x, w, z)?;
+        let Some(r) = residual else {
+            return self.batchnorm_train_fwd(
+                bn,
+                z,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                y,
+                relu,
+            );
+        };
+        let mut t = self.zeros(s.y_len())?;
         self.batchnorm_train_fwd(
             bn,
             z,
@@ -280,9 +302,15 @@ pub trait Backend: Send + Sync {
             running_var,
             save_mean,
             save_invstd,
-            y,
-            relu,
-        )
+            &mut t,
+            false,
+        )?;
+        if relu {
+            self.add_relu_fwd(&t, r, y)
+        } else {
+            self.copy(&t, y)?;
+            self.add_assign(y, r)
+        }
     }
 
     // ---- batch norm ----------------------------------------------------------------------

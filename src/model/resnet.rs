@@ -192,7 +192,8 @@ struct UnitActs<B: Backend> {
     relu: bool,
     /// Conv output (BN input).
     z: B::Buf,
-    /// BN (+ ReLU) output.
+    /// BN (+ ReLU) output; empty for a block's last unit, which writes the block's output
+    /// (the residual join fused into its normalisation) and has no ReLU of its own.
     y: B::Buf,
     mean: B::Buf,
     invstd: B::Buf,
@@ -215,6 +216,9 @@ impl<B: Backend> UnitGrads<B> {
 }
 
 impl<B: Backend> UnitActs<B> {
+    /// `joins`: the unit is a block's last, whose forward writes the block's output through
+    /// the residual join (`relu` must then be false: the join has the ReLU), so it keeps no
+    /// `y` of its own.
     #[allow(clippy::too_many_arguments)]
     fn new(
         be: &B,
@@ -223,6 +227,7 @@ impl<B: Backend> UnitActs<B> {
         h: usize,
         w: usize,
         relu: bool,
+        joins: bool,
         eps: f64,
         momentum: f64,
     ) -> Result<Self, ModelError> {
@@ -250,7 +255,7 @@ impl<B: Backend> UnitActs<B> {
             bn,
             relu,
             z: be.zeros(conv.y_len())?,
-            y: be.zeros(conv.y_len())?,
+            y: be.zeros(if joins { 0 } else { conv.y_len() })?,
             mean: be.zeros(spec.c_out)?,
             invstd: be.zeros(spec.c_out)?,
             scratch_mean: be.zeros(spec.c_out)?,
@@ -262,16 +267,24 @@ impl<B: Backend> UnitActs<B> {
         (self.conv.out_h(), self.conv.out_w())
     }
 
+    /// The forward pass into this unit's `y`, or with `join` = (shortcut, out) a block's last
+    /// unit with the residual join, `out = relu(bn(conv(x)) + shortcut)`: one backend op
+    /// either way (conv, BN, and the join in the normalisation's output).
     fn forward(
         &mut self,
         be: &B,
         params: &mut ParamStore<B>,
         x: &B::Buf,
         mode: BnMode,
+        join: Option<(&B::Buf, &mut B::Buf)>,
     ) -> Result<(), ModelError> {
         let s = self.spec;
+        let (residual, relu, out) = match join {
+            Some((r, o)) => (Some(r), true, Some(o)),
+            None => (None, self.relu, None),
+        };
         if mode == BnMode::Eval {
-            return self.forward_eval(be, params, x, None, self.relu, None);
+            return self.forward_eval(be, params, x, residual, relu, out);
         }
         let (w, g, b) = (
             &params.w[s.w.0].data,
@@ -292,8 +305,13 @@ impl<B: Backend> UnitActs<B> {
                 (&mut self.scratch_mean, &mut self.scratch_var)
             }
         };
-        // Conv and batch norm as one op: a backend may take the batch statistics in the
-        // convolution's epilogue (CUDA does).
+        // Conv and batch norm (and the join) as one op: a backend may take the batch
+        // statistics in the convolution's epilogue and the join in the normalisation (CUDA
+        // does both).
+        let y = match out {
+            Some(o) => o,
+            None => &mut self.y,
+        };
         be.conv2d_bn_train_fwd(
             &self.conv,
             &self.bn,
@@ -306,8 +324,9 @@ impl<B: Backend> UnitActs<B> {
             &mut self.mean,
             &mut self.invstd,
             &mut self.z,
-            &mut self.y,
-            self.relu,
+            y,
+            residual,
+            relu,
         )?;
         Ok(())
     }
@@ -359,12 +378,15 @@ impl<B: Backend> UnitActs<B> {
     ) -> Result<(), ModelError> {
         let s = self.spec;
         let dz = &mut grads.dz;
+        // The output masks dy only for a ReLU of the unit's own; a unit without one (a block's
+        // last keeps no `y`: its ReLU is the join's, masked by the caller) passes z, unread.
+        let y = if self.relu { &self.y } else { &self.z };
         {
             let [g, b] = two_mut(&mut params.w, s.g, s.b)?;
             be.batchnorm_bwd(
                 &self.bn,
                 &self.z,
-                &self.y,
+                y,
                 dy,
                 &g.data,
                 &self.mean,
@@ -453,12 +475,12 @@ impl<B: Backend> BlockActs<B> {
         let (mut ch, mut cw) = (h, w);
         let last = spec.units.len() - 1;
         for (j, &u) in spec.units.iter().enumerate() {
-            let a = UnitActs::new(be, u, n, ch, cw, j != last, eps, momentum)?;
+            let a = UnitActs::new(be, u, n, ch, cw, j != last, j == last, eps, momentum)?;
             (ch, cw) = a.out_hw();
             units.push(a);
         }
         let down = match spec.down {
-            Some(d) => Some(UnitActs::new(be, d, n, h, w, false, eps, momentum)?),
+            Some(d) => Some(UnitActs::new(be, d, n, h, w, false, false, eps, momentum)?),
             None => None,
         };
         let in_len = n * spec.units[0].c_in * h * w;
@@ -485,46 +507,25 @@ impl<B: Backend> BlockActs<B> {
         mode: BnMode,
     ) -> Result<(), ModelError> {
         let last = self.units.len() - 1;
-        if mode == BnMode::Eval {
-            // The shortcut first, then the main branch, its last unit fused with the join.
-            if let Some(d) = self.down.as_mut() {
-                d.forward(be, params, x, mode)?;
-            }
-            for j in 0..=last {
-                let (prev, cur) = self.units.split_at_mut(j);
-                let input = if j == 0 { x } else { &prev[j - 1].y };
-                if j < last {
-                    cur[0].forward(be, params, input, mode)?;
-                } else {
-                    let shortcut = match &self.down {
-                        Some(d) => &d.y,
-                        None => x,
-                    };
-                    cur[0].forward_eval(
-                        be,
-                        params,
-                        input,
-                        Some(shortcut),
-                        true,
-                        Some(&mut self.out),
-                    )?;
-                }
-            }
-            return Ok(());
+        // The shortcut first, then the main branch, its last unit fused with the join
+        // (`out = relu(bn(conv) + shortcut)`, in either mode: no separate add + ReLU pass).
+        if let Some(d) = self.down.as_mut() {
+            d.forward(be, params, x, mode, None)?;
         }
         for j in 0..=last {
             let (prev, cur) = self.units.split_at_mut(j);
             let input = if j == 0 { x } else { &prev[j - 1].y };
-            cur[0].forward(be, params, input, mode)?;
+            let join = if j < last {
+                None
+            } else {
+                let shortcut = match &self.down {
+                    Some(d) => &d.y,
+                    None => x,
+                };
+                Some((shortcut, &mut self.out))
+            };
+            cur[0].forward(be, params, input, mode, join)?;
         }
-        if let Some(d) = self.down.as_mut() {
-            d.forward(be, params, x, mode)?;
-        }
-        let shortcut = match &self.down {
-            Some(d) => &d.y,
-            None => x,
-        };
-        be.add_relu_fwd(&self.units[last].y, shortcut, &mut self.out)?;
         Ok(())
     }
 
@@ -633,7 +634,7 @@ impl<B: Backend> BackboneActs<B> {
         w: usize,
     ) -> Result<Self, ModelError> {
         let (eps, mom) = (spec.eps, spec.momentum);
-        let stem = UnitActs::new(be, spec.stem, n, h, w, true, eps, mom)?;
+        let stem = UnitActs::new(be, spec.stem, n, h, w, true, false, eps, mom)?;
         let (sh, sw) = stem.out_hw();
         let pool = Pool2d {
             n,
@@ -692,7 +693,7 @@ impl<B: Backend> BackboneActs<B> {
         x: &B::Buf,
         mode: BnMode,
     ) -> Result<(), ModelError> {
-        self.stem.forward(be, params, x, mode)?;
+        self.stem.forward(be, params, x, mode, None)?;
         be.maxpool2d_fwd(&self.pool, &self.stem.y, &mut self.pooled)?;
         for i in 0..self.blocks.len() {
             let (prev, cur) = self.blocks.split_at_mut(i);

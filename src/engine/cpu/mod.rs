@@ -213,6 +213,42 @@ impl<T: Real> Backend for CpuBackend<T> {
         })
     }
 
+    unsafe fn conv2d_bn_train_fwd_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        running_mean: &mut Vec<T>,
+        running_var: &mut Vec<T>,
+        save_mean: &mut Vec<T>,
+        save_invstd: &mut Vec<T>,
+        z: &mut Vec<T>,
+        y: &mut Vec<T>,
+        residual: Option<&Vec<T>>,
+        relu: bool,
+    ) -> Result<()> {
+        // The separate ops' arithmetic, the residual join in the normalisation's pass (no
+        // intermediate allocated): bit for bit the composite.
+        timed(0, || conv::conv2d_fwd(s, x, w, z))?;
+        timed(3, || {
+            norm::batchnorm_train_fwd(
+                bn,
+                z,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                y,
+                residual.map(|r| r.as_slice()),
+                relu,
+            )
+        })
+    }
     unsafe fn batchnorm_train_fwd_unchecked(
         &self,
         s: &BatchNorm2d,
@@ -237,6 +273,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                 save_mean,
                 save_invstd,
                 y,
+                None,
                 relu,
             )
         })

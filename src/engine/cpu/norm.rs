@@ -1,5 +1,6 @@
 //! Batch normalisation over `[n, c, hw]` (statistics per channel), training and eval forward
-//! and the training backward, each with an optional fused ReLU on the output. Running
+//! and the training backward, each with an optional fused ReLU on the output (the training
+//! forward also with a residual added before it: a residual block's join). Running
 //! statistics follow PyTorch: `running = (1 - momentum) * running + momentum * batch`, with
 //! the unbiased batch variance there and the biased one for normalising.
 //!
@@ -47,8 +48,18 @@ fn planes<'a, T>(s: &BatchNorm2d, ch: usize, a: &'a [T]) -> impl Iterator<Item =
     (0..s.n).map(move |i| &a[(i * c + ch) * hw..(i * c + ch + 1) * hw])
 }
 
-/// Writes `y = max?(x * scale[ch] + shift[ch])` plane by plane.
-fn affine<T: Real>(s: &BatchNorm2d, x: &[T], scale: &[T], shift: &[T], y: &mut [T], relu: bool) {
+/// Writes `y = max?(x * scale[ch] + shift[ch] (+ residual))` plane by plane, each step
+/// rounded on its own (with a residual, what the separate [`super::elementwise::add_relu_fwd`]
+/// or `add_assign` after the affine map gives, bit for bit).
+fn affine<T: Real>(
+    s: &BatchNorm2d,
+    x: &[T],
+    scale: &[T],
+    shift: &[T],
+    residual: Option<&[T]>,
+    y: &mut [T],
+    relu: bool,
+) {
     if s.hw == 0 {
         return;
     }
@@ -57,7 +68,13 @@ fn affine<T: Real>(s: &BatchNorm2d, x: &[T], scale: &[T], shift: &[T], y: &mut [
         .enumerate()
         .for_each(|(p, (yp, xp))| {
             let ch = p % s.c;
-            affine_plane(yp, xp, scale[ch], shift[ch], relu);
+            match residual {
+                None => affine_plane(yp, xp, scale[ch], shift[ch], relu),
+                Some(r) => {
+                    let rp = &r[p * s.hw..(p + 1) * s.hw];
+                    affine_res_plane(yp, xp, rp, scale[ch], shift[ch], relu)
+                }
+            }
         });
 }
 
@@ -75,6 +92,22 @@ fn affine_plane_body<T: Real>(yp: &mut [T], xp: &[T], a: T, b: T, relu: bool) {
 }
 crate::multiversion!(affine_plane, affine_plane_body, <T: Real>, (
     yp: &mut [T], xp: &[T], a: T, b: T, relu: bool
+));
+
+#[inline(always)]
+fn affine_res_plane_body<T: Real>(yp: &mut [T], xp: &[T], rp: &[T], a: T, b: T, relu: bool) {
+    if relu {
+        for ((o, v), r) in yp.iter_mut().zip(xp).zip(rp) {
+            *o = ((*v * a + b) + *r).max(T::zero());
+        }
+    } else {
+        for ((o, v), r) in yp.iter_mut().zip(xp).zip(rp) {
+            *o = (*v * a + b) + *r;
+        }
+    }
+}
+crate::multiversion!(affine_res_plane, affine_res_plane_body, <T: Real>, (
+    yp: &mut [T], xp: &[T], rp: &[T], a: T, b: T, relu: bool
 ));
 
 /// (mean, biased variance) of channel `ch`.
@@ -105,7 +138,9 @@ fn channel_stats<T: Real>(s: &BatchNorm2d, ch: usize, x: &[T], count: usize) -> 
     out
 }
 
-/// Training-mode forward; see [`crate::engine::Backend::batchnorm_train_fwd`].
+/// Training-mode forward; see [`crate::engine::Backend::batchnorm_train_fwd`]. With a
+/// `residual` (x's shape) the output is `act(bn(x) + residual)`, the residual join of
+/// [`crate::engine::Backend::conv2d_bn_train_fwd`].
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_train_fwd<T: Real>(
     s: &BatchNorm2d,
@@ -117,6 +152,7 @@ pub fn batchnorm_train_fwd<T: Real>(
     save_mean: &mut [T],
     save_invstd: &mut [T],
     y: &mut [T],
+    residual: Option<&[T]>,
     relu: bool,
 ) -> Result<()> {
     let count = s.n * s.hw;
@@ -139,7 +175,7 @@ pub fn batchnorm_train_fwd<T: Real>(
         scale[ch] = T::from_f64_lossy(g);
         shift[ch] = T::from_f64_lossy(beta[ch].as_f64() - mean * g);
     }
-    affine(s, x, &scale, &shift, y, relu);
+    affine(s, x, &scale, &shift, residual, y, relu);
     Ok(())
 }
 
@@ -156,7 +192,7 @@ pub fn batchnorm_eval_fwd<T: Real>(
     relu: bool,
 ) -> Result<()> {
     let (scale, shift) = eval_scale_shift(s, gamma, beta, running_mean, running_var)?;
-    affine(s, x, &scale, &shift, y, relu);
+    affine(s, x, &scale, &shift, None, y, relu);
     Ok(())
 }
 

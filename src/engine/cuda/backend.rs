@@ -502,12 +502,14 @@ impl Backend for CudaBackend {
         save_invstd: &mut CudaSlice<f32>,
         z: &mut CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
         relu: bool,
     ) -> Result<()> {
         // The statistics in the convolution's epilogue (partial sums per channel and pixel
-        // tile, from the f64 arena), combined per channel, then one pass over z; a
-        // tensor-core forward split over K (the late layers) takes them in separate passes.
-        let Some(tiles) = conv::stats_tiles(self, s) else {
+        // tile, from the f64 arena; on the split-K path in the kernel that sums the splits),
+        // combined per channel, then one pass over z that also adds the residual and applies
+        // the ReLU (a block's join). An empty output or reduction takes the separate passes.
+        let Some(tiles) = conv::stats_tiles(s) else {
             conv::conv2d_fwd(self, s, x, w, z)?;
             return norm::batchnorm_train_fwd(
                 self,
@@ -520,6 +522,7 @@ impl Backend for CudaBackend {
                 save_mean,
                 save_invstd,
                 y,
+                residual,
                 relu,
             );
         };
@@ -541,6 +544,7 @@ impl Backend for CudaBackend {
                 save_mean,
                 save_invstd,
                 y,
+                residual,
                 relu,
             )
         });
@@ -590,6 +594,7 @@ impl Backend for CudaBackend {
             save_mean,
             save_invstd,
             y,
+            None,
             relu,
         )
     }

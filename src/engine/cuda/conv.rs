@@ -8,7 +8,8 @@
 //! norm (+ residual) (+ ReLU) is one forward launch with the normalisation in its epilogue
 //! ([`conv2d_bn_eval_fwd`]; the per-channel scale and shift come from `norm.rs`), and on the
 //! split-K path in the kernel that sums the splits. The training forward can write, with z,
-//! the batch-norm partial statistics of z per (channel, 64-pixel tile) ([`conv2d_fwd_stats`]).
+//! the batch-norm partial statistics of z per (channel, 64-pixel tile) ([`conv2d_fwd_stats`];
+//! on the split-K path the kernel that sums the splits takes them).
 
 use cudarc::driver::CudaSlice;
 
@@ -25,6 +26,7 @@ kernels!("conv" {
     bwd_weight: "conv2d_bwd_weight",
     splitk_reduce: "conv_splitk_reduce",
     splitk_reduce_bn: "conv_splitk_reduce_bn",
+    splitk_reduce_stats: "conv_splitk_reduce_stats",
 });
 
 fn kernels(be: &CudaBackend) -> Result<&Kernels> {
@@ -185,7 +187,7 @@ pub(crate) fn conv2d_bn_eval_fwd(
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let fused = tc_pick(be, |t| (&t.fwd_bn_bf16, &t.fwd_bn_tf32))?;
         let kk = s.c_in * s.kh * s.kw;
-        let fused = fused.map(|f| (f, ep));
+        let fused = fused.map(|f| Fused::Bn(f, ep));
         // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
         return unsafe {
             launch_split(
@@ -213,35 +215,40 @@ pub(crate) fn conv2d_bn_eval_fwd(
     unsafe { l.launch(cfg) }
 }
 
+/// The epilogue of a tensor-core forward for [`launch_split`]: its fused kernel (used with one
+/// split) and its arguments.
+enum Fused<'a> {
+    /// The eval-mode batch norm (`conv2d_fwd_bn_*`; split: `conv_splitk_reduce_bn`).
+    Bn(&'a Kernel, &'a BnEpilogue<'a>),
+    /// The batch-norm partial statistics `part_s`, `part_q` (`conv2d_fwd_stats_*`; split:
+    /// `conv_splitk_reduce_stats`).
+    Stats(&'a Kernel, &'a mut CudaSlice<f64>, &'a mut CudaSlice<f64>),
+}
+
 /// Pixels per tile of the forward kernels' statistics epilogue (`BN`, `TBN`).
 pub(crate) const STATS_TILE: usize = 64;
 
 /// The number of pixel tiles of `s`'s forward whose batch-norm statistics
-/// [`conv2d_fwd_stats`] writes in its epilogue, or None where it does not: an empty output,
-/// or a tensor-core forward split over K (the late layers; the caller then takes the
-/// statistics in separate passes over z).
-pub(crate) fn stats_tiles(be: &CudaBackend, s: &Conv2d) -> Option<usize> {
+/// [`conv2d_fwd_stats`] writes in its epilogue, or None where it does not: an empty output or
+/// reduction (the caller then takes the statistics in separate passes over z).
+pub(crate) fn stats_tiles(s: &Conv2d) -> Option<usize> {
     let p = s.n * s.out_h() * s.out_w();
     let kk = s.c_in * s.kh * s.kw;
     if p == 0 || s.c_out == 0 || kk == 0 {
         return None;
     }
-    let tiles = p.div_ceil(STATS_TILE);
-    if be.precision().tensor_cores() {
-        let (_, splits) = split_plan(be, tiles * s.c_out.div_ceil(64), kk, TC_BK);
-        if splits > 1 {
-            return None;
-        }
-    }
-    Some(tiles)
+    Some(p.div_ceil(STATS_TILE))
 }
 
-/// `z = conv(x, w)` in one launch that also writes, per output channel c and tile t of 64
-/// pixels (of the n*out_h*out_w, in order), `part_s[c * tiles + t]` = the sum of z over the
-/// tile and `part_q[c * tiles + t]` = the sum of its squared deviations from the tile's mean
-/// (f64; `norm::batchnorm_train_from_partials` combines them). Only where
-/// [`stats_tiles`] gives `Some(tiles)`; the caller checked the lengths (`part_s`, `part_q`:
-/// `c_out * tiles` each).
+/// `z = conv(x, w)` that also writes, per output channel c and tile t of 64 pixels (of the
+/// n*out_h*out_w, in order), `part_s[c * tiles + t]` = the sum of z over the tile and
+/// `part_q[c * tiles + t]` = the sum of its squared deviations from the tile's mean (f64;
+/// `norm::batchnorm_train_from_partials` combines them): one launch (f32:
+/// `conv2d_fwd_stats`; tf32 / bf16: `conv2d_fwd_stats_*` with one split), or on the
+/// tensor-core split-K path the unfused forward into the workspace and
+/// `conv_splitk_reduce_stats`, which sums the splits and takes the statistics of the sums.
+/// Only where [`stats_tiles`] gives `Some(tiles)`; the caller checked the lengths (`part_s`,
+/// `part_q`: `c_out * tiles` each).
 pub(crate) fn conv2d_fwd_stats(
     be: &CudaBackend,
     s: &Conv2d,
@@ -251,23 +258,42 @@ pub(crate) fn conv2d_fwd_stats(
     part_s: &mut CudaSlice<f64>,
     part_q: &mut CudaSlice<f64>,
 ) -> Result<()> {
-    let Some(tiles) = stats_tiles(be, s) else {
+    let Some(tiles) = stats_tiles(s) else {
         return Err(EngineError::Param(format!(
-            "conv2d_fwd_stats: {s:?} has no statistics epilogue at {}",
-            be.precision()
+            "conv2d_fwd_stats: {s:?} has no statistics epilogue (an empty output or reduction)"
         )));
     };
     let g = geometry(s)?;
     let gy = s.c_out.div_ceil(64);
-    let (kern, threads) = match tc_pick(be, |t| (&t.fwd_stats_bf16, &t.fwd_stats_tf32))? {
-        Some(k) => (k, TC_THREADS),
-        None => (&kernels(be)?.fwd_stats, 256),
-    };
-    let cfg = blocks("conv2d_fwd_stats", (tiles, gy, 1), threads)?;
+    if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
+        let fused = tc_pick(be, |t| (&t.fwd_stats_bf16, &t.fwd_stats_tf32))?;
+        let kk = s.c_in * s.kh * s.kw;
+        let fused = fused.map(|f| Fused::Stats(f, part_s, part_q));
+        // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles
+        // values (the caller's contract); the grid's x is `tiles`.
+        return unsafe {
+            launch_split(
+                be,
+                "conv2d_fwd_stats",
+                k,
+                true,
+                (tiles, gy),
+                kk,
+                x,
+                w,
+                z,
+                &g,
+                fused,
+            )
+        };
+    }
+    let cfg = blocks("conv2d_fwd_stats", (tiles, gy, 1), 256)?;
     // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles values
     // (the caller's contract); the grid's x is `tiles`.
     unsafe {
-        kern.on(be.stream())
+        kernels(be)?
+            .fwd_stats
+            .on(be.stream())
             .arg(x)
             .arg(w)
             .arg(z)
@@ -388,15 +414,16 @@ fn split_plan(be: &CudaBackend, tiles: usize, k: usize, bk: usize) -> (usize, us
 /// otherwise each split writes its partial result into a workspace of `splits` outputs,
 /// which `conv_splitk_reduce` sums into `out` in split order (deterministic).
 ///
-/// `fused`: a forward with the eval-mode batch-norm epilogue (the tensor-core forwards):
-/// with one split its fused kernel (`kern`'s signature but for `chunk`, `OH` and `OW`, then
-/// the epilogue's arguments) writes `out`; with more, `kern` fills the workspace and
-/// `conv_splitk_reduce_bn` sums it and applies the epilogue.
+/// `fused`: a forward with an epilogue (the tensor-core forwards): with one split its fused
+/// kernel (`kern`'s signature but for `chunk`, `OH` and `OW`, then the epilogue's arguments)
+/// writes `out`; with more, `kern` fills the workspace and the epilogue's reduce
+/// (`conv_splitk_reduce_bn`, `conv_splitk_reduce_stats`) sums it and applies the epilogue.
 ///
 /// # Safety
 /// `a`, `b` and `out` must hold the lengths the kernel indexes with `g` (the op checked them
 /// against its shape), and `k` must be the kernel's reduction length; `fused`'s buffers
-/// those of [`BnEpilogue`].
+/// those of [`BnEpilogue`], or for the statistics `c_out * gx` values each (`gx`: the
+/// forward's 64-pixel tiles).
 #[allow(clippy::too_many_arguments)]
 unsafe fn launch_split(
     be: &CudaBackend,
@@ -409,7 +436,7 @@ unsafe fn launch_split(
     b: &CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
     g: &[i32; 11],
-    fused: Option<(&Kernel, &BnEpilogue<'_>)>,
+    fused: Option<Fused<'_>>,
 ) -> Result<()> {
     let (bk, threads) = if tc { (TC_BK, TC_THREADS) } else { (16, 256) };
     let (chunk, splits) = if k == 0 {
@@ -418,13 +445,21 @@ unsafe fn launch_split(
         split_plan(be, gx * gy, k, bk)
     };
     if splits == 1 {
-        if let Some((fk, ep)) = fused {
+        if let Some(f) = fused {
             // One split (an empty reduction included): the fused kernel.
             let cfg = blocks(op, (gx, gy, 1), threads)?;
-            let relu = ep.relu as i32;
+            let (fk, relu) = match &f {
+                Fused::Bn(fk, ep) => (*fk, ep.relu as i32),
+                Fused::Stats(fk, ..) => (*fk, 0),
+            };
             let mut l = fk.on(be.stream());
             l.arg(a).arg(b).arg(out).ints(&g[..9]);
-            ep.push(&mut l, &relu);
+            match f {
+                Fused::Bn(_, ep) => ep.push(&mut l, &relu),
+                Fused::Stats(_, ps, pq) => {
+                    l.arg(ps).arg(pq);
+                }
+            }
             // SAFETY: the caller's contract.
             return unsafe { l.launch(cfg) };
         }
@@ -475,7 +510,7 @@ unsafe fn launch_split(
                     .launch(grid(len))
             }
         }
-        Some((_, ep)) => {
+        Some(Fused::Bn(_, ep)) => {
             // The forward's output: channel c = (i / (OH*OW)) % C_out, g[4] and g[9]*g[10].
             let (c, hw) = (g[4], g[9] * g[10]);
             let relu = ep.relu as i32;
@@ -485,6 +520,27 @@ unsafe fn launch_split(
             // SAFETY: ws holds `splits` outputs of `len` elements, out one, ep's buffers
             // their lengths (the caller's contract).
             unsafe { l.launch(grid(len)) }
+        }
+        Some(Fused::Stats(_, ps, pq)) => {
+            // One warp per (channel, 64-pixel tile), 8 channels per block; gx tiles.
+            let (c, hw) = (g[4], g[9] * g[10]);
+            blocks(op, (gx, (c as usize).div_ceil(8), 1), 256).and_then(|cfg| {
+                // SAFETY: ws holds `splits` outputs of `len` elements, out one, ps and pq
+                // c_out * gx values (the caller's contract).
+                unsafe {
+                    ks.splitk_reduce_stats
+                        .on(be.stream())
+                        .arg(&ws)
+                        .arg(out)
+                        .arg(&splits)
+                        .arg(&n)
+                        .arg(&c)
+                        .arg(&hw)
+                        .arg(ps)
+                        .arg(pq)
+                        .launch(cfg)
+                }
+            })
         }
     };
     be.give_scratch(ws);

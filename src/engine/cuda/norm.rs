@@ -3,7 +3,9 @@
 //! per-channel finish; running stats updated), eval mode, the eval-mode normalisation folded
 //! into a per-channel scale and shift for a fused convolution ([`bn_eval_fold`]), the
 //! training forward from the partial statistics a convolution's epilogue wrote
-//! ([`batchnorm_train_from_partials`]), and the backward pass.
+//! ([`batchnorm_train_from_partials`]), and the backward pass. The training forward's
+//! normalisation can add a residual block's shortcut and apply its ReLU in the same pass
+//! (`bn_apply`; `Backend::conv2d_bn_train_fwd`'s join).
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
@@ -43,6 +45,8 @@ fn reduction(
     Ok((red, per_c, split, chunk))
 }
 
+/// The training forward in separate passes over x (the mean, the squared deviations, then
+/// `bn_apply`: `y = act(bn(x) (+ residual))`, the residual of x's shape when there is one).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batchnorm_train_fwd(
     be: &CudaBackend,
@@ -55,6 +59,7 @@ pub(crate) fn batchnorm_train_fwd(
     save_mean: &mut CudaSlice<f32>,
     save_invstd: &mut CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
+    residual: Option<&CudaSlice<f32>>,
     relu: bool,
 ) -> Result<()> {
     if s.c == 0 {
@@ -66,8 +71,7 @@ pub(crate) fn batchnorm_train_fwd(
     let mut part = be.take_scratch_f64(s.c * split)?;
     let mut stats = be.take_scratch_f64(2 * s.c)?;
     let r = (|| -> Result<()> {
-        let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
-        let relu = relu as i32;
+        let [n, c, hw, chunk, split] = int_args([s.n, s.c, s.hw, chunk, split])?;
         let (eps, momentum) = (s.eps, s.momentum);
         let k = kernels(be)?;
         let st = be.stream();
@@ -107,16 +111,19 @@ pub(crate) fn batchnorm_train_fwd(
                 .arg(&eps)
                 .arg(&momentum)
                 .launch(per_c)?;
-            k.apply
-                .on(st)
-                .arg(x)
-                .arg(gamma)
-                .arg(beta)
-                .arg(&*save_mean)
-                .arg(&*save_invstd)
-                .arg(y)
-                .ints(&[total, c, hw, relu])
-                .launch(grid(s.len()))
+            apply(
+                k,
+                be,
+                s,
+                x,
+                gamma,
+                beta,
+                save_mean,
+                save_invstd,
+                residual,
+                y,
+                relu,
+            )
         }
     })();
     be.give_scratch_f64(part);
@@ -131,7 +138,8 @@ pub(crate) fn batchnorm_train_fwd(
 /// channel combines them exactly (`bn_stats_finalize`: mean, then the squared deviations as
 /// the tiles' own plus `n_t * (mean_t - mean)^2`, no cancellation), updates the running
 /// stats and saves mean and invstd as [`batchnorm_train_fwd`] does; then `bn_apply` reads z
-/// once. The caller checked the lengths (`part_s`, `part_q`: `c * tiles`).
+/// once (and the residual, when there is one: `y = act(bn(z) + residual)`). The caller
+/// checked the lengths (`part_s`, `part_q`: `c * tiles`; the residual z's).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batchnorm_train_from_partials(
     be: &CudaBackend,
@@ -148,14 +156,15 @@ pub(crate) fn batchnorm_train_from_partials(
     save_mean: &mut CudaSlice<f32>,
     save_invstd: &mut CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
+    residual: Option<&CudaSlice<f32>>,
     relu: bool,
 ) -> Result<()> {
     if s.c == 0 {
         return Ok(());
     }
-    let [total, c, hw, cnt, tiles, tile] = int_args([s.len(), s.c, s.hw, s.n * s.hw, tiles, tile])?;
+    let [cnt, tiles, tile] = int_args([s.n * s.hw, tiles, tile])?;
     let per_c = blocks("batchnorm_train_fwd", (s.c, 1, 1), 256)?;
-    let (eps, momentum, relu) = (s.eps, s.momentum, relu as i32);
+    let (eps, momentum) = (s.eps, s.momentum);
     let k = kernels(be)?;
     let st = be.stream();
     // SAFETY: the partial sums hold c * tiles values, z and y n*c*hw, the per-channel
@@ -173,17 +182,55 @@ pub(crate) fn batchnorm_train_from_partials(
             .arg(&eps)
             .arg(&momentum)
             .launch(per_c)?;
-        k.apply
-            .on(st)
-            .arg(z)
-            .arg(gamma)
-            .arg(beta)
-            .arg(&*save_mean)
-            .arg(&*save_invstd)
-            .arg(y)
-            .ints(&[total, c, hw, relu])
-            .launch(grid(s.len()))
+        apply(
+            k,
+            be,
+            s,
+            z,
+            gamma,
+            beta,
+            save_mean,
+            save_invstd,
+            residual,
+            y,
+            relu,
+        )
     }
+}
+
+/// `bn_apply`: `y = act((x - mean) * invstd * gamma + beta (+ residual))` with the saved
+/// statistics, the residual (x's shape) or none, one pass over x.
+///
+/// # Safety
+/// x, y and the residual hold `s.len()` values, the per-channel buffers `s.c` each.
+#[allow(clippy::too_many_arguments)]
+unsafe fn apply(
+    k: &Kernels,
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    x: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    save_mean: &CudaSlice<f32>,
+    save_invstd: &CudaSlice<f32>,
+    residual: Option<&CudaSlice<f32>>,
+    y: &mut CudaSlice<f32>,
+    relu: bool,
+) -> Result<()> {
+    let ints = int_args([s.len(), s.c, s.hw, relu as usize])?;
+    let mut l = k.apply.on(be.stream());
+    l.arg(x)
+        .arg(gamma)
+        .arg(beta)
+        .arg(save_mean)
+        .arg(save_invstd);
+    match residual {
+        Some(r) => l.arg(r),
+        None => l.arg(&NULL),
+    };
+    l.arg(y).ints(&ints);
+    // SAFETY: the caller's contract.
+    unsafe { l.launch(grid(s.len())) }
 }
 
 #[allow(clippy::too_many_arguments)]
