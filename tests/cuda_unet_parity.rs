@@ -397,15 +397,20 @@ fn unet_step_matches_cpu() {
     let mut rng = SplitMix64::fresh("unet");
     let seed = rng.next_u64();
     let mut ng = UNet::new(g, cfg.clone(), seed).expect("gpu net");
-    let mut nc = UNet::new(CpuBackend::<f64>::new(), cfg, seed).expect("cpu net");
+    let mut nc = UNet::new(CpuBackend::<f64>::new(), cfg.clone(), seed).expect("cpu net");
+    // The CPU engine in f32 too: for some inputs (about one seed in ten) an f32 rounding
+    // decides a max-pool or ReLU choice differently from f64 and moves many gradients by
+    // a few percent in any f32 engine (seed 6931120495416484056: the CPU's f32 gradients
+    // 3e-2..7e-2 from its f64 ones, the device's within 1.3e-5 of the CPU's f32 ones);
+    // elsewhere the CPU's f32 loses digits on near-cancelling batch-norm / bias gradients
+    // that the device keeps (3e-3..3e-2 from f64, the device ~1e-5). A gradient passes
+    // when it matches either reference; a wrong kernel matches neither.
+    let mut n32 = UNet::new(CpuBackend::<f32>::new(), cfg, seed).expect("cpu f32 net");
     for name in ng.names() {
-        let v: Vec<f64> = ng
-            .param(&name)
-            .expect("p")
-            .iter()
-            .map(|&v| f64::from(v))
-            .collect();
+        let p = ng.param(&name).expect("p");
+        let v: Vec<f64> = p.iter().map(|&v| f64::from(v)).collect();
         nc.set_param(&name, &v).expect("same initial weights");
+        n32.set_param(&name, &p).expect("same initial weights");
     }
     let f32s = |v: Vec<f64>| -> Vec<f32> { v.iter().map(|&v| v as f32).collect() };
     let (n, h, w) = (2usize, 48usize, 64usize);
@@ -417,27 +422,44 @@ fn unet_step_matches_cpu() {
     );
     let tol = 1e-3;
     let lc = nc.forward_backward(&x64, &t64, n, h, w).expect("cpu pass");
+    n32.forward_backward(&x, &t, n, h, w).expect("cpu f32 pass");
     let lg = ng.forward_backward(&x, &t, n, h, w).expect("gpu pass");
     let e = ((lg.loss - lc.loss) / lc.loss).abs();
     assert!(e < tol, "loss {} vs {} (rel {e:e})", lg.loss, lc.loss);
     let e = rel_err(&ng.output().expect("out"), &f32s(nc.output().expect("out")));
     assert!(e < tol, "training output: rel err {e:e}");
+    let mut bad = Vec::new();
     for s in nc.weight_specs() {
-        let e = rel_err(
-            &ng.grad(&s.name).expect("grad"),
-            &f32s(nc.grad(&s.name).expect("grad")),
+        let got = ng.grad(&s.name).expect("grad");
+        let e64 = rel_err(&got, &f32s(nc.grad(&s.name).expect("grad")));
+        let e32 = rel_err(&got, &n32.grad(&s.name).expect("grad"));
+        println!(
+            "grad {}: rel err {e64:.2e} vs f64, {e32:.2e} vs the CPU's f32",
+            s.name
         );
-        assert!(e < tol, "grad {}: rel err {e:e}", s.name);
+        if e64 >= tol && e32 >= tol {
+            bad.push(format!(
+                "grad {}: rel err {e64:e} vs the CPU's f64, {e32:e} vs its f32",
+                s.name
+            ));
+        }
     }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
     nc.step(&OptimizerConfig::adam(1e-3)).expect("cpu adam");
+    n32.step(&OptimizerConfig::adam(1e-3))
+        .expect("cpu f32 adam");
     ng.step(&OptimizerConfig::adam(1e-3)).expect("gpu adam");
     for name in nc.names() {
-        let e = rel_err(
-            &ng.param(&name).expect("p"),
-            &f32s(nc.param(&name).expect("p")),
-        );
-        assert!(e < tol, "{name} after the step: rel err {e:e}");
+        let got = ng.param(&name).expect("p");
+        let e64 = rel_err(&got, &f32s(nc.param(&name).expect("p")));
+        let e32 = rel_err(&got, &n32.param(&name).expect("p"));
+        if e64 >= tol && e32 >= tol {
+            bad.push(format!(
+                "{name} after the step: rel err {e64:e} vs the CPU's f64, {e32:e} vs its f32"
+            ));
+        }
     }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
     let pc = nc.predict(&x64, n, h, w).expect("cpu eval");
     let pg = ng.predict(&x, n, h, w).expect("gpu eval");
     let e = rel_err(&pg, &f32s(pc));
