@@ -434,7 +434,7 @@ pub trait Backend: Send + Sync {
         }
     }
     checked_op! {
-        /// y[i] = mean of x[i, 0..hw] for i in 0..rows (rows = n*c).
+        /// `y[i]` = mean of `x[i, 0..hw]` for i in `0..rows` (rows = n*c).
         fn global_avg_pool_fwd / global_avg_pool_fwd_unchecked(
             &self,
             rows: usize,
@@ -459,7 +459,7 @@ pub trait Backend: Send + Sync {
 
     // ---- dense ---------------------------------------------------------------------------
     checked_op! {
-        /// y[m, n] = x[m, k] . w[n, k]^T + b[n].
+        /// `y[m, n] = x[m, k] . w[n, k]^T + b[n]`.
         fn linear_fwd / linear_fwd_unchecked(
             &self,
             m: usize,
@@ -603,7 +603,7 @@ pub trait Backend: Send + Sync {
 
     // ---- class activation maps -----------------------------------------------------------
     checked_op! {
-        /// cam[i, p] = sum_c weights[c] * features[i, c, p] for features `[n, c, hw]`.
+        /// `cam[i, p] = sum_c weights[c] * features[i, c, p]` for features `[n, c, hw]`.
         fn cam_weight / cam_weight_unchecked(
             &self,
             n: usize,
@@ -718,7 +718,7 @@ pub trait Backend: Send + Sync {
 
     // ---- U-Net (stage 3) -----------------------------------------------------------------
     checked_op! {
-        /// y[i, ch, p] = y[i, ch, p] + b[ch] over y `[n, c, hw]`, then max(., 0) when `relu`:
+        /// `y[i, ch, p] = y[i, ch, p] + b[ch]` over y `[n, c, hw]`, then `max(., 0)` when `relu`:
         /// a convolution's bias (and the ReLU after it), in place.
         fn bias_relu_assign / bias_relu_assign_unchecked(
             &self,
@@ -733,7 +733,7 @@ pub trait Backend: Send + Sync {
         }
     }
     checked_op! {
-        /// db[ch] = sum over i and p of dy[i, ch, p] for dy `[n, c, hw]`: a bias's gradient.
+        /// `db[ch]` = sum over i and p of `dy[i, ch, p]` for dy `[n, c, hw]`: a bias's gradient.
         fn bias_bwd / bias_bwd_unchecked(
             &self,
             n: usize,
@@ -746,7 +746,7 @@ pub trait Backend: Send + Sync {
         }
     }
     checked_op! {
-        /// y[:, y_offset + co] = conv_transpose(x, w)[:, co] + b[co] (kernel = stride = k); the
+        /// `y[:, y_offset + co] = conv_transpose(x, w)[:, co] + b[co]` (kernel = stride = k); the
         /// other channels of y are left as they are.
         fn upconv2d_fwd / upconv2d_fwd_unchecked(
             &self,
