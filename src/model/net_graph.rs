@@ -63,7 +63,7 @@ impl StepKey for Key {
 }
 
 /// A captured training step and its fixed device buffers: the inputs (`x`, `y`: the
-/// graph reads them; [`TrainGraph::feed`] fills them through the rings), the loss the graph
+/// graph reads them; `TrainGraph::feed` fills them through the rings), the loss the graph
 /// writes, and the optimizer's device scalars (`hyper`, written before each replay).
 pub struct TrainGraph<K = Key> {
     pub(crate) key: K,

@@ -1,6 +1,6 @@
 //! Stage 3: the U-Net on pseudo-masks. After stage 2, every training and validation volume
 //! is segmented the way `ichcam segment` would (the stage-2 CAM brought to the native grid,
-//! [`crate::seg::refine`] with the config's rules) on the slices [`PseudoFlags`] picks: the
+//! [`crate::seg::refine()`] with the config's rules) on the slices [`PseudoFlags`] picks: the
 //! volume's own slice labels, or the stage-2 head's flags. Each refined mask is cut to the
 //! model's input box and resized to its input size (a soft target: the mask's fraction of
 //! each input pixel). The U-Net then learns on those slices plus a share of negative slices

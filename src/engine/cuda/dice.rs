@@ -73,7 +73,7 @@ pub(crate) fn soft_dice_loss(
     }
 }
 
-/// The loss from what [`soft_dice_loss_into`] wrote: `loss`, or the error of a zero
+/// The loss from what `soft_dice_loss_into` wrote: `loss`, or the error of a zero
 /// denominator when `zero_den` is set.
 pub fn dice_value(loss: f64, zero_den: f64) -> Result<f64> {
     if zero_den != 0.0 {
