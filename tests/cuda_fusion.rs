@@ -42,9 +42,7 @@ mod common;
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
-use std::sync::OnceLock;
-
-use common::cuda::{device, host};
+use common::cuda::{device, host, rel_err, round};
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Precision};
@@ -82,45 +80,8 @@ fn main() {
     ])
 }
 
-/// The shared device backend at precision `p` (clones of one backend: one context).
 fn gpu(p: Precision) -> CudaBackend {
-    static GPU: OnceLock<CudaBackend> = OnceLock::new();
-    let mut be = GPU
-        .get_or_init(|| CudaBackend::new(0).expect("the harness found a CUDA device"))
-        .clone();
-    be.set_precision(p)
-        .expect("the device takes this precision");
-    be
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        if g.is_nan() || w.is_nan() {
-            return f64::INFINITY;
-        }
-        let d = g as f64 - w as f64;
-        num += d * d;
-        den += (w as f64) * (w as f64);
-    }
-    assert!(den > 0.0, "reference is all zeros");
-    (num / den).sqrt()
-}
-
-/// `v` rounded as the tensor-core kernels round their operands: bf16 to nearest even, tf32
-/// to nearest with ties away from zero (`cvt.rna.tf32.f32`).
-fn round(p: Precision, v: &[f32]) -> Vec<f32> {
-    v.iter()
-        .map(|&x| {
-            let u = x.to_bits();
-            f32::from_bits(match p {
-                Precision::F32 => u,
-                Precision::Bf16 => (u + 0x7fff + ((u >> 16) & 1)) & 0xffff_0000,
-                Precision::Tf32 => (u + 0x1000) & 0xffff_e000,
-            })
-        })
-        .collect()
+    common::cuda::gpu_at(p)
 }
 
 /// The shapes of the eval-mode tests: odd sizes, the stem's 7x7 stride 2, 1x1 (stride 1 and

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use ichcam::engine::cuda::CudaBackend;
+use ichcam::engine::Precision;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 /// Whether a missing device must be a failure.
@@ -162,4 +163,46 @@ fn run_with(args: &Arguments, tests: Vec<Test>) -> ! {
         })
         .collect();
     libtest_mimic::run(args, trials).exit()
+}
+
+/// The shared device backend at precision `p` (clones of one backend: one context).
+pub fn gpu_at(p: Precision) -> CudaBackend {
+    static GPU: OnceLock<CudaBackend> = OnceLock::new();
+    let mut be = GPU
+        .get_or_init(|| CudaBackend::new(0).expect("the harness found a CUDA device"))
+        .clone();
+    be.set_precision(p)
+        .expect("the device takes this precision");
+    be
+}
+
+/// `||got - want|| / ||want||` in f64; infinite when either holds a NaN.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if g.is_nan() || w.is_nan() {
+            return f64::INFINITY;
+        }
+        let d = g as f64 - w as f64;
+        num += d * d;
+        den += (w as f64) * (w as f64);
+    }
+    assert!(den > 0.0, "reference is all zeros");
+    (num / den).sqrt()
+}
+
+/// `v` rounded as the tensor-core kernels round their operands: bf16 to nearest even, tf32
+/// to nearest with ties away from zero (`cvt.rna.tf32.f32`).
+pub fn round(p: Precision, v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| {
+            let u = x.to_bits();
+            f32::from_bits(match p {
+                Precision::F32 => u,
+                Precision::Bf16 => (u + 0x7fff + ((u >> 16) & 1)) & 0xffff_0000,
+                Precision::Tf32 => (u + 0x1000) & 0xffff_e000,
+            })
+        })
+        .collect()
 }
