@@ -607,30 +607,12 @@ fn queued_losses_read_a_step_late_are_the_same() {
 }
 
 fn train_with_late_loss_readback_is_bit_identical() {
-    use ichcam::data::synth::{phantom, plan_positive, SynthConfig};
     use ichcam::model::{BlockKind, OptimizerConfig};
     use ichcam::train::{
-        train_with, AugmentConfig, LossReadback, TrainCase, TrainConfig, TrainInput, TrainOptions,
+        train_with, AugmentConfig, LossReadback, TrainConfig, TrainInput, TrainOptions,
     };
     let (size, slices, n) = (16, 8, 4);
-    let synth = SynthConfig {
-        size,
-        slices,
-        clean: false,
-    };
-    let pos = plan_positive(n, 5);
-    let cases: Vec<TrainCase> = (0..n)
-        .map(|i| {
-            let p = phantom(&synth, 5, i, pos[i]).expect("phantom");
-            TrainCase {
-                id: format!("{i:03}"),
-                patient: format!("p{i:03}"),
-                labels: p.slice_labels().iter().map(|&l| l > 0).collect(),
-                hu: p.hu,
-                spacing: p.spacing,
-            }
-        })
-        .collect();
+    let cases = common::train::phantoms(n, size, slices, 5);
     let cfg = TrainConfig {
         name: "micro".into(),
         model: ModelConfig {
@@ -1164,31 +1146,13 @@ fn unet_failed_capture_runs_that_shape_eagerly() {
 }
 
 fn unet_train_with_late_loss_readback_is_bit_identical() {
-    use ichcam::data::synth::{phantom, plan_positive, SynthConfig};
     use ichcam::model::{BlockKind, OptimizerConfig};
     use ichcam::train::config::UNetTrainConfig;
     use ichcam::train::{
-        train_with, AugmentConfig, LossReadback, TrainCase, TrainConfig, TrainInput, TrainOptions,
+        train_with, AugmentConfig, LossReadback, TrainConfig, TrainInput, TrainOptions,
     };
     let (size, slices, n) = (40, 10, 6);
-    let synth = SynthConfig {
-        size,
-        slices,
-        clean: false,
-    };
-    let pos = plan_positive(n, 31);
-    let cases: Vec<TrainCase> = (0..n)
-        .map(|i| {
-            let p = phantom(&synth, 31, i, pos[i]).expect("phantom");
-            TrainCase {
-                id: format!("{i:03}"),
-                patient: format!("p{i:03}"),
-                labels: p.slice_labels().iter().map(|&l| l > 0).collect(),
-                hu: p.hu,
-                spacing: p.spacing,
-            }
-        })
-        .collect();
+    let cases = common::train::phantoms(n, size, slices, 31);
     let mut u = UNetTrainConfig::cpu();
     u.features = 2;
     u.depth = 2;

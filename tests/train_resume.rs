@@ -3,35 +3,14 @@
 //! a clear message; the log and plot are written. Also (ignored by default) a measurement
 //! of the `tiny` preset on synthetic phantoms.
 
+mod common;
+use common::train::phantoms;
 use ichcam::data::synth::{phantom, plan_positive, SynthConfig};
 use ichcam::engine::Device;
 use ichcam::model::{BlockKind, ModelConfig, OptimizerConfig};
-use ichcam::train::{
-    train, AugmentConfig, TrainCase, TrainConfig, TrainError, TrainInput, TrainOptions,
-};
+use ichcam::train::{train, AugmentConfig, TrainConfig, TrainError, TrainInput, TrainOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-fn phantoms(n: usize, size: usize, slices: usize, seed: u64) -> Vec<TrainCase> {
-    let cfg = SynthConfig {
-        size,
-        slices,
-        clean: false,
-    };
-    let pos = plan_positive(n, seed);
-    (0..n)
-        .map(|i| {
-            let p = phantom(&cfg, seed, i, pos[i]).unwrap();
-            TrainCase {
-                id: format!("{i:03}"),
-                patient: format!("p{i:03}"),
-                labels: p.slice_labels().iter().map(|&l| l > 0).collect(),
-                hu: p.hu,
-                spacing: p.spacing,
-            }
-        })
-        .collect()
-}
 
 fn micro_config() -> TrainConfig {
     TrainConfig {

@@ -1,11 +1,12 @@
 //! What the integration tests (and, by path, the benches) share: [`rng`] (the one seeded
 //! generator of tests and benches), [`files`] (seed files, the binary under an address-space
 //! limit, output checks: the hostile-input tests and the fuzz harness), [`shapes`] (op shapes)
-//! and [`cuda`] (the harness of the CUDA test binaries: device tests ignored at run time
-//! without a device).
+//! [`cuda`] (the harness of the CUDA test binaries: device tests ignored at run time
+//! without a device) and [`train`] (phantom training cases).
 #![allow(dead_code)]
 
 pub mod cuda;
 pub mod files;
 pub mod rng;
 pub mod shapes;
+pub mod train;
