@@ -221,8 +221,9 @@ done
 # A short end-to-end training run on synthetic phantoms and a segmentation with it.
 SYN=$(mktemp -d)
 if run synth 60 "$BIN" synth --out "$SYN/data" --volumes 8 --size 128 --slices 16 --seed 1; then
-    run train-tiny-cuda 120 "$BIN" train --data "$SYN/data" --model "$SYN/model.safetensors" \
-        --config tiny --device cuda --epochs 1 --stage2-epochs 1 --quiet
+    # The small preset at 128 px: all three stages (stage 3, the U-Net, graphed too).
+    run train-small-cuda 150 "$BIN" train --data "$SYN/data" --model "$SYN/model.safetensors" \
+        --config small --size 128 --device cuda --epochs 1 --stage2-epochs 1 --unet-epochs 1 --quiet
     if [ "$DRY" = 1 ] || [ -f "$SYN/model.safetensors" ]; then
         run segment-cuda 120 "$BIN" segment --model "$SYN/model.safetensors" --device cuda --quiet \
             --input "$SYN/data" --out "$SYN/pred-cuda"

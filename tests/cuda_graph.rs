@@ -5,6 +5,9 @@
 //! - the whole vanilla-CAM pass (backbone, fc, CAM, resize, min-max) captured as a graph and
 //!   replayed gives bit-identical results to the same pass run eagerly, also after new
 //!   input is copied into the captured input buffer;
+//! - releasing the scratch arena is refused while a graph lives (its replays use the scratch
+//!   its capture took) and the graph still replays correctly; after the graph is dropped the
+//!   release frees everything;
 //! - the fused CAM kernel against the CPU reference (`cam_weight`, `upsample_bilinear`,
 //!   `minmax_normalize`), outputs poisoned first, `||gpu - cpu|| / ||cpu|| < 1e-5`;
 //! - uploads through the double-buffered pinned staging arrive intact even when the host
@@ -72,6 +75,10 @@ fn main() {
         device(
             "cam_pass_graph_replay_is_bit_identical_to_eager",
             cam_pass_graph_replay_is_bit_identical_to_eager,
+        ),
+        device(
+            "scratch_is_not_released_under_a_live_graph",
+            scratch_is_not_released_under_a_live_graph,
         ),
         device("cam_fused_matches_cpu", cam_fused_matches_cpu),
         device("pinned_uploads_arrive_intact", pinned_uploads_arrive_intact),
@@ -152,6 +159,38 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A graph replays on the scratch buffers its capture took (they sit in the arena's free
+/// lists between replays): releasing the scratch is refused while the graph lives, and the
+/// graph keeps replaying correctly; once it is dropped the release frees everything.
+fn scratch_is_not_released_under_a_live_graph() {
+    // Its own backend: its arena is not shared with the other tests.
+    let be = CudaBackend::new(0).expect("backend");
+    let mut rng = SplitMix64::new(91);
+    let (n, c, hw) = (3usize, 5usize, 6usize);
+    let x = rng.vec_f32(n * c * hw, -1.0, 1.0);
+    let xd = be.upload(&x).expect("upload");
+    let mut out = be.zeros_f32(c).expect("out");
+    // A bias gradient (a per-channel sum) takes its partial sums from the f64 scratch arena.
+    be.bias_bwd(n, c, hw, &xd, &mut out).expect("eager");
+    let want = be.download(&out).expect("down");
+    let held = be.scratch_bytes();
+    assert!(held > 0, "the eager op left its scratch in the arena");
+    let (graph, ()) = be
+        .capture(|| be.bias_bwd(n, c, hw, &xd, &mut out))
+        .expect("capture");
+    be.fill(&mut out, 0.0).expect("fill");
+    let err = be
+        .release_scratch()
+        .expect_err("a live graph holds the scratch");
+    assert!(err.to_string().contains("1 CUDA graph(s)"), "{err}");
+    assert_eq!(be.scratch_bytes(), held, "nothing freed");
+    graph.replay().expect("replay");
+    assert_eq!(be.download(&out).expect("down"), want);
+    drop(graph);
+    be.release_scratch().expect("no graph left");
+    assert_eq!(be.scratch_bytes(), 0);
 }
 
 fn capture_records_and_replay_runs() {
@@ -1119,7 +1158,7 @@ fn unet_failed_capture_runs_that_shape_eagerly() {
         if k == 1 {
             // The scratch the eager step left is freed: capturing the step would allocate
             // it again, which a capture refuses.
-            own.release_scratch();
+            own.release_scratch().expect("no graph is alive yet");
             assert_eq!(own.scratch_bytes(), 0);
         }
         let want = eager

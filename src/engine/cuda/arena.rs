@@ -15,7 +15,7 @@
 //! upload overlaps the current step's compute. Knows nothing about what the buffers hold.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::sync::OnceLock;
@@ -88,6 +88,18 @@ pub(crate) struct Arena {
     staging: Mutex<Staging>,
     /// The stream uploads are copied on (the compute stream when unset).
     copy: OnceLock<Arc<CudaStream>>,
+    /// How many instantiated graphs of this backend are alive: they replay on the scratch
+    /// buffers their capture took, so those are not freed while any is.
+    graphs: Arc<AtomicUsize>,
+}
+
+/// Held by a live [`super::graph::Graph`]: counts it in its arena until dropped.
+pub(crate) struct LiveGraph(Arc<AtomicUsize>);
+
+impl Drop for LiveGraph {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Two device buffers of `len` values that uploads alternate between
@@ -221,13 +233,36 @@ impl Arena {
         self.scratch64.give(buf)
     }
 
-    /// Frees every scratch buffer (not while capturing).
-    pub(crate) fn release(&self) {
-        if self.is_capturing() {
-            return;
-        }
-        self.scratch.clear();
-        self.scratch64.clear();
+    /// Counts a graph instantiated on this arena's buffers until the returned guard drops.
+    pub(crate) fn graph_alive(&self) -> LiveGraph {
+        self.graphs.fetch_add(1, Ordering::AcqRel);
+        LiveGraph(self.graphs.clone())
+    }
+
+    /// Frees every free scratch buffer. Refused while capturing (the capture may hold
+    /// them) and while a graph is alive (its replays write the buffers its capture took,
+    /// which sit in the free lists between replays: freeing them would leave it replaying
+    /// through dangling addresses).
+    pub(crate) fn release(&self) -> Result<()> {
+        let why = if self.is_capturing() {
+            "the stream is capturing a CUDA graph".to_string()
+        } else {
+            match self.graphs.load(Ordering::Acquire) {
+                0 => {
+                    self.scratch.clear();
+                    self.scratch64.clear();
+                    return Ok(());
+                }
+                n => format!(
+                    "{n} CUDA graph(s) of this backend are alive and replay on its scratch \
+                     buffers: drop them first"
+                ),
+            }
+        };
+        Err(EngineError::Cuda {
+            op: "release_scratch".into(),
+            msg: why,
+        })
     }
 
     /// Bytes held by free scratch buffers.

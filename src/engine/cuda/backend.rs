@@ -166,9 +166,11 @@ impl CudaBackend {
         &self.arena
     }
 
-    /// Frees the scratch buffers the composite ops keep for reuse.
-    pub fn release_scratch(&self) {
-        self.arena.release();
+    /// Frees the scratch buffers the composite ops keep for reuse; an error (nothing
+    /// freed) while a graph is being captured or any [`super::graph::Graph`] of this
+    /// backend is alive, since its replays use the scratch its capture took.
+    pub fn release_scratch(&self) -> Result<()> {
+        self.arena.release()
     }
 
     /// Bytes of device memory held by free scratch buffers.

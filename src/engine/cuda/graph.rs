@@ -15,6 +15,7 @@
 use cudarc::driver::sys;
 use cudarc::driver::{CudaGraph, CudaSlice};
 
+use super::arena::LiveGraph;
 use super::device::{cuda, launched, synced};
 use super::CudaBackend;
 use crate::engine::shapes::SoftDice;
@@ -29,6 +30,8 @@ pub use super::optim::{adam_hyper, sgd_hyper, HYPER_LEN};
 pub struct Graph {
     g: CudaGraph,
     nodes: usize,
+    /// Keeps the backend's scratch arena from freeing what the replays use.
+    _live: LiveGraph,
 }
 
 impl Graph {
@@ -78,7 +81,14 @@ impl CudaBackend {
         if counted != sys::CUresult::CUDA_SUCCESS {
             n = 0;
         }
-        Ok((Graph { g, nodes: n }, value))
+        Ok((
+            Graph {
+                g,
+                nodes: n,
+                _live: self.arena().graph_alive(),
+            },
+            value,
+        ))
     }
 
     /// Whether this backend's stream is capturing a graph now.
