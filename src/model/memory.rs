@@ -331,8 +331,17 @@ pub fn cam_pass_bytes(
     add(params, mul(scalars, elem as u128)?)
 }
 
-/// The largest chunk of at most `n` slices whose CAM pass ([`cam_pass_bytes`]) fits
-/// `budget` bytes; 1 when none does (or the sizes overflow).
+/// Slices per chunk when `n` slices are split into chunks of at most `most`: as few chunks
+/// as that allows, as even as can be (the last one shorter by less than the chunks'
+/// number).
+pub fn even_chunk(n: usize, most: usize) -> usize {
+    let most = most.clamp(1, n.max(1));
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
+}
+
+/// Slices per chunk of a CAM pass on `n` slices within `budget` bytes: the fewest chunks
+/// whose pass ([`cam_pass_bytes`]) fits, as even as can be ([`even_chunk`]); chunks of 1
+/// when none fits (or the sizes overflow).
 pub fn cam_pass_chunk(
     cfg: &ModelConfig,
     n: usize,
@@ -358,7 +367,7 @@ pub fn cam_pass_chunk(
             hi = mid - 1;
         }
     }
-    lo
+    even_chunk(n, lo)
 }
 
 /// Bytes of one stage-1 forward pass (`IchNet::stage1_logits`, eval mode) on `batch`
@@ -494,9 +503,15 @@ mod tests {
         let (n, s) = (32, 512);
         let bytes = |m: usize| cam_pass_bytes(&cfg, n, s, s, m, 4).unwrap();
         assert!(bytes(1) < bytes(2) && bytes(2) < bytes(16));
+        // 32 slices: at most 5 per chunk makes 7 chunks, of 5 (and 2); at most 4, 8 of 4.
         let m = cam_pass_chunk(&cfg, n, s, s, 4, bytes(5));
         assert_eq!(m, 5);
         assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(5) - 1), 4);
+        // At most 9 per chunk: 4 chunks, so of 8.
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(9)), 8);
+        assert_eq!(even_chunk(7, 6), 4);
+        assert_eq!(even_chunk(7, 0), 1);
+        assert_eq!(even_chunk(0, 3), 1);
         assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, 0), 1);
         assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, u128::MAX), n);
         // Unsplit, no staging: the eval backbone alone.
