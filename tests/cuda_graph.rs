@@ -1391,7 +1391,8 @@ fn chunked_cam_pass_graph_replay_is_bit_identical_to_eager() {
     use ichcam::engine::Precision;
     for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
         let mut be = gpu().clone();
-        be.set_precision(p).expect("the device takes this precision");
+        be.set_precision(p)
+            .expect("the device takes this precision");
         chunked_cam_pass_case(&be, p);
     }
 }
@@ -1455,9 +1456,16 @@ fn chunked_cam_pass_case(g: &CudaBackend, p: ichcam::engine::Precision) {
         ("normalised CAM", &ref1.2, &one.2),
     ] {
         let e = rel_err(a, b);
-        assert!(e < 1e-5, "{p} {what}: chunked vs one chunk, rel err {e:.3e}");
+        assert!(
+            e < 1e-5,
+            "{p} {what}: chunked vs one chunk, rel err {e:.3e}"
+        );
     }
-    assert_ne!(bits(&ref1.2), bits(&ref2.2), "different inputs, different maps");
+    assert_ne!(
+        bits(&ref1.2),
+        bits(&ref2.2),
+        "different inputs, different maps"
+    );
 
     // One graph over all the chunks, on a fixed input buffer, its buffers warm.
     let mut xin = g.upload(&x1).expect("up");
@@ -1485,12 +1493,20 @@ fn chunked_cam_pass_case(g: &CudaBackend, p: ichcam::engine::Precision) {
     let got1 = outs(b);
     assert_eq!(bits(&got1.0), bits(&ref1.0), "{p} logits, replay on x1");
     assert_eq!(bits(&got1.1), bits(&ref1.1), "{p} CAM, replay on x1");
-    assert_eq!(bits(&got1.2), bits(&ref1.2), "{p} normalised CAM, replay on x1");
+    assert_eq!(
+        bits(&got1.2),
+        bits(&ref1.2),
+        "{p} normalised CAM, replay on x1"
+    );
     g.copy(&xb2, &mut xin).expect("copy");
     graph.replay().expect("replay");
     let got2 = outs(bufs.as_ref().expect("bufs"));
     assert_eq!(bits(&got2.0), bits(&ref2.0), "{p} logits, replay on x2");
     assert_eq!(bits(&got2.1), bits(&ref2.1), "{p} CAM, replay on x2");
-    assert_eq!(bits(&got2.2), bits(&ref2.2), "{p} normalised CAM, replay on x2");
+    assert_eq!(
+        bits(&got2.2),
+        bits(&ref2.2),
+        "{p} normalised CAM, replay on x2"
+    );
     drop(graph);
 }

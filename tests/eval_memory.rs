@@ -17,8 +17,8 @@ use common::rng::SplitMix64;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::Backend;
 use ichcam::model::memory::{
-    backbone_activations, cam_pass_activations, cam_pass_bytes, cam_pass_chunk,
-    eval_activations, param_bytes,
+    backbone_activations, cam_pass_activations, cam_pass_bytes, cam_pass_chunk, eval_activations,
+    param_bytes,
 };
 use ichcam::model::{
     BlockKind, CamChunking, CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup,
@@ -81,7 +81,11 @@ fn chunked_cam_pass_is_bit_identical_to_one_chunk() {
             let got = cam_pass(&mut net, &x, n, h, w);
             assert_eq!(got.0, whole.0, "{:?} logits, chunks of {chunk}", cfg.block);
             assert_eq!(got.1, whole.1, "{:?} CAM, chunks of {chunk}", cfg.block);
-            assert_eq!(got.2, whole.2, "{:?} normalised, chunks of {chunk}", cfg.block);
+            assert_eq!(
+                got.2, whole.2,
+                "{:?} normalised, chunks of {chunk}",
+                cfg.block
+            );
         }
     }
 }
@@ -118,7 +122,10 @@ fn default_budget_splits_the_paper_cam_pass_under_the_goal() {
         layers: vec![2, 2, 2, 2],
         ..ModelConfig::resnet101_lstm()
     };
-    for (name, cfg, n, s) in [("paper", paper, 32usize, 512usize), ("small", small, 128, 256)] {
+    for (name, cfg, n, s) in [
+        ("paper", paper, 32usize, 512usize),
+        ("small", small, 128, 256),
+    ] {
         let before = backbone_activations(&cfg, n, s, s).expect("count").0 * 4;
         let plan = eval_activations(&cfg, n, s, s).expect("count").0 * 4;
         let m = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET);
@@ -168,12 +175,17 @@ fn eval_passes_leave_training_bit_identical() {
                 .stage1_forward_backward(x, &labels, batch, seq, h, w, 1.0)
                 .expect("step");
             net.step(&opt, ParamGroup::Stage1).expect("sgd");
-            out.push((s.loss.to_bits(), s.logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>()));
+            out.push((
+                s.loss.to_bits(),
+                s.logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            ));
             if evals {
                 // Every eval pass, at this shape and at others.
                 net.stage1_logits(x, batch, seq, h, w).expect("eval");
-                net.stage2_infer(x, seq, h, w, CamKind::GradCam).expect("infer");
-                net.stage2_features(&x[..3 * h * w], 1, h, w).expect("features");
+                net.stage2_infer(x, seq, h, w, CamKind::GradCam)
+                    .expect("infer");
+                net.stage2_features(&x[..3 * h * w], 1, h, w)
+                    .expect("features");
                 let xb = net.backend().upload(x).expect("up");
                 let mut bufs = None;
                 net.set_cam_chunking(CamChunking::Slices(3));
@@ -194,5 +206,8 @@ fn eval_passes_leave_training_bit_identical() {
     let (plain, plain_state) = run(false);
     let (mixed, mixed_state) = run(true);
     assert_eq!(plain, mixed, "losses and logits");
-    assert!(plain_state == mixed_state, "parameters, running stats or gradients differ");
+    assert!(
+        plain_state == mixed_state,
+        "parameters, running stats or gradients differ"
+    );
 }

@@ -214,7 +214,9 @@ mod tests {
         assert_eq!(plan(&ops3).unwrap().lens, [4, 4, 4]);
         let mut short = good.clone();
         short.lens[good.out[1]] = 3;
-        assert!(check(&ops, &short).unwrap_err().contains("values into buffer"));
+        assert!(check(&ops, &short)
+            .unwrap_err()
+            .contains("values into buffer"));
         // The output overwritten after the pass would lose the features.
         let ops2 = vec![op(&[Src::Input], 4), op(&[Src::Input], 4)];
         let p = Plan {
@@ -222,6 +224,9 @@ mod tests {
             out: vec![0, 0],
         };
         assert!(check(&ops2, &p).is_ok());
-        assert!(plan(&[op(&[Src::Op(0)], 1)]).is_err(), "a read of the future");
+        assert!(
+            plan(&[op(&[Src::Op(0)], 1)]).is_err(),
+            "a read of the future"
+        );
     }
 }

@@ -5,18 +5,21 @@
 //! The backbone's and the sequence's activations (and their gradients when training) of a
 //! given input shape are allocated once and reused while the shape stays, and so are the
 //! stage-2 training head's logits and their gradient; the stage-2 inference head's and the
-//! CAM's few small buffers are allocated per call. A warm training step of either stage thus
+//! CAM's few small buffers are allocated per call. Eval-mode passes (inference, validation,
+//! the stage-2 training step's frozen backbone) run on the eval-mode backbone, whose few
+//! buffers follow its activation plan ([`super::eval_plan`]), never on the training
+//! activations; the CAM pass owns its own, for a chunk of its slices ([`CamChunking`]). A warm training step of either stage thus
 //! allocates nothing besides its input uploads and never waits for the device besides its
 //! loss (and logits) readback, which the steps' cores leave to their callers: on CUDA the
 //! whole step is captured as a graph and replayed (`net_graph.rs`).
 //! Knows nothing about CT, datasets or files.
 
 use super::config::ModelConfig;
+use super::memory;
 use super::optim::{self, OptimizerConfig};
 use super::params::{Group, Init, ParamGroup, ParamStore, W};
 use super::resnet::{self, BackboneActs, BackboneEval, BackboneGrads, BackboneSpec, BnMode};
 use super::ModelError;
-use super::memory;
 use crate::engine::{Backend, ChannelCopy, Lstm, Real};
 
 /// Which class activation map [`IchNet::stage2_infer`] computes.
@@ -1304,26 +1307,15 @@ impl<B: Backend> IchNet<B> {
             // One chunk: straight into the outputs.
             eval.forward(be, &self.store, x)?;
             be.linear_fwd(n, fc.k, 1, &eval.gap, fc_w, Some(fc_b), logits)?;
-            return Ok(be.cam_normalized(
-                n,
-                c,
-                fh,
-                fw,
-                h,
-                w,
-                eval.features(),
-                fc_w,
-                cam,
-                norm,
-            )?);
+            return Ok(be.cam_normalized(n, c, fh, fw, h, w, eval.features(), fc_w, cam, norm)?);
         };
         for start in (0..n).step_by(m) {
             // Rows `start..start + k` of an `[n, row]` buffer and rows `0..k` of an
             // `[m, row]` one; the last chunk may be short (its other rows are left over
             // from the chunk before and never copied out).
             let k = m.min(n - start);
-            let rows = |row: usize, (src_rows, src_at): (usize, usize), (dst_rows, dst_at)| {
-                ChannelCopy {
+            let rows =
+                |row: usize, (src_rows, src_at): (usize, usize), (dst_rows, dst_at)| ChannelCopy {
                     n: 1,
                     hw: row,
                     c: k,
@@ -1331,8 +1323,7 @@ impl<B: Backend> IchNet<B> {
                     src_offset: src_at,
                     dst_channels: dst_rows,
                     dst_offset: dst_at,
-                }
-            };
+                };
             let (whole, part) = ((n, start), (m, 0));
             be.copy_channels(&rows(c_in * h * w, whole, part), x, &mut st.x, false)?;
             eval.forward(be, &self.store, &st.x)?;
@@ -1402,7 +1393,10 @@ impl<B: Backend> IchNet<B> {
     #[cfg(test)]
     pub(crate) fn activation_state(&self) -> (Option<usize>, bool) {
         let eval = self.slots.eval.as_ref().map(BackboneEval::scalars);
-        (eval, self.slots.bb.is_some() || self.slots.bb_grads.is_some())
+        (
+            eval,
+            self.slots.bb.is_some() || self.slots.bb_grads.is_some(),
+        )
     }
 
     /// Frees the cached activation buffers (they are reallocated on the next pass).

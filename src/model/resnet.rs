@@ -46,7 +46,14 @@ pub(crate) struct ConvBnSpec {
 
 impl ConvBnSpec {
     /// The conv's and the batch norm's shapes on input `[n, c_in, h, w]`.
-    fn geometry(&self, n: usize, h: usize, w: usize, eps: f64, momentum: f64) -> (Conv2d, BatchNorm2d) {
+    fn geometry(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        eps: f64,
+        momentum: f64,
+    ) -> (Conv2d, BatchNorm2d) {
         let conv = Conv2d {
             n,
             c_in: self.c_in,
@@ -991,9 +998,11 @@ impl<B: Backend> BackboneEval<B> {
                     },
                 }
             };
-            let input = read(op.reads.first().ok_or_else(|| {
-                ModelError::Internal(format!("op {i} reads nothing"))
-            })?)?;
+            let input = read(
+                op.reads
+                    .first()
+                    .ok_or_else(|| ModelError::Internal(format!("op {i} reads nothing")))?,
+            )?;
             match op.kind {
                 EvalKind::Unit {
                     spec: s,
