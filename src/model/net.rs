@@ -8,10 +8,11 @@
 //! CAM's few small buffers are allocated per call. Eval-mode passes (inference, validation,
 //! the stage-2 training step's frozen backbone) run on the eval-mode backbone, whose few
 //! buffers follow its activation plan ([`super::eval_plan`]), never on the training
-//! activations; the CAM pass owns its own, for a chunk of its slices ([`CamChunking`]). A warm training step of either stage thus
-//! allocates nothing besides its input uploads and never waits for the device besides its
-//! loss (and logits) readback, which the steps' cores leave to their callers: on CUDA the
-//! whole step is captured as a graph and replayed (`net_graph.rs`).
+//! activations; the CAM pass owns its own, for a chunk of its slices ([`CamChunking`]). A
+//! warm training step of either stage thus allocates nothing besides its input uploads and
+//! never waits for the device besides its loss (and logits) readback, which the steps'
+//! cores leave to their callers: on CUDA the whole step is captured as a graph and replayed
+//! (`net_graph.rs`).
 //! Knows nothing about CT, datasets or files.
 
 use super::config::ModelConfig;
@@ -101,8 +102,9 @@ pub struct CamPassBufs<B: Backend> {
 /// memory does not grow with its slices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CamChunking {
-    /// The largest chunk whose pass [`memory::cam_pass_bytes`] counts within this many
-    /// bytes (parameters, input, outputs and activations; one slice when none fits).
+    /// The fewest chunks, as even as can be, whose pass [`memory::cam_pass_bytes`] counts
+    /// within this many bytes (parameters, input, outputs and activations;
+    /// [`memory::cam_pass_chunk`]); chunks of one slice when none fits.
     Budget(u128),
     /// At most this many slices per chunk (0 counts as 1).
     Slices(usize),
@@ -110,10 +112,10 @@ pub enum CamChunking {
 
 /// The default memory budget of a CAM pass: issue 14's goal for the paper's ResNet-101 on
 /// 32 slices of 512^2 (0.8 GB), less 100 MB for what [`memory::cam_pass_bytes`] does not
-/// count: the composite ops' scratch (on CUDA the split-K workspaces, kept per length, about
-/// 4 x SMs x 64 x 64 values = 9 MB each on an H200) and the CUDA graph. It splits that pass
-/// into 16 chunks of 2 slices (0.64 GB counted: 0.37 GB of it parameters and their
-/// gradient buffers, 0.10 GB the input).
+/// count: the composite ops' scratch (on CUDA the split-K workspaces, kept per length; by
+/// our reading of the split plan about 4 x SMs x 64 x 64 values, 9 MB, each on an H200) and
+/// the CUDA graph. It splits that pass into 16 chunks of 2 slices (0.64 GB counted: 0.37 GB
+/// of it parameters and their gradient buffers, 0.10 GB the input). Not measured on a GPU.
 pub const CAM_PASS_BUDGET: u128 = 700_000_000;
 
 impl Default for CamChunking {
