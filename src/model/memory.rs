@@ -413,8 +413,9 @@ fn stage1_bytes(
 }
 
 /// Bytes of training (stage 1, the larger stage): parameters with their gradients and
-/// optimizer moments, and a training forward pass's activations twice over (their
-/// gradients).
+/// optimizer moments, a training forward pass's activations twice over (their gradients),
+/// and the eval-mode backbone's buffers that validation (eval mode, the same batch shape)
+/// adds to them.
 pub fn training_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -424,7 +425,9 @@ pub fn training_bytes(
 ) -> Option<u128> {
     let params = param_bytes(cfg, elem, true)?;
     let fwd = stage1_bytes(cfg, batch, seq, size, elem, true)?;
-    add(params, mul(fwd, 2)?)
+    let n = usize::try_from((batch as u128).checked_mul(seq as u128)?).ok()?;
+    let (eval, _) = eval_activations(cfg, n, size, size)?;
+    add(add(params, mul(fwd, 2)?)?, mul(eval, elem as u128)?)
 }
 
 #[cfg(test)]
