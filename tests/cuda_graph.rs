@@ -42,6 +42,11 @@
 //!   that fails (here: the scratch arena emptied, so the step would allocate) is recorded and
 //!   that shape's steps run eagerly with the same results; a `train` with stage 3, late vs
 //!   immediate readback: logged losses and the model file bit-identical;
+//! - the CAM pass split into chunks of slices (the eval-mode backbone on each chunk, its
+//!   rows copied into the full-batch outputs: `IchNet::set_cam_chunking`) captured as one
+//!   graph over all chunks and replayed is bit-identical to the same pass run eagerly, also
+//!   after new input; against the pass in one chunk it agrees within 1e-5 relative (the
+//!   split-K plan of a convolution may change with the batch; the difference is printed);
 //! - on the emulator, a graph replayed after a buffer it holds was freed, and after that
 //!   memory was allocated again for a new buffer at the same address (a stale pointer, which
 //!   a GPU's replay would silently write through): CUDA_ERROR_ILLEGAL_ADDRESS naming the node,
@@ -60,7 +65,7 @@ use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::Backend;
 use ichcam::model::unet::{UNet, UNetConfig, UNetLoss};
-use ichcam::model::{CamKind, CamPassBufs, IchNet, ModelConfig};
+use ichcam::model::{CamChunking, CamKind, CamPassBufs, IchNet, ModelConfig};
 
 fn main() {
     let tests: Vec<Test> = vec![
@@ -129,6 +134,10 @@ fn main() {
         emulator(
             STALE_REPLAY_TEST,
             emulator_replay_through_a_stale_pointer_fails,
+        ),
+        device(
+            "chunked_cam_pass_graph_replay_is_bit_identical_to_eager",
+            chunked_cam_pass_graph_replay_is_bit_identical_to_eager,
         ),
     ];
     // One device context shared by all; captures must not interleave.
@@ -1415,4 +1424,128 @@ fn stale_replay_case(case: &str) {
         }
     }
     drop(fresh);
+}
+
+fn chunked_cam_pass_graph_replay_is_bit_identical_to_eager() {
+    use ichcam::engine::Precision;
+    for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+        let mut be = gpu().clone();
+        be.set_precision(p)
+            .expect("the device takes this precision");
+        chunked_cam_pass_case(&be, p);
+    }
+}
+
+fn chunked_cam_pass_case(g: &CudaBackend, p: ichcam::engine::Precision) {
+    // Four stages of bottlenecks, wide enough (K = 256 x 9 in the last 3x3) that a
+    // convolution's split-K plan can change with the batch.
+    let cfg = ModelConfig {
+        block: ichcam::model::BlockKind::Bottleneck,
+        layers: vec![1, 2, 1, 1],
+        base_width: 32,
+        ..ModelConfig::tiny()
+    };
+    let mut net = IchNet::new(g.clone(), cfg, 13).expect("net");
+    net.set_train(false);
+    let (n, h, w) = (5usize, 64usize, 48usize);
+    let mut rng = SplitMix64::fresh("graph-cam-chunks");
+    let x1 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let x2 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let down = |b: &cudarc::driver::CudaSlice<f32>| g.download(b).expect("download");
+    let outs = |b: &CamPassBufs<CudaBackend>| (down(&b.logits), down(&b.cam), down(&b.norm));
+    let (xb1, xb2) = (g.upload(&x1).expect("up"), g.upload(&x2).expect("up"));
+
+    // The pass in one chunk, then in chunks of 2 (2 + 2 + 1), eagerly.
+    net.set_cam_chunking(CamChunking::Slices(n));
+    let mut whole = None;
+    net.stage2_cam_pass(&xb1, n, h, w, &mut whole)
+        .expect("one chunk");
+    let one = outs(whole.as_ref().expect("bufs"));
+    drop(whole);
+    net.set_cam_chunking(CamChunking::Slices(2));
+    let mut eager = None;
+    net.stage2_cam_pass(&xb1, n, h, w, &mut eager)
+        .expect("chunked pass");
+    assert_eq!(eager.as_ref().expect("bufs").chunk, 2);
+    let ref1 = outs(eager.as_ref().expect("bufs"));
+    net.stage2_cam_pass(&xb2, n, h, w, &mut eager)
+        .expect("chunked pass");
+    let ref2 = outs(eager.as_ref().expect("bufs"));
+    drop(eager);
+    let max_abs = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let same = bits(&one.0) == bits(&ref1.0) && bits(&one.2) == bits(&ref1.2);
+    println!(
+        "{p}: chunks of 2 vs one chunk: logits max |diff| {:.3e} (rel {:.3e}), CAM {:.3e} (rel \
+         {:.3e}), normalised CAM {:.3e} (rel {:.3e}); bit-identical: {same}",
+        max_abs(&ref1.0, &one.0),
+        rel_err(&ref1.0, &one.0),
+        max_abs(&ref1.1, &one.1),
+        rel_err(&ref1.1, &one.1),
+        max_abs(&ref1.2, &one.2),
+        rel_err(&ref1.2, &one.2),
+    );
+    for (what, a, b) in [
+        ("logits", &ref1.0, &one.0),
+        ("CAM", &ref1.1, &one.1),
+        ("normalised CAM", &ref1.2, &one.2),
+    ] {
+        let e = rel_err(a, b);
+        assert!(
+            e < 1e-5,
+            "{p} {what}: chunked vs one chunk, rel err {e:.3e}"
+        );
+    }
+    assert_ne!(
+        bits(&ref1.2),
+        bits(&ref2.2),
+        "different inputs, different maps"
+    );
+
+    // One graph over all the chunks, on a fixed input buffer, its buffers warm.
+    let mut xin = g.upload(&x1).expect("up");
+    let mut bufs = None;
+    net.stage2_cam_pass(&xin, n, h, w, &mut bufs)
+        .expect("warm-up pass");
+    {
+        let b = bufs.as_mut().expect("bufs");
+        for buf in [&mut b.logits, &mut b.cam, &mut b.norm] {
+            g.fill(buf, f64::NAN).expect("poison");
+        }
+    }
+    let (graph, ()) = g
+        .capture(|| {
+            net.stage2_cam_pass(&xin, n, h, w, &mut bufs)
+                .map_err(|e| ichcam::engine::EngineError::Param(e.to_string()))
+        })
+        .expect("capturing the chunked CAM pass (it must allocate nothing once warm)");
+    let b = bufs.as_ref().expect("bufs");
+    assert!(
+        down(&b.norm).iter().all(|v| v.is_nan()),
+        "capturing must not run the pass"
+    );
+    graph.replay().expect("replay");
+    let got1 = outs(b);
+    assert_eq!(bits(&got1.0), bits(&ref1.0), "{p} logits, replay on x1");
+    assert_eq!(bits(&got1.1), bits(&ref1.1), "{p} CAM, replay on x1");
+    assert_eq!(
+        bits(&got1.2),
+        bits(&ref1.2),
+        "{p} normalised CAM, replay on x1"
+    );
+    g.copy(&xb2, &mut xin).expect("copy");
+    graph.replay().expect("replay");
+    let got2 = outs(bufs.as_ref().expect("bufs"));
+    assert_eq!(bits(&got2.0), bits(&ref2.0), "{p} logits, replay on x2");
+    assert_eq!(bits(&got2.1), bits(&ref2.1), "{p} CAM, replay on x2");
+    assert_eq!(
+        bits(&got2.2),
+        bits(&ref2.2),
+        "{p} normalised CAM, replay on x2"
+    );
+    drop(graph);
 }

@@ -10,8 +10,9 @@
 //! graph's fixed inputs, the learning rate a device scalar, the loss and logits read back
 //! after each replay; `--no-graph` for eager launches),
 //! `cam` (the stage-2 vanilla-CAM pass, [`IchNet::stage2_cam_pass`]: backbone, fc, CAM
-//! upsampled and normalised, left on the device; on CUDA captured once as a CUDA graph and
-//! replayed, `--no-graph` for eager launches), `cam-latency` (the same pass on one slice),
+//! upsampled and normalised, left on the device, the backbone on chunks of slices within
+//! the default memory budget or `--cam-chunk` slices; on CUDA captured once as a CUDA graph
+//! and replayed, `--no-graph` for eager launches), `cam-latency` (the same pass on one slice),
 //! `unet-step` (the stage-3 U-Net's training step: forward, soft Dice + BCE, backward, Adam
 //! step, on the preset's stage-3 network, batch and image size; on CUDA captured once as a
 //! CUDA graph and replayed, [`UNet::train_step_graphed`], with the batch uploaded into the
@@ -24,7 +25,8 @@
 //! On CUDA the JSON line also has the device memory the workload holds (`device_mb`: free
 //! memory before building it less free memory after its first pass (CUDA graph, ccl) or after
 //! the timed runs (train-step, eager cam), the stream-ordered pool keeping what it freed).
-//! `conv` reports none.
+//! `conv` reports none. The `cam` and `cam-latency` lines also have the pass's memory plan
+//! (`cam_chunk`, `act_mb`, `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
@@ -36,7 +38,9 @@ use anyhow::{bail, Context};
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
 use ichcam::model::unet::{UNet, UNetConfig};
-use ichcam::model::{BlockKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
+use ichcam::model::{
+    memory, BlockKind, CamChunking, CamPassBufs, IchNet, ModelConfig, OptimizerConfig, ParamGroup,
+};
 use ichcam::train::config::UNetTrainConfig;
 use ichcam::train::TrainConfig;
 
@@ -79,6 +83,10 @@ pub struct Args {
     /// Override the slices per sequence (train-step) or per CAM pass (cam).
     #[arg(long)]
     slices: Option<usize>,
+    /// cam, cam-latency: slices per chunk of the pass's backbone (default: the fewest chunks
+    /// whose pass fits ichcam's CAM-pass budget, 0.7 GB counted).
+    #[arg(long)]
+    cam_chunk: Option<usize>,
     /// Override the image size (square).
     #[arg(long)]
     size: Option<usize>,
@@ -293,6 +301,47 @@ fn device_free() -> Option<usize> {
         .map(|(free, _)| free)
 }
 
+/// `--cam-chunk`: the CAM pass's slices per chunk (else the default budget's).
+fn set_cam_chunk<B: Backend>(net: &mut IchNet<B>, args: &Args) {
+    if let Some(m) = args.cam_chunk {
+        net.set_cam_chunking(CamChunking::Slices(m));
+    }
+}
+
+/// The CAM pass's memory as JSON fields, from the model config and from the pass's
+/// buffers (MiB of f32): `cam_chunk` (slices per chunk), `act_mb` (the activations the pass
+/// allocated: the chunk's eval-mode backbone and staging, [`CamPassBufs::activation_scalars`]),
+/// `act_plan_mb` (the same counted from the config, [`memory::cam_pass_activations`]),
+/// `act_per_layer_mb` (what keeping every layer's output for all the slices would hold,
+/// [`memory::backbone_activations`]: the memory before the plan) and `pass_plan_mb` (the whole
+/// pass counted: parameters with their gradient buffers, input, outputs and activations,
+/// [`memory::cam_pass_bytes`]; beside `device_mb` it shows what the count leaves out); and
+/// the detail's words for the chunks.
+fn cam_memory<B: Backend>(
+    p: &Preset,
+    n: usize,
+    size: usize,
+    bufs: &Option<CamPassBufs<B>>,
+) -> anyhow::Result<(serde_json::Value, String)> {
+    let b = bufs.as_ref().context("the CAM pass left no buffers")?;
+    let m = b.chunk;
+    let mib = |scalars: Option<u128>| scalars.map(|v| (v * 4) as f64 / (1u64 << 20) as f64);
+    let cfg = &p.model;
+    let j = serde_json::json!({
+        "cam_chunk": m,
+        "act_mb": mib(Some(b.activation_scalars() as u128)),
+        "act_plan_mb": mib(memory::cam_pass_activations(cfg, n, size, size, m)),
+        "act_per_layer_mb": mib(memory::backbone_activations(cfg, n, size, size).map(|a| a.0)),
+        "pass_plan_mb": mib(memory::cam_pass_bytes(cfg, n, size, size, m, 4).map(|v| v / 4)),
+    });
+    let chunks = if m < n {
+        format!(", {} chunks of {m}", n.div_ceil(m))
+    } else {
+        String::new()
+    };
+    Ok((j, chunks))
+}
+
 /// The CAM pass on CUDA as a graph: one eager pass (allocates its buffers, loads the
 /// kernels), the capture, then replays timed.
 fn bench_cam_graph(
@@ -307,10 +356,12 @@ fn bench_cam_graph(
     let free0 = device_free();
     let mut net = IchNet::new(be.clone(), p.model.clone(), 7).context("building the model")?;
     net.set_train(false);
+    set_cam_chunk(&mut net, args);
     let xb = net.backend().upload(&x)?;
     let mut bufs = None;
     net.stage2_cam_pass(&xb, n, size, size, &mut bufs)?;
     be.synchronize()?;
+    let (mem, chunks) = cam_memory(p, n, size, &bufs)?;
     let used = free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
     let (graph, ()) = be
         .capture(|| {
@@ -328,8 +379,12 @@ fn bench_cam_graph(
         &device,
         &t,
         n,
-        &format!("{n} slices {size}^2, CUDA graph of {} ops", graph.nodes()),
+        &format!(
+            "{n} slices {size}^2{chunks}, CUDA graph of {} ops",
+            graph.nodes()
+        ),
         used,
+        Some(mem),
     );
     Ok(())
 }
@@ -385,6 +440,7 @@ fn bench_train_graph(
              ({captures} capture, {replays} replays, {eager} eager steps)"
         ),
         used,
+        None,
     );
     Ok(())
 }
@@ -456,6 +512,7 @@ fn bench_unet_graph(
             p.unet.features, p.unet.depth
         ),
         used,
+        None,
     );
     Ok(())
 }
@@ -519,6 +576,7 @@ fn bench_ccl(device: ichcam::engine::Device, args: &Args) -> anyhow::Result<()> 
                 nz,
                 &format!("{detail}, {count} components"),
                 used,
+                None,
             );
         }
         ichcam::engine::Device::Cpu { .. } => {
@@ -551,7 +609,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
     // Host memory, before anything is allocated (sizes come from the command line): the
     // workload's inputs, and on the CPU its activations (on a GPU they are device memory).
     {
-        use ichcam::model::memory::{param_bytes, stage2_infer_bytes, training_bytes};
+        use ichcam::model::memory::{param_bytes, training_bytes};
         let on_host = be.name().starts_with("cpu");
         let plane = (size as u128).pow(2);
         let input = |k: usize| k as u128 * p.model.in_channels as u128 * plane * 4;
@@ -568,14 +626,25 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 };
                 model.map(|t| t + input(b * q))
             }
+            // The whole pass (parameters, input, outputs, activations) at its chunk.
             "cam" | "cam-latency" => {
                 let n = cam_slices(p, args);
-                let model = if on_host {
-                    stage2_infer_bytes(&p.model, n, size, 4)
-                } else {
-                    param_bytes(&p.model, 4, false)
+                let m = match args.cam_chunk {
+                    Some(m) => memory::even_chunk(n, m),
+                    None => memory::cam_pass_chunk(
+                        &p.model,
+                        n,
+                        size,
+                        size,
+                        4,
+                        ichcam::model::CAM_PASS_BUDGET,
+                    ),
                 };
-                model.map(|t| t + input(n))
+                if on_host {
+                    memory::cam_pass_bytes(&p.model, n, size, size, m, 4)
+                } else {
+                    param_bytes(&p.model, 4, false).map(|t| t + input(n))
+                }
             }
             // Activations with their gradients (about twice), inputs and targets.
             "unet-step" => {
@@ -638,6 +707,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     if on_cuda { ", eager launches" } else { "" }
                 ),
                 used(),
+                None,
             );
             Ok(())
         }
@@ -647,6 +717,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
             let x = inputs(n * c * size * size, 2);
             let mut net = IchNet::new(be, p.model.clone(), 7).context("building the model")?;
             net.set_train(false);
+            set_cam_chunk(&mut net, args);
             let xb = net.backend().upload(&x)?;
             let mut bufs = None;
             let t = {
@@ -659,6 +730,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     Ok(())
                 })?
             };
+            let (mem, chunks) = cam_memory(p, n, size, &bufs)?;
             report_mem(
                 args,
                 p.name,
@@ -667,10 +739,11 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                 &t,
                 n,
                 &format!(
-                    "{n} slices {size}^2{}",
+                    "{n} slices {size}^2{chunks}{}",
                     if on_cuda { ", eager launches" } else { "" }
                 ),
                 used(),
+                Some(mem),
             );
             Ok(())
         }
@@ -704,6 +777,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     if on_cuda { ", eager launches" } else { "" }
                 ),
                 used(),
+                None,
             );
             Ok(())
         }
@@ -815,10 +889,11 @@ fn report(
     slices: usize,
     detail: &str,
 ) {
-    report_mem(args, config, what, device, t, slices, detail, None)
+    report_mem(args, config, what, device, t, slices, detail, None, None)
 }
 
-/// [`report`] with the device memory the workload holds, when known.
+/// [`report`] with the device memory the workload holds, when known, and more JSON fields
+/// (`extra`, an object: the CAM pass's memory plan, [`cam_memory`]).
 #[allow(clippy::too_many_arguments)]
 fn report_mem(
     args: &Args,
@@ -829,6 +904,7 @@ fn report_mem(
     slices: usize,
     detail: &str,
     device_bytes: Option<usize>,
+    extra: Option<serde_json::Value>,
 ) {
     print_profile(args.iters);
     let per_s = slices as f64 / (t.median_ms / 1e3);
@@ -842,6 +918,10 @@ fn report_mem(
             "min_ms": t.min_ms, "cpu_ms": t.cpu_ms, "slices_per_s": per_s, "iters": args.iters, "detail": detail,
             "device_mb": device_bytes.map(|b| b as f64 / (1u64 << 20) as f64),
         });
+        let mut j = j;
+        if let (Some(o), Some(serde_json::Value::Object(e))) = (j.as_object_mut(), extra) {
+            o.extend(e);
+        }
         println!("{j}");
     }
 }

@@ -1,11 +1,16 @@
 //! Memory a network needs, computed from its [`ModelConfig`] alone, before anything is
 //! allocated: parameter counts, the bytes an [`super::IchNet`] holds for them, and the
-//! activations of a forward pass at a given batch and input size. The arithmetic is checked
-//! (`u128`, `None` on overflow), so an absurd config from a model file is refused instead of
-//! overflowing or aborting in the allocator. The shapes mirror `resnet.rs` and `net.rs`
-//! (tests compare the counts with a built network). Knows nothing about CT or files.
+//! activations of a forward pass at a given batch and input size: a training pass keeps
+//! every layer's ([`backbone_activations`]), an eval-mode pass only the buffers of its
+//! activation plan ([`eval_activations`], [`super::eval_plan`]); and the bytes of a whole
+//! CAM pass split into chunks of slices ([`cam_pass_bytes`], [`cam_pass_chunk`]). The
+//! arithmetic is checked (`u128`, `None` on overflow), so an absurd config from a model
+//! file is refused instead of overflowing or aborting in the allocator. The shapes mirror
+//! `resnet.rs` and `net.rs` (tests compare the counts with a built network). Knows nothing
+//! about CT or files.
 
 use super::config::{BlockKind, ModelConfig};
+use super::eval_plan::{self, Plan, PlanOp, Src};
 
 /// Parameter counts of a config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,11 +186,94 @@ pub fn backbone_activations(
     Some((total, (cin, ch, cw)))
 }
 
+/// The eval-mode backbone's ops on `n` images of `h x w` (as `resnet.rs` builds them: the
+/// stem, the max-pool, then per block the downsample branch and the units, the last one
+/// joining the shortcut) with at most three blocks per stage, and their activation plan.
+/// A stage's blocks after its first are alike, so the third and later add no length and no
+/// tensor live at once with others that the first three lack: the plan's buffers are those
+/// of the whole backbone (a test compares them with a built one), and a hostile block count
+/// costs nothing. Returns the plan and the last feature map's `(channels, height, width)`.
+pub fn eval_plan(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Option<(Plan, (u128, u128, u128))> {
+    let (ops, out) = eval_ops(cfg, n, h, w)?;
+    Some((eval_plan::plan(&ops).ok()?, out))
+}
+
+pub(crate) fn eval_ops(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Option<(Vec<PlanOp>, (u128, u128, u128))> {
+    let n = n as u128;
+    let base = cfg.base_width as u128;
+    let len = |c: u128, oh: u128, ow: u128| mul(mul(n, c)?, mul(oh, ow)?);
+    let op = |reads: Vec<Src>, len: u128| PlanOp { reads, len };
+    let (sh, sw) = (out_len(h as u128, 7, 2, 3), out_len(w as u128, 7, 2, 3));
+    let (mut ch, mut cw) = (out_len(sh, 3, 2, 1), out_len(sw, 3, 2, 1));
+    let mut ops = vec![
+        op(vec![Src::Input], len(base, sh, sw)?),
+        op(vec![Src::Op(0)], len(base, ch, cw)?),
+    ];
+    let mut cin = base;
+    for (i, &nb) in cfg.layers.iter().enumerate() {
+        let wd = mul(base, 1u128.checked_shl(i as u32)?)?;
+        for j in 0..nb.min(3) {
+            let stride = if j == 0 && i > 0 { 2 } else { 1 };
+            let (oh, ow) = (out_len(ch, 3, stride, 1), out_len(cw, 3, stride, 1));
+            let (units, cout) = match cfg.block {
+                BlockKind::Basic => (vec![len(wd, oh, ow)?, len(wd, oh, ow)?], wd),
+                BlockKind::Bottleneck => {
+                    let c4 = mul(wd, 4)?;
+                    let u = vec![len(wd, ch, cw)?, len(wd, oh, ow)?, len(c4, oh, ow)?];
+                    (u, c4)
+                }
+            };
+            let input = Src::Op(ops.len() - 1);
+            let shortcut = if stride != 1 || cin != cout {
+                ops.push(op(vec![input], len(cout, oh, ow)?));
+                Src::Op(ops.len() - 1)
+            } else {
+                input
+            };
+            let mut prev = input;
+            for (k, &l) in units.iter().enumerate() {
+                let reads = if k + 1 == units.len() {
+                    vec![prev, shortcut]
+                } else {
+                    vec![prev]
+                };
+                ops.push(op(reads, l));
+                prev = Src::Op(ops.len() - 1);
+            }
+            (ch, cw, cin) = (oh, ow, cout);
+        }
+    }
+    Some((ops, (cin, ch, cw)))
+}
+
+/// Scalars the eval-mode backbone (`BackboneEval`) holds for a batch of `n` images of
+/// `h x w`: its plan's buffers and the pooled features `[n, c]`. Returns the count and the
+/// last feature map's `(channels, height, width)`.
+pub fn eval_activations(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Option<(u128, (u128, u128, u128))> {
+    let (plan, (c, fh, fw)) = eval_plan(cfg, n, h, w)?;
+    Some((add(plan.scalars()?, mul(n as u128, c)?)?, (c, fh, fw)))
+}
+
 /// Bytes of one stage-2 inference pass (`IchNet::stage2_infer_device`) on `n` slices of
-/// `size x size` with `elem`-byte scalars: the input, the backbone activations and the CAM
-/// at the features' resolution (Grad-CAM's gradient maps included).
+/// `size x size` with `elem`-byte scalars: the input, the eval-mode backbone's buffers and
+/// the CAM at the features' resolution (Grad-CAM's gradient maps included).
 pub fn stage2_infer_bytes(cfg: &ModelConfig, n: usize, size: usize, elem: usize) -> Option<u128> {
-    let (acts, (c, fh, fw)) = backbone_activations(cfg, n, size, size)?;
+    let (acts, (c, fh, fw)) = eval_activations(cfg, n, size, size)?;
     let n = n as u128;
     let plane = mul(size as u128, size as u128)?;
     let input = mul(mul(n, cfg.in_channels as u128)?, plane)?;
@@ -194,9 +282,97 @@ pub fn stage2_infer_bytes(cfg: &ModelConfig, n: usize, size: usize, elem: usize)
     mul(scalars, elem as u128)
 }
 
-/// Bytes of one stage-1 forward pass (`IchNet::stage1_logits`) on `batch` sequences of
-/// `seq` slices of `size x size`: the input, the backbone activations of every slice, and
-/// the LSTM and head states.
+/// Scalars of the activations of a CAM pass (`IchNet::stage2_cam_pass`) on `n` slices of
+/// `h x w` in chunks of `chunk` slices: the chunk's eval-mode backbone and, when the pass is
+/// split (`chunk < n`), the chunk's input and outputs (logits, CAM, normalised CAM), as
+/// `CamPassBufs::activation_scalars` counts them.
+pub fn cam_pass_activations(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+    chunk: usize,
+) -> Option<u128> {
+    let m = chunk.clamp(1, n.max(1));
+    let (acts, (_, fh, fw)) = eval_activations(cfg, m, h, w)?;
+    if m >= n {
+        return Some(acts);
+    }
+    let plane = mul(h as u128, w as u128)?;
+    let row = add(
+        add(mul(cfg.in_channels as u128, plane)?, 1)?,
+        add(mul(fh, fw)?, plane)?,
+    )?;
+    add(acts, mul(m as u128, row)?)
+}
+
+/// Bytes of a whole CAM pass (`IchNet::stage2_cam_pass`) on `n` slices of `h x w` in chunks
+/// of `chunk` slices with `elem`-byte scalars, as a model built for it holds them: the
+/// parameters (with their gradient buffers, which `IchNet` allocates), the input, the
+/// outputs (logits, CAM, normalised CAM) and [`cam_pass_activations`]. Not counted: the
+/// composite ops' scratch (a backend's arena) and a CUDA graph.
+pub fn cam_pass_bytes(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+    chunk: usize,
+    elem: usize,
+) -> Option<u128> {
+    let params = param_bytes(cfg, elem, false)?;
+    let acts = cam_pass_activations(cfg, n, h, w, chunk)?;
+    let (_, (_, fh, fw)) = eval_plan(cfg, 1, h, w)?;
+    let plane = mul(h as u128, w as u128)?;
+    let row = add(
+        add(mul(cfg.in_channels as u128, plane)?, 1)?,
+        add(mul(fh, fw)?, plane)?,
+    )?;
+    let scalars = add(acts, mul(n as u128, row)?)?;
+    add(params, mul(scalars, elem as u128)?)
+}
+
+/// Slices per chunk when `n` slices are split into chunks of at most `most`: as few chunks
+/// as that allows, as even as can be (the last one shorter by less than the chunks'
+/// number).
+pub fn even_chunk(n: usize, most: usize) -> usize {
+    let most = most.clamp(1, n.max(1));
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
+}
+
+/// Slices per chunk of a CAM pass on `n` slices within `budget` bytes: the fewest chunks
+/// whose pass ([`cam_pass_bytes`]) fits, as even as can be ([`even_chunk`]); chunks of 1
+/// when none fits (or the sizes overflow).
+pub fn cam_pass_chunk(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+    elem: usize,
+    budget: u128,
+) -> usize {
+    let fits = |m: usize| cam_pass_bytes(cfg, n, h, w, m, elem).is_some_and(|b| b <= budget);
+    if n <= 1 || fits(n) {
+        return n.max(1);
+    }
+    // Split, the bytes grow with the chunk: the largest that fits in 1..n.
+    let (mut lo, mut hi) = (1usize, n - 1);
+    if !fits(lo) {
+        return 1;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    even_chunk(n, lo)
+}
+
+/// Bytes of one stage-1 forward pass (`IchNet::stage1_logits`, eval mode) on `batch`
+/// sequences of `seq` slices of `size x size`: the input, the eval-mode backbone's buffers
+/// for every slice, and the LSTM and head states.
 pub fn stage1_infer_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -204,9 +380,26 @@ pub fn stage1_infer_bytes(
     size: usize,
     elem: usize,
 ) -> Option<u128> {
+    stage1_bytes(cfg, batch, seq, size, elem, false)
+}
+
+/// [`stage1_infer_bytes`] with the training activations (`train`: every layer's output,
+/// [`backbone_activations`]) or the eval-mode backbone's.
+fn stage1_bytes(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    size: usize,
+    elem: usize,
+    train: bool,
+) -> Option<u128> {
     let n = (batch as u128).checked_mul(seq as u128)?;
     let nn = usize::try_from(n).ok()?;
-    let (acts, _) = backbone_activations(cfg, nn, size, size)?;
+    let (acts, _) = if train {
+        backbone_activations(cfg, nn, size, size)?
+    } else {
+        eval_activations(cfg, nn, size, size)?
+    };
     let plane = mul(size as u128, size as u128)?;
     let input = mul(mul(n, cfg.in_channels as u128)?, plane)?;
     let hid = cfg.lstm_hidden as u128;
@@ -220,7 +413,9 @@ pub fn stage1_infer_bytes(
 }
 
 /// Bytes of training (stage 1, the larger stage): parameters with their gradients and
-/// optimizer moments, and a forward pass's activations twice over (their gradients).
+/// optimizer moments, a training forward pass's activations twice over (their gradients),
+/// and the eval-mode backbone's buffers that validation (eval mode, the same batch shape)
+/// adds to them.
 pub fn training_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -229,8 +424,10 @@ pub fn training_bytes(
     elem: usize,
 ) -> Option<u128> {
     let params = param_bytes(cfg, elem, true)?;
-    let fwd = stage1_infer_bytes(cfg, batch, seq, size, elem)?;
-    add(params, mul(fwd, 2)?)
+    let fwd = stage1_bytes(cfg, batch, seq, size, elem, true)?;
+    let n = usize::try_from((batch as u128).checked_mul(seq as u128)?).ok()?;
+    let (eval, _) = eval_activations(cfg, n, size, size)?;
+    add(add(params, mul(fwd, 2)?)?, mul(eval, elem as u128)?)
 }
 
 #[cfg(test)]
@@ -265,6 +462,69 @@ mod tests {
     }
 
     #[test]
+    fn eval_plan_bytes_are_what_the_backbone_allocates() {
+        use crate::engine::Backend;
+        use crate::model::CamChunking;
+        let (n, h, w) = (3, 41, 33);
+        for (block, layers) in [
+            (BlockKind::Basic, vec![2, 2, 2]),
+            (BlockKind::Bottleneck, vec![3, 4, 6, 3]),
+            (BlockKind::Bottleneck, vec![1, 5]),
+        ] {
+            let cfg = ModelConfig {
+                block,
+                layers,
+                base_width: 4,
+                ..ModelConfig::tiny()
+            };
+            let mut net = IchNet::new(CpuBackend::<f32>::new(), cfg.clone(), 0).unwrap();
+            let x = vec![0.5f32; n * cfg.in_channels * h * w];
+            net.stage2_features(&x, n, h, w).unwrap();
+            let (eval, train) = net.activation_state();
+            assert!(!train);
+            let (want, _) = eval_activations(&cfg, n, h, w).unwrap();
+            assert_eq!(eval.map(|v| v as u128), Some(want), "{cfg:?}");
+            let (full, _) = backbone_activations(&cfg, n, h, w).unwrap();
+            assert!(3 * want < full, "{want} vs {full}");
+            // The CAM pass, split or not.
+            let xb = net.backend().upload(&x).unwrap();
+            for s in [1, 2, 3] {
+                net.set_cam_chunking(CamChunking::Slices(s));
+                let mut bufs = None;
+                net.stage2_cam_pass(&xb, n, h, w, &mut bufs).unwrap();
+                let b = bufs.unwrap();
+                assert_eq!(b.chunk, s);
+                let want = cam_pass_activations(&cfg, n, h, w, s).unwrap();
+                assert_eq!(b.activation_scalars() as u128, want, "chunk {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn cam_pass_chunks_fit_the_budget() {
+        let cfg = ModelConfig::resnet101_lstm();
+        let (n, s) = (32, 512);
+        let bytes = |m: usize| cam_pass_bytes(&cfg, n, s, s, m, 4).unwrap();
+        assert!(bytes(1) < bytes(2) && bytes(2) < bytes(16));
+        // 32 slices: at most 5 per chunk makes 7 chunks, of 5 (and 2); at most 4, 8 of 4.
+        let m = cam_pass_chunk(&cfg, n, s, s, 4, bytes(5));
+        assert_eq!(m, 5);
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(5) - 1), 4);
+        // At most 9 per chunk: 4 chunks, so of 8.
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(9)), 8);
+        assert_eq!(even_chunk(7, 6), 4);
+        assert_eq!(even_chunk(7, 0), 1);
+        assert_eq!(even_chunk(0, 3), 1);
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, 0), 1);
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, u128::MAX), n);
+        // Unsplit, no staging: the eval backbone alone.
+        assert_eq!(
+            cam_pass_activations(&cfg, n, s, s, n),
+            eval_activations(&cfg, n, s, s).map(|a| a.0)
+        );
+    }
+
+    #[test]
     fn absurd_configs_do_not_overflow() {
         let mut cfg = ModelConfig::tiny();
         cfg.base_width = usize::MAX;
@@ -272,6 +532,8 @@ mod tests {
         // Answered at once (no loop over the block count) and without overflowing.
         assert_eq!(param_counts(&cfg), None);
         assert_eq!(stage2_infer_bytes(&cfg, usize::MAX, usize::MAX, 8), None);
+        assert_eq!(cam_pass_bytes(&cfg, usize::MAX, usize::MAX, 9, 9, 8), None);
+        assert_eq!(cam_pass_chunk(&cfg, usize::MAX, 64, 64, 4, u128::MAX), 1);
         let mut deep = ModelConfig::tiny();
         deep.layers = vec![usize::MAX];
         assert!(param_counts(&deep).unwrap().total > u64::MAX as u128);

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod eval_plan;
 pub mod memory;
 pub mod meta;
 pub mod net;
@@ -19,7 +20,8 @@ pub mod unet;
 pub use config::{BlockKind, ModelConfig};
 pub use meta::{HeadPooling, ModelMeta, Provenance};
 pub use net::{
-    CamKind, CamPassBufs, FeatureMaps, IchNet, OptState, Stage1Step, Stage2DeviceOut, Stage2Out,
+    CamChunking, CamKind, CamPassBufs, FeatureMaps, IchNet, OptState, Stage1Step, Stage2DeviceOut,
+    Stage2Out, CAM_PASS_BUDGET,
 };
 pub use optim::OptimizerConfig;
 pub use params::{Group, ParamGroup, ParamKind};

@@ -5,18 +5,23 @@
 //! The backbone's and the sequence's activations (and their gradients when training) of a
 //! given input shape are allocated once and reused while the shape stays, and so are the
 //! stage-2 training head's logits and their gradient; the stage-2 inference head's and the
-//! CAM's few small buffers are allocated per call. A warm training step of either stage thus
-//! allocates nothing besides its input uploads and never waits for the device besides its
-//! loss (and logits) readback, which the steps' cores leave to their callers: on CUDA the
-//! whole step is captured as a graph and replayed (`net_graph.rs`).
+//! CAM's few small buffers are allocated per call. Eval-mode passes (inference, validation,
+//! the stage-2 training step's frozen backbone) run on the eval-mode backbone, whose few
+//! buffers follow its activation plan ([`super::eval_plan`]), never on the training
+//! activations; the CAM pass owns its own, for a chunk of its slices ([`CamChunking`]). A
+//! warm training step of either stage thus allocates nothing besides its input uploads and
+//! never waits for the device besides its loss (and logits) readback, which the steps'
+//! cores leave to their callers: on CUDA the whole step is captured as a graph and replayed
+//! (`net_graph.rs`).
 //! Knows nothing about CT, datasets or files.
 
 use super::config::ModelConfig;
+use super::memory;
 use super::optim::{self, OptimizerConfig};
 use super::params::{Group, Init, ParamGroup, ParamStore, W};
-use super::resnet::{self, BackboneActs, BackboneGrads, BackboneSpec, BnMode};
+use super::resnet::{self, BackboneActs, BackboneEval, BackboneGrads, BackboneSpec, BnMode};
 use super::ModelError;
-use crate::engine::{Backend, Lstm, Real};
+use crate::engine::{Backend, ChannelCopy, Lstm, Real};
 
 /// Which class activation map [`IchNet::stage2_infer`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +86,94 @@ pub struct CamPassBufs<B: Backend> {
     pub features_hw: (usize, usize),
     /// (n, h, w) of the pass.
     pub shape: (usize, usize, usize),
+    /// Slices per chunk of the backbone (`n` when the pass is not split).
+    pub chunk: usize,
+    /// Values of the staging buffers.
+    staging_scalars: usize,
+    /// The chunk's eval-mode backbone: the pass's own, so that nothing else reallocates
+    /// the buffers a CUDA graph of the pass holds.
+    eval: BackboneEval<B>,
+    /// A chunk's input and outputs when the pass is split.
+    staging: Option<CamStaging<B>>,
+}
+
+/// How [`IchNet::stage2_cam_pass`] splits its slices: the eval-mode backbone runs on
+/// chunks of slices, each writing its rows of the full-batch outputs, so that the pass's
+/// memory does not grow with its slices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CamChunking {
+    /// The fewest chunks, as even as can be, whose pass [`memory::cam_pass_bytes`] counts
+    /// within this many bytes (parameters, input, outputs and activations;
+    /// [`memory::cam_pass_chunk`]); chunks of one slice when none fits.
+    Budget(u128),
+    /// At most this many slices per chunk (0 counts as 1).
+    Slices(usize),
+}
+
+/// The default memory budget of a CAM pass: issue 14's goal for the paper's ResNet-101 on
+/// 32 slices of 512^2 (0.8 GB), less 100 MB for what [`memory::cam_pass_bytes`] does not
+/// count: the composite ops' scratch (on CUDA the split-K workspaces, kept per length; by
+/// our reading of the split plan about 4 x SMs x 64 x 64 values, 9 MB, each on an H200) and
+/// the CUDA graph. It splits that pass into 16 chunks of 2 slices (0.64 GB counted: 0.37 GB
+/// of it parameters and their gradient buffers, 0.10 GB the input). Not measured on a GPU.
+pub const CAM_PASS_BUDGET: u128 = 700_000_000;
+
+impl Default for CamChunking {
+    fn default() -> Self {
+        CamChunking::Budget(CAM_PASS_BUDGET)
+    }
+}
+
+/// A CAM pass's chunk: its input and outputs, copied from and to the full-batch buffers.
+struct CamStaging<B: Backend> {
+    x: B::Buf,
+    logits: B::Buf,
+    cam: B::Buf,
+    norm: B::Buf,
+}
+
+impl<B: Backend> CamPassBufs<B> {
+    /// The buffers of a pass on `n` slices of `c_in x h x w` in chunks of `m`.
+    fn new(
+        be: &B,
+        spec: &BackboneSpec,
+        c_in: usize,
+        n: usize,
+        h: usize,
+        w: usize,
+        m: usize,
+    ) -> Result<Self, ModelError> {
+        let eval = BackboneEval::new(be, spec, m, h, w)?;
+        let fhw = eval.out_h * eval.out_w;
+        let staging = if m < n {
+            Some(CamStaging {
+                x: be.zeros(m * c_in * h * w)?,
+                logits: be.zeros(m)?,
+                cam: be.zeros(m * fhw)?,
+                norm: be.zeros(m * h * w)?,
+            })
+        } else {
+            None
+        };
+        Ok(CamPassBufs {
+            logits: be.zeros(n)?,
+            cam: be.zeros(n * fhw)?,
+            norm: be.zeros(n * h * w)?,
+            features_hw: (eval.out_h, eval.out_w),
+            shape: (n, h, w),
+            chunk: m,
+            staging_scalars: m * (c_in * h * w + 1 + fhw + h * w) * usize::from(m < n),
+            eval,
+            staging,
+        })
+    }
+
+    /// Values of the activations the pass allocated: the chunk's eval-mode backbone (its
+    /// plan's buffers and pooled features) and, when chunked, the chunk's staging buffers
+    /// (the input and the outputs are not counted).
+    pub fn activation_scalars(&self) -> usize {
+        self.eval.scalars() + self.staging_scalars
+    }
 }
 
 /// One tensor's optimizer state on the host.
@@ -300,10 +393,13 @@ type TrainBufs<'a, B> = (
 );
 
 /// The buffers of the current input shape: the backbone's and the sequence's activations
-/// and, once a training step ran on that shape, their gradients (each reallocated, the old
-/// ones freed first, when the shape changes).
+/// and, once a training step ran on that shape, their gradients; the eval-mode backbone's
+/// (each reallocated, the old ones freed first, when the shape changes). Training and
+/// batch-statistics passes use `bb`, eval-mode passes `eval` only: inference never
+/// allocates the training activations.
 struct Slots<B: Backend> {
     bb: Option<BackboneActs<B>>,
+    eval: Option<BackboneEval<B>>,
     bb_grads: Option<BackboneGrads<B>>,
     seq: Option<SeqActs<B>>,
     seq_grads: Option<SeqGrads<B>>,
@@ -315,6 +411,7 @@ impl<B: Backend> Slots<B> {
     fn empty() -> Self {
         Slots {
             bb: None,
+            eval: None,
             bb_grads: None,
             seq: None,
             seq_grads: None,
@@ -322,20 +419,20 @@ impl<B: Backend> Slots<B> {
         }
     }
 
-    /// The backbone run on `x` `[n, c, h, w]`.
+    /// The eval-mode backbone run on `x` `[n, c, h, w]`.
     fn backbone(
         &mut self,
         be: &B,
         t: &Topology,
-        store: &mut ParamStore<B>,
+        store: &ParamStore<B>,
         x: &B::Buf,
         d: Dims,
-        mode: BnMode,
-    ) -> Result<&mut BackboneActs<B>, ModelError> {
-        backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, mode)
+    ) -> Result<&mut BackboneEval<B>, ModelError> {
+        eval_pass(be, &t.backbone, store, &mut self.eval, x, d)
     }
 
-    /// The stage-1 net (backbone, LSTM, head) run on `x` `[batch, seq, c, h, w]`.
+    /// The stage-1 net (backbone, LSTM, head) run on `x` `[batch, seq, c, h, w]`: the
+    /// eval-mode backbone for [`BnMode::Eval`], the training activations otherwise.
     fn stage1(
         &mut self,
         be: &B,
@@ -344,10 +441,13 @@ impl<B: Backend> Slots<B> {
         x: &B::Buf,
         d: Dims,
         mode: BnMode,
-    ) -> Result<(&mut BackboneActs<B>, &mut SeqActs<B>), ModelError> {
-        let bb = backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, mode)?;
-        let sa = seq_pass(be, t, store, &mut self.seq, &bb.gap, d)?;
-        Ok((bb, sa))
+    ) -> Result<&mut SeqActs<B>, ModelError> {
+        let gap = if mode == BnMode::Eval {
+            &eval_pass(be, &t.backbone, store, &mut self.eval, x, d)?.gap
+        } else {
+            &backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, mode)?.gap
+        };
+        seq_pass(be, t, store, &mut self.seq, gap, d)
     }
 
     /// [`Slots::stage1`] in training mode, with the gradients of those activations.
@@ -383,8 +483,8 @@ impl<B: Backend> Slots<B> {
         store: &mut ParamStore<B>,
         x: &B::Buf,
         d: Dims,
-    ) -> Result<(&BackboneActs<B>, B::Buf), ModelError> {
-        let bb = backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, BnMode::Eval)?;
+    ) -> Result<(&BackboneEval<B>, B::Buf), ModelError> {
+        let bb = eval_pass(be, &t.backbone, store, &mut self.eval, x, d)?;
         let (n, fc) = (d.n(), t.fc);
         let mut logits = be.zeros(n)?;
         let p = |i: W| &store.w[i.0].data;
@@ -411,6 +511,26 @@ fn backbone_pass<'a, B: Backend>(
         || BackboneActs::new(be, spec, n, h, w),
     )?;
     bb.forward(be, store, x, mode)?;
+    Ok(bb)
+}
+
+/// Runs the eval-mode backbone on `x` `[n, c, h, w]` in the buffers of that shape in
+/// `slot` and returns them.
+fn eval_pass<'a, B: Backend>(
+    be: &B,
+    spec: &BackboneSpec,
+    store: &ParamStore<B>,
+    slot: &'a mut Option<BackboneEval<B>>,
+    x: &B::Buf,
+    d: Dims,
+) -> Result<&'a mut BackboneEval<B>, ModelError> {
+    let (n, h, w) = (d.n(), d.h, d.w);
+    let bb = reuse(
+        slot,
+        |a| a.fits(n, h, w),
+        || BackboneEval::new(be, spec, n, h, w),
+    )?;
+    bb.forward(be, store, x)?;
     Ok(bb)
 }
 
@@ -477,6 +597,7 @@ pub struct IchNet<B: Backend> {
     topo: Topology,
     train: bool,
     slots: Slots<B>,
+    cam_chunking: CamChunking,
 }
 
 impl<B: Backend> IchNet<B> {
@@ -581,6 +702,7 @@ impl<B: Backend> IchNet<B> {
             },
             train: false,
             slots: Slots::empty(),
+            cam_chunking: CamChunking::default(),
         })
     }
 
@@ -932,7 +1054,7 @@ impl<B: Backend> IchNet<B> {
             BnMode::Eval
         };
         let d = Dims { batch, seq, h, w };
-        let (_, sa) = self
+        let sa = self
             .slots
             .stage1(be, &self.topo, &mut self.store, &xb, d, mode)?;
         let last = sa.head.len() - 1;
@@ -972,14 +1094,13 @@ impl<B: Backend> IchNet<B> {
     ) -> Result<f64, ModelError> {
         let be = &self.be;
         let (n, fc) = (d.n(), self.topo.fc);
-        let bb = backbone_pass(
+        let bb = eval_pass(
             be,
             &self.topo.backbone,
-            &mut self.store,
-            &mut self.slots.bb,
+            &self.store,
+            &mut self.slots.eval,
             xb,
             d,
-            BnMode::Eval,
         )?;
         let (_, logits, dlogits) = reuse(
             &mut self.slots.fc_train,
@@ -1021,10 +1142,8 @@ impl<B: Backend> IchNet<B> {
         self.check_images(x.len(), n, h, w, "stage-2 input")?;
         let be = &self.be;
         let xb = be.upload(x)?;
-        let (d, mode) = (Dims::images(n, h, w), BnMode::Eval);
-        let bb = self
-            .slots
-            .backbone(be, &self.topo, &mut self.store, &xb, d, mode)?;
+        let d = Dims::images(n, h, w);
+        let bb = self.slots.backbone(be, &self.topo, &self.store, &xb, d)?;
         Ok(FeatureMaps {
             data: to_f64(be.download(bb.features())?),
             c: bb.out_c,
@@ -1126,11 +1245,36 @@ impl<B: Backend> IchNet<B> {
         Ok((d(&o.logits)?, d(&o.cam)?, o.features_hw))
     }
 
+    /// How [`IchNet::stage2_cam_pass`] splits its slices into chunks (by default the largest
+    /// chunk whose pass fits [`CAM_PASS_BUDGET`] bytes).
+    pub fn set_cam_chunking(&mut self, c: CamChunking) {
+        self.cam_chunking = c;
+    }
+    pub fn cam_chunking(&self) -> CamChunking {
+        self.cam_chunking
+    }
+
+    /// Slices per chunk of a CAM pass on `n` slices of `h x w`: at most what
+    /// [`IchNet::set_cam_chunking`] allows, the chunks as even as can be (`n` when the pass
+    /// is not split).
+    pub fn cam_chunk(&self, n: usize, h: usize, w: usize) -> usize {
+        match self.cam_chunking {
+            CamChunking::Slices(m) => memory::even_chunk(n, m),
+            CamChunking::Budget(bytes) => {
+                let elem = std::mem::size_of::<B::T>();
+                memory::cam_pass_chunk(&self.cfg, n, h, w, elem, bytes)
+            }
+        }
+    }
+
     /// The whole vanilla-CAM pass (eval mode) on a device buffer `[n, c, h, w]` into
     /// `bufs`: the backbone, the fc logits, and the CAM at feature resolution and upsampled
-    /// and normalised at the input's ([`Backend::cam_normalized`]). `bufs` is (re)allocated
-    /// when it does not hold this shape; with it and the backbone's activations in place,
-    /// the pass allocates nothing and never waits for the device.
+    /// and normalised at the input's ([`Backend::cam_normalized`]). The backbone runs on
+    /// chunks of [`IchNet::cam_chunk`] slices (copied out of `x`), each writing its rows of
+    /// the outputs; in eval mode a slice's result does not depend on the others in its
+    /// batch. `bufs` (the outputs, the chunk's eval-mode backbone and its staging buffers:
+    /// everything the pass writes) is (re)allocated when it does not hold this shape and
+    /// chunk; with it in place, the pass allocates nothing and never waits for the device.
     pub fn stage2_cam_pass(
         &mut self,
         x: &B::Buf,
@@ -1140,41 +1284,68 @@ impl<B: Backend> IchNet<B> {
         bufs: &mut Option<CamPassBufs<B>>,
     ) -> Result<(), ModelError> {
         self.check_images(self.be.len(x), n, h, w, "stage-2 input")?;
+        let m = self.cam_chunk(n, h, w);
         let be = &self.be;
-        let d = Dims::images(n, h, w);
-        let bb = self
-            .slots
-            .backbone(be, &self.topo, &mut self.store, x, d, BnMode::Eval)?;
-        let (c, fh, fw) = (bb.out_c, bb.out_h, bb.out_w);
-        let fits = matches!(bufs, Some(b) if b.shape == (n, h, w) && b.features_hw == (fh, fw));
-        if !fits {
+        let c_in = self.cfg.in_channels;
+        if !matches!(bufs, Some(b) if b.shape == (n, h, w) && b.chunk == m) {
             *bufs = None;
-            *bufs = Some(CamPassBufs {
-                logits: be.zeros(n)?,
-                cam: be.zeros(n * fh * fw)?,
-                norm: be.zeros(n * h * w)?,
-                features_hw: (fh, fw),
-                shape: (n, h, w),
-            });
+            *bufs = Some(CamPassBufs::new(be, &self.topo.backbone, c_in, n, h, w, m)?);
         }
         let b = bufs
             .as_mut()
             .ok_or_else(|| ModelError::Internal("CAM pass buffers missing".into()))?;
         let fc = self.topo.fc;
         let (fc_w, fc_b) = (&self.store.w[fc.w.0].data, &self.store.w[fc.b.0].data);
-        be.linear_fwd(n, fc.k, 1, &bb.gap, fc_w, Some(fc_b), &mut b.logits)?;
-        be.cam_normalized(
-            n,
-            c,
-            fh,
-            fw,
-            h,
-            w,
-            bb.features(),
-            fc_w,
-            &mut b.cam,
-            &mut b.norm,
-        )?;
+        let CamPassBufs {
+            logits,
+            cam,
+            norm,
+            eval,
+            staging,
+            ..
+        } = b;
+        let (c, fh, fw) = (eval.out_c, eval.out_h, eval.out_w);
+        let Some(st) = staging else {
+            // One chunk: straight into the outputs.
+            eval.forward(be, &self.store, x)?;
+            be.linear_fwd(n, fc.k, 1, &eval.gap, fc_w, Some(fc_b), logits)?;
+            return Ok(be.cam_normalized(n, c, fh, fw, h, w, eval.features(), fc_w, cam, norm)?);
+        };
+        for start in (0..n).step_by(m) {
+            // Rows `start..start + k` of an `[n, row]` buffer and rows `0..k` of an
+            // `[m, row]` one; the last chunk may be short (its other rows are left over
+            // from the chunk before and never copied out).
+            let k = m.min(n - start);
+            let rows =
+                |row: usize, (src_rows, src_at): (usize, usize), (dst_rows, dst_at)| ChannelCopy {
+                    n: 1,
+                    hw: row,
+                    c: k,
+                    src_channels: src_rows,
+                    src_offset: src_at,
+                    dst_channels: dst_rows,
+                    dst_offset: dst_at,
+                };
+            let (whole, part) = ((n, start), (m, 0));
+            be.copy_channels(&rows(c_in * h * w, whole, part), x, &mut st.x, false)?;
+            eval.forward(be, &self.store, &st.x)?;
+            be.linear_fwd(m, fc.k, 1, &eval.gap, fc_w, Some(fc_b), &mut st.logits)?;
+            be.cam_normalized(
+                m,
+                c,
+                fh,
+                fw,
+                h,
+                w,
+                eval.features(),
+                fc_w,
+                &mut st.cam,
+                &mut st.norm,
+            )?;
+            be.copy_channels(&rows(1, part, whole), &st.logits, logits, false)?;
+            be.copy_channels(&rows(fh * fw, part, whole), &st.cam, cam, false)?;
+            be.copy_channels(&rows(h * w, part, whole), &st.norm, norm, false)?;
+        }
         Ok(())
     }
 
@@ -1217,6 +1388,17 @@ impl<B: Backend> IchNet<B> {
             cam_up: d(&up)?,
             cam_norm: d(&norm)?,
         })
+    }
+
+    /// Values held by the eval-mode backbone's buffers (None before an eval pass, or after
+    /// a shape change freed them), and whether the training activations are allocated.
+    #[cfg(test)]
+    pub(crate) fn activation_state(&self) -> (Option<usize>, bool) {
+        let eval = self.slots.eval.as_ref().map(BackboneEval::scalars);
+        (
+            eval,
+            self.slots.bb.is_some() || self.slots.bb_grads.is_some(),
+        )
     }
 
     /// Frees the cached activation buffers (they are reallocated on the next pass).
@@ -1422,6 +1604,48 @@ mod tests {
             ..ModelConfig::tiny()
         };
         assert!(IchNet::new(CpuBackend::<f64>::new(), bad, 0).is_err());
+    }
+
+    #[test]
+    fn inference_allocates_no_training_activations() {
+        let mut n = net(14);
+        let x = randn(15, 3 * 3 * 24 * 24);
+        assert_eq!(n.activation_state(), (None, false));
+        n.stage2_infer(&x, 3, 24, 24, CamKind::GradCam).unwrap();
+        n.stage2_features(&x, 3, 24, 24).unwrap();
+        n.stage2_logits(&x, 3, 24, 24).unwrap();
+        n.stage1_logits(&x, 1, 3, 24, 24).unwrap();
+        n.stage2_forward_backward(&x, &[1.0, 0.0, 1.0], 3, 24, 24, 1.0)
+            .unwrap();
+        let xb = n.be.upload(&x).unwrap();
+        let mut bufs = None;
+        n.stage2_cam_pass(&xb, 3, 24, 24, &mut bufs).unwrap();
+        let (eval, train) = n.activation_state();
+        assert!(eval.is_some() && !train, "{eval:?} {train}");
+        // Batch statistics (and training) keep every layer's output.
+        n.set_train(true);
+        n.stage1_logits(&x, 1, 3, 24, 24).unwrap();
+        assert!(n.activation_state().1);
+    }
+
+    #[test]
+    fn eval_plan_from_the_config_is_the_built_backbones() {
+        use crate::model::BlockKind;
+        for (block, layers) in [
+            (BlockKind::Basic, vec![1, 2, 3]),
+            (BlockKind::Bottleneck, vec![3, 1, 2]),
+        ] {
+            let cfg = ModelConfig {
+                block,
+                layers,
+                base_width: 4,
+                ..ModelConfig::tiny()
+            };
+            let n = IchNet::new(CpuBackend::<f64>::new(), cfg.clone(), 1).unwrap();
+            let built = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31);
+            let (ops, _) = memory::eval_ops(&cfg, 2, 45, 31).unwrap();
+            assert_eq!(ops, built, "{block:?}");
+        }
     }
 
     #[test]

@@ -2,12 +2,16 @@
 //! order of torchvision's `state_dict`) and the activations of one input shape, with the
 //! forward pass (training-mode, batch-statistics or eval-mode batch norm) and the backward
 //! pass that writes every backbone gradient through the training buffers made for those
-//! activations ([`BackboneGrads`]). The stem is 7x7/2 conv, BN, ReLU, 3x3/2
+//! activations ([`BackboneGrads`]); and the eval-mode backbone of inference
+//! ([`BackboneEval`]), which keeps no layer's output but the last block's: its few buffers
+//! follow the activation plan of [`super::eval_plan`] (test-time memory reused layer to
+//! layer). The stem is 7x7/2 conv, BN, ReLU, 3x3/2
 //! max-pool; stages of basic or bottleneck blocks (stride on the 3x3, as torchvision v1.5);
 //! a 1x1 conv + BN downsample when the stride or the channel count changes; then global
 //! average pooling. Knows nothing about the LSTM, the heads or files.
 
 use super::config::{BlockKind, ModelConfig};
+use super::eval_plan::{self, Plan, PlanOp, Src};
 use super::params::{Group, Init, ParamStore, Trainable, S, W};
 use super::ModelError;
 use crate::engine::{Backend, BatchNorm2d, Conv2d, Pool2d};
@@ -19,7 +23,9 @@ pub(crate) enum BnMode {
     Train,
     /// Batch statistics, running stats left as they are.
     Batch,
-    /// PyTorch's eval(): running stats.
+    /// PyTorch's eval(): running stats. Inference runs it on [`BackboneEval`];
+    /// [`BackboneActs`] runs it keeping every unit's output (the reference the activation
+    /// plan is tested against).
     Eval,
 }
 
@@ -36,6 +42,38 @@ pub(crate) struct ConvBnSpec {
     k: usize,
     stride: usize,
     pad: usize,
+}
+
+impl ConvBnSpec {
+    /// The conv's and the batch norm's shapes on input `[n, c_in, h, w]`.
+    fn geometry(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        eps: f64,
+        momentum: f64,
+    ) -> (Conv2d, BatchNorm2d) {
+        let conv = Conv2d {
+            n,
+            c_in: self.c_in,
+            h,
+            w,
+            c_out: self.c_out,
+            kh: self.k,
+            kw: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let bn = BatchNorm2d {
+            n,
+            c: self.c_out,
+            hw: conv.out_h() * conv.out_w(),
+            eps,
+            momentum,
+        };
+        (conv, bn)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -231,24 +269,7 @@ impl<B: Backend> UnitActs<B> {
         eps: f64,
         momentum: f64,
     ) -> Result<Self, ModelError> {
-        let conv = Conv2d {
-            n,
-            c_in: spec.c_in,
-            h,
-            w,
-            c_out: spec.c_out,
-            kh: spec.k,
-            kw: spec.k,
-            stride: spec.stride,
-            pad: spec.pad,
-        };
-        let bn = BatchNorm2d {
-            n,
-            c: spec.c_out,
-            hw: conv.out_h() * conv.out_w(),
-            eps,
-            momentum,
-        };
+        let (conv, bn) = spec.geometry(n, h, w, eps, momentum);
         Ok(UnitActs {
             spec,
             conv,
@@ -677,7 +698,9 @@ impl<B: Backend> BackboneActs<B> {
         (self.n, self.h, self.w) == (n, h, w)
     }
 
-    /// The last block's feature maps `[n, out_c, out_h, out_w]`.
+    /// The last block's feature maps `[n, out_c, out_h, out_w]` (inference reads
+    /// [`BackboneEval::features`]; the tests compare the two).
+    #[cfg(test)]
     pub fn features(&self) -> &B::Buf {
         match self.blocks.last() {
             Some(b) => &b.out,
@@ -754,5 +777,321 @@ impl<B: Backend> BackboneActs<B> {
         self.stem
             .backward(be, params, &mut grads.stem, x, &grads.dstem, None)?;
         Ok(())
+    }
+}
+
+/// What one op of the eval-mode backbone does.
+#[derive(Clone, Copy, Debug)]
+enum EvalKind {
+    /// Conv + batch norm with the running statistics (+ the residual, the op's second
+    /// read) (+ ReLU): [`Backend::conv2d_bn_eval_fwd`].
+    Unit {
+        spec: ConvBnSpec,
+        conv: Conv2d,
+        bn: BatchNorm2d,
+        relu: bool,
+    },
+    /// The stem's max-pool.
+    Pool(Pool2d),
+}
+
+/// One op of the eval-mode backbone and what it reads.
+#[derive(Clone, Debug)]
+struct EvalOp {
+    kind: EvalKind,
+    reads: Vec<Src>,
+}
+
+impl EvalOp {
+    /// Values the op writes.
+    fn len(&self) -> usize {
+        match &self.kind {
+            EvalKind::Unit { conv, .. } => conv.y_len(),
+            EvalKind::Pool(p) => p.y_len(),
+        }
+    }
+}
+
+/// The eval-mode ops of the backbone on `[n, c, h, w]` in execution order (the stem, its
+/// max-pool, then per block the downsample branch, the units, the last one joining the
+/// shortcut), as [`BackboneActs::forward`] runs them, and the last block's `(c, h, w)`.
+fn eval_ops(
+    spec: &BackboneSpec,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> (Vec<EvalOp>, (usize, usize, usize)) {
+    let (eps, mom) = (spec.eps, spec.momentum);
+    let mut ops = Vec::new();
+    let unit = |s: ConvBnSpec, h: usize, w: usize, relu: bool, reads: Vec<Src>| {
+        let (conv, bn) = s.geometry(n, h, w, eps, mom);
+        let op = EvalOp {
+            kind: EvalKind::Unit {
+                spec: s,
+                conv,
+                bn,
+                relu,
+            },
+            reads,
+        };
+        (op, conv.out_h(), conv.out_w())
+    };
+    let (stem, sh, sw) = unit(spec.stem, h, w, true, vec![Src::Input]);
+    ops.push(stem);
+    let pool = Pool2d {
+        n,
+        c: spec.stem.c_out,
+        h: sh,
+        w: sw,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let (mut ch, mut cw) = (pool.out_h(), pool.out_w());
+    ops.push(EvalOp {
+        kind: EvalKind::Pool(pool),
+        reads: vec![Src::Op(0)],
+    });
+    let mut c = spec.stem.c_out;
+    for b in &spec.blocks {
+        let input = Src::Op(ops.len() - 1);
+        // The shortcut first, then the main branch, its last unit fused with the join.
+        let shortcut = match b.down {
+            Some(d) => {
+                ops.push(unit(d, ch, cw, false, vec![input]).0);
+                Src::Op(ops.len() - 1)
+            }
+            None => input,
+        };
+        let last = b.units.len() - 1;
+        let (mut uh, mut uw) = (ch, cw);
+        let mut prev = input;
+        for (j, &u) in b.units.iter().enumerate() {
+            let reads = if j == last {
+                vec![prev, shortcut]
+            } else {
+                vec![prev]
+            };
+            let (op, oh, ow) = unit(u, uh, uw, true, reads);
+            ops.push(op);
+            (uh, uw, prev) = (oh, ow, Src::Op(ops.len() - 1));
+            c = u.c_out;
+        }
+        (ch, cw) = (uh, uw);
+    }
+    (ops, (c, ch, cw))
+}
+
+/// The backbone's eval-mode forward ops on `[n, c, h, w]` as the activation plan sees
+/// them (what each reads, how many values it writes); `memory.rs` builds them from a config.
+#[cfg(test)]
+pub(crate) fn eval_plan_ops(spec: &BackboneSpec, n: usize, h: usize, w: usize) -> Vec<PlanOp> {
+    plan_ops(&eval_ops(spec, n, h, w).0)
+}
+
+fn plan_ops(ops: &[EvalOp]) -> Vec<PlanOp> {
+    ops.iter()
+        .map(|o| PlanOp {
+            reads: o.reads.clone(),
+            len: o.len() as u128,
+        })
+        .collect()
+}
+
+/// The eval-mode backbone (batch norm with the running statistics) for one input shape:
+/// its ops and the few buffers of its activation plan ([`eval_plan`]): each op writes a
+/// buffer that no op still to run reads from the tensor it held, so a block's input, its
+/// units' outputs, the downsample branch's and its output share buffers with every other
+/// block's. Only the last block's feature maps and their global average pool outlive the
+/// pass (what the fc, the CAM and Grad-CAM read). Nothing of the training activations
+/// ([`BackboneActs`]): a model used only for inference never allocates those.
+pub(crate) struct BackboneEval<B: Backend> {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    ops: Vec<EvalOp>,
+    plan: Plan,
+    bufs: Vec<B::Buf>,
+    pub out_c: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    /// Global average pool of the last block: `[n, out_c]`.
+    pub gap: B::Buf,
+}
+
+impl<B: Backend> BackboneEval<B> {
+    pub fn new(
+        be: &B,
+        spec: &BackboneSpec,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Self, ModelError> {
+        let (ops, (out_c, out_h, out_w)) = eval_ops(spec, n, h, w);
+        let plan = eval_plan::plan(&plan_ops(&ops))
+            .map_err(|e| ModelError::Internal(format!("eval activation plan: {e}")))?;
+        let bufs = plan
+            .lens
+            .iter()
+            .map(|&l| {
+                let l = usize::try_from(l)
+                    .map_err(|_| ModelError::Internal(format!("a buffer of {l} values")))?;
+                Ok::<_, ModelError>(be.zeros(l)?)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(BackboneEval {
+            n,
+            h,
+            w,
+            ops,
+            plan,
+            bufs,
+            out_c,
+            out_h,
+            out_w,
+            gap: be.zeros(n * out_c)?,
+        })
+    }
+
+    /// Whether these buffers are for input `[n, _, h, w]`.
+    pub fn fits(&self, n: usize, h: usize, w: usize) -> bool {
+        (self.n, self.h, self.w) == (n, h, w)
+    }
+
+    /// Values allocated: the plan's buffers and the pooled features.
+    pub fn scalars(&self) -> usize {
+        self.plan.lens.iter().map(|&l| l as usize).sum::<usize>() + self.n * self.out_c
+    }
+
+    /// The last block's feature maps `[n, out_c, out_h, out_w]` (after a forward).
+    pub fn features(&self) -> &B::Buf {
+        // The plan has an op per unit and keeps the last op's output (plan::check).
+        let last = self.plan.out[self.plan.out.len() - 1];
+        &self.bufs[last]
+    }
+
+    /// Runs the backbone (eval mode) and the global average pool on `x` `[n, c, h, w]`.
+    pub fn forward(
+        &mut self,
+        be: &B,
+        params: &ParamStore<B>,
+        x: &B::Buf,
+    ) -> Result<(), ModelError> {
+        let out = &self.plan.out;
+        for (i, op) in self.ops.iter().enumerate() {
+            let o = out[i];
+            let (lo, rest) = self.bufs.split_at_mut(o);
+            let Some((y, hi)) = rest.split_first_mut() else {
+                return Err(ModelError::Internal(format!("op {i}: no buffer {o}")));
+            };
+            // What the op reads, from the buffers other than the one it writes (the plan
+            // never makes them the same: checked when it was made).
+            let read = |s: &Src| -> Result<&B::Buf, ModelError> {
+                match *s {
+                    Src::Input => Ok(x),
+                    Src::Op(k) => match out[k] {
+                        b if b < o => Ok(&lo[b]),
+                        b if b > o => Ok(&hi[b - o - 1]),
+                        b => Err(ModelError::Internal(format!(
+                            "op {i} reads and writes buffer {b}"
+                        ))),
+                    },
+                }
+            };
+            let input = read(
+                op.reads
+                    .first()
+                    .ok_or_else(|| ModelError::Internal(format!("op {i} reads nothing")))?,
+            )?;
+            match op.kind {
+                EvalKind::Unit {
+                    spec: s,
+                    conv,
+                    bn,
+                    relu,
+                } => {
+                    let residual = op.reads.get(1).map(read).transpose()?;
+                    let p = |i: W| &params.w[i.0].data;
+                    let st = |i: S| &params.s[i.0].data;
+                    be.conv2d_bn_eval_fwd(
+                        &conv,
+                        &bn,
+                        input,
+                        p(s.w),
+                        p(s.g),
+                        p(s.b),
+                        st(s.rm),
+                        st(s.rv),
+                        residual,
+                        relu,
+                        y,
+                    )?;
+                }
+                EvalKind::Pool(pool) => be.maxpool2d_fwd(&pool, input, y)?,
+            }
+        }
+        let hw = self.out_h * self.out_w;
+        let last = out[out.len() - 1];
+        be.global_avg_pool_fwd(self.n * self.out_c, hw, &self.bufs[last], &mut self.gap)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::CpuBackend;
+    use crate::rng::Rng;
+
+    fn randn(seed: u64, n: usize) -> Vec<f64> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.normal()).collect()
+    }
+
+    #[test]
+    fn eval_plan_forward_equals_keeping_every_output() {
+        for block in [BlockKind::Basic, BlockKind::Bottleneck] {
+            let cfg = ModelConfig {
+                block,
+                layers: vec![2, 3, 1],
+                base_width: 4,
+                ..ModelConfig::tiny()
+            };
+            let be = CpuBackend::<f64>::new();
+            let mut store = ParamStore::default();
+            let spec = declare(&mut store, &be, &cfg, 3).unwrap();
+            let (n, h, w) = (3, 37, 29);
+            let c = cfg.in_channels;
+            let x = be.upload(&randn(1, n * c * h * w)).unwrap();
+            let x2 = be.upload(&randn(2, n * c * h * w)).unwrap();
+            let mut full = BackboneActs::new(&be, &spec, n, h, w).unwrap();
+            // Training passes move the running statistics away from 0 and 1.
+            for _ in 0..3 {
+                full.forward(&be, &mut store, &x2, BnMode::Train).unwrap();
+            }
+            full.forward(&be, &mut store, &x, BnMode::Eval).unwrap();
+            let mut ev = BackboneEval::new(&be, &spec, n, h, w).unwrap();
+            // Another input first: what it leaves in the reused buffers must not matter.
+            ev.forward(&be, &store, &x2).unwrap();
+            ev.forward(&be, &store, &x).unwrap();
+            let d = |b: &Vec<f64>| be.download(b).unwrap();
+            assert_eq!(d(ev.features()), d(full.features()), "{block:?} features");
+            assert_eq!(d(&ev.gap), d(&full.gap), "{block:?} pooled features");
+            assert_eq!(
+                (ev.out_c, ev.out_h, ev.out_w),
+                (full.out_c, full.out_h, full.out_w)
+            );
+            // A few buffers instead of one per layer: fewer than the units.
+            let units = spec.blocks.iter().map(|b| b.units.len()).sum::<usize>();
+            assert!(ev.plan.lens.len() < units, "{:?}", ev.plan.lens);
+            // No op reads the buffer it writes.
+            for (i, op) in ev.ops.iter().enumerate() {
+                for r in &op.reads {
+                    if let Src::Op(k) = *r {
+                        assert_ne!(ev.plan.out[k], ev.plan.out[i], "op {i} reads op {k}");
+                    }
+                }
+            }
+        }
     }
 }

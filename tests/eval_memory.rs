@@ -1,0 +1,213 @@
+//! Test-time memory of the eval-mode backbone (its activation plan) and the CAM pass split
+//! into chunks of slices, on the CPU backend:
+//! - the CAM pass split into chunks (1, 2, 3, 4 slices of 7: even, short last chunks) gives
+//!   bit-identical logits, feature-resolution CAM and normalised CAM to the pass in one
+//!   chunk, and its logits and CAM are those of `stage2_cam` (the unfused path);
+//! - a pass after another input and a chunk change gives the same answers (nothing left over
+//!   in the reused buffers leaks into a result);
+//! - the default budget splits the paper's CAM pass (ResNet-101, 32 slices of 512^2) so
+//!   that its counted bytes stay under issue 14's 0.8 GB, and leaves a pass that fits whole
+//!   unsplit; the figures before and after the plan are printed (`--nocapture`);
+//! - training is untouched by eval passes: steps with eval passes between them give
+//!   bit-identical losses, logits, parameters and gradients to the same steps without.
+
+mod common;
+use common::rng::SplitMix64;
+
+use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::Backend;
+use ichcam::model::memory::{
+    backbone_activations, cam_pass_activations, cam_pass_bytes, cam_pass_chunk, eval_activations,
+    param_bytes,
+};
+use ichcam::model::{
+    BlockKind, CamChunking, CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup,
+    CAM_PASS_BUDGET,
+};
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn bottleneck() -> ModelConfig {
+    ModelConfig {
+        block: BlockKind::Bottleneck,
+        layers: vec![2, 1, 2],
+        base_width: 4,
+        ..ModelConfig::tiny()
+    }
+}
+
+/// (logits, CAM, normalised CAM) of a CAM pass, as bits.
+type Outs = (Vec<u32>, Vec<u32>, Vec<u32>);
+
+fn cam_pass(net: &mut IchNet<CpuBackend<f32>>, x: &[f32], n: usize, h: usize, w: usize) -> Outs {
+    let xb = net.backend().upload(x).expect("upload");
+    let mut bufs = None;
+    net.stage2_cam_pass(&xb, n, h, w, &mut bufs).expect("pass");
+    let b = bufs.expect("bufs");
+    let d = |v| bits(&net.backend().download(v).expect("download"));
+    (d(&b.logits), d(&b.cam), d(&b.norm))
+}
+
+#[test]
+fn chunked_cam_pass_is_bit_identical_to_one_chunk() {
+    let (n, h, w) = (7, 52, 44);
+    let mut rng = SplitMix64::fresh("eval-memory-chunks");
+    let x = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let x2 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    for cfg in [bottleneck(), ModelConfig::tiny()] {
+        let mut net = IchNet::new(CpuBackend::<f32>::new(), cfg.clone(), 5).expect("net");
+        // Running statistics away from 0 and 1 (eval mode uses them).
+        let labels = [0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0];
+        net.stage1_forward_backward(&x2, &labels, 1, n, h, w, 1.0)
+            .expect("a training step");
+        net.set_cam_chunking(CamChunking::Slices(n));
+        assert_eq!(net.cam_chunk(n, h, w), n);
+        let whole = cam_pass(&mut net, &x, n, h, w);
+        // The unfused path agrees on the logits and the feature-resolution CAM.
+        let (l, cam, _) = net
+            .stage2_cam(&x, n, h, w, CamKind::Vanilla)
+            .expect("stage2_cam");
+        let f = |v: Vec<f64>| bits(&v.into_iter().map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(f(l), whole.0, "logits vs stage2_cam");
+        assert_eq!(f(cam), whole.1, "CAM vs stage2_cam");
+        for (slices, chunk) in [(1, 1), (2, 2), (3, 3), (4, 4), (5, 4), (6, 4)] {
+            net.set_cam_chunking(CamChunking::Slices(slices));
+            // 7 slices: chunks as even as can be (6 -> 4 + 3, 5 -> 4 + 3).
+            assert_eq!(net.cam_chunk(n, h, w), chunk);
+            // Another input first, through the same buffers.
+            cam_pass(&mut net, &x2, n, h, w);
+            let got = cam_pass(&mut net, &x, n, h, w);
+            assert_eq!(got.0, whole.0, "{:?} logits, chunks of {chunk}", cfg.block);
+            assert_eq!(got.1, whole.1, "{:?} CAM, chunks of {chunk}", cfg.block);
+            assert_eq!(
+                got.2, whole.2,
+                "{:?} normalised, chunks of {chunk}",
+                cfg.block
+            );
+        }
+    }
+}
+
+#[test]
+fn a_reused_pass_buffer_after_new_input_gives_the_new_answer() {
+    let (n, h, w) = (5, 40, 40);
+    let mut rng = SplitMix64::fresh("eval-memory-reuse");
+    let x1 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let x2 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let mut a = IchNet::new(CpuBackend::<f32>::new(), bottleneck(), 9).expect("net");
+    let mut b = IchNet::new(CpuBackend::<f32>::new(), bottleneck(), 9).expect("net");
+    a.set_cam_chunking(CamChunking::Slices(2));
+    b.set_cam_chunking(CamChunking::Slices(2));
+    let xb1 = a.backend().upload(&x1).expect("up");
+    let xb2 = a.backend().upload(&x2).expect("up");
+    let mut bufs = None;
+    a.stage2_cam_pass(&xb1, n, h, w, &mut bufs).expect("pass");
+    a.stage2_cam_pass(&xb2, n, h, w, &mut bufs).expect("pass");
+    let bb = bufs.as_ref().expect("bufs");
+    let got = bits(&a.backend().download(&bb.norm).expect("down"));
+    let fresh = cam_pass(&mut b, &x2, n, h, w);
+    assert_eq!(got, fresh.2);
+    let first = cam_pass(&mut b, &x1, n, h, w);
+    assert_ne!(first.2, fresh.2, "different inputs, different maps");
+}
+
+#[test]
+fn default_budget_splits_the_paper_cam_pass_under_the_goal() {
+    const GB: f64 = 1e9;
+    let paper = ModelConfig::resnet101_lstm();
+    let small = ModelConfig {
+        block: BlockKind::Basic,
+        layers: vec![2, 2, 2, 2],
+        ..ModelConfig::resnet101_lstm()
+    };
+    for (name, cfg, n, s) in [
+        ("paper", paper, 32usize, 512usize),
+        ("small", small, 128, 256),
+    ] {
+        let before = backbone_activations(&cfg, n, s, s).expect("count").0 * 4;
+        let plan = eval_activations(&cfg, n, s, s).expect("count").0 * 4;
+        let m = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET);
+        let acts = cam_pass_activations(&cfg, n, s, s, m).expect("count") * 4;
+        let pass = cam_pass_bytes(&cfg, n, s, s, m, 4).expect("count");
+        let whole = cam_pass_bytes(&cfg, n, s, s, n, 4).expect("count");
+        let params = param_bytes(&cfg, 4, false).expect("count");
+        println!(
+            "{name}: {n} slices {s}^2 f32: activations one buffer per layer {:.3} GB, eval plan \
+             {:.3} GB; CAM pass unsplit {:.3} GB; chunks of {m}: activations {:.3} GB, pass \
+             {:.3} GB (parameters and gradients {:.3} GB)",
+            before as f64 / GB,
+            plan as f64 / GB,
+            whole as f64 / GB,
+            acts as f64 / GB,
+            pass as f64 / GB,
+            params as f64 / GB
+        );
+        assert!(plan * 2 < before, "{name}: the plan saves little");
+        assert!(pass <= CAM_PASS_BUDGET || m == 1, "{name}: {pass} bytes");
+        if name == "paper" {
+            assert!(m < n, "the paper's pass does not fit whole");
+            assert!(pass as f64 <= 0.8 * GB, "{pass} bytes");
+        }
+    }
+    // A pass that fits whole is not split.
+    let net = IchNet::new(CpuBackend::<f32>::new(), bottleneck(), 1).expect("net");
+    assert_eq!(net.cam_chunking(), CamChunking::Budget(CAM_PASS_BUDGET));
+    assert_eq!(net.cam_chunk(32, 64, 64), 32);
+}
+
+#[test]
+fn eval_passes_leave_training_bit_identical() {
+    let (batch, seq, h, w) = (1, 4, 36, 36);
+    let mut rng = SplitMix64::fresh("eval-memory-train");
+    let xs: Vec<Vec<f32>> = (0..3)
+        .map(|_| rng.vec_f32(batch * seq * 3 * h * w, -1.0, 1.0))
+        .collect();
+    let labels = [1.0f32, 0.0, 0.0, 1.0];
+    let opt = OptimizerConfig::paper_sgd();
+    let run = |evals: bool| {
+        let mut net = IchNet::new(CpuBackend::<f32>::new(), bottleneck(), 4).expect("net");
+        let mut out = Vec::new();
+        for x in &xs {
+            net.zero_grads().expect("zero");
+            let s = net
+                .stage1_forward_backward(x, &labels, batch, seq, h, w, 1.0)
+                .expect("step");
+            net.step(&opt, ParamGroup::Stage1).expect("sgd");
+            out.push((
+                s.loss.to_bits(),
+                s.logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            ));
+            if evals {
+                // Every eval pass, at this shape and at others.
+                net.stage1_logits(x, batch, seq, h, w).expect("eval");
+                net.stage2_infer(x, seq, h, w, CamKind::GradCam)
+                    .expect("infer");
+                net.stage2_features(&x[..3 * h * w], 1, h, w)
+                    .expect("features");
+                let xb = net.backend().upload(x).expect("up");
+                let mut bufs = None;
+                net.set_cam_chunking(CamChunking::Slices(3));
+                net.stage2_cam_pass(&xb, seq, h, w, &mut bufs).expect("cam");
+            }
+        }
+        let state: Vec<(Vec<u32>, Vec<u32>)> = net
+            .names()
+            .iter()
+            .map(|name| {
+                let p = bits(&net.param(name).expect("param"));
+                let g = net.grad(name).map(|g| bits(&g)).unwrap_or_default();
+                (p, g)
+            })
+            .collect();
+        (out, state)
+    };
+    let (plain, plain_state) = run(false);
+    let (mixed, mixed_state) = run(true);
+    assert_eq!(plain, mixed, "losses and logits");
+    assert!(
+        plain_state == mixed_state,
+        "parameters, running stats or gradients differ"
+    );
+}
