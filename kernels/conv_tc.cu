@@ -614,3 +614,300 @@ conv2d_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dy
     __shared__ int colinfo[TBN];
     conv_bwd_weight_tc<PrecTf32>(smem, colinfo, x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
+
+// ==== The large layers: bf16 mma.sync, 128x128 block tiles, dynamic shared memory ========
+//
+// The forward GEMM of the layers whose 128x128 tile grid alone fills the GPU (conv.rs,
+// `mma_route`), with inline PTX instead of WMMA: the fragments are loaded from shared memory
+// by ldmatrix (m8n8.x4; B with .trans) in the documented per-lane layouts and multiplied by
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32. Block tile 128x128, K tile 32, 256
+// threads = 8 warps in 2 (M) x 4 (N), each warp 64x32 = 4 x 4 m16n8 accumulators (64 f32 per
+// thread). The operands go from global to shared memory by cp.async into a ring of
+// MMA_STAGES f32 stages, as in tc_mainloop, with 16-byte copies where the source is
+// contiguous and 16-byte aligned (bit 0 of `vec`: the weights' rows, K % 4 == 0; bit 1: the
+// activations of a 1x1 stride-1 unpadded conv, whose im2col rows are contiguous pixels, H*W
+// % 4 == 0; the host decides per launch from the shapes and the pointers, `mma_vec` in
+// conv.rs), 4-byte copies otherwise. Each stage is rounded to bf16 by one pass of the block
+// into a bf16 tile (one more barrier), whose rows are padded by 16 bytes (A: 80-byte rows,
+// B: 272-byte rows) so that the 8 row addresses of every ldmatrix phase fall in 8 different
+// 16-byte bank groups: conflict-free without a swizzle. 122 KiB of shared memory per block:
+// dynamic, launched with the opt-in above 48 KiB (launch.rs). One split only (a layer that
+// fills the GPU with 128x128 tiles needs none). The epilogues are the WMMA forward's
+// (EPI_NONE, EPI_BN with bn_epilogue, EPI_STATS per 64-pixel tile, the layout conv.rs's
+// STATS_TILE gives: each block writes its two tiles), through an f32 tile in shared memory.
+
+// The PTX primitives, one wrapper per instruction. Under the emulated driver (ICHCAM_CUDA_EMU)
+// emu/shim/emu_mma.h defines the same functions with the ISA's per-lane layouts: the one
+// conditional of the kernel files, because g++ cannot compile the asm.
+#ifndef ICHCAM_CUDA_EMU
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ptx_ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ptx_ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ptx_mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                                      const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+#endif
+
+#define MBM 128
+#define MBN 128
+#define MBK 32
+#define MMA_STAGES 3
+#define MMA_THREADS 256
+// f32 stage: A [MBM][MLDA] (row m, column k), B [MBK][MLDB] (row k, column n): 16-byte rows.
+#define MLDA (MBK + 4)
+#define MLDB (MBN + 4)
+#define MSTAGE_FLOATS (MBM * MLDA + MBK * MLDB)
+#define MMA_SMEM_F32 (MMA_STAGES * MSTAGE_FLOATS * 4)
+// bf16 tile after the stages: A [MBM][MLDAH], B [MBK][MLDBH], rows padded by 16 bytes.
+#define MLDAH (MBK + 8)
+#define MLDBH (MBN + 8)
+#define MMA_SMEM (MMA_SMEM_F32 + (MBM * MLDAH + MBK * MLDBH) * 2)
+#define MLDC (MBN + 4)
+
+static_assert(MBM * MLDC * 4 <= MMA_SMEM_F32, "the epilogue's f32 tile fits in the stages");
+static_assert(MBM * MBK == 16 * MMA_THREADS && MBK * MBN == 16 * MMA_THREADS, "16 elements of A and of B per thread");
+static_assert((MLDAH * 2) % 16 == 0 && (MLDAH * 2 / 16) % 2 == 1, "A's bf16 rows: an odd number of 16-byte units");
+static_assert((MLDBH * 2) % 16 == 0 && (MLDBH * 2 / 16) % 2 == 1, "B's bf16 rows: an odd number of 16-byte units");
+static_assert(MMA_SMEM <= 227 * 1024, "the opt-in limit of sm_90");
+
+extern __shared__ __align__(128) unsigned char mma_smem[];
+
+// The bytes of dynamic shared memory of conv2d_fwd*_mma_bf16 (conv.rs asks for the same).
+static_assert(MMA_SMEM == 124928, "conv.rs's MMA_SMEM_BYTES");
+
+// One K tile of the warp's 64x32: A [MBM][MLDAH] and B [MBK][MLDBH] bf16.
+__device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfloat16* Bs, float (&acc)[4][4][4], int wm,
+                                         int wn, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < MBK; ks += 16) {
+        unsigned a[4][4], b[4][2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            ptx_ldmatrix_x4(a[i], As + (wm * 64 + i * 16 + (lane & 15)) * MLDAH + ks + 8 * (lane >> 4));
+#pragma unroll
+        for (int j2 = 0; j2 < 2; ++j2) {
+            unsigned q[4];
+            ptx_ldmatrix_x4_trans(q, Bs + (ks + (lane & 15)) * MLDBH + wn * 32 + j2 * 16 + 8 * (lane >> 4));
+            b[2 * j2][0] = q[0];
+            b[2 * j2][1] = q[1];
+            b[2 * j2 + 1][0] = q[2];
+            b[2 * j2 + 1][1] = q[3];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) ptx_mma_bf16_m16n8k16(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+}
+
+// The forward, EPI as conv_fwd_tc's. `vec`: bit 0 16-byte copies of the weights, bit 1 of
+// the activations (see above).
+template <int EPI>
+__device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const float* __restrict__ w,
+                                             float* __restrict__ y, int N, int C, int H, int W, int CO, int KH,
+                                             int KW, int stride, int pad, int vec, const float* __restrict__ ss,
+                                             const float* __restrict__ res, int relu, double* __restrict__ part_s,
+                                             double* __restrict__ part_q) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const int M = CO, KHW = KH * KW, K = C * KHW, OHW = OH * OW, Pn = N * OHW;
+    const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
+    const bool vec_a = vec & 1, vec_b = vec & 2;
+
+    // B, 4-byte copies: this thread's fixed pixel column bn, rows bk + 2q.
+    const int bn = tid & (MBN - 1), bk = tid >> 7;
+    const int p = p0 + bn;
+    const bool p_ok = p < Pn;
+    int ih0 = 0, iw0 = 0;
+    const float* xb = x;
+    if (p_ok) {
+        int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
+        ih0 = oh * stride - pad;
+        iw0 = ow * stride - pad;
+        xb = x + (size_t)n * C * H * W;
+    }
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = t * MBK;
+        if (vec_a) {
+            // 4 chunks of 4 weights per thread: row tid / 8 + 32q, columns 4 * (tid % 8).
+            const int kc = k0 + 4 * (tid & 7);
+            const int nk = min(4, max(0, K - kc));
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int ml = (tid >> 3) + 32 * q, m = m0 + ml;
+                const bool ok = m < M && nk > 0;
+                __pipeline_memcpy_async(As + ml * MLDA + 4 * (tid & 7), ok ? w + (size_t)m * K + kc : w, 16,
+                                        ok ? 16 - 4 * nk : 16);
+            }
+        } else {
+            // 16 weights per thread: row tid / 32 + 8q, column tid % 32.
+            const int k = k0 + (tid & 31);
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
+                const bool ok = m < M && k < K;
+                cp4(As + ml * MLDA + (tid & 31), ok ? w + (size_t)m * K + k : w, ok);
+            }
+        }
+        if (vec_b) {
+            // 1x1, stride 1, no padding, OHW = H*W % 4 == 0: 4 chunks of 4 pixels per thread,
+            // row (input channel) k0 + tid / 32 + 8q, pixels p0 + 4 * (tid % 32)..+3 (one image).
+            const int pc = p0 + 4 * (tid & 31);
+            const bool pc_ok = pc < Pn;
+            const float* src0 = x;
+            if (pc_ok) {
+                const int n = pc / OHW;
+                src0 = x + (size_t)n * C * OHW + (pc - n * OHW);
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int kl = (tid >> 5) + 8 * q, k = k0 + kl;
+                const bool ok = pc_ok && k < K;
+                __pipeline_memcpy_async(Bs + kl * MLDB + 4 * (tid & 31), ok ? src0 + (size_t)k * OHW : x, 16,
+                                        ok ? 0 : 16);
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int kl = bk + 2 * q, k = k0 + kl;
+                const float* src = x;
+                bool ok = p_ok && k < K;
+                if (ok) {
+                    int ci = k / KHW, rr = k - ci * KHW, kh = rr / KW, kw = rr - kh * KW;
+                    int ih = ih0 + kh, iw = iw0 + kw;
+                    ok = ih >= 0 && ih < H && iw >= 0 && iw < W;
+                    if (ok) src = xb + ((size_t)ci * H + ih) * W + iw;
+                }
+                cp4(Bs + kl * MLDB + bn, src, ok);
+            }
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    const int ntiles = (K + MBK - 1) / MBK;
+    float* st = (float*)smem;
+    __nv_bfloat16* h = (__nv_bfloat16*)(smem + MMA_SMEM_F32);
+    __nv_bfloat16* hb = h + MBM * MLDAH;
+#pragma unroll
+    for (int s = 0; s < MMA_STAGES - 1; ++s) {
+        if (s < ntiles) issue(st + s * MSTAGE_FLOATS, st + s * MSTAGE_FLOATS + MBM * MLDA, s);
+        __pipeline_commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+        // Tile t's copies are complete and, after the barrier, everyone's; everyone is done
+        // with tile t-1 (its stage and the bf16 tile), so tile t + STAGES - 1 refills its stage.
+        __pipeline_wait_prior(MMA_STAGES - 2);
+        __syncthreads();
+        const int nt = t + MMA_STAGES - 1;
+        if (nt < ntiles) {
+            float* s = st + (nt % MMA_STAGES) * MSTAGE_FLOATS;
+            issue(s, s + MBM * MLDA, nt);
+        }
+        __pipeline_commit();
+        const float* cur = st + (t % MMA_STAGES) * MSTAGE_FLOATS;
+        // The stage into the bf16 tile: 16 elements of A and 16 of B per thread.
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int c = tid + MMA_THREADS * q;
+            bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
+            bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+        }
+        __syncthreads();
+        mma_tile(h, hb, acc, wm, wn, lane);
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();
+
+    // The accumulators into the f32 tile Cs [MBM][MLDC] by the m16n8 C layout: c[e] of
+    // fragment (i, j) is row wm*64 + 16i + lane/4 + 8(e/2), column wn*32 + 8j + 2(lane%4) + e%2.
+    float* Cs = (float*)smem;
+    {
+        const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    const int row = wm * 64 + 16 * i + g + 8 * e2, col = wn * 32 + 8 * j + 2 * tq;
+                    *(float2*)(Cs + row * MLDC + col) = make_float2(acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
+                }
+    }
+    __syncthreads();
+    if constexpr (EPI == EPI_STATS) {
+        // Tiles of 64 pixels (conv.rs: STATS_TILE), T = ceil(Pn / 64) of them; this block has
+        // tiles 2*blockIdx.x + half. Thread: row tid / 2, half tid % 2, its 64 values in order.
+        const int T = (Pn + 63) / 64;
+        const int row = tid >> 1, half = tid & 1, m = m0 + row, tile = 2 * blockIdx.x + half;
+        const int nv = min(64, Pn - (p0 + 64 * half));
+        if (m < M && nv > 0) {
+            const float* cr = Cs + row * MLDC + 64 * half;
+            double sum = 0.0;
+            for (int k = 0; k < nv; ++k) sum += (double)cr[k];
+            const double mean = sum / (double)nv;
+            double q = 0.0;
+            for (int k = 0; k < nv; ++k) {
+                const double d = (double)cr[k] - mean;
+                q += d * d;
+            }
+            part_s[(size_t)m * T + tile] = sum;
+            part_q[(size_t)m * T + tile] = q;
+        }
+    }
+    if (!p_ok) return;
+    const int n = p / OHW, r = p - n * OHW;
+#pragma unroll 4
+    for (int i = 0; i < MBM / 2; ++i) {
+        const int ml = bk + 2 * i, m = m0 + ml;
+        if (m >= M) break;
+        const size_t o = ((size_t)n * CO + m) * OHW + r;
+        if constexpr (EPI == EPI_BN)
+            y[o] = bn_epilogue(Cs[ml * MLDC + bn], ss, CO, m, res, o, relu);
+        else
+            y[o] = Cs[ml * MLDC + bn];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
+                    int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_fwd_mma<EPI_NONE>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                       int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                       const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    conv_fwd_mma<EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, ss, res, relu, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                          double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    conv_fwd_mma<EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, part_s, part_q);
+}

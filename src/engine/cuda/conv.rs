@@ -9,7 +9,9 @@
 //! ([`conv2d_bn_eval_fwd`]; the per-channel scale and shift come from `norm.rs`), and on the
 //! split-K path in the kernel that sums the splits. The training forward can write, with z,
 //! the batch-norm partial statistics of z per (channel, 64-pixel tile) ([`conv2d_fwd_stats`];
-//! on the split-K path the kernel that sums the splits takes them).
+//! on the split-K path the kernel that sums the splits takes them). At bf16 the large layers'
+//! forwards (plain and fused alike) take the 128x128 `mma.sync` kernel of `conv_tc.cu`
+//! instead ([`mma_route`], [`MmaRoute`]), with 16-byte copies where [`mma_vec`] allows.
 
 use cudarc::driver::CudaSlice;
 
@@ -47,6 +49,9 @@ mod tc {
         bwd_data_tf32: "conv2d_bwd_data_tf32",
         bwd_weight_bf16: "conv2d_bwd_weight_bf16",
         bwd_weight_tf32: "conv2d_bwd_weight_tf32",
+        fwd_mma_bf16: "conv2d_fwd_mma_bf16",
+        fwd_bn_mma_bf16: "conv2d_fwd_bn_mma_bf16",
+        fwd_stats_mma_bf16: "conv2d_fwd_stats_mma_bf16",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -59,6 +64,138 @@ fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
 const TC_THREADS: u32 = 128;
 /// K tile of the tensor-core kernels (`TBK` in conv_tc.cu): a split covers a multiple.
 const TC_BK: usize = 16;
+
+/// Block tile (both sides) of the bf16 `mma.sync` forward (`MBM`, `MBN` in conv_tc.cu).
+const MMA_TILE: usize = 128;
+/// Threads of its blocks (8 warps).
+const MMA_THREADS: u32 = 256;
+/// Its dynamic shared memory (`MMA_SMEM` in conv_tc.cu: 3 f32 stages and the bf16 tile),
+/// over the 48 KiB a block gets without the opt-in (`launch.rs` opts in).
+const MMA_SMEM_BYTES: u32 = 124_928;
+
+/// Which kernel a bf16 convolution forward takes: the 128x128 `mma.sync` kernel or the
+/// 64x64 WMMA one (`kernels/conv_tc.cu`); a setting of the backend
+/// ([`CudaBackend::set_mma_route`]) for tests and comparisons. tf32 and f32 never take it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MmaRoute {
+    /// By the layer's size ([`mma_route`]): the large layers.
+    #[default]
+    Auto,
+    /// Every bf16 forward.
+    Always,
+    /// None: the WMMA kernel (and its split-K path) for every layer.
+    Never,
+}
+
+/// Whether a bf16 forward with `p` output pixels (batch included) and `c_out` output
+/// channels takes the 128x128 `mma.sync` kernel on a GPU of `sms` multiprocessors: when its
+/// 128x128 tile grid alone gives every SM a block (such a layer needs no split over K, which
+/// that kernel does not do) and at least 128 output channels fill the tile's rows. The rest
+/// (the small late layers, split over K, and the 64-channel ones) stay on the 64x64 WMMA
+/// kernel.
+pub(crate) fn mma_route(p: usize, c_out: usize, sms: usize) -> bool {
+    c_out >= MMA_TILE && p.div_ceil(MMA_TILE) * c_out.div_ceil(MMA_TILE) >= sms.max(1)
+}
+
+/// The 16-byte cp.async paths of the `mma.sync` forward of `s` for an input at device
+/// address `x_addr` and weights at `w_addr` (the kernel's `vec`): bit 0 when each weight row
+/// (`K = c_in*kh*kw` floats) starts 16-byte aligned (`K % 4 == 0`, `w_addr % 16 == 0`), bit 1
+/// when the im2col rows are 16-byte aligned runs of contiguous pixels (1x1, stride 1, no
+/// padding, `h*w % 4 == 0`, `x_addr % 16 == 0`); 4-byte copies otherwise.
+pub(crate) fn mma_vec(s: &Conv2d, x_addr: u64, w_addr: u64) -> i32 {
+    let k = s.c_in * s.kh * s.kw;
+    let a = k % 4 == 0 && w_addr % 16 == 0;
+    let b = s.kh == 1
+        && s.kw == 1
+        && s.stride == 1
+        && s.pad == 0
+        && (s.h * s.w) % 4 == 0
+        && x_addr % 16 == 0;
+    i32::from(a) | (i32::from(b) << 1)
+}
+
+impl CudaBackend {
+    /// Which kernel the bf16 convolution forwards take (default [`MmaRoute::Auto`]).
+    pub fn set_mma_route(&mut self, r: MmaRoute) {
+        self.mma_route = r;
+    }
+
+    /// The kernel `conv2d_fwd` (and the fused forwards) of `s` launch at this backend's
+    /// precision and route, by name (diagnostics and tests): `conv2d_fwd` (f32),
+    /// `conv2d_fwd_tf32`, `conv2d_fwd_bf16` (WMMA, 64x64, maybe split over K) or
+    /// `conv2d_fwd_mma_bf16` (128x128).
+    pub fn conv_fwd_kernel(&self, s: &Conv2d) -> &'static str {
+        match self.precision() {
+            Precision::F32 => "conv2d_fwd",
+            Precision::Tf32 => "conv2d_fwd_tf32",
+            Precision::Bf16 if takes_mma(self, s) => "conv2d_fwd_mma_bf16",
+            Precision::Bf16 => "conv2d_fwd_bf16",
+        }
+    }
+}
+
+/// Whether `s`'s forward on `be` takes the `mma.sync` kernel (bf16 only).
+fn takes_mma(be: &CudaBackend, s: &Conv2d) -> bool {
+    be.precision() == Precision::Bf16
+        && match be.mma_route {
+            MmaRoute::Auto => mma_route(
+                s.n * s.out_h() * s.out_w(),
+                s.c_out,
+                be.info().multiprocessors.max(1) as usize,
+            ),
+            MmaRoute::Always => true,
+            MmaRoute::Never => false,
+        }
+}
+
+/// The `mma.sync` forward of `s` (`conv2d_fwd_mma_bf16`, or with `fused` its epilogue's
+/// kernel): one launch of (pixel tiles, channel tiles) 128x128 blocks, 256 threads, with
+/// [`MMA_SMEM_BYTES`] of dynamic shared memory, never split over K.
+///
+/// # Safety
+/// As [`launch_split`]'s: `x`, `w`, `y` and the epilogue's buffers hold the lengths `s`
+/// gives (the statistics `c_out * ceil(p / 64)` values each).
+unsafe fn launch_mma(
+    be: &CudaBackend,
+    op: &'static str,
+    s: &Conv2d,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    g: &[i32; 11],
+    fused: Option<Fused<'_>>,
+) -> Result<()> {
+    let t = tc_kernels(be)?;
+    let p = s.n * s.out_h() * s.out_w();
+    let mut cfg = blocks(
+        op,
+        (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
+        MMA_THREADS,
+    )?;
+    cfg.shared_mem_bytes = MMA_SMEM_BYTES;
+    let vec = mma_vec(s, be.ptr(x), be.ptr(w));
+    let relu = match &fused {
+        Some(Fused::Bn(_, ep)) => ep.relu as i32,
+        _ => 0,
+    };
+    let k = match &fused {
+        None => &t.fwd_mma_bf16,
+        Some(Fused::Bn(..)) => &t.fwd_bn_mma_bf16,
+        Some(Fused::Stats(..)) => &t.fwd_stats_mma_bf16,
+    };
+    let mut l = k.on(be.stream());
+    l.arg(x).arg(w).arg(y).ints(&g[..9]);
+    match fused {
+        None => {}
+        Some(Fused::Bn(_, ep)) => ep.push(&mut l, &relu),
+        Some(Fused::Stats(_, ps, pq)) => {
+            l.arg(ps).arg(pq);
+        }
+    }
+    l.arg(&vec);
+    // SAFETY: the caller's contract.
+    unsafe { l.launch(cfg) }
+}
 
 /// Whether `be`'s device can run its convolutions at `p` (tf32 and bf16: compute capability
 /// 8.0 or newer, and the tensor-core module loads), checked when the precision is set.
@@ -125,6 +262,10 @@ pub(crate) fn conv2d_fwd(
     }
     let g = geometry(s)?;
     let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
+    if takes_mma(be, s) {
+        // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
+        return unsafe { launch_mma(be, "conv2d_fwd", s, x, w, y, &g, None) };
+    }
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let kk = s.c_in * s.kh * s.kw;
         // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
@@ -184,6 +325,22 @@ pub(crate) fn conv2d_bn_eval_fwd(
     }
     let g = geometry(s)?;
     let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
+    if takes_mma(be, s) {
+        let k = &tc_kernels(be)?.fwd_bn_mma_bf16;
+        // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
+        return unsafe {
+            launch_mma(
+                be,
+                "conv2d_bn_eval_fwd",
+                s,
+                x,
+                w,
+                y,
+                &g,
+                Some(Fused::Bn(k, ep)),
+            )
+        };
+    }
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let fused = tc_pick(be, |t| (&t.fwd_bn_bf16, &t.fwd_bn_tf32))?;
         let kk = s.c_in * s.kh * s.kw;
@@ -265,6 +422,23 @@ pub(crate) fn conv2d_fwd_stats(
     };
     let g = geometry(s)?;
     let gy = s.c_out.div_ceil(64);
+    if takes_mma(be, s) {
+        let k = &tc_kernels(be)?.fwd_stats_mma_bf16;
+        // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles
+        // values (the caller's contract; the kernel writes the 64-pixel tiles' layout).
+        return unsafe {
+            launch_mma(
+                be,
+                "conv2d_fwd_stats",
+                s,
+                x,
+                w,
+                z,
+                &g,
+                Some(Fused::Stats(k, part_s, part_q)),
+            )
+        };
+    }
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let fused = tc_pick(be, |t| (&t.fwd_stats_bf16, &t.fwd_stats_tf32))?;
         let kk = s.c_in * s.kh * s.kw;
@@ -545,4 +719,67 @@ unsafe fn launch_split(
     };
     be.give_scratch(ws);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{mma_route, mma_vec, MMA_TILE};
+    use crate::engine::shapes::Conv2d;
+
+    fn conv(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {
+        Conv2d {
+            n: 1,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: k,
+            kw: k,
+            stride,
+            pad: (k / 2) * usize::from(k > 1),
+        }
+    }
+
+    #[test]
+    fn the_large_layers_take_the_mma_kernel() {
+        // 132 SMs (H100/H200): 132 blocks of 128x128 and more.
+        let sms = 132;
+        assert!(mma_route(132 * MMA_TILE, 128, sms));
+        assert!(mma_route(131 * MMA_TILE + 1, 128, sms)); // a ragged 132nd block
+        assert!(!mma_route(131 * MMA_TILE, 128, sms)); // 131 blocks
+        assert!(mma_route(66 * MMA_TILE, 256, sms)); // 66 x 2
+        assert!(!mma_route(65 * MMA_TILE, 256, sms)); // 65 x 2
+        assert!(!mma_route(1 << 20, 64, sms)); // 64 channels: half a tile of rows
+        assert!(!mma_route(1 << 20, 127, sms));
+        // ResNet-101 at 32 x 512^2 slices: stage 1 (128^2 pixels per slice, 256 channels) yes,
+        // stage 4 (16^2, 2048 channels: 64 x 16 = 1024 blocks) yes, one 16^2 slice of
+        // stage 4 (2 x 16 = 32 blocks) no.
+        assert!(mma_route(32 * 128 * 128, 256, sms));
+        assert!(mma_route(32 * 16 * 16, 2048, sms));
+        assert!(!mma_route(16 * 16, 2048, sms));
+        assert!(mma_route(1, 128, 0)); // no SM count: one block is enough
+    }
+
+    #[test]
+    fn sixteen_byte_copies_only_where_contiguous_and_aligned() {
+        let a = 0x7f00_0000_0000u64; // 256-byte aligned, as cuMemAlloc gives
+                                     // 1x1 stride 1, h*w % 4 == 0, K = 64: both.
+        assert_eq!(mma_vec(&conv(64, 8, 6, 128, 1, 1), a, a), 3);
+        // K = 66 (not % 4): activations only.
+        assert_eq!(mma_vec(&conv(66, 8, 6, 128, 1, 1), a, a), 2);
+        // h*w = 35: weights only.
+        assert_eq!(mma_vec(&conv(64, 7, 5, 128, 1, 1), a, a), 1);
+        // 3x3 (K = 36) or a stride 2 1x1: weights only; 3x3 with K = 27: none.
+        assert_eq!(mma_vec(&conv(4, 8, 8, 128, 3, 1), a, a), 1);
+        assert_eq!(mma_vec(&conv(64, 8, 8, 128, 1, 2), a, a), 1);
+        assert_eq!(mma_vec(&conv(3, 8, 8, 128, 3, 1), a, a), 0);
+        // Pointers 4 bytes off a 16-byte boundary: no 16-byte copy of that operand.
+        assert_eq!(mma_vec(&conv(64, 8, 6, 128, 1, 1), a + 4, a), 1);
+        assert_eq!(mma_vec(&conv(64, 8, 6, 128, 1, 1), a, a + 4), 2);
+        assert_eq!(mma_vec(&conv(64, 8, 6, 128, 1, 1), a + 16, a + 32), 3);
+        // Padding on a 1x1: the rows are not plain pixel runs.
+        let mut s = conv(64, 8, 8, 128, 1, 1);
+        s.pad = 1;
+        assert_eq!(mma_vec(&s, a, a), 1);
+    }
 }

@@ -1,0 +1,254 @@
+//! The bf16 `mma.sync` forward of the large layers (`conv2d_fwd_mma_bf16` and its fused
+//! eval / statistics epilogues in `kernels/conv_tc.cu`: ldmatrix, mma.sync m16n8k16, 128x128
+//! tiles, dynamic shared memory, 16-byte cp.async) against the CPU reference, every output
+//! poisoned with NaN first. The backend is told to route every bf16 forward to it
+//! (`MmaRoute::Always`) so that modest shapes run it; `routing_threshold` checks the size rule
+//! on the device's own SM count.
+//!
+//! Per shape: on operands already rounded to bf16 (exact products) within 1e-5 relative of
+//! the CPU's f32 result (tiling, fragment layouts, copies and epilogue exact: only the f32
+//! summation order differs), and on unrounded ones within the bf16 tolerance 1e-2 and above
+//! 1e-5 (the reduced path ran). The shapes cover both copy paths of each operand (16-byte:
+//! K % 4 == 0 for the weights, 1x1 stride-1 unpadded convs with H*W % 4 == 0 for the
+//! activations; 4-byte otherwise), ragged tails of M (C_out), N (pixels) and K, 1x1 / 3x3 /
+//! 7x7, stride 1 and 2, padding and batch > 1. Runs on a GPU or on the emulated driver
+//! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_mma-* --include-ignored`, and
+//! `scripts/cuda-emu.sh test`); without a device the device tests are ignored.
+
+mod common;
+use common::cuda::{device, rel_err, round};
+use common::rng::SplitMix64;
+use common::shapes::conv;
+
+use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::cuda::{CudaBackend, MmaRoute};
+use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Precision};
+
+fn main() {
+    common::cuda::main(vec![
+        device("mma_forward_matches_cpu", mma_forward_matches_cpu),
+        device(
+            "mma_fused_epilogues_match_cpu",
+            mma_fused_epilogues_match_cpu,
+        ),
+        device("routing_threshold", routing_threshold),
+    ])
+}
+
+fn gpu(route: MmaRoute) -> CudaBackend {
+    let mut g = common::cuda::gpu_at(Precision::Bf16);
+    g.set_mma_route(route);
+    g
+}
+
+/// The shapes, each with the copy paths it takes (weights, activations: 16 or 4 bytes).
+fn shapes() -> [(Conv2d, &'static str); 9] {
+    [
+        // K = 64, H*W = 80; C_out 136 (two channel tiles, the last of 8), 160 pixels.
+        (conv(2, 64, 8, 10, 136, 1, 1, 0), "16/16"),
+        // K = 66 (two K tiles and 2), H*W = 108.
+        (conv(1, 66, 9, 12, 130, 1, 1, 0), "4/16"),
+        // H*W = 63 and 30: the activations' runs are not 16-byte aligned.
+        (conv(2, 32, 7, 9, 128, 1, 1, 0), "16/4"),
+        (conv(2, 16, 5, 6, 128, 1, 1, 0), "16/4"),
+        // 3x3, padding 1, K = 108.
+        (conv(2, 12, 11, 9, 140, 3, 1, 1), "16/4"),
+        // The stem: 7x7 stride 2 padding 3, K = 147.
+        (conv(1, 3, 23, 21, 129, 7, 2, 3), "4/4"),
+        // 3x3 stride 2, K = 180, batch 2.
+        (conv(2, 20, 10, 12, 160, 3, 2, 1), "16/4"),
+        // No padding, batch 3, K = 81.
+        (conv(3, 9, 6, 5, 130, 3, 1, 0), "4/4"),
+        // 1x1 stride 2 (a downsample): not contiguous.
+        (conv(1, 64, 9, 8, 128, 1, 2, 0), "16/4"),
+    ]
+}
+
+fn forward<B: Backend<T = f32>>(be: &B, s: &Conv2d, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (xb, wb) = (be.upload(x).expect("upload"), be.upload(w).expect("upload"));
+    let mut y = be.upload(&vec![f32::NAN; s.y_len()]).expect("upload");
+    be.conv2d_fwd(s, &xb, &wb, &mut y).expect("conv2d_fwd");
+    be.download(&y).expect("download")
+}
+
+fn mma_forward_matches_cpu() {
+    let g = gpu(MmaRoute::Always);
+    let cpu = CpuBackend::<f32>::new();
+    let mut rng = SplitMix64::fresh("conv_mma_fwd");
+    let (mut exact, mut worst) = (0.0f64, 0.0f64);
+    for (s, path) in shapes() {
+        assert_eq!(g.conv_fwd_kernel(&s), "conv2d_fwd_mma_bf16");
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let (xr, wr) = (round(Precision::Bf16, &x), round(Precision::Bf16, &w));
+        let e = rel_err(&forward(&g, &s, &xr, &wr), &forward(&cpu, &s, &xr, &wr));
+        assert!(
+            e < 1e-5,
+            "{s:?} (copies {path}) on bf16-exact operands: relative error {e:e} (>= 1e-5)"
+        );
+        exact = exact.max(e);
+        let e = rel_err(&forward(&g, &s, &x, &w), &forward(&cpu, &s, &x, &w));
+        assert!(
+            e < 1e-2 && e > 1e-5,
+            "{s:?} (copies {path}): relative error {e:e}, expected in (1e-5, 1e-2)"
+        );
+        worst = worst.max(e);
+    }
+    println!("mma forward: worst relative error {worst:.2e} (bf16-exact operands {exact:.2e})");
+}
+
+/// Batch-norm parameters and statistics of `c` channels: gamma, beta, mean, var.
+fn bn_params(rng: &mut SplitMix64, c: usize) -> [Vec<f32>; 4] {
+    [
+        rng.vec_f32(c, 0.5, 1.5),
+        rng.vec_f32(c, -0.5, 0.5),
+        rng.vec_f32(c, -0.2, 0.2),
+        rng.vec_f32(c, 0.5, 1.5),
+    ]
+}
+
+fn bn_of(s: &Conv2d) -> BatchNorm2d {
+    BatchNorm2d {
+        n: s.n,
+        c: s.c_out,
+        hw: s.out_h() * s.out_w(),
+        eps: 1e-5,
+        momentum: 0.1,
+    }
+}
+
+/// `conv2d_bn_eval_fwd` with a residual and the ReLU.
+fn eval<B: Backend<T = f32>>(
+    be: &B,
+    s: &Conv2d,
+    x: &[f32],
+    w: &[f32],
+    p: &[Vec<f32>; 4],
+    r: &[f32],
+) -> Vec<f32> {
+    let up = |v: &[f32]| be.upload(v).expect("upload");
+    let (xb, wb, rb) = (up(x), up(w), up(r));
+    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&p[i]));
+    let mut y = up(&vec![f32::NAN; s.y_len()]);
+    be.conv2d_bn_eval_fwd(
+        s,
+        &bn_of(s),
+        &xb,
+        &wb,
+        &ga,
+        &be_,
+        &m,
+        &v,
+        Some(&rb),
+        true,
+        &mut y,
+    )
+    .expect("conv2d_bn_eval_fwd");
+    be.download(&y).expect("download")
+}
+
+/// `conv2d_bn_train_fwd` (no residual, ReLU): z, y, running mean / var, saved mean / invstd.
+fn train<B: Backend<T = f32>>(
+    be: &B,
+    s: &Conv2d,
+    x: &[f32],
+    w: &[f32],
+    p: &[Vec<f32>; 4],
+) -> [Vec<f32>; 6] {
+    let up = |v: &[f32]| be.upload(v).expect("upload");
+    let nan = |n: usize| up(&vec![f32::NAN; n]);
+    let (xb, wb) = (up(x), up(w));
+    let [ga, be_, mut rm, mut rv] = [0, 1, 2, 3].map(|i| up(&p[i]));
+    let (mut sm, mut si) = (nan(s.c_out), nan(s.c_out));
+    let (mut z, mut y) = (nan(s.y_len()), nan(s.y_len()));
+    be.conv2d_bn_train_fwd(
+        s,
+        &bn_of(s),
+        &xb,
+        &wb,
+        &ga,
+        &be_,
+        &mut rm,
+        &mut rv,
+        &mut sm,
+        &mut si,
+        &mut z,
+        &mut y,
+        None,
+        true,
+    )
+    .expect("conv2d_bn_train_fwd");
+    [&z, &y, &rm, &rv, &sm, &si].map(|b| be.download(b).expect("download"))
+}
+
+/// The eval-mode batch-norm epilogue (with residual and ReLU) and the training statistics
+/// epilogue (two 64-pixel tiles per 128-pixel block, a partial last one) of the mma kernel,
+/// on bf16-exact operands, within 1e-5 of the CPU's fused ops.
+fn mma_fused_epilogues_match_cpu() {
+    let g = gpu(MmaRoute::Always);
+    let cpu = CpuBackend::<f32>::new();
+    let mut rng = SplitMix64::fresh("conv_mma_fused");
+    let names = [
+        "z",
+        "y",
+        "running mean",
+        "running var",
+        "saved mean",
+        "saved invstd",
+    ];
+    let mut worst = 0.0f64;
+    for (s, path) in [shapes()[0], shapes()[3], shapes()[4]] {
+        let x = round(Precision::Bf16, &rng.vec_f32(s.x_len(), -1.0, 1.0));
+        let w = round(Precision::Bf16, &rng.vec_f32(s.w_len(), -1.0, 1.0));
+        let r = rng.vec_f32(s.y_len(), -1.0, 1.0);
+        let p = bn_params(&mut rng, s.c_out);
+        let e = rel_err(
+            &eval(&g, &s, &x, &w, &p, &r),
+            &eval(&cpu, &s, &x, &w, &p, &r),
+        );
+        assert!(
+            e < 1e-5,
+            "eval epilogue {s:?} ({path}): relative error {e:e}"
+        );
+        worst = worst.max(e);
+        let got = train(&g, &s, &x, &w, &p);
+        let want = train(&cpu, &s, &x, &w, &p);
+        for i in 0..6 {
+            let e = rel_err(&got[i], &want[i]);
+            assert!(
+                e < 1e-5,
+                "statistics epilogue {s:?} ({path}): {} relative error {e:e}",
+                names[i]
+            );
+            worst = worst.max(e);
+        }
+    }
+    println!("mma fused epilogues: worst relative error {worst:.2e}");
+}
+
+/// With the default route, a bf16 forward takes the mma kernel from a 128x128 grid of one
+/// block per SM on (and 128 channels), the WMMA kernel below; both right.
+fn routing_threshold() {
+    let g = gpu(MmaRoute::Auto);
+    let sms = g.info().multiprocessors as usize;
+    let cpu = CpuBackend::<f32>::new();
+    let mut rng = SplitMix64::fresh("conv_mma_route");
+    // 1x1 over sms (sms - 1) rows of 128 pixels, 128 channels: sms (sms - 1) blocks.
+    for (h, kernel) in [(sms, "conv2d_fwd_mma_bf16"), (sms - 1, "conv2d_fwd_bf16")] {
+        let s = conv(1, 4, h, 128, 128, 1, 1, 0);
+        assert_eq!(g.conv_fwd_kernel(&s), kernel, "{s:?} on {sms} SMs");
+        let mut wide = s;
+        wide.c_out = 64;
+        assert_eq!(g.conv_fwd_kernel(&wide), "conv2d_fwd_bf16");
+        let x = round(Precision::Bf16, &rng.vec_f32(s.x_len(), -1.0, 1.0));
+        let w = round(Precision::Bf16, &rng.vec_f32(s.w_len(), -1.0, 1.0));
+        let e = rel_err(&forward(&g, &s, &x, &w), &forward(&cpu, &s, &x, &w));
+        assert!(e < 1e-5, "{kernel} {s:?}: relative error {e:e}");
+    }
+    let mut never = g.clone();
+    never.set_mma_route(MmaRoute::Never);
+    assert_eq!(
+        never.conv_fwd_kernel(&conv(1, 4, sms, 128, 128, 1, 1, 0)),
+        "conv2d_fwd_bf16"
+    );
+}
