@@ -32,6 +32,10 @@ fn main() {
             mma_fused_epilogues_match_cpu,
         ),
         device("routing_threshold", routing_threshold),
+        device(
+            "mma_forward_replays_in_a_graph",
+            mma_forward_replays_in_a_graph,
+        ),
     ])
 }
 
@@ -250,5 +254,33 @@ fn routing_threshold() {
     assert_eq!(
         never.conv_fwd_kernel(&conv(1, 4, sms, 128, 128, 1, 1, 0)),
         "conv2d_fwd_bf16"
+    );
+}
+
+/// A captured mma forward (dynamic shared memory, the opt-in made once per function, not a
+/// stream operation) replays bit for bit what the eager launch wrote.
+fn mma_forward_replays_in_a_graph() {
+    let g = gpu(MmaRoute::Always);
+    let mut rng = SplitMix64::fresh("conv_mma_graph");
+    let s = shapes()[3].0;
+    let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+    let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+    let eager = forward(&g, &s, &x, &w);
+    let (xb, wb) = (g.upload(&x).expect("upload"), g.upload(&w).expect("upload"));
+    let mut y = g.upload(&vec![f32::NAN; s.y_len()]).expect("upload");
+    let (graph, ()) = g
+        .capture(|| g.conv2d_fwd(&s, &xb, &wb, &mut y))
+        .expect("capture");
+    assert!(
+        g.download(&y).expect("download").iter().all(|v| v.is_nan()),
+        "nothing runs while capturing"
+    );
+    graph.replay().expect("replay");
+    let got = g.download(&y).expect("download");
+    assert!(
+        got.iter()
+            .zip(&eager)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the replay differs from the eager forward"
     );
 }
