@@ -715,6 +715,70 @@ __device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfl
     }
 }
 
+// The K loop of the mma kernels: `ntiles` K tiles, tile t gathered by issue(A stage, B stage,
+// t) as cp.async copies into the f32 ring, rounded into the bf16 tile by the block, multiplied
+// into acc (zeroed here) by mma_tile. Ends with every copy landed and the stages free.
+template <class Issue>
+__device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    float* st = (float*)smem;
+    __nv_bfloat16* h = (__nv_bfloat16*)(smem + MMA_SMEM_F32);
+    __nv_bfloat16* hb = h + MBM * MLDAH;
+#pragma unroll
+    for (int s = 0; s < MMA_STAGES - 1; ++s) {
+        if (s < ntiles) issue(st + s * MSTAGE_FLOATS, st + s * MSTAGE_FLOATS + MBM * MLDA, s);
+        __pipeline_commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+        // Tile t's copies are complete and, after the barrier, everyone's; everyone is done
+        // with tile t-1 (its stage and the bf16 tile), so tile t + STAGES - 1 refills its stage.
+        __pipeline_wait_prior(MMA_STAGES - 2);
+        __syncthreads();
+        const int nt = t + MMA_STAGES - 1;
+        if (nt < ntiles) {
+            float* s = st + (nt % MMA_STAGES) * MSTAGE_FLOATS;
+            issue(s, s + MBM * MLDA, nt);
+        }
+        __pipeline_commit();
+        const float* cur = st + (t % MMA_STAGES) * MSTAGE_FLOATS;
+        // The stage into the bf16 tile: 16 elements of A and 16 of B per thread.
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int c = tid + MMA_THREADS * q;
+            bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
+            bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+        }
+        __syncthreads();
+        mma_tile(h, hb, acc, wm, wn, lane);
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();
+}
+
+// The block's 128x128 f32 result into Cs [MBM][MLDC] (over the stages) by the m16n8 C
+// layout: c[e] of fragment (i, j) is row wm*64 + 16i + lane/4 + 8(e/2), column wn*32 + 8j +
+// 2(lane%4) + e%2; then a barrier.
+__device__ __forceinline__ void mma_store(float* Cs, const float (&acc)[4][4][4]) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+                const int row = wm * 64 + 16 * i + g + 8 * e2, col = wn * 32 + 8 * j + 2 * tq;
+                *(float2*)(Cs + row * MLDC + col) = make_float2(acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
+            }
+    __syncthreads();
+}
+
 // The forward, EPI as conv_fwd_tc's. `vec`: bit 0 16-byte copies of the weights, bit 1 of
 // the activations (see above).
 template <int EPI>
@@ -724,7 +788,7 @@ __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const 
                                              const float* __restrict__ res, int relu, double* __restrict__ part_s,
                                              double* __restrict__ part_q) {
     unsigned char* smem = mma_smem;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    const int tid = threadIdx.x;
     const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
     const int M = CO, KHW = KH * KW, K = C * KHW, OHW = OH * OW, Pn = N * OHW;
     const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
@@ -801,63 +865,9 @@ __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const 
     };
 
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-
-    const int ntiles = (K + MBK - 1) / MBK;
-    float* st = (float*)smem;
-    __nv_bfloat16* h = (__nv_bfloat16*)(smem + MMA_SMEM_F32);
-    __nv_bfloat16* hb = h + MBM * MLDAH;
-#pragma unroll
-    for (int s = 0; s < MMA_STAGES - 1; ++s) {
-        if (s < ntiles) issue(st + s * MSTAGE_FLOATS, st + s * MSTAGE_FLOATS + MBM * MLDA, s);
-        __pipeline_commit();
-    }
-    for (int t = 0; t < ntiles; ++t) {
-        // Tile t's copies are complete and, after the barrier, everyone's; everyone is done
-        // with tile t-1 (its stage and the bf16 tile), so tile t + STAGES - 1 refills its stage.
-        __pipeline_wait_prior(MMA_STAGES - 2);
-        __syncthreads();
-        const int nt = t + MMA_STAGES - 1;
-        if (nt < ntiles) {
-            float* s = st + (nt % MMA_STAGES) * MSTAGE_FLOATS;
-            issue(s, s + MBM * MLDA, nt);
-        }
-        __pipeline_commit();
-        const float* cur = st + (t % MMA_STAGES) * MSTAGE_FLOATS;
-        // The stage into the bf16 tile: 16 elements of A and 16 of B per thread.
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int c = tid + MMA_THREADS * q;
-            bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
-            bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
-        }
-        __syncthreads();
-        mma_tile(h, hb, acc, wm, wn, lane);
-    }
-    __pipeline_wait_prior(0);
-    __syncthreads();
-
-    // The accumulators into the f32 tile Cs [MBM][MLDC] by the m16n8 C layout: c[e] of
-    // fragment (i, j) is row wm*64 + 16i + lane/4 + 8(e/2), column wn*32 + 8j + 2(lane%4) + e%2.
+    mma_mainloop(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
-    {
-        const int g = lane >> 2, tq = lane & 3;
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int e2 = 0; e2 < 2; ++e2) {
-                    const int row = wm * 64 + 16 * i + g + 8 * e2, col = wn * 32 + 8 * j + 2 * tq;
-                    *(float2*)(Cs + row * MLDC + col) = make_float2(acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
-                }
-    }
-    __syncthreads();
+    mma_store(Cs, acc);
     if constexpr (EPI == EPI_STATS) {
         // Tiles of 64 pixels (conv.rs: STATS_TILE), T = ceil(Pn / 64) of them; this block has
         // tiles 2*blockIdx.x + half. Thread: row tid / 2, half tid % 2, its 64 values in order.
@@ -910,4 +920,206 @@ conv2d_fwd_stats_mma_bf16(const float* __restrict__ x, const float* __restrict__
                           int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
                           double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
     conv_fwd_mma<EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, part_s, part_q);
+}
+
+// The data gradient of one output phase (PhaseGemm with 128-pixel tiles; the grid's x holds
+// stride^2 runs of tiles), as conv_bwd_data_tc: M = C_in, K = C_out * KP, one split. vec bit
+// 1: 16-byte copies of dy, whose rows are contiguous pixels for a 1x1 stride-1 unpadded conv
+// with H*W % 4 == 0 (mma_vec in conv.rs); the transposed weights are gathered 4 bytes at a
+// time.
+__device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, const float* __restrict__ w,
+                                                  float* __restrict__ dx, int N, int C, int H, int W, int CO,
+                                                  int KH, int KW, int stride, int pad, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, MBN);
+    const int M = C, K = CO * ph.KP, HWp = ph.Hp * ph.Wp, OHW = OH * OW, Pn = N * HWp;
+    const int m0 = blockIdx.y * MBM, p0 = ph.tile * MBN;
+    if (p0 >= Pn) return;  // the whole block: this phase has fewer pixels than the largest
+    const bool vec_b = vec & 2;
+
+    // B, 4-byte copies: this thread's fixed input-pixel column bn, rows bk + 2q.
+    const int bn = tid & (MBN - 1), bk = tid >> 7;
+    const int p = p0 + bn;
+    const bool p_ok = p < Pn;
+    int ohb = 0, owb = 0;
+    const float* dyb = dy;
+    if (p_ok) {
+        int n = p / HWp, r = p - n * HWp, i = r / ph.Wp;
+        ohb = ph.oh0 + i;
+        owb = ph.ow0 + r - i * ph.Wp;
+        dyb = dy + (size_t)n * CO * OHW;
+    }
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = t * MBK;
+        // A[ci][(co,a,b)] = w[co][ci][py + a*stride][px + b*stride]: column tid % 32, rows
+        // tid / 32 + 8q.
+        const int ka = k0 + (tid & 31);
+        const bool ka_ok = ka < K;
+        const float* wk = w;
+        if (ka_ok) {
+            int co = ka / ph.KP, rr = ka - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
+            wk = w + (size_t)co * C * KH * KW + (ph.py + a * stride) * KW + ph.px + b * stride;
+        }
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+            const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
+            const bool ok = m < M && ka_ok;
+            cp4(As + ml * MLDA + (tid & 31), ok ? wk + (size_t)m * KH * KW : w, ok);
+        }
+        if (vec_b) {
+            // One phase, K = C_out, HWp = OHW: rows co = k0 + tid / 32 + 8q, pixels
+            // p0 + 4 * (tid % 32)..+3 of one image.
+            const int pc = p0 + 4 * (tid & 31);
+            const bool pc_ok = pc < Pn;
+            const float* src0 = dy;
+            if (pc_ok) {
+                const int n = pc / OHW;
+                src0 = dy + (size_t)n * CO * OHW + (pc - n * OHW);
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int kl = (tid >> 5) + 8 * q, k = k0 + kl;
+                const bool ok = pc_ok && k < K;
+                __pipeline_memcpy_async(Bs + kl * MLDB + 4 * (tid & 31), ok ? src0 + (size_t)k * OHW : dy, 16,
+                                        ok ? 0 : 16);
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int kl = bk + 2 * q, k = k0 + kl;
+                const float* src = dy;
+                bool ok = p_ok && k < K;
+                if (ok) {
+                    int co = k / ph.KP, rr = k - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
+                    int oh = ohb - a, ow = owb - b;
+                    ok = oh >= 0 && oh < OH && ow >= 0 && ow < OW;
+                    if (ok) src = dyb + ((size_t)co * OH + oh) * OW + ow;
+                }
+                cp4(Bs + kl * MLDB + bn, src, ok);
+            }
+        }
+    };
+
+    float acc[4][4][4];
+    mma_mainloop(smem, (K + MBK - 1) / MBK, issue, acc);
+    float* Cs = (float*)smem;
+    mma_store(Cs, acc);
+    if (!p_ok) return;
+    const int n = p / HWp, r = p - n * HWp, i = r / ph.Wp;
+    const size_t pix = (size_t)(ph.ihs + i * stride) * W + ph.iws + (r - i * ph.Wp) * stride;
+#pragma unroll 4
+    for (int q = 0; q < MBM / 2; ++q) {
+        const int ml = bk + 2 * q, m = m0 + ml;
+        if (m >= M) break;
+        dx[((size_t)n * C + m) * H * W + pix] = Cs[ml * MLDC + bn];
+    }
+}
+
+// dW[co][(ci,kh,kw)] = sum over pixels of dy . col(x): M = C_out, N = C_in*KH*KW, K = batch
+// pixels, split over K by blockIdx.z ([z*chunk, (z+1)*chunk), chunk a multiple of MBK) into
+// the workspace [splits][C_out][N] that conv_splitk_reduce sums (out = dw with one split).
+// vec bit 0: 16-byte copies of dy, whose rows are contiguous pixels of one image when
+// OH*OW % 4 == 0; the im2col of x is gathered 4 bytes at a time.
+__device__ __forceinline__ void conv_bwd_weight_mma(const float* __restrict__ x, const float* __restrict__ dy,
+                                                    float* __restrict__ out, int N, int C, int H, int W, int CO,
+                                                    int KH, int KW, int stride, int pad, int OH, int OW,
+                                                    int chunk, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int M = CO, KHW = KH * KW, NC = C * KHW, OHW = OH * OW, K = N * OHW;
+    const int m0 = blockIdx.y * MBM, c0 = blockIdx.x * MBN;
+    // 64-bit bounds: kbeg + chunk can pass INT_MAX on the last split.
+    const long long kbeg = (long long)blockIdx.z * chunk;
+    const int kend = (int)min((long long)K, kbeg + chunk);
+    const bool vec_a = vec & 1;
+
+    // B: this thread's fixed column c = (ci, kh, kw), rows (pixels) bk + 2q.
+    const int bn = tid & (MBN - 1), bk = tid >> 7;
+    const int c = c0 + bn;
+    const bool c_ok = c < NC;
+    int ci = 0, kh = 0, kw = 0;
+    if (c_ok) {
+        ci = c / KHW;
+        const int rr = c - ci * KHW;
+        kh = rr / KW;
+        kw = rr - kh * KW;
+    }
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = (int)kbeg + t * MBK;
+        if (vec_a) {
+            // 4 chunks of 4 pixels per thread: rows (co) tid / 8 + 32q, pixels k0 + 4 * (tid % 8).
+            const int kc = k0 + 4 * (tid & 7);
+            const int nk = min(4, max(0, kend - kc));
+            int n = 0, r = 0;
+            if (nk > 0) {
+                n = kc / OHW;
+                r = kc - n * OHW;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int ml = (tid >> 3) + 32 * q, m = m0 + ml;
+                const bool ok = m < M && nk > 0;
+                __pipeline_memcpy_async(As + ml * MLDA + 4 * (tid & 7), ok ? dy + ((size_t)n * CO + m) * OHW + r : dy,
+                                        16, ok ? 16 - 4 * nk : 16);
+            }
+        } else {
+            const int k = k0 + (tid & 31);
+            const bool k_ok = k < kend;
+            int n = 0, r = 0;
+            if (k_ok) {
+                n = k / OHW;
+                r = k - n * OHW;
+            }
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
+                const bool ok = k_ok && m < M;
+                cp4(As + ml * MLDA + (tid & 31), ok ? dy + ((size_t)n * CO + m) * OHW + r : dy, ok);
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+            const int kl = bk + 2 * q, k = k0 + kl;
+            const float* src = x;
+            bool ok = c_ok && k < kend;
+            if (ok) {
+                const int n = k / OHW, r = k - n * OHW, oh = r / OW, ow = r - oh * OW;
+                const int ih = oh * stride - pad + kh, iw = ow * stride - pad + kw;
+                ok = ih >= 0 && ih < H && iw >= 0 && iw < W;
+                if (ok) src = x + (((size_t)n * C + ci) * H + ih) * W + iw;
+            }
+            cp4(Bs + kl * MLDB + bn, src, ok);
+        }
+    };
+
+    float acc[4][4][4];
+    const int klen = kend > kbeg ? kend - (int)kbeg : 0;
+    mma_mainloop(smem, (klen + MBK - 1) / MBK, issue, acc);
+    float* Cs = (float*)smem;
+    mma_store(Cs, acc);
+    float* o = out + (size_t)blockIdx.z * M * NC;
+    if (!c_ok) return;
+#pragma unroll 4
+    for (int i = 0; i < MBM / 2; ++i) {
+        const int ml = bk + 2 * i, m = m0 + ml;
+        if (m >= M) break;
+        o[(size_t)m * NC + c] = Cs[ml * MLDC + bn];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
+                         int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_bwd_data_mma(dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_bf16(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out, int N,
+                           int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                           int chunk, int vec) {
+    conv_bwd_weight_mma(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
 }

@@ -31,6 +31,7 @@ fn main() {
             "mma_fused_epilogues_match_cpu",
             mma_fused_epilogues_match_cpu,
         ),
+        device("mma_gradients_match_cpu", mma_gradients_match_cpu),
         device("routing_threshold", routing_threshold),
         device(
             "mma_forward_replays_in_a_graph",
@@ -99,6 +100,82 @@ fn mma_forward_matches_cpu() {
         worst = worst.max(e);
     }
     println!("mma forward: worst relative error {worst:.2e} (bf16-exact operands {exact:.2e})");
+}
+
+/// The data and weight gradients (`conv2d_bwd_data_mma_bf16`, `conv2d_bwd_weight_mma_bf16`).
+fn gradients<B: Backend<T = f32>>(
+    be: &B,
+    s: &Conv2d,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+) -> [Vec<f32>; 2] {
+    let up = |v: &[f32]| be.upload(v).expect("upload");
+    let nan = |n: usize| up(&vec![f32::NAN; n]);
+    let (xb, wb, dyb) = (up(x), up(w), up(dy));
+    let (mut dx, mut dw) = (nan(s.x_len()), nan(s.w_len()));
+    be.conv2d_bwd_data(s, &dyb, &wb, &mut dx)
+        .expect("conv2d_bwd_data");
+    be.conv2d_bwd_weight(s, &xb, &dyb, &mut dw)
+        .expect("conv2d_bwd_weight");
+    [&dx, &dw].map(|b| be.download(b).expect("download"))
+}
+
+/// The data gradient (per output phase: 3x3, 7x7, 1x1 (phases without taps) and an even
+/// kernel at stride 2, a stride 3, C_in over one 128-row tile, 16-byte copies of dy for the
+/// 1x1 stride-1 shapes with H*W % 4 == 0) and the weight gradient (split over K for the
+/// 2048-pixel shape, 16-byte copies of dy where OH*OW % 4 == 0) on the forward's shapes and
+/// these, as the forward is checked.
+fn mma_gradients_match_cpu() {
+    let g = gpu(MmaRoute::Always);
+    let cpu = CpuBackend::<f32>::new();
+    let mut rng = SplitMix64::fresh("conv_mma_grad");
+    let more = [
+        conv(2, 8, 32, 32, 128, 3, 1, 1), // 2048 pixels: the weight gradient split over K
+        conv(1, 136, 6, 5, 24, 3, 1, 1),  // C_in 136: two row tiles of the data gradient
+        conv(2, 7, 11, 9, 6, 3, 2, 1),    // 3x3 stride 2, odd sizes
+        conv(2, 5, 9, 7, 70, 1, 2, 0),    // 1x1 stride 2: three phases without taps
+        conv(2, 4, 10, 11, 5, 5, 3, 2),   // stride 3: nine phases
+        conv(1, 6, 8, 9, 7, 4, 2, 1),     // an even kernel
+    ];
+    let all = shapes().into_iter().map(|(s, _)| s).chain(more);
+    let names = ["conv2d_bwd_data", "conv2d_bwd_weight"];
+    let (mut exact, mut worst) = (0.0f64, 0.0f64);
+    for s in all {
+        let k = g.conv_kernels(&s);
+        assert_eq!(
+            [k[1], k[2]],
+            ["conv2d_bwd_data_mma_bf16", "conv2d_bwd_weight_mma_bf16"]
+        );
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
+        let r = |v: &[f32]| round(Precision::Bf16, v);
+        let (xr, wr, dyr) = (r(&x), r(&w), r(&dy));
+        let got = gradients(&g, &s, &xr, &wr, &dyr);
+        let want = gradients(&cpu, &s, &xr, &wr, &dyr);
+        for i in 0..2 {
+            let e = rel_err(&got[i], &want[i]);
+            assert!(
+                e < 1e-5,
+                "{} {s:?} on bf16-exact operands: relative error {e:e} (>= 1e-5)",
+                names[i]
+            );
+            exact = exact.max(e);
+        }
+        let got = gradients(&g, &s, &x, &w, &dy);
+        let want = gradients(&cpu, &s, &x, &w, &dy);
+        for i in 0..2 {
+            let e = rel_err(&got[i], &want[i]);
+            assert!(
+                e < 1e-2 && e > 1e-5,
+                "{} {s:?}: relative error {e:e}, expected in (1e-5, 1e-2)",
+                names[i]
+            );
+            worst = worst.max(e);
+        }
+    }
+    println!("mma gradients: worst relative error {worst:.2e} (bf16-exact operands {exact:.2e})");
 }
 
 /// Batch-norm parameters and statistics of `c` channels: gamma, beta, mean, var.
@@ -260,7 +337,11 @@ fn routing_threshold() {
 /// A captured mma forward (dynamic shared memory, the opt-in made once per function, not a
 /// stream operation) replays bit for bit what the eager launch wrote.
 fn mma_forward_replays_in_a_graph() {
-    let g = gpu(MmaRoute::Always);
+    // A backend of its own (its own stream): the other tests' work on the shared stream would
+    // break the capture.
+    let mut g = CudaBackend::new(0).expect("the harness found a CUDA device");
+    g.set_precision(Precision::Bf16).expect("bf16");
+    g.set_mma_route(MmaRoute::Always);
     let mut rng = SplitMix64::fresh("conv_mma_graph");
     let s = shapes()[3].0;
     let x = rng.vec_f32(s.x_len(), -1.0, 1.0);

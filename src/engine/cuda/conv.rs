@@ -52,6 +52,8 @@ mod tc {
         fwd_mma_bf16: "conv2d_fwd_mma_bf16",
         fwd_bn_mma_bf16: "conv2d_fwd_bn_mma_bf16",
         fwd_stats_mma_bf16: "conv2d_fwd_stats_mma_bf16",
+        bwd_data_mma_bf16: "conv2d_bwd_data_mma_bf16",
+        bwd_weight_mma_bf16: "conv2d_bwd_weight_mma_bf16",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -60,15 +62,55 @@ fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
     be.families.conv_tc.get(|| TcKernels::load(be.modules()))
 }
 
-/// Threads of a tensor-core block (4 warps); the tiles are 64x64 like the SIMT kernels'.
-const TC_THREADS: u32 = 128;
-/// K tile of the tensor-core kernels (`TBK` in conv_tc.cu): a split covers a multiple.
-const TC_BK: usize = 16;
+/// How a split-K kernel of [`launch_split`] tiles its GEMM.
+#[derive(Clone, Copy)]
+struct Tiling {
+    /// Threads per block.
+    threads: u32,
+    /// K tile: a split covers a whole number of them.
+    bk: usize,
+    /// Side of the block's output tile (64 or 128).
+    side: usize,
+    /// Dynamic shared memory per block.
+    smem: u32,
+    /// The kernel's last argument after `chunk` (the mma kernels' `vec`), if it takes one.
+    vec: Option<i32>,
+}
+
+/// The f32 SIMT kernels of `conv.cu`: 64x64 tiles, 256 threads, K tiles of 16.
+const SIMT: Tiling = Tiling {
+    threads: 256,
+    bk: 16,
+    side: 64,
+    smem: 0,
+    vec: None,
+};
+/// The WMMA kernels of `conv_tc.cu`: 64x64 tiles, 128 threads (4 warps), K tiles of 16
+/// (`TBK`).
+const TC: Tiling = Tiling {
+    threads: 128,
+    bk: 16,
+    side: 64,
+    smem: 0,
+    vec: None,
+};
+/// The `mma.sync` kernels of `conv_tc.cu` with their copy paths `vec`.
+fn mma_tiling(vec: i32) -> Tiling {
+    Tiling {
+        threads: MMA_THREADS,
+        bk: MMA_BK,
+        side: MMA_TILE,
+        smem: MMA_SMEM_BYTES,
+        vec: Some(vec),
+    }
+}
 
 /// Block tile (both sides) of the bf16 `mma.sync` forward (`MBM`, `MBN` in conv_tc.cu).
 const MMA_TILE: usize = 128;
 /// Threads of its blocks (8 warps).
 const MMA_THREADS: u32 = 256;
+/// Its K tile (`MBK`).
+const MMA_BK: usize = 32;
 /// Its dynamic shared memory (`MMA_SMEM` in conv_tc.cu: 3 f32 stages and the bf16 tile),
 /// over the 48 KiB a block gets without the opt-in (`launch.rs` opts in).
 const MMA_SMEM_BYTES: u32 = 124_928;
@@ -87,14 +129,25 @@ pub enum MmaRoute {
     Never,
 }
 
-/// Whether a bf16 forward with `p` output pixels (batch included) and `c_out` output
-/// channels takes the 128x128 `mma.sync` kernel on a GPU of `sms` multiprocessors: when its
-/// 128x128 tile grid alone gives every SM a block (such a layer needs no split over K, which
-/// that kernel does not do) and at least 128 output channels fill the tile's rows. The rest
-/// (the small late layers, split over K, and the 64-channel ones) stay on the 64x64 WMMA
-/// kernel.
-pub(crate) fn mma_route(p: usize, c_out: usize, sms: usize) -> bool {
-    c_out >= MMA_TILE && p.div_ceil(MMA_TILE) * c_out.div_ceil(MMA_TILE) >= sms.max(1)
+/// Whether a bf16 forward or data gradient with `tiles` tiles of 128 output pixels (batch
+/// and, for the data gradient, every output phase included) and `rows` output channels
+/// (`c_out`, or `c_in` for the data gradient) takes the 128x128 `mma.sync` kernel on a GPU of
+/// `sms` multiprocessors: when its 128x128 tile grid alone gives every SM a block (such a
+/// layer needs no split over K, which those two kernels do not do) and at least 128 rows fill
+/// the tile. The rest (the small late layers, split over K, and the 64-channel ones) stay on
+/// the 64x64 WMMA kernels.
+pub(crate) fn mma_route(tiles: usize, rows: usize, sms: usize) -> bool {
+    rows >= MMA_TILE && tiles * rows.div_ceil(MMA_TILE) >= sms.max(1)
+}
+
+/// Whether a bf16 weight gradient (`c_out` x `nc = c_in*kh*kw` outputs, a reduction over `k`
+/// pixels) takes the 128x128 `mma.sync` kernel, which is split over K like the WMMA one: both
+/// sides at least 128, and enough work that the output tiles times the 1024-pixel runs of the
+/// reduction give every SM a block.
+pub(crate) fn mma_route_weight(c_out: usize, nc: usize, k: usize, sms: usize) -> bool {
+    c_out >= MMA_TILE
+        && nc >= MMA_TILE
+        && c_out.div_ceil(MMA_TILE) * nc.div_ceil(MMA_TILE) * (k / 1024).max(1) >= sms.max(1)
 }
 
 /// The 16-byte cp.async paths of the `mma.sync` forward of `s` for an input at device
@@ -125,27 +178,62 @@ impl CudaBackend {
     /// `conv2d_fwd_tf32`, `conv2d_fwd_bf16` (WMMA, 64x64, maybe split over K) or
     /// `conv2d_fwd_mma_bf16` (128x128).
     pub fn conv_fwd_kernel(&self, s: &Conv2d) -> &'static str {
+        self.conv_kernels(s)[0]
+    }
+
+    /// The kernels of `s`'s forward, data gradient and weight gradient at this backend's
+    /// precision and route (as [`CudaBackend::conv_fwd_kernel`]).
+    pub fn conv_kernels(&self, s: &Conv2d) -> [&'static str; 3] {
         match self.precision() {
-            Precision::F32 => "conv2d_fwd",
-            Precision::Tf32 => "conv2d_fwd_tf32",
-            Precision::Bf16 if takes_mma(self, s) => "conv2d_fwd_mma_bf16",
-            Precision::Bf16 => "conv2d_fwd_bf16",
+            Precision::F32 => ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"],
+            Precision::Tf32 => [
+                "conv2d_fwd_tf32",
+                "conv2d_bwd_data_tf32",
+                "conv2d_bwd_weight_tf32",
+            ],
+            Precision::Bf16 => {
+                let [f, d, w] = takes_mma(self, s);
+                [
+                    if f {
+                        "conv2d_fwd_mma_bf16"
+                    } else {
+                        "conv2d_fwd_bf16"
+                    },
+                    if d {
+                        "conv2d_bwd_data_mma_bf16"
+                    } else {
+                        "conv2d_bwd_data_bf16"
+                    },
+                    if w {
+                        "conv2d_bwd_weight_mma_bf16"
+                    } else {
+                        "conv2d_bwd_weight_bf16"
+                    },
+                ]
+            }
         }
     }
 }
 
-/// Whether `s`'s forward on `be` takes the `mma.sync` kernel (bf16 only).
-fn takes_mma(be: &CudaBackend, s: &Conv2d) -> bool {
-    be.precision() == Precision::Bf16
-        && match be.mma_route {
-            MmaRoute::Auto => mma_route(
-                s.n * s.out_h() * s.out_w(),
-                s.c_out,
-                be.info().multiprocessors.max(1) as usize,
-            ),
-            MmaRoute::Always => true,
-            MmaRoute::Never => false,
+/// Whether `s`'s forward, data gradient and weight gradient on `be` take the `mma.sync`
+/// kernels (bf16 only).
+fn takes_mma(be: &CudaBackend, s: &Conv2d) -> [bool; 3] {
+    if be.precision() != Precision::Bf16 {
+        return [false; 3];
+    }
+    match be.mma_route {
+        MmaRoute::Always => [true; 3],
+        MmaRoute::Never => [false; 3],
+        MmaRoute::Auto => {
+            let sms = be.info().multiprocessors.max(1) as usize;
+            let p = s.n * s.out_h() * s.out_w();
+            [
+                mma_route(p.div_ceil(MMA_TILE), s.c_out, sms),
+                mma_route(phase_grid(s, MMA_TILE).0, s.c_in, sms),
+                mma_route_weight(s.c_out, s.c_in * s.kh * s.kw, p, sms),
+            ]
         }
+    }
 }
 
 /// The `mma.sync` forward of `s` (`conv2d_fwd_mma_bf16`, or with `fused` its epilogue's
@@ -262,14 +350,14 @@ pub(crate) fn conv2d_fwd(
     }
     let g = geometry(s)?;
     let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
-    if takes_mma(be, s) {
+    if takes_mma(be, s)[0] {
         // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
         return unsafe { launch_mma(be, "conv2d_fwd", s, x, w, y, &g, None) };
     }
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let kk = s.c_in * s.kh * s.kw;
         // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
-        return unsafe { launch_split(be, "conv2d_fwd", k, true, (gx, gy), kk, x, w, y, &g, None) };
+        return unsafe { launch_split(be, "conv2d_fwd", k, TC, (gx, gy), kk, x, w, y, &g, None) };
     }
     let cfg = blocks("conv2d_fwd", (gx, gy, 1), 256)?;
     // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
@@ -325,7 +413,7 @@ pub(crate) fn conv2d_bn_eval_fwd(
     }
     let g = geometry(s)?;
     let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
-    if takes_mma(be, s) {
+    if takes_mma(be, s)[0] {
         let k = &tc_kernels(be)?.fwd_bn_mma_bf16;
         // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
         return unsafe {
@@ -351,7 +439,7 @@ pub(crate) fn conv2d_bn_eval_fwd(
                 be,
                 "conv2d_bn_eval_fwd",
                 k,
-                true,
+                TC,
                 (gx, gy),
                 kk,
                 x,
@@ -422,7 +510,7 @@ pub(crate) fn conv2d_fwd_stats(
     };
     let g = geometry(s)?;
     let gy = s.c_out.div_ceil(64);
-    if takes_mma(be, s) {
+    if takes_mma(be, s)[0] {
         let k = &tc_kernels(be)?.fwd_stats_mma_bf16;
         // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles
         // values (the caller's contract; the kernel writes the 64-pixel tiles' layout).
@@ -450,7 +538,7 @@ pub(crate) fn conv2d_fwd_stats(
                 be,
                 "conv2d_fwd_stats",
                 k,
-                true,
+                TC,
                 (tiles, gy),
                 kk,
                 x,
@@ -490,7 +578,30 @@ pub(crate) fn conv2d_bwd_data(
         return Ok(());
     }
     let g = geometry(s)?;
-    let (gx, kk) = phase_grid(s);
+    if takes_mma(be, s)[1] {
+        let (gx, _) = phase_grid(s, MMA_TILE);
+        let mut cfg = blocks(
+            "conv2d_bwd_data",
+            (gx, s.c_in.div_ceil(MMA_TILE), 1),
+            MMA_THREADS,
+        )?;
+        cfg.shared_mem_bytes = MMA_SMEM_BYTES;
+        // Bit 1 only: 16-byte copies of dy (1x1, stride 1, no padding: dy's rows are as x's).
+        let vec = mma_vec(s, be.ptr(dy), be.ptr(w)) & 2;
+        // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
+        return unsafe {
+            tc_kernels(be)?
+                .bwd_data_mma_bf16
+                .on(be.stream())
+                .arg(dy)
+                .arg(w)
+                .arg(dx)
+                .ints(&g[..9])
+                .arg(&vec)
+                .launch(cfg)
+        };
+    }
+    let (gx, kk) = phase_grid(s, 64);
     let gy = s.c_in.div_ceil(64);
     if let Some(k) = tc_pick(be, |t| (&t.bwd_data_bf16, &t.bwd_data_tf32))? {
         // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
@@ -499,7 +610,7 @@ pub(crate) fn conv2d_bwd_data(
                 be,
                 "conv2d_bwd_data",
                 k,
-                true,
+                TC,
                 (gx, gy),
                 kk,
                 dy,
@@ -541,6 +652,28 @@ pub(crate) fn conv2d_bwd_weight(
     if k == 0 {
         return be.fill(dw, 0.0);
     }
+    if takes_mma(be, s)[2] {
+        // 16-byte copies of dy's rows of out_h*out_w pixels where they are 16-byte aligned.
+        let vec = i32::from((s.out_h() * s.out_w()) % 4 == 0 && be.ptr(dy) % 16 == 0);
+        let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
+        let kern = &tc_kernels(be)?.bwd_weight_mma_bf16;
+        // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
+        return unsafe {
+            launch_split(
+                be,
+                OP,
+                kern,
+                mma_tiling(vec),
+                grid_xy,
+                k,
+                x,
+                dy,
+                dw,
+                &g,
+                None,
+            )
+        };
+    }
     let tc = tc_pick(be, |t| (&t.bwd_weight_bf16, &t.bwd_weight_tf32))?;
     if tc.is_some() && (s.kh > 255 || s.kw > 255) {
         return Err(EngineError::Param(format!(
@@ -554,7 +687,8 @@ pub(crate) fn conv2d_bwd_weight(
     };
     let grid_xy = (nc.div_ceil(64), s.c_out.div_ceil(64));
     // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
-    unsafe { launch_split(be, OP, kern, tc.is_some(), grid_xy, k, x, dy, dw, &g, None) }
+    let tiling = if tc.is_some() { TC } else { SIMT };
+    unsafe { launch_split(be, OP, kern, tiling, grid_xy, k, x, dy, dw, &g, None) }
 }
 
 /// The data gradient's grid along x and its longest reduction: per output phase (stride
@@ -562,9 +696,9 @@ pub(crate) fn conv2d_bwd_weight(
 /// largest phase (`ceil(h/st) * ceil(w/st)` pixels per image) needs, and the largest phase's
 /// `c_out * ceil(kh/st) * ceil(kw/st)` taps (the kernels skip the structurally zero ones).
 /// Stride 1: one phase, every pixel and tap.
-fn phase_grid(s: &Conv2d) -> (usize, usize) {
+fn phase_grid(s: &Conv2d, side: usize) -> (usize, usize) {
     let st = s.stride.max(1);
-    let tiles = (s.n * s.h.div_ceil(st) * s.w.div_ceil(st)).div_ceil(64);
+    let tiles = (s.n * s.h.div_ceil(st) * s.w.div_ceil(st)).div_ceil(side);
     (
         st * st * tiles,
         s.c_out * s.kh.div_ceil(st) * s.kw.div_ceil(st),
@@ -583,8 +717,8 @@ fn split_plan(be: &CudaBackend, tiles: usize, k: usize, bk: usize) -> (usize, us
 }
 
 /// Launches a split-K kernel `kern(a, b, out, geometry.., chunk)` (the weight gradients and
-/// the tensor-core kernels, `tc`: 128 threads, else 256; K tiles of 16 both) on a
-/// `(gx, gy, splits)` grid: with one split it writes `out`;
+/// the tensor-core kernels; then `vec` for the mma kernels), tiled as `t` says, on a
+/// `(gx, gy, splits)` grid (`gx`, `gy` in tiles of `t.side`): with one split it writes `out`;
 /// otherwise each split writes its partial result into a workspace of `splits` outputs,
 /// which `conv_splitk_reduce` sums into `out` in split order (deterministic).
 ///
@@ -603,7 +737,7 @@ unsafe fn launch_split(
     be: &CudaBackend,
     op: &'static str,
     kern: &Kernel,
-    tc: bool,
+    t: Tiling,
     (gx, gy): (usize, usize),
     k: usize,
     a: &CudaSlice<f32>,
@@ -612,11 +746,13 @@ unsafe fn launch_split(
     g: &[i32; 11],
     fused: Option<Fused<'_>>,
 ) -> Result<()> {
-    let (bk, threads) = if tc { (TC_BK, TC_THREADS) } else { (16, 256) };
+    let (bk, threads) = (t.bk, t.threads);
+    // The split planner counts 64x64 tiles.
+    let tiles64 = gx * gy * (t.side / 64) * (t.side / 64);
     let (chunk, splits) = if k == 0 {
         (0, 1)
     } else {
-        split_plan(be, gx * gy, k, bk)
+        split_plan(be, tiles64, k, bk)
     };
     if splits == 1 {
         if let Some(f) = fused {
@@ -641,33 +777,30 @@ unsafe fn launch_split(
     if k == 0 {
         return be.fill(out, 0.0);
     }
-    let cfg = blocks(op, (gx, gy, splits), threads)?;
+    let mut cfg = blocks(op, (gx, gy, splits), threads)?;
+    cfg.shared_mem_bytes = t.smem;
     let chunk = dim(chunk)?;
     if splits == 1 {
+        let mut l = kern.on(be.stream());
+        l.arg(a).arg(b).arg(out).ints(g).arg(&chunk);
+        if let Some(v) = &t.vec {
+            l.arg(v);
+        }
         // SAFETY: the caller's contract.
-        return unsafe {
-            kern.on(be.stream())
-                .arg(a)
-                .arg(b)
-                .arg(out)
-                .ints(g)
-                .arg(&chunk)
-                .launch(cfg)
-        };
+        return unsafe { l.launch(cfg) };
     }
     let len = out.len();
     // From the scratch pool, not allocated: a captured train step (CUDA graph) may not
     // allocate; stream order keeps the reuse safe.
     let mut ws = be.take_scratch(splits * len)?;
-    // SAFETY: the caller's contract, ws holding one output per split.
-    unsafe {
-        kern.on(be.stream())
-            .arg(a)
-            .arg(b)
-            .arg(&mut ws)
-            .ints(g)
-            .arg(&chunk)
-            .launch(cfg)?;
+    {
+        let mut l = kern.on(be.stream());
+        l.arg(a).arg(b).arg(&mut ws).ints(g).arg(&chunk);
+        if let Some(v) = &t.vec {
+            l.arg(v);
+        }
+        // SAFETY: the caller's contract, ws holding one output per split.
+        unsafe { l.launch(cfg)? };
     }
     let (splits, n) = (dim(splits)?, dim(len)?);
     let ks = kernels(be)?;
@@ -723,7 +856,7 @@ unsafe fn launch_split(
 
 #[cfg(test)]
 mod tests {
-    use super::{mma_route, mma_vec, MMA_TILE};
+    use super::{mma_route, mma_route_weight, mma_vec, MMA_TILE};
     use crate::engine::shapes::Conv2d;
 
     fn conv(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {
@@ -744,20 +877,40 @@ mod tests {
     fn the_large_layers_take_the_mma_kernel() {
         // 132 SMs (H100/H200): 132 blocks of 128x128 and more.
         let sms = 132;
-        assert!(mma_route(132 * MMA_TILE, 128, sms));
-        assert!(mma_route(131 * MMA_TILE + 1, 128, sms)); // a ragged 132nd block
-        assert!(!mma_route(131 * MMA_TILE, 128, sms)); // 131 blocks
-        assert!(mma_route(66 * MMA_TILE, 256, sms)); // 66 x 2
-        assert!(!mma_route(65 * MMA_TILE, 256, sms)); // 65 x 2
+        assert!(mma_route(132, 128, sms));
+        assert!(!mma_route(131, 128, sms)); // 131 blocks
+        assert!(mma_route(66, 256, sms)); // 66 x 2
+        assert!(!mma_route(65, 256, sms)); // 65 x 2
         assert!(!mma_route(1 << 20, 64, sms)); // 64 channels: half a tile of rows
         assert!(!mma_route(1 << 20, 127, sms));
         // ResNet-101 at 32 x 512^2 slices: stage 1 (128^2 pixels per slice, 256 channels) yes,
         // stage 4 (16^2, 2048 channels: 64 x 16 = 1024 blocks) yes, one 16^2 slice of
         // stage 4 (2 x 16 = 32 blocks) no.
-        assert!(mma_route(32 * 128 * 128, 256, sms));
-        assert!(mma_route(32 * 16 * 16, 2048, sms));
-        assert!(!mma_route(16 * 16, 2048, sms));
+        assert!(mma_route((32 * 128 * 128) / MMA_TILE, 256, sms));
+        assert!(mma_route((32 * 16 * 16) / MMA_TILE, 2048, sms));
+        assert!(!mma_route(2, 2048, sms));
         assert!(mma_route(1, 128, 0)); // no SM count: one block is enough
+                                       // Weight gradients: 4 x 4 tiles need 9 runs of 1024 pixels on 132 SMs.
+        assert!(mma_route_weight(512, 512, 9 * 1024, sms));
+        assert!(!mma_route_weight(512, 512, 8 * 1024, sms));
+        assert!(!mma_route_weight(64, 4096, 1 << 20, sms));
+        assert!(!mma_route_weight(4096, 64, 1 << 20, sms));
+        // The data gradient's tiles count every output phase: a 3x3 stride-2 layer with
+        // 2 x 32^2 input pixels has 4 phases of 512 pixels, 4 x 4 tiles of 128.
+        let s = Conv2d {
+            n: 2,
+            c_in: 2048,
+            h: 32,
+            w: 32,
+            c_out: 512,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: 1,
+        };
+        assert_eq!(super::phase_grid(&s, MMA_TILE), (16, 512 * 4));
+        assert!(mma_route(super::phase_grid(&s, MMA_TILE).0, s.c_in, sms)); // 16 x 16
+        assert!(!mma_route(super::phase_grid(&s, MMA_TILE).0, 1024, sms)); // 16 x 8
     }
 
     #[test]
