@@ -661,6 +661,14 @@ __device__ __forceinline__ void ptx_mma_bf16_m16n8k16(float (&d)[4], const unsig
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
+__device__ __forceinline__ void ptx_mma_tf32_m16n8k8(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                                     const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
 #endif
 
 #define MBM 128
@@ -687,8 +695,45 @@ static_assert(MMA_SMEM <= 227 * 1024, "the opt-in limit of sm_90");
 
 extern __shared__ __align__(128) unsigned char mma_smem[];
 
-// The bytes of dynamic shared memory of conv2d_fwd*_mma_bf16 (conv.rs asks for the same).
-static_assert(MMA_SMEM == 124928, "conv.rs's MMA_SMEM_BYTES");
+// The bytes of dynamic shared memory of the bf16 and the tf32 mma kernels (conv.rs asks for
+// the same): tf32 has no bf16 tile.
+static_assert(MMA_SMEM == 124928 && MMA_SMEM_F32 == 105984, "conv.rs's MMA_SMEM_BYTES");
+
+// A tf32 operand: the f32 rounded to nearest, ties away (cvt.rna.tf32.f32, as the WMMA
+// kernels round), as the register mma.sync reads.
+__device__ __forceinline__ unsigned tf32_bits(float v) { return __float_as_uint(wmma::__float_to_tf32(v)); }
+
+// One K tile of the warp's 64x32 at tf32 from the f32 stage (A [MBM][MLDA], B [MBK][MLDB]):
+// the m16n8k8 fragments read element by element in their documented layout (g = lane / 4,
+// t = lane % 4: A (g, t), (g+8, t), (g, t+4), (g+8, t+4); B (k t, n g), (k t+4, n g)), no
+// ldmatrix (a 32-bit operand). A's reads are conflict-free (row pitch 36 words: bank 4g + t);
+// B's are 2-way (pitch 132: bank 4t + g).
+__device__ __forceinline__ void mma_tile_tf32(const float* As, const float* Bs, float (&acc)[4][4][4], int wm, int wn,
+                                              int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int ks = 0; ks < MBK; ks += 8) {
+        unsigned a[4][4], b[4][2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float* r0 = As + (wm * 64 + 16 * i + g) * MLDA + ks + t;
+            a[i][0] = tf32_bits(r0[0]);
+            a[i][1] = tf32_bits(r0[8 * MLDA]);
+            a[i][2] = tf32_bits(r0[4]);
+            a[i][3] = tf32_bits(r0[8 * MLDA + 4]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float* c0 = Bs + (ks + t) * MLDB + wn * 32 + 8 * j + g;
+            b[j][0] = tf32_bits(c0[0]);
+            b[j][1] = tf32_bits(c0[4 * MLDB]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) ptx_mma_tf32_m16n8k8(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+}
 
 // One K tile of the warp's 64x32: A [MBM][MLDAH] and B [MBK][MLDBH] bf16.
 __device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfloat16* Bs, float (&acc)[4][4][4], int wm,
@@ -716,9 +761,10 @@ __device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfl
 }
 
 // The K loop of the mma kernels: `ntiles` K tiles, tile t gathered by issue(A stage, B stage,
-// t) as cp.async copies into the f32 ring, rounded into the bf16 tile by the block, multiplied
-// into acc (zeroed here) by mma_tile. Ends with every copy landed and the stages free.
-template <class Issue>
+// t) as cp.async copies into the f32 ring, then at bf16 rounded into the bf16 tile by the
+// block and multiplied by mma_tile, at tf32 (TF32) multiplied from the stage by mma_tile_tf32,
+// into acc (zeroed here). Ends with every copy landed and the stages free.
+template <bool TF32, class Issue>
 __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
 #pragma unroll
@@ -747,15 +793,19 @@ __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Is
         }
         __pipeline_commit();
         const float* cur = st + (t % MMA_STAGES) * MSTAGE_FLOATS;
-        // The stage into the bf16 tile: 16 elements of A and 16 of B per thread.
+        if constexpr (TF32) {
+            mma_tile_tf32(cur, cur + MBM * MLDA, acc, wm, wn, lane);
+        } else {
+            // The stage into the bf16 tile: 16 elements of A and 16 of B per thread.
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int c = tid + MMA_THREADS * q;
-            bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
-            bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+            for (int q = 0; q < 2; ++q) {
+                const int c = tid + MMA_THREADS * q;
+                bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
+                bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+            }
+            __syncthreads();
+            mma_tile(h, hb, acc, wm, wn, lane);
         }
-        __syncthreads();
-        mma_tile(h, hb, acc, wm, wn, lane);
     }
     __pipeline_wait_prior(0);
     __syncthreads();
@@ -779,9 +829,9 @@ __device__ __forceinline__ void mma_store(float* Cs, const float (&acc)[4][4][4]
     __syncthreads();
 }
 
-// The forward, EPI as conv_fwd_tc's. `vec`: bit 0 16-byte copies of the weights, bit 1 of
+// The forward, EPI as conv_fwd_tc's; TF32: tf32 operands (m16n8k8), else bf16. `vec`: bit 0 16-byte copies of the weights, bit 1 of
 // the activations (see above).
-template <int EPI>
+template <bool TF32, int EPI>
 __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const float* __restrict__ w,
                                              float* __restrict__ y, int N, int C, int H, int W, int CO, int KH,
                                              int KW, int stride, int pad, int vec, const float* __restrict__ ss,
@@ -865,7 +915,7 @@ __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const 
     };
 
     float acc[4][4][4];
-    mma_mainloop(smem, (K + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32>(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
     mma_store(Cs, acc);
     if constexpr (EPI == EPI_STATS) {
@@ -902,31 +952,13 @@ __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
-conv2d_fwd_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
-                    int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
-    conv_fwd_mma<EPI_NONE>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, nullptr, nullptr);
-}
-
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
-conv2d_fwd_bn_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
-                       int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
-                       const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
-    conv_fwd_mma<EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, ss, res, relu, nullptr, nullptr);
-}
-
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
-conv2d_fwd_stats_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
-                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
-                          double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
-    conv_fwd_mma<EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, part_s, part_q);
-}
 
 // The data gradient of one output phase (PhaseGemm with 128-pixel tiles; the grid's x holds
 // stride^2 runs of tiles), as conv_bwd_data_tc: M = C_in, K = C_out * KP, one split. vec bit
 // 1: 16-byte copies of dy, whose rows are contiguous pixels for a 1x1 stride-1 unpadded conv
 // with H*W % 4 == 0 (mma_vec in conv.rs); the transposed weights are gathered 4 bytes at a
 // time.
+template <bool TF32>
 __device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, const float* __restrict__ w,
                                                   float* __restrict__ dx, int N, int C, int H, int W, int CO,
                                                   int KH, int KW, int stride, int pad, int vec) {
@@ -1004,7 +1036,7 @@ __device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, 
     };
 
     float acc[4][4][4];
-    mma_mainloop(smem, (K + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32>(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
     mma_store(Cs, acc);
     if (!p_ok) return;
@@ -1023,6 +1055,7 @@ __device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, 
 // the workspace [splits][C_out][N] that conv_splitk_reduce sums (out = dw with one split).
 // vec bit 0: 16-byte copies of dy, whose rows are contiguous pixels of one image when
 // OH*OW % 4 == 0; the im2col of x is gathered 4 bytes at a time.
+template <bool TF32>
 __device__ __forceinline__ void conv_bwd_weight_mma(const float* __restrict__ x, const float* __restrict__ dy,
                                                     float* __restrict__ out, int N, int C, int H, int W, int CO,
                                                     int KH, int KW, int stride, int pad, int OH, int OW,
@@ -1098,7 +1131,7 @@ __device__ __forceinline__ void conv_bwd_weight_mma(const float* __restrict__ x,
 
     float acc[4][4][4];
     const int klen = kend > kbeg ? kend - (int)kbeg : 0;
-    mma_mainloop(smem, (klen + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32>(smem, (klen + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
     mma_store(Cs, acc);
     float* o = out + (size_t)blockIdx.z * M * NC;
@@ -1111,15 +1144,69 @@ __device__ __forceinline__ void conv_bwd_weight_mma(const float* __restrict__ x,
     }
 }
 
+// The entries: bf16 (ldmatrix, m16n8k16) and tf32 (m16n8k8).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
+                    int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_fwd_mma<false, EPI_NONE>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                       int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                       const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    conv_fwd_mma<false, EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, ss, res, relu, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                          double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    conv_fwd_mma<false, EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, part_s, part_q);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_mma_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
+                    int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_fwd_mma<true, EPI_NONE>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                       int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                       const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    conv_fwd_mma<true, EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, ss, res, relu, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                          double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    conv_fwd_mma<true, EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, part_s, part_q);
+}
+
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
 conv2d_bwd_data_mma_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
-    conv_bwd_data_mma(dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+    conv_bwd_data_mma<false>(dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
 conv2d_bwd_weight_mma_bf16(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out, int N,
                            int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                            int chunk, int vec) {
-    conv_bwd_weight_mma(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+    conv_bwd_weight_mma<false>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_tf32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
+                         int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_bwd_data_mma<true>(dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_tf32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out, int N,
+                           int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                           int chunk, int vec) {
+    conv_bwd_weight_mma<true>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
 }

@@ -26,12 +26,24 @@ use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Precision};
 
 fn main() {
     common::cuda::main(vec![
-        device("mma_forward_matches_cpu", mma_forward_matches_cpu),
-        device(
-            "mma_fused_epilogues_match_cpu",
-            mma_fused_epilogues_match_cpu,
-        ),
-        device("mma_gradients_match_cpu", mma_gradients_match_cpu),
+        device("mma_bf16_forward_matches_cpu", || {
+            mma_forward_matches_cpu(Precision::Bf16)
+        }),
+        device("mma_tf32_forward_matches_cpu", || {
+            mma_forward_matches_cpu(Precision::Tf32)
+        }),
+        device("mma_bf16_fused_epilogues_match_cpu", || {
+            mma_fused_epilogues_match_cpu(Precision::Bf16)
+        }),
+        device("mma_tf32_fused_epilogues_match_cpu", || {
+            mma_fused_epilogues_match_cpu(Precision::Tf32)
+        }),
+        device("mma_bf16_gradients_match_cpu", || {
+            mma_gradients_match_cpu(Precision::Bf16)
+        }),
+        device("mma_tf32_gradients_match_cpu", || {
+            mma_gradients_match_cpu(Precision::Tf32)
+        }),
         device("routing_threshold", routing_threshold),
         device(
             "mma_forward_replays_in_a_graph",
@@ -40,8 +52,8 @@ fn main() {
     ])
 }
 
-fn gpu(route: MmaRoute) -> CudaBackend {
-    let mut g = common::cuda::gpu_at(Precision::Bf16);
+fn gpu(p: Precision, route: MmaRoute) -> CudaBackend {
+    let mut g = common::cuda::gpu_at(p);
     g.set_mma_route(route);
     g
 }
@@ -69,6 +81,11 @@ fn shapes() -> [(Conv2d, &'static str); 9] {
     ]
 }
 
+/// The kernel's name at precision `p`: `conv2d_fwd_mma_bf16` for ("conv2d_fwd", Bf16).
+fn mma_name(op: &str, p: Precision) -> String {
+    format!("{op}_mma_{p}")
+}
+
 fn forward<B: Backend<T = f32>>(be: &B, s: &Conv2d, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (xb, wb) = (be.upload(x).expect("upload"), be.upload(w).expect("upload"));
     let mut y = be.upload(&vec![f32::NAN; s.y_len()]).expect("upload");
@@ -76,30 +93,31 @@ fn forward<B: Backend<T = f32>>(be: &B, s: &Conv2d, x: &[f32], w: &[f32]) -> Vec
     be.download(&y).expect("download")
 }
 
-fn mma_forward_matches_cpu() {
-    let g = gpu(MmaRoute::Always);
+fn mma_forward_matches_cpu(p: Precision) {
+    let g = gpu(p, MmaRoute::Always);
+    let tol = p.tolerance().expect("a reduced precision");
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = SplitMix64::fresh("conv_mma_fwd");
+    let mut rng = SplitMix64::fresh(&format!("conv_mma_fwd_{p}"));
     let (mut exact, mut worst) = (0.0f64, 0.0f64);
     for (s, path) in shapes() {
-        assert_eq!(g.conv_fwd_kernel(&s), "conv2d_fwd_mma_bf16");
+        assert_eq!(g.conv_fwd_kernel(&s), mma_name("conv2d_fwd", p));
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
-        let (xr, wr) = (round(Precision::Bf16, &x), round(Precision::Bf16, &w));
+        let (xr, wr) = (round(p, &x), round(p, &w));
         let e = rel_err(&forward(&g, &s, &xr, &wr), &forward(&cpu, &s, &xr, &wr));
         assert!(
             e < 1e-5,
-            "{s:?} (copies {path}) on bf16-exact operands: relative error {e:e} (>= 1e-5)"
+            "{p} {s:?} (copies {path}) on {p}-exact operands: relative error {e:e} (>= 1e-5)"
         );
         exact = exact.max(e);
         let e = rel_err(&forward(&g, &s, &x, &w), &forward(&cpu, &s, &x, &w));
         assert!(
-            e < 1e-2 && e > 1e-5,
-            "{s:?} (copies {path}): relative error {e:e}, expected in (1e-5, 1e-2)"
+            e < tol && e > 1e-5,
+            "{p} {s:?} (copies {path}): relative error {e:e}, expected in (1e-5, {tol:e})"
         );
         worst = worst.max(e);
     }
-    println!("mma forward: worst relative error {worst:.2e} (bf16-exact operands {exact:.2e})");
+    println!("mma {p} forward: worst relative error {worst:.2e} ({p}-exact operands {exact:.2e})");
 }
 
 /// The data and weight gradients (`conv2d_bwd_data_mma_bf16`, `conv2d_bwd_weight_mma_bf16`).
@@ -126,10 +144,11 @@ fn gradients<B: Backend<T = f32>>(
 /// 1x1 stride-1 shapes with H*W % 4 == 0) and the weight gradient (split over K for the
 /// 2048-pixel shape, 16-byte copies of dy where OH*OW % 4 == 0) on the forward's shapes and
 /// these, as the forward is checked.
-fn mma_gradients_match_cpu() {
-    let g = gpu(MmaRoute::Always);
+fn mma_gradients_match_cpu(p: Precision) {
+    let g = gpu(p, MmaRoute::Always);
+    let tol = p.tolerance().expect("a reduced precision");
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = SplitMix64::fresh("conv_mma_grad");
+    let mut rng = SplitMix64::fresh(&format!("conv_mma_grad_{p}"));
     let more = [
         conv(2, 8, 32, 32, 128, 3, 1, 1), // 2048 pixels: the weight gradient split over K
         conv(1, 136, 6, 5, 24, 3, 1, 1),  // C_in 136: two row tiles of the data gradient
@@ -145,12 +164,15 @@ fn mma_gradients_match_cpu() {
         let k = g.conv_kernels(&s);
         assert_eq!(
             [k[1], k[2]],
-            ["conv2d_bwd_data_mma_bf16", "conv2d_bwd_weight_mma_bf16"]
+            [
+                mma_name("conv2d_bwd_data", p),
+                mma_name("conv2d_bwd_weight", p)
+            ]
         );
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
         let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
-        let r = |v: &[f32]| round(Precision::Bf16, v);
+        let r = |v: &[f32]| round(p, v);
         let (xr, wr, dyr) = (r(&x), r(&w), r(&dy));
         let got = gradients(&g, &s, &xr, &wr, &dyr);
         let want = gradients(&cpu, &s, &xr, &wr, &dyr);
@@ -158,7 +180,7 @@ fn mma_gradients_match_cpu() {
             let e = rel_err(&got[i], &want[i]);
             assert!(
                 e < 1e-5,
-                "{} {s:?} on bf16-exact operands: relative error {e:e} (>= 1e-5)",
+                "{p} {} {s:?} on {p}-exact operands: relative error {e:e} (>= 1e-5)",
                 names[i]
             );
             exact = exact.max(e);
@@ -168,14 +190,16 @@ fn mma_gradients_match_cpu() {
         for i in 0..2 {
             let e = rel_err(&got[i], &want[i]);
             assert!(
-                e < 1e-2 && e > 1e-5,
-                "{} {s:?}: relative error {e:e}, expected in (1e-5, 1e-2)",
+                e < tol && e > 1e-5,
+                "{p} {} {s:?}: relative error {e:e}, expected in (1e-5, {tol:e})",
                 names[i]
             );
             worst = worst.max(e);
         }
     }
-    println!("mma gradients: worst relative error {worst:.2e} (bf16-exact operands {exact:.2e})");
+    println!(
+        "mma {p} gradients: worst relative error {worst:.2e} ({p}-exact operands {exact:.2e})"
+    );
 }
 
 /// Batch-norm parameters and statistics of `c` channels: gamma, beta, mean, var.
@@ -264,11 +288,11 @@ fn train<B: Backend<T = f32>>(
 
 /// The eval-mode batch-norm epilogue (with residual and ReLU) and the training statistics
 /// epilogue (two 64-pixel tiles per 128-pixel block, a partial last one) of the mma kernel,
-/// on bf16-exact operands, within 1e-5 of the CPU's fused ops.
-fn mma_fused_epilogues_match_cpu() {
-    let g = gpu(MmaRoute::Always);
+/// on {p}-exact operands, within 1e-5 of the CPU's fused ops.
+fn mma_fused_epilogues_match_cpu(p: Precision) {
+    let g = gpu(p, MmaRoute::Always);
     let cpu = CpuBackend::<f32>::new();
-    let mut rng = SplitMix64::fresh("conv_mma_fused");
+    let mut rng = SplitMix64::fresh(&format!("conv_mma_fused_{p}"));
     let names = [
         "z",
         "y",
@@ -279,38 +303,39 @@ fn mma_fused_epilogues_match_cpu() {
     ];
     let mut worst = 0.0f64;
     for (s, path) in [shapes()[0], shapes()[3], shapes()[4]] {
-        let x = round(Precision::Bf16, &rng.vec_f32(s.x_len(), -1.0, 1.0));
-        let w = round(Precision::Bf16, &rng.vec_f32(s.w_len(), -1.0, 1.0));
+        assert_eq!(g.conv_fwd_kernel(&s), mma_name("conv2d_fwd", p));
+        let x = round(p, &rng.vec_f32(s.x_len(), -1.0, 1.0));
+        let w = round(p, &rng.vec_f32(s.w_len(), -1.0, 1.0));
         let r = rng.vec_f32(s.y_len(), -1.0, 1.0);
-        let p = bn_params(&mut rng, s.c_out);
+        let bp = bn_params(&mut rng, s.c_out);
         let e = rel_err(
-            &eval(&g, &s, &x, &w, &p, &r),
-            &eval(&cpu, &s, &x, &w, &p, &r),
+            &eval(&g, &s, &x, &w, &bp, &r),
+            &eval(&cpu, &s, &x, &w, &bp, &r),
         );
         assert!(
             e < 1e-5,
-            "eval epilogue {s:?} ({path}): relative error {e:e}"
+            "{p} eval epilogue {s:?} ({path}): relative error {e:e}"
         );
         worst = worst.max(e);
-        let got = train(&g, &s, &x, &w, &p);
-        let want = train(&cpu, &s, &x, &w, &p);
+        let got = train(&g, &s, &x, &w, &bp);
+        let want = train(&cpu, &s, &x, &w, &bp);
         for i in 0..6 {
             let e = rel_err(&got[i], &want[i]);
             assert!(
                 e < 1e-5,
-                "statistics epilogue {s:?} ({path}): {} relative error {e:e}",
+                "{p} statistics epilogue {s:?} ({path}): {} relative error {e:e}",
                 names[i]
             );
             worst = worst.max(e);
         }
     }
-    println!("mma fused epilogues: worst relative error {worst:.2e}");
+    println!("mma {p} fused epilogues: worst relative error {worst:.2e}");
 }
 
 /// With the default route, a bf16 forward takes the mma kernel from a 128x128 grid of one
 /// block per SM on (and 128 channels), the WMMA kernel below; both right.
 fn routing_threshold() {
-    let g = gpu(MmaRoute::Auto);
+    let g = gpu(Precision::Bf16, MmaRoute::Auto);
     let sms = g.info().multiprocessors as usize;
     let cpu = CpuBackend::<f32>::new();
     let mut rng = SplitMix64::fresh("conv_mma_route");
@@ -326,6 +351,11 @@ fn routing_threshold() {
         let e = rel_err(&forward(&g, &s, &x, &w), &forward(&cpu, &s, &x, &w));
         assert!(e < 1e-5, "{kernel} {s:?}: relative error {e:e}");
     }
+    let tf32 = gpu(Precision::Tf32, MmaRoute::Auto);
+    assert_eq!(
+        tf32.conv_fwd_kernel(&conv(1, 4, sms, 128, 128, 1, 1, 0)),
+        "conv2d_fwd_mma_tf32"
+    );
     let mut never = g.clone();
     never.set_mma_route(MmaRoute::Never);
     assert_eq!(

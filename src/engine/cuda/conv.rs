@@ -9,9 +9,10 @@
 //! ([`conv2d_bn_eval_fwd`]; the per-channel scale and shift come from `norm.rs`), and on the
 //! split-K path in the kernel that sums the splits. The training forward can write, with z,
 //! the batch-norm partial statistics of z per (channel, 64-pixel tile) ([`conv2d_fwd_stats`];
-//! on the split-K path the kernel that sums the splits takes them). At bf16 the large layers'
-//! forwards (plain and fused alike) take the 128x128 `mma.sync` kernel of `conv_tc.cu`
-//! instead ([`mma_route`], [`MmaRoute`]), with 16-byte copies where [`mma_vec`] allows.
+//! on the split-K path the kernel that sums the splits takes them). At tf32 and bf16 the
+//! large layers (forwards plain and fused alike, data and weight gradients) take the 128x128
+//! `mma.sync` kernels of `conv_tc.cu` instead ([`mma_route`], [`mma_route_weight`],
+//! [`MmaRoute`]), with 16-byte copies where [`mma_vec`] allows.
 
 use cudarc::driver::CudaSlice;
 
@@ -54,6 +55,11 @@ mod tc {
         fwd_stats_mma_bf16: "conv2d_fwd_stats_mma_bf16",
         bwd_data_mma_bf16: "conv2d_bwd_data_mma_bf16",
         bwd_weight_mma_bf16: "conv2d_bwd_weight_mma_bf16",
+        fwd_mma_tf32: "conv2d_fwd_mma_tf32",
+        fwd_bn_mma_tf32: "conv2d_fwd_bn_mma_tf32",
+        fwd_stats_mma_tf32: "conv2d_fwd_stats_mma_tf32",
+        bwd_data_mma_tf32: "conv2d_bwd_data_mma_tf32",
+        bwd_weight_mma_tf32: "conv2d_bwd_weight_mma_tf32",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -94,13 +100,13 @@ const TC: Tiling = Tiling {
     smem: 0,
     vec: None,
 };
-/// The `mma.sync` kernels of `conv_tc.cu` with their copy paths `vec`.
-fn mma_tiling(vec: i32) -> Tiling {
+/// The `mma.sync` kernels of `conv_tc.cu` at precision `p` with their copy paths `vec`.
+fn mma_tiling(p: Precision, vec: i32) -> Tiling {
     Tiling {
         threads: MMA_THREADS,
         bk: MMA_BK,
         side: MMA_TILE,
-        smem: MMA_SMEM_BYTES,
+        smem: mma_smem(p),
         vec: Some(vec),
     }
 }
@@ -111,25 +117,31 @@ const MMA_TILE: usize = 128;
 const MMA_THREADS: u32 = 256;
 /// Its K tile (`MBK`).
 const MMA_BK: usize = 32;
-/// Its dynamic shared memory (`MMA_SMEM` in conv_tc.cu: 3 f32 stages and the bf16 tile),
-/// over the 48 KiB a block gets without the opt-in (`launch.rs` opts in).
-const MMA_SMEM_BYTES: u32 = 124_928;
+/// Their dynamic shared memory (`MMA_SMEM` in conv_tc.cu: 3 f32 stages and, at bf16, the
+/// bf16 tile; `MMA_SMEM_F32` at tf32), over the 48 KiB a block gets without the opt-in
+/// (`launch.rs` opts in).
+fn mma_smem(p: Precision) -> u32 {
+    match p {
+        Precision::Bf16 => 124_928,
+        _ => 105_984,
+    }
+}
 
-/// Which kernel a bf16 convolution forward takes: the 128x128 `mma.sync` kernel or the
-/// 64x64 WMMA one (`kernels/conv_tc.cu`); a setting of the backend
-/// ([`CudaBackend::set_mma_route`]) for tests and comparisons. tf32 and f32 never take it.
+/// Which kernels a tf32 / bf16 convolution takes: the 128x128 `mma.sync` kernels or the
+/// 64x64 WMMA ones (`kernels/conv_tc.cu`); a setting of the backend
+/// ([`CudaBackend::set_mma_route`]) for tests and comparisons. f32 never takes them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MmaRoute {
-    /// By the layer's size ([`mma_route`]): the large layers.
+    /// By the layer's size ([`mma_route`], [`mma_route_weight`]): the large layers.
     #[default]
     Auto,
-    /// Every bf16 forward.
+    /// Every tf32 / bf16 convolution.
     Always,
-    /// None: the WMMA kernel (and its split-K path) for every layer.
+    /// None: the WMMA kernels (and their split-K paths) for every layer.
     Never,
 }
 
-/// Whether a bf16 forward or data gradient with `tiles` tiles of 128 output pixels (batch
+/// Whether a tf32 / bf16 forward or data gradient with `tiles` tiles of 128 output pixels (batch
 /// and, for the data gradient, every output phase included) and `rows` output channels
 /// (`c_out`, or `c_in` for the data gradient) takes the 128x128 `mma.sync` kernel on a GPU of
 /// `sms` multiprocessors: when its 128x128 tile grid alone gives every SM a block (such a
@@ -140,7 +152,7 @@ pub(crate) fn mma_route(tiles: usize, rows: usize, sms: usize) -> bool {
     rows >= MMA_TILE && tiles * rows.div_ceil(MMA_TILE) >= sms.max(1)
 }
 
-/// Whether a bf16 weight gradient (`c_out` x `nc = c_in*kh*kw` outputs, a reduction over `k`
+/// Whether a tf32 / bf16 weight gradient (`c_out` x `nc = c_in*kh*kw` outputs, a reduction over `k`
 /// pixels) takes the 128x128 `mma.sync` kernel, which is split over K like the WMMA one: both
 /// sides at least 128, and enough work that the output tiles times the 1024-pixel runs of the
 /// reduction give every SM a block.
@@ -168,15 +180,15 @@ pub(crate) fn mma_vec(s: &Conv2d, x_addr: u64, w_addr: u64) -> i32 {
 }
 
 impl CudaBackend {
-    /// Which kernel the bf16 convolution forwards take (default [`MmaRoute::Auto`]).
+    /// Which kernels the tf32 / bf16 convolutions take (default [`MmaRoute::Auto`]).
     pub fn set_mma_route(&mut self, r: MmaRoute) {
         self.mma_route = r;
     }
 
     /// The kernel `conv2d_fwd` (and the fused forwards) of `s` launch at this backend's
     /// precision and route, by name (diagnostics and tests): `conv2d_fwd` (f32),
-    /// `conv2d_fwd_tf32`, `conv2d_fwd_bf16` (WMMA, 64x64, maybe split over K) or
-    /// `conv2d_fwd_mma_bf16` (128x128).
+    /// `conv2d_fwd_tf32` / `_bf16` (WMMA, 64x64, maybe split over K) or
+    /// `conv2d_fwd_mma_tf32` / `_bf16` (128x128).
     pub fn conv_fwd_kernel(&self, s: &Conv2d) -> &'static str {
         self.conv_kernels(s)[0]
     }
@@ -184,41 +196,53 @@ impl CudaBackend {
     /// The kernels of `s`'s forward, data gradient and weight gradient at this backend's
     /// precision and route (as [`CudaBackend::conv_fwd_kernel`]).
     pub fn conv_kernels(&self, s: &Conv2d) -> [&'static str; 3] {
-        match self.precision() {
-            Precision::F32 => ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"],
-            Precision::Tf32 => [
-                "conv2d_fwd_tf32",
-                "conv2d_bwd_data_tf32",
-                "conv2d_bwd_weight_tf32",
-            ],
-            Precision::Bf16 => {
-                let [f, d, w] = takes_mma(self, s);
+        let [f, d, w] = takes_mma(self, s);
+        let pick = |mma: bool, names: [&'static str; 5]| match (self.precision(), mma) {
+            (Precision::F32, _) => names[0],
+            (Precision::Tf32, false) => names[1],
+            (Precision::Bf16, false) => names[2],
+            (Precision::Tf32, true) => names[3],
+            (Precision::Bf16, true) => names[4],
+        };
+        [
+            pick(
+                f,
                 [
-                    if f {
-                        "conv2d_fwd_mma_bf16"
-                    } else {
-                        "conv2d_fwd_bf16"
-                    },
-                    if d {
-                        "conv2d_bwd_data_mma_bf16"
-                    } else {
-                        "conv2d_bwd_data_bf16"
-                    },
-                    if w {
-                        "conv2d_bwd_weight_mma_bf16"
-                    } else {
-                        "conv2d_bwd_weight_bf16"
-                    },
-                ]
-            }
-        }
+                    "conv2d_fwd",
+                    "conv2d_fwd_tf32",
+                    "conv2d_fwd_bf16",
+                    "conv2d_fwd_mma_tf32",
+                    "conv2d_fwd_mma_bf16",
+                ],
+            ),
+            pick(
+                d,
+                [
+                    "conv2d_bwd_data",
+                    "conv2d_bwd_data_tf32",
+                    "conv2d_bwd_data_bf16",
+                    "conv2d_bwd_data_mma_tf32",
+                    "conv2d_bwd_data_mma_bf16",
+                ],
+            ),
+            pick(
+                w,
+                [
+                    "conv2d_bwd_weight",
+                    "conv2d_bwd_weight_tf32",
+                    "conv2d_bwd_weight_bf16",
+                    "conv2d_bwd_weight_mma_tf32",
+                    "conv2d_bwd_weight_mma_bf16",
+                ],
+            ),
+        ]
     }
 }
 
 /// Whether `s`'s forward, data gradient and weight gradient on `be` take the `mma.sync`
-/// kernels (bf16 only).
+/// kernels (tf32 and bf16; f32 never).
 fn takes_mma(be: &CudaBackend, s: &Conv2d) -> [bool; 3] {
-    if be.precision() != Precision::Bf16 {
+    if !be.precision().tensor_cores() {
         return [false; 3];
     }
     match be.mma_route {
@@ -236,9 +260,10 @@ fn takes_mma(be: &CudaBackend, s: &Conv2d) -> [bool; 3] {
     }
 }
 
-/// The `mma.sync` forward of `s` (`conv2d_fwd_mma_bf16`, or with `fused` its epilogue's
-/// kernel): one launch of (pixel tiles, channel tiles) 128x128 blocks, 256 threads, with
-/// [`MMA_SMEM_BYTES`] of dynamic shared memory, never split over K.
+/// The `mma.sync` forward of `s` (`conv2d_fwd_mma_*`, or with `fused` its epilogue's kernel,
+/// `conv2d_fwd_bn_mma_*` / `conv2d_fwd_stats_mma_*`) at the backend's precision: one launch
+/// of (pixel tiles, channel tiles) 128x128 blocks, 256 threads, with [`mma_smem`] of dynamic
+/// shared memory, never split over K.
 ///
 /// # Safety
 /// As [`launch_split`]'s: `x`, `w`, `y` and the epilogue's buffers hold the lengths `s`
@@ -253,23 +278,21 @@ unsafe fn launch_mma(
     g: &[i32; 11],
     fused: Option<Fused<'_>>,
 ) -> Result<()> {
-    let t = tc_kernels(be)?;
     let p = s.n * s.out_h() * s.out_w();
     let mut cfg = blocks(
         op,
         (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = MMA_SMEM_BYTES;
+    cfg.shared_mem_bytes = mma_smem(be.precision());
     let vec = mma_vec(s, be.ptr(x), be.ptr(w));
     let relu = match &fused {
         Some(Fused::Bn(_, ep)) => ep.relu as i32,
         _ => 0,
     };
     let k = match &fused {
-        None => &t.fwd_mma_bf16,
-        Some(Fused::Bn(..)) => &t.fwd_bn_mma_bf16,
-        Some(Fused::Stats(..)) => &t.fwd_stats_mma_bf16,
+        None => mma_pick(be, |t| (&t.fwd_mma_bf16, &t.fwd_mma_tf32))?,
+        Some(Fused::Bn(k, _)) | Some(Fused::Stats(k, ..)) => *k,
     };
     let mut l = k.on(be.stream());
     l.arg(x).arg(w).arg(y).ints(&g[..9]);
@@ -303,6 +326,17 @@ pub(crate) fn check_precision(be: &CudaBackend, p: Precision) -> Result<()> {
             "--precision {p}: the tensor-core kernels (kernels/conv_tc.cu) were not precompiled and need the CUDA headers (mma.h) to compile: rebuild with them (ICHCAM_CUDA_INCLUDE, CUDA_HOME, or pip's nvidia-cuda-runtime and nvidia-cuda-crt beside NVRTC)"
         )),
         e => e,
+    })
+}
+
+/// The `mma.sync` kernel of `be`'s precision among (bf16, tf32) (only where [`takes_mma`]
+/// said so: never at f32).
+fn mma_pick<'a>(
+    be: &'a CudaBackend,
+    pick: impl Fn(&'a TcKernels) -> (&'a Kernel, &'a Kernel),
+) -> Result<&'a Kernel> {
+    tc_pick(be, pick)?.ok_or_else(|| {
+        EngineError::Param("the mma.sync kernels take tf32 or bf16 operands, not f32".into())
     })
 }
 
@@ -414,7 +448,7 @@ pub(crate) fn conv2d_bn_eval_fwd(
     let g = geometry(s)?;
     let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
     if takes_mma(be, s)[0] {
-        let k = &tc_kernels(be)?.fwd_bn_mma_bf16;
+        let k = mma_pick(be, |t| (&t.fwd_bn_mma_bf16, &t.fwd_bn_mma_tf32))?;
         // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
         return unsafe {
             launch_mma(
@@ -511,7 +545,7 @@ pub(crate) fn conv2d_fwd_stats(
     let g = geometry(s)?;
     let gy = s.c_out.div_ceil(64);
     if takes_mma(be, s)[0] {
-        let k = &tc_kernels(be)?.fwd_stats_mma_bf16;
+        let k = mma_pick(be, |t| (&t.fwd_stats_mma_bf16, &t.fwd_stats_mma_tf32))?;
         // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles
         // values (the caller's contract; the kernel writes the 64-pixel tiles' layout).
         return unsafe {
@@ -585,13 +619,12 @@ pub(crate) fn conv2d_bwd_data(
             (gx, s.c_in.div_ceil(MMA_TILE), 1),
             MMA_THREADS,
         )?;
-        cfg.shared_mem_bytes = MMA_SMEM_BYTES;
+        cfg.shared_mem_bytes = mma_smem(be.precision());
         // Bit 1 only: 16-byte copies of dy (1x1, stride 1, no padding: dy's rows are as x's).
         let vec = mma_vec(s, be.ptr(dy), be.ptr(w)) & 2;
         // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
         return unsafe {
-            tc_kernels(be)?
-                .bwd_data_mma_bf16
+            mma_pick(be, |t| (&t.bwd_data_mma_bf16, &t.bwd_data_mma_tf32))?
                 .on(be.stream())
                 .arg(dy)
                 .arg(w)
@@ -656,14 +689,14 @@ pub(crate) fn conv2d_bwd_weight(
         // 16-byte copies of dy's rows of out_h*out_w pixels where they are 16-byte aligned.
         let vec = i32::from((s.out_h() * s.out_w()) % 4 == 0 && be.ptr(dy) % 16 == 0);
         let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
-        let kern = &tc_kernels(be)?.bwd_weight_mma_bf16;
+        let kern = mma_pick(be, |t| (&t.bwd_weight_mma_bf16, &t.bwd_weight_mma_tf32))?;
         // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
         return unsafe {
             launch_split(
                 be,
                 OP,
                 kern,
-                mma_tiling(vec),
+                mma_tiling(be.precision(), vec),
                 grid_xy,
                 k,
                 x,
