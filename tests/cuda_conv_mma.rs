@@ -1,19 +1,22 @@
-//! The bf16 `mma.sync` forward of the large layers (`conv2d_fwd_mma_bf16` and its fused
-//! eval / statistics epilogues in `kernels/conv_tc.cu`: ldmatrix, mma.sync m16n8k16, 128x128
-//! tiles, dynamic shared memory, 16-byte cp.async) against the CPU reference, every output
-//! poisoned with NaN first. The backend is told to route every bf16 forward to it
-//! (`MmaRoute::Always`) so that modest shapes run it; `routing_threshold` checks the size rule
-//! on the device's own SM count.
+//! The `mma.sync` kernels of the large layers (`kernels/conv_tc.cu`, second half: bf16 with
+//! ldmatrix and m16n8k16, tf32 with m16n8k8; 128x128 tiles, dynamic shared memory, 16-byte
+//! cp.async): the forward with its fused eval / statistics epilogues, the data gradient and
+//! the weight gradient, against the CPU reference, every output poisoned with NaN first. The
+//! backend is told to route every tf32 / bf16 convolution to them (`MmaRoute::Always`) so that
+//! modest shapes run them; `routing_threshold` checks the size rule on the device's own SM
+//! count.
 //!
-//! Per shape: on operands already rounded to bf16 (exact products) within 1e-5 relative of
-//! the CPU's f32 result (tiling, fragment layouts, copies and epilogue exact: only the f32
-//! summation order differs), and on unrounded ones within the bf16 tolerance 1e-2 and above
-//! 1e-5 (the reduced path ran). The shapes cover both copy paths of each operand (16-byte:
-//! K % 4 == 0 for the weights, 1x1 stride-1 unpadded convs with H*W % 4 == 0 for the
-//! activations; 4-byte otherwise), ragged tails of M (C_out), N (pixels) and K, 1x1 / 3x3 /
-//! 7x7, stride 1 and 2, padding and batch > 1. Runs on a GPU or on the emulated driver
-//! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_mma-* --include-ignored`, and
-//! `scripts/cuda-emu.sh test`); without a device the device tests are ignored.
+//! Per shape: on operands already rounded to the precision (exact products) within 1e-5
+//! relative of the CPU's f32 result (tiling, fragment layouts, copies and epilogue exact: only
+//! the f32 summation order differs), and on unrounded ones within the precision's tolerance
+//! (bf16 1e-2, tf32 1e-3) and above 1e-5 (the reduced path ran). The shapes cover both copy
+//! paths of each operand (16-byte: K % 4 == 0 for the weights, 1x1 stride-1 unpadded convs
+//! with H*W % 4 == 0 for the activations and dy, OH*OW % 4 == 0 for the weight gradient's dy;
+//! 4-byte otherwise), ragged tails of M, N and K, 1x1 / 3x3 / 7x7 and an even kernel, stride
+//! 1, 2 and 3, padding, batch > 1 and a weight gradient split over K. Runs on a GPU or on the
+//! emulated driver (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_mma-*
+//! --include-ignored`, and `scripts/cuda-emu.sh test`); without a device the device tests are
+//! ignored.
 
 mod common;
 use common::cuda::{device, rel_err, round};
