@@ -169,13 +169,13 @@ pub(crate) fn mma_route_weight(c_out: usize, nc: usize, k: usize, sms: usize) ->
 /// padding, `h*w % 4 == 0`, `x_addr % 16 == 0`); 4-byte copies otherwise.
 pub(crate) fn mma_vec(s: &Conv2d, x_addr: u64, w_addr: u64) -> i32 {
     let k = s.c_in * s.kh * s.kw;
-    let a = k % 4 == 0 && w_addr % 16 == 0;
+    let a = k.is_multiple_of(4) && w_addr.is_multiple_of(16);
     let b = s.kh == 1
         && s.kw == 1
         && s.stride == 1
         && s.pad == 0
-        && (s.h * s.w) % 4 == 0
-        && x_addr % 16 == 0;
+        && (s.h * s.w).is_multiple_of(4)
+        && x_addr.is_multiple_of(16);
     i32::from(a) | (i32::from(b) << 1)
 }
 
@@ -268,6 +268,7 @@ fn takes_mma(be: &CudaBackend, s: &Conv2d) -> [bool; 3] {
 /// # Safety
 /// As [`launch_split`]'s: `x`, `w`, `y` and the epilogue's buffers hold the lengths `s`
 /// gives (the statistics `c_out * ceil(p / 64)` values each).
+#[allow(clippy::too_many_arguments)]
 unsafe fn launch_mma(
     be: &CudaBackend,
     op: &'static str,
@@ -687,7 +688,8 @@ pub(crate) fn conv2d_bwd_weight(
     }
     if takes_mma(be, s)[2] {
         // 16-byte copies of dy's rows of out_h*out_w pixels where they are 16-byte aligned.
-        let vec = i32::from((s.out_h() * s.out_w()) % 4 == 0 && be.ptr(dy) % 16 == 0);
+        let vec =
+            i32::from((s.out_h() * s.out_w()).is_multiple_of(4) && be.ptr(dy).is_multiple_of(16));
         let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
         let kern = mma_pick(be, |t| (&t.bwd_weight_mma_bf16, &t.bwd_weight_mma_tf32))?;
         // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
