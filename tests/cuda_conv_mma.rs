@@ -49,6 +49,10 @@ fn main() {
         }),
         device("routing_threshold", routing_threshold),
         device(
+            "fixtures_pass_through_the_mma_kernels",
+            fixtures_pass_through_the_mma_kernels,
+        ),
+        device(
             "mma_forward_replays_in_a_graph",
             mma_forward_replays_in_a_graph,
         ),
@@ -397,4 +401,54 @@ fn mma_forward_replays_in_a_graph() {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "the replay differs from the eager forward"
     );
+}
+
+/// Whole networks through the mma kernels: the PyTorch parity fixtures that pass `ichcam
+/// parity` outright against their rounded references at a precision (docs/precision.md:
+/// `parity_basic1_odd` at tf32 and bf16, `parity_basic3_lstm3` at bf16) pass with every
+/// convolution (forwards with their fused batch-norm epilogues, data and weight gradients) on
+/// the mma kernels, and take them (a shape of the fixture's stem says so).
+fn fixtures_pass_through_the_mma_kernels() {
+    use ichcam::model::parity::{self, AnyFixture};
+    let cases = [
+        (Precision::Tf32, "parity_basic1_odd"),
+        (Precision::Bf16, "parity_basic1_odd"),
+        (Precision::Bf16, "parity_basic3_lstm3"),
+    ];
+    for (p, name) in cases {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/torch-parity/{name}.safetensors"));
+        let mut fx = AnyFixture::load(&path).expect("a fixture");
+        assert!(
+            fx.use_rounded_reference(p)
+                .expect("a valid rounded reference"),
+            "{name}: no rounded reference"
+        );
+        let tol = p.tolerance().expect("a reduced precision");
+        let g = gpu(p, MmaRoute::Always);
+        assert_eq!(
+            g.conv_kernels(&conv(1, 1, 8, 8, 4, 7, 2, 3)),
+            [
+                mma_name("conv2d_fwd", p),
+                mma_name("conv2d_bwd_data", p),
+                mma_name("conv2d_bwd_weight", p)
+            ]
+        );
+        let r = match &fx {
+            AnyFixture::ResNetLstm(f) => parity::run(g, f, tol),
+            AnyFixture::UNet(f) => parity::run_unet(g, f, tol),
+        }
+        .expect("the parity run");
+        println!(
+            "{name} at {p} through the mma kernels: {} of {} quantities over {tol:e}, worst {:.3e}",
+            r.failures(),
+            r.rows.len(),
+            r.worst().map_or(0.0, |w| w.rel_err)
+        );
+        assert!(
+            r.passed(),
+            "{name} at {p} through the mma kernels:\n{}",
+            r.table()
+        );
+    }
 }
