@@ -1,7 +1,7 @@
-// 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma):
-// the same three GEMMs as kernels/conv.cu (the f32 SIMT reference), with the operands
-// rounded to bf16 (16x16x16 fragments) or tf32 (16x16x8) once they are in shared memory,
-// and f32 accumulation.
+// 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma; the
+// large layers' mma.sync kernels are in the second half of the file): the same three GEMMs as
+// kernels/conv.cu (the f32 SIMT reference), with the operands rounded to bf16 (16x16x16
+// fragments) or tf32 (16x16x8) once they are in shared memory, and f32 accumulation.
 //
 //   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x); conv2d_fwd_bn_*
 //               with the eval-mode batch norm (+ residual) (+ ReLU) in the epilogue
@@ -615,26 +615,31 @@ conv2d_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dy
     conv_bwd_weight_tc<PrecTf32>(smem, colinfo, x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }
 
-// ==== The large layers: bf16 mma.sync, 128x128 block tiles, dynamic shared memory ========
+// ==== The large layers: mma.sync, 128x128 block tiles, dynamic shared memory ============
 //
-// The forward GEMM of the layers whose 128x128 tile grid alone fills the GPU (conv.rs,
-// `mma_route`), with inline PTX instead of WMMA: the fragments are loaded from shared memory
-// by ldmatrix (m8n8.x4; B with .trans) in the documented per-lane layouts and multiplied by
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32. Block tile 128x128, K tile 32, 256
-// threads = 8 warps in 2 (M) x 4 (N), each warp 64x32 = 4 x 4 m16n8 accumulators (64 f32 per
-// thread). The operands go from global to shared memory by cp.async into a ring of
-// MMA_STAGES f32 stages, as in tc_mainloop, with 16-byte copies where the source is
-// contiguous and 16-byte aligned (bit 0 of `vec`: the weights' rows, K % 4 == 0; bit 1: the
-// activations of a 1x1 stride-1 unpadded conv, whose im2col rows are contiguous pixels, H*W
-// % 4 == 0; the host decides per launch from the shapes and the pointers, `mma_vec` in
-// conv.rs), 4-byte copies otherwise. Each stage is rounded to bf16 by one pass of the block
-// into a bf16 tile (one more barrier), whose rows are padded by 16 bytes (A: 80-byte rows,
-// B: 272-byte rows) so that the 8 row addresses of every ldmatrix phase fall in 8 different
-// 16-byte bank groups: conflict-free without a swizzle. 122 KiB of shared memory per block:
-// dynamic, launched with the opt-in above 48 KiB (launch.rs). One split only (a layer that
-// fills the GPU with 128x128 tiles needs none). The epilogues are the WMMA forward's
-// (EPI_NONE, EPI_BN with bn_epilogue, EPI_STATS per 64-pixel tile, the layout conv.rs's
-// STATS_TILE gives: each block writes its two tiles), through an f32 tile in shared memory.
+// The same three GEMMs for the layers whose 128x128 tile grid fills the GPU (conv.rs,
+// `mma_route`, `mma_route_weight`), with inline PTX instead of WMMA: at bf16 the fragments
+// are loaded from shared memory by ldmatrix (m8n8.x4; B with .trans) in the documented
+// per-lane layouts and multiplied by mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32; at
+// tf32 they are read from the f32 stage element by element in the m16n8k8 layout, rounded
+// (cvt.rna), and multiplied by mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32. Block tile
+// 128x128, K tile 32, 256 threads = 8 warps in 2 (M) x 4 (N), each warp 64x32 = 4 x 4 m16n8
+// accumulators (64 f32 per thread). The operands go from global to shared memory by cp.async
+// into a ring of MMA_STAGES f32 stages (mma_mainloop, as tc_mainloop), with 16-byte copies
+// where the source is contiguous and 16-byte aligned (`vec`, decided per launch on the host
+// from the shapes and the pointers, conv.rs: forward bit 0 the weights' rows, K % 4 == 0, bit
+// 1 the activations of a 1x1 stride-1 unpadded conv, whose im2col rows are contiguous pixels,
+// H*W % 4 == 0; data gradient bit 1 dy for the same convs; weight gradient bit 0 dy, whose
+// rows are the reduction's pixels, OH*OW % 4 == 0), 4-byte copies otherwise. At bf16 each
+// stage is rounded by one pass of the block into a bf16 tile (one more barrier), whose rows
+// are padded by 16 bytes (A: 80-byte rows, B: 272-byte rows) so that the 8 row addresses of
+// every ldmatrix phase fall in 8 different 16-byte bank groups: conflict-free without a
+// swizzle. 122 KiB (bf16) or 103.5 KiB (tf32) of shared memory per block: dynamic, launched
+// with the opt-in above 48 KiB (launch.rs). The forward and the data gradient are one split
+// (a layer that fills the GPU with 128x128 tiles needs none); the weight gradient is split
+// over K like conv_bwd_weight_tc. The forward's epilogues are the WMMA forward's (EPI_NONE,
+// EPI_BN with bn_epilogue, EPI_STATS per 64-pixel tile, the layout conv.rs's STATS_TILE
+// gives: each block writes its two tiles), through an f32 tile in shared memory (mma_store).
 
 // The PTX primitives, one wrapper per instruction. Under the emulated driver (ICHCAM_CUDA_EMU)
 // emu/shim/emu_mma.h defines the same functions with the ISA's per-lane layouts: the one
@@ -697,7 +702,7 @@ extern __shared__ __align__(128) unsigned char mma_smem[];
 
 // The bytes of dynamic shared memory of the bf16 and the tf32 mma kernels (conv.rs asks for
 // the same): tf32 has no bf16 tile.
-static_assert(MMA_SMEM == 124928 && MMA_SMEM_F32 == 105984, "conv.rs's MMA_SMEM_BYTES");
+static_assert(MMA_SMEM == 124928 && MMA_SMEM_F32 == 105984, "conv.rs's mma_smem");
 
 // A tf32 operand: the f32 rounded to nearest, ties away (cvt.rna.tf32.f32, as the WMMA
 // kernels round), as the register mma.sync reads.
