@@ -1,7 +1,7 @@
-// 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma):
-// the same three GEMMs as kernels/conv.cu (the f32 SIMT reference), with the operands
-// rounded to bf16 (16x16x16 fragments) or tf32 (16x16x8) once they are in shared memory,
-// and f32 accumulation.
+// 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma; the
+// large layers' mma.sync kernels are in the second half of the file): the same three GEMMs as
+// kernels/conv.cu (the f32 SIMT reference), with the operands rounded to bf16 (16x16x16
+// fragments) or tf32 (16x16x8) once they are in shared memory, and f32 accumulation.
 //
 //   forward     M = C_out, N = batch*OH*OW, K = C_in*KH*KW:  y = W . col(x); conv2d_fwd_bn_*
 //               with the eval-mode batch norm (+ residual) (+ ReLU) in the epilogue
@@ -613,4 +613,605 @@ conv2d_bwd_weight_tf32(const float* __restrict__ x, const float* __restrict__ dy
     __shared__ __align__(128) unsigned char smem[PrecTf32::SMEM];
     __shared__ int colinfo[TBN];
     conv_bwd_weight_tc<PrecTf32>(smem, colinfo, x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
+}
+
+// ==== The large layers: mma.sync, 128x128 block tiles, dynamic shared memory ============
+//
+// The same three GEMMs for the layers whose 128x128 tile grid fills the GPU (conv.rs,
+// `mma_route`, `mma_route_weight`), with inline PTX instead of WMMA: at bf16 the fragments
+// are loaded from shared memory by ldmatrix (m8n8.x4; B with .trans) in the documented
+// per-lane layouts and multiplied by mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32; at
+// tf32 they are read from the f32 stage element by element in the m16n8k8 layout, rounded
+// (cvt.rna), and multiplied by mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32. Block tile
+// 128x128, K tile 32, 256 threads = 8 warps in 2 (M) x 4 (N), each warp 64x32 = 4 x 4 m16n8
+// accumulators (64 f32 per thread). The operands go from global to shared memory by cp.async
+// into a ring of MMA_STAGES f32 stages (mma_mainloop, as tc_mainloop), with 16-byte copies
+// where the source is contiguous and 16-byte aligned (`vec`, decided per launch on the host
+// from the shapes and the pointers, conv.rs: forward bit 0 the weights' rows, K % 4 == 0, bit
+// 1 the activations of a 1x1 stride-1 unpadded conv, whose im2col rows are contiguous pixels,
+// H*W % 4 == 0; data gradient bit 1 dy for the same convs; weight gradient bit 0 dy, whose
+// rows are the reduction's pixels, OH*OW % 4 == 0), 4-byte copies otherwise. At bf16 each
+// stage is rounded by one pass of the block into a bf16 tile (one more barrier), whose rows
+// are padded by 16 bytes (A: 80-byte rows, B: 272-byte rows) so that the 8 row addresses of
+// every ldmatrix phase fall in 8 different 16-byte bank groups: conflict-free without a
+// swizzle. 122 KiB (bf16) or 103.5 KiB (tf32) of shared memory per block: dynamic, launched
+// with the opt-in above 48 KiB (launch.rs). The forward and the data gradient are one split
+// (a layer that fills the GPU with 128x128 tiles needs none); the weight gradient is split
+// over K like conv_bwd_weight_tc. The forward's epilogues are the WMMA forward's (EPI_NONE,
+// EPI_BN with bn_epilogue, EPI_STATS per 64-pixel tile, the layout conv.rs's STATS_TILE
+// gives: each block writes its two tiles), through an f32 tile in shared memory (mma_store).
+
+// The PTX primitives, one wrapper per instruction. Under the emulated driver (ICHCAM_CUDA_EMU)
+// emu/shim/emu_mma.h defines the same functions with the ISA's per-lane layouts: the one
+// conditional of the kernel files, because g++ cannot compile the asm.
+#ifndef ICHCAM_CUDA_EMU
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ptx_ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ptx_ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ptx_mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                                      const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+__device__ __forceinline__ void ptx_mma_tf32_m16n8k8(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                                     const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+#endif
+
+#define MBM 128
+#define MBN 128
+#define MBK 32
+#define MMA_STAGES 3
+#define MMA_THREADS 256
+// f32 stage: A [MBM][MLDA] (row m, column k), B [MBK][MLDB] (row k, column n): 16-byte rows.
+#define MLDA (MBK + 4)
+#define MLDB (MBN + 4)
+#define MSTAGE_FLOATS (MBM * MLDA + MBK * MLDB)
+#define MMA_SMEM_F32 (MMA_STAGES * MSTAGE_FLOATS * 4)
+// bf16 tile after the stages: A [MBM][MLDAH], B [MBK][MLDBH], rows padded by 16 bytes.
+#define MLDAH (MBK + 8)
+#define MLDBH (MBN + 8)
+#define MMA_SMEM (MMA_SMEM_F32 + (MBM * MLDAH + MBK * MLDBH) * 2)
+#define MLDC (MBN + 4)
+
+static_assert(MBM * MLDC * 4 <= MMA_SMEM_F32, "the epilogue's f32 tile fits in the stages");
+static_assert(MBM * MBK == 16 * MMA_THREADS && MBK * MBN == 16 * MMA_THREADS, "16 elements of A and of B per thread");
+static_assert((MLDAH * 2) % 16 == 0 && (MLDAH * 2 / 16) % 2 == 1, "A's bf16 rows: an odd number of 16-byte units");
+static_assert((MLDBH * 2) % 16 == 0 && (MLDBH * 2 / 16) % 2 == 1, "B's bf16 rows: an odd number of 16-byte units");
+static_assert(MMA_SMEM <= 227 * 1024, "the opt-in limit of sm_90");
+
+extern __shared__ __align__(128) unsigned char mma_smem[];
+
+// The bytes of dynamic shared memory of the bf16 and the tf32 mma kernels (conv.rs asks for
+// the same): tf32 has no bf16 tile.
+static_assert(MMA_SMEM == 124928 && MMA_SMEM_F32 == 105984, "conv.rs's mma_smem");
+
+// A tf32 operand: the f32 rounded to nearest, ties away (cvt.rna.tf32.f32, as the WMMA
+// kernels round), as the register mma.sync reads.
+__device__ __forceinline__ unsigned tf32_bits(float v) { return __float_as_uint(wmma::__float_to_tf32(v)); }
+
+// One K tile of the warp's 64x32 at tf32 from the f32 stage (A [MBM][MLDA], B [MBK][MLDB]):
+// the m16n8k8 fragments read element by element in their documented layout (g = lane / 4,
+// t = lane % 4: A (g, t), (g+8, t), (g, t+4), (g+8, t+4); B (k t, n g), (k t+4, n g)), no
+// ldmatrix (a 32-bit operand). A's reads are conflict-free (row pitch 36 words: bank 4g + t);
+// B's are 2-way (pitch 132: bank 4t + g).
+__device__ __forceinline__ void mma_tile_tf32(const float* As, const float* Bs, float (&acc)[4][4][4], int wm, int wn,
+                                              int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int ks = 0; ks < MBK; ks += 8) {
+        unsigned a[4][4], b[4][2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float* r0 = As + (wm * 64 + 16 * i + g) * MLDA + ks + t;
+            a[i][0] = tf32_bits(r0[0]);
+            a[i][1] = tf32_bits(r0[8 * MLDA]);
+            a[i][2] = tf32_bits(r0[4]);
+            a[i][3] = tf32_bits(r0[8 * MLDA + 4]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float* c0 = Bs + (ks + t) * MLDB + wn * 32 + 8 * j + g;
+            b[j][0] = tf32_bits(c0[0]);
+            b[j][1] = tf32_bits(c0[4 * MLDB]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) ptx_mma_tf32_m16n8k8(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+}
+
+// One K tile of the warp's 64x32: A [MBM][MLDAH] and B [MBK][MLDBH] bf16.
+__device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfloat16* Bs, float (&acc)[4][4][4], int wm,
+                                         int wn, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < MBK; ks += 16) {
+        unsigned a[4][4], b[4][2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            ptx_ldmatrix_x4(a[i], As + (wm * 64 + i * 16 + (lane & 15)) * MLDAH + ks + 8 * (lane >> 4));
+#pragma unroll
+        for (int j2 = 0; j2 < 2; ++j2) {
+            unsigned q[4];
+            ptx_ldmatrix_x4_trans(q, Bs + (ks + (lane & 15)) * MLDBH + wn * 32 + j2 * 16 + 8 * (lane >> 4));
+            b[2 * j2][0] = q[0];
+            b[2 * j2][1] = q[1];
+            b[2 * j2 + 1][0] = q[2];
+            b[2 * j2 + 1][1] = q[3];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) ptx_mma_bf16_m16n8k16(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+}
+
+// The K loop of the mma kernels: `ntiles` K tiles, tile t gathered by issue(A stage, B stage,
+// t) as cp.async copies into the f32 ring, then at bf16 rounded into the bf16 tile by the
+// block and multiplied by mma_tile, at tf32 (TF32) multiplied from the stage by mma_tile_tf32,
+// into acc (zeroed here). Ends with every copy landed and the stages free.
+template <bool TF32, class Issue>
+__device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    float* st = (float*)smem;
+    __nv_bfloat16* h = (__nv_bfloat16*)(smem + MMA_SMEM_F32);
+    __nv_bfloat16* hb = h + MBM * MLDAH;
+#pragma unroll
+    for (int s = 0; s < MMA_STAGES - 1; ++s) {
+        if (s < ntiles) issue(st + s * MSTAGE_FLOATS, st + s * MSTAGE_FLOATS + MBM * MLDA, s);
+        __pipeline_commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+        // Tile t's copies are complete and, after the barrier, everyone's; everyone is done
+        // with tile t-1 (its stage and the bf16 tile), so tile t + STAGES - 1 refills its stage.
+        __pipeline_wait_prior(MMA_STAGES - 2);
+        __syncthreads();
+        const int nt = t + MMA_STAGES - 1;
+        if (nt < ntiles) {
+            float* s = st + (nt % MMA_STAGES) * MSTAGE_FLOATS;
+            issue(s, s + MBM * MLDA, nt);
+        }
+        __pipeline_commit();
+        const float* cur = st + (t % MMA_STAGES) * MSTAGE_FLOATS;
+        if constexpr (TF32) {
+            mma_tile_tf32(cur, cur + MBM * MLDA, acc, wm, wn, lane);
+        } else {
+            // The stage into the bf16 tile: 16 elements of A and 16 of B per thread.
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int c = tid + MMA_THREADS * q;
+                bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
+                bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+            }
+            __syncthreads();
+            mma_tile(h, hb, acc, wm, wn, lane);
+        }
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();
+}
+
+// The block's 128x128 f32 result into Cs [MBM][MLDC] (over the stages) by the m16n8 C
+// layout: c[e] of fragment (i, j) is row wm*64 + 16i + lane/4 + 8(e/2), column wn*32 + 8j +
+// 2(lane%4) + e%2; then a barrier.
+__device__ __forceinline__ void mma_store(float* Cs, const float (&acc)[4][4][4]) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+                const int row = wm * 64 + 16 * i + g + 8 * e2, col = wn * 32 + 8 * j + 2 * tq;
+                *(float2*)(Cs + row * MLDC + col) = make_float2(acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
+            }
+    __syncthreads();
+}
+
+// The forward, EPI as conv_fwd_tc's; TF32: tf32 operands (m16n8k8), else bf16. `vec`: bit 0 16-byte copies of the weights, bit 1 of
+// the activations (see above).
+template <bool TF32, int EPI>
+__device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const float* __restrict__ w,
+                                             float* __restrict__ y, int N, int C, int H, int W, int CO, int KH,
+                                             int KW, int stride, int pad, int vec, const float* __restrict__ ss,
+                                             const float* __restrict__ res, int relu, double* __restrict__ part_s,
+                                             double* __restrict__ part_q) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const int M = CO, KHW = KH * KW, K = C * KHW, OHW = OH * OW, Pn = N * OHW;
+    const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
+    const bool vec_a = vec & 1, vec_b = vec & 2;
+
+    // B, 4-byte copies: this thread's fixed pixel column bn, rows bk + 2q.
+    const int bn = tid & (MBN - 1), bk = tid >> 7;
+    const int p = p0 + bn;
+    const bool p_ok = p < Pn;
+    int ih0 = 0, iw0 = 0;
+    const float* xb = x;
+    if (p_ok) {
+        int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
+        ih0 = oh * stride - pad;
+        iw0 = ow * stride - pad;
+        xb = x + (size_t)n * C * H * W;
+    }
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = t * MBK;
+        if (vec_a) {
+            // 4 chunks of 4 weights per thread: row tid / 8 + 32q, columns 4 * (tid % 8).
+            const int kc = k0 + 4 * (tid & 7);
+            const int nk = min(4, max(0, K - kc));
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int ml = (tid >> 3) + 32 * q, m = m0 + ml;
+                const bool ok = m < M && nk > 0;
+                __pipeline_memcpy_async(As + ml * MLDA + 4 * (tid & 7), ok ? w + (size_t)m * K + kc : w, 16,
+                                        ok ? 16 - 4 * nk : 16);
+            }
+        } else {
+            // 16 weights per thread: row tid / 32 + 8q, column tid % 32.
+            const int k = k0 + (tid & 31);
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
+                const bool ok = m < M && k < K;
+                cp4(As + ml * MLDA + (tid & 31), ok ? w + (size_t)m * K + k : w, ok);
+            }
+        }
+        if (vec_b) {
+            // 1x1, stride 1, no padding, OHW = H*W % 4 == 0: 4 chunks of 4 pixels per thread,
+            // row (input channel) k0 + tid / 32 + 8q, pixels p0 + 4 * (tid % 32)..+3 (one image).
+            const int pc = p0 + 4 * (tid & 31);
+            const bool pc_ok = pc < Pn;
+            const float* src0 = x;
+            if (pc_ok) {
+                const int n = pc / OHW;
+                src0 = x + (size_t)n * C * OHW + (pc - n * OHW);
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int kl = (tid >> 5) + 8 * q, k = k0 + kl;
+                const bool ok = pc_ok && k < K;
+                __pipeline_memcpy_async(Bs + kl * MLDB + 4 * (tid & 31), ok ? src0 + (size_t)k * OHW : x, 16,
+                                        ok ? 0 : 16);
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int kl = bk + 2 * q, k = k0 + kl;
+                const float* src = x;
+                bool ok = p_ok && k < K;
+                if (ok) {
+                    int ci = k / KHW, rr = k - ci * KHW, kh = rr / KW, kw = rr - kh * KW;
+                    int ih = ih0 + kh, iw = iw0 + kw;
+                    ok = ih >= 0 && ih < H && iw >= 0 && iw < W;
+                    if (ok) src = xb + ((size_t)ci * H + ih) * W + iw;
+                }
+                cp4(Bs + kl * MLDB + bn, src, ok);
+            }
+        }
+    };
+
+    float acc[4][4][4];
+    mma_mainloop<TF32>(smem, (K + MBK - 1) / MBK, issue, acc);
+    float* Cs = (float*)smem;
+    mma_store(Cs, acc);
+    if constexpr (EPI == EPI_STATS) {
+        // Tiles of 64 pixels (conv.rs: STATS_TILE), T = ceil(Pn / 64) of them; this block has
+        // tiles 2*blockIdx.x + half. Thread: row tid / 2, half tid % 2, its 64 values in order.
+        const int T = (Pn + 63) / 64;
+        const int row = tid >> 1, half = tid & 1, m = m0 + row, tile = 2 * blockIdx.x + half;
+        const int nv = min(64, Pn - (p0 + 64 * half));
+        if (m < M && nv > 0) {
+            const float* cr = Cs + row * MLDC + 64 * half;
+            double sum = 0.0;
+            for (int k = 0; k < nv; ++k) sum += (double)cr[k];
+            const double mean = sum / (double)nv;
+            double q = 0.0;
+            for (int k = 0; k < nv; ++k) {
+                const double d = (double)cr[k] - mean;
+                q += d * d;
+            }
+            part_s[(size_t)m * T + tile] = sum;
+            part_q[(size_t)m * T + tile] = q;
+        }
+    }
+    if (!p_ok) return;
+    const int n = p / OHW, r = p - n * OHW;
+#pragma unroll 4
+    for (int i = 0; i < MBM / 2; ++i) {
+        const int ml = bk + 2 * i, m = m0 + ml;
+        if (m >= M) break;
+        const size_t o = ((size_t)n * CO + m) * OHW + r;
+        if constexpr (EPI == EPI_BN)
+            y[o] = bn_epilogue(Cs[ml * MLDC + bn], ss, CO, m, res, o, relu);
+        else
+            y[o] = Cs[ml * MLDC + bn];
+    }
+}
+
+
+// The data gradient of one output phase (PhaseGemm with 128-pixel tiles; the grid's x holds
+// stride^2 runs of tiles), as conv_bwd_data_tc: M = C_in, K = C_out * KP, one split. vec bit
+// 1: 16-byte copies of dy, whose rows are contiguous pixels for a 1x1 stride-1 unpadded conv
+// with H*W % 4 == 0 (mma_vec in conv.rs); the transposed weights are gathered 4 bytes at a
+// time.
+template <bool TF32>
+__device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, const float* __restrict__ w,
+                                                  float* __restrict__ dx, int N, int C, int H, int W, int CO,
+                                                  int KH, int KW, int stride, int pad, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, MBN);
+    const int M = C, K = CO * ph.KP, HWp = ph.Hp * ph.Wp, OHW = OH * OW, Pn = N * HWp;
+    const int m0 = blockIdx.y * MBM, p0 = ph.tile * MBN;
+    if (p0 >= Pn) return;  // the whole block: this phase has fewer pixels than the largest
+    const bool vec_b = vec & 2;
+
+    // B, 4-byte copies: this thread's fixed input-pixel column bn, rows bk + 2q.
+    const int bn = tid & (MBN - 1), bk = tid >> 7;
+    const int p = p0 + bn;
+    const bool p_ok = p < Pn;
+    int ohb = 0, owb = 0;
+    const float* dyb = dy;
+    if (p_ok) {
+        int n = p / HWp, r = p - n * HWp, i = r / ph.Wp;
+        ohb = ph.oh0 + i;
+        owb = ph.ow0 + r - i * ph.Wp;
+        dyb = dy + (size_t)n * CO * OHW;
+    }
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = t * MBK;
+        // A[ci][(co,a,b)] = w[co][ci][py + a*stride][px + b*stride]: column tid % 32, rows
+        // tid / 32 + 8q.
+        const int ka = k0 + (tid & 31);
+        const bool ka_ok = ka < K;
+        const float* wk = w;
+        if (ka_ok) {
+            int co = ka / ph.KP, rr = ka - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
+            wk = w + (size_t)co * C * KH * KW + (ph.py + a * stride) * KW + ph.px + b * stride;
+        }
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+            const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
+            const bool ok = m < M && ka_ok;
+            cp4(As + ml * MLDA + (tid & 31), ok ? wk + (size_t)m * KH * KW : w, ok);
+        }
+        if (vec_b) {
+            // One phase, K = C_out, HWp = OHW: rows co = k0 + tid / 32 + 8q, pixels
+            // p0 + 4 * (tid % 32)..+3 of one image.
+            const int pc = p0 + 4 * (tid & 31);
+            const bool pc_ok = pc < Pn;
+            const float* src0 = dy;
+            if (pc_ok) {
+                const int n = pc / OHW;
+                src0 = dy + (size_t)n * CO * OHW + (pc - n * OHW);
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int kl = (tid >> 5) + 8 * q, k = k0 + kl;
+                const bool ok = pc_ok && k < K;
+                __pipeline_memcpy_async(Bs + kl * MLDB + 4 * (tid & 31), ok ? src0 + (size_t)k * OHW : dy, 16,
+                                        ok ? 0 : 16);
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int kl = bk + 2 * q, k = k0 + kl;
+                const float* src = dy;
+                bool ok = p_ok && k < K;
+                if (ok) {
+                    int co = k / ph.KP, rr = k - co * ph.KP, a = rr / ph.KWp, b = rr - a * ph.KWp;
+                    int oh = ohb - a, ow = owb - b;
+                    ok = oh >= 0 && oh < OH && ow >= 0 && ow < OW;
+                    if (ok) src = dyb + ((size_t)co * OH + oh) * OW + ow;
+                }
+                cp4(Bs + kl * MLDB + bn, src, ok);
+            }
+        }
+    };
+
+    float acc[4][4][4];
+    mma_mainloop<TF32>(smem, (K + MBK - 1) / MBK, issue, acc);
+    float* Cs = (float*)smem;
+    mma_store(Cs, acc);
+    if (!p_ok) return;
+    const int n = p / HWp, r = p - n * HWp, i = r / ph.Wp;
+    const size_t pix = (size_t)(ph.ihs + i * stride) * W + ph.iws + (r - i * ph.Wp) * stride;
+#pragma unroll 4
+    for (int q = 0; q < MBM / 2; ++q) {
+        const int ml = bk + 2 * q, m = m0 + ml;
+        if (m >= M) break;
+        dx[((size_t)n * C + m) * H * W + pix] = Cs[ml * MLDC + bn];
+    }
+}
+
+// dW[co][(ci,kh,kw)] = sum over pixels of dy . col(x): M = C_out, N = C_in*KH*KW, K = batch
+// pixels, split over K by blockIdx.z ([z*chunk, (z+1)*chunk), chunk a multiple of MBK) into
+// the workspace [splits][C_out][N] that conv_splitk_reduce sums (out = dw with one split).
+// vec bit 0: 16-byte copies of dy, whose rows are contiguous pixels of one image when
+// OH*OW % 4 == 0; the im2col of x is gathered 4 bytes at a time.
+template <bool TF32>
+__device__ __forceinline__ void conv_bwd_weight_mma(const float* __restrict__ x, const float* __restrict__ dy,
+                                                    float* __restrict__ out, int N, int C, int H, int W, int CO,
+                                                    int KH, int KW, int stride, int pad, int OH, int OW,
+                                                    int chunk, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int M = CO, KHW = KH * KW, NC = C * KHW, OHW = OH * OW, K = N * OHW;
+    const int m0 = blockIdx.y * MBM, c0 = blockIdx.x * MBN;
+    // 64-bit bounds: kbeg + chunk can pass INT_MAX on the last split.
+    const long long kbeg = (long long)blockIdx.z * chunk;
+    const int kend = (int)min((long long)K, kbeg + chunk);
+    const bool vec_a = vec & 1;
+
+    // B: this thread's fixed column c = (ci, kh, kw), rows (pixels) bk + 2q.
+    const int bn = tid & (MBN - 1), bk = tid >> 7;
+    const int c = c0 + bn;
+    const bool c_ok = c < NC;
+    int ci = 0, kh = 0, kw = 0;
+    if (c_ok) {
+        ci = c / KHW;
+        const int rr = c - ci * KHW;
+        kh = rr / KW;
+        kw = rr - kh * KW;
+    }
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = (int)kbeg + t * MBK;
+        if (vec_a) {
+            // 4 chunks of 4 pixels per thread: rows (co) tid / 8 + 32q, pixels k0 + 4 * (tid % 8).
+            const int kc = k0 + 4 * (tid & 7);
+            const int nk = min(4, max(0, kend - kc));
+            int n = 0, r = 0;
+            if (nk > 0) {
+                n = kc / OHW;
+                r = kc - n * OHW;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int ml = (tid >> 3) + 32 * q, m = m0 + ml;
+                const bool ok = m < M && nk > 0;
+                __pipeline_memcpy_async(As + ml * MLDA + 4 * (tid & 7), ok ? dy + ((size_t)n * CO + m) * OHW + r : dy,
+                                        16, ok ? 16 - 4 * nk : 16);
+            }
+        } else {
+            const int k = k0 + (tid & 31);
+            const bool k_ok = k < kend;
+            int n = 0, r = 0;
+            if (k_ok) {
+                n = k / OHW;
+                r = k - n * OHW;
+            }
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
+                const bool ok = k_ok && m < M;
+                cp4(As + ml * MLDA + (tid & 31), ok ? dy + ((size_t)n * CO + m) * OHW + r : dy, ok);
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+            const int kl = bk + 2 * q, k = k0 + kl;
+            const float* src = x;
+            bool ok = c_ok && k < kend;
+            if (ok) {
+                const int n = k / OHW, r = k - n * OHW, oh = r / OW, ow = r - oh * OW;
+                const int ih = oh * stride - pad + kh, iw = ow * stride - pad + kw;
+                ok = ih >= 0 && ih < H && iw >= 0 && iw < W;
+                if (ok) src = x + (((size_t)n * C + ci) * H + ih) * W + iw;
+            }
+            cp4(Bs + kl * MLDB + bn, src, ok);
+        }
+    };
+
+    float acc[4][4][4];
+    const int klen = kend > kbeg ? kend - (int)kbeg : 0;
+    mma_mainloop<TF32>(smem, (klen + MBK - 1) / MBK, issue, acc);
+    float* Cs = (float*)smem;
+    mma_store(Cs, acc);
+    float* o = out + (size_t)blockIdx.z * M * NC;
+    if (!c_ok) return;
+#pragma unroll 4
+    for (int i = 0; i < MBM / 2; ++i) {
+        const int ml = bk + 2 * i, m = m0 + ml;
+        if (m >= M) break;
+        o[(size_t)m * NC + c] = Cs[ml * MLDC + bn];
+    }
+}
+
+// The entries: bf16 (ldmatrix, m16n8k16) and tf32 (m16n8k8).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
+                    int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_fwd_mma<false, EPI_NONE>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                       int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                       const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    conv_fwd_mma<false, EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, ss, res, relu, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                          double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    conv_fwd_mma<false, EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, part_s, part_q);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_mma_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
+                    int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_fwd_mma<true, EPI_NONE>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                       int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                       const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    conv_fwd_mma<true, EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, ss, res, relu, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                          double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    conv_fwd_mma<true, EPI_STATS>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr, 0, part_s, part_q);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
+                         int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_bwd_data_mma<false>(dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_bf16(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out, int N,
+                           int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                           int chunk, int vec) {
+    conv_bwd_weight_mma<false>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_tf32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
+                         int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_bwd_data_mma<true>(dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_tf32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out, int N,
+                           int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                           int chunk, int vec) {
+    conv_bwd_weight_mma<true>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
 }

@@ -443,3 +443,4 @@ static inline void __builtin_assume_emu(bool) {}
 #include "emu_half.h"
 #include "emu_wmma.h"
 #include "emu_pipeline.h"
+#include "emu_mma.h"

@@ -76,7 +76,7 @@ static std::string err(CUresult r) {
 }
 
 static CUcontext g_ctx;
-static CUmodule g_mod, g_wmma, g_pipe;
+static CUmodule g_mod, g_wmma, g_pipe, g_mma;
 
 // A fresh primary context: the previous one (and any sticky error in it) is released.
 static void fresh_context() {
@@ -87,7 +87,10 @@ static void fresh_context() {
 
 static CUfunction fn(const char* name) {
     CUfunction f = nullptr;
-    CUmodule m = strncmp(name, "st_wmma", 7) == 0 ? g_wmma : strncmp(name, "st_pipe", 7) == 0 ? g_pipe : g_mod;
+    CUmodule m = strncmp(name, "st_wmma", 7) == 0                                        ? g_wmma
+                 : strncmp(name, "st_pipe", 7) == 0                                      ? g_pipe
+                 : strncmp(name, "st_mma", 6) == 0 || strncmp(name, "st_ldmatrix", 11) == 0 ? g_mma
+                                                                                         : g_mod;
     CUresult r = cuModuleGetFunction(&f, m, name);
     if (r) {
         printf("FAIL no kernel %s: %s\n", name, err(r).c_str());
@@ -187,6 +190,14 @@ static void limits() {
     double want0 = 0;
     for (int i = 0; i < m; i += 256) want0 += (double)(m - 1 - i);
     check(r == 0 && r2 == 0 && fabs(o[0] - want0) < 1e-3 * want0, "64 KiB of dynamic shared memory after the opt-in works");
+    int m2 = 16385;
+    std::vector<void*> args2{&out, &m2};
+    r = cuLaunchKernel(f, 1, 1, 1, 256, 1, 1, 65540, nullptr, args2.data(), nullptr);
+    check(r == CUDA_ERROR_INVALID_VALUE, "4 bytes more than the function's 64 KiB opt-in are refused (%s)", err(r).c_str());
+    r = cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 232448);
+    r2 = cuLaunchKernel(f, 1, 1, 1, 256, 1, 1, 232448 + 4, nullptr, args2.data(), nullptr);
+    check(r == 0 && r2 == CUDA_ERROR_INVALID_VALUE,
+          "after a 227 KiB opt-in, a launch over the device's 227 KiB per block is refused (%s)", err(r2).c_str());
     cuMemFree_v2(in);
     cuMemFree_v2(out);
 }
@@ -682,6 +693,123 @@ static void pipeline() {
     fresh_context();
 }
 
+// ldmatrix and mma.sync (emu/tests/mma.cu, emu/shim/emu_mma.h): every lane's registers as
+// the PTX ISA lays them out. The kernels build the fragments from global memory by the
+// documented layout (written out there), with a different value in every element, so a
+// shim that gives a lane other elements fails the product.
+static void mma_primitives() {
+    // mma m16n8k16 bf16: D = A . B + C.
+    std::vector<unsigned short> a(256), b(128);
+    std::vector<float> af(256), bfv(128), c(128);
+    for (int i = 0; i < 256; ++i) af[i] = bf2f(a[i] = f2bf(frand()));
+    for (int i = 0; i < 128; ++i) bfv[i] = bf2f(b[i] = f2bf(frand()));
+    for (float& v : c) v = frand();
+    CUdeviceptr da = up(a), db = up(b), dc = up(c), dd = up(std::vector<float>(128, 0.0f));
+    CUresult r = launch("st_mma_bf16", 1, 32, 0, {&da, &db, &dc, &dd});
+    std::vector<float> d = down<float>(dd, 128);
+    double worst = 0;
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 8; ++j) {
+            double want = c[i * 8 + j], mag = fabs(want);
+            for (int k = 0; k < 16; ++k) {
+                want += (double)af[i * 16 + k] * bfv[k * 8 + j];
+                mag += fabs((double)af[i * 16 + k] * bfv[k * 8 + j]);
+            }
+            worst = std::max(worst, fabs(d[i * 8 + j] - want) / (mag * 1e-6 * 16));
+        }
+    check(r == 0 && worst < 1.0, "mma.sync m16n8k16 bf16: D = A.B + C from the documented fragment layout (worst %.2g of the bound)",
+          worst);
+
+    // mma m16n8k8 tf32: operands truncated to tf32 (the low 13 bits ignored).
+    std::vector<float> ta(128), tb(64), tc(128);
+    for (float& v : ta) v = frand();
+    for (float& v : tb) v = frand();
+    for (float& v : tc) v = frand();
+    CUdeviceptr ta_ = up(ta), tb_ = up(tb), tc_ = up(tc), td_ = up(std::vector<float>(128, 0.0f));
+    r = launch("st_mma_tf32", 1, 32, 0, {&ta_, &tb_, &tc_, &td_});
+    d = down<float>(td_, 128);
+    auto trunc = [](float v) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        u &= 0xffffe000u;
+        memcpy(&v, &u, 4);
+        return v;
+    };
+    worst = 0;
+    double unrounded = 0;
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 8; ++j) {
+            double want = tc[i * 8 + j], raw = want, mag = fabs(want);
+            for (int k = 0; k < 8; ++k) {
+                want += (double)trunc(ta[i * 8 + k]) * trunc(tb[k * 8 + j]);
+                raw += (double)ta[i * 8 + k] * tb[k * 8 + j];
+                mag += fabs((double)ta[i * 8 + k] * tb[k * 8 + j]);
+            }
+            worst = std::max(worst, fabs(d[i * 8 + j] - want) / (mag * 1e-6 * 8));
+            unrounded = std::max(unrounded, fabs(d[i * 8 + j] - raw) / mag);
+        }
+    check(r == 0 && worst < 1.0 && unrounded > 1e-6,
+          "mma.sync m16n8k8 tf32: D = A.B + C from the documented layout, operands truncated to tf32 (worst %.2g of the bound, "
+          "%.1e from the unrounded product)",
+          worst, unrounded);
+
+    // ldmatrix x1/x2/x4, with and without .trans, from a padded shared tile.
+    std::vector<unsigned short> m(32 * 16);
+    for (int i = 0; i < 32 * 16; ++i) m[i] = (unsigned short)(i * 7 + 3);
+    CUdeviceptr dm = up(m), dout = up(std::vector<unsigned>(128, 0));
+    for (int mode = 0; mode < 6; ++mode)
+        for (int cb = 0; cb < 2; ++cb) {
+            int md = mode, colblk = cb;
+            r = launch("st_ldmatrix", 1, 32, 0, {&dm, &dout, &md, &colblk});
+            std::vector<unsigned> o = down<unsigned>(dout, 128);
+            const int num = 1 << (mode % 3);
+            const bool trans = mode >= 3;
+            int bad = 0;
+            for (int lane = 0; lane < 32; ++lane)
+                for (int j = 0; j < 4; ++j) {
+                    unsigned want = 0xdeadbeefu;
+                    const int g = lane / 4, t = lane % 4;
+                    auto at = [&](int row, int col) { return (unsigned)m[(8 * j + row) * 16 + 8 * cb + col]; };
+                    if (j < num) want = trans ? at(2 * t, g) | (at(2 * t + 1, g) << 16) : at(g, 2 * t) | (at(g, 2 * t + 1) << 16);
+                    bad += o[lane * 4 + j] != want;
+                }
+            if (cb == 1 || bad)
+                check(r == 0 && bad == 0, "ldmatrix m8n8.x%d%s: every lane's registers as documented (%d wrong of %d)", num,
+                      trans ? ".trans" : "", bad, 128);
+        }
+
+    // ldmatrix.x4 (A) and .x4.trans (B stored [k][n]) feeding two mma: D = A . B.
+    std::vector<unsigned short> a2(256), b2(256);
+    std::vector<float> a2f(256), b2f(256);
+    for (int i = 0; i < 256; ++i) {
+        a2f[i] = bf2f(a2[i] = f2bf(frand()));
+        b2f[i] = bf2f(b2[i] = f2bf(frand()));
+    }
+    CUdeviceptr a2d = up(a2), b2d = up(b2), d2d = up(std::vector<float>(256, 0.0f));
+    r = launch("st_ldmatrix_mma", 1, 32, 0, {&a2d, &b2d, &d2d});
+    d = down<float>(d2d, 256);
+    worst = 0;
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) {
+            double want = 0, mag = 0;
+            for (int k = 0; k < 16; ++k) {
+                want += (double)a2f[i * 16 + k] * b2f[k * 16 + j];
+                mag += fabs((double)a2f[i * 16 + k] * b2f[k * 16 + j]);
+            }
+            worst = std::max(worst, fabs(d[i * 16 + j] - want) / (mag * 1e-6 * 16 + 1e-30));
+        }
+    check(r == 0 && worst < 1.0, "ldmatrix.x4 + ldmatrix.x4.trans + mma m16n8k16: a 16x16x16 product (worst %.2g of the bound)", worst);
+
+    fresh_context();
+    CUdeviceptr x = up(std::vector<float>(32, 0.0f));
+    launch("st_mma_partial", 1, 32, 0, {&x});
+    CUresult code;
+    std::string e = sticky_error(&code);
+    check(code == CUDA_ERROR_LAUNCH_FAILED && e.find("st_mma_partial") != std::string::npos,
+          "an mma.sync reached by half a warp is a launch failure (%s)", e.c_str());
+    fresh_context();
+}
+
 int main(int, char** argv) {
     // target/cuda-emu/bin/selftest -> target/cuda-emu/test-kernels/{selftest,wmma,pipeline}.so
     std::string self = argv[0];
@@ -694,7 +822,7 @@ int main(int, char** argv) {
     cuDevicePrimaryCtxRetain(&g_ctx, 0);
     cuCtxSetCurrent(g_ctx);
     for (auto [mod, name] : {std::make_pair(&g_mod, "selftest.so"), std::make_pair(&g_wmma, "wmma.so"),
-                             std::make_pair(&g_pipe, "pipeline.so")}) {
+                             std::make_pair(&g_pipe, "pipeline.so"), std::make_pair(&g_mma, "mma.so")}) {
         std::string so = dir + name;
         CUresult r = emuModuleLoadHost(mod, so.c_str());
         if (r) {
@@ -715,6 +843,7 @@ int main(int, char** argv) {
     wmma_16bit(true);
     wmma_tf32();
     pipeline();
+    mma_primitives();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail == 0 ? 0 : 1;
 }

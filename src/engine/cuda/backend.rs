@@ -40,6 +40,8 @@ pub struct CudaBackend {
     arena: Arc<Arena>,
     info: DeviceInfo,
     precision: Precision,
+    /// Which bf16 forward kernel a convolution takes (`conv.rs`).
+    pub(super) mma_route: conv::MmaRoute,
 }
 
 /// A value loaded on first use and kept.
@@ -127,6 +129,7 @@ impl CudaBackend {
             arena,
             info,
             precision: Precision::F32,
+            mma_route: conv::MmaRoute::default(),
         })
     }
 

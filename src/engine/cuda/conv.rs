@@ -9,7 +9,10 @@
 //! ([`conv2d_bn_eval_fwd`]; the per-channel scale and shift come from `norm.rs`), and on the
 //! split-K path in the kernel that sums the splits. The training forward can write, with z,
 //! the batch-norm partial statistics of z per (channel, 64-pixel tile) ([`conv2d_fwd_stats`];
-//! on the split-K path the kernel that sums the splits takes them).
+//! on the split-K path the kernel that sums the splits takes them). At tf32 and bf16 the
+//! large layers (forwards plain and fused alike, data and weight gradients) take the 128x128
+//! `mma.sync` kernels of `conv_tc.cu` instead ([`mma_route`], [`mma_route_weight`],
+//! [`MmaRoute`]), with 16-byte copies where [`mma_vec`] allows.
 
 use cudarc::driver::CudaSlice;
 
@@ -47,6 +50,16 @@ mod tc {
         bwd_data_tf32: "conv2d_bwd_data_tf32",
         bwd_weight_bf16: "conv2d_bwd_weight_bf16",
         bwd_weight_tf32: "conv2d_bwd_weight_tf32",
+        fwd_mma_bf16: "conv2d_fwd_mma_bf16",
+        fwd_bn_mma_bf16: "conv2d_fwd_bn_mma_bf16",
+        fwd_stats_mma_bf16: "conv2d_fwd_stats_mma_bf16",
+        bwd_data_mma_bf16: "conv2d_bwd_data_mma_bf16",
+        bwd_weight_mma_bf16: "conv2d_bwd_weight_mma_bf16",
+        fwd_mma_tf32: "conv2d_fwd_mma_tf32",
+        fwd_bn_mma_tf32: "conv2d_fwd_bn_mma_tf32",
+        fwd_stats_mma_tf32: "conv2d_fwd_stats_mma_tf32",
+        bwd_data_mma_tf32: "conv2d_bwd_data_mma_tf32",
+        bwd_weight_mma_tf32: "conv2d_bwd_weight_mma_tf32",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -55,10 +68,246 @@ fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
     be.families.conv_tc.get(|| TcKernels::load(be.modules()))
 }
 
-/// Threads of a tensor-core block (4 warps); the tiles are 64x64 like the SIMT kernels'.
-const TC_THREADS: u32 = 128;
-/// K tile of the tensor-core kernels (`TBK` in conv_tc.cu): a split covers a multiple.
-const TC_BK: usize = 16;
+/// How a split-K kernel of [`launch_split`] tiles its GEMM.
+#[derive(Clone, Copy)]
+struct Tiling {
+    /// Threads per block.
+    threads: u32,
+    /// K tile: a split covers a whole number of them.
+    bk: usize,
+    /// Side of the block's output tile (64 or 128).
+    side: usize,
+    /// Dynamic shared memory per block.
+    smem: u32,
+    /// The kernel's last argument after `chunk` (the mma kernels' `vec`), if it takes one.
+    vec: Option<i32>,
+}
+
+/// The f32 SIMT kernels of `conv.cu`: 64x64 tiles, 256 threads, K tiles of 16.
+const SIMT: Tiling = Tiling {
+    threads: 256,
+    bk: 16,
+    side: 64,
+    smem: 0,
+    vec: None,
+};
+/// The WMMA kernels of `conv_tc.cu`: 64x64 tiles, 128 threads (4 warps), K tiles of 16
+/// (`TBK`).
+const TC: Tiling = Tiling {
+    threads: 128,
+    bk: 16,
+    side: 64,
+    smem: 0,
+    vec: None,
+};
+/// The `mma.sync` kernels of `conv_tc.cu` at precision `p` with their copy paths `vec`.
+fn mma_tiling(p: Precision, vec: i32) -> Tiling {
+    Tiling {
+        threads: MMA_THREADS,
+        bk: MMA_BK,
+        side: MMA_TILE,
+        smem: mma_smem(p),
+        vec: Some(vec),
+    }
+}
+
+/// Block tile (both sides) of the bf16 `mma.sync` forward (`MBM`, `MBN` in conv_tc.cu).
+const MMA_TILE: usize = 128;
+/// Threads of its blocks (8 warps).
+const MMA_THREADS: u32 = 256;
+/// Its K tile (`MBK`).
+const MMA_BK: usize = 32;
+/// Their dynamic shared memory (`MMA_SMEM` in conv_tc.cu: 3 f32 stages and, at bf16, the
+/// bf16 tile; `MMA_SMEM_F32` at tf32), over the 48 KiB a block gets without the opt-in
+/// (`launch.rs` opts in).
+fn mma_smem(p: Precision) -> u32 {
+    match p {
+        Precision::Bf16 => 124_928,
+        _ => 105_984,
+    }
+}
+
+/// Which kernels a tf32 / bf16 convolution takes: the 128x128 `mma.sync` kernels or the
+/// 64x64 WMMA ones (`kernels/conv_tc.cu`); a setting of the backend
+/// ([`CudaBackend::set_mma_route`]) for tests and comparisons. f32 never takes them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MmaRoute {
+    /// By the layer's size ([`mma_route`], [`mma_route_weight`]): the large layers.
+    #[default]
+    Auto,
+    /// Every tf32 / bf16 convolution.
+    Always,
+    /// None: the WMMA kernels (and their split-K paths) for every layer.
+    Never,
+}
+
+/// Whether a tf32 / bf16 forward or data gradient with `tiles` tiles of 128 output pixels (batch
+/// and, for the data gradient, every output phase included) and `rows` output channels
+/// (`c_out`, or `c_in` for the data gradient) takes the 128x128 `mma.sync` kernel on a GPU of
+/// `sms` multiprocessors: when its 128x128 tile grid alone gives every SM a block (such a
+/// layer needs no split over K, which those two kernels do not do) and at least 128 rows fill
+/// the tile. The rest (the small late layers, split over K, and the 64-channel ones) stay on
+/// the 64x64 WMMA kernels.
+pub(crate) fn mma_route(tiles: usize, rows: usize, sms: usize) -> bool {
+    rows >= MMA_TILE && tiles * rows.div_ceil(MMA_TILE) >= sms.max(1)
+}
+
+/// Whether a tf32 / bf16 weight gradient (`c_out` x `nc = c_in*kh*kw` outputs, a reduction over `k`
+/// pixels) takes the 128x128 `mma.sync` kernel, which is split over K like the WMMA one: both
+/// sides at least 128, and enough work that the output tiles times the 1024-pixel runs of the
+/// reduction give every SM a block.
+pub(crate) fn mma_route_weight(c_out: usize, nc: usize, k: usize, sms: usize) -> bool {
+    c_out >= MMA_TILE
+        && nc >= MMA_TILE
+        && c_out.div_ceil(MMA_TILE) * nc.div_ceil(MMA_TILE) * (k / 1024).max(1) >= sms.max(1)
+}
+
+/// The 16-byte cp.async paths of the `mma.sync` forward of `s` for an input at device
+/// address `x_addr` and weights at `w_addr` (the kernel's `vec`): bit 0 when each weight row
+/// (`K = c_in*kh*kw` floats) starts 16-byte aligned (`K % 4 == 0`, `w_addr % 16 == 0`), bit 1
+/// when the im2col rows are 16-byte aligned runs of contiguous pixels (1x1, stride 1, no
+/// padding, `h*w % 4 == 0`, `x_addr % 16 == 0`); 4-byte copies otherwise.
+pub(crate) fn mma_vec(s: &Conv2d, x_addr: u64, w_addr: u64) -> i32 {
+    let k = s.c_in * s.kh * s.kw;
+    let a = k.is_multiple_of(4) && w_addr.is_multiple_of(16);
+    let b = s.kh == 1
+        && s.kw == 1
+        && s.stride == 1
+        && s.pad == 0
+        && (s.h * s.w).is_multiple_of(4)
+        && x_addr.is_multiple_of(16);
+    i32::from(a) | (i32::from(b) << 1)
+}
+
+impl CudaBackend {
+    /// Which kernels the tf32 / bf16 convolutions take (default [`MmaRoute::Auto`]).
+    pub fn set_mma_route(&mut self, r: MmaRoute) {
+        self.mma_route = r;
+    }
+
+    /// The kernel `conv2d_fwd` (and the fused forwards) of `s` launch at this backend's
+    /// precision and route, by name (diagnostics and tests): `conv2d_fwd` (f32),
+    /// `conv2d_fwd_tf32` / `_bf16` (WMMA, 64x64, maybe split over K) or
+    /// `conv2d_fwd_mma_tf32` / `_bf16` (128x128).
+    pub fn conv_fwd_kernel(&self, s: &Conv2d) -> &'static str {
+        self.conv_kernels(s)[0]
+    }
+
+    /// The kernels of `s`'s forward, data gradient and weight gradient at this backend's
+    /// precision and route (as [`CudaBackend::conv_fwd_kernel`]).
+    pub fn conv_kernels(&self, s: &Conv2d) -> [&'static str; 3] {
+        let [f, d, w] = takes_mma(self, s);
+        let pick = |mma: bool, names: [&'static str; 5]| match (self.precision(), mma) {
+            (Precision::F32, _) => names[0],
+            (Precision::Tf32, false) => names[1],
+            (Precision::Bf16, false) => names[2],
+            (Precision::Tf32, true) => names[3],
+            (Precision::Bf16, true) => names[4],
+        };
+        [
+            pick(
+                f,
+                [
+                    "conv2d_fwd",
+                    "conv2d_fwd_tf32",
+                    "conv2d_fwd_bf16",
+                    "conv2d_fwd_mma_tf32",
+                    "conv2d_fwd_mma_bf16",
+                ],
+            ),
+            pick(
+                d,
+                [
+                    "conv2d_bwd_data",
+                    "conv2d_bwd_data_tf32",
+                    "conv2d_bwd_data_bf16",
+                    "conv2d_bwd_data_mma_tf32",
+                    "conv2d_bwd_data_mma_bf16",
+                ],
+            ),
+            pick(
+                w,
+                [
+                    "conv2d_bwd_weight",
+                    "conv2d_bwd_weight_tf32",
+                    "conv2d_bwd_weight_bf16",
+                    "conv2d_bwd_weight_mma_tf32",
+                    "conv2d_bwd_weight_mma_bf16",
+                ],
+            ),
+        ]
+    }
+}
+
+/// Whether `s`'s forward, data gradient and weight gradient on `be` take the `mma.sync`
+/// kernels (tf32 and bf16; f32 never).
+fn takes_mma(be: &CudaBackend, s: &Conv2d) -> [bool; 3] {
+    if !be.precision().tensor_cores() {
+        return [false; 3];
+    }
+    match be.mma_route {
+        MmaRoute::Always => [true; 3],
+        MmaRoute::Never => [false; 3],
+        MmaRoute::Auto => {
+            let sms = be.info().multiprocessors.max(1) as usize;
+            let p = s.n * s.out_h() * s.out_w();
+            [
+                mma_route(p.div_ceil(MMA_TILE), s.c_out, sms),
+                mma_route(phase_grid(s, MMA_TILE).0, s.c_in, sms),
+                mma_route_weight(s.c_out, s.c_in * s.kh * s.kw, p, sms),
+            ]
+        }
+    }
+}
+
+/// The `mma.sync` forward of `s` (`conv2d_fwd_mma_*`, or with `fused` its epilogue's kernel,
+/// `conv2d_fwd_bn_mma_*` / `conv2d_fwd_stats_mma_*`) at the backend's precision: one launch
+/// of (pixel tiles, channel tiles) 128x128 blocks, 256 threads, with [`mma_smem`] of dynamic
+/// shared memory, never split over K.
+///
+/// # Safety
+/// As [`launch_split`]'s: `x`, `w`, `y` and the epilogue's buffers hold the lengths `s`
+/// gives (the statistics `c_out * ceil(p / 64)` values each).
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_mma(
+    be: &CudaBackend,
+    op: &'static str,
+    s: &Conv2d,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    g: &[i32; 11],
+    fused: Option<Fused<'_>>,
+) -> Result<()> {
+    let p = s.n * s.out_h() * s.out_w();
+    let mut cfg = blocks(
+        op,
+        (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
+        MMA_THREADS,
+    )?;
+    cfg.shared_mem_bytes = mma_smem(be.precision());
+    let vec = mma_vec(s, be.ptr(x), be.ptr(w));
+    let relu = match &fused {
+        Some(Fused::Bn(_, ep)) => ep.relu as i32,
+        _ => 0,
+    };
+    let k = match &fused {
+        None => mma_pick(be, |t| (&t.fwd_mma_bf16, &t.fwd_mma_tf32))?,
+        Some(Fused::Bn(k, _)) | Some(Fused::Stats(k, ..)) => *k,
+    };
+    let mut l = k.on(be.stream());
+    l.arg(x).arg(w).arg(y).ints(&g[..9]);
+    match fused {
+        None => {}
+        Some(Fused::Bn(_, ep)) => ep.push(&mut l, &relu),
+        Some(Fused::Stats(_, ps, pq)) => {
+            l.arg(ps).arg(pq);
+        }
+    }
+    l.arg(&vec);
+    // SAFETY: the caller's contract.
+    unsafe { l.launch(cfg) }
+}
 
 /// Whether `be`'s device can run its convolutions at `p` (tf32 and bf16: compute capability
 /// 8.0 or newer, and the tensor-core module loads), checked when the precision is set.
@@ -78,6 +327,17 @@ pub(crate) fn check_precision(be: &CudaBackend, p: Precision) -> Result<()> {
             "--precision {p}: the tensor-core kernels (kernels/conv_tc.cu) were not precompiled and need the CUDA headers (mma.h) to compile: rebuild with them (ICHCAM_CUDA_INCLUDE, CUDA_HOME, or pip's nvidia-cuda-runtime and nvidia-cuda-crt beside NVRTC)"
         )),
         e => e,
+    })
+}
+
+/// The `mma.sync` kernel of `be`'s precision among (bf16, tf32) (only where [`takes_mma`]
+/// said so: never at f32).
+fn mma_pick<'a>(
+    be: &'a CudaBackend,
+    pick: impl Fn(&'a TcKernels) -> (&'a Kernel, &'a Kernel),
+) -> Result<&'a Kernel> {
+    tc_pick(be, pick)?.ok_or_else(|| {
+        EngineError::Param("the mma.sync kernels take tf32 or bf16 operands, not f32".into())
     })
 }
 
@@ -125,10 +385,14 @@ pub(crate) fn conv2d_fwd(
     }
     let g = geometry(s)?;
     let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
+    if takes_mma(be, s)[0] {
+        // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
+        return unsafe { launch_mma(be, "conv2d_fwd", s, x, w, y, &g, None) };
+    }
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let kk = s.c_in * s.kh * s.kw;
         // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
-        return unsafe { launch_split(be, "conv2d_fwd", k, true, (gx, gy), kk, x, w, y, &g, None) };
+        return unsafe { launch_split(be, "conv2d_fwd", k, TC, (gx, gy), kk, x, w, y, &g, None) };
     }
     let cfg = blocks("conv2d_fwd", (gx, gy, 1), 256)?;
     // SAFETY: x, w and y hold the lengths `s` gives (checked); the kernel indexes them so.
@@ -184,6 +448,22 @@ pub(crate) fn conv2d_bn_eval_fwd(
     }
     let g = geometry(s)?;
     let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
+    if takes_mma(be, s)[0] {
+        let k = mma_pick(be, |t| (&t.fwd_bn_mma_bf16, &t.fwd_bn_mma_tf32))?;
+        // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
+        return unsafe {
+            launch_mma(
+                be,
+                "conv2d_bn_eval_fwd",
+                s,
+                x,
+                w,
+                y,
+                &g,
+                Some(Fused::Bn(k, ep)),
+            )
+        };
+    }
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let fused = tc_pick(be, |t| (&t.fwd_bn_bf16, &t.fwd_bn_tf32))?;
         let kk = s.c_in * s.kh * s.kw;
@@ -194,7 +474,7 @@ pub(crate) fn conv2d_bn_eval_fwd(
                 be,
                 "conv2d_bn_eval_fwd",
                 k,
-                true,
+                TC,
                 (gx, gy),
                 kk,
                 x,
@@ -265,6 +545,23 @@ pub(crate) fn conv2d_fwd_stats(
     };
     let g = geometry(s)?;
     let gy = s.c_out.div_ceil(64);
+    if takes_mma(be, s)[0] {
+        let k = mma_pick(be, |t| (&t.fwd_stats_mma_bf16, &t.fwd_stats_mma_tf32))?;
+        // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles
+        // values (the caller's contract; the kernel writes the 64-pixel tiles' layout).
+        return unsafe {
+            launch_mma(
+                be,
+                "conv2d_fwd_stats",
+                s,
+                x,
+                w,
+                z,
+                &g,
+                Some(Fused::Stats(k, part_s, part_q)),
+            )
+        };
+    }
     if let Some(k) = tc_pick(be, |t| (&t.fwd_bf16, &t.fwd_tf32))? {
         let fused = tc_pick(be, |t| (&t.fwd_stats_bf16, &t.fwd_stats_tf32))?;
         let kk = s.c_in * s.kh * s.kw;
@@ -276,7 +573,7 @@ pub(crate) fn conv2d_fwd_stats(
                 be,
                 "conv2d_fwd_stats",
                 k,
-                true,
+                TC,
                 (tiles, gy),
                 kk,
                 x,
@@ -316,7 +613,29 @@ pub(crate) fn conv2d_bwd_data(
         return Ok(());
     }
     let g = geometry(s)?;
-    let (gx, kk) = phase_grid(s);
+    if takes_mma(be, s)[1] {
+        let (gx, _) = phase_grid(s, MMA_TILE);
+        let mut cfg = blocks(
+            "conv2d_bwd_data",
+            (gx, s.c_in.div_ceil(MMA_TILE), 1),
+            MMA_THREADS,
+        )?;
+        cfg.shared_mem_bytes = mma_smem(be.precision());
+        // Bit 1 only: 16-byte copies of dy (1x1, stride 1, no padding: dy's rows are as x's).
+        let vec = mma_vec(s, be.ptr(dy), be.ptr(w)) & 2;
+        // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
+        return unsafe {
+            mma_pick(be, |t| (&t.bwd_data_mma_bf16, &t.bwd_data_mma_tf32))?
+                .on(be.stream())
+                .arg(dy)
+                .arg(w)
+                .arg(dx)
+                .ints(&g[..9])
+                .arg(&vec)
+                .launch(cfg)
+        };
+    }
+    let (gx, kk) = phase_grid(s, 64);
     let gy = s.c_in.div_ceil(64);
     if let Some(k) = tc_pick(be, |t| (&t.bwd_data_bf16, &t.bwd_data_tf32))? {
         // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
@@ -325,7 +644,7 @@ pub(crate) fn conv2d_bwd_data(
                 be,
                 "conv2d_bwd_data",
                 k,
-                true,
+                TC,
                 (gx, gy),
                 kk,
                 dy,
@@ -367,6 +686,29 @@ pub(crate) fn conv2d_bwd_weight(
     if k == 0 {
         return be.fill(dw, 0.0);
     }
+    if takes_mma(be, s)[2] {
+        // 16-byte copies of dy's rows of out_h*out_w pixels where they are 16-byte aligned.
+        let vec =
+            i32::from((s.out_h() * s.out_w()).is_multiple_of(4) && be.ptr(dy).is_multiple_of(16));
+        let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
+        let kern = mma_pick(be, |t| (&t.bwd_weight_mma_bf16, &t.bwd_weight_mma_tf32))?;
+        // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
+        return unsafe {
+            launch_split(
+                be,
+                OP,
+                kern,
+                mma_tiling(be.precision(), vec),
+                grid_xy,
+                k,
+                x,
+                dy,
+                dw,
+                &g,
+                None,
+            )
+        };
+    }
     let tc = tc_pick(be, |t| (&t.bwd_weight_bf16, &t.bwd_weight_tf32))?;
     if tc.is_some() && (s.kh > 255 || s.kw > 255) {
         return Err(EngineError::Param(format!(
@@ -380,7 +722,8 @@ pub(crate) fn conv2d_bwd_weight(
     };
     let grid_xy = (nc.div_ceil(64), s.c_out.div_ceil(64));
     // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
-    unsafe { launch_split(be, OP, kern, tc.is_some(), grid_xy, k, x, dy, dw, &g, None) }
+    let tiling = if tc.is_some() { TC } else { SIMT };
+    unsafe { launch_split(be, OP, kern, tiling, grid_xy, k, x, dy, dw, &g, None) }
 }
 
 /// The data gradient's grid along x and its longest reduction: per output phase (stride
@@ -388,9 +731,9 @@ pub(crate) fn conv2d_bwd_weight(
 /// largest phase (`ceil(h/st) * ceil(w/st)` pixels per image) needs, and the largest phase's
 /// `c_out * ceil(kh/st) * ceil(kw/st)` taps (the kernels skip the structurally zero ones).
 /// Stride 1: one phase, every pixel and tap.
-fn phase_grid(s: &Conv2d) -> (usize, usize) {
+fn phase_grid(s: &Conv2d, side: usize) -> (usize, usize) {
     let st = s.stride.max(1);
-    let tiles = (s.n * s.h.div_ceil(st) * s.w.div_ceil(st)).div_ceil(64);
+    let tiles = (s.n * s.h.div_ceil(st) * s.w.div_ceil(st)).div_ceil(side);
     (
         st * st * tiles,
         s.c_out * s.kh.div_ceil(st) * s.kw.div_ceil(st),
@@ -409,8 +752,8 @@ fn split_plan(be: &CudaBackend, tiles: usize, k: usize, bk: usize) -> (usize, us
 }
 
 /// Launches a split-K kernel `kern(a, b, out, geometry.., chunk)` (the weight gradients and
-/// the tensor-core kernels, `tc`: 128 threads, else 256; K tiles of 16 both) on a
-/// `(gx, gy, splits)` grid: with one split it writes `out`;
+/// the tensor-core kernels; then `vec` for the mma kernels), tiled as `t` says, on a
+/// `(gx, gy, splits)` grid (`gx`, `gy` in tiles of `t.side`): with one split it writes `out`;
 /// otherwise each split writes its partial result into a workspace of `splits` outputs,
 /// which `conv_splitk_reduce` sums into `out` in split order (deterministic).
 ///
@@ -429,7 +772,7 @@ unsafe fn launch_split(
     be: &CudaBackend,
     op: &'static str,
     kern: &Kernel,
-    tc: bool,
+    t: Tiling,
     (gx, gy): (usize, usize),
     k: usize,
     a: &CudaSlice<f32>,
@@ -438,11 +781,13 @@ unsafe fn launch_split(
     g: &[i32; 11],
     fused: Option<Fused<'_>>,
 ) -> Result<()> {
-    let (bk, threads) = if tc { (TC_BK, TC_THREADS) } else { (16, 256) };
+    let (bk, threads) = (t.bk, t.threads);
+    // The split planner counts 64x64 tiles.
+    let tiles64 = gx * gy * (t.side / 64) * (t.side / 64);
     let (chunk, splits) = if k == 0 {
         (0, 1)
     } else {
-        split_plan(be, gx * gy, k, bk)
+        split_plan(be, tiles64, k, bk)
     };
     if splits == 1 {
         if let Some(f) = fused {
@@ -467,33 +812,30 @@ unsafe fn launch_split(
     if k == 0 {
         return be.fill(out, 0.0);
     }
-    let cfg = blocks(op, (gx, gy, splits), threads)?;
+    let mut cfg = blocks(op, (gx, gy, splits), threads)?;
+    cfg.shared_mem_bytes = t.smem;
     let chunk = dim(chunk)?;
     if splits == 1 {
+        let mut l = kern.on(be.stream());
+        l.arg(a).arg(b).arg(out).ints(g).arg(&chunk);
+        if let Some(v) = &t.vec {
+            l.arg(v);
+        }
         // SAFETY: the caller's contract.
-        return unsafe {
-            kern.on(be.stream())
-                .arg(a)
-                .arg(b)
-                .arg(out)
-                .ints(g)
-                .arg(&chunk)
-                .launch(cfg)
-        };
+        return unsafe { l.launch(cfg) };
     }
     let len = out.len();
     // From the scratch pool, not allocated: a captured train step (CUDA graph) may not
     // allocate; stream order keeps the reuse safe.
     let mut ws = be.take_scratch(splits * len)?;
-    // SAFETY: the caller's contract, ws holding one output per split.
-    unsafe {
-        kern.on(be.stream())
-            .arg(a)
-            .arg(b)
-            .arg(&mut ws)
-            .ints(g)
-            .arg(&chunk)
-            .launch(cfg)?;
+    {
+        let mut l = kern.on(be.stream());
+        l.arg(a).arg(b).arg(&mut ws).ints(g).arg(&chunk);
+        if let Some(v) = &t.vec {
+            l.arg(v);
+        }
+        // SAFETY: the caller's contract, ws holding one output per split.
+        unsafe { l.launch(cfg)? };
     }
     let (splits, n) = (dim(splits)?, dim(len)?);
     let ks = kernels(be)?;
@@ -545,4 +887,87 @@ unsafe fn launch_split(
     };
     be.give_scratch(ws);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{mma_route, mma_route_weight, mma_vec, MMA_TILE};
+    use crate::engine::shapes::Conv2d;
+
+    fn conv(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {
+        Conv2d {
+            n: 1,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: k,
+            kw: k,
+            stride,
+            pad: (k / 2) * usize::from(k > 1),
+        }
+    }
+
+    #[test]
+    fn the_large_layers_take_the_mma_kernel() {
+        // 132 SMs (H100/H200): 132 blocks of 128x128 and more.
+        let sms = 132;
+        assert!(mma_route(132, 128, sms));
+        assert!(!mma_route(131, 128, sms)); // 131 blocks
+        assert!(mma_route(66, 256, sms)); // 66 x 2
+        assert!(!mma_route(65, 256, sms)); // 65 x 2
+        assert!(!mma_route(1 << 20, 64, sms)); // 64 channels: half a tile of rows
+        assert!(!mma_route(1 << 20, 127, sms));
+        // ResNet-101 at 32 x 512^2 slices: stage 1 (128^2 pixels per slice, 256 channels) yes,
+        // stage 4 (16^2, 2048 channels: 64 x 16 = 1024 blocks) yes, one 16^2 slice of
+        // stage 4 (2 x 16 = 32 blocks) no.
+        assert!(mma_route((32 * 128 * 128) / MMA_TILE, 256, sms));
+        assert!(mma_route((32 * 16 * 16) / MMA_TILE, 2048, sms));
+        assert!(!mma_route(2, 2048, sms));
+        assert!(mma_route(1, 128, 0)); // no SM count: one block is enough
+                                       // Weight gradients: 4 x 4 tiles need 9 runs of 1024 pixels on 132 SMs.
+        assert!(mma_route_weight(512, 512, 9 * 1024, sms));
+        assert!(!mma_route_weight(512, 512, 8 * 1024, sms));
+        assert!(!mma_route_weight(64, 4096, 1 << 20, sms));
+        assert!(!mma_route_weight(4096, 64, 1 << 20, sms));
+        // The data gradient's tiles count every output phase: a 3x3 stride-2 layer with
+        // 2 x 32^2 input pixels has 4 phases of 512 pixels, 4 x 4 tiles of 128.
+        let s = Conv2d {
+            n: 2,
+            c_in: 2048,
+            h: 32,
+            w: 32,
+            c_out: 512,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: 1,
+        };
+        assert_eq!(super::phase_grid(&s, MMA_TILE), (16, 512 * 4));
+        assert!(mma_route(super::phase_grid(&s, MMA_TILE).0, s.c_in, sms)); // 16 x 16
+        assert!(!mma_route(super::phase_grid(&s, MMA_TILE).0, 1024, sms)); // 16 x 8
+    }
+
+    #[test]
+    fn sixteen_byte_copies_only_where_contiguous_and_aligned() {
+        let a = 0x7f00_0000_0000u64; // 256-byte aligned, as cuMemAlloc gives
+                                     // 1x1 stride 1, h*w % 4 == 0, K = 64: both.
+        assert_eq!(mma_vec(&conv(64, 8, 6, 128, 1, 1), a, a), 3);
+        // K = 66 (not % 4): activations only.
+        assert_eq!(mma_vec(&conv(66, 8, 6, 128, 1, 1), a, a), 2);
+        // h*w = 35: weights only.
+        assert_eq!(mma_vec(&conv(64, 7, 5, 128, 1, 1), a, a), 1);
+        // 3x3 (K = 36) or a stride 2 1x1: weights only; 3x3 with K = 27: none.
+        assert_eq!(mma_vec(&conv(4, 8, 8, 128, 3, 1), a, a), 1);
+        assert_eq!(mma_vec(&conv(64, 8, 8, 128, 1, 2), a, a), 1);
+        assert_eq!(mma_vec(&conv(3, 8, 8, 128, 3, 1), a, a), 0);
+        // Pointers 4 bytes off a 16-byte boundary: no 16-byte copy of that operand.
+        assert_eq!(mma_vec(&conv(64, 8, 6, 128, 1, 1), a + 4, a), 1);
+        assert_eq!(mma_vec(&conv(64, 8, 6, 128, 1, 1), a, a + 4), 2);
+        assert_eq!(mma_vec(&conv(64, 8, 6, 128, 1, 1), a + 16, a + 32), 3);
+        // Padding on a 1x1: the rows are not plain pixel runs.
+        let mut s = conv(64, 8, 8, 128, 1, 1);
+        s.pad = 1;
+        assert_eq!(mma_vec(&s, a, a), 1);
+    }
 }

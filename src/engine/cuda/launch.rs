@@ -2,7 +2,8 @@
 //! backend ([`Kernel`], gathered per op family by [`kernels!`]); [`Launch`], cudarc's launch
 //! builder taking device slices, `slice(range)` views and scalars, which records each
 //! argument's kind and checks the list against the kernel's PTX `.param` list before it
-//! launches (an error naming the kernel, nothing launched); the launch itself is `unsafe`
+//! launches (an error naming the kernel, nothing launched), and opts the function in once for
+//! the dynamic shared memory a launch asks for above 48 KiB; the launch itself is `unsafe`
 //! (only the op wrappers of this module tree, which check every length first, make one).
 //! Also the launch shapes (grid-stride grids, grid limits) and the kernels' 32-bit sizes.
 //! Knows nothing about what the kernels compute.
@@ -16,7 +17,7 @@ use cudarc::driver::{
 };
 
 use super::device::{cuda, launched};
-use super::module::{ModuleCache, ParamKind};
+use super::module::{DynSmem, ModuleCache, ParamKind};
 use crate::engine::{EngineError, Result};
 
 /// Threads of the grid-stride kernels' blocks.
@@ -30,6 +31,7 @@ const MAX_PARAMS: usize = 16;
 pub(crate) struct Kernel {
     f: CudaFunction,
     params: Arc<[ParamKind]>,
+    smem: Arc<DynSmem>,
     module: &'static str,
     name: &'static str,
 }
@@ -37,10 +39,11 @@ pub(crate) struct Kernel {
 impl Kernel {
     /// Function `name` of `kernels/<module>.cu` (the module loaded on first use).
     pub(crate) fn load(m: &ModuleCache, module: &'static str, name: &'static str) -> Result<Self> {
-        let (f, params) = m.function_with_params(module, name)?;
+        let (f, params, smem) = m.function_with_params(module, name)?;
         Ok(Kernel {
             f,
             params,
+            smem,
             module,
             name,
         })
@@ -204,6 +207,9 @@ impl<'a> Launch<'a> {
             ));
         }
         check_args(k.module, k.name, &k.params, &self.kinds[..self.n])?;
+        k.smem
+            .ensure(&k.f, cfg.shared_mem_bytes)
+            .map_err(|e| smem_error(k.module, k.name, cfg.shared_mem_bytes, e))?;
         // SAFETY: the caller's contract; the list matches the PTX in count, width and class.
         unsafe { self.b.launch(cfg) }.map_err(|e| launch_error(k.module, k.name, e))?;
         launched(k.module, k.name);
@@ -213,6 +219,15 @@ impl<'a> Launch<'a> {
 
 fn launch_error(module: &str, name: &str, e: cudarc::driver::DriverError) -> EngineError {
     cuda(&format!("launch {module}::{name}"), e)
+}
+
+fn smem_error(module: &str, name: &str, bytes: u32, e: cudarc::driver::DriverError) -> EngineError {
+    EngineError::Cuda {
+        op: format!("launch {module}::{name}"),
+        msg: format!(
+            "{bytes} bytes of dynamic shared memory: the opt-in (cuFuncSetAttribute) failed: {e}"
+        ),
+    }
 }
 
 fn bad_args(module: &str, name: &str, msg: String) -> EngineError {
@@ -291,9 +306,11 @@ pub(crate) unsafe fn launch_raw(
     cfg: LaunchConfig,
     args: &[KArg],
 ) -> Result<()> {
-    let (f, params) = m.function_with_params(module, name)?;
+    let (f, params, smem) = m.function_with_params(module, name)?;
     let kinds: Vec<ParamKind> = args.iter().map(KArg::kind).collect();
     check_args(module, name, &params, &kinds)?;
+    smem.ensure(&f, cfg.shared_mem_bytes)
+        .map_err(|e| smem_error(module, name, cfg.shared_mem_bytes, e))?;
     let mut b = stream.launch_builder(&f);
     for a in args {
         match a {

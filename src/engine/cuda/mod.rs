@@ -38,6 +38,7 @@ mod upconv;
 pub mod volume;
 
 pub use backend::CudaBackend;
+pub use conv::MmaRoute;
 pub use device::{cuda_available, DeviceInfo};
 pub use graph::Graph;
 pub use launch::KArg;

@@ -4,14 +4,17 @@
 //! PTX, else the portable `compute_75` one); without PTX, or when the driver refuses it
 //! (an NVRTC newer than the driver), the source is compiled with the runtime's NVRTC for
 //! the device's own architecture. Each function comes with its parameter list as the PTX
-//! declares it ([`ParamKind`]), against which every launch's arguments are checked. Knows
-//! nothing about what the kernels compute.
+//! declares it ([`ParamKind`]), against which every launch's arguments are checked, and its
+//! dynamic shared memory opt-in ([`DynSmem`], made once per function). Knows nothing about
+//! what the kernels compute.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DriverError};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use super::device::nvrtc_present;
@@ -139,8 +142,54 @@ fn param_kind(decl: &str) -> Option<ParamKind> {
 
 /// A loaded module and the PTX it was loaded from.
 type LoadedModule = (Arc<CudaModule>, Arc<str>);
-/// A function and its parameters as its PTX declares them.
-type LoadedFunction = (CudaFunction, Arc<[ParamKind]>);
+/// A function, its parameters as its PTX declares them, and its dynamic shared memory
+/// opt-in (shared by every [`super::launch::Kernel`] and raw launch of the function).
+type LoadedFunction = (CudaFunction, Arc<[ParamKind]>, Arc<DynSmem>);
+
+/// The dynamic shared memory a function may be launched with, as far as this process has
+/// asked the driver: 0 until a launch asks for some, then at least the default allowance
+/// (48 KiB less the function's static shared memory), or what
+/// `cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)` opted it in for. One per function
+/// handle: the opt-in is made once, by the first launch that needs it, not per launch.
+#[derive(Default)]
+pub struct DynSmem {
+    allowed: AtomicU32,
+    opt_in: Mutex<()>,
+}
+
+/// Dynamic plus static shared memory a block may use without the opt-in.
+pub const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
+
+impl DynSmem {
+    /// Makes `f` launchable with `bytes` of dynamic shared memory: nothing when an earlier
+    /// launch already did (one atomic load), else the function's static shared memory is
+    /// read and, above the default allowance, the opt-in raised to `bytes`. Not a stream
+    /// operation (a function attribute): safe while a stream captures a graph, and the
+    /// opt-in holds for the graph's replays. The driver refuses more than the device allows
+    /// per block (227 KiB on sm_90) with `CUDA_ERROR_INVALID_VALUE`.
+    pub fn ensure(&self, f: &CudaFunction, bytes: u32) -> std::result::Result<(), DriverError> {
+        if bytes == 0 || bytes <= self.allowed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = self.opt_in.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.allowed.load(Ordering::Acquire);
+        if bytes <= now {
+            return Ok(());
+        }
+        let stat = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+        let default = DEFAULT_SHARED_BYTES.saturating_sub(u32::try_from(stat).unwrap_or(0));
+        if bytes > default {
+            let v = i32::try_from(bytes).unwrap_or(i32::MAX);
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                v,
+            )?;
+        }
+        self.allowed
+            .store(bytes.max(default).max(now), Ordering::Release);
+        Ok(())
+    }
+}
 
 /// Modules and functions loaded into one context, loaded on first use and kept.
 pub struct ModuleCache {
@@ -182,11 +231,11 @@ impl ModuleCache {
             op: format!("load function {module}::{name}"),
             msg: e.to_string(),
         })?;
-        self.functions
-            .lock()
-            .map_err(poisoned)?
-            .insert(key, (f.clone(), params.clone()));
-        Ok((f, params))
+        let smem = Arc::new(DynSmem::default());
+        let mut map = self.functions.lock().map_err(poisoned)?;
+        // Another thread may have loaded it meanwhile: keep one opt-in per function.
+        let entry = map.entry(key).or_insert((f, params, smem));
+        Ok(entry.clone())
     }
 
     /// Loads (once) the module of `kernels/<name>.cu`.
