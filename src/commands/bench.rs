@@ -1151,7 +1151,18 @@ fn bench_conv_net<B: Backend<T = f32>>(
         convs.len(),
         args.iters.max(1)
     );
-    let mut head = format!("{:<40} {:<5} {:>5} |", "shape (first layer)", "pass", "count");
+    let descs: Vec<String> = convs
+        .iter()
+        .map(|c| {
+            let s = &c.s;
+            format!(
+                "{}x{}x{}x{} {}x{}/{} -> {} ({})",
+                s.n, s.c_in, s.h, s.w, s.kh, s.kw, s.stride, s.c_out, c.layers[0]
+            )
+        })
+        .collect();
+    let col = descs.iter().map(String::len).max().unwrap_or(0).max(19);
+    let mut head = format!("{:<col$} {:<5} {:>5} |", "shape (first layer)", "pass", "count");
     for v in variants {
         head.push_str(&format!(" {:>18}", v.label));
     }
@@ -1162,6 +1173,8 @@ fn bench_conv_net<B: Backend<T = f32>>(
     let be0 = &variants[0].be;
     // ms[shape][pass][variant]: the medians (None: not timed).
     let mut ms: Vec<[Vec<Option<f64>>; 3]> = Vec::new();
+    // The JSON lines, printed after the table (the summaries' last, for a log's tail).
+    let mut json_rows: Vec<String> = Vec::new();
     for (i, c) in convs.iter().enumerate() {
         let s = &c.s;
         let x = be0.upload(&inputs(s.x_len(), 3))?;
@@ -1172,10 +1185,7 @@ fn bench_conv_net<B: Backend<T = f32>>(
         let mut dw = be0.zeros(s.w_len())?;
         let flops = 2.0 * conv_macs(s) as f64;
         let mut row: [Vec<Option<f64>>; 3] = Default::default();
-        let desc = format!(
-            "{}x{}x{}x{} {}x{}/{} -> {} ({})",
-            s.n, s.c_in, s.h, s.w, s.kh, s.kw, s.stride, s.c_out, c.layers[0]
-        );
+        let desc = &descs[i];
         for pass in 0..3 {
             for (vi, v) in variants.iter().enumerate() {
                 if c.count(pass) == 0 {
@@ -1210,14 +1220,14 @@ fn bench_conv_net<B: Backend<T = f32>>(
                     if let serde_json::Value::Object(e) = extra {
                         m.extend(e);
                     }
-                    println!("{}", serde_json::Value::Object(m));
+                    json_rows.push(serde_json::Value::Object(m).to_string());
                 }
             }
             if c.count(pass) == 0 {
                 continue;
             }
             let mut line = format!(
-                "{:<40} {:<5} {:>5} |",
+                "{:<col$} {:<5} {:>5} |",
                 if pass == 0 { desc.as_str() } else { "" },
                 PASSES[pass],
                 c.count(pass)
@@ -1302,22 +1312,10 @@ fn bench_conv_net<B: Backend<T = f32>>(
         }
         auto_lines.push((format!("auto-{prec}"), slower, pairs, lost));
     }
-    println!(
-        "network conv time (sum of count x median, ms): {:<12} {:>10} {:>10} {:>10} {:>10}",
-        "variant", "fwd", "dgrad", "wgrad", "total"
-    );
     for (label, prec, route, t) in &totals {
-        println!(
-            "{:<47} {label:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
-            "",
-            t[0],
-            t[1],
-            t[2],
-            t[0] + t[1] + t[2]
-        );
         if args.json {
             let auto = auto_lines.iter().find(|a| &a.0 == label);
-            println!(
+            json_rows.push(format!(
                 "{}",
                 serde_json::json!({
                     "what": "conv-summary", "config": p.name, "device": device, "variant": label,
@@ -1327,8 +1325,25 @@ fn bench_conv_net<B: Backend<T = f32>>(
                     "auto_slower": auto.map(|a| a.1), "pairs": auto.map(|a| a.2),
                     "auto_lost_ms": auto.map(|a| a.3),
                 })
-            );
+            ));
         }
+    }
+    for j in &json_rows {
+        println!("{j}");
+    }
+    println!(
+        "network conv time (sum of count x median, ms): {:<12} {:>10} {:>10} {:>10} {:>10}",
+        "variant", "fwd", "dgrad", "wgrad", "total"
+    );
+    for (label, _, _, t) in &totals {
+        println!(
+            "{:<47} {label:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+            "",
+            t[0],
+            t[1],
+            t[2],
+            t[0] + t[1] + t[2]
+        );
     }
     for (label, slower, pairs, lost) in &auto_lines {
         println!(
