@@ -64,10 +64,7 @@ fn shapes_match_network(config: &str) {
     let mut distinct = BTreeSet::new();
     let mut count = 0;
     for s in shapes {
-        let key = [
-            "n", "c_in", "h", "w", "c_out", "k", "stride", "pad",
-        ]
-        .map(|k| u(s, k));
+        let key = ["n", "c_in", "h", "w", "c_out", "k", "stride", "pad"].map(|k| u(s, k));
         assert!(distinct.insert(key), "{config}: shape listed twice: {s}");
         let layers = s["layers"].as_array().expect("layers");
         assert_eq!(u(s, "count"), layers.len(), "{s}");
@@ -115,7 +112,13 @@ fn shapes_match_network(config: &str) {
     let name = format!("layer{}.{}.conv{unit}", stage + 1, blocks - 1);
     let last = shapes
         .iter()
-        .find(|s| s["layers"].as_array().unwrap().iter().any(|l| l == name.as_str()))
+        .find(|s| {
+            s["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l == name.as_str())
+        })
         .unwrap_or_else(|| panic!("{config}: {name} not listed"));
     let size = u(&d, "size");
     let (_, (c, h, w)) =
@@ -144,10 +147,7 @@ fn conv_shapes_match_the_small_network() {
 #[test]
 fn conv_macs_match_torchvision() {
     for (config, convs, gmacs) in [("small", 20, 1.81), ("paper", 104, 7.80)] {
-        let d = describe(
-            config,
-            &["--size", "224", "--batch", "1", "--slices", "1"],
-        );
+        let d = describe(config, &["--size", "224", "--batch", "1", "--slices", "1"]);
         assert_eq!(u(&d, "conv_count"), convs, "{config}");
         let macs: f64 = d["conv_fwd_macs"].as_str().unwrap().parse().unwrap();
         let sum: f64 = d["conv_shapes"]
@@ -187,9 +187,15 @@ fn check_run(out: &str, variants: &[&str]) {
     for r in &rows {
         let key = (u(r, "shape"), r["pass"].as_str().unwrap().to_string());
         let v = r["variant"].as_str().unwrap().to_string();
-        assert!(by.entry(key).or_default().insert(v, r).is_none(), "{r}");
+        assert!(
+            by.entry(key).or_default().insert(v.clone(), r).is_none(),
+            "{r}"
+        );
         let ms = r["median_ms"].as_f64().unwrap();
-        assert!(ms > 0.0 && ms.is_finite() && r["min_ms"].as_f64().unwrap() <= ms, "{r}");
+        assert!(
+            ms > 0.0 && ms.is_finite() && r["min_ms"].as_f64().unwrap() <= ms,
+            "{r}"
+        );
         assert!(r["tflops"].as_f64().unwrap() > 0.0, "{r}");
         assert!(u(r, "count") > 0, "{r}");
         let k = r["kernel"].as_str().unwrap();
@@ -210,7 +216,11 @@ fn check_run(out: &str, variants: &[&str]) {
     let shapes = sums.values().next().map(|s| u(s, "shapes")).unwrap_or(0);
     let stem_dgrad = by.keys().any(|(s, p)| *s == 0 && p == "dgrad");
     assert!(!stem_dgrad, "the stem's data gradient is timed");
-    assert_eq!(by.len(), 3 * shapes - 1, "every (shape, pass) but the stem's dgrad");
+    assert_eq!(
+        by.len(),
+        3 * shapes - 1,
+        "every (shape, pass) but the stem's dgrad"
+    );
     for ((s, p), vs) in &by {
         let got: BTreeSet<&str> = vs.keys().map(String::as_str).collect();
         let want: BTreeSet<&str> = variants.iter().copied().collect();
@@ -223,7 +233,10 @@ fn check_run(out: &str, variants: &[&str]) {
     };
     let ms = |r: &Value| r["median_ms"].as_f64().unwrap();
     let close = |a: f64, b: f64, what: &str| {
-        assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{what}: {a} vs {b}")
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            "{what}: {a} vs {b}"
+        )
     };
     for v in variants {
         let s = sums.get(*v).unwrap_or_else(|| panic!("no summary for {v}"));
@@ -237,32 +250,36 @@ fn check_run(out: &str, variants: &[&str]) {
             v,
         );
     }
-    let precs: BTreeSet<&str> = variants.iter().filter_map(|v| v.split_once('-').map(|x| x.1)).collect();
+    let precs: BTreeSet<&str> = variants
+        .iter()
+        .filter_map(|v| v.split_once('-').map(|x| x.1))
+        .collect();
     let mut expect_sums = variants.len();
     for p in precs {
         expect_sums += 2;
-        let of_p = |vs: &BTreeMap<String, &Value>| -> Vec<&Value> {
+        // (median, whether Auto picks it) of the precision's rows.
+        let of_p = |vs: &BTreeMap<String, &Value>| -> Vec<(f64, bool)> {
             vs.iter()
                 .filter(|(k, _)| k.ends_with(&format!("-{p}")))
-                .map(|(_, r)| *r)
+                .map(|(_, r)| (ms(r), r["auto"] == true))
                 .collect()
         };
         let picked = |vs: &BTreeMap<String, &Value>| -> f64 {
-            let a: Vec<&Value> = of_p(vs).into_iter().filter(|r| r["auto"] == true).collect();
+            let a: Vec<f64> = of_p(vs).into_iter().filter(|r| r.1).map(|r| r.0).collect();
             assert_eq!(a.len(), 1, "Auto picks one {p} kernel: {a:?}");
-            ms(a[0])
+            a[0]
         };
         let best = |vs: &BTreeMap<String, &Value>| -> f64 {
-            of_p(vs).into_iter().map(ms).fold(f64::INFINITY, f64::min)
+            of_p(vs)
+                .into_iter()
+                .map(|r| r.0)
+                .fold(f64::INFINITY, f64::min)
         };
         let auto = sums[&format!("auto-{p}")];
         let bst = sums[&format!("best-{p}")];
         close(auto["total_ms"].as_f64().unwrap(), total(&picked), "auto");
         close(bst["total_ms"].as_f64().unwrap(), total(&best), "best");
-        let slower = by
-            .values()
-            .filter(|vs| picked(vs) > best(vs))
-            .count();
+        let slower = by.values().filter(|vs| picked(vs) > best(vs)).count();
         let lost: f64 = by
             .values()
             .map(|vs| u(vs.values().next().unwrap(), "count") as f64 * (picked(vs) - best(vs)))
@@ -302,8 +319,20 @@ fn cuda_conv_bench_output_is_complete() {
     ]);
     check_run(&out, &["f32", "wmma-bf16", "mma-bf16"]);
     let out = ichcam(&[
-        "bench", "--device", "cuda", "--what", "conv", "--config", "tiny", "--iters", "1",
-        "--warmup", "0", "--json", "--precision", "tf32",
+        "bench",
+        "--device",
+        "cuda",
+        "--what",
+        "conv",
+        "--config",
+        "tiny",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        "--precision",
+        "tf32",
     ]);
     check_run(
         &out,

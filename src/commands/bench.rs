@@ -844,6 +844,9 @@ fn backbone_convs(cfg: &ModelConfig, n: usize, size: usize) -> anyhow::Result<Ve
     if n == 0 || size == 0 {
         bail!("the convolution bench needs at least one slice of at least 1x1");
     }
+    if n > 1 << 20 || size > 1 << 20 {
+        bail!("{n} slices of {size}^2: too large for the convolution bench");
+    }
     let mut out: Vec<NetConv> = Vec::new();
     let mut add = |name: String, s: Conv2d, dgrad: bool| {
         match out.iter_mut().find(|c| c.s == s) {
@@ -1162,7 +1165,10 @@ fn bench_conv_net<B: Backend<T = f32>>(
         })
         .collect();
     let col = descs.iter().map(String::len).max().unwrap_or(0).max(19);
-    let mut head = format!("{:<col$} {:<5} {:>5} |", "shape (first layer)", "pass", "count");
+    let mut head = format!(
+        "{:<col$} {:<5} {:>5} |",
+        "shape (first layer)", "pass", "count"
+    );
     for v in variants {
         head.push_str(&format!(" {:>18}", v.label));
     }
