@@ -12,9 +12,9 @@
 //! network's fused forwards share. It prints per shape and pass the median ms and TFLOP/s of
 //! each, the kernel `MmaRoute::Auto` takes and the fastest, and the network's convolution
 //! time per family (sum of count x median), Auto's and the best's; `--json` one line per
-//! (shape, pass, family) and one `conv-summary` line per family), `train-step` (stage-1 forward + backward + SGD step; on
-//! CUDA the whole step, gradients zeroed to optimizer step, captured once as a CUDA graph and
-//! replayed, [`IchNet::stage1_step_graphed`]: the batch uploaded on the copy stream into the
+//! (shape, pass, family) and one `conv-summary` line per family), `train-step` (stage-1
+//! forward + backward + SGD step; on CUDA the whole step, gradients zeroed to optimizer
+//! step, captured once as a CUDA graph and replayed, [`IchNet::stage1_step_graphed`]: the batch uploaded on the copy stream into the
 //! graph's fixed inputs, the learning rate a device scalar, the loss and logits read back
 //! after each replay; `--no-graph` for eager launches),
 //! `cam` (the stage-2 vanilla-CAM pass, [`IchNet::stage2_cam_pass`]: backbone, fc, CAM
@@ -33,8 +33,8 @@
 //! On CUDA the JSON line also has the device memory the workload holds (`device_mb`: free
 //! memory before building it less free memory after its first pass (CUDA graph, ccl) or after
 //! the timed runs (train-step, eager cam), the stream-ordered pool keeping what it freed).
-//! `conv` reports none (`--describe` adds its shapes, counts and families). The `cam` and `cam-latency` lines also have the pass's memory plan
-//! (`cam_chunk`, `act_mb`, `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]).
+//! `conv` reports none (`--describe` adds its shapes, counts and families). The `cam` and
+//! `cam-latency` lines also have the pass's memory plan (`cam_chunk`, `act_mb`, `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
@@ -253,7 +253,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if args.describe {
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "config": p.name,
             "what": args.what,
             "model": serde_json::from_str::<serde_json::Value>(&p.model.to_fixture_json())?,
@@ -268,7 +268,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "unet": serde_json::from_str::<serde_json::Value>(&p.unet.to_json())?,
             "unet_batch": args.batch.unwrap_or(p.unet_batch),
         });
-        let mut j = j;
         if args.what == "conv" {
             if let (Some(o), serde_json::Value::Object(c)) =
                 (j.as_object_mut(), describe_conv(&p, &args)?)
