@@ -14,7 +14,8 @@
 //! time per family (sum of count x median), Auto's and the best's; `--json` one line per
 //! (shape, pass, family) and one `conv-summary` line per family), `train-step` (stage-1
 //! forward + backward + SGD step; on CUDA the whole step, gradients zeroed to optimizer
-//! step, captured once as a CUDA graph and replayed, [`IchNet::stage1_step_graphed`]: the batch uploaded on the copy stream into the
+//! step, captured once as a CUDA graph and replayed, [`IchNet::stage1_step_graphed`]: the
+//! batch uploaded on the copy stream into the
 //! graph's fixed inputs, the learning rate a device scalar, the loss and logits read back
 //! after each replay; `--no-graph` for eager launches),
 //! `cam` (the stage-2 vanilla-CAM pass, [`IchNet::stage2_cam_pass`]: backbone, fc, CAM
@@ -34,7 +35,8 @@
 //! memory before building it less free memory after its first pass (CUDA graph, ccl) or after
 //! the timed runs (train-step, eager cam), the stream-ordered pool keeping what it freed).
 //! `conv` reports none (`--describe` adds its shapes, counts and families). The `cam` and
-//! `cam-latency` lines also have the pass's memory plan (`cam_chunk`, `act_mb`, `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]).
+//! `cam-latency` lines also have the pass's memory plan (`cam_chunk`, `act_mb`,
+//! `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
@@ -58,7 +60,9 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     device: String,
     /// Convolution arithmetic on CUDA: f32 (the reference), tf32 or bf16 (tensor cores,
-    /// f32 accumulation; compute capability 8.0+). The CPU takes f32 only.
+    /// f32 accumulation; compute capability 8.0+). The CPU takes f32 only. `--what conv`
+    /// times f32 and both bf16 kernel families whatever this says, and the tf32 ones too
+    /// with tf32.
     #[arg(long, default_value = "f32")]
     precision: ichcam::engine::Precision,
     /// tiny (the training CPU default: its model, batch x slices and image size; CAM passes
@@ -85,10 +89,12 @@ pub struct Args {
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Override the number of sequences (train-step) or of slices (unet-step) of the config.
+    /// Override the number of sequences (train-step, conv) or of slices (unet-step) of the
+    /// config.
     #[arg(long)]
     batch: Option<usize>,
-    /// Override the slices per sequence (train-step) or per CAM pass (cam).
+    /// Override the slices per sequence (train-step, conv: its batch is sequences x slices)
+    /// or per CAM pass (cam).
     #[arg(long)]
     slices: Option<usize>,
     /// cam, cam-latency: slices per chunk of the pass's backbone (default: the fewest chunks
@@ -1039,13 +1045,18 @@ fn bench_conv_cuda(
     });
     let mut auto = Vec::new();
     for prec in conv_tc_precisions(args) {
+        // A GPU without tensor cores at `prec` times the rest, and says so.
+        let mut a = be.clone();
+        if let Err(e) = a.set_precision(prec) {
+            println!("bench conv: no {prec} kernels timed: {e}");
+            continue;
+        }
+        a.set_mma_route(MmaRoute::Auto);
         for (route, name, r) in [
             (MmaRoute::Never, "wmma", "never"),
             (MmaRoute::Always, "mma", "always"),
         ] {
-            let mut b = be.clone();
-            b.set_precision(prec)
-                .with_context(|| format!("the {prec} kernels on {}", be.name()))?;
+            let mut b = a.clone();
             b.set_mma_route(route);
             variants.push(ConvVariant {
                 label: format!("{name}-{prec}"),
@@ -1054,9 +1065,6 @@ fn bench_conv_cuda(
                 be: b,
             });
         }
-        let mut a = be.clone();
-        a.set_precision(prec)?;
-        a.set_mma_route(MmaRoute::Auto);
         auto.push((prec, a));
     }
     let names: Vec<Vec<[&'static str; 3]>> = variants
