@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command (one 10-minute device call): ichcam's six benchmark
-# workloads of issue 14 and PyTorch's figures for the same workloads (eager fp32, eager bf16
+# workloads of issue 14, the backbone's convolutions shape by shape on each kernel family
+# (`bench --what conv`), and PyTorch's figures for the same workloads (eager fp32, eager bf16
 # channels_last, CUDA graph, torch.compile) with peak memory, then the CUDA test binaries,
 # the PyTorch parity fixtures and a short synthetic train + segment run while time remains,
 # and LAST a table: workload | ichcam ms | PyTorch best ms | ratio | goal.
@@ -199,6 +200,52 @@ fi
 run "bench-unet-step-small-f32" 40 "$BIN" bench --device cuda --config small --what unet-step --iters "$ITERS" --warmup 2 --json
 run "bench-unet-step-small-f32-eager" 40 "$BIN" bench --device cuda --config small --what unet-step --no-graph --iters "$ITERS" --warmup 2 --json
 
+# The backbone's convolutions shape by shape, the data for the WMMA / mma.sync routing
+# thresholds (docs/precision.md, docs/perf.md): forward, data and weight gradient of every
+# distinct conv of the preset's network at its train-step batch and size on f32, WMMA and
+# mma.sync (bf16, and tf32 where `bench --precision` exists), what MmaRoute::Auto takes and
+# the fastest; the network's conv time per family and Auto's misroutes go to the summary.
+CONV_ITERS=$(( ITERS < 5 ? ITERS : 5 ))
+CONV_PREC=()
+[ "${#PREC[@]}" -gt 1 ] && CONV_PREC=(--precision tf32)
+# conv_figure STEP: the summary lines of a `bench --what conv` log, one per precision.
+conv_figure() {
+    [ "$DRY" = 1 ] && return 0
+    local line
+    while IFS= read -r line; do
+        [ -n "$line" ] && figure "${1#bench-} ${line%%:*}" "${line#*: }"
+    done < <(grep -E '^\{' "$LOG/$1.log" 2>/dev/null | python3 -c '
+import json, sys
+s = {}
+for l in sys.stdin:
+    try:
+        d = json.loads(l)
+    except ValueError:
+        continue
+    if d.get("what") == "conv-summary":
+        s[d["variant"]] = d
+if "f32" in s:
+    for p in ("bf16", "tf32"):
+        a = s.get("auto-" + p)
+        if not a:
+            continue
+        t = lambda v: s[v]["total_ms"] if v in s else float("nan")
+        print("%s: ms/step f32 %.2f | WMMA %.2f | mma %.2f | Auto %.2f | best %.2f; Auto slower on %s of %s (shape, pass), +%.2f ms"
+              % (p, t("f32"), t("wmma-" + p), t("mma-" + p), a["total_ms"], t("best-" + p),
+                 a["auto_slower"], a["pairs"], a["auto_lost_ms"]))
+' 2>/dev/null)
+}
+run bench-conv-small 60 "$BIN" bench --device cuda --config small --what conv --iters "$CONV_ITERS" --warmup 1 "${CONV_PREC[@]}" --json
+conv_figure bench-conv-small
+# ResNet-101's here while the budget leaves room for PyTorch and the tests, else at the end.
+CONV_PAPER=(run bench-conv-paper 60 "$BIN" bench --device cuda --config paper --what conv --iters "$CONV_ITERS" --warmup 1 "${CONV_PREC[@]}" --json)
+CONV_PAPER_DONE=0
+if [ "$DRY" = 1 ] || [ $(( BUDGET - ($(date +%s) - START) )) -ge 300 ]; then
+    "${CONV_PAPER[@]}"
+    conv_figure bench-conv-paper
+    CONV_PAPER_DONE=1
+fi
+
 # ---- 2. PyTorch on the same workloads ------------------------------------------------------
 if [ "$DRY" = 1 ] || { [ -f benches/baselines/torch_baseline.py ] && python3 -c "import torch, torchvision" >/dev/null 2>&1; }; then
     run torch-eager-graph 200 env PYTHONUNBUFFERED=1 python3 benches/baselines/torch_baseline.py \
@@ -236,6 +283,11 @@ if run synth 60 "$BIN" synth --out "$SYN/data" --volumes 8 --size 128 --slices 1
             --input "$SYN/data" --out "$SYN/pred-cuda"
         [ "$DRY" = 0 ] && vps=$(grep -oE '[0-9.]+ volumes/s' "$LOG/segment-cuda.log" 2>/dev/null | tail -1) && [ -n "$vps" ] && figure "segment-cuda" "$vps"
     fi
+fi
+
+if [ "$CONV_PAPER_DONE" = 0 ]; then
+    "${CONV_PAPER[@]}"
+    conv_figure bench-conv-paper
 fi
 
 # ---- the summary, then the table LAST ------------------------------------------------------

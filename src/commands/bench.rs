@@ -3,10 +3,19 @@
 //! warm-up iterations that absorb module loading and allocation. Prints the median and the
 //! minimum in ms, slices/s, and with `--json` one JSON line for scripts.
 //!
-//! Workloads: `conv` (a 3x3 64->64 convolution's forward and both backward passes, at the
-//! config's stage-1 resolution), `train-step` (stage-1 forward + backward + SGD step; on
-//! CUDA the whole step, gradients zeroed to optimizer step, captured once as a CUDA graph and
-//! replayed, [`IchNet::stage1_step_graphed`]: the batch uploaded on the copy stream into the
+//! Workloads: `conv` (every distinct convolution shape of the preset's backbone at its
+//! train-step batch and size, [`backbone_convs`], with how many times the network runs it:
+//! forward, data gradient and weight gradient timed on each family of kernels, on CUDA f32
+//! SIMT, the WMMA 64x64 kernels (`MmaRoute::Never`) and the `mma.sync` 128x128 ones
+//! (`MmaRoute::Always`) at bf16, and at tf32 too with `--precision tf32`; the CPU times its
+//! f32 convolutions. The plain forward is timed, the one whose kernel family and route the
+//! network's fused forwards share. It prints per shape and pass the median ms and TFLOP/s of
+//! each, the kernel `MmaRoute::Auto` takes and the fastest, and the network's convolution
+//! time per family (sum of count x median), Auto's and the best's; `--json` one line per
+//! (shape, pass, family) and one `conv-summary` line per family), `train-step` (stage-1
+//! forward + backward + SGD step; on CUDA the whole step, gradients zeroed to optimizer
+//! step, captured once as a CUDA graph and replayed, [`IchNet::stage1_step_graphed`]: the
+//! batch uploaded on the copy stream into the
 //! graph's fixed inputs, the learning rate a device scalar, the loss and logits read back
 //! after each replay; `--no-graph` for eager launches),
 //! `cam` (the stage-2 vanilla-CAM pass, [`IchNet::stage2_cam_pass`]: backbone, fc, CAM
@@ -25,8 +34,9 @@
 //! On CUDA the JSON line also has the device memory the workload holds (`device_mb`: free
 //! memory before building it less free memory after its first pass (CUDA graph, ccl) or after
 //! the timed runs (train-step, eager cam), the stream-ordered pool keeping what it freed).
-//! `conv` reports none. The `cam` and `cam-latency` lines also have the pass's memory plan
-//! (`cam_chunk`, `act_mb`, `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]).
+//! `conv` reports none (`--describe` adds its shapes, counts and families). The `cam` and
+//! `cam-latency` lines also have the pass's memory plan (`cam_chunk`, `act_mb`,
+//! `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
@@ -50,7 +60,9 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     device: String,
     /// Convolution arithmetic on CUDA: f32 (the reference), tf32 or bf16 (tensor cores,
-    /// f32 accumulation; compute capability 8.0+). The CPU takes f32 only.
+    /// f32 accumulation; compute capability 8.0+). The CPU takes f32 only. `--what conv`
+    /// times f32 and both bf16 kernel families whatever this says, and the tf32 ones too
+    /// with tf32.
     #[arg(long, default_value = "f32")]
     precision: ichcam::engine::Precision,
     /// tiny (the training CPU default: its model, batch x slices and image size; CAM passes
@@ -77,10 +89,12 @@ pub struct Args {
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Override the number of sequences (train-step) or of slices (unet-step) of the config.
+    /// Override the number of sequences (train-step, conv) or of slices (unet-step) of the
+    /// config.
     #[arg(long)]
     batch: Option<usize>,
-    /// Override the slices per sequence (train-step) or per CAM pass (cam).
+    /// Override the slices per sequence (train-step, conv: its batch is sequences x slices)
+    /// or per CAM pass (cam).
     #[arg(long)]
     slices: Option<usize>,
     /// cam, cam-latency: slices per chunk of the pass's backbone (default: the fewest chunks
@@ -245,7 +259,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if args.describe {
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "config": p.name,
             "what": args.what,
             "model": serde_json::from_str::<serde_json::Value>(&p.model.to_fixture_json())?,
@@ -260,6 +274,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "unet": serde_json::from_str::<serde_json::Value>(&p.unet.to_json())?,
             "unet_batch": args.batch.unwrap_or(p.unet_batch),
         });
+        if args.what == "conv" {
+            if let (Some(o), serde_json::Value::Object(c)) =
+                (j.as_object_mut(), describe_conv(&p, &args)?)
+            {
+                o.extend(c);
+            }
+        }
         println!("{j}");
         return Ok(());
     }
@@ -267,6 +288,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     device.set_precision(args.precision)?;
     if args.what == "ccl" {
         return bench_ccl(device, &args);
+    }
+    if args.what == "conv" {
+        return match device {
+            ichcam::engine::Device::Cuda(be) => bench_conv_cuda(be, &p, &args),
+            ichcam::engine::Device::Cpu { backend, .. } => bench_conv_cpu(backend, &p, &args),
+        };
     }
     if let ichcam::engine::Device::Cuda(be) = &device {
         if !args.no_graph && matches!(args.what.as_str(), "cam" | "cam-latency") {
@@ -653,8 +680,8 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     .activation_bytes(n, size, size, 4)
                     .map(|a| (if on_host { 3 * a } else { 0 }) + input(n) * 2)
             }
-            // x, w, y, dx, dy of one 64-channel convolution at size/4.
-            _ => Some(args.slices.unwrap_or(p.train.0 * p.train.1) as u128 * 64 * plane / 16 * 20),
+            // `conv` and `ccl` check their own.
+            _ => Some(0),
         };
         ichcam::io::budget::budget().check(
             std::path::Path::new(&args.what),
@@ -669,7 +696,6 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
     let free0 = if on_cuda { device_free() } else { None };
     let used = || free0.and_then(|a| device_free().map(|b| a.saturating_sub(b)));
     match args.what.as_str() {
-        "conv" => bench_conv(&be, p, size, args, &device),
         "train-step" => {
             let (batch, seq) = (
                 args.batch.unwrap_or(p.train.0),
@@ -785,78 +811,572 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
     }
 }
 
-fn bench_conv<B: Backend<T = f32>>(
-    be: &B,
+/// One distinct convolution shape of the backbone: the shape, the parameter names of the
+/// convolutions that have it (torchvision's, in network order: how many times a forward
+/// pass runs it), and how many of them a training step takes the data gradient of (all but
+/// the stem's: the input needs none, `resnet.rs` skips it).
+struct NetConv {
+    s: Conv2d,
+    layers: Vec<String>,
+    dgrad: usize,
+}
+
+impl NetConv {
+    /// How many times a training step runs `pass` (0 forward, 1 data gradient, 2 weight
+    /// gradient) on this shape.
+    fn count(&self, pass: usize) -> usize {
+        if pass == 1 {
+            self.dgrad
+        } else {
+            self.layers.len()
+        }
+    }
+}
+
+/// The passes of a convolution, as the JSON lines name them.
+const PASSES: [&str; 3] = ["fwd", "dgrad", "wgrad"];
+
+/// The backbone's convolutions on `n` images of `size^2`, distinct shapes in order of first
+/// use. `resnet.rs` keeps its layer specs crate-private (and `src/model` is not this
+/// command's to change), so this mirrors `resnet::declare` from the public config: the stem
+/// 7x7/2 pad 3 then the 3x3/2 pad 1 max-pool; per stage `i` of width `base << i`, blocks
+/// with the stride (2 from the second stage on) on the 3x3 (basic: 3x3, 3x3; bottleneck:
+/// 1x1, 3x3, 1x1 to 4x the width) and a 1x1 downsample where the stride or the channel
+/// count changes. tests/bench_conv.rs compares the list with a built network's parameters
+/// (names and weight shapes), the feature map with `memory::backbone_activations` and the
+/// multiply-adds at 224^2 with torchvision's published figures.
+fn backbone_convs(cfg: &ModelConfig, n: usize, size: usize) -> anyhow::Result<Vec<NetConv>> {
+    if n == 0 || size == 0 {
+        bail!("the convolution bench needs at least one slice of at least 1x1");
+    }
+    if n > 1 << 20 || size > 1 << 20 {
+        bail!("{n} slices of {size}^2: too large for the convolution bench");
+    }
+    let mut out: Vec<NetConv> = Vec::new();
+    let mut add = |name: String, s: Conv2d, dgrad: bool| {
+        match out.iter_mut().find(|c| c.s == s) {
+            Some(c) => {
+                c.layers.push(name);
+                c.dgrad += usize::from(dgrad);
+            }
+            None => out.push(NetConv {
+                s,
+                layers: vec![name],
+                dgrad: usize::from(dgrad),
+            }),
+        }
+        (s.out_h(), s.c_out)
+    };
+    let conv = |c_in: usize, h: usize, c_out: usize, k: usize, stride: usize, pad: usize| Conv2d {
+        n,
+        c_in,
+        h,
+        w: h,
+        c_out,
+        kh: k,
+        kw: k,
+        stride,
+        pad,
+    };
+    let base = cfg.base_width;
+    let (stem, _) = add(
+        "conv1".into(),
+        conv(cfg.in_channels, size, base, 7, 2, 3),
+        false,
+    );
+    let mut h = (stem + 2 - 3) / 2 + 1; // the max-pool
+    let mut cin = base;
+    for (i, &blocks) in cfg.layers.iter().enumerate() {
+        let w = base
+            .checked_shl(i as u32)
+            .filter(|v| v >> i == base)
+            .context("stage width overflows")?;
+        for j in 0..blocks {
+            let stride = if j == 0 && i > 0 { 2 } else { 1 };
+            let p = format!("layer{}.{j}", i + 1);
+            let (oh, cout) = match cfg.block {
+                BlockKind::Basic => {
+                    let (oh, _) = add(format!("{p}.conv1"), conv(cin, h, w, 3, stride, 1), true);
+                    add(format!("{p}.conv2"), conv(w, oh, w, 3, 1, 1), true)
+                }
+                BlockKind::Bottleneck => {
+                    add(format!("{p}.conv1"), conv(cin, h, w, 1, 1, 0), true);
+                    let (oh, _) = add(format!("{p}.conv2"), conv(w, h, w, 3, stride, 1), true);
+                    add(format!("{p}.conv3"), conv(w, oh, w * 4, 1, 1, 0), true)
+                }
+            };
+            if stride != 1 || cin != cout {
+                add(
+                    format!("{p}.downsample.0"),
+                    conv(cin, h, cout, 1, stride, 0),
+                    true,
+                );
+            }
+            (h, cin) = (oh, cout);
+        }
+    }
+    Ok(out)
+}
+
+/// `--what conv`'s slices: `--batch` sequences (default the preset's train batch) times
+/// `--slices` (default its sequence length), as one train step's backbone sees them.
+fn conv_slices(p: &Preset, args: &Args) -> usize {
+    args.batch
+        .unwrap_or(p.train.0)
+        .saturating_mul(args.slices.unwrap_or(p.train.1))
+}
+
+/// The shape's sizes as JSON fields (square inputs and kernels: `h`, `k`).
+fn conv_fields(s: &Conv2d) -> serde_json::Map<String, serde_json::Value> {
+    let j = serde_json::json!({
+        "n": s.n, "c_in": s.c_in, "h": s.h, "w": s.w, "c_out": s.c_out, "k": s.kh,
+        "stride": s.stride, "pad": s.pad, "out_h": s.out_h(), "out_w": s.out_w(),
+    });
+    match j {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// Multiply-adds of one pass of `s`, counted in u128 (a `--size` or `--batch` from the
+/// command line must not overflow before the memory check refuses it).
+fn conv_macs(s: &Conv2d) -> u128 {
+    [s.n, s.c_out, s.out_h(), s.out_w(), s.c_in, s.kh, s.kw]
+        .iter()
+        .fold(1u128, |a, &v| a.saturating_mul(v as u128))
+}
+
+/// Host bytes the bench of `s` holds at once: x, w, dy and on the CPU y, dx, dw too (the
+/// device holds those on a GPU), f32.
+fn conv_bytes(s: &Conv2d) -> u128 {
+    let m = |v: &[usize]| v.iter().fold(1u128, |a, &x| a.saturating_mul(x as u128));
+    let x = m(&[s.n, s.c_in, s.h, s.w]);
+    let y = m(&[s.n, s.c_out, s.out_h(), s.out_w()]);
+    let w = m(&[s.c_out, s.c_in, s.kh, s.kw]);
+    2u128.saturating_mul(x.saturating_add(y).saturating_add(w)) * 4
+}
+
+/// `--describe` for `--what conv`: the distinct shapes, each with its first layer's name,
+/// its layers and the passes' counts, and the kernels' variants that would be timed.
+fn describe_conv(p: &Preset, args: &Args) -> anyhow::Result<serde_json::Value> {
+    let size = args.size.unwrap_or(p.size);
+    let convs = backbone_convs(&p.model, conv_slices(p, args), size)?;
+    let shapes: Vec<serde_json::Value> = convs
+        .iter()
+        .map(|c| {
+            let mut m = conv_fields(&c.s);
+            m.insert("layer".into(), c.layers[0].clone().into());
+            m.insert("layers".into(), c.layers.clone().into());
+            m.insert("count".into(), c.layers.len().into());
+            m.insert("dgrad_count".into(), c.dgrad.into());
+            m.insert("macs".into(), conv_macs(&c.s).to_string().into());
+            serde_json::Value::Object(m)
+        })
+        .collect();
+    let total: usize = convs.iter().map(|c| c.layers.len()).sum();
+    let macs: u128 = convs
+        .iter()
+        .map(|c| conv_macs(&c.s).saturating_mul(c.layers.len() as u128))
+        .sum();
+    Ok(serde_json::json!({
+        "conv_shapes": shapes,
+        "conv_count": total,
+        "conv_fwd_macs": macs.to_string(),
+        "conv_variants": conv_variant_names(args),
+    }))
+}
+
+/// The kernel families `--what conv` times on CUDA: f32, then per tensor-core precision
+/// (bf16; tf32 too with `--precision tf32`) the WMMA kernels (`MmaRoute::Never`) and the
+/// `mma.sync` ones (`MmaRoute::Always`); the CPU times its f32 convolutions.
+fn conv_tc_precisions(args: &Args) -> Vec<ichcam::engine::Precision> {
+    use ichcam::engine::Precision;
+    match args.precision {
+        Precision::Tf32 => vec![Precision::Bf16, Precision::Tf32],
+        _ => vec![Precision::Bf16],
+    }
+}
+
+fn conv_variant_names(args: &Args) -> Vec<String> {
+    let mut v = vec!["f32".to_string()];
+    for p in conv_tc_precisions(args) {
+        v.push(format!("wmma-{p}"));
+        v.push(format!("mma-{p}"));
+    }
+    v
+}
+
+/// One family of kernels `--what conv` times: its label (`f32`, `wmma-bf16`, `mma-bf16`,
+/// ...), the backend set to its precision and route, and the route's name.
+struct ConvVariant<B> {
+    label: String,
+    precision: ichcam::engine::Precision,
+    route: &'static str,
+    be: B,
+}
+
+/// The kernel names of each variant and shape (`CudaBackend::conv_kernels`; the CPU's op
+/// names), and per tensor-core precision the variant `MmaRoute::Auto` picks for each shape
+/// and pass (None on the CPU).
+struct ConvKernels {
+    names: Vec<Vec<[&'static str; 3]>>,
+    auto: Vec<(ichcam::engine::Precision, Vec<[usize; 3]>)>,
+}
+
+/// `--what conv` on CUDA: the variants as clones of `be` (sharing its stream and kernels)
+/// and what `MmaRoute::Auto` would take.
+fn bench_conv_cuda(
+    be: ichcam::engine::cuda::CudaBackend,
     p: &Preset,
-    size: usize,
+    args: &Args,
+) -> anyhow::Result<()> {
+    use ichcam::engine::cuda::MmaRoute;
+    use ichcam::engine::Precision;
+    let size = args.size.unwrap_or(p.size);
+    let convs = backbone_convs(&p.model, conv_slices(p, args), size)?;
+    let mut variants = Vec::new();
+    let mut f32_be = be.clone();
+    f32_be.set_precision(Precision::F32)?;
+    variants.push(ConvVariant {
+        label: "f32".into(),
+        precision: Precision::F32,
+        route: "-",
+        be: f32_be,
+    });
+    let mut auto = Vec::new();
+    for prec in conv_tc_precisions(args) {
+        // A GPU without tensor cores at `prec` times the rest, and says so.
+        let mut a = be.clone();
+        if let Err(e) = a.set_precision(prec) {
+            println!("bench conv: no {prec} kernels timed: {e}");
+            continue;
+        }
+        a.set_mma_route(MmaRoute::Auto);
+        for (route, name, r) in [
+            (MmaRoute::Never, "wmma", "never"),
+            (MmaRoute::Always, "mma", "always"),
+        ] {
+            let mut b = a.clone();
+            b.set_mma_route(route);
+            variants.push(ConvVariant {
+                label: format!("{name}-{prec}"),
+                precision: prec,
+                route: r,
+                be: b,
+            });
+        }
+        auto.push((prec, a));
+    }
+    let names: Vec<Vec<[&'static str; 3]>> = variants
+        .iter()
+        .map(|v| convs.iter().map(|c| v.be.conv_kernels(&c.s)).collect())
+        .collect();
+    // Auto's kernel per shape and pass is one of the two routes' kernels at its precision.
+    let mut auto_picks = Vec::new();
+    for (prec, a) in &auto {
+        let mut picks = Vec::new();
+        for (i, c) in convs.iter().enumerate() {
+            let k = a.conv_kernels(&c.s);
+            let mut pick = [0usize; 3];
+            for pass in 0..3 {
+                pick[pass] = (0..variants.len())
+                    .find(|&v| variants[v].precision == *prec && names[v][i][pass] == k[pass])
+                    .with_context(|| {
+                        format!(
+                            "MmaRoute::Auto takes {} for {}, neither route's kernel",
+                            k[pass], c.layers[0]
+                        )
+                    })?;
+            }
+            picks.push(pick);
+        }
+        auto_picks.push((*prec, picks));
+    }
+    let device = be.name();
+    bench_conv_net(
+        &variants,
+        &ConvKernels {
+            names,
+            auto: auto_picks,
+        },
+        &convs,
+        p,
+        args,
+        &device,
+    )
+}
+
+/// `--what conv` on the CPU: its f32 convolutions, timed the same way.
+fn bench_conv_cpu<B: Backend<T = f32>>(be: B, p: &Preset, args: &Args) -> anyhow::Result<()> {
+    let size = args.size.unwrap_or(p.size);
+    let convs = backbone_convs(&p.model, conv_slices(p, args), size)?;
+    let device = be.name();
+    let names = vec![convs
+        .iter()
+        .map(|_| ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"])
+        .collect()];
+    let variants = [ConvVariant {
+        label: "f32".into(),
+        precision: ichcam::engine::Precision::F32,
+        route: "-",
+        be,
+    }];
+    bench_conv_net(
+        &variants,
+        &ConvKernels {
+            names,
+            auto: Vec::new(),
+        },
+        &convs,
+        p,
+        args,
+        &device,
+    )
+}
+
+/// Times the forward, data gradient and weight gradient of every distinct convolution of
+/// the backbone on every variant (the data gradient of a shape no training step takes it
+/// of, the stem's, is not timed); prints a table per shape and pass (median ms and TFLOP/s
+/// per variant, Auto's pick and the best), the network's convolution time per variant (the
+/// sum of count x median over shapes and passes), and with `--json` one line per (shape,
+/// pass, variant) and one `conv-summary` line per variant, Auto and the best per precision.
+fn bench_conv_net<B: Backend<T = f32>>(
+    variants: &[ConvVariant<B>],
+    kernels: &ConvKernels,
+    convs: &[NetConv],
+    p: &Preset,
     args: &Args,
     device: &str,
 ) -> anyhow::Result<()> {
-    // The first stage's 3x3 convolution: after the stem and the max-pool, at size/4.
-    let slices = args.slices.unwrap_or(p.train.0 * p.train.1);
-    let ch = if p.name == "tiny" {
-        p.model.base_width
-    } else {
-        64
+    let need = convs.iter().map(|c| conv_bytes(&c.s)).max().unwrap_or(0);
+    ichcam::io::budget::budget().check(std::path::Path::new("conv"), need, || {
+        format!("benchmarking the convolutions of `{}`", p.name)
+    })?;
+    let size = args.size.unwrap_or(p.size);
+    let n = conv_slices(p, args);
+    let total: usize = convs.iter().map(|c| c.layers.len()).sum();
+    println!(
+        "bench conv config={} device=\"{device}\": {} distinct shapes of {total} convolutions, {n} slices {size}^2; median ms (TFLOP/s) over {} iters",
+        p.name,
+        convs.len(),
+        args.iters.max(1)
+    );
+    let descs: Vec<String> = convs
+        .iter()
+        .map(|c| {
+            let s = &c.s;
+            format!(
+                "{}x{}x{}x{} {}x{}/{} -> {} ({})",
+                s.n, s.c_in, s.h, s.w, s.kh, s.kw, s.stride, s.c_out, c.layers[0]
+            )
+        })
+        .collect();
+    let col = descs.iter().map(String::len).max().unwrap_or(0).max(19);
+    let mut head = format!(
+        "{:<col$} {:<5} {:>5} |",
+        "shape (first layer)", "pass", "count"
+    );
+    for v in variants {
+        head.push_str(&format!(" {:>18}", v.label));
+    }
+    for (prec, _) in &kernels.auto {
+        head.push_str(&format!(" | auto-{prec} (best)"));
+    }
+    println!("{head}");
+    let be0 = &variants[0].be;
+    // ms[shape][pass][variant]: the medians (None: not timed).
+    let mut ms: Vec<[Vec<Option<f64>>; 3]> = Vec::new();
+    // The JSON lines, printed after the table (the summaries' last, for a log's tail).
+    let mut json_rows: Vec<String> = Vec::new();
+    for (i, c) in convs.iter().enumerate() {
+        let s = &c.s;
+        let x = be0.upload(&inputs(s.x_len(), 3))?;
+        let w = be0.upload(&inputs(s.w_len(), 4))?;
+        let dy = be0.upload(&inputs(s.y_len(), 5))?;
+        let mut y = be0.zeros(s.y_len())?;
+        let mut dx = be0.zeros(s.x_len())?;
+        let mut dw = be0.zeros(s.w_len())?;
+        let flops = 2.0 * conv_macs(s) as f64;
+        let mut row: [Vec<Option<f64>>; 3] = Default::default();
+        let desc = &descs[i];
+        for pass in 0..3 {
+            for (vi, v) in variants.iter().enumerate() {
+                if c.count(pass) == 0 {
+                    row[pass].push(None);
+                    continue;
+                }
+                let b = &v.be;
+                let sync = || -> anyhow::Result<()> { Ok(b.synchronize()?) };
+                let t = time(&sync, args.warmup, args.iters, || {
+                    match pass {
+                        0 => b.conv2d_fwd(s, &x, &w, &mut y)?,
+                        1 => b.conv2d_bwd_data(s, &dy, &w, &mut dx)?,
+                        _ => b.conv2d_bwd_weight(s, &x, &dy, &mut dw)?,
+                    }
+                    Ok(())
+                })?;
+                row[pass].push(Some(t.median_ms));
+                if args.json {
+                    let mut m = conv_fields(s);
+                    let auto = kernels
+                        .auto
+                        .iter()
+                        .any(|(prec, picks)| *prec == v.precision && picks[i][pass] == vi);
+                    let extra = serde_json::json!({
+                        "what": "conv", "config": p.name, "device": device, "shape": i,
+                        "layer": c.layers[0], "pass": PASSES[pass], "kernel": kernels.names[vi][i][pass],
+                        "variant": v.label, "route": v.route, "precision": v.precision.name(),
+                        "median_ms": t.median_ms, "min_ms": t.min_ms,
+                        "tflops": flops / t.median_ms / 1e9, "count": c.count(pass),
+                        "auto": auto, "iters": args.iters,
+                    });
+                    if let serde_json::Value::Object(e) = extra {
+                        m.extend(e);
+                    }
+                    json_rows.push(serde_json::Value::Object(m).to_string());
+                }
+            }
+            if c.count(pass) == 0 {
+                continue;
+            }
+            let mut line = format!(
+                "{:<col$} {:<5} {:>5} |",
+                if pass == 0 { desc.as_str() } else { "" },
+                PASSES[pass],
+                c.count(pass)
+            );
+            for t in &row[pass] {
+                line.push_str(&match t {
+                    Some(t) => format!(" {:>9.3} ({:>6.2})", t, flops / t / 1e9),
+                    None => format!(" {:>18}", "-"),
+                });
+            }
+            for (prec, picks) in &kernels.auto {
+                let a = picks[i][pass];
+                let best = best_variant(variants, &row[pass], *prec);
+                line.push_str(&format!(
+                    " | {}{}",
+                    variants[a].label,
+                    match best {
+                        Some(b) if b != a => format!(" ({})", variants[b].label),
+                        _ => String::new(),
+                    }
+                ));
+            }
+            println!("{line}");
+        }
+        ms.push(row);
+    }
+    // The network's convolution time per variant: sum of count x median.
+    let sum = |f: &dyn Fn(usize, usize) -> Option<f64>| -> [f64; 3] {
+        let mut t = [0.0; 3];
+        for (i, c) in convs.iter().enumerate() {
+            for (pass, tp) in t.iter_mut().enumerate() {
+                if c.count(pass) > 0 {
+                    *tp += c.count(pass) as f64 * f(i, pass).unwrap_or(f64::NAN);
+                }
+            }
+        }
+        t
     };
-    let hw = (size / 4).max(1);
-    let s = Conv2d {
-        n: slices,
-        c_in: ch,
-        h: hw,
-        w: hw,
-        c_out: ch,
-        kh: 3,
-        kw: 3,
-        stride: 1,
-        pad: 1,
-    };
-    let x = be.upload(&inputs(s.x_len(), 3))?;
-    let w = be.upload(&inputs(s.w_len(), 4))?;
-    let dy = be.upload(&inputs(s.y_len(), 5))?;
-    let mut y = be.zeros(s.y_len())?;
-    let mut dx = be.zeros(s.x_len())?;
-    let mut dw = be.zeros(s.w_len())?;
-    let sync = || -> anyhow::Result<()> { Ok(be.synchronize()?) };
-    let flops = 2.0 * s.macs() as f64;
-    let desc = format!("{slices}x{ch}x{hw}x{hw} 3x3 -> {ch}");
-    let tf = time(&sync, args.warmup, args.iters, || {
-        Ok(be.conv2d_fwd(&s, &x, &w, &mut y)?)
-    })?;
-    report(
-        args,
-        p.name,
-        "conv-fwd",
-        device,
-        &tf,
-        slices,
-        &format!("{desc}, {:.2} TFLOP/s", flops / tf.median_ms / 1e9),
+    let mut totals: Vec<(String, String, &str, [f64; 3])> = variants
+        .iter()
+        .enumerate()
+        .map(|(vi, v)| {
+            (
+                v.label.clone(),
+                v.precision.name().to_string(),
+                v.route,
+                sum(&|i, pass| ms[i][pass][vi]),
+            )
+        })
+        .collect();
+    let mut auto_lines = Vec::new();
+    for (prec, picks) in &kernels.auto {
+        totals.push((
+            format!("auto-{prec}"),
+            prec.name().into(),
+            "auto",
+            sum(&|i, pass| ms[i][pass][picks[i][pass]]),
+        ));
+        totals.push((
+            format!("best-{prec}"),
+            prec.name().into(),
+            "best",
+            sum(&|i, pass| {
+                best_variant(variants, &ms[i][pass], *prec).and_then(|b| ms[i][pass][b])
+            }),
+        ));
+        let (mut slower, mut pairs, mut lost) = (0usize, 0usize, 0.0f64);
+        for (i, c) in convs.iter().enumerate() {
+            for (pass, pick) in picks[i].iter().enumerate() {
+                if c.count(pass) == 0 {
+                    continue;
+                }
+                pairs += 1;
+                let best = best_variant(variants, &ms[i][pass], *prec);
+                if let (Some(b), Some(ta)) = (best, ms[i][pass][*pick]) {
+                    if b != *pick {
+                        slower += 1;
+                        lost += c.count(pass) as f64 * (ta - ms[i][pass][b].unwrap_or(ta));
+                    }
+                }
+            }
+        }
+        auto_lines.push((format!("auto-{prec}"), slower, pairs, lost));
+    }
+    for (label, prec, route, t) in &totals {
+        if args.json {
+            let auto = auto_lines.iter().find(|a| &a.0 == label);
+            json_rows.push(format!(
+                "{}",
+                serde_json::json!({
+                    "what": "conv-summary", "config": p.name, "device": device, "variant": label,
+                    "precision": prec, "route": route, "fwd_ms": t[0], "dgrad_ms": t[1],
+                    "wgrad_ms": t[2], "total_ms": t[0] + t[1] + t[2], "shapes": convs.len(),
+                    "convs": total, "iters": args.iters,
+                    "auto_slower": auto.map(|a| a.1), "pairs": auto.map(|a| a.2),
+                    "auto_lost_ms": auto.map(|a| a.3),
+                })
+            ));
+        }
+    }
+    for j in &json_rows {
+        println!("{j}");
+    }
+    println!(
+        "network conv time (sum of count x median, ms): {:<12} {:>10} {:>10} {:>10} {:>10}",
+        "variant", "fwd", "dgrad", "wgrad", "total"
     );
-    let td = time(&sync, args.warmup, args.iters, || {
-        Ok(be.conv2d_bwd_data(&s, &dy, &w, &mut dx)?)
-    })?;
-    report(
-        args,
-        p.name,
-        "conv-bwd-data",
-        device,
-        &td,
-        slices,
-        &format!("{desc}, {:.2} TFLOP/s", flops / td.median_ms / 1e9),
-    );
-    let tw = time(&sync, args.warmup, args.iters, || {
-        Ok(be.conv2d_bwd_weight(&s, &x, &dy, &mut dw)?)
-    })?;
-    report(
-        args,
-        p.name,
-        "conv-bwd-weight",
-        device,
-        &tw,
-        slices,
-        &format!("{desc}, {:.2} TFLOP/s", flops / tw.median_ms / 1e9),
-    );
+    for (label, _, _, t) in &totals {
+        println!(
+            "{:<47} {label:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+            "",
+            t[0],
+            t[1],
+            t[2],
+            t[0] + t[1] + t[2]
+        );
+    }
+    for (label, slower, pairs, lost) in &auto_lines {
+        println!(
+            "{label}: a slower kernel than its precision's best on {slower} of {pairs} (shape, pass) pairs, {lost:.3} ms per step lost"
+        );
+    }
     Ok(())
+}
+
+/// The fastest timed variant at precision `prec` among `t` (one median per variant).
+fn best_variant<B>(
+    variants: &[ConvVariant<B>],
+    t: &[Option<f64>],
+    prec: ichcam::engine::Precision,
+) -> Option<usize> {
+    (0..variants.len())
+        .filter(|&v| variants[v].precision == prec)
+        .filter_map(|v| t.get(v).copied().flatten().map(|ms| (v, ms)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(v, _)| v)
 }
 
 /// With `ICHCAM_PROFILE=1` on the CPU: where the timed iterations spent their time, per op
