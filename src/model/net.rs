@@ -1732,4 +1732,95 @@ mod tests {
         assert_ne!(n.param("conv1.weight").unwrap(), c0);
         assert_eq!(n.param("fc.weight").unwrap(), f1);
     }
+
+    /// [`IchNet::generation`] (what keys the CUDA training graphs) counts every replacement
+    /// or allocation of a buffer a training step holds, and nothing else: a warm step of
+    /// either stage, and eval passes of the training shape, leave it as it was.
+    #[test]
+    fn generation_counts_every_buffer_replacement() {
+        let mut n = net(3);
+        let (h, w) = (32, 32);
+        let x = randn(1, 3 * 3 * h * w);
+        let x2 = randn(2, 2 * 3 * h * w);
+        let y = [1.0, 0.0, 1.0];
+        let opt = OptimizerConfig::adam(1e-3);
+        let train1 = |n: &mut IchNet<CpuBackend<f64>>| {
+            n.zero_grads().unwrap();
+            n.stage1_forward_backward(&x, &y, 1, 3, h, w, 1.0).unwrap();
+            n.step(&opt, ParamGroup::Stage1).unwrap();
+        };
+        let train2 = |n: &mut IchNet<CpuBackend<f64>>| {
+            n.zero_grads().unwrap();
+            n.stage2_forward_backward(&x, &y, 3, h, w, 1.0).unwrap();
+            n.step(&opt, ParamGroup::Fc).unwrap();
+        };
+        let changed = |n: &mut IchNet<CpuBackend<f64>>, f: &dyn Fn(&mut IchNet<CpuBackend<f64>>)| {
+            let g = n.generation();
+            f(n);
+            n.generation() != g
+        };
+        // The first steps allocate (activations, gradients, moments), the warm ones nothing.
+        assert!(changed(&mut n, &train1));
+        assert!(!changed(&mut n, &train1), "a warm stage-1 step");
+        assert!(changed(&mut n, &train2));
+        assert!(!changed(&mut n, &train2), "a warm stage-2 step");
+        assert!(!changed(&mut n, &train1), "stage 1 after stage 2, same shapes");
+        let same: [(&str, &dyn Fn(&mut IchNet<CpuBackend<f64>>)); 3] = [
+            ("an eval pass of the training shape", &|n| {
+                n.stage1_logits(&x, 1, 3, h, w).unwrap();
+            }),
+            ("a stage-2 eval pass of the training shape", &|n| {
+                n.stage2_logits(&x, 3, h, w).unwrap();
+            }),
+            ("zeroing the gradients", &|n| n.zero_grads().unwrap()),
+        ];
+        for (what, f) in same {
+            assert!(!changed(&mut n, f), "{what}");
+        }
+        let replacing: [(&str, &dyn Fn(&mut IchNet<CpuBackend<f64>>)); 7] = [
+            ("a parameter set", &|n| {
+                let v = n.param("conv1.weight").unwrap();
+                n.set_param("conv1.weight", &v).unwrap();
+            }),
+            ("a running statistic set", &|n| {
+                let v = n.param("bn1.running_mean").unwrap();
+                n.set_param("bn1.running_mean", &v).unwrap();
+            }),
+            ("an optimizer state set", &|n| {
+                let s = n.opt_state("fc.bias").unwrap();
+                n.set_opt_state("fc.bias", s.m.as_deref(), s.v.as_deref(), s.steps)
+                    .unwrap();
+            }),
+            ("an eval pass of another shape", &|n| {
+                n.stage2_logits(&x2, 2, h, w).unwrap();
+            }),
+            ("a batch-statistics pass of another shape", &|n| {
+                n.set_train(true);
+                n.stage1_logits(&x2, 1, 2, h, w).unwrap();
+                n.set_train(false);
+            }),
+            ("a stage-2 step of another batch", &|n| {
+                n.stage2_forward_backward(&x2, &[1.0, 0.0], 2, h, w, 1.0)
+                    .unwrap();
+            }),
+            ("the buffers released", &|n| n.release_buffers()),
+        ];
+        for (what, f) in replacing {
+            // Back to the training shapes' buffers (a replacement of its own).
+            train1(&mut n);
+            train2(&mut n);
+            assert!(!changed(&mut n, &train1), "warm again before {what}");
+            assert!(changed(&mut n, f), "{what}");
+        }
+        // A fresh net's first step of a group allocates its gradients: counted.
+        let mut m = net(3);
+        m.stage2_logits(&x, 3, h, w).unwrap();
+        let g = m.generation();
+        m.zero_grads().unwrap();
+        assert_eq!(m.generation(), g, "nothing to zero, nothing allocated");
+        m.stage2_forward_backward(&x, &y, 3, h, w, 1.0).unwrap();
+        assert!(m.generation() > g, "the fc's gradients and head buffers allocated");
+        assert!(m.params().get("conv1.weight").unwrap().grad.is_none());
+        assert!(m.params().get("fc.weight").unwrap().grad.is_some());
+    }
 }
