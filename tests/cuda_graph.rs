@@ -1635,13 +1635,21 @@ fn train_steps_after_a_buffer_replacement_recapture() {
     let stage1: [(usize, &str, Replacement); 5] = [
         (3, "a parameter and a running statistic set", |net| {
             for name in ["layer1.0.conv1.weight", "bn1.running_var"] {
-                let v: Vec<f32> = net.param(name).expect("p").iter().map(|v| v * 0.5).collect();
+                let v: Vec<f32> = net
+                    .param(name)
+                    .expect("p")
+                    .iter()
+                    .map(|v| v * 0.5)
+                    .collect();
                 net.set_param(name, &v).expect("set");
             }
         }),
         (6, "an optimizer state set", |net| {
             let s = net.opt_state("conv1.weight").expect("state");
-            let half = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v.iter().map(|x| x * 0.5).collect::<Vec<_>>());
+            let half = |v: &Option<Vec<f32>>| {
+                v.as_ref()
+                    .map(|v| v.iter().map(|x| x * 0.5).collect::<Vec<_>>())
+            };
             let (m, v) = (half(&s.m), half(&s.v));
             net.set_opt_state("conv1.weight", m.as_deref(), v.as_deref(), s.steps)
                 .expect("set state");
@@ -1653,7 +1661,8 @@ fn train_steps_after_a_buffer_replacement_recapture() {
         (12, "a batch-statistics pass of another shape", |net| {
             let x = randn(998, 2 * small_cfg().in_channels * 32 * 32);
             net.set_train(true);
-            net.stage1_logits(&x, 1, 2, 32, 32).expect("batch statistics");
+            net.stage1_logits(&x, 1, 2, 32, 32)
+                .expect("batch statistics");
             net.set_train(false);
         }),
         (15, "the buffers released", |net| net.release_buffers()),
@@ -1661,7 +1670,8 @@ fn train_steps_after_a_buffer_replacement_recapture() {
     let mut eager = IchNet::new(g.clone(), cfg.clone(), 41).expect("net");
     let mut graphed = IchNet::new(g.clone(), cfg.clone(), 41).expect("net");
     // An eval pass first (no gradient buffer allocated): the first step allocates them.
-    assert_eq!(bits(&val(&mut eager)), bits(&val(&mut graphed)));
+    let f64_bits = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(f64_bits(val(&mut eager)), f64_bits(val(&mut graphed)));
     let mut steps = GraphSteps::default();
     let mut replayed = Vec::new();
     for k in 0..18 {
@@ -1686,14 +1696,22 @@ fn train_steps_after_a_buffer_replacement_recapture() {
         if let Some(why) = steps.graph.as_ref().and_then(|t| t.failure()) {
             panic!("stage-1 step {k}: the step was not captured: {why}");
         }
-        assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "stage-1 step {k}: loss");
+        assert_eq!(
+            got.loss.to_bits(),
+            want.loss.to_bits(),
+            "stage-1 step {k}: loss"
+        );
         assert_eq!(got.logits, want.logits, "stage-1 step {k}: logits");
         assert_same_state_and_grads(&eager, &graphed, &format!("after stage-1 step {k}"));
     }
     // Each replacement made its step eager and the next one re-capture.
     let want: Vec<bool> = (0..18).map(|k| k % 3 != 0).collect();
     assert_eq!(replayed, want, "which stage-1 steps replayed");
-    assert_eq!(steps.counts(), (6, 12, 6), "stage 1: captures, replays, eager steps");
+    assert_eq!(
+        steps.counts(),
+        (6, 12, 6),
+        "stage 1: captures, replays, eager steps"
+    );
 
     // Stage 2 on nets that never trained: no gradient buffer until the first step.
     let stage2: [(usize, &str, Replacement); 4] = [
@@ -1710,7 +1728,12 @@ fn train_steps_after_a_buffer_replacement_recapture() {
                 .expect("step");
         }),
         (9, "the fc set", |net| {
-            let v: Vec<f32> = net.param("fc.weight").expect("p").iter().map(|v| -v).collect();
+            let v: Vec<f32> = net
+                .param("fc.weight")
+                .expect("p")
+                .iter()
+                .map(|v| -v)
+                .collect();
             net.set_param("fc.weight", &v).expect("set");
         }),
         (12, "an eager stage-1 step", |net| {
@@ -1758,5 +1781,9 @@ fn train_steps_after_a_buffer_replacement_recapture() {
     }
     let want: Vec<bool> = (0..15).map(|k| k % 3 != 0).collect();
     assert_eq!(replayed, want, "which stage-2 steps replayed");
-    assert_eq!(steps.counts(), (5, 10, 5), "stage 2: captures, replays, eager steps");
+    assert_eq!(
+        steps.counts(),
+        (5, 10, 5),
+        "stage 2: captures, replays, eager steps"
+    );
 }

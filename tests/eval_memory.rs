@@ -7,7 +7,9 @@
 //!   in the reused buffers leaks into a result);
 //! - the default budget splits the paper's CAM pass (ResNet-101, 32 slices of 512^2) so
 //!   that its counted bytes stay under issue 14's 0.8 GB, and leaves a pass that fits whole
-//!   unsplit; the figures before and after the plan are printed (`--nocapture`);
+//!   unsplit, and takes chunks at least as large as when a built model held a gradient
+//!   buffer per trainable; the figures before and after the plan, and with and without the
+//!   gradient buffers, are printed (`--nocapture`);
 //! - training is untouched by eval passes: steps with eval passes between them give
 //!   bit-identical losses, logits, parameters and gradients to the same steps without.
 

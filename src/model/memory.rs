@@ -485,7 +485,10 @@ mod tests {
             .unwrap();
         net.step(&opt, ParamGroup::Fc).unwrap();
         let fc = (cfg.feature_channels() as u128 + 1) * 3 * 4;
-        assert_eq!(Some(held(&net)), param_bytes(&cfg, 4, false).map(|b| b + fc));
+        assert_eq!(
+            Some(held(&net)),
+            param_bytes(&cfg, 4, false).map(|b| b + fc)
+        );
         net.zero_grads().unwrap();
         net.stage1_forward_backward(&x, &[1.0, 0.0], 1, n, h, w, 1.0)
             .unwrap();

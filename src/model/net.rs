@@ -12,7 +12,9 @@
 //! warm training step of either stage thus allocates nothing besides its input uploads and
 //! never waits for the device besides its loss (and logits) readback, which the steps'
 //! cores leave to their callers: on CUDA the whole step is captured as a graph and replayed
-//! (`net_graph.rs`).
+//! (`net_graph.rs`), keyed by [`IchNet::generation`], which counts every replacement or
+//! allocation of a buffer a step holds. The parameters' gradients and optimizer moments are
+//! allocated on their first training use: a model used only for inference holds neither.
 //! Knows nothing about CT, datasets or files.
 
 use super::config::ModelConfig;
@@ -444,7 +446,15 @@ impl<B: Backend> Slots<B> {
         x: &B::Buf,
         d: Dims,
     ) -> Result<&mut BackboneEval<B>, ModelError> {
-        eval_pass(be, &t.backbone, store, &mut self.eval, &mut self.generation, x, d)
+        eval_pass(
+            be,
+            &t.backbone,
+            store,
+            &mut self.eval,
+            &mut self.generation,
+            x,
+            d,
+        )
     }
 
     /// The stage-1 net (backbone, LSTM, head) run on `x` `[batch, seq, c, h, w]`: the
@@ -477,7 +487,16 @@ impl<B: Backend> Slots<B> {
         d: Dims,
     ) -> Result<TrainBufs<'_, B>, ModelError> {
         let gen = &mut self.generation;
-        let bb = backbone_pass(be, &t.backbone, store, &mut self.bb, gen, x, d, BnMode::Train)?;
+        let bb = backbone_pass(
+            be,
+            &t.backbone,
+            store,
+            &mut self.bb,
+            gen,
+            x,
+            d,
+            BnMode::Train,
+        )?;
         let sa = seq_pass(be, t, store, &mut self.seq, gen, &bb.gap, d)?;
         let bg = reuse(
             &mut self.bb_grads,
@@ -504,7 +523,15 @@ impl<B: Backend> Slots<B> {
         x: &B::Buf,
         d: Dims,
     ) -> Result<(&BackboneEval<B>, B::Buf), ModelError> {
-        let bb = eval_pass(be, &t.backbone, store, &mut self.eval, &mut self.generation, x, d)?;
+        let bb = eval_pass(
+            be,
+            &t.backbone,
+            store,
+            &mut self.eval,
+            &mut self.generation,
+            x,
+            d,
+        )?;
         let (n, fc) = (d.n(), t.fc);
         let mut logits = be.zeros(n)?;
         let p = |i: W| &store.w[i.0].data;
@@ -1754,7 +1781,8 @@ mod tests {
             n.stage2_forward_backward(&x, &y, 3, h, w, 1.0).unwrap();
             n.step(&opt, ParamGroup::Fc).unwrap();
         };
-        let changed = |n: &mut IchNet<CpuBackend<f64>>, f: &dyn Fn(&mut IchNet<CpuBackend<f64>>)| {
+        let changed = |n: &mut IchNet<CpuBackend<f64>>,
+                       f: &dyn Fn(&mut IchNet<CpuBackend<f64>>)| {
             let g = n.generation();
             f(n);
             n.generation() != g
@@ -1764,7 +1792,10 @@ mod tests {
         assert!(!changed(&mut n, &train1), "a warm stage-1 step");
         assert!(changed(&mut n, &train2));
         assert!(!changed(&mut n, &train2), "a warm stage-2 step");
-        assert!(!changed(&mut n, &train1), "stage 1 after stage 2, same shapes");
+        assert!(
+            !changed(&mut n, &train1),
+            "stage 1 after stage 2, same shapes"
+        );
         let same: [(&str, &dyn Fn(&mut IchNet<CpuBackend<f64>>)); 3] = [
             ("an eval pass of the training shape", &|n| {
                 n.stage1_logits(&x, 1, 3, h, w).unwrap();
@@ -1819,7 +1850,10 @@ mod tests {
         m.zero_grads().unwrap();
         assert_eq!(m.generation(), g, "nothing to zero, nothing allocated");
         m.stage2_forward_backward(&x, &y, 3, h, w, 1.0).unwrap();
-        assert!(m.generation() > g, "the fc's gradients and head buffers allocated");
+        assert!(
+            m.generation() > g,
+            "the fc's gradients and head buffers allocated"
+        );
         assert!(m.params().get("conv1.weight").unwrap().grad.is_none());
         assert!(m.params().get("fc.weight").unwrap().grad.is_some());
     }

@@ -96,10 +96,12 @@ impl<B: Backend> Trainable<B> {
 
 /// A trainable's gradient buffer, which the training pass that writes it has allocated
 /// ([`ParamStore::ensure_grads`]): its absence is an internal error.
-pub(crate) fn grad_buf<'a, T>(grad: &'a mut Option<T>, name: &str) -> Result<&'a mut T, ModelError> {
-    grad.as_mut().ok_or_else(|| {
-        ModelError::Internal(format!("the gradient of {name} was not allocated"))
-    })
+pub(crate) fn grad_buf<'a, T>(
+    grad: &'a mut Option<T>,
+    name: &str,
+) -> Result<&'a mut T, ModelError> {
+    grad.as_mut()
+        .ok_or_else(|| ModelError::Internal(format!("the gradient of {name} was not allocated")))
 }
 
 /// A batch-norm running statistic: saved, updated by training-mode forwards, never trained.
