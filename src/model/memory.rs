@@ -468,7 +468,7 @@ mod tests {
             ..ModelConfig::tiny()
         };
         let be = CpuBackend::<f32>::new();
-        let mut net = IchNet::new(be.clone(), cfg.clone(), 0).unwrap();
+        let mut net = IchNet::new(be, cfg.clone(), 0).unwrap();
         let held = |net: &IchNet<CpuBackend<f32>>| net.params().held_scalars(&be) as u128 * 4;
         let (n, h, w) = (2, 32, 32);
         let x = vec![0.5f32; n * cfg.in_channels * h * w];

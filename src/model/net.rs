@@ -1763,6 +1763,9 @@ mod tests {
     /// [`IchNet::generation`] (what keys the CUDA training graphs) counts every replacement
     /// or allocation of a buffer a training step holds, and nothing else: a warm step of
     /// either stage, and eval passes of the training shape, leave it as it was.
+    /// A named change to a net.
+    type Change<'a> = (&'a str, &'a dyn Fn(&mut IchNet<CpuBackend<f64>>));
+
     #[test]
     fn generation_counts_every_buffer_replacement() {
         let mut n = net(3);
@@ -1796,7 +1799,7 @@ mod tests {
             !changed(&mut n, &train1),
             "stage 1 after stage 2, same shapes"
         );
-        let same: [(&str, &dyn Fn(&mut IchNet<CpuBackend<f64>>)); 3] = [
+        let same: [Change; 3] = [
             ("an eval pass of the training shape", &|n| {
                 n.stage1_logits(&x, 1, 3, h, w).unwrap();
             }),
@@ -1808,7 +1811,7 @@ mod tests {
         for (what, f) in same {
             assert!(!changed(&mut n, f), "{what}");
         }
-        let replacing: [(&str, &dyn Fn(&mut IchNet<CpuBackend<f64>>)); 7] = [
+        let replacing: [Change; 7] = [
             ("a parameter set", &|n| {
                 let v = n.param("conv1.weight").unwrap();
                 n.set_param("conv1.weight", &v).unwrap();
