@@ -50,7 +50,13 @@
 //! - on the emulator, a graph replayed after a buffer it holds was freed, and after that
 //!   memory was allocated again for a new buffer at the same address (a stale pointer, which
 //!   a GPU's replay would silently write through): CUDA_ERROR_ILLEGAL_ADDRESS naming the node,
-//!   the kernel and the argument, not a crash (each case in a child process).
+//!   the kernel and the argument, not a crash (each case in a child process);
+//! - the stage-1 and stage-2 training graphs after a buffer they hold was replaced between
+//!   steps (a parameter, a running statistic or an optimizer state set; a validation or eval
+//!   pass of another shape; an eager step of another batch or of the other stage; the buffers
+//!   released: `IchNet::generation`): the next step runs eagerly and the one after
+//!   re-captures, losses, logits, parameters, optimizer states and gradients bit-identical
+//!   to eager steps (replaying the old graph reads freed buffers).
 //!
 //! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
 //! tests are reported as ignored (tests/common/cuda.rs).
@@ -138,6 +144,10 @@ fn main() {
         device(
             "chunked_cam_pass_graph_replay_is_bit_identical_to_eager",
             chunked_cam_pass_graph_replay_is_bit_identical_to_eager,
+        ),
+        device(
+            "train_steps_after_a_buffer_replacement_recapture",
+            train_steps_after_a_buffer_replacement_recapture,
         ),
     ];
     // One device context shared by all; captures must not interleave.
@@ -1581,4 +1591,199 @@ fn chunked_cam_pass_case(g: &CudaBackend, p: ichcam::engine::Precision) {
         "{p} normalised CAM, replay on x2"
     );
     drop(graph);
+}
+
+/// [`assert_same_state`] and every gradient, bit for bit.
+fn assert_same_state_and_grads(a: &IchNet<CudaBackend>, b: &IchNet<CudaBackend>, what: &str) {
+    assert_same_state(a, b, what);
+    for name in a.names() {
+        if let (Ok(ga), Ok(gb)) = (a.grad(&name), b.grad(&name)) {
+            assert_eq!(bits(&ga), bits(&gb), "{what}: gradient of {name} differs");
+        }
+    }
+}
+
+/// Applies one replacement of buffers a captured training step holds to a net (the same
+/// to the eager and the graphed one).
+type Replacement = fn(&mut IchNet<CudaBackend>);
+
+/// Stage-1 and stage-2 steps with, between some of them, a replacement of buffers a
+/// captured step holds (`IchNet::generation`): a parameter and a running statistic set (as
+/// a checkpoint load does), an optimizer state set, a validation pass of another shape in
+/// eval mode (the eval-mode backbone and the sequence's activations reallocated) and with
+/// batch statistics (the training activations reallocated), the buffers released; for stage
+/// 2, on a net that never trained (no gradient buffer yet: they are allocated on the first
+/// training use), an eval pass of another shape, an eager stage-2 step of another batch (the
+/// head's per-shape buffers), the fc set, and an eager stage-1 step (the backbone's
+/// gradients and moments allocated, which the stage-2 graph's zeroing did not hold). Each
+/// makes the next step eager and the one after re-capture; losses, logits, every parameter,
+/// running statistic, optimizer state and gradient are bit-identical to eager steps from the
+/// same state. Replaying the old graph instead reads freed buffers: the emulator's
+/// CUDA_ERROR_ILLEGAL_ADDRESS, or (the new gradients) wrong values.
+fn train_steps_after_a_buffer_replacement_recapture() {
+    use ichcam::model::net_graph::GraphSteps;
+    use ichcam::model::{OptimizerConfig, ParamGroup};
+    let g = gpu();
+    let cfg = small_cfg();
+    let c = cfg.in_channels;
+    let (batch, seq, size) = (1, 3, 32);
+    let n = batch * seq;
+    let val = |net: &mut IchNet<CudaBackend>| {
+        let x = randn(999, 2 * c * size * size);
+        net.stage1_logits(&x, 1, 2, size, size).expect("validation")
+    };
+    let stage1: [(usize, &str, Replacement); 5] = [
+        (3, "a parameter and a running statistic set", |net| {
+            for name in ["layer1.0.conv1.weight", "bn1.running_var"] {
+                let v: Vec<f32> = net
+                    .param(name)
+                    .expect("p")
+                    .iter()
+                    .map(|v| v * 0.5)
+                    .collect();
+                net.set_param(name, &v).expect("set");
+            }
+        }),
+        (6, "an optimizer state set", |net| {
+            let s = net.opt_state("conv1.weight").expect("state");
+            let half = |v: &Option<Vec<f32>>| {
+                v.as_ref()
+                    .map(|v| v.iter().map(|x| x * 0.5).collect::<Vec<_>>())
+            };
+            let (m, v) = (half(&s.m), half(&s.v));
+            net.set_opt_state("conv1.weight", m.as_deref(), v.as_deref(), s.steps)
+                .expect("set state");
+        }),
+        (9, "an eval-mode validation pass of another shape", |net| {
+            let x = randn(999, 2 * small_cfg().in_channels * 32 * 32);
+            net.stage1_logits(&x, 1, 2, 32, 32).expect("validation");
+        }),
+        (12, "a batch-statistics pass of another shape", |net| {
+            let x = randn(998, 2 * small_cfg().in_channels * 32 * 32);
+            net.set_train(true);
+            net.stage1_logits(&x, 1, 2, 32, 32)
+                .expect("batch statistics");
+            net.set_train(false);
+        }),
+        (15, "the buffers released", |net| net.release_buffers()),
+    ];
+    let mut eager = IchNet::new(g.clone(), cfg.clone(), 41).expect("net");
+    let mut graphed = IchNet::new(g.clone(), cfg.clone(), 41).expect("net");
+    // An eval pass first (no gradient buffer allocated): the first step allocates them.
+    let f64_bits = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(f64_bits(val(&mut eager)), f64_bits(val(&mut graphed)));
+    let mut steps = GraphSteps::default();
+    let mut replayed = Vec::new();
+    for k in 0..18 {
+        if let Some((_, what, f)) = stage1.iter().find(|r| r.0 == k) {
+            eprintln!("stage 1: before step {k}: {what}");
+            f(&mut eager);
+            f(&mut graphed);
+        }
+        let x = randn(300 + k as u64, n * c * size * size);
+        let y: Vec<f32> = (0..n).map(|i| ((i + k) % 2) as f32).collect();
+        let opt = OptimizerConfig::adam(1e-2 / (1.0 + k as f64));
+        eager.zero_grads().expect("zero");
+        let want = eager
+            .stage1_forward_backward(&x, &y, batch, seq, size, size, 1.5)
+            .expect("eager step");
+        eager.step(&opt, ParamGroup::Stage1).expect("eager step");
+        let before = steps.counts().1;
+        let got = graphed
+            .stage1_step_graphed(&mut steps, &x, &y, batch, seq, size, size, 1.5, &opt)
+            .expect("graphed step");
+        replayed.push(steps.counts().1 > before);
+        if let Some(why) = steps.graph.as_ref().and_then(|t| t.failure()) {
+            panic!("stage-1 step {k}: the step was not captured: {why}");
+        }
+        assert_eq!(
+            got.loss.to_bits(),
+            want.loss.to_bits(),
+            "stage-1 step {k}: loss"
+        );
+        assert_eq!(got.logits, want.logits, "stage-1 step {k}: logits");
+        assert_same_state_and_grads(&eager, &graphed, &format!("after stage-1 step {k}"));
+    }
+    // Each replacement made its step eager and the next one re-capture.
+    let want: Vec<bool> = (0..18).map(|k| k % 3 != 0).collect();
+    assert_eq!(replayed, want, "which stage-1 steps replayed");
+    assert_eq!(
+        steps.counts(),
+        (6, 12, 6),
+        "stage 1: captures, replays, eager steps"
+    );
+
+    // Stage 2 on nets that never trained: no gradient buffer until the first step.
+    let stage2: [(usize, &str, Replacement); 4] = [
+        (3, "an eval pass of another batch", |net| {
+            let x = randn(997, 3 * small_cfg().in_channels * 32 * 32);
+            net.stage2_logits(&x, 3, 32, 32).expect("eval");
+        }),
+        (6, "an eager stage-2 step of another batch", |net| {
+            let x = randn(996, 3 * small_cfg().in_channels * 32 * 32);
+            net.zero_grads().expect("zero");
+            net.stage2_forward_backward(&x, &[1.0, 0.0, 1.0], 3, 32, 32, 1.0)
+                .expect("eager stage-2 step");
+            net.step(&OptimizerConfig::adam(1e-3), ParamGroup::Fc)
+                .expect("step");
+        }),
+        (9, "the fc set", |net| {
+            let v: Vec<f32> = net
+                .param("fc.weight")
+                .expect("p")
+                .iter()
+                .map(|v| -v)
+                .collect();
+            net.set_param("fc.weight", &v).expect("set");
+        }),
+        (12, "an eager stage-1 step", |net| {
+            let x = randn(995, 3 * small_cfg().in_channels * 32 * 32);
+            net.zero_grads().expect("zero");
+            net.stage1_forward_backward(&x, &[1.0, 0.0, 1.0], 1, 3, 32, 32, 1.0)
+                .expect("eager stage-1 step");
+            net.step(&OptimizerConfig::paper_sgd(), ParamGroup::Stage1)
+                .expect("step");
+        }),
+    ];
+    let mut eager = IchNet::new(g.clone(), cfg.clone(), 43).expect("net");
+    let mut graphed = IchNet::new(g.clone(), cfg.clone(), 43).expect("net");
+    let mut steps = GraphSteps::default();
+    let mut replayed = Vec::new();
+    let n = 4;
+    for k in 0..15 {
+        if let Some((_, what, f)) = stage2.iter().find(|r| r.0 == k) {
+            eprintln!("stage 2: before step {k}: {what}");
+            f(&mut eager);
+            f(&mut graphed);
+        }
+        let x = randn(400 + k as u64, n * c * size * size);
+        let y: Vec<f32> = (0..n).map(|i| ((i / 2 + k) % 2) as f32).collect();
+        let opt = OptimizerConfig::Sgd {
+            lr: 0.05 * (k + 1) as f64,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+        };
+        eager.zero_grads().expect("zero");
+        let want = eager
+            .stage2_forward_backward(&x, &y, n, size, size, 1.0)
+            .expect("eager step");
+        eager.step(&opt, ParamGroup::Fc).expect("eager step");
+        let before = steps.counts().1;
+        let got = graphed
+            .stage2_step_graphed(&mut steps, &x, &y, n, size, size, 1.0, &opt)
+            .expect("graphed step");
+        replayed.push(steps.counts().1 > before);
+        if let Some(why) = steps.graph.as_ref().and_then(|t| t.failure()) {
+            panic!("stage-2 step {k}: the step was not captured: {why}");
+        }
+        assert_eq!(got.to_bits(), want.to_bits(), "stage-2 step {k}: loss");
+        assert_same_state_and_grads(&eager, &graphed, &format!("after stage-2 step {k}"));
+    }
+    let want: Vec<bool> = (0..15).map(|k| k % 3 != 0).collect();
+    assert_eq!(replayed, want, "which stage-2 steps replayed");
+    assert_eq!(
+        steps.counts(),
+        (5, 10, 5),
+        "stage 2: captures, replays, eager steps"
+    );
 }

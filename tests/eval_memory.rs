@@ -7,7 +7,9 @@
 //!   in the reused buffers leaks into a result);
 //! - the default budget splits the paper's CAM pass (ResNet-101, 32 slices of 512^2) so
 //!   that its counted bytes stay under issue 14's 0.8 GB, and leaves a pass that fits whole
-//!   unsplit; the figures before and after the plan are printed (`--nocapture`);
+//!   unsplit, and takes chunks at least as large as when a built model held a gradient
+//!   buffer per trainable; the figures before and after the plan, and with and without the
+//!   gradient buffers, are printed (`--nocapture`);
 //! - training is untouched by eval passes: steps with eval passes between them give
 //!   bit-identical losses, logits, parameters and gradients to the same steps without.
 
@@ -18,7 +20,7 @@ use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::Backend;
 use ichcam::model::memory::{
     backbone_activations, cam_pass_activations, cam_pass_bytes, cam_pass_chunk, eval_activations,
-    param_bytes,
+    param_bytes, param_counts,
 };
 use ichcam::model::{
     BlockKind, CamChunking, CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup,
@@ -133,17 +135,27 @@ fn default_budget_splits_the_paper_cam_pass_under_the_goal() {
         let pass = cam_pass_bytes(&cfg, n, s, s, m, 4).expect("count");
         let whole = cam_pass_bytes(&cfg, n, s, s, n, 4).expect("count");
         let params = param_bytes(&cfg, 4, false).expect("count");
+        // What the pass counted while a built model held a gradient buffer per trainable
+        // (before they were allocated on the first training use): the chunk that budget
+        // chose.
+        let grads = param_counts(&cfg).expect("count").trainable * 4;
+        let m_grads = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET - grads);
+        let pass_grads = cam_pass_bytes(&cfg, n, s, s, m_grads, 4).expect("count") + grads;
         println!(
             "{name}: {n} slices {s}^2 f32: activations one buffer per layer {:.3} GB, eval plan \
              {:.3} GB; CAM pass unsplit {:.3} GB; chunks of {m}: activations {:.3} GB, pass \
-             {:.3} GB (parameters and gradients {:.3} GB)",
+             {:.3} GB (parameters {:.3} GB); with gradient buffers ({:.3} GB) the pass took \
+             chunks of {m_grads}, {:.3} GB",
             before as f64 / GB,
             plan as f64 / GB,
             whole as f64 / GB,
             acts as f64 / GB,
             pass as f64 / GB,
-            params as f64 / GB
+            params as f64 / GB,
+            grads as f64 / GB,
+            pass_grads as f64 / GB,
         );
+        assert!(m >= m_grads, "{name}: smaller chunks without the gradients");
         assert!(plan * 2 < before, "{name}: the plan saves little");
         assert!(pass <= CAM_PASS_BUDGET || m == 1, "{name}: {pass} bytes");
         if name == "paper" {

@@ -17,7 +17,7 @@ use super::eval_plan::{self, Plan, PlanOp, Src};
 pub struct Counts {
     /// Every tensor (trainables and batch-norm running statistics).
     pub total: u128,
-    /// Trainable scalars (each also has a gradient buffer).
+    /// Trainable scalars (each also has a gradient buffer once training uses it).
     pub trainable: u128,
 }
 
@@ -109,11 +109,13 @@ pub fn param_counts(cfg: &ModelConfig) -> Option<Counts> {
     Some(c)
 }
 
-/// Bytes an `IchNet` holds for its parameters with `elem`-byte scalars: every tensor plus a
-/// gradient buffer per trainable; with `optimizer`, Adam's two moments per trainable too.
-pub fn param_bytes(cfg: &ModelConfig, elem: usize, optimizer: bool) -> Option<u128> {
+/// Bytes an `IchNet` holds for its parameters with `elem`-byte scalars: every tensor; when
+/// `training`, also a gradient buffer and Adam's two moments per trainable (allocated on the
+/// first training step: a model used only for inference holds neither,
+/// `ParamStore::held_scalars`).
+pub fn param_bytes(cfg: &ModelConfig, elem: usize, training: bool) -> Option<u128> {
     let c = param_counts(cfg)?;
-    let per_trainable = if optimizer { 3 } else { 1 };
+    let per_trainable = if training { 3 } else { 0 };
     mul(
         add(c.total, mul(c.trainable, per_trainable)?)?,
         elem as u128,
@@ -308,8 +310,8 @@ pub fn cam_pass_activations(
 
 /// Bytes of a whole CAM pass (`IchNet::stage2_cam_pass`) on `n` slices of `h x w` in chunks
 /// of `chunk` slices with `elem`-byte scalars, as a model built for it holds them: the
-/// parameters (with their gradient buffers, which `IchNet` allocates), the input, the
-/// outputs (logits, CAM, normalised CAM) and [`cam_pass_activations`]. Not counted: the
+/// parameters (no gradient buffers: a model that has not trained allocates none), the input,
+/// the outputs (logits, CAM, normalised CAM) and [`cam_pass_activations`]. Not counted: the
 /// composite ops' scratch (a backend's arena) and a CUDA graph.
 pub fn cam_pass_bytes(
     cfg: &ModelConfig,
@@ -450,6 +452,48 @@ mod tests {
             assert_eq!(c.total, total as u128);
             assert_eq!(c.trainable, net.params().trainable_count() as u128);
         }
+    }
+
+    /// The parameter bytes counted for inference and for training are what the CPU backend
+    /// holds: no gradient or moment after inference passes (the CAM pass included), and
+    /// every gradient and Adam's two moments after training steps of both stages.
+    #[test]
+    fn param_bytes_are_what_the_store_holds() {
+        use crate::engine::Backend;
+        use crate::model::{OptimizerConfig, ParamGroup};
+        let cfg = ModelConfig {
+            block: BlockKind::Bottleneck,
+            layers: vec![1, 2],
+            base_width: 4,
+            ..ModelConfig::tiny()
+        };
+        let be = CpuBackend::<f32>::new();
+        let mut net = IchNet::new(be, cfg.clone(), 0).unwrap();
+        let held = |net: &IchNet<CpuBackend<f32>>| net.params().held_scalars(&be) as u128 * 4;
+        let (n, h, w) = (2, 32, 32);
+        let x = vec![0.5f32; n * cfg.in_channels * h * w];
+        assert_eq!(Some(held(&net)), param_bytes(&cfg, 4, false), "built");
+        net.stage2_infer(&x, n, h, w, crate::model::CamKind::GradCam)
+            .unwrap();
+        net.stage1_logits(&x, 1, n, h, w).unwrap();
+        let xb = net.backend().upload(&x).unwrap();
+        net.stage2_cam_pass(&xb, n, h, w, &mut None).unwrap();
+        assert_eq!(Some(held(&net)), param_bytes(&cfg, 4, false), "inference");
+        // A stage-2 step allocates the fc's gradients and moments only.
+        let opt = OptimizerConfig::adam(1e-3);
+        net.stage2_forward_backward(&x, &[1.0, 0.0], n, h, w, 1.0)
+            .unwrap();
+        net.step(&opt, ParamGroup::Fc).unwrap();
+        let fc = (cfg.feature_channels() as u128 + 1) * 3 * 4;
+        assert_eq!(
+            Some(held(&net)),
+            param_bytes(&cfg, 4, false).map(|b| b + fc)
+        );
+        net.zero_grads().unwrap();
+        net.stage1_forward_backward(&x, &[1.0, 0.0], 1, n, h, w, 1.0)
+            .unwrap();
+        net.step(&opt, ParamGroup::Stage1).unwrap();
+        assert_eq!(Some(held(&net)), param_bytes(&cfg, 4, true), "training");
     }
 
     #[test]

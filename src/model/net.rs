@@ -12,13 +12,15 @@
 //! warm training step of either stage thus allocates nothing besides its input uploads and
 //! never waits for the device besides its loss (and logits) readback, which the steps'
 //! cores leave to their callers: on CUDA the whole step is captured as a graph and replayed
-//! (`net_graph.rs`).
+//! (`net_graph.rs`), keyed by [`IchNet::generation`], which counts every replacement or
+//! allocation of a buffer a step holds. The parameters' gradients and optimizer moments are
+//! allocated on their first training use: a model used only for inference holds neither.
 //! Knows nothing about CT, datasets or files.
 
 use super::config::ModelConfig;
 use super::memory;
 use super::optim::{self, OptimizerConfig};
-use super::params::{Group, Init, ParamGroup, ParamStore, W};
+use super::params::{grad_buf, Group, Init, ParamGroup, ParamStore, W};
 use super::resnet::{self, BackboneActs, BackboneEval, BackboneGrads, BackboneSpec, BnMode};
 use super::ModelError;
 use crate::engine::{Backend, ChannelCopy, Lstm, Real};
@@ -114,8 +116,10 @@ pub enum CamChunking {
 /// 32 slices of 512^2 (0.8 GB), less 100 MB for what [`memory::cam_pass_bytes`] does not
 /// count: the composite ops' scratch (on CUDA the split-K workspaces, kept per length; by
 /// our reading of the split plan about 4 x SMs x 64 x 64 values, 9 MB, each on an H200) and
-/// the CUDA graph. It splits that pass into 16 chunks of 2 slices (0.64 GB counted: 0.37 GB
-/// of it parameters and their gradient buffers, 0.10 GB the input). Not measured on a GPU.
+/// the CUDA graph. It splits that pass into 7 chunks of 5 slices (the last of 2; 0.67 GB
+/// counted: 0.18 GB of it parameters, 0.35 GB the chunk's activations and staging, 0.10 GB
+/// the input); when a built model still held a gradient buffer per trainable (0.18 GB more)
+/// it took 16 chunks of 2. Not measured on a GPU.
 pub const CAM_PASS_BUDGET: u128 = 700_000_000;
 
 impl Default for CamChunking {
@@ -334,16 +338,18 @@ impl<B: Backend> SeqGrads<B> {
 }
 
 /// The buffer in `slot` when `fits` says it is for the current shape, else a new one from
-/// `make` (the old one freed first).
-fn reuse<T, E>(
-    slot: &mut Option<T>,
+/// `make` (the old one freed first, the replacement counted in `generation`).
+fn reuse<'a, T, E>(
+    slot: &'a mut Option<T>,
+    generation: &mut u64,
     fits: impl FnOnce(&T) -> bool,
     make: impl FnOnce() -> Result<T, E>,
-) -> Result<&mut T, E> {
+) -> Result<&'a mut T, E> {
     match slot.take() {
         Some(t) if fits(&t) => Ok(slot.insert(t)),
         old => {
             drop(old);
+            *generation += 1;
             Ok(slot.insert(make()?))
         }
     }
@@ -396,7 +402,7 @@ type TrainBufs<'a, B> = (
 /// and, once a training step ran on that shape, their gradients; the eval-mode backbone's
 /// (each reallocated, the old ones freed first, when the shape changes). Training and
 /// batch-statistics passes use `bb`, eval-mode passes `eval` only: inference never
-/// allocates the training activations.
+/// allocates the training activations. Every (re)allocation is counted in `generation`.
 struct Slots<B: Backend> {
     bb: Option<BackboneActs<B>>,
     eval: Option<BackboneEval<B>>,
@@ -405,6 +411,9 @@ struct Slots<B: Backend> {
     seq_grads: Option<SeqGrads<B>>,
     /// The stage-2 training step's fc logits `[n]` and their gradient, for `n`.
     fc_train: Option<(usize, B::Buf, B::Buf)>,
+    /// Counts the times a buffer of these slots was allocated or replaced (never reset:
+    /// [`Slots::release`] counts too).
+    generation: u64,
 }
 
 impl<B: Backend> Slots<B> {
@@ -416,7 +425,16 @@ impl<B: Backend> Slots<B> {
             seq: None,
             seq_grads: None,
             fc_train: None,
+            generation: 0,
         }
+    }
+
+    /// Frees every buffer (counted as a replacement).
+    fn release(&mut self) {
+        *self = Slots {
+            generation: self.generation + 1,
+            ..Slots::empty()
+        };
     }
 
     /// The eval-mode backbone run on `x` `[n, c, h, w]`.
@@ -428,7 +446,15 @@ impl<B: Backend> Slots<B> {
         x: &B::Buf,
         d: Dims,
     ) -> Result<&mut BackboneEval<B>, ModelError> {
-        eval_pass(be, &t.backbone, store, &mut self.eval, x, d)
+        eval_pass(
+            be,
+            &t.backbone,
+            store,
+            &mut self.eval,
+            &mut self.generation,
+            x,
+            d,
+        )
     }
 
     /// The stage-1 net (backbone, LSTM, head) run on `x` `[batch, seq, c, h, w]`: the
@@ -442,12 +468,13 @@ impl<B: Backend> Slots<B> {
         d: Dims,
         mode: BnMode,
     ) -> Result<&mut SeqActs<B>, ModelError> {
+        let gen = &mut self.generation;
         let gap = if mode == BnMode::Eval {
-            &eval_pass(be, &t.backbone, store, &mut self.eval, x, d)?.gap
+            &eval_pass(be, &t.backbone, store, &mut self.eval, gen, x, d)?.gap
         } else {
-            &backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, mode)?.gap
+            &backbone_pass(be, &t.backbone, store, &mut self.bb, gen, x, d, mode)?.gap
         };
-        seq_pass(be, t, store, &mut self.seq, gap, d)
+        seq_pass(be, t, store, &mut self.seq, gen, gap, d)
     }
 
     /// [`Slots::stage1`] in training mode, with the gradients of those activations.
@@ -459,15 +486,27 @@ impl<B: Backend> Slots<B> {
         x: &B::Buf,
         d: Dims,
     ) -> Result<TrainBufs<'_, B>, ModelError> {
-        let bb = backbone_pass(be, &t.backbone, store, &mut self.bb, x, d, BnMode::Train)?;
-        let sa = seq_pass(be, t, store, &mut self.seq, &bb.gap, d)?;
+        let gen = &mut self.generation;
+        let bb = backbone_pass(
+            be,
+            &t.backbone,
+            store,
+            &mut self.bb,
+            gen,
+            x,
+            d,
+            BnMode::Train,
+        )?;
+        let sa = seq_pass(be, t, store, &mut self.seq, gen, &bb.gap, d)?;
         let bg = reuse(
             &mut self.bb_grads,
+            gen,
             |g| g.fits(bb),
             || BackboneGrads::new(be, bb),
         )?;
         let sg = reuse(
             &mut self.seq_grads,
+            gen,
             |g| (g.batch, g.seq) == (d.batch, d.seq),
             || SeqGrads::new(be, sa),
         )?;
@@ -484,7 +523,15 @@ impl<B: Backend> Slots<B> {
         x: &B::Buf,
         d: Dims,
     ) -> Result<(&BackboneEval<B>, B::Buf), ModelError> {
-        let bb = eval_pass(be, &t.backbone, store, &mut self.eval, x, d)?;
+        let bb = eval_pass(
+            be,
+            &t.backbone,
+            store,
+            &mut self.eval,
+            &mut self.generation,
+            x,
+            d,
+        )?;
         let (n, fc) = (d.n(), t.fc);
         let mut logits = be.zeros(n)?;
         let p = |i: W| &store.w[i.0].data;
@@ -493,13 +540,15 @@ impl<B: Backend> Slots<B> {
     }
 }
 
-/// Runs the backbone on `x` `[n, c, h, w]` in the activations of that shape in `slot` and
-/// returns them.
+/// Runs the backbone on `x` `[n, c, h, w]` in the activations of that shape in `slot`
+/// (a reallocation counted in `generation`) and returns them.
+#[allow(clippy::too_many_arguments)]
 fn backbone_pass<'a, B: Backend>(
     be: &B,
     spec: &BackboneSpec,
     store: &mut ParamStore<B>,
     slot: &'a mut Option<BackboneActs<B>>,
+    generation: &mut u64,
     x: &B::Buf,
     d: Dims,
     mode: BnMode,
@@ -507,6 +556,7 @@ fn backbone_pass<'a, B: Backend>(
     let (n, h, w) = (d.n(), d.h, d.w);
     let bb = reuse(
         slot,
+        generation,
         |a| a.fits(n, h, w),
         || BackboneActs::new(be, spec, n, h, w),
     )?;
@@ -515,18 +565,20 @@ fn backbone_pass<'a, B: Backend>(
 }
 
 /// Runs the eval-mode backbone on `x` `[n, c, h, w]` in the buffers of that shape in
-/// `slot` and returns them.
+/// `slot` (a reallocation counted in `generation`) and returns them.
 fn eval_pass<'a, B: Backend>(
     be: &B,
     spec: &BackboneSpec,
     store: &ParamStore<B>,
     slot: &'a mut Option<BackboneEval<B>>,
+    generation: &mut u64,
     x: &B::Buf,
     d: Dims,
 ) -> Result<&'a mut BackboneEval<B>, ModelError> {
     let (n, h, w) = (d.n(), d.h, d.w);
     let bb = reuse(
         slot,
+        generation,
         |a| a.fits(n, h, w),
         || BackboneEval::new(be, spec, n, h, w),
     )?;
@@ -535,18 +587,21 @@ fn eval_pass<'a, B: Backend>(
 }
 
 /// Runs the LSTM and the head on the pooled features `gap` `[batch * seq, features]` in
-/// the activations of that shape in `slot` and returns them.
+/// the activations of that shape in `slot` (a reallocation counted in `generation`) and
+/// returns them.
 fn seq_pass<'a, B: Backend>(
     be: &B,
     t: &Topology,
     store: &ParamStore<B>,
     slot: &'a mut Option<SeqActs<B>>,
+    generation: &mut u64,
     gap: &B::Buf,
     d: Dims,
 ) -> Result<&'a mut SeqActs<B>, ModelError> {
     let (batch, seq, n) = (d.batch, d.seq, d.n());
     let sa = reuse(
         slot,
+        generation,
         |a| a.fits(batch, seq),
         || SeqActs::new(be, &t.lstm, &t.head, t.hidden, batch, seq),
     )?;
@@ -741,20 +796,36 @@ impl<B: Backend> IchNet<B> {
     pub fn param(&self, name: &str) -> Result<Vec<B::T>, ModelError> {
         Ok(self.be.download(self.store.get(name)?.data)?)
     }
+    /// Overwrites a tensor's values: a new buffer (counted in [`IchNet::generation`]).
     pub fn set_param(&mut self, name: &str, values: &[B::T]) -> Result<(), ModelError> {
         self.store.set(&self.be, name, values)
     }
-    /// The gradient left by the last backward pass.
+    /// The gradient left by the last backward pass (zeros before the first training pass of
+    /// the tensor's group, which allocates it).
     pub fn grad(&self, name: &str) -> Result<Vec<B::T>, ModelError> {
-        Ok(self.be.download(&self.store.trainable(name)?.grad)?)
+        let p = self.store.trainable(name)?;
+        match &p.grad {
+            Some(g) => Ok(self.be.download(g)?),
+            None => Ok(vec![B::T::from_f64_lossy(0.0); p.numel()]),
+        }
     }
-    /// Zeroes every gradient. (The backward passes overwrite the gradients they compute, so
-    /// this is needed only to clear gradients a pass does not touch.)
+    /// Zeroes every gradient (those not allocated yet are zeros). (The backward passes
+    /// overwrite the gradients they compute, so this is needed only to clear gradients a
+    /// pass does not touch.)
     pub fn zero_grads(&mut self) -> Result<(), ModelError> {
-        for p in self.store.w.iter_mut() {
-            self.be.fill(&mut p.grad, 0.0)?;
+        for g in self.store.w.iter_mut().filter_map(|p| p.grad.as_mut()) {
+            self.be.fill(g, 0.0)?;
         }
         Ok(())
+    }
+    /// Counts every replacement or allocation of a buffer a training step reads or writes:
+    /// a tensor set ([`IchNet::set_param`], as a checkpoint load does), an optimizer state
+    /// set or allocated, a gradient allocated, the activations (training, eval-mode, the
+    /// stage-2 head's) reallocated for another input shape, the buffers released. A CUDA
+    /// graph captured at another generation holds stale addresses (`net_graph.rs` keys its
+    /// graphs with it).
+    pub fn generation(&self) -> u64 {
+        self.store.generation() + self.slots.generation
     }
     /// One optimizer step on the tensors of `group` from the current gradients.
     pub fn step(&mut self, opt: &OptimizerConfig, group: ParamGroup) -> Result<(), ModelError> {
@@ -779,7 +850,8 @@ impl<B: Backend> IchNet<B> {
             steps: p.step,
         })
     }
-    /// Restores the optimizer state saved by [`IchNet::opt_state`].
+    /// Restores the optimizer state saved by [`IchNet::opt_state`] (new buffers: counted in
+    /// [`IchNet::generation`]).
     pub fn set_opt_state(
         &mut self,
         name: &str,
@@ -802,6 +874,7 @@ impl<B: Backend> IchNet<B> {
         p.m = m.map(|x| be.upload(x)).transpose()?;
         p.v = v.map(|x| be.upload(x)).transpose()?;
         p.step = steps;
+        self.store.replaced();
         Ok(())
     }
 
@@ -950,6 +1023,7 @@ impl<B: Backend> IchNet<B> {
         d: Dims,
         bce: impl FnOnce(&B, &B::Buf, &B::Buf, &mut B::Buf) -> Result<f64, ModelError>,
     ) -> Result<f64, ModelError> {
+        self.store.ensure_grads(&self.be, ParamGroup::Stage1)?;
         let be = &self.be;
         let n = d.n();
         // The activations and, allocated with them, their gradients.
@@ -978,8 +1052,8 @@ impl<B: Backend> IchNet<B> {
                     &pw.data,
                     dy,
                     Some(&mut sg.lstm[top].dh),
-                    &mut pw.grad,
-                    Some(&mut pb.grad),
+                    grad_buf(&mut pw.grad, &pw.name)?,
+                    Some(grad_buf(&mut pb.grad, &pb.name)?),
                 )?;
             } else {
                 let r = &sa.relu[i - 1];
@@ -992,8 +1066,8 @@ impl<B: Backend> IchNet<B> {
                     &pw.data,
                     dy,
                     Some(&mut *dr),
-                    &mut pw.grad,
-                    Some(&mut pb.grad),
+                    grad_buf(&mut pw.grad, &pw.name)?,
+                    Some(grad_buf(&mut pb.grad, &pb.name)?),
                 )?;
                 be.relu_bwd(r, dr, &mut lo[i - 1])?;
             }
@@ -1023,12 +1097,12 @@ impl<B: Backend> IchNet<B> {
                 &a.gates,
                 &g.dh,
                 dx,
-                &mut wi.grad,
-                &mut wh.grad,
+                grad_buf(&mut wi.grad, &wi.name)?,
+                grad_buf(&mut wh.grad, &wh.name)?,
                 &mut g.db,
             )?;
-            be.copy(&g.db, &mut bi.grad)?;
-            be.copy(&g.db, &mut bh.grad)?;
+            be.copy(&g.db, grad_buf(&mut bi.grad, &bi.name)?)?;
+            be.copy(&g.db, grad_buf(&mut bh.grad, &bh.name)?)?;
         }
         bb.backward(be, params, bg, xb)?;
         Ok(loss)
@@ -1092,18 +1166,22 @@ impl<B: Backend> IchNet<B> {
         d: Dims,
         bce: impl FnOnce(&B, &B::Buf, &B::Buf, &mut B::Buf) -> Result<f64, ModelError>,
     ) -> Result<f64, ModelError> {
+        self.store.ensure_grads(&self.be, ParamGroup::Fc)?;
         let be = &self.be;
         let (n, fc) = (d.n(), self.topo.fc);
+        let gen = &mut self.slots.generation;
         let bb = eval_pass(
             be,
             &self.topo.backbone,
             &self.store,
             &mut self.slots.eval,
+            gen,
             xb,
             d,
         )?;
         let (_, logits, dlogits) = reuse(
             &mut self.slots.fc_train,
+            gen,
             |t| t.0 == n,
             || Ok::<_, ModelError>((n, be.zeros(n)?, be.zeros(n)?)),
         )?;
@@ -1125,8 +1203,8 @@ impl<B: Backend> IchNet<B> {
             &pw.data,
             dlogits,
             None,
-            &mut pw.grad,
-            Some(&mut pb.grad),
+            grad_buf(&mut pw.grad, &pw.name)?,
+            Some(grad_buf(&mut pb.grad, &pb.name)?),
         )?;
         Ok(loss)
     }
@@ -1401,9 +1479,10 @@ impl<B: Backend> IchNet<B> {
         )
     }
 
-    /// Frees the cached activation buffers (they are reallocated on the next pass).
+    /// Frees the cached activation buffers (they are reallocated on the next pass; counted
+    /// in [`IchNet::generation`]).
     pub fn release_buffers(&mut self) {
-        self.slots = Slots::empty();
+        self.slots.release();
     }
 }
 
@@ -1679,5 +1758,106 @@ mod tests {
             .unwrap();
         assert_ne!(n.param("conv1.weight").unwrap(), c0);
         assert_eq!(n.param("fc.weight").unwrap(), f1);
+    }
+
+    /// [`IchNet::generation`] (what keys the CUDA training graphs) counts every replacement
+    /// or allocation of a buffer a training step holds, and nothing else: a warm step of
+    /// either stage, and eval passes of the training shape, leave it as it was.
+    /// A named change to a net.
+    type Change<'a> = (&'a str, &'a dyn Fn(&mut IchNet<CpuBackend<f64>>));
+
+    #[test]
+    fn generation_counts_every_buffer_replacement() {
+        let mut n = net(3);
+        let (h, w) = (32, 32);
+        let x = randn(1, 3 * 3 * h * w);
+        let x2 = randn(2, 2 * 3 * h * w);
+        let y = [1.0, 0.0, 1.0];
+        let opt = OptimizerConfig::adam(1e-3);
+        let train1 = |n: &mut IchNet<CpuBackend<f64>>| {
+            n.zero_grads().unwrap();
+            n.stage1_forward_backward(&x, &y, 1, 3, h, w, 1.0).unwrap();
+            n.step(&opt, ParamGroup::Stage1).unwrap();
+        };
+        let train2 = |n: &mut IchNet<CpuBackend<f64>>| {
+            n.zero_grads().unwrap();
+            n.stage2_forward_backward(&x, &y, 3, h, w, 1.0).unwrap();
+            n.step(&opt, ParamGroup::Fc).unwrap();
+        };
+        let changed = |n: &mut IchNet<CpuBackend<f64>>,
+                       f: &dyn Fn(&mut IchNet<CpuBackend<f64>>)| {
+            let g = n.generation();
+            f(n);
+            n.generation() != g
+        };
+        // The first steps allocate (activations, gradients, moments), the warm ones nothing.
+        assert!(changed(&mut n, &train1));
+        assert!(!changed(&mut n, &train1), "a warm stage-1 step");
+        assert!(changed(&mut n, &train2));
+        assert!(!changed(&mut n, &train2), "a warm stage-2 step");
+        assert!(
+            !changed(&mut n, &train1),
+            "stage 1 after stage 2, same shapes"
+        );
+        let same: [Change; 3] = [
+            ("an eval pass of the training shape", &|n| {
+                n.stage1_logits(&x, 1, 3, h, w).unwrap();
+            }),
+            ("a stage-2 eval pass of the training shape", &|n| {
+                n.stage2_logits(&x, 3, h, w).unwrap();
+            }),
+            ("zeroing the gradients", &|n| n.zero_grads().unwrap()),
+        ];
+        for (what, f) in same {
+            assert!(!changed(&mut n, f), "{what}");
+        }
+        let replacing: [Change; 7] = [
+            ("a parameter set", &|n| {
+                let v = n.param("conv1.weight").unwrap();
+                n.set_param("conv1.weight", &v).unwrap();
+            }),
+            ("a running statistic set", &|n| {
+                let v = n.param("bn1.running_mean").unwrap();
+                n.set_param("bn1.running_mean", &v).unwrap();
+            }),
+            ("an optimizer state set", &|n| {
+                let s = n.opt_state("fc.bias").unwrap();
+                n.set_opt_state("fc.bias", s.m.as_deref(), s.v.as_deref(), s.steps)
+                    .unwrap();
+            }),
+            ("an eval pass of another shape", &|n| {
+                n.stage2_logits(&x2, 2, h, w).unwrap();
+            }),
+            ("a batch-statistics pass of another shape", &|n| {
+                n.set_train(true);
+                n.stage1_logits(&x2, 1, 2, h, w).unwrap();
+                n.set_train(false);
+            }),
+            ("a stage-2 step of another batch", &|n| {
+                n.stage2_forward_backward(&x2, &[1.0, 0.0], 2, h, w, 1.0)
+                    .unwrap();
+            }),
+            ("the buffers released", &|n| n.release_buffers()),
+        ];
+        for (what, f) in replacing {
+            // Back to the training shapes' buffers (a replacement of its own).
+            train1(&mut n);
+            train2(&mut n);
+            assert!(!changed(&mut n, &train1), "warm again before {what}");
+            assert!(changed(&mut n, f), "{what}");
+        }
+        // A fresh net's first step of a group allocates its gradients: counted.
+        let mut m = net(3);
+        m.stage2_logits(&x, 3, h, w).unwrap();
+        let g = m.generation();
+        m.zero_grads().unwrap();
+        assert_eq!(m.generation(), g, "nothing to zero, nothing allocated");
+        m.stage2_forward_backward(&x, &y, 3, h, w, 1.0).unwrap();
+        assert!(
+            m.generation() > g,
+            "the fc's gradients and head buffers allocated"
+        );
+        assert!(m.params().get("conv1.weight").unwrap().grad.is_none());
+        assert!(m.params().get("fc.weight").unwrap().grad.is_some());
     }
 }

@@ -1,7 +1,7 @@
 //! The stage-1 and stage-2 training steps on CUDA as captured graphs ([`TrainGraph`]): the
 //! whole step (gradients zeroed, forward, loss, backward, optimizer step) recorded once per
-//! (stage, batch shape, loss and optimizer settings) and replayed for every later step of
-//! that shape. The first step of a shape runs eagerly (it allocates the activations,
+//! (stage, batch shape, loss and optimizer settings, buffer generation) and replayed for every
+//! later step of that key. The first step of a key runs eagerly (it allocates the activations,
 //! gradients and optimizer moments, and loads the kernels); the second captures and
 //! replays. Before each replay the host uploads the batch into the graph's fixed input
 //! buffers (through [`InputRing`]s on the copy stream, so the copy overlaps queued compute)
@@ -14,7 +14,11 @@
 //! by [`GraphSteps::read`] after the next step has been enqueued, so the host prepares and
 //! uploads batch k+1 while the device runs step k. A slot is refilled only after it was
 //! read (queuing a third unread loss is an error). A shape change (the last partial batch) runs eagerly
-//! and re-captures when the shape returns. A capture that fails (an op of the step
+//! and re-captures when the shape returns; so does a step after a buffer the graph holds
+//! was replaced ([`IchNet::generation`], in the key: a tensor or an optimizer state set, as
+//! a checkpoint load does; a gradient or a moment allocated; the activations, the eval-mode
+//! backbone's or the stage-2 head's buffers reallocated by a pass of another shape, such as
+//! a validation batch; the buffers released). A capture that fails (an op of the step
 //! allocates or synchronises) is reported once on stderr with its error, and the steps of
 //! that shape run eagerly ([`TrainGraph::failure`] says why). The machinery ([`TrainGraph`],
 //! [`GraphSteps`], keyed by a [`StepKey`]) serves the stage-3 U-Net's graphed step too
@@ -50,6 +54,8 @@ pub struct Key {
     pos_weight: u64,
     /// The optimizer with its learning rate zeroed (the learning rate is a device scalar).
     opt: OptimizerConfig,
+    /// [`IchNet::generation`] at the capture.
+    generation: u64,
 }
 
 impl StepKey for Key {
@@ -248,6 +254,7 @@ fn key(
     dims: (usize, usize, usize, usize),
     pos_weight: f64,
     opt: &OptimizerConfig,
+    generation: u64,
 ) -> Key {
     Key {
         stage,
@@ -257,6 +264,7 @@ fn key(
         w: dims.3,
         pos_weight: pos_weight.to_bits(),
         opt: opt.with_lr(0.0),
+        generation,
     }
 }
 
@@ -326,7 +334,7 @@ impl IchNet<CudaBackend> {
         pos_weight: f64,
         opt: &OptimizerConfig,
     ) -> Result<Option<Stage1Step>, ModelError> {
-        let k = key(1, (batch, seq, h, w), pos_weight, opt);
+        let k = key(1, (batch, seq, h, w), pos_weight, opt, self.generation());
         if !matches!(&steps.graph, Some(g) if g.key == k) {
             return self.eager1(steps, k, x, labels, pos_weight, opt).map(Some);
         }
@@ -424,7 +432,7 @@ impl IchNet<CudaBackend> {
         pos_weight: f64,
         opt: &OptimizerConfig,
     ) -> Result<Option<f64>, ModelError> {
-        let k = key(2, (n, 1, h, w), pos_weight, opt);
+        let k = key(2, (n, 1, h, w), pos_weight, opt, self.generation());
         if !matches!(&steps.graph, Some(g) if g.key == k) {
             return self
                 .eager2(steps, k, x, labels, pos_weight, opt)
@@ -505,14 +513,17 @@ impl IchNet<CudaBackend> {
         })
     }
 
-    /// The fixed buffers of a graph for `k` (the old graph and its buffers freed first).
+    /// The fixed buffers of a graph for `k` (the old graph and its buffers freed first),
+    /// keyed with the generation the eager step left (it may have allocated the
+    /// activations, the gradients and the optimizer state).
     fn prepare(
         &mut self,
         steps: &mut GraphSteps,
-        k: Key,
+        mut k: Key,
         x_len: usize,
         y_len: usize,
     ) -> Result<(), ModelError> {
+        k.generation = self.generation();
         let counts = steps.graph.as_ref().map_or((0, 0), TrainGraph::counts);
         steps.graph = None;
         let hyper_len = optim::step_hyper(self.params(), &k.opt, ParamGroup::Stage1).len();

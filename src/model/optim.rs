@@ -71,68 +71,85 @@ pub(crate) fn step<B: Backend>(
     opt: &OptimizerConfig,
     group: ParamGroup,
 ) -> Result<(), ModelError> {
-    for p in store.w.iter_mut() {
-        if !group.contains(p.group) {
-            continue;
-        }
-        let n = p.numel();
-        let grad = &p.grad;
-        let m = match p.m.take() {
-            Some(m) => p.m.insert(m),
-            None => p.m.insert(be.zeros(n)?),
-        };
-        match *opt {
-            OptimizerConfig::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => {
-                be.sgd_step(
-                    &mut p.data,
-                    grad,
-                    m,
+    // A step without a training pass before it steps on zero gradients.
+    store.ensure_grads(be, group)?;
+    // The moments are allocated (zeroed) at the first step that needs them.
+    let mut allocated = false;
+    let r = (|| -> Result<(), ModelError> {
+        for p in store.w.iter_mut() {
+            if !group.contains(p.group) {
+                continue;
+            }
+            let n = p.numel();
+            let grad = super::params::grad_buf(&mut p.grad, &p.name)?;
+            let grad = &*grad;
+            let m = match p.m.take() {
+                Some(m) => p.m.insert(m),
+                None => {
+                    allocated = true;
+                    p.m.insert(be.zeros(n)?)
+                }
+            };
+            match *opt {
+                OptimizerConfig::Sgd {
                     lr,
                     momentum,
                     weight_decay,
-                    p.step == 0,
-                )?;
-            }
-            OptimizerConfig::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
-                let v = match p.v.take() {
-                    Some(v) => p.v.insert(v),
-                    None => p.v.insert(be.zeros(n)?),
-                };
-                be.adam_step(
-                    &mut p.data,
-                    grad,
-                    m,
-                    v,
-                    p.step + 1,
+                } => {
+                    be.sgd_step(
+                        &mut p.data,
+                        grad,
+                        m,
+                        lr,
+                        momentum,
+                        weight_decay,
+                        p.step == 0,
+                    )?;
+                }
+                OptimizerConfig::Adam {
                     lr,
                     beta1,
                     beta2,
                     eps,
                     weight_decay,
-                )?;
+                } => {
+                    let v = match p.v.take() {
+                        Some(v) => p.v.insert(v),
+                        None => {
+                            allocated = true;
+                            p.v.insert(be.zeros(n)?)
+                        }
+                    };
+                    be.adam_step(
+                        &mut p.data,
+                        grad,
+                        m,
+                        v,
+                        p.step + 1,
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                    )?;
+                }
             }
+            p.step += 1;
         }
-        p.step += 1;
+        Ok(())
+    })();
+    if allocated {
+        store.replaced();
     }
-    Ok(())
+    r
 }
 
 /// The optimizer step of a captured CUDA graph: [`step`]'s updates with the step-dependent
 /// scalars (learning rate, SGD's first step, Adam's bias corrections) read from `hyper`,
 /// which holds [`HYPER_LEN`] values per tensor of the store, in store order, written by the
 /// host before each replay ([`step_hyper`]); the step counts are advanced on the host after
-/// each replay ([`advance_steps`]). The moment buffers must exist (an eager step made them:
-/// a capture allocates nothing).
+/// each replay ([`advance_steps`]). The gradients and the moment buffers must exist (an
+/// eager step made them: a capture allocates nothing).
 pub(crate) fn step_device(
     be: &CudaBackend,
     store: &mut ParamStore<CudaBackend>,
@@ -158,7 +175,8 @@ pub(crate) fn step_device(
                 ..
             } => {
                 let m = p.m.as_mut().ok_or_else(missing)?;
-                be.sgd_step_dev(&mut p.data, &p.grad, m, hyper, at, momentum, weight_decay)?;
+                let g = super::params::grad_buf(&mut p.grad, &p.name)?;
+                be.sgd_step_dev(&mut p.data, g, m, hyper, at, momentum, weight_decay)?;
             }
             OptimizerConfig::Adam {
                 beta1,
@@ -167,12 +185,13 @@ pub(crate) fn step_device(
                 weight_decay,
                 ..
             } => {
-                let (Some(m), Some(v)) = (p.m.as_mut(), p.v.as_mut()) else {
+                let (Some(m), Some(v), Some(g)) = (p.m.as_mut(), p.v.as_mut(), p.grad.as_ref())
+                else {
                     return Err(missing());
                 };
                 be.adam_step_dev(
                     &mut p.data,
-                    &p.grad,
+                    g,
                     m,
                     v,
                     hyper,

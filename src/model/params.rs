@@ -2,9 +2,11 @@
 //! and names (`conv1.weight`, `layer2.0.downsample.1.running_var`, `lstm.weight_ih_l0`,
 //! `head.2.bias`, `fc.weight`), with its shape, its buffer on the backend and the group it
 //! belongs to (backbone, LSTM + head, fc: stage 2 trains only the fc). Trainables (each
-//! with its gradient, allocated with it, and its optimizer state) and running statistics
-//! (no gradient) are two lists addressed by typed indices (`W`, `S`), so a network
-//! never looks for a gradient that is not there.
+//! with its gradient and its optimizer state, both allocated on their first training use,
+//! so that a model used only for inference holds neither) and running statistics (no
+//! gradient) are two lists addressed by typed indices (`W`, `S`), so a network never looks
+//! for a gradient that is not there. The store counts every replacement or allocation of a
+//! buffer ([`ParamStore::generation`]): a CUDA graph captured before holds stale addresses.
 //! Also the torchvision / PyTorch default initialisation from a seed.
 //! Knows nothing about the topology beyond names and shapes.
 
@@ -75,7 +77,9 @@ pub(crate) struct Trainable<B: Backend> {
     pub shape: Vec<usize>,
     pub group: Group,
     pub data: B::Buf,
-    pub grad: B::Buf,
+    /// Allocated zeroed on the first training use of the tensor's group
+    /// ([`ParamStore::ensure_grads`]); `None` reads as zeros.
+    pub grad: Option<B::Buf>,
     /// SGD momentum buffer or Adam's first moment; allocated on the first step.
     pub m: Option<B::Buf>,
     /// Adam's second moment.
@@ -88,6 +92,16 @@ impl<B: Backend> Trainable<B> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+}
+
+/// A trainable's gradient buffer, which the training pass that writes it has allocated
+/// ([`ParamStore::ensure_grads`]): its absence is an internal error.
+pub(crate) fn grad_buf<'a, T>(
+    grad: &'a mut Option<T>,
+    name: &str,
+) -> Result<&'a mut T, ModelError> {
+    grad.as_mut()
+        .ok_or_else(|| ModelError::Internal(format!("the gradient of {name} was not allocated")))
 }
 
 /// A batch-norm running statistic: saved, updated by training-mode forwards, never trained.
@@ -112,7 +126,7 @@ pub struct Param<'a, B: Backend> {
     pub kind: ParamKind,
     pub group: Group,
     pub data: &'a B::Buf,
-    /// The gradient (trainables only).
+    /// The gradient (trainables only, once a training pass of its group allocated it).
     pub grad: Option<&'a B::Buf>,
     /// Optimizer steps taken (0 for statistics).
     pub steps: u64,
@@ -132,6 +146,8 @@ pub struct ParamStore<B: Backend> {
     pub(crate) s: Vec<Stat<B>>,
     order: Vec<Slot>,
     index: HashMap<String, Slot>,
+    /// Counts the times a buffer of the store was replaced or allocated ([`ParamStore::generation`]).
+    generation: u64,
 }
 
 impl<B: Backend> Default for ParamStore<B> {
@@ -141,6 +157,7 @@ impl<B: Backend> Default for ParamStore<B> {
             s: Vec::new(),
             order: Vec::new(),
             index: HashMap::new(),
+            generation: 0,
         }
     }
 }
@@ -177,7 +194,7 @@ impl<B: Backend> ParamStore<B> {
         Ok(())
     }
 
-    /// Appends a trainable tensor initialised from `seed`, with its gradient.
+    /// Appends a trainable tensor initialised from `seed` (no gradient yet).
     pub(crate) fn add_trainable(
         &mut self,
         be: &B,
@@ -188,7 +205,6 @@ impl<B: Backend> ParamStore<B> {
         seed: u64,
     ) -> Result<W, ModelError> {
         let data = be.upload(&self.init(&shape, init, seed))?;
-        let grad = be.zeros(data_len(&shape))?;
         let i = self.w.len();
         self.name(&name, Slot::W(i))?;
         self.w.push(Trainable {
@@ -196,7 +212,7 @@ impl<B: Backend> ParamStore<B> {
             shape,
             group,
             data,
-            grad,
+            grad: None,
             m: None,
             v: None,
             step: 0,
@@ -235,7 +251,7 @@ impl<B: Backend> ParamStore<B> {
                     kind: ParamKind::Trainable,
                     group: t.group,
                     data: &t.data,
-                    grad: Some(&t.grad),
+                    grad: t.grad.as_ref(),
                     steps: t.step,
                 }
             }
@@ -319,7 +335,47 @@ impl<B: Backend> ParamStore<B> {
             });
         }
         *data = be.upload(values)?;
+        self.generation += 1;
         Ok(())
+    }
+
+    /// Allocates (zeroed) the gradient of every trainable of `group` that has none yet: a
+    /// training pass or an optimizer step of that group calls it first.
+    pub(crate) fn ensure_grads(&mut self, be: &B, group: ParamGroup) -> Result<(), ModelError> {
+        for p in self.w.iter_mut().filter(|p| group.contains(p.group)) {
+            if p.grad.is_none() {
+                p.grad = Some(be.zeros(data_len(&p.shape))?);
+                self.generation += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a replacement or allocation of a buffer of the store made outside its methods
+    /// (the optimizer state).
+    pub(crate) fn replaced(&mut self) {
+        self.generation += 1;
+    }
+
+    /// How many times a buffer of the store (a tensor, a gradient, an optimizer moment) was
+    /// replaced or allocated since it was built: a CUDA graph that holds the store's buffers
+    /// is valid only while this stays what it was at the capture.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Values the store's buffers on `be` hold: every tensor, and the gradients and
+    /// optimizer moments allocated so far (what `memory::param_bytes` counts).
+    pub fn held_scalars(&self, be: &B) -> usize {
+        let w: usize = self
+            .w
+            .iter()
+            .map(|p| {
+                let extra = [&p.grad, &p.m, &p.v].into_iter().flatten();
+                be.len(&p.data) + extra.map(|b| be.len(b)).sum::<usize>()
+            })
+            .sum();
+        w + self.s.iter().map(|s| be.len(&s.data)).sum::<usize>()
     }
 }
 

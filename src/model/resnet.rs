@@ -12,7 +12,7 @@
 
 use super::config::{BlockKind, ModelConfig};
 use super::eval_plan::{self, Plan, PlanOp, Src};
-use super::params::{Group, Init, ParamStore, Trainable, S, W};
+use super::params::{grad_buf, Group, Init, ParamStore, Trainable, S, W};
 use super::ModelError;
 use crate::engine::{Backend, BatchNorm2d, Conv2d, Pool2d};
 
@@ -413,13 +413,13 @@ impl<B: Backend> UnitActs<B> {
                 &self.mean,
                 &self.invstd,
                 dz,
-                &mut g.grad,
-                &mut b.grad,
+                grad_buf(&mut g.grad, &g.name)?,
+                grad_buf(&mut b.grad, &b.name)?,
                 self.relu,
             )?;
         }
         let pw = &mut params.w[s.w.0];
-        be.conv2d_bwd_weight(&self.conv, x, dz, &mut pw.grad)?;
+        be.conv2d_bwd_weight(&self.conv, x, dz, grad_buf(&mut pw.grad, &pw.name)?)?;
         if let Some(dx) = dx {
             be.conv2d_bwd_data(&self.conv, dz, &pw.data, dx)?;
         }
