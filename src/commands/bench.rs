@@ -341,7 +341,7 @@ fn set_cam_chunk<B: Backend>(net: &mut IchNet<B>, args: &Args) {
 /// `act_plan_mb` (the same counted from the config, [`memory::cam_pass_activations`]),
 /// `act_per_layer_mb` (what keeping every layer's output for all the slices would hold,
 /// [`memory::backbone_activations`]: the memory before the plan) and `pass_plan_mb` (the whole
-/// pass counted: parameters with their gradient buffers, input, outputs and activations,
+/// pass counted: parameters (an inference-only model holds no gradient buffers), input, outputs and activations,
 /// [`memory::cam_pass_bytes`]; beside `device_mb` it shows what the count leaves out); and
 /// the detail's words for the chunks.
 fn cam_memory<B: Backend>(
