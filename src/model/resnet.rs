@@ -146,6 +146,19 @@ fn declare_conv_bn<B: Backend>(
     })
 }
 
+/// The stem's max-pool (3x3, stride 2, padding 1) over its `c`-channel `h x w` output.
+fn stem_pool(n: usize, c: usize, h: usize, w: usize) -> Pool2d {
+    Pool2d {
+        n,
+        c,
+        h,
+        w,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    }
+}
+
 /// Declares the backbone's tensors in torchvision's order.
 pub(crate) fn declare<B: Backend>(
     store: &mut ParamStore<B>,
@@ -657,15 +670,7 @@ impl<B: Backend> BackboneActs<B> {
         let (eps, mom) = (spec.eps, spec.momentum);
         let stem = UnitActs::new(be, spec.stem, n, h, w, true, false, eps, mom)?;
         let (sh, sw) = stem.out_hw();
-        let pool = Pool2d {
-            n,
-            c: spec.stem.c_out,
-            h: sh,
-            w: sw,
-            k: 3,
-            stride: 2,
-            pad: 1,
-        };
+        let pool = stem_pool(n, spec.stem.c_out, sh, sw);
         let pooled = be.zeros(pool.y_len())?;
         let (mut ch, mut cw) = (pool.out_h(), pool.out_w());
         let mut blocks = Vec::with_capacity(spec.blocks.len());
@@ -838,15 +843,7 @@ fn eval_ops(
     };
     let (stem, sh, sw) = unit(spec.stem, h, w, true, vec![Src::Input]);
     ops.push(stem);
-    let pool = Pool2d {
-        n,
-        c: spec.stem.c_out,
-        h: sh,
-        w: sw,
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let pool = stem_pool(n, spec.stem.c_out, sh, sw);
     let (mut ch, mut cw) = (pool.out_h(), pool.out_w());
     ops.push(EvalOp {
         kind: EvalKind::Pool(pool),
