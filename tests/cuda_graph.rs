@@ -334,7 +334,7 @@ fn cam_pass_graph_replay_is_bit_identical_to_eager() {
 
     // Capture the pass on a fixed input buffer, with its buffers warm (one eager pass).
     let mut xin = g.upload(&x1).expect("up");
-    let (graph, bufs) = warm_and_capture_cam_pass(&g, &mut net, &xin, n, h, w);
+    let (graph, bufs) = warm_and_capture_cam_pass(g, &mut net, &xin, n, h, w);
     assert!(
         graph.nodes() == 0 || graph.nodes() > 5,
         "{} nodes",
@@ -1568,7 +1568,7 @@ fn chunked_cam_pass_case(g: &CudaBackend, p: ichcam::engine::Precision) {
 
     // One graph over all the chunks, on a fixed input buffer, its buffers warm.
     let mut xin = g.upload(&x1).expect("up");
-    let (graph, bufs) = warm_and_capture_cam_pass(&g, &mut net, &xin, n, h, w);
+    let (graph, bufs) = warm_and_capture_cam_pass(g, &mut net, &xin, n, h, w);
     let b = bufs.as_ref().expect("bufs");
     assert!(
         down(&b.norm).iter().all(|v| v.is_nan()),

@@ -132,7 +132,7 @@ fn mma_smem(p: Precision) -> u32 {
 /// ([`CudaBackend::set_mma_route`]) for tests and comparisons. f32 never takes them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MmaRoute {
-    /// By the layer's size ([`mma_route`], [`mma_route_weight`]): the large layers.
+    /// By the layer's size (`mma_route`, `mma_route_weight` in this module): the large layers.
     #[default]
     Auto,
     /// Every tf32 / bf16 convolution.
