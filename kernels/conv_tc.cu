@@ -708,6 +708,28 @@ static_assert(MMA_SMEM == 124928 && MMA_SMEM_F32 == 105984, "conv.rs's mma_smem"
 // kernels round), as the register mma.sync reads.
 __device__ __forceinline__ unsigned tf32_bits(float v) { return __float_as_uint(wmma::__float_to_tf32(v)); }
 
+// The B stage of one K tile by 16-byte copies, where the operand's rows are whole images of
+// `ohw` contiguous pixels (1x1 stride-1 activations, or dy of one phase): src is
+// [images][rows][ohw], ohw % 4 == 0 and src 16-byte aligned (the host's test). Thread tid
+// copies pixels p0 + 4 * (tid % 32)..+3 (one image, since ohw % 4 == 0) of rows
+// k0 + tid / 32 + 8q, q < 4, into Bs [MBK][ldb]; past the pixels or the rows the zero-fill form.
+__device__ __forceinline__ void mma_rows_cp16(float* Bs, int ldb, const float* __restrict__ src, int rows, int ohw,
+                                              int p0, int pn, int k0, int kmax, int tid) {
+    const int pc = p0 + 4 * (tid & 31);
+    const bool pc_ok = pc < pn;
+    const float* src0 = src;
+    if (pc_ok) {
+        const int n = pc / ohw;
+        src0 = src + (size_t)n * rows * ohw + (pc - n * ohw);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int kl = (tid >> 5) + 8 * q, k = k0 + kl;
+        const bool ok = pc_ok && k < kmax;
+        __pipeline_memcpy_async(Bs + kl * ldb + 4 * (tid & 31), ok ? src0 + (size_t)k * ohw : src, 16, ok ? 0 : 16);
+    }
+}
+
 // One K tile of the warp's 64x32 at tf32 from the f32 stage (A [MBM][MLDA], B [MBK][MLDB]):
 // the m16n8k8 fragments read element by element in their documented layout (g = lane / 4,
 // t = lane % 4: A (g, t), (g+8, t), (g, t+4), (g+8, t+4); B (k t, n g), (k t+4, n g)), no
@@ -886,22 +908,8 @@ __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const 
             }
         }
         if (vec_b) {
-            // 1x1, stride 1, no padding, OHW = H*W % 4 == 0: 4 chunks of 4 pixels per thread,
-            // row (input channel) k0 + tid / 32 + 8q, pixels p0 + 4 * (tid % 32)..+3 (one image).
-            const int pc = p0 + 4 * (tid & 31);
-            const bool pc_ok = pc < Pn;
-            const float* src0 = x;
-            if (pc_ok) {
-                const int n = pc / OHW;
-                src0 = x + (size_t)n * C * OHW + (pc - n * OHW);
-            }
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int kl = (tid >> 5) + 8 * q, k = k0 + kl;
-                const bool ok = pc_ok && k < K;
-                __pipeline_memcpy_async(Bs + kl * MLDB + 4 * (tid & 31), ok ? src0 + (size_t)k * OHW : x, 16,
-                                        ok ? 0 : 16);
-            }
+            // 1x1, stride 1, no padding, OHW = H*W % 4 == 0: rows are input channels.
+            mma_rows_cp16(Bs, MLDB, x, C, OHW, p0, Pn, k0, K, tid);
         } else {
 #pragma unroll
             for (int q = 0; q < 16; ++q) {
@@ -1007,22 +1015,8 @@ __device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, 
             cp4(As + ml * MLDA + (tid & 31), ok ? wk + (size_t)m * KH * KW : w, ok);
         }
         if (vec_b) {
-            // One phase, K = C_out, HWp = OHW: rows co = k0 + tid / 32 + 8q, pixels
-            // p0 + 4 * (tid % 32)..+3 of one image.
-            const int pc = p0 + 4 * (tid & 31);
-            const bool pc_ok = pc < Pn;
-            const float* src0 = dy;
-            if (pc_ok) {
-                const int n = pc / OHW;
-                src0 = dy + (size_t)n * CO * OHW + (pc - n * OHW);
-            }
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int kl = (tid >> 5) + 8 * q, k = k0 + kl;
-                const bool ok = pc_ok && k < K;
-                __pipeline_memcpy_async(Bs + kl * MLDB + 4 * (tid & 31), ok ? src0 + (size_t)k * OHW : dy, 16,
-                                        ok ? 0 : 16);
-            }
+            // One phase, K = C_out, HWp = OHW: rows are output channels.
+            mma_rows_cp16(Bs, MLDB, dy, CO, OHW, p0, Pn, k0, K, tid);
         } else {
 #pragma unroll
             for (int q = 0; q < 16; ++q) {
