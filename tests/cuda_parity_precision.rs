@@ -34,12 +34,10 @@
 
 mod common;
 
-use common::cuda::{bin, device, host};
-use ichcam::engine::cuda::CudaBackend;
+use common::cuda::{bin, device, gpu_at as gpu, host};
 use ichcam::engine::Precision;
 use ichcam::model::parity::{self, AnyFixture, ParityReport};
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 const FIXTURES: [&str; 8] = [
     "torch-parity/parity_basic",
@@ -79,16 +77,6 @@ fn main() {
             a_rounded_reference_of_another_fixture_is_refused,
         ),
     ])
-}
-
-fn gpu(p: Precision) -> CudaBackend {
-    static GPU: OnceLock<CudaBackend> = OnceLock::new();
-    let mut be = GPU
-        .get_or_init(|| CudaBackend::new(0).expect("the harness found a CUDA device"))
-        .clone();
-    be.set_precision(p)
-        .expect("the device takes this precision");
-    be
 }
 
 fn fixture(name: &str) -> PathBuf {
