@@ -692,17 +692,36 @@ __device__ __forceinline__ void ptx_mma_tf32_m16n8k8(float (&d)[4], const unsign
 #define MMA_SMEM (MMA_SMEM_F32 + (MBM * MLDAH + MBK * MLDBH) * 2)
 #define MLDC (MBN + 4)
 
-static_assert(MBM * MLDC * 4 <= MMA_SMEM_F32, "the epilogue's f32 tile fits in the stages");
+// The B operand's layout in shared memory (a template parameter of mma_tile, mma_tile_tf32,
+// mma_mainloop and mma_store): [MBK][MBN], row k and column n (NK false: the NCHW kernels,
+// whose im2col rows are runs of pixels), or [MBN][MBK], row n and column k like A (NK true:
+// the channels-last forward, whose K run of one pixel is contiguous channels), with A's
+// pitches (f32 MLDA, bf16 MLDAH); with NK the epilogue's f32 tile is [MBN][MLDC] (row n,
+// column m) too, so that it is read along m for NHWC's channel-contiguous stores.
+template <bool NK>
+struct MmaB {
+    enum : int {
+        STAGE = MBM * MLDA + (NK ? MBN * MLDA : MBK * MLDB),  // floats per stage: A, then B
+        SMEM_F32 = MMA_STAGES * STAGE * 4,                    // bytes of the f32 ring
+        SMEM = SMEM_F32 + (MBM * MLDAH + (NK ? MBN * MLDAH : MBK * MLDBH)) * 2,  // and the bf16 tile
+    };
+};
+
+static_assert(MBM * MLDC * 4 <= MMA_SMEM_F32 && MBN * MLDC * 4 <= MmaB<true>::SMEM_F32,
+              "the epilogue's f32 tile fits in the stages");
 static_assert(MBM * MBK == 16 * MMA_THREADS && MBK * MBN == 16 * MMA_THREADS, "16 elements of A and of B per thread");
 static_assert((MLDAH * 2) % 16 == 0 && (MLDAH * 2 / 16) % 2 == 1, "A's bf16 rows: an odd number of 16-byte units");
 static_assert((MLDBH * 2) % 16 == 0 && (MLDBH * 2 / 16) % 2 == 1, "B's bf16 rows: an odd number of 16-byte units");
-static_assert(MMA_SMEM <= 227 * 1024, "the opt-in limit of sm_90");
+static_assert(MmaB<true>::SMEM <= 227 * 1024 - 4 * 1024, "the opt-in limit of sm_90 (and the pixel table)");
+static_assert(MmaB<false>::SMEM == MMA_SMEM && MmaB<false>::SMEM_F32 == MMA_SMEM_F32, "the NCHW layout");
 
 extern __shared__ __align__(128) unsigned char mma_smem[];
 
 // The bytes of dynamic shared memory of the bf16 and the tf32 mma kernels (conv.rs asks for
-// the same): tf32 has no bf16 tile.
+// the same, mma_smem): tf32 has no bf16 tile. The channels-last forward's B stage is
+// [MBN][MLDA] instead of [MBK][MLDB].
 static_assert(MMA_SMEM == 124928 && MMA_SMEM_F32 == 105984, "conv.rs's mma_smem");
+static_assert(MmaB<true>::SMEM == 131072 && MmaB<true>::SMEM_F32 == 110592, "conv.rs's mma_smem (NHWC)");
 
 // A tf32 operand: the f32 rounded to nearest, ties away (cvt.rna.tf32.f32, as the WMMA
 // kernels round), as the register mma.sync reads.
@@ -730,11 +749,41 @@ __device__ __forceinline__ void mma_rows_cp16(float* Bs, int ldb, const float* _
     }
 }
 
-// One K tile of the warp's 64x32 at tf32 from the f32 stage (A [MBM][MLDA], B [MBK][MLDB]):
-// the m16n8k8 fragments read element by element in their documented layout (g = lane / 4,
-// t = lane % 4: A (g, t), (g+8, t), (g, t+4), (g+8, t+4); B (k t, n g), (k t+4, n g)), no
-// ldmatrix (a 32-bit operand). A's reads are conflict-free (row pitch 36 words: bank 4g + t);
-// B's are 2-way (pitch 132: bank 4t + g).
+// The A stage of one K tile of a forward: rows m0.. of the weights [M][K] (row-major, K
+// contiguous: OIHW, or for the channels-last forward OHWI), columns k0..k0+31, into As
+// [MBM][MLDA]; past M or K the zero-fill form. vec: 16-byte copies (K % 4 == 0, w 16-byte
+// aligned: the host's test), 4 per thread, row tid / 8 + 32q, columns 4 * (tid % 8); else 16
+// 4-byte copies per thread, row tid / 32 + 8q, column tid % 32.
+__device__ __forceinline__ void mma_weights_cp(float* As, const float* __restrict__ w, int M, int K, int m0, int k0,
+                                               bool vec, int tid) {
+    if (vec) {
+        const int kc = k0 + 4 * (tid & 7);
+        const int nk = min(4, max(0, K - kc));
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int ml = (tid >> 3) + 32 * q, m = m0 + ml;
+            const bool ok = m < M && nk > 0;
+            __pipeline_memcpy_async(As + ml * MLDA + 4 * (tid & 7), ok ? w + (size_t)m * K + kc : w, 16,
+                                    ok ? 16 - 4 * nk : 16);
+        }
+    } else {
+        const int k = k0 + (tid & 31);
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+            const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
+            const bool ok = m < M && k < K;
+            cp4(As + ml * MLDA + (tid & 31), ok ? w + (size_t)m * K + k : w, ok);
+        }
+    }
+}
+
+// One K tile of the warp's 64x32 at tf32 from the f32 stage (A [MBM][MLDA], B [MBK][MLDB],
+// or with NK [MBN][MLDA]): the m16n8k8 fragments read element by element in their documented
+// layout (g = lane / 4, t = lane % 4: A (g, t), (g+8, t), (g, t+4), (g+8, t+4); B (k t, n g),
+// (k t+4, n g)), no ldmatrix (a 32-bit operand). A's reads are conflict-free (row pitch 36
+// words: bank 4g + t), and so are B's with NK (the same pitch and pattern); B's are 2-way
+// without (pitch 132: bank 4t + g).
+template <bool NK = false>
 __device__ __forceinline__ void mma_tile_tf32(const float* As, const float* Bs, float (&acc)[4][4][4], int wm, int wn,
                                               int lane) {
     const int g = lane >> 2, t = lane & 3;
@@ -751,9 +800,15 @@ __device__ __forceinline__ void mma_tile_tf32(const float* As, const float* Bs, 
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const float* c0 = Bs + (ks + t) * MLDB + wn * 32 + 8 * j + g;
-            b[j][0] = tf32_bits(c0[0]);
-            b[j][1] = tf32_bits(c0[4 * MLDB]);
+            if constexpr (NK) {
+                const float* c0 = Bs + (wn * 32 + 8 * j + g) * MLDA + ks + t;
+                b[j][0] = tf32_bits(c0[0]);
+                b[j][1] = tf32_bits(c0[4]);
+            } else {
+                const float* c0 = Bs + (ks + t) * MLDB + wn * 32 + 8 * j + g;
+                b[j][0] = tf32_bits(c0[0]);
+                b[j][1] = tf32_bits(c0[4 * MLDB]);
+            }
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i)
@@ -762,7 +817,12 @@ __device__ __forceinline__ void mma_tile_tf32(const float* As, const float* Bs, 
     }
 }
 
-// One K tile of the warp's 64x32: A [MBM][MLDAH] and B [MBK][MLDBH] bf16.
+// One K tile of the warp's 64x32: A [MBM][MLDAH] and B [MBK][MLDBH] bf16, B's k-pairs loaded
+// by ldmatrix.trans; with NK B is [MBN][MLDAH] (rows n, like A), whose non-transposed ldmatrix
+// gives the col-major B fragment directly: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+// (n 8-15, k 0-7), (n 8-15, k 8-15) = b[j][0], b[j][1], b[j+1][0], b[j+1][1], conflict-free
+// as A's (80-byte rows).
+template <bool NK = false>
 __device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfloat16* Bs, float (&acc)[4][4][4], int wm,
                                          int wn, int lane) {
 #pragma unroll
@@ -774,7 +834,11 @@ __device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfl
 #pragma unroll
         for (int j2 = 0; j2 < 2; ++j2) {
             unsigned q[4];
-            ptx_ldmatrix_x4_trans(q, Bs + (ks + (lane & 15)) * MLDBH + wn * 32 + j2 * 16 + 8 * (lane >> 4));
+            if constexpr (NK)
+                ptx_ldmatrix_x4(q, Bs + (wn * 32 + j2 * 16 + (lane & 7) + 8 * (lane >> 4)) * MLDAH + ks +
+                                       8 * ((lane >> 3) & 1));
+            else
+                ptx_ldmatrix_x4_trans(q, Bs + (ks + (lane & 15)) * MLDBH + wn * 32 + j2 * 16 + 8 * (lane >> 4));
             b[2 * j2][0] = q[0];
             b[2 * j2][1] = q[1];
             b[2 * j2 + 1][0] = q[2];
@@ -790,8 +854,9 @@ __device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfl
 // The K loop of the mma kernels: `ntiles` K tiles, tile t gathered by issue(A stage, B stage,
 // t) as cp.async copies into the f32 ring, then at bf16 rounded into the bf16 tile by the
 // block and multiplied by mma_tile, at tf32 (TF32) multiplied from the stage by mma_tile_tf32,
-// into acc (zeroed here). Ends with every copy landed and the stages free.
-template <bool TF32, class Issue>
+// into acc (zeroed here); B laid out as MmaB<NK> says. Ends with every copy landed and the
+// stages free.
+template <bool TF32, bool NK = false, class Issue>
 __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
 #pragma unroll
@@ -800,12 +865,13 @@ __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Is
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    typedef MmaB<NK> L;
     float* st = (float*)smem;
-    __nv_bfloat16* h = (__nv_bfloat16*)(smem + MMA_SMEM_F32);
+    __nv_bfloat16* h = (__nv_bfloat16*)(smem + L::SMEM_F32);
     __nv_bfloat16* hb = h + MBM * MLDAH;
 #pragma unroll
     for (int s = 0; s < MMA_STAGES - 1; ++s) {
-        if (s < ntiles) issue(st + s * MSTAGE_FLOATS, st + s * MSTAGE_FLOATS + MBM * MLDA, s);
+        if (s < ntiles) issue(st + s * L::STAGE, st + s * L::STAGE + MBM * MLDA, s);
         __pipeline_commit();
     }
     for (int t = 0; t < ntiles; ++t) {
@@ -815,23 +881,27 @@ __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Is
         __syncthreads();
         const int nt = t + MMA_STAGES - 1;
         if (nt < ntiles) {
-            float* s = st + (nt % MMA_STAGES) * MSTAGE_FLOATS;
+            float* s = st + (nt % MMA_STAGES) * L::STAGE;
             issue(s, s + MBM * MLDA, nt);
         }
         __pipeline_commit();
-        const float* cur = st + (t % MMA_STAGES) * MSTAGE_FLOATS;
+        const float* cur = st + (t % MMA_STAGES) * L::STAGE;
         if constexpr (TF32) {
-            mma_tile_tf32(cur, cur + MBM * MLDA, acc, wm, wn, lane);
+            mma_tile_tf32<NK>(cur, cur + MBM * MLDA, acc, wm, wn, lane);
         } else {
-            // The stage into the bf16 tile: 16 elements of A and 16 of B per thread.
+            // The stage into the bf16 tile: 16 elements of A and 16 of B per thread (B's rows
+            // of 32 k as A's with NK, of 128 n without).
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
                 const int c = tid + MMA_THREADS * q;
                 bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
-                bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+                if constexpr (NK)
+                    bf16x8(cur + MBM * MLDA + (c >> 2) * MLDA + (c & 3) * 8, hb + (c >> 2) * MLDAH + (c & 3) * 8);
+                else
+                    bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
             }
             __syncthreads();
-            mma_tile(h, hb, acc, wm, wn, lane);
+            mma_tile<NK>(h, hb, acc, wm, wn, lane);
         }
     }
     __pipeline_wait_prior(0);
@@ -840,7 +910,10 @@ __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Is
 
 // The block's 128x128 f32 result into Cs [MBM][MLDC] (over the stages) by the m16n8 C
 // layout: c[e] of fragment (i, j) is row wm*64 + 16i + lane/4 + 8(e/2), column wn*32 + 8j +
-// 2(lane%4) + e%2; then a barrier.
+// 2(lane%4) + e%2; then a barrier. NM: transposed, Cs [MBN][MLDC] (row n, column m), one
+// float per store: lane (g, t) writes word (2t + e%2) * 132 + g (+ constants), bank
+// 8t + g (+ constants): conflict-free.
+template <bool NM = false>
 __device__ __forceinline__ void mma_store(float* Cs, const float (&acc)[4][4][4]) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
     const int g = lane >> 2, tq = lane & 3;
@@ -851,7 +924,12 @@ __device__ __forceinline__ void mma_store(float* Cs, const float (&acc)[4][4][4]
 #pragma unroll
             for (int e2 = 0; e2 < 2; ++e2) {
                 const int row = wm * 64 + 16 * i + g + 8 * e2, col = wn * 32 + 8 * j + 2 * tq;
-                *(float2*)(Cs + row * MLDC + col) = make_float2(acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
+                if constexpr (NM) {
+                    Cs[col * MLDC + row] = acc[i][j][2 * e2];
+                    Cs[(col + 1) * MLDC + row] = acc[i][j][2 * e2 + 1];
+                } else {
+                    *(float2*)(Cs + row * MLDC + col) = make_float2(acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
+                }
             }
     __syncthreads();
 }
@@ -886,27 +964,7 @@ __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const 
 
     auto issue = [&](float* As, float* Bs, int t) {
         const int k0 = t * MBK;
-        if (vec_a) {
-            // 4 chunks of 4 weights per thread: row tid / 8 + 32q, columns 4 * (tid % 8).
-            const int kc = k0 + 4 * (tid & 7);
-            const int nk = min(4, max(0, K - kc));
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int ml = (tid >> 3) + 32 * q, m = m0 + ml;
-                const bool ok = m < M && nk > 0;
-                __pipeline_memcpy_async(As + ml * MLDA + 4 * (tid & 7), ok ? w + (size_t)m * K + kc : w, 16,
-                                        ok ? 16 - 4 * nk : 16);
-            }
-        } else {
-            // 16 weights per thread: row tid / 32 + 8q, column tid % 32.
-            const int k = k0 + (tid & 31);
-#pragma unroll
-            for (int q = 0; q < 16; ++q) {
-                const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
-                const bool ok = m < M && k < K;
-                cp4(As + ml * MLDA + (tid & 31), ok ? w + (size_t)m * K + k : w, ok);
-            }
-        }
+        mma_weights_cp(As, w, M, K, m0, k0, vec_a, tid);
         if (vec_b) {
             // 1x1, stride 1, no padding, OHW = H*W % 4 == 0: rows are input channels.
             mma_rows_cp16(Bs, MLDB, x, C, OHW, p0, Pn, k0, K, tid);
@@ -1208,4 +1266,142 @@ conv2d_bwd_weight_mma_tf32(const float* __restrict__ x, const float* __restrict_
                            int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                            int chunk, int vec) {
     conv_bwd_weight_mma<true>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+// ==== Channels-last (NHWC) eval forward ==================================================
+//
+// conv + eval-mode batch norm (+ residual) (+ ReLU) on channels-last activations: x
+// [N][H][W][C], residual and y [N][OH][OW][CO], the weights OIHW. The GEMM is the forward's,
+// M = CO, N = N*OH*OW pixels, with K = KH*KW*C ordered (kh, kw, c), c fastest, so that a K
+// run of one pixel is contiguous channels of x. A = the weights with K in that order: OHWI
+// [CO][KH][KW][C], which is the OIHW tensor itself for a 1x1 and otherwise a copy the host
+// makes per call into scratch (conv_weight_ohwi below: a 4-byte gather of w[m][c][kh][kw]
+// in the tile loop would touch one 32-byte sector per element for a 3x3, 8x the L2 traffic
+// of the contiguous rows, on every pixel tile); its copies are mma_weights_cp's. B is staged
+// [pixel][k] (MmaB<true>: rows of 32 k like A's) and multiplied by the same mma_mainloop /
+// mma_tile (bf16: non-transposed ldmatrix) / mma_tile_tf32 as the NCHW kernels. B's copies
+// (vec bit 1, C % 4 == 0 and x 16-byte aligned: the host's test): 16 bytes = 4 channels of one
+// tap of one pixel (C % 4 == 0 keeps them in one tap and 16-byte aligned), thread column
+// 4 * (tid % 8), pixels tid / 8 + 32q, 4 per thread, a warp copying 4 pixels x 128 bytes;
+// otherwise 4-byte copies, column tid % 32, pixels tid / 32 + 8q (a warp: 32 consecutive k of
+// one pixel, contiguous in x and in the stage), any C. Outside the image (padding), past K or
+// past the pixels: the zero-fill form. The block's pixels are decoded once into `pix` (static
+// shared memory) instead of per copy. The epilogue stores the accumulators transposed
+// (mma_store<true>: [n][m]) and writes y along m: 32 lanes = 32 consecutive channels of one
+// pixel (128 bytes), the f32 tile read conflict-free along its rows.
+
+// One pixel of the block's tile: x's pixel index of (its image, 0, 0) and the input row and
+// column of its tap (0, 0); ih0 = iw0 = -2^30 past the pixels, so that every tap is outside.
+struct __align__(16) NhwcPixel {
+    int base, ih0, iw0, unused;
+};
+
+template <bool TF32>
+__device__ __forceinline__ void conv_fwd_bn_mma_nhwc(NhwcPixel* pix, const float* __restrict__ x,
+                                                     const float* __restrict__ w, float* __restrict__ y, int N,
+                                                     int C, int H, int W, int CO, int KH, int KW, int stride,
+                                                     int pad, const float* __restrict__ ss,
+                                                     const float* __restrict__ res, int relu, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const int M = CO, K = KH * KW * C, OHW = OH * OW, Pn = N * OHW;
+    const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
+    const bool vec_a = vec & 1, vec_b = vec & 2;
+
+    if (tid < MBN) {
+        const int p = p0 + tid;
+        NhwcPixel e = {0, -(1 << 30), -(1 << 30), 0};
+        if (p < Pn) {
+            const int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
+            e.base = n * H * W;
+            e.ih0 = oh * stride - pad;
+            e.iw0 = ow * stride - pad;
+        }
+        pix[tid] = e;
+    }
+    __syncthreads();
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = t * MBK;
+        mma_weights_cp(As, w, M, K, m0, k0, vec_a, tid);
+        // This thread's column k of B: (tap, channel), the tap (kh, kw).
+        const int kl = vec_b ? 4 * (tid & 7) : (tid & 31), k = k0 + kl;
+        const bool k_ok = k < K;
+        int c = 0, kh = 0, kw = 0;
+        if (k_ok) {
+            const int tap = k / C;
+            c = k - tap * C;
+            kh = tap / KW;
+            kw = tap - kh * KW;
+        }
+        if (vec_b) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int nl = (tid >> 3) + 32 * q;
+                const NhwcPixel e = pix[nl];
+                const int ih = e.ih0 + kh, iw = e.iw0 + kw;
+                const bool ok = k_ok && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+                __pipeline_memcpy_async(Bs + nl * MLDA + kl, ok ? x + (size_t)(e.base + ih * W + iw) * C + c : x, 16,
+                                        ok ? 0 : 16);
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < 16; ++q) {
+                const int nl = (tid >> 5) + 8 * q;
+                const NhwcPixel e = pix[nl];
+                const int ih = e.ih0 + kh, iw = e.iw0 + kw;
+                const bool ok = k_ok && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+                cp4(Bs + nl * MLDA + kl, ok ? x + (size_t)(e.base + ih * W + iw) * C + c : x, ok);
+            }
+        }
+    };
+
+    float acc[4][4][4];
+    mma_mainloop<TF32, true>(smem, (K + MBK - 1) / MBK, issue, acc);
+    float* Cs = (float*)smem;
+    mma_store<true>(Cs, acc);
+    // Channel tid % 128 of pixels tid / 128 + 2i: a warp writes 32 consecutive channels.
+    const int ml = tid & (MBM - 1), m = m0 + ml;
+    if (m >= M) return;
+#pragma unroll 4
+    for (int i = 0; i < MBN / 2; ++i) {
+        const int nl = (tid >> 7) + 2 * i, p = p0 + nl;
+        if (p >= Pn) break;
+        const size_t o = (size_t)p * CO + m;
+        y[o] = bn_epilogue(Cs[nl * MLDC + ml], ss, CO, m, res, o, relu);
+    }
+}
+
+// The weights OIHW [CO][C][KHW] as OHWI [CO][KHW][C] (the channels-last forward's A, K
+// ordered (kh, kw, c)): wt[(o * KHW + r) * C + c] = w[(o * C + c) * KHW + r], len = CO*C*KHW.
+extern "C" __global__ void conv_weight_ohwi(const float* __restrict__ w, float* __restrict__ wt, int C, int KHW,
+                                            int len) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)len; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t oc = i / C;  // o * KHW + r
+        const int c = (int)(i - oc * C);
+        const size_t o = oc / KHW;
+        const int r = (int)(oc - o * KHW);
+        wt[i] = w[(o * C + c) * KHW + r];
+    }
+}
+
+// The channels-last eval forward (bf16: ldmatrix and m16n8k16; tf32: m16n8k8), one split, a
+// grid of (pixel tiles, channel tiles) 128x128 blocks: w OHWI (conv_weight_ohwi, or the OIHW
+// tensor of a 1x1), ss = {scale, shift} per output channel, res the residual (y's shape) or
+// null, relu 0/1, vec bit 0 16-byte copies of w's rows (K % 4 == 0), bit 1 of x (C % 4 == 0).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                            int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                            const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_bn_mma_nhwc<false>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                            int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                            const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_bn_mma_nhwc<true>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, vec);
 }

@@ -12,14 +12,18 @@
 //! on the split-K path the kernel that sums the splits takes them). At tf32 and bf16 the
 //! large layers (forwards plain and fused alike, data and weight gradients) take the 128x128
 //! `mma.sync` kernels of `conv_tc.cu` instead ([`mma_route`], [`mma_route_weight`],
-//! [`MmaRoute`]), with 16-byte copies where [`mma_vec`] allows.
+//! [`MmaRoute`]), with 16-byte copies where [`mma_vec`] allows. The eval-mode fused forward
+//! also runs natively on channels-last (NHWC) activations at tf32 / bf16
+//! ([`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`], `conv2d_fwd_bn_mma_nhwc_*`: K ordered
+//! (kh, kw, c), the weights copied to OHWI per call, 16-byte copies where [`mma_vec_nhwc`]
+//! allows).
 
 use cudarc::driver::CudaSlice;
 
 use super::launch::{blocks, dim, grid, int_args, kernels, Kernel, Launch, NULL};
-use super::CudaBackend;
+use super::{norm, CudaBackend};
 use crate::engine::shapes::Conv2d;
-use crate::engine::{Backend, EngineError, Precision, Result};
+use crate::engine::{Backend, BatchNorm2d, EngineError, Precision, Result};
 
 kernels!("conv" {
     fwd: "conv2d_fwd",
@@ -60,6 +64,9 @@ mod tc {
         fwd_stats_mma_tf32: "conv2d_fwd_stats_mma_tf32",
         bwd_data_mma_tf32: "conv2d_bwd_data_mma_tf32",
         bwd_weight_mma_tf32: "conv2d_bwd_weight_mma_tf32",
+        fwd_bn_mma_nhwc_bf16: "conv2d_fwd_bn_mma_nhwc_bf16",
+        fwd_bn_mma_nhwc_tf32: "conv2d_fwd_bn_mma_nhwc_tf32",
+        weight_ohwi: "conv_weight_ohwi",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -127,6 +134,15 @@ fn mma_smem(p: Precision) -> u32 {
     }
 }
 
+/// The dynamic shared memory of the channels-last forward (`MmaB<true>` in conv_tc.cu: its B
+/// stage is `[128][32+4]` instead of `[32][128+4]`, its bf16 tile's B `[128][32+8]`).
+fn mma_smem_nhwc(p: Precision) -> u32 {
+    match p {
+        Precision::Bf16 => 131_072,
+        _ => 110_592,
+    }
+}
+
 /// Which kernels a tf32 / bf16 convolution takes: the 128x128 `mma.sync` kernels or the
 /// 64x64 WMMA ones (`kernels/conv_tc.cu`); a setting of the backend
 /// ([`CudaBackend::set_mma_route`]) for tests and comparisons. f32 never takes them.
@@ -179,7 +195,139 @@ pub(crate) fn mma_vec(s: &Conv2d, x_addr: u64, w_addr: u64) -> i32 {
     i32::from(a) | (i32::from(b) << 1)
 }
 
+/// The 16-byte cp.async paths of the channels-last forward of `s` (`conv2d_fwd_bn_mma_nhwc_*`'s
+/// `vec`) for an NHWC input at device address `x_addr` and weights with K ordered (kh, kw, c)
+/// (OHWI) at `w_addr`: bit 0 when each weight row (`K = kh*kw*c_in` floats) starts 16-byte
+/// aligned (`K % 4 == 0`, `w_addr % 16 == 0`), bit 1 when `c_in % 4 == 0` and
+/// `x_addr % 16 == 0` (4 channels of one tap of one pixel are then contiguous, in one tap, and
+/// 16-byte aligned, for every pixel, tap and stride); 4-byte copies otherwise.
+pub(crate) fn mma_vec_nhwc(s: &Conv2d, x_addr: u64, w_addr: u64) -> i32 {
+    let k = s.c_in * s.kh * s.kw;
+    let a = k.is_multiple_of(4) && w_addr.is_multiple_of(16);
+    let b = s.c_in.is_multiple_of(4) && x_addr.is_multiple_of(16);
+    i32::from(a) | (i32::from(b) << 1)
+}
+
 impl CudaBackend {
+    /// Whether [`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`] runs `s` at this backend's
+    /// precision: at tf32 and bf16 (not f32: there is no channels-last SIMT kernel), unless
+    /// the route is [`MmaRoute::Never`] (no `mma.sync` kernel), for every shape the kernels'
+    /// 32-bit indexing holds (any kernel size, stride, padding and `c_in`). Unlike the NCHW
+    /// forward's [`mma_route`], small layers are not sent elsewhere: the alternative is two
+    /// transposes around the NCHW path, and which is faster is not measured (no GPU).
+    pub(crate) fn conv_bn_eval_nhwc_native(&self, s: &Conv2d) -> bool {
+        self.precision().tensor_cores() && self.mma_route != MmaRoute::Never && geometry(s).is_ok()
+    }
+
+    /// The kernel the channels-last eval forward of `s` launches at this backend's precision
+    /// and route (`conv2d_fwd_bn_mma_nhwc_bf16` / `_tf32`), or None where it does not run
+    /// natively ([`CudaBackend::conv_bn_eval_nhwc_native`]); diagnostics and tests.
+    pub fn conv_bn_eval_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        if !self.conv_bn_eval_nhwc_native(s) {
+            return None;
+        }
+        match self.precision() {
+            Precision::Bf16 => Some("conv2d_fwd_bn_mma_nhwc_bf16"),
+            Precision::Tf32 => Some("conv2d_fwd_bn_mma_nhwc_tf32"),
+            Precision::F32 => None,
+        }
+    }
+
+    /// `y = act(bn_eval(conv(x, w)) (+ residual))` on channels-last activations: `x`
+    /// `[n][h][w][c_in]`, `residual` and `y` `[n][out_h][out_w][c_out]`, `w` OIHW, the batch-norm
+    /// buffers per channel, in one launch of `conv2d_fwd_bn_mma_nhwc_*` (128x128 tiles, one
+    /// split) after the per-channel fold of the running statistics (`norm::bn_eval_fold`, into
+    /// arena scratch) and, for a kernel larger than 1x1 (and `c_in > 1`), a copy of the weights
+    /// in OHWI order (`conv_weight_ohwi`, arena scratch): nothing allocated once warm, so
+    /// capturable in a graph. An error where [`CudaBackend::conv_bn_eval_nhwc_native`] is false.
+    ///
+    /// # Safety
+    /// Every buffer holds the length the shapes give (what `Backend::conv2d_bn_eval_fwd`
+    /// checks; the same lengths as NCHW), as for `conv2d_bn_eval_fwd_unchecked`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn conv2d_bn_eval_fwd_nhwc_native(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if !self.conv_bn_eval_nhwc_native(s) {
+            return Err(EngineError::Param(format!(
+                "conv2d_bn_eval_fwd_nhwc: no channels-last kernel for {s:?} at {} (route {:?})",
+                self.precision(),
+                self.mma_route
+            )));
+        }
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        let mut ss = self.take_scratch(2 * bn.c)?;
+        let r = norm::bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, &mut ss)
+            .and_then(|()| {
+                let ep = BnEpilogue {
+                    ss: &ss,
+                    residual,
+                    relu,
+                };
+                // SAFETY: the caller's contract; ss holds 2 * c_out values.
+                unsafe { launch_mma_nhwc(self, s, x, w, &ep, y) }
+            });
+        self.give_scratch(ss);
+        r
+    }
+
+    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`] with every length checked first (as
+    /// `Backend::conv2d_bn_eval_fwd` checks them): the native kernel or an error, never a
+    /// fallback. For tests and diagnostics; the model reaches the kernel through the backend
+    /// trait's channels-last op.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d_bn_eval_fwd_nhwc_native_checked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        s.check_fwd(x.len(), w.len(), y.len())?;
+        bn.check_after_conv(
+            "conv2d_bn_eval_fwd_nhwc",
+            s,
+            [gamma, beta, running_mean, running_var].map(CudaSlice::len),
+            residual.map(CudaSlice::len),
+        )?;
+        // SAFETY: every buffer holds the length the shapes give (checked above).
+        unsafe {
+            self.conv2d_bn_eval_fwd_nhwc_native(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        }
+    }
+
     /// Which kernels the tf32 / bf16 convolutions take (default [`MmaRoute::Auto`]).
     pub fn set_mma_route(&mut self, r: MmaRoute) {
         self.mma_route = r;
@@ -307,6 +455,72 @@ unsafe fn launch_mma(
     l.arg(&vec);
     // SAFETY: the caller's contract.
     unsafe { l.launch(cfg) }
+}
+
+/// The channels-last eval forward of `s` (`conv2d_fwd_bn_mma_nhwc_*` at the backend's
+/// precision): one launch of (pixel tiles, channel tiles) 128x128 blocks, 256 threads, with
+/// [`mma_smem_nhwc`] of dynamic shared memory, never split over K; the weights with K
+/// ordered (kh, kw, c): `w` itself where that is OIHW's order (a 1x1, or one input channel),
+/// else an OHWI copy (`conv_weight_ohwi`) in arena scratch, given back after the launch
+/// (stream order keeps the next user after it).
+///
+/// # Safety
+/// `x`, `w`, `y` and the epilogue's buffers hold the lengths `s` gives (`ep.ss` `2 * c_out`).
+unsafe fn launch_mma_nhwc(
+    be: &CudaBackend,
+    s: &Conv2d,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    ep: &BnEpilogue<'_>,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "conv2d_bn_eval_fwd_nhwc";
+    let g = geometry(s)?;
+    let p = s.n * s.out_h() * s.out_w();
+    let mut cfg = blocks(
+        OP,
+        (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
+        MMA_THREADS,
+    )?;
+    cfg.shared_mem_bytes = mma_smem_nhwc(be.precision());
+    let kern = mma_pick(be, |t| (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32))?;
+    let khw = s.kh * s.kw;
+    let wt = if khw > 1 && s.c_in > 1 {
+        let mut wt = be.take_scratch(s.w_len())?;
+        let [c, khw_i, len] = int_args([s.c_in, khw, s.w_len()])?;
+        // SAFETY: w and wt hold w_len values, the kernel's `len`.
+        let r = unsafe {
+            tc_kernels(be)?
+                .weight_ohwi
+                .on(be.stream())
+                .arg(w)
+                .arg(&mut wt)
+                .arg(&c)
+                .arg(&khw_i)
+                .arg(&len)
+                .launch(grid(s.w_len()))
+        };
+        if let Err(e) = r {
+            be.give_scratch(wt);
+            return Err(e);
+        }
+        Some(wt)
+    } else {
+        None
+    };
+    let wa = wt.as_ref().unwrap_or(w);
+    let vec = mma_vec_nhwc(s, be.ptr(x), be.ptr(wa));
+    let relu = ep.relu as i32;
+    let mut l = kern.on(be.stream());
+    l.arg(x).arg(wa).arg(y).ints(&g[..9]);
+    ep.push(&mut l, &relu);
+    l.arg(&vec);
+    // SAFETY: the caller's contract; wa holds the w_len weights in OHWI order.
+    let r = unsafe { l.launch(cfg) };
+    if let Some(wt) = wt {
+        be.give_scratch(wt);
+    }
+    r
 }
 
 /// Whether `be`'s device can run its convolutions at `p` (tf32 and bf16: compute capability
@@ -891,7 +1105,7 @@ unsafe fn launch_split(
 
 #[cfg(test)]
 mod tests {
-    use super::{mma_route, mma_route_weight, mma_vec, MMA_TILE};
+    use super::{mma_route, mma_route_weight, mma_vec, mma_vec_nhwc, MMA_TILE};
     use crate::engine::shapes::Conv2d;
 
     fn conv(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {
@@ -969,5 +1183,22 @@ mod tests {
         let mut s = conv(64, 8, 8, 128, 1, 1);
         s.pad = 1;
         assert_eq!(mma_vec(&s, a, a), 1);
+    }
+
+    #[test]
+    fn channels_last_sixteen_byte_copies_need_four_channels() {
+        let a = 0x7f00_0000_0000u64;
+        // c_in % 4 == 0: both, whatever the kernel, stride, padding or image size.
+        assert_eq!(mma_vec_nhwc(&conv(64, 7, 5, 128, 3, 2), a, a), 3);
+        assert_eq!(mma_vec_nhwc(&conv(4, 9, 9, 130, 7, 2), a, a), 3);
+        // c_in = 6: K = 54 (3x3) neither; K = 6 (1x1) neither; K = 24 (2x2) weights only.
+        assert_eq!(mma_vec_nhwc(&conv(6, 8, 8, 128, 3, 1), a, a), 0);
+        assert_eq!(mma_vec_nhwc(&conv(6, 8, 8, 128, 1, 1), a, a), 0);
+        assert_eq!(mma_vec_nhwc(&conv(6, 8, 8, 128, 2, 1), a, a), 1);
+        // The stem: c_in = 3, K = 147: 4-byte copies of both.
+        assert_eq!(mma_vec_nhwc(&conv(3, 23, 21, 64, 7, 2), a, a), 0);
+        // Misaligned pointers.
+        assert_eq!(mma_vec_nhwc(&conv(64, 8, 8, 128, 1, 1), a + 4, a), 1);
+        assert_eq!(mma_vec_nhwc(&conv(64, 8, 8, 128, 1, 1), a, a + 8), 2);
     }
 }

@@ -1,0 +1,341 @@
+//! The channels-last (NHWC) eval forward (`kernels/conv_tc.cu`: `conv2d_fwd_bn_mma_nhwc_bf16`
+//! / `_tf32`, conv + eval-mode batch norm (+ residual) (+ ReLU), x `[n][h][w][c_in]`, residual
+//! and y `[n][oh][ow][c_out]`, weights OIHW copied to OHWI per call) through
+//! `CudaBackend::conv2d_bn_eval_fwd_nhwc_native_checked`, against the CPU reference
+//! `conv2d_bn_eval_fwd` on the same data in NCHW (transposed on the host here), every output
+//! poisoned with NaN first.
+//!
+//! Per shape and precision: on x and w already rounded to the precision (exact products)
+//! within 1e-5 relative of the CPU's f32 result, and on unrounded ones within the precision's
+//! tolerance (bf16 1e-2, tf32 1e-3) and above 1e-5 (the reduced path ran). The shapes cover
+//! both copy paths of each operand (16-byte: `c_in % 4 == 0` for x, `K = kh*kw*c_in % 4 == 0`
+//! for the weights; 4-byte otherwise), 1x1 stride 1 and 2, 3x3 stride 1 and 2 with and without
+//! padding, the 7x7 stride-2 stem with `c_in = 3`, an even kernel, `c_in = 1` (the OIHW weights
+//! used as they are), odd h / w, batch 1-3, `c_out` not a multiple of 128 (one to two channel
+//! tiles, the last ragged) and more pixels than one 128-pixel tile, with and without the
+//! residual and the ReLU. Also: a captured graph of the op replays bit for bit what the eager
+//! call wrote, and f32 / `MmaRoute::Never` have no native kernel (an error, never a silent
+//! fallback). Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh run
+//! target/release/deps/cuda_conv_nhwc-* --include-ignored`); without a device the device tests
+//! are ignored.
+
+mod common;
+use common::cuda::{device, rel_err, round};
+use common::rng::SplitMix64;
+use common::shapes::conv;
+
+use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::cuda::{CudaBackend, MmaRoute};
+use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Precision};
+
+fn main() {
+    common::cuda::main(vec![
+        device("nhwc_bf16_eval_forward_matches_cpu", || {
+            nhwc_eval_forward_matches_cpu(Precision::Bf16)
+        }),
+        device("nhwc_tf32_eval_forward_matches_cpu", || {
+            nhwc_eval_forward_matches_cpu(Precision::Tf32)
+        }),
+        device(
+            "nhwc_eval_forward_replays_in_a_graph",
+            nhwc_eval_forward_replays_in_a_graph,
+        ),
+        device(
+            "no_native_kernel_at_f32_or_route_never",
+            no_native_kernel_at_f32_or_route_never,
+        ),
+    ])
+}
+
+/// The shapes, each with the copy paths it takes (weights / activations: 16 or 4 bytes).
+fn shapes() -> [(Conv2d, &'static str); 11] {
+    [
+        // 1x1 stride 1, K = 64; odd 9x11, 198 pixels; C_out 136 (two channel tiles).
+        (conv(2, 64, 9, 11, 136, 1, 1, 0), "16/16"),
+        // 1x1 stride 2 (a downsample), 9x13 -> 5x7, batch 3: 105 pixels.
+        (conv(3, 32, 9, 13, 130, 1, 2, 0), "16/16"),
+        // 3x3 stride 1 padding 1, K = 108, 198 pixels, C_out 140.
+        (conv(2, 12, 11, 9, 140, 3, 1, 1), "16/16"),
+        // 3x3 stride 2 padding 1, K = 180, 13x12 -> 7x6, batch 3: 126 pixels.
+        (conv(3, 20, 13, 12, 160, 3, 2, 1), "16/16"),
+        // 3x3 stride 2 without padding, K = 288: 9 K tiles, 15x17 -> 7x8, 112 pixels.
+        (conv(2, 32, 15, 17, 128, 3, 2, 0), "16/16"),
+        // The stem: 7x7 stride 2 padding 3, c_in = 3 (K = 147), 23x21 -> 12x11, 264 pixels.
+        (conv(2, 3, 23, 21, 129, 7, 2, 3), "4/4"),
+        // c_in = 6 with 3x3 (K = 54), C_out 70 (one ragged channel tile), 189 pixels.
+        (conv(3, 6, 7, 9, 70, 3, 1, 1), "4/4"),
+        // 1x1 with c_in = 66 (K = 66): 4-byte copies of both, 130 pixels.
+        (conv(1, 66, 10, 13, 128, 1, 1, 0), "4/4"),
+        // An even kernel: 2x2 stride 2, c_in = 6 (K = 24), 8x9 -> 4x4.
+        (conv(2, 6, 8, 9, 96, 2, 2, 0), "16/4"),
+        // c_in = 1, 3x3: the OIHW weights are already in (kh, kw, c) order; K = 9.
+        (conv(2, 1, 10, 10, 128, 3, 1, 1), "4/4"),
+        // 5x5 stride 1 padding 2, c_in = 4 (K = 100), batch 1, 15x11: 165 pixels.
+        (conv(1, 4, 15, 11, 200, 5, 1, 2), "16/16"),
+    ]
+}
+
+/// `[n][c][hw]` -> `[n][hw][c]`.
+fn to_nhwc(v: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    assert_eq!(v.len(), n * c * hw);
+    let mut out = vec![0.0; v.len()];
+    for i in 0..n {
+        for ch in 0..c {
+            for p in 0..hw {
+                out[(i * hw + p) * c + ch] = v[(i * c + ch) * hw + p];
+            }
+        }
+    }
+    out
+}
+
+fn bn_of(s: &Conv2d) -> BatchNorm2d {
+    BatchNorm2d {
+        n: s.n,
+        c: s.c_out,
+        hw: s.out_h() * s.out_w(),
+        eps: 1e-5,
+        momentum: 0.1,
+    }
+}
+
+/// Batch-norm parameters and statistics of `c` channels: gamma, beta, mean, var.
+fn bn_params(rng: &mut SplitMix64, c: usize) -> [Vec<f32>; 4] {
+    [
+        rng.vec_f32(c, 0.5, 1.5),
+        rng.vec_f32(c, -0.5, 0.5),
+        rng.vec_f32(c, -0.2, 0.2),
+        rng.vec_f32(c, 0.5, 1.5),
+    ]
+}
+
+/// One case: NCHW x, OIHW w, the batch-norm parameters, the NCHW residual if any, ReLU.
+struct Case {
+    s: Conv2d,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bn: [Vec<f32>; 4],
+    residual: Option<Vec<f32>>,
+    relu: bool,
+}
+
+/// The CPU reference on NCHW data, its output transposed to NHWC.
+fn cpu_nhwc(c: &Case) -> Vec<f32> {
+    let cpu = CpuBackend::<f32>::new();
+    let up = |v: &[f32]| cpu.upload(v).expect("upload");
+    let (xb, wb) = (up(&c.x), up(&c.w));
+    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
+    let rb = c.residual.as_deref().map(up);
+    let mut y = up(&vec![f32::NAN; c.s.y_len()]);
+    cpu.conv2d_bn_eval_fwd(
+        &c.s,
+        &bn_of(&c.s),
+        &xb,
+        &wb,
+        &ga,
+        &be_,
+        &m,
+        &v,
+        rb.as_ref(),
+        c.relu,
+        &mut y,
+    )
+    .expect("cpu conv2d_bn_eval_fwd");
+    let y = cpu.download(&y).expect("download");
+    to_nhwc(&y, c.s.n, c.s.c_out, c.s.out_h() * c.s.out_w())
+}
+
+/// The native channels-last kernel on `g`: x and the residual transposed to NHWC on the
+/// host, y (NHWC) poisoned with NaN first.
+fn gpu_nhwc(g: &CudaBackend, c: &Case) -> Vec<f32> {
+    let s = &c.s;
+    let up = |v: &[f32]| g.upload(v).expect("upload");
+    let xb = up(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w));
+    let wb = up(&c.w);
+    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
+    let hw = s.out_h() * s.out_w();
+    let rb = c
+        .residual
+        .as_deref()
+        .map(|r| up(&to_nhwc(r, s.n, s.c_out, hw)));
+    let mut y = up(&vec![f32::NAN; s.y_len()]);
+    g.conv2d_bn_eval_fwd_nhwc_native_checked(
+        s,
+        &bn_of(s),
+        &xb,
+        &wb,
+        &ga,
+        &be_,
+        &m,
+        &v,
+        rb.as_ref(),
+        c.relu,
+        &mut y,
+    )
+    .expect("conv2d_bn_eval_fwd_nhwc_native");
+    g.download(&y).expect("download")
+}
+
+fn nhwc_eval_forward_matches_cpu(p: Precision) {
+    let mut g = common::cuda::gpu_at(p);
+    g.set_mma_route(MmaRoute::Auto);
+    let tol = p.tolerance().expect("a reduced precision");
+    let mut rng = SplitMix64::fresh(&format!("conv_nhwc_eval_{p}"));
+    let (mut exact, mut worst) = (0.0f64, 0.0f64);
+    for (i, (s, path)) in shapes().into_iter().enumerate() {
+        assert_eq!(
+            g.conv_bn_eval_nhwc_kernel(&s),
+            Some(format!("conv2d_fwd_bn_mma_nhwc_{p}").as_str())
+        );
+        // Residual and ReLU: both, neither, residual only, ReLU only, in turn.
+        let (with_res, relu) = [(true, true), (false, false), (true, false), (false, true)][i % 4];
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let bn = bn_params(&mut rng, s.c_out);
+        let residual = with_res.then(|| rng.vec_f32(s.y_len(), -1.0, 1.0));
+        let rounded = Case {
+            s,
+            x: round(p, &x),
+            w: round(p, &w),
+            bn: bn.clone(),
+            residual: residual.clone(),
+            relu,
+        };
+        let what = format!("{p} {s:?} (copies {path}, residual {with_res}, relu {relu})");
+        let e = rel_err(&gpu_nhwc(&g, &rounded), &cpu_nhwc(&rounded));
+        assert!(
+            e < 1e-5,
+            "{what} on {p}-exact operands: relative error {e:e} (>= 1e-5)"
+        );
+        exact = exact.max(e);
+        let raw = Case {
+            s,
+            x,
+            w,
+            bn,
+            residual,
+            relu,
+        };
+        let e = rel_err(&gpu_nhwc(&g, &raw), &cpu_nhwc(&raw));
+        assert!(
+            e < tol && e > 1e-5,
+            "{what}: relative error {e:e}, expected in (1e-5, {tol:e})"
+        );
+        worst = worst.max(e);
+        println!("nhwc {what}: relative error {e:.2e}");
+    }
+    println!(
+        "nhwc {p} eval forward, {} shapes: worst relative error {worst:.2e} ({p}-exact operands {exact:.2e})",
+        shapes().len()
+    );
+}
+
+/// A captured channels-last eval forward (the batch-norm fold, the OHWI weight copy and the
+/// kernel, scratch from the arena warmed by the eager call) replays bit for bit what the eager
+/// call wrote, at bf16 and tf32.
+fn nhwc_eval_forward_replays_in_a_graph() {
+    for p in [Precision::Bf16, Precision::Tf32] {
+        // A backend of its own (its own stream): the other tests' work on the shared stream
+        // would break the capture.
+        let mut g = CudaBackend::new(0).expect("the harness found a CUDA device");
+        g.set_precision(p).expect("the device takes this precision");
+        let mut rng = SplitMix64::fresh(&format!("conv_nhwc_graph_{p}"));
+        let s = shapes()[2].0; // 3x3: the weight copy runs too
+        let c = Case {
+            s,
+            x: rng.vec_f32(s.x_len(), -1.0, 1.0),
+            w: rng.vec_f32(s.w_len(), -1.0, 1.0),
+            bn: bn_params(&mut rng, s.c_out),
+            residual: Some(rng.vec_f32(s.y_len(), -1.0, 1.0)),
+            relu: true,
+        };
+        let eager = gpu_nhwc(&g, &c);
+        let up = |v: &[f32]| g.upload(v).expect("upload");
+        let xb = up(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w));
+        let wb = up(&c.w);
+        let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
+        let hw = s.out_h() * s.out_w();
+        let rb = up(&to_nhwc(c.residual.as_deref().expect("a residual"), s.n, s.c_out, hw));
+        let mut y = up(&vec![f32::NAN; s.y_len()]);
+        let (graph, ()) = g
+            .capture(|| {
+                g.conv2d_bn_eval_fwd_nhwc_native_checked(
+                    &s,
+                    &bn_of(&s),
+                    &xb,
+                    &wb,
+                    &ga,
+                    &be_,
+                    &m,
+                    &v,
+                    Some(&rb),
+                    true,
+                    &mut y,
+                )
+            })
+            .expect("capture");
+        assert!(
+            g.download(&y).expect("download").iter().all(|v| v.is_nan()),
+            "nothing runs while capturing"
+        );
+        graph.replay().expect("replay");
+        let got = g.download(&y).expect("download");
+        assert!(
+            got.iter()
+                .zip(&eager)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{p}: the replay differs from the eager call"
+        );
+        assert!(got.iter().all(|v| v.is_finite()), "{p}: a non-finite output");
+    }
+}
+
+/// At f32, and with the route `Never` (no `mma.sync` kernel), there is no native kernel: the
+/// checked entry is an error and writes nothing.
+fn no_native_kernel_at_f32_or_route_never() {
+    let s = shapes()[0].0;
+    let f32_be = common::cuda::gpu_at(Precision::F32);
+    let mut never = common::cuda::gpu_at(Precision::Bf16);
+    never.set_mma_route(MmaRoute::Never);
+    let mut always = common::cuda::gpu_at(Precision::Tf32);
+    always.set_mma_route(MmaRoute::Always);
+    assert_eq!(
+        always.conv_bn_eval_nhwc_kernel(&s),
+        Some("conv2d_fwd_bn_mma_nhwc_tf32")
+    );
+    let mut rng = SplitMix64::fresh("conv_nhwc_refused");
+    let c = Case {
+        s,
+        x: rng.vec_f32(s.x_len(), -1.0, 1.0),
+        w: rng.vec_f32(s.w_len(), -1.0, 1.0),
+        bn: bn_params(&mut rng, s.c_out),
+        residual: None,
+        relu: false,
+    };
+    for g in [f32_be, never] {
+        assert_eq!(g.conv_bn_eval_nhwc_kernel(&s), None);
+        let up = |v: &[f32]| g.upload(v).expect("upload");
+        let [xb, wb] = [&c.x, &c.w].map(|v| up(v));
+        let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
+        let mut y = up(&vec![f32::NAN; s.y_len()]);
+        let r = g.conv2d_bn_eval_fwd_nhwc_native_checked(
+            &s,
+            &bn_of(&s),
+            &xb,
+            &wb,
+            &ga,
+            &be_,
+            &m,
+            &v,
+            None,
+            false,
+            &mut y,
+        );
+        assert!(r.is_err(), "{}: no native kernel, yet Ok", g.precision());
+        assert!(g
+            .download(&y)
+            .expect("download")
+            .iter()
+            .all(|v| v.is_nan()));
+    }
+}
