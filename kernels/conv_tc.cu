@@ -1,5 +1,6 @@
 // 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma; the
-// large layers' mma.sync kernels are in the second half of the file): the same three GEMMs as
+// large layers' mma.sync kernels are in the second half of the file, and at its end the
+// channels-last (NHWC) eval forward on the same mma.sync machinery): the same three GEMMs as
 // kernels/conv.cu (the f32 SIMT reference), with the operands rounded to bf16 (16x16x16
 // fragments) or tf32 (16x16x8) once they are in shared memory, and f32 accumulation.
 //

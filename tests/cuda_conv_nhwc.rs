@@ -255,7 +255,12 @@ fn nhwc_eval_forward_replays_in_a_graph() {
         let wb = up(&c.w);
         let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
         let hw = s.out_h() * s.out_w();
-        let rb = up(&to_nhwc(c.residual.as_deref().expect("a residual"), s.n, s.c_out, hw));
+        let rb = up(&to_nhwc(
+            c.residual.as_deref().expect("a residual"),
+            s.n,
+            s.c_out,
+            hw,
+        ));
         let mut y = up(&vec![f32::NAN; s.y_len()]);
         let (graph, ()) = g
             .capture(|| {
@@ -286,7 +291,10 @@ fn nhwc_eval_forward_replays_in_a_graph() {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "{p}: the replay differs from the eager call"
         );
-        assert!(got.iter().all(|v| v.is_finite()), "{p}: a non-finite output");
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{p}: a non-finite output"
+        );
     }
 }
 
@@ -332,10 +340,6 @@ fn no_native_kernel_at_f32_or_route_never() {
             &mut y,
         );
         assert!(r.is_err(), "{}: no native kernel, yet Ok", g.precision());
-        assert!(g
-            .download(&y)
-            .expect("download")
-            .iter()
-            .all(|v| v.is_nan()));
+        assert!(g.download(&y).expect("download").iter().all(|v| v.is_nan()));
     }
 }
