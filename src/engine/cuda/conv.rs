@@ -221,7 +221,7 @@ impl CudaBackend {
 
     /// The kernel the channels-last eval forward of `s` launches at this backend's precision
     /// and route (`conv2d_fwd_bn_mma_nhwc_bf16` / `_tf32`), or None where it does not run
-    /// natively ([`CudaBackend::conv_bn_eval_nhwc_native`]); diagnostics and tests.
+    /// natively (at f32, or with the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         if !self.conv_bn_eval_nhwc_native(s) {
             return None;
@@ -284,8 +284,10 @@ impl CudaBackend {
         r
     }
 
-    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`] with every length checked first (as
-    /// `Backend::conv2d_bn_eval_fwd` checks them): the native kernel or an error, never a
+    /// The channels-last eval forward (`conv2d_bn_eval_fwd_nhwc_native` in this module: x
+    /// `[n][h][w][c_in]`, `residual` and `y` `[n][out_h][out_w][c_out]`, `w` OIHW) with every
+    /// length checked first (as `Backend::conv2d_bn_eval_fwd` checks them): the native kernel
+    /// or an error (where [`CudaBackend::conv_bn_eval_nhwc_kernel`] is None), never a
     /// fallback. For tests and diagnostics; the model reaches the kernel through the backend
     /// trait's channels-last op.
     #[allow(clippy::too_many_arguments)]
