@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use super::backend::Backend;
-use super::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
+use super::shapes::{
+    BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
+};
 use super::{Real, Result};
 
 /// Per-op wall time, collected when `ICHCAM_PROFILE=1` (see [`profile_report`]).
@@ -589,6 +591,22 @@ impl<T: Real> Backend for CpuBackend<T> {
         accumulate: bool,
     ) -> Result<()> {
         channels::copy_channels(s, src, dst, accumulate)
+    }
+    unsafe fn nchw_to_nhwc_unchecked(
+        &self,
+        s: &Transpose,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(16, || channels::nchw_to_nhwc(s, x, y))
+    }
+    unsafe fn nhwc_to_nchw_unchecked(
+        &self,
+        s: &Transpose,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(16, || channels::nhwc_to_nchw(s, x, y))
     }
     fn sigmoid_fwd(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
         dice::sigmoid_fwd(x, y)
