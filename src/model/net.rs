@@ -178,6 +178,12 @@ impl<B: Backend> CamPassBufs<B> {
     pub fn activation_scalars(&self) -> usize {
         self.eval.scalars() + self.staging_scalars
     }
+
+    /// Whether the pass's backbone runs its blocks channels-last (what the backend asked
+    /// for when these buffers were made, [`Backend::channels_last_eval`]).
+    pub fn channels_last(&self) -> bool {
+        self.eval.channels_last
+    }
 }
 
 /// One tensor's optimizer state on the host.
@@ -1340,7 +1346,8 @@ impl<B: Backend> IchNet<B> {
             CamChunking::Slices(m) => memory::even_chunk(n, m),
             CamChunking::Budget(bytes) => {
                 let elem = std::mem::size_of::<B::T>();
-                memory::cam_pass_chunk(&self.cfg, n, h, w, elem, bytes)
+                let cl = self.be.channels_last_eval();
+                memory::cam_pass_chunk(&self.cfg, n, h, w, elem, bytes, cl)
             }
         }
     }
@@ -1721,9 +1728,15 @@ mod tests {
                 ..ModelConfig::tiny()
             };
             let n = IchNet::new(CpuBackend::<f64>::new(), cfg.clone(), 1).unwrap();
-            let built = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31);
-            let (ops, _) = memory::eval_ops(&cfg, 2, 45, 31).unwrap();
-            assert_eq!(ops, built, "{block:?}");
+            for cl in [false, true] {
+                let built = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, cl);
+                let (ops, _) = memory::eval_ops(&cfg, 2, 45, 31, cl).unwrap();
+                assert_eq!(ops, built, "{block:?} channels-last {cl}");
+            }
+            // Channels-last: two more ops, the layout changes around the blocks.
+            let nchw = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, false);
+            let nhwc = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, true);
+            assert_eq!(nhwc.len(), nchw.len() + 2);
         }
     }
 

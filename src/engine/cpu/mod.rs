@@ -117,11 +117,26 @@ pub fn profile_report() -> Option<Vec<(&'static str, f64, u64)>> {
 #[derive(Clone, Copy, Debug)]
 pub struct CpuBackend<T: Real> {
     _t: PhantomData<fn() -> T>,
+    /// What [`Backend::channels_last_eval`] answers (off unless
+    /// [`CpuBackend::with_channels_last_eval`] said).
+    channels_last_eval: bool,
 }
 
 impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { _t: PhantomData }
+        CpuBackend {
+            _t: PhantomData,
+            channels_last_eval: false,
+        }
+    }
+
+    /// This backend asking for a channels-last eval-mode backbone: the CPU has no
+    /// channels-last convolution, so its units run the trait's default (transposes around
+    /// the NCHW op), bit for bit the NCHW backbone: the reference the layout is tested
+    /// against, never faster.
+    pub fn with_channels_last_eval(mut self, on: bool) -> Self {
+        self.channels_last_eval = on;
+        self
     }
 }
 
@@ -159,6 +174,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn channels_last_eval(&self) -> bool {
+        self.channels_last_eval
     }
 
     unsafe fn conv2d_fwd_unchecked(
