@@ -119,7 +119,10 @@ pub enum CamChunking {
 /// the CUDA graph. It splits that pass into 7 chunks of 5 slices (the last of 2; 0.67 GB
 /// counted: 0.18 GB of it parameters, 0.35 GB the chunk's activations and staging, 0.10 GB
 /// the input); when a built model still held a gradient buffer per trainable (0.18 GB more)
-/// it took 16 chunks of 2. Not measured on a GPU.
+/// it took 16 chunks of 2. Channels-last the count and the chunks are the same, but the
+/// default channels-last unit (`Backend::conv2d_bn_eval_fwd_nhwc`'s NCHW temporaries) keeps
+/// about 0.33 GB more scratch that this margin does not cover (docs/perf.md). Not measured on
+/// a GPU.
 pub const CAM_PASS_BUDGET: u128 = 700_000_000;
 
 impl Default for CamChunking {
