@@ -208,7 +208,7 @@ pub fn eval_plan(
     Some((eval_plan::plan(&ops).ok()?, out))
 }
 
-/// The ops of [`eval_plan`] (what each reads and writes) and the last feature map's
+/// The ops of [`eval_plan()`] (what each reads and writes) and the last feature map's
 /// `(channels, height, width)`.
 pub fn eval_ops(
     cfg: &ModelConfig,
