@@ -39,7 +39,8 @@
 //! `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]). `--layout` sets the
 //! layout of the eval-mode backbone on CUDA (`auto`, `nchw`, `nhwc`: its blocks
 //! channels-last, [`EvalLayout`]); the CPU runs NCHW (and says so when `nhwc` is asked);
-//! every JSON line names the layout the eval-mode backbone ran in (`layout`).
+//! the JSON lines of the timed workloads name the eval-mode backbone's layout on the device
+//! (`layout`: `nchw` or `nhwc`; the CAM workloads' from the pass's own buffers).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the

@@ -68,8 +68,10 @@ fn transpose(
     if n == 0 || rows == 0 || cols == 0 {
         return Ok(());
     }
-    // Per image offsets are 64-bit in the kernel; the sizes themselves are ints.
+    // Offsets are 64-bit in the kernel; the sizes are ints, and so are the tile bounds
+    // (up to 31 past them).
     let a = int_args([n, rows, cols])?;
+    int_args([rows + 31, cols + 31])?;
     let cfg = blocks(
         op,
         (
