@@ -11,16 +11,24 @@
 //!   buffer per trainable; the figures before and after the plan, and with and without the
 //!   gradient buffers, are printed (`--nocapture`);
 //! - training is untouched by eval passes: steps with eval passes between them give
-//!   bit-identical losses, logits, parameters and gradients to the same steps without.
+//!   bit-identical losses, logits, parameters and gradients to the same steps without;
+//! - channels-last (a backend that asks for it, `CpuBackend::with_channels_last_eval`): the
+//!   eval backbone and the CAM pass, split or not, hold what `memory` counts for that layout,
+//!   and the budget's chunk is counted in it; for the paper and small presets the layout
+//!   changes add at most a buffer of the max-pool's output and one of the features to the
+//!   plan, the default budget still splits the paper's pass under 0.8 GB, and the figures of
+//!   both layouts are printed with the NCHW temporaries the default channels-last unit keeps
+//!   in a backend's arena (not counted by `memory`; `--nocapture`).
 
 mod common;
 use common::rng::SplitMix64;
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::Backend;
+use ichcam::model::eval_plan::{PlanOp, Src};
 use ichcam::model::memory::{
     backbone_activations, cam_pass_activations, cam_pass_bytes, cam_pass_chunk, eval_activations,
-    param_bytes, param_counts,
+    eval_ops, param_bytes, param_counts,
 };
 use ichcam::model::{
     BlockKind, CamChunking, CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup,
@@ -129,18 +137,18 @@ fn default_budget_splits_the_paper_cam_pass_under_the_goal() {
         ("small", small, 128, 256),
     ] {
         let before = backbone_activations(&cfg, n, s, s).expect("count").0 * 4;
-        let plan = eval_activations(&cfg, n, s, s).expect("count").0 * 4;
-        let m = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET);
-        let acts = cam_pass_activations(&cfg, n, s, s, m).expect("count") * 4;
-        let pass = cam_pass_bytes(&cfg, n, s, s, m, 4).expect("count");
-        let whole = cam_pass_bytes(&cfg, n, s, s, n, 4).expect("count");
+        let plan = eval_activations(&cfg, n, s, s, false).expect("count").0 * 4;
+        let m = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET, false);
+        let acts = cam_pass_activations(&cfg, n, s, s, m, false).expect("count") * 4;
+        let pass = cam_pass_bytes(&cfg, n, s, s, m, 4, false).expect("count");
+        let whole = cam_pass_bytes(&cfg, n, s, s, n, 4, false).expect("count");
         let params = param_bytes(&cfg, 4, false).expect("count");
         // What the pass counted while a built model held a gradient buffer per trainable
         // (before they were allocated on the first training use): the chunk that budget
         // chose.
         let grads = param_counts(&cfg).expect("count").trainable * 4;
-        let m_grads = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET - grads);
-        let pass_grads = cam_pass_bytes(&cfg, n, s, s, m_grads, 4).expect("count") + grads;
+        let m_grads = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET - grads, false);
+        let pass_grads = cam_pass_bytes(&cfg, n, s, s, m_grads, 4, false).expect("count") + grads;
         println!(
             "{name}: {n} slices {s}^2 f32: activations one buffer per layer {:.3} GB, eval plan \
              {:.3} GB; CAM pass unsplit {:.3} GB; chunks of {m}: activations {:.3} GB, pass \
@@ -222,4 +230,118 @@ fn eval_passes_leave_training_bit_identical() {
         plain_state == mixed_state,
         "parameters, running stats or gradients differ"
     );
+}
+
+fn presets() -> [(&'static str, ModelConfig, usize, usize); 2] {
+    let small = ModelConfig {
+        block: BlockKind::Basic,
+        layers: vec![2, 2, 2, 2],
+        ..ModelConfig::resnet101_lstm()
+    };
+    [
+        ("paper", ModelConfig::resnet101_lstm(), 32, 512),
+        ("small", small, 128, 256),
+    ]
+}
+
+/// Values the default channels-last unit (`Backend::conv2d_bn_eval_fwd_nhwc`: NCHW
+/// temporaries of its input, output and residual) keeps in a backend's arena over the
+/// channels-last ops of a pass: the arena keeps its buffers by length, so per length the
+/// most that one unit holds at once.
+fn default_unit_scratch(ops: &[PlanOp]) -> u128 {
+    use std::collections::HashMap;
+    let mut most: HashMap<u128, u128> = HashMap::new();
+    // The units between the layout changes (ops 3 .. len - 1).
+    for op in &ops[3..ops.len() - 1] {
+        let Src::Op(k) = op.reads[0] else {
+            panic!("a unit reads the pass's input")
+        };
+        let mut here: HashMap<u128, u128> = HashMap::new();
+        *here.entry(ops[k].len).or_default() += 1;
+        *here.entry(op.len).or_default() += 1 + u128::from(op.reads.len() == 2);
+        for (l, c) in here {
+            let e = most.entry(l).or_default();
+            *e = (*e).max(c);
+        }
+    }
+    most.iter().map(|(l, c)| l * c).sum()
+}
+
+#[test]
+fn channels_last_memory_of_the_presets() {
+    const GB: f64 = 1e9;
+    for (name, cfg, n, s) in presets() {
+        let (nchw_ops, (c, fh, fw)) = eval_ops(&cfg, n, s, s, false).expect("ops");
+        let (nhwc_ops, _) = eval_ops(&cfg, n, s, s, true).expect("ops");
+        assert_eq!(
+            nhwc_ops.len(),
+            nchw_ops.len() + 2,
+            "{name}: two layout changes"
+        );
+        let [a, b] = [false, true].map(|cl| eval_activations(&cfg, n, s, s, cl).expect("count").0);
+        // Each layout change adds at most one buffer of its length (the max-pool's output,
+        // the features).
+        let (pooled, feats) = (nchw_ops[1].len, n as u128 * c * fh * fw);
+        assert!(a <= b && b <= a + pooled + feats, "{name}: {a} -> {b}");
+        let [ma, mb] =
+            [false, true].map(|cl| cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET, cl));
+        let pass = |m, cl| cam_pass_bytes(&cfg, n, s, s, m, 4, cl).expect("count");
+        let (pa, pb) = (pass(ma, false), pass(mb, true));
+        assert!(mb <= ma, "{name}: a larger chunk channels-last");
+        assert!(pb <= CAM_PASS_BUDGET || mb == 1, "{name}: {pb} bytes");
+        if name == "paper" {
+            assert!(pb as f64 <= 0.8 * GB, "{pb} bytes");
+        }
+        // The chunk's NCHW temporaries of the default channels-last unit.
+        let (chunk_ops, _) = eval_ops(&cfg, mb, s, s, true).expect("ops");
+        let scratch = default_unit_scratch(&chunk_ops) * 4;
+        let [ca, cb] = [false, true].map(|cl| {
+            cam_pass_activations(&cfg, n, s, s, if cl { mb } else { ma }, cl).expect("count") * 4
+        });
+        println!(
+            "{name}: {n} slices {s}^2 f32: eval plan NCHW {:.3} GB, channels-last {:.3} GB \
+             (+{:.1} MB); CAM pass at the default budget NCHW chunks of {ma}: activations \
+             {:.3} GB, pass {:.3} GB; channels-last chunks of {mb}: activations {:.3} GB, pass \
+             {:.3} GB, and the default unit's NCHW temporaries (the arena, not counted) {:.3} GB",
+            a as f64 * 4.0 / GB,
+            b as f64 * 4.0 / GB,
+            (b - a) as f64 * 4.0 / 1e6,
+            ca as f64 / GB,
+            pa as f64 / GB,
+            cb as f64 / GB,
+            pb as f64 / GB,
+            scratch as f64 / GB,
+        );
+    }
+}
+
+#[test]
+fn channels_last_passes_hold_what_memory_counts() {
+    let (n, h, w) = (5, 44, 36);
+    let mut rng = SplitMix64::fresh("eval-memory-nhwc");
+    let x = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    for cfg in [bottleneck(), ModelConfig::tiny()] {
+        for cl in [false, true] {
+            let be = CpuBackend::<f32>::new().with_channels_last_eval(cl);
+            let mut net = IchNet::new(be, cfg.clone(), 2).expect("net");
+            net.stage2_features(&x, n, h, w).expect("features");
+            let xb = net.backend().upload(&x).expect("up");
+            for chunk in [n, 2] {
+                net.set_cam_chunking(CamChunking::Slices(chunk));
+                let mut bufs = None;
+                net.stage2_cam_pass(&xb, n, h, w, &mut bufs).expect("pass");
+                let b = bufs.expect("bufs");
+                assert_eq!(b.channels_last(), cl);
+                let want = cam_pass_activations(&cfg, n, h, w, b.chunk, cl).expect("count");
+                assert_eq!(b.activation_scalars() as u128, want, "{cl} chunk {chunk}");
+            }
+            // The budget's chunk is the one counted in this layout.
+            let budget = cam_pass_bytes(&cfg, n, h, w, 3, 4, cl).expect("count");
+            net.set_cam_chunking(CamChunking::Budget(budget));
+            assert_eq!(
+                net.cam_chunk(n, h, w),
+                cam_pass_chunk(&cfg, n, h, w, 4, budget, cl)
+            );
+        }
+    }
 }

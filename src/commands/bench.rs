@@ -36,7 +36,11 @@
 //! the timed runs (train-step, eager cam), the stream-ordered pool keeping what it freed).
 //! `conv` reports none (`--describe` adds its shapes, counts and families). The `cam` and
 //! `cam-latency` lines also have the pass's memory plan (`cam_chunk`, `act_mb`,
-//! `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]).
+//! `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]). `--layout` sets the
+//! layout of the eval-mode backbone on CUDA (`auto`, `nchw`, `nhwc`: its blocks
+//! channels-last, [`EvalLayout`]); the CPU runs NCHW (and says so when `nhwc` is asked);
+//! the JSON lines of the timed workloads name the eval-mode backbone's layout on the device
+//! (`layout`: `nchw` or `nhwc`; the CAM workloads' from the pass's own buffers).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
@@ -45,6 +49,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use ichcam::engine::cuda::backend::EvalLayout;
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
 use ichcam::model::unet::{UNet, UNetConfig};
@@ -65,6 +70,14 @@ pub struct Args {
     /// with tf32.
     #[arg(long, default_value = "f32")]
     precision: ichcam::engine::Precision,
+    /// The eval-mode backbone's layout on CUDA (cam, cam-latency): auto (the backend's
+    /// choice), nchw, or nhwc (its blocks channels-last between two layout changes). The
+    /// CPU runs NCHW.
+    #[arg(long, default_value = "auto")]
+    layout: EvalLayout,
+    /// The layout the eval-mode backbone runs in on the opened device (`nchw` / `nhwc`).
+    #[arg(skip)]
+    layout_used: Option<&'static str>,
     /// tiny (the training CPU default: its model, batch x slices and image size; CAM passes
     /// of the segmenter's slices per pass), small (ResNet-18 + LSTM 3x256, 4x32 slices / 128 slices at 256^2)
     /// or paper (ResNet-101 + LSTM 3x256, 1x32 slices / 32 slices at 512^2).
@@ -249,7 +262,7 @@ fn inputs(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(mut args: Args) -> anyhow::Result<()> {
     let p = preset(&args.config)?;
     if !WORKLOADS.contains(&args.what.as_str()) {
         bail!(
@@ -271,6 +284,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "fill": args.fill,
             "size": args.size.unwrap_or(p.size),
             "precision": args.precision.name(),
+            "layout": args.layout.name(),
             "unet": serde_json::from_str::<serde_json::Value>(&p.unet.to_json())?,
             "unet_batch": args.batch.unwrap_or(p.unet_batch),
         });
@@ -286,6 +300,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut device = super::open_device(&args.device, false)?;
     device.set_precision(args.precision)?;
+    let channels_last = match &mut device {
+        ichcam::engine::Device::Cuda(be) => {
+            be.set_eval_layout(args.layout);
+            be.channels_last_eval()
+        }
+        ichcam::engine::Device::Cpu { .. } => {
+            if args.layout == EvalLayout::Nhwc {
+                eprintln!(
+                    "note: --layout nhwc is a CUDA setting: the CPU backend runs the eval-mode \
+                     backbone NCHW"
+                );
+            }
+            false
+        }
+    };
+    args.layout_used = Some(layout_name(channels_last));
     if args.what == "ccl" {
         return bench_ccl(device, &args);
     }
@@ -307,6 +337,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     ichcam::on_device!(device, be => bench(be, &p, &args))
+}
+
+/// `nhwc` or `nchw`, as the JSON lines name a layout.
+fn layout_name(channels_last: bool) -> &'static str {
+    if channels_last {
+        "nhwc"
+    } else {
+        "nchw"
+    }
 }
 
 /// Slices of one pass of the `cam` / `cam-latency` workloads.
@@ -351,21 +390,25 @@ fn cam_memory<B: Backend>(
     bufs: &Option<CamPassBufs<B>>,
 ) -> anyhow::Result<(serde_json::Value, String)> {
     let b = bufs.as_ref().context("the CAM pass left no buffers")?;
-    let m = b.chunk;
+    let (m, cl) = (b.chunk, b.channels_last());
     let mib = |scalars: Option<u128>| scalars.map(|v| (v * 4) as f64 / (1u64 << 20) as f64);
     let cfg = &p.model;
     let j = serde_json::json!({
         "cam_chunk": m,
+        "layout": layout_name(cl),
         "act_mb": mib(Some(b.activation_scalars() as u128)),
-        "act_plan_mb": mib(memory::cam_pass_activations(cfg, n, size, size, m)),
+        "act_plan_mb": mib(memory::cam_pass_activations(cfg, n, size, size, m, cl)),
         "act_per_layer_mb": mib(memory::backbone_activations(cfg, n, size, size).map(|a| a.0)),
-        "pass_plan_mb": mib(memory::cam_pass_bytes(cfg, n, size, size, m, 4).map(|v| v / 4)),
+        "pass_plan_mb": mib(memory::cam_pass_bytes(cfg, n, size, size, m, 4, cl).map(|v| v / 4)),
     });
-    let chunks = if m < n {
+    let mut chunks = if m < n {
         format!(", {} chunks of {m}", n.div_ceil(m))
     } else {
         String::new()
     };
+    if cl {
+        chunks.push_str(", blocks channels-last");
+    }
     Ok((j, chunks))
 }
 
@@ -665,10 +708,11 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                         size,
                         4,
                         ichcam::model::CAM_PASS_BUDGET,
+                        be.channels_last_eval(),
                     ),
                 };
                 if on_host {
-                    memory::cam_pass_bytes(&p.model, n, size, size, m, 4)
+                    memory::cam_pass_bytes(&p.model, n, size, size, m, 4, be.channels_last_eval())
                 } else {
                     param_bytes(&p.model, 4, false).map(|t| t + input(n))
                 }
@@ -1437,6 +1481,7 @@ fn report_mem(
             "what": what, "config": config, "device": device, "median_ms": t.median_ms,
             "min_ms": t.min_ms, "cpu_ms": t.cpu_ms, "slices_per_s": per_s, "iters": args.iters, "detail": detail,
             "device_mb": device_bytes.map(|b| b as f64 / (1u64 << 20) as f64),
+            "layout": args.layout_used,
         });
         let mut j = j;
         if let (Some(o), Some(serde_json::Value::Object(e))) = (j.as_object_mut(), extra) {

@@ -2,7 +2,9 @@
 //! over its own buffers. The model is written once over this trait.
 //!
 //! Conventions, the same for every op:
-//! - buffers are contiguous, row-major (NCHW for images); lengths are checked, a mismatch is
+//! - buffers are contiguous, row-major (NCHW for images, except the channels-last ops:
+//!   [`Backend::conv2d_bn_eval_fwd_nhwc`] and the layout changes [`Backend::nchw_to_nhwc`],
+//!   [`Backend::nhwc_to_nchw`]); lengths are checked, a mismatch is
 //!   `EngineError::Shape`, never a panic. The checks of the ops with a shape type
 //!   ([`Conv2d`], [`BatchNorm2d`], [`Lstm`], ...) are written once, here: the trait's
 //!   method validates the lengths on the shape and calls the backend's `*_unchecked`
@@ -13,7 +15,7 @@
 
 use super::shapes::{
     check_minmax, BatchNorm2d, ChannelCopy, Conv2d, Linear, Lstm, Maps, Pool2d, Resize, RowMean,
-    SoftDice, UpConv2d,
+    SoftDice, Transpose, UpConv2d,
 };
 use super::{Real, Result};
 
@@ -61,6 +63,17 @@ pub trait Backend: Send + Sync {
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()>;
     /// Waits for queued work (a no-op on the CPU); timings call it.
     fn synchronize(&self) -> Result<()>;
+    /// A buffer of `len` values for a composite op's temporaries, contents undefined: hand
+    /// it back with [`Backend::recycle`] once the op's work is queued. The default allocates
+    /// (zeros); a backend may keep such buffers for reuse, so that a warm op allocates
+    /// nothing (CUDA: its arena, what a CUDA graph's capture needs).
+    fn scratch(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+    /// Gives back a buffer of [`Backend::scratch`] (the default drops it).
+    fn recycle(&self, buf: Self::Buf) {
+        drop(buf)
+    }
 
     // ---- convolution (no bias) -----------------------------------------------------------
     checked_op! {
@@ -189,6 +202,128 @@ pub trait Backend: Send + Sync {
                 }
             }
         }
+    }
+
+    /// Whether the eval-mode backbone should run channels-last on this backend (its block
+    /// units as [`Backend::conv2d_bn_eval_fwd_nhwc`] between two layout changes): a setting
+    /// of the backend, read once when the model builds its eval-mode buffers. The default
+    /// (and the CPU reference) says no.
+    fn channels_last_eval(&self) -> bool {
+        false
+    }
+
+    /// [`Backend::conv2d_bn_eval_fwd`] on channels-last activations: x `[n, h, w, c_in]`,
+    /// residual and y `[n, out_h, out_w, c_out]` (NHWC), the weights OIHW as ever; the same
+    /// arguments and checks. The default changes x (and the residual) to NCHW temporaries
+    /// ([`Backend::scratch`]), runs [`Backend::conv2d_bn_eval_fwd`] and changes its output
+    /// back: bit for bit the NCHW op, at the cost of three transposes; a backend may run a
+    /// native channels-last kernel instead.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bn_eval_fwd_nhwc(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        s.check_fwd(self.len(x), self.len(w), self.len(y))?;
+        bn.check_after_conv(
+            "conv2d_bn_eval_fwd_nhwc",
+            s,
+            [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
+            residual.map(|r| self.len(r)),
+        )?;
+        // SAFETY: the buffers hold the lengths the shape gives (checked above).
+        unsafe {
+            self.conv2d_bn_eval_fwd_nhwc_unchecked(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        }
+    }
+    /// [`Backend::conv2d_bn_eval_fwd_nhwc`] once its lengths are checked: what a backend
+    /// implements; the default transposes around [`Backend::conv2d_bn_eval_fwd`].
+    ///
+    /// # Safety
+    /// Every buffer holds the length the shape argument gives (what
+    /// [`Backend::conv2d_bn_eval_fwd_nhwc`] checks); a device kernel reads and writes that
+    /// many values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv2d_bn_eval_fwd_nhwc_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        let t_in = Transpose {
+            n: s.n,
+            c: s.c_in,
+            hw: s.h * s.w,
+        };
+        let t_out = Transpose {
+            n: s.n,
+            c: s.c_out,
+            hw: s.out_h() * s.out_w(),
+        };
+        let mut xt = self.scratch(s.x_len())?;
+        let mut yt = self.scratch(s.y_len())?;
+        let mut rt = match residual {
+            Some(_) => Some(self.scratch(s.y_len())?),
+            None => None,
+        };
+        let r = (|| {
+            self.nhwc_to_nchw(&t_in, x, &mut xt)?;
+            if let (Some(r), Some(t)) = (residual, rt.as_mut()) {
+                self.nhwc_to_nchw(&t_out, r, t)?;
+            }
+            self.conv2d_bn_eval_fwd(
+                s,
+                bn,
+                &xt,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                rt.as_ref(),
+                relu,
+                &mut yt,
+            )?;
+            self.nchw_to_nhwc(&t_out, &yt, y)
+        })();
+        self.recycle(xt);
+        self.recycle(yt);
+        if let Some(t) = rt {
+            self.recycle(t);
+        }
+        r
     }
 
     /// Training convolution + batch norm (+ residual) (+ ReLU): `z = conv(x, w)` (kept: the
@@ -716,6 +851,32 @@ pub trait Backend: Send + Sync {
         }
     }
 
+    // ---- layout --------------------------------------------------------------------------
+    checked_op! {
+        /// y `[n, hw, c]` (channels-last, NHWC) = x `[n, c, hw]` (NCHW): per image the
+        /// `c x hw` matrix transposed, every value copied exactly.
+        fn nchw_to_nhwc / nchw_to_nhwc_unchecked(
+            &self,
+            s: &Transpose,
+            x: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check("nchw_to_nhwc", self.len(x), self.len(y))?;
+        }
+    }
+    checked_op! {
+        /// y `[n, c, hw]` (NCHW) = x `[n, hw, c]` (channels-last, NHWC): the inverse of
+        /// [`Backend::nchw_to_nhwc`], every value copied exactly.
+        fn nhwc_to_nchw / nhwc_to_nchw_unchecked(
+            &self,
+            s: &Transpose,
+            x: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check("nhwc_to_nchw", self.len(x), self.len(y))?;
+        }
+    }
+
     // ---- U-Net (stage 3) -----------------------------------------------------------------
     checked_op! {
         /// `y[i, ch, p] = y[i, ch, p] + b[ch]` over y `[n, c, hw]`, then `max(., 0)` when `relu`:
@@ -796,6 +957,7 @@ pub trait Backend: Send + Sync {
             s.check(self.len(src), self.len(dst))?;
         }
     }
+
     /// y = 1 / (1 + exp(-x)).
     fn sigmoid_fwd(&self, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
     /// dx = dy * y * (1 - y), y being the sigmoid's output.

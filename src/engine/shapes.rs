@@ -170,6 +170,27 @@ impl ChannelCopy {
     }
 }
 
+/// A change of layout of `n` images of `c` channel maps of `hw` pixels between
+/// channels-first `[n, c, hw]` (NCHW) and channels-last `[n, hw, c]` (NHWC): per image a
+/// `c x hw` matrix transposed (`nchw_to_nhwc`) or the other way (`nhwc_to_nchw`). Source and
+/// destination hold `n * c * hw` values each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Transpose {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+}
+
+impl Transpose {
+    /// Values of either side; None when `n * c * hw` overflows.
+    pub fn len(&self) -> Option<usize> {
+        self.n.checked_mul(self.c)?.checked_mul(self.hw)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == Some(0)
+    }
+}
+
 /// The soft Dice loss over probabilities `[n, c, hw]`:
 /// `1 - mean_c(2 * sum(p * t) / (sum(p + t) + eps))`, sums over the batch and the pixels.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -792,6 +813,19 @@ impl ChannelCopy {
             OP,
             &[("src", src, self.src_len()), ("dst", dst, self.dst_len())],
         )
+    }
+}
+
+impl Transpose {
+    /// `nchw_to_nhwc` / `nhwc_to_nchw` (`op`): x and y of `n * c * hw` values each.
+    pub fn check(&self, op: &'static str, x: usize, y: usize) -> Result<()> {
+        let Some(len) = self.len() else {
+            return bad(
+                op,
+                format!("{} x {} x {} values overflow", self.n, self.c, self.hw),
+            );
+        };
+        check_lens(op, &[("x", x, len), ("y", y, len)])
     }
 }
 

@@ -2,8 +2,9 @@
 //! allocated: parameter counts, the bytes an [`super::IchNet`] holds for them, and the
 //! activations of a forward pass at a given batch and input size: a training pass keeps
 //! every layer's ([`backbone_activations`]), an eval-mode pass only the buffers of its
-//! activation plan ([`eval_activations`], [`super::eval_plan`]); and the bytes of a whole
-//! CAM pass split into chunks of slices ([`cam_pass_bytes`], [`cam_pass_chunk`]). The
+//! activation plan ([`eval_activations`], [`super::eval_plan`]; NCHW, or channels-last with
+//! its two layout changes: `channels_last`, what the backend asks for); and the bytes of a
+//! whole CAM pass split into chunks of slices ([`cam_pass_bytes`], [`cam_pass_chunk`]). The
 //! arithmetic is checked (`u128`, `None` on overflow), so an absurd config from a model
 //! file is refused instead of overflowing or aborting in the allocator. The shapes mirror
 //! `resnet.rs` and `net.rs` (tests compare the counts with a built network). Knows nothing
@@ -190,7 +191,8 @@ pub fn backbone_activations(
 
 /// The eval-mode backbone's ops on `n` images of `h x w` (as `resnet.rs` builds them: the
 /// stem, the max-pool, then per block the downsample branch and the units, the last one
-/// joining the shortcut) with at most three blocks per stage, and their activation plan.
+/// joining the shortcut; `channels_last`: with a layout change after the max-pool and one
+/// after the last block) with at most three blocks per stage, and their activation plan.
 /// A stage's blocks after its first are alike, so the third and later add no length and no
 /// tensor live at once with others that the first three lack: the plan's buffers are those
 /// of the whole backbone (a test compares them with a built one), and a hostile block count
@@ -200,16 +202,20 @@ pub fn eval_plan(
     n: usize,
     h: usize,
     w: usize,
+    channels_last: bool,
 ) -> Option<(Plan, (u128, u128, u128))> {
-    let (ops, out) = eval_ops(cfg, n, h, w)?;
+    let (ops, out) = eval_ops(cfg, n, h, w, channels_last)?;
     Some((eval_plan::plan(&ops).ok()?, out))
 }
 
-pub(crate) fn eval_ops(
+/// The ops of [`eval_plan()`] (what each reads and writes) and the last feature map's
+/// `(channels, height, width)`.
+pub fn eval_ops(
     cfg: &ModelConfig,
     n: usize,
     h: usize,
     w: usize,
+    channels_last: bool,
 ) -> Option<(Vec<PlanOp>, (u128, u128, u128))> {
     let n = n as u128;
     let base = cfg.base_width as u128;
@@ -221,6 +227,11 @@ pub(crate) fn eval_ops(
         op(vec![Src::Input], len(base, sh, sw)?),
         op(vec![Src::Op(0)], len(base, ch, cw)?),
     ];
+    // The layout changes, around the blocks (none without).
+    let nhwc = channels_last && cfg.layers.iter().any(|&nb| nb > 0);
+    if nhwc {
+        ops.push(op(vec![Src::Op(1)], len(base, ch, cw)?));
+    }
     let mut cin = base;
     for (i, &nb) in cfg.layers.iter().enumerate() {
         let wd = mul(base, 1u128.checked_shl(i as u32)?)?;
@@ -255,27 +266,45 @@ pub(crate) fn eval_ops(
             (ch, cw, cin) = (oh, ow, cout);
         }
     }
+    if nhwc {
+        ops.push(op(vec![Src::Op(ops.len() - 1)], len(cin, ch, cw)?));
+    }
     Some((ops, (cin, ch, cw)))
 }
 
 /// Scalars the eval-mode backbone (`BackboneEval`) holds for a batch of `n` images of
-/// `h x w`: its plan's buffers and the pooled features `[n, c]`. Returns the count and the
-/// last feature map's `(channels, height, width)`.
+/// `h x w` in the layout `channels_last` says: its plan's buffers and the pooled features
+/// `[n, c]`. Returns the count and the last feature map's `(channels, height, width)`.
 pub fn eval_activations(
     cfg: &ModelConfig,
     n: usize,
     h: usize,
     w: usize,
+    channels_last: bool,
 ) -> Option<(u128, (u128, u128, u128))> {
-    let (plan, (c, fh, fw)) = eval_plan(cfg, n, h, w)?;
+    let (plan, (c, fh, fw)) = eval_plan(cfg, n, h, w, channels_last)?;
     Some((add(plan.scalars()?, mul(n as u128, c)?)?, (c, fh, fw)))
 }
 
+/// [`eval_activations`] in the layout that needs more (the estimates made before a
+/// backend is known: either may run).
+fn eval_activations_either(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Option<(u128, (u128, u128, u128))> {
+    let (a, out) = eval_activations(cfg, n, h, w, false)?;
+    let (b, _) = eval_activations(cfg, n, h, w, true)?;
+    Some((a.max(b), out))
+}
+
 /// Bytes of one stage-2 inference pass (`IchNet::stage2_infer_device`) on `n` slices of
-/// `size x size` with `elem`-byte scalars: the input, the eval-mode backbone's buffers and
-/// the CAM at the features' resolution (Grad-CAM's gradient maps included).
+/// `size x size` with `elem`-byte scalars: the input, the eval-mode backbone's buffers (in
+/// the layout that needs more) and the CAM at the features' resolution (Grad-CAM's gradient
+/// maps included).
 pub fn stage2_infer_bytes(cfg: &ModelConfig, n: usize, size: usize, elem: usize) -> Option<u128> {
-    let (acts, (c, fh, fw)) = eval_activations(cfg, n, size, size)?;
+    let (acts, (c, fh, fw)) = eval_activations_either(cfg, n, size, size)?;
     let n = n as u128;
     let plane = mul(size as u128, size as u128)?;
     let input = mul(mul(n, cfg.in_channels as u128)?, plane)?;
@@ -285,18 +314,19 @@ pub fn stage2_infer_bytes(cfg: &ModelConfig, n: usize, size: usize, elem: usize)
 }
 
 /// Scalars of the activations of a CAM pass (`IchNet::stage2_cam_pass`) on `n` slices of
-/// `h x w` in chunks of `chunk` slices: the chunk's eval-mode backbone and, when the pass is
-/// split (`chunk < n`), the chunk's input and outputs (logits, CAM, normalised CAM), as
-/// `CamPassBufs::activation_scalars` counts them.
+/// `h x w` in chunks of `chunk` slices: the chunk's eval-mode backbone (channels-last or
+/// not) and, when the pass is split (`chunk < n`), the chunk's input and outputs (logits,
+/// CAM, normalised CAM), as `CamPassBufs::activation_scalars` counts them.
 pub fn cam_pass_activations(
     cfg: &ModelConfig,
     n: usize,
     h: usize,
     w: usize,
     chunk: usize,
+    channels_last: bool,
 ) -> Option<u128> {
     let m = chunk.clamp(1, n.max(1));
-    let (acts, (_, fh, fw)) = eval_activations(cfg, m, h, w)?;
+    let (acts, (_, fh, fw)) = eval_activations(cfg, m, h, w, channels_last)?;
     if m >= n {
         return Some(acts);
     }
@@ -311,8 +341,10 @@ pub fn cam_pass_activations(
 /// Bytes of a whole CAM pass (`IchNet::stage2_cam_pass`) on `n` slices of `h x w` in chunks
 /// of `chunk` slices with `elem`-byte scalars, as a model built for it holds them: the
 /// parameters (no gradient buffers: a model that has not trained allocates none), the input,
-/// the outputs (logits, CAM, normalised CAM) and [`cam_pass_activations`]. Not counted: the
-/// composite ops' scratch (a backend's arena) and a CUDA graph.
+/// the outputs (logits, CAM, normalised CAM) and [`cam_pass_activations`] (channels-last or
+/// not). Not counted: the composite ops' scratch (a backend's arena: among them the NCHW
+/// temporaries of the default channels-last unit, `Backend::conv2d_bn_eval_fwd_nhwc`) and a
+/// CUDA graph.
 pub fn cam_pass_bytes(
     cfg: &ModelConfig,
     n: usize,
@@ -320,10 +352,11 @@ pub fn cam_pass_bytes(
     w: usize,
     chunk: usize,
     elem: usize,
+    channels_last: bool,
 ) -> Option<u128> {
     let params = param_bytes(cfg, elem, false)?;
-    let acts = cam_pass_activations(cfg, n, h, w, chunk)?;
-    let (_, (_, fh, fw)) = eval_plan(cfg, 1, h, w)?;
+    let acts = cam_pass_activations(cfg, n, h, w, chunk, channels_last)?;
+    let (_, (_, fh, fw)) = eval_plan(cfg, 1, h, w, false)?;
     let plane = mul(h as u128, w as u128)?;
     let row = add(
         add(mul(cfg.in_channels as u128, plane)?, 1)?,
@@ -342,8 +375,8 @@ pub fn even_chunk(n: usize, most: usize) -> usize {
 }
 
 /// Slices per chunk of a CAM pass on `n` slices within `budget` bytes: the fewest chunks
-/// whose pass ([`cam_pass_bytes`]) fits, as even as can be ([`even_chunk`]); chunks of 1
-/// when none fits (or the sizes overflow).
+/// whose pass ([`cam_pass_bytes`], in the layout `channels_last` says) fits, as even as can
+/// be ([`even_chunk`]); chunks of 1 when none fits (or the sizes overflow).
 pub fn cam_pass_chunk(
     cfg: &ModelConfig,
     n: usize,
@@ -351,8 +384,11 @@ pub fn cam_pass_chunk(
     w: usize,
     elem: usize,
     budget: u128,
+    channels_last: bool,
 ) -> usize {
-    let fits = |m: usize| cam_pass_bytes(cfg, n, h, w, m, elem).is_some_and(|b| b <= budget);
+    let fits = |m: usize| {
+        cam_pass_bytes(cfg, n, h, w, m, elem, channels_last).is_some_and(|b| b <= budget)
+    };
     if n <= 1 || fits(n) {
         return n.max(1);
     }
@@ -374,7 +410,7 @@ pub fn cam_pass_chunk(
 
 /// Bytes of one stage-1 forward pass (`IchNet::stage1_logits`, eval mode) on `batch`
 /// sequences of `seq` slices of `size x size`: the input, the eval-mode backbone's buffers
-/// for every slice, and the LSTM and head states.
+/// for every slice (in the layout that needs more), and the LSTM and head states.
 pub fn stage1_infer_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -400,7 +436,7 @@ fn stage1_bytes(
     let (acts, _) = if train {
         backbone_activations(cfg, nn, size, size)?
     } else {
-        eval_activations(cfg, nn, size, size)?
+        eval_activations_either(cfg, nn, size, size)?
     };
     let plane = mul(size as u128, size as u128)?;
     let input = mul(mul(n, cfg.in_channels as u128)?, plane)?;
@@ -416,8 +452,8 @@ fn stage1_bytes(
 
 /// Bytes of training (stage 1, the larger stage): parameters with their gradients and
 /// optimizer moments, a training forward pass's activations twice over (their gradients),
-/// and the eval-mode backbone's buffers that validation (eval mode, the same batch shape)
-/// adds to them.
+/// and the eval-mode backbone's buffers that validation (eval mode, the same batch shape, in
+/// the layout that needs more) adds to them.
 pub fn training_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -428,7 +464,7 @@ pub fn training_bytes(
     let params = param_bytes(cfg, elem, true)?;
     let fwd = stage1_bytes(cfg, batch, seq, size, elem, true)?;
     let n = usize::try_from((batch as u128).checked_mul(seq as u128)?).ok()?;
-    let (eval, _) = eval_activations(cfg, n, size, size)?;
+    let (eval, _) = eval_activations_either(cfg, n, size, size)?;
     add(add(params, mul(fwd, 2)?)?, mul(eval, elem as u128)?)
 }
 
@@ -521,25 +557,28 @@ mod tests {
                 base_width: 4,
                 ..ModelConfig::tiny()
             };
-            let mut net = IchNet::new(CpuBackend::<f32>::new(), cfg.clone(), 0).unwrap();
-            let x = vec![0.5f32; n * cfg.in_channels * h * w];
-            net.stage2_features(&x, n, h, w).unwrap();
-            let (eval, train) = net.activation_state();
-            assert!(!train);
-            let (want, _) = eval_activations(&cfg, n, h, w).unwrap();
-            assert_eq!(eval.map(|v| v as u128), Some(want), "{cfg:?}");
-            let (full, _) = backbone_activations(&cfg, n, h, w).unwrap();
-            assert!(3 * want < full, "{want} vs {full}");
-            // The CAM pass, split or not.
-            let xb = net.backend().upload(&x).unwrap();
-            for s in [1, 2, 3] {
-                net.set_cam_chunking(CamChunking::Slices(s));
-                let mut bufs = None;
-                net.stage2_cam_pass(&xb, n, h, w, &mut bufs).unwrap();
-                let b = bufs.unwrap();
-                assert_eq!(b.chunk, s);
-                let want = cam_pass_activations(&cfg, n, h, w, s).unwrap();
-                assert_eq!(b.activation_scalars() as u128, want, "chunk {s}");
+            for cl in [false, true] {
+                let be = CpuBackend::<f32>::new().with_channels_last_eval(cl);
+                let mut net = IchNet::new(be, cfg.clone(), 0).unwrap();
+                let x = vec![0.5f32; n * cfg.in_channels * h * w];
+                net.stage2_features(&x, n, h, w).unwrap();
+                let (eval, train) = net.activation_state();
+                assert!(!train);
+                let (want, _) = eval_activations(&cfg, n, h, w, cl).unwrap();
+                assert_eq!(eval.map(|v| v as u128), Some(want), "{cfg:?} {cl}");
+                let (full, _) = backbone_activations(&cfg, n, h, w).unwrap();
+                assert!(3 * want < full, "{want} vs {full}");
+                // The CAM pass, split or not.
+                let xb = net.backend().upload(&x).unwrap();
+                for s in [1, 2, 3] {
+                    net.set_cam_chunking(CamChunking::Slices(s));
+                    let mut bufs = None;
+                    net.stage2_cam_pass(&xb, n, h, w, &mut bufs).unwrap();
+                    let b = bufs.unwrap();
+                    assert_eq!(b.chunk, s);
+                    let want = cam_pass_activations(&cfg, n, h, w, s, cl).unwrap();
+                    assert_eq!(b.activation_scalars() as u128, want, "chunk {s} {cl}");
+                }
             }
         }
     }
@@ -548,23 +587,23 @@ mod tests {
     fn cam_pass_chunks_fit_the_budget() {
         let cfg = ModelConfig::resnet101_lstm();
         let (n, s) = (32, 512);
-        let bytes = |m: usize| cam_pass_bytes(&cfg, n, s, s, m, 4).unwrap();
+        let bytes = |m: usize| cam_pass_bytes(&cfg, n, s, s, m, 4, false).unwrap();
         assert!(bytes(1) < bytes(2) && bytes(2) < bytes(16));
         // 32 slices: at most 5 per chunk makes 7 chunks, of 5 (and 2); at most 4, 8 of 4.
-        let m = cam_pass_chunk(&cfg, n, s, s, 4, bytes(5));
+        let m = cam_pass_chunk(&cfg, n, s, s, 4, bytes(5), false);
         assert_eq!(m, 5);
-        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(5) - 1), 4);
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(5) - 1, false), 4);
         // At most 9 per chunk: 4 chunks, so of 8.
-        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(9)), 8);
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(9), false), 8);
         assert_eq!(even_chunk(7, 6), 4);
         assert_eq!(even_chunk(7, 0), 1);
         assert_eq!(even_chunk(0, 3), 1);
-        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, 0), 1);
-        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, u128::MAX), n);
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, 0, false), 1);
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, u128::MAX, true), n);
         // Unsplit, no staging: the eval backbone alone.
         assert_eq!(
-            cam_pass_activations(&cfg, n, s, s, n),
-            eval_activations(&cfg, n, s, s).map(|a| a.0)
+            cam_pass_activations(&cfg, n, s, s, n, true),
+            eval_activations(&cfg, n, s, s, true).map(|a| a.0)
         );
     }
 
@@ -576,8 +615,16 @@ mod tests {
         // Answered at once (no loop over the block count) and without overflowing.
         assert_eq!(param_counts(&cfg), None);
         assert_eq!(stage2_infer_bytes(&cfg, usize::MAX, usize::MAX, 8), None);
-        assert_eq!(cam_pass_bytes(&cfg, usize::MAX, usize::MAX, 9, 9, 8), None);
-        assert_eq!(cam_pass_chunk(&cfg, usize::MAX, 64, 64, 4, u128::MAX), 1);
+        for cl in [false, true] {
+            assert_eq!(
+                cam_pass_bytes(&cfg, usize::MAX, usize::MAX, 9, 9, 8, cl),
+                None
+            );
+            assert_eq!(
+                cam_pass_chunk(&cfg, usize::MAX, 64, 64, 4, u128::MAX, cl),
+                1
+            );
+        }
         let mut deep = ModelConfig::tiny();
         deep.layers = vec![usize::MAX];
         assert!(param_counts(&deep).unwrap().total > u64::MAX as u128);

@@ -119,7 +119,10 @@ pub enum CamChunking {
 /// the CUDA graph. It splits that pass into 7 chunks of 5 slices (the last of 2; 0.67 GB
 /// counted: 0.18 GB of it parameters, 0.35 GB the chunk's activations and staging, 0.10 GB
 /// the input); when a built model still held a gradient buffer per trainable (0.18 GB more)
-/// it took 16 chunks of 2. Not measured on a GPU.
+/// it took 16 chunks of 2. Channels-last the count and the chunks are the same, but the
+/// default channels-last unit (`Backend::conv2d_bn_eval_fwd_nhwc`'s NCHW temporaries) keeps
+/// about 0.33 GB more scratch that this margin does not cover (docs/perf.md). Not measured on
+/// a GPU.
 pub const CAM_PASS_BUDGET: u128 = 700_000_000;
 
 impl Default for CamChunking {
@@ -177,6 +180,12 @@ impl<B: Backend> CamPassBufs<B> {
     /// (the input and the outputs are not counted).
     pub fn activation_scalars(&self) -> usize {
         self.eval.scalars() + self.staging_scalars
+    }
+
+    /// Whether the pass's backbone runs its blocks channels-last (what the backend asked
+    /// for when these buffers were made, [`Backend::channels_last_eval`]).
+    pub fn channels_last(&self) -> bool {
+        self.eval.channels_last
     }
 }
 
@@ -1340,7 +1349,8 @@ impl<B: Backend> IchNet<B> {
             CamChunking::Slices(m) => memory::even_chunk(n, m),
             CamChunking::Budget(bytes) => {
                 let elem = std::mem::size_of::<B::T>();
-                memory::cam_pass_chunk(&self.cfg, n, h, w, elem, bytes)
+                let cl = self.be.channels_last_eval();
+                memory::cam_pass_chunk(&self.cfg, n, h, w, elem, bytes, cl)
             }
         }
     }
@@ -1721,9 +1731,15 @@ mod tests {
                 ..ModelConfig::tiny()
             };
             let n = IchNet::new(CpuBackend::<f64>::new(), cfg.clone(), 1).unwrap();
-            let built = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31);
-            let (ops, _) = memory::eval_ops(&cfg, 2, 45, 31).unwrap();
-            assert_eq!(ops, built, "{block:?}");
+            for cl in [false, true] {
+                let built = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, cl);
+                let (ops, _) = memory::eval_ops(&cfg, 2, 45, 31, cl).unwrap();
+                assert_eq!(ops, built, "{block:?} channels-last {cl}");
+            }
+            // Channels-last: two more ops, the layout changes around the blocks.
+            let nchw = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, false);
+            let nhwc = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, true);
+            assert_eq!(nhwc.len(), nchw.len() + 2);
         }
     }
 

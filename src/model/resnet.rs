@@ -5,7 +5,9 @@
 //! activations ([`BackboneGrads`]); and the eval-mode backbone of inference
 //! ([`BackboneEval`]), which keeps no layer's output but the last block's: its few buffers
 //! follow the activation plan of [`super::eval_plan`] (test-time memory reused layer to
-//! layer). The stem is 7x7/2 conv, BN, ReLU, 3x3/2
+//! layer); on a backend that asks for it ([`Backend::channels_last_eval`]) its blocks run
+//! channels-last (NHWC) between two layout changes, the features NCHW as ever. The stem is
+//! 7x7/2 conv, BN, ReLU, 3x3/2
 //! max-pool; stages of basic or bottleneck blocks (stride on the 3x3, as torchvision v1.5);
 //! a 1x1 conv + BN downsample when the stride or the channel count changes; then global
 //! average pooling. Knows nothing about the LSTM, the heads or files.
@@ -14,6 +16,7 @@ use super::config::{BlockKind, ModelConfig};
 use super::eval_plan::{self, Plan, PlanOp, Src};
 use super::params::{grad_buf, Group, Init, ParamStore, Trainable, S, W};
 use super::ModelError;
+use crate::engine::shapes::Transpose;
 use crate::engine::{Backend, BatchNorm2d, Conv2d, Pool2d};
 
 /// How a forward pass normalises.
@@ -789,15 +792,21 @@ impl<B: Backend> BackboneActs<B> {
 #[derive(Clone, Copy, Debug)]
 enum EvalKind {
     /// Conv + batch norm with the running statistics (+ the residual, the op's second
-    /// read) (+ ReLU): [`Backend::conv2d_bn_eval_fwd`].
+    /// read) (+ ReLU): [`Backend::conv2d_bn_eval_fwd`], or with `nhwc` on channels-last
+    /// activations, [`Backend::conv2d_bn_eval_fwd_nhwc`].
     Unit {
         spec: ConvBnSpec,
         conv: Conv2d,
         bn: BatchNorm2d,
         relu: bool,
+        nhwc: bool,
     },
     /// The stem's max-pool.
     Pool(Pool2d),
+    /// The max-pool's output to channels-last ([`Backend::nchw_to_nhwc`]).
+    ToNhwc(Transpose),
+    /// The last block's output back to NCHW ([`Backend::nhwc_to_nchw`]).
+    ToNchw(Transpose),
 }
 
 /// One op of the eval-mode backbone and what it reads.
@@ -813,6 +822,7 @@ impl EvalOp {
         match &self.kind {
             EvalKind::Unit { conv, .. } => conv.y_len(),
             EvalKind::Pool(p) => p.y_len(),
+            EvalKind::ToNhwc(t) | EvalKind::ToNchw(t) => t.n * t.c * t.hw,
         }
     }
 }
@@ -820,15 +830,18 @@ impl EvalOp {
 /// The eval-mode ops of the backbone on `[n, c, h, w]` in execution order (the stem, its
 /// max-pool, then per block the downsample branch, the units, the last one joining the
 /// shortcut), as [`BackboneActs::forward`] runs them, and the last block's `(c, h, w)`.
+/// `channels_last`: the blocks on NHWC activations, a layout change after the max-pool and
+/// one after the last block (none without blocks).
 fn eval_ops(
     spec: &BackboneSpec,
     n: usize,
     h: usize,
     w: usize,
+    channels_last: bool,
 ) -> (Vec<EvalOp>, (usize, usize, usize)) {
     let (eps, mom) = (spec.eps, spec.momentum);
     let mut ops = Vec::new();
-    let unit = |s: ConvBnSpec, h: usize, w: usize, relu: bool, reads: Vec<Src>| {
+    let unit = |s: ConvBnSpec, h: usize, w: usize, relu: bool, nhwc: bool, reads: Vec<Src>| {
         let (conv, bn) = s.geometry(n, h, w, eps, mom);
         let op = EvalOp {
             kind: EvalKind::Unit {
@@ -836,12 +849,13 @@ fn eval_ops(
                 conv,
                 bn,
                 relu,
+                nhwc,
             },
             reads,
         };
         (op, conv.out_h(), conv.out_w())
     };
-    let (stem, sh, sw) = unit(spec.stem, h, w, true, vec![Src::Input]);
+    let (stem, sh, sw) = unit(spec.stem, h, w, true, false, vec![Src::Input]);
     ops.push(stem);
     let pool = stem_pool(n, spec.stem.c_out, sh, sw);
     let (mut ch, mut cw) = (pool.out_h(), pool.out_w());
@@ -850,12 +864,19 @@ fn eval_ops(
         reads: vec![Src::Op(0)],
     });
     let mut c = spec.stem.c_out;
+    let nhwc = channels_last && !spec.blocks.is_empty();
+    if nhwc {
+        ops.push(EvalOp {
+            kind: EvalKind::ToNhwc(Transpose { n, c, hw: ch * cw }),
+            reads: vec![Src::Op(1)],
+        });
+    }
     for b in &spec.blocks {
         let input = Src::Op(ops.len() - 1);
         // The shortcut first, then the main branch, its last unit fused with the join.
         let shortcut = match b.down {
             Some(d) => {
-                ops.push(unit(d, ch, cw, false, vec![input]).0);
+                ops.push(unit(d, ch, cw, false, nhwc, vec![input]).0);
                 Src::Op(ops.len() - 1)
             }
             None => input,
@@ -869,21 +890,34 @@ fn eval_ops(
             } else {
                 vec![prev]
             };
-            let (op, oh, ow) = unit(u, uh, uw, true, reads);
+            let (op, oh, ow) = unit(u, uh, uw, true, nhwc, reads);
             ops.push(op);
             (uh, uw, prev) = (oh, ow, Src::Op(ops.len() - 1));
             c = u.c_out;
         }
         (ch, cw) = (uh, uw);
     }
+    if nhwc {
+        ops.push(EvalOp {
+            kind: EvalKind::ToNchw(Transpose { n, c, hw: ch * cw }),
+            reads: vec![Src::Op(ops.len() - 1)],
+        });
+    }
     (ops, (c, ch, cw))
 }
 
-/// The backbone's eval-mode forward ops on `[n, c, h, w]` as the activation plan sees
-/// them (what each reads, how many values it writes); `memory.rs` builds them from a config.
+/// The backbone's eval-mode forward ops on `[n, c, h, w]` (channels-last or not) as the
+/// activation plan sees them (what each reads, how many values it writes); `memory.rs`
+/// builds them from a config.
 #[cfg(test)]
-pub(crate) fn eval_plan_ops(spec: &BackboneSpec, n: usize, h: usize, w: usize) -> Vec<PlanOp> {
-    plan_ops(&eval_ops(spec, n, h, w).0)
+pub(crate) fn eval_plan_ops(
+    spec: &BackboneSpec,
+    n: usize,
+    h: usize,
+    w: usize,
+    channels_last: bool,
+) -> Vec<PlanOp> {
+    plan_ops(&eval_ops(spec, n, h, w, channels_last).0)
 }
 
 fn plan_ops(ops: &[EvalOp]) -> Vec<PlanOp> {
@@ -901,11 +935,16 @@ fn plan_ops(ops: &[EvalOp]) -> Vec<PlanOp> {
 /// units' outputs, the downsample branch's and its output share buffers with every other
 /// block's. Only the last block's feature maps and their global average pool outlive the
 /// pass (what the fc, the CAM and Grad-CAM read). Nothing of the training activations
-/// ([`BackboneActs`]): a model used only for inference never allocates those.
+/// ([`BackboneActs`]): a model used only for inference never allocates those. Channels-last
+/// when the backend asked for it when this was built ([`Backend::channels_last_eval`]): the
+/// blocks' activations NHWC, the layout changes two more ops of the plan, the features
+/// `[n, c, h, w]` either way.
 pub(crate) struct BackboneEval<B: Backend> {
     pub n: usize,
     pub h: usize,
     pub w: usize,
+    /// Whether the blocks run channels-last (fixed when built).
+    pub channels_last: bool,
     ops: Vec<EvalOp>,
     plan: Plan,
     bufs: Vec<B::Buf>,
@@ -924,7 +963,8 @@ impl<B: Backend> BackboneEval<B> {
         h: usize,
         w: usize,
     ) -> Result<Self, ModelError> {
-        let (ops, (out_c, out_h, out_w)) = eval_ops(spec, n, h, w);
+        let channels_last = be.channels_last_eval();
+        let (ops, (out_c, out_h, out_w)) = eval_ops(spec, n, h, w, channels_last);
         let plan = eval_plan::plan(&plan_ops(&ops))
             .map_err(|e| ModelError::Internal(format!("eval activation plan: {e}")))?;
         let bufs = plan
@@ -940,6 +980,7 @@ impl<B: Backend> BackboneEval<B> {
             n,
             h,
             w,
+            channels_last,
             ops,
             plan,
             bufs,
@@ -1006,11 +1047,18 @@ impl<B: Backend> BackboneEval<B> {
                     conv,
                     bn,
                     relu,
+                    nhwc,
                 } => {
                     let residual = op.reads.get(1).map(read).transpose()?;
                     let p = |i: W| &params.w[i.0].data;
                     let st = |i: S| &params.s[i.0].data;
-                    be.conv2d_bn_eval_fwd(
+                    let unit = if nhwc {
+                        B::conv2d_bn_eval_fwd_nhwc
+                    } else {
+                        B::conv2d_bn_eval_fwd
+                    };
+                    unit(
+                        be,
                         &conv,
                         &bn,
                         input,
@@ -1025,6 +1073,8 @@ impl<B: Backend> BackboneEval<B> {
                     )?;
                 }
                 EvalKind::Pool(pool) => be.maxpool2d_fwd(&pool, input, y)?,
+                EvalKind::ToNhwc(t) => be.nchw_to_nhwc(&t, input, y)?,
+                EvalKind::ToNchw(t) => be.nhwc_to_nchw(&t, input, y)?,
             }
         }
         let hw = self.out_h * self.out_w;
@@ -1067,26 +1117,48 @@ mod tests {
                 full.forward(&be, &mut store, &x2, BnMode::Train).unwrap();
             }
             full.forward(&be, &mut store, &x, BnMode::Eval).unwrap();
-            let mut ev = BackboneEval::new(&be, &spec, n, h, w).unwrap();
-            // Another input first: what it leaves in the reused buffers must not matter.
-            ev.forward(&be, &store, &x2).unwrap();
-            ev.forward(&be, &store, &x).unwrap();
-            let d = |b: &Vec<f64>| be.download(b).unwrap();
-            assert_eq!(d(ev.features()), d(full.features()), "{block:?} features");
-            assert_eq!(d(&ev.gap), d(&full.gap), "{block:?} pooled features");
-            assert_eq!(
-                (ev.out_c, ev.out_h, ev.out_w),
-                (full.out_c, full.out_h, full.out_w)
-            );
-            // A few buffers instead of one per layer: fewer than the units.
-            let units = spec.blocks.iter().map(|b| b.units.len()).sum::<usize>();
-            assert!(ev.plan.lens.len() < units, "{:?}", ev.plan.lens);
-            // No op reads the buffer it writes.
-            for (i, op) in ev.ops.iter().enumerate() {
-                for r in &op.reads {
-                    if let Src::Op(k) = *r {
-                        assert_ne!(ev.plan.out[k], ev.plan.out[i], "op {i} reads op {k}");
+            // NCHW, and channels-last through the default units (transposes around the
+            // NCHW op): bit for bit the same.
+            for cl in [false, true] {
+                let bec = be.with_channels_last_eval(cl);
+                let mut ev = BackboneEval::new(&bec, &spec, n, h, w).unwrap();
+                assert_eq!(ev.channels_last, cl);
+                // Another input first: what it leaves in the reused buffers must not matter.
+                ev.forward(&bec, &store, &x2).unwrap();
+                ev.forward(&bec, &store, &x).unwrap();
+                let d = |b: &Vec<f64>| be.download(b).unwrap();
+                let what = format!("{block:?} channels-last {cl}");
+                assert_eq!(d(ev.features()), d(full.features()), "{what} features");
+                assert_eq!(d(&ev.gap), d(&full.gap), "{what} pooled features");
+                assert_eq!(
+                    (ev.out_c, ev.out_h, ev.out_w),
+                    (full.out_c, full.out_h, full.out_w)
+                );
+                // A few buffers instead of one per layer: fewer than the units.
+                let units = spec.blocks.iter().map(|b| b.units.len()).sum::<usize>();
+                assert!(ev.plan.lens.len() < units, "{:?}", ev.plan.lens);
+                // No op reads the buffer it writes.
+                for (i, op) in ev.ops.iter().enumerate() {
+                    for r in &op.reads {
+                        if let Src::Op(k) = *r {
+                            assert_ne!(ev.plan.out[k], ev.plan.out[i], "op {i} reads op {k}");
+                        }
                     }
+                }
+                // Channels-last: every block unit NHWC between the two layout changes.
+                let nhwc_units = ev
+                    .ops
+                    .iter()
+                    .filter(|o| matches!(o.kind, EvalKind::Unit { nhwc: true, .. }))
+                    .count();
+                let block_units = units + spec.blocks.iter().filter(|b| b.down.is_some()).count();
+                assert_eq!(nhwc_units, if cl { block_units } else { 0 }, "{what}");
+                if cl {
+                    assert!(matches!(ev.ops[2].kind, EvalKind::ToNhwc(_)));
+                    assert!(matches!(
+                        ev.ops.last().map(|o| o.kind),
+                        Some(EvalKind::ToNchw(_))
+                    ));
                 }
             }
         }

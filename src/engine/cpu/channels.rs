@@ -1,10 +1,12 @@
 //! Channel-slice copies between two `[n, *, hw]` buffers: the U-Net's skip concatenation
 //! (copy into channels of a wider buffer) and its backward (add a slice of the wider
-//! gradient into the skip's gradient). Parallel over the copied planes. Knows only shapes.
+//! gradient into the skip's gradient), parallel over the copied planes; and the layout
+//! changes between channels-first `[n, c, hw]` and channels-last `[n, hw, c]` (a transpose
+//! per image, parallel over blocks of the destination's rows). Knows only shapes.
 
 use rayon::prelude::*;
 
-use crate::engine::shapes::ChannelCopy;
+use crate::engine::shapes::{ChannelCopy, Transpose};
 use crate::engine::{Real, Result};
 
 /// dst[i, dst_offset + k, :] = (or +=) src[i, src_offset + k, :] for k < c.
@@ -32,5 +34,47 @@ pub fn copy_channels<T: Real>(
                 d.copy_from_slice(sr);
             }
         });
+    Ok(())
+}
+
+/// Destination rows per parallel task of [`transpose`] (its reads run this long).
+const TRANSPOSE_ROWS: usize = 32;
+
+/// Per image `dst[j, i] = src[i, j]` for `src` `[n, rows, cols]` and `dst` `[n, cols, rows]`.
+fn transpose<T: Real>(n: usize, rows: usize, cols: usize, src: &[T], dst: &mut [T]) {
+    let img = rows * cols;
+    if img == 0 || n == 0 {
+        return;
+    }
+    let block = TRANSPOSE_ROWS * rows;
+    dst.par_chunks_mut(img)
+        .zip(src.par_chunks(img))
+        .flat_map(|(d, s)| {
+            d.par_chunks_mut(block)
+                .enumerate()
+                .map(move |(b, d)| (b * TRANSPOSE_ROWS, d, s))
+        })
+        .for_each(|(j0, d, s)| {
+            // Destination rows j0.. (source columns): for each source row a run of
+            // contiguous reads, written down the block's rows.
+            let nj = d.len() / rows;
+            for i in 0..rows {
+                let run = &s[i * cols + j0..i * cols + j0 + nj];
+                for (k, v) in run.iter().enumerate() {
+                    d[k * rows + i] = *v;
+                }
+            }
+        });
+}
+
+/// `y[i, p, ch] = x[i, ch, p]`: NCHW to channels-last (NHWC).
+pub fn nchw_to_nhwc<T: Real>(s: &Transpose, x: &[T], y: &mut [T]) -> Result<()> {
+    transpose(s.n, s.c, s.hw, x, y);
+    Ok(())
+}
+
+/// `y[i, ch, p] = x[i, p, ch]`: channels-last (NHWC) to NCHW.
+pub fn nhwc_to_nchw<T: Real>(s: &Transpose, x: &[T], y: &mut [T]) -> Result<()> {
+    transpose(s.n, s.hw, s.c, x, y);
     Ok(())
 }

@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use super::backend::Backend;
-use super::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
+use super::shapes::{
+    BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
+};
 use super::{Real, Result};
 
 /// Per-op wall time, collected when `ICHCAM_PROFILE=1` (see [`profile_report`]).
@@ -115,11 +117,26 @@ pub fn profile_report() -> Option<Vec<(&'static str, f64, u64)>> {
 #[derive(Clone, Copy, Debug)]
 pub struct CpuBackend<T: Real> {
     _t: PhantomData<fn() -> T>,
+    /// What [`Backend::channels_last_eval`] answers (off unless
+    /// [`CpuBackend::with_channels_last_eval`] said).
+    channels_last_eval: bool,
 }
 
 impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { _t: PhantomData }
+        CpuBackend {
+            _t: PhantomData,
+            channels_last_eval: false,
+        }
+    }
+
+    /// This backend asking for a channels-last eval-mode backbone: the CPU has no
+    /// channels-last convolution, so its units run the trait's default (transposes around
+    /// the NCHW op), bit for bit the NCHW backbone: the reference the layout is tested
+    /// against, never faster.
+    pub fn with_channels_last_eval(mut self, on: bool) -> Self {
+        self.channels_last_eval = on;
+        self
     }
 }
 
@@ -157,6 +174,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn channels_last_eval(&self) -> bool {
+        self.channels_last_eval
     }
 
     unsafe fn conv2d_fwd_unchecked(
@@ -589,6 +609,22 @@ impl<T: Real> Backend for CpuBackend<T> {
         accumulate: bool,
     ) -> Result<()> {
         channels::copy_channels(s, src, dst, accumulate)
+    }
+    unsafe fn nchw_to_nhwc_unchecked(
+        &self,
+        s: &Transpose,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(16, || channels::nchw_to_nhwc(s, x, y))
+    }
+    unsafe fn nhwc_to_nchw_unchecked(
+        &self,
+        s: &Transpose,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(16, || channels::nhwc_to_nchw(s, x, y))
     }
     fn sigmoid_fwd(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
         dice::sigmoid_fwd(x, y)

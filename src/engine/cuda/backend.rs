@@ -26,7 +26,9 @@ use super::{
     optim, pool, upconv, volume,
 };
 use crate::engine::backend::Backend;
-use crate::engine::shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
+use crate::engine::shapes::{
+    BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
+};
 use crate::engine::{check_len, EngineError, Precision, Result};
 
 /// The CUDA backend (f32 buffers) on one device. A clone shares the context, the stream and
@@ -42,6 +44,8 @@ pub struct CudaBackend {
     precision: Precision,
     /// Which bf16 forward kernel a convolution takes (`conv.rs`).
     pub(super) mma_route: conv::MmaRoute,
+    /// The layout of the eval-mode backbone's activations ([`EvalLayout`]).
+    eval_layout: EvalLayout,
 }
 
 /// A value loaded on first use and kept.
@@ -130,6 +134,7 @@ impl CudaBackend {
             info,
             precision: Precision::F32,
             mma_route: conv::MmaRoute::default(),
+            eval_layout: EvalLayout::default(),
         })
     }
 
@@ -345,6 +350,71 @@ impl CudaBackend {
     }
 }
 
+// ---- the eval-mode backbone's layout ----------------------------------------------------
+
+/// The layout the eval-mode backbone's activations take between the stem's max-pool and the
+/// last block on this backend (a setting of the backend, [`CudaBackend::set_eval_layout`],
+/// read when a model builds its eval-mode buffers; training is NCHW either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EvalLayout {
+    /// The backend's choice: NCHW for now (channels-last pays only with a native
+    /// channels-last convolution, which `conv2d_bn_eval_fwd_nhwc` does not have yet).
+    #[default]
+    Auto,
+    /// Channels-first, every unit as `conv2d_bn_eval_fwd`.
+    Nchw,
+    /// Channels-last: every block unit as `conv2d_bn_eval_fwd_nhwc`, with a layout change
+    /// after the max-pool and one after the last block.
+    Nhwc,
+}
+
+impl EvalLayout {
+    /// Every layout, in the order the help text lists them.
+    pub const ALL: [EvalLayout; 3] = [EvalLayout::Auto, EvalLayout::Nchw, EvalLayout::Nhwc];
+
+    /// `auto`, `nchw` or `nhwc`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalLayout::Auto => "auto",
+            EvalLayout::Nchw => "nchw",
+            EvalLayout::Nhwc => "nhwc",
+        }
+    }
+}
+
+impl std::fmt::Display for EvalLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for EvalLayout {
+    type Err = EngineError;
+
+    /// `auto`, `nchw` or `nhwc` (any case, surrounding spaces ignored).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        EvalLayout::ALL
+            .into_iter()
+            .find(|l| l.name() == t)
+            .ok_or_else(|| {
+                EngineError::Param(format!("unknown layout `{s}`: use auto, nchw or nhwc"))
+            })
+    }
+}
+
+impl CudaBackend {
+    /// The layout of the eval-mode backbone (default [`EvalLayout::Auto`]).
+    pub fn set_eval_layout(&mut self, l: EvalLayout) {
+        self.eval_layout = l;
+    }
+
+    /// The layout setting ([`CudaBackend::set_eval_layout`]).
+    pub fn eval_layout(&self) -> EvalLayout {
+        self.eval_layout
+    }
+}
+
 /// Stream-ordered allocations come from the device's default memory pool, which by default
 /// returns freed memory to the OS at every synchronisation; a training step allocates the
 /// same buffers again right after, so keep it (as PyTorch's caching allocator does). Best
@@ -448,6 +518,20 @@ impl Backend for CudaBackend {
             .map_err(|e| cuda("synchronize", e))?;
         synced();
         Ok(())
+    }
+    fn scratch(&self, len: usize) -> Result<CudaSlice<f32>> {
+        // The arena's: a warm op allocates nothing (capturable).
+        self.take_scratch(len)
+    }
+    fn recycle(&self, buf: CudaSlice<f32>) {
+        self.give_scratch(buf)
+    }
+    fn channels_last_eval(&self) -> bool {
+        // Auto: NCHW until a native channels-last convolution runs the units.
+        match self.eval_layout {
+            EvalLayout::Nhwc => true,
+            EvalLayout::Nchw | EvalLayout::Auto => false,
+        }
     }
 
     // ---- convolution ---------------------------------------------------------------------
@@ -910,6 +994,22 @@ impl Backend for CudaBackend {
         accumulate: bool,
     ) -> Result<()> {
         channels::copy_channels(self, s, src, dst, accumulate)
+    }
+    unsafe fn nchw_to_nhwc_unchecked(
+        &self,
+        s: &Transpose,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        channels::nchw_to_nhwc(self, s, x, y)
+    }
+    unsafe fn nhwc_to_nchw_unchecked(
+        &self,
+        s: &Transpose,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        channels::nhwc_to_nchw(self, s, x, y)
     }
     fn sigmoid_fwd(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
         dice::sigmoid_fwd(self, x, y)

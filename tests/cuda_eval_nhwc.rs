@@ -1,0 +1,294 @@
+//! The channels-last eval-mode backbone on CUDA (issue 14):
+//!
+//! - the layout changes (`kernels/channels.cu`'s tiled transpose) equal the CPU's bit for
+//!   bit (a copy), on odd sizes, one channel, one pixel, a batch, and a map wider than the
+//!   kernel's grid (its blocks stride over the rest); their round trip is exact; wrong
+//!   lengths are `EngineError::Shape` before any launch;
+//! - `EvalLayout`: `auto` and `nchw` keep the eval backbone NCHW, `nhwc` makes it
+//!   channels-last; the names parse;
+//! - a model on a backend set to `EvalLayout::Nhwc` (its units the trait's default
+//!   `conv2d_bn_eval_fwd_nhwc`: transposes around the fused NCHW op, temporaries from the
+//!   arena) gives the features and every output of the CAM pass, whole and in chunks, within
+//!   1e-5 (relative) of the NCHW model at f32;
+//! - its CAM pass captured as a CUDA graph (it allocates nothing once warm) replays bit for
+//!   bit the eager pass, on the captured input and after new input copied in, at f32 and
+//!   bf16.
+//!
+//! One test at a time (a capture marks the shared stream and arena as capturing). Runs on a
+//! GPU or on the emulated driver (`scripts/cuda-emu.sh test`); without either the
+//! device tests are reported as ignored (tests/common/cuda.rs), and with
+//! `ICHCAM_REQUIRE_GPU=1` a missing device fails them.
+
+mod common;
+use common::rng::SplitMix64;
+
+use common::cuda::{device, gpu_at, host, rel_err};
+use cudarc::driver::CudaSlice;
+use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::cuda::backend::EvalLayout;
+use ichcam::engine::cuda::{CudaBackend, Graph};
+use ichcam::engine::shapes::Transpose;
+use ichcam::engine::{Backend, EngineError, Precision};
+use ichcam::model::{BlockKind, CamChunking, CamPassBufs, IchNet, ModelConfig};
+
+fn main() {
+    // One test at a time: they share one device context, and a capture marks its whole
+    // stream and arena as capturing.
+    common::cuda::main_with_threads(
+        vec![
+            host("layout_names_parse", layout_names_parse),
+            device("layout_setting_selects_channels_last", || {
+                layout_setting_selects_channels_last()
+            }),
+            device("transposes_match_cpu", transposes_match_cpu),
+            device("nhwc_model_matches_nchw_f32", nhwc_model_matches_nchw_f32),
+            device("nhwc_cam_pass_graph_replays_bit_identically", || {
+                for p in [Precision::F32, Precision::Bf16] {
+                    nhwc_cam_pass_graph_replays(p)
+                }
+            }),
+        ],
+        1,
+    )
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn at(p: Precision, l: EvalLayout) -> CudaBackend {
+    let mut be = gpu_at(p);
+    be.set_eval_layout(l);
+    be
+}
+
+fn layout_names_parse() {
+    for l in EvalLayout::ALL {
+        assert_eq!(l.name().parse::<EvalLayout>().ok(), Some(l));
+    }
+    assert_eq!(" NHWC ".parse::<EvalLayout>().ok(), Some(EvalLayout::Nhwc));
+    let e = "nwhc".parse::<EvalLayout>().unwrap_err().to_string();
+    assert!(e.contains("use auto, nchw or nhwc"), "{e}");
+    assert_eq!(EvalLayout::default(), EvalLayout::Auto);
+}
+
+fn layout_setting_selects_channels_last() {
+    let g = gpu_at(Precision::F32);
+    assert_eq!(g.eval_layout(), EvalLayout::Auto);
+    assert!(!g.channels_last_eval(), "auto is NCHW for now");
+    assert!(!at(Precision::F32, EvalLayout::Nchw).channels_last_eval());
+    assert!(at(Precision::F32, EvalLayout::Nhwc).channels_last_eval());
+    // A clone keeps the setting; the shared backend is untouched.
+    let n = at(Precision::Bf16, EvalLayout::Nhwc);
+    assert!(n.clone().channels_last_eval());
+    assert!(!gpu_at(Precision::F32).channels_last_eval());
+}
+
+fn transposes_match_cpu() {
+    let g = gpu_at(Precision::F32);
+    let cpu = CpuBackend::<f32>::new();
+    let mut rng = SplitMix64::fresh("cuda-nhwc-transpose");
+    // (n, c, hw): odd sizes around the 32x32 tiles, one channel, one pixel, wide and tall
+    // maps, nothing, and 4097 tiles across (the grid holds 4096: a block takes two).
+    for (n, c, hw) in [
+        (2usize, 3usize, 5usize),
+        (3, 64, 33 * 31),
+        (1, 1, 70),
+        (2, 70, 1),
+        (1, 257, 65),
+        (2, 96, 32 * 32),
+        (0, 4, 9),
+        (1, 2, 4097 * 32 - 5),
+    ] {
+        let t = Transpose { n, c, hw };
+        let x = rng.vec_f32(n * c * hw, -1.0, 1.0);
+        let (xg, xc) = (g.upload(&x).expect("up"), cpu.upload(&x).expect("up"));
+        for to_nhwc in [true, false] {
+            let mut yg = g.upload(&vec![f32::NAN; x.len()]).expect("up");
+            let mut yc = cpu.zeros(x.len()).expect("zeros");
+            if to_nhwc {
+                g.nchw_to_nhwc(&t, &xg, &mut yg).expect("device");
+                cpu.nchw_to_nhwc(&t, &xc, &mut yc).expect("cpu");
+            } else {
+                g.nhwc_to_nchw(&t, &xg, &mut yg).expect("device");
+                cpu.nhwc_to_nchw(&t, &xc, &mut yc).expect("cpu");
+            }
+            assert_eq!(
+                bits(&g.download(&yg).expect("down")),
+                bits(&yc),
+                "{t:?} to NHWC: {to_nhwc}"
+            );
+        }
+        let mut y = g.zeros(x.len()).expect("zeros");
+        let mut back = g.upload(&vec![f32::NAN; x.len()]).expect("up");
+        g.nchw_to_nhwc(&t, &xg, &mut y).expect("to nhwc");
+        g.nhwc_to_nchw(&t, &y, &mut back).expect("to nchw");
+        assert_eq!(
+            bits(&g.download(&back).expect("down")),
+            bits(&x),
+            "{t:?} round trip"
+        );
+    }
+    let t = Transpose { n: 2, c: 3, hw: 4 };
+    let x = g.upload(&[1.0; 24]).expect("up");
+    let mut short = g.zeros(23).expect("zeros");
+    match g.nchw_to_nhwc(&t, &x, &mut short) {
+        Err(EngineError::Shape { op, .. }) => assert_eq!(op, "nchw_to_nhwc"),
+        other => panic!("expected a shape error, got {other:?}"),
+    }
+}
+
+fn bottleneck() -> ModelConfig {
+    ModelConfig {
+        block: BlockKind::Bottleneck,
+        layers: vec![1, 2, 1],
+        base_width: 8,
+        ..ModelConfig::tiny()
+    }
+}
+
+/// A model of `cfg` (seed 13) on `be`, its running statistics moved by a training step.
+fn trained(
+    be: CudaBackend,
+    cfg: &ModelConfig,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> IchNet<CudaBackend> {
+    let mut net = IchNet::new(be, cfg.clone(), 13).expect("net");
+    let labels: Vec<f32> = (0..n).map(|i| (i % 2) as f32).collect();
+    net.stage1_forward_backward(x, &labels, 1, n, h, w, 1.0)
+        .expect("a training step");
+    net.set_train(false);
+    net
+}
+
+type Outs = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+fn outs(g: &CudaBackend, b: &CamPassBufs<CudaBackend>) -> Outs {
+    let d = |v: &CudaSlice<f32>| g.download(v).expect("download");
+    (d(&b.logits), d(&b.cam), d(&b.norm))
+}
+
+fn nhwc_model_matches_nchw_f32() {
+    let (n, h, w) = (5usize, 64usize, 48usize);
+    let mut rng = SplitMix64::fresh("cuda-nhwc-model");
+    let x = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let x2 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    for cfg in [bottleneck(), ModelConfig::tiny()] {
+        let what = format!("{:?} {:?}", cfg.block, cfg.layers);
+        let mut a = trained(at(Precision::F32, EvalLayout::Nchw), &cfg, &x2, n, h, w);
+        let mut b = trained(at(Precision::F32, EvalLayout::Nhwc), &cfg, &x2, n, h, w);
+        let (fa, fb) = (
+            a.stage2_features(&x, n, h, w).expect("features"),
+            b.stage2_features(&x, n, h, w).expect("features"),
+        );
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        let e = rel_err(&f32s(&fb.data), &f32s(&fa.data));
+        println!("{what}: features channels-last vs NCHW rel err {e:.3e}");
+        assert!(e < 1e-5, "{what}: features rel err {e:.3e}");
+        let xb = a.backend().upload(&x).expect("up");
+        for chunk in [n, 2] {
+            a.set_cam_chunking(CamChunking::Slices(chunk));
+            b.set_cam_chunking(CamChunking::Slices(chunk));
+            let (mut ba, mut bb) = (None, None);
+            a.stage2_cam_pass(&xb, n, h, w, &mut ba).expect("pass");
+            b.stage2_cam_pass(&xb, n, h, w, &mut bb).expect("pass");
+            let (ba, bb) = (ba.expect("bufs"), bb.expect("bufs"));
+            assert!(!ba.channels_last() && bb.channels_last());
+            let (oa, ob) = (outs(a.backend(), &ba), outs(b.backend(), &bb));
+            for (name, va, vb) in [
+                ("logits", &oa.0, &ob.0),
+                ("CAM", &oa.1, &ob.1),
+                ("normalised CAM", &oa.2, &ob.2),
+            ] {
+                let e = rel_err(vb, va);
+                assert!(
+                    e < 1e-5,
+                    "{what} {name}, chunks of {chunk}: rel err {e:.3e}"
+                );
+            }
+        }
+    }
+}
+
+/// One eager CAM pass on `xin` (its buffers warm), the outputs poisoned with NaN, then the
+/// pass captured as a graph (which must allocate nothing).
+fn warm_and_capture(
+    g: &CudaBackend,
+    net: &mut IchNet<CudaBackend>,
+    xin: &CudaSlice<f32>,
+    (n, h, w): (usize, usize, usize),
+) -> (Graph, Option<CamPassBufs<CudaBackend>>) {
+    let mut bufs = None;
+    net.stage2_cam_pass(xin, n, h, w, &mut bufs)
+        .expect("warm-up pass");
+    {
+        let b = bufs.as_mut().expect("bufs");
+        for buf in [&mut b.logits, &mut b.cam, &mut b.norm] {
+            g.fill(buf, f64::NAN).expect("poison");
+        }
+    }
+    let (graph, ()) = g
+        .capture(|| {
+            net.stage2_cam_pass(xin, n, h, w, &mut bufs)
+                .map_err(|e| EngineError::Param(e.to_string()))
+        })
+        .expect("capturing the channels-last CAM pass (it must allocate nothing once warm)");
+    (graph, bufs)
+}
+
+fn nhwc_cam_pass_graph_replays(p: Precision) {
+    let g = at(p, EvalLayout::Nhwc);
+    let (n, h, w) = (5usize, 64usize, 48usize);
+    let mut rng = SplitMix64::fresh("cuda-nhwc-graph");
+    let x1 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let x2 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
+    let mut net = trained(g.clone(), &bottleneck(), &x2, n, h, w);
+    // In chunks of 2 (2 + 2 + 1): the short last chunk too.
+    net.set_cam_chunking(CamChunking::Slices(2));
+    let (xb1, xb2) = (g.upload(&x1).expect("up"), g.upload(&x2).expect("up"));
+    let mut eager = None;
+    net.stage2_cam_pass(&xb1, n, h, w, &mut eager)
+        .expect("eager pass");
+    assert!(eager.as_ref().expect("bufs").channels_last());
+    let ref1 = outs(&g, eager.as_ref().expect("bufs"));
+    net.stage2_cam_pass(&xb2, n, h, w, &mut eager)
+        .expect("eager pass");
+    let ref2 = outs(&g, eager.as_ref().expect("bufs"));
+    drop(eager);
+    assert_ne!(
+        bits(&ref1.2),
+        bits(&ref2.2),
+        "different inputs, different maps"
+    );
+
+    let mut xin = g.upload(&x1).expect("up");
+    let (graph, bufs) = warm_and_capture(&g, &mut net, &xin, (n, h, w));
+    let b = bufs.as_ref().expect("bufs");
+    assert!(
+        outs(&g, b).2.iter().all(|v| v.is_nan()),
+        "capturing must not run the pass"
+    );
+    graph.replay().expect("replay");
+    let got1 = outs(&g, b);
+    assert_eq!(bits(&got1.0), bits(&ref1.0), "{p} logits, replay on x1");
+    assert_eq!(bits(&got1.1), bits(&ref1.1), "{p} CAM, replay on x1");
+    assert_eq!(
+        bits(&got1.2),
+        bits(&ref1.2),
+        "{p} normalised CAM, replay on x1"
+    );
+    g.copy(&xb2, &mut xin).expect("copy");
+    graph.replay().expect("replay");
+    let got2 = outs(&g, b);
+    assert_eq!(bits(&got2.0), bits(&ref2.0), "{p} logits, replay on x2");
+    assert_eq!(bits(&got2.1), bits(&ref2.1), "{p} CAM, replay on x2");
+    assert_eq!(
+        bits(&got2.2),
+        bits(&ref2.2),
+        "{p} normalised CAM, replay on x2"
+    );
+    drop(graph);
+}
