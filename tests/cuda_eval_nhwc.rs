@@ -75,7 +75,16 @@ fn layout_names_parse() {
 fn layout_setting_selects_channels_last() {
     let g = gpu_at(Precision::F32);
     assert_eq!(g.eval_layout(), EvalLayout::Auto);
-    assert!(!g.channels_last_eval(), "auto is NCHW for now");
+    assert!(!g.channels_last_eval(), "auto is NCHW at f32");
+    // Auto: channels-last where the native kernel runs the units (tf32 / bf16, mma allowed).
+    assert!(gpu_at(Precision::Bf16).channels_last_eval());
+    assert!(gpu_at(Precision::Tf32).channels_last_eval());
+    let mut never = gpu_at(Precision::Bf16);
+    never.set_mma_route(ichcam::engine::cuda::MmaRoute::Never);
+    assert!(
+        !never.channels_last_eval(),
+        "auto without mma kernels is NCHW"
+    );
     assert!(!at(Precision::F32, EvalLayout::Nchw).channels_last_eval());
     assert!(at(Precision::F32, EvalLayout::Nhwc).channels_last_eval());
     // A clone keeps the setting; the shared backend is untouched.

@@ -279,51 +279,20 @@ pub trait Backend: Send + Sync {
         relu: bool,
         y: &mut Self::Buf,
     ) -> Result<()> {
-        if s.y_len() == 0 {
-            return Ok(());
-        }
-        let t_in = Transpose {
-            n: s.n,
-            c: s.c_in,
-            hw: s.h * s.w,
-        };
-        let t_out = Transpose {
-            n: s.n,
-            c: s.c_out,
-            hw: s.out_h() * s.out_w(),
-        };
-        let mut xt = self.scratch(s.x_len())?;
-        let mut yt = self.scratch(s.y_len())?;
-        let mut rt = match residual {
-            Some(_) => Some(self.scratch(s.y_len())?),
-            None => None,
-        };
-        let r = (|| {
-            self.nhwc_to_nchw(&t_in, x, &mut xt)?;
-            if let (Some(r), Some(t)) = (residual, rt.as_mut()) {
-                self.nhwc_to_nchw(&t_out, r, t)?;
-            }
-            self.conv2d_bn_eval_fwd(
-                s,
-                bn,
-                &xt,
-                w,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                rt.as_ref(),
-                relu,
-                &mut yt,
-            )?;
-            self.nchw_to_nhwc(&t_out, &yt, y)
-        })();
-        self.recycle(xt);
-        self.recycle(yt);
-        if let Some(t) = rt {
-            self.recycle(t);
-        }
-        r
+        conv2d_bn_eval_fwd_nhwc_by_transposes(
+            self,
+            s,
+            bn,
+            x,
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            residual,
+            relu,
+            y,
+        )
     }
 
     /// Training convolution + batch norm (+ residual) (+ ReLU): `z = conv(x, w)` (kept: the
@@ -975,4 +944,72 @@ pub trait Backend: Send + Sync {
             s.check(self.len(probs), self.len(targets), self.len(dprobs))?;
         }
     }
+}
+
+/// The channels-last eval unit by layout changes: x (and the residual) to NCHW temporaries
+/// ([`Backend::scratch`]), [`Backend::conv2d_bn_eval_fwd`], its output back to NHWC: bit for
+/// bit the NCHW op, at the cost of three transposes. The trait's default for
+/// [`Backend::conv2d_bn_eval_fwd_nhwc`], and a backend's fallback where its native
+/// channels-last kernel does not run a shape. Lengths as that op checks them (the ops it
+/// runs check them again).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_bn_eval_fwd_nhwc_by_transposes<B: Backend + ?Sized>(
+    be: &B,
+    s: &Conv2d,
+    bn: &BatchNorm2d,
+    x: &B::Buf,
+    w: &B::Buf,
+    gamma: &B::Buf,
+    beta: &B::Buf,
+    running_mean: &B::Buf,
+    running_var: &B::Buf,
+    residual: Option<&B::Buf>,
+    relu: bool,
+    y: &mut B::Buf,
+) -> Result<()> {
+    if s.y_len() == 0 {
+        return Ok(());
+    }
+    let t_in = Transpose {
+        n: s.n,
+        c: s.c_in,
+        hw: s.h * s.w,
+    };
+    let t_out = Transpose {
+        n: s.n,
+        c: s.c_out,
+        hw: s.out_h() * s.out_w(),
+    };
+    let mut xt = be.scratch(s.x_len())?;
+    let mut yt = be.scratch(s.y_len())?;
+    let mut rt = match residual {
+        Some(_) => Some(be.scratch(s.y_len())?),
+        None => None,
+    };
+    let r = (|| {
+        be.nhwc_to_nchw(&t_in, x, &mut xt)?;
+        if let (Some(r), Some(t)) = (residual, rt.as_mut()) {
+            be.nhwc_to_nchw(&t_out, r, t)?;
+        }
+        be.conv2d_bn_eval_fwd(
+            s,
+            bn,
+            &xt,
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            rt.as_ref(),
+            relu,
+            &mut yt,
+        )?;
+        be.nchw_to_nhwc(&t_out, &yt, y)
+    })();
+    be.recycle(xt);
+    be.recycle(yt);
+    if let Some(t) = rt {
+        be.recycle(t);
+    }
+    r
 }

@@ -25,7 +25,7 @@ use super::{
     bias, cam, ccl, channels, conv, dense, dice, elementwise, kmeans, loss, lstm, morph, norm,
     optim, pool, upconv, volume,
 };
-use crate::engine::backend::Backend;
+use crate::engine::backend::{conv2d_bn_eval_fwd_nhwc_by_transposes, Backend};
 use crate::engine::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
 };
@@ -357,8 +357,9 @@ impl CudaBackend {
 /// read when a model builds its eval-mode buffers; training is NCHW either way).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum EvalLayout {
-    /// The backend's choice: NCHW for now (channels-last pays only with a native
-    /// channels-last convolution, which `conv2d_bn_eval_fwd_nhwc` does not have yet).
+    /// The backend's choice: channels-last at tf32 and bf16 (where the native channels-last
+    /// `mma.sync` kernel runs every unit; not timed against NCHW: no GPU yet), NCHW at f32
+    /// or with [`MmaRoute::Never`](super::MmaRoute::Never).
     #[default]
     Auto,
     /// Channels-first, every unit as `conv2d_bn_eval_fwd`.
@@ -527,10 +528,15 @@ impl Backend for CudaBackend {
         self.give_scratch(buf)
     }
     fn channels_last_eval(&self) -> bool {
-        // Auto: NCHW until a native channels-last convolution runs the units.
+        // Auto: channels-last where the native channels-last kernel runs the units (tf32 /
+        // bf16 with the mma kernels allowed); at f32 the units would be layout changes around
+        // the NCHW op.
         match self.eval_layout {
             EvalLayout::Nhwc => true,
-            EvalLayout::Nchw | EvalLayout::Auto => false,
+            EvalLayout::Nchw => false,
+            EvalLayout::Auto => {
+                self.precision().tensor_cores() && self.mma_route != conv::MmaRoute::Never
+            }
         }
     }
 
@@ -564,18 +570,57 @@ impl Backend for CudaBackend {
         if s.y_len() == 0 {
             return Ok(());
         }
-        let mut ss = self.take_scratch(2 * bn.c)?;
-        let r = norm::bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, &mut ss)
-            .and_then(|()| {
-                let ep = conv::BnEpilogue {
-                    ss: &ss,
-                    residual,
-                    relu,
-                };
-                conv::conv2d_bn_eval_fwd(self, s, x, w, &ep, y)
-            });
-        self.give_scratch(ss);
-        r
+        norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
+            let ep = conv::BnEpilogue { ss, residual, relu };
+            conv::conv2d_bn_eval_fwd(self, s, x, w, &ep, y)
+        })
+    }
+    unsafe fn conv2d_bn_eval_fwd_nhwc_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // The native channels-last kernel where it runs the shape (tf32 / bf16), else the
+        // layout changes around the NCHW op.
+        if self.conv_bn_eval_nhwc_native(s) {
+            self.conv2d_bn_eval_fwd_nhwc_native(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        } else {
+            conv2d_bn_eval_fwd_nhwc_by_transposes(
+                self,
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        }
     }
     unsafe fn conv2d_bn_train_fwd_unchecked(
         &self,

@@ -269,65 +269,11 @@ impl CudaBackend {
         if s.y_len() == 0 {
             return Ok(());
         }
-        let mut ss = self.take_scratch(2 * bn.c)?;
-        let r = norm::bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, &mut ss)
-            .and_then(|()| {
-                let ep = BnEpilogue {
-                    ss: &ss,
-                    residual,
-                    relu,
-                };
-                // SAFETY: the caller's contract; ss holds 2 * c_out values.
-                unsafe { launch_mma_nhwc(self, s, x, w, &ep, y) }
-            });
-        self.give_scratch(ss);
-        r
-    }
-
-    /// The channels-last eval forward (`conv2d_bn_eval_fwd_nhwc_native` in this module: x
-    /// `[n][h][w][c_in]`, `residual` and `y` `[n][out_h][out_w][c_out]`, `w` OIHW) with every
-    /// length checked first (as `Backend::conv2d_bn_eval_fwd` checks them): the native kernel
-    /// or an error (where [`CudaBackend::conv_bn_eval_nhwc_kernel`] is None), never a
-    /// fallback. For tests and diagnostics; the model reaches the kernel through the backend
-    /// trait's channels-last op.
-    #[allow(clippy::too_many_arguments)]
-    pub fn conv2d_bn_eval_fwd_nhwc_native_checked(
-        &self,
-        s: &Conv2d,
-        bn: &BatchNorm2d,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        gamma: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        running_mean: &CudaSlice<f32>,
-        running_var: &CudaSlice<f32>,
-        residual: Option<&CudaSlice<f32>>,
-        relu: bool,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        s.check_fwd(x.len(), w.len(), y.len())?;
-        bn.check_after_conv(
-            "conv2d_bn_eval_fwd_nhwc",
-            s,
-            [gamma, beta, running_mean, running_var].map(CudaSlice::len),
-            residual.map(CudaSlice::len),
-        )?;
-        // SAFETY: every buffer holds the length the shapes give (checked above).
-        unsafe {
-            self.conv2d_bn_eval_fwd_nhwc_native(
-                s,
-                bn,
-                x,
-                w,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                residual,
-                relu,
-                y,
-            )
-        }
+        norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
+            let ep = BnEpilogue { ss, residual, relu };
+            // SAFETY: the caller's contract; ss holds 2 * c_out values.
+            unsafe { launch_mma_nhwc(self, s, x, w, &ep, y) }
+        })
     }
 
     /// Which kernels the tf32 / bf16 convolutions take (default [`MmaRoute::Auto`]).

@@ -268,11 +268,32 @@ pub(crate) fn batchnorm_eval_fwd(
     }
 }
 
+/// Runs `f` on the eval-mode batch norm folded per channel into `ss = [scale; c]` then
+/// `[shift; c]` (2 * c values of arena scratch, given back after `f`: nothing allocated once
+/// warm, so capturable): what a convolution's fused epilogue applies
+/// (`conv::conv2d_bn_eval_fwd`, the channels-last forward). The per-channel buffers hold
+/// `s.c` values (checked by the caller).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn with_bn_eval_fold(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &CudaSlice<f32>,
+    running_var: &CudaSlice<f32>,
+    f: impl FnOnce(&CudaSlice<f32>) -> Result<()>,
+) -> Result<()> {
+    let mut ss = be.take_scratch(2 * s.c)?;
+    let r =
+        bn_eval_fold(be, s, gamma, beta, running_mean, running_var, &mut ss).and_then(|()| f(&ss));
+    be.give_scratch(ss);
+    r
+}
+
 /// `ss = [scale; c]` then `[shift; c]`, `scale = gamma / sqrt(var + eps)`,
-/// `shift = beta - mean * scale`, in f64 rounded to f32 as the CPU's `eval_scale_shift`:
-/// what a convolution's fused epilogue applies (`conv::conv2d_bn_eval_fwd`). The per-channel
-/// buffers hold `s.c` values, `ss` `2 * s.c` (checked by the caller).
-pub(crate) fn bn_eval_fold(
+/// `shift = beta - mean * scale`, in f64 rounded to f32 as the CPU's `eval_scale_shift`.
+/// The per-channel buffers hold `s.c` values, `ss` `2 * s.c` (checked by the caller).
+fn bn_eval_fold(
     be: &CudaBackend,
     s: &BatchNorm2d,
     gamma: &CudaSlice<f32>,
