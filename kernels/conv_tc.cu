@@ -252,11 +252,17 @@ __device__ __forceinline__ PhaseGemm phase_gemm(int N, int H, int W, int KH, int
 // The fused eval-mode epilogue of the forward, as in kernels/conv.cu: y = act(acc * scale[c]
 // + shift[c] (+ residual[i])), ss = {scale[0..C), shift[0..C)} (bn_eval_fold in norm.cu),
 // each step rounded on its own (no FMA contraction) as the CPU reference rounds it.
+// bn_epilogue_v: the same on a residual value the caller read (has_res: there is one), for
+// the kernels whose residual is not f32 (the bf16-storage forward).
+__device__ __forceinline__ float bn_epilogue_v(float acc, const float* __restrict__ ss, int C, int c, bool has_res,
+                                               float r, int relu) {
+    float v = __fadd_rn(__fmul_rn(acc, ss[c]), ss[C + c]);
+    if (has_res) v = __fadd_rn(v, r);
+    return relu ? fmaxf(v, 0.0f) : v;
+}
 __device__ __forceinline__ float bn_epilogue(float acc, const float* __restrict__ ss, int C, int c,
                                              const float* __restrict__ res, size_t i, int relu) {
-    float v = __fadd_rn(__fmul_rn(acc, ss[c]), ss[C + c]);
-    if (res) v = __fadd_rn(v, res[i]);
-    return relu ? fmaxf(v, 0.0f) : v;
+    return bn_epilogue_v(acc, ss, C, c, res != nullptr, res ? res[i] : 0.0f, relu);
 }
 
 // The epilogues of the forward GEMM, as in kernels/conv.cu.
@@ -852,43 +858,63 @@ __device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfl
     }
 }
 
-// The K loop of the mma kernels: `ntiles` K tiles, tile t gathered by issue(A stage, B stage,
-// t) as cp.async copies into the f32 ring, then at bf16 rounded into the bf16 tile by the
-// block and multiplied by mma_tile, at tf32 (TF32) multiplied from the stage by mma_tile_tf32,
-// into acc (zeroed here); B laid out as MmaB<NK> says. Ends with every copy landed and the
-// stages free.
-template <bool TF32, bool NK = false, class Issue>
-__device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+// The cp.async ring of the mma kernels: STAGES stages of SE elements of type T from st
+// (each A's AE elements, then B), tile t gathered by issue(A, B, t) into stage t % STAGES as
+// cp.async copies (or plain shared stores: both are everyone's after the next barrier) and
+// multiplied by mul(A, B) once landed: while tile t is multiplied, tiles t+1..t+STAGES-1 are
+// in flight, and one __syncthreads per tile frees the stage tile t-1 used (mul may hold more
+// barriers of its own). Ends with every copy landed and the stages free.
+template <int STAGES, int SE, int AE, class T, class Issue, class Mul>
+__device__ __forceinline__ void mma_ring(T* st, int ntiles, Issue issue, Mul mul) {
+    static_assert(STAGES >= 2 && STAGES <= 8, "cp.async pipeline depth (wait_prior takes 0..8)");
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ntiles) issue(st + s * SE, st + s * SE + AE, s);
+        __pipeline_commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+        // Tile t's copies are complete and, after the barrier, everyone's; everyone is done
+        // with tile t-1 (its stage, and mul's own shared memory), so tile t + STAGES - 1
+        // refills its stage.
+        __pipeline_wait_prior(STAGES - 2);
+        __syncthreads();
+        const int nt = t + STAGES - 1;
+        if (nt < ntiles) {
+            T* s = st + (nt % STAGES) * SE;
+            issue(s, s + AE, nt);
+        }
+        __pipeline_commit();
+        const T* cur = st + (t % STAGES) * SE;
+        mul(cur, cur + AE);
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();
+}
+
+__device__ __forceinline__ void mma_zero(float (&acc)[4][4][4]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+}
+
+// The K loop of the mma kernels on f32 stages: `ntiles` K tiles, tile t gathered by
+// issue(A stage, B stage, t) as cp.async copies into the f32 ring (mma_ring, MMA_STAGES
+// deep), then at bf16 rounded into the bf16 tile by the block and multiplied by mma_tile, at
+// tf32 (TF32) multiplied from the stage by mma_tile_tf32, into acc (zeroed here); B laid out
+// as MmaB<NK> says. Ends with every copy landed and the stages free.
+template <bool TF32, bool NK = false, class Issue>
+__device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    mma_zero(acc);
     typedef MmaB<NK> L;
-    float* st = (float*)smem;
     __nv_bfloat16* h = (__nv_bfloat16*)(smem + L::SMEM_F32);
     __nv_bfloat16* hb = h + MBM * MLDAH;
-#pragma unroll
-    for (int s = 0; s < MMA_STAGES - 1; ++s) {
-        if (s < ntiles) issue(st + s * L::STAGE, st + s * L::STAGE + MBM * MLDA, s);
-        __pipeline_commit();
-    }
-    for (int t = 0; t < ntiles; ++t) {
-        // Tile t's copies are complete and, after the barrier, everyone's; everyone is done
-        // with tile t-1 (its stage and the bf16 tile), so tile t + STAGES - 1 refills its stage.
-        __pipeline_wait_prior(MMA_STAGES - 2);
-        __syncthreads();
-        const int nt = t + MMA_STAGES - 1;
-        if (nt < ntiles) {
-            float* s = st + (nt % MMA_STAGES) * L::STAGE;
-            issue(s, s + MBM * MLDA, nt);
-        }
-        __pipeline_commit();
-        const float* cur = st + (t % MMA_STAGES) * L::STAGE;
+    mma_ring<MMA_STAGES, L::STAGE, MBM * MLDA>((float*)smem, ntiles, issue, [&](const float* cur, const float* curb) {
         if constexpr (TF32) {
-            mma_tile_tf32<NK>(cur, cur + MBM * MLDA, acc, wm, wn, lane);
+            mma_tile_tf32<NK>(cur, curb, acc, wm, wn, lane);
         } else {
             // The stage into the bf16 tile: 16 elements of A and 16 of B per thread (B's rows
             // of 32 k as A's with NK, of 128 n without).
@@ -897,16 +923,14 @@ __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Is
                 const int c = tid + MMA_THREADS * q;
                 bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
                 if constexpr (NK)
-                    bf16x8(cur + MBM * MLDA + (c >> 2) * MLDA + (c & 3) * 8, hb + (c >> 2) * MLDAH + (c & 3) * 8);
+                    bf16x8(curb + (c >> 2) * MLDA + (c & 3) * 8, hb + (c >> 2) * MLDAH + (c & 3) * 8);
                 else
-                    bf16x8(cur + MBM * MLDA + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+                    bf16x8(curb + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
             }
             __syncthreads();
             mma_tile<NK>(h, hb, acc, wm, wn, lane);
         }
-    }
-    __pipeline_wait_prior(0);
-    __syncthreads();
+    });
 }
 
 // The block's 128x128 f32 result into Cs [MBM][MLDC] (over the stages) by the m16n8 C
@@ -1297,19 +1321,10 @@ struct __align__(16) NhwcPixel {
     int base, ih0, iw0, unused;
 };
 
-template <bool TF32>
-__device__ __forceinline__ void conv_fwd_bn_mma_nhwc(NhwcPixel* pix, const float* __restrict__ x,
-                                                     const float* __restrict__ w, float* __restrict__ y, int N,
-                                                     int C, int H, int W, int CO, int KH, int KW, int stride,
-                                                     int pad, const float* __restrict__ ss,
-                                                     const float* __restrict__ res, int relu, int vec) {
-    unsigned char* smem = mma_smem;
+// The block's MBN pixels p0.. (of Pn, OH*OW = OHW per image) decoded into pix, then a barrier.
+__device__ __forceinline__ void nhwc_pixels(NhwcPixel* pix, int p0, int Pn, int OHW, int OW, int H, int W,
+                                            int stride, int pad) {
     const int tid = threadIdx.x;
-    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
-    const int M = CO, K = KH * KW * C, OHW = OH * OW, Pn = N * OHW;
-    const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
-    const bool vec_a = vec & 1, vec_b = vec & 2;
-
     if (tid < MBN) {
         const int p = p0 + tid;
         NhwcPixel e = {0, -(1 << 30), -(1 << 30), 0};
@@ -1322,39 +1337,59 @@ __device__ __forceinline__ void conv_fwd_bn_mma_nhwc(NhwcPixel* pix, const float
         pix[tid] = e;
     }
     __syncthreads();
+}
+
+// One thread's copies of B in one K tile: its column k = (tap (kh, kw), channel c) for the NQ
+// pixels nl0 + STEP * q of the table; copy(nl, ok, i) with ok = inside the image and k < K,
+// i = x's element index of (that pixel's tap, c) where ok, else 0 (padding, past K or past
+// the pixels: the caller's zero fill, reading nothing).
+template <int NQ, int STEP, class Copy>
+__device__ __forceinline__ void nhwc_gather(const NhwcPixel* pix, int nl0, int k, int K, int C, int H, int W, int KW,
+                                            Copy copy) {
+    const bool k_ok = k < K;
+    int c = 0, kh = 0, kw = 0;
+    if (k_ok) {
+        const int tap = k / C;
+        c = k - tap * C;
+        kh = tap / KW;
+        kw = tap - kh * KW;
+    }
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+        const int nl = nl0 + STEP * q;
+        const NhwcPixel e = pix[nl];
+        const int ih = e.ih0 + kh, iw = e.iw0 + kw;
+        const bool ok = k_ok && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+        copy(nl, ok, ok ? (size_t)(e.base + ih * W + iw) * C + c : (size_t)0);
+    }
+}
+
+template <bool TF32>
+__device__ __forceinline__ void conv_fwd_bn_mma_nhwc(NhwcPixel* pix, const float* __restrict__ x,
+                                                     const float* __restrict__ w, float* __restrict__ y, int N,
+                                                     int C, int H, int W, int CO, int KH, int KW, int stride,
+                                                     int pad, const float* __restrict__ ss,
+                                                     const float* __restrict__ res, int relu, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const int M = CO, K = KH * KW * C, OHW = OH * OW, Pn = N * OHW;
+    const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
+    const bool vec_a = vec & 1, vec_b = vec & 2;
+    nhwc_pixels(pix, p0, Pn, OHW, OW, H, W, stride, pad);
 
     auto issue = [&](float* As, float* Bs, int t) {
         const int k0 = t * MBK;
         mma_weights_cp(As, w, M, K, m0, k0, vec_a, tid);
-        // This thread's column k of B: (tap, channel), the tap (kh, kw).
-        const int kl = vec_b ? 4 * (tid & 7) : (tid & 31), k = k0 + kl;
-        const bool k_ok = k < K;
-        int c = 0, kh = 0, kw = 0;
-        if (k_ok) {
-            const int tap = k / C;
-            c = k - tap * C;
-            kh = tap / KW;
-            kw = tap - kh * KW;
-        }
         if (vec_b) {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int nl = (tid >> 3) + 32 * q;
-                const NhwcPixel e = pix[nl];
-                const int ih = e.ih0 + kh, iw = e.iw0 + kw;
-                const bool ok = k_ok && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
-                __pipeline_memcpy_async(Bs + nl * MLDA + kl, ok ? x + (size_t)(e.base + ih * W + iw) * C + c : x, 16,
-                                        ok ? 0 : 16);
-            }
+            const int kl = 4 * (tid & 7);
+            nhwc_gather<4, 32>(pix, tid >> 3, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+                __pipeline_memcpy_async(Bs + nl * MLDA + kl, x + i, 16, ok ? 0 : 16);
+            });
         } else {
-#pragma unroll
-            for (int q = 0; q < 16; ++q) {
-                const int nl = (tid >> 5) + 8 * q;
-                const NhwcPixel e = pix[nl];
-                const int ih = e.ih0 + kh, iw = e.iw0 + kw;
-                const bool ok = k_ok && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
-                cp4(Bs + nl * MLDA + kl, ok ? x + (size_t)(e.base + ih * W + iw) * C + c : x, ok);
-            }
+            const int kl = tid & 31;
+            nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW,
+                               [&](int nl, bool ok, size_t i) { cp4(Bs + nl * MLDA + kl, x + i, ok); });
         }
     };
 
@@ -1375,16 +1410,36 @@ __device__ __forceinline__ void conv_fwd_bn_mma_nhwc(NhwcPixel* pix, const float
 }
 
 // The weights OIHW [CO][C][KHW] as OHWI [CO][KHW][C] (the channels-last forward's A, K
-// ordered (kh, kw, c)): wt[(o * KHW + r) * C + c] = w[(o * C + c) * KHW + r], len = CO*C*KHW.
+// ordered (kh, kw, c)), rows of KP >= K = C*KHW elements zero past K: wt[o * KP + r * C + c] =
+// w[(o * C + c) * KHW + r], len = CO*KP; T float (KP = K) or bf16 (rounded to nearest even,
+// as __float2bfloat16_rn and bf16x8 round).
+__device__ __forceinline__ void ohwi_store(float* d, float v) { *d = v; }
+__device__ __forceinline__ void ohwi_store(__nv_bfloat16* d, float v) { *d = __float2bfloat16_rn(v); }
+template <class T>
+__device__ __forceinline__ void weight_ohwi(const float* __restrict__ w, T* __restrict__ wt, int C, int KHW, int KP,
+                                            int len) {
+    const int K = C * KHW;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)len; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t o = i / KP;
+        const int k = (int)(i - o * KP);
+        float v = 0.0f;
+        if (k < K) {
+            const int r = k / C, c = k - r * C;
+            v = w[(o * C + c) * KHW + r];
+        }
+        ohwi_store(wt + i, v);
+    }
+}
+
 extern "C" __global__ void conv_weight_ohwi(const float* __restrict__ w, float* __restrict__ wt, int C, int KHW,
                                             int len) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)len; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t oc = i / C;  // o * KHW + r
-        const int c = (int)(i - oc * C);
-        const size_t o = oc / KHW;
-        const int r = (int)(oc - o * KHW);
-        wt[i] = w[(o * C + c) * KHW + r];
-    }
+    weight_ohwi(w, wt, C, KHW, C * KHW, len);
+}
+
+// The bf16 copy of the bf16-storage forward: rows padded to KP = K rounded up to 8 (16 bytes).
+extern "C" __global__ void conv_weight_ohwi_bf16(const float* __restrict__ w, __nv_bfloat16* __restrict__ wt, int C,
+                                                 int KHW, int KP, int len) {
+    weight_ohwi(w, wt, C, KHW, KP, len);
 }
 
 // The channels-last eval forward (bf16: ldmatrix and m16n8k16; tf32: m16n8k8), one split, a
@@ -1405,4 +1460,135 @@ conv2d_fwd_bn_mma_nhwc_tf32(const float* __restrict__ x, const float* __restrict
                             const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
     __shared__ NhwcPixel pix[MBN];
     conv_fwd_bn_mma_nhwc<true>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, vec);
+}
+
+// ---- The same with bf16 activation storage (--precision bf16) ----------------------------
+//
+// conv2d_fwd_bn_mma_nhwc_bf16s: x, the residual and y are NHWC tensors of bf16 values
+// (element i = the i-th 16-bit half of the buffer, the host's f32 slots holding two each),
+// the weights the bf16 OHWI copy conv_weight_ohwi_bf16 makes per call (rows of KP = K
+// rounded up to 8, zero past K, rounded to nearest even), ss f32. Both operands thus arrive
+// in the precision the tensor cores multiply, and are copied as they are (no f32 stage, no
+// rounding pass, no second barrier per tile): a ring of HS_STAGES bf16 stages, each A
+// [MBM][MLDAH] and B [MBN][MLDAH] (the bf16 tile's 80-byte rows, conflict-free for ldmatrix),
+// from which mma_tile<true> multiplies directly. A: 16-byte copies (8 k of a padded row,
+// always aligned), row tid / 4 + 64q, k 8 * (tid % 4), 2 per thread. B by the host's `vec`:
+// bit 1 (C % 8 == 0, x 16-byte aligned): 16 bytes = 8 channels of one tap, column 8 * (tid %
+// 4), pixels tid / 4 + 64q, 2 per thread; bit 2 (C even otherwise): 4 bytes = 2 channels,
+// column 2 * (tid % 16), pixels tid / 16 + 16q, 8 per thread; neither (C odd): plain 2-byte
+// loads and shared stores, column tid % 32, pixels tid / 32 + 8q, 16 per thread (a plain
+// store lands before the barrier that makes the stage everyone's, as a copy does). Zero fill
+// as above. Epilogue: the f32 accumulators transposed through shared memory (mma_store<true>,
+// over the ring), then per pair of channels (tid % 64) of pixels tid / 64 + 4i: bn_epilogue_v
+// with the residual read as bf16, rounded to nearest even, stored as one 32-bit word of two
+// bf16 (even CO: a warp writes 128 contiguous bytes of one pixel), or with odd CO as 2-byte
+// halves (a pair may straddle two words). 
+
+// The bf16 ring: HS_STAGES stages of A and B, 20 KiB each; 6 stages (120 KiB, the f32 ring's
+// 3 stages and bf16 tile took 128 KiB) keep 5 K tiles in flight; the epilogue's f32 tile
+// [MBN][MLDC] (66 KiB) is laid over them.
+#define HS_STAGES 6
+#define HSTAGE (MBM * MLDAH + MBN * MLDAH)
+#define HS_SMEM (HS_STAGES * HSTAGE * 2)
+static_assert(MBN * MLDC * 4 <= HS_SMEM, "the epilogue's f32 tile fits in the bf16 ring");
+static_assert(HS_SMEM == 122880, "conv.rs's mma_smem_nhwc_bf16s");
+static_assert(MBM * MBK == 8 * 2 * MMA_THREADS, "two 16-byte copies of A and of B per thread");
+
+__device__ __forceinline__ void conv_fwd_bn_mma_nhwc_bf16s(NhwcPixel* pix, const __nv_bfloat16* __restrict__ x,
+                                                           const __nv_bfloat16* __restrict__ w,
+                                                           __nv_bfloat16* __restrict__ y, int N, int C, int H, int W,
+                                                           int CO, int KH, int KW, int stride, int pad,
+                                                           const float* __restrict__ ss,
+                                                           const __nv_bfloat16* __restrict__ res, int relu, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const int M = CO, K = KH * KW * C, KP = (K + 7) & ~7, OHW = OH * OW, Pn = N * OHW;
+    const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
+    nhwc_pixels(pix, p0, Pn, OHW, OW, H, W, stride, pad);
+
+    auto issue = [&](__nv_bfloat16* As, __nv_bfloat16* Bs, int t) {
+        const int k0 = t * MBK;
+        const int ka = 8 * (tid & 3);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int ml = (tid >> 2) + 64 * q, m = m0 + ml;
+            const bool ok = m < M && k0 + ka < KP;
+            __pipeline_memcpy_async(As + ml * MLDAH + ka, ok ? w + (size_t)m * KP + k0 + ka : w, 16, ok ? 0 : 16);
+        }
+        if (vec & 2) {
+            const int kl = 8 * (tid & 3);
+            nhwc_gather<2, 64>(pix, tid >> 2, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+                __pipeline_memcpy_async(Bs + nl * MLDAH + kl, x + i, 16, ok ? 0 : 16);
+            });
+        } else if (vec & 4) {
+            const int kl = 2 * (tid & 15);
+            nhwc_gather<8, 16>(pix, tid >> 4, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+                __pipeline_memcpy_async(Bs + nl * MLDAH + kl, x + i, 4, ok ? 0 : 4);
+            });
+        } else {
+            const int kl = tid & 31;
+            const unsigned short* xs = (const unsigned short*)x;
+            unsigned short* bs = (unsigned short*)Bs;
+            nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW,
+                               [&](int nl, bool ok, size_t i) { bs[nl * MLDAH + kl] = ok ? xs[i] : (unsigned short)0; });
+        }
+    };
+
+    float acc[4][4][4];
+    mma_zero(acc);
+    mma_ring<HS_STAGES, HSTAGE, MBM * MLDAH>((__nv_bfloat16*)smem, (K + MBK - 1) / MBK, issue,
+                                             [&](const __nv_bfloat16* A, const __nv_bfloat16* B) {
+                                                 mma_tile<true>(A, B, acc, wm, wn, lane);
+                                             });
+    float* Cs = (float*)smem;
+    mma_store<true>(Cs, acc);
+    // Channels m, m + 1 (tid % 64) of pixels tid / 64 + 4i.
+    const int ml = 2 * (tid & 63), m = m0 + ml;
+    if (m >= M) return;
+    const bool has_res = res != nullptr;
+    if (!(CO & 1)) {
+        // p * CO + m even: one aligned word of two bf16.
+#pragma unroll 4
+        for (int i = 0; i < MBN / 4; ++i) {
+            const int nl = (tid >> 6) + 4 * i, p = p0 + nl;
+            if (p >= Pn) break;
+            const size_t o = (size_t)p * CO + m;
+            const float2 v = *(const float2*)(Cs + nl * MLDC + ml);
+            float r0 = 0.0f, r1 = 0.0f;
+            if (has_res) {
+                const __nv_bfloat162 r = *(const __nv_bfloat162*)(res + o);
+                r0 = __bfloat162float(r.x);
+                r1 = __bfloat162float(r.y);
+            }
+            *(__nv_bfloat162*)(y + o) = __floats2bfloat162_rn(bn_epilogue_v(v.x, ss, CO, m, has_res, r0, relu),
+                                                              bn_epilogue_v(v.y, ss, CO, m + 1, has_res, r1, relu));
+        }
+    } else {
+        const int ne = min(2, M - m);
+#pragma unroll 2
+        for (int i = 0; i < MBN / 4; ++i) {
+            const int nl = (tid >> 6) + 4 * i, p = p0 + nl;
+            if (p >= Pn) break;
+            for (int e = 0; e < ne; ++e) {
+                const size_t o = (size_t)p * CO + m + e;
+                const float r = has_res ? __bfloat162float(res[o]) : 0.0f;
+                y[o] = __float2bfloat16_rn(bn_epilogue_v(Cs[nl * MLDC + ml + e], ss, CO, m + e, has_res, r, relu));
+            }
+        }
+    }
+}
+
+// The bf16-storage channels-last eval forward (bf16 operands only), one split, a grid of
+// (pixel tiles, channel tiles) 128x128 blocks with HS_SMEM bytes of dynamic shared memory: x,
+// res (or null) and y bf16 NHWC, w the bf16 OHWI copy (conv_weight_ohwi_bf16: rows of KP),
+// ss = {scale, shift} f32, relu 0/1, vec bit 1 16-byte copies of x (C % 8 == 0, aligned), bit
+// 2 4-byte copies (C even), neither: 2-byte loads.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                             __nv_bfloat16* __restrict__ y, int N, int C, int H, int W, int CO, int KH, int KW,
+                             int stride, int pad, const float* __restrict__ ss, const __nv_bfloat16* __restrict__ res,
+                             int relu, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_bn_mma_nhwc_bf16s(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, vec);
 }

@@ -1,12 +1,14 @@
 //! What the integration tests (and, by path, the benches) share: [`rng`] (the one seeded
 //! generator of tests and benches), [`files`] (seed files, the binary under an address-space
-//! limit, output checks: the hostile-input tests and the fuzz harness), [`shapes`] (op shapes)
+//! limit, output checks: the hostile-input tests and the fuzz harness), [`shapes`] (op shapes),
+//! [`nhwc`] (the channels-last eval forward's cases and CPU reference),
 //! [`cuda`] (the harness of the CUDA test binaries: device tests ignored at run time
 //! without a device) and [`train`] (phantom training cases).
 #![allow(dead_code)]
 
 pub mod cuda;
 pub mod files;
+pub mod nhwc;
 pub mod rng;
 pub mod shapes;
 pub mod train;

@@ -16,13 +16,15 @@
 //! also runs natively on channels-last (NHWC) activations at tf32 / bf16
 //! ([`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`], `conv2d_fwd_bn_mma_nhwc_*`: K ordered
 //! (kh, kw, c), the weights copied to OHWI per call, 16-byte copies where [`mma_vec_nhwc`]
-//! allows).
+//! allows), and at bf16 also on activations stored in bf16
+//! ([`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`], `conv2d_fwd_bn_mma_nhwc_bf16s`:
+//! two values per f32 slot, the weights copied to bf16 OHWI per call, a bf16-only ring).
 
 use cudarc::driver::CudaSlice;
 
 use super::launch::{blocks, dim, grid, int_args, kernels, Kernel, Launch, NULL};
 use super::{norm, CudaBackend};
-use crate::engine::shapes::Conv2d;
+use crate::engine::shapes::{check_lens, Conv2d};
 use crate::engine::{Backend, BatchNorm2d, EngineError, Precision, Result};
 
 kernels!("conv" {
@@ -67,6 +69,8 @@ mod tc {
         fwd_bn_mma_nhwc_bf16: "conv2d_fwd_bn_mma_nhwc_bf16",
         fwd_bn_mma_nhwc_tf32: "conv2d_fwd_bn_mma_nhwc_tf32",
         weight_ohwi: "conv_weight_ohwi",
+        fwd_bn_mma_nhwc_bf16s: "conv2d_fwd_bn_mma_nhwc_bf16s",
+        weight_ohwi_bf16: "conv_weight_ohwi_bf16",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -143,6 +147,10 @@ fn mma_smem_nhwc(p: Precision) -> u32 {
     }
 }
 
+/// The dynamic shared memory of the bf16-storage channels-last forward (`HS_SMEM` in
+/// conv_tc.cu: 6 bf16 stages of A `[128][32+8]` and B `[128][32+8]`, 20 KiB each).
+const MMA_SMEM_NHWC_BF16S: u32 = 122_880;
+
 /// Which kernels a tf32 / bf16 convolution takes: the 128x128 `mma.sync` kernels or the
 /// 64x64 WMMA ones (`kernels/conv_tc.cu`); a setting of the backend
 /// ([`CudaBackend::set_mma_route`]) for tests and comparisons. f32 never takes them.
@@ -206,6 +214,28 @@ pub(crate) fn mma_vec_nhwc(s: &Conv2d, x_addr: u64, w_addr: u64) -> i32 {
     let a = k.is_multiple_of(4) && w_addr.is_multiple_of(16);
     let b = s.c_in.is_multiple_of(4) && x_addr.is_multiple_of(16);
     i32::from(a) | (i32::from(b) << 1)
+}
+
+/// The copy path of x in the bf16-storage channels-last forward of `s`
+/// (`conv2d_fwd_bn_mma_nhwc_bf16s`'s `vec`) for an input at device address `x_addr`: 2 (bit 1)
+/// 16-byte copies of 8 channels when `c_in % 8 == 0` and `x_addr % 16 == 0`; else 4 (bit 2)
+/// 4-byte copies of 2 channels when `c_in` is even (a buffer of f32 slots is 4-byte aligned);
+/// else 0, 2-byte loads (odd `c_in`). Its weights are always copied 16 bytes at a time (the
+/// bf16 OHWI copy's rows are padded to [`bf16s_weight_row`]).
+pub(crate) fn mma_vec_nhwc_bf16s(s: &Conv2d, x_addr: u64) -> i32 {
+    if s.c_in.is_multiple_of(8) && x_addr.is_multiple_of(16) {
+        2
+    } else if s.c_in.is_multiple_of(2) {
+        4
+    } else {
+        0
+    }
+}
+
+/// The row length (in bf16 values) of the bf16 OHWI weight copy of the bf16-storage forward:
+/// `K = c_in*kh*kw` rounded up to 8 (16 bytes), zero past K.
+fn bf16s_weight_row(s: &Conv2d) -> usize {
+    (s.c_in * s.kh * s.kw).next_multiple_of(8)
 }
 
 impl CudaBackend {
@@ -274,6 +304,130 @@ impl CudaBackend {
             // SAFETY: the caller's contract; ss holds 2 * c_out values.
             unsafe { launch_mma_nhwc(self, s, x, w, &ep, y) }
         })
+    }
+
+    /// Whether [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`] runs `s` (activations
+    /// stored in bf16): at bf16 only, unless the route is [`MmaRoute::Never`], for every shape
+    /// the kernels' 32-bit indexing holds (any kernel size, stride, padding and `c_in`: 16-,
+    /// 4- or 2-byte copies of x by [`mma_vec_nhwc_bf16s`]; any `c_out`).
+    pub(crate) fn conv_bn_eval_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
+        self.precision() == Precision::Bf16
+            && self.mma_route != MmaRoute::Never
+            && geometry(s).is_ok()
+            && dim(s.c_out * bf16s_weight_row(s)).is_ok()
+    }
+
+    /// The kernel the bf16-storage channels-last eval forward of `s` launches
+    /// (`conv2d_fwd_bn_mma_nhwc_bf16s`), or None where it does not run (not at bf16, or with
+    /// the route [`MmaRoute::Never`]); diagnostics and tests.
+    pub fn conv_bn_eval_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        self.conv_bn_eval_nhwc_bf16s_native(s)
+            .then_some("conv2d_fwd_bn_mma_nhwc_bf16s")
+    }
+
+    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`] on activations stored in bf16: `x`
+    /// (`[n][h][w][c_in]`), `residual` and `y` (`[n][out_h][out_w][c_out]`) hold value `i` in
+    /// the 16-bit half `i` of the buffer (the low half of slot `i / 2` for even `i`, the high
+    /// for odd; `len.div_ceil(2)` slots: an odd length's last high half is neither read nor
+    /// written), `w` OIHW f32 and the batch-norm buffers f32 as there. One launch of
+    /// `conv2d_fwd_bn_mma_nhwc_bf16s` after the batch-norm fold (`norm::with_bn_eval_fold`) and
+    /// the weights' copy to bf16 OHWI (`conv_weight_ohwi_bf16`, rounded to nearest even, rows
+    /// padded to a multiple of 8), both in arena scratch: nothing allocated once warm, so
+    /// capturable in a graph. y is rounded to bf16 (nearest even) from the f32 epilogue. An
+    /// error where [`CudaBackend::conv_bn_eval_nhwc_bf16s_native`] is false.
+    ///
+    /// # Safety
+    /// `x` holds `s.x_len().div_ceil(2)` values, `residual` and `y` `s.y_len().div_ceil(2)`,
+    /// `w` `s.w_len()`, the batch-norm buffers `c_out` (what
+    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_checked`] checks).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn conv2d_bn_eval_fwd_nhwc_bf16s_native(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if !self.conv_bn_eval_nhwc_bf16s_native(s) {
+            return Err(EngineError::Param(format!(
+                "conv2d_bn_eval_fwd_nhwc_bf16s: no bf16-storage kernel for {s:?} at {} (route {:?})",
+                self.precision(),
+                self.mma_route
+            )));
+        }
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
+            let ep = BnEpilogue { ss, residual, relu };
+            // SAFETY: the caller's contract; ss holds 2 * c_out values.
+            unsafe { launch_mma_nhwc_bf16s(self, s, x, w, &ep, y) }
+        })
+    }
+
+    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`] after checking the shape and every
+    /// length (`x` `s.x_len().div_ceil(2)` slots, `residual` and `y` `s.y_len().div_ceil(2)`,
+    /// `w` `s.w_len()`, the batch norm's as `conv2d_bn_eval_fwd` checks them): a shape error on
+    /// a mismatch, a parameter error where the kernel does not run `s`. For tests and
+    /// diagnostics until the backend's op routes to it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d_bn_eval_fwd_nhwc_bf16s_checked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bn_eval_fwd_nhwc_bf16s";
+        s.check(OP)?;
+        let packed_y = s.y_len().div_ceil(2);
+        check_lens(
+            OP,
+            &[
+                ("x (bf16 storage)", x.len(), s.x_len().div_ceil(2)),
+                ("w", w.len(), s.w_len()),
+                ("y (bf16 storage)", y.len(), packed_y),
+            ],
+        )?;
+        if let Some(r) = residual {
+            check_lens(OP, &[("residual (bf16 storage)", r.len(), packed_y)])?;
+        }
+        bn.check_after_conv(
+            OP,
+            s,
+            [gamma, beta, running_mean, running_var].map(|b| b.len()),
+            None,
+        )?;
+        // SAFETY: every length checked above.
+        unsafe {
+            self.conv2d_bn_eval_fwd_nhwc_bf16s_native(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        }
     }
 
     /// Which kernels the tf32 / bf16 convolutions take (default [`MmaRoute::Auto`]).
@@ -468,6 +622,73 @@ unsafe fn launch_mma_nhwc(
     if let Some(wt) = wt {
         be.give_scratch(wt);
     }
+    r
+}
+
+/// The bf16-storage channels-last eval forward of `s` (`conv2d_fwd_bn_mma_nhwc_bf16s`): the
+/// weights copied to bf16 OHWI with rows of [`bf16s_weight_row`] values
+/// (`conv_weight_ohwi_bf16`) into arena scratch, given back after the launch (stream order
+/// keeps the next user after it), then one launch of (pixel tiles, channel tiles) 128x128
+/// blocks, 256 threads, [`MMA_SMEM_NHWC_BF16S`] of dynamic shared memory, never split over K.
+///
+/// # Safety
+/// `x`, `y` (and the residual) hold the bf16-storage lengths `s` gives, `w` `s.w_len()`,
+/// `ep.ss` `2 * c_out`.
+unsafe fn launch_mma_nhwc_bf16s(
+    be: &CudaBackend,
+    s: &Conv2d,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    ep: &BnEpilogue<'_>,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "conv2d_bn_eval_fwd_nhwc_bf16s";
+    let g = geometry(s)?;
+    let p = s.n * s.out_h() * s.out_w();
+    let mut cfg = blocks(
+        OP,
+        (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
+        MMA_THREADS,
+    )?;
+    cfg.shared_mem_bytes = MMA_SMEM_NHWC_BF16S;
+    let tc = tc_kernels(be)?;
+    let kp = bf16s_weight_row(s);
+    let len = s.c_out * kp;
+    // Two bf16 per f32 slot (kp is even); never an empty buffer.
+    let mut wt = be.take_scratch((len / 2).max(4))?;
+    let r = (|| {
+        if len > 0 {
+            let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
+            // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
+            unsafe {
+                tc.weight_ohwi_bf16
+                    .on(be.stream())
+                    .arg(w)
+                    .arg(&mut wt)
+                    .arg(&c)
+                    .arg(&khw)
+                    .arg(&kp_i)
+                    .arg(&len_i)
+                    .launch(grid(len))?
+            };
+        }
+        // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is a
+        // whole allocation (256-byte aligned).
+        if !be.ptr(&wt).is_multiple_of(16) {
+            return Err(EngineError::Param(format!(
+                "{OP}: the weight copy's scratch buffer is not 16-byte aligned"
+            )));
+        }
+        let vec = mma_vec_nhwc_bf16s(s, be.ptr(x));
+        let relu = ep.relu as i32;
+        let mut l = tc.fwd_bn_mma_nhwc_bf16s.on(be.stream());
+        l.arg(x).arg(&wt).arg(y).ints(&g[..9]);
+        ep.push(&mut l, &relu);
+        l.arg(&vec);
+        // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
+        unsafe { l.launch(cfg) }
+    })();
+    be.give_scratch(wt);
     r
 }
 

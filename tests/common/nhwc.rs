@@ -1,0 +1,107 @@
+//! The channels-last (NHWC) eval forward's test cases, shared by tests/cuda_conv_nhwc.rs (f32
+//! activations) and tests/cuda_conv_nhwc_bf16s.rs (bf16 storage): the shapes, layout changes
+//! on the host, the batch-norm parameters and the CPU reference (NCHW, transposed here).
+
+use super::rng::SplitMix64;
+use super::shapes::conv;
+use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::{Backend, BatchNorm2d, Conv2d};
+
+/// The shapes, each with the copy paths it takes in the f32-activation kernel (weights /
+/// activations: 16 or 4 bytes).
+pub fn shapes() -> [(Conv2d, &'static str); 11] {
+    [
+        // 1x1 stride 1, K = 64; odd 9x11, 198 pixels; C_out 136 (two channel tiles).
+        (conv(2, 64, 9, 11, 136, 1, 1, 0), "16/16"),
+        // 1x1 stride 2 (a downsample), 9x13 -> 5x7, batch 3: 105 pixels.
+        (conv(3, 32, 9, 13, 130, 1, 2, 0), "16/16"),
+        // 3x3 stride 1 padding 1, K = 108, 198 pixels, C_out 140.
+        (conv(2, 12, 11, 9, 140, 3, 1, 1), "16/16"),
+        // 3x3 stride 2 padding 1, K = 180, 13x12 -> 7x6, batch 3: 126 pixels.
+        (conv(3, 20, 13, 12, 160, 3, 2, 1), "16/16"),
+        // 3x3 stride 2 without padding, K = 288: 9 K tiles, 15x17 -> 7x8, 112 pixels.
+        (conv(2, 32, 15, 17, 128, 3, 2, 0), "16/16"),
+        // The stem: 7x7 stride 2 padding 3, c_in = 3 (K = 147), 23x21 -> 12x11, 264 pixels.
+        (conv(2, 3, 23, 21, 129, 7, 2, 3), "4/4"),
+        // c_in = 6 with 3x3 (K = 54), C_out 70 (one ragged channel tile), 189 pixels.
+        (conv(3, 6, 7, 9, 70, 3, 1, 1), "4/4"),
+        // 1x1 with c_in = 66 (K = 66): 4-byte copies of both, 130 pixels.
+        (conv(1, 66, 10, 13, 128, 1, 1, 0), "4/4"),
+        // An even kernel: 2x2 stride 2, c_in = 6 (K = 24), 8x9 -> 4x4.
+        (conv(2, 6, 8, 9, 96, 2, 2, 0), "16/4"),
+        // c_in = 1, 3x3: the OIHW weights are already in (kh, kw, c) order; K = 9.
+        (conv(2, 1, 10, 10, 128, 3, 1, 1), "4/4"),
+        // 5x5 stride 1 padding 2, c_in = 4 (K = 100), batch 1, 15x11: 165 pixels.
+        (conv(1, 4, 15, 11, 200, 5, 1, 2), "16/16"),
+    ]
+}
+
+/// `[n][c][hw]` -> `[n][hw][c]`.
+pub fn to_nhwc(v: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    assert_eq!(v.len(), n * c * hw);
+    let mut out = vec![0.0; v.len()];
+    for i in 0..n {
+        for ch in 0..c {
+            for p in 0..hw {
+                out[(i * hw + p) * c + ch] = v[(i * c + ch) * hw + p];
+            }
+        }
+    }
+    out
+}
+
+pub fn bn_of(s: &Conv2d) -> BatchNorm2d {
+    BatchNorm2d {
+        n: s.n,
+        c: s.c_out,
+        hw: s.out_h() * s.out_w(),
+        eps: 1e-5,
+        momentum: 0.1,
+    }
+}
+
+/// Batch-norm parameters and statistics of `c` channels: gamma, beta, mean, var.
+pub fn bn_params(rng: &mut SplitMix64, c: usize) -> [Vec<f32>; 4] {
+    [
+        rng.vec_f32(c, 0.5, 1.5),
+        rng.vec_f32(c, -0.5, 0.5),
+        rng.vec_f32(c, -0.2, 0.2),
+        rng.vec_f32(c, 0.5, 1.5),
+    ]
+}
+
+/// One case: NCHW x, OIHW w, the batch-norm parameters, the NCHW residual if any, ReLU.
+pub struct Case {
+    pub s: Conv2d,
+    pub x: Vec<f32>,
+    pub w: Vec<f32>,
+    pub bn: [Vec<f32>; 4],
+    pub residual: Option<Vec<f32>>,
+    pub relu: bool,
+}
+
+/// The CPU reference on NCHW data, its output transposed to NHWC.
+pub fn cpu_nhwc(c: &Case) -> Vec<f32> {
+    let cpu = CpuBackend::<f32>::new();
+    let up = |v: &[f32]| cpu.upload(v).expect("upload");
+    let (xb, wb) = (up(&c.x), up(&c.w));
+    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
+    let rb = c.residual.as_deref().map(up);
+    let mut y = up(&vec![f32::NAN; c.s.y_len()]);
+    cpu.conv2d_bn_eval_fwd(
+        &c.s,
+        &bn_of(&c.s),
+        &xb,
+        &wb,
+        &ga,
+        &be_,
+        &m,
+        &v,
+        rb.as_ref(),
+        c.relu,
+        &mut y,
+    )
+    .expect("cpu conv2d_bn_eval_fwd");
+    let y = cpu.download(&y).expect("download");
+    to_nhwc(&y, c.s.n, c.s.c_out, c.s.out_h() * c.s.out_w())
+}

@@ -1,0 +1,363 @@
+//! The channels-last eval forward on activations stored in bf16 (`kernels/conv_tc.cu`:
+//! `conv2d_fwd_bn_mma_nhwc_bf16s`, conv + eval-mode batch norm (+ residual) (+ ReLU); x
+//! `[n][h][w][c_in]`, residual and y `[n][oh][ow][c_out]` as bf16 values two to an f32 slot,
+//! value i in the 16-bit half i of the buffer; the OIHW f32 weights copied to bf16 OHWI per
+//! call) through `CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_checked`, each shape first asserted
+//! to take the kernel (`CudaBackend::conv_bn_eval_nhwc_bf16s_kernel`), against the CPU
+//! reference `conv2d_bn_eval_fwd` in f32 on the same data in NCHW (transposed, packed and
+//! unpacked on the host here, bf16 rounded to nearest even), every output slot poisoned first
+//! (0xFFFF halves: bf16 NaN).
+//!
+//! Per shape: (1) on x, w and the residual already bf16 (exact products), every output within
+//! 1 bf16 ulp of the CPU's f32 result rounded to bf16 (the sums differ only in order), and
+//! most exactly it; (2) on unrounded operands (x and the residual rounded by the packing, the
+//! weights by the kernel's copy) the output bit for bit (1)'s, which proves the weight copy
+//! rounds as the host does (nearest even), and within 1e-2 relative of the CPU's result on the
+//! unrounded f32 data (and above 1e-5: the reduced path ran). Every output written, and with an
+//! odd length the last slot's unused high half left alone. The shapes: those of
+//! tests/cuda_conv_nhwc.rs (each copy path of x: 16-byte copies for `c_in % 8 == 0`, 4-byte
+//! for other even `c_in`, 2-byte loads for odd `c_in`), more with `c_in % 8 != 0`, odd `c_out`
+//! (the epilogue's 2-byte stores) and odd lengths, and more K tiles than the ring's 6 stages.
+//! Also: a captured graph replays bit for bit what the eager call wrote; wrong lengths and
+//! other precisions / the route `Never` are errors. Runs on a GPU or on the emulated driver
+//! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_bf16s-* --include-ignored`);
+//! without a device the device tests are ignored.
+
+mod common;
+use common::cuda::{device, rel_err, round};
+use common::nhwc::{bn_of, bn_params, cpu_nhwc, shapes, to_nhwc, Case};
+use common::rng::SplitMix64;
+use common::shapes::conv;
+
+use ichcam::engine::cuda::{CudaBackend, MmaRoute};
+use ichcam::engine::{Backend, Conv2d, Precision};
+
+fn main() {
+    common::cuda::main(vec![
+        device(
+            "bf16s_eval_forward_matches_cpu",
+            bf16s_eval_forward_matches_cpu,
+        ),
+        device(
+            "bf16s_eval_forward_replays_in_a_graph",
+            bf16s_eval_forward_replays_in_a_graph,
+        ),
+        device(
+            "bf16s_checks_lengths_precision_and_route",
+            bf16s_checks_lengths_precision_and_route,
+        ),
+    ])
+}
+
+/// tests/cuda_conv_nhwc.rs's shapes and more, with what they exercise here.
+fn cases() -> Vec<(Conv2d, &'static str)> {
+    let mut v: Vec<(Conv2d, &'static str)> = shapes().into_iter().map(|(s, _)| (s, "")).collect();
+    v.extend([
+        // Odd c_in = 5 (2-byte loads), odd c_out = 67 (2-byte stores), odd x and y lengths.
+        (conv(1, 5, 9, 7, 67, 3, 1, 1), "odd c_in / c_out, odd lengths"),
+        // c_in = 24: 16-byte copies, K = 216 (7 K tiles), c_out = 131: two channel tiles, odd.
+        (conv(2, 24, 11, 10, 131, 3, 2, 1), "odd c_out over two tiles"),
+        // K = 576: 18 K tiles, the 6-stage ring wraps three times.
+        (conv(1, 64, 9, 9, 128, 3, 1, 1), "18 K tiles"),
+        // 1x1 with c_in = 10: 4-byte copies, K = 10 (the weight rows padded to 16).
+        (conv(2, 10, 7, 7, 136, 1, 1, 0), "c_in 10, 1x1"),
+        // c_in = 8: 16-byte copies of one whole pixel per tap, K = 72.
+        (conv(2, 8, 12, 11, 128, 3, 1, 1), "c_in 8"),
+    ]);
+    v
+}
+
+/// x's copy path in the kernel (x uploaded into its own allocation: 16-byte aligned).
+fn x_path(s: &Conv2d) -> &'static str {
+    if s.c_in % 8 == 0 {
+        "16-byte"
+    } else if s.c_in % 2 == 0 {
+        "4-byte"
+    } else {
+        "2-byte"
+    }
+}
+
+/// `v` rounded to bf16, nearest even: the 16 bits.
+fn bf16_bits(v: f32) -> u16 {
+    let u = v.to_bits();
+    assert!(!v.is_nan(), "no NaN in the test data");
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// `v` in bf16 storage: value i in the 16-bit half i (little-endian halves of the f32 slots).
+fn pack(v: &[f32]) -> Vec<f32> {
+    let mut out = vec![0u32; v.len().div_ceil(2)];
+    for (i, &x) in v.iter().enumerate() {
+        out[i / 2] |= u32::from(bf16_bits(x)) << (16 * (i % 2));
+    }
+    out.into_iter().map(f32::from_bits).collect()
+}
+
+/// The first `len` halves of bf16 storage.
+fn halves(slots: &[f32], len: usize) -> Vec<u16> {
+    (0..len)
+        .map(|i| (slots[i / 2].to_bits() >> (16 * (i % 2))) as u16)
+        .collect()
+}
+
+fn bf16_value(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// Distance in bf16 ulps (across zero: +0 and -0 are one point).
+fn ulps(a: u16, b: u16) -> u32 {
+    let ord = |h: u16| {
+        if h & 0x8000 != 0 {
+            -i32::from(h & 0x7fff)
+        } else {
+            i32::from(h)
+        }
+    };
+    ord(a).abs_diff(ord(b))
+}
+
+const POISON: u32 = 0xffff_ffff;
+
+/// The kernel on `c` (x and the residual transposed to NHWC and packed, w as it is), y
+/// poisoned first: the output's bf16 halves. Asserts that every value was written and, with an
+/// odd length, that the last slot's high half was not.
+fn gpu_bf16s(g: &CudaBackend, c: &Case) -> Vec<u16> {
+    let s = &c.s;
+    let up = |v: &[f32]| g.upload(v).expect("upload");
+    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
+    let wb = up(&c.w);
+    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
+    let hw = s.out_h() * s.out_w();
+    let rb = c
+        .residual
+        .as_deref()
+        .map(|r| up(&pack(&to_nhwc(r, s.n, s.c_out, hw))));
+    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
+    g.conv2d_bn_eval_fwd_nhwc_bf16s_checked(
+        s,
+        &bn_of(s),
+        &xb,
+        &wb,
+        &ga,
+        &be_,
+        &m,
+        &v,
+        rb.as_ref(),
+        c.relu,
+        &mut y,
+    )
+    .expect("conv2d_bn_eval_fwd_nhwc_bf16s_checked");
+    let slots = g.download(&y).expect("download");
+    if s.y_len() % 2 == 1 {
+        let last = slots.last().expect("a slot").to_bits();
+        assert_eq!(last >> 16, 0xffff, "{s:?}: the unused high half was written");
+    }
+    let h = halves(&slots, s.y_len());
+    assert!(
+        h.iter().all(|&v| bf16_value(v).is_finite()),
+        "{s:?}: an output not written (or not finite)"
+    );
+    h
+}
+
+fn bf16s_eval_forward_matches_cpu() {
+    let g = common::cuda::gpu_at(Precision::Bf16);
+    let mut rng = SplitMix64::fresh("conv_nhwc_bf16s");
+    let (mut total, mut exact, mut worst) = (0usize, 0usize, 0.0f64);
+    for (i, (s, what)) in cases().into_iter().enumerate() {
+        assert_eq!(
+            g.conv_bn_eval_nhwc_bf16s_kernel(&s),
+            Some("conv2d_fwd_bn_mma_nhwc_bf16s")
+        );
+        let (with_res, relu) = [(true, true), (false, false), (true, false), (false, true)][i % 4];
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let bn = bn_params(&mut rng, s.c_out);
+        let residual = with_res.then(|| rng.vec_f32(s.y_len(), -1.0, 1.0));
+        let p = Precision::Bf16;
+        let rounded = Case {
+            s,
+            x: round(p, &x),
+            w: round(p, &w),
+            bn: bn.clone(),
+            residual: residual.as_deref().map(|r| round(p, r)),
+            relu,
+        };
+        let what = if what.is_empty() { String::new() } else { format!("{what}, ") };
+        let label = format!(
+            "{s:?} ({} copies of x, {what}residual {with_res}, relu {relu})",
+            x_path(&s)
+        );
+        // (1) bf16-exact operands: within 1 ulp of the CPU's result rounded to bf16.
+        let got = gpu_bf16s(&g, &rounded);
+        let want: Vec<u16> = cpu_nhwc(&rounded).into_iter().map(bf16_bits).collect();
+        let mut ex = 0;
+        for (j, (&a, &b)) in got.iter().zip(&want).enumerate() {
+            let d = ulps(a, b);
+            assert!(
+                d <= 1,
+                "{label}: output {j} is {} ({a:#06x}), the CPU's {} ({b:#06x}): {d} ulps",
+                bf16_value(a),
+                bf16_value(b)
+            );
+            ex += usize::from(d == 0);
+        }
+        assert!(
+            ex * 10 >= got.len() * 9,
+            "{label}: only {ex} of {} outputs exact",
+            got.len()
+        );
+        total += got.len();
+        exact += ex;
+        // (2) Unrounded operands: the same bits (the kernel's weight copy rounds as the host),
+        // and near the CPU's f32 result on the unrounded data.
+        let raw = Case {
+            s,
+            x,
+            w,
+            bn,
+            residual,
+            relu,
+        };
+        let got_raw = gpu_bf16s(&g, &raw);
+        assert!(
+            got_raw == got,
+            "{label}: unrounded weights give other bits than host-rounded ones"
+        );
+        let vals: Vec<f32> = got_raw.iter().map(|&h| bf16_value(h)).collect();
+        let e = rel_err(&vals, &cpu_nhwc(&raw));
+        assert!(
+            e < 1e-2 && e > 1e-5,
+            "{label}: relative error {e:e}, expected in (1e-5, 1e-2)"
+        );
+        worst = worst.max(e);
+        println!(
+            "bf16s {label}: {ex} of {} exact, relative error on unrounded data {e:.2e}",
+            got.len()
+        );
+    }
+    println!(
+        "bf16s eval forward, {} shapes: {exact} of {total} outputs exactly the CPU's rounded to bf16, the rest 1 ulp off; worst relative error on unrounded data {worst:.2e}",
+        cases().len()
+    );
+}
+
+/// A captured bf16-storage forward (the batch-norm fold, the bf16 weight copy and the kernel,
+/// scratch warmed by the eager call) replays bit for bit what the eager call wrote.
+fn bf16s_eval_forward_replays_in_a_graph() {
+    // A backend of its own (its own stream): the other tests' work on the shared stream
+    // would break the capture.
+    let mut g = CudaBackend::new(0).expect("the harness found a CUDA device");
+    g.set_precision(Precision::Bf16)
+        .expect("the device takes bf16");
+    let mut rng = SplitMix64::fresh("conv_nhwc_bf16s_graph");
+    let s = shapes()[2].0; // 3x3, c_in = 12: the 4-byte path and the weight copy's padding
+    let c = Case {
+        s,
+        x: rng.vec_f32(s.x_len(), -1.0, 1.0),
+        w: rng.vec_f32(s.w_len(), -1.0, 1.0),
+        bn: bn_params(&mut rng, s.c_out),
+        residual: Some(rng.vec_f32(s.y_len(), -1.0, 1.0)),
+        relu: true,
+    };
+    let eager = gpu_bf16s(&g, &c);
+    let up = |v: &[f32]| g.upload(v).expect("upload");
+    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
+    let wb = up(&c.w);
+    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
+    let hw = s.out_h() * s.out_w();
+    let rb = up(&pack(&to_nhwc(
+        c.residual.as_deref().expect("a residual"),
+        s.n,
+        s.c_out,
+        hw,
+    )));
+    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
+    let (graph, ()) = g
+        .capture(|| {
+            g.conv2d_bn_eval_fwd_nhwc_bf16s_checked(
+                &s,
+                &bn_of(&s),
+                &xb,
+                &wb,
+                &ga,
+                &be_,
+                &m,
+                &v,
+                Some(&rb),
+                true,
+                &mut y,
+            )
+        })
+        .expect("capture");
+    assert!(
+        g.download(&y)
+            .expect("download")
+            .iter()
+            .all(|v| v.to_bits() == POISON),
+        "nothing runs while capturing"
+    );
+    graph.replay().expect("replay");
+    let got = halves(&g.download(&y).expect("download"), s.y_len());
+    assert!(got == eager, "the replay differs from the eager call");
+}
+
+/// The checked entry rejects buffers of the wrong length (f32 lengths for bf16 storage
+/// included) with a shape error, and there is no bf16-storage kernel at f32 or tf32 or with
+/// the route `Never` (an error, nothing launched).
+fn bf16s_checks_lengths_precision_and_route() {
+    let s = conv(1, 6, 5, 5, 10, 3, 1, 1);
+    let g = common::cuda::gpu_at(Precision::Bf16);
+    let (xs, ys) = (s.x_len().div_ceil(2), s.y_len().div_ceil(2));
+    let bn = bn_of(&s);
+    let run = |g: &CudaBackend, x: usize, w: usize, r: Option<usize>, y: usize, c: usize| {
+        let up = |n: usize| g.upload(&vec![0.5f32; n]).expect("upload");
+        let (xb, wb) = (up(x), up(w));
+        let [ga, be_, m, v] = [0; 4].map(|_| up(c));
+        let rb = r.map(up);
+        let mut yb = up(y);
+        g.conv2d_bn_eval_fwd_nhwc_bf16s_checked(
+            &s,
+            &bn,
+            &xb,
+            &wb,
+            &ga,
+            &be_,
+            &m,
+            &v,
+            rb.as_ref(),
+            false,
+            &mut yb,
+        )
+    };
+    let c = s.c_out;
+    run(&g, xs, s.w_len(), Some(ys), ys, c).expect("the right lengths run");
+    for (what, bad) in [
+        ("x in f32 length", run(&g, s.x_len(), s.w_len(), None, ys, c)),
+        ("w packed", run(&g, xs, s.w_len() / 2, None, ys, c)),
+        ("y in f32 length", run(&g, xs, s.w_len(), None, s.y_len(), c)),
+        (
+            "residual in f32 length",
+            run(&g, xs, s.w_len(), Some(s.y_len()), ys, c),
+        ),
+        ("batch norm", run(&g, xs, s.w_len(), None, ys, c + 1)),
+    ] {
+        let e = bad.expect_err(what);
+        assert!(
+            e.to_string().contains("conv2d_bn_eval_fwd_nhwc_bf16s"),
+            "{what}: {e}"
+        );
+    }
+    let mut never = common::cuda::gpu_at(Precision::Bf16);
+    never.set_mma_route(MmaRoute::Never);
+    for other in [
+        common::cuda::gpu_at(Precision::F32),
+        common::cuda::gpu_at(Precision::Tf32),
+        never,
+    ] {
+        assert_eq!(other.conv_bn_eval_nhwc_bf16s_kernel(&s), None);
+        let e = run(&other, xs, s.w_len(), None, ys, c).expect_err("no kernel");
+        assert!(e.to_string().contains("no bf16-storage kernel"), "{e}");
+    }
+}
