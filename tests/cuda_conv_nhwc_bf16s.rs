@@ -9,8 +9,9 @@
 //! (0xFFFF halves: bf16 NaN).
 //!
 //! Per shape: (1) on x, w and the residual already bf16 (exact products), every output within
-//! 1 bf16 ulp of the CPU's f32 result rounded to bf16 (the sums differ only in order), and
-//! most exactly it; (2) on unrounded operands (x and the residual rounded by the packing, the
+//! 1 bf16 ulp of the CPU's f32 result rounded to bf16 (the sums differ only in order), or, for
+//! the few results so near zero that the sums' order alone moves them further, within 2e-5 of
+//! it (counted), and at least 99% exactly it; (2) on unrounded operands (x and the residual rounded by the packing, the
 //! weights by the kernel's copy) the output bit for bit (1)'s, which proves the weight copy
 //! rounds as the host does (nearest even), and within 1e-2 relative of the CPU's result on the
 //! unrounded f32 data (and above 1e-5: the reduced path ran). Every output written, and with an
@@ -119,6 +120,12 @@ fn ulps(a: u16, b: u16) -> u32 {
 
 const POISON: u32 = 0xffff_ffff;
 
+/// How far apart (absolutely) the kernel's and the CPU's results on bf16-exact operands may
+/// be where they are more than 1 bf16 ulp apart: the sums of the same exact products in
+/// another order differ by f32 rounding of their partial sums (up to ~1e-5 for K = 576 terms
+/// of up to 1 here), more than a bf16 ulp only for results below about 1e-3.
+const NEAR_ZERO: f64 = 2e-5;
+
 /// The kernel on `c` (x and the residual transposed to NHWC and packed, w as it is), y
 /// poisoned first: the output's bf16 halves. Asserts that every value was written and, with an
 /// odd length, that the last slot's high half was not.
@@ -164,7 +171,7 @@ fn gpu_bf16s(g: &CudaBackend, c: &Case) -> Vec<u16> {
 fn bf16s_eval_forward_matches_cpu() {
     let g = common::cuda::gpu_at(Precision::Bf16);
     let mut rng = SplitMix64::fresh("conv_nhwc_bf16s");
-    let (mut total, mut exact, mut worst) = (0usize, 0usize, 0.0f64);
+    let (mut total, mut exact, mut near_zero, mut worst) = (0usize, 0usize, 0usize, 0.0f64);
     for (i, (s, what)) in cases().into_iter().enumerate() {
         assert_eq!(
             g.conv_bn_eval_nhwc_bf16s_kernel(&s),
@@ -189,27 +196,32 @@ fn bf16s_eval_forward_matches_cpu() {
             "{s:?} ({} copies of x, {what}residual {with_res}, relu {relu})",
             x_path(&s)
         );
-        // (1) bf16-exact operands: within 1 ulp of the CPU's result rounded to bf16.
+        // (1) bf16-exact operands: within 1 ulp of the CPU's result rounded to bf16, unless
+        // the result is so near zero that the order of the f32 sums alone moves it further
+        // (|difference| <= NEAR_ZERO: counted).
         let got = gpu_bf16s(&g, &rounded);
-        let want: Vec<u16> = cpu_nhwc(&rounded).into_iter().map(bf16_bits).collect();
-        let mut ex = 0;
-        for (j, (&a, &b)) in got.iter().zip(&want).enumerate() {
+        let cpu = cpu_nhwc(&rounded);
+        let (mut ex, mut near) = (0, 0);
+        for (j, (&a, &c)) in got.iter().zip(&cpu).enumerate() {
+            let b = bf16_bits(c);
             let d = ulps(a, b);
+            let diff = (f64::from(bf16_value(a)) - f64::from(c)).abs();
             assert!(
-                d <= 1,
-                "{label}: output {j} is {} ({a:#06x}), the CPU's {} ({b:#06x}): {d} ulps",
+                d <= 1 || diff <= NEAR_ZERO,
+                "{label}: output {j} is {} ({a:#06x}), the CPU's {c} ({b:#06x} in bf16): {d} ulps, {diff:e} apart",
                 bf16_value(a),
-                bf16_value(b)
             );
             ex += usize::from(d == 0);
+            near += usize::from(d > 1);
         }
         assert!(
-            ex * 10 >= got.len() * 9,
+            ex * 100 >= got.len() * 99,
             "{label}: only {ex} of {} outputs exact",
             got.len()
         );
         total += got.len();
         exact += ex;
+        near_zero += near;
         // (2) Unrounded operands: the same bits (the kernel's weight copy rounds as the host),
         // and near the CPU's f32 result on the unrounded data.
         let raw = Case {
@@ -233,13 +245,14 @@ fn bf16s_eval_forward_matches_cpu() {
         );
         worst = worst.max(e);
         println!(
-            "bf16s {label}: {ex} of {} exact, relative error on unrounded data {e:.2e}",
+            "bf16s {label}: {ex} of {} exact, {near} near zero over 1 ulp, relative error on unrounded data {e:.2e}",
             got.len()
         );
     }
     println!(
-        "bf16s eval forward, {} shapes: {exact} of {total} outputs exactly the CPU's rounded to bf16, the rest 1 ulp off; worst relative error on unrounded data {worst:.2e}",
-        cases().len()
+        "bf16s eval forward, {} shapes: {exact} of {total} outputs exactly the CPU's rounded to bf16, {} 1 ulp off, {near_zero} near zero more (within {NEAR_ZERO:e}); worst relative error on unrounded data {worst:.2e}",
+        cases().len(),
+        total - exact - near_zero
     );
 }
 
