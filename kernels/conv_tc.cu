@@ -1,6 +1,7 @@
 // 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma; the
 // large layers' mma.sync kernels are in the second half of the file, and at its end the
-// channels-last (NHWC) eval forward on the same mma.sync machinery): the same three GEMMs as
+// channels-last (NHWC) eval forward on the same mma.sync machinery, with f32 activations and,
+// at bf16, with activations stored in bf16): the same three GEMMs as
 // kernels/conv.cu (the f32 SIMT reference), with the operands rounded to bf16 (16x16x16
 // fragments) or tf32 (16x16x8) once they are in shared memory, and f32 accumulation.
 //
@@ -1482,7 +1483,7 @@ conv2d_fwd_bn_mma_nhwc_tf32(const float* __restrict__ x, const float* __restrict
 // over the ring), then per pair of channels (tid % 64) of pixels tid / 64 + 4i: bn_epilogue_v
 // with the residual read as bf16, rounded to nearest even, stored as one 32-bit word of two
 // bf16 (even CO: a warp writes 128 contiguous bytes of one pixel), or with odd CO as 2-byte
-// halves (a pair may straddle two words). 
+// halves (a pair may straddle two words).
 
 // The bf16 ring: HS_STAGES stages of A and B, 20 KiB each; 6 stages (120 KiB, the f32 ring's
 // 3 stages and bf16 tile took 128 KiB) keep 5 K tiles in flight; the epilogue's f32 tile
@@ -1530,8 +1531,9 @@ __device__ __forceinline__ void conv_fwd_bn_mma_nhwc_bf16s(NhwcPixel* pix, const
             const int kl = tid & 31;
             const unsigned short* xs = (const unsigned short*)x;
             unsigned short* bs = (unsigned short*)Bs;
-            nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW,
-                               [&](int nl, bool ok, size_t i) { bs[nl * MLDAH + kl] = ok ? xs[i] : (unsigned short)0; });
+            nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+                bs[nl * MLDAH + kl] = ok ? xs[i] : (unsigned short)0;
+            });
         }
     };
 

@@ -55,9 +55,15 @@ fn cases() -> Vec<(Conv2d, &'static str)> {
     let mut v: Vec<(Conv2d, &'static str)> = shapes().into_iter().map(|(s, _)| (s, "")).collect();
     v.extend([
         // Odd c_in = 5 (2-byte loads), odd c_out = 67 (2-byte stores), odd x and y lengths.
-        (conv(1, 5, 9, 7, 67, 3, 1, 1), "odd c_in / c_out, odd lengths"),
+        (
+            conv(1, 5, 9, 7, 67, 3, 1, 1),
+            "odd c_in / c_out, odd lengths",
+        ),
         // c_in = 24: 16-byte copies, K = 216 (7 K tiles), c_out = 131: two channel tiles, odd.
-        (conv(2, 24, 11, 10, 131, 3, 2, 1), "odd c_out over two tiles"),
+        (
+            conv(2, 24, 11, 10, 131, 3, 2, 1),
+            "odd c_out over two tiles",
+        ),
         // K = 576: 18 K tiles, the 6-stage ring wraps three times.
         (conv(1, 64, 9, 9, 128, 3, 1, 1), "18 K tiles"),
         // 1x1 with c_in = 10: 4-byte copies, K = 10 (the weight rows padded to 16).
@@ -158,7 +164,11 @@ fn gpu_bf16s(g: &CudaBackend, c: &Case) -> Vec<u16> {
     let slots = g.download(&y).expect("download");
     if s.y_len() % 2 == 1 {
         let last = slots.last().expect("a slot").to_bits();
-        assert_eq!(last >> 16, 0xffff, "{s:?}: the unused high half was written");
+        assert_eq!(
+            last >> 16,
+            0xffff,
+            "{s:?}: the unused high half was written"
+        );
     }
     let h = halves(&slots, s.y_len());
     assert!(
@@ -191,7 +201,11 @@ fn bf16s_eval_forward_matches_cpu() {
             residual: residual.as_deref().map(|r| round(p, r)),
             relu,
         };
-        let what = if what.is_empty() { String::new() } else { format!("{what}, ") };
+        let what = if what.is_empty() {
+            String::new()
+        } else {
+            format!("{what}, ")
+        };
         let label = format!(
             "{s:?} ({} copies of x, {what}residual {with_res}, relu {relu})",
             x_path(&s)
@@ -347,9 +361,15 @@ fn bf16s_checks_lengths_precision_and_route() {
     let c = s.c_out;
     run(&g, xs, s.w_len(), Some(ys), ys, c).expect("the right lengths run");
     for (what, bad) in [
-        ("x in f32 length", run(&g, s.x_len(), s.w_len(), None, ys, c)),
+        (
+            "x in f32 length",
+            run(&g, s.x_len(), s.w_len(), None, ys, c),
+        ),
         ("w packed", run(&g, xs, s.w_len() / 2, None, ys, c)),
-        ("y in f32 length", run(&g, xs, s.w_len(), None, s.y_len(), c)),
+        (
+            "y in f32 length",
+            run(&g, xs, s.w_len(), None, s.y_len(), c),
+        ),
         (
             "residual in f32 length",
             run(&g, xs, s.w_len(), Some(s.y_len()), ys, c),
