@@ -76,9 +76,9 @@ fn cases() -> Vec<(Conv2d, &'static str)> {
 
 /// x's copy path in the kernel (x uploaded into its own allocation: 16-byte aligned).
 fn x_path(s: &Conv2d) -> &'static str {
-    if s.c_in % 8 == 0 {
+    if s.c_in.is_multiple_of(8) {
         "16-byte"
-    } else if s.c_in % 2 == 0 {
+    } else if s.c_in.is_multiple_of(2) {
         "4-byte"
     } else {
         "2-byte"

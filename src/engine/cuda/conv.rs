@@ -1274,7 +1274,10 @@ unsafe fn launch_split(
 
 #[cfg(test)]
 mod tests {
-    use super::{mma_route, mma_route_weight, mma_vec, mma_vec_nhwc, MMA_TILE};
+    use super::{
+        bf16s_weight_row, mma_route, mma_route_weight, mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s,
+        MMA_TILE,
+    };
     use crate::engine::shapes::Conv2d;
 
     fn conv(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {
@@ -1369,5 +1372,26 @@ mod tests {
         // Misaligned pointers.
         assert_eq!(mma_vec_nhwc(&conv(64, 8, 8, 128, 1, 1), a + 4, a), 1);
         assert_eq!(mma_vec_nhwc(&conv(64, 8, 8, 128, 1, 1), a, a + 8), 2);
+    }
+
+    #[test]
+    fn bf16_storage_copies_by_channel_count() {
+        let a = 0x7f00_0000_0000u64;
+        // c_in % 8 == 0 and aligned: 16 bytes (8 channels), whatever the kernel and stride.
+        assert_eq!(mma_vec_nhwc_bf16s(&conv(64, 7, 5, 128, 3, 2), a), 2);
+        assert_eq!(mma_vec_nhwc_bf16s(&conv(8, 9, 9, 130, 7, 2), a), 2);
+        // Even c_in otherwise, or x not 16-byte aligned: 4 bytes (2 channels).
+        assert_eq!(mma_vec_nhwc_bf16s(&conv(12, 8, 8, 128, 3, 1), a), 4);
+        assert_eq!(mma_vec_nhwc_bf16s(&conv(4, 8, 8, 128, 1, 1), a), 4);
+        assert_eq!(mma_vec_nhwc_bf16s(&conv(64, 8, 8, 128, 1, 1), a + 4), 4);
+        assert_eq!(mma_vec_nhwc_bf16s(&conv(64, 8, 8, 128, 1, 1), a + 8), 4);
+        // Odd c_in (the stem's 3, c_in = 1): 2-byte loads.
+        assert_eq!(mma_vec_nhwc_bf16s(&conv(3, 23, 21, 64, 7, 2), a), 0);
+        assert_eq!(mma_vec_nhwc_bf16s(&conv(1, 10, 10, 128, 3, 1), a), 0);
+        // The bf16 weight rows: K rounded up to 8.
+        assert_eq!(bf16s_weight_row(&conv(3, 23, 21, 64, 7, 2)), 152); // K = 147
+        assert_eq!(bf16s_weight_row(&conv(64, 8, 8, 128, 3, 1)), 576);
+        assert_eq!(bf16s_weight_row(&conv(10, 8, 8, 128, 1, 1)), 16);
+        assert_eq!(bf16s_weight_row(&conv(0, 8, 8, 128, 1, 1)), 0);
     }
 }
