@@ -144,7 +144,10 @@ fn default_budget_splits_the_paper_cam_pass_under_the_goal() {
         ("small", small, 128, 256),
     ] {
         let before = backbone_activations(&cfg, n, s, s).expect("count").0 * 4;
-        let plan = eval_activations(&cfg, n, s, s, ActLayout::Nchw).expect("count").0 * 4;
+        let plan = eval_activations(&cfg, n, s, s, ActLayout::Nchw)
+            .expect("count")
+            .0
+            * 4;
         let m = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET, ActLayout::Nchw);
         let acts = cam_pass_activations(&cfg, n, s, s, m, ActLayout::Nchw).expect("count") * 4;
         let pass = cam_pass_bytes(&cfg, n, s, s, m, 4, ActLayout::Nchw).expect("count");
@@ -155,7 +158,8 @@ fn default_budget_splits_the_paper_cam_pass_under_the_goal() {
         // chose.
         let grads = param_counts(&cfg).expect("count").trainable * 4;
         let m_grads = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET - grads, ActLayout::Nchw);
-        let pass_grads = cam_pass_bytes(&cfg, n, s, s, m_grads, 4, ActLayout::Nchw).expect("count") + grads;
+        let pass_grads =
+            cam_pass_bytes(&cfg, n, s, s, m_grads, 4, ActLayout::Nchw).expect("count") + grads;
         println!(
             "{name}: {n} slices {s}^2 f32: activations one buffer per layer {:.3} GB, eval plan \
              {:.3} GB; CAM pass unsplit {:.3} GB; chunks of {m}: activations {:.3} GB, pass \
@@ -285,7 +289,8 @@ fn channels_last_memory_of_the_presets() {
             nchw_ops.len() + 2,
             "{name}: two layout changes"
         );
-        let [a, b, bh] = ActLayout::ALL.map(|l| eval_activations(&cfg, n, s, s, l).expect("count").0);
+        let [a, b, bh] =
+            ActLayout::ALL.map(|l| eval_activations(&cfg, n, s, s, l).expect("count").0);
         // Each layout change adds at most one buffer of its length (the max-pool's output,
         // the features).
         let (pooled, feats) = (nchw_ops[1].len, n as u128 * c * fh * fw);
@@ -317,8 +322,12 @@ fn channels_last_memory_of_the_presets() {
         // The chunk's NCHW temporaries of the default channels-last unit.
         let (chunk_ops, _) = eval_ops(&cfg, mb, s, s, ActLayout::Nhwc).expect("ops");
         let scratch = default_unit_scratch(&chunk_ops) * 4;
-        let [ca, cb, ch] = [(ma, ActLayout::Nchw), (mb, ActLayout::Nhwc), (mh, ActLayout::NhwcBf16)]
-            .map(|(m, l)| cam_pass_activations(&cfg, n, s, s, m, l).expect("count") * 4);
+        let [ca, cb, ch] = [
+            (ma, ActLayout::Nchw),
+            (mb, ActLayout::Nhwc),
+            (mh, ActLayout::NhwcBf16),
+        ]
+        .map(|(m, l)| cam_pass_activations(&cfg, n, s, s, m, l).expect("count") * 4);
         println!(
             "{name}: {n} slices {s}^2 f32: eval plan NCHW {:.3} GB, channels-last {:.3} GB \
              (+{:.1} MB); CAM pass at the default budget NCHW chunks of {ma}: activations \
@@ -368,7 +377,11 @@ fn channels_last_passes_hold_what_memory_counts() {
                 assert_eq!(b.storage(), if cl { st } else { ActStorage::F32 });
                 assert_eq!(b.layout(), lay);
                 let want = cam_pass_activations(&cfg, n, h, w, b.chunk, lay).expect("count");
-                assert_eq!(b.activation_scalars() as u128, want, "{cl} {st} chunk {chunk}");
+                assert_eq!(
+                    b.activation_scalars() as u128,
+                    want,
+                    "{cl} {st} chunk {chunk}"
+                );
             }
             // The budget's chunk is the one counted in this layout.
             let budget = cam_pass_bytes(&cfg, n, h, w, 3, 4, lay).expect("count");

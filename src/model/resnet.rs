@@ -1144,6 +1144,45 @@ mod tests {
     }
 
     #[test]
+    fn bf16_storage_stores_only_bf16_values() {
+        use crate::engine::precision::round_bf16;
+        let cfg = ModelConfig {
+            block: BlockKind::Bottleneck,
+            layers: vec![2, 1],
+            base_width: 4,
+            ..ModelConfig::tiny()
+        };
+        let be = CpuBackend::<f32>::new()
+            .with_channels_last_eval(true)
+            .with_eval_storage(ActStorage::Bf16);
+        let mut store = ParamStore::default();
+        let spec = declare(&mut store, &be, &cfg, 3).unwrap();
+        let (n, h, w) = (2, 35, 29);
+        let x: Vec<f32> = randn(4, n * 3 * h * w).iter().map(|&v| v as f32).collect();
+        let x = be.upload(&x).unwrap();
+        let mut ev = BackboneEval::new(&be, &spec, n, h, w).unwrap();
+        assert_eq!(ev.storage, ActStorage::Bf16);
+        assert_eq!(ev.layout, ActLayout::Nhwc, "the CPU: a slot per value");
+        ev.forward(&be, &store, &x).unwrap();
+        // Every buffer that only channels-last ops write (their outputs in bf16 storage),
+        // and the features (out of bf16 storage), hold bf16 values; the stem's does not.
+        let mut nhwc_only = vec![true; ev.bufs.len()];
+        for (i, op) in ev.ops.iter().enumerate() {
+            if !op.writes_nhwc() {
+                nhwc_only[ev.plan.out[i]] = false;
+            }
+        }
+        let last = ev.plan.out[ev.ops.len() - 1];
+        let exact = |b: &Vec<f32>| b.iter().all(|&v| round_bf16(v).to_bits() == v.to_bits());
+        let checked = (0..ev.bufs.len())
+            .filter(|&b| nhwc_only[b] || b == last)
+            .inspect(|&b| assert!(exact(&ev.bufs[b]), "buffer {b}"))
+            .count();
+        assert!(checked >= 3, "{checked} buffers checked");
+        assert!(!exact(&ev.bufs[ev.plan.out[0]]), "the stem's output is f32");
+    }
+
+    #[test]
     fn eval_plan_forward_equals_keeping_every_output() {
         for block in [BlockKind::Basic, BlockKind::Bottleneck] {
             let cfg = ModelConfig {
