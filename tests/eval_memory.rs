@@ -322,6 +322,10 @@ fn channels_last_memory_of_the_presets() {
         // The chunk's NCHW temporaries of the default channels-last unit.
         let (chunk_ops, _) = eval_ops(&cfg, mb, s, s, ActLayout::Nhwc).expect("ops");
         let scratch = default_unit_scratch(&chunk_ops) * 4;
+        // CUDA's bf16-storage unit by conversions keeps the same f32 copies (its input,
+        // output and residual unpacked), at the bf16 chunk.
+        let (chunk_ops_h, _) = eval_ops(&cfg, mh, s, s, ActLayout::Nhwc).expect("ops");
+        let scratch_h = default_unit_scratch(&chunk_ops_h) * 4;
         let [ca, cb, ch] = [
             (ma, ActLayout::Nchw),
             (mb, ActLayout::Nhwc),
@@ -333,7 +337,8 @@ fn channels_last_memory_of_the_presets() {
              (+{:.1} MB); CAM pass at the default budget NCHW chunks of {ma}: activations \
              {:.3} GB, pass {:.3} GB; channels-last chunks of {mb}: activations {:.3} GB, pass \
              {:.3} GB, and the default unit's NCHW temporaries (the arena, not counted) {:.3} GB; \
-             bf16 storage: eval plan {:.3} GB, chunks of {mh}: activations {:.3} GB, pass {:.3} GB",
+             bf16 storage: eval plan {:.3} GB, chunks of {mh}: activations {:.3} GB, pass {:.3} GB, \
+             the unit by conversions' f32 copies (the arena, not counted) {:.3} GB",
             a as f64 * 4.0 / GB,
             b as f64 * 4.0 / GB,
             (b - a) as f64 * 4.0 / 1e6,
@@ -345,6 +350,7 @@ fn channels_last_memory_of_the_presets() {
             bh as f64 * 4.0 / GB,
             ch as f64 / GB,
             ph as f64 / GB,
+            scratch_h as f64 / GB,
         );
     }
 }
