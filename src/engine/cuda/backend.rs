@@ -695,8 +695,8 @@ impl Backend for CudaBackend {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // TODO(merge): the native bf16-storage kernel (conv.rs,
-        // conv2d_bn_eval_fwd_nhwc_bf16s_native) where it runs the shape.
+        // By conversions around the channels-last unit; the native bf16-storage kernel
+        // (conv.rs, branch nhwck2) is routed here at merge where it runs the shape.
         self.conv2d_bn_eval_fwd_nhwc_bf16_by_conversions(
             s,
             bn,
