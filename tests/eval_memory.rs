@@ -18,17 +18,24 @@
 //!   changes add at most a buffer of the max-pool's output and one of the features to the
 //!   plan, the default budget still splits the paper's pass under 0.8 GB, and the figures of
 //!   both layouts are printed with the NCHW temporaries the default channels-last unit keeps
-//!   in a backend's arena (not counted by `memory`; `--nocapture`).
+//!   in a backend's arena (not counted by `memory`; `--nocapture`);
+//! - bf16 storage of the channels-last activations: on the CPU reference (a slot per value,
+//!   `CpuBackend::with_eval_storage`) the passes hold what `memory` counts for that
+//!   (`ActLayout::Nhwc`, as f32); packed two per slot as CUDA stores them
+//!   (`ActLayout::NhwcBf16`, what tests/cuda_eval_nhwc.rs compares with a built CUDA pass)
+//!   the presets' eval plans shrink (by a fifth to a quarter: the NCHW stem, max-pool and
+//!   features stay f32 in buffers of their own lengths), the default budget's chunks grow
+//!   for the paper's pass, which stays under 0.8 GB, and the figures are printed.
 
 mod common;
 use common::rng::SplitMix64;
 
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::Backend;
+use ichcam::engine::{ActStorage, Backend};
 use ichcam::model::eval_plan::{PlanOp, Src};
 use ichcam::model::memory::{
     backbone_activations, cam_pass_activations, cam_pass_bytes, cam_pass_chunk, eval_activations,
-    eval_ops, param_bytes, param_counts,
+    eval_ops, param_bytes, param_counts, ActLayout,
 };
 use ichcam::model::{
     BlockKind, CamChunking, CamKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup,
@@ -137,18 +144,22 @@ fn default_budget_splits_the_paper_cam_pass_under_the_goal() {
         ("small", small, 128, 256),
     ] {
         let before = backbone_activations(&cfg, n, s, s).expect("count").0 * 4;
-        let plan = eval_activations(&cfg, n, s, s, false).expect("count").0 * 4;
-        let m = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET, false);
-        let acts = cam_pass_activations(&cfg, n, s, s, m, false).expect("count") * 4;
-        let pass = cam_pass_bytes(&cfg, n, s, s, m, 4, false).expect("count");
-        let whole = cam_pass_bytes(&cfg, n, s, s, n, 4, false).expect("count");
+        let plan = eval_activations(&cfg, n, s, s, ActLayout::Nchw)
+            .expect("count")
+            .0
+            * 4;
+        let m = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET, ActLayout::Nchw);
+        let acts = cam_pass_activations(&cfg, n, s, s, m, ActLayout::Nchw).expect("count") * 4;
+        let pass = cam_pass_bytes(&cfg, n, s, s, m, 4, ActLayout::Nchw).expect("count");
+        let whole = cam_pass_bytes(&cfg, n, s, s, n, 4, ActLayout::Nchw).expect("count");
         let params = param_bytes(&cfg, 4, false).expect("count");
         // What the pass counted while a built model held a gradient buffer per trainable
         // (before they were allocated on the first training use): the chunk that budget
         // chose.
         let grads = param_counts(&cfg).expect("count").trainable * 4;
-        let m_grads = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET - grads, false);
-        let pass_grads = cam_pass_bytes(&cfg, n, s, s, m_grads, 4, false).expect("count") + grads;
+        let m_grads = cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET - grads, ActLayout::Nchw);
+        let pass_grads =
+            cam_pass_bytes(&cfg, n, s, s, m_grads, 4, ActLayout::Nchw).expect("count") + grads;
         println!(
             "{name}: {n} slices {s}^2 f32: activations one buffer per layer {:.3} GB, eval plan \
              {:.3} GB; CAM pass unsplit {:.3} GB; chunks of {m}: activations {:.3} GB, pass \
@@ -271,38 +282,63 @@ fn default_unit_scratch(ops: &[PlanOp]) -> u128 {
 fn channels_last_memory_of_the_presets() {
     const GB: f64 = 1e9;
     for (name, cfg, n, s) in presets() {
-        let (nchw_ops, (c, fh, fw)) = eval_ops(&cfg, n, s, s, false).expect("ops");
-        let (nhwc_ops, _) = eval_ops(&cfg, n, s, s, true).expect("ops");
+        let (nchw_ops, (c, fh, fw)) = eval_ops(&cfg, n, s, s, ActLayout::Nchw).expect("ops");
+        let (nhwc_ops, _) = eval_ops(&cfg, n, s, s, ActLayout::Nhwc).expect("ops");
         assert_eq!(
             nhwc_ops.len(),
             nchw_ops.len() + 2,
             "{name}: two layout changes"
         );
-        let [a, b] = [false, true].map(|cl| eval_activations(&cfg, n, s, s, cl).expect("count").0);
+        let [a, b, bh] =
+            ActLayout::ALL.map(|l| eval_activations(&cfg, n, s, s, l).expect("count").0);
         // Each layout change adds at most one buffer of its length (the max-pool's output,
         // the features).
         let (pooled, feats) = (nchw_ops[1].len, n as u128 * c * fh * fw);
         assert!(a <= b && b <= a + pooled + feats, "{name}: {a} -> {b}");
-        let [ma, mb] =
-            [false, true].map(|cl| cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET, cl));
-        let pass = |m, cl| cam_pass_bytes(&cfg, n, s, s, m, 4, cl).expect("count");
-        let (pa, pb) = (pass(ma, false), pass(mb, true));
+        let [ma, mb, mh] =
+            ActLayout::ALL.map(|l| cam_pass_chunk(&cfg, n, s, s, 4, CAM_PASS_BUDGET, l));
+        let pass = |m, l| cam_pass_bytes(&cfg, n, s, s, m, 4, l).expect("count");
+        let (pa, pb, ph) = (
+            pass(ma, ActLayout::Nchw),
+            pass(mb, ActLayout::Nhwc),
+            pass(mh, ActLayout::NhwcBf16),
+        );
         assert!(mb <= ma, "{name}: a larger chunk channels-last");
         assert!(pb <= CAM_PASS_BUDGET || mb == 1, "{name}: {pb} bytes");
+        // bf16 storage: the NHWC tensors in half the slots, the stem, the max-pool and the
+        // features f32. The plan keeps a buffer per length, so the stem's output (4x a
+        // layer-1 tensor of the small preset, as long as one of the paper's), which
+        // channels-last f32 shares with later tensors of its length, stays apart: the plans
+        // shrink by a fifth to a quarter (paper 2.11 -> 1.59 GB, small 1.29 -> 1.05 GB),
+        // not by half. The chunks at least as large, and the pass within the budget.
+        assert!(bh < b && 6 * bh < 5 * b, "{name}: {b} -> {bh}");
+        assert!(mh >= mb, "{name}: bf16 chunks of {mh}, f32 {mb}");
+        assert!(ph <= CAM_PASS_BUDGET || mh == 1, "{name}: {ph} bytes");
         if name == "paper" {
             assert!(pb as f64 <= 0.8 * GB, "{pb} bytes");
+            assert!(ph as f64 <= 0.8 * GB, "{ph} bytes");
+            assert!(mh > mb, "the paper's bf16 chunks no larger: {mh}");
         }
         // The chunk's NCHW temporaries of the default channels-last unit.
-        let (chunk_ops, _) = eval_ops(&cfg, mb, s, s, true).expect("ops");
+        let (chunk_ops, _) = eval_ops(&cfg, mb, s, s, ActLayout::Nhwc).expect("ops");
         let scratch = default_unit_scratch(&chunk_ops) * 4;
-        let [ca, cb] = [false, true].map(|cl| {
-            cam_pass_activations(&cfg, n, s, s, if cl { mb } else { ma }, cl).expect("count") * 4
-        });
+        // CUDA's bf16-storage unit by conversions keeps the same f32 copies (its input,
+        // output and residual unpacked), at the bf16 chunk.
+        let (chunk_ops_h, _) = eval_ops(&cfg, mh, s, s, ActLayout::Nhwc).expect("ops");
+        let scratch_h = default_unit_scratch(&chunk_ops_h) * 4;
+        let [ca, cb, ch] = [
+            (ma, ActLayout::Nchw),
+            (mb, ActLayout::Nhwc),
+            (mh, ActLayout::NhwcBf16),
+        ]
+        .map(|(m, l)| cam_pass_activations(&cfg, n, s, s, m, l).expect("count") * 4);
         println!(
             "{name}: {n} slices {s}^2 f32: eval plan NCHW {:.3} GB, channels-last {:.3} GB \
              (+{:.1} MB); CAM pass at the default budget NCHW chunks of {ma}: activations \
              {:.3} GB, pass {:.3} GB; channels-last chunks of {mb}: activations {:.3} GB, pass \
-             {:.3} GB, and the default unit's NCHW temporaries (the arena, not counted) {:.3} GB",
+             {:.3} GB, and the default unit's NCHW temporaries (the arena, not counted) {:.3} GB; \
+             bf16 storage: eval plan {:.3} GB, chunks of {mh}: activations {:.3} GB, pass {:.3} GB, \
+             the unit by conversions' f32 copies (the arena, not counted) {:.3} GB",
             a as f64 * 4.0 / GB,
             b as f64 * 4.0 / GB,
             (b - a) as f64 * 4.0 / 1e6,
@@ -311,6 +347,10 @@ fn channels_last_memory_of_the_presets() {
             cb as f64 / GB,
             pb as f64 / GB,
             scratch as f64 / GB,
+            bh as f64 * 4.0 / GB,
+            ch as f64 / GB,
+            ph as f64 / GB,
+            scratch_h as f64 / GB,
         );
     }
 }
@@ -321,8 +361,16 @@ fn channels_last_passes_hold_what_memory_counts() {
     let mut rng = SplitMix64::fresh("eval-memory-nhwc");
     let x = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
     for cfg in [bottleneck(), ModelConfig::tiny()] {
-        for cl in [false, true] {
-            let be = CpuBackend::<f32>::new().with_channels_last_eval(cl);
+        for (cl, st) in [
+            (false, ActStorage::F32),
+            (true, ActStorage::F32),
+            (true, ActStorage::Bf16),
+        ] {
+            let be = CpuBackend::<f32>::new()
+                .with_channels_last_eval(cl)
+                .with_eval_storage(st);
+            // The CPU reference's bf16 storage: a slot per value, counted as f32.
+            let lay = if cl { ActLayout::Nhwc } else { ActLayout::Nchw };
             let mut net = IchNet::new(be, cfg.clone(), 2).expect("net");
             net.stage2_features(&x, n, h, w).expect("features");
             let xb = net.backend().upload(&x).expect("up");
@@ -332,15 +380,21 @@ fn channels_last_passes_hold_what_memory_counts() {
                 net.stage2_cam_pass(&xb, n, h, w, &mut bufs).expect("pass");
                 let b = bufs.expect("bufs");
                 assert_eq!(b.channels_last(), cl);
-                let want = cam_pass_activations(&cfg, n, h, w, b.chunk, cl).expect("count");
-                assert_eq!(b.activation_scalars() as u128, want, "{cl} chunk {chunk}");
+                assert_eq!(b.storage(), if cl { st } else { ActStorage::F32 });
+                assert_eq!(b.layout(), lay);
+                let want = cam_pass_activations(&cfg, n, h, w, b.chunk, lay).expect("count");
+                assert_eq!(
+                    b.activation_scalars() as u128,
+                    want,
+                    "{cl} {st} chunk {chunk}"
+                );
             }
             // The budget's chunk is the one counted in this layout.
-            let budget = cam_pass_bytes(&cfg, n, h, w, 3, 4, cl).expect("count");
+            let budget = cam_pass_bytes(&cfg, n, h, w, 3, 4, lay).expect("count");
             net.set_cam_chunking(CamChunking::Budget(budget));
             assert_eq!(
                 net.cam_chunk(n, h, w),
-                cam_pass_chunk(&cfg, n, h, w, 4, budget, cl)
+                cam_pass_chunk(&cfg, n, h, w, 4, budget, lay)
             );
         }
     }

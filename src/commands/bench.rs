@@ -41,6 +41,10 @@
 //! channels-last, [`EvalLayout`]); the CPU runs NCHW (and says so when `nhwc` is asked);
 //! the JSON lines of the timed workloads name the eval-mode backbone's layout on the device
 //! (`layout`: `nchw` or `nhwc`; the CAM workloads' from the pass's own buffers).
+//! `--act-storage` sets the storage of its channels-last activations on CUDA (`auto`: bf16
+//! at `--precision bf16`, else f32; `f32`; `bf16`, ignored below bf16 precision:
+//! [`EvalStorage`]); the JSON lines name the storage used (`act_storage`: `f32` or `bf16`,
+//! `f32` when NCHW; the CAM workloads' from the pass's own buffers).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
@@ -49,7 +53,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ichcam::engine::cuda::backend::EvalLayout;
+use ichcam::engine::cuda::backend::{EvalLayout, EvalStorage};
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
 use ichcam::model::unet::{UNet, UNetConfig};
@@ -78,6 +82,14 @@ pub struct Args {
     /// The layout the eval-mode backbone runs in on the opened device (`nchw` / `nhwc`).
     #[arg(skip)]
     layout_used: Option<&'static str>,
+    /// The storage of the eval-mode backbone's channels-last activations on CUDA (cam,
+    /// cam-latency): auto (bf16 at --precision bf16, else f32), f32, or bf16 (ignored below
+    /// bf16 precision). The CPU stores f32.
+    #[arg(long, default_value = "auto")]
+    act_storage: EvalStorage,
+    /// The storage those activations take on the opened device (`f32` / `bf16`).
+    #[arg(skip)]
+    act_storage_used: Option<&'static str>,
     /// tiny (the training CPU default: its model, batch x slices and image size; CAM passes
     /// of the segmenter's slices per pass), small (ResNet-18 + LSTM 3x256, 4x32 slices / 128 slices at 256^2)
     /// or paper (ResNet-101 + LSTM 3x256, 1x32 slices / 32 slices at 512^2).
@@ -285,6 +297,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             "size": args.size.unwrap_or(p.size),
             "precision": args.precision.name(),
             "layout": args.layout.name(),
+            "act_storage": args.act_storage.name(),
             "unet": serde_json::from_str::<serde_json::Value>(&p.unet.to_json())?,
             "unet_batch": args.batch.unwrap_or(p.unet_batch),
         });
@@ -300,10 +313,11 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     }
     let mut device = super::open_device(&args.device, false)?;
     device.set_precision(args.precision)?;
-    let channels_last = match &mut device {
+    let (channels_last, storage) = match &mut device {
         ichcam::engine::Device::Cuda(be) => {
             be.set_eval_layout(args.layout);
-            be.channels_last_eval()
+            be.set_eval_storage(args.act_storage);
+            (be.channels_last_eval(), be.eval_storage())
         }
         ichcam::engine::Device::Cpu { .. } => {
             if args.layout == EvalLayout::Nhwc {
@@ -312,10 +326,14 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
                      backbone NCHW"
                 );
             }
-            false
+            if args.act_storage == EvalStorage::Bf16 {
+                eprintln!("note: --act-storage bf16 is a CUDA setting: the CPU backend stores f32");
+            }
+            (false, ichcam::engine::ActStorage::F32)
         }
     };
     args.layout_used = Some(layout_name(channels_last));
+    args.act_storage_used = Some(if channels_last { storage.name() } else { "f32" });
     if args.what == "ccl" {
         return bench_ccl(device, &args);
     }
@@ -390,16 +408,17 @@ fn cam_memory<B: Backend>(
     bufs: &Option<CamPassBufs<B>>,
 ) -> anyhow::Result<(serde_json::Value, String)> {
     let b = bufs.as_ref().context("the CAM pass left no buffers")?;
-    let (m, cl) = (b.chunk, b.channels_last());
+    let (m, cl, lay) = (b.chunk, b.channels_last(), b.layout());
     let mib = |scalars: Option<u128>| scalars.map(|v| (v * 4) as f64 / (1u64 << 20) as f64);
     let cfg = &p.model;
     let j = serde_json::json!({
         "cam_chunk": m,
         "layout": layout_name(cl),
+        "act_storage": b.storage().name(),
         "act_mb": mib(Some(b.activation_scalars() as u128)),
-        "act_plan_mb": mib(memory::cam_pass_activations(cfg, n, size, size, m, cl)),
+        "act_plan_mb": mib(memory::cam_pass_activations(cfg, n, size, size, m, lay)),
         "act_per_layer_mb": mib(memory::backbone_activations(cfg, n, size, size).map(|a| a.0)),
-        "pass_plan_mb": mib(memory::cam_pass_bytes(cfg, n, size, size, m, 4, cl).map(|v| v / 4)),
+        "pass_plan_mb": mib(memory::cam_pass_bytes(cfg, n, size, size, m, 4, lay).map(|v| v / 4)),
     });
     let mut chunks = if m < n {
         format!(", {} chunks of {m}", n.div_ceil(m))
@@ -408,6 +427,9 @@ fn cam_memory<B: Backend>(
     };
     if cl {
         chunks.push_str(", blocks channels-last");
+        if b.storage() == ichcam::engine::ActStorage::Bf16 {
+            chunks.push_str(" in bf16");
+        }
     }
     Ok((j, chunks))
 }
@@ -708,11 +730,19 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                         size,
                         4,
                         ichcam::model::CAM_PASS_BUDGET,
-                        be.channels_last_eval(),
+                        memory::ActLayout::of(&be),
                     ),
                 };
                 if on_host {
-                    memory::cam_pass_bytes(&p.model, n, size, size, m, 4, be.channels_last_eval())
+                    memory::cam_pass_bytes(
+                        &p.model,
+                        n,
+                        size,
+                        size,
+                        m,
+                        4,
+                        memory::ActLayout::of(&be),
+                    )
                 } else {
                     param_bytes(&p.model, 4, false).map(|t| t + input(n))
                 }
@@ -1482,6 +1512,7 @@ fn report_mem(
             "min_ms": t.min_ms, "cpu_ms": t.cpu_ms, "slices_per_s": per_s, "iters": args.iters, "detail": detail,
             "device_mb": device_bytes.map(|b| b as f64 / (1u64 << 20) as f64),
             "layout": args.layout_used,
+            "act_storage": args.act_storage_used,
         });
         let mut j = j;
         if let (Some(o), Some(serde_json::Value::Object(e))) = (j.as_object_mut(), extra) {

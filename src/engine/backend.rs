@@ -4,7 +4,10 @@
 //! Conventions, the same for every op:
 //! - buffers are contiguous, row-major (NCHW for images, except the channels-last ops:
 //!   [`Backend::conv2d_bn_eval_fwd_nhwc`] and the layout changes [`Backend::nchw_to_nhwc`],
-//!   [`Backend::nhwc_to_nchw`]); lengths are checked, a mismatch is
+//!   [`Backend::nhwc_to_nchw`], and their bf16-storage forms
+//!   [`Backend::conv2d_bn_eval_fwd_nhwc_bf16`], [`Backend::nchw_to_nhwc_bf16`],
+//!   [`Backend::nhwc_bf16_to_nchw`], whose bf16 tensors take
+//!   [`Backend::storage_slots`] slots); lengths are checked, a mismatch is
 //!   `EngineError::Shape`, never a panic. The checks of the ops with a shape type
 //!   ([`Conv2d`], [`BatchNorm2d`], [`Lstm`], ...) are written once, here: the trait's
 //!   method validates the lengths on the shape and calls the backend's `*_unchecked`
@@ -13,11 +16,12 @@
 //!   or `assign`;
 //! - scalars (learning rates, eps, momentum) are passed as f64 and cast to `T` inside.
 
+use super::shapes::check_lens;
 use super::shapes::{
     check_minmax, BatchNorm2d, ChannelCopy, Conv2d, Linear, Lstm, Maps, Pool2d, Resize, RowMean,
     SoftDice, Transpose, UpConv2d,
 };
-use super::{Real, Result};
+use super::{ActStorage, Real, Result};
 
 /// Declares an op whose lengths a shape type validates: the trait method `$name` checks
 /// them with `$check` (once, for every backend) and calls `$unchecked`, which each backend
@@ -294,6 +298,109 @@ pub trait Backend: Send + Sync {
             y,
         )
     }
+
+    /// How the channels-last eval activations are stored on this backend ([`ActStorage`]): a
+    /// setting of the backend, read (with [`Backend::channels_last_eval`], and only when that
+    /// says yes) once when the model builds its eval-mode buffers. The default (and the CPU
+    /// reference unless told otherwise) is f32.
+    fn eval_storage(&self) -> ActStorage {
+        ActStorage::F32
+    }
+
+    /// Makes [`Backend::eval_storage`] answer f32 from now on, whatever this backend's
+    /// setting was: for a comparison whose reference rounds only the convolutions' operands
+    /// (`ichcam parity`'s rounded references), which bf16 storage would move further (the
+    /// residual adds and the features). Nothing to do for a backend that stores f32 only.
+    fn force_f32_eval_storage(&mut self) {}
+
+    /// Buffer length (slots of `T`) of a tensor of `values` values in storage `st`: `values`
+    /// by default (f32, and the CPU reference's bf16 storage: a slot per value, rounded);
+    /// CUDA packs two bf16 values per slot (`values.div_ceil(2)`).
+    fn storage_slots(&self, st: ActStorage, values: usize) -> usize {
+        let _ = st;
+        values
+    }
+
+    /// [`Backend::conv2d_bn_eval_fwd_nhwc`] on activations in bf16 storage: x, the residual
+    /// and y channels-last in [`ActStorage::Bf16`] ([`Backend::storage_slots`] slots each),
+    /// the weights and the batch norm's f32. The convolution reads the bf16 values, the
+    /// batch norm, residual add and ReLU run in f32, and y is rounded to bf16 (nearest even)
+    /// when stored. The same arguments as [`Backend::conv2d_bn_eval_fwd_nhwc`], the lengths
+    /// checked in slots.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bn_eval_fwd_nhwc_bf16(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bn_eval_fwd_nhwc_bf16";
+        s.check(OP)?;
+        let slots = |v: usize| self.storage_slots(ActStorage::Bf16, v);
+        check_lens(
+            OP,
+            &[
+                ("x", self.len(x), slots(s.x_len())),
+                ("w", self.len(w), s.w_len()),
+                ("y", self.len(y), slots(s.y_len())),
+            ],
+        )?;
+        bn.check_after_conv(
+            OP,
+            s,
+            [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
+            None,
+        )?;
+        if let Some(r) = residual {
+            check_lens(OP, &[("residual", self.len(r), slots(s.y_len()))])?;
+        }
+        // SAFETY: the buffers hold the lengths the shape gives (checked above).
+        unsafe {
+            self.conv2d_bn_eval_fwd_nhwc_bf16_unchecked(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        }
+    }
+    /// [`Backend::conv2d_bn_eval_fwd_nhwc_bf16`] once its lengths are checked: what a
+    /// backend implements.
+    ///
+    /// # Safety
+    /// Every buffer holds the length (in slots) that
+    /// [`Backend::conv2d_bn_eval_fwd_nhwc_bf16`] checks; a device kernel reads and writes
+    /// that many.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv2d_bn_eval_fwd_nhwc_bf16_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// Training convolution + batch norm (+ residual) (+ ReLU): `z = conv(x, w)` (kept: the
     /// backward needs it), then [`Backend::batchnorm_train_fwd`] of z (batch statistics,
@@ -843,6 +950,36 @@ pub trait Backend: Send + Sync {
             y: &mut Self::Buf,
         ) -> Result<()> {
             s.check("nhwc_to_nchw", self.len(x), self.len(y))?;
+        }
+    }
+
+    checked_op! {
+        /// [`Backend::nchw_to_nhwc`] into bf16 storage: y `[n, hw, c]` in
+        /// [`ActStorage::Bf16`] ([`Backend::storage_slots`] slots), each value rounded to
+        /// bf16 (nearest even).
+        fn nchw_to_nhwc_bf16 / nchw_to_nhwc_bf16_unchecked(
+            &self,
+            s: &Transpose,
+            x: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            const OP: &str = "nchw_to_nhwc_bf16";
+            let len = s.values(OP)?;
+            check_lens(OP, &[("x", self.len(x), len), ("y", self.len(y), self.storage_slots(ActStorage::Bf16, len))])?;
+        }
+    }
+    checked_op! {
+        /// [`Backend::nhwc_to_nchw`] out of bf16 storage: x `[n, hw, c]` in
+        /// [`ActStorage::Bf16`], y `[n, c, hw]` f32, every value exact.
+        fn nhwc_bf16_to_nchw / nhwc_bf16_to_nchw_unchecked(
+            &self,
+            s: &Transpose,
+            x: &Self::Buf,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            const OP: &str = "nhwc_bf16_to_nchw";
+            let len = s.values(OP)?;
+            check_lens(OP, &[("x", self.len(x), self.storage_slots(ActStorage::Bf16, len)), ("y", self.len(y), len)])?;
         }
     }
 

@@ -19,7 +19,7 @@ pub mod volume;
 
 pub use backend::Backend;
 pub use device::Device;
-pub use precision::Precision;
+pub use precision::{ActStorage, Precision};
 pub use shapes::{BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, UpConv2d};
 pub use volume::{Connectivity, Structuring, VolumeOps};
 

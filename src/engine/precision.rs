@@ -3,7 +3,10 @@
 //! (tensor cores, `kernels/conv_tc.cu`: operands rounded to tf32 or bf16, f32
 //! accumulation). A setting of the backend ([`Device::set_precision`]), not of the model:
 //! weights, activations and gradients stay f32 buffers either way. The CPU backend runs
-//! f32 only. Knows nothing about what runs at that precision.
+//! f32 only. Beside it the storage of the channels-last eval activations ([`ActStorage`]:
+//! f32, or bf16 where the precision rounds the convolutions' operands to bf16 anyway) and
+//! the one bf16 rounding of the host ([`round_bf16`]). Knows nothing about what runs at
+//! that precision.
 
 use std::fmt;
 use std::str::FromStr;
@@ -73,6 +76,70 @@ impl FromStr for Precision {
     }
 }
 
+/// How a backend stores the channels-last activations of the eval-mode backbone
+/// (`Backend::eval_storage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ActStorage {
+    /// One f32 per value.
+    #[default]
+    F32,
+    /// bf16 values (rounded to nearest even, [`round_bf16`]). On CUDA a tensor of `L` values
+    /// is a buffer of `L.div_ceil(2)` f32 slots, value `i` the `u16` at index `i` (the low
+    /// half of slot `i / 2` for even `i`, little-endian); on the CPU (the reference) `L`
+    /// slots, each holding its value rounded to bf16.
+    Bf16,
+}
+
+impl ActStorage {
+    /// Both storages, in the order the help text lists them.
+    pub const ALL: [ActStorage; 2] = [ActStorage::F32, ActStorage::Bf16];
+
+    /// `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActStorage::F32 => "f32",
+            ActStorage::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for ActStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ActStorage {
+    type Err = EngineError;
+
+    /// `f32` or `bf16` (any case, surrounding spaces ignored).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        ActStorage::ALL
+            .into_iter()
+            .find(|p| p.name() == t)
+            .ok_or_else(|| {
+                EngineError::Param(format!("unknown activation storage `{s}`: use f32 or bf16"))
+            })
+    }
+}
+
+/// The bf16 bits of `x` (its upper 16 bits after rounding to nearest, ties to even, as
+/// `__float2bfloat16_rn`; a NaN stays a NaN, made quiet; overflow rounds to infinity): what
+/// `kernels/channels.cu` computes the same way.
+pub fn bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// `x` rounded to bf16 ([`bf16_bits`]) as an f32.
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
 impl Device {
     /// Sets the precision of the device's convolutions: any on a GPU with tensor cores for
     /// it (tf32 and bf16 need compute capability 8.0 or newer), only f32 on the CPU; a clear
@@ -98,7 +165,36 @@ impl Device {
 
 #[cfg(test)]
 mod tests {
-    use super::Precision;
+    use super::{round_bf16, ActStorage, Precision};
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even 1; 1 + 3 * 2^-8 is
+        // halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up.
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert_eq!(
+            round_bf16(-(1.0 + 3.0 * 2f32.powi(-8))),
+            -(1.0 + 2f32.powi(-6))
+        );
+        // Just above the tie: up.
+        assert_eq!(
+            round_bf16(f32::from_bits((1.0f32 + 2f32.powi(-8)).to_bits() + 1)),
+            1.0 + 2f32.powi(-7)
+        );
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(round_bf16(f32::NEG_INFINITY), f32::NEG_INFINITY);
+        assert_eq!(round_bf16(3.0), 3.0);
+    }
+
+    #[test]
+    fn parses_the_two_storages() {
+        assert_eq!(" BF16".parse::<ActStorage>().ok(), Some(ActStorage::Bf16));
+        assert_eq!("f32".parse::<ActStorage>().ok(), Some(ActStorage::F32));
+        let e = "fp16".parse::<ActStorage>().unwrap_err().to_string();
+        assert!(e.contains("use f32 or bf16"), "{e}");
+    }
 
     #[test]
     fn parses_the_three_names_and_refuses_others() {

@@ -819,13 +819,20 @@ impl ChannelCopy {
 impl Transpose {
     /// `nchw_to_nhwc` / `nhwc_to_nchw` (`op`): x and y of `n * c * hw` values each.
     pub fn check(&self, op: &'static str, x: usize, y: usize) -> Result<()> {
-        let Some(len) = self.len() else {
-            return bad(
-                op,
-                format!("{} x {} x {} values overflow", self.n, self.c, self.hw),
-            );
-        };
+        let len = self.values(op)?;
         check_lens(op, &[("x", x, len), ("y", y, len)])
+    }
+    /// Values of either side, an error of `op` when they overflow.
+    pub fn values(&self, op: &'static str) -> Result<usize> {
+        self.len().map_or_else(
+            || {
+                bad(
+                    op,
+                    format!("{} x {} x {} values overflow", self.n, self.c, self.hw),
+                )
+            },
+            Ok,
+        )
     }
 }
 

@@ -2,8 +2,9 @@
 //! allocated: parameter counts, the bytes an [`super::IchNet`] holds for them, and the
 //! activations of a forward pass at a given batch and input size: a training pass keeps
 //! every layer's ([`backbone_activations`]), an eval-mode pass only the buffers of its
-//! activation plan ([`eval_activations`], [`super::eval_plan`]; NCHW, or channels-last with
-//! its two layout changes: `channels_last`, what the backend asks for); and the bytes of a
+//! activation plan ([`eval_activations`], [`super::eval_plan`], in an [`ActLayout`]: NCHW,
+//! or channels-last with its two layout changes, the NHWC activations a slot per value or
+//! two bf16 per slot, what the backend asks for); and the bytes of a
 //! whole CAM pass split into chunks of slices ([`cam_pass_bytes`], [`cam_pass_chunk`]). The
 //! arithmetic is checked (`u128`, `None` on overflow), so an absurd config from a model
 //! file is refused instead of overflowing or aborting in the allocator. The shapes mirror
@@ -12,6 +13,52 @@
 
 use super::config::{BlockKind, ModelConfig};
 use super::eval_plan::{self, Plan, PlanOp, Src};
+use crate::engine::Backend;
+
+/// The layout and storage of the eval-mode backbone's activations, as the counts need
+/// them: a buffer's slots are 4 bytes (f32) whatever it stores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ActLayout {
+    /// NCHW f32 throughout.
+    #[default]
+    Nchw,
+    /// Channels-last between the max-pool and the last block, a slot per value (f32
+    /// storage, and the CPU reference's bf16 storage).
+    Nhwc,
+    /// Channels-last, the NHWC activations in bf16 storage two values per slot (CUDA's
+    /// `ActStorage::Bf16`): half the slots.
+    NhwcBf16,
+}
+
+impl ActLayout {
+    /// Every layout.
+    pub const ALL: [ActLayout; 3] = [ActLayout::Nchw, ActLayout::Nhwc, ActLayout::NhwcBf16];
+
+    /// What `be` allocates for an eval-mode backbone: [`Backend::channels_last_eval`], then
+    /// [`Backend::eval_storage`] in [`Backend::storage_slots`] slots per value.
+    pub fn of<B: Backend>(be: &B) -> Self {
+        if !be.channels_last_eval() {
+            ActLayout::Nchw
+        } else if be.storage_slots(be.eval_storage(), 2) < 2 {
+            ActLayout::NhwcBf16
+        } else {
+            ActLayout::Nhwc
+        }
+    }
+
+    /// Whether the blocks run channels-last.
+    pub fn channels_last(self) -> bool {
+        self != ActLayout::Nchw
+    }
+
+    /// Slots of a channels-last tensor of `values` values.
+    pub fn nhwc_slots(self, values: u128) -> u128 {
+        match self {
+            ActLayout::NhwcBf16 => values.div_ceil(2),
+            _ => values,
+        }
+    }
+}
 
 /// Parameter counts of a config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,8 +238,8 @@ pub fn backbone_activations(
 
 /// The eval-mode backbone's ops on `n` images of `h x w` (as `resnet.rs` builds them: the
 /// stem, the max-pool, then per block the downsample branch and the units, the last one
-/// joining the shortcut; `channels_last`: with a layout change after the max-pool and one
-/// after the last block) with at most three blocks per stage, and their activation plan.
+/// joining the shortcut; channels-last ([`ActLayout`]): with a layout change after the
+/// max-pool and one after the last block, the tensors between them in the layout's slots) with at most three blocks per stage, and their activation plan.
 /// A stage's blocks after its first are alike, so the third and later add no length and no
 /// tensor live at once with others that the first three lack: the plan's buffers are those
 /// of the whole backbone (a test compares them with a built one), and a hostile block count
@@ -202,9 +249,9 @@ pub fn eval_plan(
     n: usize,
     h: usize,
     w: usize,
-    channels_last: bool,
+    layout: ActLayout,
 ) -> Option<(Plan, (u128, u128, u128))> {
-    let (ops, out) = eval_ops(cfg, n, h, w, channels_last)?;
+    let (ops, out) = eval_ops(cfg, n, h, w, layout)?;
     Some((eval_plan::plan(&ops).ok()?, out))
 }
 
@@ -215,7 +262,7 @@ pub fn eval_ops(
     n: usize,
     h: usize,
     w: usize,
-    channels_last: bool,
+    layout: ActLayout,
 ) -> Option<(Vec<PlanOp>, (u128, u128, u128))> {
     let n = n as u128;
     let base = cfg.base_width as u128;
@@ -227,10 +274,12 @@ pub fn eval_ops(
         op(vec![Src::Input], len(base, sh, sw)?),
         op(vec![Src::Op(0)], len(base, ch, cw)?),
     ];
-    // The layout changes, around the blocks (none without).
-    let nhwc = channels_last && cfg.layers.iter().any(|&nb| nb > 0);
+    // The layout changes, around the blocks (none without); between them every tensor
+    // channels-last, in the layout's slots.
+    let nhwc = layout.channels_last() && cfg.layers.iter().any(|&nb| nb > 0);
+    let slots = |l: u128| if nhwc { layout.nhwc_slots(l) } else { l };
     if nhwc {
-        ops.push(op(vec![Src::Op(1)], len(base, ch, cw)?));
+        ops.push(op(vec![Src::Op(1)], slots(len(base, ch, cw)?)));
     }
     let mut cin = base;
     for (i, &nb) in cfg.layers.iter().enumerate() {
@@ -239,16 +288,20 @@ pub fn eval_ops(
             let stride = if j == 0 && i > 0 { 2 } else { 1 };
             let (oh, ow) = (out_len(ch, 3, stride, 1), out_len(cw, 3, stride, 1));
             let (units, cout) = match cfg.block {
-                BlockKind::Basic => (vec![len(wd, oh, ow)?, len(wd, oh, ow)?], wd),
+                BlockKind::Basic => (vec![slots(len(wd, oh, ow)?); 2], wd),
                 BlockKind::Bottleneck => {
                     let c4 = mul(wd, 4)?;
-                    let u = vec![len(wd, ch, cw)?, len(wd, oh, ow)?, len(c4, oh, ow)?];
+                    let u = vec![
+                        slots(len(wd, ch, cw)?),
+                        slots(len(wd, oh, ow)?),
+                        slots(len(c4, oh, ow)?),
+                    ];
                     (u, c4)
                 }
             };
             let input = Src::Op(ops.len() - 1);
             let shortcut = if stride != 1 || cin != cout {
-                ops.push(op(vec![input], len(cout, oh, ow)?));
+                ops.push(op(vec![input], slots(len(cout, oh, ow)?)));
                 Src::Op(ops.len() - 1)
             } else {
                 input
@@ -273,16 +326,16 @@ pub fn eval_ops(
 }
 
 /// Scalars the eval-mode backbone (`BackboneEval`) holds for a batch of `n` images of
-/// `h x w` in the layout `channels_last` says: its plan's buffers and the pooled features
+/// `h x w` in `layout`: its plan's buffers (in slots) and the pooled features
 /// `[n, c]`. Returns the count and the last feature map's `(channels, height, width)`.
 pub fn eval_activations(
     cfg: &ModelConfig,
     n: usize,
     h: usize,
     w: usize,
-    channels_last: bool,
+    layout: ActLayout,
 ) -> Option<(u128, (u128, u128, u128))> {
-    let (plan, (c, fh, fw)) = eval_plan(cfg, n, h, w, channels_last)?;
+    let (plan, (c, fh, fw)) = eval_plan(cfg, n, h, w, layout)?;
     Some((add(plan.scalars()?, mul(n as u128, c)?)?, (c, fh, fw)))
 }
 
@@ -294,8 +347,8 @@ fn eval_activations_either(
     h: usize,
     w: usize,
 ) -> Option<(u128, (u128, u128, u128))> {
-    let (a, out) = eval_activations(cfg, n, h, w, false)?;
-    let (b, _) = eval_activations(cfg, n, h, w, true)?;
+    let (a, out) = eval_activations(cfg, n, h, w, ActLayout::Nchw)?;
+    let (b, _) = eval_activations(cfg, n, h, w, ActLayout::Nhwc)?;
     Some((a.max(b), out))
 }
 
@@ -314,8 +367,7 @@ pub fn stage2_infer_bytes(cfg: &ModelConfig, n: usize, size: usize, elem: usize)
 }
 
 /// Scalars of the activations of a CAM pass (`IchNet::stage2_cam_pass`) on `n` slices of
-/// `h x w` in chunks of `chunk` slices: the chunk's eval-mode backbone (channels-last or
-/// not) and, when the pass is split (`chunk < n`), the chunk's input and outputs (logits,
+/// `h x w` in chunks of `chunk` slices: the chunk's eval-mode backbone (in `layout`) and, when the pass is split (`chunk < n`), the chunk's input and outputs (logits,
 /// CAM, normalised CAM), as `CamPassBufs::activation_scalars` counts them.
 pub fn cam_pass_activations(
     cfg: &ModelConfig,
@@ -323,10 +375,10 @@ pub fn cam_pass_activations(
     h: usize,
     w: usize,
     chunk: usize,
-    channels_last: bool,
+    layout: ActLayout,
 ) -> Option<u128> {
     let m = chunk.clamp(1, n.max(1));
-    let (acts, (_, fh, fw)) = eval_activations(cfg, m, h, w, channels_last)?;
+    let (acts, (_, fh, fw)) = eval_activations(cfg, m, h, w, layout)?;
     if m >= n {
         return Some(acts);
     }
@@ -341,8 +393,7 @@ pub fn cam_pass_activations(
 /// Bytes of a whole CAM pass (`IchNet::stage2_cam_pass`) on `n` slices of `h x w` in chunks
 /// of `chunk` slices with `elem`-byte scalars, as a model built for it holds them: the
 /// parameters (no gradient buffers: a model that has not trained allocates none), the input,
-/// the outputs (logits, CAM, normalised CAM) and [`cam_pass_activations`] (channels-last or
-/// not). Not counted: the composite ops' scratch (a backend's arena: among them the NCHW
+/// the outputs (logits, CAM, normalised CAM) and [`cam_pass_activations`] (in `layout`). Not counted: the composite ops' scratch (a backend's arena: among them the NCHW
 /// temporaries of the default channels-last unit, `Backend::conv2d_bn_eval_fwd_nhwc`) and a
 /// CUDA graph.
 pub fn cam_pass_bytes(
@@ -352,11 +403,11 @@ pub fn cam_pass_bytes(
     w: usize,
     chunk: usize,
     elem: usize,
-    channels_last: bool,
+    layout: ActLayout,
 ) -> Option<u128> {
     let params = param_bytes(cfg, elem, false)?;
-    let acts = cam_pass_activations(cfg, n, h, w, chunk, channels_last)?;
-    let (_, (_, fh, fw)) = eval_plan(cfg, 1, h, w, false)?;
+    let acts = cam_pass_activations(cfg, n, h, w, chunk, layout)?;
+    let (_, (_, fh, fw)) = eval_plan(cfg, 1, h, w, ActLayout::Nchw)?;
     let plane = mul(h as u128, w as u128)?;
     let row = add(
         add(mul(cfg.in_channels as u128, plane)?, 1)?,
@@ -375,7 +426,7 @@ pub fn even_chunk(n: usize, most: usize) -> usize {
 }
 
 /// Slices per chunk of a CAM pass on `n` slices within `budget` bytes: the fewest chunks
-/// whose pass ([`cam_pass_bytes`], in the layout `channels_last` says) fits, as even as can
+/// whose pass ([`cam_pass_bytes`], in `layout`) fits, as even as can
 /// be ([`even_chunk`]); chunks of 1 when none fits (or the sizes overflow).
 pub fn cam_pass_chunk(
     cfg: &ModelConfig,
@@ -384,11 +435,10 @@ pub fn cam_pass_chunk(
     w: usize,
     elem: usize,
     budget: u128,
-    channels_last: bool,
+    layout: ActLayout,
 ) -> usize {
-    let fits = |m: usize| {
-        cam_pass_bytes(cfg, n, h, w, m, elem, channels_last).is_some_and(|b| b <= budget)
-    };
+    let fits =
+        |m: usize| cam_pass_bytes(cfg, n, h, w, m, elem, layout).is_some_and(|b| b <= budget);
     if n <= 1 || fits(n) {
         return n.max(1);
     }
@@ -543,7 +593,7 @@ mod tests {
 
     #[test]
     fn eval_plan_bytes_are_what_the_backbone_allocates() {
-        use crate::engine::Backend;
+        use crate::engine::{ActStorage, Backend};
         use crate::model::CamChunking;
         let (n, h, w) = (3, 41, 33);
         for (block, layers) in [
@@ -557,15 +607,23 @@ mod tests {
                 base_width: 4,
                 ..ModelConfig::tiny()
             };
-            for cl in [false, true] {
-                let be = CpuBackend::<f32>::new().with_channels_last_eval(cl);
+            for (cl, st) in [
+                (false, ActStorage::F32),
+                (true, ActStorage::F32),
+                (true, ActStorage::Bf16),
+            ] {
+                let be = CpuBackend::<f32>::new()
+                    .with_channels_last_eval(cl)
+                    .with_eval_storage(st);
+                let lay = ActLayout::of(&be);
+                assert_eq!(lay, if cl { ActLayout::Nhwc } else { ActLayout::Nchw });
                 let mut net = IchNet::new(be, cfg.clone(), 0).unwrap();
                 let x = vec![0.5f32; n * cfg.in_channels * h * w];
                 net.stage2_features(&x, n, h, w).unwrap();
                 let (eval, train) = net.activation_state();
                 assert!(!train);
-                let (want, _) = eval_activations(&cfg, n, h, w, cl).unwrap();
-                assert_eq!(eval.map(|v| v as u128), Some(want), "{cfg:?} {cl}");
+                let (want, _) = eval_activations(&cfg, n, h, w, lay).unwrap();
+                assert_eq!(eval.map(|v| v as u128), Some(want), "{cfg:?} {cl} {st}");
                 let (full, _) = backbone_activations(&cfg, n, h, w).unwrap();
                 assert!(3 * want < full, "{want} vs {full}");
                 // The CAM pass, split or not.
@@ -576,8 +634,8 @@ mod tests {
                     net.stage2_cam_pass(&xb, n, h, w, &mut bufs).unwrap();
                     let b = bufs.unwrap();
                     assert_eq!(b.chunk, s);
-                    let want = cam_pass_activations(&cfg, n, h, w, s, cl).unwrap();
-                    assert_eq!(b.activation_scalars() as u128, want, "chunk {s} {cl}");
+                    let want = cam_pass_activations(&cfg, n, h, w, s, lay).unwrap();
+                    assert_eq!(b.activation_scalars() as u128, want, "chunk {s} {cl} {st}");
                 }
             }
         }
@@ -587,23 +645,32 @@ mod tests {
     fn cam_pass_chunks_fit_the_budget() {
         let cfg = ModelConfig::resnet101_lstm();
         let (n, s) = (32, 512);
-        let bytes = |m: usize| cam_pass_bytes(&cfg, n, s, s, m, 4, false).unwrap();
+        let bytes = |m: usize| cam_pass_bytes(&cfg, n, s, s, m, 4, ActLayout::Nchw).unwrap();
         assert!(bytes(1) < bytes(2) && bytes(2) < bytes(16));
         // 32 slices: at most 5 per chunk makes 7 chunks, of 5 (and 2); at most 4, 8 of 4.
-        let m = cam_pass_chunk(&cfg, n, s, s, 4, bytes(5), false);
+        let m = cam_pass_chunk(&cfg, n, s, s, 4, bytes(5), ActLayout::Nchw);
         assert_eq!(m, 5);
-        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(5) - 1, false), 4);
+        assert_eq!(
+            cam_pass_chunk(&cfg, n, s, s, 4, bytes(5) - 1, ActLayout::Nchw),
+            4
+        );
         // At most 9 per chunk: 4 chunks, so of 8.
-        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, bytes(9), false), 8);
+        assert_eq!(
+            cam_pass_chunk(&cfg, n, s, s, 4, bytes(9), ActLayout::Nchw),
+            8
+        );
         assert_eq!(even_chunk(7, 6), 4);
         assert_eq!(even_chunk(7, 0), 1);
         assert_eq!(even_chunk(0, 3), 1);
-        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, 0, false), 1);
-        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, u128::MAX, true), n);
+        assert_eq!(cam_pass_chunk(&cfg, n, s, s, 4, 0, ActLayout::Nchw), 1);
+        assert_eq!(
+            cam_pass_chunk(&cfg, n, s, s, 4, u128::MAX, ActLayout::NhwcBf16),
+            n
+        );
         // Unsplit, no staging: the eval backbone alone.
         assert_eq!(
-            cam_pass_activations(&cfg, n, s, s, n, true),
-            eval_activations(&cfg, n, s, s, true).map(|a| a.0)
+            cam_pass_activations(&cfg, n, s, s, n, ActLayout::NhwcBf16),
+            eval_activations(&cfg, n, s, s, ActLayout::NhwcBf16).map(|a| a.0)
         );
     }
 
@@ -615,7 +682,7 @@ mod tests {
         // Answered at once (no loop over the block count) and without overflowing.
         assert_eq!(param_counts(&cfg), None);
         assert_eq!(stage2_infer_bytes(&cfg, usize::MAX, usize::MAX, 8), None);
-        for cl in [false, true] {
+        for cl in ActLayout::ALL {
             assert_eq!(
                 cam_pass_bytes(&cfg, usize::MAX, usize::MAX, 9, 9, 8, cl),
                 None

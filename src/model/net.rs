@@ -23,7 +23,7 @@ use super::optim::{self, OptimizerConfig};
 use super::params::{grad_buf, Group, Init, ParamGroup, ParamStore, W};
 use super::resnet::{self, BackboneActs, BackboneEval, BackboneGrads, BackboneSpec, BnMode};
 use super::ModelError;
-use crate::engine::{Backend, ChannelCopy, Lstm, Real};
+use crate::engine::{ActStorage, Backend, ChannelCopy, Lstm, Real};
 
 /// Which class activation map [`IchNet::stage2_infer`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,8 +121,10 @@ pub enum CamChunking {
 /// the input); when a built model still held a gradient buffer per trainable (0.18 GB more)
 /// it took 16 chunks of 2. Channels-last the count and the chunks are the same, but the
 /// default channels-last unit (`Backend::conv2d_bn_eval_fwd_nhwc`'s NCHW temporaries) keeps
-/// about 0.33 GB more scratch that this margin does not cover (docs/perf.md). Not measured on
-/// a GPU.
+/// about 0.33 GB more scratch that this margin does not cover (docs/perf.md). In bf16 storage
+/// (CUDA at `--precision bf16`) the pass takes 5 chunks of 7 (0.70 GB counted); the bf16
+/// unit by conversions keeps about 0.46 GB of f32 copies in the arena, not covered either.
+/// Not measured on a GPU.
 pub const CAM_PASS_BUDGET: u128 = 700_000_000;
 
 impl Default for CamChunking {
@@ -186,6 +188,17 @@ impl<B: Backend> CamPassBufs<B> {
     /// for when these buffers were made, [`Backend::channels_last_eval`]).
     pub fn channels_last(&self) -> bool {
         self.eval.channels_last
+    }
+
+    /// The storage of the pass's channels-last activations (f32 when NCHW; what the backend
+    /// asked for when these buffers were made, [`Backend::eval_storage`]).
+    pub fn storage(&self) -> ActStorage {
+        self.eval.storage
+    }
+
+    /// Layout and storage as [`memory`]'s counts take them.
+    pub fn layout(&self) -> memory::ActLayout {
+        self.eval.layout
     }
 }
 
@@ -1349,8 +1362,8 @@ impl<B: Backend> IchNet<B> {
             CamChunking::Slices(m) => memory::even_chunk(n, m),
             CamChunking::Budget(bytes) => {
                 let elem = std::mem::size_of::<B::T>();
-                let cl = self.be.channels_last_eval();
-                memory::cam_pass_chunk(&self.cfg, n, h, w, elem, bytes, cl)
+                let layout = memory::ActLayout::of(&self.be);
+                memory::cam_pass_chunk(&self.cfg, n, h, w, elem, bytes, layout)
             }
         }
     }
@@ -1731,15 +1744,29 @@ mod tests {
                 ..ModelConfig::tiny()
             };
             let n = IchNet::new(CpuBackend::<f64>::new(), cfg.clone(), 1).unwrap();
-            for cl in [false, true] {
+            for cl in memory::ActLayout::ALL {
                 let built = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, cl);
                 let (ops, _) = memory::eval_ops(&cfg, 2, 45, 31, cl).unwrap();
-                assert_eq!(ops, built, "{block:?} channels-last {cl}");
+                assert_eq!(ops, built, "{block:?} {cl:?}");
             }
-            // Channels-last: two more ops, the layout changes around the blocks.
-            let nchw = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, false);
-            let nhwc = resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, true);
+            // Channels-last: two more ops, the layout changes around the blocks; in packed
+            // bf16 the NHWC tensors take half the slots (rounded up).
+            let ops = |l| resnet::eval_plan_ops(&n.topo.backbone, 2, 45, 31, l);
+            let (nchw, nhwc, bf16) = (
+                ops(memory::ActLayout::Nchw),
+                ops(memory::ActLayout::Nhwc),
+                ops(memory::ActLayout::NhwcBf16),
+            );
             assert_eq!(nhwc.len(), nchw.len() + 2);
+            let last = nhwc.len() - 1;
+            for (i, (a, b)) in nhwc.iter().zip(&bf16).enumerate() {
+                let want = if (2..last).contains(&i) {
+                    a.len.div_ceil(2)
+                } else {
+                    a.len
+                };
+                assert_eq!(b.len, want, "op {i}");
+            }
         }
     }
 

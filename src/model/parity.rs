@@ -441,6 +441,11 @@ pub fn run<B: Backend>(
     tolerance: f64,
 ) -> Result<ParityReport, ModelError> {
     let name = backend.name();
+    // The rounded references round only the convolutions' operands: the eval-mode backbone's
+    // channels-last activations stay f32 (bf16 storage would round the residual adds and
+    // the features too).
+    let mut backend = backend;
+    backend.force_f32_eval_storage();
     let mut net = IchNet::new(backend, fx.config.clone(), 0)?;
     checkpoint::assign(&mut net, &fx.tensors, "param.", &fx.path)?;
     let conv =

@@ -6,7 +6,9 @@
 //! ([`BackboneEval`]), which keeps no layer's output but the last block's: its few buffers
 //! follow the activation plan of [`super::eval_plan`] (test-time memory reused layer to
 //! layer); on a backend that asks for it ([`Backend::channels_last_eval`]) its blocks run
-//! channels-last (NHWC) between two layout changes, the features NCHW as ever. The stem is
+//! channels-last (NHWC) between two layout changes, the features NCHW as ever, and those
+//! NHWC activations in the storage the model asks for ([`ActStorage`]: f32, or bf16 in
+//! [`Backend::storage_slots`] slots each). The stem is
 //! 7x7/2 conv, BN, ReLU, 3x3/2
 //! max-pool; stages of basic or bottleneck blocks (stride on the 3x3, as torchvision v1.5);
 //! a 1x1 conv + BN downsample when the stride or the channel count changes; then global
@@ -14,10 +16,11 @@
 
 use super::config::{BlockKind, ModelConfig};
 use super::eval_plan::{self, Plan, PlanOp, Src};
+use super::memory::ActLayout;
 use super::params::{grad_buf, Group, Init, ParamStore, Trainable, S, W};
 use super::ModelError;
 use crate::engine::shapes::Transpose;
-use crate::engine::{Backend, BatchNorm2d, Conv2d, Pool2d};
+use crate::engine::{ActStorage, Backend, BatchNorm2d, Conv2d, Pool2d};
 
 /// How a forward pass normalises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -793,7 +796,8 @@ impl<B: Backend> BackboneActs<B> {
 enum EvalKind {
     /// Conv + batch norm with the running statistics (+ the residual, the op's second
     /// read) (+ ReLU): [`Backend::conv2d_bn_eval_fwd`], or with `nhwc` on channels-last
-    /// activations, [`Backend::conv2d_bn_eval_fwd_nhwc`].
+    /// activations, [`Backend::conv2d_bn_eval_fwd_nhwc`] (in bf16 storage
+    /// [`Backend::conv2d_bn_eval_fwd_nhwc_bf16`]).
     Unit {
         spec: ConvBnSpec,
         conv: Conv2d,
@@ -803,9 +807,11 @@ enum EvalKind {
     },
     /// The stem's max-pool.
     Pool(Pool2d),
-    /// The max-pool's output to channels-last ([`Backend::nchw_to_nhwc`]).
+    /// The max-pool's output to channels-last ([`Backend::nchw_to_nhwc`], in bf16 storage
+    /// [`Backend::nchw_to_nhwc_bf16`]).
     ToNhwc(Transpose),
-    /// The last block's output back to NCHW ([`Backend::nhwc_to_nchw`]).
+    /// The last block's output back to NCHW ([`Backend::nhwc_to_nchw`], from bf16 storage
+    /// [`Backend::nhwc_bf16_to_nchw`]).
     ToNchw(Transpose),
 }
 
@@ -824,6 +830,14 @@ impl EvalOp {
             EvalKind::Pool(p) => p.y_len(),
             EvalKind::ToNhwc(t) | EvalKind::ToNchw(t) => t.n * t.c * t.hw,
         }
+    }
+
+    /// Whether the op writes channels-last activations (in the pass's NHWC storage).
+    fn writes_nhwc(&self) -> bool {
+        matches!(
+            self.kind,
+            EvalKind::ToNhwc(_) | EvalKind::Unit { nhwc: true, .. }
+        )
     }
 }
 
@@ -906,25 +920,33 @@ fn eval_ops(
     (ops, (c, ch, cw))
 }
 
-/// The backbone's eval-mode forward ops on `[n, c, h, w]` (channels-last or not) as the
-/// activation plan sees them (what each reads, how many values it writes); `memory.rs`
-/// builds them from a config.
+/// The backbone's eval-mode forward ops on `[n, c, h, w]` in `layout` as the activation
+/// plan sees them (what each reads, how many slots it writes); `memory.rs` builds them from
+/// a config.
 #[cfg(test)]
 pub(crate) fn eval_plan_ops(
     spec: &BackboneSpec,
     n: usize,
     h: usize,
     w: usize,
-    channels_last: bool,
+    layout: ActLayout,
 ) -> Vec<PlanOp> {
-    plan_ops(&eval_ops(spec, n, h, w, channels_last).0)
+    let ops = eval_ops(spec, n, h, w, layout.channels_last()).0;
+    plan_ops(&ops, |o| {
+        if o.writes_nhwc() {
+            layout.nhwc_slots(o.len() as u128)
+        } else {
+            o.len() as u128
+        }
+    })
 }
 
-fn plan_ops(ops: &[EvalOp]) -> Vec<PlanOp> {
+/// The plan's ops: what each reads and the slots it writes (`slots`).
+fn plan_ops(ops: &[EvalOp], slots: impl Fn(&EvalOp) -> u128) -> Vec<PlanOp> {
     ops.iter()
         .map(|o| PlanOp {
             reads: o.reads.clone(),
-            len: o.len() as u128,
+            len: slots(o),
         })
         .collect()
 }
@@ -938,13 +960,20 @@ fn plan_ops(ops: &[EvalOp]) -> Vec<PlanOp> {
 /// ([`BackboneActs`]): a model used only for inference never allocates those. Channels-last
 /// when the backend asked for it when this was built ([`Backend::channels_last_eval`]): the
 /// blocks' activations NHWC, the layout changes two more ops of the plan, the features
-/// `[n, c, h, w]` either way.
+/// `[n, c, h, w]` either way. The NHWC activations (the first layout change's output and
+/// every block unit's input, residual and output) in `storage`: bf16 storage takes
+/// [`Backend::storage_slots`] slots per tensor (the plan counts slots), the units
+/// [`Backend::conv2d_bn_eval_fwd_nhwc_bf16`], the layout changes into and out of bf16.
 pub(crate) struct BackboneEval<B: Backend> {
     pub n: usize,
     pub h: usize,
     pub w: usize,
     /// Whether the blocks run channels-last (fixed when built).
     pub channels_last: bool,
+    /// The storage of the channels-last activations (f32 when NCHW; fixed when built).
+    pub storage: ActStorage,
+    /// Layout and storage as the memory counts name them ([`ActLayout::of`] the backend).
+    pub layout: ActLayout,
     ops: Vec<EvalOp>,
     plan: Plan,
     bufs: Vec<B::Buf>,
@@ -956,6 +985,8 @@ pub(crate) struct BackboneEval<B: Backend> {
 }
 
 impl<B: Backend> BackboneEval<B> {
+    /// The buffers of input `[n, _, h, w]`, channels-last when the backend asks for it, then
+    /// in the storage it asks for ([`Backend::eval_storage`]).
     pub fn new(
         be: &B,
         spec: &BackboneSpec,
@@ -964,8 +995,20 @@ impl<B: Backend> BackboneEval<B> {
         w: usize,
     ) -> Result<Self, ModelError> {
         let channels_last = be.channels_last_eval();
+        let storage = if channels_last {
+            be.eval_storage()
+        } else {
+            ActStorage::F32
+        };
         let (ops, (out_c, out_h, out_w)) = eval_ops(spec, n, h, w, channels_last);
-        let plan = eval_plan::plan(&plan_ops(&ops))
+        let slots = |o: &EvalOp| {
+            if o.writes_nhwc() {
+                be.storage_slots(storage, o.len()) as u128
+            } else {
+                o.len() as u128
+            }
+        };
+        let plan = eval_plan::plan(&plan_ops(&ops, slots))
             .map_err(|e| ModelError::Internal(format!("eval activation plan: {e}")))?;
         let bufs = plan
             .lens
@@ -981,6 +1024,8 @@ impl<B: Backend> BackboneEval<B> {
             h,
             w,
             channels_last,
+            storage,
+            layout: ActLayout::of(be),
             ops,
             plan,
             bufs,
@@ -996,7 +1041,7 @@ impl<B: Backend> BackboneEval<B> {
         (self.n, self.h, self.w) == (n, h, w)
     }
 
-    /// Values allocated: the plan's buffers and the pooled features.
+    /// Slots (values of `B::T`) allocated: the plan's buffers and the pooled features.
     pub fn scalars(&self) -> usize {
         self.plan.lens.iter().map(|&l| l as usize).sum::<usize>() + self.n * self.out_c
     }
@@ -1016,6 +1061,7 @@ impl<B: Backend> BackboneEval<B> {
         x: &B::Buf,
     ) -> Result<(), ModelError> {
         let out = &self.plan.out;
+        let bf16 = self.storage == ActStorage::Bf16;
         for (i, op) in self.ops.iter().enumerate() {
             let o = out[i];
             let (lo, rest) = self.bufs.split_at_mut(o);
@@ -1052,10 +1098,10 @@ impl<B: Backend> BackboneEval<B> {
                     let residual = op.reads.get(1).map(read).transpose()?;
                     let p = |i: W| &params.w[i.0].data;
                     let st = |i: S| &params.s[i.0].data;
-                    let unit = if nhwc {
-                        B::conv2d_bn_eval_fwd_nhwc
-                    } else {
-                        B::conv2d_bn_eval_fwd
+                    let unit = match (nhwc, bf16) {
+                        (false, _) => B::conv2d_bn_eval_fwd,
+                        (true, false) => B::conv2d_bn_eval_fwd_nhwc,
+                        (true, true) => B::conv2d_bn_eval_fwd_nhwc_bf16,
                     };
                     unit(
                         be,
@@ -1073,7 +1119,9 @@ impl<B: Backend> BackboneEval<B> {
                     )?;
                 }
                 EvalKind::Pool(pool) => be.maxpool2d_fwd(&pool, input, y)?,
+                EvalKind::ToNhwc(t) if bf16 => be.nchw_to_nhwc_bf16(&t, input, y)?,
                 EvalKind::ToNhwc(t) => be.nchw_to_nhwc(&t, input, y)?,
+                EvalKind::ToNchw(t) if bf16 => be.nhwc_bf16_to_nchw(&t, input, y)?,
                 EvalKind::ToNchw(t) => be.nhwc_to_nchw(&t, input, y)?,
             }
         }
@@ -1093,6 +1141,45 @@ mod tests {
     fn randn(seed: u64, n: usize) -> Vec<f64> {
         let mut r = Rng::new(seed);
         (0..n).map(|_| r.normal()).collect()
+    }
+
+    #[test]
+    fn bf16_storage_stores_only_bf16_values() {
+        use crate::engine::precision::round_bf16;
+        let cfg = ModelConfig {
+            block: BlockKind::Bottleneck,
+            layers: vec![2, 1],
+            base_width: 4,
+            ..ModelConfig::tiny()
+        };
+        let be = CpuBackend::<f32>::new()
+            .with_channels_last_eval(true)
+            .with_eval_storage(ActStorage::Bf16);
+        let mut store = ParamStore::default();
+        let spec = declare(&mut store, &be, &cfg, 3).unwrap();
+        let (n, h, w) = (2, 35, 29);
+        let x: Vec<f32> = randn(4, n * 3 * h * w).iter().map(|&v| v as f32).collect();
+        let x = be.upload(&x).unwrap();
+        let mut ev = BackboneEval::new(&be, &spec, n, h, w).unwrap();
+        assert_eq!(ev.storage, ActStorage::Bf16);
+        assert_eq!(ev.layout, ActLayout::Nhwc, "the CPU: a slot per value");
+        ev.forward(&be, &store, &x).unwrap();
+        // Every buffer that only channels-last ops write (their outputs in bf16 storage),
+        // and the features (out of bf16 storage), hold bf16 values; the stem's does not.
+        let mut nhwc_only = vec![true; ev.bufs.len()];
+        for (i, op) in ev.ops.iter().enumerate() {
+            if !op.writes_nhwc() {
+                nhwc_only[ev.plan.out[i]] = false;
+            }
+        }
+        let last = ev.plan.out[ev.ops.len() - 1];
+        let exact = |b: &Vec<f32>| b.iter().all(|&v| round_bf16(v).to_bits() == v.to_bits());
+        let checked = (0..ev.bufs.len())
+            .filter(|&b| nhwc_only[b] || b == last)
+            .inspect(|&b| assert!(exact(&ev.bufs[b]), "buffer {b}"))
+            .count();
+        assert!(checked >= 3, "{checked} buffers checked");
+        assert!(!exact(&ev.bufs[ev.plan.out[0]]), "the stem's output is f32");
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! (copy into channels of a wider buffer) and its backward (add a slice of the wider
 //! gradient into the skip's gradient), parallel over the copied planes; and the layout
 //! changes between channels-first `[n, c, hw]` and channels-last `[n, hw, c]` (a transpose
-//! per image, parallel over blocks of the destination's rows). Knows only shapes.
+//! per image, parallel over blocks of the destination's rows), and their bf16-storage forms
+//! (the CPU reference's bf16 storage: a slot per value, rounded to bf16). Knows only shapes.
 
 use rayon::prelude::*;
 
+use crate::engine::precision::round_bf16;
 use crate::engine::shapes::{ChannelCopy, Transpose};
 use crate::engine::{Real, Result};
 
@@ -76,5 +78,27 @@ pub fn nchw_to_nhwc<T: Real>(s: &Transpose, x: &[T], y: &mut [T]) -> Result<()> 
 /// `y[i, ch, p] = x[i, p, ch]`: channels-last (NHWC) to NCHW.
 pub fn nhwc_to_nchw<T: Real>(s: &Transpose, x: &[T], y: &mut [T]) -> Result<()> {
     transpose(s.n, s.hw, s.c, x, y);
+    Ok(())
+}
+
+/// Every value of `v` rounded to bf16 in place (nearest even, [`round_bf16`], through f32:
+/// what the device's f32 buffers would hold): the CPU reference's bf16 storage.
+pub fn round_to_bf16<T: Real>(v: &mut [T]) {
+    v.par_iter_mut()
+        .for_each(|x| *x = T::from_f64_lossy(round_bf16(x.as_f64() as f32) as f64));
+}
+
+/// [`nchw_to_nhwc`] into bf16 storage (the values rounded).
+pub fn nchw_to_nhwc_bf16<T: Real>(s: &Transpose, x: &[T], y: &mut [T]) -> Result<()> {
+    nchw_to_nhwc(s, x, y)?;
+    round_to_bf16(y);
+    Ok(())
+}
+
+/// [`nhwc_to_nchw`] out of bf16 storage (the values rounded again: exact when x holds bf16
+/// values, as bf16 storage does).
+pub fn nhwc_bf16_to_nchw<T: Real>(s: &Transpose, x: &[T], y: &mut [T]) -> Result<()> {
+    nhwc_to_nchw(s, x, y)?;
+    round_to_bf16(y);
     Ok(())
 }

@@ -38,7 +38,7 @@ use super::backend::Backend;
 use super::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
 };
-use super::{Real, Result};
+use super::{ActStorage, Real, Result};
 
 /// Per-op wall time, collected when `ICHCAM_PROFILE=1` (see [`profile_report`]).
 struct Prof {
@@ -120,6 +120,9 @@ pub struct CpuBackend<T: Real> {
     /// What [`Backend::channels_last_eval`] answers (off unless
     /// [`CpuBackend::with_channels_last_eval`] said).
     channels_last_eval: bool,
+    /// What [`Backend::eval_storage`] answers (f32 unless
+    /// [`CpuBackend::with_eval_storage`] said).
+    eval_storage: ActStorage,
 }
 
 impl<T: Real> CpuBackend<T> {
@@ -127,7 +130,17 @@ impl<T: Real> CpuBackend<T> {
         CpuBackend {
             _t: PhantomData,
             channels_last_eval: false,
+            eval_storage: ActStorage::F32,
         }
+    }
+
+    /// This backend storing the channels-last eval activations in `st` (with
+    /// [`CpuBackend::with_channels_last_eval`]): bf16 storage is the reference of the
+    /// device's, a slot per value holding it rounded to bf16, the units the f32 ones with
+    /// their outputs rounded.
+    pub fn with_eval_storage(mut self, st: ActStorage) -> Self {
+        self.eval_storage = st;
+        self
     }
 
     /// This backend asking for a channels-last eval-mode backbone: the CPU has no
@@ -177,6 +190,43 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn channels_last_eval(&self) -> bool {
         self.channels_last_eval
+    }
+    fn eval_storage(&self) -> ActStorage {
+        self.eval_storage
+    }
+    fn force_f32_eval_storage(&mut self) {
+        self.eval_storage = ActStorage::F32;
+    }
+    unsafe fn conv2d_bn_eval_fwd_nhwc_bf16_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        running_mean: &Vec<T>,
+        running_var: &Vec<T>,
+        residual: Option<&Vec<T>>,
+        relu: bool,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        // A slot per value: the f32 unit on the stored (bf16) values, its output rounded.
+        self.conv2d_bn_eval_fwd_nhwc(
+            s,
+            bn,
+            x,
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            residual,
+            relu,
+            y,
+        )?;
+        timed(16, || channels::round_to_bf16(y));
+        Ok(())
     }
 
     unsafe fn conv2d_fwd_unchecked(
@@ -625,6 +675,22 @@ impl<T: Real> Backend for CpuBackend<T> {
         y: &mut Vec<T>,
     ) -> Result<()> {
         timed(16, || channels::nhwc_to_nchw(s, x, y))
+    }
+    unsafe fn nchw_to_nhwc_bf16_unchecked(
+        &self,
+        s: &Transpose,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(16, || channels::nchw_to_nhwc_bf16(s, x, y))
+    }
+    unsafe fn nhwc_bf16_to_nchw_unchecked(
+        &self,
+        s: &Transpose,
+        x: &Vec<T>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        timed(16, || channels::nhwc_bf16_to_nchw(s, x, y))
     }
     fn sigmoid_fwd(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
         dice::sigmoid_fwd(x, y)

@@ -29,7 +29,7 @@ use crate::engine::backend::{conv2d_bn_eval_fwd_nhwc_by_transposes, Backend};
 use crate::engine::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
 };
-use crate::engine::{check_len, EngineError, Precision, Result};
+use crate::engine::{check_len, ActStorage, EngineError, Precision, Result};
 
 /// The CUDA backend (f32 buffers) on one device. A clone shares the context, the stream and
 /// the loaded kernels, and starts with the same convolution precision.
@@ -46,6 +46,8 @@ pub struct CudaBackend {
     pub(super) mma_route: conv::MmaRoute,
     /// The layout of the eval-mode backbone's activations ([`EvalLayout`]).
     eval_layout: EvalLayout,
+    /// The storage of its channels-last activations ([`EvalStorage`]).
+    eval_storage: EvalStorage,
 }
 
 /// A value loaded on first use and kept.
@@ -135,6 +137,7 @@ impl CudaBackend {
             precision: Precision::F32,
             mma_route: conv::MmaRoute::default(),
             eval_layout: EvalLayout::default(),
+            eval_storage: EvalStorage::default(),
         })
     }
 
@@ -416,6 +419,128 @@ impl CudaBackend {
     }
 }
 
+/// How the eval-mode backbone's channels-last activations are stored on this backend (a
+/// setting of the backend, [`CudaBackend::set_eval_storage`], read with the layout when a
+/// model builds its eval-mode buffers; what [`Backend::eval_storage`] answers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EvalStorage {
+    /// The backend's choice: bf16 at `--precision bf16` (the convolutions round their
+    /// activation operand to bf16 anyway, so the storage changes only the residual adds and
+    /// the features), f32 otherwise.
+    #[default]
+    Auto,
+    /// f32 at any precision.
+    F32,
+    /// bf16 at `--precision bf16`; ignored (f32) at tf32 and f32, whose convolutions read
+    /// more of the activations than bf16 keeps.
+    Bf16,
+}
+
+impl EvalStorage {
+    /// Every setting, in the order the help text lists them.
+    pub const ALL: [EvalStorage; 3] = [EvalStorage::Auto, EvalStorage::F32, EvalStorage::Bf16];
+
+    /// `auto`, `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalStorage::Auto => "auto",
+            EvalStorage::F32 => "f32",
+            EvalStorage::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for EvalStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for EvalStorage {
+    type Err = EngineError;
+
+    /// `auto`, `f32` or `bf16` (any case, surrounding spaces ignored).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        EvalStorage::ALL
+            .into_iter()
+            .find(|l| l.name() == t)
+            .ok_or_else(|| {
+                EngineError::Param(format!(
+                    "unknown activation storage `{s}`: use auto, f32 or bf16"
+                ))
+            })
+    }
+}
+
+impl CudaBackend {
+    /// The storage of the eval-mode backbone's channels-last activations (default
+    /// [`EvalStorage::Auto`]).
+    pub fn set_eval_storage(&mut self, st: EvalStorage) {
+        self.eval_storage = st;
+    }
+
+    /// The storage setting ([`CudaBackend::set_eval_storage`]).
+    pub fn eval_storage_setting(&self) -> EvalStorage {
+        self.eval_storage
+    }
+
+    /// The conv unit on bf16 storage by conversions: x (and the residual) unpacked to f32
+    /// NHWC scratch, [`Backend::conv2d_bn_eval_fwd_nhwc`], its output packed into y. Lengths
+    /// as [`Backend::conv2d_bn_eval_fwd_nhwc_bf16`] checks them (the ops check them again).
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bn_eval_fwd_nhwc_bf16_by_conversions(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        let mut xf = self.take_scratch(s.x_len())?;
+        let mut yf = self.take_scratch(s.y_len())?;
+        let mut rf = match residual {
+            Some(_) => Some(self.take_scratch(s.y_len())?),
+            None => None,
+        };
+        let r = (|| {
+            channels::unpack_bf16(self, s.x_len(), x, &mut xf)?;
+            if let (Some(r), Some(t)) = (residual, rf.as_mut()) {
+                channels::unpack_bf16(self, s.y_len(), r, t)?;
+            }
+            self.conv2d_bn_eval_fwd_nhwc(
+                s,
+                bn,
+                &xf,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                rf.as_ref(),
+                relu,
+                &mut yf,
+            )?;
+            channels::pack_bf16(self, s.y_len(), &yf, y)
+        })();
+        self.give_scratch(xf);
+        self.give_scratch(yf);
+        if let Some(t) = rf {
+            self.give_scratch(t);
+        }
+        r
+    }
+}
+
 /// Stream-ordered allocations come from the device's default memory pool, which by default
 /// returns freed memory to the OS at every synchronisation; a training step allocates the
 /// same buffers again right after, so keep it (as PyTorch's caching allocator does). Best
@@ -538,6 +663,53 @@ impl Backend for CudaBackend {
                 self.precision().tensor_cores() && self.mma_route != conv::MmaRoute::Never
             }
         }
+    }
+
+    fn eval_storage(&self) -> ActStorage {
+        // bf16 only where the convolutions round their activation operand to bf16 anyway.
+        match (self.eval_storage, self.precision()) {
+            (EvalStorage::Auto | EvalStorage::Bf16, Precision::Bf16) => ActStorage::Bf16,
+            _ => ActStorage::F32,
+        }
+    }
+    fn force_f32_eval_storage(&mut self) {
+        self.eval_storage = EvalStorage::F32;
+    }
+    fn storage_slots(&self, st: ActStorage, values: usize) -> usize {
+        match st {
+            ActStorage::F32 => values,
+            ActStorage::Bf16 => values.div_ceil(2),
+        }
+    }
+    unsafe fn conv2d_bn_eval_fwd_nhwc_bf16_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // By conversions around the channels-last unit; the native bf16-storage kernel
+        // (conv.rs, branch nhwck2) is routed here at merge where it runs the shape.
+        self.conv2d_bn_eval_fwd_nhwc_bf16_by_conversions(
+            s,
+            bn,
+            x,
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            residual,
+            relu,
+            y,
+        )
     }
 
     // ---- convolution ---------------------------------------------------------------------
@@ -1055,6 +1227,22 @@ impl Backend for CudaBackend {
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
         channels::nhwc_to_nchw(self, s, x, y)
+    }
+    unsafe fn nchw_to_nhwc_bf16_unchecked(
+        &self,
+        s: &Transpose,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        channels::nchw_to_nhwc_bf16(self, s, x, y)
+    }
+    unsafe fn nhwc_bf16_to_nchw_unchecked(
+        &self,
+        s: &Transpose,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        channels::nhwc_bf16_to_nchw(self, s, x, y)
     }
     fn sigmoid_fwd(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
         dice::sigmoid_fwd(self, x, y)

@@ -1,18 +1,24 @@
 //! Channel slices on the device (`kernels/channels.cu`, mirroring `cpu/channels.rs`): the
 //! U-Net's skip concatenation and, accumulating, its backward; and the layout changes
 //! between channels-first and channels-last (a shared-memory tiled transpose per image,
-//! coalesced both ways; nothing allocated, so capturable in a CUDA graph).
+//! coalesced both ways; nothing allocated, so capturable in a CUDA graph), and their forms
+//! into and out of bf16 storage (`precision::ActStorage::Bf16`: two values per f32 slot),
+//! with the plain conversions between f32 and bf16 storage ([`pack_bf16`], [`unpack_bf16`]).
 
 use cudarc::driver::CudaSlice;
 
-use super::launch::{blocks, grid, int_args, kernels};
+use super::launch::{blocks, grid, int_args, kernels, Kernel};
 use super::CudaBackend;
-use crate::engine::shapes::{ChannelCopy, Transpose};
+use crate::engine::shapes::{check_lens, ChannelCopy, Transpose};
 use crate::engine::Result;
 
 kernels!("channels" {
     copy: "copy_channels",
     transpose: "transpose_tiles",
+    to_bf16: "transpose_tiles_to_bf16",
+    from_bf16: "transpose_tiles_from_bf16",
+    pack: "pack_bf16",
+    unpack: "unpack_bf16",
 });
 
 fn kernels(be: &CudaBackend) -> Result<&Kernels> {
@@ -57,10 +63,12 @@ pub(crate) fn copy_channels(
 const TRANSPOSE_GRID: usize = 4096;
 
 /// Per image `dst[j, i] = src[i, j]` for `src` `[n, rows, cols]`, `dst` `[n, cols, rows]`
-/// (as long as `src`: checked by the callers), in 32x32 tiles.
+/// (as many values as `src`, in f32 or bf16 storage as `kernel` reads and writes them:
+/// checked by the callers), in 32x32 tiles.
 fn transpose(
     be: &CudaBackend,
     op: &'static str,
+    kernel: fn(&Kernels) -> &Kernel,
     (n, rows, cols): (usize, usize, usize),
     src: &CudaSlice<f32>,
     dst: &mut CudaSlice<f32>,
@@ -81,10 +89,10 @@ fn transpose(
         ),
         256,
     )?;
-    // SAFETY: src and dst hold n * rows * cols values (checked by the trait's method).
+    // SAFETY: src and dst hold n * rows * cols values in the storage the kernel reads and
+    // writes (checked by the trait's method).
     unsafe {
-        kernels(be)?
-            .transpose
+        kernel(kernels(be)?)
             .on(be.stream())
             .arg(src)
             .arg(dst)
@@ -100,7 +108,7 @@ pub(crate) fn nchw_to_nhwc(
     x: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    transpose(be, "nchw_to_nhwc", (s.n, s.c, s.hw), x, y)
+    transpose(be, "nchw_to_nhwc", |k| &k.transpose, (s.n, s.c, s.hw), x, y)
 }
 
 /// `y[i, ch, p] = x[i, p, ch]`: channels-last to NCHW.
@@ -110,5 +118,106 @@ pub(crate) fn nhwc_to_nchw(
     x: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    transpose(be, "nhwc_to_nchw", (s.n, s.hw, s.c), x, y)
+    transpose(be, "nhwc_to_nchw", |k| &k.transpose, (s.n, s.hw, s.c), x, y)
+}
+
+/// [`nchw_to_nhwc`] into bf16 storage (y: `n * c * hw` values in half as many slots,
+/// rounded to nearest even).
+pub(crate) fn nchw_to_nhwc_bf16(
+    be: &CudaBackend,
+    s: &Transpose,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    transpose(
+        be,
+        "nchw_to_nhwc_bf16",
+        |k| &k.to_bf16,
+        (s.n, s.c, s.hw),
+        x,
+        y,
+    )
+}
+
+/// [`nhwc_to_nchw`] out of bf16 storage (x: `n * c * hw` values in half as many slots).
+pub(crate) fn nhwc_bf16_to_nchw(
+    be: &CudaBackend,
+    s: &Transpose,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    transpose(
+        be,
+        "nhwc_bf16_to_nchw",
+        |k| &k.from_bf16,
+        (s.n, s.hw, s.c),
+        x,
+        y,
+    )
+}
+
+/// `len` f32 values of `src` into bf16 storage `dst` (`len.div_ceil(2)` slots; rounded to
+/// nearest even; an odd length's last high half 0). Lengths checked here.
+pub(crate) fn pack_bf16(
+    be: &CudaBackend,
+    len: usize,
+    src: &CudaSlice<f32>,
+    dst: &mut CudaSlice<f32>,
+) -> Result<()> {
+    convert(
+        be,
+        "pack_bf16",
+        |k| &k.pack,
+        (len, len.div_ceil(2)),
+        src,
+        dst,
+    )
+}
+
+/// `len` values in bf16 storage `src` (`len.div_ceil(2)` slots) into f32 `dst`, exactly.
+/// Lengths checked here.
+pub(crate) fn unpack_bf16(
+    be: &CudaBackend,
+    len: usize,
+    src: &CudaSlice<f32>,
+    dst: &mut CudaSlice<f32>,
+) -> Result<()> {
+    convert(
+        be,
+        "unpack_bf16",
+        |k| &k.unpack,
+        (len.div_ceil(2), len),
+        src,
+        dst,
+    )
+}
+
+/// A grid-stride conversion of `len` values between f32 and bf16 storage (`src`, `dst` of
+/// `lens` slots, checked), a thread per slot of the bf16 side.
+fn convert(
+    be: &CudaBackend,
+    op: &'static str,
+    kernel: fn(&Kernels) -> &Kernel,
+    (src_len, dst_len): (usize, usize),
+    src: &CudaSlice<f32>,
+    dst: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_lens(
+        op,
+        &[("src", src.len(), src_len), ("dst", dst.len(), dst_len)],
+    )?;
+    let len = src_len.max(dst_len);
+    if len == 0 {
+        return Ok(());
+    }
+    let values = len as u64;
+    // SAFETY: the lengths are checked above; the kernel indexes below `len` values.
+    unsafe {
+        kernel(kernels(be)?)
+            .on(be.stream())
+            .arg(src)
+            .arg(dst)
+            .arg(&values)
+            .launch(grid(src_len.min(dst_len)))
+    }
 }
