@@ -695,21 +695,37 @@ impl Backend for CudaBackend {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // By conversions around the channels-last unit; the native bf16-storage kernel
-        // (conv.rs, branch nhwck2) is routed here at merge where it runs the shape.
-        self.conv2d_bn_eval_fwd_nhwc_bf16_by_conversions(
-            s,
-            bn,
-            x,
-            w,
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-            residual,
-            relu,
-            y,
-        )
+        // The native bf16-storage kernel where it runs the shape (at bf16 with the mma
+        // kernels allowed), else conversions around the channels-last unit.
+        if self.conv_bn_eval_nhwc_bf16s_native(s) {
+            self.conv2d_bn_eval_fwd_nhwc_bf16s_native(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        } else {
+            self.conv2d_bn_eval_fwd_nhwc_bf16_by_conversions(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        }
     }
 
     // ---- convolution ---------------------------------------------------------------------

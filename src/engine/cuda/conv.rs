@@ -24,7 +24,7 @@ use cudarc::driver::CudaSlice;
 
 use super::launch::{blocks, dim, grid, int_args, kernels, Kernel, Launch, NULL};
 use super::{norm, CudaBackend};
-use crate::engine::shapes::{check_lens, Conv2d};
+use crate::engine::shapes::Conv2d;
 use crate::engine::{Backend, BatchNorm2d, EngineError, Precision, Result};
 
 kernels!("conv" {
@@ -339,7 +339,7 @@ impl CudaBackend {
     /// # Safety
     /// `x` holds `s.x_len().div_ceil(2)` values, `residual` and `y` `s.y_len().div_ceil(2)`,
     /// `w` `s.w_len()`, the batch-norm buffers `c_out` (what
-    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_checked`] checks).
+    /// `Backend::conv2d_bn_eval_fwd_nhwc_bf16` checks).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn conv2d_bn_eval_fwd_nhwc_bf16s_native(
         &self,
@@ -370,64 +370,6 @@ impl CudaBackend {
             // SAFETY: the caller's contract; ss holds 2 * c_out values.
             unsafe { launch_mma_nhwc_bf16s(self, s, x, w, &ep, y) }
         })
-    }
-
-    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`] after checking the shape and every
-    /// length (`x` `s.x_len().div_ceil(2)` slots, `residual` and `y` `s.y_len().div_ceil(2)`,
-    /// `w` `s.w_len()`, the batch norm's as `conv2d_bn_eval_fwd` checks them): a shape error on
-    /// a mismatch, a parameter error where the kernel does not run `s`. For tests and
-    /// diagnostics until the backend's op routes to it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn conv2d_bn_eval_fwd_nhwc_bf16s_checked(
-        &self,
-        s: &Conv2d,
-        bn: &BatchNorm2d,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        gamma: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        running_mean: &CudaSlice<f32>,
-        running_var: &CudaSlice<f32>,
-        residual: Option<&CudaSlice<f32>>,
-        relu: bool,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        const OP: &str = "conv2d_bn_eval_fwd_nhwc_bf16s";
-        s.check(OP)?;
-        let packed_y = s.y_len().div_ceil(2);
-        check_lens(
-            OP,
-            &[
-                ("x (bf16 storage)", x.len(), s.x_len().div_ceil(2)),
-                ("w", w.len(), s.w_len()),
-                ("y (bf16 storage)", y.len(), packed_y),
-            ],
-        )?;
-        if let Some(r) = residual {
-            check_lens(OP, &[("residual (bf16 storage)", r.len(), packed_y)])?;
-        }
-        bn.check_after_conv(
-            OP,
-            s,
-            [gamma, beta, running_mean, running_var].map(|b| b.len()),
-            None,
-        )?;
-        // SAFETY: every length checked above.
-        unsafe {
-            self.conv2d_bn_eval_fwd_nhwc_bf16s_native(
-                s,
-                bn,
-                x,
-                w,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                residual,
-                relu,
-                y,
-            )
-        }
     }
 
     /// Which kernels the tf32 / bf16 convolutions take (default [`MmaRoute::Auto`]).
