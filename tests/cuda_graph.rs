@@ -67,9 +67,7 @@ use common::rng::SplitMix64;
 use std::sync::OnceLock;
 
 use common::cuda::{device, emulator, Test};
-use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::graph::Graph;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::Backend;
 use ichcam::model::unet::{UNet, UNetConfig, UNetLoss};
@@ -334,7 +332,7 @@ fn cam_pass_graph_replay_is_bit_identical_to_eager() {
 
     // Capture the pass on a fixed input buffer, with its buffers warm (one eager pass).
     let mut xin = g.upload(&x1).expect("up");
-    let (graph, bufs) = warm_and_capture_cam_pass(g, &mut net, &xin, n, h, w);
+    let (graph, bufs) = common::cuda::warm_and_capture_cam_pass(g, &mut net, &xin, (n, h, w));
     assert!(
         graph.nodes() == 0 || graph.nodes() > 5,
         "{} nodes",
@@ -358,35 +356,6 @@ fn cam_pass_graph_replay_is_bit_identical_to_eager() {
     assert_eq!(bits(&got2.1), bits(&ref2.1), "CAM, replay on x2");
     assert_eq!(bits(&got2.2), bits(&ref2.2), "normalised CAM, replay on x2");
     drop(graph);
-}
-
-/// One eager CAM pass on `xin` (its buffers allocated and warm), the outputs poisoned with
-/// NaN, then the pass captured as a graph (which must allocate nothing): the graph and the
-/// pass's buffers.
-fn warm_and_capture_cam_pass(
-    g: &CudaBackend,
-    net: &mut IchNet<CudaBackend>,
-    xin: &CudaSlice<f32>,
-    n: usize,
-    h: usize,
-    w: usize,
-) -> (Graph, Option<CamPassBufs<CudaBackend>>) {
-    let mut bufs = None;
-    net.stage2_cam_pass(xin, n, h, w, &mut bufs)
-        .expect("warm-up pass");
-    {
-        let b = bufs.as_mut().expect("bufs");
-        for buf in [&mut b.logits, &mut b.cam, &mut b.norm] {
-            g.fill(buf, f64::NAN).expect("poison");
-        }
-    }
-    let (graph, ()) = g
-        .capture(|| {
-            net.stage2_cam_pass(xin, n, h, w, &mut bufs)
-                .map_err(|e| ichcam::engine::EngineError::Param(e.to_string()))
-        })
-        .expect("capturing the CAM pass (it must allocate nothing once warm)");
-    (graph, bufs)
 }
 
 fn cam_fused_matches_cpu() {
@@ -1568,7 +1537,7 @@ fn chunked_cam_pass_case(g: &CudaBackend, p: ichcam::engine::Precision) {
 
     // One graph over all the chunks, on a fixed input buffer, its buffers warm.
     let mut xin = g.upload(&x1).expect("up");
-    let (graph, bufs) = warm_and_capture_cam_pass(g, &mut net, &xin, n, h, w);
+    let (graph, bufs) = common::cuda::warm_and_capture_cam_pass(g, &mut net, &xin, (n, h, w));
     let b = bufs.as_ref().expect("bufs");
     assert!(
         down(&b.norm).iter().all(|v| v.is_nan()),

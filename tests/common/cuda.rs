@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use ichcam::engine::cuda::CudaBackend;
-use ichcam::engine::Precision;
+use cudarc::driver::CudaSlice;
+use ichcam::engine::cuda::{CudaBackend, Graph};
+use ichcam::engine::{Backend, EngineError, Precision};
+use ichcam::model::{CamPassBufs, IchNet};
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 /// Whether a missing device must be a failure.
@@ -205,4 +207,31 @@ pub fn round(p: Precision, v: &[f32]) -> Vec<f32> {
             })
         })
         .collect()
+}
+
+/// One eager CAM pass of `net` on `xin` (its buffers warm), the outputs poisoned with NaN,
+/// then the pass captured as a graph on `g` (which must allocate nothing): the graph and the
+/// pass's buffers, for a replay to fill again.
+pub fn warm_and_capture_cam_pass(
+    g: &CudaBackend,
+    net: &mut IchNet<CudaBackend>,
+    xin: &CudaSlice<f32>,
+    (n, h, w): (usize, usize, usize),
+) -> (Graph, Option<CamPassBufs<CudaBackend>>) {
+    let mut bufs = None;
+    net.stage2_cam_pass(xin, n, h, w, &mut bufs)
+        .expect("warm-up pass");
+    {
+        let b = bufs.as_mut().expect("bufs");
+        for buf in [&mut b.logits, &mut b.cam, &mut b.norm] {
+            g.fill(buf, f64::NAN).expect("poison");
+        }
+    }
+    let (graph, ()) = g
+        .capture(|| {
+            net.stage2_cam_pass(xin, n, h, w, &mut bufs)
+                .map_err(|e| EngineError::Param(e.to_string()))
+        })
+        .expect("capturing the CAM pass (it must allocate nothing once warm)");
+    (graph, bufs)
 }
