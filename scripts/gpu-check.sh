@@ -211,11 +211,15 @@ if [ "$DRY" = 0 ]; then
     r=$(grep -E '^\{' "$LOG/bench-camwhole-r101-f32.log" 2>/dev/null | tail -1 | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print('%.3f ms, %s MB measured, %.0f MB planned' % (d['median_ms'], d.get('device_mb'), d.get('pass_plan_mb', 0)))" 2>/dev/null)
     [ -n "$r" ] && figure "cam-r101 in one piece" "$r"
 fi
-# The bf16 CAM passes above ran channels-last (`--layout auto` at bf16); the same passes NCHW:
-# which layout the eval backbone should take by default.
-if [[ " ${PREC[*]} " == *" bf16 "* ]] && "$BIN" bench --help 2>/dev/null | grep -q -- '--layout'; then
-    run "bench-cam-r101-bf16-nchw" 60 "$BIN" bench --device cuda --config paper --what cam --precision bf16 --layout nchw --iters "$ITERS" --warmup 2 --json
-    run "bench-cam-r18-bf16-nchw" 60 "$BIN" bench --device cuda --config small --what cam --precision bf16 --layout nchw --iters "$ITERS" --warmup 2 --json
+# The bf16 CAM passes above ran channels-last with bf16 activation storage (`--layout auto
+# --act-storage auto` at bf16); the same passes channels-last in f32 storage, and NCHW: which
+# layout and storage the eval backbone should take by default.
+if [[ " ${PREC[*]} " == *" bf16 "* ]] && "$BIN" bench --help 2>/dev/null | grep -q -- '--act-storage'; then
+    for cfg in "r101 paper" "r18 small"; do
+        read -r tag preset <<<"$cfg"
+        run "bench-cam-$tag-bf16-f32store" 60 "$BIN" bench --device cuda --config "$preset" --what cam --precision bf16 --act-storage f32 --iters "$ITERS" --warmup 2 --json
+        run "bench-cam-$tag-bf16-nchw" 60 "$BIN" bench --device cuda --config "$preset" --what cam --precision bf16 --layout nchw --iters "$ITERS" --warmup 2 --json
+    done
 fi
 # The stage-3 U-Net train step (not one of the six workloads): its CUDA graph, then eager.
 run "bench-unet-step-small-f32" 40 "$BIN" bench --device cuda --config small --what unet-step --iters "$ITERS" --warmup 2 --json
