@@ -21,7 +21,7 @@ use common::rng::SplitMix64;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::shapes::Transpose;
 use ichcam::engine::{ActStorage, Backend, BatchNorm2d, Conv2d, EngineError, Precision};
-use ichcam::model::{BlockKind, CamChunking, CamKind, IchNet, ModelConfig};
+use ichcam::model::{CamChunking, CamKind, IchNet, ModelConfig};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -233,18 +233,6 @@ fn conv_unit_is_the_f32_unit_rounded() {
     }
 }
 
-fn configs() -> [ModelConfig; 2] {
-    [
-        ModelConfig {
-            block: BlockKind::Bottleneck,
-            layers: vec![2, 1, 2],
-            base_width: 4,
-            ..ModelConfig::tiny()
-        },
-        ModelConfig::tiny(),
-    ]
-}
-
 /// A channels-last model in f32 storage and one in bf16 storage, with the same weights and
 /// running statistics moved by the same training step.
 fn pair(
@@ -301,7 +289,7 @@ fn bf16_storage_model_is_close_to_f32_storage() {
     let mut rng = SplitMix64::fresh("bf16-storage-model");
     let x = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
     let x2 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
-    for cfg in configs() {
+    for cfg in common::nhwc::eval_configs() {
         let [mut a, mut b] = pair(&cfg, &x2, n, h, w);
         let what = format!("{:?} {:?}", cfg.block, cfg.layers);
         let (fa, fb) = (

@@ -17,7 +17,7 @@ use common::rng::SplitMix64;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::shapes::Transpose;
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d, EngineError};
-use ichcam::model::{BlockKind, CamChunking, CamKind, IchNet, ModelConfig};
+use ichcam::model::{CamChunking, CamKind, IchNet, ModelConfig};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -194,18 +194,6 @@ fn default_nhwc_unit_is_the_nchw_op_bit_for_bit() {
     }
 }
 
-fn configs() -> [ModelConfig; 2] {
-    [
-        ModelConfig {
-            block: BlockKind::Bottleneck,
-            layers: vec![2, 1, 2],
-            base_width: 4,
-            ..ModelConfig::tiny()
-        },
-        ModelConfig::tiny(),
-    ]
-}
-
 /// An NCHW and a channels-last model of `cfg` with the same weights and running statistics
 /// moved away from 0 and 1 by the same training step.
 fn pair(
@@ -247,7 +235,7 @@ fn channels_last_model_is_bit_identical_to_nchw() {
     let mut rng = SplitMix64::fresh("nhwc-model");
     let x = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
     let x2 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
-    for cfg in configs() {
+    for cfg in common::nhwc::eval_configs() {
         let [mut a, mut b] = pair(&cfg, &x2, n, h, w);
         let what = format!("{:?} {:?}", cfg.block, cfg.layers);
         // Features (and through them the pooled features) of the eval-mode backbone.

@@ -1,11 +1,14 @@
 //! The channels-last (NHWC) eval forward's test cases, shared by tests/cuda_conv_nhwc.rs (f32
 //! activations) and tests/cuda_conv_nhwc_bf16s.rs (bf16 storage): the shapes, layout changes
-//! on the host, the batch-norm parameters and the CPU reference (NCHW, transposed here).
+//! on the host, the batch-norm parameters and the CPU reference (NCHW, transposed here); and
+//! the small models of the channels-last model tests (tests/eval_nhwc.rs,
+//! tests/eval_bf16_storage.rs).
 
 use super::rng::SplitMix64;
 use super::shapes::conv;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d};
+use ichcam::model::{BlockKind, ModelConfig};
 
 /// The shapes, each with the copy paths it takes in the f32-activation kernel (weights /
 /// activations: 16 or 4 bytes).
@@ -104,4 +107,18 @@ pub fn cpu_nhwc(c: &Case) -> Vec<f32> {
     .expect("cpu conv2d_bn_eval_fwd");
     let y = cpu.download(&y).expect("download");
     to_nhwc(&y, c.s.n, c.s.c_out, c.s.out_h() * c.s.out_w())
+}
+
+/// Two small models for the channels-last model tests: a bottleneck net of base width 4
+/// (layers 2, 1, 2) and the tiny preset.
+pub fn eval_configs() -> [ModelConfig; 2] {
+    [
+        ModelConfig {
+            block: BlockKind::Bottleneck,
+            layers: vec![2, 1, 2],
+            base_width: 4,
+            ..ModelConfig::tiny()
+        },
+        ModelConfig::tiny(),
+    ]
 }
