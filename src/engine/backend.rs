@@ -1104,9 +1104,6 @@ pub fn conv2d_bn_eval_fwd_nhwc_by_transposes<B: Backend + ?Sized>(
     relu: bool,
     y: &mut B::Buf,
 ) -> Result<()> {
-    if s.y_len() == 0 {
-        return Ok(());
-    }
     let t_in = Transpose {
         n: s.n,
         c: s.c_in,
@@ -1117,6 +1114,52 @@ pub fn conv2d_bn_eval_fwd_nhwc_by_transposes<B: Backend + ?Sized>(
         c: s.c_out,
         hw: s.out_h() * s.out_w(),
     };
+    eval_unit_through_scratch(
+        be,
+        s,
+        x,
+        residual,
+        y,
+        |is_residual, src, dst| be.nhwc_to_nchw(if is_residual { &t_out } else { &t_in }, src, dst),
+        |src, dst| be.nchw_to_nhwc(&t_out, src, dst),
+        |xt, rt, yt| {
+            be.conv2d_bn_eval_fwd(
+                s,
+                bn,
+                xt,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                rt,
+                relu,
+                yt,
+            )
+        },
+    )
+}
+
+/// An eval unit run on converted copies: x (and the residual) converted by `input`
+/// (`is_residual` says which) into [`Backend::scratch`] buffers of `s.x_len()` (and
+/// `s.y_len()`) values, `run` on them into a third of `s.y_len()`, that one converted into y
+/// by `output`; the scratch given back whatever happens. What
+/// [`conv2d_bn_eval_fwd_nhwc_by_transposes`] (layout changes) and CUDA's bf16-storage unit by
+/// conversions (unpack / pack) share. Nothing runs for an empty output.
+#[allow(clippy::too_many_arguments)]
+pub fn eval_unit_through_scratch<B: Backend + ?Sized>(
+    be: &B,
+    s: &Conv2d,
+    x: &B::Buf,
+    residual: Option<&B::Buf>,
+    y: &mut B::Buf,
+    input: impl Fn(bool, &B::Buf, &mut B::Buf) -> Result<()>,
+    output: impl FnOnce(&B::Buf, &mut B::Buf) -> Result<()>,
+    run: impl FnOnce(&B::Buf, Option<&B::Buf>, &mut B::Buf) -> Result<()>,
+) -> Result<()> {
+    if s.y_len() == 0 {
+        return Ok(());
+    }
     let mut xt = be.scratch(s.x_len())?;
     let mut yt = be.scratch(s.y_len())?;
     let mut rt = match residual {
@@ -1124,24 +1167,12 @@ pub fn conv2d_bn_eval_fwd_nhwc_by_transposes<B: Backend + ?Sized>(
         None => None,
     };
     let r = (|| {
-        be.nhwc_to_nchw(&t_in, x, &mut xt)?;
+        input(false, x, &mut xt)?;
         if let (Some(r), Some(t)) = (residual, rt.as_mut()) {
-            be.nhwc_to_nchw(&t_out, r, t)?;
+            input(true, r, t)?;
         }
-        be.conv2d_bn_eval_fwd(
-            s,
-            bn,
-            &xt,
-            w,
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-            rt.as_ref(),
-            relu,
-            &mut yt,
-        )?;
-        be.nchw_to_nhwc(&t_out, &yt, y)
+        run(&xt, rt.as_ref(), &mut yt)?;
+        output(&yt, y)
     })();
     be.recycle(xt);
     be.recycle(yt);

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use cudarc::driver::CudaSlice;
 use ichcam::engine::cuda::{CudaBackend, Graph};
+use ichcam::engine::precision::round_bf16;
 use ichcam::engine::{Backend, EngineError, Precision};
 use ichcam::model::{CamPassBufs, IchNet};
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
@@ -202,7 +203,7 @@ pub fn round(p: Precision, v: &[f32]) -> Vec<f32> {
             let u = x.to_bits();
             f32::from_bits(match p {
                 Precision::F32 => u,
-                Precision::Bf16 => (u + 0x7fff + ((u >> 16) & 1)) & 0xffff_0000,
+                Precision::Bf16 => round_bf16(x).to_bits(),
                 Precision::Tf32 => (u + 0x1000) & 0xffff_e000,
             })
         })

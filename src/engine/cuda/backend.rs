@@ -25,7 +25,9 @@ use super::{
     bias, cam, ccl, channels, conv, dense, dice, elementwise, kmeans, loss, lstm, morph, norm,
     optim, pool, upconv, volume,
 };
-use crate::engine::backend::{conv2d_bn_eval_fwd_nhwc_by_transposes, Backend};
+use crate::engine::backend::{
+    conv2d_bn_eval_fwd_nhwc_by_transposes, eval_unit_through_scratch, Backend,
+};
 use crate::engine::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
 };
@@ -503,41 +505,33 @@ impl CudaBackend {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if s.y_len() == 0 {
-            return Ok(());
-        }
-        let mut xf = self.take_scratch(s.x_len())?;
-        let mut yf = self.take_scratch(s.y_len())?;
-        let mut rf = match residual {
-            Some(_) => Some(self.take_scratch(s.y_len())?),
-            None => None,
-        };
-        let r = (|| {
-            channels::unpack_bf16(self, s.x_len(), x, &mut xf)?;
-            if let (Some(r), Some(t)) = (residual, rf.as_mut()) {
-                channels::unpack_bf16(self, s.y_len(), r, t)?;
-            }
-            self.conv2d_bn_eval_fwd_nhwc(
-                s,
-                bn,
-                &xf,
-                w,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                rf.as_ref(),
-                relu,
-                &mut yf,
-            )?;
-            channels::pack_bf16(self, s.y_len(), &yf, y)
-        })();
-        self.give_scratch(xf);
-        self.give_scratch(yf);
-        if let Some(t) = rf {
-            self.give_scratch(t);
-        }
-        r
+        eval_unit_through_scratch(
+            self,
+            s,
+            x,
+            residual,
+            y,
+            |is_residual, src, dst| {
+                let len = if is_residual { s.y_len() } else { s.x_len() };
+                channels::unpack_bf16(self, len, src, dst)
+            },
+            |src, dst| channels::pack_bf16(self, s.y_len(), src, dst),
+            |xf, rf, yf| {
+                self.conv2d_bn_eval_fwd_nhwc(
+                    s,
+                    bn,
+                    xf,
+                    w,
+                    gamma,
+                    beta,
+                    running_mean,
+                    running_var,
+                    rf,
+                    relu,
+                    yf,
+                )
+            },
+        )
     }
 }
 
