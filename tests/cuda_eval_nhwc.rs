@@ -20,8 +20,8 @@
 //!   halves) equal the CPU reference's rounded values bit for bit, ties to even included,
 //!   on the transpose's sizes (odd lengths: a half slot); wrong lengths (a slot per value)
 //!   are `EngineError::Shape`; `EvalStorage`: `auto` is bf16 at bf16 precision only, an
-//!   explicit `bf16` is ignored below it; a bf16 model in bf16 storage (its units unpack,
-//!   run the channels-last unit and pack) gives features within 1e-2 of the same model in
+//!   explicit `bf16` is ignored below it; a bf16 model in bf16 storage (its units the native
+//!   bf16-storage kernel, `conv2d_fwd_bn_mma_nhwc_bf16s`) gives features within 1e-2 of the same model in
 //!   f32 storage, the CAM pass within 2e-2 of it (sums over the channels with random signs
 //!   on these small random models, which cancel: measured up to 1.01e-2) and within 3e-2
 //!   of the CPU's bf16-storage reference (which does not round the weights), holds what `memory` counts for `ActLayout::NhwcBf16`, and its
@@ -280,7 +280,7 @@ fn nhwc_cam_pass_graph_replays(p: Precision) {
     net.stage2_cam_pass(&xb1, n, h, w, &mut eager)
         .expect("eager pass");
     assert!(eager.as_ref().expect("bufs").channels_last());
-    // `auto` storage: bf16 at bf16 precision (the units by unpack / unit / pack).
+    // `auto` storage: bf16 at bf16 precision (the units the native bf16-storage kernel).
     let want = if p == Precision::Bf16 {
         ActStorage::Bf16
     } else {
