@@ -1314,12 +1314,19 @@ conv2d_bwd_weight_mma_tf32(const float* __restrict__ x, const float* __restrict_
 // past the pixels: the zero-fill form. The block's pixels are decoded once into `pix` (static
 // shared memory) instead of per copy. The epilogue stores the accumulators transposed
 // (mma_store<true>: [n][m]) and writes y along m: 32 lanes = 32 consecutive channels of one
-// pixel (128 bytes), the f32 tile read conflict-free along its rows.
+// pixel (128 bytes), the f32 tile read conflict-free along its rows. The training forward
+// (conv2d_fwd_stats_mma_nhwc_*) is the same kernel with the EPI_STATS epilogue: z = acc, and
+// per output channel and 64-pixel tile (pixels in order n, oh, ow: NCHW's order, so the
+// partials are conv_fwd_mma's, [c * T + t]) the f64 sum and the sum of squared deviations
+// from the tile's mean, from the f32 tile in shared memory: thread = channel tid % 128 and
+// tile half tid / 128, a warp reading 32 consecutive channels of one pixel row per step
+// (conflict-free), each sum in pixel order.
 
 // One pixel of the block's tile: x's pixel index of (its image, 0, 0) and the input row and
 // column of its tap (0, 0); ih0 = iw0 = -2^30 past the pixels, so that every tap is outside.
+// out: the data gradient's dx pixel index (nhwc_phase_pixels; unused by the forward).
 struct __align__(16) NhwcPixel {
-    int base, ih0, iw0, unused;
+    int base, ih0, iw0, out;
 };
 
 // The block's MBN pixels p0.. (of Pn, OH*OW = OHW per image) decoded into pix, then a barrier.
@@ -1365,12 +1372,15 @@ __device__ __forceinline__ void nhwc_gather(const NhwcPixel* pix, int nl0, int k
     }
 }
 
-template <bool TF32>
-__device__ __forceinline__ void conv_fwd_bn_mma_nhwc(NhwcPixel* pix, const float* __restrict__ x,
-                                                     const float* __restrict__ w, float* __restrict__ y, int N,
-                                                     int C, int H, int W, int CO, int KH, int KW, int stride,
-                                                     int pad, const float* __restrict__ ss,
-                                                     const float* __restrict__ res, int relu, int vec) {
+// The channels-last forward; EPI_BN (eval: ss, res, relu) or EPI_STATS (training: z = acc and
+// part_s, part_q, C_out * T values each, T = ceil(N*OH*OW / 64)).
+template <bool TF32, int EPI>
+__device__ __forceinline__ void conv_fwd_mma_nhwc(NhwcPixel* pix, const float* __restrict__ x,
+                                                  const float* __restrict__ w, float* __restrict__ y, int N, int C,
+                                                  int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                                  const float* __restrict__ ss, const float* __restrict__ res,
+                                                  int relu, double* __restrict__ part_s, double* __restrict__ part_q,
+                                                  int vec) {
     unsigned char* smem = mma_smem;
     const int tid = threadIdx.x;
     const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
@@ -1401,12 +1411,34 @@ __device__ __forceinline__ void conv_fwd_bn_mma_nhwc(NhwcPixel* pix, const float
     // Channel tid % 128 of pixels tid / 128 + 2i: a warp writes 32 consecutive channels.
     const int ml = tid & (MBM - 1), m = m0 + ml;
     if (m >= M) return;
+    if constexpr (EPI == EPI_STATS) {
+        // Tile 2 * blockIdx.x + half of T: pixels 64 * half.. of the block, column ml of Cs.
+        const int T = (Pn + 63) / 64, half = tid >> 7;
+        const int nv = min(64, Pn - (p0 + 64 * half));
+        if (nv > 0) {
+            const float* cc = Cs + 64 * half * MLDC + ml;
+            double sum = 0.0;
+            for (int k = 0; k < nv; ++k) sum += (double)cc[k * MLDC];
+            const double mean = sum / (double)nv;
+            double q = 0.0;
+            for (int k = 0; k < nv; ++k) {
+                const double d = (double)cc[k * MLDC] - mean;
+                q += d * d;
+            }
+            const size_t o = (size_t)m * T + 2 * blockIdx.x + half;
+            part_s[o] = sum;
+            part_q[o] = q;
+        }
+    }
 #pragma unroll 4
     for (int i = 0; i < MBN / 2; ++i) {
         const int nl = (tid >> 7) + 2 * i, p = p0 + nl;
         if (p >= Pn) break;
         const size_t o = (size_t)p * CO + m;
-        y[o] = bn_epilogue(Cs[nl * MLDC + ml], ss, CO, m, res, o, relu);
+        if constexpr (EPI == EPI_BN)
+            y[o] = bn_epilogue(Cs[nl * MLDC + ml], ss, CO, m, res, o, relu);
+        else
+            y[o] = Cs[nl * MLDC + ml];
     }
 }
 
@@ -1452,7 +1484,8 @@ conv2d_fwd_bn_mma_nhwc_bf16(const float* __restrict__ x, const float* __restrict
                             int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
                             const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
     __shared__ NhwcPixel pix[MBN];
-    conv_fwd_bn_mma_nhwc<false>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, vec);
+    conv_fwd_mma_nhwc<false, EPI_BN>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, nullptr,
+                                     nullptr, vec);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
@@ -1460,7 +1493,178 @@ conv2d_fwd_bn_mma_nhwc_tf32(const float* __restrict__ x, const float* __restrict
                             int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
                             const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
     __shared__ NhwcPixel pix[MBN];
-    conv_fwd_bn_mma_nhwc<true>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, vec);
+    conv_fwd_mma_nhwc<true, EPI_BN>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, nullptr,
+                                    nullptr, vec);
+}
+
+// The channels-last training forward: z = conv(x, w) (NHWC) and the batch-norm partial
+// statistics per (output channel, 64-pixel tile), part_s and part_q C_out * ceil(N*OH*OW / 64)
+// values each (as conv2d_fwd_stats_mma_*: norm.cu's bn_stats_finalize combines them); w and
+// vec as the eval forward's.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_bf16(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ z,
+                               int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                               double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc<false, EPI_STATS>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0,
+                                        part_s, part_q, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_tf32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ z,
+                               int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                               double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc<true, EPI_STATS>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0,
+                                       part_s, part_q, vec);
+}
+
+// ---- Channels-last data gradient ---------------------------------------------------------
+//
+// dx = conv_transpose(dy, w) on channels-last tensors: dy [N][OH][OW][CO], dx [N][H][W][C],
+// the weights OIHW. Per output phase as conv_bwd_data_mma (PhaseGemm: the input pixels with
+// (ih + pad) % stride == py and (iw + pad) % stride == px, and only the taps kh = py + a*stride,
+// kw = px + b*stride that reach them: a stride-2 layer multiplies none of its structurally
+// zero taps), an implicit GEMM M = C (input channels), N = the phase's N*Hp*Wp pixels, K =
+// KP*CO ordered (tap, co), co fastest, so that a K run of one pixel is contiguous channels of
+// dy. The taps of a phase are taken in reverse, (a', b') = (KHp-1-a, KWp-1-b), so that dy's
+// row of tap a' is ih0 + a' with ih0 = oh0 + i - (KHp-1) (oh = oh0 + i - a, PhaseGemm's oh0):
+// the forward's pixel table and gather (nhwc_gather with dy as x, KWp as KW, OH x OW as the
+// image) serve unchanged, the table built by nhwc_phase_pixels (which also records dx's pixel
+// index). A = the weights in the same order per phase: the host's per-call copy
+// conv_weight_bwd_nhwc, phases one after another (row-major (py, px)), each [C][KP][CO] (for
+// stride 1 one phase: [C][KH][KW][CO] with the taps reversed), so that a phase's A is
+// row-major [M][K] and mma_weights_cp copies it (16 bytes where K % 4 == 0 and the phase's
+// block is 16-byte aligned, i.e. CO % 4 == 0, or 4-byte copies). B as the forward's: 16-byte
+// copies of 4 channels (vec bit 1: CO % 4 == 0 and dy 16-byte aligned), else 4-byte copies,
+// zero-filled outside dy, past K and past the pixels. A phase without taps (a 1x1 stride 2's
+// three others) has K = 0: its pixels get zeros. The epilogue is the forward's, transposed
+// (mma_store<true>): a warp writes 32 consecutive channels of one dx pixel.
+
+// Taps of phase (py, px) along kh / kw: KHp = ceil((KH - py) / s) (0 when py >= KH).
+__device__ __forceinline__ int phase_taps(int K, int p, int s) { return p < K ? (K - p + s - 1) / s : 0; }
+
+// Elements of conv_weight_bwd_nhwc's copy before phase (py, px): C * CO * the taps of the
+// phases before it in row-major order.
+__device__ __forceinline__ int phase_weight_offset(int C, int CO, int KH, int KW, int s, int py, int px) {
+    int taps = 0;
+    for (int y = 0; y < py; ++y) taps += phase_taps(KH, y, s) * KW;
+    for (int x = 0; x < px; ++x) taps += phase_taps(KH, py, s) * phase_taps(KW, x, s);
+    return C * CO * taps;
+}
+
+// The weights OIHW [CO][C][KH][KW] in the data gradient's order: per phase (row-major (py,
+// px)) [C][KP][CO], tap (a', b') = a' * KWp + b' holding w[co][ci][py + (KHp-1-a')*s][px +
+// (KWp-1-b')*s]; len = CO*C*KH*KW (every tap in exactly one phase).
+extern "C" __global__ void conv_weight_bwd_nhwc(const float* __restrict__ w, float* __restrict__ wt, int C, int CO,
+                                                int KH, int KW, int s, int len) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x) {
+        int off = 0;
+        for (int py = 0; py < s; ++py)
+            for (int px = 0; px < s; ++px) {
+                const int KHp = phase_taps(KH, py, s), KWp = phase_taps(KW, px, s), KP = KHp * KWp;
+                const int n = C * CO * KP;
+                if (i >= off && i < off + n) {
+                    int r = i - off;
+                    const int ci = r / (KP * CO);
+                    r -= ci * KP * CO;
+                    const int tap = r / CO, co = r - tap * CO;
+                    const int a = KHp - 1 - tap / KWp, b = KWp - 1 - (tap - (tap / KWp) * KWp);
+                    wt[i] = w[(((size_t)co * C + ci) * KH + py + a * s) * KW + px + b * s];
+                }
+                off += n;
+            }
+    }
+}
+
+// The data gradient's pixel table: the block's MBN pixels p0.. of the phase (Pn = N*Hp*Wp, in
+// order n, i, j) as dy's pixel index of (n, 0, 0) (base), dy's row and column of reversed tap
+// (0, 0) (ih0 = oh0 + i - (KHp-1), iw0 = ow0 + j - (KWp-1)) and dx's pixel index (out); past
+// the pixels as nhwc_pixels. Then a barrier.
+__device__ __forceinline__ void nhwc_phase_pixels(NhwcPixel* pix, const PhaseGemm& ph, int KHp, int p0, int Pn,
+                                                  int OHW, int H, int W, int stride) {
+    const int tid = threadIdx.x;
+    if (tid < MBN) {
+        const int p = p0 + tid;
+        NhwcPixel e = {0, -(1 << 30), -(1 << 30), 0};
+        if (p < Pn) {
+            const int HWp = ph.Hp * ph.Wp;
+            const int n = p / HWp, r = p - n * HWp, i = r / ph.Wp, j = r - i * ph.Wp;
+            e.base = n * OHW;
+            e.ih0 = ph.oh0 + i - (KHp - 1);
+            e.iw0 = ph.ow0 + j - (ph.KWp - 1);
+            e.out = (n * H + ph.ihs + i * stride) * W + ph.iws + j * stride;
+        }
+        pix[tid] = e;
+    }
+    __syncthreads();
+}
+
+template <bool TF32>
+__device__ __forceinline__ void conv_bwd_data_mma_nhwc(NhwcPixel* pix, const float* __restrict__ dy,
+                                                       const float* __restrict__ wt, float* __restrict__ dx, int N,
+                                                       int C, int H, int W, int CO, int KH, int KW, int stride,
+                                                       int pad, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, MBN);
+    const int KHp = phase_taps(KH, ph.py, stride);
+    const int M = C, K = ph.KP * CO, Pn = N * ph.Hp * ph.Wp;
+    const int m0 = blockIdx.y * MBM, p0 = ph.tile * MBN;
+    if (p0 >= Pn) return;  // the whole block: this phase has fewer pixels than the largest
+    const int off = phase_weight_offset(C, CO, KH, KW, stride, ph.py, ph.px);
+    const float* wp = wt + off;
+    const bool vec_a = (vec & 1) && !(K & 3) && !(off & 3), vec_b = vec & 2;
+    nhwc_phase_pixels(pix, ph, KHp, p0, Pn, OH * OW, H, W, stride);
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = t * MBK;
+        mma_weights_cp(As, wp, M, K, m0, k0, vec_a, tid);
+        if (vec_b) {
+            const int kl = 4 * (tid & 7);
+            nhwc_gather<4, 32>(pix, tid >> 3, k0 + kl, K, CO, OH, OW, ph.KWp, [&](int nl, bool ok, size_t i) {
+                __pipeline_memcpy_async(Bs + nl * MLDA + kl, dy + i, 16, ok ? 0 : 16);
+            });
+        } else {
+            const int kl = tid & 31;
+            nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, CO, OH, OW, ph.KWp,
+                               [&](int nl, bool ok, size_t i) { cp4(Bs + nl * MLDA + kl, dy + i, ok); });
+        }
+    };
+
+    float acc[4][4][4];
+    mma_mainloop<TF32, true>(smem, (K + MBK - 1) / MBK, issue, acc);
+    float* Cs = (float*)smem;
+    mma_store<true>(Cs, acc);
+    // Channel tid % 128 of pixels tid / 128 + 2i: a warp writes 32 consecutive channels.
+    const int ml = tid & (MBM - 1), m = m0 + ml;
+    if (m >= M) return;
+#pragma unroll 4
+    for (int i = 0; i < MBN / 2; ++i) {
+        const int nl = (tid >> 7) + 2 * i;
+        if (p0 + nl >= Pn) break;
+        dx[(size_t)pix[nl].out * C + m] = Cs[nl * MLDC + ml];
+    }
+}
+
+// The channels-last data gradient (bf16: ldmatrix and m16n8k16; tf32: m16n8k8), one split, a
+// grid of (stride^2 runs of pixel tiles, as conv2d_bwd_data_mma_*, channel tiles) 128x128
+// blocks with the channels-last forward's dynamic shared memory: dy and dx NHWC, wt the
+// weights as conv_weight_bwd_nhwc copies them, vec bit 0 wt 16-byte aligned, bit 1 16-byte
+// copies of dy (CO % 4 == 0, dy 16-byte aligned).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_bf16(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
+                              int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_bwd_data_mma_nhwc<false>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_tf32(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
+                              int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_bwd_data_mma_nhwc<true>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
 }
 
 // ---- The same with bf16 activation storage (--precision bf16) ----------------------------

@@ -68,6 +68,11 @@ mod tc {
         bwd_weight_mma_tf32: "conv2d_bwd_weight_mma_tf32",
         fwd_bn_mma_nhwc_bf16: "conv2d_fwd_bn_mma_nhwc_bf16",
         fwd_bn_mma_nhwc_tf32: "conv2d_fwd_bn_mma_nhwc_tf32",
+        fwd_stats_mma_nhwc_bf16: "conv2d_fwd_stats_mma_nhwc_bf16",
+        fwd_stats_mma_nhwc_tf32: "conv2d_fwd_stats_mma_nhwc_tf32",
+        bwd_data_mma_nhwc_bf16: "conv2d_bwd_data_mma_nhwc_bf16",
+        bwd_data_mma_nhwc_tf32: "conv2d_bwd_data_mma_nhwc_tf32",
+        weight_bwd_nhwc: "conv_weight_bwd_nhwc",
         weight_ohwi: "conv_weight_ohwi",
         fwd_bn_mma_nhwc_bf16s: "conv2d_fwd_bn_mma_nhwc_bf16s",
         weight_ohwi_bf16: "conv_weight_ohwi_bf16",
@@ -216,6 +221,19 @@ pub(crate) fn mma_vec_nhwc(s: &Conv2d, x_addr: u64, w_addr: u64) -> i32 {
     i32::from(a) | (i32::from(b) << 1)
 }
 
+/// The 16-byte cp.async paths of the channels-last data gradient of `s`
+/// (`conv2d_bwd_data_mma_nhwc_*`'s `vec`) for an NHWC `dy` at device address `dy_addr` and the
+/// weights' copy (`conv_weight_bwd_nhwc`) at `wt_addr`: bit 0 when the copy is 16-byte aligned
+/// (the kernel then copies a phase's weight rows 16 bytes at a time where its `K = taps*c_out`
+/// and its block's offset are multiples of 4: `c_out % 4 == 0`), bit 1 when `c_out % 4 == 0`
+/// and `dy_addr % 16 == 0` (4 channels of one tap of one pixel of dy are then contiguous and
+/// 16-byte aligned); 4-byte copies otherwise.
+pub(crate) fn mma_vec_nhwc_bwd_data(s: &Conv2d, dy_addr: u64, wt_addr: u64) -> i32 {
+    let a = wt_addr.is_multiple_of(16);
+    let b = s.c_out.is_multiple_of(4) && dy_addr.is_multiple_of(16);
+    i32::from(a) | (i32::from(b) << 1)
+}
+
 /// The copy path of x in the bf16-storage channels-last forward of `s`
 /// (`conv2d_fwd_bn_mma_nhwc_bf16s`'s `vec`) for an input at device address `x_addr`: 2 (bit 1)
 /// 16-byte copies of 8 channels when `c_in % 8 == 0` and `x_addr % 16 == 0`; else 4 (bit 2)
@@ -299,11 +317,153 @@ impl CudaBackend {
         if s.y_len() == 0 {
             return Ok(());
         }
+        let k = mma_pick(self, |t| (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32))?;
         norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
             let ep = BnEpilogue { ss, residual, relu };
             // SAFETY: the caller's contract; ss holds 2 * c_out values.
-            unsafe { launch_mma_nhwc(self, s, x, w, &ep, y) }
+            unsafe {
+                launch_mma_nhwc(
+                    self,
+                    "conv2d_bn_eval_fwd_nhwc",
+                    s,
+                    x,
+                    w,
+                    y,
+                    Fused::Bn(k, &ep),
+                )
+            }
         })
+    }
+
+    /// Whether [`CudaBackend::conv2d_fwd_stats_nhwc_native`] runs `s` at this backend's
+    /// precision: where the channels-last eval forward does
+    /// ([`CudaBackend::conv_bn_eval_nhwc_native`]: tf32 and bf16, not with
+    /// [`MmaRoute::Never`], any shape the 32-bit indexing holds) and the statistics epilogue
+    /// applies ([`stats_tiles`]: a non-empty output and reduction).
+    pub fn conv_fwd_stats_nhwc_native(&self, s: &Conv2d) -> bool {
+        self.conv_bn_eval_nhwc_native(s) && stats_tiles(s).is_some()
+    }
+
+    /// The channels-last training forward: `z = conv(x, w)` with `x` `[n][h][w][c_in]`, `z`
+    /// `[n][out_h][out_w][c_out]`, `w` OIHW, that also writes the batch-norm partial
+    /// statistics exactly as [`conv2d_fwd_stats`] does (per output channel c and tile t of 64
+    /// pixels in order n, oh, ow, `part_s[c * tiles + t]` the sum of z over the tile and
+    /// `part_q[c * tiles + t]` the sum of its squared deviations from the tile's mean, f64;
+    /// `tiles` = [`stats_tiles`]), so `norm::batchnorm_train_from_partials`'s combine step
+    /// takes them unchanged. One launch of `conv2d_fwd_stats_mma_nhwc_*` (128x128 tiles, one
+    /// split) after, for a kernel larger than 1x1 (and `c_in > 1`), the weights' OHWI copy in
+    /// arena scratch: nothing allocated once warm, so capturable in a graph. An error where
+    /// [`CudaBackend::conv_fwd_stats_nhwc_native`] is false.
+    ///
+    /// # Safety
+    /// `x` holds `s.x_len()` values, `w` `s.w_len()`, `z` `s.y_len()`, `part_s` and `part_q`
+    /// `c_out * tiles` each (the kernel indexes them so, unchecked).
+    pub unsafe fn conv2d_fwd_stats_nhwc_native(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        part_s: &mut CudaSlice<f64>,
+        part_q: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        if !self.conv_fwd_stats_nhwc_native(s) {
+            return Err(EngineError::Param(format!(
+                "conv2d_fwd_stats_nhwc: no channels-last statistics kernel for {s:?} at {} (route {:?})",
+                self.precision(),
+                self.mma_route
+            )));
+        }
+        let k = mma_pick(self, |t| {
+            (&t.fwd_stats_mma_nhwc_bf16, &t.fwd_stats_mma_nhwc_tf32)
+        })?;
+        // SAFETY: the caller's contract (the partials: c_out * stats_tiles(s) values, the
+        // 64-pixel tiles the kernel writes).
+        unsafe {
+            launch_mma_nhwc(
+                self,
+                "conv2d_fwd_stats_nhwc",
+                s,
+                x,
+                w,
+                z,
+                Fused::Stats(k, part_s, part_q),
+            )
+        }
+    }
+
+    /// Whether [`CudaBackend::conv2d_bwd_data_nhwc_native`] runs `s` at this backend's
+    /// precision: at tf32 and bf16, unless the route is [`MmaRoute::Never`], for every shape
+    /// the kernels' 32-bit indexing holds (any kernel size, stride, padding, `c_in` and
+    /// `c_out`: 16- or 4-byte copies by [`mma_vec_nhwc_bwd_data`]).
+    pub fn conv_bwd_data_nhwc_native(&self, s: &Conv2d) -> bool {
+        self.precision().tensor_cores() && self.mma_route != MmaRoute::Never && geometry(s).is_ok()
+    }
+
+    /// The channels-last data gradient: `dx = conv_transpose(dy, w)` with `dy`
+    /// `[n][out_h][out_w][c_out]`, `dx` `[n][h][w][c_in]`, `w` OIHW. The weights copied into arena
+    /// scratch in the kernel's order (`conv_weight_bwd_nhwc`: per output phase `[c_in][taps][c_out]`,
+    /// the taps reversed), then one launch of `conv2d_bwd_data_mma_nhwc_*`: per output phase
+    /// (stride^2 of them, as the NCHW kernel's [`phase_grid`]; a stride-2 layer multiplies
+    /// only the taps that reach each phase) an implicit GEMM of (pixel tiles, channel tiles)
+    /// 128x128 blocks, K = taps * `c_out` with `c_out` fastest, one split. Every dx value is
+    /// written (zeros where no tap reaches it). Nothing allocated once warm, so capturable in a
+    /// graph. An error where [`CudaBackend::conv_bwd_data_nhwc_native`] is false.
+    ///
+    /// # Safety
+    /// `dy` holds `s.y_len()` values, `w` `s.w_len()`, `dx` `s.x_len()` (the kernel indexes
+    /// them so, unchecked).
+    pub unsafe fn conv2d_bwd_data_nhwc_native(
+        &self,
+        s: &Conv2d,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bwd_data_nhwc";
+        if !self.conv_bwd_data_nhwc_native(s) {
+            return Err(EngineError::Param(format!(
+                "{OP}: no channels-last data-gradient kernel for {s:?} at {} (route {:?})",
+                self.precision(),
+                self.mma_route
+            )));
+        }
+        if s.x_len() == 0 {
+            return Ok(());
+        }
+        let g = geometry(s)?;
+        let (gx, _) = phase_grid(s, MMA_TILE);
+        let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(MMA_TILE), 1), MMA_THREADS)?;
+        cfg.shared_mem_bytes = mma_smem_nhwc(self.precision());
+        let kern = mma_pick(self, |t| {
+            (&t.bwd_data_mma_nhwc_bf16, &t.bwd_data_mma_nhwc_tf32)
+        })?;
+        let tc = tc_kernels(self)?;
+        let len = s.w_len();
+        // Never an empty buffer (c_out = 0: no taps, dx all zeros).
+        let mut wt = self.take_scratch(len.max(4))?;
+        let r = (|| {
+            if len > 0 {
+                let [c, co, kh, kw, st, len_i] =
+                    int_args([s.c_in, s.c_out, s.kh, s.kw, s.stride, len])?;
+                // SAFETY: w and wt hold (at least) w_len values, the kernel's `len`.
+                unsafe {
+                    tc.weight_bwd_nhwc
+                        .on(self.stream())
+                        .arg(w)
+                        .arg(&mut wt)
+                        .ints(&[c, co, kh, kw, st, len_i])
+                        .launch(grid(len))?
+                };
+            }
+            let vec = mma_vec_nhwc_bwd_data(s, self.ptr(dy), self.ptr(&wt));
+            let mut l = kern.on(self.stream());
+            l.arg(dy).arg(&wt).arg(dx).ints(&g[..9]).arg(&vec);
+            // SAFETY: the caller's contract; wt holds the w_len weights in the kernel's order.
+            unsafe { l.launch(cfg) }
+        })();
+        self.give_scratch(wt);
+        r
     }
 
     /// Whether [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`] runs `s` (activations
@@ -501,33 +661,34 @@ unsafe fn launch_mma(
     unsafe { l.launch(cfg) }
 }
 
-/// The channels-last eval forward of `s` (`conv2d_fwd_bn_mma_nhwc_*` at the backend's
-/// precision): one launch of (pixel tiles, channel tiles) 128x128 blocks, 256 threads, with
-/// [`mma_smem_nhwc`] of dynamic shared memory, never split over K; the weights with K
-/// ordered (kh, kw, c): `w` itself where that is OIHW's order (a 1x1, or one input channel),
-/// else an OHWI copy (`conv_weight_ohwi`) in arena scratch, given back after the launch
-/// (stream order keeps the next user after it).
+/// The channels-last forward of `s` with its epilogue's kernel (`fused`: the eval forward
+/// `conv2d_fwd_bn_mma_nhwc_*`, or the training forward `conv2d_fwd_stats_mma_nhwc_*`, at the
+/// backend's precision): one launch of (pixel tiles, channel tiles) 128x128 blocks, 256
+/// threads, with [`mma_smem_nhwc`] of dynamic shared memory, never split over K; the weights
+/// with K ordered (kh, kw, c): `w` itself where that is OIHW's order (a 1x1, or one input
+/// channel), else an OHWI copy (`conv_weight_ohwi`) in arena scratch, given back after the
+/// launch (stream order keeps the next user after it).
 ///
 /// # Safety
-/// `x`, `w`, `y` and the epilogue's buffers hold the lengths `s` gives (`ep.ss` `2 * c_out`).
+/// `x`, `w`, `y` and the epilogue's buffers hold the lengths `s` gives (`ss` `2 * c_out`, the
+/// statistics `c_out * ceil(p / 64)` values each).
 unsafe fn launch_mma_nhwc(
     be: &CudaBackend,
+    op: &'static str,
     s: &Conv2d,
     x: &CudaSlice<f32>,
     w: &CudaSlice<f32>,
-    ep: &BnEpilogue<'_>,
     y: &mut CudaSlice<f32>,
+    fused: Fused<'_>,
 ) -> Result<()> {
-    const OP: &str = "conv2d_bn_eval_fwd_nhwc";
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
     let mut cfg = blocks(
-        OP,
+        op,
         (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
         MMA_THREADS,
     )?;
     cfg.shared_mem_bytes = mma_smem_nhwc(be.precision());
-    let kern = mma_pick(be, |t| (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32))?;
     let khw = s.kh * s.kw;
     let wt = if khw > 1 && s.c_in > 1 {
         let mut wt = be.take_scratch(s.w_len())?;
@@ -554,10 +715,18 @@ unsafe fn launch_mma_nhwc(
     };
     let wa = wt.as_ref().unwrap_or(w);
     let vec = mma_vec_nhwc(s, be.ptr(x), be.ptr(wa));
-    let relu = ep.relu as i32;
+    let (kern, relu) = match &fused {
+        Fused::Bn(k, ep) => (*k, ep.relu as i32),
+        Fused::Stats(k, ..) => (*k, 0),
+    };
     let mut l = kern.on(be.stream());
     l.arg(x).arg(wa).arg(y).ints(&g[..9]);
-    ep.push(&mut l, &relu);
+    match fused {
+        Fused::Bn(_, ep) => ep.push(&mut l, &relu),
+        Fused::Stats(_, ps, pq) => {
+            l.arg(ps).arg(pq);
+        }
+    }
     l.arg(&vec);
     // SAFETY: the caller's contract; wa holds the w_len weights in OHWI order.
     let r = unsafe { l.launch(cfg) };
