@@ -57,6 +57,10 @@ fn main() {
             data_gradient_matches_cpu(Precision::Tf32)
         }),
         device(
+            "nhwc_strided_data_gradient_skips_the_zero_taps",
+            nhwc_strided_data_gradient_skips_the_zero_taps,
+        ),
+        device(
             "nhwc_train_kernels_replay_in_a_graph",
             nhwc_train_kernels_replay_in_a_graph,
         ),
@@ -373,6 +377,53 @@ fn data_gradient_matches_cpu(p: Precision) {
         "nhwc {p} data gradient, {} shapes: worst dx relative error {worst:.2e} ({p}-exact operands {exact:.2e})",
         shapes().len()
     );
+}
+
+/// The stride-2 data gradient multiplies no structurally zero tap (as
+/// tests/cuda_conv_tc.rs checks the NCHW kernels): with one weight of tap (0, 0) infinite, the
+/// input pixels that tap never reaches (ih or iw even for a 3x3, stride 2, pad 1) stay finite
+/// and equal to the CPU's, while pixels it reaches do not (a kernel that multiplied the zero
+/// taps, or a phase's A holding another phase's taps, would make them 0 * inf = NaN). Both dy
+/// copy paths (`c_out` 8 and 6).
+fn nhwc_strided_data_gradient_skips_the_zero_taps() {
+    for s in [conv(2, 5, 9, 10, 8, 3, 2, 1), conv(2, 5, 9, 10, 6, 3, 2, 1)] {
+        let mut rng = SplitMix64::fresh("conv_nhwc_zero_taps");
+        let mut w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
+        let ci = 3;
+        w[(2 * s.c_in + ci) * 9] = f32::INFINITY; // w[co 2][ci 3][0][0]
+        for p in [Precision::Tf32, Precision::Bf16] {
+            let g = common::cuda::gpu_at(p);
+            assert!(g.conv_bwd_data_nhwc_native(&s));
+            // Operands exact at p: the finite pixels then match the CPU within 1e-5.
+            let (w, dy) = (round(p, &w), round(p, &dy));
+            let want = cpu_bwd_data(&s, &dy, &w);
+            let got = gpu_bwd_data(&g, &s, &dy, &w);
+            let (mut reached, mut checked) = (0, 0);
+            for n in 0..s.n {
+                for ih in 0..s.h {
+                    for iw in 0..s.w {
+                        for c in 0..s.c_in {
+                            let i = ((n * s.h + ih) * s.w + iw) * s.c_in + c;
+                            if c == ci && ih % 2 == 1 && iw % 2 == 1 {
+                                reached += usize::from(!got[i].is_finite());
+                                continue;
+                            }
+                            assert!(
+                                (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                                "{p} {s:?}: dx[{n}][{ih}][{iw}][{c}] = {} (cpu {}): a zero tap was multiplied",
+                                got[i],
+                                want[i]
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+            assert!(checked > 800, "{p}: {checked} pixels checked");
+            assert!(reached > 0, "{p}: the infinite weight reached no pixel");
+        }
+    }
 }
 
 /// A captured training forward (its OHWI weight copy and the kernel) and data gradient (its

@@ -397,7 +397,10 @@ impl CudaBackend {
     /// the kernels' 32-bit indexing holds (any kernel size, stride, padding, `c_in` and
     /// `c_out`: 16- or 4-byte copies by [`mma_vec_nhwc_bwd_data`]).
     pub fn conv_bwd_data_nhwc_native(&self, s: &Conv2d) -> bool {
-        self.precision().tensor_cores() && self.mma_route != MmaRoute::Never && geometry(s).is_ok()
+        self.precision().tensor_cores()
+            && self.mma_route != MmaRoute::Never
+            && s.stride > 0
+            && geometry(s).is_ok()
     }
 
     /// The channels-last data gradient: `dx = conv_transpose(dy, w)` with `dy`
@@ -1387,7 +1390,7 @@ unsafe fn launch_split(
 mod tests {
     use super::{
         bf16s_weight_row, mma_route, mma_route_weight, mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s,
-        MMA_TILE,
+        mma_vec_nhwc_bwd_data, MMA_TILE,
     };
     use crate::engine::shapes::Conv2d;
 
@@ -1483,6 +1486,27 @@ mod tests {
         // Misaligned pointers.
         assert_eq!(mma_vec_nhwc(&conv(64, 8, 8, 128, 1, 1), a + 4, a), 1);
         assert_eq!(mma_vec_nhwc(&conv(64, 8, 8, 128, 1, 1), a, a + 8), 2);
+    }
+
+    #[test]
+    fn channels_last_data_gradient_copies_need_four_output_channels() {
+        let a = 0x7f00_0000_0000u64;
+        // c_out % 4 == 0 and dy aligned: 16-byte copies of dy, whatever the kernel, stride
+        // or c_in; the weight copy (scratch: a whole allocation) aligned: bit 0.
+        assert_eq!(mma_vec_nhwc_bwd_data(&conv(6, 7, 5, 128, 3, 2), a, a), 3);
+        assert_eq!(mma_vec_nhwc_bwd_data(&conv(3, 9, 9, 64, 1, 1), a, a), 3);
+        // c_out = 130 or 70: 4-byte copies of dy.
+        assert_eq!(mma_vec_nhwc_bwd_data(&conv(64, 8, 8, 130, 1, 2), a, a), 1);
+        assert_eq!(mma_vec_nhwc_bwd_data(&conv(6, 8, 8, 70, 3, 2), a, a), 1);
+        // Misaligned pointers.
+        assert_eq!(
+            mma_vec_nhwc_bwd_data(&conv(64, 8, 8, 128, 1, 1), a + 4, a),
+            1
+        );
+        assert_eq!(
+            mma_vec_nhwc_bwd_data(&conv(64, 8, 8, 128, 1, 1), a, a + 8),
+            2
+        );
     }
 
     #[test]
