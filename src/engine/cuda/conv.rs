@@ -19,6 +19,10 @@
 //! allows), and at bf16 also on activations stored in bf16
 //! ([`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`], `conv2d_fwd_bn_mma_nhwc_bf16s`:
 //! two values per f32 slot, the weights copied to bf16 OHWI per call, a bf16-only ring).
+//! The training path's forward with the batch-statistics epilogue and its data gradient run
+//! channels-last too at tf32 / bf16 ([`CudaBackend::conv2d_fwd_stats_nhwc_native`]: the eval
+//! kernel's GEMM with [`conv2d_fwd_stats`]'s partials; [`CudaBackend::conv2d_bwd_data_nhwc_native`]:
+//! per output phase, K ordered (tap, c_out), the weights copied per call in that order).
 
 use cudarc::driver::CudaSlice;
 
