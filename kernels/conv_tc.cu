@@ -1,7 +1,8 @@
 // 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma; the
 // large layers' mma.sync kernels are in the second half of the file, and at its end the
 // channels-last (NHWC) eval forward on the same mma.sync machinery, with f32 activations and,
-// at bf16, with activations stored in bf16): the same three GEMMs as
+// at bf16, with activations stored in bf16, and last the channels-last weight gradient): the
+// same three GEMMs as
 // kernels/conv.cu (the f32 SIMT reference), with the operands rounded to bf16 (16x16x16
 // fragments) or tf32 (16x16x8) once they are in shared memory, and f32 accumulation.
 //

@@ -7,7 +7,8 @@
 //! here), dw poisoned with NaN first.
 //!
 //! Per shape and precision: on x and dy already rounded to the precision (exact products)
-//! within 1e-5 relative of the CPU's f32 result (only the f32 summation order differs), and on
+//! within 1e-5 relative (L2) and 2e-5 of the largest |dw| (element-wise) of the CPU's f32
+//! result (only the f32 summation order differs: up to 4e-6 over 4096 pixels), and on
 //! unrounded ones within the precision's tolerance (bf16 1e-2, tf32 1e-3) and above 1e-5 (the
 //! reduced path ran), both as `rel_err` (relative L2) and as the largest error relative to the
 //! largest |dw|. The shapes cover 1x1 stride 1 and 2, 3x3 stride 1 and 2 with padding 1 (the
@@ -50,8 +51,9 @@ fn main() {
     ])
 }
 
-/// The shapes, each with what it covers.
-fn shapes() -> [(Conv2d, &'static str); 10] {
+/// The shapes, each with what it covers (copies: dy / x, 16- or 4-byte). The chunk counts
+/// are `split_plan`'s on 132 SMs (H100 / H200, and the emulator's count).
+fn shapes() -> [(Conv2d, &'static str); 11] {
     [
         // 1x1 stride 1, 16-byte copies of both; c_out 136 (two channel tiles), 198 pixels.
         (conv(2, 64, 9, 11, 136, 1, 1, 0), "1x1 s1, copies 16/16"),
@@ -62,17 +64,34 @@ fn shapes() -> [(Conv2d, &'static str); 10] {
         // 3x3 stride 2 padding 1, N = 180 (two column tiles), 13x12 -> 7x6, batch 3.
         (conv(3, 20, 13, 12, 160, 3, 2, 1), "3x3 s2 p1, copies 16/16"),
         // Odd c_in and c_out: 4-byte copies of both, N = 63.
-        (conv(2, 7, 10, 9, 67, 3, 1, 1), "3x3 s1 p1 odd channels, copies 4/4"),
+        (
+            conv(2, 7, 10, 9, 67, 3, 1, 1),
+            "3x3 s1 p1 odd channels, copies 4/4",
+        ),
         // Even c_in not a multiple of 4, 1x1 stride 2, c_out 33.
         (conv(2, 6, 11, 11, 33, 1, 2, 0), "1x1 s2 c_in 6, copies 4/4"),
         // c_in = 4: 16-byte copies, 9 taps in a row of 36 columns; c_out 200, batch 1.
-        (conv(1, 4, 15, 11, 200, 3, 1, 1), "3x3 s1 p1 c_in 4, copies 16/16"),
+        (
+            conv(1, 4, 15, 11, 200, 3, 1, 1),
+            "3x3 s1 p1 c_in 4, copies 16/16",
+        ),
         // 1200 pixels: split over the pixels (4 chunks of 320 on 132 SMs, the last 240).
-        (conv(2, 24, 24, 25, 40, 3, 1, 1), "3x3 s1 p1 split-K, copies 16/16"),
+        (
+            conv(2, 24, 24, 25, 40, 3, 1, 1),
+            "3x3 s1 p1 split-K, copies 16/16",
+        ),
         // 544 pixels, 1x1: 2 chunks (288 and 256).
-        (conv(2, 64, 16, 17, 128, 1, 1, 0), "1x1 s1 split-K, copies 16/16"),
-        // 3x3 stride 2, 2 * 13 * 14 = 364 ... 2 x 25x27 -> 13x14: 364 pixels; odd c_out.
+        (
+            conv(2, 64, 16, 17, 128, 1, 1, 0),
+            "1x1 s1 split-K, copies 16/16",
+        ),
+        // 3x3 stride 2, 2 x 25x27 -> 13x14: 364 pixels; odd c_out 131.
         (conv(2, 8, 25, 27, 131, 3, 2, 1), "3x3 s2 p1, copies 4/16"),
+        // 4096 pixels on 5 column tiles: 16 chunks of 256 (a layer4-like long reduction).
+        (
+            conv(16, 64, 16, 16, 64, 3, 1, 1),
+            "3x3 s1 p1 split-K x16, copies 16/16",
+        ),
     ]
 }
 
@@ -87,7 +106,10 @@ fn data(rng: &mut SplitMix64, s: &Conv2d) -> (Vec<f32>, Vec<f32>) {
 /// The CPU reference: NCHW x and dy, dw OIHW.
 fn cpu_dw(s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let cpu = CpuBackend::<f32>::new();
-    let (xb, dyb) = (cpu.upload(x).expect("upload"), cpu.upload(dy).expect("upload"));
+    let (xb, dyb) = (
+        cpu.upload(x).expect("upload"),
+        cpu.upload(dy).expect("upload"),
+    );
     let mut dw = cpu.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
     cpu.conv2d_bwd_weight(s, &xb, &dyb, &mut dw)
         .expect("cpu conv2d_bwd_weight");
@@ -127,7 +149,7 @@ fn nhwc_weight_gradient_matches_cpu(p: Precision) {
     g.set_mma_route(MmaRoute::Auto);
     let tol = p.tolerance().expect("a reduced precision");
     let mut rng = SplitMix64::fresh(&format!("conv_nhwc_wgrad_{p}"));
-    let (mut exact, mut worst, mut worst_max) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut exact, mut exact_max, mut worst, mut worst_max) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for (s, what) in shapes() {
         assert_eq!(
             g.conv_bwd_weight_nhwc_kernel(&s),
@@ -140,10 +162,11 @@ fn nhwc_weight_gradient_matches_cpu(p: Precision) {
         let got = gpu_dw(&g, &s, &xr, &dyr);
         let (e, em) = (rel_err(&got, &want), max_err(&got, &want));
         assert!(
-            e < 1e-5 && em < 1e-5,
-            "{what} on {p}-exact operands: relative error {e:e}, max {em:e} (>= 1e-5)"
+            e < 1e-5 && em < 2e-5,
+            "{what} on {p}-exact operands: relative error {e:e} (limit 1e-5), max {em:e} (limit 2e-5)"
         );
-        exact = exact.max(e).max(em);
+        exact = exact.max(e);
+        exact_max = exact_max.max(em);
         let want = cpu_dw(&s, &x, &dy);
         let got = gpu_dw(&g, &s, &x, &dy);
         let (e, em) = (rel_err(&got, &want), max_err(&got, &want));
@@ -156,7 +179,7 @@ fn nhwc_weight_gradient_matches_cpu(p: Precision) {
         println!("nhwc wgrad {what}: relative error {e:.2e}, max {em:.2e}");
     }
     println!(
-        "nhwc {p} weight gradient, {} shapes: worst relative error {worst:.2e}, worst max error {worst_max:.2e} ({p}-exact operands {exact:.2e})",
+        "nhwc {p} weight gradient, {} shapes: worst relative error {worst:.2e}, worst max error {worst_max:.2e} ({p}-exact operands: {exact:.2e}, max {exact_max:.2e})",
         shapes().len()
     );
 }
@@ -185,7 +208,10 @@ fn nhwc_weight_gradient_replays_in_a_graph() {
             .capture(|| g.conv2d_bwd_weight_nhwc_checked(&s, &xb, &dyb, &mut dw))
             .expect("capture");
         assert!(
-            g.download(&dw).expect("download").iter().all(|v| v.is_nan()),
+            g.download(&dw)
+                .expect("download")
+                .iter()
+                .all(|v| v.is_nan()),
             "nothing runs while capturing"
         );
         graph.replay().expect("replay");

@@ -18,7 +18,10 @@
 //! (kh, kw, c), the weights copied to OHWI per call, 16-byte copies where [`mma_vec_nhwc`]
 //! allows), and at bf16 also on activations stored in bf16
 //! ([`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`], `conv2d_fwd_bn_mma_nhwc_bf16s`:
-//! two values per f32 slot, the weights copied to bf16 OHWI per call, a bf16-only ring).
+//! two values per f32 slot, the weights copied to bf16 OHWI per call, a bf16-only ring). The
+//! weight gradient runs natively on channels-last x and dy at tf32 / bf16 too
+//! ([`CudaBackend::conv2d_bwd_weight_nhwc_native`], `conv2d_bwd_weight_mma_nhwc_*`: N ordered
+//! (kh, kw, c), split over the pixels as the NCHW one, dw written OIHW).
 
 use cudarc::driver::CudaSlice;
 
