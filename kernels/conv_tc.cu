@@ -1,7 +1,8 @@
 // 2-D convolution (no bias), NCHW, as implicit GEMMs on the tensor cores (nvcuda::wmma; the
 // large layers' mma.sync kernels are in the second half of the file, and at its end the
 // channels-last (NHWC) eval forward on the same mma.sync machinery, with f32 activations and,
-// at bf16, with activations stored in bf16): the same three GEMMs as
+// at bf16, with activations stored in bf16, and last the channels-last weight gradient): the
+// same three GEMMs as
 // kernels/conv.cu (the f32 SIMT reference), with the operands rounded to bf16 (16x16x16
 // fragments) or tf32 (16x16x8) once they are in shared memory, and f32 accumulation.
 //
@@ -706,12 +707,17 @@ __device__ __forceinline__ void ptx_mma_tf32_m16n8k8(float (&d)[4], const unsign
 // the channels-last forward, whose K run of one pixel is contiguous channels), with A's
 // pitches (f32 MLDA, bf16 MLDAH); with NK the epilogue's f32 tile is [MBN][MLDC] (row n,
 // column m) too, so that it is read along m for NHWC's channel-contiguous stores.
-template <bool NK>
+// AT (mma_tile, mma_tile_tf32, mma_mainloop; default false): A is stored transposed,
+// [MBK][MBM] with B's non-NK pitches (f32 MLDB, bf16 MLDBH), row k and column m (the
+// channels-last weight gradient, whose A = dy has its channels contiguous per pixel).
+template <bool NK, bool AT = false>
 struct MmaB {
     enum : int {
-        STAGE = MBM * MLDA + (NK ? MBN * MLDA : MBK * MLDB),  // floats per stage: A, then B
+        A_F32 = AT ? MBK * MLDB : MBM * MLDA,                 // floats of A in a stage
+        A_H = AT ? MBK * MLDBH : MBM * MLDAH,                 // bf16 of A in the bf16 tile
+        STAGE = A_F32 + (NK ? MBN * MLDA : MBK * MLDB),       // floats per stage: A, then B
         SMEM_F32 = MMA_STAGES * STAGE * 4,                    // bytes of the f32 ring
-        SMEM = SMEM_F32 + (MBM * MLDAH + (NK ? MBN * MLDAH : MBK * MLDBH)) * 2,  // and the bf16 tile
+        SMEM = SMEM_F32 + (A_H + (NK ? MBN * MLDAH : MBK * MLDBH)) * 2,  // and the bf16 tile
     };
 };
 
@@ -791,7 +797,9 @@ __device__ __forceinline__ void mma_weights_cp(float* As, const float* __restric
 // (k t+4, n g)), no ldmatrix (a 32-bit operand). A's reads are conflict-free (row pitch 36
 // words: bank 4g + t), and so are B's with NK (the same pitch and pattern); B's are 2-way
 // without (pitch 132: bank 4t + g).
-template <bool NK = false>
+// AT: A is [MBK][MLDB] (row k, column m): the same four elements at (k, m) = (t, g), (t, g+8),
+// (t+4, g), (t+4, g+8), 2-way conflicts as B's without NK.
+template <bool NK = false, bool AT = false>
 __device__ __forceinline__ void mma_tile_tf32(const float* As, const float* Bs, float (&acc)[4][4][4], int wm, int wn,
                                               int lane) {
     const int g = lane >> 2, t = lane & 3;
@@ -800,11 +808,19 @@ __device__ __forceinline__ void mma_tile_tf32(const float* As, const float* Bs, 
         unsigned a[4][4], b[4][2];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float* r0 = As + (wm * 64 + 16 * i + g) * MLDA + ks + t;
-            a[i][0] = tf32_bits(r0[0]);
-            a[i][1] = tf32_bits(r0[8 * MLDA]);
-            a[i][2] = tf32_bits(r0[4]);
-            a[i][3] = tf32_bits(r0[8 * MLDA + 4]);
+            if constexpr (AT) {
+                const float* r0 = As + (ks + t) * MLDB + wm * 64 + 16 * i + g;
+                a[i][0] = tf32_bits(r0[0]);
+                a[i][1] = tf32_bits(r0[8]);
+                a[i][2] = tf32_bits(r0[4 * MLDB]);
+                a[i][3] = tf32_bits(r0[4 * MLDB + 8]);
+            } else {
+                const float* r0 = As + (wm * 64 + 16 * i + g) * MLDA + ks + t;
+                a[i][0] = tf32_bits(r0[0]);
+                a[i][1] = tf32_bits(r0[8 * MLDA]);
+                a[i][2] = tf32_bits(r0[4]);
+                a[i][3] = tf32_bits(r0[8 * MLDA + 4]);
+            }
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -829,16 +845,23 @@ __device__ __forceinline__ void mma_tile_tf32(const float* As, const float* Bs, 
 // by ldmatrix.trans; with NK B is [MBN][MLDAH] (rows n, like A), whose non-transposed ldmatrix
 // gives the col-major B fragment directly: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
 // (n 8-15, k 0-7), (n 8-15, k 8-15) = b[j][0], b[j][1], b[j+1][0], b[j+1][1], conflict-free
-// as A's (80-byte rows).
-template <bool NK = false>
+// as A's (80-byte rows). AT: A is [MBK][MLDBH] (row k, column m), loaded by ldmatrix.trans:
+// matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15), whose
+// transposed registers (m g; k 2t, 2t+1) are a[0..3]; conflict-free as B's (272-byte rows).
+template <bool NK = false, bool AT = false>
 __device__ __forceinline__ void mma_tile(const __nv_bfloat16* As, const __nv_bfloat16* Bs, float (&acc)[4][4][4], int wm,
                                          int wn, int lane) {
 #pragma unroll
     for (int ks = 0; ks < MBK; ks += 16) {
         unsigned a[4][4], b[4][2];
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            ptx_ldmatrix_x4(a[i], As + (wm * 64 + i * 16 + (lane & 15)) * MLDAH + ks + 8 * (lane >> 4));
+        for (int i = 0; i < 4; ++i) {
+            if constexpr (AT)
+                ptx_ldmatrix_x4_trans(a[i], As + (ks + (lane & 7) + 8 * (lane >> 4)) * MLDBH + wm * 64 + i * 16 +
+                                                8 * ((lane >> 3) & 1));
+            else
+                ptx_ldmatrix_x4(a[i], As + (wm * 64 + i * 16 + (lane & 15)) * MLDAH + ks + 8 * (lane >> 4));
+        }
 #pragma unroll
         for (int j2 = 0; j2 < 2; ++j2) {
             unsigned q[4];
@@ -905,31 +928,34 @@ __device__ __forceinline__ void mma_zero(float (&acc)[4][4][4]) {
 // issue(A stage, B stage, t) as cp.async copies into the f32 ring (mma_ring, MMA_STAGES
 // deep), then at bf16 rounded into the bf16 tile by the block and multiplied by mma_tile, at
 // tf32 (TF32) multiplied from the stage by mma_tile_tf32, into acc (zeroed here); B laid out
-// as MmaB<NK> says. Ends with every copy landed and the stages free.
-template <bool TF32, bool NK = false, class Issue>
+// as MmaB<NK> says, A as MmaB<NK, AT> says. Ends with every copy landed and the stages free.
+template <bool TF32, bool NK = false, bool AT = false, class Issue>
 __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
     mma_zero(acc);
-    typedef MmaB<NK> L;
+    typedef MmaB<NK, AT> L;
     __nv_bfloat16* h = (__nv_bfloat16*)(smem + L::SMEM_F32);
-    __nv_bfloat16* hb = h + MBM * MLDAH;
-    mma_ring<MMA_STAGES, L::STAGE, MBM * MLDA>((float*)smem, ntiles, issue, [&](const float* cur, const float* curb) {
+    __nv_bfloat16* hb = h + L::A_H;
+    mma_ring<MMA_STAGES, L::STAGE, L::A_F32>((float*)smem, ntiles, issue, [&](const float* cur, const float* curb) {
         if constexpr (TF32) {
-            mma_tile_tf32<NK>(cur, curb, acc, wm, wn, lane);
+            mma_tile_tf32<NK, AT>(cur, curb, acc, wm, wn, lane);
         } else {
             // The stage into the bf16 tile: 16 elements of A and 16 of B per thread (B's rows
-            // of 32 k as A's with NK, of 128 n without).
+            // of 32 k as A's with NK, of 128 n without; A's rows of 128 m with AT).
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
                 const int c = tid + MMA_THREADS * q;
-                bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
+                if constexpr (AT)
+                    bf16x8(cur + (c >> 4) * MLDB + (c & 15) * 8, h + (c >> 4) * MLDBH + (c & 15) * 8);
+                else
+                    bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
                 if constexpr (NK)
                     bf16x8(curb + (c >> 2) * MLDA + (c & 3) * 8, hb + (c >> 2) * MLDAH + (c & 3) * 8);
                 else
                     bf16x8(curb + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
             }
             __syncthreads();
-            mma_tile<NK>(h, hb, acc, wm, wn, lane);
+            mma_tile<NK, AT>(h, hb, acc, wm, wn, lane);
         }
     });
 }
@@ -1797,4 +1823,148 @@ conv2d_fwd_bn_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x, const __nv_bfl
                              int relu, int vec) {
     __shared__ NhwcPixel pix[MBN];
     conv_fwd_bn_mma_nhwc_bf16s(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, vec);
+}
+
+// ==== Channels-last (NHWC) weight gradient ===============================================
+//
+// dW = sum over the batch of x (*) dy on channels-last activations: x [N][H][W][C], dy
+// [N][OH][OW][CO], dW written OIHW [CO][C][KH][KW] (the model's layout; overwritten). The
+// GEMM: M = CO, N = KH*KW*C ordered (kh, kw, c), c fastest, K = the N*OH*OW pixels (n, oh,
+// ow), split over K by blockIdx.z like conv_bwd_weight_mma ([z*chunk, (z+1)*chunk), chunk a
+// multiple of MBK, into the workspace [splits][CO][C*KH*KW] that conv.cu's
+// conv_splitk_reduce sums in split order: deterministic, no atomics; out = dW with one split).
+// In NHWC both operands are stored k-major (a pixel's channels contiguous): A[m = co][k = p]
+// is dy[p][co] and B[k = p][n = (tap, c)] is x[p's input pixel at the tap][c]; so both are
+// staged [k][*] as MmaB<false, true> says (A transposed, [MBK][MLDB]: mma_tile's AT loads it
+// by ldmatrix.trans at bf16, mma_tile_tf32's AT by index at tf32; B as the NCHW kernels' B)
+// and multiplied by the same mma_mainloop (bf16 m16n8k16 / tf32 m16n8k8, f32 accumulation).
+// Copies: thread tid's rows (pixels) of a K tile are tid / 32 + 8q, q < 4, decoded once per
+// tile (two divisions each) for both operands. A, vec bit 0 (CO % 4 == 0, dy 16-byte aligned:
+// the host's test): one 16-byte copy of channels 4 * (tid % 32).. per row, a warp copying one
+// pixel's 128 channels (512 contiguous bytes); else 4-byte copies of channels tid % 32 + 32j,
+// j < 4. B, vec bit 1 (C % 4 == 0, x 16-byte aligned): one 16-byte copy per row of columns
+// 4 * (tid % 32).. (4 channels of one tap, C % 4 == 0 keeps them in one tap and aligned);
+// else 4-byte copies of columns tid % 32 + 32j. A thread's columns are fixed for the whole
+// kernel and decoded once (c << 16 | kh << 8 | kw: C < 2^15, KH, KW <= 255, the host's test;
+// -1 past N). Past the pixels, past CO / N, or outside the image (padding): the zero-fill
+// form. Epilogue: the accumulators through the f32 tile [MBM][MLDC] (mma_store), then column
+// n = tid % 128 of rows tid / 128 + 2i written straight to its OIHW place m*N + c*KH*KW + tap
+// (no scratch and no permute pass; a warp's 32 consecutive c land KH*KW floats apart for a
+// 3x3, contiguous for a 1x1: the output is small next to the reduction).
+
+typedef MmaB<false, true> WgradNhwc;
+static_assert(WgradNhwc::SMEM == 118784 && WgradNhwc::SMEM_F32 == 101376, "conv.rs's mma_smem_wgrad_nhwc");
+static_assert(MBM * MLDC * 4 <= WgradNhwc::SMEM_F32, "the epilogue's f32 tile fits in the stages");
+static_assert(MBK == 4 * 8 && MBM == 4 * 32 && MBN == 4 * 32, "4 rows per thread, a warp's 32 lanes x 4 columns");
+
+// Column n of the weight gradient's GEMM (tap, c) packed as c << 16 | kh << 8 | kw, or -1 past NC.
+__device__ __forceinline__ int wgrad_col(int n, int NC, int C, int KW) {
+    if (n >= NC) return -1;
+    const int tap = n / C, c = n - tap * C, kh = tap / KW;
+    return (c << 16) | (kh << 8) | (tap - kh * KW);
+}
+
+template <bool TF32>
+__device__ __forceinline__ void conv_bwd_weight_mma_nhwc(const float* __restrict__ x, const float* __restrict__ dy,
+                                                         float* __restrict__ out, int N, int C, int H, int W, int CO,
+                                                         int KH, int KW, int stride, int pad, int OH, int OW,
+                                                         int chunk, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
+    const int M = CO, KHW = KH * KW, NC = KHW * C, OHW = OH * OW, K = N * OHW;
+    const int m0 = blockIdx.y * MBM, n0 = blockIdx.x * MBN;
+    // 64-bit bounds: kbeg + chunk can pass INT_MAX on the last split.
+    const long long kbeg = (long long)blockIdx.z * chunk;
+    const int kend = (int)min((long long)K, kbeg + chunk);
+    const bool vec_a = vec & 1, vec_b = vec & 2;
+    const int lane = tid & 31;
+
+    int col[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) col[j] = wgrad_col(n0 + (vec_b ? 4 * lane : lane + 32 * j), NC, C, KW);
+
+    auto issue = [&](float* As, float* Bs, int t) {
+        const int k0 = (int)kbeg + t * MBK;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int kl = (tid >> 5) + 8 * q, p = k0 + kl;
+            const bool p_ok = p < kend;
+            int base = 0, ih0 = 0, iw0 = 0;
+            if (p_ok) {
+                const int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
+                base = n * H * W;
+                ih0 = oh * stride - pad;
+                iw0 = ow * stride - pad;
+            }
+            // A: dy's row p, channels m0.. (contiguous).
+            float* arow = As + kl * MLDB;
+            const float* dyrow = dy + (size_t)(p_ok ? p : 0) * CO + m0;
+            if (vec_a) {
+                const bool ok = p_ok && m0 + 4 * lane < M;
+                __pipeline_memcpy_async(arow + 4 * lane, ok ? dyrow + 4 * lane : dy, 16, ok ? 0 : 16);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int ml = lane + 32 * j;
+                    const bool ok = p_ok && m0 + ml < M;
+                    cp4(arow + ml, ok ? dyrow + ml : dy, ok);
+                }
+            }
+            // B: x at pixel p's tap (kh, kw), channel c, of each of this thread's columns.
+            float* brow = Bs + kl * MLDB;
+            auto src = [&](int info, bool& ok) -> const float* {
+                const int ih = ih0 + ((info >> 8) & 255), iw = iw0 + (info & 255);
+                ok = p_ok && info >= 0 && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+                return ok ? x + (size_t)(base + ih * W + iw) * C + (info >> 16) : x;
+            };
+            if (vec_b) {
+                bool ok;
+                const float* s = src(col[0], ok);
+                __pipeline_memcpy_async(brow + 4 * lane, s, 16, ok ? 0 : 16);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    bool ok;
+                    const float* s = src(col[j], ok);
+                    cp4(brow + lane + 32 * j, s, ok);
+                }
+            }
+        }
+    };
+
+    float acc[4][4][4];
+    const int klen = kend > kbeg ? kend - (int)kbeg : 0;
+    mma_mainloop<TF32, false, true>(smem, (klen + MBK - 1) / MBK, issue, acc);
+    float* Cs = (float*)smem;
+    mma_store(Cs, acc);
+    float* o = out + (size_t)blockIdx.z * M * NC;
+    const int nl = tid & (MBN - 1), n = n0 + nl;
+    if (n >= NC) return;
+    const int tap = n / C, c = n - tap * C;
+    o += (size_t)c * KHW + tap;
+#pragma unroll 4
+    for (int i = 0; i < MBM / 2; ++i) {
+        const int ml = (tid >> 7) + 2 * i, m = m0 + ml;
+        if (m >= M) break;
+        o[(size_t)m * NC] = Cs[ml * MLDC + nl];
+    }
+}
+
+// The channels-last weight gradient (bf16: ldmatrix(.trans) and m16n8k16; tf32: m16n8k8), a
+// grid of (column tiles, channel tiles, splits) 128x128 blocks with WgradNhwc::SMEM (bf16) or
+// ::SMEM_F32 (tf32) bytes of dynamic shared memory: x, dy NHWC, out = dW (OIHW) with one
+// split, else the workspace [splits][CO][C*KH*KW]; chunk the split's run of pixels (a
+// multiple of MBK); vec bit 0 16-byte copies of dy (CO % 4 == 0), bit 1 of x (C % 4 == 0).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_nhwc_bf16(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
+                                int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
+                                int OW, int chunk, int vec) {
+    conv_bwd_weight_mma_nhwc<false>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_nhwc_tf32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
+                                int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
+                                int OW, int chunk, int vec) {
+    conv_bwd_weight_mma_nhwc<true>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
 }

@@ -19,10 +19,13 @@
 //! allows), and at bf16 also on activations stored in bf16
 //! ([`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`], `conv2d_fwd_bn_mma_nhwc_bf16s`:
 //! two values per f32 slot, the weights copied to bf16 OHWI per call, a bf16-only ring).
-//! The training path's forward with the batch-statistics epilogue and its data gradient run
-//! channels-last too at tf32 / bf16 ([`CudaBackend::conv2d_fwd_stats_nhwc_native`]: the eval
-//! kernel's GEMM with [`conv2d_fwd_stats`]'s partials; [`CudaBackend::conv2d_bwd_data_nhwc_native`]:
-//! per output phase, K ordered (tap, c_out), the weights copied per call in that order).
+//! The training path runs channels-last too at tf32 / bf16: the forward with the
+//! batch-statistics epilogue ([`CudaBackend::conv2d_fwd_stats_nhwc_native`]: the eval
+//! kernel's GEMM with [`conv2d_fwd_stats`]'s partials), the data gradient
+//! ([`CudaBackend::conv2d_bwd_data_nhwc_native`]: per output phase, K ordered (tap, c_out),
+//! the weights copied per call in that order) and the weight gradient
+//! ([`CudaBackend::conv2d_bwd_weight_nhwc_native`], `conv2d_bwd_weight_mma_nhwc_*`: N ordered
+//! (kh, kw, c), split over the pixels as the NCHW one, dw written OIHW).
 
 use cudarc::driver::CudaSlice;
 
@@ -80,6 +83,8 @@ mod tc {
         weight_ohwi: "conv_weight_ohwi",
         fwd_bn_mma_nhwc_bf16s: "conv2d_fwd_bn_mma_nhwc_bf16s",
         weight_ohwi_bf16: "conv_weight_ohwi_bf16",
+        bwd_weight_mma_nhwc_bf16: "conv2d_bwd_weight_mma_nhwc_bf16",
+        bwd_weight_mma_nhwc_tf32: "conv2d_bwd_weight_mma_nhwc_tf32",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -1388,6 +1393,154 @@ unsafe fn launch_split(
     };
     be.give_scratch(ws);
     r
+}
+
+/// The dynamic shared memory of the channels-last weight gradient (`WgradNhwc` in
+/// conv_tc.cu: 3 f32 stages of A (dy, transposed) `[32][128+4]` and B `[32][128+4]`, and at
+/// bf16 the bf16 tile, both `[32][128+8]`).
+fn mma_smem_wgrad_nhwc(p: Precision) -> u32 {
+    match p {
+        Precision::Bf16 => 118_784,
+        _ => 101_376,
+    }
+}
+
+/// The 16-byte cp.async paths of the channels-last weight gradient of `s`
+/// (`conv2d_bwd_weight_mma_nhwc_*`'s `vec`) for an NHWC input at device address `x_addr` and
+/// an NHWC output gradient at `dy_addr`: bit 0 when `c_out % 4 == 0` and `dy_addr % 16 == 0`
+/// (4 channels of one pixel of dy are then contiguous and 16-byte aligned), bit 1 when
+/// `c_in % 4 == 0` and `x_addr % 16 == 0` (the same for x, in one tap, for every pixel, tap
+/// and stride); 4-byte copies otherwise.
+pub(crate) fn mma_vec_wgrad_nhwc(s: &Conv2d, x_addr: u64, dy_addr: u64) -> i32 {
+    let a = s.c_out.is_multiple_of(4) && dy_addr.is_multiple_of(16);
+    let b = s.c_in.is_multiple_of(4) && x_addr.is_multiple_of(16);
+    i32::from(a) | (i32::from(b) << 1)
+}
+
+/// The channels-last weight gradient: `conv2d_bwd_weight_mma_nhwc_*` (kernels/conv_tc.cu, the
+/// section at its end).
+impl CudaBackend {
+    /// Whether [`CudaBackend::conv2d_bwd_weight_nhwc_native`] runs `s` at this backend's
+    /// precision: at tf32 and bf16 (not f32: there is no channels-last SIMT kernel), unless the
+    /// route is [`MmaRoute::Never`] (no `mma.sync` kernel), for every shape the kernel's 32-bit
+    /// indexing and its packed column decode hold (`c_in < 2^15`, `kh`, `kw` <= 255): any
+    /// kernel size, stride, padding, `c_in` and `c_out`, small layers included (split over the
+    /// pixels; the alternative is two transposes around the NCHW path, not measured: no GPU).
+    pub(crate) fn conv_bwd_weight_nhwc_native(&self, s: &Conv2d) -> bool {
+        self.precision().tensor_cores()
+            && self.mma_route != MmaRoute::Never
+            && geometry(s).is_ok()
+            && s.c_in < 1 << 15
+            && s.kh <= 255
+            && s.kw <= 255
+    }
+
+    /// The kernel the channels-last weight gradient of `s` launches at this backend's
+    /// precision and route (`conv2d_bwd_weight_mma_nhwc_bf16` / `_tf32`), or None where it
+    /// does not run natively; diagnostics and tests.
+    pub fn conv_bwd_weight_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        if !self.conv_bwd_weight_nhwc_native(s) {
+            return None;
+        }
+        match self.precision() {
+            Precision::Bf16 => Some("conv2d_bwd_weight_mma_nhwc_bf16"),
+            Precision::Tf32 => Some("conv2d_bwd_weight_mma_nhwc_tf32"),
+            Precision::F32 => None,
+        }
+    }
+
+    /// `dw = sum over the batch of x (*) dy` on channels-last activations: `x`
+    /// `[n][h][w][c_in]`, `dy` `[n][out_h][out_w][c_out]`, `dw` OIHW (overwritten). One launch of
+    /// `conv2d_bwd_weight_mma_nhwc_*` on (column tiles, channel tiles, splits) 128x128 blocks,
+    /// 256 threads, [`mma_smem_wgrad_nhwc`] of dynamic shared memory, split over the pixels
+    /// when the output tiles alone would not fill the GPU (the small late layers), each split
+    /// into the arena-scratch workspace that `conv_splitk_reduce` then sums in split order
+    /// (deterministic; [`launch_split`], as the NCHW weight gradient): nothing allocated once
+    /// warm, so capturable in a graph. An error where
+    /// [`CudaBackend::conv_bwd_weight_nhwc_native`] is false.
+    ///
+    /// # Safety
+    /// `x`, `dy` and `dw` hold the lengths `s` gives (what `Backend::conv2d_bwd_weight`
+    /// checks; the same lengths as NCHW).
+    pub(crate) unsafe fn conv2d_bwd_weight_nhwc_native(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bwd_weight_nhwc";
+        if !self.conv_bwd_weight_nhwc_native(s) {
+            return Err(EngineError::Param(format!(
+                "{OP}: no channels-last kernel for {s:?} at {} (route {:?})",
+                self.precision(),
+                self.mma_route
+            )));
+        }
+        let g = geometry(s)?;
+        let nc = s.c_in * s.kh * s.kw;
+        if nc == 0 || s.c_out == 0 {
+            return Ok(());
+        }
+        let k = s.n * s.out_h() * s.out_w();
+        let kern = mma_pick(self, |t| {
+            (&t.bwd_weight_mma_nhwc_bf16, &t.bwd_weight_mma_nhwc_tf32)
+        })?;
+        let tiling = Tiling {
+            threads: MMA_THREADS,
+            bk: MMA_BK,
+            side: MMA_TILE,
+            smem: mma_smem_wgrad_nhwc(self.precision()),
+            vec: Some(mma_vec_wgrad_nhwc(s, self.ptr(x), self.ptr(dy))),
+        };
+        let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
+        // SAFETY: x, dy and dw hold the lengths `s` gives (the caller's contract); an empty
+        // reduction fills dw with zeros there.
+        unsafe { launch_split(self, OP, kern, tiling, grid_xy, k, x, dy, dw, &g, None) }
+    }
+
+    /// [`CudaBackend::conv2d_bwd_weight_nhwc_native`] with the lengths checked as
+    /// `Backend::conv2d_bwd_weight` checks them (tests and benchmarks; the backend op
+    /// `conv2d_bwd_weight_nhwc` is the model's way in).
+    pub fn conv2d_bwd_weight_nhwc_checked(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        s.check_bwd_weight(self.len(x), self.len(dy), self.len(dw))?;
+        // SAFETY: the lengths were checked against `s`.
+        unsafe { self.conv2d_bwd_weight_nhwc_native(s, x, dy, dw) }
+    }
+}
+
+#[cfg(test)]
+mod wgrad_nhwc_tests {
+    use super::mma_vec_wgrad_nhwc;
+    use crate::engine::shapes::Conv2d;
+
+    #[test]
+    fn weight_gradient_sixteen_byte_copies_need_four_channels() {
+        let a = 0x7f00_0000_0000u64;
+        let s = |c_in, c_out| Conv2d {
+            n: 2,
+            c_in,
+            h: 7,
+            w: 5,
+            c_out,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: 1,
+        };
+        assert_eq!(mma_vec_wgrad_nhwc(&s(64, 128), a, a), 3);
+        assert_eq!(mma_vec_wgrad_nhwc(&s(6, 128), a, a), 1); // x: 4-byte copies
+        assert_eq!(mma_vec_wgrad_nhwc(&s(64, 130), a, a), 2); // dy: 4-byte copies
+        assert_eq!(mma_vec_wgrad_nhwc(&s(3, 65), a, a), 0);
+        assert_eq!(mma_vec_wgrad_nhwc(&s(64, 128), a + 4, a), 1);
+        assert_eq!(mma_vec_wgrad_nhwc(&s(64, 128), a, a + 8), 2);
+    }
 }
 
 #[cfg(test)]
