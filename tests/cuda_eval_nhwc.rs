@@ -38,7 +38,7 @@ use common::rng::SplitMix64;
 use common::cuda::{device, gpu_at, host, rel_err};
 use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::backend::{LayoutChoice, EvalStorage};
+use ichcam::engine::cuda::backend::{EvalStorage, LayoutChoice};
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::shapes::Transpose;
 use ichcam::engine::{ActStorage, Backend, EngineError, Precision};
@@ -90,7 +90,10 @@ fn layout_names_parse() {
     for l in LayoutChoice::ALL {
         assert_eq!(l.name().parse::<LayoutChoice>().ok(), Some(l));
     }
-    assert_eq!(" NHWC ".parse::<LayoutChoice>().ok(), Some(LayoutChoice::Nhwc));
+    assert_eq!(
+        " NHWC ".parse::<LayoutChoice>().ok(),
+        Some(LayoutChoice::Nhwc)
+    );
     let e = "nwhc".parse::<LayoutChoice>().unwrap_err().to_string();
     assert!(e.contains("use auto, nchw or nhwc"), "{e}");
     assert_eq!(LayoutChoice::default(), LayoutChoice::Auto);

@@ -78,7 +78,11 @@ fn train_fwd_nhwc_is_the_nchw_op_bit_for_bit() {
                 } else {
                     Cpu::conv2d_bn_train_fwd
                 };
-                let (xx, rr) = if channels_last { (&xn, &rn) } else { (&xb, &rb) };
+                let (xx, rr) = if channels_last {
+                    (&xn, &rn)
+                } else {
+                    (&xb, &rb)
+                };
                 op(
                     &be,
                     &s,
@@ -118,8 +122,8 @@ fn train_fwd_nhwc_is_the_nchw_op_bit_for_bit() {
         let mut y = be.upload(&vec![7.0; s.y_len()]).expect("y");
         let e = be
             .conv2d_bn_train_fwd_nhwc(
-                &s, &bn, &xn, &w, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut short,
-                &mut y, None, true,
+                &s, &bn, &xn, &w, &g, &b, &mut rm, &mut rv, &mut sm, &mut si, &mut short, &mut y,
+                None, true,
             )
             .unwrap_err();
         assert!(matches!(e, EngineError::Shape { .. }), "{e}");
@@ -145,7 +149,10 @@ fn train_fwd_nhwc_is_the_nchw_op_bit_for_bit() {
                 .unwrap_err();
             assert!(e.to_string().contains("residual"), "{e}");
         }
-        assert!(z.iter().chain(y.iter()).all(|&v| v == 7.0), "a refused op wrote");
+        assert!(
+            z.iter().chain(y.iter()).all(|&v| v == 7.0),
+            "a refused op wrote"
+        );
         assert_eq!(bits(&rm), bits(&rm0), "a refused op moved the running mean");
     }
 }
@@ -154,7 +161,12 @@ fn train_fwd_nhwc_is_the_nchw_op_bit_for_bit() {
 fn batchnorm_bwd_nhwc_is_the_nchw_op_bit_for_bit() {
     let be = Cpu::new();
     let mut rng = SplitMix64::fresh("nhwc-bn-bwd");
-    for (n, c, hw) in [(2usize, 5usize, 63usize), (3, 1, 7), (1, 33, 1), (4, 16, 30)] {
+    for (n, c, hw) in [
+        (2usize, 5usize, 63usize),
+        (3, 1, 7),
+        (1, 33, 1),
+        (4, 16, 30),
+    ] {
         let s = BatchNorm2d {
             n,
             c,
@@ -328,7 +340,11 @@ fn channels_last_train_step_is_bit_identical_to_nchw() {
                 .expect("nhwc step");
             assert_eq!(a.train_channels_last(), Some(false), "{what}");
             assert_eq!(b.train_channels_last(), Some(true), "{what}");
-            assert_eq!(sa.loss.to_bits(), sb.loss.to_bits(), "{what} step {step}: loss");
+            assert_eq!(
+                sa.loss.to_bits(),
+                sb.loss.to_bits(),
+                "{what} step {step}: loss"
+            );
             assert_eq!(sa.logits, sb.logits, "{what} step {step}: logits");
             let (ta, tb) = (state(a), state(b));
             assert_eq!(ta.len(), tb.len());
@@ -346,7 +362,10 @@ fn channels_last_train_step_is_bit_identical_to_nchw() {
         let rv = nets[1]
             .param("layer1.0.bn1.running_var")
             .expect("running var");
-        assert!(rv.iter().any(|&v| v != 1.0), "{what}: running var never moved");
+        assert!(
+            rv.iter().any(|&v| v != 1.0),
+            "{what}: running var never moved"
+        );
         // Forward only: batch statistics through the training activations, then eval mode.
         let x = rng.vec_f32(n * cfg.in_channels * h * w, -1.0, 1.0);
         for train in [true, false] {
@@ -357,6 +376,10 @@ fn channels_last_train_step_is_bit_identical_to_nchw() {
             let lb = b.stage1_logits(&x, batch, seq, h, w).expect("logits");
             assert_eq!(la, lb, "{what}: stage-1 logits, batch statistics {train}");
         }
-        assert_eq!(state(&nets[0]), state(&nets[1]), "{what}: after forward passes");
+        assert_eq!(
+            state(&nets[0]),
+            state(&nets[1]),
+            "{what}: after forward passes"
+        );
     }
 }

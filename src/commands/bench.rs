@@ -55,7 +55,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ichcam::engine::cuda::backend::{LayoutChoice, EvalStorage};
+use ichcam::engine::cuda::backend::{EvalStorage, LayoutChoice};
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
 use ichcam::model::unet::{UNet, UNetConfig};

@@ -456,7 +456,18 @@ pub trait Backend: Send + Sync {
             "conv2d_bn_train_fwd",
             s,
             bn,
-            [x, w, gamma, beta, running_mean, running_var, save_mean, save_invstd, z, y],
+            [
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                z,
+                y,
+            ],
             residual,
         )?;
         // SAFETY: the buffers hold the lengths the shapes give (checked above).
@@ -577,7 +588,18 @@ pub trait Backend: Send + Sync {
             "conv2d_bn_train_fwd_nhwc",
             s,
             bn,
-            [x, w, gamma, beta, running_mean, running_var, save_mean, save_invstd, z, y],
+            [
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                z,
+                y,
+            ],
             residual,
         )?;
         // SAFETY: the buffers hold the lengths the shapes give (checked above).

@@ -837,7 +837,11 @@ impl<B: Backend> BackboneActs<B> {
         be.maxpool2d_fwd(&self.pool, &self.stem.y, &mut self.pooled)?;
         let cl = self.channels_last;
         if cl {
-            be.nchw_to_nhwc(&self.pooled_transpose(), &self.pooled, &mut self.pooled_nhwc)?;
+            be.nchw_to_nhwc(
+                &self.pooled_transpose(),
+                &self.pooled,
+                &mut self.pooled_nhwc,
+            )?;
         }
         for i in 0..self.blocks.len() {
             let (prev, cur) = self.blocks.split_at_mut(i);

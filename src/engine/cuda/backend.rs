@@ -940,23 +940,22 @@ impl Backend for CudaBackend {
                 relu,
             );
         };
-        let conv = |z: &mut CudaSlice<f32>,
-                    part_s: &mut CudaSlice<f64>,
-                    part_q: &mut CudaSlice<f64>| {
-            let t_in = Transpose {
-                n: s.n,
-                c: s.c_in,
-                hw: s.h * s.w,
+        let conv =
+            |z: &mut CudaSlice<f32>, part_s: &mut CudaSlice<f64>, part_q: &mut CudaSlice<f64>| {
+                let t_in = Transpose {
+                    n: s.n,
+                    c: s.c_in,
+                    hw: s.h * s.w,
+                };
+                let t_out = Transpose {
+                    n: s.n,
+                    c: s.c_out,
+                    hw: s.out_h() * s.out_w(),
+                };
+                nchw_between_layout_changes(self, &[(x, t_in)], &mut [(z, t_out)], |i, o| {
+                    conv::conv2d_fwd_stats(self, s, &i[0], w, &mut o[0], part_s, part_q)
+                })
             };
-            let t_out = Transpose {
-                n: s.n,
-                c: s.c_out,
-                hw: s.out_h() * s.out_w(),
-            };
-            nchw_between_layout_changes(self, &[(x, t_in)], &mut [(z, t_out)], |i, o| {
-                conv::conv2d_fwd_stats(self, s, &i[0], w, &mut o[0], part_s, part_q)
-            })
-        };
         let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
         let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
         let r = conv(z, &mut part_s, &mut part_q).and_then(|()| {

@@ -544,11 +544,8 @@ fn bwd(
     let mut stats = be.take_scratch_f64(2 * s.c)?;
     let r = (|| -> Result<()> {
         let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
-        let [cnt, ct, apply_hw] = int_args([
-            s.n * s.hw,
-            nhwc_channel_tile(s.c),
-            layout.kernel_hw(s),
-        ])?;
+        let [cnt, ct, apply_hw] =
+            int_args([s.n * s.hw, nhwc_channel_tile(s.c), layout.kernel_hw(s)])?;
         let relu = relu as i32;
         let count = (s.n * s.hw) as f64;
         let k = kernels(be)?;
