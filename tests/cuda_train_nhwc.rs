@@ -20,7 +20,9 @@
 //!   1e-3 and 1e-2;
 //! - the channels-last training step captured as a CUDA graph replays bit for bit the eager
 //!   channels-last step (nothing allocated once warm: its layout copies and temporaries
-//!   from the arena).
+//!   from the arena);
+//! - `ichcam bench --what train-step --layout nhwc` trains channels-last and its JSON line
+//!   says `"layout": "nhwc"`; `auto` says `nchw`.
 //!
 //! One test at a time (a capture marks the shared stream and arena as capturing). Runs on a
 //! GPU or on the emulated driver (`scripts/cuda-emu.sh`); without either the device tests
@@ -57,6 +59,10 @@ fn main() {
             device(
                 "nhwc_train_step_graph_replays_bit_identically",
                 nhwc_train_step_graph_replays,
+            ),
+            device(
+                "bench_train_step_names_its_layout",
+                bench_train_step_names_its_layout,
             ),
         ],
         1,
@@ -458,4 +464,43 @@ fn nhwc_train_step_graph_replays() {
         "channels-last train step graph: {} operations",
         steps.graph.as_ref().map_or(0, |t| t.nodes())
     );
+}
+
+/// `ichcam bench --what train-step --json --layout layout` on the device, tiny and short: the
+/// JSON line's `layout`.
+fn bench_layout(layout: &str) -> String {
+    let out = common::cuda::bin()
+        .args([
+            "bench",
+            "--device",
+            "cuda",
+            "--what",
+            "train-step",
+            "--config",
+            "tiny",
+        ])
+        .args([
+            "--batch", "1", "--slices", "2", "--size", "32", "--iters", "1",
+        ])
+        .args(["--warmup", "0", "--json", "--layout", layout])
+        .output()
+        .expect("running ichcam bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in {stdout}"));
+    let j: serde_json::Value = serde_json::from_str(line).expect("JSON");
+    assert_eq!(j["what"], "train-step", "{line}");
+    j["layout"].as_str().unwrap_or("none").to_string()
+}
+
+fn bench_train_step_names_its_layout() {
+    assert_eq!(bench_layout("nhwc"), "nhwc");
+    assert_eq!(bench_layout("auto"), "nchw");
 }

@@ -383,3 +383,47 @@ fn channels_last_train_step_is_bit_identical_to_nchw() {
         );
     }
 }
+
+/// `ichcam bench --what train-step --json` on `device` with `--layout layout`, tiny and
+/// short: (the JSON line's `layout`, stderr).
+fn bench_layout(device: &str, layout: &str) -> (String, String) {
+    let out = common::cuda::bin()
+        .args([
+            "bench",
+            "--device",
+            device,
+            "--what",
+            "train-step",
+            "--config",
+            "tiny",
+        ])
+        .args([
+            "--batch", "1", "--slices", "2", "--size", "32", "--iters", "1",
+        ])
+        .args(["--warmup", "0", "--json", "--layout", layout])
+        .output()
+        .expect("running ichcam bench");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "bench failed: {stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in {stdout}"));
+    let j: serde_json::Value = serde_json::from_str(line).expect("JSON");
+    assert_eq!(j["what"], "train-step", "{line}");
+    let layout = j["layout"].as_str().unwrap_or("none").to_string();
+    (layout, stderr)
+}
+
+#[test]
+fn cpu_bench_train_step_says_it_trains_nchw() {
+    let (layout, stderr) = bench_layout("cpu", "nhwc");
+    assert_eq!(layout, "nchw");
+    assert!(
+        stderr.contains("--layout nhwc is a CUDA setting"),
+        "{stderr}"
+    );
+}

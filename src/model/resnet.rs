@@ -561,6 +561,7 @@ impl<B: Backend> BlockGrads<B> {
 }
 
 impl<B: Backend> BlockActs<B> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         be: &B,
         spec: &BlockSpec,
