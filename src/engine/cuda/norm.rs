@@ -533,7 +533,12 @@ fn bwd(
             // Blocks of 256 threads over (chunk of pixels, tile of channels).
             let ct = nhwc_channel_tile(s.c);
             let tiles = s.c.div_ceil(ct);
-            let (split, chunk) = be.reduce_split(s.n * s.hw, tiles);
+            // A block reads `ct` values per pixel: at least 4096 values per block, as
+            // `reduce_split` wants per channel.
+            let count = s.n * s.hw;
+            let (split, _) = be.reduce_split(count * ct, tiles);
+            let chunk = count.div_ceil(split).max(1);
+            let split = count.div_ceil(chunk).max(1);
             let red = blocks("batchnorm_bwd_nhwc", (split, tiles, 1), 256)?;
             let per_c = blocks("batchnorm_bwd_nhwc", (s.c.div_ceil(256), 1, 1), 256)?;
             (red, per_c, split, chunk)
