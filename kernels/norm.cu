@@ -6,6 +6,8 @@
 // so results are deterministic. The variance takes two passes (mean first, then squared
 // deviations), never E[x^2] - E[x]^2. Normalisation and dx are elementwise launches; the
 // normalisation (bn_apply) can also add a residual block's shortcut and apply its ReLU.
+// Channels-last (NHWC, [n*hw][c]) tensors take the same elementwise passes with HW = 1 (the
+// channel of element i is then i % C), and bn_bwd_partial_nhwc for the backward's sums.
 // After a convolution that took the statistics in its epilogue (per pixel tile: sum and
 // centred sum of squares), bn_stats_finalize combines the tiles instead of the two passes
 // over x. bn_eval_fold folds the running statistics into a scale and shift for a
@@ -209,6 +211,51 @@ extern "C" __global__ void bn_bwd_partial(const float* __restrict__ x, const flo
     if (threadIdx.x == 0) {
         part1[(size_t)c * S + s] = a;
         part2[(size_t)c * S + s] = b;
+    }
+}
+
+// The backward's partial sums over channels-last x, y, dy ([cnt pixels][C], NHWC): part1 =
+// sum g, part2 = sum g * xhat, as bn_bwd_partial, in the same layout (part[c * S + s]: chunk s
+// of `chunk` consecutive pixels of channel c), so that bn_bwd_finalize combines them. Grid
+// (S, ceil(C / CT)), 256 threads: thread t takes channel blockIdx.y * CT + t % CT (the
+// element's index % C) and pixels beg + t / CT, stepping by P = 256 / CT, so that
+// consecutive threads read consecutive channels of a pixel (coalesced along the channels).
+// Each thread sums in f64 in a fixed order, then one thread per channel adds the P row sums
+// in order: deterministic, though not in bn_bwd_partial's order (the f64 sums may differ in
+// their last bits).
+extern "C" __global__ void __launch_bounds__(256)
+bn_bwd_partial_nhwc(const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ dy,
+                    const float* __restrict__ save_mean, const float* __restrict__ save_invstd,
+                    double* __restrict__ part1, double* __restrict__ part2, int cnt, int C, int CT,
+                    int chunk, int relu) {
+    __shared__ double sa[256], sb[256];
+    const int s = blockIdx.x, S = gridDim.x;
+    const int P = (int)blockDim.x / CT;
+    const int lane = (int)threadIdx.x % CT, row = (int)threadIdx.x / CT;
+    const int c = (int)blockIdx.y * CT + lane;
+    const long long beg = (long long)s * chunk, end = min((long long)cnt, beg + chunk);
+    double a = 0.0, b = 0.0;
+    if (row < P && c < C) {
+        const double mean = (double)save_mean[c], invstd = (double)save_invstd[c];
+        for (long long p = beg + row; p < end; p += P) {
+            const size_t k = (size_t)p * C + c;
+            float g = dy[k];
+            if (relu && !(y[k] > 0.0f)) g = 0.0f;
+            a += (double)g;
+            b += (double)g * (((double)x[k] - mean) * invstd);
+        }
+    }
+    sa[threadIdx.x] = a;
+    sb[threadIdx.x] = b;
+    __syncthreads();
+    if (row == 0 && c < C) {
+        double ta = 0.0, tb = 0.0;
+        for (int r = 0; r < P; ++r) {
+            ta += sa[r * CT + lane];
+            tb += sb[r * CT + lane];
+        }
+        part1[(size_t)c * S + s] = ta;
+        part2[(size_t)c * S + s] = tb;
     }
 }
 

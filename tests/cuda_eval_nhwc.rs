@@ -4,9 +4,9 @@
 //!   bit (a copy), on odd sizes, one channel, one pixel, a batch, and a map wider than the
 //!   kernel's grid (its blocks stride over the rest); their round trip is exact; wrong
 //!   lengths are `EngineError::Shape` before any launch;
-//! - `EvalLayout`: `nchw` keeps the eval backbone NCHW, `nhwc` makes it channels-last,
+//! - `LayoutChoice`: `nchw` keeps the eval backbone NCHW, `nhwc` makes it channels-last,
 //!   `auto` is channels-last at tf32 / bf16 (unless `MmaRoute::Never`); the names parse;
-//! - a model on a backend set to `EvalLayout::Nhwc` gives the features and every output of
+//! - a model on a backend set to `LayoutChoice::Nhwc` gives the features and every output of
 //!   the CAM pass, whole and in chunks, within 1e-5 (relative) of the NCHW model at f32 (its
 //!   units `backend::conv2d_bn_eval_fwd_nhwc_by_transposes`: transposes around the fused
 //!   NCHW op, temporaries from the arena), and within the precision's tolerance at tf32 and
@@ -38,7 +38,7 @@ use common::rng::SplitMix64;
 use common::cuda::{device, gpu_at, host, rel_err};
 use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::backend::{EvalLayout, EvalStorage};
+use ichcam::engine::cuda::backend::{EvalStorage, LayoutChoice};
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::shapes::Transpose;
 use ichcam::engine::{ActStorage, Backend, EngineError, Precision};
@@ -80,25 +80,28 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-fn at(p: Precision, l: EvalLayout) -> CudaBackend {
+fn at(p: Precision, l: LayoutChoice) -> CudaBackend {
     let mut be = gpu_at(p);
     be.set_eval_layout(l);
     be
 }
 
 fn layout_names_parse() {
-    for l in EvalLayout::ALL {
-        assert_eq!(l.name().parse::<EvalLayout>().ok(), Some(l));
+    for l in LayoutChoice::ALL {
+        assert_eq!(l.name().parse::<LayoutChoice>().ok(), Some(l));
     }
-    assert_eq!(" NHWC ".parse::<EvalLayout>().ok(), Some(EvalLayout::Nhwc));
-    let e = "nwhc".parse::<EvalLayout>().unwrap_err().to_string();
+    assert_eq!(
+        " NHWC ".parse::<LayoutChoice>().ok(),
+        Some(LayoutChoice::Nhwc)
+    );
+    let e = "nwhc".parse::<LayoutChoice>().unwrap_err().to_string();
     assert!(e.contains("use auto, nchw or nhwc"), "{e}");
-    assert_eq!(EvalLayout::default(), EvalLayout::Auto);
+    assert_eq!(LayoutChoice::default(), LayoutChoice::Auto);
 }
 
 fn layout_setting_selects_channels_last() {
     let g = gpu_at(Precision::F32);
-    assert_eq!(g.eval_layout(), EvalLayout::Auto);
+    assert_eq!(g.eval_layout(), LayoutChoice::Auto);
     assert!(!g.channels_last_eval(), "auto is NCHW at f32");
     // Auto: channels-last where the native kernel runs the units (tf32 / bf16, mma allowed).
     assert!(gpu_at(Precision::Bf16).channels_last_eval());
@@ -109,10 +112,10 @@ fn layout_setting_selects_channels_last() {
         !never.channels_last_eval(),
         "auto without mma kernels is NCHW"
     );
-    assert!(!at(Precision::F32, EvalLayout::Nchw).channels_last_eval());
-    assert!(at(Precision::F32, EvalLayout::Nhwc).channels_last_eval());
+    assert!(!at(Precision::F32, LayoutChoice::Nchw).channels_last_eval());
+    assert!(at(Precision::F32, LayoutChoice::Nhwc).channels_last_eval());
     // A clone keeps the setting; the shared backend is untouched.
-    let n = at(Precision::Bf16, EvalLayout::Nhwc);
+    let n = at(Precision::Bf16, LayoutChoice::Nhwc);
     assert!(n.clone().channels_last_eval());
     assert!(!gpu_at(Precision::F32).channels_last_eval());
 }
@@ -222,7 +225,7 @@ fn nhwc_native_model_matches_nchw_reduced() {
 /// around the NCHW op) or the precision's tolerance at tf32 / bf16 (the native kernel).
 fn nhwc_model_matches_nchw(p: Precision) {
     let tol = p.tolerance().unwrap_or(1e-5);
-    let at = |l: EvalLayout| {
+    let at = |l: LayoutChoice| {
         let mut g = at(p, l);
         g.set_eval_storage(EvalStorage::F32);
         g
@@ -233,8 +236,8 @@ fn nhwc_model_matches_nchw(p: Precision) {
     let x2 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
     for cfg in [bottleneck(), ModelConfig::tiny()] {
         let what = format!("{p} {:?} {:?}", cfg.block, cfg.layers);
-        let mut a = trained(at(EvalLayout::Nchw), &cfg, &x2, n, h, w);
-        let mut b = trained(at(EvalLayout::Nhwc), &cfg, &x2, n, h, w);
+        let mut a = trained(at(LayoutChoice::Nchw), &cfg, &x2, n, h, w);
+        let mut b = trained(at(LayoutChoice::Nhwc), &cfg, &x2, n, h, w);
         let (fa, fb) = (
             a.stage2_features(&x, n, h, w).expect("features"),
             b.stage2_features(&x, n, h, w).expect("features"),
@@ -267,7 +270,7 @@ fn nhwc_model_matches_nchw(p: Precision) {
 }
 
 fn nhwc_cam_pass_graph_replays(p: Precision) {
-    let g = at(p, EvalLayout::Nhwc);
+    let g = at(p, LayoutChoice::Nhwc);
     let (n, h, w) = (5usize, 64usize, 48usize);
     let mut rng = SplitMix64::fresh("cuda-nhwc-graph");
     let x1 = rng.vec_f32(n * 3 * h * w, -1.0, 1.0);
@@ -338,7 +341,7 @@ fn storage_names_parse() {
 }
 
 fn stored(p: Precision, st: EvalStorage) -> CudaBackend {
-    let mut be = at(p, EvalLayout::Nhwc);
+    let mut be = at(p, LayoutChoice::Nhwc);
     be.set_eval_storage(st);
     be
 }

@@ -37,10 +37,12 @@
 //! `conv` reports none (`--describe` adds its shapes, counts and families). The `cam` and
 //! `cam-latency` lines also have the pass's memory plan (`cam_chunk`, `act_mb`,
 //! `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]). `--layout` sets the
-//! layout of the eval-mode backbone on CUDA (`auto`, `nchw`, `nhwc`: its blocks
-//! channels-last, [`EvalLayout`]); the CPU runs NCHW (and says so when `nhwc` is asked);
-//! the JSON lines of the timed workloads name the eval-mode backbone's layout on the device
-//! (`layout`: `nchw` or `nhwc`; the CAM workloads' from the pass's own buffers).
+//! layout of the eval-mode and of the training-mode backbone on CUDA (`auto`, `nchw`,
+//! `nhwc`: its blocks channels-last, [`LayoutChoice`]; `auto` is the backend's choice for
+//! each); the CPU runs NCHW (and says so when `nhwc` is asked); the JSON lines of the timed
+//! workloads name the layout the workload's backbone ran in on the device (`layout`: `nchw`
+//! or `nhwc`; `train-step` the training backbone's, the CAM workloads' from the pass's own
+//! buffers, the others the eval-mode backbone's).
 //! `--act-storage` sets the storage of its channels-last activations on CUDA (`auto`: bf16
 //! at `--precision bf16`, else f32; `f32`; `bf16`, ignored below bf16 precision:
 //! [`EvalStorage`]); the JSON lines name the storage used (`act_storage`: `f32` or `bf16`,
@@ -53,7 +55,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ichcam::engine::cuda::backend::{EvalLayout, EvalStorage};
+use ichcam::engine::cuda::backend::{EvalStorage, LayoutChoice};
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
 use ichcam::model::unet::{UNet, UNetConfig};
@@ -74,12 +76,13 @@ pub struct Args {
     /// with tf32.
     #[arg(long, default_value = "f32")]
     precision: ichcam::engine::Precision,
-    /// The eval-mode backbone's layout on CUDA (cam, cam-latency): auto (the backend's
-    /// choice), nchw, or nhwc (its blocks channels-last between two layout changes). The
-    /// CPU runs NCHW.
+    /// The backbone's layout on CUDA, eval mode (cam, cam-latency) and training mode
+    /// (train-step): auto (the backend's choice for each), nchw, or nhwc (its blocks
+    /// channels-last between two layout changes). The CPU runs NCHW.
     #[arg(long, default_value = "auto")]
-    layout: EvalLayout,
-    /// The layout the eval-mode backbone runs in on the opened device (`nchw` / `nhwc`).
+    layout: LayoutChoice,
+    /// The layout the workload's backbone runs in on the opened device (`nchw` / `nhwc`):
+    /// the training backbone's for train-step, else the eval-mode backbone's.
     #[arg(skip)]
     layout_used: Option<&'static str>,
     /// The storage of the eval-mode backbone's channels-last activations on CUDA (cam,
@@ -313,17 +316,24 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     }
     let mut device = super::open_device(&args.device, false)?;
     device.set_precision(args.precision)?;
+    let train_step = args.what == "train-step";
     let (channels_last, storage) = match &mut device {
         ichcam::engine::Device::Cuda(be) => {
             be.set_eval_layout(args.layout);
+            be.set_train_layout(args.layout);
             be.set_eval_storage(args.act_storage);
-            (be.channels_last_eval(), be.eval_storage())
+            if train_step {
+                // The training backbone stores f32 in either layout.
+                (be.channels_last_train(), ichcam::engine::ActStorage::F32)
+            } else {
+                (be.channels_last_eval(), be.eval_storage())
+            }
         }
         ichcam::engine::Device::Cpu { .. } => {
-            if args.layout == EvalLayout::Nhwc {
+            if args.layout == LayoutChoice::Nhwc {
                 eprintln!(
-                    "note: --layout nhwc is a CUDA setting: the CPU backend runs the eval-mode \
-                     backbone NCHW"
+                    "note: --layout nhwc is a CUDA setting: the CPU backend runs the backbone \
+                     NCHW"
                 );
             }
             if args.act_storage == EvalStorage::Bf16 {

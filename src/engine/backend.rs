@@ -3,7 +3,9 @@
 //!
 //! Conventions, the same for every op:
 //! - buffers are contiguous, row-major (NCHW for images, except the channels-last ops:
-//!   [`Backend::conv2d_bn_eval_fwd_nhwc`] and the layout changes [`Backend::nchw_to_nhwc`],
+//!   [`Backend::conv2d_bn_eval_fwd_nhwc`], the training ops [`Backend::conv2d_bn_train_fwd_nhwc`],
+//!   [`Backend::batchnorm_bwd_nhwc`], [`Backend::conv2d_bwd_data_nhwc`],
+//!   [`Backend::conv2d_bwd_weight_nhwc`] (weights OIHW as ever), and the layout changes [`Backend::nchw_to_nhwc`],
 //!   [`Backend::nhwc_to_nchw`], and their bf16-storage forms
 //!   [`Backend::conv2d_bn_eval_fwd_nhwc_bf16`], [`Backend::nchw_to_nhwc_bf16`],
 //!   [`Backend::nhwc_bf16_to_nchw`], whose bf16 tensors take
@@ -46,6 +48,27 @@ macro_rules! checked_op {
         /// validates); a device kernel reads and writes that many values.
         #[allow(clippy::too_many_arguments)]
         unsafe fn $unchecked(&$self, $($arg: $ty),*) -> $ret;
+    };
+    // The same with a default implementation of `$unchecked` (`$default`).
+    (
+        $(#[$doc:meta])*
+        fn $name:ident / $unchecked:ident(&$self:ident, $($arg:ident: $ty:ty),* $(,)?) -> $ret:ty
+        $check:block default $default:block
+    ) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name(&$self, $($arg: $ty),*) -> $ret {
+            $check
+            // SAFETY: the buffers hold the lengths the shape gives (checked above).
+            unsafe { $self.$unchecked($($arg),*) }
+        }
+        #[doc = concat!("[`Backend::", stringify!($name), "`] once its lengths are checked: what a backend implements (a default is given).")]
+        ///
+        /// # Safety
+        /// Every buffer holds the length the shape argument gives (what the checked method
+        /// validates); a device kernel reads and writes that many values.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $unchecked(&$self, $($arg: $ty),*) -> $ret $default
     };
 }
 
@@ -428,22 +451,24 @@ pub trait Backend: Send + Sync {
         residual: Option<&Self::Buf>,
         relu: bool,
     ) -> Result<()> {
-        s.check_fwd(self.len(x), self.len(w), self.len(z))?;
-        bn.check_after_conv(
+        check_conv_bn_train(
+            self,
             "conv2d_bn_train_fwd",
             s,
-            [gamma, beta, running_mean, running_var].map(|b| self.len(b)),
-            residual.map(|r| self.len(r)),
-        )?;
-        bn.check_train_fwd(
-            self.len(z),
-            self.len(y),
-            self.len(gamma),
-            self.len(beta),
-            self.len(running_mean),
-            self.len(running_var),
-            self.len(save_mean),
-            self.len(save_invstd),
+            bn,
+            [
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                z,
+                y,
+            ],
+            residual,
         )?;
         // SAFETY: the buffers hold the lengths the shapes give (checked above).
         unsafe {
@@ -522,6 +547,123 @@ pub trait Backend: Send + Sync {
             self.copy(&t, y)?;
             self.add_assign(y, r)
         }
+    }
+
+    /// Whether the training-mode backbone should run channels-last on this backend (its
+    /// block units as [`Backend::conv2d_bn_train_fwd_nhwc`] and their backward as
+    /// [`Backend::batchnorm_bwd_nhwc`], [`Backend::conv2d_bwd_weight_nhwc`] and
+    /// [`Backend::conv2d_bwd_data_nhwc`], between two layout changes): a setting of the
+    /// backend, read once when the model builds its training activations. The default (and
+    /// the CPU reference) says no.
+    fn channels_last_train(&self) -> bool {
+        false
+    }
+
+    /// [`Backend::conv2d_bn_train_fwd`] on channels-last activations: x `[n, h, w, c_in]`,
+    /// z, y and the residual `[n, out_h, out_w, c_out]` (NHWC), the weights OIHW as ever;
+    /// the same arguments and checks. The default changes x (and the residual) to NCHW
+    /// temporaries ([`Backend::scratch`]), runs [`Backend::conv2d_bn_train_fwd`] and changes
+    /// z and y back ([`conv2d_bn_train_fwd_nhwc_by_transposes`]): bit for bit the NCHW op;
+    /// a backend may run a native channels-last kernel instead.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bn_train_fwd_nhwc(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        save_mean: &mut Self::Buf,
+        save_invstd: &mut Self::Buf,
+        z: &mut Self::Buf,
+        y: &mut Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+    ) -> Result<()> {
+        check_conv_bn_train(
+            self,
+            "conv2d_bn_train_fwd_nhwc",
+            s,
+            bn,
+            [
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                z,
+                y,
+            ],
+            residual,
+        )?;
+        // SAFETY: the buffers hold the lengths the shapes give (checked above).
+        unsafe {
+            self.conv2d_bn_train_fwd_nhwc_unchecked(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                z,
+                y,
+                residual,
+                relu,
+            )
+        }
+    }
+    /// [`Backend::conv2d_bn_train_fwd_nhwc`] once its lengths are checked: what a backend
+    /// implements; the default transposes around [`Backend::conv2d_bn_train_fwd`].
+    ///
+    /// # Safety
+    /// Every buffer holds the length the shape arguments give (what
+    /// [`Backend::conv2d_bn_train_fwd_nhwc`] checks); a device kernel reads and writes that
+    /// many values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv2d_bn_train_fwd_nhwc_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        save_mean: &mut Self::Buf,
+        save_invstd: &mut Self::Buf,
+        z: &mut Self::Buf,
+        y: &mut Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+    ) -> Result<()> {
+        conv2d_bn_train_fwd_nhwc_by_transposes(
+            self,
+            s,
+            bn,
+            x,
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            z,
+            y,
+            residual,
+            relu,
+        )
     }
 
     // ---- batch norm ----------------------------------------------------------------------
@@ -605,6 +747,75 @@ pub trait Backend: Send + Sync {
                 self.len(dgamma),
                 self.len(dbeta),
             )?;
+        }
+    }
+
+    checked_op! {
+        /// [`Backend::batchnorm_bwd`] on channels-last tensors: x, y, dy and dx
+        /// `[n, hw, c]` (NHWC), the same arguments and checks. The default changes x, dy
+        /// (and y, when `relu` reads it) to NCHW temporaries, runs [`Backend::batchnorm_bwd`]
+        /// and changes dx back ([`nchw_between_layout_changes`]): bit for bit the NCHW op.
+        fn batchnorm_bwd_nhwc / batchnorm_bwd_nhwc_unchecked(
+            &self,
+            s: &BatchNorm2d,
+            x: &Self::Buf,
+            y: &Self::Buf,
+            dy: &Self::Buf,
+            gamma: &Self::Buf,
+            save_mean: &Self::Buf,
+            save_invstd: &Self::Buf,
+            dx: &mut Self::Buf,
+            dgamma: &mut Self::Buf,
+            dbeta: &mut Self::Buf,
+            relu: bool,
+        ) -> Result<()> {
+            s.check_bwd(
+                self.len(x),
+                self.len(y),
+                self.len(dy),
+                self.len(dx),
+                self.len(gamma),
+                self.len(save_mean),
+                self.len(save_invstd),
+                self.len(dgamma),
+                self.len(dbeta),
+            )?;
+        } default {
+            batchnorm_bwd_nhwc_by_transposes(
+                self, s, x, y, dy, gamma, save_mean, save_invstd, dx, dgamma, dbeta, relu,
+            )
+        }
+    }
+    checked_op! {
+        /// [`Backend::conv2d_bwd_data`] on channels-last tensors: dy `[n, out_h, out_w,
+        /// c_out]`, dx `[n, h, w, c_in]` (NHWC), w OIHW. The default changes dy to NCHW,
+        /// runs [`Backend::conv2d_bwd_data`] and changes dx back: bit for bit the NCHW op.
+        fn conv2d_bwd_data_nhwc / conv2d_bwd_data_nhwc_unchecked(
+            &self,
+            s: &Conv2d,
+            dy: &Self::Buf,
+            w: &Self::Buf,
+            dx: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_bwd_data(self.len(dy), self.len(w), self.len(dx))?;
+        } default {
+            conv2d_bwd_data_nhwc_by_transposes(self, s, dy, w, dx)
+        }
+    }
+    checked_op! {
+        /// [`Backend::conv2d_bwd_weight`] on channels-last tensors: x `[n, h, w, c_in]`, dy
+        /// `[n, out_h, out_w, c_out]` (NHWC), dw OIHW. The default changes x and dy to NCHW
+        /// and runs [`Backend::conv2d_bwd_weight`]: bit for bit the NCHW op.
+        fn conv2d_bwd_weight_nhwc / conv2d_bwd_weight_nhwc_unchecked(
+            &self,
+            s: &Conv2d,
+            x: &Self::Buf,
+            dy: &Self::Buf,
+            dw: &mut Self::Buf,
+        ) -> Result<()> {
+            s.check_bwd_weight(self.len(x), self.len(dy), self.len(dw))?;
+        } default {
+            conv2d_bwd_weight_nhwc_by_transposes(self, s, x, dy, dw)
         }
     }
 
@@ -1180,4 +1391,206 @@ pub fn eval_unit_through_scratch<B: Backend + ?Sized>(
         be.recycle(t);
     }
     r
+}
+
+/// The layout changes of a convolution's input `[n, c_in, h*w]` and output
+/// `[n, c_out, out_h*out_w]`.
+fn conv_transposes(s: &Conv2d) -> (Transpose, Transpose) {
+    (
+        Transpose {
+            n: s.n,
+            c: s.c_in,
+            hw: s.h * s.w,
+        },
+        Transpose {
+            n: s.n,
+            c: s.c_out,
+            hw: s.out_h() * s.out_w(),
+        },
+    )
+}
+
+/// The checks of [`Backend::conv2d_bn_train_fwd`] (and its channels-last twin, `op`): the
+/// buffers x, w, gamma, beta, running_mean, running_var, save_mean, save_invstd, z, y in
+/// that order, and the residual.
+fn check_conv_bn_train<B: Backend + ?Sized>(
+    be: &B,
+    op: &'static str,
+    s: &Conv2d,
+    bn: &BatchNorm2d,
+    bufs: [&B::Buf; 10],
+    residual: Option<&B::Buf>,
+) -> Result<()> {
+    let [x, w, gamma, beta, rm, rv, sm, si, z, y] = bufs.map(|b| be.len(b));
+    s.check_fwd(x, w, z)?;
+    bn.check_after_conv(op, s, [gamma, beta, rm, rv], residual.map(|r| be.len(r)))?;
+    bn.check_train_fwd(z, y, gamma, beta, rm, rv, sm, si)
+}
+
+/// Runs an NCHW op on channels-last tensors by layout changes: each of `inputs` (an NHWC
+/// tensor and its [`Transpose`] shape `{n, c, hw}`) changed into an NCHW
+/// [`Backend::scratch`] buffer of its length, `run` on those and on NCHW scratch buffers as
+/// long as the `outputs`, each of which is then changed into its NHWC output; the scratch
+/// given back whatever happens. The layout changes copy values, so the result is bit for
+/// bit the NCHW op's. The trait's defaults of the channels-last training ops
+/// ([`conv2d_bn_train_fwd_nhwc_by_transposes`], [`Backend::batchnorm_bwd_nhwc`],
+/// [`Backend::conv2d_bwd_data_nhwc`], [`Backend::conv2d_bwd_weight_nhwc`]), and a backend's
+/// fallback where its native channels-last kernel does not run a shape. The lengths are
+/// the caller's (checked by its op; the ops run here check them again).
+pub fn nchw_between_layout_changes<B: Backend + ?Sized>(
+    be: &B,
+    inputs: &[(&B::Buf, Transpose)],
+    outputs: &mut [(&mut B::Buf, Transpose)],
+    run: impl FnOnce(&[B::Buf], &mut [B::Buf]) -> Result<()>,
+) -> Result<()> {
+    let mut ins: Vec<B::Buf> = Vec::with_capacity(inputs.len());
+    let mut outs: Vec<B::Buf> = Vec::with_capacity(outputs.len());
+    let r = (|| {
+        for (x, t) in inputs {
+            let mut xt = be.scratch(be.len(x))?;
+            let changed = be.nhwc_to_nchw(t, x, &mut xt);
+            ins.push(xt);
+            changed?;
+        }
+        for (y, _) in outputs.iter() {
+            outs.push(be.scratch(be.len(y))?);
+        }
+        run(&ins, &mut outs)?;
+        for ((y, t), yt) in outputs.iter_mut().zip(&outs) {
+            be.nchw_to_nhwc(t, yt, y)?;
+        }
+        Ok(())
+    })();
+    for b in ins.into_iter().chain(outs) {
+        be.recycle(b);
+    }
+    r
+}
+
+/// The channels-last training unit by layout changes: x (and the residual) to NCHW
+/// temporaries, [`Backend::conv2d_bn_train_fwd`] (running statistics, saved mean and invstd
+/// written directly), z and y back to NHWC: bit for bit the NCHW op. The trait's default for
+/// [`Backend::conv2d_bn_train_fwd_nhwc`], and a backend's fallback where its native
+/// channels-last kernel does not run a shape. Lengths as that op checks them.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_bn_train_fwd_nhwc_by_transposes<B: Backend + ?Sized>(
+    be: &B,
+    s: &Conv2d,
+    bn: &BatchNorm2d,
+    x: &B::Buf,
+    w: &B::Buf,
+    gamma: &B::Buf,
+    beta: &B::Buf,
+    running_mean: &mut B::Buf,
+    running_var: &mut B::Buf,
+    save_mean: &mut B::Buf,
+    save_invstd: &mut B::Buf,
+    z: &mut B::Buf,
+    y: &mut B::Buf,
+    residual: Option<&B::Buf>,
+    relu: bool,
+) -> Result<()> {
+    let (t_in, t_out) = conv_transposes(s);
+    let mut ins = vec![(x, t_in)];
+    if let Some(r) = residual {
+        ins.push((r, t_out));
+    }
+    nchw_between_layout_changes(be, &ins, &mut [(z, t_out), (y, t_out)], |i, o| {
+        let (zt, yt) = o.split_at_mut(1);
+        be.conv2d_bn_train_fwd(
+            s,
+            bn,
+            &i[0],
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            &mut zt[0],
+            &mut yt[0],
+            i.get(1),
+            relu,
+        )
+    })
+}
+
+/// [`Backend::batchnorm_bwd_nhwc`] by layout changes: x, dy (and y, when `relu` reads it) to
+/// NCHW temporaries, [`Backend::batchnorm_bwd`], dx back: bit for bit the NCHW op. The
+/// trait's default; a backend's fallback.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_bwd_nhwc_by_transposes<B: Backend + ?Sized>(
+    be: &B,
+    s: &BatchNorm2d,
+    x: &B::Buf,
+    y: &B::Buf,
+    dy: &B::Buf,
+    gamma: &B::Buf,
+    save_mean: &B::Buf,
+    save_invstd: &B::Buf,
+    dx: &mut B::Buf,
+    dgamma: &mut B::Buf,
+    dbeta: &mut B::Buf,
+    relu: bool,
+) -> Result<()> {
+    let t = Transpose {
+        n: s.n,
+        c: s.c,
+        hw: s.hw,
+    };
+    // y is read only to mask dy by the fused ReLU: without one, x stands in for it.
+    let mut ins = vec![(x, t), (dy, t)];
+    if relu {
+        ins.push((y, t));
+    }
+    nchw_between_layout_changes(be, &ins, &mut [(dx, t)], |i, o| {
+        let (xt, dyt) = (&i[0], &i[1]);
+        let yt = i.get(2).unwrap_or(xt);
+        be.batchnorm_bwd(
+            s,
+            xt,
+            yt,
+            dyt,
+            gamma,
+            save_mean,
+            save_invstd,
+            &mut o[0],
+            dgamma,
+            dbeta,
+            relu,
+        )
+    })
+}
+
+/// [`Backend::conv2d_bwd_data_nhwc`] by layout changes: dy to NCHW,
+/// [`Backend::conv2d_bwd_data`], dx back: bit for bit the NCHW op. The trait's default; a
+/// backend's fallback where its native channels-last kernel does not run a shape.
+pub fn conv2d_bwd_data_nhwc_by_transposes<B: Backend + ?Sized>(
+    be: &B,
+    s: &Conv2d,
+    dy: &B::Buf,
+    w: &B::Buf,
+    dx: &mut B::Buf,
+) -> Result<()> {
+    let (t_in, t_out) = conv_transposes(s);
+    nchw_between_layout_changes(be, &[(dy, t_out)], &mut [(dx, t_in)], |i, o| {
+        be.conv2d_bwd_data(s, &i[0], w, &mut o[0])
+    })
+}
+
+/// [`Backend::conv2d_bwd_weight_nhwc`] by layout changes: x and dy to NCHW,
+/// [`Backend::conv2d_bwd_weight`] (dw OIHW either way): bit for bit the NCHW op. The trait's
+/// default; a backend's fallback where its native channels-last kernel does not run a shape.
+pub fn conv2d_bwd_weight_nhwc_by_transposes<B: Backend + ?Sized>(
+    be: &B,
+    s: &Conv2d,
+    x: &B::Buf,
+    dy: &B::Buf,
+    dw: &mut B::Buf,
+) -> Result<()> {
+    let (t_in, t_out) = conv_transposes(s);
+    nchw_between_layout_changes(be, &[(x, t_in), (dy, t_out)], &mut [], |i, _| {
+        be.conv2d_bwd_weight(s, &i[0], &i[1], dw)
+    })
 }

@@ -236,6 +236,20 @@ pub fn backbone_activations(
     Some((total, (cin, ch, cw)))
 }
 
+/// Scalars the channels-last training backbone (`BackboneActs` on a backend whose
+/// `Backend::channels_last_train` says yes) keeps beside [`backbone_activations`]: the
+/// pooled activations changed to NHWC (the first block's input) and the last block's
+/// output changed back to NCHW (the global average pool's input); their gradients are as
+/// many again (counted with the rest, twice over, by [`training_bytes`]).
+pub fn train_layout_copies(cfg: &ModelConfig, n: usize, h: usize, w: usize) -> Option<u128> {
+    let (_, (c, fh, fw)) = backbone_activations(cfg, n, h, w)?;
+    let n = n as u128;
+    let (sh, sw) = (out_len(h as u128, 7, 2, 3), out_len(w as u128, 7, 2, 3));
+    let (ph, pw) = (out_len(sh, 3, 2, 1), out_len(sw, 3, 2, 1));
+    let pooled = mul(mul(n, cfg.base_width as u128)?, mul(ph, pw)?)?;
+    add(pooled, mul(mul(n, c)?, mul(fh, fw)?)?)
+}
+
 /// The eval-mode backbone's ops on `n` images of `h x w` (as `resnet.rs` builds them: the
 /// stem, the max-pool, then per block the downsample branch and the units, the last one
 /// joining the shortcut; channels-last ([`ActLayout`]): with a layout change after the
@@ -472,7 +486,8 @@ pub fn stage1_infer_bytes(
 }
 
 /// [`stage1_infer_bytes`] with the training activations (`train`: every layer's output,
-/// [`backbone_activations`]) or the eval-mode backbone's.
+/// [`backbone_activations`], and the channels-last layout's copies,
+/// [`train_layout_copies`]) or the eval-mode backbone's.
 fn stage1_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -484,7 +499,10 @@ fn stage1_bytes(
     let n = (batch as u128).checked_mul(seq as u128)?;
     let nn = usize::try_from(n).ok()?;
     let (acts, _) = if train {
-        backbone_activations(cfg, nn, size, size)?
+        // The channels-last layout's two copies counted (the layout that needs more: the
+        // backend is not known yet).
+        let (a, out) = backbone_activations(cfg, nn, size, size)?;
+        (add(a, train_layout_copies(cfg, nn, size, size)?)?, out)
     } else {
         eval_activations_either(cfg, nn, size, size)?
     };

@@ -1502,6 +1502,13 @@ impl<B: Backend> IchNet<B> {
         )
     }
 
+    /// Whether the training activations (built by the last training or batch-statistics
+    /// pass) run the blocks channels-last (what the backend's
+    /// [`Backend::channels_last_train`] said when they were built); None before such a pass.
+    pub fn train_channels_last(&self) -> Option<bool> {
+        self.slots.bb.as_ref().map(|b| b.channels_last)
+    }
+
     /// Frees the cached activation buffers (they are reallocated on the next pass; counted
     /// in [`IchNet::generation`]).
     pub fn release_buffers(&mut self) {

@@ -2,7 +2,9 @@
 //! order of torchvision's `state_dict`) and the activations of one input shape, with the
 //! forward pass (training-mode, batch-statistics or eval-mode batch norm) and the backward
 //! pass that writes every backbone gradient through the training buffers made for those
-//! activations ([`BackboneGrads`]); and the eval-mode backbone of inference
+//! activations ([`BackboneGrads`]), channels-last (NHWC) between the stem's max-pool and the
+//! global average pool on a backend that asks for it ([`Backend::channels_last_train`]);
+//! and the eval-mode backbone of inference
 //! ([`BackboneEval`]), which keeps no layer's output but the last block's: its few buffers
 //! follow the activation plan of [`super::eval_plan`] (test-time memory reused layer to
 //! layer); on a backend that asks for it ([`Backend::channels_last_eval`]) its blocks run
@@ -247,6 +249,8 @@ struct UnitActs<B: Backend> {
     conv: Conv2d,
     bn: BatchNorm2d,
     relu: bool,
+    /// Whether the unit's activations are channels-last (NHWC): its ops the `*_nhwc` ones.
+    nhwc: bool,
     /// Conv output (BN input).
     z: B::Buf,
     /// BN (+ ReLU) output; empty for a block's last unit, which writes the block's output
@@ -285,6 +289,7 @@ impl<B: Backend> UnitActs<B> {
         w: usize,
         relu: bool,
         joins: bool,
+        nhwc: bool,
         eps: f64,
         momentum: f64,
     ) -> Result<Self, ModelError> {
@@ -294,6 +299,7 @@ impl<B: Backend> UnitActs<B> {
             conv,
             bn,
             relu,
+            nhwc,
             z: be.zeros(conv.y_len())?,
             y: be.zeros(if joins { 0 } else { conv.y_len() })?,
             mean: be.zeros(spec.c_out)?,
@@ -352,7 +358,13 @@ impl<B: Backend> UnitActs<B> {
             Some(o) => o,
             None => &mut self.y,
         };
-        be.conv2d_bn_train_fwd(
+        let unit = if self.nhwc {
+            B::conv2d_bn_train_fwd_nhwc
+        } else {
+            B::conv2d_bn_train_fwd
+        };
+        unit(
+            be,
             &self.conv,
             &self.bn,
             x,
@@ -389,7 +401,13 @@ impl<B: Backend> UnitActs<B> {
             Some(o) => o,
             None => &mut self.y,
         };
-        be.conv2d_bn_eval_fwd(
+        let unit = if self.nhwc {
+            B::conv2d_bn_eval_fwd_nhwc
+        } else {
+            B::conv2d_bn_eval_fwd
+        };
+        unit(
+            be,
             &self.conv,
             &self.bn,
             x,
@@ -421,9 +439,24 @@ impl<B: Backend> UnitActs<B> {
         // The output masks dy only for a ReLU of the unit's own; a unit without one (a block's
         // last keeps no `y`: its ReLU is the join's, masked by the caller) passes z, unread.
         let y = if self.relu { &self.y } else { &self.z };
+        // Channels-last: the same ops on NHWC activations.
+        let (bn_bwd, bwd_weight, bwd_data) = if self.nhwc {
+            (
+                B::batchnorm_bwd_nhwc as BnBwd<B>,
+                B::conv2d_bwd_weight_nhwc as ConvBwd<B>,
+                B::conv2d_bwd_data_nhwc as ConvBwd<B>,
+            )
+        } else {
+            (
+                B::batchnorm_bwd as BnBwd<B>,
+                B::conv2d_bwd_weight as ConvBwd<B>,
+                B::conv2d_bwd_data as ConvBwd<B>,
+            )
+        };
         {
             let [g, b] = two_mut(&mut params.w, s.g, s.b)?;
-            be.batchnorm_bwd(
+            bn_bwd(
+                be,
                 &self.bn,
                 &self.z,
                 y,
@@ -438,13 +471,39 @@ impl<B: Backend> UnitActs<B> {
             )?;
         }
         let pw = &mut params.w[s.w.0];
-        be.conv2d_bwd_weight(&self.conv, x, dz, grad_buf(&mut pw.grad, &pw.name)?)?;
+        bwd_weight(be, &self.conv, x, dz, grad_buf(&mut pw.grad, &pw.name)?)?;
         if let Some(dx) = dx {
-            be.conv2d_bwd_data(&self.conv, dz, &pw.data, dx)?;
+            bwd_data(be, &self.conv, dz, &pw.data, dx)?;
         }
         Ok(())
     }
 }
+
+/// [`Backend::batchnorm_bwd`] or its channels-last twin.
+type BnBwd<B> = fn(
+    &B,
+    &BatchNorm2d,
+    &<B as Backend>::Buf,
+    &<B as Backend>::Buf,
+    &<B as Backend>::Buf,
+    &<B as Backend>::Buf,
+    &<B as Backend>::Buf,
+    &<B as Backend>::Buf,
+    &mut <B as Backend>::Buf,
+    &mut <B as Backend>::Buf,
+    &mut <B as Backend>::Buf,
+    bool,
+) -> crate::engine::Result<()>;
+
+/// A convolution's data or weight gradient ([`Backend::conv2d_bwd_data`],
+/// [`Backend::conv2d_bwd_weight`]) or its channels-last twin: two inputs, one output.
+type ConvBwd<B> = fn(
+    &B,
+    &Conv2d,
+    &<B as Backend>::Buf,
+    &<B as Backend>::Buf,
+    &mut <B as Backend>::Buf,
+) -> crate::engine::Result<()>;
 
 /// One residual block's activations.
 struct BlockActs<B: Backend> {
@@ -502,12 +561,14 @@ impl<B: Backend> BlockGrads<B> {
 }
 
 impl<B: Backend> BlockActs<B> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         be: &B,
         spec: &BlockSpec,
         n: usize,
         h: usize,
         w: usize,
+        nhwc: bool,
         eps: f64,
         momentum: f64,
     ) -> Result<(Self, usize, usize), ModelError> {
@@ -515,12 +576,14 @@ impl<B: Backend> BlockActs<B> {
         let (mut ch, mut cw) = (h, w);
         let last = spec.units.len() - 1;
         for (j, &u) in spec.units.iter().enumerate() {
-            let a = UnitActs::new(be, u, n, ch, cw, j != last, j == last, eps, momentum)?;
+            let a = UnitActs::new(be, u, n, ch, cw, j != last, j == last, nhwc, eps, momentum)?;
             (ch, cw) = a.out_hw();
             units.push(a);
         }
         let down = match spec.down {
-            Some(d) => Some(UnitActs::new(be, d, n, h, w, false, false, eps, momentum)?),
+            Some(d) => Some(UnitActs::new(
+                be, d, n, h, w, false, false, nhwc, eps, momentum,
+            )?),
             None => None,
         };
         let in_len = n * spec.units[0].c_in * h * w;
@@ -611,15 +674,26 @@ impl<B: Backend> BlockActs<B> {
 }
 
 /// The backbone's activations for one input shape `[n, c, h, w]`, reused while the shape
-/// stays the same.
+/// stays the same. Channels-last when the backend asked for it when these were built
+/// ([`Backend::channels_last_train`]): the stem and its max-pool NCHW, the pooled
+/// activations changed once to NHWC (`pooled_nhwc`), every block unit on NHWC activations
+/// (forward and backward), the last block's output changed back to NCHW (`feats`) for the
+/// global average pool, so that the features are `[n, c, h, w]` for everything above.
 pub(crate) struct BackboneActs<B: Backend> {
     pub n: usize,
     pub h: usize,
     pub w: usize,
+    /// Whether the blocks run channels-last (fixed when built).
+    pub channels_last: bool,
     stem: UnitActs<B>,
     pool: Pool2d,
     pooled: B::Buf,
+    /// Channels-last: the pooled activations NHWC, the first block's input (else empty).
+    pooled_nhwc: B::Buf,
     blocks: Vec<BlockActs<B>>,
+    /// Channels-last: the last block's output NCHW, what the global average pool reads
+    /// (else empty: the pool reads the last block's output).
+    feats: B::Buf,
     pub out_c: usize,
     pub out_h: usize,
     pub out_w: usize,
@@ -636,6 +710,10 @@ pub(crate) struct BackboneGrads<B: Backend> {
     stem: UnitGrads<B>,
     dstem: B::Buf,
     dpooled: B::Buf,
+    /// Channels-last: the first block's input gradient NHWC (else empty).
+    dpooled_nhwc: B::Buf,
+    /// Channels-last: the global average pool's input gradient NCHW (else empty).
+    dfeats: B::Buf,
     blocks: Vec<BlockGrads<B>>,
     /// dL/d(gap), written by the layer above before [`BackboneActs::backward`].
     pub dgap: B::Buf,
@@ -650,6 +728,8 @@ impl<B: Backend> BackboneGrads<B> {
             stem: UnitGrads::new(be, &a.stem)?,
             dstem: be.zeros(a.stem.conv.y_len())?,
             dpooled: be.zeros(a.pool.y_len())?,
+            dpooled_nhwc: be.zeros(be.len(&a.pooled_nhwc))?,
+            dfeats: be.zeros(be.len(&a.feats))?,
             blocks: a
                 .blocks
                 .iter()
@@ -674,14 +754,15 @@ impl<B: Backend> BackboneActs<B> {
         w: usize,
     ) -> Result<Self, ModelError> {
         let (eps, mom) = (spec.eps, spec.momentum);
-        let stem = UnitActs::new(be, spec.stem, n, h, w, true, false, eps, mom)?;
+        let cl = be.channels_last_train();
+        let stem = UnitActs::new(be, spec.stem, n, h, w, true, false, false, eps, mom)?;
         let (sh, sw) = stem.out_hw();
         let pool = stem_pool(n, spec.stem.c_out, sh, sw);
         let pooled = be.zeros(pool.y_len())?;
         let (mut ch, mut cw) = (pool.out_h(), pool.out_w());
         let mut blocks = Vec::with_capacity(spec.blocks.len());
         for b in &spec.blocks {
-            let (a, oh, ow) = BlockActs::new(be, b, n, ch, cw, eps, mom)?;
+            let (a, oh, ow) = BlockActs::new(be, b, n, ch, cw, cl, eps, mom)?;
             (ch, cw) = (oh, ow);
             blocks.push(a);
         }
@@ -689,14 +770,20 @@ impl<B: Backend> BackboneActs<B> {
             return Err(ModelError::Internal("a backbone without blocks".into()));
         }
         let gap = be.zeros(n * spec.out_c)?;
+        let copy_len = |len: usize| be.zeros(if cl { len } else { 0 });
+        let pooled_nhwc = copy_len(pool.y_len())?;
+        let feats = copy_len(n * spec.out_c * ch * cw)?;
         Ok(BackboneActs {
             n,
             h,
             w,
+            channels_last: cl,
             stem,
             pool,
             pooled,
+            pooled_nhwc,
             blocks,
+            feats,
             out_c: spec.out_c,
             out_h: ch,
             out_w: cw,
@@ -713,9 +800,29 @@ impl<B: Backend> BackboneActs<B> {
     /// [`BackboneEval::features`]; the tests compare the two).
     #[cfg(test)]
     pub fn features(&self) -> &B::Buf {
+        // Channels-last: the changed copy.
         match self.blocks.last() {
+            Some(_) if self.channels_last => &self.feats,
             Some(b) => &b.out,
             None => &self.pooled,
+        }
+    }
+
+    /// The layout change of the pooled activations (the blocks' input).
+    fn pooled_transpose(&self) -> Transpose {
+        Transpose {
+            n: self.n,
+            c: self.pool.c,
+            hw: self.pool.out_h() * self.pool.out_w(),
+        }
+    }
+
+    /// The layout change of the last block's output (the features).
+    fn feats_transpose(&self) -> Transpose {
+        Transpose {
+            n: self.n,
+            c: self.out_c,
+            hw: self.out_h * self.out_w,
         }
     }
 
@@ -729,21 +836,35 @@ impl<B: Backend> BackboneActs<B> {
     ) -> Result<(), ModelError> {
         self.stem.forward(be, params, x, mode, None)?;
         be.maxpool2d_fwd(&self.pool, &self.stem.y, &mut self.pooled)?;
+        let cl = self.channels_last;
+        if cl {
+            be.nchw_to_nhwc(
+                &self.pooled_transpose(),
+                &self.pooled,
+                &mut self.pooled_nhwc,
+            )?;
+        }
         for i in 0..self.blocks.len() {
             let (prev, cur) = self.blocks.split_at_mut(i);
-            let input = if i == 0 {
-                &self.pooled
-            } else {
-                &prev[i - 1].out
+            let input = match i {
+                0 if cl => &self.pooled_nhwc,
+                0 => &self.pooled,
+                _ => &prev[i - 1].out,
             };
             cur[0].forward(be, params, input, mode)?;
         }
+        if let (true, Some(last)) = (cl, self.blocks.last()) {
+            be.nhwc_to_nchw(&self.feats_transpose(), &last.out, &mut self.feats)?;
+        }
         let hw = self.out_h * self.out_w;
+        let rows = self.n * self.out_c;
+        // The pool reads the NCHW features; `gap` is its own buffer.
         let feats = match self.blocks.last() {
+            Some(_) if cl => &self.feats,
             Some(b) => &b.out,
             None => &self.pooled,
         };
-        be.global_avg_pool_fwd(self.n * self.out_c, hw, feats, &mut self.gap)?;
+        be.global_avg_pool_fwd(rows, hw, feats, &mut self.gap)?;
         Ok(())
     }
 
@@ -759,20 +880,34 @@ impl<B: Backend> BackboneActs<B> {
         let hw = self.out_h * self.out_w;
         let rows = self.n * self.out_c;
         let nb = self.blocks.len();
+        let cl = self.channels_last;
         let gb = &mut grads.blocks;
         if let Some(last) = gb.last_mut() {
-            be.global_avg_pool_bwd(rows, hw, &grads.dgap, &mut last.dout)?;
+            if cl {
+                // The pool's gradient NCHW, changed to the last block's layout.
+                be.global_avg_pool_bwd(rows, hw, &grads.dgap, &mut grads.dfeats)?;
+                be.nchw_to_nhwc(&self.feats_transpose(), &grads.dfeats, &mut last.dout)?;
+            } else {
+                be.global_avg_pool_bwd(rows, hw, &grads.dgap, &mut last.dout)?;
+            }
         }
         for i in (0..nb).rev() {
             let (prev, cur) = gb.split_at_mut(i);
             if i == 0 {
-                self.blocks[0].backward(
-                    be,
-                    params,
-                    &mut cur[0],
-                    &self.pooled,
-                    &mut grads.dpooled,
-                )?;
+                let (input, dx) = if cl {
+                    (&self.pooled_nhwc, &mut grads.dpooled_nhwc)
+                } else {
+                    (&self.pooled, &mut grads.dpooled)
+                };
+                self.blocks[0].backward(be, params, &mut cur[0], input, dx)?;
+                if cl {
+                    // Back to NCHW for the max-pool's backward.
+                    be.nhwc_to_nchw(
+                        &self.pooled_transpose(),
+                        &grads.dpooled_nhwc,
+                        &mut grads.dpooled,
+                    )?;
+                }
             } else {
                 let dx = &mut prev[i - 1].dout;
                 self.blocks[i].backward(be, params, &mut cur[0], &self.blocks[i - 1].out, dx)?;
@@ -1180,6 +1315,51 @@ mod tests {
             .count();
         assert!(checked >= 3, "{checked} buffers checked");
         assert!(!exact(&ev.bufs[ev.plan.out[0]]), "the stem's output is f32");
+    }
+
+    /// The training backbone channels-last (the CPU's defaults: transposes around the NCHW
+    /// ops) in every batch-norm mode, Eval included, gives the NCHW backbone's features and
+    /// pooled features bit for bit; its two layout copies are what `memory` counts.
+    #[test]
+    fn channels_last_training_backbone_equals_nchw_in_every_mode() {
+        for block in [BlockKind::Basic, BlockKind::Bottleneck] {
+            let cfg = ModelConfig {
+                block,
+                layers: vec![2, 1, 1],
+                base_width: 4,
+                ..ModelConfig::tiny()
+            };
+            let (n, h, w) = (2, 37, 29);
+            let x = randn(7, n * cfg.in_channels * h * w);
+            let mut out = Vec::new();
+            for cl in [false, true] {
+                let be = CpuBackend::<f64>::new().with_channels_last_train(cl);
+                let mut store = ParamStore::default();
+                let spec = declare(&mut store, &be, &cfg, 3).unwrap();
+                let xb = be.upload(&x).unwrap();
+                let mut a = BackboneActs::new(&be, &spec, n, h, w).unwrap();
+                assert_eq!(a.channels_last, cl);
+                let copies = be.len(&a.pooled_nhwc) + be.len(&a.feats);
+                let want = crate::model::memory::train_layout_copies(&cfg, n, h, w).unwrap();
+                assert_eq!(copies as u128, if cl { want } else { 0 }, "{block:?}");
+                let mut got = Vec::new();
+                for mode in [BnMode::Train, BnMode::Train, BnMode::Batch, BnMode::Eval] {
+                    a.forward(&be, &mut store, &xb, mode).unwrap();
+                    got.push((
+                        mode,
+                        be.download(a.features()).unwrap(),
+                        be.download(&a.gap).unwrap(),
+                    ));
+                }
+                out.push(got);
+            }
+            for (a, b) in out[0].iter().zip(&out[1]) {
+                assert_eq!(a.0, b.0);
+                let bits = |v: &Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a.1), bits(&b.1), "{block:?} {:?} features", a.0);
+                assert_eq!(bits(&a.2), bits(&b.2), "{block:?} {:?} pooled", a.0);
+            }
+        }
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub struct CpuBackend<T: Real> {
     /// What [`Backend::channels_last_eval`] answers (off unless
     /// [`CpuBackend::with_channels_last_eval`] said).
     channels_last_eval: bool,
+    /// What [`Backend::channels_last_train`] answers (off unless
+    /// [`CpuBackend::with_channels_last_train`] said).
+    channels_last_train: bool,
     /// What [`Backend::eval_storage`] answers (f32 unless
     /// [`CpuBackend::with_eval_storage`] said).
     eval_storage: ActStorage,
@@ -130,6 +133,7 @@ impl<T: Real> CpuBackend<T> {
         CpuBackend {
             _t: PhantomData,
             channels_last_eval: false,
+            channels_last_train: false,
             eval_storage: ActStorage::F32,
         }
     }
@@ -149,6 +153,14 @@ impl<T: Real> CpuBackend<T> {
     /// against, never faster.
     pub fn with_channels_last_eval(mut self, on: bool) -> Self {
         self.channels_last_eval = on;
+        self
+    }
+
+    /// This backend asking for a channels-last training-mode backbone: its block units and
+    /// their backward run the trait's defaults (transposes around the NCHW ops), bit for bit
+    /// the NCHW backbone: the reference the layout is tested against, never faster.
+    pub fn with_channels_last_train(mut self, on: bool) -> Self {
+        self.channels_last_train = on;
         self
     }
 }
@@ -190,6 +202,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn channels_last_eval(&self) -> bool {
         self.channels_last_eval
+    }
+    fn channels_last_train(&self) -> bool {
+        self.channels_last_train
     }
     fn eval_storage(&self) -> ActStorage {
         self.eval_storage

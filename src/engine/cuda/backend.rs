@@ -26,7 +26,9 @@ use super::{
     optim, pool, upconv, volume,
 };
 use crate::engine::backend::{
-    conv2d_bn_eval_fwd_nhwc_by_transposes, eval_unit_through_scratch, Backend,
+    conv2d_bn_eval_fwd_nhwc_by_transposes, conv2d_bn_train_fwd_nhwc_by_transposes,
+    conv2d_bwd_data_nhwc_by_transposes, conv2d_bwd_weight_nhwc_by_transposes,
+    eval_unit_through_scratch, nchw_between_layout_changes, Backend,
 };
 use crate::engine::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
@@ -46,8 +48,10 @@ pub struct CudaBackend {
     precision: Precision,
     /// Which bf16 forward kernel a convolution takes (`conv.rs`).
     pub(super) mma_route: conv::MmaRoute,
-    /// The layout of the eval-mode backbone's activations ([`EvalLayout`]).
-    eval_layout: EvalLayout,
+    /// The layout of the eval-mode backbone's activations ([`LayoutChoice`]).
+    eval_layout: LayoutChoice,
+    /// The layout of the training-mode backbone's activations ([`LayoutChoice`]).
+    train_layout: LayoutChoice,
     /// The storage of its channels-last activations ([`EvalStorage`]).
     eval_storage: EvalStorage,
 }
@@ -138,7 +142,8 @@ impl CudaBackend {
             info,
             precision: Precision::F32,
             mma_route: conv::MmaRoute::default(),
-            eval_layout: EvalLayout::default(),
+            eval_layout: LayoutChoice::default(),
+            train_layout: LayoutChoice::default(),
             eval_storage: EvalStorage::default(),
         })
     }
@@ -355,52 +360,58 @@ impl CudaBackend {
     }
 }
 
-// ---- the eval-mode backbone's layout ----------------------------------------------------
+// ---- the backbone's layouts --------------------------------------------------------------
 
-/// The layout the eval-mode backbone's activations take between the stem's max-pool and the
-/// last block on this backend (a setting of the backend, [`CudaBackend::set_eval_layout`],
-/// read when a model builds its eval-mode buffers; training is NCHW either way).
+/// The layout a backbone's activations take between the stem's max-pool and the last block
+/// on this backend: two settings of the backend, one for the eval-mode backbone
+/// ([`CudaBackend::set_eval_layout`], read when a model builds its eval-mode buffers) and one
+/// for the training-mode backbone ([`CudaBackend::set_train_layout`], read when a model
+/// builds its training activations).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum EvalLayout {
-    /// The backend's choice: channels-last at tf32 and bf16 (where the native channels-last
-    /// `mma.sync` kernel runs every unit; not timed against NCHW: no GPU yet), NCHW at f32
-    /// or with [`MmaRoute::Never`](super::MmaRoute::Never).
+pub enum LayoutChoice {
+    /// The backend's choice. Eval: channels-last at tf32 and bf16 (where the native
+    /// channels-last `mma.sync` kernel runs every unit; not timed against NCHW: no GPU yet),
+    /// NCHW at f32 or with [`MmaRoute::Never`](super::MmaRoute::Never). Training: NCHW (its
+    /// channels-last convolutions are layout changes around the NCHW kernels until native
+    /// ones run them).
     #[default]
     Auto,
-    /// Channels-first, every unit as `conv2d_bn_eval_fwd`.
+    /// Channels-first: every unit as `conv2d_bn_eval_fwd` / `conv2d_bn_train_fwd` and the
+    /// NCHW backward ops.
     Nchw,
-    /// Channels-last: every block unit as `conv2d_bn_eval_fwd_nhwc`, with a layout change
-    /// after the max-pool and one after the last block.
+    /// Channels-last: every block unit as `conv2d_bn_eval_fwd_nhwc` /
+    /// `conv2d_bn_train_fwd_nhwc` (and in training the `*_nhwc` backward ops), with a layout
+    /// change after the max-pool and one after the last block.
     Nhwc,
 }
 
-impl EvalLayout {
+impl LayoutChoice {
     /// Every layout, in the order the help text lists them.
-    pub const ALL: [EvalLayout; 3] = [EvalLayout::Auto, EvalLayout::Nchw, EvalLayout::Nhwc];
+    pub const ALL: [LayoutChoice; 3] = [LayoutChoice::Auto, LayoutChoice::Nchw, LayoutChoice::Nhwc];
 
     /// `auto`, `nchw` or `nhwc`.
     pub fn name(self) -> &'static str {
         match self {
-            EvalLayout::Auto => "auto",
-            EvalLayout::Nchw => "nchw",
-            EvalLayout::Nhwc => "nhwc",
+            LayoutChoice::Auto => "auto",
+            LayoutChoice::Nchw => "nchw",
+            LayoutChoice::Nhwc => "nhwc",
         }
     }
 }
 
-impl std::fmt::Display for EvalLayout {
+impl std::fmt::Display for LayoutChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
 }
 
-impl std::str::FromStr for EvalLayout {
+impl std::str::FromStr for LayoutChoice {
     type Err = EngineError;
 
     /// `auto`, `nchw` or `nhwc` (any case, surrounding spaces ignored).
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
-        EvalLayout::ALL
+        LayoutChoice::ALL
             .into_iter()
             .find(|l| l.name() == t)
             .ok_or_else(|| {
@@ -410,14 +421,24 @@ impl std::str::FromStr for EvalLayout {
 }
 
 impl CudaBackend {
-    /// The layout of the eval-mode backbone (default [`EvalLayout::Auto`]).
-    pub fn set_eval_layout(&mut self, l: EvalLayout) {
+    /// The layout of the eval-mode backbone (default [`LayoutChoice::Auto`]).
+    pub fn set_eval_layout(&mut self, l: LayoutChoice) {
         self.eval_layout = l;
     }
 
     /// The layout setting ([`CudaBackend::set_eval_layout`]).
-    pub fn eval_layout(&self) -> EvalLayout {
+    pub fn eval_layout(&self) -> LayoutChoice {
         self.eval_layout
+    }
+
+    /// The layout of the training-mode backbone (default [`LayoutChoice::Auto`]: NCHW).
+    pub fn set_train_layout(&mut self, l: LayoutChoice) {
+        self.train_layout = l;
+    }
+
+    /// The training layout setting ([`CudaBackend::set_train_layout`]).
+    pub fn train_layout(&self) -> LayoutChoice {
+        self.train_layout
     }
 }
 
@@ -651,11 +672,20 @@ impl Backend for CudaBackend {
         // bf16 with the mma kernels allowed); at f32 the units would be layout changes around
         // the NCHW op.
         match self.eval_layout {
-            EvalLayout::Nhwc => true,
-            EvalLayout::Nchw => false,
-            EvalLayout::Auto => {
+            LayoutChoice::Nhwc => true,
+            LayoutChoice::Nchw => false,
+            LayoutChoice::Auto => {
                 self.precision().tensor_cores() && self.mma_route != conv::MmaRoute::Never
             }
+        }
+    }
+
+    fn channels_last_train(&self) -> bool {
+        // Auto: NCHW while the channels-last training convolutions are layout changes around
+        // the NCHW kernels.
+        match self.train_layout {
+            LayoutChoice::Nhwc => true,
+            LayoutChoice::Nchw | LayoutChoice::Auto => false,
         }
     }
 
@@ -868,6 +898,90 @@ impl Backend for CudaBackend {
         self.give_scratch_f64(part_q);
         r
     }
+    unsafe fn conv2d_bn_train_fwd_nhwc_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &mut CudaSlice<f32>,
+        running_var: &mut CudaSlice<f32>,
+        save_mean: &mut CudaSlice<f32>,
+        save_invstd: &mut CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+    ) -> Result<()> {
+        // As the NCHW op: the statistics from the convolution's epilogue, combined, then one
+        // channels-last pass over z that adds the residual and applies the ReLU. The
+        // convolution with its statistics: here the NCHW kernel between two layout changes
+        // (x in, z out; its partials are a channels-last kernel's, the pixel order being the
+        // same); a native channels-last one goes in `conv` where it runs the shape. An empty
+        // output or reduction takes the layout changes around the NCHW op.
+        let Some(tiles) = conv::stats_tiles(s) else {
+            return conv2d_bn_train_fwd_nhwc_by_transposes(
+                self,
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                z,
+                y,
+                residual,
+                relu,
+            );
+        };
+        let conv =
+            |z: &mut CudaSlice<f32>, part_s: &mut CudaSlice<f64>, part_q: &mut CudaSlice<f64>| {
+                let t_in = Transpose {
+                    n: s.n,
+                    c: s.c_in,
+                    hw: s.h * s.w,
+                };
+                let t_out = Transpose {
+                    n: s.n,
+                    c: s.c_out,
+                    hw: s.out_h() * s.out_w(),
+                };
+                nchw_between_layout_changes(self, &[(x, t_in)], &mut [(z, t_out)], |i, o| {
+                    conv::conv2d_fwd_stats(self, s, &i[0], w, &mut o[0], part_s, part_q)
+                })
+            };
+        let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
+        let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
+        let r = conv(z, &mut part_s, &mut part_q).and_then(|()| {
+            norm::batchnorm_train_from_partials_nhwc(
+                self,
+                bn,
+                &part_s,
+                &part_q,
+                tiles,
+                conv::STATS_TILE,
+                z,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                y,
+                residual,
+                relu,
+            )
+        });
+        self.give_scratch_f64(part_s);
+        self.give_scratch_f64(part_q);
+        r
+    }
     unsafe fn conv2d_bwd_data_unchecked(
         &self,
         s: &Conv2d,
@@ -876,6 +990,57 @@ impl Backend for CudaBackend {
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
         conv::conv2d_bwd_data(self, s, dy, w, dx)
+    }
+    unsafe fn conv2d_bwd_data_nhwc_unchecked(
+        &self,
+        s: &Conv2d,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // Layout changes around the NCHW kernels (a native channels-last kernel goes here
+        // where it runs the shape).
+        conv2d_bwd_data_nhwc_by_transposes(self, s, dy, w, dx)
+    }
+    unsafe fn conv2d_bwd_weight_nhwc_unchecked(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // Layout changes around the NCHW kernels (a native channels-last kernel goes here
+        // where it runs the shape).
+        conv2d_bwd_weight_nhwc_by_transposes(self, s, x, dy, dw)
+    }
+    unsafe fn batchnorm_bwd_nhwc_unchecked(
+        &self,
+        s: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        save_mean: &CudaSlice<f32>,
+        save_invstd: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        dgamma: &mut CudaSlice<f32>,
+        dbeta: &mut CudaSlice<f32>,
+        relu: bool,
+    ) -> Result<()> {
+        norm::batchnorm_bwd_nhwc(
+            self,
+            s,
+            x,
+            y,
+            dy,
+            gamma,
+            save_mean,
+            save_invstd,
+            dx,
+            dgamma,
+            dbeta,
+            relu,
+        )
     }
     unsafe fn conv2d_bwd_weight_unchecked(
         &self,

@@ -5,7 +5,11 @@
 //! training forward from the partial statistics a convolution's epilogue wrote
 //! ([`batchnorm_train_from_partials`]), and the backward pass. The training forward's
 //! normalisation can add a residual block's shortcut and apply its ReLU in the same pass
-//! (`bn_apply`; `Backend::conv2d_bn_train_fwd`'s join).
+//! (`bn_apply`; `Backend::conv2d_bn_train_fwd`'s join). Channels-last (NHWC) activations
+//! take the same combine and elementwise passes (the channel of element i is `i % c`:
+//! [`Layout::Nhwc`]), the training forward from a convolution's partials
+//! ([`batchnorm_train_from_partials_nhwc`]) and the backward ([`batchnorm_bwd_nhwc`], its
+//! sums by `bn_bwd_partial_nhwc`, coalesced along the channels).
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
@@ -23,12 +27,37 @@ kernels!("norm" {
     eval_fold: "bn_eval_fold",
     stats_finalize: "bn_stats_finalize",
     bwd_partial: "bn_bwd_partial",
+    bwd_partial_nhwc: "bn_bwd_partial_nhwc",
     bwd_finalize: "bn_bwd_finalize",
     bwd_apply: "bn_bwd_apply",
 });
 
 fn kernels(be: &CudaBackend) -> Result<&Kernels> {
     be.families.norm.get(|| Kernels::load(be.modules()))
+}
+
+/// The layout of a batch norm's activations `[n, c, hw]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// NCHW: element i is of channel `(i / hw) % c`.
+    Nchw,
+    /// Channels-last (NHWC, `[n * hw, c]`): element i is of channel `i % c`.
+    Nhwc,
+}
+
+impl Layout {
+    /// The `HW` the elementwise kernels take: `(i / HW) % C` is element i's channel.
+    fn kernel_hw(self, s: &BatchNorm2d) -> usize {
+        match self {
+            Layout::Nchw => s.hw,
+            Layout::Nhwc => 1,
+        }
+    }
+}
+
+/// Channels per block of `bn_bwd_partial_nhwc` (its 256 threads: 256 / CT pixel rows).
+fn nhwc_channel_tile(c: usize) -> usize {
+    c.clamp(1, 256)
 }
 
 /// The reduction's launch shapes: (split blocks x channels of 512 threads, one thread per
@@ -123,6 +152,7 @@ pub(crate) fn batchnorm_train_fwd(
                 residual,
                 y,
                 relu,
+                Layout::Nchw,
             )
         }
     })();
@@ -159,6 +189,94 @@ pub(crate) fn batchnorm_train_from_partials(
     residual: Option<&CudaSlice<f32>>,
     relu: bool,
 ) -> Result<()> {
+    from_partials(
+        be,
+        s,
+        part_s,
+        part_q,
+        tiles,
+        tile,
+        z,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        save_mean,
+        save_invstd,
+        y,
+        residual,
+        relu,
+        Layout::Nchw,
+    )
+}
+
+/// [`batchnorm_train_from_partials`] on channels-last z, y and residual (`[n * hw, c]`,
+/// NHWC): the same partials (per channel and tile of 64 consecutive pixels; the pixel order
+/// n, oh, ow is the same in both layouts, so a channels-last convolution's epilogue writes
+/// them as the NCHW one does), the same combine (`bn_stats_finalize`), then `bn_apply` on
+/// NHWC elements: bit for bit the NCHW function's result, transposed. The caller checked
+/// the lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batchnorm_train_from_partials_nhwc(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    part_s: &CudaSlice<f64>,
+    part_q: &CudaSlice<f64>,
+    tiles: usize,
+    tile: usize,
+    z: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &mut CudaSlice<f32>,
+    running_var: &mut CudaSlice<f32>,
+    save_mean: &mut CudaSlice<f32>,
+    save_invstd: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    residual: Option<&CudaSlice<f32>>,
+    relu: bool,
+) -> Result<()> {
+    from_partials(
+        be,
+        s,
+        part_s,
+        part_q,
+        tiles,
+        tile,
+        z,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        save_mean,
+        save_invstd,
+        y,
+        residual,
+        relu,
+        Layout::Nhwc,
+    )
+}
+
+/// The two above, z, y and the residual in `layout`.
+#[allow(clippy::too_many_arguments)]
+fn from_partials(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    part_s: &CudaSlice<f64>,
+    part_q: &CudaSlice<f64>,
+    tiles: usize,
+    tile: usize,
+    z: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &mut CudaSlice<f32>,
+    running_var: &mut CudaSlice<f32>,
+    save_mean: &mut CudaSlice<f32>,
+    save_invstd: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    residual: Option<&CudaSlice<f32>>,
+    relu: bool,
+    layout: Layout,
+) -> Result<()> {
     if s.c == 0 {
         return Ok(());
     }
@@ -194,12 +312,13 @@ pub(crate) fn batchnorm_train_from_partials(
             residual,
             y,
             relu,
+            layout,
         )
     }
 }
 
 /// `bn_apply`: `y = act((x - mean) * invstd * gamma + beta (+ residual))` with the saved
-/// statistics, the residual (x's shape) or none, one pass over x.
+/// statistics, the residual (x's shape) or none, one pass over x, all in `layout`.
 ///
 /// # Safety
 /// x, y and the residual hold `s.len()` values, the per-channel buffers `s.c` each.
@@ -216,8 +335,9 @@ unsafe fn apply(
     residual: Option<&CudaSlice<f32>>,
     y: &mut CudaSlice<f32>,
     relu: bool,
+    layout: Layout,
 ) -> Result<()> {
-    let ints = int_args([s.len(), s.c, s.hw, relu as usize])?;
+    let ints = int_args([s.len(), s.c, layout.kernel_hw(s), relu as usize])?;
     let mut l = k.apply.on(be.stream());
     l.arg(x)
         .arg(gamma)
@@ -323,6 +443,10 @@ fn bn_eval_fold(
     }
 }
 
+/// The backward pass (`Backend::batchnorm_bwd`): per channel the sums of g and g * xhat (g:
+/// dy masked by the fused ReLU) as f64 partials per chunk of pixels (`bn_bwd_partial`),
+/// combined per channel (`bn_bwd_finalize`: dgamma, dbeta), then dx elementwise
+/// (`bn_bwd_apply`). The caller checked the lengths.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batchnorm_bwd(
     be: &CudaBackend,
@@ -338,6 +462,63 @@ pub(crate) fn batchnorm_bwd(
     dbeta: &mut CudaSlice<f32>,
     relu: bool,
 ) -> Result<()> {
+    bwd(
+        be,
+        s,
+        [x, y, dy, gamma, save_mean, save_invstd],
+        dx,
+        dgamma,
+        dbeta,
+        relu,
+        Layout::Nchw,
+    )
+}
+
+/// [`batchnorm_bwd`] on channels-last x, y, dy and dx (`[n * hw, c]`, NHWC): the partial
+/// sums by `bn_bwd_partial_nhwc` (a block per chunk of pixels and tile of up to 256
+/// channels, its threads along the channels: coalesced), in the NCHW kernel's layout, so
+/// the same finalize and elementwise passes follow. Deterministic; the f64 sums run in
+/// another order than the NCHW kernel's, so dgamma, dbeta and dx may differ from
+/// [`batchnorm_bwd`]'s in their last bits. The caller checked the lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batchnorm_bwd_nhwc(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    x: &CudaSlice<f32>,
+    y: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    save_mean: &CudaSlice<f32>,
+    save_invstd: &CudaSlice<f32>,
+    dx: &mut CudaSlice<f32>,
+    dgamma: &mut CudaSlice<f32>,
+    dbeta: &mut CudaSlice<f32>,
+    relu: bool,
+) -> Result<()> {
+    bwd(
+        be,
+        s,
+        [x, y, dy, gamma, save_mean, save_invstd],
+        dx,
+        dgamma,
+        dbeta,
+        relu,
+        Layout::Nhwc,
+    )
+}
+
+/// The two above: the inputs x, y, dy, gamma, save_mean, save_invstd in that order.
+#[allow(clippy::too_many_arguments)]
+fn bwd(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    [x, y, dy, gamma, save_mean, save_invstd]: [&CudaSlice<f32>; 6],
+    dx: &mut CudaSlice<f32>,
+    dgamma: &mut CudaSlice<f32>,
+    dbeta: &mut CudaSlice<f32>,
+    relu: bool,
+    layout: Layout,
+) -> Result<()> {
     use crate::engine::Backend;
     if s.c == 0 {
         return Ok(());
@@ -346,12 +527,30 @@ pub(crate) fn batchnorm_bwd(
         be.fill(dgamma, 0.0)?;
         return be.fill(dbeta, 0.0);
     }
-    let (red, per_c, split, chunk) = reduction(be, "batchnorm_bwd", s)?;
+    let (red, per_c, split, chunk) = match layout {
+        Layout::Nchw => reduction(be, "batchnorm_bwd", s)?,
+        Layout::Nhwc => {
+            // Blocks of 256 threads over (chunk of pixels, tile of channels).
+            let ct = nhwc_channel_tile(s.c);
+            let tiles = s.c.div_ceil(ct);
+            // A block reads `ct` values per pixel: at least 4096 values per block, as
+            // `reduce_split` wants per channel.
+            let count = s.n * s.hw;
+            let (split, _) = be.reduce_split(count * ct, tiles);
+            let chunk = count.div_ceil(split).max(1);
+            let split = count.div_ceil(chunk).max(1);
+            let red = blocks("batchnorm_bwd_nhwc", (split, tiles, 1), 256)?;
+            let per_c = blocks("batchnorm_bwd_nhwc", (s.c.div_ceil(256), 1, 1), 256)?;
+            (red, per_c, split, chunk)
+        }
+    };
     let mut part1 = be.take_scratch_f64(s.c * split)?;
     let mut part2 = be.take_scratch_f64(s.c * split)?;
     let mut stats = be.take_scratch_f64(2 * s.c)?;
     let r = (|| -> Result<()> {
         let [total, n, c, hw, chunk, split] = int_args([s.len(), s.n, s.c, s.hw, chunk, split])?;
+        let [cnt, ct, apply_hw] =
+            int_args([s.n * s.hw, nhwc_channel_tile(s.c), layout.kernel_hw(s)])?;
         let relu = relu as i32;
         let count = (s.n * s.hw) as f64;
         let k = kernels(be)?;
@@ -359,17 +558,32 @@ pub(crate) fn batchnorm_bwd(
         // SAFETY: x, y, dy and dx hold n*c*hw values, the per-channel buffers c each (checked),
         // the partial sums one per (channel, split), `stats` two per channel.
         unsafe {
-            k.bwd_partial
-                .on(st)
-                .arg(x)
-                .arg(y)
-                .arg(dy)
-                .arg(save_mean)
-                .arg(save_invstd)
-                .arg(&mut part1)
-                .arg(&mut part2)
-                .ints(&[n, c, hw, chunk, relu])
-                .launch(red)?;
+            match layout {
+                Layout::Nchw => k
+                    .bwd_partial
+                    .on(st)
+                    .arg(x)
+                    .arg(y)
+                    .arg(dy)
+                    .arg(save_mean)
+                    .arg(save_invstd)
+                    .arg(&mut part1)
+                    .arg(&mut part2)
+                    .ints(&[n, c, hw, chunk, relu])
+                    .launch(red)?,
+                Layout::Nhwc => k
+                    .bwd_partial_nhwc
+                    .on(st)
+                    .arg(x)
+                    .arg(y)
+                    .arg(dy)
+                    .arg(save_mean)
+                    .arg(save_invstd)
+                    .arg(&mut part1)
+                    .arg(&mut part2)
+                    .ints(&[cnt, c, ct, chunk, relu])
+                    .launch(red)?,
+            }
             k.bwd_finalize
                 .on(st)
                 .arg(&part1)
@@ -389,7 +603,7 @@ pub(crate) fn batchnorm_bwd(
                 .arg(save_invstd)
                 .arg(&stats)
                 .arg(dx)
-                .ints(&[total, c, hw])
+                .ints(&[total, c, apply_hw])
                 .arg(&count)
                 .arg(&relu)
                 .launch(grid(s.len()))
