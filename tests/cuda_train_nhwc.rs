@@ -1,28 +1,32 @@
 //! The channels-last training backbone on CUDA (issue 14):
 //!
 //! - `CudaBackend::set_train_layout` (`LayoutChoice`): `nhwc` makes the training backbone
-//!   channels-last, `nchw` and `auto` keep it NCHW (at every precision, for now), apart from
+//!   channels-last, `nchw` keeps it NCHW, `auto` is channels-last at tf32 / bf16 (where the
+//!   native channels-last kernels run) and NCHW at f32 or without the mma kernels, apart from
 //!   the eval layout;
 //! - the native channels-last batch-norm backward (`bn_bwd_partial_nhwc`, then the NCHW
 //!   finalize and elementwise passes on NHWC elements) against the CPU reference (NCHW,
 //!   transposed) within 1e-5 (relative), with and without the fused ReLU, on one channel,
 //!   two channel tiles (300 channels) and several pixel chunks; against the CUDA NCHW
 //!   kernel within 1e-6 (its f64 sums run in another order: the bits may differ);
-//! - `conv2d_bn_train_fwd_nhwc` (the NCHW convolution with its statistics epilogue between
-//!   layout changes, then `norm::batchnorm_train_from_partials_nhwc`: the NCHW partials and
-//!   combine, the normalisation pass on NHWC z) is the CUDA NCHW op transposed bit for bit
-//!   (z, y, running statistics, saved mean and invstd), with and without residual and ReLU,
-//!   and within 1e-5 of the CPU reference;
+//! - `conv2d_bn_train_fwd_nhwc` (at f32 the NCHW convolution with its statistics epilogue
+//!   between layout changes, at tf32 / bf16 the native channels-last one, then
+//!   `norm::batchnorm_train_from_partials_nhwc`: the partials' combine, the normalisation
+//!   pass on NHWC z): at f32 the CUDA NCHW op transposed bit for bit (z, y, running
+//!   statistics, saved mean and invstd), with and without residual and ReLU, and within
+//!   1e-5 / 1e-3 / 1e-2 of the CPU reference at f32 / tf32 / bf16;
 //! - a whole stage-1 training step (three, with Adam) of a model with `set_train_layout(Nhwc)`
 //!   against the NCHW model: at f32 the loss, logits, every gradient and parameter within
 //!   1e-5 (relative; bit-identical but for the batch norm backward's f64 sums in another
-//!   order: the test prints how many tensors are bit-identical), at tf32 and bf16 within
-//!   1e-3 and 1e-2;
-//! - the channels-last training step captured as a CUDA graph replays bit for bit the eager
+//!   order: the test prints how many tensors are bit-identical), at tf32 and bf16 (the
+//!   native channels-last kernels) within 1e-3 and 1e-2, each step from the same state (the
+//!   NCHW net's parameters and optimizer state copied over: the tolerance is one step's);
+//! - the channels-last training step captured as a CUDA graph (at f32: layout changes around
+//!   the NCHW kernels; at bf16: the native channels-last kernels) replays bit for bit the eager
 //!   channels-last step (nothing allocated once warm: its layout copies and temporaries
 //!   from the arena);
 //! - `ichcam bench --what train-step --layout nhwc` trains channels-last and its JSON line
-//!   says `"layout": "nhwc"`; `auto` says `nchw`.
+//!   says `"layout": "nhwc"`; `auto` at f32 says `nchw`.
 //!
 //! One test at a time (a capture marks the shared stream and arena as capturing). Runs on a
 //! GPU or on the emulated driver (`scripts/cuda-emu.sh`); without either the device tests
@@ -37,7 +41,7 @@ use common::shapes::conv;
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::backend::LayoutChoice;
-use ichcam::engine::cuda::CudaBackend;
+use ichcam::engine::cuda::{CudaBackend, MmaRoute};
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Precision};
 use ichcam::model::{IchNet, ModelConfig, OptimizerConfig, ParamGroup};
 
@@ -56,10 +60,12 @@ fn main() {
             device("train_step_nhwc_matches_nchw_bf16", || {
                 train_step_nhwc_matches_nchw(Precision::Bf16, 1e-2)
             }),
-            device(
-                "nhwc_train_step_graph_replays_bit_identically",
-                nhwc_train_step_graph_replays,
-            ),
+            device("nhwc_train_step_graph_replays_bit_identically_f32", || {
+                nhwc_train_step_graph_replays(Precision::F32)
+            }),
+            device("nhwc_train_step_graph_replays_bit_identically_bf16", || {
+                nhwc_train_step_graph_replays(Precision::Bf16)
+            }),
             device(
                 "bench_train_step_names_its_layout",
                 bench_train_step_names_its_layout,
@@ -83,7 +89,17 @@ fn train_layout_setting() {
     for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
         let g = gpu_at(p);
         assert_eq!(g.train_layout(), LayoutChoice::Auto);
-        assert!(!g.channels_last_train(), "auto trains NCHW at {p}");
+        assert_eq!(
+            g.channels_last_train(),
+            p != Precision::F32,
+            "auto trains channels-last at tf32 / bf16 (the native kernels), NCHW at f32: {p}"
+        );
+        let mut never = gpu_at(p);
+        never.set_mma_route(MmaRoute::Never);
+        assert!(
+            !never.channels_last_train(),
+            "auto trains NCHW without the mma kernels: {p}"
+        );
         assert!(!train_at(p, LayoutChoice::Nchw).channels_last_train());
         let n = train_at(p, LayoutChoice::Nhwc);
         assert!(n.channels_last_train(), "{p}");
@@ -91,6 +107,13 @@ fn train_layout_setting() {
         // The eval layout is a setting of its own.
         assert_eq!(n.eval_layout(), LayoutChoice::Auto);
         let mut e = gpu_at(p);
+        e.set_eval_layout(LayoutChoice::Nhwc);
+        assert_eq!(
+            e.train_layout(),
+            LayoutChoice::Auto,
+            "the eval layout set the training one"
+        );
+        e.set_train_layout(LayoutChoice::Nchw);
         e.set_eval_layout(LayoutChoice::Nhwc);
         assert!(
             !e.channels_last_train(),
@@ -218,7 +241,20 @@ fn bn_bwd_nhwc_matches_cpu() {
 }
 
 fn train_fwd_nhwc_matches_nchw() {
-    let g = gpu_at(Precision::F32);
+    for (p, tol) in [
+        (Precision::F32, 1e-5),
+        (Precision::Tf32, 1e-3),
+        (Precision::Bf16, 1e-2),
+    ] {
+        train_fwd_nhwc_at(p, tol);
+    }
+}
+
+/// At f32 (layout changes around the NCHW kernels) bit for bit the CUDA NCHW op; at tf32 /
+/// bf16 (the native channels-last kernel with its statistics epilogue where it runs the
+/// shape) within `tol` of the CPU reference.
+fn train_fwd_nhwc_at(p: Precision, tol: f64) {
+    let g = gpu_at(p);
     let cpu = CpuBackend::<f32>::new();
     let mut rng = SplitMix64::fresh("cuda-nhwc-train-fwd");
     for s in [
@@ -237,7 +273,7 @@ fn train_fwd_nhwc_matches_nchw() {
         let rv0 = rng.vec_f32(c, 0.5, 2.0);
         let r = rng.vec_f32(s.y_len(), -1.0, 1.0);
         for (residual, relu) in [(false, true), (true, true), (true, false), (false, false)] {
-            let what = format!("{s:?} residual {residual} relu {relu}");
+            let what = format!("{p} {s:?} residual {residual} relu {relu}");
             // [rm, rv, mean, invstd, z, y] on `be`, NCHW or channels-last (outputs NCHW).
             fn run<B: Backend<T = f32>>(
                 be: &B,
@@ -312,13 +348,15 @@ fn train_fwd_nhwc_matches_nchw() {
                 .iter()
                 .enumerate()
             {
-                assert_eq!(
-                    bits(&got[k]),
-                    bits(&nchw[k]),
-                    "{what}: {name}: channels-last differs from the CUDA NCHW op"
-                );
+                if p == Precision::F32 {
+                    assert_eq!(
+                        bits(&got[k]),
+                        bits(&nchw[k]),
+                        "{what}: {name}: channels-last differs from the CUDA NCHW op"
+                    );
+                }
                 let e = rel_err(&got[k], &reference[k]);
-                assert!(e <= 1e-5, "{what}: {name} vs the CPU: relative error {e:e}");
+                assert!(e <= tol, "{what}: {name} vs the CPU: relative error {e:e}");
             }
         }
     }
@@ -405,6 +443,21 @@ fn train_step_nhwc_matches_nchw(p: Precision, tol: f64) {
             }
             a.step(&opt, ParamGroup::Stage1).expect("step");
             b.step(&opt, ParamGroup::Stage1).expect("step");
+            if p != Precision::F32 {
+                // Each step from the same state: Adam's normalised update turns the rounding
+                // differences of near-zero gradients into steps of the learning rate, which
+                // the next step's gradients would compound (seen: 2.7e-3 at tf32 on the third
+                // step). The tolerance is one step's, the NCHW net's state copied over.
+                for name in a.names() {
+                    b.set_param(&name, &a.param(&name).expect("param"))
+                        .expect("set param");
+                    let st = a.opt_state(&name).expect("optimizer state");
+                    if st.steps > 0 {
+                        b.set_opt_state(&name, st.m.as_deref(), st.v.as_deref(), st.steps)
+                            .expect("set optimizer state");
+                    }
+                }
+            }
         }
         eprintln!(
             "{what}: {identical} of {tensors} tensors and gradients bit-identical to NCHW, \
@@ -413,10 +466,11 @@ fn train_step_nhwc_matches_nchw(p: Precision, tol: f64) {
     }
 }
 
-/// The channels-last training step eager and captured as a graph (replayed): bit for bit.
-fn nhwc_train_step_graph_replays() {
+/// The channels-last training step eager and captured as a graph (replayed): bit for bit (at
+/// f32 the layout changes around the NCHW kernels, at bf16 the native channels-last ones).
+fn nhwc_train_step_graph_replays(p: Precision) {
     use ichcam::model::net_graph::GraphSteps;
-    let be = train_at(Precision::F32, LayoutChoice::Nhwc);
+    let be = train_at(p, LayoutChoice::Nhwc);
     let cfg = cfgs()[1].clone();
     let mut eager = IchNet::new(be.clone(), cfg.clone(), 21).expect("net");
     let mut graphed = IchNet::new(be.clone(), cfg.clone(), 21).expect("net");

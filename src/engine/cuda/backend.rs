@@ -371,9 +371,9 @@ impl CudaBackend {
 pub enum LayoutChoice {
     /// The backend's choice. Eval: channels-last at tf32 and bf16 (where the native
     /// channels-last `mma.sync` kernel runs every unit; not timed against NCHW: no GPU yet),
-    /// NCHW at f32 or with [`MmaRoute::Never`](super::MmaRoute::Never). Training: NCHW (its
-    /// channels-last convolutions are layout changes around the NCHW kernels until native
-    /// ones run them).
+    /// NCHW at f32 or with [`MmaRoute::Never`](super::MmaRoute::Never). Training: the same
+    /// (the native channels-last kernels run the forward with its batch statistics and both
+    /// gradients; not timed against NCHW either).
     #[default]
     Auto,
     /// Channels-first: every unit as `conv2d_bn_eval_fwd` / `conv2d_bn_train_fwd` and the
@@ -431,7 +431,7 @@ impl CudaBackend {
         self.eval_layout
     }
 
-    /// The layout of the training-mode backbone (default [`LayoutChoice::Auto`]: NCHW).
+    /// The layout of the training-mode backbone (default [`LayoutChoice::Auto`]).
     pub fn set_train_layout(&mut self, l: LayoutChoice) {
         self.train_layout = l;
     }
@@ -681,11 +681,14 @@ impl Backend for CudaBackend {
     }
 
     fn channels_last_train(&self) -> bool {
-        // Auto: NCHW while the channels-last training convolutions are layout changes around
-        // the NCHW kernels.
+        // Auto: as the eval layout, channels-last where the native channels-last kernels run
+        // the units' forward and both gradients (tf32 / bf16 with the mma kernels allowed).
         match self.train_layout {
             LayoutChoice::Nhwc => true,
-            LayoutChoice::Nchw | LayoutChoice::Auto => false,
+            LayoutChoice::Nchw => false,
+            LayoutChoice::Auto => {
+                self.precision().tensor_cores() && self.mma_route != conv::MmaRoute::Never
+            }
         }
     }
 
@@ -917,10 +920,10 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         // As the NCHW op: the statistics from the convolution's epilogue, combined, then one
         // channels-last pass over z that adds the residual and applies the ReLU. The
-        // convolution with its statistics: here the NCHW kernel between two layout changes
-        // (x in, z out; its partials are a channels-last kernel's, the pixel order being the
-        // same); a native channels-last one goes in `conv` where it runs the shape. An empty
-        // output or reduction takes the layout changes around the NCHW op.
+        // convolution with its statistics: the native channels-last kernel where it runs the
+        // shape (tf32 / bf16), else the NCHW kernel between two layout changes (x in, z out;
+        // its partials are a channels-last kernel's, the pixel order being the same). An
+        // empty output or reduction takes the layout changes around the NCHW op.
         let Some(tiles) = conv::stats_tiles(s) else {
             return conv2d_bn_train_fwd_nhwc_by_transposes(
                 self,
@@ -940,22 +943,28 @@ impl Backend for CudaBackend {
                 relu,
             );
         };
-        let conv =
-            |z: &mut CudaSlice<f32>, part_s: &mut CudaSlice<f64>, part_q: &mut CudaSlice<f64>| {
-                let t_in = Transpose {
-                    n: s.n,
-                    c: s.c_in,
-                    hw: s.h * s.w,
-                };
-                let t_out = Transpose {
-                    n: s.n,
-                    c: s.c_out,
-                    hw: s.out_h() * s.out_w(),
-                };
-                nchw_between_layout_changes(self, &[(x, t_in)], &mut [(z, t_out)], |i, o| {
-                    conv::conv2d_fwd_stats(self, s, &i[0], w, &mut o[0], part_s, part_q)
-                })
+        let conv = |z: &mut CudaSlice<f32>,
+                    part_s: &mut CudaSlice<f64>,
+                    part_q: &mut CudaSlice<f64>| {
+            if self.conv_fwd_stats_nhwc_native(s) {
+                // SAFETY: x, w and z hold the lengths `s` gives (checked by the trait
+                // op), part_s and part_q c_out * tiles values (taken above).
+                return unsafe { self.conv2d_fwd_stats_nhwc_native(s, x, w, z, part_s, part_q) };
+            }
+            let t_in = Transpose {
+                n: s.n,
+                c: s.c_in,
+                hw: s.h * s.w,
             };
+            let t_out = Transpose {
+                n: s.n,
+                c: s.c_out,
+                hw: s.out_h() * s.out_w(),
+            };
+            nchw_between_layout_changes(self, &[(x, t_in)], &mut [(z, t_out)], |i, o| {
+                conv::conv2d_fwd_stats(self, s, &i[0], w, &mut o[0], part_s, part_q)
+            })
+        };
         let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
         let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
         let r = conv(z, &mut part_s, &mut part_q).and_then(|()| {
@@ -998,8 +1007,12 @@ impl Backend for CudaBackend {
         w: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // Layout changes around the NCHW kernels (a native channels-last kernel goes here
-        // where it runs the shape).
+        // The native channels-last kernel where it runs the shape (tf32 / bf16), else layout
+        // changes around the NCHW kernels.
+        if self.conv_bwd_data_nhwc_native(s) {
+            // SAFETY: dy, w and dx hold the lengths `s` gives (the trait op checked them).
+            return unsafe { self.conv2d_bwd_data_nhwc_native(s, dy, w, dx) };
+        }
         conv2d_bwd_data_nhwc_by_transposes(self, s, dy, w, dx)
     }
     unsafe fn conv2d_bwd_weight_nhwc_unchecked(
@@ -1009,8 +1022,12 @@ impl Backend for CudaBackend {
         dy: &CudaSlice<f32>,
         dw: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // Layout changes around the NCHW kernels (a native channels-last kernel goes here
-        // where it runs the shape).
+        // The native channels-last kernel where it runs the shape (tf32 / bf16), else layout
+        // changes around the NCHW kernels.
+        if self.conv_bwd_weight_nhwc_native(s) {
+            // SAFETY: x, dy and dw hold the lengths `s` gives (the trait op checked them).
+            return unsafe { self.conv2d_bwd_weight_nhwc_native(s, x, dy, dw) };
+        }
         conv2d_bwd_weight_nhwc_by_transposes(self, s, x, dy, dw)
     }
     unsafe fn batchnorm_bwd_nhwc_unchecked(
