@@ -213,13 +213,17 @@ if [ "$DRY" = 0 ]; then
 fi
 # The bf16 CAM passes above ran channels-last with bf16 activation storage (`--layout auto
 # --act-storage auto` at bf16); the same passes channels-last in f32 storage, and NCHW: which
-# layout and storage the eval backbone should take by default.
+# layout and storage the eval (and training) backbone should take by default.
 if [[ " ${PREC[*]} " == *" bf16 "* ]] && "$BIN" bench --help 2>/dev/null | grep -q -- '--act-storage'; then
     for cfg in "r101 paper" "r18 small"; do
         read -r tag preset <<<"$cfg"
         run "bench-cam-$tag-bf16-f32store" 60 "$BIN" bench --device cuda --config "$preset" --what cam --precision bf16 --act-storage f32 --iters "$ITERS" --warmup 2 --json
         run "bench-cam-$tag-bf16-nchw" 60 "$BIN" bench --device cuda --config "$preset" --what cam --precision bf16 --layout nchw --iters "$ITERS" --warmup 2 --json
     done
+    # The bf16 train steps above ran channels-last (`--layout auto` at bf16: the native NHWC
+    # forward-with-statistics, data- and weight-gradient kernels); the same steps NCHW.
+    run "bench-train-r18-bf16-nchw" 90 "$BIN" bench --device cuda --config small --what train-step --precision bf16 --layout nchw --iters "$ITERS" --warmup 2 --json
+    # (ResNet-101's after PyTorch: below.)
 fi
 # The stage-3 U-Net train step (not one of the six workloads): its CUDA graph, then eager.
 run "bench-unet-step-small-f32" 40 "$BIN" bench --device cuda --config small --what unet-step --iters "$ITERS" --warmup 2 --json
@@ -279,6 +283,12 @@ if [ "$DRY" = 1 ] || { [ -f benches/baselines/torch_baseline.py ] && python3 -c 
     # issue's best PyTorch figure for the ResNet-101 train step is eager bf16).
     run torch-compile 180 env PYTHONUNBUFFERED=1 python3 benches/baselines/torch_baseline.py \
         --iters "$ITERS" --modes compile --workloads latency-r18,cam-r18,cam-r101,train-r18 --budget-s 150
+fi
+
+# The ResNet-101 bf16 train step NCHW (the channels-last one is bench-train-r101-bf16), after
+# PyTorch so that it cannot squeeze the baseline out of the budget.
+if [[ " ${PREC[*]} " == *" bf16 "* ]] && "$BIN" bench --help 2>/dev/null | grep -q -- '--layout'; then
+    run "bench-train-r101-bf16-nchw" 150 "$BIN" bench --device cuda --config paper --what train-step --precision bf16 --layout nchw --iters "$SLOW" --warmup 1 --json
 fi
 
 # ---- 3. correctness on the GPU while time remains ------------------------------------------
