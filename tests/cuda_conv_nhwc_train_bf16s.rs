@@ -18,7 +18,8 @@
 //!   pixel order bit for bit, the squared deviations from the tile's mean within 1e-12 relative;
 //!   every entry written;
 //! - dx on bf16-exact dy and w within 1e-5 relative of the CPU's f32 `conv2d_bwd_data` (on the
-//!   unpacked dy); on unrounded w within 1e-2 (and above 1e-5).
+//!   unpacked dy); on unrounded w the same dx bit for bit (the kernel's weight copy rounds as
+//!   the host does) and within 1e-2 of the CPU's on the unrounded w (and above 1e-5).
 //!
 //! The shapes: 1x1 stride 1 and 2, 3x3 stride 1 and 2, each copy path of the gathered operand
 //! (x by `c_in`, dy by `c_out`: 16-byte for a multiple of 8, 4-byte for other even counts, 2-byte
@@ -405,7 +406,12 @@ fn data_gradient_matches_cpu() {
             "{what} on bf16-exact operands: dx relative error {e:e} (>= 1e-5)"
         );
         exact = exact.max(e);
-        let e = rel_err(&gpu_bwd(&g, &s, &dy, &w), &cpu_bwd(&s, &dy, &w));
+        let got_w = gpu_bwd(&g, &s, &dy, &w);
+        assert!(
+            got_w.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: dx on unrounded w differs from dx on the host-rounded w (the weight copy does not round to nearest even)"
+        );
+        let e = rel_err(&got_w, &cpu_bwd(&s, &dy, &w));
         assert!(
             e < 1e-2 && e > 1e-5,
             "{what}: dx relative error {e:e}, expected in (1e-5, 1e-2)"
