@@ -386,7 +386,9 @@ impl CudaBackend {
     /// takes them unchanged. One launch of `conv2d_fwd_stats_mma_nhwc_*` (128x128 tiles, one
     /// split) after, for a kernel larger than 1x1 (and `c_in > 1`), the weights' OHWI copy in
     /// arena scratch: nothing allocated once warm, so capturable in a graph. An error where
-    /// [`CudaBackend::conv_fwd_stats_nhwc_native`] is false.
+    /// [`CudaBackend::conv_fwd_stats_nhwc_native`] is false. Public (with its predicate) for
+    /// tests/cuda_conv_nhwc_train.rs, which checks the raw partials; the model's way in is the
+    /// backend op `conv2d_bn_train_fwd_nhwc`.
     ///
     /// # Safety
     /// `x` holds `s.x_len()` values, `w` `s.w_len()`, `z` `s.y_len()`, `part_s` and `part_q`
@@ -429,11 +431,26 @@ impl CudaBackend {
     /// precision: at tf32 and bf16, unless the route is [`MmaRoute::Never`], for every shape
     /// the kernels' 32-bit indexing holds (any kernel size, stride, padding, `c_in` and
     /// `c_out`: 16- or 4-byte copies by [`mma_vec_nhwc_bwd_data`]).
-    pub fn conv_bwd_data_nhwc_native(&self, s: &Conv2d) -> bool {
+    pub(crate) fn conv_bwd_data_nhwc_native(&self, s: &Conv2d) -> bool {
         self.precision().tensor_cores()
             && self.mma_route != MmaRoute::Never
             && s.stride > 0
             && geometry(s).is_ok()
+    }
+
+    /// The kernel the channels-last data gradient of `s` (`Backend::conv2d_bwd_data_nhwc`)
+    /// launches at this backend's precision and route (`conv2d_bwd_data_mma_nhwc_bf16` /
+    /// `_tf32`), or None where the op takes the layout changes around the NCHW kernels instead
+    /// (f32, [`MmaRoute::Never`]); diagnostics and tests.
+    pub fn conv_bwd_data_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        if !self.conv_bwd_data_nhwc_native(s) {
+            return None;
+        }
+        match self.precision() {
+            Precision::Bf16 => Some("conv2d_bwd_data_mma_nhwc_bf16"),
+            Precision::Tf32 => Some("conv2d_bwd_data_mma_nhwc_tf32"),
+            Precision::F32 => None,
+        }
     }
 
     /// The channels-last data gradient: `dx = conv_transpose(dy, w)` with `dy`
@@ -449,7 +466,7 @@ impl CudaBackend {
     /// # Safety
     /// `dy` holds `s.y_len()` values, `w` `s.w_len()`, `dx` `s.x_len()` (the kernel indexes
     /// them so, unchecked).
-    pub unsafe fn conv2d_bwd_data_nhwc_native(
+    pub(crate) unsafe fn conv2d_bwd_data_nhwc_native(
         &self,
         s: &Conv2d,
         dy: &CudaSlice<f32>,
