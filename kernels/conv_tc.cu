@@ -1714,6 +1714,12 @@ conv2d_bwd_data_mma_nhwc_tf32(const float* __restrict__ dy, const float* __restr
 // with the residual read as bf16, rounded to nearest even, stored as one 32-bit word of two
 // bf16 (even CO: a warp writes 128 contiguous bytes of one pixel), or with odd CO as 2-byte
 // halves (a pair may straddle two words).
+// The training forward conv2d_fwd_stats_mma_nhwc_bf16s is the same kernel (the GEMM and the
+// stores shared: conv_fwd_mma_nhwc_bf16s<EPI>) with the EPI_STATS epilogue: z = acc rounded to
+// nearest even, and the partials of conv_fwd_mma_nhwc's layout and arithmetic taken from the
+// f32 tile with each value rounded first (bf16_round, the same rounding as the store), so they
+// are the statistics of what z holds. The data gradient conv2d_bwd_data_mma_nhwc_bf16s (below)
+// runs the same ring (bf16s_gemm) on dy.
 
 // The bf16 ring: HS_STAGES stages of A and B, 20 KiB each; 6 stages (120 KiB, the f32 ring's
 // 3 stages and bf16 tile took 128 KiB) keep 5 K tiles in flight; the epilogue's f32 tile

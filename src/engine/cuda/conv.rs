@@ -25,7 +25,11 @@
 //! ([`CudaBackend::conv2d_bwd_data_nhwc_native`]: per output phase, K ordered (tap, c_out),
 //! the weights copied per call in that order) and the weight gradient
 //! ([`CudaBackend::conv2d_bwd_weight_nhwc_native`], `conv2d_bwd_weight_mma_nhwc_*`: N ordered
-//! (kh, kw, c), split over the pixels as the NCHW one, dw written OIHW).
+//! (kh, kw, c), split over the pixels as the NCHW one, dw written OIHW). At bf16 the training
+//! forward and data gradient also run on activations stored in bf16
+//! ([`CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native`]: x and z bf16, the partials of the
+//! rounded z; [`CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`]: dy bf16, dx f32), on the
+//! bf16-storage eval kernel's ring.
 
 use cudarc::driver::CudaSlice;
 
