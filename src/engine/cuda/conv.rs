@@ -1805,8 +1805,8 @@ mod wgrad_nhwc_tests {
 #[cfg(test)]
 mod tests {
     use super::{
-        bf16s_weight_row, mma_route, mma_route_weight, mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s,
-        mma_vec_nhwc_bwd_data, MMA_TILE,
+        bf16s_bwd_weight_len, bf16s_copy_path, bf16s_weight_row, mma_route, mma_route_weight,
+        mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s, mma_vec_nhwc_bwd_data, MMA_TILE,
     };
     use crate::engine::shapes::Conv2d;
 
@@ -1944,5 +1944,25 @@ mod tests {
         assert_eq!(bf16s_weight_row(&conv(64, 8, 8, 128, 3, 1)), 576);
         assert_eq!(bf16s_weight_row(&conv(10, 8, 8, 128, 1, 1)), 16);
         assert_eq!(bf16s_weight_row(&conv(0, 8, 8, 128, 1, 1)), 0);
+    }
+
+    #[test]
+    fn bf16_storage_data_gradient_weight_copy_and_dy_paths() {
+        // dy's copies by c_out, as x's by c_in.
+        let a = 0x7f00_0000_0000u64;
+        assert_eq!(bf16s_copy_path(136, a), 2);
+        assert_eq!(bf16s_copy_path(136, a + 4), 4);
+        assert_eq!(bf16s_copy_path(130, a), 4);
+        assert_eq!(bf16s_copy_path(67, a), 0);
+        // 3x3 stride 2: phases of 4, 2, 2, 1 taps; c_out 6: rows 24, 12 -> 16, 12 -> 16, 6 -> 8.
+        assert_eq!(
+            bf16s_bwd_weight_len(&conv(5, 9, 10, 6, 3, 2)),
+            5 * (24 + 16 + 16 + 8)
+        );
+        // 1x1 stride 2: one phase with the tap (130 -> 136), three without (0).
+        assert_eq!(bf16s_bwd_weight_len(&conv(32, 9, 13, 130, 1, 2)), 32 * 136);
+        // Stride 1: one phase of every tap, 9 * 67 = 603 -> 608.
+        assert_eq!(bf16s_bwd_weight_len(&conv(5, 9, 7, 67, 3, 1)), 5 * 608);
+        assert_eq!(bf16s_bwd_weight_len(&conv(5, 9, 7, 0, 3, 1)), 0);
     }
 }
