@@ -25,7 +25,9 @@
 //! (x by `c_in`, dy by `c_out`: 16-byte for a multiple of 8, 4-byte for other even counts, 2-byte
 //! loads for odd ones), odd `c_in`, `c_out` and pixel counts (odd storage lengths: the last slot's
 //! unused high half left alone), two channel tiles, more K tiles than the ring's 6 stages, a
-//! 1x1 stride 2 whose three other phases have no tap (dx zeros there). Also: a captured graph of
+//! 1x1 stride 2 whose three other phases have no tap (dx zeros there). Also: a stride-2 data
+//! gradient with one infinite weight of tap (0, 0) leaves every pixel that tap cannot reach
+//! finite and the CPU's (no zero tap multiplied, no phase reading another's rows); a captured graph of
 //! both ops replays bit for bit what the eager calls wrote; tf32, the route `Never` and wrong
 //! lengths are refused. Runs on a GPU or on the emulated driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_train_bf16s-* --include-ignored`);
@@ -50,6 +52,10 @@ fn main() {
             train_forward_matches_cpu,
         ),
         device("bf16s_data_gradient_matches_cpu", data_gradient_matches_cpu),
+        device(
+            "bf16s_strided_data_gradient_skips_the_zero_taps",
+            strided_data_gradient_skips_the_zero_taps,
+        ),
         device("bf16s_train_kernels_replay_in_a_graph", replays_in_a_graph),
         device(
             "bf16s_train_kernels_refuse_other_precisions_routes_and_lengths",
@@ -423,6 +429,48 @@ fn data_gradient_matches_cpu() {
         "bf16s data gradient, {} shapes: worst dx relative error {worst:.2e} (bf16-exact operands {exact:.2e})",
         shapes().len()
     );
+}
+
+/// The stride-2 data gradient multiplies no structurally zero tap and no phase reads another
+/// phase's padded weight rows (as tests/cuda_conv_nhwc_train.rs checks the f32-storage kernel):
+/// with one weight of tap (0, 0) infinite, the input pixels that tap never reaches stay finite
+/// and equal to the CPU's, while pixels it reaches do not. Every dy copy path (`c_out` 8, 6, 5;
+/// rows of 4 * c_out, 2 * c_out and c_out taps padded to 8 in the bf16 copy).
+fn strided_data_gradient_skips_the_zero_taps() {
+    let g = common::cuda::gpu_at(Precision::Bf16);
+    for c_out in [8, 6, 5] {
+        let s = conv(2, 5, 9, 10, c_out, 3, 2, 1);
+        let mut rng = SplitMix64::fresh("conv_nhwc_bf16s_zero_taps");
+        let mut w = round(Precision::Bf16, &rng.vec_f32(s.w_len(), -1.0, 1.0));
+        let dy = round(Precision::Bf16, &rng.vec_f32(s.y_len(), -1.0, 1.0));
+        let ci = 3;
+        w[(2 * s.c_in + ci) * 9] = f32::INFINITY; // w[co 2][ci 3][0][0]
+        let want = cpu_bwd(&s, &dy, &w);
+        let got = gpu_bwd(&g, &s, &dy, &w);
+        let (mut reached, mut checked) = (0, 0);
+        for n in 0..s.n {
+            for ih in 0..s.h {
+                for iw in 0..s.w {
+                    for c in 0..s.c_in {
+                        let i = ((n * s.h + ih) * s.w + iw) * s.c_in + c;
+                        if c == ci && ih % 2 == 1 && iw % 2 == 1 {
+                            reached += usize::from(!got[i].is_finite());
+                            continue;
+                        }
+                        assert!(
+                            (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                            "{s:?}: dx[{n}][{ih}][{iw}][{c}] = {} (cpu {}): a zero tap was multiplied",
+                            got[i],
+                            want[i]
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 800, "{checked} pixels checked");
+        assert!(reached > 0, "the infinite weight reached no pixel");
+    }
 }
 
 /// A captured forward (its bf16 weight copy and the kernel) and data gradient (its weight copy
