@@ -1714,6 +1714,12 @@ conv2d_bwd_data_mma_nhwc_tf32(const float* __restrict__ dy, const float* __restr
 // with the residual read as bf16, rounded to nearest even, stored as one 32-bit word of two
 // bf16 (even CO: a warp writes 128 contiguous bytes of one pixel), or with odd CO as 2-byte
 // halves (a pair may straddle two words).
+// The training forward conv2d_fwd_stats_mma_nhwc_bf16s is the same kernel (the GEMM and the
+// stores shared: conv_fwd_mma_nhwc_bf16s<EPI>) with the EPI_STATS epilogue: z = acc rounded to
+// nearest even, and the partials of conv_fwd_mma_nhwc's layout and arithmetic taken from the
+// f32 tile with each value rounded first (bf16_round, the same rounding as the store), so they
+// are the statistics of what z holds. The data gradient conv2d_bwd_data_mma_nhwc_bf16s (below)
+// runs the same ring (bf16s_gemm) on dy.
 
 // The bf16 ring: HS_STAGES stages of A and B, 20 KiB each; 6 stages (120 KiB, the f32 ring's
 // 3 stages and bf16 tile took 128 KiB) keep 5 K tiles in flight; the epilogue's f32 tile
@@ -1725,60 +1731,112 @@ static_assert(MBN * MLDC * 4 <= HS_SMEM, "the epilogue's f32 tile fits in the bf
 static_assert(HS_SMEM == 122880, "conv.rs's mma_smem_nhwc_bf16s");
 static_assert(MBM * MBK == 8 * 2 * MMA_THREADS, "two 16-byte copies of A and of B per thread");
 
-__device__ __forceinline__ void conv_fwd_bn_mma_nhwc_bf16s(NhwcPixel* pix, const __nv_bfloat16* __restrict__ x,
-                                                           const __nv_bfloat16* __restrict__ w,
-                                                           __nv_bfloat16* __restrict__ y, int N, int C, int H, int W,
-                                                           int CO, int KH, int KW, int stride, int pad,
-                                                           const float* __restrict__ ss,
-                                                           const __nv_bfloat16* __restrict__ res, int relu, int vec) {
+// One K tile's copies of the bf16 ring (conv_fwd_mma_nhwc_bf16s, conv_bwd_data_mma_nhwc_bf16s):
+// A = rows m0.. of a bf16 [M][KP] matrix (KP % 8 == 0, 16-byte aligned, zero past the GEMM's
+// K), 16 bytes per copy; B = the pixel table's gather of the NHWC bf16 tensor src with C
+// channels, H x W pixels, taps KW wide (K = taps * C), by `vec` (bit 1: 16-byte copies of 8
+// channels, bit 2: 4-byte copies of 2, neither: 2-byte loads and shared stores).
+__device__ __forceinline__ void bf16s_issue(const NhwcPixel* pix, __nv_bfloat16* As, __nv_bfloat16* Bs,
+                                            const __nv_bfloat16* __restrict__ w, int M, int KP, int m0,
+                                            const __nv_bfloat16* __restrict__ src, int K, int C, int H, int W,
+                                            int KW, int vec, int k0, int tid) {
+    const int ka = 8 * (tid & 3);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int ml = (tid >> 2) + 64 * q, m = m0 + ml;
+        const bool ok = m < M && k0 + ka < KP;
+        __pipeline_memcpy_async(As + ml * MLDAH + ka, ok ? w + (size_t)m * KP + k0 + ka : w, 16, ok ? 0 : 16);
+    }
+    if (vec & 2) {
+        const int kl = 8 * (tid & 3);
+        nhwc_gather<2, 64>(pix, tid >> 2, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+            __pipeline_memcpy_async(Bs + nl * MLDAH + kl, src + i, 16, ok ? 0 : 16);
+        });
+    } else if (vec & 4) {
+        const int kl = 2 * (tid & 15);
+        nhwc_gather<8, 16>(pix, tid >> 4, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+            __pipeline_memcpy_async(Bs + nl * MLDAH + kl, src + i, 4, ok ? 0 : 4);
+        });
+    } else {
+        const int kl = tid & 31;
+        const unsigned short* xs = (const unsigned short*)src;
+        unsigned short* bs = (unsigned short*)Bs;
+        nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+            bs[nl * MLDAH + kl] = ok ? xs[i] : (unsigned short)0;
+        });
+    }
+}
+
+// The bf16 ring's GEMM of bf16s_issue's operands (K tiles of the GEMM's K), then the block's
+// f32 result transposed into Cs = the ring's shared memory, [MBN][MLDC] (mma_store<true>).
+__device__ __forceinline__ void bf16s_gemm(const NhwcPixel* pix, const __nv_bfloat16* __restrict__ w, int M, int KP,
+                                           int m0, const __nv_bfloat16* __restrict__ src, int K, int C, int H, int W,
+                                           int KW, int vec) {
     unsigned char* smem = mma_smem;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    float acc[4][4][4];
+    mma_zero(acc);
+    mma_ring<HS_STAGES, HSTAGE, MBM * MLDAH>(
+        (__nv_bfloat16*)smem, (K + MBK - 1) / MBK, [&](__nv_bfloat16* As, __nv_bfloat16* Bs, int t) {
+            bf16s_issue(pix, As, Bs, w, M, KP, m0, src, K, C, H, W, KW, vec, t * MBK, tid);
+        },
+        [&](const __nv_bfloat16* A, const __nv_bfloat16* B) { mma_tile<true>(A, B, acc, wm, wn, lane); });
+    mma_store<true>((float*)smem, acc);
+}
+
+// The value bf16 storage holds for v (rounded to nearest even, as __floats2bfloat162_rn).
+__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// The bf16-storage channels-last forward; EPI_BN (eval: ss, res, relu) or EPI_STATS
+// (training: z = acc rounded to bf16, and part_s, part_q as conv_fwd_mma_nhwc's, C_out * T
+// values each, of the ROUNDED values: what z holds).
+template <int EPI>
+__device__ __forceinline__ void conv_fwd_mma_nhwc_bf16s(NhwcPixel* pix, const __nv_bfloat16* __restrict__ x,
+                                                        const __nv_bfloat16* __restrict__ w,
+                                                        __nv_bfloat16* __restrict__ y, int N, int C, int H, int W,
+                                                        int CO, int KH, int KW, int stride, int pad,
+                                                        const float* __restrict__ ss,
+                                                        const __nv_bfloat16* __restrict__ res, int relu,
+                                                        double* __restrict__ part_s, double* __restrict__ part_q,
+                                                        int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x;
     const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
     const int M = CO, K = KH * KW * C, KP = (K + 7) & ~7, OHW = OH * OW, Pn = N * OHW;
     const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
     nhwc_pixels(pix, p0, Pn, OHW, OW, H, W, stride, pad);
-
-    auto issue = [&](__nv_bfloat16* As, __nv_bfloat16* Bs, int t) {
-        const int k0 = t * MBK;
-        const int ka = 8 * (tid & 3);
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int ml = (tid >> 2) + 64 * q, m = m0 + ml;
-            const bool ok = m < M && k0 + ka < KP;
-            __pipeline_memcpy_async(As + ml * MLDAH + ka, ok ? w + (size_t)m * KP + k0 + ka : w, 16, ok ? 0 : 16);
+    bf16s_gemm(pix, w, M, KP, m0, x, K, C, H, W, KW, vec);
+    const float* Cs = (const float*)smem;
+    if constexpr (EPI == EPI_STATS) {
+        // As conv_fwd_mma_nhwc's: channel tid % 128, tile 2 * blockIdx.x + tid / 128, each
+        // value rounded as the store below rounds it.
+        const int T = (Pn + 63) / 64, half = tid >> 7, mc = m0 + (tid & (MBM - 1));
+        const int nv = min(64, Pn - (p0 + 64 * half));
+        if (mc < M && nv > 0) {
+            const float* cc = Cs + 64 * half * MLDC + (tid & (MBM - 1));
+            double sum = 0.0;
+            for (int k = 0; k < nv; ++k) sum += (double)bf16_round(cc[k * MLDC]);
+            const double mean = sum / (double)nv;
+            double q = 0.0;
+            for (int k = 0; k < nv; ++k) {
+                const double d = (double)bf16_round(cc[k * MLDC]) - mean;
+                q += d * d;
+            }
+            const size_t o = (size_t)mc * T + 2 * blockIdx.x + half;
+            part_s[o] = sum;
+            part_q[o] = q;
         }
-        if (vec & 2) {
-            const int kl = 8 * (tid & 3);
-            nhwc_gather<2, 64>(pix, tid >> 2, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
-                __pipeline_memcpy_async(Bs + nl * MLDAH + kl, x + i, 16, ok ? 0 : 16);
-            });
-        } else if (vec & 4) {
-            const int kl = 2 * (tid & 15);
-            nhwc_gather<8, 16>(pix, tid >> 4, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
-                __pipeline_memcpy_async(Bs + nl * MLDAH + kl, x + i, 4, ok ? 0 : 4);
-            });
-        } else {
-            const int kl = tid & 31;
-            const unsigned short* xs = (const unsigned short*)x;
-            unsigned short* bs = (unsigned short*)Bs;
-            nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
-                bs[nl * MLDAH + kl] = ok ? xs[i] : (unsigned short)0;
-            });
-        }
-    };
-
-    float acc[4][4][4];
-    mma_zero(acc);
-    mma_ring<HS_STAGES, HSTAGE, MBM * MLDAH>((__nv_bfloat16*)smem, (K + MBK - 1) / MBK, issue,
-                                             [&](const __nv_bfloat16* A, const __nv_bfloat16* B) {
-                                                 mma_tile<true>(A, B, acc, wm, wn, lane);
-                                             });
-    float* Cs = (float*)smem;
-    mma_store<true>(Cs, acc);
+    }
     // Channels m, m + 1 (tid % 64) of pixels tid / 64 + 4i.
     const int ml = 2 * (tid & 63), m = m0 + ml;
     if (m >= M) return;
-    const bool has_res = res != nullptr;
+    const bool has_res = EPI == EPI_BN && res != nullptr;
+    auto epi = [&](float v, int c, float r) {
+        if constexpr (EPI == EPI_BN)
+            return bn_epilogue_v(v, ss, CO, c, has_res, r, relu);
+        else
+            return v;
+    };
     if (!(CO & 1)) {
         // p * CO + m even: one aligned word of two bf16.
 #pragma unroll 4
@@ -1793,8 +1851,7 @@ __device__ __forceinline__ void conv_fwd_bn_mma_nhwc_bf16s(NhwcPixel* pix, const
                 r0 = __bfloat162float(r.x);
                 r1 = __bfloat162float(r.y);
             }
-            *(__nv_bfloat162*)(y + o) = __floats2bfloat162_rn(bn_epilogue_v(v.x, ss, CO, m, has_res, r0, relu),
-                                                              bn_epilogue_v(v.y, ss, CO, m + 1, has_res, r1, relu));
+            *(__nv_bfloat162*)(y + o) = __floats2bfloat162_rn(epi(v.x, m, r0), epi(v.y, m + 1, r1));
         }
     } else {
         const int ne = min(2, M - m);
@@ -1805,7 +1862,7 @@ __device__ __forceinline__ void conv_fwd_bn_mma_nhwc_bf16s(NhwcPixel* pix, const
             for (int e = 0; e < ne; ++e) {
                 const size_t o = (size_t)p * CO + m + e;
                 const float r = has_res ? __bfloat162float(res[o]) : 0.0f;
-                y[o] = __float2bfloat16_rn(bn_epilogue_v(Cs[nl * MLDC + ml + e], ss, CO, m + e, has_res, r, relu));
+                y[o] = __float2bfloat16_rn(epi(Cs[nl * MLDC + ml + e], m + e, r));
             }
         }
     }
@@ -1822,7 +1879,105 @@ conv2d_fwd_bn_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x, const __nv_bfl
                              int stride, int pad, const float* __restrict__ ss, const __nv_bfloat16* __restrict__ res,
                              int relu, int vec) {
     __shared__ NhwcPixel pix[MBN];
-    conv_fwd_bn_mma_nhwc_bf16s(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, vec);
+    conv_fwd_mma_nhwc_bf16s<EPI_BN>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, nullptr,
+                                    nullptr, vec);
+}
+
+// The bf16-storage channels-last training forward: the same GEMM with the EPI_STATS epilogue,
+// z bf16 NHWC (rounded to nearest even) and the batch-norm partials part_s, part_q (C_out * T
+// f64 each, T = ceil(N*OH*OW / 64), conv2d_fwd_stats_mma_nhwc_*'s layout) of the rounded z.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                __nv_bfloat16* __restrict__ z, int N, int C, int H, int W, int CO, int KH, int KW,
+                                int stride, int pad, double* __restrict__ part_s, double* __restrict__ part_q,
+                                int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc_bf16s<EPI_STATS>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0,
+                                       part_s, part_q, vec);
+}
+
+// conv2d_bwd_data_mma_nhwc_bf16s: the channels-last data gradient (as conv2d_bwd_data_mma_nhwc_*,
+// per output phase) with dy in bf16 storage and dx f32: the same bf16 ring (bf16s_gemm), dy
+// gathered as the forward gathers x (nhwc_phase_pixels' table, dy as the image, KWp as KW;
+// vec bit 1 16-byte copies of 8 channels where CO % 8 == 0, bit 2 4-byte copies where CO is
+// even, else 2-byte loads), A = the bf16 copy conv_weight_bwd_nhwc_bf16 makes per call:
+// conv_weight_bwd_nhwc's order with each phase's rows [C][KPP] padded to KPP = KP*CO rounded
+// up to 8 (zeros past K), so that every row and every phase starts 16-byte aligned. The
+// epilogue is conv_bwd_data_mma_nhwc's (f32 dx, a warp writing 32 consecutive channels).
+
+// Padded row length (bf16) of phase (py, px)'s weights in conv_weight_bwd_nhwc_bf16's copy.
+__device__ __forceinline__ int phase_row_bf16(int CO, int KH, int KW, int s, int py, int px) {
+    return (phase_taps(KH, py, s) * phase_taps(KW, px, s) * CO + 7) & ~7;
+}
+
+// Elements of conv_weight_bwd_nhwc_bf16's copy before phase (py, px).
+__device__ __forceinline__ int phase_weight_offset_bf16(int C, int CO, int KH, int KW, int s, int py, int px) {
+    int off = 0;
+    for (int ph = 0; ph < py * s + px; ++ph) off += C * phase_row_bf16(CO, KH, KW, s, ph / s, ph % s);
+    return off;
+}
+
+// The weights OIHW as conv_weight_bwd_nhwc orders them, in bf16 (nearest even), each phase's
+// rows padded to phase_row_bf16 with zeros; len = C * the sum of the phases' padded rows (the
+// host's bf16s_bwd_weight_len).
+extern "C" __global__ void conv_weight_bwd_nhwc_bf16(const float* __restrict__ w, __nv_bfloat16* __restrict__ wt,
+                                                     int C, int CO, int KH, int KW, int s, int len) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x) {
+        int off = 0;
+        for (int py = 0; py < s; ++py)
+            for (int px = 0; px < s; ++px) {
+                const int KHp = phase_taps(KH, py, s), KWp = phase_taps(KW, px, s), KP = KHp * KWp;
+                const int row = phase_row_bf16(CO, KH, KW, s, py, px), n = C * row;
+                if (i >= off && i < off + n) {
+                    const int r = i - off, ci = r / row, k = r - ci * row;
+                    float v = 0.0f;
+                    if (k < KP * CO) {
+                        const int tap = k / CO, co = k - tap * CO;
+                        const int a = KHp - 1 - tap / KWp, b = KWp - 1 - (tap - (tap / KWp) * KWp);
+                        v = w[(((size_t)co * C + ci) * KH + py + a * s) * KW + px + b * s];
+                    }
+                    wt[i] = __float2bfloat16_rn(v);
+                }
+                off += n;
+            }
+    }
+}
+
+__device__ __forceinline__ void conv_bwd_data_mma_nhwc_bf16s(NhwcPixel* pix, const __nv_bfloat16* __restrict__ dy,
+                                                             const __nv_bfloat16* __restrict__ wt,
+                                                             float* __restrict__ dx, int N, int C, int H, int W,
+                                                             int CO, int KH, int KW, int stride, int pad, int vec) {
+    const int tid = threadIdx.x;
+    const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
+    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, MBN);
+    const int KHp = phase_taps(KH, ph.py, stride);
+    const int M = C, K = ph.KP * CO, KPP = (K + 7) & ~7, Pn = N * ph.Hp * ph.Wp;
+    const int m0 = blockIdx.y * MBM, p0 = ph.tile * MBN;
+    if (p0 >= Pn) return;  // the whole block: this phase has fewer pixels than the largest
+    const __nv_bfloat16* wp = wt + phase_weight_offset_bf16(C, CO, KH, KW, stride, ph.py, ph.px);
+    nhwc_phase_pixels(pix, ph, KHp, p0, Pn, OH * OW, H, W, stride);
+    bf16s_gemm(pix, wp, M, KPP, m0, dy, K, CO, OH, OW, ph.KWp, vec);
+    const float* Cs = (const float*)mma_smem;
+    // Channel tid % 128 of pixels tid / 128 + 2i: a warp writes 32 consecutive channels.
+    const int ml = tid & (MBM - 1), m = m0 + ml;
+    if (m >= M) return;
+#pragma unroll 4
+    for (int i = 0; i < MBN / 2; ++i) {
+        const int nl = (tid >> 7) + 2 * i;
+        if (p0 + nl >= Pn) break;
+        dx[(size_t)pix[nl].out * C + m] = Cs[nl * MLDC + ml];
+    }
+}
+
+// The bf16-storage channels-last data gradient, one split, the grid of conv2d_bwd_data_mma_nhwc_*
+// with HS_SMEM bytes of dynamic shared memory: dy bf16 NHWC, wt conv_weight_bwd_nhwc_bf16's
+// copy, dx f32 NHWC, vec as conv2d_fwd_bn_mma_nhwc_bf16s's for dy's CO channels.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ wt,
+                               float* __restrict__ dx, int N, int C, int H, int W, int CO, int KH, int KW,
+                               int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_bwd_data_mma_nhwc_bf16s(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
 }
 
 // ==== Channels-last (NHWC) weight gradient ===============================================

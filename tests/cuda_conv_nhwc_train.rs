@@ -2,10 +2,11 @@
 //! the forward with the batch-statistics epilogue (`conv2d_fwd_stats_mma_nhwc_bf16` / `_tf32`,
 //! through `CudaBackend::conv2d_fwd_stats_nhwc_native`: z `[n][oh][ow][c_out]` from x
 //! `[n][h][w][c_in]` and OIHW weights, and per output channel and 64-pixel tile the f64 sum and
-//! sum of squared deviations) and the data gradient (`conv2d_bwd_data_mma_nhwc_*`, through
-//! `CudaBackend::conv2d_bwd_data_nhwc_native`: dx `[n][h][w][c_in]` from dy
-//! `[n][oh][ow][c_out]`), each shape first asserted to run natively, every output poisoned
-//! with NaN first.
+//! sum of squared deviations) and the data gradient (`conv2d_bwd_data_mma_nhwc_*`, through the
+//! backend op `Backend::conv2d_bwd_data_nhwc`, which CUDA routes to the native kernel at tf32
+//! / bf16: dx `[n][h][w][c_in]` from dy `[n][oh][ow][c_out]`), each shape first asserted to run
+//! natively (`conv_fwd_stats_nhwc_native`, `CudaBackend::conv_bwd_data_nhwc_kernel`), every
+//! output poisoned with NaN first.
 //!
 //! Per shape and precision (bf16, tf32):
 //! - z against the CPU's NCHW `conv2d_fwd` (transposed on the host), dx against the CPU's
@@ -27,7 +28,7 @@
 //! multiples of 64 or 128 (a ragged last statistics tile and block), a data-gradient phase of
 //! more than 128 pixels, many K tiles, and tiny ones. Also: a captured graph of both ops
 //! replays bit for bit what the eager calls wrote, and f32 / `MmaRoute::Never` have no native
-//! kernel (the calls are refused). Runs on a GPU or on the emulated driver
+//! kernel (the statistics forward is refused; the data-gradient op takes the layout changes). Runs on a GPU or on the emulated driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_train-* --include-ignored`);
 //! without a device the device tests are ignored.
 
@@ -149,17 +150,24 @@ fn gpu_fwd_stats(
     )
 }
 
-/// The native data gradient on `g`: dy (NCHW) transposed to NHWC on the host; dx (NHWC)
-/// poisoned with NaN first.
+/// The data gradient on `g` through the backend op (the native kernel at tf32 / bf16): dy
+/// (NCHW) transposed to NHWC on the host; dx (NHWC) poisoned with NaN first.
 fn gpu_bwd_data(g: &CudaBackend, s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let hw = s.out_h() * s.out_w();
     let dyb = g.upload(&to_nhwc(dy, s.n, s.c_out, hw)).expect("upload");
     let wb = g.upload(w).expect("upload");
     let mut dx = g.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
-    // SAFETY: dy, w and dx hold the lengths `s` gives.
-    unsafe { g.conv2d_bwd_data_nhwc_native(s, &dyb, &wb, &mut dx) }
-        .expect("conv2d_bwd_data_nhwc_native");
+    g.conv2d_bwd_data_nhwc(s, &dyb, &wb, &mut dx)
+        .expect("conv2d_bwd_data_nhwc");
     g.download(&dx).expect("download")
+}
+
+/// The native data-gradient kernel `g` launches at `p` (the diagnostic).
+fn bwd_data_kernel(p: Precision) -> &'static str {
+    match p {
+        Precision::Bf16 => "conv2d_bwd_data_mma_nhwc_bf16",
+        _ => "conv2d_bwd_data_mma_nhwc_tf32",
+    }
 }
 
 /// The CPU's NCHW forward, transposed to NHWC.
@@ -351,7 +359,11 @@ fn data_gradient_matches_cpu(p: Precision) {
     let mut rng = SplitMix64::fresh(&format!("conv_nhwc_bwd_data_{p}"));
     let (mut exact, mut worst) = (0.0f64, 0.0f64);
     for (s, path) in shapes() {
-        assert!(g.conv_bwd_data_nhwc_native(&s), "{p} {s:?}: not native");
+        assert_eq!(
+            g.conv_bwd_data_nhwc_kernel(&s),
+            Some(bwd_data_kernel(p)),
+            "{p} {s:?}: not native"
+        );
         let what = format!("{p} {s:?} (copies {path})");
         let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
@@ -394,7 +406,7 @@ fn nhwc_strided_data_gradient_skips_the_zero_taps() {
         w[(2 * s.c_in + ci) * 9] = f32::INFINITY; // w[co 2][ci 3][0][0]
         for p in [Precision::Tf32, Precision::Bf16] {
             let g = common::cuda::gpu_at(p);
-            assert!(g.conv_bwd_data_nhwc_native(&s));
+            assert_eq!(g.conv_bwd_data_nhwc_kernel(&s), Some(bwd_data_kernel(p)));
             // Operands exact at p: the finite pixels then match the CPU within 1e-5.
             let (w, dy) = (round(p, &w), round(p, &dy));
             let want = cpu_bwd_data(&s, &dy, &w);
@@ -441,6 +453,7 @@ fn nhwc_train_kernels_replay_in_a_graph() {
         let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
         let (z_eager, ps_eager, pq_eager) = gpu_fwd_stats(&g, &s, &x, &w);
+        assert_eq!(g.conv_bwd_data_nhwc_kernel(&s), Some(bwd_data_kernel(p)));
         let dx_eager = gpu_bwd_data(&g, &s, &dy, &w);
 
         let xb = g
@@ -457,10 +470,8 @@ fn nhwc_train_kernels_replay_in_a_graph() {
         let (graph, ()) = g
             .capture(|| {
                 // SAFETY: every buffer holds the length `s` gives (the partials c_out * tiles).
-                unsafe {
-                    g.conv2d_fwd_stats_nhwc_native(&s, &xb, &wb, &mut z, &mut ps, &mut pq)?;
-                    g.conv2d_bwd_data_nhwc_native(&s, &dyb, &wb, &mut dx)
-                }
+                unsafe { g.conv2d_fwd_stats_nhwc_native(&s, &xb, &wb, &mut z, &mut ps, &mut pq)? };
+                g.conv2d_bwd_data_nhwc(&s, &dyb, &wb, &mut dx)
             })
             .expect("capture");
         assert!(
@@ -498,9 +509,10 @@ fn nhwc_train_kernels_replay_in_a_graph() {
     }
 }
 
-/// At f32 and with the route `Never` (no `mma.sync` kernel) neither op runs natively and the
-/// calls are refused (nothing written); nor does the statistics forward without a reduction
-/// (`c_in = 0`: no statistics epilogue).
+/// At f32 and with the route `Never` (no `mma.sync` kernel) neither op runs natively: the
+/// statistics forward is refused (nothing written), the data-gradient op takes the layout
+/// changes around the NCHW kernels (dx the CPU's); nor does the statistics forward run without
+/// a reduction (`c_in = 0`: no statistics epilogue).
 fn no_native_train_kernels_at_f32_or_route_never() {
     let s = shapes()[0].0;
     let f32_be = common::cuda::gpu_at(Precision::F32);
@@ -508,7 +520,7 @@ fn no_native_train_kernels_at_f32_or_route_never() {
     never.set_mma_route(MmaRoute::Never);
     for g in [&f32_be, &never] {
         assert!(!g.conv_fwd_stats_nhwc_native(&s));
-        assert!(!g.conv_bwd_data_nhwc_native(&s));
+        assert_eq!(g.conv_bwd_data_nhwc_kernel(&s), None);
         let x = g.upload(&vec![1.0; s.x_len()]).expect("upload");
         let w = g.upload(&vec![1.0; s.w_len()]).expect("upload");
         let mut z = g.upload(&vec![f32::NAN; s.y_len()]).expect("upload");
@@ -517,19 +529,26 @@ fn no_native_train_kernels_at_f32_or_route_never() {
         // SAFETY: every buffer holds the length `s` gives; the call is refused anyway.
         let e = unsafe { g.conv2d_fwd_stats_nhwc_native(&s, &x, &w, &mut z, &mut ps, &mut pq) };
         assert!(e.is_err(), "{}: the statistics forward ran", g.precision());
-        let mut dx = g.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
-        // SAFETY: as above (z as dy: the output's length).
-        let e = unsafe { g.conv2d_bwd_data_nhwc_native(&s, &z, &w, &mut dx) };
-        assert!(e.is_err(), "{}: the data gradient ran", g.precision());
         assert!(g.download(&z).expect("download").iter().all(|v| v.is_nan()));
-        assert!(g
-            .download(&dx)
-            .expect("download")
-            .iter()
-            .all(|v| v.is_nan()));
+        // The op's other way: the NCHW kernels between layout changes (f32 exact; the route
+        // Never's WMMA kernels at bf16).
+        let mut rng = SplitMix64::fresh("conv_nhwc_bwd_data_fallback");
+        let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
+        let wv = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let (dy, wv) = (round(Precision::Bf16, &dy), round(Precision::Bf16, &wv));
+        let e = rel_err(&gpu_bwd_data(g, &s, &dy, &wv), &cpu_bwd_data(&s, &dy, &wv));
+        assert!(
+            e < 1e-5,
+            "{}: dx by the layout changes: relative error {e:e}",
+            g.precision()
+        );
     }
     let tf32 = common::cuda::gpu_at(Precision::Tf32);
-    assert!(tf32.conv_fwd_stats_nhwc_native(&s) && tf32.conv_bwd_data_nhwc_native(&s));
+    assert!(tf32.conv_fwd_stats_nhwc_native(&s));
+    assert_eq!(
+        tf32.conv_bwd_data_nhwc_kernel(&s),
+        Some("conv2d_bwd_data_mma_nhwc_tf32")
+    );
     let mut empty = s;
     empty.c_in = 0;
     assert!(!tf32.conv_fwd_stats_nhwc_native(&empty));

@@ -25,7 +25,11 @@
 //! ([`CudaBackend::conv2d_bwd_data_nhwc_native`]: per output phase, K ordered (tap, c_out),
 //! the weights copied per call in that order) and the weight gradient
 //! ([`CudaBackend::conv2d_bwd_weight_nhwc_native`], `conv2d_bwd_weight_mma_nhwc_*`: N ordered
-//! (kh, kw, c), split over the pixels as the NCHW one, dw written OIHW).
+//! (kh, kw, c), split over the pixels as the NCHW one, dw written OIHW). At bf16 the training
+//! forward and data gradient also run on activations stored in bf16
+//! ([`CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native`]: x and z bf16, the partials of the
+//! rounded z; [`CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`]: dy bf16, dx f32), on the
+//! bf16-storage eval kernel's ring.
 
 use cudarc::driver::CudaSlice;
 
@@ -83,6 +87,9 @@ mod tc {
         weight_ohwi: "conv_weight_ohwi",
         fwd_bn_mma_nhwc_bf16s: "conv2d_fwd_bn_mma_nhwc_bf16s",
         weight_ohwi_bf16: "conv_weight_ohwi_bf16",
+        fwd_stats_mma_nhwc_bf16s: "conv2d_fwd_stats_mma_nhwc_bf16s",
+        bwd_data_mma_nhwc_bf16s: "conv2d_bwd_data_mma_nhwc_bf16s",
+        weight_bwd_nhwc_bf16: "conv_weight_bwd_nhwc_bf16",
         bwd_weight_mma_nhwc_bf16: "conv2d_bwd_weight_mma_nhwc_bf16",
         bwd_weight_mma_nhwc_tf32: "conv2d_bwd_weight_mma_nhwc_tf32",
     });
@@ -250,9 +257,16 @@ pub(crate) fn mma_vec_nhwc_bwd_data(s: &Conv2d, dy_addr: u64, wt_addr: u64) -> i
 /// else 0, 2-byte loads (odd `c_in`). Its weights are always copied 16 bytes at a time (the
 /// bf16 OHWI copy's rows are padded to [`bf16s_weight_row`]).
 pub(crate) fn mma_vec_nhwc_bf16s(s: &Conv2d, x_addr: u64) -> i32 {
-    if s.c_in.is_multiple_of(8) && x_addr.is_multiple_of(16) {
+    bf16s_copy_path(s.c_in, x_addr)
+}
+
+/// The copy path (`vec`: 2, 4 or 0 as [`mma_vec_nhwc_bf16s`] says) of a bf16-storage NHWC
+/// operand of `c` channels per pixel at device address `addr`: x of the forward (`c_in`), dy
+/// of the data gradient (`c_out`).
+fn bf16s_copy_path(c: usize, addr: u64) -> i32 {
+    if c.is_multiple_of(8) && addr.is_multiple_of(16) {
         2
-    } else if s.c_in.is_multiple_of(2) {
+    } else if c.is_multiple_of(2) {
         4
     } else {
         0
@@ -263,6 +277,20 @@ pub(crate) fn mma_vec_nhwc_bf16s(s: &Conv2d, x_addr: u64) -> i32 {
 /// `K = c_in*kh*kw` rounded up to 8 (16 bytes), zero past K.
 fn bf16s_weight_row(s: &Conv2d) -> usize {
     (s.c_in * s.kh * s.kw).next_multiple_of(8)
+}
+
+/// The length (in bf16 values) of the bf16 weight copy of the bf16-storage data gradient
+/// (`conv_weight_bwd_nhwc_bf16`): per output phase (`stride^2`, row-major) `c_in` rows of the
+/// phase's `taps * c_out` values rounded up to 8 (16 bytes), zero past them.
+fn bf16s_bwd_weight_len(s: &Conv2d) -> usize {
+    let taps = |k: usize, p: usize| if p < k { (k - p).div_ceil(s.stride) } else { 0 };
+    let mut len = 0;
+    for py in 0..s.stride {
+        for px in 0..s.stride {
+            len += s.c_in * (taps(s.kh, py) * taps(s.kw, px) * s.c_out).next_multiple_of(8);
+        }
+    }
+    len
 }
 
 impl CudaBackend {
@@ -362,7 +390,9 @@ impl CudaBackend {
     /// takes them unchanged. One launch of `conv2d_fwd_stats_mma_nhwc_*` (128x128 tiles, one
     /// split) after, for a kernel larger than 1x1 (and `c_in > 1`), the weights' OHWI copy in
     /// arena scratch: nothing allocated once warm, so capturable in a graph. An error where
-    /// [`CudaBackend::conv_fwd_stats_nhwc_native`] is false.
+    /// [`CudaBackend::conv_fwd_stats_nhwc_native`] is false. Public (with its predicate) for
+    /// tests/cuda_conv_nhwc_train.rs, which checks the raw partials; the model's way in is the
+    /// backend op `conv2d_bn_train_fwd_nhwc`.
     ///
     /// # Safety
     /// `x` holds `s.x_len()` values, `w` `s.w_len()`, `z` `s.y_len()`, `part_s` and `part_q`
@@ -405,11 +435,26 @@ impl CudaBackend {
     /// precision: at tf32 and bf16, unless the route is [`MmaRoute::Never`], for every shape
     /// the kernels' 32-bit indexing holds (any kernel size, stride, padding, `c_in` and
     /// `c_out`: 16- or 4-byte copies by [`mma_vec_nhwc_bwd_data`]).
-    pub fn conv_bwd_data_nhwc_native(&self, s: &Conv2d) -> bool {
+    pub(crate) fn conv_bwd_data_nhwc_native(&self, s: &Conv2d) -> bool {
         self.precision().tensor_cores()
             && self.mma_route != MmaRoute::Never
             && s.stride > 0
             && geometry(s).is_ok()
+    }
+
+    /// The kernel the channels-last data gradient of `s` (`Backend::conv2d_bwd_data_nhwc`)
+    /// launches at this backend's precision and route (`conv2d_bwd_data_mma_nhwc_bf16` /
+    /// `_tf32`), or None where the op takes the layout changes around the NCHW kernels instead
+    /// (f32, [`MmaRoute::Never`]); diagnostics and tests.
+    pub fn conv_bwd_data_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        if !self.conv_bwd_data_nhwc_native(s) {
+            return None;
+        }
+        match self.precision() {
+            Precision::Bf16 => Some("conv2d_bwd_data_mma_nhwc_bf16"),
+            Precision::Tf32 => Some("conv2d_bwd_data_mma_nhwc_tf32"),
+            Precision::F32 => None,
+        }
     }
 
     /// The channels-last data gradient: `dx = conv_transpose(dy, w)` with `dy`
@@ -425,7 +470,7 @@ impl CudaBackend {
     /// # Safety
     /// `dy` holds `s.y_len()` values, `w` `s.w_len()`, `dx` `s.x_len()` (the kernel indexes
     /// them so, unchecked).
-    pub unsafe fn conv2d_bwd_data_nhwc_native(
+    pub(crate) unsafe fn conv2d_bwd_data_nhwc_native(
         &self,
         s: &Conv2d,
         dy: &CudaSlice<f32>,
@@ -540,8 +585,200 @@ impl CudaBackend {
         norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
             let ep = BnEpilogue { ss, residual, relu };
             // SAFETY: the caller's contract; ss holds 2 * c_out values.
-            unsafe { launch_mma_nhwc_bf16s(self, s, x, w, &ep, y) }
+            unsafe { launch_mma_nhwc_bf16s(self, s, x, w, Bf16sEpilogue::Bn(&ep), y) }
         })
+    }
+
+    /// Whether [`CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native`] runs `s`: where the
+    /// bf16-storage eval forward does ([`CudaBackend::conv_bn_eval_nhwc_bf16s_native`]: bf16
+    /// only, not with [`MmaRoute::Never`]) and the statistics epilogue applies
+    /// ([`stats_tiles`]: a non-empty output and reduction).
+    pub(crate) fn conv_fwd_stats_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
+        self.conv_bn_eval_nhwc_bf16s_native(s) && stats_tiles(s).is_some()
+    }
+
+    /// The kernel the bf16-storage channels-last training forward of `s` launches
+    /// (`conv2d_fwd_stats_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
+    pub fn conv_fwd_stats_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        self.conv_fwd_stats_nhwc_bf16s_native(s)
+            .then_some("conv2d_fwd_stats_mma_nhwc_bf16s")
+    }
+
+    /// [`CudaBackend::conv2d_fwd_stats_nhwc_native`] on activations stored in bf16: `x`
+    /// (`[n][h][w][c_in]`) and `z` (`[n][out_h][out_w][c_out]`) in bf16 storage as
+    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`]'s, `w` OIHW f32; z rounded to bf16
+    /// (nearest even) and the partials (f64, [`conv2d_fwd_stats`]'s layout, `c_out * tiles`
+    /// each, `tiles` = [`stats_tiles`]) those of the ROUNDED values, what z holds. The weights'
+    /// bf16 OHWI copy in arena scratch, then one launch of `conv2d_fwd_stats_mma_nhwc_bf16s`
+    /// (the eval kernel's GEMM): nothing allocated once warm, so capturable in a graph. An
+    /// error where [`CudaBackend::conv_fwd_stats_nhwc_bf16s_native`] is false.
+    ///
+    /// # Safety
+    /// `x` holds `s.x_len().div_ceil(2)` values, `z` `s.y_len().div_ceil(2)`, `w` `s.w_len()`,
+    /// `part_s` and `part_q` `c_out * tiles` each (the kernel indexes them so, unchecked).
+    pub(crate) unsafe fn conv2d_fwd_stats_nhwc_bf16s_native(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        part_s: &mut CudaSlice<f64>,
+        part_q: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        if !self.conv_fwd_stats_nhwc_bf16s_native(s) {
+            return Err(EngineError::Param(format!(
+                "conv2d_fwd_stats_nhwc_bf16s: no bf16-storage statistics kernel for {s:?} at {} (route {:?})",
+                self.precision(),
+                self.mma_route
+            )));
+        }
+        // SAFETY: the caller's contract.
+        unsafe { launch_mma_nhwc_bf16s(self, s, x, w, Bf16sEpilogue::Stats(part_s, part_q), z) }
+    }
+
+    /// Whether [`CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`] runs `s` (dy stored in bf16):
+    /// at bf16 only, unless the route is [`MmaRoute::Never`], for every shape the kernels'
+    /// 32-bit indexing holds (any kernel size, stride, padding, `c_in`; any `c_out`: 16-, 4- or
+    /// 2-byte copies of dy by [`mma_vec_nhwc_bf16s`] on `c_out`).
+    pub(crate) fn conv_bwd_data_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
+        self.precision() == Precision::Bf16
+            && self.mma_route != MmaRoute::Never
+            && s.stride > 0
+            && geometry(s).is_ok()
+            && dim(bf16s_bwd_weight_len(s)).is_ok()
+    }
+
+    /// The kernel the bf16-storage channels-last data gradient of `s` launches
+    /// (`conv2d_bwd_data_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
+    pub fn conv_bwd_data_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        self.conv_bwd_data_nhwc_bf16s_native(s)
+            .then_some("conv2d_bwd_data_mma_nhwc_bf16s")
+    }
+
+    /// [`CudaBackend::conv2d_bwd_data_nhwc_native`] with `dy` (`[n][out_h][out_w][c_out]`) in
+    /// bf16 storage (as [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`]'s) and `dx`
+    /// (`[n][h][w][c_in]`) f32, `w` OIHW f32: the weights copied into arena scratch in bf16
+    /// (nearest even) in the data gradient's order (`conv_weight_bwd_nhwc_bf16`: per output
+    /// phase `[c_in][taps * c_out]`, the taps reversed, rows padded to a multiple of 8), then
+    /// one launch of `conv2d_bwd_data_mma_nhwc_bf16s` (the bf16-storage forward's bf16 ring,
+    /// per output phase, one split). Every dx value is written (zeros where no tap reaches it).
+    /// Nothing allocated once warm, so capturable in a graph. An error where
+    /// [`CudaBackend::conv_bwd_data_nhwc_bf16s_native`] is false.
+    ///
+    /// # Safety
+    /// `dy` holds `s.y_len().div_ceil(2)` values, `w` `s.w_len()`, `dx` `s.x_len()` (the kernel
+    /// indexes them so, unchecked).
+    pub(crate) unsafe fn conv2d_bwd_data_nhwc_bf16s_native(
+        &self,
+        s: &Conv2d,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bwd_data_nhwc_bf16s";
+        if !self.conv_bwd_data_nhwc_bf16s_native(s) {
+            return Err(EngineError::Param(format!(
+                "{OP}: no bf16-storage data-gradient kernel for {s:?} at {} (route {:?})",
+                self.precision(),
+                self.mma_route
+            )));
+        }
+        if s.x_len() == 0 {
+            return Ok(());
+        }
+        let g = geometry(s)?;
+        let (gx, _) = phase_grid(s, MMA_TILE);
+        let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(MMA_TILE), 1), MMA_THREADS)?;
+        cfg.shared_mem_bytes = MMA_SMEM_NHWC_BF16S;
+        let tc = tc_kernels(self)?;
+        let len = bf16s_bwd_weight_len(s);
+        // Two bf16 per f32 slot (len is a multiple of 8); never an empty buffer (c_out = 0:
+        // no taps, dx all zeros).
+        let mut wt = self.take_scratch((len / 2).max(4))?;
+        let r = (|| {
+            if len > 0 {
+                let [c, co, kh, kw, st, len_i] =
+                    int_args([s.c_in, s.c_out, s.kh, s.kw, s.stride, len])?;
+                // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
+                unsafe {
+                    tc.weight_bwd_nhwc_bf16
+                        .on(self.stream())
+                        .arg(w)
+                        .arg(&mut wt)
+                        .ints(&[c, co, kh, kw, st, len_i])
+                        .launch(grid(len))?
+                };
+            }
+            // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is a
+            // whole allocation (256-byte aligned).
+            if !self.ptr(&wt).is_multiple_of(16) {
+                return Err(EngineError::Param(format!(
+                    "{OP}: the weight copy's scratch buffer is not 16-byte aligned"
+                )));
+            }
+            // dy's copies by its c_out channels per pixel, as the forward's of x by c_in.
+            let vec = bf16s_copy_path(s.c_out, self.ptr(dy));
+            let mut l = tc.bwd_data_mma_nhwc_bf16s.on(self.stream());
+            l.arg(dy).arg(&wt).arg(dx).ints(&g[..9]).arg(&vec);
+            // SAFETY: the caller's contract; wt holds the phases' padded bf16 weight rows.
+            unsafe { l.launch(cfg) }
+        })();
+        self.give_scratch(wt);
+        r
+    }
+
+    /// [`CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native`] with the lengths checked (x and z
+    /// in bf16 storage: `len.div_ceil(2)` slots; the partials `c_out * tiles` each): tests and
+    /// benchmarks, which need the raw partials; the backend op `conv2d_bn_train_fwd_nhwc_bf16`
+    /// is the model's way in.
+    pub fn conv2d_fwd_stats_nhwc_bf16s_checked(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        part_s: &mut CudaSlice<f64>,
+        part_q: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_fwd_stats_nhwc_bf16s";
+        s.check(OP)?;
+        let parts = s.c_out * stats_tiles(s).unwrap_or(0);
+        crate::engine::shapes::check_lens(
+            OP,
+            &[
+                ("x", self.len(x), s.x_len().div_ceil(2)),
+                ("w", self.len(w), s.w_len()),
+                ("z", self.len(z), s.y_len().div_ceil(2)),
+                ("part_s", part_s.len(), parts),
+                ("part_q", part_q.len(), parts),
+            ],
+        )?;
+        // SAFETY: the lengths were checked against `s`.
+        unsafe { self.conv2d_fwd_stats_nhwc_bf16s_native(s, x, w, z, part_s, part_q) }
+    }
+
+    /// [`CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`] with the lengths checked (dy in bf16
+    /// storage: `y_len.div_ceil(2)` slots): tests and benchmarks; the backend op
+    /// `conv2d_bwd_data_nhwc_bf16` is the model's way in.
+    pub fn conv2d_bwd_data_nhwc_bf16s_checked(
+        &self,
+        s: &Conv2d,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bwd_data_nhwc_bf16s";
+        s.check(OP)?;
+        crate::engine::shapes::check_lens(
+            OP,
+            &[
+                ("dy", self.len(dy), s.y_len().div_ceil(2)),
+                ("w", self.len(w), s.w_len()),
+                ("dx", self.len(dx), s.x_len()),
+            ],
+        )?;
+        // SAFETY: the lengths were checked against `s`.
+        unsafe { self.conv2d_bwd_data_nhwc_bf16s_native(s, dy, w, dx) }
     }
 
     /// Which kernels the tf32 / bf16 convolutions take (default [`MmaRoute::Auto`]).
@@ -748,7 +985,17 @@ unsafe fn launch_mma_nhwc(
     r
 }
 
-/// The bf16-storage channels-last eval forward of `s` (`conv2d_fwd_bn_mma_nhwc_bf16s`): the
+/// The epilogue of the bf16-storage channels-last forward ([`launch_mma_nhwc_bf16s`]).
+enum Bf16sEpilogue<'a> {
+    /// The eval-mode batch norm (`conv2d_fwd_bn_mma_nhwc_bf16s`).
+    Bn(&'a BnEpilogue<'a>),
+    /// The batch-norm partial statistics `part_s`, `part_q` of the rounded z
+    /// (`conv2d_fwd_stats_mma_nhwc_bf16s`).
+    Stats(&'a mut CudaSlice<f64>, &'a mut CudaSlice<f64>),
+}
+
+/// The bf16-storage channels-last forward of `s` (`conv2d_fwd_bn_mma_nhwc_bf16s`, or with the
+/// statistics epilogue `conv2d_fwd_stats_mma_nhwc_bf16s`): the
 /// weights copied to bf16 OHWI with rows of [`bf16s_weight_row`] values
 /// (`conv_weight_ohwi_bf16`) into arena scratch, given back after the launch (stream order
 /// keeps the next user after it), then one launch of (pixel tiles, channel tiles) 128x128
@@ -756,20 +1003,23 @@ unsafe fn launch_mma_nhwc(
 ///
 /// # Safety
 /// `x`, `y` (and the residual) hold the bf16-storage lengths `s` gives, `w` `s.w_len()`,
-/// `ep.ss` `2 * c_out`.
+/// `ep.ss` `2 * c_out`, the statistics `c_out * ceil(p / 64)` values each.
 unsafe fn launch_mma_nhwc_bf16s(
     be: &CudaBackend,
     s: &Conv2d,
     x: &CudaSlice<f32>,
     w: &CudaSlice<f32>,
-    ep: &BnEpilogue<'_>,
+    epi: Bf16sEpilogue<'_>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    const OP: &str = "conv2d_bn_eval_fwd_nhwc_bf16s";
+    let op = match epi {
+        Bf16sEpilogue::Bn(_) => "conv2d_bn_eval_fwd_nhwc_bf16s",
+        Bf16sEpilogue::Stats(..) => "conv2d_fwd_stats_nhwc_bf16s",
+    };
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
     let mut cfg = blocks(
-        OP,
+        op,
         (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
         MMA_THREADS,
     )?;
@@ -799,14 +1049,23 @@ unsafe fn launch_mma_nhwc_bf16s(
         // whole allocation (256-byte aligned).
         if !be.ptr(&wt).is_multiple_of(16) {
             return Err(EngineError::Param(format!(
-                "{OP}: the weight copy's scratch buffer is not 16-byte aligned"
+                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
             )));
         }
         let vec = mma_vec_nhwc_bf16s(s, be.ptr(x));
-        let relu = ep.relu as i32;
-        let mut l = tc.fwd_bn_mma_nhwc_bf16s.on(be.stream());
+        let relu = matches!(epi, Bf16sEpilogue::Bn(ep) if ep.relu) as i32;
+        let kern = match epi {
+            Bf16sEpilogue::Bn(_) => &tc.fwd_bn_mma_nhwc_bf16s,
+            Bf16sEpilogue::Stats(..) => &tc.fwd_stats_mma_nhwc_bf16s,
+        };
+        let mut l = kern.on(be.stream());
         l.arg(x).arg(&wt).arg(y).ints(&g[..9]);
-        ep.push(&mut l, &relu);
+        match epi {
+            Bf16sEpilogue::Bn(ep) => ep.push(&mut l, &relu),
+            Bf16sEpilogue::Stats(ps, pq) => {
+                l.arg(ps).arg(pq);
+            }
+        }
         l.arg(&vec);
         // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
         unsafe { l.launch(cfg) }
@@ -1546,8 +1805,8 @@ mod wgrad_nhwc_tests {
 #[cfg(test)]
 mod tests {
     use super::{
-        bf16s_weight_row, mma_route, mma_route_weight, mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s,
-        mma_vec_nhwc_bwd_data, MMA_TILE,
+        bf16s_bwd_weight_len, bf16s_copy_path, bf16s_weight_row, mma_route, mma_route_weight,
+        mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s, mma_vec_nhwc_bwd_data, MMA_TILE,
     };
     use crate::engine::shapes::Conv2d;
 
@@ -1685,5 +1944,25 @@ mod tests {
         assert_eq!(bf16s_weight_row(&conv(64, 8, 8, 128, 3, 1)), 576);
         assert_eq!(bf16s_weight_row(&conv(10, 8, 8, 128, 1, 1)), 16);
         assert_eq!(bf16s_weight_row(&conv(0, 8, 8, 128, 1, 1)), 0);
+    }
+
+    #[test]
+    fn bf16_storage_data_gradient_weight_copy_and_dy_paths() {
+        // dy's copies by c_out, as x's by c_in.
+        let a = 0x7f00_0000_0000u64;
+        assert_eq!(bf16s_copy_path(136, a), 2);
+        assert_eq!(bf16s_copy_path(136, a + 4), 4);
+        assert_eq!(bf16s_copy_path(130, a), 4);
+        assert_eq!(bf16s_copy_path(67, a), 0);
+        // 3x3 stride 2: phases of 4, 2, 2, 1 taps; c_out 6: rows 24, 12 -> 16, 12 -> 16, 6 -> 8.
+        assert_eq!(
+            bf16s_bwd_weight_len(&conv(5, 9, 10, 6, 3, 2)),
+            5 * (24 + 16 + 16 + 8)
+        );
+        // 1x1 stride 2: one phase with the tap (130 -> 136), three without (0).
+        assert_eq!(bf16s_bwd_weight_len(&conv(32, 9, 13, 130, 1, 2)), 32 * 136);
+        // Stride 1: one phase of every tap, 9 * 67 = 603 -> 608.
+        assert_eq!(bf16s_bwd_weight_len(&conv(5, 9, 7, 67, 3, 1)), 5 * 608);
+        assert_eq!(bf16s_bwd_weight_len(&conv(5, 9, 7, 0, 3, 1)), 0);
     }
 }
