@@ -1435,8 +1435,9 @@ pub(crate) fn mma_vec_wgrad_nhwc_bf16s(s: &Conv2d, x_addr: u64, dy_addr: u64) ->
     mma_vec_nhwc_bf16s(s, x_addr) | (mma_vec_nhwc_bf16s(&dy_as_input, dy_addr) << 4)
 }
 
-/// The channels-last weight gradient: `conv2d_bwd_weight_mma_nhwc_*` (kernels/conv_tc.cu, the
-/// section at its end).
+/// The channels-last weight gradient: `conv2d_bwd_weight_mma_nhwc_*` on f32 activations and
+/// `conv2d_bwd_weight_mma_nhwc_bf16s` on activations stored in bf16 (kernels/conv_tc.cu, the
+/// sections at its end).
 impl CudaBackend {
     /// Whether [`CudaBackend::conv2d_bwd_weight_nhwc_native`] runs `s` at this backend's
     /// precision: at tf32 and bf16 (not f32: there is no channels-last SIMT kernel), unless the
@@ -1608,8 +1609,33 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod wgrad_nhwc_tests {
-    use super::mma_vec_wgrad_nhwc;
+    use super::{mma_vec_wgrad_nhwc, mma_vec_wgrad_nhwc_bf16s};
     use crate::engine::shapes::Conv2d;
+
+    #[test]
+    fn bf16_storage_weight_gradient_copies_by_channel_count() {
+        let a = 0x7f00_0000_0000u64;
+        let s = |c_in, c_out| Conv2d {
+            n: 2,
+            c_in,
+            h: 7,
+            w: 5,
+            c_out,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: 1,
+        };
+        // x in bits 1 (16-byte) / 2 (4-byte), dy in bits 5 / 6; neither: 2-byte loads.
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(64, 128), a, a), 2 | 32);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(12, 130), a, a), 4 | 64);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(3, 67), a, a), 0);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(8, 33), a, a), 2);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(1, 8), a, a), 32);
+        // Misaligned (4- or 8-byte): the 4-byte copies.
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(64, 128), a + 4, a), 4 | 32);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(64, 128), a, a + 8), 2 | 64);
+    }
 
     #[test]
     fn weight_gradient_sixteen_byte_copies_need_four_channels() {
