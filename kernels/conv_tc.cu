@@ -2019,6 +2019,26 @@ __device__ __forceinline__ int wgrad_col(int n, int NC, int C, int KW) {
     return (c << 16) | (kh << 8) | (tap - kh * KW);
 }
 
+// The epilogue of the channels-last weight gradients: the block's accumulators through the
+// f32 tile Cs [MBM][MLDC] (mma_store, over the stages), then column n = tid % 128 of rows
+// tid / 128 + 2i written to its OIHW place m*NC + c*KHW + tap of split blockIdx.z's output.
+__device__ __forceinline__ void wgrad_nhwc_store(float* Cs, const float (&acc)[4][4][4], float* __restrict__ out,
+                                                 int M, int NC, int C, int KHW, int m0, int n0) {
+    const int tid = threadIdx.x;
+    mma_store(Cs, acc);
+    float* o = out + (size_t)blockIdx.z * M * NC;
+    const int nl = tid & (MBN - 1), n = n0 + nl;
+    if (n >= NC) return;
+    const int tap = n / C, c = n - tap * C;
+    o += (size_t)c * KHW + tap;
+#pragma unroll 4
+    for (int i = 0; i < MBM / 2; ++i) {
+        const int ml = (tid >> 7) + 2 * i, m = m0 + ml;
+        if (m >= M) break;
+        o[(size_t)m * NC] = Cs[ml * MLDC + nl];
+    }
+}
+
 template <bool TF32>
 __device__ __forceinline__ void conv_bwd_weight_mma_nhwc(const float* __restrict__ x, const float* __restrict__ dy,
                                                          float* __restrict__ out, int N, int C, int H, int W, int CO,
@@ -2090,19 +2110,7 @@ __device__ __forceinline__ void conv_bwd_weight_mma_nhwc(const float* __restrict
     float acc[4][4][4];
     const int klen = kend > kbeg ? kend - (int)kbeg : 0;
     mma_mainloop<TF32, false, true>(smem, (klen + MBK - 1) / MBK, issue, acc);
-    float* Cs = (float*)smem;
-    mma_store(Cs, acc);
-    float* o = out + (size_t)blockIdx.z * M * NC;
-    const int nl = tid & (MBN - 1), n = n0 + nl;
-    if (n >= NC) return;
-    const int tap = n / C, c = n - tap * C;
-    o += (size_t)c * KHW + tap;
-#pragma unroll 4
-    for (int i = 0; i < MBM / 2; ++i) {
-        const int ml = (tid >> 7) + 2 * i, m = m0 + ml;
-        if (m >= M) break;
-        o[(size_t)m * NC] = Cs[ml * MLDC + nl];
-    }
+    wgrad_nhwc_store((float*)smem, acc, out, M, NC, C, KHW, m0, n0);
 }
 
 // The channels-last weight gradient (bf16: ldmatrix(.trans) and m16n8k16; tf32: m16n8k8), a
@@ -2122,4 +2130,143 @@ conv2d_bwd_weight_mma_nhwc_tf32(const float* __restrict__ x, const float* __rest
                                 int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
                                 int OW, int chunk, int vec) {
     conv_bwd_weight_mma_nhwc<true>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+// ---- The weight gradient with bf16 activation storage (--precision bf16) ----------------
+//
+// conv2d_bwd_weight_mma_nhwc_bf16s: the GEMM above on x [N][H][W][C] and dy [N][OH][OW][CO]
+// stored in bf16 (value i = the i-th 16-bit half of the buffer, the host's f32 slots holding
+// two each; see conv2d_fwd_bn_mma_nhwc_bf16s), dW OIHW f32 (overwritten; or the split-K
+// workspace, as above). Both operands arrive in the precision the tensor cores multiply and
+// are copied as they are into a bf16-only ring (no f32 stage, no rounding pass, no second
+// barrier per tile): WS_STAGES stages, each A (dy, transposed) [MBK][MLDBH] and B (x's
+// columns) [MBK][MLDBH], row k = pixel (MmaB<false, true>'s bf16 tile, 272-byte rows:
+// conflict-free for ldmatrix.trans), from which mma_tile<false, true> multiplies directly
+// (A by ldmatrix.trans, as the f32-storage kernel's AT path). A thread's rows (pixels) of a K
+// tile are tid / 16 + 16q, q < 2, decoded once per tile for both operands; its columns are
+// fixed (l = tid % 16). Copies by the host's `vec` (x: bit 1 / bit 2, dy: bit 5 / bit 6, as
+// mma_vec_nhwc_bf16s says for each tensor's channel count and address): 16 bytes = 8
+// channels (channel count % 8 == 0 and the tensor 16-byte aligned), column 8l, one per row;
+// else 4 bytes = 2 channels (even channel count: a pair never straddles a pixel or a tap),
+// columns 2(l + 16j), j < 4; else (odd) plain 2-byte loads and shared stores, columns
+// l + 16j, j < 8 (a plain store lands before the barrier that makes the stage everyone's, as
+// a copy does). x's columns (tap, c) are decoded once per kernel (wgrad_col). Past the
+// pixels, past CO / NC, or outside the image (padding): zeros (the zero-fill form, or a zero
+// store). Epilogue: wgrad_nhwc_store, over the ring.
+
+// The bf16 ring: 6 stages of 17 KiB (5 K tiles in flight, as the eval forward's); the
+// epilogue's f32 tile [MBM][MLDC] (66 KiB) is laid over them.
+#define WS_STAGES 6
+#define WSTAGE (2 * MBK * MLDBH)
+#define WS_SMEM (WS_STAGES * WSTAGE * 2)
+static_assert(WS_SMEM == 104448, "conv.rs's MMA_SMEM_WGRAD_NHWC_BF16S");
+static_assert(MBM * MLDC * 4 <= WS_SMEM, "the epilogue's f32 tile fits in the bf16 ring");
+static_assert(MBK == 2 * 16 && MBM == 16 * 8 && MBN == 16 * 8, "2 rows per thread, 16 lanes x 8 columns per row");
+
+__device__ __forceinline__ void conv_bwd_weight_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x,
+                                                               const __nv_bfloat16* __restrict__ dy,
+                                                               float* __restrict__ out, int N, int C, int H, int W,
+                                                               int CO, int KH, int KW, int stride, int pad, int OH,
+                                                               int OW, int chunk, int vec) {
+    unsigned char* smem = mma_smem;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    const int M = CO, KHW = KH * KW, NC = KHW * C, OHW = OH * OW, K = N * OHW;
+    const int m0 = blockIdx.y * MBM, n0 = blockIdx.x * MBN;
+    // 64-bit bounds: kbeg + chunk can pass INT_MAX on the last split.
+    const long long kbeg = (long long)blockIdx.z * chunk;
+    const int kend = (int)min((long long)K, kbeg + chunk);
+    const int l = tid & 15;
+    const unsigned short* xs = (const unsigned short*)x;
+    const unsigned short* dys = (const unsigned short*)dy;
+
+    int col[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+        col[j] = wgrad_col(n0 + ((vec & 2) ? 8 * l : (vec & 4) ? 2 * (l + 16 * j) : l + 16 * j), NC, C, KW);
+
+    auto issue = [&](__nv_bfloat16* As, __nv_bfloat16* Bs, int t) {
+        const int k0 = (int)kbeg + t * MBK;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int kl = (tid >> 4) + 16 * q, p = k0 + kl;
+            const bool p_ok = p < kend;
+            int base = 0, ih0 = 0, iw0 = 0;
+            if (p_ok) {
+                const int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
+                base = n * H * W;
+                ih0 = oh * stride - pad;
+                iw0 = ow * stride - pad;
+            }
+            // A: dy's row p, channels m0.. (contiguous).
+            __nv_bfloat16* arow = As + kl * MLDBH;
+            const size_t drow = (size_t)(p_ok ? p : 0) * CO + m0;
+            if (vec & 32) {
+                const int ml = 8 * l;
+                const bool ok = p_ok && m0 + ml < M;
+                __pipeline_memcpy_async(arow + ml, ok ? dy + drow + ml : dy, 16, ok ? 0 : 16);
+            } else if (vec & 64) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int ml = 2 * (l + 16 * j);
+                    const bool ok = p_ok && m0 + ml < M;
+                    __pipeline_memcpy_async(arow + ml, ok ? dy + drow + ml : dy, 4, ok ? 0 : 4);
+                }
+            } else {
+                unsigned short* as = (unsigned short*)arow;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const int ml = l + 16 * j;
+                    as[ml] = p_ok && m0 + ml < M ? dys[drow + ml] : (unsigned short)0;
+                }
+            }
+            // B: x at pixel p's tap (kh, kw), channel c, of each of this thread's columns.
+            __nv_bfloat16* brow = Bs + kl * MLDBH;
+            auto src = [&](int info, bool& ok) -> size_t {
+                const int ih = ih0 + ((info >> 8) & 255), iw = iw0 + (info & 255);
+                ok = p_ok && info >= 0 && (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+                return ok ? (size_t)(base + ih * W + iw) * C + (info >> 16) : (size_t)0;
+            };
+            if (vec & 2) {
+                bool ok;
+                const size_t i = src(col[0], ok);
+                __pipeline_memcpy_async(brow + 8 * l, x + i, 16, ok ? 0 : 16);
+            } else if (vec & 4) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    bool ok;
+                    const size_t i = src(col[j], ok);
+                    __pipeline_memcpy_async(brow + 2 * (l + 16 * j), x + i, 4, ok ? 0 : 4);
+                }
+            } else {
+                unsigned short* bs = (unsigned short*)brow;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    bool ok;
+                    const size_t i = src(col[j], ok);
+                    bs[l + 16 * j] = ok ? xs[i] : (unsigned short)0;
+                }
+            }
+        }
+    };
+
+    float acc[4][4][4];
+    mma_zero(acc);
+    const int klen = kend > kbeg ? kend - (int)kbeg : 0;
+    mma_ring<WS_STAGES, WSTAGE, MBK * MLDBH>((__nv_bfloat16*)smem, (klen + MBK - 1) / MBK, issue,
+                                             [&](const __nv_bfloat16* A, const __nv_bfloat16* B) {
+                                                 mma_tile<false, true>(A, B, acc, wm, wn, lane);
+                                             });
+    wgrad_nhwc_store((float*)smem, acc, out, M, NC, C, KHW, m0, n0);
+}
+
+// The bf16-storage channels-last weight gradient (bf16 operands only), a grid of (column
+// tiles, channel tiles, splits) 128x128 blocks with WS_SMEM bytes of dynamic shared memory: x,
+// dy NHWC in bf16 storage, out = dW (OIHW, f32) with one split, else the workspace
+// [splits][CO][C*KH*KW]; chunk the split's run of pixels (a multiple of MBK); vec: x's copies
+// in bits 1 (16-byte) / 2 (4-byte), dy's in bits 5 / 6, neither: 2-byte loads.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                                 float* __restrict__ out, int N, int C, int H, int W, int CO, int KH, int KW,
+                                 int stride, int pad, int OH, int OW, int chunk, int vec) {
+    conv_bwd_weight_mma_nhwc_bf16s(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
 }

@@ -1,26 +1,43 @@
-//! The channels-last (NHWC) weight gradient (`kernels/conv_tc.cu`, its last section:
-//! `conv2d_bwd_weight_mma_nhwc_bf16` / `_tf32`, `dw = sum over the batch of x (*) dy` with x
-//! `[n][h][w][c_in]`, dy `[n][oh][ow][c_out]`, dw OIHW, split over the pixels with the
-//! deterministic split-K reduction) through `CudaBackend::conv2d_bwd_weight_nhwc_checked` (each
-//! shape first asserted to take the native kernel: `conv_bwd_weight_nhwc_kernel`), against
+//! The channels-last (NHWC) weight gradient (`kernels/conv_tc.cu`, its last sections:
+//! `conv2d_bwd_weight_mma_nhwc_bf16` / `_tf32` on f32 activations and
+//! `conv2d_bwd_weight_mma_nhwc_bf16s` on activations stored in bf16; `dw = sum over the batch
+//! of x (*) dy` with x `[n][h][w][c_in]`, dy `[n][oh][ow][c_out]`, dw OIHW f32, split over the
+//! pixels with the deterministic split-K reduction), each shape first asserted to take the
+//! native kernel (`conv_bwd_weight_nhwc_kernel`, `conv_bwd_weight_nhwc_bf16s_kernel`), against
 //! the CPU reference `conv2d_bwd_weight` on the same data in NCHW (transposed on the host
 //! here), dw poisoned with NaN first.
 //!
-//! Per shape and precision: on x and dy already rounded to the precision (exact products)
-//! within 1e-5 relative (L2) and 2e-5 of the largest |dw| (element-wise) of the CPU's f32
-//! result (only the f32 summation order differs: up to 4e-6 over 4096 pixels), and on
-//! unrounded ones within the precision's tolerance (bf16 1e-2, tf32 1e-3) and above 1e-5 (the
-//! reduced path ran), both as `rel_err` (relative L2) and as the largest error relative to the
-//! largest |dw|. The shapes cover 1x1 stride 1 and 2, 3x3 stride 1 and 2 with padding 1 (the
-//! ResNet blocks' convolutions), both copy paths of each operand (16-byte: `c_out % 4 == 0`
-//! for dy, `c_in % 4 == 0` for x; 4-byte otherwise: odd and even `c_in`, odd `c_out`), `c_in`
-//! below a warp's 32 columns (many taps per row of the tile), ragged channel and column tiles,
-//! pixel counts that are not multiples of the 32-pixel K tile, and reductions long enough to
-//! be split over several chunks (the last one shorter). Also: a captured graph of the op
-//! (split-K workspace from the arena) replays bit for bit what the eager call wrote, and f32 /
-//! `MmaRoute::Never` have no native kernel (the op refuses). Runs on a GPU or on the emulated
-//! driver (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_wgrad-*
-//! --include-ignored`); without a device the device tests are ignored.
+//! f32 storage, through the backend op `Backend::conv2d_bwd_weight_nhwc` (CUDA routes it to
+//! the native kernel at tf32 / bf16). Per shape and precision: on x and dy already rounded to
+//! the precision (exact products) within 1e-5 relative (L2) and 2e-5 of the largest |dw|
+//! (element-wise) of the CPU's f32 result (only the f32 summation order differs: up to 4e-6
+//! over 4096 pixels), and on unrounded ones within the precision's tolerance (bf16 1e-2, tf32
+//! 1e-3) and above 1e-5 (the reduced path ran), both as `rel_err` (relative L2) and as the
+//! largest error relative to the largest |dw|. The shapes cover 1x1 stride 1 and 2, 3x3
+//! stride 1 and 2 with padding 1 (the ResNet blocks' convolutions), both copy paths of each
+//! operand (16-byte: `c_out % 4 == 0` for dy, `c_in % 4 == 0` for x; 4-byte otherwise: odd
+//! and even `c_in`, odd `c_out`), `c_in` below a warp's 32 columns (many taps per row of the
+//! tile), ragged channel and column tiles, pixel counts that are not multiples of the
+//! 32-pixel K tile, and reductions long enough to be split over several chunks (the last one
+//! shorter). Also: a captured graph of the op (split-K workspace from the arena) replays bit
+//! for bit what the eager call wrote, and f32 / `MmaRoute::Never` have no native kernel (the
+//! op takes the layout changes around the NCHW kernels instead, and still matches the CPU).
+//!
+//! bf16 storage (x and dy two bf16 to an f32 slot, value i in the 16-bit half i: packed on
+//! the host, rounded to nearest even; an odd length's unused last half poisoned with a bf16
+//! NaN), through `CudaBackend::conv2d_bwd_weight_nhwc_bf16s_checked` (until the merge routes
+//! the backend op `conv2d_bwd_weight_nhwc_bf16` to the native kernel). Per shape: within
+//! 1e-5 relative (L2) and 2e-5 of the largest |dw| of the CPU's f32 result on the unpacked
+//! values (bf16-exact: exact products, only the summation order differs), and bit for bit the
+//! f32-storage kernel's result at bf16 on the same values in f32 storage (the same K tiles,
+//! fragments and accumulation order: any wrong, missing or misplaced operand value shows).
+//! The shapes: the f32-storage ones (each copy path of both operands: 16-byte for a channel
+//! count % 8 == 0, 4-byte for other even ones, 2-byte loads for odd ones), more with odd
+//! lengths, `c_in` 1 and 3, small `c_out`, and split-K with 2-byte loads. Also a captured
+//! graph replays bit for bit; other precisions and the route `Never` take no kernel and the
+//! entry refuses, as it does wrong lengths. Runs on a GPU or on the emulated driver
+//! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_wgrad-* --include-ignored`);
+//! without a device the device tests are ignored.
 
 mod common;
 use common::cuda::{device, rel_err, round};
@@ -30,6 +47,7 @@ use common::shapes::conv;
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
+use ichcam::engine::precision::bf16_bits;
 use ichcam::engine::{Backend, Conv2d, Precision};
 
 fn main() {
@@ -47,6 +65,18 @@ fn main() {
         device(
             "no_native_weight_gradient_at_f32_or_route_never",
             no_native_weight_gradient_at_f32_or_route_never,
+        ),
+        device(
+            "bf16s_weight_gradient_matches_cpu_and_f32_storage",
+            bf16s_weight_gradient_matches_cpu_and_f32_storage,
+        ),
+        device(
+            "bf16s_weight_gradient_replays_in_a_graph",
+            bf16s_weight_gradient_replays_in_a_graph,
+        ),
+        device(
+            "bf16s_weight_gradient_checks_precision_route_and_lengths",
+            bf16s_weight_gradient_checks_precision_route_and_lengths,
         ),
     ])
 }
@@ -126,7 +156,7 @@ fn gpu_dw(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
         .upload(&to_nhwc(dy, s.n, s.c_out, s.out_h() * s.out_w()))
         .expect("upload");
     let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    g.conv2d_bwd_weight_nhwc_checked(s, &xb, &dyb, &mut dw)
+    g.conv2d_bwd_weight_nhwc(s, &xb, &dyb, &mut dw)
         .expect("conv2d_bwd_weight_nhwc");
     g.download(&dw).expect("download")
 }
@@ -205,7 +235,7 @@ fn nhwc_weight_gradient_replays_in_a_graph() {
             .expect("upload");
         let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
         let (graph, ()) = g
-            .capture(|| g.conv2d_bwd_weight_nhwc_checked(&s, &xb, &dyb, &mut dw))
+            .capture(|| g.conv2d_bwd_weight_nhwc(&s, &xb, &dyb, &mut dw))
             .expect("capture");
         assert!(
             g.download(&dw)
@@ -229,7 +259,8 @@ fn nhwc_weight_gradient_replays_in_a_graph() {
     }
 }
 
-/// At f32, and with the route `Never`, there is no native kernel, and the op says so.
+/// At f32, and with the route `Never`, there is no native kernel: the op takes the layout
+/// changes around the NCHW kernels and still matches the CPU.
 fn no_native_weight_gradient_at_f32_or_route_never() {
     let s = shapes()[0].0;
     let f32_be = common::cuda::gpu_at(Precision::F32);
@@ -241,13 +272,204 @@ fn no_native_weight_gradient_at_f32_or_route_never() {
         always.conv_bwd_weight_nhwc_kernel(&s),
         Some("conv2d_bwd_weight_mma_nhwc_tf32")
     );
+    let mut rng = SplitMix64::fresh("conv_nhwc_wgrad_no_native");
+    let (x, dy) = data(&mut rng, &s);
+    let (xr, dyr) = (round(Precision::Bf16, &x), round(Precision::Bf16, &dy));
+    let want = cpu_dw(&s, &xr, &dyr);
     for g in [f32_be, never] {
         assert_eq!(g.conv_bwd_weight_nhwc_kernel(&s), None);
-        let xb = g.upload(&vec![0.5; s.x_len()]).expect("upload");
-        let dyb = g.upload(&vec![0.5; s.y_len()]).expect("upload");
+        let got = gpu_dw(&g, &s, &xr, &dyr);
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-5, "{}: relative error {e:e}", g.precision());
+    }
+}
+
+// ---- bf16 storage ----------------------------------------------------------------------
+
+/// The f32-storage shapes and more (their labels name the f32-storage copy paths; the test
+/// prints the bf16 ones, [`bf16s_path`]).
+fn bf16s_shapes() -> Vec<(Conv2d, &'static str)> {
+    let mut v: Vec<(Conv2d, &'static str)> = shapes().into_iter().collect();
+    v.extend([
+        // Odd c_in 5, odd c_out 67: 2-byte loads of both; odd x and dy lengths.
+        (conv(1, 5, 9, 7, 67, 3, 1, 1), "3x3 s1 p1, odd lengths"),
+        // c_in 1 (one column per tap), 2-byte loads; c_out 128.
+        (conv(2, 1, 10, 10, 128, 3, 1, 1), "3x3 s1 p1 c_in 1"),
+        // c_in 8: 16-byte copies of a whole pixel per tap; c_out 8: one 16-byte copy of dy.
+        (conv(2, 8, 12, 11, 8, 3, 2, 1), "3x3 s2 p1 c_in 8 c_out 8"),
+        // c_in 3 (the stem's), 1200 pixels split over 4 chunks; c_out 34: 4-byte copies.
+        (conv(2, 3, 24, 25, 34, 3, 1, 1), "3x3 s1 p1 split-K, c_in 3"),
+        // 1x1 stride 2, c_in 10 (4-byte), c_out 72 (16-byte), odd 13x15 -> 7x8, batch 3.
+        (conv(3, 10, 13, 15, 72, 1, 2, 0), "1x1 s2 c_in 10"),
+    ]);
+    v
+}
+
+/// The bf16-storage kernel's copy path of an operand with `c` channels (each uploaded into
+/// its own allocation: 16-byte aligned).
+fn bf16s_path(c: usize) -> &'static str {
+    if c.is_multiple_of(8) {
+        "16-byte"
+    } else if c.is_multiple_of(2) {
+        "4-byte"
+    } else {
+        "2-byte"
+    }
+}
+
+/// `v` in bf16 storage: value i in the 16-bit half i (little-endian halves of the f32
+/// slots), rounded to nearest even; an odd length's unused last half a bf16 NaN (0xFFFF:
+/// read, it would poison every dw it touched).
+fn pack(v: &[f32]) -> Vec<f32> {
+    let mut out = vec![0u32; v.len().div_ceil(2)];
+    for (i, &x) in v.iter().enumerate() {
+        out[i / 2] |= u32::from(bf16_bits(x)) << (16 * (i % 2));
+    }
+    if v.len() % 2 == 1 {
+        if let Some(last) = out.last_mut() {
+            *last |= 0xFFFF_0000;
+        }
+    }
+    out.into_iter().map(f32::from_bits).collect()
+}
+
+/// The bf16-storage weight gradient on `g`: x and dy (NCHW, bf16-exact) transposed to NHWC
+/// and packed on the host, dw (OIHW) poisoned with NaN first.
+fn gpu_dw_bf16s(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let xb = g
+        .upload(&pack(&to_nhwc(x, s.n, s.c_in, s.h * s.w)))
+        .expect("upload");
+    let dyb = g
+        .upload(&pack(&to_nhwc(dy, s.n, s.c_out, s.out_h() * s.out_w())))
+        .expect("upload");
+    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
+    g.conv2d_bwd_weight_nhwc_bf16s_checked(s, &xb, &dyb, &mut dw)
+        .expect("conv2d_bwd_weight_nhwc_bf16s");
+    g.download(&dw).expect("download")
+}
+
+fn bf16s_weight_gradient_matches_cpu_and_f32_storage() {
+    let p = Precision::Bf16;
+    let mut g = common::cuda::gpu_at(p);
+    g.set_mma_route(MmaRoute::Auto);
+    let mut rng = SplitMix64::fresh("conv_nhwc_wgrad_bf16s");
+    let (mut worst, mut worst_max) = (0.0f64, 0.0f64);
+    for (s, what) in bf16s_shapes() {
+        assert_eq!(
+            g.conv_bwd_weight_nhwc_bf16s_kernel(&s),
+            Some("conv2d_bwd_weight_mma_nhwc_bf16s")
+        );
+        assert_eq!(
+            g.conv_bwd_weight_nhwc_kernel(&s),
+            Some("conv2d_bwd_weight_mma_nhwc_bf16")
+        );
+        let what = format!(
+            "{s:?} ({what}; bf16 copies x/dy: {}/{})",
+            bf16s_path(s.c_in),
+            bf16s_path(s.c_out)
+        );
+        let (x, dy) = data(&mut rng, &s);
+        let (xr, dyr) = (round(p, &x), round(p, &dy));
+        let got = gpu_dw_bf16s(&g, &s, &xr, &dyr);
+        let want = cpu_dw(&s, &xr, &dyr);
+        let (e, em) = (rel_err(&got, &want), max_err(&got, &want));
+        assert!(
+            e < 1e-5 && em < 2e-5,
+            "bf16s {what}: relative error {e:e} (limit 1e-5), max {em:e} (limit 2e-5)"
+        );
+        worst = worst.max(e);
+        worst_max = worst_max.max(em);
+        let f32s = gpu_dw(&g, &s, &xr, &dyr);
+        let differ = got
+            .iter()
+            .zip(&f32s)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "bf16s {what}: {differ} of {} dw values differ from the f32-storage kernel's",
+            got.len()
+        );
+        println!("nhwc wgrad bf16s {what}: relative error {e:.2e}, max {em:.2e}, bit for bit the f32-storage kernel");
+    }
+    println!(
+        "nhwc bf16-storage weight gradient, {} shapes: worst relative error {worst:.2e}, worst max error {worst_max:.2e}, all bit for bit the f32-storage kernel",
+        bf16s_shapes().len()
+    );
+}
+
+/// A captured bf16-storage weight gradient split over the pixels replays bit for bit what
+/// the eager call wrote.
+fn bf16s_weight_gradient_replays_in_a_graph() {
+    // A backend of its own (its own stream), as above.
+    let mut g = CudaBackend::new(0).expect("the harness found a CUDA device");
+    g.set_precision(Precision::Bf16)
+        .expect("the device takes this precision");
+    let mut rng = SplitMix64::fresh("conv_nhwc_wgrad_bf16s_graph");
+    let s = bf16s_shapes()[14].0; // 1200 pixels over 4 chunks, 2-byte / 4-byte copies
+    let (x, dy) = data(&mut rng, &s);
+    let eager = gpu_dw_bf16s(&g, &s, &x, &dy);
+    let xb = g
+        .upload(&pack(&to_nhwc(&x, s.n, s.c_in, s.h * s.w)))
+        .expect("upload");
+    let dyb = g
+        .upload(&pack(&to_nhwc(&dy, s.n, s.c_out, s.out_h() * s.out_w())))
+        .expect("upload");
+    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
+    let (graph, ()) = g
+        .capture(|| g.conv2d_bwd_weight_nhwc_bf16s_checked(&s, &xb, &dyb, &mut dw))
+        .expect("capture");
+    assert!(
+        g.download(&dw)
+            .expect("download")
+            .iter()
+            .all(|v| v.is_nan()),
+        "nothing runs while capturing"
+    );
+    graph.replay().expect("replay");
+    let got = g.download(&dw).expect("download");
+    assert!(got.iter().all(|v| v.is_finite()), "a non-finite output");
+    assert!(
+        got.iter()
+            .zip(&eager)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the replay differs from the eager call"
+    );
+}
+
+/// Only at bf16 and not with the route `Never`: elsewhere no kernel, and the entry refuses;
+/// wrong lengths (f32-storage ones) refused too.
+fn bf16s_weight_gradient_checks_precision_route_and_lengths() {
+    let s = bf16s_shapes()[11].0;
+    let mut never = common::cuda::gpu_at(Precision::Bf16);
+    never.set_mma_route(MmaRoute::Never);
+    let (xl, yl) = (s.x_len().div_ceil(2), s.y_len().div_ceil(2));
+    for g in [
+        common::cuda::gpu_at(Precision::F32),
+        common::cuda::gpu_at(Precision::Tf32),
+        never,
+    ] {
+        assert_eq!(g.conv_bwd_weight_nhwc_bf16s_kernel(&s), None);
+        let xb = g.upload(&vec![0.5; xl]).expect("upload");
+        let dyb = g.upload(&vec![0.5; yl]).expect("upload");
         let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
         assert!(g
-            .conv2d_bwd_weight_nhwc_checked(&s, &xb, &dyb, &mut dw)
+            .conv2d_bwd_weight_nhwc_bf16s_checked(&s, &xb, &dyb, &mut dw)
             .is_err());
     }
+    let g = common::cuda::gpu_at(Precision::Bf16);
+    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
+    for (xn, yn) in [(s.x_len(), yl), (xl, s.y_len()), (xl + 1, yl)] {
+        let xb = g.upload(&vec![0.5; xn]).expect("upload");
+        let dyb = g.upload(&vec![0.5; yn]).expect("upload");
+        assert!(g
+            .conv2d_bwd_weight_nhwc_bf16s_checked(&s, &xb, &dyb, &mut dw)
+            .is_err());
+    }
+    assert!(g
+        .download(&dw)
+        .expect("download")
+        .iter()
+        .all(|v| v.is_nan()));
 }

@@ -92,6 +92,7 @@ mod tc {
         weight_bwd_nhwc_bf16: "conv_weight_bwd_nhwc_bf16",
         bwd_weight_mma_nhwc_bf16: "conv2d_bwd_weight_mma_nhwc_bf16",
         bwd_weight_mma_nhwc_tf32: "conv2d_bwd_weight_mma_nhwc_tf32",
+        bwd_weight_mma_nhwc_bf16s: "conv2d_bwd_weight_mma_nhwc_bf16s",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -1676,8 +1677,26 @@ pub(crate) fn mma_vec_wgrad_nhwc(s: &Conv2d, x_addr: u64, dy_addr: u64) -> i32 {
     i32::from(a) | (i32::from(b) << 1)
 }
 
-/// The channels-last weight gradient: `conv2d_bwd_weight_mma_nhwc_*` (kernels/conv_tc.cu, the
-/// section at its end).
+/// The dynamic shared memory of the bf16-storage channels-last weight gradient (`WS_SMEM` in
+/// conv_tc.cu: 6 bf16 stages of A (dy, transposed) and B, both `[32][128+8]`).
+const MMA_SMEM_WGRAD_NHWC_BF16S: u32 = 104_448;
+
+/// The copy paths of the bf16-storage channels-last weight gradient of `s`
+/// (`conv2d_bwd_weight_mma_nhwc_bf16s`'s `vec`) for x at device address `x_addr` and dy at
+/// `dy_addr`: x's as [`mma_vec_nhwc_bf16s`] gives them for `c_in` (2: 16-byte copies of 8
+/// channels, `c_in % 8 == 0` and 16-byte aligned; 4: 4-byte copies, even `c_in`; 0: 2-byte
+/// loads), dy's the same for `c_out`, shifted left by 4 (32, 64 or 0).
+pub(crate) fn mma_vec_wgrad_nhwc_bf16s(s: &Conv2d, x_addr: u64, dy_addr: u64) -> i32 {
+    let dy_as_input = Conv2d {
+        c_in: s.c_out,
+        ..*s
+    };
+    mma_vec_nhwc_bf16s(s, x_addr) | (mma_vec_nhwc_bf16s(&dy_as_input, dy_addr) << 4)
+}
+
+/// The channels-last weight gradient: `conv2d_bwd_weight_mma_nhwc_*` on f32 activations and
+/// `conv2d_bwd_weight_mma_nhwc_bf16s` on activations stored in bf16 (kernels/conv_tc.cu, the
+/// sections at its end).
 impl CudaBackend {
     /// Whether [`CudaBackend::conv2d_bwd_weight_nhwc_native`] runs `s` at this backend's
     /// precision: at tf32 and bf16 (not f32: there is no channels-last SIMT kernel), unless the
@@ -1758,26 +1777,124 @@ impl CudaBackend {
         unsafe { launch_split(self, OP, kern, tiling, grid_xy, k, x, dy, dw, &g, None) }
     }
 
-    /// [`CudaBackend::conv2d_bwd_weight_nhwc_native`] with the lengths checked as
-    /// `Backend::conv2d_bwd_weight` checks them (tests and benchmarks; the backend op
-    /// `conv2d_bwd_weight_nhwc` is the model's way in).
-    pub fn conv2d_bwd_weight_nhwc_checked(
+    /// Whether [`CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`] runs `s` (x and dy stored
+    /// in bf16): at bf16 only, where [`CudaBackend::conv_bwd_weight_nhwc_native`] runs it (the
+    /// same indexing and column decode; any kernel size, stride, padding and channel counts:
+    /// 16-, 4- or 2-byte copies of each operand by [`mma_vec_wgrad_nhwc_bf16s`]).
+    pub(crate) fn conv_bwd_weight_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
+        self.precision() == Precision::Bf16 && self.conv_bwd_weight_nhwc_native(s)
+    }
+
+    /// The kernel the bf16-storage channels-last weight gradient of `s` launches
+    /// (`conv2d_bwd_weight_mma_nhwc_bf16s`), or None where it does not run (not at bf16, or
+    /// with the route [`MmaRoute::Never`]); diagnostics and tests.
+    pub fn conv_bwd_weight_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        self.conv_bwd_weight_nhwc_bf16s_native(s)
+            .then_some("conv2d_bwd_weight_mma_nhwc_bf16s")
+    }
+
+    /// [`CudaBackend::conv2d_bwd_weight_nhwc_native`] on activations stored in bf16: `x`
+    /// (`[n][h][w][c_in]`) and `dy` (`[n][out_h][out_w][c_out]`) hold value `i` in the 16-bit
+    /// half `i` of the buffer (the low half of slot `i / 2` for even `i`, the high for odd;
+    /// `len.div_ceil(2)` slots), `dw` OIHW f32 (overwritten). One launch of
+    /// `conv2d_bwd_weight_mma_nhwc_bf16s` (a bf16-only ring, both operands copied as stored)
+    /// on (column tiles, channel tiles, splits) 128x128 blocks, 256 threads,
+    /// [`MMA_SMEM_WGRAD_NHWC_BF16S`] of dynamic shared memory, split over the pixels as the
+    /// f32-storage kernel, the splits' workspace from arena scratch and summed in split order
+    /// by `conv_splitk_reduce` (deterministic; [`launch_split`]): nothing allocated once warm,
+    /// so capturable in a graph. An error where
+    /// [`CudaBackend::conv_bwd_weight_nhwc_bf16s_native`] is false.
+    ///
+    /// # Safety
+    /// `x` holds `s.x_len().div_ceil(2)` values, `dy` `s.y_len().div_ceil(2)`, `dw`
+    /// `s.w_len()`.
+    pub(crate) unsafe fn conv2d_bwd_weight_nhwc_bf16s_native(
         &self,
         s: &Conv2d,
         x: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         dw: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        s.check_bwd_weight(self.len(x), self.len(dy), self.len(dw))?;
+        const OP: &str = "conv2d_bwd_weight_nhwc_bf16s";
+        if !self.conv_bwd_weight_nhwc_bf16s_native(s) {
+            return Err(EngineError::Param(format!(
+                "{OP}: no bf16-storage kernel for {s:?} at {} (route {:?})",
+                self.precision(),
+                self.mma_route
+            )));
+        }
+        let g = geometry(s)?;
+        let nc = s.c_in * s.kh * s.kw;
+        if nc == 0 || s.c_out == 0 {
+            return Ok(());
+        }
+        let k = s.n * s.out_h() * s.out_w();
+        let kern = &tc_kernels(self)?.bwd_weight_mma_nhwc_bf16s;
+        let tiling = Tiling {
+            threads: MMA_THREADS,
+            bk: MMA_BK,
+            side: MMA_TILE,
+            smem: MMA_SMEM_WGRAD_NHWC_BF16S,
+            vec: Some(mma_vec_wgrad_nhwc_bf16s(s, self.ptr(x), self.ptr(dy))),
+        };
+        let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
+        // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (the caller's
+        // contract); an empty reduction fills dw with zeros there.
+        unsafe { launch_split(self, OP, kern, tiling, grid_xy, k, x, dy, dw, &g, None) }
+    }
+
+    /// [`CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`] with the bf16-storage lengths
+    /// checked (`x` `s.x_len().div_ceil(2)` slots, `dy` `s.y_len().div_ceil(2)`, `dw`
+    /// `s.w_len()`): the tests' way in UNTIL the merge routes `Backend::conv2d_bwd_weight_nhwc_bf16`
+    /// (helper tsm's trait op) here; then this goes and the tests call the trait op.
+    pub fn conv2d_bwd_weight_nhwc_bf16s_checked(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let want = [s.x_len().div_ceil(2), s.y_len().div_ceil(2), s.w_len()];
+        let got = [self.len(x), self.len(dy), self.len(dw)];
+        if got != want {
+            return Err(EngineError::Param(format!(
+                "conv2d_bwd_weight_nhwc_bf16s: x, dy, dw hold {got:?} values, {s:?} needs {want:?}"
+            )));
+        }
         // SAFETY: the lengths were checked against `s`.
-        unsafe { self.conv2d_bwd_weight_nhwc_native(s, x, dy, dw) }
+        unsafe { self.conv2d_bwd_weight_nhwc_bf16s_native(s, x, dy, dw) }
     }
 }
 
 #[cfg(test)]
 mod wgrad_nhwc_tests {
-    use super::mma_vec_wgrad_nhwc;
+    use super::{mma_vec_wgrad_nhwc, mma_vec_wgrad_nhwc_bf16s};
     use crate::engine::shapes::Conv2d;
+
+    #[test]
+    fn bf16_storage_weight_gradient_copies_by_channel_count() {
+        let a = 0x7f00_0000_0000u64;
+        let s = |c_in, c_out| Conv2d {
+            n: 2,
+            c_in,
+            h: 7,
+            w: 5,
+            c_out,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: 1,
+        };
+        // x in bits 1 (16-byte) / 2 (4-byte), dy in bits 5 / 6; neither: 2-byte loads.
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(64, 128), a, a), 2 | 32);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(12, 130), a, a), 4 | 64);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(3, 67), a, a), 0);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(8, 33), a, a), 2);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(1, 8), a, a), 32);
+        // Misaligned (4- or 8-byte): the 4-byte copies.
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(64, 128), a + 4, a), 4 | 32);
+        assert_eq!(mma_vec_wgrad_nhwc_bf16s(&s(64, 128), a, a + 8), 2 | 64);
+    }
 
     #[test]
     fn weight_gradient_sixteen_byte_copies_need_four_channels() {
