@@ -29,7 +29,8 @@
 //! forward and data gradient also run on activations stored in bf16
 //! ([`CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native`]: x and z bf16, the partials of the
 //! rounded z; [`CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`]: dy bf16, dx f32), on the
-//! bf16-storage eval kernel's ring.
+//! bf16-storage eval kernel's ring, and the weight gradient on x and dy stored in bf16
+//! ([`CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`]: a bf16-only ring, the same split).
 
 use cudarc::driver::CudaSlice;
 
