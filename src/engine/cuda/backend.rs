@@ -702,6 +702,16 @@ impl Backend for CudaBackend {
     fn force_f32_eval_storage(&mut self) {
         self.eval_storage = EvalStorage::F32;
     }
+    unsafe fn pack_bf16_unchecked(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        channels::pack_bf16(self, x.len(), x, y)
+    }
+    unsafe fn unpack_bf16_unchecked(
+        &self,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        channels::unpack_bf16(self, y.len(), x, y)
+    }
     fn storage_slots(&self, st: ActStorage, values: usize) -> usize {
         match st {
             ActStorage::F32 => values,
