@@ -8,7 +8,8 @@
 //! - the native `relu_bwd_bf16` (`elementwise.cu`) bit for bit the CPU's on the same
 //!   stored y; the native `batchnorm_bwd_nhwc_bf16` (`bn_bwd_partial_nhwc_bf16`, the
 //!   finalize, `bn_bwd_apply_bf16`: z, y read in bf16 storage, dz written rounded) against
-//!   the CPU reference (dz within one bf16 step elementwise, its relative error under 4e-3;
+//!   the CPU reference (dz within one bf16 step elementwise, at most 1% of its stored values
+//!   differing from the CPU's, its relative error under 4e-3;
 //!   dgamma / dbeta within 1e-5), with and without the fused ReLU, one channel, 300 channels
 //!   (two channel tiles) and several pixel chunks;
 //! - `conv2d_bn_train_fwd_nhwc_bf16` (on this branch by conversions: the statistics those
@@ -245,6 +246,14 @@ fn bn_bwd_nhwc_bf16_matches_cpu() {
             within_a_bf16_step(&got, &want, 1e-6, &format!("{what} dz"));
             let e = rel_err(&got, &want);
             assert!(e < 4e-3, "{what}: dz rel err {e:e}");
+            // Rounded to nearest even from f32 values that differ from the CPU's in their
+            // last bits at most: almost every stored value the CPU's bit for bit.
+            let differ = bits(&got).iter().zip(bits(&want)).filter(|(a, b)| **a != *b).count();
+            assert!(
+                differ * 100 <= s.len(),
+                "{what}: {differ} of {} stored dz values differ from the CPU's",
+                s.len()
+            );
             let eg = rel_err(&g.download(&dg).expect("dg"), &wg);
             let eb = rel_err(&g.download(&db).expect("db"), &wb);
             assert!(eg < 1e-5 && eb < 1e-5, "{what}: dgamma {eg:e} dbeta {eb:e}");
