@@ -248,7 +248,11 @@ fn bn_bwd_nhwc_bf16_matches_cpu() {
             assert!(e < 4e-3, "{what}: dz rel err {e:e}");
             // Rounded to nearest even from f32 values that differ from the CPU's in their
             // last bits at most: almost every stored value the CPU's bit for bit.
-            let differ = bits(&got).iter().zip(bits(&want)).filter(|(a, b)| **a != *b).count();
+            let differ = bits(&got)
+                .iter()
+                .zip(bits(&want))
+                .filter(|(a, b)| **a != *b)
+                .count();
             assert!(
                 differ * 100 <= s.len(),
                 "{what}: {differ} of {} stored dz values differ from the CPU's",

@@ -890,7 +890,7 @@ pub trait Backend: Send + Sync {
                     ("y", self.len(y), slots(s.y_len())),
                 ],
             )?;
-            let bufs = [&*gamma, &*beta, &*running_mean, &*running_var];
+            let bufs = [gamma, beta, &*running_mean, &*running_var];
             bn.check_after_conv(OP, s, bufs.map(|b| self.len(b)), None)?;
             bn.check_train_fwd(
                 bn.len(),
