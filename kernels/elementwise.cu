@@ -1,4 +1,4 @@
-// Elementwise ops over flat f32 buffers: fill, ReLU fwd/bwd, the residual join
+// Elementwise ops over flat f32 buffers: fill, ReLU fwd/bwd (bwd also reading y in bf16 storage), the residual join
 // (add + ReLU), y += x, y *= alpha. Grid-stride loops with a 64-bit index (an int index would
 // overflow on its last step when n is near INT_MAX); n fits in an int (checked on the host).
 
@@ -19,6 +19,17 @@ extern "C" __global__ void relu_bwd(const float* __restrict__ y, const float* __
                                     float* __restrict__ dx, int n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
         dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+    }
+}
+
+// relu_bwd with y in bf16 storage (the channels-last training activations at --precision bf16,
+// channels.cu: value i the 16-bit half at index i of the packed buffer): dx = dy * (y > 0),
+// y's value read exactly (the sign and zero test need only its bits).
+extern "C" __global__ void relu_bwd_bf16(const unsigned short* __restrict__ y, const float* __restrict__ dy,
+                                         float* __restrict__ dx, int n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
+        const float v = __uint_as_float((unsigned int)y[i] << 16);
+        dx[i] = v > 0.0f ? dy[i] : 0.0f;
     }
 }
 

@@ -43,6 +43,21 @@ __device__ __forceinline__ size_t bn_index(int j, int c, int C, int HW) {
     return ((size_t)n * C + c) * HW + (j - n * HW);
 }
 
+// bf16 storage (the channels-last training activations at --precision bf16): a tensor of L
+// values in (L + 1) / 2 f32 slots, value i the 16-bit half at index i; stored rounded to
+// nearest even. The same conversions as channels.cu's (each kernel file is its own module).
+__device__ __forceinline__ unsigned short bn_bf16_bits(float x) {
+    const unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ float bn_load(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float bn_load(const unsigned short* p, size_t i) {
+    return __uint_as_float((unsigned int)p[i] << 16);
+}
+__device__ __forceinline__ void bn_store(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void bn_store(unsigned short* p, size_t i, float v) { p[i] = bn_bf16_bits(v); }
+
 // grid (S, C). stats == nullptr: part = sum x; else part = sum (x - stats[2c])^2.
 extern "C" __global__ void bn_partial(const float* __restrict__ x, const double* __restrict__ stats,
                                       double* __restrict__ part, int N, int C, int HW, int chunk) {
@@ -141,21 +156,36 @@ extern "C" __global__ void bn_stats_finalize(const double* __restrict__ part_s, 
 // into this pass: the add rounded on its own and the ReLU as add_relu_fwd's (elementwise.cu:
 // v > 0 ? v : 0), so y is bit for bit bn_apply then add_relu_fwd (or add_assign), the block
 // output written once instead of bn(z) written, read and the sum written again.
+// St: float, or unsigned short for x, res and y in bf16 storage (bn_apply_bf16: read exactly,
+// y rounded when stored; the arithmetic in f32 as bn_apply's).
+template <typename St>
+__device__ void bn_apply_t(const St* __restrict__ x, const float* __restrict__ gamma,
+                           const float* __restrict__ beta, const float* __restrict__ mean,
+                           const float* __restrict__ invstd, const St* __restrict__ res,
+                           St* __restrict__ y, int total, int C, int HW, int relu) {
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < (size_t)total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)i0;
+        int c = (i / HW) % C;
+        float v = (bn_load(x, i) - mean[c]) * invstd[c] * gamma[c] + beta[c];
+        if (res) {
+            v = __fadd_rn(v, bn_load(res, i));
+            bn_store(y, i, (relu && !(v > 0.0f)) ? 0.0f : v);
+        } else {
+            bn_store(y, i, (relu && v < 0.0f) ? 0.0f : v);
+        }
+    }
+}
 extern "C" __global__ void bn_apply(const float* __restrict__ x, const float* __restrict__ gamma,
                                     const float* __restrict__ beta, const float* __restrict__ mean,
                                     const float* __restrict__ invstd, const float* __restrict__ res,
                                     float* __restrict__ y, int total, int C, int HW, int relu) {
-    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < (size_t)total; i0 += (size_t)gridDim.x * blockDim.x) {
-        const int i = (int)i0;
-        int c = (i / HW) % C;
-        float v = (x[i] - mean[c]) * invstd[c] * gamma[c] + beta[c];
-        if (res) {
-            v = __fadd_rn(v, res[i]);
-            y[i] = (relu && !(v > 0.0f)) ? 0.0f : v;
-        } else {
-            y[i] = (relu && v < 0.0f) ? 0.0f : v;
-        }
-    }
+    bn_apply_t(x, gamma, beta, mean, invstd, res, y, total, C, HW, relu);
+}
+extern "C" __global__ void bn_apply_bf16(const unsigned short* __restrict__ x, const float* __restrict__ gamma,
+                                         const float* __restrict__ beta, const float* __restrict__ mean,
+                                         const float* __restrict__ invstd, const unsigned short* __restrict__ res,
+                                         unsigned short* __restrict__ y, int total, int C, int HW, int relu) {
+    bn_apply_t(x, gamma, beta, mean, invstd, res, y, total, C, HW, relu);
 }
 
 extern "C" __global__ void bn_eval_fwd(const float* __restrict__ x, const float* __restrict__ gamma,
@@ -223,8 +253,9 @@ extern "C" __global__ void bn_bwd_partial(const float* __restrict__ x, const flo
 // Each thread sums in f64 in a fixed order, then one thread per channel adds the P row sums
 // in order: deterministic, though not in bn_bwd_partial's order (the f64 sums may differ in
 // their last bits).
-extern "C" __global__ void __launch_bounds__(256)
-bn_bwd_partial_nhwc(const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ dy,
+// St: float, or unsigned short for x and y in bf16 storage (bn_bwd_partial_nhwc_bf16).
+template <typename St>
+__device__ void bn_bwd_partial_nhwc_t(const St* __restrict__ x, const St* __restrict__ y, const float* __restrict__ dy,
                     const float* __restrict__ save_mean, const float* __restrict__ save_invstd,
                     double* __restrict__ part1, double* __restrict__ part2, int cnt, int C, int CT,
                     int chunk, int relu) {
@@ -240,9 +271,9 @@ bn_bwd_partial_nhwc(const float* __restrict__ x, const float* __restrict__ y, co
         for (long long p = beg + row; p < end; p += P) {
             const size_t k = (size_t)p * C + c;
             float g = dy[k];
-            if (relu && !(y[k] > 0.0f)) g = 0.0f;
+            if (relu && !(bn_load(y, k) > 0.0f)) g = 0.0f;
             a += (double)g;
-            b += (double)g * (((double)x[k] - mean) * invstd);
+            b += (double)g * (((double)bn_load(x, k) - mean) * invstd);
         }
     }
     sa[threadIdx.x] = a;
@@ -257,6 +288,20 @@ bn_bwd_partial_nhwc(const float* __restrict__ x, const float* __restrict__ y, co
         part1[(size_t)c * S + s] = ta;
         part2[(size_t)c * S + s] = tb;
     }
+}
+extern "C" __global__ void __launch_bounds__(256)
+bn_bwd_partial_nhwc(const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ dy,
+                    const float* __restrict__ save_mean, const float* __restrict__ save_invstd,
+                    double* __restrict__ part1, double* __restrict__ part2, int cnt, int C, int CT,
+                    int chunk, int relu) {
+    bn_bwd_partial_nhwc_t(x, y, dy, save_mean, save_invstd, part1, part2, cnt, C, CT, chunk, relu);
+}
+extern "C" __global__ void __launch_bounds__(256)
+bn_bwd_partial_nhwc_bf16(const unsigned short* __restrict__ x, const unsigned short* __restrict__ y,
+                         const float* __restrict__ dy, const float* __restrict__ save_mean,
+                         const float* __restrict__ save_invstd, double* __restrict__ part1,
+                         double* __restrict__ part2, int cnt, int C, int CT, int chunk, int relu) {
+    bn_bwd_partial_nhwc_t(x, y, dy, save_mean, save_invstd, part1, part2, cnt, C, CT, chunk, relu);
 }
 
 // One thread per channel: stats[2c] = sum g, stats[2c+1] = sum g*xhat; dbeta, dgamma.
@@ -277,20 +322,38 @@ extern "C" __global__ void bn_bwd_finalize(const double* __restrict__ part1, con
 }
 
 // dx = gamma*invstd/cnt * (cnt*g - sum g - xhat * sum(g*xhat)).
+// St: float, or unsigned short for x, y and dx in bf16 storage (bn_bwd_apply_bf16: dx rounded
+// from the f32 value bn_bwd_apply writes).
+template <typename St>
+__device__ void bn_bwd_apply_t(const St* __restrict__ x, const St* __restrict__ y,
+                               const float* __restrict__ dy, const float* __restrict__ gamma,
+                               const float* __restrict__ save_mean, const float* __restrict__ save_invstd,
+                               const double* __restrict__ stats, St* __restrict__ dx, int total,
+                               int C, int HW, double cnt, int relu) {
+    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < (size_t)total; i0 += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)i0;
+        int c = (i / HW) % C;
+        float g = dy[i];
+        if (relu && !(bn_load(y, i) > 0.0f)) g = 0.0f;
+        double invstd = (double)save_invstd[c];
+        double xhat = ((double)bn_load(x, i) - (double)save_mean[c]) * invstd;
+        double k = (double)gamma[c] * invstd / cnt;
+        bn_store(dx, i, (float)(k * (cnt * (double)g - stats[2 * c] - xhat * stats[2 * c + 1])));
+    }
+}
 extern "C" __global__ void bn_bwd_apply(const float* __restrict__ x, const float* __restrict__ y,
                                         const float* __restrict__ dy, const float* __restrict__ gamma,
                                         const float* __restrict__ save_mean,
                                         const float* __restrict__ save_invstd,
                                         const double* __restrict__ stats, float* __restrict__ dx, int total,
                                         int C, int HW, double cnt, int relu) {
-    for (size_t i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i0 < (size_t)total; i0 += (size_t)gridDim.x * blockDim.x) {
-        const int i = (int)i0;
-        int c = (i / HW) % C;
-        float g = dy[i];
-        if (relu && !(y[i] > 0.0f)) g = 0.0f;
-        double invstd = (double)save_invstd[c];
-        double xhat = ((double)x[i] - (double)save_mean[c]) * invstd;
-        double k = (double)gamma[c] * invstd / cnt;
-        dx[i] = (float)(k * (cnt * (double)g - stats[2 * c] - xhat * stats[2 * c + 1]));
-    }
+    bn_bwd_apply_t(x, y, dy, gamma, save_mean, save_invstd, stats, dx, total, C, HW, cnt, relu);
+}
+extern "C" __global__ void bn_bwd_apply_bf16(const unsigned short* __restrict__ x, const unsigned short* __restrict__ y,
+                                             const float* __restrict__ dy, const float* __restrict__ gamma,
+                                             const float* __restrict__ save_mean,
+                                             const float* __restrict__ save_invstd,
+                                             const double* __restrict__ stats, unsigned short* __restrict__ dx,
+                                             int total, int C, int HW, double cnt, int relu) {
+    bn_bwd_apply_t(x, y, dy, gamma, save_mean, save_invstd, stats, dx, total, C, HW, cnt, relu);
 }

@@ -19,7 +19,7 @@
 //!   (`nchw_to_nhwc_bf16`, `nhwc_bf16_to_nchw`: the tiled transpose into and out of 16-bit
 //!   halves) equal the CPU reference's rounded values bit for bit, ties to even included,
 //!   on the transpose's sizes (odd lengths: a half slot); wrong lengths (a slot per value)
-//!   are `EngineError::Shape`; `EvalStorage`: `auto` is bf16 at bf16 precision only, an
+//!   are `EngineError::Shape`; `StorageChoice`: `auto` is bf16 at bf16 precision only, an
 //!   explicit `bf16` is ignored below it; a bf16 model in bf16 storage (its units the native
 //!   bf16-storage kernel, `conv2d_fwd_bn_mma_nhwc_bf16s`) gives features within 1e-2 of the same model in
 //!   f32 storage, the CAM pass within 2e-2 of it (sums over the channels with random signs
@@ -38,7 +38,7 @@ use common::rng::SplitMix64;
 use common::cuda::{device, gpu_at, host, rel_err};
 use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::backend::{EvalStorage, LayoutChoice};
+use ichcam::engine::cuda::backend::{LayoutChoice, StorageChoice};
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::shapes::Transpose;
 use ichcam::engine::{ActStorage, Backend, EngineError, Precision};
@@ -227,7 +227,7 @@ fn nhwc_model_matches_nchw(p: Precision) {
     let tol = p.tolerance().unwrap_or(1e-5);
     let at = |l: LayoutChoice| {
         let mut g = at(p, l);
-        g.set_eval_storage(EvalStorage::F32);
+        g.set_eval_storage(StorageChoice::F32);
         g
     };
     let (n, h, w) = (5usize, 64usize, 48usize);
@@ -331,16 +331,19 @@ fn nhwc_cam_pass_graph_replays(p: Precision) {
 }
 
 fn storage_names_parse() {
-    for st in EvalStorage::ALL {
-        assert_eq!(st.name().parse::<EvalStorage>().ok(), Some(st));
+    for st in StorageChoice::ALL {
+        assert_eq!(st.name().parse::<StorageChoice>().ok(), Some(st));
     }
-    assert_eq!(" BF16".parse::<EvalStorage>().ok(), Some(EvalStorage::Bf16));
-    let e = "fp16".parse::<EvalStorage>().unwrap_err().to_string();
+    assert_eq!(
+        " BF16".parse::<StorageChoice>().ok(),
+        Some(StorageChoice::Bf16)
+    );
+    let e = "fp16".parse::<StorageChoice>().unwrap_err().to_string();
     assert!(e.contains("use auto, f32 or bf16"), "{e}");
-    assert_eq!(EvalStorage::default(), EvalStorage::Auto);
+    assert_eq!(StorageChoice::default(), StorageChoice::Auto);
 }
 
-fn stored(p: Precision, st: EvalStorage) -> CudaBackend {
+fn stored(p: Precision, st: StorageChoice) -> CudaBackend {
     let mut be = at(p, LayoutChoice::Nhwc);
     be.set_eval_storage(st);
     be
@@ -349,16 +352,16 @@ fn stored(p: Precision, st: EvalStorage) -> CudaBackend {
 fn storage_setting_selects_bf16() {
     use ActStorage::{Bf16, F32};
     for (p, st, want) in [
-        (Precision::Bf16, EvalStorage::Auto, Bf16),
-        (Precision::Bf16, EvalStorage::Bf16, Bf16),
-        (Precision::Bf16, EvalStorage::F32, F32),
-        (Precision::Tf32, EvalStorage::Auto, F32),
-        (Precision::Tf32, EvalStorage::Bf16, F32),
-        (Precision::F32, EvalStorage::Bf16, F32),
+        (Precision::Bf16, StorageChoice::Auto, Bf16),
+        (Precision::Bf16, StorageChoice::Bf16, Bf16),
+        (Precision::Bf16, StorageChoice::F32, F32),
+        (Precision::Tf32, StorageChoice::Auto, F32),
+        (Precision::Tf32, StorageChoice::Bf16, F32),
+        (Precision::F32, StorageChoice::Bf16, F32),
     ] {
         assert_eq!(stored(p, st).eval_storage(), want, "{p} {st}");
     }
-    let mut g = stored(Precision::Bf16, EvalStorage::Auto);
+    let mut g = stored(Precision::Bf16, StorageChoice::Auto);
     assert_eq!(ActLayout::of(&g), ActLayout::NhwcBf16);
     g.force_f32_eval_storage();
     assert_eq!(g.eval_storage(), ActStorage::F32);
@@ -441,7 +444,7 @@ fn bf16_storage_model_matches_f32_storage() {
     for cfg in [bottleneck(), ModelConfig::tiny()] {
         let what = format!("{:?} {:?}", cfg.block, cfg.layers);
         let mut a = trained(
-            stored(Precision::Bf16, EvalStorage::F32),
+            stored(Precision::Bf16, StorageChoice::F32),
             &cfg,
             &x2,
             n,
@@ -449,7 +452,7 @@ fn bf16_storage_model_matches_f32_storage() {
             w,
         );
         let mut b = trained(
-            stored(Precision::Bf16, EvalStorage::Bf16),
+            stored(Precision::Bf16, StorageChoice::Bf16),
             &cfg,
             &x2,
             n,

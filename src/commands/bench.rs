@@ -45,7 +45,7 @@
 //! buffers, the others the eval-mode backbone's).
 //! `--act-storage` sets the storage of its channels-last activations on CUDA (`auto`: bf16
 //! at `--precision bf16`, else f32; `f32`; `bf16`, ignored below bf16 precision:
-//! [`EvalStorage`]); the JSON lines name the storage used (`act_storage`: `f32` or `bf16`,
+//! [`StorageChoice`]); the JSON lines name the storage used (`act_storage`: `f32` or `bf16`,
 //! `f32` when NCHW; the CAM workloads' from the pass's own buffers).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
@@ -55,7 +55,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ichcam::engine::cuda::backend::{EvalStorage, LayoutChoice};
+use ichcam::engine::cuda::backend::{LayoutChoice, StorageChoice};
 use ichcam::engine::{Backend, Conv2d};
 use ichcam::infer::SegmentOptions;
 use ichcam::model::unet::{UNet, UNetConfig};
@@ -89,7 +89,7 @@ pub struct Args {
     /// cam-latency): auto (bf16 at --precision bf16, else f32), f32, or bf16 (ignored below
     /// bf16 precision). The CPU stores f32.
     #[arg(long, default_value = "auto")]
-    act_storage: EvalStorage,
+    act_storage: StorageChoice,
     /// The storage those activations take on the opened device (`f32` / `bf16`).
     #[arg(skip)]
     act_storage_used: Option<&'static str>,
@@ -336,7 +336,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
                      NCHW"
                 );
             }
-            if args.act_storage == EvalStorage::Bf16 {
+            if args.act_storage == StorageChoice::Bf16 {
                 eprintln!("note: --act-storage bf16 is a CUDA setting: the CPU backend stores f32");
             }
             (false, ichcam::engine::ActStorage::F32)

@@ -819,6 +819,232 @@ pub trait Backend: Send + Sync {
         }
     }
 
+    // ---- bf16 storage of the channels-last training activations -------------------------
+    /// How the channels-last training activations are stored on this backend
+    /// ([`ActStorage`]): a setting of the backend, read (with
+    /// [`Backend::channels_last_train`], and only when that says yes) once when the model
+    /// builds its training activations. In [`ActStorage::Bf16`] the block units' inputs and
+    /// outputs, the conv outputs z kept for the batch norms, and the batch norms' input
+    /// gradients dz are stored in bf16 ([`Backend::storage_slots`] slots each); the other
+    /// gradients, the weights and the statistics stay f32. The default (and the CPU
+    /// reference unless told otherwise) is f32.
+    fn train_storage(&self) -> ActStorage {
+        ActStorage::F32
+    }
+
+    /// Makes [`Backend::train_storage`] answer f32 from now on (the training twin of
+    /// [`Backend::force_f32_eval_storage`]). Nothing to do for a backend that stores f32 only.
+    fn force_f32_train_storage(&mut self) {}
+
+    checked_op! {
+        /// y = x in bf16 storage: x f32 (`L` values), y [`ActStorage::Bf16`]
+        /// ([`Backend::storage_slots`] slots), each value rounded to bf16 (nearest even).
+        fn pack_bf16 / pack_bf16_unchecked(&self, x: &Self::Buf, y: &mut Self::Buf) -> Result<()> {
+            let slots = self.storage_slots(ActStorage::Bf16, self.len(x));
+            check_lens("pack_bf16", &[("y", self.len(y), slots)])?;
+        }
+    }
+    checked_op! {
+        /// y = x out of bf16 storage: x [`ActStorage::Bf16`] (`L` values in
+        /// [`Backend::storage_slots`] slots), y f32 (`L` values), every value exact.
+        fn unpack_bf16 / unpack_bf16_unchecked(&self, x: &Self::Buf, y: &mut Self::Buf) -> Result<()> {
+            let slots = self.storage_slots(ActStorage::Bf16, self.len(y));
+            check_lens("unpack_bf16", &[("x", self.len(x), slots)])?;
+        }
+    }
+
+    checked_op! {
+        /// [`Backend::conv2d_bn_train_fwd_nhwc`] on activations in bf16 storage: x, z, y and
+        /// the residual channels-last in [`ActStorage::Bf16`] ([`Backend::storage_slots`]
+        /// slots each), the weights, the batch norm's parameters and statistics f32. z is the
+        /// convolution's output rounded to bf16, and the batch statistics (saved and folded
+        /// into the running ones) are those of the rounded z, which the backward reads; the
+        /// normalisation, residual add and ReLU run in f32 and y is rounded when stored. The
+        /// default runs by conversions ([`conv2d_bn_train_fwd_nhwc_bf16_by_conversions`]).
+        fn conv2d_bn_train_fwd_nhwc_bf16 / conv2d_bn_train_fwd_nhwc_bf16_unchecked(
+            &self,
+            s: &Conv2d,
+            bn: &BatchNorm2d,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            gamma: &Self::Buf,
+            beta: &Self::Buf,
+            running_mean: &mut Self::Buf,
+            running_var: &mut Self::Buf,
+            save_mean: &mut Self::Buf,
+            save_invstd: &mut Self::Buf,
+            z: &mut Self::Buf,
+            y: &mut Self::Buf,
+            residual: Option<&Self::Buf>,
+            relu: bool,
+        ) -> Result<()> {
+            const OP: &str = "conv2d_bn_train_fwd_nhwc_bf16";
+            s.check(OP)?;
+            let slots = |v: usize| self.storage_slots(ActStorage::Bf16, v);
+            check_lens(
+                OP,
+                &[
+                    ("x", self.len(x), slots(s.x_len())),
+                    ("w", self.len(w), s.w_len()),
+                    ("z", self.len(z), slots(s.y_len())),
+                    ("y", self.len(y), slots(s.y_len())),
+                ],
+            )?;
+            let bufs = [gamma, beta, &*running_mean, &*running_var];
+            bn.check_after_conv(OP, s, bufs.map(|b| self.len(b)), None)?;
+            bn.check_train_fwd(
+                bn.len(),
+                bn.len(),
+                self.len(gamma),
+                self.len(beta),
+                self.len(running_mean),
+                self.len(running_var),
+                self.len(save_mean),
+                self.len(save_invstd),
+            )?;
+            if let Some(r) = residual {
+                check_lens(OP, &[("residual", self.len(r), slots(s.y_len()))])?;
+            }
+        } default {
+            conv2d_bn_train_fwd_nhwc_bf16_by_conversions(
+                self, s, bn, x, w, gamma, beta, running_mean, running_var, save_mean,
+                save_invstd, z, y, residual, relu,
+            )
+        }
+    }
+    checked_op! {
+        /// [`Backend::batchnorm_bwd_nhwc`] on bf16 storage: z (the forward's input) and y (its
+        /// output, read when `relu`) in [`ActStorage::Bf16`], dy f32, dz written in bf16
+        /// storage (rounded), dgamma and dbeta f32. The default unpacks z (and y), runs
+        /// [`Backend::batchnorm_bwd_nhwc`] and packs dz ([`through_bf16_storage`]).
+        fn batchnorm_bwd_nhwc_bf16 / batchnorm_bwd_nhwc_bf16_unchecked(
+            &self,
+            s: &BatchNorm2d,
+            z: &Self::Buf,
+            y: &Self::Buf,
+            dy: &Self::Buf,
+            gamma: &Self::Buf,
+            save_mean: &Self::Buf,
+            save_invstd: &Self::Buf,
+            dz: &mut Self::Buf,
+            dgamma: &mut Self::Buf,
+            dbeta: &mut Self::Buf,
+            relu: bool,
+        ) -> Result<()> {
+            const OP: &str = "batchnorm_bwd_nhwc_bf16";
+            let slots = self.storage_slots(ActStorage::Bf16, s.len());
+            check_lens(
+                OP,
+                &[
+                    ("z", self.len(z), slots),
+                    ("y", self.len(y), slots),
+                    ("dz", self.len(dz), slots),
+                ],
+            )?;
+            s.check_bwd(
+                s.len(),
+                s.len(),
+                self.len(dy),
+                s.len(),
+                self.len(gamma),
+                self.len(save_mean),
+                self.len(save_invstd),
+                self.len(dgamma),
+                self.len(dbeta),
+            )?;
+        } default {
+            let len = s.len();
+            // y is read only to mask dy by the fused ReLU: without one, z stands in for it.
+            let mut ins = vec![(z, len)];
+            if relu {
+                ins.push((y, len));
+            }
+            through_bf16_storage(self, &ins, &mut [(dz, len)], |i, o| {
+                let yf = i.get(1).unwrap_or(&i[0]);
+                self.batchnorm_bwd_nhwc(
+                    s, &i[0], yf, dy, gamma, save_mean, save_invstd, &mut o[0], dgamma, dbeta,
+                    relu,
+                )
+            })
+        }
+    }
+    checked_op! {
+        /// [`Backend::conv2d_bwd_data_nhwc`] with dy in bf16 storage ([`ActStorage::Bf16`]),
+        /// w OIHW and dx f32. The default unpacks dy and runs the f32 op.
+        fn conv2d_bwd_data_nhwc_bf16 / conv2d_bwd_data_nhwc_bf16_unchecked(
+            &self,
+            s: &Conv2d,
+            dy: &Self::Buf,
+            w: &Self::Buf,
+            dx: &mut Self::Buf,
+        ) -> Result<()> {
+            const OP: &str = "conv2d_bwd_data_nhwc_bf16";
+            s.check(OP)?;
+            check_lens(
+                OP,
+                &[
+                    ("dy", self.len(dy), self.storage_slots(ActStorage::Bf16, s.y_len())),
+                    ("w", self.len(w), s.w_len()),
+                    ("dx", self.len(dx), s.x_len()),
+                ],
+            )?;
+        } default {
+            through_bf16_storage(self, &[(dy, s.y_len())], &mut [], |i, _| {
+                self.conv2d_bwd_data_nhwc(s, &i[0], w, dx)
+            })
+        }
+    }
+    checked_op! {
+        /// [`Backend::conv2d_bwd_weight_nhwc`] with x and dy in bf16 storage
+        /// ([`ActStorage::Bf16`]), dw OIHW f32. The default unpacks both and runs the f32 op.
+        fn conv2d_bwd_weight_nhwc_bf16 / conv2d_bwd_weight_nhwc_bf16_unchecked(
+            &self,
+            s: &Conv2d,
+            x: &Self::Buf,
+            dy: &Self::Buf,
+            dw: &mut Self::Buf,
+        ) -> Result<()> {
+            const OP: &str = "conv2d_bwd_weight_nhwc_bf16";
+            s.check(OP)?;
+            let slots = |v: usize| self.storage_slots(ActStorage::Bf16, v);
+            check_lens(
+                OP,
+                &[
+                    ("x", self.len(x), slots(s.x_len())),
+                    ("dy", self.len(dy), slots(s.y_len())),
+                    ("dw", self.len(dw), s.w_len()),
+                ],
+            )?;
+        } default {
+            through_bf16_storage(self, &[(x, s.x_len()), (dy, s.y_len())], &mut [], |i, _| {
+                self.conv2d_bwd_weight_nhwc(s, &i[0], &i[1], dw)
+            })
+        }
+    }
+    checked_op! {
+        /// [`Backend::relu_bwd`] with y (the ReLU's output) in bf16 storage
+        /// ([`ActStorage::Bf16`]), dy and dx f32: dx = dy * (y > 0). The default unpacks y.
+        fn relu_bwd_bf16 / relu_bwd_bf16_unchecked(
+            &self,
+            y: &Self::Buf,
+            dy: &Self::Buf,
+            dx: &mut Self::Buf,
+        ) -> Result<()> {
+            let len = self.len(dy);
+            check_lens(
+                "relu_bwd_bf16",
+                &[
+                    ("y", self.len(y), self.storage_slots(ActStorage::Bf16, len)),
+                    ("dx", self.len(dx), len),
+                ],
+            )?;
+        } default {
+            through_bf16_storage(self, &[(y, self.len(dy))], &mut [], |i, _| {
+                self.relu_bwd(&i[0], dy, dx)
+            })
+        }
+    }
+
     // ---- elementwise ---------------------------------------------------------------------
     /// y = max(x, 0).
     fn relu_fwd(&self, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
@@ -1592,5 +1818,134 @@ pub fn conv2d_bwd_weight_nhwc_by_transposes<B: Backend + ?Sized>(
     let (t_in, t_out) = conv_transposes(s);
     nchw_between_layout_changes(be, &[(x, t_in), (dy, t_out)], &mut [], |i, _| {
         be.conv2d_bwd_weight(s, &i[0], &i[1], dw)
+    })
+}
+
+/// Runs an f32 op on tensors in bf16 storage by conversions: each of `inputs` (a bf16
+/// tensor and its number of values) unpacked ([`Backend::unpack_bf16`]) into an f32
+/// [`Backend::scratch`] buffer of that many values, `run` on those and on f32 scratch
+/// buffers as long as the `outputs` (bf16 tensors and their numbers of values), each of
+/// which is then packed into its output ([`Backend::pack_bf16`], rounded to nearest even);
+/// the scratch given back whatever happens. The trait's defaults of the bf16-storage
+/// training ops, and a backend's fallback where its native kernel does not run a shape.
+/// The lengths are the caller's (checked by its op; the conversions check them again).
+pub fn through_bf16_storage<B: Backend + ?Sized>(
+    be: &B,
+    inputs: &[(&B::Buf, usize)],
+    outputs: &mut [(&mut B::Buf, usize)],
+    run: impl FnOnce(&[B::Buf], &mut [B::Buf]) -> Result<()>,
+) -> Result<()> {
+    let mut ins: Vec<B::Buf> = Vec::with_capacity(inputs.len());
+    let mut outs: Vec<B::Buf> = Vec::with_capacity(outputs.len());
+    let r = (|| {
+        for (x, values) in inputs {
+            let mut xf = be.scratch(*values)?;
+            let unpacked = be.unpack_bf16(x, &mut xf);
+            ins.push(xf);
+            unpacked?;
+        }
+        for (_, values) in outputs.iter() {
+            outs.push(be.scratch(*values)?);
+        }
+        run(&ins, &mut outs)?;
+        for ((y, _), yf) in outputs.iter_mut().zip(&outs) {
+            be.pack_bf16(yf, y)?;
+        }
+        Ok(())
+    })();
+    for b in ins.into_iter().chain(outs) {
+        be.recycle(b);
+    }
+    r
+}
+
+/// [`Backend::conv2d_bn_train_fwd_nhwc_bf16`] by conversions: x out of bf16 storage into
+/// an NCHW scratch copy ([`Backend::nhwc_bf16_to_nchw`]: the unpack and the layout change in
+/// one pass), [`Backend::conv2d_fwd`], its output into z in bf16 storage
+/// ([`Backend::nchw_to_nhwc_bf16`]: rounded), z unpacked again (so that the statistics are
+/// those of the rounded z the backward reads), [`Backend::batchnorm_train_fwd`] on it as
+/// `[n * out_hw, c_out]` (channels-last z is NCHW with one pixel per "image": the same
+/// per-channel statistics), the residual join as [`Backend::conv2d_bn_train_fwd`]'s
+/// default, y packed (rounded). The trait's default (the CPU reference) and a backend's
+/// fallback. Lengths as that op checks them.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_bn_train_fwd_nhwc_bf16_by_conversions<B: Backend + ?Sized>(
+    be: &B,
+    s: &Conv2d,
+    bn: &BatchNorm2d,
+    x: &B::Buf,
+    w: &B::Buf,
+    gamma: &B::Buf,
+    beta: &B::Buf,
+    running_mean: &mut B::Buf,
+    running_var: &mut B::Buf,
+    save_mean: &mut B::Buf,
+    save_invstd: &mut B::Buf,
+    z: &mut B::Buf,
+    y: &mut B::Buf,
+    residual: Option<&B::Buf>,
+    relu: bool,
+) -> Result<()> {
+    if s.y_len() == 0 {
+        return Ok(());
+    }
+    let (t_in, t_out) = conv_transposes(s);
+    let flat = BatchNorm2d {
+        n: s.n * s.out_h() * s.out_w(),
+        c: s.c_out,
+        hw: 1,
+        ..*bn
+    };
+    let ins: Vec<(&B::Buf, usize)> = residual.map(|r| (r, s.y_len())).into_iter().collect();
+    through_bf16_storage(be, &ins, &mut [(y, s.y_len())], |i, o| {
+        let mut xt = be.scratch(s.x_len())?;
+        let mut zt = be.scratch(s.y_len())?;
+        let r = (|| {
+            be.nhwc_bf16_to_nchw(&t_in, x, &mut xt)?;
+            be.conv2d_fwd(s, &xt, w, &mut zt)?;
+            be.nchw_to_nhwc_bf16(&t_out, &zt, z)?;
+            // zt now holds the rounded z, channels-last.
+            be.unpack_bf16(z, &mut zt)?;
+            let Some(rf) = i.first() else {
+                return be.batchnorm_train_fwd(
+                    &flat,
+                    &zt,
+                    gamma,
+                    beta,
+                    running_mean,
+                    running_var,
+                    save_mean,
+                    save_invstd,
+                    &mut o[0],
+                    relu,
+                );
+            };
+            let mut t = be.scratch(s.y_len())?;
+            let joined = (|| {
+                be.batchnorm_train_fwd(
+                    &flat,
+                    &zt,
+                    gamma,
+                    beta,
+                    running_mean,
+                    running_var,
+                    save_mean,
+                    save_invstd,
+                    &mut t,
+                    false,
+                )?;
+                if relu {
+                    be.add_relu_fwd(&t, rf, &mut o[0])
+                } else {
+                    be.copy(&t, &mut o[0])?;
+                    be.add_assign(&mut o[0], rf)
+                }
+            })();
+            be.recycle(t);
+            joined
+        })();
+        be.recycle(xt);
+        be.recycle(zt);
+        r
     })
 }

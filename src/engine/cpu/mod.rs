@@ -126,6 +126,9 @@ pub struct CpuBackend<T: Real> {
     /// What [`Backend::eval_storage`] answers (f32 unless
     /// [`CpuBackend::with_eval_storage`] said).
     eval_storage: ActStorage,
+    /// What [`Backend::train_storage`] answers (f32 unless
+    /// [`CpuBackend::with_train_storage`] said).
+    train_storage: ActStorage,
 }
 
 impl<T: Real> CpuBackend<T> {
@@ -135,6 +138,7 @@ impl<T: Real> CpuBackend<T> {
             channels_last_eval: false,
             channels_last_train: false,
             eval_storage: ActStorage::F32,
+            train_storage: ActStorage::F32,
         }
     }
 
@@ -144,6 +148,15 @@ impl<T: Real> CpuBackend<T> {
     /// their outputs rounded.
     pub fn with_eval_storage(mut self, st: ActStorage) -> Self {
         self.eval_storage = st;
+        self
+    }
+
+    /// This backend storing the channels-last training activations in `st` (with
+    /// [`CpuBackend::with_channels_last_train`]): bf16 storage is the reference of the
+    /// device's, a slot per value holding it rounded to bf16; the bf16-storage training ops
+    /// run the trait's defaults (the f32 ops on the stored values, outputs rounded).
+    pub fn with_train_storage(mut self, st: ActStorage) -> Self {
+        self.train_storage = st;
         self
     }
 
@@ -211,6 +224,28 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn force_f32_eval_storage(&mut self) {
         self.eval_storage = ActStorage::F32;
+    }
+    fn train_storage(&self) -> ActStorage {
+        self.train_storage
+    }
+    fn force_f32_train_storage(&mut self) {
+        self.train_storage = ActStorage::F32;
+    }
+    unsafe fn pack_bf16_unchecked(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        // A slot per value, rounded.
+        timed(16, || {
+            elementwise::copy(x, y)?;
+            channels::round_to_bf16(y);
+            Ok(())
+        })
+    }
+    unsafe fn unpack_bf16_unchecked(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        // Exact when x holds bf16 values (rounded again otherwise, as nhwc_bf16_to_nchw).
+        timed(16, || {
+            elementwise::copy(x, y)?;
+            channels::round_to_bf16(y);
+            Ok(())
+        })
     }
     unsafe fn conv2d_bn_eval_fwd_nhwc_bf16_unchecked(
         &self,

@@ -26,9 +26,10 @@ use super::{
     optim, pool, upconv, volume,
 };
 use crate::engine::backend::{
-    conv2d_bn_eval_fwd_nhwc_by_transposes, conv2d_bn_train_fwd_nhwc_by_transposes,
-    conv2d_bwd_data_nhwc_by_transposes, conv2d_bwd_weight_nhwc_by_transposes,
-    eval_unit_through_scratch, nchw_between_layout_changes, Backend,
+    conv2d_bn_eval_fwd_nhwc_by_transposes, conv2d_bn_train_fwd_nhwc_bf16_by_conversions,
+    conv2d_bn_train_fwd_nhwc_by_transposes, conv2d_bwd_data_nhwc_by_transposes,
+    conv2d_bwd_weight_nhwc_by_transposes, eval_unit_through_scratch, nchw_between_layout_changes,
+    Backend,
 };
 use crate::engine::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
@@ -52,8 +53,11 @@ pub struct CudaBackend {
     eval_layout: LayoutChoice,
     /// The layout of the training-mode backbone's activations ([`LayoutChoice`]).
     train_layout: LayoutChoice,
-    /// The storage of its channels-last activations ([`EvalStorage`]).
-    eval_storage: EvalStorage,
+    /// The storage of its channels-last activations ([`StorageChoice`]).
+    eval_storage: StorageChoice,
+    /// The storage of the training-mode backbone's channels-last activations
+    /// ([`StorageChoice`]).
+    train_storage: StorageChoice,
 }
 
 /// A value loaded on first use and kept.
@@ -144,7 +148,8 @@ impl CudaBackend {
             mma_route: conv::MmaRoute::default(),
             eval_layout: LayoutChoice::default(),
             train_layout: LayoutChoice::default(),
-            eval_storage: EvalStorage::default(),
+            eval_storage: StorageChoice::default(),
+            train_storage: StorageChoice::default(),
         })
     }
 
@@ -442,14 +447,17 @@ impl CudaBackend {
     }
 }
 
-/// How the eval-mode backbone's channels-last activations are stored on this backend (a
-/// setting of the backend, [`CudaBackend::set_eval_storage`], read with the layout when a
-/// model builds its eval-mode buffers; what [`Backend::eval_storage`] answers).
+/// How the backbone's channels-last activations are stored on this backend, one setting for
+/// the eval-mode backbone ([`CudaBackend::set_eval_storage`]: what [`Backend::eval_storage`]
+/// answers) and one for the training-mode backbone ([`CudaBackend::set_train_storage`]: what
+/// [`Backend::train_storage`] answers), each read with its layout when a model builds its
+/// buffers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum EvalStorage {
+pub enum StorageChoice {
     /// The backend's choice: bf16 at `--precision bf16` (the convolutions round their
     /// activation operand to bf16 anyway, so the storage changes only the residual adds and
-    /// the features), f32 otherwise.
+    /// the features; in training also the batch norms' inputs and the gradient both
+    /// convolution gradients read) where the layout is channels-last, f32 otherwise.
     #[default]
     Auto,
     /// f32 at any precision.
@@ -459,33 +467,34 @@ pub enum EvalStorage {
     Bf16,
 }
 
-impl EvalStorage {
+impl StorageChoice {
     /// Every setting, in the order the help text lists them.
-    pub const ALL: [EvalStorage; 3] = [EvalStorage::Auto, EvalStorage::F32, EvalStorage::Bf16];
+    pub const ALL: [StorageChoice; 3] =
+        [StorageChoice::Auto, StorageChoice::F32, StorageChoice::Bf16];
 
     /// `auto`, `f32` or `bf16`.
     pub fn name(self) -> &'static str {
         match self {
-            EvalStorage::Auto => "auto",
-            EvalStorage::F32 => "f32",
-            EvalStorage::Bf16 => "bf16",
+            StorageChoice::Auto => "auto",
+            StorageChoice::F32 => "f32",
+            StorageChoice::Bf16 => "bf16",
         }
     }
 }
 
-impl std::fmt::Display for EvalStorage {
+impl std::fmt::Display for StorageChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
 }
 
-impl std::str::FromStr for EvalStorage {
+impl std::str::FromStr for StorageChoice {
     type Err = EngineError;
 
     /// `auto`, `f32` or `bf16` (any case, surrounding spaces ignored).
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
-        EvalStorage::ALL
+        StorageChoice::ALL
             .into_iter()
             .find(|l| l.name() == t)
             .ok_or_else(|| {
@@ -498,14 +507,85 @@ impl std::str::FromStr for EvalStorage {
 
 impl CudaBackend {
     /// The storage of the eval-mode backbone's channels-last activations (default
-    /// [`EvalStorage::Auto`]).
-    pub fn set_eval_storage(&mut self, st: EvalStorage) {
+    /// [`StorageChoice::Auto`]).
+    pub fn set_eval_storage(&mut self, st: StorageChoice) {
         self.eval_storage = st;
     }
 
     /// The storage setting ([`CudaBackend::set_eval_storage`]).
-    pub fn eval_storage_setting(&self) -> EvalStorage {
+    pub fn eval_storage_setting(&self) -> StorageChoice {
         self.eval_storage
+    }
+
+    /// The storage of the training-mode backbone's channels-last activations (default
+    /// [`StorageChoice::Auto`]; bf16 only at `--precision bf16` and when the training layout
+    /// is channels-last).
+    pub fn set_train_storage(&mut self, st: StorageChoice) {
+        self.train_storage = st;
+    }
+
+    /// The training storage setting ([`CudaBackend::set_train_storage`]).
+    pub fn train_storage_setting(&self) -> StorageChoice {
+        self.train_storage
+    }
+
+    /// The bf16-storage training unit from a convolution that writes z in bf16 storage and
+    /// the per-(channel, pixel tile) partial statistics of the ROUNDED z (`run_conv`, given z and
+    /// the two partial buffers of `c_out * tiles` values, taken here), then
+    /// [`norm::batchnorm_train_from_partials_nhwc_bf16`] (the combine, then one pass reading z
+    /// and the residual in bf16 storage, writing y rounded). What
+    /// [`Backend::conv2d_bn_train_fwd_nhwc_bf16`] takes where a native bf16-storage kernel
+    /// runs the shape (wired at merge; nothing calls it before). `None` for an empty output
+    /// or reduction (the caller runs by conversions). Lengths as that op checks them.
+    #[allow(clippy::too_many_arguments, dead_code)]
+    pub(crate) fn train_fwd_nhwc_bf16_from_partials(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &mut CudaSlice<f32>,
+        running_var: &mut CudaSlice<f32>,
+        save_mean: &mut CudaSlice<f32>,
+        save_invstd: &mut CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        run_conv: impl FnOnce(
+            &mut CudaSlice<f32>,
+            &mut CudaSlice<f64>,
+            &mut CudaSlice<f64>,
+        ) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let tiles = conv::stats_tiles(s)?;
+        Some((|| {
+            let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
+            let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
+            let r = run_conv(z, &mut part_s, &mut part_q).and_then(|()| {
+                norm::batchnorm_train_from_partials_nhwc_bf16(
+                    self,
+                    bn,
+                    &part_s,
+                    &part_q,
+                    tiles,
+                    conv::STATS_TILE,
+                    z,
+                    gamma,
+                    beta,
+                    running_mean,
+                    running_var,
+                    save_mean,
+                    save_invstd,
+                    y,
+                    residual,
+                    relu,
+                )
+            });
+            self.give_scratch_f64(part_s);
+            self.give_scratch_f64(part_q);
+            r
+        })())
     }
 
     /// The conv unit on bf16 storage by conversions: x (and the residual) unpacked to f32
@@ -695,12 +775,36 @@ impl Backend for CudaBackend {
     fn eval_storage(&self) -> ActStorage {
         // bf16 only where the convolutions round their activation operand to bf16 anyway.
         match (self.eval_storage, self.precision()) {
-            (EvalStorage::Auto | EvalStorage::Bf16, Precision::Bf16) => ActStorage::Bf16,
+            (StorageChoice::Auto | StorageChoice::Bf16, Precision::Bf16) => ActStorage::Bf16,
             _ => ActStorage::F32,
         }
     }
     fn force_f32_eval_storage(&mut self) {
-        self.eval_storage = EvalStorage::F32;
+        self.eval_storage = StorageChoice::F32;
+    }
+    fn train_storage(&self) -> ActStorage {
+        // As the eval storage, and only on a channels-last training backbone.
+        match (self.train_storage, self.precision()) {
+            (StorageChoice::Auto | StorageChoice::Bf16, Precision::Bf16)
+                if self.channels_last_train() =>
+            {
+                ActStorage::Bf16
+            }
+            _ => ActStorage::F32,
+        }
+    }
+    fn force_f32_train_storage(&mut self) {
+        self.train_storage = StorageChoice::F32;
+    }
+    unsafe fn pack_bf16_unchecked(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        channels::pack_bf16(self, x.len(), x, y)
+    }
+    unsafe fn unpack_bf16_unchecked(
+        &self,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        channels::unpack_bf16(self, y.len(), x, y)
     }
     fn storage_slots(&self, st: ActStorage, values: usize) -> usize {
         match st {
@@ -990,6 +1094,80 @@ impl Backend for CudaBackend {
         self.give_scratch_f64(part_s);
         self.give_scratch_f64(part_q);
         r
+    }
+    unsafe fn conv2d_bn_train_fwd_nhwc_bf16_unchecked(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &mut CudaSlice<f32>,
+        running_var: &mut CudaSlice<f32>,
+        save_mean: &mut CudaSlice<f32>,
+        save_invstd: &mut CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+    ) -> Result<()> {
+        // By conversions (the statistics those of the rounded z); the native kernel, once
+        // wired, through `train_fwd_nhwc_bf16_from_partials`.
+        conv2d_bn_train_fwd_nhwc_bf16_by_conversions(
+            self,
+            s,
+            bn,
+            x,
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            z,
+            y,
+            residual,
+            relu,
+        )
+    }
+    unsafe fn batchnorm_bwd_nhwc_bf16_unchecked(
+        &self,
+        s: &BatchNorm2d,
+        z: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        save_mean: &CudaSlice<f32>,
+        save_invstd: &CudaSlice<f32>,
+        dz: &mut CudaSlice<f32>,
+        dgamma: &mut CudaSlice<f32>,
+        dbeta: &mut CudaSlice<f32>,
+        relu: bool,
+    ) -> Result<()> {
+        norm::batchnorm_bwd_nhwc_bf16(
+            self,
+            s,
+            z,
+            y,
+            dy,
+            gamma,
+            save_mean,
+            save_invstd,
+            dz,
+            dgamma,
+            dbeta,
+            relu,
+        )
+    }
+    unsafe fn relu_bwd_bf16_unchecked(
+        &self,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        elementwise::relu_bwd_bf16(self, y, dy, dx)
     }
     unsafe fn conv2d_bwd_data_unchecked(
         &self,

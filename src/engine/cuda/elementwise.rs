@@ -1,5 +1,6 @@
 //! Elementwise ops on device buffers (`kernels/elementwise.cu`, mirroring
-//! `cpu/elementwise.rs`): fill, ReLU forward and backward, the residual join, in-place
+//! `cpu/elementwise.rs`): fill, ReLU forward and backward (the backward also on y in bf16
+//! storage), the residual join, in-place
 //! add and scale; grid-stride launches over the buffer.
 
 use cudarc::driver::CudaSlice;
@@ -12,6 +13,7 @@ kernels!("elementwise" {
     fill: "fill_f32",
     relu_fwd: "relu_fwd",
     relu_bwd: "relu_bwd",
+    relu_bwd_bf16: "relu_bwd_bf16",
     add_relu_fwd: "add_relu_fwd",
     add_assign: "add_assign",
     scale_assign: "scale_assign",
@@ -51,6 +53,34 @@ pub(crate) fn relu_bwd(
     dx: &mut CudaSlice<f32>,
 ) -> Result<()> {
     map2(be.stream(), "relu_bwd", &kernels(be)?.relu_bwd, y, dy, dx)
+}
+
+/// [`relu_bwd`] with y in bf16 storage (`dx.len().div_ceil(2)` slots), dy and dx f32.
+/// Lengths checked here.
+pub(crate) fn relu_bwd_bf16(
+    be: &CudaBackend,
+    y: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    dx: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_len("relu_bwd_bf16", "dy", dy.len(), dx.len())?;
+    check_len("relu_bwd_bf16", "y", y.len(), dx.len().div_ceil(2))?;
+    if dx.is_empty() {
+        return Ok(());
+    }
+    let n = dim(dx.len())?;
+    let cfg = grid(dx.len());
+    // SAFETY: the kernel reads n values of y (n.div_ceil(2) slots) and of dy, writes n of dx.
+    unsafe {
+        kernels(be)?
+            .relu_bwd_bf16
+            .on(be.stream())
+            .arg(y)
+            .arg(dy)
+            .arg(dx)
+            .arg(&n)
+            .launch(cfg)
+    }
 }
 
 pub(crate) fn add_relu_fwd(

@@ -9,7 +9,8 @@
 //! take the same combine and elementwise passes (the channel of element i is `i % c`:
 //! [`Layout::Nhwc`]), the training forward from a convolution's partials
 //! ([`batchnorm_train_from_partials_nhwc`]) and the backward ([`batchnorm_bwd_nhwc`], its
-//! sums by `bn_bwd_partial_nhwc`, coalesced along the channels).
+//! sums by `bn_bwd_partial_nhwc`, coalesced along the channels), and both on activations
+//! in bf16 storage ([`batchnorm_train_from_partials_nhwc_bf16`], [`batchnorm_bwd_nhwc_bf16`]).
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
@@ -23,13 +24,16 @@ kernels!("norm" {
     finalize_mean: "bn_finalize_mean",
     finalize_var: "bn_finalize_var",
     apply: "bn_apply",
+    apply_bf16: "bn_apply_bf16",
     eval_fwd: "bn_eval_fwd",
     eval_fold: "bn_eval_fold",
     stats_finalize: "bn_stats_finalize",
     bwd_partial: "bn_bwd_partial",
     bwd_partial_nhwc: "bn_bwd_partial_nhwc",
+    bwd_partial_nhwc_bf16: "bn_bwd_partial_nhwc_bf16",
     bwd_finalize: "bn_bwd_finalize",
     bwd_apply: "bn_bwd_apply",
+    bwd_apply_bf16: "bn_bwd_apply_bf16",
 });
 
 fn kernels(be: &CudaBackend) -> Result<&Kernels> {
@@ -43,6 +47,10 @@ enum Layout {
     Nchw,
     /// Channels-last (NHWC, `[n * hw, c]`): element i is of channel `i % c`.
     Nhwc,
+    /// Channels-last in bf16 storage (`precision::ActStorage::Bf16`: value i the 16-bit half
+    /// at index i of the buffer): the activations a kernel reads (z, y, the residual) read
+    /// exactly, the one it writes (y forward, dz backward) rounded to nearest even.
+    NhwcBf16,
 }
 
 impl Layout {
@@ -50,7 +58,7 @@ impl Layout {
     fn kernel_hw(self, s: &BatchNorm2d) -> usize {
         match self {
             Layout::Nchw => s.hw,
-            Layout::Nhwc => 1,
+            Layout::Nhwc | Layout::NhwcBf16 => 1,
         }
     }
 }
@@ -256,7 +264,52 @@ pub(crate) fn batchnorm_train_from_partials_nhwc(
     )
 }
 
-/// The two above, z, y and the residual in `layout`.
+/// [`batchnorm_train_from_partials_nhwc`] on z, y and the residual in bf16 storage
+/// (`Layout::NhwcBf16`): the same combine of the partials (which must be those of the
+/// ROUNDED z, as the backward reads it), then `bn_apply_bf16` reading z and the residual
+/// exactly and writing y rounded to bf16. The caller checked the lengths (z, y, residual:
+/// `s.len().div_ceil(2)` slots).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batchnorm_train_from_partials_nhwc_bf16(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    part_s: &CudaSlice<f64>,
+    part_q: &CudaSlice<f64>,
+    tiles: usize,
+    tile: usize,
+    z: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    running_mean: &mut CudaSlice<f32>,
+    running_var: &mut CudaSlice<f32>,
+    save_mean: &mut CudaSlice<f32>,
+    save_invstd: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    residual: Option<&CudaSlice<f32>>,
+    relu: bool,
+) -> Result<()> {
+    from_partials(
+        be,
+        s,
+        part_s,
+        part_q,
+        tiles,
+        tile,
+        z,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        save_mean,
+        save_invstd,
+        y,
+        residual,
+        relu,
+        Layout::NhwcBf16,
+    )
+}
+
+/// The three above, z, y and the residual in `layout`.
 #[allow(clippy::too_many_arguments)]
 fn from_partials(
     be: &CudaBackend,
@@ -338,7 +391,11 @@ unsafe fn apply(
     layout: Layout,
 ) -> Result<()> {
     let ints = int_args([s.len(), s.c, layout.kernel_hw(s), relu as usize])?;
-    let mut l = k.apply.on(be.stream());
+    let kernel = match layout {
+        Layout::NhwcBf16 => &k.apply_bf16,
+        Layout::Nchw | Layout::Nhwc => &k.apply,
+    };
+    let mut l = kernel.on(be.stream());
     l.arg(x)
         .arg(gamma)
         .arg(beta)
@@ -507,7 +564,37 @@ pub(crate) fn batchnorm_bwd_nhwc(
     )
 }
 
-/// The two above: the inputs x, y, dy, gamma, save_mean, save_invstd in that order.
+/// [`batchnorm_bwd_nhwc`] with x and y in bf16 storage and dx written in bf16 storage
+/// (rounded; `Layout::NhwcBf16`), dy f32: the same partial sums (`bn_bwd_partial_nhwc_bf16`),
+/// finalize and elementwise pass (`bn_bwd_apply_bf16`). The caller checked the lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batchnorm_bwd_nhwc_bf16(
+    be: &CudaBackend,
+    s: &BatchNorm2d,
+    x: &CudaSlice<f32>,
+    y: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    save_mean: &CudaSlice<f32>,
+    save_invstd: &CudaSlice<f32>,
+    dx: &mut CudaSlice<f32>,
+    dgamma: &mut CudaSlice<f32>,
+    dbeta: &mut CudaSlice<f32>,
+    relu: bool,
+) -> Result<()> {
+    bwd(
+        be,
+        s,
+        [x, y, dy, gamma, save_mean, save_invstd],
+        dx,
+        dgamma,
+        dbeta,
+        relu,
+        Layout::NhwcBf16,
+    )
+}
+
+/// The three above: the inputs x, y, dy, gamma, save_mean, save_invstd in that order.
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     be: &CudaBackend,
@@ -529,7 +616,7 @@ fn bwd(
     }
     let (red, per_c, split, chunk) = match layout {
         Layout::Nchw => reduction(be, "batchnorm_bwd", s)?,
-        Layout::Nhwc => {
+        Layout::Nhwc | Layout::NhwcBf16 => {
             // Blocks of 256 threads over (chunk of pixels, tile of channels).
             let ct = nhwc_channel_tile(s.c);
             let tiles = s.c.div_ceil(ct);
@@ -571,18 +658,21 @@ fn bwd(
                     .arg(&mut part2)
                     .ints(&[n, c, hw, chunk, relu])
                     .launch(red)?,
-                Layout::Nhwc => k
-                    .bwd_partial_nhwc
-                    .on(st)
-                    .arg(x)
-                    .arg(y)
-                    .arg(dy)
-                    .arg(save_mean)
-                    .arg(save_invstd)
-                    .arg(&mut part1)
-                    .arg(&mut part2)
-                    .ints(&[cnt, c, ct, chunk, relu])
-                    .launch(red)?,
+                Layout::Nhwc | Layout::NhwcBf16 => (if layout == Layout::Nhwc {
+                    &k.bwd_partial_nhwc
+                } else {
+                    &k.bwd_partial_nhwc_bf16
+                })
+                .on(st)
+                .arg(x)
+                .arg(y)
+                .arg(dy)
+                .arg(save_mean)
+                .arg(save_invstd)
+                .arg(&mut part1)
+                .arg(&mut part2)
+                .ints(&[cnt, c, ct, chunk, relu])
+                .launch(red)?,
             }
             k.bwd_finalize
                 .on(st)
@@ -593,20 +683,24 @@ fn bwd(
                 .arg(dbeta)
                 .ints(&[c, split])
                 .launch(per_c)?;
-            k.bwd_apply
-                .on(st)
-                .arg(x)
-                .arg(y)
-                .arg(dy)
-                .arg(gamma)
-                .arg(save_mean)
-                .arg(save_invstd)
-                .arg(&stats)
-                .arg(dx)
-                .ints(&[total, c, apply_hw])
-                .arg(&count)
-                .arg(&relu)
-                .launch(grid(s.len()))
+            (if layout == Layout::NhwcBf16 {
+                &k.bwd_apply_bf16
+            } else {
+                &k.bwd_apply
+            })
+            .on(st)
+            .arg(x)
+            .arg(y)
+            .arg(dy)
+            .arg(gamma)
+            .arg(save_mean)
+            .arg(save_invstd)
+            .arg(&stats)
+            .arg(dx)
+            .ints(&[total, c, apply_hw])
+            .arg(&count)
+            .arg(&relu)
+            .launch(grid(s.len()))
         }
     })();
     be.give_scratch_f64(part1);
