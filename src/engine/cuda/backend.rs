@@ -29,7 +29,7 @@ use crate::engine::backend::{
     conv2d_bn_eval_fwd_nhwc_by_transposes, conv2d_bn_train_fwd_nhwc_bf16_by_conversions,
     conv2d_bn_train_fwd_nhwc_by_transposes, conv2d_bwd_data_nhwc_by_transposes,
     conv2d_bwd_weight_nhwc_by_transposes, eval_unit_through_scratch, nchw_between_layout_changes,
-    Backend,
+    through_bf16_storage, Backend,
 };
 use crate::engine::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
@@ -534,10 +534,10 @@ impl CudaBackend {
     /// the two partial buffers of `c_out * tiles` values, taken here), then
     /// [`norm::batchnorm_train_from_partials_nhwc_bf16`] (the combine, then one pass reading z
     /// and the residual in bf16 storage, writing y rounded). What
-    /// [`Backend::conv2d_bn_train_fwd_nhwc_bf16`] takes where a native bf16-storage kernel
-    /// runs the shape (wired at merge; nothing calls it before). `None` for an empty output
-    /// or reduction (the caller runs by conversions). Lengths as that op checks them.
-    #[allow(clippy::too_many_arguments, dead_code)]
+    /// [`Backend::conv2d_bn_train_fwd_nhwc_bf16`] takes where the native bf16-storage kernel
+    /// runs the shape. `None` for an empty output or reduction (the caller runs by
+    /// conversions). Lengths as that op checks them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn train_fwd_nhwc_bf16_from_partials(
         &self,
         s: &Conv2d,
@@ -1112,8 +1112,33 @@ impl Backend for CudaBackend {
         residual: Option<&CudaSlice<f32>>,
         relu: bool,
     ) -> Result<()> {
-        // By conversions (the statistics those of the rounded z); the native kernel, once
-        // wired, through `train_fwd_nhwc_bf16_from_partials`.
+        // The native bf16-storage kernel where it runs the shape (bf16: x and z in bf16, the
+        // partials of the rounded z), else by conversions (the statistics those of the
+        // rounded z too).
+        if self.conv_fwd_stats_nhwc_bf16s_native(s) {
+            let done = self.train_fwd_nhwc_bf16_from_partials(
+                s,
+                bn,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                z,
+                y,
+                residual,
+                relu,
+                |z, part_s, part_q| {
+                    // SAFETY: x, w and z hold the lengths `s` gives in bf16 storage (the
+                    // trait op checked them), part_s and part_q c_out * tiles values.
+                    unsafe { self.conv2d_fwd_stats_nhwc_bf16s_native(s, x, w, z, part_s, part_q) }
+                },
+            );
+            if let Some(r) = done {
+                return r;
+            }
+        }
         conv2d_bn_train_fwd_nhwc_bf16_by_conversions(
             self,
             s,
@@ -1160,6 +1185,40 @@ impl Backend for CudaBackend {
             dbeta,
             relu,
         )
+    }
+    unsafe fn conv2d_bwd_data_nhwc_bf16_unchecked(
+        &self,
+        s: &Conv2d,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // The native kernel on dy in bf16 storage where it runs the shape (bf16), else dy
+        // unpacked into scratch and the f32-storage op.
+        if self.conv_bwd_data_nhwc_bf16s_native(s) {
+            // SAFETY: dy (bf16 storage), w and dx hold the lengths `s` gives (checked).
+            return unsafe { self.conv2d_bwd_data_nhwc_bf16s_native(s, dy, w, dx) };
+        }
+        through_bf16_storage(self, &[(dy, s.y_len())], &mut [], |i, _| {
+            self.conv2d_bwd_data_nhwc(s, &i[0], w, dx)
+        })
+    }
+    unsafe fn conv2d_bwd_weight_nhwc_bf16_unchecked(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // The native kernel on x and dy in bf16 storage where it runs the shape (bf16), else
+        // both unpacked into scratch and the f32-storage op.
+        if self.conv_bwd_weight_nhwc_bf16s_native(s) {
+            // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (checked).
+            return unsafe { self.conv2d_bwd_weight_nhwc_bf16s_native(s, x, dy, dw) };
+        }
+        through_bf16_storage(self, &[(x, s.x_len()), (dy, s.y_len())], &mut [], |i, _| {
+            self.conv2d_bwd_weight_nhwc(s, &i[0], &i[1], dw)
+        })
     }
     unsafe fn relu_bwd_bf16_unchecked(
         &self,
