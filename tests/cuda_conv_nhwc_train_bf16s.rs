@@ -35,7 +35,7 @@
 
 mod common;
 use common::cuda::{device, rel_err, round};
-use common::nhwc::to_nhwc;
+use common::nhwc::{bf16_value, halves, pack, to_nhwc, ulps};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -101,38 +101,6 @@ fn shapes() -> Vec<(Conv2d, &'static str)> {
         // 1x1 with c_in 10 (K padded to 16 in the weight copy), odd 7x7.
         (conv(1, 10, 7, 7, 136, 1, 1, 0), "1x1 c_in 10, x 4 / dy 16"),
     ]
-}
-
-/// `v` in bf16 storage: value i in the 16-bit half i (little-endian halves of the f32 slots).
-fn pack(v: &[f32]) -> Vec<f32> {
-    let mut out = vec![0u32; v.len().div_ceil(2)];
-    for (i, &x) in v.iter().enumerate() {
-        out[i / 2] |= u32::from(bf16_bits(x)) << (16 * (i % 2));
-    }
-    out.into_iter().map(f32::from_bits).collect()
-}
-
-/// The first `len` halves of bf16 storage.
-fn halves(slots: &[f32], len: usize) -> Vec<u16> {
-    (0..len)
-        .map(|i| (slots[i / 2].to_bits() >> (16 * (i % 2))) as u16)
-        .collect()
-}
-
-fn bf16_value(h: u16) -> f32 {
-    f32::from_bits(u32::from(h) << 16)
-}
-
-/// Distance in bf16 ulps (across zero: +0 and -0 are one point).
-fn ulps(a: u16, b: u16) -> u32 {
-    let ord = |h: u16| {
-        if h & 0x8000 != 0 {
-            -i32::from(h & 0x7fff)
-        } else {
-            i32::from(h)
-        }
-    };
-    ord(a).abs_diff(ord(b))
 }
 
 /// How far apart (absolutely) z and the CPU's rounded result may be where they are more than 1

@@ -41,13 +41,12 @@
 
 mod common;
 use common::cuda::{device, rel_err, round};
-use common::nhwc::to_nhwc;
+use common::nhwc::{pack_tail, to_nhwc};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
-use ichcam::engine::precision::bf16_bits;
 use ichcam::engine::{Backend, Conv2d, Precision};
 
 fn main() {
@@ -321,16 +320,7 @@ fn bf16s_path(c: usize) -> &'static str {
 /// slots), rounded to nearest even; an odd length's unused last half a bf16 NaN (0xFFFF:
 /// read, it would poison every dw it touched).
 fn pack(v: &[f32]) -> Vec<f32> {
-    let mut out = vec![0u32; v.len().div_ceil(2)];
-    for (i, &x) in v.iter().enumerate() {
-        out[i / 2] |= u32::from(bf16_bits(x)) << (16 * (i % 2));
-    }
-    if v.len() % 2 == 1 {
-        if let Some(last) = out.last_mut() {
-            *last |= 0xFFFF_0000;
-        }
-    }
-    out.into_iter().map(f32::from_bits).collect()
+    pack_tail(v, 0xFFFF)
 }
 
 /// The bf16-storage weight gradient on `g`: x and dy (NCHW, bf16-exact) transposed to NHWC

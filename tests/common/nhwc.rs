@@ -2,11 +2,13 @@
 //! activations) and tests/cuda_conv_nhwc_bf16s.rs (bf16 storage): the shapes, layout changes
 //! on the host, the batch-norm parameters and the CPU reference (NCHW, transposed here); and
 //! the small models of the channels-last model tests (tests/eval_nhwc.rs,
-//! tests/eval_bf16_storage.rs).
+//! tests/eval_bf16_storage.rs); bf16 storage on the host ([`pack`], [`halves`], [`ulps`]:
+//! the bf16-storage kernels' tests).
 
 use super::rng::SplitMix64;
 use super::shapes::conv;
 use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::precision::bf16_bits;
 use ichcam::engine::{Backend, BatchNorm2d, Conv2d};
 use ichcam::model::{BlockKind, ModelConfig};
 
@@ -121,4 +123,49 @@ pub fn eval_configs() -> [ModelConfig; 2] {
         },
         ModelConfig::tiny(),
     ]
+}
+
+/// `v` in bf16 storage: value i (rounded to nearest even) in the 16-bit half i (little-endian
+/// halves of the f32 slots); an odd length's unused last half 0.
+pub fn pack(v: &[f32]) -> Vec<f32> {
+    pack_tail(v, 0)
+}
+
+/// [`pack`] with an odd length's unused last half set to `tail` (0xFFFF: a bf16 NaN, which
+/// would poison whatever read it).
+pub fn pack_tail(v: &[f32], tail: u16) -> Vec<f32> {
+    let mut out = vec![0u32; v.len().div_ceil(2)];
+    for (i, &x) in v.iter().enumerate() {
+        out[i / 2] |= u32::from(bf16_bits(x)) << (16 * (i % 2));
+    }
+    if v.len() % 2 == 1 {
+        if let Some(last) = out.last_mut() {
+            *last |= u32::from(tail) << 16;
+        }
+    }
+    out.into_iter().map(f32::from_bits).collect()
+}
+
+/// The first `len` halves of bf16 storage.
+pub fn halves(slots: &[f32], len: usize) -> Vec<u16> {
+    (0..len)
+        .map(|i| (slots[i / 2].to_bits() >> (16 * (i % 2))) as u16)
+        .collect()
+}
+
+/// The f32 value of bf16 bits.
+pub fn bf16_value(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// Distance in bf16 ulps (across zero: +0 and -0 are one point).
+pub fn ulps(a: u16, b: u16) -> u32 {
+    let ord = |h: u16| {
+        if h & 0x8000 != 0 {
+            -i32::from(h & 0x7fff)
+        } else {
+            i32::from(h)
+        }
+    };
+    ord(a).abs_diff(ord(b))
 }
