@@ -376,19 +376,19 @@ impl CudaBackend {
 
     /// Whether [`CudaBackend::conv2d_fwd_stats_nhwc_native`] runs `s` at this backend's
     /// precision: where the channels-last eval forward does
-    /// ([`CudaBackend::conv_bn_eval_nhwc_native`]: tf32 and bf16, not with
+    /// (`CudaBackend::conv_bn_eval_nhwc_native`: tf32 and bf16, not with
     /// [`MmaRoute::Never`], any shape the 32-bit indexing holds) and the statistics epilogue
-    /// applies ([`stats_tiles`]: a non-empty output and reduction).
+    /// applies (`stats_tiles`: a non-empty output and reduction).
     pub fn conv_fwd_stats_nhwc_native(&self, s: &Conv2d) -> bool {
         self.conv_bn_eval_nhwc_native(s) && stats_tiles(s).is_some()
     }
 
     /// The channels-last training forward: `z = conv(x, w)` with `x` `[n][h][w][c_in]`, `z`
     /// `[n][out_h][out_w][c_out]`, `w` OIHW, that also writes the batch-norm partial
-    /// statistics exactly as [`conv2d_fwd_stats`] does (per output channel c and tile t of 64
+    /// statistics exactly as `conv2d_fwd_stats` does (per output channel c and tile t of 64
     /// pixels in order n, oh, ow, `part_s[c * tiles + t]` the sum of z over the tile and
     /// `part_q[c * tiles + t]` the sum of its squared deviations from the tile's mean, f64;
-    /// `tiles` = [`stats_tiles`]), so `norm::batchnorm_train_from_partials`'s combine step
+    /// `tiles` = `stats_tiles`), so `norm::batchnorm_train_from_partials`'s combine step
     /// takes them unchanged. One launch of `conv2d_fwd_stats_mma_nhwc_*` (128x128 tiles, one
     /// split) after, for a kernel larger than 1x1 (and `c_in > 1`), the weights' OHWI copy in
     /// arena scratch: nothing allocated once warm, so capturable in a graph. An error where
@@ -729,7 +729,7 @@ impl CudaBackend {
         r
     }
 
-    /// [`CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native`] with the lengths checked (x and z
+    /// `CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native` with the lengths checked (x and z
     /// in bf16 storage: `len.div_ceil(2)` slots; the partials `c_out * tiles` each): tests and
     /// benchmarks, which need the raw partials; the backend op `conv2d_bn_train_fwd_nhwc_bf16`
     /// is the model's way in.
@@ -759,7 +759,7 @@ impl CudaBackend {
         unsafe { self.conv2d_fwd_stats_nhwc_bf16s_native(s, x, w, z, part_s, part_q) }
     }
 
-    /// [`CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`] with the lengths checked (dy in bf16
+    /// `CudaBackend::conv2d_bwd_data_nhwc_bf16s_native` with the lengths checked (dy in bf16
     /// storage: `y_len.div_ceil(2)` slots): tests and benchmarks; the backend op
     /// `conv2d_bwd_data_nhwc_bf16` is the model's way in.
     pub fn conv2d_bwd_data_nhwc_bf16s_checked(
@@ -1844,7 +1844,7 @@ impl CudaBackend {
         unsafe { launch_split(self, OP, kern, tiling, grid_xy, k, x, dy, dw, &g, None) }
     }
 
-    /// [`CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`] with the bf16-storage lengths
+    /// `CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native` with the bf16-storage lengths
     /// checked (`x` `s.x_len().div_ceil(2)` slots, `dy` `s.y_len().div_ceil(2)`, `dw`
     /// `s.w_len()`): the tests' way in UNTIL the merge routes `Backend::conv2d_bwd_weight_nhwc_bf16`
     /// (helper tsm's trait op) here; then this goes and the tests call the trait op.
