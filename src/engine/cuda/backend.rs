@@ -529,17 +529,18 @@ impl CudaBackend {
         self.train_storage
     }
 
-    /// The bf16-storage training unit from a convolution that writes z in bf16 storage and
-    /// the per-(channel, pixel tile) partial statistics of the ROUNDED z (`run_conv`, given z and
-    /// the two partial buffers of `c_out * tiles` values, taken here), then
-    /// [`norm::batchnorm_train_from_partials_nhwc_bf16`] (the combine, then one pass reading z
-    /// and the residual in bf16 storage, writing y rounded). What
-    /// [`Backend::conv2d_bn_train_fwd_nhwc_bf16`] takes where the native bf16-storage kernel
-    /// runs the shape. `None` for an empty output or reduction (the caller runs by
-    /// conversions). Lengths as that op checks them.
+    /// The training unit from a convolution that writes z and the per-(channel, pixel tile)
+    /// partial statistics of z (`run_conv`, given z and the two partial buffers of
+    /// `c_out * tiles` values, taken here from the f64 arena and given back), then
+    /// [`norm::batchnorm_train_from_partials`] in `layout` (the combine, then one pass over z
+    /// that adds the residual and applies the ReLU). In bf16 storage z is written rounded and
+    /// the partials must be those of the rounded z. `None` for an empty output or reduction
+    /// (no statistics epilogue: the caller takes the separate passes). Lengths as the
+    /// `conv2d_bn_train_fwd*` ops check them.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn train_fwd_nhwc_bf16_from_partials(
+    fn train_fwd_from_partials(
         &self,
+        layout: norm::Layout,
         s: &Conv2d,
         bn: &BatchNorm2d,
         gamma: &CudaSlice<f32>,
@@ -563,7 +564,7 @@ impl CudaBackend {
             let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
             let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
             let r = run_conv(z, &mut part_s, &mut part_q).and_then(|()| {
-                norm::batchnorm_train_from_partials_nhwc_bf16(
+                norm::batchnorm_train_from_partials(
                     self,
                     bn,
                     &part_s,
@@ -580,6 +581,7 @@ impl CudaBackend {
                     y,
                     residual,
                     relu,
+                    layout,
                 )
             });
             self.give_scratch_f64(part_s);
@@ -962,48 +964,40 @@ impl Backend for CudaBackend {
         // tile, from the f64 arena; on the split-K path in the kernel that sums the splits),
         // combined per channel, then one pass over z that also adds the residual and applies
         // the ReLU (a block's join). An empty output or reduction takes the separate passes.
-        let Some(tiles) = conv::stats_tiles(s) else {
-            conv::conv2d_fwd(self, s, x, w, z)?;
-            return norm::batchnorm_train_fwd(
-                self,
-                bn,
-                z,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                save_mean,
-                save_invstd,
-                y,
-                residual,
-                relu,
-            );
-        };
-        let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
-        let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
-        let r = conv::conv2d_fwd_stats(self, s, x, w, z, &mut part_s, &mut part_q).and_then(|()| {
-            norm::batchnorm_train_from_partials(
-                self,
-                bn,
-                &part_s,
-                &part_q,
-                tiles,
-                conv::STATS_TILE,
-                z,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                save_mean,
-                save_invstd,
-                y,
-                residual,
-                relu,
-            )
-        });
-        self.give_scratch_f64(part_s);
-        self.give_scratch_f64(part_q);
-        r
+        let done = self.train_fwd_from_partials(
+            norm::Layout::Nchw,
+            s,
+            bn,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            z,
+            y,
+            residual,
+            relu,
+            |z, part_s, part_q| conv::conv2d_fwd_stats(self, s, x, w, z, part_s, part_q),
+        );
+        if let Some(r) = done {
+            return r;
+        }
+        conv::conv2d_fwd(self, s, x, w, z)?;
+        norm::batchnorm_train_fwd(
+            self,
+            bn,
+            z,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            y,
+            residual,
+            relu,
+        )
     }
     unsafe fn conv2d_bn_train_fwd_nhwc_unchecked(
         &self,
@@ -1028,72 +1022,63 @@ impl Backend for CudaBackend {
         // shape (tf32 / bf16), else the NCHW kernel between two layout changes (x in, z out;
         // its partials are a channels-last kernel's, the pixel order being the same). An
         // empty output or reduction takes the layout changes around the NCHW op.
-        let Some(tiles) = conv::stats_tiles(s) else {
-            return conv2d_bn_train_fwd_nhwc_by_transposes(
-                self,
-                s,
-                bn,
-                x,
-                w,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                save_mean,
-                save_invstd,
-                z,
-                y,
-                residual,
-                relu,
-            );
-        };
-        let conv = |z: &mut CudaSlice<f32>,
-                    part_s: &mut CudaSlice<f64>,
-                    part_q: &mut CudaSlice<f64>| {
-            if self.conv_fwd_stats_nhwc_native(s) {
-                // SAFETY: x, w and z hold the lengths `s` gives (checked by the trait
-                // op), part_s and part_q c_out * tiles values (taken above).
-                return unsafe { self.conv2d_fwd_stats_nhwc_native(s, x, w, z, part_s, part_q) };
-            }
-            let t_in = Transpose {
-                n: s.n,
-                c: s.c_in,
-                hw: s.h * s.w,
-            };
-            let t_out = Transpose {
-                n: s.n,
-                c: s.c_out,
-                hw: s.out_h() * s.out_w(),
-            };
-            nchw_between_layout_changes(self, &[(x, t_in)], &mut [(z, t_out)], |i, o| {
-                conv::conv2d_fwd_stats(self, s, &i[0], w, &mut o[0], part_s, part_q)
-            })
-        };
-        let mut part_s = self.take_scratch_f64(s.c_out * tiles)?;
-        let mut part_q = self.take_scratch_f64(s.c_out * tiles)?;
-        let r = conv(z, &mut part_s, &mut part_q).and_then(|()| {
-            norm::batchnorm_train_from_partials_nhwc(
-                self,
-                bn,
-                &part_s,
-                &part_q,
-                tiles,
-                conv::STATS_TILE,
-                z,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                save_mean,
-                save_invstd,
-                y,
-                residual,
-                relu,
-            )
-        });
-        self.give_scratch_f64(part_s);
-        self.give_scratch_f64(part_q);
-        r
+        let done = self.train_fwd_from_partials(
+            norm::Layout::Nhwc,
+            s,
+            bn,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            z,
+            y,
+            residual,
+            relu,
+            |z, part_s, part_q| {
+                if self.conv_fwd_stats_nhwc_native(s) {
+                    // SAFETY: x, w and z hold the lengths `s` gives (checked by the trait
+                    // op), part_s and part_q c_out * tiles values.
+                    return unsafe {
+                        self.conv2d_fwd_stats_nhwc_native(s, x, w, z, part_s, part_q)
+                    };
+                }
+                let t_in = Transpose {
+                    n: s.n,
+                    c: s.c_in,
+                    hw: s.h * s.w,
+                };
+                let t_out = Transpose {
+                    n: s.n,
+                    c: s.c_out,
+                    hw: s.out_h() * s.out_w(),
+                };
+                nchw_between_layout_changes(self, &[(x, t_in)], &mut [(z, t_out)], |i, o| {
+                    conv::conv2d_fwd_stats(self, s, &i[0], w, &mut o[0], part_s, part_q)
+                })
+            },
+        );
+        if let Some(r) = done {
+            return r;
+        }
+        conv2d_bn_train_fwd_nhwc_by_transposes(
+            self,
+            s,
+            bn,
+            x,
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            z,
+            y,
+            residual,
+            relu,
+        )
     }
     unsafe fn conv2d_bn_train_fwd_nhwc_bf16_unchecked(
         &self,
@@ -1116,7 +1101,8 @@ impl Backend for CudaBackend {
         // partials of the rounded z), else by conversions (the statistics those of the
         // rounded z too).
         if self.conv_fwd_stats_nhwc_bf16s_native(s) {
-            let done = self.train_fwd_nhwc_bf16_from_partials(
+            let done = self.train_fwd_from_partials(
+                norm::Layout::NhwcBf16,
                 s,
                 bn,
                 gamma,

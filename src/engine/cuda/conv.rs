@@ -296,6 +296,21 @@ fn bf16s_bwd_weight_len(s: &Conv2d) -> usize {
 }
 
 impl CudaBackend {
+    /// A native kernel's name at this backend's precision where `runs` (the bf16 or the tf32
+    /// one), else None: the `*_kernel` diagnostics.
+    fn mma_kernel_name(
+        &self,
+        runs: bool,
+        bf16: &'static str,
+        tf32: &'static str,
+    ) -> Option<&'static str> {
+        match (runs, self.precision()) {
+            (true, Precision::Bf16) => Some(bf16),
+            (true, Precision::Tf32) => Some(tf32),
+            _ => None,
+        }
+    }
+
     /// Whether [`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`] runs `s` at this backend's
     /// precision: at tf32 and bf16 (not f32: there is no channels-last SIMT kernel), unless
     /// the route is [`MmaRoute::Never`] (no `mma.sync` kernel), for every shape the kernels'
@@ -310,14 +325,11 @@ impl CudaBackend {
     /// and route (`conv2d_fwd_bn_mma_nhwc_bf16` / `_tf32`), or None where it does not run
     /// natively (at f32, or with the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        if !self.conv_bn_eval_nhwc_native(s) {
-            return None;
-        }
-        match self.precision() {
-            Precision::Bf16 => Some("conv2d_fwd_bn_mma_nhwc_bf16"),
-            Precision::Tf32 => Some("conv2d_fwd_bn_mma_nhwc_tf32"),
-            Precision::F32 => None,
-        }
+        self.mma_kernel_name(
+            self.conv_bn_eval_nhwc_native(s),
+            "conv2d_fwd_bn_mma_nhwc_bf16",
+            "conv2d_fwd_bn_mma_nhwc_tf32",
+        )
     }
 
     /// `y = act(bn_eval(conv(x, w)) (+ residual))` on channels-last activations: `x`
@@ -449,14 +461,11 @@ impl CudaBackend {
     /// `_tf32`), or None where the op takes the layout changes around the NCHW kernels instead
     /// (f32, [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bwd_data_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        if !self.conv_bwd_data_nhwc_native(s) {
-            return None;
-        }
-        match self.precision() {
-            Precision::Bf16 => Some("conv2d_bwd_data_mma_nhwc_bf16"),
-            Precision::Tf32 => Some("conv2d_bwd_data_mma_nhwc_tf32"),
-            Precision::F32 => None,
-        }
+        self.mma_kernel_name(
+            self.conv_bwd_data_nhwc_native(s),
+            "conv2d_bwd_data_mma_nhwc_bf16",
+            "conv2d_bwd_data_mma_nhwc_tf32",
+        )
     }
 
     /// The channels-last data gradient: `dx = conv_transpose(dy, w)` with `dy`
@@ -1718,14 +1727,11 @@ impl CudaBackend {
     /// precision and route (`conv2d_bwd_weight_mma_nhwc_bf16` / `_tf32`), or None where it
     /// does not run natively; diagnostics and tests.
     pub fn conv_bwd_weight_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        if !self.conv_bwd_weight_nhwc_native(s) {
-            return None;
-        }
-        match self.precision() {
-            Precision::Bf16 => Some("conv2d_bwd_weight_mma_nhwc_bf16"),
-            Precision::Tf32 => Some("conv2d_bwd_weight_mma_nhwc_tf32"),
-            Precision::F32 => None,
-        }
+        self.mma_kernel_name(
+            self.conv_bwd_weight_nhwc_native(s),
+            "conv2d_bwd_weight_mma_nhwc_bf16",
+            "conv2d_bwd_weight_mma_nhwc_tf32",
+        )
     }
 
     /// `dw = sum over the batch of x (*) dy` on channels-last activations: `x`

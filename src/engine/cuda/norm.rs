@@ -7,10 +7,10 @@
 //! normalisation can add a residual block's shortcut and apply its ReLU in the same pass
 //! (`bn_apply`; `Backend::conv2d_bn_train_fwd`'s join). Channels-last (NHWC) activations
 //! take the same combine and elementwise passes (the channel of element i is `i % c`:
-//! [`Layout::Nhwc`]), the training forward from a convolution's partials
-//! ([`batchnorm_train_from_partials_nhwc`]) and the backward ([`batchnorm_bwd_nhwc`], its
-//! sums by `bn_bwd_partial_nhwc`, coalesced along the channels), and both on activations
-//! in bf16 storage ([`batchnorm_train_from_partials_nhwc_bf16`], [`batchnorm_bwd_nhwc_bf16`]).
+//! [`Layout::Nhwc`]), the training forward from a convolution's partials (the same
+//! function, [`Layout`] given) and the backward ([`batchnorm_bwd_nhwc`], its sums by
+//! `bn_bwd_partial_nhwc`, coalesced along the channels), and both on activations in bf16
+//! storage ([`Layout::NhwcBf16`], [`batchnorm_bwd_nhwc_bf16`]).
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
@@ -42,7 +42,7 @@ fn kernels(be: &CudaBackend) -> Result<&Kernels> {
 
 /// The layout of a batch norm's activations `[n, c, hw]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Layout {
+pub(crate) enum Layout {
     /// NCHW: element i is of channel `(i / hw) % c`.
     Nchw,
     /// Channels-last (NHWC, `[n * hw, c]`): element i is of channel `i % c`.
@@ -170,148 +170,21 @@ pub(crate) fn batchnorm_train_fwd(
 }
 
 /// [`batchnorm_train_fwd`] of `z` when its statistics come from the convolution that wrote it
-/// (`conv::conv2d_fwd_stats`): per channel c and pixel tile t (`tile` consecutive values of
-/// the channel's n*hw, the last one shorter), `part_s[c * tiles + t]` the tile's sum and
+/// (`conv::conv2d_fwd_stats` and its channels-last twins): per channel c and pixel tile t
+/// (`tile` consecutive values of the channel's n*hw in pixel order n, oh, ow, the last one
+/// shorter: the same in both layouts), `part_s[c * tiles + t]` the tile's sum and
 /// `part_q[c * tiles + t]` its sum of squared deviations from its own mean. One block per
 /// channel combines them exactly (`bn_stats_finalize`: mean, then the squared deviations as
 /// the tiles' own plus `n_t * (mean_t - mean)^2`, no cancellation), updates the running
 /// stats and saves mean and invstd as [`batchnorm_train_fwd`] does; then `bn_apply` reads z
-/// once (and the residual, when there is one: `y = act(bn(z) + residual)`). The caller
-/// checked the lengths (`part_s`, `part_q`: `c * tiles`; the residual z's).
+/// once (and the residual, when there is one: `y = act(bn(z) + residual)`) in `layout`: NCHW,
+/// channels-last (the channel of element i is `i % c`: bit for bit the NCHW result,
+/// transposed), or channels-last in bf16 storage (`bn_apply_bf16`: z and the residual read
+/// exactly, y written rounded; the partials must then be those of the ROUNDED z, as the
+/// backward reads it). The caller checked the lengths (`part_s`, `part_q`: `c * tiles`; z,
+/// y, the residual: `s.len()`, or `s.len().div_ceil(2)` slots in bf16 storage).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batchnorm_train_from_partials(
-    be: &CudaBackend,
-    s: &BatchNorm2d,
-    part_s: &CudaSlice<f64>,
-    part_q: &CudaSlice<f64>,
-    tiles: usize,
-    tile: usize,
-    z: &CudaSlice<f32>,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    running_mean: &mut CudaSlice<f32>,
-    running_var: &mut CudaSlice<f32>,
-    save_mean: &mut CudaSlice<f32>,
-    save_invstd: &mut CudaSlice<f32>,
-    y: &mut CudaSlice<f32>,
-    residual: Option<&CudaSlice<f32>>,
-    relu: bool,
-) -> Result<()> {
-    from_partials(
-        be,
-        s,
-        part_s,
-        part_q,
-        tiles,
-        tile,
-        z,
-        gamma,
-        beta,
-        running_mean,
-        running_var,
-        save_mean,
-        save_invstd,
-        y,
-        residual,
-        relu,
-        Layout::Nchw,
-    )
-}
-
-/// [`batchnorm_train_from_partials`] on channels-last z, y and residual (`[n * hw, c]`,
-/// NHWC): the same partials (per channel and tile of 64 consecutive pixels; the pixel order
-/// n, oh, ow is the same in both layouts, so a channels-last convolution's epilogue writes
-/// them as the NCHW one does), the same combine (`bn_stats_finalize`), then `bn_apply` on
-/// NHWC elements: bit for bit the NCHW function's result, transposed. The caller checked
-/// the lengths.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn batchnorm_train_from_partials_nhwc(
-    be: &CudaBackend,
-    s: &BatchNorm2d,
-    part_s: &CudaSlice<f64>,
-    part_q: &CudaSlice<f64>,
-    tiles: usize,
-    tile: usize,
-    z: &CudaSlice<f32>,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    running_mean: &mut CudaSlice<f32>,
-    running_var: &mut CudaSlice<f32>,
-    save_mean: &mut CudaSlice<f32>,
-    save_invstd: &mut CudaSlice<f32>,
-    y: &mut CudaSlice<f32>,
-    residual: Option<&CudaSlice<f32>>,
-    relu: bool,
-) -> Result<()> {
-    from_partials(
-        be,
-        s,
-        part_s,
-        part_q,
-        tiles,
-        tile,
-        z,
-        gamma,
-        beta,
-        running_mean,
-        running_var,
-        save_mean,
-        save_invstd,
-        y,
-        residual,
-        relu,
-        Layout::Nhwc,
-    )
-}
-
-/// [`batchnorm_train_from_partials_nhwc`] on z, y and the residual in bf16 storage
-/// (`Layout::NhwcBf16`): the same combine of the partials (which must be those of the
-/// ROUNDED z, as the backward reads it), then `bn_apply_bf16` reading z and the residual
-/// exactly and writing y rounded to bf16. The caller checked the lengths (z, y, residual:
-/// `s.len().div_ceil(2)` slots).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn batchnorm_train_from_partials_nhwc_bf16(
-    be: &CudaBackend,
-    s: &BatchNorm2d,
-    part_s: &CudaSlice<f64>,
-    part_q: &CudaSlice<f64>,
-    tiles: usize,
-    tile: usize,
-    z: &CudaSlice<f32>,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    running_mean: &mut CudaSlice<f32>,
-    running_var: &mut CudaSlice<f32>,
-    save_mean: &mut CudaSlice<f32>,
-    save_invstd: &mut CudaSlice<f32>,
-    y: &mut CudaSlice<f32>,
-    residual: Option<&CudaSlice<f32>>,
-    relu: bool,
-) -> Result<()> {
-    from_partials(
-        be,
-        s,
-        part_s,
-        part_q,
-        tiles,
-        tile,
-        z,
-        gamma,
-        beta,
-        running_mean,
-        running_var,
-        save_mean,
-        save_invstd,
-        y,
-        residual,
-        relu,
-        Layout::NhwcBf16,
-    )
-}
-
-/// The three above, z, y and the residual in `layout`.
-#[allow(clippy::too_many_arguments)]
-fn from_partials(
     be: &CudaBackend,
     s: &BatchNorm2d,
     part_s: &CudaSlice<f64>,
