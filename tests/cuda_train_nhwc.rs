@@ -11,7 +11,7 @@
 //!   kernel within 1e-6 (its f64 sums run in another order: the bits may differ);
 //! - `conv2d_bn_train_fwd_nhwc` (at f32 the NCHW convolution with its statistics epilogue
 //!   between layout changes, at tf32 / bf16 the native channels-last one, then
-//!   `norm::batchnorm_train_from_partials_nhwc`: the partials' combine, the normalisation
+//!   `norm::batchnorm_train_from_partials` channels-last: the partials' combine, the normalisation
 //!   pass on NHWC z): at f32 the CUDA NCHW op transposed bit for bit (z, y, running
 //!   statistics, saved mean and invstd), with and without residual and ReLU, and within
 //!   1e-5 / 1e-3 / 1e-2 of the CPU reference at f32 / tf32 / bf16;
