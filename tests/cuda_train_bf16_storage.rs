@@ -258,8 +258,21 @@ fn bn_bwd_nhwc_bf16_matches_cpu() {
                 "{what}: {differ} of {} stored dz values differ from the CPU's",
                 s.len()
             );
-            let eg = rel_err(&g.download(&dg).expect("dg"), &wg);
-            let eb = rel_err(&g.download(&db).expect("db"), &wb);
+            // dgamma and dbeta per channel against the size of their terms (a one-channel
+            // sum of 74 terms may cancel to near zero: seen 1.3e-5 relative to the sum itself
+            // with ICHCAM_SEED=11043604918336307386), within 1e-5 of sum |term|.
+            let (gg, gb) = (g.download(&dg).expect("dg"), g.download(&db).expect("db"));
+            let (mut eg, mut eb) = (0.0f64, 0.0f64);
+            for k in 0..ch {
+                let (mut sg, mut sb) = (1e-30f64, 1e-30f64);
+                for i in (k..s.len()).step_by(ch) {
+                    let d = f64::from(dy[i]).abs();
+                    sb += d;
+                    sg += d * (f64::from(z[i]) - f64::from(sm[k])).abs() * f64::from(si[k]);
+                }
+                eg = eg.max((f64::from(gg[k]) - f64::from(wg[k])).abs() / sg);
+                eb = eb.max((f64::from(gb[k]) - f64::from(wb[k])).abs() / sb);
+            }
             assert!(eg < 1e-5 && eb < 1e-5, "{what}: dgamma {eg:e} dbeta {eb:e}");
             println!("{what}: dz {e:.2e} dgamma {eg:.2e} dbeta {eb:.2e}");
         }
