@@ -1,12 +1,15 @@
 //! The channels-last training convolutions on activations stored in bf16 (`kernels/conv_tc.cu`,
 //! `--precision bf16`): the forward with the batch-statistics epilogue
-//! (`conv2d_fwd_stats_mma_nhwc_bf16s`, through `CudaBackend::conv2d_fwd_stats_nhwc_bf16s_checked`:
-//! x `[n][h][w][c_in]` and z `[n][oh][ow][c_out]` bf16 values two to an f32 slot, value i in the
-//! 16-bit half i of the buffer, OIHW f32 weights copied to bf16 per call; the partials f64 as
-//! `conv2d_fwd_stats`'s, of the ROUNDED z) and the data gradient (`conv2d_bwd_data_mma_nhwc_bf16s`,
-//! through `CudaBackend::conv2d_bwd_data_nhwc_bf16s_checked`: dy bf16 storage, dx f32), each shape
-//! first asserted to take the kernel, every output poisoned first (0xFFFF halves = bf16 NaN; NaN
-//! for dx and the partials).
+//! (`conv2d_fwd_stats_mma_nhwc_bf16s`, through `CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native`,
+//! public and unsafe as its f32-storage sibling is, for the raw partials, the lengths right by
+//! construction here; and through the backend op `Backend::conv2d_bn_train_fwd_nhwc_bf16`, which
+//! CUDA routes to it: x `[n][h][w][c_in]` and z `[n][oh][ow][c_out]` bf16 values two to an f32
+//! slot, value i in the 16-bit half i of the buffer, OIHW f32 weights copied to bf16 per call;
+//! the partials f64 as `conv2d_fwd_stats`'s, of the ROUNDED z) and the data gradient
+//! (`conv2d_bwd_data_mma_nhwc_bf16s`, through the backend op `Backend::conv2d_bwd_data_nhwc_bf16`,
+//! which CUDA routes to it at bf16: dy bf16 storage, dx f32), each shape first asserted to take
+//! the kernel, every output poisoned first (0xFFFF halves = bf16 NaN; NaN for dx and the
+//! partials).
 //!
 //! Per shape:
 //! - z on bf16-exact x and w: every value within 1 bf16 ulp of the CPU's f32 `conv2d_fwd`
@@ -17,6 +20,8 @@
 //! - the partials: per channel and 64-pixel tile the f64 sum of the kernel's own (rounded) z in
 //!   pixel order bit for bit, the squared deviations from the tile's mean within 1e-12 relative;
 //!   every entry written;
+//! - the backend op on the unrounded operands: z bit for bit the kernel's, the saved batch mean
+//!   within 1e-6 (relative to 1 + |mean|) of the f64 mean of the stored z, per channel;
 //! - dx on bf16-exact dy and w within 1e-5 relative of the CPU's f32 `conv2d_bwd_data` (on the
 //!   unpacked dy); on unrounded w the same dx bit for bit (the kernel's weight copy rounds as
 //!   the host does) and within 1e-2 of the CPU's on the unrounded w (and above 1e-5).
@@ -28,14 +33,17 @@
 //! 1x1 stride 2 whose three other phases have no tap (dx zeros there). Also: a stride-2 data
 //! gradient with one infinite weight of tap (0, 0) leaves every pixel that tap cannot reach
 //! finite and the CPU's (no zero tap multiplied, no phase reading another's rows); a captured graph of
-//! both ops replays bit for bit what the eager calls wrote; tf32, the route `Never` and wrong
-//! lengths are refused. Runs on a GPU or on the emulated driver
+//! both kernels replays bit for bit what the eager calls wrote; at tf32 and with the route `Never`
+//! no bf16-storage kernel runs (the statistics entry refuses, writing nothing; the data-gradient op
+//! takes the conversions: dx bit for bit the f32-storage op's on the unpacked dy); wrong lengths
+//! are the backend ops' `EngineError::Shape` with the op's name, nothing written. Runs on a GPU or
+//! on the emulated driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_train_bf16s-* --include-ignored`);
 //! without a device the device tests are ignored.
 
 mod common;
 use common::cuda::{device, rel_err, round};
-use common::nhwc::{bf16_value, halves, pack, to_nhwc, ulps};
+use common::nhwc::{bf16_value, bn_of, halves, pack, to_nhwc, ulps};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -43,7 +51,7 @@ use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
 use ichcam::engine::precision::bf16_bits;
-use ichcam::engine::{Backend, Conv2d, Precision};
+use ichcam::engine::{Backend, Conv2d, EngineError, Precision};
 
 fn main() {
     common::cuda::main(vec![
@@ -187,19 +195,62 @@ fn read_fwd(g: &CudaBackend, s: &Conv2d, o: &Out) -> (Vec<u16>, Vec<f64>, Vec<f6
     (h, ps, pq)
 }
 
+/// The statistics forward's kernel on `d` into `o` (z and the raw partials).
+fn stats_fwd(g: &CudaBackend, s: &Conv2d, d: &Dev, o: &mut Out) -> ichcam::engine::Result<()> {
+    // SAFETY: upload and poisoned size x, w, z and the partials as `s` gives them (x and z
+    // bf16 storage, the partials c_out * tiles).
+    unsafe { g.conv2d_fwd_stats_nhwc_bf16s_native(s, &d.x, &d.w, &mut o.z, &mut o.ps, &mut o.pq) }
+}
+
 fn gpu_fwd(g: &CudaBackend, s: &Conv2d, x: &[f32], w: &[f32]) -> (Vec<u16>, Vec<f64>, Vec<f64>) {
     let d = upload(g, s, x, &vec![0.0; s.y_len()], w);
     let mut o = poisoned(g, s);
-    g.conv2d_fwd_stats_nhwc_bf16s_checked(s, &d.x, &d.w, &mut o.z, &mut o.ps, &mut o.pq)
-        .expect("conv2d_fwd_stats_nhwc_bf16s");
+    stats_fwd(g, s, &d, &mut o).expect("conv2d_fwd_stats_nhwc_bf16s");
     read_fwd(g, s, &o)
+}
+
+/// The backend op `conv2d_bn_train_fwd_nhwc_bf16` (gamma 1, beta 0, fresh running statistics,
+/// no residual, no ReLU) on `d`'s x and w into `o.z` and `y`: its saved batch mean.
+fn op_fwd(
+    g: &CudaBackend,
+    s: &Conv2d,
+    d: &Dev,
+    z: &mut CudaSlice<f32>,
+) -> ichcam::engine::Result<Vec<f32>> {
+    let c = s.c_out;
+    let up = |v: Vec<f32>| g.upload(&v).expect("upload");
+    let (gamma, beta) = (up(vec![1.0; c]), up(vec![0.0; c]));
+    let (mut rm, mut rv) = (up(vec![0.0; c]), up(vec![1.0; c]));
+    let (mut sm, mut si) = (up(vec![f32::NAN; c]), up(vec![f32::NAN; c]));
+    let mut y = up(vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
+    g.conv2d_bn_train_fwd_nhwc_bf16(
+        s,
+        &bn_of(s),
+        &d.x,
+        &d.w,
+        &gamma,
+        &beta,
+        &mut rm,
+        &mut rv,
+        &mut sm,
+        &mut si,
+        z,
+        &mut y,
+        None,
+        false,
+    )?;
+    Ok(g.download(&sm).expect("download"))
+}
+
+/// The backend op `conv2d_bwd_data_nhwc_bf16` on `d`'s dy and w into `o.dx`.
+fn op_bwd(g: &CudaBackend, s: &Conv2d, d: &Dev, o: &mut Out) -> ichcam::engine::Result<()> {
+    g.conv2d_bwd_data_nhwc_bf16(s, &d.dy, &d.w, &mut o.dx)
 }
 
 fn gpu_bwd(g: &CudaBackend, s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let d = upload(g, s, &vec![0.0; s.x_len()], dy, w);
     let mut o = poisoned(g, s);
-    g.conv2d_bwd_data_nhwc_bf16s_checked(s, &d.dy, &d.w, &mut o.dx)
-        .expect("conv2d_bwd_data_nhwc_bf16s");
+    op_bwd(g, s, &d, &mut o).expect("conv2d_bwd_data_nhwc_bf16");
     g.download(&o.dx).expect("download")
 }
 
@@ -340,6 +391,29 @@ fn train_forward_matches_cpu() {
             "{what}: z relative error {e:e}, expected in (1e-5, 1e-2)"
         );
         worst = worst.max(e);
+        // (3) the backend op on the same unrounded operands: this kernel's z, and the batch
+        // mean of what z holds.
+        let d = upload(&g, &s, &x, &vec![0.0; s.y_len()], &w);
+        let mut zo = poisoned(&g, &s).z;
+        let mean = op_fwd(&g, &s, &d, &mut zo).expect("conv2d_bn_train_fwd_nhwc_bf16");
+        let z3 = halves(&g.download(&zo).expect("download"), s.y_len());
+        assert!(
+            z3 == z,
+            "{what}: the backend op's z differs from the kernel's"
+        );
+        for (c, &m) in mean.iter().enumerate() {
+            let want = z
+                .iter()
+                .skip(c)
+                .step_by(s.c_out)
+                .map(|&h| f64::from(bf16_value(h)))
+                .sum::<f64>()
+                / pixels as f64;
+            assert!(
+                (f64::from(m) - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{what}: the backend op's batch mean of channel {c} {m} vs {want} of the stored z"
+            );
+        }
         println!(
             "bf16s train forward {what}: z relative error {e:.2e}, {ex}/{} exact",
             z.len()
@@ -441,8 +515,9 @@ fn strided_data_gradient_skips_the_zero_taps() {
     }
 }
 
-/// A captured forward (its bf16 weight copy and the kernel) and data gradient (its weight copy
-/// and the kernel) replay bit for bit what the eager calls wrote.
+/// A captured forward (its bf16 weight copy and the kernel, with the raw partials) and data
+/// gradient (the backend op: its weight copy and the kernel) replay bit for bit what the eager
+/// calls wrote.
 fn replays_in_a_graph() {
     // A backend of its own (its own stream): the other tests' work would break the capture.
     let mut g = CudaBackend::new(0).expect("the harness found a CUDA device");
@@ -459,8 +534,8 @@ fn replays_in_a_graph() {
     let mut o = poisoned(&g, &s);
     let (graph, ()) = g
         .capture(|| {
-            g.conv2d_fwd_stats_nhwc_bf16s_checked(&s, &d.x, &d.w, &mut o.z, &mut o.ps, &mut o.pq)?;
-            g.conv2d_bwd_data_nhwc_bf16s_checked(&s, &d.dy, &d.w, &mut o.dx)
+            stats_fwd(&g, &s, &d, &mut o)?;
+            op_bwd(&g, &s, &d, &mut o)
         })
         .expect("capture");
     assert!(
@@ -488,60 +563,100 @@ fn replays_in_a_graph() {
     assert!(dx.iter().all(|v| v.is_finite()), "a non-finite dx");
 }
 
-/// tf32 and the route `Never` take no bf16-storage kernel (the calls refused, nothing
-/// written); nor does the statistics forward without a reduction; wrong lengths are refused.
+/// Whether `r` is the backend op `op`'s length refusal.
+fn shape_err<T>(r: ichcam::engine::Result<T>, op: &str) -> bool {
+    matches!(r, Err(EngineError::Shape { op: o, .. }) if o == op)
+}
+
+/// tf32 and the route `Never` take no bf16-storage kernel: the statistics entry refuses
+/// (nothing written), the data-gradient op takes the conversions (dx bit for bit the
+/// f32-storage op's on the unpacked dy); nor does the statistics forward run without a
+/// reduction. Wrong lengths are the backend ops' `EngineError::Shape`, nothing written.
 fn refusals() {
     let s = shapes()[0].0;
     let tf32 = common::cuda::gpu_at(Precision::Tf32);
     let mut never = common::cuda::gpu_at(Precision::Bf16);
     never.set_mma_route(MmaRoute::Never);
-    let x = vec![0.5; s.x_len()];
-    let dy = vec![0.5; s.y_len()];
-    let w = vec![0.5; s.w_len()];
-    for g in [&tf32, &never] {
-        assert_eq!(g.conv_fwd_stats_nhwc_bf16s_kernel(&s), None);
-        assert_eq!(g.conv_bwd_data_nhwc_bf16s_kernel(&s), None);
+    let mut rng = SplitMix64::fresh("conv_nhwc_train_bf16s_refusals");
+    let x = round(Precision::Bf16, &rng.vec_f32(s.x_len(), -1.0, 1.0));
+    let dy = round(Precision::Bf16, &rng.vec_f32(s.y_len(), -1.0, 1.0));
+    let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+    let dy_nhwc = to_nhwc(&dy, s.n, s.c_out, s.out_h() * s.out_w());
+    for (g, what) in [(&tf32, "tf32"), (&never, "bf16, route Never")] {
+        assert_eq!(g.conv_fwd_stats_nhwc_bf16s_kernel(&s), None, "{what}");
+        assert_eq!(g.conv_bwd_data_nhwc_bf16s_kernel(&s), None, "{what}");
         let d = upload(g, &s, &x, &dy, &w);
         let mut o = poisoned(g, &s);
-        assert!(g
-            .conv2d_fwd_stats_nhwc_bf16s_checked(&s, &d.x, &d.w, &mut o.z, &mut o.ps, &mut o.pq)
-            .is_err());
-        assert!(g
-            .conv2d_bwd_data_nhwc_bf16s_checked(&s, &d.dy, &d.w, &mut o.dx)
-            .is_err());
-        assert!(g
-            .download(&o.dx)
-            .expect("download")
-            .iter()
-            .all(|v| v.is_nan()));
+        assert!(
+            matches!(stats_fwd(g, &s, &d, &mut o), Err(EngineError::Param(_))),
+            "{what}: the bf16-storage statistics kernel ran"
+        );
         assert!(g
             .download(&o.z)
             .expect("download")
             .iter()
             .all(|v| v.to_bits() == POISON));
+        assert!(down64(g, &o.ps).iter().all(|v| v.is_nan()));
+        // The data-gradient op by conversions: the f32-storage op on the unpacked dy.
+        op_bwd(g, &s, &d, &mut o).expect("conv2d_bwd_data_nhwc_bf16 by conversions");
+        let got = g.download(&o.dx).expect("download");
+        let mut want = g.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
+        g.conv2d_bwd_data_nhwc(&s, &g.upload(&dy_nhwc).expect("upload"), &d.w, &mut want)
+            .expect("conv2d_bwd_data_nhwc");
+        let want = g.download(&want).expect("download");
+        assert!(
+            got.iter().all(|v| v.is_finite())
+                && got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: dx by conversions differs from the f32-storage op's"
+        );
     }
     let g = common::cuda::gpu_at(Precision::Bf16);
     let mut empty = s;
     empty.c_in = 0;
     assert_eq!(g.conv_fwd_stats_nhwc_bf16s_kernel(&empty), None);
-    // Lengths: f32-sized x / dy (not bf16 storage), short partials.
+    // Lengths: f32-sized x / z / dy (not bf16 storage), a short dx.
     let d = upload(&g, &s, &x, &dy, &w);
     let mut o = poisoned(&g, &s);
     let xf = g.upload(&x).expect("upload");
-    assert!(g
-        .conv2d_fwd_stats_nhwc_bf16s_checked(&s, &xf, &d.w, &mut o.z, &mut o.ps, &mut o.pq)
-        .is_err());
-    let mut short = up64(&g, &[0.0; 3]);
-    assert!(g
-        .conv2d_fwd_stats_nhwc_bf16s_checked(&s, &d.x, &d.w, &mut o.z, &mut short, &mut o.pq)
-        .is_err());
-    let dyf = g.upload(&dy).expect("upload");
-    assert!(g
-        .conv2d_bwd_data_nhwc_bf16s_checked(&s, &dyf, &d.w, &mut o.dx)
-        .is_err());
+    let df = Dev {
+        x: xf,
+        dy: g.upload(&dy).expect("upload"),
+        w: g.upload(&w).expect("upload"),
+    };
+    assert!(shape_err(
+        op_fwd(&g, &s, &df, &mut o.z),
+        "conv2d_bn_train_fwd_nhwc_bf16"
+    ));
+    let mut zf = g
+        .upload(&vec![f32::from_bits(POISON); s.y_len()])
+        .expect("upload");
+    assert!(shape_err(
+        op_fwd(&g, &s, &d, &mut zf),
+        "conv2d_bn_train_fwd_nhwc_bf16"
+    ));
+    assert!(shape_err(
+        op_bwd(&g, &s, &df, &mut o),
+        "conv2d_bwd_data_nhwc_bf16"
+    ));
+    let mut short = poisoned(&g, &s);
+    short.dx = g.upload(&vec![f32::NAN; s.x_len() - 1]).expect("upload");
+    assert!(shape_err(
+        op_bwd(&g, &s, &d, &mut short),
+        "conv2d_bwd_data_nhwc_bf16"
+    ));
     assert!(g
         .download(&o.dx)
         .expect("download")
         .iter()
         .all(|v| v.is_nan()));
+    for z in [&o.z, &zf] {
+        assert!(g
+            .download(z)
+            .expect("download")
+            .iter()
+            .all(|v| v.to_bits() == POISON));
+    }
 }

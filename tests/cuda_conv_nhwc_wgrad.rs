@@ -25,8 +25,8 @@
 //!
 //! bf16 storage (x and dy two bf16 to an f32 slot, value i in the 16-bit half i: packed on
 //! the host, rounded to nearest even; an odd length's unused last half poisoned with a bf16
-//! NaN), through `CudaBackend::conv2d_bwd_weight_nhwc_bf16s_checked` (until the merge routes
-//! the backend op `conv2d_bwd_weight_nhwc_bf16` to the native kernel). Per shape: within
+//! NaN), through the backend op `Backend::conv2d_bwd_weight_nhwc_bf16` (CUDA routes it to the
+//! native kernel at bf16). Per shape: within
 //! 1e-5 relative (L2) and 2e-5 of the largest |dw| of the CPU's f32 result on the unpacked
 //! values (bf16-exact: exact products, only the summation order differs), and bit for bit the
 //! f32-storage kernel's result at bf16 on the same values in f32 storage (the same K tiles,
@@ -34,8 +34,10 @@
 //! The shapes: the f32-storage ones (each copy path of both operands: 16-byte for a channel
 //! count % 8 == 0, 4-byte for other even ones, 2-byte loads for odd ones), more with odd
 //! lengths, `c_in` 1 and 3, small `c_out`, and split-K with 2-byte loads. Also a captured
-//! graph replays bit for bit; other precisions and the route `Never` take no kernel and the
-//! entry refuses, as it does wrong lengths. Runs on a GPU or on the emulated driver
+//! graph replays bit for bit; other precisions and the route `Never` take no kernel (the op
+//! takes the conversions: dw bit for bit the f32-storage op's on the unpacked values); wrong
+//! lengths are the op's `EngineError::Shape`, dw untouched. Runs on a GPU or on the emulated
+//! driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_wgrad-* --include-ignored`);
 //! without a device the device tests are ignored.
 
@@ -47,7 +49,7 @@ use common::shapes::conv;
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
-use ichcam::engine::{Backend, Conv2d, Precision};
+use ichcam::engine::{Backend, Conv2d, EngineError, Precision};
 
 fn main() {
     common::cuda::main(vec![
@@ -333,8 +335,8 @@ fn gpu_dw_bf16s(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> 
         .upload(&pack(&to_nhwc(dy, s.n, s.c_out, s.out_h() * s.out_w())))
         .expect("upload");
     let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    g.conv2d_bwd_weight_nhwc_bf16s_checked(s, &xb, &dyb, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16s");
+    g.conv2d_bwd_weight_nhwc_bf16(s, &xb, &dyb, &mut dw)
+        .expect("conv2d_bwd_weight_nhwc_bf16");
     g.download(&dw).expect("download")
 }
 
@@ -408,7 +410,7 @@ fn bf16s_weight_gradient_replays_in_a_graph() {
         .expect("upload");
     let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
     let (graph, ()) = g
-        .capture(|| g.conv2d_bwd_weight_nhwc_bf16s_checked(&s, &xb, &dyb, &mut dw))
+        .capture(|| g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, &mut dw))
         .expect("capture");
     assert!(
         g.download(&dw)
@@ -428,35 +430,67 @@ fn bf16s_weight_gradient_replays_in_a_graph() {
     );
 }
 
-/// Only at bf16 and not with the route `Never`: elsewhere no kernel, and the entry refuses;
-/// wrong lengths (f32-storage ones) refused too.
+/// Only at bf16 and not with the route `Never`: elsewhere no kernel, and the op takes the
+/// conversions (dw bit for bit the f32-storage op's on the unpacked values); wrong lengths
+/// (f32-storage ones, one slot more) are the op's `EngineError::Shape`, dw untouched.
 fn bf16s_weight_gradient_checks_precision_route_and_lengths() {
     let s = bf16s_shapes()[11].0;
     let mut never = common::cuda::gpu_at(Precision::Bf16);
     never.set_mma_route(MmaRoute::Never);
     let (xl, yl) = (s.x_len().div_ceil(2), s.y_len().div_ceil(2));
-    for g in [
-        common::cuda::gpu_at(Precision::F32),
-        common::cuda::gpu_at(Precision::Tf32),
-        never,
+    let mut rng = SplitMix64::fresh("conv_nhwc_wgrad_bf16s_elsewhere");
+    let (x, dy) = data(&mut rng, &s);
+    let (xr, dyr) = (round(Precision::Bf16, &x), round(Precision::Bf16, &dy));
+    for (g, what) in [
+        (common::cuda::gpu_at(Precision::F32), "f32"),
+        (common::cuda::gpu_at(Precision::Tf32), "tf32"),
+        (never, "bf16, route Never"),
     ] {
-        assert_eq!(g.conv_bwd_weight_nhwc_bf16s_kernel(&s), None);
-        let xb = g.upload(&vec![0.5; xl]).expect("upload");
-        let dyb = g.upload(&vec![0.5; yl]).expect("upload");
-        let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-        assert!(g
-            .conv2d_bwd_weight_nhwc_bf16s_checked(&s, &xb, &dyb, &mut dw)
-            .is_err());
+        assert_eq!(g.conv_bwd_weight_nhwc_bf16s_kernel(&s), None, "{what}");
+        let got = gpu_dw_bf16s(&g, &s, &xr, &dyr);
+        let want = gpu_dw(&g, &s, &xr, &dyr);
+        assert!(
+            got.iter().all(|v| v.is_finite())
+                && got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: dw by conversions differs from the f32-storage op's"
+        );
     }
     let g = common::cuda::gpu_at(Precision::Bf16);
     let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
     for (xn, yn) in [(s.x_len(), yl), (xl, s.y_len()), (xl + 1, yl)] {
         let xb = g.upload(&vec![0.5; xn]).expect("upload");
         let dyb = g.upload(&vec![0.5; yn]).expect("upload");
-        assert!(g
-            .conv2d_bwd_weight_nhwc_bf16s_checked(&s, &xb, &dyb, &mut dw)
-            .is_err());
+        let r = g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, &mut dw);
+        assert!(
+            matches!(
+                r,
+                Err(EngineError::Shape {
+                    op: "conv2d_bwd_weight_nhwc_bf16",
+                    ..
+                })
+            ),
+            "x {xn}, dy {yn} slots: {r:?}"
+        );
     }
+    let (xb, dyb) = (
+        g.upload(&vec![0.5; xl]).expect("upload"),
+        g.upload(&vec![0.5; yl]).expect("upload"),
+    );
+    let mut short = g.upload(&vec![f32::NAN; s.w_len() - 1]).expect("upload");
+    let r = g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, &mut short);
+    assert!(
+        matches!(
+            r,
+            Err(EngineError::Shape {
+                op: "conv2d_bwd_weight_nhwc_bf16",
+                ..
+            })
+        ),
+        "a short dw: {r:?}"
+    );
     assert!(g
         .download(&dw)
         .expect("download")

@@ -604,7 +604,7 @@ impl CudaBackend {
     /// bf16-storage eval forward does ([`CudaBackend::conv_bn_eval_nhwc_bf16s_native`]: bf16
     /// only, not with [`MmaRoute::Never`]) and the statistics epilogue applies
     /// ([`stats_tiles`]: a non-empty output and reduction).
-    pub(crate) fn conv_fwd_stats_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
+    pub fn conv_fwd_stats_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
         self.conv_bn_eval_nhwc_bf16s_native(s) && stats_tiles(s).is_some()
     }
 
@@ -622,12 +622,15 @@ impl CudaBackend {
     /// each, `tiles` = [`stats_tiles`]) those of the ROUNDED values, what z holds. The weights'
     /// bf16 OHWI copy in arena scratch, then one launch of `conv2d_fwd_stats_mma_nhwc_bf16s`
     /// (the eval kernel's GEMM): nothing allocated once warm, so capturable in a graph. An
-    /// error where [`CudaBackend::conv_fwd_stats_nhwc_bf16s_native`] is false.
+    /// error where [`CudaBackend::conv_fwd_stats_nhwc_bf16s_native`] is false. Public as its
+    /// f32-storage sibling [`CudaBackend::conv2d_fwd_stats_nhwc_native`] is, for
+    /// tests/cuda_conv_nhwc_train_bf16s.rs, which checks the raw partials; the model's way in
+    /// (lengths checked) is the backend op `conv2d_bn_train_fwd_nhwc_bf16`.
     ///
     /// # Safety
     /// `x` holds `s.x_len().div_ceil(2)` values, `z` `s.y_len().div_ceil(2)`, `w` `s.w_len()`,
     /// `part_s` and `part_q` `c_out * tiles` each (the kernel indexes them so, unchecked).
-    pub(crate) unsafe fn conv2d_fwd_stats_nhwc_bf16s_native(
+    pub unsafe fn conv2d_fwd_stats_nhwc_bf16s_native(
         &self,
         s: &Conv2d,
         x: &CudaSlice<f32>,
@@ -736,60 +739,6 @@ impl CudaBackend {
         })();
         self.give_scratch(wt);
         r
-    }
-
-    /// `CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native` with the lengths checked (x and z
-    /// in bf16 storage: `len.div_ceil(2)` slots; the partials `c_out * tiles` each): tests and
-    /// benchmarks, which need the raw partials; the backend op `conv2d_bn_train_fwd_nhwc_bf16`
-    /// is the model's way in.
-    pub fn conv2d_fwd_stats_nhwc_bf16s_checked(
-        &self,
-        s: &Conv2d,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        z: &mut CudaSlice<f32>,
-        part_s: &mut CudaSlice<f64>,
-        part_q: &mut CudaSlice<f64>,
-    ) -> Result<()> {
-        const OP: &str = "conv2d_fwd_stats_nhwc_bf16s";
-        s.check(OP)?;
-        let parts = s.c_out * stats_tiles(s).unwrap_or(0);
-        crate::engine::shapes::check_lens(
-            OP,
-            &[
-                ("x", self.len(x), s.x_len().div_ceil(2)),
-                ("w", self.len(w), s.w_len()),
-                ("z", self.len(z), s.y_len().div_ceil(2)),
-                ("part_s", part_s.len(), parts),
-                ("part_q", part_q.len(), parts),
-            ],
-        )?;
-        // SAFETY: the lengths were checked against `s`.
-        unsafe { self.conv2d_fwd_stats_nhwc_bf16s_native(s, x, w, z, part_s, part_q) }
-    }
-
-    /// `CudaBackend::conv2d_bwd_data_nhwc_bf16s_native` with the lengths checked (dy in bf16
-    /// storage: `y_len.div_ceil(2)` slots): tests and benchmarks; the backend op
-    /// `conv2d_bwd_data_nhwc_bf16` is the model's way in.
-    pub fn conv2d_bwd_data_nhwc_bf16s_checked(
-        &self,
-        s: &Conv2d,
-        dy: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        dx: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        const OP: &str = "conv2d_bwd_data_nhwc_bf16s";
-        s.check(OP)?;
-        crate::engine::shapes::check_lens(
-            OP,
-            &[
-                ("dy", self.len(dy), s.y_len().div_ceil(2)),
-                ("w", self.len(w), s.w_len()),
-                ("dx", self.len(dx), s.x_len()),
-            ],
-        )?;
-        // SAFETY: the lengths were checked against `s`.
-        unsafe { self.conv2d_bwd_data_nhwc_bf16s_native(s, dy, w, dx) }
     }
 
     /// Which kernels the tf32 / bf16 convolutions take (default [`MmaRoute::Auto`]).
@@ -1848,28 +1797,6 @@ impl CudaBackend {
         // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (the caller's
         // contract); an empty reduction fills dw with zeros there.
         unsafe { launch_split(self, OP, kern, tiling, grid_xy, k, x, dy, dw, &g, None) }
-    }
-
-    /// `CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native` with the bf16-storage lengths
-    /// checked (`x` `s.x_len().div_ceil(2)` slots, `dy` `s.y_len().div_ceil(2)`, `dw`
-    /// `s.w_len()`): the tests' way in UNTIL the merge routes `Backend::conv2d_bwd_weight_nhwc_bf16`
-    /// (helper tsm's trait op) here; then this goes and the tests call the trait op.
-    pub fn conv2d_bwd_weight_nhwc_bf16s_checked(
-        &self,
-        s: &Conv2d,
-        x: &CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let want = [s.x_len().div_ceil(2), s.y_len().div_ceil(2), s.w_len()];
-        let got = [self.len(x), self.len(dy), self.len(dw)];
-        if got != want {
-            return Err(EngineError::Param(format!(
-                "conv2d_bwd_weight_nhwc_bf16s: x, dy, dw hold {got:?} values, {s:?} needs {want:?}"
-            )));
-        }
-        // SAFETY: the lengths were checked against `s`.
-        unsafe { self.conv2d_bwd_weight_nhwc_bf16s_native(s, x, dy, dw) }
     }
 }
 
