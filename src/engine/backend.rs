@@ -1577,10 +1577,49 @@ pub fn conv2d_bn_eval_fwd_nhwc_by_transposes<B: Backend + ?Sized>(
     )
 }
 
+/// The one mechanism of the scratch runners ([`eval_unit_through_scratch`],
+/// [`nchw_between_layout_changes`], [`through_bf16_storage`]): each of `inputs` (a buffer and
+/// what its conversion needs, `D`) converted by `into` into a [`Backend::scratch`] buffer of
+/// `len` values, `run` on those and on scratch buffers of `len` values for the `outputs`,
+/// each of which is then converted by `back` into its output; every scratch buffer given
+/// back whatever happens (an input's even when its conversion fails).
+fn through_scratch<B: Backend + ?Sized, D>(
+    be: &B,
+    inputs: &[(&B::Buf, D)],
+    outputs: &mut [(&mut B::Buf, D)],
+    len: impl Fn(&B::Buf, &D) -> usize,
+    into: impl Fn(&D, &B::Buf, &mut B::Buf) -> Result<()>,
+    back: impl Fn(&D, &B::Buf, &mut B::Buf) -> Result<()>,
+    run: impl FnOnce(&[B::Buf], &mut [B::Buf]) -> Result<()>,
+) -> Result<()> {
+    let mut ins: Vec<B::Buf> = Vec::with_capacity(inputs.len());
+    let mut outs: Vec<B::Buf> = Vec::with_capacity(outputs.len());
+    let r = (|| {
+        for (x, d) in inputs {
+            let mut xt = be.scratch(len(x, d))?;
+            let converted = into(d, x, &mut xt);
+            ins.push(xt);
+            converted?;
+        }
+        for (y, d) in outputs.iter() {
+            outs.push(be.scratch(len(y, d))?);
+        }
+        run(&ins, &mut outs)?;
+        for ((y, d), yt) in outputs.iter_mut().zip(&outs) {
+            back(d, yt, y)?;
+        }
+        Ok(())
+    })();
+    for b in ins.into_iter().chain(outs) {
+        be.recycle(b);
+    }
+    r
+}
+
 /// An eval unit run on converted copies: x (and the residual) converted by `input`
 /// (`is_residual` says which) into [`Backend::scratch`] buffers of `s.x_len()` (and
 /// `s.y_len()`) values, `run` on them into a third of `s.y_len()`, that one converted into y
-/// by `output`; the scratch given back whatever happens. What
+/// by `output`; the scratch given back whatever happens (`through_scratch`). What
 /// [`conv2d_bn_eval_fwd_nhwc_by_transposes`] (layout changes) and CUDA's bf16-storage unit by
 /// conversions (unpack / pack) share. Nothing runs for an empty output.
 #[allow(clippy::too_many_arguments)]
@@ -1591,32 +1630,26 @@ pub fn eval_unit_through_scratch<B: Backend + ?Sized>(
     residual: Option<&B::Buf>,
     y: &mut B::Buf,
     input: impl Fn(bool, &B::Buf, &mut B::Buf) -> Result<()>,
-    output: impl FnOnce(&B::Buf, &mut B::Buf) -> Result<()>,
+    output: impl Fn(&B::Buf, &mut B::Buf) -> Result<()>,
     run: impl FnOnce(&B::Buf, Option<&B::Buf>, &mut B::Buf) -> Result<()>,
 ) -> Result<()> {
     if s.y_len() == 0 {
         return Ok(());
     }
-    let mut xt = be.scratch(s.x_len())?;
-    let mut yt = be.scratch(s.y_len())?;
-    let mut rt = match residual {
-        Some(_) => Some(be.scratch(s.y_len())?),
-        None => None,
-    };
-    let r = (|| {
-        input(false, x, &mut xt)?;
-        if let (Some(r), Some(t)) = (residual, rt.as_mut()) {
-            input(true, r, t)?;
-        }
-        run(&xt, rt.as_ref(), &mut yt)?;
-        output(&yt, y)
-    })();
-    be.recycle(xt);
-    be.recycle(yt);
-    if let Some(t) = rt {
-        be.recycle(t);
+    // (is the residual, values) of each operand.
+    let mut ins = vec![(x, (false, s.x_len()))];
+    if let Some(r) = residual {
+        ins.push((r, (true, s.y_len())));
     }
-    r
+    through_scratch(
+        be,
+        &ins,
+        &mut [(y, (false, s.y_len()))],
+        |_, &(_, values)| values,
+        |&(is_residual, _), src, dst| input(is_residual, src, dst),
+        |_, src, dst| output(src, dst),
+        |i, o| run(&i[0], i.get(1), &mut o[0]),
+    )
 }
 
 /// The layout changes of a convolution's input `[n, c_in, h*w]` and output
@@ -1657,8 +1690,8 @@ fn check_conv_bn_train<B: Backend + ?Sized>(
 /// tensor and its [`Transpose`] shape `{n, c, hw}`) changed into an NCHW
 /// [`Backend::scratch`] buffer of its length, `run` on those and on NCHW scratch buffers as
 /// long as the `outputs`, each of which is then changed into its NHWC output; the scratch
-/// given back whatever happens. The layout changes copy values, so the result is bit for
-/// bit the NCHW op's. The trait's defaults of the channels-last training ops
+/// given back whatever happens (`through_scratch`). The layout changes copy values, so the
+/// result is bit for bit the NCHW op's. The trait's defaults of the channels-last training ops
 /// ([`conv2d_bn_train_fwd_nhwc_by_transposes`], [`Backend::batchnorm_bwd_nhwc`],
 /// [`Backend::conv2d_bwd_data_nhwc`], [`Backend::conv2d_bwd_weight_nhwc`]), and a backend's
 /// fallback where its native channels-last kernel does not run a shape. The lengths are
@@ -1669,28 +1702,15 @@ pub fn nchw_between_layout_changes<B: Backend + ?Sized>(
     outputs: &mut [(&mut B::Buf, Transpose)],
     run: impl FnOnce(&[B::Buf], &mut [B::Buf]) -> Result<()>,
 ) -> Result<()> {
-    let mut ins: Vec<B::Buf> = Vec::with_capacity(inputs.len());
-    let mut outs: Vec<B::Buf> = Vec::with_capacity(outputs.len());
-    let r = (|| {
-        for (x, t) in inputs {
-            let mut xt = be.scratch(be.len(x))?;
-            let changed = be.nhwc_to_nchw(t, x, &mut xt);
-            ins.push(xt);
-            changed?;
-        }
-        for (y, _) in outputs.iter() {
-            outs.push(be.scratch(be.len(y))?);
-        }
-        run(&ins, &mut outs)?;
-        for ((y, t), yt) in outputs.iter_mut().zip(&outs) {
-            be.nchw_to_nhwc(t, yt, y)?;
-        }
-        Ok(())
-    })();
-    for b in ins.into_iter().chain(outs) {
-        be.recycle(b);
-    }
-    r
+    through_scratch(
+        be,
+        inputs,
+        outputs,
+        |b, _| be.len(b),
+        |t, x, xt| be.nhwc_to_nchw(t, x, xt),
+        |t, yt, y| be.nchw_to_nhwc(t, yt, y),
+        run,
+    )
 }
 
 /// The channels-last training unit by layout changes: x (and the residual) to NCHW
@@ -1826,8 +1846,8 @@ pub fn conv2d_bwd_weight_nhwc_by_transposes<B: Backend + ?Sized>(
 /// [`Backend::scratch`] buffer of that many values, `run` on those and on f32 scratch
 /// buffers as long as the `outputs` (bf16 tensors and their numbers of values), each of
 /// which is then packed into its output ([`Backend::pack_bf16`], rounded to nearest even);
-/// the scratch given back whatever happens. The trait's defaults of the bf16-storage
-/// training ops, and a backend's fallback where its native kernel does not run a shape.
+/// the scratch given back whatever happens (`through_scratch`). The trait's defaults of the
+/// bf16-storage training ops, and a backend's fallback where its native kernel does not run a shape.
 /// The lengths are the caller's (checked by its op; the conversions check them again).
 pub fn through_bf16_storage<B: Backend + ?Sized>(
     be: &B,
@@ -1835,28 +1855,15 @@ pub fn through_bf16_storage<B: Backend + ?Sized>(
     outputs: &mut [(&mut B::Buf, usize)],
     run: impl FnOnce(&[B::Buf], &mut [B::Buf]) -> Result<()>,
 ) -> Result<()> {
-    let mut ins: Vec<B::Buf> = Vec::with_capacity(inputs.len());
-    let mut outs: Vec<B::Buf> = Vec::with_capacity(outputs.len());
-    let r = (|| {
-        for (x, values) in inputs {
-            let mut xf = be.scratch(*values)?;
-            let unpacked = be.unpack_bf16(x, &mut xf);
-            ins.push(xf);
-            unpacked?;
-        }
-        for (_, values) in outputs.iter() {
-            outs.push(be.scratch(*values)?);
-        }
-        run(&ins, &mut outs)?;
-        for ((y, _), yf) in outputs.iter_mut().zip(&outs) {
-            be.pack_bf16(yf, y)?;
-        }
-        Ok(())
-    })();
-    for b in ins.into_iter().chain(outs) {
-        be.recycle(b);
-    }
-    r
+    through_scratch(
+        be,
+        inputs,
+        outputs,
+        |_, &values| values,
+        |_, x, xf| be.unpack_bf16(x, xf),
+        |_, yf, y| be.pack_bf16(yf, y),
+        run,
+    )
 }
 
 /// [`Backend::conv2d_bn_train_fwd_nhwc_bf16`] by conversions: x out of bf16 storage into
