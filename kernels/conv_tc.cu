@@ -710,16 +710,41 @@ __device__ __forceinline__ void ptx_mma_tf32_m16n8k8(float (&d)[4], const unsign
 // AT (mma_tile, mma_tile_tf32, mma_mainloop; default false): A is stored transposed,
 // [MBK][MBM] with B's non-NK pitches (f32 MLDB, bf16 MLDBH), row k and column m (the
 // channels-last weight gradient, whose A = dy has its channels contiguous per pixel).
-template <bool NK, bool AT = false>
+// BM, BN (default 128 x 128): the block tile (MmaTile), another than 128 x 128 only with NK
+// (the channels-last kernels' 64 x 256 tile).
+template <bool NK, bool AT = false, int BM = MBM, int BN = MBN>
 struct MmaB {
+    static_assert((BM == MBM && BN == MBN) || (NK && !AT), "other tiles: the channels-last layout only");
     enum : int {
-        A_F32 = AT ? MBK * MLDB : MBM * MLDA,                 // floats of A in a stage
-        A_H = AT ? MBK * MLDBH : MBM * MLDAH,                 // bf16 of A in the bf16 tile
-        STAGE = A_F32 + (NK ? MBN * MLDA : MBK * MLDB),       // floats per stage: A, then B
+        A_F32 = AT ? MBK * MLDB : BM * MLDA,                  // floats of A in a stage
+        A_H = AT ? MBK * MLDBH : BM * MLDAH,                  // bf16 of A in the bf16 tile
+        STAGE = A_F32 + (NK ? BN * MLDA : MBK * MLDB),        // floats per stage: A, then B
         SMEM_F32 = MMA_STAGES * STAGE * 4,                    // bytes of the f32 ring
-        SMEM = SMEM_F32 + (A_H + (NK ? MBN * MLDAH : MBK * MLDBH)) * 2,  // and the bf16 tile
+        SMEM = SMEM_F32 + (A_H + (NK ? BN * MLDAH : MBK * MLDBH)) * 2,  // and the bf16 tile
     };
 };
+
+// The block tile of the mma kernels: BM rows of the GEMM's M (output channels: C_out of a
+// forward, C_in of a data gradient) x BN pixels, 8 warps of 64x32 each, BM / 64 of them along
+// m and WN = BN / 32 along n (warp w at (w >> WN_SHIFT, w % WN)). 128 x 128 for every kernel;
+// the channels-last kernels (forwards and data gradient, f32 and bf16 storage) also run
+// 64 x 256 (BM = 64, `_m64`), which conv.rs launches where M <= 64: a 128-row tile would leave
+// half of its rows, and of its MMAs, empty; 64 x 256 does the same MMAs per block, all on
+// rows that exist. The epilogue's f32 tile [BN][LDC] (NHWC, transposed) or [BM][LDC].
+template <int BM>
+struct MmaTile {
+    static_assert(BM == 128 || BM == 64, "the tiles: 128 x 128, 64 x 256");
+    enum : int {
+        BN = MBM * MBN / BM,
+        WN = BN / 32,
+        WN_SHIFT = BM == 128 ? 2 : 3,
+        M_SHIFT = BM == 128 ? 7 : 6,  // log2(BM)
+        LDC = BM + 4,
+    };
+    static_assert((1 << WN_SHIFT) == WN && (1 << M_SHIFT) == BM && (BM / 64) * WN * 32 == MMA_THREADS,
+                  "8 warps of 64x32");
+};
+static_assert(MmaTile<MBM>::LDC == MLDC && MmaTile<MBM>::BN == MBN, "the 128 x 128 tile");
 
 static_assert(MBM * MLDC * 4 <= MMA_SMEM_F32 && MBN * MLDC * 4 <= MmaB<true>::SMEM_F32,
               "the epilogue's f32 tile fits in the stages");
@@ -736,6 +761,12 @@ extern __shared__ __align__(128) unsigned char mma_smem[];
 // [MBN][MLDA] instead of [MBK][MLDB].
 static_assert(MMA_SMEM == 124928 && MMA_SMEM_F32 == 105984, "conv.rs's mma_smem");
 static_assert(MmaB<true>::SMEM == 131072 && MmaB<true>::SMEM_F32 == 110592, "conv.rs's mma_smem (NHWC)");
+// The 64 x 256 channels-last tile: A [64][MLDA], B [256][MLDA] per stage (45 KiB), and the
+// bf16 tile; with the pixel table (4 KiB) under the opt-in limit of sm_90.
+typedef MmaB<true, false, 64, 256> MmaBNhwc64;
+static_assert(MmaBNhwc64::SMEM == 163840 && MmaBNhwc64::SMEM_F32 == 138240, "conv.rs's mma_smem_nhwc (64 x 256)");
+static_assert(MmaBNhwc64::SMEM <= 227 * 1024 - 4 * 1024, "the opt-in limit of sm_90 (and the pixel table)");
+static_assert(256 * MmaTile<64>::LDC * 4 <= MmaBNhwc64::SMEM_F32, "the epilogue's f32 tile fits in the stages");
 
 // A tf32 operand: the f32 rounded to nearest, ties away (cvt.rna.tf32.f32, as the WMMA
 // kernels round), as the register mma.sync reads.
@@ -765,16 +796,17 @@ __device__ __forceinline__ void mma_rows_cp16(float* Bs, int ldb, const float* _
 
 // The A stage of one K tile of a forward: rows m0.. of the weights [M][K] (row-major, K
 // contiguous: OIHW, or for the channels-last forward OHWI), columns k0..k0+31, into As
-// [MBM][MLDA]; past M or K the zero-fill form. vec: 16-byte copies (K % 4 == 0, w 16-byte
-// aligned: the host's test), 4 per thread, row tid / 8 + 32q, columns 4 * (tid % 8); else 16
-// 4-byte copies per thread, row tid / 32 + 8q, column tid % 32.
+// [BM][MLDA]; past M or K the zero-fill form. vec: 16-byte copies (K % 4 == 0, w 16-byte
+// aligned: the host's test), BM / 32 per thread, row tid / 8 + 32q, columns 4 * (tid % 8);
+// else BM / 8 4-byte copies per thread, row tid / 32 + 8q, column tid % 32.
+template <int BM = MBM>
 __device__ __forceinline__ void mma_weights_cp(float* As, const float* __restrict__ w, int M, int K, int m0, int k0,
                                                bool vec, int tid) {
     if (vec) {
         const int kc = k0 + 4 * (tid & 7);
         const int nk = min(4, max(0, K - kc));
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
+        for (int q = 0; q < BM / 32; ++q) {
             const int ml = (tid >> 3) + 32 * q, m = m0 + ml;
             const bool ok = m < M && nk > 0;
             __pipeline_memcpy_async(As + ml * MLDA + 4 * (tid & 7), ok ? w + (size_t)m * K + kc : w, 16,
@@ -783,7 +815,7 @@ __device__ __forceinline__ void mma_weights_cp(float* As, const float* __restric
     } else {
         const int k = k0 + (tid & 31);
 #pragma unroll
-        for (int q = 0; q < 16; ++q) {
+        for (int q = 0; q < BM / 8; ++q) {
             const int ml = (tid >> 5) + 8 * q, m = m0 + ml;
             const bool ok = m < M && k < K;
             cp4(As + ml * MLDA + (tid & 31), ok ? w + (size_t)m * K + k : w, ok);
@@ -928,31 +960,39 @@ __device__ __forceinline__ void mma_zero(float (&acc)[4][4][4]) {
 // issue(A stage, B stage, t) as cp.async copies into the f32 ring (mma_ring, MMA_STAGES
 // deep), then at bf16 rounded into the bf16 tile by the block and multiplied by mma_tile, at
 // tf32 (TF32) multiplied from the stage by mma_tile_tf32, into acc (zeroed here); B laid out
-// as MmaB<NK> says, A as MmaB<NK, AT> says. Ends with every copy landed and the stages free.
-template <bool TF32, bool NK = false, bool AT = false, class Issue>
+// as MmaB<NK> says, A as MmaB<NK, AT> says; the block tile BM x MmaTile<BM>::BN (BM 64: NK
+// only). Ends with every copy landed and the stages free.
+template <bool TF32, bool NK = false, bool AT = false, int BM = MBM, class Issue>
 __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    typedef MmaTile<BM> T;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> T::WN_SHIFT, wn = warp & (T::WN - 1);
     mma_zero(acc);
-    typedef MmaB<NK, AT> L;
+    typedef MmaB<NK, AT, BM, T::BN> L;
     __nv_bfloat16* h = (__nv_bfloat16*)(smem + L::SMEM_F32);
     __nv_bfloat16* hb = h + L::A_H;
     mma_ring<MMA_STAGES, L::STAGE, L::A_F32>((float*)smem, ntiles, issue, [&](const float* cur, const float* curb) {
         if constexpr (TF32) {
             mma_tile_tf32<NK, AT>(cur, curb, acc, wm, wn, lane);
         } else {
-            // The stage into the bf16 tile: 16 elements of A and 16 of B per thread (B's rows
-            // of 32 k as A's with NK, of 128 n without; A's rows of 128 m with AT).
+            // The stage into the bf16 tile: BM / 8 elements of A and BN / 8 of B per thread
+            // (16 and 16 for 128 x 128; B's rows of 32 k as A's with NK, of 128 n without; A's
+            // rows of 128 m with AT), 8 at a time.
+            constexpr int QA = BM * MBK / 8 / MMA_THREADS, QB = T::BN * MBK / 8 / MMA_THREADS;
 #pragma unroll
-            for (int q = 0; q < 2; ++q) {
+            for (int q = 0; q < (QA > QB ? QA : QB); ++q) {
                 const int c = tid + MMA_THREADS * q;
-                if constexpr (AT)
-                    bf16x8(cur + (c >> 4) * MLDB + (c & 15) * 8, h + (c >> 4) * MLDBH + (c & 15) * 8);
-                else
-                    bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
-                if constexpr (NK)
-                    bf16x8(curb + (c >> 2) * MLDA + (c & 3) * 8, hb + (c >> 2) * MLDAH + (c & 3) * 8);
-                else
-                    bf16x8(curb + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+                if (q < QA) {
+                    if constexpr (AT)
+                        bf16x8(cur + (c >> 4) * MLDB + (c & 15) * 8, h + (c >> 4) * MLDBH + (c & 15) * 8);
+                    else
+                        bf16x8(cur + (c >> 2) * MLDA + (c & 3) * 8, h + (c >> 2) * MLDAH + (c & 3) * 8);
+                }
+                if (q < QB) {
+                    if constexpr (NK)
+                        bf16x8(curb + (c >> 2) * MLDA + (c & 3) * 8, hb + (c >> 2) * MLDAH + (c & 3) * 8);
+                    else
+                        bf16x8(curb + (c >> 4) * MLDB + (c & 15) * 8, hb + (c >> 4) * MLDBH + (c & 15) * 8);
+                }
             }
             __syncthreads();
             mma_tile<NK, AT>(h, hb, acc, wm, wn, lane);
@@ -960,14 +1000,16 @@ __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Is
     });
 }
 
-// The block's 128x128 f32 result into Cs [MBM][MLDC] (over the stages) by the m16n8 C
-// layout: c[e] of fragment (i, j) is row wm*64 + 16i + lane/4 + 8(e/2), column wn*32 + 8j +
-// 2(lane%4) + e%2; then a barrier. NM: transposed, Cs [MBN][MLDC] (row n, column m), one
-// float per store: lane (g, t) writes word (2t + e%2) * 132 + g (+ constants), bank
-// 8t + g (+ constants): conflict-free.
-template <bool NM = false>
+// The block's BM x BN f32 result (MmaTile<BM>: 128x128, or 64x256 with NM) into Cs [BM][LDC]
+// (over the stages) by the m16n8 C layout: c[e] of fragment (i, j) is row wm*64 + 16i +
+// lane/4 + 8(e/2), column wn*32 + 8j + 2(lane%4) + e%2; then a barrier. NM: transposed, Cs
+// [BN][LDC] (row n, column m), one float per store: lane (g, t) writes word (2t + e%2) * LDC
+// + g (+ constants), bank 8t + g (+ constants) for LDC 132 and 68 alike: conflict-free.
+template <bool NM = false, int BM = MBM>
 __device__ __forceinline__ void mma_store(float* Cs, const float (&acc)[4][4][4]) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    typedef MmaTile<BM> T;
+    static_assert(NM || BM == MBM, "64 x 256: transposed only");
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> T::WN_SHIFT, wn = warp & (T::WN - 1);
     const int g = lane >> 2, tq = lane & 3;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -977,10 +1019,10 @@ __device__ __forceinline__ void mma_store(float* Cs, const float (&acc)[4][4][4]
             for (int e2 = 0; e2 < 2; ++e2) {
                 const int row = wm * 64 + 16 * i + g + 8 * e2, col = wn * 32 + 8 * j + 2 * tq;
                 if constexpr (NM) {
-                    Cs[col * MLDC + row] = acc[i][j][2 * e2];
-                    Cs[(col + 1) * MLDC + row] = acc[i][j][2 * e2 + 1];
+                    Cs[col * T::LDC + row] = acc[i][j][2 * e2];
+                    Cs[(col + 1) * T::LDC + row] = acc[i][j][2 * e2 + 1];
                 } else {
-                    *(float2*)(Cs + row * MLDC + col) = make_float2(acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
+                    *(float2*)(Cs + row * T::LDC + col) = make_float2(acc[i][j][2 * e2], acc[i][j][2 * e2 + 1]);
                 }
             }
     __syncthreads();
@@ -1355,11 +1397,13 @@ struct __align__(16) NhwcPixel {
     int base, ih0, iw0, out;
 };
 
-// The block's MBN pixels p0.. (of Pn, OH*OW = OHW per image) decoded into pix, then a barrier.
+// The block's BN pixels p0.. (of Pn, OH*OW = OHW per image) decoded into pix, then a barrier.
+template <int BN = MBN>
 __device__ __forceinline__ void nhwc_pixels(NhwcPixel* pix, int p0, int Pn, int OHW, int OW, int H, int W,
                                             int stride, int pad) {
+    static_assert(BN <= MMA_THREADS, "one pixel per thread");
     const int tid = threadIdx.x;
-    if (tid < MBN) {
+    if (tid < BN) {
         const int p = p0 + tid;
         NhwcPixel e = {0, -(1 << 30), -(1 << 30), 0};
         if (p < Pn) {
@@ -1399,72 +1443,78 @@ __device__ __forceinline__ void nhwc_gather(const NhwcPixel* pix, int nl0, int k
 }
 
 // The channels-last forward; EPI_BN (eval: ss, res, relu) or EPI_STATS (training: z = acc and
-// part_s, part_q, C_out * T values each, T = ceil(N*OH*OW / 64)).
-template <bool TF32, int EPI>
+// part_s, part_q, C_out * T values each, T = ceil(N*OH*OW / 64)); the block tile BM x BN
+// (MmaTile: 128 x 128, or 64 x 256 for C_out <= 64), pix BN entries.
+template <bool TF32, int EPI, int BM = MBM>
 __device__ __forceinline__ void conv_fwd_mma_nhwc(NhwcPixel* pix, const float* __restrict__ x,
                                                   const float* __restrict__ w, float* __restrict__ y, int N, int C,
                                                   int H, int W, int CO, int KH, int KW, int stride, int pad,
                                                   const float* __restrict__ ss, const float* __restrict__ res,
                                                   int relu, double* __restrict__ part_s, double* __restrict__ part_q,
                                                   int vec) {
+    typedef MmaTile<BM> T;
+    constexpr int BN = T::BN, LDC = T::LDC;
     unsigned char* smem = mma_smem;
     const int tid = threadIdx.x;
     const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
     const int M = CO, K = KH * KW * C, OHW = OH * OW, Pn = N * OHW;
-    const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
+    const int m0 = blockIdx.y * BM, p0 = blockIdx.x * BN;
     const bool vec_a = vec & 1, vec_b = vec & 2;
-    nhwc_pixels(pix, p0, Pn, OHW, OW, H, W, stride, pad);
+    nhwc_pixels<BN>(pix, p0, Pn, OHW, OW, H, W, stride, pad);
 
     auto issue = [&](float* As, float* Bs, int t) {
         const int k0 = t * MBK;
-        mma_weights_cp(As, w, M, K, m0, k0, vec_a, tid);
+        mma_weights_cp<BM>(As, w, M, K, m0, k0, vec_a, tid);
         if (vec_b) {
             const int kl = 4 * (tid & 7);
-            nhwc_gather<4, 32>(pix, tid >> 3, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+            nhwc_gather<BN / 32, 32>(pix, tid >> 3, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
                 __pipeline_memcpy_async(Bs + nl * MLDA + kl, x + i, 16, ok ? 0 : 16);
             });
         } else {
             const int kl = tid & 31;
-            nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW,
+            nhwc_gather<BN / 8, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW,
                                [&](int nl, bool ok, size_t i) { cp4(Bs + nl * MLDA + kl, x + i, ok); });
         }
     };
 
     float acc[4][4][4];
-    mma_mainloop<TF32, true>(smem, (K + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32, true, false, BM>(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
-    mma_store<true>(Cs, acc);
-    // Channel tid % 128 of pixels tid / 128 + 2i: a warp writes 32 consecutive channels.
-    const int ml = tid & (MBM - 1), m = m0 + ml;
+    mma_store<true, BM>(Cs, acc);
+    // Channel tid % BM of pixels tid / BM + (256 / BM) i: a warp writes 32 consecutive
+    // channels.
+    const int ml = tid & (BM - 1), m = m0 + ml;
     if (m >= M) return;
     if constexpr (EPI == EPI_STATS) {
-        // Tile 2 * blockIdx.x + half of T: pixels 64 * half.. of the block, column ml of Cs.
-        const int T = (Pn + 63) / 64, half = tid >> 7;
-        const int nv = min(64, Pn - (p0 + 64 * half));
+        // Tile (BN / 64) * blockIdx.x + sub of NT (the block's BN / 64 tiles, sub = tid / BM):
+        // pixels 64 * sub.. of the block, column ml of Cs.
+        const int NT = (Pn + 63) / 64, sub = tid >> T::M_SHIFT;
+        const int nv = min(64, Pn - (p0 + 64 * sub));
         if (nv > 0) {
-            const float* cc = Cs + 64 * half * MLDC + ml;
+            const float* cc = Cs + 64 * sub * LDC + ml;
             double sum = 0.0;
-            for (int k = 0; k < nv; ++k) sum += (double)cc[k * MLDC];
+            for (int k = 0; k < nv; ++k) sum += (double)cc[k * LDC];
             const double mean = sum / (double)nv;
             double q = 0.0;
             for (int k = 0; k < nv; ++k) {
-                const double d = (double)cc[k * MLDC] - mean;
+                const double d = (double)cc[k * LDC] - mean;
                 q += d * d;
             }
-            const size_t o = (size_t)m * T + 2 * blockIdx.x + half;
+            const size_t o = (size_t)m * NT + (BN / 64) * blockIdx.x + sub;
             part_s[o] = sum;
             part_q[o] = q;
         }
     }
+    constexpr int PS = MMA_THREADS / BM;  // pixels per pass
 #pragma unroll 4
-    for (int i = 0; i < MBN / 2; ++i) {
-        const int nl = (tid >> 7) + 2 * i, p = p0 + nl;
+    for (int i = 0; i < BN / PS; ++i) {
+        const int nl = (tid >> T::M_SHIFT) + PS * i, p = p0 + nl;
         if (p >= Pn) break;
         const size_t o = (size_t)p * CO + m;
         if constexpr (EPI == EPI_BN)
-            y[o] = bn_epilogue(Cs[nl * MLDC + ml], ss, CO, m, res, o, relu);
+            y[o] = bn_epilogue(Cs[nl * LDC + ml], ss, CO, m, res, o, relu);
         else
-            y[o] = Cs[nl * MLDC + ml];
+            y[o] = Cs[nl * LDC + ml];
     }
 }
 
@@ -1523,6 +1573,26 @@ conv2d_fwd_bn_mma_nhwc_tf32(const float* __restrict__ x, const float* __restrict
                                     nullptr, vec);
 }
 
+// The same with the 64 x 256 tile (MmaTile<64>: C_out <= 64; a grid of (256-pixel tiles,
+// 64-channel tiles), MmaBNhwc64::SMEM / SMEM_F32 bytes of dynamic shared memory).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_bf16_m64(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                                int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc<false, EPI_BN, 64>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, nullptr,
+                                         nullptr, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_tf32_m64(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                                int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc<true, EPI_BN, 64>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, nullptr,
+                                        nullptr, vec);
+}
+
 // The channels-last training forward: z = conv(x, w) (NHWC) and the batch-norm partial
 // statistics per (output channel, 64-pixel tile), part_s and part_q C_out * ceil(N*OH*OW / 64)
 // values each (as conv2d_fwd_stats_mma_*: norm.cu's bn_stats_finalize combines them); w and
@@ -1543,6 +1613,25 @@ conv2d_fwd_stats_mma_nhwc_tf32(const float* __restrict__ x, const float* __restr
     __shared__ NhwcPixel pix[MBN];
     conv_fwd_mma_nhwc<true, EPI_STATS>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0,
                                        part_s, part_q, vec);
+}
+
+// The same with the 64 x 256 tile (C_out <= 64): each block writes its four 64-pixel tiles.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_bf16_m64(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ z,
+                                   int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                   double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc<false, EPI_STATS, 64>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0,
+                                            part_s, part_q, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_tf32_m64(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ z,
+                                   int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                   double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc<true, EPI_STATS, 64>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0,
+                                           part_s, part_q, vec);
 }
 
 // ---- Channels-last data gradient ---------------------------------------------------------
@@ -1606,11 +1695,13 @@ extern "C" __global__ void conv_weight_bwd_nhwc(const float* __restrict__ w, flo
 // The data gradient's pixel table: the block's MBN pixels p0.. of the phase (Pn = N*Hp*Wp, in
 // order n, i, j) as dy's pixel index of (n, 0, 0) (base), dy's row and column of reversed tap
 // (0, 0) (ih0 = oh0 + i - (KHp-1), iw0 = ow0 + j - (KWp-1)) and dx's pixel index (out); past
-// the pixels as nhwc_pixels. Then a barrier.
+// the pixels as nhwc_pixels. Then a barrier. BN pixels (the block tile's).
+template <int BN = MBN>
 __device__ __forceinline__ void nhwc_phase_pixels(NhwcPixel* pix, const PhaseGemm& ph, int KHp, int p0, int Pn,
                                                   int OHW, int H, int W, int stride) {
+    static_assert(BN <= MMA_THREADS, "one pixel per thread");
     const int tid = threadIdx.x;
-    if (tid < MBN) {
+    if (tid < BN) {
         const int p = p0 + tid;
         NhwcPixel e = {0, -(1 << 30), -(1 << 30), 0};
         if (p < Pn) {
@@ -1626,51 +1717,57 @@ __device__ __forceinline__ void nhwc_phase_pixels(NhwcPixel* pix, const PhaseGem
     __syncthreads();
 }
 
-template <bool TF32>
+// BM: the block tile BM x BN (MmaTile: 128 x 128, or 64 x 256 for C_in <= 64, M being C_in
+// here), pix BN entries, each phase's pixels in runs of BN.
+template <bool TF32, int BM = MBM>
 __device__ __forceinline__ void conv_bwd_data_mma_nhwc(NhwcPixel* pix, const float* __restrict__ dy,
                                                        const float* __restrict__ wt, float* __restrict__ dx, int N,
                                                        int C, int H, int W, int CO, int KH, int KW, int stride,
                                                        int pad, int vec) {
+    typedef MmaTile<BM> T;
+    constexpr int BN = T::BN, LDC = T::LDC;
     unsigned char* smem = mma_smem;
     const int tid = threadIdx.x;
     const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
-    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, MBN);
+    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, BN);
     const int KHp = phase_taps(KH, ph.py, stride);
     const int M = C, K = ph.KP * CO, Pn = N * ph.Hp * ph.Wp;
-    const int m0 = blockIdx.y * MBM, p0 = ph.tile * MBN;
+    const int m0 = blockIdx.y * BM, p0 = ph.tile * BN;
     if (p0 >= Pn) return;  // the whole block: this phase has fewer pixels than the largest
     const int off = phase_weight_offset(C, CO, KH, KW, stride, ph.py, ph.px);
     const float* wp = wt + off;
     const bool vec_a = (vec & 1) && !(K & 3) && !(off & 3), vec_b = vec & 2;
-    nhwc_phase_pixels(pix, ph, KHp, p0, Pn, OH * OW, H, W, stride);
+    nhwc_phase_pixels<BN>(pix, ph, KHp, p0, Pn, OH * OW, H, W, stride);
 
     auto issue = [&](float* As, float* Bs, int t) {
         const int k0 = t * MBK;
-        mma_weights_cp(As, wp, M, K, m0, k0, vec_a, tid);
+        mma_weights_cp<BM>(As, wp, M, K, m0, k0, vec_a, tid);
         if (vec_b) {
             const int kl = 4 * (tid & 7);
-            nhwc_gather<4, 32>(pix, tid >> 3, k0 + kl, K, CO, OH, OW, ph.KWp, [&](int nl, bool ok, size_t i) {
+            nhwc_gather<BN / 32, 32>(pix, tid >> 3, k0 + kl, K, CO, OH, OW, ph.KWp, [&](int nl, bool ok, size_t i) {
                 __pipeline_memcpy_async(Bs + nl * MLDA + kl, dy + i, 16, ok ? 0 : 16);
             });
         } else {
             const int kl = tid & 31;
-            nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, CO, OH, OW, ph.KWp,
+            nhwc_gather<BN / 8, 8>(pix, tid >> 5, k0 + kl, K, CO, OH, OW, ph.KWp,
                                [&](int nl, bool ok, size_t i) { cp4(Bs + nl * MLDA + kl, dy + i, ok); });
         }
     };
 
     float acc[4][4][4];
-    mma_mainloop<TF32, true>(smem, (K + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32, true, false, BM>(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
-    mma_store<true>(Cs, acc);
-    // Channel tid % 128 of pixels tid / 128 + 2i: a warp writes 32 consecutive channels.
-    const int ml = tid & (MBM - 1), m = m0 + ml;
+    mma_store<true, BM>(Cs, acc);
+    // Channel tid % BM of pixels tid / BM + (256 / BM) i: a warp writes 32 consecutive
+    // channels.
+    const int ml = tid & (BM - 1), m = m0 + ml;
     if (m >= M) return;
+    constexpr int PS = MMA_THREADS / BM;  // pixels per pass
 #pragma unroll 4
-    for (int i = 0; i < MBN / 2; ++i) {
-        const int nl = (tid >> 7) + 2 * i;
+    for (int i = 0; i < BN / PS; ++i) {
+        const int nl = (tid >> T::M_SHIFT) + PS * i;
         if (p0 + nl >= Pn) break;
-        dx[(size_t)pix[nl].out * C + m] = Cs[nl * MLDC + ml];
+        dx[(size_t)pix[nl].out * C + m] = Cs[nl * LDC + ml];
     }
 }
 
@@ -1691,6 +1788,22 @@ conv2d_bwd_data_mma_nhwc_tf32(const float* __restrict__ dy, const float* __restr
                               int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
     __shared__ NhwcPixel pix[MBN];
     conv_bwd_data_mma_nhwc<true>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+// The same with the 64 x 256 tile (C_in <= 64): per phase runs of 256-pixel tiles, 64-channel
+// tiles of dx, the 64 x 256 forward's dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_bf16_m64(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
+                                  int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_bwd_data_mma_nhwc<false, 64>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_tf32_m64(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
+                                  int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_bwd_data_mma_nhwc<true, 64>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
 }
 
 // ---- The same with bf16 activation storage (--precision bf16) ----------------------------
@@ -1730,58 +1843,73 @@ conv2d_bwd_data_mma_nhwc_tf32(const float* __restrict__ dy, const float* __restr
 static_assert(MBN * MLDC * 4 <= HS_SMEM, "the epilogue's f32 tile fits in the bf16 ring");
 static_assert(HS_SMEM == 122880, "conv.rs's mma_smem_nhwc_bf16s");
 static_assert(MBM * MBK == 8 * 2 * MMA_THREADS, "two 16-byte copies of A and of B per thread");
+// The ring of the block tile BM x BN (MmaTile): stages of A [BM][MLDAH] and B [BN][MLDAH];
+// 64 x 256: 25 KiB each, 150 KiB in all (with the pixel table's 4 KiB under sm_90's limit).
+template <int BM>
+struct Bf16sRing {
+    enum : int { STAGE = (BM + MmaTile<BM>::BN) * MLDAH, SMEM = HS_STAGES * STAGE * 2 };
+    static_assert(MmaTile<BM>::BN * MmaTile<BM>::LDC * 4 <= SMEM, "the epilogue's f32 tile fits in the ring");
+    static_assert(SMEM <= 227 * 1024 - 4 * 1024, "the opt-in limit of sm_90 (and the pixel table)");
+};
+static_assert(Bf16sRing<MBM>::STAGE == HSTAGE && Bf16sRing<MBM>::SMEM == HS_SMEM, "the 128 x 128 ring");
+static_assert(Bf16sRing<64>::SMEM == 153600, "conv.rs's mma_smem_nhwc_bf16s (64 x 256)");
 
 // One K tile's copies of the bf16 ring (conv_fwd_mma_nhwc_bf16s, conv_bwd_data_mma_nhwc_bf16s):
 // A = rows m0.. of a bf16 [M][KP] matrix (KP % 8 == 0, 16-byte aligned, zero past the GEMM's
 // K), 16 bytes per copy; B = the pixel table's gather of the NHWC bf16 tensor src with C
 // channels, H x W pixels, taps KW wide (K = taps * C), by `vec` (bit 1: 16-byte copies of 8
 // channels, bit 2: 4-byte copies of 2, neither: 2-byte loads and shared stores).
+template <int BM = MBM>
 __device__ __forceinline__ void bf16s_issue(const NhwcPixel* pix, __nv_bfloat16* As, __nv_bfloat16* Bs,
                                             const __nv_bfloat16* __restrict__ w, int M, int KP, int m0,
                                             const __nv_bfloat16* __restrict__ src, int K, int C, int H, int W,
                                             int KW, int vec, int k0, int tid) {
+    constexpr int BN = MmaTile<BM>::BN;
     const int ka = 8 * (tid & 3);
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
+    for (int q = 0; q < BM / 64; ++q) {
         const int ml = (tid >> 2) + 64 * q, m = m0 + ml;
         const bool ok = m < M && k0 + ka < KP;
         __pipeline_memcpy_async(As + ml * MLDAH + ka, ok ? w + (size_t)m * KP + k0 + ka : w, 16, ok ? 0 : 16);
     }
     if (vec & 2) {
         const int kl = 8 * (tid & 3);
-        nhwc_gather<2, 64>(pix, tid >> 2, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+        nhwc_gather<BN / 64, 64>(pix, tid >> 2, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
             __pipeline_memcpy_async(Bs + nl * MLDAH + kl, src + i, 16, ok ? 0 : 16);
         });
     } else if (vec & 4) {
         const int kl = 2 * (tid & 15);
-        nhwc_gather<8, 16>(pix, tid >> 4, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+        nhwc_gather<BN / 16, 16>(pix, tid >> 4, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
             __pipeline_memcpy_async(Bs + nl * MLDAH + kl, src + i, 4, ok ? 0 : 4);
         });
     } else {
         const int kl = tid & 31;
         const unsigned short* xs = (const unsigned short*)src;
         unsigned short* bs = (unsigned short*)Bs;
-        nhwc_gather<16, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
+        nhwc_gather<BN / 8, 8>(pix, tid >> 5, k0 + kl, K, C, H, W, KW, [&](int nl, bool ok, size_t i) {
             bs[nl * MLDAH + kl] = ok ? xs[i] : (unsigned short)0;
         });
     }
 }
 
 // The bf16 ring's GEMM of bf16s_issue's operands (K tiles of the GEMM's K), then the block's
-// f32 result transposed into Cs = the ring's shared memory, [MBN][MLDC] (mma_store<true>).
+// f32 result transposed into Cs = the ring's shared memory, [BN][LDC] (mma_store<true>); the
+// block tile BM x BN (MmaTile).
+template <int BM = MBM>
 __device__ __forceinline__ void bf16s_gemm(const NhwcPixel* pix, const __nv_bfloat16* __restrict__ w, int M, int KP,
                                            int m0, const __nv_bfloat16* __restrict__ src, int K, int C, int H, int W,
                                            int KW, int vec) {
     unsigned char* smem = mma_smem;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    typedef MmaTile<BM> T;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> T::WN_SHIFT, wn = warp & (T::WN - 1);
     float acc[4][4][4];
     mma_zero(acc);
-    mma_ring<HS_STAGES, HSTAGE, MBM * MLDAH>(
+    mma_ring<HS_STAGES, Bf16sRing<BM>::STAGE, BM * MLDAH>(
         (__nv_bfloat16*)smem, (K + MBK - 1) / MBK, [&](__nv_bfloat16* As, __nv_bfloat16* Bs, int t) {
-            bf16s_issue(pix, As, Bs, w, M, KP, m0, src, K, C, H, W, KW, vec, t * MBK, tid);
+            bf16s_issue<BM>(pix, As, Bs, w, M, KP, m0, src, K, C, H, W, KW, vec, t * MBK, tid);
         },
         [&](const __nv_bfloat16* A, const __nv_bfloat16* B) { mma_tile<true>(A, B, acc, wm, wn, lane); });
-    mma_store<true>((float*)smem, acc);
+    mma_store<true, BM>((float*)smem, acc);
 }
 
 // The value bf16 storage holds for v (rounded to nearest even, as __floats2bfloat162_rn).
@@ -1790,7 +1918,8 @@ __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(_
 // The bf16-storage channels-last forward; EPI_BN (eval: ss, res, relu) or EPI_STATS
 // (training: z = acc rounded to bf16, and part_s, part_q as conv_fwd_mma_nhwc's, C_out * T
 // values each, of the ROUNDED values: what z holds).
-template <int EPI>
+// The block tile BM x BN (MmaTile: 128 x 128, or 64 x 256 for C_out <= 64), pix BN entries.
+template <int EPI, int BM = MBM>
 __device__ __forceinline__ void conv_fwd_mma_nhwc_bf16s(NhwcPixel* pix, const __nv_bfloat16* __restrict__ x,
                                                         const __nv_bfloat16* __restrict__ w,
                                                         __nv_bfloat16* __restrict__ y, int N, int C, int H, int W,
@@ -1799,36 +1928,39 @@ __device__ __forceinline__ void conv_fwd_mma_nhwc_bf16s(NhwcPixel* pix, const __
                                                         const __nv_bfloat16* __restrict__ res, int relu,
                                                         double* __restrict__ part_s, double* __restrict__ part_q,
                                                         int vec) {
+    typedef MmaTile<BM> T;
+    constexpr int BN = T::BN, LDC = T::LDC;
     unsigned char* smem = mma_smem;
     const int tid = threadIdx.x;
     const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
     const int M = CO, K = KH * KW * C, KP = (K + 7) & ~7, OHW = OH * OW, Pn = N * OHW;
-    const int m0 = blockIdx.y * MBM, p0 = blockIdx.x * MBN;
-    nhwc_pixels(pix, p0, Pn, OHW, OW, H, W, stride, pad);
-    bf16s_gemm(pix, w, M, KP, m0, x, K, C, H, W, KW, vec);
+    const int m0 = blockIdx.y * BM, p0 = blockIdx.x * BN;
+    nhwc_pixels<BN>(pix, p0, Pn, OHW, OW, H, W, stride, pad);
+    bf16s_gemm<BM>(pix, w, M, KP, m0, x, K, C, H, W, KW, vec);
     const float* Cs = (const float*)smem;
     if constexpr (EPI == EPI_STATS) {
-        // As conv_fwd_mma_nhwc's: channel tid % 128, tile 2 * blockIdx.x + tid / 128, each
-        // value rounded as the store below rounds it.
-        const int T = (Pn + 63) / 64, half = tid >> 7, mc = m0 + (tid & (MBM - 1));
-        const int nv = min(64, Pn - (p0 + 64 * half));
+        // As conv_fwd_mma_nhwc's: channel tid % BM, tile (BN / 64) * blockIdx.x + tid / BM,
+        // each value rounded as the store below rounds it.
+        const int NT = (Pn + 63) / 64, sub = tid >> T::M_SHIFT, mc = m0 + (tid & (BM - 1));
+        const int nv = min(64, Pn - (p0 + 64 * sub));
         if (mc < M && nv > 0) {
-            const float* cc = Cs + 64 * half * MLDC + (tid & (MBM - 1));
+            const float* cc = Cs + 64 * sub * LDC + (tid & (BM - 1));
             double sum = 0.0;
-            for (int k = 0; k < nv; ++k) sum += (double)bf16_round(cc[k * MLDC]);
+            for (int k = 0; k < nv; ++k) sum += (double)bf16_round(cc[k * LDC]);
             const double mean = sum / (double)nv;
             double q = 0.0;
             for (int k = 0; k < nv; ++k) {
-                const double d = (double)bf16_round(cc[k * MLDC]) - mean;
+                const double d = (double)bf16_round(cc[k * LDC]) - mean;
                 q += d * d;
             }
-            const size_t o = (size_t)mc * T + 2 * blockIdx.x + half;
+            const size_t o = (size_t)mc * NT + (BN / 64) * blockIdx.x + sub;
             part_s[o] = sum;
             part_q[o] = q;
         }
     }
-    // Channels m, m + 1 (tid % 64) of pixels tid / 64 + 4i.
-    const int ml = 2 * (tid & 63), m = m0 + ml;
+    // Channels m, m + 1 (pair tid % (BM / 2)) of pixels tid / (BM / 2) + (512 / BM) i.
+    constexpr int PS = 2 * MMA_THREADS / BM;  // pixels per pass
+    const int ml = 2 * (tid & (BM / 2 - 1)), m = m0 + ml;
     if (m >= M) return;
     const bool has_res = EPI == EPI_BN && res != nullptr;
     auto epi = [&](float v, int c, float r) {
@@ -1840,11 +1972,11 @@ __device__ __forceinline__ void conv_fwd_mma_nhwc_bf16s(NhwcPixel* pix, const __
     if (!(CO & 1)) {
         // p * CO + m even: one aligned word of two bf16.
 #pragma unroll 4
-        for (int i = 0; i < MBN / 4; ++i) {
-            const int nl = (tid >> 6) + 4 * i, p = p0 + nl;
+        for (int i = 0; i < BN / PS; ++i) {
+            const int nl = (tid >> (T::M_SHIFT - 1)) + PS * i, p = p0 + nl;
             if (p >= Pn) break;
             const size_t o = (size_t)p * CO + m;
-            const float2 v = *(const float2*)(Cs + nl * MLDC + ml);
+            const float2 v = *(const float2*)(Cs + nl * LDC + ml);
             float r0 = 0.0f, r1 = 0.0f;
             if (has_res) {
                 const __nv_bfloat162 r = *(const __nv_bfloat162*)(res + o);
@@ -1856,13 +1988,13 @@ __device__ __forceinline__ void conv_fwd_mma_nhwc_bf16s(NhwcPixel* pix, const __
     } else {
         const int ne = min(2, M - m);
 #pragma unroll 2
-        for (int i = 0; i < MBN / 4; ++i) {
-            const int nl = (tid >> 6) + 4 * i, p = p0 + nl;
+        for (int i = 0; i < BN / PS; ++i) {
+            const int nl = (tid >> (T::M_SHIFT - 1)) + PS * i, p = p0 + nl;
             if (p >= Pn) break;
             for (int e = 0; e < ne; ++e) {
                 const size_t o = (size_t)p * CO + m + e;
                 const float r = has_res ? __bfloat162float(res[o]) : 0.0f;
-                y[o] = __float2bfloat16_rn(epi(Cs[nl * MLDC + ml + e], m + e, r));
+                y[o] = __float2bfloat16_rn(epi(Cs[nl * LDC + ml + e], m + e, r));
             }
         }
     }
@@ -1894,6 +2026,28 @@ conv2d_fwd_stats_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x, const __nv_
     __shared__ NhwcPixel pix[MBN];
     conv_fwd_mma_nhwc_bf16s<EPI_STATS>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0,
                                        part_s, part_q, vec);
+}
+
+// The two with the 64 x 256 tile (C_out <= 64): a grid of (256-pixel tiles, 64-channel
+// tiles), Bf16sRing<64>::SMEM bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_bf16s_m64(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                 __nv_bfloat16* __restrict__ y, int N, int C, int H, int W, int CO, int KH, int KW,
+                                 int stride, int pad, const float* __restrict__ ss,
+                                 const __nv_bfloat16* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc_bf16s<EPI_BN, 64>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, nullptr,
+                                        nullptr, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_bf16s_m64(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                    __nv_bfloat16* __restrict__ z, int N, int C, int H, int W, int CO, int KH, int KW,
+                                    int stride, int pad, double* __restrict__ part_s, double* __restrict__ part_q,
+                                    int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc_bf16s<EPI_STATS, 64>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0,
+                                           part_s, part_q, vec);
 }
 
 // conv2d_bwd_data_mma_nhwc_bf16s: the channels-last data gradient (as conv2d_bwd_data_mma_nhwc_*,
@@ -1943,29 +2097,35 @@ extern "C" __global__ void conv_weight_bwd_nhwc_bf16(const float* __restrict__ w
     }
 }
 
+// The block tile BM x BN (MmaTile: 128 x 128, or 64 x 256 for C_in <= 64), pix BN entries.
+template <int BM = MBM>
 __device__ __forceinline__ void conv_bwd_data_mma_nhwc_bf16s(NhwcPixel* pix, const __nv_bfloat16* __restrict__ dy,
                                                              const __nv_bfloat16* __restrict__ wt,
                                                              float* __restrict__ dx, int N, int C, int H, int W,
                                                              int CO, int KH, int KW, int stride, int pad, int vec) {
+    typedef MmaTile<BM> T;
+    constexpr int BN = T::BN, LDC = T::LDC;
     const int tid = threadIdx.x;
     const int OH = conv_out(H, KH, stride, pad), OW = conv_out(W, KW, stride, pad);
-    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, MBN);
+    const PhaseGemm ph = phase_gemm(N, H, W, KH, KW, stride, pad, BN);
     const int KHp = phase_taps(KH, ph.py, stride);
     const int M = C, K = ph.KP * CO, KPP = (K + 7) & ~7, Pn = N * ph.Hp * ph.Wp;
-    const int m0 = blockIdx.y * MBM, p0 = ph.tile * MBN;
+    const int m0 = blockIdx.y * BM, p0 = ph.tile * BN;
     if (p0 >= Pn) return;  // the whole block: this phase has fewer pixels than the largest
     const __nv_bfloat16* wp = wt + phase_weight_offset_bf16(C, CO, KH, KW, stride, ph.py, ph.px);
-    nhwc_phase_pixels(pix, ph, KHp, p0, Pn, OH * OW, H, W, stride);
-    bf16s_gemm(pix, wp, M, KPP, m0, dy, K, CO, OH, OW, ph.KWp, vec);
+    nhwc_phase_pixels<BN>(pix, ph, KHp, p0, Pn, OH * OW, H, W, stride);
+    bf16s_gemm<BM>(pix, wp, M, KPP, m0, dy, K, CO, OH, OW, ph.KWp, vec);
     const float* Cs = (const float*)mma_smem;
-    // Channel tid % 128 of pixels tid / 128 + 2i: a warp writes 32 consecutive channels.
-    const int ml = tid & (MBM - 1), m = m0 + ml;
+    // Channel tid % BM of pixels tid / BM + (256 / BM) i: a warp writes 32 consecutive
+    // channels.
+    const int ml = tid & (BM - 1), m = m0 + ml;
     if (m >= M) return;
+    constexpr int PS = MMA_THREADS / BM;  // pixels per pass
 #pragma unroll 4
-    for (int i = 0; i < MBN / 2; ++i) {
-        const int nl = (tid >> 7) + 2 * i;
+    for (int i = 0; i < BN / PS; ++i) {
+        const int nl = (tid >> T::M_SHIFT) + PS * i;
         if (p0 + nl >= Pn) break;
-        dx[(size_t)pix[nl].out * C + m] = Cs[nl * MLDC + ml];
+        dx[(size_t)pix[nl].out * C + m] = Cs[nl * LDC + ml];
     }
 }
 
@@ -1978,6 +2138,16 @@ conv2d_bwd_data_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ dy, const __nv_
                                int stride, int pad, int vec) {
     __shared__ NhwcPixel pix[MBN];
     conv_bwd_data_mma_nhwc_bf16s(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+// The same with the 64 x 256 tile (C_in <= 64): per phase runs of 256-pixel tiles, 64-channel
+// tiles of dx, Bf16sRing<64>::SMEM bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_bf16s_m64(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ wt,
+                                   float* __restrict__ dx, int N, int C, int H, int W, int CO, int KH, int KW,
+                                   int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_bwd_data_mma_nhwc_bf16s<64>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
 }
 
 // ==== Channels-last (NHWC) weight gradient ===============================================

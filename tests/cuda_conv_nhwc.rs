@@ -16,7 +16,16 @@
 //! tiles, the last ragged) and more pixels than one 128-pixel tile, with and without the
 //! residual and the ReLU. Also: a captured graph of the op replays bit for bit what the eager
 //! call wrote, and f32 / `MmaRoute::Never` have no native kernel (the op then runs the layout
-//! changes around the NCHW forward: checked against the CPU too). Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh run
+//! changes around the NCHW forward: checked against the CPU too).
+//!
+//! The 64 x 256 tile (`conv2d_fwd_bn_mma_nhwc_*_m64`, which the op launches for `c_out <= 64`):
+//! `c_out` 64, 48 and 33 (odd; stride 2) take it and 80 the 128 x 128 kernel (each asserted by
+//! name), each against the CPU as above (residual and ReLU on), and each `c_out <= 64` case
+//! against the 128 x 128 kernel on the same data: the layer with its weights, batch-norm
+//! parameters and residual padded with random channels up to `c_out` 80 (so it takes the
+//! 128 x 128 kernel), whose first `c_out` channels must be the 64 x 256 kernel's output bit for
+//! bit (the same K order and MMAs per output value, only the tile differs). 510 pixels: two
+//! 256-pixel tiles, the second ragged. Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh run
 //! target/release/deps/cuda_conv_nhwc-* --include-ignored`); without a device the device tests
 //! are ignored.
 
@@ -24,9 +33,10 @@ mod common;
 use common::cuda::{device, rel_err, round};
 use common::nhwc::{bn_of, bn_params, cpu_nhwc, shapes, to_nhwc, Case};
 use common::rng::SplitMix64;
+use common::shapes::conv;
 
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
-use ichcam::engine::{Backend, Precision};
+use ichcam::engine::{Backend, Conv2d, Precision};
 
 fn main() {
     common::cuda::main(vec![
@@ -43,6 +53,14 @@ fn main() {
         device(
             "no_native_kernel_at_f32_or_route_never",
             no_native_kernel_at_f32_or_route_never,
+        ),
+        device(
+            "nhwc_bf16_eval_tile_m64_matches_cpu_and_the_128_tile",
+            || tile_m64_matches_cpu_and_the_128_tile(Precision::Bf16),
+        ),
+        device(
+            "nhwc_tf32_eval_tile_m64_matches_cpu_and_the_128_tile",
+            || tile_m64_matches_cpu_and_the_128_tile(Precision::Tf32),
         ),
     ])
 }
@@ -233,4 +251,127 @@ fn no_native_kernel_at_f32_or_route_never() {
             "{p} without the native kernel: relative error {e:e} (>= {tol:e})"
         );
     }
+}
+
+/// `[n][c][hw]` with `c_pad - c` channels of `fill` appended to each image.
+fn pad_channels(v: &[f32], n: usize, c: usize, hw: usize, c_pad: usize, fill: &[f32]) -> Vec<f32> {
+    let extra = (c_pad - c) * hw;
+    assert_eq!(fill.len(), n * extra);
+    let mut out = Vec::with_capacity(n * c_pad * hw);
+    for (img, f) in v.chunks(c * hw).zip(fill.chunks(extra)) {
+        out.extend_from_slice(img);
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// The first `c` channels of each pixel of an NHWC tensor of `c_pad` channels.
+fn first_channels(v: &[f32], c_pad: usize, c: usize) -> Vec<f32> {
+    v.chunks(c_pad).flat_map(|px| px[..c].to_vec()).collect()
+}
+
+/// The 64 x 256 tile against the CPU and against the 128 x 128 kernel on the same data (see
+/// the module doc).
+fn tile_m64_matches_cpu_and_the_128_tile(p: Precision) {
+    let mut g = common::cuda::gpu_at(p);
+    g.set_mma_route(MmaRoute::Auto);
+    let tol = p.tolerance().expect("a reduced precision");
+    let mut rng = SplitMix64::fresh(&format!("conv_nhwc_eval_m64_{p}"));
+    const WIDE: usize = 80;
+    let name = |s: &Conv2d| {
+        let tile = if s.c_out <= 64 { "_m64" } else { "" };
+        format!("conv2d_fwd_bn_mma_nhwc_{p}{tile}")
+    };
+    let shapes: [Conv2d; 4] = [
+        conv(2, 24, 17, 15, 64, 3, 1, 1),
+        conv(2, 24, 17, 15, 48, 3, 1, 1),
+        conv(2, 24, 17, 15, WIDE, 3, 1, 1),
+        conv(3, 20, 13, 12, 33, 3, 2, 1),
+    ];
+    let mut compared = 0;
+    for s in shapes {
+        assert_eq!(
+            g.conv_bn_eval_nhwc_kernel(&s),
+            Some(name(&s).as_str()),
+            "{s:?}"
+        );
+        let hw = s.out_h() * s.out_w();
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let bn = bn_params(&mut rng, s.c_out);
+        let residual = rng.vec_f32(s.y_len(), -1.0, 1.0);
+        let case = |x: Vec<f32>, w: Vec<f32>| Case {
+            s,
+            x,
+            w,
+            bn: bn.clone(),
+            residual: Some(residual.clone()),
+            relu: true,
+        };
+        let rounded = case(round(p, &x), round(p, &w));
+        let e = rel_err(&gpu_nhwc(&g, &rounded), &cpu_nhwc(&rounded));
+        assert!(
+            e < 1e-5,
+            "{p} {s:?} on {p}-exact operands: relative error {e:e}"
+        );
+        let raw = case(x, w);
+        let got = gpu_nhwc(&g, &raw);
+        let e = rel_err(&got, &cpu_nhwc(&raw));
+        assert!(
+            e < tol && e > 1e-5,
+            "{p} {s:?}: relative error {e:e}, expected in (1e-5, {tol:e})"
+        );
+        println!(
+            "nhwc {p} eval, tile {}: {s:?}: relative error {e:.2e}",
+            name(&s)
+        );
+        if s.c_out > 64 {
+            continue;
+        }
+        // The same layer with WIDE - c_out more channels: the 128 x 128 kernel.
+        let wide = Conv2d { c_out: WIDE, ..s };
+        assert_eq!(
+            g.conv_bn_eval_nhwc_kernel(&wide),
+            Some(format!("conv2d_fwd_bn_mma_nhwc_{p}").as_str())
+        );
+        let more = WIDE - s.c_out;
+        let k = s.c_in * s.kh * s.kw;
+        let extra_bn = bn_params(&mut rng, more);
+        let padded = Case {
+            s: wide,
+            x: raw.x.clone(),
+            w: pad_channels(
+                &raw.w,
+                1,
+                s.c_out,
+                k,
+                WIDE,
+                &rng.vec_f32(more * k, -1.0, 1.0),
+            ),
+            bn: [0, 1, 2, 3].map(|i| [raw.bn[i].clone(), extra_bn[i].clone()].concat()),
+            residual: Some(pad_channels(
+                &residual,
+                s.n,
+                s.c_out,
+                hw,
+                WIDE,
+                &rng.vec_f32(s.n * more * hw, -1.0, 1.0),
+            )),
+            relu: true,
+        };
+        let wide_y = first_channels(&gpu_nhwc(&g, &padded), WIDE, s.c_out);
+        let differ = got
+            .iter()
+            .zip(&wide_y)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "{p} {s:?}: {differ} of {} values differ from the 128 x 128 kernel's",
+            got.len()
+        );
+        compared += got.len();
+    }
+    println!("nhwc {p} eval, 64 x 256 tile: {compared} values bit for bit the 128 x 128 kernel's");
 }

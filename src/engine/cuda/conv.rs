@@ -94,6 +94,15 @@ mod tc {
         bwd_weight_mma_nhwc_bf16: "conv2d_bwd_weight_mma_nhwc_bf16",
         bwd_weight_mma_nhwc_tf32: "conv2d_bwd_weight_mma_nhwc_tf32",
         bwd_weight_mma_nhwc_bf16s: "conv2d_bwd_weight_mma_nhwc_bf16s",
+        fwd_bn_mma_nhwc_bf16_m64: "conv2d_fwd_bn_mma_nhwc_bf16_m64",
+        fwd_bn_mma_nhwc_tf32_m64: "conv2d_fwd_bn_mma_nhwc_tf32_m64",
+        fwd_stats_mma_nhwc_bf16_m64: "conv2d_fwd_stats_mma_nhwc_bf16_m64",
+        fwd_stats_mma_nhwc_tf32_m64: "conv2d_fwd_stats_mma_nhwc_tf32_m64",
+        bwd_data_mma_nhwc_bf16_m64: "conv2d_bwd_data_mma_nhwc_bf16_m64",
+        bwd_data_mma_nhwc_tf32_m64: "conv2d_bwd_data_mma_nhwc_tf32_m64",
+        fwd_bn_mma_nhwc_bf16s_m64: "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
+        fwd_stats_mma_nhwc_bf16s_m64: "conv2d_fwd_stats_mma_nhwc_bf16s_m64",
+        bwd_data_mma_nhwc_bf16s_m64: "conv2d_bwd_data_mma_nhwc_bf16s_m64",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -161,18 +170,71 @@ fn mma_smem(p: Precision) -> u32 {
     }
 }
 
-/// The dynamic shared memory of the channels-last forward (`MmaB<true>` in conv_tc.cu: its B
-/// stage is `[128][32+4]` instead of `[32][128+4]`, its bf16 tile's B `[128][32+8]`).
-fn mma_smem_nhwc(p: Precision) -> u32 {
-    match p {
-        Precision::Bf16 => 131_072,
-        _ => 110_592,
-    }
+/// The block tile of the channels-last `mma.sync` kernels (`MmaTile` in conv_tc.cu; the
+/// forwards and the data gradients, f32 and bf16 storage): 128 x 128, or 64 x 256 (the `_m64`
+/// kernels) where the GEMM's M, the rows of the tile (`c_out` of a forward, `c_in` of a data
+/// gradient), is at most 64: a 128-row tile would leave half its rows, and of its MMAs, empty;
+/// 64 x 256 does as many MMAs per block (8 warps of 64x32) on rows that exist. Rows 65 to 127
+/// keep 128 x 128 (two 64-row tiles would leave as many rows empty). Which one is faster on a
+/// GPU is not measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NhwcTile {
+    /// 128 x 128.
+    Square,
+    /// 64 rows x 256 pixels.
+    M64,
 }
 
-/// The dynamic shared memory of the bf16-storage channels-last forward (`HS_SMEM` in
-/// conv_tc.cu: 6 bf16 stages of A `[128][32+8]` and B `[128][32+8]`, 20 KiB each).
-const MMA_SMEM_NHWC_BF16S: u32 = 122_880;
+impl NhwcTile {
+    /// The tile of a GEMM with `rows` rows.
+    fn for_rows(rows: usize) -> Self {
+        if rows <= 64 {
+            NhwcTile::M64
+        } else {
+            NhwcTile::Square
+        }
+    }
+    /// Rows (channels) per block.
+    fn rows(self) -> usize {
+        match self {
+            NhwcTile::Square => MMA_TILE,
+            NhwcTile::M64 => 64,
+        }
+    }
+    /// Pixels per block.
+    fn pixels(self) -> usize {
+        match self {
+            NhwcTile::Square => MMA_TILE,
+            NhwcTile::M64 => 256,
+        }
+    }
+    /// The dynamic shared memory of its f32-storage kernels at `p` (`MmaB<true, false, BM,
+    /// BN>` in conv_tc.cu: 3 f32 stages of A `[BM][32+4]` and B `[BN][32+4]`, and at bf16 the
+    /// bf16 tile, A `[BM][32+8]` and B `[BN][32+8]`).
+    fn smem(self, p: Precision) -> u32 {
+        match (self, p) {
+            (NhwcTile::Square, Precision::Bf16) => 131_072,
+            (NhwcTile::Square, _) => 110_592,
+            (NhwcTile::M64, Precision::Bf16) => 163_840,
+            (NhwcTile::M64, _) => 138_240,
+        }
+    }
+    /// The dynamic shared memory of its bf16-storage kernels (`Bf16sRing<BM>` in conv_tc.cu:
+    /// 6 bf16 stages of A `[BM][32+8]` and B `[BN][32+8]`, 20 or 25 KiB each).
+    fn smem_bf16s(self) -> u32 {
+        match self {
+            NhwcTile::Square => 122_880,
+            NhwcTile::M64 => 153_600,
+        }
+    }
+    /// Of a kernel's two variants (`square`, `m64`), this tile's.
+    fn pick<T>(self, square: T, m64: T) -> T {
+        match self {
+            NhwcTile::Square => square,
+            NhwcTile::M64 => m64,
+        }
+    }
+}
 
 /// Which kernels a tf32 / bf16 convolution takes: the 128x128 `mma.sync` kernels or the
 /// 64x64 WMMA ones (`kernels/conv_tc.cu`); a setting of the backend
@@ -325,11 +387,14 @@ impl CudaBackend {
     /// and route (`conv2d_fwd_bn_mma_nhwc_bf16` / `_tf32`), or None where it does not run
     /// natively (at f32, or with the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        self.mma_kernel_name(
-            self.conv_bn_eval_nhwc_native(s),
-            "conv2d_fwd_bn_mma_nhwc_bf16",
-            "conv2d_fwd_bn_mma_nhwc_tf32",
-        )
+        let (bf16, tf32) = NhwcTile::for_rows(s.c_out).pick(
+            ("conv2d_fwd_bn_mma_nhwc_bf16", "conv2d_fwd_bn_mma_nhwc_tf32"),
+            (
+                "conv2d_fwd_bn_mma_nhwc_bf16_m64",
+                "conv2d_fwd_bn_mma_nhwc_tf32_m64",
+            ),
+        );
+        self.mma_kernel_name(self.conv_bn_eval_nhwc_native(s), bf16, tf32)
     }
 
     /// `y = act(bn_eval(conv(x, w)) (+ residual))` on channels-last activations: `x`
@@ -368,7 +433,12 @@ impl CudaBackend {
         if s.y_len() == 0 {
             return Ok(());
         }
-        let k = mma_pick(self, |t| (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32))?;
+        let k = mma_pick(self, |t| {
+            NhwcTile::for_rows(s.c_out).pick(
+                (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32),
+                (&t.fwd_bn_mma_nhwc_bf16_m64, &t.fwd_bn_mma_nhwc_tf32_m64),
+            )
+        })?;
         norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
             let ep = BnEpilogue { ss, residual, relu };
             // SAFETY: the caller's contract; ss holds 2 * c_out values.
@@ -428,7 +498,13 @@ impl CudaBackend {
             )));
         }
         let k = mma_pick(self, |t| {
-            (&t.fwd_stats_mma_nhwc_bf16, &t.fwd_stats_mma_nhwc_tf32)
+            NhwcTile::for_rows(s.c_out).pick(
+                (&t.fwd_stats_mma_nhwc_bf16, &t.fwd_stats_mma_nhwc_tf32),
+                (
+                    &t.fwd_stats_mma_nhwc_bf16_m64,
+                    &t.fwd_stats_mma_nhwc_tf32_m64,
+                ),
+            )
         })?;
         // SAFETY: the caller's contract (the partials: c_out * stats_tiles(s) values, the
         // 64-pixel tiles the kernel writes).
@@ -461,11 +537,17 @@ impl CudaBackend {
     /// `_tf32`), or None where the op takes the layout changes around the NCHW kernels instead
     /// (f32, [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bwd_data_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        self.mma_kernel_name(
-            self.conv_bwd_data_nhwc_native(s),
-            "conv2d_bwd_data_mma_nhwc_bf16",
-            "conv2d_bwd_data_mma_nhwc_tf32",
-        )
+        let (bf16, tf32) = NhwcTile::for_rows(s.c_in).pick(
+            (
+                "conv2d_bwd_data_mma_nhwc_bf16",
+                "conv2d_bwd_data_mma_nhwc_tf32",
+            ),
+            (
+                "conv2d_bwd_data_mma_nhwc_bf16_m64",
+                "conv2d_bwd_data_mma_nhwc_tf32_m64",
+            ),
+        );
+        self.mma_kernel_name(self.conv_bwd_data_nhwc_native(s), bf16, tf32)
     }
 
     /// The channels-last data gradient: `dx = conv_transpose(dy, w)` with `dy`
@@ -500,11 +582,15 @@ impl CudaBackend {
             return Ok(());
         }
         let g = geometry(s)?;
-        let (gx, _) = phase_grid(s, MMA_TILE);
-        let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(MMA_TILE), 1), MMA_THREADS)?;
-        cfg.shared_mem_bytes = mma_smem_nhwc(self.precision());
+        let tile = NhwcTile::for_rows(s.c_in);
+        let (gx, _) = phase_grid(s, tile.pixels());
+        let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
+        cfg.shared_mem_bytes = tile.smem(self.precision());
         let kern = mma_pick(self, |t| {
-            (&t.bwd_data_mma_nhwc_bf16, &t.bwd_data_mma_nhwc_tf32)
+            tile.pick(
+                (&t.bwd_data_mma_nhwc_bf16, &t.bwd_data_mma_nhwc_tf32),
+                (&t.bwd_data_mma_nhwc_bf16_m64, &t.bwd_data_mma_nhwc_tf32_m64),
+            )
         })?;
         let tc = tc_kernels(self)?;
         let len = s.w_len();
@@ -550,7 +636,10 @@ impl CudaBackend {
     /// the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_bn_eval_nhwc_bf16s_native(s)
-            .then_some("conv2d_fwd_bn_mma_nhwc_bf16s")
+            .then_some(NhwcTile::for_rows(s.c_out).pick(
+                "conv2d_fwd_bn_mma_nhwc_bf16s",
+                "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
+            ))
     }
 
     /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`] on activations stored in bf16: `x`
@@ -612,7 +701,10 @@ impl CudaBackend {
     /// (`conv2d_fwd_stats_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_fwd_stats_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_fwd_stats_nhwc_bf16s_native(s)
-            .then_some("conv2d_fwd_stats_mma_nhwc_bf16s")
+            .then_some(NhwcTile::for_rows(s.c_out).pick(
+                "conv2d_fwd_stats_mma_nhwc_bf16s",
+                "conv2d_fwd_stats_mma_nhwc_bf16s_m64",
+            ))
     }
 
     /// [`CudaBackend::conv2d_fwd_stats_nhwc_native`] on activations stored in bf16: `x`
@@ -666,7 +758,10 @@ impl CudaBackend {
     /// (`conv2d_bwd_data_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_bwd_data_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_bwd_data_nhwc_bf16s_native(s)
-            .then_some("conv2d_bwd_data_mma_nhwc_bf16s")
+            .then_some(NhwcTile::for_rows(s.c_in).pick(
+                "conv2d_bwd_data_mma_nhwc_bf16s",
+                "conv2d_bwd_data_mma_nhwc_bf16s_m64",
+            ))
     }
 
     /// [`CudaBackend::conv2d_bwd_data_nhwc_native`] with `dy` (`[n][out_h][out_w][c_out]`) in
@@ -701,9 +796,10 @@ impl CudaBackend {
             return Ok(());
         }
         let g = geometry(s)?;
-        let (gx, _) = phase_grid(s, MMA_TILE);
-        let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(MMA_TILE), 1), MMA_THREADS)?;
-        cfg.shared_mem_bytes = MMA_SMEM_NHWC_BF16S;
+        let tile = NhwcTile::for_rows(s.c_in);
+        let (gx, _) = phase_grid(s, tile.pixels());
+        let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
+        cfg.shared_mem_bytes = tile.smem_bf16s();
         let tc = tc_kernels(self)?;
         let len = bf16s_bwd_weight_len(s);
         // Two bf16 per f32 slot (len is a multiple of 8); never an empty buffer (c_out = 0:
@@ -732,7 +828,8 @@ impl CudaBackend {
             }
             // dy's copies by its c_out channels per pixel, as the forward's of x by c_in.
             let vec = bf16s_copy_path(s.c_out, self.ptr(dy));
-            let mut l = tc.bwd_data_mma_nhwc_bf16s.on(self.stream());
+            let kern = tile.pick(&tc.bwd_data_mma_nhwc_bf16s, &tc.bwd_data_mma_nhwc_bf16s_m64);
+            let mut l = kern.on(self.stream());
             l.arg(dy).arg(&wt).arg(dx).ints(&g[..9]).arg(&vec);
             // SAFETY: the caller's contract; wt holds the phases' padded bf16 weight rows.
             unsafe { l.launch(cfg) }
@@ -872,8 +969,9 @@ unsafe fn launch_mma(
 
 /// The channels-last forward of `s` with its epilogue's kernel (`fused`: the eval forward
 /// `conv2d_fwd_bn_mma_nhwc_*`, or the training forward `conv2d_fwd_stats_mma_nhwc_*`, at the
-/// backend's precision): one launch of (pixel tiles, channel tiles) 128x128 blocks, 256
-/// threads, with [`mma_smem_nhwc`] of dynamic shared memory, never split over K; the weights
+/// backend's precision, the kernel `fused` carries being of the [`NhwcTile`] of `c_out`): one
+/// launch of (pixel tiles, channel tiles) blocks of that tile (128x128, or 64 channels x 256
+/// pixels), 256 threads, with [`NhwcTile::smem`] of dynamic shared memory, never split over K; the weights
 /// with K ordered (kh, kw, c): `w` itself where that is OIHW's order (a 1x1, or one input
 /// channel), else an OHWI copy (`conv_weight_ohwi`) in arena scratch, given back after the
 /// launch (stream order keeps the next user after it).
@@ -892,12 +990,13 @@ unsafe fn launch_mma_nhwc(
 ) -> Result<()> {
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
+    let tile = NhwcTile::for_rows(s.c_out);
     let mut cfg = blocks(
         op,
-        (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
+        (p.div_ceil(tile.pixels()), s.c_out.div_ceil(tile.rows()), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = mma_smem_nhwc(be.precision());
+    cfg.shared_mem_bytes = tile.smem(be.precision());
     let khw = s.kh * s.kw;
     let wt = if khw > 1 && s.c_in > 1 {
         let mut wt = be.take_scratch(s.w_len())?;
@@ -958,8 +1057,9 @@ enum Bf16sEpilogue<'a> {
 /// statistics epilogue `conv2d_fwd_stats_mma_nhwc_bf16s`): the
 /// weights copied to bf16 OHWI with rows of [`bf16s_weight_row`] values
 /// (`conv_weight_ohwi_bf16`) into arena scratch, given back after the launch (stream order
-/// keeps the next user after it), then one launch of (pixel tiles, channel tiles) 128x128
-/// blocks, 256 threads, [`MMA_SMEM_NHWC_BF16S`] of dynamic shared memory, never split over K.
+/// keeps the next user after it), then one launch of (pixel tiles, channel tiles) blocks of
+/// the [`NhwcTile`] of `c_out` (128x128, or 64 channels x 256 pixels: the `_m64` kernels),
+/// 256 threads, [`NhwcTile::smem_bf16s`] of dynamic shared memory, never split over K.
 ///
 /// # Safety
 /// `x`, `y` (and the residual) hold the bf16-storage lengths `s` gives, `w` `s.w_len()`,
@@ -978,12 +1078,13 @@ unsafe fn launch_mma_nhwc_bf16s(
     };
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
+    let tile = NhwcTile::for_rows(s.c_out);
     let mut cfg = blocks(
         op,
-        (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
+        (p.div_ceil(tile.pixels()), s.c_out.div_ceil(tile.rows()), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = MMA_SMEM_NHWC_BF16S;
+    cfg.shared_mem_bytes = tile.smem_bf16s();
     let tc = tc_kernels(be)?;
     let kp = bf16s_weight_row(s);
     let len = s.c_out * kp;
@@ -1015,8 +1116,13 @@ unsafe fn launch_mma_nhwc_bf16s(
         let vec = mma_vec_nhwc_bf16s(s, be.ptr(x));
         let relu = matches!(epi, Bf16sEpilogue::Bn(ep) if ep.relu) as i32;
         let kern = match epi {
-            Bf16sEpilogue::Bn(_) => &tc.fwd_bn_mma_nhwc_bf16s,
-            Bf16sEpilogue::Stats(..) => &tc.fwd_stats_mma_nhwc_bf16s,
+            Bf16sEpilogue::Bn(_) => {
+                tile.pick(&tc.fwd_bn_mma_nhwc_bf16s, &tc.fwd_bn_mma_nhwc_bf16s_m64)
+            }
+            Bf16sEpilogue::Stats(..) => tile.pick(
+                &tc.fwd_stats_mma_nhwc_bf16s,
+                &tc.fwd_stats_mma_nhwc_bf16s_m64,
+            ),
         };
         let mut l = kern.on(be.stream());
         l.arg(x).arg(&wt).arg(y).ints(&g[..9]);
