@@ -28,7 +28,19 @@
 //! multiples of 64 or 128 (a ragged last statistics tile and block), a data-gradient phase of
 //! more than 128 pixels, many K tiles, and tiny ones. Also: a captured graph of both ops
 //! replays bit for bit what the eager calls wrote, and f32 / `MmaRoute::Never` have no native
-//! kernel (the statistics forward is refused; the data-gradient op takes the layout changes). Runs on a GPU or on the emulated driver
+//! kernel (the statistics forward is refused; the data-gradient op takes the layout changes).
+//!
+//! The 64 x 256 tile (the `_m64` kernels, which run where the GEMM's M is at most 64: `c_out` of
+//! the forward, `c_in` of the data gradient; the shapes above with such channel counts take it
+//! too): forwards with `c_out` 64, 48, 33 (odd, stride 2) on it and 80 on 128 x 128, data
+//! gradients with `c_in` 64, 48, 33 (odd, stride 1) on it and 80 on 128 x 128 (stride 2, a
+//! phase of 396 pixels: two 256-pixel tiles), each kernel asserted by name; each against the
+//! CPU as above (z and its partials and finalized statistics, dx), and each 64 x 256 case
+//! against the 128 x 128 kernel on the same data: the layer with random channels appended up
+//! to 80 (the forward's output channels: weight rows; the data gradient's input channels:
+//! weight columns) takes the 128 x 128 kernel, and its first channels of z, the partials of
+//! those channels, and the first channels of dx must be the 64 x 256 kernel's bit for bit.
+//! Runs on a GPU or on the emulated driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_train-* --include-ignored`);
 //! without a device the device tests are ignored.
 
@@ -68,6 +80,14 @@ fn main() {
         device(
             "no_native_train_kernels_at_f32_or_route_never",
             no_native_train_kernels_at_f32_or_route_never,
+        ),
+        device(
+            "nhwc_bf16_train_tile_m64_matches_cpu_and_the_128_tile",
+            || tile_m64_matches_cpu_and_the_128_tile(Precision::Bf16),
+        ),
+        device(
+            "nhwc_tf32_train_tile_m64_matches_cpu_and_the_128_tile",
+            || tile_m64_matches_cpu_and_the_128_tile(Precision::Tf32),
         ),
     ])
 }
@@ -162,12 +182,18 @@ fn gpu_bwd_data(g: &CudaBackend, s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> 
     g.download(&dx).expect("download")
 }
 
-/// The native data-gradient kernel `g` launches at `p` (the diagnostic).
-fn bwd_data_kernel(p: Precision) -> &'static str {
-    match p {
-        Precision::Bf16 => "conv2d_bwd_data_mma_nhwc_bf16",
-        _ => "conv2d_bwd_data_mma_nhwc_tf32",
-    }
+/// The native data-gradient kernel of `s` at `p` (the diagnostic): the 64 x 256 tile's
+/// (`_m64`) for `c_in <= 64`.
+fn bwd_data_kernel(p: Precision, s: &Conv2d) -> String {
+    let tile = if s.c_in <= 64 { "_m64" } else { "" };
+    format!("conv2d_bwd_data_mma_nhwc_{p}{tile}")
+}
+
+/// The native statistics-forward kernel of `s` at `p` (the diagnostic): the 64 x 256 tile's
+/// (`_m64`) for `c_out <= 64`.
+fn fwd_stats_kernel(p: Precision, s: &Conv2d) -> String {
+    let tile = if s.c_out <= 64 { "_m64" } else { "" };
+    format!("conv2d_fwd_stats_mma_nhwc_{p}{tile}")
 }
 
 /// The CPU's NCHW forward, transposed to NHWC.
@@ -321,6 +347,10 @@ fn train_forward_matches_cpu(p: Precision) {
     let (mut exact, mut worst, mut worst_q, mut worst_ulp) = (0.0f64, 0.0f64, 0.0f64, 0u32);
     for (s, path) in shapes() {
         assert!(g.conv_fwd_stats_nhwc_native(&s), "{p} {s:?}: not native");
+        assert_eq!(
+            g.conv_fwd_stats_nhwc_kernel(&s),
+            Some(fwd_stats_kernel(p, &s).as_str())
+        );
         let what = format!("{p} {s:?} (copies {path})");
         let pixels = s.n * s.out_h() * s.out_w();
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
@@ -361,7 +391,7 @@ fn data_gradient_matches_cpu(p: Precision) {
     for (s, path) in shapes() {
         assert_eq!(
             g.conv_bwd_data_nhwc_kernel(&s),
-            Some(bwd_data_kernel(p)),
+            Some(bwd_data_kernel(p, &s).as_str()),
             "{p} {s:?}: not native"
         );
         let what = format!("{p} {s:?} (copies {path})");
@@ -406,7 +436,10 @@ fn nhwc_strided_data_gradient_skips_the_zero_taps() {
         w[(2 * s.c_in + ci) * 9] = f32::INFINITY; // w[co 2][ci 3][0][0]
         for p in [Precision::Tf32, Precision::Bf16] {
             let g = common::cuda::gpu_at(p);
-            assert_eq!(g.conv_bwd_data_nhwc_kernel(&s), Some(bwd_data_kernel(p)));
+            assert_eq!(
+                g.conv_bwd_data_nhwc_kernel(&s),
+                Some(bwd_data_kernel(p, &s).as_str())
+            );
             // Operands exact at p: the finite pixels then match the CPU within 1e-5.
             let (w, dy) = (round(p, &w), round(p, &dy));
             let want = cpu_bwd_data(&s, &dy, &w);
@@ -453,7 +486,10 @@ fn nhwc_train_kernels_replay_in_a_graph() {
         let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
         let (z_eager, ps_eager, pq_eager) = gpu_fwd_stats(&g, &s, &x, &w);
-        assert_eq!(g.conv_bwd_data_nhwc_kernel(&s), Some(bwd_data_kernel(p)));
+        assert_eq!(
+            g.conv_bwd_data_nhwc_kernel(&s),
+            Some(bwd_data_kernel(p, &s).as_str())
+        );
         let dx_eager = gpu_bwd_data(&g, &s, &dy, &w);
 
         let xb = g
@@ -520,6 +556,7 @@ fn no_native_train_kernels_at_f32_or_route_never() {
     never.set_mma_route(MmaRoute::Never);
     for g in [&f32_be, &never] {
         assert!(!g.conv_fwd_stats_nhwc_native(&s));
+        assert_eq!(g.conv_fwd_stats_nhwc_kernel(&s), None);
         assert_eq!(g.conv_bwd_data_nhwc_kernel(&s), None);
         let x = g.upload(&vec![1.0; s.x_len()]).expect("upload");
         let w = g.upload(&vec![1.0; s.w_len()]).expect("upload");
@@ -545,11 +582,159 @@ fn no_native_train_kernels_at_f32_or_route_never() {
     }
     let tf32 = common::cuda::gpu_at(Precision::Tf32);
     assert!(tf32.conv_fwd_stats_nhwc_native(&s));
+    // c_in 64: the 64 x 256 tile.
     assert_eq!(
         tf32.conv_bwd_data_nhwc_kernel(&s),
-        Some("conv2d_bwd_data_mma_nhwc_tf32")
+        Some("conv2d_bwd_data_mma_nhwc_tf32_m64")
     );
     let mut empty = s;
     empty.c_in = 0;
     assert!(!tf32.conv_fwd_stats_nhwc_native(&empty));
+}
+
+/// `[n][c][hw]` with `c_pad - c` channels of `fill` appended to each of the n blocks.
+fn pad_channels(v: &[f32], n: usize, c: usize, hw: usize, c_pad: usize, fill: &[f32]) -> Vec<f32> {
+    let extra = (c_pad - c) * hw;
+    assert_eq!(fill.len(), n * extra);
+    let mut out = Vec::with_capacity(n * c_pad * hw);
+    for (img, f) in v.chunks(c * hw).zip(fill.chunks(extra)) {
+        out.extend_from_slice(img);
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// The first `c` channels of each pixel of an NHWC tensor of `c_pad` channels.
+fn first_channels(v: &[f32], c_pad: usize, c: usize) -> Vec<f32> {
+    v.chunks(c_pad).flat_map(|px| px[..c].to_vec()).collect()
+}
+
+/// How many of `a`'s values differ in their bits from `b`'s.
+fn differ<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .filter(|(u, v)| (**u).into().to_bits() != (**v).into().to_bits())
+        .count()
+}
+
+/// The 64 x 256 tile against the CPU and against the 128 x 128 kernel on the same data (see
+/// the module doc).
+fn tile_m64_matches_cpu_and_the_128_tile(p: Precision) {
+    const WIDE: usize = 80;
+    let mut g = common::cuda::gpu_at(p);
+    g.set_mma_route(MmaRoute::Auto);
+    let tol = p.tolerance().expect("a reduced precision");
+    let mut rng = SplitMix64::fresh(&format!("conv_nhwc_train_m64_{p}"));
+    let mut compared = 0;
+    // Forwards: c_out 64, 48, 80, 33.
+    for s in [
+        conv(2, 24, 17, 15, 64, 3, 1, 1),
+        conv(2, 24, 17, 15, 48, 3, 1, 1),
+        conv(2, 24, 17, 15, WIDE, 3, 1, 1),
+        conv(3, 20, 13, 12, 33, 3, 2, 1),
+    ] {
+        assert_eq!(
+            g.conv_fwd_stats_nhwc_kernel(&s),
+            Some(fwd_stats_kernel(p, &s).as_str())
+        );
+        let what = format!("{p} forward {s:?} ({})", fwd_stats_kernel(p, &s));
+        let pixels = s.n * s.out_h() * s.out_w();
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let (xr, wr) = (round(p, &x), round(p, &w));
+        let (z, ps, pq) = gpu_fwd_stats(&g, &s, &xr, &wr);
+        let e = rel_err(&z, &cpu_fwd(&s, &xr, &wr));
+        assert!(
+            e < 1e-5,
+            "{what} on {p}-exact operands: relative error {e:e}"
+        );
+        check_partials(&what, &z, s.c_out, pixels, &ps, &pq);
+        let (z, ps, pq) = gpu_fwd_stats(&g, &s, &x, &w);
+        let e = rel_err(&z, &cpu_fwd(&s, &x, &w));
+        assert!(
+            e < tol && e > 1e-5,
+            "{what}: z relative error {e:e}, expected in (1e-5, {tol:e})"
+        );
+        check_partials(&what, &z, s.c_out, pixels, &ps, &pq);
+        check_finalize(&what, &g, &z, s.c_out, pixels, &ps, &pq);
+        println!("nhwc train tile {what}: z relative error {e:.2e}");
+        if s.c_out > 64 {
+            continue;
+        }
+        let wide = Conv2d { c_out: WIDE, ..s };
+        assert_eq!(
+            g.conv_fwd_stats_nhwc_kernel(&wide),
+            Some(fwd_stats_kernel(p, &wide).as_str())
+        );
+        let k = s.c_in * s.kh * s.kw;
+        let more = rng.vec_f32((WIDE - s.c_out) * k, -1.0, 1.0);
+        let (zw, psw, pqw) =
+            gpu_fwd_stats(&g, &wide, &x, &pad_channels(&w, 1, s.c_out, k, WIDE, &more));
+        let zw = first_channels(&zw, WIDE, s.c_out);
+        // The partials are [channel][tile]: the first c_out channels' come first.
+        let n = ps.len();
+        let d = [
+            differ(&z, &zw),
+            differ(&ps, &psw[..n]),
+            differ(&pq, &pqw[..n]),
+        ];
+        assert_eq!(
+            d, [0; 3],
+            "{what}: z, part_s, part_q values differing from the 128 x 128 kernel's"
+        );
+        compared += z.len() + 2 * n;
+    }
+    // Data gradients: c_in 64, 48, 80 (stride 2), 33 (stride 1).
+    for s in [
+        conv(3, 64, 24, 22, 40, 3, 2, 1),
+        conv(3, 48, 24, 22, 40, 3, 2, 1),
+        conv(3, WIDE, 24, 22, 40, 3, 2, 1),
+        conv(2, 33, 17, 15, 24, 3, 1, 1),
+    ] {
+        let name = bwd_data_kernel(p, &s);
+        assert_eq!(g.conv_bwd_data_nhwc_kernel(&s), Some(name.as_str()));
+        let what = format!("{p} data gradient {s:?} ({name})");
+        let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let (dyr, wr) = (round(p, &dy), round(p, &w));
+        let e = rel_err(
+            &gpu_bwd_data(&g, &s, &dyr, &wr),
+            &cpu_bwd_data(&s, &dyr, &wr),
+        );
+        assert!(
+            e < 1e-5,
+            "{what} on {p}-exact operands: relative error {e:e}"
+        );
+        let dx = gpu_bwd_data(&g, &s, &dy, &w);
+        let e = rel_err(&dx, &cpu_bwd_data(&s, &dy, &w));
+        assert!(
+            e < tol && e > 1e-5,
+            "{what}: dx relative error {e:e}, expected in (1e-5, {tol:e})"
+        );
+        println!("nhwc train tile {what}: dx relative error {e:.2e}");
+        if s.c_in > 64 {
+            continue;
+        }
+        let wide = Conv2d { c_in: WIDE, ..s };
+        assert_eq!(
+            g.conv_bwd_data_nhwc_kernel(&wide),
+            Some(bwd_data_kernel(p, &wide).as_str())
+        );
+        let khw = s.kh * s.kw;
+        let more = rng.vec_f32(s.c_out * (WIDE - s.c_in) * khw, -1.0, 1.0);
+        let ww = pad_channels(&w, s.c_out, s.c_in, khw, WIDE, &more);
+        let dxw = first_channels(&gpu_bwd_data(&g, &wide, &dy, &ww), WIDE, s.c_in);
+        let d = differ(&dx, &dxw);
+        assert_eq!(
+            d,
+            0,
+            "{what}: {d} of {} dx values differ from the 128 x 128 kernel's",
+            dx.len()
+        );
+        compared += dx.len();
+    }
+    println!(
+        "nhwc {p} training, 64 x 256 tile: {compared} values bit for bit the 128 x 128 kernels'"
+    );
 }

@@ -465,6 +465,24 @@ impl CudaBackend {
         self.conv_bn_eval_nhwc_native(s) && stats_tiles(s).is_some()
     }
 
+    /// The kernel the channels-last training forward of `s`
+    /// ([`CudaBackend::conv2d_fwd_stats_nhwc_native`]) launches at this backend's precision and
+    /// route (`conv2d_fwd_stats_mma_nhwc_bf16` / `_tf32`, with `_m64` for `c_out <= 64`), or
+    /// None where it does not run natively; diagnostics and tests.
+    pub fn conv_fwd_stats_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        let (bf16, tf32) = NhwcTile::for_rows(s.c_out).pick(
+            (
+                "conv2d_fwd_stats_mma_nhwc_bf16",
+                "conv2d_fwd_stats_mma_nhwc_tf32",
+            ),
+            (
+                "conv2d_fwd_stats_mma_nhwc_bf16_m64",
+                "conv2d_fwd_stats_mma_nhwc_tf32_m64",
+            ),
+        );
+        self.mma_kernel_name(self.conv_fwd_stats_nhwc_native(s), bf16, tf32)
+    }
+
     /// The channels-last training forward: `z = conv(x, w)` with `x` `[n][h][w][c_in]`, `z`
     /// `[n][out_h][out_w][c_out]`, `w` OIHW, that also writes the batch-norm partial
     /// statistics exactly as `conv2d_fwd_stats` does (per output channel c and tile t of 64
