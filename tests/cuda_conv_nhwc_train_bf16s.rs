@@ -36,8 +36,17 @@
 //! both kernels replays bit for bit what the eager calls wrote; at tf32 and with the route `Never`
 //! no bf16-storage kernel runs (the statistics entry refuses, writing nothing; the data-gradient op
 //! takes the conversions: dx bit for bit the f32-storage op's on the unpacked dy); wrong lengths
-//! are the backend ops' `EngineError::Shape` with the op's name, nothing written. Runs on a GPU or
-//! on the emulated driver
+//! are the backend ops' `EngineError::Shape` with the op's name, nothing written.
+//!
+//! The 64 x 256 tile (the `_m64` kernels, for `c_out <= 64` in the forward and `c_in <= 64` in
+//! the data gradient; the shapes above with such channel counts take it too): forwards with
+//! `c_out` 64, 48, 33 (odd, with odd `c_in`) on it and 80 on 128 x 128, data gradients with
+//! `c_in` 64, 48, 33 (odd, with odd `c_out`: 2-byte loads of dy) on it and 80 on 128 x 128, each
+//! kernel asserted by name and checked against the CPU as above; each 64 x 256 case also
+//! against the 128 x 128 kernel on the same data: the layer with random channels appended up
+//! to 80 (the forward's output channels, the data gradient's input channels) takes the 128 x
+//! 128 kernel, and its first channels (z, the partials of those channels, dx) must be the 64 x
+//! 256 kernel's bit for bit. Runs on a GPU or on the emulated driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_nhwc_train_bf16s-* --include-ignored`);
 //! without a device the device tests are ignored.
 
@@ -69,11 +78,33 @@ fn main() {
             "bf16s_train_kernels_refuse_other_precisions_routes_and_lengths",
             refusals,
         ),
+        device(
+            "bf16s_train_tile_m64_matches_cpu_and_the_128_tile",
+            tile_m64_matches_cpu_and_the_128_tile,
+        ),
     ])
 }
 
 /// Pixels per statistics tile (`conv::STATS_TILE`).
 const TILE: usize = 64;
+
+/// The statistics forward's kernel of `s`: the 64 x 256 tile's (`_m64`) for `c_out <= 64`.
+fn fwd_kernel(s: &Conv2d) -> &'static str {
+    if s.c_out <= 64 {
+        "conv2d_fwd_stats_mma_nhwc_bf16s_m64"
+    } else {
+        "conv2d_fwd_stats_mma_nhwc_bf16s"
+    }
+}
+
+/// The data gradient's kernel of `s`: the 64 x 256 tile's (`_m64`) for `c_in <= 64`.
+fn bwd_kernel(s: &Conv2d) -> &'static str {
+    if s.c_in <= 64 {
+        "conv2d_bwd_data_mma_nhwc_bf16s_m64"
+    } else {
+        "conv2d_bwd_data_mma_nhwc_bf16s"
+    }
+}
 
 /// The shapes, each with what it exercises (x's copy path / dy's copy path).
 fn shapes() -> Vec<(Conv2d, &'static str)> {
@@ -335,7 +366,7 @@ fn train_forward_matches_cpu() {
     for (s, what) in shapes() {
         assert_eq!(
             g.conv_fwd_stats_nhwc_bf16s_kernel(&s),
-            Some("conv2d_fwd_stats_mma_nhwc_bf16s"),
+            Some(fwd_kernel(&s)),
             "{s:?}"
         );
         let what = format!("{s:?} ({what})");
@@ -435,7 +466,7 @@ fn data_gradient_matches_cpu() {
     for (s, what) in shapes() {
         assert_eq!(
             g.conv_bwd_data_nhwc_bf16s_kernel(&s),
-            Some("conv2d_bwd_data_mma_nhwc_bf16s"),
+            Some(bwd_kernel(&s)),
             "{s:?}"
         );
         let what = format!("{s:?} ({what})");
@@ -659,4 +690,163 @@ fn refusals() {
             .iter()
             .all(|v| v.to_bits() == POISON));
     }
+}
+
+/// `[n][c][hw]` with `c_pad - c` channels of `fill` appended to each of the n blocks.
+fn pad_channels(v: &[f32], n: usize, c: usize, hw: usize, c_pad: usize, fill: &[f32]) -> Vec<f32> {
+    let extra = (c_pad - c) * hw;
+    assert_eq!(fill.len(), n * extra);
+    let mut out = Vec::with_capacity(n * c_pad * hw);
+    for (img, f) in v.chunks(c * hw).zip(fill.chunks(extra)) {
+        out.extend_from_slice(img);
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// The first `c` channels of each pixel of an NHWC tensor of `c_pad` channels.
+fn first_channels<T: Copy>(v: &[T], c_pad: usize, c: usize) -> Vec<T> {
+    v.chunks(c_pad).flat_map(|px| px[..c].to_vec()).collect()
+}
+
+/// The 64 x 256 tile against the CPU and against the 128 x 128 kernels on the same data (see
+/// the module doc).
+fn tile_m64_matches_cpu_and_the_128_tile() {
+    const WIDE: usize = 80;
+    let g = common::cuda::gpu_at(Precision::Bf16);
+    let p = Precision::Bf16;
+    let mut rng = SplitMix64::fresh("conv_nhwc_train_bf16s_m64");
+    let same64 = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(u, v)| u.to_bits() == v.to_bits());
+    let mut compared = 0;
+    for s in [
+        conv(2, 24, 17, 15, 64, 3, 1, 1),
+        conv(2, 24, 17, 15, 48, 3, 1, 1),
+        conv(2, 24, 17, 15, WIDE, 3, 1, 1),
+        conv(3, 5, 13, 12, 33, 3, 2, 1),
+    ] {
+        assert_eq!(g.conv_fwd_stats_nhwc_bf16s_kernel(&s), Some(fwd_kernel(&s)));
+        let what = format!("forward {s:?} ({})", fwd_kernel(&s));
+        let pixels = s.n * s.out_h() * s.out_w();
+        let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let (xr, wr) = (round(p, &x), round(p, &w));
+        let (z, ps, pq) = gpu_fwd(&g, &s, &xr, &wr);
+        let want = cpu_fwd(&s, &xr, &wr);
+        let mut ex = 0;
+        for (i, (&h, &f)) in z.iter().zip(&want).enumerate() {
+            let wh = bf16_bits(f);
+            ex += usize::from(h == wh);
+            let d = (f64::from(bf16_value(h)) - f64::from(f)).abs();
+            assert!(
+                ulps(h, wh) <= 1 || d <= NEAR_ZERO,
+                "{what}: z[{i}] = {} vs the CPU's {f} rounded {}",
+                bf16_value(h),
+                bf16_value(wh)
+            );
+        }
+        assert!(
+            ex * 100 >= z.len() * 99,
+            "{what}: only {ex} of {} exact",
+            z.len()
+        );
+        let zf: Vec<f32> = z.iter().map(|&h| bf16_value(h)).collect();
+        check_partials(&what, &zf, s.c_out, pixels, &ps, &pq);
+        let (z2, ps2, pq2) = gpu_fwd(&g, &s, &x, &w);
+        assert!(
+            z2 == z && same64(&ps2, &ps) && same64(&pq2, &pq),
+            "{what}: the weight copy rounds otherwise than the host"
+        );
+        let e = rel_err(&zf, &cpu_fwd(&s, &x, &w));
+        assert!(
+            e < 1e-2 && e > 1e-5,
+            "{what}: z relative error {e:e}, expected in (1e-5, 1e-2)"
+        );
+        println!(
+            "bf16s train tile {what}: {ex}/{} exact, relative error {e:.2e}",
+            z.len()
+        );
+        if s.c_out > 64 {
+            continue;
+        }
+        let wide = Conv2d { c_out: WIDE, ..s };
+        assert_eq!(
+            g.conv_fwd_stats_nhwc_bf16s_kernel(&wide),
+            Some(fwd_kernel(&wide))
+        );
+        let k = s.c_in * s.kh * s.kw;
+        let more = rng.vec_f32((WIDE - s.c_out) * k, -1.0, 1.0);
+        let (zw, psw, pqw) = gpu_fwd(&g, &wide, &x, &pad_channels(&w, 1, s.c_out, k, WIDE, &more));
+        let n = ps.len();
+        assert!(
+            first_channels(&zw, WIDE, s.c_out) == z,
+            "{what}: z differs from the 128 x 128 kernel's"
+        );
+        assert!(
+            same64(&psw[..n], &ps) && same64(&pqw[..n], &pq),
+            "{what}: the partials differ from the 128 x 128 kernel's"
+        );
+        compared += z.len() + 2 * n;
+    }
+    for s in [
+        conv(3, 64, 24, 22, 40, 3, 2, 1),
+        conv(3, 48, 24, 22, 40, 3, 2, 1),
+        conv(3, WIDE, 24, 22, 40, 3, 2, 1),
+        conv(2, 33, 17, 15, 25, 3, 1, 1),
+    ] {
+        assert_eq!(g.conv_bwd_data_nhwc_bf16s_kernel(&s), Some(bwd_kernel(&s)));
+        let what = format!("data gradient {s:?} ({})", bwd_kernel(&s));
+        let dy = round(p, &rng.vec_f32(s.y_len(), -1.0, 1.0));
+        let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+        let wr = round(p, &w);
+        let dx = gpu_bwd(&g, &s, &dy, &wr);
+        let e = rel_err(&dx, &cpu_bwd(&s, &dy, &wr));
+        assert!(
+            e < 1e-5,
+            "{what} on bf16-exact operands: dx relative error {e:e}"
+        );
+        let dx_raw = gpu_bwd(&g, &s, &dy, &w);
+        assert!(
+            dx_raw
+                .iter()
+                .zip(&dx)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: the weight copy rounds otherwise than the host"
+        );
+        let e = rel_err(&dx_raw, &cpu_bwd(&s, &dy, &w));
+        assert!(
+            e < 1e-2 && e > 1e-5,
+            "{what}: dx relative error {e:e}, expected in (1e-5, 1e-2)"
+        );
+        println!("bf16s train tile {what}: dx relative error {e:.2e}");
+        if s.c_in > 64 {
+            continue;
+        }
+        let wide = Conv2d { c_in: WIDE, ..s };
+        assert_eq!(
+            g.conv_bwd_data_nhwc_bf16s_kernel(&wide),
+            Some(bwd_kernel(&wide))
+        );
+        let khw = s.kh * s.kw;
+        let more = rng.vec_f32(s.c_out * (WIDE - s.c_in) * khw, -1.0, 1.0);
+        let dxw = gpu_bwd(
+            &g,
+            &wide,
+            &dy,
+            &pad_channels(&w, s.c_out, s.c_in, khw, WIDE, &more),
+        );
+        let dxw = first_channels(&dxw, WIDE, s.c_in);
+        let differ = dx_raw
+            .iter()
+            .zip(&dxw)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "{what}: {differ} of {} dx values differ from the 128 x 128 kernel's",
+            dx.len()
+        );
+        compared += dx.len();
+    }
+    println!("bf16s training, 64 x 256 tile: {compared} values bit for bit the 128 x 128 kernels'");
 }
