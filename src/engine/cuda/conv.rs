@@ -31,6 +31,9 @@
 //! rounded z; [`CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`]: dy bf16, dx f32), on the
 //! bf16-storage eval kernel's ring, and the weight gradient on x and dy stored in bf16
 //! ([`CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`]: a bf16-only ring, the same split).
+//! The channels-last forwards and data gradients (f32 and bf16 storage) launch a 64 x 256
+//! tile instead of 128 x 128 (the `_m64` kernels, `NhwcTile`) where the GEMM's M, `c_out`
+//! of a forward or `c_in` of a data gradient, is at most 64.
 
 use cudarc::driver::CudaSlice;
 
@@ -1981,9 +1984,51 @@ mod wgrad_nhwc_tests {
 mod tests {
     use super::{
         bf16s_bwd_weight_len, bf16s_copy_path, bf16s_weight_row, mma_route, mma_route_weight,
-        mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s, mma_vec_nhwc_bwd_data, MMA_TILE,
+        mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s, mma_vec_nhwc_bwd_data, NhwcTile, MMA_TILE,
     };
     use crate::engine::shapes::Conv2d;
+    use crate::engine::Precision;
+
+    /// The channels-last tile by the GEMM's rows: 64 x 256 up to 64 rows, 128 x 128 above
+    /// (65..127 too: two 64-row tiles would leave as many rows empty); both tiles 16,384
+    /// outputs per block (8 warps of 64x32); the shared memory conv_tc.cu's static_asserts
+    /// pin (`MmaB`, `Bf16sRing`).
+    #[test]
+    fn nhwc_tile_by_rows() {
+        for (rows, tile) in [
+            (1, NhwcTile::M64),
+            (33, NhwcTile::M64),
+            (64, NhwcTile::M64),
+            (65, NhwcTile::Square),
+            (80, NhwcTile::Square),
+            (128, NhwcTile::Square),
+            (512, NhwcTile::Square),
+        ] {
+            assert_eq!(NhwcTile::for_rows(rows), tile, "{rows} rows");
+        }
+        for t in [NhwcTile::Square, NhwcTile::M64] {
+            assert_eq!(t.rows() * t.pixels(), 128 * 128);
+            assert_eq!(t.pick(1, 2), if t == NhwcTile::Square { 1 } else { 2 });
+        }
+        let m64 = NhwcTile::M64;
+        assert_eq!(
+            [
+                m64.smem(Precision::Bf16),
+                m64.smem(Precision::Tf32),
+                m64.smem_bf16s()
+            ],
+            [163_840, 138_240, 153_600]
+        );
+        let sq = NhwcTile::Square;
+        assert_eq!(
+            [
+                sq.smem(Precision::Bf16),
+                sq.smem(Precision::Tf32),
+                sq.smem_bf16s()
+            ],
+            [131_072, 110_592, 122_880]
+        );
+    }
 
     fn conv(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {
         Conv2d {
