@@ -182,18 +182,32 @@ fn gpu_bwd_data(g: &CudaBackend, s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> 
     g.download(&dx).expect("download")
 }
 
-/// The native data-gradient kernel of `s` at `p` (the diagnostic): the 64 x 256 tile's
-/// (`_m64`) for `c_in <= 64`.
-fn bwd_data_kernel(p: Precision, s: &Conv2d) -> String {
-    let tile = if s.c_in <= 64 { "_m64" } else { "" };
-    format!("conv2d_bwd_data_mma_nhwc_{p}{tile}")
+/// Whether `g` runs the 64 x 256 tile's f32-storage kernels at its precision: from sm_90 on
+/// always; below (sm_80's 163 KiB per block) only at tf32 (conv.rs, `NhwcTile::choose`).
+fn m64_fits(g: &CudaBackend) -> bool {
+    g.info().compute_capability.0 >= 9 || g.precision() == Precision::Tf32
 }
 
-/// The native statistics-forward kernel of `s` at `p` (the diagnostic): the 64 x 256 tile's
+/// The native data-gradient kernel of `s` on `g` (the diagnostic): the 64 x 256 tile's
+/// (`_m64`) for `c_in <= 64`.
+fn bwd_data_kernel(g: &CudaBackend, s: &Conv2d) -> String {
+    let tile = if s.c_in <= 64 && m64_fits(g) {
+        "_m64"
+    } else {
+        ""
+    };
+    format!("conv2d_bwd_data_mma_nhwc_{}{tile}", g.precision())
+}
+
+/// The native statistics-forward kernel of `s` on `g` (the diagnostic): the 64 x 256 tile's
 /// (`_m64`) for `c_out <= 64`.
-fn fwd_stats_kernel(p: Precision, s: &Conv2d) -> String {
-    let tile = if s.c_out <= 64 { "_m64" } else { "" };
-    format!("conv2d_fwd_stats_mma_nhwc_{p}{tile}")
+fn fwd_stats_kernel(g: &CudaBackend, s: &Conv2d) -> String {
+    let tile = if s.c_out <= 64 && m64_fits(g) {
+        "_m64"
+    } else {
+        ""
+    };
+    format!("conv2d_fwd_stats_mma_nhwc_{}{tile}", g.precision())
 }
 
 /// The CPU's NCHW forward, transposed to NHWC.
@@ -349,7 +363,7 @@ fn train_forward_matches_cpu(p: Precision) {
         assert!(g.conv_fwd_stats_nhwc_native(&s), "{p} {s:?}: not native");
         assert_eq!(
             g.conv_fwd_stats_nhwc_kernel(&s),
-            Some(fwd_stats_kernel(p, &s).as_str())
+            Some(fwd_stats_kernel(&g, &s).as_str())
         );
         let what = format!("{p} {s:?} (copies {path})");
         let pixels = s.n * s.out_h() * s.out_w();
@@ -391,7 +405,7 @@ fn data_gradient_matches_cpu(p: Precision) {
     for (s, path) in shapes() {
         assert_eq!(
             g.conv_bwd_data_nhwc_kernel(&s),
-            Some(bwd_data_kernel(p, &s).as_str()),
+            Some(bwd_data_kernel(&g, &s).as_str()),
             "{p} {s:?}: not native"
         );
         let what = format!("{p} {s:?} (copies {path})");
@@ -438,7 +452,7 @@ fn nhwc_strided_data_gradient_skips_the_zero_taps() {
             let g = common::cuda::gpu_at(p);
             assert_eq!(
                 g.conv_bwd_data_nhwc_kernel(&s),
-                Some(bwd_data_kernel(p, &s).as_str())
+                Some(bwd_data_kernel(&g, &s).as_str())
             );
             // Operands exact at p: the finite pixels then match the CPU within 1e-5.
             let (w, dy) = (round(p, &w), round(p, &dy));
@@ -488,7 +502,7 @@ fn nhwc_train_kernels_replay_in_a_graph() {
         let (z_eager, ps_eager, pq_eager) = gpu_fwd_stats(&g, &s, &x, &w);
         assert_eq!(
             g.conv_bwd_data_nhwc_kernel(&s),
-            Some(bwd_data_kernel(p, &s).as_str())
+            Some(bwd_data_kernel(&g, &s).as_str())
         );
         let dx_eager = gpu_bwd_data(&g, &s, &dy, &w);
 
@@ -585,8 +599,9 @@ fn no_native_train_kernels_at_f32_or_route_never() {
     // c_in 64: the 64 x 256 tile.
     assert_eq!(
         tf32.conv_bwd_data_nhwc_kernel(&s),
-        Some("conv2d_bwd_data_mma_nhwc_tf32_m64")
+        Some(bwd_data_kernel(&tf32, &s).as_str())
     );
+    assert!(bwd_data_kernel(&tf32, &s).ends_with("_m64"));
     let mut empty = s;
     empty.c_in = 0;
     assert!(!tf32.conv_fwd_stats_nhwc_native(&empty));
@@ -636,9 +651,9 @@ fn tile_m64_matches_cpu_and_the_128_tile(p: Precision) {
     ] {
         assert_eq!(
             g.conv_fwd_stats_nhwc_kernel(&s),
-            Some(fwd_stats_kernel(p, &s).as_str())
+            Some(fwd_stats_kernel(&g, &s).as_str())
         );
-        let what = format!("{p} forward {s:?} ({})", fwd_stats_kernel(p, &s));
+        let what = format!("{p} forward {s:?} ({})", fwd_stats_kernel(&g, &s));
         let pixels = s.n * s.out_h() * s.out_w();
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
@@ -665,7 +680,7 @@ fn tile_m64_matches_cpu_and_the_128_tile(p: Precision) {
         let wide = Conv2d { c_out: WIDE, ..s };
         assert_eq!(
             g.conv_fwd_stats_nhwc_kernel(&wide),
-            Some(fwd_stats_kernel(p, &wide).as_str())
+            Some(fwd_stats_kernel(&g, &wide).as_str())
         );
         let k = s.c_in * s.kh * s.kw;
         let more = rng.vec_f32((WIDE - s.c_out) * k, -1.0, 1.0);
@@ -692,7 +707,7 @@ fn tile_m64_matches_cpu_and_the_128_tile(p: Precision) {
         conv(3, WIDE, 24, 22, 40, 3, 2, 1),
         conv(2, 33, 17, 15, 24, 3, 1, 1),
     ] {
-        let name = bwd_data_kernel(p, &s);
+        let name = bwd_data_kernel(&g, &s);
         assert_eq!(g.conv_bwd_data_nhwc_kernel(&s), Some(name.as_str()));
         let what = format!("{p} data gradient {s:?} ({name})");
         let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
@@ -719,7 +734,7 @@ fn tile_m64_matches_cpu_and_the_128_tile(p: Precision) {
         let wide = Conv2d { c_in: WIDE, ..s };
         assert_eq!(
             g.conv_bwd_data_nhwc_kernel(&wide),
-            Some(bwd_data_kernel(p, &wide).as_str())
+            Some(bwd_data_kernel(&g, &wide).as_str())
         );
         let khw = s.kh * s.kw;
         let more = rng.vec_f32(s.c_out * (WIDE - s.c_in) * khw, -1.0, 1.0);

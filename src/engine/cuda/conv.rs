@@ -178,8 +178,9 @@ fn mma_smem(p: Precision) -> u32 {
 /// kernels) where the GEMM's M, the rows of the tile (`c_out` of a forward, `c_in` of a data
 /// gradient), is at most 64: a 128-row tile would leave half its rows, and of its MMAs, empty;
 /// 64 x 256 does as many MMAs per block (8 warps of 64x32) on rows that exist. Rows 65 to 127
-/// keep 128 x 128 (two 64-row tiles would leave as many rows empty). Which one is faster on a
-/// GPU is not measured.
+/// keep 128 x 128 (two 64-row tiles would leave as many rows empty), and so does a kernel whose
+/// 64 x 256 shared memory the device cannot give a block ([`NhwcTile::choose`]). Which one is
+/// faster on a GPU is not measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum NhwcTile {
     /// 128 x 128.
@@ -188,10 +189,23 @@ enum NhwcTile {
     M64,
 }
 
+/// The shared memory (dynamic and static) a block may opt into below compute capability 9.0:
+/// 163 KiB on sm_80 / sm_87 (sm_86 / sm_89 allow 99 KiB, less than any channels-last mma
+/// kernel needs); 227 KiB from sm_90 on, which every one of them fits.
+const SMEM_OPTIN_SM80: u32 = 166_912;
+/// The static shared memory of the 64 x 256 kernels: the pixel table, 256 x 16 bytes.
+const PIXEL_TABLE_M64: u32 = 4096;
+
 impl NhwcTile {
-    /// The tile of a GEMM with `rows` rows.
-    fn for_rows(rows: usize) -> Self {
-        if rows <= 64 {
+    /// The tile of a GEMM with `rows` rows on a device of compute capability `cc_major`.x,
+    /// for a kernel whose 64 x 256 instantiation takes `m64_smem` bytes of dynamic shared
+    /// memory: 64 x 256 for at most 64 rows where the block's shared memory fits (always from
+    /// sm_90 on; below, within [`SMEM_OPTIN_SM80`]: the tf32 and bf16-storage kernels, not
+    /// the f32-storage bf16 ones, whose 164 KiB would fail the launch on an A100), else
+    /// 128 x 128.
+    fn choose(rows: usize, cc_major: i32, m64_smem: u32) -> Self {
+        let fits = cc_major >= 9 || m64_smem + PIXEL_TABLE_M64 <= SMEM_OPTIN_SM80;
+        if rows <= 64 && fits {
             NhwcTile::M64
         } else {
             NhwcTile::Square
@@ -361,6 +375,19 @@ fn bf16s_bwd_weight_len(s: &Conv2d) -> usize {
 }
 
 impl CudaBackend {
+    /// The tile of this backend's f32-storage channels-last kernels (at its precision) for a
+    /// GEMM of `rows` rows ([`NhwcTile::choose`]).
+    fn nhwc_tile(&self, rows: usize) -> NhwcTile {
+        let m64 = NhwcTile::M64.smem(self.precision());
+        NhwcTile::choose(rows, self.info().compute_capability.0, m64)
+    }
+
+    /// The tile of the bf16-storage channels-last kernels for a GEMM of `rows` rows.
+    fn nhwc_tile_bf16s(&self, rows: usize) -> NhwcTile {
+        let m64 = NhwcTile::M64.smem_bf16s();
+        NhwcTile::choose(rows, self.info().compute_capability.0, m64)
+    }
+
     /// A native kernel's name at this backend's precision where `runs` (the bf16 or the tf32
     /// one), else None: the `*_kernel` diagnostics.
     fn mma_kernel_name(
@@ -390,7 +417,7 @@ impl CudaBackend {
     /// and route (`conv2d_fwd_bn_mma_nhwc_bf16` / `_tf32`), or None where it does not run
     /// natively (at f32, or with the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = NhwcTile::for_rows(s.c_out).pick(
+        let (bf16, tf32) = self.nhwc_tile(s.c_out).pick(
             ("conv2d_fwd_bn_mma_nhwc_bf16", "conv2d_fwd_bn_mma_nhwc_tf32"),
             (
                 "conv2d_fwd_bn_mma_nhwc_bf16_m64",
@@ -437,7 +464,7 @@ impl CudaBackend {
             return Ok(());
         }
         let k = mma_pick(self, |t| {
-            NhwcTile::for_rows(s.c_out).pick(
+            self.nhwc_tile(s.c_out).pick(
                 (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32),
                 (&t.fwd_bn_mma_nhwc_bf16_m64, &t.fwd_bn_mma_nhwc_tf32_m64),
             )
@@ -473,7 +500,7 @@ impl CudaBackend {
     /// route (`conv2d_fwd_stats_mma_nhwc_bf16` / `_tf32`, with `_m64` for `c_out <= 64`), or
     /// None where it does not run natively; diagnostics and tests.
     pub fn conv_fwd_stats_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = NhwcTile::for_rows(s.c_out).pick(
+        let (bf16, tf32) = self.nhwc_tile(s.c_out).pick(
             (
                 "conv2d_fwd_stats_mma_nhwc_bf16",
                 "conv2d_fwd_stats_mma_nhwc_tf32",
@@ -519,7 +546,7 @@ impl CudaBackend {
             )));
         }
         let k = mma_pick(self, |t| {
-            NhwcTile::for_rows(s.c_out).pick(
+            self.nhwc_tile(s.c_out).pick(
                 (&t.fwd_stats_mma_nhwc_bf16, &t.fwd_stats_mma_nhwc_tf32),
                 (
                     &t.fwd_stats_mma_nhwc_bf16_m64,
@@ -558,7 +585,7 @@ impl CudaBackend {
     /// `_tf32`), or None where the op takes the layout changes around the NCHW kernels instead
     /// (f32, [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bwd_data_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = NhwcTile::for_rows(s.c_in).pick(
+        let (bf16, tf32) = self.nhwc_tile(s.c_in).pick(
             (
                 "conv2d_bwd_data_mma_nhwc_bf16",
                 "conv2d_bwd_data_mma_nhwc_tf32",
@@ -603,7 +630,7 @@ impl CudaBackend {
             return Ok(());
         }
         let g = geometry(s)?;
-        let tile = NhwcTile::for_rows(s.c_in);
+        let tile = self.nhwc_tile(s.c_in);
         let (gx, _) = phase_grid(s, tile.pixels());
         let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
         cfg.shared_mem_bytes = tile.smem(self.precision());
@@ -657,7 +684,7 @@ impl CudaBackend {
     /// the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_bn_eval_nhwc_bf16s_native(s)
-            .then_some(NhwcTile::for_rows(s.c_out).pick(
+            .then_some(self.nhwc_tile_bf16s(s.c_out).pick(
                 "conv2d_fwd_bn_mma_nhwc_bf16s",
                 "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
             ))
@@ -722,7 +749,7 @@ impl CudaBackend {
     /// (`conv2d_fwd_stats_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_fwd_stats_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_fwd_stats_nhwc_bf16s_native(s)
-            .then_some(NhwcTile::for_rows(s.c_out).pick(
+            .then_some(self.nhwc_tile_bf16s(s.c_out).pick(
                 "conv2d_fwd_stats_mma_nhwc_bf16s",
                 "conv2d_fwd_stats_mma_nhwc_bf16s_m64",
             ))
@@ -779,7 +806,7 @@ impl CudaBackend {
     /// (`conv2d_bwd_data_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_bwd_data_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_bwd_data_nhwc_bf16s_native(s)
-            .then_some(NhwcTile::for_rows(s.c_in).pick(
+            .then_some(self.nhwc_tile_bf16s(s.c_in).pick(
                 "conv2d_bwd_data_mma_nhwc_bf16s",
                 "conv2d_bwd_data_mma_nhwc_bf16s_m64",
             ))
@@ -817,7 +844,7 @@ impl CudaBackend {
             return Ok(());
         }
         let g = geometry(s)?;
-        let tile = NhwcTile::for_rows(s.c_in);
+        let tile = self.nhwc_tile_bf16s(s.c_in);
         let (gx, _) = phase_grid(s, tile.pixels());
         let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
         cfg.shared_mem_bytes = tile.smem_bf16s();
@@ -1011,7 +1038,7 @@ unsafe fn launch_mma_nhwc(
 ) -> Result<()> {
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
-    let tile = NhwcTile::for_rows(s.c_out);
+    let tile = be.nhwc_tile(s.c_out);
     let mut cfg = blocks(
         op,
         (p.div_ceil(tile.pixels()), s.c_out.div_ceil(tile.rows()), 1),
@@ -1099,7 +1126,7 @@ unsafe fn launch_mma_nhwc_bf16s(
     };
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
-    let tile = NhwcTile::for_rows(s.c_out);
+    let tile = be.nhwc_tile_bf16s(s.c_out);
     let mut cfg = blocks(
         op,
         (p.div_ceil(tile.pixels()), s.c_out.div_ceil(tile.rows()), 1),
@@ -1989,12 +2016,19 @@ mod tests {
     use crate::engine::shapes::Conv2d;
     use crate::engine::Precision;
 
-    /// The channels-last tile by the GEMM's rows: 64 x 256 up to 64 rows, 128 x 128 above
-    /// (65..127 too: two 64-row tiles would leave as many rows empty); both tiles 16,384
-    /// outputs per block (8 warps of 64x32); the shared memory conv_tc.cu's static_asserts
-    /// pin (`MmaB`, `Bf16sRing`).
+    /// The channels-last tile by the GEMM's rows and the device: 64 x 256 up to 64 rows, 128 x
+    /// 128 above (65..127 too: two 64-row tiles would leave as many rows empty); below sm_90
+    /// only where the 64 x 256 kernel's shared memory fits sm_80's 163 KiB (tf32 and bf16
+    /// storage, not the f32-storage bf16 kernel); both tiles 16,384 outputs per block; the
+    /// shared memory conv_tc.cu's static_asserts pin (`MmaB`, `Bf16sRing`).
     #[test]
-    fn nhwc_tile_by_rows() {
+    fn nhwc_tile_by_rows_and_device() {
+        let m64 = NhwcTile::M64;
+        let (bf16, tf32, bf16s) = (
+            m64.smem(Precision::Bf16),
+            m64.smem(Precision::Tf32),
+            m64.smem_bf16s(),
+        );
         for (rows, tile) in [
             (1, NhwcTile::M64),
             (33, NhwcTile::M64),
@@ -2004,21 +2038,25 @@ mod tests {
             (128, NhwcTile::Square),
             (512, NhwcTile::Square),
         ] {
-            assert_eq!(NhwcTile::for_rows(rows), tile, "{rows} rows");
+            for cc in [9, 10] {
+                for smem in [bf16, tf32, bf16s] {
+                    assert_eq!(NhwcTile::choose(rows, cc, smem), tile, "{rows} rows");
+                }
+            }
+            for smem in [tf32, bf16s] {
+                assert_eq!(NhwcTile::choose(rows, 8, smem), tile, "{rows} rows, sm_80");
+            }
+            assert_eq!(
+                NhwcTile::choose(rows, 8, bf16),
+                NhwcTile::Square,
+                "{rows} rows, sm_80"
+            );
         }
         for t in [NhwcTile::Square, NhwcTile::M64] {
             assert_eq!(t.rows() * t.pixels(), 128 * 128);
             assert_eq!(t.pick(1, 2), if t == NhwcTile::Square { 1 } else { 2 });
         }
-        let m64 = NhwcTile::M64;
-        assert_eq!(
-            [
-                m64.smem(Precision::Bf16),
-                m64.smem(Precision::Tf32),
-                m64.smem_bf16s()
-            ],
-            [163_840, 138_240, 153_600]
-        );
+        assert_eq!([bf16, tf32, bf16s], [163_840, 138_240, 153_600]);
         let sq = NhwcTile::Square;
         assert_eq!(
             [
