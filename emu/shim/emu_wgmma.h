@@ -306,3 +306,21 @@ static inline void ptx_wgmma_m64n64k16_f32_bf16(float (&d)[32], uint64_t desc_a,
 static inline void ptx_wgmma_m64n128k16_f32_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
     emu_wgmma_bf16<128>(d, desc_a, desc_b, scale_d);
 }
+
+// No-op here: on a GPU an empty asm with "+f" on each accumulator, so that the compiler
+// neither moves their reads above wgmma.wait_group nor keeps copies across it.
+template <int N>
+static inline void ptx_wgmma_fence_operand(float (&)[N]) {}
+
+// cp.async of 16 bytes (cp.async.cg.shared.global [dst], [src], 16, src_bytes: the last 16 -
+// src_bytes bytes zero), its commit and wait_group: the <cuda_pipeline_primitives.h> model of
+// emu_pipeline.h (a copy lands when its group is waited for).
+static inline void ptx_cp_async_16(void* dst, const void* src, int src_bytes) {
+    if (src_bytes < 0 || src_bytes > 16) emu_fail("cp.async: src-size must be 0..16");
+    __pipeline_memcpy_async(dst, src, 16, (size_t)(16 - src_bytes));
+}
+static inline void ptx_cp_async_commit() { __pipeline_commit(); }
+template <int N>
+static inline void ptx_cp_async_wait() {
+    __pipeline_wait_prior(N);
+}
