@@ -12,6 +12,8 @@
 //!   path ran);
 //! - against the mma.sync kernel (`conv2d_fwd_bn_mma_nhwc_bf16s`, the switch off) on the same
 //!   inputs: within 1 bf16 ulp, or 2e-5, everywhere (the same products summed in another order);
+//! - a captured graph (the fold, the weight copy and the kernel) replays bit for bit what the
+//!   eager call wrote;
 //! - the route: off by default, off at f32 / tf32 and with the route `Never`, off for shapes
 //!   it does not support (`c_in % 8 != 0`: the mma.sync kernel runs them, bit for bit what the
 //!   switch-off backend gives), and on a device that is not compute capability 9.0 never on;
@@ -44,6 +46,10 @@ fn main() {
             wgmma_eval_forward_matches_cpu_and_mma,
         ),
         device("wgmma_route_switch", wgmma_route_switch),
+        device(
+            "wgmma_eval_forward_replays_in_a_graph",
+            wgmma_eval_forward_replays_in_a_graph,
+        ),
         Test {
             name: "wgmma_ptx_for_sm90a",
             run: wgmma_ptx_for_sm90a,
@@ -239,6 +245,70 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
         cases().len(),
         total - exact - near_zero
     );
+}
+
+/// A captured wgmma forward (the batch-norm fold, the bf16 weight copy and the kernel, the
+/// module loaded and scratch warmed by the eager call) replays bit for bit what the eager
+/// call wrote.
+fn wgmma_eval_forward_replays_in_a_graph() {
+    // A backend of its own (its own stream): the other tests' work on the shared stream would
+    // break the capture.
+    let mut g = CudaBackend::new(0).expect("the harness found a CUDA device");
+    g.set_precision(Precision::Bf16)
+        .expect("the device takes bf16");
+    g.set_wgmma(true);
+    let s = cases()[2].0;
+    let hopper = g.info().compute_capability == (9, 0);
+    assert_eq!(g.conv_bn_eval_nhwc_bf16s_wgmma_kernel(&s).is_some(), hopper);
+    let mut rng = SplitMix64::fresh("conv_wgmma_graph");
+    let c = Case {
+        s,
+        x: rng.vec_f32(s.x_len(), -1.0, 1.0),
+        w: rng.vec_f32(s.w_len(), -1.0, 1.0),
+        bn: bn_params(&mut rng, s.c_out),
+        residual: Some(rng.vec_f32(s.y_len(), -1.0, 1.0)),
+        relu: true,
+    };
+    let eager = run_op(&g, &c);
+    let up = |v: &[f32]| g.upload(v).expect("upload");
+    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
+    let wb = up(&c.w);
+    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
+    let hw = s.out_h() * s.out_w();
+    let rb = up(&pack(&to_nhwc(
+        c.residual.as_deref().expect("a residual"),
+        s.n,
+        s.c_out,
+        hw,
+    )));
+    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
+    let (graph, ()) = g
+        .capture(|| {
+            g.conv2d_bn_eval_fwd_nhwc_bf16(
+                &s,
+                &bn_of(&s),
+                &xb,
+                &wb,
+                &ga,
+                &be_,
+                &m,
+                &v,
+                Some(&rb),
+                true,
+                &mut y,
+            )
+        })
+        .expect("capture");
+    assert!(
+        g.download(&y)
+            .expect("download")
+            .iter()
+            .all(|v| v.to_bits() == POISON),
+        "nothing runs while capturing"
+    );
+    graph.replay().expect("replay");
+    let got = halves(&g.download(&y).expect("download"), s.y_len());
+    assert!(got == eager, "the replay differs from the eager call");
 }
 
 /// Off by default, off where it does not apply, and where it does not run the op gives what
