@@ -823,6 +823,8 @@ static void wgmma_primitives() {
         {1, 128, 64, 2, 1, "m64n128k16, 128-byte swizzle, two warpgroups, 4 k steps in one swizzle row"},
         {0, 64, 32, 1, 1, "m64n64k16, no swizzle (8x16-byte core matrices, LBO 1024 != SBO 128)"},
         {1, 64, 128, 1, 0, "m64n64k16, 128-byte swizzle, 8 k steps over two 64-wide blocks, scale-d 0 (C ignored)"},
+        {2, 64, 64, 1, 1, "m64n64k16, 64-byte swizzle, 4 k steps over two 32-wide blocks"},
+        {3, 128, 32, 2, 1, "m64n128k16, 32-byte swizzle, two warpgroups, 2 k steps over two 16-wide blocks"},
     };
     for (const Case& cs : cases) {
         const int M = 64 * cs.warpgroups, N = cs.n, K = cs.k;

@@ -9,15 +9,19 @@
 extern __shared__ __align__(16) unsigned char wg_smem[];
 
 // Byte offset of element (r, k) of an R-row, K-major tile of 16-bit values:
-// mode 1 (128-byte swizzle): k in blocks of 64 (a 128-byte row each), block kb at kb * R * 128;
-//   8-row group r / 8 at (r / 8) * 1024, row r % 8 at (r % 8) * 128, and the 16-byte chunk
-//   c = (k % 64) / 8 of that row at chunk position c ^ (r % 8) (the tile 1024-byte aligned).
+// mode 1, 2, 3 (128-, 64-, 32-byte swizzle, W = 128, 64, 32 bytes per row: W / 2 k): k in
+//   blocks of W / 2, block kb at kb * R * W; 8-row group r / 8 at (r / 8) * 8W, row r % 8 at
+//   (r % 8) * W, and its 16-byte chunk c = (k % (W / 2)) / 8 at chunk position c ^ phase, the
+//   phase of the row in its pattern: r % 8 (128-byte), (r % 8) / 2 (64-byte: pairs of rows
+//   share one), (r % 8) / 4 (32-byte) (the tile 1024-byte aligned).
 // mode 0 (no swizzle): core matrices of 8 rows x 8 k (128 contiguous bytes, rows 16 bytes
 //   apart), the next 8 rows SBO = 128 bytes on, the next 8 k LBO = R * 16 bytes on.
 __device__ unsigned st_off(int mode, int R, int r, int k) {
-    if (mode == 1) {
-        const int kb = k / 64, c = (k % 64) / 8;
-        return kb * R * 128 + (r / 8) * 1024 + (r % 8) * 128 + (c ^ (r % 8)) * 16 + (k % 8) * 2;
+    if (mode != 0) {
+        const int W = 128 >> (mode - 1), kpr = W / 2;
+        const int kb = k / kpr, c = (k % kpr) / 8;
+        const int phase = mode == 1 ? r % 8 : mode == 2 ? (r % 8) / 2 : (r % 8) / 4;
+        return kb * R * W + (r / 8) * 8 * W + (r % 8) * W + (c ^ phase) * 16 + (k % 8) * 2;
     }
     return (r / 8) * 128 + (k / 8) * (R * 16) + (r % 8) * 16 + (k % 8) * 2;
 }
@@ -30,7 +34,11 @@ __device__ unsigned long long st_desc(unsigned addr, unsigned lbo, unsigned sbo,
 
 // Descriptor of the 64-row (A, rows r0..) or N-row (B) operand of k step ks (16 k) of an R-row tile at `base`.
 __device__ unsigned long long st_operand(int mode, unsigned base, int R, int r0, int ks) {
-    if (mode == 1) return st_desc(base + (ks / 4) * R * 128 + (r0 / 8) * 1024 + (ks % 4) * 32, 16, 1024, 1);
+    if (mode != 0) {
+        // A W-byte row holds W / 32 k steps of 16 k (32 bytes each); SBO = 8 rows.
+        const int W = 128 >> (mode - 1), steps = W / 32;
+        return st_desc(base + (ks / steps) * R * W + (r0 / 8) * 8 * W + (ks % steps) * 32, 16, 8 * W, mode);
+    }
     return st_desc(base + (r0 / 8) * 128 + ks * 2 * (R * 16), R * 16, 128, 0);
 }
 
