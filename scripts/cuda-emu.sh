@@ -9,7 +9,8 @@
 #   scripts/cuda-emu.sh test                 every CUDA test with ICHCAM_REQUIRE_GPU=1, the WMMA
 #                                            self-test, `ichcam parity --device cuda` on every
 #                                            fixture, and every kernel's PTX assembled by ptxas
-#                                            for its GPU; ends with "N passed, M failed"
+#                                            for its GPU (conv_wgmma's for sm_90a too); ends
+#                                            with "N passed, M failed"
 #
 # Environment: EMU_SANITIZE=1 (run/test on the sanitizer build), EMU_SEED=N|random (order of
 # blocks and fibers), EMU_THREADS=N (OS threads per launch), CUDA_LAUNCH_BLOCKING=1, and the
@@ -235,6 +236,10 @@ test_all() {
   for f in tests/cuda_*.rs; do tests+=(--test "$(basename "$f" .rs)"); done
   mapfile -t exes < <(nice -n 10 cargo test --release --no-run "${tests[@]}" 2>&1 | sed -n 's/.*Executable .* (\(.*\))$/\1/p')
   [ "${#exes[@]}" -gt 0 ] || { echo "cuda-emu: no CUDA test binary was built" >&2; exit 1; }
+  # tests/cuda_conv_wgmma.rs writes the compute_90a PTX of kernels/conv_wgmma.cu (compiled
+  # at run time, as module.rs does on a compute capability 9.0 device) for step 3.
+  export ICHCAM_SM90A_PTX_OUT="$OUT/conv_wgmma.sm90a.ptx"
+  rm -f "$ICHCAM_SM90A_PTX_OUT"
   local exe rc p fl
   for exe in "${exes[@]}"; do
     echo "cuda-emu: $(basename "$exe")"
@@ -283,6 +288,22 @@ test_all() {
       fi
     done
     echo "cuda-emu: ptxas ($px) assembled the PTX of $ptx_dir"
+    # The sm_90a module (wgmma), whose PTX only the run-time compile for compute_90a makes
+    # (build.rs's compute_90 PTX of it has no wgmma): registers and spills into the log.
+    name="ptxas -arch=sm_90a conv_wgmma.sm90a.ptx"
+    if [ ! -s "$ICHCAM_SM90A_PTX_OUT" ]; then
+      echo "cuda-emu: FAIL: $name (tests/cuda_conv_wgmma.rs did not write $ICHCAM_SM90A_PTX_OUT)"
+      record "$name" 1
+    elif "$px" -arch=sm_90a -v "$ICHCAM_SM90A_PTX_OUT" -o /dev/null > "$OUT/ptxas-sm90a.log" 2>&1 && \
+        grep -q "wgmma.mma_async" "$ICHCAM_SM90A_PTX_OUT"; then
+      cat "$OUT/ptxas-sm90a.log" >> "$log"
+      grep -E "Compiling entry|Used|spill" "$OUT/ptxas-sm90a.log" | sed 's/^/cuda-emu:   /'
+      record "$name" 0
+    else
+      cat "$OUT/ptxas-sm90a.log" >> "$log"
+      echo "cuda-emu: FAIL: $name"
+      record "$name" 1
+    fi
   fi
 
   # 4. ichcam parity --device cuda on every PyTorch fixture.
@@ -314,5 +335,5 @@ case "${1:-}" in
   build) shift; build "$@" ;;
   run) shift; run_cmd "$@" ;;
   test) shift; test_all "$@" ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -322,7 +322,8 @@ const char* warp_op_name(int op) {
                                               "__ballot_sync",    "__any_sync",        "__all_sync",        "__match_any_sync",
                                               "__match_all_sync", "__syncwarp",        "__reduce_add_sync", "__reduce_min_sync",
                                               "__reduce_max_sync", "__reduce_min_sync", "__reduce_max_sync", "__reduce_and_sync",
-                                              "__reduce_or_sync", "__reduce_xor_sync", "a wmma collective"};
+                                              "__reduce_or_sync", "__reduce_xor_sync", "a wmma collective",
+                                              "a warpgroup collective (wgmma)"};
     return op >= 0 && op < EMU_WARP_OPS ? names[op] : "a warp collective";
 }
 
@@ -393,6 +394,12 @@ std::string describe_deadlock(Worker* W) {
             }
         }
         if (!arrived) continue;
+        if (op == EMU_WARP_GROUP && arrived == W->warp_exist[w]) {
+            snprintf(b, sizeof b, "%swarp %u: in a wgmma, waiting for the other warps of warpgroup %u (warps %u-%u)",
+                     at_bar || msg.size() > 10 ? "; " : "", w, w / 4, w / 4 * 4, w / 4 * 4 + 3);
+            msg += b;
+            continue;
+        }
         uint32_t missing = mask & W->warp_exist[w] & ~arrived;
         uint32_t gone = 0, barrier = 0;
         for (unsigned l = 0; l < 32; ++l) {
@@ -554,6 +561,40 @@ void complete_warp(Worker* W, unsigned w, uint32_t group, int op) {
     W->warp_arrived[w] &= ~group;
 }
 
+// A warpgroup collective (EMU_WARP_GROUP, wgmma): warp w has all its 32 lanes in it; the
+// group completes when the 4 warps 4k..4k+3 (k = w / 4) all have, with the same value (the
+// caller's key of its operands). A block whose warpgroup is not 4 complete warps cannot run
+// one: a launch failure, as a GPU's would be undefined.
+void complete_warpgroup(Worker* W, unsigned w) {
+    const unsigned g0 = w / 4 * 4;
+    for (unsigned k = g0; k < g0 + 4; ++k) {
+        if ((size_t)(k + 1) * 32 > W->nthreads || W->warp_exist[k] != 0xffffffffu) {
+            char m[240];
+            snprintf(m, sizeof m,
+                     "a wgmma (warpgroup collective) needs the 4 complete warps %u-%u of warpgroup %u (a warpgroup starts at a "
+                     "warp index divisible by 4); the block has %u threads",
+                     g0, g0 + 3, g0 / 4, W->nthreads);
+            fail_now(W, CUDA_ERROR_LAUNCH_FAILED, m);
+        }
+        if (W->warp_arrived[k] != 0xffffffffu) return;  // that warp is not all there yet
+        for (unsigned l = 0; l < 32; ++l) {
+            const Fiber& f = W->fibers[k * 32 + l];
+            if (f.wop != EMU_WARP_GROUP) return;  // cannot happen: a full warp agrees on its op
+            if (f.wval != W->fibers[g0 * 32].wval || f.wb != W->fibers[g0 * 32].wb)
+                fail_now(W, CUDA_ERROR_LAUNCH_FAILED,
+                         "the threads of a warpgroup passed different descriptors, scale-d or shapes to a wgmma");
+        }
+    }
+    for (unsigned k = g0; k < g0 + 4; ++k) {
+        for (unsigned l = 0; l < 32; ++l) {
+            W->fibers[k * 32 + l].wres = 0;
+            push_ready(W, &W->fibers[k * 32 + l]);
+        }
+        W->warp_arrived[k] = 0;
+    }
+    shuffle_released(W, 128);
+}
+
 uint64_t warp(int op, unsigned mask, uint64_t value, int b, int c) {
     Worker* W = tw;
     if (!W || !W->in_kernel) {
@@ -591,7 +632,11 @@ uint64_t warp(int op, unsigned mask, uint64_t value, int b, int c) {
             fail_now(W, CUDA_ERROR_LAUNCH_FAILED, m);
         }
     }
-    if (here == need) complete_warp(W, w, need, op);
+    if (op == EMU_WARP_GROUP) {
+        if (here == need) complete_warpgroup(W, w);
+    } else if (here == need) {
+        complete_warp(W, w, need, op);
+    }
     yield_next(W, f, false);
     return f->wres;
 }

@@ -113,7 +113,7 @@ bool has_token(const std::string& s, size_t b, size_t e, const std::string& word
 
 const char* kCollectives[] = {"bar.sync",  "bar.red",   "bar.arrive", "barrier.sync", "barrier.red",
                               "barrier.arrive", "barrier.cta", "bar.warp.sync", "shfl.sync", "vote.sync",
-                              "match.sync", "redux.sync", "wmma.",      "mma.sync",     "activemask"};
+                              "match.sync", "redux.sync", "wmma.",      "mma.sync",     "activemask", "wgmma."};
 
 bool body_has_collective(const std::string& s, size_t b, size_t e) {
     for (const char* c : kCollectives) {

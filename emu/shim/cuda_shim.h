@@ -444,3 +444,4 @@ static inline void __builtin_assume_emu(bool) {}
 #include "emu_wmma.h"
 #include "emu_pipeline.h"
 #include "emu_mma.h"
+#include "emu_wgmma.h"

@@ -94,7 +94,9 @@ enum {
     EMU_WARP_REDUX_OR = 16,
     EMU_WARP_REDUX_XOR = 17,
     EMU_WARP_WMMA = 18,  // a WMMA load/store/mma: every lane must pass the same value (b: which)
-    EMU_WARP_OPS = 19
+    EMU_WARP_GROUP = 19,  // a warpgroup collective (wgmma): the 4 warps 4k..4k+3, all 128 threads
+                          // with the same value
+    EMU_WARP_OPS = 20
 };
 // `value` carries the lane's operand (shuffled bits, predicate, match key, WMMA pointer);
 // `b` the lane/delta/xor mask, `c` the width. Returns the lane's result.

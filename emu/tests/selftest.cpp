@@ -76,7 +76,7 @@ static std::string err(CUresult r) {
 }
 
 static CUcontext g_ctx;
-static CUmodule g_mod, g_wmma, g_pipe, g_mma;
+static CUmodule g_mod, g_wmma, g_pipe, g_mma, g_wgmma;
 
 // A fresh primary context: the previous one (and any sticky error in it) is released.
 static void fresh_context() {
@@ -87,7 +87,8 @@ static void fresh_context() {
 
 static CUfunction fn(const char* name) {
     CUfunction f = nullptr;
-    CUmodule m = strncmp(name, "st_wmma", 7) == 0                                        ? g_wmma
+    CUmodule m = strncmp(name, "st_wgmma", 8) == 0                                       ? g_wgmma
+                 : strncmp(name, "st_wmma", 7) == 0                                      ? g_wmma
                  : strncmp(name, "st_pipe", 7) == 0                                      ? g_pipe
                  : strncmp(name, "st_mma", 6) == 0 || strncmp(name, "st_ldmatrix", 11) == 0 ? g_mma
                                                                                          : g_mod;
@@ -810,6 +811,96 @@ static void mma_primitives() {
     fresh_context();
 }
 
+// wgmma (emu/tests/wgmma.cu, emu/shim/emu_wgmma.h): the kernels lay out the shared tiles, the
+// descriptors and the accumulator fragment from the PTX ISA's documented layouts (written out
+// there), with a different value in every element, so a shim that decodes a descriptor field,
+// the swizzle or the fragment otherwise fails the product; then what it must refuse.
+static void wgmma_primitives() {
+    struct Case {
+        int mode, n, k, warpgroups, scale_d;
+        const char* what;
+    } cases[] = {
+        {1, 128, 64, 2, 1, "m64n128k16, 128-byte swizzle, two warpgroups, 4 k steps in one swizzle row"},
+        {0, 64, 32, 1, 1, "m64n64k16, no swizzle (8x16-byte core matrices, LBO 1024 != SBO 128)"},
+        {1, 64, 128, 1, 0, "m64n64k16, 128-byte swizzle, 8 k steps over two 64-wide blocks, scale-d 0 (C ignored)"},
+        {2, 64, 64, 1, 1, "m64n64k16, 64-byte swizzle, 4 k steps over two 32-wide blocks"},
+        {3, 128, 32, 2, 1, "m64n128k16, 32-byte swizzle, two warpgroups, 2 k steps over two 16-wide blocks"},
+    };
+    for (const Case& cs : cases) {
+        const int M = 64 * cs.warpgroups, N = cs.n, K = cs.k;
+        std::vector<unsigned short> a(M * K), b(N * K);
+        std::vector<float> af(M * K), bfv(N * K), c(M * N);
+        for (int i = 0; i < M * K; ++i) af[i] = bf2f(a[i] = f2bf(frand()));
+        for (int i = 0; i < N * K; ++i) bfv[i] = bf2f(b[i] = f2bf(frand()));
+        for (float& v : c) v = frand();
+        CUdeviceptr da = up(a), db = up(b), dc = up(c), dd = up(std::vector<float>(M * N, 0.0f));
+        int mode = cs.mode, n = N, k = K, sd = cs.scale_d;
+        const unsigned smem = (unsigned)(M * K * 2 + N * K * 2 + 1024);
+        CUresult r = launch("st_wgmma", 1, 128 * cs.warpgroups, smem, {&da, &db, &dc, &dd, &mode, &n, &k, &sd});
+        std::vector<float> d = down<float>(dd, M * N);
+        double worst = 0;
+        for (int i = 0; i < M; ++i)
+            for (int j = 0; j < N; ++j) {
+                double want = cs.scale_d ? c[i * N + j] : 0.0, mag = fabs(want);
+                for (int kk = 0; kk < K; ++kk) {
+                    want += (double)af[i * K + kk] * bfv[j * K + kk];
+                    mag += fabs((double)af[i * K + kk] * bfv[j * K + kk]);
+                }
+                const double e = fabs(d[i * N + j] - want) / (mag * 1e-6 * K);
+                worst = std::isnan(e) ? 1e30 : std::max(worst, e);
+            }
+        check(r == 0 && worst < 1.0, "wgmma %s: D = A.B^T + C from the documented layouts (worst %.2g of the bound)", cs.what,
+              worst);
+        cuMemFree_v2(da);
+        cuMemFree_v2(db);
+        cuMemFree_v2(dc);
+        cuMemFree_v2(dd);
+    }
+
+    struct Bad {
+        int what;
+        unsigned threads;
+        const char* expect;
+        const char* desc;
+    } bad[] = {
+        {0, 128, nullptr, "a correct wgmma (the refusals below differ from it in one thing)"},
+        {1, 128, "wgmma.fence", "a wgmma without a wgmma.fence before it is a launch failure"},
+        {2, 128, "overwritten before wgmma.wait_group", "an operand overwritten before the wgmma.wait_group is a launch failure"},
+        {4, 256, "warpgroup", "a wgmma by warps 1-4 (a warpgroup starts at a warp index divisible by 4) is a launch failure"},
+        {5, 128, "first row of its", "a 128-byte-swizzled start address in row 1 of its pattern (base offset 0) is a launch failure"},
+        {6, 128, "fence.proxy.async", "a wgmma by a thread that never ran fence.proxy.async is a launch failure"},
+        {7, 96, "4 complete warps", "a wgmma in a block of 96 threads is a launch failure"},
+    };
+    CUdeviceptr out = up(std::vector<float>(256, 0.0f));
+    for (const Bad& b : bad) {
+        fresh_context();
+        out = up(std::vector<float>(256, 0.0f));
+        int what = b.what;
+        CUresult r = launch("st_wgmma_bad", 1, b.threads, 20 * 1024, {&out, &what});
+        CUresult code;
+        std::string e = sticky_error(&code);
+        if (!b.expect) {
+            std::vector<float> o = down<float>(out, 128);
+            bool ok = true;
+            for (float v : o) ok = ok && v == 16.0f;
+            check(r == 0 && code == 0 && ok, "%s: every thread's d[0] = 16 (%s)", b.desc, e.c_str());
+        } else {
+            check(code == CUDA_ERROR_LAUNCH_FAILED && e.find("st_wgmma_bad") != std::string::npos &&
+                      e.find(b.expect) != std::string::npos,
+                  "%s (%s)", b.desc, e.c_str());
+        }
+    }
+    fresh_context();
+    out = up(std::vector<float>(256, 0.0f));
+    int what = 3;
+    CUresult r = launch("st_wgmma_bad", 1, 128, 20 * 1024, {&out, &what});
+    std::vector<float> o = down<float>(out, 128);
+    bool all_nan = true;
+    for (float v : o) all_nan = all_nan && std::isnan(v);
+    check(r == 0 && all_nan, "the accumulators read before wgmma.wait_group are NaN (the results land at the wait)");
+    fresh_context();
+}
+
 int main(int, char** argv) {
     // target/cuda-emu/bin/selftest -> target/cuda-emu/test-kernels/{selftest,wmma,pipeline}.so
     std::string self = argv[0];
@@ -822,7 +913,8 @@ int main(int, char** argv) {
     cuDevicePrimaryCtxRetain(&g_ctx, 0);
     cuCtxSetCurrent(g_ctx);
     for (auto [mod, name] : {std::make_pair(&g_mod, "selftest.so"), std::make_pair(&g_wmma, "wmma.so"),
-                             std::make_pair(&g_pipe, "pipeline.so"), std::make_pair(&g_mma, "mma.so")}) {
+                             std::make_pair(&g_pipe, "pipeline.so"), std::make_pair(&g_mma, "mma.so"),
+                             std::make_pair(&g_wgmma, "wgmma.so")}) {
         std::string so = dir + name;
         CUresult r = emuModuleLoadHost(mod, so.c_str());
         if (r) {
@@ -844,6 +936,7 @@ int main(int, char** argv) {
     wmma_tf32();
     pipeline();
     mma_primitives();
+    wgmma_primitives();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail == 0 ? 0 : 1;
 }

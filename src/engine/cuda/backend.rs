@@ -22,8 +22,8 @@ use super::device::{cuda, cuda_available, driver_present, synced, DeviceInfo};
 use super::launch::KArg;
 use super::module::ModuleCache;
 use super::{
-    bias, cam, ccl, channels, conv, dense, dice, elementwise, kmeans, loss, lstm, morph, norm,
-    optim, pool, upconv, volume,
+    bias, cam, ccl, channels, conv, conv_wgmma, dense, dice, elementwise, kmeans, loss, lstm,
+    morph, norm, optim, pool, upconv, volume,
 };
 use crate::engine::backend::{
     conv2d_bn_eval_fwd_nhwc_by_transposes, conv2d_bn_train_fwd_nhwc_bf16_by_conversions,
@@ -49,6 +49,9 @@ pub struct CudaBackend {
     precision: Precision,
     /// Which bf16 forward kernel a convolution takes (`conv.rs`).
     pub(super) mma_route: conv::MmaRoute,
+    /// Whether the bf16-storage channels-last eval forward takes the sm_90a `wgmma` kernel
+    /// where it can (`conv_wgmma.rs`; [`CudaBackend::set_wgmma`]; off by default).
+    wgmma: bool,
     /// The layout of the eval-mode backbone's activations ([`LayoutChoice`]).
     eval_layout: LayoutChoice,
     /// The layout of the training-mode backbone's activations ([`LayoutChoice`]).
@@ -88,6 +91,7 @@ pub(crate) struct Families {
     pub(super) channels: Loaded<channels::Kernels>,
     pub(super) conv: Loaded<conv::Kernels>,
     pub(super) conv_tc: Loaded<conv::TcKernels>,
+    pub(super) conv_wgmma: Loaded<conv_wgmma::Kernels>,
     pub(super) dense: Loaded<dense::Kernels>,
     pub(super) dice: Loaded<dice::Kernels>,
     pub(super) elementwise: Loaded<elementwise::Kernels>,
@@ -146,6 +150,7 @@ impl CudaBackend {
             info,
             precision: Precision::F32,
             mma_route: conv::MmaRoute::default(),
+            wgmma: std::env::var("ICHCAM_WGMMA").is_ok_and(|v| v == "1"),
             eval_layout: LayoutChoice::default(),
             train_layout: LayoutChoice::default(),
             eval_storage: StorageChoice::default(),
@@ -156,6 +161,21 @@ impl CudaBackend {
     /// The precision of the convolutions (f32 unless [`CudaBackend::set_precision`] said).
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Opts the bf16-storage channels-last eval forward (`conv2d_bn_eval_fwd_nhwc_bf16`) in to
+    /// (or out of) the sm_90a `wgmma` kernel (`kernels/conv_wgmma.cu`), which then runs where
+    /// it can: a device of compute capability 9.0, bf16, a shape it supports (`c_in % 8 ==
+    /// 0`), x 16-byte aligned; the mma.sync kernel elsewhere. Off by default (also set by
+    /// `ICHCAM_WGMMA=1` when the backend is made) until a GPU run confirms it: it is proven on
+    /// the emulated driver only (docs/precision.md).
+    pub fn set_wgmma(&mut self, on: bool) {
+        self.wgmma = on;
+    }
+
+    /// Whether the wgmma kernel is opted in ([`CudaBackend::set_wgmma`]).
+    pub fn wgmma(&self) -> bool {
+        self.wgmma
     }
 
     /// Sets the precision of the convolutions (see `conv.rs`); tf32 and bf16 need compute
@@ -828,9 +848,24 @@ impl Backend for CudaBackend {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // The native bf16-storage kernel where it runs the shape (at bf16 with the mma
-        // kernels allowed), else conversions around the channels-last unit.
-        if self.conv_bn_eval_nhwc_bf16s_native(s) {
+        // The opted-in wgmma kernel where it runs the shape, else the native bf16-storage
+        // kernel where it does (at bf16 with the mma kernels allowed), else conversions
+        // around the channels-last unit.
+        if self.conv_bn_eval_nhwc_bf16s_wgmma(s, self.ptr(x)) {
+            self.conv2d_bn_eval_fwd_nhwc_bf16s_wgmma(
+                s,
+                bn,
+                x,
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                residual,
+                relu,
+                y,
+            )
+        } else if self.conv_bn_eval_nhwc_bf16s_native(s) {
             self.conv2d_bn_eval_fwd_nhwc_bf16s_native(
                 s,
                 bn,

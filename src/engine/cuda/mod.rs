@@ -20,6 +20,7 @@ mod cam;
 pub mod ccl;
 mod channels;
 mod conv;
+mod conv_wgmma;
 mod dense;
 pub mod device;
 mod dice;

@@ -41,8 +41,26 @@ pub fn kernel(name: &str) -> Option<&'static Kernel> {
     KERNELS.iter().find(|k| k.name == name)
 }
 
+/// Kernel files of sm_90a code (`wgmma`): NVRTC compiles them for `compute_90a` at run time
+/// ([`compile_for_arch`]) on a device of compute capability 9.0, the only one that runs
+/// sm_90a code; elsewhere their module does not load (an error naming the device). build.rs's
+/// `compute_90` / `compute_75` PTX of them (the same source without the arch-specific
+/// instructions: trapping stubs) is never loaded.
+pub const SM90A_MODULES: &[&str] = &["conv_wgmma"];
+
+/// Whether `kernels/<name>.cu` is one of [`SM90A_MODULES`].
+pub fn is_sm90a_module(name: &str) -> bool {
+    SM90A_MODULES.contains(&name)
+}
+
 /// Compiles a kernel's source with the NVRTC found at run time, for `compute_{major}{minor}`.
 pub fn compile_at_runtime(k: &Kernel, cc: (i32, i32)) -> Result<Ptx> {
+    compile_for_arch(k, &format!("compute_{}{}", cc.0, cc.1))
+}
+
+/// Compiles a kernel's source with the NVRTC found at run time for the virtual architecture
+/// `arch` (`compute_90a`, `compute_86`...), with the CUDA headers build.rs found.
+pub fn compile_for_arch(k: &Kernel, arch: &str) -> Result<Ptx> {
     if !nvrtc_present() {
         return Err(EngineError::NoCuda(format!(
             "kernel module `{}` was not precompiled (the build had no NVRTC) and libnvrtc was not found at run time",
@@ -52,7 +70,7 @@ pub fn compile_at_runtime(k: &Kernel, cc: (i32, i32)) -> Result<Ptx> {
     let opts = CompileOptions {
         name: Some(format!("{}.cu", k.name)),
         options: vec![
-            format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
+            format!("--gpu-architecture={arch}"),
             "--std=c++17".to_string(),
         ],
         // The CUDA headers build.rs found (mma.h, for the tensor-core kernels), if still there.
@@ -251,6 +269,24 @@ impl ModuleCache {
             op: "load module".into(),
             msg: format!("no kernel file kernels/{name}.cu was built into this binary"),
         })?;
+        if is_sm90a_module(name) {
+            if self.cc != (9, 0) {
+                return Err(EngineError::Cuda {
+                    op: format!("load module {name}"),
+                    msg: format!(
+                        "kernels/{name}.cu is sm_90a code (wgmma), which runs on compute capability 9.0 only; this device is {}.{}",
+                        self.cc.0, self.cc.1
+                    ),
+                });
+            }
+            let ptx = compile_for_arch(k, "compute_90a")?;
+            let text: Arc<str> = Arc::from(ptx.to_src());
+            let m = self.ctx.load_module(ptx).map_err(|e| EngineError::Cuda {
+                op: format!("load module {name}"),
+                msg: e.to_string(),
+            })?;
+            return Ok(self.keep(name, m, text));
+        }
         let pre = if self.cc.0 >= 9 {
             k.ptx_sm90
         } else {

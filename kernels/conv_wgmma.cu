@@ -1,0 +1,323 @@
+// The channels-last eval-mode conv + batch norm (+ residual) (+ ReLU) forward on activations
+// stored in bf16, on Hopper's warpgroup tensor-core instruction `wgmma` (sm_90a): the contract
+// of kernels/conv_tc.cu's conv2d_fwd_bn_mma_nhwc_bf16s (x, the residual and y NHWC bf16 values,
+// element i the i-th 16-bit half of the buffer; the weights the bf16 OHWI copy that
+// conv_tc.cu's conv_weight_ohwi_bf16 makes per call, rows of KP = K rounded up to 8, zero past
+// K; ss = {scale, shift} f32 per output channel; y rounded to nearest even), as an implicit
+// GEMM with the pixels as M and the output channels as N:
+//
+//   D [pixels][c_out] = im2col(x) [pixels][K] . W^T, K = KH*KW*C ordered (kh, kw, c), both
+//   operands K-major (x's channels and the OHWI rows are contiguous in k)
+//
+// Supported: C % 8 == 0 and x 16-byte aligned (a 16-byte chunk of 8 k is 8 channels of one
+// tap of one pixel), any kernel size, stride and padding, any c_out (conv_wgmma.rs's
+// `supported`); the host falls back to the mma.sync kernel otherwise.
+//
+// Block: 256 threads = 2 warpgroups, a tile of 128 pixels x BN output channels (BN = 128, or
+// 64 for c_out <= 64: conv2d_fwd_bn_wgmma_n128 / _n64), each warpgroup 64 pixels by one
+// wgmma.mma_async m64nBNk16 per 16 k. K tiles of 64 (one 128-byte row per pixel or channel)
+// in a ring of WG_STAGES stages, each A [128][64] and B [BN][64] bf16 in the canonical K-major
+// layout with the 128-byte swizzle: row r at (r / 8) * 1024 + (r % 8) * 128, its 16-byte chunk
+// c at chunk position c ^ (r % 8) (conflict-free for the copies and for the tensor cores), the
+// stages 1024-byte aligned in the shared window. Descriptors: start address of the warpgroup's
+// 64 rows + 32 bytes per 16 k, SBO 1024 (the next 8 rows), LBO 16 (unused with the swizzle),
+// swizzle mode 1 (bits 62-63). Loads: 16-byte cp.async with zero fill (outside the image, past
+// K, past the pixels or channels), 4 + BN/32 per thread and stage; tile t + STAGES - 1 is in
+// flight while tile t is multiplied. Per tile: wait for its copies, fence.proxy.async (the
+// copies are generic-proxy writes that the tensor cores read through the async proxy),
+// barrier, wgmma.fence, 4 wgmma, commit, then the next tile's copies into the stage tile t-1
+// used, then wgmma.wait_group 0 (the stage is free again after the next barrier).
+// Epilogue from the accumulator fragment: thread (warp w of its warpgroup, lane g*4 + q) holds
+// d[i] = D[16w + g + 8 ((i/2) % 2)][8 (i/4) + 2q + i % 2], i.e. channel pairs of two pixels per
+// 8-channel block: bn_epilogue's arithmetic (each step rounded, no FMA contraction, as the CPU
+// reference), the residual read as bf16, one 32-bit store of two bf16 (2-byte stores at an odd
+// c_out or past c_out).
+//
+// The PTX lives in the ptx_* wrappers below, the one conditional of the file: under the
+// emulated driver (ICHCAM_CUDA_EMU) emu/shim/emu_wgmma.h defines them with the ISA's layouts;
+// for NVRTC they are the asm, which exists only for compute_90a (sm_90a code runs on compute
+// capability 9.0 exactly): module.rs compiles this file for compute_90a at run time on such a
+// device, and build.rs's compute_90 / compute_75 PTX of it (the same source, every kernel file
+// is precompiled so) gets trapping bodies and is never loaded.
+
+#define WG_THREADS 256
+#define WG_BM 128
+#define WG_BK 64
+#define WG_STAGES 4
+// Bytes of one stage's A (128 rows of 128 bytes) and of B at BN = 128.
+#define WG_A_BYTES (WG_BM * WG_BK * 2)
+#define WG_B_BYTES_MAX (128 * WG_BK * 2)
+// Dynamic shared memory: 1 KiB of alignment slack, the ring, the pixel table (conv_wgmma.rs's WG_SMEM).
+#define WG_SMEM (1024 + WG_STAGES * (WG_A_BYTES + WG_B_BYTES_MAX) + WG_BM * 16)
+static_assert(WG_SMEM == 134144, "conv_wgmma.rs's WG_SMEM");
+static_assert(WG_SMEM <= 227 * 1024, "the opt-in limit of sm_90");
+
+extern __shared__ __align__(16) unsigned char wg_smem[];
+
+#ifndef ICHCAM_CUDA_EMU
+__device__ __forceinline__ unsigned ptx_smem_addr(const void* p) {
+    unsigned r;
+    asm("{\n.reg .u64 t;\ncvta.to.shared.u64 t, %1;\ncvt.u32.u64 %0, t;\n}\n" : "=r"(r) : "l"(p));
+    return r;
+}
+template <int N>
+__device__ __forceinline__ void ptx_wgmma_fence_operand(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void ptx_cp_async_16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(ptx_smem_addr(dst)), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void ptx_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void ptx_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ptx_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void ptx_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void ptx_wgmma_commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void ptx_wgmma_wait_group() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16(float (&d)[32], unsigned long long desc_a,
+                                                         unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+        : "memory");
+}
+__device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16(float (&d)[64], unsigned long long desc_a,
+                                                         unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+        : "memory");
+}
+#else
+// Not compute_90a (build.rs's compute_90 and compute_75 PTX of this file, never loaded): no
+// wgmma there, so the wrappers trap.
+__device__ __forceinline__ void ptx_cp_async_16(void*, const void*, int) { __trap(); }
+__device__ __forceinline__ void ptx_cp_async_commit() { __trap(); }
+template <int N>
+__device__ __forceinline__ void ptx_cp_async_wait() { __trap(); }
+__device__ __forceinline__ void ptx_fence_proxy_async() { __trap(); }
+__device__ __forceinline__ void ptx_wgmma_fence() { __trap(); }
+__device__ __forceinline__ void ptx_wgmma_commit_group() { __trap(); }
+template <int N>
+__device__ __forceinline__ void ptx_wgmma_wait_group() { __trap(); }
+__device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16(float (&)[32], unsigned long long, unsigned long long, int) {
+    __trap();
+}
+__device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16(float (&)[64], unsigned long long, unsigned long long, int) {
+    __trap();
+}
+#endif
+#endif
+
+// One pixel of the block's tile: x's pixel index of (its image, 0, 0) and the input row and
+// column of its tap (0, 0); ih0 = iw0 = -2^30 past the pixels, so that every tap is outside.
+struct __align__(16) WgPixel {
+    int base, ih0, iw0, unused;
+};
+
+__device__ __forceinline__ int wg_conv_out(int in, int k, int stride, int pad) { return (in + 2 * pad - k) / stride + 1; }
+
+// Byte offset of 16-byte chunk c (k 8c..8c+7) of row r in a 128-byte-swizzled K-major tile
+// (1024-byte aligned): the canonical layout of the PTX ISA's 128B swizzle mode.
+__device__ __forceinline__ unsigned wg_sw128(int r, int c) { return (r >> 3) * 1024 + (r & 7) * 128 + ((c ^ (r & 7)) << 4); }
+
+// The matrix descriptor of a K-major 128-byte-swizzled operand whose first row starts at
+// shared address `saddr` (8-row groups 1024 bytes apart): start >> 4 (bits 0-13), LBO 16 >> 4
+// (bits 16-29, unused with the swizzle), SBO 1024 >> 4 (bits 32-45), base offset 0, mode 1
+// (bits 62-63: 128-byte swizzle).
+__device__ __forceinline__ unsigned long long wg_desc(unsigned saddr) {
+    return (unsigned long long)((saddr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+// bf16 bits of v rounded to nearest even (NaN kept quiet), and back.
+__device__ __forceinline__ unsigned wg_bf16_bits(float v) {
+    const unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ float wg_bf16(unsigned h) { return __uint_as_float(h << 16); }
+
+// conv_tc.cu's bn_epilogue_v: each step rounded on its own, as the CPU reference.
+__device__ __forceinline__ float wg_epilogue(float acc, float scale, float shift, bool has_res, float r, int relu) {
+    float v = __fadd_rn(__fmul_rn(acc, scale), shift);
+    if (has_res) v = __fadd_rn(v, r);
+    return relu ? fmaxf(v, 0.0f) : v;
+}
+
+template <int BN>
+__device__ __forceinline__ void wgmma_k16(float (&acc)[BN / 2], unsigned long long da, unsigned long long db, int scale_d);
+template <>
+__device__ __forceinline__ void wgmma_k16<64>(float (&acc)[32], unsigned long long da, unsigned long long db, int scale_d) {
+    ptx_wgmma_m64n64k16_f32_bf16(acc, da, db, scale_d);
+}
+template <>
+__device__ __forceinline__ void wgmma_k16<128>(float (&acc)[64], unsigned long long da, unsigned long long db, int scale_d) {
+    ptx_wgmma_m64n128k16_f32_bf16(acc, da, db, scale_d);
+}
+
+template <int BN>
+__device__ __forceinline__ void conv_fwd_bn_wgmma(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                                  unsigned short* __restrict__ y, int N, int C, int H, int W, int CO,
+                                                  int KH, int KW, int stride, int pad, const float* __restrict__ ss,
+                                                  const unsigned short* __restrict__ res, int relu) {
+    constexpr int STAGE = WG_A_BYTES + BN * WG_BK * 2;
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int OH = wg_conv_out(H, KH, stride, pad), OW = wg_conv_out(W, KW, stride, pad);
+    const int K = KH * KW * C, KP = (K + 7) & ~7, OHW = OH * OW, P = N * OHW;
+    const int m0 = blockIdx.x * WG_BM, n0 = blockIdx.y * BN;
+    // The ring 1024-byte aligned in the shared window (the swizzle is a function of the address).
+    const unsigned s0 = ptx_smem_addr(wg_smem), align = (1024u - (s0 & 1023u)) & 1023u;
+    unsigned char* ring = wg_smem + align;
+    const unsigned sring = s0 + align;
+    WgPixel* pix = (WgPixel*)(ring + WG_STAGES * STAGE);
+    if (tid < WG_BM) {
+        const int p = m0 + tid;
+        WgPixel e = {0, -(1 << 30), -(1 << 30), 0};
+        if (p < P) {
+            const int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
+            e.base = n * H * W;
+            e.ih0 = oh * stride - pad;
+            e.iw0 = ow * stride - pad;
+        }
+        pix[tid] = e;
+    }
+    __syncthreads();
+
+    // Tile t's copies into stage t % WG_STAGES: A = 128 pixels x 8 chunks (4 per thread), B =
+    // BN channels x 8 chunks (BN / 32 per thread); chunk i = tid + 256 q is row i / 8, chunk i % 8.
+    auto issue = [&](int t) {
+        unsigned char* As = ring + (t % WG_STAGES) * STAGE;
+        unsigned char* Bs = As + WG_A_BYTES;
+        const int k0 = t * WG_BK;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int i = tid + WG_THREADS * q, r = i >> 3, c = i & 7, k = k0 + 8 * c;
+            const WgPixel e = pix[r];
+            bool ok = k < K;
+            size_t off = 0;
+            if (ok) {
+                const int tap = k / C, ch = k - tap * C, kh = tap / KW, kw = tap - kh * KW;
+                const int ih = e.ih0 + kh, iw = e.iw0 + kw;
+                ok = (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+                if (ok) off = (size_t)(e.base + ih * W + iw) * C + ch;
+            }
+            ptx_cp_async_16(As + wg_sw128(r, c), x + off, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int q = 0; q < BN / 32; ++q) {
+            const int i = tid + WG_THREADS * q, r = i >> 3, c = i & 7, k = k0 + 8 * c, co = n0 + r;
+            const bool ok = co < CO && k < KP;
+            ptx_cp_async_16(Bs + wg_sw128(r, c), ok ? w + (size_t)co * KP + k : w, ok ? 16 : 0);
+        }
+    };
+
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+    const int nk = (KP + WG_BK - 1) / WG_BK;
+#pragma unroll
+    for (int s = 0; s < WG_STAGES - 1; ++s) {
+        if (s < nk) issue(s);
+        ptx_cp_async_commit();
+    }
+    for (int t = 0; t < nk; ++t) {
+        // Tile t has landed (this thread's copies), is visible to the async proxy, and after
+        // the barrier everyone's; every warpgroup is done with tile t - 1 (waited below).
+        ptx_cp_async_wait<WG_STAGES - 2>();
+        ptx_fence_proxy_async();
+        __syncthreads();
+        const unsigned sa = sring + (t % WG_STAGES) * STAGE;
+        const unsigned sb = sa + WG_A_BYTES;
+        ptx_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < WG_BK / 16; ++ks)
+            wgmma_k16<BN>(acc, wg_desc(sa + wg * 8 * 1024 + 32 * ks), wg_desc(sb + 32 * ks), (t > 0 || ks > 0) ? 1 : 0);
+        ptx_wgmma_commit_group();
+        // The stage tile t - 1 used refills while the tensor cores work on tile t.
+        if (t + WG_STAGES - 1 < nk) issue(t + WG_STAGES - 1);
+        ptx_cp_async_commit();
+        ptx_wgmma_wait_group<0>();
+        ptx_wgmma_fence_operand(acc);
+    }
+    ptx_cp_async_wait<0>();
+
+    // Epilogue from the fragment: channels co, co + 1 of pixels p (r = 0) and p + 8 (r = 1).
+    const int wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
+    const bool has_res = res != nullptr;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        const int co = n0 + 8 * j + 2 * q;
+        if (co >= CO) continue;
+        const int ne = min(2, CO - co);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int p = m0 + 64 * wg + 16 * wq + g + 8 * r;
+            if (p >= P) continue;
+            const size_t o = (size_t)p * CO + co;
+            const float v0 = acc[4 * j + 2 * r], v1 = acc[4 * j + 2 * r + 1];
+            if (!(CO & 1)) {
+                // o even: one aligned word of two bf16 (res and y are buffers of f32 slots).
+                const unsigned rr = has_res ? *(const unsigned*)(res + o) : 0u;
+                const float y0 = wg_epilogue(v0, ss[co], ss[CO + co], has_res, wg_bf16(rr & 0xffffu), relu);
+                const float y1 = wg_epilogue(v1, ss[co + 1], ss[CO + co + 1], has_res, wg_bf16(rr >> 16), relu);
+                *(unsigned*)(y + o) = wg_bf16_bits(y0) | (wg_bf16_bits(y1) << 16);
+            } else {
+                for (int e = 0; e < ne; ++e) {
+                    const float rv = has_res ? wg_bf16(res[o + e]) : 0.0f;
+                    y[o + e] = (unsigned short)wg_bf16_bits(
+                        wg_epilogue(e ? v1 : v0, ss[co + e], ss[CO + co + e], has_res, rv, relu));
+                }
+            }
+        }
+    }
+}
+
+// The bf16-storage channels-last eval forward on wgmma (sm_90a), a grid of (pixel tiles of 128,
+// channel tiles of BN) blocks of 256 threads with WG_SMEM bytes of dynamic shared memory: x, res
+// (or null) and y bf16 NHWC, w the bf16 OHWI copy (conv_weight_ohwi_bf16: rows of KP), ss =
+// {scale, shift} f32, relu 0/1. C % 8 == 0 and x 16-byte aligned (the host's `supported`).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+conv2d_fwd_bn_wgmma_n128(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                         unsigned short* __restrict__ y, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+                         int pad, const float* __restrict__ ss, const unsigned short* __restrict__ res, int relu) {
+    conv_fwd_bn_wgmma<128>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu);
+}
+
+// The same with 64 output channels per block (c_out <= 64: no half-empty tiles).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+conv2d_fwd_bn_wgmma_n64(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                        unsigned short* __restrict__ y, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+                        int pad, const float* __restrict__ ss, const unsigned short* __restrict__ res, int relu) {
+    conv_fwd_bn_wgmma<64>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu);
+}

@@ -1,0 +1,202 @@
+//! Hopper's warpgroup tensor-core instruction `wgmma` (sm_90a) for the channels-last eval
+//! conv + batch norm (+ residual) (+ ReLU) on activations stored in bf16
+//! (`kernels/conv_wgmma.cu`): the contract of conv.rs's
+//! `CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native` (`conv2d_fwd_bn_mma_nhwc_bf16s`: x,
+//! the residual and y bf16 NHWC two values to an f32 slot, the OIHW f32 weights copied to bf16
+//! OHWI per call by conv_tc.cu's `conv_weight_ohwi_bf16`, the batch norm folded by
+//! `norm::with_bn_eval_fold`, y rounded to nearest even), as an implicit GEMM of 128-pixel x
+//! 128- (or 64-) channel tiles on `wgmma.mma_async` m64nNk16 from 128-byte-swizzled shared
+//! memory. Opt-in and off by default ([`CudaBackend::set_wgmma`], `ICHCAM_WGMMA=1`): it is
+//! proven on the emulated driver's model of the PTX ISA only, not yet on a GPU
+//! (docs/precision.md). It runs where [`supported`] holds, the device has compute
+//! capability 9.0 (sm_90a code runs nowhere else; module.rs compiles the file for
+//! `compute_90a` there), the mma.sync kernel would run the shape (bf16, route not `Never`)
+//! and x is 16-byte aligned; elsewhere the mma.sync kernel runs. Knows nothing about the model.
+
+use cudarc::driver::CudaSlice;
+
+use super::conv::TcKernels;
+use super::launch::{blocks, grid, int_args, kernels, NULL};
+use super::{norm, CudaBackend};
+use crate::engine::shapes::Conv2d;
+use crate::engine::{BatchNorm2d, EngineError, Result};
+
+kernels!("conv_wgmma" {
+    n128: "conv2d_fwd_bn_wgmma_n128",
+    n64: "conv2d_fwd_bn_wgmma_n64",
+});
+
+fn kernels(be: &CudaBackend) -> Result<&Kernels> {
+    be.families.conv_wgmma.get(|| Kernels::load(be.modules()))
+}
+
+fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
+    be.families.conv_tc.get(|| TcKernels::load(be.modules()))
+}
+
+/// Threads per block: two warpgroups.
+const THREADS: u32 = 256;
+/// Pixels per block (64 per warpgroup).
+const TILE_M: usize = 128;
+/// Dynamic shared memory per block: 1 KiB of alignment slack, 4 stages of A (16 KiB) and B
+/// (16 KiB at 128 channels), the pixel table (`WG_SMEM` of conv_wgmma.cu).
+const WG_SMEM: u32 = 134_144;
+
+/// The row length (in bf16 values) of the bf16 OHWI weight copy: `K = c_in*kh*kw` rounded up
+/// to 8, as conv.rs's for the mma.sync kernel (`conv_weight_ohwi_bf16`).
+fn weight_row(s: &Conv2d) -> usize {
+    (s.c_in * s.kh * s.kw).next_multiple_of(8)
+}
+
+/// Output channels per block: 64 where `c_out <= 64` (`conv2d_fwd_bn_wgmma_n64`), else 128.
+fn tile_n(s: &Conv2d) -> usize {
+    if s.c_out <= 64 {
+        64
+    } else {
+        128
+    }
+}
+
+/// The kernel's `int` arguments (N, C, H, W, C_out, KH, KW, stride, pad), with every size its
+/// 32-bit indexing computes checked.
+fn args(s: &Conv2d) -> Result<[i32; 9]> {
+    int_args([
+        s.x_len(),
+        s.y_len(),
+        s.n * s.h * s.w,
+        s.n * s.out_h() * s.out_w(),
+        s.c_out * weight_row(s),
+    ])?;
+    int_args([s.n, s.c_in, s.h, s.w, s.c_out, s.kh, s.kw, s.stride, s.pad])
+}
+
+/// Whether `kernels/conv_wgmma.cu` computes `s`: `c_in` a positive multiple of 8 (a 16-byte
+/// copy is 8 channels of one tap), a positive stride and `c_out`, and sizes its 32-bit
+/// indexing holds; any kernel size, stride and padding. (x must also be 16-byte aligned,
+/// checked per call.)
+pub(crate) fn supported(s: &Conv2d) -> bool {
+    s.c_in > 0
+        && s.c_in.is_multiple_of(8)
+        && s.stride > 0
+        && s.c_out > 0
+        && s.kh > 0
+        && s.kw > 0
+        && s.h + 2 * s.pad >= s.kh
+        && s.w + 2 * s.pad >= s.kw
+        && args(s).is_ok()
+}
+
+impl CudaBackend {
+    /// Whether the bf16-storage eval forward of `s` on an input at device address `x_addr`
+    /// runs the wgmma kernel: the switch on ([`CudaBackend::set_wgmma`]), a device of compute
+    /// capability 9.0, where the mma.sync kernel would run it
+    /// (`conv_bn_eval_nhwc_bf16s_native`: bf16, route not `Never`), [`supported`], and x
+    /// 16-byte aligned.
+    pub(crate) fn conv_bn_eval_nhwc_bf16s_wgmma(&self, s: &Conv2d, x_addr: u64) -> bool {
+        self.wgmma()
+            && self.info().compute_capability == (9, 0)
+            && self.conv_bn_eval_nhwc_bf16s_native(s)
+            && supported(s)
+            && x_addr.is_multiple_of(16)
+    }
+
+    /// The wgmma kernel the bf16-storage eval forward of `s` launches for an input in an
+    /// allocation of its own (16-byte aligned), or None where it does not run (switch off,
+    /// not compute capability 9.0, not bf16, route `Never`, or not [`supported`]: the mma.sync
+    /// kernel then runs); diagnostics and tests.
+    pub fn conv_bn_eval_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        self.conv_bn_eval_nhwc_bf16s_wgmma(s, 0)
+            .then_some(if tile_n(s) == 64 {
+                "conv2d_fwd_bn_wgmma_n64"
+            } else {
+                "conv2d_fwd_bn_wgmma_n128"
+            })
+    }
+
+    /// `conv2d_bn_eval_fwd_nhwc_bf16s_native` on the wgmma kernel: the batch-norm fold and
+    /// the weights' bf16 OHWI copy in arena scratch (nothing allocated once warm, so
+    /// capturable in a graph), then one launch of `conv2d_fwd_bn_wgmma_n128` / `_n64`, a grid
+    /// of (pixel tiles of 128, channel tiles of 128 or 64). An error where
+    /// [`CudaBackend::conv_bn_eval_nhwc_bf16s_wgmma`] is false.
+    ///
+    /// # Safety
+    /// As `conv2d_bn_eval_fwd_nhwc_bf16s_native`: `x` holds `s.x_len().div_ceil(2)` values,
+    /// `residual` and `y` `s.y_len().div_ceil(2)`, `w` `s.w_len()`, the batch-norm buffers
+    /// `c_out`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn conv2d_bn_eval_fwd_nhwc_bf16s_wgmma(
+        &self,
+        s: &Conv2d,
+        bn: &BatchNorm2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bn_eval_fwd_nhwc_bf16s_wgmma";
+        if !self.conv_bn_eval_nhwc_bf16s_wgmma(s, self.ptr(x)) {
+            return Err(EngineError::Param(format!(
+                "{OP}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
+                self.wgmma(),
+                self.info().compute_capability,
+                self.precision()
+            )));
+        }
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        let a = args(s)?;
+        let p = s.n * s.out_h() * s.out_w();
+        let tn = tile_n(s);
+        let mut cfg = blocks(OP, (p.div_ceil(TILE_M), s.c_out.div_ceil(tn), 1), THREADS)?;
+        cfg.shared_mem_bytes = WG_SMEM;
+        let ks = kernels(self)?;
+        let kern = if tn == 64 { &ks.n64 } else { &ks.n128 };
+        let tc = tc_kernels(self)?;
+        let kp = weight_row(s);
+        let len = s.c_out * kp;
+        norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
+            // Two bf16 per f32 slot (kp is even); never an empty buffer.
+            let mut wt = self.take_scratch((len / 2).max(4))?;
+            let r = (|| {
+                let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
+                // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
+                unsafe {
+                    tc.weight_ohwi_bf16
+                        .on(self.stream())
+                        .arg(w)
+                        .arg(&mut wt)
+                        .arg(&c)
+                        .arg(&khw)
+                        .arg(&kp_i)
+                        .arg(&len_i)
+                        .launch(grid(len))?
+                };
+                // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is
+                // a whole allocation (256-byte aligned).
+                if !self.ptr(&wt).is_multiple_of(16) {
+                    return Err(EngineError::Param(format!(
+                        "{OP}: the weight copy's scratch buffer is not 16-byte aligned"
+                    )));
+                }
+                let relu_i = i32::from(relu);
+                let mut l = kern.on(self.stream());
+                l.arg(x).arg(&wt).arg(y).ints(&a).arg(ss);
+                match residual {
+                    Some(r) => l.arg(r),
+                    None => l.arg(&NULL),
+                };
+                l.arg(&relu_i);
+                // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
+                unsafe { l.launch(cfg) }
+            })();
+            self.give_scratch(wt);
+            r
+        })
+    }
+}
