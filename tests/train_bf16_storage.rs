@@ -457,3 +457,20 @@ fn bf16_storage_train_step_is_close_to_f32_storage() {
          gradients up to {worst_all:e}, {worst_ratio:.2} x the input-rounding control"
     );
 }
+
+/// `ichcam parity`'s run (`parity::run`) keeps the training activations in f32 storage, as
+/// it keeps the eval-mode ones (tests/eval_bf16_storage.rs): its rounded references round
+/// only the convolutions' operands. The f32-storage channels-last training model is the
+/// NCHW one bit for bit (tests/train_nhwc.rs), so a bf16-storage backend's rows are the
+/// plain CPU backend's.
+#[test]
+fn parity_keeps_f32_training_storage() {
+    use ichcam::model::parity::{self, Fixture};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/torch-parity/parity_basic.safetensors");
+    let fx = Fixture::load(&path).expect("fixture");
+    let plain = parity::run(Cpu::new(), &fx, 1e-3).expect("plain");
+    let asked = parity::run(be(), &fx, 1e-3).expect("bf16 training storage asked");
+    let rows = |r: &parity::ParityReport| format!("{:?}", r.rows);
+    assert_eq!(rows(&plain), rows(&asked));
+}
