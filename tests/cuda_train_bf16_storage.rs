@@ -9,7 +9,7 @@
 //!   stored y; the native `batchnorm_bwd_nhwc_bf16` (`bn_bwd_partial_nhwc_bf16`, the
 //!   finalize, `bn_bwd_apply_bf16`: z, y read in bf16 storage, dz written rounded) against
 //!   the CPU reference (dz within one bf16 step elementwise, at most 1% of its stored values
-//!   differing from the CPU's, its relative error under 4e-3;
+//!   (or one) differing from the CPU's, its relative error under 4e-3;
 //!   dgamma / dbeta within 1e-5), with and without the fused ReLU, one channel, 300 channels
 //!   (two channel tiles) and several pixel chunks;
 //! - `conv2d_bn_train_fwd_nhwc_bf16` (on this branch by conversions: the statistics those
@@ -269,14 +269,15 @@ fn bn_bwd_nhwc_bf16_matches_cpu() {
             let e = rel_err(&got, &want);
             assert!(e < 4e-3, "{what}: dz rel err {e:e}");
             // Rounded to nearest even from f32 values that differ from the CPU's in their
-            // last bits at most: almost every stored value the CPU's bit for bit.
+            // last bits at most: almost every stored value the CPU's bit for bit (1% of them,
+            // or one: on 74 values one rounding the other way was seen).
             let differ = bits(&got)
                 .iter()
                 .zip(bits(&want))
                 .filter(|(a, b)| **a != *b)
                 .count();
             assert!(
-                differ * 100 <= s.len(),
+                differ <= (s.len() / 100).max(1),
                 "{what}: {differ} of {} stored dz values differ from the CPU's",
                 s.len()
             );

@@ -3,7 +3,9 @@
 //! forward pass (training-mode, batch-statistics or eval-mode batch norm) and the backward
 //! pass that writes every backbone gradient through the training buffers made for those
 //! activations ([`BackboneGrads`]), channels-last (NHWC) between the stem's max-pool and the
-//! global average pool on a backend that asks for it ([`Backend::channels_last_train`]);
+//! global average pool on a backend that asks for it ([`Backend::channels_last_train`]),
+//! those NHWC activations (and the units' dz) in the storage it asks for
+//! ([`Backend::train_storage`]: f32, or bf16 in [`Backend::storage_slots`] slots each);
 //! and the eval-mode backbone of inference
 //! ([`BackboneEval`]), which keeps no layer's output but the last block's: its few buffers
 //! follow the activation plan of [`super::eval_plan`] (test-time memory reused layer to
