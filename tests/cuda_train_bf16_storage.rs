@@ -9,7 +9,7 @@
 //!   stored y; the native `batchnorm_bwd_nhwc_bf16` (`bn_bwd_partial_nhwc_bf16`, the
 //!   finalize, `bn_bwd_apply_bf16`: z, y read in bf16 storage, dz written rounded) against
 //!   the CPU reference (dz within one bf16 step elementwise, at most 1% of its stored values
-//!   differing from the CPU's, its relative error under 4e-3;
+//!   (or one) differing from the CPU's, its relative error under 4e-3;
 //!   dgamma / dbeta within 1e-5), with and without the fused ReLU, one channel, 300 channels
 //!   (two channel tiles) and several pixel chunks;
 //! - `conv2d_bn_train_fwd_nhwc_bf16` (on this branch by conversions: the statistics those
@@ -17,8 +17,21 @@
 //!   reference, at f32 (1e-5 on the f32 outputs; z and y within one bf16 step) and bf16
 //!   precision (1e-2).
 //!
-//! Not here (not done this round): the model's training backbone in bf16 storage (a whole
-//! step bf16 vs f32 storage, vs the CPU, the captured step).
+//! - the model's training backbone in bf16 storage (the default at `--precision bf16`):
+//!   three stage-1 steps (Adam, each from the same state) of a basic and a bottleneck net
+//!   against the same CUDA model in f32 storage and against the CPU reference in bf16
+//!   storage: loss and logits within 3e-2, all of a step's gradients together within 8
+//!   times (or 5e-2) the CPU f32-storage model's own deviation when only its input is
+//!   rounded to bf16 (these tiny nets' gradients move by 4e-2 to 0.15 on that one rounding:
+//!   tests/train_bf16_storage.rs), against the CPU also within 4 times the precision's own
+//!   deviation (the CUDA f32-storage step vs the CPU f32-storage one); the measured figures
+//!   printed; the buffers the model made (two bf16 values per slot) exactly what
+//!   `memory::train_backbone_slots` counts in `ActLayout::NhwcBf16`, less than f32 storage's;
+//! - `ichcam bench --what train-step --precision bf16 --act-storage auto|bf16|f32`: the JSON
+//!   line's `act_storage` is the storage the training backbone used (`bf16`, `bf16`, `f32`),
+//!   and `f32` at `--precision tf32` whatever is asked;
+//! - the captured bf16-storage step's replay: tests/cuda_train_nhwc.rs
+//!   (`nhwc_train_step_graph_replays_bit_identically_bf16`, which asserts the storage).
 //!
 //! Runs on a GPU or on the emulated driver (`scripts/cuda-emu.sh`); without either the
 //! device tests are reported as ignored (tests/common/cuda.rs).
@@ -34,6 +47,7 @@ use ichcam::engine::cuda::backend::{LayoutChoice, StorageChoice};
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::precision::round_bf16;
 use ichcam::engine::{ActStorage, Backend, BatchNorm2d, Precision};
+use ichcam::model::{BlockKind, IchNet, ModelConfig, OptimizerConfig, ParamGroup};
 
 fn main() {
     common::cuda::main_with_threads(
@@ -48,6 +62,14 @@ fn main() {
             device("train_ops_bf16_match_cpu_bf16", || {
                 train_ops_bf16_match_cpu(Precision::Bf16, 1e-2)
             }),
+            device(
+                "train_step_bf16_storage_matches_f32_storage_and_cpu",
+                train_step_bf16_storage_matches_f32_storage_and_cpu,
+            ),
+            device(
+                "bench_train_step_names_its_storage",
+                bench_train_step_names_its_storage,
+            ),
         ],
         1,
     )
@@ -247,14 +269,15 @@ fn bn_bwd_nhwc_bf16_matches_cpu() {
             let e = rel_err(&got, &want);
             assert!(e < 4e-3, "{what}: dz rel err {e:e}");
             // Rounded to nearest even from f32 values that differ from the CPU's in their
-            // last bits at most: almost every stored value the CPU's bit for bit.
+            // last bits at most: almost every stored value the CPU's bit for bit (1% of them,
+            // or one: on 74 values one rounding the other way was seen).
             let differ = bits(&got)
                 .iter()
                 .zip(bits(&want))
                 .filter(|(a, b)| **a != *b)
                 .count();
             assert!(
-                differ * 100 <= s.len(),
+                differ <= (s.len() / 100).max(1),
                 "{what}: {differ} of {} stored dz values differ from the CPU's",
                 s.len()
             );
@@ -384,4 +407,216 @@ fn train_ops_bf16_match_cpu(p: Precision, tol: f64) {
         assert!(e2 < tol, "{p} {s:?}: dw {e2:e}");
         println!("{p} {s:?}: dx {e:.2e} dw {e2:.2e}");
     }
+}
+
+/// Every tensor of `from` (parameters, running statistics, optimizer state) into `to`.
+fn copy_state<A: Backend<T = f32>, B: Backend<T = f32>>(from: &IchNet<A>, to: &mut IchNet<B>) {
+    for name in from.names() {
+        to.set_param(&name, &from.param(&name).expect("param"))
+            .expect("set param");
+        if let Ok(st) = from.opt_state(&name) {
+            if st.steps > 0 {
+                to.set_opt_state(&name, st.m.as_deref(), st.v.as_deref(), st.steps)
+                    .expect("set optimizer state");
+            }
+        }
+    }
+}
+
+/// Every nonzero gradient of `net`, in name order.
+fn grads<B: Backend<T = f32>>(net: &IchNet<B>) -> Vec<(String, Vec<f32>)> {
+    net.names()
+        .into_iter()
+        .filter_map(|name| net.grad(&name).ok().map(|g| (name, g)))
+        .collect()
+}
+
+/// ||a - b|| / ||b|| over all of two nets' gradients.
+fn grads_rel(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    assert_eq!(a.len(), b.len());
+    for ((na, ga), (nb, gb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        assert!(ga.iter().all(|v| v.is_finite()), "gradient of {na}");
+        for (&x, &y) in ga.iter().zip(gb) {
+            num += (x as f64 - y as f64).powi(2);
+            den += (y as f64).powi(2);
+        }
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn train_step_bf16_storage_matches_f32_storage_and_cpu() {
+    use ichcam::model::memory::{self, ActLayout};
+    let (batch, seq, h, w) = (2, 3, 29, 26);
+    let n = batch * seq;
+    let mut rng = SplitMix64::fresh("cuda-bf16s-train-step");
+    for cfg in [
+        ModelConfig {
+            layers: vec![1, 1],
+            base_width: 4,
+            lstm_hidden: 5,
+            ..ModelConfig::tiny()
+        },
+        ModelConfig {
+            block: BlockKind::Bottleneck,
+            layers: vec![2, 1],
+            base_width: 4,
+            lstm_hidden: 5,
+            ..ModelConfig::tiny()
+        },
+    ] {
+        let what = format!("{:?} {:?}", cfg.block, cfg.layers);
+        // CUDA at bf16: the default storage (bf16) and f32 storage.
+        let gb = gpu_at(Precision::Bf16);
+        let mut gf = gpu_at(Precision::Bf16);
+        gf.set_train_storage(StorageChoice::F32);
+        let mut cuda_b = IchNet::new(gb.clone(), cfg.clone(), 13).expect("net");
+        let mut cuda_f = IchNet::new(gf, cfg.clone(), 13).expect("net");
+        // The CPU reference in bf16 and in f32 storage (the latter also on the rounded
+        // input: the control).
+        let cpu_at = |st| {
+            let be = Cpu::new()
+                .with_channels_last_train(true)
+                .with_train_storage(st);
+            IchNet::new(be, cfg.clone(), 13).expect("net")
+        };
+        let mut cpu_b = cpu_at(ActStorage::Bf16);
+        let mut cpu_f = cpu_at(ActStorage::F32);
+        let mut ctl = cpu_at(ActStorage::F32);
+        let opt = OptimizerConfig::adam(1e-2);
+        let (mut w_loss, mut w_f, mut w_c) = (0.0f64, 0.0f64, 0.0f64);
+        for step in 0..3 {
+            let x = rng.vec_f32(n * cfg.in_channels * h * w, -1.0, 1.0);
+            let labels: Vec<f32> = (0..n).map(|i| ((i + step) % 2) as f32).collect();
+            let sb = cuda_b
+                .stage1_forward_backward(&x, &labels, batch, seq, h, w, 1.5)
+                .expect("cuda bf16 storage");
+            let sf = cuda_f
+                .stage1_forward_backward(&x, &labels, batch, seq, h, w, 1.5)
+                .expect("cuda f32 storage");
+            let scb = cpu_b
+                .stage1_forward_backward(&x, &labels, batch, seq, h, w, 1.5)
+                .expect("cpu bf16 storage");
+            cpu_f
+                .stage1_forward_backward(&x, &labels, batch, seq, h, w, 1.5)
+                .expect("cpu f32 storage");
+            ctl.stage1_forward_backward(&rounded(&x), &labels, batch, seq, h, w, 1.5)
+                .expect("control");
+            assert_eq!(cuda_b.train_channels_last(), Some(true), "{what}");
+            assert_eq!(cuda_b.train_storage(), Some(ActStorage::Bf16), "{what}");
+            assert_eq!(cuda_f.train_storage(), Some(ActStorage::F32), "{what}");
+            if step == 0 {
+                // The buffers made: two bf16 values per slot, as `memory` counts them.
+                let lay = ActLayout::of_train(&gb);
+                assert_eq!(lay, ActLayout::NhwcBf16);
+                let want = memory::train_backbone_slots(&cfg, n, h, w, lay).expect("count");
+                let (acts, grads) = cuda_b.train_backbone_slots().expect("built");
+                assert_eq!(acts as u128, want.acts, "{what}: activations");
+                assert_eq!(grads.map(|g| g as u128), Some(want.grads), "{what}");
+                let f32s =
+                    memory::train_backbone_slots(&cfg, n, h, w, ActLayout::Nhwc).expect("count");
+                let (fa, fg) = cuda_f.train_backbone_slots().expect("built");
+                assert_eq!(
+                    (fa as u128, fg.map(|g| g as u128)),
+                    (f32s.acts, Some(f32s.grads))
+                );
+                assert!(want.acts < f32s.acts && want.grads < f32s.grads);
+            }
+            let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(1e-30);
+            let logits = |a: &[f64], b: &[f64]| {
+                let (a, b): (Vec<f32>, Vec<f32>) = (
+                    a.iter().map(|&v| v as f32).collect(),
+                    b.iter().map(|&v| v as f32).collect(),
+                );
+                rel_err(&a, &b)
+            };
+            for (name, l, lg) in [
+                (
+                    "vs CUDA f32 storage",
+                    rel(sb.loss, sf.loss),
+                    logits(&sb.logits, &sf.logits),
+                ),
+                (
+                    "vs the CPU in bf16 storage",
+                    rel(sb.loss, scb.loss),
+                    logits(&sb.logits, &scb.logits),
+                ),
+            ] {
+                w_loss = w_loss.max(l).max(lg);
+                assert!(l <= 3e-2, "{what} step {step}: loss {name}: {l:e}");
+                assert!(lg <= 3e-2, "{what} step {step}: logits {name}: {lg:e}");
+            }
+            let (g_b, g_f, c_b, c_f, g_ctl) = (
+                grads(&cuda_b),
+                grads(&cuda_f),
+                grads(&cpu_b),
+                grads(&cpu_f),
+                grads(&ctl),
+            );
+            let control = grads_rel(&g_ctl, &c_f);
+            let e_prec = grads_rel(&g_f, &c_f);
+            let (ef, ec) = (grads_rel(&g_b, &g_f), grads_rel(&g_b, &c_b));
+            eprintln!(
+                "{what} step {step}: all gradients vs CUDA f32 storage {ef:e}, vs the CPU in \
+                 bf16 storage {ec:e}; control (input rounded) {control:e}, the precision's own \
+                 {e_prec:e}"
+            );
+            let bound = (8.0 * control).max(5e-2);
+            assert!(
+                ef <= bound,
+                "{what} step {step}: vs CUDA f32 storage {ef:e}"
+            );
+            assert!(
+                ec <= bound.max(4.0 * e_prec),
+                "{what} step {step}: vs the CPU in bf16 storage {ec:e}"
+            );
+            (w_f, w_c) = (w_f.max(ef), w_c.max(ec));
+            cuda_f.step(&opt, ParamGroup::Stage1).expect("step");
+            for net in [&mut cpu_b, &mut cpu_f, &mut ctl] {
+                copy_state(&cuda_f, net);
+            }
+            copy_state(&cuda_f, &mut cuda_b);
+        }
+        eprintln!(
+            "{what}: loss / logits up to {w_loss:e}; all gradients up to {w_f:e} from CUDA f32 \
+             storage, {w_c:e} from the CPU in bf16 storage"
+        );
+    }
+}
+
+/// `ichcam bench --what train-step --json --precision p --act-storage st` on the device,
+/// tiny and short: the JSON line's (`layout`, `act_storage`).
+fn bench_storage(p: &str, st: &str) -> (String, String) {
+    let out = common::cuda::bin()
+        .args(["bench", "--device", "cuda", "--what", "train-step"])
+        .args([
+            "--config", "tiny", "--batch", "1", "--slices", "2", "--size", "32",
+        ])
+        .args(["--iters", "1", "--warmup", "0", "--json", "--precision", p])
+        .args(["--act-storage", st])
+        .output()
+        .expect("running ichcam bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in {stdout}"));
+    let j: serde_json::Value = serde_json::from_str(line).expect("JSON");
+    assert_eq!(j["what"], "train-step", "{line}");
+    let f = |k: &str| j[k].as_str().unwrap_or("none").to_string();
+    (f("layout"), f("act_storage"))
+}
+
+fn bench_train_step_names_its_storage() {
+    let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(bench_storage("bf16", "auto"), s("nhwc", "bf16"));
+    assert_eq!(bench_storage("bf16", "bf16"), s("nhwc", "bf16"));
+    assert_eq!(bench_storage("bf16", "f32"), s("nhwc", "f32"));
+    assert_eq!(bench_storage("tf32", "bf16"), s("nhwc", "f32"));
 }

@@ -16,7 +16,7 @@
 //!   statistics, saved mean and invstd), with and without residual and ReLU, and within
 //!   1e-5 / 1e-3 / 1e-2 of the CPU reference at f32 / tf32 / bf16;
 //! - a whole stage-1 training step (three, with Adam) of a model with `set_train_layout(Nhwc)`
-//!   against the NCHW model: at f32 the loss, logits, every gradient and parameter within
+//!   (and f32 training storage: the layout's own effect) against the NCHW model: at f32 the loss, logits, every gradient and parameter within
 //!   1e-5 (relative; bit-identical but for the batch norm backward's f64 sums in another
 //!   order: the test prints how many tensors are bit-identical), at tf32 and bf16 (the
 //!   native channels-last kernels) a step's gradients together within 1e-3 and 1e-2, or
@@ -26,7 +26,8 @@
 //!   0.14 from f32's), each tensor within 0.5 or 4x that, each step from the same state (the NCHW net's parameters and optimizer
 //!   state copied over: the tolerance is one step's);
 //! - the channels-last training step captured as a CUDA graph (at f32: layout changes around
-//!   the NCHW kernels; at bf16: the native channels-last kernels) replays bit for bit the eager
+//!   the NCHW kernels; at bf16: the native channels-last kernels, the activations in bf16
+//!   storage, the default there) replays bit for bit the eager
 //!   channels-last step (nothing allocated once warm: its layout copies and temporaries
 //!   from the arena);
 //! - `ichcam bench --what train-step --layout nhwc` trains channels-last and its JSON line
@@ -44,9 +45,9 @@ use common::rng::SplitMix64;
 use common::shapes::conv;
 
 use ichcam::engine::cpu::CpuBackend;
-use ichcam::engine::cuda::backend::LayoutChoice;
+use ichcam::engine::cuda::backend::{LayoutChoice, StorageChoice};
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
-use ichcam::engine::{Backend, BatchNorm2d, Conv2d, Precision};
+use ichcam::engine::{ActStorage, Backend, BatchNorm2d, Conv2d, Precision};
 use ichcam::model::{IchNet, ModelConfig, OptimizerConfig, ParamGroup};
 
 fn main() {
@@ -392,8 +393,13 @@ fn train_step_nhwc_matches_nchw(p: Precision, tol: f64) {
     let mut rng = SplitMix64::fresh("cuda-nhwc-train-step");
     for cfg in cfgs() {
         let what = format!("{p} {:?} {:?}", cfg.block, cfg.layers);
-        let mut nets = [LayoutChoice::Nchw, LayoutChoice::Nhwc]
-            .map(|l| IchNet::new(train_at(p, l), cfg.clone(), 13).expect("net"));
+        // The layout's own effect: f32 storage (bf16 storage, the default at bf16, moves the
+        // gradients more: tests/cuda_train_bf16_storage.rs).
+        let mut nets = [LayoutChoice::Nchw, LayoutChoice::Nhwc].map(|l| {
+            let mut be = train_at(p, l);
+            be.set_train_storage(StorageChoice::F32);
+            IchNet::new(be, cfg.clone(), 13).expect("net")
+        });
         // At tf32 / bf16: the NCHW net at f32 from the same state, the precision's own effect
         // on the step (the layout's must not exceed it).
         let mut f32_net = (p != Precision::F32).then(|| {
@@ -552,6 +558,14 @@ fn nhwc_train_step_graph_replays(p: Precision) {
             panic!("step {k}: the channels-last step was not captured: {why}");
         }
         assert_eq!(graphed.train_channels_last(), Some(true));
+        // At bf16 the training activations in bf16 storage (the default there).
+        let st = if p == Precision::Bf16 {
+            ActStorage::Bf16
+        } else {
+            ActStorage::F32
+        };
+        assert_eq!(graphed.train_storage(), Some(st), "step {k}");
+        assert_eq!(eager.train_storage(), Some(st), "step {k}");
         assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "step {k}: loss");
         assert_eq!(got.logits, want.logits, "step {k}: logits");
         for name in eager.names() {

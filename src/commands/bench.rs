@@ -43,10 +43,11 @@
 //! workloads name the layout the workload's backbone ran in on the device (`layout`: `nchw`
 //! or `nhwc`; `train-step` the training backbone's, the CAM workloads' from the pass's own
 //! buffers, the others the eval-mode backbone's).
-//! `--act-storage` sets the storage of its channels-last activations on CUDA (`auto`: bf16
-//! at `--precision bf16`, else f32; `f32`; `bf16`, ignored below bf16 precision:
-//! [`StorageChoice`]); the JSON lines name the storage used (`act_storage`: `f32` or `bf16`,
-//! `f32` when NCHW; the CAM workloads' from the pass's own buffers).
+//! `--act-storage` sets the storage of its channels-last activations on CUDA, of the
+//! eval-mode and of the training-mode backbone (`auto`: bf16 at `--precision bf16`, else
+//! f32; `f32`; `bf16`, ignored below bf16 precision: [`StorageChoice`]); the JSON lines name
+//! the storage used (`act_storage`: `f32` or `bf16`, `f32` when NCHW; `train-step` the
+//! training backbone's, the CAM workloads' from the pass's own buffers).
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
@@ -85,9 +86,9 @@ pub struct Args {
     /// the training backbone's for train-step, else the eval-mode backbone's.
     #[arg(skip)]
     layout_used: Option<&'static str>,
-    /// The storage of the eval-mode backbone's channels-last activations on CUDA (cam,
-    /// cam-latency): auto (bf16 at --precision bf16, else f32), f32, or bf16 (ignored below
-    /// bf16 precision). The CPU stores f32.
+    /// The storage of the backbone's channels-last activations on CUDA, eval mode (cam,
+    /// cam-latency) and training mode (train-step): auto (bf16 at --precision bf16, else
+    /// f32), f32, or bf16 (ignored below bf16 precision). The CPU stores f32.
     #[arg(long, default_value = "auto")]
     act_storage: StorageChoice,
     /// The storage those activations take on the opened device (`f32` / `bf16`).
@@ -322,9 +323,9 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             be.set_eval_layout(args.layout);
             be.set_train_layout(args.layout);
             be.set_eval_storage(args.act_storage);
+            be.set_train_storage(args.act_storage);
             if train_step {
-                // The training backbone stores f32 in either layout.
-                (be.channels_last_train(), ichcam::engine::ActStorage::F32)
+                (be.channels_last_train(), be.train_storage())
             } else {
                 (be.channels_last_eval(), be.eval_storage())
             }
@@ -542,9 +543,17 @@ fn bench_train_graph(
              ({captures} capture, {replays} replays, {eager} eager steps)"
         ),
         used,
-        None,
+        train_buffers(&net),
     );
     Ok(())
+}
+
+/// The `layout` and `act_storage` JSON fields of a training step from the training
+/// backbone's own buffers (what it ran in: the backend's settings when they were built).
+fn train_buffers<B: Backend>(net: &IchNet<B>) -> Option<serde_json::Value> {
+    let cl = net.train_channels_last()?;
+    let st = net.train_storage()?;
+    Some(serde_json::json!({ "layout": layout_name(cl), "act_storage": st.name() }))
 }
 
 /// The U-Net step's inputs: `[n, in_channels, size, size]` images and soft targets in
@@ -817,7 +826,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     if on_cuda { ", eager launches" } else { "" }
                 ),
                 used(),
-                None,
+                train_buffers(&net),
             );
             Ok(())
         }

@@ -1,7 +1,8 @@
 //! Memory a network needs, computed from its [`ModelConfig`] alone, before anything is
 //! allocated: parameter counts, the bytes an [`super::IchNet`] holds for them, and the
 //! activations of a forward pass at a given batch and input size: a training pass keeps
-//! every layer's ([`backbone_activations`]), an eval-mode pass only the buffers of its
+//! every layer's ([`backbone_activations`]; exactly, with the gradients, in the training
+//! backbone's layout and storage: [`train_backbone_slots`]), an eval-mode pass only the buffers of its
 //! activation plan ([`eval_activations`], [`super::eval_plan`], in an [`ActLayout`]: NCHW,
 //! or channels-last with its two layout changes, the NHWC activations a slot per value or
 //! two bf16 per slot, what the backend asks for); and the bytes of a
@@ -40,6 +41,18 @@ impl ActLayout {
         if !be.channels_last_eval() {
             ActLayout::Nchw
         } else if be.storage_slots(be.eval_storage(), 2) < 2 {
+            ActLayout::NhwcBf16
+        } else {
+            ActLayout::Nhwc
+        }
+    }
+
+    /// What `be` allocates for a training-mode backbone: [`Backend::channels_last_train`],
+    /// then [`Backend::train_storage`] in [`Backend::storage_slots`] slots per value.
+    pub fn of_train<B: Backend>(be: &B) -> Self {
+        if !be.channels_last_train() {
+            ActLayout::Nchw
+        } else if be.storage_slots(be.train_storage(), 2) < 2 {
             ActLayout::NhwcBf16
         } else {
             ActLayout::Nhwc
@@ -236,11 +249,11 @@ pub fn backbone_activations(
     Some((total, (cin, ch, cw)))
 }
 
-/// Scalars the channels-last training backbone (`BackboneActs` on a backend whose
-/// `Backend::channels_last_train` says yes) keeps beside [`backbone_activations`]: the
-/// pooled activations changed to NHWC (the first block's input) and the last block's
-/// output changed back to NCHW (the global average pool's input); their gradients are as
-/// many again (counted with the rest, twice over, by [`training_bytes`]).
+/// Values of the channels-last training backbone's two layout copies (`BackboneActs` on a
+/// backend whose `Backend::channels_last_train` says yes): the pooled activations changed to
+/// NHWC (the first block's input; in bf16 storage, in its slots) and the last block's output
+/// changed back to NCHW (the global average pool's input, f32); their gradients are as many
+/// again, f32 ([`train_backbone_slots`] counts all four in slots).
 pub fn train_layout_copies(cfg: &ModelConfig, n: usize, h: usize, w: usize) -> Option<u128> {
     let (_, (c, fh, fw)) = backbone_activations(cfg, n, h, w)?;
     let n = n as u128;
@@ -248,6 +261,123 @@ pub fn train_layout_copies(cfg: &ModelConfig, n: usize, h: usize, w: usize) -> O
     let (ph, pw) = (out_len(sh, 3, 2, 1), out_len(sw, 3, 2, 1));
     let pooled = mul(mul(n, cfg.base_width as u128)?, mul(ph, pw)?)?;
     add(pooled, mul(mul(n, c)?, mul(fh, fw)?)?)
+}
+
+/// Slots of the training-mode backbone's buffers (`BackboneActs` and `BackboneGrads` in
+/// `resnet.rs`), as [`train_backbone_slots`] counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrainSlots {
+    /// The activations: per conv + BN unit its conv output z, its output y (none for a
+    /// block's last unit, which writes the block's output) and four per-channel statistics
+    /// (the saved mean and inverse deviation, the copies of the running ones a
+    /// batch-statistics pass uses); the max-pool's output; each block's output; the
+    /// channels-last layout's two copies; the pooled features.
+    pub acts: u128,
+    /// Their gradients: per unit dz (and the downsample branch's input gradient), per block
+    /// the gradients of its units' outputs but the last, of the pre-ReLU sum and of its
+    /// output; the stem's and the max-pool's; the layout copies'; the pooled features'.
+    pub grads: u128,
+}
+
+impl TrainSlots {
+    /// Activations and gradients together.
+    pub fn total(self) -> Option<u128> {
+        add(self.acts, self.grads)
+    }
+}
+
+/// The slots the training-mode backbone (`BackboneActs` and, once a training step ran,
+/// `BackboneGrads`) holds for `n` images of `h x w` in `layout` (NCHW, or channels-last
+/// with the NHWC activations, block units' z, outputs and dz in the layout's slots: half in
+/// CUDA's bf16 storage; the other gradients, the stem, the max-pool, the features and the
+/// statistics f32). A stage's blocks after its first are alike: counted once, times their
+/// number (no loop over a hostile count). Tests compare it with a built network.
+pub fn train_backbone_slots(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+    layout: ActLayout,
+) -> Option<TrainSlots> {
+    let nn = n as u128;
+    let base = cfg.base_width as u128;
+    let len = |c: u128, oh: u128, ow: u128| mul(mul(nn, c)?, mul(oh, ow)?);
+    let cl = layout.channels_last();
+    let slots = |l: u128| if cl { layout.nhwc_slots(l) } else { l };
+    let mut t = TrainSlots::default();
+    // A unit of `c` output channels, its output `s` slots, with an output buffer of its own
+    // when `y`: z, y, four statistics; dz.
+    let unit = |t: &mut TrainSlots, c: u128, s: u128, y: bool| -> Option<()> {
+        let ys = if y { s } else { 0 };
+        t.acts = add(t.acts, add(add(s, ys)?, mul(4, c)?)?)?;
+        t.grads = add(t.grads, s)?;
+        Some(())
+    };
+    let (sh, sw) = (out_len(h as u128, 7, 2, 3), out_len(w as u128, 7, 2, 3));
+    let stem = len(base, sh, sw)?;
+    unit(&mut t, base, stem, true)?;
+    t.grads = add(t.grads, stem)?; // dstem
+    let (mut ch, mut cw) = (out_len(sh, 3, 2, 1), out_len(sw, 3, 2, 1));
+    let pooled = len(base, ch, cw)?;
+    t.acts = add(t.acts, pooled)?;
+    t.grads = add(t.grads, pooled)?;
+    if cl {
+        t.acts = add(t.acts, slots(pooled))?;
+        t.grads = add(t.grads, pooled)?;
+    }
+    let mut cin = base;
+    for (i, &nb) in cfg.layers.iter().enumerate() {
+        if nb == 0 {
+            continue;
+        }
+        let wd = mul(base, 1u128.checked_shl(i as u32)?)?;
+        let block = |cin: u128, ch: u128, cw: u128, stride: u128| {
+            let mut b = TrainSlots::default();
+            let (oh, ow) = (out_len(ch, 3, stride, 1), out_len(cw, 3, stride, 1));
+            // (channels, values) of each unit's output, in order.
+            let (units, cout) = match cfg.block {
+                BlockKind::Basic => (vec![(wd, len(wd, oh, ow)?); 2], wd),
+                BlockKind::Bottleneck => {
+                    let c4 = mul(wd, 4)?;
+                    let u = vec![
+                        (wd, len(wd, ch, cw)?),
+                        (wd, len(wd, oh, ow)?),
+                        (c4, len(c4, oh, ow)?),
+                    ];
+                    (u, c4)
+                }
+            };
+            let out = len(cout, oh, ow)?;
+            for (k, &(c, l)) in units.iter().enumerate() {
+                let last = k + 1 == units.len();
+                unit(&mut b, c, slots(l), !last)?;
+                if !last {
+                    b.grads = add(b.grads, l)?; // dL/d(its output), f32
+                }
+            }
+            if stride != 1 || cin != cout {
+                unit(&mut b, cout, slots(out), true)?;
+                b.grads = add(b.grads, len(cin, ch, cw)?)?; // the branch's dx, f32
+            }
+            b.acts = add(b.acts, slots(out))?;
+            b.grads = add(b.grads, mul(2, out)?)?; // g and dout, f32
+            Some((b, cout, oh, ow))
+        };
+        let (first, cout, oh, ow) = block(cin, ch, cw, if i > 0 { 2 } else { 1 })?;
+        let (rest, _, _, _) = block(cout, oh, ow, 1)?;
+        let k = (nb - 1) as u128;
+        t.acts = add(add(t.acts, first.acts)?, mul(rest.acts, k)?)?;
+        t.grads = add(add(t.grads, first.grads)?, mul(rest.grads, k)?)?;
+        (ch, cw, cin) = (oh, ow, cout);
+    }
+    if cl {
+        let feats = len(cin, ch, cw)?;
+        t.acts = add(t.acts, feats)?;
+        t.grads = add(t.grads, feats)?;
+    }
+    t.acts = add(t.acts, mul(nn, cin)?)?;
+    t.grads = add(t.grads, mul(nn, cin)?)?;
+    Some(t)
 }
 
 /// The eval-mode backbone's ops on `n` images of `h x w` (as `resnet.rs` builds them: the
@@ -482,30 +612,21 @@ pub fn stage1_infer_bytes(
     size: usize,
     elem: usize,
 ) -> Option<u128> {
-    stage1_bytes(cfg, batch, seq, size, elem, false)
+    let (n, input, seq_state) = stage1_parts(cfg, batch, seq, size)?;
+    let (acts, _) = eval_activations_either(cfg, n, size, size)?;
+    mul(add(add(input, acts)?, seq_state)?, elem as u128)
 }
 
-/// [`stage1_infer_bytes`] with the training activations (`train`: every layer's output,
-/// [`backbone_activations`], and the channels-last layout's copies,
-/// [`train_layout_copies`]) or the eval-mode backbone's.
-fn stage1_bytes(
+/// Of a stage-1 pass on `batch` sequences of `seq` slices of `size x size`: the number of
+/// slices, the input's scalars and those of the LSTM's and the head's states.
+fn stage1_parts(
     cfg: &ModelConfig,
     batch: usize,
     seq: usize,
     size: usize,
-    elem: usize,
-    train: bool,
-) -> Option<u128> {
+) -> Option<(usize, u128, u128)> {
     let n = (batch as u128).checked_mul(seq as u128)?;
     let nn = usize::try_from(n).ok()?;
-    let (acts, _) = if train {
-        // The channels-last layout's two copies counted (the layout that needs more: the
-        // backend is not known yet).
-        let (a, out) = backbone_activations(cfg, nn, size, size)?;
-        (add(a, train_layout_copies(cfg, nn, size, size)?)?, out)
-    } else {
-        eval_activations_either(cfg, nn, size, size)?
-    };
     let plane = mul(size as u128, size as u128)?;
     let input = mul(mul(n, cfg.in_channels as u128)?, plane)?;
     let hid = cfg.lstm_hidden as u128;
@@ -515,13 +636,35 @@ fn stage1_bytes(
         .head
         .iter()
         .try_fold(0u128, |a, &w| add(a, mul(mul(2, n)?, w as u128)?))?;
-    mul(add(add(add(input, acts)?, lstm)?, head)?, elem as u128)
+    Some((nn, input, add(lstm, head)?))
 }
 
-/// Bytes of training (stage 1, the larger stage): parameters with their gradients and
-/// optimizer moments, a training forward pass's activations twice over (their gradients),
-/// and the eval-mode backbone's buffers that validation (eval mode, the same batch shape, in
-/// the layout that needs more) adds to them.
+/// Bytes of training (stage 1, the larger stage) with the training backbone in `layout`
+/// ([`ActLayout::of_train`] the backend): parameters with their gradients and optimizer
+/// moments, the input, the training backbone's activations and gradients
+/// ([`train_backbone_slots`]: in CUDA's bf16 storage the channels-last activations and dz
+/// take half), the LSTM's and head's states twice over (their gradients), and the eval-mode
+/// backbone's buffers that validation (eval mode, the same batch shape, in the layout that
+/// needs more) adds to them.
+pub fn training_bytes_in(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    size: usize,
+    elem: usize,
+    layout: ActLayout,
+) -> Option<u128> {
+    let params = param_bytes(cfg, elem, true)?;
+    let (n, input, seq_state) = stage1_parts(cfg, batch, seq, size)?;
+    let bb = train_backbone_slots(cfg, n, size, size, layout)?.total()?;
+    let (eval, _) = eval_activations_either(cfg, n, size, size)?;
+    let scalars = add(add(add(input, bb)?, mul(seq_state, 2)?)?, eval)?;
+    add(params, mul(scalars, elem as u128)?)
+}
+
+/// [`training_bytes_in`] in the layout that needs more (the estimate made before a backend
+/// is known: any may run; channels-last in f32 storage, its two layout copies and their
+/// gradients beside NCHW's buffers).
 pub fn training_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -529,11 +672,10 @@ pub fn training_bytes(
     size: usize,
     elem: usize,
 ) -> Option<u128> {
-    let params = param_bytes(cfg, elem, true)?;
-    let fwd = stage1_bytes(cfg, batch, seq, size, elem, true)?;
-    let n = usize::try_from((batch as u128).checked_mul(seq as u128)?).ok()?;
-    let (eval, _) = eval_activations_either(cfg, n, size, size)?;
-    add(add(params, mul(fwd, 2)?)?, mul(eval, elem as u128)?)
+    ActLayout::ALL
+        .iter()
+        .map(|&l| training_bytes_in(cfg, batch, seq, size, elem, l))
+        .try_fold(0u128, |a, b| Some(a.max(b?)))
 }
 
 #[cfg(test)]
@@ -656,6 +798,108 @@ mod tests {
                     assert_eq!(b.activation_scalars() as u128, want, "chunk {s} {cl} {st}");
                 }
             }
+        }
+    }
+
+    /// What `train_backbone_slots` counts is what a training step allocates (activations
+    /// and gradients), NCHW, channels-last f32 and channels-last bf16 (the CPU reference: a
+    /// slot per value, as f32); CUDA's packed bf16 storage in tests/cuda_train_bf16_storage.rs.
+    #[test]
+    fn train_slots_are_what_a_training_step_allocates() {
+        use crate::engine::ActStorage;
+        let (batch, seq, h, w) = (1, 3, 41, 33);
+        let n = batch * seq;
+        for (block, layers) in [
+            (BlockKind::Basic, vec![2, 2, 2]),
+            (BlockKind::Bottleneck, vec![3, 4, 6, 3]),
+            (BlockKind::Bottleneck, vec![1, 5]),
+        ] {
+            let cfg = ModelConfig {
+                block,
+                layers,
+                base_width: 4,
+                lstm_hidden: 5,
+                ..ModelConfig::tiny()
+            };
+            for (cl, st) in [
+                (false, ActStorage::F32),
+                (false, ActStorage::Bf16),
+                (true, ActStorage::F32),
+                (true, ActStorage::Bf16),
+            ] {
+                let be = CpuBackend::<f32>::new()
+                    .with_channels_last_train(cl)
+                    .with_train_storage(st);
+                let lay = ActLayout::of_train(&be);
+                assert_eq!(lay, if cl { ActLayout::Nhwc } else { ActLayout::Nchw });
+                let mut net = IchNet::new(be, cfg.clone(), 0).unwrap();
+                let x = vec![0.5f32; n * cfg.in_channels * h * w];
+                assert_eq!(net.train_backbone_slots(), None);
+                net.stage1_forward_backward(&x, &[1.0, 0.0, 1.0], batch, seq, h, w, 1.0)
+                    .unwrap();
+                assert_eq!(
+                    net.train_storage(),
+                    Some(if cl { st } else { ActStorage::F32 })
+                );
+                let (acts, grads) = net.train_backbone_slots().unwrap();
+                let want = train_backbone_slots(&cfg, n, h, w, lay).unwrap();
+                let what = format!("{cfg:?} channels-last {cl} {st}");
+                assert_eq!(acts as u128, want.acts, "{what} activations");
+                assert_eq!(
+                    grads.map(|g| g as u128),
+                    Some(want.grads),
+                    "{what} gradients"
+                );
+            }
+            // Packed bf16 storage: the NHWC activations and dz in half the slots, the rest
+            // as f32 storage's.
+            let f = train_backbone_slots(&cfg, n, h, w, ActLayout::Nhwc).unwrap();
+            let b = train_backbone_slots(&cfg, n, h, w, ActLayout::NhwcBf16).unwrap();
+            let c = train_backbone_slots(&cfg, n, h, w, ActLayout::Nchw).unwrap();
+            assert!(b.acts < f.acts && b.grads < f.grads && c.total() < f.total());
+            assert!(2 * b.acts < f.acts + f.acts / 2, "{b:?} {f:?}");
+        }
+    }
+
+    /// The training memory figures of docs/perf.md (printed with `--nocapture`): the paper's
+    /// ResNet-101 at 1x32 slices of 512^2 and ResNet-18 at 4x32 of 256^2, the backbone's
+    /// buffers and the whole of `training_bytes_in`, NCHW, channels-last f32 and bf16
+    /// (CUDA's packed) storage.
+    #[test]
+    fn training_memory_figures() {
+        let r18 = ModelConfig {
+            block: BlockKind::Basic,
+            layers: vec![2, 2, 2, 2],
+            ..ModelConfig::resnet101_lstm()
+        };
+        for (name, cfg, batch, seq, size) in [
+            (
+                "ResNet-101 1x32 512^2",
+                ModelConfig::resnet101_lstm(),
+                1,
+                32,
+                512,
+            ),
+            ("ResNet-18 4x32 256^2", r18, 4, 32, 256),
+        ] {
+            let gb = |b: u128| b as f64 / 1e9;
+            let mut bb = Vec::new();
+            for lay in ActLayout::ALL {
+                let t = train_backbone_slots(&cfg, batch * seq, size, size, lay).unwrap();
+                let all = training_bytes_in(&cfg, batch, seq, size, 4, lay).unwrap();
+                println!(
+                    "{name} {lay:?}: backbone activations {:.3} GB + gradients {:.3} GB = {:.3} GB; training_bytes {:.3} GB",
+                    gb(t.acts * 4),
+                    gb(t.grads * 4),
+                    gb(t.total().unwrap() * 4),
+                    gb(all)
+                );
+                bb.push((t, all));
+            }
+            // bf16 storage saves on the backbone, and the estimate before a backend is known
+            // is the largest (channels-last f32).
+            assert!(bb[2].1 < bb[0].1 && bb[0].1 < bb[1].1);
+            assert_eq!(training_bytes(&cfg, batch, seq, size, 4), Some(bb[1].1));
         }
     }
 

@@ -111,6 +111,10 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Io(#[from] crate::io::IoError),
+    /// Buffers made for one shape or activation storage used with another (the storage is
+    /// fixed when a model's buffers are made).
+    #[error("buffers do not match: {0}")]
+    BuffersMismatch(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -1509,6 +1509,23 @@ impl<B: Backend> IchNet<B> {
         self.slots.bb.as_ref().map(|b| b.channels_last)
     }
 
+    /// The storage of the training activations' channels-last tensors (f32 when NCHW; what
+    /// the backend's [`Backend::train_storage`] said when they were built); None before a
+    /// training or batch-statistics pass.
+    pub fn train_storage(&self) -> Option<ActStorage> {
+        self.slots.bb.as_ref().map(|b| b.storage)
+    }
+
+    /// Slots (values of the backend's scalar) the backbone's training buffers hold: its
+    /// activations, and their gradients once a training step ran on that shape (what
+    /// [`memory::train_backbone_slots`] counts); None before a training or batch-statistics
+    /// pass.
+    pub fn train_backbone_slots(&self) -> Option<(usize, Option<usize>)> {
+        let a = self.slots.bb.as_ref()?;
+        let g = self.slots.bb_grads.as_ref().map(|g| g.scalars(&self.be));
+        Some((a.scalars(&self.be), g))
+    }
+
     /// Frees the cached activation buffers (they are reallocated on the next pass; counted
     /// in [`IchNet::generation`]).
     pub fn release_buffers(&mut self) {

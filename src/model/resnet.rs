@@ -3,7 +3,9 @@
 //! forward pass (training-mode, batch-statistics or eval-mode batch norm) and the backward
 //! pass that writes every backbone gradient through the training buffers made for those
 //! activations ([`BackboneGrads`]), channels-last (NHWC) between the stem's max-pool and the
-//! global average pool on a backend that asks for it ([`Backend::channels_last_train`]);
+//! global average pool on a backend that asks for it ([`Backend::channels_last_train`]),
+//! those NHWC activations (and the units' dz) in the storage it asks for
+//! ([`Backend::train_storage`]: f32, or bf16 in [`Backend::storage_slots`] slots each);
 //! and the eval-mode backbone of inference
 //! ([`BackboneEval`]), which keeps no layer's output but the last block's: its few buffers
 //! follow the activation plan of [`super::eval_plan`] (test-time memory reused layer to
@@ -251,6 +253,10 @@ struct UnitActs<B: Backend> {
     relu: bool,
     /// Whether the unit's activations are channels-last (NHWC): its ops the `*_nhwc` ones.
     nhwc: bool,
+    /// The storage of its activations (input, residual, z, y, and the gradient dz):
+    /// [`ActStorage::Bf16`] only channels-last, its ops then the `*_nhwc_bf16` ones and its
+    /// buffers [`Backend::storage_slots`] slots each.
+    storage: ActStorage,
     /// Conv output (BN input).
     z: B::Buf,
     /// BN (+ ReLU) output; empty for a block's last unit, which writes the block's output
@@ -263,7 +269,8 @@ struct UnitActs<B: Backend> {
     scratch_var: B::Buf,
 }
 
-/// A unit's training buffer: dL/d(conv output).
+/// A unit's training buffer: dL/d(conv output), in the unit's storage (the one gradient
+/// stored in bf16: both convolution gradients read it).
 struct UnitGrads<B: Backend> {
     dz: B::Buf,
 }
@@ -271,7 +278,7 @@ struct UnitGrads<B: Backend> {
 impl<B: Backend> UnitGrads<B> {
     fn new(be: &B, a: &UnitActs<B>) -> Result<Self, ModelError> {
         Ok(UnitGrads {
-            dz: be.zeros(a.conv.y_len())?,
+            dz: be.zeros(be.storage_slots(a.storage, a.conv.y_len()))?,
         })
     }
 }
@@ -290,18 +297,22 @@ impl<B: Backend> UnitActs<B> {
         relu: bool,
         joins: bool,
         nhwc: bool,
+        storage: ActStorage,
         eps: f64,
         momentum: f64,
     ) -> Result<Self, ModelError> {
         let (conv, bn) = spec.geometry(n, h, w, eps, momentum);
+        let storage = if nhwc { storage } else { ActStorage::F32 };
+        let slots = be.storage_slots(storage, conv.y_len());
         Ok(UnitActs {
             spec,
             conv,
             bn,
             relu,
             nhwc,
-            z: be.zeros(conv.y_len())?,
-            y: be.zeros(if joins { 0 } else { conv.y_len() })?,
+            storage,
+            z: be.zeros(slots)?,
+            y: be.zeros(if joins { 0 } else { slots })?,
             mean: be.zeros(spec.c_out)?,
             invstd: be.zeros(spec.c_out)?,
             scratch_mean: be.zeros(spec.c_out)?,
@@ -358,10 +369,10 @@ impl<B: Backend> UnitActs<B> {
             Some(o) => o,
             None => &mut self.y,
         };
-        let unit = if self.nhwc {
-            B::conv2d_bn_train_fwd_nhwc
-        } else {
-            B::conv2d_bn_train_fwd
+        let unit = match (self.nhwc, self.storage) {
+            (false, _) => B::conv2d_bn_train_fwd,
+            (true, ActStorage::F32) => B::conv2d_bn_train_fwd_nhwc,
+            (true, ActStorage::Bf16) => B::conv2d_bn_train_fwd_nhwc_bf16,
         };
         unit(
             be,
@@ -401,10 +412,10 @@ impl<B: Backend> UnitActs<B> {
             Some(o) => o,
             None => &mut self.y,
         };
-        let unit = if self.nhwc {
-            B::conv2d_bn_eval_fwd_nhwc
-        } else {
-            B::conv2d_bn_eval_fwd
+        let unit = match (self.nhwc, self.storage) {
+            (false, _) => B::conv2d_bn_eval_fwd,
+            (true, ActStorage::F32) => B::conv2d_bn_eval_fwd_nhwc,
+            (true, ActStorage::Bf16) => B::conv2d_bn_eval_fwd_nhwc_bf16,
         };
         unit(
             be,
@@ -439,19 +450,24 @@ impl<B: Backend> UnitActs<B> {
         // The output masks dy only for a ReLU of the unit's own; a unit without one (a block's
         // last keeps no `y`: its ReLU is the join's, masked by the caller) passes z, unread.
         let y = if self.relu { &self.y } else { &self.z };
-        // Channels-last: the same ops on NHWC activations.
-        let (bn_bwd, bwd_weight, bwd_data) = if self.nhwc {
-            (
-                B::batchnorm_bwd_nhwc as BnBwd<B>,
-                B::conv2d_bwd_weight_nhwc as ConvBwd<B>,
-                B::conv2d_bwd_data_nhwc as ConvBwd<B>,
-            )
-        } else {
-            (
+        // Channels-last: the same ops on NHWC activations; in bf16 storage x, z, y and dz
+        // stored in bf16 (dy and dx f32).
+        let (bn_bwd, bwd_weight, bwd_data) = match (self.nhwc, self.storage) {
+            (false, _) => (
                 B::batchnorm_bwd as BnBwd<B>,
                 B::conv2d_bwd_weight as ConvBwd<B>,
                 B::conv2d_bwd_data as ConvBwd<B>,
-            )
+            ),
+            (true, ActStorage::F32) => (
+                B::batchnorm_bwd_nhwc as BnBwd<B>,
+                B::conv2d_bwd_weight_nhwc as ConvBwd<B>,
+                B::conv2d_bwd_data_nhwc as ConvBwd<B>,
+            ),
+            (true, ActStorage::Bf16) => (
+                B::batchnorm_bwd_nhwc_bf16 as BnBwd<B>,
+                B::conv2d_bwd_weight_nhwc_bf16 as ConvBwd<B>,
+                B::conv2d_bwd_data_nhwc_bf16 as ConvBwd<B>,
+            ),
         };
         {
             let [g, b] = two_mut(&mut params.w, s.g, s.b)?;
@@ -509,6 +525,9 @@ type ConvBwd<B> = fn(
 struct BlockActs<B: Backend> {
     units: Vec<UnitActs<B>>,
     down: Option<UnitActs<B>>,
+    /// The block's storage (its units', of `out` and of its input).
+    storage: ActStorage,
+    /// The block's output, in `storage`.
     out: B::Buf,
     out_len: usize,
     in_len: usize,
@@ -569,30 +588,34 @@ impl<B: Backend> BlockActs<B> {
         h: usize,
         w: usize,
         nhwc: bool,
+        storage: ActStorage,
         eps: f64,
         momentum: f64,
     ) -> Result<(Self, usize, usize), ModelError> {
+        let storage = if nhwc { storage } else { ActStorage::F32 };
         let mut units: Vec<UnitActs<B>> = Vec::with_capacity(spec.units.len());
         let (mut ch, mut cw) = (h, w);
         let last = spec.units.len() - 1;
         for (j, &u) in spec.units.iter().enumerate() {
-            let a = UnitActs::new(be, u, n, ch, cw, j != last, j == last, nhwc, eps, momentum)?;
+            let (relu, joins) = (j != last, j == last);
+            let a = UnitActs::new(be, u, n, ch, cw, relu, joins, nhwc, storage, eps, momentum)?;
             (ch, cw) = a.out_hw();
             units.push(a);
         }
         let down = match spec.down {
             Some(d) => Some(UnitActs::new(
-                be, d, n, h, w, false, false, nhwc, eps, momentum,
+                be, d, n, h, w, false, false, nhwc, storage, eps, momentum,
             )?),
             None => None,
         };
         let in_len = n * spec.units[0].c_in * h * w;
         let out_len = n * spec.units[last].c_out * ch * cw;
-        let out = be.zeros(out_len)?;
+        let out = be.zeros(be.storage_slots(storage, out_len))?;
         Ok((
             BlockActs {
                 units,
                 down,
+                storage,
                 out,
                 out_len,
                 in_len,
@@ -648,7 +671,10 @@ impl<B: Backend> BlockActs<B> {
             g,
             dout,
         } = grads;
-        be.relu_bwd(&self.out, dout, g)?;
+        match self.storage {
+            ActStorage::F32 => be.relu_bwd(&self.out, dout, g)?,
+            ActStorage::Bf16 => be.relu_bwd_bf16(&self.out, dout, g)?,
+        }
         let g = &*g;
         let last = self.units.len() - 1;
         for j in (0..=last).rev() {
@@ -679,12 +705,21 @@ impl<B: Backend> BlockActs<B> {
 /// activations changed once to NHWC (`pooled_nhwc`), every block unit on NHWC activations
 /// (forward and backward), the last block's output changed back to NCHW (`feats`) for the
 /// global average pool, so that the features are `[n, c, h, w]` for everything above.
+/// Channels-last, the NHWC activations in the storage the backend asked for when these were
+/// built ([`Backend::train_storage`]): in bf16 storage ([`ActStorage::Bf16`],
+/// [`Backend::storage_slots`] slots per tensor) every block unit's input, z, output and
+/// residual, each block's output and `pooled_nhwc`, and the units' dz in [`BackboneGrads`];
+/// the units' ops the `*_nhwc_bf16` ones, the layout changes into and out of bf16
+/// ([`Backend::nchw_to_nhwc_bf16`], [`Backend::nhwc_bf16_to_nchw`]). The other gradients,
+/// the weights and the statistics stay f32.
 pub(crate) struct BackboneActs<B: Backend> {
     pub n: usize,
     pub h: usize,
     pub w: usize,
     /// Whether the blocks run channels-last (fixed when built).
     pub channels_last: bool,
+    /// The storage of the channels-last activations (f32 when NCHW; fixed when built).
+    pub storage: ActStorage,
     stem: UnitActs<B>,
     pool: Pool2d,
     pooled: B::Buf,
@@ -707,6 +742,8 @@ pub(crate) struct BackboneGrads<B: Backend> {
     pub n: usize,
     pub h: usize,
     pub w: usize,
+    /// The storage of the activations these were made for (their dz in it).
+    pub storage: ActStorage,
     stem: UnitGrads<B>,
     dstem: B::Buf,
     dpooled: B::Buf,
@@ -721,15 +758,18 @@ pub(crate) struct BackboneGrads<B: Backend> {
 
 impl<B: Backend> BackboneGrads<B> {
     pub fn new(be: &B, a: &BackboneActs<B>) -> Result<Self, ModelError> {
+        // The layout copies' gradients f32 whatever the activations' storage.
+        let copy_len = |len: usize| be.zeros(if a.channels_last { len } else { 0 });
         Ok(BackboneGrads {
             n: a.n,
             h: a.h,
             w: a.w,
+            storage: a.storage,
             stem: UnitGrads::new(be, &a.stem)?,
             dstem: be.zeros(a.stem.conv.y_len())?,
             dpooled: be.zeros(a.pool.y_len())?,
-            dpooled_nhwc: be.zeros(be.len(&a.pooled_nhwc))?,
-            dfeats: be.zeros(be.len(&a.feats))?,
+            dpooled_nhwc: copy_len(a.pool.y_len())?,
+            dfeats: copy_len(be.len(&a.feats))?,
             blocks: a
                 .blocks
                 .iter()
@@ -739,9 +779,38 @@ impl<B: Backend> BackboneGrads<B> {
         })
     }
 
-    /// Whether these buffers were made for `a`'s shape.
+    /// Whether these buffers were made for `a`'s shape and storage.
     pub fn fits(&self, a: &BackboneActs<B>) -> bool {
-        (self.n, self.h, self.w) == (a.n, a.h, a.w)
+        (self.n, self.h, self.w, self.storage) == (a.n, a.h, a.w, a.storage)
+    }
+
+    /// Slots (values of `B::T`) allocated.
+    pub fn scalars(&self, be: &B) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let units: usize = b.units.iter().map(|u| be.len(&u.dz)).sum();
+                let dys: usize = b.dys.iter().map(|d| be.len(d)).sum();
+                let down = b
+                    .down
+                    .as_ref()
+                    .map_or(0, |d| be.len(&d.unit.dz) + be.len(&d.dx));
+                units + dys + down + be.len(&b.g) + be.len(&b.dout)
+            })
+            .sum();
+        [
+            &self.stem.dz,
+            &self.dstem,
+            &self.dpooled,
+            &self.dpooled_nhwc,
+            &self.dfeats,
+            &self.dgap,
+        ]
+        .iter()
+        .map(|b| be.len(b))
+        .sum::<usize>()
+            + blocks
     }
 }
 
@@ -755,14 +824,20 @@ impl<B: Backend> BackboneActs<B> {
     ) -> Result<Self, ModelError> {
         let (eps, mom) = (spec.eps, spec.momentum);
         let cl = be.channels_last_train();
-        let stem = UnitActs::new(be, spec.stem, n, h, w, true, false, false, eps, mom)?;
+        let storage = if cl {
+            be.train_storage()
+        } else {
+            ActStorage::F32
+        };
+        let f32s = ActStorage::F32;
+        let stem = UnitActs::new(be, spec.stem, n, h, w, true, false, false, f32s, eps, mom)?;
         let (sh, sw) = stem.out_hw();
         let pool = stem_pool(n, spec.stem.c_out, sh, sw);
         let pooled = be.zeros(pool.y_len())?;
         let (mut ch, mut cw) = (pool.out_h(), pool.out_w());
         let mut blocks = Vec::with_capacity(spec.blocks.len());
         for b in &spec.blocks {
-            let (a, oh, ow) = BlockActs::new(be, b, n, ch, cw, cl, eps, mom)?;
+            let (a, oh, ow) = BlockActs::new(be, b, n, ch, cw, cl, storage, eps, mom)?;
             (ch, cw) = (oh, ow);
             blocks.push(a);
         }
@@ -771,13 +846,15 @@ impl<B: Backend> BackboneActs<B> {
         }
         let gap = be.zeros(n * spec.out_c)?;
         let copy_len = |len: usize| be.zeros(if cl { len } else { 0 });
-        let pooled_nhwc = copy_len(pool.y_len())?;
+        // The first block's input in the blocks' storage; the features f32.
+        let pooled_nhwc = copy_len(be.storage_slots(storage, pool.y_len()))?;
         let feats = copy_len(n * spec.out_c * ch * cw)?;
         Ok(BackboneActs {
             n,
             h,
             w,
             channels_last: cl,
+            storage,
             stem,
             pool,
             pooled,
@@ -794,6 +871,40 @@ impl<B: Backend> BackboneActs<B> {
     /// Whether these buffers are for input `[n, _, h, w]`.
     pub fn fits(&self, n: usize, h: usize, w: usize) -> bool {
         (self.n, self.h, self.w) == (n, h, w)
+    }
+
+    /// Slots (values of `B::T`) allocated: every unit's z, y and four per-channel
+    /// statistics, the max-pool's output, the blocks' outputs, the layout copies and the
+    /// pooled features.
+    pub fn scalars(&self, be: &B) -> usize {
+        let unit = |u: &UnitActs<B>| {
+            [
+                &u.z,
+                &u.y,
+                &u.mean,
+                &u.invstd,
+                &u.scratch_mean,
+                &u.scratch_var,
+            ]
+            .iter()
+            .map(|b| be.len(b))
+            .sum::<usize>()
+        };
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.units.iter().map(unit).sum::<usize>()
+                    + b.down.as_ref().map_or(0, unit)
+                    + be.len(&b.out)
+            })
+            .sum();
+        unit(&self.stem)
+            + [&self.pooled, &self.pooled_nhwc, &self.feats, &self.gap]
+                .iter()
+                .map(|b| be.len(b))
+                .sum::<usize>()
+            + blocks
     }
 
     /// The last block's feature maps `[n, out_c, out_h, out_w]` (inference reads
@@ -837,12 +948,14 @@ impl<B: Backend> BackboneActs<B> {
         self.stem.forward(be, params, x, mode, None)?;
         be.maxpool2d_fwd(&self.pool, &self.stem.y, &mut self.pooled)?;
         let cl = self.channels_last;
+        let bf16 = self.storage == ActStorage::Bf16;
         if cl {
-            be.nchw_to_nhwc(
-                &self.pooled_transpose(),
-                &self.pooled,
-                &mut self.pooled_nhwc,
-            )?;
+            let t = self.pooled_transpose();
+            if bf16 {
+                be.nchw_to_nhwc_bf16(&t, &self.pooled, &mut self.pooled_nhwc)?;
+            } else {
+                be.nchw_to_nhwc(&t, &self.pooled, &mut self.pooled_nhwc)?;
+            }
         }
         for i in 0..self.blocks.len() {
             let (prev, cur) = self.blocks.split_at_mut(i);
@@ -854,7 +967,12 @@ impl<B: Backend> BackboneActs<B> {
             cur[0].forward(be, params, input, mode)?;
         }
         if let (true, Some(last)) = (cl, self.blocks.last()) {
-            be.nhwc_to_nchw(&self.feats_transpose(), &last.out, &mut self.feats)?;
+            let t = self.feats_transpose();
+            if bf16 {
+                be.nhwc_bf16_to_nchw(&t, &last.out, &mut self.feats)?;
+            } else {
+                be.nhwc_to_nchw(&t, &last.out, &mut self.feats)?;
+            }
         }
         let hw = self.out_h * self.out_w;
         let rows = self.n * self.out_c;
@@ -877,6 +995,14 @@ impl<B: Backend> BackboneActs<B> {
         grads: &mut BackboneGrads<B>,
         x: &B::Buf,
     ) -> Result<(), ModelError> {
+        if grads.storage != self.storage || (grads.n, grads.h, grads.w) != (self.n, self.h, self.w)
+        {
+            return Err(ModelError::BuffersMismatch(format!(
+                "training buffers made for {}x_x{}x{} in {} storage, activations {}x_x{}x{} in {} \
+                 storage",
+                grads.n, grads.h, grads.w, grads.storage, self.n, self.h, self.w, self.storage
+            )));
+        }
         let hw = self.out_h * self.out_w;
         let rows = self.n * self.out_c;
         let nb = self.blocks.len();
@@ -1315,6 +1441,85 @@ mod tests {
             .count();
         assert!(checked >= 3, "{checked} buffers checked");
         assert!(!exact(&ev.bufs[ev.plan.out[0]]), "the stem's output is f32");
+    }
+
+    /// The training backbone channels-last in bf16 storage (the CPU reference: a slot per
+    /// value, rounded): after a training forward and backward every tensor the storage
+    /// covers (the pooled NHWC copy, every block unit's z and output, every block's output,
+    /// every block unit's dz) holds bf16 values only, and the others (the stem's, the
+    /// features, the f32 gradients) do not; grads made for f32 storage are refused with a
+    /// typed error.
+    #[test]
+    fn bf16_training_storage_stores_only_bf16_values() {
+        use crate::engine::precision::round_bf16;
+        let cfg = ModelConfig {
+            block: BlockKind::Bottleneck,
+            layers: vec![2, 1],
+            base_width: 4,
+            ..ModelConfig::tiny()
+        };
+        let be = CpuBackend::<f32>::new()
+            .with_channels_last_train(true)
+            .with_train_storage(ActStorage::Bf16);
+        let mut store = ParamStore::default();
+        let spec = declare(&mut store, &be, &cfg, 3).unwrap();
+        let (n, h, w) = (2, 35, 29);
+        let x: Vec<f32> = randn(4, n * 3 * h * w).iter().map(|&v| v as f32).collect();
+        let x = be.upload(&x).unwrap();
+        let mut a = BackboneActs::new(&be, &spec, n, h, w).unwrap();
+        assert_eq!(a.storage, ActStorage::Bf16);
+        let mut g = BackboneGrads::new(&be, &a).unwrap();
+        assert!(g.fits(&a));
+        for p in store.w.iter_mut() {
+            p.grad = Some(be.zeros(be.len(&p.data)).unwrap());
+        }
+        a.forward(&be, &mut store, &x, BnMode::Train).unwrap();
+        let dgap: Vec<f32> = randn(5, n * a.out_c).iter().map(|&v| v as f32).collect();
+        g.dgap = be.upload(&dgap).unwrap();
+        a.backward(&be, &mut store, &mut g, &x).unwrap();
+        let exact = |b: &Vec<f32>| b.iter().all(|&v| round_bf16(v).to_bits() == v.to_bits());
+        let mut checked = 0;
+        let mut check = |b: &Vec<f32>, what: String| {
+            assert!(!b.is_empty() && exact(b), "{what} not bf16");
+            assert!(b.iter().any(|&v| v != 0.0), "{what} all zero");
+            checked += 1;
+        };
+        check(&a.pooled_nhwc, "pooled_nhwc".into());
+        for (i, (b, bg)) in a.blocks.iter().zip(&g.blocks).enumerate() {
+            check(&b.out, format!("block {i} out"));
+            for (j, (u, ug)) in b.units.iter().zip(&bg.units).enumerate() {
+                check(&u.z, format!("block {i} unit {j} z"));
+                if j + 1 < b.units.len() {
+                    check(&u.y, format!("block {i} unit {j} y"));
+                }
+                check(&ug.dz, format!("block {i} unit {j} dz"));
+            }
+            if let (Some(d), Some(dg)) = (&b.down, &bg.down) {
+                check(&d.z, format!("block {i} downsample z"));
+                check(&d.y, format!("block {i} downsample y"));
+                check(&dg.unit.dz, format!("block {i} downsample dz"));
+            }
+            assert!(!exact(&bg.g), "block {i}: g is f32");
+            assert!(!exact(&bg.dout), "block {i}: dout is f32");
+        }
+        assert!(checked >= 20, "{checked}");
+        // The stem and the f32 gradients are not rounded.
+        assert!(!exact(&a.stem.z) && !exact(&a.stem.y) && !exact(&g.stem.dz));
+        assert!(!exact(&g.dpooled_nhwc) && !exact(&g.dpooled));
+        // The features: the bf16 block output unpacked (exact), the pool of them not.
+        assert!(exact(&a.feats));
+        // Buffers made for another storage are refused (a typed error, not a panic).
+        let f32be = CpuBackend::<f32>::new().with_channels_last_train(true);
+        let a32 = BackboneActs::new(&f32be, &spec, n, h, w).unwrap();
+        assert_eq!(a32.storage, ActStorage::F32);
+        let mut g32 = BackboneGrads::new(&f32be, &a32).unwrap();
+        assert!(!g32.fits(&a));
+        let e = a.backward(&be, &mut store, &mut g32, &x);
+        assert!(matches!(e, Err(ModelError::BuffersMismatch(_))), "{e:?}");
+        // NCHW: f32 whatever the backend's training storage says.
+        let nchw = CpuBackend::<f32>::new().with_train_storage(ActStorage::Bf16);
+        let an = BackboneActs::new(&nchw, &spec, n, h, w).unwrap();
+        assert_eq!((an.channels_last, an.storage), (false, ActStorage::F32));
     }
 
     /// The training backbone channels-last (the CPU's defaults: transposes around the NCHW
