@@ -223,7 +223,21 @@ if [[ " ${PREC[*]} " == *" bf16 "* ]] && "$BIN" bench --help 2>/dev/null | grep 
     # The bf16 train steps above ran channels-last (`--layout auto` at bf16: the native NHWC
     # forward-with-statistics, data- and weight-gradient kernels); the same steps NCHW.
     run "bench-train-r18-bf16-nchw" 90 "$BIN" bench --device cuda --config small --what train-step --precision bf16 --layout nchw --iters "$ITERS" --warmup 2 --json
+    # The bf16 train steps above stored their channels-last activations in bf16 (`--act-storage
+    # auto` at bf16); the same step in f32 storage.
+    run "bench-train-r18-bf16-f32store" 90 "$BIN" bench --device cuda --config small --what train-step --precision bf16 --act-storage f32 --iters "$ITERS" --warmup 2 --json
     # (ResNet-101's after PyTorch: below.)
+fi
+# The sm_90a wgmma kernels (opt-in, ICHCAM_WGMMA=1, until proven on a GPU): their test
+# first; the passes with them only when it passed (docs/precision.md, "wgmma").
+if [ -x gpu-bin/tests/cuda_conv_wgmma ] && [[ " ${PREC[*]} " == *" bf16 "* ]]; then
+    if ICHCAM_REQUIRE_GPU=1 run test-cuda_conv_wgmma 120 gpu-bin/tests/cuda_conv_wgmma --test-threads=2; then
+        for cfg in "r101 paper" "r18 small"; do
+            read -r tag preset <<<"$cfg"
+            run "bench-cam-$tag-bf16-wgmma" 60 env ICHCAM_WGMMA=1 "$BIN" bench --device cuda --config "$preset" --what cam --precision bf16 --iters "$ITERS" --warmup 2 --json
+        done
+        run "bench-train-r18-bf16-wgmma" 90 env ICHCAM_WGMMA=1 "$BIN" bench --device cuda --config small --what train-step --precision bf16 --iters "$ITERS" --warmup 2 --json
+    fi
 fi
 # The stage-3 U-Net train step (not one of the six workloads): its CUDA graph, then eager.
 run "bench-unet-step-small-f32" 40 "$BIN" bench --device cuda --config small --what unet-step --iters "$ITERS" --warmup 2 --json
@@ -295,6 +309,7 @@ fi
 for t in gpu-bin/tests/*; do
     [ -x "$t" ] || continue
     grep -q ICHCAM_REQUIRE_GPU "$t" || continue
+    [ "$(basename "$t")" = cuda_conv_wgmma ] && [ -s "$LOG/test-cuda_conv_wgmma.log" ] && continue
     name="test-$(basename "$t")"
     ICHCAM_REQUIRE_GPU=1 run "$name" 120 "$t" --test-threads=4
     [ "$DRY" = 1 ] && continue
