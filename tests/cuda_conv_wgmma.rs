@@ -35,6 +35,11 @@
 //! (so the op ran it) and its y, saved mean and inverse deviation near the switch-off op's;
 //! a captured graph of the op replays bit for bit; the route as the eval forward's.
 //!
+//! Which kernels the ops launch (emulator only, its `EMU_PROFILE=1` launch counts in a child
+//! process): with the switch on the eval and training ops launch the wgmma kernels and no
+//! mma.sync forward, with it off the reverse (on the emulator both give the same bits, so only
+//! the launches tell the route).
+//!
 //! Without the module (emulator only: a child process whose kernel folder lacks
 //! conv_wgmma's host module, so the module does not load on the compute capability 9.0
 //! device) the switch falls back: no wgmma kernel named, the eval and training ops give the
@@ -78,6 +83,10 @@ fn main() {
         device(
             "wgmma_train_op_replays_in_a_graph",
             wgmma_train_op_replays_in_a_graph,
+        ),
+        emulator(
+            "wgmma_ops_launch_the_wgmma_kernels",
+            wgmma_ops_launch_the_wgmma_kernels,
         ),
         emulator(
             "wgmma_falls_back_without_the_module",
@@ -979,6 +988,90 @@ fn wgmma_train_op_replays_in_a_graph() {
 
 const CHILD: &str = "ICHCAM_WGMMA_TEST_CHILD";
 
+/// Runs `test` of this binary alone in a child process with `envs` (and [`CHILD`] set): its
+/// stdout and stderr, the child asserted to have passed it.
+fn child(test: &str, envs: &[(&str, &std::ffi::OsStr)]) -> (String, String) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("this test binary"));
+    cmd.args([test, "--exact", "--include-ignored", "--nocapture"])
+        .env(CHILD, "1")
+        .env_remove("ICHCAM_WGMMA");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the child");
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "the child {test} failed:\n{so}\n{se}");
+    assert!(so.contains("1 passed"), "the child ran no test:\n{so}");
+    (so, se)
+}
+
+/// Launches of `kernel` in the emulator's profile (`EMU_PROFILE=1`, printed at exit).
+fn launches(profile: &str, kernel: &str) -> u64 {
+    profile
+        .lines()
+        .filter_map(|l| {
+            let mut t = l.split_whitespace();
+            if t.next() != Some(kernel) {
+                return None;
+            }
+            t.nth(1).and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Which kernels the ops launch (emulator only: its profile counts launches by name): the
+/// eval op and the training op on a 136-channel shape in a child process with the switch on
+/// launch `conv2d_fwd_bn_wgmma_n128` and `conv2d_fwd_stats_wgmma_n128` and no mma.sync
+/// forward, with it off the reverse.
+fn wgmma_ops_launch_the_wgmma_kernels() {
+    if std::env::var_os(CHILD).is_some() {
+        let mut g = common::cuda::gpu_at(Precision::Bf16);
+        g.set_wgmma(std::env::var("ICHCAM_WGMMA_TEST_MODE").is_ok_and(|m| m == "on"));
+        let mut rng = SplitMix64::fresh("conv_wgmma_launches");
+        let c = train_case(&mut rng, cases()[0].0, true, true);
+        run_op(&g, &c);
+        train_op(&g, &c);
+        return;
+    }
+    let mut seen = Vec::new();
+    for on in [true, false] {
+        let mode = std::ffi::OsString::from(if on { "on" } else { "off" });
+        let one = std::ffi::OsString::from("1");
+        let (_, se) = child(
+            "wgmma_ops_launch_the_wgmma_kernels",
+            &[("ICHCAM_WGMMA_TEST_MODE", &mode), ("EMU_PROFILE", &one)],
+        );
+        let n = |k: &str| launches(&se, k);
+        let (wb, ws) = (
+            n("conv2d_fwd_bn_wgmma_n128"),
+            n("conv2d_fwd_stats_wgmma_n128"),
+        );
+        let (mb, ms) = (
+            n("conv2d_fwd_bn_mma_nhwc_bf16s"),
+            n("conv2d_fwd_stats_mma_nhwc_bf16s"),
+        );
+        if on {
+            assert!(
+                wb == 1 && ws == 1 && mb == 0 && ms == 0,
+                "switch on: wgmma {wb} / {ws}, mma.sync {mb} / {ms} launches:\n{se}"
+            );
+        } else {
+            assert!(
+                wb == 0 && ws == 0 && mb == 1 && ms == 1,
+                "switch off: wgmma {wb} / {ws}, mma.sync {mb} / {ms} launches:\n{se}"
+            );
+        }
+        seen.push(format!(
+            "switch {}: eval wgmma {wb} mma.sync {mb}, training wgmma {ws} mma.sync {ms}",
+            if on { "on" } else { "off" }
+        ));
+    }
+    println!("wgmma launches (emulator profile): {}", seen.join("; "));
+}
+
 /// Without the module the switch falls back. The parent (on the emulator) runs this test
 /// again in a child process whose kernel folder (`EMU_KERNEL_DIR`) lacks conv_wgmma's host
 /// module, so that the module does not load (neither the precompiled PTX nor NVRTC's): there
@@ -1023,25 +1116,11 @@ fn wgmma_falls_back_without_the_module() {
         }
     }
     assert!(linked > 0, "no host modules in {dirs}");
-    let out = std::process::Command::new(std::env::current_exe().expect("this test binary"))
-        .args([
-            "wgmma_falls_back_without_the_module",
-            "--exact",
-            "--include-ignored",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .env("EMU_KERNEL_DIR", &tmp)
-        .env_remove("ICHCAM_WGMMA")
-        .output()
-        .expect("run the child");
-    let _ = std::fs::remove_dir_all(&tmp);
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
+    let (so, se) = child(
+        "wgmma_falls_back_without_the_module",
+        &[("EMU_KERNEL_DIR", tmp.as_os_str())],
     );
-    assert!(out.status.success(), "the child failed:\n{so}\n{se}");
-    assert!(so.contains("1 passed"), "the child ran no test:\n{so}");
+    let _ = std::fs::remove_dir_all(&tmp);
     let notes = se.matches("note: wgmma kernels opted in").count();
     assert_eq!(notes, 1, "the note {notes} times:\n{se}");
     println!(
