@@ -508,7 +508,7 @@ fn wgmma_ptx_for_sm90a() {
     let dir = std::env::temp_dir().join(format!("ichcam-wgmma-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("conv_wgmma.sm90a.ptx");
-    std::fs::write(&file, &ptx).expect("write the PTX");
+    std::fs::write(&file, ptx).expect("write the PTX");
     let o = std::process::Command::new(&ptxas)
         .arg("-arch=sm_90a")
         .arg("-v")
