@@ -3,6 +3,12 @@
 //! a table of the kernel sources with their PTX (or `None` when the build had no NVRTC, in
 //! which case the runtime compiles the source at first GPU use).
 //!
+//! A file of sm_90a code (one that tests `__CUDA_ARCH_FEAT_SM90_ALL`: `wgmma`, e.g.
+//! `kernels/conv_wgmma.cu`) is compiled for `compute_90a` too (its `compute_90` /
+//! `compute_75` PTX is the same source without the arch-specific instructions, never loaded);
+//! the table lists such files in `SM90A_MODULES`, and module.rs loads their `compute_90a` PTX
+//! on a device of compute capability 9.0.
+//!
 //! A kernel that does not compile fails the build with NVRTC's log. `ICHCAM_REQUIRE_NVRTC=1`
 //! turns a missing NVRTC into a build error (CI sets it). NVRTC is found by cudarc's dynamic
 //! loader through the library search path (`libnvrtc.so.13` on `LD_LIBRARY_PATH`).
@@ -21,6 +27,13 @@ use std::path::{Path, PathBuf};
 
 /// (suffix of the PTX file, NVRTC architecture) for each precompiled target.
 const TARGETS: [(&str, &str); 2] = [("sm90", "compute_90"), ("portable", "compute_75")];
+
+/// The target of the sm_90a files (`SM90A_MARKER` in the source), besides [`TARGETS`].
+const SM90A_TARGET: (&str, &str) = ("sm90a", "compute_90a");
+
+/// What makes a kernel file sm_90a code: it tests the feature macro NVRTC defines for
+/// `compute_90a` only (around its `wgmma` asm).
+const SM90A_MARKER: &str = "__CUDA_ARCH_FEAT_SM90_ALL";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -70,6 +83,7 @@ fn main() {
     );
 
     let mut table = String::from("pub const KERNELS: &[Kernel] = &[\n");
+    let mut sm90a_modules = Vec::new();
     for src_path in &sources {
         let name = src_path
             .file_stem()
@@ -84,6 +98,10 @@ fn main() {
         let source = std::fs::read_to_string(src_path)
             .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", src_path.display())));
         let tensor_cores = source.contains("#include <mma.h>");
+        let sm90a = source.contains(SM90A_MARKER);
+        if sm90a {
+            sm90a_modules.push(name.clone());
+        }
         if tensor_cores && have_nvrtc && include.is_none() {
             if require {
                 fail(&format!("kernels/{name}.cu needs the CUDA headers (mma.h) and none were found: install pip's nvidia-cuda-runtime==13.0.96 and nvidia-cuda-crt==13.0.88 beside NVRTC (as .ci/run does), or set ICHCAM_CUDA_INCLUDE or CUDA_HOME"));
@@ -108,23 +126,43 @@ fn main() {
                 ptx_fields.push("None".to_string());
             }
         }
+        // The sm_90a PTX of an sm_90a file (its headers as the tensor-core files').
+        let ptx_sm90a = if sm90a && have_nvrtc && (!tensor_cores || include.is_some()) {
+            let (suffix, arch) = SM90A_TARGET;
+            let ptx = compile(&name, &source, arch, include.as_deref());
+            let ptx_path = out_dir.join(format!("{name}.{suffix}.ptx"));
+            std::fs::write(&ptx_path, ptx)
+                .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", ptx_path.display())));
+            format!("Some(include_str!({:?}))", path_str(&ptx_path))
+        } else {
+            "None".to_string()
+        };
         let _ = writeln!(
             table,
-            "    Kernel {{ name: {name:?}, source: include_str!({:?}), ptx_sm90: {}, ptx_portable: {} }},",
+            "    Kernel {{ name: {name:?}, source: include_str!({:?}), ptx_sm90: {}, ptx_portable: {}, ptx_sm90a: {ptx_sm90a} }},",
             path_str(src_path),
             ptx_fields[0],
             ptx_fields[1]
         );
     }
     table.push_str("];\n");
+    let mut archs: Vec<&str> = TARGETS.iter().map(|(_, a)| *a).collect();
+    if !sm90a_modules.is_empty() {
+        archs.push(SM90A_TARGET.1);
+    }
     let _ = writeln!(
         table,
-        "/// NVRTC architectures of the precompiled PTX (empty when the build had no NVRTC).\npub const PRECOMPILED_TARGETS: &[&str] = &[{}];",
+        "/// NVRTC architectures of the precompiled PTX (empty when the build had no NVRTC;\n/// `compute_90a` for the [`SM90A_MODULES`] only).\npub const PRECOMPILED_TARGETS: &[&str] = &[{}];",
         if have_nvrtc {
-            TARGETS.iter().map(|(_, a)| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+            archs.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")
         } else {
             String::new()
         }
+    );
+    let _ = writeln!(
+        table,
+        "/// The kernel files of sm_90a code (they test `{SM90A_MARKER}`): `ptx_sm90a` is their\n/// `compute_90a` PTX, which runs on compute capability 9.0 only.\npub const SM90A_MODULES: &[&str] = &[{}];",
+        sm90a_modules.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
     );
     let table_path = out_dir.join("kernels.rs");
     std::fs::write(&table_path, table)

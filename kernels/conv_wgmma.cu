@@ -33,12 +33,26 @@
 // reference), the residual read as bf16, one 32-bit store of two bf16 (2-byte stores at an odd
 // c_out or past c_out).
 //
+// The training forward conv2d_fwd_stats_wgmma_n128 / _n64 is the same kernel (the GEMM and
+// the stores shared: conv_fwd_wgmma<BN, EPI>) with the EPI_STATS epilogue, the contract of
+// conv_tc.cu's conv2d_fwd_stats_mma_nhwc_bf16s: z = acc rounded to nearest even (no batch
+// norm, no residual, no ReLU), and per output channel c and 64-pixel tile t (of the N*OH*OW
+// pixels in order: a warpgroup's 64 rows are tile 2 * blockIdx.x + wg) part_s[c * T + t] = the
+// f64 sum of the ROUNDED z over the tile and part_q[c * T + t] the f64 sum of its squared
+// deviations from the tile's mean, T = ceil(N*OH*OW / 64), in that kernel's order (k = 0..63
+// in pixel order, two passes), so that norm.rs's batchnorm_train_from_partials combines them
+// unchanged. The rounded values go through shared memory (the ring, free once every
+// warpgroup's wgmma has completed: a barrier), [128 pixels][BN + 8] f32, then thread tid
+// takes channel tid % BN of tile tid / BN.
+//
 // The PTX lives in the ptx_* wrappers below, the one conditional of the file: under the
 // emulated driver (ICHCAM_CUDA_EMU) emu/shim/emu_wgmma.h defines them with the ISA's layouts;
 // for NVRTC they are the asm, which exists only for compute_90a (sm_90a code runs on compute
-// capability 9.0 exactly): module.rs compiles this file for compute_90a at run time on such a
-// device, and build.rs's compute_90 / compute_75 PTX of it (the same source, every kernel file
-// is precompiled so) gets trapping bodies and is never loaded.
+// capability 9.0 exactly; the feature macro __CUDA_ARCH_FEAT_SM90_ALL is what tells build.rs
+// that this file is sm_90a code): build.rs precompiles this file for compute_90a and module.rs
+// loads that PTX on such a device (NVRTC at run time where the build had none), and build.rs's
+// compute_90 / compute_75 PTX of it (the same source, every kernel file is precompiled so)
+// gets trapping bodies and is never loaded.
 
 #define WG_THREADS 256
 #define WG_BM 128
@@ -51,6 +65,12 @@
 #define WG_SMEM (1024 + WG_STAGES * (WG_A_BYTES + WG_B_BYTES_MAX) + WG_BM * 16)
 static_assert(WG_SMEM == 134144, "conv_wgmma.rs's WG_SMEM");
 static_assert(WG_SMEM <= 227 * 1024, "the opt-in limit of sm_90");
+// The epilogues (conv_tc.cu's values): eval batch norm, or z and the batch-norm partials.
+#define EPI_BN 1
+#define EPI_STATS 2
+// Row length (f32) of the EPI_STATS epilogue's tile of rounded z, [WG_BM][BN + WG_LDZ_PAD]
+// over the ring.
+#define WG_LDZ_PAD 8
 
 extern __shared__ __align__(16) unsigned char wg_smem[];
 
@@ -186,12 +206,18 @@ __device__ __forceinline__ void wgmma_k16<128>(float (&acc)[64], unsigned long l
     ptx_wgmma_m64n128k16_f32_bf16(acc, da, db, scale_d);
 }
 
-template <int BN>
-__device__ __forceinline__ void conv_fwd_bn_wgmma(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
-                                                  unsigned short* __restrict__ y, int N, int C, int H, int W, int CO,
-                                                  int KH, int KW, int stride, int pad, const float* __restrict__ ss,
-                                                  const unsigned short* __restrict__ res, int relu) {
+// The forward on wgmma; EPI_BN (eval: ss, res, relu; y) or EPI_STATS (training: y = z rounded,
+// part_s, part_q as conv2d_fwd_stats_mma_nhwc_bf16s's of the rounded z).
+template <int BN, int EPI>
+__device__ __forceinline__ void conv_fwd_wgmma(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                               unsigned short* __restrict__ y, int N, int C, int H, int W, int CO, int KH,
+                                               int KW, int stride, int pad, const float* __restrict__ ss,
+                                               const unsigned short* __restrict__ res, int relu,
+                                               double* __restrict__ part_s, double* __restrict__ part_q) {
+    static_assert(EPI == EPI_BN || EPI == EPI_STATS, "an epilogue of this file");
     constexpr int STAGE = WG_A_BYTES + BN * WG_BK * 2;
+    constexpr int LDZ = BN + WG_LDZ_PAD;
+    static_assert(WG_BM * LDZ * 4 <= WG_STAGES * STAGE, "the statistics tile fits in the ring");
     const int tid = threadIdx.x, wg = tid >> 7;
     const int OH = wg_conv_out(H, KH, stride, pad), OW = wg_conv_out(W, KW, stride, pad);
     const int K = KH * KW * C, KP = (K + 7) & ~7, OHW = OH * OW, P = N * OHW;
@@ -274,31 +300,69 @@ __device__ __forceinline__ void conv_fwd_bn_wgmma(const unsigned short* __restri
 
     // Epilogue from the fragment: channels co, co + 1 of pixels p (r = 0) and p + 8 (r = 1).
     const int wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
-    const bool has_res = res != nullptr;
+    const bool has_res = EPI == EPI_BN && res != nullptr;
+    auto epi = [&](float v, int c, float r) {
+        if constexpr (EPI == EPI_BN)
+            return wg_epilogue(v, ss[c], ss[CO + c], has_res, r, relu);
+        else
+            return v;
+    };
+    // EPI_STATS: the rounded z, [pixel][channel] of the block, laid over the ring once every
+    // warpgroup's wgmma has read it (each waited for its own; the barrier for the other's).
+    float* zs = (float*)ring;
+    if constexpr (EPI == EPI_STATS) __syncthreads();
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
-        const int co = n0 + 8 * j + 2 * q;
+        const int cl = 8 * j + 2 * q, co = n0 + cl;
         if (co >= CO) continue;
         const int ne = min(2, CO - co);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const int p = m0 + 64 * wg + 16 * wq + g + 8 * r;
+            const int pl = 64 * wg + 16 * wq + g + 8 * r, p = m0 + pl;
             if (p >= P) continue;
             const size_t o = (size_t)p * CO + co;
             const float v0 = acc[4 * j + 2 * r], v1 = acc[4 * j + 2 * r + 1];
             if (!(CO & 1)) {
                 // o even: one aligned word of two bf16 (res and y are buffers of f32 slots).
                 const unsigned rr = has_res ? *(const unsigned*)(res + o) : 0u;
-                const float y0 = wg_epilogue(v0, ss[co], ss[CO + co], has_res, wg_bf16(rr & 0xffffu), relu);
-                const float y1 = wg_epilogue(v1, ss[co + 1], ss[CO + co + 1], has_res, wg_bf16(rr >> 16), relu);
-                *(unsigned*)(y + o) = wg_bf16_bits(y0) | (wg_bf16_bits(y1) << 16);
+                const unsigned h0 = wg_bf16_bits(epi(v0, co, wg_bf16(rr & 0xffffu)));
+                const unsigned h1 = wg_bf16_bits(epi(v1, co + 1, wg_bf16(rr >> 16)));
+                *(unsigned*)(y + o) = h0 | (h1 << 16);
+                if constexpr (EPI == EPI_STATS) {
+                    zs[pl * LDZ + cl] = wg_bf16(h0);
+                    zs[pl * LDZ + cl + 1] = wg_bf16(h1);
+                }
             } else {
                 for (int e = 0; e < ne; ++e) {
                     const float rv = has_res ? wg_bf16(res[o + e]) : 0.0f;
-                    y[o + e] = (unsigned short)wg_bf16_bits(
-                        wg_epilogue(e ? v1 : v0, ss[co + e], ss[CO + co + e], has_res, rv, relu));
+                    const unsigned h = wg_bf16_bits(epi(e ? v1 : v0, co + e, rv));
+                    y[o + e] = (unsigned short)h;
+                    if constexpr (EPI == EPI_STATS) zs[pl * LDZ + cl + e] = wg_bf16(h);
                 }
             }
+        }
+    }
+    if constexpr (EPI == EPI_STATS) {
+        __syncthreads();
+        // Channel tid % BN of the block's tile (2 * blockIdx.x + tid / BN), conv_tc.cu's
+        // arithmetic: the f64 sum in pixel order, then the squared deviations from its mean.
+        const int NT = (P + 63) / 64;
+        for (int i = tid; i < 2 * BN; i += WG_THREADS) {
+            const int cl = i % BN, sub = i / BN, mc = n0 + cl;
+            const int nv = min(64, P - (m0 + 64 * sub));
+            if (mc >= CO || nv <= 0) continue;
+            const float* zc = zs + 64 * sub * LDZ + cl;
+            double sum = 0.0;
+            for (int k = 0; k < nv; ++k) sum += (double)zc[k * LDZ];
+            const double mean = sum / (double)nv;
+            double sq = 0.0;
+            for (int k = 0; k < nv; ++k) {
+                const double d = (double)zc[k * LDZ] - mean;
+                sq += d * d;
+            }
+            const size_t o = (size_t)mc * NT + 2 * blockIdx.x + sub;
+            part_s[o] = sum;
+            part_q[o] = sq;
         }
     }
 }
@@ -311,7 +375,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 conv2d_fwd_bn_wgmma_n128(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                          unsigned short* __restrict__ y, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
                          int pad, const float* __restrict__ ss, const unsigned short* __restrict__ res, int relu) {
-    conv_fwd_bn_wgmma<128>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu);
+    conv_fwd_wgmma<128, EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, nullptr, nullptr);
 }
 
 // The same with 64 output channels per block (c_out <= 64: no half-empty tiles).
@@ -319,5 +383,24 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 conv2d_fwd_bn_wgmma_n64(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                         unsigned short* __restrict__ y, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
                         int pad, const float* __restrict__ ss, const unsigned short* __restrict__ res, int relu) {
-    conv_fwd_bn_wgmma<64>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu);
+    conv_fwd_wgmma<64, EPI_BN>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res, relu, nullptr, nullptr);
+}
+
+// The bf16-storage channels-last training forward on wgmma (sm_90a), the grid and shared memory
+// of conv2d_fwd_bn_wgmma_n128: x and z bf16 NHWC (z rounded to nearest even), w the bf16 OHWI
+// copy, part_s, part_q C_out * T f64 each (T = ceil(N*OH*OW / 64), conv2d_fwd_stats_mma_nhwc_*'s
+// layout) of the rounded z. C % 8 == 0 and x 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+conv2d_fwd_stats_wgmma_n128(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                            unsigned short* __restrict__ z, int N, int C, int H, int W, int CO, int KH, int KW,
+                            int stride, int pad, double* __restrict__ part_s, double* __restrict__ part_q) {
+    conv_fwd_wgmma<128, EPI_STATS>(x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0, part_s, part_q);
+}
+
+// The same with 64 output channels per block (c_out <= 64).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+conv2d_fwd_stats_wgmma_n64(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                           unsigned short* __restrict__ z, int N, int C, int H, int W, int CO, int KH, int KW,
+                           int stride, int pad, double* __restrict__ part_s, double* __restrict__ part_q) {
+    conv_fwd_wgmma<64, EPI_STATS>(x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0, part_s, part_q);
 }

@@ -9,7 +9,8 @@
 #   scripts/cuda-emu.sh test                 every CUDA test with ICHCAM_REQUIRE_GPU=1, the WMMA
 #                                            self-test, `ichcam parity --device cuda` on every
 #                                            fixture, and every kernel's PTX assembled by ptxas
-#                                            for its GPU (conv_wgmma's for sm_90a too); ends
+#                                            for its GPU (the sm_90a files' compute_90a PTX for
+#                                            sm_90a, registers printed); ends
 #                                            with "N passed, M failed"
 #
 # Environment: EMU_SANITIZE=1 (run/test on the sanitizer build), EMU_SEED=N|random (order of
@@ -236,10 +237,6 @@ test_all() {
   for f in tests/cuda_*.rs; do tests+=(--test "$(basename "$f" .rs)"); done
   mapfile -t exes < <(nice -n 10 cargo test --release --no-run "${tests[@]}" 2>&1 | sed -n 's/.*Executable .* (\(.*\))$/\1/p')
   [ "${#exes[@]}" -gt 0 ] || { echo "cuda-emu: no CUDA test binary was built" >&2; exit 1; }
-  # tests/cuda_conv_wgmma.rs writes the compute_90a PTX of kernels/conv_wgmma.cu (compiled
-  # at run time, as module.rs does on a compute capability 9.0 device) for step 3.
-  export ICHCAM_SM90A_PTX_OUT="$OUT/conv_wgmma.sm90a.ptx"
-  rm -f "$ICHCAM_SM90A_PTX_OUT"
   local exe rc p fl
   for exe in "${exes[@]}"; do
     echo "cuda-emu: $(basename "$exe")"
@@ -276,34 +273,33 @@ test_all() {
   elif [ -z "$ptx_dir" ] || ! ls "$ptx_dir"/*.ptx >/dev/null 2>&1; then
     record "ptxas (no PTX in the build)" 1
   else
-    local arch name
+    local arch name sm90a=0
     for f in "$ptx_dir"/*.ptx; do
-      case "$f" in *.sm90.ptx) arch=sm_90 ;; *.portable.ptx) arch=sm_75 ;; *) continue ;; esac
+      case "$f" in *.sm90.ptx) arch=sm_90 ;; *.portable.ptx) arch=sm_75 ;; *.sm90a.ptx) arch=sm_90a ;; *) continue ;; esac
       name="ptxas -arch=$arch $(basename "$f")"
-      if "$px" -arch="$arch" "$f" -o /dev/null >> "$log" 2>&1; then
+      if [ "$arch" = sm_90a ]; then
+        # The sm_90a files (wgmma; build.rs's SM90A_MODULES): registers and spills into the
+        # output, and the wgmma instructions must be there.
+        sm90a=$((sm90a + 1))
+        if "$px" -arch=sm_90a -v "$f" -o /dev/null > "$OUT/ptxas-sm90a.log" 2>&1 && grep -q "wgmma.mma_async" "$f"; then
+          cat "$OUT/ptxas-sm90a.log" >> "$log"
+          grep -E "Compiling entry|Used|spill" "$OUT/ptxas-sm90a.log" | sed 's/^/cuda-emu:   /'
+          record "$name" 0
+        else
+          cat "$OUT/ptxas-sm90a.log" >> "$log"
+          echo "cuda-emu: FAIL: $name"
+          record "$name" 1
+        fi
+      elif "$px" -arch="$arch" "$f" -o /dev/null >> "$log" 2>&1; then
         record "$name" 0
       else
         echo "cuda-emu: FAIL: $name"
         record "$name" 1
       fi
     done
+    # kernels/conv_wgmma.cu is sm_90a code: the build must have precompiled it for compute_90a.
+    [ "$sm90a" -gt 0 ] || { echo "cuda-emu: FAIL: no *.sm90a.ptx in $ptx_dir"; record "ptxas -arch=sm_90a (no sm_90a PTX in the build)" 1; }
     echo "cuda-emu: ptxas ($px) assembled the PTX of $ptx_dir"
-    # The sm_90a module (wgmma), whose PTX only the run-time compile for compute_90a makes
-    # (build.rs's compute_90 PTX of it has no wgmma): registers and spills into the log.
-    name="ptxas -arch=sm_90a conv_wgmma.sm90a.ptx"
-    if [ ! -s "$ICHCAM_SM90A_PTX_OUT" ]; then
-      echo "cuda-emu: FAIL: $name (tests/cuda_conv_wgmma.rs did not write $ICHCAM_SM90A_PTX_OUT)"
-      record "$name" 1
-    elif "$px" -arch=sm_90a -v "$ICHCAM_SM90A_PTX_OUT" -o /dev/null > "$OUT/ptxas-sm90a.log" 2>&1 && \
-        grep -q "wgmma.mma_async" "$ICHCAM_SM90A_PTX_OUT"; then
-      cat "$OUT/ptxas-sm90a.log" >> "$log"
-      grep -E "Compiling entry|Used|spill" "$OUT/ptxas-sm90a.log" | sed 's/^/cuda-emu:   /'
-      record "$name" 0
-    else
-      cat "$OUT/ptxas-sm90a.log" >> "$log"
-      echo "cuda-emu: FAIL: $name"
-      record "$name" 1
-    fi
   fi
 
   # 4. ichcam parity --device cuda on every PyTorch fixture.

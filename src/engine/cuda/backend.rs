@@ -49,8 +49,8 @@ pub struct CudaBackend {
     precision: Precision,
     /// Which bf16 forward kernel a convolution takes (`conv.rs`).
     pub(super) mma_route: conv::MmaRoute,
-    /// Whether the bf16-storage channels-last eval forward takes the sm_90a `wgmma` kernel
-    /// where it can (`conv_wgmma.rs`; [`CudaBackend::set_wgmma`]; off by default).
+    /// Whether the bf16-storage channels-last eval and training forwards take the sm_90a
+    /// `wgmma` kernels where they can (`conv_wgmma.rs`; [`CudaBackend::set_wgmma`]; off by default).
     wgmma: bool,
     /// The layout of the eval-mode backbone's activations ([`LayoutChoice`]).
     eval_layout: LayoutChoice,
@@ -163,10 +163,12 @@ impl CudaBackend {
         self.precision
     }
 
-    /// Opts the bf16-storage channels-last eval forward (`conv2d_bn_eval_fwd_nhwc_bf16`) in to
-    /// (or out of) the sm_90a `wgmma` kernel (`kernels/conv_wgmma.cu`), which then runs where
-    /// it can: a device of compute capability 9.0, bf16, a shape it supports (`c_in % 8 ==
-    /// 0`), x 16-byte aligned; the mma.sync kernel elsewhere. Off by default (also set by
+    /// Opts the bf16-storage channels-last eval and training forwards
+    /// (`conv2d_bn_eval_fwd_nhwc_bf16`, `conv2d_bn_train_fwd_nhwc_bf16`) in to (or out of) the
+    /// sm_90a `wgmma` kernels (`kernels/conv_wgmma.cu`), which then run where they can: a
+    /// device of compute capability 9.0 where the module loads, bf16, a shape they support
+    /// (`c_in % 8 == 0`), x 16-byte aligned; the mma.sync kernels elsewhere (where the module
+    /// does not load, after one note on stderr). Off by default (also set by
     /// `ICHCAM_WGMMA=1` when the backend is made) until a GPU run confirms it: it is proven on
     /// the emulated driver only (docs/precision.md).
     pub fn set_wgmma(&mut self, on: bool) {
@@ -1152,8 +1154,15 @@ impl Backend for CudaBackend {
                 relu,
                 |z, part_s, part_q| {
                     // SAFETY: x, w and z hold the lengths `s` gives in bf16 storage (the
-                    // trait op checked them), part_s and part_q c_out * tiles values.
-                    unsafe { self.conv2d_fwd_stats_nhwc_bf16s_native(s, x, w, z, part_s, part_q) }
+                    // trait op checked them), part_s and part_q c_out * tiles values. The
+                    // opted-in wgmma kernel where it runs the shape (conv_wgmma.rs).
+                    unsafe {
+                        if self.conv_fwd_stats_nhwc_bf16s_wgmma(s, self.ptr(x)) {
+                            self.conv2d_fwd_stats_nhwc_bf16s_wgmma(s, x, w, z, part_s, part_q)
+                        } else {
+                            self.conv2d_fwd_stats_nhwc_bf16s_native(s, x, w, z, part_s, part_q)
+                        }
+                    }
                 },
             );
             if let Some(r) = done {

@@ -1,33 +1,79 @@
 //! Hopper's warpgroup tensor-core instruction `wgmma` (sm_90a) for the channels-last eval
-//! conv + batch norm (+ residual) (+ ReLU) on activations stored in bf16
-//! (`kernels/conv_wgmma.cu`): the contract of conv.rs's
+//! conv + batch norm (+ residual) (+ ReLU) and the training forward with batch statistics on
+//! activations stored in bf16 (`kernels/conv_wgmma.cu`). The eval forward: the contract of conv.rs's
 //! `CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native` (`conv2d_fwd_bn_mma_nhwc_bf16s`: x,
 //! the residual and y bf16 NHWC two values to an f32 slot, the OIHW f32 weights copied to bf16
 //! OHWI per call by conv_tc.cu's `conv_weight_ohwi_bf16`, the batch norm folded by
 //! `norm::with_bn_eval_fold`, y rounded to nearest even), as an implicit GEMM of 128-pixel x
 //! 128- (or 64-) channel tiles on `wgmma.mma_async` m64nNk16 from 128-byte-swizzled shared
-//! memory. Opt-in and off by default ([`CudaBackend::set_wgmma`], `ICHCAM_WGMMA=1`): it is
-//! proven on the emulated driver's model of the PTX ISA only, not yet on a GPU
-//! (docs/precision.md). It runs where [`supported`] holds, the device has compute
-//! capability 9.0 (sm_90a code runs nowhere else; module.rs compiles the file for
-//! `compute_90a` there), the mma.sync kernel would run the shape (bf16, route not `Never`)
-//! and x is 16-byte aligned; elsewhere the mma.sync kernel runs. Knows nothing about the model.
+//! memory. The training forward: the contract of conv.rs's
+//! `CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native` (`conv2d_fwd_stats_mma_nhwc_bf16s`: z
+//! rounded to bf16, the per-(channel, 64-pixel tile) f64 partials of the rounded z in that
+//! kernel's layout), the same kernel with the statistics epilogue. Opt-in and off by default
+//! ([`CudaBackend::set_wgmma`], `ICHCAM_WGMMA=1`): it is proven on the emulated driver's model
+//! of the PTX ISA only, not yet on a GPU (docs/precision.md). A kernel runs where [`supported`]
+//! holds, the device has compute capability 9.0 (sm_90a code runs nowhere else), the module
+//! loads there (build.rs's precompiled `compute_90a` PTX, or NVRTC at run time: module.rs;
+//! where it does not, one note on stderr and the mma.sync kernels run), the mma.sync kernel
+//! would run the shape (bf16, route not `Never`) and x is 16-byte aligned; elsewhere the
+//! mma.sync kernel runs. Knows nothing about the model.
+
+use std::sync::Once;
 
 use cudarc::driver::CudaSlice;
 
-use super::conv::TcKernels;
-use super::launch::{blocks, grid, int_args, kernels, NULL};
+use super::conv::{stats_tiles, TcKernels};
+use super::launch::{blocks, grid, int_args, Kernel, NULL};
 use super::{norm, CudaBackend};
 use crate::engine::shapes::Conv2d;
 use crate::engine::{BatchNorm2d, EngineError, Result};
 
-kernels!("conv_wgmma" {
-    n128: "conv2d_fwd_bn_wgmma_n128",
-    n64: "conv2d_fwd_bn_wgmma_n64",
-});
+mod loaded {
+    use super::super::launch::kernels;
+    kernels!("conv_wgmma" {
+        n128: "conv2d_fwd_bn_wgmma_n128",
+        n64: "conv2d_fwd_bn_wgmma_n64",
+        stats_n128: "conv2d_fwd_stats_wgmma_n128",
+        stats_n64: "conv2d_fwd_stats_wgmma_n64",
+    });
+}
 
-fn kernels(be: &CudaBackend) -> Result<&Kernels> {
-    be.families.conv_wgmma.get(|| Kernels::load(be.modules()))
+/// The family's kernels once per backend, or why the module did not load (kept, so that a
+/// device where it does not load asks once, not per call).
+pub(crate) struct Kernels(std::result::Result<loaded::Kernels, String>);
+
+impl Kernels {
+    /// Never an error: a module that does not load is remembered as such.
+    pub(crate) fn load(m: &super::module::ModuleCache) -> Result<Self> {
+        Ok(Kernels(loaded::Kernels::load(m).map_err(|e| e.to_string())))
+    }
+}
+
+/// The one note (per process) that the switch is on and the module does not load here.
+static UNAVAILABLE_NOTE: Once = Once::new();
+
+/// The kernels where the module loads (compute capability 9.0 checked first: elsewhere the
+/// module is not even tried), else why not; the first failure noted once on stderr.
+fn kernels(be: &CudaBackend) -> std::result::Result<&loaded::Kernels, String> {
+    if be.info().compute_capability != (9, 0) {
+        let (a, b) = be.info().compute_capability;
+        return Err(format!(
+            "sm_90a code runs on compute capability 9.0 only; this device is {a}.{b}"
+        ));
+    }
+    let ks = be
+        .families
+        .conv_wgmma
+        .get(|| Kernels::load(be.modules()))
+        .map_err(|e| e.to_string())?;
+    ks.0.as_ref().map_err(|why| {
+        UNAVAILABLE_NOTE.call_once(|| {
+            eprintln!(
+                "note: wgmma kernels opted in (ICHCAM_WGMMA=1 / set_wgmma) but kernels/conv_wgmma.cu's sm_90a module does not load on this device ({why}); the mma.sync kernels run instead"
+            );
+        });
+        why.clone()
+    })
 }
 
 fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
@@ -86,24 +132,83 @@ pub(crate) fn supported(s: &Conv2d) -> bool {
         && args(s).is_ok()
 }
 
+/// The epilogue of a launch ([`CudaBackend::launch_wgmma`]).
+enum Epilogue<'a> {
+    /// Eval: `{scale, shift}` per output channel, the residual, the ReLU.
+    Bn {
+        ss: &'a CudaSlice<f32>,
+        residual: Option<&'a CudaSlice<f32>>,
+        relu: bool,
+    },
+    /// Training: the partial statistics of the rounded z, `c_out * tiles` f64 each.
+    Stats(&'a mut CudaSlice<f64>, &'a mut CudaSlice<f64>),
+}
+
 impl CudaBackend {
+    /// Whether the wgmma kernels run on this backend at all: the switch on
+    /// ([`CudaBackend::set_wgmma`]), a device of compute capability 9.0 and the module loaded
+    /// there (its first failure noted once on stderr). Loads the module on first call.
+    fn wgmma_ready(&self) -> bool {
+        self.wgmma() && kernels(self).is_ok()
+    }
+
+    /// Why the wgmma kernels do not run on this device even with the switch on (not compute
+    /// capability 9.0, or the sm_90a module does not load: no precompiled `compute_90a` PTX
+    /// and no NVRTC at run time, or the driver refuses it), or None where they do. Loads the
+    /// module on first call; diagnostics and tests.
+    pub fn wgmma_unavailable(&self) -> Option<String> {
+        kernels(self).err()
+    }
+
+    /// The PTX `kernels/conv_wgmma.cu`'s module was loaded from (build.rs's precompiled
+    /// `compute_90a` PTX, or a run-time compile), None before it is loaded; diagnostics and
+    /// tests.
+    pub fn wgmma_module_ptx(&self) -> Option<std::sync::Arc<str>> {
+        self.modules().loaded_ptx("conv_wgmma")
+    }
+
     /// Whether the bf16-storage eval forward of `s` on an input at device address `x_addr`
-    /// runs the wgmma kernel: the switch on ([`CudaBackend::set_wgmma`]), a device of compute
-    /// capability 9.0, where the mma.sync kernel would run it
-    /// (`conv_bn_eval_nhwc_bf16s_native`: bf16, route not `Never`), [`supported`], and x
-    /// 16-byte aligned.
+    /// runs the wgmma kernel: the switch on ([`CudaBackend::set_wgmma`]), where the mma.sync
+    /// kernel would run it (`conv_bn_eval_nhwc_bf16s_native`: bf16, route not `Never`),
+    /// [`supported`], x 16-byte aligned, and the module loaded on a device of compute
+    /// capability 9.0.
     pub(crate) fn conv_bn_eval_nhwc_bf16s_wgmma(&self, s: &Conv2d, x_addr: u64) -> bool {
         self.wgmma()
-            && self.info().compute_capability == (9, 0)
             && self.conv_bn_eval_nhwc_bf16s_native(s)
             && supported(s)
             && x_addr.is_multiple_of(16)
+            && self.wgmma_ready()
+    }
+
+    /// Whether the bf16-storage training forward of `s` (z and the batch-norm partials) on
+    /// an input at device address `x_addr` runs the wgmma kernel: as
+    /// [`CudaBackend::conv_bn_eval_nhwc_bf16s_wgmma`], where the mma.sync statistics kernel
+    /// would run it (`conv_fwd_stats_nhwc_bf16s_native`: also a non-empty output and
+    /// reduction).
+    pub(crate) fn conv_fwd_stats_nhwc_bf16s_wgmma(&self, s: &Conv2d, x_addr: u64) -> bool {
+        self.wgmma()
+            && self.conv_fwd_stats_nhwc_bf16s_native(s)
+            && supported(s)
+            && x_addr.is_multiple_of(16)
+            && self.wgmma_ready()
+    }
+
+    /// The wgmma kernel the bf16-storage training forward of `s` launches for an input in an
+    /// allocation of its own, or None where it does not run (the mma.sync kernel then runs);
+    /// diagnostics and tests.
+    pub fn conv_fwd_stats_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        self.conv_fwd_stats_nhwc_bf16s_wgmma(s, 0)
+            .then_some(if tile_n(s) == 64 {
+                "conv2d_fwd_stats_wgmma_n64"
+            } else {
+                "conv2d_fwd_stats_wgmma_n128"
+            })
     }
 
     /// The wgmma kernel the bf16-storage eval forward of `s` launches for an input in an
     /// allocation of its own (16-byte aligned), or None where it does not run (switch off,
-    /// not compute capability 9.0, not bf16, route `Never`, or not [`supported`]: the mma.sync
-    /// kernel then runs); diagnostics and tests.
+    /// not compute capability 9.0, the module not loaded, not bf16, route `Never`, or not
+    /// [`supported`]: the mma.sync kernel then runs); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_bn_eval_nhwc_bf16s_wgmma(s, 0)
             .then_some(if tile_n(s) == 64 {
@@ -150,53 +255,141 @@ impl CudaBackend {
         if s.y_len() == 0 {
             return Ok(());
         }
+        norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
+            let ep = Epilogue::Bn { ss, residual, relu };
+            // SAFETY: the caller's contract; ss holds 2 * c_out values.
+            unsafe { self.launch_wgmma(OP, s, x, w, ep, y) }
+        })
+    }
+
+    /// `conv2d_fwd_stats_nhwc_bf16s_native` on the wgmma kernel: the weights' bf16 OHWI copy
+    /// in arena scratch (nothing allocated once warm, so capturable in a graph), then one
+    /// launch of `conv2d_fwd_stats_wgmma_n128` / `_n64`: z rounded to bf16 and the partials of
+    /// the rounded z in `conv2d_fwd_stats_mma_nhwc_bf16s`'s layout (`c_out * tiles` each,
+    /// `tiles` = `conv::stats_tiles`). An error where
+    /// [`CudaBackend::conv_fwd_stats_nhwc_bf16s_wgmma`] is false. Public as its mma.sync
+    /// sibling is, for tests/cuda_conv_wgmma.rs, which checks the raw partials; the model's
+    /// way in is the backend op `conv2d_bn_train_fwd_nhwc_bf16`.
+    ///
+    /// # Safety
+    /// As `conv2d_fwd_stats_nhwc_bf16s_native`: `x` holds `s.x_len().div_ceil(2)` values, `z`
+    /// `s.y_len().div_ceil(2)`, `w` `s.w_len()`, `part_s` and `part_q` `c_out * tiles` each
+    /// (the kernel indexes them so, unchecked).
+    pub unsafe fn conv2d_fwd_stats_nhwc_bf16s_wgmma(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        z: &mut CudaSlice<f32>,
+        part_s: &mut CudaSlice<f64>,
+        part_q: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_fwd_stats_nhwc_bf16s_wgmma";
+        if !self.conv_fwd_stats_nhwc_bf16s_wgmma(s, self.ptr(x)) {
+            return Err(EngineError::Param(format!(
+                "{OP}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
+                self.wgmma(),
+                self.info().compute_capability,
+                self.precision()
+            )));
+        }
+        let tiles = stats_tiles(s).unwrap_or(0);
+        if part_s.len() < s.c_out * tiles || part_q.len() < s.c_out * tiles {
+            return Err(EngineError::Param(format!(
+                "{OP}: the partials hold {} and {} values, {s:?} needs {}",
+                part_s.len(),
+                part_q.len(),
+                s.c_out * tiles
+            )));
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_wgmma(OP, s, x, w, Epilogue::Stats(part_s, part_q), z) }
+    }
+
+    /// The weights' bf16 OHWI copy into arena scratch (given back after the launch: stream
+    /// order keeps the next user after it), then one launch of the kernel of `ep` and
+    /// [`tile_n`]: a grid of (pixel tiles of 128, channel tiles of 128 or 64), [`WG_SMEM`]
+    /// bytes of dynamic shared memory. The caller checked the route.
+    ///
+    /// # Safety
+    /// `x` holds `s.x_len().div_ceil(2)` values, `y` `s.y_len().div_ceil(2)`, `w` `s.w_len()`,
+    /// the residual `s.y_len().div_ceil(2)`, `ss` `2 * c_out`, the partials `c_out * tiles`.
+    unsafe fn launch_wgmma(
+        &self,
+        op: &'static str,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        ep: Epilogue<'_>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if s.y_len() == 0 {
+            return Ok(());
+        }
         let a = args(s)?;
         let p = s.n * s.out_h() * s.out_w();
         let tn = tile_n(s);
-        let mut cfg = blocks(OP, (p.div_ceil(TILE_M), s.c_out.div_ceil(tn), 1), THREADS)?;
+        let mut cfg = blocks(op, (p.div_ceil(TILE_M), s.c_out.div_ceil(tn), 1), THREADS)?;
         cfg.shared_mem_bytes = WG_SMEM;
-        let ks = kernels(self)?;
-        let kern = if tn == 64 { &ks.n64 } else { &ks.n128 };
+        let ks = kernels(self).map_err(|why| EngineError::Cuda {
+            op: op.to_string(),
+            msg: why,
+        })?;
+        let kern: &Kernel = match (&ep, tn == 64) {
+            (Epilogue::Bn { .. }, true) => &ks.n64,
+            (Epilogue::Bn { .. }, false) => &ks.n128,
+            (Epilogue::Stats(..), true) => &ks.stats_n64,
+            (Epilogue::Stats(..), false) => &ks.stats_n128,
+        };
         let tc = tc_kernels(self)?;
         let kp = weight_row(s);
         let len = s.c_out * kp;
-        norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
-            // Two bf16 per f32 slot (kp is even); never an empty buffer.
-            let mut wt = self.take_scratch((len / 2).max(4))?;
-            let r = (|| {
-                let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
-                // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
-                unsafe {
-                    tc.weight_ohwi_bf16
-                        .on(self.stream())
-                        .arg(w)
-                        .arg(&mut wt)
-                        .arg(&c)
-                        .arg(&khw)
-                        .arg(&kp_i)
-                        .arg(&len_i)
-                        .launch(grid(len))?
-                };
-                // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is
-                // a whole allocation (256-byte aligned).
-                if !self.ptr(&wt).is_multiple_of(16) {
-                    return Err(EngineError::Param(format!(
-                        "{OP}: the weight copy's scratch buffer is not 16-byte aligned"
-                    )));
+        // Two bf16 per f32 slot (kp is even); never an empty buffer.
+        let mut wt = self.take_scratch((len / 2).max(4))?;
+        let r = (|| {
+            let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
+            // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
+            unsafe {
+                tc.weight_ohwi_bf16
+                    .on(self.stream())
+                    .arg(w)
+                    .arg(&mut wt)
+                    .arg(&c)
+                    .arg(&khw)
+                    .arg(&kp_i)
+                    .arg(&len_i)
+                    .launch(grid(len))?
+            };
+            // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is
+            // a whole allocation (256-byte aligned).
+            if !self.ptr(&wt).is_multiple_of(16) {
+                return Err(EngineError::Param(format!(
+                    "{op}: the weight copy's scratch buffer is not 16-byte aligned"
+                )));
+            }
+            let relu_i = match &ep {
+                Epilogue::Bn { relu, .. } => i32::from(*relu),
+                Epilogue::Stats(..) => 0,
+            };
+            let mut l = kern.on(self.stream());
+            l.arg(x).arg(&wt).arg(y).ints(&a);
+            match ep {
+                Epilogue::Bn { ss, residual, .. } => {
+                    l.arg(ss);
+                    match residual {
+                        Some(r) => l.arg(r),
+                        None => l.arg(&NULL),
+                    };
+                    l.arg(&relu_i);
                 }
-                let relu_i = i32::from(relu);
-                let mut l = kern.on(self.stream());
-                l.arg(x).arg(&wt).arg(y).ints(&a).arg(ss);
-                match residual {
-                    Some(r) => l.arg(r),
-                    None => l.arg(&NULL),
-                };
-                l.arg(&relu_i);
-                // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
-                unsafe { l.launch(cfg) }
-            })();
-            self.give_scratch(wt);
-            r
-        })
+                Epilogue::Stats(part_s, part_q) => {
+                    l.arg(part_s).arg(part_q);
+                }
+            }
+            // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
+            unsafe { l.launch(cfg) }
+        })();
+        self.give_scratch(wt);
+        r
     }
 }

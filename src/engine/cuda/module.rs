@@ -1,9 +1,10 @@
 //! Kernel modules: the table of `kernels/*.cu` that build.rs embeds (source always, PTX when
 //! the build had NVRTC), and a per-context cache that loads a module by name and its
 //! functions. PTX is picked by the device's compute capability (>= 9.0: the `compute_90`
-//! PTX, else the portable `compute_75` one); without PTX, or when the driver refuses it
-//! (an NVRTC newer than the driver), the source is compiled with the runtime's NVRTC for
-//! the device's own architecture. Each function comes with its parameter list as the PTX
+//! PTX, else the portable `compute_75` one; the sm_90a files, [`SM90A_MODULES`], their
+//! `compute_90a` PTX on compute capability 9.0 and nothing elsewhere); without PTX, or when
+//! the driver refuses it (an NVRTC newer than the driver), the source is compiled with the
+//! runtime's NVRTC for the device's own architecture (`compute_90a` for an sm_90a file). Each function comes with its parameter list as the PTX
 //! declares it ([`ParamKind`]), against which every launch's arguments are checked, and its
 //! dynamic shared memory opt-in ([`DynSmem`], made once per function). Knows nothing about
 //! what the kernels compute.
@@ -27,6 +28,8 @@ pub struct Kernel {
     pub source: &'static str,
     pub ptx_sm90: Option<&'static str>,
     pub ptx_portable: Option<&'static str>,
+    /// The `compute_90a` PTX of an sm_90a file ([`SM90A_MODULES`]), None for the others.
+    pub ptx_sm90a: Option<&'static str>,
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -41,12 +44,12 @@ pub fn kernel(name: &str) -> Option<&'static Kernel> {
     KERNELS.iter().find(|k| k.name == name)
 }
 
-/// Kernel files of sm_90a code (`wgmma`): NVRTC compiles them for `compute_90a` at run time
-/// ([`compile_for_arch`]) on a device of compute capability 9.0, the only one that runs
-/// sm_90a code; elsewhere their module does not load (an error naming the device). build.rs's
-/// `compute_90` / `compute_75` PTX of them (the same source without the arch-specific
-/// instructions: trapping stubs) is never loaded.
-pub const SM90A_MODULES: &[&str] = &["conv_wgmma"];
+// `SM90A_MODULES` (in the table above, from build.rs): the kernel files of sm_90a code
+// (`wgmma`), whose `compute_90a` PTX (`ptx_sm90a`, precompiled by build.rs; else NVRTC at
+// run time, [`compile_for_arch`]) loads on a device of compute capability 9.0, the only one
+// that runs sm_90a code; elsewhere their module does not load (an error naming the device).
+// build.rs's `compute_90` / `compute_75` PTX of them (the same source without the
+// arch-specific instructions: trapping stubs) is never loaded.
 
 /// Whether `kernels/<name>.cu` is one of [`SM90A_MODULES`].
 pub fn is_sm90a_module(name: &str) -> bool {
@@ -269,25 +272,19 @@ impl ModuleCache {
             op: "load module".into(),
             msg: format!("no kernel file kernels/{name}.cu was built into this binary"),
         })?;
-        if is_sm90a_module(name) {
-            if self.cc != (9, 0) {
-                return Err(EngineError::Cuda {
-                    op: format!("load module {name}"),
-                    msg: format!(
-                        "kernels/{name}.cu is sm_90a code (wgmma), which runs on compute capability 9.0 only; this device is {}.{}",
-                        self.cc.0, self.cc.1
-                    ),
-                });
-            }
-            let ptx = compile_for_arch(k, "compute_90a")?;
-            let text: Arc<str> = Arc::from(ptx.to_src());
-            let m = self.ctx.load_module(ptx).map_err(|e| EngineError::Cuda {
+        let sm90a = is_sm90a_module(name);
+        if sm90a && self.cc != (9, 0) {
+            return Err(EngineError::Cuda {
                 op: format!("load module {name}"),
-                msg: e.to_string(),
-            })?;
-            return Ok(self.keep(name, m, text));
+                msg: format!(
+                    "kernels/{name}.cu is sm_90a code (wgmma), which runs on compute capability 9.0 only; this device is {}.{}",
+                    self.cc.0, self.cc.1
+                ),
+            });
         }
-        let pre = if self.cc.0 >= 9 {
+        let pre = if sm90a {
+            k.ptx_sm90a
+        } else if self.cc.0 >= 9 {
             k.ptx_sm90
         } else {
             k.ptx_portable
@@ -300,7 +297,12 @@ impl ModuleCache {
                 Err(e) => first_err = Some(e.to_string()),
             }
         }
-        let ptx = match compile_at_runtime(k, self.cc) {
+        let compiled = if sm90a {
+            compile_for_arch(k, "compute_90a")
+        } else {
+            compile_at_runtime(k, self.cc)
+        };
+        let ptx = match compiled {
             Ok(p) => p,
             Err(e) => {
                 return Err(match first_err {
@@ -318,6 +320,13 @@ impl ModuleCache {
             msg: e.to_string(),
         })?;
         Ok(self.keep(name, m, text))
+    }
+
+    /// The PTX the module of `kernels/<name>.cu` was loaded from, None before it is loaded
+    /// (diagnostics and tests: the precompiled PTX or a run-time compile).
+    pub fn loaded_ptx(&self, name: &str) -> Option<Arc<str>> {
+        let map = self.modules.lock().ok()?;
+        map.get(name).map(|(_, ptx)| ptx.clone())
     }
 
     fn keep(&self, name: &str, m: Arc<CudaModule>, ptx: Arc<str>) -> (Arc<CudaModule>, Arc<str>) {
