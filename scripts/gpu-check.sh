@@ -236,6 +236,7 @@ if [ -x gpu-bin/tests/cuda_conv_wgmma ] && [[ " ${PREC[*]} " == *" bf16 "* ]]; t
             read -r tag preset <<<"$cfg"
             run "bench-cam-$tag-bf16-wgmma" 60 env ICHCAM_WGMMA=1 "$BIN" bench --device cuda --config "$preset" --what cam --precision bf16 --iters "$ITERS" --warmup 2 --json
         done
+        ICHCAM_WGMMA=1 ICHCAM_REQUIRE_GPU=1 run test-cuda_train_bf16_storage-wgmma 120 gpu-bin/tests/cuda_train_bf16_storage --test-threads=4
         run "bench-train-r18-bf16-wgmma" 90 env ICHCAM_WGMMA=1 "$BIN" bench --device cuda --config small --what train-step --precision bf16 --iters "$ITERS" --warmup 2 --json
     fi
 fi
