@@ -47,7 +47,8 @@
 //! eval-mode and of the training-mode backbone (`auto`: bf16 at `--precision bf16`, else
 //! f32; `f32`; `bf16`, ignored below bf16 precision: [`StorageChoice`]); the JSON lines name
 //! the storage used (`act_storage`: `f32` or `bf16`, `f32` when NCHW; `train-step` the
-//! training backbone's, the CAM workloads' from the pass's own buffers).
+//! training backbone's, the CAM workloads' from the pass's own buffers). `wgmma` says
+//! whether the opt-in sm_90a kernels (`ICHCAM_WGMMA=1`) can run on the device.
 //! `tiny` is the training CPU default ([`TrainConfig::tiny`]) at its own shapes, so the
 //! bench follows that preset when it changes. `--describe` prints the model config and
 //! the workload's shapes as JSON (what `scripts/cpu_baseline.sh` rebuilds in PyTorch; the
@@ -86,6 +87,10 @@ pub struct Args {
     /// the training backbone's for train-step, else the eval-mode backbone's.
     #[arg(skip)]
     layout_used: Option<&'static str>,
+    /// Whether the sm_90a wgmma kernels were opted in (`ICHCAM_WGMMA=1`) and can run on this
+    /// device; None on the CPU.
+    #[arg(skip)]
+    wgmma_used: Option<bool>,
     /// The storage of the backbone's channels-last activations on CUDA, eval mode (cam,
     /// cam-latency) and training mode (train-step): auto (bf16 at --precision bf16, else
     /// f32), f32, or bf16 (ignored below bf16 precision). The CPU stores f32.
@@ -324,6 +329,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             be.set_train_layout(args.layout);
             be.set_eval_storage(args.act_storage);
             be.set_train_storage(args.act_storage);
+            args.wgmma_used = Some(be.wgmma() && be.wgmma_unavailable().is_none());
             if train_step {
                 (be.channels_last_train(), be.train_storage())
             } else {
@@ -1532,6 +1538,7 @@ fn report_mem(
             "device_mb": device_bytes.map(|b| b as f64 / (1u64 << 20) as f64),
             "layout": args.layout_used,
             "act_storage": args.act_storage_used,
+            "wgmma": args.wgmma_used,
         });
         let mut j = j;
         if let (Some(o), Some(serde_json::Value::Object(e))) = (j.as_object_mut(), extra) {
