@@ -28,8 +28,8 @@ use super::{
 use crate::engine::backend::{
     conv2d_bn_eval_fwd_nhwc_by_transposes, conv2d_bn_train_fwd_nhwc_bf16_by_conversions,
     conv2d_bn_train_fwd_nhwc_by_transposes, conv2d_bwd_data_nhwc_by_transposes,
-    conv2d_bwd_weight_nhwc_by_transposes, eval_unit_through_scratch, nchw_between_layout_changes,
-    through_bf16_storage, Backend,
+    conv2d_bwd_weight_nhwc_by_transposes, nchw_between_layout_changes, through_bf16_storage,
+    Backend,
 };
 use crate::engine::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
@@ -628,33 +628,28 @@ impl CudaBackend {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        eval_unit_through_scratch(
-            self,
-            s,
-            x,
-            residual,
-            y,
-            |is_residual, src, dst| {
-                let len = if is_residual { s.y_len() } else { s.x_len() };
-                channels::unpack_bf16(self, len, src, dst)
-            },
-            |src, dst| channels::pack_bf16(self, s.y_len(), src, dst),
-            |xf, rf, yf| {
-                self.conv2d_bn_eval_fwd_nhwc(
-                    s,
-                    bn,
-                    xf,
-                    w,
-                    gamma,
-                    beta,
-                    running_mean,
-                    running_var,
-                    rf,
-                    relu,
-                    yf,
-                )
-            },
-        )
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        let mut ins = vec![(x, s.x_len())];
+        if let Some(r) = residual {
+            ins.push((r, s.y_len()));
+        }
+        through_bf16_storage(self, &ins, &mut [(y, s.y_len())], |i, o| {
+            self.conv2d_bn_eval_fwd_nhwc(
+                s,
+                bn,
+                &i[0],
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                i.get(1),
+                relu,
+                &mut o[0],
+            )
+        })
     }
 }
 
