@@ -52,6 +52,11 @@ pub struct CudaBackend {
     /// Whether the bf16-storage channels-last eval forward takes the sm_90a `wgmma` kernel
     /// where it can (`conv_wgmma.rs`; [`CudaBackend::set_wgmma`]; off by default).
     wgmma: bool,
+    /// The shared memory one block may use, what the tensor-core convolutions' kernels are
+    /// chosen by (`conv.rs`, `TcKernel`): the device's opt-in limit
+    /// ([`DeviceInfo::shared_memory_per_block`]) unless a test lowered it
+    /// ([`CudaBackend::limit_shared_memory_for_tests`]).
+    smem_limit: u32,
     /// The layout of the eval-mode backbone's activations ([`LayoutChoice`]).
     eval_layout: LayoutChoice,
     /// The layout of the training-mode backbone's activations ([`LayoutChoice`]).
@@ -138,6 +143,7 @@ impl CudaBackend {
             }
         };
         let modules = Arc::new(ModuleCache::new(ctx.clone(), info.compute_capability));
+        let smem_limit = info.shared_memory_per_block;
         // The copy stream of the staged uploads.
         let arena = Arc::new(Arena::default());
         arena.set_copy_stream(ctx.new_stream().map_err(|e| cuda("cuStreamCreate", e))?);
@@ -151,6 +157,7 @@ impl CudaBackend {
             precision: Precision::F32,
             mma_route: conv::MmaRoute::default(),
             wgmma: std::env::var("ICHCAM_WGMMA").is_ok_and(|v| v == "1"),
+            smem_limit,
             eval_layout: LayoutChoice::default(),
             train_layout: LayoutChoice::default(),
             eval_storage: StorageChoice::default(),
@@ -171,6 +178,32 @@ impl CudaBackend {
     /// the emulated driver only (docs/precision.md).
     pub fn set_wgmma(&mut self, on: bool) {
         self.wgmma = on;
+    }
+
+    /// The shared memory (static and dynamic, bytes) a block of this backend's kernels may
+    /// use: the device's opt-in limit, or what [`CudaBackend::limit_shared_memory_for_tests`]
+    /// lowered it to. Every tensor-core convolution kernel is chosen to fit it (`conv.rs`).
+    pub fn shared_memory_per_block(&self) -> u32 {
+        self.smem_limit
+    }
+
+    /// FOR TESTS: makes this backend (not its clones made before) choose its tensor-core
+    /// convolution kernels as on a device that gives a block only `bytes` of shared memory
+    /// (99 KiB as sm_86 / sm_89, 64 KiB as sm_75, ...), to check the fallbacks on a device
+    /// that gives more (the emulated driver's 227 KiB). The kernels still run on this device,
+    /// which does not enforce the lowered limit; what fits is decided here. An error (the
+    /// limit unchanged) above the device's own limit, which it never raises, and below the
+    /// 48 KiB every CUDA device gives a block (the WMMA kernels' floor).
+    pub fn limit_shared_memory_for_tests(&mut self, bytes: u32) -> Result<()> {
+        let device = self.info.shared_memory_per_block;
+        if bytes > device || bytes < conv::SMEM_FLOOR {
+            return Err(EngineError::Param(format!(
+                "limit_shared_memory_for_tests: {bytes} bytes is outside {}..={device} (48 KiB to the device's limit)",
+                conv::SMEM_FLOOR
+            )));
+        }
+        self.smem_limit = bytes;
+        Ok(())
     }
 
     /// Whether the wgmma kernel is opted in ([`CudaBackend::set_wgmma`]).

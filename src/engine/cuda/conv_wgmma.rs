@@ -15,7 +15,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::conv::TcKernels;
+use super::conv::{TcKernel, TcKernels};
 use super::launch::{blocks, grid, int_args, kernels, NULL};
 use super::{norm, CudaBackend};
 use crate::engine::shapes::Conv2d;
@@ -40,7 +40,7 @@ const THREADS: u32 = 256;
 const TILE_M: usize = 128;
 /// Dynamic shared memory per block: 1 KiB of alignment slack, 4 stages of A (16 KiB) and B
 /// (16 KiB at 128 channels), the pixel table (`WG_SMEM` of conv_wgmma.cu).
-const WG_SMEM: u32 = 134_144;
+pub(super) const WG_SMEM: u32 = 134_144;
 
 /// The row length (in bf16 values) of the bf16 OHWI weight copy: `K = c_in*kh*kw` rounded up
 /// to 8, as conv.rs's for the mma.sync kernel (`conv_weight_ohwi_bf16`).
@@ -90,14 +90,16 @@ impl CudaBackend {
     /// Whether the bf16-storage eval forward of `s` on an input at device address `x_addr`
     /// runs the wgmma kernel: the switch on ([`CudaBackend::set_wgmma`]), a device of compute
     /// capability 9.0, where the mma.sync kernel would run it
-    /// (`conv_bn_eval_nhwc_bf16s_native`: bf16, route not `Never`), [`supported`], and x
-    /// 16-byte aligned.
+    /// (`conv_bn_eval_nhwc_bf16s_native`: bf16, route not `Never`), [`supported`], x
+    /// 16-byte aligned, and its shared memory ([`WG_SMEM`]) fits the device's per block
+    /// (conv.rs's `TcKernel::Wgmma`).
     pub(crate) fn conv_bn_eval_nhwc_bf16s_wgmma(&self, s: &Conv2d, x_addr: u64) -> bool {
         self.wgmma()
             && self.info().compute_capability == (9, 0)
             && self.conv_bn_eval_nhwc_bf16s_native(s)
             && supported(s)
             && x_addr.is_multiple_of(16)
+            && self.fits(TcKernel::Wgmma)
     }
 
     /// The wgmma kernel the bf16-storage eval forward of `s` launches for an input in an
