@@ -13,7 +13,8 @@
 //!
 //! - the hook: the device's limit by default (232,448 bytes on the emulator); never raised
 //!   above it, nor below 48 KiB (errors, the limit unchanged);
-//! - the kernel each op takes at tf32 and bf16 at 227 / 163 / 150 / 99 / 64 KiB: NCHW forward
+//! - the kernel each op takes at tf32 and bf16 at 227 / 163 / 150 / 128 / 112 / 99 / 64 KiB
+//!   (each kernel's need between two of them): NCHW forward
 //!   and gradients (route `Always`), the channels-last eval forward, training forward, data
 //!   and weight gradients on f32 and bf16 storage, the opted-in wgmma eval forward;
 //! - at 99 and 64 KiB, each of those ops (NCHW eval forward, data and weight gradient;
@@ -108,7 +109,7 @@ fn kernels_by_limit() {
     for p in [Precision::Tf32, Precision::Bf16] {
         let bf16 = p == Precision::Bf16;
         let device = gpu_at(p).info().shared_memory_per_block;
-        for limit in [device, SM80, 150 * KIB, SM86, SM75] {
+        for limit in [device, SM80, 150 * KIB, 128 * KIB, 112 * KIB, SM86, SM75] {
             let mut g = at(p, Some(limit), MmaRoute::Always);
             let ctx = format!("{p} at {limit} bytes");
             // NCHW: the 128x128 mma kernels (122 / 103.5 KiB), else the 64x64 WMMA ones.
