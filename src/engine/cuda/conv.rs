@@ -2125,7 +2125,8 @@ mod tests {
     #[test]
     fn nhwc_tile_by_rows_and_device() {
         use NhwcTile::{Square, M64};
-        let kinds: [(&str, fn(NhwcTile) -> TcKernel, Precision); 3] = [
+        type Kind = fn(NhwcTile) -> TcKernel;
+        let kinds: [(&str, Kind, Precision); 3] = [
             ("bf16", TcKernel::MmaNhwc, Precision::Bf16),
             ("tf32", TcKernel::MmaNhwc, Precision::Tf32),
             ("bf16s", TcKernel::MmaNhwcBf16s, Precision::Bf16),
