@@ -33,7 +33,10 @@
 //! ([`CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`]: a bf16-only ring, the same split).
 //! The channels-last forwards and data gradients (f32 and bf16 storage) launch a 64 x 256
 //! tile instead of 128 x 128 (the `_m64` kernels, `NhwcTile`) where the GEMM's M, `c_out`
-//! of a forward or `c_in` of a data gradient, is at most 64.
+//! of a forward or `c_in` of a data gradient, is at most 64. Every tensor-core kernel is taken
+//! only where its shared memory (one table: [`TcKernel`], [`shared_memory`]) fits what the
+//! device gives a block ([`CudaBackend::fits`]); elsewhere a smaller tile, or the fallback
+//! (WMMA for NCHW, layout changes or conversions for channels-last) runs.
 
 use cudarc::driver::CudaSlice;
 
@@ -314,7 +317,8 @@ pub enum MmaRoute {
     /// By the layer's size (`mma_route`, `mma_route_weight` in this module): the large layers.
     #[default]
     Auto,
-    /// Every tf32 / bf16 convolution.
+    /// Every tf32 / bf16 convolution (whose kernel's shared memory the device gives a block:
+    /// `CudaBackend::fits`; WMMA elsewhere).
     Always,
     /// None: the WMMA kernels (and their split-K paths) for every layer.
     Never,
