@@ -11,6 +11,9 @@
 //! diagnostics, against the sizes written out here) and the results, and the backend's own
 //! launch guard (`smem_dynamic`) errors on a kernel that does not fit.
 //!
+//! - the table's static shared memory per kernel family equals what the driver reports for the
+//!   compiled kernel (`CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES`; the dynamic sizes are pinned by the
+//!   kernels' static_asserts);
 //! - the hook: the device's limit by default (232,448 bytes on the emulator); never raised
 //!   above it, nor below 48 KiB (errors, the limit unchanged);
 //! - the kernel each op takes at tf32 and bf16 at 227 / 163 / 150 / 128 / 112 / 99 / 64 KiB
@@ -40,6 +43,9 @@ fn main() {
     common::cuda::main_with_threads(
         vec![
             device("hook_lowers_only", hook_lowers_only),
+            device("static_sizes_match_the_compiled_kernels", || {
+                static_sizes_match_the_compiled_kernels()
+            }),
             device("kernels_by_limit", kernels_by_limit),
             device(
                 "ops_match_cpu_at_lowered_limits",
@@ -79,6 +85,18 @@ fn hook_lowers_only() {
         .expect("back to the device's");
     // A backend made afterwards has the device's.
     assert_eq!(gpu_at(Precision::Tf32).shared_memory_per_block(), device);
+}
+
+/// The table's static shared memory (the pixel tables, the WMMA stages) is what the driver
+/// reports for the compiled kernels.
+fn static_sizes_match_the_compiled_kernels() {
+    let g = gpu_at(Precision::Bf16);
+    let sizes = g.tc_static_shared_memory().expect("the kernels load");
+    assert!(sizes.len() >= 14);
+    for (name, driver, table) in sizes {
+        eprintln!("{name}: {driver} bytes static (table {table})");
+        assert_eq!(driver, table, "{name}");
+    }
 }
 
 /// c_out 48 and c_in 16 (both at most 64: the 64 x 256 tile where it fits; c_in % 8 == 0: the

@@ -182,8 +182,7 @@ pub(crate) enum TcKernel {
     /// The 64x64 WMMA kernels (`conv2d_fwd_tf32`, ...; `weight`: the weight gradients, which
     /// add a column table): the floor of the fallbacks, within the 48 KiB every device gives
     /// ([`SMEM_FLOOR`]; the unit test `shared_memory_by_kernel_and_limit`), so no selection
-    /// asks.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// asks (listed for the table and its test against the compiled kernels).
     Wmma { weight: bool },
     /// The 128x128 NCHW `mma.sync` kernels (`conv2d_*_mma_*`: forwards, data and weight
     /// gradients).
@@ -306,6 +305,119 @@ impl NhwcTile {
             NhwcTile::Square => square,
             NhwcTile::M64 => m64,
         }
+    }
+}
+
+impl CudaBackend {
+    /// FOR TESTS: per tensor-core kernel family of [`shared_memory`] (one kernel of each, and
+    /// both precisions where they differ), the kernel's name, the static shared memory the
+    /// driver reports for it (`CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES`, from the compiled code)
+    /// and the table's: tests/cuda_conv_smem_limit.rs asserts they agree. The wgmma kernel on
+    /// compute capability 9.0 only (its module is compiled for sm_90a there).
+    #[doc(hidden)]
+    pub fn tc_static_shared_memory(&self) -> Result<Vec<(&'static str, u32, u32)>> {
+        use NhwcTile::{Square, M64};
+        use Precision::{Bf16, Tf32};
+        let mut list = vec![
+            (
+                "conv_tc",
+                "conv2d_fwd_bf16",
+                TcKernel::Wmma { weight: false },
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_tf32",
+                TcKernel::Wmma { weight: false },
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_bf16",
+                TcKernel::Wmma { weight: true },
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_tf32",
+                TcKernel::Wmma { weight: true },
+                Tf32,
+            ),
+            ("conv_tc", "conv2d_fwd_bn_mma_bf16", TcKernel::MmaNchw, Bf16),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_tf32",
+                TcKernel::MmaNchw,
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_bn_mma_nhwc_bf16",
+                TcKernel::MmaNhwc(Square),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_data_mma_nhwc_tf32",
+                TcKernel::MmaNhwc(Square),
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_stats_mma_nhwc_tf32_m64",
+                TcKernel::MmaNhwc(M64),
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_data_mma_nhwc_bf16_m64",
+                TcKernel::MmaNhwc(M64),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_bn_mma_nhwc_bf16s",
+                TcKernel::MmaNhwcBf16s(Square),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_data_mma_nhwc_bf16s_m64",
+                TcKernel::MmaNhwcBf16s(M64),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_nhwc_bf16",
+                TcKernel::WgradNhwc,
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_nhwc_bf16s",
+                TcKernel::WgradNhwcBf16s,
+                Bf16,
+            ),
+        ];
+        if self.info().compute_capability == (9, 0) {
+            list.push((
+                "conv_wgmma",
+                "conv2d_fwd_bn_wgmma_n128",
+                TcKernel::Wgmma,
+                Bf16,
+            ));
+        }
+        list.into_iter()
+            .map(|(module, name, k, p)| {
+                let f = self.modules().function(module, name)?;
+                let got = f
+                    .get_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                    )
+                    .map_err(|e| super::device::cuda("cuFuncGetAttribute", e))?;
+                Ok((name, u32::try_from(got).unwrap_or(u32::MAX), shared_memory(k, p).fixed))
+            })
+            .collect()
     }
 }
 
