@@ -279,9 +279,14 @@ fn tile_m64_matches_cpu_and_the_128_tile(p: Precision) {
     let mut rng = SplitMix64::fresh(&format!("conv_nhwc_eval_m64_{p}"));
     const WIDE: usize = 80;
     let name = |s: &Conv2d| {
-        // From sm_90 on; below (sm_80's 163 KiB per block) only at tf32 (conv.rs's
-        // `NhwcTile::choose`).
-        let fits = g.info().compute_capability.0 >= 9 || p == Precision::Tf32;
+        // Where the device gives a block its shared memory, 164 KiB at bf16, 139 KiB at tf32
+        // (conv.rs's `shared_memory`): sm_90 both, sm_80 (163 KiB) tf32 only.
+        let need = if p == Precision::Bf16 {
+            167_936
+        } else {
+            142_336
+        };
+        let fits = g.shared_memory_per_block() >= need;
         let tile = if s.c_out <= 64 && fits { "_m64" } else { "" };
         format!("conv2d_fwd_bn_mma_nhwc_{p}{tile}")
     };

@@ -182,10 +182,16 @@ fn gpu_bwd_data(g: &CudaBackend, s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> 
     g.download(&dx).expect("download")
 }
 
-/// Whether `g` runs the 64 x 256 tile's f32-storage kernels at its precision: from sm_90 on
-/// always; below (sm_80's 163 KiB per block) only at tf32 (conv.rs, `NhwcTile::choose`).
+/// Whether `g` runs the 64 x 256 tile's f32-storage kernels at its precision: where the
+/// device gives a block their shared memory, 164 KiB at bf16 and 139 KiB at tf32 with the
+/// pixel table (conv.rs's `shared_memory`): sm_90 both, sm_80 (163 KiB) tf32 only.
 fn m64_fits(g: &CudaBackend) -> bool {
-    g.info().compute_capability.0 >= 9 || g.precision() == Precision::Tf32
+    let need = if g.precision() == Precision::Bf16 {
+        167_936
+    } else {
+        142_336
+    };
+    g.shared_memory_per_block() >= need
 }
 
 /// The native data-gradient kernel of `s` on `g` (the diagnostic): the 64 x 256 tile's

@@ -1541,46 +1541,34 @@ pub fn conv2d_bn_eval_fwd_nhwc_by_transposes<B: Backend + ?Sized>(
     relu: bool,
     y: &mut B::Buf,
 ) -> Result<()> {
-    let t_in = Transpose {
-        n: s.n,
-        c: s.c_in,
-        hw: s.h * s.w,
-    };
-    let t_out = Transpose {
-        n: s.n,
-        c: s.c_out,
-        hw: s.out_h() * s.out_w(),
-    };
-    eval_unit_through_scratch(
-        be,
-        s,
-        x,
-        residual,
-        y,
-        |is_residual, src, dst| be.nhwc_to_nchw(if is_residual { &t_out } else { &t_in }, src, dst),
-        |src, dst| be.nchw_to_nhwc(&t_out, src, dst),
-        |xt, rt, yt| {
-            be.conv2d_bn_eval_fwd(
-                s,
-                bn,
-                xt,
-                w,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                rt,
-                relu,
-                yt,
-            )
-        },
-    )
+    if s.y_len() == 0 {
+        return Ok(());
+    }
+    let (t_in, t_out) = conv_transposes(s);
+    let mut ins = vec![(x, t_in)];
+    if let Some(r) = residual {
+        ins.push((r, t_out));
+    }
+    nchw_between_layout_changes(be, &ins, &mut [(y, t_out)], |i, o| {
+        be.conv2d_bn_eval_fwd(
+            s,
+            bn,
+            &i[0],
+            w,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            i.get(1),
+            relu,
+            &mut o[0],
+        )
+    })
 }
 
-/// The one mechanism of the scratch runners ([`eval_unit_through_scratch`],
-/// [`nchw_between_layout_changes`], [`through_bf16_storage`]): each of `inputs` (a buffer and
-/// what its conversion needs, `D`) converted by `into` into a [`Backend::scratch`] buffer of
-/// `len` values, `run` on those and on scratch buffers of `len` values for the `outputs`,
+/// The one mechanism of the scratch runners ([`nchw_between_layout_changes`],
+/// [`through_bf16_storage`]): each of `inputs` (a buffer and what its conversion needs, `D`)
+/// converted by `into` into a [`Backend::scratch`] buffer of `len` values, `run` on those and on scratch buffers of `len` values for the `outputs`,
 /// each of which is then converted by `back` into its output; every scratch buffer given
 /// back whatever happens (an input's even when its conversion fails).
 fn through_scratch<B: Backend + ?Sized, D>(
@@ -1614,42 +1602,6 @@ fn through_scratch<B: Backend + ?Sized, D>(
         be.recycle(b);
     }
     r
-}
-
-/// An eval unit run on converted copies: x (and the residual) converted by `input`
-/// (`is_residual` says which) into [`Backend::scratch`] buffers of `s.x_len()` (and
-/// `s.y_len()`) values, `run` on them into a third of `s.y_len()`, that one converted into y
-/// by `output`; the scratch given back whatever happens (`through_scratch`). What
-/// [`conv2d_bn_eval_fwd_nhwc_by_transposes`] (layout changes) and CUDA's bf16-storage unit by
-/// conversions (unpack / pack) share. Nothing runs for an empty output.
-#[allow(clippy::too_many_arguments)]
-pub fn eval_unit_through_scratch<B: Backend + ?Sized>(
-    be: &B,
-    s: &Conv2d,
-    x: &B::Buf,
-    residual: Option<&B::Buf>,
-    y: &mut B::Buf,
-    input: impl Fn(bool, &B::Buf, &mut B::Buf) -> Result<()>,
-    output: impl Fn(&B::Buf, &mut B::Buf) -> Result<()>,
-    run: impl FnOnce(&B::Buf, Option<&B::Buf>, &mut B::Buf) -> Result<()>,
-) -> Result<()> {
-    if s.y_len() == 0 {
-        return Ok(());
-    }
-    // (is the residual, values) of each operand.
-    let mut ins = vec![(x, (false, s.x_len()))];
-    if let Some(r) = residual {
-        ins.push((r, (true, s.y_len())));
-    }
-    through_scratch(
-        be,
-        &ins,
-        &mut [(y, (false, s.y_len()))],
-        |_, &(_, values)| values,
-        |&(is_residual, _), src, dst| input(is_residual, src, dst),
-        |_, src, dst| output(src, dst),
-        |i, o| run(&i[0], i.get(1), &mut o[0]),
-    )
 }
 
 /// The layout changes of a convolution's input `[n, c_in, h*w]` and output
@@ -1691,8 +1643,8 @@ fn check_conv_bn_train<B: Backend + ?Sized>(
 /// [`Backend::scratch`] buffer of its length, `run` on those and on NCHW scratch buffers as
 /// long as the `outputs`, each of which is then changed into its NHWC output; the scratch
 /// given back whatever happens (`through_scratch`). The layout changes copy values, so the
-/// result is bit for bit the NCHW op's. The trait's defaults of the channels-last training ops
-/// ([`conv2d_bn_train_fwd_nhwc_by_transposes`], [`Backend::batchnorm_bwd_nhwc`],
+/// result is bit for bit the NCHW op's. The trait's defaults of the channels-last ops
+/// ([`conv2d_bn_eval_fwd_nhwc_by_transposes`], [`conv2d_bn_train_fwd_nhwc_by_transposes`], [`Backend::batchnorm_bwd_nhwc`],
 /// [`Backend::conv2d_bwd_data_nhwc`], [`Backend::conv2d_bwd_weight_nhwc`]), and a backend's
 /// fallback where its native channels-last kernel does not run a shape. The lengths are
 /// the caller's (checked by its op; the ops run here check them again).

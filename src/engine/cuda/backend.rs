@@ -28,8 +28,8 @@ use super::{
 use crate::engine::backend::{
     conv2d_bn_eval_fwd_nhwc_by_transposes, conv2d_bn_train_fwd_nhwc_bf16_by_conversions,
     conv2d_bn_train_fwd_nhwc_by_transposes, conv2d_bwd_data_nhwc_by_transposes,
-    conv2d_bwd_weight_nhwc_by_transposes, eval_unit_through_scratch, nchw_between_layout_changes,
-    through_bf16_storage, Backend,
+    conv2d_bwd_weight_nhwc_by_transposes, nchw_between_layout_changes, through_bf16_storage,
+    Backend,
 };
 use crate::engine::shapes::{
     BatchNorm2d, ChannelCopy, Conv2d, Lstm, Pool2d, SoftDice, Transpose, UpConv2d,
@@ -52,6 +52,11 @@ pub struct CudaBackend {
     /// Whether the bf16-storage channels-last eval and training forwards take the sm_90a
     /// `wgmma` kernels where they can (`conv_wgmma.rs`; [`CudaBackend::set_wgmma`]; off by default).
     wgmma: bool,
+    /// The shared memory one block may use, what the tensor-core convolutions' kernels are
+    /// chosen by (`conv.rs`, `TcKernel`): the device's opt-in limit
+    /// ([`DeviceInfo::shared_memory_per_block`]) unless a test lowered it
+    /// ([`CudaBackend::limit_shared_memory_for_tests`]).
+    smem_limit: u32,
     /// The layout of the eval-mode backbone's activations ([`LayoutChoice`]).
     eval_layout: LayoutChoice,
     /// The layout of the training-mode backbone's activations ([`LayoutChoice`]).
@@ -138,6 +143,7 @@ impl CudaBackend {
             }
         };
         let modules = Arc::new(ModuleCache::new(ctx.clone(), info.compute_capability));
+        let smem_limit = info.shared_memory_per_block;
         // The copy stream of the staged uploads.
         let arena = Arc::new(Arena::default());
         arena.set_copy_stream(ctx.new_stream().map_err(|e| cuda("cuStreamCreate", e))?);
@@ -151,6 +157,7 @@ impl CudaBackend {
             precision: Precision::F32,
             mma_route: conv::MmaRoute::default(),
             wgmma: std::env::var("ICHCAM_WGMMA").is_ok_and(|v| v == "1"),
+            smem_limit,
             eval_layout: LayoutChoice::default(),
             train_layout: LayoutChoice::default(),
             eval_storage: StorageChoice::default(),
@@ -173,6 +180,32 @@ impl CudaBackend {
     /// the emulated driver only (docs/precision.md).
     pub fn set_wgmma(&mut self, on: bool) {
         self.wgmma = on;
+    }
+
+    /// The shared memory (static and dynamic, bytes) a block of this backend's kernels may
+    /// use: the device's opt-in limit, or what [`CudaBackend::limit_shared_memory_for_tests`]
+    /// lowered it to. Every tensor-core convolution kernel is chosen to fit it (`conv.rs`).
+    pub fn shared_memory_per_block(&self) -> u32 {
+        self.smem_limit
+    }
+
+    /// FOR TESTS: makes this backend (not its clones made before) choose its tensor-core
+    /// convolution kernels as on a device that gives a block only `bytes` of shared memory
+    /// (99 KiB as sm_86 / sm_89, 64 KiB as sm_75, ...), to check the fallbacks on a device
+    /// that gives more (the emulated driver's 227 KiB). The kernels still run on this device,
+    /// which does not enforce the lowered limit; what fits is decided here. An error (the
+    /// limit unchanged) above the device's own limit, which it never raises, and below the
+    /// 48 KiB every CUDA device gives a block (the WMMA kernels' floor).
+    pub fn limit_shared_memory_for_tests(&mut self, bytes: u32) -> Result<()> {
+        let device = self.info.shared_memory_per_block;
+        if bytes > device || bytes < conv::SMEM_FLOOR {
+            return Err(EngineError::Param(format!(
+                "limit_shared_memory_for_tests: {bytes} bytes is outside {}..={device} (48 KiB to the device's limit)",
+                conv::SMEM_FLOOR
+            )));
+        }
+        self.smem_limit = bytes;
+        Ok(())
     }
 
     /// Whether the wgmma kernel is opted in ([`CudaBackend::set_wgmma`]).
@@ -630,33 +663,28 @@ impl CudaBackend {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        eval_unit_through_scratch(
-            self,
-            s,
-            x,
-            residual,
-            y,
-            |is_residual, src, dst| {
-                let len = if is_residual { s.y_len() } else { s.x_len() };
-                channels::unpack_bf16(self, len, src, dst)
-            },
-            |src, dst| channels::pack_bf16(self, s.y_len(), src, dst),
-            |xf, rf, yf| {
-                self.conv2d_bn_eval_fwd_nhwc(
-                    s,
-                    bn,
-                    xf,
-                    w,
-                    gamma,
-                    beta,
-                    running_mean,
-                    running_var,
-                    rf,
-                    relu,
-                    yf,
-                )
-            },
-        )
+        if s.y_len() == 0 {
+            return Ok(());
+        }
+        let mut ins = vec![(x, s.x_len())];
+        if let Some(r) = residual {
+            ins.push((r, s.y_len()));
+        }
+        through_bf16_storage(self, &ins, &mut [(y, s.y_len())], |i, o| {
+            self.conv2d_bn_eval_fwd_nhwc(
+                s,
+                bn,
+                &i[0],
+                w,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                i.get(1),
+                relu,
+                &mut o[0],
+            )
+        })
     }
 }
 

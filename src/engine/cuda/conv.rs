@@ -33,7 +33,10 @@
 //! ([`CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`]: a bf16-only ring, the same split).
 //! The channels-last forwards and data gradients (f32 and bf16 storage) launch a 64 x 256
 //! tile instead of 128 x 128 (the `_m64` kernels, `NhwcTile`) where the GEMM's M, `c_out`
-//! of a forward or `c_in` of a data gradient, is at most 64.
+//! of a forward or `c_in` of a data gradient, is at most 64. Every tensor-core kernel is taken
+//! only where its shared memory (one table: [`TcKernel`], [`shared_memory`]) fits what the
+//! device gives a block ([`CudaBackend::fits`]); elsewhere a smaller tile, or the fallback
+//! (WMMA for NCHW, layout changes or conversions for channels-last) runs.
 
 use cudarc::driver::CudaSlice;
 
@@ -146,15 +149,17 @@ const TC: Tiling = Tiling {
     smem: 0,
     vec: None,
 };
-/// The `mma.sync` kernels of `conv_tc.cu` at precision `p` with their copy paths `vec`.
-fn mma_tiling(p: Precision, vec: i32) -> Tiling {
-    Tiling {
+/// The 128 x 128 split-K `mma.sync` kernels of `conv_tc.cu` (`k`: the NCHW weight gradient,
+/// the channels-last ones) at `be`'s precision with their copy paths `vec`; an error where
+/// `k`'s shared memory does not fit `be`'s limit ([`CudaBackend::smem_dynamic`]).
+fn mma_tiling(be: &CudaBackend, op: &'static str, k: TcKernel, vec: i32) -> Result<Tiling> {
+    Ok(Tiling {
         threads: MMA_THREADS,
         bk: MMA_BK,
         side: MMA_TILE,
-        smem: mma_smem(p),
+        smem: be.smem_dynamic(op, k)?,
         vec: Some(vec),
-    }
+    })
 }
 
 /// Block tile (both sides) of the bf16 `mma.sync` forward (`MBM`, `MBN` in conv_tc.cu).
@@ -163,14 +168,86 @@ const MMA_TILE: usize = 128;
 const MMA_THREADS: u32 = 256;
 /// Its K tile (`MBK`).
 const MMA_BK: usize = 32;
-/// Their dynamic shared memory (`MMA_SMEM` in conv_tc.cu: 3 f32 stages and, at bf16, the
-/// bf16 tile; `MMA_SMEM_F32` at tf32), over the 48 KiB a block gets without the opt-in
-/// (`launch.rs` opts in).
-fn mma_smem(p: Precision) -> u32 {
-    match p {
-        Precision::Bf16 => 124_928,
-        _ => 105_984,
+
+/// The 48 KiB of shared memory every CUDA device gives a block (without the opt-in): the
+/// WMMA kernels' static arrays fit it ([`shared_memory`]), so they are the floor of every
+/// fallback, and [`CudaBackend::limit_shared_memory_for_tests`] goes no lower.
+pub(crate) const SMEM_FLOOR: u32 = 48 * 1024;
+
+/// A tensor-core convolution kernel (a family of them: forwards, gradients, epilogues) by the
+/// shared memory a block of it takes ([`shared_memory`]), which decides whether it runs on a
+/// device ([`CudaBackend::fits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TcKernel {
+    /// The 64x64 WMMA kernels (`conv2d_fwd_tf32`, ...; `weight`: the weight gradients, which
+    /// add a column table): the floor of the fallbacks, within the 48 KiB every device gives
+    /// ([`SMEM_FLOOR`]; the unit test `shared_memory_by_kernel_and_limit`), so no selection
+    /// asks (listed for the table and its test against the compiled kernels).
+    Wmma { weight: bool },
+    /// The 128x128 NCHW `mma.sync` kernels (`conv2d_*_mma_*`: forwards, data and weight
+    /// gradients).
+    MmaNchw,
+    /// The channels-last forwards and data gradients on f32 activations, of a tile.
+    MmaNhwc(NhwcTile),
+    /// The channels-last forwards and data gradients on bf16 activations, of a tile.
+    MmaNhwcBf16s(NhwcTile),
+    /// The channels-last weight gradient on f32 activations.
+    WgradNhwc,
+    /// The channels-last weight gradient on bf16 activations.
+    WgradNhwcBf16s,
+    /// The sm_90a `wgmma` eval forward (`conv_wgmma.rs`, both channel tiles).
+    Wgmma,
+}
+
+/// The shared memory of one block of a kernel, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SharedMemory {
+    /// Asked for at launch (`launch.rs` opts the function in above 48 KiB).
+    pub dynamic: u32,
+    /// Declared in the kernel (`__shared__` arrays: the channels-last pixel tables of 16
+    /// bytes per pixel, the WMMA kernels' stages).
+    pub fixed: u32,
+}
+
+impl SharedMemory {
+    /// What the block needs of the device's per-block limit.
+    pub fn total(self) -> u32 {
+        self.dynamic + self.fixed
     }
+}
+
+/// The one table of what each tensor-core convolution kernel takes of a block's shared memory
+/// at precision `p` (the sizes `kernels/conv_tc.cu` and `kernels/conv_wgmma.cu` assert):
+///
+/// | kernel | dynamic (bf16 / tf32) | static |
+/// | --- | --- | --- |
+/// | WMMA 64x64 (`TC_STAGES` 4) | 0 | 47_104 / 40_960 (+256 weight gradients) |
+/// | NCHW mma 128x128 (`MMA_SMEM`, 3 f32 stages + bf16 tile) | 124_928 / 105_984 | 0 |
+/// | NHWC mma 128x128 (`MmaB<true>`) | 131_072 / 110_592 | 2_048 (pixels) |
+/// | NHWC mma 64x256 (`MmaBNhwc64`) | 163_840 / 138_240 | 4_096 |
+/// | NHWC bf16 storage 128x128 (`Bf16sRing<128>`, 6 stages) | 122_880 | 2_048 |
+/// | NHWC bf16 storage 64x256 (`Bf16sRing<64>`) | 153_600 | 4_096 |
+/// | NHWC weight gradient (`WgradNhwc`) | 118_784 / 101_376 | 0 |
+/// | NHWC bf16-storage weight gradient (`WS_SMEM`, 6 stages) | 104_448 | 0 |
+/// | wgmma (`WG_SMEM`, 4 stages) | 134_144 | 0 |
+///
+/// The bf16-storage and wgmma kernels run at bf16 only (their sizes do not depend on `p`).
+pub(crate) fn shared_memory(k: TcKernel, p: Precision) -> SharedMemory {
+    let bf16 = p == Precision::Bf16;
+    let by_p = |b: u32, t: u32| if bf16 { b } else { t };
+    let (dynamic, fixed) = match k {
+        TcKernel::Wmma { weight } => (0, by_p(47_104, 40_960) + if weight { 256 } else { 0 }),
+        TcKernel::MmaNchw => (by_p(124_928, 105_984), 0),
+        TcKernel::MmaNhwc(t) => (
+            t.pick(by_p(131_072, 110_592), by_p(163_840, 138_240)),
+            t.pixel_table(),
+        ),
+        TcKernel::MmaNhwcBf16s(t) => (t.pick(122_880, 153_600), t.pixel_table()),
+        TcKernel::WgradNhwc => (by_p(118_784, 101_376), 0),
+        TcKernel::WgradNhwcBf16s => (104_448, 0),
+        TcKernel::Wgmma => (super::conv_wgmma::WG_SMEM, 0),
+    };
+    SharedMemory { dynamic, fixed }
 }
 
 /// The block tile of the channels-last `mma.sync` kernels (`MmaTile` in conv_tc.cu; the
@@ -182,33 +259,25 @@ fn mma_smem(p: Precision) -> u32 {
 /// 64 x 256 shared memory the device cannot give a block ([`NhwcTile::choose`]). Which one is
 /// faster on a GPU is not measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum NhwcTile {
+pub(crate) enum NhwcTile {
     /// 128 x 128.
     Square,
     /// 64 rows x 256 pixels.
     M64,
 }
 
-/// The shared memory (dynamic and static) a block may opt into below compute capability 9.0:
-/// 163 KiB on sm_80 / sm_87 (sm_86 / sm_89 allow 99 KiB, less than any channels-last mma
-/// kernel needs); 227 KiB from sm_90 on, which every one of them fits.
-const SMEM_OPTIN_SM80: u32 = 166_912;
-/// The static shared memory of the 64 x 256 kernels: the pixel table, 256 x 16 bytes.
-const PIXEL_TABLE_M64: u32 = 4096;
-
 impl NhwcTile {
-    /// The tile of a GEMM with `rows` rows on a device of compute capability `cc_major`.x,
-    /// for a kernel whose 64 x 256 instantiation takes `m64_smem` bytes of dynamic shared
-    /// memory: 64 x 256 for at most 64 rows where the block's shared memory fits (always from
-    /// sm_90 on; below, within [`SMEM_OPTIN_SM80`]: the tf32 and bf16-storage kernels, not
-    /// the f32-storage bf16 ones, whose 164 KiB would fail the launch on an A100), else
-    /// 128 x 128.
-    fn choose(rows: usize, cc_major: i32, m64_smem: u32) -> Self {
-        let fits = cc_major >= 9 || m64_smem + PIXEL_TABLE_M64 <= SMEM_OPTIN_SM80;
-        if rows <= 64 && fits {
-            NhwcTile::M64
+    /// The tile of a GEMM with `rows` rows where `fits` says which tiles' kernels the device
+    /// can give their shared memory ([`CudaBackend::fits`]): 64 x 256 for at most 64 rows
+    /// where it fits, else 128 x 128 where that fits (it takes less), else None (the caller
+    /// falls back: layout changes around the NCHW path, or conversions out of bf16 storage).
+    fn choose(rows: usize, fits: impl Fn(NhwcTile) -> bool) -> Option<Self> {
+        if rows <= 64 && fits(NhwcTile::M64) {
+            Some(NhwcTile::M64)
+        } else if fits(NhwcTile::Square) {
+            Some(NhwcTile::Square)
         } else {
-            NhwcTile::Square
+            None
         }
     }
     /// Rows (channels) per block.
@@ -225,24 +294,10 @@ impl NhwcTile {
             NhwcTile::M64 => 256,
         }
     }
-    /// The dynamic shared memory of its f32-storage kernels at `p` (`MmaB<true, false, BM,
-    /// BN>` in conv_tc.cu: 3 f32 stages of A `[BM][32+4]` and B `[BN][32+4]`, and at bf16 the
-    /// bf16 tile, A `[BM][32+8]` and B `[BN][32+8]`).
-    fn smem(self, p: Precision) -> u32 {
-        match (self, p) {
-            (NhwcTile::Square, Precision::Bf16) => 131_072,
-            (NhwcTile::Square, _) => 110_592,
-            (NhwcTile::M64, Precision::Bf16) => 163_840,
-            (NhwcTile::M64, _) => 138_240,
-        }
-    }
-    /// The dynamic shared memory of its bf16-storage kernels (`Bf16sRing<BM>` in conv_tc.cu:
-    /// 6 bf16 stages of A `[BM][32+8]` and B `[BN][32+8]`, 20 or 25 KiB each).
-    fn smem_bf16s(self) -> u32 {
-        match self {
-            NhwcTile::Square => 122_880,
-            NhwcTile::M64 => 153_600,
-        }
+    /// The static shared memory of its kernels: the pixel table, 16 bytes per pixel
+    /// (`NhwcPixel pix[BN]`).
+    fn pixel_table(self) -> u32 {
+        self.pixels() as u32 * 16
     }
     /// Of a kernel's two variants (`square`, `m64`), this tile's.
     fn pick<T>(self, square: T, m64: T) -> T {
@@ -250,6 +305,119 @@ impl NhwcTile {
             NhwcTile::Square => square,
             NhwcTile::M64 => m64,
         }
+    }
+}
+
+impl CudaBackend {
+    /// FOR TESTS: per tensor-core kernel family of [`shared_memory`] (one kernel of each, and
+    /// both precisions where they differ), the kernel's name, the static shared memory the
+    /// driver reports for it (`CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES`, from the compiled code)
+    /// and the table's: tests/cuda_conv_smem_limit.rs asserts they agree. The wgmma kernel on
+    /// compute capability 9.0 only (its module is compiled for sm_90a there).
+    #[doc(hidden)]
+    pub fn tc_static_shared_memory(&self) -> Result<Vec<(&'static str, u32, u32)>> {
+        use NhwcTile::{Square, M64};
+        use Precision::{Bf16, Tf32};
+        let mut list = vec![
+            (
+                "conv_tc",
+                "conv2d_fwd_bf16",
+                TcKernel::Wmma { weight: false },
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_tf32",
+                TcKernel::Wmma { weight: false },
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_bf16",
+                TcKernel::Wmma { weight: true },
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_tf32",
+                TcKernel::Wmma { weight: true },
+                Tf32,
+            ),
+            ("conv_tc", "conv2d_fwd_bn_mma_bf16", TcKernel::MmaNchw, Bf16),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_tf32",
+                TcKernel::MmaNchw,
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_bn_mma_nhwc_bf16",
+                TcKernel::MmaNhwc(Square),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_data_mma_nhwc_tf32",
+                TcKernel::MmaNhwc(Square),
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_stats_mma_nhwc_tf32_m64",
+                TcKernel::MmaNhwc(M64),
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_data_mma_nhwc_bf16_m64",
+                TcKernel::MmaNhwc(M64),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_bn_mma_nhwc_bf16s",
+                TcKernel::MmaNhwcBf16s(Square),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_data_mma_nhwc_bf16s_m64",
+                TcKernel::MmaNhwcBf16s(M64),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_nhwc_bf16",
+                TcKernel::WgradNhwc,
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_nhwc_bf16s",
+                TcKernel::WgradNhwcBf16s,
+                Bf16,
+            ),
+        ];
+        if self.info().compute_capability == (9, 0) {
+            list.push((
+                "conv_wgmma",
+                "conv2d_fwd_bn_wgmma_n128",
+                TcKernel::Wgmma,
+                Bf16,
+            ));
+        }
+        list.into_iter()
+            .map(|(module, name, k, p)| {
+                let f = self.modules().function(module, name)?;
+                let got = f
+                    .get_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                    )
+                    .map_err(|e| super::device::cuda("cuFuncGetAttribute", e))?;
+                Ok((name, u32::try_from(got).unwrap_or(u32::MAX), shared_memory(k, p).fixed))
+            })
+            .collect()
     }
 }
 
@@ -261,7 +429,8 @@ pub enum MmaRoute {
     /// By the layer's size (`mma_route`, `mma_route_weight` in this module): the large layers.
     #[default]
     Auto,
-    /// Every tf32 / bf16 convolution.
+    /// Every tf32 / bf16 convolution (whose kernel's shared memory the device gives a block:
+    /// `CudaBackend::fits`; WMMA elsewhere).
     Always,
     /// None: the WMMA kernels (and their split-K paths) for every layer.
     Never,
@@ -375,17 +544,51 @@ fn bf16s_bwd_weight_len(s: &Conv2d) -> usize {
 }
 
 impl CudaBackend {
-    /// The tile of this backend's f32-storage channels-last kernels (at its precision) for a
-    /// GEMM of `rows` rows ([`NhwcTile::choose`]).
-    fn nhwc_tile(&self, rows: usize) -> NhwcTile {
-        let m64 = NhwcTile::M64.smem(self.precision());
-        NhwcTile::choose(rows, self.info().compute_capability.0, m64)
+    /// Whether a block of `k` (at this backend's precision) fits the shared memory a block
+    /// may use here ([`shared_memory`] against [`CudaBackend::shared_memory_per_block`]):
+    /// what every tensor-core kernel selection asks before it takes a kernel.
+    pub(crate) fn fits(&self, k: TcKernel) -> bool {
+        shared_memory(k, self.precision()).total() <= self.shared_memory_per_block()
     }
 
-    /// The tile of the bf16-storage channels-last kernels for a GEMM of `rows` rows.
-    fn nhwc_tile_bf16s(&self, rows: usize) -> NhwcTile {
-        let m64 = NhwcTile::M64.smem_bf16s();
-        NhwcTile::choose(rows, self.info().compute_capability.0, m64)
+    /// The dynamic shared memory a launch of `k` asks for, or an error naming `op` where `k`
+    /// does not fit (the selections never take such a kernel: a guard against one that did).
+    pub(crate) fn smem_dynamic(&self, op: &str, k: TcKernel) -> Result<u32> {
+        let need = shared_memory(k, self.precision());
+        if need.total() > self.shared_memory_per_block() {
+            return Err(EngineError::Param(format!(
+                "{op}: {k:?} needs {} bytes of shared memory per block; {} gives {}",
+                need.total(),
+                self.info().name,
+                self.shared_memory_per_block()
+            )));
+        }
+        Ok(need.dynamic)
+    }
+
+    /// The tile of this backend's f32-storage channels-last kernels (at its precision) for a
+    /// GEMM of `rows` rows, or None where neither fits ([`NhwcTile::choose`]).
+    fn nhwc_tile(&self, rows: usize) -> Option<NhwcTile> {
+        NhwcTile::choose(rows, |t| self.fits(TcKernel::MmaNhwc(t)))
+    }
+
+    /// The tile of the bf16-storage channels-last kernels for a GEMM of `rows` rows, or None.
+    fn nhwc_tile_bf16s(&self, rows: usize) -> Option<NhwcTile> {
+        NhwcTile::choose(rows, |t| self.fits(TcKernel::MmaNhwcBf16s(t)))
+    }
+
+    /// [`CudaBackend::nhwc_tile`], or the error of `op` where no tile fits.
+    fn nhwc_tile_for(&self, op: &str, rows: usize) -> Result<NhwcTile> {
+        self.nhwc_tile(rows).ok_or_else(|| self.no_tile(op))
+    }
+
+    /// The error of a channels-last `op` launched where no tile's kernel fits.
+    fn no_tile(&self, op: &str) -> EngineError {
+        EngineError::Param(format!(
+            "{op}: no channels-last tile fits the {} bytes of shared memory per block of {}",
+            self.shared_memory_per_block(),
+            self.info().name
+        ))
     }
 
     /// A native kernel's name at this backend's precision where `runs` (the bf16 or the tf32
@@ -408,16 +611,20 @@ impl CudaBackend {
     /// the route is [`MmaRoute::Never`] (no `mma.sync` kernel), for every shape the kernels'
     /// 32-bit indexing holds (any kernel size, stride, padding and `c_in`). Unlike the NCHW
     /// forward's [`mma_route`], small layers are not sent elsewhere: the alternative is two
-    /// transposes around the NCHW path, and which is faster is not measured (no GPU).
+    /// transposes around the NCHW path, and which is faster is not measured (no GPU). Not
+    /// where neither tile's kernel fits the device's shared memory ([`NhwcTile::choose`]).
     pub(crate) fn conv_bn_eval_nhwc_native(&self, s: &Conv2d) -> bool {
-        self.precision().tensor_cores() && self.mma_route != MmaRoute::Never && geometry(s).is_ok()
+        self.precision().tensor_cores()
+            && self.mma_route != MmaRoute::Never
+            && geometry(s).is_ok()
+            && self.nhwc_tile(s.c_out).is_some()
     }
 
     /// The kernel the channels-last eval forward of `s` launches at this backend's precision
     /// and route (`conv2d_fwd_bn_mma_nhwc_bf16` / `_tf32`), or None where it does not run
     /// natively (at f32, or with the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = self.nhwc_tile(s.c_out).pick(
+        let (bf16, tf32) = self.nhwc_tile(s.c_out)?.pick(
             ("conv2d_fwd_bn_mma_nhwc_bf16", "conv2d_fwd_bn_mma_nhwc_tf32"),
             (
                 "conv2d_fwd_bn_mma_nhwc_bf16_m64",
@@ -463,8 +670,9 @@ impl CudaBackend {
         if s.y_len() == 0 {
             return Ok(());
         }
+        let tile = self.nhwc_tile_for("conv2d_bn_eval_fwd_nhwc", s.c_out)?;
         let k = mma_pick(self, |t| {
-            self.nhwc_tile(s.c_out).pick(
+            tile.pick(
                 (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32),
                 (&t.fwd_bn_mma_nhwc_bf16_m64, &t.fwd_bn_mma_nhwc_tf32_m64),
             )
@@ -500,7 +708,7 @@ impl CudaBackend {
     /// route (`conv2d_fwd_stats_mma_nhwc_bf16` / `_tf32`, with `_m64` for `c_out <= 64`), or
     /// None where it does not run natively; diagnostics and tests.
     pub fn conv_fwd_stats_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = self.nhwc_tile(s.c_out).pick(
+        let (bf16, tf32) = self.nhwc_tile(s.c_out)?.pick(
             (
                 "conv2d_fwd_stats_mma_nhwc_bf16",
                 "conv2d_fwd_stats_mma_nhwc_tf32",
@@ -545,8 +753,9 @@ impl CudaBackend {
                 self.mma_route
             )));
         }
+        let tile = self.nhwc_tile_for("conv2d_fwd_stats_nhwc", s.c_out)?;
         let k = mma_pick(self, |t| {
-            self.nhwc_tile(s.c_out).pick(
+            tile.pick(
                 (&t.fwd_stats_mma_nhwc_bf16, &t.fwd_stats_mma_nhwc_tf32),
                 (
                     &t.fwd_stats_mma_nhwc_bf16_m64,
@@ -572,12 +781,14 @@ impl CudaBackend {
     /// Whether [`CudaBackend::conv2d_bwd_data_nhwc_native`] runs `s` at this backend's
     /// precision: at tf32 and bf16, unless the route is [`MmaRoute::Never`], for every shape
     /// the kernels' 32-bit indexing holds (any kernel size, stride, padding, `c_in` and
-    /// `c_out`: 16- or 4-byte copies by [`mma_vec_nhwc_bwd_data`]).
+    /// `c_out`: 16- or 4-byte copies by [`mma_vec_nhwc_bwd_data`]), where a tile's kernel
+    /// fits the device's shared memory ([`NhwcTile::choose`] on `c_in`).
     pub(crate) fn conv_bwd_data_nhwc_native(&self, s: &Conv2d) -> bool {
         self.precision().tensor_cores()
             && self.mma_route != MmaRoute::Never
             && s.stride > 0
             && geometry(s).is_ok()
+            && self.nhwc_tile(s.c_in).is_some()
     }
 
     /// The kernel the channels-last data gradient of `s` (`Backend::conv2d_bwd_data_nhwc`)
@@ -585,7 +796,7 @@ impl CudaBackend {
     /// `_tf32`), or None where the op takes the layout changes around the NCHW kernels instead
     /// (f32, [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bwd_data_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = self.nhwc_tile(s.c_in).pick(
+        let (bf16, tf32) = self.nhwc_tile(s.c_in)?.pick(
             (
                 "conv2d_bwd_data_mma_nhwc_bf16",
                 "conv2d_bwd_data_mma_nhwc_tf32",
@@ -630,10 +841,10 @@ impl CudaBackend {
             return Ok(());
         }
         let g = geometry(s)?;
-        let tile = self.nhwc_tile(s.c_in);
+        let tile = self.nhwc_tile_for(OP, s.c_in)?;
         let (gx, _) = phase_grid(s, tile.pixels());
         let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
-        cfg.shared_mem_bytes = tile.smem(self.precision());
+        cfg.shared_mem_bytes = self.smem_dynamic(OP, TcKernel::MmaNhwc(tile))?;
         let kern = mma_pick(self, |t| {
             tile.pick(
                 (&t.bwd_data_mma_nhwc_bf16, &t.bwd_data_mma_nhwc_tf32),
@@ -671,23 +882,25 @@ impl CudaBackend {
     /// Whether [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`] runs `s` (activations
     /// stored in bf16): at bf16 only, unless the route is [`MmaRoute::Never`], for every shape
     /// the kernels' 32-bit indexing holds (any kernel size, stride, padding and `c_in`: 16-,
-    /// 4- or 2-byte copies of x by [`mma_vec_nhwc_bf16s`]; any `c_out`).
+    /// 4- or 2-byte copies of x by [`mma_vec_nhwc_bf16s`]; any `c_out`), where a tile's
+    /// kernel fits the device's shared memory ([`NhwcTile::choose`] on `c_out`).
     pub(crate) fn conv_bn_eval_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
         self.precision() == Precision::Bf16
             && self.mma_route != MmaRoute::Never
             && geometry(s).is_ok()
             && dim(s.c_out * bf16s_weight_row(s)).is_ok()
+            && self.nhwc_tile_bf16s(s.c_out).is_some()
     }
 
     /// The kernel the bf16-storage channels-last eval forward of `s` launches
     /// (`conv2d_fwd_bn_mma_nhwc_bf16s`), or None where it does not run (not at bf16, or with
     /// the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        self.conv_bn_eval_nhwc_bf16s_native(s)
-            .then_some(self.nhwc_tile_bf16s(s.c_out).pick(
-                "conv2d_fwd_bn_mma_nhwc_bf16s",
-                "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
-            ))
+        let tile = self.nhwc_tile_bf16s(s.c_out)?;
+        self.conv_bn_eval_nhwc_bf16s_native(s).then_some(tile.pick(
+            "conv2d_fwd_bn_mma_nhwc_bf16s",
+            "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
+        ))
     }
 
     /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`] on activations stored in bf16: `x`
@@ -748,8 +961,9 @@ impl CudaBackend {
     /// The kernel the bf16-storage channels-last training forward of `s` launches
     /// (`conv2d_fwd_stats_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_fwd_stats_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        let tile = self.nhwc_tile_bf16s(s.c_out)?;
         self.conv_fwd_stats_nhwc_bf16s_native(s)
-            .then_some(self.nhwc_tile_bf16s(s.c_out).pick(
+            .then_some(tile.pick(
                 "conv2d_fwd_stats_mma_nhwc_bf16s",
                 "conv2d_fwd_stats_mma_nhwc_bf16s_m64",
             ))
@@ -793,23 +1007,25 @@ impl CudaBackend {
     /// Whether [`CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`] runs `s` (dy stored in bf16):
     /// at bf16 only, unless the route is [`MmaRoute::Never`], for every shape the kernels'
     /// 32-bit indexing holds (any kernel size, stride, padding, `c_in`; any `c_out`: 16-, 4- or
-    /// 2-byte copies of dy by [`mma_vec_nhwc_bf16s`] on `c_out`).
+    /// 2-byte copies of dy by [`mma_vec_nhwc_bf16s`] on `c_out`), where a tile's kernel fits
+    /// the device's shared memory ([`NhwcTile::choose`] on `c_in`).
     pub(crate) fn conv_bwd_data_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
         self.precision() == Precision::Bf16
             && self.mma_route != MmaRoute::Never
             && s.stride > 0
             && geometry(s).is_ok()
             && dim(bf16s_bwd_weight_len(s)).is_ok()
+            && self.nhwc_tile_bf16s(s.c_in).is_some()
     }
 
     /// The kernel the bf16-storage channels-last data gradient of `s` launches
     /// (`conv2d_bwd_data_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_bwd_data_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        self.conv_bwd_data_nhwc_bf16s_native(s)
-            .then_some(self.nhwc_tile_bf16s(s.c_in).pick(
-                "conv2d_bwd_data_mma_nhwc_bf16s",
-                "conv2d_bwd_data_mma_nhwc_bf16s_m64",
-            ))
+        let tile = self.nhwc_tile_bf16s(s.c_in)?;
+        self.conv_bwd_data_nhwc_bf16s_native(s).then_some(tile.pick(
+            "conv2d_bwd_data_mma_nhwc_bf16s",
+            "conv2d_bwd_data_mma_nhwc_bf16s_m64",
+        ))
     }
 
     /// [`CudaBackend::conv2d_bwd_data_nhwc_native`] with `dy` (`[n][out_h][out_w][c_out]`) in
@@ -844,10 +1060,12 @@ impl CudaBackend {
             return Ok(());
         }
         let g = geometry(s)?;
-        let tile = self.nhwc_tile_bf16s(s.c_in);
+        let tile = self
+            .nhwc_tile_bf16s(s.c_in)
+            .ok_or_else(|| self.no_tile(OP))?;
         let (gx, _) = phase_grid(s, tile.pixels());
         let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
-        cfg.shared_mem_bytes = tile.smem_bf16s();
+        cfg.shared_mem_bytes = self.smem_dynamic(OP, TcKernel::MmaNhwcBf16s(tile))?;
         let tc = tc_kernels(self)?;
         let len = bf16s_bwd_weight_len(s);
         // Two bf16 per f32 slot (len is a multiple of 8); never an empty buffer (c_out = 0:
@@ -946,9 +1164,10 @@ impl CudaBackend {
 }
 
 /// Whether `s`'s forward, data gradient and weight gradient on `be` take the `mma.sync`
-/// kernels (tf32 and bf16; f32 never).
+/// kernels (tf32 and bf16; f32 never; nor where their shared memory does not fit the
+/// device's: the WMMA kernels then, whose static 46 KiB every device gives).
 fn takes_mma(be: &CudaBackend, s: &Conv2d) -> [bool; 3] {
-    if !be.precision().tensor_cores() {
+    if !be.precision().tensor_cores() || !be.fits(TcKernel::MmaNchw) {
         return [false; 3];
     }
     match be.mma_route {
@@ -968,8 +1187,8 @@ fn takes_mma(be: &CudaBackend, s: &Conv2d) -> [bool; 3] {
 
 /// The `mma.sync` forward of `s` (`conv2d_fwd_mma_*`, or with `fused` its epilogue's kernel,
 /// `conv2d_fwd_bn_mma_*` / `conv2d_fwd_stats_mma_*`) at the backend's precision: one launch
-/// of (pixel tiles, channel tiles) 128x128 blocks, 256 threads, with [`mma_smem`] of dynamic
-/// shared memory, never split over K.
+/// of (pixel tiles, channel tiles) 128x128 blocks, 256 threads, with the dynamic shared memory
+/// of [`TcKernel::MmaNchw`], never split over K.
 ///
 /// # Safety
 /// As [`launch_split`]'s: `x`, `w`, `y` and the epilogue's buffers hold the lengths `s`
@@ -991,7 +1210,7 @@ unsafe fn launch_mma(
         (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = mma_smem(be.precision());
+    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNchw)?;
     let vec = mma_vec(s, be.ptr(x), be.ptr(w));
     let relu = match &fused {
         Some(Fused::Bn(_, ep)) => ep.relu as i32,
@@ -1019,7 +1238,7 @@ unsafe fn launch_mma(
 /// `conv2d_fwd_bn_mma_nhwc_*`, or the training forward `conv2d_fwd_stats_mma_nhwc_*`, at the
 /// backend's precision, the kernel `fused` carries being of the [`NhwcTile`] of `c_out`): one
 /// launch of (pixel tiles, channel tiles) blocks of that tile (128x128, or 64 channels x 256
-/// pixels), 256 threads, with [`NhwcTile::smem`] of dynamic shared memory, never split over K; the weights
+/// pixels), 256 threads, with [`TcKernel::MmaNhwc`]'s dynamic shared memory, never split over K; the weights
 /// with K ordered (kh, kw, c): `w` itself where that is OIHW's order (a 1x1, or one input
 /// channel), else an OHWI copy (`conv_weight_ohwi`) in arena scratch, given back after the
 /// launch (stream order keeps the next user after it).
@@ -1038,13 +1257,13 @@ unsafe fn launch_mma_nhwc(
 ) -> Result<()> {
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
-    let tile = be.nhwc_tile(s.c_out);
+    let tile = be.nhwc_tile_for(op, s.c_out)?;
     let mut cfg = blocks(
         op,
         (p.div_ceil(tile.pixels()), s.c_out.div_ceil(tile.rows()), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = tile.smem(be.precision());
+    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNhwc(tile))?;
     let khw = s.kh * s.kw;
     let wt = if khw > 1 && s.c_in > 1 {
         let mut wt = be.take_scratch(s.w_len())?;
@@ -1107,7 +1326,7 @@ enum Bf16sEpilogue<'a> {
 /// (`conv_weight_ohwi_bf16`) into arena scratch, given back after the launch (stream order
 /// keeps the next user after it), then one launch of (pixel tiles, channel tiles) blocks of
 /// the [`NhwcTile`] of `c_out` (128x128, or 64 channels x 256 pixels: the `_m64` kernels),
-/// 256 threads, [`NhwcTile::smem_bf16s`] of dynamic shared memory, never split over K.
+/// 256 threads, [`TcKernel::MmaNhwcBf16s`]'s dynamic shared memory, never split over K.
 ///
 /// # Safety
 /// `x`, `y` (and the residual) hold the bf16-storage lengths `s` gives, `w` `s.w_len()`,
@@ -1126,13 +1345,13 @@ unsafe fn launch_mma_nhwc_bf16s(
     };
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
-    let tile = be.nhwc_tile_bf16s(s.c_out);
+    let tile = be.nhwc_tile_bf16s(s.c_out).ok_or_else(|| be.no_tile(op))?;
     let mut cfg = blocks(
         op,
         (p.div_ceil(tile.pixels()), s.c_out.div_ceil(tile.rows()), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = tile.smem_bf16s();
+    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNhwcBf16s(tile))?;
     let tc = tc_kernels(be)?;
     let kp = bf16s_weight_row(s);
     let len = s.c_out * kp;
@@ -1499,7 +1718,7 @@ pub(crate) fn conv2d_bwd_data(
             (gx, s.c_in.div_ceil(MMA_TILE), 1),
             MMA_THREADS,
         )?;
-        cfg.shared_mem_bytes = mma_smem(be.precision());
+        cfg.shared_mem_bytes = be.smem_dynamic("conv2d_bwd_data", TcKernel::MmaNchw)?;
         // Bit 1 only: 16-byte copies of dy (1x1, stride 1, no padding: dy's rows are as x's).
         let vec = mma_vec(s, be.ptr(dy), be.ptr(w)) & 2;
         // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
@@ -1577,7 +1796,7 @@ pub(crate) fn conv2d_bwd_weight(
                 be,
                 OP,
                 kern,
-                mma_tiling(be.precision(), vec),
+                mma_tiling(be, OP, TcKernel::MmaNchw, vec)?,
                 grid_xy,
                 k,
                 x,
@@ -1768,16 +1987,6 @@ unsafe fn launch_split(
     r
 }
 
-/// The dynamic shared memory of the channels-last weight gradient (`WgradNhwc` in
-/// conv_tc.cu: 3 f32 stages of A (dy, transposed) `[32][128+4]` and B `[32][128+4]`, and at
-/// bf16 the bf16 tile, both `[32][128+8]`).
-fn mma_smem_wgrad_nhwc(p: Precision) -> u32 {
-    match p {
-        Precision::Bf16 => 118_784,
-        _ => 101_376,
-    }
-}
-
 /// The 16-byte cp.async paths of the channels-last weight gradient of `s`
 /// (`conv2d_bwd_weight_mma_nhwc_*`'s `vec`) for an NHWC input at device address `x_addr` and
 /// an NHWC output gradient at `dy_addr`: bit 0 when `c_out % 4 == 0` and `dy_addr % 16 == 0`
@@ -1789,10 +1998,6 @@ pub(crate) fn mma_vec_wgrad_nhwc(s: &Conv2d, x_addr: u64, dy_addr: u64) -> i32 {
     let b = s.c_in.is_multiple_of(4) && x_addr.is_multiple_of(16);
     i32::from(a) | (i32::from(b) << 1)
 }
-
-/// The dynamic shared memory of the bf16-storage channels-last weight gradient (`WS_SMEM` in
-/// conv_tc.cu: 6 bf16 stages of A (dy, transposed) and B, both `[32][128+8]`).
-const MMA_SMEM_WGRAD_NHWC_BF16S: u32 = 104_448;
 
 /// The copy paths of the bf16-storage channels-last weight gradient of `s`
 /// (`conv2d_bwd_weight_mma_nhwc_bf16s`'s `vec`) for x at device address `x_addr` and dy at
@@ -1817,9 +2022,16 @@ impl CudaBackend {
     /// indexing and its packed column decode hold (`c_in < 2^15`, `kh`, `kw` <= 255): any
     /// kernel size, stride, padding, `c_in` and `c_out`, small layers included (split over the
     /// pixels; the alternative is two transposes around the NCHW path, not measured: no GPU).
+    /// Not where its shared memory does not fit the device's ([`TcKernel::WgradNhwc`]).
     pub(crate) fn conv_bwd_weight_nhwc_native(&self, s: &Conv2d) -> bool {
-        self.precision().tensor_cores()
-            && self.mma_route != MmaRoute::Never
+        self.precision().tensor_cores() && self.wgrad_nhwc_runs(s) && self.fits(TcKernel::WgradNhwc)
+    }
+
+    /// What the channels-last weight-gradient kernels (f32 and bf16 storage) run: the route
+    /// not [`MmaRoute::Never`], and a shape their 32-bit indexing and packed column decode
+    /// hold.
+    fn wgrad_nhwc_runs(&self, s: &Conv2d) -> bool {
+        self.mma_route != MmaRoute::Never
             && geometry(s).is_ok()
             && s.c_in < 1 << 15
             && s.kh <= 255
@@ -1840,7 +2052,7 @@ impl CudaBackend {
     /// `dw = sum over the batch of x (*) dy` on channels-last activations: `x`
     /// `[n][h][w][c_in]`, `dy` `[n][out_h][out_w][c_out]`, `dw` OIHW (overwritten). One launch of
     /// `conv2d_bwd_weight_mma_nhwc_*` on (column tiles, channel tiles, splits) 128x128 blocks,
-    /// 256 threads, [`mma_smem_wgrad_nhwc`] of dynamic shared memory, split over the pixels
+    /// 256 threads, [`TcKernel::WgradNhwc`]'s dynamic shared memory, split over the pixels
     /// when the output tiles alone would not fill the GPU (the small late layers), each split
     /// into the arena-scratch workspace that `conv_splitk_reduce` then sums in split order
     /// (deterministic; [`launch_split`], as the NCHW weight gradient): nothing allocated once
@@ -1874,13 +2086,8 @@ impl CudaBackend {
         let kern = mma_pick(self, |t| {
             (&t.bwd_weight_mma_nhwc_bf16, &t.bwd_weight_mma_nhwc_tf32)
         })?;
-        let tiling = Tiling {
-            threads: MMA_THREADS,
-            bk: MMA_BK,
-            side: MMA_TILE,
-            smem: mma_smem_wgrad_nhwc(self.precision()),
-            vec: Some(mma_vec_wgrad_nhwc(s, self.ptr(x), self.ptr(dy))),
-        };
+        let vec = mma_vec_wgrad_nhwc(s, self.ptr(x), self.ptr(dy));
+        let tiling = mma_tiling(self, OP, TcKernel::WgradNhwc, vec)?;
         let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
         // SAFETY: x, dy and dw hold the lengths `s` gives (the caller's contract); an empty
         // reduction fills dw with zeros there.
@@ -1891,8 +2098,11 @@ impl CudaBackend {
     /// in bf16): at bf16 only, where [`CudaBackend::conv_bwd_weight_nhwc_native`] runs it (the
     /// same indexing and column decode; any kernel size, stride, padding and channel counts:
     /// 16-, 4- or 2-byte copies of each operand by [`mma_vec_wgrad_nhwc_bf16s`]).
+    /// Not where its shared memory does not fit the device's ([`TcKernel::WgradNhwcBf16s`]).
     pub(crate) fn conv_bwd_weight_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
-        self.precision() == Precision::Bf16 && self.conv_bwd_weight_nhwc_native(s)
+        self.precision() == Precision::Bf16
+            && self.wgrad_nhwc_runs(s)
+            && self.fits(TcKernel::WgradNhwcBf16s)
     }
 
     /// The kernel the bf16-storage channels-last weight gradient of `s` launches
@@ -1909,7 +2119,7 @@ impl CudaBackend {
     /// `len.div_ceil(2)` slots), `dw` OIHW f32 (overwritten). One launch of
     /// `conv2d_bwd_weight_mma_nhwc_bf16s` (a bf16-only ring, both operands copied as stored)
     /// on (column tiles, channel tiles, splits) 128x128 blocks, 256 threads,
-    /// [`MMA_SMEM_WGRAD_NHWC_BF16S`] of dynamic shared memory, split over the pixels as the
+    /// [`TcKernel::WgradNhwcBf16s`]'s dynamic shared memory, split over the pixels as the
     /// f32-storage kernel, the splits' workspace from arena scratch and summed in split order
     /// by `conv_splitk_reduce` (deterministic; [`launch_split`]): nothing allocated once warm,
     /// so capturable in a graph. An error where
@@ -1940,13 +2150,8 @@ impl CudaBackend {
         }
         let k = s.n * s.out_h() * s.out_w();
         let kern = &tc_kernels(self)?.bwd_weight_mma_nhwc_bf16s;
-        let tiling = Tiling {
-            threads: MMA_THREADS,
-            bk: MMA_BK,
-            side: MMA_TILE,
-            smem: MMA_SMEM_WGRAD_NHWC_BF16S,
-            vec: Some(mma_vec_wgrad_nhwc_bf16s(s, self.ptr(x), self.ptr(dy))),
-        };
+        let vec = mma_vec_wgrad_nhwc_bf16s(s, self.ptr(x), self.ptr(dy));
+        let tiling = mma_tiling(self, OP, TcKernel::WgradNhwcBf16s, vec)?;
         let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
         // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (the caller's
         // contract); an empty reduction fills dw with zeros there.
@@ -2011,61 +2216,113 @@ mod wgrad_nhwc_tests {
 mod tests {
     use super::{
         bf16s_bwd_weight_len, bf16s_copy_path, bf16s_weight_row, mma_route, mma_route_weight,
-        mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s, mma_vec_nhwc_bwd_data, NhwcTile, MMA_TILE,
+        mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s, mma_vec_nhwc_bwd_data, shared_memory, NhwcTile,
+        TcKernel, MMA_TILE, SMEM_FLOOR,
     };
     use crate::engine::shapes::Conv2d;
     use crate::engine::Precision;
 
-    /// The channels-last tile by the GEMM's rows and the device: 64 x 256 up to 64 rows, 128 x
-    /// 128 above (65..127 too: two 64-row tiles would leave as many rows empty); below sm_90
-    /// only where the 64 x 256 kernel's shared memory fits sm_80's 163 KiB (tf32 and bf16
-    /// storage, not the f32-storage bf16 kernel); both tiles 16,384 outputs per block; the
-    /// shared memory conv_tc.cu's static_asserts pin (`MmaB`, `Bf16sRing`).
+    /// The per-block shared-memory limits (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`)
+    /// of sm_90 / sm_100 (227 KiB), sm_80 / sm_87 (163 KiB), sm_86 / sm_89 (99 KiB), sm_75 (64 KiB).
+    const SM90: u32 = 232_448;
+    const SM80: u32 = 166_912;
+    const SM86: u32 = 101_376;
+    const SM75: u32 = 65_536;
+
+    fn fits(k: TcKernel, p: Precision, limit: u32) -> bool {
+        shared_memory(k, p).total() <= limit
+    }
+
+    /// The channels-last tile by the GEMM's rows and what fits: 64 x 256 up to 64 rows, 128 x
+    /// 128 above (65..127 too: two 64-row tiles would leave as many rows empty); where the
+    /// 64 x 256 kernel does not fit, 128 x 128 (sm_80's 163 KiB: the f32-storage bf16 kernel;
+    /// 150 KiB: the bf16-storage one too); where neither does, None (sm_86's 99 KiB, sm_75's
+    /// 64 KiB); both tiles 16,384 outputs per block.
     #[test]
     fn nhwc_tile_by_rows_and_device() {
-        let m64 = NhwcTile::M64;
-        let (bf16, tf32, bf16s) = (
-            m64.smem(Precision::Bf16),
-            m64.smem(Precision::Tf32),
-            m64.smem_bf16s(),
-        );
-        for (rows, tile) in [
-            (1, NhwcTile::M64),
-            (33, NhwcTile::M64),
-            (64, NhwcTile::M64),
-            (65, NhwcTile::Square),
-            (80, NhwcTile::Square),
-            (128, NhwcTile::Square),
-            (512, NhwcTile::Square),
+        use NhwcTile::{Square, M64};
+        type Kind = fn(NhwcTile) -> TcKernel;
+        let kinds: [(&str, Kind, Precision); 3] = [
+            ("bf16", TcKernel::MmaNhwc, Precision::Bf16),
+            ("tf32", TcKernel::MmaNhwc, Precision::Tf32),
+            ("bf16s", TcKernel::MmaNhwcBf16s, Precision::Bf16),
+        ];
+        for (rows, small) in [
+            (1, true),
+            (33, true),
+            (64, true),
+            (65, false),
+            (80, false),
+            (128, false),
+            (512, false),
         ] {
-            for cc in [9, 10] {
-                for smem in [bf16, tf32, bf16s] {
-                    assert_eq!(NhwcTile::choose(rows, cc, smem), tile, "{rows} rows");
+            for (name, kind, p) in kinds {
+                for (limit, m64_fits, square_fits) in [
+                    (SM90, true, true),
+                    (SM80, name != "bf16", true),
+                    (153_600, name == "tf32", true),
+                    (SM86, false, false),
+                    (SM75, false, false),
+                ] {
+                    let want = if small && m64_fits {
+                        Some(M64)
+                    } else if square_fits {
+                        Some(Square)
+                    } else {
+                        None
+                    };
+                    let got = NhwcTile::choose(rows, |t| fits(kind(t), p, limit));
+                    assert_eq!(got, want, "{rows} rows, {name}, limit {limit}");
                 }
             }
-            for smem in [tf32, bf16s] {
-                assert_eq!(NhwcTile::choose(rows, 8, smem), tile, "{rows} rows, sm_80");
-            }
-            assert_eq!(
-                NhwcTile::choose(rows, 8, bf16),
-                NhwcTile::Square,
-                "{rows} rows, sm_80"
-            );
         }
-        for t in [NhwcTile::Square, NhwcTile::M64] {
+        for t in [Square, M64] {
             assert_eq!(t.rows() * t.pixels(), 128 * 128);
-            assert_eq!(t.pick(1, 2), if t == NhwcTile::Square { 1 } else { 2 });
+            assert_eq!(t.pick(1, 2), if t == Square { 1 } else { 2 });
+            assert_eq!(t.pixel_table() as usize, t.pixels() * 16);
         }
-        assert_eq!([bf16, tf32, bf16s], [163_840, 138_240, 153_600]);
-        let sq = NhwcTile::Square;
-        assert_eq!(
-            [
-                sq.smem(Precision::Bf16),
-                sq.smem(Precision::Tf32),
-                sq.smem_bf16s()
-            ],
-            [131_072, 110_592, 122_880]
-        );
+    }
+
+    /// The table's totals (dynamic + static; the dynamic parts are what conv_tc.cu's and
+    /// conv_wgmma.cu's static_asserts pin) and what fits each device's limit: at 99 KiB only
+    /// the tf32 channels-last weight gradient (exactly 99 KiB), at 64 KiB no mma / wgmma
+    /// kernel; the WMMA kernels within the 48 KiB floor everywhere.
+    #[test]
+    fn shared_memory_by_kernel_and_limit() {
+        use NhwcTile::{Square, M64};
+        use Precision::{Bf16, Tf32};
+        let all: [(TcKernel, Precision, u32); 19] = [
+            (TcKernel::Wmma { weight: false }, Bf16, 47_104),
+            (TcKernel::Wmma { weight: true }, Bf16, 47_360),
+            (TcKernel::Wmma { weight: false }, Tf32, 40_960),
+            (TcKernel::Wmma { weight: true }, Tf32, 41_216),
+            (TcKernel::MmaNchw, Bf16, 124_928),
+            (TcKernel::MmaNchw, Tf32, 105_984),
+            (TcKernel::MmaNhwc(Square), Bf16, 133_120),
+            (TcKernel::MmaNhwc(Square), Tf32, 112_640),
+            (TcKernel::MmaNhwc(M64), Bf16, 167_936),
+            (TcKernel::MmaNhwc(M64), Tf32, 142_336),
+            (TcKernel::MmaNhwcBf16s(Square), Bf16, 124_928),
+            (TcKernel::MmaNhwcBf16s(M64), Bf16, 157_696),
+            (TcKernel::WgradNhwc, Bf16, 118_784),
+            (TcKernel::WgradNhwc, Tf32, 101_376),
+            (TcKernel::WgradNhwcBf16s, Bf16, 104_448),
+            (TcKernel::Wgmma, Bf16, 134_144),
+            (TcKernel::Wgmma, Tf32, 134_144),
+            (TcKernel::MmaNhwcBf16s(Square), Tf32, 124_928),
+            (TcKernel::WgradNhwcBf16s, Tf32, 104_448),
+        ];
+        for (k, p, total) in all {
+            assert_eq!(shared_memory(k, p).total(), total, "{k:?} at {p}");
+            let wmma = matches!(k, TcKernel::Wmma { .. });
+            assert_eq!(fits(k, p, SMEM_FLOOR), wmma, "{k:?} at {p}: 48 KiB");
+            assert_eq!(fits(k, p, SM75), wmma, "{k:?} at {p}: 64 KiB");
+            let sm86 = wmma || (k == TcKernel::WgradNhwc && p == Tf32);
+            assert_eq!(fits(k, p, SM86), sm86, "{k:?} at {p}: 99 KiB");
+            let sm80 = !(k == TcKernel::MmaNhwc(M64) && p == Bf16);
+            assert_eq!(fits(k, p, SM80), sm80, "{k:?} at {p}: 163 KiB");
+            assert!(fits(k, p, SM90), "{k:?} at {p}: 227 KiB");
+        }
     }
 
     fn conv(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {

@@ -22,7 +22,7 @@ use std::sync::Once;
 
 use cudarc::driver::CudaSlice;
 
-use super::conv::{stats_tiles, TcKernels};
+use super::conv::{stats_tiles, TcKernel, TcKernels};
 use super::launch::{blocks, grid, int_args, Kernel, NULL};
 use super::{norm, CudaBackend};
 use crate::engine::shapes::Conv2d;
@@ -86,7 +86,7 @@ const THREADS: u32 = 256;
 const TILE_M: usize = 128;
 /// Dynamic shared memory per block: 1 KiB of alignment slack, 4 stages of A (16 KiB) and B
 /// (16 KiB at 128 channels), the pixel table (`WG_SMEM` of conv_wgmma.cu).
-const WG_SMEM: u32 = 134_144;
+pub(super) const WG_SMEM: u32 = 134_144;
 
 /// The row length (in bf16 values) of the bf16 OHWI weight copy: `K = c_in*kh*kw` rounded up
 /// to 8, as conv.rs's for the mma.sync kernel (`conv_weight_ohwi_bf16`).
@@ -170,13 +170,15 @@ impl CudaBackend {
     /// Whether the bf16-storage eval forward of `s` on an input at device address `x_addr`
     /// runs the wgmma kernel: the switch on ([`CudaBackend::set_wgmma`]), where the mma.sync
     /// kernel would run it (`conv_bn_eval_nhwc_bf16s_native`: bf16, route not `Never`),
-    /// [`supported`], x 16-byte aligned, and the module loaded on a device of compute
+    /// [`supported`], x 16-byte aligned, its shared memory ([`WG_SMEM`]) within the device's
+    /// per block (conv.rs's `TcKernel::Wgmma`), and the module loaded on a device of compute
     /// capability 9.0.
     pub(crate) fn conv_bn_eval_nhwc_bf16s_wgmma(&self, s: &Conv2d, x_addr: u64) -> bool {
         self.wgmma()
             && self.conv_bn_eval_nhwc_bf16s_native(s)
             && supported(s)
             && x_addr.is_multiple_of(16)
+            && self.fits(TcKernel::Wgmma)
             && self.wgmma_ready()
     }
 
@@ -190,6 +192,7 @@ impl CudaBackend {
             && self.conv_fwd_stats_nhwc_bf16s_native(s)
             && supported(s)
             && x_addr.is_multiple_of(16)
+            && self.fits(TcKernel::Wgmma)
             && self.wgmma_ready()
     }
 

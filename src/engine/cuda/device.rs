@@ -1,5 +1,5 @@
 //! GPU discovery that never panics: whether the CUDA driver and NVRTC libraries load, and
-//! the devices with their compute capability and memory (`--device` itself is resolved in
+//! the devices with their compute capability, memory and shared memory per block (`--device` itself is resolved in
 //! [`crate::engine::device`]). cudarc (dynamic loading) panics on
 //! first use of a missing library, so every probe checks `is_culib_present` first and runs
 //! inside `catch_unwind` as a second guard. Also the driver errors as `EngineError`s: a
@@ -23,6 +23,11 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
     pub total_mem: usize,
     pub multiprocessors: i32,
+    /// The shared memory (static and dynamic) one block may opt into
+    /// (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`): 227 KiB on sm_90, 163 KiB on
+    /// sm_80 / sm_87, 99 KiB on sm_86 / sm_89, 64 KiB on sm_75. What the tensor-core
+    /// convolutions' tiles are chosen by (`conv.rs`, `TcKernel`).
+    pub shared_memory_per_block: u32,
 }
 
 /// Whether libcuda (the driver) loads.
@@ -96,6 +101,8 @@ fn device_info(ordinal: usize) -> Result<DeviceInfo> {
     let major = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let shared_memory_per_block =
+        u32::try_from(attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?).unwrap_or(0);
     let total_mem =
         unsafe { result::device::total_mem(dev) }.map_err(|e| cuda("cuDeviceTotalMem", e))?;
     Ok(DeviceInfo {
@@ -104,6 +111,7 @@ fn device_info(ordinal: usize) -> Result<DeviceInfo> {
         compute_capability: (major, minor),
         total_mem,
         multiprocessors,
+        shared_memory_per_block,
     })
 }
 
