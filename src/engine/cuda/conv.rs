@@ -951,9 +951,9 @@ impl CudaBackend {
     }
 
     /// Whether [`CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native`] runs `s`: where the
-    /// bf16-storage eval forward does ([`CudaBackend::conv_bn_eval_nhwc_bf16s_native`]: bf16
+    /// bf16-storage eval forward does (`CudaBackend::conv_bn_eval_nhwc_bf16s_native`: bf16
     /// only, not with [`MmaRoute::Never`]) and the statistics epilogue applies
-    /// ([`stats_tiles`]: a non-empty output and reduction).
+    /// (`stats_tiles`: a non-empty output and reduction).
     pub fn conv_fwd_stats_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
         self.conv_bn_eval_nhwc_bf16s_native(s) && stats_tiles(s).is_some()
     }
@@ -971,9 +971,9 @@ impl CudaBackend {
 
     /// [`CudaBackend::conv2d_fwd_stats_nhwc_native`] on activations stored in bf16: `x`
     /// (`[n][h][w][c_in]`) and `z` (`[n][out_h][out_w][c_out]`) in bf16 storage as
-    /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`]'s, `w` OIHW f32; z rounded to bf16
-    /// (nearest even) and the partials (f64, [`conv2d_fwd_stats`]'s layout, `c_out * tiles`
-    /// each, `tiles` = [`stats_tiles`]) those of the ROUNDED values, what z holds. The weights'
+    /// `CudaBackend::conv2d_bn_eval_fwd_nhwc_bf16s_native`'s, `w` OIHW f32; z rounded to bf16
+    /// (nearest even) and the partials (f64, `conv2d_fwd_stats`'s layout, `c_out * tiles`
+    /// each, `tiles` = `stats_tiles`) those of the ROUNDED values, what z holds. The weights'
     /// bf16 OHWI copy in arena scratch, then one launch of `conv2d_fwd_stats_mma_nhwc_bf16s`
     /// (the eval kernel's GEMM): nothing allocated once warm, so capturable in a graph. An
     /// error where [`CudaBackend::conv_fwd_stats_nhwc_bf16s_native`] is false. Public as its

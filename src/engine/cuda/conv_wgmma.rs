@@ -211,7 +211,7 @@ impl CudaBackend {
     /// The wgmma kernel the bf16-storage eval forward of `s` launches for an input in an
     /// allocation of its own (16-byte aligned), or None where it does not run (switch off,
     /// not compute capability 9.0, the module not loaded, not bf16, route `Never`, or not
-    /// [`supported`]: the mma.sync kernel then runs); diagnostics and tests.
+    /// `supported`: the mma.sync kernel then runs); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_bn_eval_nhwc_bf16s_wgmma(s, 0)
             .then_some(if tile_n(s) == 64 {
@@ -270,7 +270,7 @@ impl CudaBackend {
     /// launch of `conv2d_fwd_stats_wgmma_n128` / `_n64`: z rounded to bf16 and the partials of
     /// the rounded z in `conv2d_fwd_stats_mma_nhwc_bf16s`'s layout (`c_out * tiles` each,
     /// `tiles` = `conv::stats_tiles`). An error where
-    /// [`CudaBackend::conv_fwd_stats_nhwc_bf16s_wgmma`] is false. Public as its mma.sync
+    /// `CudaBackend::conv_fwd_stats_nhwc_bf16s_wgmma` is false. Public as its mma.sync
     /// sibling is, for tests/cuda_conv_wgmma.rs, which checks the raw partials; the model's
     /// way in is the backend op `conv2d_bn_train_fwd_nhwc_bf16`.
     ///
