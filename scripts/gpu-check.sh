@@ -19,7 +19,7 @@
 #      and the test executables that use a GPU (found with `cargo test --release --no-run
 #      --message-format=json`; those mentioning ICHCAM_REQUIRE_GPU) to gpu-bin/ichcam and
 #      gpu-bin/tests/<test name>, stripped, and packs them as gpu-pack/gpu-bin.tar.xz (the
-#      device tool carries at most 64 MiB; gpu-bin/ itself is about 105 MB).
+#      device tool carries at most 64 MiB; gpu-bin/ itself is about 370 MB, the pack about 45 MB).
 #   2. Still here: scripts/gpu-check.sh --dry-run
 #      runs nothing heavy: every `ichcam bench` command line is parsed for real (`--describe`),
 #      every other ichcam command's flags are checked against its `--help`, the PyTorch

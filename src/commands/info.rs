@@ -62,13 +62,14 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
             for d in &devs {
                 outln!(
                     out,
-                    "gpu {}: {}, compute capability {}.{}, {} multiprocessors, {:.1} GiB",
+                    "gpu {}: {}, compute capability {}.{}, {} multiprocessors, {:.1} GiB, {} KiB shared memory per block",
                     d.ordinal,
                     d.name,
                     d.compute_capability.0,
                     d.compute_capability.1,
                     d.multiprocessors,
-                    d.total_mem as f64 / (1u64 << 30) as f64
+                    d.total_mem as f64 / (1u64 << 30) as f64,
+                    d.shared_memory_per_block / 1024
                 );
                 if d.name.contains("emulated") {
                     outln!(
