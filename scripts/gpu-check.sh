@@ -67,7 +67,7 @@ for line in sys.stdin:
     strip gpu-bin/ichcam gpu-bin/tests/* 2>/dev/null || true
     du -sh gpu-bin
     # gpu-bin/ is about 370 MB, over what the device tool carries (64 MiB): carry the xz
-    # archive instead (about 13 MB); the run unpacks it.
+    # archive instead (about 45 MB); the run unpacks it.
     mkdir -p gpu-pack
     python3 -c 'import tarfile; t = tarfile.open("gpu-pack/gpu-bin.tar.xz", "w:xz"); t.add("gpu-bin"); t.close()'
     size=$(stat -c %s gpu-pack/gpu-bin.tar.xz)
