@@ -524,9 +524,58 @@ fn bf16s_copy_path(c: usize, addr: u64) -> i32 {
 }
 
 /// The row length (in bf16 values) of the bf16 OHWI weight copy of the bf16-storage forward:
-/// `K = c_in*kh*kw` rounded up to 8 (16 bytes), zero past K.
-fn bf16s_weight_row(s: &Conv2d) -> usize {
+/// `K = c_in*kh*kw` rounded up to 8 (16 bytes), zero past K (the wgmma forward's too).
+pub(super) fn bf16s_weight_row(s: &Conv2d) -> usize {
     (s.c_in * s.kh * s.kw).next_multiple_of(8)
+}
+
+/// The weights `w` (OIHW f32) copied to bf16 OHWI (`conv_weight_ohwi_bf16`: nearest even,
+/// rows of [`bf16s_weight_row`] values, two per f32 slot) in arena scratch, 16-byte aligned
+/// as the bf16-storage forwards (mma.sync and wgmma) read it; the caller gives it back
+/// (`give_scratch`). Nothing allocated once warm.
+pub(super) fn weight_ohwi_bf16_scratch(
+    be: &CudaBackend,
+    s: &Conv2d,
+    w: &CudaSlice<f32>,
+    op: &str,
+) -> Result<CudaSlice<f32>> {
+    let tc = tc_kernels(be)?;
+    let kp = bf16s_weight_row(s);
+    let len = s.c_out * kp;
+    // Two bf16 per f32 slot (kp is even); never an empty buffer.
+    let mut wt = be.take_scratch((len / 2).max(4))?;
+    let r = (|| {
+        if len > 0 {
+            let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
+            // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
+            unsafe {
+                tc.weight_ohwi_bf16
+                    .on(be.stream())
+                    .arg(w)
+                    .arg(&mut wt)
+                    .arg(&c)
+                    .arg(&khw)
+                    .arg(&kp_i)
+                    .arg(&len_i)
+                    .launch(grid(len))?
+            };
+        }
+        // The kernels copy the weights' rows 16 bytes at a time: a scratch buffer is a whole
+        // allocation (256-byte aligned).
+        if !be.ptr(&wt).is_multiple_of(16) {
+            return Err(EngineError::Param(format!(
+                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
+            )));
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => Ok(wt),
+        Err(e) => {
+            be.give_scratch(wt);
+            Err(e)
+        }
+    }
 }
 
 /// The length (in bf16 values) of the bf16 weight copy of the bf16-storage data gradient
@@ -1353,33 +1402,8 @@ unsafe fn launch_mma_nhwc_bf16s(
     )?;
     cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNhwcBf16s(tile))?;
     let tc = tc_kernels(be)?;
-    let kp = bf16s_weight_row(s);
-    let len = s.c_out * kp;
-    // Two bf16 per f32 slot (kp is even); never an empty buffer.
-    let mut wt = be.take_scratch((len / 2).max(4))?;
+    let wt = weight_ohwi_bf16_scratch(be, s, w, op)?;
     let r = (|| {
-        if len > 0 {
-            let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
-            // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
-            unsafe {
-                tc.weight_ohwi_bf16
-                    .on(be.stream())
-                    .arg(w)
-                    .arg(&mut wt)
-                    .arg(&c)
-                    .arg(&khw)
-                    .arg(&kp_i)
-                    .arg(&len_i)
-                    .launch(grid(len))?
-            };
-        }
-        // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is a
-        // whole allocation (256-byte aligned).
-        if !be.ptr(&wt).is_multiple_of(16) {
-            return Err(EngineError::Param(format!(
-                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
-            )));
-        }
         let vec = mma_vec_nhwc_bf16s(s, be.ptr(x));
         let relu = matches!(epi, Bf16sEpilogue::Bn(ep) if ep.relu) as i32;
         let kern = match epi {

@@ -22,8 +22,8 @@ use std::sync::Once;
 
 use cudarc::driver::CudaSlice;
 
-use super::conv::{stats_tiles, TcKernel, TcKernels};
-use super::launch::{blocks, grid, int_args, Kernel, NULL};
+use super::conv::{bf16s_weight_row, stats_tiles, weight_ohwi_bf16_scratch, TcKernel};
+use super::launch::{blocks, int_args, Kernel, NULL};
 use super::{norm, CudaBackend};
 use crate::engine::shapes::Conv2d;
 use crate::engine::{BatchNorm2d, EngineError, Result};
@@ -76,10 +76,6 @@ fn kernels(be: &CudaBackend) -> std::result::Result<&loaded::Kernels, String> {
     })
 }
 
-fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
-    be.families.conv_tc.get(|| TcKernels::load(be.modules()))
-}
-
 /// Threads per block: two warpgroups.
 const THREADS: u32 = 256;
 /// Pixels per block (64 per warpgroup).
@@ -87,12 +83,6 @@ const TILE_M: usize = 128;
 /// Dynamic shared memory per block: 1 KiB of alignment slack, 4 stages of A (16 KiB) and B
 /// (16 KiB at 128 channels), the pixel table (`WG_SMEM` of conv_wgmma.cu).
 pub(super) const WG_SMEM: u32 = 134_144;
-
-/// The row length (in bf16 values) of the bf16 OHWI weight copy: `K = c_in*kh*kw` rounded up
-/// to 8, as conv.rs's for the mma.sync kernel (`conv_weight_ohwi_bf16`).
-fn weight_row(s: &Conv2d) -> usize {
-    (s.c_in * s.kh * s.kw).next_multiple_of(8)
-}
 
 /// Output channels per block: 64 where `c_out <= 64` (`conv2d_fwd_bn_wgmma_n64`), else 128.
 fn tile_n(s: &Conv2d) -> usize {
@@ -111,7 +101,7 @@ fn args(s: &Conv2d) -> Result<[i32; 9]> {
         s.y_len(),
         s.n * s.h * s.w,
         s.n * s.out_h() * s.out_w(),
-        s.c_out * weight_row(s),
+        s.c_out * bf16s_weight_row(s),
     ])?;
     int_args([s.n, s.c_in, s.h, s.w, s.c_out, s.kh, s.kw, s.stride, s.pad])
 }
@@ -344,32 +334,8 @@ impl CudaBackend {
             (Epilogue::Stats(..), true) => &ks.stats_n64,
             (Epilogue::Stats(..), false) => &ks.stats_n128,
         };
-        let tc = tc_kernels(self)?;
-        let kp = weight_row(s);
-        let len = s.c_out * kp;
-        // Two bf16 per f32 slot (kp is even); never an empty buffer.
-        let mut wt = self.take_scratch((len / 2).max(4))?;
+        let wt = weight_ohwi_bf16_scratch(self, s, w, op)?;
         let r = (|| {
-            let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
-            // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
-            unsafe {
-                tc.weight_ohwi_bf16
-                    .on(self.stream())
-                    .arg(w)
-                    .arg(&mut wt)
-                    .arg(&c)
-                    .arg(&khw)
-                    .arg(&kp_i)
-                    .arg(&len_i)
-                    .launch(grid(len))?
-            };
-            // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is
-            // a whole allocation (256-byte aligned).
-            if !self.ptr(&wt).is_multiple_of(16) {
-                return Err(EngineError::Param(format!(
-                    "{op}: the weight copy's scratch buffer is not 16-byte aligned"
-                )));
-            }
             let relu_i = match &ep {
                 Epilogue::Bn { relu, .. } => i32::from(*relu),
                 Epilogue::Stats(..) => 0,
