@@ -1403,7 +1403,7 @@ unsafe fn launch_mma_nhwc_bf16s(
     cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNhwcBf16s(tile))?;
     let tc = tc_kernels(be)?;
     let wt = weight_ohwi_bf16_scratch(be, s, w, op)?;
-    let r = (|| {
+    let r = {
         let vec = mma_vec_nhwc_bf16s(s, be.ptr(x));
         let relu = matches!(epi, Bf16sEpilogue::Bn(ep) if ep.relu) as i32;
         let kern = match epi {
@@ -1426,7 +1426,7 @@ unsafe fn launch_mma_nhwc_bf16s(
         l.arg(&vec);
         // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
         unsafe { l.launch(cfg) }
-    })();
+    };
     be.give_scratch(wt);
     r
 }

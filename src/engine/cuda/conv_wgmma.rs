@@ -335,7 +335,7 @@ impl CudaBackend {
             (Epilogue::Stats(..), false) => &ks.stats_n128,
         };
         let wt = weight_ohwi_bf16_scratch(self, s, w, op)?;
-        let r = (|| {
+        let r = {
             let relu_i = match &ep {
                 Epilogue::Bn { relu, .. } => i32::from(*relu),
                 Epilogue::Stats(..) => 0,
@@ -357,7 +357,7 @@ impl CudaBackend {
             }
             // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
             unsafe { l.launch(cfg) }
-        })();
+        };
         self.give_scratch(wt);
         r
     }
