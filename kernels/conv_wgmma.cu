@@ -161,8 +161,10 @@ __device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16(float (&)[64], uns
 
 // One pixel of the block's tile: x's pixel index of (its image, 0, 0) and the input row and
 // column of its tap (0, 0); ih0 = iw0 = -2^30 past the pixels, so that every tap is outside.
+// The data gradient's table (dy as the image) also records dx's pixel index (out; unused by
+// the forward).
 struct __align__(16) WgPixel {
-    int base, ih0, iw0, unused;
+    int base, ih0, iw0, out;
 };
 
 __device__ __forceinline__ int wg_conv_out(int in, int k, int stride, int pad) { return (in + 2 * pad - k) / stride + 1; }
@@ -206,42 +208,28 @@ __device__ __forceinline__ void wgmma_k16<128>(float (&acc)[64], unsigned long l
     ptx_wgmma_m64n128k16_f32_bf16(acc, da, db, scale_d);
 }
 
-// The forward on wgmma; EPI_BN (eval: ss, res, relu; y) or EPI_STATS (training: y = z rounded,
-// part_s, part_q as conv2d_fwd_stats_mma_nhwc_bf16s's of the rounded z).
-template <int BN, int EPI>
-__device__ __forceinline__ void conv_fwd_wgmma(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
-                                               unsigned short* __restrict__ y, int N, int C, int H, int W, int CO, int KH,
-                                               int KW, int stride, int pad, const float* __restrict__ ss,
-                                               const unsigned short* __restrict__ res, int relu,
-                                               double* __restrict__ part_s, double* __restrict__ part_q) {
-    static_assert(EPI == EPI_BN || EPI == EPI_STATS, "an epilogue of this file");
-    constexpr int STAGE = WG_A_BYTES + BN * WG_BK * 2;
-    constexpr int LDZ = BN + WG_LDZ_PAD;
-    static_assert(WG_BM * LDZ * 4 <= WG_STAGES * STAGE, "the statistics tile fits in the ring");
-    const int tid = threadIdx.x, wg = tid >> 7;
-    const int OH = wg_conv_out(H, KH, stride, pad), OW = wg_conv_out(W, KW, stride, pad);
-    const int K = KH * KW * C, KP = (K + 7) & ~7, OHW = OH * OW, P = N * OHW;
-    const int m0 = blockIdx.x * WG_BM, n0 = blockIdx.y * BN;
-    // The ring 1024-byte aligned in the shared window (the swizzle is a function of the address).
+// The block's ring: the dynamic shared memory from its first 1024-byte-aligned byte (the
+// swizzle is a function of the address); sring its shared-window address.
+__device__ __forceinline__ unsigned char* wg_ring(unsigned& sring) {
     const unsigned s0 = ptx_smem_addr(wg_smem), align = (1024u - (s0 & 1023u)) & 1023u;
-    unsigned char* ring = wg_smem + align;
-    const unsigned sring = s0 + align;
-    WgPixel* pix = (WgPixel*)(ring + WG_STAGES * STAGE);
-    if (tid < WG_BM) {
-        const int p = m0 + tid;
-        WgPixel e = {0, -(1 << 30), -(1 << 30), 0};
-        if (p < P) {
-            const int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
-            e.base = n * H * W;
-            e.ih0 = oh * stride - pad;
-            e.iw0 = ow * stride - pad;
-        }
-        pix[tid] = e;
-    }
-    __syncthreads();
+    sring = s0 + align;
+    return wg_smem + align;
+}
 
+// The implicit GEMM of the forward and of the data gradient, warpgroup wg's 64 rows of the
+// block's 128 x BN tile into acc (the fragment): acc[r][n] = sum over k < KB of A[r][k] B[n][k],
+// A = the pixel table's gather of the NHWC bf16 tensor src (C channels, H x W pixels, taps KW
+// wide, k = (tap, c), zero outside the image and from K = taps * C on), B = rows n0.. of the
+// bf16 [NB][KB] matrix w (KB % 8 == 0, zero past NB rows). C % 8 == 0 and src 16-byte aligned.
+// Ends with every copy landed; the ring is free once every warpgroup is past it (a barrier).
+template <int BN>
+__device__ __forceinline__ void wg_gemm(float (&acc)[BN / 2], unsigned char* ring, unsigned sring, const WgPixel* pix,
+                                        const unsigned short* __restrict__ src, int C, int H, int W, int KW, int K,
+                                        const unsigned short* __restrict__ w, int KB, int n0, int NB) {
+    constexpr int STAGE = WG_A_BYTES + BN * WG_BK * 2;
+    const int tid = threadIdx.x, wg = tid >> 7;
     // Tile t's copies into stage t % WG_STAGES: A = 128 pixels x 8 chunks (4 per thread), B =
-    // BN channels x 8 chunks (BN / 32 per thread); chunk i = tid + 256 q is row i / 8, chunk i % 8.
+    // BN rows x 8 chunks (BN / 32 per thread); chunk i = tid + 256 q is row i / 8, chunk i % 8.
     auto issue = [&](int t) {
         unsigned char* As = ring + (t % WG_STAGES) * STAGE;
         unsigned char* Bs = As + WG_A_BYTES;
@@ -258,20 +246,19 @@ __device__ __forceinline__ void conv_fwd_wgmma(const unsigned short* __restrict_
                 ok = (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
                 if (ok) off = (size_t)(e.base + ih * W + iw) * C + ch;
             }
-            ptx_cp_async_16(As + wg_sw128(r, c), x + off, ok ? 16 : 0);
+            ptx_cp_async_16(As + wg_sw128(r, c), src + off, ok ? 16 : 0);
         }
 #pragma unroll
         for (int q = 0; q < BN / 32; ++q) {
-            const int i = tid + WG_THREADS * q, r = i >> 3, c = i & 7, k = k0 + 8 * c, co = n0 + r;
-            const bool ok = co < CO && k < KP;
-            ptx_cp_async_16(Bs + wg_sw128(r, c), ok ? w + (size_t)co * KP + k : w, ok ? 16 : 0);
+            const int i = tid + WG_THREADS * q, r = i >> 3, c = i & 7, k = k0 + 8 * c, n = n0 + r;
+            const bool ok = n < NB && k < KB;
+            ptx_cp_async_16(Bs + wg_sw128(r, c), ok ? w + (size_t)n * KB + k : w, ok ? 16 : 0);
         }
     };
 
-    float acc[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-    const int nk = (KP + WG_BK - 1) / WG_BK;
+    const int nk = (KB + WG_BK - 1) / WG_BK;
 #pragma unroll
     for (int s = 0; s < WG_STAGES - 1; ++s) {
         if (s < nk) issue(s);
@@ -297,6 +284,42 @@ __device__ __forceinline__ void conv_fwd_wgmma(const unsigned short* __restrict_
         ptx_wgmma_fence_operand(acc);
     }
     ptx_cp_async_wait<0>();
+}
+
+// The forward on wgmma; EPI_BN (eval: ss, res, relu; y) or EPI_STATS (training: y = z rounded,
+// part_s, part_q as conv2d_fwd_stats_mma_nhwc_bf16s's of the rounded z).
+template <int BN, int EPI>
+__device__ __forceinline__ void conv_fwd_wgmma(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                               unsigned short* __restrict__ y, int N, int C, int H, int W, int CO, int KH,
+                                               int KW, int stride, int pad, const float* __restrict__ ss,
+                                               const unsigned short* __restrict__ res, int relu,
+                                               double* __restrict__ part_s, double* __restrict__ part_q) {
+    static_assert(EPI == EPI_BN || EPI == EPI_STATS, "an epilogue of this file");
+    constexpr int STAGE = WG_A_BYTES + BN * WG_BK * 2;
+    constexpr int LDZ = BN + WG_LDZ_PAD;
+    static_assert(WG_BM * LDZ * 4 <= WG_STAGES * STAGE, "the statistics tile fits in the ring");
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int OH = wg_conv_out(H, KH, stride, pad), OW = wg_conv_out(W, KW, stride, pad);
+    const int K = KH * KW * C, KP = (K + 7) & ~7, OHW = OH * OW, P = N * OHW;
+    const int m0 = blockIdx.x * WG_BM, n0 = blockIdx.y * BN;
+    unsigned sring;
+    unsigned char* ring = wg_ring(sring);
+    WgPixel* pix = (WgPixel*)(ring + WG_STAGES * STAGE);
+    if (tid < WG_BM) {
+        const int p = m0 + tid;
+        WgPixel e = {0, -(1 << 30), -(1 << 30), 0};
+        if (p < P) {
+            const int n = p / OHW, r = p - n * OHW, oh = r / OW, ow = r - oh * OW;
+            e.base = n * H * W;
+            e.ih0 = oh * stride - pad;
+            e.iw0 = ow * stride - pad;
+        }
+        pix[tid] = e;
+    }
+    __syncthreads();
+
+    float acc[BN / 2];
+    wg_gemm<BN>(acc, ring, sring, pix, x, C, H, W, KW, K, w, KP, n0, CO);
 
     // Epilogue from the fragment: channels co, co + 1 of pixels p (r = 0) and p + 8 (r = 1).
     const int wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
@@ -403,4 +426,150 @@ conv2d_fwd_stats_wgmma_n64(const unsigned short* __restrict__ x, const unsigned 
                            unsigned short* __restrict__ z, int N, int C, int H, int W, int CO, int KH, int KW,
                            int stride, int pad, double* __restrict__ part_s, double* __restrict__ part_q) {
     conv_fwd_wgmma<64, EPI_STATS>(x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr, nullptr, 0, part_s, part_q);
+}
+
+// ==== The channels-last data gradient on wgmma ===========================================
+//
+// conv2d_bwd_data_wgmma_n128 / _n64: the contract of conv_tc.cu's conv2d_bwd_data_mma_nhwc_bf16s
+// (dy bf16 NHWC [N][OH][OW][CO], element i the i-th 16-bit half of the buffer; dx f32 NHWC
+// [N][H][W][C], every value written, zeros where no tap reaches it; wt the bf16 copy that
+// conv_tc.cu's conv_weight_bwd_nhwc_bf16 makes per call: per output phase (py, px), row-major,
+// C rows of KPP = KP * CO rounded up to 8, k = (reversed tap (a', b') = a' * KWp + b', co),
+// zero past KP * CO), per output phase as that kernel (WgPhase = conv_tc.cu's PhaseGemm: the
+// input pixels with (ih + pad) % stride == py and (iw + pad) % stride == px, and only the
+// KP = KHp * KWp taps that reach them, so a stride-2 layer multiplies none of its structurally
+// zero taps), as the forward's implicit GEMM with the phase's input pixels as M and the input
+// channels as N:
+//
+//   dx [phase pixels][C] = col'(dy) [phase pixels][KP * CO] . Wp^T, K ordered (tap, co)
+//
+// K in the mma.sync kernel's order (so on the emulator, where both instructions accumulate
+// with fmaf in k order from zero, the same bits). With the taps reversed, dy's row of tap a'
+// of phase pixel (n, i, j) is oh0 + i - (KHp - 1) + a' (PhaseGemm's oh0): the forward's pixel
+// table and gather serve unchanged with dy as the image (OH x OW, CO channels) and KWp as KW
+// (wg_phase_pixels builds the table, with dx's pixel index as `out`), and so does its GEMM
+// (wg_gemm): A = the gathered dy (CO % 8 == 0 and dy 16-byte aligned, the host's check: a
+// 16-byte chunk is 8 channels of one tap), B = the phase's rows n0.. of KPP weights (every
+// phase and row starts 16-byte aligned). Grid: x = stride^2 runs (row-major phases) of
+// ceil(N * ceil(H / stride) * ceil(W / stride) / 128) pixel tiles (conv.rs's phase_grid), y =
+// the C tiles of BN (128, or 64 for C <= 64); block and shared memory as the forward's
+// (WG_SMEM). A block past its phase's pixels returns at once; a phase without taps (K = 0)
+// writes zeros. Epilogue from the fragment: channels ci, ci + 1 of phase pixels (row 16w + g)
+// and (+ 8): one 8-byte store of the two f32 where C is even and dx 8-byte aligned, else two
+// 4-byte stores.
+
+// Taps of phase p along a kernel side of K taps at stride s: ceil((K - p) / s), 0 when p >= K
+// (conv_tc.cu's phase_taps).
+__device__ __forceinline__ int wg_phase_taps(int K, int p, int s) { return p < K ? (K - p + s - 1) / s : 0; }
+
+// Padded row length (bf16) of phase (py, px)'s weights in conv_weight_bwd_nhwc_bf16's copy
+// (conv_tc.cu's phase_row_bf16).
+__device__ __forceinline__ int wg_phase_row(int CO, int KH, int KW, int s, int py, int px) {
+    return (wg_phase_taps(KH, py, s) * wg_phase_taps(KW, px, s) * CO + 7) & ~7;
+}
+
+// This block's output phase (conv_tc.cu's PhaseGemm / phase_gemm with 128-pixel tiles, and
+// the phase's weights): the grid's x holds stride^2 runs of `tiles` blocks.
+struct WgPhase {
+    int tile;      // this block's tile of the phase's pixels
+    int ihs, iws;  // its first input row / column
+    int Hp, Wp;    // its rows / columns of input pixels
+    int KHp, KWp;  // its taps along kh / kw
+    int oh0, ow0;  // dy row / column of pixel (ihs, iws) and tap (py, px)
+    int off;       // elements of conv_weight_bwd_nhwc_bf16's copy before the phase
+};
+
+__device__ __forceinline__ WgPhase wg_phase(int N, int C, int H, int W, int CO, int KH, int KW, int s, int pad) {
+    WgPhase g;
+    const int tiles = (N * ((H + s - 1) / s) * ((W + s - 1) / s) + WG_BM - 1) / WG_BM;
+    const int phase = blockIdx.x / tiles, py = phase / s, px = phase - py * s;
+    g.tile = blockIdx.x - phase * tiles;
+    g.ihs = ((py - pad) % s + s) % s;
+    g.iws = ((px - pad) % s + s) % s;
+    g.Hp = g.ihs < H ? (H - g.ihs + s - 1) / s : 0;
+    g.Wp = g.iws < W ? (W - g.iws + s - 1) / s : 0;
+    g.KHp = wg_phase_taps(KH, py, s);
+    g.KWp = wg_phase_taps(KW, px, s);
+    g.oh0 = (g.ihs + pad - py) / s;
+    g.ow0 = (g.iws + pad - px) / s;
+    g.off = 0;
+    for (int p = 0; p < phase; ++p) g.off += C * wg_phase_row(CO, KH, KW, s, p / s, p % s);
+    return g;
+}
+
+// The data gradient on wgmma: dy bf16 NHWC, wt conv_weight_bwd_nhwc_bf16's copy, dx f32 NHWC.
+template <int BN>
+__device__ __forceinline__ void conv_bwd_data_wgmma(const unsigned short* __restrict__ dy,
+                                                    const unsigned short* __restrict__ wt, float* __restrict__ dx,
+                                                    int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+                                                    int pad) {
+    constexpr int STAGE = WG_A_BYTES + BN * WG_BK * 2;
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int OH = wg_conv_out(H, KH, stride, pad), OW = wg_conv_out(W, KW, stride, pad);
+    const WgPhase ph = wg_phase(N, C, H, W, CO, KH, KW, stride, pad);
+    const int K = ph.KHp * ph.KWp * CO, KPP = (K + 7) & ~7, HWp = ph.Hp * ph.Wp, P = N * HWp;
+    const int m0 = ph.tile * WG_BM, n0 = blockIdx.y * BN;
+    if (m0 >= P) return;  // the whole block: this phase has fewer pixels than the largest
+    unsigned sring;
+    unsigned char* ring = wg_ring(sring);
+    WgPixel* pix = (WgPixel*)(ring + WG_STAGES * STAGE);
+    if (tid < WG_BM) {
+        // Phase pixel p = (n, i, j): dy's pixel index of (n, 0, 0), dy's row and column of
+        // reversed tap (0, 0), dx's pixel index.
+        const int p = m0 + tid;
+        WgPixel e = {0, -(1 << 30), -(1 << 30), 0};
+        if (p < P) {
+            const int n = p / HWp, r = p - n * HWp, i = r / ph.Wp, j = r - i * ph.Wp;
+            e.base = n * OH * OW;
+            e.ih0 = ph.oh0 + i - (ph.KHp - 1);
+            e.iw0 = ph.ow0 + j - (ph.KWp - 1);
+            e.out = (n * H + ph.ihs + i * stride) * W + ph.iws + j * stride;
+        }
+        pix[tid] = e;
+    }
+    __syncthreads();
+
+    float acc[BN / 2];
+    wg_gemm<BN>(acc, ring, sring, pix, dy, CO, OH, OW, ph.KWp, K, wt + ph.off, KPP, n0, C);
+
+    // Channels ci, ci + 1 of phase pixels pl (r = 0) and pl + 8 (r = 1).
+    const int wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
+    const bool pair = !(C & 1) && !((size_t)dx & 7);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        const int ci = n0 + 8 * j + 2 * q;
+        if (ci >= C) continue;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int pl = 64 * wg + 16 * wq + g + 8 * r;
+            if (m0 + pl >= P) continue;
+            float* o = dx + (size_t)pix[pl].out * C + ci;
+            const float v0 = acc[4 * j + 2 * r], v1 = acc[4 * j + 2 * r + 1];
+            if (pair) {
+                *(float2*)o = make_float2(v0, v1);
+            } else {
+                o[0] = v0;
+                if (ci + 1 < C) o[1] = v1;
+            }
+        }
+    }
+}
+
+// The bf16-storage channels-last data gradient on wgmma (sm_90a), a grid of (stride^2 runs of
+// 128-pixel tiles, C tiles of BN) blocks of 256 threads with WG_SMEM bytes of dynamic shared
+// memory: dy bf16 NHWC, wt conv_weight_bwd_nhwc_bf16's copy, dx f32 NHWC. CO % 8 == 0 and dy
+// 16-byte aligned (the host's `supported_bwd_data`).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+conv2d_bwd_data_wgmma_n128(const unsigned short* __restrict__ dy, const unsigned short* __restrict__ wt,
+                           float* __restrict__ dx, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+                           int pad) {
+    conv_bwd_data_wgmma<128>(dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad);
+}
+
+// The same with 64 input channels per block (C <= 64: no half-empty tiles).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+conv2d_bwd_data_wgmma_n64(const unsigned short* __restrict__ dy, const unsigned short* __restrict__ wt,
+                          float* __restrict__ dx, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+                          int pad) {
+    conv_bwd_data_wgmma<64>(dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad);
 }
