@@ -1251,8 +1251,13 @@ impl Backend for CudaBackend {
         w: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // The native kernel on dy in bf16 storage where it runs the shape (bf16), else dy
-        // unpacked into scratch and the f32-storage op.
+        // The opted-in wgmma kernel where it runs the shape (conv_wgmma.rs), else the native
+        // kernel on dy in bf16 storage where it runs the shape (bf16), else dy unpacked into
+        // scratch and the f32-storage op.
+        if self.conv_bwd_data_nhwc_bf16s_wgmma(s, self.ptr(dy)) {
+            // SAFETY: dy (bf16 storage), w and dx hold the lengths `s` gives (checked).
+            return unsafe { self.conv2d_bwd_data_nhwc_bf16s_wgmma(s, dy, w, dx) };
+        }
         if self.conv_bwd_data_nhwc_bf16s_native(s) {
             // SAFETY: dy (bf16 storage), w and dx hold the lengths `s` gives (checked).
             return unsafe { self.conv2d_bwd_data_nhwc_bf16s_native(s, dy, w, dx) };

@@ -113,7 +113,7 @@ mod tc {
 }
 pub(crate) use tc::Kernels as TcKernels;
 
-fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
+pub(super) fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
     be.families.conv_tc.get(|| TcKernels::load(be.modules()))
 }
 
@@ -581,7 +581,7 @@ pub(super) fn weight_ohwi_bf16_scratch(
 /// The length (in bf16 values) of the bf16 weight copy of the bf16-storage data gradient
 /// (`conv_weight_bwd_nhwc_bf16`): per output phase (`stride^2`, row-major) `c_in` rows of the
 /// phase's `taps * c_out` values rounded up to 8 (16 bytes), zero past them.
-fn bf16s_bwd_weight_len(s: &Conv2d) -> usize {
+pub(super) fn bf16s_bwd_weight_len(s: &Conv2d) -> usize {
     let taps = |k: usize, p: usize| if p < k { (k - p).div_ceil(s.stride) } else { 0 };
     let mut len = 0;
     for py in 0..s.stride {
@@ -1477,7 +1477,7 @@ fn tc_pick<'a>(
 
 /// The `int` arguments the three convolution kernels share, in their order (and the
 /// buffers' total sizes checked against the 32-bit indexing).
-fn geometry(s: &Conv2d) -> Result<[i32; 11]> {
+pub(super) fn geometry(s: &Conv2d) -> Result<[i32; 11]> {
     int_args([s.y_len(), s.x_len(), s.w_len()])?;
     int_args([
         s.n,
@@ -1853,7 +1853,7 @@ pub(crate) fn conv2d_bwd_weight(
 /// largest phase (`ceil(h/st) * ceil(w/st)` pixels per image) needs, and the largest phase's
 /// `c_out * ceil(kh/st) * ceil(kw/st)` taps (the kernels skip the structurally zero ones).
 /// Stride 1: one phase, every pixel and tap.
-fn phase_grid(s: &Conv2d, side: usize) -> (usize, usize) {
+pub(super) fn phase_grid(s: &Conv2d, side: usize) -> (usize, usize) {
     let st = s.stride.max(1);
     let tiles = (s.n * s.h.div_ceil(st) * s.w.div_ceil(st)).div_ceil(side);
     (

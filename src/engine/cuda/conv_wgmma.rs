@@ -16,14 +16,21 @@
 //! loads there (build.rs's precompiled `compute_90a` PTX, or NVRTC at run time: module.rs;
 //! where it does not, one note on stderr and the mma.sync kernels run), the mma.sync kernel
 //! would run the shape (bf16, route not `Never`) and x is 16-byte aligned; elsewhere the
-//! mma.sync kernel runs. Knows nothing about the model.
+//! mma.sync kernel runs. The channels-last data gradient on dy stored in bf16 (the section at
+//! the end: `conv2d_bwd_data_wgmma_n128` / `_n64`, the contract of conv.rs's
+//! `CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`, per output phase with the mma.sync
+//! kernel's K order) is opted in and routed the same way, where `c_out % 8 == 0` and dy is
+//! 16-byte aligned. Knows nothing about the model.
 
 use std::sync::Once;
 
 use cudarc::driver::CudaSlice;
 
-use super::conv::{bf16s_weight_row, stats_tiles, weight_ohwi_bf16_scratch, TcKernel};
-use super::launch::{blocks, int_args, Kernel, NULL};
+use super::conv::{
+    bf16s_bwd_weight_len, bf16s_weight_row, geometry, phase_grid, stats_tiles, tc_kernels,
+    weight_ohwi_bf16_scratch, TcKernel,
+};
+use super::launch::{blocks, dim, grid, int_args, Kernel, NULL};
 use super::{norm, CudaBackend};
 use crate::engine::shapes::Conv2d;
 use crate::engine::{BatchNorm2d, EngineError, Result};
@@ -35,6 +42,8 @@ mod loaded {
         n64: "conv2d_fwd_bn_wgmma_n64",
         stats_n128: "conv2d_fwd_stats_wgmma_n128",
         stats_n64: "conv2d_fwd_stats_wgmma_n64",
+        bwd_data_n128: "conv2d_bwd_data_wgmma_n128",
+        bwd_data_n64: "conv2d_bwd_data_wgmma_n64",
     });
 }
 
@@ -356,6 +365,167 @@ impl CudaBackend {
                 }
             }
             // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
+            unsafe { l.launch(cfg) }
+        };
+        self.give_scratch(wt);
+        r
+    }
+}
+
+// ---- The channels-last data gradient on wgmma -------------------------------------------
+
+/// Input channels per block of the data gradient: 64 where `c_in <= 64`
+/// (`conv2d_bwd_data_wgmma_n64`), else 128.
+fn tile_n_bwd_data(s: &Conv2d) -> usize {
+    if s.c_in <= 64 {
+        64
+    } else {
+        128
+    }
+}
+
+/// Whether `kernels/conv_wgmma.cu` computes the data gradient of `s`: `c_out` a positive
+/// multiple of 8 (a 16-byte copy of dy is 8 channels of one tap), a positive `c_in` and
+/// stride, the kernel within the padded input, and sizes its 32-bit indexing holds (the
+/// geometry, the weight copy's length); any kernel size, stride and padding. (dy must also be
+/// 16-byte aligned, checked per call.)
+pub(crate) fn supported_bwd_data(s: &Conv2d) -> bool {
+    s.c_out > 0
+        && s.c_out.is_multiple_of(8)
+        && s.c_in > 0
+        && s.stride > 0
+        && s.kh > 0
+        && s.kw > 0
+        && s.h + 2 * s.pad >= s.kh
+        && s.w + 2 * s.pad >= s.kw
+        && geometry(s).is_ok()
+        && dim(bf16s_bwd_weight_len(s)).is_ok()
+}
+
+/// The weights `w` (OIHW f32) copied to bf16 in the data gradient's order
+/// (`conv_weight_bwd_nhwc_bf16`: per output phase `[c_in][taps * c_out]`, the taps reversed,
+/// rows padded to 8, [`bf16s_bwd_weight_len`] values, two per f32 slot) in arena scratch,
+/// 16-byte aligned as the kernel reads it; the caller gives it back (`give_scratch`).
+/// Nothing allocated once warm.
+fn weight_bwd_nhwc_bf16_scratch(
+    be: &CudaBackend,
+    s: &Conv2d,
+    w: &CudaSlice<f32>,
+    op: &str,
+) -> Result<CudaSlice<f32>> {
+    let tc = tc_kernels(be)?;
+    let len = bf16s_bwd_weight_len(s);
+    // Two bf16 per f32 slot (len is a multiple of 8); never an empty buffer.
+    let mut wt = be.take_scratch((len / 2).max(4))?;
+    let r = (|| {
+        if len > 0 {
+            let a = int_args([s.c_in, s.c_out, s.kh, s.kw, s.stride, len])?;
+            // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
+            unsafe {
+                tc.weight_bwd_nhwc_bf16
+                    .on(be.stream())
+                    .arg(w)
+                    .arg(&mut wt)
+                    .ints(&a)
+                    .launch(grid(len))?
+            };
+        }
+        // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is a whole
+        // allocation (256-byte aligned).
+        if !be.ptr(&wt).is_multiple_of(16) {
+            return Err(EngineError::Param(format!(
+                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
+            )));
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => Ok(wt),
+        Err(e) => {
+            be.give_scratch(wt);
+            Err(e)
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Whether the bf16-storage channels-last data gradient of `s` on a `dy` at device
+    /// address `dy_addr` runs the wgmma kernel: the switch on ([`CudaBackend::set_wgmma`]),
+    /// where the mma.sync kernel would run it (`conv_bwd_data_nhwc_bf16s_native`: bf16, route
+    /// not `Never`), [`supported_bwd_data`], dy 16-byte aligned, its shared memory
+    /// ([`WG_SMEM`]) within the device's per block (conv.rs's `TcKernel::Wgmma`), and the
+    /// module loaded on a device of compute capability 9.0.
+    pub(crate) fn conv_bwd_data_nhwc_bf16s_wgmma(&self, s: &Conv2d, dy_addr: u64) -> bool {
+        self.wgmma()
+            && self.conv_bwd_data_nhwc_bf16s_native(s)
+            && supported_bwd_data(s)
+            && dy_addr.is_multiple_of(16)
+            && self.fits(TcKernel::Wgmma)
+            && self.wgmma_ready()
+    }
+
+    /// The wgmma kernel the bf16-storage channels-last data gradient of `s` launches for a
+    /// `dy` in an allocation of its own (16-byte aligned), or None where it does not run
+    /// (switch off, not compute capability 9.0, the module not loaded, not bf16, route
+    /// `Never`, or not [`supported_bwd_data`]: the mma.sync kernel then runs); diagnostics and
+    /// tests.
+    pub fn conv_bwd_data_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        self.conv_bwd_data_nhwc_bf16s_wgmma(s, 0)
+            .then_some(if tile_n_bwd_data(s) == 64 {
+                "conv2d_bwd_data_wgmma_n64"
+            } else {
+                "conv2d_bwd_data_wgmma_n128"
+            })
+    }
+
+    /// `conv2d_bwd_data_nhwc_bf16s_native` on the wgmma kernel: the weights' bf16 copy in the
+    /// data gradient's order in arena scratch (nothing allocated once warm, so capturable in
+    /// a graph), then one launch of `conv2d_bwd_data_wgmma_n128` / `_n64`, a grid of (per
+    /// output phase a run of 128-pixel tiles, conv.rs's `phase_grid`; `c_in` tiles of 128 or
+    /// 64). Every dx value is written (zeros where no tap reaches it). An error where
+    /// [`CudaBackend::conv_bwd_data_nhwc_bf16s_wgmma`] is false.
+    ///
+    /// # Safety
+    /// As `conv2d_bwd_data_nhwc_bf16s_native`: `dy` holds `s.y_len().div_ceil(2)` values, `w`
+    /// `s.w_len()`, `dx` `s.x_len()` (the kernel indexes them so, unchecked).
+    pub(crate) unsafe fn conv2d_bwd_data_nhwc_bf16s_wgmma(
+        &self,
+        s: &Conv2d,
+        dy: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bwd_data_nhwc_bf16s_wgmma";
+        if !self.conv_bwd_data_nhwc_bf16s_wgmma(s, self.ptr(dy)) {
+            return Err(EngineError::Param(format!(
+                "{OP}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
+                self.wgmma(),
+                self.info().compute_capability,
+                self.precision()
+            )));
+        }
+        if s.x_len() == 0 {
+            return Ok(());
+        }
+        let g = geometry(s)?;
+        let tn = tile_n_bwd_data(s);
+        let (gx, _) = phase_grid(s, TILE_M);
+        let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tn), 1), THREADS)?;
+        cfg.shared_mem_bytes = WG_SMEM;
+        let ks = kernels(self).map_err(|why| EngineError::Cuda {
+            op: OP.to_string(),
+            msg: why,
+        })?;
+        let kern = if tn == 64 {
+            &ks.bwd_data_n64
+        } else {
+            &ks.bwd_data_n128
+        };
+        let wt = weight_bwd_nhwc_bf16_scratch(self, s, w, OP)?;
+        let r = {
+            let mut l = kern.on(self.stream());
+            l.arg(dy).arg(&wt).arg(dx).ints(&g[..9]);
+            // SAFETY: the caller's contract; wt holds the phases' padded bf16 weight rows.
             unsafe { l.launch(cfg) }
         };
         self.give_scratch(wt);
