@@ -39,37 +39,48 @@
 //! whose device is compute capability 9.0; without a device the device tests are ignored.
 
 mod common;
-use common::cuda::{device, emulated, emulator, gpu_at, rel_err, round};
+use common::cuda::{device, emulated, emulator, gpu_at, rel_err, round, Needs, Test};
 use common::nhwc::{pack, to_nhwc};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
 use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::cuda::module::{compile_for_arch, kernel, precompiled};
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
 use ichcam::engine::{ActStorage, Backend, Conv2d, Precision};
 use ichcam::model::{IchNet, ModelConfig};
 
 fn main() {
-    common::cuda::main(vec![
-        device(
-            "wgmma_dgrad_matches_cpu_and_mma",
-            wgmma_dgrad_matches_cpu_and_mma,
-        ),
-        device(
-            "wgmma_dgrad_skips_the_zero_taps",
-            wgmma_dgrad_skips_the_zero_taps,
-        ),
-        device(
-            "wgmma_dgrad_replays_in_a_graph",
-            wgmma_dgrad_replays_in_a_graph,
-        ),
-        device("wgmma_dgrad_route", wgmma_dgrad_route),
-        emulator(
-            "wgmma_dgrad_launches_the_wgmma_kernel",
-            wgmma_dgrad_launches_the_wgmma_kernel,
-        ),
-    ])
+    // One test at a time: the emulated driver refuses a synchronous call on any thread while
+    // a stream captures a graph (and invalidates the capture).
+    common::cuda::main_with_threads(
+        vec![
+            device(
+                "wgmma_dgrad_matches_cpu_and_mma",
+                wgmma_dgrad_matches_cpu_and_mma,
+            ),
+            device(
+                "wgmma_dgrad_skips_the_zero_taps",
+                wgmma_dgrad_skips_the_zero_taps,
+            ),
+            device(
+                "wgmma_dgrad_replays_in_a_graph",
+                wgmma_dgrad_replays_in_a_graph,
+            ),
+            device("wgmma_dgrad_route", wgmma_dgrad_route),
+            emulator(
+                "wgmma_dgrad_launches_the_wgmma_kernel",
+                wgmma_dgrad_launches_the_wgmma_kernel,
+            ),
+            Test {
+                name: "wgmma_dgrad_in_the_sm90a_ptx",
+                run: wgmma_dgrad_in_the_sm90a_ptx,
+                needs: Needs::Nvrtc,
+            },
+        ],
+        1,
+    )
 }
 
 /// The shapes (all `c_out % 8 == 0`) and what each exercises.
@@ -591,5 +602,46 @@ fn wgmma_dgrad_launches_the_wgmma_kernel() {
     );
     println!(
         "wgmma dgrad launches (emulator profile): op wgmma {w1} mma.sync {m1}; misaligned dy wgmma {w2} mma.sync {m2}; training step switch on wgmma {w3} mma.sync {m3}, off wgmma {w4} mma.sync {m4}; loss {l_on:e} on vs {l_off:e} off ({d:.1e} apart)"
+    );
+}
+
+/// The data gradient's two kernels are in conv_wgmma.cu's `compute_90a` PTX, build.rs's
+/// precompiled one (where the build had NVRTC) and NVRTC's at run time, with the wgmma
+/// instructions (tests/cuda_conv_wgmma.rs's `wgmma_ptx_for_sm90a` assembles the file's PTX
+/// with ptxas, every kernel without spills, and prints their registers).
+fn wgmma_dgrad_in_the_sm90a_ptx() {
+    let k = kernel("conv_wgmma").expect("kernels/conv_wgmma.cu is built in");
+    let runtime = compile_for_arch(k, "compute_90a")
+        .expect("NVRTC compiles conv_wgmma.cu for compute_90a")
+        .to_src();
+    assert_eq!(k.ptx_sm90a.is_some(), precompiled());
+    let mut ptxs = vec![("run-time", runtime.as_str())];
+    if let Some(pre) = k.ptx_sm90a {
+        ptxs.push(("precompiled", pre));
+    }
+    for (what, ptx) in &ptxs {
+        for name in ["conv2d_bwd_data_wgmma_n128", "conv2d_bwd_data_wgmma_n64"] {
+            let at = ptx
+                .find(&format!(".entry {name}("))
+                .unwrap_or_else(|| panic!("the {what} compute_90a PTX has no {name}"));
+            // The entry's body, up to the next entry.
+            let body = &ptx[at..];
+            let body = &body[..body[1..].find(".entry ").map_or(body.len(), |e| e + 1)];
+            for needle in [
+                "wgmma.mma_async.sync.aligned",
+                "wgmma.wait_group.sync.aligned",
+                "fence.proxy.async.shared::cta",
+                "cp.async.cg.shared.global",
+            ] {
+                assert!(
+                    body.contains(needle),
+                    "the {what} compute_90a PTX of {name} has no `{needle}`"
+                );
+            }
+        }
+    }
+    println!(
+        "wgmma data gradient: both kernels in the {} compute_90a PTX",
+        ptxs.iter().map(|p| p.0).collect::<Vec<_>>().join(" and ")
     );
 }
