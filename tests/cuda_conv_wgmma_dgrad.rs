@@ -28,7 +28,9 @@
 //!   gradient, the misaligned dy the reverse; one stage-1 training step of the tiny model
 //!   (bf16, channels-last, bf16 storage: asserted) launches only wgmma data gradients with
 //!   the switch on (as many as the mma.sync ones with it off), its loss bit for bit the
-//!   switch-off step's.
+//!   switch-off step's; without conv_wgmma's module (a child whose emulated kernel folder
+//!   lacks it) no wgmma data gradient is named or launched, the op's results are the
+//!   switch-off ones bit for bit, and the note comes once.
 //!
 //! Shapes: 1x1 stride 1 and 2 (three phases without taps: zeros), 3x3 stride 1 and 2 with and
 //! without padding, 5x5, 7x7 stride 2 padding 3 (the stem), 2x2 stride 3 (a phase without
@@ -72,6 +74,10 @@ fn main() {
             emulator(
                 "wgmma_dgrad_launches_the_wgmma_kernel",
                 wgmma_dgrad_launches_the_wgmma_kernel,
+            ),
+            emulator(
+                "wgmma_dgrad_falls_back_without_the_module",
+                wgmma_dgrad_falls_back_without_the_module,
             ),
             Test {
                 name: "wgmma_dgrad_in_the_sm90a_ptx",
@@ -515,7 +521,8 @@ fn launches(profile: &str, prefix: &str) -> u64 {
 
 /// The child's work by [`MODE`]: "op" one switch-on op call, "misaligned" one on a dy 8
 /// bytes into its allocation, "step-on" / "step-off" one stage-1 training step of the tiny
-/// model (bf16, channels-last, bf16 storage) with the switch on / off, its loss printed.
+/// model (bf16, channels-last, bf16 storage) with the switch on / off, its loss printed,
+/// "no-module" the fallback checks of [`wgmma_dgrad_falls_back_without_the_module`].
 fn launches_child(mode: &str) {
     let (wg, mma) = backends();
     let mut rng = SplitMix64::fresh("conv_wgmma_dgrad_launches");
@@ -547,8 +554,77 @@ fn launches_child(mode: &str) {
             assert_eq!(net.train_storage(), Some(ActStorage::Bf16));
             println!("child: loss {:e}", st.loss);
         }
+        "no-module" => {
+            // The child's kernel folder lacks conv_wgmma's host module: the switch falls back.
+            assert_eq!(wg.info().compute_capability, (9, 0), "the emulated device");
+            let why = wg
+                .wgmma_unavailable()
+                .expect("the module does not load in the child");
+            println!("child: wgmma unavailable: {why}");
+            for (s, _) in cases().into_iter().take(4) {
+                assert_eq!(wg.conv_bwd_data_nhwc_bf16s_wgmma_kernel(&s), None, "{s:?}");
+                let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
+                let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
+                assert_eq!(
+                    same_bits(&op(&wg, &s, &dy, &w), &op(&mma, &s, &dy, &w)),
+                    s.x_len(),
+                    "{s:?}: the fallback differs from the switch-off backend"
+                );
+            }
+        }
         m => panic!("unknown mode {m}"),
     }
+}
+
+/// Without the module the switch falls back (emulator only): the parent runs a child whose
+/// kernel folder (`EMU_KERNEL_DIR`) lacks conv_wgmma's host module, so that the module does
+/// not load on the compute capability 9.0 device; there no wgmma data gradient is named, the
+/// op gives the switch-off results bit for bit (4 shapes), the mma.sync kernel runs (launch
+/// profile) and the note comes once on stderr.
+fn wgmma_dgrad_falls_back_without_the_module() {
+    if std::env::var_os(CHILD).is_some() {
+        launches_child(&std::env::var(MODE).expect("the mode"));
+        return;
+    }
+    let dirs = std::env::var("EMU_KERNEL_DIR").expect("the emulator sets EMU_KERNEL_DIR");
+    let tmp = std::env::temp_dir().join(format!("ichcam-wgmma-dgrad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("temp dir");
+    let mut linked = 0;
+    for d in dirs.split(':').filter(|d| !d.is_empty()) {
+        for e in std::fs::read_dir(d).expect("read a kernel folder") {
+            let p = e.expect("a folder entry").path();
+            let name = p.file_name().expect("a name").to_owned();
+            if p.extension().is_some_and(|x| x == "so") && name != "conv_wgmma.so" {
+                std::os::unix::fs::symlink(&p, tmp.join(&name)).expect("symlink");
+                linked += 1;
+            }
+        }
+    }
+    assert!(linked > 0, "no host modules in {dirs}");
+    let dir = tmp.to_string_lossy().into_owned();
+    let (so, se) = child(
+        "wgmma_dgrad_falls_back_without_the_module",
+        &[
+            (MODE, "no-module"),
+            ("EMU_KERNEL_DIR", &dir),
+            ("EMU_PROFILE", "1"),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+    let notes = se.matches("note: wgmma kernels opted in").count();
+    assert_eq!(notes, 1, "the note {notes} times:\n{se}");
+    let (wg, mma) = (
+        launches(&se, "conv2d_bwd_data_wgmma_"),
+        launches(&se, "conv2d_bwd_data_mma_nhwc_bf16s"),
+    );
+    assert!(
+        wg == 0 && mma == 8,
+        "without the module: wgmma {wg}, mma.sync {mma} data gradients:\n{se}"
+    );
+    println!(
+        "wgmma dgrad without the module: {}; mma.sync data gradients {mma}, wgmma {wg}; the note once",
+        so.lines().find(|l| l.starts_with("child:")).unwrap_or("?")
+    );
 }
 
 /// Which kernels run (emulator only: its profile counts launches by name), each in a child
