@@ -524,9 +524,11 @@ fn wgmma_ptx_for_sm90a() {
         .lines()
         .filter(|l| l.contains("registers") || l.contains("spill") || l.contains("Compiling entry"))
         .collect();
+    // Every kernel of the file (the forwards' four, and the gradients' appended after them).
+    let entries = ptx.matches(".entry ").count();
     assert!(
-        lines.iter().filter(|l| l.contains("Used")).count() == 4,
-        "ptxas reported no registers for the four kernels:\n{log}"
+        entries >= 4 && lines.iter().filter(|l| l.contains("Used")).count() == entries,
+        "ptxas reported no registers for the {entries} kernels:\n{log}"
     );
     assert!(
         lines.iter().all(
