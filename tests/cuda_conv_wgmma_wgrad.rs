@@ -30,8 +30,10 @@
 //!
 //! Shapes: 1x1 stride 1 and 2, 3x3 stride 1 and 2 with and without padding, 7x7 stride 2
 //! padding 3, odd image sizes, c_out a multiple of neither tile, ragged column tiles, c_in 8
-//! (one column chunk per tap), both column tiles (64 and 128), and reductions long enough to be
-//! split over the pixels (4096 pixels: 16 splits on the emulated device) at both tiles.
+//! (one column chunk per tap), both column tiles (64 and 128), reductions long enough to be
+//! split over the pixels (4096 pixels: 16 splits of 256 on the emulated device's 132
+//! multiprocessors) at both tiles, and 675 pixels in 2 splits of 352 (the mma.sync kernel's
+//! chunks are multiples of its 32-pixel K tile: a split then ends inside a 64-pixel one).
 //! Runs on a GPU or on the emulated driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_wgmma_wgrad-* --include-ignored`),
 //! whose device is compute capability 9.0; without a device the device tests are ignored.
@@ -110,6 +112,11 @@ fn shapes() -> Vec<(Conv2d, &'static str, &'static str)> {
             conv(2, 8, 7, 5, 16, 1, 1, 0),
             N64,
             "1x1, c_in 8, 70 pixels (one partial K tile)",
+        ),
+        (
+            conv(3, 16, 15, 15, 32, 3, 1, 1),
+            N128,
+            "3x3 s1 p1, 675 pixels in 2 splits of 352 (a split ending inside a 64-pixel K tile)",
         ),
         (
             conv(16, 64, 16, 16, 64, 3, 1, 1),
@@ -329,7 +336,7 @@ fn wgmma_wgrad_replays_in_a_graph() {
     g.set_precision(Precision::Bf16)
         .expect("the device takes bf16");
     g.set_wgmma(true);
-    let s = shapes()[7].0;
+    let s = shapes()[8].0;
     assert_eq!(
         g.conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&s).is_some(),
         hopper(&g)
