@@ -28,6 +28,11 @@
 //!   gradient (its 5 layer convolutions, `c_in`, `c_out` multiples of 8; the stem runs the NCHW
 //!   kernels) and the mma.sync one for none, with the switch off the reverse.
 //!
+//! The PTX for `compute_90a` (NVRTC's at run time and build.rs's precompiled one, where the
+//! build had NVRTC) holds both kernels and their wgmma with both transpose immediates 1
+//! (`..., p, 1, 1, 1, 1;`); ptxas's registers and spills for them: tests/cuda_conv_wgmma.rs
+//! (`wgmma_ptx_for_sm90a` assembles every kernel of the file).
+//!
 //! Shapes: 1x1 stride 1 and 2, 3x3 stride 1 and 2 with and without padding, 7x7 stride 2
 //! padding 3, odd image sizes, c_out a multiple of neither tile, ragged column tiles, c_in 8
 //! (one column chunk per tap), both column tiles (64 and 128), reductions long enough to be
@@ -39,12 +44,13 @@
 //! whose device is compute capability 9.0; without a device the device tests are ignored.
 
 mod common;
-use common::cuda::{device, emulated, emulator, rel_err, round};
+use common::cuda::{device, emulated, emulator, rel_err, round, Needs, Test};
 use common::nhwc::{pack_tail, to_nhwc};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
 use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::cuda::module::{compile_for_arch, kernel};
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
 use ichcam::engine::{ActStorage, Backend, Conv2d, Precision};
 use ichcam::model::{IchNet, ModelConfig};
@@ -68,6 +74,11 @@ fn main() {
             "wgmma_wgrad_launches_in_the_training_step",
             wgmma_wgrad_launches_in_the_training_step,
         ),
+        Test {
+            name: "wgmma_wgrad_ptx_for_sm90a",
+            run: wgmma_wgrad_ptx_for_sm90a,
+            needs: Needs::Nvrtc,
+        },
     ])
 }
 
@@ -548,4 +559,34 @@ fn wgmma_wgrad_launches_in_the_training_step() {
         "training step weight-gradient launches (emulator profile): {}",
         seen.join("; ")
     );
+}
+
+/// Both kernels and their MN-major wgmma (imm-trans-a = imm-trans-b = 1: the asm's "n"
+/// operands become the immediates) in NVRTC's compute_90a PTX and build.rs's precompiled one.
+fn wgmma_wgrad_ptx_for_sm90a() {
+    let k = kernel("conv_wgmma").expect("kernels/conv_wgmma.cu is built in");
+    let runtime = compile_for_arch(k, "compute_90a")
+        .expect("NVRTC compiles conv_wgmma.cu for compute_90a")
+        .to_src();
+    let mut ptxs = vec![("run-time", runtime.as_str())];
+    if let Some(pre) = k.ptx_sm90a {
+        ptxs.push(("precompiled", pre));
+    }
+    for (what, ptx) in &ptxs {
+        for entry in [N64, N128] {
+            assert!(
+                ptx.contains(&format!(".entry {entry}(")),
+                "the {what} compute_90a PTX has no {entry}"
+            );
+        }
+        let trans = ptx
+            .lines()
+            .filter(|l| l.contains("wgmma.mma_async") && l.trim_end().ends_with("p, 1, 1, 1, 1;"))
+            .count();
+        assert!(
+            trans >= 2,
+            "the {what} compute_90a PTX has {trans} wgmma with imm-trans-a = imm-trans-b = 1"
+        );
+        println!("wgmma wgrad {what} compute_90a PTX: both kernels, {trans} MN-major wgmma (p, 1, 1, 1, 1)");
+    }
 }
