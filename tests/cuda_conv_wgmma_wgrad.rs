@@ -61,7 +61,10 @@ fn main() {
             "wgmma_wgrad_matches_cpu_and_mma",
             wgmma_wgrad_matches_cpu_and_mma,
         ),
-        device("wgmma_wgrad_route_and_fallbacks", wgmma_wgrad_route_and_fallbacks),
+        device(
+            "wgmma_wgrad_route_and_fallbacks",
+            wgmma_wgrad_route_and_fallbacks,
+        ),
         device(
             "wgmma_wgrad_replays_in_a_graph",
             wgmma_wgrad_replays_in_a_graph,
@@ -292,7 +295,11 @@ fn wgmma_wgrad_route_and_fallbacks() {
     for p in [Precision::F32, Precision::Tf32] {
         let mut b = common::cuda::gpu_at(p);
         b.set_wgmma(true);
-        assert_eq!(b.conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&s), None, "at {p}");
+        assert_eq!(
+            b.conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&s),
+            None,
+            "at {p}"
+        );
     }
     let mut never = wg.clone();
     never.set_mma_route(MmaRoute::Never);
@@ -319,7 +326,11 @@ fn wgmma_wgrad_route_and_fallbacks() {
         (conv(2, 16, 9, 7, 36, 3, 1, 1), "c_out % 8 != 0"),
         (conv(2, 3, 19, 17, 16, 7, 2, 3), "c_in 3 (the stem)"),
     ] {
-        assert_eq!(wg.conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&s), None, "{why}");
+        assert_eq!(
+            wg.conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&s),
+            None,
+            "{why}"
+        );
         assert_eq!(
             wg.conv_bwd_weight_nhwc_bf16s_kernel(&s),
             Some("conv2d_bwd_weight_mma_nhwc_bf16s"),
@@ -417,7 +428,11 @@ fn train_step(g: &CudaBackend, x: &[f32]) -> (f64, Vec<(String, Vec<f32>)>) {
     let out = net
         .stage1_forward_backward(x, &labels, batch, seq, h, w, 1.5)
         .expect("stage-1 step");
-    assert_eq!(net.train_channels_last(), Some(true), "channels-last training");
+    assert_eq!(
+        net.train_channels_last(),
+        Some(true),
+        "channels-last training"
+    );
     assert_eq!(net.train_storage(), Some(ActStorage::Bf16), "bf16 storage");
     let grads = net
         .names()
@@ -471,7 +486,10 @@ fn wgmma_wgrad_in_the_training_step() {
         );
     } else {
         assert!(rel < 3e-2, "switch on vs off: gradients {rel:e} apart");
-        assert!((l_on - l_off).abs() <= 3e-2 * l_off.abs(), "loss {l_on} vs {l_off}");
+        assert!(
+            (l_on - l_off).abs() <= 3e-2 * l_off.abs(),
+            "loss {l_on} vs {l_off}"
+        );
     }
     println!(
         "wgmma wgrad training step: loss {l_on} (switch off {l_off}); {} of {total} gradient values bit for bit the switch-off step's, relative {rel:.2e}",

@@ -23,8 +23,8 @@ use std::sync::Once;
 use cudarc::driver::CudaSlice;
 
 use super::conv::{
-    bf16s_weight_row, geometry, launch_split, stats_tiles, weight_ohwi_bf16_scratch, TcKernel, Tiling,
-    MMA_BK, MMA_TILE,
+    bf16s_weight_row, geometry, launch_split, stats_tiles, weight_ohwi_bf16_scratch, TcKernel,
+    Tiling, MMA_BK, MMA_TILE,
 };
 use super::launch::{blocks, int_args, Kernel, NULL};
 use super::{norm, CudaBackend};
@@ -406,7 +406,12 @@ impl CudaBackend {
     /// (`conv_bwd_weight_nhwc_bf16s_native`: bf16, route not `Never`), [`wgrad_supported`],
     /// both 16-byte aligned, [`WG_SMEM`] within the device's per block (`TcKernel::Wgmma`,
     /// the forward's ring), and the module loaded on a device of compute capability 9.0.
-    pub(crate) fn conv_bwd_weight_nhwc_bf16s_wgmma(&self, s: &Conv2d, x_addr: u64, dy_addr: u64) -> bool {
+    pub(crate) fn conv_bwd_weight_nhwc_bf16s_wgmma(
+        &self,
+        s: &Conv2d,
+        x_addr: u64,
+        dy_addr: u64,
+    ) -> bool {
         self.wgmma()
             && self.conv_bwd_weight_nhwc_bf16s_native(s)
             && wgrad_supported(s)
@@ -466,7 +471,11 @@ impl CudaBackend {
             msg: why,
         })?;
         let tn = wgrad_tile_n(s);
-        let kern: &Kernel = if tn == 64 { &ks.wgrad_n64 } else { &ks.wgrad_n128 };
+        let kern: &Kernel = if tn == 64 {
+            &ks.wgrad_n64
+        } else {
+            &ks.wgrad_n128
+        };
         // The mma.sync kernel's K tile and 128x128 tile count (`side`), so its split plan: at
         // tn = 64 there is one column tile either way (c_in * kh * kw <= 64).
         let tiling = Tiling {
