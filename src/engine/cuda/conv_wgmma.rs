@@ -9,14 +9,17 @@
 //! memory. The training forward: the contract of conv.rs's
 //! `CudaBackend::conv2d_fwd_stats_nhwc_bf16s_native` (`conv2d_fwd_stats_mma_nhwc_bf16s`: z
 //! rounded to bf16, the per-(channel, 64-pixel tile) f64 partials of the rounded z in that
-//! kernel's layout), the same kernel with the statistics epilogue. Opt-in and off by default
-//! ([`CudaBackend::set_wgmma`], `ICHCAM_WGMMA=1`): it is proven on the emulated driver's model
+//! kernel's layout), the same kernel with the statistics epilogue. The weight gradient (the
+//! section at the end): the contract of conv.rs's
+//! `CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`, both operands MN-major. Opt-in and off
+//! by default ([`CudaBackend::set_wgmma`], `ICHCAM_WGMMA=1`): it is proven on the emulated driver's model
 //! of the PTX ISA only, not yet on a GPU (docs/precision.md). A kernel runs where [`supported`]
 //! holds, the device has compute capability 9.0 (sm_90a code runs nowhere else), the module
 //! loads there (build.rs's precompiled `compute_90a` PTX, or NVRTC at run time: module.rs;
 //! where it does not, one note on stderr and the mma.sync kernels run), the mma.sync kernel
-//! would run the shape (bf16, route not `Never`) and x is 16-byte aligned; elsewhere the
-//! mma.sync kernel runs. Knows nothing about the model.
+//! would run the shape (bf16, route not `Never`) and x is 16-byte aligned (the weight
+//! gradient: [`wgrad_supported`], x and dy 16-byte aligned); elsewhere the mma.sync kernel
+//! runs. Knows nothing about the model.
 
 use std::sync::Once;
 
