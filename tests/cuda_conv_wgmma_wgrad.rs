@@ -17,7 +17,8 @@
 //!   and wgmma both add in k order with fmaf), within 1e-5 relative on a GPU (its tensor cores
 //!   add in their own order), the bit-for-bit count printed;
 //! - a captured graph of the op (split-K workspace from the arena) replays bit for bit;
-//! - the route: off by default, off at f32 / tf32 and with the route `Never`, off for shapes
+//! - the route: off by default, off at f32 / tf32, with the route `Never` and with less shared
+//!   memory per block than the ring's (`limit_shared_memory_for_tests`), off for shapes
 //!   it does not support (`c_in % 8 != 0`, `c_out % 8 != 0`: the mma.sync kernel runs them,
 //!   bit for bit what the switch-off backend gives), never on a device that is not compute
 //!   capability 9.0;
@@ -308,6 +309,22 @@ fn wgmma_wgrad_route_and_fallbacks() {
         None,
         "route Never"
     );
+    // Below the ring's 134,144 bytes of shared memory per block (conv_wgmma.cu's WG_SMEM) the
+    // mma.sync kernel (104,448) runs; at it, the wgmma kernel.
+    for (limit, wgmma) in [(134_143, false), (134_144, true)] {
+        let mut lim = wg.clone();
+        lim.limit_shared_memory_for_tests(limit)
+            .expect("within the device's limit");
+        assert_eq!(
+            lim.conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&s).is_some(),
+            wgmma && on,
+            "shared memory limited to {limit}"
+        );
+        assert_eq!(
+            lim.conv_bwd_weight_nhwc_bf16s_kernel(&s),
+            Some("conv2d_bwd_weight_mma_nhwc_bf16s")
+        );
+    }
     // The 64 / 128 column tiles at their boundary.
     if on {
         assert_eq!(
