@@ -138,6 +138,46 @@ __device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16(float (&d)[64], un
         : "l"(desc_a), "l"(desc_b), "r"(scale_d)
         : "memory");
 }
+// The same with imm-trans-a = TA, imm-trans-b = TB (0 or 1; 1: that operand MN-major in shared
+// memory, A M-major, B N-major: emu/shim/emu_wgmma.h's layouts).
+template <int TA, int TB>
+__device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16_trans(float (&d)[32], unsigned long long desc_a,
+                                                               unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA), "n"(TB)
+        : "memory");
+}
+template <int TA, int TB>
+__device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16_trans(float (&d)[64], unsigned long long desc_a,
+                                                               unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA), "n"(TB)
+        : "memory");
+}
 #else
 // Not compute_90a (build.rs's compute_90 and compute_75 PTX of this file, never loaded): no
 // wgmma there, so the wrappers trap.
@@ -154,6 +194,16 @@ __device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16(float (&)[32], unsi
     __trap();
 }
 __device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16(float (&)[64], unsigned long long, unsigned long long, int) {
+    __trap();
+}
+template <int TA, int TB>
+__device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16_trans(float (&)[32], unsigned long long, unsigned long long,
+                                                                   int) {
+    __trap();
+}
+template <int TA, int TB>
+__device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16_trans(float (&)[64], unsigned long long, unsigned long long,
+                                                                    int) {
     __trap();
 }
 #endif
@@ -572,4 +622,198 @@ conv2d_bwd_data_wgmma_n64(const unsigned short* __restrict__ dy, const unsigned 
                           float* __restrict__ dx, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
                           int pad) {
     conv_bwd_data_wgmma<64>(dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad);
+}
+
+// ---- The weight gradient on wgmma (channels-last, bf16 storage) ---------------------------
+//
+// conv2d_bwd_weight_wgmma_n128 / _n64: the contract of conv_tc.cu's
+// conv2d_bwd_weight_mma_nhwc_bf16s (x [N][H][W][C] and dy [N][OH][OW][CO] bf16 values, element
+// i the i-th 16-bit half of the buffer; out = dW OIHW f32 with one split, else split
+// blockIdx.z's slice of the workspace [splits][CO][C*KH*KW] that conv_splitk_reduce sums in
+// split order; chunk the split's run of pixels, the mma.sync kernel's), as the GEMM
+//
+//   dW [c_out][n = (kh, kw, c)] = sum over the pixels p of dy [p][c_out] . x [p's input pixel at tap (kh, kw)][c]
+//
+// with K = the pixels: in NHWC both operands are MN-major (for one pixel, dy's channels and a
+// tap's channels contiguous), so wgmma reads both with imm-trans 1
+// (ptx_wgmma_m64nBNk16_f32_bf16_trans<1, 1>). The same products in the same order as the
+// mma.sync kernel: per output, from 0, the pixels kbeg.. of the split in order (the tensor
+// cores' k order within each 16; past kend zeros, which add nothing), so that on the emulated
+// driver (fmaf in k order for both) the two agree bit for bit.
+//
+// Supported: C % 8 == 0, CO % 8 == 0, x and dy 16-byte aligned (a 16-byte copy is 8 channels
+// of one tap of x, or 8 output channels of dy; conv_wgmma.rs's `wgrad_supported`); else the
+// mma.sync kernel.
+//
+// Block: 256 threads = 2 warpgroups, a tile of 128 output channels (64 per warpgroup: A) x BN
+// columns (128, or 64 where C*KH*KW <= 64: B), K tiles of WGW_BK = 64 pixels in the forward's
+// ring (WG_STAGES stages, 1024-byte aligned, WG_SMEM bytes). A stage holds A [128][64] and B
+// [BN][64] in the canonical MN-major layout with the 128-byte swizzle: atoms of 8 pixels
+// (rows, 128 bytes each) x 64 channels or columns, atom (r / 64, pixel / 8) at (r / 64) * 8 +
+// pixel / 8 (1024 bytes each; the 8 atoms of a row block's 64 pixels adjacent), 16-byte chunk
+// c of a row at chunk position c ^ (pixel % 8). Descriptors: start = the atom of the
+// warpgroup's rows (A) or of the block's first columns (B) at k group 2 * ks, LBO 8192 (the
+// next 64 rows along m or n: unused by A's 64 rows and by B at BN = 64), SBO 1024 (the next 8
+// pixels), swizzle mode 1. Copies (16-byte cp.async, zero fill past the split's pixels, past
+// c_out or C*KH*KW, outside the image): A chunk tid % 16 (output channels 8 (tid % 16)..) of
+// pixels tid / 16 + 16 q, q < 4; B chunk j = tid % (BN / 8) (columns 8j.., one tap's channels,
+// decoded once per kernel) of pixels tid / (BN / 8) + (2048 / BN) q, q < BN / 32. The main
+// loop is the forward's. Epilogue: straight from the accumulator fragment (rows co, columns
+// n) to out[co * C*KH*KW + c * KH*KW + tap].
+
+#define WGW_BK 64
+
+// Byte offset of 16-byte chunk `ch` (8 consecutive rows, ch / 8 the 64-row block) of pixel
+// `kl` of a K tile in the 128-byte-swizzled MN-major layout above (the tile 1024-byte aligned).
+__device__ __forceinline__ unsigned wgw_mn128(int ch, int kl) {
+    return ((ch >> 3) * (WGW_BK / 8) + (kl >> 3)) * 1024 + (kl & 7) * 128 + (((ch & 7) ^ (kl & 7)) << 4);
+}
+
+// The descriptor of an MN-major 128-byte-swizzled operand at shared address `saddr` (an
+// atom's start): LBO 8192 (the next 64 rows), SBO 1024 (the next 8 pixels), mode 1.
+__device__ __forceinline__ unsigned long long wgw_desc(unsigned saddr) {
+    return (unsigned long long)((saddr & 0x3FFFFu) >> 4) | ((unsigned long long)(8192 >> 4) << 16) |
+           ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+template <int BN>
+__device__ __forceinline__ void wgmma_k16_tt(float (&acc)[BN / 2], unsigned long long da, unsigned long long db,
+                                             int scale_d);
+template <>
+__device__ __forceinline__ void wgmma_k16_tt<64>(float (&acc)[32], unsigned long long da, unsigned long long db,
+                                                 int scale_d) {
+    ptx_wgmma_m64n64k16_f32_bf16_trans<1, 1>(acc, da, db, scale_d);
+}
+template <>
+__device__ __forceinline__ void wgmma_k16_tt<128>(float (&acc)[64], unsigned long long da, unsigned long long db,
+                                                  int scale_d) {
+    ptx_wgmma_m64n128k16_f32_bf16_trans<1, 1>(acc, da, db, scale_d);
+}
+
+template <int BN>
+__device__ __forceinline__ void conv_bwd_weight_wgmma(const unsigned short* __restrict__ x,
+                                                      const unsigned short* __restrict__ dy, float* __restrict__ out,
+                                                      int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+                                                      int pad, int OH, int OW, int chunk) {
+    constexpr int A_BYTES = WG_BM * WGW_BK * 2;
+    constexpr int STAGE = A_BYTES + BN * WGW_BK * 2;
+    constexpr int CPR = BN / 8;  // B's 16-byte chunks per pixel
+    static_assert(1024 + WG_STAGES * STAGE <= WG_SMEM, "the ring fits the forward's shared memory");
+    static_assert(WG_THREADS % CPR == 0 && WG_THREADS % 16 == 0, "a thread's chunks are fixed");
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int KHW = KH * KW, NC = KHW * C, OHW = OH * OW, K = N * OHW;
+    const int m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * BN;
+    // 64-bit bounds: kbeg + chunk can pass INT_MAX on the last split.
+    const long long kbeg = (long long)blockIdx.z * chunk;
+    const int kend = (int)min((long long)K, kbeg + chunk);
+    const unsigned s0 = ptx_smem_addr(wg_smem), align = (1024u - (s0 & 1023u)) & 1023u;
+    unsigned char* ring = wg_smem + align;
+    const unsigned sring = s0 + align;
+
+    // This thread's fixed chunks: A's output channels co.., B's columns n.. (tap, channel cc).
+    const int ai = tid & 15, co = m0 + 8 * ai;
+    const bool co_ok = co < CO;
+    const int bj = tid % CPR, n = n0 + 8 * bj;
+    const bool col_ok = n < NC;
+    int ckh = 0, ckw = 0, cc = 0;
+    if (col_ok) {
+        const int tap = n / C;
+        cc = n - tap * C;
+        ckh = tap / KW;
+        ckw = tap - ckh * KW;
+    }
+
+    auto issue = [&](int t) {
+        unsigned char* As = ring + (t % WG_STAGES) * STAGE;
+        unsigned char* Bs = As + A_BYTES;
+        const int k0 = (int)kbeg + t * WGW_BK;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int kl = (tid >> 4) + 16 * q, p = k0 + kl;
+            const bool ok = co_ok && p < kend;
+            ptx_cp_async_16(As + wgw_mn128(ai, kl), ok ? dy + (size_t)p * CO + co : dy, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int q = 0; q < BN / 32; ++q) {
+            const int kl = tid / CPR + (WG_THREADS / CPR) * q, p = k0 + kl;
+            bool ok = col_ok && p < kend;
+            size_t off = 0;
+            if (ok) {
+                const int img = p / OHW, r = p - img * OHW, oh = r / OW, ow = r - oh * OW;
+                const int ih = oh * stride - pad + ckh, iw = ow * stride - pad + ckw;
+                ok = (unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W;
+                if (ok) off = ((size_t)(img * H + ih) * W + iw) * C + cc;
+            }
+            ptx_cp_async_16(Bs + wgw_mn128(bj, kl), x + off, ok ? 16 : 0);
+        }
+    };
+
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+    const int klen = kend > kbeg ? kend - (int)kbeg : 0;
+    const int nk = (klen + WGW_BK - 1) / WGW_BK;
+#pragma unroll
+    for (int s = 0; s < WG_STAGES - 1; ++s) {
+        if (s < nk) issue(s);
+        ptx_cp_async_commit();
+    }
+    for (int t = 0; t < nk; ++t) {
+        // As the forward: tile t landed (this thread's copies), visible to the async proxy, and
+        // after the barrier everyone's; every warpgroup is done with tile t - 1.
+        ptx_cp_async_wait<WG_STAGES - 2>();
+        ptx_fence_proxy_async();
+        __syncthreads();
+        const unsigned sa = sring + (t % WG_STAGES) * STAGE;
+        const unsigned sb = sa + A_BYTES;
+        ptx_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < WGW_BK / 16; ++ks)
+            wgmma_k16_tt<BN>(acc, wgw_desc(sa + (wg * (WGW_BK / 8) + 2 * ks) * 1024), wgw_desc(sb + 2 * ks * 1024),
+                             (t > 0 || ks > 0) ? 1 : 0);
+        ptx_wgmma_commit_group();
+        if (t + WG_STAGES - 1 < nk) issue(t + WG_STAGES - 1);
+        ptx_cp_async_commit();
+        ptx_wgmma_wait_group<0>();
+        ptx_wgmma_fence_operand(acc);
+    }
+    ptx_cp_async_wait<0>();
+
+    // Epilogue: d[i] = D[16 wq + g + 8 ((i / 2) % 2)][8 (i / 4) + 2 q + i % 2] of the warpgroup's rows.
+    const int wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
+    float* o = out + (size_t)blockIdx.z * CO * NC;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int nn = n0 + 8 * j + 2 * q + e;
+            if (nn >= NC) continue;
+            const int tap = nn / C, c = nn - tap * C;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int m = m0 + 64 * wg + 16 * wq + g + 8 * r;
+                if (m < CO) o[(size_t)m * NC + (size_t)c * KHW + tap] = acc[4 * j + 2 * r + e];
+            }
+        }
+    }
+}
+
+// The bf16-storage channels-last weight gradient on wgmma (sm_90a), a grid of (column tiles of
+// 128, channel tiles of 128, splits) blocks of 256 threads with WG_SMEM bytes of dynamic shared
+// memory: x, dy NHWC bf16, out = dW (OIHW f32) with one split, else the workspace
+// [splits][CO][C*KH*KW]; chunk the split's run of pixels. C % 8 == 0, CO % 8 == 0, x and dy
+// 16-byte aligned (the host's `wgrad_supported`).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+conv2d_bwd_weight_wgmma_n128(const unsigned short* __restrict__ x, const unsigned short* __restrict__ dy,
+                             float* __restrict__ out, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+                             int pad, int OH, int OW, int chunk) {
+    conv_bwd_weight_wgmma<128>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
+}
+
+// The same with 64 columns per block (C*KH*KW <= 64: no half-empty tiles).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+conv2d_bwd_weight_wgmma_n64(const unsigned short* __restrict__ x, const unsigned short* __restrict__ dy,
+                            float* __restrict__ out, int N, int C, int H, int W, int CO, int KH, int KW, int stride,
+                            int pad, int OH, int OW, int chunk) {
+    conv_bwd_weight_wgmma<64>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk);
 }

@@ -524,7 +524,7 @@ fn wgmma_ptx_for_sm90a() {
         .lines()
         .filter(|l| l.contains("registers") || l.contains("spill") || l.contains("Compiling entry"))
         .collect();
-    // Every kernel of the file (the forwards' four and the gradients').
+    // Every kernel of the file (the forwards' four, and the gradients' appended after them).
     let entries = ptx.matches(".entry ").count();
     assert!(
         entries >= 4 && lines.iter().filter(|l| l.contains("Used")).count() == entries,

@@ -13,6 +13,9 @@
 //   ptx_wgmma_m64n{64,128}k16_f32_bf16(d, desc_a, desc_b, scale_d)
 //       wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 d, desc-a, desc-b, p, 1, 1, 0, 0
 //       (p = scale_d != 0; both operands K-major in shared memory, not negated, not transposed)
+//   ptx_wgmma_m64n{64,128}k16_f32_bf16_trans<TA, TB>(d, desc_a, desc_b, scale_d)
+//       the same with imm-trans-a = TA, imm-trans-b = TB (`..., p, 1, 1, TA, TB`): an operand
+//       with 1 is MN-major (A M-major, B N-major)
 //
 // What is modelled, exactly as the ISA lays it out:
 //
@@ -35,6 +38,18 @@
 //     16-byte chunk bits [4, 4 + log2(W/16)) XORed with its bits [7, 7 + log2(W/16)) (the
 //     swizzle is a function of the window address: cute's Swizzle<3,4,3>, <2,4,3>, <1,4,3>);
 //     LBO is unused there (the 32 bytes of k fit in one swizzle row).
+// - MN-major operands of 16-bit elements (imm-trans 1; row r is m of A or n of B, the
+//   contiguous index), the ISA's canonical MN-major layouts (its "Canonical Layouts" table in
+//   CuTe notation, T = 8: none ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)); W-byte swizzle
+//   ((T,W/16,m),(8,k)):((1,T,LBO),(W/2,SBO)); as cute's make_gmma_desc for Major::MN):
+//     no swizzle: core matrices of 8 k x 16 bytes (8 r each), (r % 8) * 2 + (r / 8) * SBO +
+//       (k % 8) * 16 + (k / 8) * LBO
+//     W-byte swizzle: atoms of 8 k x W bytes (W/2 r each), (r % (W/2)) * 2 + (r / (W/2)) * LBO +
+//       (k % 8) * W + (k / 8) * SBO, then the same XOR of the address as K-major
+//   i.e. the roles of the offsets swap between the two: LBO steps k without swizzle and m/n
+//   with it (unused where the operand's 64 or N rows fit one atom), SBO the other way. A
+//   swizzled MN-major start address that is not the start of its pattern (8W-byte aligned)
+//   fails the launch (not modelled).
 // - The accumulator fragment of m64nNk16 with f32 D: thread t of the warpgroup (warp w = t /
 //   32 % 4, lane l, g = l / 4, q = l % 4) holds d[i], i < N/2, = D[16w + g + 8 * ((i / 2) % 2)]
 //   [8 * (i / 4) + 2q + i % 2]. D = A . B^T + (scale_d ? D : 0), products of bf16 exact in
@@ -58,8 +73,8 @@
 //   thread since the block started; else a launch failure.
 //
 // Not modelled: the hardware's timing and any overlap (everything runs at issue / wait);
-// operands from registers (the A-in-registers form), MN-major (transposed) operands, the
-// negate immediates, other types and shapes; whether the generic-proxy stores of each
+// operands from registers (the A-in-registers form), MN-major operands of other element
+// sizes (tf32 has none; 8-bit types), the negate immediates, other types and shapes; whether the generic-proxy stores of each
 // thread that wrote an operand were fenced (only that the issuing thread fenced once); the
 // base offset; `.sync.aligned` of fence, commit and wait (per thread here, not collectives).
 #pragma once
@@ -131,12 +146,37 @@ static inline emu_wg_desc emu_wg_decode(uint64_t d, const char* which) {
     return r;
 }
 
-// The window address of element (row, k) of a K-major 16-bit operand (see the top).
-static inline unsigned emu_wg_addr(const emu_wg_desc& d, int row, int k) {
-    if (d.mode == 0) return d.start + (row & 7) * 16 + (row >> 3) * d.sbo + (k >> 3) * d.lbo + (k & 7) * 2;
-    const unsigned W = 128u >> (d.mode - 1), mask = W / 16 - 1;
-    const unsigned a = d.start + (row & 7) * W + (row >> 3) * d.sbo + 2 * k;
+// The window address of element (row, k) of a 16-bit operand (see the top): K-major, or
+// MN-major where `trans` (imm-trans-a / imm-trans-b 1; row is then m or n, the contiguous one).
+static inline unsigned emu_wg_addr(const emu_wg_desc& d, int row, int k, bool trans) {
+    if (!trans) {
+        if (d.mode == 0) return d.start + (row & 7) * 16 + (row >> 3) * d.sbo + (k >> 3) * d.lbo + (k & 7) * 2;
+        const unsigned W = 128u >> (d.mode - 1), mask = W / 16 - 1;
+        const unsigned a = d.start + (row & 7) * W + (row >> 3) * d.sbo + 2 * k;
+        return a ^ (((a >> 7) & mask) << 4);
+    }
+    // MN-major: 8 k of a core matrix / swizzle atom are its rows, 16 (none) or W bytes apart;
+    // none: the next 8 rows (m or n) SBO on, the next 8 k LBO on; W-byte swizzle: the next
+    // W / 2 rows LBO on, the next 8 k SBO on (the roles of the two offsets swap).
+    if (d.mode == 0) return d.start + (row & 7) * 2 + (row >> 3) * d.sbo + (k & 7) * 16 + (k >> 3) * d.lbo;
+    const unsigned W = 128u >> (d.mode - 1), E = W / 2, mask = W / 16 - 1;
+    const unsigned a = d.start + (row % E) * 2 + (row / E) * d.lbo + (k & 7) * W + (k >> 3) * d.sbo;
     return a ^ (((a >> 7) & mask) << 4);
+}
+
+// MN-major and swizzled: the start address must be the start of its swizzle pattern (8W bytes
+// aligned): an MN-major start inside the pattern's first row is not modelled.
+static inline void emu_wg_check_trans(const emu_wg_desc& r, uint64_t d, const char* which) {
+    if (r.mode == 0) return;
+    const unsigned W = 128u >> (r.mode - 1);
+    if (r.start % (8 * W) != 0) {
+        char m[240];
+        snprintf(m, sizeof m,
+                 "wgmma: descriptor of %s 0x%016llx (MN-major, imm-trans 1): start address 0x%x is not the start of its "
+                 "%u-byte swizzle pattern (an MN-major start inside the pattern is not modelled)",
+                 which, (unsigned long long)d, r.start, 8 * W);
+        emu_fail(m);
+    }
 }
 
 static inline uint16_t emu_wg_read(const emu_wg_window_t& w, unsigned a, const char* which, int row, int k) {
@@ -158,6 +198,7 @@ struct emu_wg_op {
     int scale_d;
     bool chained;  // d is the accumulator of an earlier pending op: its result is this one's C
     uint64_t da, db;
+    bool ta, tb;  // imm-trans-a, imm-trans-b: MN-major A / B
     unsigned long long group;
     std::vector<float> c;       // N/2 (unless chained)
     std::vector<uint16_t> snap;  // A rows 16w+g, +8 (16 k each), then B rows 8j+2q+e (16 k each)
@@ -210,7 +251,7 @@ static inline void emu_wg_elements(int n, F f) {
 }
 
 template <int N>
-static inline void emu_wgmma_bf16(float* d, uint64_t da, uint64_t db, int scale_d) {
+static inline void emu_wgmma_bf16(float* d, uint64_t da, uint64_t db, int scale_d, bool ta = false, bool tb = false) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "m64nNk16: N a multiple of 8 up to 256");
     emu_wg_thread& s = emu_wg();
     if (!s.fenced)
@@ -221,9 +262,11 @@ static inline void emu_wgmma_bf16(float* d, uint64_t da, uint64_t db, int scale_
                  "stores is not visible to the async proxy that wgmma reads through");
     // The rendezvous of the warpgroup, every thread with the same operands.
     uint64_t key = da * 0x9E3779B97F4A7C15ull ^ (db + 0x632BE59BD9B4E019ull) * 0xD6E8FEB86659FD93ull;
-    key ^= (uint64_t)(scale_d != 0) << 63;
+    key ^= (uint64_t)(scale_d != 0) << 63 | (uint64_t)ta << 62 | (uint64_t)tb << 61;
     (void)emu_warp(EMU_WARP_GROUP, 0xffffffffu, key, N, 0);
     const emu_wg_desc a = emu_wg_decode(da, "A"), b = emu_wg_decode(db, "B");
+    if (ta) emu_wg_check_trans(a, da, "A");
+    if (tb) emu_wg_check_trans(b, db, "B");
     const emu_wg_window_t win = emu_wg_window();
     emu_wg_op op;
     op.d = d;
@@ -231,6 +274,8 @@ static inline void emu_wgmma_bf16(float* d, uint64_t da, uint64_t db, int scale_
     op.scale_d = scale_d != 0;
     op.da = da;
     op.db = db;
+    op.ta = ta;
+    op.tb = tb;
     op.group = s.committed;
     op.chained = false;
     for (const emu_wg_op& p : s.pending)
@@ -238,8 +283,8 @@ static inline void emu_wgmma_bf16(float* d, uint64_t da, uint64_t db, int scale_
     if (!op.chained) op.c.assign(d, d + N / 2);
     op.snap.reserve(32 + N / 4 * 16);
     emu_wg_elements(N, [&](bool is_b, int row, int k) {
-        op.snap.push_back(is_b ? emu_wg_read(win, emu_wg_addr(b, row, k), "B", row, k)
-                               : emu_wg_read(win, emu_wg_addr(a, row, k), "A", row, k));
+        op.snap.push_back(is_b ? emu_wg_read(win, emu_wg_addr(b, row, k, tb), "B", row, k)
+                               : emu_wg_read(win, emu_wg_addr(a, row, k, ta), "A", row, k));
     });
     const float nan = emu_bits<float>(0x7fc00000u);
     for (int i = 0; i < N / 2; ++i) d[i] = nan;
@@ -254,7 +299,7 @@ static inline void emu_wg_complete(const emu_wg_op& op) {
     const emu_wg_window_t win = emu_wg_window();
     size_t i = 0;
     emu_wg_elements(op.n, [&](bool is_b, int row, int k) {
-        const unsigned addr = is_b ? emu_wg_addr(b, row, k) : emu_wg_addr(a, row, k);
+        const unsigned addr = is_b ? emu_wg_addr(b, row, k, op.tb) : emu_wg_addr(a, row, k, op.ta);
         if (emu_wg_read(win, addr, is_b ? "B" : "A", row, k) != op.snap[i]) {
             char m[240];
             snprintf(m, sizeof m,
@@ -305,6 +350,17 @@ static inline void ptx_wgmma_m64n64k16_f32_bf16(float (&d)[32], uint64_t desc_a,
 }
 static inline void ptx_wgmma_m64n128k16_f32_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
     emu_wgmma_bf16<128>(d, desc_a, desc_b, scale_d);
+}
+// The same with imm-trans-a = TA, imm-trans-b = TB (1: that operand MN-major).
+template <int TA, int TB>
+static inline void ptx_wgmma_m64n64k16_f32_bf16_trans(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    static_assert((TA == 0 || TA == 1) && (TB == 0 || TB == 1), "imm-trans-a, imm-trans-b: 0 or 1");
+    emu_wgmma_bf16<64>(d, desc_a, desc_b, scale_d, TA != 0, TB != 0);
+}
+template <int TA, int TB>
+static inline void ptx_wgmma_m64n128k16_f32_bf16_trans(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    static_assert((TA == 0 || TA == 1) && (TB == 0 || TB == 1), "imm-trans-a, imm-trans-b: 0 or 1");
+    emu_wgmma_bf16<128>(d, desc_a, desc_b, scale_d, TA != 0, TB != 0);
 }
 
 // No-op here: on a GPU an empty asm with "+f" on each accumulator, so that the compiler

@@ -857,6 +857,53 @@ static void wgmma_primitives() {
         cuMemFree_v2(dd);
     }
 
+    // MN-major (imm-trans 1) operands: laid out by wgmma.cu's st_off_mn from the ISA's
+    // MN-major layouts; the other operand K-major where only one is transposed.
+    struct CaseMn {
+        int mode, n, k, warpgroups, scale_d, ta, tb, order;
+        const char* what;
+    } mn_cases[] = {
+        {1, 128, 64, 2, 1, 1, 1, 0, "MN-major A and B, 128-byte swizzle, m64n128k16, two warpgroups, B's two atoms LBO 1024 apart, 4 k steps (SBO 2048)"},
+        {1, 64, 32, 1, 0, 1, 1, 1, "MN-major A and B, 128-byte swizzle, m64n64k16, k groups adjacent (SBO 1024), scale-d 0"},
+        {2, 128, 32, 1, 1, 1, 1, 0, "MN-major A and B, 64-byte swizzle (32-row atoms: A 2, B 4 along m/n, LBO 512; SBO 1024 / 2048)"},
+        {3, 64, 48, 2, 1, 1, 1, 1, "MN-major A and B, 32-byte swizzle (16-row atoms, LBO 1536; SBO 256), 3 k steps"},
+        {0, 128, 32, 1, 1, 1, 1, 0, "MN-major A and B, no swizzle (8-row core matrices SBO 128, next 8 k LBO 1024 / 2048)"},
+        {0, 64, 32, 2, 1, 1, 1, 1, "MN-major A and B, no swizzle, k adjacent (LBO 128, SBO 512), two warpgroups"},
+        {1, 64, 64, 1, 1, 1, 0, 0, "MN-major A, K-major B (imm-trans-a 1, imm-trans-b 0), 128-byte swizzle"},
+        {1, 128, 64, 2, 1, 0, 1, 1, "K-major A, MN-major B (imm-trans-a 0, imm-trans-b 1), 128-byte swizzle, two warpgroups"},
+        {2, 64, 32, 1, 1, 0, 1, 0, "K-major A, MN-major B, 64-byte swizzle"},
+    };
+    for (const CaseMn& cs : mn_cases) {
+        const int M = 64 * cs.warpgroups, N = cs.n, K = cs.k;
+        std::vector<unsigned short> a(M * K), b(N * K);
+        std::vector<float> af(M * K), bfv(N * K), c(M * N);
+        for (int i = 0; i < M * K; ++i) af[i] = bf2f(a[i] = f2bf(frand()));
+        for (int i = 0; i < N * K; ++i) bfv[i] = bf2f(b[i] = f2bf(frand()));
+        for (float& v : c) v = frand();
+        CUdeviceptr da = up(a), db = up(b), dc = up(c), dd = up(std::vector<float>(M * N, 0.0f));
+        int mode = cs.mode, n = N, k = K, sd = cs.scale_d, ta = cs.ta, tb = cs.tb, order = cs.order;
+        const unsigned smem = (unsigned)(M * K * 2 + N * K * 2 + 1024);
+        CUresult r = launch("st_wgmma_mn", 1, 128 * cs.warpgroups, smem,
+                            {&da, &db, &dc, &dd, &mode, &n, &k, &sd, &ta, &tb, &order});
+        std::vector<float> d = down<float>(dd, M * N);
+        double worst = 0;
+        for (int i = 0; i < M; ++i)
+            for (int j = 0; j < N; ++j) {
+                double want = cs.scale_d ? c[i * N + j] : 0.0, mag = fabs(want);
+                for (int kk = 0; kk < K; ++kk) {
+                    want += (double)af[i * K + kk] * bfv[j * K + kk];
+                    mag += fabs((double)af[i * K + kk] * bfv[j * K + kk]);
+                }
+                const double e = fabs(d[i * N + j] - want) / (mag * 1e-6 * K);
+                worst = std::isnan(e) ? 1e30 : std::max(worst, e);
+            }
+        check(r == 0 && worst < 1.0, "wgmma %s: D = A.B^T + C (worst %.2g of the bound)", cs.what, worst);
+        cuMemFree_v2(da);
+        cuMemFree_v2(db);
+        cuMemFree_v2(dc);
+        cuMemFree_v2(dd);
+    }
+
     struct Bad {
         int what;
         unsigned threads;
@@ -870,6 +917,8 @@ static void wgmma_primitives() {
         {5, 128, "first row of its", "a 128-byte-swizzled start address in row 1 of its pattern (base offset 0) is a launch failure"},
         {6, 128, "fence.proxy.async", "a wgmma by a thread that never ran fence.proxy.async is a launch failure"},
         {7, 96, "4 complete warps", "a wgmma in a block of 96 threads is a launch failure"},
+        {8, 128, "not the start of its", "an MN-major A whose swizzled start is 64 bytes into its pattern is a launch failure (not modelled)"},
+        {9, 128, nullptr, "MN-major A and B (imm-trans 1, 1) with 128-byte-swizzled descriptors"},
     };
     CUdeviceptr out = up(std::vector<float>(256, 0.0f));
     for (const Bad& b : bad) {

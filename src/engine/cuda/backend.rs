@@ -1273,8 +1273,13 @@ impl Backend for CudaBackend {
         dy: &CudaSlice<f32>,
         dw: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        // The native kernel on x and dy in bf16 storage where it runs the shape (bf16), else
-        // both unpacked into scratch and the f32-storage op.
+        // The opt-in wgmma kernel where it runs (sm_90a, the switch on, channel counts % 8,
+        // aligned), else the native mma.sync kernel on x and dy in bf16 storage where it runs
+        // the shape (bf16), else both unpacked into scratch and the f32-storage op.
+        if self.conv_bwd_weight_nhwc_bf16s_wgmma(s, self.ptr(x), self.ptr(dy)) {
+            // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (checked).
+            return unsafe { self.conv2d_bwd_weight_nhwc_bf16s_wgmma(s, x, dy, dw) };
+        }
         if self.conv_bwd_weight_nhwc_bf16s_native(s) {
             // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (checked).
             return unsafe { self.conv2d_bwd_weight_nhwc_bf16s_native(s, x, dy, dw) };

@@ -119,17 +119,17 @@ pub(super) fn tc_kernels(be: &CudaBackend) -> Result<&TcKernels> {
 
 /// How a split-K kernel of [`launch_split`] tiles its GEMM.
 #[derive(Clone, Copy)]
-struct Tiling {
+pub(crate) struct Tiling {
     /// Threads per block.
-    threads: u32,
+    pub(crate) threads: u32,
     /// K tile: a split covers a whole number of them.
-    bk: usize,
+    pub(crate) bk: usize,
     /// Side of the block's output tile (64 or 128).
-    side: usize,
+    pub(crate) side: usize,
     /// Dynamic shared memory per block.
-    smem: u32,
+    pub(crate) smem: u32,
     /// The kernel's last argument after `chunk` (the mma kernels' `vec`), if it takes one.
-    vec: Option<i32>,
+    pub(crate) vec: Option<i32>,
 }
 
 /// The f32 SIMT kernels of `conv.cu`: 64x64 tiles, 256 threads, K tiles of 16.
@@ -163,11 +163,11 @@ fn mma_tiling(be: &CudaBackend, op: &'static str, k: TcKernel, vec: i32) -> Resu
 }
 
 /// Block tile (both sides) of the bf16 `mma.sync` forward (`MBM`, `MBN` in conv_tc.cu).
-const MMA_TILE: usize = 128;
+pub(crate) const MMA_TILE: usize = 128;
 /// Threads of its blocks (8 warps).
 const MMA_THREADS: u32 = 256;
 /// Its K tile (`MBK`).
-const MMA_BK: usize = 32;
+pub(crate) const MMA_BK: usize = 32;
 
 /// The 48 KiB of shared memory every CUDA device gives a block (without the opt-in): the
 /// WMMA kernels' static arrays fit it ([`shared_memory`]), so they are the floor of every
@@ -195,7 +195,8 @@ pub(crate) enum TcKernel {
     WgradNhwc,
     /// The channels-last weight gradient on bf16 activations.
     WgradNhwcBf16s,
-    /// The sm_90a `wgmma` eval forward (`conv_wgmma.rs`, both channel tiles).
+    /// Every sm_90a `wgmma` kernel (`conv_wgmma.rs`: the forwards and the data and weight
+    /// gradients, both channel tiles; one ring size).
     Wgmma,
 }
 
@@ -1477,7 +1478,7 @@ fn tc_pick<'a>(
 
 /// The `int` arguments the three convolution kernels share, in their order (and the
 /// buffers' total sizes checked against the 32-bit indexing).
-pub(super) fn geometry(s: &Conv2d) -> Result<[i32; 11]> {
+pub(crate) fn geometry(s: &Conv2d) -> Result<[i32; 11]> {
     int_args([s.y_len(), s.x_len(), s.w_len()])?;
     int_args([
         s.n,
@@ -1619,7 +1620,7 @@ pub(crate) fn conv2d_bn_eval_fwd(
 
 /// The epilogue of a tensor-core forward for [`launch_split`]: its fused kernel (used with one
 /// split) and its arguments.
-enum Fused<'a> {
+pub(crate) enum Fused<'a> {
     /// The eval-mode batch norm (`conv2d_fwd_bn_*`; split: `conv_splitk_reduce_bn`).
     Bn(&'a Kernel, &'a BnEpilogue<'a>),
     /// The batch-norm partial statistics `part_s`, `part_q` (`conv2d_fwd_stats_*`; split:
@@ -1890,7 +1891,7 @@ fn split_plan(be: &CudaBackend, tiles: usize, k: usize, bk: usize) -> (usize, us
 /// those of [`BnEpilogue`], or for the statistics `c_out * gx` values each (`gx`: the
 /// forward's 64-pixel tiles).
 #[allow(clippy::too_many_arguments)]
-unsafe fn launch_split(
+pub(crate) unsafe fn launch_split(
     be: &CudaBackend,
     op: &'static str,
     kern: &Kernel,

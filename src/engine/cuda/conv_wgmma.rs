@@ -20,15 +20,18 @@
 //! the end: `conv2d_bwd_data_wgmma_n128` / `_n64`, the contract of conv.rs's
 //! `CudaBackend::conv2d_bwd_data_nhwc_bf16s_native`, per output phase with the mma.sync
 //! kernel's K order) is opted in and routed the same way, where `c_out % 8 == 0` and dy is
-//! 16-byte aligned. Knows nothing about the model.
+//! 16-byte aligned. The weight gradient (the last section: `conv2d_bwd_weight_wgmma_n128` /
+//! `_n64`, the contract of conv.rs's `CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`, both
+//! operands MN-major) likewise, where [`wgrad_supported`] holds and x and dy are 16-byte
+//! aligned. Knows nothing about the model.
 
 use std::sync::Once;
 
 use cudarc::driver::CudaSlice;
 
 use super::conv::{
-    bf16s_bwd_weight_len, bf16s_weight_row, geometry, phase_grid, stats_tiles, tc_kernels,
-    weight_ohwi_bf16_scratch, TcKernel,
+    bf16s_bwd_weight_len, bf16s_weight_row, geometry, launch_split, phase_grid, stats_tiles,
+    tc_kernels, weight_ohwi_bf16_scratch, TcKernel, Tiling, MMA_BK, MMA_TILE,
 };
 use super::launch::{blocks, dim, grid, int_args, Kernel, NULL};
 use super::{norm, CudaBackend};
@@ -44,6 +47,8 @@ mod loaded {
         stats_n64: "conv2d_fwd_stats_wgmma_n64",
         bwd_data_n128: "conv2d_bwd_data_wgmma_n128",
         bwd_data_n64: "conv2d_bwd_data_wgmma_n64",
+        wgrad_n128: "conv2d_bwd_weight_wgmma_n128",
+        wgrad_n64: "conv2d_bwd_weight_wgmma_n64",
     });
 }
 
@@ -530,5 +535,129 @@ impl CudaBackend {
         };
         self.give_scratch(wt);
         r
+    }
+}
+
+// ---- The weight gradient on wgmma (channels-last, bf16 storage) ----------------------------
+//
+// `conv2d_bwd_weight_wgmma_n128` / `_n64` (kernels/conv_wgmma.cu's weight-gradient section):
+// the contract of conv.rs's `CudaBackend::conv2d_bwd_weight_nhwc_bf16s_native`
+// (`conv2d_bwd_weight_mma_nhwc_bf16s`: x and dy NHWC in bf16 storage, dw OIHW f32 overwritten,
+// split over the pixels by that kernel's plan, the splits' workspace from arena scratch summed
+// in split order by `conv_splitk_reduce`: conv.rs's `launch_split`, with the mma.sync kernel's
+// K tile and 128x128 tile count, so the same splits), both operands MN-major
+// (`wgmma.mma_async` with imm-trans-a = imm-trans-b = 1) from 128-byte-swizzled shared memory.
+// The same products in the same order as the mma.sync kernel per split: on the emulated driver
+// the two agree bit for bit (tests/cuda_conv_wgmma_wgrad.rs).
+
+/// Columns (`(kh, kw, c)`) per block of the weight gradient: 64 where `c_in * kh * kw <= 64`
+/// (`conv2d_bwd_weight_wgmma_n64`: one column tile, as the mma.sync kernel's 128, so the same
+/// split plan), else 128.
+fn wgrad_tile_n(s: &Conv2d) -> usize {
+    if s.c_in * s.kh * s.kw <= 64 {
+        64
+    } else {
+        128
+    }
+}
+
+/// Whether `conv2d_bwd_weight_wgmma_*` computes `s`: `c_in` and `c_out` positive multiples of
+/// 8 (a 16-byte copy is 8 channels of one tap of x, or 8 output channels of dy). x and dy must
+/// also be 16-byte aligned, checked per call; the rest (sizes, kernel size, stride, padding)
+/// is what the mma.sync kernel takes.
+pub(crate) fn wgrad_supported(s: &Conv2d) -> bool {
+    s.c_in > 0 && s.c_in.is_multiple_of(8) && s.c_out > 0 && s.c_out.is_multiple_of(8)
+}
+
+impl CudaBackend {
+    /// Whether the bf16-storage channels-last weight gradient of `s` on x at device address
+    /// `x_addr` and dy at `dy_addr` runs the wgmma kernel: the switch on
+    /// ([`CudaBackend::set_wgmma`]), where the mma.sync kernel would run it
+    /// (`conv_bwd_weight_nhwc_bf16s_native`: bf16, route not `Never`), [`wgrad_supported`],
+    /// both 16-byte aligned, [`WG_SMEM`] within the device's per block (`TcKernel::Wgmma`,
+    /// the forward's ring), and the module loaded on a device of compute capability 9.0.
+    pub(crate) fn conv_bwd_weight_nhwc_bf16s_wgmma(
+        &self,
+        s: &Conv2d,
+        x_addr: u64,
+        dy_addr: u64,
+    ) -> bool {
+        self.wgmma()
+            && self.conv_bwd_weight_nhwc_bf16s_native(s)
+            && wgrad_supported(s)
+            && x_addr.is_multiple_of(16)
+            && dy_addr.is_multiple_of(16)
+            && self.fits(TcKernel::Wgmma)
+            && self.wgmma_ready()
+    }
+
+    /// The wgmma kernel the bf16-storage channels-last weight gradient of `s` launches for x
+    /// and dy in allocations of their own (16-byte aligned), or None where it does not run (the
+    /// mma.sync kernel `conv2d_bwd_weight_mma_nhwc_bf16s` then runs); diagnostics and tests.
+    pub fn conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        self.conv_bwd_weight_nhwc_bf16s_wgmma(s, 0, 0)
+            .then_some(if wgrad_tile_n(s) == 64 {
+                "conv2d_bwd_weight_wgmma_n64"
+            } else {
+                "conv2d_bwd_weight_wgmma_n128"
+            })
+    }
+
+    /// `conv2d_bwd_weight_nhwc_bf16s_native` on the wgmma kernel: one launch of
+    /// `conv2d_bwd_weight_wgmma_n128` / `_n64` on (column tiles of 128 or 64, channel tiles of
+    /// 128, splits) blocks of 256 threads, [`WG_SMEM`] bytes of dynamic shared memory, split
+    /// over the pixels as the mma.sync kernel (its K tile and tile count: the same plan), the
+    /// splits' workspace from arena scratch summed in split order by `conv_splitk_reduce`
+    /// (`launch_split`): nothing allocated once warm, so capturable in a graph. An error where
+    /// [`CudaBackend::conv_bwd_weight_nhwc_bf16s_wgmma`] is false.
+    ///
+    /// # Safety
+    /// As `conv2d_bwd_weight_nhwc_bf16s_native`: `x` holds `s.x_len().div_ceil(2)` values,
+    /// `dy` `s.y_len().div_ceil(2)`, `dw` `s.w_len()`.
+    pub(crate) unsafe fn conv2d_bwd_weight_nhwc_bf16s_wgmma(
+        &self,
+        s: &Conv2d,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_bwd_weight_nhwc_bf16s_wgmma";
+        if !self.conv_bwd_weight_nhwc_bf16s_wgmma(s, self.ptr(x), self.ptr(dy)) {
+            return Err(EngineError::Param(format!(
+                "{OP}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
+                self.wgmma(),
+                self.info().compute_capability,
+                self.precision()
+            )));
+        }
+        let g = geometry(s)?;
+        let nc = s.c_in * s.kh * s.kw;
+        if nc == 0 || s.c_out == 0 {
+            return Ok(());
+        }
+        let k = s.n * s.out_h() * s.out_w();
+        let ks = kernels(self).map_err(|why| EngineError::Cuda {
+            op: OP.to_string(),
+            msg: why,
+        })?;
+        let tn = wgrad_tile_n(s);
+        let kern: &Kernel = if tn == 64 {
+            &ks.wgrad_n64
+        } else {
+            &ks.wgrad_n128
+        };
+        // The mma.sync kernel's K tile and 128x128 tile count (`side`), so its split plan: at
+        // tn = 64 there is one column tile either way (c_in * kh * kw <= 64).
+        let tiling = Tiling {
+            threads: THREADS,
+            bk: MMA_BK,
+            side: MMA_TILE,
+            smem: self.smem_dynamic(OP, TcKernel::Wgmma)?,
+            vec: None,
+        };
+        let grid_xy = (nc.div_ceil(tn), s.c_out.div_ceil(MMA_TILE));
+        // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (the caller's
+        // contract); an empty reduction fills dw with zeros there.
+        unsafe { launch_split(self, OP, kern, tiling, grid_xy, k, x, dy, dw, &g, None) }
     }
 }
