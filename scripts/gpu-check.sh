@@ -228,16 +228,27 @@ if [[ " ${PREC[*]} " == *" bf16 "* ]] && "$BIN" bench --help 2>/dev/null | grep 
     run "bench-train-r18-bf16-f32store" 90 "$BIN" bench --device cuda --config small --what train-step --precision bf16 --act-storage f32 --iters "$ITERS" --warmup 2 --json
     # (ResNet-101's after PyTorch: below.)
 fi
-# The sm_90a wgmma kernels (opt-in, ICHCAM_WGMMA=1, until proven on a GPU): their test
-# first; the passes with them only when it passed (docs/precision.md, "wgmma").
+# The sm_90a wgmma kernels (opt-in, ICHCAM_WGMMA=1, until proven on a GPU): their tests
+# first; the passes with them only when they passed (docs/precision.md, "wgmma"). The
+# forwards' test gates the CAM passes; the train step also needs the data- and
+# weight-gradient kernels' tests (2 and 1 of their tests are emulator-only: ignored here).
 if [ -x gpu-bin/tests/cuda_conv_wgmma ] && [[ " ${PREC[*]} " == *" bf16 "* ]]; then
     if ICHCAM_REQUIRE_GPU=1 run test-cuda_conv_wgmma 120 gpu-bin/tests/cuda_conv_wgmma --test-threads=2; then
         for cfg in "r101 paper" "r18 small"; do
             read -r tag preset <<<"$cfg"
             run "bench-cam-$tag-bf16-wgmma" 60 env ICHCAM_WGMMA=1 "$BIN" bench --device cuda --config "$preset" --what cam --precision bf16 --iters "$ITERS" --warmup 2 --json
         done
-        ICHCAM_WGMMA=1 ICHCAM_REQUIRE_GPU=1 run test-cuda_train_bf16_storage-wgmma 120 gpu-bin/tests/cuda_train_bf16_storage --test-threads=4
-        run "bench-train-r18-bf16-wgmma" 90 env ICHCAM_WGMMA=1 "$BIN" bench --device cuda --config small --what train-step --precision bf16 --iters "$ITERS" --warmup 2 --json
+        grads_ok=1
+        for t in cuda_conv_wgmma_dgrad cuda_conv_wgmma_wgrad; do
+            [ -x "gpu-bin/tests/$t" ] || { grads_ok=0; continue; }
+            ICHCAM_REQUIRE_GPU=1 run "test-$t" 120 "gpu-bin/tests/$t" --test-threads=1 || grads_ok=0
+        done
+        if [ "$grads_ok" = 1 ]; then
+            ICHCAM_WGMMA=1 ICHCAM_REQUIRE_GPU=1 run test-cuda_train_bf16_storage-wgmma 120 gpu-bin/tests/cuda_train_bf16_storage --test-threads=4
+            ICHCAM_WGMMA=1 ICHCAM_REQUIRE_GPU=1 run test-cuda_conv_nhwc_wgrad-wgmma 120 gpu-bin/tests/cuda_conv_nhwc_wgrad --test-threads=2
+            run "bench-train-r18-bf16-wgmma" 90 env ICHCAM_WGMMA=1 "$BIN" bench --device cuda --config small --what train-step --precision bf16 --iters "$ITERS" --warmup 2 --json
+            WGMMA_TRAIN_OK=1
+        fi
     fi
 fi
 # The stage-3 U-Net train step (not one of the six workloads): its CUDA graph, then eager.
@@ -305,12 +316,20 @@ fi
 if [[ " ${PREC[*]} " == *" bf16 "* ]] && "$BIN" bench --help 2>/dev/null | grep -q -- '--layout'; then
     run "bench-train-r101-bf16-nchw" 150 "$BIN" bench --device cuda --config paper --what train-step --precision bf16 --layout nchw --iters "$SLOW" --warmup 1 --json
 fi
+# The ResNet-101 bf16 train step on the wgmma kernels (forward, data and weight gradient),
+# where their tests passed above.
+if [ "$DRY" = 1 ] || [ "${WGMMA_TRAIN_OK:-0}" = 1 ]; then
+    run "bench-train-r101-bf16-wgmma" 150 env ICHCAM_WGMMA=1 "$BIN" bench --device cuda --config paper --what train-step --precision bf16 --iters "$SLOW" --warmup 1 --json
+fi
 
 # ---- 3. correctness on the GPU while time remains ------------------------------------------
 for t in gpu-bin/tests/*; do
     [ -x "$t" ] || continue
     grep -q ICHCAM_REQUIRE_GPU "$t" || continue
-    [ "$(basename "$t")" = cuda_conv_wgmma ] && [ -s "$LOG/test-cuda_conv_wgmma.log" ] && continue
+    case "$(basename "$t")" in
+        cuda_conv_wgmma | cuda_conv_wgmma_dgrad | cuda_conv_wgmma_wgrad)
+            [ -s "$LOG/test-$(basename "$t").log" ] && continue ;;
+    esac
     name="test-$(basename "$t")"
     ICHCAM_REQUIRE_GPU=1 run "$name" 120 "$t" --test-threads=4
     [ "$DRY" = 1 ] && continue
