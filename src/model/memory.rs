@@ -705,8 +705,8 @@ pub fn training_bytes_in(
 }
 
 /// [`training_bytes_in`] in the layout that needs more (the estimate made before a backend
-/// is known: any may run; channels-last in f32 storage, its two layout copies and their
-/// gradients beside NCHW's buffers).
+/// is known: any may run; channels-last in f32 storage, its two layout copies beside NCHW's
+/// buffers).
 pub fn training_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -844,8 +844,10 @@ mod tests {
     }
 
     /// What `train_backbone_slots` counts is what a training step allocates (activations
-    /// and gradients), NCHW, channels-last f32 and channels-last bf16 (the CPU reference: a
-    /// slot per value, as f32); CUDA's packed bf16 storage in tests/cuda_train_bf16_storage.rs.
+    /// and gradients: the gradient plan counted on at most three blocks a stage is the
+    /// built backbone's, stages of four and six blocks here), NCHW, channels-last f32 and
+    /// channels-last bf16 (the CPU reference: a slot per value, as f32); CUDA's packed bf16
+    /// storage in tests/cuda_train_bf16_storage.rs.
     #[test]
     fn train_slots_are_what_a_training_step_allocates() {
         use crate::engine::ActStorage;
@@ -999,5 +1001,14 @@ mod tests {
         let mut deep = ModelConfig::tiny();
         deep.layers = vec![usize::MAX];
         assert!(param_counts(&deep).unwrap().total > u64::MAX as u128);
+        // Training: the gradient plan on three blocks of the stage, whatever its count.
+        for lay in ActLayout::ALL {
+            assert_eq!(train_backbone_slots(&cfg, 2, 64, 64, lay), None);
+            assert_eq!(training_bytes_in(&cfg, 1, 2, 64, 4, lay), None);
+            let t = train_backbone_slots(&deep, 2, 64, 64, lay).unwrap();
+            assert!(t.acts > u64::MAX as u128 && t.grads < 1 << 20, "{t:?}");
+            let (ops, _) = train_grad_plan(&deep, 2, 64, 64, lay).unwrap();
+            assert_eq!(ops.blocks.len(), 3);
+        }
     }
 }
