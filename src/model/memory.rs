@@ -932,12 +932,26 @@ mod tests {
                 let t = train_backbone_slots(&cfg, batch * seq, size, size, lay).unwrap();
                 let all = training_bytes_in(&cfg, batch, seq, size, 4, lay).unwrap();
                 println!(
-                    "{name} {lay:?}: backbone activations {:.3} GB + gradients {:.3} GB = {:.3} GB; training_bytes {:.3} GB",
+                    "{name} {lay:?}: backbone activations {:.4} GB + gradients {:.4} GB = {:.4} GB; training_bytes {:.4} GB",
                     gb(t.acts * 4),
                     gb(t.grads * 4),
                     gb(t.total().unwrap() * 4),
                     gb(all)
                 );
+                // The gradient plan's buffers by length, largest first.
+                let (_, plan) = train_grad_plan(&cfg, batch * seq, size, size, lay).unwrap();
+                let mut lens = plan.lens.clone();
+                lens.sort_unstable_by(|a, b| b.cmp(a));
+                lens.dedup();
+                let by_len: Vec<String> = lens
+                    .iter()
+                    .filter(|&&l| l > 0)
+                    .map(|&l| {
+                        let k = plan.lens.iter().filter(|&&m| m == l).count();
+                        format!("{k} x {:.3}", gb(l * 4))
+                    })
+                    .collect();
+                println!("  gradient buffers (GB): {}", by_len.join(", "));
                 bb.push((t, all));
             }
             // bf16 storage saves on the backbone, and the estimate before a backend is known

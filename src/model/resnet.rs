@@ -2,7 +2,8 @@
 //! order of torchvision's `state_dict`) and the activations of one input shape, with the
 //! forward pass (training-mode, batch-statistics or eval-mode batch norm) and the backward
 //! pass that writes every backbone gradient through the training buffers made for those
-//! activations ([`BackboneGrads`]), channels-last (NHWC) between the stem's max-pool and the
+//! activations ([`BackboneGrads`]: the activation gradients in buffers that every block
+//! shares, the plan of [`super::grad_plan`]), channels-last (NHWC) between the stem's max-pool and the
 //! global average pool on a backend that asks for it ([`Backend::channels_last_train`]),
 //! those NHWC activations (and the units' dz) in the storage it asks for
 //! ([`Backend::train_storage`]: f32, or bf16 in [`Backend::storage_slots`] slots each);
