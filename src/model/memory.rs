@@ -2,7 +2,9 @@
 //! allocated: parameter counts, the bytes an [`super::IchNet`] holds for them, and the
 //! activations of a forward pass at a given batch and input size: a training pass keeps
 //! every layer's ([`backbone_activations`]; exactly, with the gradients, in the training
-//! backbone's layout and storage: [`train_backbone_slots`]), an eval-mode pass only the buffers of its
+//! backbone's layout and storage: [`train_backbone_slots`], the gradients in the buffers of
+//! the backward pass's plan that every block shares, [`train_grad_plan`]), an eval-mode
+//! pass only the buffers of its
 //! activation plan ([`eval_activations`], [`super::eval_plan`], in an [`ActLayout`]: NCHW,
 //! or channels-last with its two layout changes, the NHWC activations a slot per value or
 //! two bf16 per slot, what the backend asks for); and the bytes of a
