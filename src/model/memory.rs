@@ -306,7 +306,7 @@ pub fn train_backbone_slots(
     w: usize,
     layout: ActLayout,
 ) -> Option<TrainSlots> {
-    let (shape, acts, c) = train_shape(cfg, n, h, w, layout)?;
+    let (shape, acts, c) = train_shape(cfg, n, h, w, layout, 3)?;
     let (_, plan) = grad_plan::grad_plan(&shape).ok()?;
     // The plan's buffers and dL/d(gap) `[n, c]`.
     let grads = add(plan.scalars()?, mul(n as u128, c)?)?;
@@ -326,18 +326,19 @@ pub fn train_grad_plan(
     w: usize,
     layout: ActLayout,
 ) -> Option<(GradOps, Plan)> {
-    grad_plan::grad_plan(&train_shape(cfg, n, h, w, layout)?.0).ok()
+    grad_plan::grad_plan(&train_shape(cfg, n, h, w, layout, 3)?.0).ok()
 }
 
-/// The backbone's gradient shapes with at most three blocks per stage
-/// ([`train_grad_plan`]), the slots of its activations (all blocks:
-/// [`TrainSlots::acts`]) and the last block's output channels.
+/// The backbone's gradient shapes with at most `most` blocks per stage (three:
+/// [`train_grad_plan`]), the slots of its activations (all blocks: [`TrainSlots::acts`])
+/// and the last block's output channels.
 fn train_shape(
     cfg: &ModelConfig,
     n: usize,
     h: usize,
     w: usize,
     layout: ActLayout,
+    most: usize,
 ) -> Option<(BackboneShape, u128, u128)> {
     let nn = n as u128;
     let base = cfg.base_width as u128;
@@ -406,7 +407,7 @@ fn train_shape(
         let (rest, rest_shape, _, _, _) = block(cout, oh, ow, 1)?;
         acts = add(add(acts, first)?, mul(rest, (nb - 1) as u128)?)?;
         blocks.push(shape);
-        for _ in 1..nb.min(3) {
+        for _ in 1..nb.min(most) {
             blocks.push(rest_shape.clone());
         }
         (ch, cw, cin) = (oh, ow, cout);
@@ -960,6 +961,38 @@ mod tests {
             // is the largest (channels-last f32).
             assert!(bb[2].1 < bb[0].1 && bb[0].1 < bb[1].1);
             assert_eq!(training_bytes(&cfg, batch, seq, size, 4), Some(bb[1].1));
+        }
+    }
+
+    /// The gradient plan made on at most three blocks per stage needs the buffers of the
+    /// whole backbone's, for the deep configs (stages of 23 and 36 blocks) in every layout.
+    #[test]
+    fn three_blocks_a_stage_plan_the_whole_backbones_gradients() {
+        let r152 = ModelConfig {
+            layers: vec![3, 8, 36, 3],
+            ..ModelConfig::resnet101_lstm()
+        };
+        let r34 = ModelConfig {
+            block: BlockKind::Basic,
+            layers: vec![3, 4, 6, 3],
+            ..ModelConfig::resnet101_lstm()
+        };
+        for cfg in [ModelConfig::resnet101_lstm(), r152, r34] {
+            for lay in ActLayout::ALL {
+                let plan = |most: usize| {
+                    let (shape, _, _) = train_shape(&cfg, 6, 96, 80, lay, most).unwrap();
+                    let blocks = shape.blocks.len();
+                    let (_, p) = grad_plan::grad_plan(&shape).unwrap();
+                    let mut lens = p.lens;
+                    lens.sort_unstable();
+                    (lens, blocks)
+                };
+                let (three, b3) = plan(3);
+                let (all, ball) = plan(usize::MAX);
+                assert_eq!(ball, cfg.layers.iter().sum::<usize>());
+                assert!(b3 < ball);
+                assert_eq!(three, all, "{:?} {lay:?}", cfg.layers);
+            }
         }
     }
 
