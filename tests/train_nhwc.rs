@@ -10,7 +10,10 @@
 //!   parameter gradient, running statistics and parameters after optimizer steps to the
 //!   NCHW model, over three stage-1 steps, and the same stage-1 logits with batch
 //!   statistics (`set_train(true)`, the training activations without touching the running
-//!   stats) and in eval mode.
+//!   stats) and in eval mode;
+//! - `ichcam bench --what train-step --device cpu --layout nhwc` trains NCHW and says so; its
+//!   JSON line's `train_bb_mb` and `train_plan_mb` are `memory::train_backbone_slots` and
+//!   `memory::training_bytes_in` of the preset's model at that shape.
 
 mod common;
 use common::nhwc::{bn_of, to_nhwc};
@@ -385,7 +388,7 @@ fn channels_last_train_step_is_bit_identical_to_nchw() {
 }
 
 /// `ichcam bench --what train-step --json` on `device` with `--layout layout`, tiny and
-/// short: (the JSON line's `layout`, stderr).
+/// short: (the JSON line's `layout`, stderr); on the CPU its memory fields checked.
 fn bench_layout(device: &str, layout: &str) -> (String, String) {
     let out = common::cuda::bin()
         .args([
@@ -415,6 +418,20 @@ fn bench_layout(device: &str, layout: &str) -> (String, String) {
     let j: serde_json::Value = serde_json::from_str(line).expect("JSON");
     assert_eq!(j["what"], "train-step", "{line}");
     let layout = j["layout"].as_str().unwrap_or("none").to_string();
+    // The training memory fields: the backbone's buffers as built, what the config counts
+    // for all of training, in the layout it ran in (the preset's model at 1x2 slices 32^2).
+    if device == "cpu" {
+        use ichcam::model::memory::{train_backbone_slots, training_bytes_in, ActLayout};
+        let cfg = ichcam::train::TrainConfig::tiny().model;
+        let mib = |b: u128| b as f64 / (1u64 << 20) as f64;
+        let lay = ActLayout::Nchw;
+        let bb = train_backbone_slots(&cfg, 2, 32, 32, lay).expect("count");
+        let all = training_bytes_in(&cfg, 1, 2, 32, 4, lay).expect("count");
+        let (got_bb, got_all) = (j["train_bb_mb"].as_f64(), j["train_plan_mb"].as_f64());
+        assert_eq!(got_bb, Some(mib(bb.total().expect("total") * 4)), "{line}");
+        assert_eq!(got_all, Some(mib(all)), "{line}");
+        assert!(got_bb < got_all, "{line}");
+    }
     (layout, stderr)
 }
 

@@ -36,7 +36,10 @@
 //! the timed runs (train-step, eager cam), the stream-ordered pool keeping what it freed).
 //! `conv` reports none (`--describe` adds its shapes, counts and families). The `cam` and
 //! `cam-latency` lines also have the pass's memory plan (`cam_chunk`, `act_mb`,
-//! `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]). `--layout` sets the
+//! `act_plan_mb`, `act_per_layer_mb`, `pass_plan_mb`: [`cam_memory`]); the `train-step`
+//! lines the training backbone's buffers as built (`train_bb_mb`: activations and their
+//! gradients) and training's memory counted from the config (`train_plan_mb`:
+//! [`memory::training_bytes_in`] in the layout and storage it ran in). `--layout` sets the
 //! layout of the eval-mode and of the training-mode backbone on CUDA (`auto`, `nchw`,
 //! `nhwc`: its blocks channels-last, [`LayoutChoice`]; `auto` is the backend's choice for
 //! each); the CPU runs NCHW (and says so when `nhwc` is asked); the JSON lines of the timed
@@ -549,17 +552,45 @@ fn bench_train_graph(
              ({captures} capture, {replays} replays, {eager} eager steps)"
         ),
         used,
-        train_buffers(&net),
+        train_buffers(&net, batch, seq, size),
     );
     Ok(())
 }
 
 /// The `layout` and `act_storage` JSON fields of a training step from the training
-/// backbone's own buffers (what it ran in: the backend's settings when they were built).
-fn train_buffers<B: Backend>(net: &IchNet<B>) -> Option<serde_json::Value> {
+/// backbone's own buffers (what it ran in: the backend's settings when they were built),
+/// and their memory: `train_bb_mb` (MiB of f32 slots the training backbone's buffers hold,
+/// its activations and their gradients in the shared buffers of its gradient plan, as
+/// built), `train_plan_mb` (all that training holds, counted from the config:
+/// [`memory::training_bytes_in`] for that layout and storage; beside `device_mb` it shows
+/// what the count leaves out, e.g. the arena's scratch and a CUDA graph).
+fn train_buffers<B: Backend>(
+    net: &IchNet<B>,
+    batch: usize,
+    seq: usize,
+    size: usize,
+) -> Option<serde_json::Value> {
+    use ichcam::engine::ActStorage;
     let cl = net.train_channels_last()?;
     let st = net.train_storage()?;
-    Some(serde_json::json!({ "layout": layout_name(cl), "act_storage": st.name() }))
+    let lay = match (cl, st) {
+        (false, _) => memory::ActLayout::Nchw,
+        (true, ActStorage::Bf16) if net.backend().storage_slots(st, 2) < 2 => {
+            memory::ActLayout::NhwcBf16
+        }
+        (true, _) => memory::ActLayout::Nhwc,
+    };
+    let mib = |bytes: u128| bytes as f64 / (1u64 << 20) as f64;
+    let bb = net
+        .train_backbone_slots()
+        .and_then(|(a, g)| Some(mib((a as u128 + g? as u128) * 4)));
+    let plan = memory::training_bytes_in(net.cfg(), batch, seq, size, 4, lay).map(mib);
+    Some(serde_json::json!({
+        "layout": layout_name(cl),
+        "act_storage": st.name(),
+        "train_bb_mb": bb,
+        "train_plan_mb": plan,
+    }))
 }
 
 /// The U-Net step's inputs: `[n, in_channels, size, size]` images and soft targets in
@@ -832,7 +863,7 @@ fn bench<B: Backend<T = f32> + 'static>(be: B, p: &Preset, args: &Args) -> anyho
                     if on_cuda { ", eager launches" } else { "" }
                 ),
                 used(),
-                train_buffers(&net),
+                train_buffers(&net, batch, seq, size),
             );
             Ok(())
         }

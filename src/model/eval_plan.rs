@@ -7,7 +7,9 @@
 //! engine's ops take buffers of the exact length of what they hold, so a buffer holds one
 //! length: the plan keeps as many buffers of each length as tensors of that length are
 //! live at once. Pure: knows op lists and lengths, no backend, no layer and no shape
-//! (`resnet.rs` builds the backbone's ops from its layers, `memory.rs` from a config).
+//! (`resnet.rs` builds the backbone's ops from its layers, `memory.rs` from a config). The
+//! training backward pass's gradients are planned with it too ([`super::grad_plan`]: its
+//! in-place updates are ops of length 0, which write nothing that is read).
 
 /// What an op reads: the pass's input, or the output of an earlier op (its index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

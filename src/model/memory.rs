@@ -2,7 +2,9 @@
 //! allocated: parameter counts, the bytes an [`super::IchNet`] holds for them, and the
 //! activations of a forward pass at a given batch and input size: a training pass keeps
 //! every layer's ([`backbone_activations`]; exactly, with the gradients, in the training
-//! backbone's layout and storage: [`train_backbone_slots`]), an eval-mode pass only the buffers of its
+//! backbone's layout and storage: [`train_backbone_slots`], the gradients in the buffers of
+//! the backward pass's plan that every block shares, [`train_grad_plan`]), an eval-mode
+//! pass only the buffers of its
 //! activation plan ([`eval_activations`], [`super::eval_plan`], in an [`ActLayout`]: NCHW,
 //! or channels-last with its two layout changes, the NHWC activations a slot per value or
 //! two bf16 per slot, what the backend asks for); and the bytes of a
@@ -14,6 +16,7 @@
 
 use super::config::{BlockKind, ModelConfig};
 use super::eval_plan::{self, Plan, PlanOp, Src};
+use super::grad_plan::{self, BackboneShape, BlockShape, GradOps};
 use crate::engine::Backend;
 
 /// The layout and storage of the eval-mode backbone's activations, as the counts need
@@ -252,8 +255,9 @@ pub fn backbone_activations(
 /// Values of the channels-last training backbone's two layout copies (`BackboneActs` on a
 /// backend whose `Backend::channels_last_train` says yes): the pooled activations changed to
 /// NHWC (the first block's input; in bf16 storage, in its slots) and the last block's output
-/// changed back to NCHW (the global average pool's input, f32); their gradients are as many
-/// again, f32 ([`train_backbone_slots`] counts all four in slots).
+/// changed back to NCHW (the global average pool's input, f32); their gradients, f32, are
+/// two more gradients of the backward pass's plan ([`train_grad_plan`], in buffers it
+/// shares).
 pub fn train_layout_copies(cfg: &ModelConfig, n: usize, h: usize, w: usize) -> Option<u128> {
     let (_, (c, fh, fw)) = backbone_activations(cfg, n, h, w)?;
     let n = n as u128;
@@ -273,9 +277,10 @@ pub struct TrainSlots {
     /// batch-statistics pass uses); the max-pool's output; each block's output; the
     /// channels-last layout's two copies; the pooled features.
     pub acts: u128,
-    /// Their gradients: per unit dz (and the downsample branch's input gradient), per block
-    /// the gradients of its units' outputs but the last, of the pre-ReLU sum and of its
-    /// output; the stem's and the max-pool's; the layout copies'; the pooled features'.
+    /// Their gradients: the buffers of the backward pass's gradient plan
+    /// ([`train_grad_plan`]: every block's, the stem's, the max-pool's and the layout
+    /// copies' gradients in buffers shared by all of them, as many of a length as are live
+    /// at once), and the pooled features' gradient.
     pub grads: u128,
 }
 
@@ -290,8 +295,10 @@ impl TrainSlots {
 /// `BackboneGrads`) holds for `n` images of `h x w` in `layout` (NCHW, or channels-last
 /// with the NHWC activations, block units' z, outputs and dz in the layout's slots: half in
 /// CUDA's bf16 storage; the other gradients, the stem, the max-pool, the features and the
-/// statistics f32). A stage's blocks after its first are alike: counted once, times their
-/// number (no loop over a hostile count). Tests compare it with a built network.
+/// statistics f32). A stage's blocks after its first are alike: their activations counted
+/// once, times their number, their gradients planned on at most three of them
+/// ([`train_grad_plan`]; no loop over a hostile count). Tests compare it with a built
+/// network.
 pub fn train_backbone_slots(
     cfg: &ModelConfig,
     n: usize,
@@ -299,40 +306,72 @@ pub fn train_backbone_slots(
     w: usize,
     layout: ActLayout,
 ) -> Option<TrainSlots> {
+    let (shape, acts, c) = train_shape(cfg, n, h, w, layout, 3)?;
+    let (_, plan) = grad_plan::grad_plan(&shape).ok()?;
+    // The plan's buffers and dL/d(gap) `[n, c]`.
+    let grads = add(plan.scalars()?, mul(n as u128, c)?)?;
+    Some(TrainSlots { acts, grads })
+}
+
+/// The training backbone's backward pass on `n` images of `h x w` in `layout`, as
+/// `resnet.rs` builds it ([`grad_plan::grad_ops`]) with at most three blocks per stage, and
+/// its gradient plan: a stage's blocks after its first are alike, so the third and later
+/// add no length and no gradient live at once with others that the first three lack (the
+/// gradients of at most two neighbouring blocks are live at once): the plan's buffers are
+/// those of the whole backbone (a test compares them with a built one).
+pub fn train_grad_plan(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+    layout: ActLayout,
+) -> Option<(GradOps, Plan)> {
+    grad_plan::grad_plan(&train_shape(cfg, n, h, w, layout, 3)?.0).ok()
+}
+
+/// The backbone's gradient shapes with at most `most` blocks per stage (three:
+/// [`train_grad_plan`]), the slots of its activations (all blocks: [`TrainSlots::acts`])
+/// and the last block's output channels.
+fn train_shape(
+    cfg: &ModelConfig,
+    n: usize,
+    h: usize,
+    w: usize,
+    layout: ActLayout,
+    most: usize,
+) -> Option<(BackboneShape, u128, u128)> {
     let nn = n as u128;
     let base = cfg.base_width as u128;
     let len = |c: u128, oh: u128, ow: u128| mul(mul(nn, c)?, mul(oh, ow)?);
     let cl = layout.channels_last();
     let slots = |l: u128| if cl { layout.nhwc_slots(l) } else { l };
-    let mut t = TrainSlots::default();
+    let mut acts: u128 = 0;
     // A unit of `c` output channels, its output `s` slots, with an output buffer of its own
-    // when `y`: z, y, four statistics; dz.
-    let unit = |t: &mut TrainSlots, c: u128, s: u128, y: bool| -> Option<()> {
+    // when `y`: z, y, four statistics.
+    let unit = |acts: &mut u128, c: u128, s: u128, y: bool| -> Option<()> {
         let ys = if y { s } else { 0 };
-        t.acts = add(t.acts, add(add(s, ys)?, mul(4, c)?)?)?;
-        t.grads = add(t.grads, s)?;
+        *acts = add(*acts, add(add(s, ys)?, mul(4, c)?)?)?;
         Some(())
     };
     let (sh, sw) = (out_len(h as u128, 7, 2, 3), out_len(w as u128, 7, 2, 3));
     let stem = len(base, sh, sw)?;
-    unit(&mut t, base, stem, true)?;
-    t.grads = add(t.grads, stem)?; // dstem
+    unit(&mut acts, base, stem, true)?;
     let (mut ch, mut cw) = (out_len(sh, 3, 2, 1), out_len(sw, 3, 2, 1));
     let pooled = len(base, ch, cw)?;
-    t.acts = add(t.acts, pooled)?;
-    t.grads = add(t.grads, pooled)?;
+    acts = add(acts, pooled)?;
     if cl {
-        t.acts = add(t.acts, slots(pooled))?;
-        t.grads = add(t.grads, pooled)?;
+        acts = add(acts, slots(pooled))?;
     }
+    let mut blocks = Vec::new();
     let mut cin = base;
     for (i, &nb) in cfg.layers.iter().enumerate() {
         if nb == 0 {
             continue;
         }
         let wd = mul(base, 1u128.checked_shl(i as u32)?)?;
+        // A block's activations and its gradients' shape.
         let block = |cin: u128, ch: u128, cw: u128, stride: u128| {
-            let mut b = TrainSlots::default();
+            let mut a: u128 = 0;
             let (oh, ow) = (out_len(ch, 3, stride, 1), out_len(cw, 3, stride, 1));
             // (channels, values) of each unit's output, in order.
             let (units, cout) = match cfg.block {
@@ -349,35 +388,41 @@ pub fn train_backbone_slots(
             };
             let out = len(cout, oh, ow)?;
             for (k, &(c, l)) in units.iter().enumerate() {
-                let last = k + 1 == units.len();
-                unit(&mut b, c, slots(l), !last)?;
-                if !last {
-                    b.grads = add(b.grads, l)?; // dL/d(its output), f32
-                }
+                unit(&mut a, c, slots(l), k + 1 < units.len())?;
             }
-            if stride != 1 || cin != cout {
-                unit(&mut b, cout, slots(out), true)?;
-                b.grads = add(b.grads, len(cin, ch, cw)?)?; // the branch's dx, f32
+            let down = stride != 1 || cin != cout;
+            if down {
+                unit(&mut a, cout, slots(out), true)?;
             }
-            b.acts = add(b.acts, slots(out))?;
-            b.grads = add(b.grads, mul(2, out)?)?; // g and dout, f32
-            Some((b, cout, oh, ow))
+            a = add(a, slots(out))?;
+            let shape = BlockShape {
+                in_len: len(cin, ch, cw)?,
+                out_len: out,
+                units: units.iter().map(|&(_, l)| (l, slots(l))).collect(),
+                down: down.then(|| slots(out)),
+            };
+            Some((a, shape, cout, oh, ow))
         };
-        let (first, cout, oh, ow) = block(cin, ch, cw, if i > 0 { 2 } else { 1 })?;
-        let (rest, _, _, _) = block(cout, oh, ow, 1)?;
-        let k = (nb - 1) as u128;
-        t.acts = add(add(t.acts, first.acts)?, mul(rest.acts, k)?)?;
-        t.grads = add(add(t.grads, first.grads)?, mul(rest.grads, k)?)?;
+        let (first, shape, cout, oh, ow) = block(cin, ch, cw, if i > 0 { 2 } else { 1 })?;
+        let (rest, rest_shape, _, _, _) = block(cout, oh, ow, 1)?;
+        acts = add(add(acts, first)?, mul(rest, (nb - 1) as u128)?)?;
+        blocks.push(shape);
+        for _ in 1..nb.min(most) {
+            blocks.push(rest_shape.clone());
+        }
         (ch, cw, cin) = (oh, ow, cout);
     }
     if cl {
-        let feats = len(cin, ch, cw)?;
-        t.acts = add(t.acts, feats)?;
-        t.grads = add(t.grads, feats)?;
+        acts = add(acts, len(cin, ch, cw)?)?;
     }
-    t.acts = add(t.acts, mul(nn, cin)?)?;
-    t.grads = add(t.grads, mul(nn, cin)?)?;
-    Some(t)
+    acts = add(acts, mul(nn, cin)?)?;
+    let shape = BackboneShape {
+        stem,
+        pooled,
+        channels_last: cl,
+        blocks,
+    };
+    Some((shape, acts, cin))
 }
 
 /// The eval-mode backbone's ops on `n` images of `h x w` (as `resnet.rs` builds them: the
@@ -663,8 +708,8 @@ pub fn training_bytes_in(
 }
 
 /// [`training_bytes_in`] in the layout that needs more (the estimate made before a backend
-/// is known: any may run; channels-last in f32 storage, its two layout copies and their
-/// gradients beside NCHW's buffers).
+/// is known: any may run; channels-last in f32 storage, its two layout copies beside NCHW's
+/// buffers).
 pub fn training_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -802,8 +847,10 @@ mod tests {
     }
 
     /// What `train_backbone_slots` counts is what a training step allocates (activations
-    /// and gradients), NCHW, channels-last f32 and channels-last bf16 (the CPU reference: a
-    /// slot per value, as f32); CUDA's packed bf16 storage in tests/cuda_train_bf16_storage.rs.
+    /// and gradients: the gradient plan counted on at most three blocks a stage is the
+    /// built backbone's, stages of four and six blocks here), NCHW, channels-last f32 and
+    /// channels-last bf16 (the CPU reference: a slot per value, as f32); CUDA's packed bf16
+    /// storage in tests/cuda_train_bf16_storage.rs.
     #[test]
     fn train_slots_are_what_a_training_step_allocates() {
         use crate::engine::ActStorage;
@@ -888,18 +935,64 @@ mod tests {
                 let t = train_backbone_slots(&cfg, batch * seq, size, size, lay).unwrap();
                 let all = training_bytes_in(&cfg, batch, seq, size, 4, lay).unwrap();
                 println!(
-                    "{name} {lay:?}: backbone activations {:.3} GB + gradients {:.3} GB = {:.3} GB; training_bytes {:.3} GB",
+                    "{name} {lay:?}: backbone activations {:.4} GB + gradients {:.4} GB = {:.4} GB; training_bytes {:.4} GB",
                     gb(t.acts * 4),
                     gb(t.grads * 4),
                     gb(t.total().unwrap() * 4),
                     gb(all)
                 );
+                // The gradient plan's buffers by length, largest first.
+                let (_, plan) = train_grad_plan(&cfg, batch * seq, size, size, lay).unwrap();
+                let mut lens = plan.lens.clone();
+                lens.sort_unstable_by(|a, b| b.cmp(a));
+                lens.dedup();
+                let by_len: Vec<String> = lens
+                    .iter()
+                    .filter(|&&l| l > 0)
+                    .map(|&l| {
+                        let k = plan.lens.iter().filter(|&&m| m == l).count();
+                        format!("{k} x {:.3}", gb(l * 4))
+                    })
+                    .collect();
+                println!("  gradient buffers (GB): {}", by_len.join(", "));
                 bb.push((t, all));
             }
             // bf16 storage saves on the backbone, and the estimate before a backend is known
             // is the largest (channels-last f32).
             assert!(bb[2].1 < bb[0].1 && bb[0].1 < bb[1].1);
             assert_eq!(training_bytes(&cfg, batch, seq, size, 4), Some(bb[1].1));
+        }
+    }
+
+    /// The gradient plan made on at most three blocks per stage needs the buffers of the
+    /// whole backbone's, for the deep configs (stages of 23 and 36 blocks) in every layout.
+    #[test]
+    fn three_blocks_a_stage_plan_the_whole_backbones_gradients() {
+        let r152 = ModelConfig {
+            layers: vec![3, 8, 36, 3],
+            ..ModelConfig::resnet101_lstm()
+        };
+        let r34 = ModelConfig {
+            block: BlockKind::Basic,
+            layers: vec![3, 4, 6, 3],
+            ..ModelConfig::resnet101_lstm()
+        };
+        for cfg in [ModelConfig::resnet101_lstm(), r152, r34] {
+            for lay in ActLayout::ALL {
+                let plan = |most: usize| {
+                    let (shape, _, _) = train_shape(&cfg, 6, 96, 80, lay, most).unwrap();
+                    let blocks = shape.blocks.len();
+                    let (_, p) = grad_plan::grad_plan(&shape).unwrap();
+                    let mut lens = p.lens;
+                    lens.sort_unstable();
+                    (lens, blocks)
+                };
+                let (three, b3) = plan(3);
+                let (all, ball) = plan(usize::MAX);
+                assert_eq!(ball, cfg.layers.iter().sum::<usize>());
+                assert!(b3 < ball);
+                assert_eq!(three, all, "{:?} {lay:?}", cfg.layers);
+            }
         }
     }
 
@@ -957,5 +1050,14 @@ mod tests {
         let mut deep = ModelConfig::tiny();
         deep.layers = vec![usize::MAX];
         assert!(param_counts(&deep).unwrap().total > u64::MAX as u128);
+        // Training: the gradient plan on three blocks of the stage, whatever its count.
+        for lay in ActLayout::ALL {
+            assert_eq!(train_backbone_slots(&cfg, 2, 64, 64, lay), None);
+            assert_eq!(training_bytes_in(&cfg, 1, 2, 64, 4, lay), None);
+            let t = train_backbone_slots(&deep, 2, 64, 64, lay).unwrap();
+            assert!(t.acts > u64::MAX as u128 && t.grads < 1 << 20, "{t:?}");
+            let (ops, _) = train_grad_plan(&deep, 2, 64, 64, lay).unwrap();
+            assert_eq!(ops.blocks.len(), 3);
+        }
     }
 }

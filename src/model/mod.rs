@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval_plan;
+pub mod grad_plan;
 pub mod memory;
 pub mod meta;
 pub mod net;

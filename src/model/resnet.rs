@@ -2,7 +2,8 @@
 //! order of torchvision's `state_dict`) and the activations of one input shape, with the
 //! forward pass (training-mode, batch-statistics or eval-mode batch norm) and the backward
 //! pass that writes every backbone gradient through the training buffers made for those
-//! activations ([`BackboneGrads`]), channels-last (NHWC) between the stem's max-pool and the
+//! activations ([`BackboneGrads`]: the activation gradients in buffers that every block
+//! shares, the plan of [`super::grad_plan`]), channels-last (NHWC) between the stem's max-pool and the
 //! global average pool on a backend that asks for it ([`Backend::channels_last_train`]),
 //! those NHWC activations (and the units' dz) in the storage it asks for
 //! ([`Backend::train_storage`]: f32, or bf16 in [`Backend::storage_slots`] slots each);
@@ -20,6 +21,7 @@
 
 use super::config::{BlockKind, ModelConfig};
 use super::eval_plan::{self, Plan, PlanOp, Src};
+use super::grad_plan::{self, BackboneShape, BlockOps, BlockShape, GradOps};
 use super::memory::ActLayout;
 use super::params::{grad_buf, Group, Init, ParamStore, Trainable, S, W};
 use super::ModelError;
@@ -269,17 +271,46 @@ struct UnitActs<B: Backend> {
     scratch_var: B::Buf,
 }
 
-/// A unit's training buffer: dL/d(conv output), in the unit's storage (the one gradient
-/// stored in bf16: both convolution gradients read it).
-struct UnitGrads<B: Backend> {
-    dz: B::Buf,
+/// The buffers of the backward pass's gradient plan ([`grad_plan`]), each gradient found
+/// by the index of the op that writes it ([`GradOps`]); the plan never gives an op's
+/// output the buffer of a tensor it reads (checked when it was made), so the pairs below
+/// are two buffers (else a typed error).
+struct GradBufs<'a, B: Backend> {
+    bufs: &'a mut [B::Buf],
+    out: &'a [usize],
 }
 
-impl<B: Backend> UnitGrads<B> {
-    fn new(be: &B, a: &UnitActs<B>) -> Result<Self, ModelError> {
-        Ok(UnitGrads {
-            dz: be.zeros(be.storage_slots(a.storage, a.conv.y_len()))?,
-        })
+impl<'a, B: Backend> GradBufs<'a, B> {
+    fn index(&self, t: usize) -> Result<usize, ModelError> {
+        self.out
+            .get(t)
+            .copied()
+            .ok_or_else(|| ModelError::Internal(format!("gradient {t} not in the plan")))
+    }
+
+    /// The buffer holding gradient `t`.
+    fn get(&self, t: usize) -> Result<&B::Buf, ModelError> {
+        let b = self.index(t)?;
+        self.bufs
+            .get(b)
+            .ok_or_else(|| ModelError::Internal(format!("gradient buffer {b} missing")))
+    }
+
+    /// The buffer that gradient `t` is written into.
+    fn write(&mut self, t: usize) -> Result<&mut B::Buf, ModelError> {
+        let b = self.index(t)?;
+        self.bufs
+            .get_mut(b)
+            .ok_or_else(|| ModelError::Internal(format!("gradient buffer {b} missing")))
+    }
+
+    /// Gradient `r`'s buffer to read and gradient `w`'s to write (or update in place).
+    fn rw(&mut self, r: usize, w: usize) -> Result<(&B::Buf, &mut B::Buf), ModelError> {
+        let (rb, wb) = (self.index(r)?, self.index(w)?);
+        let [rd, wr] = self.bufs.get_disjoint_mut([rb, wb]).map_err(|e| {
+            ModelError::Internal(format!("gradients {r} and {w} (buffers {rb}, {wb}): {e}"))
+        })?;
+        Ok((&*rd, wr))
     }
 }
 
@@ -434,19 +465,21 @@ impl<B: Backend> UnitActs<B> {
         Ok(())
     }
 
-    /// Backward of a training-mode forward: `dy` is dL/d(this unit's output); writes the
-    /// conv and BN gradients into the store and, when asked, dL/d(input) into `dx`.
+    /// Backward of a training-mode forward: reads gradient `dy` (dL/d(this unit's
+    /// output)) of `grads`, writes its dz into gradient `dz`, the conv and BN gradients
+    /// into the store and, when asked, dL/d(input) into gradient `dx`.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         be: &B,
         params: &mut ParamStore<B>,
-        grads: &mut UnitGrads<B>,
+        grads: &mut GradBufs<'_, B>,
         x: &B::Buf,
-        dy: &B::Buf,
-        dx: Option<&mut B::Buf>,
+        dy: usize,
+        dz: usize,
+        dx: Option<usize>,
     ) -> Result<(), ModelError> {
         let s = self.spec;
-        let dz = &mut grads.dz;
         // The output masks dy only for a ReLU of the unit's own; a unit without one (a block's
         // last keeps no `y`: its ReLU is the join's, masked by the caller) passes z, unread.
         let y = if self.relu { &self.y } else { &self.z };
@@ -470,6 +503,7 @@ impl<B: Backend> UnitActs<B> {
             ),
         };
         {
+            let (dy, dz) = grads.rw(dy, dz)?;
             let [g, b] = two_mut(&mut params.w, s.g, s.b)?;
             bn_bwd(
                 be,
@@ -487,8 +521,10 @@ impl<B: Backend> UnitActs<B> {
             )?;
         }
         let pw = &mut params.w[s.w.0];
-        bwd_weight(be, &self.conv, x, dz, grad_buf(&mut pw.grad, &pw.name)?)?;
+        let dzb = grads.get(dz)?;
+        bwd_weight(be, &self.conv, x, dzb, grad_buf(&mut pw.grad, &pw.name)?)?;
         if let Some(dx) = dx {
+            let (dz, dx) = grads.rw(dz, dx)?;
             bwd_data(be, &self.conv, dz, &pw.data, dx)?;
         }
         Ok(())
@@ -531,52 +567,6 @@ struct BlockActs<B: Backend> {
     out: B::Buf,
     out_len: usize,
     in_len: usize,
-}
-
-/// The downsample branch's training buffers.
-struct DownGrads<B: Backend> {
-    unit: UnitGrads<B>,
-    /// The branch's input gradient, added to the main branch's.
-    dx: B::Buf,
-}
-
-/// One residual block's training buffers, made for its [`BlockActs`] (the same units, a
-/// downsample branch exactly when the block has one).
-struct BlockGrads<B: Backend> {
-    units: Vec<UnitGrads<B>>,
-    /// dL/d(output of unit `j`) for every unit but the last, written by unit `j + 1`.
-    dys: Vec<B::Buf>,
-    down: Option<DownGrads<B>>,
-    /// dL/d(pre-ReLU sum): the gradient of both branches' outputs.
-    g: B::Buf,
-    /// dL/d(out), written by the next block or the pooling.
-    dout: B::Buf,
-}
-
-impl<B: Backend> BlockGrads<B> {
-    fn new(be: &B, a: &BlockActs<B>) -> Result<Self, ModelError> {
-        let last = a.units.len().saturating_sub(1);
-        Ok(BlockGrads {
-            units: a
-                .units
-                .iter()
-                .map(|u| UnitGrads::new(be, u))
-                .collect::<Result<_, _>>()?,
-            dys: a.units[..last]
-                .iter()
-                .map(|u| be.zeros(u.conv.y_len()))
-                .collect::<Result<_, _>>()?,
-            down: match &a.down {
-                Some(d) => Some(DownGrads {
-                    unit: UnitGrads::new(be, d)?,
-                    dx: be.zeros(a.in_len)?,
-                }),
-                None => None,
-            },
-            g: be.zeros(a.out_len)?,
-            dout: be.zeros(a.out_len)?,
-        })
-    }
 }
 
 impl<B: Backend> BlockActs<B> {
@@ -655,46 +645,49 @@ impl<B: Backend> BlockActs<B> {
         Ok(())
     }
 
-    /// Needs `grads.dout`; writes dL/d(block input) into `dx`.
+    /// Reads gradient `o.dout` of `grads`; writes the block's gradients there (`o`) and
+    /// dL/d(block input) into gradient `o.dx`. `x` is the block's input.
     fn backward(
         &self,
         be: &B,
         params: &mut ParamStore<B>,
-        grads: &mut BlockGrads<B>,
+        grads: &mut GradBufs<'_, B>,
+        o: &BlockOps,
         x: &B::Buf,
-        dx: &mut B::Buf,
     ) -> Result<(), ModelError> {
-        let BlockGrads {
-            units,
-            dys,
-            down,
-            g,
-            dout,
-        } = grads;
-        match self.storage {
-            ActStorage::F32 => be.relu_bwd(&self.out, dout, g)?,
-            ActStorage::Bf16 => be.relu_bwd_bf16(&self.out, dout, g)?,
-        }
-        let g = &*g;
         let last = self.units.len() - 1;
-        for j in (0..=last).rev() {
-            let (lo, hi) = dys.split_at_mut(j);
-            let dy = if j == last { g } else { &hi[0] };
-            let (input, dx_j) = if j == 0 {
-                (x, &mut *dx)
-            } else {
-                (&self.units[j - 1].y, &mut lo[j - 1])
-            };
-            self.units[j].backward(be, params, &mut units[j], input, dy, Some(dx_j))?;
+        if (o.dz.len(), o.dy.len(), o.down.is_some()) != (last + 1, last, self.down.is_some()) {
+            return Err(ModelError::Internal(
+                "the gradient plan's block differs from the activations'".into(),
+            ));
         }
-        // `down` is made for this block: a downsample branch's buffers exactly when it has one.
-        match (&self.down, down.as_mut()) {
-            (Some(d), Some(dg)) => {
-                d.backward(be, params, &mut dg.unit, x, g, Some(&mut dg.dx))?;
-                be.add_assign(dx, &dg.dx)?;
+        {
+            let (dout, g) = grads.rw(o.dout, o.g)?;
+            match self.storage {
+                ActStorage::F32 => be.relu_bwd(&self.out, dout, g)?,
+                ActStorage::Bf16 => be.relu_bwd_bf16(&self.out, dout, g)?,
             }
-            _ => be.add_assign(dx, g)?,
         }
+        for j in (0..=last).rev() {
+            let dy = if j == last { o.g } else { o.dy[j] };
+            let (input, dx) = if j == 0 {
+                (x, o.dx)
+            } else {
+                (&self.units[j - 1].y, o.dy[j - 1])
+            };
+            self.units[j].backward(be, params, grads, input, dy, o.dz[j], Some(dx))?;
+        }
+        // The shortcut's gradient added to the main branch's: the downsample branch's input
+        // gradient, or `g` itself.
+        let shortcut = match (&self.down, o.down) {
+            (Some(d), Some((dz, ddx))) => {
+                d.backward(be, params, grads, x, o.g, dz, Some(ddx))?;
+                ddx
+            }
+            _ => o.g,
+        };
+        let (sc, dx) = grads.rw(shortcut, o.dx)?;
+        be.add_assign(dx, sc)?;
         Ok(())
     }
 }
@@ -737,80 +730,87 @@ pub(crate) struct BackboneActs<B: Backend> {
 }
 
 /// The backbone's training buffers, made for one [`BackboneActs`] (allocated with it when
-/// training, reused while the shape stays).
+/// training, reused while the shape stays): the buffers of its backward pass's gradient
+/// plan ([`grad_plan`]), shared by every block (a gradient held only while it is live: a
+/// block's while that block is processed, the gradient flowing into the block below until
+/// that block reads it; as many buffers of a length as gradients of it are live at once),
+/// the units' dz among them in the activations' storage, the other gradients f32; and
+/// dL/d(gap).
 pub(crate) struct BackboneGrads<B: Backend> {
     pub n: usize,
     pub h: usize,
     pub w: usize,
+    /// Whether the activations these were made for are channels-last.
+    pub channels_last: bool,
     /// The storage of the activations these were made for (their dz in it).
     pub storage: ActStorage,
-    stem: UnitGrads<B>,
-    dstem: B::Buf,
-    dpooled: B::Buf,
-    /// Channels-last: the first block's input gradient NHWC (else empty).
-    dpooled_nhwc: B::Buf,
-    /// Channels-last: the global average pool's input gradient NCHW (else empty).
-    dfeats: B::Buf,
-    blocks: Vec<BlockGrads<B>>,
+    /// The backward pass's gradients and the ops that write them.
+    ops: GradOps,
+    plan: Plan,
+    /// The plan's buffers (`plan.lens`).
+    bufs: Vec<B::Buf>,
     /// dL/d(gap), written by the layer above before [`BackboneActs::backward`].
     pub dgap: B::Buf,
 }
 
 impl<B: Backend> BackboneGrads<B> {
     pub fn new(be: &B, a: &BackboneActs<B>) -> Result<Self, ModelError> {
-        // The layout copies' gradients f32 whatever the activations' storage.
-        let copy_len = |len: usize| be.zeros(if a.channels_last { len } else { 0 });
+        let (ops, plan) = grad_plan::grad_plan(&a.grad_shape(be))
+            .map_err(|e| ModelError::Internal(format!("gradient plan: {e}")))?;
+        Self::with_plan(be, a, ops, plan)
+    }
+
+    /// A buffer per gradient, none shared (what the buffers were before the plan shared
+    /// them: the tests' reference).
+    #[cfg(test)]
+    fn unshared(be: &B, a: &BackboneActs<B>) -> Result<Self, ModelError> {
+        let ops = grad_plan::grad_ops(&a.grad_shape(be))
+            .ok_or_else(|| ModelError::Internal("no blocks".into()))?;
+        let plan = Plan {
+            lens: ops.ops.iter().map(|o| o.len).collect(),
+            out: (0..ops.ops.len()).collect(),
+        };
+        eval_plan::check(&ops.ops, &plan).map_err(ModelError::Internal)?;
+        Self::with_plan(be, a, ops, plan)
+    }
+
+    fn with_plan(
+        be: &B,
+        a: &BackboneActs<B>,
+        ops: GradOps,
+        plan: Plan,
+    ) -> Result<Self, ModelError> {
+        let bufs = plan
+            .lens
+            .iter()
+            .map(|&l| {
+                let l = usize::try_from(l)
+                    .map_err(|_| ModelError::Internal(format!("a buffer of {l} values")))?;
+                Ok::<_, ModelError>(be.zeros(l)?)
+            })
+            .collect::<Result<_, _>>()?;
         Ok(BackboneGrads {
             n: a.n,
             h: a.h,
             w: a.w,
+            channels_last: a.channels_last,
             storage: a.storage,
-            stem: UnitGrads::new(be, &a.stem)?,
-            dstem: be.zeros(a.stem.conv.y_len())?,
-            dpooled: be.zeros(a.pool.y_len())?,
-            dpooled_nhwc: copy_len(a.pool.y_len())?,
-            dfeats: copy_len(be.len(&a.feats))?,
-            blocks: a
-                .blocks
-                .iter()
-                .map(|b| BlockGrads::new(be, b))
-                .collect::<Result<_, _>>()?,
+            ops,
+            plan,
+            bufs,
             dgap: be.zeros(a.n * a.out_c)?,
         })
     }
 
-    /// Whether these buffers were made for `a`'s shape and storage.
+    /// Whether these buffers were made for `a`'s shape, layout and storage.
     pub fn fits(&self, a: &BackboneActs<B>) -> bool {
-        (self.n, self.h, self.w, self.storage) == (a.n, a.h, a.w, a.storage)
+        (self.n, self.h, self.w, self.channels_last, self.storage)
+            == (a.n, a.h, a.w, a.channels_last, a.storage)
     }
 
-    /// Slots (values of `B::T`) allocated.
+    /// Slots (values of `B::T`) allocated: the plan's buffers and dL/d(gap).
     pub fn scalars(&self, be: &B) -> usize {
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|b| {
-                let units: usize = b.units.iter().map(|u| be.len(&u.dz)).sum();
-                let dys: usize = b.dys.iter().map(|d| be.len(d)).sum();
-                let down = b
-                    .down
-                    .as_ref()
-                    .map_or(0, |d| be.len(&d.unit.dz) + be.len(&d.dx));
-                units + dys + down + be.len(&b.g) + be.len(&b.dout)
-            })
-            .sum();
-        [
-            &self.stem.dz,
-            &self.dstem,
-            &self.dpooled,
-            &self.dpooled_nhwc,
-            &self.dfeats,
-            &self.dgap,
-        ]
-        .iter()
-        .map(|b| be.len(b))
-        .sum::<usize>()
-            + blocks
+        self.bufs.iter().map(|b| be.len(b)).sum::<usize>() + be.len(&self.dgap)
     }
 }
 
@@ -986,6 +986,31 @@ impl<B: Backend> BackboneActs<B> {
         Ok(())
     }
 
+    /// The backbone as its backward pass's gradient plan sees it: the gradients' slots (the
+    /// units' dz in the activations' storage, the others f32).
+    fn grad_shape(&self, be: &B) -> BackboneShape {
+        let dz = |u: &UnitActs<B>| be.storage_slots(u.storage, u.conv.y_len()) as u128;
+        BackboneShape {
+            stem: self.stem.conv.y_len() as u128,
+            pooled: self.pool.y_len() as u128,
+            channels_last: self.channels_last,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| BlockShape {
+                    in_len: b.in_len as u128,
+                    out_len: b.out_len as u128,
+                    units: b
+                        .units
+                        .iter()
+                        .map(|u| (u.conv.y_len() as u128, dz(u)))
+                        .collect(),
+                    down: b.down.as_ref().map(dz),
+                })
+                .collect(),
+        }
+    }
+
     /// Backward of a [`BnMode::Train`] forward from `grads.dgap`; writes every backbone
     /// gradient. `x` is the input of that forward; `grads` were made for these activations.
     pub fn backward(
@@ -995,60 +1020,83 @@ impl<B: Backend> BackboneActs<B> {
         grads: &mut BackboneGrads<B>,
         x: &B::Buf,
     ) -> Result<(), ModelError> {
-        if grads.storage != self.storage || (grads.n, grads.h, grads.w) != (self.n, self.h, self.w)
-        {
+        if !grads.fits(self) {
             return Err(ModelError::BuffersMismatch(format!(
-                "training buffers made for {}x_x{}x{} in {} storage, activations {}x_x{}x{} in {} \
-                 storage",
-                grads.n, grads.h, grads.w, grads.storage, self.n, self.h, self.w, self.storage
+                "training buffers made for {}x_x{}x{} ({}, {} storage), activations {}x_x{}x{} \
+                 ({}, {} storage)",
+                grads.n,
+                grads.h,
+                grads.w,
+                layout_name(grads.channels_last),
+                grads.storage,
+                self.n,
+                self.h,
+                self.w,
+                layout_name(self.channels_last),
+                self.storage
             )));
         }
+        let BackboneGrads {
+            ops,
+            plan,
+            bufs,
+            dgap,
+            ..
+        } = grads;
+        if ops.blocks.len() != self.blocks.len() {
+            return Err(ModelError::Internal(format!(
+                "a gradient plan of {} blocks for {}",
+                ops.blocks.len(),
+                self.blocks.len()
+            )));
+        }
+        let mut gb = GradBufs::<B> {
+            bufs,
+            out: &plan.out,
+        };
         let hw = self.out_h * self.out_w;
         let rows = self.n * self.out_c;
         let nb = self.blocks.len();
-        let cl = self.channels_last;
-        let gb = &mut grads.blocks;
-        if let Some(last) = gb.last_mut() {
-            if cl {
-                // The pool's gradient NCHW, changed to the last block's layout.
-                be.global_avg_pool_bwd(rows, hw, &grads.dgap, &mut grads.dfeats)?;
-                be.nchw_to_nhwc(&self.feats_transpose(), &grads.dfeats, &mut last.dout)?;
-            } else {
-                be.global_avg_pool_bwd(rows, hw, &grads.dgap, &mut last.dout)?;
+        if let Some(last) = ops.blocks.last() {
+            match ops.dfeats {
+                Some(f) => {
+                    // The pool's gradient NCHW, changed to the last block's layout.
+                    be.global_avg_pool_bwd(rows, hw, dgap, gb.write(f)?)?;
+                    let (df, dout) = gb.rw(f, last.dout)?;
+                    be.nchw_to_nhwc(&self.feats_transpose(), df, dout)?;
+                }
+                None => be.global_avg_pool_bwd(rows, hw, dgap, gb.write(last.dout)?)?,
             }
         }
         for i in (0..nb).rev() {
-            let (prev, cur) = gb.split_at_mut(i);
-            if i == 0 {
-                let (input, dx) = if cl {
-                    (&self.pooled_nhwc, &mut grads.dpooled_nhwc)
-                } else {
-                    (&self.pooled, &mut grads.dpooled)
-                };
-                self.blocks[0].backward(be, params, &mut cur[0], input, dx)?;
-                if cl {
-                    // Back to NCHW for the max-pool's backward.
-                    be.nhwc_to_nchw(
-                        &self.pooled_transpose(),
-                        &grads.dpooled_nhwc,
-                        &mut grads.dpooled,
-                    )?;
-                }
-            } else {
-                let dx = &mut prev[i - 1].dout;
-                self.blocks[i].backward(be, params, &mut cur[0], &self.blocks[i - 1].out, dx)?;
-            }
+            let input = match i {
+                0 if self.channels_last => &self.pooled_nhwc,
+                0 => &self.pooled,
+                _ => &self.blocks[i - 1].out,
+            };
+            self.blocks[i].backward(be, params, &mut gb, &ops.blocks[i], input)?;
         }
-        be.maxpool2d_bwd(
-            &self.pool,
-            &self.stem.y,
-            &self.pooled,
-            &grads.dpooled,
-            &mut grads.dstem,
-        )?;
+        if let Some(p) = ops.dpooled_nhwc {
+            // Back to NCHW for the max-pool's backward.
+            let (src, dst) = gb.rw(p, ops.dpooled)?;
+            be.nhwc_to_nchw(&self.pooled_transpose(), src, dst)?;
+        }
+        {
+            let (dpooled, dstem) = gb.rw(ops.dpooled, ops.dstem)?;
+            be.maxpool2d_bwd(&self.pool, &self.stem.y, &self.pooled, dpooled, dstem)?;
+        }
         self.stem
-            .backward(be, params, &mut grads.stem, x, &grads.dstem, None)?;
+            .backward(be, params, &mut gb, x, ops.dstem, ops.stem_dz, None)?;
         Ok(())
+    }
+}
+
+/// "channels-last" or "NCHW", for messages.
+fn layout_name(channels_last: bool) -> &'static str {
+    if channels_last {
+        "channels-last"
+    } else {
+        "NCHW"
     }
 }
 
@@ -1446,9 +1494,9 @@ mod tests {
     /// The training backbone channels-last in bf16 storage (the CPU reference: a slot per
     /// value, rounded): after a training forward and backward every tensor the storage
     /// covers (the pooled NHWC copy, every block unit's z and output, every block's output,
-    /// every block unit's dz) holds bf16 values only, and the others (the stem's, the
-    /// features, the f32 gradients) do not; grads made for f32 storage are refused with a
-    /// typed error.
+    /// the block units' dz: those left in the shared gradient buffers) holds bf16 values
+    /// only, and the others (the stem's, the features, the f32 gradients) do not; grads made
+    /// for f32 storage are refused with a typed error.
     #[test]
     fn bf16_training_storage_stores_only_bf16_values() {
         use crate::engine::precision::round_bf16;
@@ -1485,27 +1533,54 @@ mod tests {
             checked += 1;
         };
         check(&a.pooled_nhwc, "pooled_nhwc".into());
-        for (i, (b, bg)) in a.blocks.iter().zip(&g.blocks).enumerate() {
+        for (i, b) in a.blocks.iter().enumerate() {
             check(&b.out, format!("block {i} out"));
-            for (j, (u, ug)) in b.units.iter().zip(&bg.units).enumerate() {
+            for (j, u) in b.units.iter().enumerate() {
                 check(&u.z, format!("block {i} unit {j} z"));
                 if j + 1 < b.units.len() {
                     check(&u.y, format!("block {i} unit {j} y"));
                 }
-                check(&ug.dz, format!("block {i} unit {j} dz"));
             }
-            if let (Some(d), Some(dg)) = (&b.down, &bg.down) {
+            if let Some(d) = &b.down {
                 check(&d.z, format!("block {i} downsample z"));
                 check(&d.y, format!("block {i} downsample y"));
-                check(&dg.unit.dz, format!("block {i} downsample dz"));
             }
-            assert!(!exact(&bg.g), "block {i}: g is f32");
-            assert!(!exact(&bg.dout), "block {i}: dout is f32");
         }
-        assert!(checked >= 20, "{checked}");
-        // The stem and the f32 gradients are not rounded.
-        assert!(!exact(&a.stem.z) && !exact(&a.stem.y) && !exact(&g.stem.dz));
-        assert!(!exact(&g.dpooled_nhwc) && !exact(&g.dpooled));
+        // The gradients share buffers, a buffer holding the last gradient written into it:
+        // the block units' dz in bf16, every other gradient f32 (the stem's dz included).
+        let dz_ops: Vec<usize> = g
+            .ops
+            .blocks
+            .iter()
+            .flat_map(|b| b.dz.iter().copied().chain(b.down.map(|d| d.0)))
+            .collect();
+        let mut last_written = vec![None; g.bufs.len()];
+        for (op, &buf) in g.plan.out.iter().enumerate() {
+            if g.ops.ops[op].len > 0 {
+                last_written[buf] = Some(op);
+            }
+        }
+        let (mut dzs, mut f32s) = (0, 0);
+        for (buf, op) in last_written.iter().enumerate() {
+            match *op {
+                Some(op) if dz_ops.contains(&op) => {
+                    check(&g.bufs[buf], format!("gradient buffer {buf}: op {op}'s dz"));
+                    dzs += 1;
+                }
+                Some(op) => {
+                    assert!(
+                        !exact(&g.bufs[buf]),
+                        "gradient buffer {buf}: op {op}'s is f32"
+                    );
+                    f32s += 1;
+                }
+                None => {}
+            }
+        }
+        assert!(dzs >= 2 && f32s >= 4, "{dzs} dz, {f32s} f32 buffers");
+        assert!(checked >= 25, "{checked}");
+        let stem_dz = &g.bufs[g.plan.out[g.ops.stem_dz]];
+        assert!(!exact(&a.stem.z) && !exact(&a.stem.y) && !exact(stem_dz));
         // The features: the bf16 block output unpacked (exact), the pool of them not.
         assert!(exact(&a.feats));
         // Buffers made for another storage are refused (a typed error, not a panic).
@@ -1520,6 +1595,87 @@ mod tests {
         let nchw = CpuBackend::<f32>::new().with_train_storage(ActStorage::Bf16);
         let an = BackboneActs::new(&nchw, &spec, n, h, w).unwrap();
         assert_eq!((an.channels_last, an.storage), (false, ActStorage::F32));
+    }
+
+    /// The backward pass on the shared gradient buffers gives every parameter gradient bit
+    /// for bit as on a buffer per gradient (unshared, what the pass had before), on fresh
+    /// (zeroed) buffers, on buffers poisoned (NaN) beforehand, and after a pass on another
+    /// input has left its gradients there (no gradient read before it is written, none
+    /// overwritten while live); in every layout and storage, for both block kinds and blocks
+    /// of several sizes (stages of one and of three blocks, downsample branches).
+    #[test]
+    fn shared_gradient_buffers_hold_nothing_between_passes() {
+        for block in [BlockKind::Basic, BlockKind::Bottleneck] {
+            let cfg = ModelConfig {
+                block,
+                layers: vec![3, 1, 2],
+                base_width: 4,
+                ..ModelConfig::tiny()
+            };
+            for (cl, st) in [
+                (false, ActStorage::F32),
+                (true, ActStorage::F32),
+                (true, ActStorage::Bf16),
+            ] {
+                let be = CpuBackend::<f32>::new()
+                    .with_channels_last_train(cl)
+                    .with_train_storage(st);
+                let mut store = ParamStore::default();
+                let spec = declare(&mut store, &be, &cfg, 3).unwrap();
+                let (n, h, w) = (2, 37, 31);
+                let input = |seed: u64| {
+                    let v: Vec<f32> = randn(seed, n * 3 * h * w)
+                        .iter()
+                        .map(|&v| v as f32)
+                        .collect();
+                    be.upload(&v).unwrap()
+                };
+                let (x, other) = (input(8), input(9));
+                let mut a = BackboneActs::new(&be, &spec, n, h, w).unwrap();
+                let dgap: Vec<f32> = randn(10, n * a.out_c).iter().map(|&v| v as f32).collect();
+                let mut own = BackboneGrads::unshared(&be, &a).unwrap();
+                let mut fresh = BackboneGrads::new(&be, &a).unwrap();
+                let mut g = BackboneGrads::new(&be, &a).unwrap();
+                for b in g.bufs.iter_mut() {
+                    b.fill(f32::NAN);
+                }
+                let (bufs, written) =
+                    (g.bufs.len(), g.ops.ops.iter().filter(|o| o.len > 0).count());
+                // Every parameter gradient of a training forward and backward on `x` into
+                // gradient buffers `g`, as bits.
+                let mut pass = |g: &mut BackboneGrads<CpuBackend<f32>>, x: &Vec<f32>| {
+                    for p in store.w.iter_mut() {
+                        p.grad = Some(vec![f32::NAN; p.data.len()]);
+                    }
+                    a.forward(&be, &mut store, x, BnMode::Batch).unwrap();
+                    g.dgap = dgap.clone();
+                    a.backward(&be, &mut store, g, x).unwrap();
+                    store
+                        .w
+                        .iter()
+                        .map(|p| {
+                            let g = p.grad.as_ref().unwrap();
+                            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let what = format!("{block:?} channels-last {cl} {st}");
+                let want = pass(&mut own, &x);
+                assert!(
+                    want.iter().flatten().all(|&b| !f32::from_bits(b).is_nan()),
+                    "{what}"
+                );
+                assert!(want.iter().flatten().any(|&b| b != 0), "{what}");
+                assert_eq!(pass(&mut fresh, &x), want, "{what}: shared buffers");
+                // Poisoned.
+                assert_eq!(pass(&mut g, &x), want, "{what}: poisoned buffers");
+                // After a pass on another input.
+                assert_ne!(pass(&mut g, &other), want, "{what}: another input");
+                assert_eq!(pass(&mut g, &x), want, "{what}: after another pass");
+                // Shared: fewer buffers than gradients written.
+                assert!(2 * bufs < written, "{what}: {bufs} buffers for {written}");
+            }
+        }
     }
 
     /// The training backbone channels-last (the CPU's defaults: transposes around the NCHW
