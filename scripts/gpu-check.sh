@@ -416,7 +416,8 @@ for key, label, goal, issue_torch in ROWS:
     ts = torch.get(key, [])
     tb = min(ts, key=lambda r: r["median_ms"]) if ts else None
     i_ms = "%.3f (%s%s%s)" % (best[0], best[1], ", %.0f MB" % best[2]["device_mb"] if best and best[2].get("device_mb") else "",
-                              ", plan %.0f MB in chunks of %s" % (best[2]["pass_plan_mb"], best[2].get("cam_chunk")) if best and best[2].get("pass_plan_mb") else "") if best else "n/a"
+                              ", plan %.0f MB in chunks of %s" % (best[2]["pass_plan_mb"], best[2].get("cam_chunk")) if best and best[2].get("pass_plan_mb") else
+                              ", counted %.0f MB" % best[2]["train_plan_mb"] if best and best[2].get("train_plan_mb") else "") if best else "n/a"
     t_ms = "%.3f (%s%s)" % (tb["median_ms"], tb["mode"], ", %.0f MB" % tb["peak_mb"] if tb.get("peak_mb") else "") if tb else "n/a (issue: %.2f)" % issue_torch
     ref = tb["median_ms"] if tb else None
     ratio = "%.2fx" % (best[0] / ref) if best and ref else ("%.2fx (vs issue)" % (best[0] / issue_torch) if best else "n/a")
