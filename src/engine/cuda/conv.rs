@@ -291,10 +291,7 @@ pub(crate) fn shared_memory(k: TcKernel, p: Precision) -> SharedMemory {
     let by_p = |b: u32, t: u32| if bf16 { b } else { t };
     let (dynamic, fixed) = match k {
         TcKernel::Wmma { weight } => (0, by_p(47_104, 40_960) + if weight { 256 } else { 0 }),
-        TcKernel::MmaNchw(r) => (
-            r.pick(by_p(124_928, 105_984), by_p(89_600, 70_656)),
-            0,
-        ),
+        TcKernel::MmaNchw(r) => (r.pick(by_p(124_928, 105_984), by_p(89_600, 70_656)), 0),
         TcKernel::MmaNhwc(t) => (
             t.pick(by_p(131_072, 110_592), by_p(163_840, 138_240)),
             t.pixel_table(),
@@ -1068,17 +1065,16 @@ impl CudaBackend {
     /// the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         let (tile, ring) = self.nhwc_tile_bf16s(s.c_out)?;
-        self.conv_bn_eval_nhwc_bf16s_native(s)
-            .then_some(ring.pick(
-                tile.pick(
-                    "conv2d_fwd_bn_mma_nhwc_bf16s",
-                    "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
-                ),
-                tile.pick(
-                    "conv2d_fwd_bn_mma_nhwc_bf16s_s4",
-                    "conv2d_fwd_bn_mma_nhwc_bf16s_m64_s3",
-                ),
-            ))
+        self.conv_bn_eval_nhwc_bf16s_native(s).then_some(ring.pick(
+            tile.pick(
+                "conv2d_fwd_bn_mma_nhwc_bf16s",
+                "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
+            ),
+            tile.pick(
+                "conv2d_fwd_bn_mma_nhwc_bf16s_s4",
+                "conv2d_fwd_bn_mma_nhwc_bf16s_m64_s3",
+            ),
+        ))
     }
 
     /// [`CudaBackend::conv2d_bn_eval_fwd_nhwc_native`] on activations stored in bf16: `x`
@@ -1206,17 +1202,16 @@ impl CudaBackend {
     /// (`conv2d_bwd_data_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_bwd_data_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         let (tile, ring) = self.nhwc_tile_bf16s(s.c_in)?;
-        self.conv_bwd_data_nhwc_bf16s_native(s)
-            .then_some(ring.pick(
-                tile.pick(
-                    "conv2d_bwd_data_mma_nhwc_bf16s",
-                    "conv2d_bwd_data_mma_nhwc_bf16s_m64",
-                ),
-                tile.pick(
-                    "conv2d_bwd_data_mma_nhwc_bf16s_s4",
-                    "conv2d_bwd_data_mma_nhwc_bf16s_m64_s3",
-                ),
-            ))
+        self.conv_bwd_data_nhwc_bf16s_native(s).then_some(ring.pick(
+            tile.pick(
+                "conv2d_bwd_data_mma_nhwc_bf16s",
+                "conv2d_bwd_data_mma_nhwc_bf16s_m64",
+            ),
+            tile.pick(
+                "conv2d_bwd_data_mma_nhwc_bf16s_s4",
+                "conv2d_bwd_data_mma_nhwc_bf16s_m64_s3",
+            ),
+        ))
     }
 
     /// [`CudaBackend::conv2d_bwd_data_nhwc_native`] with `dy` (`[n][out_h][out_w][c_out]`) in
@@ -1938,13 +1933,13 @@ pub(crate) fn conv2d_bwd_data(
                     (&t.bwd_data_mma_bf16_s2, &t.bwd_data_mma_tf32_s2),
                 )
             })?
-                .on(be.stream())
-                .arg(dy)
-                .arg(w)
-                .arg(dx)
-                .ints(&g[..9])
-                .arg(&vec)
-                .launch(cfg)
+            .on(be.stream())
+            .arg(dy)
+            .arg(w)
+            .arg(dx)
+            .ints(&g[..9])
+            .arg(&vec)
+            .launch(cfg)
         };
     }
     let (gx, kk) = phase_grid(s, 64);
@@ -2465,7 +2460,11 @@ mod tests {
         let kinds: [(&str, Kind, Precision); 3] = [
             ("bf16", TcKernel::MmaNhwc, Precision::Bf16),
             ("tf32", TcKernel::MmaNhwc, Precision::Tf32),
-            ("bf16s", |t| TcKernel::MmaNhwcBf16s(t, Ring::Deep), Precision::Bf16),
+            (
+                "bf16s",
+                |t| TcKernel::MmaNhwcBf16s(t, Ring::Deep),
+                Precision::Bf16,
+            ),
         ];
         for (rows, small) in [
             (1, true),
@@ -2504,7 +2503,10 @@ mod tests {
                 (SM90, Some((if small { M64 } else { Square }, Ring::Deep))),
                 (SM80, Some((if small { M64 } else { Square }, Ring::Deep))),
                 (153_600, Some((Square, Ring::Deep))),
-                (SM86, Some((if small { M64 } else { Square }, Ring::Shallow))),
+                (
+                    SM86,
+                    Some((if small { M64 } else { Square }, Ring::Shallow)),
+                ),
                 (SM75, None),
                 (SMEM_FLOOR, None),
             ] {
