@@ -2491,7 +2491,16 @@ conv2d_bwd_weight_mma_nhwc_tf32(const float* __restrict__ x, const float* __rest
 static_assert(WS_SMEM == 104448, "conv.rs's MMA_SMEM_WGRAD_NHWC_BF16S");
 static_assert(MBM * MLDC * 4 <= WS_SMEM, "the epilogue's f32 tile fits in the bf16 ring");
 static_assert(MBK == 2 * 16 && MBM == 16 * 8 && MBN == 16 * 8, "2 rows per thread, 16 lanes x 8 columns per row");
+// The shallow ring (`_s5`, 99 KiB per block: sm_86, sm_89): 5 stages, 85 KiB, the deepest that
+// fits (6 are 102 KiB); the epilogue's f32 tile still fits over it.
+#define WS_STAGES_99K 5
+static_assert(WS_STAGES_99K * WSTAGE * 2 == 87040, "conv.rs's shared_memory (WgradNhwcBf16s, _s5)");
+static_assert(WS_STAGES_99K * WSTAGE * 2 <= SMEM_99K && (WS_STAGES_99K + 1) * WSTAGE * 2 > SMEM_99K,
+              "the deepest weight-gradient ring of 99 KiB");
+static_assert(MBM * MLDC * 4 <= WS_STAGES_99K * WSTAGE * 2, "the epilogue's f32 tile fits in the _s5 ring");
 
+// S: the ring's depth (WS_STAGES; WS_STAGES_99K for `_s5`), the arithmetic the same at any.
+template <int S = WS_STAGES>
 __device__ __forceinline__ void conv_bwd_weight_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x,
                                                                const __nv_bfloat16* __restrict__ dy,
                                                                float* __restrict__ out, int N, int C, int H, int W,
@@ -2581,10 +2590,10 @@ __device__ __forceinline__ void conv_bwd_weight_mma_nhwc_bf16s(const __nv_bfloat
     float acc[4][4][4];
     mma_zero(acc);
     const int klen = kend > kbeg ? kend - (int)kbeg : 0;
-    mma_ring<WS_STAGES, WSTAGE, MBK * MLDBH>((__nv_bfloat16*)smem, (klen + MBK - 1) / MBK, issue,
-                                             [&](const __nv_bfloat16* A, const __nv_bfloat16* B) {
-                                                 mma_tile<false, true>(A, B, acc, wm, wn, lane);
-                                             });
+    mma_ring<S, WSTAGE, MBK * MLDBH>((__nv_bfloat16*)smem, (klen + MBK - 1) / MBK, issue,
+                                     [&](const __nv_bfloat16* A, const __nv_bfloat16* B) {
+                                         mma_tile<false, true>(A, B, acc, wm, wn, lane);
+                                     });
     wgrad_nhwc_store((float*)smem, acc, out, M, NC, C, KHW, m0, n0);
 }
 
@@ -2598,4 +2607,14 @@ conv2d_bwd_weight_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x, const __nv
                                  float* __restrict__ out, int N, int C, int H, int W, int CO, int KH, int KW,
                                  int stride, int pad, int OH, int OW, int chunk, int vec) {
     conv_bwd_weight_mma_nhwc_bf16s(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+// The same on the 5-stage ring (`_s5`: 87,040 bytes of dynamic shared memory), which conv.rs
+// launches where the device cannot give the 6-stage ring (99 KiB per block: sm_86, sm_89).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_nhwc_bf16s_s5(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                                    float* __restrict__ out, int N, int C, int H, int W, int CO, int KH, int KW,
+                                    int stride, int pad, int OH, int OW, int chunk, int vec) {
+    conv_bwd_weight_mma_nhwc_bf16s<WS_STAGES_99K>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk,
+                                                  vec);
 }

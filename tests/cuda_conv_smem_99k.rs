@@ -1,12 +1,13 @@
 //! The shallow cp.async rings of the tensor-core convolutions (conv.rs's `Ring`, the `_s2` /
-//! `_s4` / `_m64_s3` kernels of `kernels/conv_tc.cu`) on a device of 99 KiB per block (sm_86 /
-//! sm_89: 101,376 bytes), where the deep rings, sized for sm_90's 227 KiB, do not fit:
+//! `_s4` / `_m64_s3` / `_s5` kernels of `kernels/conv_tc.cu`) on a device of 99 KiB per block
+//! (sm_86 / sm_89: 101,376 bytes), where the deep rings, sized for sm_90's 227 KiB, do not fit:
 //!
 //! - at 99 KiB the NCHW `mma.sync` forwards (plain, eval, training) and gradients run their
-//!   2-stage ring (`_s2`) and the bf16-storage channels-last eval forward, training forward
+//!   2-stage ring (`_s2`), the bf16-storage channels-last eval forward, training forward
 //!   and data gradient their 4-stage 128 x 128 ring (`_s4`) or 3-stage 64 x 256 ring
-//!   (`_m64_s3`), by the kernel-name diagnostics; at 64 KiB (sm_75) none of them (WMMA, or
-//!   the conversions around it);
+//!   (`_m64_s3`) and the bf16-storage weight gradient its 5-stage ring (`_s5`), by the
+//!   kernel-name diagnostics; at 64 KiB (sm_75) none of them (WMMA, or the conversions
+//!   around it);
 //! - each of those ops gives, at 99 KiB, BIT FOR BIT what the deep ring gives on the same
 //!   inputs without the limit (the depth changes how many K tiles are in flight, never the
 //!   order of the arithmetic), and is within the precision's tolerance of the CPU reference;
@@ -108,12 +109,13 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// The kernels the ops of `s` take on `g`: the NCHW forward, data and weight gradients, and
-/// the bf16-storage eval forward, training forward and data gradient (None at tf32).
+/// the bf16-storage eval forward, training forward, data and weight gradients (None at tf32).
 fn kernels(g: &CudaBackend, s: &Conv2d) -> Vec<Option<String>> {
     let mut k: Vec<Option<String>> = g.conv_kernels(s).map(|n| Some(n.to_string())).into();
     k.push(g.conv_bn_eval_nhwc_bf16s_kernel(s).map(String::from));
     k.push(g.conv_fwd_stats_nhwc_bf16s_kernel(s).map(String::from));
     k.push(g.conv_bwd_data_nhwc_bf16s_kernel(s).map(String::from));
+    k.push(g.conv_bwd_weight_nhwc_bf16s_kernel(s).map(String::from));
     k
 }
 
@@ -147,12 +149,17 @@ fn shallow_kernels_by_limit() {
                     })
                 })
             };
-            let want = |n: [Option<String>; 3], b: [Option<String>; 3]| {
-                n.into_iter().chain(b).collect::<Vec<_>>()
+            let wgrad = |sfx: &str| bf16.then(|| format!("conv2d_bwd_weight_mma_nhwc_bf16s{sfx}"));
+            let want = |n: [Option<String>; 3], b: [Option<String>; 3], w: Option<String>| {
+                n.into_iter().chain(b).chain([w]).collect::<Vec<_>>()
             };
-            let deep = want(nchw(&format!("_mma_{p}")), bf16s("deep"));
-            let shallow = want(nchw(&format!("_mma_{p}_s2")), bf16s("shallow"));
-            let wmma = want(nchw(&format!("_{p}")), [None, None, None]);
+            let deep = want(nchw(&format!("_mma_{p}")), bf16s("deep"), wgrad(""));
+            let shallow = want(
+                nchw(&format!("_mma_{p}_s2")),
+                bf16s("shallow"),
+                wgrad("_s5"),
+            );
+            let wmma = want(nchw(&format!("_{p}")), [None, None, None], None);
             assert_eq!(kernels(&at(p, None), &s), deep, "{ctx}: no limit");
             assert_eq!(kernels(&at(p, Some(SM86)), &s), shallow, "{ctx}: 99 KiB");
             assert_eq!(kernels(&at(p, Some(SM75)), &s), wmma, "{ctx}: 64 KiB");
@@ -173,7 +180,7 @@ struct Data {
 /// The outputs of the ops that have a shallow ring, on `be` (the CPU for the reference): the
 /// NCHW plain, eval (residual, ReLU) and training forwards (z and y), data and weight
 /// gradients; at bf16 (`bf16s`) the bf16-storage channels-last eval forward, training forward
-/// (z, y) and data gradient, unpacked.
+/// (z, y), data and weight gradients, unpacked.
 fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
     let s = &d.s;
     let bn = bn_of(s);
@@ -285,6 +292,10 @@ fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static 
     be.conv2d_bwd_data_nhwc_bf16(s, &dyh, &w, &mut dx)
         .expect("conv2d_bwd_data_nhwc_bf16");
     out.push(("bf16s bwd_data", down(&dx)));
+    let mut dw = nan(s.w_len());
+    be.conv2d_bwd_weight_nhwc_bf16(s, &xh, &dyh, &mut dw)
+        .expect("conv2d_bwd_weight_nhwc_bf16");
+    out.push(("bf16s bwd_weight", down(&dw)));
     out
 }
 
@@ -475,7 +486,8 @@ fn launches(profile: &str, kernel: &str) -> u64 {
 
 /// The launches of the kernel families with a shallow ring in a child process's emulator
 /// profile (`EMU_PROFILE=1`): (deep kernel, its launches, shallow kernel, its launches), the
-/// NCHW `mma.sync` ones at bf16 and tf32, then the bf16-storage ones of both tiles.
+/// NCHW `mma.sync` ones at bf16 and tf32, then the bf16-storage ones of both tiles, then the
+/// bf16-storage weight gradient.
 fn family_launches(se: &str) -> Vec<(String, u64, String, u64)> {
     let mut v = Vec::new();
     for p in ["bf16", "tf32"] {
@@ -498,6 +510,8 @@ fn family_launches(se: &str) -> Vec<(String, u64, String, u64)> {
             v.push((format!("{k}{deep}"), format!("{k}{shallow}")));
         }
     }
+    let k = "conv2d_bwd_weight_mma_nhwc_bf16s";
+    v.push((k.to_string(), format!("{k}_s5")));
     v.into_iter()
         .map(|(d, s)| {
             let (nd, ns) = (launches(se, &d), launches(se, &s));
@@ -584,7 +598,7 @@ fn shallow_kernels_launch() {
         assert_eq!(*nd, 0, "eval passes: {deep} launched:\n{se}");
     }
     let sum = |r: std::ops::Range<usize>| f[r].iter().map(|l| l.3).sum::<u64>();
-    let (bf16, tf32, bf16s) = (sum(0..5), sum(5..10), sum(10..16));
+    let (bf16, tf32, bf16s) = (sum(0..5), sum(5..10), sum(10..17));
     assert!(
         bf16 > 0 && tf32 > 0 && bf16s > 0,
         "eval passes' shallow launches: NCHW bf16 {bf16}, tf32 {tf32}, bf16 storage {bf16s}:\n{se}"

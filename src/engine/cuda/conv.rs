@@ -100,6 +100,7 @@ mod tc {
         bwd_weight_mma_nhwc_bf16: "conv2d_bwd_weight_mma_nhwc_bf16",
         bwd_weight_mma_nhwc_tf32: "conv2d_bwd_weight_mma_nhwc_tf32",
         bwd_weight_mma_nhwc_bf16s: "conv2d_bwd_weight_mma_nhwc_bf16s",
+        bwd_weight_mma_nhwc_bf16s_s5: "conv2d_bwd_weight_mma_nhwc_bf16s_s5",
         fwd_bn_mma_nhwc_bf16_m64: "conv2d_fwd_bn_mma_nhwc_bf16_m64",
         fwd_bn_mma_nhwc_tf32_m64: "conv2d_fwd_bn_mma_nhwc_tf32_m64",
         fwd_stats_mma_nhwc_bf16_m64: "conv2d_fwd_stats_mma_nhwc_bf16_m64",
@@ -211,15 +212,16 @@ pub(crate) enum TcKernel {
     MmaNhwcBf16s(NhwcTile, Ring),
     /// The channels-last weight gradient on f32 activations.
     WgradNhwc,
-    /// The channels-last weight gradient on bf16 activations.
-    WgradNhwcBf16s,
+    /// The channels-last weight gradient on bf16 activations, with a ring of 6 bf16 stages, or
+    /// 5 (`_s5`, [`Ring::Shallow`]).
+    WgradNhwcBf16s(Ring),
     /// Every sm_90a `wgmma` kernel (`conv_wgmma.rs`: the forwards and the data and weight
     /// gradients, both channel tiles; one ring size).
     Wgmma,
 }
 
 /// The depth of a tensor-core kernel's cp.async ring, for the kernel families that have two
-/// ([`TcKernel::MmaNchw`], [`TcKernel::MmaNhwcBf16s`]): the deep one, sized for sm_90's
+/// ([`TcKernel::MmaNchw`], [`TcKernel::MmaNhwcBf16s`], [`TcKernel::WgradNhwcBf16s`]): the deep one, sized for sm_90's
 /// 227 KiB per block, or the shallow one (a kernel name's `_s<stages>` suffix), the deepest
 /// that fits the 99 KiB (101,376 bytes) of sm_86 / sm_89 (`SMEM_99K` in conv_tc.cu). The
 /// depth changes how many K tiles are in flight, not the order of the arithmetic: both give
@@ -229,7 +231,7 @@ pub(crate) enum TcKernel {
 pub(crate) enum Ring {
     /// The deep ring (the kernels without a suffix).
     Deep,
-    /// The shallow ring (`_s2`, `_s4`, `_m64_s3`).
+    /// The shallow ring (`_s2`, `_s4`, `_m64_s3`, `_s5`).
     Shallow,
 }
 
@@ -283,6 +285,7 @@ impl SharedMemory {
 /// | NHWC bf16 storage 64x256 `_m64_s3` (`Bf16sRing<64, 3>`) | 76_800 | 4_096 |
 /// | NHWC weight gradient (`WgradNhwc`) | 118_784 / 101_376 | 0 |
 /// | NHWC bf16-storage weight gradient (`WS_SMEM`, 6 stages) | 104_448 | 0 |
+/// | NHWC bf16-storage weight gradient `_s5` (5 stages) | 87_040 | 0 |
 /// | wgmma (`WG_SMEM`, 4 stages) | 134_144 | 0 |
 ///
 /// The bf16-storage and wgmma kernels run at bf16 only (their sizes do not depend on `p`).
@@ -301,7 +304,7 @@ pub(crate) fn shared_memory(k: TcKernel, p: Precision) -> SharedMemory {
             t.pixel_table(),
         ),
         TcKernel::WgradNhwc => (by_p(118_784, 101_376), 0),
-        TcKernel::WgradNhwcBf16s => (104_448, 0),
+        TcKernel::WgradNhwcBf16s(r) => (r.pick(104_448, 87_040), 0),
         TcKernel::Wgmma => (super::conv_wgmma::WG_SMEM, 0),
     };
     SharedMemory { dynamic, fixed }
@@ -495,7 +498,13 @@ impl CudaBackend {
             (
                 "conv_tc",
                 "conv2d_bwd_weight_mma_nhwc_bf16s",
-                TcKernel::WgradNhwcBf16s,
+                TcKernel::WgradNhwcBf16s(Deep),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_nhwc_bf16s_s5",
+                TcKernel::WgradNhwcBf16s(Shallow),
                 Bf16,
             ),
         ];
@@ -2313,19 +2322,24 @@ impl CudaBackend {
     /// in bf16): at bf16 only, where [`CudaBackend::conv_bwd_weight_nhwc_native`] runs it (the
     /// same indexing and column decode; any kernel size, stride, padding and channel counts:
     /// 16-, 4- or 2-byte copies of each operand by [`mma_vec_wgrad_nhwc_bf16s`]).
-    /// Not where its shared memory does not fit the device's ([`TcKernel::WgradNhwcBf16s`]).
+    /// Not where neither ring's shared memory fits the device's ([`TcKernel::WgradNhwcBf16s`]:
+    /// the deepest that fits runs, [`CudaBackend::ring`]).
     pub(crate) fn conv_bwd_weight_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
         self.precision() == Precision::Bf16
             && self.wgrad_nhwc_runs(s)
-            && self.fits(TcKernel::WgradNhwcBf16s)
+            && self.ring(TcKernel::WgradNhwcBf16s).is_some()
     }
 
     /// The kernel the bf16-storage channels-last weight gradient of `s` launches
-    /// (`conv2d_bwd_weight_mma_nhwc_bf16s`), or None where it does not run (not at bf16, or
-    /// with the route [`MmaRoute::Never`]); diagnostics and tests.
+    /// (`conv2d_bwd_weight_mma_nhwc_bf16s`, `_s5` on the shallow ring), or None where it does
+    /// not run (not at bf16, or with the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bwd_weight_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        let ring = self.ring(TcKernel::WgradNhwcBf16s)?;
         self.conv_bwd_weight_nhwc_bf16s_native(s)
-            .then_some("conv2d_bwd_weight_mma_nhwc_bf16s")
+            .then_some(ring.pick(
+                "conv2d_bwd_weight_mma_nhwc_bf16s",
+                "conv2d_bwd_weight_mma_nhwc_bf16s_s5",
+            ))
     }
 
     /// [`CudaBackend::conv2d_bwd_weight_nhwc_native`] on activations stored in bf16: `x`
@@ -2364,9 +2378,16 @@ impl CudaBackend {
             return Ok(());
         }
         let k = s.n * s.out_h() * s.out_w();
-        let kern = &tc_kernels(self)?.bwd_weight_mma_nhwc_bf16s;
+        let ring = self
+            .ring(TcKernel::WgradNhwcBf16s)
+            .ok_or_else(|| self.no_tile(OP))?;
+        let tc = tc_kernels(self)?;
+        let kern = ring.pick(
+            &tc.bwd_weight_mma_nhwc_bf16s,
+            &tc.bwd_weight_mma_nhwc_bf16s_s5,
+        );
         let vec = mma_vec_wgrad_nhwc_bf16s(s, self.ptr(x), self.ptr(dy));
-        let tiling = mma_tiling(self, OP, TcKernel::WgradNhwcBf16s, vec)?;
+        let tiling = mma_tiling(self, OP, TcKernel::WgradNhwcBf16s(ring), vec)?;
         let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
         // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (the caller's
         // contract); an empty reduction fills dw with zeros there.
@@ -2525,7 +2546,7 @@ mod tests {
 
     /// The table's totals (dynamic + static; the dynamic parts are what conv_tc.cu's and
     /// conv_wgmma.cu's static_asserts pin) and what fits each device's limit: at 99 KiB the
-    /// shallow rings (NCHW `_s2`, bf16 storage `_s4` / `_m64_s3`) and the tf32 channels-last
+    /// shallow rings (NCHW `_s2`, bf16 storage `_s4` / `_m64_s3` / `_s5`) and the tf32 channels-last
     /// weight gradient (exactly 99 KiB), no deep ring; at 64 KiB no mma / wgmma kernel; the
     /// WMMA kernels within the 48 KiB floor everywhere. Which ring each family takes by limit.
     #[test]
@@ -2533,7 +2554,7 @@ mod tests {
         use NhwcTile::{Square, M64};
         use Precision::{Bf16, Tf32};
         use Ring::{Deep, Shallow};
-        let all: [(TcKernel, Precision, u32); 24] = [
+        let all: [(TcKernel, Precision, u32); 25] = [
             (TcKernel::Wmma { weight: false }, Bf16, 47_104),
             (TcKernel::Wmma { weight: true }, Bf16, 47_360),
             (TcKernel::Wmma { weight: false }, Tf32, 40_960),
@@ -2552,12 +2573,13 @@ mod tests {
             (TcKernel::MmaNhwcBf16s(M64, Shallow), Bf16, 80_896),
             (TcKernel::WgradNhwc, Bf16, 118_784),
             (TcKernel::WgradNhwc, Tf32, 101_376),
-            (TcKernel::WgradNhwcBf16s, Bf16, 104_448),
+            (TcKernel::WgradNhwcBf16s(Deep), Bf16, 104_448),
+            (TcKernel::WgradNhwcBf16s(Shallow), Bf16, 87_040),
             (TcKernel::Wgmma, Bf16, 134_144),
             (TcKernel::Wgmma, Tf32, 134_144),
             (TcKernel::MmaNhwcBf16s(Square, Deep), Tf32, 124_928),
             (TcKernel::MmaNhwcBf16s(M64, Shallow), Tf32, 80_896),
-            (TcKernel::WgradNhwcBf16s, Tf32, 104_448),
+            (TcKernel::WgradNhwcBf16s(Deep), Tf32, 104_448),
         ];
         for (k, p, total) in all {
             assert_eq!(shared_memory(k, p).total(), total, "{k:?} at {p}");
@@ -2566,7 +2588,9 @@ mod tests {
             assert_eq!(fits(k, p, SM75), wmma, "{k:?} at {p}: 64 KiB");
             let shallow = matches!(
                 k,
-                TcKernel::MmaNchw(Shallow) | TcKernel::MmaNhwcBf16s(_, Shallow)
+                TcKernel::MmaNchw(Shallow)
+                    | TcKernel::MmaNhwcBf16s(_, Shallow)
+                    | TcKernel::WgradNhwcBf16s(Shallow)
             );
             let sm86 = wmma || shallow || (k == TcKernel::WgradNhwc && p == Tf32);
             assert_eq!(fits(k, p, SM86), sm86, "{k:?} at {p}: 99 KiB");
@@ -2584,6 +2608,11 @@ mod tests {
             ] {
                 let got = Ring::deepest(TcKernel::MmaNchw, |k| fits(k, p, limit));
                 assert_eq!(got, want, "NCHW at {p}, limit {limit}");
+                let got = Ring::deepest(TcKernel::WgradNhwcBf16s, |k| fits(k, p, limit));
+                assert_eq!(
+                    got, want,
+                    "bf16-storage weight gradient at {p}, limit {limit}"
+                );
             }
         }
         assert_eq!(Deep.pick(1, 2), 1);
