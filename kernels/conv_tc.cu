@@ -689,6 +689,11 @@ __device__ __forceinline__ void ptx_mma_tf32_m16n8k8(float (&d)[4], const unsign
 #define MBN 128
 #define MBK 32
 #define MMA_STAGES 3
+// The shallow ring of the NCHW kernels (`_s2`): what fits the 99 KiB (101,376 bytes) a block
+// of sm_86 / sm_89 may opt into. The ring's depth only changes how many K tiles are in flight,
+// never the order in which they are multiplied: the same results bit for bit.
+#define MMA_STAGES_99K 2
+#define SMEM_99K 101376
 #define MMA_THREADS 256
 // f32 stage: A [MBM][MLDA] (row m, column k), B [MBK][MLDB] (row k, column n): 16-byte rows.
 #define MLDA (MBK + 4)
@@ -711,15 +716,16 @@ __device__ __forceinline__ void ptx_mma_tf32_m16n8k8(float (&d)[4], const unsign
 // [MBK][MBM] with B's non-NK pitches (f32 MLDB, bf16 MLDBH), row k and column m (the
 // channels-last weight gradient, whose A = dy has its channels contiguous per pixel).
 // BM, BN (default 128 x 128): the block tile (MmaTile), another than 128 x 128 only with NK
-// (the channels-last kernels' 64 x 256 tile).
-template <bool NK, bool AT = false, int BM = MBM, int BN = MBN>
+// (the channels-last kernels' 64 x 256 tile). S (default MMA_STAGES): the ring's depth (the
+// `_s2` kernels: MMA_STAGES_99K, for devices of 99 KiB per block).
+template <bool NK, bool AT = false, int BM = MBM, int BN = MBN, int S = MMA_STAGES>
 struct MmaB {
     static_assert((BM == MBM && BN == MBN) || (NK && !AT), "other tiles: the channels-last layout only");
     enum : int {
         A_F32 = AT ? MBK * MLDB : BM * MLDA,                  // floats of A in a stage
         A_H = AT ? MBK * MLDBH : BM * MLDAH,                  // bf16 of A in the bf16 tile
         STAGE = A_F32 + (NK ? BN * MLDA : MBK * MLDB),        // floats per stage: A, then B
-        SMEM_F32 = MMA_STAGES * STAGE * 4,                    // bytes of the f32 ring
+        SMEM_F32 = S * STAGE * 4,                             // bytes of the f32 ring
         SMEM = SMEM_F32 + (A_H + (NK ? BN * MLDAH : MBK * MLDBH)) * 2,  // and the bf16 tile
     };
 };
@@ -753,6 +759,11 @@ static_assert((MLDAH * 2) % 16 == 0 && (MLDAH * 2 / 16) % 2 == 1, "A's bf16 rows
 static_assert((MLDBH * 2) % 16 == 0 && (MLDBH * 2 / 16) % 2 == 1, "B's bf16 rows: an odd number of 16-byte units");
 static_assert(MmaB<true>::SMEM <= 227 * 1024 - 4 * 1024, "the opt-in limit of sm_90 (and the pixel table)");
 static_assert(MmaB<false>::SMEM == MMA_SMEM && MmaB<false>::SMEM_F32 == MMA_SMEM_F32, "the NCHW layout");
+// The NCHW kernels' 2-stage ring (`_s2`): 69 KiB of f32 stages (+ 18.5 KiB of bf16 tile),
+// under 99 KiB; the epilogue's f32 tile (66 KiB) still fits over the stages.
+typedef MmaB<false, false, MBM, MBN, MMA_STAGES_99K> MmaBNchw99k;
+static_assert(MmaBNchw99k::SMEM == 89600 && MmaBNchw99k::SMEM_F32 == 70656, "conv.rs's shared_memory (NCHW, _s2)");
+static_assert(MmaBNchw99k::SMEM <= SMEM_99K && MBM * MLDC * 4 <= MmaBNchw99k::SMEM_F32, "the _s2 ring: 99 KiB");
 
 extern __shared__ __align__(128) unsigned char mma_smem[];
 
@@ -961,16 +972,16 @@ __device__ __forceinline__ void mma_zero(float (&acc)[4][4][4]) {
 // deep), then at bf16 rounded into the bf16 tile by the block and multiplied by mma_tile, at
 // tf32 (TF32) multiplied from the stage by mma_tile_tf32, into acc (zeroed here); B laid out
 // as MmaB<NK> says, A as MmaB<NK, AT> says; the block tile BM x MmaTile<BM>::BN (BM 64: NK
-// only). Ends with every copy landed and the stages free.
-template <bool TF32, bool NK = false, bool AT = false, int BM = MBM, class Issue>
+// only); S stages (MmaB's S). Ends with every copy landed and the stages free.
+template <bool TF32, bool NK = false, bool AT = false, int BM = MBM, int S = MMA_STAGES, class Issue>
 __device__ __forceinline__ void mma_mainloop(unsigned char* smem, int ntiles, Issue issue, float (&acc)[4][4][4]) {
     typedef MmaTile<BM> T;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> T::WN_SHIFT, wn = warp & (T::WN - 1);
     mma_zero(acc);
-    typedef MmaB<NK, AT, BM, T::BN> L;
+    typedef MmaB<NK, AT, BM, T::BN, S> L;
     __nv_bfloat16* h = (__nv_bfloat16*)(smem + L::SMEM_F32);
     __nv_bfloat16* hb = h + L::A_H;
-    mma_ring<MMA_STAGES, L::STAGE, L::A_F32>((float*)smem, ntiles, issue, [&](const float* cur, const float* curb) {
+    mma_ring<S, L::STAGE, L::A_F32>((float*)smem, ntiles, issue, [&](const float* cur, const float* curb) {
         if constexpr (TF32) {
             mma_tile_tf32<NK, AT>(cur, curb, acc, wm, wn, lane);
         } else {
@@ -1030,7 +1041,7 @@ __device__ __forceinline__ void mma_store(float* Cs, const float (&acc)[4][4][4]
 
 // The forward, EPI as conv_fwd_tc's; TF32: tf32 operands (m16n8k8), else bf16. `vec`: bit 0 16-byte copies of the weights, bit 1 of
 // the activations (see above).
-template <bool TF32, int EPI>
+template <bool TF32, int EPI, int S = MMA_STAGES>
 __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const float* __restrict__ w,
                                              float* __restrict__ y, int N, int C, int H, int W, int CO, int KH,
                                              int KW, int stride, int pad, int vec, const float* __restrict__ ss,
@@ -1080,7 +1091,7 @@ __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const 
     };
 
     float acc[4][4][4];
-    mma_mainloop<TF32>(smem, (K + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32, false, false, MBM, S>(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
     mma_store(Cs, acc);
     if constexpr (EPI == EPI_STATS) {
@@ -1123,7 +1134,7 @@ __device__ __forceinline__ void conv_fwd_mma(const float* __restrict__ x, const 
 // 1: 16-byte copies of dy, whose rows are contiguous pixels for a 1x1 stride-1 unpadded conv
 // with H*W % 4 == 0 (mma_vec in conv.rs); the transposed weights are gathered 4 bytes at a
 // time.
-template <bool TF32>
+template <bool TF32, int S = MMA_STAGES>
 __device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, const float* __restrict__ w,
                                                   float* __restrict__ dx, int N, int C, int H, int W, int CO,
                                                   int KH, int KW, int stride, int pad, int vec) {
@@ -1187,7 +1198,7 @@ __device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, 
     };
 
     float acc[4][4][4];
-    mma_mainloop<TF32>(smem, (K + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32, false, false, MBM, S>(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
     mma_store(Cs, acc);
     if (!p_ok) return;
@@ -1206,7 +1217,7 @@ __device__ __forceinline__ void conv_bwd_data_mma(const float* __restrict__ dy, 
 // the workspace [splits][C_out][N] that conv_splitk_reduce sums (out = dw with one split).
 // vec bit 0: 16-byte copies of dy, whose rows are contiguous pixels of one image when
 // OH*OW % 4 == 0; the im2col of x is gathered 4 bytes at a time.
-template <bool TF32>
+template <bool TF32, int S = MMA_STAGES>
 __device__ __forceinline__ void conv_bwd_weight_mma(const float* __restrict__ x, const float* __restrict__ dy,
                                                     float* __restrict__ out, int N, int C, int H, int W, int CO,
                                                     int KH, int KW, int stride, int pad, int OH, int OW,
@@ -1282,7 +1293,7 @@ __device__ __forceinline__ void conv_bwd_weight_mma(const float* __restrict__ x,
 
     float acc[4][4][4];
     const int klen = kend > kbeg ? kend - (int)kbeg : 0;
-    mma_mainloop<TF32>(smem, (klen + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32, false, false, MBM, S>(smem, (klen + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
     mma_store(Cs, acc);
     float* o = out + (size_t)blockIdx.z * M * NC;
@@ -1360,6 +1371,81 @@ conv2d_bwd_weight_mma_tf32(const float* __restrict__ x, const float* __restrict_
                            int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
                            int chunk, int vec) {
     conv_bwd_weight_mma<true>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+// The same entries on the 2-stage ring (`_s2`, MmaBNchw99k: 87.5 KiB at bf16, 69 KiB at
+// tf32 of dynamic shared memory), which conv.rs launches where the device cannot give the
+// 3-stage ring (99 KiB per block: sm_86, sm_89); the same arithmetic in the same order.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_mma_bf16_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
+                       int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_fwd_mma<false, EPI_NONE, MMA_STAGES_99K>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr,
+                                                  0, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_bf16_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                          const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    conv_fwd_mma<false, EPI_BN, MMA_STAGES_99K>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, ss, res, relu,
+                                                nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_bf16_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                             int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                             double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    conv_fwd_mma<false, EPI_STATS, MMA_STAGES_99K>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr,
+                                                   nullptr, 0, part_s, part_q);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_mma_tf32_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N, int C,
+                       int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_fwd_mma<true, EPI_NONE, MMA_STAGES_99K>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr,
+                                                 0, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_tf32_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                          int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                          const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    conv_fwd_mma<true, EPI_BN, MMA_STAGES_99K>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, ss, res, relu,
+                                               nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_tf32_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                             int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                             double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    conv_fwd_mma<true, EPI_STATS, MMA_STAGES_99K>(x, w, y, N, C, H, W, CO, KH, KW, stride, pad, vec, nullptr, nullptr,
+                                                  0, part_s, part_q);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_bf16_s2(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
+                            int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_bwd_data_mma<false, MMA_STAGES_99K>(dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_bf16_s2(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
+                              int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                              int chunk, int vec) {
+    conv_bwd_weight_mma<false, MMA_STAGES_99K>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_tf32_s2(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx, int N,
+                            int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    conv_bwd_data_mma<true, MMA_STAGES_99K>(dy, w, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_tf32_s2(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
+                              int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH, int OW,
+                              int chunk, int vec) {
+    conv_bwd_weight_mma<true, MMA_STAGES_99K>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
 }
 
 // ==== Channels-last (NHWC) eval forward ==================================================
@@ -1845,14 +1931,27 @@ static_assert(HS_SMEM == 122880, "conv.rs's mma_smem_nhwc_bf16s");
 static_assert(MBM * MBK == 8 * 2 * MMA_THREADS, "two 16-byte copies of A and of B per thread");
 // The ring of the block tile BM x BN (MmaTile): stages of A [BM][MLDAH] and B [BN][MLDAH];
 // 64 x 256: 25 KiB each, 150 KiB in all (with the pixel table's 4 KiB under sm_90's limit).
-template <int BM>
+// S (default HS_STAGES): the ring's depth; the `_s4` (128 x 128) and `_m64_s3` (64 x 256)
+// kernels run HS_STAGES_99K / HS_STAGES_99K_M64, the deepest rings that fit, with the pixel
+// table, the 99 KiB of sm_86 / sm_89 (the order of the arithmetic is the same at any depth).
+template <int BM, int S = HS_STAGES>
 struct Bf16sRing {
-    enum : int { STAGE = (BM + MmaTile<BM>::BN) * MLDAH, SMEM = HS_STAGES * STAGE * 2 };
+    enum : int { STAGE = (BM + MmaTile<BM>::BN) * MLDAH, SMEM = S * STAGE * 2 };
     static_assert(MmaTile<BM>::BN * MmaTile<BM>::LDC * 4 <= SMEM, "the epilogue's f32 tile fits in the ring");
     static_assert(SMEM <= 227 * 1024 - 4 * 1024, "the opt-in limit of sm_90 (and the pixel table)");
 };
 static_assert(Bf16sRing<MBM>::STAGE == HSTAGE && Bf16sRing<MBM>::SMEM == HS_SMEM, "the 128 x 128 ring");
 static_assert(Bf16sRing<64>::SMEM == 153600, "conv.rs's mma_smem_nhwc_bf16s (64 x 256)");
+#define HS_STAGES_99K 4
+#define HS_STAGES_99K_M64 3
+static_assert(Bf16sRing<MBM, HS_STAGES_99K>::SMEM == 81920 && Bf16sRing<64, HS_STAGES_99K_M64>::SMEM == 76800,
+              "conv.rs's shared_memory (bf16 storage, _s4 / _m64_s3)");
+static_assert(Bf16sRing<MBM, HS_STAGES_99K>::SMEM + MBN * 16 <= SMEM_99K &&
+                  Bf16sRing<MBM, HS_STAGES_99K + 1>::SMEM + MBN * 16 > SMEM_99K,
+              "the deepest 128 x 128 ring (and its pixel table) of 99 KiB");
+static_assert(Bf16sRing<64, HS_STAGES_99K_M64>::SMEM + 256 * 16 <= SMEM_99K &&
+                  Bf16sRing<64, HS_STAGES_99K_M64 + 1>::SMEM + 256 * 16 > SMEM_99K,
+              "the deepest 64 x 256 ring (and its pixel table) of 99 KiB");
 
 // One K tile's copies of the bf16 ring (conv_fwd_mma_nhwc_bf16s, conv_bwd_data_mma_nhwc_bf16s):
 // A = rows m0.. of a bf16 [M][KP] matrix (KP % 8 == 0, 16-byte aligned, zero past the GEMM's
@@ -1895,7 +1994,7 @@ __device__ __forceinline__ void bf16s_issue(const NhwcPixel* pix, __nv_bfloat16*
 // The bf16 ring's GEMM of bf16s_issue's operands (K tiles of the GEMM's K), then the block's
 // f32 result transposed into Cs = the ring's shared memory, [BN][LDC] (mma_store<true>); the
 // block tile BM x BN (MmaTile).
-template <int BM = MBM>
+template <int BM = MBM, int S = HS_STAGES>
 __device__ __forceinline__ void bf16s_gemm(const NhwcPixel* pix, const __nv_bfloat16* __restrict__ w, int M, int KP,
                                            int m0, const __nv_bfloat16* __restrict__ src, int K, int C, int H, int W,
                                            int KW, int vec) {
@@ -1904,7 +2003,7 @@ __device__ __forceinline__ void bf16s_gemm(const NhwcPixel* pix, const __nv_bflo
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> T::WN_SHIFT, wn = warp & (T::WN - 1);
     float acc[4][4][4];
     mma_zero(acc);
-    mma_ring<HS_STAGES, Bf16sRing<BM>::STAGE, BM * MLDAH>(
+    mma_ring<S, Bf16sRing<BM, S>::STAGE, BM * MLDAH>(
         (__nv_bfloat16*)smem, (K + MBK - 1) / MBK, [&](__nv_bfloat16* As, __nv_bfloat16* Bs, int t) {
             bf16s_issue<BM>(pix, As, Bs, w, M, KP, m0, src, K, C, H, W, KW, vec, t * MBK, tid);
         },
@@ -1919,7 +2018,7 @@ __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(_
 // (training: z = acc rounded to bf16, and part_s, part_q as conv_fwd_mma_nhwc's, C_out * T
 // values each, of the ROUNDED values: what z holds).
 // The block tile BM x BN (MmaTile: 128 x 128, or 64 x 256 for C_out <= 64), pix BN entries.
-template <int EPI, int BM = MBM>
+template <int EPI, int BM = MBM, int S = HS_STAGES>
 __device__ __forceinline__ void conv_fwd_mma_nhwc_bf16s(NhwcPixel* pix, const __nv_bfloat16* __restrict__ x,
                                                         const __nv_bfloat16* __restrict__ w,
                                                         __nv_bfloat16* __restrict__ y, int N, int C, int H, int W,
@@ -1936,7 +2035,7 @@ __device__ __forceinline__ void conv_fwd_mma_nhwc_bf16s(NhwcPixel* pix, const __
     const int M = CO, K = KH * KW * C, KP = (K + 7) & ~7, OHW = OH * OW, Pn = N * OHW;
     const int m0 = blockIdx.y * BM, p0 = blockIdx.x * BN;
     nhwc_pixels<BN>(pix, p0, Pn, OHW, OW, H, W, stride, pad);
-    bf16s_gemm<BM>(pix, w, M, KP, m0, x, K, C, H, W, KW, vec);
+    bf16s_gemm<BM, S>(pix, w, M, KP, m0, x, K, C, H, W, KW, vec);
     const float* Cs = (const float*)smem;
     if constexpr (EPI == EPI_STATS) {
         // As conv_fwd_mma_nhwc's: channel tid % BM, tile (BN / 64) * blockIdx.x + tid / BM,
@@ -2050,6 +2149,48 @@ conv2d_fwd_stats_mma_nhwc_bf16s_m64(const __nv_bfloat16* __restrict__ x, const _
                                            part_s, part_q, vec);
 }
 
+// The four on the shallow rings (99 KiB per block: sm_86, sm_89): `_s4` 128 x 128 with
+// Bf16sRing<128, 4>::SMEM (80 KiB), `_m64_s3` 64 x 256 with Bf16sRing<64, 3>::SMEM (75 KiB).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_bf16s_s4(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                __nv_bfloat16* __restrict__ y, int N, int C, int H, int W, int CO, int KH, int KW,
+                                int stride, int pad, const float* __restrict__ ss,
+                                const __nv_bfloat16* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc_bf16s<EPI_BN, MBM, HS_STAGES_99K>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res,
+                                                         relu, nullptr, nullptr, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_bf16s_s4(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                   __nv_bfloat16* __restrict__ z, int N, int C, int H, int W, int CO, int KH, int KW,
+                                   int stride, int pad, double* __restrict__ part_s, double* __restrict__ part_q,
+                                   int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc_bf16s<EPI_STATS, MBM, HS_STAGES_99K>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr,
+                                                            nullptr, 0, part_s, part_q, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_bf16s_m64_s3(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                    __nv_bfloat16* __restrict__ y, int N, int C, int H, int W, int CO, int KH, int KW,
+                                    int stride, int pad, const float* __restrict__ ss,
+                                    const __nv_bfloat16* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc_bf16s<EPI_BN, 64, HS_STAGES_99K_M64>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res,
+                                                            relu, nullptr, nullptr, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_bf16s_m64_s3(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                       __nv_bfloat16* __restrict__ z, int N, int C, int H, int W, int CO, int KH,
+                                       int KW, int stride, int pad, double* __restrict__ part_s,
+                                       double* __restrict__ part_q, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc_bf16s<EPI_STATS, 64, HS_STAGES_99K_M64>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad,
+                                                               nullptr, nullptr, 0, part_s, part_q, vec);
+}
+
 // conv2d_bwd_data_mma_nhwc_bf16s: the channels-last data gradient (as conv2d_bwd_data_mma_nhwc_*,
 // per output phase) with dy in bf16 storage and dx f32: the same bf16 ring (bf16s_gemm), dy
 // gathered as the forward gathers x (nhwc_phase_pixels' table, dy as the image, KWp as KW;
@@ -2098,7 +2239,7 @@ extern "C" __global__ void conv_weight_bwd_nhwc_bf16(const float* __restrict__ w
 }
 
 // The block tile BM x BN (MmaTile: 128 x 128, or 64 x 256 for C_in <= 64), pix BN entries.
-template <int BM = MBM>
+template <int BM = MBM, int S = HS_STAGES>
 __device__ __forceinline__ void conv_bwd_data_mma_nhwc_bf16s(NhwcPixel* pix, const __nv_bfloat16* __restrict__ dy,
                                                              const __nv_bfloat16* __restrict__ wt,
                                                              float* __restrict__ dx, int N, int C, int H, int W,
@@ -2114,7 +2255,7 @@ __device__ __forceinline__ void conv_bwd_data_mma_nhwc_bf16s(NhwcPixel* pix, con
     if (p0 >= Pn) return;  // the whole block: this phase has fewer pixels than the largest
     const __nv_bfloat16* wp = wt + phase_weight_offset_bf16(C, CO, KH, KW, stride, ph.py, ph.px);
     nhwc_phase_pixels<BN>(pix, ph, KHp, p0, Pn, OH * OW, H, W, stride);
-    bf16s_gemm<BM>(pix, wp, M, KPP, m0, dy, K, CO, OH, OW, ph.KWp, vec);
+    bf16s_gemm<BM, S>(pix, wp, M, KPP, m0, dy, K, CO, OH, OW, ph.KWp, vec);
     const float* Cs = (const float*)mma_smem;
     // Channel tid % BM of pixels tid / BM + (256 / BM) i: a warp writes 32 consecutive
     // channels.
@@ -2148,6 +2289,24 @@ conv2d_bwd_data_mma_nhwc_bf16s_m64(const __nv_bfloat16* __restrict__ dy, const _
                                    int stride, int pad, int vec) {
     __shared__ NhwcPixel pix[MmaTile<64>::BN];
     conv_bwd_data_mma_nhwc_bf16s<64>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+// The two on the shallow rings (99 KiB per block), as the forwards': `_s4` 128 x 128,
+// `_m64_s3` 64 x 256.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_bf16s_s4(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ wt,
+                                  float* __restrict__ dx, int N, int C, int H, int W, int CO, int KH, int KW,
+                                  int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_bwd_data_mma_nhwc_bf16s<MBM, HS_STAGES_99K>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_bf16s_m64_s3(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ wt,
+                                      float* __restrict__ dx, int N, int C, int H, int W, int CO, int KH, int KW,
+                                      int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_bwd_data_mma_nhwc_bf16s<64, HS_STAGES_99K_M64>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
 }
 
 // ==== Channels-last (NHWC) weight gradient ===============================================
@@ -2332,7 +2491,16 @@ conv2d_bwd_weight_mma_nhwc_tf32(const float* __restrict__ x, const float* __rest
 static_assert(WS_SMEM == 104448, "conv.rs's MMA_SMEM_WGRAD_NHWC_BF16S");
 static_assert(MBM * MLDC * 4 <= WS_SMEM, "the epilogue's f32 tile fits in the bf16 ring");
 static_assert(MBK == 2 * 16 && MBM == 16 * 8 && MBN == 16 * 8, "2 rows per thread, 16 lanes x 8 columns per row");
+// The shallow ring (`_s5`, 99 KiB per block: sm_86, sm_89): 5 stages, 85 KiB, the deepest that
+// fits (6 are 102 KiB); the epilogue's f32 tile still fits over it.
+#define WS_STAGES_99K 5
+static_assert(WS_STAGES_99K * WSTAGE * 2 == 87040, "conv.rs's shared_memory (WgradNhwcBf16s, _s5)");
+static_assert(WS_STAGES_99K * WSTAGE * 2 <= SMEM_99K && (WS_STAGES_99K + 1) * WSTAGE * 2 > SMEM_99K,
+              "the deepest weight-gradient ring of 99 KiB");
+static_assert(MBM * MLDC * 4 <= WS_STAGES_99K * WSTAGE * 2, "the epilogue's f32 tile fits in the _s5 ring");
 
+// S: the ring's depth (WS_STAGES; WS_STAGES_99K for `_s5`), the arithmetic the same at any.
+template <int S = WS_STAGES>
 __device__ __forceinline__ void conv_bwd_weight_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x,
                                                                const __nv_bfloat16* __restrict__ dy,
                                                                float* __restrict__ out, int N, int C, int H, int W,
@@ -2422,10 +2590,10 @@ __device__ __forceinline__ void conv_bwd_weight_mma_nhwc_bf16s(const __nv_bfloat
     float acc[4][4][4];
     mma_zero(acc);
     const int klen = kend > kbeg ? kend - (int)kbeg : 0;
-    mma_ring<WS_STAGES, WSTAGE, MBK * MLDBH>((__nv_bfloat16*)smem, (klen + MBK - 1) / MBK, issue,
-                                             [&](const __nv_bfloat16* A, const __nv_bfloat16* B) {
-                                                 mma_tile<false, true>(A, B, acc, wm, wn, lane);
-                                             });
+    mma_ring<S, WSTAGE, MBK * MLDBH>((__nv_bfloat16*)smem, (klen + MBK - 1) / MBK, issue,
+                                     [&](const __nv_bfloat16* A, const __nv_bfloat16* B) {
+                                         mma_tile<false, true>(A, B, acc, wm, wn, lane);
+                                     });
     wgrad_nhwc_store((float*)smem, acc, out, M, NC, C, KHW, m0, n0);
 }
 
@@ -2439,4 +2607,14 @@ conv2d_bwd_weight_mma_nhwc_bf16s(const __nv_bfloat16* __restrict__ x, const __nv
                                  float* __restrict__ out, int N, int C, int H, int W, int CO, int KH, int KW,
                                  int stride, int pad, int OH, int OW, int chunk, int vec) {
     conv_bwd_weight_mma_nhwc_bf16s(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+// The same on the 5-stage ring (`_s5`: 87,040 bytes of dynamic shared memory), which conv.rs
+// launches where the device cannot give the 6-stage ring (99 KiB per block: sm_86, sm_89).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_nhwc_bf16s_s5(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                                    float* __restrict__ out, int N, int C, int H, int W, int CO, int KH, int KW,
+                                    int stride, int pad, int OH, int OW, int chunk, int vec) {
+    conv_bwd_weight_mma_nhwc_bf16s<WS_STAGES_99K>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk,
+                                                  vec);
 }

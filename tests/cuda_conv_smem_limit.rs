@@ -23,7 +23,10 @@
 //! - at 99 and 64 KiB, each of those ops (NCHW eval forward, data and weight gradient;
 //!   channels-last eval forward, training forward, data and weight gradient; the same four
 //!   on bf16 storage at bf16) runs and matches the CPU reference within the precision's
-//!   tolerance (bf16 storage: the CPU's bf16-storage ops, within 2x the bf16 tolerance).
+//!   tolerance (bf16 storage: the CPU's bf16-storage ops, within 2x the bf16 tolerance); at
+//!   99 KiB the NCHW ones and the bf16-storage forwards and data and weight gradients on their
+//!   shallow rings (`_s2`, `_s4` / `_m64_s3`, `_s5`; tests/cuda_conv_smem_99k.rs compares
+//!   those with the deep rings bit for bit).
 //!
 //! Runs on a GPU or on the emulated driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_smem_limit-* --include-ignored`);
@@ -130,12 +133,19 @@ fn kernels_by_limit() {
         for limit in [device, SM80, 150 * KIB, 128 * KIB, 112 * KIB, SM86, SM75] {
             let mut g = at(p, Some(limit), MmaRoute::Always);
             let ctx = format!("{p} at {limit} bytes");
-            // NCHW: the 128x128 mma kernels (122 / 103.5 KiB), else the 64x64 WMMA ones.
-            let nchw = if bf16 { 124_928 } else { 105_984 };
+            // NCHW: the 128x128 mma kernels (122 / 103.5 KiB), else their 2-stage ring
+            // (`_s2`: 87.5 / 69 KiB), else the 64x64 WMMA ones.
+            let (nchw, nchw_s2) = if bf16 {
+                (124_928, 89_600)
+            } else {
+                (105_984, 70_656)
+            };
             let want: [String; 3] =
                 ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"].map(|k| {
                     if fits(nchw, limit) {
                         format!("{k}_mma_{p}")
+                    } else if fits(nchw_s2, limit) {
+                        format!("{k}_mma_{p}_s2")
                     } else {
                         format!("{k}_{p}")
                     }
@@ -178,14 +188,17 @@ fn kernels_by_limit() {
                 fits(wgrad, limit).then(|| format!("conv2d_bwd_weight_mma_nhwc_{p}")),
                 "{ctx}"
             );
-            // bf16 storage (bf16 only): 64 x 256 154 KiB, 128 x 128 122 KiB; its weight
-            // gradient 102 KiB; the wgmma kernel 131 KiB.
+            // bf16 storage (bf16 only): 64 x 256 154 KiB, 128 x 128 122 KiB, else their
+            // shallow rings (`_m64_s3` 79 KiB; `_s4` 82 KiB for more than 64 rows); its weight
+            // gradient 102 KiB, else its shallow ring (`_s5` 85 KiB); the wgmma kernel 131 KiB.
             let tile = if !bf16 {
                 None
             } else if fits(157_696, limit) {
                 Some("_m64")
             } else if fits(124_928, limit) {
                 Some("")
+            } else if fits(80_896, limit) {
+                Some("_m64_s3")
             } else {
                 None
             };
@@ -205,9 +218,18 @@ fn kernels_by_limit() {
                 name("conv2d_bwd_data_mma_nhwc"),
                 "{ctx}"
             );
+            let wgrad_bf16s = if !bf16 {
+                None
+            } else if fits(104_448, limit) {
+                Some("conv2d_bwd_weight_mma_nhwc_bf16s")
+            } else if fits(87_040, limit) {
+                Some("conv2d_bwd_weight_mma_nhwc_bf16s_s5")
+            } else {
+                None
+            };
             assert_eq!(
                 g.conv_bwd_weight_nhwc_bf16s_kernel(&s),
-                (bf16 && fits(104_448, limit)).then_some("conv2d_bwd_weight_mma_nhwc_bf16s"),
+                wgrad_bf16s,
                 "{ctx}"
             );
             g.set_wgmma(true);
@@ -385,8 +407,23 @@ fn ops_match_cpu_at_lowered_limits() {
             let tol = p.tolerance().expect("a reduced precision");
             for limit in [SM86, SM75] {
                 let g = at(p, Some(limit), MmaRoute::Always);
-                // Nothing native fits but, at 99 KiB tf32, the channels-last weight gradient.
-                assert!(!g.conv_kernels(&s)[0].contains("mma"), "{p} {limit}");
+                // At 99 KiB the shallow rings (NCHW `_s2`, bf16 storage `_s4` / `_m64_s3` /
+                // `_s5`) and at tf32 the channels-last weight gradient; at 64 KiB nothing native.
+                assert_eq!(
+                    g.conv_kernels(&s)[0].contains("mma"),
+                    limit == SM86,
+                    "{p} {limit}"
+                );
+                assert_eq!(
+                    g.conv_bn_eval_nhwc_bf16s_kernel(&s).is_some(),
+                    bf16 && limit == SM86,
+                    "{p} {limit}"
+                );
+                assert_eq!(
+                    g.conv_bwd_weight_nhwc_bf16s_kernel(&s).is_some(),
+                    bf16 && limit == SM86,
+                    "{p} {limit}"
+                );
                 assert_eq!(g.conv_bn_eval_nhwc_kernel(&s), None, "{p} {limit}");
                 assert_eq!(
                     g.conv_bwd_weight_nhwc_kernel(&s).is_some(),

@@ -100,6 +100,7 @@ mod tc {
         bwd_weight_mma_nhwc_bf16: "conv2d_bwd_weight_mma_nhwc_bf16",
         bwd_weight_mma_nhwc_tf32: "conv2d_bwd_weight_mma_nhwc_tf32",
         bwd_weight_mma_nhwc_bf16s: "conv2d_bwd_weight_mma_nhwc_bf16s",
+        bwd_weight_mma_nhwc_bf16s_s5: "conv2d_bwd_weight_mma_nhwc_bf16s_s5",
         fwd_bn_mma_nhwc_bf16_m64: "conv2d_fwd_bn_mma_nhwc_bf16_m64",
         fwd_bn_mma_nhwc_tf32_m64: "conv2d_fwd_bn_mma_nhwc_tf32_m64",
         fwd_stats_mma_nhwc_bf16_m64: "conv2d_fwd_stats_mma_nhwc_bf16_m64",
@@ -109,6 +110,22 @@ mod tc {
         fwd_bn_mma_nhwc_bf16s_m64: "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
         fwd_stats_mma_nhwc_bf16s_m64: "conv2d_fwd_stats_mma_nhwc_bf16s_m64",
         bwd_data_mma_nhwc_bf16s_m64: "conv2d_bwd_data_mma_nhwc_bf16s_m64",
+        fwd_mma_bf16_s2: "conv2d_fwd_mma_bf16_s2",
+        fwd_bn_mma_bf16_s2: "conv2d_fwd_bn_mma_bf16_s2",
+        fwd_stats_mma_bf16_s2: "conv2d_fwd_stats_mma_bf16_s2",
+        bwd_data_mma_bf16_s2: "conv2d_bwd_data_mma_bf16_s2",
+        bwd_weight_mma_bf16_s2: "conv2d_bwd_weight_mma_bf16_s2",
+        fwd_mma_tf32_s2: "conv2d_fwd_mma_tf32_s2",
+        fwd_bn_mma_tf32_s2: "conv2d_fwd_bn_mma_tf32_s2",
+        fwd_stats_mma_tf32_s2: "conv2d_fwd_stats_mma_tf32_s2",
+        bwd_data_mma_tf32_s2: "conv2d_bwd_data_mma_tf32_s2",
+        bwd_weight_mma_tf32_s2: "conv2d_bwd_weight_mma_tf32_s2",
+        fwd_bn_mma_nhwc_bf16s_s4: "conv2d_fwd_bn_mma_nhwc_bf16s_s4",
+        fwd_stats_mma_nhwc_bf16s_s4: "conv2d_fwd_stats_mma_nhwc_bf16s_s4",
+        bwd_data_mma_nhwc_bf16s_s4: "conv2d_bwd_data_mma_nhwc_bf16s_s4",
+        fwd_bn_mma_nhwc_bf16s_m64_s3: "conv2d_fwd_bn_mma_nhwc_bf16s_m64_s3",
+        fwd_stats_mma_nhwc_bf16s_m64_s3: "conv2d_fwd_stats_mma_nhwc_bf16s_m64_s3",
+        bwd_data_mma_nhwc_bf16s_m64_s3: "conv2d_bwd_data_mma_nhwc_bf16s_m64_s3",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -185,19 +202,54 @@ pub(crate) enum TcKernel {
     /// asks (listed for the table and its test against the compiled kernels).
     Wmma { weight: bool },
     /// The 128x128 NCHW `mma.sync` kernels (`conv2d_*_mma_*`: forwards, data and weight
-    /// gradients).
-    MmaNchw,
+    /// gradients) with a ring of 3 f32 stages, or 2 (`_s2`, [`Ring::Shallow`]).
+    MmaNchw(Ring),
     /// The channels-last forwards and data gradients on f32 activations, of a tile.
     MmaNhwc(NhwcTile),
-    /// The channels-last forwards and data gradients on bf16 activations, of a tile.
-    MmaNhwcBf16s(NhwcTile),
+    /// The channels-last forwards and data gradients on bf16 activations, of a tile, with a
+    /// ring of 6 bf16 stages, or the shallow one ([`Ring::Shallow`]: 4 stages of the 128x128
+    /// tile, `_s4`; 3 of the 64x256 one, `_m64_s3`).
+    MmaNhwcBf16s(NhwcTile, Ring),
     /// The channels-last weight gradient on f32 activations.
     WgradNhwc,
-    /// The channels-last weight gradient on bf16 activations.
-    WgradNhwcBf16s,
+    /// The channels-last weight gradient on bf16 activations, with a ring of 6 bf16 stages, or
+    /// 5 (`_s5`, [`Ring::Shallow`]).
+    WgradNhwcBf16s(Ring),
     /// Every sm_90a `wgmma` kernel (`conv_wgmma.rs`: the forwards and the data and weight
     /// gradients, both channel tiles; one ring size).
     Wgmma,
+}
+
+/// The depth of a tensor-core kernel's cp.async ring, for the kernel families that have two
+/// ([`TcKernel::MmaNchw`], [`TcKernel::MmaNhwcBf16s`], [`TcKernel::WgradNhwcBf16s`]): the deep one, sized for sm_90's
+/// 227 KiB per block, or the shallow one (a kernel name's `_s<stages>` suffix), the deepest
+/// that fits the 99 KiB (101,376 bytes) of sm_86 / sm_89 (`SMEM_99K` in conv_tc.cu). The
+/// depth changes how many K tiles are in flight, not the order of the arithmetic: both give
+/// the same results bit for bit (tests/cuda_conv_smem_99k.rs). Where the deep ring fits it
+/// runs ([`CudaBackend::ring`]: fewer tiles in flight can only hide less latency).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ring {
+    /// The deep ring (the kernels without a suffix).
+    Deep,
+    /// The shallow ring (`_s2`, `_s4`, `_m64_s3`, `_s5`).
+    Shallow,
+}
+
+impl Ring {
+    /// The deepest ring of the kernel family `k` that `fits` ([`CudaBackend::fits`]): Deep,
+    /// else Shallow, else None.
+    fn deepest(k: impl Fn(Ring) -> TcKernel, fits: impl Fn(TcKernel) -> bool) -> Option<Ring> {
+        [Ring::Deep, Ring::Shallow]
+            .into_iter()
+            .find(|&r| fits(k(r)))
+    }
+    /// Of a kernel's two variants (`deep`, `shallow`), this ring's.
+    fn pick<T>(self, deep: T, shallow: T) -> T {
+        match self {
+            Ring::Deep => deep,
+            Ring::Shallow => shallow,
+        }
+    }
 }
 
 /// The shared memory of one block of a kernel, in bytes.
@@ -224,12 +276,16 @@ impl SharedMemory {
 /// | --- | --- | --- |
 /// | WMMA 64x64 (`TC_STAGES` 4) | 0 | 47_104 / 40_960 (+256 weight gradients) |
 /// | NCHW mma 128x128 (`MMA_SMEM`, 3 f32 stages + bf16 tile) | 124_928 / 105_984 | 0 |
+/// | NCHW mma 128x128 `_s2` (`MmaBNchw99k`, 2 f32 stages + bf16 tile) | 89_600 / 70_656 | 0 |
 /// | NHWC mma 128x128 (`MmaB<true>`) | 131_072 / 110_592 | 2_048 (pixels) |
 /// | NHWC mma 64x256 (`MmaBNhwc64`) | 163_840 / 138_240 | 4_096 |
 /// | NHWC bf16 storage 128x128 (`Bf16sRing<128>`, 6 stages) | 122_880 | 2_048 |
 /// | NHWC bf16 storage 64x256 (`Bf16sRing<64>`) | 153_600 | 4_096 |
+/// | NHWC bf16 storage 128x128 `_s4` (`Bf16sRing<128, 4>`) | 81_920 | 2_048 |
+/// | NHWC bf16 storage 64x256 `_m64_s3` (`Bf16sRing<64, 3>`) | 76_800 | 4_096 |
 /// | NHWC weight gradient (`WgradNhwc`) | 118_784 / 101_376 | 0 |
 /// | NHWC bf16-storage weight gradient (`WS_SMEM`, 6 stages) | 104_448 | 0 |
+/// | NHWC bf16-storage weight gradient `_s5` (5 stages) | 87_040 | 0 |
 /// | wgmma (`WG_SMEM`, 4 stages) | 134_144 | 0 |
 ///
 /// The bf16-storage and wgmma kernels run at bf16 only (their sizes do not depend on `p`).
@@ -238,14 +294,17 @@ pub(crate) fn shared_memory(k: TcKernel, p: Precision) -> SharedMemory {
     let by_p = |b: u32, t: u32| if bf16 { b } else { t };
     let (dynamic, fixed) = match k {
         TcKernel::Wmma { weight } => (0, by_p(47_104, 40_960) + if weight { 256 } else { 0 }),
-        TcKernel::MmaNchw => (by_p(124_928, 105_984), 0),
+        TcKernel::MmaNchw(r) => (r.pick(by_p(124_928, 105_984), by_p(89_600, 70_656)), 0),
         TcKernel::MmaNhwc(t) => (
             t.pick(by_p(131_072, 110_592), by_p(163_840, 138_240)),
             t.pixel_table(),
         ),
-        TcKernel::MmaNhwcBf16s(t) => (t.pick(122_880, 153_600), t.pixel_table()),
+        TcKernel::MmaNhwcBf16s(t, r) => (
+            t.pick(r.pick(122_880, 81_920), r.pick(153_600, 76_800)),
+            t.pixel_table(),
+        ),
         TcKernel::WgradNhwc => (by_p(118_784, 101_376), 0),
-        TcKernel::WgradNhwcBf16s => (104_448, 0),
+        TcKernel::WgradNhwcBf16s(r) => (r.pick(104_448, 87_040), 0),
         TcKernel::Wgmma => (super::conv_wgmma::WG_SMEM, 0),
     };
     SharedMemory { dynamic, fixed }
@@ -280,6 +339,19 @@ impl NhwcTile {
         } else {
             None
         }
+    }
+    /// The tile and ring of a channels-last kernel family `k` with both
+    /// ([`TcKernel::MmaNhwcBf16s`]) for a GEMM of `rows` rows: [`NhwcTile::choose`] among the
+    /// deep rings' kernels, else among the shallow ones' (so that wherever a deep kernel fits,
+    /// the choice is the one before the shallow rings existed), else None.
+    fn choose_with_ring(
+        rows: usize,
+        k: impl Fn(NhwcTile, Ring) -> TcKernel,
+        fits: impl Fn(TcKernel) -> bool,
+    ) -> Option<(Self, Ring)> {
+        [Ring::Deep, Ring::Shallow]
+            .into_iter()
+            .find_map(|r| Some((NhwcTile::choose(rows, |t| fits(k(t, r)))?, r)))
     }
     /// Rows (channels) per block.
     fn rows(self) -> usize {
@@ -319,6 +391,7 @@ impl CudaBackend {
     pub fn tc_static_shared_memory(&self) -> Result<Vec<(&'static str, u32, u32)>> {
         use NhwcTile::{Square, M64};
         use Precision::{Bf16, Tf32};
+        use Ring::{Deep, Shallow};
         let mut list = vec![
             (
                 "conv_tc",
@@ -344,11 +417,28 @@ impl CudaBackend {
                 TcKernel::Wmma { weight: true },
                 Tf32,
             ),
-            ("conv_tc", "conv2d_fwd_bn_mma_bf16", TcKernel::MmaNchw, Bf16),
+            (
+                "conv_tc",
+                "conv2d_fwd_bn_mma_bf16",
+                TcKernel::MmaNchw(Deep),
+                Bf16,
+            ),
             (
                 "conv_tc",
                 "conv2d_bwd_weight_mma_tf32",
-                TcKernel::MmaNchw,
+                TcKernel::MmaNchw(Deep),
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_bn_mma_bf16_s2",
+                TcKernel::MmaNchw(Shallow),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_data_mma_tf32_s2",
+                TcKernel::MmaNchw(Shallow),
                 Tf32,
             ),
             (
@@ -378,13 +468,25 @@ impl CudaBackend {
             (
                 "conv_tc",
                 "conv2d_fwd_bn_mma_nhwc_bf16s",
-                TcKernel::MmaNhwcBf16s(Square),
+                TcKernel::MmaNhwcBf16s(Square, Deep),
                 Bf16,
             ),
             (
                 "conv_tc",
                 "conv2d_bwd_data_mma_nhwc_bf16s_m64",
-                TcKernel::MmaNhwcBf16s(M64),
+                TcKernel::MmaNhwcBf16s(M64, Deep),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_bn_mma_nhwc_bf16s_s4",
+                TcKernel::MmaNhwcBf16s(Square, Shallow),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_stats_mma_nhwc_bf16s_m64_s3",
+                TcKernel::MmaNhwcBf16s(M64, Shallow),
                 Bf16,
             ),
             (
@@ -396,7 +498,13 @@ impl CudaBackend {
             (
                 "conv_tc",
                 "conv2d_bwd_weight_mma_nhwc_bf16s",
-                TcKernel::WgradNhwcBf16s,
+                TcKernel::WgradNhwcBf16s(Deep),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_nhwc_bf16s_s5",
+                TcKernel::WgradNhwcBf16s(Shallow),
                 Bf16,
             ),
         ];
@@ -622,9 +730,28 @@ impl CudaBackend {
         NhwcTile::choose(rows, |t| self.fits(TcKernel::MmaNhwc(t)))
     }
 
-    /// The tile of the bf16-storage channels-last kernels for a GEMM of `rows` rows, or None.
-    fn nhwc_tile_bf16s(&self, rows: usize) -> Option<NhwcTile> {
-        NhwcTile::choose(rows, |t| self.fits(TcKernel::MmaNhwcBf16s(t)))
+    /// The deepest ring of the kernel family `k` (of a [`Ring`]) whose shared memory fits
+    /// here ([`CudaBackend::fits`]): [`Ring::Deep`], else [`Ring::Shallow`], else None.
+    pub(crate) fn ring(&self, k: impl Fn(Ring) -> TcKernel) -> Option<Ring> {
+        Ring::deepest(k, |k| self.fits(k))
+    }
+
+    /// The ring of the NCHW `mma.sync` kernels here ([`TcKernel::MmaNchw`]), or the error of
+    /// `op` where neither fits (the selections, `takes_mma`, then take WMMA).
+    fn nchw_ring(&self, op: &str) -> Result<Ring> {
+        self.ring(TcKernel::MmaNchw).ok_or_else(|| {
+            EngineError::Param(format!(
+                "{op}: no mma.sync ring fits the {} bytes of shared memory per block of {}",
+                self.shared_memory_per_block(),
+                self.info().name
+            ))
+        })
+    }
+
+    /// The tile and ring of the bf16-storage channels-last kernels for a GEMM of `rows` rows
+    /// ([`NhwcTile::choose_with_ring`]), or None.
+    fn nhwc_tile_bf16s(&self, rows: usize) -> Option<(NhwcTile, Ring)> {
+        NhwcTile::choose_with_ring(rows, TcKernel::MmaNhwcBf16s, |k| self.fits(k))
     }
 
     /// [`CudaBackend::nhwc_tile`], or the error of `op` where no tile fits.
@@ -946,10 +1073,16 @@ impl CudaBackend {
     /// (`conv2d_fwd_bn_mma_nhwc_bf16s`), or None where it does not run (not at bf16, or with
     /// the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let tile = self.nhwc_tile_bf16s(s.c_out)?;
-        self.conv_bn_eval_nhwc_bf16s_native(s).then_some(tile.pick(
-            "conv2d_fwd_bn_mma_nhwc_bf16s",
-            "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
+        let (tile, ring) = self.nhwc_tile_bf16s(s.c_out)?;
+        self.conv_bn_eval_nhwc_bf16s_native(s).then_some(ring.pick(
+            tile.pick(
+                "conv2d_fwd_bn_mma_nhwc_bf16s",
+                "conv2d_fwd_bn_mma_nhwc_bf16s_m64",
+            ),
+            tile.pick(
+                "conv2d_fwd_bn_mma_nhwc_bf16s_s4",
+                "conv2d_fwd_bn_mma_nhwc_bf16s_m64_s3",
+            ),
         ))
     }
 
@@ -1011,11 +1144,17 @@ impl CudaBackend {
     /// The kernel the bf16-storage channels-last training forward of `s` launches
     /// (`conv2d_fwd_stats_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_fwd_stats_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let tile = self.nhwc_tile_bf16s(s.c_out)?;
+        let (tile, ring) = self.nhwc_tile_bf16s(s.c_out)?;
         self.conv_fwd_stats_nhwc_bf16s_native(s)
-            .then_some(tile.pick(
-                "conv2d_fwd_stats_mma_nhwc_bf16s",
-                "conv2d_fwd_stats_mma_nhwc_bf16s_m64",
+            .then_some(ring.pick(
+                tile.pick(
+                    "conv2d_fwd_stats_mma_nhwc_bf16s",
+                    "conv2d_fwd_stats_mma_nhwc_bf16s_m64",
+                ),
+                tile.pick(
+                    "conv2d_fwd_stats_mma_nhwc_bf16s_s4",
+                    "conv2d_fwd_stats_mma_nhwc_bf16s_m64_s3",
+                ),
             ))
     }
 
@@ -1071,10 +1210,16 @@ impl CudaBackend {
     /// The kernel the bf16-storage channels-last data gradient of `s` launches
     /// (`conv2d_bwd_data_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
     pub fn conv_bwd_data_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let tile = self.nhwc_tile_bf16s(s.c_in)?;
-        self.conv_bwd_data_nhwc_bf16s_native(s).then_some(tile.pick(
-            "conv2d_bwd_data_mma_nhwc_bf16s",
-            "conv2d_bwd_data_mma_nhwc_bf16s_m64",
+        let (tile, ring) = self.nhwc_tile_bf16s(s.c_in)?;
+        self.conv_bwd_data_nhwc_bf16s_native(s).then_some(ring.pick(
+            tile.pick(
+                "conv2d_bwd_data_mma_nhwc_bf16s",
+                "conv2d_bwd_data_mma_nhwc_bf16s_m64",
+            ),
+            tile.pick(
+                "conv2d_bwd_data_mma_nhwc_bf16s_s4",
+                "conv2d_bwd_data_mma_nhwc_bf16s_m64_s3",
+            ),
         ))
     }
 
@@ -1110,12 +1255,12 @@ impl CudaBackend {
             return Ok(());
         }
         let g = geometry(s)?;
-        let tile = self
+        let (tile, ring) = self
             .nhwc_tile_bf16s(s.c_in)
             .ok_or_else(|| self.no_tile(OP))?;
         let (gx, _) = phase_grid(s, tile.pixels());
         let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
-        cfg.shared_mem_bytes = self.smem_dynamic(OP, TcKernel::MmaNhwcBf16s(tile))?;
+        cfg.shared_mem_bytes = self.smem_dynamic(OP, TcKernel::MmaNhwcBf16s(tile, ring))?;
         let tc = tc_kernels(self)?;
         let len = bf16s_bwd_weight_len(s);
         // Two bf16 per f32 slot (len is a multiple of 8); never an empty buffer (c_out = 0:
@@ -1144,7 +1289,13 @@ impl CudaBackend {
             }
             // dy's copies by its c_out channels per pixel, as the forward's of x by c_in.
             let vec = bf16s_copy_path(s.c_out, self.ptr(dy));
-            let kern = tile.pick(&tc.bwd_data_mma_nhwc_bf16s, &tc.bwd_data_mma_nhwc_bf16s_m64);
+            let kern = ring.pick(
+                tile.pick(&tc.bwd_data_mma_nhwc_bf16s, &tc.bwd_data_mma_nhwc_bf16s_m64),
+                tile.pick(
+                    &tc.bwd_data_mma_nhwc_bf16s_s4,
+                    &tc.bwd_data_mma_nhwc_bf16s_m64_s3,
+                ),
+            );
             let mut l = kern.on(self.stream());
             l.arg(dy).arg(&wt).arg(dx).ints(&g[..9]).arg(&vec);
             // SAFETY: the caller's contract; wt holds the phases' padded bf16 weight rows.
@@ -1162,21 +1313,23 @@ impl CudaBackend {
     /// The kernel `conv2d_fwd` (and the fused forwards) of `s` launch at this backend's
     /// precision and route, by name (diagnostics and tests): `conv2d_fwd` (f32),
     /// `conv2d_fwd_tf32` / `_bf16` (WMMA, 64x64, maybe split over K) or
-    /// `conv2d_fwd_mma_tf32` / `_bf16` (128x128).
+    /// `conv2d_fwd_mma_tf32` / `_bf16` (128x128; `_s2` with the shallow ring, [`Ring`]).
     pub fn conv_fwd_kernel(&self, s: &Conv2d) -> &'static str {
         self.conv_kernels(s)[0]
     }
 
     /// The kernels of `s`'s forward, data gradient and weight gradient at this backend's
-    /// precision and route (as [`CudaBackend::conv_fwd_kernel`]).
+    /// precision and route (as [`CudaBackend::conv_fwd_kernel`]; the `mma.sync` ones with
+    /// `_s2` where their shallow ring runs, [`Ring::Shallow`]).
     pub fn conv_kernels(&self, s: &Conv2d) -> [&'static str; 3] {
         let [f, d, w] = takes_mma(self, s);
-        let pick = |mma: bool, names: [&'static str; 5]| match (self.precision(), mma) {
+        let shallow = self.ring(TcKernel::MmaNchw) == Some(Ring::Shallow);
+        let pick = |mma: bool, names: [&'static str; 7]| match (self.precision(), mma) {
             (Precision::F32, _) => names[0],
             (Precision::Tf32, false) => names[1],
             (Precision::Bf16, false) => names[2],
-            (Precision::Tf32, true) => names[3],
-            (Precision::Bf16, true) => names[4],
+            (Precision::Tf32, true) => names[3 + 2 * usize::from(shallow)],
+            (Precision::Bf16, true) => names[4 + 2 * usize::from(shallow)],
         };
         [
             pick(
@@ -1187,6 +1340,8 @@ impl CudaBackend {
                     "conv2d_fwd_bf16",
                     "conv2d_fwd_mma_tf32",
                     "conv2d_fwd_mma_bf16",
+                    "conv2d_fwd_mma_tf32_s2",
+                    "conv2d_fwd_mma_bf16_s2",
                 ],
             ),
             pick(
@@ -1197,6 +1352,8 @@ impl CudaBackend {
                     "conv2d_bwd_data_bf16",
                     "conv2d_bwd_data_mma_tf32",
                     "conv2d_bwd_data_mma_bf16",
+                    "conv2d_bwd_data_mma_tf32_s2",
+                    "conv2d_bwd_data_mma_bf16_s2",
                 ],
             ),
             pick(
@@ -1207,6 +1364,8 @@ impl CudaBackend {
                     "conv2d_bwd_weight_bf16",
                     "conv2d_bwd_weight_mma_tf32",
                     "conv2d_bwd_weight_mma_bf16",
+                    "conv2d_bwd_weight_mma_tf32_s2",
+                    "conv2d_bwd_weight_mma_bf16_s2",
                 ],
             ),
         ]
@@ -1217,7 +1376,7 @@ impl CudaBackend {
 /// kernels (tf32 and bf16; f32 never; nor where their shared memory does not fit the
 /// device's: the WMMA kernels then, whose static 46 KiB every device gives).
 fn takes_mma(be: &CudaBackend, s: &Conv2d) -> [bool; 3] {
-    if !be.precision().tensor_cores() || !be.fits(TcKernel::MmaNchw) {
+    if !be.precision().tensor_cores() || be.ring(TcKernel::MmaNchw).is_none() {
         return [false; 3];
     }
     match be.mma_route {
@@ -1260,14 +1419,20 @@ unsafe fn launch_mma(
         (p.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNchw)?;
+    let ring = be.nchw_ring(op)?;
+    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNchw(ring))?;
     let vec = mma_vec(s, be.ptr(x), be.ptr(w));
     let relu = match &fused {
         Some(Fused::Bn(_, ep)) => ep.relu as i32,
         _ => 0,
     };
     let k = match &fused {
-        None => mma_pick(be, |t| (&t.fwd_mma_bf16, &t.fwd_mma_tf32))?,
+        None => mma_pick(be, |t| {
+            ring.pick(
+                (&t.fwd_mma_bf16, &t.fwd_mma_tf32),
+                (&t.fwd_mma_bf16_s2, &t.fwd_mma_tf32_s2),
+            )
+        })?,
         Some(Fused::Bn(k, _)) | Some(Fused::Stats(k, ..)) => *k,
     };
     let mut l = k.on(be.stream());
@@ -1395,25 +1560,35 @@ unsafe fn launch_mma_nhwc_bf16s(
     };
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
-    let tile = be.nhwc_tile_bf16s(s.c_out).ok_or_else(|| be.no_tile(op))?;
+    let (tile, ring) = be.nhwc_tile_bf16s(s.c_out).ok_or_else(|| be.no_tile(op))?;
     let mut cfg = blocks(
         op,
         (p.div_ceil(tile.pixels()), s.c_out.div_ceil(tile.rows()), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNhwcBf16s(tile))?;
+    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNhwcBf16s(tile, ring))?;
     let tc = tc_kernels(be)?;
     let wt = weight_ohwi_bf16_scratch(be, s, w, op)?;
     let r = {
         let vec = mma_vec_nhwc_bf16s(s, be.ptr(x));
         let relu = matches!(epi, Bf16sEpilogue::Bn(ep) if ep.relu) as i32;
         let kern = match epi {
-            Bf16sEpilogue::Bn(_) => {
-                tile.pick(&tc.fwd_bn_mma_nhwc_bf16s, &tc.fwd_bn_mma_nhwc_bf16s_m64)
-            }
-            Bf16sEpilogue::Stats(..) => tile.pick(
-                &tc.fwd_stats_mma_nhwc_bf16s,
-                &tc.fwd_stats_mma_nhwc_bf16s_m64,
+            Bf16sEpilogue::Bn(_) => ring.pick(
+                tile.pick(&tc.fwd_bn_mma_nhwc_bf16s, &tc.fwd_bn_mma_nhwc_bf16s_m64),
+                tile.pick(
+                    &tc.fwd_bn_mma_nhwc_bf16s_s4,
+                    &tc.fwd_bn_mma_nhwc_bf16s_m64_s3,
+                ),
+            ),
+            Bf16sEpilogue::Stats(..) => ring.pick(
+                tile.pick(
+                    &tc.fwd_stats_mma_nhwc_bf16s,
+                    &tc.fwd_stats_mma_nhwc_bf16s_m64,
+                ),
+                tile.pick(
+                    &tc.fwd_stats_mma_nhwc_bf16s_s4,
+                    &tc.fwd_stats_mma_nhwc_bf16s_m64_s3,
+                ),
             ),
         };
         let mut l = kern.on(be.stream());
@@ -1572,7 +1747,13 @@ pub(crate) fn conv2d_bn_eval_fwd(
     let g = geometry(s)?;
     let (gx, gy) = (p.div_ceil(64), s.c_out.div_ceil(64));
     if takes_mma(be, s)[0] {
-        let k = mma_pick(be, |t| (&t.fwd_bn_mma_bf16, &t.fwd_bn_mma_tf32))?;
+        let ring = be.nchw_ring("conv2d_bn_eval_fwd")?;
+        let k = mma_pick(be, |t| {
+            ring.pick(
+                (&t.fwd_bn_mma_bf16, &t.fwd_bn_mma_tf32),
+                (&t.fwd_bn_mma_bf16_s2, &t.fwd_bn_mma_tf32_s2),
+            )
+        })?;
         // SAFETY: x, w, y, ss and the residual hold the lengths `s` gives (checked).
         return unsafe {
             launch_mma(
@@ -1669,7 +1850,13 @@ pub(crate) fn conv2d_fwd_stats(
     let g = geometry(s)?;
     let gy = s.c_out.div_ceil(64);
     if takes_mma(be, s)[0] {
-        let k = mma_pick(be, |t| (&t.fwd_stats_mma_bf16, &t.fwd_stats_mma_tf32))?;
+        let ring = be.nchw_ring("conv2d_fwd_stats")?;
+        let k = mma_pick(be, |t| {
+            ring.pick(
+                (&t.fwd_stats_mma_bf16, &t.fwd_stats_mma_tf32),
+                (&t.fwd_stats_mma_bf16_s2, &t.fwd_stats_mma_tf32_s2),
+            )
+        })?;
         // SAFETY: x, w and z hold the lengths `s` gives, part_s and part_q c_out * tiles
         // values (the caller's contract; the kernel writes the 64-pixel tiles' layout).
         return unsafe {
@@ -1743,19 +1930,25 @@ pub(crate) fn conv2d_bwd_data(
             (gx, s.c_in.div_ceil(MMA_TILE), 1),
             MMA_THREADS,
         )?;
-        cfg.shared_mem_bytes = be.smem_dynamic("conv2d_bwd_data", TcKernel::MmaNchw)?;
+        let ring = be.nchw_ring("conv2d_bwd_data")?;
+        cfg.shared_mem_bytes = be.smem_dynamic("conv2d_bwd_data", TcKernel::MmaNchw(ring))?;
         // Bit 1 only: 16-byte copies of dy (1x1, stride 1, no padding: dy's rows are as x's).
         let vec = mma_vec(s, be.ptr(dy), be.ptr(w)) & 2;
         // SAFETY: dy, w and dx hold the lengths `s` gives (checked).
         return unsafe {
-            mma_pick(be, |t| (&t.bwd_data_mma_bf16, &t.bwd_data_mma_tf32))?
-                .on(be.stream())
-                .arg(dy)
-                .arg(w)
-                .arg(dx)
-                .ints(&g[..9])
-                .arg(&vec)
-                .launch(cfg)
+            mma_pick(be, |t| {
+                ring.pick(
+                    (&t.bwd_data_mma_bf16, &t.bwd_data_mma_tf32),
+                    (&t.bwd_data_mma_bf16_s2, &t.bwd_data_mma_tf32_s2),
+                )
+            })?
+            .on(be.stream())
+            .arg(dy)
+            .arg(w)
+            .arg(dx)
+            .ints(&g[..9])
+            .arg(&vec)
+            .launch(cfg)
         };
     }
     let (gx, kk) = phase_grid(s, 64);
@@ -1814,14 +2007,20 @@ pub(crate) fn conv2d_bwd_weight(
         let vec =
             i32::from((s.out_h() * s.out_w()).is_multiple_of(4) && be.ptr(dy).is_multiple_of(16));
         let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
-        let kern = mma_pick(be, |t| (&t.bwd_weight_mma_bf16, &t.bwd_weight_mma_tf32))?;
+        let ring = be.nchw_ring(OP)?;
+        let kern = mma_pick(be, |t| {
+            ring.pick(
+                (&t.bwd_weight_mma_bf16, &t.bwd_weight_mma_tf32),
+                (&t.bwd_weight_mma_bf16_s2, &t.bwd_weight_mma_tf32_s2),
+            )
+        })?;
         // SAFETY: x and dy hold the lengths `s` gives, dw one weight tensor (checked).
         return unsafe {
             launch_split(
                 be,
                 OP,
                 kern,
-                mma_tiling(be, OP, TcKernel::MmaNchw, vec)?,
+                mma_tiling(be, OP, TcKernel::MmaNchw(ring), vec)?,
                 grid_xy,
                 k,
                 x,
@@ -2123,19 +2322,24 @@ impl CudaBackend {
     /// in bf16): at bf16 only, where [`CudaBackend::conv_bwd_weight_nhwc_native`] runs it (the
     /// same indexing and column decode; any kernel size, stride, padding and channel counts:
     /// 16-, 4- or 2-byte copies of each operand by [`mma_vec_wgrad_nhwc_bf16s`]).
-    /// Not where its shared memory does not fit the device's ([`TcKernel::WgradNhwcBf16s`]).
+    /// Not where neither ring's shared memory fits the device's ([`TcKernel::WgradNhwcBf16s`]:
+    /// the deepest that fits runs, [`CudaBackend::ring`]).
     pub(crate) fn conv_bwd_weight_nhwc_bf16s_native(&self, s: &Conv2d) -> bool {
         self.precision() == Precision::Bf16
             && self.wgrad_nhwc_runs(s)
-            && self.fits(TcKernel::WgradNhwcBf16s)
+            && self.ring(TcKernel::WgradNhwcBf16s).is_some()
     }
 
     /// The kernel the bf16-storage channels-last weight gradient of `s` launches
-    /// (`conv2d_bwd_weight_mma_nhwc_bf16s`), or None where it does not run (not at bf16, or
-    /// with the route [`MmaRoute::Never`]); diagnostics and tests.
+    /// (`conv2d_bwd_weight_mma_nhwc_bf16s`, `_s5` on the shallow ring), or None where it does
+    /// not run (not at bf16, or with the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bwd_weight_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        let ring = self.ring(TcKernel::WgradNhwcBf16s)?;
         self.conv_bwd_weight_nhwc_bf16s_native(s)
-            .then_some("conv2d_bwd_weight_mma_nhwc_bf16s")
+            .then_some(ring.pick(
+                "conv2d_bwd_weight_mma_nhwc_bf16s",
+                "conv2d_bwd_weight_mma_nhwc_bf16s_s5",
+            ))
     }
 
     /// [`CudaBackend::conv2d_bwd_weight_nhwc_native`] on activations stored in bf16: `x`
@@ -2174,9 +2378,16 @@ impl CudaBackend {
             return Ok(());
         }
         let k = s.n * s.out_h() * s.out_w();
-        let kern = &tc_kernels(self)?.bwd_weight_mma_nhwc_bf16s;
+        let ring = self
+            .ring(TcKernel::WgradNhwcBf16s)
+            .ok_or_else(|| self.no_tile(OP))?;
+        let tc = tc_kernels(self)?;
+        let kern = ring.pick(
+            &tc.bwd_weight_mma_nhwc_bf16s,
+            &tc.bwd_weight_mma_nhwc_bf16s_s5,
+        );
         let vec = mma_vec_wgrad_nhwc_bf16s(s, self.ptr(x), self.ptr(dy));
-        let tiling = mma_tiling(self, OP, TcKernel::WgradNhwcBf16s, vec)?;
+        let tiling = mma_tiling(self, OP, TcKernel::WgradNhwcBf16s(ring), vec)?;
         let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
         // SAFETY: x, dy (bf16 storage) and dw hold the lengths `s` gives (the caller's
         // contract); an empty reduction fills dw with zeros there.
@@ -2242,7 +2453,7 @@ mod tests {
     use super::{
         bf16s_bwd_weight_len, bf16s_copy_path, bf16s_weight_row, mma_route, mma_route_weight,
         mma_vec, mma_vec_nhwc, mma_vec_nhwc_bf16s, mma_vec_nhwc_bwd_data, shared_memory, NhwcTile,
-        TcKernel, MMA_TILE, SMEM_FLOOR,
+        Ring, TcKernel, MMA_TILE, SMEM_FLOOR,
     };
     use crate::engine::shapes::Conv2d;
     use crate::engine::Precision;
@@ -2270,7 +2481,11 @@ mod tests {
         let kinds: [(&str, Kind, Precision); 3] = [
             ("bf16", TcKernel::MmaNhwc, Precision::Bf16),
             ("tf32", TcKernel::MmaNhwc, Precision::Tf32),
-            ("bf16s", TcKernel::MmaNhwcBf16s, Precision::Bf16),
+            (
+                "bf16s",
+                |t| TcKernel::MmaNhwcBf16s(t, Ring::Deep),
+                Precision::Bf16,
+            ),
         ];
         for (rows, small) in [
             (1, true),
@@ -2301,6 +2516,27 @@ mod tests {
                 }
             }
         }
+        // The bf16-storage kernels with their shallow rings: as above wherever a deep ring
+        // fits, else the shallow rings' tile by the rows (99 KiB: both tiles' shallow rings
+        // fit), else None (64 KiB).
+        for (rows, small) in [(1, true), (64, true), (65, false), (512, false)] {
+            for (limit, want) in [
+                (SM90, Some((if small { M64 } else { Square }, Ring::Deep))),
+                (SM80, Some((if small { M64 } else { Square }, Ring::Deep))),
+                (153_600, Some((Square, Ring::Deep))),
+                (
+                    SM86,
+                    Some((if small { M64 } else { Square }, Ring::Shallow)),
+                ),
+                (SM75, None),
+                (SMEM_FLOOR, None),
+            ] {
+                let got = NhwcTile::choose_with_ring(rows, TcKernel::MmaNhwcBf16s, |k| {
+                    fits(k, Precision::Bf16, limit)
+                });
+                assert_eq!(got, want, "{rows} rows, bf16s, limit {limit}");
+            }
+        }
         for t in [Square, M64] {
             assert_eq!(t.rows() * t.pixels(), 128 * 128);
             assert_eq!(t.pick(1, 2), if t == Square { 1 } else { 2 });
@@ -2309,45 +2545,78 @@ mod tests {
     }
 
     /// The table's totals (dynamic + static; the dynamic parts are what conv_tc.cu's and
-    /// conv_wgmma.cu's static_asserts pin) and what fits each device's limit: at 99 KiB only
-    /// the tf32 channels-last weight gradient (exactly 99 KiB), at 64 KiB no mma / wgmma
-    /// kernel; the WMMA kernels within the 48 KiB floor everywhere.
+    /// conv_wgmma.cu's static_asserts pin) and what fits each device's limit: at 99 KiB the
+    /// shallow rings (NCHW `_s2`, bf16 storage `_s4` / `_m64_s3` / `_s5`) and the tf32 channels-last
+    /// weight gradient (exactly 99 KiB), no deep ring; at 64 KiB no mma / wgmma kernel; the
+    /// WMMA kernels within the 48 KiB floor everywhere. Which ring each family takes by limit.
     #[test]
     fn shared_memory_by_kernel_and_limit() {
         use NhwcTile::{Square, M64};
         use Precision::{Bf16, Tf32};
-        let all: [(TcKernel, Precision, u32); 19] = [
+        use Ring::{Deep, Shallow};
+        let all: [(TcKernel, Precision, u32); 25] = [
             (TcKernel::Wmma { weight: false }, Bf16, 47_104),
             (TcKernel::Wmma { weight: true }, Bf16, 47_360),
             (TcKernel::Wmma { weight: false }, Tf32, 40_960),
             (TcKernel::Wmma { weight: true }, Tf32, 41_216),
-            (TcKernel::MmaNchw, Bf16, 124_928),
-            (TcKernel::MmaNchw, Tf32, 105_984),
+            (TcKernel::MmaNchw(Deep), Bf16, 124_928),
+            (TcKernel::MmaNchw(Deep), Tf32, 105_984),
+            (TcKernel::MmaNchw(Shallow), Bf16, 89_600),
+            (TcKernel::MmaNchw(Shallow), Tf32, 70_656),
             (TcKernel::MmaNhwc(Square), Bf16, 133_120),
             (TcKernel::MmaNhwc(Square), Tf32, 112_640),
             (TcKernel::MmaNhwc(M64), Bf16, 167_936),
             (TcKernel::MmaNhwc(M64), Tf32, 142_336),
-            (TcKernel::MmaNhwcBf16s(Square), Bf16, 124_928),
-            (TcKernel::MmaNhwcBf16s(M64), Bf16, 157_696),
+            (TcKernel::MmaNhwcBf16s(Square, Deep), Bf16, 124_928),
+            (TcKernel::MmaNhwcBf16s(M64, Deep), Bf16, 157_696),
+            (TcKernel::MmaNhwcBf16s(Square, Shallow), Bf16, 83_968),
+            (TcKernel::MmaNhwcBf16s(M64, Shallow), Bf16, 80_896),
             (TcKernel::WgradNhwc, Bf16, 118_784),
             (TcKernel::WgradNhwc, Tf32, 101_376),
-            (TcKernel::WgradNhwcBf16s, Bf16, 104_448),
+            (TcKernel::WgradNhwcBf16s(Deep), Bf16, 104_448),
+            (TcKernel::WgradNhwcBf16s(Shallow), Bf16, 87_040),
             (TcKernel::Wgmma, Bf16, 134_144),
             (TcKernel::Wgmma, Tf32, 134_144),
-            (TcKernel::MmaNhwcBf16s(Square), Tf32, 124_928),
-            (TcKernel::WgradNhwcBf16s, Tf32, 104_448),
+            (TcKernel::MmaNhwcBf16s(Square, Deep), Tf32, 124_928),
+            (TcKernel::MmaNhwcBf16s(M64, Shallow), Tf32, 80_896),
+            (TcKernel::WgradNhwcBf16s(Deep), Tf32, 104_448),
         ];
         for (k, p, total) in all {
             assert_eq!(shared_memory(k, p).total(), total, "{k:?} at {p}");
             let wmma = matches!(k, TcKernel::Wmma { .. });
             assert_eq!(fits(k, p, SMEM_FLOOR), wmma, "{k:?} at {p}: 48 KiB");
             assert_eq!(fits(k, p, SM75), wmma, "{k:?} at {p}: 64 KiB");
-            let sm86 = wmma || (k == TcKernel::WgradNhwc && p == Tf32);
+            let shallow = matches!(
+                k,
+                TcKernel::MmaNchw(Shallow)
+                    | TcKernel::MmaNhwcBf16s(_, Shallow)
+                    | TcKernel::WgradNhwcBf16s(Shallow)
+            );
+            let sm86 = wmma || shallow || (k == TcKernel::WgradNhwc && p == Tf32);
             assert_eq!(fits(k, p, SM86), sm86, "{k:?} at {p}: 99 KiB");
             let sm80 = !(k == TcKernel::MmaNhwc(M64) && p == Bf16);
             assert_eq!(fits(k, p, SM80), sm80, "{k:?} at {p}: 163 KiB");
             assert!(fits(k, p, SM90), "{k:?} at {p}: 227 KiB");
         }
+        for p in [Bf16, Tf32] {
+            for (limit, want) in [
+                (SM90, Some(Deep)),
+                (SM80, Some(Deep)),
+                (SM86, Some(Shallow)),
+                (SM75, None),
+                (SMEM_FLOOR, None),
+            ] {
+                let got = Ring::deepest(TcKernel::MmaNchw, |k| fits(k, p, limit));
+                assert_eq!(got, want, "NCHW at {p}, limit {limit}");
+                let got = Ring::deepest(TcKernel::WgradNhwcBf16s, |k| fits(k, p, limit));
+                assert_eq!(
+                    got, want,
+                    "bf16-storage weight gradient at {p}, limit {limit}"
+                );
+            }
+        }
+        assert_eq!(Deep.pick(1, 2), 1);
+        assert_eq!(Shallow.pick(1, 2), 2);
     }
 
     fn conv(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {
