@@ -229,6 +229,18 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
             "{s:?}"
         );
         assert_eq!(mma.conv_bn_eval_nhwc_bf16s_wgmma_kernel(&s), None);
+        // The op's other name function names its mma.sync kernel, switch on or off (the one
+        // that runs where the wgmma name is None).
+        assert_eq!(
+            wg.conv_bn_eval_nhwc_bf16s_kernel(&s),
+            mma.conv_bn_eval_nhwc_bf16s_kernel(&s),
+            "{s:?}"
+        );
+        assert!(
+            mma.conv_bn_eval_nhwc_bf16s_kernel(&s)
+                .is_some_and(|k| k.contains("_mma_")),
+            "{s:?}"
+        );
         let (with_res, relu) = [(true, true), (false, false), (true, false), (false, true)][i % 4];
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
@@ -341,33 +353,23 @@ fn wgmma_eval_forward_replays_in_a_graph() {
         s.c_out,
         hw,
     )));
-    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
-    let (graph, ()) = g
-        .capture(|| {
-            g.conv2d_bn_eval_fwd_nhwc_bf16(
-                &s,
-                &bn_of(&s),
-                &xb,
-                &wb,
-                &ga,
-                &be_,
-                &m,
-                &v,
-                Some(&rb),
-                true,
-                &mut y,
-            )
-        })
-        .expect("capture");
-    assert!(
-        g.download(&y)
-            .expect("download")
-            .iter()
-            .all(|v| v.to_bits() == POISON),
-        "nothing runs while capturing"
-    );
-    graph.replay().expect("replay");
-    let got = halves(&g.download(&y).expect("download"), s.y_len());
+    let poison = vec![f32::from_bits(POISON); s.y_len().div_ceil(2)];
+    let y = common::cuda::capture_replay(&g, &poison, |y| {
+        g.conv2d_bn_eval_fwd_nhwc_bf16(
+            &s,
+            &bn_of(&s),
+            &xb,
+            &wb,
+            &ga,
+            &be_,
+            &m,
+            &v,
+            Some(&rb),
+            true,
+            y,
+        )
+    });
+    let got = halves(&y, s.y_len());
     assert!(got == eager, "the replay differs from the eager call");
 }
 
@@ -693,6 +695,18 @@ fn wgmma_train_forward_matches_cpu_and_mma() {
             "{s:?}"
         );
         assert_eq!(mma.conv_fwd_stats_nhwc_bf16s_wgmma_kernel(&s), None);
+        // The op's other name function names its mma.sync kernel, switch on or off (the one
+        // that runs where the wgmma name is None).
+        assert_eq!(
+            wg.conv_fwd_stats_nhwc_bf16s_kernel(&s),
+            mma.conv_fwd_stats_nhwc_bf16s_kernel(&s),
+            "{s:?}"
+        );
+        assert!(
+            mma.conv_fwd_stats_nhwc_bf16s_kernel(&s)
+                .is_some_and(|k| k.contains("_mma_")),
+            "{s:?}"
+        );
         let label = format!("{s:?} ({what})");
         let p = Precision::Bf16;
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
@@ -990,40 +1004,6 @@ fn wgmma_train_op_replays_in_a_graph() {
 
 const CHILD: &str = "ICHCAM_WGMMA_TEST_CHILD";
 
-/// Runs `test` of this binary alone in a child process with `envs` (and [`CHILD`] set): its
-/// stdout and stderr, the child asserted to have passed it.
-fn child(test: &str, envs: &[(&str, &std::ffi::OsStr)]) -> (String, String) {
-    let mut cmd = std::process::Command::new(std::env::current_exe().expect("this test binary"));
-    cmd.args([test, "--exact", "--include-ignored", "--nocapture"])
-        .env(CHILD, "1")
-        .env_remove("ICHCAM_WGMMA");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run the child");
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "the child {test} failed:\n{so}\n{se}");
-    assert!(so.contains("1 passed"), "the child ran no test:\n{so}");
-    (so, se)
-}
-
-/// Launches of `kernel` in the emulator's profile (`EMU_PROFILE=1`, printed at exit).
-fn launches(profile: &str, kernel: &str) -> u64 {
-    profile
-        .lines()
-        .filter_map(|l| {
-            let mut t = l.split_whitespace();
-            if t.next() != Some(kernel) {
-                return None;
-            }
-            t.nth(1).and_then(|n| n.parse::<u64>().ok())
-        })
-        .sum()
-}
-
 /// Which kernels the ops launch (emulator only: its profile counts launches by name): the
 /// eval op and the training op on a 136-channel shape in a child process with the switch on
 /// launch `conv2d_fwd_bn_wgmma_n128` and `conv2d_fwd_stats_wgmma_n128` and no mma.sync
@@ -1042,11 +1022,12 @@ fn wgmma_ops_launch_the_wgmma_kernels() {
     for on in [true, false] {
         let mode = std::ffi::OsString::from(if on { "on" } else { "off" });
         let one = std::ffi::OsString::from("1");
-        let (_, se) = child(
+        let (_, se) = common::cuda::child(
+            CHILD,
             "wgmma_ops_launch_the_wgmma_kernels",
             &[("ICHCAM_WGMMA_TEST_MODE", &mode), ("EMU_PROFILE", &one)],
         );
-        let n = |k: &str| launches(&se, k);
+        let n = |k: &str| common::cuda::launches(&se, k);
         let (wb, ws) = (
             n("conv2d_fwd_bn_wgmma_n128"),
             n("conv2d_fwd_stats_wgmma_n128"),
@@ -1118,7 +1099,8 @@ fn wgmma_falls_back_without_the_module() {
         }
     }
     assert!(linked > 0, "no host modules in {dirs}");
-    let (so, se) = child(
+    let (so, se) = common::cuda::child(
+        CHILD,
         "wgmma_falls_back_without_the_module",
         &[("EMU_KERNEL_DIR", tmp.as_os_str())],
     );

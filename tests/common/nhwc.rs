@@ -3,7 +3,10 @@
 //! on the host, the batch-norm parameters and the CPU reference (NCHW, transposed here); and
 //! the small models of the channels-last model tests (tests/eval_nhwc.rs,
 //! tests/eval_bf16_storage.rs); bf16 storage on the host ([`pack`], [`halves`], [`ulps`]:
-//! the bf16-storage kernels' tests).
+//! the bf16-storage kernels' tests); the gradients' CPU references ([`cpu_dx`], [`cpu_dw`],
+//! [`wgrad_data`]) and the stride-2 data gradient's zero-tap check ([`check_zero_taps`]) of
+//! the channels-last training kernels' tests (tests/cuda_conv_nhwc_train*.rs,
+//! tests/cuda_conv_nhwc_wgrad.rs, tests/cuda_conv_wgmma_*.rs).
 
 use super::rng::SplitMix64;
 use super::shapes::conv;
@@ -168,4 +171,75 @@ pub fn ulps(a: u16, b: u16) -> u32 {
         }
     };
     ord(a).abs_diff(ord(b))
+}
+
+/// NCHW x and dy of `s` (uniform in [-1, 1)), the weight gradient's operands.
+pub fn wgrad_data(rng: &mut SplitMix64, s: &Conv2d) -> (Vec<f32>, Vec<f32>) {
+    (
+        rng.vec_f32(s.x_len(), -1.0, 1.0),
+        rng.vec_f32(s.y_len(), -1.0, 1.0),
+    )
+}
+
+/// The weight gradient's CPU reference: NCHW x and dy, dw OIHW.
+pub fn cpu_dw(s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let cpu = CpuBackend::<f32>::new();
+    let (xb, dyb) = (
+        cpu.upload(x).expect("upload"),
+        cpu.upload(dy).expect("upload"),
+    );
+    let mut dw = cpu.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
+    cpu.conv2d_bwd_weight(s, &xb, &dyb, &mut dw)
+        .expect("cpu conv2d_bwd_weight");
+    cpu.download(&dw).expect("download")
+}
+
+/// The data gradient's CPU reference: NCHW dy and OIHW w in f32, dx transposed to NHWC.
+pub fn cpu_dx(s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let cpu = CpuBackend::<f32>::new();
+    let (dyb, wb) = (
+        cpu.upload(dy).expect("upload"),
+        cpu.upload(w).expect("upload"),
+    );
+    let mut dx = cpu.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
+    cpu.conv2d_bwd_data(s, &dyb, &wb, &mut dx)
+        .expect("cpu conv2d_bwd_data");
+    to_nhwc(
+        &cpu.download(&dx).expect("download"),
+        s.n,
+        s.c_in,
+        s.h * s.w,
+    )
+}
+
+/// The zero-tap check of a stride-2 data gradient (`s` 3x3, stride 2, padding 1, the weight
+/// `w[2][ci][0][0]` infinite): in `got` (dx NHWC) every value of an input pixel that tap
+/// never reaches (channel `ci` at an even row or column, and every other channel) equal to
+/// `want` (the CPU's) within 1e-5, and some that it reaches not finite (a kernel that
+/// multiplied the structurally zero taps, or a phase that read another phase's weights, would
+/// make the unreached ones 0 * inf = NaN). `what` labels a failure.
+pub fn check_zero_taps(what: &str, s: &Conv2d, ci: usize, got: &[f32], want: &[f32]) {
+    let (mut reached, mut checked) = (0, 0);
+    for n in 0..s.n {
+        for ih in 0..s.h {
+            for iw in 0..s.w {
+                for c in 0..s.c_in {
+                    let i = ((n * s.h + ih) * s.w + iw) * s.c_in + c;
+                    if c == ci && ih % 2 == 1 && iw % 2 == 1 {
+                        reached += usize::from(!got[i].is_finite());
+                        continue;
+                    }
+                    assert!(
+                        (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                        "{what}: dx[{n}][{ih}][{iw}][{c}] = {} (cpu {}): a zero tap was multiplied",
+                        got[i],
+                        want[i]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 800, "{what}: {checked} values checked");
+    assert!(reached > 0, "{what}: the infinite weight reached no pixel");
 }
