@@ -43,7 +43,7 @@
 
 mod common;
 use common::cuda::{device, max_err, rel_err, round};
-use common::nhwc::{cpu_dw, pack_tail, to_nhwc, wgrad_data};
+use common::nhwc::{cpu_dw, gpu_dw_bf16s, to_nhwc, upload_wgrad_bf16s, wgrad_data};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -283,28 +283,6 @@ fn bf16s_path(c: usize) -> &'static str {
     }
 }
 
-/// `v` in bf16 storage: value i in the 16-bit half i (little-endian halves of the f32
-/// slots), rounded to nearest even; an odd length's unused last half a bf16 NaN (0xFFFF:
-/// read, it would poison every dw it touched).
-fn pack(v: &[f32]) -> Vec<f32> {
-    pack_tail(v, 0xFFFF)
-}
-
-/// The bf16-storage weight gradient on `g`: x and dy (NCHW, bf16-exact) transposed to NHWC
-/// and packed on the host, dw (OIHW) poisoned with NaN first.
-fn gpu_dw_bf16s(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let xb = g
-        .upload(&pack(&to_nhwc(x, s.n, s.c_in, s.h * s.w)))
-        .expect("upload");
-    let dyb = g
-        .upload(&pack(&to_nhwc(dy, s.n, s.c_out, s.out_h() * s.out_w())))
-        .expect("upload");
-    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    g.conv2d_bwd_weight_nhwc_bf16(s, &xb, &dyb, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16");
-    g.download(&dw).expect("download")
-}
-
 fn bf16s_weight_gradient_matches_cpu_and_f32_storage() {
     let p = Precision::Bf16;
     let mut g = common::cuda::gpu_at(p);
@@ -367,25 +345,10 @@ fn bf16s_weight_gradient_replays_in_a_graph() {
     let s = bf16s_shapes()[14].0; // 1200 pixels over 4 chunks, 2-byte / 4-byte copies
     let (x, dy) = wgrad_data(&mut rng, &s);
     let eager = gpu_dw_bf16s(&g, &s, &x, &dy);
-    let xb = g
-        .upload(&pack(&to_nhwc(&x, s.n, s.c_in, s.h * s.w)))
-        .expect("upload");
-    let dyb = g
-        .upload(&pack(&to_nhwc(&dy, s.n, s.c_out, s.out_h() * s.out_w())))
-        .expect("upload");
-    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    let (graph, ()) = g
-        .capture(|| g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, &mut dw))
-        .expect("capture");
-    assert!(
-        g.download(&dw)
-            .expect("download")
-            .iter()
-            .all(|v| v.is_nan()),
-        "nothing runs while capturing"
-    );
-    graph.replay().expect("replay");
-    let got = g.download(&dw).expect("download");
+    let (xb, dyb) = upload_wgrad_bf16s(&g, &s, &x, &dy);
+    let got = common::cuda::capture_replay(&g, &vec![f32::NAN; s.w_len()], |dw| {
+        g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, dw)
+    });
     assert!(got.iter().all(|v| v.is_finite()), "a non-finite output");
     assert!(
         got.iter()

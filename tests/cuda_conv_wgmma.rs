@@ -53,7 +53,10 @@
 
 mod common;
 use common::cuda::{device, emulator, rel_err, round, Needs, Test};
-use common::nhwc::{bf16_value, bn_of, bn_params, cpu_nhwc, halves, pack, to_nhwc, ulps, Case};
+use common::nhwc::{
+    bf16_value, bn_of, bn_params, cpu_nhwc, eval_bf16s, gpu_bf16s, halves, pack, to_nhwc, ulps,
+    upload_bf16s, Case, NEAR_ZERO, POISON,
+};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -138,54 +141,6 @@ fn cases() -> Vec<(Conv2d, &'static str)> {
     ]
 }
 
-const POISON: u32 = 0xffff_ffff;
-const NEAR_ZERO: f64 = 2e-5;
-
-/// The op on `c` (x and the residual transposed to NHWC and packed), y poisoned first: the
-/// output's bf16 halves, every one written and finite.
-fn run_op(g: &CudaBackend, c: &Case) -> Vec<u16> {
-    let s = &c.s;
-    let up = |v: &[f32]| g.upload(v).expect("upload");
-    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
-    let wb = up(&c.w);
-    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
-    let hw = s.out_h() * s.out_w();
-    let rb = c
-        .residual
-        .as_deref()
-        .map(|r| up(&pack(&to_nhwc(r, s.n, s.c_out, hw))));
-    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
-    g.conv2d_bn_eval_fwd_nhwc_bf16(
-        s,
-        &bn_of(s),
-        &xb,
-        &wb,
-        &ga,
-        &be_,
-        &m,
-        &v,
-        rb.as_ref(),
-        c.relu,
-        &mut y,
-    )
-    .expect("conv2d_bn_eval_fwd_nhwc_bf16");
-    let slots = g.download(&y).expect("download");
-    if s.y_len() % 2 == 1 {
-        let last = slots.last().expect("a slot").to_bits();
-        assert_eq!(
-            last >> 16,
-            0xffff,
-            "{s:?}: the unused high half was written"
-        );
-    }
-    let h = halves(&slots, s.y_len());
-    assert!(
-        h.iter().all(|&v| bf16_value(v).is_finite()),
-        "{s:?}: an output not written (or not finite)"
-    );
-    h
-}
-
 /// Within 1 bf16 ulp of `want` (bf16 bits of an f32), or NEAR_ZERO of its value: (exact, near).
 fn close(label: &str, what: &str, got: &[u16], want: &[f32]) -> (usize, usize) {
     let (mut ex, mut near) = (0, 0);
@@ -256,7 +211,7 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
             relu,
         };
         let label = format!("{s:?} ({what}, residual {with_res}, relu {relu})");
-        let got = run_op(&wg, &rounded);
+        let got = gpu_bf16s(&wg, &rounded);
         let (ex, near) = close(&label, "the CPU's", &got, &cpu_nhwc(&rounded));
         assert!(
             ex * 100 >= got.len() * 99,
@@ -264,7 +219,7 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
             got.len()
         );
         // The mma.sync kernel on the same inputs.
-        let by_mma = run_op(&mma, &rounded);
+        let by_mma = gpu_bf16s(&mma, &rounded);
         let mma_vals: Vec<f32> = by_mma.iter().map(|&h| bf16_value(h)).collect();
         close(&label, "the mma.sync kernel's", &got, &mma_vals);
         let same = got.iter().zip(&by_mma).filter(|(a, b)| a == b).count();
@@ -277,7 +232,10 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
             residual,
             relu,
         };
-        let vals: Vec<f32> = run_op(&wg, &raw).iter().map(|&h| bf16_value(h)).collect();
+        let vals: Vec<f32> = gpu_bf16s(&wg, &raw)
+            .iter()
+            .map(|&h| bf16_value(h))
+            .collect();
         let e = rel_err(&vals, &cpu_nhwc(&raw));
         assert!(
             e < 1e-2 && e > 1e-5,
@@ -341,34 +299,10 @@ fn wgmma_eval_forward_replays_in_a_graph() {
         residual: Some(rng.vec_f32(s.y_len(), -1.0, 1.0)),
         relu: true,
     };
-    let eager = run_op(&g, &c);
-    let up = |v: &[f32]| g.upload(v).expect("upload");
-    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
-    let wb = up(&c.w);
-    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
-    let hw = s.out_h() * s.out_w();
-    let rb = up(&pack(&to_nhwc(
-        c.residual.as_deref().expect("a residual"),
-        s.n,
-        s.c_out,
-        hw,
-    )));
+    let eager = gpu_bf16s(&g, &c);
+    let b = upload_bf16s(&g, &c);
     let poison = vec![f32::from_bits(POISON); s.y_len().div_ceil(2)];
-    let y = common::cuda::capture_replay(&g, &poison, |y| {
-        g.conv2d_bn_eval_fwd_nhwc_bf16(
-            &s,
-            &bn_of(&s),
-            &xb,
-            &wb,
-            &ga,
-            &be_,
-            &m,
-            &v,
-            Some(&rb),
-            true,
-            y,
-        )
-    });
+    let y = common::cuda::capture_replay(&g, &poison, |y| eval_bf16s(&g, &c, &b, y));
     let got = halves(&y, s.y_len());
     assert!(got == eager, "the replay differs from the eager call");
 }
@@ -418,7 +352,7 @@ fn wgmma_route_switch() {
             relu: true,
         };
         assert!(
-            run_op(&wg, &c) == run_op(&mma, &c),
+            gpu_bf16s(&wg, &c) == gpu_bf16s(&mma, &c),
             "{s:?}: the fallback differs from the switch-off backend"
         );
     }
@@ -1014,7 +948,7 @@ fn wgmma_ops_launch_the_wgmma_kernels() {
         g.set_wgmma(std::env::var("ICHCAM_WGMMA_TEST_MODE").is_ok_and(|m| m == "on"));
         let mut rng = SplitMix64::fresh("conv_wgmma_launches");
         let c = train_case(&mut rng, cases()[0].0, true, true);
-        run_op(&g, &c);
+        gpu_bf16s(&g, &c);
         train_op(&g, &c);
         return;
     }
@@ -1074,7 +1008,7 @@ fn wgmma_falls_back_without_the_module() {
             assert_eq!(wg.conv_fwd_stats_nhwc_bf16s_wgmma_kernel(&s), None, "{s:?}");
             let c = train_case(&mut rng, s, true, true);
             assert!(
-                run_op(&wg, &c) == run_op(&mma, &c),
+                gpu_bf16s(&wg, &c) == gpu_bf16s(&mma, &c),
                 "{s:?}: eval fallback differs"
             );
             assert!(

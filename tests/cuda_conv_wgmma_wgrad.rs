@@ -46,7 +46,7 @@
 
 mod common;
 use common::cuda::{device, emulated, emulator, max_err, rel_err, round, Needs, Test};
-use common::nhwc::{cpu_dw, pack_tail, to_nhwc, wgrad_data};
+use common::nhwc::{cpu_dw, gpu_dw_bf16s, upload_wgrad_bf16s, wgrad_data};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -145,27 +145,6 @@ fn shapes() -> Vec<(Conv2d, &'static str, &'static str)> {
     ]
 }
 
-/// `v` in bf16 storage (value i in the 16-bit half i, rounded to nearest even; an odd
-/// length's last half a bf16 NaN).
-fn pack(v: &[f32]) -> Vec<f32> {
-    pack_tail(v, 0xFFFF)
-}
-
-/// The bf16-storage weight-gradient op on `g`: x and dy (NCHW) transposed to NHWC and packed
-/// on the host, dw (OIHW) poisoned with NaN first.
-fn gpu_dw(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let xb = g
-        .upload(&pack(&to_nhwc(x, s.n, s.c_in, s.h * s.w)))
-        .expect("upload");
-    let dyb = g
-        .upload(&pack(&to_nhwc(dy, s.n, s.c_out, s.out_h() * s.out_w())))
-        .expect("upload");
-    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    g.conv2d_bwd_weight_nhwc_bf16(s, &xb, &dyb, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16");
-    g.download(&dw).expect("download")
-}
-
 fn differing(a: &[f32], b: &[f32]) -> usize {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -213,7 +192,7 @@ fn wgmma_wgrad_matches_cpu_and_mma() {
         );
         let (x, dy) = wgrad_data(&mut rng, &s);
         let (xr, dyr) = (round(Precision::Bf16, &x), round(Precision::Bf16, &dy));
-        let got = gpu_dw(&wg, &s, &xr, &dyr);
+        let got = gpu_dw_bf16s(&wg, &s, &xr, &dyr);
         let want = cpu_dw(&s, &xr, &dyr);
         let (e, em) = (rel_err(&got, &want), max_err(&got, &want));
         assert!(
@@ -221,12 +200,12 @@ fn wgmma_wgrad_matches_cpu_and_mma() {
             "{s:?} ({what}): bf16-exact data: relative error {e:e} (limit 1e-5), max {em:e} (limit 2e-5)"
         );
         // Unrounded data: the op rounds x and dy to bf16 storage; the CPU keeps f32.
-        let eu = rel_err(&gpu_dw(&wg, &s, &x, &dy), &cpu_dw(&s, &x, &dy));
+        let eu = rel_err(&gpu_dw_bf16s(&wg, &s, &x, &dy), &cpu_dw(&s, &x, &dy));
         assert!(
             eu < 1e-2 && eu > 1e-5,
             "{s:?} ({what}): unrounded data: relative error {eu:e} (bf16 tolerance 1e-2, above 1e-5: the bf16 path ran)"
         );
-        let theirs = gpu_dw(&mma, &s, &xr, &dyr);
+        let theirs = gpu_dw_bf16s(&mma, &s, &xr, &dyr);
         let d = differing(&got, &theirs);
         if emulated() {
             assert_eq!(
@@ -332,7 +311,10 @@ fn wgmma_wgrad_route_and_fallbacks() {
         );
         let (x, dy) = wgrad_data(&mut rng, &s);
         assert_eq!(
-            differing(&gpu_dw(&wg, &s, &x, &dy), &gpu_dw(&mma, &s, &x, &dy)),
+            differing(
+                &gpu_dw_bf16s(&wg, &s, &x, &dy),
+                &gpu_dw_bf16s(&mma, &s, &x, &dy)
+            ),
             0,
             "{s:?} ({why}): the fallback differs from the switch-off backend"
         );
@@ -359,13 +341,8 @@ fn wgmma_wgrad_replays_in_a_graph() {
     );
     let mut rng = SplitMix64::fresh("conv_wgmma_wgrad_graph");
     let (x, dy) = wgrad_data(&mut rng, &s);
-    let eager = gpu_dw(&g, &s, &x, &dy);
-    let xb = g
-        .upload(&pack(&to_nhwc(&x, s.n, s.c_in, s.h * s.w)))
-        .expect("upload");
-    let dyb = g
-        .upload(&pack(&to_nhwc(&dy, s.n, s.c_out, s.out_h() * s.out_w())))
-        .expect("upload");
+    let eager = gpu_dw_bf16s(&g, &s, &x, &dy);
+    let (xb, dyb) = upload_wgrad_bf16s(&g, &s, &x, &dy);
     let got = common::cuda::capture_replay(&g, &vec![f32::NAN; s.w_len()], |dw| {
         g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, dw)
     });
