@@ -530,31 +530,47 @@ pub(super) fn bf16s_weight_row(s: &Conv2d) -> usize {
     (s.c_in * s.kh * s.kw).next_multiple_of(8)
 }
 
-/// A bf16 weight copy of `len` values (two per f32 slot) into arena scratch by `copy` (one
-/// launch of a weight-copy kernel on the buffer, skipped where `len` is 0), 16-byte aligned as
-/// the bf16-storage kernels read it (a scratch buffer is a whole allocation, 256-byte
-/// aligned: checked); the caller gives it back (`give_scratch`), and it is given back here on
-/// an error. Nothing allocated once warm.
-fn weight_copy_scratch(
+/// A bf16 weight copy of `len` values (two per f32 slot) into arena scratch: one launch of the
+/// weight-copy kernel `kern` (arguments `w`, the copy, `ints`; a thread per value) where `len`
+/// is not 0, the buffer 16-byte aligned as the bf16-storage kernels read it (a scratch buffer
+/// is a whole allocation, 256-byte aligned: checked). The caller gives it back
+/// (`give_scratch`); on an error it is given back here. Nothing allocated once warm.
+///
+/// # Safety
+/// `kern` with `ints` writes the first `len` bf16 values of the copy at most and reads no
+/// more than `w` holds.
+unsafe fn weight_copy_scratch(
     be: &CudaBackend,
-    len: usize,
     op: &str,
-    copy: impl FnOnce(&mut CudaSlice<f32>) -> Result<()>,
+    kern: &Kernel,
+    w: &CudaSlice<f32>,
+    ints: &[i32],
+    len: usize,
 ) -> Result<CudaSlice<f32>> {
     // Two bf16 per f32 slot (len is even); never an empty buffer.
     let mut wt = be.take_scratch((len / 2).max(4))?;
-    let r = (|| {
-        if len > 0 {
-            copy(&mut wt)?;
+    let r = if len > 0 {
+        // SAFETY: the caller's contract; wt holds len bf16 (len / 2 slots).
+        unsafe {
+            kern.on(be.stream())
+                .arg(w)
+                .arg(&mut wt)
+                .ints(ints)
+                .launch(grid(len))
         }
-        // The kernels copy the weights' rows 16 bytes at a time.
-        if !be.ptr(&wt).is_multiple_of(16) {
-            return Err(EngineError::Param(format!(
-                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
-            )));
-        }
+    } else {
         Ok(())
-    })();
+    };
+    // The kernels copy the weights' rows 16 bytes at a time.
+    let r = r.and_then(|()| {
+        if be.ptr(&wt).is_multiple_of(16) {
+            Ok(())
+        } else {
+            Err(EngineError::Param(format!(
+                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
+            )))
+        }
+    });
     match r {
         Ok(()) => Ok(wt),
         Err(e) => {
@@ -576,21 +592,10 @@ pub(super) fn weight_ohwi_bf16_scratch(
     let tc = tc_kernels(be)?;
     let kp = bf16s_weight_row(s);
     let len = s.c_out * kp;
-    weight_copy_scratch(be, len, op, |wt| {
-        let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
-        // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
-        unsafe {
-            tc.weight_ohwi_bf16
-                .on(be.stream())
-                .arg(w)
-                .arg(wt)
-                .arg(&c)
-                .arg(&khw)
-                .arg(&kp_i)
-                .arg(&len_i)
-                .launch(grid(len))
-        }
-    })
+    let a = int_args([s.c_in, s.kh * s.kw, kp, len])?;
+    // SAFETY: w holds s.w_len() values (the callers' contract), which the kernel reads with
+    // these sizes; it writes c_out rows of kp values, len in all.
+    unsafe { weight_copy_scratch(be, op, &tc.weight_ohwi_bf16, w, &a, len) }
 }
 
 /// The weights `w` (OIHW f32) copied to bf16 in the data gradient's order
@@ -606,18 +611,10 @@ pub(super) fn weight_bwd_nhwc_bf16_scratch(
 ) -> Result<CudaSlice<f32>> {
     let tc = tc_kernels(be)?;
     let len = bf16s_bwd_weight_len(s);
-    weight_copy_scratch(be, len, op, |wt| {
-        let a = int_args([s.c_in, s.c_out, s.kh, s.kw, s.stride, len])?;
-        // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
-        unsafe {
-            tc.weight_bwd_nhwc_bf16
-                .on(be.stream())
-                .arg(w)
-                .arg(wt)
-                .ints(&a)
-                .launch(grid(len))
-        }
-    })
+    let a = int_args([s.c_in, s.c_out, s.kh, s.kw, s.stride, len])?;
+    // SAFETY: w holds s.w_len() values (the callers' contract), which the kernel reads with
+    // these sizes; it writes the phases' padded rows, len values in all.
+    unsafe { weight_copy_scratch(be, op, &tc.weight_bwd_nhwc_bf16, w, &a, len) }
 }
 
 /// The length (in bf16 values) of the bf16 weight copy of the bf16-storage data gradient
