@@ -102,44 +102,9 @@ template <int N>
 __device__ __forceinline__ void ptx_wgmma_wait_group() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-__device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16(float (&d)[32], unsigned long long desc_a,
-                                                         unsigned long long desc_b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d)
-        : "memory");
-}
-__device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16(float (&d)[64], unsigned long long desc_a,
-                                                         unsigned long long desc_b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d)
-        : "memory");
-}
-// The same with imm-trans-a = TA, imm-trans-b = TB (0 or 1; 1: that operand MN-major in shared
-// memory, A M-major, B N-major: emu/shim/emu_wgmma.h's layouts).
+// wgmma m64nNk16 (N = 64, 128) f32 += bf16 x bf16 with imm-trans-a = TA, imm-trans-b = TB (0:
+// that operand K-major in shared memory; 1: MN-major, A M-major, B N-major:
+// emu/shim/emu_wgmma.h's layouts), scale-d by the predicate, scale-a = scale-b = 1.
 template <int TA, int TB>
 __device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16_trans(float (&d)[32], unsigned long long desc_a,
                                                                unsigned long long desc_b, int scale_d) {
@@ -190,12 +155,6 @@ __device__ __forceinline__ void ptx_wgmma_fence() { __trap(); }
 __device__ __forceinline__ void ptx_wgmma_commit_group() { __trap(); }
 template <int N>
 __device__ __forceinline__ void ptx_wgmma_wait_group() { __trap(); }
-__device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16(float (&)[32], unsigned long long, unsigned long long, int) {
-    __trap();
-}
-__device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16(float (&)[64], unsigned long long, unsigned long long, int) {
-    __trap();
-}
 template <int TA, int TB>
 __device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16_trans(float (&)[32], unsigned long long, unsigned long long,
                                                                    int) {
@@ -207,6 +166,15 @@ __device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16_trans(float (&)[64
     __trap();
 }
 #endif
+// Both operands K-major (the forward and the data gradient).
+__device__ __forceinline__ void ptx_wgmma_m64n64k16_f32_bf16(float (&d)[32], unsigned long long desc_a,
+                                                         unsigned long long desc_b, int scale_d) {
+    ptx_wgmma_m64n64k16_f32_bf16_trans<0, 0>(d, desc_a, desc_b, scale_d);
+}
+__device__ __forceinline__ void ptx_wgmma_m64n128k16_f32_bf16(float (&d)[64], unsigned long long desc_a,
+                                                          unsigned long long desc_b, int scale_d) {
+    ptx_wgmma_m64n128k16_f32_bf16_trans<0, 0>(d, desc_a, desc_b, scale_d);
+}
 #endif
 
 // One pixel of the block's tile: x's pixel index of (its image, 0, 0) and the input row and
@@ -266,6 +234,47 @@ __device__ __forceinline__ unsigned char* wg_ring(unsigned& sring) {
     return wg_smem + align;
 }
 
+// wgmma's scale-d of k group ks of K tile t: 0 on the first (acc = the product), else 1.
+__device__ __forceinline__ int wg_scale_d(int t, int ks) { return (t > 0 || ks > 0) ? 1 : 0; }
+
+// The ring's main loop, shared by the three GEMMs of this file: acc zeroed, then nk K tiles
+// of WG_BK through WG_STAGES stages of A (WG_A_BYTES) then B (BN rows of WG_BK) at shared
+// address sring, 1024-byte aligned. issue(t): this thread's copies of tile t into stage
+// t % WG_STAGES (cp.async); mma(sa, sb, t, ks): the wgmma of k group ks (16 k) of tile t from
+// the stage's A at sa and B at sb into acc, scale-d wg_scale_d(t, ks). Tile
+// t + WG_STAGES - 1 is in flight while tile t is multiplied. Ends with every copy landed; the
+// ring is free once every warpgroup is past it (a barrier).
+template <int BN, typename Issue, typename Mma>
+__device__ __forceinline__ void wg_mainloop(float (&acc)[BN / 2], unsigned sring, int nk, Issue& issue, Mma& mma) {
+    constexpr int STAGE = WG_A_BYTES + BN * WG_BK * 2;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < WG_STAGES - 1; ++s) {
+        if (s < nk) issue(s);
+        ptx_cp_async_commit();
+    }
+    for (int t = 0; t < nk; ++t) {
+        // Tile t has landed (this thread's copies), is visible to the async proxy, and after
+        // the barrier everyone's; every warpgroup is done with tile t - 1 (waited below).
+        ptx_cp_async_wait<WG_STAGES - 2>();
+        ptx_fence_proxy_async();
+        __syncthreads();
+        const unsigned sa = sring + (t % WG_STAGES) * STAGE;
+        const unsigned sb = sa + WG_A_BYTES;
+        ptx_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < WG_BK / 16; ++ks) mma(sa, sb, t, ks);
+        ptx_wgmma_commit_group();
+        // The stage tile t - 1 used refills while the tensor cores work on tile t.
+        if (t + WG_STAGES - 1 < nk) issue(t + WG_STAGES - 1);
+        ptx_cp_async_commit();
+        ptx_wgmma_wait_group<0>();
+        ptx_wgmma_fence_operand(acc);
+    }
+    ptx_cp_async_wait<0>();
+}
+
 // The implicit GEMM of the forward and of the data gradient, warpgroup wg's 64 rows of the
 // block's 128 x BN tile into acc (the fragment): acc[r][n] = sum over k < KB of A[r][k] B[n][k],
 // A = the pixel table's gather of the NHWC bf16 tensor src (C channels, H x W pixels, taps KW
@@ -306,34 +315,11 @@ __device__ __forceinline__ void wg_gemm(float (&acc)[BN / 2], unsigned char* rin
         }
     };
 
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-    const int nk = (KB + WG_BK - 1) / WG_BK;
-#pragma unroll
-    for (int s = 0; s < WG_STAGES - 1; ++s) {
-        if (s < nk) issue(s);
-        ptx_cp_async_commit();
-    }
-    for (int t = 0; t < nk; ++t) {
-        // Tile t has landed (this thread's copies), is visible to the async proxy, and after
-        // the barrier everyone's; every warpgroup is done with tile t - 1 (waited below).
-        ptx_cp_async_wait<WG_STAGES - 2>();
-        ptx_fence_proxy_async();
-        __syncthreads();
-        const unsigned sa = sring + (t % WG_STAGES) * STAGE;
-        const unsigned sb = sa + WG_A_BYTES;
-        ptx_wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < WG_BK / 16; ++ks)
-            wgmma_k16<BN>(acc, wg_desc(sa + wg * 8 * 1024 + 32 * ks), wg_desc(sb + 32 * ks), (t > 0 || ks > 0) ? 1 : 0);
-        ptx_wgmma_commit_group();
-        // The stage tile t - 1 used refills while the tensor cores work on tile t.
-        if (t + WG_STAGES - 1 < nk) issue(t + WG_STAGES - 1);
-        ptx_cp_async_commit();
-        ptx_wgmma_wait_group<0>();
-        ptx_wgmma_fence_operand(acc);
-    }
-    ptx_cp_async_wait<0>();
+    // K-major operands: the warpgroup's 64 rows of A 8 KiB into the stage, 16 k 32 bytes on.
+    auto mma = [&](unsigned sa, unsigned sb, int t, int ks) {
+        wgmma_k16<BN>(acc, wg_desc(sa + wg * 8 * 1024 + 32 * ks), wg_desc(sb + 32 * ks), wg_scale_d(t, ks));
+    };
+    wg_mainloop<BN>(acc, sring, (KB + WG_BK - 1) / WG_BK, issue, mma);
 }
 
 // The forward on wgmma; EPI_BN (eval: ss, res, relu; y) or EPI_STATS (training: y = z rounded,
@@ -646,7 +632,7 @@ conv2d_bwd_data_wgmma_n64(const unsigned short* __restrict__ dy, const unsigned 
 // mma.sync kernel.
 //
 // Block: 256 threads = 2 warpgroups, a tile of 128 output channels (64 per warpgroup: A) x BN
-// columns (128, or 64 where C*KH*KW <= 64: B), K tiles of WGW_BK = 64 pixels in the forward's
+// columns (128, or 64 where C*KH*KW <= 64: B), K tiles of WG_BK = 64 pixels in the forward's
 // ring (WG_STAGES stages, 1024-byte aligned, WG_SMEM bytes). A stage holds A [128][64] and B
 // [BN][64] in the canonical MN-major layout with the 128-byte swizzle: atoms of 8 pixels
 // (rows, 128 bytes each) x 64 channels or columns, atom (r / 64, pixel / 8) at (r / 64) * 8 +
@@ -658,15 +644,13 @@ conv2d_bwd_data_wgmma_n64(const unsigned short* __restrict__ dy, const unsigned 
 // c_out or C*KH*KW, outside the image): A chunk tid % 16 (output channels 8 (tid % 16)..) of
 // pixels tid / 16 + 16 q, q < 4; B chunk j = tid % (BN / 8) (columns 8j.., one tap's channels,
 // decoded once per kernel) of pixels tid / (BN / 8) + (2048 / BN) q, q < BN / 32. The main
-// loop is the forward's. Epilogue: straight from the accumulator fragment (rows co, columns
+// loop is the forward's (wg_mainloop, with these copies and descriptors). Epilogue: straight from the accumulator fragment (rows co, columns
 // n) to out[co * C*KH*KW + c * KH*KW + tap].
-
-#define WGW_BK 64
 
 // Byte offset of 16-byte chunk `ch` (8 consecutive rows, ch / 8 the 64-row block) of pixel
 // `kl` of a K tile in the 128-byte-swizzled MN-major layout above (the tile 1024-byte aligned).
 __device__ __forceinline__ unsigned wgw_mn128(int ch, int kl) {
-    return ((ch >> 3) * (WGW_BK / 8) + (kl >> 3)) * 1024 + (kl & 7) * 128 + (((ch & 7) ^ (kl & 7)) << 4);
+    return ((ch >> 3) * (WG_BK / 8) + (kl >> 3)) * 1024 + (kl & 7) * 128 + (((ch & 7) ^ (kl & 7)) << 4);
 }
 
 // The descriptor of an MN-major 128-byte-swizzled operand at shared address `saddr` (an
@@ -695,8 +679,7 @@ __device__ __forceinline__ void conv_bwd_weight_wgmma(const unsigned short* __re
                                                       const unsigned short* __restrict__ dy, float* __restrict__ out,
                                                       int N, int C, int H, int W, int CO, int KH, int KW, int stride,
                                                       int pad, int OH, int OW, int chunk) {
-    constexpr int A_BYTES = WG_BM * WGW_BK * 2;
-    constexpr int STAGE = A_BYTES + BN * WGW_BK * 2;
+    constexpr int STAGE = WG_A_BYTES + BN * WG_BK * 2;
     constexpr int CPR = BN / 8;  // B's 16-byte chunks per pixel
     static_assert(1024 + WG_STAGES * STAGE <= WG_SMEM, "the ring fits the forward's shared memory");
     static_assert(WG_THREADS % CPR == 0 && WG_THREADS % 16 == 0, "a thread's chunks are fixed");
@@ -706,9 +689,8 @@ __device__ __forceinline__ void conv_bwd_weight_wgmma(const unsigned short* __re
     // 64-bit bounds: kbeg + chunk can pass INT_MAX on the last split.
     const long long kbeg = (long long)blockIdx.z * chunk;
     const int kend = (int)min((long long)K, kbeg + chunk);
-    const unsigned s0 = ptx_smem_addr(wg_smem), align = (1024u - (s0 & 1023u)) & 1023u;
-    unsigned char* ring = wg_smem + align;
-    const unsigned sring = s0 + align;
+    unsigned sring;
+    unsigned char* ring = wg_ring(sring);
 
     // This thread's fixed chunks: A's output channels co.., B's columns n.. (tap, channel cc).
     const int ai = tid & 15, co = m0 + 8 * ai;
@@ -725,8 +707,8 @@ __device__ __forceinline__ void conv_bwd_weight_wgmma(const unsigned short* __re
 
     auto issue = [&](int t) {
         unsigned char* As = ring + (t % WG_STAGES) * STAGE;
-        unsigned char* Bs = As + A_BYTES;
-        const int k0 = (int)kbeg + t * WGW_BK;
+        unsigned char* Bs = As + WG_A_BYTES;
+        const int k0 = (int)kbeg + t * WG_BK;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const int kl = (tid >> 4) + 16 * q, p = k0 + kl;
@@ -749,35 +731,13 @@ __device__ __forceinline__ void conv_bwd_weight_wgmma(const unsigned short* __re
     };
 
     float acc[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+    // MN-major operands: the warpgroup's atoms of A 8 KiB into the stage, 16 k (2 atoms) 2 KiB on.
+    auto mma = [&](unsigned sa, unsigned sb, int t, int ks) {
+        wgmma_k16_tt<BN>(acc, wgw_desc(sa + (wg * (WG_BK / 8) + 2 * ks) * 1024), wgw_desc(sb + 2 * ks * 1024),
+                         wg_scale_d(t, ks));
+    };
     const int klen = kend > kbeg ? kend - (int)kbeg : 0;
-    const int nk = (klen + WGW_BK - 1) / WGW_BK;
-#pragma unroll
-    for (int s = 0; s < WG_STAGES - 1; ++s) {
-        if (s < nk) issue(s);
-        ptx_cp_async_commit();
-    }
-    for (int t = 0; t < nk; ++t) {
-        // As the forward: tile t landed (this thread's copies), visible to the async proxy, and
-        // after the barrier everyone's; every warpgroup is done with tile t - 1.
-        ptx_cp_async_wait<WG_STAGES - 2>();
-        ptx_fence_proxy_async();
-        __syncthreads();
-        const unsigned sa = sring + (t % WG_STAGES) * STAGE;
-        const unsigned sb = sa + A_BYTES;
-        ptx_wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < WGW_BK / 16; ++ks)
-            wgmma_k16_tt<BN>(acc, wgw_desc(sa + (wg * (WGW_BK / 8) + 2 * ks) * 1024), wgw_desc(sb + 2 * ks * 1024),
-                             (t > 0 || ks > 0) ? 1 : 0);
-        ptx_wgmma_commit_group();
-        if (t + WG_STAGES - 1 < nk) issue(t + WG_STAGES - 1);
-        ptx_cp_async_commit();
-        ptx_wgmma_wait_group<0>();
-        ptx_wgmma_fence_operand(acc);
-    }
-    ptx_cp_async_wait<0>();
+    wg_mainloop<BN>(acc, sring, (klen + WG_BK - 1) / WG_BK, issue, mma);
 
     // Epilogue: d[i] = D[16 wq + g + 8 ((i / 2) % 2)][8 (i / 4) + 2 q + i % 2] of the warpgroup's rows.
     const int wq = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;

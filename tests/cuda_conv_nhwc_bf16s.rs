@@ -30,7 +30,8 @@
 mod common;
 use common::cuda::{device, rel_err, round};
 use common::nhwc::{
-    bf16_value, bn_of, bn_params, cpu_nhwc, halves, pack, shapes, to_nhwc, ulps, Case,
+    bf16_value, bn_of, bn_params, cpu_nhwc, eval_bf16s, gpu_bf16s, halves, shapes, ulps,
+    upload_bf16s, Case, NEAR_ZERO, POISON,
 };
 use common::rng::SplitMix64;
 use common::shapes::conv;
@@ -93,60 +94,6 @@ fn x_path(s: &Conv2d) -> &'static str {
     } else {
         "2-byte"
     }
-}
-
-const POISON: u32 = 0xffff_ffff;
-
-/// How far apart (absolutely) the kernel's and the CPU's results on bf16-exact operands may
-/// be where they are more than 1 bf16 ulp apart: the sums of the same exact products in
-/// another order differ by f32 rounding of their partial sums (up to ~1e-5 for K = 576 terms
-/// of up to 1 here), more than a bf16 ulp only for results below about 1e-3.
-const NEAR_ZERO: f64 = 2e-5;
-
-/// The kernel on `c` (x and the residual transposed to NHWC and packed, w as it is), y
-/// poisoned first: the output's bf16 halves. Asserts that every value was written and, with an
-/// odd length, that the last slot's high half was not.
-fn gpu_bf16s(g: &CudaBackend, c: &Case) -> Vec<u16> {
-    let s = &c.s;
-    let up = |v: &[f32]| g.upload(v).expect("upload");
-    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
-    let wb = up(&c.w);
-    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
-    let hw = s.out_h() * s.out_w();
-    let rb = c
-        .residual
-        .as_deref()
-        .map(|r| up(&pack(&to_nhwc(r, s.n, s.c_out, hw))));
-    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
-    g.conv2d_bn_eval_fwd_nhwc_bf16(
-        s,
-        &bn_of(s),
-        &xb,
-        &wb,
-        &ga,
-        &be_,
-        &m,
-        &v,
-        rb.as_ref(),
-        c.relu,
-        &mut y,
-    )
-    .expect("conv2d_bn_eval_fwd_nhwc_bf16");
-    let slots = g.download(&y).expect("download");
-    if s.y_len() % 2 == 1 {
-        let last = slots.last().expect("a slot").to_bits();
-        assert_eq!(
-            last >> 16,
-            0xffff,
-            "{s:?}: the unused high half was written"
-        );
-    }
-    let h = halves(&slots, s.y_len());
-    assert!(
-        h.iter().all(|&v| bf16_value(v).is_finite()),
-        "{s:?}: an output not written (or not finite)"
-    );
-    h
 }
 
 /// What [`check_case`] found: the unrounded case, the kernel's output on it (bf16 halves),
@@ -375,44 +322,10 @@ fn bf16s_eval_forward_replays_in_a_graph() {
         relu: true,
     };
     let eager = gpu_bf16s(&g, &c);
-    let up = |v: &[f32]| g.upload(v).expect("upload");
-    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
-    let wb = up(&c.w);
-    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
-    let hw = s.out_h() * s.out_w();
-    let rb = up(&pack(&to_nhwc(
-        c.residual.as_deref().expect("a residual"),
-        s.n,
-        s.c_out,
-        hw,
-    )));
-    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
-    let (graph, ()) = g
-        .capture(|| {
-            g.conv2d_bn_eval_fwd_nhwc_bf16(
-                &s,
-                &bn_of(&s),
-                &xb,
-                &wb,
-                &ga,
-                &be_,
-                &m,
-                &v,
-                Some(&rb),
-                true,
-                &mut y,
-            )
-        })
-        .expect("capture");
-    assert!(
-        g.download(&y)
-            .expect("download")
-            .iter()
-            .all(|v| v.to_bits() == POISON),
-        "nothing runs while capturing"
-    );
-    graph.replay().expect("replay");
-    let got = halves(&g.download(&y).expect("download"), s.y_len());
+    let b = upload_bf16s(&g, &c);
+    let poison = vec![f32::from_bits(POISON); s.y_len().div_ceil(2)];
+    let y = common::cuda::capture_replay(&g, &poison, |y| eval_bf16s(&g, &c, &b, y));
+    let got = halves(&y, s.y_len());
     assert!(got == eager, "the replay differs from the eager call");
 }
 

@@ -46,7 +46,7 @@
 
 mod common;
 use common::cuda::{device, rel_err, round};
-use common::nhwc::to_nhwc;
+use common::nhwc::{check_zero_taps, cpu_dx, to_nhwc};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -229,20 +229,6 @@ fn cpu_fwd(s: &Conv2d, x: &[f32], w: &[f32]) -> Vec<f32> {
     to_nhwc(&y, s.n, s.c_out, s.out_h() * s.out_w())
 }
 
-/// The CPU's NCHW data gradient, transposed to NHWC.
-fn cpu_bwd_data(s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let cpu = CpuBackend::<f32>::new();
-    let (dyb, wb) = (
-        cpu.upload(dy).expect("upload"),
-        cpu.upload(w).expect("upload"),
-    );
-    let mut dx = cpu.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
-    cpu.conv2d_bwd_data(s, &dyb, &wb, &mut dx)
-        .expect("cpu conv2d_bwd_data");
-    let dx = cpu.download(&dx).expect("download");
-    to_nhwc(&dx, s.n, s.c_in, s.h * s.w)
-}
-
 /// Distance in units in the last place between two finite f32 of the same sign.
 fn ulps(a: f32, b: f32) -> u32 {
     if a.is_nan() || b.is_nan() || (a < 0.0) != (b < 0.0) {
@@ -418,16 +404,13 @@ fn data_gradient_matches_cpu(p: Precision) {
         let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
         let (dyr, wr) = (round(p, &dy), round(p, &w));
-        let e = rel_err(
-            &gpu_bwd_data(&g, &s, &dyr, &wr),
-            &cpu_bwd_data(&s, &dyr, &wr),
-        );
+        let e = rel_err(&gpu_bwd_data(&g, &s, &dyr, &wr), &cpu_dx(&s, &dyr, &wr));
         assert!(
             e < 1e-5,
             "{what} on {p}-exact operands: dx relative error {e:e} (>= 1e-5)"
         );
         exact = exact.max(e);
-        let e = rel_err(&gpu_bwd_data(&g, &s, &dy, &w), &cpu_bwd_data(&s, &dy, &w));
+        let e = rel_err(&gpu_bwd_data(&g, &s, &dy, &w), &cpu_dx(&s, &dy, &w));
         assert!(
             e < tol && e > 1e-5,
             "{what}: dx relative error {e:e}, expected in (1e-5, {tol:e})"
@@ -462,31 +445,9 @@ fn nhwc_strided_data_gradient_skips_the_zero_taps() {
             );
             // Operands exact at p: the finite pixels then match the CPU within 1e-5.
             let (w, dy) = (round(p, &w), round(p, &dy));
-            let want = cpu_bwd_data(&s, &dy, &w);
+            let want = cpu_dx(&s, &dy, &w);
             let got = gpu_bwd_data(&g, &s, &dy, &w);
-            let (mut reached, mut checked) = (0, 0);
-            for n in 0..s.n {
-                for ih in 0..s.h {
-                    for iw in 0..s.w {
-                        for c in 0..s.c_in {
-                            let i = ((n * s.h + ih) * s.w + iw) * s.c_in + c;
-                            if c == ci && ih % 2 == 1 && iw % 2 == 1 {
-                                reached += usize::from(!got[i].is_finite());
-                                continue;
-                            }
-                            assert!(
-                                (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
-                                "{p} {s:?}: dx[{n}][{ih}][{iw}][{c}] = {} (cpu {}): a zero tap was multiplied",
-                                got[i],
-                                want[i]
-                            );
-                            checked += 1;
-                        }
-                    }
-                }
-            }
-            assert!(checked > 800, "{p}: {checked} pixels checked");
-            assert!(reached > 0, "{p}: the infinite weight reached no pixel");
+            check_zero_taps(&format!("{p} {s:?}"), &s, ci, &got, &want);
         }
     }
 }
@@ -593,7 +554,7 @@ fn no_native_train_kernels_at_f32_or_route_never() {
         let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
         let wv = rng.vec_f32(s.w_len(), -1.0, 1.0);
         let (dy, wv) = (round(Precision::Bf16, &dy), round(Precision::Bf16, &wv));
-        let e = rel_err(&gpu_bwd_data(g, &s, &dy, &wv), &cpu_bwd_data(&s, &dy, &wv));
+        let e = rel_err(&gpu_bwd_data(g, &s, &dy, &wv), &cpu_dx(&s, &dy, &wv));
         assert!(
             e < 1e-5,
             "{}: dx by the layout changes: relative error {e:e}",
@@ -719,16 +680,13 @@ fn tile_m64_matches_cpu_and_the_128_tile(p: Precision) {
         let dy = rng.vec_f32(s.y_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
         let (dyr, wr) = (round(p, &dy), round(p, &w));
-        let e = rel_err(
-            &gpu_bwd_data(&g, &s, &dyr, &wr),
-            &cpu_bwd_data(&s, &dyr, &wr),
-        );
+        let e = rel_err(&gpu_bwd_data(&g, &s, &dyr, &wr), &cpu_dx(&s, &dyr, &wr));
         assert!(
             e < 1e-5,
             "{what} on {p}-exact operands: relative error {e:e}"
         );
         let dx = gpu_bwd_data(&g, &s, &dy, &w);
-        let e = rel_err(&dx, &cpu_bwd_data(&s, &dy, &w));
+        let e = rel_err(&dx, &cpu_dx(&s, &dy, &w));
         assert!(
             e < tol && e > 1e-5,
             "{what}: dx relative error {e:e}, expected in (1e-5, {tol:e})"

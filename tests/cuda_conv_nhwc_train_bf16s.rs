@@ -52,7 +52,7 @@
 
 mod common;
 use common::cuda::{device, rel_err, round};
-use common::nhwc::{bf16_value, bn_of, halves, pack, to_nhwc, ulps};
+use common::nhwc::{bf16_value, bn_of, check_zero_taps, cpu_dx, halves, pack, to_nhwc, ulps};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -302,24 +302,6 @@ fn cpu_fwd(s: &Conv2d, x: &[f32], w: &[f32]) -> Vec<f32> {
     )
 }
 
-/// The CPU's NCHW data gradient in f32, transposed to NHWC.
-fn cpu_bwd(s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let cpu = CpuBackend::<f32>::new();
-    let (dyb, wb) = (
-        cpu.upload(dy).expect("upload"),
-        cpu.upload(w).expect("upload"),
-    );
-    let mut dx = cpu.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
-    cpu.conv2d_bwd_data(s, &dyb, &wb, &mut dx)
-        .expect("cpu conv2d_bwd_data");
-    to_nhwc(
-        &cpu.download(&dx).expect("download"),
-        s.n,
-        s.c_in,
-        s.h * s.w,
-    )
-}
-
 /// The partials against z's values (NHWC, `c` channels, `p` pixels): per channel and tile the
 /// f64 sum in pixel order bit for bit, the squared deviations within 1e-12 relative. Returns
 /// the worst relative difference of the squared deviations.
@@ -479,7 +461,7 @@ fn data_gradient_matches_cpu() {
             got.iter().all(|v| v.is_finite()),
             "{what}: a dx value not written"
         );
-        let e = rel_err(&got, &cpu_bwd(&s, &dy, &wr));
+        let e = rel_err(&got, &cpu_dx(&s, &dy, &wr));
         assert!(
             e < 1e-5,
             "{what} on bf16-exact operands: dx relative error {e:e} (>= 1e-5)"
@@ -490,7 +472,7 @@ fn data_gradient_matches_cpu() {
             got_w.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
             "{what}: dx on unrounded w differs from dx on the host-rounded w (the weight copy does not round to nearest even)"
         );
-        let e = rel_err(&got_w, &cpu_bwd(&s, &dy, &w));
+        let e = rel_err(&got_w, &cpu_dx(&s, &dy, &w));
         assert!(
             e < 1e-2 && e > 1e-5,
             "{what}: dx relative error {e:e}, expected in (1e-5, 1e-2)"
@@ -518,31 +500,9 @@ fn strided_data_gradient_skips_the_zero_taps() {
         let dy = round(Precision::Bf16, &rng.vec_f32(s.y_len(), -1.0, 1.0));
         let ci = 3;
         w[(2 * s.c_in + ci) * 9] = f32::INFINITY; // w[co 2][ci 3][0][0]
-        let want = cpu_bwd(&s, &dy, &w);
+        let want = cpu_dx(&s, &dy, &w);
         let got = gpu_bwd(&g, &s, &dy, &w);
-        let (mut reached, mut checked) = (0, 0);
-        for n in 0..s.n {
-            for ih in 0..s.h {
-                for iw in 0..s.w {
-                    for c in 0..s.c_in {
-                        let i = ((n * s.h + ih) * s.w + iw) * s.c_in + c;
-                        if c == ci && ih % 2 == 1 && iw % 2 == 1 {
-                            reached += usize::from(!got[i].is_finite());
-                            continue;
-                        }
-                        assert!(
-                            (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
-                            "{s:?}: dx[{n}][{ih}][{iw}][{c}] = {} (cpu {}): a zero tap was multiplied",
-                            got[i],
-                            want[i]
-                        );
-                        checked += 1;
-                    }
-                }
-            }
-        }
-        assert!(checked > 800, "{checked} pixels checked");
-        assert!(reached > 0, "the infinite weight reached no pixel");
+        check_zero_taps(&format!("{s:?}"), &s, ci, &got, &want);
     }
 }
 
@@ -799,7 +759,7 @@ fn tile_m64_matches_cpu_and_the_128_tile() {
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
         let wr = round(p, &w);
         let dx = gpu_bwd(&g, &s, &dy, &wr);
-        let e = rel_err(&dx, &cpu_bwd(&s, &dy, &wr));
+        let e = rel_err(&dx, &cpu_dx(&s, &dy, &wr));
         assert!(
             e < 1e-5,
             "{what} on bf16-exact operands: dx relative error {e:e}"
@@ -812,7 +772,7 @@ fn tile_m64_matches_cpu_and_the_128_tile() {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "{what}: the weight copy rounds otherwise than the host"
         );
-        let e = rel_err(&dx_raw, &cpu_bwd(&s, &dy, &w));
+        let e = rel_err(&dx_raw, &cpu_dx(&s, &dy, &w));
         assert!(
             e < 1e-2 && e > 1e-5,
             "{what}: dx relative error {e:e}, expected in (1e-5, 1e-2)"

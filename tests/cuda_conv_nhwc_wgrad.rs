@@ -42,12 +42,11 @@
 //! without a device the device tests are ignored.
 
 mod common;
-use common::cuda::{device, rel_err, round};
-use common::nhwc::{pack_tail, to_nhwc};
+use common::cuda::{device, max_err, rel_err, round};
+use common::nhwc::{cpu_dw, gpu_dw_bf16s, to_nhwc, upload_wgrad_bf16s, wgrad_data};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
-use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
 use ichcam::engine::{Backend, Conv2d, EngineError, Precision};
 
@@ -126,27 +125,6 @@ fn shapes() -> [(Conv2d, &'static str); 11] {
     ]
 }
 
-/// NCHW x and dy of `s` (uniform in [-1, 1)).
-fn data(rng: &mut SplitMix64, s: &Conv2d) -> (Vec<f32>, Vec<f32>) {
-    (
-        rng.vec_f32(s.x_len(), -1.0, 1.0),
-        rng.vec_f32(s.y_len(), -1.0, 1.0),
-    )
-}
-
-/// The CPU reference: NCHW x and dy, dw OIHW.
-fn cpu_dw(s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let cpu = CpuBackend::<f32>::new();
-    let (xb, dyb) = (
-        cpu.upload(x).expect("upload"),
-        cpu.upload(dy).expect("upload"),
-    );
-    let mut dw = cpu.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    cpu.conv2d_bwd_weight(s, &xb, &dyb, &mut dw)
-        .expect("cpu conv2d_bwd_weight");
-    cpu.download(&dw).expect("download")
-}
-
 /// The channels-last op on `g`: x and dy (NCHW) transposed to NHWC on the host, dw (OIHW)
 /// poisoned with NaN first.
 fn gpu_dw(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
@@ -162,19 +140,6 @@ fn gpu_dw(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
     g.download(&dw).expect("download")
 }
 
-/// The largest |got - want| relative to the largest |want|; infinite on a NaN.
-fn max_err(got: &[f32], want: &[f32]) -> f64 {
-    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
-    assert!(scale > 0.0, "reference is all zeros");
-    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
-        if g.is_nan() || w.is_nan() {
-            f64::INFINITY
-        } else {
-            m.max((g as f64 - w as f64).abs() / scale)
-        }
-    })
-}
-
 fn nhwc_weight_gradient_matches_cpu(p: Precision) {
     let mut g = common::cuda::gpu_at(p);
     g.set_mma_route(MmaRoute::Auto);
@@ -187,7 +152,7 @@ fn nhwc_weight_gradient_matches_cpu(p: Precision) {
             Some(format!("conv2d_bwd_weight_mma_nhwc_{p}").as_str())
         );
         let what = format!("{p} {s:?} ({what})");
-        let (x, dy) = data(&mut rng, &s);
+        let (x, dy) = wgrad_data(&mut rng, &s);
         let (xr, dyr) = (round(p, &x), round(p, &dy));
         let want = cpu_dw(&s, &xr, &dyr);
         let got = gpu_dw(&g, &s, &xr, &dyr);
@@ -226,7 +191,7 @@ fn nhwc_weight_gradient_replays_in_a_graph() {
         g.set_precision(p).expect("the device takes this precision");
         let mut rng = SplitMix64::fresh(&format!("conv_nhwc_wgrad_graph_{p}"));
         let s = shapes()[8].0; // split over the pixels: the workspace and the reduction run
-        let (x, dy) = data(&mut rng, &s);
+        let (x, dy) = wgrad_data(&mut rng, &s);
         let eager = gpu_dw(&g, &s, &x, &dy);
         let xb = g
             .upload(&to_nhwc(&x, s.n, s.c_in, s.h * s.w))
@@ -274,7 +239,7 @@ fn no_native_weight_gradient_at_f32_or_route_never() {
         Some("conv2d_bwd_weight_mma_nhwc_tf32")
     );
     let mut rng = SplitMix64::fresh("conv_nhwc_wgrad_no_native");
-    let (x, dy) = data(&mut rng, &s);
+    let (x, dy) = wgrad_data(&mut rng, &s);
     let (xr, dyr) = (round(Precision::Bf16, &x), round(Precision::Bf16, &dy));
     let want = cpu_dw(&s, &xr, &dyr);
     for g in [f32_be, never] {
@@ -318,28 +283,6 @@ fn bf16s_path(c: usize) -> &'static str {
     }
 }
 
-/// `v` in bf16 storage: value i in the 16-bit half i (little-endian halves of the f32
-/// slots), rounded to nearest even; an odd length's unused last half a bf16 NaN (0xFFFF:
-/// read, it would poison every dw it touched).
-fn pack(v: &[f32]) -> Vec<f32> {
-    pack_tail(v, 0xFFFF)
-}
-
-/// The bf16-storage weight gradient on `g`: x and dy (NCHW, bf16-exact) transposed to NHWC
-/// and packed on the host, dw (OIHW) poisoned with NaN first.
-fn gpu_dw_bf16s(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let xb = g
-        .upload(&pack(&to_nhwc(x, s.n, s.c_in, s.h * s.w)))
-        .expect("upload");
-    let dyb = g
-        .upload(&pack(&to_nhwc(dy, s.n, s.c_out, s.out_h() * s.out_w())))
-        .expect("upload");
-    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    g.conv2d_bwd_weight_nhwc_bf16(s, &xb, &dyb, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16");
-    g.download(&dw).expect("download")
-}
-
 fn bf16s_weight_gradient_matches_cpu_and_f32_storage() {
     let p = Precision::Bf16;
     let mut g = common::cuda::gpu_at(p);
@@ -360,7 +303,7 @@ fn bf16s_weight_gradient_matches_cpu_and_f32_storage() {
             bf16s_path(s.c_in),
             bf16s_path(s.c_out)
         );
-        let (x, dy) = data(&mut rng, &s);
+        let (x, dy) = wgrad_data(&mut rng, &s);
         let (xr, dyr) = (round(p, &x), round(p, &dy));
         let got = gpu_dw_bf16s(&g, &s, &xr, &dyr);
         let want = cpu_dw(&s, &xr, &dyr);
@@ -400,27 +343,12 @@ fn bf16s_weight_gradient_replays_in_a_graph() {
         .expect("the device takes this precision");
     let mut rng = SplitMix64::fresh("conv_nhwc_wgrad_bf16s_graph");
     let s = bf16s_shapes()[14].0; // 1200 pixels over 4 chunks, 2-byte / 4-byte copies
-    let (x, dy) = data(&mut rng, &s);
+    let (x, dy) = wgrad_data(&mut rng, &s);
     let eager = gpu_dw_bf16s(&g, &s, &x, &dy);
-    let xb = g
-        .upload(&pack(&to_nhwc(&x, s.n, s.c_in, s.h * s.w)))
-        .expect("upload");
-    let dyb = g
-        .upload(&pack(&to_nhwc(&dy, s.n, s.c_out, s.out_h() * s.out_w())))
-        .expect("upload");
-    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    let (graph, ()) = g
-        .capture(|| g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, &mut dw))
-        .expect("capture");
-    assert!(
-        g.download(&dw)
-            .expect("download")
-            .iter()
-            .all(|v| v.is_nan()),
-        "nothing runs while capturing"
-    );
-    graph.replay().expect("replay");
-    let got = g.download(&dw).expect("download");
+    let (xb, dyb) = upload_wgrad_bf16s(&g, &s, &x, &dy);
+    let got = common::cuda::capture_replay(&g, &vec![f32::NAN; s.w_len()], |dw| {
+        g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, dw)
+    });
     assert!(got.iter().all(|v| v.is_finite()), "a non-finite output");
     assert!(
         got.iter()
@@ -439,7 +367,7 @@ fn bf16s_weight_gradient_checks_precision_route_and_lengths() {
     never.set_mma_route(MmaRoute::Never);
     let (xl, yl) = (s.x_len().div_ceil(2), s.y_len().div_ceil(2));
     let mut rng = SplitMix64::fresh("conv_nhwc_wgrad_bf16s_elsewhere");
-    let (x, dy) = data(&mut rng, &s);
+    let (x, dy) = wgrad_data(&mut rng, &s);
     let (xr, dyr) = (round(Precision::Bf16, &x), round(Precision::Bf16, &dy));
     for (g, what) in [
         (common::cuda::gpu_at(Precision::F32), "f32"),

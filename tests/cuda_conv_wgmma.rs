@@ -53,7 +53,10 @@
 
 mod common;
 use common::cuda::{device, emulator, rel_err, round, Needs, Test};
-use common::nhwc::{bf16_value, bn_of, bn_params, cpu_nhwc, halves, pack, to_nhwc, ulps, Case};
+use common::nhwc::{
+    bf16_value, bn_of, bn_params, cpu_nhwc, eval_bf16s, gpu_bf16s, halves, pack, to_nhwc, ulps,
+    upload_bf16s, Case, NEAR_ZERO, POISON,
+};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -138,54 +141,6 @@ fn cases() -> Vec<(Conv2d, &'static str)> {
     ]
 }
 
-const POISON: u32 = 0xffff_ffff;
-const NEAR_ZERO: f64 = 2e-5;
-
-/// The op on `c` (x and the residual transposed to NHWC and packed), y poisoned first: the
-/// output's bf16 halves, every one written and finite.
-fn run_op(g: &CudaBackend, c: &Case) -> Vec<u16> {
-    let s = &c.s;
-    let up = |v: &[f32]| g.upload(v).expect("upload");
-    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
-    let wb = up(&c.w);
-    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
-    let hw = s.out_h() * s.out_w();
-    let rb = c
-        .residual
-        .as_deref()
-        .map(|r| up(&pack(&to_nhwc(r, s.n, s.c_out, hw))));
-    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
-    g.conv2d_bn_eval_fwd_nhwc_bf16(
-        s,
-        &bn_of(s),
-        &xb,
-        &wb,
-        &ga,
-        &be_,
-        &m,
-        &v,
-        rb.as_ref(),
-        c.relu,
-        &mut y,
-    )
-    .expect("conv2d_bn_eval_fwd_nhwc_bf16");
-    let slots = g.download(&y).expect("download");
-    if s.y_len() % 2 == 1 {
-        let last = slots.last().expect("a slot").to_bits();
-        assert_eq!(
-            last >> 16,
-            0xffff,
-            "{s:?}: the unused high half was written"
-        );
-    }
-    let h = halves(&slots, s.y_len());
-    assert!(
-        h.iter().all(|&v| bf16_value(v).is_finite()),
-        "{s:?}: an output not written (or not finite)"
-    );
-    h
-}
-
 /// Within 1 bf16 ulp of `want` (bf16 bits of an f32), or NEAR_ZERO of its value: (exact, near).
 fn close(label: &str, what: &str, got: &[u16], want: &[f32]) -> (usize, usize) {
     let (mut ex, mut near) = (0, 0);
@@ -229,6 +184,18 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
             "{s:?}"
         );
         assert_eq!(mma.conv_bn_eval_nhwc_bf16s_wgmma_kernel(&s), None);
+        // The op's other name function names its mma.sync kernel, switch on or off (the one
+        // that runs where the wgmma name is None).
+        assert_eq!(
+            wg.conv_bn_eval_nhwc_bf16s_kernel(&s),
+            mma.conv_bn_eval_nhwc_bf16s_kernel(&s),
+            "{s:?}"
+        );
+        assert!(
+            mma.conv_bn_eval_nhwc_bf16s_kernel(&s)
+                .is_some_and(|k| k.contains("_mma_")),
+            "{s:?}"
+        );
         let (with_res, relu) = [(true, true), (false, false), (true, false), (false, true)][i % 4];
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
@@ -244,7 +211,7 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
             relu,
         };
         let label = format!("{s:?} ({what}, residual {with_res}, relu {relu})");
-        let got = run_op(&wg, &rounded);
+        let got = gpu_bf16s(&wg, &rounded);
         let (ex, near) = close(&label, "the CPU's", &got, &cpu_nhwc(&rounded));
         assert!(
             ex * 100 >= got.len() * 99,
@@ -252,7 +219,7 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
             got.len()
         );
         // The mma.sync kernel on the same inputs.
-        let by_mma = run_op(&mma, &rounded);
+        let by_mma = gpu_bf16s(&mma, &rounded);
         let mma_vals: Vec<f32> = by_mma.iter().map(|&h| bf16_value(h)).collect();
         close(&label, "the mma.sync kernel's", &got, &mma_vals);
         let same = got.iter().zip(&by_mma).filter(|(a, b)| a == b).count();
@@ -265,7 +232,10 @@ fn wgmma_eval_forward_matches_cpu_and_mma() {
             residual,
             relu,
         };
-        let vals: Vec<f32> = run_op(&wg, &raw).iter().map(|&h| bf16_value(h)).collect();
+        let vals: Vec<f32> = gpu_bf16s(&wg, &raw)
+            .iter()
+            .map(|&h| bf16_value(h))
+            .collect();
         let e = rel_err(&vals, &cpu_nhwc(&raw));
         assert!(
             e < 1e-2 && e > 1e-5,
@@ -329,45 +299,11 @@ fn wgmma_eval_forward_replays_in_a_graph() {
         residual: Some(rng.vec_f32(s.y_len(), -1.0, 1.0)),
         relu: true,
     };
-    let eager = run_op(&g, &c);
-    let up = |v: &[f32]| g.upload(v).expect("upload");
-    let xb = up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w)));
-    let wb = up(&c.w);
-    let [ga, be_, m, v] = [0, 1, 2, 3].map(|i| up(&c.bn[i]));
-    let hw = s.out_h() * s.out_w();
-    let rb = up(&pack(&to_nhwc(
-        c.residual.as_deref().expect("a residual"),
-        s.n,
-        s.c_out,
-        hw,
-    )));
-    let mut y = up(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)]);
-    let (graph, ()) = g
-        .capture(|| {
-            g.conv2d_bn_eval_fwd_nhwc_bf16(
-                &s,
-                &bn_of(&s),
-                &xb,
-                &wb,
-                &ga,
-                &be_,
-                &m,
-                &v,
-                Some(&rb),
-                true,
-                &mut y,
-            )
-        })
-        .expect("capture");
-    assert!(
-        g.download(&y)
-            .expect("download")
-            .iter()
-            .all(|v| v.to_bits() == POISON),
-        "nothing runs while capturing"
-    );
-    graph.replay().expect("replay");
-    let got = halves(&g.download(&y).expect("download"), s.y_len());
+    let eager = gpu_bf16s(&g, &c);
+    let b = upload_bf16s(&g, &c);
+    let poison = vec![f32::from_bits(POISON); s.y_len().div_ceil(2)];
+    let y = common::cuda::capture_replay(&g, &poison, |y| eval_bf16s(&g, &c, &b, y));
+    let got = halves(&y, s.y_len());
     assert!(got == eager, "the replay differs from the eager call");
 }
 
@@ -416,7 +352,7 @@ fn wgmma_route_switch() {
             relu: true,
         };
         assert!(
-            run_op(&wg, &c) == run_op(&mma, &c),
+            gpu_bf16s(&wg, &c) == gpu_bf16s(&mma, &c),
             "{s:?}: the fallback differs from the switch-off backend"
         );
     }
@@ -693,6 +629,18 @@ fn wgmma_train_forward_matches_cpu_and_mma() {
             "{s:?}"
         );
         assert_eq!(mma.conv_fwd_stats_nhwc_bf16s_wgmma_kernel(&s), None);
+        // The op's other name function names its mma.sync kernel, switch on or off (the one
+        // that runs where the wgmma name is None).
+        assert_eq!(
+            wg.conv_fwd_stats_nhwc_bf16s_kernel(&s),
+            mma.conv_fwd_stats_nhwc_bf16s_kernel(&s),
+            "{s:?}"
+        );
+        assert!(
+            mma.conv_fwd_stats_nhwc_bf16s_kernel(&s)
+                .is_some_and(|k| k.contains("_mma_")),
+            "{s:?}"
+        );
         let label = format!("{s:?} ({what})");
         let p = Precision::Bf16;
         let x = rng.vec_f32(s.x_len(), -1.0, 1.0);
@@ -990,40 +938,6 @@ fn wgmma_train_op_replays_in_a_graph() {
 
 const CHILD: &str = "ICHCAM_WGMMA_TEST_CHILD";
 
-/// Runs `test` of this binary alone in a child process with `envs` (and [`CHILD`] set): its
-/// stdout and stderr, the child asserted to have passed it.
-fn child(test: &str, envs: &[(&str, &std::ffi::OsStr)]) -> (String, String) {
-    let mut cmd = std::process::Command::new(std::env::current_exe().expect("this test binary"));
-    cmd.args([test, "--exact", "--include-ignored", "--nocapture"])
-        .env(CHILD, "1")
-        .env_remove("ICHCAM_WGMMA");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run the child");
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "the child {test} failed:\n{so}\n{se}");
-    assert!(so.contains("1 passed"), "the child ran no test:\n{so}");
-    (so, se)
-}
-
-/// Launches of `kernel` in the emulator's profile (`EMU_PROFILE=1`, printed at exit).
-fn launches(profile: &str, kernel: &str) -> u64 {
-    profile
-        .lines()
-        .filter_map(|l| {
-            let mut t = l.split_whitespace();
-            if t.next() != Some(kernel) {
-                return None;
-            }
-            t.nth(1).and_then(|n| n.parse::<u64>().ok())
-        })
-        .sum()
-}
-
 /// Which kernels the ops launch (emulator only: its profile counts launches by name): the
 /// eval op and the training op on a 136-channel shape in a child process with the switch on
 /// launch `conv2d_fwd_bn_wgmma_n128` and `conv2d_fwd_stats_wgmma_n128` and no mma.sync
@@ -1034,7 +948,7 @@ fn wgmma_ops_launch_the_wgmma_kernels() {
         g.set_wgmma(std::env::var("ICHCAM_WGMMA_TEST_MODE").is_ok_and(|m| m == "on"));
         let mut rng = SplitMix64::fresh("conv_wgmma_launches");
         let c = train_case(&mut rng, cases()[0].0, true, true);
-        run_op(&g, &c);
+        gpu_bf16s(&g, &c);
         train_op(&g, &c);
         return;
     }
@@ -1042,11 +956,12 @@ fn wgmma_ops_launch_the_wgmma_kernels() {
     for on in [true, false] {
         let mode = std::ffi::OsString::from(if on { "on" } else { "off" });
         let one = std::ffi::OsString::from("1");
-        let (_, se) = child(
+        let (_, se) = common::cuda::child(
+            CHILD,
             "wgmma_ops_launch_the_wgmma_kernels",
             &[("ICHCAM_WGMMA_TEST_MODE", &mode), ("EMU_PROFILE", &one)],
         );
-        let n = |k: &str| launches(&se, k);
+        let n = |k: &str| common::cuda::launches(&se, k);
         let (wb, ws) = (
             n("conv2d_fwd_bn_wgmma_n128"),
             n("conv2d_fwd_stats_wgmma_n128"),
@@ -1093,7 +1008,7 @@ fn wgmma_falls_back_without_the_module() {
             assert_eq!(wg.conv_fwd_stats_nhwc_bf16s_wgmma_kernel(&s), None, "{s:?}");
             let c = train_case(&mut rng, s, true, true);
             assert!(
-                run_op(&wg, &c) == run_op(&mma, &c),
+                gpu_bf16s(&wg, &c) == gpu_bf16s(&mma, &c),
                 "{s:?}: eval fallback differs"
             );
             assert!(
@@ -1118,7 +1033,8 @@ fn wgmma_falls_back_without_the_module() {
         }
     }
     assert!(linked > 0, "no host modules in {dirs}");
-    let (so, se) = child(
+    let (so, se) = common::cuda::child(
+        CHILD,
         "wgmma_falls_back_without_the_module",
         &[("EMU_KERNEL_DIR", tmp.as_os_str())],
     );

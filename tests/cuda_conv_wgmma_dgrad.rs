@@ -42,51 +42,45 @@
 
 mod common;
 use common::cuda::{device, emulated, emulator, gpu_at, rel_err, round, Needs, Test};
-use common::nhwc::{pack, to_nhwc};
+use common::nhwc::{check_zero_taps, cpu_dx, pack, to_nhwc};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
 use cudarc::driver::CudaSlice;
-use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::module::{compile_for_arch, kernel, precompiled};
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
 use ichcam::engine::{ActStorage, Backend, Conv2d, Precision};
 use ichcam::model::{IchNet, ModelConfig};
 
 fn main() {
-    // One test at a time: the emulated driver refuses a synchronous call on any thread while
-    // a stream captures a graph (and invalidates the capture).
-    common::cuda::main_with_threads(
-        vec![
-            device(
-                "wgmma_dgrad_matches_cpu_and_mma",
-                wgmma_dgrad_matches_cpu_and_mma,
-            ),
-            device(
-                "wgmma_dgrad_skips_the_zero_taps",
-                wgmma_dgrad_skips_the_zero_taps,
-            ),
-            device(
-                "wgmma_dgrad_replays_in_a_graph",
-                wgmma_dgrad_replays_in_a_graph,
-            ),
-            device("wgmma_dgrad_route", wgmma_dgrad_route),
-            emulator(
-                "wgmma_dgrad_launches_the_wgmma_kernel",
-                wgmma_dgrad_launches_the_wgmma_kernel,
-            ),
-            emulator(
-                "wgmma_dgrad_falls_back_without_the_module",
-                wgmma_dgrad_falls_back_without_the_module,
-            ),
-            Test {
-                name: "wgmma_dgrad_in_the_sm90a_ptx",
-                run: wgmma_dgrad_in_the_sm90a_ptx,
-                needs: Needs::Nvrtc,
-            },
-        ],
-        1,
-    )
+    common::cuda::main(vec![
+        device(
+            "wgmma_dgrad_matches_cpu_and_mma",
+            wgmma_dgrad_matches_cpu_and_mma,
+        ),
+        device(
+            "wgmma_dgrad_skips_the_zero_taps",
+            wgmma_dgrad_skips_the_zero_taps,
+        ),
+        device(
+            "wgmma_dgrad_replays_in_a_graph",
+            wgmma_dgrad_replays_in_a_graph,
+        ),
+        device("wgmma_dgrad_route", wgmma_dgrad_route),
+        emulator(
+            "wgmma_dgrad_launches_the_wgmma_kernel",
+            wgmma_dgrad_launches_the_wgmma_kernel,
+        ),
+        emulator(
+            "wgmma_dgrad_falls_back_without_the_module",
+            wgmma_dgrad_falls_back_without_the_module,
+        ),
+        Test {
+            name: "wgmma_dgrad_in_the_sm90a_ptx",
+            run: wgmma_dgrad_in_the_sm90a_ptx,
+            needs: Needs::Nvrtc,
+        },
+    ])
 }
 
 /// The shapes (all `c_out % 8 == 0`) and what each exercises.
@@ -190,24 +184,6 @@ fn op(g: &CudaBackend, s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> {
     op_on(g, s, &upload_dy(g, s, dy), w)
 }
 
-/// The CPU's NCHW data gradient in f32, transposed to NHWC.
-fn cpu_bwd(s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let cpu = CpuBackend::<f32>::new();
-    let (dyb, wb) = (
-        cpu.upload(dy).expect("upload"),
-        cpu.upload(w).expect("upload"),
-    );
-    let mut dx = cpu.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
-    cpu.conv2d_bwd_data(s, &dyb, &wb, &mut dx)
-        .expect("cpu conv2d_bwd_data");
-    to_nhwc(
-        &cpu.download(&dx).expect("download"),
-        s.n,
-        s.c_in,
-        s.h * s.w,
-    )
-}
-
 fn same_bits(a: &[f32], b: &[f32]) -> usize {
     a.iter()
         .zip(b)
@@ -229,13 +205,25 @@ fn wgmma_dgrad_matches_cpu_and_mma() {
             "{s:?}"
         );
         assert_eq!(mma.conv_bwd_data_nhwc_bf16s_wgmma_kernel(&s), None);
+        // The op's other name function names its mma.sync kernel, switch on or off (the one
+        // that runs where the wgmma name is None).
+        assert_eq!(
+            wg.conv_bwd_data_nhwc_bf16s_kernel(&s),
+            mma.conv_bwd_data_nhwc_bf16s_kernel(&s),
+            "{s:?}"
+        );
+        assert!(
+            mma.conv_bwd_data_nhwc_bf16s_kernel(&s)
+                .is_some_and(|k| k.contains("_mma_")),
+            "{s:?}"
+        );
         let label = format!("{s:?} ({what})");
         // dy as the packing stores it (bf16): the CPU takes the same values.
         let dy = round(p, &rng.vec_f32(s.y_len(), -1.0, 1.0));
         let w = rng.vec_f32(s.w_len(), -1.0, 1.0);
         let wr = round(p, &w);
         let got = op(&wg, &s, &dy, &wr);
-        let e_exact = rel_err(&got, &cpu_bwd(&s, &dy, &wr));
+        let e_exact = rel_err(&got, &cpu_dx(&s, &dy, &wr));
         assert!(
             e_exact < 1e-5,
             "{label} on bf16-exact operands: dx relative error {e_exact:e} (>= 1e-5)"
@@ -261,7 +249,7 @@ fn wgmma_dgrad_matches_cpu_and_mma() {
             got.len(),
             "{label}: dx on unrounded w differs from dx on the host-rounded w"
         );
-        let e = rel_err(&got_w, &cpu_bwd(&s, &dy, &w));
+        let e = rel_err(&got_w, &cpu_dx(&s, &dy, &w));
         assert!(
             e < 1e-2 && e > 1e-5,
             "{label}: dx relative error {e:e} on unrounded w, expected in (1e-5, 1e-2)"
@@ -304,36 +292,14 @@ fn wgmma_dgrad_skips_the_zero_taps() {
         let dy = round(Precision::Bf16, &rng.vec_f32(s.y_len(), -1.0, 1.0));
         let ci = 3;
         w[(2 * s.c_in + ci) * 9] = f32::INFINITY; // w[co 2][ci 3][0][0]
-        let want = cpu_bwd(&s, &dy, &w);
+        let want = cpu_dx(&s, &dy, &w);
         let dyb = upload_dy(&wg, &s, &dy);
         let wb = wg.upload(&w).expect("upload");
         let mut dx = wg.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
         wg.conv2d_bwd_data_nhwc_bf16(&s, &dyb, &wb, &mut dx)
             .expect("conv2d_bwd_data_nhwc_bf16");
         let got = wg.download(&dx).expect("download");
-        let (mut reached, mut checked) = (0, 0);
-        for n in 0..s.n {
-            for ih in 0..s.h {
-                for iw in 0..s.w {
-                    for c in 0..s.c_in {
-                        let i = ((n * s.h + ih) * s.w + iw) * s.c_in + c;
-                        if c == ci && ih % 2 == 1 && iw % 2 == 1 {
-                            reached += usize::from(!got[i].is_finite());
-                            continue;
-                        }
-                        assert!(
-                            (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
-                            "{s:?}: dx[{n}][{ih}][{iw}][{c}] = {} (cpu {}): a zero tap was multiplied",
-                            got[i],
-                            want[i]
-                        );
-                        checked += 1;
-                    }
-                }
-            }
-        }
-        assert!(checked > 800, "{checked} values checked");
-        assert!(reached > 0, "the infinite weight reached no pixel");
+        check_zero_taps(&format!("{s:?}"), &s, ci, &got, &want);
     }
 }
 
@@ -358,19 +324,9 @@ fn wgmma_dgrad_replays_in_a_graph() {
     let dyb = upload_dy(&g, &s, &dy);
     let eager = op_on(&g, &s, &dyb, &w);
     let wb = g.upload(&w).expect("upload");
-    let mut dx = g.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
-    let (graph, ()) = g
-        .capture(|| g.conv2d_bwd_data_nhwc_bf16(&s, &dyb, &wb, &mut dx))
-        .expect("capture");
-    assert!(
-        g.download(&dx)
-            .expect("download")
-            .iter()
-            .all(|v| v.is_nan()),
-        "nothing runs while capturing"
-    );
-    graph.replay().expect("replay");
-    let got = g.download(&dx).expect("download");
+    let got = common::cuda::capture_replay(&g, &vec![f32::NAN; s.x_len()], |dx| {
+        g.conv2d_bwd_data_nhwc_bf16(&s, &dyb, &wb, dx)
+    });
     assert_eq!(
         same_bits(&got, &eager),
         eager.len(),
@@ -484,41 +440,6 @@ fn wgmma_dgrad_route() {
 const CHILD: &str = "ICHCAM_WGMMA_DGRAD_TEST_CHILD";
 const MODE: &str = "ICHCAM_WGMMA_DGRAD_TEST_MODE";
 
-/// Runs `test` of this binary alone in a child process with `envs` (and [`CHILD`] set): its
-/// stdout and stderr, the child asserted to have passed it.
-fn child(test: &str, envs: &[(&str, &str)]) -> (String, String) {
-    let mut cmd = std::process::Command::new(std::env::current_exe().expect("this test binary"));
-    cmd.args([test, "--exact", "--include-ignored", "--nocapture"])
-        .env(CHILD, "1")
-        .env_remove("ICHCAM_WGMMA");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run the child");
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "the child {test} failed:\n{so}\n{se}");
-    assert!(so.contains("1 passed"), "the child ran no test:\n{so}");
-    (so, se)
-}
-
-/// Launches of the kernels named `prefix`* in the emulator's profile (`EMU_PROFILE=1`,
-/// printed at exit: name, time, launches).
-fn launches(profile: &str, prefix: &str) -> u64 {
-    profile
-        .lines()
-        .filter_map(|l| {
-            let mut t = l.split_whitespace();
-            if !t.next()?.starts_with(prefix) {
-                return None;
-            }
-            t.nth(1).and_then(|n| n.parse::<u64>().ok())
-        })
-        .sum()
-}
-
 /// The child's work by [`MODE`]: "op" one switch-on op call, "misaligned" one on a dy 8
 /// bytes into its allocation, "step-on" / "step-off" one stage-1 training step of the tiny
 /// model (bf16, channels-last, bf16 storage) with the switch on / off, its loss printed,
@@ -602,7 +523,8 @@ fn wgmma_dgrad_falls_back_without_the_module() {
     }
     assert!(linked > 0, "no host modules in {dirs}");
     let dir = tmp.to_string_lossy().into_owned();
-    let (so, se) = child(
+    let (so, se) = common::cuda::child(
+        CHILD,
         "wgmma_dgrad_falls_back_without_the_module",
         &[
             (MODE, "no-module"),
@@ -614,8 +536,8 @@ fn wgmma_dgrad_falls_back_without_the_module() {
     let notes = se.matches("note: wgmma kernels opted in").count();
     assert_eq!(notes, 1, "the note {notes} times:\n{se}");
     let (wg, mma) = (
-        launches(&se, "conv2d_bwd_data_wgmma_"),
-        launches(&se, "conv2d_bwd_data_mma_nhwc_bf16s"),
+        common::cuda::launches_prefixed(&se, "conv2d_bwd_data_wgmma_"),
+        common::cuda::launches_prefixed(&se, "conv2d_bwd_data_mma_nhwc_bf16s"),
     );
     assert!(
         wg == 0 && mma == 8,
@@ -639,12 +561,13 @@ fn wgmma_dgrad_launches_the_wgmma_kernel() {
         return;
     }
     let run = |mode: &str| {
-        let (so, se) = child(
+        let (so, se) = common::cuda::child(
+            CHILD,
             "wgmma_dgrad_launches_the_wgmma_kernel",
             &[(MODE, mode), ("EMU_PROFILE", "1")],
         );
-        let wg = launches(&se, "conv2d_bwd_data_wgmma_");
-        let mma = launches(&se, "conv2d_bwd_data_mma_nhwc_bf16s");
+        let wg = common::cuda::launches_prefixed(&se, "conv2d_bwd_data_wgmma_");
+        let mma = common::cuda::launches_prefixed(&se, "conv2d_bwd_data_mma_nhwc_bf16s");
         let loss = so
             .lines()
             .find_map(|l| l.strip_prefix("child: loss "))

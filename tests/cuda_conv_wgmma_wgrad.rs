@@ -45,12 +45,11 @@
 //! whose device is compute capability 9.0; without a device the device tests are ignored.
 
 mod common;
-use common::cuda::{device, emulated, emulator, rel_err, round, Needs, Test};
-use common::nhwc::{pack_tail, to_nhwc};
+use common::cuda::{device, emulated, emulator, max_err, rel_err, round, Needs, Test};
+use common::nhwc::{cpu_dw, gpu_dw_bf16s, upload_wgrad_bf16s, wgrad_data};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
-use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::module::{compile_for_arch, kernel};
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
 use ichcam::engine::{ActStorage, Backend, Conv2d, Precision};
@@ -146,61 +145,6 @@ fn shapes() -> Vec<(Conv2d, &'static str, &'static str)> {
     ]
 }
 
-/// NCHW x and dy of `s` (uniform in [-1, 1)).
-fn data(rng: &mut SplitMix64, s: &Conv2d) -> (Vec<f32>, Vec<f32>) {
-    (
-        rng.vec_f32(s.x_len(), -1.0, 1.0),
-        rng.vec_f32(s.y_len(), -1.0, 1.0),
-    )
-}
-
-/// The CPU reference: NCHW x and dy, dw OIHW.
-fn cpu_dw(s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let cpu = CpuBackend::<f32>::new();
-    let (xb, dyb) = (
-        cpu.upload(x).expect("upload"),
-        cpu.upload(dy).expect("upload"),
-    );
-    let mut dw = cpu.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    cpu.conv2d_bwd_weight(s, &xb, &dyb, &mut dw)
-        .expect("cpu conv2d_bwd_weight");
-    cpu.download(&dw).expect("download")
-}
-
-/// `v` in bf16 storage (value i in the 16-bit half i, rounded to nearest even; an odd
-/// length's last half a bf16 NaN).
-fn pack(v: &[f32]) -> Vec<f32> {
-    pack_tail(v, 0xFFFF)
-}
-
-/// The bf16-storage weight-gradient op on `g`: x and dy (NCHW) transposed to NHWC and packed
-/// on the host, dw (OIHW) poisoned with NaN first.
-fn gpu_dw(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let xb = g
-        .upload(&pack(&to_nhwc(x, s.n, s.c_in, s.h * s.w)))
-        .expect("upload");
-    let dyb = g
-        .upload(&pack(&to_nhwc(dy, s.n, s.c_out, s.out_h() * s.out_w())))
-        .expect("upload");
-    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    g.conv2d_bwd_weight_nhwc_bf16(s, &xb, &dyb, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16");
-    g.download(&dw).expect("download")
-}
-
-/// The largest |got - want| relative to the largest |want|; infinite on a NaN.
-fn max_err(got: &[f32], want: &[f32]) -> f64 {
-    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
-    assert!(scale > 0.0, "reference is all zeros");
-    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
-        if g.is_nan() || w.is_nan() {
-            f64::INFINITY
-        } else {
-            m.max((g as f64 - w as f64).abs() / scale)
-        }
-    })
-}
-
 fn differing(a: &[f32], b: &[f32]) -> usize {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -234,9 +178,21 @@ fn wgmma_wgrad_matches_cpu_and_mma() {
             "{s:?} ({what})"
         );
         assert_eq!(mma.conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&s), None);
-        let (x, dy) = data(&mut rng, &s);
+        // The op's other name function names its mma.sync kernel, switch on or off (the one
+        // that runs where the wgmma name is None).
+        assert_eq!(
+            wg.conv_bwd_weight_nhwc_bf16s_kernel(&s),
+            mma.conv_bwd_weight_nhwc_bf16s_kernel(&s),
+            "{s:?}"
+        );
+        assert!(
+            mma.conv_bwd_weight_nhwc_bf16s_kernel(&s)
+                .is_some_and(|k| k.contains("_mma_")),
+            "{s:?}"
+        );
+        let (x, dy) = wgrad_data(&mut rng, &s);
         let (xr, dyr) = (round(Precision::Bf16, &x), round(Precision::Bf16, &dy));
-        let got = gpu_dw(&wg, &s, &xr, &dyr);
+        let got = gpu_dw_bf16s(&wg, &s, &xr, &dyr);
         let want = cpu_dw(&s, &xr, &dyr);
         let (e, em) = (rel_err(&got, &want), max_err(&got, &want));
         assert!(
@@ -244,12 +200,12 @@ fn wgmma_wgrad_matches_cpu_and_mma() {
             "{s:?} ({what}): bf16-exact data: relative error {e:e} (limit 1e-5), max {em:e} (limit 2e-5)"
         );
         // Unrounded data: the op rounds x and dy to bf16 storage; the CPU keeps f32.
-        let eu = rel_err(&gpu_dw(&wg, &s, &x, &dy), &cpu_dw(&s, &x, &dy));
+        let eu = rel_err(&gpu_dw_bf16s(&wg, &s, &x, &dy), &cpu_dw(&s, &x, &dy));
         assert!(
             eu < 1e-2 && eu > 1e-5,
             "{s:?} ({what}): unrounded data: relative error {eu:e} (bf16 tolerance 1e-2, above 1e-5: the bf16 path ran)"
         );
-        let theirs = gpu_dw(&mma, &s, &xr, &dyr);
+        let theirs = gpu_dw_bf16s(&mma, &s, &xr, &dyr);
         let d = differing(&got, &theirs);
         if emulated() {
             assert_eq!(
@@ -353,9 +309,12 @@ fn wgmma_wgrad_route_and_fallbacks() {
             Some("conv2d_bwd_weight_mma_nhwc_bf16s"),
             "{why}"
         );
-        let (x, dy) = data(&mut rng, &s);
+        let (x, dy) = wgrad_data(&mut rng, &s);
         assert_eq!(
-            differing(&gpu_dw(&wg, &s, &x, &dy), &gpu_dw(&mma, &s, &x, &dy)),
+            differing(
+                &gpu_dw_bf16s(&wg, &s, &x, &dy),
+                &gpu_dw_bf16s(&mma, &s, &x, &dy)
+            ),
             0,
             "{s:?} ({why}): the fallback differs from the switch-off backend"
         );
@@ -381,27 +340,12 @@ fn wgmma_wgrad_replays_in_a_graph() {
         hopper(&g)
     );
     let mut rng = SplitMix64::fresh("conv_wgmma_wgrad_graph");
-    let (x, dy) = data(&mut rng, &s);
-    let eager = gpu_dw(&g, &s, &x, &dy);
-    let xb = g
-        .upload(&pack(&to_nhwc(&x, s.n, s.c_in, s.h * s.w)))
-        .expect("upload");
-    let dyb = g
-        .upload(&pack(&to_nhwc(&dy, s.n, s.c_out, s.out_h() * s.out_w())))
-        .expect("upload");
-    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
-    let (graph, ()) = g
-        .capture(|| g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, &mut dw))
-        .expect("capture");
-    assert!(
-        g.download(&dw)
-            .expect("download")
-            .iter()
-            .all(|v| v.is_nan()),
-        "nothing runs while capturing"
-    );
-    graph.replay().expect("replay");
-    let got = g.download(&dw).expect("download");
+    let (x, dy) = wgrad_data(&mut rng, &s);
+    let eager = gpu_dw_bf16s(&g, &s, &x, &dy);
+    let (xb, dyb) = upload_wgrad_bf16s(&g, &s, &x, &dy);
+    let got = common::cuda::capture_replay(&g, &vec![f32::NAN; s.w_len()], |dw| {
+        g.conv2d_bwd_weight_nhwc_bf16(&s, &xb, &dyb, dw)
+    });
     assert!(got.iter().all(|v| v.is_finite()), "a non-finite output");
     assert_eq!(
         differing(&got, &eager),
@@ -516,40 +460,6 @@ fn wgmma_wgrad_in_the_training_step() {
 
 const CHILD: &str = "ICHCAM_WGMMA_WGRAD_TEST_CHILD";
 
-/// Runs `test` of this binary alone in a child process with `envs` (and [`CHILD`] set): its
-/// stderr, the child asserted to have passed it.
-fn child(test: &str, envs: &[(&str, &str)]) -> String {
-    let mut cmd = std::process::Command::new(std::env::current_exe().expect("this test binary"));
-    cmd.args([test, "--exact", "--include-ignored", "--nocapture"])
-        .env(CHILD, "1")
-        .env_remove("ICHCAM_WGMMA");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run the child");
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "the child {test} failed:\n{so}\n{se}");
-    assert!(so.contains("1 passed"), "the child ran no test:\n{so}");
-    se
-}
-
-/// Launches of `kernel` in the emulator's profile (`EMU_PROFILE=1`, printed at exit).
-fn launches(profile: &str, kernel: &str) -> u64 {
-    profile
-        .lines()
-        .filter_map(|l| {
-            let mut t = l.split_whitespace();
-            if t.next() != Some(kernel) {
-                return None;
-            }
-            t.nth(1).and_then(|n| n.parse::<u64>().ok())
-        })
-        .sum()
-}
-
 /// Which weight-gradient kernels the training step launches (emulator only: its profile
 /// counts launches by name), in a child process: with the switch on the wgmma kernel for every
 /// channels-last weight gradient of the step (its 5 layer convolutions; the stem runs the
@@ -564,15 +474,16 @@ fn wgmma_wgrad_launches_in_the_training_step() {
     let mut seen = Vec::new();
     let mut mma_off = 0;
     for on in [false, true] {
-        let se = child(
+        let (_, se) = common::cuda::child(
+            CHILD,
             "wgmma_wgrad_launches_in_the_training_step",
             &[
                 ("ICHCAM_WGMMA_TEST_MODE", if on { "on" } else { "off" }),
                 ("EMU_PROFILE", "1"),
             ],
         );
-        let wgmma = launches(&se, N64) + launches(&se, N128);
-        let mma = launches(&se, "conv2d_bwd_weight_mma_nhwc_bf16s");
+        let wgmma = common::cuda::launches(&se, N64) + common::cuda::launches(&se, N128);
+        let mma = common::cuda::launches(&se, "conv2d_bwd_weight_mma_nhwc_bf16s");
         if on {
             assert!(
                 wgmma > 0 && mma == 0 && wgmma == mma_off,

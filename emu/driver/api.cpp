@@ -27,6 +27,7 @@
 #include <atomic>
 #include <set>
 #include <string>
+#include <thread>
 #include <unordered_map>
 
 #include "emu_internal.h"
@@ -190,6 +191,7 @@ struct Stream {
     bool invalidated = false;
     int capture_mode = 0;  // CUstreamCaptureMode: 0 global, 1 thread-local, 2 relaxed
     uint64_t capture_id = 0;
+    std::thread::id capture_thread;  // the thread that began the capture
     // Copies from page-locked memory enqueued on this stream and not run yet (deferred
     // copies, see flush_locked): {dst, src, bytes}.
     struct Pending {
@@ -243,9 +245,9 @@ struct GraphExec {
     std::vector<Node> nodes;
 };
 
-// Streams capturing in global or thread-local mode: "unsafe" calls (synchronous
-// allocation, context synchronisation, synchronous copies) are refused while any is.
-std::atomic<int> g_strict_captures{0};
+// Streams capturing, any mode (g_capturing below lists them): "unsafe" calls (synchronous
+// allocation, synchronisation, synchronous copies) are checked against them while any is.
+std::atomic<int> g_active_captures{0};
 std::atomic<uint64_t> g_capture_ids{0};
 
 // Page-locked host memory (cuMemHostAlloc): base -> bytes and allocation id.
@@ -573,19 +575,37 @@ CUresult capture_forbid(Stream* st, const std::string& what) {
                   what + " is not permitted while the stream is capturing a graph (the capture is now invalidated)");
 }
 
-// An "unsafe" call (synchronous allocation or copy, a synchronisation) while a stream
-// captures in global or thread-local mode: refused, and every such capture invalidated.
+// A "potentially unsafe" call (synchronous allocation or copy, a synchronisation) while
+// streams capture, by the real driver's rule (CUDA programming guide, "Prohibited and
+// Unhandled Operations"; cuThreadExchangeStreamCaptureMode): the calling thread (whose
+// interaction mode is the default, global) is prohibited from it while it has a capture of
+// its own begun in global or thread-local mode, or while any thread has one begun in global
+// mode; a relaxed capture prohibits nothing, and a thread-local capture on another thread is
+// ignored. Refused with the prohibiting captures invalidated. `encompassing` (a context
+// synchronisation): a handle that encompasses every stream, so any active capture (any mode,
+// any thread) makes it invalid, and it invalidates them all.
 std::vector<Stream*> g_capturing;  // guarded by g_pinned_mu (a small global lock)
-CUresult refuse_if_capturing(const char* what) {
-    if (g_strict_captures.load() == 0) return CUDA_SUCCESS;
+CUresult refuse_if_capturing(const char* what, bool encompassing = false) {
+    if (g_active_captures.load() == 0) return CUDA_SUCCESS;
+    const std::thread::id me = std::this_thread::get_id();
+    bool refused = false;
     {
         std::lock_guard<std::mutex> g(g_pinned_mu);
-        for (Stream* s : g_capturing)
-            if (s->capture_mode != 2) s->invalidated = true;
+        for (Stream* s : g_capturing) {
+            bool prohibits = encompassing || s->capture_mode == 0 || (s->capture_mode == 1 && s->capture_thread == me);
+            if (prohibits) {
+                s->invalidated = true;
+                refused = true;
+            }
+        }
     }
+    if (!refused) return CUDA_SUCCESS;
     return report(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
-                  std::string(what) + " is not permitted while a stream is capturing a graph (global or thread-local "
-                                      "capture mode); the capture is now invalidated");
+                  std::string(what) +
+                      (encompassing ? " is not permitted while any stream is capturing a graph (it encompasses the capture)"
+                                    : " is not permitted while this thread captures a graph (global or thread-local mode) "
+                                      "or another thread captures one in global mode") +
+                      "; the capture is now invalidated");
 }
 
 // Runs one kernel launch now on `c`'s behalf; a failure becomes the context's sticky error.
@@ -1078,7 +1098,7 @@ CUDAAPI CUresult cuCtxGetDevice(CUdevice* d) {
     return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuCtxSynchronize() {
-    CUresult r = refuse_if_capturing("cuCtxSynchronize");
+    CUresult r = refuse_if_capturing("cuCtxSynchronize", true);
     if (!r) flush_all();
     return r ? r : check_ready();
 }
@@ -1220,11 +1240,12 @@ CUDAAPI CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
     st->invalidated = false;
     st->capture_mode = mode;
     st->capture_id = ++g_capture_ids;
+    st->capture_thread = std::this_thread::get_id();
     {
         std::lock_guard<std::mutex> gp(g_pinned_mu);
         g_capturing.push_back(st);
     }
-    if (mode != 2) ++g_strict_captures;
+    ++g_active_captures;
     return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
@@ -1238,7 +1259,7 @@ CUDAAPI CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
         std::lock_guard<std::mutex> gp(g_pinned_mu);
         g_capturing.erase(std::remove(g_capturing.begin(), g_capturing.end(), st), g_capturing.end());
     }
-    if (st->capture_mode != 2) --g_strict_captures;
+    --g_active_captures;
     if (st->invalidated) {
         st->invalidated = false;
         delete graph;
@@ -1536,7 +1557,7 @@ static CUresult capture_memset(Stream* st, CUdeviceptr d, uint32_t v, unsigned e
 CUDAAPI CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) {
     EMU_ON_STREAM(s);
     if (st_->capture) return capture_memset(st_, d, v, 1, n, "cuMemsetD8Async");
-    return g_strict_captures.load() ? memset_n<unsigned char>(d, v, n, "cuMemsetD8") : cuMemsetD8_v2(d, v, n);
+    return memset_n<unsigned char>(d, v, n, "cuMemsetD8");
 }
 CUDAAPI CUresult cuMemsetD16_v2(CUdeviceptr d, unsigned short v, size_t n) {
     CUresult r = refuse_if_capturing("cuMemsetD16 (synchronous)");

@@ -5,7 +5,8 @@
 // the driver and parameter lists that differ from the host build, deadlocks of barriers and
 // shuffles, a missing barrier, uninitialised memory, pointer arguments that are not device
 // addresses, asserts and faults, sticky errors that name the kernel, graph replays through
-// pointers whose buffers were freed, or freed and allocated again, since the capture).
+// pointers whose buffers were freed, or freed and allocated again, since the capture; the
+// capture modes' rule for "unsafe" calls on the capturing thread and on others).
 // Run by `scripts/cuda-emu.sh test`; prints one line per check and "N passed, M failed".
 #include <math.h>
 #include <stdarg.h>
@@ -17,6 +18,7 @@
 #include <limits>
 
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda_api.h"
@@ -950,6 +952,90 @@ static void wgmma_primitives() {
     fresh_context();
 }
 
+// The capture modes (CUstreamCaptureMode) by the real driver's rule: a thread-local capture
+// prohibits "unsafe" calls (synchronous allocation or copy, synchronisation) on its own
+// thread only, a global one on every thread, a relaxed one on none; a context
+// synchronisation encompasses every capture, so any active one makes it invalid from any
+// thread. A refused call invalidates the capture (cuStreamEndCapture then fails).
+static void capture_modes() {
+    fresh_context();
+    CUstream st = nullptr;
+    cuStreamCreate(&st, 1);
+    // `call` on another thread (the same context current there): its result.
+    auto on_other_thread = [](auto call) {
+        CUresult r = CUDA_SUCCESS;
+        std::thread t([&] {
+            cuCtxSetCurrent(g_ctx);
+            r = call();
+        });
+        t.join();
+        return r;
+    };
+    auto alloc_free = [] {
+        CUdeviceptr p = 0;
+        CUresult r = cuMemAlloc_v2(&p, 256);
+        if (!r) r = cuMemFree_v2(p);
+        return r;
+    };
+    auto copy_back = [] {
+        CUdeviceptr p = 0;
+        CUresult r = cuMemAlloc_v2(&p, 16);
+        float h[4] = {1, 2, 3, 4}, back[4] = {};
+        if (!r) r = cuMemcpyHtoD_v2(p, h, sizeof h);
+        if (!r) r = cuMemcpyDtoH_v2(back, p, sizeof back);
+        if (!r && back[3] != 4) r = CUDA_ERROR_UNKNOWN;
+        if (p) cuMemFree_v2(p);
+        return r;
+    };
+    // End the capture on `st`: whether it ended valid (a graph).
+    auto end_valid = [&] {
+        CUgraph g = nullptr;
+        CUresult r = cuStreamEndCapture(st, &g);
+        if (g) cuGraphDestroy(g);
+        return r == CUDA_SUCCESS && g != nullptr;
+    };
+
+    // Thread-local (1): another thread's synchronous allocation and copies are allowed and
+    // leave the capture valid; the capturing thread's own allocation is refused.
+    CUresult r = cuStreamBeginCapture_v2(st, 1);
+    CUresult rb_alloc = on_other_thread(alloc_free);
+    CUresult rb_copy = on_other_thread(copy_back);
+    check(r == CUDA_SUCCESS && rb_alloc == CUDA_SUCCESS && rb_copy == CUDA_SUCCESS && end_valid(),
+          "thread-local capture: another thread's synchronous allocation and copies run (%s, %s), the capture stays valid",
+          err(rb_alloc).c_str(), err(rb_copy).c_str());
+    r = cuStreamBeginCapture_v2(st, 1);
+    CUdeviceptr p = 0;
+    CUresult ra = cuMemAlloc_v2(&p, 256);
+    bool valid = end_valid();
+    check(r == CUDA_SUCCESS && ra == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED && !valid,
+          "thread-local capture: the capturing thread's synchronous allocation is refused (%s) and invalidates it",
+          err(ra).c_str());
+    // ... and another thread's context synchronisation, which encompasses the capture.
+    r = cuStreamBeginCapture_v2(st, 1);
+    CUresult rs = on_other_thread([] { return cuCtxSynchronize(); });
+    valid = end_valid();
+    check(r == CUDA_SUCCESS && rs == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED && !valid,
+          "thread-local capture: another thread's cuCtxSynchronize is refused (%s) and invalidates it", err(rs).c_str());
+
+    // Global (0): another thread's synchronous allocation is refused too.
+    r = cuStreamBeginCapture_v2(st, 0);
+    rb_alloc = on_other_thread(alloc_free);
+    valid = end_valid();
+    check(r == CUDA_SUCCESS && rb_alloc == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED && !valid,
+          "global capture: another thread's synchronous allocation is refused (%s) and invalidates it",
+          err(rb_alloc).c_str());
+
+    // Relaxed (2): synchronous allocation and copies allowed on either thread.
+    r = cuStreamBeginCapture_v2(st, 2);
+    ra = alloc_free();
+    rb_copy = on_other_thread(copy_back);
+    check(r == CUDA_SUCCESS && ra == CUDA_SUCCESS && rb_copy == CUDA_SUCCESS && end_valid(),
+          "relaxed capture: synchronous allocation and copies run on either thread (%s, %s)", err(ra).c_str(),
+          err(rb_copy).c_str());
+    cuStreamDestroy_v2(st);
+    fresh_context();
+}
+
 int main(int, char** argv) {
     // target/cuda-emu/bin/selftest -> target/cuda-emu/test-kernels/{selftest,wmma,pipeline}.so
     std::string self = argv[0];
@@ -979,6 +1065,7 @@ int main(int, char** argv) {
     atomics();
     poison_and_faults();
     graph_stale_pointers();
+    capture_modes();
     ptx_checks();
     wmma_16bit(false);
     wmma_16bit(true);

@@ -195,6 +195,19 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// The largest |got - want| relative to the largest |want|; infinite on a NaN.
+pub fn max_err(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+    assert!(scale > 0.0, "reference is all zeros");
+    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
+        if g.is_nan() || w.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max((g as f64 - w as f64).abs() / scale)
+        }
+    })
+}
+
 /// `v` rounded as the tensor-core kernels round their operands: bf16 to nearest even, tf32
 /// to nearest with ties away from zero (`cvt.rna.tf32.f32`).
 pub fn round(p: Precision, v: &[f32]) -> Vec<f32> {
@@ -235,4 +248,75 @@ pub fn warm_and_capture_cam_pass(
         })
         .expect("capturing the CAM pass (it must allocate nothing once warm)");
     (graph, bufs)
+}
+
+/// `op` captured in a graph on `g` (its own stream: other work on it would break the capture),
+/// writing the buffer it is given, uploaded from `fill` (values no op writes): asserts that
+/// nothing ran while capturing (the buffer still `fill`, bit for bit), replays the graph
+/// once, and returns the buffer then.
+pub fn capture_replay(
+    g: &CudaBackend,
+    fill: &[f32],
+    op: impl FnOnce(&mut CudaSlice<f32>) -> Result<(), EngineError>,
+) -> Vec<f32> {
+    let mut out = g.upload(fill).expect("upload");
+    let (graph, ()) = g.capture(|| op(&mut out)).expect("capture");
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    assert!(
+        bits(&g.download(&out).expect("download")) == bits(fill),
+        "nothing runs while capturing"
+    );
+    graph.replay().expect("replay");
+    g.download(&out).expect("download")
+}
+
+/// Runs `test` of this test binary alone in a child process (`--exact --include-ignored
+/// --nocapture`) with `marker` set to 1 (how the test knows it is the child), the
+/// `ICHCAM_WGMMA` switch removed and `envs` set: its stdout and stderr, the child asserted to
+/// have passed it (the launch-profile tests: the emulator prints `EMU_PROFILE=1`'s profile
+/// on stderr at exit).
+pub fn child<V: AsRef<std::ffi::OsStr>>(
+    marker: &str,
+    test: &str,
+    envs: &[(&str, V)],
+) -> (String, String) {
+    let mut cmd = Command::new(std::env::current_exe().expect("this test binary"));
+    cmd.args([test, "--exact", "--include-ignored", "--nocapture"])
+        .env(marker, "1")
+        .env_remove("ICHCAM_WGMMA");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the child");
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "the child {test} failed:\n{so}\n{se}");
+    assert!(so.contains("1 passed"), "the child ran no test:\n{so}");
+    (so, se)
+}
+
+/// Launches of `kernel` in the emulator's profile (`EMU_PROFILE=1`, printed at exit: name,
+/// time, launches).
+pub fn launches(profile: &str, kernel: &str) -> u64 {
+    launches_where(profile, |k| k == kernel)
+}
+
+/// Launches of the kernels whose names start with `prefix` in the emulator's profile.
+pub fn launches_prefixed(profile: &str, prefix: &str) -> u64 {
+    launches_where(profile, |k| k.starts_with(prefix))
+}
+
+fn launches_where(profile: &str, named: impl Fn(&str) -> bool) -> u64 {
+    profile
+        .lines()
+        .filter_map(|l| {
+            let mut t = l.split_whitespace();
+            if !named(t.next()?) {
+                return None;
+            }
+            t.nth(1).and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
 }

@@ -2,14 +2,20 @@
 //! activations) and tests/cuda_conv_nhwc_bf16s.rs (bf16 storage): the shapes, layout changes
 //! on the host, the batch-norm parameters and the CPU reference (NCHW, transposed here); and
 //! the small models of the channels-last model tests (tests/eval_nhwc.rs,
-//! tests/eval_bf16_storage.rs); bf16 storage on the host ([`pack`], [`halves`], [`ulps`]:
-//! the bf16-storage kernels' tests).
+//! tests/eval_bf16_storage.rs); the bf16-storage eval op on a case ([`gpu_bf16s`],
+//! [`eval_bf16s`]: also tests/cuda_conv_wgmma.rs); bf16 storage on the host ([`pack`], [`halves`], [`ulps`]:
+//! the bf16-storage kernels' tests); the gradients' CPU references ([`cpu_dx`], [`cpu_dw`],
+//! [`wgrad_data`]), the bf16-storage weight gradient ([`gpu_dw_bf16s`]) and the stride-2 data gradient's zero-tap check ([`check_zero_taps`]) of
+//! the channels-last training kernels' tests (tests/cuda_conv_nhwc_train*.rs,
+//! tests/cuda_conv_nhwc_wgrad.rs, tests/cuda_conv_wgmma_*.rs).
 
 use super::rng::SplitMix64;
 use super::shapes::conv;
+use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
+use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::precision::bf16_bits;
-use ichcam::engine::{Backend, BatchNorm2d, Conv2d};
+use ichcam::engine::{Backend, BatchNorm2d, Conv2d, EngineError};
 use ichcam::model::{BlockKind, ModelConfig};
 
 /// The shapes, each with the copy paths it takes in the f32-activation kernel (weights /
@@ -83,6 +89,91 @@ pub struct Case {
     pub bn: [Vec<f32>; 4],
     pub residual: Option<Vec<f32>>,
     pub relu: bool,
+}
+
+/// The bit pattern the bf16-storage tests fill outputs with first (two bf16 NaNs per slot).
+pub const POISON: u32 = 0xffff_ffff;
+
+/// How far apart (absolutely) the kernel's and the CPU's results on bf16-exact operands may
+/// be where they are more than 1 bf16 ulp apart: the sums of the same exact products in
+/// another order differ by f32 rounding of their partial sums (up to ~1e-5 for K = 576 terms
+/// of up to 1 here), more than a bf16 ulp only for results below about 1e-3.
+pub const NEAR_ZERO: f64 = 2e-5;
+
+/// A case's operands of the bf16-storage eval op on the device: x and the residual
+/// transposed to NHWC and packed, w as it is, the batch-norm parameters.
+pub struct Bf16sBufs {
+    pub x: CudaSlice<f32>,
+    pub w: CudaSlice<f32>,
+    pub bn: [CudaSlice<f32>; 4],
+    pub residual: Option<CudaSlice<f32>>,
+}
+
+/// `c`'s operands uploaded for the bf16-storage eval op.
+pub fn upload_bf16s(g: &CudaBackend, c: &Case) -> Bf16sBufs {
+    let s = &c.s;
+    let up = |v: &[f32]| g.upload(v).expect("upload");
+    let hw = s.out_h() * s.out_w();
+    Bf16sBufs {
+        x: up(&pack(&to_nhwc(&c.x, s.n, s.c_in, s.h * s.w))),
+        w: up(&c.w),
+        bn: [0, 1, 2, 3].map(|i| up(&c.bn[i])),
+        residual: c
+            .residual
+            .as_deref()
+            .map(|r| up(&pack(&to_nhwc(r, s.n, s.c_out, hw)))),
+    }
+}
+
+/// The bf16-storage eval op (`conv2d_bn_eval_fwd_nhwc_bf16`) on `c` (its ReLU) and its
+/// uploaded operands `b` into `y` (bf16 storage).
+pub fn eval_bf16s(
+    g: &CudaBackend,
+    c: &Case,
+    b: &Bf16sBufs,
+    y: &mut CudaSlice<f32>,
+) -> Result<(), EngineError> {
+    let [ga, be, m, v] = &b.bn;
+    g.conv2d_bn_eval_fwd_nhwc_bf16(
+        &c.s,
+        &bn_of(&c.s),
+        &b.x,
+        &b.w,
+        ga,
+        be,
+        m,
+        v,
+        b.residual.as_ref(),
+        c.relu,
+        y,
+    )
+}
+
+/// The op on `c` ([`upload_bf16s`], [`eval_bf16s`]), y poisoned first: the output's bf16
+/// halves. Asserts that every value was written and, with an odd length, that the last slot's
+/// high half was not.
+pub fn gpu_bf16s(g: &CudaBackend, c: &Case) -> Vec<u16> {
+    let s = &c.s;
+    let b = upload_bf16s(g, c);
+    let mut y = g
+        .upload(&vec![f32::from_bits(POISON); s.y_len().div_ceil(2)])
+        .expect("upload");
+    eval_bf16s(g, c, &b, &mut y).expect("conv2d_bn_eval_fwd_nhwc_bf16");
+    let slots = g.download(&y).expect("download");
+    if s.y_len() % 2 == 1 {
+        let last = slots.last().expect("a slot").to_bits();
+        assert_eq!(
+            last >> 16,
+            0xffff,
+            "{s:?}: the unused high half was written"
+        );
+    }
+    let h = halves(&slots, s.y_len());
+    assert!(
+        h.iter().all(|&v| bf16_value(v).is_finite()),
+        "{s:?}: an output not written (or not finite)"
+    );
+    h
 }
 
 /// The CPU reference on NCHW data, its output transposed to NHWC.
@@ -168,4 +259,104 @@ pub fn ulps(a: u16, b: u16) -> u32 {
         }
     };
     ord(a).abs_diff(ord(b))
+}
+
+/// NCHW x and dy of `s` (uniform in [-1, 1)), the weight gradient's operands.
+pub fn wgrad_data(rng: &mut SplitMix64, s: &Conv2d) -> (Vec<f32>, Vec<f32>) {
+    (
+        rng.vec_f32(s.x_len(), -1.0, 1.0),
+        rng.vec_f32(s.y_len(), -1.0, 1.0),
+    )
+}
+
+/// The weight gradient's CPU reference: NCHW x and dy, dw OIHW.
+pub fn cpu_dw(s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let cpu = CpuBackend::<f32>::new();
+    let (xb, dyb) = (
+        cpu.upload(x).expect("upload"),
+        cpu.upload(dy).expect("upload"),
+    );
+    let mut dw = cpu.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
+    cpu.conv2d_bwd_weight(s, &xb, &dyb, &mut dw)
+        .expect("cpu conv2d_bwd_weight");
+    cpu.download(&dw).expect("download")
+}
+
+/// The data gradient's CPU reference: NCHW dy and OIHW w in f32, dx transposed to NHWC.
+pub fn cpu_dx(s: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let cpu = CpuBackend::<f32>::new();
+    let (dyb, wb) = (
+        cpu.upload(dy).expect("upload"),
+        cpu.upload(w).expect("upload"),
+    );
+    let mut dx = cpu.upload(&vec![f32::NAN; s.x_len()]).expect("upload");
+    cpu.conv2d_bwd_data(s, &dyb, &wb, &mut dx)
+        .expect("cpu conv2d_bwd_data");
+    to_nhwc(
+        &cpu.download(&dx).expect("download"),
+        s.n,
+        s.c_in,
+        s.h * s.w,
+    )
+}
+
+/// The zero-tap check of a stride-2 data gradient (`s` 3x3, stride 2, padding 1, the weight
+/// `w[2][ci][0][0]` infinite): in `got` (dx NHWC) every value of an input pixel that tap
+/// never reaches (channel `ci` at an even row or column, and every other channel) equal to
+/// `want` (the CPU's) within 1e-5, and some that it reaches not finite (a kernel that
+/// multiplied the structurally zero taps, or a phase that read another phase's weights, would
+/// make the unreached ones 0 * inf = NaN). `what` labels a failure.
+pub fn check_zero_taps(what: &str, s: &Conv2d, ci: usize, got: &[f32], want: &[f32]) {
+    let (mut reached, mut checked) = (0, 0);
+    for n in 0..s.n {
+        for ih in 0..s.h {
+            for iw in 0..s.w {
+                for c in 0..s.c_in {
+                    let i = ((n * s.h + ih) * s.w + iw) * s.c_in + c;
+                    if c == ci && ih % 2 == 1 && iw % 2 == 1 {
+                        reached += usize::from(!got[i].is_finite());
+                        continue;
+                    }
+                    assert!(
+                        (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                        "{what}: dx[{n}][{ih}][{iw}][{c}] = {} (cpu {}): a zero tap was multiplied",
+                        got[i],
+                        want[i]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 800, "{what}: {checked} values checked");
+    assert!(reached > 0, "{what}: the infinite weight reached no pixel");
+}
+
+/// x and dy (NCHW) of a weight gradient on `g` in bf16 storage: transposed to NHWC and packed,
+/// an odd length's unused last half a bf16 NaN (0xFFFF: read, it would poison every dw it
+/// touched).
+pub fn upload_wgrad_bf16s(
+    g: &CudaBackend,
+    s: &Conv2d,
+    x: &[f32],
+    dy: &[f32],
+) -> (CudaSlice<f32>, CudaSlice<f32>) {
+    let up = |v: &[f32], c: usize, hw: usize| {
+        g.upload(&pack_tail(&to_nhwc(v, s.n, c, hw), 0xFFFF))
+            .expect("upload")
+    };
+    (
+        up(x, s.c_in, s.h * s.w),
+        up(dy, s.c_out, s.out_h() * s.out_w()),
+    )
+}
+
+/// The bf16-storage weight gradient (`conv2d_bwd_weight_nhwc_bf16`) on `g`
+/// ([`upload_wgrad_bf16s`]), dw (OIHW) poisoned with NaN first.
+pub fn gpu_dw_bf16s(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (xb, dyb) = upload_wgrad_bf16s(g, s, x, dy);
+    let mut dw = g.upload(&vec![f32::NAN; s.w_len()]).expect("upload");
+    g.conv2d_bwd_weight_nhwc_bf16(s, &xb, &dyb, &mut dw)
+        .expect("conv2d_bwd_weight_nhwc_bf16");
+    g.download(&dw).expect("download")
 }

@@ -638,10 +638,59 @@ pub(super) fn bf16s_weight_row(s: &Conv2d) -> usize {
     (s.c_in * s.kh * s.kw).next_multiple_of(8)
 }
 
+/// A bf16 weight copy of `len` values (two per f32 slot) into arena scratch: one launch of the
+/// weight-copy kernel `kern` (arguments `w`, the copy, `ints`; a thread per value) where `len`
+/// is not 0, the buffer 16-byte aligned as the bf16-storage kernels read it (a scratch buffer
+/// is a whole allocation, 256-byte aligned: checked). The caller gives it back
+/// (`give_scratch`); on an error it is given back here. Nothing allocated once warm.
+///
+/// # Safety
+/// `kern` with `ints` writes the first `len` bf16 values of the copy at most and reads no
+/// more than `w` holds.
+unsafe fn weight_copy_scratch(
+    be: &CudaBackend,
+    op: &str,
+    kern: &Kernel,
+    w: &CudaSlice<f32>,
+    ints: &[i32],
+    len: usize,
+) -> Result<CudaSlice<f32>> {
+    // Two bf16 per f32 slot (len is even); never an empty buffer.
+    let mut wt = be.take_scratch((len / 2).max(4))?;
+    let r = if len > 0 {
+        // SAFETY: the caller's contract; wt holds len bf16 (len / 2 slots).
+        unsafe {
+            kern.on(be.stream())
+                .arg(w)
+                .arg(&mut wt)
+                .ints(ints)
+                .launch(grid(len))
+        }
+    } else {
+        Ok(())
+    };
+    // The kernels copy the weights' rows 16 bytes at a time.
+    let r = r.and_then(|()| {
+        if be.ptr(&wt).is_multiple_of(16) {
+            Ok(())
+        } else {
+            Err(EngineError::Param(format!(
+                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
+            )))
+        }
+    });
+    match r {
+        Ok(()) => Ok(wt),
+        Err(e) => {
+            be.give_scratch(wt);
+            Err(e)
+        }
+    }
+}
+
 /// The weights `w` (OIHW f32) copied to bf16 OHWI (`conv_weight_ohwi_bf16`: nearest even,
-/// rows of [`bf16s_weight_row`] values, two per f32 slot) in arena scratch, 16-byte aligned
-/// as the bf16-storage forwards (mma.sync and wgmma) read it; the caller gives it back
-/// (`give_scratch`). Nothing allocated once warm.
+/// rows of [`bf16s_weight_row`] values, two per f32 slot) in arena scratch by
+/// [`weight_copy_scratch`], as the bf16-storage forwards (mma.sync and wgmma) read it.
 pub(super) fn weight_ohwi_bf16_scratch(
     be: &CudaBackend,
     s: &Conv2d,
@@ -651,40 +700,29 @@ pub(super) fn weight_ohwi_bf16_scratch(
     let tc = tc_kernels(be)?;
     let kp = bf16s_weight_row(s);
     let len = s.c_out * kp;
-    // Two bf16 per f32 slot (kp is even); never an empty buffer.
-    let mut wt = be.take_scratch((len / 2).max(4))?;
-    let r = (|| {
-        if len > 0 {
-            let [c, khw, kp_i, len_i] = int_args([s.c_in, s.kh * s.kw, kp, len])?;
-            // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
-            unsafe {
-                tc.weight_ohwi_bf16
-                    .on(be.stream())
-                    .arg(w)
-                    .arg(&mut wt)
-                    .arg(&c)
-                    .arg(&khw)
-                    .arg(&kp_i)
-                    .arg(&len_i)
-                    .launch(grid(len))?
-            };
-        }
-        // The kernels copy the weights' rows 16 bytes at a time: a scratch buffer is a whole
-        // allocation (256-byte aligned).
-        if !be.ptr(&wt).is_multiple_of(16) {
-            return Err(EngineError::Param(format!(
-                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
-            )));
-        }
-        Ok(())
-    })();
-    match r {
-        Ok(()) => Ok(wt),
-        Err(e) => {
-            be.give_scratch(wt);
-            Err(e)
-        }
-    }
+    let a = int_args([s.c_in, s.kh * s.kw, kp, len])?;
+    // SAFETY: w holds s.w_len() values (the callers' contract), which the kernel reads with
+    // these sizes; it writes c_out rows of kp values, len in all.
+    unsafe { weight_copy_scratch(be, op, &tc.weight_ohwi_bf16, w, &a, len) }
+}
+
+/// The weights `w` (OIHW f32) copied to bf16 in the data gradient's order
+/// (`conv_weight_bwd_nhwc_bf16`: per output phase `[c_in][taps * c_out]`, the taps reversed,
+/// rows padded to 8, [`bf16s_bwd_weight_len`] values, two per f32 slot) in arena scratch by
+/// [`weight_copy_scratch`], as the bf16-storage data gradients (mma.sync and wgmma) read it.
+/// `c_out = 0`: no taps, an empty copy (dx all zeros).
+pub(super) fn weight_bwd_nhwc_bf16_scratch(
+    be: &CudaBackend,
+    s: &Conv2d,
+    w: &CudaSlice<f32>,
+    op: &str,
+) -> Result<CudaSlice<f32>> {
+    let tc = tc_kernels(be)?;
+    let len = bf16s_bwd_weight_len(s);
+    let a = int_args([s.c_in, s.c_out, s.kh, s.kw, s.stride, len])?;
+    // SAFETY: w holds s.w_len() values (the callers' contract), which the kernel reads with
+    // these sizes; it writes the phases' padded rows, len values in all.
+    unsafe { weight_copy_scratch(be, op, &tc.weight_bwd_nhwc_bf16, w, &a, len) }
 }
 
 /// The length (in bf16 values) of the bf16 weight copy of the bf16-storage data gradient
@@ -1069,9 +1107,13 @@ impl CudaBackend {
             && self.nhwc_tile_bf16s(s.c_out).is_some()
     }
 
-    /// The kernel the bf16-storage channels-last eval forward of `s` launches
-    /// (`conv2d_fwd_bn_mma_nhwc_bf16s`), or None where it does not run (not at bf16, or with
-    /// the route [`MmaRoute::Never`]); diagnostics and tests.
+    /// The mma.sync kernel of the bf16-storage channels-last eval forward of `s`
+    /// (`conv2d_fwd_bn_mma_nhwc_bf16s` / `_m64`; `_s4` / `_m64_s3` on the shallow ring), or None where it does not run (not at bf16,
+    /// or with the route [`MmaRoute::Never`]); diagnostics and tests. Where the opted-in wgmma
+    /// kernel takes the shape over (`conv_bn_eval_nhwc_bf16s_wgmma_kernel` is Some) that one
+    /// runs instead: the kernel that runs is `wgmma_kernel(s).or(kernel(s))`, for each of the
+    /// four bf16-storage ops' pairs (eval forward, training forward, data gradient, weight
+    /// gradient).
     pub fn conv_bn_eval_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         let (tile, ring) = self.nhwc_tile_bf16s(s.c_out)?;
         self.conv_bn_eval_nhwc_bf16s_native(s).then_some(ring.pick(
@@ -1141,8 +1183,10 @@ impl CudaBackend {
         self.conv_bn_eval_nhwc_bf16s_native(s) && stats_tiles(s).is_some()
     }
 
-    /// The kernel the bf16-storage channels-last training forward of `s` launches
-    /// (`conv2d_fwd_stats_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
+    /// The mma.sync kernel of the bf16-storage channels-last training forward of `s`
+    /// (`conv2d_fwd_stats_mma_nhwc_bf16s` / `_m64`; `_s4` / `_m64_s3` on the shallow ring), or None where it does not run;
+    /// diagnostics and tests. Where `conv_fwd_stats_nhwc_bf16s_wgmma_kernel` is Some, that
+    /// wgmma kernel runs instead (as [`CudaBackend::conv_bn_eval_nhwc_bf16s_kernel`]).
     pub fn conv_fwd_stats_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         let (tile, ring) = self.nhwc_tile_bf16s(s.c_out)?;
         self.conv_fwd_stats_nhwc_bf16s_native(s)
@@ -1207,8 +1251,10 @@ impl CudaBackend {
             && self.nhwc_tile_bf16s(s.c_in).is_some()
     }
 
-    /// The kernel the bf16-storage channels-last data gradient of `s` launches
-    /// (`conv2d_bwd_data_mma_nhwc_bf16s`), or None where it does not run; diagnostics and tests.
+    /// The mma.sync kernel of the bf16-storage channels-last data gradient of `s`
+    /// (`conv2d_bwd_data_mma_nhwc_bf16s` / `_m64`; `_s4` / `_m64_s3` on the shallow ring), or None where it does not run; diagnostics
+    /// and tests. Where `conv_bwd_data_nhwc_bf16s_wgmma_kernel` is Some, that wgmma kernel
+    /// runs instead (as [`CudaBackend::conv_bn_eval_nhwc_bf16s_kernel`]).
     pub fn conv_bwd_data_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         let (tile, ring) = self.nhwc_tile_bf16s(s.c_in)?;
         self.conv_bwd_data_nhwc_bf16s_native(s).then_some(ring.pick(
@@ -1262,31 +1308,8 @@ impl CudaBackend {
         let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
         cfg.shared_mem_bytes = self.smem_dynamic(OP, TcKernel::MmaNhwcBf16s(tile, ring))?;
         let tc = tc_kernels(self)?;
-        let len = bf16s_bwd_weight_len(s);
-        // Two bf16 per f32 slot (len is a multiple of 8); never an empty buffer (c_out = 0:
-        // no taps, dx all zeros).
-        let mut wt = self.take_scratch((len / 2).max(4))?;
-        let r = (|| {
-            if len > 0 {
-                let [c, co, kh, kw, st, len_i] =
-                    int_args([s.c_in, s.c_out, s.kh, s.kw, s.stride, len])?;
-                // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
-                unsafe {
-                    tc.weight_bwd_nhwc_bf16
-                        .on(self.stream())
-                        .arg(w)
-                        .arg(&mut wt)
-                        .ints(&[c, co, kh, kw, st, len_i])
-                        .launch(grid(len))?
-                };
-            }
-            // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is a
-            // whole allocation (256-byte aligned).
-            if !self.ptr(&wt).is_multiple_of(16) {
-                return Err(EngineError::Param(format!(
-                    "{OP}: the weight copy's scratch buffer is not 16-byte aligned"
-                )));
-            }
+        let wt = weight_bwd_nhwc_bf16_scratch(self, s, w, OP)?;
+        let r = {
             // dy's copies by its c_out channels per pixel, as the forward's of x by c_in.
             let vec = bf16s_copy_path(s.c_out, self.ptr(dy));
             let kern = ring.pick(
@@ -1300,7 +1323,7 @@ impl CudaBackend {
             l.arg(dy).arg(&wt).arg(dx).ints(&g[..9]).arg(&vec);
             // SAFETY: the caller's contract; wt holds the phases' padded bf16 weight rows.
             unsafe { l.launch(cfg) }
-        })();
+        };
         self.give_scratch(wt);
         r
     }
@@ -2330,9 +2353,11 @@ impl CudaBackend {
             && self.ring(TcKernel::WgradNhwcBf16s).is_some()
     }
 
-    /// The kernel the bf16-storage channels-last weight gradient of `s` launches
+    /// The mma.sync kernel of the bf16-storage channels-last weight gradient of `s`
     /// (`conv2d_bwd_weight_mma_nhwc_bf16s`, `_s5` on the shallow ring), or None where it does
     /// not run (not at bf16, or with the route [`MmaRoute::Never`]); diagnostics and tests.
+    /// Where `conv_bwd_weight_nhwc_bf16s_wgmma_kernel` is Some, that wgmma kernel runs
+    /// instead (as [`CudaBackend::conv_bn_eval_nhwc_bf16s_kernel`]).
     pub fn conv_bwd_weight_nhwc_bf16s_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         let ring = self.ring(TcKernel::WgradNhwcBf16s)?;
         self.conv_bwd_weight_nhwc_bf16s_native(s)

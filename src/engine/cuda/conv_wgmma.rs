@@ -31,9 +31,9 @@ use cudarc::driver::CudaSlice;
 
 use super::conv::{
     bf16s_bwd_weight_len, bf16s_weight_row, geometry, launch_split, phase_grid, stats_tiles,
-    tc_kernels, weight_ohwi_bf16_scratch, TcKernel, Tiling, MMA_BK, MMA_TILE,
+    weight_bwd_nhwc_bf16_scratch, weight_ohwi_bf16_scratch, TcKernel, Tiling, MMA_BK, MMA_TILE,
 };
-use super::launch::{blocks, dim, grid, int_args, Kernel, NULL};
+use super::launch::{blocks, dim, int_args, Kernel, NULL};
 use super::{norm, CudaBackend};
 use crate::engine::shapes::Conv2d;
 use crate::engine::{BatchNorm2d, EngineError, Result};
@@ -90,6 +90,23 @@ fn kernels(be: &CudaBackend) -> std::result::Result<&loaded::Kernels, String> {
     })
 }
 
+/// [`kernels`] with the failure as `op`'s error.
+fn kernels_for<'a>(be: &'a CudaBackend, op: &str) -> Result<&'a loaded::Kernels> {
+    kernels(be).map_err(|why| EngineError::Cuda {
+        op: op.to_string(),
+        msg: why,
+    })
+}
+
+/// A kernel's name by its channel tile: `n64` where the tile is 64, else `n128`.
+fn by_tile(tile: usize, n64: &'static str, n128: &'static str) -> &'static str {
+    if tile == 64 {
+        n64
+    } else {
+        n128
+    }
+}
+
 /// Threads per block: two warpgroups.
 const THREADS: u32 = 256;
 /// Pixels per block (64 per warpgroup).
@@ -136,7 +153,7 @@ pub(crate) fn supported(s: &Conv2d) -> bool {
         && args(s).is_ok()
 }
 
-/// The epilogue of a launch ([`CudaBackend::launch_wgmma`]).
+/// The epilogue of a launch ([`CudaBackend::launch_wgmma`]): its arguments after the ints.
 enum Epilogue<'a> {
     /// Eval: `{scale, shift}` per output channel, the residual, the ReLU.
     Bn {
@@ -146,6 +163,8 @@ enum Epilogue<'a> {
     },
     /// Training: the partial statistics of the rounded z, `c_out * tiles` f64 each.
     Stats(&'a mut CudaSlice<f64>, &'a mut CudaSlice<f64>),
+    /// The data gradient: dx (f32) straight from the fragment, no arguments.
+    Plain,
 }
 
 impl CudaBackend {
@@ -154,6 +173,31 @@ impl CudaBackend {
     /// there (its first failure noted once on stderr). Loads the module on first call.
     fn wgmma_ready(&self) -> bool {
         self.wgmma() && kernels(self).is_ok()
+    }
+
+    /// What every wgmma op asks before it takes its kernel: the switch on
+    /// ([`CudaBackend::set_wgmma`]), `native` (the mma.sync kernel it replaces would run the
+    /// shape) and `supported` (the wgmma kernel computes it), every operand address in
+    /// `addrs` 16-byte aligned, [`WG_SMEM`] within the device's shared memory per block
+    /// (conv.rs's `TcKernel::Wgmma`), and the module loaded on a device of compute capability
+    /// 9.0 (asked last: it loads the module).
+    fn wgmma_runs(&self, native: bool, supported: bool, addrs: &[u64]) -> bool {
+        self.wgmma()
+            && native
+            && supported
+            && addrs.iter().all(|a| a.is_multiple_of(16))
+            && self.fits(TcKernel::Wgmma)
+            && self.wgmma_ready()
+    }
+
+    /// The error of a wgmma op called where [`CudaBackend::wgmma_runs`] is false.
+    fn wgmma_refused(&self, op: &str, s: &Conv2d) -> EngineError {
+        EngineError::Param(format!(
+            "{op}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
+            self.wgmma(),
+            self.info().compute_capability,
+            self.precision()
+        ))
     }
 
     /// Why the wgmma kernels do not run on this device even with the switch on (not compute
@@ -178,12 +222,11 @@ impl CudaBackend {
     /// per block (conv.rs's `TcKernel::Wgmma`), and the module loaded on a device of compute
     /// capability 9.0.
     pub(crate) fn conv_bn_eval_nhwc_bf16s_wgmma(&self, s: &Conv2d, x_addr: u64) -> bool {
-        self.wgmma()
-            && self.conv_bn_eval_nhwc_bf16s_native(s)
-            && supported(s)
-            && x_addr.is_multiple_of(16)
-            && self.fits(TcKernel::Wgmma)
-            && self.wgmma_ready()
+        self.wgmma_runs(
+            self.conv_bn_eval_nhwc_bf16s_native(s),
+            supported(s),
+            &[x_addr],
+        )
     }
 
     /// Whether the bf16-storage training forward of `s` (z and the batch-norm partials) on
@@ -192,37 +235,39 @@ impl CudaBackend {
     /// would run it (`conv_fwd_stats_nhwc_bf16s_native`: also a non-empty output and
     /// reduction).
     pub(crate) fn conv_fwd_stats_nhwc_bf16s_wgmma(&self, s: &Conv2d, x_addr: u64) -> bool {
-        self.wgmma()
-            && self.conv_fwd_stats_nhwc_bf16s_native(s)
-            && supported(s)
-            && x_addr.is_multiple_of(16)
-            && self.fits(TcKernel::Wgmma)
-            && self.wgmma_ready()
+        self.wgmma_runs(
+            self.conv_fwd_stats_nhwc_bf16s_native(s),
+            supported(s),
+            &[x_addr],
+        )
     }
 
     /// The wgmma kernel the bf16-storage training forward of `s` launches for an input in an
-    /// allocation of its own, or None where it does not run (the mma.sync kernel then runs);
-    /// diagnostics and tests.
+    /// allocation of its own, or None where it does not run (the mma.sync kernel
+    /// `conv_fwd_stats_nhwc_bf16s_kernel` names then runs); diagnostics and tests.
     pub fn conv_fwd_stats_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        self.conv_fwd_stats_nhwc_bf16s_wgmma(s, 0)
-            .then_some(if tile_n(s) == 64 {
-                "conv2d_fwd_stats_wgmma_n64"
-            } else {
-                "conv2d_fwd_stats_wgmma_n128"
-            })
+        self.conv_fwd_stats_nhwc_bf16s_wgmma(s, 0).then(|| {
+            by_tile(
+                tile_n(s),
+                "conv2d_fwd_stats_wgmma_n64",
+                "conv2d_fwd_stats_wgmma_n128",
+            )
+        })
     }
 
     /// The wgmma kernel the bf16-storage eval forward of `s` launches for an input in an
     /// allocation of its own (16-byte aligned), or None where it does not run (switch off,
     /// not compute capability 9.0, the module not loaded, not bf16, route `Never`, or not
-    /// `supported`: the mma.sync kernel then runs); diagnostics and tests.
+    /// `supported`: the mma.sync kernel `conv_bn_eval_nhwc_bf16s_kernel` names then runs);
+    /// diagnostics and tests.
     pub fn conv_bn_eval_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        self.conv_bn_eval_nhwc_bf16s_wgmma(s, 0)
-            .then_some(if tile_n(s) == 64 {
-                "conv2d_fwd_bn_wgmma_n64"
-            } else {
-                "conv2d_fwd_bn_wgmma_n128"
-            })
+        self.conv_bn_eval_nhwc_bf16s_wgmma(s, 0).then(|| {
+            by_tile(
+                tile_n(s),
+                "conv2d_fwd_bn_wgmma_n64",
+                "conv2d_fwd_bn_wgmma_n128",
+            )
+        })
     }
 
     /// `conv2d_bn_eval_fwd_nhwc_bf16s_native` on the wgmma kernel: the batch-norm fold and
@@ -252,12 +297,7 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "conv2d_bn_eval_fwd_nhwc_bf16s_wgmma";
         if !self.conv_bn_eval_nhwc_bf16s_wgmma(s, self.ptr(x)) {
-            return Err(EngineError::Param(format!(
-                "{OP}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
-                self.wgmma(),
-                self.info().compute_capability,
-                self.precision()
-            )));
+            return Err(self.wgmma_refused(OP, s));
         }
         if s.y_len() == 0 {
             return Ok(());
@@ -265,7 +305,7 @@ impl CudaBackend {
         norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
             let ep = Epilogue::Bn { ss, residual, relu };
             // SAFETY: the caller's contract; ss holds 2 * c_out values.
-            unsafe { self.launch_wgmma(OP, s, x, w, ep, y) }
+            unsafe { self.launch_fwd(OP, s, x, w, ep, y) }
         })
     }
 
@@ -293,12 +333,7 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "conv2d_fwd_stats_nhwc_bf16s_wgmma";
         if !self.conv_fwd_stats_nhwc_bf16s_wgmma(s, self.ptr(x)) {
-            return Err(EngineError::Param(format!(
-                "{OP}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
-                self.wgmma(),
-                self.info().compute_capability,
-                self.precision()
-            )));
+            return Err(self.wgmma_refused(OP, s));
         }
         let tiles = stats_tiles(s).unwrap_or(0);
         if part_s.len() < s.c_out * tiles || part_q.len() < s.c_out * tiles {
@@ -310,18 +345,18 @@ impl CudaBackend {
             )));
         }
         // SAFETY: the caller's contract.
-        unsafe { self.launch_wgmma(OP, s, x, w, Epilogue::Stats(part_s, part_q), z) }
+        unsafe { self.launch_fwd(OP, s, x, w, Epilogue::Stats(part_s, part_q), z) }
     }
 
-    /// The weights' bf16 OHWI copy into arena scratch (given back after the launch: stream
-    /// order keeps the next user after it), then one launch of the kernel of `ep` and
-    /// [`tile_n`]: a grid of (pixel tiles of 128, channel tiles of 128 or 64), [`WG_SMEM`]
-    /// bytes of dynamic shared memory. The caller checked the route.
+    /// The forward's launch: the kernel of `ep` and [`tile_n`] on a grid of (pixel tiles of
+    /// 128, channel tiles of 128 or 64), the weights' bf16 OHWI copy
+    /// ([`weight_ohwi_bf16_scratch`]), by [`CudaBackend::launch_wgmma`]. The caller checked the
+    /// route.
     ///
     /// # Safety
     /// `x` holds `s.x_len().div_ceil(2)` values, `y` `s.y_len().div_ceil(2)`, `w` `s.w_len()`,
     /// the residual `s.y_len().div_ceil(2)`, `ss` `2 * c_out`, the partials `c_out * tiles`.
-    unsafe fn launch_wgmma(
+    unsafe fn launch_fwd(
         &self,
         op: &'static str,
         s: &Conv2d,
@@ -336,26 +371,61 @@ impl CudaBackend {
         let a = args(s)?;
         let p = s.n * s.out_h() * s.out_w();
         let tn = tile_n(s);
-        let mut cfg = blocks(op, (p.div_ceil(TILE_M), s.c_out.div_ceil(tn), 1), THREADS)?;
+        let stats = matches!(ep, Epilogue::Stats(..));
+        let grid_xy = (p.div_ceil(TILE_M), s.c_out.div_ceil(tn));
+        let copy = || weight_ohwi_bf16_scratch(self, s, w, op);
+        // SAFETY: the caller's contract; the copy holds c_out rows of kp bf16 weights.
+        unsafe {
+            self.launch_wgmma(
+                op,
+                grid_xy,
+                |ks| match (stats, tn == 64) {
+                    (false, true) => &ks.n64,
+                    (false, false) => &ks.n128,
+                    (true, true) => &ks.stats_n64,
+                    (true, false) => &ks.stats_n128,
+                },
+                copy,
+                x,
+                y,
+                &a,
+                ep,
+            )
+        }
+    }
+
+    /// One launch of the forward's or the data gradient's kernel (the weight gradient's is
+    /// conv.rs's `launch_split`, with its splits' workspace and reduction): the kernel `pick`
+    /// takes from the module's (`op`'s error where it does not load) on `grid_xy` blocks of
+    /// [`THREADS`] with [`WG_SMEM`] bytes of dynamic shared memory, its arguments `src`, the
+    /// bf16 weight copy `copy` makes in arena scratch (given back after the launch: stream
+    /// order keeps the next user after it), `out`, `ints` and `ep`'s.
+    ///
+    /// # Safety
+    /// The buffers hold what the kernel indexes with `ints` and the grid.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_wgmma(
+        &self,
+        op: &'static str,
+        (gx, gy): (usize, usize),
+        pick: impl FnOnce(&loaded::Kernels) -> &Kernel,
+        copy: impl FnOnce() -> Result<CudaSlice<f32>>,
+        src: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        ints: &[i32],
+        ep: Epilogue<'_>,
+    ) -> Result<()> {
+        let mut cfg = blocks(op, (gx, gy, 1), THREADS)?;
         cfg.shared_mem_bytes = WG_SMEM;
-        let ks = kernels(self).map_err(|why| EngineError::Cuda {
-            op: op.to_string(),
-            msg: why,
-        })?;
-        let kern: &Kernel = match (&ep, tn == 64) {
-            (Epilogue::Bn { .. }, true) => &ks.n64,
-            (Epilogue::Bn { .. }, false) => &ks.n128,
-            (Epilogue::Stats(..), true) => &ks.stats_n64,
-            (Epilogue::Stats(..), false) => &ks.stats_n128,
-        };
-        let wt = weight_ohwi_bf16_scratch(self, s, w, op)?;
+        let kern = pick(kernels_for(self, op)?);
+        let wt = copy()?;
         let r = {
             let relu_i = match &ep {
                 Epilogue::Bn { relu, .. } => i32::from(*relu),
-                Epilogue::Stats(..) => 0,
+                Epilogue::Stats(..) | Epilogue::Plain => 0,
             };
             let mut l = kern.on(self.stream());
-            l.arg(x).arg(&wt).arg(y).ints(&a);
+            l.arg(src).arg(&wt).arg(out).ints(ints);
             match ep {
                 Epilogue::Bn { ss, residual, .. } => {
                     l.arg(ss);
@@ -368,8 +438,9 @@ impl CudaBackend {
                 Epilogue::Stats(part_s, part_q) => {
                     l.arg(part_s).arg(part_q);
                 }
+                Epilogue::Plain => {}
             }
-            // SAFETY: the caller's contract; wt holds c_out rows of kp bf16 weights.
+            // SAFETY: the caller's contract.
             unsafe { l.launch(cfg) }
         };
         self.give_scratch(wt);
@@ -407,52 +478,6 @@ pub(crate) fn supported_bwd_data(s: &Conv2d) -> bool {
         && dim(bf16s_bwd_weight_len(s)).is_ok()
 }
 
-/// The weights `w` (OIHW f32) copied to bf16 in the data gradient's order
-/// (`conv_weight_bwd_nhwc_bf16`: per output phase `[c_in][taps * c_out]`, the taps reversed,
-/// rows padded to 8, [`bf16s_bwd_weight_len`] values, two per f32 slot) in arena scratch,
-/// 16-byte aligned as the kernel reads it; the caller gives it back (`give_scratch`).
-/// Nothing allocated once warm.
-fn weight_bwd_nhwc_bf16_scratch(
-    be: &CudaBackend,
-    s: &Conv2d,
-    w: &CudaSlice<f32>,
-    op: &str,
-) -> Result<CudaSlice<f32>> {
-    let tc = tc_kernels(be)?;
-    let len = bf16s_bwd_weight_len(s);
-    // Two bf16 per f32 slot (len is a multiple of 8); never an empty buffer.
-    let mut wt = be.take_scratch((len / 2).max(4))?;
-    let r = (|| {
-        if len > 0 {
-            let a = int_args([s.c_in, s.c_out, s.kh, s.kw, s.stride, len])?;
-            // SAFETY: w holds w_len values, wt len bf16 (len / 2 slots).
-            unsafe {
-                tc.weight_bwd_nhwc_bf16
-                    .on(be.stream())
-                    .arg(w)
-                    .arg(&mut wt)
-                    .ints(&a)
-                    .launch(grid(len))?
-            };
-        }
-        // The kernel copies the weights' rows 16 bytes at a time: a scratch buffer is a whole
-        // allocation (256-byte aligned).
-        if !be.ptr(&wt).is_multiple_of(16) {
-            return Err(EngineError::Param(format!(
-                "{op}: the weight copy's scratch buffer is not 16-byte aligned"
-            )));
-        }
-        Ok(())
-    })();
-    match r {
-        Ok(()) => Ok(wt),
-        Err(e) => {
-            be.give_scratch(wt);
-            Err(e)
-        }
-    }
-}
-
 impl CudaBackend {
     /// Whether the bf16-storage channels-last data gradient of `s` on a `dy` at device
     /// address `dy_addr` runs the wgmma kernel: the switch on ([`CudaBackend::set_wgmma`]),
@@ -461,26 +486,26 @@ impl CudaBackend {
     /// ([`WG_SMEM`]) within the device's per block (conv.rs's `TcKernel::Wgmma`), and the
     /// module loaded on a device of compute capability 9.0.
     pub(crate) fn conv_bwd_data_nhwc_bf16s_wgmma(&self, s: &Conv2d, dy_addr: u64) -> bool {
-        self.wgmma()
-            && self.conv_bwd_data_nhwc_bf16s_native(s)
-            && supported_bwd_data(s)
-            && dy_addr.is_multiple_of(16)
-            && self.fits(TcKernel::Wgmma)
-            && self.wgmma_ready()
+        self.wgmma_runs(
+            self.conv_bwd_data_nhwc_bf16s_native(s),
+            supported_bwd_data(s),
+            &[dy_addr],
+        )
     }
 
     /// The wgmma kernel the bf16-storage channels-last data gradient of `s` launches for a
     /// `dy` in an allocation of its own (16-byte aligned), or None where it does not run
     /// (switch off, not compute capability 9.0, the module not loaded, not bf16, route
-    /// `Never`, or not [`supported_bwd_data`]: the mma.sync kernel then runs); diagnostics and
-    /// tests.
+    /// `Never`, or not [`supported_bwd_data`]: the mma.sync kernel
+    /// `conv_bwd_data_nhwc_bf16s_kernel` names then runs); diagnostics and tests.
     pub fn conv_bwd_data_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        self.conv_bwd_data_nhwc_bf16s_wgmma(s, 0)
-            .then_some(if tile_n_bwd_data(s) == 64 {
-                "conv2d_bwd_data_wgmma_n64"
-            } else {
-                "conv2d_bwd_data_wgmma_n128"
-            })
+        self.conv_bwd_data_nhwc_bf16s_wgmma(s, 0).then(|| {
+            by_tile(
+                tile_n_bwd_data(s),
+                "conv2d_bwd_data_wgmma_n64",
+                "conv2d_bwd_data_wgmma_n128",
+            )
+        })
     }
 
     /// `conv2d_bwd_data_nhwc_bf16s_native` on the wgmma kernel: the weights' bf16 copy in the
@@ -502,12 +527,7 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "conv2d_bwd_data_nhwc_bf16s_wgmma";
         if !self.conv_bwd_data_nhwc_bf16s_wgmma(s, self.ptr(dy)) {
-            return Err(EngineError::Param(format!(
-                "{OP}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
-                self.wgmma(),
-                self.info().compute_capability,
-                self.precision()
-            )));
+            return Err(self.wgmma_refused(OP, s));
         }
         if s.x_len() == 0 {
             return Ok(());
@@ -515,26 +535,26 @@ impl CudaBackend {
         let g = geometry(s)?;
         let tn = tile_n_bwd_data(s);
         let (gx, _) = phase_grid(s, TILE_M);
-        let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tn), 1), THREADS)?;
-        cfg.shared_mem_bytes = WG_SMEM;
-        let ks = kernels(self).map_err(|why| EngineError::Cuda {
-            op: OP.to_string(),
-            msg: why,
-        })?;
-        let kern = if tn == 64 {
-            &ks.bwd_data_n64
-        } else {
-            &ks.bwd_data_n128
-        };
-        let wt = weight_bwd_nhwc_bf16_scratch(self, s, w, OP)?;
-        let r = {
-            let mut l = kern.on(self.stream());
-            l.arg(dy).arg(&wt).arg(dx).ints(&g[..9]);
-            // SAFETY: the caller's contract; wt holds the phases' padded bf16 weight rows.
-            unsafe { l.launch(cfg) }
-        };
-        self.give_scratch(wt);
-        r
+        let copy = || weight_bwd_nhwc_bf16_scratch(self, s, w, OP);
+        // SAFETY: the caller's contract; the copy holds the phases' padded bf16 weight rows.
+        unsafe {
+            self.launch_wgmma(
+                OP,
+                (gx, s.c_in.div_ceil(tn)),
+                |ks| {
+                    if tn == 64 {
+                        &ks.bwd_data_n64
+                    } else {
+                        &ks.bwd_data_n128
+                    }
+                },
+                copy,
+                dy,
+                dx,
+                &g[..9],
+                Epilogue::Plain,
+            )
+        }
     }
 }
 
@@ -582,25 +602,25 @@ impl CudaBackend {
         x_addr: u64,
         dy_addr: u64,
     ) -> bool {
-        self.wgmma()
-            && self.conv_bwd_weight_nhwc_bf16s_native(s)
-            && wgrad_supported(s)
-            && x_addr.is_multiple_of(16)
-            && dy_addr.is_multiple_of(16)
-            && self.fits(TcKernel::Wgmma)
-            && self.wgmma_ready()
+        self.wgmma_runs(
+            self.conv_bwd_weight_nhwc_bf16s_native(s),
+            wgrad_supported(s),
+            &[x_addr, dy_addr],
+        )
     }
 
     /// The wgmma kernel the bf16-storage channels-last weight gradient of `s` launches for x
     /// and dy in allocations of their own (16-byte aligned), or None where it does not run (the
-    /// mma.sync kernel `conv2d_bwd_weight_mma_nhwc_bf16s` then runs); diagnostics and tests.
+    /// mma.sync kernel `conv_bwd_weight_nhwc_bf16s_kernel` names,
+    /// `conv2d_bwd_weight_mma_nhwc_bf16s`, then runs); diagnostics and tests.
     pub fn conv_bwd_weight_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        self.conv_bwd_weight_nhwc_bf16s_wgmma(s, 0, 0)
-            .then_some(if wgrad_tile_n(s) == 64 {
-                "conv2d_bwd_weight_wgmma_n64"
-            } else {
-                "conv2d_bwd_weight_wgmma_n128"
-            })
+        self.conv_bwd_weight_nhwc_bf16s_wgmma(s, 0, 0).then(|| {
+            by_tile(
+                wgrad_tile_n(s),
+                "conv2d_bwd_weight_wgmma_n64",
+                "conv2d_bwd_weight_wgmma_n128",
+            )
+        })
     }
 
     /// `conv2d_bwd_weight_nhwc_bf16s_native` on the wgmma kernel: one launch of
@@ -623,12 +643,7 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "conv2d_bwd_weight_nhwc_bf16s_wgmma";
         if !self.conv_bwd_weight_nhwc_bf16s_wgmma(s, self.ptr(x), self.ptr(dy)) {
-            return Err(EngineError::Param(format!(
-                "{OP}: the wgmma kernel does not run {s:?} here (switch {}, compute capability {:?}, precision {})",
-                self.wgmma(),
-                self.info().compute_capability,
-                self.precision()
-            )));
+            return Err(self.wgmma_refused(OP, s));
         }
         let g = geometry(s)?;
         let nc = s.c_in * s.kh * s.kw;
@@ -636,10 +651,7 @@ impl CudaBackend {
             return Ok(());
         }
         let k = s.n * s.out_h() * s.out_w();
-        let ks = kernels(self).map_err(|why| EngineError::Cuda {
-            op: OP.to_string(),
-            msg: why,
-        })?;
+        let ks = kernels_for(self, OP)?;
         let tn = wgrad_tile_n(s);
         let kern: &Kernel = if tn == 64 {
             &ks.wgrad_n64
