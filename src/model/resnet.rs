@@ -753,6 +753,19 @@ pub(crate) struct BackboneGrads<B: Backend> {
     pub dgap: B::Buf,
 }
 
+/// The buffers of a plan (eval activations or training gradients), zeroed: one of each of
+/// `plan.lens`.
+fn plan_buffers<B: Backend>(be: &B, plan: &Plan) -> Result<Vec<B::Buf>, ModelError> {
+    plan.lens
+        .iter()
+        .map(|&l| {
+            let l = usize::try_from(l)
+                .map_err(|_| ModelError::Internal(format!("a buffer of {l} values")))?;
+            Ok(be.zeros(l)?)
+        })
+        .collect()
+}
+
 impl<B: Backend> BackboneGrads<B> {
     pub fn new(be: &B, a: &BackboneActs<B>) -> Result<Self, ModelError> {
         let (ops, plan) = grad_plan::grad_plan(&a.grad_shape(be))
@@ -780,15 +793,7 @@ impl<B: Backend> BackboneGrads<B> {
         ops: GradOps,
         plan: Plan,
     ) -> Result<Self, ModelError> {
-        let bufs = plan
-            .lens
-            .iter()
-            .map(|&l| {
-                let l = usize::try_from(l)
-                    .map_err(|_| ModelError::Internal(format!("a buffer of {l} values")))?;
-                Ok::<_, ModelError>(be.zeros(l)?)
-            })
-            .collect::<Result<_, _>>()?;
+        let bufs = plan_buffers(be, &plan)?;
         Ok(BackboneGrads {
             n: a.n,
             h: a.h,
@@ -1319,15 +1324,7 @@ impl<B: Backend> BackboneEval<B> {
         };
         let plan = eval_plan::plan(&plan_ops(&ops, slots))
             .map_err(|e| ModelError::Internal(format!("eval activation plan: {e}")))?;
-        let bufs = plan
-            .lens
-            .iter()
-            .map(|&l| {
-                let l = usize::try_from(l)
-                    .map_err(|_| ModelError::Internal(format!("a buffer of {l} values")))?;
-                Ok::<_, ModelError>(be.zeros(l)?)
-            })
-            .collect::<Result<_, _>>()?;
+        let bufs = plan_buffers(be, &plan)?;
         Ok(BackboneEval {
             n,
             h,
