@@ -412,7 +412,8 @@ for f in glob.glob(os.path.join(log, "torch-*.log")):
 print("workload | ichcam ms | PyTorch best ms | ratio | goal")
 print("--- | --- | --- | --- | ---")
 for key, label, goal, issue_torch in ROWS:
-    mine = [(v["median_ms"], tag.split("-")[-1] if not tag.endswith("eager") else "eager", v) for tag, v in ich.items()
+    # The variant: what follows the workload in the step's name (f32, bf16-wgmma, f32-eager, ...).
+    mine = [(v["median_ms"], tag[len(key) + 1:], v) for tag, v in ich.items()
             if tag.startswith(key + "-")]
     best = min(mine, key=lambda m: m[0]) if mine else None
     ts = torch.get(key, [])
