@@ -29,7 +29,7 @@
 
 mod common;
 use common::cuda::{device, emulated, gpu_at, rel_err};
-use common::nhwc::{bn_of, bn_params};
+use common::nhwc::{bf16s_outputs, bn_of, OpData};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -37,7 +37,7 @@ use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::backend::{LayoutChoice, StorageChoice};
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
-use ichcam::engine::{ActStorage, Backend, Conv2d, Precision};
+use ichcam::engine::{Backend, Conv2d, Precision};
 use ichcam::model::{BlockKind, CamPassBufs, IchNet, ModelConfig};
 
 fn main() {
@@ -168,20 +168,11 @@ fn shallow_kernels_by_limit() {
     }
 }
 
-struct Data {
-    s: Conv2d,
-    x: Vec<f32>,
-    w: Vec<f32>,
-    dy: Vec<f32>,
-    bn: [Vec<f32>; 4],
-    residual: Vec<f32>,
-}
-
 /// The outputs of the ops that have a shallow ring, on `be` (the CPU for the reference): the
 /// NCHW plain, eval (residual, ReLU) and training forwards (z and y), data and weight
 /// gradients; at bf16 (`bf16s`) the bf16-storage channels-last eval forward, training forward
 /// (z, y), data and weight gradients, unpacked.
-fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
+fn outputs<B: Backend<T = f32>>(be: &B, d: &OpData, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
     let s = &d.s;
     let bn = bn_of(s);
     let up = |v: &[f32]| be.upload(v).expect("upload");
@@ -232,83 +223,12 @@ fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static 
     if !bf16s {
         return out;
     }
-    let slots = |n: usize| be.storage_slots(ActStorage::Bf16, n);
-    let pack = |b: &B::Buf, n: usize| {
-        let mut p = up(&vec![0.0; slots(n)]);
-        be.pack_bf16(b, &mut p).expect("pack_bf16");
-        p
-    };
-    let unpack = |b: &B::Buf, n: usize| {
-        let mut f = nan(n);
-        be.unpack_bf16(b, &mut f).expect("unpack_bf16");
-        down(&f)
-    };
-    let (xh, dyh, resh) = (
-        pack(&x, s.x_len()),
-        pack(&dy, s.y_len()),
-        pack(&res, s.y_len()),
-    );
-    let mut yh = up(&vec![0.0; slots(s.y_len())]);
-    be.conv2d_bn_eval_fwd_nhwc_bf16(
-        s,
-        &bn,
-        &xh,
-        &w,
-        &ga,
-        &bt,
-        &rm,
-        &rv,
-        Some(&resh),
-        true,
-        &mut yh,
-    )
-    .expect("conv2d_bn_eval_fwd_nhwc_bf16");
-    out.push(("bf16s eval", unpack(&yh, s.y_len())));
-    let (mut rm2, mut rv2) = (up(&d.bn[2]), up(&d.bn[3]));
-    let (mut sm, mut si) = (nan(c), nan(c));
-    let mut zh = up(&vec![0.0; slots(s.y_len())]);
-    let mut yh = up(&vec![0.0; slots(s.y_len())]);
-    be.conv2d_bn_train_fwd_nhwc_bf16(
-        s,
-        &bn,
-        &xh,
-        &w,
-        &ga,
-        &bt,
-        &mut rm2,
-        &mut rv2,
-        &mut sm,
-        &mut si,
-        &mut zh,
-        &mut yh,
-        Some(&resh),
-        true,
-    )
-    .expect("conv2d_bn_train_fwd_nhwc_bf16");
-    out.push(("bf16s train z", unpack(&zh, s.y_len())));
-    out.push(("bf16s train y", unpack(&yh, s.y_len())));
-    out.push(("bf16s train running_var", down(&rv2)));
-    let mut dx = nan(s.x_len());
-    be.conv2d_bwd_data_nhwc_bf16(s, &dyh, &w, &mut dx)
-        .expect("conv2d_bwd_data_nhwc_bf16");
-    out.push(("bf16s bwd_data", down(&dx)));
-    let mut dw = nan(s.w_len());
-    be.conv2d_bwd_weight_nhwc_bf16(s, &xh, &dyh, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16");
-    out.push(("bf16s bwd_weight", down(&dw)));
+    out.extend(bf16s_outputs(be, d));
     out
 }
 
-fn data(s: Conv2d) -> Data {
-    let mut rng = SplitMix64::fresh(&format!("smem_99k_{s:?}"));
-    Data {
-        s,
-        x: rng.vec_f32(s.x_len(), -1.0, 1.0),
-        w: rng.vec_f32(s.w_len(), -0.3, 0.3),
-        dy: rng.vec_f32(s.y_len(), -1.0, 1.0),
-        bn: bn_params(&mut rng, s.c_out),
-        residual: rng.vec_f32(s.y_len(), -1.0, 1.0),
-    }
+fn data(s: Conv2d) -> OpData {
+    OpData::new(s, "smem_99k")
 }
 
 /// Each op at 99 KiB (the shallow ring) equals the op without a limit (the deep ring) bit for

@@ -34,13 +34,12 @@
 
 mod common;
 use common::cuda::{device, emulated, gpu_at, rel_err};
-use common::nhwc::{bn_of, bn_params};
-use common::rng::SplitMix64;
+use common::nhwc::{bf16s_outputs, bn_of, OpData};
 use common::shapes::conv;
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
-use ichcam::engine::{ActStorage, Backend, Conv2d, Precision};
+use ichcam::engine::{Backend, Conv2d, Precision};
 
 fn main() {
     common::cuda::main_with_threads(
@@ -245,17 +244,8 @@ fn kernels_by_limit() {
 }
 
 /// Every op's outputs on `be` for the case's data (f32 storage, then at bf16 the
-/// bf16-storage ops, their outputs unpacked).
-struct Data {
-    s: Conv2d,
-    x: Vec<f32>,
-    w: Vec<f32>,
-    dy: Vec<f32>,
-    bn: [Vec<f32>; 4],
-    residual: Vec<f32>,
-}
-
-fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
+/// bf16-storage ops, [`bf16s_outputs`]).
+fn outputs<B: Backend<T = f32>>(be: &B, d: &OpData, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
     let s = &d.s;
     let bn = bn_of(s);
     let up = |v: &[f32]| be.upload(v).expect("upload");
@@ -317,70 +307,7 @@ fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static 
     if !bf16s {
         return out;
     }
-    // bf16 storage: the f32 data packed (rounded) by the backend itself, the outputs unpacked.
-    let slots = |n: usize| be.storage_slots(ActStorage::Bf16, n);
-    let pack = |b: &B::Buf, n: usize| {
-        let mut p = up(&vec![0.0; slots(n)]);
-        be.pack_bf16(b, &mut p).expect("pack_bf16");
-        p
-    };
-    let unpack = |b: &B::Buf, n: usize| {
-        let mut f = nan(n);
-        be.unpack_bf16(b, &mut f).expect("unpack_bf16");
-        down(&f)
-    };
-    let (xh, dyh, resh) = (
-        pack(&x, s.x_len()),
-        pack(&dy, s.y_len()),
-        pack(&res, s.y_len()),
-    );
-    let mut yh = up(&vec![0.0; slots(s.y_len())]);
-    be.conv2d_bn_eval_fwd_nhwc_bf16(
-        s,
-        &bn,
-        &xh,
-        &w,
-        &ga,
-        &bt,
-        &rm,
-        &rv,
-        Some(&resh),
-        true,
-        &mut yh,
-    )
-    .expect("conv2d_bn_eval_fwd_nhwc_bf16");
-    out.push(("bf16s eval", unpack(&yh, s.y_len())));
-    let (mut rm2, mut rv2) = (up(&d.bn[2]), up(&d.bn[3]));
-    let (mut sm, mut si) = (nan(c), nan(c));
-    let mut zh = up(&vec![0.0; slots(s.y_len())]);
-    let mut yh = up(&vec![0.0; slots(s.y_len())]);
-    be.conv2d_bn_train_fwd_nhwc_bf16(
-        s,
-        &bn,
-        &xh,
-        &w,
-        &ga,
-        &bt,
-        &mut rm2,
-        &mut rv2,
-        &mut sm,
-        &mut si,
-        &mut zh,
-        &mut yh,
-        Some(&resh),
-        true,
-    )
-    .expect("conv2d_bn_train_fwd_nhwc_bf16");
-    out.push(("bf16s train z", unpack(&zh, s.y_len())));
-    out.push(("bf16s train y", unpack(&yh, s.y_len())));
-    let mut dx = nan(s.x_len());
-    be.conv2d_bwd_data_nhwc_bf16(s, &dyh, &w, &mut dx)
-        .expect("conv2d_bwd_data_nhwc_bf16");
-    out.push(("bf16s bwd_data", down(&dx)));
-    let mut dw = nan(s.w_len());
-    be.conv2d_bwd_weight_nhwc_bf16(s, &xh, &dyh, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16");
-    out.push(("bf16s bwd_weight", down(&dw)));
+    out.extend(bf16s_outputs(be, d));
     out
 }
 
@@ -391,15 +318,7 @@ fn ops_match_cpu_at_lowered_limits() {
         conv(2, 16, 13, 11, 48, 3, 2, 1),
         conv(2, 96, 9, 8, 80, 1, 1, 0),
     ] {
-        let mut rng = SplitMix64::fresh(&format!("smem_limit_{s:?}"));
-        let d = Data {
-            s,
-            x: rng.vec_f32(s.x_len(), -1.0, 1.0),
-            w: rng.vec_f32(s.w_len(), -0.3, 0.3),
-            dy: rng.vec_f32(s.y_len(), -1.0, 1.0),
-            bn: bn_params(&mut rng, s.c_out),
-            residual: rng.vec_f32(s.y_len(), -1.0, 1.0),
-        };
+        let d = OpData::new(s, "smem_limit");
         let cpu = CpuBackend::<f32>::new();
         for p in [Precision::Tf32, Precision::Bf16] {
             let bf16 = p == Precision::Bf16;
