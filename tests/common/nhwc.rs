@@ -8,7 +8,8 @@
 //! [`wgrad_data`]), the bf16-storage weight gradient ([`gpu_dw_bf16s`]) and the stride-2 data gradient's zero-tap check ([`check_zero_taps`]) of
 //! the channels-last training kernels' tests (tests/cuda_conv_nhwc_train*.rs,
 //! tests/cuda_conv_nhwc_wgrad.rs, tests/cuda_conv_wgmma_*.rs); one convolution's operands
-//! ([`OpData`]) and the bf16-storage ops' outputs on them ([`bf16s_outputs`]) of the
+//! ([`OpData`]) and the f32- and bf16-storage channels-last ops' outputs on them
+//! ([`nhwc_outputs`], [`bf16s_outputs`]) of the
 //! shared-memory limit tests (tests/cuda_conv_smem_limit.rs, tests/cuda_conv_smem_99k.rs).
 
 use super::rng::SplitMix64;
@@ -389,6 +390,57 @@ impl OpData {
             residual: rng.vec_f32(s.y_len(), -1.0, 1.0),
         }
     }
+}
+
+/// The channels-last ops on f32 storage on `be` (a CUDA backend at tf32 or bf16, or the
+/// CPU's reference) for `d`'s data: the eval forward (residual, ReLU), the training forward (z,
+/// y and the running variance), the data and weight gradients. Labels start with "nhwc".
+pub fn nhwc_outputs<B: Backend<T = f32>>(be: &B, d: &OpData) -> Vec<(&'static str, Vec<f32>)> {
+    let s = &d.s;
+    let bn = bn_of(s);
+    let up = |v: &[f32]| be.upload(v).expect("upload");
+    let nan = |n: usize| up(&vec![f32::NAN; n]);
+    let down = |b: &B::Buf| be.download(b).expect("download");
+    let (x, w, dy, res) = (up(&d.x), up(&d.w), up(&d.dy), up(&d.residual));
+    let [ga, bt, rm, rv] = [0, 1, 2, 3].map(|i| up(&d.bn[i]));
+    let c = s.c_out;
+    let mut out = Vec::new();
+    let mut y = nan(s.y_len());
+    be.conv2d_bn_eval_fwd_nhwc(s, &bn, &x, &w, &ga, &bt, &rm, &rv, Some(&res), true, &mut y)
+        .expect("conv2d_bn_eval_fwd_nhwc");
+    out.push(("nhwc eval", down(&y)));
+    let (mut rm2, mut rv2) = (up(&d.bn[2]), up(&d.bn[3]));
+    let (mut sm, mut si) = (nan(c), nan(c));
+    let (mut z, mut y) = (nan(s.y_len()), nan(s.y_len()));
+    be.conv2d_bn_train_fwd_nhwc(
+        s,
+        &bn,
+        &x,
+        &w,
+        &ga,
+        &bt,
+        &mut rm2,
+        &mut rv2,
+        &mut sm,
+        &mut si,
+        &mut z,
+        &mut y,
+        Some(&res),
+        true,
+    )
+    .expect("conv2d_bn_train_fwd_nhwc");
+    out.push(("nhwc train z", down(&z)));
+    out.push(("nhwc train y", down(&y)));
+    out.push(("nhwc train running_var", down(&rv2)));
+    let mut dx = nan(s.x_len());
+    be.conv2d_bwd_data_nhwc(s, &dy, &w, &mut dx)
+        .expect("conv2d_bwd_data_nhwc");
+    out.push(("nhwc bwd_data", down(&dx)));
+    let mut dw = nan(s.w_len());
+    be.conv2d_bwd_weight_nhwc(s, &x, &dy, &mut dw)
+        .expect("conv2d_bwd_weight_nhwc");
+    out.push(("nhwc bwd_weight", down(&dw)));
+    out
 }
 
 /// The bf16-storage ops on `be` (a CUDA backend at bf16, or the CPU's reference) for `d`'s
