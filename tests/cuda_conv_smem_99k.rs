@@ -17,7 +17,7 @@
 //!   on shapes that take both tiles, every copy path of the bf16-storage x and dy (16-, 4-byte
 //!   copies and 2-byte loads: channels % 8 == 0, even, odd), the NCHW and the channels-last
 //!   f32-storage 16- and 4-byte paths (x, w, dy), and rings that wrap many times (18 K tiles
-//!   of the 3x3 64-channel shape; 12 per split of the 720-pixel weight gradient);
+//!   of the 3x3 64-channel shape; 12 and 11 in the two splits of the 720-pixel weight gradient);
 //! - a small model's eval passes at 99 KiB equal the unlimited ones bit for bit: the CAM pass
 //!   of a bf16 model in bf16 channels-last storage (`ichcam segment`'s path), of NCHW models
 //!   at tf32 and bf16 (route `Always`) and of channels-last f32-storage ones at tf32 and bf16,
@@ -85,7 +85,9 @@ fn at(p: Precision, limit: Option<u32>) -> CudaBackend {
 /// gradient (at most 64: the 64 x 256 tile). The bf16-storage copy paths go by `c_in` for
 /// the forwards' x and by `c_out` for the data gradient's dy (16-byte copies where % 8 == 0,
 /// 4-byte where even, 2-byte loads where odd); the NCHW ones by K % 4 (the weights) and 1x1
-/// stride 1 (x).
+/// stride 1 (x); the channels-last f32-storage ones by K % 4 (the weights), `c_in` % 4 (x)
+/// and `c_out` % 4 (dy, the data gradient's weights): 16-byte copies for the first two and the
+/// last shape, 4-byte for the third and fourth.
 fn shapes() -> [(Conv2d, &'static str); 5] {
     [
         (

@@ -35,8 +35,9 @@
 //! tile instead of 128 x 128 (the `_m64` kernels, `NhwcTile`) where the GEMM's M, `c_out`
 //! of a forward or `c_in` of a data gradient, is at most 64. Every tensor-core kernel is taken
 //! only where its shared memory (one table: [`TcKernel`], [`shared_memory`]) fits what the
-//! device gives a block ([`CudaBackend::fits`]); elsewhere a smaller tile, or the fallback
-//! (WMMA for NCHW, layout changes or conversions for channels-last) runs.
+//! device gives a block ([`CudaBackend::fits`]); elsewhere a shallower cp.async ring
+//! ([`Ring`]: the `mma.sync` kernels' variants for 99 KiB per block), a smaller tile, or the
+//! fallback (WMMA for NCHW, layout changes or conversions for channels-last) runs.
 
 use cudarc::driver::CudaSlice;
 
@@ -429,9 +430,7 @@ impl<T: Copy> NhwcVariants<T> {
             (NhwcTile::Square, Ring::Deep) => self.square,
             (NhwcTile::M64, Ring::Deep) => self.m64,
             (NhwcTile::Square, Ring::Shallow) => self.square_s2,
-            (NhwcTile::M64, Ring::Shallow) => {
-                return (p == Precision::Tf32).then_some(self.m64_s2)
-            }
+            (NhwcTile::M64, Ring::Shallow) => return (p == Precision::Tf32).then_some(self.m64_s2),
         };
         match p {
             Precision::Bf16 => Some(bf16),
@@ -2676,8 +2675,16 @@ mod tests {
         use NhwcTile::{Square, M64};
         type Kind = fn(NhwcTile) -> TcKernel;
         let kinds: [(&str, Kind, Precision); 3] = [
-            ("bf16", |t| TcKernel::MmaNhwc(t, Ring::Deep), Precision::Bf16),
-            ("tf32", |t| TcKernel::MmaNhwc(t, Ring::Deep), Precision::Tf32),
+            (
+                "bf16",
+                |t| TcKernel::MmaNhwc(t, Ring::Deep),
+                Precision::Bf16,
+            ),
+            (
+                "tf32",
+                |t| TcKernel::MmaNhwc(t, Ring::Deep),
+                Precision::Tf32,
+            ),
             (
                 "bf16s",
                 |t| TcKernel::MmaNhwcBf16s(t, Ring::Deep),
@@ -2740,8 +2747,16 @@ mod tests {
         for (rows, small) in [(1, true), (64, true), (65, false), (512, false)] {
             let by_rows = if small { M64 } else { Square };
             for (limit, bf16, tf32) in [
-                (SM90, Some((by_rows, Ring::Deep)), Some((by_rows, Ring::Deep))),
-                (SM80, Some((Square, Ring::Deep)), Some((by_rows, Ring::Deep))),
+                (
+                    SM90,
+                    Some((by_rows, Ring::Deep)),
+                    Some((by_rows, Ring::Deep)),
+                ),
+                (
+                    SM80,
+                    Some((Square, Ring::Deep)),
+                    Some((by_rows, Ring::Deep)),
+                ),
                 (
                     128 * 1024,
                     Some((Square, Ring::Shallow)),
