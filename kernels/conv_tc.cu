@@ -778,6 +778,21 @@ typedef MmaB<true, false, 64, 256> MmaBNhwc64;
 static_assert(MmaBNhwc64::SMEM == 163840 && MmaBNhwc64::SMEM_F32 == 138240, "conv.rs's mma_smem_nhwc (64 x 256)");
 static_assert(MmaBNhwc64::SMEM <= 227 * 1024 - 4 * 1024, "the opt-in limit of sm_90 (and the pixel table)");
 static_assert(256 * MmaTile<64>::LDC * 4 <= MmaBNhwc64::SMEM_F32, "the epilogue's f32 tile fits in the stages");
+// The channels-last f32-storage forwards' and data gradients' 2-stage rings (`_s2`, for 99 KiB
+// per block: sm_86, sm_89): 128 x 128 at bf16 and tf32 (92 / 72 KiB + the 2 KiB pixel table),
+// 64 x 256 at tf32 (90 KiB + 4 KiB); the 3-stage rings do not fit, nor does 64 x 256 at bf16
+// with 2 stages (115 KiB + 4 KiB: there the 128 x 128 `_s2` runs, conv.rs).
+typedef MmaB<true, false, MBM, MBN, MMA_STAGES_99K> MmaBNhwc99k;
+typedef MmaB<true, false, 64, 256, MMA_STAGES_99K> MmaBNhwc64_99k;
+static_assert(MmaBNhwc99k::SMEM == 94208 && MmaBNhwc99k::SMEM_F32 == 73728 && MmaBNhwc64_99k::SMEM_F32 == 92160,
+              "conv.rs's shared_memory (NHWC, _s2)");
+static_assert(MmaBNhwc99k::SMEM + MBN * 16 <= SMEM_99K && MmaBNhwc64_99k::SMEM_F32 + 256 * 16 <= SMEM_99K,
+              "the _s2 rings with their pixel tables: 99 KiB");
+static_assert(MmaB<true>::SMEM_F32 + MBN * 16 > SMEM_99K && MmaBNhwc64::SMEM_F32 + 256 * 16 > SMEM_99K &&
+                  MmaBNhwc64_99k::SMEM + 256 * 16 > SMEM_99K,
+              "no deeper ring (nor 64 x 256 at bf16) fits 99 KiB");
+static_assert(MBN * MLDC * 4 <= MmaBNhwc99k::SMEM_F32 && 256 * MmaTile<64>::LDC * 4 <= MmaBNhwc64_99k::SMEM_F32,
+              "the epilogue's f32 tile fits in the _s2 stages");
 
 // A tf32 operand: the f32 rounded to nearest, ties away (cvt.rna.tf32.f32, as the WMMA
 // kernels round), as the register mma.sync reads.
@@ -1530,8 +1545,9 @@ __device__ __forceinline__ void nhwc_gather(const NhwcPixel* pix, int nl0, int k
 
 // The channels-last forward; EPI_BN (eval: ss, res, relu) or EPI_STATS (training: z = acc and
 // part_s, part_q, C_out * T values each, T = ceil(N*OH*OW / 64)); the block tile BM x BN
-// (MmaTile: 128 x 128, or 64 x 256 for C_out <= 64), pix BN entries.
-template <bool TF32, int EPI, int BM = MBM>
+// (MmaTile: 128 x 128, or 64 x 256 for C_out <= 64), pix BN entries; S stages (the `_s2`
+// kernels: MMA_STAGES_99K).
+template <bool TF32, int EPI, int BM = MBM, int S = MMA_STAGES>
 __device__ __forceinline__ void conv_fwd_mma_nhwc(NhwcPixel* pix, const float* __restrict__ x,
                                                   const float* __restrict__ w, float* __restrict__ y, int N, int C,
                                                   int H, int W, int CO, int KH, int KW, int stride, int pad,
@@ -1564,7 +1580,7 @@ __device__ __forceinline__ void conv_fwd_mma_nhwc(NhwcPixel* pix, const float* _
     };
 
     float acc[4][4][4];
-    mma_mainloop<TF32, true, false, BM>(smem, (K + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32, true, false, BM, S>(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
     mma_store<true, BM>(Cs, acc);
     // Channel tid % BM of pixels tid / BM + (256 / BM) i: a warp writes 32 consecutive
@@ -1720,6 +1736,63 @@ conv2d_fwd_stats_mma_nhwc_tf32_m64(const float* __restrict__ x, const float* __r
                                            part_s, part_q, vec);
 }
 
+// The channels-last forwards on the 2-stage ring (`_s2`, for 99 KiB per block: sm_86, sm_89),
+// the same arithmetic in the same order: 128 x 128 at bf16 and tf32 (MmaBNhwc99k::SMEM /
+// SMEM_F32 bytes of dynamic shared memory), 64 x 256 at tf32 (MmaBNhwc64_99k::SMEM_F32).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_bf16_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                               int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                               const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc<false, EPI_BN, MBM, MMA_STAGES_99K>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res,
+                                                          relu, nullptr, nullptr, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_tf32_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int N,
+                               int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                               const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc<true, EPI_BN, MBM, MMA_STAGES_99K>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res,
+                                                         relu, nullptr, nullptr, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_bn_mma_nhwc_tf32_m64_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                                   int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                   const float* __restrict__ ss, const float* __restrict__ res, int relu, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc<true, EPI_BN, 64, MMA_STAGES_99K>(pix, x, w, y, N, C, H, W, CO, KH, KW, stride, pad, ss, res,
+                                                        relu, nullptr, nullptr, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_bf16_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ z,
+                                  int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                  double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc<false, EPI_STATS, MBM, MMA_STAGES_99K>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad,
+                                                             nullptr, nullptr, 0, part_s, part_q, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_tf32_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ z,
+                                  int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                  double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_fwd_mma_nhwc<true, EPI_STATS, MBM, MMA_STAGES_99K>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad,
+                                                            nullptr, nullptr, 0, part_s, part_q, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_fwd_stats_mma_nhwc_tf32_m64_s2(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ z,
+                                      int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad,
+                                      double* __restrict__ part_s, double* __restrict__ part_q, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_fwd_mma_nhwc<true, EPI_STATS, 64, MMA_STAGES_99K>(pix, x, w, z, N, C, H, W, CO, KH, KW, stride, pad, nullptr,
+                                                           nullptr, 0, part_s, part_q, vec);
+}
+
 // ---- Channels-last data gradient ---------------------------------------------------------
 //
 // dx = conv_transpose(dy, w) on channels-last tensors: dy [N][OH][OW][CO], dx [N][H][W][C],
@@ -1804,8 +1877,9 @@ __device__ __forceinline__ void nhwc_phase_pixels(NhwcPixel* pix, const PhaseGem
 }
 
 // BM: the block tile BM x BN (MmaTile: 128 x 128, or 64 x 256 for C_in <= 64, M being C_in
-// here), pix BN entries, each phase's pixels in runs of BN.
-template <bool TF32, int BM = MBM>
+// here), pix BN entries, each phase's pixels in runs of BN; S stages (the `_s2` kernels:
+// MMA_STAGES_99K).
+template <bool TF32, int BM = MBM, int S = MMA_STAGES>
 __device__ __forceinline__ void conv_bwd_data_mma_nhwc(NhwcPixel* pix, const float* __restrict__ dy,
                                                        const float* __restrict__ wt, float* __restrict__ dx, int N,
                                                        int C, int H, int W, int CO, int KH, int KW, int stride,
@@ -1841,7 +1915,7 @@ __device__ __forceinline__ void conv_bwd_data_mma_nhwc(NhwcPixel* pix, const flo
     };
 
     float acc[4][4][4];
-    mma_mainloop<TF32, true, false, BM>(smem, (K + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32, true, false, BM, S>(smem, (K + MBK - 1) / MBK, issue, acc);
     float* Cs = (float*)smem;
     mma_store<true, BM>(Cs, acc);
     // Channel tid % BM of pixels tid / BM + (256 / BM) i: a warp writes 32 consecutive
@@ -1890,6 +1964,30 @@ conv2d_bwd_data_mma_nhwc_tf32_m64(const float* __restrict__ dy, const float* __r
                                   int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
     __shared__ NhwcPixel pix[MmaTile<64>::BN];
     conv_bwd_data_mma_nhwc<true, 64>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+// The same on the 2-stage ring (`_s2`, for 99 KiB per block), as the forwards': 128 x 128 at
+// bf16 and tf32, 64 x 256 at tf32.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_bf16_s2(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
+                                 int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_bwd_data_mma_nhwc<false, MBM, MMA_STAGES_99K>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_tf32_s2(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
+                                 int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MBN];
+    conv_bwd_data_mma_nhwc<true, MBM, MMA_STAGES_99K>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_data_mma_nhwc_tf32_m64_s2(const float* __restrict__ dy, const float* __restrict__ wt,
+                                     float* __restrict__ dx, int N, int C, int H, int W, int CO, int KH, int KW,
+                                     int stride, int pad, int vec) {
+    __shared__ NhwcPixel pix[MmaTile<64>::BN];
+    conv_bwd_data_mma_nhwc<true, 64, MMA_STAGES_99K>(pix, dy, wt, dx, N, C, H, W, CO, KH, KW, stride, pad, vec);
 }
 
 // ---- The same with bf16 activation storage (--precision bf16) ----------------------------
@@ -2339,6 +2437,12 @@ conv2d_bwd_data_mma_nhwc_bf16s_m64_s3(const __nv_bfloat16* __restrict__ dy, cons
 typedef MmaB<false, true> WgradNhwc;
 static_assert(WgradNhwc::SMEM == 118784 && WgradNhwc::SMEM_F32 == 101376, "conv.rs's mma_smem_wgrad_nhwc");
 static_assert(MBM * MLDC * 4 <= WgradNhwc::SMEM_F32, "the epilogue's f32 tile fits in the stages");
+// The 2-stage ring at bf16 (`_s2`, for 99 KiB per block: sm_86, sm_89): 83 KiB; tf32's
+// 3-stage ring takes 99 KiB exactly and runs there as it is.
+typedef MmaB<false, true, MBM, MBN, MMA_STAGES_99K> WgradNhwc99k;
+static_assert(WgradNhwc99k::SMEM == 84992 && WgradNhwc99k::SMEM <= SMEM_99K, "conv.rs's shared_memory (WgradNhwc, _s2)");
+static_assert(WgradNhwc::SMEM > SMEM_99K && WgradNhwc::SMEM_F32 <= SMEM_99K, "bf16's 3 stages do not fit 99 KiB, tf32's do");
+static_assert(MBM * MLDC * 4 <= WgradNhwc99k::SMEM_F32, "the epilogue's f32 tile fits in the _s2 stages");
 static_assert(MBK == 4 * 8 && MBM == 4 * 32 && MBN == 4 * 32, "4 rows per thread, a warp's 32 lanes x 4 columns");
 
 // Column n of the weight gradient's GEMM (tap, c) packed as c << 16 | kh << 8 | kw, or -1 past NC.
@@ -2368,7 +2472,8 @@ __device__ __forceinline__ void wgrad_nhwc_store(float* Cs, const float (&acc)[4
     }
 }
 
-template <bool TF32>
+// S: the ring's depth (MMA_STAGES; MMA_STAGES_99K for `_s2`), the arithmetic the same at any.
+template <bool TF32, int S = MMA_STAGES>
 __device__ __forceinline__ void conv_bwd_weight_mma_nhwc(const float* __restrict__ x, const float* __restrict__ dy,
                                                          float* __restrict__ out, int N, int C, int H, int W, int CO,
                                                          int KH, int KW, int stride, int pad, int OH, int OW,
@@ -2438,7 +2543,7 @@ __device__ __forceinline__ void conv_bwd_weight_mma_nhwc(const float* __restrict
 
     float acc[4][4][4];
     const int klen = kend > kbeg ? kend - (int)kbeg : 0;
-    mma_mainloop<TF32, false, true>(smem, (klen + MBK - 1) / MBK, issue, acc);
+    mma_mainloop<TF32, false, true, MBM, S>(smem, (klen + MBK - 1) / MBK, issue, acc);
     wgrad_nhwc_store((float*)smem, acc, out, M, NC, C, KHW, m0, n0);
 }
 
@@ -2459,6 +2564,17 @@ conv2d_bwd_weight_mma_nhwc_tf32(const float* __restrict__ x, const float* __rest
                                 int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
                                 int OW, int chunk, int vec) {
     conv_bwd_weight_mma_nhwc<true>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk, vec);
+}
+
+// The bf16 one on the 2-stage ring (`_s2`: WgradNhwc99k::SMEM, 84,992 bytes of dynamic shared
+// memory), which conv.rs launches where the device cannot give the 3-stage ring (99 KiB per
+// block: sm_86, sm_89); the same arithmetic in the same order.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+conv2d_bwd_weight_mma_nhwc_bf16_s2(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
+                                   int N, int C, int H, int W, int CO, int KH, int KW, int stride, int pad, int OH,
+                                   int OW, int chunk, int vec) {
+    conv_bwd_weight_mma_nhwc<false, MMA_STAGES_99K>(x, dy, out, N, C, H, W, CO, KH, KW, stride, pad, OH, OW, chunk,
+                                                    vec);
 }
 
 // ---- The weight gradient with bf16 activation storage (--precision bf16) ----------------

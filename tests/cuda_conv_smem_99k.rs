@@ -3,23 +3,30 @@
 //! (sm_86 / sm_89: 101,376 bytes), where the deep rings, sized for sm_90's 227 KiB, do not fit:
 //!
 //! - at 99 KiB the NCHW `mma.sync` forwards (plain, eval, training) and gradients run their
-//!   2-stage ring (`_s2`), the bf16-storage channels-last eval forward, training forward
-//!   and data gradient their 4-stage 128 x 128 ring (`_s4`) or 3-stage 64 x 256 ring
-//!   (`_m64_s3`) and the bf16-storage weight gradient its 5-stage ring (`_s5`), by the
-//!   kernel-name diagnostics; at 64 KiB (sm_75) none of them (WMMA, or the conversions
-//!   around it);
+//!   2-stage ring (`_s2`), the channels-last f32-storage eval forward, training forward and
+//!   data gradient their 2-stage ring (`_s2`: 128 x 128 at bf16 for any rows, no 64 x 256 ring
+//!   fitting there; at tf32 64 x 256 `_m64_s2` for at most 64 rows) and its weight gradient
+//!   at bf16 its 2-stage ring (`_bf16_s2`; tf32's deep ring fits), the bf16-storage
+//!   channels-last eval forward, training forward and data gradient their 4-stage 128 x 128
+//!   ring (`_s4`) or 3-stage 64 x 256 ring (`_m64_s3`) and the bf16-storage weight gradient
+//!   its 5-stage ring (`_s5`), by the kernel-name diagnostics; at 64 KiB (sm_75) none of them
+//!   (WMMA, or the layout changes / conversions around it);
 //! - each of those ops gives, at 99 KiB, BIT FOR BIT what the deep ring gives on the same
 //!   inputs without the limit (the depth changes how many K tiles are in flight, never the
 //!   order of the arithmetic), and is within the precision's tolerance of the CPU reference;
 //!   on shapes that take both tiles, every copy path of the bf16-storage x and dy (16-, 4-byte
-//!   copies and 2-byte loads: channels % 8 == 0, even, odd), the NCHW 16- and 4-byte paths,
-//!   and rings that wrap many times (18 K tiles of the 3x3 64-channel shape);
+//!   copies and 2-byte loads: channels % 8 == 0, even, odd), the NCHW and the channels-last
+//!   f32-storage 16- and 4-byte paths (x, w, dy), and rings that wrap many times (18 K tiles
+//!   of the 3x3 64-channel shape; 12 and 11 in the two splits of the 720-pixel weight gradient);
 //! - a small model's eval passes at 99 KiB equal the unlimited ones bit for bit: the CAM pass
-//!   of a bf16 model in bf16 channels-last storage (`ichcam segment`'s path) and of NCHW
-//!   models at tf32 and bf16 (route `Always`), with the features;
+//!   of a bf16 model in bf16 channels-last storage (`ichcam segment`'s path), of NCHW models
+//!   at tf32 and bf16 (route `Always`) and of channels-last f32-storage ones at tf32 and bf16,
+//!   with the features;
 //! - on the emulator, its launch profile (`EMU_PROFILE=1`, in child processes) shows every
-//!   shallow kernel launched by those ops at 99 KiB and none of the deep ones, and the eval
-//!   passes at 99 KiB launching shallow kernels (NCHW bf16 and tf32, bf16 storage), no deep one.
+//!   shallow kernel launched by those ops at 99 KiB, none of the deep ones and no layout
+//!   change (`transpose_tiles*`), and the eval passes at 99 KiB launching shallow kernels
+//!   (NCHW bf16 and tf32, bf16 storage, channels-last f32 storage at bf16 and tf32), no deep
+//!   one.
 //!
 //! The limit is lowered through `CudaBackend::limit_shared_memory_for_tests` (the emulator is
 //! an H100 and does not enforce it; the backend's launch guard `smem_dynamic` refuses a kernel
@@ -29,7 +36,7 @@
 
 mod common;
 use common::cuda::{device, emulated, gpu_at, rel_err};
-use common::nhwc::{bn_of, bn_params};
+use common::nhwc::{bf16s_outputs, bn_of, nhwc_outputs, OpData};
 use common::rng::SplitMix64;
 use common::shapes::conv;
 
@@ -37,7 +44,7 @@ use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::backend::{LayoutChoice, StorageChoice};
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
-use ichcam::engine::{ActStorage, Backend, Conv2d, Precision};
+use ichcam::engine::{Backend, Conv2d, Precision};
 use ichcam::model::{BlockKind, CamPassBufs, IchNet, ModelConfig};
 
 fn main() {
@@ -78,7 +85,9 @@ fn at(p: Precision, limit: Option<u32>) -> CudaBackend {
 /// gradient (at most 64: the 64 x 256 tile). The bf16-storage copy paths go by `c_in` for
 /// the forwards' x and by `c_out` for the data gradient's dy (16-byte copies where % 8 == 0,
 /// 4-byte where even, 2-byte loads where odd); the NCHW ones by K % 4 (the weights) and 1x1
-/// stride 1 (x).
+/// stride 1 (x); the channels-last f32-storage ones by K % 4 (the weights), `c_in` % 4 (x)
+/// and `c_out` % 4 (dy, the data gradient's weights): 16-byte copies for the first two and the
+/// last shape, 4-byte for the third and fourth.
 fn shapes() -> [(Conv2d, &'static str); 5] {
     [
         (
@@ -108,10 +117,15 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// The kernels the ops of `s` take on `g`: the NCHW forward, data and weight gradients, and
-/// the bf16-storage eval forward, training forward, data and weight gradients (None at tf32).
+/// The kernels the ops of `s` take on `g`: the NCHW forward, data and weight gradients, the
+/// channels-last f32-storage eval forward, training forward, data and weight gradients, and
+/// the bf16-storage ones (None at tf32).
 fn kernels(g: &CudaBackend, s: &Conv2d) -> Vec<Option<String>> {
     let mut k: Vec<Option<String>> = g.conv_kernels(s).map(|n| Some(n.to_string())).into();
+    k.push(g.conv_bn_eval_nhwc_kernel(s).map(String::from));
+    k.push(g.conv_fwd_stats_nhwc_kernel(s).map(String::from));
+    k.push(g.conv_bwd_data_nhwc_kernel(s).map(String::from));
+    k.push(g.conv_bwd_weight_nhwc_kernel(s).map(String::from));
     k.push(g.conv_bn_eval_nhwc_bf16s_kernel(s).map(String::from));
     k.push(g.conv_fwd_stats_nhwc_bf16s_kernel(s).map(String::from));
     k.push(g.conv_bwd_data_nhwc_bf16s_kernel(s).map(String::from));
@@ -120,7 +134,9 @@ fn kernels(g: &CudaBackend, s: &Conv2d) -> Vec<Option<String>> {
 }
 
 /// The names at each limit: without one the deep kernels (no suffix), at 99 KiB the shallow
-/// ones, at 64 KiB WMMA and no bf16-storage kernel.
+/// ones (but tf32's channels-last weight gradient, whose deep ring fits; the 128 x 128 `_s2`
+/// at bf16 for any rows: no 64 x 256 ring fits there), at 64 KiB WMMA and no channels-last
+/// kernel.
 fn shallow_kernels_by_limit() {
     for (s, what) in shapes() {
         for p in [Precision::Tf32, Precision::Bf16] {
@@ -149,17 +165,58 @@ fn shallow_kernels_by_limit() {
                     })
                 })
             };
-            let wgrad = |sfx: &str| bf16.then(|| format!("conv2d_bwd_weight_mma_nhwc_bf16s{sfx}"));
-            let want = |n: [Option<String>; 3], b: [Option<String>; 3], w: Option<String>| {
-                n.into_iter().chain(b).chain([w]).collect::<Vec<_>>()
+            let nhwc = |ring: &str| {
+                [
+                    ("conv2d_fwd_bn_mma_nhwc", s.c_out),
+                    ("conv2d_fwd_stats_mma_nhwc", s.c_out),
+                    ("conv2d_bwd_data_mma_nhwc", s.c_in),
+                ]
+                .map(|(k, rows)| {
+                    let m64 = rows <= 64;
+                    let sfx = match (m64, ring, bf16) {
+                        (false, "deep", _) => "",
+                        (true, "deep", _) => "_m64",
+                        (true, _, false) => "_m64_s2",
+                        _ => "_s2",
+                    };
+                    Some(format!("{k}_{p}{sfx}"))
+                })
             };
-            let deep = want(nchw(&format!("_mma_{p}")), bf16s("deep"), wgrad(""));
+            let nhwc_wgrad = |sfx: &str| Some(format!("conv2d_bwd_weight_mma_nhwc_{p}{sfx}"));
+            let wgrad = |sfx: &str| bf16.then(|| format!("conv2d_bwd_weight_mma_nhwc_bf16s{sfx}"));
+            let want = |n: [Option<String>; 3],
+                        f: [Option<String>; 3],
+                        fw: Option<String>,
+                        b: [Option<String>; 3],
+                        w: Option<String>| {
+                n.into_iter()
+                    .chain(f)
+                    .chain([fw])
+                    .chain(b)
+                    .chain([w])
+                    .collect::<Vec<_>>()
+            };
+            let deep = want(
+                nchw(&format!("_mma_{p}")),
+                nhwc("deep"),
+                nhwc_wgrad(""),
+                bf16s("deep"),
+                wgrad(""),
+            );
             let shallow = want(
                 nchw(&format!("_mma_{p}_s2")),
+                nhwc("shallow"),
+                nhwc_wgrad(if bf16 { "_s2" } else { "" }),
                 bf16s("shallow"),
                 wgrad("_s5"),
             );
-            let wmma = want(nchw(&format!("_{p}")), [None, None, None], None);
+            let wmma = want(
+                nchw(&format!("_{p}")),
+                [None, None, None],
+                None,
+                [None, None, None],
+                None,
+            );
             assert_eq!(kernels(&at(p, None), &s), deep, "{ctx}: no limit");
             assert_eq!(kernels(&at(p, Some(SM86)), &s), shallow, "{ctx}: 99 KiB");
             assert_eq!(kernels(&at(p, Some(SM75)), &s), wmma, "{ctx}: 64 KiB");
@@ -168,20 +225,12 @@ fn shallow_kernels_by_limit() {
     }
 }
 
-struct Data {
-    s: Conv2d,
-    x: Vec<f32>,
-    w: Vec<f32>,
-    dy: Vec<f32>,
-    bn: [Vec<f32>; 4],
-    residual: Vec<f32>,
-}
-
 /// The outputs of the ops that have a shallow ring, on `be` (the CPU for the reference): the
 /// NCHW plain, eval (residual, ReLU) and training forwards (z and y), data and weight
-/// gradients; at bf16 (`bf16s`) the bf16-storage channels-last eval forward, training forward
-/// (z, y), data and weight gradients, unpacked.
-fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
+/// gradients; the channels-last f32-storage eval forward, training forward, data and weight
+/// gradients ([`nhwc_outputs`]); at bf16 (`bf16s`) the bf16-storage ones, unpacked
+/// ([`bf16s_outputs`]).
+fn outputs<B: Backend<T = f32>>(be: &B, d: &OpData, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
     let s = &d.s;
     let bn = bn_of(s);
     let up = |v: &[f32]| be.upload(v).expect("upload");
@@ -229,86 +278,16 @@ fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static 
     be.conv2d_bwd_weight(s, &x, &dy, &mut dw)
         .expect("conv2d_bwd_weight");
     out.push(("nchw bwd_weight", down(&dw)));
+    out.extend(nhwc_outputs(be, d));
     if !bf16s {
         return out;
     }
-    let slots = |n: usize| be.storage_slots(ActStorage::Bf16, n);
-    let pack = |b: &B::Buf, n: usize| {
-        let mut p = up(&vec![0.0; slots(n)]);
-        be.pack_bf16(b, &mut p).expect("pack_bf16");
-        p
-    };
-    let unpack = |b: &B::Buf, n: usize| {
-        let mut f = nan(n);
-        be.unpack_bf16(b, &mut f).expect("unpack_bf16");
-        down(&f)
-    };
-    let (xh, dyh, resh) = (
-        pack(&x, s.x_len()),
-        pack(&dy, s.y_len()),
-        pack(&res, s.y_len()),
-    );
-    let mut yh = up(&vec![0.0; slots(s.y_len())]);
-    be.conv2d_bn_eval_fwd_nhwc_bf16(
-        s,
-        &bn,
-        &xh,
-        &w,
-        &ga,
-        &bt,
-        &rm,
-        &rv,
-        Some(&resh),
-        true,
-        &mut yh,
-    )
-    .expect("conv2d_bn_eval_fwd_nhwc_bf16");
-    out.push(("bf16s eval", unpack(&yh, s.y_len())));
-    let (mut rm2, mut rv2) = (up(&d.bn[2]), up(&d.bn[3]));
-    let (mut sm, mut si) = (nan(c), nan(c));
-    let mut zh = up(&vec![0.0; slots(s.y_len())]);
-    let mut yh = up(&vec![0.0; slots(s.y_len())]);
-    be.conv2d_bn_train_fwd_nhwc_bf16(
-        s,
-        &bn,
-        &xh,
-        &w,
-        &ga,
-        &bt,
-        &mut rm2,
-        &mut rv2,
-        &mut sm,
-        &mut si,
-        &mut zh,
-        &mut yh,
-        Some(&resh),
-        true,
-    )
-    .expect("conv2d_bn_train_fwd_nhwc_bf16");
-    out.push(("bf16s train z", unpack(&zh, s.y_len())));
-    out.push(("bf16s train y", unpack(&yh, s.y_len())));
-    out.push(("bf16s train running_var", down(&rv2)));
-    let mut dx = nan(s.x_len());
-    be.conv2d_bwd_data_nhwc_bf16(s, &dyh, &w, &mut dx)
-        .expect("conv2d_bwd_data_nhwc_bf16");
-    out.push(("bf16s bwd_data", down(&dx)));
-    let mut dw = nan(s.w_len());
-    be.conv2d_bwd_weight_nhwc_bf16(s, &xh, &dyh, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16");
-    out.push(("bf16s bwd_weight", down(&dw)));
+    out.extend(bf16s_outputs(be, d));
     out
 }
 
-fn data(s: Conv2d) -> Data {
-    let mut rng = SplitMix64::fresh(&format!("smem_99k_{s:?}"));
-    Data {
-        s,
-        x: rng.vec_f32(s.x_len(), -1.0, 1.0),
-        w: rng.vec_f32(s.w_len(), -0.3, 0.3),
-        dy: rng.vec_f32(s.y_len(), -1.0, 1.0),
-        bn: bn_params(&mut rng, s.c_out),
-        residual: rng.vec_f32(s.y_len(), -1.0, 1.0),
-    }
+fn data(s: Conv2d) -> OpData {
+    OpData::new(s, "smem_99k")
 }
 
 /// Each op at 99 KiB (the shallow ring) equals the op without a limit (the deep ring) bit for
@@ -399,11 +378,14 @@ fn eval_outputs(
 }
 
 /// The eval settings: bf16 in bf16 channels-last storage (`ichcam segment`'s path; default
-/// route), and NCHW at tf32 and bf16 (route `Always`: the `_s2` kernels).
-const EVAL_SETTINGS: [(Precision, LayoutChoice, StorageChoice); 3] = [
+/// route), NCHW at tf32 and bf16 (route `Always`: the `_s2` kernels), and channels-last f32
+/// storage at tf32 and bf16 (default route).
+const EVAL_SETTINGS: [(Precision, LayoutChoice, StorageChoice); 5] = [
     (Precision::Bf16, LayoutChoice::Nhwc, StorageChoice::Bf16),
     (Precision::Tf32, LayoutChoice::Nchw, StorageChoice::F32),
     (Precision::Bf16, LayoutChoice::Nchw, StorageChoice::F32),
+    (Precision::Tf32, LayoutChoice::Nhwc, StorageChoice::F32),
+    (Precision::Bf16, LayoutChoice::Nhwc, StorageChoice::F32),
 ];
 
 /// The eval input's (n, h, w) and values (3 channels).
@@ -470,6 +452,14 @@ fn eval_passes_at_99k_match_unlimited() {
 
 const CHILD: &str = "ICHCAM_SMEM_99K_TEST_CHILD";
 
+/// The layout-change kernels (`channels.cu`'s transposes, to and from bf16 too): what the
+/// channels-last ops ran around the NCHW ones where no channels-last kernel fitted.
+const LAYOUT_CHANGES: [&str; 3] = [
+    "transpose_tiles",
+    "transpose_tiles_to_bf16",
+    "transpose_tiles_from_bf16",
+];
+
 /// Launches of `kernel` in the emulator's profile (`EMU_PROFILE=1`, printed at exit).
 fn launches(profile: &str, kernel: &str) -> u64 {
     profile
@@ -487,7 +477,7 @@ fn launches(profile: &str, kernel: &str) -> u64 {
 /// The launches of the kernel families with a shallow ring in a child process's emulator
 /// profile (`EMU_PROFILE=1`): (deep kernel, its launches, shallow kernel, its launches), the
 /// NCHW `mma.sync` ones at bf16 and tf32, then the bf16-storage ones of both tiles, then the
-/// bf16-storage weight gradient.
+/// bf16-storage weight gradient, then the f32-storage channels-last ones.
 fn family_launches(se: &str) -> Vec<(String, u64, String, u64)> {
     let mut v = Vec::new();
     for p in ["bf16", "tf32"] {
@@ -512,6 +502,23 @@ fn family_launches(se: &str) -> Vec<(String, u64, String, u64)> {
     }
     let k = "conv2d_bwd_weight_mma_nhwc_bf16s";
     v.push((k.to_string(), format!("{k}_s5")));
+    // The f32-storage channels-last ones (from index 17): both tiles at both precisions, the
+    // 64 x 256 deep kernels at bf16 paired with the 128 x 128 `_s2` ones (no 64 x 256 ring
+    // fits 99 KiB at bf16: the 128 x 128 one runs any rows there), then the bf16 weight
+    // gradient (tf32's runs its deep ring at 99 KiB).
+    for p in ["bf16", "tf32"] {
+        for k in [
+            "conv2d_fwd_bn_mma_nhwc",
+            "conv2d_fwd_stats_mma_nhwc",
+            "conv2d_bwd_data_mma_nhwc",
+        ] {
+            v.push((format!("{k}_{p}"), format!("{k}_{p}_s2")));
+            let m64_s2 = if p == "tf32" { "_m64_s2" } else { "_s2" };
+            v.push((format!("{k}_{p}_m64"), format!("{k}_{p}{m64_s2}")));
+        }
+    }
+    let k = "conv2d_bwd_weight_mma_nhwc_bf16";
+    v.push((k.to_string(), format!("{k}_s2")));
     v.into_iter()
         .map(|(d, s)| {
             let (nd, ns) = (launches(se, &d), launches(se, &s));
@@ -580,6 +587,8 @@ fn shallow_kernels_launch() {
         return;
     }
     let se = child("ops");
+    let layout: u64 = LAYOUT_CHANGES.iter().map(|k| launches(&se, k)).sum();
+    assert_eq!(layout, 0, "ops: layout changes launched:\n{se}");
     let mut seen = Vec::new();
     for (deep, nd, shallow, ns) in family_launches(&se) {
         assert!(
@@ -599,11 +608,17 @@ fn shallow_kernels_launch() {
     }
     let sum = |r: std::ops::Range<usize>| f[r].iter().map(|l| l.3).sum::<u64>();
     let (bf16, tf32, bf16s) = (sum(0..5), sum(5..10), sum(10..17));
+    // Channels-last f32 storage: the 128 x 128 `_s2` at bf16 (once: the 64 x 256 deep kernels'
+    // pairs name it again) and both tiles at tf32.
+    let (nhwc_bf16, nhwc_tf32) = (
+        f[17..23].iter().step_by(2).map(|l| l.3).sum::<u64>(),
+        f[23..29].iter().map(|l| l.3).sum::<u64>(),
+    );
     assert!(
-        bf16 > 0 && tf32 > 0 && bf16s > 0,
-        "eval passes' shallow launches: NCHW bf16 {bf16}, tf32 {tf32}, bf16 storage {bf16s}:\n{se}"
+        bf16 > 0 && tf32 > 0 && bf16s > 0 && nhwc_bf16 > 0 && nhwc_tf32 > 0,
+        "eval passes' shallow launches: NCHW bf16 {bf16}, tf32 {tf32}, bf16 storage {bf16s}, channels-last f32 storage bf16 {nhwc_bf16}, tf32 {nhwc_tf32}:\n{se}"
     );
     println!(
-        "eval passes' launches at 99 KiB: NCHW _s2 bf16 {bf16}, tf32 {tf32}; bf16 storage _s4 / _m64_s3 {bf16s}; deep 0"
+        "eval passes' launches at 99 KiB: NCHW _s2 bf16 {bf16}, tf32 {tf32}; bf16 storage _s4 / _m64_s3 {bf16s}; channels-last f32 storage _s2 bf16 {nhwc_bf16}, _s2 / _m64_s2 tf32 {nhwc_tf32}; deep 0"
     );
 }

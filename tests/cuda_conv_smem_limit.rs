@@ -1,7 +1,8 @@
 //! The tensor-core convolutions chosen by the device's shared memory per block
 //! (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`, `DeviceInfo::shared_memory_per_block`;
 //! conv.rs's `TcKernel` table): on a device that gives a block less than a kernel needs (sm_80:
-//! 163 KiB, sm_86 / sm_89: 99 KiB, sm_75: 64 KiB), a smaller tile or the fallback (the WMMA
+//! 163 KiB, sm_86 / sm_89: 99 KiB, sm_75: 64 KiB), a smaller tile, a shallower cp.async ring
+//! or the fallback (the WMMA
 //! kernels for NCHW, layout changes / conversions around them for channels-last) runs instead
 //! of a launch that would fail.
 //!
@@ -24,9 +25,10 @@
 //!   channels-last eval forward, training forward, data and weight gradient; the same four
 //!   on bf16 storage at bf16) runs and matches the CPU reference within the precision's
 //!   tolerance (bf16 storage: the CPU's bf16-storage ops, within 2x the bf16 tolerance); at
-//!   99 KiB the NCHW ones and the bf16-storage forwards and data and weight gradients on their
-//!   shallow rings (`_s2`, `_s4` / `_m64_s3`, `_s5`; tests/cuda_conv_smem_99k.rs compares
-//!   those with the deep rings bit for bit).
+//!   99 KiB the NCHW ones, the channels-last f32-storage ones and the bf16-storage ones on
+//!   their shallow rings (`_s2`; `_s4` / `_m64_s3`, `_s5`; but for tf32's channels-last weight
+//!   gradient, whose deep ring fits; tests/cuda_conv_smem_99k.rs compares them with the deep
+//!   rings bit for bit).
 //!
 //! Runs on a GPU or on the emulated driver
 //! (`scripts/cuda-emu.sh run target/release/deps/cuda_conv_smem_limit-* --include-ignored`);
@@ -34,13 +36,12 @@
 
 mod common;
 use common::cuda::{device, emulated, gpu_at, rel_err};
-use common::nhwc::{bn_of, bn_params};
-use common::rng::SplitMix64;
+use common::nhwc::{bf16s_outputs, bn_of, nhwc_outputs, OpData};
 use common::shapes::conv;
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::{CudaBackend, MmaRoute};
-use ichcam::engine::{ActStorage, Backend, Conv2d, Precision};
+use ichcam::engine::{Backend, Conv2d, Precision};
 
 fn main() {
     common::cuda::main_with_threads(
@@ -152,16 +153,21 @@ fn kernels_by_limit() {
                 });
             assert_eq!(g.conv_kernels(&s).map(String::from), want, "{ctx}");
             // Channels-last, f32 storage: 64 x 256 (bf16 164 KiB, tf32 139 KiB), else
-            // 128 x 128 (130 / 110 KiB), else none (layout changes around NCHW).
-            let (m64, square) = if bf16 {
-                (167_936, 133_120)
+            // 128 x 128 (130 / 110 KiB), else their 2-stage rings (`_m64_s2` at tf32 94 KiB, none
+            // at bf16; `_s2` 94 / 74 KiB), else none (layout changes around NCHW).
+            let (m64, square, m64_s2, square_s2) = if bf16 {
+                (167_936, 133_120, None, 96_256)
             } else {
-                (142_336, 112_640)
+                (142_336, 112_640, Some(96_256), 75_776)
             };
             let tile = if fits(m64, limit) {
                 Some("_m64")
             } else if fits(square, limit) {
                 Some("")
+            } else if m64_s2.is_some_and(|m| fits(m, limit)) {
+                Some("_m64_s2")
+            } else if fits(square_s2, limit) {
+                Some("_s2")
             } else {
                 None
             };
@@ -181,11 +187,19 @@ fn kernels_by_limit() {
                 name("conv2d_bwd_data_mma_nhwc"),
                 "{ctx}"
             );
-            // The weight gradient: 116 KiB at bf16, exactly 99 KiB at tf32.
+            // The weight gradient: 116 KiB at bf16, exactly 99 KiB at tf32; else at bf16 its
+            // 2-stage ring (`_s2`, 83 KiB).
             let wgrad = if bf16 { 118_784 } else { 101_376 };
+            let want = if fits(wgrad, limit) {
+                Some(format!("conv2d_bwd_weight_mma_nhwc_{p}"))
+            } else if bf16 && fits(84_992, limit) {
+                Some("conv2d_bwd_weight_mma_nhwc_bf16_s2".to_string())
+            } else {
+                None
+            };
             assert_eq!(
                 g.conv_bwd_weight_nhwc_kernel(&s).map(String::from),
-                fits(wgrad, limit).then(|| format!("conv2d_bwd_weight_mma_nhwc_{p}")),
+                want,
                 "{ctx}"
             );
             // bf16 storage (bf16 only): 64 x 256 154 KiB, 128 x 128 122 KiB, else their
@@ -244,18 +258,9 @@ fn kernels_by_limit() {
     }
 }
 
-/// Every op's outputs on `be` for the case's data (f32 storage, then at bf16 the
-/// bf16-storage ops, their outputs unpacked).
-struct Data {
-    s: Conv2d,
-    x: Vec<f32>,
-    w: Vec<f32>,
-    dy: Vec<f32>,
-    bn: [Vec<f32>; 4],
-    residual: Vec<f32>,
-}
-
-fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
+/// Every op's outputs on `be` for the case's data (f32 storage: NCHW, then channels-last,
+/// [`nhwc_outputs`]; then at bf16 the bf16-storage ops, [`bf16s_outputs`]).
+fn outputs<B: Backend<T = f32>>(be: &B, d: &OpData, bf16s: bool) -> Vec<(&'static str, Vec<f32>)> {
     let s = &d.s;
     let bn = bn_of(s);
     let up = |v: &[f32]| be.upload(v).expect("upload");
@@ -263,7 +268,6 @@ fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static 
     let down = |b: &B::Buf| be.download(b).expect("download");
     let (x, w, dy, res) = (up(&d.x), up(&d.w), up(&d.dy), up(&d.residual));
     let [ga, bt, rm, rv] = [0, 1, 2, 3].map(|i| up(&d.bn[i]));
-    let c = s.c_out;
     let mut out = Vec::new();
     // NCHW (x, dy and the residual read as NCHW here: any data will do).
     let mut y = nan(s.y_len());
@@ -278,109 +282,11 @@ fn outputs<B: Backend<T = f32>>(be: &B, d: &Data, bf16s: bool) -> Vec<(&'static 
     be.conv2d_bwd_weight(s, &x, &dy, &mut dw)
         .expect("conv2d_bwd_weight");
     out.push(("nchw bwd_weight", down(&dw)));
-    // Channels-last, f32 storage (the same buffers read as NHWC).
-    let mut y = nan(s.y_len());
-    be.conv2d_bn_eval_fwd_nhwc(s, &bn, &x, &w, &ga, &bt, &rm, &rv, Some(&res), true, &mut y)
-        .expect("conv2d_bn_eval_fwd_nhwc");
-    out.push(("nhwc eval", down(&y)));
-    let (mut rm2, mut rv2) = (up(&d.bn[2]), up(&d.bn[3]));
-    let (mut sm, mut si) = (nan(c), nan(c));
-    let (mut z, mut y) = (nan(s.y_len()), nan(s.y_len()));
-    be.conv2d_bn_train_fwd_nhwc(
-        s,
-        &bn,
-        &x,
-        &w,
-        &ga,
-        &bt,
-        &mut rm2,
-        &mut rv2,
-        &mut sm,
-        &mut si,
-        &mut z,
-        &mut y,
-        Some(&res),
-        true,
-    )
-    .expect("conv2d_bn_train_fwd_nhwc");
-    out.push(("nhwc train z", down(&z)));
-    out.push(("nhwc train y", down(&y)));
-    out.push(("nhwc train running_var", down(&rv2)));
-    let mut dx = nan(s.x_len());
-    be.conv2d_bwd_data_nhwc(s, &dy, &w, &mut dx)
-        .expect("conv2d_bwd_data_nhwc");
-    out.push(("nhwc bwd_data", down(&dx)));
-    let mut dw = nan(s.w_len());
-    be.conv2d_bwd_weight_nhwc(s, &x, &dy, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc");
-    out.push(("nhwc bwd_weight", down(&dw)));
+    out.extend(nhwc_outputs(be, d));
     if !bf16s {
         return out;
     }
-    // bf16 storage: the f32 data packed (rounded) by the backend itself, the outputs unpacked.
-    let slots = |n: usize| be.storage_slots(ActStorage::Bf16, n);
-    let pack = |b: &B::Buf, n: usize| {
-        let mut p = up(&vec![0.0; slots(n)]);
-        be.pack_bf16(b, &mut p).expect("pack_bf16");
-        p
-    };
-    let unpack = |b: &B::Buf, n: usize| {
-        let mut f = nan(n);
-        be.unpack_bf16(b, &mut f).expect("unpack_bf16");
-        down(&f)
-    };
-    let (xh, dyh, resh) = (
-        pack(&x, s.x_len()),
-        pack(&dy, s.y_len()),
-        pack(&res, s.y_len()),
-    );
-    let mut yh = up(&vec![0.0; slots(s.y_len())]);
-    be.conv2d_bn_eval_fwd_nhwc_bf16(
-        s,
-        &bn,
-        &xh,
-        &w,
-        &ga,
-        &bt,
-        &rm,
-        &rv,
-        Some(&resh),
-        true,
-        &mut yh,
-    )
-    .expect("conv2d_bn_eval_fwd_nhwc_bf16");
-    out.push(("bf16s eval", unpack(&yh, s.y_len())));
-    let (mut rm2, mut rv2) = (up(&d.bn[2]), up(&d.bn[3]));
-    let (mut sm, mut si) = (nan(c), nan(c));
-    let mut zh = up(&vec![0.0; slots(s.y_len())]);
-    let mut yh = up(&vec![0.0; slots(s.y_len())]);
-    be.conv2d_bn_train_fwd_nhwc_bf16(
-        s,
-        &bn,
-        &xh,
-        &w,
-        &ga,
-        &bt,
-        &mut rm2,
-        &mut rv2,
-        &mut sm,
-        &mut si,
-        &mut zh,
-        &mut yh,
-        Some(&resh),
-        true,
-    )
-    .expect("conv2d_bn_train_fwd_nhwc_bf16");
-    out.push(("bf16s train z", unpack(&zh, s.y_len())));
-    out.push(("bf16s train y", unpack(&yh, s.y_len())));
-    let mut dx = nan(s.x_len());
-    be.conv2d_bwd_data_nhwc_bf16(s, &dyh, &w, &mut dx)
-        .expect("conv2d_bwd_data_nhwc_bf16");
-    out.push(("bf16s bwd_data", down(&dx)));
-    let mut dw = nan(s.w_len());
-    be.conv2d_bwd_weight_nhwc_bf16(s, &xh, &dyh, &mut dw)
-        .expect("conv2d_bwd_weight_nhwc_bf16");
-    out.push(("bf16s bwd_weight", down(&dw)));
+    out.extend(bf16s_outputs(be, d));
     out
 }
 
@@ -391,15 +297,7 @@ fn ops_match_cpu_at_lowered_limits() {
         conv(2, 16, 13, 11, 48, 3, 2, 1),
         conv(2, 96, 9, 8, 80, 1, 1, 0),
     ] {
-        let mut rng = SplitMix64::fresh(&format!("smem_limit_{s:?}"));
-        let d = Data {
-            s,
-            x: rng.vec_f32(s.x_len(), -1.0, 1.0),
-            w: rng.vec_f32(s.w_len(), -0.3, 0.3),
-            dy: rng.vec_f32(s.y_len(), -1.0, 1.0),
-            bn: bn_params(&mut rng, s.c_out),
-            residual: rng.vec_f32(s.y_len(), -1.0, 1.0),
-        };
+        let d = OpData::new(s, "smem_limit");
         let cpu = CpuBackend::<f32>::new();
         for p in [Precision::Tf32, Precision::Bf16] {
             let bf16 = p == Precision::Bf16;
@@ -407,8 +305,9 @@ fn ops_match_cpu_at_lowered_limits() {
             let tol = p.tolerance().expect("a reduced precision");
             for limit in [SM86, SM75] {
                 let g = at(p, Some(limit), MmaRoute::Always);
-                // At 99 KiB the shallow rings (NCHW `_s2`, bf16 storage `_s4` / `_m64_s3` /
-                // `_s5`) and at tf32 the channels-last weight gradient; at 64 KiB nothing native.
+                // At 99 KiB the shallow rings (NCHW and f32-storage channels-last `_s2`, bf16
+                // storage `_s4` / `_m64_s3` / `_s5`) and at tf32 the channels-last weight
+                // gradient's deep ring; at 64 KiB nothing native.
                 assert_eq!(
                     g.conv_kernels(&s)[0].contains("mma"),
                     limit == SM86,
@@ -424,10 +323,14 @@ fn ops_match_cpu_at_lowered_limits() {
                     bf16 && limit == SM86,
                     "{p} {limit}"
                 );
-                assert_eq!(g.conv_bn_eval_nhwc_kernel(&s), None, "{p} {limit}");
+                assert_eq!(
+                    g.conv_bn_eval_nhwc_kernel(&s).is_some(),
+                    limit == SM86,
+                    "{p} {limit}"
+                );
                 assert_eq!(
                     g.conv_bwd_weight_nhwc_kernel(&s).is_some(),
-                    !bf16 && limit == SM86,
+                    limit == SM86,
                     "{p} {limit}"
                 );
                 let got = outputs(&g, &d, bf16);

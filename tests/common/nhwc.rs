@@ -7,7 +7,10 @@
 //! the bf16-storage kernels' tests); the gradients' CPU references ([`cpu_dx`], [`cpu_dw`],
 //! [`wgrad_data`]), the bf16-storage weight gradient ([`gpu_dw_bf16s`]) and the stride-2 data gradient's zero-tap check ([`check_zero_taps`]) of
 //! the channels-last training kernels' tests (tests/cuda_conv_nhwc_train*.rs,
-//! tests/cuda_conv_nhwc_wgrad.rs, tests/cuda_conv_wgmma_*.rs).
+//! tests/cuda_conv_nhwc_wgrad.rs, tests/cuda_conv_wgmma_*.rs); one convolution's operands
+//! ([`OpData`]) and the f32- and bf16-storage channels-last ops' outputs on them
+//! ([`nhwc_outputs`], [`bf16s_outputs`]) of the
+//! shared-memory limit tests (tests/cuda_conv_smem_limit.rs, tests/cuda_conv_smem_99k.rs).
 
 use super::rng::SplitMix64;
 use super::shapes::conv;
@@ -15,7 +18,7 @@ use cudarc::driver::CudaSlice;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::engine::precision::bf16_bits;
-use ichcam::engine::{Backend, BatchNorm2d, Conv2d, EngineError};
+use ichcam::engine::{ActStorage, Backend, BatchNorm2d, Conv2d, EngineError};
 use ichcam::model::{BlockKind, ModelConfig};
 
 /// The shapes, each with the copy paths it takes in the f32-activation kernel (weights /
@@ -359,4 +362,164 @@ pub fn gpu_dw_bf16s(g: &CudaBackend, s: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f
     g.conv2d_bwd_weight_nhwc_bf16(s, &xb, &dyb, &mut dw)
         .expect("conv2d_bwd_weight_nhwc_bf16");
     g.download(&dw).expect("download")
+}
+
+/// One convolution's operands for comparing every op on them (the same buffers read as NCHW
+/// or NHWC as the op takes them: any data will do): x, w, dy, the batch-norm parameters and a
+/// residual of y's shape.
+pub struct OpData {
+    pub s: Conv2d,
+    pub x: Vec<f32>,
+    pub w: Vec<f32>,
+    pub dy: Vec<f32>,
+    pub bn: [Vec<f32>; 4],
+    pub residual: Vec<f32>,
+}
+
+impl OpData {
+    /// `s`'s operands from the generator seeded by `seed` and the shape: x, dy and the
+    /// residual uniform in [-1, 1), w in [-0.3, 0.3), [`bn_params`].
+    pub fn new(s: Conv2d, seed: &str) -> Self {
+        let mut rng = SplitMix64::fresh(&format!("{seed}_{s:?}"));
+        OpData {
+            s,
+            x: rng.vec_f32(s.x_len(), -1.0, 1.0),
+            w: rng.vec_f32(s.w_len(), -0.3, 0.3),
+            dy: rng.vec_f32(s.y_len(), -1.0, 1.0),
+            bn: bn_params(&mut rng, s.c_out),
+            residual: rng.vec_f32(s.y_len(), -1.0, 1.0),
+        }
+    }
+}
+
+/// The channels-last ops on f32 storage on `be` (a CUDA backend at tf32 or bf16, or the
+/// CPU's reference) for `d`'s data: the eval forward (residual, ReLU), the training forward (z,
+/// y and the running variance), the data and weight gradients. Labels start with "nhwc".
+pub fn nhwc_outputs<B: Backend<T = f32>>(be: &B, d: &OpData) -> Vec<(&'static str, Vec<f32>)> {
+    let s = &d.s;
+    let bn = bn_of(s);
+    let up = |v: &[f32]| be.upload(v).expect("upload");
+    let nan = |n: usize| up(&vec![f32::NAN; n]);
+    let down = |b: &B::Buf| be.download(b).expect("download");
+    let (x, w, dy, res) = (up(&d.x), up(&d.w), up(&d.dy), up(&d.residual));
+    let [ga, bt, rm, rv] = [0, 1, 2, 3].map(|i| up(&d.bn[i]));
+    let c = s.c_out;
+    let mut out = Vec::new();
+    let mut y = nan(s.y_len());
+    be.conv2d_bn_eval_fwd_nhwc(s, &bn, &x, &w, &ga, &bt, &rm, &rv, Some(&res), true, &mut y)
+        .expect("conv2d_bn_eval_fwd_nhwc");
+    out.push(("nhwc eval", down(&y)));
+    let (mut rm2, mut rv2) = (up(&d.bn[2]), up(&d.bn[3]));
+    let (mut sm, mut si) = (nan(c), nan(c));
+    let (mut z, mut y) = (nan(s.y_len()), nan(s.y_len()));
+    be.conv2d_bn_train_fwd_nhwc(
+        s,
+        &bn,
+        &x,
+        &w,
+        &ga,
+        &bt,
+        &mut rm2,
+        &mut rv2,
+        &mut sm,
+        &mut si,
+        &mut z,
+        &mut y,
+        Some(&res),
+        true,
+    )
+    .expect("conv2d_bn_train_fwd_nhwc");
+    out.push(("nhwc train z", down(&z)));
+    out.push(("nhwc train y", down(&y)));
+    out.push(("nhwc train running_var", down(&rv2)));
+    let mut dx = nan(s.x_len());
+    be.conv2d_bwd_data_nhwc(s, &dy, &w, &mut dx)
+        .expect("conv2d_bwd_data_nhwc");
+    out.push(("nhwc bwd_data", down(&dx)));
+    let mut dw = nan(s.w_len());
+    be.conv2d_bwd_weight_nhwc(s, &x, &dy, &mut dw)
+        .expect("conv2d_bwd_weight_nhwc");
+    out.push(("nhwc bwd_weight", down(&dw)));
+    out
+}
+
+/// The bf16-storage ops on `be` (a CUDA backend at bf16, or the CPU's reference) for `d`'s
+/// data, packed (rounded) by the backend itself: the eval forward (residual, ReLU), the
+/// training forward (z, y and the running variance), the data and weight gradients; the
+/// bf16 outputs unpacked to f32. Labels start with "bf16s".
+pub fn bf16s_outputs<B: Backend<T = f32>>(be: &B, d: &OpData) -> Vec<(&'static str, Vec<f32>)> {
+    let s = &d.s;
+    let bn = bn_of(s);
+    let up = |v: &[f32]| be.upload(v).expect("upload");
+    let nan = |n: usize| up(&vec![f32::NAN; n]);
+    let down = |b: &B::Buf| be.download(b).expect("download");
+    let (x, w, dy, res) = (up(&d.x), up(&d.w), up(&d.dy), up(&d.residual));
+    let [ga, bt, rm, rv] = [0, 1, 2, 3].map(|i| up(&d.bn[i]));
+    let c = s.c_out;
+    let mut out = Vec::new();
+    let slots = |n: usize| be.storage_slots(ActStorage::Bf16, n);
+    let pack = |b: &B::Buf, n: usize| {
+        let mut p = up(&vec![0.0; slots(n)]);
+        be.pack_bf16(b, &mut p).expect("pack_bf16");
+        p
+    };
+    let unpack = |b: &B::Buf, n: usize| {
+        let mut f = nan(n);
+        be.unpack_bf16(b, &mut f).expect("unpack_bf16");
+        down(&f)
+    };
+    let (xh, dyh, resh) = (
+        pack(&x, s.x_len()),
+        pack(&dy, s.y_len()),
+        pack(&res, s.y_len()),
+    );
+    let mut yh = up(&vec![0.0; slots(s.y_len())]);
+    be.conv2d_bn_eval_fwd_nhwc_bf16(
+        s,
+        &bn,
+        &xh,
+        &w,
+        &ga,
+        &bt,
+        &rm,
+        &rv,
+        Some(&resh),
+        true,
+        &mut yh,
+    )
+    .expect("conv2d_bn_eval_fwd_nhwc_bf16");
+    out.push(("bf16s eval", unpack(&yh, s.y_len())));
+    let (mut rm2, mut rv2) = (up(&d.bn[2]), up(&d.bn[3]));
+    let (mut sm, mut si) = (nan(c), nan(c));
+    let mut zh = up(&vec![0.0; slots(s.y_len())]);
+    let mut yh = up(&vec![0.0; slots(s.y_len())]);
+    be.conv2d_bn_train_fwd_nhwc_bf16(
+        s,
+        &bn,
+        &xh,
+        &w,
+        &ga,
+        &bt,
+        &mut rm2,
+        &mut rv2,
+        &mut sm,
+        &mut si,
+        &mut zh,
+        &mut yh,
+        Some(&resh),
+        true,
+    )
+    .expect("conv2d_bn_train_fwd_nhwc_bf16");
+    out.push(("bf16s train z", unpack(&zh, s.y_len())));
+    out.push(("bf16s train y", unpack(&yh, s.y_len())));
+    out.push(("bf16s train running_var", down(&rv2)));
+    let mut dx = nan(s.x_len());
+    be.conv2d_bwd_data_nhwc_bf16(s, &dyh, &w, &mut dx)
+        .expect("conv2d_bwd_data_nhwc_bf16");
+    out.push(("bf16s bwd_data", down(&dx)));
+    let mut dw = nan(s.w_len());
+    be.conv2d_bwd_weight_nhwc_bf16(s, &xh, &dyh, &mut dw)
+        .expect("conv2d_bwd_weight_nhwc_bf16");
+    out.push(("bf16s bwd_weight", down(&dw)));
+    out
 }

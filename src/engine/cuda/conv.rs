@@ -35,8 +35,9 @@
 //! tile instead of 128 x 128 (the `_m64` kernels, `NhwcTile`) where the GEMM's M, `c_out`
 //! of a forward or `c_in` of a data gradient, is at most 64. Every tensor-core kernel is taken
 //! only where its shared memory (one table: [`TcKernel`], [`shared_memory`]) fits what the
-//! device gives a block ([`CudaBackend::fits`]); elsewhere a smaller tile, or the fallback
-//! (WMMA for NCHW, layout changes or conversions for channels-last) runs.
+//! device gives a block ([`CudaBackend::fits`]); elsewhere a shallower cp.async ring
+//! ([`Ring`]: the `mma.sync` kernels' variants for 99 KiB per block), a smaller tile, or the
+//! fallback (WMMA for NCHW, layout changes or conversions for channels-last) runs.
 
 use cudarc::driver::CudaSlice;
 
@@ -126,6 +127,16 @@ mod tc {
         fwd_bn_mma_nhwc_bf16s_m64_s3: "conv2d_fwd_bn_mma_nhwc_bf16s_m64_s3",
         fwd_stats_mma_nhwc_bf16s_m64_s3: "conv2d_fwd_stats_mma_nhwc_bf16s_m64_s3",
         bwd_data_mma_nhwc_bf16s_m64_s3: "conv2d_bwd_data_mma_nhwc_bf16s_m64_s3",
+        fwd_bn_mma_nhwc_bf16_s2: "conv2d_fwd_bn_mma_nhwc_bf16_s2",
+        fwd_bn_mma_nhwc_tf32_s2: "conv2d_fwd_bn_mma_nhwc_tf32_s2",
+        fwd_bn_mma_nhwc_tf32_m64_s2: "conv2d_fwd_bn_mma_nhwc_tf32_m64_s2",
+        fwd_stats_mma_nhwc_bf16_s2: "conv2d_fwd_stats_mma_nhwc_bf16_s2",
+        fwd_stats_mma_nhwc_tf32_s2: "conv2d_fwd_stats_mma_nhwc_tf32_s2",
+        fwd_stats_mma_nhwc_tf32_m64_s2: "conv2d_fwd_stats_mma_nhwc_tf32_m64_s2",
+        bwd_data_mma_nhwc_bf16_s2: "conv2d_bwd_data_mma_nhwc_bf16_s2",
+        bwd_data_mma_nhwc_tf32_s2: "conv2d_bwd_data_mma_nhwc_tf32_s2",
+        bwd_data_mma_nhwc_tf32_m64_s2: "conv2d_bwd_data_mma_nhwc_tf32_m64_s2",
+        bwd_weight_mma_nhwc_bf16_s2: "conv2d_bwd_weight_mma_nhwc_bf16_s2",
     });
 }
 pub(crate) use tc::Kernels as TcKernels;
@@ -204,14 +215,18 @@ pub(crate) enum TcKernel {
     /// The 128x128 NCHW `mma.sync` kernels (`conv2d_*_mma_*`: forwards, data and weight
     /// gradients) with a ring of 3 f32 stages, or 2 (`_s2`, [`Ring::Shallow`]).
     MmaNchw(Ring),
-    /// The channels-last forwards and data gradients on f32 activations, of a tile.
-    MmaNhwc(NhwcTile),
+    /// The channels-last forwards and data gradients on f32 activations, of a tile, with a
+    /// ring of 3 f32 stages, or 2 (`_s2`, [`Ring::Shallow`]; of the 64x256 tile at tf32 only:
+    /// at bf16 its 2 stages do not fit 99 KiB either, and there is no such kernel).
+    MmaNhwc(NhwcTile, Ring),
     /// The channels-last forwards and data gradients on bf16 activations, of a tile, with a
     /// ring of 6 bf16 stages, or the shallow one ([`Ring::Shallow`]: 4 stages of the 128x128
     /// tile, `_s4`; 3 of the 64x256 one, `_m64_s3`).
     MmaNhwcBf16s(NhwcTile, Ring),
-    /// The channels-last weight gradient on f32 activations.
-    WgradNhwc,
+    /// The channels-last weight gradient on f32 activations, with a ring of 3 f32 stages, or 2
+    /// (`_s2`, [`Ring::Shallow`]; at bf16 only: tf32's 3 stages fit 99 KiB, and there is no
+    /// tf32 `_s2` kernel).
+    WgradNhwc(Ring),
     /// The channels-last weight gradient on bf16 activations, with a ring of 6 bf16 stages, or
     /// 5 (`_s5`, [`Ring::Shallow`]).
     WgradNhwcBf16s(Ring),
@@ -221,7 +236,8 @@ pub(crate) enum TcKernel {
 }
 
 /// The depth of a tensor-core kernel's cp.async ring, for the kernel families that have two
-/// ([`TcKernel::MmaNchw`], [`TcKernel::MmaNhwcBf16s`], [`TcKernel::WgradNhwcBf16s`]): the deep one, sized for sm_90's
+/// ([`TcKernel::MmaNchw`], [`TcKernel::MmaNhwc`], [`TcKernel::MmaNhwcBf16s`],
+/// [`TcKernel::WgradNhwc`], [`TcKernel::WgradNhwcBf16s`]): the deep one, sized for sm_90's
 /// 227 KiB per block, or the shallow one (a kernel name's `_s<stages>` suffix), the deepest
 /// that fits the 99 KiB (101,376 bytes) of sm_86 / sm_89 (`SMEM_99K` in conv_tc.cu). The
 /// depth changes how many K tiles are in flight, not the order of the arithmetic: both give
@@ -231,7 +247,8 @@ pub(crate) enum TcKernel {
 pub(crate) enum Ring {
     /// The deep ring (the kernels without a suffix).
     Deep,
-    /// The shallow ring (`_s2`, `_s4`, `_m64_s3`, `_s5`).
+    /// The shallow ring (`_s2`, `_s4`, `_m64_s3`, `_s5`; of some families not at every
+    /// precision and tile: [`shared_memory`]).
     Shallow,
 }
 
@@ -279,35 +296,44 @@ impl SharedMemory {
 /// | NCHW mma 128x128 `_s2` (`MmaBNchw99k`, 2 f32 stages + bf16 tile) | 89_600 / 70_656 | 0 |
 /// | NHWC mma 128x128 (`MmaB<true>`) | 131_072 / 110_592 | 2_048 (pixels) |
 /// | NHWC mma 64x256 (`MmaBNhwc64`) | 163_840 / 138_240 | 4_096 |
+/// | NHWC mma 128x128 `_s2` (`MmaBNhwc99k`, 2 stages) | 94_208 / 73_728 | 2_048 |
+/// | NHWC mma 64x256 `_s2` (`MmaBNhwc64_99k`) | none / 92_160 | 4_096 |
 /// | NHWC bf16 storage 128x128 (`Bf16sRing<128>`, 6 stages) | 122_880 | 2_048 |
 /// | NHWC bf16 storage 64x256 (`Bf16sRing<64>`) | 153_600 | 4_096 |
 /// | NHWC bf16 storage 128x128 `_s4` (`Bf16sRing<128, 4>`) | 81_920 | 2_048 |
 /// | NHWC bf16 storage 64x256 `_m64_s3` (`Bf16sRing<64, 3>`) | 76_800 | 4_096 |
 /// | NHWC weight gradient (`WgradNhwc`) | 118_784 / 101_376 | 0 |
+/// | NHWC weight gradient `_s2` (`WgradNhwc99k`, 2 stages) | 84_992 / none | 0 |
 /// | NHWC bf16-storage weight gradient (`WS_SMEM`, 6 stages) | 104_448 | 0 |
 /// | NHWC bf16-storage weight gradient `_s5` (5 stages) | 87_040 | 0 |
 /// | wgmma (`WG_SMEM`, 4 stages) | 134_144 | 0 |
 ///
 /// The bf16-storage and wgmma kernels run at bf16 only (their sizes do not depend on `p`).
-pub(crate) fn shared_memory(k: TcKernel, p: Precision) -> SharedMemory {
+/// None for the two variants that have no kernel ("none": no selection can take them).
+pub(crate) fn shared_memory(k: TcKernel, p: Precision) -> Option<SharedMemory> {
     let bf16 = p == Precision::Bf16;
     let by_p = |b: u32, t: u32| if bf16 { b } else { t };
     let (dynamic, fixed) = match k {
         TcKernel::Wmma { weight } => (0, by_p(47_104, 40_960) + if weight { 256 } else { 0 }),
         TcKernel::MmaNchw(r) => (r.pick(by_p(124_928, 105_984), by_p(89_600, 70_656)), 0),
-        TcKernel::MmaNhwc(t) => (
-            t.pick(by_p(131_072, 110_592), by_p(163_840, 138_240)),
+        TcKernel::MmaNhwc(NhwcTile::M64, Ring::Shallow) if bf16 => return None,
+        TcKernel::MmaNhwc(t, r) => (
+            t.pick(
+                r.pick(by_p(131_072, 110_592), by_p(94_208, 73_728)),
+                r.pick(by_p(163_840, 138_240), 92_160),
+            ),
             t.pixel_table(),
         ),
         TcKernel::MmaNhwcBf16s(t, r) => (
             t.pick(r.pick(122_880, 81_920), r.pick(153_600, 76_800)),
             t.pixel_table(),
         ),
-        TcKernel::WgradNhwc => (by_p(118_784, 101_376), 0),
+        TcKernel::WgradNhwc(Ring::Shallow) if !bf16 => return None,
+        TcKernel::WgradNhwc(r) => (r.pick(by_p(118_784, 101_376), 84_992), 0),
         TcKernel::WgradNhwcBf16s(r) => (r.pick(104_448, 87_040), 0),
         TcKernel::Wgmma => (super::conv_wgmma::WG_SMEM, 0),
     };
-    SharedMemory { dynamic, fixed }
+    Some(SharedMemory { dynamic, fixed })
 }
 
 /// The block tile of the channels-last `mma.sync` kernels (`MmaTile` in conv_tc.cu; the
@@ -340,8 +366,8 @@ impl NhwcTile {
             None
         }
     }
-    /// The tile and ring of a channels-last kernel family `k` with both
-    /// ([`TcKernel::MmaNhwcBf16s`]) for a GEMM of `rows` rows: [`NhwcTile::choose`] among the
+    /// The tile and ring of a channels-last kernel family `k` ([`TcKernel::MmaNhwc`],
+    /// [`TcKernel::MmaNhwcBf16s`]) for a GEMM of `rows` rows: [`NhwcTile::choose`] among the
     /// deep rings' kernels, else among the shallow ones' (so that wherever a deep kernel fits,
     /// the choice is the one before the shallow rings existed), else None.
     fn choose_with_ring(
@@ -380,6 +406,131 @@ impl NhwcTile {
         }
     }
 }
+
+/// The variants of one f32-storage channels-last kernel family ([`TcKernel::MmaNhwc`]: a
+/// forward or the data gradient), each (bf16, tf32) but the last: their names, or their
+/// kernels.
+struct NhwcVariants<T> {
+    /// 128 x 128 on the deep ring.
+    square: (T, T),
+    /// 64 x 256 on the deep ring (`_m64`).
+    m64: (T, T),
+    /// 128 x 128 on the shallow ring (`_s2`).
+    square_s2: (T, T),
+    /// 64 x 256 on the shallow ring, tf32 (`_tf32_m64_s2`; there is no bf16 one,
+    /// [`shared_memory`]).
+    m64_s2: T,
+}
+
+impl<T: Copy> NhwcVariants<T> {
+    /// The variant of `tile` and `ring` at `p`; None at f32, and for the 64 x 256 shallow ring
+    /// at bf16 (which no selection takes: [`CudaBackend::fits`] is false for it).
+    fn get(&self, tile: NhwcTile, ring: Ring, p: Precision) -> Option<T> {
+        let (bf16, tf32) = match (tile, ring) {
+            (NhwcTile::Square, Ring::Deep) => self.square,
+            (NhwcTile::M64, Ring::Deep) => self.m64,
+            (NhwcTile::Square, Ring::Shallow) => self.square_s2,
+            (NhwcTile::M64, Ring::Shallow) => return (p == Precision::Tf32).then_some(self.m64_s2),
+        };
+        match p {
+            Precision::Bf16 => Some(bf16),
+            Precision::Tf32 => Some(tf32),
+            Precision::F32 => None,
+        }
+    }
+}
+
+/// The f32-storage channels-last kernel families ([`TcKernel::MmaNhwc`]).
+#[derive(Clone, Copy, Debug)]
+enum NhwcOp {
+    /// The eval forward (`conv2d_fwd_bn_mma_nhwc_*`).
+    Eval,
+    /// The training forward (`conv2d_fwd_stats_mma_nhwc_*`).
+    Stats,
+    /// The data gradient (`conv2d_bwd_data_mma_nhwc_*`).
+    BwdData,
+}
+
+impl NhwcOp {
+    /// The names of its kernels.
+    fn names(self) -> NhwcVariants<&'static str> {
+        match self {
+            NhwcOp::Eval => FWD_BN_NHWC,
+            NhwcOp::Stats => FWD_STATS_NHWC,
+            NhwcOp::BwdData => BWD_DATA_NHWC,
+        }
+    }
+    /// Its kernels in `t`.
+    fn kernels(self, t: &TcKernels) -> NhwcVariants<&Kernel> {
+        match self {
+            NhwcOp::Eval => NhwcVariants {
+                square: (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32),
+                m64: (&t.fwd_bn_mma_nhwc_bf16_m64, &t.fwd_bn_mma_nhwc_tf32_m64),
+                square_s2: (&t.fwd_bn_mma_nhwc_bf16_s2, &t.fwd_bn_mma_nhwc_tf32_s2),
+                m64_s2: &t.fwd_bn_mma_nhwc_tf32_m64_s2,
+            },
+            NhwcOp::Stats => NhwcVariants {
+                square: (&t.fwd_stats_mma_nhwc_bf16, &t.fwd_stats_mma_nhwc_tf32),
+                m64: (
+                    &t.fwd_stats_mma_nhwc_bf16_m64,
+                    &t.fwd_stats_mma_nhwc_tf32_m64,
+                ),
+                square_s2: (&t.fwd_stats_mma_nhwc_bf16_s2, &t.fwd_stats_mma_nhwc_tf32_s2),
+                m64_s2: &t.fwd_stats_mma_nhwc_tf32_m64_s2,
+            },
+            NhwcOp::BwdData => NhwcVariants {
+                square: (&t.bwd_data_mma_nhwc_bf16, &t.bwd_data_mma_nhwc_tf32),
+                m64: (&t.bwd_data_mma_nhwc_bf16_m64, &t.bwd_data_mma_nhwc_tf32_m64),
+                square_s2: (&t.bwd_data_mma_nhwc_bf16_s2, &t.bwd_data_mma_nhwc_tf32_s2),
+                m64_s2: &t.bwd_data_mma_nhwc_tf32_m64_s2,
+            },
+        }
+    }
+}
+
+/// The names of [`NhwcOp`]'s kernels.
+const FWD_BN_NHWC: NhwcVariants<&str> = NhwcVariants {
+    square: ("conv2d_fwd_bn_mma_nhwc_bf16", "conv2d_fwd_bn_mma_nhwc_tf32"),
+    m64: (
+        "conv2d_fwd_bn_mma_nhwc_bf16_m64",
+        "conv2d_fwd_bn_mma_nhwc_tf32_m64",
+    ),
+    square_s2: (
+        "conv2d_fwd_bn_mma_nhwc_bf16_s2",
+        "conv2d_fwd_bn_mma_nhwc_tf32_s2",
+    ),
+    m64_s2: "conv2d_fwd_bn_mma_nhwc_tf32_m64_s2",
+};
+const FWD_STATS_NHWC: NhwcVariants<&str> = NhwcVariants {
+    square: (
+        "conv2d_fwd_stats_mma_nhwc_bf16",
+        "conv2d_fwd_stats_mma_nhwc_tf32",
+    ),
+    m64: (
+        "conv2d_fwd_stats_mma_nhwc_bf16_m64",
+        "conv2d_fwd_stats_mma_nhwc_tf32_m64",
+    ),
+    square_s2: (
+        "conv2d_fwd_stats_mma_nhwc_bf16_s2",
+        "conv2d_fwd_stats_mma_nhwc_tf32_s2",
+    ),
+    m64_s2: "conv2d_fwd_stats_mma_nhwc_tf32_m64_s2",
+};
+const BWD_DATA_NHWC: NhwcVariants<&str> = NhwcVariants {
+    square: (
+        "conv2d_bwd_data_mma_nhwc_bf16",
+        "conv2d_bwd_data_mma_nhwc_tf32",
+    ),
+    m64: (
+        "conv2d_bwd_data_mma_nhwc_bf16_m64",
+        "conv2d_bwd_data_mma_nhwc_tf32_m64",
+    ),
+    square_s2: (
+        "conv2d_bwd_data_mma_nhwc_bf16_s2",
+        "conv2d_bwd_data_mma_nhwc_tf32_s2",
+    ),
+    m64_s2: "conv2d_bwd_data_mma_nhwc_tf32_m64_s2",
+};
 
 impl CudaBackend {
     /// FOR TESTS: per tensor-core kernel family of [`shared_memory`] (one kernel of each, and
@@ -444,26 +595,44 @@ impl CudaBackend {
             (
                 "conv_tc",
                 "conv2d_fwd_bn_mma_nhwc_bf16",
-                TcKernel::MmaNhwc(Square),
+                TcKernel::MmaNhwc(Square, Deep),
                 Bf16,
             ),
             (
                 "conv_tc",
                 "conv2d_bwd_data_mma_nhwc_tf32",
-                TcKernel::MmaNhwc(Square),
+                TcKernel::MmaNhwc(Square, Deep),
                 Tf32,
             ),
             (
                 "conv_tc",
                 "conv2d_fwd_stats_mma_nhwc_tf32_m64",
-                TcKernel::MmaNhwc(M64),
+                TcKernel::MmaNhwc(M64, Deep),
                 Tf32,
             ),
             (
                 "conv_tc",
                 "conv2d_bwd_data_mma_nhwc_bf16_m64",
-                TcKernel::MmaNhwc(M64),
+                TcKernel::MmaNhwc(M64, Deep),
                 Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_stats_mma_nhwc_bf16_s2",
+                TcKernel::MmaNhwc(Square, Shallow),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_data_mma_nhwc_tf32_s2",
+                TcKernel::MmaNhwc(Square, Shallow),
+                Tf32,
+            ),
+            (
+                "conv_tc",
+                "conv2d_fwd_bn_mma_nhwc_tf32_m64_s2",
+                TcKernel::MmaNhwc(M64, Shallow),
+                Tf32,
             ),
             (
                 "conv_tc",
@@ -492,7 +661,13 @@ impl CudaBackend {
             (
                 "conv_tc",
                 "conv2d_bwd_weight_mma_nhwc_bf16",
-                TcKernel::WgradNhwc,
+                TcKernel::WgradNhwc(Deep),
+                Bf16,
+            ),
+            (
+                "conv_tc",
+                "conv2d_bwd_weight_mma_nhwc_bf16_s2",
+                TcKernel::WgradNhwc(Shallow),
                 Bf16,
             ),
             (
@@ -524,7 +699,8 @@ impl CudaBackend {
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
                     )
                     .map_err(|e| super::device::cuda("cuFuncGetAttribute", e))?;
-                Ok((name, u32::try_from(got).unwrap_or(u32::MAX), shared_memory(k, p).fixed))
+                let table = shared_memory(k, p).map_or(u32::MAX, |m| m.fixed);
+                Ok((name, u32::try_from(got).unwrap_or(u32::MAX), table))
             })
             .collect()
     }
@@ -744,13 +920,19 @@ impl CudaBackend {
     /// may use here ([`shared_memory`] against [`CudaBackend::shared_memory_per_block`]):
     /// what every tensor-core kernel selection asks before it takes a kernel.
     pub(crate) fn fits(&self, k: TcKernel) -> bool {
-        shared_memory(k, self.precision()).total() <= self.shared_memory_per_block()
+        shared_memory(k, self.precision())
+            .is_some_and(|m| m.total() <= self.shared_memory_per_block())
     }
 
     /// The dynamic shared memory a launch of `k` asks for, or an error naming `op` where `k`
     /// does not fit (the selections never take such a kernel: a guard against one that did).
     pub(crate) fn smem_dynamic(&self, op: &str, k: TcKernel) -> Result<u32> {
-        let need = shared_memory(k, self.precision());
+        let Some(need) = shared_memory(k, self.precision()) else {
+            return Err(EngineError::Param(format!(
+                "{op}: there is no {k:?} kernel at {}",
+                self.precision()
+            )));
+        };
         if need.total() > self.shared_memory_per_block() {
             return Err(EngineError::Param(format!(
                 "{op}: {k:?} needs {} bytes of shared memory per block; {} gives {}",
@@ -762,10 +944,11 @@ impl CudaBackend {
         Ok(need.dynamic)
     }
 
-    /// The tile of this backend's f32-storage channels-last kernels (at its precision) for a
-    /// GEMM of `rows` rows, or None where neither fits ([`NhwcTile::choose`]).
-    fn nhwc_tile(&self, rows: usize) -> Option<NhwcTile> {
-        NhwcTile::choose(rows, |t| self.fits(TcKernel::MmaNhwc(t)))
+    /// The tile and ring of this backend's f32-storage channels-last kernels (at its
+    /// precision) for a GEMM of `rows` rows ([`NhwcTile::choose_with_ring`]), or None where no
+    /// kernel of them fits.
+    fn nhwc_tile(&self, rows: usize) -> Option<(NhwcTile, Ring)> {
+        NhwcTile::choose_with_ring(rows, TcKernel::MmaNhwc, |k| self.fits(k))
     }
 
     /// The deepest ring of the kernel family `k` (of a [`Ring`]) whose shared memory fits
@@ -793,8 +976,29 @@ impl CudaBackend {
     }
 
     /// [`CudaBackend::nhwc_tile`], or the error of `op` where no tile fits.
-    fn nhwc_tile_for(&self, op: &str, rows: usize) -> Result<NhwcTile> {
+    fn nhwc_tile_for(&self, op: &str, rows: usize) -> Result<(NhwcTile, Ring)> {
         self.nhwc_tile(rows).ok_or_else(|| self.no_tile(op))
+    }
+
+    /// The name of the kernel of the f32-storage channels-last family `k` for a GEMM of `rows`
+    /// rows at this backend's precision ([`CudaBackend::nhwc_tile`]) where `runs` (the op
+    /// runs natively), else None: the `*_kernel` diagnostics.
+    fn nhwc_kernel_name(&self, k: NhwcOp, rows: usize, runs: bool) -> Option<&'static str> {
+        let (tile, ring) = self.nhwc_tile(rows)?;
+        runs.then(|| k.names().get(tile, ring, self.precision()))
+            .flatten()
+    }
+
+    /// The kernel of the f32-storage channels-last family `k` for a GEMM of `rows` rows at
+    /// this backend's precision, with its tile and ring ([`CudaBackend::nhwc_tile`]), or the
+    /// error of `op` where none fits.
+    fn nhwc_kernel(&self, op: &str, k: NhwcOp, rows: usize) -> Result<(&Kernel, NhwcTile, Ring)> {
+        let (tile, ring) = self.nhwc_tile_for(op, rows)?;
+        let kern = k
+            .kernels(tc_kernels(self)?)
+            .get(tile, ring, self.precision())
+            .ok_or_else(|| self.no_tile(op))?;
+        Ok((kern, tile, ring))
     }
 
     /// The error of a channels-last `op` launched where no tile's kernel fits.
@@ -839,14 +1043,7 @@ impl CudaBackend {
     /// and route (`conv2d_fwd_bn_mma_nhwc_bf16` / `_tf32`), or None where it does not run
     /// natively (at f32, or with the route [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bn_eval_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = self.nhwc_tile(s.c_out)?.pick(
-            ("conv2d_fwd_bn_mma_nhwc_bf16", "conv2d_fwd_bn_mma_nhwc_tf32"),
-            (
-                "conv2d_fwd_bn_mma_nhwc_bf16_m64",
-                "conv2d_fwd_bn_mma_nhwc_tf32_m64",
-            ),
-        );
-        self.mma_kernel_name(self.conv_bn_eval_nhwc_native(s), bf16, tf32)
+        self.nhwc_kernel_name(NhwcOp::Eval, s.c_out, self.conv_bn_eval_nhwc_native(s))
     }
 
     /// `y = act(bn_eval(conv(x, w)) (+ residual))` on channels-last activations: `x`
@@ -885,13 +1082,7 @@ impl CudaBackend {
         if s.y_len() == 0 {
             return Ok(());
         }
-        let tile = self.nhwc_tile_for("conv2d_bn_eval_fwd_nhwc", s.c_out)?;
-        let k = mma_pick(self, |t| {
-            tile.pick(
-                (&t.fwd_bn_mma_nhwc_bf16, &t.fwd_bn_mma_nhwc_tf32),
-                (&t.fwd_bn_mma_nhwc_bf16_m64, &t.fwd_bn_mma_nhwc_tf32_m64),
-            )
-        })?;
+        let (k, ..) = self.nhwc_kernel("conv2d_bn_eval_fwd_nhwc", NhwcOp::Eval, s.c_out)?;
         norm::with_bn_eval_fold(self, bn, gamma, beta, running_mean, running_var, |ss| {
             let ep = BnEpilogue { ss, residual, relu };
             // SAFETY: the caller's contract; ss holds 2 * c_out values.
@@ -923,17 +1114,7 @@ impl CudaBackend {
     /// route (`conv2d_fwd_stats_mma_nhwc_bf16` / `_tf32`, with `_m64` for `c_out <= 64`), or
     /// None where it does not run natively; diagnostics and tests.
     pub fn conv_fwd_stats_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = self.nhwc_tile(s.c_out)?.pick(
-            (
-                "conv2d_fwd_stats_mma_nhwc_bf16",
-                "conv2d_fwd_stats_mma_nhwc_tf32",
-            ),
-            (
-                "conv2d_fwd_stats_mma_nhwc_bf16_m64",
-                "conv2d_fwd_stats_mma_nhwc_tf32_m64",
-            ),
-        );
-        self.mma_kernel_name(self.conv_fwd_stats_nhwc_native(s), bf16, tf32)
+        self.nhwc_kernel_name(NhwcOp::Stats, s.c_out, self.conv_fwd_stats_nhwc_native(s))
     }
 
     /// The channels-last training forward: `z = conv(x, w)` with `x` `[n][h][w][c_in]`, `z`
@@ -968,16 +1149,7 @@ impl CudaBackend {
                 self.mma_route
             )));
         }
-        let tile = self.nhwc_tile_for("conv2d_fwd_stats_nhwc", s.c_out)?;
-        let k = mma_pick(self, |t| {
-            tile.pick(
-                (&t.fwd_stats_mma_nhwc_bf16, &t.fwd_stats_mma_nhwc_tf32),
-                (
-                    &t.fwd_stats_mma_nhwc_bf16_m64,
-                    &t.fwd_stats_mma_nhwc_tf32_m64,
-                ),
-            )
-        })?;
+        let (k, ..) = self.nhwc_kernel("conv2d_fwd_stats_nhwc", NhwcOp::Stats, s.c_out)?;
         // SAFETY: the caller's contract (the partials: c_out * stats_tiles(s) values, the
         // 64-pixel tiles the kernel writes).
         unsafe {
@@ -1011,17 +1183,7 @@ impl CudaBackend {
     /// `_tf32`), or None where the op takes the layout changes around the NCHW kernels instead
     /// (f32, [`MmaRoute::Never`]); diagnostics and tests.
     pub fn conv_bwd_data_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
-        let (bf16, tf32) = self.nhwc_tile(s.c_in)?.pick(
-            (
-                "conv2d_bwd_data_mma_nhwc_bf16",
-                "conv2d_bwd_data_mma_nhwc_tf32",
-            ),
-            (
-                "conv2d_bwd_data_mma_nhwc_bf16_m64",
-                "conv2d_bwd_data_mma_nhwc_tf32_m64",
-            ),
-        );
-        self.mma_kernel_name(self.conv_bwd_data_nhwc_native(s), bf16, tf32)
+        self.nhwc_kernel_name(NhwcOp::BwdData, s.c_in, self.conv_bwd_data_nhwc_native(s))
     }
 
     /// The channels-last data gradient: `dx = conv_transpose(dy, w)` with `dy`
@@ -1056,16 +1218,10 @@ impl CudaBackend {
             return Ok(());
         }
         let g = geometry(s)?;
-        let tile = self.nhwc_tile_for(OP, s.c_in)?;
+        let (kern, tile, ring) = self.nhwc_kernel(OP, NhwcOp::BwdData, s.c_in)?;
         let (gx, _) = phase_grid(s, tile.pixels());
         let mut cfg = blocks(OP, (gx, s.c_in.div_ceil(tile.rows()), 1), MMA_THREADS)?;
-        cfg.shared_mem_bytes = self.smem_dynamic(OP, TcKernel::MmaNhwc(tile))?;
-        let kern = mma_pick(self, |t| {
-            tile.pick(
-                (&t.bwd_data_mma_nhwc_bf16, &t.bwd_data_mma_nhwc_tf32),
-                (&t.bwd_data_mma_nhwc_bf16_m64, &t.bwd_data_mma_nhwc_tf32_m64),
-            )
-        })?;
+        cfg.shared_mem_bytes = self.smem_dynamic(OP, TcKernel::MmaNhwc(tile, ring))?;
         let tc = tc_kernels(self)?;
         let len = s.w_len();
         // Never an empty buffer (c_out = 0: no taps, dx all zeros).
@@ -1495,13 +1651,13 @@ unsafe fn launch_mma_nhwc(
 ) -> Result<()> {
     let g = geometry(s)?;
     let p = s.n * s.out_h() * s.out_w();
-    let tile = be.nhwc_tile_for(op, s.c_out)?;
+    let (tile, ring) = be.nhwc_tile_for(op, s.c_out)?;
     let mut cfg = blocks(
         op,
         (p.div_ceil(tile.pixels()), s.c_out.div_ceil(tile.rows()), 1),
         MMA_THREADS,
     )?;
-    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNhwc(tile))?;
+    cfg.shared_mem_bytes = be.smem_dynamic(op, TcKernel::MmaNhwc(tile, ring))?;
     let khw = s.kh * s.kw;
     let wt = if khw > 1 && s.c_in > 1 {
         let mut wt = be.take_scratch(s.w_len())?;
@@ -2269,9 +2425,12 @@ impl CudaBackend {
     /// indexing and its packed column decode hold (`c_in < 2^15`, `kh`, `kw` <= 255): any
     /// kernel size, stride, padding, `c_in` and `c_out`, small layers included (split over the
     /// pixels; the alternative is two transposes around the NCHW path, not measured: no GPU).
-    /// Not where its shared memory does not fit the device's ([`TcKernel::WgradNhwc`]).
+    /// Not where neither ring's shared memory fits the device's ([`TcKernel::WgradNhwc`]:
+    /// the deepest that fits runs, [`CudaBackend::ring`]).
     pub(crate) fn conv_bwd_weight_nhwc_native(&self, s: &Conv2d) -> bool {
-        self.precision().tensor_cores() && self.wgrad_nhwc_runs(s) && self.fits(TcKernel::WgradNhwc)
+        self.precision().tensor_cores()
+            && self.wgrad_nhwc_runs(s)
+            && self.ring(TcKernel::WgradNhwc).is_some()
     }
 
     /// What the channels-last weight-gradient kernels (f32 and bf16 storage) run: the route
@@ -2286,12 +2445,16 @@ impl CudaBackend {
     }
 
     /// The kernel the channels-last weight gradient of `s` launches at this backend's
-    /// precision and route (`conv2d_bwd_weight_mma_nhwc_bf16` / `_tf32`), or None where it
-    /// does not run natively; diagnostics and tests.
+    /// precision and route (`conv2d_bwd_weight_mma_nhwc_bf16` / `_tf32`; `_bf16_s2` on the
+    /// shallow ring), or None where it does not run natively; diagnostics and tests.
     pub fn conv_bwd_weight_nhwc_kernel(&self, s: &Conv2d) -> Option<&'static str> {
+        let ring = self.ring(TcKernel::WgradNhwc)?;
         self.mma_kernel_name(
             self.conv_bwd_weight_nhwc_native(s),
-            "conv2d_bwd_weight_mma_nhwc_bf16",
+            ring.pick(
+                "conv2d_bwd_weight_mma_nhwc_bf16",
+                "conv2d_bwd_weight_mma_nhwc_bf16_s2",
+            ),
             "conv2d_bwd_weight_mma_nhwc_tf32",
         )
     }
@@ -2330,11 +2493,18 @@ impl CudaBackend {
             return Ok(());
         }
         let k = s.n * s.out_h() * s.out_w();
+        let ring = self
+            .ring(TcKernel::WgradNhwc)
+            .ok_or_else(|| self.no_tile(OP))?;
+        // At tf32 `ring` is Deep: there is no tf32 `_s2` kernel (`shared_memory`).
         let kern = mma_pick(self, |t| {
-            (&t.bwd_weight_mma_nhwc_bf16, &t.bwd_weight_mma_nhwc_tf32)
+            (
+                ring.pick(&t.bwd_weight_mma_nhwc_bf16, &t.bwd_weight_mma_nhwc_bf16_s2),
+                &t.bwd_weight_mma_nhwc_tf32,
+            )
         })?;
         let vec = mma_vec_wgrad_nhwc(s, self.ptr(x), self.ptr(dy));
-        let tiling = mma_tiling(self, OP, TcKernel::WgradNhwc, vec)?;
+        let tiling = mma_tiling(self, OP, TcKernel::WgradNhwc(ring), vec)?;
         let grid_xy = (nc.div_ceil(MMA_TILE), s.c_out.div_ceil(MMA_TILE));
         // SAFETY: x, dy and dw hold the lengths `s` gives (the caller's contract); an empty
         // reduction fills dw with zeros there.
@@ -2491,21 +2661,30 @@ mod tests {
     const SM75: u32 = 65_536;
 
     fn fits(k: TcKernel, p: Precision, limit: u32) -> bool {
-        shared_memory(k, p).total() <= limit
+        shared_memory(k, p).is_some_and(|m| m.total() <= limit)
     }
 
     /// The channels-last tile by the GEMM's rows and what fits: 64 x 256 up to 64 rows, 128 x
     /// 128 above (65..127 too: two 64-row tiles would leave as many rows empty); where the
     /// 64 x 256 kernel does not fit, 128 x 128 (sm_80's 163 KiB: the f32-storage bf16 kernel;
     /// 150 KiB: the bf16-storage one too); where neither does, None (sm_86's 99 KiB, sm_75's
-    /// 64 KiB); both tiles 16,384 outputs per block.
+    /// 64 KiB); both tiles 16,384 outputs per block. With the shallow rings, the tile and ring
+    /// of the bf16-storage and the f32-storage kernels.
     #[test]
     fn nhwc_tile_by_rows_and_device() {
         use NhwcTile::{Square, M64};
         type Kind = fn(NhwcTile) -> TcKernel;
         let kinds: [(&str, Kind, Precision); 3] = [
-            ("bf16", TcKernel::MmaNhwc, Precision::Bf16),
-            ("tf32", TcKernel::MmaNhwc, Precision::Tf32),
+            (
+                "bf16",
+                |t| TcKernel::MmaNhwc(t, Ring::Deep),
+                Precision::Bf16,
+            ),
+            (
+                "tf32",
+                |t| TcKernel::MmaNhwc(t, Ring::Deep),
+                Precision::Tf32,
+            ),
             (
                 "bf16s",
                 |t| TcKernel::MmaNhwcBf16s(t, Ring::Deep),
@@ -2562,6 +2741,41 @@ mod tests {
                 assert_eq!(got, want, "{rows} rows, bf16s, limit {limit}");
             }
         }
+        // The f32-storage kernels with their shallow rings: the deep rings' choice wherever
+        // one fits; else 128 x 128 `_s2` at bf16 (no 64 x 256 `_s2` there) and the tile by the
+        // rows at tf32 (99 KiB), else None (64 KiB).
+        for (rows, small) in [(1, true), (64, true), (65, false), (512, false)] {
+            let by_rows = if small { M64 } else { Square };
+            for (limit, bf16, tf32) in [
+                (
+                    SM90,
+                    Some((by_rows, Ring::Deep)),
+                    Some((by_rows, Ring::Deep)),
+                ),
+                (
+                    SM80,
+                    Some((Square, Ring::Deep)),
+                    Some((by_rows, Ring::Deep)),
+                ),
+                (
+                    128 * 1024,
+                    Some((Square, Ring::Shallow)),
+                    Some((Square, Ring::Deep)),
+                ),
+                (
+                    SM86,
+                    Some((Square, Ring::Shallow)),
+                    Some((by_rows, Ring::Shallow)),
+                ),
+                (SM75, None, None),
+            ] {
+                for (p, want) in [(Precision::Bf16, bf16), (Precision::Tf32, tf32)] {
+                    let got =
+                        NhwcTile::choose_with_ring(rows, TcKernel::MmaNhwc, |k| fits(k, p, limit));
+                    assert_eq!(got, want, "{rows} rows, f32 storage at {p}, limit {limit}");
+                }
+            }
+        }
         for t in [Square, M64] {
             assert_eq!(t.rows() * t.pixels(), 128 * 128);
             assert_eq!(t.pick(1, 2), if t == Square { 1 } else { 2 });
@@ -2571,15 +2785,15 @@ mod tests {
 
     /// The table's totals (dynamic + static; the dynamic parts are what conv_tc.cu's and
     /// conv_wgmma.cu's static_asserts pin) and what fits each device's limit: at 99 KiB the
-    /// shallow rings (NCHW `_s2`, bf16 storage `_s4` / `_m64_s3` / `_s5`) and the tf32 channels-last
-    /// weight gradient (exactly 99 KiB), no deep ring; at 64 KiB no mma / wgmma kernel; the
+    /// shallow rings (NCHW and f32-storage channels-last `_s2`, bf16 storage `_s4` / `_m64_s3` /
+    /// `_s5`) and the tf32 channels-last weight gradient (exactly 99 KiB), no other deep ring; at 64 KiB no mma / wgmma kernel; the
     /// WMMA kernels within the 48 KiB floor everywhere. Which ring each family takes by limit.
     #[test]
     fn shared_memory_by_kernel_and_limit() {
         use NhwcTile::{Square, M64};
         use Precision::{Bf16, Tf32};
         use Ring::{Deep, Shallow};
-        let all: [(TcKernel, Precision, u32); 25] = [
+        let all: [(TcKernel, Precision, u32); 29] = [
             (TcKernel::Wmma { weight: false }, Bf16, 47_104),
             (TcKernel::Wmma { weight: true }, Bf16, 47_360),
             (TcKernel::Wmma { weight: false }, Tf32, 40_960),
@@ -2588,16 +2802,20 @@ mod tests {
             (TcKernel::MmaNchw(Deep), Tf32, 105_984),
             (TcKernel::MmaNchw(Shallow), Bf16, 89_600),
             (TcKernel::MmaNchw(Shallow), Tf32, 70_656),
-            (TcKernel::MmaNhwc(Square), Bf16, 133_120),
-            (TcKernel::MmaNhwc(Square), Tf32, 112_640),
-            (TcKernel::MmaNhwc(M64), Bf16, 167_936),
-            (TcKernel::MmaNhwc(M64), Tf32, 142_336),
+            (TcKernel::MmaNhwc(Square, Deep), Bf16, 133_120),
+            (TcKernel::MmaNhwc(Square, Deep), Tf32, 112_640),
+            (TcKernel::MmaNhwc(M64, Deep), Bf16, 167_936),
+            (TcKernel::MmaNhwc(M64, Deep), Tf32, 142_336),
+            (TcKernel::MmaNhwc(Square, Shallow), Bf16, 96_256),
+            (TcKernel::MmaNhwc(Square, Shallow), Tf32, 75_776),
+            (TcKernel::MmaNhwc(M64, Shallow), Tf32, 96_256),
             (TcKernel::MmaNhwcBf16s(Square, Deep), Bf16, 124_928),
             (TcKernel::MmaNhwcBf16s(M64, Deep), Bf16, 157_696),
             (TcKernel::MmaNhwcBf16s(Square, Shallow), Bf16, 83_968),
             (TcKernel::MmaNhwcBf16s(M64, Shallow), Bf16, 80_896),
-            (TcKernel::WgradNhwc, Bf16, 118_784),
-            (TcKernel::WgradNhwc, Tf32, 101_376),
+            (TcKernel::WgradNhwc(Deep), Bf16, 118_784),
+            (TcKernel::WgradNhwc(Deep), Tf32, 101_376),
+            (TcKernel::WgradNhwc(Shallow), Bf16, 84_992),
             (TcKernel::WgradNhwcBf16s(Deep), Bf16, 104_448),
             (TcKernel::WgradNhwcBf16s(Shallow), Bf16, 87_040),
             (TcKernel::Wgmma, Bf16, 134_144),
@@ -2607,19 +2825,22 @@ mod tests {
             (TcKernel::WgradNhwcBf16s(Deep), Tf32, 104_448),
         ];
         for (k, p, total) in all {
-            assert_eq!(shared_memory(k, p).total(), total, "{k:?} at {p}");
+            let m = shared_memory(k, p).map(|m| m.total());
+            assert_eq!(m, Some(total), "{k:?} at {p}");
             let wmma = matches!(k, TcKernel::Wmma { .. });
             assert_eq!(fits(k, p, SMEM_FLOOR), wmma, "{k:?} at {p}: 48 KiB");
             assert_eq!(fits(k, p, SM75), wmma, "{k:?} at {p}: 64 KiB");
             let shallow = matches!(
                 k,
                 TcKernel::MmaNchw(Shallow)
+                    | TcKernel::MmaNhwc(_, Shallow)
                     | TcKernel::MmaNhwcBf16s(_, Shallow)
+                    | TcKernel::WgradNhwc(Shallow)
                     | TcKernel::WgradNhwcBf16s(Shallow)
             );
-            let sm86 = wmma || shallow || (k == TcKernel::WgradNhwc && p == Tf32);
+            let sm86 = wmma || shallow || (k == TcKernel::WgradNhwc(Deep) && p == Tf32);
             assert_eq!(fits(k, p, SM86), sm86, "{k:?} at {p}: 99 KiB");
-            let sm80 = !(k == TcKernel::MmaNhwc(M64) && p == Bf16);
+            let sm80 = !(k == TcKernel::MmaNhwc(M64, Deep) && p == Bf16);
             assert_eq!(fits(k, p, SM80), sm80, "{k:?} at {p}: 163 KiB");
             assert!(fits(k, p, SM90), "{k:?} at {p}: 227 KiB");
         }
@@ -2638,7 +2859,23 @@ mod tests {
                     got, want,
                     "bf16-storage weight gradient at {p}, limit {limit}"
                 );
+                // The f32-storage weight gradient: tf32's deep ring fits 99 KiB.
+                let want = if p == Tf32 && limit == SM86 {
+                    Some(Deep)
+                } else {
+                    want
+                };
+                let got = Ring::deepest(TcKernel::WgradNhwc, |k| fits(k, p, limit));
+                assert_eq!(got, want, "weight gradient at {p}, limit {limit}");
             }
+        }
+        // The variants without a kernel: no size, never fit.
+        for (k, p) in [
+            (TcKernel::MmaNhwc(M64, Shallow), Bf16),
+            (TcKernel::WgradNhwc(Shallow), Tf32),
+        ] {
+            assert_eq!(shared_memory(k, p), None, "{k:?} at {p}");
+            assert!(!fits(k, p, SM90), "{k:?} at {p}");
         }
         assert_eq!(Deep.pick(1, 2), 1);
         assert_eq!(Shallow.pick(1, 2), 2);
