@@ -1,8 +1,13 @@
 //! NIfTI reading and writing: the real fixture volume, geometry preservation of every
 //! writer, every datatype (files written by the nifti crate, read by ichcam, and the other
-//! way round), scaling, byte order, 4-D singleton, 2-D, and NaN/Inf replacement.
+//! way round), scaling, byte order, 4-D singleton, 2-D, and NaN/Inf replacement; NIfTI-2
+//! (files written by nibabel, and by hand in [`common::nifti2`]) read as the same volume
+//! written as NIfTI-1, with outputs that overlay it.
 
-use ichcam::io::{self, nii, DataType, Volume};
+mod common;
+
+use common::nifti2::{self, Nifti2};
+use ichcam::io::{self, geometry, nii, DataType, Volume};
 use ndarray::{Array, Array3, IxDyn};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -422,4 +427,309 @@ fn write_volume_rounds_and_clamps_to_int16() {
         back.data.iter().copied().collect::<Vec<_>>(),
         vec![1.0, 2.0, -3.0, 32767.0, -32768.0, 0.0]
     );
+}
+
+fn nifti2_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/nifti2")
+        .join(name)
+}
+
+fn assert_affine_near(got: &geometry::Affine, want: &geometry::Affine, tol: f64, what: &str) {
+    for r in 0..3 {
+        for c in 0..4 {
+            assert!(
+                (got[r][c] - want[r][c]).abs() <= tol,
+                "{what}: [{r}][{c}] {got:?} vs {want:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn nifti2_files_written_by_nibabel_read_with_their_voxels_and_geometry() {
+    // tests/fixtures/nifti2/make.py: stored x + 10y + 100z - 50 (int16), slope 2, inter
+    // -1024, this oblique sform and qform (code 1), mm.
+    let (c, s) = (30f64.to_radians().cos(), 30f64.to_radians().sin());
+    let want: geometry::Affine = [
+        [0.5 * c, -0.5 * s, 0.0, 10.25],
+        [0.5 * s, 0.5 * c, 0.0, -20.5],
+        [0.0, 0.0, 2.5, 30.0],
+    ];
+    let mut first: Option<Volume> = None;
+    for name in ["le.nii", "le.nii.gz", "be.nii"] {
+        let p = nifti2_fixture(name);
+        let (v, r) = io::read_volume_report(&p).unwrap();
+        assert_eq!(v.dims(), (3, 4, 5), "{name}");
+        assert_eq!((r.datatype.as_str(), r.nonfinite), ("int16", 0), "{name}");
+        assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
+        for ((z, y, x), &hu) in v.data.indexed_iter() {
+            let raw = (x + 10 * y + 100 * z) as f64 - 50.0;
+            assert_eq!(hu, (raw * 2.0 - 1024.0) as f32, "{name} ({z},{y},{x})");
+        }
+        assert_eq!(v.spacing, [2.5, 0.5, 0.5], "{name}");
+        let h = &v.header;
+        assert_eq!(h.sizeof_hdr, 540, "{name}");
+        assert_eq!(
+            (h.sform_code, h.qform_code, h.xyzt_units),
+            (1, 1, 2),
+            "{name}"
+        );
+        assert_eq!(h.dim, [3, 5, 4, 3, 1, 1, 1, 1], "{name}");
+        // f64 geometry held at f32 precision.
+        assert_affine_near(&v.affine(), &want, 1e-6, name);
+        assert_affine_near(&geometry::qform_affine(h), &want, 1e-5, name);
+        assert_eq!(v.orientation(), "RAS", "{name}");
+        assert_eq!(io::probe_dims(&p).unwrap(), (3, 4, 5), "{name}");
+        match &first {
+            None => first = Some(v),
+            Some(f) => {
+                assert_eq!(f.data, v.data, "{name}");
+                assert_same_geometry(&f.header, &v.header);
+            }
+        }
+    }
+    // `inspect` names the format.
+    let d = io::inspect::describe(&nifti2_fixture("be.nii")).unwrap();
+    assert!(
+        d.contains("format       NIfTI-2\n") && d.contains("(scl_slope 2, scl_inter -1024)"),
+        "{d}"
+    );
+    let d = io::inspect::describe(&fixture("images/054.nii.gz")).unwrap();
+    assert!(d.contains("format       NIfTI-1\n"), "{d}");
+}
+
+/// A header with an oblique sform and qform (different codes), mm, a description: the
+/// geometry a NIfTI-2 copy must keep.
+fn oblique_header(zyx: (usize, usize, usize)) -> nifti::NiftiHeader {
+    let (c, s) = (20f64.to_radians().cos(), 20f64.to_radians().sin());
+    let aff: geometry::Affine = [
+        [0.45 * c, -0.5 * s, 0.0, 12.5],
+        [0.45 * s, 0.5 * c, 0.0, -7.25],
+        [0.0, 0.0, -2.5, 40.0],
+    ];
+    let mut h = Volume::from_array(Array3::zeros(zyx), [1.0; 3], "like".into()).header;
+    geometry::set_qform(&mut h, &aff, 1);
+    geometry::set_sform(&mut h, &aff, 2);
+    h.descrip[..11].copy_from_slice(b"nifti2 test");
+    h
+}
+
+#[test]
+fn nifti2_reads_as_the_same_volume_written_as_nifti1() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = xyz_values(6, 5, 4, true);
+    let like = oblique_header((4, 5, 6));
+    let mut checked = 0;
+    for (dt, slope, inter) in [
+        (DataType::U8, 0.5f32, 3.0f32),
+        (DataType::I8, 1.0, 0.0),
+        (DataType::I16, 2.0, -1024.0),
+        (DataType::U16, 1.0, 0.0),
+        (DataType::I32, 0.25, 0.0),
+        (DataType::U64, 1.0, -1.0),
+        (DataType::F32, 0.0, 7.0),
+        (DataType::F64, 1.5, -2.0),
+    ] {
+        let signed = !matches!(dt, DataType::U8 | DataType::U16 | DataType::U64);
+        let stored = if signed {
+            want.clone()
+        } else {
+            want.mapv(f64::abs)
+        };
+        let zyx = stored
+            .clone()
+            .into_dimensionality::<ndarray::Ix3>()
+            .unwrap()
+            .permuted_axes([2, 1, 0])
+            .to_owned();
+        let p1 = dir.path().join(format!("v1_{}.nii", dt.name()));
+        nii::write_typed(&p1, &zyx, dt, slope, inter, &like).unwrap();
+        let (v1, r1) = io::read_volume_report(&p1).unwrap();
+        let b1 = std::fs::read(&p1).unwrap();
+        for (big, gz) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("{} big {big} gz {gz}", dt.name());
+            let b2 = nifti2::from_nifti1_file(&b1, big);
+            let size = if big {
+                i32::from_be_bytes(b2[..4].try_into().unwrap())
+            } else {
+                i32::from_le_bytes(b2[..4].try_into().unwrap())
+            };
+            assert_eq!(size, 540, "{what}");
+            let p2 = dir.path().join(format!(
+                "v2_{}_{big}.nii{}",
+                dt.name(),
+                if gz { ".gz" } else { "" }
+            ));
+            std::fs::write(&p2, if gz { common::files::gz(&b2) } else { b2 }).unwrap();
+            let (v2, r2) = io::read_volume_report(&p2).unwrap();
+            assert_eq!(v2.data, v1.data, "{what}");
+            assert_eq!(v2.spacing, v1.spacing, "{what}");
+            assert_eq!(v2.affine(), v1.affine(), "{what}");
+            assert_same_geometry(&v2.header, &v1.header);
+            assert_eq!(
+                (
+                    v2.header.sform_code,
+                    v2.header.qform_code,
+                    v2.header.pixdim[0]
+                ),
+                (2, 1, v1.header.pixdim[0]),
+                "{what}"
+            );
+            assert_eq!(v2.header.descrip, v1.header.descrip, "{what}");
+            assert_eq!(
+                (v2.header.scl_slope, v2.header.scl_inter),
+                (slope, inter),
+                "{what}"
+            );
+            assert_eq!(
+                (v2.header.sizeof_hdr, &v2.header.magic),
+                (540, b"n+2\0"),
+                "{what}"
+            );
+            assert_eq!((&r2.datatype, r2.nonfinite), (&r1.datatype, 0), "{what}");
+            assert!(r2.warnings.is_empty(), "{what}: {:?}", r2.warnings);
+            // And the voxels are the stored values, scaled (slope 0: none).
+            let (s, i) = if slope == 0.0 {
+                (1.0, 0.0)
+            } else {
+                (slope as f64, inter as f64)
+            };
+            check_zyx(&v2, &stored, s, i);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 32);
+}
+
+#[test]
+fn nifti2_four_d_with_one_volume_and_its_outputs_overlay_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // By hand: f64 geometry that f32 cannot hold exactly, int16 voxels, 4-D with one volume.
+    let (nx, ny, nz) = (6usize, 5usize, 4usize);
+    let mut h = Nifti2::from_nifti1(&nifti::NiftiHeader::default());
+    h.datatype = 4;
+    h.bitpix = 16;
+    h.dim = [4, nx as i64, ny as i64, nz as i64, 1, 1, 1, 1];
+    h.pixdim = [-1.0, 0.7, 0.7, 3.3, 2.1, 1.0, 1.0, 1.0];
+    h.xyzt_units = 2 | 8;
+    h.qform_code = 1;
+    h.quatern = [0.1, -0.2, 0.3, 101.1, -99.9, 33.3];
+    h.sform_code = 1;
+    h.srow = [
+        [-0.7, 0.01, 0.0, 101.1],
+        [0.02, -0.7, 0.1, -99.9],
+        [0.0, -0.03, 3.3, 33.3],
+    ];
+    h.scl_slope = 1.0;
+    let raw: Vec<i16> = (0..nx * ny * nz).map(|i| i as i16 * 7 - 100).collect();
+    let body: Vec<u8> = raw.iter().flat_map(|v| v.to_le_bytes()).collect();
+    for big in [false, true] {
+        let p = dir.path().join(format!("four_{big}.nii"));
+        std::fs::write(&p, h.file(big, &body)).unwrap();
+        let v = io::read_volume(&p).unwrap();
+        assert_eq!(v.dims(), (nz, ny, nx));
+        assert_eq!(v.data.iter().copied().collect::<Vec<f32>>(), {
+            raw.iter().map(|&r| r as f32).collect::<Vec<f32>>()
+        });
+        // Every f64 rounded to f32, as a NIfTI-1 file would hold it.
+        assert_eq!(v.spacing, [3.3f32 as f64, 0.7f32 as f64, 0.7f32 as f64]);
+        assert_eq!(v.header.dim, [4, 6, 5, 4, 1, 1, 1, 1]);
+        assert_eq!(
+            v.header.pixdim,
+            [-1.0, 0.7, 0.7, 3.3, 2.1, 1.0, 1.0, 1.0].map(|x: f64| x as f32)
+        );
+        assert_eq!(
+            [v.header.srow_x, v.header.srow_y, v.header.srow_z],
+            h.srow.map(|r| r.map(|x| x as f32))
+        );
+        assert_eq!(
+            [
+                v.header.quatern_b,
+                v.header.quatern_c,
+                v.header.quatern_d,
+                v.header.quatern_x,
+                v.header.quatern_y,
+                v.header.quatern_z
+            ],
+            h.quatern.map(|x| x as f32)
+        );
+        assert_eq!(v.header.xyzt_units, 10);
+        // Outputs: NIfTI-1 with the input's geometry, 4-D dims kept.
+        let mut mask = Array3::<u8>::zeros((nz, ny, nx));
+        mask.slice_mut(ndarray::s![1..3, 2..4, 1..5]).fill(1);
+        let mp = dir.path().join(format!("out_{big}/mask.nii.gz"));
+        io::write_mask(&mp, &mask, &v).unwrap();
+        let cp = dir.path().join(format!("out_{big}/cam.nii"));
+        let cam = v.data.mapv(|x| x / 100.0);
+        io::write_map(&cp, &cam, &v).unwrap();
+        for (q, dt) in [(&mp, 2), (&cp, 16)] {
+            let back = io::read_volume(q).unwrap();
+            assert_eq!(back.header.sizeof_hdr, 348, "{}", q.display());
+            assert_eq!(back.header.magic, *b"n+1\0");
+            assert_eq!(back.header.datatype, dt);
+            assert_eq!(back.header.dim[..5], [4, 6, 5, 4, 1]);
+            assert_same_geometry(&back.header, &v.header);
+            assert_eq!(back.header.pixdim, v.header.pixdim);
+            assert_eq!(back.affine(), v.affine());
+            assert_eq!(back.spacing, v.spacing);
+            assert_eq!(back.orientation(), v.orientation());
+        }
+        assert_eq!(io::to_mask(&io::read_mask(&mp).unwrap()), mask);
+        assert_eq!(io::read_volume(&cp).unwrap().data, cam);
+        // The nifti crate (an independent reader) sees the same geometry in the mask.
+        use nifti::NiftiObject;
+        let obj = nifti::ReaderOptions::new().read_file(&mp).unwrap();
+        let oh = obj.header();
+        assert_eq!(oh.dim[..5], [4, 6, 5, 4, 1]);
+        assert_eq!(
+            (oh.srow_x, oh.srow_y, oh.srow_z, oh.pixdim),
+            (
+                v.header.srow_x,
+                v.header.srow_y,
+                v.header.srow_z,
+                v.header.pixdim
+            )
+        );
+    }
+}
+
+#[test]
+fn nifti2_warnings_and_nan_voxels_are_those_of_nifti1() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = Array3::from_shape_fn((3, 4, 5), |(z, y, x)| (z * 20 + y * 5 + x) as f32 - 7.0);
+    data[[0, 0, 1]] = f32::NAN;
+    data[[2, 3, 4]] = f32::NEG_INFINITY;
+    let mut v = Volume::from_array(data.clone(), [1.0; 3], "x".into());
+    v.header.pixdim[1] = 40.0;
+    let p1 = dir.path().join("w1.nii");
+    io::write_map(&p1, &data, &v).unwrap();
+    // bitpix contradicting the datatype: a warning.
+    let mut b1 = std::fs::read(&p1).unwrap();
+    b1[72..74].copy_from_slice(&8i16.to_le_bytes());
+    std::fs::write(&p1, &b1).unwrap();
+    let (v1, r1) = io::read_volume_report(&p1).unwrap();
+    assert_eq!(r1.warnings.len(), 2, "{:?}", r1.warnings);
+    for big in [false, true] {
+        let p2 = dir.path().join(format!("w2_{big}.nii"));
+        std::fs::write(&p2, nifti2::from_nifti1_file(&b1, big)).unwrap();
+        let (v2, r2) = io::read_volume_report(&p2).unwrap();
+        assert_eq!(v2.data, v1.data);
+        assert_eq!((r2.nonfinite, r2.fill), (2, -7.0));
+        let (w1, w2) = (
+            io::report_warnings(&p1, &r1).join("\n"),
+            io::report_warnings(&p2, &r2).join("\n"),
+        );
+        assert_eq!(
+            w2,
+            w1.replace(&p1.display().to_string(), &p2.display().to_string())
+        );
+    }
+    // An implausible voxel size is the same error.
+    let (mut h, body) = nifti2::parts_of_nifti1_file(&b1);
+    h.pixdim[1] = 1e30;
+    let p2 = dir.path().join("huge_pixdim.nii");
+    std::fs::write(&p2, h.file(false, &body)).unwrap();
+    let e = io::read_volume(&p2).unwrap_err().to_string();
+    assert!(e.contains("pixdim[1]") && e.contains("plausible"), "{e}");
 }

@@ -1,5 +1,6 @@
-//! A human-readable description of one volume (a NIfTI file or a DICOM folder): dims,
-//! spacing, orientation, datatype, HU statistics and the NaN/Inf count.
+//! A human-readable description of one volume (a NIfTI file or a DICOM folder): format
+//! (NIfTI-1, NIfTI-2 or DICOM series), dims, spacing, orientation, datatype, HU statistics
+//! and the NaN/Inf count.
 //! Dataset folders are summarised by `crate::data` (io must not know dataset layouts).
 //! Knows nothing about the network.
 
@@ -109,8 +110,11 @@ pub fn describe(path: &Path) -> Result<String, IoError> {
     let h = &v.header;
     let (nz, ny, nx) = v.dims();
     let mut s = String::new();
+    // A NIfTI-2 header is kept in NIfTI-1 form with its size, 540, in `sizeof_hdr`.
     let kind = if path.is_dir() {
         "DICOM series"
+    } else if h.sizeof_hdr == super::nii::HEADER_SIZE_2 as i32 {
+        "NIfTI-2"
     } else {
         "NIfTI-1"
     };

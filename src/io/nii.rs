@@ -1,18 +1,30 @@
-//! NIfTI-1 single-file volumes (`.nii`, `.nii.gz`) in and out.
+//! NIfTI-1 and NIfTI-2 single-file volumes (`.nii`, `.nii.gz`) in; NIfTI-1 out.
 //!
-//! The 348-byte header is parsed and validated here, byte by byte and in either byte
-//! order, *before* anything is allocated: size field, magic, dims (signed, so negative
-//! dims are caught), datatype, vox_offset, and the voxel count times the bytes per voxel
-//! against both the data the file holds, a per-volume cap ([`DEFAULT_MAX_BYTES`], or
-//! `ICHCAM_MAX_VOLUME_BYTES`) and the memory budget ([`crate::io::budget`]). A truncated or
-//! non-gzip `.gz` is an error, never a panic; a `.gz` is read to the end of its stream so
-//! that the decoder checks the CRC-32 and length of every member (damage is an error, not
-//! changed voxels). The voxels are decoded block by block (no second whole-volume buffer).
+//! The header (348 bytes for NIfTI-1, 540 for NIfTI-2, told apart by its size field) is
+//! parsed and validated here, byte by byte and in either byte order, *before* anything is
+//! allocated: size field, magic (NIfTI-2's with its `\r\n\x1a\n` check bytes), dims
+//! (signed, so negative dims are caught), datatype, vox_offset, and the voxel count times
+//! the bytes per voxel against both the data the file holds, a per-volume cap
+//! ([`DEFAULT_MAX_BYTES`], or `ICHCAM_MAX_VOLUME_BYTES`) and the memory budget
+//! ([`crate::io::budget`]). A truncated or non-gzip `.gz` is an error, never a panic; a
+//! `.gz` is read to the end of its stream so that the decoder checks the CRC-32 and length
+//! of every member (damage is an error, not changed voxels). The voxels are decoded block by
+//! block (no second whole-volume buffer).
 //! A voxel size outside [`SPACING_MM_LIMITS`] (after `xyzt_units`' metres or microns) is an
 //! error; outside [`SPACING_MM_USUAL`], zero, or a `bitpix` that contradicts the datatype is
 //! a warning in the [`ReadReport`].
 //! The parsed fields are kept in a [`nifti::NiftiHeader`] so that outputs are written back
 //! with exactly the input's geometry.
+//!
+//! **NIfTI-2** is parsed into that same NIfTI-1 header and layout (then decoded, scaled and
+//! checked by the same code), so its outputs are NIfTI-1 with the same dims, pixdim,
+//! qform/sform and units. Its `i64`/`i32`/`f64` fields must therefore fit NIfTI-1's: dims at
+//! most 32767 per axis, codes and slice fields in range, finite `f64`s within `f32`'s range
+//! (and not rounded to 0); otherwise the *read* is an error naming the field (before any
+//! voxel is read, so a batch never segments a volume whose outputs it could not write).
+//! The `f64` geometry is rounded to `f32` (as a NIfTI-1 file of it would hold); `scl_slope`
+//! and `scl_inter` are applied at `f64`. The kept header's `sizeof_hdr` (540) and magic
+//! (`n+2`) say it came from NIfTI-2 (`ichcam inspect` prints the format).
 //!
 //! Voxels: every integer and float datatype (u8, i8, i16, u16, i32, u32, i64, u64, f32,
 //! f64) is read as `f32` after `scl_slope`/`scl_inter` (a slope of 0 or a non-finite slope
@@ -40,6 +52,8 @@ use std::path::Path;
 
 /// Size of a NIfTI-1 header.
 pub const HEADER_SIZE: usize = 348;
+/// Size of a NIfTI-2 header.
+pub const HEADER_SIZE_2: usize = 540;
 /// Bytes a reader may allocate for one volume (raw data plus the `f32` copy): 4 GiB.
 pub const DEFAULT_MAX_BYTES: u64 = 4 << 30;
 /// Deflate cannot expand data by more than about 1032:1, so a gzip file of `n` bytes
@@ -182,6 +196,11 @@ struct Layout {
     /// Bytes of voxel data.
     nbytes: u64,
     big_endian: bool,
+    /// 348 (NIfTI-1) or 540 (NIfTI-2).
+    header_size: usize,
+    /// As stored (NIfTI-2's are `f64`); see [`scaling`].
+    scl_slope: f64,
+    scl_inter: f64,
 }
 
 /// Reads a `.nii`/`.nii.gz` file with the default limits.
@@ -211,7 +230,7 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     if file_len == 0 {
         return Err(IoError::invalid(
             path,
-            "empty file (0 bytes), expected a NIfTI-1 volume",
+            "empty file (0 bytes), expected a NIfTI volume",
         ));
     }
     let mut file = File::open(path).map_err(|e| IoError::read(path, e))?;
@@ -244,16 +263,9 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         }
     };
 
-    let mut hbytes = [0u8; HEADER_SIZE];
-    let got = read_full(&mut reader, &mut hbytes).map_err(stream_err)?;
-    if got < HEADER_SIZE {
-        let what = if gz { "decompresses to" } else { "is" };
-        return Err(IoError::invalid(
-            path,
-            format!("{what} only {got} bytes, shorter than the {HEADER_SIZE}-byte NIfTI-1 header"),
-        ));
-    }
-    let (header, layout) = parse_header(&hbytes).map_err(|r| IoError::invalid(path, r))?;
+    let (header, layout) = read_and_parse_header(&mut reader, gz)
+        .map_err(stream_err)?
+        .map_err(|r| IoError::invalid(path, r))?;
     let mut warnings = Vec::new();
     let spacing =
         checked_spacing(path, &header, &mut warnings).map_err(|r| IoError::invalid(path, r))?;
@@ -316,7 +328,7 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         ));
     }
 
-    let skip = layout.offset - HEADER_SIZE as u64;
+    let skip = layout.offset - layout.header_size as u64;
     let skipped =
         std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink()).map_err(stream_err)?;
     if skipped < skip {
@@ -325,11 +337,11 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
             format!(
                 "vox_offset {} is past the end of the data ({} bytes)",
                 layout.offset,
-                HEADER_SIZE as u64 + skipped
+                layout.header_size as u64 + skipped
             ),
         ));
     }
-    let (slope, inter) = scaling(&header);
+    let (slope, inter) = scaling(layout.scl_slope, layout.scl_inter);
     let (nz, ny, nx) = layout.shape;
     let nvox = nx * ny * nz;
     let mut vals = Vec::new();
@@ -437,13 +449,12 @@ pub fn read_bytes(shape: (usize, usize, usize), dt: DataType) -> u128 {
     nvox * 4 + (DECODE_BLOCK as u128).min(nvox * dt.size() as u128)
 }
 
-/// Slope and intercept to apply: NIfTI says a slope of 0 means "no scaling".
-fn scaling(h: &nifti::NiftiHeader) -> (f64, f64) {
-    let s = h.scl_slope as f64;
+/// Slope and intercept to apply, from the header's `scl_slope` and `scl_inter`: NIfTI
+/// says a slope of 0 means "no scaling".
+fn scaling(s: f64, i: f64) -> (f64, f64) {
     if s == 0.0 || !s.is_finite() {
         (1.0, 0.0)
     } else {
-        let i = h.scl_inter as f64;
         (s, if i.is_finite() { i } else { 0.0 })
     }
 }
@@ -582,59 +593,117 @@ pub fn replace_nonfinite(vals: &mut [f32]) -> (usize, f32) {
     (count, fill)
 }
 
-/// Parses and validates a NIfTI-1 header; the error is the reason, without the path.
-fn parse_header(b: &[u8; HEADER_SIZE]) -> Result<(nifti::NiftiHeader, Layout), String> {
-    let le = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let be = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    let big = if le == 348 {
-        false
-    } else if be == 348 {
-        true
-    } else if le == 540 || be == 540 {
-        return Err("NIfTI-2 files are not supported (header size 540): convert to NIfTI-1".into());
-    } else {
-        return Err(format!(
-            "not a NIfTI-1 file: header size field is {le}, expected 348 (first bytes {:02x?})",
-            &b[..8]
-        ));
+/// Reads the header at the start of `r` (348 bytes for NIfTI-1, 540 for NIfTI-2, told
+/// apart by the size field) and validates it with [`parse_header`]. The outer error is the
+/// stream's; the inner one is the reason a header is short or invalid, without the path.
+fn read_and_parse_header(
+    r: &mut impl Read,
+    gz: bool,
+) -> std::io::Result<Result<(nifti::NiftiHeader, Layout), String>> {
+    let mut b = [0u8; HEADER_SIZE_2];
+    let mut got = read_full(r, &mut b[..HEADER_SIZE])?;
+    let (size, kind) = match header_kind(&b[..got]) {
+        Some((HEADER_SIZE_2, _)) => (HEADER_SIZE_2, "NIfTI-2"),
+        _ => (HEADER_SIZE, "NIfTI-1"),
     };
-    let magic = [b[344], b[345], b[346], b[347]];
-    if &magic == b"ni1\0" {
-        return Err(
-            "is the header of a .hdr/.img pair: only single-file .nii/.nii.gz is supported".into(),
-        );
+    if got == HEADER_SIZE && size == HEADER_SIZE_2 {
+        got += read_full(r, &mut b[HEADER_SIZE..])?;
     }
-    if &magic != b"n+1\0" {
-        return Err(format!(
-            "wrong magic {:?}, expected \"n+1\" (not a NIfTI-1 file)",
-            String::from_utf8_lossy(&magic).trim_end_matches('\0')
-        ));
+    if got < size {
+        let what = if gz { "decompresses to" } else { "is" };
+        return Ok(Err(format!(
+            "{what} only {got} bytes, shorter than the {size}-byte {kind} header"
+        )));
     }
+    Ok(parse_header(&b[..size]))
+}
 
-    let i16_at = |o: usize| {
-        let a = [b[o], b[o + 1]];
-        if big {
+/// The header size (348: NIfTI-1, 540: NIfTI-2) and byte order (`true`: big-endian) that
+/// the `sizeof_hdr` field at the start of `b` gives.
+fn header_kind(b: &[u8]) -> Option<(usize, bool)> {
+    let first: [u8; 4] = b.get(..4)?.try_into().ok()?;
+    let (le, be) = (i32::from_le_bytes(first), i32::from_be_bytes(first));
+    [HEADER_SIZE, HEADER_SIZE_2].into_iter().find_map(|n| {
+        if le == n as i32 {
+            Some((n, false))
+        } else if be == n as i32 {
+            Some((n, true))
+        } else {
+            None
+        }
+    })
+}
+
+/// Parses and validates a whole NIfTI-1 or NIfTI-2 header (by its size field); the error
+/// is the reason, without the path.
+fn parse_header(b: &[u8]) -> Result<(nifti::NiftiHeader, Layout), String> {
+    match header_kind(b) {
+        Some((n, big)) if n == b.len() && n == HEADER_SIZE => parse_nifti1(b, big),
+        Some((n, big)) if n == b.len() && n == HEADER_SIZE_2 => parse_nifti2(b, big),
+        _ => Err(format!(
+            "not a NIfTI-1 or NIfTI-2 file: header size field is {}, expected 348 or 540 (first bytes {:02x?})",
+            b.get(..4)
+                .map_or(0, |f| i32::from_le_bytes([f[0], f[1], f[2], f[3]])),
+            &b[..b.len().min(8)]
+        )),
+    }
+}
+
+/// The fixed-offset fields of a header, in its byte order. Offsets are constants within
+/// the header's fixed length.
+struct Fields<'a> {
+    b: &'a [u8],
+    big: bool,
+}
+
+impl Fields<'_> {
+    fn bytes<const N: usize>(&self, o: usize) -> [u8; N] {
+        let mut a = [0u8; N];
+        a.copy_from_slice(&self.b[o..o + N]);
+        a
+    }
+    fn i16(&self, o: usize) -> i16 {
+        let a = self.bytes(o);
+        if self.big {
             i16::from_be_bytes(a)
         } else {
             i16::from_le_bytes(a)
         }
-    };
-    let i32_at = |o: usize| {
-        let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        if big {
+    }
+    fn i32(&self, o: usize) -> i32 {
+        let a = self.bytes(o);
+        if self.big {
             i32::from_be_bytes(a)
         } else {
             i32::from_le_bytes(a)
         }
-    };
-    let f32_at = |o: usize| f32::from_bits(i32_at(o) as u32);
-    let f32s = |o: usize, out: &mut [f32]| {
-        for (k, v) in out.iter_mut().enumerate() {
-            *v = f32_at(o + 4 * k);
+    }
+    fn i64(&self, o: usize) -> i64 {
+        let a = self.bytes(o);
+        if self.big {
+            i64::from_be_bytes(a)
+        } else {
+            i64::from_le_bytes(a)
         }
-    };
+    }
+    fn f32(&self, o: usize) -> f32 {
+        f32::from_bits(self.i32(o) as u32)
+    }
+    fn f64(&self, o: usize) -> f64 {
+        f64::from_bits(self.i64(o) as u64)
+    }
+    fn endianness(&self) -> nifti::Endianness {
+        if self.big {
+            nifti::Endianness::Big
+        } else {
+            nifti::Endianness::Little
+        }
+    }
+}
 
-    let dims: [i16; 8] = std::array::from_fn(|k| i16_at(40 + 2 * k));
+/// The `(z, y, x)` shape of a header's `dim` array, validated: `dim[0]` is 1 to 7, the
+/// used dims are positive, and those past the third are 1.
+fn shape_of(dims: &[i64; 8]) -> Result<(usize, usize, usize), String> {
     let ndim = dims[0];
     if !(1..=7).contains(&ndim) {
         return Err(format!(
@@ -661,87 +730,251 @@ fn parse_header(b: &[u8; HEADER_SIZE]) -> Result<(nifti::NiftiHeader, Layout), S
             format!("{ndim}-D data (dims {used:?}): only 3-D volumes are supported")
         });
     }
-    let d = |k: usize| if k <= ndim { dims[k] as usize } else { 1 };
-    let shape = (d(3), d(2), d(1));
+    let d = |k: usize| {
+        if k <= ndim {
+            usize::try_from(dims[k]).map_err(|_| format!("dim[{k}] = {} is too large", dims[k]))
+        } else {
+            Ok(1)
+        }
+    };
+    Ok((d(3)?, d(2)?, d(1)?))
+}
 
-    let datatype = i16_at(70);
+/// The layout of a validated shape, datatype and vox_offset. A vox_offset inside the
+/// header (old writers leave 0 in single files) means the data follows the header and its
+/// 4 extension bytes. The shape's voxel count times 8 must fit a `u64` (NIfTI-1 dims do).
+fn layout_of(
+    shape: (usize, usize, usize),
+    dtype: DataType,
+    vox_offset: u64,
+    header_size: usize,
+    big_endian: bool,
+    (scl_slope, scl_inter): (f64, f64),
+) -> Layout {
+    let offset = if vox_offset < header_size as u64 {
+        header_size as u64 + 4
+    } else {
+        vox_offset
+    };
+    let nvox = shape.0 as u64 * shape.1 as u64 * shape.2 as u64;
+    Layout {
+        shape,
+        dtype,
+        offset,
+        nbytes: nvox * dtype.size() as u64,
+        big_endian,
+        header_size,
+        scl_slope,
+        scl_inter,
+    }
+}
+
+/// Parses and validates a NIfTI-1 header (348 bytes, byte order `big`).
+fn parse_nifti1(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), String> {
+    let f = Fields { b, big };
+    let magic = [b[344], b[345], b[346], b[347]];
+    if &magic == b"ni1\0" {
+        return Err(
+            "is the header of a .hdr/.img pair: only single-file .nii/.nii.gz is supported".into(),
+        );
+    }
+    if &magic != b"n+1\0" {
+        return Err(format!(
+            "wrong magic {:?}, expected \"n+1\" (not a NIfTI-1 file)",
+            String::from_utf8_lossy(&magic).trim_end_matches('\0')
+        ));
+    }
+
+    let dims: [i16; 8] = std::array::from_fn(|k| f.i16(40 + 2 * k));
+    let shape = shape_of(&dims.map(i64::from))?;
+
+    let datatype = f.i16(70);
     let dtype = DataType::from_code(datatype)?;
 
-    let vox_offset = f32_at(108);
+    let vox_offset = f.f32(108);
     if !vox_offset.is_finite() || vox_offset < 0.0 || vox_offset.fract() != 0.0 {
         return Err(format!("invalid vox_offset {vox_offset}"));
     }
-    // Old writers leave vox_offset 0 in single files; the data then starts after the
-    // header and its 4 extension bytes.
-    let offset = if vox_offset < HEADER_SIZE as f32 {
-        352
-    } else {
-        vox_offset as u64
-    };
-    let nvox = shape.0 as u64 * shape.1 as u64 * shape.2 as u64;
-    let nbytes = nvox * dtype.size() as u64;
+    let (scl_slope, scl_inter) = (f.f32(112), f.f32(116));
+    let layout = layout_of(
+        shape,
+        dtype,
+        vox_offset as u64,
+        HEADER_SIZE,
+        big,
+        (scl_slope as f64, scl_inter as f64),
+    );
 
     let mut h = nifti::NiftiHeader {
         sizeof_hdr: 348,
-        extents: i32_at(32),
-        session_error: i16_at(36),
+        extents: f.i32(32),
+        session_error: f.i16(36),
         regular: b[38],
         dim_info: b[39],
         dim: dims.map(|v| v.max(0) as u16),
-        intent_p1: f32_at(56),
-        intent_p2: f32_at(60),
-        intent_p3: f32_at(64),
-        intent_code: i16_at(68),
+        intent_p1: f.f32(56),
+        intent_p2: f.f32(60),
+        intent_p3: f.f32(64),
+        intent_code: f.i16(68),
         datatype,
-        bitpix: i16_at(72),
-        slice_start: i16_at(74),
+        bitpix: f.i16(72),
+        slice_start: f.i16(74),
+        pixdim: std::array::from_fn(|k| f.f32(76 + 4 * k)),
         vox_offset,
-        scl_slope: f32_at(112),
-        scl_inter: f32_at(116),
-        slice_end: i16_at(120),
+        scl_slope,
+        scl_inter,
+        slice_end: f.i16(120),
         slice_code: b[122],
         xyzt_units: b[123],
-        cal_max: f32_at(124),
-        cal_min: f32_at(128),
-        slice_duration: f32_at(132),
-        toffset: f32_at(136),
-        glmax: i32_at(140),
-        glmin: i32_at(144),
+        cal_max: f.f32(124),
+        cal_min: f.f32(128),
+        slice_duration: f.f32(132),
+        toffset: f.f32(136),
+        glmax: f.i32(140),
+        glmin: f.i32(144),
         descrip: b[148..228].to_vec(),
-        qform_code: i16_at(252),
-        sform_code: i16_at(254),
-        quatern_b: f32_at(256),
-        quatern_c: f32_at(260),
-        quatern_d: f32_at(264),
-        quatern_x: f32_at(268),
-        quatern_y: f32_at(272),
-        quatern_z: f32_at(276),
+        qform_code: f.i16(252),
+        sform_code: f.i16(254),
+        quatern_b: f.f32(256),
+        quatern_c: f.f32(260),
+        quatern_d: f.f32(264),
+        quatern_x: f.f32(268),
+        quatern_y: f.f32(272),
+        quatern_z: f.f32(276),
+        srow_x: std::array::from_fn(|k| f.f32(280 + 4 * k)),
+        srow_y: std::array::from_fn(|k| f.f32(296 + 4 * k)),
+        srow_z: std::array::from_fn(|k| f.f32(312 + 4 * k)),
         magic,
-        endianness: if big {
-            nifti::Endianness::Big
-        } else {
-            nifti::Endianness::Little
-        },
+        endianness: f.endianness(),
         ..Default::default()
     };
     h.data_type.copy_from_slice(&b[4..14]);
     h.db_name.copy_from_slice(&b[14..32]);
     h.aux_file.copy_from_slice(&b[228..252]);
     h.intent_name.copy_from_slice(&b[328..344]);
-    f32s(76, &mut h.pixdim);
-    f32s(280, &mut h.srow_x);
-    f32s(296, &mut h.srow_y);
-    f32s(312, &mut h.srow_z);
-    Ok((
-        h,
-        Layout {
-            shape,
-            dtype,
-            offset,
-            nbytes,
-            big_endian: big,
-        },
-    ))
+    Ok((h, layout))
+}
+
+/// The error for a NIfTI-2 field whose value NIfTI-1's field cannot hold.
+fn not_nifti1(name: &str, v: impl std::fmt::Display) -> String {
+    format!(
+        "{name} = {v} does not fit NIfTI-1's field, and the outputs (masks, maps) are written as NIfTI-1"
+    )
+}
+
+/// Parses and validates a NIfTI-2 header (540 bytes, byte order `big`) into the NIfTI-1
+/// header every volume keeps (`sizeof_hdr` 540 and magic `n+2` there say where it came
+/// from): every field the outputs carry must fit its NIfTI-1 field (dims at most 32767,
+/// codes and slice fields in range, finite `f64`s within `f32`'s range and not rounded to
+/// 0); `f64`s are rounded to `f32`. `scl_slope`/`scl_inter` are applied at `f64`.
+fn parse_nifti2(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), String> {
+    let f = Fields { b, big };
+    let magic = [b[4], b[5], b[6], b[7]];
+    if &magic == b"ni2\0" {
+        return Err(
+            "is the header of a .hdr/.img pair: only single-file .nii/.nii.gz is supported".into(),
+        );
+    }
+    if &magic != b"n+2\0" {
+        return Err(format!(
+            "wrong magic {:?}, expected \"n+2\" (not a NIfTI-2 file)",
+            String::from_utf8_lossy(&magic).trim_end_matches('\0')
+        ));
+    }
+    if b[8..12] != *b"\r\n\x1a\n" {
+        return Err(format!(
+            "NIfTI-2 magic's check bytes are {:02x?}, expected [0d, 0a, 1a, 0a]: the file was changed (e.g. by a text-mode transfer)",
+            &b[8..12]
+        ));
+    }
+
+    let dims: [i64; 8] = std::array::from_fn(|k| f.i64(16 + 8 * k));
+    let shape = shape_of(&dims)?;
+    // Before the voxel count is computed: NIfTI-1 dims cannot overflow it.
+    let max = i16::MAX as usize;
+    if [shape.0, shape.1, shape.2].iter().any(|&d| d > max) {
+        let used = &dims[1..=dims[0] as usize];
+        return Err(format!(
+            "dims {used:?} do not fit NIfTI-1 (at most {max} per axis), and the outputs (masks, maps) are written as NIfTI-1"
+        ));
+    }
+
+    let datatype = f.i16(12);
+    let dtype = DataType::from_code(datatype)?;
+
+    let vox_offset = f.i64(168);
+    let vox_offset =
+        u64::try_from(vox_offset).map_err(|_| format!("invalid vox_offset {vox_offset}"))?;
+    let layout = layout_of(
+        shape,
+        dtype,
+        vox_offset,
+        HEADER_SIZE_2,
+        big,
+        (f.f64(176), f.f64(184)),
+    );
+
+    let f32_field = |name: &str, o: usize| -> Result<f32, String> {
+        let v = f.f64(o);
+        let r = v as f32;
+        if v.is_finite() && (r.is_infinite() || (r == 0.0 && v != 0.0)) {
+            Err(not_nifti1(name, v))
+        } else {
+            Ok(r)
+        }
+    };
+    let f32_fields = |name: &str, o: usize, out: &mut [f32]| -> Result<(), String> {
+        for (k, v) in out.iter_mut().enumerate() {
+            *v = f32_field(&format!("{name}[{k}]"), o + 8 * k)?;
+        }
+        Ok(())
+    };
+    fn int<T: TryFrom<i64>>(name: &str, v: impl Into<i64>) -> Result<T, String> {
+        let v = v.into();
+        T::try_from(v).map_err(|_| not_nifti1(name, v))
+    }
+
+    let mut h = nifti::NiftiHeader {
+        sizeof_hdr: HEADER_SIZE_2 as i32,
+        dim_info: b[524],
+        dim: dims.map(|v| v.clamp(0, i16::MAX as i64) as u16),
+        intent_p1: f32_field("intent_p1", 80)?,
+        intent_p2: f32_field("intent_p2", 88)?,
+        intent_p3: f32_field("intent_p3", 96)?,
+        intent_code: int("intent_code", f.i32(504))?,
+        datatype,
+        bitpix: f.i16(14),
+        slice_start: int("slice_start", f.i64(224))?,
+        vox_offset: vox_offset as f32,
+        scl_slope: f32_field("scl_slope", 176)?,
+        scl_inter: f32_field("scl_inter", 184)?,
+        slice_end: int("slice_end", f.i64(232))?,
+        slice_code: int("slice_code", f.i32(496))?,
+        xyzt_units: int("xyzt_units", f.i32(500))?,
+        cal_max: f32_field("cal_max", 192)?,
+        cal_min: f32_field("cal_min", 200)?,
+        slice_duration: f32_field("slice_duration", 208)?,
+        toffset: f32_field("toffset", 216)?,
+        descrip: b[240..320].to_vec(),
+        qform_code: int("qform_code", f.i32(344))?,
+        sform_code: int("sform_code", f.i32(348))?,
+        quatern_b: f32_field("quatern_b", 352)?,
+        quatern_c: f32_field("quatern_c", 360)?,
+        quatern_d: f32_field("quatern_d", 368)?,
+        quatern_x: f32_field("qoffset_x", 376)?,
+        quatern_y: f32_field("qoffset_y", 384)?,
+        quatern_z: f32_field("qoffset_z", 392)?,
+        magic,
+        endianness: f.endianness(),
+        ..Default::default()
+    };
+    f32_fields("pixdim", 104, &mut h.pixdim)?;
+    f32_fields("srow_x", 400, &mut h.srow_x)?;
+    f32_fields("srow_y", 432, &mut h.srow_y)?;
+    f32_fields("srow_z", 464, &mut h.srow_z)?;
+    h.aux_file.copy_from_slice(&b[320..344]);
+    h.intent_name.copy_from_slice(&b[508..524]);
+    Ok((h, layout))
 }
 
 /// Reads only the header of a `.nii`/`.nii.gz` file, validated as for a full read.
@@ -756,16 +989,8 @@ pub fn read_header(path: &Path) -> Result<nifti::NiftiHeader, IoError> {
     } else {
         Box::new(BufReader::new(file))
     };
-    let mut hbytes = [0u8; HEADER_SIZE];
-    let got = read_full(&mut reader, &mut hbytes)
-        .map_err(|e| IoError::invalid(path, format!("cannot read the header: {e}")))?;
-    if got < HEADER_SIZE {
-        return Err(IoError::invalid(
-            path,
-            format!("only {got} bytes, shorter than the {HEADER_SIZE}-byte NIfTI-1 header"),
-        ));
-    }
-    parse_header(&hbytes)
+    read_and_parse_header(&mut reader, gz)
+        .map_err(|e| IoError::invalid(path, format!("cannot read the header: {e}")))?
         .map(|(h, _)| h)
         .map_err(|r| IoError::invalid(path, r))
 }

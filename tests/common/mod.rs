@@ -3,12 +3,14 @@
 //! limit, output checks: the hostile-input tests and the fuzz harness), [`shapes`] (op shapes),
 //! [`nhwc`] (the channels-last eval forward's cases and CPU reference),
 //! [`cuda`] (the harness of the CUDA test binaries: device tests ignored at run time
-//! without a device) and [`train`] (phantom training cases).
+//! without a device), [`train`] (phantom training cases) and [`nifti2`] (NIfTI-2 files
+//! written by hand).
 #![allow(dead_code)]
 
 pub mod cuda;
 pub mod files;
 pub mod nhwc;
+pub mod nifti2;
 pub mod rng;
 pub mod shapes;
 pub mod train;
