@@ -1,6 +1,6 @@
 //! The fuzz harness of issue 15, on stable Rust with no fuzzing engine: seeded mutations of
-//! five seed inputs (a NIfTI file, a `.nii.gz`, a DICOM series, a model file and a
-//! slice-label CSV with its dataset), each fed to the library's entry points in this
+//! six seed inputs (a NIfTI file, a `.nii.gz`, a DICOM series, a model file, a
+//! slice-label CSV with its dataset, and the NIfTI file as NIfTI-2), each fed to the library's entry points in this
 //! process and to the binary (`inspect`, `segment`, `eval`) in a child process, both under
 //! an 8 GB address-space limit (`setrlimit(RLIMIT_AS)`). Every outcome must be clean: the
 //! library returns `Ok` or an error without panicking; the binary exits 0, or 1 with an
@@ -37,14 +37,16 @@ enum Kind {
     Dicom,
     Model,
     Csv,
+    Nifti2,
 }
 
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind::Nifti,
     Kind::NiftiGz,
     Kind::Dicom,
     Kind::Model,
     Kind::Csv,
+    Kind::Nifti2,
 ];
 
 /// Outcomes per (input kind, entry point).
@@ -471,6 +473,16 @@ fn make_mutant(kind: Kind, seeds: &Seeds, rng: &mut SplitMix64, dir: &Path) -> (
             std::fs::write(p.join("slice_labels.csv"), b).unwrap();
             (p, d)
         }
+        Kind::Nifti2 => {
+            // The NIfTI seed as NIfTI-2, in either byte order.
+            let big = rng.chance(0.5);
+            let seed = std::fs::read(&seeds.nii).unwrap();
+            let mut b = common::nifti2::from_nifti1_file(&seed, big);
+            let d = mutate_bytes(&mut b, rng, 544);
+            let p = dir.join("m2.nii");
+            std::fs::write(&p, b).unwrap();
+            (p, format!("big-endian {big}: {d}"))
+        }
     }
 }
 
@@ -478,7 +490,7 @@ fn make_mutant(kind: Kind, seeds: &Seeds, rng: &mut SplitMix64, dir: &Path) -> (
 fn library(kind: Kind, input: &Path, seeds: &Seeds) -> Result<bool, String> {
     let call = || -> bool {
         match kind {
-            Kind::Nifti | Kind::NiftiGz | Kind::Dicom => {
+            Kind::Nifti | Kind::NiftiGz | Kind::Dicom | Kind::Nifti2 => {
                 let _ = io::probe_dims(input);
                 io::read_volume_report(input).is_ok()
             }
@@ -549,7 +561,7 @@ fn binary(
                 let (p, t) = (dir.join("pred"), dir.join("truth"));
                 std::fs::create_dir_all(&p).unwrap();
                 std::fs::create_dir_all(&t).unwrap();
-                let name = if kind == Kind::Nifti {
+                let name = if matches!(kind, Kind::Nifti | Kind::Nifti2) {
                     "v.nii"
                 } else {
                     "v.nii.gz"

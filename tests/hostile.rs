@@ -766,3 +766,233 @@ fn a_label_csv_naming_a_slice_beyond_any_volume_is_an_error() {
     let r = run(&[os("inspect"), ds.as_os_str()]);
     assert!(error_of(&r).contains("999999999999"), "{}", r.stderr);
 }
+
+/// A NIfTI-2 copy of a little-endian `.nii` phantom: its header fields and voxel bytes.
+fn nifti2_phantom(dir: &Path) -> (common::nifti2::Nifti2, Vec<u8>) {
+    let p = dir.join("phantom1.nii");
+    io::write_volume(&p, &common::files::phantom(4)).unwrap();
+    common::nifti2::parts_of_nifti1_file(&std::fs::read(&p).unwrap())
+}
+
+#[test]
+fn nifti2_hostile_headers_are_clear_errors() {
+    use common::files::gz;
+    let dir = tempfile::tempdir().unwrap();
+    let (h, body) = nifti2_phantom(dir.path());
+    let good = h.file(false, &body);
+    let edit = |f: &dyn Fn(&mut common::nifti2::Nifti2)| {
+        let mut e = h.clone();
+        f(&mut e);
+        e.file(false, &body)
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "short.nii",
+            good[..400].to_vec(),
+            "is only 400 bytes, shorter than the 540-byte NIfTI-2 header",
+        ),
+        (
+            "short.nii.gz",
+            gz(&good[..400]),
+            "decompresses to only 400 bytes, shorter than the 540-byte NIfTI-2 header",
+        ),
+        (
+            "negative_dim.nii",
+            edit(&|e| e.dim[2] = -5),
+            "dim[2] = -5 (must be positive)",
+        ),
+        (
+            "ndim.nii",
+            edit(&|e| e.dim[0] = 9),
+            "dim[0] = 9 (must be 1 to 7)",
+        ),
+        (
+            "three_volumes.nii",
+            edit(&|e| e.dim = [4, 48, 48, 4, 3, 1, 1, 1]),
+            "4-D image with 3 volumes",
+        ),
+        (
+            "offset.nii",
+            edit(&|e| e.vox_offset = 1 << 40),
+            "vox_offset 1099511627776 is past the end of the file",
+        ),
+        (
+            "offset.nii.gz",
+            gz(&edit(&|e| e.vox_offset = 1 << 40)),
+            "vox_offset 1099511627776 is past the end of the data",
+        ),
+        (
+            "negative_offset.nii",
+            edit(&|e| e.vox_offset = -8),
+            "invalid vox_offset -8",
+        ),
+        (
+            "short_data.nii",
+            good[..good.len() - 10].to_vec(),
+            "but the file holds only",
+        ),
+        (
+            "complex.nii",
+            edit(&|e| e.datatype = 32),
+            "complex datatype (code 32)",
+        ),
+        (
+            "pair.nii",
+            edit(&|e| e.magic = *b"ni2\0\r\n\x1a\n"),
+            ".hdr/.img pair",
+        ),
+        (
+            // A text-mode transfer turned "\r\n" into "\n".
+            "text_mode.nii",
+            edit(&|e| e.magic = *b"n+2\0\n\x1a\n\0"),
+            "check bytes",
+        ),
+        (
+            "nifti1_magic.nii",
+            edit(&|e| e.magic = *b"n+1\0\r\n\x1a\n"),
+            "expected \"n+2\"",
+        ),
+        // Fields that NIfTI-1 outputs cannot carry: refused at read time.
+        (
+            "wide.nii",
+            edit(&|e| e.dim = [3, 40000, 2, 1, 1, 1, 1, 1]),
+            "dims [40000, 2, 1] do not fit NIfTI-1 (at most 32767 per axis)",
+        ),
+        (
+            "i64_dims.nii",
+            edit(&|e| e.dim = [3, i64::MAX, i64::MAX, i64::MAX, 1, 1, 1, 1]),
+            "do not fit NIfTI-1",
+        ),
+        (
+            "srow.nii",
+            edit(&|e| e.srow[0][3] = 1e300),
+            "srow_x[3] = 1e300 does not fit NIfTI-1's field",
+        ),
+        (
+            "tiny_pixdim.nii",
+            edit(&|e| e.pixdim[4] = 1e-300),
+            "pixdim[4] = 1e-300 does not fit",
+        ),
+        (
+            "qform_code.nii",
+            edit(&|e| e.qform_code = 70000),
+            "qform_code = 70000 does not fit",
+        ),
+        (
+            "slice_end.nii",
+            edit(&|e| e.slice_end = 1 << 40),
+            "slice_end = 1099511627776 does not fit",
+        ),
+    ];
+    for (name, bytes, phrase) in &cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = io::read_volume_report(&p).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains(phrase), "{name}: {e}");
+        let r = run(&[os("inspect"), p.as_os_str()]);
+        assert!(error_of(&r).contains(phrase), "{name}: {}", r.stderr);
+    }
+    // The header alone (what batch planning reads) gives the same answers.
+    for (name, _, phrase) in &cases[..5] {
+        let e = io::probe_dims(&dir.path().join(name))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(phrase), "{name}: {e}");
+    }
+    // The same file, unedited, reads (big-endian too).
+    for (name, bytes) in [
+        ("good.nii", good),
+        ("good_be.nii.gz", gz(&h.file(true, &body))),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        assert_eq!(io::read_volume(&p).unwrap().dims(), (4, 48, 48), "{name}");
+    }
+}
+
+#[test]
+fn a_nifti2_header_claiming_terabytes_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut h, body) = nifti2_phantom(dir.path());
+    // 32767^3 float64 voxels (2^48 bytes) in a 600-byte file; every dim fits NIfTI-1.
+    h.dim = [3, 32767, 32767, 32767, 1, 1, 1, 1];
+    h.datatype = 64;
+    h.bitpix = 64;
+    let bytes = h.file(false, &body[..56]);
+    for (name, b) in [
+        ("tb.nii", bytes.clone()),
+        ("tb.nii.gz", common::files::gz(&bytes)),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, b).unwrap();
+        let t = std::time::Instant::now();
+        let e = io::read_volume(&p).unwrap_err();
+        assert!(
+            matches!(&e, IoError::TooLarge { claim, .. } if claim == "32767x32767x32767 voxels of float64"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("TiB"), "{e}");
+        // Past the cap, the budget and then the file's size refuse it, still before
+        // allocating.
+        let e = io::read_volume_with(
+            &p,
+            &io::ReadOptions {
+                max_bytes: u64::MAX,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, IoError::OverBudget { .. })
+                || e.to_string().contains("cannot hold that much")
+                || e.to_string().contains("holds only"),
+            "{e}"
+        );
+        assert!(t.elapsed().as_secs_f64() < 1.0, "{name}");
+        // The binary under a 1 GB address space.
+        let r = run_limited(&[os("inspect"), p.as_os_str()], 1 << 30, LONG);
+        assert!(
+            matches!(&r.outcome, Outcome::CleanError(l) if l.contains("header claims 32767x32767x32767 voxels of float64")),
+            "{name}: {:?} {}",
+            r.outcome,
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn a_nifti2_volume_too_wide_for_nifti1_outputs_fails_before_segmenting() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    common::files::write_model(&model, 32);
+    let (mut h, _) = nifti2_phantom(dir.path());
+    // 40000 x 2 x 1 uint8 voxels, all there: readable, but no NIfTI-1 mask can hold it.
+    h.dim = [3, 40000, 2, 1, 1, 1, 1, 1];
+    h.datatype = 2;
+    h.bitpix = 8;
+    h.scl_slope = 0.0;
+    let p = dir.path().join("wide.nii.gz");
+    std::fs::write(&p, common::files::gz(&h.file(false, &vec![100u8; 80000]))).unwrap();
+    let out = dir.path().join("out");
+    let r = run(&[
+        os("segment"),
+        os("--model"),
+        model.as_os_str(),
+        os("--input"),
+        p.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+        os("--device"),
+        os("cpu"),
+        os("-q"),
+    ]);
+    error_of(&r);
+    assert!(
+        r.stderr.contains("wide.nii.gz")
+            && r.stderr.contains("dims [40000, 2, 1] do not fit NIfTI-1")
+            && r.stderr
+                .contains("outputs (masks, maps) are written as NIfTI-1"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(common::files::check_outputs(&out), Ok(0));
+}

@@ -918,7 +918,7 @@ fn parse_nifti2(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), Str
         let v = f.f64(o);
         let r = v as f32;
         if v.is_finite() && (r.is_infinite() || (r == 0.0 && v != 0.0)) {
-            Err(not_nifti1(name, v))
+            Err(not_nifti1(name, format_args!("{v:e}")))
         } else {
             Ok(r)
         }

@@ -143,12 +143,15 @@ impl Nifti2 {
         b
     }
 
-    /// A whole file: the header, zeros up to vox_offset (if past the header), then the
-    /// voxels `body_le` (little-endian, [`datatype_size`] bytes each) in the header's byte
-    /// order.
+    /// A whole file: the header, zeros up to vox_offset (4 extension bytes when vox_offset
+    /// is not from 540 to 4096, e.g. a hostile one), then the voxels `body_le`
+    /// (little-endian, [`datatype_size`] bytes each) in the header's byte order.
     pub fn file(&self, big: bool, body_le: &[u8]) -> Vec<u8> {
         let mut b = self.header(big);
-        let start = usize::try_from(self.vox_offset).unwrap_or(0).max(540);
+        let start = match self.vox_offset {
+            o @ 540..=4096 => o as usize,
+            _ => 544,
+        };
         b.resize(start, 0);
         let size = datatype_size(self.datatype);
         for c in body_le.chunks(size) {
