@@ -641,7 +641,7 @@ fn parse_header(b: &[u8]) -> Result<(nifti::NiftiHeader, Layout), String> {
         Some((n, big)) if n == b.len() && n == HEADER_SIZE => parse_nifti1(b, big),
         Some((n, big)) if n == b.len() && n == HEADER_SIZE_2 => parse_nifti2(b, big),
         _ => Err(format!(
-            "not a NIfTI-1 or NIfTI-2 file: header size field is {}, expected 348 or 540 (first bytes {:02x?})",
+            "not a NIfTI-1 file: header size field is {}, expected 348 (or 540 for NIfTI-2; first bytes {:02x?})",
             b.get(..4)
                 .map_or(0, |f| i32::from_le_bytes([f[0], f[1], f[2], f[3]])),
             &b[..b.len().min(8)]
