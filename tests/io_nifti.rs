@@ -733,3 +733,52 @@ fn nifti2_warnings_and_nan_voxels_are_those_of_nifti1() {
     let e = io::read_volume(&p2).unwrap_err().to_string();
     assert!(e.contains("pixdim[1]") && e.contains("plausible"), "{e}");
 }
+
+#[test]
+fn segment_writes_nifti1_outputs_that_overlay_a_nifti2_input() {
+    use common::files::{run_limited, Outcome, AS_LIMIT};
+    use std::ffi::OsStr;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    common::files::write_model(&model, 32);
+    // The phantom with an oblique geometry, as big-endian NIfTI-2.
+    let mut v = common::files::phantom(4);
+    v.header = oblique_header(v.dims());
+    let p1 = dir.path().join("p1.nii");
+    io::write_volume(&p1, &v).unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let p2 = input.join("head.nii.gz");
+    let b2 = nifti2::from_nifti1_file(&std::fs::read(&p1).unwrap(), true);
+    std::fs::write(&p2, common::files::gz(&b2)).unwrap();
+    let v2 = io::read_volume(&p2).unwrap();
+    assert_eq!(v2.header.sizeof_hdr, 540);
+    let out = dir.path().join("out");
+    let os = OsStr::new;
+    let r = run_limited(
+        &[
+            os("segment"),
+            os("--model"),
+            model.as_os_str(),
+            os("--input"),
+            input.as_os_str(),
+            os("--out"),
+            out.as_os_str(),
+            os("--device"),
+            os("cpu"),
+            os("-q"),
+        ],
+        AS_LIMIT,
+        std::time::Duration::from_secs(600),
+    );
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
+    assert_eq!(common::files::check_outputs(&out), Ok(1));
+    for name in ["mask.nii.gz", "cam.nii.gz"] {
+        let back = io::read_volume(&out.join("head").join(name)).unwrap();
+        assert_eq!(back.header.sizeof_hdr, 348, "{name}");
+        assert_eq!(back.dims(), v2.dims(), "{name}");
+        assert_same_geometry(&back.header, &v2.header);
+        assert_eq!(back.affine(), v2.affine(), "{name}");
+        assert_eq!(back.spacing, v2.spacing, "{name}");
+    }
+}
