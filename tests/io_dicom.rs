@@ -484,7 +484,7 @@ fn hostile_multi_frame_images_are_errors() {
                 number_of_frames: Some("99999999999".into()),
                 ..Default::default()
             },
-            &["bad NumberOfFrames"],
+            &["bad NumberOfFrames `99999999999`"],
         ),
         (
             "legacy multi-frame CT",
@@ -504,6 +504,26 @@ fn hostile_multi_frame_images_are_errors() {
                 assert!(e.contains(w), "{what}: `{w}` not in: {e}");
             }
         }
+    }
+}
+
+#[test]
+fn a_multi_frame_image_over_the_volume_cap_is_refused_before_decoding() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir, file) = enhanced_in_dir(
+        root.path(),
+        "mf",
+        &volume((5, 4, 6), None),
+        &Enhanced::default(),
+    );
+    for path in [&dir, &file] {
+        let e = io::read_volume_with(path, &io::ReadOptions { max_bytes: 1000 })
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(&e, io::IoError::TooLarge { claim, .. } if claim == "5 frames of 6x4"),
+            "{e}"
+        );
     }
 }
 

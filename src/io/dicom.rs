@@ -878,7 +878,10 @@ fn image_info(p: &Path, obj: &Obj) -> Result<Vec<SliceInfo>, IoError> {
         Some(e) => match e.to_int::<u32>() {
             Ok(0) => return Err(IoError::invalid(p, "NumberOfFrames is 0")),
             Ok(n) => n,
-            Err(e) => return Err(bad("NumberOfFrames", &e)),
+            Err(err) => {
+                let v = e.to_str().map(|s| s.into_owned()).unwrap_or_default();
+                return Err(bad(&format!("NumberOfFrames `{}`", v.trim()), &err));
+            }
         },
     };
     let int = |tag, default: u32| -> u32 {
