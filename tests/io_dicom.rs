@@ -528,6 +528,17 @@ fn a_multi_frame_image_over_the_volume_cap_is_refused_before_decoding() {
 }
 
 #[test]
+fn a_single_frame_file_named_alone_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    dicom::write_series(dir.path(), &volume((3, 4, 5), None)).unwrap();
+    let e = err_at(&dir.path().join("slice_0002.dcm"));
+    assert!(
+        e.contains("slice_0002.dcm: a single-frame DICOM image is one slice of a series"),
+        "{e}"
+    );
+}
+
+#[test]
 fn an_undecodable_transfer_syntax_is_a_clear_error() {
     let root = tempfile::tempdir().unwrap();
     let spec = Enhanced {

@@ -2,25 +2,29 @@
 //!
 //! Reading: every file in the folder (not its subfolders) is tried as DICOM; files that
 //! are not DICOM, or DICOM without an image (a DICOMDIR, a report), are skipped with a
-//! warning in the [`ReadReport`]. [`read_file_with`] reads one file the same way. All
-//! headers are read and checked before any pixel is decoded: one SeriesInstanceUID, one
-//! Rows x Columns, one ImageOrientationPatient, grayscale, no two slices at the same
-//! position, and no gap (a step between neighbouring slices more than 10 % off the median
-//! step). A multi-frame image (Enhanced CT, or any image with a Per-frame Functional Groups
-//! Sequence) becomes one slice per frame: each frame's ImagePositionPatient,
-//! ImageOrientationPatient, PixelSpacing, SliceThickness and RescaleSlope/Intercept come
-//! from its per-frame functional groups, else from the shared ones (rescale also from the
-//! top level), and its frames then go through the same checks as a folder's slices. A
-//! multi-frame image must be alone in its folder (beside it, other images are an error,
-//! not merged), must have one per-frame item per frame and pixel data for every frame;
-//! a multi-frame image without functional groups (legacy multi-frame CT, whose frame
-//! positions are not standardised) is refused. Slices are sorted by ImagePositionPatient
-//! projected on the slice normal (row cosine x column cosine), and
-//! RescaleSlope/RescaleIntercept (per slice or per frame) turn stored values into HU. Pixel
-//! data is decoded by the `dicom-pixeldata` crate: native, RLE and JPEG transfer syntaxes;
-//! others are an error naming the transfer syntax. Before the DICOM library sees
-//! a file, its element lengths are walked and checked against the file (`scan_lengths`):
-//! the library allocates a claimed length before reading it. The series' memory is checked
+//! warning in the [`ReadReport`]. [`read_file_with`] reads one multi-frame file the same
+//! way. All headers are read and checked before any pixel is decoded: one
+//! SeriesInstanceUID, one Rows x Columns, one ImageOrientationPatient, grayscale, no two
+//! slices at the same position, and no gap (a step between neighbouring slices more than
+//! 10 % off the median step). Slices are sorted by ImagePositionPatient projected on the
+//! slice normal (row cosine x column cosine), and RescaleSlope/RescaleIntercept (per slice,
+//! or per frame) turn stored values into HU.
+//!
+//! A multi-frame image (Enhanced CT, or any image with a Per-frame Functional Groups
+//! Sequence) becomes one slice record per frame, checked and sorted as a folder's slices
+//! are: each frame's ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+//! SliceThickness and RescaleSlope/Intercept come from its per-frame functional groups, else
+//! from the shared ones (rescale also from the top level). It must be alone in its folder
+//! (other images beside it are an error, not merged), have one per-frame item per frame
+//! (which bounds NumberOfFrames by the file before anything per frame is allocated) and
+//! pixel data for every frame (checked before decoding). A multi-frame image without
+//! functional groups (legacy multi-frame CT, whose frame positions are not standardised)
+//! is refused. Pixel data is decoded by the `dicom-pixeldata` crate (native, RLE and JPEG;
+//! deflated data sets); another transfer syntax is an error that names it.
+//!
+//! Before the DICOM library sees a file, its element lengths are walked and checked against
+//! the file (`scan_lengths`): the library allocates a claimed length before reading it. The
+//! series' memory (for a multi-frame image: the file and its decoded frames too) is checked
 //! against the budget, and an implausible pixel spacing or slice step is an error.
 //! The volume gets a NIfTI header whose sform and qform (code 1, scanner) map voxels to
 //! RAS+ world coordinates: DICOM's LPS with x and y negated.
@@ -156,8 +160,8 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     read_files(dir, &files, opts)
 }
 
-/// Reads one DICOM file (a multi-frame image, or a single slice) as a volume, with the
-/// checks of [`read_series_with`].
+/// Reads one multi-frame DICOM file as a volume, with the checks of [`read_series_with`];
+/// a single-frame file (one slice of a series) is an error naming the folder to read.
 pub fn read_file_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
     if !has_dicm_magic(path) {
         return Err(IoError::invalid(path, "not a DICOM file (no DICM code)"));
@@ -207,11 +211,23 @@ fn read_files(
         }
         slices.extend(found);
     }
-    if slices.is_empty() && files.len() == 1 && files[0] == source {
-        return Err(IoError::invalid(
-            source,
-            "DICOM without an image (no Rows/Columns)",
-        ));
+    if files.len() == 1 && files[0] == source {
+        // A file named on its own must be a whole volume: one slice of a series is not.
+        match slices.first() {
+            None => {
+                return Err(IoError::invalid(
+                    source,
+                    "DICOM without an image (no Rows/Columns)",
+                ))
+            }
+            Some(s) if s.frame.is_none() => {
+                return Err(IoError::invalid(
+                    source,
+                    "a single-frame DICOM image is one slice of a series: read the series' folder",
+                ))
+            }
+            Some(_) => {}
+        }
     }
     if slices.is_empty() {
         return Err(IoError::invalid(

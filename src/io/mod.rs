@@ -93,7 +93,8 @@ pub fn read_volume_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, Read
 }
 
 /// The `(z, y, x)` dimensions of the volume at `path`, from its header alone (a DICOM
-/// folder: its number of files, an upper bound of its slices, and the first image's size),
+/// folder: its number of files, or a multi-frame image's frames, an upper bound of its
+/// slices, and the first image's size),
 /// so that memory can be planned before the voxels are read.
 pub fn probe_dims(path: &Path) -> Result<(usize, usize, usize), IoError> {
     if metadata(path)?.is_dir() {
