@@ -7,6 +7,8 @@
 //! written as a single-frame series; a short per-frame sequence, too little pixel data, a
 //! frame without a position, two frames at one position, a gap, NumberOfFrames claims, a
 //! mixed folder, a legacy multi-frame file and an undecodable transfer syntax are errors.
+//! An Enhanced CT written by pydicom (tests/fixtures/dicom-enhanced) reads as its
+//! single-frame series.
 
 #[path = "common/enhanced.rs"]
 mod enhanced;
@@ -599,4 +601,29 @@ fn a_multi_frame_image_is_not_merged_with_other_images() {
     );
     let e = err_at(dir.path());
     assert!(e.contains("mixed series"), "{e}");
+}
+
+#[test]
+fn a_pydicom_enhanced_ct_reads_as_its_single_frame_series() {
+    // Written by another implementation (tests/fixtures/dicom-enhanced/make.py): implicit
+    // VR, undefined-length sequences, a FrameContentSequence per frame.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dicom-enhanced");
+    let single = io::read_volume(&root.join("single")).unwrap();
+    assert_eq!(single.dims(), (6, 5, 7));
+    let want = Array3::from_shape_fn((6, 5, 7), |(z, y, x)| {
+        ((z * 131 + y * 17 + x * 7) % 3001) as f32 - 1000.0
+    });
+    assert_eq!(single.data, want);
+    for (k, s) in [2.5, 0.65, 0.55].into_iter().enumerate() {
+        assert!((single.spacing[k] - s).abs() < 1e-6, "{:?}", single.spacing);
+    }
+    // LPS (-80, -110, 35.5) is RAS (80, 110, 35.5).
+    let a = single.affine();
+    assert!((a[0][3] - 80.0).abs() < 1e-4 && (a[1][3] - 110.0).abs() < 1e-4);
+    assert!((a[2][3] - 35.5).abs() < 1e-4, "{a:?}");
+    for path in [root.join("enhanced"), root.join("enhanced/enhanced.dcm")] {
+        let (v, report) = io::read_volume_report(&path).unwrap();
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+        assert_same_volume(&v, &single, &path.display().to_string());
+    }
 }
