@@ -39,7 +39,7 @@ enum Command {
     Info(commands::info::Args),
     /// Check the engine against a PyTorch fixture (forward, loss, gradients, CAMs).
     Parity(commands::parity::Args),
-    /// Describe a NIfTI file, a DICOM folder or a dataset folder.
+    /// Describe a NIfTI file, a DICOM folder or multi-frame file, or a dataset folder.
     Inspect(commands::inspect::Args),
 }
 

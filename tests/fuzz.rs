@@ -1,6 +1,7 @@
 //! The fuzz harness of issue 15, on stable Rust with no fuzzing engine: seeded mutations of
-//! six seed inputs (a NIfTI file, a `.nii.gz`, a DICOM series, a model file, a
-//! slice-label CSV with its dataset, and the NIfTI file as NIfTI-2), each fed to the library's entry points in this
+//! seven seed inputs (a NIfTI file, a `.nii.gz`, a DICOM series, a multi-frame DICOM file in
+//! its folder, a model file, a slice-label CSV with its dataset, and the NIfTI file as
+//! NIfTI-2), each fed to the library's entry points in this
 //! process and to the binary (`inspect`, `segment`, `eval`) in a child process, both under
 //! an 8 GB address-space limit (`setrlimit(RLIMIT_AS)`). Every outcome must be clean: the
 //! library returns `Ok` or an error without panicking; the binary exits 0, or 1 with an
@@ -35,19 +36,36 @@ enum Kind {
     Nifti,
     NiftiGz,
     Dicom,
+    /// One Enhanced CT file: its folder or the file itself.
+    DicomMf,
     Model,
     Csv,
     Nifti2,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::Nifti,
     Kind::NiftiGz,
     Kind::Dicom,
+    Kind::DicomMf,
     Kind::Model,
     Kind::Csv,
     Kind::Nifti2,
 ];
+
+/// The multi-frame seed: the DICOM seed's phantom as one Enhanced CT file (frames out of
+/// order, per-frame rescale) in a folder of its own.
+fn multiframe_seed(seeds: &Seeds) -> PathBuf {
+    let dir = seeds.dir.join("seed_multiframe");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = common::enhanced::Enhanced {
+        order: Some(vec![2, 0, 3, 1]),
+        per_frame_rescale: true,
+        ..Default::default()
+    };
+    common::enhanced::write_enhanced(&dir.join("enhanced.dcm"), &common::files::phantom(4), &spec);
+    dir
+}
 
 /// Outcomes per (input kind, entry point).
 #[derive(Default)]
@@ -400,7 +418,13 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Writes one mutant of `kind` under `dir`; returns the input path and the edit.
-fn make_mutant(kind: Kind, seeds: &Seeds, rng: &mut SplitMix64, dir: &Path) -> (PathBuf, String) {
+fn make_mutant(
+    kind: Kind,
+    seeds: &Seeds,
+    multiframe: &Path,
+    rng: &mut SplitMix64,
+    dir: &Path,
+) -> (PathBuf, String) {
     match kind {
         Kind::Nifti => {
             let mut b = std::fs::read(&seeds.nii).unwrap();
@@ -458,6 +482,28 @@ fn make_mutant(kind: Kind, seeds: &Seeds, rng: &mut SplitMix64, dir: &Path) -> (
             };
             (p, d)
         }
+        Kind::DicomMf => {
+            let p = dir.join("series");
+            copy_dir(multiframe, &p);
+            let f = p.join("enhanced.dcm");
+            let mut b = std::fs::read(&f).unwrap();
+            // The header (meta and functional groups) is the first ~1.2 KB.
+            let hot = b.len().min(1200);
+            let d = match rng.below(10) {
+                0 => {
+                    std::fs::copy(&f, p.join("dup.dcm")).unwrap();
+                    "duplicated".into()
+                }
+                k if k < 5 => huge_length(&mut b[..hot], rng),
+                _ => mutate_bytes(&mut b, rng, hot),
+            };
+            std::fs::write(&f, b).unwrap();
+            if rng.chance(0.5) {
+                (f, format!("file: {d}"))
+            } else {
+                (p, format!("folder: {d}"))
+            }
+        }
         Kind::Model => {
             let seed = std::fs::read(&seeds.model).unwrap();
             let (b, d) = mutate_model(&seed, rng);
@@ -490,7 +536,7 @@ fn make_mutant(kind: Kind, seeds: &Seeds, rng: &mut SplitMix64, dir: &Path) -> (
 fn library(kind: Kind, input: &Path, seeds: &Seeds) -> Result<bool, String> {
     let call = || -> bool {
         match kind {
-            Kind::Nifti | Kind::NiftiGz | Kind::Dicom | Kind::Nifti2 => {
+            Kind::Nifti | Kind::NiftiGz | Kind::Dicom | Kind::DicomMf | Kind::Nifti2 => {
                 let _ = io::probe_dims(input);
                 io::read_volume_report(input).is_ok()
             }
@@ -557,7 +603,7 @@ fn binary(
         ),
         _ => match rng.below(4) {
             0 => ("segment", segment(&seeds.model, input)),
-            1 if kind != Kind::Dicom => {
+            1 if !matches!(kind, Kind::Dicom | Kind::DicomMf) => {
                 let (p, t) = (dir.join("pred"), dir.join("truth"));
                 std::fs::create_dir_all(&p).unwrap();
                 std::fs::create_dir_all(&t).unwrap();
@@ -635,6 +681,7 @@ fn fuzz_hostile_inputs() {
     let breadcrumb = target.join("fuzz-last-case.txt");
     let tmp = tempfile::tempdir().unwrap();
     let seeds = Seeds::new(&tmp.path().join("seeds"));
+    let multiframe = multiframe_seed(&seeds);
     let mut rng = SplitMix64(seed);
     let mut tally = Tally::default();
     let start = Instant::now();
@@ -643,7 +690,7 @@ fn fuzz_hostile_inputs() {
         let kind = KINDS[i % KINDS.len()];
         let dir = tmp.path().join(format!("case{i}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let (input, what) = make_mutant(kind, &seeds, &mut rng, &dir);
+        let (input, what) = make_mutant(kind, &seeds, &multiframe, &mut rng, &dir);
         let case = format!("seed {seed} case {i} {kind:?}: {what}");
         let _ = std::fs::write(&breadcrumb, &case);
         let (entry, outcome, problem) = binary(kind, &input, &seeds, &dir, &mut rng);

@@ -1,15 +1,30 @@
-//! DICOM CT series in and out.
+//! DICOM CT in and out: a series folder of single-frame slices, or one multi-frame image.
 //!
 //! Reading: every file in the folder (not its subfolders) is tried as DICOM; files that
 //! are not DICOM, or DICOM without an image (a DICOMDIR, a report), are skipped with a
-//! warning in the [`ReadReport`]. All headers are read and checked before any pixel is
-//! decoded: one SeriesInstanceUID, one Rows x Columns, one ImageOrientationPatient,
-//! single-frame grayscale slices, no two slices at the same position, and no gap (a step
-//! between neighbouring slices more than 10 % off the median step). Slices are sorted by
-//! ImagePositionPatient projected on the slice normal (row cosine x column cosine), and
-//! RescaleSlope/RescaleIntercept turn stored values into HU. Before the DICOM library sees
-//! a file, its element lengths are walked and checked against the file (`scan_lengths`):
-//! the library allocates a claimed length before reading it. The series' memory is checked
+//! warning in the [`ReadReport`]. [`read_file_with`] reads one multi-frame file the same
+//! way. All headers are read and checked before any pixel is decoded: one
+//! SeriesInstanceUID, one Rows x Columns, one ImageOrientationPatient, grayscale, no two
+//! slices at the same position, and no gap (a step between neighbouring slices more than
+//! 10 % off the median step). Slices are sorted by ImagePositionPatient projected on the
+//! slice normal (row cosine x column cosine), and RescaleSlope/RescaleIntercept (per slice,
+//! or per frame) turn stored values into HU.
+//!
+//! A multi-frame image (Enhanced CT, or any image with a Per-frame Functional Groups
+//! Sequence) becomes one slice record per frame, checked and sorted as a folder's slices
+//! are: each frame's ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+//! SliceThickness and RescaleSlope/Intercept come from its per-frame functional groups, else
+//! from the shared ones (rescale also from the top level). It must be alone in its folder
+//! (other images beside it are an error, not merged), have one per-frame item per frame
+//! (which bounds NumberOfFrames by the file before anything per frame is allocated) and
+//! pixel data for every frame (checked before decoding). A multi-frame image without
+//! functional groups (legacy multi-frame CT, whose frame positions are not standardised)
+//! is refused. Pixel data is decoded by the `dicom-pixeldata` crate (native, RLE and JPEG;
+//! deflated data sets); another transfer syntax is an error that names it.
+//!
+//! Before the DICOM library sees a file, its element lengths are walked and checked against
+//! the file (`scan_lengths`): the library allocates a claimed length before reading it. The
+//! series' memory (for a multi-frame image: the file and its decoded frames too) is checked
 //! against the budget, and an implausible pixel spacing or slice step is an error.
 //! The volume gets a NIfTI header whose sform and qform (code 1, scanner) map voxels to
 //! RAS+ world coordinates: DICOM's LPS with x and y negated.
@@ -27,10 +42,10 @@ use super::volume::Volume;
 use super::IoError;
 use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
 use dicom_core::value::PrimitiveValue;
-use dicom_core::{DataElement, VR};
+use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
-use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
+use dicom_pixeldata::{ConvertOptions, DecodedPixelData, ModalityLutOption, PixelDecoder};
 use ndarray::Array3;
 use std::path::{Path, PathBuf};
 
@@ -42,9 +57,11 @@ const MAX_STEP_DEVIATION: f64 = 0.10;
 /// Stored value = HU - WRITE_INTERCEPT.
 const WRITE_INTERCEPT: f64 = -1024.0;
 
-/// What one slice's header says.
+/// What one slice's header says: a single-frame file, or one frame of a multi-frame file.
 struct SliceInfo {
     path: PathBuf,
+    /// The frame's index (from 0) in a multi-frame file; `None` for a single-frame file.
+    frame: Option<u32>,
     series: Option<String>,
     rows: usize,
     cols: usize,
@@ -54,10 +71,21 @@ struct SliceInfo {
     slope: f64,
     intercept: f64,
     thickness: Option<f64>,
+    /// The file's NumberOfFrames.
     frames: u32,
     samples: u16,
     bits: u16,
     signed: bool,
+}
+
+impl SliceInfo {
+    /// The file, and for a multi-frame file the frame (numbered from 1, as DICOM does).
+    fn name(&self) -> String {
+        match self.frame {
+            None => self.path.display().to_string(),
+            Some(f) => format!("{} frame {}", self.path.display(), f as u64 + 1),
+        }
+    }
 }
 
 /// Reads a folder of CT slices as one volume with the default limits.
@@ -76,11 +104,20 @@ fn series_files(dir: &Path) -> Result<Vec<PathBuf>, IoError> {
     Ok(files)
 }
 
-/// `(files, rows, columns)` of a series folder from the first DICOM image's header: an
-/// upper bound of the volume's `(z, y, x)` for planning memory.
+/// `(slices, rows, columns)` of a series folder from the first DICOM image's header: an
+/// upper bound of the volume's `(z, y, x)` for planning memory (the files, or the frames of
+/// a multi-frame image).
 pub fn probe_series(dir: &Path) -> Result<(usize, usize, usize), IoError> {
-    let files = series_files(dir)?;
-    for p in &files {
+    probe_files(dir, &series_files(dir)?)
+}
+
+/// As [`probe_series`] for one DICOM file.
+pub fn probe_file(path: &Path) -> Result<(usize, usize, usize), IoError> {
+    probe_files(path, &[path.to_path_buf()])
+}
+
+fn probe_files(source: &Path, files: &[PathBuf]) -> Result<(usize, usize, usize), IoError> {
+    for p in files {
         if let Err(reason) = scan_lengths(p) {
             return Err(IoError::invalid(p, reason));
         }
@@ -90,14 +127,21 @@ pub fn probe_series(dir: &Path) -> Result<(usize, usize, usize), IoError> {
         else {
             continue;
         };
-        if let Some(s) = slice_info(p, &obj)? {
-            return Ok((files.len(), s.rows, s.cols));
+        let s = image_info(p, &obj)?;
+        if let Some(first) = s.first() {
+            return Ok((files.len() - 1 + s.len(), first.rows, first.cols));
         }
     }
-    Err(IoError::invalid(dir, "no DICOM images in the folder"))
+    Err(IoError::invalid(source, "no DICOM images"))
 }
 
-/// Reads a folder of CT slices as one volume; see the module doc for what is checked.
+/// Whether the file at `p` carries DICOM's `DICM` code (after the 128-byte preamble).
+pub fn is_dicom_file(p: &Path) -> bool {
+    has_dicm_magic(p)
+}
+
+/// Reads a folder of CT slices (or one multi-frame image) as one volume; see the module doc
+/// for what is checked.
 pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
     let files = series_files(dir)?;
     if files.is_empty() {
@@ -113,10 +157,29 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
             },
         ));
     }
+    read_files(dir, &files, opts)
+}
+
+/// Reads one multi-frame DICOM file as a volume, with the checks of [`read_series_with`];
+/// a single-frame file (one slice of a series) is an error naming the folder to read.
+pub fn read_file_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+    if !has_dicm_magic(path) {
+        return Err(IoError::invalid(path, "not a DICOM file (no DICM code)"));
+    }
+    read_files(path, &[path.to_path_buf()], opts)
+}
+
+/// Reads `files` (a folder's, or one file: `source`) as one volume.
+fn read_files(
+    source: &Path,
+    files: &[PathBuf],
+    opts: &ReadOptions,
+) -> Result<(Volume, ReadReport), IoError> {
+    let dir = source;
     let mut report = ReadReport::default();
     let mut slices = Vec::new();
     let budget = super::budget::budget();
-    for p in &files {
+    for p in files {
         // The library holds a whole file in memory, and allocates each element's claimed
         // length before reading it: both are bounded before it sees the file.
         let flen = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
@@ -139,12 +202,31 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
                 continue;
             }
         };
-        match slice_info(p, &obj)? {
-            Some(s) => slices.push(s),
-            None => report.warnings.push(format!(
+        let found = image_info(p, &obj)?;
+        if found.is_empty() {
+            report.warnings.push(format!(
                 "{}: skipped, DICOM without an image (no Rows/Columns)",
                 p.display()
-            )),
+            ));
+        }
+        slices.extend(found);
+    }
+    if files.len() == 1 && files[0] == source {
+        // A file named on its own must be a whole volume: one slice of a series is not.
+        match slices.first() {
+            None => {
+                return Err(IoError::invalid(
+                    source,
+                    "DICOM without an image (no Rows/Columns)",
+                ))
+            }
+            Some(s) if s.frame.is_none() => {
+                return Err(IoError::invalid(
+                    source,
+                    "a single-frame DICOM image is one slice of a series: read the series' folder",
+                ))
+            }
+            Some(_) => {}
         }
     }
     if slices.is_empty() {
@@ -169,19 +251,32 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     let first = &slices[0];
     let (rows, cols, n) = (first.rows, first.cols, slices.len());
     let nvox = rows as u128 * cols as u128 * n as u128;
-    // The volume, plus one slice decoded (stored values and their f32 copy).
-    let need = nvox * 4 + rows as u128 * cols as u128 * 12;
+    let plane_bytes = rows as u128 * cols as u128;
+    // The volume, plus one slice decoded (stored values and their f32 copy); a multi-frame
+    // image is held whole (the file, and its frames decoded).
+    let held = match first.frame {
+        None => plane_bytes * 12,
+        Some(_) => {
+            let file = std::fs::metadata(&first.path).map(|m| m.len()).unwrap_or(0);
+            file as u128
+                + nvox * first.samples.max(1) as u128 * first.bits.div_ceil(8) as u128
+                + plane_bytes * 4
+        }
+    };
+    let need = nvox * 4 + held;
+    let what = match first.frame {
+        None => format!("{n} slices of {cols}x{rows}"),
+        Some(_) => format!("{n} frames of {cols}x{rows}"),
+    };
     if need > opts.max_bytes as u128 {
         return Err(IoError::TooLarge {
             path: dir.to_path_buf(),
-            claim: format!("{n} slices of {cols}x{rows}"),
+            claim: what,
             bytes: need,
             cap: opts.max_bytes as u128,
         });
     }
-    budget.check(dir, need, || {
-        format!("reading {n} DICOM slices of {cols}x{rows}")
-    })?;
+    budget.check(dir, need, || format!("reading {what} of DICOM"))?;
     check_spacing(
         dir,
         &format!("PixelSpacing {}", first.spacing[0]),
@@ -207,14 +302,10 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     .map_err(|r| IoError::invalid(dir, r))?;
     let mut data = Array3::<f32>::zeros((n, rows, cols));
     let no_lut = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
-    for (k, s) in slices.iter().enumerate() {
-        let obj = dicom_object::open_file(&s.path)
-            .map_err(|e| IoError::invalid(&s.path, format!("cannot read DICOM file: {e}")))?;
-        let decoded = obj
-            .decode_pixel_data()
-            .map_err(|e| IoError::invalid(&s.path, format!("cannot decode pixel data: {e}")))?;
+    // Slice `k` (`s`) from frame `frame` of its decoded file, rescaled to HU.
+    let mut put = |k: usize, s: &SliceInfo, decoded: &DecodedPixelData, frame: u32| {
         let px: Vec<f32> = decoded
-            .to_vec_frame_with_options(0, &no_lut)
+            .to_vec_frame_with_options(frame, &no_lut)
             .map_err(|e| IoError::invalid(&s.path, format!("cannot convert pixel data: {e}")))?;
         if px.len() != rows * cols {
             return Err(IoError::invalid(
@@ -229,6 +320,20 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         for (dst, &v) in plane.iter_mut().zip(px.iter()) {
             *dst = (v as f64 * s.slope + s.intercept) as f32;
         }
+        Ok(())
+    };
+    if first.frame.is_some() {
+        // One multi-frame file (check_and_sort refused any other file beside it).
+        let obj = open_image(first)?;
+        let decoded = decode_pixels(first, &obj)?;
+        for (k, s) in slices.iter().enumerate() {
+            put(k, s, &decoded, s.frame.unwrap_or(0))?;
+        }
+    } else {
+        for (k, s) in slices.iter().enumerate() {
+            let obj = open_image(s)?;
+            put(k, s, &decode_pixels(s, &obj)?, 0)?;
+        }
     }
     let (nonfinite, fill) = match data.as_slice_mut() {
         Some(vals) => replace_nonfinite(vals),
@@ -237,10 +342,14 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     report.nonfinite = nonfinite;
     report.fill = fill;
     report.datatype = format!(
-        "{}{} (DICOM, {} slices)",
+        "{}{} (DICOM, {n} {})",
         if first.signed { "int" } else { "uint" },
         first.bits,
-        n
+        if first.frame.is_some() {
+            "frames of one multi-frame image"
+        } else {
+            "slices"
+        }
     );
 
     let aff = series_affine(first, dz);
@@ -259,6 +368,60 @@ pub fn read_series_with(dir: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         },
         report,
     ))
+}
+
+/// The whole file of slice `s`, pixel data included.
+fn open_image(s: &SliceInfo) -> Result<Obj, IoError> {
+    dicom_object::open_file(&s.path)
+        .map_err(|e| IoError::invalid(&s.path, format!("cannot read DICOM file: {e}")))
+}
+
+/// The decoded pixel data of the file of slice `s`, once its pixel data is found to hold
+/// all the file's frames: native data at least NumberOfFrames x Rows x Columns samples,
+/// encapsulated data at least one fragment per frame.
+fn decode_pixels<'a>(s: &SliceInfo, obj: &'a Obj) -> Result<DecodedPixelData<'a>, IoError> {
+    use dicom_core::value::Value;
+    let bad = |r: String| IoError::invalid(&s.path, r);
+    let ts = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']);
+    let frames = s.frames as u128;
+    let pixel = obj
+        .element_opt(tags::PIXEL_DATA)
+        .ok()
+        .flatten()
+        .ok_or_else(|| bad("no PixelData".into()))?;
+    match pixel.value() {
+        Value::Primitive(v) => {
+            let have = v.calculate_byte_len() as u128;
+            let frame =
+                (s.rows as u128 * s.cols as u128 * s.samples as u128 * s.bits as u128).div_ceil(8);
+            if have < frames * frame {
+                return Err(bad(format!(
+                    "pixel data holds {have} bytes but {frames} frame(s) of {}x{} at {} bits need {} \
+                     (NumberOfFrames larger than the pixel data?)",
+                    s.cols,
+                    s.rows,
+                    s.bits,
+                    frames * frame
+                )));
+            }
+        }
+        Value::PixelSequence(seq) => {
+            let have = seq.fragments().len() as u128;
+            if have < frames {
+                return Err(bad(format!(
+                    "encapsulated pixel data holds {have} fragments for {frames} frame(s) \
+                     (NumberOfFrames larger than the pixel data?)"
+                )));
+            }
+        }
+        Value::Sequence(_) => return Err(bad("PixelData is a sequence".into())),
+    }
+    obj.decode_pixel_data().map_err(|e| {
+        bad(format!(
+            "cannot decode pixel data (transfer syntax {ts}; this build decodes native, RLE, \
+             deflated and JPEG pixel data): {e}"
+        ))
+    })
 }
 
 /// Most nested sequences and items the length scan follows (deeper is refused: real CT
@@ -540,64 +703,151 @@ fn has_dicm_magic(p: &Path) -> bool {
 
 type Obj = dicom_object::FileDicomObject<InMemDicomObject>;
 
-fn slice_info(p: &Path, obj: &Obj) -> Result<Option<SliceInfo>, IoError> {
-    let bad =
-        |what: &str, e: &dyn std::fmt::Display| IoError::invalid(p, format!("bad {what}: {e}"));
-    let get = |tag| obj.element_opt(tag).ok().flatten();
-    let (Some(r), Some(c)) = (get(tags::ROWS), get(tags::COLUMNS)) else {
+/// The numbers of `tag` in `set` (`None` when absent); an error unless there are `n`
+/// finite ones. `at` prefixes the message (`"frame 3: "`).
+fn floats_of(
+    p: &Path,
+    at: &str,
+    set: &InMemDicomObject,
+    tag: Tag,
+    name: &str,
+    n: usize,
+) -> Result<Option<Vec<f64>>, IoError> {
+    let Some(e) = set.element_opt(tag).ok().flatten() else {
         return Ok(None);
     };
-    let rows: u16 = r.to_int().map_err(|e| bad("Rows", &e))?;
-    let cols: u16 = c.to_int().map_err(|e| bad("Columns", &e))?;
-    if rows == 0 || cols == 0 {
+    let v = e
+        .to_multi_float64()
+        .map_err(|e| IoError::invalid(p, format!("{at}bad {name}: {e}")))?;
+    if v.len() != n || v.iter().any(|x| !x.is_finite()) {
         return Err(IoError::invalid(
             p,
-            format!("empty image ({rows} rows, {cols} columns)"),
+            format!("{at}bad {name}: {v:?} (expected {n} numbers)"),
         ));
     }
-    let floats = |tag, name: &str, n: usize| -> Result<Vec<f64>, IoError> {
-        let e = get(tag).ok_or_else(|| IoError::invalid(p, format!("missing {name}")))?;
-        let v = e.to_multi_float64().map_err(|e| bad(name, &e))?;
-        if v.len() != n || v.iter().any(|x| !x.is_finite()) {
-            return Err(IoError::invalid(
-                p,
-                format!("bad {name}: {v:?} (expected {n} numbers)"),
-            ));
+    Ok(Some(v))
+}
+
+/// The first number of `tag` in `set` (`None` when absent); non-finite values are the
+/// caller's to judge.
+fn float_of(
+    p: &Path,
+    at: &str,
+    set: &InMemDicomObject,
+    tag: Tag,
+    name: &str,
+) -> Result<Option<f64>, IoError> {
+    match set.element_opt(tag).ok().flatten() {
+        None => Ok(None),
+        Some(e) => e
+            .to_float64()
+            .map(Some)
+            .map_err(|e| IoError::invalid(p, format!("{at}bad {name}: {e}"))),
+    }
+}
+
+/// The one item of functional group `seq` in a functional groups item.
+fn group(groups: &InMemDicomObject, seq: Tag) -> Option<&InMemDicomObject> {
+    groups.get(seq)?.items()?.first()
+}
+
+/// Where one slice's attributes are: the data set itself (a single-frame image), or a
+/// frame's per-frame functional groups item, then the shared one (a multi-frame image).
+enum Source<'a> {
+    Plain(&'a InMemDicomObject),
+    Frame {
+        per_frame: &'a InMemDicomObject,
+        shared: Option<&'a InMemDicomObject>,
+        top: &'a InMemDicomObject,
+    },
+}
+
+impl Source<'_> {
+    /// The data sets to look in for an attribute of functional group `seq`, first first.
+    fn sets(&self, seq: Tag) -> Vec<&InMemDicomObject> {
+        match self {
+            Source::Plain(s) => vec![s],
+            Source::Frame {
+                per_frame, shared, ..
+            } => [Some(*per_frame), *shared]
+                .into_iter()
+                .flatten()
+                .filter_map(|g| group(g, seq))
+                .collect(),
         }
-        Ok(v)
+    }
+}
+
+/// One slice record from its attributes' [`Source`]: position, orientation and pixel
+/// spacing are required, thickness and rescale optional.
+fn slice_record(
+    p: &Path,
+    base: &SliceInfo,
+    frame: Option<u32>,
+    src: &Source,
+) -> Result<SliceInfo, IoError> {
+    let at = match frame {
+        None => String::new(),
+        Some(f) => format!("frame {}: ", f as u64 + 1),
     };
-    let pos = floats(tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient", 3)?;
+    let in_group = |seq_name: &str| match src {
+        Source::Plain(_) => String::new(),
+        Source::Frame { .. } => format!(" (in the {seq_name}, per-frame or shared)"),
+    };
+    let floats = |seq: Tag, seq_name: &str, tag: Tag, name: &str, n: usize| {
+        for set in src.sets(seq) {
+            if let Some(v) = floats_of(p, &at, set, tag, name, n)? {
+                return Ok(v);
+            }
+        }
+        Err(IoError::invalid(
+            p,
+            format!("{at}missing {name}{}", in_group(seq_name)),
+        ))
+    };
+    let float = |seq: Tag, tag: Tag, name: &str| -> Result<Option<f64>, IoError> {
+        for set in src.sets(seq) {
+            if let Some(v) = float_of(p, &at, set, tag, name)? {
+                return Ok(Some(v));
+            }
+        }
+        match src {
+            // Rescale may sit at the top level of a converted image.
+            Source::Frame { top, .. } if seq == tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE => {
+                float_of(p, &at, top, tag, name)
+            }
+            _ => Ok(None),
+        }
+    };
+    const POS: (Tag, &str) = (tags::PLANE_POSITION_SEQUENCE, "PlanePositionSequence");
+    const ORI: (Tag, &str) = (tags::PLANE_ORIENTATION_SEQUENCE, "PlaneOrientationSequence");
+    const PIX: (Tag, &str) = (tags::PIXEL_MEASURES_SEQUENCE, "PixelMeasuresSequence");
+    const VAL: Tag = tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE;
+    let pos = floats(
+        POS.0,
+        POS.1,
+        tags::IMAGE_POSITION_PATIENT,
+        "ImagePositionPatient",
+        3,
+    )?;
     let ori = floats(
+        ORI.0,
+        ORI.1,
         tags::IMAGE_ORIENTATION_PATIENT,
         "ImageOrientationPatient",
         6,
     )?;
-    let sp = floats(tags::PIXEL_SPACING, "PixelSpacing", 2)?;
+    let sp = floats(PIX.0, PIX.1, tags::PIXEL_SPACING, "PixelSpacing", 2)?;
     if sp.iter().any(|&s| s <= 0.0) {
-        return Err(IoError::invalid(p, format!("bad PixelSpacing {sp:?}")));
+        return Err(IoError::invalid(p, format!("{at}bad PixelSpacing {sp:?}")));
     }
-    let opt_f = |tag, name: &str| -> Result<Option<f64>, IoError> {
-        match get(tag) {
-            None => Ok(None),
-            Some(e) => e.to_float64().map(Some).map_err(|e| bad(name, &e)),
-        }
-    };
-    let slope = opt_f(tags::RESCALE_SLOPE, "RescaleSlope")?.unwrap_or(1.0);
-    let intercept = opt_f(tags::RESCALE_INTERCEPT, "RescaleIntercept")?.unwrap_or(0.0);
-    let thickness = opt_f(tags::SLICE_THICKNESS, "SliceThickness")?.filter(|t| *t > 0.0);
-    let int = |tag, default: u32| -> u32 {
-        get(tag)
-            .and_then(|e| e.to_int::<u32>().ok())
-            .unwrap_or(default)
-    };
-    let series = get(tags::SERIES_INSTANCE_UID)
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
-    Ok(Some(SliceInfo {
+    let slope = float(VAL, tags::RESCALE_SLOPE, "RescaleSlope")?.unwrap_or(1.0);
+    let intercept = float(VAL, tags::RESCALE_INTERCEPT, "RescaleIntercept")?.unwrap_or(0.0);
+    let thickness = float(PIX.0, tags::SLICE_THICKNESS, "SliceThickness")?.filter(|t| *t > 0.0);
+    Ok(SliceInfo {
         path: p.to_path_buf(),
-        series,
-        rows: rows as usize,
-        cols: cols as usize,
+        frame,
+        series: base.series.clone(),
         position: [pos[0], pos[1], pos[2]],
         orientation: [ori[0], ori[1], ori[2], ori[3], ori[4], ori[5]],
         spacing: [sp[0], sp[1]],
@@ -612,11 +862,109 @@ fn slice_info(p: &Path, obj: &Obj) -> Result<Option<SliceInfo>, IoError> {
             0.0
         },
         thickness,
-        frames: int(tags::NUMBER_OF_FRAMES, 1),
+        ..*base
+    })
+}
+
+/// The slices of one DICOM file: one for a single-frame image, one per frame for a
+/// multi-frame image, none for DICOM without an image (no Rows/Columns).
+fn image_info(p: &Path, obj: &Obj) -> Result<Vec<SliceInfo>, IoError> {
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| IoError::invalid(p, format!("bad {what}: {e}"));
+    let get = |tag| obj.element_opt(tag).ok().flatten();
+    let (Some(r), Some(c)) = (get(tags::ROWS), get(tags::COLUMNS)) else {
+        return Ok(Vec::new());
+    };
+    let rows: u16 = r.to_int().map_err(|e| bad("Rows", &e))?;
+    let cols: u16 = c.to_int().map_err(|e| bad("Columns", &e))?;
+    if rows == 0 || cols == 0 {
+        return Err(IoError::invalid(
+            p,
+            format!("empty image ({rows} rows, {cols} columns)"),
+        ));
+    }
+    let frames = match get(tags::NUMBER_OF_FRAMES) {
+        None => 1,
+        Some(e)
+            if e.to_str()
+                .is_ok_and(|s| s.trim_matches(['\0', ' ']).is_empty()) =>
+        {
+            1
+        }
+        Some(e) => match e.to_int::<u32>() {
+            Ok(0) => return Err(IoError::invalid(p, "NumberOfFrames is 0")),
+            Ok(n) => n,
+            Err(err) => {
+                let v = e.to_str().map(|s| s.into_owned()).unwrap_or_default();
+                return Err(bad(&format!("NumberOfFrames `{}`", v.trim()), &err));
+            }
+        },
+    };
+    let int = |tag, default: u32| -> u32 {
+        get(tag)
+            .and_then(|e| e.to_int::<u32>().ok())
+            .unwrap_or(default)
+    };
+    let series = get(tags::SERIES_INSTANCE_UID)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
+    let base = SliceInfo {
+        path: p.to_path_buf(),
+        frame: None,
+        series,
+        rows: rows as usize,
+        cols: cols as usize,
+        position: [0.0; 3],
+        orientation: [0.0; 6],
+        spacing: [0.0; 2],
+        slope: 1.0,
+        intercept: 0.0,
+        thickness: None,
+        frames,
         samples: int(tags::SAMPLES_PER_PIXEL, 1) as u16,
         bits: int(tags::BITS_ALLOCATED, 16) as u16,
         signed: int(tags::PIXEL_REPRESENTATION, 0) == 1,
-    }))
+    };
+    let Some(per_frame) = get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE) else {
+        if frames != 1 {
+            return Err(IoError::invalid(
+                p,
+                format!(
+                    "legacy multi-frame image ({frames} frames without a Per-frame Functional \
+                     Groups Sequence) is not supported: its frame positions are not \
+                     standardised; convert it to single-frame slices or Enhanced CT"
+                ),
+            ));
+        }
+        return Ok(vec![slice_record(p, &base, None, &Source::Plain(obj))?]);
+    };
+    // One item per frame: the items are in the file, so this bounds the frame count
+    // before anything per frame is allocated.
+    let items = per_frame.items().unwrap_or(&[]);
+    if items.len() as u64 != frames as u64 {
+        return Err(IoError::invalid(
+            p,
+            format!(
+                "NumberOfFrames is {frames} but the Per-frame Functional Groups Sequence has {} items",
+                items.len()
+            ),
+        ));
+    }
+    let shared = get(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE)
+        .and_then(|e| e.items())
+        .and_then(|i| i.first());
+    items
+        .iter()
+        .enumerate()
+        .map(|(f, item)| {
+            let src = Source::Frame {
+                per_frame: item,
+                shared,
+                top: obj,
+            };
+            slice_record(p, &base, Some(f as u32), &src)
+        })
+        .collect()
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
@@ -652,16 +1000,38 @@ fn check_and_sort(dir: &Path, mut s: Vec<SliceInfo>) -> Result<(Vec<SliceInfo>, 
             ),
         ));
     }
+    // A multi-frame image is a whole series: nothing is merged with it.
+    if let Some(m) = s.iter().find(|x| x.frame.is_some()) {
+        let mut others: Vec<&Path> = s
+            .iter()
+            .filter(|x| x.path != m.path)
+            .map(|x| x.path.as_path())
+            .collect();
+        others.dedup();
+        if let Some(o) = others.first() {
+            return Err(IoError::invalid(
+                dir,
+                format!(
+                    "mixed folder: {} is a multi-frame image ({} frames) but the folder holds {} other DICOM image file(s) too ({}{}); put a multi-frame image in a folder of its own",
+                    m.path.display(),
+                    m.frames,
+                    others.len(),
+                    o.display(),
+                    if others.len() > 1 { ", ..." } else { "" }
+                ),
+            ));
+        }
+    }
     for x in &s[1..] {
         if (x.rows, x.cols) != (first.rows, first.cols) {
             return Err(IoError::invalid(
                 dir,
                 format!(
                     "inconsistent slice size: {} is {}x{} (rows x columns) but {} is {}x{}",
-                    first.path.display(),
+                    first.name(),
                     first.rows,
                     first.cols,
-                    x.path.display(),
+                    x.name(),
                     x.rows,
                     x.cols
                 ),
@@ -676,8 +1046,8 @@ fn check_and_sort(dir: &Path, mut s: Vec<SliceInfo>) -> Result<(Vec<SliceInfo>, 
                 dir,
                 format!(
                     "inconsistent ImageOrientationPatient between {} and {}",
-                    first.path.display(),
-                    x.path.display()
+                    first.name(),
+                    x.name()
                 ),
             ));
         }
@@ -690,31 +1060,13 @@ fn check_and_sort(dir: &Path, mut s: Vec<SliceInfo>) -> Result<(Vec<SliceInfo>, 
                 dir,
                 format!(
                     "inconsistent PixelSpacing between {} ({:?}) and {} ({:?})",
-                    first.path.display(),
+                    first.name(),
                     first.spacing,
-                    x.path.display(),
+                    x.name(),
                     x.spacing
                 ),
             ));
         }
-        if x.frames != 1 {
-            return Err(IoError::invalid(
-                &x.path,
-                format!(
-                    "multi-frame image ({} frames) in a slice series is not supported",
-                    x.frames
-                ),
-            ));
-        }
-    }
-    if first.frames != 1 {
-        return Err(IoError::invalid(
-            &first.path,
-            format!(
-                "multi-frame image ({} frames) is not supported",
-                first.frames
-            ),
-        ));
     }
     if let Some(x) = s.iter().find(|x| x.samples != 1) {
         return Err(IoError::invalid(
@@ -750,8 +1102,8 @@ fn check_and_sort(dir: &Path, mut s: Vec<SliceInfo>) -> Result<(Vec<SliceInfo>, 
             format!(
                 "two slices at the same position ({:.3} mm along the normal): {} and {}",
                 key(&s[k]),
-                s[k].path.display(),
-                s[k + 1].path.display()
+                s[k].name(),
+                s[k + 1].name()
             ),
         ));
     }
@@ -767,8 +1119,8 @@ fn check_and_sort(dir: &Path, mut s: Vec<SliceInfo>) -> Result<(Vec<SliceInfo>, 
             format!(
                 "gap in slice positions: {:.3} mm between {} and {} where the median step is {:.3} mm (missing slices?)",
                 steps[k],
-                s[k].path.display(),
-                s[k + 1].path.display(),
+                s[k].name(),
+                s[k + 1].name(),
                 median
             ),
         ));

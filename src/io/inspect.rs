@@ -1,5 +1,5 @@
-//! A human-readable description of one volume (a NIfTI file or a DICOM folder): format
-//! (NIfTI-1, NIfTI-2 or DICOM series), dims, spacing, orientation, datatype, HU statistics
+//! A human-readable description of one volume (a NIfTI file, a DICOM folder or a multi-frame DICOM file): format
+//! (NIfTI-1, NIfTI-2, DICOM series or multi-frame image), dims, spacing, orientation, datatype, HU statistics
 //! and the NaN/Inf count.
 //! Dataset folders are summarised by `crate::data` (io must not know dataset layouts).
 //! Knows nothing about the network.
@@ -111,8 +111,11 @@ pub fn describe(path: &Path) -> Result<String, IoError> {
     let (nz, ny, nx) = v.dims();
     let mut s = String::new();
     // A NIfTI-2 header is kept in NIfTI-1 form with its size, 540, in `sizeof_hdr`.
+    let dicom_file = !path.is_dir() && super::dicom::is_dicom_file(path);
     let kind = if path.is_dir() {
         "DICOM series"
+    } else if dicom_file {
+        "DICOM multi-frame image"
     } else if h.sizeof_hdr == super::nii::HEADER_SIZE_2 as i32 {
         "NIfTI-2"
     } else {
@@ -121,7 +124,11 @@ pub fn describe(path: &Path) -> Result<String, IoError> {
     let _ = writeln!(s, "file         {}", path.display());
     let _ = writeln!(s, "format       {kind}");
     let _ = write!(s, "datatype     {}", r.datatype);
-    if !path.is_dir() && h.scl_slope != 0.0 && (h.scl_slope != 1.0 || h.scl_inter != 0.0) {
+    if !path.is_dir()
+        && !dicom_file
+        && h.scl_slope != 0.0
+        && (h.scl_slope != 1.0 || h.scl_inter != 0.0)
+    {
         let _ = write!(s, " (scl_slope {}, scl_inter {})", h.scl_slope, h.scl_inter);
     }
     s.push('\n');

@@ -31,7 +31,8 @@ pub use volume::{Mask, Volume};
 
 use std::path::Path;
 
-/// Reads a CT volume in HU: a `.nii`/`.nii.gz` file or a folder of DICOM slices.
+/// Reads a CT volume in HU: a `.nii`/`.nii.gz` file, a DICOM file (a multi-frame image) or
+/// a folder of DICOM slices.
 /// Prints one `warning:` line per non-fatal problem (NaN/Inf voxels, skipped files).
 pub fn read_volume(path: &Path) -> Result<Volume, IoError> {
     let (v, report) = read_volume_report(path)?;
@@ -84,17 +85,22 @@ pub fn read_volume_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, Read
     let meta = metadata(path)?;
     if meta.is_dir() {
         dicom::read_series_with(path, opts)
+    } else if dicom::is_dicom_file(path) {
+        dicom::read_file_with(path, opts)
     } else {
         nii::read_nifti_with(path, opts)
     }
 }
 
 /// The `(z, y, x)` dimensions of the volume at `path`, from its header alone (a DICOM
-/// folder: its number of files, an upper bound of its slices, and the first image's size),
+/// folder: its number of files, or a multi-frame image's frames, an upper bound of its
+/// slices, and the first image's size),
 /// so that memory can be planned before the voxels are read.
 pub fn probe_dims(path: &Path) -> Result<(usize, usize, usize), IoError> {
     if metadata(path)?.is_dir() {
         dicom::probe_series(path)
+    } else if dicom::is_dicom_file(path) {
+        dicom::probe_file(path)
     } else {
         let h = nii::read_header(path)?;
         nii::header_shape(&h)

@@ -3,11 +3,12 @@
 //! limit, output checks: the hostile-input tests and the fuzz harness), [`shapes`] (op shapes),
 //! [`nhwc`] (the channels-last eval forward's cases and CPU reference),
 //! [`cuda`] (the harness of the CUDA test binaries: device tests ignored at run time
-//! without a device), [`train`] (phantom training cases) and [`nifti2`] (NIfTI-2 files
-//! written by hand).
+//! without a device), [`enhanced`] (a multi-frame DICOM writer), [`train`] (phantom training
+//! cases) and [`nifti2`] (NIfTI-2 files written by hand).
 #![allow(dead_code)]
 
 pub mod cuda;
+pub mod enhanced;
 pub mod files;
 pub mod nhwc;
 pub mod nifti2;
