@@ -1492,14 +1492,14 @@ impl CudaBackend {
     /// The kernel `conv2d_fwd` (and the fused forwards) of `s` launch at this backend's
     /// precision and route, by name (diagnostics and tests): `conv2d_fwd` (f32),
     /// `conv2d_fwd_tf32` / `_bf16` (WMMA, 64x64, maybe split over K) or
-    /// `conv2d_fwd_mma_tf32` / `_bf16` (128x128; `_s2` with the shallow ring, [`Ring`]).
+    /// `conv2d_fwd_mma_tf32` / `_bf16` (128x128; `_s2` with the shallow ring, `Ring`).
     pub fn conv_fwd_kernel(&self, s: &Conv2d) -> &'static str {
         self.conv_kernels(s)[0]
     }
 
     /// The kernels of `s`'s forward, data gradient and weight gradient at this backend's
     /// precision and route (as [`CudaBackend::conv_fwd_kernel`]; the `mma.sync` ones with
-    /// `_s2` where their shallow ring runs, [`Ring::Shallow`]).
+    /// `_s2` where their shallow ring runs, `Ring::Shallow`).
     pub fn conv_kernels(&self, s: &Conv2d) -> [&'static str; 3] {
         let [f, d, w] = takes_mma(self, s);
         let shallow = self.ring(TcKernel::MmaNchw) == Some(Ring::Shallow);

@@ -496,7 +496,7 @@ impl CudaBackend {
     /// The wgmma kernel the bf16-storage channels-last data gradient of `s` launches for a
     /// `dy` in an allocation of its own (16-byte aligned), or None where it does not run
     /// (switch off, not compute capability 9.0, the module not loaded, not bf16, route
-    /// `Never`, or not [`supported_bwd_data`]: the mma.sync kernel
+    /// `Never`, or not `supported_bwd_data`: the mma.sync kernel
     /// `conv_bwd_data_nhwc_bf16s_kernel` names then runs); diagnostics and tests.
     pub fn conv_bwd_data_nhwc_bf16s_wgmma_kernel(&self, s: &Conv2d) -> Option<&'static str> {
         self.conv_bwd_data_nhwc_bf16s_wgmma(s, 0).then(|| {
