@@ -1,7 +1,15 @@
-//! Dataset layouts, label CSVs, loading, summaries and patient-wise splits.
+//! Dataset layouts, label CSVs, loading, summaries and patient-wise splits. A folder of
+//! volumes lists loose multi-frame DICOM files (the pydicom Enhanced CT fixture and files of
+//! `common/enhanced.rs`) beside NIfTI files and series folders, for datasets and for
+//! `segment`'s batch input (the binary too); loose single-frame slices, two volumes with
+//! one stem and a corrupt loose DICOM file are clear errors.
 
+mod common;
+
+use common::enhanced::{write_enhanced, Enhanced};
+use common::files::{run_limited, Outcome, AS_LIMIT};
 use ichcam::data::dataset::{
-    load_case, read_label_csv, slice_labels_from_mask, summary, Dataset, Layout,
+    list_volumes, load_case, read_label_csv, slice_labels_from_mask, summary, Dataset, Layout,
 };
 use ichcam::data::split::split_patients;
 use ichcam::data::DataError;
@@ -379,4 +387,353 @@ fn real_ct_ich_csv_labels_equal_mask_labels() {
     assert_eq!((slices, positive), (241, 50));
     let s = ds.split(0.34, 7).unwrap();
     assert_eq!(s.val.len(), 2);
+}
+
+// Loose multi-frame DICOM files in a folder of volumes.
+
+/// The pydicom Enhanced CT fixture: `single/` (a series) and `enhanced/enhanced.dcm`.
+fn enhanced_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dicom-enhanced")
+}
+
+/// The fixture's voxels (tests/fixtures/dicom-enhanced/README.md).
+fn fixture_hu() -> Array3<f32> {
+    Array3::from_shape_fn((6, 5, 7), |(z, y, x)| {
+        ((z * 131 + y * 17 + x * 7) % 3001) as f32 - 1000.0
+    })
+}
+
+/// Copies the fixture's single-frame series into `to` (created).
+fn copy_series(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(enhanced_fixture().join("single")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+fn copy_enhanced(to: &Path) {
+    std::fs::copy(enhanced_fixture().join("enhanced/enhanced.dcm"), to).unwrap();
+}
+
+/// A small volume of integer HU (what a multi-frame file stores exactly).
+fn small_volume(d: usize) -> Volume {
+    let hu = Array3::from_shape_fn((d, 6, 5), |(z, y, x)| (z * 10 + y + x) as f32 - 20.0);
+    Volume::from_array(hu, [5.0, 0.5, 0.5], PathBuf::from("small"))
+}
+
+fn stems(list: &[(String, PathBuf)]) -> Vec<&str> {
+    list.iter().map(|(s, _)| s.as_str()).collect()
+}
+
+/// The ids `segment --input DIR` would give.
+fn input_ids(dir: &Path) -> Result<Vec<String>, String> {
+    ichcam::infer::expand_inputs(&[dir.to_path_buf()])
+        .map(|v| v.into_iter().map(|i| i.id).collect())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_folder_lists_loose_multi_frame_files_beside_nifti_and_series() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path().join("vols");
+    std::fs::create_dir_all(&r).unwrap();
+    write_case(&r.join("a.nii.gz"), None, 3, &[]);
+    copy_series(&r.join("b"));
+    copy_enhanced(&r.join("c.dcm"));
+    // Without an extension, and with an upper-case one.
+    let d = small_volume(4);
+    write_enhanced(&r.join("d"), &d, &Enhanced::default());
+    copy_enhanced(&r.join("e.DCM"));
+    // Not volumes: a text file without an extension, a `.dcm` without the DICM code, a
+    // DICOM file without an image (a DICOMDIR-like object), a hidden multi-frame file.
+    write(&r.join("README"), "not DICOM");
+    write(&r.join("junk.dcm"), "not DICOM either");
+    let no_image = dicom_object::InMemDicomObject::from_element_iter([
+        dicom_core::DataElement::new(
+            dicom_dictionary_std::tags::SOP_CLASS_UID,
+            dicom_core::VR::UI,
+            dicom_core::value::PrimitiveValue::from("1.2.840.10008.1.3.10"),
+        ),
+        dicom_core::DataElement::new(
+            dicom_dictionary_std::tags::SOP_INSTANCE_UID,
+            dicom_core::VR::UI,
+            dicom_core::value::PrimitiveValue::from("2.25.99"),
+        ),
+    ])
+    .with_meta(dicom_object::FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"))
+    .unwrap();
+    no_image.write_to_file(r.join("DICOMDIR")).unwrap();
+    copy_enhanced(&r.join(".hidden.dcm"));
+
+    let list = list_volumes(&r, true).unwrap();
+    assert_eq!(stems(&list), ["a", "b", "c", "d", "e"]);
+    let want_paths: Vec<PathBuf> = ["a.nii.gz", "b", "c.dcm", "d", "e.DCM"]
+        .iter()
+        .map(|n| r.join(n))
+        .collect();
+    assert_eq!(
+        list.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(),
+        want_paths
+    );
+    // Each reads to its own voxels.
+    let hu_a = Array3::from_shape_fn((3, 6, 5), |(z, y, x)| (z * 10 + y + x) as f32 - 20.0);
+    assert_eq!(io::read_volume(&list[0].1).unwrap().data, hu_a);
+    for k in [1, 2, 4] {
+        assert_eq!(
+            io::read_volume(&list[k].1).unwrap().data,
+            fixture_hu(),
+            "{k}"
+        );
+    }
+    assert_eq!(io::read_volume(&list[3].1).unwrap().data, d.data);
+    // Masks (no DICOM folders) list the NIfTI alone.
+    assert_eq!(stems(&list_volumes(&r, false).unwrap()), ["a"]);
+
+    // The dataset and `segment`'s inputs see the same volumes.
+    let ds = Dataset::open(&r).unwrap();
+    assert_eq!(ds.layout, Layout::Folder);
+    let ids: Vec<&str> = ds.cases.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c", "d", "e"]);
+    let c = ds.load(2, false).unwrap();
+    assert_eq!(c.volume.data, fixture_hu());
+    assert_eq!(input_ids(&r).unwrap(), ["a", "b", "c", "d", "e"]);
+    // In the ct-ich layout's images/ too.
+    let ct = t.path().join("ctich");
+    std::fs::create_dir_all(ct.join("images")).unwrap();
+    copy_enhanced(&ct.join("images/001.dcm"));
+    write_case(&ct.join("images/002.nii.gz"), None, 3, &[]);
+    write(
+        &ct.join("slice_labels.csv"),
+        "patient,z,label\n1,2,1\n2,0,1\n",
+    );
+    let ds = Dataset::open(&ct).unwrap();
+    assert_eq!(ds.layout, Layout::CtIch);
+    let c = ds.load(0, true).unwrap();
+    assert_eq!((c.id.as_str(), c.volume.dims()), ("001", (6, 5, 7)));
+    assert_eq!(c.slice_labels, expect_labels(6, &[2]));
+    // A folder holding one multi-frame file is a folder of one volume named by the file.
+    let one = t.path().join("one");
+    std::fs::create_dir_all(&one).unwrap();
+    copy_enhanced(&one.join("scan.dcm"));
+    assert_eq!(input_ids(&one).unwrap(), ["scan"]);
+}
+
+#[test]
+fn loose_single_frame_slices_are_a_series_not_volumes() {
+    let t = tempfile::tempdir().unwrap();
+    // Only slices: the folder is a series itself, not a folder of volumes.
+    let series = t.path().join("series");
+    copy_series(&series);
+    assert!(list_volumes(&series, true).unwrap().is_empty());
+    assert_eq!(io::read_volume(&series).unwrap().data, fixture_hu());
+    assert_eq!(input_ids(&series).unwrap(), ["series"]);
+    let e = Dataset::open(&series).unwrap_err();
+    assert!(
+        matches!(e, DataError::Empty { .. }) && e.to_string().contains("one per series"),
+        "{e}"
+    );
+    // Slices beside a volume: an error saying where a series goes.
+    for (name, other) in [
+        ("nifti", "a.nii.gz"),
+        ("multiframe", "c.dcm"),
+        ("folder", "b"),
+    ] {
+        let r = t.path().join(name);
+        copy_series(&r);
+        match other {
+            "a.nii.gz" => write_case(&r.join(other), None, 3, &[]),
+            "c.dcm" => copy_enhanced(&r.join(other)),
+            _ => copy_series(&r.join(other)),
+        }
+        let e = list_volumes(&r, true).unwrap_err();
+        assert!(matches!(e, DataError::Invalid(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("6 loose single-frame DICOM slice(s) (s0.dcm, s1.dcm, s2.dcm, ...)")
+                && msg.contains("beside 1 volume(s)")
+                && msg.contains("subfolder of its own"),
+            "{msg}"
+        );
+        assert_eq!(Dataset::open(&r).unwrap_err().to_string(), msg);
+        assert!(input_ids(&r).unwrap_err().contains("subfolder of its own"));
+        // Masks list no DICOM: the slices do not matter there.
+        let nifti = list_volumes(&r, false).unwrap();
+        assert_eq!(nifti.len(), usize::from(other == "a.nii.gz"));
+    }
+}
+
+#[test]
+fn two_volumes_with_one_stem_are_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str]); 5] = [
+        ("nii", &["a.nii", "a.nii.gz"]),
+        ("dcm-nii", &["a.dcm", "a.nii.gz"]),
+        ("dcm-folder", &["a", "a.dcm"]),
+        ("bare-nii", &["a.nii", "a"]),
+        ("dcm-DCM", &["a.DCM", "a.dcm"]),
+    ];
+    for (name, files) in cases {
+        let r = t.path().join(name);
+        std::fs::create_dir_all(&r).unwrap();
+        write_case(&r.join("b.nii.gz"), None, 3, &[]);
+        for f in files {
+            let p = r.join(f);
+            if f.contains(".nii") {
+                write_case(&p, None, 3, &[]);
+            } else if name == "dcm-folder" && *f == "a" {
+                copy_series(&p);
+            } else {
+                write_enhanced(&p, &small_volume(3), &Enhanced::default());
+            }
+        }
+        let e = list_volumes(&r, true).unwrap_err();
+        let msg = e.to_string();
+        // Sorted paths: the message names both, in order.
+        let mut names = files.to_vec();
+        names.sort();
+        assert!(
+            matches!(e, DataError::Invalid(_))
+                && msg.contains(&format!(
+                    "two volumes are named `a` ({} and {})",
+                    names[0], names[1]
+                )),
+            "{name}: {msg}"
+        );
+        assert_eq!(Dataset::open(&r).unwrap_err().to_string(), msg, "{name}");
+        assert!(input_ids(&r)
+            .unwrap_err()
+            .contains("two volumes are named `a`"));
+    }
+    // A folder that is no volume does not clash with a file of its name.
+    let r = t.path().join("plain-folder");
+    std::fs::create_dir_all(r.join("a")).unwrap();
+    write(&r.join("a/notes.txt"), "x");
+    write_case(&r.join("a.nii.gz"), None, 3, &[]);
+    assert_eq!(stems(&list_volumes(&r, true).unwrap()), ["a"]);
+}
+
+#[test]
+fn a_corrupt_loose_dicom_file_is_a_clear_error() {
+    let t = tempfile::tempdir().unwrap();
+    let v = small_volume(4);
+    let mut garbage = vec![0u8; 128];
+    garbage.extend(b"DICM");
+    garbage.extend((0..600u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
+    // The pydicom fixture cut in its data set, and in its per-frame sequence.
+    let fixture = std::fs::read(enhanced_fixture().join("enhanced/enhanced.dcm")).unwrap();
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", garbage, "DICOM"),
+        ("truncated", fixture[..400].to_vec(), "corrupt DICOM file"),
+        (
+            "truncated-bare",
+            fixture[..700].to_vec(),
+            "element (5200,9230) claims 870 bytes",
+        ),
+    ];
+    for (name, spec, want) in [
+        (
+            "frames-claim",
+            Enhanced {
+                number_of_frames: Some("9".into()),
+                ..Default::default()
+            },
+            "NumberOfFrames is 9",
+        ),
+        (
+            "no-position",
+            Enhanced {
+                no_position: Some(2),
+                ..Default::default()
+            },
+            "frame 3: missing ImagePositionPatient",
+        ),
+        (
+            "legacy",
+            Enhanced {
+                legacy: true,
+                ..Default::default()
+            },
+            "legacy multi-frame",
+        ),
+    ] {
+        let p = t.path().join(format!("{name}.dcm"));
+        write_enhanced(&p, &v, &spec);
+        cases.push((name, std::fs::read(&p).unwrap(), want));
+    }
+    for (name, b, want) in cases {
+        let r = t.path().join(format!("case-{name}"));
+        std::fs::create_dir_all(&r).unwrap();
+        write_case(&r.join("a.nii.gz"), None, 3, &[]);
+        let file = if name == "truncated-bare" {
+            "bad"
+        } else {
+            "bad.dcm"
+        };
+        std::fs::write(r.join(file), &b).unwrap();
+        let e = list_volumes(&r, true).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, DataError::Io(_))
+                && msg.contains(&r.join(file).display().to_string())
+                && msg.contains(want),
+            "{name}: {msg}"
+        );
+        // The dataset and `segment`'s inputs fail at listing with the same message.
+        assert_eq!(Dataset::open(&r).unwrap_err().to_string(), msg, "{name}");
+        assert_eq!(input_ids(&r).unwrap_err(), msg, "{name}");
+        // Reading the file says the same.
+        let read = io::read_volume(&r.join(file)).unwrap_err().to_string();
+        assert!(read.contains(want), "{name}: {read}");
+    }
+}
+
+#[test]
+fn segment_runs_on_a_folder_with_a_loose_multi_frame_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    common::files::write_model(&model, 32);
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let v = common::files::phantom(4);
+    io::write_volume(&input.join("a.nii.gz"), &v).unwrap();
+    io::dicom::write_series(&input.join("b"), &v).unwrap();
+    write_enhanced(&input.join("c.dcm"), &v, &Enhanced::default());
+    let out = dir.path().join("out");
+    let os = std::ffi::OsStr::new;
+    let r = run_limited(
+        &[
+            os("segment"),
+            os("--model"),
+            model.as_os_str(),
+            os("--input"),
+            input.as_os_str(),
+            os("--out"),
+            out.as_os_str(),
+            os("--device"),
+            os("cpu"),
+            os("-q"),
+        ],
+        AS_LIMIT,
+        std::time::Duration::from_secs(600),
+    );
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
+    assert_eq!(common::files::check_outputs(&out), Ok(3));
+    for id in ["a", "b", "c"] {
+        let m = io::read_volume(&out.join(id).join("mask.nii.gz")).unwrap();
+        assert_eq!(m.dims(), v.dims(), "{id}");
+    }
+    // The multi-frame file's mask carries its geometry.
+    let m = io::read_volume(&out.join("c/mask.nii.gz")).unwrap();
+    let src = io::read_volume(&input.join("c.dcm")).unwrap();
+    for (a, b) in m.affine().iter().zip(src.affine().iter()) {
+        for k in 0..4 {
+            assert!(
+                (a[k] - b[k]).abs() < 1e-4,
+                "{:?} vs {:?}",
+                m.affine(),
+                src.affine()
+            );
+        }
+    }
 }

@@ -359,12 +359,9 @@ fn gzip_damage_is_an_error() {
     }
 }
 
-#[test]
-fn a_dicom_element_claiming_4_gb_is_refused_before_allocating() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = dir.path().join("series");
-    io::dicom::write_series(&s, &common::files::phantom(3)).unwrap();
-    // A 9 KB file: the file meta group, then a private OB element claiming 0xF0000000 bytes.
+/// A 9 KB DICOM file: the file meta group, then a private OB element claiming 0xF0000000
+/// bytes.
+fn dicom_claiming_4_gb() -> Vec<u8> {
     let mut f = Vec::new();
     f.extend([0u8; 128]);
     f.extend(b"DICM");
@@ -395,7 +392,15 @@ fn a_dicom_element_claiming_4_gb_is_refused_before_allocating() {
     f.extend(b"OB\0\0");
     f.extend(0xF000_0000u32.to_le_bytes());
     f.extend(vec![0u8; 9000]);
-    std::fs::write(s.join("zz_hostile.dcm"), &f).unwrap();
+    f
+}
+
+#[test]
+fn a_dicom_element_claiming_4_gb_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("series");
+    io::dicom::write_series(&s, &common::files::phantom(3)).unwrap();
+    std::fs::write(s.join("zz_hostile.dcm"), dicom_claiming_4_gb()).unwrap();
     let e = io::read_volume(&s).unwrap_err().to_string();
     assert!(
         e.contains("zz_hostile.dcm") && e.contains("claims 4026531840 bytes"),
@@ -410,6 +415,84 @@ fn a_dicom_element_claiming_4_gb_is_refused_before_allocating() {
         r.outcome,
         r.stderr
     );
+}
+
+#[test]
+fn a_corrupt_loose_dicom_file_in_a_folder_of_volumes_fails_the_listing() {
+    // A folder of volumes lists a loose DICOM file from its header: a header claiming 4 GB
+    // (or a corrupt one) fails the listing, naming the file, before anything is read or
+    // written; `segment`, `train` and `inspect` under a 1 GB address space.
+    let dir = tempfile::tempdir().unwrap();
+    let vols = dir.path().join("vols");
+    std::fs::create_dir_all(&vols).unwrap();
+    let v = common::files::phantom(3);
+    io::write_volume(&vols.join("a.nii.gz"), &v).unwrap();
+    common::enhanced::write_enhanced(
+        &vols.join("b.dcm"),
+        &v,
+        &common::enhanced::Enhanced::default(),
+    );
+    let model = dir.path().join("m.safetensors");
+    common::files::write_model(&model, 32);
+    let out = dir.path().join("out");
+    let trained = dir.path().join("t.safetensors");
+    // The pydicom Enhanced CT fixture cut in its per-frame functional groups.
+    let mut enhanced_cut = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/dicom-enhanced/enhanced/enhanced.dcm"),
+    )
+    .unwrap();
+    enhanced_cut.truncate(700);
+    for (file, bytes, want) in [
+        ("c.dcm", dicom_claiming_4_gb(), "claims 4026531840 bytes"),
+        ("c", dicom_claiming_4_gb(), "claims 4026531840 bytes"),
+        ("c.dcm", enhanced_cut, "claims 870 bytes"),
+    ] {
+        let bad = vols.join(file);
+        std::fs::write(&bad, &bytes).unwrap();
+        let named = |l: &str| l.contains(&bad.display().to_string()) && l.contains(want);
+        let seg = run_limited(
+            &[
+                os("segment"),
+                os("--model"),
+                model.as_os_str(),
+                os("--input"),
+                vols.as_os_str(),
+                os("--out"),
+                out.as_os_str(),
+                os("--device"),
+                os("cpu"),
+                os("-q"),
+            ],
+            1 << 30,
+            LONG,
+        );
+        let train = run_limited(
+            &[
+                os("train"),
+                os("--data"),
+                vols.as_os_str(),
+                os("--model"),
+                trained.as_os_str(),
+                os("--device"),
+                os("cpu"),
+            ],
+            1 << 30,
+            LONG,
+        );
+        let inspect = run_limited(&[os("inspect"), vols.as_os_str()], 1 << 30, LONG);
+        for (what, r) in [("segment", seg), ("train", train), ("inspect", inspect)] {
+            assert!(
+                matches!(&r.outcome, Outcome::CleanError(l) if named(l)),
+                "{file} {what}: {:?} {}",
+                r.outcome,
+                r.stderr
+            );
+        }
+        assert!(!out.exists(), "{file}: segment wrote outputs");
+        assert!(!trained.exists(), "{file}: train wrote a model");
+        std::fs::remove_file(&bad).unwrap();
+    }
 }
 
 #[test]

@@ -41,7 +41,7 @@ pub struct Case {
     /// The patient the volume belongs to: the unit of train/validation splits. Every layout
     /// here has one volume per patient, so it equals `id`.
     pub patient: String,
-    /// The image: a `.nii`/`.nii.gz` file or a DICOM series folder.
+    /// The image: a `.nii`/`.nii.gz` file, a DICOM series folder or a multi-frame DICOM file.
     pub image: PathBuf,
     /// The voxel mask, when the layout has one for this case.
     pub mask: Option<PathBuf>,
@@ -97,14 +97,27 @@ fn is_dicom_dir(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// `(stem, path)` of the volumes in `dir`, sorted by stem. With `dicom_dirs`, subfolders
-/// holding `.dcm` files count as volumes (DICOM series).
+/// `(stem, path)` of the volumes in `dir`, sorted by stem: `.nii`/`.nii.gz` files and, with
+/// `dicom_dirs`, DICOM volumes: subfolders holding `.dcm` files (a series, or a multi-frame
+/// image alone in its folder; named by the folder) and loose multi-frame files (`NAME.dcm`,
+/// any case, or `NAME` without an extension, whose header says more than one frame; named
+/// `NAME`), told from their headers by [`io::dicom::probe_image`] without reading pixels.
+///
+/// Errors: two volumes with one stem (`a.nii` and `a.nii.gz`, `a.dcm` and a series folder
+/// `a/`), as which one is meant is not guessed; loose single-frame DICOM slices beside
+/// volumes (a series goes in a subfolder of its own); a loose file with the `DICM` code
+/// whose header is corrupt or refused (the reader's error, naming the file). A folder
+/// holding loose single-frame slices and no volume lists nothing: it is a series itself
+/// (what `segment` then reads), not a folder of volumes.
 pub fn list_volumes(dir: &Path, dicom_dirs: bool) -> Result<Vec<(String, PathBuf)>> {
+    use crate::io::dicom::{probe_image, FileImage};
     let rd = std::fs::read_dir(dir).map_err(|err| DataError::Folder {
         path: dir.to_path_buf(),
         err,
     })?;
     let mut out = Vec::new();
+    // Loose single-frame DICOM slices: not volumes.
+    let mut slices = Vec::new();
     for e in rd {
         let e = e.map_err(|err| DataError::Folder {
             path: dir.to_path_buf(),
@@ -115,12 +128,61 @@ pub fn list_volumes(dir: &Path, dicom_dirs: bool) -> Result<Vec<(String, PathBuf
         if path.is_file() {
             if let Some(stem) = volume_stem(&name) {
                 out.push((stem.to_string(), path));
+            } else if dicom_dirs {
+                // `NAME.dcm` (ASCII, so the cut is on a character boundary) or `NAME`.
+                let stem = if name.to_ascii_lowercase().ends_with(".dcm") {
+                    &name[..name.len() - 4]
+                } else if !name.contains('.') {
+                    &name[..]
+                } else {
+                    continue;
+                };
+                if stem.is_empty() || stem.starts_with('.') {
+                    continue;
+                }
+                match probe_image(&path)? {
+                    FileImage::MultiFrame { .. } => out.push((stem.to_string(), path)),
+                    FileImage::Slice => slices.push(name),
+                    FileImage::NotDicom | FileImage::NoImage => {}
+                }
             }
         } else if dicom_dirs && path.is_dir() && !name.starts_with('.') && is_dicom_dir(&path) {
             out.push((name, path));
         }
     }
     out.sort();
+    if !slices.is_empty() && !out.is_empty() {
+        slices.sort();
+        let shown = slices
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(DataError::Invalid(format!(
+            "{}: {} loose single-frame DICOM slice(s) ({shown}{}) beside {} volume(s): a \
+             series goes in a subfolder of its own (one folder per series); a loose DICOM \
+             file must be a multi-frame image",
+            dir.display(),
+            slices.len(),
+            if slices.len() > 3 { ", ..." } else { "" },
+            out.len()
+        )));
+    }
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        let file = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        return Err(DataError::Invalid(format!(
+            "{}: two volumes are named `{}` ({} and {}): rename or move one",
+            dir.display(),
+            w[0].0,
+            file(&w[0].1),
+            file(&w[1].1)
+        )));
+    }
     Ok(out)
 }
 
@@ -297,7 +359,8 @@ impl Dataset {
                 Layout::Instance => "expected data/NNN.nii.gz",
                 Layout::CtIch => "expected images/NNN.nii.gz",
                 Layout::Folder => {
-                    "expected .nii/.nii.gz files, DICOM series folders, or data/ or images/"
+                    "expected .nii/.nii.gz files, multi-frame DICOM files, DICOM series \
+                     folders (one per series), or data/ or images/"
                 }
             };
             return Err(DataError::Empty {

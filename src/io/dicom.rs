@@ -3,12 +3,14 @@
 //! Reading: every file in the folder (not its subfolders) is tried as DICOM; files that
 //! are not DICOM, or DICOM without an image (a DICOMDIR, a report), are skipped with a
 //! warning in the [`ReadReport`]. [`read_file_with`] reads one multi-frame file the same
-//! way. All headers are read and checked before any pixel is decoded: one
-//! SeriesInstanceUID, one Rows x Columns, one ImageOrientationPatient, grayscale, no two
-//! slices at the same position, and no gap (a step between neighbouring slices more than
-//! 10 % off the median step). Slices are sorted by ImagePositionPatient projected on the
-//! slice normal (row cosine x column cosine), and RescaleSlope/RescaleIntercept (per slice,
-//! or per frame) turn stored values into HU.
+//! way, and [`probe_image`] says from a file's header alone whether it is such a volume, a
+//! slice or no image (how a folder of volumes lists loose multi-frame files). All headers
+//! are read and checked before any pixel is decoded: one SeriesInstanceUID, one Rows x
+//! Columns, one ImageOrientationPatient, grayscale, no two slices at the same position, and
+//! no gap (a step between neighbouring slices more than 10 % off the median step). Slices
+//! are sorted by ImagePositionPatient projected on the slice normal (row cosine x column
+//! cosine), and RescaleSlope/RescaleIntercept (per slice, or per frame) turn stored values
+//! into HU.
 //!
 //! A multi-frame image (Enhanced CT, or any image with a Per-frame Functional Groups
 //! Sequence) becomes one slice record per frame, checked and sorted as a folder's slices
@@ -138,6 +140,42 @@ fn probe_files(source: &Path, files: &[PathBuf]) -> Result<(usize, usize, usize)
 /// Whether the file at `p` carries DICOM's `DICM` code (after the 128-byte preamble).
 pub fn is_dicom_file(p: &Path) -> bool {
     has_dicm_magic(p)
+}
+
+/// What one file holds as DICOM, from its header alone: [`probe_image`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileImage {
+    /// No `DICM` code: not a DICOM file (as a series folder's reader skips it).
+    NotDicom,
+    /// DICOM without an image (no Rows/Columns: a DICOMDIR, a report).
+    NoImage,
+    /// One slice: a single-frame image, or a multi-frame image of one frame.
+    Slice,
+    /// A multi-frame image of more than one frame (with functional groups): a volume on its
+    /// own, as [`read_file_with`] reads it.
+    MultiFrame { frames: usize },
+}
+
+/// Says what the file at `p` holds ([`FileImage`]) from its header, without reading its
+/// pixel data: the cheap look that lists a loose multi-frame file as a volume. A file with
+/// the `DICM` code whose header is corrupt, or that [`read_file_with`] would refuse from
+/// the header alone (a legacy multi-frame image, a NumberOfFrames the per-frame groups
+/// contradict, a frame without a position), is the error the reader would give.
+pub fn probe_image(p: &Path) -> Result<FileImage, IoError> {
+    if !has_dicm_magic(p) {
+        return Ok(FileImage::NotDicom);
+    }
+    scan_lengths(p).map_err(|reason| IoError::invalid(p, reason))?;
+    let obj = OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .open_file(p)
+        .map_err(|e| IoError::invalid(p, format!("corrupt DICOM file: {e}")))?;
+    let s = image_info(p, &obj)?;
+    Ok(match s.first() {
+        None => FileImage::NoImage,
+        Some(f) if f.frame.is_some() && s.len() > 1 => FileImage::MultiFrame { frames: s.len() },
+        Some(_) => FileImage::Slice,
+    })
 }
 
 /// Reads a folder of CT slices (or one multi-frame image) as one volume; see the module doc
