@@ -186,7 +186,10 @@ fn memory_cap_is_checked_before_allocating() {
     // A real volume under a small cap: refused from the header alone.
     let e = io::read_volume_with(
         &fixture("images/054.nii.gz"),
-        &ReadOptions { max_bytes: 1 << 20 },
+        &ReadOptions {
+            max_bytes: 1 << 20,
+            ..Default::default()
+        },
     )
     .unwrap_err();
     match &e {
@@ -218,7 +221,14 @@ fn memory_cap_is_checked_before_allocating() {
         &Volume::from_array(Array3::zeros((4, 64, 64)), [1.0; 3], "x".into()),
     )
     .unwrap();
-    let e = io::read_volume_with(&s, &ReadOptions { max_bytes: 1000 }).unwrap_err();
+    let e = io::read_volume_with(
+        &s,
+        &ReadOptions {
+            max_bytes: 1000,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(matches!(e, IoError::TooLarge { .. }), "{e}");
 }
 

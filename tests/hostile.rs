@@ -1021,6 +1021,7 @@ fn a_nifti2_header_claiming_terabytes_is_refused_before_allocating() {
             &p,
             &io::ReadOptions {
                 max_bytes: u64::MAX,
+                ..Default::default()
             },
         )
         .unwrap_err();

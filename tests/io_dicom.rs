@@ -8,8 +8,13 @@
 //! frame without a position, two frames at one position, a gap, NumberOfFrames claims, a
 //! mixed folder, a legacy multi-frame file and an undecodable transfer syntax are errors.
 //! An Enhanced CT written by pydicom (tests/fixtures/dicom-enhanced) reads as its
-//! single-frame series.
+//! single-frame series. A folder holding two CT series and a localizer
+//! (`common/archive.rs`): `list_series` gives each one's attributes from the headers,
+//! reading (and probing) by UID gives each one's voxels, an unknown UID and reading the
+//! folder whole are errors listing the series, and `inspect` lists them.
 
+#[path = "common/archive.rs"]
+mod archive;
 #[path = "common/enhanced.rs"]
 mod enhanced;
 
@@ -196,6 +201,95 @@ fn mixed_series_is_an_error() {
 }
 
 #[test]
+fn a_mixed_folder_lists_its_series_and_reads_each_by_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = archive::write_mixed(
+        dir.path(),
+        "2.25.777",
+        &volume((3, 4, 5), None),
+        &volume((4, 6, 5), None),
+    );
+    std::fs::write(dir.path().join("README.txt"), "not DICOM").unwrap();
+    let found = dicom::list_series(dir.path()).unwrap();
+    assert_eq!(found.len(), written.len(), "{found:?}");
+    for (s, w) in found.iter().zip(&written) {
+        let (z, y, x) = w.volume.dims();
+        assert_eq!(s.uid.as_deref(), Some(w.uid.as_str()));
+        assert_eq!(s.number, Some(w.number as i64));
+        assert_eq!(s.description.as_deref(), Some(w.description));
+        assert_eq!(s.modality.as_deref(), Some("CT"));
+        assert_eq!(s.localizer, w.localizer, "{}", w.description);
+        assert_eq!((s.slices, s.files, s.rows, s.cols), (z, z, y, x));
+        let opts = io::ReadOptions {
+            series: Some(w.uid.clone()),
+            ..Default::default()
+        };
+        assert_eq!(io::probe_dims_with(dir.path(), &opts).unwrap(), (z, y, x));
+        let (v, report) = io::read_volume_with(dir.path(), &opts).unwrap();
+        assert_eq!(v.data, w.volume.data, "{}", w.description);
+        assert_affine_close(&v.affine(), &w.volume.affine(), 1e-4);
+        // The other series' files are neither read nor reported.
+        assert!(
+            report.warnings.iter().all(|l| !l.contains(".dcm")),
+            "{:?}",
+            report.warnings
+        );
+    }
+    // Reading the folder whole lists its series and says how to pick one.
+    let e = err_of(dir.path());
+    assert!(
+        e.contains("mixed series: 3 different") && e.contains("--series"),
+        "{e}"
+    );
+    for w in &written {
+        assert!(
+            e.contains(&w.uid)
+                && e.contains(&format!("#{} \"{}\"", w.number, w.description))
+                && e.contains(&format!("{} slice(s)", w.volume.dims().0)),
+            "{e}"
+        );
+    }
+    assert!(e.contains("LOCALIZER") && !e.contains('\n'), "{e}");
+    // An unknown UID, to the reader and the probe.
+    let opts = io::ReadOptions {
+        series: Some("2.25.999".into()),
+        ..Default::default()
+    };
+    for e in [
+        io::read_volume_with(dir.path(), &opts)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string(),
+        io::probe_dims_with(dir.path(), &opts)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string(),
+    ] {
+        assert!(
+            e.contains("no images of the series 2.25.999")
+                && written.iter().all(|w| e.contains(&w.uid)),
+            "{e}"
+        );
+    }
+    // `inspect` lists the series, or describes the one asked for.
+    let d = io::inspect::describe(dir.path()).unwrap();
+    assert!(d.contains("holding 3 series"), "{d}");
+    for w in &written {
+        assert_eq!(d.matches(&w.uid).count(), 1, "{d}");
+    }
+    let brain = &written[2];
+    let d = io::inspect::describe_with(
+        dir.path(),
+        &io::ReadOptions {
+            series: Some(brain.uid.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(d.contains("dims x,y,z   5 x 6 x 4"), "{d}");
+}
+
+#[test]
 fn mismatched_rows_are_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let uid = Some("2.25.12345".to_string());
@@ -205,6 +299,7 @@ fn mismatched_rows_are_an_error() {
         &SeriesOptions {
             series_uid: uid.clone(),
             prefix: "a_".into(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -217,6 +312,7 @@ fn mismatched_rows_are_an_error() {
         &SeriesOptions {
             series_uid: uid,
             prefix: "b_".into(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -519,9 +615,15 @@ fn a_multi_frame_image_over_the_volume_cap_is_refused_before_decoding() {
         &Enhanced::default(),
     );
     for path in [&dir, &file] {
-        let e = io::read_volume_with(path, &io::ReadOptions { max_bytes: 1000 })
-            .map(|_| ())
-            .unwrap_err();
+        let e = io::read_volume_with(
+            path,
+            &io::ReadOptions {
+                max_bytes: 1000,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .unwrap_err();
         assert!(
             matches!(&e, io::IoError::TooLarge { claim, .. } if claim == "5 frames of 6x4"),
             "{e}"
@@ -572,6 +674,7 @@ fn a_multi_frame_image_is_not_merged_with_other_images() {
         &SeriesOptions {
             series_uid: Some(uid.clone()),
             prefix: "slice_".into(),
+            ..Default::default()
         },
     )
     .unwrap();

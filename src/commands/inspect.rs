@@ -1,6 +1,7 @@
 //! `ichcam inspect PATH`: describes a NIfTI file or a DICOM folder (`io::inspect`), or a
 //! dataset folder (`data::dataset::summary`: volumes, slices and positive slices). A folder
-//! is a dataset when it holds `images/` or `data/`, or `.nii`/`.nii.gz` files directly.
+//! is a dataset when it holds `images/` or `data/`, or `.nii`/`.nii.gz` files directly. A
+//! DICOM folder holding several series lists them; `--series UID` describes one.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,9 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     /// A `.nii`/`.nii.gz` file, a folder of DICOM slices, or a dataset folder.
     pub path: PathBuf,
+    /// A DICOM folder holding several series: describe this one (SeriesInstanceUID).
+    #[arg(long)]
+    pub series: Option<String>,
 }
 
 fn is_dataset(p: &Path) -> bool {
@@ -31,12 +35,16 @@ fn is_dataset(p: &Path) -> bool {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let p = &args.path;
     ichcam::io::metadata(p)?;
-    if is_dataset(p) {
+    if is_dataset(p) && args.series.is_none() {
         let s = ichcam::data::dataset::summary(p)
             .with_context(|| format!("{}: cannot summarise the dataset", p.display()))?;
         println!("{s}");
     } else {
-        print!("{}", ichcam::io::inspect::describe(p)?);
+        let opts = ichcam::io::ReadOptions {
+            series: args.series.clone(),
+            ..Default::default()
+        };
+        print!("{}", ichcam::io::inspect::describe_with(p, &opts)?);
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use ichcam::infer::{
-    expand_inputs, segment_all, BatchReport, Fuse, RefineOnBackend, SegmentOptions, Segmenter,
-    SliceClassifier,
+    expand_inputs_with, segment_all, BatchReport, ExpandOptions, Fuse, RefineOnBackend,
+    SegmentOptions, Segmenter, SliceClassifier,
 };
 use ichcam::model::CamKind;
 use ichcam::seg::ccl::Connectivity;
@@ -19,6 +19,21 @@ pub struct Args {
     /// NIfTI files, DICOM series folders, folders of volumes or dataset folders.
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
+    /// Walk every folder under each input folder (patient/study/series trees; symbolic links
+    /// to folders are not followed): each NIfTI file, and each CT series of each folder's
+    /// DICOM images (Modality CT or absent, not a LOCALIZER, at least --min-slices slices),
+    /// is a volume, named by its path below the input (`patient1_study2_series3`, plus
+    /// `_s<SeriesNumber>` when a folder holds several such series). Skipped series are
+    /// listed on stderr with the reason.
+    #[arg(long)]
+    recursive: bool,
+    /// With --recursive: DICOM series with fewer slices are skipped.
+    #[arg(long, default_value_t = ichcam::infer::inputs::DEFAULT_MIN_SLICES)]
+    min_slices: usize,
+    /// Read only this series (SeriesInstanceUID) of the one DICOM folder input (a folder
+    /// holding several series: `ichcam inspect DIR` lists them).
+    #[arg(long, conflicts_with = "recursive")]
+    series: Option<String>,
     /// Output folder: one `<id>/` per volume (mask.nii.gz, cam.nii.gz, slices.csv,
     /// overlay.png, summary.json).
     #[arg(long)]
@@ -284,13 +299,18 @@ pub fn run_with<B: RefineOnBackend>(
     backend: B,
     model: &Path,
     inputs: &[PathBuf],
+    expand: &ExpandOptions,
     out: &Path,
     opts: SegmentOptions,
     progress: bool,
 ) -> anyhow::Result<BatchReport> {
     let mut seg = Segmenter::load(backend, model, opts)
         .with_context(|| format!("loading the model {}", model.display()))?;
-    let items = expand_inputs(inputs)?;
+    let found = expand_inputs_with(inputs, expand)?;
+    for s in &found.skipped {
+        eprintln!("skipped: {s}");
+    }
+    let items = found.items;
     if progress {
         eprintln!(
             "segmenting {} volume(s) on {} at {}x{} model input, slice threshold {:.3}, {}",
@@ -339,8 +359,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = options(&a)?;
     let mut device = super::open_device(&a.device, a.quiet)?;
     device.set_precision(a.precision)?;
-    let report =
-        ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &a.out, opts, !a.quiet))?;
+    let expand = ExpandOptions {
+        recursive: a.recursive,
+        min_slices: a.min_slices,
+        series: a.series.clone(),
+    };
+    let report = ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &expand, &a.out, opts, !a.quiet))?;
     print_report(&report);
     if !report.failed.is_empty() {
         anyhow::bail!(

@@ -70,7 +70,7 @@ pub fn segment_all<B: RefineOnBackend>(
     std::thread::scope(|scope| {
         scope.spawn(move || {
             for it in items {
-                let v = read_planned(&it.path, costs, pool, &budget);
+                let v = read_planned(it, costs, pool, &budget);
                 if read_tx.send((it.clone(), v)).is_err() {
                     break;
                 }
@@ -139,14 +139,20 @@ pub fn segment_all<B: RefineOnBackend>(
     report
 }
 
-/// Plans a volume from its header, waits for its bytes in the pool, and reads it.
+/// Plans a volume from its header, waits for its bytes in the pool, and reads it (only the
+/// item's series, when it names one).
 fn read_planned<'p>(
-    path: &Path,
+    item: &InputItem,
     costs: &Costs,
     pool: &'p Pool,
     budget: &io::budget::Budget,
 ) -> Result<(Volume, Estimate, Reservation<'p>), String> {
-    let dims = io::probe_dims(path).map_err(|e| e.to_string())?;
+    let path = item.path.as_path();
+    let opts = io::ReadOptions {
+        series: item.series.clone(),
+        ..Default::default()
+    };
+    let dims = io::probe_dims_with(path, &opts).map_err(|e| e.to_string())?;
     let est = costs.plan(dims, pool.total() as u128).map_err(|reason| {
         format!(
             "{}: {reason} (memory budget {}, of which the model holds {})",
@@ -158,6 +164,6 @@ fn read_planned<'p>(
     let held = pool
         .reserve(est.bytes as u64)
         .ok_or_else(|| format!("{}: internal: plan over the pool", path.display()))?;
-    let v = io::read_volume(path).map_err(|e| e.to_string())?;
+    let v = io::read_volume_printing(path, &opts).map_err(|e| e.to_string())?;
     Ok((v, est, held))
 }

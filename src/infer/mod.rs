@@ -15,7 +15,7 @@ pub mod segmenter;
 pub mod slabs;
 
 pub use batch::{segment_all, BatchReport};
-pub use inputs::{expand_inputs, InputItem};
+pub use inputs::{expand_inputs, expand_inputs_with, ExpandOptions, Expanded, InputItem};
 pub use outputs::{write_outputs, VolumeSummary};
 pub use segmenter::{
     Fuse, ModelPass, Oracle, RefineOnBackend, SegmentOptions, Segmentation, Segmenter,

@@ -5,7 +5,10 @@
 //! warning in the [`ReadReport`]. [`read_file_with`] reads one multi-frame file the same
 //! way, and [`probe_image`] says from a file's header alone whether it is such a volume, a
 //! slice or no image (how a folder of volumes lists loose multi-frame files). All headers
-//! are read and checked before any pixel is decoded: one SeriesInstanceUID, one Rows x
+//! are read and checked before any pixel is decoded: one SeriesInstanceUID (a folder holding
+//! several is an error listing them, unless [`ReadOptions::series`] picks one: the other
+//! series' images are then left out; [`list_series`] lists a folder's series from the
+//! headers alone: UID, number, description, modality, localizer, slices, size), one Rows x
 //! Columns, one ImageOrientationPatient, grayscale, no two slices at the same position, and
 //! no gap (a step between neighbouring slices more than 10 % off the median step). Slices
 //! are sorted by ImagePositionPatient projected on the slice normal (row cosine x column
@@ -111,6 +114,163 @@ fn series_files(dir: &Path) -> Result<Vec<PathBuf>, IoError> {
 /// a multi-frame image).
 pub fn probe_series(dir: &Path) -> Result<(usize, usize, usize), IoError> {
     probe_files(dir, &series_files(dir)?)
+}
+
+/// As [`probe_series`], for the series `series` (a SeriesInstanceUID) of the folder when
+/// given: its slice count and size from every image's header ([`list_series`]), pixel data
+/// unread; an error listing the folder's series when it holds none of that series.
+pub fn probe_series_with(
+    dir: &Path,
+    series: Option<&str>,
+) -> Result<(usize, usize, usize), IoError> {
+    let Some(want) = series else {
+        return probe_series(dir);
+    };
+    let found = list_series(dir)?;
+    match found.iter().find(|s| s.uid.as_deref() == Some(want)) {
+        Some(s) => Ok((s.slices, s.rows, s.cols)),
+        None => Err(no_such_series(dir, want, &found)),
+    }
+}
+
+/// One series of a folder, from its images' headers alone ([`list_series`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeriesInfo {
+    /// SeriesInstanceUID; `None` for images that carry none.
+    pub uid: Option<String>,
+    /// SeriesNumber.
+    pub number: Option<i64>,
+    /// SeriesDescription.
+    pub description: Option<String>,
+    /// Modality (`CT`, ...).
+    pub modality: Option<String>,
+    /// ImageType names LOCALIZER: a scout (topogram), not a volume.
+    pub localizer: bool,
+    /// Slices: single-frame images plus the frames of multi-frame images.
+    pub slices: usize,
+    /// Files holding them.
+    pub files: usize,
+    /// The first image's size.
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl SeriesInfo {
+    /// One line: `#3 "Brain 5mm" CT, 40 slices of 512x512 (cols x rows), UID 1.2.3`.
+    pub fn line(&self) -> String {
+        format!(
+            "#{} {} {}{}, {} slice(s) of {}x{}, UID {}",
+            self.number
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into()),
+            self.description
+                .as_deref()
+                .map(|d| format!("{d:?}"))
+                .unwrap_or_else(|| "(no description)".into()),
+            self.modality.as_deref().unwrap_or("(no modality)"),
+            if self.localizer { " LOCALIZER" } else { "" },
+            self.slices,
+            self.cols,
+            self.rows,
+            self.uid.as_deref().unwrap_or("(none)")
+        )
+    }
+}
+
+/// The series of the DICOM images in `dir` (not its subfolders), sorted by SeriesNumber
+/// then UID, from the headers alone (pixel data is never read). Files that are not DICOM or
+/// hold no image are left out; a file with the `DICM` code whose header is corrupt or
+/// refused is the reader's error. An empty list: no DICOM image in the folder.
+pub fn list_series(dir: &Path) -> Result<Vec<SeriesInfo>, IoError> {
+    series_of_files(&series_files(dir)?)
+}
+
+/// The series of `files`: see [`list_series`].
+fn series_of_files(files: &[PathBuf]) -> Result<Vec<SeriesInfo>, IoError> {
+    let mut out: Vec<SeriesInfo> = Vec::new();
+    for p in files {
+        if let Err(reason) = scan_lengths(p) {
+            return Err(IoError::invalid(p, reason));
+        }
+        let obj = match OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(p)
+        {
+            Ok(o) => o,
+            Err(e) if has_dicm_magic(p) => {
+                return Err(IoError::invalid(p, format!("corrupt DICOM file: {e}")))
+            }
+            Err(_) => continue,
+        };
+        let found = image_info(p, &obj)?;
+        let Some(first) = found.first() else {
+            continue;
+        };
+        match out.iter_mut().find(|s| s.uid == first.series) {
+            Some(s) => {
+                s.slices += found.len();
+                s.files += 1;
+            }
+            None => {
+                let text = |tag| {
+                    obj.element_opt(tag)
+                        .ok()
+                        .flatten()
+                        .and_then(|e| e.to_str().ok().map(|v| v.into_owned()))
+                        .map(|v| v.trim_matches(['\0', ' ']).to_string())
+                        .filter(|v| !v.is_empty())
+                };
+                let localizer = obj
+                    .element_opt(tags::IMAGE_TYPE)
+                    .ok()
+                    .flatten()
+                    .and_then(|e| e.to_multi_str().ok().map(|v| v.to_vec()))
+                    .is_some_and(|v| {
+                        v.iter().any(|t| {
+                            t.trim_matches(['\0', ' '])
+                                .eq_ignore_ascii_case("LOCALIZER")
+                        })
+                    });
+                out.push(SeriesInfo {
+                    uid: first.series.clone(),
+                    number: text(tags::SERIES_NUMBER).and_then(|n| n.parse().ok()),
+                    description: text(tags::SERIES_DESCRIPTION),
+                    modality: text(tags::MODALITY),
+                    localizer,
+                    slices: found.len(),
+                    files: 1,
+                    rows: first.rows,
+                    cols: first.cols,
+                })
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.number, &a.uid).cmp(&(b.number, &b.uid)));
+    Ok(out)
+}
+
+/// The series' [`SeriesInfo::line`]s joined by `; `, for one-line error messages.
+fn series_lines(found: &[SeriesInfo]) -> String {
+    found
+        .iter()
+        .map(|s| s.line())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How to read one series of a folder holding several.
+const PICK_ONE: &str = "read one series by its SeriesInstanceUID (`ichcam segment --series UID`; \
+     `ichcam segment --recursive` takes each CT series)";
+
+fn no_such_series(dir: &Path, want: &str, found: &[SeriesInfo]) -> IoError {
+    IoError::invalid(
+        dir,
+        format!(
+            "no images of the series {want} (SeriesInstanceUID); the folder holds {} series: {}",
+            found.len(),
+            series_lines(found)
+        ),
+    )
 }
 
 /// As [`probe_series`] for one DICOM file.
@@ -281,6 +441,27 @@ fn read_files(
                 } else {
                     ""
                 }
+            ),
+        ));
+    }
+    if let Some(want) = &opts.series {
+        slices.retain(|s| s.series.as_deref() == Some(want.as_str()));
+        if slices.is_empty() {
+            return Err(no_such_series(dir, want, &series_of_files(files)?));
+        }
+    }
+    let mut uids: Vec<&str> = slices.iter().filter_map(|x| x.series.as_deref()).collect();
+    uids.sort_unstable();
+    uids.dedup();
+    if uids.len() > 1 {
+        let found = series_of_files(files)?;
+        return Err(IoError::invalid(
+            dir,
+            format!(
+                "mixed series: {} different SeriesInstanceUIDs in the folder; {PICK_ONE}, or \
+                 put one series per folder: {}",
+                uids.len(),
+                series_lines(&found)
             ),
         ));
     }
@@ -1021,23 +1202,10 @@ fn normal(o: &[f64; 6]) -> [f64; 3] {
     cross([o[0], o[1], o[2]], [o[3], o[4], o[5]])
 }
 
-/// Checks the slices form one regular series and sorts them along the normal; returns
+/// Checks the slices (of one series: the caller checks the UIDs) form one regular series and sorts them along the normal; returns
 /// them with the slice step (mm).
 fn check_and_sort(dir: &Path, mut s: Vec<SliceInfo>) -> Result<(Vec<SliceInfo>, f64), IoError> {
     let first = &s[0];
-    let mut uids: Vec<&str> = s.iter().filter_map(|x| x.series.as_deref()).collect();
-    uids.sort_unstable();
-    uids.dedup();
-    if uids.len() > 1 {
-        return Err(IoError::invalid(
-            dir,
-            format!(
-                "mixed series: {} different SeriesInstanceUIDs ({}); put one series per folder",
-                uids.len(),
-                uids.iter().take(3).copied().collect::<Vec<_>>().join(", ")
-            ),
-        ));
-    }
     // A multi-frame image is a whole series: nothing is merged with it.
     if let Some(m) = s.iter().find(|x| x.frame.is_some()) {
         let mut others: Vec<&Path> = s
@@ -1226,6 +1394,14 @@ pub struct SeriesOptions {
     pub series_uid: Option<String>,
     /// File names are `<prefix>NNNN.dcm`.
     pub prefix: String,
+    /// SeriesNumber.
+    pub series_number: u32,
+    /// SeriesDescription, when given.
+    pub description: Option<String>,
+    /// Modality.
+    pub modality: String,
+    /// ImageType `ORIGINAL\PRIMARY\LOCALIZER` (a scout) instead of `ORIGINAL\PRIMARY\AXIAL`.
+    pub localizer: bool,
 }
 
 impl Default for SeriesOptions {
@@ -1233,6 +1409,10 @@ impl Default for SeriesOptions {
         SeriesOptions {
             series_uid: None,
             prefix: "slice_".into(),
+            series_number: 1,
+            description: None,
+            modality: "CT".into(),
+            localizer: false,
         }
     }
 }
@@ -1245,7 +1425,7 @@ pub fn write_series(dir: &Path, vol: &Volume) -> Result<(), IoError> {
     write_series_with(dir, vol, &SeriesOptions::default())
 }
 
-/// As [`write_series`], with a chosen series UID and file prefix.
+/// As [`write_series`], with a chosen series UID, file prefix and series attributes.
 pub fn write_series_with(dir: &Path, vol: &Volume, opts: &SeriesOptions) -> Result<(), IoError> {
     let (nz, ny, nx) = vol.dims();
     if nx > u16::MAX as usize || ny > u16::MAX as usize {
@@ -1291,16 +1471,31 @@ pub fn write_series_with(dir: &Path, vol: &Volume, opts: &SeriesOptions) -> Resu
         let sop = new_uid();
         let el = |tag, vr, v: PrimitiveValue| DataElement::new(tag, vr, v);
         let s = |v: &str| PrimitiveValue::from(v);
-        let obj = InMemDicomObject::from_element_iter([
+        let image_type = if opts.localizer { "LOCALIZER" } else { "AXIAL" };
+        let mut obj = InMemDicomObject::from_element_iter([
             el(tags::SOP_CLASS_UID, VR::UI, s(CT_IMAGE_STORAGE)),
             el(tags::SOP_INSTANCE_UID, VR::UI, s(&sop)),
-            el(tags::MODALITY, VR::CS, s("CT")),
+            el(
+                tags::IMAGE_TYPE,
+                VR::CS,
+                PrimitiveValue::Strs(
+                    ["ORIGINAL", "PRIMARY", image_type]
+                        .map(String::from)
+                        .into_iter()
+                        .collect(),
+                ),
+            ),
+            el(tags::MODALITY, VR::CS, s(&opts.modality)),
             el(tags::PATIENT_NAME, VR::PN, s("ichcam^export")),
             el(tags::PATIENT_ID, VR::LO, s("ichcam")),
             el(tags::STUDY_INSTANCE_UID, VR::UI, s(&study)),
             el(tags::SERIES_INSTANCE_UID, VR::UI, s(&series)),
             el(tags::FRAME_OF_REFERENCE_UID, VR::UI, s(&frame_of_ref)),
-            el(tags::SERIES_NUMBER, VR::IS, s("1")),
+            el(
+                tags::SERIES_NUMBER,
+                VR::IS,
+                s(&opts.series_number.to_string()),
+            ),
             el(tags::INSTANCE_NUMBER, VR::IS, s(&(z + 1).to_string())),
             el(tags::IMAGE_POSITION_PATIENT, VR::DS, strs(&pos)),
             el(
@@ -1329,6 +1524,9 @@ pub fn write_series_with(dir: &Path, vol: &Volume, opts: &SeriesOptions) -> Resu
             el(tags::RESCALE_TYPE, VR::LO, s("HU")),
             el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(px.into())),
         ]);
+        if let Some(d) = &opts.description {
+            obj.put(el(tags::SERIES_DESCRIPTION, VR::LO, s(d)));
+        }
         let path = dir.join(format!("{}{:04}.dcm", opts.prefix, z + 1));
         let file = obj
             .with_meta(FileMetaTableBuilder::new().transfer_syntax(EXPLICIT_VR_LE))

@@ -1,6 +1,7 @@
 //! A human-readable description of one volume (a NIfTI file, a DICOM folder or a multi-frame DICOM file): format
 //! (NIfTI-1, NIfTI-2, DICOM series or multi-frame image), dims, spacing, orientation, datatype, HU statistics
-//! and the NaN/Inf count.
+//! and the NaN/Inf count. A DICOM folder holding several series is described by its list of
+//! series (`dicom::list_series`, headers only), or one of them when asked for by UID.
 //! Dataset folders are summarised by `crate::data` (io must not know dataset layouts).
 //! Knows nothing about the network.
 
@@ -104,9 +105,32 @@ fn xform_name(code: i16) -> &'static str {
 }
 
 /// Describes the volume at `path` (a `.nii`/`.nii.gz` file or a DICOM folder) in a few
-/// lines of text.
+/// lines of text; a DICOM folder holding several series: the list of its series.
 pub fn describe(path: &Path) -> Result<String, IoError> {
-    let (v, r) = super::read_volume_report(path)?;
+    describe_with(path, &super::ReadOptions::default())
+}
+
+/// As [`describe`], reading with `opts` (one series of a DICOM folder:
+/// [`super::ReadOptions::series`]).
+pub fn describe_with(path: &Path, opts: &super::ReadOptions) -> Result<String, IoError> {
+    if opts.series.is_none() && path.is_dir() {
+        let found = super::dicom::list_series(path)?;
+        if found.len() > 1 {
+            let mut s = String::new();
+            let _ = writeln!(s, "folder       {}", path.display());
+            let _ = writeln!(
+                s,
+                "format       DICOM folder holding {} series (pick one by its UID: \
+                 inspect/segment --series UID)",
+                found.len()
+            );
+            for x in &found {
+                let _ = writeln!(s, "series       {}", x.line());
+            }
+            return Ok(s);
+        }
+    }
+    let (v, r) = super::read_volume_with(path, opts)?;
     let h = &v.header;
     let (nz, ny, nx) = v.dims();
     let mut s = String::new();

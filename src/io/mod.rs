@@ -35,7 +35,13 @@ use std::path::Path;
 /// a folder of DICOM slices.
 /// Prints one `warning:` line per non-fatal problem (NaN/Inf voxels, skipped files).
 pub fn read_volume(path: &Path) -> Result<Volume, IoError> {
-    let (v, report) = read_volume_report(path)?;
+    read_volume_printing(path, &ReadOptions::default())
+}
+
+/// As [`read_volume`] with explicit options (one series of a DICOM folder:
+/// [`ReadOptions::series`]).
+pub fn read_volume_printing(path: &Path, opts: &ReadOptions) -> Result<Volume, IoError> {
+    let (v, report) = read_volume_with(path, opts)?;
     for w in report_warnings(path, &report) {
         eprintln!("warning: {w}");
     }
@@ -97,8 +103,14 @@ pub fn read_volume_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, Read
 /// slices, and the first image's size),
 /// so that memory can be planned before the voxels are read.
 pub fn probe_dims(path: &Path) -> Result<(usize, usize, usize), IoError> {
+    probe_dims_with(path, &ReadOptions::default())
+}
+
+/// As [`probe_dims`]; for a DICOM folder and [`ReadOptions::series`], the dimensions of
+/// that series (every image's header is read, no pixel data).
+pub fn probe_dims_with(path: &Path, opts: &ReadOptions) -> Result<(usize, usize, usize), IoError> {
     if metadata(path)?.is_dir() {
-        dicom::probe_series(path)
+        dicom::probe_series_with(path, opts.series.as_deref())
     } else if dicom::is_dicom_file(path) {
         dicom::probe_file(path)
     } else {

@@ -159,6 +159,10 @@ impl DataType {
 pub struct ReadOptions {
     /// Most bytes one volume may need (raw voxels plus the `f32` array).
     pub max_bytes: u64,
+    /// DICOM folders: read only the slices of this SeriesInstanceUID (a folder holding
+    /// several series is otherwise an error); `None` reads the folder's one series. Unused
+    /// for NIfTI.
+    pub series: Option<String>,
 }
 
 impl Default for ReadOptions {
@@ -168,7 +172,10 @@ impl Default for ReadOptions {
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(DEFAULT_MAX_BYTES);
-        ReadOptions { max_bytes }
+        ReadOptions {
+            max_bytes,
+            series: None,
+        }
     }
 }
 

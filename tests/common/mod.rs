@@ -4,9 +4,11 @@
 //! [`nhwc`] (the channels-last eval forward's cases and CPU reference),
 //! [`cuda`] (the harness of the CUDA test binaries: device tests ignored at run time
 //! without a device), [`enhanced`] (a multi-frame DICOM writer), [`train`] (phantom training
-//! cases) and [`nifti2`] (NIfTI-2 files written by hand).
+//! cases), [`nifti2`] (NIfTI-2 files written by hand) and [`archive`] (a DICOM folder
+//! holding several series).
 #![allow(dead_code)]
 
+pub mod archive;
 pub mod cuda;
 pub mod enhanced;
 pub mod files;
