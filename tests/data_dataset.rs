@@ -2,7 +2,9 @@
 //! volumes lists loose multi-frame DICOM files (the pydicom Enhanced CT fixture and files of
 //! `common/enhanced.rs`) beside NIfTI files and series folders, for datasets and for
 //! `segment`'s batch input (the binary too); loose single-frame slices, two volumes with
-//! one stem and a corrupt loose DICOM file are clear errors.
+//! one stem and a corrupt loose DICOM file are clear errors. `segment --recursive` over a
+//! nested archive (a folder holding two CT series and a localizer, a short series, an MR
+//! series, a link loop, a corrupt file): the ids, the skips, each mask's dims; `--series`.
 
 mod common;
 
@@ -736,4 +738,219 @@ fn segment_runs_on_a_folder_with_a_loose_multi_frame_file() {
             );
         }
     }
+}
+
+/// A nested archive under `root`: `patient1/study1/axial/` (one series of `d1` slices),
+/// `patient1/study2/mixed/` (a localizer, a bone series of `d2` and a brain series of `d3`
+/// slices: `common/archive.rs`), `patient2/scan.nii.gz` (`d1` slices), `patient2/short/`
+/// (3 slices), `patient2/mr/` (Modality MR), a `loop` link back to `root` and a text file.
+/// Returns the mixed folder's series.
+fn write_archive(root: &Path, d1: usize, d2: usize, d3: usize) -> Vec<common::archive::Written> {
+    use io::dicom::{write_series, write_series_with, SeriesOptions};
+    let v = common::files::phantom;
+    write_series(&root.join("patient1/study1/axial"), &v(d1)).unwrap();
+    let mixed = common::archive::write_mixed(
+        &root.join("patient1/study2/mixed"),
+        "2.25.4242",
+        &v(d2),
+        &v(d3),
+    );
+    std::fs::create_dir_all(root.join("patient2")).unwrap();
+    io::write_volume(&root.join("patient2/scan.nii.gz"), &v(d1)).unwrap();
+    write_series(&root.join("patient2/short"), &v(3)).unwrap();
+    write_series_with(
+        &root.join("patient2/mr"),
+        &v(d1),
+        &SeriesOptions {
+            modality: "MR".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(root, root.join("loop")).unwrap();
+    write(&root.join("notes.txt"), "not a volume");
+    mixed
+}
+
+#[test]
+fn recursive_inputs_walk_a_nested_archive() {
+    use ichcam::infer::{expand_inputs_with, ExpandOptions};
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("archive");
+    let mixed = write_archive(&root, 8, 9, 10);
+    let rec = ExpandOptions {
+        recursive: true,
+        ..Default::default()
+    };
+    let got = expand_inputs_with(&[root.clone()], &rec).unwrap();
+    let ids: Vec<(&str, Option<&str>)> = got
+        .items
+        .iter()
+        .map(|i| (i.id.as_str(), i.series.as_deref()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("patient1_study1_axial", None),
+            ("patient1_study2_mixed_s2", Some(mixed[1].uid.as_str())),
+            ("patient1_study2_mixed_s3", Some(mixed[2].uid.as_str())),
+            ("patient2_scan", None),
+        ]
+    );
+    // Each skip once, with its reason.
+    let skipped = got.skipped.join("\n");
+    for want in [
+        "LOCALIZER",
+        "Modality MR, not CT",
+        "3 slice(s), fewer than the 8 of --min-slices",
+        "symbolic link to a folder, not followed",
+    ] {
+        assert_eq!(
+            got.skipped.iter().filter(|l| l.contains(want)).count(),
+            1,
+            "{want}: {skipped}"
+        );
+    }
+    assert_eq!(got.skipped.len(), 4, "{skipped}");
+    assert!(skipped.contains(&mixed[0].uid), "{skipped}");
+    // --min-slices lets the short series in; a lower one keeps the same ids otherwise.
+    let low = expand_inputs_with(
+        &[root.clone()],
+        &ExpandOptions {
+            min_slices: 3,
+            ..rec.clone()
+        },
+    )
+    .unwrap();
+    assert!(low.items.iter().any(|i| i.id == "patient2_short"));
+    // Without --recursive: today's reading (no volume one level down: the folder itself).
+    assert_eq!(input_ids(&root).unwrap(), ["archive"]);
+    // --series: one series of one folder; an unknown UID lists the folder's series.
+    let dir = root.join("patient1/study2/mixed");
+    let one = |uid: &str| {
+        expand_inputs_with(
+            &[dir.clone()],
+            &ExpandOptions {
+                series: Some(uid.into()),
+                ..Default::default()
+            },
+        )
+    };
+    let got = one(&mixed[2].uid).unwrap();
+    assert_eq!(got.items.len(), 1);
+    assert_eq!(got.items[0].id, "mixed");
+    assert_eq!(got.items[0].series.as_deref(), Some(mixed[2].uid.as_str()));
+    let e = one("2.25.1").unwrap_err().to_string();
+    assert!(
+        e.contains("no series 2.25.1 in the folder") && mixed.iter().all(|w| e.contains(&w.uid)),
+        "{e}"
+    );
+    let e = expand_inputs_with(
+        &[dir.clone(), root.clone()],
+        &ExpandOptions {
+            series: Some(mixed[2].uid.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--series takes one DICOM folder"), "{e}");
+    // A corrupt DICOM file in a nested folder: that folder is an item the reader refuses
+    // (the batch reports it and goes on), the others are listed as before.
+    let bad = root.join("patient3/bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    let mut garbage = vec![0u8; 128];
+    garbage.extend(b"DICM");
+    garbage.extend((0..600u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
+    std::fs::write(bad.join("x.dcm"), &garbage).unwrap();
+    let got = expand_inputs_with(&[root.clone()], &rec).unwrap();
+    assert_eq!(got.items.len(), 5);
+    let item = got.items.iter().find(|i| i.id == "patient3_bad").unwrap();
+    let e = io::read_volume(&item.path).unwrap_err().to_string();
+    assert!(e.contains("x.dcm"), "{e}");
+}
+
+#[test]
+fn segment_recursive_on_a_nested_archive() {
+    let t = tempfile::tempdir().unwrap();
+    let model = t.path().join("m.safetensors");
+    common::files::write_model(&model, 32);
+    let root = t.path().join("archive");
+    let mixed = write_archive(&root, 8, 9, 10);
+    // A corrupt DICOM file in a nested folder.
+    let bad = root.join("patient3/bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    let mut garbage = vec![0u8; 128];
+    garbage.extend(b"DICM");
+    garbage.extend((0..600u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
+    std::fs::write(bad.join("x.dcm"), &garbage).unwrap();
+    let os = std::ffi::OsStr::new;
+    let segment = |input: &Path, out: &Path, more: &[&std::ffi::OsStr]| {
+        let mut args = vec![
+            os("segment"),
+            os("--model"),
+            model.as_os_str(),
+            os("--input"),
+            input.as_os_str(),
+            os("--out"),
+            out.as_os_str(),
+            os("--device"),
+            os("cpu"),
+            os("-q"),
+        ];
+        args.extend_from_slice(more);
+        run_limited(&args, AS_LIMIT, std::time::Duration::from_secs(600))
+    };
+    let out = t.path().join("out");
+    let r = segment(&root, &out, &[os("--recursive")]);
+    // The corrupt folder fails cleanly; the others are segmented.
+    assert!(
+        matches!(r.outcome, Outcome::CleanError(_)),
+        "{:?}: {}",
+        r.outcome,
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("patient3_bad") && r.stderr.contains("1 of 5 volume(s) failed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.matches("skipped: ").count(), 4, "{}", r.stderr);
+    assert_eq!(common::files::check_outputs(&out), Ok(4));
+    for (id, d) in [
+        ("patient1_study1_axial", 8),
+        ("patient1_study2_mixed_s2", 9),
+        ("patient1_study2_mixed_s3", 10),
+        ("patient2_scan", 8),
+    ] {
+        let m = io::read_volume(&out.join(id).join("mask.nii.gz")).unwrap();
+        assert_eq!(m.dims(), (d, 48, 48), "{id}");
+    }
+    // --series: one series of the mixed folder; the folder whole is a clear failure.
+    let dir = root.join("patient1/study2/mixed");
+    let out2 = t.path().join("out2");
+    let r = segment(&dir, &out2, &[os("--series"), os(&mixed[1].uid)]);
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
+    let m = io::read_volume(&out2.join("mixed/mask.nii.gz")).unwrap();
+    assert_eq!(m.dims(), (9, 48, 48));
+    let r = segment(&dir, &t.path().join("out3"), &[]);
+    assert!(
+        matches!(r.outcome, Outcome::CleanError(_)) && r.stderr.contains("mixed series"),
+        "{:?}: {}",
+        r.outcome,
+        r.stderr
+    );
+    // `inspect` lists the series.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ichcam"))
+        .arg("inspect")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.contains("holding 3 series") && mixed.iter().all(|w| text.contains(&w.uid)),
+        "{text}"
+    );
 }

@@ -1,7 +1,8 @@
 //! Issue 15's hostile files, kept as regression cases: each ran into an abort, a panic, a
 //! silent wrong answer, a clobbered file or a half-written output before the fix. Every
 //! binary run here is under an 8 GB address-space limit (`setrlimit(RLIMIT_AS)` in the
-//! child) and must exit 0 or 1 with a clear message, leaving no partial output.
+//! child) and must exit 0 or 1 with a clear message, leaving no partial output. A hostile
+//! DICOM file in a nested archive fails only its folder under `segment --recursive`.
 
 mod common;
 
@@ -493,6 +494,69 @@ fn a_corrupt_loose_dicom_file_in_a_folder_of_volumes_fails_the_listing() {
         assert!(!trained.exists(), "{file}: train wrote a model");
         std::fs::remove_file(&bad).unwrap();
     }
+}
+
+#[test]
+fn hostile_dicom_in_a_nested_archive_fails_its_folder_only() {
+    // `segment --recursive` under a 1 GB address space: a header claiming 4 GB in a series
+    // folder and in a folder holding several series fails that folder's volume, named, and
+    // the others are segmented; `inspect` of the mixed folder is a clean error.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let v = common::files::phantom(8);
+    io::dicom::write_series(&root.join("p1/good"), &v).unwrap();
+    io::dicom::write_series(&root.join("p1/bad"), &v).unwrap();
+    std::fs::write(root.join("p1/bad/zz.dcm"), dicom_claiming_4_gb()).unwrap();
+    let mixed = root.join("p2/mixed");
+    common::archive::write_mixed(&mixed, "2.25.99", &v, &common::files::phantom(9));
+    std::fs::write(mixed.join("zz.dcm"), dicom_claiming_4_gb()).unwrap();
+    let model = dir.path().join("m.safetensors");
+    common::files::write_model(&model, 32);
+    let out = dir.path().join("out");
+    let r = run_limited(
+        &[
+            os("segment"),
+            os("--model"),
+            model.as_os_str(),
+            os("--input"),
+            root.as_os_str(),
+            os("--out"),
+            out.as_os_str(),
+            os("--device"),
+            os("cpu"),
+            os("-q"),
+            os("--recursive"),
+        ],
+        1 << 30,
+        LONG,
+    );
+    assert!(
+        matches!(&r.outcome, Outcome::CleanError(_))
+            && r.stderr.contains("error: 2 of 3 volume(s) failed"),
+        "{:?} {}",
+        r.outcome,
+        r.stderr
+    );
+    for id in ["p1_bad", "p2_mixed"] {
+        assert!(
+            r.stderr
+                .lines()
+                .any(|l| l.starts_with(&format!("failed: {id}: "))
+                    && l.contains("zz.dcm")
+                    && l.contains("claims 4026531840 bytes")),
+            "{id}: {}",
+            r.stderr
+        );
+    }
+    assert_eq!(common::files::check_outputs(&out), Ok(1));
+    assert!(out.join("p1_good/mask.nii.gz").is_file());
+    let r = run_limited(&[os("inspect"), mixed.as_os_str()], 1 << 30, LONG);
+    assert!(
+        matches!(&r.outcome, Outcome::CleanError(l) if l.contains("claims 4026531840 bytes")),
+        "{:?} {}",
+        r.outcome,
+        r.stderr
+    );
 }
 
 #[test]

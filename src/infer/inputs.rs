@@ -249,7 +249,7 @@ fn walk(
         Ok(rd) => rd,
         Err(e) if !rel.is_empty() => {
             out.skipped
-                .push(format!("{}: skipped, cannot list it: {e}", dir.display()));
+                .push(format!("{}: cannot list it: {e}", dir.display()));
             return Ok(());
         }
         Err(e) => return Err(InferError::Input(format!("{}: {e}", dir.display()))),
@@ -269,7 +269,7 @@ fn walk(
             subdirs.push((name, path));
         } else if ft.is_symlink() && path.is_dir() {
             out.skipped.push(format!(
-                "{}: skipped, a symbolic link to a folder (not followed)",
+                "{}: a symbolic link to a folder, not followed",
                 path.display()
             ));
         } else if path.is_file() {
@@ -296,11 +296,10 @@ fn walk(
             let mut kept = Vec::new();
             for s in &found {
                 match is_ct_volume(s, opts.min_slices) {
-                    Some(why) => out.skipped.push(format!(
-                        "{}: series {}: skipped, {why}",
-                        dir.display(),
-                        s.line()
-                    )),
+                    Some(why) => {
+                        out.skipped
+                            .push(format!("{}: series {}: {why}", dir.display(), s.line()))
+                    }
                     None => kept.push(s),
                 }
             }
@@ -308,7 +307,7 @@ fn walk(
                 kept.retain(|s| {
                     if s.uid.is_none() {
                         out.skipped.push(format!(
-                            "{}: series {}: skipped, images without a SeriesInstanceUID                              beside other series",
+                            "{}: series {}: images without a SeriesInstanceUID beside other series",
                             dir.display(),
                             s.line()
                         ));
@@ -338,7 +337,7 @@ fn walk(
     for (name, path) in subdirs {
         if rel.len() >= MAX_DEPTH {
             out.skipped.push(format!(
-                "{}: skipped, deeper than {MAX_DEPTH} folder levels",
+                "{}: deeper than {MAX_DEPTH} folder levels, not searched",
                 path.display()
             ));
             continue;
