@@ -783,7 +783,7 @@ fn recursive_inputs_walk_a_nested_archive() {
         recursive: true,
         ..Default::default()
     };
-    let got = expand_inputs_with(&[root.clone()], &rec).unwrap();
+    let got = expand_inputs_with(std::slice::from_ref(&root), &rec).unwrap();
     let ids: Vec<(&str, Option<&str>)> = got
         .items
         .iter()
@@ -816,7 +816,7 @@ fn recursive_inputs_walk_a_nested_archive() {
     assert!(skipped.contains(&mixed[0].uid), "{skipped}");
     // --min-slices lets the short series in; a lower one keeps the same ids otherwise.
     let low = expand_inputs_with(
-        &[root.clone()],
+        std::slice::from_ref(&root),
         &ExpandOptions {
             min_slices: 3,
             ..rec.clone()
@@ -830,18 +830,19 @@ fn recursive_inputs_walk_a_nested_archive() {
     let dir = root.join("patient1/study2/mixed");
     let one = |uid: &str| {
         expand_inputs_with(
-            &[dir.clone()],
+            std::slice::from_ref(&dir),
             &ExpandOptions {
                 series: Some(uid.into()),
                 ..Default::default()
             },
         )
+        .map_err(|e| e.to_string())
     };
     let got = one(&mixed[2].uid).unwrap();
     assert_eq!(got.items.len(), 1);
     assert_eq!(got.items[0].id, "mixed");
     assert_eq!(got.items[0].series.as_deref(), Some(mixed[2].uid.as_str()));
-    let e = one("2.25.1").unwrap_err().to_string();
+    let e = one("2.25.1").unwrap_err();
     assert!(
         e.contains("no series 2.25.1 in the folder") && mixed.iter().all(|w| e.contains(&w.uid)),
         "{e}"
@@ -864,7 +865,7 @@ fn recursive_inputs_walk_a_nested_archive() {
     garbage.extend(b"DICM");
     garbage.extend((0..600u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
     std::fs::write(bad.join("x.dcm"), &garbage).unwrap();
-    let got = expand_inputs_with(&[root.clone()], &rec).unwrap();
+    let got = expand_inputs_with(std::slice::from_ref(&root), &rec).unwrap();
     assert_eq!(got.items.len(), 5);
     let item = got.items.iter().find(|i| i.id == "patient3_bad").unwrap();
     let e = io::read_volume(&item.path).unwrap_err().to_string();

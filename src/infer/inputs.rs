@@ -196,11 +196,11 @@ pub fn expand_inputs_with(
                     .join("; ")
             )));
         }
-        let mut items = expand_flat(inputs)?;
-        for it in &mut items {
-            it.series = Some(uid.clone());
-        }
-        out.items = items;
+        out.items.push(InputItem {
+            id: stem_of(dir),
+            path: dir.clone(),
+            series: Some(uid.clone()),
+        });
     } else if opts.recursive {
         for p in inputs {
             let meta = std::fs::metadata(p)
