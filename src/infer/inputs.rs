@@ -1,30 +1,19 @@
-//! What `--input` names: a NIfTI file, a DICOM series folder, a folder of volumes, or a
-//! dataset folder (`images/` or `data/` inside). Each becomes one `(id, path)` item; the id is
-//! the file stem (or the DICOM folder's name) and names the output folder.
+//! What `--input` names: a NIfTI file (or either file of a `.hdr`/`.img` pair), a DICOM series
+//! folder, a folder of volumes, or a dataset folder (`images/` or `data/` inside). Each becomes
+//! one `(id, path)` item; the id is the file stem ([`crate::io::volume_id`], or the DICOM
+//! folder's name) and names the output folder.
 
 use super::InferError;
 use crate::data::dataset::list_volumes;
+use crate::io::volume_id;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// One volume to segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InputItem {
     pub id: String,
     pub path: PathBuf,
-}
-
-fn stem_of(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "volume".into());
-    for ext in [".nii.gz", ".nii", ".NII.GZ", ".NII"] {
-        if let Some(s) = name.strip_suffix(ext) {
-            return s.to_string();
-        }
-    }
-    name
 }
 
 /// Expands the command line's inputs into volumes, in order, refusing duplicate ids (their
@@ -36,7 +25,7 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<InputItem>, InferError> {
             std::fs::metadata(p).map_err(|e| InferError::Input(format!("{}: {e}", p.display())))?;
         if meta.is_file() {
             items.push(InputItem {
-                id: stem_of(p),
+                id: volume_id(p),
                 path: p.clone(),
             });
             continue;
@@ -51,7 +40,7 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<InputItem>, InferError> {
         if vols.is_empty() {
             // Not a folder of volumes: a DICOM series itself (the reader says if it is not).
             items.push(InputItem {
-                id: stem_of(p),
+                id: volume_id(p),
                 path: p.clone(),
             });
         } else {
