@@ -737,3 +737,19 @@ fn segment_runs_on_a_folder_with_a_loose_multi_frame_file() {
         }
     }
 }
+
+#[test]
+fn a_multi_frame_file_named_alone_has_the_id_a_folder_gives_it() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("vols");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("scan.DCM");
+    copy_enhanced(&file);
+    let alone: Vec<String> = ichcam::infer::expand_inputs(std::slice::from_ref(&file))
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(alone, ["scan"]);
+    assert_eq!(input_ids(&dir).unwrap(), alone);
+}

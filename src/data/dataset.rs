@@ -124,13 +124,11 @@ pub fn list_volumes(dir: &Path, dicom_dirs: bool) -> Result<Vec<(String, PathBuf
             if let Some(stem) = io::volume_stem(&name) {
                 out.push((stem.to_string(), path));
             } else if dicom_dirs {
-                // `NAME.dcm` (ASCII, so the cut is on a character boundary) or `NAME`.
-                let stem = if name.to_ascii_lowercase().ends_with(".dcm") {
-                    &name[..name.len() - 4]
-                } else if !name.contains('.') {
-                    &name[..]
-                } else {
-                    continue;
+                // `NAME.dcm` (any case) or `NAME`.
+                let stem = match io::strip_suffix_ci(&name, ".dcm") {
+                    Some(stem) => stem,
+                    None if !name.contains('.') => &name[..],
+                    None => continue,
                 };
                 if stem.is_empty() || stem.starts_with('.') {
                     continue;

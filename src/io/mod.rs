@@ -152,8 +152,9 @@ pub fn volume_stem(name: &str) -> Option<&str> {
 }
 
 /// The id of a volume named on its own (a command's input, a volume's source): its
-/// [`volume_stem`], or the base name of a pair's `.img`/`.img.gz`, else the whole file name
-/// (a DICOM folder's or file's).
+/// [`volume_stem`], the base name of a pair's `.img`/`.img.gz` or of a DICOM file's `.dcm`
+/// (as a folder of volumes names a loose multi-frame file), else the whole file name (a
+/// DICOM folder's, or a file's without one of these extensions).
 pub fn volume_id(path: &Path) -> String {
     let name = path
         .file_name()
@@ -162,6 +163,7 @@ pub fn volume_id(path: &Path) -> String {
     let img = strip_suffix_ci(&name, ".gz").unwrap_or(&name).to_string();
     let id = volume_stem(&name)
         .or_else(|| strip_suffix_ci(&img, ".img").filter(|s| !s.is_empty()))
+        .or_else(|| strip_suffix_ci(&name, ".dcm").filter(|s| !s.is_empty()))
         .map(str::to_string);
     id.unwrap_or(name)
 }
@@ -196,6 +198,10 @@ mod tests {
             ("d/049.hdr", "049"),
             ("d/series", "series"),
             ("d/.img", ".img"),
+            ("d/scan.dcm", "scan"),
+            ("d/SCAN.DCM", "SCAN"),
+            ("d/.dcm", ".dcm"),
+            ("d/scan", "scan"),
         ] {
             assert_eq!(volume_id(Path::new(name)), want, "{name}");
         }
