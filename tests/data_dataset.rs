@@ -742,7 +742,8 @@ fn segment_runs_on_a_folder_with_a_loose_multi_frame_file() {
 
 /// A nested archive under `root`: `patient1/study1/axial/` (one series of `d1` slices),
 /// `patient1/study2/mixed/` (a localizer, a bone series of `d2` and a brain series of `d3`
-/// slices: `common/archive.rs`), `patient2/scan.nii.gz` (`d1` slices), `patient2/short/`
+/// slices: `common/archive.rs`), `patient2/scan.nii.gz` and the pair `patient2/old.hdr` +
+/// `old.img` (`d1` slices each), `patient2/short/`
 /// (3 slices), `patient2/mr/` (Modality MR), a `loop` link back to `root` and a text file.
 /// Returns the mixed folder's series.
 fn write_archive(root: &Path, d1: usize, d2: usize, d3: usize) -> Vec<common::archive::Written> {
@@ -757,6 +758,15 @@ fn write_archive(root: &Path, d1: usize, d2: usize, d3: usize) -> Vec<common::ar
     );
     std::fs::create_dir_all(root.join("patient2")).unwrap();
     io::write_volume(&root.join("patient2/scan.nii.gz"), &v(d1)).unwrap();
+    let nii = root.join("patient2/tmp.nii");
+    io::write_volume(&nii, &v(d1)).unwrap();
+    common::pair::write_pair(
+        &root.join("patient2"),
+        "old",
+        &std::fs::read(&nii).unwrap(),
+        false,
+    );
+    std::fs::remove_file(&nii).unwrap();
     write_series(&root.join("patient2/short"), &v(3)).unwrap();
     write_series_with(
         &root.join("patient2/mr"),
@@ -795,6 +805,7 @@ fn recursive_inputs_walk_a_nested_archive() {
             ("patient1_study1_axial", None),
             ("patient1_study2_mixed_s2", Some(mixed[1].uid.as_str())),
             ("patient1_study2_mixed_s3", Some(mixed[2].uid.as_str())),
+            ("patient2_old", None),
             ("patient2_scan", None),
         ]
     );
@@ -866,7 +877,7 @@ fn recursive_inputs_walk_a_nested_archive() {
     garbage.extend((0..600u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
     std::fs::write(bad.join("x.dcm"), &garbage).unwrap();
     let got = expand_inputs_with(std::slice::from_ref(&root), &rec).unwrap();
-    assert_eq!(got.items.len(), 5);
+    assert_eq!(got.items.len(), 6);
     let item = got.items.iter().find(|i| i.id == "patient3_bad").unwrap();
     let e = io::read_volume(&item.path).unwrap_err().to_string();
     assert!(e.contains("x.dcm"), "{e}");
@@ -913,16 +924,17 @@ fn segment_recursive_on_a_nested_archive() {
         r.stderr
     );
     assert!(
-        r.stderr.contains("patient3_bad") && r.stderr.contains("1 of 5 volume(s) failed"),
+        r.stderr.contains("patient3_bad") && r.stderr.contains("1 of 6 volume(s) failed"),
         "{}",
         r.stderr
     );
     assert_eq!(r.stderr.matches("skipped: ").count(), 4, "{}", r.stderr);
-    assert_eq!(common::files::check_outputs(&out), Ok(4));
+    assert_eq!(common::files::check_outputs(&out), Ok(5));
     for (id, d) in [
         ("patient1_study1_axial", 8),
         ("patient1_study2_mixed_s2", 9),
         ("patient1_study2_mixed_s3", 10),
+        ("patient2_old", 8),
         ("patient2_scan", 8),
     ] {
         let m = io::read_volume(&out.join(id).join("mask.nii.gz")).unwrap();
@@ -954,4 +966,20 @@ fn segment_recursive_on_a_nested_archive() {
         text.contains("holding 3 series") && mixed.iter().all(|w| text.contains(&w.uid)),
         "{text}"
     );
+}
+
+#[test]
+fn a_multi_frame_file_named_alone_has_the_id_a_folder_gives_it() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("vols");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("scan.DCM");
+    copy_enhanced(&file);
+    let alone: Vec<String> = ichcam::infer::expand_inputs(std::slice::from_ref(&file))
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(alone, ["scan"]);
+    assert_eq!(input_ids(&dir).unwrap(), alone);
 }

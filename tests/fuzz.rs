@@ -1,7 +1,7 @@
 //! The fuzz harness of issue 15, on stable Rust with no fuzzing engine: seeded mutations of
-//! seven seed inputs (a NIfTI file, a `.nii.gz`, a DICOM series, a multi-frame DICOM file in
-//! its folder, a model file, a slice-label CSV with its dataset, and the NIfTI file as
-//! NIfTI-2), each fed to the library's entry points in this
+//! eight seed inputs (a NIfTI file, a `.nii.gz`, a DICOM series, a multi-frame DICOM file in
+//! its folder, a model file, a slice-label CSV with its dataset, the NIfTI file as
+//! NIfTI-2, and the NIfTI file as a `.hdr`/`.img` pair), each fed to the library's entry points in this
 //! process and to the binary (`inspect`, `segment`, `eval`) in a child process, both under
 //! an 8 GB address-space limit (`setrlimit(RLIMIT_AS)`). Every outcome must be clean: the
 //! library returns `Ok` or an error without panicking; the binary exits 0, or 1 with an
@@ -41,9 +41,12 @@ enum Kind {
     Model,
     Csv,
     Nifti2,
+    /// The NIfTI seed as a `.hdr`/`.img` pair (either gzipped): the header or the voxel
+    /// file edited, or the voxel file gone; read by either name.
+    Pair,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 8] = [
     Kind::Nifti,
     Kind::NiftiGz,
     Kind::Dicom,
@@ -51,6 +54,7 @@ const KINDS: [Kind; 7] = [
     Kind::Model,
     Kind::Csv,
     Kind::Nifti2,
+    Kind::Pair,
 ];
 
 /// The multi-frame seed: the DICOM seed's phantom as one Enhanced CT file (frames out of
@@ -529,6 +533,31 @@ fn make_mutant(
             std::fs::write(&p, b).unwrap();
             (p, format!("big-endian {big}: {d}"))
         }
+        Kind::Pair => {
+            let seed = std::fs::read(&seeds.nii).unwrap();
+            let (mut hdr, mut img) = common::pair::split_nii(&seed);
+            let d = match rng.below(8) {
+                0 => "no .img".to_string(),
+                1 | 2 => format!(".img: {}", mutate_bytes(&mut img, rng, 0)),
+                _ => format!(".hdr: {}", mutate_bytes(&mut hdr, rng, 348)),
+            };
+            let gz = rng.chance(0.3);
+            let ext = if gz { ".gz" } else { "" };
+            let wrap = |b: &[u8]| if gz { common::files::gz(b) } else { b.to_vec() };
+            let (h, i) = (
+                dir.join(format!("m.hdr{ext}")),
+                dir.join(format!("m.img{ext}")),
+            );
+            std::fs::write(&h, wrap(&hdr)).unwrap();
+            if !d.starts_with("no .img") {
+                std::fs::write(&i, wrap(&img)).unwrap();
+            }
+            let by_img = rng.chance(0.3);
+            (
+                if by_img { i } else { h },
+                format!("gz {gz}, read by .img {by_img}: {d}"),
+            )
+        }
     }
 }
 
@@ -536,7 +565,12 @@ fn make_mutant(
 fn library(kind: Kind, input: &Path, seeds: &Seeds) -> Result<bool, String> {
     let call = || -> bool {
         match kind {
-            Kind::Nifti | Kind::NiftiGz | Kind::Dicom | Kind::DicomMf | Kind::Nifti2 => {
+            Kind::Nifti
+            | Kind::NiftiGz
+            | Kind::Dicom
+            | Kind::DicomMf
+            | Kind::Nifti2
+            | Kind::Pair => {
                 let _ = io::probe_dims(input);
                 io::read_volume_report(input).is_ok()
             }
@@ -603,7 +637,8 @@ fn binary(
         ),
         _ => match rng.below(4) {
             0 => ("segment", segment(&seeds.model, input)),
-            1 if !matches!(kind, Kind::Dicom | Kind::DicomMf) => {
+            // (`eval` copies one file: not a DICOM folder, nor a pair.)
+            1 if !matches!(kind, Kind::Dicom | Kind::DicomMf | Kind::Pair) => {
                 let (p, t) = (dir.join("pred"), dir.join("truth"));
                 std::fs::create_dir_all(&p).unwrap();
                 std::fs::create_dir_all(&t).unwrap();

@@ -1144,3 +1144,219 @@ fn a_nifti2_volume_too_wide_for_nifti1_outputs_fails_before_segmenting() {
     );
     assert_eq!(common::files::check_outputs(&out), Ok(0));
 }
+
+/// The little-endian `.nii` of a 4-slice phantom, split into a pair's `.hdr` and `.img`.
+fn pair_phantom(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let p = dir.join("phantom_pair.nii");
+    io::write_volume(&p, &common::files::phantom(4)).unwrap();
+    common::pair::split_nii(&std::fs::read(&p).unwrap())
+}
+
+#[test]
+fn nifti_pair_hostile_files_are_clear_errors() {
+    use common::files::gz;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (hdr, img) = pair_phantom(d);
+    let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut h = hdr.clone();
+        f(&mut h);
+        h
+    };
+    // (stem, .hdr name and bytes or none, .img name and bytes or none, the name read, the
+    // file the error must name, the phrase it must hold).
+    type Case<'a> = (
+        Option<(&'a str, Vec<u8>)>,
+        Option<(&'a str, Vec<u8>)>,
+        &'a str,
+        &'a str,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            Some(("no_img.hdr", hdr.clone())),
+            None,
+            "no_img.hdr",
+            "no_img.img",
+            "no such file: the voxel file (.img) of the NIfTI pair whose header is",
+        ),
+        (
+            None,
+            Some(("no_hdr.img.gz", gz(&img))),
+            "no_hdr.img.gz",
+            "no_hdr.hdr.gz",
+            "no such file: the header (.hdr) of the NIfTI pair whose voxel file is",
+        ),
+        (
+            Some(("short_img.hdr", hdr.clone())),
+            Some(("short_img.img", img[..img.len() - 10].to_vec())),
+            "short_img.hdr",
+            "short_img.img",
+            "short_img.hdr claims 48x48x4 voxels of int16",
+        ),
+        (
+            Some(("short_img_gz.hdr", hdr.clone())),
+            Some(("short_img_gz.img.gz", gz(&img[..img.len() / 2]))),
+            "short_img_gz.img.gz",
+            "short_img_gz.img.gz",
+            "but the file holds only 9216 bytes of voxel data",
+        ),
+        (
+            Some(("cut_gz.hdr", hdr.clone())),
+            Some(("cut_gz.img.gz", {
+                let g = gz(&img);
+                g[..g.len() - 6].to_vec()
+            })),
+            "cut_gz.hdr",
+            "cut_gz.img.gz",
+            "gzip",
+        ),
+        (
+            Some(("empty_img.hdr", hdr.clone())),
+            Some(("empty_img.img", Vec::new())),
+            "empty_img.hdr",
+            "empty_img.img",
+            "empty file (0 bytes)",
+        ),
+        (
+            Some(("analyze.hdr", edit(&|h| h[344..348].fill(0)))),
+            Some(("analyze.img", img.clone())),
+            "analyze.img",
+            "analyze.hdr",
+            "a plain Analyze 7.5 header, whose orientation is undefined",
+        ),
+        (
+            Some((
+                "single.hdr",
+                edit(&|h| h[344..348].copy_from_slice(b"n+1\0")),
+            )),
+            Some(("single.img", img.clone())),
+            "single.hdr",
+            "single.hdr",
+            "of a single-file NIfTI-1",
+        ),
+        (
+            Some(("short_hdr.hdr", hdr[..200].to_vec())),
+            Some(("short_hdr.img", img.clone())),
+            "short_hdr.hdr",
+            "short_hdr.hdr",
+            "is only 200 bytes, shorter than the 348-byte NIfTI-1 header",
+        ),
+        (
+            Some((
+                "offset.hdr",
+                edit(&|h| h[108..112].copy_from_slice(&1e9f32.to_le_bytes())),
+            )),
+            Some(("offset.img", img.clone())),
+            "offset.hdr",
+            "offset.img",
+            "vox_offset 1000000000 is past the end of the file",
+        ),
+        (
+            Some((
+                "negative_dim.hdr",
+                edit(&|h| common::pair::set_dims(h, [3, 48, -48, 4, 1, 1, 1, 1])),
+            )),
+            Some(("negative_dim.img", img.clone())),
+            "negative_dim.hdr",
+            "negative_dim.hdr",
+            "dim[2] = -48 (must be positive)",
+        ),
+    ];
+    for (h, i, read, named, phrase) in &cases {
+        for (name, bytes) in h.iter().chain(i) {
+            std::fs::write(d.join(name), bytes).unwrap();
+        }
+        let p = d.join(read);
+        let e = io::read_volume_report(&p).unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(e.path(), d.join(named), "{read}: {msg}");
+        assert!(msg.contains(phrase) && !msg.contains('\n'), "{read}: {msg}");
+        let r = run(&[os("inspect"), p.as_os_str()]);
+        assert!(error_of(&r).contains(phrase), "{read}: {}", r.stderr);
+    }
+    // The header alone (what batch planning reads) gives the header's answers.
+    for (read, phrase) in [
+        ("analyze.img", "Analyze 7.5"),
+        ("no_hdr.img.gz", "no such file"),
+        ("negative_dim.hdr", "must be positive"),
+    ] {
+        let e = io::probe_dims(&d.join(read)).unwrap_err().to_string();
+        assert!(e.contains(phrase), "{read}: {e}");
+    }
+    // A folder where the .img should be.
+    std::fs::write(d.join("dir_img.hdr"), &hdr).unwrap();
+    std::fs::create_dir(d.join("dir_img.img")).unwrap();
+    let e = io::read_volume(&d.join("dir_img.hdr"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is a folder, expected a NIfTI pair's .img file"),
+        "{e}"
+    );
+    // A pair's magic in a single file's name.
+    std::fs::write(
+        d.join("pair_magic.nii"),
+        [hdr.clone(), vec![0; 4], img.clone()].concat(),
+    )
+    .unwrap();
+    let e = io::read_volume(&d.join("pair_magic.nii"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("name it .hdr, beside its .img"), "{e}");
+    // The same pair, unedited, reads.
+    let (hp, _) = common::pair::write_pair(
+        d,
+        "good",
+        &std::fs::read(d.join("phantom_pair.nii")).unwrap(),
+        false,
+    );
+    assert_eq!(io::read_volume(&hp).unwrap().dims(), (4, 48, 48));
+}
+
+#[test]
+fn a_pair_header_claiming_terabytes_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut hdr, img) = pair_phantom(d);
+    // 32767^3 float64 voxels (2^48 bytes) promised by a 348-byte header, a small .img.
+    common::pair::set_dims(&mut hdr, [3, 32767, 32767, 32767, 1, 1, 1, 1]);
+    common::pair::set_datatype(&mut hdr, 64, 64);
+    for (stem, gz) in [("tb", false), ("tbz", true)] {
+        let wrap = |b: &[u8]| if gz { common::files::gz(b) } else { b.to_vec() };
+        let ext = if gz { ".gz" } else { "" };
+        let hp = d.join(format!("{stem}.hdr{ext}"));
+        std::fs::write(&hp, wrap(&hdr)).unwrap();
+        std::fs::write(d.join(format!("{stem}.img{ext}")), wrap(&img[..4096])).unwrap();
+        let t = std::time::Instant::now();
+        let e = io::read_volume(&hp).unwrap_err();
+        assert!(
+            matches!(&e, IoError::TooLarge { claim, .. } if claim == "32767x32767x32767 voxels of float64"),
+            "{e}"
+        );
+        assert_eq!(e.path(), hp.as_path());
+        // Past the cap, the budget or the .img's size refuses it, still before allocating.
+        let e = io::read_volume_with(
+            &hp,
+            &io::ReadOptions {
+                max_bytes: u64::MAX,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, IoError::OverBudget { .. })
+                || e.to_string().contains("cannot hold that much")
+                || e.to_string().contains("holds only"),
+            "{e}"
+        );
+        assert!(t.elapsed().as_secs_f64() < 1.0, "{stem}");
+        let r = run_limited(&[os("inspect"), hp.as_os_str()], 1 << 30, LONG);
+        assert!(
+            matches!(&r.outcome, Outcome::CleanError(l) if l.contains("header claims 32767x32767x32767 voxels of float64")),
+            "{stem}: {:?} {}",
+            r.outcome,
+            r.stderr
+        );
+    }
+}

@@ -2,7 +2,9 @@
 //! writer, every datatype (files written by the nifti crate, read by ichcam, and the other
 //! way round), scaling, byte order, 4-D singleton, 2-D, and NaN/Inf replacement; NIfTI-2
 //! (files written by nibabel, and by hand in [`common::nifti2`]) read as the same volume
-//! written as NIfTI-1, with outputs that overlay it.
+//! written as NIfTI-1, with outputs that overlay it; `.hdr`/`.img` pairs (written by nibabel
+//! in tests/fixtures/nifti-pair, and split by hand in [`common::pair`]) read as nibabel's own
+//! single files of the same data, are listed once in folders, and segment to NIfTI-1.
 
 mod common;
 
@@ -776,6 +778,262 @@ fn segment_writes_nifti1_outputs_that_overlay_a_nifti2_input() {
     for name in ["mask.nii.gz", "cam.nii.gz"] {
         let back = io::read_volume(&out.join("head").join(name)).unwrap();
         assert_eq!(back.header.sizeof_hdr, 348, "{name}");
+        assert_eq!(back.dims(), v2.dims(), "{name}");
+        assert_same_geometry(&back.header, &v2.header);
+        assert_eq!(back.affine(), v2.affine(), "{name}");
+        assert_eq!(back.spacing, v2.spacing, "{name}");
+    }
+}
+
+fn pair_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/nifti-pair")
+        .join(name)
+}
+
+#[test]
+fn nifti_pairs_written_by_nibabel_read_as_nibabels_own_single_files() {
+    // tests/fixtures/nifti-pair/make.py: stored x + 10y + 100z - 50 on the oblique AFFINE
+    // of the NIfTI-2 fixtures; each pair beside nibabel's single file of the same data.
+    let (c, s) = (30f64.to_radians().cos(), 30f64.to_radians().sin());
+    let want_affine: geometry::Affine = [
+        [0.5 * c, -0.5 * s, 0.0, 10.25],
+        [0.5 * s, 0.5 * c, 0.0, -20.5],
+        [0.0, 0.0, 2.5, 30.0],
+    ];
+    // (the pair's names, nibabel's single file, datatype, slope, intercept, format).
+    type Case<'a> = (&'a [&'a str], &'a str, &'a str, f64, f64, &'a str);
+    let cases: [Case; 4] = [
+        (
+            &["plain.hdr", "plain.img"],
+            "plain.nii",
+            "int16",
+            1.0,
+            0.0,
+            "NIfTI-1 pair",
+        ),
+        (
+            &["gz.hdr.gz", "gz.img.gz"],
+            "gz.nii.gz",
+            "int16",
+            1.0,
+            0.0,
+            "NIfTI-1 pair",
+        ),
+        (
+            &["scaled_be.hdr", "scaled_be.img"],
+            "scaled_be.nii",
+            "int16",
+            2.0,
+            -1024.0,
+            "NIfTI-1 pair",
+        ),
+        (
+            &["nifti2.hdr", "nifti2.img"],
+            "nifti2.nii",
+            "float32",
+            0.5,
+            0.0,
+            "NIfTI-2 pair",
+        ),
+    ];
+    for (names, single, dtype, slope, inter, format) in cases {
+        let (want, wr) = io::read_volume_report(&pair_fixture(single)).unwrap();
+        for name in names {
+            let p = pair_fixture(name);
+            let (v, r) = io::read_volume_report(&p).unwrap();
+            assert_eq!(v.source, p, "{name}");
+            assert_eq!(v.dims(), (3, 4, 5), "{name}");
+            assert_eq!((r.datatype.as_str(), r.nonfinite), (dtype, 0), "{name}");
+            assert_eq!(wr.datatype, r.datatype, "{name}");
+            assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
+            for ((z, y, x), &hu) in v.data.indexed_iter() {
+                let raw = (x + 10 * y + 100 * z) as f64 - 50.0;
+                assert_eq!(hu, (raw * slope + inter) as f32, "{name} ({z},{y},{x})");
+            }
+            assert_eq!(v.data, want.data, "{name}");
+            assert_eq!(v.spacing, want.spacing, "{name}");
+            assert_eq!(v.spacing, [2.5, 0.5, 0.5], "{name}");
+            assert_eq!(v.affine(), want.affine(), "{name}");
+            assert_affine_near(&v.affine(), &want_affine, 1e-6, name);
+            assert_same_geometry(&v.header, &want.header);
+            assert_eq!(v.orientation(), "RAS", "{name}");
+            assert_eq!(
+                (
+                    v.header.sizeof_hdr,
+                    v.header.sform_code,
+                    v.header.qform_code
+                ),
+                (want.header.sizeof_hdr, 1, 1),
+                "{name}"
+            );
+            assert_eq!(io::probe_dims(&p).unwrap(), (3, 4, 5), "{name}");
+            let d = io::inspect::describe(&p).unwrap();
+            assert!(
+                d.contains(&format!("format       {format} (.hdr/.img)\n")),
+                "{d}"
+            );
+            if slope != 1.0 && dtype == "int16" {
+                assert!(d.contains("(scl_slope 2, scl_inter -1024)"), "{d}");
+            }
+        }
+    }
+    // Plain Analyze 7.5 (no NIfTI magic): refused, saying why, through either name.
+    for name in ["analyze.hdr", "analyze.img"] {
+        let e = io::read_volume(&pair_fixture(name)).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, io::IoError::Invalid { .. }), "{msg}");
+        assert_eq!(e.path(), pair_fixture("analyze.hdr"), "{msg}");
+        assert!(
+            msg.contains("Analyze 7.5") && msg.contains("orientation is undefined"),
+            "{msg}"
+        );
+        let e = io::probe_dims(&pair_fixture(name)).unwrap_err().to_string();
+        assert!(e.contains("Analyze 7.5"), "{e}");
+    }
+}
+
+#[test]
+fn a_pair_is_found_by_any_name_and_its_outputs_are_single_nifti1_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let want = io::read_volume(&pair_fixture("plain.nii")).unwrap();
+    let hdr = std::fs::read(pair_fixture("plain.hdr")).unwrap();
+    let img = std::fs::read(pair_fixture("plain.img")).unwrap();
+    let gz = common::files::gz;
+    // Upper case, and each file compressed or not independently of the other.
+    let sets: [(&str, Vec<u8>, &str, Vec<u8>); 4] = [
+        ("UP.HDR", hdr.clone(), "UP.IMG", img.clone()),
+        ("a.hdr", hdr.clone(), "a.img.gz", gz(&img)),
+        ("b.hdr.gz", gz(&hdr), "b.img", img.clone()),
+        ("c.HDR.GZ", gz(&hdr), "c.IMG.GZ", gz(&img)),
+    ];
+    for (h, hb, i, ib) in &sets {
+        std::fs::write(d.join(h), hb).unwrap();
+        std::fs::write(d.join(i), ib).unwrap();
+        for name in [h, i] {
+            let v = io::read_volume(&d.join(name)).unwrap();
+            assert_eq!(v.data, want.data, "{name}");
+            assert_eq!(v.affine(), want.affine(), "{name}");
+        }
+    }
+    // Outputs of a pair's volume: NIfTI-1 single files (magic n+1, voxels at 352) with its
+    // geometry, read back by the nifti crate too.
+    let v = io::read_volume(&d.join("a.hdr")).unwrap();
+    assert_eq!(&v.header.magic, b"ni1\0");
+    let mask = v.data.mapv(|x| u8::from(x > 0.0));
+    let mp = d.join("out/mask.nii.gz");
+    io::write_mask(&mp, &mask, &v).unwrap();
+    let back = io::read_volume(&mp).unwrap();
+    assert_eq!(
+        (
+            back.header.sizeof_hdr,
+            &back.header.magic,
+            back.header.vox_offset
+        ),
+        (348, b"n+1\0", 352.0)
+    );
+    assert_same_geometry(&back.header, &v.header);
+    assert_eq!(back.affine(), v.affine());
+    assert_eq!(io::to_mask(&back), mask);
+    use nifti::NiftiObject;
+    let obj = nifti::ReaderOptions::new().read_file(&mp).unwrap();
+    assert_eq!(
+        (obj.header().srow_x, obj.header().magic),
+        (v.header.srow_x, *b"n+1\0")
+    );
+}
+
+#[test]
+fn folders_list_a_pair_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for name in [
+        "plain.hdr",
+        "plain.img",
+        "gz.hdr.gz",
+        "gz.img.gz",
+        "plain.nii",
+    ] {
+        let to = if name == "plain.nii" {
+            "single.nii"
+        } else {
+            name
+        };
+        std::fs::copy(pair_fixture(name), d.join(to)).unwrap();
+    }
+    // A lone .img (no header) is not a volume of its own either.
+    std::fs::copy(pair_fixture("plain.img"), d.join("lone.img")).unwrap();
+    let listed = ichcam::data::dataset::list_volumes(d, false).unwrap();
+    let ids: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["gz", "plain", "single"]);
+    assert_eq!(listed[0].1, d.join("gz.hdr.gz"));
+    assert_eq!(listed[1].1, d.join("plain.hdr"));
+    // A dataset folder of them, `segment`'s inputs and `eval`'s truth list them once too.
+    let ds = ichcam::data::Dataset::open(d).unwrap();
+    assert_eq!(ds.cases.len(), 3);
+    let items = ichcam::infer::expand_inputs(&[d.to_path_buf()]).unwrap();
+    let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["gz", "plain", "single"]);
+    let truth = ichcam::eval::dirs::list_truth(d).unwrap();
+    assert_eq!(truth.len(), 3);
+    assert_eq!(ichcam::eval::dirs::list_predictions(d).unwrap().len(), 3);
+    assert_eq!(
+        ichcam::eval::dirs::find_prediction(d, "plain"),
+        Some(d.join("plain.hdr"))
+    );
+    // Named on its own, either file of a pair has the pair's id.
+    for name in ["plain.img", "gz.img.gz", "plain.hdr"] {
+        let items = ichcam::infer::expand_inputs(&[d.join(name)]).unwrap();
+        assert_eq!(items[0].id, name.split('.').next().unwrap(), "{name}");
+    }
+}
+
+#[test]
+fn segment_on_a_pair_writes_nifti1_outputs_that_overlay_it() {
+    use common::files::{run_limited, Outcome, AS_LIMIT};
+    use std::ffi::OsStr;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    common::files::write_model(&model, 32);
+    // The phantom with an oblique geometry, as a gzipped pair in a folder of inputs.
+    let mut v = common::files::phantom(4);
+    v.header = oblique_header(v.dims());
+    let p1 = dir.path().join("p1.nii");
+    io::write_volume(&p1, &v).unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let (hp, _) = common::pair::write_pair(&input, "head", &std::fs::read(&p1).unwrap(), true);
+    let v2 = io::read_volume(&hp).unwrap();
+    assert_eq!(v2.data, io::read_volume(&p1).unwrap().data);
+    let out = dir.path().join("out");
+    let os = OsStr::new;
+    let r = run_limited(
+        &[
+            os("segment"),
+            os("--model"),
+            model.as_os_str(),
+            os("--input"),
+            input.as_os_str(),
+            os("--out"),
+            out.as_os_str(),
+            os("--device"),
+            os("cpu"),
+            os("-q"),
+        ],
+        AS_LIMIT,
+        std::time::Duration::from_secs(600),
+    );
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
+    // One volume (the pair, not its .img besides), named by the pair's stem.
+    assert_eq!(common::files::check_outputs(&out), Ok(1));
+    for name in ["mask.nii.gz", "cam.nii.gz"] {
+        let back = io::read_volume(&out.join("head").join(name)).unwrap();
+        assert_eq!(
+            (back.header.sizeof_hdr, &back.header.magic),
+            (348, b"n+1\0"),
+            "{name}"
+        );
         assert_eq!(back.dims(), v2.dims(), "{name}");
         assert_same_geometry(&back.header, &v2.header);
         assert_eq!(back.affine(), v2.affine(), "{name}");

@@ -11,7 +11,8 @@ pub struct Args {
     /// Predictions: `DIR/<id>/mask.nii.gz` or `DIR/<id>.nii.gz`.
     #[arg(long)]
     pub pred: PathBuf,
-    /// Truth masks: `DIR/<id>.nii.gz`, or a dataset folder with `labels/` (or `label/`).
+    /// Truth masks: `DIR/<id>.nii.gz` (or `.nii`, or a `<id>.hdr`/`.img` pair), or a dataset
+    /// folder with `labels/` (or `label/`).
     #[arg(long)]
     pub truth: PathBuf,
     /// Write the report (summary + per-volume metrics) as JSON here.

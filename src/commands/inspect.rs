@@ -1,14 +1,16 @@
 //! `ichcam inspect PATH`: describes a NIfTI file or a DICOM folder (`io::inspect`), or a
 //! dataset folder (`data::dataset::summary`: volumes, slices and positive slices). A folder
-//! is a dataset when it holds `images/` or `data/`, or `.nii`/`.nii.gz` files directly. A
-//! DICOM folder holding several series lists them; `--series UID` describes one.
+//! is a dataset when it holds `images/` or `data/`, or volume files (`.nii`, `.nii.gz`,
+//! `.hdr` of a pair: [`ichcam::io::volume_stem`]) directly. A DICOM folder holding several
+//! series lists them; `--series UID` describes one.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A `.nii`/`.nii.gz` file, a folder of DICOM slices, or a dataset folder.
+    /// A `.nii`/`.nii.gz` file, a `.hdr`/`.img` pair (either file), a DICOM file or folder of
+    /// slices, or a dataset folder.
     pub path: PathBuf,
     /// A DICOM folder holding several series: describe this one (SeriesInstanceUID).
     #[arg(long)]
@@ -24,10 +26,8 @@ fn is_dataset(p: &Path) -> bool {
     }
     std::fs::read_dir(p)
         .map(|rd| {
-            rd.flatten().any(|e| {
-                let n = e.file_name().to_string_lossy().to_ascii_lowercase();
-                n.ends_with(".nii") || n.ends_with(".nii.gz")
-            })
+            rd.flatten()
+                .any(|e| ichcam::io::volume_stem(&e.file_name().to_string_lossy()).is_some())
         })
         .unwrap_or(false)
 }

@@ -16,7 +16,8 @@ pub struct Args {
     /// Model file written by `ichcam train`.
     #[arg(long)]
     model: PathBuf,
-    /// NIfTI files, DICOM series folders, folders of volumes or dataset folders.
+    /// NIfTI files (or a .hdr/.img pair by either file), DICOM series folders, folders of
+    /// volumes or dataset folders.
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
     /// Walk every folder under each input folder (patient/study/series trees; symbolic links

@@ -36,12 +36,14 @@ impl fmt::Display for Layout {
 /// One volume of a dataset, not yet read.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
-    /// The file stem (`049` for `049.nii.gz`), unique within the dataset.
+    /// The file stem (`049` for `049.nii.gz` or the pair `049.hdr`/`049.img`), unique within
+    /// the dataset.
     pub id: String,
     /// The patient the volume belongs to: the unit of train/validation splits. Every layout
     /// here has one volume per patient, so it equals `id`.
     pub patient: String,
-    /// The image: a `.nii`/`.nii.gz` file, a DICOM series folder or a multi-frame DICOM file.
+    /// The image: a `.nii`/`.nii.gz` file, a pair's `.hdr` (its voxels in the `.img` beside
+    /// it), a DICOM series folder or a multi-frame DICOM file.
     pub image: PathBuf,
     /// The voxel mask, when the layout has one for this case.
     pub mask: Option<PathBuf>,
@@ -77,13 +79,6 @@ pub struct LoadedCase {
     /// One 0/1 label per slice (length = the volume's depth). Empty only when the case has
     /// no labels at all and they were not required.
     pub slice_labels: Vec<u8>,
-}
-
-/// File names recognised as volumes: `.nii.gz`, `.nii`.
-fn volume_stem(name: &str) -> Option<&str> {
-    name.strip_suffix(".nii.gz")
-        .or_else(|| name.strip_suffix(".nii"))
-        .filter(|s| !s.is_empty() && !s.starts_with('.'))
 }
 
 fn is_dicom_dir(p: &Path) -> bool {
@@ -126,16 +121,14 @@ pub fn list_volumes(dir: &Path, dicom_dirs: bool) -> Result<Vec<(String, PathBuf
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
         if path.is_file() {
-            if let Some(stem) = volume_stem(&name) {
+            if let Some(stem) = io::volume_stem(&name) {
                 out.push((stem.to_string(), path));
             } else if dicom_dirs {
-                // `NAME.dcm` (ASCII, so the cut is on a character boundary) or `NAME`.
-                let stem = if name.to_ascii_lowercase().ends_with(".dcm") {
-                    &name[..name.len() - 4]
-                } else if !name.contains('.') {
-                    &name[..]
-                } else {
-                    continue;
+                // `NAME.dcm` (any case) or `NAME`.
+                let stem = match io::strip_suffix_ci(&name, ".dcm") {
+                    Some(stem) => stem,
+                    None if !name.contains('.') => &name[..],
+                    None => continue,
                 };
                 if stem.is_empty() || stem.starts_with('.') {
                     continue;
@@ -359,8 +352,8 @@ impl Dataset {
                 Layout::Instance => "expected data/NNN.nii.gz",
                 Layout::CtIch => "expected images/NNN.nii.gz",
                 Layout::Folder => {
-                    "expected .nii/.nii.gz files, multi-frame DICOM files, DICOM series \
-                     folders (one per series), or data/ or images/"
+                    "expected .nii/.nii.gz files, .hdr/.img pairs, multi-frame DICOM files, \
+                     DICOM series folders (one per series), or data/ or images/"
                 }
             };
             return Err(DataError::Empty {

@@ -12,8 +12,8 @@ pub enum DataError {
     /// The folder does not exist or cannot be listed.
     #[error("{}: cannot list folder: {err}", path.display())]
     Folder { path: PathBuf, err: std::io::Error },
-    /// The folder holds no volumes (`.nii`, `.nii.gz`, DICOM series or multi-frame files) where
-    /// some were expected.
+    /// The folder holds no volumes (`.nii`, `.nii.gz`, `.hdr`/`.img` pairs, DICOM series or
+    /// multi-frame files) where some were expected.
     #[error("{}: no volumes found ({expected})", path.display())]
     Empty { path: PathBuf, expected: String },
     /// A label CSV lacks a column it needs.

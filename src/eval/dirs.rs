@@ -1,9 +1,10 @@
 //! Evaluation of a folder of predictions against a folder of truth masks: file matching,
 //! reading, per-volume metrics. The only part of `eval` that touches files (through `io`).
 //!
-//! Layouts: truth is `TRUTH/<id>.nii[.gz]`, or a dataset folder whose `labels/` (or
+//! Layouts: truth is `TRUTH/<id>.nii[.gz]` (or a pair `<id>.hdr[.gz]` + `<id>.img[.gz]`; names
+//! as [`io::volume_stem`] says), or a dataset folder whose `labels/` (or
 //! `label/`) subfolder holds those files; a prediction is `PRED/<id>/mask.nii[.gz]` or
-//! `PRED/<id>.nii[.gz]`. Beside a `mask.nii[.gz]`, `slices.csv` (z, probability, positive)
+//! `PRED/<id>.nii[.gz]` (or `PRED/<id>.hdr[.gz]`). Beside a `mask.nii[.gz]`, `slices.csv` (z, probability, positive)
 //! gives the slice-detection figures and `cam.nii.gz` (read when asked) the CAM's. Hidden
 //! entries (a `segment` run's temporary folders) are ignored; a symbolic-link loop or a
 //! dangling link among the masks is an error naming it.
@@ -24,17 +25,10 @@ use std::path::{Path, PathBuf};
 pub enum DirError {
     #[error("{}: cannot list: {err}", path.display())]
     List { path: PathBuf, err: std::io::Error },
-    #[error("{}: no truth masks (*.nii or *.nii.gz) found", .0.display())]
+    #[error("{}: no truth masks (*.nii, *.nii.gz or *.hdr/*.img pairs) found", .0.display())]
     NoTruth(PathBuf),
     #[error(transparent)]
     Entry(#[from] IoError),
-}
-
-/// The id of a NIfTI file name (`049.nii.gz` -> `049`), or `None` for other files.
-pub fn nifti_id(name: &str) -> Option<&str> {
-    name.strip_suffix(".nii.gz")
-        .or_else(|| name.strip_suffix(".nii"))
-        .filter(|s| !s.is_empty() && !s.starts_with('.'))
 }
 
 /// The folder that holds the truth files: `truth/labels`, `truth/label` or `truth` itself.
@@ -62,7 +56,11 @@ pub fn list_truth(truth: &Path) -> Result<Vec<(String, PathBuf)>, DirError> {
             err,
         })?;
         let p = e.path();
-        let Some(id) = p.file_name().and_then(|n| n.to_str()).and_then(nifti_id) else {
+        let Some(id) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(io::volume_stem)
+        else {
             continue;
         };
         // A mask name behind a link loop or a dangling link is an error, not a skip.
@@ -72,7 +70,8 @@ pub fn list_truth(truth: &Path) -> Result<Vec<(String, PathBuf)>, DirError> {
         out.push((id.to_string(), p.clone()));
     }
     out.sort();
-    // `x.nii` and `x.nii.gz` side by side: keep the first (sorted) and say nothing more.
+    // `x.nii` and `x.nii.gz` (or `x.hdr`) side by side: keep the first (sorted) and say
+    // nothing more.
     out.dedup_by(|a, b| a.0 == b.0);
     if out.is_empty() {
         return Err(DirError::NoTruth(dir));
@@ -81,19 +80,19 @@ pub fn list_truth(truth: &Path) -> Result<Vec<(String, PathBuf)>, DirError> {
 }
 
 /// The prediction file for `id`, if any (a link that leads nowhere counts, so that its
-/// read names the problem).
+/// read names the problem). `PRED/<id>.<ext>` is looked for with the extensions of
+/// [`io::VOLUME_EXTENSIONS`] in lower and in upper case.
 pub fn find_prediction(pred: &Path, id: &str) -> Option<PathBuf> {
     let dir = pred.join(id);
-    [
-        dir.join("mask.nii.gz"),
-        dir.join("mask.nii"),
-        pred.join(format!("{id}.nii.gz")),
-        pred.join(format!("{id}.nii")),
-    ]
-    .into_iter()
-    .find(|p| {
-        std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() || (m.is_symlink() && !p.is_dir()))
-    })
+    [dir.join("mask.nii.gz"), dir.join("mask.nii")]
+        .into_iter()
+        .chain(io::VOLUME_EXTENSIONS.iter().flat_map(|e| {
+            [e.to_string(), e.to_ascii_uppercase()].map(|e| pred.join(format!("{id}{e}")))
+        }))
+        .find(|p| {
+            std::fs::symlink_metadata(p)
+                .is_ok_and(|m| m.is_file() || (m.is_symlink() && !p.is_dir()))
+        })
 }
 
 /// Ids that have a prediction under `pred` (either layout).
@@ -115,7 +114,7 @@ pub fn list_predictions(pred: &Path) -> Result<Vec<String>, DirError> {
             if p.join("mask.nii.gz").is_file() || p.join("mask.nii").is_file() {
                 out.push(name.to_string());
             }
-        } else if let Some(id) = nifti_id(name) {
+        } else if let Some(id) = io::volume_stem(name) {
             out.push(id.to_string());
         }
     }

@@ -1,16 +1,18 @@
-//! What `--input` names: a NIfTI file, a DICOM series folder, a folder of volumes, or a
-//! dataset folder (`images/` or `data/` inside). Each becomes one `(id, path)` item; the id is
-//! the file stem (or the DICOM folder's name) and names the output folder.
+//! What `--input` names: a NIfTI file (or either file of a `.hdr`/`.img` pair), a DICOM series
+//! folder, a folder of volumes, or a dataset folder (`images/` or `data/` inside). Each becomes
+//! one `(id, path)` item; the id is the file stem ([`crate::io::volume_id`], or the DICOM
+//! folder's name) and names the output folder.
 //!
 //! With [`ExpandOptions::series`], one series (by SeriesInstanceUID) of a single DICOM
 //! folder holding several. With [`ExpandOptions::recursive`], every folder under each input
 //! (symbolic links to folders not followed, at most [`MAX_DEPTH`] levels) gives its NIfTI
-//! files and one item per CT series of its DICOM images ([`is_ct_volume`], from the headers
+//! files and pairs ([`crate::io::volume_stem`]) and one item per CT series of its DICOM images ([`is_ct_volume`], from the headers
 //! alone: `io::dicom::list_series`); the others are listed as skipped, with the reason.
 
 use super::InferError;
 use crate::data::dataset::list_volumes;
 use crate::io::dicom::{list_series, SeriesInfo};
+use crate::io::{volume_id, volume_stem};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -21,19 +23,6 @@ pub struct InputItem {
     pub path: PathBuf,
     /// The SeriesInstanceUID to read, for a DICOM folder holding several series.
     pub series: Option<String>,
-}
-
-fn stem_of(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "volume".into());
-    for ext in [".nii.gz", ".nii", ".NII.GZ", ".NII"] {
-        if let Some(s) = name.strip_suffix(ext) {
-            return s.to_string();
-        }
-    }
-    name
 }
 
 /// Expands the command line's inputs into volumes, in order, refusing duplicate ids (their
@@ -52,7 +41,7 @@ fn expand_flat(inputs: &[PathBuf]) -> Result<Vec<InputItem>, InferError> {
             std::fs::metadata(p).map_err(|e| InferError::Input(format!("{}: {e}", p.display())))?;
         if meta.is_file() {
             items.push(InputItem {
-                id: stem_of(p),
+                id: volume_id(p),
                 path: p.clone(),
                 series: None,
             });
@@ -68,7 +57,7 @@ fn expand_flat(inputs: &[PathBuf]) -> Result<Vec<InputItem>, InferError> {
         if vols.is_empty() {
             // Not a folder of volumes: a DICOM series itself (the reader says if it is not).
             items.push(InputItem {
-                id: stem_of(p),
+                id: volume_id(p),
                 path: p.clone(),
                 series: None,
             });
@@ -197,7 +186,7 @@ pub fn expand_inputs_with(
             )));
         }
         out.items.push(InputItem {
-            id: stem_of(dir),
+            id: volume_id(dir),
             path: dir.clone(),
             series: Some(uid.clone()),
         });
@@ -273,11 +262,10 @@ fn walk(
                 path.display()
             ));
         } else if path.is_file() {
-            let lower = name.to_ascii_lowercase();
-            if lower.ends_with(".nii") || lower.ends_with(".nii.gz") {
-                let stem = stem_of(&path);
+            // NIfTI files, and pairs by their header.
+            if let Some(stem) = volume_stem(&name) {
                 out.items.push(InputItem {
-                    id: id_of(Some(&stem)),
+                    id: id_of(Some(stem)),
                     path,
                     series: None,
                 });

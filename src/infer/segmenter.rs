@@ -797,18 +797,11 @@ fn flip_h(plane: &mut [f32], w: usize) {
     }
 }
 
-/// The truth mask of `vol` from the oracle's folder (`<id>.nii[.gz]`), same shape.
+/// The truth mask of `vol` from the oracle's folder (`<id>.nii[.gz]`, or the pair
+/// `<id>.hdr[.gz]`), same shape.
 fn read_oracle(o: &Oracle, vol: &Volume) -> Result<Mask, InferError> {
-    let name = vol
-        .source
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let id = name
-        .strip_suffix(".nii.gz")
-        .or_else(|| name.strip_suffix(".nii"))
-        .unwrap_or(&name);
-    let path = [".nii.gz", ".nii"]
+    let id = crate::io::volume_id(&vol.source);
+    let path = crate::io::VOLUME_EXTENSIONS
         .iter()
         .map(|e| o.truth_dir.join(format!("{id}{e}")))
         .find(|p| p.is_file())

@@ -434,8 +434,8 @@ fn read_files(
                 "no DICOM images among the {} files in the folder{}",
                 files.len(),
                 if files.iter().any(|f| {
-                    let n = f.to_string_lossy().to_ascii_lowercase();
-                    n.ends_with(".nii") || n.ends_with(".nii.gz")
+                    f.file_name()
+                        .is_some_and(|n| super::volume_stem(&n.to_string_lossy()).is_some())
                 }) {
                     " (it holds NIfTI files: read one of them instead)"
                 } else {

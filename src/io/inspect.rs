@@ -1,7 +1,8 @@
-//! A human-readable description of one volume (a NIfTI file, a DICOM folder or a multi-frame DICOM file): format
-//! (NIfTI-1, NIfTI-2, DICOM series or multi-frame image), dims, spacing, orientation, datatype, HU statistics
-//! and the NaN/Inf count. A DICOM folder holding several series is described by its list of
-//! series (`dicom::list_series`, headers only), or one of them when asked for by UID.
+//! A human-readable description of one volume (a NIfTI file or `.hdr`/`.img` pair, a DICOM
+//! folder or a multi-frame DICOM file): format (NIfTI-1, NIfTI-2, either as a pair, DICOM
+//! series or multi-frame image), dims, spacing, orientation, datatype, HU statistics and the
+//! NaN/Inf count. A DICOM folder holding several series is described by its list of series
+//! (`dicom::list_series`, headers only), or one of them when asked for by UID.
 //! Dataset folders are summarised by `crate::data` (io must not know dataset layouts).
 //! Knows nothing about the network.
 
@@ -104,8 +105,9 @@ fn xform_name(code: i16) -> &'static str {
     }
 }
 
-/// Describes the volume at `path` (a `.nii`/`.nii.gz` file or a DICOM folder) in a few
-/// lines of text; a DICOM folder holding several series: the list of its series.
+/// Describes the volume at `path` (a `.nii`/`.nii.gz` file, either file of a `.hdr`/`.img`
+/// pair, a DICOM file or folder) in a few lines of text; a DICOM folder holding several
+/// series: the list of its series.
 pub fn describe(path: &Path) -> Result<String, IoError> {
     describe_with(path, &super::ReadOptions::default())
 }
@@ -134,14 +136,23 @@ pub fn describe_with(path: &Path, opts: &super::ReadOptions) -> Result<String, I
     let h = &v.header;
     let (nz, ny, nx) = v.dims();
     let mut s = String::new();
-    // A NIfTI-2 header is kept in NIfTI-1 form with its size, 540, in `sizeof_hdr`.
-    let dicom_file = !path.is_dir() && super::dicom::is_dicom_file(path);
+    // A NIfTI-2 header is kept in NIfTI-1 form with its size, 540, in `sizeof_hdr`; a pair's
+    // keeps its magic `ni1`/`ni2`.
+    let dicom_file =
+        !path.is_dir() && !super::nii::is_pair_name(path) && super::dicom::is_dicom_file(path);
+    let pair = [*b"ni1\0", *b"ni2\0"].contains(&h.magic);
     let kind = if path.is_dir() {
         "DICOM series"
     } else if dicom_file {
         "DICOM multi-frame image"
     } else if h.sizeof_hdr == super::nii::HEADER_SIZE_2 as i32 {
-        "NIfTI-2"
+        if pair {
+            "NIfTI-2 pair (.hdr/.img)"
+        } else {
+            "NIfTI-2"
+        }
+    } else if pair {
+        "NIfTI-1 pair (.hdr/.img)"
     } else {
         "NIfTI-1"
     };

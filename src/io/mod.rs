@@ -1,4 +1,6 @@
-//! Volumes in and out: NIfTI (`.nii`, `.nii.gz`), DICOM series, PNG overlays.
+//! Volumes in and out: NIfTI (`.nii`, `.nii.gz`, and `.hdr`/`.img` pairs, in), DICOM series,
+//! PNG overlays. [`volume_stem`] is the one place that says which file names are volumes
+//! (and [`volume_id`] what a named file's id is).
 //! NIfTI's column-major `(x, y, z)` voxel order (x fastest) becomes `[z, y, x]` here and
 //! nowhere else: the bytes are read straight into a row-major `[z, y, x]` array and
 //! written back the same way. Nothing here knows about the network.
@@ -31,8 +33,8 @@ pub use volume::{Mask, Volume};
 
 use std::path::Path;
 
-/// Reads a CT volume in HU: a `.nii`/`.nii.gz` file, a DICOM file (a multi-frame image) or
-/// a folder of DICOM slices.
+/// Reads a CT volume in HU: a `.nii`/`.nii.gz` file, a NIfTI pair (its `.hdr` or `.img`,
+/// either gzipped), a DICOM file (a multi-frame image) or a folder of DICOM slices.
 /// Prints one `warning:` line per non-fatal problem (NaN/Inf voxels, skipped files).
 pub fn read_volume(path: &Path) -> Result<Volume, IoError> {
     read_volume_printing(path, &ReadOptions::default())
@@ -91,14 +93,15 @@ pub fn read_volume_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, Read
     let meta = metadata(path)?;
     if meta.is_dir() {
         dicom::read_series_with(path, opts)
-    } else if dicom::is_dicom_file(path) {
+    } else if !nii::is_pair_name(path) && dicom::is_dicom_file(path) {
         dicom::read_file_with(path, opts)
     } else {
         nii::read_nifti_with(path, opts)
     }
 }
 
-/// The `(z, y, x)` dimensions of the volume at `path`, from its header alone (a DICOM
+/// The `(z, y, x)` dimensions of the volume at `path`, from its header alone (a NIfTI
+/// pair: its `.hdr`; a DICOM
 /// folder: its number of files, or a multi-frame image's frames, an upper bound of its
 /// slices, and the first image's size),
 /// so that memory can be planned before the voxels are read.
@@ -111,7 +114,7 @@ pub fn probe_dims(path: &Path) -> Result<(usize, usize, usize), IoError> {
 pub fn probe_dims_with(path: &Path, opts: &ReadOptions) -> Result<(usize, usize, usize), IoError> {
     if metadata(path)?.is_dir() {
         dicom::probe_series_with(path, opts.series.as_deref())
-    } else if dicom::is_dicom_file(path) {
+    } else if !nii::is_pair_name(path) && dicom::is_dicom_file(path) {
         dicom::probe_file(path)
     } else {
         let h = nii::read_header(path)?;
@@ -138,4 +141,81 @@ pub fn report_warnings(path: &Path, r: &ReadReport) -> Vec<String> {
         ));
     }
     out
+}
+
+/// `s` without the ASCII suffix `suffix`, compared ignoring ASCII case.
+pub(crate) fn strip_suffix_ci<'a>(s: &'a str, suffix: &str) -> Option<&'a str> {
+    let n = s.len().checked_sub(suffix.len())?;
+    (s.is_char_boundary(n) && s[n..].eq_ignore_ascii_case(suffix)).then(|| &s[..n])
+}
+
+/// The file name extensions of a volume, the longest first (any case): a single-file NIfTI
+/// or a NIfTI pair's header (the pair is listed once, by its `.hdr`).
+pub const VOLUME_EXTENSIONS: [&str; 4] = [".nii.gz", ".hdr.gz", ".nii", ".hdr"];
+
+/// The id of a volume's file name in a folder of volumes (`049.nii.gz`, `049.nii`,
+/// `049.hdr`, `049.hdr.gz` -> `049`; extensions in any case), or `None` for other names:
+/// hidden files, and a pair's `.img`/`.img.gz` (the pair is listed by its header).
+pub fn volume_stem(name: &str) -> Option<&str> {
+    VOLUME_EXTENSIONS
+        .iter()
+        .find_map(|e| strip_suffix_ci(name, e))
+        .filter(|s| !s.is_empty() && !s.starts_with('.'))
+}
+
+/// The id of a volume named on its own (a command's input, a volume's source): its
+/// [`volume_stem`], the base name of a pair's `.img`/`.img.gz` or of a DICOM file's `.dcm`
+/// (as a folder of volumes names a loose multi-frame file), else the whole file name (a
+/// DICOM folder's, or a file's without one of these extensions).
+pub fn volume_id(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "volume".into());
+    let img = strip_suffix_ci(&name, ".gz").unwrap_or(&name).to_string();
+    let id = volume_stem(&name)
+        .or_else(|| strip_suffix_ci(&img, ".img").filter(|s| !s.is_empty()))
+        .or_else(|| strip_suffix_ci(&name, ".dcm").filter(|s| !s.is_empty()))
+        .map(str::to_string);
+    id.unwrap_or(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names() {
+        for (name, want) in [
+            ("049.nii.gz", Some("049")),
+            ("049.nii", Some("049")),
+            ("049.hdr", Some("049")),
+            ("049.hdr.gz", Some("049")),
+            ("A.NII.GZ", Some("A")),
+            ("a.Hdr", Some("a")),
+            ("a.b.nii", Some("a.b")),
+            ("049.img", None),
+            ("049.img.gz", None),
+            (".hidden.nii", None),
+            (".nii", None),
+            ("notes.txt", None),
+            ("x.gz", None),
+        ] {
+            assert_eq!(volume_stem(name), want, "{name}");
+        }
+        for (name, want) in [
+            ("d/049.nii.gz", "049"),
+            ("d/049.IMG", "049"),
+            ("d/049.img.gz", "049"),
+            ("d/049.hdr", "049"),
+            ("d/series", "series"),
+            ("d/.img", ".img"),
+            ("d/scan.dcm", "scan"),
+            ("d/SCAN.DCM", "SCAN"),
+            ("d/.dcm", ".dcm"),
+            ("d/scan", "scan"),
+        ] {
+            assert_eq!(volume_id(Path::new(name)), want, "{name}");
+        }
+    }
 }

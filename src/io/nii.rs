@@ -1,4 +1,14 @@
-//! NIfTI-1 and NIfTI-2 single-file volumes (`.nii`, `.nii.gz`) in; NIfTI-1 out.
+//! NIfTI-1 and NIfTI-2 volumes in, single files (`.nii`, `.nii.gz`) and `.hdr`/`.img` pairs;
+//! NIfTI-1 single files out.
+//!
+//! A **pair** is read from either of its names (`x.hdr`, `x.img`, or gzipped `x.hdr.gz`,
+//! `x.img.gz` as nibabel writes them; extensions in any case): the header from the `.hdr`
+//! (magic `ni1`, or `ni2` for NIfTI-2), the voxels from the `.img` beside it (the same
+//! compression looked for first, then the other) at `vox_offset` (usually 0), with exactly
+//! the checks, datatypes, byte orders, scaling and reports of a single file. A missing
+//! partner file is an error naming the path expected; a `.hdr` without NIfTI magic (plain
+//! Analyze 7.5, whose orientation is undefined) is refused with a hint to convert it, and so
+//! is a single-file magic in a pair's name or a pair's magic in a `.nii`.
 //!
 //! The header (348 bytes for NIfTI-1, 540 for NIfTI-2, told apart by its size field) is
 //! parsed and validated here, byte by byte and in either byte order, *before* anything is
@@ -48,7 +58,7 @@ use super::IoError;
 use ndarray::Array3;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Size of a NIfTI-1 header.
 pub const HEADER_SIZE: usize = 348;
@@ -210,25 +220,154 @@ struct Layout {
     scl_inter: f64,
 }
 
-/// Reads a `.nii`/`.nii.gz` file with the default limits.
+/// Reads a `.nii`/`.nii.gz` file (or a `.hdr`/`.img` pair) with the default limits.
 pub fn read_nifti(path: &Path) -> Result<(Volume, ReadReport), IoError> {
     read_nifti_with(path, &ReadOptions::default())
 }
 
-/// Reads a `.nii`/`.nii.gz` file; see the module doc for what is checked.
+/// Reads a `.nii`/`.nii.gz` file, or the `.hdr`/`.img` pair whose header or voxel file
+/// `path` names; see the module doc for what is checked.
 pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+    match pair_paths(path) {
+        Some(pair) => read_pair_with(path, &pair?, opts),
+        None => read_single_with(path, opts),
+    }
+}
+
+/// The two files of a NIfTI pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairPaths {
+    /// The `.hdr` (or `.hdr.gz`): the 348-byte NIfTI-1 or 540-byte NIfTI-2 header.
+    pub header: PathBuf,
+    /// The `.img` (or `.img.gz`): the voxels, from the header's `vox_offset` (usually 0).
+    pub image: PathBuf,
+}
+
+/// Which file of a pair a name gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PairPart {
+    Header,
+    Image,
+}
+
+/// Whether `path` is named as a file of a NIfTI pair: `.hdr`, `.img`, `.hdr.gz` or
+/// `.img.gz` (any case).
+pub fn is_pair_name(path: &Path) -> bool {
+    partner_candidates(path).is_some()
+}
+
+/// The part of a pair `path` names and the two names its other file may have beside it:
+/// the same base name with `.hdr` and `.img` swapped (in the extension's own case), with
+/// `path`'s compression first, then the other. `None` for names of other files.
+fn partner_candidates(path: &Path) -> Option<(PairPart, [PathBuf; 2])> {
+    let name = path.file_name()?.to_str()?;
+    let (rest, gz) = match super::strip_suffix_ci(name, ".gz") {
+        Some(r) => (r, &name[r.len()..]),
+        None => (name, ""),
+    };
+    let (part, other) = if let Some(base) = super::strip_suffix_ci(rest, ".hdr") {
+        (PairPart::Header, (base, "img"))
+    } else if let Some(base) = super::strip_suffix_ci(rest, ".img") {
+        (PairPart::Image, (base, "hdr"))
+    } else {
+        return None;
+    };
+    let (base, ext) = other;
+    if base.is_empty() {
+        return None;
+    }
+    let ext = if rest[base.len() + 1..]
+        .chars()
+        .all(|c| c.is_ascii_uppercase())
+    {
+        ext.to_ascii_uppercase()
+    } else {
+        ext.to_string()
+    };
+    let (same, alt) = if gz.is_empty() { ("", ".gz") } else { (gz, "") };
+    Some((
+        part,
+        [
+            path.with_file_name(format!("{base}.{ext}{same}")),
+            path.with_file_name(format!("{base}.{ext}{alt}")),
+        ],
+    ))
+}
+
+/// The other file of the pair `path` names (`part`), found beside it; an error naming the
+/// expected path when neither candidate is there.
+fn find_partner(path: &Path, part: PairPart, cands: &[PathBuf; 2]) -> Result<PathBuf, IoError> {
+    // A dangling link counts as there: its read names the problem.
+    if let Some(p) = cands.iter().find(|p| std::fs::symlink_metadata(p).is_ok()) {
+        return Ok(p.clone());
+    }
+    let (missing, given) = match part {
+        PairPart::Header => ("voxel file (.img)", "header"),
+        PairPart::Image => ("header (.hdr)", "voxel file"),
+    };
+    Err(IoError::invalid(
+        &cands[0],
+        format!(
+            "no such file: the {missing} of the NIfTI pair whose {given} is {} (nor {})",
+            path.display(),
+            cands[1]
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+    ))
+}
+
+/// The files of the pair whose header or voxel file `path` names, both there; `None` when
+/// `path` is not named as a pair's file (`.hdr`, `.img`, `.hdr.gz`, `.img.gz`).
+pub fn pair_paths(path: &Path) -> Option<Result<PairPaths, IoError>> {
+    let (part, cands) = partner_candidates(path)?;
+    Some(find_partner(path, part, &cands).map(|other| match part {
+        PairPart::Header => PairPaths {
+            header: path.to_path_buf(),
+            image: other,
+        },
+        PairPart::Image => PairPaths {
+            header: other,
+            image: path.to_path_buf(),
+        },
+    }))
+}
+
+/// The header file of the pair `path` names (itself for a `.hdr`; the voxel file need not
+/// be there); `None` when `path` is not named as a pair's file.
+fn pair_header(path: &Path) -> Option<Result<PathBuf, IoError>> {
+    let (part, cands) = partner_candidates(path)?;
+    Some(match part {
+        PairPart::Header => Ok(path.to_path_buf()),
+        PairPart::Image => find_partner(path, part, &cands),
+    })
+}
+
+/// What a file to open should be, for messages: `(file, content)`.
+const SINGLE_FILE: (&str, &str) = ("a .nii or .nii.gz file", "a NIfTI volume");
+const PAIR_HEADER: (&str, &str) = ("a NIfTI pair's .hdr file", "a NIfTI header");
+const PAIR_IMAGE: (&str, &str) = ("a NIfTI pair's .img file", "the pair's voxels");
+
+/// Opens a NIfTI file (`expected`: what it should be, for messages) as a stream, gunzipped
+/// when it starts with the gzip magic (a name ending in `.gz` must). Returns the stream,
+/// whether it is gzip and the file's size.
+fn open_stream(
+    path: &Path,
+    (file, content): (&str, &str),
+) -> Result<(Box<dyn Read>, bool, u64), IoError> {
     let meta = super::metadata(path)?;
     if meta.is_dir() {
         return Err(IoError::invalid(
             path,
-            "is a folder, expected a .nii or .nii.gz file",
+            format!("is a folder, expected {file}"),
         ));
     }
     if !meta.is_file() {
         return Err(IoError::invalid(
             path,
             format!(
-                "is {}, expected a .nii or .nii.gz file",
+                "is {}, expected {file}",
                 super::atomic::kind_name(&meta.file_type())
             ),
         ));
@@ -237,12 +376,12 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     if file_len == 0 {
         return Err(IoError::invalid(
             path,
-            "empty file (0 bytes), expected a NIfTI volume",
+            format!("empty file (0 bytes), expected {content}"),
         ));
     }
-    let mut file = File::open(path).map_err(|e| IoError::read(path, e))?;
+    let mut f = File::open(path).map_err(|e| IoError::read(path, e))?;
     let mut magic = [0u8; 2];
-    let got = read_full(&mut file, &mut magic).map_err(|e| IoError::read(path, e))?;
+    let got = read_full(&mut f, &mut magic).map_err(|e| IoError::read(path, e))?;
     let gz = got == 2 && magic == [0x1f, 0x8b];
     let named_gz = path
         .extension()
@@ -256,26 +395,107 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
             ),
         ));
     }
-    file.rewind().map_err(|e| IoError::read(path, e))?;
-    let mut reader: Box<dyn Read> = if gz {
-        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
+    f.rewind().map_err(|e| IoError::read(path, e))?;
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f)))
     } else {
-        Box::new(BufReader::new(file))
+        Box::new(BufReader::new(f))
     };
-    let stream_err = |e: std::io::Error| {
+    Ok((reader, gz, file_len))
+}
+
+/// The error of a failed read of `path`'s stream: a gzip stream's is named as corrupt.
+fn stream_err(path: &Path, gz: bool) -> impl Fn(std::io::Error) -> IoError + '_ {
+    move |e| {
         if gz {
             IoError::invalid(path, format!("corrupt or truncated gzip stream: {e}"))
         } else {
             IoError::read(path, e)
         }
-    };
+    }
+}
 
-    let (header, layout) = read_and_parse_header(&mut reader, gz)
-        .map_err(stream_err)?
+/// Reads a gzip stream to its end: the decoder checks the CRC-32 and the length (ISIZE) of
+/// every gzip member there, so a damaged stream is an error, not changed voxels.
+fn drain_gzip(reader: &mut dyn Read, path: &Path) -> Result<(), IoError> {
+    let extra = std::io::copy(
+        &mut reader.take(MAX_GZIP_TRAILING + 1),
+        &mut std::io::sink(),
+    )
+    .map_err(stream_err(path, true))?;
+    if extra > MAX_GZIP_TRAILING {
+        return Err(IoError::invalid(
+            path,
+            format!(
+                "more than {} of data after the voxels in the gzip stream",
+                human_bytes(MAX_GZIP_TRAILING as u128)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a single-file `.nii`/`.nii.gz`.
+fn read_single_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadReport), IoError> {
+    let (mut reader, gz, file_len) = open_stream(path, SINGLE_FILE)?;
+    let (header, layout) = read_and_parse_header(&mut reader, gz, false)
+        .map_err(stream_err(path, gz))?
         .map_err(|r| IoError::invalid(path, r))?;
+    let (spacing, warnings) = check_header(path, &header, &layout, opts)?;
+    let data = DataFile {
+        path,
+        len: file_len,
+        gz,
+        at: layout.header_size as u64,
+        header: None,
+    };
+    let vals = read_voxels(&mut reader, &data, &layout)?;
+    finish(path, header, &layout, spacing, warnings, vals)
+}
+
+/// Reads a `.hdr`/`.img` pair: the header from `pair.header`, the voxels from `pair.image`
+/// at the header's `vox_offset`, with the checks of a single file. The volume's source is
+/// `path`, the name it was asked for by.
+fn read_pair_with(
+    path: &Path,
+    pair: &PairPaths,
+    opts: &ReadOptions,
+) -> Result<(Volume, ReadReport), IoError> {
+    let hp = pair.header.as_path();
+    let (mut reader, gz, _) = open_stream(hp, PAIR_HEADER)?;
+    let (header, layout) = read_and_parse_header(&mut reader, gz, true)
+        .map_err(stream_err(hp, gz))?
+        .map_err(|r| IoError::invalid(hp, r))?;
+    if gz {
+        drain_gzip(&mut reader, hp)?;
+    }
+    drop(reader);
+    let (spacing, warnings) = check_header(hp, &header, &layout, opts)?;
+    let ip = pair.image.as_path();
+    let (mut reader, gz, len) = open_stream(ip, PAIR_IMAGE)?;
+    let data = DataFile {
+        path: ip,
+        len,
+        gz,
+        at: 0,
+        header: Some(hp),
+    };
+    let vals = read_voxels(&mut reader, &data, &layout)?;
+    finish(path, header, &layout, spacing, warnings, vals)
+}
+
+/// The checks of a parsed header before any voxel is read: the voxel size (an error when
+/// implausible), `bitpix` (a warning), the memory the read needs. Returns the spacing and
+/// the warnings.
+fn check_header(
+    path: &Path,
+    header: &nifti::NiftiHeader,
+    layout: &Layout,
+    opts: &ReadOptions,
+) -> Result<([f64; 3], Vec<String>), IoError> {
     let mut warnings = Vec::new();
     let spacing =
-        checked_spacing(path, &header, &mut warnings).map_err(|r| IoError::invalid(path, r))?;
+        checked_spacing(path, header, &mut warnings).map_err(|r| IoError::invalid(path, r))?;
     let bits = layout.dtype.size() as i16 * 8;
     if header.bitpix != bits {
         warnings.push(format!(
@@ -285,13 +505,42 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
             layout.dtype.name()
         ));
     }
-    check_memory(path, &layout, opts)?;
+    check_memory(path, layout, opts)?;
+    Ok((spacing, warnings))
+}
 
+/// The file the voxels are read from.
+struct DataFile<'a> {
+    path: &'a Path,
+    /// Its size on disk.
+    len: u64,
+    gz: bool,
+    /// Bytes of its (decompressed) stream already read: the header of a single file, 0 for
+    /// a pair's `.img`.
+    at: u64,
+    /// A pair's header file (named in messages about the voxels it promised).
+    header: Option<&'a Path>,
+}
+
+/// Reads and decodes the voxels `layout` describes from `reader` (positioned `data.at`
+/// bytes into `data`'s stream), block by block; a gzip stream is read to its end.
+fn read_voxels(
+    reader: &mut dyn Read,
+    data: &DataFile,
+    layout: &Layout,
+) -> Result<Vec<f32>, IoError> {
+    let path = data.path;
+    let (file_len, gz) = (data.len, data.gz);
+    let stream_err = stream_err(path, gz);
     let end = layout.offset.saturating_add(layout.nbytes);
     let claim = || {
         let (nz, ny, nx) = layout.shape;
+        let who = match data.header {
+            Some(h) => format!("the header {}", h.display()),
+            None => "header".into(),
+        };
         format!(
-            "header claims {nx}x{ny}x{nz} voxels of {} = {} bytes at offset {}",
+            "{who} claims {nx}x{ny}x{nz} voxels of {} = {} bytes at offset {}",
             layout.dtype.name(),
             layout.nbytes,
             layout.offset
@@ -335,16 +584,16 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
         ));
     }
 
-    let skip = layout.offset - layout.header_size as u64;
+    let skip = layout.offset - data.at;
     let skipped =
-        std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink()).map_err(stream_err)?;
+        std::io::copy(&mut (&mut *reader).take(skip), &mut std::io::sink()).map_err(&stream_err)?;
     if skipped < skip {
         return Err(IoError::invalid(
             path,
             format!(
                 "vox_offset {} is past the end of the data ({} bytes)",
                 layout.offset,
-                layout.header_size as u64 + skipped
+                data.at + skipped
             ),
         ));
     }
@@ -360,7 +609,7 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     let mut left = layout.nbytes as usize;
     while left > 0 {
         let want = left.min(block.len());
-        let got = read_full(&mut reader, &mut block[..want]).map_err(stream_err)?;
+        let got = read_full(reader, &mut block[..want]).map_err(&stream_err)?;
         if got < want {
             return Err(IoError::invalid(
                 path,
@@ -383,25 +632,23 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
     }
     drop(block);
     if gz {
-        // Read the stream to its end: the decoder checks the CRC-32 and the length (ISIZE)
-        // of every gzip member there, so a damaged stream is an error, not changed voxels.
-        let extra = std::io::copy(
-            &mut (&mut reader).take(MAX_GZIP_TRAILING + 1),
-            &mut std::io::sink(),
-        )
-        .map_err(stream_err)?;
-        if extra > MAX_GZIP_TRAILING {
-            return Err(IoError::invalid(
-                path,
-                format!(
-                    "more than {} of data after the voxels in the gzip stream",
-                    human_bytes(MAX_GZIP_TRAILING as u128)
-                ),
-            ));
-        }
+        drain_gzip(reader, path)?;
     }
+    Ok(vals)
+}
+
+/// The volume and report of a read: NaN/Inf replaced and counted, the voxels shaped
+/// `[z, y, x]`.
+fn finish(
+    path: &Path,
+    header: nifti::NiftiHeader,
+    layout: &Layout,
+    spacing: [f64; 3],
+    warnings: Vec<String>,
+    mut vals: Vec<f32>,
+) -> Result<(Volume, ReadReport), IoError> {
     let (nonfinite, fill) = replace_nonfinite(&mut vals);
-    let data = Array3::from_shape_vec((nz, ny, nx), vals)
+    let data = Array3::from_shape_vec(layout.shape, vals)
         .map_err(|e| IoError::invalid(path, format!("internal shape error: {e}")))?;
     let report = ReadReport {
         datatype: layout.dtype.name().to_string(),
@@ -421,7 +668,7 @@ pub fn read_nifti_with(path: &Path, opts: &ReadOptions) -> Result<(Volume, ReadR
 }
 
 /// Reads as many bytes as the stream has, up to `buf.len()`.
-pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
@@ -601,11 +848,13 @@ pub fn replace_nonfinite(vals: &mut [f32]) -> (usize, f32) {
 }
 
 /// Reads the header at the start of `r` (348 bytes for NIfTI-1, 540 for NIfTI-2, told
-/// apart by the size field) and validates it with [`parse_header`]. The outer error is the
-/// stream's; the inner one is the reason a header is short or invalid, without the path.
+/// apart by the size field) and validates it with [`parse_header`] (`pair`: as a `.hdr`'s).
+/// The outer error is the stream's; the inner one is the reason a header is short or
+/// invalid, without the path.
 fn read_and_parse_header(
     r: &mut impl Read,
     gz: bool,
+    pair: bool,
 ) -> std::io::Result<Result<(nifti::NiftiHeader, Layout), String>> {
     let mut b = [0u8; HEADER_SIZE_2];
     let mut got = read_full(r, &mut b[..HEADER_SIZE])?;
@@ -622,7 +871,7 @@ fn read_and_parse_header(
             "{what} only {got} bytes, shorter than the {size}-byte {kind} header"
         )));
     }
-    Ok(parse_header(&b[..size]))
+    Ok(parse_header(&b[..size], pair))
 }
 
 /// The header size (348: NIfTI-1, 540: NIfTI-2) and byte order (`true`: big-endian) that
@@ -641,12 +890,13 @@ fn header_kind(b: &[u8]) -> Option<(usize, bool)> {
     })
 }
 
-/// Parses and validates a whole NIfTI-1 or NIfTI-2 header (by its size field); the error
-/// is the reason, without the path.
-fn parse_header(b: &[u8]) -> Result<(nifti::NiftiHeader, Layout), String> {
+/// Parses and validates a whole NIfTI-1 or NIfTI-2 header (by its size field): a single
+/// file's, or with `pair` a `.hdr`'s (magic `ni1`/`ni2`, voxels in the `.img` from
+/// `vox_offset`); the error is the reason, without the path.
+fn parse_header(b: &[u8], pair: bool) -> Result<(nifti::NiftiHeader, Layout), String> {
     match header_kind(b) {
-        Some((n, big)) if n == b.len() && n == HEADER_SIZE => parse_nifti1(b, big),
-        Some((n, big)) if n == b.len() && n == HEADER_SIZE_2 => parse_nifti2(b, big),
+        Some((n, big)) if n == b.len() && n == HEADER_SIZE => parse_nifti1(b, big, pair),
+        Some((n, big)) if n == b.len() && n == HEADER_SIZE_2 => parse_nifti2(b, big, pair),
         _ => Err(format!(
             "not a NIfTI-1 file: header size field is {}, expected 348 (or 540 for NIfTI-2; first bytes {:02x?})",
             b.get(..4)
@@ -747,18 +997,19 @@ fn shape_of(dims: &[i64; 8]) -> Result<(usize, usize, usize), String> {
     Ok((d(3)?, d(2)?, d(1)?))
 }
 
-/// The layout of a validated shape, datatype and vox_offset. A vox_offset inside the
-/// header (old writers leave 0 in single files) means the data follows the header and its
-/// 4 extension bytes. The shape's voxel count times 8 must fit a `u64` (NIfTI-1 dims do).
+/// The layout of a validated shape, datatype and vox_offset. In a single file, a
+/// vox_offset inside the header (old writers leave 0) means the data follows the header and
+/// its 4 extension bytes; in a pair (`pair`), vox_offset is the offset in the `.img`. The
+/// shape's voxel count times 8 must fit a `u64` (NIfTI-1 dims do).
 fn layout_of(
     shape: (usize, usize, usize),
     dtype: DataType,
     vox_offset: u64,
-    header_size: usize,
+    (header_size, pair): (usize, bool),
     big_endian: bool,
     (scl_slope, scl_inter): (f64, f64),
 ) -> Layout {
-    let offset = if vox_offset < header_size as u64 {
+    let offset = if !pair && vox_offset < header_size as u64 {
         header_size as u64 + 4
     } else {
         vox_offset
@@ -776,21 +1027,12 @@ fn layout_of(
     }
 }
 
-/// Parses and validates a NIfTI-1 header (348 bytes, byte order `big`).
-fn parse_nifti1(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), String> {
+/// Parses and validates a NIfTI-1 header (348 bytes, byte order `big`): a single file's
+/// (magic `n+1`) or, with `pair`, a `.hdr`'s (magic `ni1`).
+fn parse_nifti1(b: &[u8], big: bool, pair: bool) -> Result<(nifti::NiftiHeader, Layout), String> {
     let f = Fields { b, big };
     let magic = [b[344], b[345], b[346], b[347]];
-    if &magic == b"ni1\0" {
-        return Err(
-            "is the header of a .hdr/.img pair: only single-file .nii/.nii.gz is supported".into(),
-        );
-    }
-    if &magic != b"n+1\0" {
-        return Err(format!(
-            "wrong magic {:?}, expected \"n+1\" (not a NIfTI-1 file)",
-            String::from_utf8_lossy(&magic).trim_end_matches('\0')
-        ));
-    }
+    check_magic(&magic, 1, pair)?;
 
     let dims: [i16; 8] = std::array::from_fn(|k| f.i16(40 + 2 * k));
     let shape = shape_of(&dims.map(i64::from))?;
@@ -807,7 +1049,7 @@ fn parse_nifti1(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), Str
         shape,
         dtype,
         vox_offset as u64,
-        HEADER_SIZE,
+        (HEADER_SIZE, pair),
         big,
         (scl_slope as f64, scl_inter as f64),
     );
@@ -862,6 +1104,43 @@ fn parse_nifti1(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), Str
     Ok((h, layout))
 }
 
+/// Checks a NIfTI-`version` header's magic: `n+1`/`n+2` in a single file, `ni1`/`ni2` in
+/// a pair's `.hdr` (`pair`). A `.hdr` without NIfTI magic is a plain Analyze 7.5 header.
+fn check_magic(magic: &[u8; 4], version: u8, pair: bool) -> Result<(), String> {
+    let single = [b'n', b'+', b'0' + version, 0];
+    let paired = [b'n', b'i', b'0' + version, 0];
+    let shown = |m: &[u8; 4]| {
+        String::from_utf8_lossy(m)
+            .trim_end_matches('\0')
+            .to_string()
+    };
+    match (pair, *magic == single, *magic == paired) {
+        (false, true, _) | (true, _, true) => Ok(()),
+        (false, _, true) => Err(format!(
+            "has the magic \"{}\" of the header of a .hdr/.img pair, whose voxels are in a separate .img file: name it .hdr, beside its .img, to read the pair",
+            shown(&paired)
+        )),
+        (true, true, _) => Err(format!(
+            "has the magic \"{}\" of a single-file NIfTI-{version} (voxels after the header), not that of a .hdr/.img pair's header (\"{}\"): name it .nii",
+            shown(&single),
+            shown(&paired)
+        )),
+        (true, false, false) if version == 1 => Err(format!(
+            "no NIfTI magic (bytes 344-347 are {magic:02x?}, \"ni1\" expected): a plain Analyze 7.5 header, whose orientation is undefined (left and right may be swapped); convert it to NIfTI (e.g. with nibabel or FSL's fslchfiletype), checking its orientation, and read that"
+        )),
+        (true, false, false) => Err(format!(
+            "wrong magic {:?}, expected \"{}\" (not a NIfTI-2 pair's header)",
+            shown(magic),
+            shown(&paired)
+        )),
+        (false, false, false) => Err(format!(
+            "wrong magic {:?}, expected \"{}\" (not a NIfTI-{version} file)",
+            shown(magic),
+            shown(&single)
+        )),
+    }
+}
+
 /// The error for a NIfTI-2 field whose value NIfTI-1's field cannot hold.
 fn not_nifti1(name: &str, v: impl std::fmt::Display) -> String {
     format!(
@@ -869,25 +1148,16 @@ fn not_nifti1(name: &str, v: impl std::fmt::Display) -> String {
     )
 }
 
-/// Parses and validates a NIfTI-2 header (540 bytes, byte order `big`) into the NIfTI-1
-/// header every volume keeps (`sizeof_hdr` 540 and magic `n+2` there say where it came
+/// Parses and validates a NIfTI-2 header (540 bytes, byte order `big`; with `pair` a
+/// `.hdr`'s, magic `ni2`) into the NIfTI-1
+/// header every volume keeps (`sizeof_hdr` 540 and magic `n+2`/`ni2` there say where it came
 /// from): every field the outputs carry must fit its NIfTI-1 field (dims at most 32767,
 /// codes and slice fields in range, finite `f64`s within `f32`'s range and not rounded to
 /// 0); `f64`s are rounded to `f32`. `scl_slope`/`scl_inter` are applied at `f64`.
-fn parse_nifti2(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), String> {
+fn parse_nifti2(b: &[u8], big: bool, pair: bool) -> Result<(nifti::NiftiHeader, Layout), String> {
     let f = Fields { b, big };
     let magic = [b[4], b[5], b[6], b[7]];
-    if &magic == b"ni2\0" {
-        return Err(
-            "is the header of a .hdr/.img pair: only single-file .nii/.nii.gz is supported".into(),
-        );
-    }
-    if &magic != b"n+2\0" {
-        return Err(format!(
-            "wrong magic {:?}, expected \"n+2\" (not a NIfTI-2 file)",
-            String::from_utf8_lossy(&magic).trim_end_matches('\0')
-        ));
-    }
+    check_magic(&magic, 2, pair)?;
     if b[8..12] != *b"\r\n\x1a\n" {
         return Err(format!(
             "NIfTI-2 magic's check bytes are {:02x?}, expected [0d, 0a, 1a, 0a]: the file was changed (e.g. by a text-mode transfer)",
@@ -916,7 +1186,7 @@ fn parse_nifti2(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), Str
         shape,
         dtype,
         vox_offset,
-        HEADER_SIZE_2,
+        (HEADER_SIZE_2, pair),
         big,
         (f.f64(176), f.f64(184)),
     );
@@ -984,8 +1254,14 @@ fn parse_nifti2(b: &[u8], big: bool) -> Result<(nifti::NiftiHeader, Layout), Str
     Ok((h, layout))
 }
 
-/// Reads only the header of a `.nii`/`.nii.gz` file, validated as for a full read.
+/// Reads only the header of a `.nii`/`.nii.gz` file (or of a pair: its `.hdr`, when
+/// `path` names either file; the `.img` is not opened), validated as for a full read.
 pub fn read_header(path: &Path) -> Result<nifti::NiftiHeader, IoError> {
+    let (hp, pair) = match pair_header(path) {
+        Some(h) => (h?, true),
+        None => (path.to_path_buf(), false),
+    };
+    let path = hp.as_path();
     let mut file = File::open(path).map_err(|e| IoError::read(path, e))?;
     let mut magic = [0u8; 2];
     let got = read_full(&mut file, &mut magic).map_err(|e| IoError::read(path, e))?;
@@ -996,7 +1272,7 @@ pub fn read_header(path: &Path) -> Result<nifti::NiftiHeader, IoError> {
     } else {
         Box::new(BufReader::new(file))
     };
-    read_and_parse_header(&mut reader, gz)
+    read_and_parse_header(&mut reader, gz, pair)
         .map_err(|e| IoError::invalid(path, format!("cannot read the header: {e}")))?
         .map(|(h, _)| h)
         .map_err(|r| IoError::invalid(path, r))
@@ -1256,7 +1532,7 @@ mod tests {
         let v = Volume::from_array(Array3::zeros((3, 4, 5)), [5.0, 0.5, 0.6], "x".into());
         let b = header_bytes(&v.header);
         let arr: [u8; HEADER_SIZE] = b[..HEADER_SIZE].try_into().unwrap();
-        let (h, l) = parse_header(&arr).unwrap();
+        let (h, l) = parse_header(&arr, false).unwrap();
         assert_eq!(l.shape, (3, 4, 5));
         assert_eq!(h, v.header);
     }
