@@ -835,6 +835,12 @@ fn recursive_inputs_walk_a_nested_archive() {
     )
     .unwrap();
     assert!(low.items.iter().any(|i| i.id == "patient2_short"));
+    // A series folder named itself: its name, as without --recursive.
+    let axial = root.join("patient1/study1/axial");
+    let got = expand_inputs_with(std::slice::from_ref(&axial), &rec).unwrap();
+    assert_eq!(got.items.len(), 1);
+    assert_eq!(got.items[0].id, "axial");
+    assert_eq!(input_ids(&axial).unwrap(), ["axial"]);
     // Without --recursive: today's reading (no volume one level down: the folder itself).
     assert_eq!(input_ids(&root).unwrap(), ["archive"]);
     // --series: one series of one folder; an unknown UID lists the folder's series.

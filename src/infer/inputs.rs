@@ -203,10 +203,8 @@ pub fn expand_inputs_with(
                 .map(|s| p.join(s))
                 .find(|d| d.is_dir())
                 .unwrap_or_else(|| p.clone());
-            let root = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "volume".into());
+            // DICOM images directly in the input (or its images/) are named by the input.
+            let root = volume_id(p);
             walk(&dir, &root, &[], opts, &mut out)?;
         }
     } else {
