@@ -29,7 +29,7 @@ pub use nii::{
     check_same_shape, to_mask, write_map, write_mask, write_volume, DataType, ReadOptions,
     ReadReport,
 };
-pub use volume::{Mask, Volume};
+pub use volume::{DicomSlice, DicomSource, Mask, Volume};
 
 use std::path::Path;
 
