@@ -53,7 +53,7 @@ use std::path::{Path, PathBuf};
 
 /// CT Image Storage SOP class.
 const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
-const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+pub(crate) const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 /// Largest relative deviation of one slice step from the median step.
 const MAX_STEP_DEVIATION: f64 = 0.10;
 /// Stored value = HU - WRITE_INTERCEPT.
@@ -1254,7 +1254,7 @@ fn series_affine(first: &SliceInfo, dz: f64) -> Affine {
 }
 
 /// A fresh `2.25.<decimal>` UID.
-fn new_uid() -> String {
+pub(crate) fn new_uid() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()
@@ -1267,7 +1267,7 @@ fn new_uid() -> String {
     format!("2.25.{}", v & ((1u128 << 127) - 1))
 }
 
-fn ds(v: f64) -> String {
+pub(crate) fn ds(v: f64) -> String {
     // DS values are at most 16 characters.
     let s = format!("{v:.6}");
     let s = s.trim_end_matches('0').trim_end_matches('.').to_string();
@@ -1278,7 +1278,7 @@ fn ds(v: f64) -> String {
     }
 }
 
-fn strs(v: &[f64]) -> PrimitiveValue {
+pub(crate) fn strs(v: &[f64]) -> PrimitiveValue {
     PrimitiveValue::Strs(v.iter().map(|&x| ds(x)).collect())
 }
 

@@ -16,6 +16,7 @@
 pub mod atomic;
 pub mod budget;
 pub mod dicom;
+pub mod dicom_seg;
 pub mod error;
 pub mod geometry;
 pub mod inspect;
