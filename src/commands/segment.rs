@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use ichcam::infer::{
-    expand_inputs, segment_all, BatchReport, Fuse, RefineOnBackend, SegmentOptions, Segmenter,
-    SliceClassifier,
+    expand_inputs, segment_all_with, BatchReport, Fuse, OutputOptions, RefineOnBackend,
+    SegmentOptions, Segmenter, SliceClassifier,
 };
 use ichcam::model::CamKind;
 use ichcam::seg::ccl::Connectivity;
@@ -21,9 +21,15 @@ pub struct Args {
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
     /// Output folder: one `<id>/` per volume (mask.nii.gz, cam.nii.gz, slices.csv,
-    /// overlay.png, summary.json).
+    /// overlay.png, summary.json; seg.dcm with --dicom-seg).
     #[arg(long)]
     out: PathBuf,
+    /// Also write `seg.dcm` beside the mask for each DICOM input: a DICOM Segmentation
+    /// (Segmentation Storage, one "Hemorrhage" segment) of the source series, with the
+    /// source's patient and study identifiers, for PACS and viewers. Off by default (it
+    /// copies patient identifiers into the output folder); a NIfTI input gets a note.
+    #[arg(long)]
+    dicom_seg: bool,
     /// auto (a GPU when there is one), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -287,6 +293,7 @@ pub fn run_with<B: RefineOnBackend>(
     inputs: &[PathBuf],
     out: &Path,
     opts: SegmentOptions,
+    outputs: OutputOptions,
     progress: bool,
 ) -> anyhow::Result<BatchReport> {
     let mut seg = Segmenter::load(backend, model, opts)
@@ -306,7 +313,7 @@ pub fn run_with<B: RefineOnBackend>(
             }
         );
     }
-    let report = segment_all(&mut seg, &items, out, progress);
+    let report = segment_all_with(&mut seg, &items, out, progress, outputs);
     Ok(report)
 }
 
@@ -340,8 +347,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = options(&a)?;
     let mut device = super::open_device(&a.device, a.quiet)?;
     device.set_precision(a.precision)?;
-    let report =
-        ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &a.out, opts, !a.quiet))?;
+    let outputs = OutputOptions {
+        dicom_seg: a.dicom_seg,
+    };
+    let report = ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &a.out, opts, outputs, !a.quiet))?;
     print_report(&report);
     if !report.failed.is_empty() {
         anyhow::bail!(
