@@ -305,6 +305,7 @@ fn check_seg(seg: &Path, files: &[PathBuf], vol: &Volume, mask: &Mask) -> usize 
             .get(&key)
             .unwrap_or_else(|| panic!("frame {f} references {key:?}, not a source frame"));
         assert_eq!(&text(r, tags::REFERENCED_SOP_CLASS_UID), class);
+        assert_eq!(text(r, tags::SPATIAL_LOCATIONS_PRESERVED), "YES");
         assert!(close(at, &pos, 1e-4), "frame {f}: {at:?} vs {pos:?}");
         assert_eq!(
             first(it, tags::SEGMENT_IDENTIFICATION_SEQUENCE)
@@ -379,6 +380,24 @@ fn a_seg_of_the_pydicom_series_and_multi_frame_file_references_their_frames() {
         let seg = t.path().join("seg.dcm");
         write_seg(&seg, &vol, &mask, &SegmentInfo::default()).unwrap();
         assert_eq!(check_seg(&seg, &files, &vol, &mask), 3, "{input:?}");
+        // For scripts/check_dicom_seg.py (README): frames on slices 1, 3 and 5 (gaps).
+        if let Some(keep) = std::env::var_os("ICHCAM_KEEP_DICOM_SEG") {
+            let name = input.file_name().unwrap().to_string_lossy().into_owned();
+            let (src, out) = (
+                PathBuf::from(&keep).join("fixture-in").join(&name),
+                PathBuf::from(&keep).join("fixture-out").join(&name),
+            );
+            std::fs::create_dir_all(&out).unwrap();
+            if input.is_dir() {
+                for f in &files {
+                    copy_with_frame_of_reference(f, &src.join(f.file_name().unwrap()));
+                }
+            } else {
+                copy_with_frame_of_reference(&input, &src);
+            }
+            std::fs::copy(&seg, out.join("seg.dcm")).unwrap();
+            io::write_mask(&out.join("mask.nii.gz"), &mask, &vol).unwrap();
+        }
     }
     // The multi-frame file's frames are out of order (3, 0, 5, 1, 4, 2): frame numbers are
     // not slice numbers.
@@ -551,6 +570,19 @@ fn segment_with_dicom_seg_writes_seg_dcm_for_dicom_inputs_only() {
         total += m.iter().filter(|&&x| x != 0).count();
     }
     assert!(total > 0, "the masks are empty: nothing was compared");
+    // For scripts/check_dicom_seg.py (README): keep the inputs and outputs.
+    if let Some(keep) = std::env::var_os("ICHCAM_KEEP_DICOM_SEG") {
+        let keep = PathBuf::from(keep);
+        for (from, to) in [(&input, keep.join("in")), (&out, keep.join("out"))] {
+            let st = std::process::Command::new("cp")
+                .arg("-r")
+                .arg(from)
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+    }
     // Without the flag: no seg.dcm.
     let out2 = dir.path().join("out2");
     let r = run_limited(

@@ -222,6 +222,8 @@ pub fn write_seg(
             if let Some(f) = sl.frame {
                 refd.push(el(tags::REFERENCED_FRAME_NUMBER, VR::IS, s(&f.to_string())));
             }
+            // Same rows and columns as the source: the mask lies on its pixels.
+            refd.push(el(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, s("YES")));
             refd.push(code(
                 tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
                 "121322",
