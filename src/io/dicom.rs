@@ -31,6 +31,10 @@
 //! The volume gets a NIfTI header whose sform and qform (code 1, scanner) map voxels to
 //! RAS+ world coordinates: DICOM's LPS with x and y negated.
 //!
+//! The volume keeps the first image's patient, study and series identifiers and, per slice in
+//! `z` order, its SOP instance (and frame) and position ([`DicomSource`]), for a DICOM
+//! Segmentation of it (`dicom_seg.rs`).
+//!
 //! Writing ([`write_series`], used by tests and converters): one CT Image Storage file per
 //! `z` slice, int16 pixels with a rescale intercept of -1024, and the positions,
 //! orientation, pixel spacing and series UID of the volume's geometry.

@@ -1,5 +1,6 @@
 //! Volumes in and out: NIfTI (`.nii`, `.nii.gz`, and `.hdr`/`.img` pairs, in), DICOM series,
-//! PNG overlays. [`volume_stem`] is the one place that says which file names are volumes
+//! PNG overlays, DICOM Segmentations of a mask ([`dicom_seg`]). A volume read from DICOM
+//! keeps its source's identifiers and slice geometry ([`DicomSource`]). [`volume_stem`] is the one place that says which file names are volumes
 //! (and [`volume_id`] what a named file's id is).
 //! NIfTI's column-major `(x, y, z)` voxel order (x fastest) becomes `[z, y, x]` here and
 //! nowhere else: the bytes are read straight into a row-major `[z, y, x]` array and
