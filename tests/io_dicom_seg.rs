@@ -604,3 +604,38 @@ fn segment_with_dicom_seg_writes_seg_dcm_for_dicom_inputs_only() {
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
     assert_eq!(common::files::check_outputs(&out2), Ok(1));
 }
+
+#[test]
+fn non_ascii_names_are_written_as_utf8() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    let t = tempfile::tempdir().unwrap();
+    let v = common::files::phantom(3);
+    let dir = t.path().join("series");
+    io::dicom::write_series(&dir, &v).unwrap();
+    // Latin-1 in the source: the SEG says the same name in UTF-8.
+    for f in files_in(&dir) {
+        let mut o = dicom_object::open_file(&f).unwrap();
+        o.put(DataElement::new(
+            tags::SPECIFIC_CHARACTER_SET,
+            VR::CS,
+            PrimitiveValue::from("ISO_IR 100"),
+        ));
+        o.put(DataElement::new(
+            tags::PATIENT_NAME,
+            VR::PN,
+            PrimitiveValue::from("Müller^Jörg"),
+        ));
+        o.write_to_file(&f).unwrap();
+    }
+    let raw = std::fs::read(files_in(&dir)[0].clone()).unwrap();
+    assert!(raw.windows(2).any(|w| w == [b'M', 0xFC]), "not Latin-1");
+    let vol = io::read_volume(&dir).unwrap();
+    let seg = t.path().join("seg.dcm");
+    write_seg(&seg, &vol, &pattern(vol.dims()), &SegmentInfo::default()).unwrap();
+    let o: Obj = dicom_object::open_file(&seg).unwrap();
+    assert_eq!(text(&o, tags::SPECIFIC_CHARACTER_SET), "ISO_IR 192");
+    assert_eq!(text(&o, tags::PATIENT_NAME), "Müller^Jörg");
+    let raw = std::fs::read(&seg).unwrap();
+    let utf8 = "Müller^Jörg".as_bytes();
+    assert!(raw.windows(utf8.len()).any(|w| w == utf8), "not UTF-8");
+}
