@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use ichcam::infer::{
-    expand_inputs_with, segment_all, BatchReport, ExpandOptions, Fuse, RefineOnBackend,
-    SegmentOptions, Segmenter, SliceClassifier,
+    expand_inputs_with, segment_all_with, BatchReport, ExpandOptions, Fuse, OutputOptions,
+    RefineOnBackend, SegmentOptions, Segmenter, SliceClassifier,
 };
 use ichcam::model::CamKind;
 use ichcam::seg::ccl::Connectivity;
@@ -36,9 +36,15 @@ pub struct Args {
     #[arg(long, conflicts_with = "recursive")]
     series: Option<String>,
     /// Output folder: one `<id>/` per volume (mask.nii.gz, cam.nii.gz, slices.csv,
-    /// overlay.png, summary.json).
+    /// overlay.png, summary.json; seg.dcm with --dicom-seg).
     #[arg(long)]
     out: PathBuf,
+    /// Also write `seg.dcm` beside the mask for each DICOM input: a DICOM Segmentation
+    /// (Segmentation Storage, one "Hemorrhage" segment) of the source series, with the
+    /// source's patient and study identifiers, for PACS and viewers. Off by default (it
+    /// copies patient identifiers into the output folder); a NIfTI input gets a note.
+    #[arg(long)]
+    dicom_seg: bool,
     /// auto (a GPU when there is one), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -303,6 +309,7 @@ pub fn run_with<B: RefineOnBackend>(
     expand: &ExpandOptions,
     out: &Path,
     opts: SegmentOptions,
+    outputs: OutputOptions,
     progress: bool,
 ) -> anyhow::Result<BatchReport> {
     let mut seg = Segmenter::load(backend, model, opts)
@@ -326,7 +333,7 @@ pub fn run_with<B: RefineOnBackend>(
             }
         );
     }
-    let report = segment_all(&mut seg, &items, out, progress);
+    let report = segment_all_with(&mut seg, &items, out, progress, outputs);
     Ok(report)
 }
 
@@ -365,7 +372,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         min_slices: a.min_slices,
         series: a.series.clone(),
     };
-    let report = ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &expand, &a.out, opts, !a.quiet))?;
+    let outputs = OutputOptions {
+        dicom_seg: a.dicom_seg,
+    };
+    let report = ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &expand, &a.out, opts, outputs, !a.quiet))?;
     print_report(&report);
     if !report.failed.is_empty() {
         anyhow::bail!(

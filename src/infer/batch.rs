@@ -10,7 +10,7 @@
 
 use super::inputs::InputItem;
 use super::memory::{Costs, Estimate};
-use super::outputs::{write_outputs, VolumeSummary};
+use super::outputs::{write_outputs_with, OutputOptions, VolumeSummary};
 use super::segmenter::{RefineOnBackend, Segmentation, Segmenter};
 use super::slabs::segment_planned;
 use crate::io::budget::{Pool, Reservation};
@@ -46,6 +46,18 @@ pub fn segment_all<B: RefineOnBackend>(
     out: &Path,
     progress: bool,
 ) -> BatchReport {
+    segment_all_with(seg, items, out, progress, OutputOptions::default())
+}
+
+/// As [`segment_all`], writing the optional outputs `outputs` asks for; with
+/// [`OutputOptions::dicom_seg`], the first volume not read from DICOM prints one note.
+pub fn segment_all_with<B: RefineOnBackend>(
+    seg: &mut Segmenter<B>,
+    items: &[InputItem],
+    out: &Path,
+    progress: bool,
+    outputs: OutputOptions,
+) -> BatchReport {
     let start = Instant::now();
     let bar = if progress {
         let b = ProgressBar::new(items.len() as u64);
@@ -76,12 +88,32 @@ pub fn segment_all<B: RefineOnBackend>(
                 }
             }
         });
+        let wbar = bar.clone();
         let writer = scope.spawn(move || {
             let mut done = Vec::new();
             let mut failed = Vec::new();
+            let mut noted = false;
             for (it, vol, s, held) in write_rx {
-                match write_outputs(&out.join(&it.id), &it.id, &vol, &s) {
-                    Ok(summary) => done.push(summary),
+                match write_outputs_with(&out.join(&it.id), &it.id, &vol, &s, outputs) {
+                    Ok(summary) => {
+                        if let Some(why) = summary
+                            .dicom_seg
+                            .as_deref()
+                            .and_then(|n| n.strip_prefix("not written: "))
+                        {
+                            if !noted {
+                                noted = true;
+                                wbar.suspend(|| {
+                                    eprintln!(
+                                        "note: {}: no seg.dcm ({why}): --dicom-seg writes one \
+                                         only for DICOM inputs (each summary.json says)",
+                                        it.id
+                                    )
+                                });
+                            }
+                        }
+                        done.push(summary)
+                    }
                     Err(e) => failed.push((it.id.clone(), e.to_string())),
                 }
                 drop(held);

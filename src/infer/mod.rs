@@ -14,9 +14,9 @@ pub mod outputs;
 pub mod segmenter;
 pub mod slabs;
 
-pub use batch::{segment_all, BatchReport};
+pub use batch::{segment_all, segment_all_with, BatchReport};
 pub use inputs::{expand_inputs, expand_inputs_with, ExpandOptions, Expanded, InputItem};
-pub use outputs::{write_outputs, VolumeSummary};
+pub use outputs::{write_outputs, write_outputs_with, OutputOptions, VolumeSummary};
 pub use segmenter::{
     Fuse, ModelPass, Oracle, RefineOnBackend, SegmentOptions, Segmentation, Segmenter,
     SliceClassifier,

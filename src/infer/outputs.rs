@@ -2,7 +2,9 @@
 //! geometry), `cam.nii.gz` (f32 normalised CAM), `unet.nii.gz` (f32, the stage-3 U-Net's
 //! probability on every slice, when the model has one), `slices.csv` (z, probability, positive,
 //! mask voxels), `overlay.png` (a montage of the positive slices: CT, CAM heat map, mask
-//! outline) and `summary.json` (hemorrhage volume in mL and the rest). The set is written
+//! outline), `summary.json` (hemorrhage volume in mL and the rest) and, when asked
+//! ([`OutputOptions::dicom_seg`]) for a volume read from DICOM, `seg.dcm`: the mask as a
+//! DICOM Segmentation of the source series ([`crate::io::dicom_seg`]). The set is written
 //! into a hidden temporary folder and renamed into place as one ([`AtomicDir`]): a volume
 //! that fails half-way leaves nothing, a previous good output for the same id stays whole
 //! until the new one replaces it, and a folder holding other files is not replaced.
@@ -10,7 +12,7 @@
 use super::segmenter::Segmentation;
 use super::InferError;
 use crate::io::atomic::{write_atomic, AtomicDir};
-use crate::io::{self, IoError, Volume};
+use crate::io::{self, dicom_seg, IoError, Volume};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
@@ -28,6 +30,17 @@ pub struct VolumeSummary {
     pub positive_slices: Vec<usize>,
     pub max_probability: f64,
     pub kmeans_saturation: f32,
+    /// With `--dicom-seg`: `seg.dcm` and its frames, or why it was not written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dicom_seg: Option<String>,
+}
+
+/// Which optional files [`write_outputs_with`] writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutputOptions {
+    /// `seg.dcm`, a DICOM Segmentation of the mask, for a volume read from DICOM (a NIfTI
+    /// input gets none, and its summary says why).
+    pub dicom_seg: bool,
 }
 
 /// At most this many panels in the overlay montage: the slices with the most mask first.
@@ -62,25 +75,42 @@ fn overlay_slices(seg: &Segmentation, per_slice: &[usize]) -> Vec<usize> {
 }
 
 /// The files of one volume's output folder (`unet.nii.gz` only with a stage-3 U-Net).
-pub const OUTPUT_FILES: [&str; 6] = [
+/// (`seg.dcm` only with [`OutputOptions::dicom_seg`] and a DICOM input).
+pub const OUTPUT_FILES: [&str; 7] = [
     "mask.nii.gz",
     "cam.nii.gz",
     "unet.nii.gz",
     "slices.csv",
     "overlay.png",
     "summary.json",
+    "seg.dcm",
 ];
 
-/// Writes every output of one volume as the folder `dest` (see the module doc).
+/// The file name of the DICOM Segmentation in a volume's folder.
+pub const SEG_FILE: &str = "seg.dcm";
+
+/// Writes every output of one volume as the folder `dest` (see the module doc), without
+/// the optional ones.
 pub fn write_outputs(
     dest: &Path,
     id: &str,
     vol: &Volume,
     seg: &Segmentation,
 ) -> Result<VolumeSummary, InferError> {
+    write_outputs_with(dest, id, vol, seg, OutputOptions::default())
+}
+
+/// As [`write_outputs`], with the optional files `opts` asks for.
+pub fn write_outputs_with(
+    dest: &Path,
+    id: &str,
+    vol: &Volume,
+    seg: &Segmentation,
+    opts: OutputOptions,
+) -> Result<VolumeSummary, InferError> {
     let out = AtomicDir::create(dest, &OUTPUT_FILES)?;
     let tmp = out.path().to_path_buf();
-    let summary = write_files(out.path(), id, vol, seg).map_err(|e| match e {
+    let summary = write_files(out.path(), id, vol, seg, opts).map_err(|e| match e {
         InferError::Io(e) => InferError::Io(e.rebase(&tmp, dest)),
         other => other,
     })?;
@@ -93,6 +123,7 @@ fn write_files(
     id: &str,
     vol: &Volume,
     seg: &Segmentation,
+    opts: OutputOptions,
 ) -> Result<VolumeSummary, InferError> {
     let d = vol.dims().0;
     if seg.probabilities.len() != d || seg.positive.len() != d {
@@ -126,6 +157,26 @@ fn write_files(
         &overlay_slices(seg, &per_slice),
         &dir.join("overlay.png"),
     )?;
+    let dicom_seg = if opts.dicom_seg {
+        Some(match dicom_seg::seg_source(vol) {
+            Err(why) => format!("not written: {why}"),
+            Ok(_) => {
+                let w = dicom_seg::write_seg(
+                    &dir.join(SEG_FILE),
+                    vol,
+                    &seg.mask,
+                    &dicom_seg::SegmentInfo::default(),
+                )?;
+                if w.empty {
+                    format!("{SEG_FILE}: 1 empty frame (no mask voxels)")
+                } else {
+                    format!("{SEG_FILE}: {} frames", w.frames)
+                }
+            }
+        })
+    } else {
+        None
+    };
     let (dz, dy, dx) = vol.dims();
     let summary = VolumeSummary {
         id: id.to_string(),
@@ -138,6 +189,7 @@ fn write_files(
         positive_slices: (0..d).filter(|&z| seg.positive[z]).collect(),
         max_probability: seg.probabilities.iter().copied().fold(0.0, f64::max),
         kmeans_saturation: seg.saturation,
+        dicom_seg,
     };
     let json =
         serde_json::to_string_pretty(&summary).map_err(|e| InferError::Input(e.to_string()))?;

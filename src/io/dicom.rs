@@ -34,6 +34,10 @@
 //! The volume gets a NIfTI header whose sform and qform (code 1, scanner) map voxels to
 //! RAS+ world coordinates: DICOM's LPS with x and y negated.
 //!
+//! The volume keeps the first image's patient, study and series identifiers and, per slice in
+//! `z` order, its SOP instance (and frame) and position ([`DicomSource`]), for a DICOM
+//! Segmentation of it (`dicom_seg.rs`).
+//!
 //! Writing ([`write_series`], used by tests and converters): one CT Image Storage file per
 //! `z` slice, int16 pixels with a rescale intercept of -1024, and the positions,
 //! orientation, pixel spacing and series UID of the volume's geometry.
@@ -43,7 +47,7 @@ use super::atomic::write_atomic;
 use super::geometry::{self, Affine};
 use super::nii::{check_spacing, read_full};
 use super::nii::{replace_nonfinite, ReadOptions, ReadReport};
-use super::volume::Volume;
+use super::volume::{DicomSlice, DicomSource, Volume};
 use super::IoError;
 use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
 use dicom_core::value::PrimitiveValue;
@@ -56,7 +60,7 @@ use std::path::{Path, PathBuf};
 
 /// CT Image Storage SOP class.
 const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
-const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+pub(crate) const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 /// Largest relative deviation of one slice step from the median step.
 const MAX_STEP_DEVIATION: f64 = 0.10;
 /// Stored value = HU - WRITE_INTERCEPT.
@@ -68,6 +72,9 @@ struct SliceInfo {
     /// The frame's index (from 0) in a multi-frame file; `None` for a single-frame file.
     frame: Option<u32>,
     series: Option<String>,
+    /// SOPClassUID and SOPInstanceUID of the file (a SEG references them).
+    sop_class: String,
+    sop_instance: String,
     rows: usize,
     cols: usize,
     position: [f64; 3],
@@ -376,6 +383,8 @@ fn read_files(
     let dir = source;
     let mut report = ReadReport::default();
     let mut slices = Vec::new();
+    // The patient and study of the first image (a SEG copies them).
+    let mut study: Option<DicomSource> = None;
     let budget = super::budget::budget();
     for p in files {
         // The library holds a whole file in memory, and allocates each element's claimed
@@ -401,6 +410,9 @@ fn read_files(
             }
         };
         let found = image_info(p, &obj)?;
+        if study.is_none() && !found.is_empty() {
+            study = Some(study_of(&obj));
+        }
         if found.is_empty() {
             report.warnings.push(format!(
                 "{}: skipped, DICOM without an image (no Rows/Columns)",
@@ -578,12 +590,29 @@ fn read_files(
     geometry::set_qform(&mut header, &aff, geometry::XFORM_SCANNER);
     header.datatype = 4;
     header.bitpix = 16;
+    let dicom = DicomSource {
+        slices: slices
+            .iter()
+            .map(|s| DicomSlice {
+                sop_class_uid: s.sop_class.clone(),
+                sop_instance_uid: s.sop_instance.clone(),
+                frame: s.frame.map(|f| f + 1),
+                position: s.position,
+            })
+            .collect(),
+        orientation: first.orientation,
+        pixel_spacing: first.spacing,
+        slice_thickness: first.thickness,
+        slice_step: dz,
+        ..study.unwrap_or_default()
+    };
     Ok((
         Volume {
             data,
             spacing,
             header,
             source: dir.to_path_buf(),
+            dicom: Some(Box::new(dicom)),
         },
         report,
     ))
@@ -1067,6 +1096,8 @@ fn slice_record(
         path: p.to_path_buf(),
         frame,
         series: base.series.clone(),
+        sop_class: base.sop_class.clone(),
+        sop_instance: base.sop_instance.clone(),
         position: [pos[0], pos[1], pos[2]],
         orientation: [ori[0], ori[1], ori[2], ori[3], ori[4], ori[5]],
         spacing: [sp[0], sp[1]],
@@ -1131,6 +1162,8 @@ fn image_info(p: &Path, obj: &Obj) -> Result<Vec<SliceInfo>, IoError> {
         path: p.to_path_buf(),
         frame: None,
         series,
+        sop_class: text_of(obj, tags::SOP_CLASS_UID),
+        sop_instance: text_of(obj, tags::SOP_INSTANCE_UID),
         rows: rows as usize,
         cols: cols as usize,
         position: [0.0; 3],
@@ -1184,6 +1217,40 @@ fn image_info(p: &Path, obj: &Obj) -> Result<Vec<SliceInfo>, IoError> {
             slice_record(p, &base, Some(f as u32), &src)
         })
         .collect()
+}
+
+/// The text of `tag` in `obj` without DICOM's padding; empty when absent.
+fn text_of(obj: &InMemDicomObject, tag: Tag) -> String {
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| {
+            e.to_str()
+                .ok()
+                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// The patient, study and series identifiers of an image (its slices are filled later).
+fn study_of(obj: &InMemDicomObject) -> DicomSource {
+    let t = |tag| text_of(obj, tag);
+    DicomSource {
+        study_uid: t(tags::STUDY_INSTANCE_UID),
+        series_uid: t(tags::SERIES_INSTANCE_UID),
+        frame_of_reference_uid: t(tags::FRAME_OF_REFERENCE_UID),
+        patient_name: t(tags::PATIENT_NAME),
+        patient_id: t(tags::PATIENT_ID),
+        patient_birth_date: t(tags::PATIENT_BIRTH_DATE),
+        patient_sex: t(tags::PATIENT_SEX),
+        study_date: t(tags::STUDY_DATE),
+        study_time: t(tags::STUDY_TIME),
+        study_id: t(tags::STUDY_ID),
+        accession_number: t(tags::ACCESSION_NUMBER),
+        referring_physician: t(tags::REFERRING_PHYSICIAN_NAME),
+        charset: t(tags::SPECIFIC_CHARACTER_SET),
+        ..DicomSource::default()
+    }
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
@@ -1359,7 +1426,7 @@ fn series_affine(first: &SliceInfo, dz: f64) -> Affine {
 }
 
 /// A fresh `2.25.<decimal>` UID.
-fn new_uid() -> String {
+pub(crate) fn new_uid() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()
@@ -1372,7 +1439,7 @@ fn new_uid() -> String {
     format!("2.25.{}", v & ((1u128 << 127) - 1))
 }
 
-fn ds(v: f64) -> String {
+pub(crate) fn ds(v: f64) -> String {
     // DS values are at most 16 characters.
     let s = format!("{v:.6}");
     let s = s.trim_end_matches('0').trim_end_matches('.').to_string();
@@ -1383,7 +1450,7 @@ fn ds(v: f64) -> String {
     }
 }
 
-fn strs(v: &[f64]) -> PrimitiveValue {
+pub(crate) fn strs(v: &[f64]) -> PrimitiveValue {
     PrimitiveValue::Strs(v.iter().map(|&x| ds(x)).collect())
 }
 

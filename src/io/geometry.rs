@@ -257,6 +257,7 @@ impl Volume {
             spacing,
             header,
             source,
+            dicom: None,
         }
     }
 

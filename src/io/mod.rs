@@ -1,5 +1,6 @@
 //! Volumes in and out: NIfTI (`.nii`, `.nii.gz`, and `.hdr`/`.img` pairs, in), DICOM series,
-//! PNG overlays. [`volume_stem`] is the one place that says which file names are volumes
+//! PNG overlays, DICOM Segmentations of a mask ([`dicom_seg`]). A volume read from DICOM
+//! keeps its source's identifiers and slice geometry ([`DicomSource`]). [`volume_stem`] is the one place that says which file names are volumes
 //! (and [`volume_id`] what a named file's id is).
 //! NIfTI's column-major `(x, y, z)` voxel order (x fastest) becomes `[z, y, x]` here and
 //! nowhere else: the bytes are read straight into a row-major `[z, y, x]` array and
@@ -16,6 +17,7 @@
 pub mod atomic;
 pub mod budget;
 pub mod dicom;
+pub mod dicom_seg;
 pub mod error;
 pub mod geometry;
 pub mod inspect;
@@ -29,7 +31,7 @@ pub use nii::{
     check_same_shape, to_mask, write_map, write_mask, write_volume, DataType, ReadOptions,
     ReadReport,
 };
-pub use volume::{Mask, Volume};
+pub use volume::{DicomSlice, DicomSource, Mask, Volume};
 
 use std::path::Path;
 

@@ -662,6 +662,7 @@ fn finish(
             spacing,
             header,
             source: path.to_path_buf(),
+            dicom: None,
         },
         report,
     ))

@@ -18,6 +18,50 @@ pub struct Volume {
     pub header: nifti::NiftiHeader,
     /// Where it was read from (a file or a DICOM folder), for messages.
     pub source: PathBuf,
+    /// What a DICOM input said about its patient, study, series and slices (what a DICOM
+    /// Segmentation of this volume must reference); `None` for a NIfTI input.
+    pub dicom: Option<Box<DicomSource>>,
+}
+
+/// The identifiers and geometry of a DICOM source, as read (values trimmed of DICOM's
+/// padding; an absent attribute is an empty string).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DicomSource {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub frame_of_reference_uid: String,
+    pub patient_name: String,
+    pub patient_id: String,
+    pub patient_birth_date: String,
+    pub patient_sex: String,
+    pub study_date: String,
+    pub study_time: String,
+    pub study_id: String,
+    pub accession_number: String,
+    pub referring_physician: String,
+    /// SpecificCharacterSet of the source (how its names were encoded).
+    pub charset: String,
+    /// One per slice, in the volume's `z` order.
+    pub slices: Vec<DicomSlice>,
+    /// ImageOrientationPatient (row cosines, then column cosines; LPS).
+    pub orientation: [f64; 6],
+    /// PixelSpacing: between rows, between columns (mm).
+    pub pixel_spacing: [f64; 2],
+    /// SliceThickness (mm), when the source gave one.
+    pub slice_thickness: Option<f64>,
+    /// The step between neighbouring slices along the slice normal (mm).
+    pub slice_step: f64,
+}
+
+/// The DICOM instance (and frame) a slice of the volume came from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DicomSlice {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    /// The frame number (from 1) in a multi-frame instance; `None` for a single-frame one.
+    pub frame: Option<u32>,
+    /// ImagePositionPatient (LPS, mm) of the slice's first pixel.
+    pub position: [f64; 3],
 }
 
 /// A binary mask `[z, y, x]`, 0/1.
