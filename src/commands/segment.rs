@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use ichcam::infer::{
-    expand_inputs_with, segment_all_with, BatchReport, ExpandOptions, Fuse, OutputOptions,
-    RefineOnBackend, SegmentOptions, Segmenter, SliceClassifier,
+    expand_inputs_with, segment_all_with, BatchReport, ExpandOptions, Fuse, InputItem,
+    OutputOptions, RefineOnBackend, SegmentOptions, Segmenter, SliceClassifier,
 };
 use ichcam::model::CamKind;
 use ichcam::seg::ccl::Connectivity;
@@ -301,12 +301,11 @@ fn ct() -> SegmentOptions {
     SegmentOptions::real_ct()
 }
 
-/// Segments with an already chosen backend and prints the report.
+/// Segments the expanded inputs with an already chosen backend.
 pub fn run_with<B: RefineOnBackend>(
     backend: B,
     model: &Path,
-    inputs: &[PathBuf],
-    expand: &ExpandOptions,
+    items: &[InputItem],
     out: &Path,
     opts: SegmentOptions,
     outputs: OutputOptions,
@@ -314,11 +313,6 @@ pub fn run_with<B: RefineOnBackend>(
 ) -> anyhow::Result<BatchReport> {
     let mut seg = Segmenter::load(backend, model, opts)
         .with_context(|| format!("loading the model {}", model.display()))?;
-    let found = expand_inputs_with(inputs, expand)?;
-    for s in &found.skipped {
-        eprintln!("skipped: {s}");
-    }
-    let items = found.items;
     if progress {
         eprintln!(
             "segmenting {} volume(s) on {} at {}x{} model input, slice threshold {:.3}, {}",
@@ -333,7 +327,7 @@ pub fn run_with<B: RefineOnBackend>(
             }
         );
     }
-    let report = segment_all_with(&mut seg, &items, out, progress, outputs);
+    let report = segment_all_with(&mut seg, items, out, progress, outputs);
     Ok(report)
 }
 
@@ -372,10 +366,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         min_slices: a.min_slices,
         series: a.series.clone(),
     };
+    let found = expand_inputs_with(&a.input, &expand)?;
+    for s in &found.skipped {
+        eprintln!("skipped: {s}");
+    }
     let outputs = OutputOptions {
         dicom_seg: a.dicom_seg,
     };
-    let report = ichcam::on_device!(device, be => run_with(be, &a.model, &a.input, &expand, &a.out, opts, outputs, !a.quiet))?;
+    let report = ichcam::on_device!(device, be => run_with(be, &a.model, &found.items, &a.out, opts, outputs, !a.quiet))?;
     print_report(&report);
     if !report.failed.is_empty() {
         anyhow::bail!(
