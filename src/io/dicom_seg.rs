@@ -185,7 +185,7 @@ pub fn write_seg(
     let dim_uid = new_uid();
     let series_uid = new_uid();
     let sop_uid = new_uid();
-    let (date, time) = now_da_tm();
+    let (date, time) = super::clock::UtcTime::now().dicom_da_tm();
     let step = src.slice_step.abs();
     let thickness = src.slice_thickness.unwrap_or(step);
 
@@ -480,29 +480,6 @@ pub fn write_seg(
     })
 }
 
-/// Today's date (DA) and the time of day (TM), in UTC.
-fn now_da_tm() -> (String, String) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (
-        format!("{y:04}{m:02}{d:02}"),
-        format!("{:02}{:02}{:02}", rem / 3600, (rem % 3600) / 60, rem % 60),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,13 +497,5 @@ mod tests {
         assert_eq!(p[1], 1 << 1); // bit 9: frame 1, pixel 0
         assert_eq!(p[2], 1 << 1); // bit 17: frame 1, pixel 8
         assert_eq!(p[3], 0);
-    }
-
-    #[test]
-    fn dates() {
-        let (d, t) = now_da_tm();
-        assert_eq!(d.len(), 8);
-        assert!(d.starts_with("20"), "{d}");
-        assert_eq!(t.len(), 6);
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod atomic;
 pub mod budget;
+pub mod clock;
 pub mod dicom;
 pub mod dicom_seg;
 pub mod error;
