@@ -9,7 +9,7 @@
 mod common;
 
 use common::enhanced::{write_enhanced, Enhanced};
-use common::files::{run_limited, Outcome, AS_LIMIT};
+use common::files::Outcome;
 use ichcam::data::dataset::{
     list_volumes, load_case, read_label_csv, slice_labels_from_mask, summary, Dataset, Layout,
 };
@@ -702,23 +702,7 @@ fn segment_runs_on_a_folder_with_a_loose_multi_frame_file() {
     io::dicom::write_series(&input.join("b"), &v).unwrap();
     write_enhanced(&input.join("c.dcm"), &v, &Enhanced::default());
     let out = dir.path().join("out");
-    let os = std::ffi::OsStr::new;
-    let r = run_limited(
-        &[
-            os("segment"),
-            os("--model"),
-            model.as_os_str(),
-            os("--input"),
-            input.as_os_str(),
-            os("--out"),
-            out.as_os_str(),
-            os("--device"),
-            os("cpu"),
-            os("-q"),
-        ],
-        AS_LIMIT,
-        std::time::Duration::from_secs(600),
-    );
+    let r = common::files::segment_cpu(&model, &input, &out, &[]);
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
     assert_eq!(common::files::check_outputs(&out), Ok(3));
     for id in ["a", "b", "c"] {
@@ -903,25 +887,11 @@ fn segment_recursive_on_a_nested_archive() {
     garbage.extend(b"DICM");
     garbage.extend((0..600u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
     std::fs::write(bad.join("x.dcm"), &garbage).unwrap();
-    let os = std::ffi::OsStr::new;
-    let segment = |input: &Path, out: &Path, more: &[&std::ffi::OsStr]| {
-        let mut args = vec![
-            os("segment"),
-            os("--model"),
-            model.as_os_str(),
-            os("--input"),
-            input.as_os_str(),
-            os("--out"),
-            out.as_os_str(),
-            os("--device"),
-            os("cpu"),
-            os("-q"),
-        ];
-        args.extend_from_slice(more);
-        run_limited(&args, AS_LIMIT, std::time::Duration::from_secs(600))
+    let segment = |input: &Path, out: &Path, more: &[&str]| {
+        common::files::segment_cpu(&model, input, out, more)
     };
     let out = t.path().join("out");
-    let r = segment(&root, &out, &[os("--recursive")]);
+    let r = segment(&root, &out, &["--recursive"]);
     // The corrupt folder fails cleanly; the others are segmented.
     assert!(
         matches!(r.outcome, Outcome::CleanError(_)),
@@ -949,7 +919,7 @@ fn segment_recursive_on_a_nested_archive() {
     // --series: one series of the mixed folder; the folder whole is a clear failure.
     let dir = root.join("patient1/study2/mixed");
     let out2 = t.path().join("out2");
-    let r = segment(&dir, &out2, &[os("--series"), os(&mixed[1].uid)]);
+    let r = segment(&dir, &out2, &["--series", mixed[1].uid.as_str()]);
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
     let m = io::read_volume(&out2.join("mixed/mask.nii.gz")).unwrap();
     assert_eq!(m.dims(), (9, 48, 48));

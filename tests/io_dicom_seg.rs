@@ -11,7 +11,7 @@
 mod common;
 
 use common::enhanced::{write_enhanced, Enhanced};
-use common::files::{run_limited, Outcome, AS_LIMIT};
+use common::files::Outcome;
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
@@ -503,31 +503,21 @@ fn segment_with_dicom_seg_writes_seg_dcm_for_dicom_inputs_only() {
     io::dicom::write_series(&input.join("b"), &v).unwrap();
     write_enhanced(&input.join("c.dcm"), &v, &Enhanced::default());
     let out = dir.path().join("out");
-    let os = std::ffi::OsStr::new;
     // Every slice positive and the CAM everywhere, so that the random model's mask is not
     // empty.
-    let r = run_limited(
+    let r = common::files::segment_cpu(
+        &model,
+        &input,
+        &out,
         &[
-            os("segment"),
-            os("--model"),
-            model.as_os_str(),
-            os("--input"),
-            input.as_os_str(),
-            os("--out"),
-            out.as_os_str(),
-            os("--device"),
-            os("cpu"),
-            os("--dicom-seg"),
-            os("--slice-threshold"),
-            os("0"),
-            os("--cam-threshold"),
-            os("0"),
-            os("--min-component-ml"),
-            os("0"),
-            os("-q"),
+            "--dicom-seg",
+            "--slice-threshold",
+            "0",
+            "--cam-threshold",
+            "0",
+            "--min-component-ml",
+            "0",
         ],
-        AS_LIMIT,
-        std::time::Duration::from_secs(600),
     );
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
     // One note, for the NIfTI input.
@@ -585,22 +575,7 @@ fn segment_with_dicom_seg_writes_seg_dcm_for_dicom_inputs_only() {
     }
     // Without the flag: no seg.dcm.
     let out2 = dir.path().join("out2");
-    let r = run_limited(
-        &[
-            os("segment"),
-            os("--model"),
-            model.as_os_str(),
-            os("--input"),
-            input.join("b").as_os_str(),
-            os("--out"),
-            out2.as_os_str(),
-            os("--device"),
-            os("cpu"),
-            os("-q"),
-        ],
-        AS_LIMIT,
-        std::time::Duration::from_secs(600),
-    );
+    let r = common::files::segment_cpu(&model, &input.join("b"), &out2, &[]);
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
     assert_eq!(common::files::check_outputs(&out2), Ok(1));
 }

@@ -738,8 +738,7 @@ fn nifti2_warnings_and_nan_voxels_are_those_of_nifti1() {
 
 #[test]
 fn segment_writes_nifti1_outputs_that_overlay_a_nifti2_input() {
-    use common::files::{run_limited, Outcome, AS_LIMIT};
-    use std::ffi::OsStr;
+    use common::files::Outcome;
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.safetensors");
     common::files::write_model(&model, 32);
@@ -756,23 +755,7 @@ fn segment_writes_nifti1_outputs_that_overlay_a_nifti2_input() {
     let v2 = io::read_volume(&p2).unwrap();
     assert_eq!(v2.header.sizeof_hdr, 540);
     let out = dir.path().join("out");
-    let os = OsStr::new;
-    let r = run_limited(
-        &[
-            os("segment"),
-            os("--model"),
-            model.as_os_str(),
-            os("--input"),
-            input.as_os_str(),
-            os("--out"),
-            out.as_os_str(),
-            os("--device"),
-            os("cpu"),
-            os("-q"),
-        ],
-        AS_LIMIT,
-        std::time::Duration::from_secs(600),
-    );
+    let r = common::files::segment_cpu(&model, &input, &out, &[]);
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
     assert_eq!(common::files::check_outputs(&out), Ok(1));
     for name in ["mask.nii.gz", "cam.nii.gz"] {
@@ -991,8 +974,7 @@ fn folders_list_a_pair_once() {
 
 #[test]
 fn segment_on_a_pair_writes_nifti1_outputs_that_overlay_it() {
-    use common::files::{run_limited, Outcome, AS_LIMIT};
-    use std::ffi::OsStr;
+    use common::files::Outcome;
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.safetensors");
     common::files::write_model(&model, 32);
@@ -1007,23 +989,7 @@ fn segment_on_a_pair_writes_nifti1_outputs_that_overlay_it() {
     let v2 = io::read_volume(&hp).unwrap();
     assert_eq!(v2.data, io::read_volume(&p1).unwrap().data);
     let out = dir.path().join("out");
-    let os = OsStr::new;
-    let r = run_limited(
-        &[
-            os("segment"),
-            os("--model"),
-            model.as_os_str(),
-            os("--input"),
-            input.as_os_str(),
-            os("--out"),
-            out.as_os_str(),
-            os("--device"),
-            os("cpu"),
-            os("-q"),
-        ],
-        AS_LIMIT,
-        std::time::Duration::from_secs(600),
-    );
+    let r = common::files::segment_cpu(&model, &input, &out, &[]);
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.stderr);
     // One volume (the pair, not its .img besides), named by the pair's stem.
     assert_eq!(common::files::check_outputs(&out), Ok(1));

@@ -234,6 +234,26 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// `ichcam segment --model MODEL --input INPUT --out OUT --device cpu`, then `extra`, then
+/// `-q`, under [`AS_LIMIT`] and a 10-minute timeout.
+pub fn segment_cpu(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> Run {
+    let os = std::ffi::OsStr::new;
+    let mut args = vec![
+        os("segment"),
+        os("--model"),
+        model.as_os_str(),
+        os("--input"),
+        input.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+        os("--device"),
+        os("cpu"),
+    ];
+    args.extend(extra.iter().map(|&a| os(a)));
+    args.push(os("-q"));
+    run_limited(&args, AS_LIMIT, Duration::from_secs(600))
+}
+
 /// Runs the `ichcam` binary with `args` under an address-space limit of `as_limit` bytes
 /// (`setrlimit(RLIMIT_AS)` in the child before `exec`), killed after `timeout`.
 pub fn run_limited(args: &[&std::ffi::OsStr], as_limit: u64, timeout: Duration) -> Run {
