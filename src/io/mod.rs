@@ -1,7 +1,9 @@
-//! Volumes in and out: NIfTI (`.nii`, `.nii.gz`, and `.hdr`/`.img` pairs, in), DICOM series,
-//! PNG overlays, DICOM Segmentations of a mask ([`dicom_seg`]). A volume read from DICOM
-//! keeps its source's identifiers and slice geometry ([`DicomSource`]). [`volume_stem`] is the one place that says which file names are volumes
-//! (and [`volume_id`] what a named file's id is).
+//! Volumes in and out: NIfTI (`.nii`, `.nii.gz`, and `.hdr`/`.img` pairs, in), DICOM series
+//! and multi-frame files, PNG overlays, DICOM Segmentations of a mask ([`dicom_seg`]). A
+//! volume read from DICOM keeps its source's identifiers and slice geometry
+//! ([`DicomSource`]). [`volume_stem`] is the one place that says which file names are
+//! volumes (and [`volume_id`] what a named file's id is); [`clock`] the one UTC clock of the
+//! outputs' timestamps.
 //! NIfTI's column-major `(x, y, z)` voxel order (x fastest) becomes `[z, y, x]` here and
 //! nowhere else: the bytes are read straight into a row-major `[z, y, x]` array and
 //! written back the same way. Nothing here knows about the network.
