@@ -1057,6 +1057,42 @@ fn nifti2_hostile_headers_are_clear_errors() {
     }
 }
 
+/// `p`'s header claims 32767^3 float64 voxels: the read refuses it as too large, naming the
+/// claim; past the per-volume cap the budget or the file's size refuses it; both within a
+/// second (nothing allocated); `ichcam inspect` under a 1 GB address space exits with a
+/// clean error naming the claim. Returns the first read's error for more checks.
+fn assert_terabyte_claim_refused(p: &Path, name: &str) -> IoError {
+    let t = std::time::Instant::now();
+    let e = io::read_volume(p).unwrap_err();
+    assert!(
+        matches!(&e, IoError::TooLarge { claim, .. } if claim == "32767x32767x32767 voxels of float64"),
+        "{e}"
+    );
+    let past_cap = io::read_volume_with(
+        p,
+        &io::ReadOptions {
+            max_bytes: u64::MAX,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&past_cap, IoError::OverBudget { .. })
+            || past_cap.to_string().contains("cannot hold that much")
+            || past_cap.to_string().contains("holds only"),
+        "{past_cap}"
+    );
+    assert!(t.elapsed().as_secs_f64() < 1.0, "{name}");
+    let r = run_limited(&[OsStr::new("inspect"), p.as_os_str()], 1 << 30, LONG);
+    assert!(
+        matches!(&r.outcome, Outcome::CleanError(l) if l.contains("header claims 32767x32767x32767 voxels of float64")),
+        "{name}: {:?} {}",
+        r.outcome,
+        r.stderr
+    );
+    e
+}
+
 #[test]
 fn a_nifti2_header_claiming_terabytes_is_refused_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
@@ -1072,38 +1108,8 @@ fn a_nifti2_header_claiming_terabytes_is_refused_before_allocating() {
     ] {
         let p = dir.path().join(name);
         std::fs::write(&p, b).unwrap();
-        let t = std::time::Instant::now();
-        let e = io::read_volume(&p).unwrap_err();
-        assert!(
-            matches!(&e, IoError::TooLarge { claim, .. } if claim == "32767x32767x32767 voxels of float64"),
-            "{e}"
-        );
+        let e = assert_terabyte_claim_refused(&p, name);
         assert!(e.to_string().contains("TiB"), "{e}");
-        // Past the cap, the budget and then the file's size refuse it, still before
-        // allocating.
-        let e = io::read_volume_with(
-            &p,
-            &io::ReadOptions {
-                max_bytes: u64::MAX,
-                ..Default::default()
-            },
-        )
-        .unwrap_err();
-        assert!(
-            matches!(&e, IoError::OverBudget { .. })
-                || e.to_string().contains("cannot hold that much")
-                || e.to_string().contains("holds only"),
-            "{e}"
-        );
-        assert!(t.elapsed().as_secs_f64() < 1.0, "{name}");
-        // The binary under a 1 GB address space.
-        let r = run_limited(&[os("inspect"), p.as_os_str()], 1 << 30, LONG);
-        assert!(
-            matches!(&r.outcome, Outcome::CleanError(l) if l.contains("header claims 32767x32767x32767 voxels of float64")),
-            "{name}: {:?} {}",
-            r.outcome,
-            r.stderr
-        );
     }
 }
 
@@ -1328,35 +1334,7 @@ fn a_pair_header_claiming_terabytes_is_refused_before_allocating() {
         let hp = d.join(format!("{stem}.hdr{ext}"));
         std::fs::write(&hp, wrap(&hdr)).unwrap();
         std::fs::write(d.join(format!("{stem}.img{ext}")), wrap(&img[..4096])).unwrap();
-        let t = std::time::Instant::now();
-        let e = io::read_volume(&hp).unwrap_err();
-        assert!(
-            matches!(&e, IoError::TooLarge { claim, .. } if claim == "32767x32767x32767 voxels of float64"),
-            "{e}"
-        );
+        let e = assert_terabyte_claim_refused(&hp, stem);
         assert_eq!(e.path(), hp.as_path());
-        // Past the cap, the budget or the .img's size refuses it, still before allocating.
-        let e = io::read_volume_with(
-            &hp,
-            &io::ReadOptions {
-                max_bytes: u64::MAX,
-                ..Default::default()
-            },
-        )
-        .unwrap_err();
-        assert!(
-            matches!(&e, IoError::OverBudget { .. })
-                || e.to_string().contains("cannot hold that much")
-                || e.to_string().contains("holds only"),
-            "{e}"
-        );
-        assert!(t.elapsed().as_secs_f64() < 1.0, "{stem}");
-        let r = run_limited(&[os("inspect"), hp.as_os_str()], 1 << 30, LONG);
-        assert!(
-            matches!(&r.outcome, Outcome::CleanError(l) if l.contains("header claims 32767x32767x32767 voxels of float64")),
-            "{stem}: {:?} {}",
-            r.outcome,
-            r.stderr
-        );
     }
 }
