@@ -196,18 +196,8 @@ pub fn list_series(dir: &Path) -> Result<Vec<SeriesInfo>, IoError> {
 fn series_of_files(files: &[PathBuf]) -> Result<Vec<SeriesInfo>, IoError> {
     let mut out: Vec<SeriesInfo> = Vec::new();
     for p in files {
-        if let Err(reason) = scan_lengths(p) {
-            return Err(IoError::invalid(p, reason));
-        }
-        let obj = match OpenFileOptions::new()
-            .read_until(tags::PIXEL_DATA)
-            .open_file(p)
-        {
-            Ok(o) => o,
-            Err(e) if has_dicm_magic(p) => {
-                return Err(IoError::invalid(p, format!("corrupt DICOM file: {e}")))
-            }
-            Err(_) => continue,
+        let Some(obj) = open_header(p)? else {
+            continue;
         };
         let found = image_info(p, &obj)?;
         let Some(first) = found.first() else {
@@ -287,13 +277,7 @@ pub fn probe_file(path: &Path) -> Result<(usize, usize, usize), IoError> {
 
 fn probe_files(source: &Path, files: &[PathBuf]) -> Result<(usize, usize, usize), IoError> {
     for p in files {
-        if let Err(reason) = scan_lengths(p) {
-            return Err(IoError::invalid(p, reason));
-        }
-        let Ok(obj) = OpenFileOptions::new()
-            .read_until(tags::PIXEL_DATA)
-            .open_file(p)
-        else {
+        let Some(obj) = open_header(p)? else {
             continue;
         };
         let s = image_info(p, &obj)?;
@@ -332,11 +316,9 @@ pub fn probe_image(p: &Path) -> Result<FileImage, IoError> {
     if !has_dicm_magic(p) {
         return Ok(FileImage::NotDicom);
     }
-    scan_lengths(p).map_err(|reason| IoError::invalid(p, reason))?;
-    let obj = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(p)
-        .map_err(|e| IoError::invalid(p, format!("corrupt DICOM file: {e}")))?;
+    let Some(obj) = open_header(p)? else {
+        return Ok(FileImage::NotDicom);
+    };
     let s = image_info(p, &obj)?;
     Ok(match s.first() {
         None => FileImage::NoImage,
@@ -391,23 +373,11 @@ fn read_files(
         // length before reading it: both are bounded before it sees the file.
         let flen = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         budget.check(p, flen as u128 * 2, || "reading a DICOM file".into())?;
-        if let Err(reason) = scan_lengths(p) {
-            return Err(IoError::invalid(p, reason));
-        }
-        let obj = match OpenFileOptions::new()
-            .read_until(tags::PIXEL_DATA)
-            .open_file(p)
-        {
-            Ok(o) => o,
-            Err(e) => {
-                if has_dicm_magic(p) {
-                    return Err(IoError::invalid(p, format!("corrupt DICOM file: {e}")));
-                }
-                report
-                    .warnings
-                    .push(format!("{}: skipped, not a DICOM file", p.display()));
-                continue;
-            }
+        let Some(obj) = open_header(p)? else {
+            report
+                .warnings
+                .push(format!("{}: skipped, not a DICOM file", p.display()));
+            continue;
         };
         let found = image_info(p, &obj)?;
         if study.is_none() && !found.is_empty() {
@@ -950,6 +920,22 @@ fn has_dicm_magic(p: &Path) -> bool {
 }
 
 type Obj = dicom_object::FileDicomObject<InMemDicomObject>;
+
+/// The header of the DICOM file `p` (up to its pixel data), its element lengths checked
+/// against the file first ([`scan_lengths`]): `None` when it is not DICOM (no `DICM` code and
+/// not readable as DICOM); an error naming the file when its lengths are impossible or it
+/// has the code but a corrupt header. The one way every reader and probe here opens a file.
+fn open_header(p: &Path) -> Result<Option<Obj>, IoError> {
+    scan_lengths(p).map_err(|reason| IoError::invalid(p, reason))?;
+    match OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .open_file(p)
+    {
+        Ok(o) => Ok(Some(o)),
+        Err(e) if has_dicm_magic(p) => Err(IoError::invalid(p, format!("corrupt DICOM file: {e}"))),
+        Err(_) => Ok(None),
+    }
+}
 
 /// The numbers of `tag` in `set` (`None` when absent); an error unless there are `n`
 /// finite ones. `at` prefixes the message (`"frame 3: "`).
