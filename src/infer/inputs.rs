@@ -47,12 +47,7 @@ fn expand_flat(inputs: &[PathBuf]) -> Result<Vec<InputItem>, InferError> {
             });
             continue;
         }
-        // A dataset folder segments its images.
-        let dir = ["images", "data"]
-            .iter()
-            .map(|s| p.join(s))
-            .find(|d| d.is_dir())
-            .unwrap_or_else(|| p.clone());
+        let dir = images_dir(p);
         let vols = list_volumes(&dir, true)?;
         if vols.is_empty() {
             // Not a folder of volumes: a DICOM series itself (the reader says if it is not).
@@ -70,6 +65,16 @@ fn expand_flat(inputs: &[PathBuf]) -> Result<Vec<InputItem>, InferError> {
         }
     }
     Ok(items)
+}
+
+/// The folder whose volumes an input folder `p` gives: a dataset folder segments its
+/// images (`images/` or `data/` inside), any other folder itself.
+fn images_dir(p: &Path) -> PathBuf {
+    ["images", "data"]
+        .iter()
+        .map(|s| p.join(s))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| p.to_path_buf())
 }
 
 /// Refuses duplicate ids and an empty list.
@@ -198,11 +203,7 @@ pub fn expand_inputs_with(
                 out.items.extend(expand_flat(std::slice::from_ref(p))?);
                 continue;
             }
-            let dir = ["images", "data"]
-                .iter()
-                .map(|s| p.join(s))
-                .find(|d| d.is_dir())
-                .unwrap_or_else(|| p.clone());
+            let dir = images_dir(p);
             // DICOM images directly in the input (or its images/) are named by the input.
             let root = volume_id(p);
             walk(&dir, &root, &[], opts, &mut out)?;

@@ -210,12 +210,12 @@ fn series_of_files(files: &[PathBuf]) -> Result<Vec<SeriesInfo>, IoError> {
             }
             None => {
                 let text = |tag| {
-                    obj.element_opt(tag)
-                        .ok()
-                        .flatten()
-                        .and_then(|e| e.to_str().ok().map(|v| v.into_owned()))
-                        .map(|v| v.trim_matches(['\0', ' ']).to_string())
-                        .filter(|v| !v.is_empty())
+                    Some(
+                        text_of(&obj, tag)
+                            .trim_start_matches(['\0', ' '])
+                            .to_string(),
+                    )
+                    .filter(|v| !v.is_empty())
                 };
                 let localizer = obj
                     .element_opt(tags::IMAGE_TYPE)
