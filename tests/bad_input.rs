@@ -8,7 +8,6 @@ use common::rng::SplitMix64;
 use ichcam::io::{self, nii, IoError, ReadOptions, Volume};
 use ndarray::Array3;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -317,11 +316,10 @@ fn failed_writes_leave_no_file_behind() {
 #[test]
 fn cli_inspect_exits_1_with_the_problem_on_stderr() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_ichcam");
     for (name, bytes, phrase) in bad_files() {
         let p = dir.path().join(name);
         std::fs::write(&p, &bytes).unwrap();
-        let out = Command::new(bin).arg("inspect").arg(&p).output().unwrap();
+        let out = common::bin().arg("inspect").arg(&p).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -337,14 +335,10 @@ fn cli_inspect_exits_1_with_the_problem_on_stderr() {
     }
     let empty = dir.path().join("empty_folder");
     std::fs::create_dir(&empty).unwrap();
-    let out = Command::new(bin)
-        .arg("inspect")
-        .arg(&empty)
-        .output()
-        .unwrap();
+    let out = common::bin().arg("inspect").arg(&empty).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty folder"));
-    let out = Command::new(bin)
+    let out = common::bin()
         .arg("inspect")
         .arg(dir.path().join("missing.nii"))
         .output()
@@ -355,8 +349,7 @@ fn cli_inspect_exits_1_with_the_problem_on_stderr() {
 
 #[test]
 fn cli_inspect_describes_a_volume_a_series_and_a_dataset() {
-    let bin = env!("CARGO_BIN_EXE_ichcam");
-    let out = Command::new(bin)
+    let out = common::bin()
         .arg("inspect")
         .arg(fixture("images/054.nii.gz"))
         .output()
@@ -387,7 +380,7 @@ fn cli_inspect_describes_a_volume_a_series_and_a_dataset() {
         "s".into(),
     );
     io::dicom::write_series(dir.path(), &small).unwrap();
-    let out = Command::new(bin)
+    let out = common::bin()
         .arg("inspect")
         .arg(dir.path())
         .output()
@@ -397,7 +390,7 @@ fn cli_inspect_describes_a_volume_a_series_and_a_dataset() {
         out.status.success() && s.contains("DICOM") && s.contains("64 x 64 x 4"),
         "{s}"
     );
-    let out = Command::new(bin)
+    let out = common::bin()
         .arg("inspect")
         .arg(fixture(""))
         .output()

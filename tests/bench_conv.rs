@@ -10,18 +10,16 @@
 //! and fails without one; on the emulator its timings mean nothing, only the output's
 //! completeness and consistency are checked.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::model::{memory, BlockKind, IchNet, ModelConfig};
 use serde_json::Value;
 
 fn ichcam(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
-        .args(args)
-        .output()
-        .expect("running ichcam");
+    let out = common::bin().args(args).output().expect("running ichcam");
     assert!(
         out.status.success(),
         "ichcam {args:?} failed: {}",

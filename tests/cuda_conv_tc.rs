@@ -266,7 +266,7 @@ fn parity_cli_forward_quantities_at_reduced_precision() {
         "/tests/fixtures/torch-parity/parity_basic.safetensors"
     );
     for p in [Precision::Tf32, Precision::Bf16] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichcam"))
+        let out = common::bin()
             .args([
                 "parity",
                 "--device",
@@ -305,14 +305,14 @@ fn cli_refuses_bf16_on_the_cpu() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/torch-parity/parity_basic.safetensors"
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichcam"))
+    let out = common::bin()
         .args(["parity", "--device", "cpu", "--precision", "bf16", fixture])
         .output()
         .expect("run ichcam");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("CPU backend computes in f32 only"), "{err}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichcam"))
+    let out = common::bin()
         .args(["parity", "--precision", "fp16", fixture])
         .output()
         .expect("run ichcam");

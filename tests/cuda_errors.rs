@@ -5,8 +5,10 @@
 //! and, on the emulator only (a GPU would hang), a `__syncthreads` that half a block skips
 //! is a launch failure naming the kernel and the block.
 //!
-//! A fault poisons the device context until everything that holds it is gone, so each test
-//! opens its own backend and drops it, and the tests run one at a time.
+//! A fault poisons the process's CUDA context for good (on an H200 every later call, a new
+//! context's creation too, returned CUDA_ERROR_ILLEGAL_ADDRESS; the emulated driver models
+//! it), so the faulting test runs in a child process of its own (this binary, run again
+//! with `--exact` on that test and ICHCAM_FAULT_CHILD=1), and the tests run one at a time.
 
 mod common;
 
@@ -46,7 +48,26 @@ fn one_warp() -> LaunchConfig {
 /// fill_f32 through an address that is no device memory: the launch is accepted, the
 /// kernel faults, and the next download reports it naming elementwise::fill_f32 (exactly
 /// with CUDA_LAUNCH_BLOCKING=1, as one of the launches since the last sync otherwise).
+/// Runs in a child process (see the module doc).
 fn a_fault_during_a_kernel_names_the_launch() {
+    const NAME: &str = "a_fault_during_a_kernel_names_the_launch";
+    if std::env::var_os("ICHCAM_FAULT_CHILD").is_none() {
+        let exe = std::env::current_exe().expect("this test binary");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("ICHCAM_FAULT_CHILD", "1")
+            .output()
+            .expect("run the faulting test in a child process");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{text}");
+        assert!(out.status.success(), "the child failed:\n{text}");
+        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+        return;
+    }
     let be = CudaBackend::new(0).expect("device");
     let x = be.upload(&[1.0, -2.0, 3.0]).expect("upload");
     let mut y = be.zeros(3).expect("zeros");

@@ -271,12 +271,14 @@ fn what_a_capture_cannot_hold_is_an_error() {
         .err()
         .expect("a synchronisation inside a capture must fail");
     assert!(e.to_string().contains("CAPTURE"), "{e}");
-    // A copy to pageable host memory (a download).
+    // A copy to pageable host memory (a download): refused by the engine before the
+    // driver sees it (an H200's driver accepted it in a thread-local capture and returned
+    // an unwritten buffer; the emulated driver refuses it too).
     let e = g
         .capture(|| g.download(&y).map(|_| ()))
         .err()
         .expect("a download inside a capture must fail");
-    assert!(e.to_string().contains("CAPTURE"), "{e}");
+    assert!(e.to_string().contains("captures a CUDA graph"), "{e}");
     // None of that ran or broke the stream: the captured scale never executed.
     assert!(!g.is_capturing());
     assert_eq!(g.download(&y).expect("download"), [1.0f32; 8]);

@@ -34,7 +34,8 @@
 
 mod common;
 
-use common::cuda::{bin, device, gpu_at as gpu, host};
+use common::bin;
+use common::cuda::{device, gpu_at as gpu, host};
 use ichcam::engine::Precision;
 use ichcam::model::parity::{self, AnyFixture, ParityReport};
 use std::path::PathBuf;

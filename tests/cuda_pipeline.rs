@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::cuda::{bin, device};
+use common::bin;
+use common::cuda::device;
 
 fn main() {
     common::cuda::main(vec![

@@ -13,7 +13,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::cuda::{bin, device};
+use common::bin;
+use common::cuda::device;
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::engine::cuda::CudaBackend;
 use ichcam::infer::{Fuse, RefineOnBackend, SegmentOptions, Segmentation, Segmenter};

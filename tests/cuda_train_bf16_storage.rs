@@ -603,7 +603,7 @@ fn train_step_bf16_storage_matches_f32_storage_and_cpu() {
 /// `ichcam bench --what train-step --json --precision p --act-storage st` on the device,
 /// tiny and short: the JSON line's (`layout`, `act_storage`).
 fn bench_storage(p: &str, st: &str) -> (String, String) {
-    let out = common::cuda::bin()
+    let out = common::bin()
         .args(["bench", "--device", "cuda", "--what", "train-step"])
         .args([
             "--config", "tiny", "--batch", "1", "--slices", "2", "--size", "32",

@@ -595,7 +595,7 @@ fn nhwc_train_step_graph_replays(p: Precision) {
 /// `ichcam bench --what train-step --json --layout layout` on the device, tiny and short: the
 /// JSON line's `layout`.
 fn bench_layout(layout: &str) -> String {
-    let out = common::cuda::bin()
+    let out = common::bin()
         .args([
             "bench",
             "--device",

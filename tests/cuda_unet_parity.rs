@@ -14,7 +14,6 @@ mod common;
 use common::rng::SplitMix64;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use ichcam::engine::cpu::CpuBackend;
@@ -489,7 +488,7 @@ fn parity_binary_passes_every_unet_fixture_on_cuda() {
         if p.extension().is_none_or(|e| e != "safetensors") {
             continue;
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
+        let out = common::bin()
             .args(["parity", "--device", "cuda"])
             .arg(&p)
             .output()

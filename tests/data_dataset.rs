@@ -931,11 +931,7 @@ fn segment_recursive_on_a_nested_archive() {
         r.stderr
     );
     // `inspect` lists the series.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ichcam"))
-        .arg("inspect")
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let o = common::bin().arg("inspect").arg(&dir).output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(

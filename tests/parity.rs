@@ -3,12 +3,13 @@
 //! and odd image sizes) must match in f64 at 1e-9 and in f32 at 1e-4, through the library
 //! and through the `ichcam parity` binary; a corrupted fixture must be refused clearly.
 
+mod common;
+
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::model::parity::{self, Fixture};
 use ichcam::model::ModelError;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const FIXTURES: [&str; 5] = [
     "parity_basic",
@@ -102,7 +103,7 @@ fn a_wrong_parameter_fails_the_comparison() {
 
 #[test]
 fn binary_passes_a_fixture() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
+    let out = common::bin()
         .arg("parity")
         .arg(fixture("parity_bottleneck"))
         .output()
@@ -118,7 +119,7 @@ fn binary_passes_a_fixture() {
         stdout.lines().last().unwrap_or("").starts_with("PASS"),
         "{stdout}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
+    let out = common::bin()
         .args(["parity", "--dtype", "f32"])
         .arg(fixture("parity_basic3_lstm3"))
         .output()
@@ -190,11 +191,7 @@ fn corrupted_fixture_is_refused_clearly() {
         "{msg}"
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
-        .arg("parity")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = common::bin().arg("parity").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -207,11 +204,7 @@ fn corrupted_fixture_is_refused_clearly() {
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"not a tensor file").unwrap();
     for p in [junk, dir.path().join("missing.safetensors")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
-            .arg("parity")
-            .arg(&p)
-            .output()
-            .unwrap();
+        let out = common::bin().arg("parity").arg(&p).output().unwrap();
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -229,7 +222,7 @@ fn corrupted_fixture_is_refused_clearly() {
 fn cuda_device_passes_or_says_why_not() {
     let require = std::env::var("ICHCAM_REQUIRE_GPU").is_ok_and(|v| v == "1");
     for name in FIXTURES {
-        let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
+        let out = common::bin()
             .args(["parity", "--device", "cuda"])
             .arg(fixture(name))
             .output()

@@ -3,11 +3,13 @@
 //! input's exact geometry; a bad volume in a batch is reported without stopping the others;
 //! and `ichcam demo` must clear its Dice bar on held-out phantoms.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ichcam"))
+    common::bin()
 }
 
 fn fixture(rel: &str) -> PathBuf {

@@ -390,7 +390,7 @@ fn channels_last_train_step_is_bit_identical_to_nchw() {
 /// `ichcam bench --what train-step --json` on `device` with `--layout layout`, tiny and
 /// short: (the JSON line's `layout`, stderr); on the CPU its memory fields checked.
 fn bench_layout(device: &str, layout: &str) -> (String, String) {
-    let out = common::cuda::bin()
+    let out = common::bin()
         .args([
             "bench",
             "--device",

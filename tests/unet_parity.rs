@@ -6,12 +6,13 @@
 //! wrong weight must fail, a corrupted fixture must be refused clearly. The CUDA run of the
 //! same fixtures is in tests/cuda_unet_parity.rs.
 
+mod common;
+
 use ichcam::engine::cpu::CpuBackend;
 use ichcam::model::parity::{self, AnyFixture, UNetFixture};
 use ichcam::model::ModelError;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const FIXTURES: [&str; 3] = ["unet_basic", "unet_rgb_f2_b3_48x80", "unet_f2_b1_64x32_bce"];
 
@@ -118,7 +119,7 @@ fn binary_passes_a_fixture_in_both_precisions() {
         ("f64", "unet_rgb_f2_b3_48x80"),
         ("f32", "unet_f2_b1_64x32_bce"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
+        let out = common::bin()
             .args(["parity", "--dtype", dtype])
             .arg(fixture(name))
             .output()
@@ -190,11 +191,7 @@ fn corrupted_fixture_is_refused_clearly() {
         }
         e => panic!("expected a shape mismatch, got {e}"),
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_ichcam"))
-        .arg("parity")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = common::bin().arg("parity").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -24,7 +24,7 @@
 //! [`GraphSteps`], keyed by a [`StepKey`]) serves the stage-3 U-Net's graphed step too
 //! ([`crate::model::unet::graph`]). Knows nothing about datasets or files.
 
-use cudarc::driver::{CudaSlice, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice};
 
 use super::net::{IchNet, Stage1Step};
 use super::optim::{self, OptimizerConfig};
@@ -162,9 +162,12 @@ pub struct GraphSteps<K = Key> {
     pub eager_steps: usize,
     /// The two page-locked slots queued losses are copied into (allocated at the first).
     loss_host: Vec<PinnedHostSlice<f64>>,
-    /// Which slots hold a loss not yet read, and the key of the graph that wrote it (which
-    /// says how its values make the loss).
-    unread: [Option<K>; 2],
+    /// Which slots hold a loss not yet read: the key of the graph that wrote it (which says
+    /// how its values make the loss), and the event recorded after the copy into the slot.
+    /// The engine turns cudarc's own event tracking off, so `PinnedHostSlice::as_slice`
+    /// would not wait for the copy: [`GraphSteps::read`] waits for this event (on an H200 a
+    /// read without it returned the loss of two steps earlier).
+    unread: [Option<(K, CudaEvent)>; 2],
     /// The slot the next queued loss goes to.
     next_slot: usize,
 }
@@ -202,11 +205,14 @@ impl<K: StepKey> GraphSteps<K> {
             StepLoss::Ready(v) => Ok(v),
             StepLoss::Queued(slot) => {
                 let none = || ModelError::Internal(format!("no queued loss in slot {slot}"));
-                let key = self
+                let (key, copied) = self
                     .unread
                     .get_mut(slot)
                     .and_then(Option::take)
                     .ok_or_else(none)?;
+                copied
+                    .synchronize()
+                    .map_err(|e| ModelError::Internal(format!("loss readback: {e}")))?;
                 let host = self.loss_host.get(slot).ok_or_else(none)?;
                 let values = host
                     .as_slice()
@@ -243,7 +249,8 @@ impl<K: StepKey> GraphSteps<K> {
                 .map_err(err)?;
         }
         be.stream().memcpy_dtoh(&g.loss, host).map_err(err)?;
-        self.unread[slot] = Some(g.key.clone());
+        let copied = be.stream().record_event(None).map_err(err)?;
+        self.unread[slot] = Some((g.key.clone(), copied));
         self.next_slot ^= 1;
         Ok(StepLoss::Queued(slot))
     }
@@ -564,9 +571,7 @@ pub(crate) fn download_values(
     be: &CudaBackend,
     loss: &CudaSlice<f64>,
 ) -> Result<Vec<f64>, ModelError> {
-    be.stream()
-        .clone_dtoh(loss)
-        .map_err(|e| ModelError::Internal(format!("loss readback: {e}")))
+    Ok(be.download_prefix(loss, loss.len())?)
 }
 
 pub(crate) fn missing() -> ModelError {

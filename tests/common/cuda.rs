@@ -7,7 +7,6 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -38,24 +37,6 @@ pub fn emulated() -> bool {
         device_absent().is_none()
             && CudaBackend::new(0).is_ok_and(|b| b.info().name.contains("emulated"))
     })
-}
-
-/// The ichcam binary: `ICHCAM_BIN`, else cargo's, else `gpu-bin/ichcam` or
-/// `target/release/ichcam` under the working directory (a test binary carried to a GPU
-/// machine, as scripts/gpu-check.sh does, runs from a copy of the repository).
-pub fn bin() -> Command {
-    let candidates = [
-        std::env::var_os("ICHCAM_BIN").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_BIN_EXE_ichcam"))),
-        Some(PathBuf::from("gpu-bin/ichcam")),
-        Some(PathBuf::from("target/release/ichcam")),
-    ];
-    let exe = candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.exists())
-        .expect("the ichcam binary (set ICHCAM_BIN)");
-    Command::new(exe)
 }
 
 /// One test of a CUDA test binary.

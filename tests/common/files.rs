@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// The address-space limit of the issue: 8 GB.
@@ -257,7 +257,7 @@ pub fn segment_cpu(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> Ru
 /// Runs the `ichcam` binary with `args` under an address-space limit of `as_limit` bytes
 /// (`setrlimit(RLIMIT_AS)` in the child before `exec`), killed after `timeout`.
 pub fn run_limited(args: &[&std::ffi::OsStr], as_limit: u64, timeout: Duration) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ichcam"));
+    let mut cmd = super::bin();
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

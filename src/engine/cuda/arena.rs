@@ -172,14 +172,18 @@ impl Drop for Pinned {
 const STAGE_MIN_BYTES: usize = 64 << 10;
 
 impl Arena {
-    /// An error when the stream is capturing: `op` would allocate (or synchronise), which
-    /// a graph cannot record.
+    /// An error when the stream is capturing: `op` would allocate, synchronise or copy to
+    /// the host, which a graph cannot record. (A GPU's driver may accept a device-to-host
+    /// copy into pageable memory inside a thread-local capture, seen on an H200: the copy is
+    /// recorded, the call returns, and the host buffer holds whatever it held. So the
+    /// engine refuses it here, before the driver sees it.)
     pub(crate) fn check_not_capturing(&self, op: &str) -> Result<()> {
         if self.capturing.load(Ordering::Acquire) {
             return Err(EngineError::Cuda {
                 op: op.to_string(),
                 msg: "not permitted while the stream captures a CUDA graph: the captured region \
-                      must allocate nothing (run it once before capturing, so that its buffers exist)"
+                      must allocate nothing and read nothing back to the host (run it once \
+                      before capturing, so that its buffers exist)"
                     .into(),
             });
         }

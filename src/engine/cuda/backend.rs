@@ -386,12 +386,14 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The first `len` elements of a device buffer (waits for the device).
+    /// The first `len` elements of a device buffer (waits for the device): every copy to
+    /// the host goes through here. Not while capturing a graph.
     pub(crate) fn download_prefix<T: DeviceRepr + Default + Clone>(
         &self,
         s: &CudaSlice<T>,
         len: usize,
     ) -> Result<Vec<T>> {
+        self.arena.check_not_capturing("download")?;
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -754,15 +756,7 @@ impl Backend for CudaBackend {
         self.upload_any(host)
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        if buf.is_empty() {
-            return Ok(Vec::new());
-        }
-        let host = self
-            .stream
-            .clone_dtoh(buf)
-            .map_err(|e| cuda("download", e))?;
-        synced();
-        Ok(host)
+        self.download_prefix(buf, buf.len())
     }
     fn len(&self, buf: &CudaSlice<f32>) -> usize {
         buf.len()

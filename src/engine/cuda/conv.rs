@@ -1801,7 +1801,7 @@ pub(crate) fn check_precision(be: &CudaBackend, p: Precision) -> Result<()> {
     }
     tc_kernels(be).map(|_| ()).map_err(|e| match e {
         EngineError::Compile { log, .. } if log.contains("mma.h") => EngineError::Param(format!(
-            "--precision {p}: the tensor-core kernels (kernels/conv_tc.cu) were not precompiled and need the CUDA headers (mma.h) to compile: rebuild with them (ICHCAM_CUDA_INCLUDE, CUDA_HOME, or pip's nvidia-cuda-runtime and nvidia-cuda-crt beside NVRTC)"
+            "--precision {p}: the tensor-core kernels (kernels/conv_tc.cu) were not precompiled and need the CUDA headers (mma.h) to compile: rebuild with them, or point ICHCAM_CUDA_INCLUDE (or CUDA_HOME) at them on this machine (pip's nvidia-cuda-runtime and nvidia-cuda-crt put them beside NVRTC)"
         )),
         e => e,
     })

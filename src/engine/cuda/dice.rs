@@ -6,7 +6,6 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::device::cuda;
 use super::launch::{blocks, dim, grid, int_args, kernels, map1, map2};
 use super::CudaBackend;
 use crate::engine::shapes::SoftDice;
@@ -58,11 +57,7 @@ pub(crate) fn soft_dice_loss(
     const OP: &str = "soft_dice_loss";
     let mut out = be.take_scratch_f64(2)?;
     let r = soft_dice_loss_into(be, s, probs, targets, dprobs, &mut out, 0);
-    let host = r.and_then(|()| {
-        be.stream()
-            .clone_dtoh(&out)
-            .map_err(|e| cuda("download loss", e))
-    });
+    let host = r.and_then(|()| be.download_prefix(&out, out.len()));
     be.give_scratch_f64(out);
     match host?[..] {
         [loss, z] => dice_value(loss, z),

@@ -4,7 +4,6 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::device::cuda;
 use super::launch::{blocks, dim, kernels};
 use super::CudaBackend;
 use crate::engine::shapes::check_bce;
@@ -27,10 +26,7 @@ pub(crate) fn bce_with_logits(
 ) -> Result<f64> {
     let mut loss = be.alloc::<f64>(1)?;
     bce_with_logits_into(be, logits, targets, pos_weight, dlogits, &mut loss)?;
-    let host = be
-        .stream()
-        .clone_dtoh(&loss)
-        .map_err(|e| cuda("download loss", e))?;
+    let host = be.download_prefix(&loss, loss.len())?;
     host.first().copied().ok_or_else(|| EngineError::Cuda {
         op: "bce_with_logits".into(),
         msg: "empty loss download".into(),
