@@ -3,10 +3,13 @@
 // implemented here (the others answer CUDA_ERROR_NOT_SUPPORTED from stubs.cpp). Work is
 // executed when it is enqueued, in stream order, except on a capturing stream, where it is
 // recorded for a graph and run by cuGraphLaunch (operations a capture cannot hold are refused
-// and invalidate it, as on a GPU); a kernel's failure is reported the way a
-// GPU reports it: the launch succeeds and the error is sticky, returned by the next call
-// on the context (CUDA_LAUNCH_BLOCKING=1 returns it from the launch itself), and
-// cuGetErrorString explains it, naming the kernel, block and thread.
+// and invalidate it, as on a GPU), and except the copies a GPU's copy engine would still be
+// running: an asynchronous copy from page-locked memory runs when something orders work
+// after it, and one into page-locked memory writes it when the host synchronises with it
+// (flush_host); a kernel's failure is reported the way a GPU reports it: the launch
+// succeeds and the error is sticky, returned by the next call that touches any context's
+// work, and by the next context creation (poisoned; CUDA_LAUNCH_BLOCKING=1 returns it from
+// the launch itself), and cuGetErrorString explains it, naming the kernel, block and thread.
 //
 // What it catches like a GPU: zero-byte allocations, copies outside an allocation, block
 // and grid limits, __launch_bounds__, shared memory over 48 KiB without the opt-in (227 KiB
@@ -25,6 +28,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <set>
 #include <string>
 #include <thread>
@@ -172,8 +176,6 @@ const char* kDeviceName = "ichcam emulated CUDA device (sm_90, 132 SMs, host mem
 
 struct Context {
     uint32_t magic = 0x63747831;  // "ctx1"
-    std::atomic<int> sticky{0};
-    std::string sticky_detail;
     std::mutex mu;
     unsigned flags = 0;
     size_t limits[16] = {1024, 1 << 20, 8 << 20, 2, 2048, 64, 0, 48 * 1024, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -201,6 +203,20 @@ struct Stream {
     };
     std::vector<Pending> pending;
     uint64_t waits = 0;  // cuStreamWaitEvent calls on this stream
+    // Device-to-host copies into page-locked memory whose host-visible write is held back
+    // until the host synchronises with them (see flush_host): the bytes were read from the
+    // device in stream order at the enqueue. An entry with `dep` set is a cuStreamWaitEvent
+    // on this stream: synchronising past it synchronises with `dep` up to `dep_seq` too.
+    struct HostWrite {
+        uint64_t seq;
+        void* dst;
+        std::vector<unsigned char> bytes;
+        Stream* dep;
+        uint64_t dep_seq;
+    };
+    std::deque<HostWrite> host_writes;
+    uint64_t seq = 0;       // numbers host_writes entries and the events recorded here
+    bool blocking = true;   // created without CU_STREAM_NON_BLOCKING: the legacy stream syncs it
 };
 
 // One recorded operation of a graph, replayed in capture order.
@@ -265,7 +281,11 @@ struct Event {
     uint32_t magic = 0x65766e31;  // "evn1"
     double t = 0;
     bool recorded = false;
-    Stream* stream = nullptr;  // where it was last recorded
+    Stream* stream = nullptr;  // where it was last recorded (null: the null stream, or never)
+    // For the held-back host writes: the stream it was last recorded on (the null stream
+    // included; null when never recorded) and that stream's `seq` then.
+    Stream* host_stream = nullptr;
+    uint64_t seq = 0;
 };
 
 struct MemPool {
@@ -291,17 +311,28 @@ double now_s() {
 // The context calls run against: the current one, else the primary.
 Context* ctx_now() { return t_current ? t_current : &g_primary; }
 
-// CUDA_SUCCESS, or the sticky error of the context (with its explanation again).
-CUresult sticky(Context* c) {
-    int s = c->sticky.load();
+// A kernel that faulted (an illegal address, an assert, any launch failure) poisons the
+// process's CUDA state, as on a GPU: every later call that touches a context's work (a
+// launch, copy, memset, allocation, free, synchronisation, stream or event operation, module
+// load, graph operation) in any context, and the creation or retaining of a context, returns
+// that same error. Device and context queries still answer. Only cuDevicePrimaryCtxReset
+// clears it (on a GPU the process should be restarted; the emulator's self-test resets to
+// go on); releasing the primary context does not.
+std::mutex g_poison_mu;
+std::atomic<int> g_poison{0};
+std::string g_poison_detail;
+
+// CUDA_SUCCESS, or the sticky error (with its explanation again).
+CUresult poisoned() {
+    int s = g_poison.load();
     if (s == 0) return CUDA_SUCCESS;
-    std::lock_guard<std::mutex> g(c->mu);
-    return report((CUresult)s, c->sticky_detail);
+    std::lock_guard<std::mutex> g(g_poison_mu);
+    return report((CUresult)s, g_poison_detail);
 }
 
 CUresult check_ready() {
     if (!g_init) return report(CUDA_ERROR_NOT_INITIALIZED, "cuInit has not been called");
-    return sticky(ctx_now());
+    return poisoned();
 }
 
 Stream* stream_of(CUstream s) {
@@ -340,15 +371,59 @@ void flush_stream(Stream* st) {
     std::lock_guard<std::mutex> g(st->mu);
     flush_locked(st);
 }
-// Runs every deferred copy. The caller must hold no stream's lock: this takes each
-// stream's in turn.
-void flush_all() {
-    std::vector<Stream*> all;
+// Held-back host writes: an asynchronous device-to-host copy into page-locked memory on a
+// created stream reads the device memory when it is enqueued (in stream order) but its
+// destination keeps its old bytes until the host synchronises with the copy: a
+// synchronisation of its stream (cuStreamSynchronize, a cuStreamQuery that succeeds), of
+// an event recorded on its stream after it (cuEventSynchronize, cuEventQuery), of a stream
+// that waited for such an event, of the context, or a synchronous copy or a free that
+// orders after it. An event that was never recorded synchronises with nothing. So a host
+// that reads the destination without that synchronisation reads the old value, as on a GPU
+// whose copy engine has not written it yet. EMU_DEFER_COPIES=0 writes at once.
+//
+// Makes the host writes of `st` up to `upto` (its seq numbering) visible, with those of the
+// streams it waited for before that point. The caller must hold no stream's lock.
+void flush_host(Stream* st, uint64_t upto) {
+    if (!st) return;
+    std::vector<std::pair<Stream*, uint64_t>> deps;
     {
-        std::lock_guard<std::mutex> g(g_streams_mu);
-        all.assign(g_streams.begin(), g_streams.end());
+        std::lock_guard<std::mutex> g(st->mu);
+        while (!st->host_writes.empty() && st->host_writes.front().seq <= upto) {
+            Stream::HostWrite& w = st->host_writes.front();
+            if (w.dep)
+                deps.emplace_back(w.dep, w.dep_seq);
+            else if (!w.bytes.empty())
+                memcpy(w.dst, w.bytes.data(), w.bytes.size());
+            st->host_writes.pop_front();
+        }
     }
+    // Entries are removed before their dependencies are followed: a cycle of waits ends.
+    for (auto& d : deps) flush_host(d.first, d.second);
+}
+void flush_host_all(Stream* st) { flush_host(st, UINT64_MAX); }
+
+std::vector<Stream*> created_streams() {
+    std::lock_guard<std::mutex> g(g_streams_mu);
+    return std::vector<Stream*>(g_streams.begin(), g_streams.end());
+}
+
+// The legacy default stream waits for the work of every blocking stream: synchronising
+// it (or an event recorded on it) makes their host writes visible.
+void flush_host_legacy() {
+    flush_host_all(&g_null_stream);
+    for (Stream* st : created_streams())
+        if (st->blocking) flush_host_all(st);
+}
+
+// Runs every deferred copy and, unless `host` is false, makes every held-back host write
+// visible (a synchronisation of the device). The caller must hold no stream's lock: this
+// takes each stream's in turn.
+void flush_all(bool host = true) {
+    std::vector<Stream*> all = created_streams();
     for (Stream* st : all) flush_stream(st);
+    if (!host) return;
+    flush_host_all(&g_null_stream);
+    for (Stream* st : all) flush_host_all(st);
 }
 
 // Stream-ordered operations run under their stream's lock, after the stream's deferred
@@ -359,11 +434,13 @@ void flush_all() {
     std::lock_guard<std::mutex> stream_guard_(st_->mu);                       \
     flush_locked(st_)
 
+// A launch failure on `c`'s behalf: the process's sticky error from now on (see poisoned).
 void set_sticky(Context* c, const Status& s) {
-    std::lock_guard<std::mutex> g(c->mu);
-    if (c->sticky.load() == 0) {
-        c->sticky_detail = s.detail;
-        c->sticky = (int)s.code;
+    (void)c;
+    std::lock_guard<std::mutex> g(g_poison_mu);
+    if (g_poison.load() == 0) {
+        g_poison_detail = s.detail;
+        g_poison = (int)s.code;
     }
 }
 
@@ -1019,26 +1096,26 @@ CUDAAPI CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
     if (!g_init) return report(CUDA_ERROR_NOT_INITIALIZED, "cuInit has not been called");
     if (!c) return report(CUDA_ERROR_INVALID_VALUE, "null pointer");
     if (d != 0) return report(CUDA_ERROR_INVALID_DEVICE, "no such device");
+    if (CUresult r = poisoned()) return r;
     g_primary_refs++;
     *c = reinterpret_cast<CUcontext>(&g_primary);
     return CUDA_SUCCESS;
 }
 
-static void reset_context(Context* c) {
-    std::lock_guard<std::mutex> g(c->mu);
-    c->sticky = 0;
-    c->sticky_detail.clear();
-}
-
+// Releasing the last reference destroys the primary context, but a sticky error stays (an
+// H200 answered the next retain with it); only a reset clears it (see poisoned).
 CUDAAPI CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
     if (d != 0) return report(CUDA_ERROR_INVALID_DEVICE, "no such device");
     if (g_primary_refs.load() <= 0) return report(CUDA_ERROR_INVALID_CONTEXT, "primary context released more often than retained");
-    if (--g_primary_refs == 0) reset_context(&g_primary);  // like a real driver: the context is destroyed
+    --g_primary_refs;
     return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuDevicePrimaryCtxReset_v2(CUdevice d) {
     if (d != 0) return report(CUDA_ERROR_INVALID_DEVICE, "no such device");
-    reset_context(&g_primary);
+    flush_all();  // the work in flight completes first
+    std::lock_guard<std::mutex> g(g_poison_mu);
+    g_poison = 0;
+    g_poison_detail.clear();
     return CUDA_SUCCESS;
 }
 CUDAAPI CUresult cuDevicePrimaryCtxGetState(CUdevice d, unsigned* flags, int* active) {
@@ -1057,6 +1134,7 @@ static CUresult create_ctx(CUcontext* out, unsigned flags, CUdevice d) {
     if (!g_init) return report(CUDA_ERROR_NOT_INITIALIZED, "cuInit has not been called");
     if (!out) return report(CUDA_ERROR_INVALID_VALUE, "null pointer");
     if (d != 0) return report(CUDA_ERROR_INVALID_DEVICE, "no such device");
+    if (CUresult r = poisoned()) return r;
     Context* c = new Context;
     c->flags = flags;
     t_current = c;
@@ -1140,12 +1218,13 @@ CUDAAPI CUresult cuCtxGetApiVersion(CUcontext, unsigned* v) {
 
 // ---- streams and events --------------------------------------------------------------------
 
-CUDAAPI CUresult cuStreamCreate(CUstream* s, unsigned) {
+CUDAAPI CUresult cuStreamCreate(CUstream* s, unsigned flags) {
     CUresult r = check_ready();
     if (r) return r;
     if (!s) return report(CUDA_ERROR_INVALID_VALUE, "null pointer");
     Stream* st = new Stream;
     st->ctx = ctx_now();
+    st->blocking = (flags & 1) == 0;  // CU_STREAM_NON_BLOCKING = 1
     {
         std::lock_guard<std::mutex> g(g_streams_mu);
         g_streams.insert(st);
@@ -1162,11 +1241,15 @@ CUDAAPI CUresult cuStreamDestroy_v2(CUstream s) {
             std::lock_guard<std::mutex> g(g_streams_mu);
             g_streams.erase(st);
         }
+        {
+            std::lock_guard<std::mutex> g(st->mu);
+            flush_locked(st);  // the work queued on a destroyed stream still completes
+        }
+        flush_host_all(st);  // and lands (leniently at once: nothing could wait for it later)
         std::lock_guard<std::mutex> g(st->mu);
-        flush_locked(st);  // the work queued on a destroyed stream still completes
-        st->magic = 0;     // leaked: an in-flight user may still hold it
+        st->magic = 0;  // leaked: an in-flight user may still hold it
     }
-    return CUDA_SUCCESS;
+    return check_ready();
 }
 CUDAAPI CUresult cuStreamSynchronize(CUstream s) {
     Stream* st = stream_of(s);
@@ -1177,7 +1260,12 @@ CUDAAPI CUresult cuStreamSynchronize(CUstream s) {
         flush_locked(st);
     }
     CUresult r = refuse_if_capturing("cuStreamSynchronize");
-    return r ? r : check_ready();
+    if (r) return r;
+    if (st == &g_null_stream)
+        flush_host_legacy();
+    else
+        flush_host_all(st);
+    return check_ready();
 }
 CUDAAPI CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
 static Event* event_of(CUevent e);
@@ -1190,9 +1278,21 @@ CUDAAPI CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
     Event* ev = event_of(e);
     if (!ev) return report(CUDA_ERROR_INVALID_HANDLE, "cuStreamWaitEvent: not an event");
     if (ev->stream && ev->stream != st) flush_stream(ev->stream);
+    // The host writes the event covers land when the host synchronises with this stream
+    // past this point (an entry only when some are held back there).
+    Stream* from = ev->host_stream;
+    bool holds = false;
+    if (from && from != st) {
+        std::lock_guard<std::mutex> g(from->mu);
+        holds = !from->host_writes.empty() && from->host_writes.front().seq <= ev->seq;
+    }
     {
         std::lock_guard<std::mutex> g(st->mu);
         ++st->waits;
+        if (holds) {
+            uint64_t q = ++st->seq;
+            st->host_writes.push_back(Stream::HostWrite{q, nullptr, {}, from, ev->seq});
+        }
     }
     return check_ready();
 }
@@ -1290,6 +1390,7 @@ CUDAAPI CUresult cuLaunchHostFunc(CUstream s, CUhostFn fn, void* data) {
 }
 
 CUDAAPI CUresult cuEventCreate(CUevent* e, unsigned) {
+    if (CUresult r = check_ready()) return r;
     if (!e) return report(CUDA_ERROR_INVALID_VALUE, "null pointer");
     *e = reinterpret_cast<CUevent>(new Event);
     return CUDA_SUCCESS;
@@ -1312,19 +1413,35 @@ CUDAAPI CUresult cuEventRecord(CUevent e, CUstream s) {
     ev->recorded = true;
     Stream* st = stream_of(s);
     ev->stream = st == &g_null_stream ? nullptr : st;
+    {
+        std::lock_guard<std::mutex> g(st->mu);
+        ev->host_stream = st;
+        ev->seq = st->seq;
+    }
     return check_ready();
+}
+// The host writes an event covers: those of its stream enqueued before it was recorded (on
+// the legacy stream, those of every blocking stream); none when it was never recorded.
+static void flush_host_event(Event* ev) {
+    if (!ev->host_stream) return;
+    if (ev->host_stream == &g_null_stream)
+        flush_host_legacy();
+    else
+        flush_host(ev->host_stream, ev->seq);
 }
 CUDAAPI CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
 CUDAAPI CUresult cuEventSynchronize(CUevent e) {
     Event* ev = event_of(e);
     if (!ev) return report(CUDA_ERROR_INVALID_HANDLE, "cuEventSynchronize: not an event");
     flush_stream(ev->stream);
+    flush_host_event(ev);
     return check_ready();
 }
 CUDAAPI CUresult cuEventQuery(CUevent e) {
     Event* ev = event_of(e);
     if (!ev) return report(CUDA_ERROR_INVALID_HANDLE, "cuEventQuery: not an event");
     flush_stream(ev->stream);
+    flush_host_event(ev);  // the emulated event has always completed: the query succeeds
     return check_ready();
 }
 CUDAAPI CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
@@ -1372,8 +1489,9 @@ CUDAAPI CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     if (!st) return report(CUDA_ERROR_INVALID_HANDLE, "not a stream handle");
     // Every stream's deferred copies first, each under its own lock alone: flushing the
     // others while holding this stream's lock deadlocked two host threads freeing on two
-    // streams (each holding its own lock and waiting for the other's).
-    flush_all();
+    // streams (each holding its own lock and waiting for the other's). Host writes stay
+    // held back: a stream-ordered free does not synchronise the host.
+    flush_all(false);
     std::lock_guard<std::mutex> g(st->mu);
     flush_locked(st);
     if (st->capture)
@@ -1385,7 +1503,8 @@ CUDAAPI CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
 // may be captured (a copy involving pageable memory may not).
 CUDAAPI CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     if (!p) return report(CUDA_ERROR_INVALID_VALUE, "null pointer");
-    CUresult r = refuse_if_capturing("cuMemHostAlloc");
+    CUresult r = check_ready();
+    if (!r) r = refuse_if_capturing("cuMemHostAlloc");
     if (r) return r;
     size_t bytes = n ? n : 1;
     void* q = nullptr;
@@ -1399,7 +1518,8 @@ CUDAAPI CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
 }
 CUDAAPI CUresult cuMemAllocHost_v2(void** p, size_t n) { return cuMemHostAlloc(p, n, 0); }
 CUDAAPI CUresult cuMemFreeHost(void* p) {
-    CUresult r = refuse_if_capturing("cuMemFreeHost");
+    CUresult r = check_ready();
+    if (!r) r = refuse_if_capturing("cuMemFreeHost");
     if (r) return r;
     flush_all();
     {
@@ -1489,7 +1609,16 @@ CUDAAPI CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUst
     }
     CUresult r = check_ready();
     if (!r) r = check_range(src, n, "cuMemcpyDtoH source");
-    return r ? r : copy(dst, reinterpret_cast<const void*>(src), n);
+    if (r) return r;
+    // Into page-locked memory on a created stream: read now, written for the host when it
+    // synchronises with the copy (see flush_host).
+    if (st_ != &g_null_stream && defer_copies() && n && is_pinned(dst, n)) {
+        const unsigned char* from = reinterpret_cast<const unsigned char*>(src);
+        uint64_t q = ++st_->seq;
+        st_->host_writes.push_back(Stream::HostWrite{q, dst, std::vector<unsigned char>(from, from + n), nullptr, 0});
+        return CUDA_SUCCESS;
+    }
+    return copy(dst, reinterpret_cast<const void*>(src), n);
 }
 CUDAAPI CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     CUresult r = check_ready();
@@ -1512,6 +1641,7 @@ CUDAAPI CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n
 CUDAAPI CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     CUresult r = check_ready();
     if (r) return r;
+    flush_all();
     return copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
 }
 CUDAAPI CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpy(dst, src, n); }
@@ -1735,7 +1865,7 @@ CUDAAPI CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
     Context* c = st_->ctx ? st_->ctx : ctx_now();
     for (size_t i = 0; i < e->nodes.size(); ++i) {
         Node& nd = e->nodes[i];
-        if (c->sticky.load()) break;  // a failed kernel: the rest does not run
+        if (g_poison.load()) break;  // a failed kernel: the rest does not run
         Status bad = check_refs(nd, i);
         if (!bad.ok()) {  // a launch failure, as the access faults on a GPU (or worse)
             set_sticky(c, bad);

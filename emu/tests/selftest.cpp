@@ -4,9 +4,11 @@
 // or better (zero-length allocations, block/grid/shared-memory limits, PTX older/newer than
 // the driver and parameter lists that differ from the host build, deadlocks of barriers and
 // shuffles, a missing barrier, uninitialised memory, pointer arguments that are not device
-// addresses, asserts and faults, sticky errors that name the kernel, graph replays through
-// pointers whose buffers were freed, or freed and allocated again, since the capture; the
-// capture modes' rule for "unsafe" calls on the capturing thread and on others).
+// addresses, asserts and faults, sticky errors that name the kernel and poison the process
+// (a new context included) until a reset, graph replays through pointers whose buffers were
+// freed, or freed and allocated again, since the capture; the capture modes' rule for
+// "unsafe" calls on the capturing thread and on others; asynchronous copies into
+// page-locked memory that the host sees only once it synchronises with them).
 // Run by `scripts/cuda-emu.sh test`; prints one line per check and "N passed, M failed".
 #include <math.h>
 #include <stdarg.h>
@@ -15,6 +17,7 @@
 #include <string.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include <string>
@@ -30,6 +33,7 @@ CUresult cuDeviceGetName(char*, int, CUdevice);
 CUresult cuDeviceGetAttribute(int*, CUdevice_attribute, CUdevice);
 CUresult cuDevicePrimaryCtxRetain(CUcontext*, CUdevice);
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice);
+CUresult cuDevicePrimaryCtxReset_v2(CUdevice);
 CUresult cuCtxSetCurrent(CUcontext);
 CUresult cuCtxSynchronize();
 CUresult cuMemAlloc_v2(CUdeviceptr*, size_t);
@@ -55,6 +59,18 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr, CUdeviceptr, size_t, CUstream);
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr, const void*, size_t, CUstream);
 CUresult cuMemHostAlloc(void**, size_t, unsigned);
 CUresult cuMemFreeHost(void*);
+CUresult cuMemcpyDtoHAsync_v2(void*, CUdeviceptr, size_t, CUstream);
+CUresult cuStreamSynchronize(CUstream);
+CUresult cuStreamQuery(CUstream);
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned);
+CUresult cuEventCreate(CUevent*, unsigned);
+CUresult cuEventRecord(CUevent, CUstream);
+CUresult cuEventSynchronize(CUevent);
+CUresult cuEventQuery(CUevent);
+CUresult cuEventDestroy_v2(CUevent);
+CUresult cuCtxCreate_v2(CUcontext*, unsigned, CUdevice);
+CUresult cuCtxDestroy_v2(CUcontext);
+CUresult cuCtxGetDevice(CUdevice*);
 CUresult emuModuleLoadHost(CUmodule*, const char*);
 int emuSanitized();
 }
@@ -80,9 +96,11 @@ static std::string err(CUresult r) {
 static CUcontext g_ctx;
 static CUmodule g_mod, g_wmma, g_pipe, g_mma, g_wgmma;
 
-// A fresh primary context: the previous one (and any sticky error in it) is released.
+// A fresh primary context: the previous one is released and the device reset (a fault's
+// sticky error poisons the process until then).
 static void fresh_context() {
     cuDevicePrimaryCtxRelease_v2(0);
+    cuDevicePrimaryCtxReset_v2(0);
     cuDevicePrimaryCtxRetain(&g_ctx, 0);
     cuCtxSetCurrent(g_ctx);
 }
@@ -345,6 +363,187 @@ static void poison_and_faults() {
     check(code == CUDA_ERROR_ILLEGAL_ADDRESS && e.find("pointer argument 1") != std::string::npos,
           "a freed buffer as a kernel argument is caught (%s)", e.c_str());
     fresh_context();
+}
+
+// ---- device-to-host copies into page-locked memory -------------------------------------------
+
+// What the host sees of an asynchronous copy into page-locked memory: the old bytes until it
+// synchronises with the copy (its stream, an event recorded after it, a stream that waited
+// for that event, the context, a synchronous copy), the device's bytes as they were at the
+// enqueue after. An event never recorded, or recorded before the copy, synchronises nothing.
+static void host_visible_copies() {
+    const char* defer = getenv("EMU_DEFER_COPIES");
+    if (defer && defer[0] == '0') {
+        printf("skip held-back device-to-host copies (EMU_DEFER_COPIES=0)\n");
+        return;
+    }
+    const int n = 4;
+    CUdeviceptr d = up(std::vector<float>{1, 2, 3, 4});
+    float* h = nullptr;
+    CUresult r = cuMemHostAlloc(reinterpret_cast<void**>(&h), n * sizeof(float), 0);
+    if (r || !h) {
+        check(false, "cuMemHostAlloc (%s)", err(r).c_str());
+        return;
+    }
+    CUstream st = nullptr, other = nullptr;
+    cuStreamCreate(&st, 1);  // CU_STREAM_NON_BLOCKING, as cudarc creates them
+    cuStreamCreate(&other, 1);
+    CUevent never = nullptr, before = nullptr, after = nullptr;
+    cuEventCreate(&never, 0);
+    cuEventCreate(&before, 0);
+    cuEventCreate(&after, 0);
+    auto reset = [&] {
+        for (int i = 0; i < n; ++i) h[i] = -1.0f;
+    };
+    auto old = [&] {
+        for (int i = 0; i < n; ++i)
+            if (h[i] != -1.0f) return false;
+        return true;
+    };
+    auto arrived = [&](float first) { return h[0] == first && h[1] == first + 1 && h[2] == first + 2 && h[3] == first + 3; };
+
+    // The copy reads the device at the enqueue; a later memset on the stream does not show.
+    reset();
+    cuEventRecord(before, st);
+    r = cuMemcpyDtoHAsync_v2(h, d, n * sizeof(float), st);
+    cuMemsetD32Async(d, 0, n, st);  // the next operation on the stream: the host still waits
+    bool held = old();
+    CUresult rn = cuEventSynchronize(never);
+    CUresult rq = cuEventQuery(never);
+    bool held_never = old();
+    CUresult rb = cuEventSynchronize(before);
+    bool held_before = old();
+    check(r == 0 && held && rn == 0 && rq == 0 && held_never && held_before,
+          "a copy into page-locked memory is not visible before the host synchronises with it: not after the next operation "
+          "on its stream, nor after synchronising an event never recorded or one recorded before the copy (%s, %s, %s)",
+          err(r).c_str(), err(rn).c_str(), err(rb).c_str());
+    cuEventRecord(after, st);
+    r = cuEventSynchronize(after);
+    check(r == 0 && arrived(1.0f), "an event recorded after the copy, synchronised, delivers the device's bytes of the enqueue "
+                                   "(got %g %g %g %g)", h[0], h[1], h[2], h[3]);
+
+    // cuStreamSynchronize, cuStreamQuery, cuEventQuery, cuCtxSynchronize, a synchronous copy.
+    cuMemcpyHtoD_v2(d, std::vector<float>{10, 11, 12, 13}.data(), n * sizeof(float));
+    struct Way {
+        const char* name;
+        std::function<CUresult()> sync;
+    } ways[] = {{"cuStreamSynchronize", [&] { return cuStreamSynchronize(st); }},
+                {"cuStreamQuery", [&] { return cuStreamQuery(st); }},
+                {"cuEventQuery of an event recorded after it",
+                 [&] {
+                     cuEventRecord(after, st);
+                     return cuEventQuery(after);
+                 }},
+                {"cuCtxSynchronize", [&] { return cuCtxSynchronize(); }},
+                {"a synchronous copy", [&] {
+                     float x;
+                     return cuMemcpyDtoH_v2(&x, d, sizeof x);
+                 }}};
+    for (const Way& w : ways) {
+        reset();
+        r = cuMemcpyDtoHAsync_v2(h, d, n * sizeof(float), st);
+        held = old();
+        CUresult rs = w.sync();
+        check(r == 0 && held && rs == 0 && arrived(10.0f), "%s makes a held-back copy into page-locked memory visible (%s)", w.name,
+              err(rs).c_str());
+    }
+
+    // Another stream: synchronising it shows the copy only once it waited for the copy's event.
+    reset();
+    cuMemcpyDtoHAsync_v2(h, d, n * sizeof(float), st);
+    cuStreamSynchronize(other);
+    held = old();
+    cuEventRecord(after, st);
+    cuStreamWaitEvent(other, after, 0);
+    bool still = old();
+    r = cuStreamSynchronize(other);
+    check(r == 0 && held && still && arrived(10.0f),
+          "synchronising another stream shows the copy only after that stream waited for an event recorded after it (%s)",
+          err(r).c_str());
+
+    // Pageable memory: the copy is done when the call returns.
+    std::vector<float> pageable(n, -1.0f);
+    r = cuMemcpyDtoHAsync_v2(pageable.data(), d, n * sizeof(float), st);
+    check(r == 0 && pageable[0] == 10.0f && pageable[3] == 13.0f, "a copy into pageable memory is visible at once");
+
+    cuEventDestroy_v2(never);
+    cuEventDestroy_v2(before);
+    cuEventDestroy_v2(after);
+    cuStreamDestroy_v2(st);
+    cuStreamDestroy_v2(other);
+    cuMemFreeHost(h);
+    cuMemFree_v2(d);
+}
+
+// ---- sticky faults ---------------------------------------------------------------------------
+
+// A kernel's fault poisons the process as on a GPU: every later call that touches the work
+// of a context, any context, and a new context's creation (plain or primary, after the last
+// release) return the same error; device and context queries still answer; a reset clears it.
+static void sticky_faults() {
+    fresh_context();
+    CUdeviceptr in = up(std::vector<float>(64, 1.0f));
+    CUdeviceptr good = up(std::vector<float>(64, 0.0f));
+    CUdeviceptr freed = up(std::vector<float>(64, 0.0f));
+    cuMemFree_v2(freed);
+    CUstream st = nullptr;
+    cuStreamCreate(&st, 1);
+    int n = 64;
+    launch("st_reverse", 1, 64, 0, {&in, &freed, &n});  // faults (a freed pointer argument)
+    CUresult code;
+    std::string e = sticky_error(&code);
+    check(code == CUDA_ERROR_ILLEGAL_ADDRESS, "the fault is reported by the next synchronisation (%s)", e.c_str());
+    CUdeviceptr p = 0;
+    std::vector<float> host(64, 0.0f);
+    CUevent ev = nullptr;
+    CUstream st2 = nullptr;
+    void* pinned = nullptr;
+    struct Call {
+        const char* name;
+        CUresult r;
+    } calls[] = {
+        {"cuCtxSynchronize", cuCtxSynchronize()},
+        {"cuStreamSynchronize", cuStreamSynchronize(st)},
+        {"cuMemAlloc", cuMemAlloc_v2(&p, 256)},
+        {"cuMemHostAlloc", cuMemHostAlloc(&pinned, 256, 0)},
+        {"cuMemcpyHtoD", cuMemcpyHtoD_v2(good, host.data(), 256)},
+        {"cuMemcpyDtoH", cuMemcpyDtoH_v2(host.data(), good, 256)},
+        {"cuMemcpyDtoHAsync", cuMemcpyDtoHAsync_v2(host.data(), good, 256, st)},
+        {"cuMemsetD8", cuMemsetD8_v2(good, 0, 256)},
+        {"cuMemsetD32Async", cuMemsetD32Async(good, 0, 64, st)},
+        {"a good launch", launch("st_reverse", 1, 64, 0, {&in, &good, &n})},
+        {"cuStreamCreate", cuStreamCreate(&st2, 1)},
+        {"cuEventCreate", cuEventCreate(&ev, 0)},
+        {"cuModuleLoadData", [] {
+             CUmodule m = nullptr;
+             return cuModuleLoadData(&m, ".version 8.0\n.target sm_90\n.address_size 64\n");
+         }()},
+    };
+    for (const Call& c : calls)
+        check(c.r == CUDA_ERROR_ILLEGAL_ADDRESS, "after a fault %s returns the sticky error (%s)", c.name, err(c.r).c_str());
+    int sms = 0;
+    CUdevice dev = -1;
+    CUresult ra = cuDeviceGetAttribute(&sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0);
+    CUresult rd = cuCtxGetDevice(&dev);
+    check(ra == 0 && sms == 132 && rd == 0 && dev == 0, "device and context queries still answer after a fault (%s, %s)",
+          err(ra).c_str(), err(rd).c_str());
+    cuDevicePrimaryCtxRelease_v2(0);
+    CUcontext c2 = nullptr;
+    CUresult rr = cuDevicePrimaryCtxRetain(&c2, 0);
+    CUresult rc = cuCtxCreate_v2(&c2, 0, 0);
+    check(rr == CUDA_ERROR_ILLEGAL_ADDRESS && rc == CUDA_ERROR_ILLEGAL_ADDRESS,
+          "a new context after the fault, primary (released first) or plain, is refused with the sticky error (%s, %s)",
+          err(rr).c_str(), err(rc).c_str());
+    cuDevicePrimaryCtxReset_v2(0);
+    rr = cuDevicePrimaryCtxRetain(&g_ctx, 0);
+    cuCtxSetCurrent(g_ctx);
+    CUresult rl = launch("st_reverse", 1, 64, 0, {&in, &good, &n});
+    CUresult rs = cuCtxSynchronize();
+    check(rr == 0 && rl == 0 && rs == 0, "cuDevicePrimaryCtxReset clears it (%s, %s, %s)", err(rr).c_str(), err(rl).c_str(),
+          err(rs).c_str());
+    cuStreamDestroy_v2(st);
+    cuMemFree_v2(in);
+    cuMemFree_v2(good);
 }
 
 // ---- graph replays through stale pointers ----------------------------------------------------
@@ -1064,6 +1263,8 @@ int main(int, char** argv) {
     warp_ops();
     atomics();
     poison_and_faults();
+    host_visible_copies();
+    sticky_faults();
     graph_stale_pointers();
     capture_modes();
     ptx_checks();
