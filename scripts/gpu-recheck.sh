@@ -4,6 +4,7 @@
 # reduced-precision parity test twice (a result that moves between runs is a race), and a
 # per-kernel time profile (ncu, one metric, no clock control) of one eager bf16 train step
 # and one eager bf16 CAM pass of the small preset, summarised by scripts/ncu_summary.py.
+# ICHCAM_RECHECK_TESTS: the test binaries (names, or `all`); ICHCAM_RECHECK_NCU=0: no profile.
 # Build and carry as for gpu-check.sh (scripts/gpu-check.sh --build; carry ["gpu-pack"]).
 # Logs: $OUT/recheck.tgz and $OUT/ncu-*.csv.
 set -u
@@ -14,7 +15,10 @@ if [ ! -x gpu-bin/ichcam ] && [ -f gpu-pack/gpu-bin.tar.xz ]; then
 fi
 export ICHCAM_REQUIRE_GPU=1 ICHCAM_BIN="$PWD/gpu-bin/ichcam"
 declare -a ROWS=()
-for t in ${ICHCAM_RECHECK_TESTS:-cuda_errors cuda_graph cuda_parity cuda_conv_tc cuda_unet_parity parity}; do
+TESTS=${ICHCAM_RECHECK_TESTS:-cuda_errors cuda_graph cuda_parity cuda_conv_tc cuda_unet_parity parity}
+# ICHCAM_RECHECK_TESTS=all: every test binary gpu-bin carries (those that use a GPU).
+[ "$TESTS" = all ] && TESTS=$(cd gpu-bin/tests && ls)
+for t in $TESTS; do
     timeout 120 "gpu-bin/tests/$t" --test-threads=4 >"$LOG/test-$t.log" 2>&1
     rc=$?
     ROWS+=("$(printf '%-26s rc=%-3s %s' "$t" "$rc" "$(grep -E '^test result' "$LOG/test-$t.log" | tail -1)")")
@@ -33,6 +37,7 @@ fi
 cat "$LOG/precision-1.txt"
 # A second timing of three workloads of the first run (its spread: the same version twice).
 for w in "cam-r18-bf16|--config small --what cam --precision bf16" \
+         "train-r18-bf16|--config small --what train-step --precision bf16" \
          "train-r18-bf16-wgmma|--config small --what train-step --precision bf16" \
          "ccl-2pct-f32|--what ccl --dims 40x512x512 --fill 0.02"; do
     IFS='|' read -r name wargs <<<"$w"
@@ -44,7 +49,7 @@ for w in "cam-r18-bf16|--config small --what cam --precision bf16" \
 done
 [ -n "${OUT:-}" ] && tar czf "$OUT/recheck.tgz" -C "$LOG" .
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-if [ -n "$NCU" ] && [ -n "${OUT:-}" ]; then
+if [ "${ICHCAM_RECHECK_NCU:-1}" = 1 ] && [ -n "$NCU" ] && [ -n "${OUT:-}" ]; then
     for w in train-step cam; do
         timeout "${ICHCAM_RECHECK_NCU_S:-80}" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
             --launch-count 1600 \
@@ -55,7 +60,7 @@ if [ -n "$NCU" ] && [ -n "${OUT:-}" ]; then
     done
     tar czf "$OUT/recheck.tgz" -C "$LOG" .
 else
-    ROWS+=("ncu: not found, or no OUT")
+    ROWS+=("ncu: not run (ICHCAM_RECHECK_NCU=0, not found, or no OUT)")
 fi
 echo
 echo "=== gpu-recheck summary"

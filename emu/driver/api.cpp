@@ -781,7 +781,8 @@ CUresult launch(CUfunction func, unsigned gx, unsigned gy, unsigned gz, unsigned
     if (f->ptx.maxntid && threads > f->ptx.maxntid) {
         snprintf(b, sizeof b, "kernel `%s`: %llu threads per block but __launch_bounds__ (.maxntid) allows %u", name.c_str(),
                  (unsigned long long)threads, f->ptx.maxntid);
-        return report(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, b);
+        // INVALID_VALUE, as an H200 (driver 580) answered (2026-12-04), not OUT_OF_RESOURCES.
+        return report(CUDA_ERROR_INVALID_VALUE, b);
     }
     if (f->ptx.reqntid[0] && (bx != f->ptx.reqntid[0] || by != f->ptx.reqntid[1] || bz != f->ptx.reqntid[2])) {
         snprintf(b, sizeof b, "kernel `%s`: block %ux%ux%u but .reqntid is %ux%ux%u", name.c_str(), bx, by, bz, f->ptx.reqntid[0],
