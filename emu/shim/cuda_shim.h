@@ -441,6 +441,7 @@ static inline void __builtin_assume_emu(bool) {}
 #define assert(e) ((e) ? (void)0 : emu_fail("assertion failed: " #e " (" __FILE__ ")"))
 
 #include "emu_half.h"
+#include "emu_accum.h"
 #include "emu_wmma.h"
 #include "emu_pipeline.h"
 #include "emu_mma.h"

@@ -144,15 +144,14 @@ static inline void ptx_mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4], 
     float out[4];
     for (int i = 0; i < 4; ++i) {
         const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
-        float acc = c[i];
+        float av[16], bv[16];
         for (int k = 0; k < 16; ++k) {
             // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 * (k >= 8).
-            const float av = emu_bf16_bits_to_f(emu_half_of(s[(row % 8) * 4 + (k % 8) / 2], (row >= 8) + 2 * (k >= 8), k & 1));
+            av[k] = emu_bf16_bits_to_f(emu_half_of(s[(row % 8) * 4 + (k % 8) / 2], (row >= 8) + 2 * (k >= 8), k & 1));
             // B[k][col]: lane col * 4 + (k % 8) / 2, register 4 + (k >= 8).
-            const float bv = emu_bf16_bits_to_f(emu_half_of(s[col * 4 + (k % 8) / 2], 4 + (k >= 8), k & 1));
-            acc = fmaf(av, bv, acc);
+            bv[k] = emu_bf16_bits_to_f(emu_half_of(s[col * 4 + (k % 8) / 2], 4 + (k >= 8), k & 1));
         }
-        out[i] = acc;
+        out[i] = emu_mma_dot(c[i], av, bv, 16);
     }
     for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
@@ -166,15 +165,14 @@ static inline void ptx_mma_tf32_m16n8k8(float (&d)[4], const unsigned (&a)[4], c
     float out[4];
     for (int i = 0; i < 4; ++i) {
         const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
-        float acc = c[i];
+        float av[8], bv[8];
         for (int k = 0; k < 8; ++k) {
             // A[row][k]: lane (row % 8) * 4 + k % 4, register (row >= 8) + 2 * (k >= 4).
-            const float av = emu_bits<float>(s[(row % 8) * 4 + k % 4].w[(row >= 8) + 2 * (k >= 4)] & 0xffffe000u);
+            av[k] = emu_bits<float>(s[(row % 8) * 4 + k % 4].w[(row >= 8) + 2 * (k >= 4)] & 0xffffe000u);
             // B[k][col]: lane col * 4 + k % 4, register 4 + (k >= 4).
-            const float bv = emu_bits<float>(s[col * 4 + k % 4].w[4 + (k >= 4)] & 0xffffe000u);
-            acc = fmaf(av, bv, acc);
+            bv[k] = emu_bits<float>(s[col * 4 + k % 4].w[4 + (k >= 4)] & 0xffffe000u);
         }
-        out[i] = acc;
+        out[i] = emu_mma_dot(c[i], av, bv, 8);
     }
     for (int i = 0; i < 4; ++i) d[i] = out[i];
 }

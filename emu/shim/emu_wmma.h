@@ -159,8 +159,12 @@ static inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragmen
     float out[M * N];
     for (int i = 0; i < M; ++i)
         for (int j = 0; j < N; ++j) {
-            float acc = c.x[i * N + j];
-            for (int k = 0; k < K; ++k) acc = fmaf(emu_operand(a.x[i * K + k], tf32), emu_operand(b.x[k * N + j], tf32), acc);
+            float av[K], bv[K];
+            for (int k = 0; k < K; ++k) {
+                av[k] = emu_operand(a.x[i * K + k], tf32);
+                bv[k] = emu_operand(b.x[k * N + j], tf32);
+            }
+            const float acc = emu_mma_dot(c.x[i * N + j], av, bv, K);
             out[i * N + j] = satf ? (acc != acc ? 0.0f : fminf(fmaxf(acc, 0.0f), 1.0f)) : acc;
         }
     for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
