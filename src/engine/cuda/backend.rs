@@ -387,7 +387,8 @@ impl CudaBackend {
     }
 
     /// The first `len` elements of a device buffer (waits for the device): every copy to
-    /// the host goes through here. Not while capturing a graph.
+    /// the host that waits goes through here (the queued training losses of
+    /// `model::net_graph` are the one asynchronous copy). Not while capturing a graph.
     pub(crate) fn download_prefix<T: DeviceRepr + Default + Clone>(
         &self,
         s: &CudaSlice<T>,
