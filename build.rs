@@ -22,6 +22,9 @@
 //! precisions that use it report so at run time. The folder found is passed on to the
 //! runtime's NVRTC as `ICHCAM_CUDA_INCLUDE`.
 
+#[path = "src/engine/cuda/headers.rs"]
+mod headers;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -185,12 +188,13 @@ fn nvrtc_present() -> bool {
     std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
 
-/// The folder of the CUDA headers that holds `mma.h` (see the module comment), if any.
+/// The folder of the CUDA headers that holds `mma.h` (see the module comment), if any: the
+/// first of `headers::env_candidates` that has them; a named `ICHCAM_CUDA_INCLUDE` without
+/// them is an error.
 fn cuda_include_dir() -> Option<PathBuf> {
-    let has_mma = |d: &Path| d.join("mma.h").is_file() && d.join("crt").join("mma.h").is_file();
     if let Some(d) = std::env::var_os("ICHCAM_CUDA_INCLUDE").filter(|d| !d.is_empty()) {
         let d = PathBuf::from(d);
-        if !has_mma(&d) {
+        if !headers::has_mma(&d) {
             fail(&format!(
                 "ICHCAM_CUDA_INCLUDE={} has no mma.h and crt/mma.h",
                 d.display()
@@ -198,22 +202,9 @@ fn cuda_include_dir() -> Option<PathBuf> {
         }
         return Some(d);
     }
-    let mut candidates = Vec::new();
-    for v in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(d) = std::env::var_os(v).filter(|d| !d.is_empty()) {
-            candidates.push(PathBuf::from(d).join("include"));
-        }
-    }
-    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
-        for d in std::env::split_paths(&paths) {
-            if d.join("libnvrtc.so.13").exists() {
-                if let Some(parent) = d.parent() {
-                    candidates.push(parent.join("include"));
-                }
-            }
-        }
-    }
-    candidates.into_iter().find(|d| has_mma(d))
+    headers::env_candidates()
+        .into_iter()
+        .find(|d| headers::has_mma(d))
 }
 
 fn compile(name: &str, source: &str, arch: &'static str, include: Option<&Path>) -> String {

@@ -3,7 +3,8 @@
 //! the libraries load before touching them, and every failure is an `EngineError`.
 //!
 //! - [`device`]: driver/NVRTC presence, the devices;
-//! - [`module`]: the embedded kernel table and the per-context module cache;
+//! - [`module`]: the embedded kernel table and the per-context module cache; `headers`:
+//!   where the CUDA headers may be (shared with build.rs);
 //! - `launch`: typed kernel launches, each kernel's handle and PTX parameter list loaded once;
 //! - [`backend`]: [`CudaBackend`], the op trait over `CudaSlice<f32>`;
 //! - `arena`: scratch buffers reused across ops, pinned upload staging, the capture state;
@@ -26,6 +27,7 @@ pub mod device;
 mod dice;
 mod elementwise;
 pub mod graph;
+mod headers;
 pub mod kmeans;
 mod launch;
 mod loss;

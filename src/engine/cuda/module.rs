@@ -59,30 +59,16 @@ pub fn is_sm90a_module(name: &str) -> bool {
 /// The folder of the CUDA headers (`mma.h`, `crt/mma.h`, `cuda_bf16.h`: the tensor-core
 /// kernels include them) for a compilation at run time, searched as build.rs searches, on
 /// this machine rather than the build's (a binary carried to a GPU machine finds them
-/// there): `ICHCAM_CUDA_INCLUDE`, `CUDA_HOME`/`CUDA_PATH` + `include`, `include/` beside a
-/// `libnvrtc.so.13` on `LD_LIBRARY_PATH`, `/usr/local/cuda/include`, then the folder the
-/// build used.
+/// there): [`super::headers::env_candidates`], `/usr/local/cuda/include`, then the folder
+/// the build used.
 pub fn cuda_include_dir() -> Option<String> {
-    use std::path::{Path, PathBuf};
-    let has_mma = |d: &Path| d.join("mma.h").is_file() && d.join("crt").join("mma.h").is_file();
-    let var = |v: &str| std::env::var_os(v).filter(|d| !d.is_empty());
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    candidates.extend(var("ICHCAM_CUDA_INCLUDE").map(PathBuf::from));
-    for v in ["CUDA_HOME", "CUDA_PATH"] {
-        candidates.extend(var(v).map(|d| PathBuf::from(d).join("include")));
-    }
-    if let Some(paths) = var("LD_LIBRARY_PATH") {
-        for d in std::env::split_paths(&paths) {
-            if d.join("libnvrtc.so.13").exists() {
-                candidates.extend(d.parent().map(|p| p.join("include")));
-            }
-        }
-    }
+    use std::path::PathBuf;
+    let mut candidates = super::headers::env_candidates();
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
     candidates.push(PathBuf::from(env!("ICHCAM_CUDA_INCLUDE")));
     candidates
         .into_iter()
-        .find(|d| !d.as_os_str().is_empty() && has_mma(d))
+        .find(|d| !d.as_os_str().is_empty() && super::headers::has_mma(d))
         .map(|d| d.to_string_lossy().into_owned())
 }
 
