@@ -59,8 +59,8 @@ pub fn is_sm90a_module(name: &str) -> bool {
 /// The folder of the CUDA headers (`mma.h`, `crt/mma.h`, `cuda_bf16.h`: the tensor-core
 /// kernels include them) for a compilation at run time, searched as build.rs searches, on
 /// this machine rather than the build's (a binary carried to a GPU machine finds them
-/// there): [`super::headers::env_candidates`], `/usr/local/cuda/include`, then the folder
-/// the build used.
+/// there): the environment's candidates (`headers::env_candidates`),
+/// `/usr/local/cuda/include`, then the folder the build used.
 pub fn cuda_include_dir() -> Option<String> {
     use std::path::PathBuf;
     let mut candidates = super::headers::env_candidates();
